@@ -1,0 +1,1 @@
+//! trmx-transport.
