@@ -1,1 +1,4 @@
-//! trmx-broker.
+//! trmx-broker: the store-and-forward broker (module map maintained by the service helper).
+
+pub mod clock;
+pub mod store;

@@ -1,0 +1,1 @@
+//! Time source (placeholder until the store helper lands it).

@@ -1,0 +1,1 @@
+//! Storage interface (placeholder until the store helper lands it).
