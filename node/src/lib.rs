@@ -1,1 +1,3 @@
-//! trmx-node.
+//! trmx-node (module map maintained by the node API/CLI helper).
+
+pub mod core;

@@ -1,0 +1,1 @@
+//! Node core (placeholder until the node-core helper lands it).
