@@ -1,1 +1,49 @@
-//! trmx-certs.
+//! trmx-certs: the federation PKI of trmx (DESIGN.md §2).
+//!
+//! One federation CA signs every certificate. Each certificate carries exactly one
+//! SPIFFE-style URI SAN saying who it is — `spiffe://<td>/participant/<ID>` for a node,
+//! `/operator/<name>` for an operator, `/broker/<name>` (plus DNS/IP SANs) for a broker.
+//! Brokers and nodes load the CA certificate and the CRL with the helpers in [`pem`], and
+//! derive a peer's identity from its verified certificate with [`Identity::from_der`].
+//!
+//! Modules:
+//! - [`identity`] — [`Role`], [`Identity`] and the validators of participant ids, names and
+//!   trust domains; parses the URI SAN out of a DER certificate;
+//! - [`info`] — [`CertInfo`]: identity, serial, validity, issuer, names of a certificate;
+//! - [`ca`] — [`Ca`], a CA directory (`ca.pem`, `ca.key`, `crl.pem`, `index.json`): `init`,
+//!   `open`, `issue`, `revoke`, `write_crl`, `renew`;
+//! - [`federation`] — [`Federation`], a CA plus certificates in one directory for tests
+//!   and demos;
+//! - [`pem`] — `load_certs_pem`, `load_key_pem`, `load_crls_pem` for rustls, and the atomic
+//!   writer used for every file (keys created `0600`);
+//! - [`error`] — [`CertError`], the crate's one error type (one-line messages).
+//!
+//! The `trmx-certs` binary (`src/main.rs`) is a thin clap front end over [`Ca`].
+
+pub mod ca;
+pub mod error;
+pub mod federation;
+pub mod identity;
+pub mod info;
+pub mod pem;
+
+use std::time::SystemTime;
+
+pub use ca::{
+    CLOCK_SKEW_ALLOWANCE, Ca, CaOptions, CertPaths, DEFAULT_CA_VALIDITY_DAYS,
+    DEFAULT_CRL_NEXT_UPDATE, DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert,
+};
+pub use error::CertError;
+pub use federation::Federation;
+pub use identity::{Identity, Role, validate_name, validate_participant_id, validate_trust_domain};
+pub use info::CertInfo;
+pub use pem::{load_certs_pem, load_crls_pem, load_key_pem};
+
+/// RFC 3339 in UTC, seconds precision (`2025-03-01T12:00:00Z`).
+pub fn format_time(t: SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::from(t));
+    dt.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{dt}"))
+}

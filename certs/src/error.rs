@@ -1,0 +1,136 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `trmx-certs`.
+///
+/// Every message is one line that names the file, field or value at fault (flags and file
+/// names may be echoed; nothing here ever carries message payloads).
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// A file could not be read, written, renamed or created.
+    #[error("cannot {action} {}: {}", path.display(), io_message(source))]
+    Io {
+        /// What was attempted, e.g. `read CA key`.
+        action: String,
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A participant id does not match `^(?:[A-Z]{2}|INT)-[A-Z0-9]{2,24}$`.
+    #[error("participant id {id:?} is invalid: expected CC-ORG like NL-NRM")]
+    InvalidParticipantId {
+        /// The rejected id (it comes from a flag or a certificate, never from a body).
+        id: String,
+    },
+    /// An operator or broker name is not a valid SPIFFE path segment.
+    #[error("{what} name {name:?} is invalid: expected 1 to 64 of A-Z a-z 0-9 . _ -")]
+    InvalidName {
+        /// `operator` or `broker`.
+        what: &'static str,
+        /// The rejected name.
+        name: String,
+    },
+    /// A trust domain is not a valid SPIFFE trust domain.
+    #[error("trust domain {domain:?} is invalid: expected 1 to 255 of a-z 0-9 . _ -")]
+    InvalidTrustDomain {
+        /// The rejected trust domain.
+        domain: String,
+    },
+    /// Some other argument is out of range (validity days, DNS name, ...).
+    #[error("{field} is invalid: {problem}")]
+    InvalidArgument {
+        /// The flag or field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A certificate's SPIFFE identity is missing or malformed.
+    #[error("certificate identity is invalid: {problem}")]
+    InvalidIdentity {
+        /// What is wrong.
+        problem: String,
+    },
+    /// A PEM or DER document could not be parsed.
+    #[error("cannot parse {what} {location}: {problem}")]
+    Parse {
+        /// `certificate`, `private key`, `CRL`, `CA index`, ...
+        what: &'static str,
+        /// The file it came from, or `(DER input)`.
+        location: String,
+        /// The parser's complaint.
+        problem: String,
+    },
+    /// A target file exists and `force` was not given.
+    #[error("refusing to overwrite {} (use --force)", path.display())]
+    AlreadyExists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// A certificate was not issued by this federation CA.
+    #[error("certificate {} was not issued by this CA ({problem})", path.display())]
+    NotIssuedByCa {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why it was rejected.
+        problem: String,
+    },
+    /// A certificate's trust domain differs from the CA's.
+    #[error("certificate trust domain {found:?} differs from the CA's {expected:?}")]
+    TrustDomainMismatch {
+        /// The CA's trust domain.
+        expected: String,
+        /// The certificate's.
+        found: String,
+    },
+    /// rcgen refused to build or sign something.
+    #[error("cannot generate {what}: {source}")]
+    Generate {
+        /// What was being generated.
+        what: &'static str,
+        /// rcgen's error.
+        #[source]
+        source: rcgen::Error,
+    },
+}
+
+impl CertError {
+    pub(crate) fn io(
+        action: impl Into<String>,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        CertError::Io {
+            action: action.into(),
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn parse(
+        what: &'static str,
+        path: &std::path::Path,
+        problem: impl ToString,
+    ) -> Self {
+        CertError::Parse {
+            what,
+            location: path.display().to_string(),
+            problem: problem.to_string(),
+        }
+    }
+
+    pub(crate) fn generate(what: &'static str) -> impl FnOnce(rcgen::Error) -> Self {
+        move |source| CertError::Generate { what, source }
+    }
+}
+
+/// `No such file or directory`, without the `(os error 2)` suffix.
+fn io_message(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
+    }
+}

@@ -1,0 +1,160 @@
+//! Reading a certificate back: identity, serial, validity, names.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::time::ASN1Time;
+
+use crate::{CertError, Identity, load_certs_pem};
+
+/// What `show` prints and what the CA needs to renew or revoke a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The SPIFFE identity (trust domain and role).
+    pub identity: Identity,
+    /// The serial number, lower-case hex without leading zero bytes.
+    pub serial_hex: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// The issuer's distinguished name, e.g. `CN=TRM Federation CA`.
+    pub issuer: String,
+    /// The subject's distinguished name.
+    pub subject: String,
+    /// DNS name SANs (brokers only).
+    pub dns_names: Vec<String>,
+    /// IP address SANs (brokers only).
+    pub ips: Vec<IpAddr>,
+    /// The certificate may authenticate a TLS server.
+    pub server_auth: bool,
+    /// The certificate may authenticate a TLS client.
+    pub client_auth: bool,
+}
+
+impl CertInfo {
+    /// Parses a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<CertInfo, CertError> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| CertError::Parse {
+            what: "certificate",
+            location: "(DER input)".to_string(),
+            problem: e.to_string(),
+        })?;
+        CertInfo::from_x509(&cert)
+    }
+
+    /// Parses the first certificate of a PEM file.
+    pub fn from_pem_file(path: &Path) -> Result<CertInfo, CertError> {
+        let certs = load_certs_pem(path)?;
+        let first = certs
+            .first()
+            .ok_or_else(|| CertError::parse("certificate", path, "no CERTIFICATE block"))?;
+        let (_, cert) = X509Certificate::from_der(first)
+            .map_err(|e| CertError::parse("certificate", path, e))?;
+        CertInfo::from_x509(&cert).map_err(|e| match e {
+            CertError::InvalidIdentity { problem } => {
+                CertError::parse("certificate", path, format!("identity: {problem}"))
+            }
+            other => other,
+        })
+    }
+
+    pub(crate) fn from_x509(cert: &X509Certificate<'_>) -> Result<CertInfo, CertError> {
+        let identity = Identity::from_x509(cert)?;
+        let mut dns_names = Vec::new();
+        let mut ips = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => dns_names.push((*d).to_string()),
+                    GeneralName::IPAddress(b) => {
+                        if let Some(ip) = ip_from_bytes(b) {
+                            ips.push(ip);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let (server_auth, client_auth) = match cert.extended_key_usage() {
+            Ok(Some(eku)) => (eku.value.server_auth, eku.value.client_auth),
+            _ => (false, false),
+        };
+        Ok(CertInfo {
+            identity,
+            serial_hex: serial_hex(cert.tbs_certificate.raw_serial()),
+            not_before: system_time(cert.validity().not_before),
+            not_after: system_time(cert.validity().not_after),
+            issuer: cert.issuer().to_string(),
+            subject: cert.subject().to_string(),
+            dns_names,
+            ips,
+            server_auth,
+            client_auth,
+        })
+    }
+
+    /// Whether `now` lies inside the validity period.
+    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+}
+
+/// Lower-case hex of a DER integer's bytes, without leading zero bytes.
+pub(crate) fn serial_hex(raw: &[u8]) -> String {
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Normalizes a user-given serial: lower case, no `0x`, no `:`, no leading zero bytes.
+pub(crate) fn normalize_serial(s: &str) -> String {
+    let s = s
+        .trim()
+        .trim_start_matches("0x")
+        .replace(':', "")
+        .to_ascii_lowercase();
+    let trimmed = s.trim_start_matches('0');
+    let mut t = trimmed.to_string();
+    if !t.len().is_multiple_of(2) {
+        t.insert(0, '0');
+    }
+    if t.is_empty() { "00".to_string() } else { t }
+}
+
+pub(crate) fn system_time(t: ASN1Time) -> SystemTime {
+    let secs = t.timestamp();
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    if let Ok(v4) = <[u8; 4]>::try_from(b) {
+        return Some(IpAddr::from(v4));
+    }
+    if let Ok(v6) = <[u8; 16]>::try_from(b) {
+        return Some(IpAddr::from(v6));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_hex_strips_leading_zeros() {
+        assert_eq!(serial_hex(&[0x00, 0x9a, 0x01]), "9a01");
+        assert_eq!(serial_hex(&[0x00]), "00");
+        assert_eq!(normalize_serial("0x00:9A:01"), "9a01");
+        assert_eq!(normalize_serial("A01"), "0a01");
+    }
+}

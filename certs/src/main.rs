@@ -1,0 +1,372 @@
+//! `trmx-certs`: the federation CA tool. A thin clap front end over `trmx_certs::Ca`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+use trmx_certs::{
+    Ca, CaOptions, CertError, CertInfo, CertPaths, DEFAULT_CA_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS,
+    IssueSpec, Role, format_time, validate_name, validate_participant_id,
+};
+
+/// Federation PKI for trmx: create the CA, issue broker, node and operator certificates,
+/// revoke them (CRL), renew and inspect them.
+///
+/// Every certificate carries one SPIFFE URI SAN: spiffe://<trust-domain>/participant/<ID>,
+/// /operator/<name> or /broker/<name>. Keys are ECDSA P-256, written with mode 0600, and
+/// never overwritten without --force.
+#[derive(Debug, Parser)]
+#[command(name = "trmx-certs", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a federation CA in a directory: ca.pem, ca.key (0600), crl.pem, index.json.
+    Init {
+        #[command(flatten)]
+        ca: CaDir,
+        /// SPIFFE trust domain of the federation, e.g. trm.example.
+        #[arg(long)]
+        trust_domain: String,
+        /// Common name of the CA certificate.
+        #[arg(long, default_value = "TRM Federation CA")]
+        name: String,
+        /// Validity of the CA certificate in days.
+        #[arg(long, default_value_t = DEFAULT_CA_VALIDITY_DAYS)]
+        validity_days: u32,
+        /// Replace an existing CA in the directory (every certificate it issued becomes
+        /// untrusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a broker, node or operator certificate signed by the CA.
+    Issue {
+        #[command(subcommand)]
+        what: IssueCommand,
+    },
+    /// Revoke a certificate and rewrite the CRL.
+    Revoke {
+        #[command(flatten)]
+        ca: CaDir,
+        /// The certificate to revoke (PEM).
+        cert: PathBuf,
+    },
+    /// Rewrite the CRL with a new nextUpdate (do this before the current one runs out).
+    Crl {
+        #[command(flatten)]
+        ca: CaDir,
+        /// Days until the CRL's nextUpdate; also used by later revocations.
+        #[arg(long, default_value_t = 7)]
+        next_update_days: u32,
+    },
+    /// Issue a new certificate with the same identity (and DNS/IP names), a new key and a
+    /// new validity, replacing the certificate and key files. The old certificate is not
+    /// revoked: revoke it once the new one is deployed.
+    Renew {
+        #[command(flatten)]
+        ca: CaDir,
+        /// The certificate to renew (PEM); it is replaced.
+        cert: PathBuf,
+        /// The key file to replace [default: the certificate's path with extension .key].
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Validity of the new certificate in days.
+        #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS)]
+        validity_days: u32,
+    },
+    /// Show a certificate: identity, role, serial, validity, issuer; with --dir also whether
+    /// this CA issued it and whether it is revoked.
+    Show {
+        /// The CA directory (to report revocation) [env: TRMX_CA_DIR].
+        #[arg(long, env = "TRMX_CA_DIR")]
+        dir: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The certificate (PEM).
+        cert: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IssueCommand {
+    /// A broker (server) certificate: URI SAN spiffe://<td>/broker/<name> plus DNS names and
+    /// IPs; serverAuth and clientAuth. Written to ./broker-<name>.pem/.key unless --out.
+    Broker {
+        #[command(flatten)]
+        common: IssueArgs,
+        /// Broker name (A-Z a-z 0-9 . _ -).
+        #[arg(long)]
+        name: String,
+        /// DNS name clients use to reach the broker (repeatable).
+        #[arg(long = "dns", value_name = "NAME")]
+        dns: Vec<String>,
+        /// IP address clients use to reach the broker (repeatable).
+        #[arg(long = "ip", value_name = "ADDR")]
+        ips: Vec<IpAddr>,
+    },
+    /// A participant's node certificate: URI SAN spiffe://<td>/participant/<ID>;
+    /// clientAuth. Written to ./<ID>.pem/.key unless --out.
+    Node {
+        #[command(flatten)]
+        common: IssueArgs,
+        /// Participant id, e.g. NL-NRM (country code or INT, dash, organisation code).
+        #[arg(long)]
+        participant: String,
+    },
+    /// An operator certificate: URI SAN spiffe://<td>/operator/<name>; clientAuth.
+    /// Written to ./operator-<name>.pem/.key unless --out.
+    Operator {
+        #[command(flatten)]
+        common: IssueArgs,
+        /// Operator name (A-Z a-z 0-9 . _ -).
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CaDir {
+    /// The CA directory [env: TRMX_CA_DIR].
+    #[arg(long, env = "TRMX_CA_DIR")]
+    dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct IssueArgs {
+    #[command(flatten)]
+    ca: CaDir,
+    /// Output path prefix: writes PREFIX.pem and PREFIX.key.
+    #[arg(long, value_name = "PREFIX")]
+    out: Option<PathBuf>,
+    /// Validity in days.
+    #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS)]
+    validity_days: u32,
+    /// Overwrite existing certificate and key files.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CertError> {
+    match cli.command {
+        Command::Init {
+            ca,
+            trust_domain,
+            name,
+            validity_days,
+            force,
+        } => {
+            let opts = CaOptions {
+                trust_domain,
+                name,
+                validity_days,
+                force,
+            };
+            let ca = Ca::init(&ca.dir, &opts)?;
+            println!(
+                "created CA for trust domain {} in {}",
+                ca.trust_domain(),
+                ca.dir().display()
+            );
+            println!("  certificate: {}", ca.ca_cert_path().display());
+            println!("  CRL:         {}", ca.crl_path().display());
+            Ok(())
+        }
+        Command::Issue { what } => issue(what),
+        Command::Revoke { ca, cert } => {
+            let ca = Ca::open(&ca.dir)?;
+            let info = ca.verify_issued(&cert)?;
+            ca.revoke(&cert)?;
+            println!(
+                "revoked {} (serial {}); CRL rewritten: {}",
+                info.identity,
+                info.serial_hex,
+                ca.crl_path().display()
+            );
+            Ok(())
+        }
+        Command::Crl {
+            ca,
+            next_update_days,
+        } => {
+            if next_update_days == 0 {
+                return Err(CertError::InvalidArgument {
+                    field: "--next-update-days",
+                    problem: "must be at least 1".to_string(),
+                });
+            }
+            let ca = Ca::open(&ca.dir)?;
+            let next = Duration::from_secs(u64::from(next_update_days) * 24 * 3600);
+            ca.write_crl(next)?;
+            println!(
+                "CRL written: {} (next update {})",
+                ca.crl_path().display(),
+                format_time(SystemTime::now() + next)
+            );
+            Ok(())
+        }
+        Command::Renew {
+            ca,
+            cert,
+            key,
+            validity_days,
+        } => {
+            let ca = Ca::open(&ca.dir)?;
+            let paths = match key {
+                Some(key) => CertPaths { cert, key },
+                None => CertPaths::for_cert(&cert),
+            };
+            let info = ca.renew(&paths, validity_days)?;
+            print_written(&paths, &info);
+            Ok(())
+        }
+        Command::Show { dir, json, cert } => show(dir.as_deref(), json, &cert),
+    }
+}
+
+fn issue(what: IssueCommand) -> Result<(), CertError> {
+    let (common, spec, default_stem) = match what {
+        IssueCommand::Broker {
+            common,
+            name,
+            dns,
+            ips,
+        } => {
+            validate_name("broker", &name)?;
+            let stem = format!("broker-{name}");
+            (common, IssueSpec::broker(&name, dns, ips), stem)
+        }
+        IssueCommand::Node {
+            common,
+            participant,
+        } => {
+            validate_participant_id(&participant)?;
+            let stem = participant.clone();
+            (common, IssueSpec::participant(&participant), stem)
+        }
+        IssueCommand::Operator { common, name } => {
+            validate_name("operator", &name)?;
+            let stem = format!("operator-{name}");
+            (common, IssueSpec::operator(&name), stem)
+        }
+    };
+    let spec = IssueSpec {
+        validity_days: common.validity_days,
+        ..spec
+    };
+    let ca = Ca::open(&common.ca.dir)?;
+    let prefix = common.out.unwrap_or_else(|| PathBuf::from(default_stem));
+    let paths = CertPaths::from_prefix(&prefix);
+    let info = ca.issue(&spec, &paths, common.force)?;
+    print_written(&paths, &info);
+    Ok(())
+}
+
+fn print_written(paths: &CertPaths, info: &CertInfo) {
+    println!("issued {} (serial {})", info.identity, info.serial_hex);
+    println!("  certificate: {}", paths.cert.display());
+    println!("  key:         {}", paths.key.display());
+    println!("  not after:   {}", format_time(info.not_after));
+}
+
+fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
+    let info = CertInfo::from_pem_file(cert)?;
+    // (issued by this CA, revoked) when a CA directory is given
+    let status = match dir {
+        Some(dir) => {
+            let ca = Ca::open(dir)?;
+            let issued = match ca.verify_issued(cert) {
+                Ok(_) => true,
+                Err(CertError::NotIssuedByCa { .. } | CertError::TrustDomainMismatch { .. }) => {
+                    false
+                }
+                Err(e) => return Err(e),
+            };
+            Some((issued, issued && ca.is_revoked(&info.serial_hex)))
+        }
+        None => None,
+    };
+    let now = SystemTime::now();
+    let mut usages = Vec::new();
+    if info.server_auth {
+        usages.push("serverAuth");
+    }
+    if info.client_auth {
+        usages.push("clientAuth");
+    }
+    if json {
+        let mut v = serde_json::json!({
+            "identity": info.identity.spiffe_uri(),
+            "trust_domain": info.identity.trust_domain,
+            "role": info.identity.role.kind(),
+            "name": info.identity.role.name(),
+            "participant": info.identity.participant(),
+            "serial": info.serial_hex,
+            "not_before": format_time(info.not_before),
+            "not_after": format_time(info.not_after),
+            "expired": now > info.not_after,
+            "issuer": info.issuer,
+            "subject": info.subject,
+            "dns_names": info.dns_names,
+            "ips": info.ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "extended_key_usage": usages,
+        });
+        if let (Some((issued, revoked)), Some(obj)) = (status, v.as_object_mut()) {
+            obj.insert("issued_by_ca".to_string(), issued.into());
+            obj.insert("revoked".to_string(), revoked.into());
+        }
+        let text = serde_json::to_string_pretty(&v).map_err(|e| CertError::InvalidArgument {
+            field: "--json",
+            problem: e.to_string(),
+        })?;
+        println!("{text}");
+        return Ok(());
+    }
+    let role = match &info.identity.role {
+        Role::Participant(_) => "participant (node)",
+        Role::Operator(_) => "operator",
+        Role::Broker(_) => "broker",
+    };
+    println!("identity:    {}", info.identity);
+    println!("role:        {role}");
+    println!("name:        {}", info.identity.role.name());
+    println!("serial:      {}", info.serial_hex);
+    println!("not before:  {}", format_time(info.not_before));
+    let expired = if now > info.not_after {
+        " (expired)"
+    } else {
+        ""
+    };
+    println!("not after:   {}{expired}", format_time(info.not_after));
+    println!("issuer:      {}", info.issuer);
+    println!("subject:     {}", info.subject);
+    if !info.dns_names.is_empty() {
+        println!("dns names:   {}", info.dns_names.join(", "));
+    }
+    if !info.ips.is_empty() {
+        let ips: Vec<String> = info.ips.iter().map(ToString::to_string).collect();
+        println!("ips:         {}", ips.join(", "));
+    }
+    println!("usage:       {}", usages.join(", "));
+    if let Some((issued, revoked)) = status {
+        println!("issued here: {}", if issued { "yes" } else { "no" });
+        println!("revoked:     {}", if revoked { "yes" } else { "no" });
+    }
+    Ok(())
+}
