@@ -1,0 +1,646 @@
+//! trmx-certs integration tests: certificates checked by rustls' own verifiers (ring
+//! provider), the CA directory's files, and the CLI binary.
+
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use trmx_certs::{CertPaths, Federation, load_certs_pem, load_crls_pem};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(fed: &Federation) -> Arc<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs_pem(&fed.ca_cert_path()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    Arc::new(roots)
+}
+
+/// A client verifier as a broker builds it: CA roots plus the CRL read from disk now.
+fn client_verifier(fed: &Federation) -> Arc<dyn ClientCertVerifier> {
+    WebPkiClientVerifier::builder_with_provider(roots(fed), provider())
+        .with_crls(load_crls_pem(&fed.crl_path()).unwrap())
+        .build()
+        .unwrap()
+}
+
+fn leaf(paths: &CertPaths) -> CertificateDer<'static> {
+    load_certs_pem(&paths.cert).unwrap().remove(0)
+}
+
+fn verify_client(
+    v: &Arc<dyn ClientCertVerifier>,
+    cert: &CertificateDer<'_>,
+) -> Result<(), rustls::Error> {
+    v.verify_client_cert(cert, &[], UnixTime::now()).map(|_| ())
+}
+
+fn federation() -> (tempfile::TempDir, Federation) {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = Federation::create(dir.path(), "trm.example").unwrap();
+    (dir, fed)
+}
+
+mod verify {
+    use super::*;
+    use rustls::CertificateError;
+    use trmx_certs::{Identity, Role};
+
+    #[test]
+    fn node_certificate_verifies_as_client_and_names_the_participant() {
+        let (_d, fed) = federation();
+        let node = fed.participant("NL-NRM").unwrap();
+        let cert = leaf(&node);
+        verify_client(&client_verifier(&fed), &cert).unwrap();
+        let id = Identity::from_der(&cert).unwrap();
+        assert_eq!(id.participant(), Some("NL-NRM"));
+        assert_eq!(id.trust_domain, "trm.example");
+        assert_eq!(id.spiffe_uri(), "spiffe://trm.example/participant/NL-NRM");
+    }
+
+    #[test]
+    fn revoked_certificate_is_refused_once_the_crl_is_reloaded() {
+        let (_d, fed) = federation();
+        let node = fed.participant("BE-PAYOKE").unwrap();
+        let other = fed.participant("NG-NAPTIP").unwrap();
+        let cert = leaf(&node);
+
+        // positive control: accepted by a verifier built with the current CRL
+        verify_client(&client_verifier(&fed), &cert).unwrap();
+
+        fed.revoke(&node).unwrap();
+        let reloaded = client_verifier(&fed);
+        let err = verify_client(&reloaded, &cert).unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::Revoked),
+            "{err:?}"
+        );
+        // the same reloaded verifier still accepts a certificate that was not revoked
+        verify_client(&reloaded, &leaf(&other)).unwrap();
+        assert!(
+            fed.ca
+                .is_revoked(&trmx_certs::CertInfo::from_der(&cert).unwrap().serial_hex)
+        );
+    }
+
+    #[test]
+    fn crl_past_next_update_is_refused_by_a_strict_verifier() {
+        let (_d, fed) = federation();
+        let cert = leaf(&fed.participant("NL-NRM").unwrap());
+        let strict = |fed: &Federation| {
+            WebPkiClientVerifier::builder_with_provider(roots(fed), provider())
+                .with_crls(load_crls_pem(&fed.crl_path()).unwrap())
+                .enforce_revocation_expiration()
+                .build()
+                .unwrap()
+        };
+        verify_client(&strict(&fed), &cert).unwrap();
+        let now = SystemTime::now();
+        fed.ca
+            .write_crl_with_times(
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(60),
+            )
+            .unwrap();
+        let err = verify_client(&strict(&fed), &cert).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::ExpiredRevocationList
+                        | CertificateError::ExpiredRevocationListContext { .. }
+                )
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn operator_certificate_parses_as_operator() {
+        let (_d, fed) = federation();
+        let op = fed.operator("alice").unwrap();
+        let cert = leaf(&op);
+        verify_client(&client_verifier(&fed), &cert).unwrap();
+        let id = Identity::from_der(&cert).unwrap();
+        assert_eq!(id.role, Role::Operator("alice".to_string()));
+        assert_eq!(id.participant(), None);
+        assert_eq!(id.spiffe_uri(), "spiffe://trm.example/operator/alice");
+    }
+
+    #[test]
+    fn broker_certificate_verifies_as_server_for_localhost_and_loopback() {
+        let (_d, fed) = federation();
+        let broker = fed.broker("eu-1").unwrap();
+        let cert = leaf(&broker);
+        let v = WebPkiServerVerifier::builder_with_provider(roots(&fed), provider())
+            .with_crls(load_crls_pem(&fed.crl_path()).unwrap())
+            .build()
+            .unwrap();
+        for name in ["localhost", "127.0.0.1", "::1"] {
+            let sn = ServerName::try_from(name).unwrap();
+            v.verify_server_cert(&cert, &[], &sn, &[], UnixTime::now())
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        }
+        let wrong = ServerName::try_from("broker.example.org").unwrap();
+        assert!(
+            v.verify_server_cert(&cert, &[], &wrong, &[], UnixTime::now())
+                .is_err()
+        );
+        let id = Identity::from_der(&cert).unwrap();
+        assert_eq!(id.role, Role::Broker("eu-1".to_string()));
+
+        // a node certificate (clientAuth only) is no server certificate
+        let node = leaf(&fed.participant("NL-NRM").unwrap());
+        let sn = ServerName::try_from("localhost").unwrap();
+        assert!(
+            v.verify_server_cert(&node, &[], &sn, &[], UnixTime::now())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn server_certificate_of_another_federation_is_refused() {
+        let (_d, fed) = federation();
+        let (_d2, other) = federation();
+        let foreign = leaf(&other.participant("NL-NRM").unwrap());
+        // positive control first
+        verify_client(
+            &client_verifier(&fed),
+            &leaf(&fed.participant("NL-NRM").unwrap()),
+        )
+        .unwrap();
+        assert!(verify_client(&client_verifier(&fed), &foreign).is_err());
+        // and this CA refuses to revoke it
+        let e = fed
+            .ca
+            .revoke(&other.dir.join("NL-NRM.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("was not issued by this CA"), "{e}");
+    }
+
+    #[test]
+    fn certificates_tolerate_a_peer_clock_a_little_behind() {
+        let (_d, fed) = federation();
+        let cert = leaf(&fed.participant("NL-NRM").unwrap());
+        let behind = SystemTime::now() - Duration::from_secs(120);
+        let at = UnixTime::since_unix_epoch(behind.duration_since(SystemTime::UNIX_EPOCH).unwrap());
+        client_verifier(&fed)
+            .verify_client_cert(&cert, &[], at)
+            .unwrap();
+    }
+}
+
+mod ca_files {
+    use super::*;
+    use trmx_certs::{Ca, CaOptions, CertError, CertInfo, IssueSpec};
+    use x509_parser::prelude::FromDer;
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn key_files_are_0600() {
+        let (_d, fed) = federation();
+        assert_eq!(mode(&fed.dir.join("ca/ca.key")), 0o600);
+        for paths in [
+            fed.participant("NL-NRM").unwrap(),
+            fed.operator("alice").unwrap(),
+            fed.broker("eu-1").unwrap(),
+        ] {
+            assert_eq!(mode(&paths.key), 0o600, "{}", paths.key.display());
+            assert_eq!(mode(&paths.cert), 0o644, "{}", paths.cert.display());
+        }
+    }
+
+    #[test]
+    fn reissue_without_force_refuses_and_changes_nothing() {
+        let (_d, fed) = federation();
+        let out = CertPaths::from_prefix(&fed.dir.join("node"));
+        fed.ca
+            .issue(&IssueSpec::participant("NL-NRM"), &out, false)
+            .unwrap();
+        let (cert, key) = (
+            std::fs::read(&out.cert).unwrap(),
+            std::fs::read(&out.key).unwrap(),
+        );
+        let issued = fed.ca.issued().len();
+
+        let err = fed
+            .ca
+            .issue(&IssueSpec::participant("NL-NRM"), &out, false)
+            .unwrap_err();
+        assert!(matches!(err, CertError::AlreadyExists { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("refusing to overwrite {} (use --force)", out.cert.display())
+        );
+        assert_eq!(std::fs::read(&out.cert).unwrap(), cert);
+        assert_eq!(std::fs::read(&out.key).unwrap(), key);
+        assert_eq!(fed.ca.issued().len(), issued);
+
+        // with force it is replaced
+        fed.ca
+            .issue(&IssueSpec::participant("NL-NRM"), &out, true)
+            .unwrap();
+        assert_ne!(std::fs::read(&out.key).unwrap(), key);
+    }
+
+    #[test]
+    fn init_refuses_to_replace_a_ca_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CaOptions::new("trm.example", "TRM Federation CA");
+        Ca::init(dir.path(), &opts).unwrap();
+        let key = std::fs::read(dir.path().join("ca.key")).unwrap();
+        let err = Ca::init(dir.path(), &opts).unwrap_err().to_string();
+        assert!(err.starts_with("refusing to overwrite"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join("ca.key")).unwrap(), key);
+        let forced = CaOptions {
+            force: true,
+            ..opts
+        };
+        Ca::init(dir.path(), &forced).unwrap();
+        assert_ne!(std::fs::read(dir.path().join("ca.key")).unwrap(), key);
+    }
+
+    #[test]
+    fn invalid_participant_id_is_a_one_line_error() {
+        let (_d, fed) = federation();
+        let err = fed.participant("nl-nrm").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "participant id \"nl-nrm\" is invalid: expected CC-ORG like NL-NRM"
+        );
+        let out = CertPaths::from_prefix(&fed.dir.join("x"));
+        let err = fed
+            .ca
+            .issue(&IssueSpec::participant("NLD-NRM"), &out, false)
+            .unwrap_err();
+        assert!(
+            matches!(err, CertError::InvalidParticipantId { .. }),
+            "{err}"
+        );
+        assert!(!out.cert.exists() && !out.key.exists());
+    }
+
+    #[test]
+    fn unreadable_ca_is_a_one_line_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Ca::open(dir.path()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "cannot read CA key {}: No such file or directory",
+                dir.path().join("ca.key").display()
+            )
+        );
+        assert!(!err.contains('\n'));
+
+        let (_d, fed) = federation();
+        let ca_dir = fed.dir.join("ca");
+        std::fs::write(ca_dir.join("ca.pem"), "not a certificate").unwrap();
+        let err = Ca::open(&ca_dir).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot parse CA certificate {}",
+                ca_dir.join("ca.pem").display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn renew_keeps_identity_and_changes_key_and_serial() {
+        let (_d, fed) = federation();
+        let broker = fed.broker("eu-1").unwrap();
+        let old = CertInfo::from_pem_file(&broker.cert).unwrap();
+        let old_key = std::fs::read(&broker.key).unwrap();
+
+        let new = fed.ca.renew(&broker, 30).unwrap();
+        assert_eq!(new.identity, old.identity);
+        assert_eq!(new.dns_names, old.dns_names);
+        assert_eq!(new.ips, old.ips);
+        assert_ne!(new.serial_hex, old.serial_hex);
+        assert_ne!(std::fs::read(&broker.key).unwrap(), old_key);
+        assert_eq!(CertInfo::from_pem_file(&broker.cert).unwrap(), new);
+        assert!(new.not_after < old.not_after);
+        assert_eq!(mode(&broker.key), 0o600);
+        // the new key matches the new certificate: rustls accepts the pair
+        let key = trmx_certs::load_key_pem(&broker.key).unwrap();
+        let chain = load_certs_pem(&broker.cert).unwrap();
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let issued = fed.ca.issued();
+        let entry = issued.iter().find(|c| c.serial == old.serial_hex).unwrap();
+        assert_eq!(entry.renewed_by.as_deref(), Some(new.serial_hex.as_str()));
+    }
+
+    #[test]
+    fn crl_numbers_increase_and_next_update_is_configurable() {
+        let (_d, fed) = federation();
+        let read = |fed: &Federation| {
+            let der = load_crls_pem(&fed.crl_path()).unwrap().remove(0);
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+            let number = crl.crl_number().unwrap().to_string();
+            let next = crl.next_update().unwrap().timestamp();
+            let this = crl.last_update().timestamp();
+            (number.parse::<u64>().unwrap(), this, next)
+        };
+        let (n1, this1, next1) = read(&fed);
+        assert_eq!(next1 - this1, 7 * 24 * 3600 + 300);
+        fed.ca
+            .write_crl(Duration::from_secs(2 * 24 * 3600))
+            .unwrap();
+        let (n2, this2, next2) = read(&fed);
+        assert!(n2 > n1);
+        assert_eq!(next2 - this2, 2 * 24 * 3600 + 300);
+        // a revocation keeps the configured lifetime
+        fed.revoke(&fed.participant("NL-NRM").unwrap()).unwrap();
+        let (n3, this3, next3) = read(&fed);
+        assert!(n3 > n2);
+        assert_eq!(next3 - this3, 2 * 24 * 3600 + 300);
+        // reopening the CA keeps counting up
+        let reopened = Ca::open(&fed.dir.join("ca")).unwrap();
+        reopened.write_crl(Duration::from_secs(3600)).unwrap();
+        assert!(read(&fed).0 > n3);
+    }
+
+    #[test]
+    fn certificate_details() {
+        let (_d, fed) = federation();
+        let node = CertInfo::from_pem_file(&fed.participant("INT-IOM").unwrap().cert).unwrap();
+        assert!(node.client_auth && !node.server_auth);
+        assert!(node.dns_names.is_empty() && node.ips.is_empty());
+        assert_eq!(node.serial_hex.len(), 32);
+        assert!(node.not_before < SystemTime::now() - Duration::from_secs(60));
+        assert!(node.is_valid_at(SystemTime::now()));
+        assert!(
+            node.issuer.contains("CN=trm.example federation CA"),
+            "{}",
+            node.issuer
+        );
+        let broker = CertInfo::from_pem_file(&fed.broker("b").unwrap().cert).unwrap();
+        assert!(broker.server_auth);
+        assert_eq!(broker.dns_names, vec!["localhost".to_string()]);
+        assert_eq!(broker.ips.len(), 2);
+        // serials are random
+        let again = CertInfo::from_pem_file(&fed.participant("INT-IOM").unwrap().cert).unwrap();
+        assert_ne!(again.serial_hex, node.serial_hex);
+        // nodes and operators get no DNS/IP names
+        let mut spec = IssueSpec::participant("NL-NRM");
+        spec.dns_names = vec!["localhost".into()];
+        let out = CertPaths::from_prefix(&fed.dir.join("y"));
+        assert!(fed.ca.issue(&spec, &out, false).is_err());
+        // validity beyond the CA's is refused
+        let spec = IssueSpec {
+            validity_days: 20_000,
+            ..IssueSpec::participant("NL-NRM")
+        };
+        let e = fed.ca.issue(&spec, &out, false).unwrap_err().to_string();
+        assert!(e.contains("outlive the CA"), "{e}");
+    }
+}
+
+mod cli {
+    use super::*;
+    use std::process::{Command, Output};
+
+    fn certs(cwd: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_trmx-certs"))
+            .current_dir(cwd)
+            .env_remove("TRMX_CA_DIR")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(out: &Output) -> String {
+        assert!(
+            out.status.success(),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout.clone()).unwrap()
+    }
+
+    fn failed(out: &Output) -> String {
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8(out.stderr.clone()).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        err.trim_end().to_string()
+    }
+
+    #[test]
+    fn init_issue_show_revoke_show() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        ok(&certs(
+            d,
+            &[
+                "init",
+                "--dir",
+                "ca",
+                "--trust-domain",
+                "trm.example",
+                "--name",
+                "TRM Federation CA",
+                "--validity-days",
+                "30",
+            ],
+        ));
+        ok(&certs(
+            d,
+            &[
+                "issue",
+                "node",
+                "--dir",
+                "ca",
+                "--participant",
+                "NL-NRM",
+                "--validity-days",
+                "7",
+            ],
+        ));
+        assert!(d.join("NL-NRM.pem").exists() && d.join("NL-NRM.key").exists());
+
+        let show = |args: &[&str]| -> serde_json::Value {
+            serde_json::from_str(&ok(&certs(d, args))).unwrap()
+        };
+        let v = show(&["show", "--dir", "ca", "--json", "NL-NRM.pem"]);
+        assert_eq!(v["identity"], "spiffe://trm.example/participant/NL-NRM");
+        assert_eq!(v["role"], "participant");
+        assert_eq!(v["participant"], "NL-NRM");
+        assert_eq!(v["revoked"], false);
+        assert_eq!(v["issued_by_ca"], true);
+        let serial = v["serial"].as_str().unwrap().to_string();
+
+        // without --force, a second issue is refused
+        let err = failed(&certs(
+            d,
+            &[
+                "issue",
+                "node",
+                "--dir",
+                "ca",
+                "--participant",
+                "NL-NRM",
+                "--validity-days",
+                "7",
+            ],
+        ));
+        assert_eq!(err, "error: refusing to overwrite NL-NRM.pem (use --force)");
+
+        ok(&certs(d, &["revoke", "--dir", "ca", "NL-NRM.pem"]));
+        let v = show(&["show", "--dir", "ca", "--json", "NL-NRM.pem"]);
+        assert_eq!(v["revoked"], true);
+        assert_eq!(v["serial"], serial.as_str());
+        let text = ok(&certs(d, &["show", "--dir", "ca", "NL-NRM.pem"]));
+        assert!(text.contains("revoked:     yes"), "{text}");
+        // without --dir nothing is said about revocation
+        let v = show(&["show", "--json", "NL-NRM.pem"]);
+        assert!(v.get("revoked").is_none());
+
+        // broker, operator, renew, crl
+        ok(&certs(
+            d,
+            &[
+                "issue",
+                "broker",
+                "--dir",
+                "ca",
+                "--name",
+                "eu-1",
+                "--dns",
+                "localhost",
+                "--ip",
+                "127.0.0.1",
+                "--out",
+                "out/broker",
+                "--validity-days",
+                "7",
+            ],
+        ));
+        let v = show(&["show", "--json", "out/broker.pem"]);
+        assert_eq!(v["role"], "broker");
+        assert_eq!(v["dns_names"][0], "localhost");
+        assert_eq!(v["ips"][0], "127.0.0.1");
+        ok(&certs(
+            d,
+            &[
+                "issue",
+                "operator",
+                "--dir",
+                "ca",
+                "--name",
+                "alice",
+                "--validity-days",
+                "7",
+            ],
+        ));
+        assert_eq!(
+            show(&["show", "--json", "operator-alice.pem"])["role"],
+            "operator"
+        );
+        ok(&certs(
+            d,
+            &[
+                "renew",
+                "--dir",
+                "ca",
+                "--validity-days",
+                "7",
+                "out/broker.pem",
+            ],
+        ));
+        let renewed = show(&["show", "--dir", "ca", "--json", "out/broker.pem"]);
+        assert_eq!(renewed["identity"], "spiffe://trm.example/broker/eu-1");
+        assert_ne!(renewed["serial"], v["serial"]);
+        ok(&certs(
+            d,
+            &["crl", "--dir", "ca", "--next-update-days", "3"],
+        ));
+    }
+
+    #[test]
+    fn errors_are_one_line_with_exit_code_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        ok(&certs(
+            d,
+            &["init", "--dir", "ca", "--trust-domain", "trm.example"],
+        ));
+        let err = failed(&certs(
+            d,
+            &["issue", "node", "--dir", "ca", "--participant", "nl-nrm"],
+        ));
+        assert_eq!(
+            err,
+            "error: participant id \"nl-nrm\" is invalid: expected CC-ORG like NL-NRM"
+        );
+        let err = failed(&certs(
+            d,
+            &[
+                "issue",
+                "node",
+                "--dir",
+                "/nonexistent/ca",
+                "--participant",
+                "NL-NRM",
+            ],
+        ));
+        assert_eq!(
+            err,
+            "error: cannot read CA key /nonexistent/ca/ca.key: No such file or directory"
+        );
+        let err = failed(&certs(d, &["show", "missing.pem"]));
+        assert_eq!(
+            err,
+            "error: cannot read certificate missing.pem: No such file or directory"
+        );
+        let err = failed(&certs(
+            d,
+            &["init", "--dir", "ca2", "--trust-domain", "TRM"],
+        ));
+        assert!(
+            err.starts_with("error: trust domain \"TRM\" is invalid"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn help_documents_every_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let help = ok(&certs(dir.path(), &["--help"]));
+        for cmd in ["init", "issue", "revoke", "crl", "renew", "show"] {
+            assert!(help.contains(cmd), "{cmd} missing from --help:\n{help}");
+        }
+        let issue = ok(&certs(dir.path(), &["issue", "--help"]));
+        for cmd in ["broker", "node", "operator"] {
+            assert!(
+                issue.contains(cmd),
+                "{cmd} missing from issue --help:\n{issue}"
+            );
+        }
+    }
+}
