@@ -1,0 +1,101 @@
+//! proto3 JSON → message, with errors that name the field path and never a
+//! value.
+//!
+//! The pbjson-generated serde impls do the mapping; `serde_path_to_error`
+//! tracks where a failure happened. serde's own message is only inspected to
+//! pick the rule: it may quote the offending value, so it is never returned.
+
+use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
+
+use crate::ValidationError;
+
+/// Longest JSON key reported in an error path; longer or odd keys are shown
+/// as `?`.
+const MAX_REPORTED_KEY: usize = 64;
+
+/// Parses `json` as `T`; errors are rooted at `root` (e.g. `referral`).
+pub(super) fn parse<T: DeserializeOwned>(root: &str, json: &str) -> Result<T, ValidationError> {
+    let mut deserializer = serde_json::Deserializer::from_str(json);
+    let value: T = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| ValidationError::new(path(root, e.path()), rule(e.inner())))?;
+    deserializer
+        .end()
+        .map_err(|_| ValidationError::new(root, "must be one JSON object with nothing after it"))?;
+    Ok(value)
+}
+
+/// `root.snake_case.path[3].of_the_field`.
+fn path(root: &str, path: &serde_path_to_error::Path) -> String {
+    let mut out = root.to_owned();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => {
+                out.push('.');
+                out.push_str(&field_name(key));
+            }
+            Segment::Enum { .. } | Segment::Unknown => out.push_str(".?"),
+        }
+    }
+    out
+}
+
+/// A JSON key as its proto field name (`ageBand` → `age_band`); `?` for a key
+/// that is not a plausible field name (it could hold anything).
+fn field_name(key: &str) -> String {
+    let plausible = !key.is_empty()
+        && key.len() <= MAX_REPORTED_KEY
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !plausible {
+        return "?".to_owned();
+    }
+    let mut out = String::with_capacity(key.len() + 4);
+    for c in key.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The rule broken, from the kind of serde error (its text is not returned).
+fn rule(error: &serde_json::Error) -> &'static str {
+    use serde_json::error::Category;
+    match error.classify() {
+        Category::Syntax => "is not valid JSON",
+        Category::Eof => "is not valid JSON (the document ends early)",
+        Category::Io => "could not be read",
+        Category::Data => {
+            let message = error.to_string();
+            if message.starts_with("unknown field") {
+                "unknown field"
+            } else if message.starts_with("duplicate field") {
+                "duplicate field"
+            } else if message.starts_with("unknown variant") {
+                "unknown enum value"
+            } else if message.starts_with("invalid type") {
+                "wrong type"
+            } else {
+                "wrong type or invalid value"
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_become_proto_field_names() {
+        assert_eq!(field_name("ageBand"), "age_band");
+        assert_eq!(field_name("age_band"), "age_band");
+        assert_eq!(field_name("sha256"), "sha256");
+        assert_eq!(field_name("Jane Doe"), "?");
+        assert_eq!(field_name(&"a".repeat(65)), "?");
+    }
+}
