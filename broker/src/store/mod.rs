@@ -1,1 +1,465 @@
-//! Storage interface (placeholder until the store helper lands it).
+//! The broker's durable storage, behind [`BrokerStore`] (DESIGN.md §6).
+//!
+//! The interface speaks in broker operations (submit, lease, ack, reject,
+//! withdraw, expire what is due, read a status), never in key-value terms, so
+//! that another backend (e.g. PostgreSQL) can implement it later and pass the
+//! same conformance suite.
+//!
+//! - this module: the contract — [`BrokerStore`] and the types it speaks in
+//!   (see `/work/notes/STORE_API.md`, the shared contract with the service layer).
+//! - [`sled`]: [`SledStore`], the embedded implementation (sled trees,
+//!   one transaction per logical change, group-committed flushes, timers as keys).
+//! - `conformance` (tests only): the suite every implementation must pass.
+//!
+//! Receipts (DESIGN.md §3 "Receipts") are made by the store, inside the same
+//! atomic write as the state change that causes them: see [`receipt_outcome_name`].
+
+use std::time::Duration;
+
+use trmx_proto::envelope::Priority;
+use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
+
+// (the sled implementation lands in the next commit)
+
+/// Milliseconds since the Unix epoch; every instant in the store uses this.
+pub type Millis = u64;
+
+/// Identifies one Receive stream within this broker process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamId(pub u64);
+
+/// State of a message (DESIGN.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Durable, waiting for the recipient (possibly backing off before a redelivery).
+    Accepted,
+    /// On one recipient stream, not yet acknowledged.
+    InFlight,
+    /// The recipient's node stored it (final).
+    Acknowledged,
+    /// Its lifetime ended first (operator may redrive while the payload is kept).
+    Expired,
+    /// Rejected by the recipient, or too many attempts.
+    DeadLettered,
+    /// Taken back by the sender (final).
+    Withdrawn,
+    /// Removed by an operator (final).
+    Purged,
+}
+
+impl State {
+    /// The wire enum.
+    pub fn to_pb(self) -> pb::MessageState {
+        match self {
+            State::Accepted => pb::MessageState::Accepted,
+            State::InFlight => pb::MessageState::InFlight,
+            State::Acknowledged => pb::MessageState::Acknowledged,
+            State::Expired => pb::MessageState::Expired,
+            State::DeadLettered => pb::MessageState::DeadLettered,
+            State::Withdrawn => pb::MessageState::Withdrawn,
+            State::Purged => pb::MessageState::Purged,
+        }
+    }
+
+    /// Whether the message still waits for delivery (ACCEPTED or IN_FLIGHT).
+    pub fn is_active(self) -> bool {
+        matches!(self, State::Accepted | State::InFlight)
+    }
+}
+
+/// A message handed to `submit`, already validated by the service layer.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// The idempotency key (with `sender`).
+    pub message_id: MessageId,
+    /// The caller, from its certificate.
+    pub sender: ParticipantId,
+    /// The addressee.
+    pub recipient: ParticipantId,
+    /// An application kind (never a broker-made one).
+    pub kind: Kind,
+    /// The pseudonymous case reference.
+    pub case_ref: CaseRef,
+    /// The message this one answers.
+    pub in_reply_to: Option<MessageId>,
+    /// Urgent messages are leased first.
+    pub priority: Priority,
+    /// Set by the sender node.
+    pub created_at: Millis,
+    /// Already defaulted and capped by the service layer.
+    pub expires_at: Millis,
+    /// E.g. `application/x-protobuf; proto=trmx.v1.Referral`.
+    pub content_type: String,
+    /// Opaque bytes, never inspected or logged.
+    pub payload: bytes::Bytes,
+    /// SHA-256 of `payload` (checked by the service layer).
+    pub payload_sha256: [u8; 32],
+    /// SHA-256 over the client-set fields (canonical encoding) — equal fingerprints = same submit.
+    pub fingerprint: [u8; 32],
+}
+
+/// What the broker answers for a durable submit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// Per-broker sequence number.
+    pub broker_seq: u64,
+    /// When the message became durable (the first time).
+    pub accepted_at: Millis,
+    /// When it expires.
+    pub expires_at: Millis,
+}
+
+/// Result of [`BrokerStore::submit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    /// Stored and durable.
+    Accepted(Accepted),
+    /// same (sender, message_id) and same fingerprint: the first receipt
+    Duplicate(Accepted),
+    /// same (sender, message_id), different fingerprint → ALREADY_EXISTS
+    Conflict,
+    /// the sender's queued-bytes quota would be exceeded → RESOURCE_EXHAUSTED
+    QuotaExceeded,
+}
+
+/// A message leased to a stream: everything needed to build the `Delivery`.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    /// The message's id.
+    pub message_id: MessageId,
+    /// None for broker-made receipts.
+    pub sender: Option<ParticipantId>,
+    /// The addressee (the caller of `lease`).
+    pub recipient: ParticipantId,
+    /// The message kind.
+    pub kind: Kind,
+    /// The case reference.
+    pub case_ref: CaseRef,
+    /// The message this one answers.
+    pub in_reply_to: Option<MessageId>,
+    /// Its priority.
+    pub priority: Priority,
+    /// Set by the sender node (the broker's `accepted_at` for receipts).
+    pub created_at: Millis,
+    /// When it expires.
+    pub expires_at: Millis,
+    /// Content type of the payload.
+    pub content_type: String,
+    /// The opaque payload.
+    pub payload: bytes::Bytes,
+    /// SHA-256 of `payload`.
+    pub payload_sha256: [u8; 32],
+    /// When the broker made it durable.
+    pub accepted_at: Millis,
+    /// Per-broker sequence number.
+    pub broker_seq: u64,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+}
+
+/// Per-id result of [`BrokerStore::ack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckResult {
+    /// Acknowledged now or before.
+    Acknowledged,
+    /// Not a message delivered to the caller.
+    NotFound,
+}
+
+/// Result of [`BrokerStore::reject`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectResult {
+    /// Dead-lettered now or before (by a rejection).
+    Rejected,
+    /// Not a message delivered to the caller.
+    NotFound,
+}
+
+/// Result of [`BrokerStore::withdraw`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WithdrawResult {
+    /// Withdrawn (now or before, at `at`).
+    Withdrawn {
+        /// When it was withdrawn.
+        at: Millis,
+    },
+    /// Unknown, or not the caller's.
+    NotFound,
+    /// Too late: the recipient has it → FAILED_PRECONDITION.
+    AlreadyAcknowledged,
+    /// Already in another final state (EXPIRED, DEAD_LETTERED, PURGED) → FAILED_PRECONDITION.
+    Final {
+        /// The state it is in.
+        state: State,
+    },
+}
+
+/// Result of [`BrokerStore::purge`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeResult {
+    /// Purged now (NDR queued to the sender).
+    Purged,
+    /// No such message.
+    NotFound,
+    /// Only ACCEPTED or IN_FLIGHT messages can be purged.
+    NotPurgeable {
+        /// The state it is in.
+        state: State,
+    },
+}
+
+/// Result of [`BrokerStore::redrive`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedriveResult {
+    /// ACCEPTED again with a fresh lifetime.
+    Redriven(Accepted),
+    /// No such message.
+    NotFound,
+    /// Not EXPIRED or DEAD_LETTERED-by-attempts with its payload kept.
+    NotRedrivable {
+        /// The state it is in.
+        state: State,
+    },
+}
+
+/// Metadata of one message (never the payload).
+#[derive(Debug, Clone)]
+pub struct StatusRecord {
+    /// The message's id.
+    pub message_id: MessageId,
+    /// None for broker-made receipts.
+    pub sender: Option<ParticipantId>,
+    /// The addressee.
+    pub recipient: ParticipantId,
+    /// The message kind.
+    pub kind: Kind,
+    /// The case reference.
+    pub case_ref: CaseRef,
+    /// The message this one answers.
+    pub in_reply_to: Option<MessageId>,
+    /// Its priority.
+    pub priority: Priority,
+    /// Current state.
+    pub state: State,
+    /// How many times it was handed to the recipient.
+    pub attempts: u32,
+    /// When the broker made it durable.
+    pub accepted_at: Millis,
+    /// When it expires (or expired).
+    pub expires_at: Millis,
+    /// When it was last handed to the recipient.
+    pub last_delivered_at: Option<Millis>,
+    /// When `state` was entered.
+    pub state_changed_at: Millis,
+    /// While ACCEPTED after an ack timeout: when it is due again.
+    pub next_attempt_at: Option<Millis>,
+    /// Why it is dead-lettered / expired / purged (a code, never a body value).
+    pub reason_code: String,
+    /// For a rejection: the offending body field path.
+    pub field_path: String,
+    /// Payload size in bytes.
+    pub payload_size: u64,
+    /// Whether the payload is still stored.
+    pub payload_kept: bool,
+    /// Per-broker sequence number.
+    pub broker_seq: u64,
+    /// Whether an operator can redrive it now.
+    pub redrivable: bool,
+}
+
+/// What a `tick` did (for logs and metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TickReport {
+    /// leases past their ack deadline put back (ACCEPTED with backoff)
+    pub redelivery_due: u64,
+    /// attempts exhausted
+    pub dead_lettered: u64,
+    /// lifetimes ended
+    pub expired: u64,
+    /// dead-letter retention passed
+    pub payloads_deleted: u64,
+    /// metadata retention passed
+    pub metadata_deleted: u64,
+    /// recipients that have newly due messages (so the service can wake their streams)
+    pub woken: Vec<ParticipantId>,
+}
+
+/// Lifecycle parameters the store applies (from the broker config).
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    /// lease length
+    pub ack_timeout: Duration,
+    /// then DEAD_LETTERED (+ NDR, reason MAX_ATTEMPTS)
+    pub max_attempts: u32,
+    /// backoff = base * 2^(attempts-1), capped
+    pub redelivery_backoff_base: Duration,
+    /// cap of the backoff
+    pub redelivery_backoff_max: Duration,
+    /// how long payloads of expired / dead-lettered messages are kept (for redrive)
+    pub dead_letter_retention: Duration,
+    /// receipts expire no earlier than this; metadata is kept this long after a final state
+    pub metadata_retention: Duration,
+    /// bytes of payloads in ACCEPTED/IN_FLIGHT per sender
+    pub max_queued_bytes_per_sender: u64,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            ack_timeout: Duration::from_secs(60),
+            max_attempts: 10,
+            redelivery_backoff_base: Duration::from_secs(5),
+            redelivery_backoff_max: Duration::from_secs(600),
+            dead_letter_retention: Duration::from_secs(7 * 24 * 3600),
+            metadata_retention: Duration::from_secs(30 * 24 * 3600),
+            max_queued_bytes_per_sender: 1 << 30,
+        }
+    }
+}
+
+/// Per-recipient queue figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStats {
+    /// The recipient.
+    pub recipient: ParticipantId,
+    /// Messages ACCEPTED (due or backing off).
+    pub depth: u64,
+    /// Messages IN_FLIGHT.
+    pub in_flight: u64,
+    /// Oldest `accepted_at` among the messages due now.
+    pub oldest_accepted_at: Option<Millis>,
+    /// Payload bytes of ACCEPTED + IN_FLIGHT messages.
+    pub bytes: u64,
+}
+
+/// Operator metadata search (never payloads). Every set field must match.
+#[derive(Debug, Clone, Default)]
+pub struct SearchFilter {
+    /// Only this message id.
+    pub message_id: Option<MessageId>,
+    /// Only from this sender.
+    pub sender: Option<ParticipantId>,
+    /// Only to this recipient.
+    pub recipient: Option<ParticipantId>,
+    /// Only this case.
+    pub case_ref: Option<CaseRef>,
+    /// Only in this state.
+    pub state: Option<State>,
+    /// Only of this kind.
+    pub kind: Option<Kind>,
+    /// Only accepted at or after this instant.
+    pub accepted_from: Option<Millis>,
+    /// Only accepted before this instant.
+    pub accepted_until: Option<Millis>,
+    /// At most this many results (0 means 100).
+    pub limit: usize,
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot make writes durable (flush failed, disk full, ...). The broker must stop accepting.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The data directory cannot be opened (locked by another broker, not writable, corrupt).
+    #[error("cannot open store at {path}: {reason}")]
+    Open {
+        /// The data directory.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A stored record cannot be decoded.
+    #[error("store data corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The name hashed into a receipt's id: `MessageId::receipt_id(original,
+/// receipt_outcome_name(outcome))`, e.g. `DELIVERED`, `EXPIRED`,
+/// `REJECTED_BY_RECIPIENT`, `DEAD_LETTERED`, `PURGED`.
+pub fn receipt_outcome_name(outcome: pb::Outcome) -> &'static str {
+    let name = outcome.as_str_name();
+    name.strip_prefix("OUTCOME_").unwrap_or(name)
+}
+
+/// The id of the receipt the broker makes for `original` with `outcome`.
+pub fn receipt_id(original: MessageId, outcome: pb::Outcome) -> MessageId {
+    MessageId::receipt_id(original, receipt_outcome_name(outcome))
+}
+
+/// Every method that changes state returns only after the change is durable (flushed);
+/// concurrent calls share flushes (group commit). Receipts are created inside the same
+/// atomic write as the state change that causes them.
+#[tonic::async_trait]
+pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Idempotent on (sender, message_id).
+    async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError>;
+    /// Up to `max` due messages for `recipient` (state ACCEPTED and not backing off, not expired):
+    /// urgent first, then broker_seq order. Marks them IN_FLIGHT on `stream` with deadline now+ack_timeout, attempts+1.
+    async fn lease(
+        &self,
+        recipient: &ParticipantId,
+        stream: StreamId,
+        max: usize,
+        now: Millis,
+    ) -> Result<Vec<Leased>, StoreError>;
+    /// The recipient stored these. Per id: Acknowledged when it is addressed to `recipient` and was delivered at least
+    /// once (IN_FLIGHT, or back in ACCEPTED after a timeout, or already ACKNOWLEDGED → harmless), else NotFound.
+    /// Deletes the payload, queues the DELIVERY_RECEIPT to the sender (not for receipts: a receipt never causes a receipt).
+    async fn ack(
+        &self,
+        recipient: &ParticipantId,
+        ids: &[MessageId],
+        now: Millis,
+    ) -> Result<Vec<AckResult>, StoreError>;
+    /// IN_FLIGHT (or delivered and back in ACCEPTED) to `recipient` → DEAD_LETTERED (rejected; never
+    /// redrivable), NDR with reason + field path. Rejecting again is harmless.
+    async fn reject(
+        &self,
+        recipient: &ParticipantId,
+        id: MessageId,
+        reason_code: &str,
+        field_path: &str,
+        now: Millis,
+    ) -> Result<RejectResult, StoreError>;
+    /// The stream closed: its IN_FLIGHT messages are due again at once (no attempt is lost).
+    async fn release_stream(
+        &self,
+        recipient: &ParticipantId,
+        stream: StreamId,
+        now: Millis,
+    ) -> Result<u64, StoreError>;
+    /// Sender takes back its message (ACCEPTED or IN_FLIGHT) → WITHDRAWN, payload deleted; no NDR.
+    async fn withdraw(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+        now: Millis,
+    ) -> Result<WithdrawResult, StoreError>;
+    /// Metadata of `sender`'s message `id` (None if unknown or not the sender's).
+    async fn status(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+    ) -> Result<Option<StatusRecord>, StoreError>;
+    /// Applies every timer due at `now` (ack timeouts → redelivery with backoff or dead-letter, expiry, retentions).
+    async fn tick(&self, now: Millis) -> Result<TickReport, StoreError>;
+    /// Earliest instant at which `tick` has something to do (None if nothing pending).
+    async fn next_timer(&self) -> Result<Option<Millis>, StoreError>;
+    /// Called once at start: every IN_FLIGHT lease of a previous process becomes due again.
+    async fn recover(&self, now: Millis) -> Result<u64, StoreError>;
+    /// Per-recipient depth (ACCEPTED), in flight, oldest accepted_at, queued bytes — for operators and metrics.
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
+    /// Operator: ACCEPTED / IN_FLIGHT → PURGED, payload deleted, NDR (outcome PURGED) to the sender.
+    /// `reason` is the operator's note (kept in the record, never sent to anyone).
+    async fn purge(&self, id: MessageId, reason: &str, now: Millis) -> Result<PurgeResult, StoreError>;
+    /// Operator: EXPIRED, or DEAD_LETTERED by attempts, with the payload kept → ACCEPTED with a fresh
+    /// lifetime (as long as the original one) and attempts reset. Never a rejected message.
+    async fn redrive(&self, id: MessageId, now: Millis) -> Result<RedriveResult, StoreError>;
+    /// Operator: EXPIRED and DEAD_LETTERED messages still on record, oldest first.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<StatusRecord>, StoreError>;
+    /// Operator: metadata search (never payloads), in broker_seq order.
+    async fn search(&self, filter: SearchFilter) -> Result<Vec<StatusRecord>, StoreError>;
+    /// Flush and close (graceful shutdown). Later writes fail with `Unavailable`.
+    async fn close(&self) -> Result<(), StoreError>;
+}
