@@ -1,1 +1,37 @@
-//! trmx-transport.
+//! trmx-transport: the mutual-TLS plumbing shared by the broker (server side) and the
+//! node (client side). rustls 0.23 with the ring provider, TLS 1.3 only, in front of
+//! tonic (which is built without its own TLS).
+//!
+//! Module map:
+//! - [`server`] — [`ServerTls`] — loads CA, certificate, key and CRL into a rustls
+//!   `ServerConfig` (client certificate required, verified against the federation CA and
+//!   the CRL), swaps a freshly loaded config in on [`ServerTls::reload`], and keeps a
+//!   registry of open connections so that a reload closes the ones whose certificate no
+//!   longer verifies. [`CrlPolicy`] / [`CrlStatus`] cover a CRL past its `nextUpdate`.
+//! - [`listener`] — [`incoming`] — the accept loop (concurrent handshakes with a timeout,
+//!   a connection cap, TCP keepalive, shutdown future) yielding [`TlsConn`]s for
+//!   `tonic::transport::Server::serve_with_incoming_shutdown`.
+//! - [`identity`] — [`peer_identity`] — the caller's `trmx_certs::Identity` from the
+//!   verified client certificate of a tonic request.
+//! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
+//!   `Channel` over mutual TLS 1.3.
+//! - `pem` (private): reading PEM files with errors that name the file.
+//! - [`error`] — [`TransportError`].
+//!
+//! Data flow on the server: `TcpListener` → [`incoming`] (handshake with the current
+//! config) → [`TlsConn`] registered in [`ServerTls`] → tonic/hyper → handlers call
+//! [`peer_identity`]. A reload swaps the config and flags revoked connections, whose
+//! next read fails so hyper drops them.
+
+pub mod client;
+pub mod error;
+pub mod identity;
+pub mod listener;
+mod pem;
+pub mod server;
+
+pub use client::{ClientOptions, client_channel, client_config};
+pub use error::TransportError;
+pub use identity::peer_identity;
+pub use listener::{ListenerLimits, TlsConn, incoming};
+pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerTls, TlsPaths};

@@ -1,0 +1,136 @@
+//! The client side: a TLS 1.3-only rustls config with our certificate, and a lazily
+//! connecting tonic channel over it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::server::provider;
+use crate::{TlsPaths, TransportError, pem};
+
+/// How a client connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Time allowed for TCP connect (the TLS handshake follows within the same attempt).
+    pub connect_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings, also sent while idle.
+    pub http2_keepalive: Duration,
+    /// Name the server certificate must carry (DNS name or IP); empty means the host part
+    /// of the address.
+    pub server_name: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(5),
+            http2_keepalive: Duration::from_secs(30),
+            server_name: String::new(),
+        }
+    }
+}
+
+/// A rustls client config: TLS 1.3 only, the CA of `paths` as the only trust anchor, our
+/// certificate and key for client authentication, ALPN `h2`.
+pub fn client_config(paths: &TlsPaths) -> Result<ClientConfig, TransportError> {
+    let roots = pem::roots(&paths.ca)?;
+    let chain = pem::certs(&paths.cert)?;
+    let key = pem::key(&paths.key)?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TransportError::Config {
+            path: paths.ca.clone(),
+            source,
+        })?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|source| TransportError::Config {
+            path: paths.cert.clone(),
+            source,
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The host part of `host:port`, `[v6]:port`; errors name the address.
+fn host_of(addr: &str) -> Result<&str, TransportError> {
+    let bad = |reason| TransportError::Address {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected host:port"))?;
+    port.parse::<u16>()
+        .map_err(|_| bad("port is not a number 0-65535"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(bad("empty host"));
+    }
+    Ok(host)
+}
+
+/// A tonic channel to `addr` (`"127.0.0.1:4443"`, `"broker.example:4443"`) over mutual TLS
+/// 1.3 with the certificate of `paths`, checking the server certificate against the CA
+/// for `opts.server_name` (default: the host part of `addr`).
+///
+/// Connects lazily on first use and reconnects after a failure; nothing is dialled here.
+pub fn client_channel(
+    addr: &str,
+    paths: &TlsPaths,
+    opts: &ClientOptions,
+) -> Result<Channel, TransportError> {
+    let host = host_of(addr)?;
+    let name = if opts.server_name.is_empty() {
+        host.to_owned()
+    } else {
+        opts.server_name.clone()
+    };
+    let server_name =
+        ServerName::try_from(name.clone()).map_err(|_| TransportError::ServerName { name })?;
+    let connector = TlsConnector::from(Arc::new(client_config(paths)?));
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|source| TransportError::Endpoint {
+            addr: addr.to_owned(),
+            source,
+        })?
+        .connect_timeout(opts.connect_timeout)
+        .http2_keep_alive_interval(opts.http2_keepalive)
+        .keep_alive_while_idle(true);
+    let target = addr.to_owned();
+    let connect = tower::service_fn(move |_: Uri| {
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        let target = target.clone();
+        async move {
+            let tcp = TcpStream::connect(target.as_str()).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connect))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn host_part_of_addresses() {
+        assert_eq!(host_of("127.0.0.1:4443").unwrap(), "127.0.0.1");
+        assert_eq!(host_of("broker.example:1").unwrap(), "broker.example");
+        assert_eq!(host_of("[::1]:4443").unwrap(), "::1");
+        assert!(host_of("nohost").is_err());
+        assert!(host_of(":4443").is_err());
+        assert!(host_of("h:99999").is_err());
+    }
+}

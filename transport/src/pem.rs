@@ -1,0 +1,104 @@
+//! Reading PEM files (certificates, keys, CRLs) with errors that name the file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+use crate::TransportError;
+
+fn read(path: &Path) -> Result<Vec<u8>, TransportError> {
+    std::fs::read(path).map_err(|source| TransportError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn pem_error(
+    path: &Path,
+    what: &'static str,
+) -> impl FnOnce(rustls::pki_types::pem::Error) -> TransportError {
+    let path = path.to_owned();
+    move |source| TransportError::Pem { path, what, source }
+}
+
+/// Every certificate in a PEM file (at least one).
+pub(crate) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let bytes = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_error(path, "certificate"))?;
+    if certs.is_empty() {
+        return Err(pem_error(path, "certificate")(
+            rustls::pki_types::pem::Error::NoItemsFound,
+        ));
+    }
+    Ok(certs)
+}
+
+/// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub(crate) fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
+    let bytes = read(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(pem_error(path, "private key"))
+}
+
+/// The trust anchors in a CA file.
+pub(crate) fn roots(path: &Path) -> Result<Arc<RootCertStore>, TransportError> {
+    let mut store = RootCertStore::empty();
+    for cert in certs(path)? {
+        store.add(cert).map_err(|e| TransportError::Invalid {
+            path: path.to_owned(),
+            what: "CA certificate",
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// CRLs read from one file, with the earliest `nextUpdate` among them.
+#[derive(Debug)]
+pub(crate) struct Crls {
+    pub(crate) ders: Vec<CertificateRevocationListDer<'static>>,
+    pub(crate) next_update: Option<SystemTime>,
+}
+
+/// Every CRL in a PEM file (at least one), checked to be parseable.
+pub(crate) fn crls(path: &Path) -> Result<Crls, TransportError> {
+    let bytes = read(path)?;
+    let ders = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_error(path, "CRL"))?;
+    if ders.is_empty() {
+        return Err(pem_error(path, "CRL")(
+            rustls::pki_types::pem::Error::NoItemsFound,
+        ));
+    }
+    let mut next_update: Option<SystemTime> = None;
+    for der in &ders {
+        let at = crl_next_update(path.to_owned(), der.as_ref())?;
+        next_update = Some(match next_update {
+            Some(earliest) if earliest <= at => earliest,
+            _ => at,
+        });
+    }
+    Ok(Crls { ders, next_update })
+}
+
+/// The `nextUpdate` of one DER CRL (rustls requires it, so its absence is an error).
+fn crl_next_update(path: PathBuf, der: &[u8]) -> Result<SystemTime, TransportError> {
+    let invalid = |reason: String| TransportError::Invalid {
+        path: path.clone(),
+        what: "CRL",
+        reason,
+    };
+    let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| invalid(e.to_string()))?;
+    let next = crl
+        .next_update()
+        .ok_or_else(|| invalid("no nextUpdate field".to_owned()))?;
+    let secs = next.timestamp();
+    let secs = u64::try_from(secs).map_err(|_| invalid("nextUpdate before 1970".to_owned()))?;
+    Ok(UNIX_EPOCH + Duration::from_secs(secs))
+}

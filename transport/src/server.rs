@@ -1,0 +1,371 @@
+//! The server side: a reloadable rustls config and the registry of open connections.
+//!
+//! # Invariants
+//! - Every established [`crate::TlsConn`] has exactly one entry in `Inner::conns`, removed
+//!   when the connection is dropped.
+//! - A connection whose handshake used an older config than the current one is re-verified
+//!   against the current verifier when it registers, so a reload racing a handshake cannot
+//!   let a revoked certificate through (see [`ServerTls::register`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use futures::task::AtomicWaker;
+use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+
+use crate::{TransportError, pem};
+
+/// Where a party's TLS material lives (all PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// The federation CA certificate (the only trust anchor).
+    pub ca: PathBuf,
+    /// This party's certificate (chain, leaf first).
+    pub cert: PathBuf,
+    /// This party's private key.
+    pub key: PathBuf,
+}
+
+/// What to do when the CRL is past its `nextUpdate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CrlPolicy {
+    /// Keep accepting; log a warning and report the CRL as stale.
+    #[default]
+    Warn,
+    /// Refuse new handshakes (and, on reload, close open connections) until a fresh CRL is loaded.
+    Strict,
+}
+
+/// The freshness of the loaded CRL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrlStatus {
+    /// The earliest `nextUpdate` of the loaded CRLs; `None` when no CRL is configured.
+    pub next_update: Option<SystemTime>,
+    /// `true` when `next_update` has passed.
+    pub stale: bool,
+}
+
+impl CrlStatus {
+    fn at(next_update: Option<SystemTime>, now: SystemTime) -> CrlStatus {
+        CrlStatus {
+            next_update,
+            stale: next_update.is_some_and(|next| now >= next),
+        }
+    }
+}
+
+/// What a [`ServerTls::reload`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Open connections ordered closed because their peer certificate no longer verifies.
+    pub closed_connections: usize,
+    /// The freshness of the CRL now loaded.
+    pub crl: CrlStatus,
+}
+
+/// The server's TLS state: the current rustls config (swapped on reload) and the open
+/// connections. Cheap to clone; all clones share the same state.
+#[derive(Clone)]
+pub struct ServerTls {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    paths: TlsPaths,
+    crl_path: Option<PathBuf>,
+    policy: CrlPolicy,
+    state: ArcSwap<Loaded>,
+    conns: Mutex<HashMap<u64, ConnEntry>>,
+    next_conn: AtomicU64,
+}
+
+/// One loaded generation of TLS material.
+pub(crate) struct Loaded {
+    pub(crate) config: Arc<ServerConfig>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    crl_next_update: Option<SystemTime>,
+    generation: u64,
+}
+
+impl Loaded {
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+struct ConnEntry {
+    certs: Arc<Vec<CertificateDer<'static>>>,
+    close: Arc<CloseSignal>,
+}
+
+/// The order to close one connection, observed by its [`crate::TlsConn`].
+#[derive(Debug, Default)]
+pub(crate) struct CloseSignal {
+    closed: AtomicBool,
+    pub(crate) read_waker: AtomicWaker,
+    pub(crate) write_waker: AtomicWaker,
+}
+
+impl CloseSignal {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.read_waker.wake();
+        self.write_waker.wake();
+    }
+}
+
+/// Removes a connection from the registry when dropped.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    tls: ServerTls,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.tls.inner.conns().remove(&self.id);
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("paths", &self.inner.paths)
+            .field("crl", &self.inner.crl_path)
+            .field("policy", &self.inner.policy)
+            .field("open_connections", &self.open_connections())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnEntry>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single
+        // insert/remove calls), so a poisoned lock is still usable.
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn build(
+    paths: &TlsPaths,
+    crl: Option<&Path>,
+    policy: CrlPolicy,
+    generation: u64,
+) -> Result<Loaded, TransportError> {
+    let roots = pem::roots(&paths.ca)?;
+    let crls = crl.map(pem::crls).transpose()?;
+    let chain = pem::certs(&paths.cert)?;
+    let key = pem::key(&paths.key)?;
+
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
+    let mut crl_next_update = None;
+    if let Some(crls) = crls {
+        builder = builder.with_crls(crls.ders);
+        crl_next_update = crls.next_update;
+    }
+    if policy == CrlPolicy::Strict {
+        builder = builder.enforce_revocation_expiration();
+    }
+    let verifier = builder.build().map_err(|source| TransportError::Verifier {
+        path: crl.map_or_else(|| paths.ca.clone(), Path::to_owned),
+        source,
+    })?;
+
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TransportError::Config {
+            path: paths.cert.clone(),
+            source,
+        })?
+        .with_client_cert_verifier(verifier.clone())
+        .with_single_cert(chain, key)
+        .map_err(|source| TransportError::Config {
+            path: paths.cert.clone(),
+            source,
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session skips client-certificate verification, which
+    // would let a since-revoked certificate back in without meeting the new CRL.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+
+    Ok(Loaded {
+        config: Arc::new(config),
+        verifier,
+        crl_next_update,
+        generation,
+    })
+}
+
+impl ServerTls {
+    /// Loads the CA, this server's certificate and key, and the CRLs in `crl` (if any)
+    /// into a TLS 1.3-only config that requires a client certificate issued by the CA and
+    /// not revoked, with ALPN `h2`.
+    ///
+    /// Reads small files synchronously.
+    pub fn load(
+        paths: &TlsPaths,
+        crl: Option<&Path>,
+        crl_policy: CrlPolicy,
+    ) -> Result<ServerTls, TransportError> {
+        let loaded = build(paths, crl, crl_policy, 0)?;
+        let tls = ServerTls {
+            inner: Arc::new(Inner {
+                paths: paths.clone(),
+                crl_path: crl.map(Path::to_owned),
+                policy: crl_policy,
+                state: ArcSwap::from_pointee(loaded),
+                conns: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(0),
+            }),
+        };
+        tls.log_crl_status("tls config loaded");
+        Ok(tls)
+    }
+
+    /// Re-reads the CRL, certificate and key, swaps the new config in for new handshakes,
+    /// and orders every open connection whose peer certificate no longer verifies
+    /// (revoked, expired, or — under [`CrlPolicy::Strict`] — checked against a stale CRL)
+    /// closed; those connections fail their next read or write at once.
+    ///
+    /// On error the old config stays in force and no connection is touched.
+    pub fn reload(&self) -> Result<ReloadReport, TransportError> {
+        let generation = self.inner.state.load().generation.wrapping_add(1);
+        let loaded = Arc::new(build(
+            &self.inner.paths,
+            self.inner.crl_path.as_deref(),
+            self.inner.policy,
+            generation,
+        )?);
+        // Swap first, then snapshot: a connection registering after the snapshot sees the
+        // new generation and checks itself (see `register`).
+        self.inner.state.store(loaded.clone());
+        let snapshot: Vec<(Arc<Vec<CertificateDer<'static>>>, Arc<CloseSignal>)> = self
+            .inner
+            .conns()
+            .values()
+            .map(|entry| (entry.certs.clone(), entry.close.clone()))
+            .collect();
+        let now = UnixTime::now();
+        let mut closed_connections = 0;
+        for (certs, close) in snapshot {
+            if !close.is_closed() && !still_valid(&*loaded.verifier, &certs, now) {
+                close.close();
+                closed_connections += 1;
+            }
+        }
+        let crl = self.crl_status();
+        self.log_crl_status("tls config reloaded");
+        if closed_connections > 0 {
+            tracing::info!(
+                closed_connections,
+                "closed connections whose certificate no longer verifies"
+            );
+        }
+        Ok(ReloadReport {
+            closed_connections,
+            crl,
+        })
+    }
+
+    /// The freshness of the loaded CRL now.
+    pub fn crl_status(&self) -> CrlStatus {
+        self.crl_status_at(SystemTime::now())
+    }
+
+    /// The freshness of the loaded CRL at `now` (for callers with their own clock).
+    pub fn crl_status_at(&self, now: SystemTime) -> CrlStatus {
+        CrlStatus::at(self.inner.state.load().crl_next_update, now)
+    }
+
+    /// The policy this server was loaded with.
+    pub fn crl_policy(&self) -> CrlPolicy {
+        self.inner.policy
+    }
+
+    /// Established TLS connections not yet dropped.
+    pub fn open_connections(&self) -> usize {
+        self.inner.conns().len()
+    }
+
+    /// The config new handshakes use.
+    pub(crate) fn current(&self) -> Arc<Loaded> {
+        self.inner.state.load_full()
+    }
+
+    /// Records an established connection whose handshake used `handshake_generation`.
+    pub(crate) fn register(
+        &self,
+        certs: Arc<Vec<CertificateDer<'static>>>,
+        handshake_generation: u64,
+    ) -> (Registration, Arc<CloseSignal>) {
+        let close = Arc::new(CloseSignal::default());
+        let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.inner.conns().insert(
+            id,
+            ConnEntry {
+                certs: certs.clone(),
+                close: close.clone(),
+            },
+        );
+        let current = self.current();
+        if current.generation != handshake_generation
+            && !still_valid(&*current.verifier, &certs, UnixTime::now())
+        {
+            close.close();
+        }
+        (
+            Registration {
+                tls: self.clone(),
+                id,
+            },
+            close,
+        )
+    }
+
+    fn log_crl_status(&self, msg: &'static str) {
+        let status = self.crl_status();
+        let next_update_unix = status
+            .next_update
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        if status.stale {
+            tracing::warn!(
+                next_update_unix,
+                policy = ?self.inner.policy,
+                "crl is past its next update"
+            );
+        }
+        tracing::info!(next_update_unix, stale = status.stale, "{msg}");
+    }
+}
+
+fn still_valid(
+    verifier: &dyn ClientCertVerifier,
+    certs: &[CertificateDer<'static>],
+    now: UnixTime,
+) -> bool {
+    match certs.split_first() {
+        Some((end_entity, intermediates)) => verifier
+            .verify_client_cert(end_entity, intermediates, now)
+            .is_ok(),
+        None => false,
+    }
+}

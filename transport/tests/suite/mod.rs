@@ -1,0 +1,5 @@
+mod harness;
+mod identity;
+mod limits;
+mod refusals;
+mod revocation;

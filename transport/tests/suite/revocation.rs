@@ -1,0 +1,143 @@
+//! CRL: revocation on reload (new and open connections), stale CRLs, failed reloads.
+
+use std::time::{Duration, SystemTime};
+
+use tonic_health::pb::health_check_response::ServingStatus;
+use trmx_transport::{CrlPolicy, ListenerLimits, client_config};
+
+use super::harness::{
+    Fixture, Server, assert_refused, check_request, eventually, health, raw_accepted,
+};
+
+#[tokio::test]
+async fn revoked_certificate_is_refused_and_its_open_stream_closed() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let bystander = fx.fed.participant("BE-PAYOKE").unwrap();
+    let server = Server::start(fx.server_tls(CrlPolicy::Warn), ListenerLimits::default()).await;
+
+    // positive control: the certificate works, a long Watch stream is open
+    let mut client = health(server.addr, &fx.paths(&node));
+    let mut watch = client.watch(check_request()).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let mut other = health(server.addr, &fx.paths(&bystander));
+    let mut other_watch = other.watch(check_request()).await.unwrap().into_inner();
+    other_watch.message().await.unwrap().unwrap();
+    let node_config = client_config(&fx.paths(&node)).unwrap();
+    assert!(
+        raw_accepted(server.addr, node_config.clone())
+            .await
+            .unwrap()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || server.tls.open_connections()
+            == 2)
+        .await
+    );
+
+    fx.fed.revoke(&node).unwrap();
+    let report = server.tls.reload().unwrap();
+    assert_eq!(report.closed_connections, 1);
+    assert!(!report.crl.stale);
+
+    // the open stream ends within seconds
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("open stream of a revoked certificate closed within 5 s");
+    assert!(!matches!(next, Ok(Some(_))), "{next:?}");
+    // new connections are refused
+    assert!(!raw_accepted(server.addr, node_config).await.unwrap());
+    let err = client.check(check_request()).await.unwrap_err();
+    assert_refused(&err);
+    // the other participant is untouched
+    other.check(check_request()).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || server.tls.open_connections()
+            == 1)
+        .await
+    );
+    // a second reload closes nothing more
+    assert_eq!(server.tls.reload().unwrap().closed_connections, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn failed_reload_keeps_the_old_config() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let server = Server::start(fx.server_tls(CrlPolicy::Warn), ListenerLimits::default()).await;
+    let good_crl = std::fs::read(fx.crl()).unwrap();
+    std::fs::write(
+        fx.crl(),
+        "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    let err = server.tls.reload().unwrap_err();
+    assert!(err.to_string().contains("crl"), "{err}");
+    let config = client_config(&fx.paths(&node)).unwrap();
+    assert!(raw_accepted(server.addr, config).await.unwrap());
+    std::fs::write(fx.crl(), good_crl).unwrap();
+    server.tls.reload().unwrap();
+}
+
+fn write_stale_crl(fx: &Fixture) {
+    let now = SystemTime::now();
+    fx.fed
+        .ca
+        .write_crl_with_times(
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(3600),
+        )
+        .unwrap();
+}
+
+#[tokio::test]
+async fn stale_crl_under_strict_policy_refuses() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    write_stale_crl(&fx);
+    let tls = fx.server_tls(CrlPolicy::Strict);
+    assert!(tls.crl_status().stale);
+    let server = Server::start(tls, ListenerLimits::default()).await;
+    let config = client_config(&fx.paths(&node)).unwrap();
+    assert!(!raw_accepted(server.addr, config.clone()).await.unwrap());
+
+    // a fresh CRL lets the same certificate in again
+    fx.fed.ca.write_crl(Duration::from_secs(3600)).unwrap();
+    let report = server.tls.reload().unwrap();
+    assert!(!report.crl.stale);
+    assert!(raw_accepted(server.addr, config).await.unwrap());
+}
+
+#[tokio::test]
+async fn stale_crl_under_warn_policy_is_reported_but_accepted() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    write_stale_crl(&fx);
+    let tls = fx.server_tls(CrlPolicy::Warn);
+    let status = tls.crl_status();
+    assert!(status.stale);
+    assert!(status.next_update.unwrap() < SystemTime::now());
+    let server = Server::start(tls, ListenerLimits::default()).await;
+    let config = client_config(&fx.paths(&node)).unwrap();
+    assert!(raw_accepted(server.addr, config).await.unwrap());
+}
+
+#[test]
+fn crl_status_follows_the_clock() {
+    let fx = Fixture::new();
+    fx.fed.ca.write_crl(Duration::from_secs(3600)).unwrap();
+    let tls = fx.server_tls(CrlPolicy::Warn);
+    let status = tls.crl_status();
+    assert!(!status.stale);
+    let next = status.next_update.unwrap();
+    assert!(next > SystemTime::now() + Duration::from_secs(3000));
+    assert!(!tls.crl_status_at(next - Duration::from_secs(1)).stale);
+    assert!(tls.crl_status_at(next).stale);
+
+    let without =
+        trmx_transport::ServerTls::load(&fx.paths(&fx.broker), None, CrlPolicy::Strict).unwrap();
+    assert_eq!(without.crl_status().next_update, None);
+    assert!(!without.crl_status().stale);
+}
