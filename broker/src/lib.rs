@@ -1,4 +1,42 @@
-//! trmx-broker: the store-and-forward broker (module map maintained by the service helper).
+//! trmx-broker: the store-and-forward broker (DESIGN.md §2–§4, §6–§7).
+//!
+//! Modules:
+//! - [`config`]: [`config::BrokerConfig`] — the TOML file (`deny_unknown_fields`, named
+//!   defaults, `validate()` naming the field); `broker.example.toml` is the reference.
+//! - [`units`]: human-friendly durations (`"30d"`) and sizes (`"8MiB"`) for the config.
+//! - [`registry`]: the participant registry (who may be sent what) built from the config.
+//! - [`admission`]: what may reach the store on `Submit`: per-sender token bucket, free-disk
+//!   watermark, and the latch that refuses submits after a failed flush.
+//! - [`streams`]: the open `Receive` streams — per-participant wake-ups, unacknowledged
+//!   leases per stream, the per-participant stream limit.
+//! - [`service`]: the `trmx.v1.Exchange` gRPC service: identity from the client
+//!   certificate, request validation, calls into the store, `Receive` stream tasks.
+//! - [`server`]: [`serve`] and [`Broker::builder`] — TLS, store, timer loop, CRL reloads,
+//!   tonic with explicit limits, the gRPC health service, orderly shutdown.
+//! - [`store`]: the storage contract [`store::BrokerStore`] and its sled implementation.
+//! - [`clock`]: the injected time source ([`clock::SystemClock`], [`clock::ManualClock`]).
+//! - [`error`]: [`BrokerError`] and its one mapping to `tonic::Status`.
+//!
+//! Data flow: a node's TLS connection is accepted by `trmx_transport::incoming` (client
+//! certificate verified against the federation CA and CRL) → tonic → [`service`], which
+//! takes the caller from the certificate, validates the envelope, asks [`admission`], and
+//! calls `store.submit` (answered only once flushed) → the recipient's wake-up in
+//! [`streams`] fires → its `Receive` task leases from the store and sends deliveries →
+//! `Ack` settles them in the store (which queues the sender's receipt) and frees the
+//! stream's slots. The timer loop in [`server`] calls `store.tick` for ack timeouts,
+//! expiry and retentions, and wakes the streams of recipients with newly due messages.
 
+pub mod admission;
 pub mod clock;
+pub mod config;
+pub mod error;
+pub mod registry;
+pub mod server;
+pub mod service;
 pub mod store;
+pub mod streams;
+pub mod units;
+
+pub use config::BrokerConfig;
+pub use error::BrokerError;
+pub use server::{Broker, BrokerBuilder, RunningBroker, serve};

@@ -663,7 +663,8 @@ impl Ca {
         Ok(new)
     }
 
-    /// Whether the serial (hex, any case, leading zeros and `:` ignored) is revoked.
+    /// Whether the serial (hex, any case, leading zeros and `:` ignored) is revoked, as of
+    /// this CA's last open or change (a long-running process should rely on the CRL).
     pub fn is_revoked(&self, serial_hex: &str) -> bool {
         let serial = normalize_serial(serial_hex);
         self.lock()
@@ -807,5 +808,41 @@ fn unix(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Ca>();
+        assert_send_sync::<crate::Federation>();
+    }
+
+    #[test]
+    fn serials_are_positive_16_bytes_and_round_trip_through_hex() {
+        for _ in 0..50 {
+            let s = random_serial().unwrap();
+            let bytes = s.to_bytes();
+            assert_eq!(bytes.len(), 16);
+            assert_eq!(bytes[0] & 0xc0, 0x40);
+            let hex = crate::info::serial_hex(&bytes);
+            assert_eq!(hex_bytes(&hex).unwrap(), bytes);
+            assert_eq!(normalize_serial(&hex.to_uppercase()), hex);
+        }
+        assert_eq!(hex_bytes("abc"), None);
+        assert_eq!(hex_bytes("zz"), None);
+    }
+
+    #[test]
+    fn cert_paths() {
+        let p = CertPaths::from_prefix(Path::new("out/NL-NRM"));
+        assert_eq!(p.cert, Path::new("out/NL-NRM.pem"));
+        assert_eq!(p.key, Path::new("out/NL-NRM.key"));
+        let p = CertPaths::for_cert(Path::new("a/b.pem"));
+        assert_eq!(p.key, Path::new("a/b.key"));
     }
 }

@@ -346,4 +346,45 @@ mod tests {
             assert!(Identity::from_spiffe_uri(bad).is_err(), "{bad}");
         }
     }
+
+    fn cert_with_sans(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> rcgen::SanType {
+        rcgen::SanType::URI(s.to_string().try_into().unwrap())
+    }
+
+    #[test]
+    fn from_der_needs_exactly_one_spiffe_uri() {
+        let good = cert_with_sans(vec![
+            uri("spiffe://trm.example/participant/NL-NRM"),
+            rcgen::SanType::DnsName("localhost".to_string().try_into().unwrap()),
+        ]);
+        assert_eq!(
+            Identity::from_der(&good).unwrap().participant(),
+            Some("NL-NRM")
+        );
+        let two = cert_with_sans(vec![
+            uri("spiffe://trm.example/participant/NL-NRM"),
+            uri("spiffe://trm.example/participant/BE-PAYOKE"),
+        ]);
+        let e = Identity::from_der(&two).unwrap_err().to_string();
+        assert!(e.contains("more than one URI"), "{e}");
+        let none = cert_with_sans(vec![rcgen::SanType::DnsName(
+            "localhost".to_string().try_into().unwrap(),
+        )]);
+        assert!(Identity::from_der(&none).is_err());
+        let no_san = cert_with_sans(vec![]);
+        assert!(Identity::from_der(&no_san).is_err());
+        let bad_id = cert_with_sans(vec![uri("spiffe://trm.example/participant/nl-nrm")]);
+        assert!(matches!(
+            Identity::from_der(&bad_id),
+            Err(CertError::InvalidParticipantId { .. })
+        ));
+        assert!(Identity::from_der(b"garbage").is_err());
+    }
 }

@@ -56,7 +56,10 @@ enum Command {
         /// The certificate to revoke (PEM).
         cert: PathBuf,
     },
-    /// Rewrite the CRL with a new nextUpdate (do this before the current one runs out).
+    /// Rewrite the CRL with a new nextUpdate.
+    ///
+    /// Run it (e.g. daily from cron) before the current CRL's nextUpdate passes: brokers
+    /// configured strict refuse connections once their CRL is out of date.
     Crl {
         #[command(flatten)]
         ca: CaDir,
@@ -64,7 +67,9 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         next_update_days: u32,
     },
-    /// Issue a new certificate with the same identity (and DNS/IP names), a new key and a
+    /// Renew a certificate: same identity, new key and validity, files replaced.
+    ///
+    /// Issues a new certificate with the same identity (and DNS/IP names), a new key and a
     /// new validity, replacing the certificate and key files. The old certificate is not
     /// revoked: revoke it once the new one is deployed.
     Renew {
@@ -79,10 +84,12 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS)]
         validity_days: u32,
     },
-    /// Show a certificate: identity, role, serial, validity, issuer; with --dir also whether
-    /// this CA issued it and whether it is revoked.
+    /// Show a certificate: identity, role, serial, validity, issuer, revoked or not.
+    ///
+    /// With --dir (or TRMX_CA_DIR), also says whether this CA issued it and whether it is
+    /// revoked.
     Show {
-        /// The CA directory (to report revocation) [env: TRMX_CA_DIR].
+        /// The CA directory (to report revocation).
         #[arg(long, env = "TRMX_CA_DIR")]
         dir: Option<PathBuf>,
         /// Print JSON instead of text.
@@ -132,7 +139,7 @@ enum IssueCommand {
 
 #[derive(Debug, Args)]
 struct CaDir {
-    /// The CA directory [env: TRMX_CA_DIR].
+    /// The CA directory.
     #[arg(long, env = "TRMX_CA_DIR")]
     dir: PathBuf,
 }

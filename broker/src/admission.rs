@@ -1,0 +1,159 @@
+//! Admission control for `Submit`: a per-sender token bucket, the free-disk
+//! watermark and the "store unavailable" latch.
+//!
+//! # Invariants
+//! - A bucket never holds more than `burst` tokens; one submit takes one token.
+//! - Once the store reported `Unavailable`, new submits are refused until a
+//!   later store write succeeds again (`store_recovered`).
+//! - The free-disk figure is refreshed by the timer loop, never measured on the
+//!   request path.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use trmx_proto::ParticipantId;
+
+use crate::error::BrokerError;
+
+/// One sender's token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+/// Decides whether a submit may go to the store.
+#[derive(Debug)]
+pub struct Admission {
+    rate_per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<ParticipantId, Bucket>>,
+    min_free_disk_bytes: u64,
+    free_disk_bytes: AtomicU64,
+    store_unavailable: AtomicBool,
+}
+
+impl Admission {
+    /// A new admission gate.
+    pub fn new(rate_per_second: u32, burst: u32, min_free_disk_bytes: u64) -> Self {
+        Self {
+            rate_per_second: f64::from(rate_per_second),
+            burst: f64::from(burst),
+            buckets: Mutex::new(HashMap::new()),
+            min_free_disk_bytes,
+            free_disk_bytes: AtomicU64::new(u64::MAX),
+            store_unavailable: AtomicBool::new(false),
+        }
+    }
+
+    /// Checks the store latch and the disk watermark, then takes one token of
+    /// `sender`'s bucket (real time: rates are about load, not message time).
+    pub fn admit(&self, sender: &ParticipantId) -> Result<(), BrokerError> {
+        if self.store_unavailable.load(Ordering::Acquire) {
+            return Err(BrokerError::Unavailable(
+                "the broker cannot store messages right now; retry later".into(),
+            ));
+        }
+        let free = self.free_disk_bytes.load(Ordering::Acquire);
+        if free < self.min_free_disk_bytes {
+            return Err(BrokerError::ResourceExhausted(
+                "the broker is low on disk space and accepts no new messages; retry later".into(),
+            ));
+        }
+        let now = Instant::now();
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let bucket = buckets.entry(sender.clone()).or_insert(Bucket {
+            tokens: self.burst,
+            refilled_at: now,
+        });
+        let elapsed = now.duration_since(bucket.refilled_at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rate_per_second).min(self.burst);
+        bucket.refilled_at = now;
+        if bucket.tokens < 1.0 {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "submit rate limit of {} messages/s exceeded; retry later",
+                self.rate_per_second
+            )));
+        }
+        bucket.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// The store failed to make a write durable: refuse new submits.
+    pub fn store_failed(&self) {
+        self.store_unavailable.store(true, Ordering::Release);
+    }
+
+    /// A store write succeeded again: accept submits.
+    pub fn store_recovered(&self) {
+        self.store_unavailable.store(false, Ordering::Release);
+    }
+
+    /// Whether submits are refused because the store failed.
+    pub fn is_store_unavailable(&self) -> bool {
+        self.store_unavailable.load(Ordering::Acquire)
+    }
+
+    /// Records the free space of the data directory.
+    pub fn set_free_disk_bytes(&self, bytes: u64) {
+        self.free_disk_bytes.store(bytes, Ordering::Release);
+    }
+}
+
+/// Free bytes available to unprivileged users on the filesystem of `path`.
+pub fn free_disk_bytes(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ParticipantId {
+        ParticipantId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_sender_gets_its_burst_then_is_refused() {
+        let gate = Admission::new(1, 3, 0);
+        for _ in 0..3 {
+            gate.admit(&id("NL-NRM")).unwrap();
+        }
+        let err = gate.admit(&id("NL-NRM")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // another sender is unaffected
+        gate.admit(&id("BE-PAYOKE")).unwrap();
+    }
+
+    #[test]
+    fn low_disk_and_a_failed_store_refuse() {
+        let gate = Admission::new(100, 100, 1000);
+        gate.set_free_disk_bytes(999);
+        assert_eq!(
+            gate.admit(&id("NL-NRM")).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        gate.set_free_disk_bytes(1000);
+        gate.admit(&id("NL-NRM")).unwrap();
+        gate.store_failed();
+        assert_eq!(
+            gate.admit(&id("NL-NRM")).unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+        gate.store_recovered();
+        gate.admit(&id("NL-NRM")).unwrap();
+    }
+
+    #[test]
+    fn free_disk_is_measured() {
+        let dir = std::env::temp_dir();
+        assert!(free_disk_bytes(&dir).unwrap() > 0);
+    }
+}

@@ -1,0 +1,815 @@
+//! The broker's TOML config: [`BrokerConfig`], its defaults and [`BrokerConfig::validate`].
+//!
+//! Every section has `deny_unknown_fields` and named default functions, so a
+//! misspelt key is an error and a missing one takes the documented default.
+//! `broker/broker.example.toml` is the commented reference.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use trmx_proto::{Kind, ParticipantId, pb};
+
+use crate::error::BrokerError;
+use crate::units::{self, format_bytes, format_duration};
+
+/// Largest `max_max_in_flight` the broker allows.
+pub const MAX_IN_FLIGHT_CEILING: u32 = 1024;
+/// Largest envelope size the broker can be configured for.
+pub const MAX_ENVELOPE_CEILING: u64 = 64 << 20;
+
+/// The whole broker config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Address to listen on (the binary binds it; `serve` takes a bound listener).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The broker's name shown in `GetInfo`; defaults to the name in its certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Directory of the broker's database.
+    pub data_dir: PathBuf,
+    /// Certificates and the CRL.
+    pub tls: TlsConfig,
+    /// The storage engine.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Sizes, counts and rates.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Redelivery, expiry and retention.
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
+    /// The participant registry.
+    #[serde(default)]
+    pub participants: Vec<ParticipantConfig>,
+}
+
+/// `[tls]`: the broker's certificate, the federation CA and its CRL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The federation CA certificate (PEM): client certificates must chain to it.
+    pub ca: PathBuf,
+    /// The broker's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The broker's private key (PEM).
+    pub key: PathBuf,
+    /// The federation CA's CRL (PEM or DER); none means no revocation checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
+    /// How often the CRL is re-read (besides SIGHUP).
+    #[serde(default = "default_crl_reload_interval", with = "units::duration")]
+    pub crl_reload_interval: Duration,
+    /// What a CRL past its `nextUpdate` does.
+    #[serde(default)]
+    pub crl_policy: CrlPolicyConfig,
+}
+
+/// `tls.crl_policy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrlPolicyConfig {
+    /// Log an alert and keep accepting connections.
+    #[default]
+    Warn,
+    /// Refuse connections until a fresh CRL is loaded.
+    Strict,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// sled page cache size in bytes (sled's own default is 1 GiB).
+    #[serde(default = "default_cache_capacity", with = "units::bytes")]
+    pub cache_capacity: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_capacity: default_cache_capacity(),
+        }
+    }
+}
+
+/// `[limits]`: DESIGN.md §7 limits. Overload is an explicit error, never a growing queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest encoded envelope accepted by `Submit`.
+    #[serde(default = "default_max_envelope_bytes", with = "units::bytes")]
+    pub max_envelope_bytes: u64,
+    /// Open TLS connections at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams (RPCs) per connection.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// RPCs served at once per connection.
+    #[serde(default = "default_concurrency_per_connection")]
+    pub concurrency_per_connection: usize,
+    /// Open `Receive` streams per participant.
+    #[serde(default = "default_max_streams_per_participant")]
+    pub max_streams_per_participant: usize,
+    /// Time allowed for the TLS handshake.
+    #[serde(default = "default_handshake_timeout", with = "units::duration")]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 PING interval on idle connections.
+    #[serde(default = "default_http2_keepalive_interval", with = "units::duration")]
+    pub http2_keepalive_interval: Duration,
+    /// How long a PING may stay unanswered before the connection is closed.
+    #[serde(default = "default_http2_keepalive_timeout", with = "units::duration")]
+    pub http2_keepalive_timeout: Duration,
+    /// TCP keepalive on accepted sockets.
+    #[serde(default = "default_tcp_keepalive", with = "units::duration")]
+    pub tcp_keepalive: Duration,
+    /// Longest time a unary RPC may take (not `Receive`, which is a stream).
+    #[serde(default = "default_request_timeout", with = "units::duration")]
+    pub request_timeout: Duration,
+    /// `max_in_flight` of a `Receive` stream that asks for 0.
+    #[serde(default = "default_default_max_in_flight")]
+    pub default_max_in_flight: u32,
+    /// Largest `max_in_flight` granted; larger requests are capped.
+    #[serde(default = "default_max_max_in_flight")]
+    pub max_max_in_flight: u32,
+    /// Lifetime of a message without `expires_at`, from acceptance.
+    #[serde(default = "default_default_lifetime", with = "units::duration")]
+    pub default_lifetime: Duration,
+    /// Longest lifetime; later `expires_at` are capped.
+    #[serde(default = "default_max_lifetime", with = "units::duration")]
+    pub max_lifetime: Duration,
+    /// Sustained submits per second per sender (token bucket refill).
+    #[serde(default = "default_sender_rate_per_second")]
+    pub sender_rate_per_second: u32,
+    /// Submits a sender may make in a burst (token bucket size).
+    #[serde(default = "default_sender_rate_burst")]
+    pub sender_rate_burst: u32,
+    /// Payload bytes one sender may have queued (not yet acknowledged).
+    #[serde(default = "default_max_queued_bytes_per_sender", with = "units::bytes")]
+    pub max_queued_bytes_per_sender: u64,
+    /// Below this much free space in `data_dir` new submits are refused
+    /// (`RESOURCE_EXHAUSTED`) while delivery goes on.
+    #[serde(default = "default_min_free_disk_bytes", with = "units::bytes")]
+    pub min_free_disk_bytes: u64,
+    /// How long graceful shutdown waits for open RPCs before closing them.
+    #[serde(default = "default_shutdown_grace", with = "units::duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_envelope_bytes: default_max_envelope_bytes(),
+            max_connections: default_max_connections(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            concurrency_per_connection: default_concurrency_per_connection(),
+            max_streams_per_participant: default_max_streams_per_participant(),
+            handshake_timeout: default_handshake_timeout(),
+            http2_keepalive_interval: default_http2_keepalive_interval(),
+            http2_keepalive_timeout: default_http2_keepalive_timeout(),
+            tcp_keepalive: default_tcp_keepalive(),
+            request_timeout: default_request_timeout(),
+            default_max_in_flight: default_default_max_in_flight(),
+            max_max_in_flight: default_max_max_in_flight(),
+            default_lifetime: default_default_lifetime(),
+            max_lifetime: default_max_lifetime(),
+            sender_rate_per_second: default_sender_rate_per_second(),
+            sender_rate_burst: default_sender_rate_burst(),
+            max_queued_bytes_per_sender: default_max_queued_bytes_per_sender(),
+            min_free_disk_bytes: default_min_free_disk_bytes(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+/// `[lifecycle]`: DESIGN.md §4 timers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// How long a delivery may stay unacknowledged before it is due again.
+    #[serde(default = "default_ack_timeout", with = "units::duration")]
+    pub ack_timeout: Duration,
+    /// Deliveries of one message before it is dead-lettered (with a report).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First redelivery backoff; doubles per attempt.
+    #[serde(default = "default_backoff_base", with = "units::duration")]
+    pub backoff_base: Duration,
+    /// Longest redelivery backoff.
+    #[serde(default = "default_backoff_max", with = "units::duration")]
+    pub backoff_max: Duration,
+    /// How long expired and dead-lettered payloads are kept for redrive.
+    #[serde(default = "default_dead_letter_retention", with = "units::duration")]
+    pub dead_letter_retention: Duration,
+    /// How long message metadata (and so id deduplication) is kept.
+    #[serde(default = "default_metadata_retention", with = "units::duration")]
+    pub metadata_retention: Duration,
+    /// Longest real time between two runs of the timer loop.
+    #[serde(default = "default_tick_interval", with = "units::duration")]
+    pub tick_interval: Duration,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            ack_timeout: default_ack_timeout(),
+            max_attempts: default_max_attempts(),
+            backoff_base: default_backoff_base(),
+            backoff_max: default_backoff_max(),
+            dead_letter_retention: default_dead_letter_retention(),
+            metadata_retention: default_metadata_retention(),
+            tick_interval: default_tick_interval(),
+        }
+    }
+}
+
+/// One `[[participants]]` entry of the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParticipantConfig {
+    /// Participant ID, e.g. `NL-NRM`.
+    pub id: String,
+    /// Human-readable name.
+    pub display_name: String,
+    /// ISO 3166-1 alpha-2 country code or `INT`; must match the id's prefix.
+    pub country: String,
+    /// Kind of organisation.
+    pub organisation_type: OrganisationType,
+    /// Message kinds it accepts, by [`Kind::name`] (`referral`, `follow-up`, ...).
+    /// Receipts are always accepted.
+    pub accepts: Vec<String>,
+}
+
+/// `participants.organisation_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrganisationType {
+    /// A national referral mechanism.
+    Nrm,
+    /// A non-governmental organisation.
+    Ngo,
+    /// A public authority.
+    Authority,
+    /// An international organisation.
+    InternationalOrganisation,
+    /// A return counselling service.
+    ReturnCounselling,
+}
+
+impl OrganisationType {
+    /// The wire enum.
+    pub fn to_pb(self) -> pb::OrganisationType {
+        match self {
+            OrganisationType::Nrm => pb::OrganisationType::Nrm,
+            OrganisationType::Ngo => pb::OrganisationType::Ngo,
+            OrganisationType::Authority => pb::OrganisationType::Authority,
+            OrganisationType::InternationalOrganisation => {
+                pb::OrganisationType::InternationalOrganisation
+            }
+            OrganisationType::ReturnCounselling => pb::OrganisationType::ReturnCounselling,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7443))
+}
+fn default_crl_reload_interval() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_cache_capacity() -> u64 {
+    64 << 20
+}
+fn default_max_envelope_bytes() -> u64 {
+    8 << 20
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_concurrent_streams() -> u32 {
+    128
+}
+fn default_concurrency_per_connection() -> usize {
+    128
+}
+fn default_max_streams_per_participant() -> usize {
+    8
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_http2_keepalive_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_http2_keepalive_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_tcp_keepalive() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_default_max_in_flight() -> u32 {
+    32
+}
+fn default_max_max_in_flight() -> u32 {
+    256
+}
+fn default_default_lifetime() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(90 * 86_400)
+}
+fn default_sender_rate_per_second() -> u32 {
+    200
+}
+fn default_sender_rate_burst() -> u32 {
+    2_000
+}
+fn default_max_queued_bytes_per_sender() -> u64 {
+    1 << 30
+}
+fn default_min_free_disk_bytes() -> u64 {
+    1 << 30
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_attempts() -> u32 {
+    20
+}
+fn default_backoff_base() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_dead_letter_retention() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn default_metadata_retention() -> Duration {
+    Duration::from_secs(400 * 86_400)
+}
+fn default_tick_interval() -> Duration {
+    Duration::from_millis(200)
+}
+
+impl BrokerConfig {
+    /// A config with every default, for `data_dir` and the given TLS files
+    /// (used by tests and tools that build a config in code).
+    pub fn new(data_dir: impl Into<PathBuf>, tls: TlsConfig) -> Self {
+        Self {
+            listen: default_listen(),
+            name: None,
+            data_dir: data_dir.into(),
+            tls,
+            store: StoreConfig::default(),
+            limits: LimitsConfig::default(),
+            lifecycle: LifecycleConfig::default(),
+            participants: Vec::new(),
+        }
+    }
+
+    /// Reads, parses and validates a TOML config file.
+    pub fn load(path: &Path) -> Result<Self, BrokerError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BrokerError::ConfigRead {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let config = Self::from_toml(&text).map_err(|e| match e {
+            BrokerError::ConfigParse { message, .. } => BrokerError::ConfigParse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text. Relative paths stay relative (to the
+    /// working directory).
+    pub fn from_toml(text: &str) -> Result<Self, BrokerError> {
+        let config: BrokerConfig = toml::from_str(text).map_err(|e| BrokerError::ConfigParse {
+            path: "<text>".into(),
+            message: e.message().to_string() + &span_hint(text, e.span()),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config as TOML (what `load` reads back).
+    pub fn to_toml(&self) -> Result<String, BrokerError> {
+        toml::to_string(self).map_err(|e| BrokerError::ConfigParse {
+            path: "<text>".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every rule that serde cannot: ranges, cross-field rules and the
+    /// registry. The error names the field.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        let l = &self.limits;
+        let c = &self.lifecycle;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(BrokerError::config("data_dir", "must not be empty"));
+        }
+        if let Some(name) = &self.name
+            && (name.is_empty() || name.len() > 64)
+        {
+            return Err(BrokerError::config(
+                "name",
+                format!("must be 1 to 64 characters, got {}", name.len()),
+            ));
+        }
+        for (field, path) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(BrokerError::config(field, "must not be empty"));
+            }
+        }
+        at_least_duration(
+            "tls.crl_reload_interval",
+            self.tls.crl_reload_interval,
+            Duration::from_secs(1),
+        )?;
+        at_least("store.cache_capacity", self.store.cache_capacity, 1 << 20)?;
+        at_least("limits.max_envelope_bytes", l.max_envelope_bytes, 1 << 10)?;
+        at_most(
+            "limits.max_envelope_bytes",
+            l.max_envelope_bytes,
+            MAX_ENVELOPE_CEILING,
+        )?;
+        at_least("limits.max_connections", l.max_connections as u64, 1)?;
+        at_least(
+            "limits.max_concurrent_streams",
+            u64::from(l.max_concurrent_streams),
+            1,
+        )?;
+        at_least(
+            "limits.concurrency_per_connection",
+            l.concurrency_per_connection as u64,
+            1,
+        )?;
+        at_least(
+            "limits.max_streams_per_participant",
+            l.max_streams_per_participant as u64,
+            1,
+        )?;
+        for (field, value) in [
+            ("limits.handshake_timeout", l.handshake_timeout),
+            (
+                "limits.http2_keepalive_interval",
+                l.http2_keepalive_interval,
+            ),
+            ("limits.http2_keepalive_timeout", l.http2_keepalive_timeout),
+            ("limits.tcp_keepalive", l.tcp_keepalive),
+            ("limits.request_timeout", l.request_timeout),
+        ] {
+            at_least_duration(field, value, Duration::from_millis(100))?;
+        }
+        at_least(
+            "limits.max_max_in_flight",
+            u64::from(l.max_max_in_flight),
+            1,
+        )?;
+        at_most(
+            "limits.max_max_in_flight",
+            u64::from(l.max_max_in_flight),
+            u64::from(MAX_IN_FLIGHT_CEILING),
+        )?;
+        at_least(
+            "limits.default_max_in_flight",
+            u64::from(l.default_max_in_flight),
+            1,
+        )?;
+        if l.default_max_in_flight > l.max_max_in_flight {
+            return Err(BrokerError::config(
+                "limits.default_max_in_flight",
+                format!(
+                    "must be <= limits.max_max_in_flight ({}), got {}",
+                    l.max_max_in_flight, l.default_max_in_flight
+                ),
+            ));
+        }
+        at_least_duration(
+            "limits.default_lifetime",
+            l.default_lifetime,
+            Duration::from_secs(1),
+        )?;
+        if l.default_lifetime > l.max_lifetime {
+            return Err(BrokerError::config(
+                "limits.default_lifetime",
+                format!(
+                    "must be <= limits.max_lifetime ({}), got {}",
+                    format_duration(l.max_lifetime),
+                    format_duration(l.default_lifetime)
+                ),
+            ));
+        }
+        at_least(
+            "limits.sender_rate_per_second",
+            u64::from(l.sender_rate_per_second),
+            1,
+        )?;
+        at_least(
+            "limits.sender_rate_burst",
+            u64::from(l.sender_rate_burst),
+            1,
+        )?;
+        if l.max_queued_bytes_per_sender < l.max_envelope_bytes {
+            return Err(BrokerError::config(
+                "limits.max_queued_bytes_per_sender",
+                format!(
+                    "must be >= limits.max_envelope_bytes ({}), got {}",
+                    format_bytes(l.max_envelope_bytes),
+                    format_bytes(l.max_queued_bytes_per_sender)
+                ),
+            ));
+        }
+        at_least_duration(
+            "lifecycle.ack_timeout",
+            c.ack_timeout,
+            Duration::from_secs(1),
+        )?;
+        at_least("lifecycle.max_attempts", u64::from(c.max_attempts), 1)?;
+        at_most("lifecycle.max_attempts", u64::from(c.max_attempts), 1000)?;
+        if c.backoff_base > c.backoff_max {
+            return Err(BrokerError::config(
+                "lifecycle.backoff_base",
+                format!(
+                    "must be <= lifecycle.backoff_max ({}), got {}",
+                    format_duration(c.backoff_max),
+                    format_duration(c.backoff_base)
+                ),
+            ));
+        }
+        if c.metadata_retention < l.max_lifetime {
+            return Err(BrokerError::config(
+                "lifecycle.metadata_retention",
+                format!(
+                    "must be >= limits.max_lifetime ({}) so that ids are deduplicated while a message lives, got {}",
+                    format_duration(l.max_lifetime),
+                    format_duration(c.metadata_retention)
+                ),
+            ));
+        }
+        at_least_duration(
+            "lifecycle.tick_interval",
+            c.tick_interval,
+            Duration::from_millis(10),
+        )?;
+        self.validate_participants()
+    }
+
+    fn validate_participants(&self) -> Result<(), BrokerError> {
+        if self.participants.is_empty() {
+            return Err(BrokerError::config(
+                "participants",
+                "must list at least one participant",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, p) in self.participants.iter().enumerate() {
+            let field = |name: &str| format!("participants[{i}].{name}");
+            let id = ParticipantId::parse(&p.id).map_err(|e| {
+                BrokerError::config(field("id"), format!("{}, got {:?}", e.rule, p.id))
+            })?;
+            if !seen.insert(p.id.clone()) {
+                return Err(BrokerError::config(
+                    field("id"),
+                    format!("must be unique, {:?} is listed twice", p.id),
+                ));
+            }
+            if p.display_name.trim().is_empty() || p.display_name.len() > 200 {
+                return Err(BrokerError::config(
+                    field("display_name"),
+                    "must be 1 to 200 characters",
+                ));
+            }
+            if p.country != id.country() {
+                return Err(BrokerError::config(
+                    field("country"),
+                    format!(
+                        "must match the id's country prefix {:?}, got {:?}",
+                        id.country(),
+                        p.country
+                    ),
+                ));
+            }
+            for (j, name) in p.accepts.iter().enumerate() {
+                match Kind::from_name(name) {
+                    Some(kind) if !kind.is_broker_made() => {}
+                    Some(_) => {
+                        return Err(BrokerError::config(
+                            format!("participants[{i}].accepts[{j}]"),
+                            format!("must not list a broker-made kind, got {name:?}"),
+                        ));
+                    }
+                    None => {
+                        return Err(BrokerError::config(
+                            format!("participants[{i}].accepts[{j}]"),
+                            format!(
+                                "must be one of {}, got {name:?}",
+                                Kind::APPLICATION.map(Kind::name).join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn at_least(field: &str, value: u64, min: u64) -> Result<(), BrokerError> {
+    if value < min {
+        return Err(BrokerError::config(
+            field,
+            format!("must be >= {min}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn at_most(field: &str, value: u64, max: u64) -> Result<(), BrokerError> {
+    if value > max {
+        return Err(BrokerError::config(
+            field,
+            format!("must be <= {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn at_least_duration(field: &str, value: Duration, min: Duration) -> Result<(), BrokerError> {
+    if value < min {
+        return Err(BrokerError::config(
+            field,
+            format!(
+                "must be >= {}, got {}",
+                format_duration(min),
+                format_duration(value)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// " (line N)" for a parse error span.
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(range) => {
+            let line = text
+                .get(..range.start)
+                .map_or(0, |before| before.matches('\n').count())
+                + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> String {
+        r#"
+data_dir = "/tmp/x"
+[tls]
+ca = "ca.pem"
+cert = "broker.pem"
+key = "broker.key"
+[[participants]]
+id = "NL-NRM"
+display_name = "Dutch NRM"
+country = "NL"
+organisation_type = "nrm"
+accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
+"#
+        .to_string()
+    }
+
+    #[test]
+    fn a_minimal_config_takes_the_defaults() {
+        let config = BrokerConfig::from_toml(&minimal()).unwrap();
+        assert_eq!(config.limits.max_envelope_bytes, 8 << 20);
+        assert_eq!(config.limits.default_max_in_flight, 32);
+        assert_eq!(config.lifecycle.ack_timeout, Duration::from_secs(60));
+        assert_eq!(config.tls.crl_policy, CrlPolicyConfig::Warn);
+        assert_eq!(config.listen.port(), 7443);
+    }
+
+    #[test]
+    fn the_example_config_loads_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker.example.toml");
+        let config = BrokerConfig::load(&path).unwrap();
+        assert!(config.participants.len() >= 3);
+        assert_eq!(config.tls.crl_policy, CrlPolicyConfig::Warn);
+    }
+
+    #[test]
+    fn toml_round_trips() {
+        let config = BrokerConfig::from_toml(&minimal()).unwrap();
+        let again = BrokerConfig::from_toml(&config.to_toml().unwrap()).unwrap();
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = minimal().replace("[tls]", "colour = \"blue\"\n[tls]");
+        let err = BrokerConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                "[limits]\nmax_max_in_flight = 5000\n",
+                "config: limits.max_max_in_flight must be <= 1024, got 5000",
+            ),
+            (
+                "[limits]\ndefault_max_in_flight = 300\n",
+                "config: limits.default_max_in_flight must be <= limits.max_max_in_flight (256), got 300",
+            ),
+            (
+                "[limits]\ndefault_lifetime = \"100d\"\n",
+                "config: limits.default_lifetime must be <= limits.max_lifetime (90d), got 100d",
+            ),
+            (
+                "[lifecycle]\nmetadata_retention = \"10d\"\n",
+                "config: lifecycle.metadata_retention must be >= limits.max_lifetime (90d)",
+            ),
+            (
+                "[lifecycle]\nmax_attempts = 0\n",
+                "config: lifecycle.max_attempts must be >= 1, got 0",
+            ),
+            (
+                "[limits]\nmax_envelope_bytes = \"1GiB\"\n",
+                "config: limits.max_envelope_bytes must be <= 67108864",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let text = format!("{}{extra}", minimal());
+            let err = BrokerConfig::from_toml(&text).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn registry_errors_name_the_entry() {
+        let cases = [
+            ("id = \"NL-NRM\"", "id = \"nl-nrm\"", "participants[0].id"),
+            (
+                "country = \"NL\"",
+                "country = \"BE\"",
+                "participants[0].country",
+            ),
+            (
+                "accepts = [\"referral\", \"MESSAGE_KIND_FOLLOW_UP\"]",
+                "accepts = [\"referral\", \"delivery-receipt\"]",
+                "participants[0].accepts[1]",
+            ),
+            (
+                "accepts = [\"referral\", \"MESSAGE_KIND_FOLLOW_UP\"]",
+                "accepts = [\"gossip\"]",
+                "participants[0].accepts[0]",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let text = minimal().replace(from, to);
+            let err = BrokerConfig::from_toml(&text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("config: {field} ")), "{err}");
+        }
+        let twice = format!(
+            "{}{}",
+            minimal(),
+            minimal()
+                .split("[[participants]]")
+                .nth(1)
+                .map(|p| format!("[[participants]]{p}"))
+                .unwrap()
+        );
+        let err = BrokerConfig::from_toml(&twice).unwrap_err().to_string();
+        assert!(
+            err.starts_with("config: participants[1].id must be unique"),
+            "{err}"
+        );
+        let bad_type = minimal().replace("\"nrm\"", "\"church\"");
+        assert!(BrokerConfig::from_toml(&bad_type).is_err());
+    }
+}

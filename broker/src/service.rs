@@ -1,0 +1,830 @@
+//! The `trmx.v1.Exchange` gRPC service (DESIGN.md §3): identity from the
+//! client certificate, validation of every request, and the calls into the
+//! [`BrokerStore`]. `Receive` streams run as tasks that lease from the store
+//! and sleep on the participant's wake-up (see [`crate::streams`]).
+//!
+//! Handlers return [`BrokerError`]; the `tonic` wrappers convert it with the
+//! one `From<BrokerError> for Status`. Logs carry participant and message ids,
+//! never payloads or body fields.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, debug, info, info_span, warn};
+use trmx_certs::Role;
+use trmx_proto::envelope::SubmitEnvelope;
+use trmx_proto::time::{from_millis, to_millis, to_timestamp};
+use trmx_proto::{MessageId, ParticipantId, ValidationError, pb};
+
+use crate::admission::Admission;
+use crate::clock::Clock;
+use crate::config::{LifecycleConfig, LimitsConfig};
+use crate::error::BrokerError;
+use crate::registry::Registry;
+use crate::store::{
+    self, BrokerStore, Leased, Millis, NewMessage, StatusRecord, StoreError, SubmitOutcome,
+};
+use crate::streams::{StreamHandle, Streams};
+
+/// Most ids one `Ack` may carry.
+pub const MAX_ACK_IDS: usize = 1024;
+/// Longest `field_path` of a `Reject`.
+pub const MAX_FIELD_PATH_LEN: usize = 256;
+
+/// State shared by every handler and stream task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn BrokerStore>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) registry: Registry,
+    pub(crate) streams: Streams,
+    pub(crate) admission: Admission,
+    pub(crate) limits: LimitsConfig,
+    pub(crate) lifecycle: LifecycleConfig,
+    pub(crate) broker_name: String,
+    /// Becomes `true` when the broker shuts down: streams end, submits are refused.
+    pub(crate) shutting_down: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn now(&self) -> Millis {
+        self.clock.now_millis()
+    }
+
+    /// Passes a store result through, latching "unavailable" on a failed
+    /// flush and clearing it when a write succeeds again.
+    pub(crate) fn stored<T>(&self, result: Result<T, StoreError>) -> Result<T, BrokerError> {
+        match result {
+            Ok(value) => {
+                if self.admission.is_store_unavailable() {
+                    info!("store writable again, accepting submits");
+                    self.admission.store_recovered();
+                }
+                Ok(value)
+            }
+            Err(error) => {
+                if matches!(error, StoreError::Unavailable(_)) {
+                    if !self.admission.is_store_unavailable() {
+                        tracing::error!(%error, "store cannot make writes durable, refusing submits");
+                    }
+                    self.admission.store_failed();
+                } else {
+                    tracing::error!(%error, "store error");
+                }
+                Err(BrokerError::Store(error))
+            }
+        }
+    }
+}
+
+/// The `Exchange` service. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ExchangeService {
+    shared: Arc<Shared>,
+}
+
+impl ExchangeService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The caller's participant id: from the verified client certificate,
+    /// a participant role, and listed in the registry.
+    fn caller<T>(&self, request: &Request<T>) -> Result<ParticipantId, BrokerError> {
+        let identity = trmx_transport::peer_identity(request)
+            .map_err(|status| BrokerError::Unauthenticated(status.message().to_string()))?;
+        let id = match &identity.role {
+            Role::Participant(id) => id,
+            Role::Operator(_) => {
+                return Err(BrokerError::PermissionDenied(
+                    "operator certificates cannot use the Exchange service".into(),
+                ));
+            }
+            Role::Broker(_) => {
+                return Err(BrokerError::PermissionDenied(
+                    "broker certificates cannot use the Exchange service".into(),
+                ));
+            }
+        };
+        let id = ParticipantId::parse(id).map_err(|_| {
+            BrokerError::Unauthenticated("client certificate names no valid participant".into())
+        })?;
+        if self.shared.registry.get(&id).is_none() {
+            return Err(BrokerError::PermissionDenied(format!(
+                "participant {id} is not in this broker's registry"
+            )));
+        }
+        Ok(id)
+    }
+
+    async fn submit_inner(
+        &self,
+        caller: &ParticipantId,
+        request: pb::SubmitRequest,
+    ) -> Result<pb::SubmitReceipt, BrokerError> {
+        let shared = &self.shared;
+        if *shared.shutting_down.borrow() {
+            return Err(BrokerError::Unavailable(
+                "the broker is shutting down".into(),
+            ));
+        }
+        let mut envelope = request
+            .envelope
+            .ok_or_else(|| ValidationError::new("envelope", "is required"))?;
+        let size = envelope.encoded_len() as u64;
+        if size > shared.limits.max_envelope_bytes {
+            return Err(ValidationError::new(
+                "envelope",
+                format!(
+                    "must be at most {} bytes encoded, got {size}",
+                    shared.limits.max_envelope_bytes
+                ),
+            )
+            .into());
+        }
+        let checked = SubmitEnvelope::check(&envelope)?;
+        tracing::Span::current().record("message_id", tracing::field::display(checked.message_id));
+        if let Some(claimed) = &checked.claimed_sender
+            && claimed != caller.as_str()
+        {
+            return Err(BrokerError::PermissionDenied(
+                "envelope.sender must be empty or the caller's own participant ID".into(),
+            ));
+        }
+        if checked.kind.is_broker_made() {
+            return Err(BrokerError::PermissionDenied(format!(
+                "envelope.kind {} is made by the broker only",
+                checked.kind
+            )));
+        }
+        let recipient = shared.registry.get(&checked.recipient).ok_or_else(|| {
+            BrokerError::NotFound(format!("unknown recipient {}", checked.recipient))
+        })?;
+        if !recipient.accepts(checked.kind) {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "recipient {} does not accept {} messages",
+                recipient.id, checked.kind
+            )));
+        }
+        let now = shared.now();
+        let max_expiry = now.saturating_add(millis(shared.limits.max_lifetime));
+        let expires_at = match checked.expires_at {
+            Some(at) => {
+                let at = to_millis(at);
+                if at <= now {
+                    return Err(BrokerError::FailedPrecondition(
+                        "envelope.expires_at is already past".into(),
+                    ));
+                }
+                at.min(max_expiry)
+            }
+            None => now.saturating_add(millis(shared.limits.default_lifetime)),
+        };
+        shared.admission.admit(caller)?;
+
+        let payload = bytes::Bytes::from(std::mem::take(&mut envelope.payload));
+        let fingerprint = fingerprint(&envelope, caller, checked.priority);
+        let message = NewMessage {
+            message_id: checked.message_id,
+            sender: caller.clone(),
+            recipient: checked.recipient.clone(),
+            kind: checked.kind,
+            case_ref: checked.case_ref,
+            in_reply_to: checked.in_reply_to,
+            priority: checked.priority,
+            created_at: to_millis(checked.created_at),
+            expires_at,
+            content_type: checked.content_type,
+            payload,
+            payload_sha256: checked.payload_sha256,
+            fingerprint,
+        };
+        let outcome = shared.stored(shared.store.submit(message, now).await)?;
+        let (accepted, duplicate) = match outcome {
+            SubmitOutcome::Accepted(accepted) => {
+                shared.streams.wake(&checked.recipient);
+                (accepted, false)
+            }
+            SubmitOutcome::Duplicate(accepted) => (accepted, true),
+            SubmitOutcome::Conflict => {
+                return Err(BrokerError::AlreadyExists(format!(
+                    "message_id {} was already used by {caller} for different content",
+                    checked.message_id
+                )));
+            }
+            SubmitOutcome::QuotaExceeded => {
+                return Err(BrokerError::ResourceExhausted(format!(
+                    "{caller} has more than {} bytes queued; retry when the recipients catch up",
+                    shared.limits.max_queued_bytes_per_sender
+                )));
+            }
+        };
+        debug!(
+            recipient = %checked.recipient,
+            kind = %checked.kind,
+            broker_seq = accepted.broker_seq,
+            duplicate,
+            size,
+            "message accepted"
+        );
+        Ok(pb::SubmitReceipt {
+            message_id: checked.message_id.to_string(),
+            accepted_at: Some(to_timestamp(from_millis(accepted.accepted_at))),
+            broker_seq: accepted.broker_seq,
+            expires_at: Some(to_timestamp(from_millis(accepted.expires_at))),
+            duplicate,
+        })
+    }
+
+    fn receive_inner(
+        &self,
+        caller: ParticipantId,
+        request: pb::ReceiveRequest,
+    ) -> Result<ReceiverStream<Result<pb::Delivery, Status>>, BrokerError> {
+        let shared = &self.shared;
+        if *shared.shutting_down.borrow() {
+            return Err(BrokerError::Unavailable(
+                "the broker is shutting down".into(),
+            ));
+        }
+        let max_in_flight = match request.max_in_flight {
+            0 => shared.limits.default_max_in_flight,
+            n => n.min(shared.limits.max_max_in_flight),
+        } as usize;
+        let handle = shared.streams.open(&caller).ok_or_else(|| {
+            BrokerError::ResourceExhausted(format!(
+                "{caller} already has {} open Receive streams",
+                shared.limits.max_streams_per_participant
+            ))
+        })?;
+        let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 64));
+        let span = info_span!(
+            "receive_stream",
+            participant = %caller,
+            stream = handle.id.0,
+            max_in_flight
+        );
+        tokio::spawn(run_stream(self.shared.clone(), handle, max_in_flight, tx).instrument(span));
+        Ok(ReceiverStream::new(rx))
+    }
+
+    async fn ack_inner(
+        &self,
+        caller: &ParticipantId,
+        request: pb::AckRequest,
+    ) -> Result<pb::AckResponse, BrokerError> {
+        let shared = &self.shared;
+        if request.message_ids.len() > MAX_ACK_IDS {
+            return Err(ValidationError::new(
+                "message_ids",
+                format!("must hold at most {MAX_ACK_IDS} ids"),
+            )
+            .into());
+        }
+        let parsed: Vec<Option<MessageId>> = request
+            .message_ids
+            .iter()
+            .map(|id| MessageId::parse(id).ok())
+            .collect();
+        let valid: Vec<MessageId> = parsed.iter().flatten().copied().collect();
+        let results = if valid.is_empty() {
+            Vec::new()
+        } else {
+            shared.stored(shared.store.ack(caller, &valid, shared.now()).await)?
+        };
+        let acknowledged: Vec<MessageId> = valid
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| **r == store::AckResult::Acknowledged)
+            .map(|(id, _)| *id)
+            .collect();
+        self.settled(caller, &acknowledged);
+        let mut results = results.into_iter();
+        let outcomes = request
+            .message_ids
+            .into_iter()
+            .zip(parsed)
+            .map(|(text, id)| {
+                let result = match id {
+                    None => pb::AckResult::InvalidId,
+                    Some(_) => match results.next() {
+                        Some(store::AckResult::Acknowledged) => pb::AckResult::Acknowledged,
+                        _ => pb::AckResult::NotFound,
+                    },
+                };
+                pb::AckOutcome {
+                    message_id: text,
+                    result: result as i32,
+                }
+            })
+            .collect();
+        debug!(acknowledged = acknowledged.len(), "ack");
+        Ok(pb::AckResponse { results: outcomes })
+    }
+
+    /// Frees the stream slots of settled messages and wakes whoever gets a receipt.
+    fn settled(&self, caller: &ParticipantId, ids: &[MessageId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let streams = &self.shared.streams;
+        let senders = streams.settled(caller, ids);
+        if senders.unknown {
+            // leased before a restart: the sender is not known here
+            streams.wake_all();
+        } else {
+            for sender in &senders.senders {
+                streams.wake(sender);
+            }
+        }
+    }
+
+    async fn reject_inner(
+        &self,
+        caller: &ParticipantId,
+        request: pb::RejectRequest,
+    ) -> Result<pb::RejectResponse, BrokerError> {
+        let shared = &self.shared;
+        let id = parse_message_id(&request.message_id, "message_id")?;
+        tracing::Span::current().record("message_id", tracing::field::display(id));
+        check_reason_code(&request.reason_code)?;
+        check_field_path(&request.field_path)?;
+        let result = shared.stored(
+            shared
+                .store
+                .reject(
+                    caller,
+                    id,
+                    &request.reason_code,
+                    &request.field_path,
+                    shared.now(),
+                )
+                .await,
+        )?;
+        match result {
+            store::RejectResult::Rejected => {
+                self.settled(caller, &[id]);
+                info!(reason_code = %request.reason_code, "message rejected by recipient");
+                Ok(pb::RejectResponse {})
+            }
+            store::RejectResult::NotFound => Err(BrokerError::NotFound(format!(
+                "message {id} was not delivered to {caller}"
+            ))),
+        }
+    }
+
+    async fn withdraw_inner(
+        &self,
+        caller: &ParticipantId,
+        request: pb::WithdrawRequest,
+    ) -> Result<pb::WithdrawResponse, BrokerError> {
+        let shared = &self.shared;
+        let id = parse_message_id(&request.message_id, "message_id")?;
+        tracing::Span::current().record("message_id", tracing::field::display(id));
+        let result = shared.stored(shared.store.withdraw(caller, id, shared.now()).await)?;
+        match result {
+            store::WithdrawResult::Withdrawn { at } => {
+                shared.streams.withdrawn(caller, &id);
+                info!("message withdrawn");
+                Ok(pb::WithdrawResponse {
+                    withdrawn_at: Some(to_timestamp(from_millis(at))),
+                })
+            }
+            store::WithdrawResult::NotFound => Err(BrokerError::NotFound(format!(
+                "no message {id} from {caller}"
+            ))),
+            store::WithdrawResult::AlreadyAcknowledged => Err(BrokerError::FailedPrecondition(
+                format!("message {id} was already acknowledged by its recipient"),
+            )),
+            store::WithdrawResult::Final { state } => {
+                Err(BrokerError::FailedPrecondition(format!(
+                    "message {id} is already {}",
+                    state
+                        .to_pb()
+                        .as_str_name()
+                        .trim_start_matches("MESSAGE_STATE_")
+                )))
+            }
+        }
+    }
+
+    async fn get_status_inner(
+        &self,
+        caller: &ParticipantId,
+        request: pb::GetStatusRequest,
+    ) -> Result<pb::MessageStatus, BrokerError> {
+        let shared = &self.shared;
+        let id = parse_message_id(&request.message_id, "message_id")?;
+        tracing::Span::current().record("message_id", tracing::field::display(id));
+        let record = shared
+            .stored(shared.store.status(caller, id).await)?
+            .ok_or_else(|| BrokerError::NotFound(format!("no message {id} from {caller}")))?;
+        Ok(status_to_pb(&record))
+    }
+
+    fn get_info_inner(&self, caller: &ParticipantId) -> pb::BrokerInfo {
+        let shared = &self.shared;
+        let limits = &shared.limits;
+        pb::BrokerInfo {
+            broker_name: shared.broker_name.clone(),
+            participants: shared
+                .registry
+                .iter()
+                .map(crate::registry::Participant::to_pb)
+                .collect(),
+            limits: Some(pb::BrokerLimits {
+                max_envelope_bytes: limits.max_envelope_bytes,
+                default_lifetime: Some(to_pb_duration(limits.default_lifetime)),
+                max_lifetime: Some(to_pb_duration(limits.max_lifetime)),
+                default_max_in_flight: limits.default_max_in_flight,
+                max_max_in_flight: limits.max_max_in_flight,
+                ack_timeout: Some(to_pb_duration(shared.lifecycle.ack_timeout)),
+                max_attempts: shared.lifecycle.max_attempts,
+                metadata_retention: Some(to_pb_duration(shared.lifecycle.metadata_retention)),
+            }),
+            caller: caller.to_string(),
+        }
+    }
+}
+
+/// Runs the RPC `body` inside a span naming the method and the caller, and
+/// converts its error into a `Status` (logging refusals at debug level).
+macro_rules! rpc {
+    ($self:ident, $request:ident, $method:literal, |$caller:ident, $inner:ident| $body:expr) => {{
+        let span = info_span!(
+            "rpc",
+            method = $method,
+            participant = tracing::field::Empty,
+            message_id = tracing::field::Empty,
+            remote = ?$request.remote_addr(),
+        );
+        async {
+            let $caller = $self.caller(&$request)?;
+            tracing::Span::current().record("participant", tracing::field::display(&$caller));
+            let $inner = $request.into_inner();
+            $body
+        }
+        .instrument(span.clone())
+        .await
+        .map(Response::new)
+        .map_err(|error: BrokerError| {
+            let _entered = span.enter();
+            debug!(code = ?error.code(), %error, "request refused");
+            Status::from(error)
+        })
+    }};
+}
+
+#[tonic::async_trait]
+impl pb::exchange_server::Exchange for ExchangeService {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitReceipt>, Status> {
+        rpc!(self, request, "Submit", |caller, inner| self
+            .submit_inner(&caller, inner)
+            .await)
+    }
+
+    type ReceiveStream = ReceiverStream<Result<pb::Delivery, Status>>;
+
+    async fn receive(
+        &self,
+        request: Request<pb::ReceiveRequest>,
+    ) -> Result<Response<Self::ReceiveStream>, Status> {
+        rpc!(self, request, "Receive", |caller, inner| self
+            .receive_inner(caller, inner))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        rpc!(self, request, "Ack", |caller, inner| self
+            .ack_inner(&caller, inner)
+            .await)
+    }
+
+    async fn reject(
+        &self,
+        request: Request<pb::RejectRequest>,
+    ) -> Result<Response<pb::RejectResponse>, Status> {
+        rpc!(self, request, "Reject", |caller, inner| self
+            .reject_inner(&caller, inner)
+            .await)
+    }
+
+    async fn withdraw(
+        &self,
+        request: Request<pb::WithdrawRequest>,
+    ) -> Result<Response<pb::WithdrawResponse>, Status> {
+        rpc!(self, request, "Withdraw", |caller, inner| self
+            .withdraw_inner(&caller, inner)
+            .await)
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::MessageStatus>, Status> {
+        rpc!(self, request, "GetStatus", |caller, inner| self
+            .get_status_inner(&caller, inner)
+            .await)
+    }
+
+    async fn get_info(
+        &self,
+        request: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::BrokerInfo>, Status> {
+        rpc!(self, request, "GetInfo", |caller, _inner| Ok(
+            self.get_info_inner(&caller)
+        ))
+    }
+}
+
+/// One `Receive` stream: lease up to the free slots, send, sleep until woken.
+/// On exit (client gone, shutdown, store failure) its leases are released.
+async fn run_stream(
+    shared: Arc<Shared>,
+    mut handle: StreamHandle,
+    max_in_flight: usize,
+    tx: mpsc::Sender<Result<pb::Delivery, Status>>,
+) {
+    let participant = handle.participant.clone();
+    let ack_timeout = millis(shared.lifecycle.ack_timeout);
+    let recheck = shared.lifecycle.tick_interval;
+    let mut shutting_down = shared.shutting_down.clone();
+    debug!("receive stream opened");
+    let end = 'stream: loop {
+        // Register for wake-ups before looking for work, so none is lost.
+        let mut notified = pin!(handle.notify.notified());
+        notified.as_mut().enable();
+        if *handle.close.borrow() || *shutting_down.borrow() {
+            break 'stream Some(Status::unavailable("the broker is shutting down"));
+        }
+        let now = shared.now();
+        let free = shared
+            .streams
+            .free_slots(&participant, handle.id, max_in_flight, now);
+        if free > 0 {
+            let leased =
+                match shared.stored(shared.store.lease(&participant, handle.id, free, now).await) {
+                    Ok(leased) => leased,
+                    Err(error) => break 'stream Some(Status::from(error)),
+                };
+            if !leased.is_empty() {
+                shared.streams.leased(
+                    &participant,
+                    handle.id,
+                    leased.iter().map(|l| {
+                        (
+                            l.message_id,
+                            l.sender.clone(),
+                            now.saturating_add(ack_timeout),
+                        )
+                    }),
+                );
+                for lease in leased {
+                    debug!(message_id = %lease.message_id, attempt = lease.attempt, "delivering");
+                    if tx.send(Ok(delivery(lease))).await.is_err() {
+                        break 'stream None;
+                    }
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            () = tx.closed() => break 'stream None,
+            _ = handle.close.changed() => {}
+            _ = shutting_down.changed() => {}
+            // At capacity: look again when a lease deadline may have passed.
+            () = tokio::time::sleep(recheck), if free == 0 => {}
+        }
+    };
+    if let Some(status) = end {
+        let _ = tx.try_send(Err(status));
+    }
+    drop(tx);
+    let released = shared.stored(
+        shared
+            .store
+            .release_stream(&participant, handle.id, shared.now())
+            .await,
+    );
+    shared.streams.remove(&participant, handle.id);
+    match released {
+        Ok(n) => {
+            if n > 0 {
+                shared.streams.wake(&participant);
+            }
+            debug!(released = n, "receive stream closed");
+        }
+        Err(error) => {
+            warn!(%error, "receive stream closed, leases not released (due again after the ack timeout)")
+        }
+    }
+}
+
+/// The envelope a recipient receives.
+fn delivery(lease: Leased) -> pb::Delivery {
+    pb::Delivery {
+        envelope: Some(pb::Envelope {
+            message_id: lease.message_id.to_string(),
+            sender: lease.sender.map(|s| s.to_string()).unwrap_or_default(),
+            recipient: lease.recipient.to_string(),
+            kind: lease.kind.to_pb() as i32,
+            case_ref: lease.case_ref.to_string(),
+            in_reply_to: lease
+                .in_reply_to
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            priority: lease.priority.to_pb() as i32,
+            created_at: Some(to_timestamp(from_millis(lease.created_at))),
+            expires_at: Some(to_timestamp(from_millis(lease.expires_at))),
+            payload: lease.payload.to_vec(),
+            content_type: lease.content_type,
+            payload_sha256: lease.payload_sha256.to_vec(),
+            accepted_at: Some(to_timestamp(from_millis(lease.accepted_at))),
+            broker_seq: lease.broker_seq,
+        }),
+        attempt: lease.attempt,
+    }
+}
+
+/// SHA-256 over the canonical encoding of the client-set fields: the envelope
+/// with the broker-set fields cleared, the sender set to the caller, the
+/// priority normalised, and the payload left out (its digest, already checked,
+/// stands for it). Equal content gives equal fingerprints.
+fn fingerprint(
+    envelope_without_payload: &pb::Envelope,
+    caller: &ParticipantId,
+    priority: trmx_proto::envelope::Priority,
+) -> [u8; 32] {
+    let mut canonical = envelope_without_payload.clone();
+    canonical.payload.clear();
+    canonical.sender = caller.to_string();
+    canonical.accepted_at = None;
+    canonical.broker_seq = 0;
+    canonical.priority = priority.to_pb() as i32;
+    trmx_proto::envelope::sha256(&canonical.encode_to_vec())
+}
+
+fn status_to_pb(record: &StatusRecord) -> pb::MessageStatus {
+    let ts = |millis: Millis| Some(to_timestamp(from_millis(millis)));
+    pb::MessageStatus {
+        message_id: record.message_id.to_string(),
+        state: record.state.to_pb() as i32,
+        attempts: record.attempts,
+        accepted_at: ts(record.accepted_at),
+        last_delivered_at: record.last_delivered_at.and_then(ts),
+        state_changed_at: ts(record.state_changed_at),
+        expires_at: ts(record.expires_at),
+        recipient: record.recipient.to_string(),
+        kind: record.kind.to_pb() as i32,
+        reason_code: record.reason_code.clone(),
+        field_path: record.field_path.clone(),
+        payload_size: record.payload_size,
+        next_attempt_at: record.next_attempt_at.and_then(ts),
+    }
+}
+
+fn parse_message_id(value: &str, field: &str) -> Result<MessageId, BrokerError> {
+    if value.is_empty() {
+        return Err(ValidationError::new(field, "is required").into());
+    }
+    MessageId::parse(value).map_err(|e| BrokerError::InvalidArgument(e.within(field)))
+}
+
+/// `reason_code` must match `[A-Z0-9_]{1,64}`.
+fn check_reason_code(code: &str) -> Result<(), BrokerError> {
+    let ok = (1..=64).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new("reason_code", "must match [A-Z0-9_]{1,64}").into())
+    }
+}
+
+/// `field_path` is empty or a dotted path of `[A-Za-z0-9_]` segments (each may
+/// end in `[N]` indexes), at most 256 characters.
+fn check_field_path(path: &str) -> Result<(), BrokerError> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    let segment_ok = |segment: &str| {
+        let name_len = segment
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            .count();
+        let (name, mut rest) = segment.split_at(name_len);
+        if name.is_empty() {
+            return false;
+        }
+        while !rest.is_empty() {
+            let Some(inner) = rest.strip_prefix('[') else {
+                return false;
+            };
+            let digits = inner.bytes().take_while(u8::is_ascii_digit).count();
+            let Some(after) = inner.get(digits..).and_then(|r| r.strip_prefix(']')) else {
+                return false;
+            };
+            if digits == 0 {
+                return false;
+            }
+            rest = after;
+        }
+        true
+    };
+    if path.len() <= MAX_FIELD_PATH_LEN && path.split('.').all(segment_ok) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "field_path",
+            "must be a dotted field path like referral.consent.basis, at most 256 characters",
+        )
+        .into())
+    }
+}
+
+fn millis(duration: Duration) -> Millis {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn to_pb_duration(duration: Duration) -> pb::Duration {
+    pb::Duration {
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(duration.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_codes() {
+        for good in ["INVALID_BODY", "UNKNOWN_SCHEMA", "X", &"A".repeat(64)] {
+            check_reason_code(good).unwrap();
+        }
+        for bad in ["", "invalid", "BAD CODE", "É", &"A".repeat(65)] {
+            assert!(check_reason_code(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn field_paths() {
+        for good in [
+            "",
+            "referral",
+            "referral.consent.basis",
+            "referral.needs[2].kind",
+            "a_b.c1",
+        ] {
+            check_field_path(good).unwrap();
+        }
+        for bad in [
+            ".a",
+            "a.",
+            "a..b",
+            "a b",
+            "a[x]",
+            "a[]",
+            "name=Jane",
+            &"a".repeat(257),
+        ] {
+            assert!(check_field_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fingerprint_ignores_broker_fields_and_payload_bytes_but_not_content() {
+        let caller = ParticipantId::parse("NL-NRM").unwrap();
+        let base = pb::Envelope {
+            message_id: MessageId::new_v7().to_string(),
+            recipient: "BE-PAYOKE".into(),
+            kind: pb::MessageKind::Referral as i32,
+            payload_sha256: vec![1; 32],
+            ..Default::default()
+        };
+        let normal = trmx_proto::envelope::Priority::Normal;
+        let a = fingerprint(&base, &caller, normal);
+        let mut b = base.clone();
+        b.sender = "NL-NRM".into();
+        b.priority = pb::Priority::Normal as i32;
+        assert_eq!(a, fingerprint(&b, &caller, normal));
+        let mut c = base.clone();
+        c.payload_sha256 = vec![2; 32];
+        assert_ne!(a, fingerprint(&c, &caller, normal));
+        let other = ParticipantId::parse("BE-PAYOKE").unwrap();
+        assert_ne!(a, fingerprint(&base, &other, normal));
+    }
+}

@@ -1,0 +1,294 @@
+//! The open `Receive` streams of this broker process: which participant each
+//! belongs to, which of its leases are still unacknowledged, and the
+//! per-participant [`Notify`] that wakes them when there is new work.
+//!
+//! # Invariants
+//! - A participant has at most `max_per_participant` registered streams.
+//! - A stream's in-flight set holds only ids the store leased to that stream;
+//!   an entry leaves on ack, reject, withdraw, or when its ack deadline passes
+//!   (the store then owns its redelivery), so a stream never stalls at its
+//!   `max_in_flight`.
+//! - Locks are std mutexes held only for map updates, never across `.await`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Notify, watch};
+use trmx_proto::{MessageId, ParticipantId};
+
+use crate::store::{Millis, StreamId};
+
+/// One unacknowledged delivery on a stream.
+#[derive(Debug, Clone)]
+struct InFlight {
+    /// Sender of the message (None for receipts), to wake it when its receipt is queued.
+    sender: Option<ParticipantId>,
+    /// When the store stops holding the lease.
+    deadline: Millis,
+}
+
+#[derive(Debug)]
+struct StreamState {
+    in_flight: HashMap<MessageId, InFlight>,
+    /// Set to true to make the stream end.
+    close: watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+struct ParticipantStreams {
+    notify: Arc<Notify>,
+    streams: HashMap<StreamId, StreamState>,
+}
+
+/// Registry of open streams. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Streams {
+    next_id: AtomicU64,
+    max_per_participant: usize,
+    inner: Mutex<HashMap<ParticipantId, ParticipantStreams>>,
+}
+
+/// What [`Streams::settled`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Senders of the settled messages known to a stream here (receipts excluded).
+    pub senders: Vec<ParticipantId>,
+    /// Whether some id was not in flight on any stream here (leased before a
+    /// restart, or already timed out): its sender is unknown.
+    pub unknown: bool,
+}
+
+/// What a stream needs to run: its id, the participant's wake-up and its close signal.
+#[derive(Debug)]
+pub struct StreamHandle {
+    /// The stream's id (the store's lease owner).
+    pub id: StreamId,
+    /// The participant.
+    pub participant: ParticipantId,
+    /// Notified when the participant may have new due messages or free slots.
+    pub notify: Arc<Notify>,
+    /// Becomes `true` when the stream must end (revoked certificate, shutdown).
+    pub close: watch::Receiver<bool>,
+}
+
+impl Streams {
+    /// An empty registry. Stream ids start at a value unique to this process
+    /// start (so ids never repeat across restarts on the same store).
+    pub fn new(max_per_participant: usize, first_id: u64) -> Self {
+        Self {
+            next_id: AtomicU64::new(first_id),
+            max_per_participant,
+            inner: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<ParticipantId, ParticipantStreams>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Registers a new stream of `participant`; `None` if it already has the
+    /// maximum number of streams.
+    pub fn open(&self, participant: &ParticipantId) -> Option<StreamHandle> {
+        let mut inner = self.lock();
+        let entry = inner.entry(participant.clone()).or_default();
+        if entry.streams.len() >= self.max_per_participant {
+            return None;
+        }
+        let id = StreamId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (close_tx, close_rx) = watch::channel(false);
+        entry.streams.insert(
+            id,
+            StreamState {
+                in_flight: HashMap::new(),
+                close: close_tx,
+            },
+        );
+        Some(StreamHandle {
+            id,
+            participant: participant.clone(),
+            notify: entry.notify.clone(),
+            close: close_rx,
+        })
+    }
+
+    /// Unregisters a stream (after its leases were released).
+    pub fn remove(&self, participant: &ParticipantId, id: StreamId) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.get_mut(participant) {
+            entry.streams.remove(&id);
+        }
+    }
+
+    /// Number of open streams of `participant`.
+    pub fn count(&self, participant: &ParticipantId) -> usize {
+        self.lock().get(participant).map_or(0, |p| p.streams.len())
+    }
+
+    /// Number of open streams of every participant.
+    pub fn total(&self) -> usize {
+        self.lock().values().map(|p| p.streams.len()).sum()
+    }
+
+    /// Free delivery slots of a stream at `now`: `max_in_flight` minus the
+    /// leases whose deadline has not passed. Drops the expired ones.
+    pub fn free_slots(
+        &self,
+        participant: &ParticipantId,
+        id: StreamId,
+        max_in_flight: usize,
+        now: Millis,
+    ) -> usize {
+        let mut inner = self.lock();
+        let Some(stream) = inner
+            .get_mut(participant)
+            .and_then(|p| p.streams.get_mut(&id))
+        else {
+            return 0;
+        };
+        stream.in_flight.retain(|_, lease| lease.deadline > now);
+        max_in_flight.saturating_sub(stream.in_flight.len())
+    }
+
+    /// Records leases handed to a stream.
+    pub fn leased(
+        &self,
+        participant: &ParticipantId,
+        id: StreamId,
+        leases: impl IntoIterator<Item = (MessageId, Option<ParticipantId>, Millis)>,
+    ) {
+        let mut inner = self.lock();
+        if let Some(stream) = inner
+            .get_mut(participant)
+            .and_then(|p| p.streams.get_mut(&id))
+        {
+            for (message_id, sender, deadline) in leases {
+                stream
+                    .in_flight
+                    .insert(message_id, InFlight { sender, deadline });
+            }
+        }
+    }
+
+    /// Removes `ids` from the streams of `participant` (acknowledged or
+    /// rejected) and wakes those streams. Returns the senders of the removed
+    /// messages (whose receipts are now queued).
+    pub fn settled(&self, participant: &ParticipantId, ids: &[MessageId]) -> Settled {
+        let mut inner = self.lock();
+        let mut settled = Settled::default();
+        let Some(entry) = inner.get_mut(participant) else {
+            settled.unknown = !ids.is_empty();
+            return settled;
+        };
+        for id in ids {
+            match entry
+                .streams
+                .values_mut()
+                .find_map(|s| s.in_flight.remove(id))
+            {
+                Some(lease) => settled.senders.extend(lease.sender),
+                None => settled.unknown = true,
+            }
+        }
+        entry.notify.notify_waiters();
+        settled
+    }
+
+    /// Removes a withdrawn message from whichever stream holds it.
+    pub fn withdrawn(&self, sender: &ParticipantId, id: &MessageId) {
+        let mut inner = self.lock();
+        for entry in inner.values_mut() {
+            let mut hit = false;
+            for stream in entry.streams.values_mut() {
+                let own = stream
+                    .in_flight
+                    .get(id)
+                    .is_some_and(|lease| lease.sender.as_ref() == Some(sender));
+                if own {
+                    stream.in_flight.remove(id);
+                    hit = true;
+                }
+            }
+            if hit {
+                entry.notify.notify_waiters();
+            }
+        }
+    }
+
+    /// Wakes the streams of `participant` (new message, released leases, ...).
+    pub fn wake(&self, participant: &ParticipantId) {
+        let mut inner = self.lock();
+        inner
+            .entry(participant.clone())
+            .or_default()
+            .notify
+            .notify_waiters();
+    }
+
+    /// Wakes every stream.
+    pub fn wake_all(&self) {
+        for entry in self.lock().values() {
+            entry.notify.notify_waiters();
+        }
+    }
+
+    /// The participant's wake-up, created if needed (a stream takes it before
+    /// looking for work so that no wake-up is lost).
+    pub fn notify_of(&self, participant: &ParticipantId) -> Arc<Notify> {
+        self.lock()
+            .entry(participant.clone())
+            .or_default()
+            .notify
+            .clone()
+    }
+
+    /// Tells every stream to end (shutdown).
+    pub fn close_all(&self) {
+        for entry in self.lock().values() {
+            for stream in entry.streams.values() {
+                let _ = stream.close.send(true);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ParticipantId {
+        ParticipantId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn streams_per_participant_are_bounded() {
+        let streams = Streams::new(2, 1);
+        let p = id("NL-NRM");
+        let a = streams.open(&p).unwrap();
+        let _b = streams.open(&p).unwrap();
+        assert!(streams.open(&p).is_none());
+        assert!(streams.open(&id("BE-PAYOKE")).is_some());
+        streams.remove(&p, a.id);
+        assert!(streams.open(&p).is_some());
+    }
+
+    #[test]
+    fn slots_free_on_settle_and_on_deadline() {
+        let streams = Streams::new(4, 1);
+        let p = id("NL-NRM");
+        let s = streams.open(&p).unwrap();
+        let m1 = MessageId::new_v7();
+        let m2 = MessageId::new_v7();
+        let sender = id("BE-PAYOKE");
+        streams.leased(&p, s.id, [(m1, Some(sender.clone()), 100), (m2, None, 200)]);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 50), 0);
+        let settled = streams.settled(&p, &[m1]);
+        assert_eq!(settled.senders, vec![sender]);
+        assert!(!settled.unknown);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 50), 1);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 200), 2);
+        assert!(streams.settled(&p, &[m2]).unknown);
+    }
+}
