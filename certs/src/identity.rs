@@ -110,6 +110,19 @@ impl Identity {
         Identity::from_x509(&cert)
     }
 
+    /// [`Identity::from_der`], and the trust domain must be `trust_domain` (a broker uses
+    /// this on a verified peer certificate).
+    pub fn from_der_in_domain(cert_der: &[u8], trust_domain: &str) -> Result<Identity, CertError> {
+        let id = Identity::from_der(cert_der)?;
+        if id.trust_domain != trust_domain {
+            return Err(CertError::TrustDomainMismatch {
+                expected: trust_domain.to_string(),
+                found: id.trust_domain,
+            });
+        }
+        Ok(id)
+    }
+
     pub(crate) fn from_x509(cert: &X509Certificate<'_>) -> Result<Identity, CertError> {
         let san = cert
             .subject_alternative_name()
@@ -386,5 +399,10 @@ mod tests {
             Err(CertError::InvalidParticipantId { .. })
         ));
         assert!(Identity::from_der(b"garbage").is_err());
+        assert!(Identity::from_der_in_domain(&good, "trm.example").is_ok());
+        assert!(matches!(
+            Identity::from_der_in_domain(&good, "other.example"),
+            Err(CertError::TrustDomainMismatch { .. })
+        ));
     }
 }
