@@ -22,6 +22,20 @@
 //! config) → [`TlsConn`] registered in [`ServerTls`] → tonic/hyper → handlers call
 //! [`peer_identity`]. A reload swaps the config and flags revoked connections, whose
 //! next read fails so hyper drops them.
+//!
+//! ```ignore
+//! // server (broker)
+//! let tls = ServerTls::load(&paths, Some(&crl), CrlPolicy::Warn)?;
+//! let conns = incoming(listener, tls.clone(), ListenerLimits::default(), shutdown);
+//! tonic::transport::Server::builder().add_service(svc).serve_with_incoming(conns).await?;
+//! // in a handler
+//! let who = peer_identity(&request)?;
+//! // on SIGHUP / interval (blocking file reads)
+//! let report = tokio::task::spawn_blocking(move || tls.reload()).await??;
+//!
+//! // client (node)
+//! let channel = client_channel("broker.example:4443", &paths, &ClientOptions::default())?;
+//! ```
 
 pub mod client;
 pub mod error;

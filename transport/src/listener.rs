@@ -184,7 +184,9 @@ pub fn incoming(
         listener,
         tls,
         limits,
-        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        slots: Arc::new(Semaphore::new(
+            limits.max_connections.min(Semaphore::MAX_PERMITS),
+        )),
         handshakes: JoinSet::new(),
         shutdown: Box::pin(shutdown),
     };

@@ -246,6 +246,9 @@ impl ServerTls {
     /// closed; those connections fail their next read or write at once.
     ///
     /// On error the old config stays in force and no connection is touched.
+    ///
+    /// Reads small files and checks one signature chain per open connection synchronously:
+    /// from async code, call it through `tokio::task::spawn_blocking`.
     pub fn reload(&self) -> Result<ReloadReport, TransportError> {
         let generation = self.inner.state.load().generation.wrapping_add(1);
         let loaded = Arc::new(build(
