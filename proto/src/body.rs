@@ -194,7 +194,7 @@ impl Body {
             Body::FollowUp(m) => serde_json::to_string_pretty(m),
             Body::Receipt(m) => serde_json::to_string_pretty(m),
         };
-        result.map_err(|_| {
+        result.map(json::z_normalize).map_err(|_| {
             ValidationError::new(
                 Body::root(self.kind()),
                 "cannot be written as JSON (a timestamp is out of range)",

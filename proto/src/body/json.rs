@@ -17,8 +17,17 @@ const MAX_REPORTED_KEY: usize = 64;
 /// Parses `json` as `T`; errors are rooted at `root` (e.g. `referral`).
 pub(super) fn parse<T: DeserializeOwned>(root: &str, json: &str) -> Result<T, ValidationError> {
     let mut deserializer = serde_json::Deserializer::from_str(json);
-    let value: T = serde_path_to_error::deserialize(&mut deserializer)
-        .map_err(|e| ValidationError::new(path(root, e.path()), rule(e.inner())))?;
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let mut field = path(root, e.path());
+        let rule = rule(e.inner());
+        if rule == "duplicate field"
+            && let Some(name) = duplicate_name(e.inner())
+        {
+            field.push('.');
+            field.push_str(&name);
+        }
+        ValidationError::new(field, rule)
+    })?;
     deserializer
         .end()
         .map_err(|_| ValidationError::new(root, "must be one JSON object with nothing after it"))?;
@@ -62,6 +71,46 @@ fn field_name(key: &str) -> String {
     out
 }
 
+/// The field named by serde's "duplicate field `name`" (a schema name from
+/// the generated code, never a value).
+fn duplicate_name(error: &serde_json::Error) -> Option<String> {
+    let message = error.to_string();
+    let name = message
+        .strip_prefix("duplicate field `")?
+        .split('`')
+        .next()?;
+    Some(field_name(name))
+}
+
+/// Timestamp fields of the bodies, by JSON name. pbjson writes instants with a
+/// `+00:00` offset; canonical proto3 JSON writes them `Z`-normalized.
+const TIMESTAMP_FIELDS: [&str; 3] = ["givenAt", "at", "lastDeliveredAt"];
+
+/// Rewrites the `+00:00` offset of every timestamp field to `Z`. Only
+/// structural keys match `"name": "` (inside a JSON string a quote is always
+/// escaped), so free text is never touched.
+pub(super) fn z_normalize(json: String) -> String {
+    let mut out = json;
+    for key in TIMESTAMP_FIELDS {
+        let pattern = format!("\"{key}\": \"");
+        let mut from = 0;
+        while let Some(found) = out[from..].find(&pattern) {
+            let start = from + found + pattern.len();
+            let Some(len) = out[start..].find('"') else {
+                break;
+            };
+            let end = start + len;
+            if out[start..end].ends_with("+00:00") {
+                out.replace_range(end - 6..end, "Z");
+                from = end - 5;
+            } else {
+                from = end;
+            }
+        }
+    }
+    out
+}
+
 /// The rule broken, from the kind of serde error (its text is not returned).
 fn rule(error: &serde_json::Error) -> &'static str {
     use serde_json::error::Category;
@@ -97,5 +146,16 @@ mod tests {
         assert_eq!(field_name("sha256"), "sha256");
         assert_eq!(field_name("Jane Doe"), "?");
         assert_eq!(field_name(&"a".repeat(65)), "?");
+    }
+
+    #[test]
+    fn timestamps_are_z_normalized_and_text_is_left_alone() {
+        let json = "{\n  \"givenAt\": \"2026-01-13T10:30:00.250+00:00\",\n  \"text\": \"\\\"at\\\": \\\"2026-01-13T10:30:00+00:00\"\n}".to_owned();
+        let out = z_normalize(json);
+        assert!(
+            out.contains("\"givenAt\": \"2026-01-13T10:30:00.250Z\""),
+            "{out}"
+        );
+        assert!(out.contains("2026-01-13T10:30:00+00:00\"\n"), "{out}");
     }
 }
