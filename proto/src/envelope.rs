@@ -336,9 +336,11 @@ mod tests {
         assert_eq!(checked.priority, Priority::Urgent);
     }
 
+    type Mutation = Box<dyn Fn(&mut pb::Envelope)>;
+
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut pb::Envelope)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             ("envelope.message_id", Box::new(|e| e.message_id.clear())),
             (
                 "envelope.message_id",
