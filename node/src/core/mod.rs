@@ -3,7 +3,6 @@
 //!
 //! Module map:
 //! - [`clock`]: the injected time source ([`Clock`], [`SystemClock`], [`ManualClock`]).
-//! - `body`: the message bodies (re-export of `trmx_proto::body`).
 //! - `store` (private): the sled database — outbox, inbox, idempotency, dedup,
 //!   case and due indexes; every state change is one transaction.
 //! - `link` (private): the broker link — submit loop, receive loop, `GetInfo`.
@@ -14,17 +13,32 @@
 //! receipt), flushes, then acknowledges it; [`NodeCore::watch`] streams new
 //! inbox entries by their node-local `seq`.
 
-mod body;
 pub mod clock;
+mod link;
+mod store;
+#[cfg(test)]
+mod tests;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::Stream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+use trmx_proto::pb;
+use trmx_proto::pb::exchange_client::ExchangeClient;
+use trmx_proto::time::{to_millis, to_timestamp};
 
-pub use body::{Body, BodyContext};
+use store::{NewOutgoing, Store};
+
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use trmx_proto::body::{Body, BodyContext};
 pub use trmx_proto::envelope::Priority;
 pub use trmx_proto::time::Date;
 pub use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, ValidationError};
@@ -82,7 +96,7 @@ pub struct SendRequest {
 
 /// State of an outbox entry (DESIGN.md §4). Moves only forward, except
 /// `Failed → Delivered`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OutboxState {
     /// Stored locally, not yet accepted by the broker.
     Queued,
@@ -113,7 +127,7 @@ impl std::fmt::Display for OutboxState {
 }
 
 /// Why a message failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
     /// `rejected-by-broker`, `rejected-by-recipient`, `expired`,
     /// `dead-lettered`, `purged`.
@@ -336,98 +350,593 @@ pub enum NodeError {
     Config(String),
 }
 
+/// The environment variable of the test-only fail point.
+pub const FAILPOINT_ENV: &str = "TRMX_FAILPOINT";
+
 /// The running node core. Cheap to clone (shared state inside).
 #[derive(Debug, Clone)]
 pub struct NodeCore {
     inner: Arc<Inner>,
 }
 
+/// Link state shown by [`NodeCore::status`].
+#[derive(Debug, Default)]
+struct LinkState {
+    connected: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    /// `None` until the first `GetInfo` answered.
+    participants: Mutex<Option<Vec<ParticipantInfo>>>,
+}
+
 #[derive(Debug)]
 struct Inner {
     config: CoreConfig,
-    #[allow(dead_code)]
     clock: Arc<dyn Clock>,
+    store: Store,
+    link: LinkState,
+    /// `None` when started offline.
+    client: Option<ExchangeClient<Channel>>,
+    submit_wake: Notify,
+    /// The highest inbox seq stored (wakes watchers).
+    inbox_seq: watch::Sender<u64>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    failpoint_inbox_after_store: bool,
+}
+
+impl Inner {
+    /// Runs store work off the async runtime.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+    ) -> Result<T, NodeError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| NodeError::Store(format!("store task failed: {e}")))?
+    }
+}
+
+/// Checks an idempotency key: 1..=128 of `[A-Za-z0-9._:-]`.
+fn check_idempotency_key(key: &str) -> Result<(), NodeError> {
+    let ok = (1..=128).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(NodeError::Invalid(ValidationError::new(
+            "idempotency_key",
+            "must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+        )))
+    }
+}
+
+fn check_config(config: &CoreConfig) -> Result<(), NodeError> {
+    if config.max_in_flight == 0 {
+        return Err(NodeError::Config("max_in_flight must be at least 1".into()));
+    }
+    if config.reconnect_min.is_zero() || config.reconnect_min > config.reconnect_max {
+        return Err(NodeError::Config(
+            "reconnect_min must be positive and at most reconnect_max".into(),
+        ));
+    }
+    if config.retention_check_interval.is_zero() {
+        return Err(NodeError::Config(
+            "retention_check_interval must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// SHA-256 (hex) of what makes a send request what it is, to tell a retry
+/// (same content) from a reuse of the key (different content).
+fn fingerprint(req: &SendRequest, payload: &[u8]) -> String {
+    let digest = trmx_proto::envelope::sha256(payload);
+    let mut text = String::new();
+    for part in [
+        req.recipient.to_string(),
+        req.case_ref.map(|c| c.to_string()).unwrap_or_default(),
+        req.in_reply_to.map(|m| m.to_string()).unwrap_or_default(),
+        format!("{:?}", req.priority),
+        req.body.kind().name().to_owned(),
+        req.expires_at
+            .map(|t| to_millis(t).to_string())
+            .unwrap_or_default(),
+    ] {
+        text.push_str(&part);
+        text.push('\n');
+    }
+    let mut bytes = text.into_bytes();
+    bytes.extend_from_slice(&digest);
+    trmx_proto::envelope::sha256(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl NodeCore {
     /// Opens the store and starts the broker link and retention tasks.
+    ///
+    /// Reads `TRMX_FAILPOINT` once: `inbox-after-store` makes the receive
+    /// loop abort the process after a delivery is stored and flushed, before
+    /// it is acknowledged (test-only).
     pub async fn start(config: CoreConfig, clock: Arc<dyn Clock>) -> Result<NodeCore, NodeError> {
-        Ok(NodeCore {
-            inner: Arc::new(Inner { config, clock }),
-        })
+        let opts = trmx_transport::ClientOptions {
+            server_name: config.broker_server_name.clone(),
+            ..trmx_transport::ClientOptions::default()
+        };
+        let channel = trmx_transport::client_channel(&config.broker_addr, &config.tls, &opts)
+            .map_err(|e| NodeError::Config(format!("broker connection: {e}")))?;
+        let failpoint = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "inbox-after-store");
+        Self::open(config, clock, Some(ExchangeClient::new(channel)), failpoint).await
     }
 
-    /// Stops the link tasks, flushes and closes the store.
-    pub async fn shutdown(&self) {}
+    /// Opens the store without a broker link: nothing is submitted or
+    /// received, everything else works (tests, offline inspection).
+    pub async fn start_offline(
+        config: CoreConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<NodeCore, NodeError> {
+        Self::open(config, clock, None, false).await
+    }
+
+    async fn open(
+        config: CoreConfig,
+        clock: Arc<dyn Clock>,
+        client: Option<ExchangeClient<Channel>>,
+        failpoint_inbox_after_store: bool,
+    ) -> Result<NodeCore, NodeError> {
+        check_config(&config)?;
+        let dir = config.data_dir.clone();
+        let cache = config.cache_capacity_bytes;
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir, cache))
+            .await
+            .map_err(|e| NodeError::Store(format!("store task failed: {e}")))??;
+        let last_seq = store.last_inbox_seq()?;
+        let (shutdown, _) = watch::channel(false);
+        let (inbox_seq, _) = watch::channel(last_seq);
+        let inner = Arc::new(Inner {
+            config,
+            clock,
+            store,
+            link: LinkState::default(),
+            client,
+            submit_wake: Notify::new(),
+            inbox_seq,
+            shutdown,
+            tasks: Mutex::new(Vec::new()),
+            failpoint_inbox_after_store,
+        });
+        let mut tasks = Vec::new();
+        if let Some(client) = inner.client.clone() {
+            tasks.push(tokio::spawn(link::receive_loop(
+                inner.clone(),
+                client.clone(),
+                inner.shutdown.subscribe(),
+            )));
+            tasks.push(tokio::spawn(link::submit_loop(
+                inner.clone(),
+                client,
+                inner.shutdown.subscribe(),
+            )));
+        }
+        tasks.push(tokio::spawn(retention_loop(
+            inner.clone(),
+            inner.shutdown.subscribe(),
+        )));
+        *inner
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
+        info!(participant = %inner.config.participant, online = inner.client.is_some(), "node core started");
+        Ok(NodeCore { inner })
+    }
+
+    /// Stops the link and retention tasks, then flushes the store.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let tasks = std::mem::take(
+            &mut *self
+                .inner
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for task in tasks {
+            if let Err(e) = task.await {
+                warn!(error = %e, "node core task ended abnormally");
+            }
+        }
+        if let Err(e) = self.inner.store.flush_async().await {
+            warn!(error = %e, "final flush failed");
+        }
+        info!(participant = %self.inner.config.participant, "node core stopped");
+    }
 
     /// Validates and stores a message as `QUEUED` (flushed before this returns),
-    /// then wakes the submit loop.
+    /// then wakes the submit loop. A retry with the same idempotency key and
+    /// content returns the entry stored the first time.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
-        let _ = req;
-        Err(NodeError::Store("not implemented yet".into()))
+        let inner = &self.inner;
+        check_idempotency_key(&req.idempotency_key)?;
+        let kind = req.body.kind();
+        if kind.is_broker_made() {
+            return Err(NodeError::Invalid(ValidationError::new(
+                "kind",
+                "receipts are made by the broker only",
+            )));
+        }
+        if kind.is_answer() && req.in_reply_to.is_none() {
+            return Err(NodeError::Invalid(ValidationError::new(
+                "in_reply_to",
+                format!("is required for a {kind}"),
+            )));
+        }
+        let now = inner.clock.now();
+        req.body
+            .validate(&BodyContext {
+                in_reply_to: req.in_reply_to,
+                today: Date::of(now),
+            })
+            .map_err(NodeError::Invalid)?;
+        let expires_at = req
+            .expires_at
+            .or_else(|| inner.config.default_lifetime.map(|d| now + d));
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(NodeError::Invalid(ValidationError::new(
+                "expires_at",
+                "must be in the future",
+            )));
+        }
+        let payload = req.body.encode();
+        let fingerprint = fingerprint(&req, &payload);
+        let case_ref = match (req.case_ref, req.in_reply_to) {
+            (Some(case), _) => case,
+            (None, Some(answered)) => {
+                let store = inner.store.clone();
+                inner
+                    .blocking(move || store.inbox_case_of(answered))
+                    .await?
+                    .unwrap_or_else(CaseRef::new_random)
+            }
+            (None, None) => CaseRef::new_random(),
+        };
+        let message_id = MessageId::new_v7();
+        let envelope = pb::Envelope {
+            message_id: message_id.to_string(),
+            sender: String::new(),
+            recipient: req.recipient.to_string(),
+            kind: kind.to_pb() as i32,
+            case_ref: case_ref.to_string(),
+            in_reply_to: req.in_reply_to.map(|m| m.to_string()).unwrap_or_default(),
+            priority: req.priority.to_pb() as i32,
+            created_at: Some(to_timestamp(now)),
+            expires_at: expires_at.map(to_timestamp),
+            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
+            payload,
+            content_type: kind.content_type(),
+            accepted_at: None,
+            broker_seq: 0,
+        };
+        let new = NewOutgoing {
+            idempotency_key: req.idempotency_key.clone(),
+            fingerprint,
+            envelope,
+            message_id,
+            recipient: req.recipient.clone(),
+            kind,
+            case_ref,
+            in_reply_to: req.in_reply_to,
+            priority: req.priority,
+            created_at: to_millis(now),
+            due: req
+                .body
+                .respond_by()
+                .or_else(|| req.body.next_follow_up_due()),
+            retain_until: req.body.retain_until(),
+        };
+        let store = inner.store.clone();
+        let (entry, created) = inner.blocking(move || store.enqueue(&new)).await?;
+        inner.store.flush_async().await?;
+        if created {
+            info!(participant = %inner.config.participant, message_id = %entry.message_id, recipient = %entry.recipient, kind = %entry.kind, "message queued");
+            inner.submit_wake.notify_one();
+        } else {
+            info!(participant = %inner.config.participant, message_id = %entry.message_id, "send retried with the same idempotency key");
+        }
+        Ok(entry)
     }
 
-    /// Takes back a message that has not been delivered yet.
+    /// Takes back a message that has not been delivered yet: a queued one
+    /// locally, a submitted one on the broker. The entry becomes `FAILED`
+    /// with outcome `withdrawn`.
     pub async fn withdraw(&self, id: MessageId) -> Result<(), NodeError> {
-        Err(NodeError::NotFound(id))
+        let inner = &self.inner;
+        let now = to_millis(inner.clock.now());
+        let store = inner.store.clone();
+        let updated = inner
+            .blocking(move || store.withdraw_local(id, now, false))
+            .await?
+            .ok_or(NodeError::NotFound(id))?;
+        if updated.changed {
+            inner.store.flush_async().await?;
+            info!(participant = %inner.config.participant, message_id = %id, "queued message withdrawn");
+            return Ok(());
+        }
+        match updated.entry.state {
+            OutboxState::Submitted => {}
+            OutboxState::Delivered => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "message {id} was already delivered"
+                )));
+            }
+            OutboxState::Failed
+                if updated
+                    .entry
+                    .failure
+                    .as_ref()
+                    .is_some_and(|f| f.outcome == "withdrawn") =>
+            {
+                return Ok(());
+            }
+            OutboxState::Failed | OutboxState::Queued => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "message {id} has failed already"
+                )));
+            }
+        }
+        let Some(mut client) = inner.client.clone() else {
+            return Err(NodeError::BrokerUnavailable("the node runs offline".into()));
+        };
+        match client
+            .withdraw(pb::WithdrawRequest {
+                message_id: id.to_string(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "message {id} was already delivered"
+                )));
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "the broker does not know message {id}"
+                )));
+            }
+            Err(status) => {
+                return Err(NodeError::BrokerUnavailable(format!(
+                    "{:?}: {}",
+                    status.code(),
+                    status.message()
+                )));
+            }
+        }
+        let store = inner.store.clone();
+        inner
+            .blocking(move || store.withdraw_local(id, now, true))
+            .await?;
+        inner.store.flush_async().await?;
+        info!(participant = %inner.config.participant, message_id = %id, "submitted message withdrawn");
+        Ok(())
     }
 
     /// Outbox entries, newest first.
     pub async fn outbox(&self, filter: &ListFilter) -> Result<Vec<OutboxEntry>, NodeError> {
-        let _ = filter;
-        Ok(Vec::new())
+        let store = self.inner.store.clone();
+        let filter = filter.clone();
+        self.inner
+            .blocking(move || store.list_outbox(&filter))
+            .await
     }
 
     /// Inbox entries, newest first.
     pub async fn inbox(&self, filter: &ListFilter) -> Result<Vec<InboxEntry>, NodeError> {
-        let _ = filter;
-        Ok(Vec::new())
+        let store = self.inner.store.clone();
+        let filter = filter.clone();
+        self.inner.blocking(move || store.list_inbox(&filter)).await
     }
 
-    /// One message with its body (if not erased).
+    /// One message with its body (`None` when erased).
     pub async fn message(&self, id: MessageId) -> Result<Option<MessageView>, NodeError> {
-        let _ = id;
-        Ok(None)
+        let store = self.inner.store.clone();
+        self.inner
+            .blocking(move || {
+                if let Some(entry) = store.outbox_entry(id)? {
+                    let body = store
+                        .outbox_body(id)?
+                        .map(|b| store::decode_body(entry.kind, &b))
+                        .transpose()?;
+                    return Ok(Some(MessageView::Outbox(entry, body)));
+                }
+                if let Some(entry) = store.inbox_entry(id)? {
+                    let body = store
+                        .inbox_body(entry.seq)?
+                        .map(|b| store::decode_body(entry.kind, &b))
+                        .transpose()?;
+                    return Ok(Some(MessageView::Inbox(entry, body)));
+                }
+                Ok(None)
+            })
+            .await
     }
 
-    /// Every message of a case, in order.
+    /// Every message of a case, sent and received, in order of creation.
     pub async fn case_timeline(&self, case_ref: CaseRef) -> Result<Vec<TimelineEntry>, NodeError> {
-        let _ = case_ref;
-        Ok(Vec::new())
+        let store = self.inner.store.clone();
+        self.inner.blocking(move || store.timeline(case_ref)).await
     }
 
-    /// What is due on or before `today`.
+    /// What is due on or before `today`: requests we sent whose `respond_by`
+    /// is on or before it and that have no answer (and did not fail);
+    /// requests we received with such a `respond_by` that we have not
+    /// answered; follow-ups whose `next_follow_up_due` is on or before it
+    /// with no later follow-up on the case.
     pub async fn due(&self, today: Date) -> Result<Vec<DueItem>, NodeError> {
-        let _ = today;
-        Ok(Vec::new())
+        let store = self.inner.store.clone();
+        self.inner.blocking(move || store.due(today)).await
     }
 
     /// The broker's participant registry (cached, refreshed on each connect).
     pub async fn participants(&self) -> Result<Vec<ParticipantInfo>, NodeError> {
-        Ok(Vec::new())
+        let cached = self
+            .inner
+            .link
+            .participants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(list) = cached {
+            return Ok(list);
+        }
+        let Some(mut client) = self.inner.client.clone() else {
+            return Err(NodeError::BrokerUnavailable("the node runs offline".into()));
+        };
+        let info = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.get_info(pb::GetInfoRequest {}),
+        )
+        .await
+        .map_err(|_| NodeError::BrokerUnavailable("GetInfo timed out".into()))?
+        .map_err(|s| NodeError::BrokerUnavailable(format!("{:?}: {}", s.code(), s.message())))?
+        .into_inner();
+        self.inner.cache_participants(&info);
+        Ok(info
+            .participants
+            .iter()
+            .filter_map(link::participant_info)
+            .collect())
     }
 
     /// Connection state and queue sizes.
     pub fn status(&self) -> NodeStatus {
+        let counts = self.inner.store.counts().unwrap_or_default();
         NodeStatus {
             participant: self.inner.config.participant.clone(),
-            broker_connected: false,
-            last_broker_error: None,
-            outbox_queued: 0,
-            outbox_submitted: 0,
-            outbox_failed: 0,
-            inbox_total: 0,
-            last_inbox_seq: 0,
+            broker_connected: self
+                .inner
+                .link
+                .connected
+                .load(std::sync::atomic::Ordering::SeqCst),
+            last_broker_error: self
+                .inner
+                .link
+                .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            outbox_queued: counts.queued,
+            outbox_submitted: counts.submitted,
+            outbox_failed: counts.failed,
+            inbox_total: counts.inbox,
+            last_inbox_seq: counts.last_inbox_seq,
         }
     }
 
+    /// Erases now the bodies whose `retain_until` has passed (by the
+    /// injected clock); the periodic retention task does the same. Returns
+    /// how many bodies were erased.
+    pub async fn run_retention(&self) -> Result<usize, NodeError> {
+        run_retention(&self.inner).await
+    }
+
     /// Every inbox entry with `seq > after_seq`, then new ones as they are
-    /// stored; never misses one.
+    /// stored; never misses one (entries are re-read from the store, so a
+    /// slow subscriber only falls behind). Ends at shutdown or after an error.
     pub fn watch(
         &self,
         after_seq: u64,
     ) -> impl Stream<Item = Result<InboxEntry, NodeError>> + Send + 'static {
-        let _ = after_seq;
-        futures::stream::empty()
+        let state = WatchState {
+            inner: self.inner.clone(),
+            seq_rx: self.inner.inbox_seq.subscribe(),
+            shutdown: self.inner.shutdown.subscribe(),
+            cursor: after_seq,
+            buffer: VecDeque::new(),
+            done: false,
+        };
+        futures::stream::unfold(state, next_watched)
+    }
+}
+
+/// Entries read from the store per round of a watch stream.
+const WATCH_BATCH: usize = 256;
+
+struct WatchState {
+    inner: Arc<Inner>,
+    seq_rx: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
+    cursor: u64,
+    buffer: VecDeque<InboxEntry>,
+    done: bool,
+}
+
+async fn next_watched(mut st: WatchState) -> Option<(Result<InboxEntry, NodeError>, WatchState)> {
+    loop {
+        if let Some(entry) = st.buffer.pop_front() {
+            st.cursor = entry.seq;
+            return Some((Ok(entry), st));
+        }
+        if st.done || *st.shutdown.borrow() {
+            return None;
+        }
+        // Mark the current seq as seen before reading, so that an entry
+        // stored after the read wakes us.
+        st.seq_rx.borrow_and_update();
+        let store = st.inner.store.clone();
+        let cursor = st.cursor;
+        match st
+            .inner
+            .blocking(move || store.inbox_after(cursor, WATCH_BATCH))
+            .await
+        {
+            Ok(entries) if !entries.is_empty() => st.buffer.extend(entries),
+            Ok(_) => {
+                tokio::select! {
+                    changed = st.seq_rx.changed() => if changed.is_err() { return None; },
+                    _ = st.shutdown.changed() => return None,
+                }
+            }
+            Err(e) => {
+                st.done = true;
+                return Some((Err(e), st));
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for WatchState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchState")
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn run_retention(inner: &Arc<Inner>) -> Result<usize, NodeError> {
+    let today = Date::of(inner.clock.now());
+    let store = inner.store.clone();
+    let erased = inner.blocking(move || store.erase_expired(today)).await?;
+    if !erased.is_empty() {
+        inner.store.flush_async().await?;
+        for id in &erased {
+            info!(participant = %inner.config.participant, message_id = %id, "body erased (retention)");
+        }
+    }
+    Ok(erased.len())
+}
+
+/// Erases expired bodies at start and then every `retention_check_interval`.
+async fn retention_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = run_retention(&inner).await {
+            warn!(participant = %inner.config.participant, error = %e, "retention run failed");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(inner.config.retention_check_interval) => {}
+            _ = shutdown.changed() => break,
+        }
     }
 }

@@ -1,0 +1,744 @@
+//! The link to the broker: the receive loop (connect, `GetInfo`, one
+//! `Receive` stream, store-then-ack) and the submit loop (queued entries in
+//! order, retries with jittered exponential backoff).
+//!
+//! Both loops stop when the shutdown signal changes. Neither ever logs a
+//! payload or a body field: only participants, message ids, kinds, states
+//! and gRPC codes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::watch;
+use tonic::Code;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+use trmx_proto::envelope::check_delivery;
+use trmx_proto::pb::exchange_client::ExchangeClient;
+use trmx_proto::time::{Date, from_timestamp, to_millis};
+use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
+
+use super::store::{Incoming, ReceiptEffect};
+use super::{
+    Body, BodyContext, Failure, InboxEntry, Inner, NodeError, OutboxState, ParticipantInfo,
+};
+
+/// Queued entries read per round of the submit loop.
+const SUBMIT_BATCH: usize = 32;
+
+/// Jittered exponential backoff ("equal jitter": half fixed, half random).
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next wait: `min · 2^attempt` capped at `max`, of which a random
+    /// half is dropped.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let factor = 1u32 << self.attempt.min(20);
+        self.attempt = self.attempt.saturating_add(1);
+        let full = self.min.saturating_mul(factor).min(self.max);
+        let half = full / 2;
+        let random = uuid::Uuid::new_v4().as_u128();
+        let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        let jitter = if nanos == 0 {
+            0
+        } else {
+            u64::try_from(random % u128::from(nanos)).unwrap_or(0)
+        };
+        half + Duration::from_nanos(jitter)
+    }
+}
+
+/// Waits `delay`; `false` when shutdown came first.
+async fn pause(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// The gRPC code as its canonical name, e.g. `INVALID_ARGUMENT`.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Whether a submit refused with `code` can never succeed.
+pub(crate) fn is_permanent(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::AlreadyExists
+            | Code::OutOfRange
+            | Code::Unimplemented
+    )
+}
+
+/// The field path at the start of a broker error message (`field: rule`),
+/// if it looks like one.
+fn field_path_of(message: &str) -> String {
+    match message.split_once(": ") {
+        Some((path, _))
+            if !path.is_empty()
+                && path
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._[]".contains(&b)) =>
+        {
+            path.to_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+impl Inner {
+    pub(super) fn set_error(&self, error: String) {
+        let mut last = self
+            .link
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *last = Some(error);
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.link.connected.store(connected, Ordering::SeqCst);
+    }
+
+    pub(super) fn cache_participants(&self, info: &pb::BrokerInfo) {
+        let list: Vec<ParticipantInfo> = info
+            .participants
+            .iter()
+            .filter_map(participant_info)
+            .collect();
+        let mut cached = self
+            .link
+            .participants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *cached = Some(list);
+    }
+}
+
+pub(crate) fn participant_info(p: &pb::Participant) -> Option<ParticipantInfo> {
+    let id = ParticipantId::parse(&p.id).ok()?;
+    let organisation_type = match pb::OrganisationType::try_from(p.organisation_type) {
+        Ok(pb::OrganisationType::Nrm) => "nrm",
+        Ok(pb::OrganisationType::Ngo) => "ngo",
+        Ok(pb::OrganisationType::Authority) => "authority",
+        Ok(pb::OrganisationType::InternationalOrganisation) => "international-organisation",
+        Ok(pb::OrganisationType::ReturnCounselling) => "return-counselling",
+        _ => "unspecified",
+    };
+    Some(ParticipantInfo {
+        id,
+        display_name: p.display_name.clone(),
+        country: p.country.clone(),
+        organisation_type: organisation_type.to_owned(),
+        accepts: p.accepts.iter().filter_map(|k| Kind::from_pb(*k)).collect(),
+    })
+}
+
+// ---- receive ----------------------------------------------------------------
+
+/// Connects, refreshes the participant cache, then consumes one `Receive`
+/// stream until it breaks; reconnects with backoff until shutdown.
+pub(crate) async fn receive_loop(
+    inner: Arc<Inner>,
+    mut client: ExchangeClient<Channel>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let me = inner.config.participant.clone();
+    let mut backoff = Backoff::new(inner.config.reconnect_min, inner.config.reconnect_max);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        match client.get_info(pb::GetInfoRequest {}).await {
+            Ok(info) => {
+                let info = info.into_inner();
+                if info.caller != me.as_str() {
+                    warn!(participant = %me, broker_caller = %info.caller, "broker sees this node under another participant id");
+                }
+                inner.cache_participants(&info);
+                match client
+                    .receive(pb::ReceiveRequest {
+                        max_in_flight: inner.config.max_in_flight,
+                    })
+                    .await
+                {
+                    Ok(stream) => {
+                        inner.set_connected(true);
+                        backoff.reset();
+                        info!(participant = %me, "connected to broker");
+                        // The broker is reachable: let the submit loop retry now.
+                        inner.submit_wake.notify_one();
+                        let mut stream = stream.into_inner();
+                        let stop = loop {
+                            tokio::select! {
+                                _ = shutdown.changed() => break true,
+                                item = stream.message() => match item {
+                                    Ok(Some(delivery)) => {
+                                        if let Err(e) = handle_delivery(&inner, &mut client, delivery).await {
+                                            warn!(participant = %me, error = %e, "delivery not stored; reconnecting");
+                                            inner.set_error(format!("store: {e}"));
+                                            break false;
+                                        }
+                                    }
+                                    Ok(None) => {
+                                        inner.set_error("receive stream closed by the broker".into());
+                                        break false;
+                                    }
+                                    Err(status) => {
+                                        inner.set_error(status_text(&status));
+                                        break false;
+                                    }
+                                },
+                            }
+                        };
+                        inner.set_connected(false);
+                        if stop {
+                            break;
+                        }
+                        info!(participant = %me, "disconnected from broker");
+                    }
+                    Err(status) => inner.set_error(status_text(&status)),
+                }
+            }
+            Err(status) => {
+                debug!(participant = %me, code = ?status.code(), "broker not reachable");
+                inner.set_error(status_text(&status));
+            }
+        }
+        if !pause(backoff.next_delay(), &mut shutdown).await {
+            break;
+        }
+    }
+    inner.set_connected(false);
+}
+
+/// Why a delivery is refused, as sent in `Reject`.
+fn reject_reason(e: &ValidationError) -> &'static str {
+    match e.field.as_str() {
+        "envelope.payload_sha256" => "DIGEST_MISMATCH",
+        "envelope.kind" | "envelope.content_type" => "UNKNOWN_SCHEMA",
+        _ => "INVALID_ENVELOPE",
+    }
+}
+
+async fn reject(
+    client: &mut ExchangeClient<Channel>,
+    inner: &Inner,
+    message_id: &str,
+    reason_code: &str,
+    field_path: &str,
+) {
+    let me = &inner.config.participant;
+    warn!(participant = %me, message_id = %message_id, reason_code, field_path, "rejecting delivery");
+    let request = pb::RejectRequest {
+        message_id: message_id.to_owned(),
+        reason_code: reason_code.to_owned(),
+        field_path: field_path.to_owned(),
+    };
+    if let Err(status) = client.reject(request).await {
+        warn!(participant = %me, message_id = %message_id, code = ?status.code(), "reject failed");
+    }
+}
+
+async fn ack(client: &mut ExchangeClient<Channel>, inner: &Inner, message_id: MessageId) {
+    let me = &inner.config.participant;
+    let request = pb::AckRequest {
+        message_ids: vec![message_id.to_string()],
+    };
+    match client.ack(request).await {
+        Ok(response) => {
+            for outcome in response.into_inner().results {
+                if outcome.result != pb::AckResult::Acknowledged as i32 {
+                    warn!(participant = %me, message_id = %outcome.message_id, result = outcome.result, "ack not applied");
+                }
+            }
+        }
+        Err(status) => {
+            // The broker redelivers; the dedup index makes that harmless.
+            warn!(participant = %me, message_id = %message_id, code = ?status.code(), "ack failed");
+        }
+    }
+}
+
+/// What to do with one delivery.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Refuse it for good (`Reject`); nothing is stored.
+    Reject {
+        /// The message id as delivered.
+        message_id: String,
+        /// `INVALID_BODY`, `UNKNOWN_SCHEMA`, `DIGEST_MISMATCH`, `INVALID_ENVELOPE`.
+        reason_code: &'static str,
+        /// The offending field path; never a value.
+        field_path: String,
+    },
+    /// Stored before: acknowledge only.
+    Duplicate(MessageId),
+    /// A valid application message: store, then acknowledge.
+    Store(Box<Incoming>),
+    /// A receipt: apply to the outbox, then acknowledge.
+    Receipt {
+        /// The receipt's own id (what is acknowledged).
+        receipt_id: MessageId,
+        /// Its kind.
+        kind: Kind,
+        /// The original message.
+        original: MessageId,
+        /// `None` for a delivery receipt.
+        failure: Option<Failure>,
+        /// When the outcome happened.
+        at: u64,
+    },
+    /// Nothing to act on (no envelope at all).
+    Ignore,
+}
+
+fn reject_verdict(message_id: &str, reason_code: &'static str, field_path: &str) -> Verdict {
+    Verdict::Reject {
+        message_id: message_id.to_owned(),
+        reason_code,
+        field_path: field_path.to_owned(),
+    }
+}
+
+/// Checks one delivery (envelope, recipient, digest, body schema, dedup)
+/// and says what to do with it. Errors are store failures.
+pub(crate) async fn classify(
+    inner: &Arc<Inner>,
+    envelope: Option<pb::Envelope>,
+) -> Result<Verdict, NodeError> {
+    let me = inner.config.participant.clone();
+    let Some(envelope) = envelope else {
+        return Ok(Verdict::Ignore);
+    };
+    let checked = match check_delivery(&envelope) {
+        Ok(checked) => checked,
+        Err(e) => {
+            return Ok(reject_verdict(
+                &envelope.message_id,
+                reject_reason(&e),
+                &e.field,
+            ));
+        }
+    };
+    let id = checked.message_id;
+    if checked.recipient != me {
+        return Ok(reject_verdict(
+            &envelope.message_id,
+            "INVALID_ENVELOPE",
+            "envelope.recipient",
+        ));
+    }
+    let Some(sender) = checked.sender.clone() else {
+        return Ok(classify_receipt(inner, id, checked.kind, &envelope.payload));
+    };
+
+    let store = inner.store.clone();
+    let dup_sender = sender.clone();
+    if inner
+        .blocking(move || store.is_duplicate(&dup_sender, id))
+        .await?
+    {
+        return Ok(Verdict::Duplicate(id));
+    }
+
+    let body = if envelope.content_type.starts_with("application/json") {
+        match std::str::from_utf8(&envelope.payload) {
+            Ok(text) => Body::from_json(checked.kind, text),
+            Err(_) => Err(ValidationError::new(
+                Body::root(checked.kind),
+                "is not UTF-8 JSON",
+            )),
+        }
+    } else {
+        Body::decode(checked.kind, &envelope.payload)
+    };
+    let body = match body.and_then(|body| {
+        // Judge the body as of the day its sender made it, so that time
+        // spent in the broker's queue does not make it invalid.
+        let ctx = BodyContext {
+            in_reply_to: checked.in_reply_to,
+            today: Date::of(checked.created_at),
+        };
+        body.validate(&ctx).map(|()| body)
+    }) {
+        Ok(body) => body,
+        Err(e) => {
+            return Ok(reject_verdict(
+                &envelope.message_id,
+                "INVALID_BODY",
+                &e.field,
+            ));
+        }
+    };
+    Ok(Verdict::Store(Box::new(Incoming {
+        message_id: id,
+        sender,
+        kind: checked.kind,
+        case_ref: checked.case_ref,
+        in_reply_to: checked.in_reply_to,
+        priority: checked.priority,
+        created_at: to_millis(checked.created_at),
+        accepted_at: to_millis(checked.accepted_at),
+        received_at: to_millis(inner.clock.now()),
+        body: body.encode(),
+        due: body.respond_by().or_else(|| body.next_follow_up_due()),
+        retain_until: body.retain_until(),
+    })))
+}
+
+fn outcome_name(outcome: pb::Outcome) -> &'static str {
+    match outcome {
+        pb::Outcome::Unspecified => "unspecified",
+        pb::Outcome::Delivered => "delivered",
+        pb::Outcome::Expired => "expired",
+        pb::Outcome::RejectedByRecipient => "rejected-by-recipient",
+        pb::Outcome::DeadLettered => "dead-lettered",
+        pb::Outcome::Purged => "purged",
+    }
+}
+
+fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &[u8]) -> Verdict {
+    let rid = receipt_id.to_string();
+    let Ok(receipt) = pb::Receipt::decode(payload) else {
+        return reject_verdict(&rid, "INVALID_BODY", "receipt");
+    };
+    let Ok(original) = MessageId::parse(&receipt.message_id) else {
+        return reject_verdict(&rid, "INVALID_BODY", "receipt.message_id");
+    };
+    let outcome = match pb::Outcome::try_from(receipt.outcome) {
+        Ok(pb::Outcome::Unspecified) | Err(_) => {
+            return reject_verdict(&rid, "INVALID_BODY", "receipt.outcome");
+        }
+        Ok(outcome) => outcome,
+    };
+    let failure = (outcome != pb::Outcome::Delivered).then(|| Failure {
+        outcome: outcome_name(outcome).to_owned(),
+        reason_code: receipt.reason_code.clone(),
+        field_path: receipt.field_path.clone(),
+    });
+    let at = receipt
+        .at
+        .as_ref()
+        .and_then(|ts| from_timestamp(ts).ok())
+        .unwrap_or_else(|| inner.clock.now());
+    Verdict::Receipt {
+        receipt_id,
+        kind,
+        original,
+        failure,
+        at: to_millis(at),
+    }
+}
+
+/// Stores a delivery (flushed) and wakes the watchers. `None` when it was
+/// a duplicate.
+pub(crate) async fn store_delivery(
+    inner: &Arc<Inner>,
+    incoming: Incoming,
+) -> Result<Option<InboxEntry>, NodeError> {
+    let store = inner.store.clone();
+    let stored = inner
+        .blocking(move || store.store_incoming(&incoming))
+        .await?;
+    inner.store.flush_async().await?;
+    if let Some(entry) = &stored {
+        inner.inbox_seq.send_replace(entry.seq);
+    }
+    Ok(stored)
+}
+
+/// Applies a receipt to the outbox (flushed).
+pub(crate) async fn store_receipt(
+    inner: &Arc<Inner>,
+    original: MessageId,
+    failure: Option<Failure>,
+    at: u64,
+) -> Result<ReceiptEffect, NodeError> {
+    let store = inner.store.clone();
+    let effect = inner
+        .blocking(move || store.apply_receipt(original, failure, at))
+        .await?;
+    inner.store.flush_async().await?;
+    Ok(effect)
+}
+
+/// Checks, stores (flushed), then acknowledges one delivery; or rejects it.
+/// Errors are store failures: the delivery is neither acked nor rejected,
+/// and the broker will redeliver it.
+async fn handle_delivery(
+    inner: &Arc<Inner>,
+    client: &mut ExchangeClient<Channel>,
+    delivery: pb::Delivery,
+) -> Result<(), NodeError> {
+    let me = inner.config.participant.clone();
+    match classify(inner, delivery.envelope).await? {
+        Verdict::Ignore => warn!(participant = %me, "delivery without envelope ignored"),
+        Verdict::Reject {
+            message_id,
+            reason_code,
+            field_path,
+        } => reject(client, inner, &message_id, reason_code, &field_path).await,
+        Verdict::Duplicate(id) => {
+            info!(participant = %me, message_id = %id, "duplicate delivery acknowledged");
+            ack(client, inner, id).await;
+        }
+        Verdict::Store(incoming) => {
+            let id = incoming.message_id;
+            let sender = incoming.sender.clone();
+            match store_delivery(inner, *incoming).await? {
+                Some(entry) => {
+                    info!(participant = %me, message_id = %id, sender = %sender, kind = %entry.kind, seq = entry.seq, attempt = delivery.attempt, "message stored");
+                }
+                None => {
+                    info!(participant = %me, message_id = %id, sender = %sender, "duplicate delivery acknowledged");
+                }
+            }
+            if inner.failpoint_inbox_after_store {
+                warn!(participant = %me, message_id = %id, "fail point inbox-after-store: aborting");
+                std::process::abort();
+            }
+            ack(client, inner, id).await;
+        }
+        Verdict::Receipt {
+            receipt_id,
+            kind,
+            original,
+            failure,
+            at,
+        } => {
+            let reason_code = failure
+                .as_ref()
+                .map(|f| f.reason_code.clone())
+                .unwrap_or_default();
+            match store_receipt(inner, original, failure, at).await? {
+                ReceiptEffect::Moved(state) => {
+                    info!(participant = %me, message_id = %original, receipt_kind = %kind, state = %state, reason_code = %reason_code, "receipt applied");
+                }
+                ReceiptEffect::Ignored(state) => {
+                    debug!(participant = %me, message_id = %original, receipt_kind = %kind, state = %state, "receipt does not change the state");
+                }
+                ReceiptEffect::Unknown => {
+                    warn!(participant = %me, message_id = %original, receipt_kind = %kind, "receipt for an unknown message");
+                }
+            }
+            ack(client, inner, receipt_id).await;
+        }
+    }
+    Ok(())
+}
+
+// ---- submit -------------------------------------------------------------------
+
+/// Submits `QUEUED` entries in creation order whenever the broker is
+/// reachable; woken by each new send and by each (re)connect.
+pub(crate) async fn submit_loop(
+    inner: Arc<Inner>,
+    mut client: ExchangeClient<Channel>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let me = inner.config.participant.clone();
+    let mut backoff = Backoff::new(inner.config.reconnect_min, inner.config.reconnect_max);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let store = inner.store.clone();
+        let batch = match inner.blocking(move || store.queued(SUBMIT_BATCH)).await {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(participant = %me, error = %e, "cannot read the outbox queue");
+                if !pause(backoff.next_delay(), &mut shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                () = inner.submit_wake.notified() => continue,
+                _ = shutdown.changed() => break,
+            }
+        }
+        let mut transient = false;
+        for (id, envelope) in batch {
+            if *shutdown.borrow() {
+                return;
+            }
+            match submit_one(&inner, &mut client, id, envelope).await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    debug!(participant = %me, message_id = %id, error = %e, "submit will be retried");
+                    transient = true;
+                    break;
+                }
+            }
+        }
+        if transient {
+            let delay = backoff.next_delay();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = inner.submit_wake.notified() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}
+
+/// Submits one entry and records the outcome. `Err` means a transient
+/// failure (retry later, in order).
+async fn submit_one(
+    inner: &Arc<Inner>,
+    client: &mut ExchangeClient<Channel>,
+    id: MessageId,
+    envelope: pb::Envelope,
+) -> Result<(), NodeError> {
+    let me = inner.config.participant.clone();
+    let kind = Kind::from_pb(envelope.kind);
+    let result = client
+        .submit(pb::SubmitRequest {
+            envelope: Some(envelope),
+        })
+        .await;
+    let now = to_millis(inner.clock.now());
+    let store = inner.store.clone();
+    match result {
+        Ok(receipt) => {
+            let duplicate = receipt.into_inner().duplicate;
+            let updated = inner
+                .blocking(move || store.mark_submitted(id, now))
+                .await?;
+            inner.store.flush_async().await?;
+            info!(participant = %me, message_id = %id, kind = ?kind, duplicate, "message submitted");
+            let withdrawn = updated.as_ref().is_some_and(|u| {
+                u.entry.state == OutboxState::Failed
+                    && u.entry
+                        .failure
+                        .as_ref()
+                        .is_some_and(|f| f.outcome == "withdrawn")
+            });
+            if withdrawn {
+                // Withdrawn while it was being submitted: take it back on the broker too.
+                if let Err(status) = client
+                    .withdraw(pb::WithdrawRequest {
+                        message_id: id.to_string(),
+                    })
+                    .await
+                {
+                    warn!(participant = %me, message_id = %id, code = ?status.code(), "withdraw after submit failed");
+                }
+            }
+            Ok(())
+        }
+        Err(status) if is_permanent(status.code()) => {
+            let failure = Failure {
+                outcome: "rejected-by-broker".into(),
+                reason_code: code_name(status.code()).to_owned(),
+                field_path: field_path_of(status.message()),
+            };
+            let text = status_text(&status);
+            warn!(participant = %me, message_id = %id, kind = ?kind, code = ?status.code(), "broker refused message");
+            inner
+                .blocking(move || store.mark_refused(id, failure, &text, now))
+                .await?;
+            inner.store.flush_async().await?;
+            Ok(())
+        }
+        Err(status) => {
+            let text = status_text(&status);
+            inner.set_error(text.clone());
+            let error = text.clone();
+            inner
+                .blocking(move || store.note_submit_error(id, &error))
+                .await?;
+            Err(NodeError::BrokerUnavailable(text))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..10 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_secs(1));
+        }
+        let d = b.next_delay();
+        assert!(d >= Duration::from_millis(500), "{d:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn permanent_codes() {
+        assert!(is_permanent(Code::InvalidArgument));
+        assert!(is_permanent(Code::AlreadyExists));
+        assert!(!is_permanent(Code::Unavailable));
+        assert!(!is_permanent(Code::ResourceExhausted));
+    }
+
+    #[test]
+    fn field_paths_from_broker_messages() {
+        assert_eq!(
+            field_path_of("envelope.recipient: unknown participant"),
+            "envelope.recipient"
+        );
+        assert_eq!(field_path_of("recipient does not accept: x"), "");
+        assert_eq!(field_path_of("no colon"), "");
+    }
+}

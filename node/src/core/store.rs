@@ -1,0 +1,1118 @@
+//! The node's sled database: outbox, inbox and their indexes.
+//!
+//! Every method is synchronous (sled does disk I/O); the async callers run
+//! them in `spawn_blocking`. Every logical change is one sled transaction
+//! over all trees; nothing is durable before [`Store::flush_async`].
+//!
+//! # Trees
+//! | tree | key | value |
+//! |---|---|---|
+//! | `meta` | counter name | u64 BE (`out_seq`, `inbox_seq`, `n_queued`, …) |
+//! | `outbox` | message id (16) | [`OutRec`] (JSON) |
+//! | `out_env` | message id | the envelope to submit, payload cleared (protobuf) |
+//! | `out_body` | message id | the payload (protobuf body) — erased by retention |
+//! | `out_order` | out seq (8 BE) | message id — every outbox entry, in creation order |
+//! | `queued` | out seq | message id — entries still `QUEUED`, in creation order |
+//! | `idem` | idempotency key | [`IdemRec`] (JSON) |
+//! | `inbox` | inbox seq (8 BE) | [`InRec`] (JSON) |
+//! | `dedup` | message id + sender | inbox seq — every (sender, id) ever stored |
+//! | `inbox_mid` | message id | inbox seq (first stored with that id) |
+//! | `in_body` | inbox seq | the payload (protobuf body) — erased by retention |
+//! | `cases` | case (16) + at (8 BE) + message id | direction (1) + kind (1) |
+//! | `due` | date (4) + message id | direction (1) |
+//! | `retention` | date (4) + direction (1) + message id | empty |
+//!
+//! # Invariants
+//! - An outbox entry is in `queued` iff its state is `QUEUED`; its body is
+//!   in `out_body` unless `body_erased`.
+//! - Outbox states only move forward (`QUEUED → SUBMITTED → DELIVERED |
+//!   FAILED`), except `FAILED → DELIVERED` ([`can_move`]).
+//! - Inbox `seq`s are strictly increasing and never reused; a (sender,
+//!   message id) is stored at most once (`dedup` is never pruned).
+//! - The `n_*` counters in `meta` equal the number of entries in each state.
+
+use std::path::Path;
+
+use prost::Message;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionalTree,
+};
+use trmx_proto::envelope::Priority;
+use trmx_proto::time::Date;
+use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
+
+use super::{
+    Body, Direction, DueItem, DueKind, Failure, InboxEntry, ListFilter, Millis, NodeError,
+    OutboxEntry, OutboxState, TimelineEntry,
+};
+
+const META: usize = 0;
+const OUTBOX: usize = 1;
+const OUT_ENV: usize = 2;
+const OUT_BODY: usize = 3;
+const OUT_ORDER: usize = 4;
+const QUEUED: usize = 5;
+const IDEM: usize = 6;
+const INBOX: usize = 7;
+const DEDUP: usize = 8;
+const INBOX_MID: usize = 9;
+const IN_BODY: usize = 10;
+const CASES: usize = 11;
+const DUE: usize = 12;
+const RETENTION: usize = 13;
+const TREE_NAMES: [&str; 14] = [
+    "meta",
+    "outbox",
+    "out_env",
+    "out_body",
+    "out_order",
+    "queued",
+    "idem",
+    "inbox",
+    "dedup",
+    "inbox_mid",
+    "in_body",
+    "cases",
+    "due",
+    "retention",
+];
+
+const DIR_SENT: u8 = 1;
+const DIR_RECEIVED: u8 = 2;
+
+/// Default and largest page of a listing.
+const DEFAULT_LIMIT: usize = 100;
+
+type TxResult<T> = ConflictableTransactionResult<T, NodeError>;
+
+/// The sled database of one node.
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+}
+
+/// An outbox entry as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct OutRec {
+    seq: u64,
+    message_id: String,
+    idempotency_key: String,
+    recipient: String,
+    kind: String,
+    case_ref: String,
+    in_reply_to: Option<String>,
+    priority: String,
+    state: OutboxState,
+    answered_by: Option<String>,
+    created_at: Millis,
+    submitted_at: Option<Millis>,
+    outcome_at: Option<Millis>,
+    failure: Option<Failure>,
+    submit_attempts: u32,
+    last_error: Option<String>,
+    body_erased: bool,
+    due: Option<String>,
+    retain_until: Option<String>,
+}
+
+/// An inbox entry as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct InRec {
+    seq: u64,
+    message_id: String,
+    sender: String,
+    kind: String,
+    case_ref: String,
+    in_reply_to: Option<String>,
+    priority: String,
+    created_at: Millis,
+    accepted_at: Millis,
+    received_at: Millis,
+    answered_by: Option<String>,
+    body_erased: bool,
+    due: Option<String>,
+    retain_until: Option<String>,
+}
+
+/// An idempotency key's entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IdemRec {
+    message_id: String,
+    fingerprint: String,
+}
+
+/// A message to queue (already validated).
+#[derive(Debug, Clone)]
+pub(crate) struct NewOutgoing {
+    pub(crate) idempotency_key: String,
+    /// SHA-256 (hex) of the request's content, to tell a retry from a reuse.
+    pub(crate) fingerprint: String,
+    /// The complete envelope to submit, payload included.
+    pub(crate) envelope: pb::Envelope,
+    pub(crate) message_id: MessageId,
+    pub(crate) recipient: ParticipantId,
+    pub(crate) kind: Kind,
+    pub(crate) case_ref: CaseRef,
+    pub(crate) in_reply_to: Option<MessageId>,
+    pub(crate) priority: Priority,
+    pub(crate) created_at: Millis,
+    pub(crate) due: Option<Date>,
+    pub(crate) retain_until: Option<Date>,
+}
+
+/// A validated delivery to store.
+#[derive(Debug, Clone)]
+pub(crate) struct Incoming {
+    pub(crate) message_id: MessageId,
+    pub(crate) sender: ParticipantId,
+    pub(crate) kind: Kind,
+    pub(crate) case_ref: CaseRef,
+    pub(crate) in_reply_to: Option<MessageId>,
+    pub(crate) priority: Priority,
+    pub(crate) created_at: Millis,
+    pub(crate) accepted_at: Millis,
+    pub(crate) received_at: Millis,
+    /// The body, protobuf-encoded.
+    pub(crate) body: Vec<u8>,
+    pub(crate) due: Option<Date>,
+    pub(crate) retain_until: Option<Date>,
+}
+
+/// The effect of a receipt on the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ReceiptEffect {
+    /// No outbox entry has that id.
+    Unknown,
+    /// The entry moved to this state.
+    Moved(OutboxState),
+    /// The entry's state does not allow the move (already further).
+    Ignored(OutboxState),
+}
+
+/// The result of changing an outbox entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Updated {
+    /// The entry afterwards.
+    pub(crate) entry: OutboxEntry,
+    /// Whether anything changed.
+    pub(crate) changed: bool,
+}
+
+/// Keeps `queued` and the counters in step with a state move of `rec`.
+fn t_move_state(t: &[TransactionalTree], rec: &OutRec, before: OutboxState) -> TxResult<()> {
+    tadd(&t[META], state_counter(before), -1)?;
+    tadd(&t[META], state_counter(rec.state), 1)?;
+    if before == OutboxState::Queued {
+        t[QUEUED].remove(&be(rec.seq))?;
+    }
+    Ok(())
+}
+
+/// Entry counts by state.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Counts {
+    pub(crate) queued: u64,
+    pub(crate) submitted: u64,
+    pub(crate) failed: u64,
+    pub(crate) inbox: u64,
+    pub(crate) last_inbox_seq: u64,
+}
+
+/// Whether an outbox entry may move from `from` to `to` (DESIGN.md §4).
+pub(crate) fn can_move(from: OutboxState, to: OutboxState) -> bool {
+    use OutboxState::{Delivered, Failed, Queued, Submitted};
+    matches!(
+        (from, to),
+        (Queued, Submitted | Delivered | Failed)
+            | (Submitted, Delivered | Failed)
+            | (Failed, Delivered)
+    )
+}
+
+fn store_err(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Store(e.to_string())
+}
+
+fn abort<T>(e: NodeError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn tx_err(e: TransactionError<NodeError>) -> NodeError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => store_err(e),
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, NodeError> {
+    serde_json::to_vec(value).map_err(store_err)
+}
+
+fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, NodeError> {
+    serde_json::from_slice(bytes).map_err(|e| NodeError::Store(format!("corrupt record: {e}")))
+}
+
+fn tget<T: DeserializeOwned>(tree: &TransactionalTree, key: &[u8]) -> TxResult<Option<T>> {
+    match tree.get(key)? {
+        Some(bytes) => match from_json(&bytes) {
+            Ok(value) => Ok(Some(value)),
+            Err(e) => abort(e),
+        },
+        None => Ok(None),
+    }
+}
+
+fn tput<T: Serialize>(tree: &TransactionalTree, key: &[u8], value: &T) -> TxResult<()> {
+    match to_json(value) {
+        Ok(bytes) => {
+            tree.insert(key, bytes)?;
+            Ok(())
+        }
+        Err(e) => abort(e),
+    }
+}
+
+fn be(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+fn read_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or_default()
+}
+
+fn tcounter(meta: &TransactionalTree, name: &str) -> TxResult<u64> {
+    Ok(meta.get(name)?.map(|v| read_u64(&v)).unwrap_or(0))
+}
+
+fn tadd(meta: &TransactionalTree, name: &str, delta: i64) -> TxResult<u64> {
+    let now = tcounter(meta, name)?;
+    let next = now.saturating_add_signed(delta);
+    meta.insert(name, &be(next))?;
+    Ok(next)
+}
+
+fn state_counter(state: OutboxState) -> &'static str {
+    match state {
+        OutboxState::Queued => "n_queued",
+        OutboxState::Submitted => "n_submitted",
+        OutboxState::Delivered => "n_delivered",
+        OutboxState::Failed => "n_failed",
+    }
+}
+
+fn date_key(date: Date) -> [u8; 4] {
+    let [y0, y1] = date.year.to_be_bytes();
+    [y0, y1, date.month, date.day]
+}
+
+fn case_key(case: CaseRef, at: Millis, id: MessageId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(40);
+    key.extend_from_slice(case.as_bytes());
+    key.extend_from_slice(&be(at));
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn due_key(date: Date, id: MessageId) -> Vec<u8> {
+    let mut key = date_key(date).to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn retention_key(date: Date, dir: u8, id: MessageId) -> Vec<u8> {
+    let mut key = date_key(date).to_vec();
+    key.push(dir);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn dedup_key(id: MessageId, sender: &ParticipantId) -> Vec<u8> {
+    let mut key = id.as_bytes().to_vec();
+    key.extend_from_slice(sender.as_str().as_bytes());
+    key
+}
+
+fn kind_byte(kind: Kind) -> u8 {
+    u8::try_from(kind.to_pb() as i32).unwrap_or(0)
+}
+
+fn priority_name(p: Priority) -> &'static str {
+    match p {
+        Priority::Urgent => "urgent",
+        Priority::Normal => "normal",
+    }
+}
+
+fn parse_priority(s: &str) -> Result<Priority, NodeError> {
+    match s {
+        "urgent" => Ok(Priority::Urgent),
+        "normal" => Ok(Priority::Normal),
+        _ => Err(NodeError::Store("corrupt record: priority".into())),
+    }
+}
+
+fn corrupt(what: &str) -> impl FnOnce(trmx_proto::ValidationError) -> NodeError + '_ {
+    move |_| NodeError::Store(format!("corrupt record: {what}"))
+}
+
+fn parse_mid(s: &str) -> Result<MessageId, NodeError> {
+    MessageId::parse(s).map_err(corrupt("message id"))
+}
+
+fn parse_opt_mid(s: Option<&String>) -> Result<Option<MessageId>, NodeError> {
+    s.map(|s| parse_mid(s)).transpose()
+}
+
+fn parse_kind(s: &str) -> Result<Kind, NodeError> {
+    Kind::from_name(s).ok_or_else(|| NodeError::Store("corrupt record: kind".into()))
+}
+
+impl OutRec {
+    pub(crate) fn to_entry(&self) -> Result<OutboxEntry, NodeError> {
+        Ok(OutboxEntry {
+            message_id: parse_mid(&self.message_id)?,
+            idempotency_key: self.idempotency_key.clone(),
+            recipient: ParticipantId::parse(&self.recipient).map_err(corrupt("recipient"))?,
+            kind: parse_kind(&self.kind)?,
+            case_ref: CaseRef::parse(&self.case_ref).map_err(corrupt("case"))?,
+            in_reply_to: parse_opt_mid(self.in_reply_to.as_ref())?,
+            priority: parse_priority(&self.priority)?,
+            state: self.state,
+            answered_by: parse_opt_mid(self.answered_by.as_ref())?,
+            created_at: self.created_at,
+            submitted_at: self.submitted_at,
+            outcome_at: self.outcome_at,
+            failure: self.failure.clone(),
+            submit_attempts: self.submit_attempts,
+            last_error: self.last_error.clone(),
+            body_erased: self.body_erased,
+        })
+    }
+}
+
+impl InRec {
+    pub(crate) fn to_entry(&self) -> Result<InboxEntry, NodeError> {
+        Ok(InboxEntry {
+            seq: self.seq,
+            message_id: parse_mid(&self.message_id)?,
+            sender: ParticipantId::parse(&self.sender).map_err(corrupt("sender"))?,
+            kind: parse_kind(&self.kind)?,
+            case_ref: CaseRef::parse(&self.case_ref).map_err(corrupt("case"))?,
+            in_reply_to: parse_opt_mid(self.in_reply_to.as_ref())?,
+            priority: parse_priority(&self.priority)?,
+            created_at: self.created_at,
+            accepted_at: self.accepted_at,
+            received_at: self.received_at,
+            answered_by: parse_opt_mid(self.answered_by.as_ref())?,
+            body_erased: self.body_erased,
+        })
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir` with a page cache of
+    /// `cache_capacity` bytes.
+    pub(crate) fn open(dir: &Path, cache_capacity: u64) -> Result<Store, NodeError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .open()
+            .map_err(|e| NodeError::Store(format!("cannot open {}: {e}", dir.display())))?;
+        let trees = TREE_NAMES
+            .iter()
+            .map(|name| db.open_tree(name))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store_err)?;
+        Ok(Store { db, trees })
+    }
+
+    fn tx<A>(&self, f: impl Fn(&Vec<TransactionalTree>) -> TxResult<A>) -> Result<A, NodeError> {
+        self.trees[..].transaction(f).map_err(tx_err)
+    }
+
+    /// Makes everything written so far durable.
+    pub(crate) async fn flush_async(&self) -> Result<(), NodeError> {
+        self.db.flush_async().await.map(|_| ()).map_err(store_err)
+    }
+
+    fn counter(&self, name: &str) -> Result<u64, NodeError> {
+        Ok(self.trees[META]
+            .get(name)
+            .map_err(store_err)?
+            .map(|v| read_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// Entry counts (from the counters, O(1)).
+    pub(crate) fn counts(&self) -> Result<Counts, NodeError> {
+        Ok(Counts {
+            queued: self.counter("n_queued")?,
+            submitted: self.counter("n_submitted")?,
+            failed: self.counter("n_failed")?,
+            inbox: self.counter("n_inbox")?,
+            last_inbox_seq: self.counter("inbox_seq")?,
+        })
+    }
+
+    /// The highest inbox seq.
+    pub(crate) fn last_inbox_seq(&self) -> Result<u64, NodeError> {
+        self.counter("inbox_seq")
+    }
+
+    // ---- outbox -------------------------------------------------------
+
+    /// Stores a new outbox entry as `QUEUED`, or returns the entry already
+    /// stored under the same idempotency key and content (`false`).
+    /// Different content under a used key is `IdempotencyConflict`.
+    pub(crate) fn enqueue(&self, new: &NewOutgoing) -> Result<(OutboxEntry, bool), NodeError> {
+        let mut env = new.envelope.clone();
+        let payload = std::mem::take(&mut env.payload);
+        let env_bytes = env.encode_to_vec();
+        let mid = new.message_id;
+        let rec = self.tx(|t| {
+            if let Some(idem) = tget::<IdemRec>(&t[IDEM], new.idempotency_key.as_bytes())? {
+                if idem.fingerprint != new.fingerprint {
+                    return abort(NodeError::IdempotencyConflict {
+                        key: new.idempotency_key.clone(),
+                    });
+                }
+                let existing = match MessageId::parse(&idem.message_id) {
+                    Ok(id) => id,
+                    Err(_) => return abort(NodeError::Store("corrupt idempotency entry".into())),
+                };
+                return match tget::<OutRec>(&t[OUTBOX], existing.as_bytes())? {
+                    Some(rec) => Ok((rec, false)),
+                    None => abort(NodeError::Store("idempotency entry without message".into())),
+                };
+            }
+            let seq = tadd(&t[META], "out_seq", 1)?;
+            let rec = OutRec {
+                seq,
+                message_id: mid.to_string(),
+                idempotency_key: new.idempotency_key.clone(),
+                recipient: new.recipient.to_string(),
+                kind: new.kind.name().to_owned(),
+                case_ref: new.case_ref.to_string(),
+                in_reply_to: new.in_reply_to.map(|id| id.to_string()),
+                priority: priority_name(new.priority).to_owned(),
+                state: OutboxState::Queued,
+                answered_by: None,
+                created_at: new.created_at,
+                submitted_at: None,
+                outcome_at: None,
+                failure: None,
+                submit_attempts: 0,
+                last_error: None,
+                body_erased: false,
+                due: new.due.map(|d| d.to_string()),
+                retain_until: new.retain_until.map(|d| d.to_string()),
+            };
+            tput(&t[OUTBOX], mid.as_bytes(), &rec)?;
+            t[OUT_ENV].insert(&mid.as_bytes()[..], env_bytes.as_slice())?;
+            t[OUT_BODY].insert(&mid.as_bytes()[..], payload.as_slice())?;
+            t[OUT_ORDER].insert(&be(seq), &mid.as_bytes()[..])?;
+            t[QUEUED].insert(&be(seq), &mid.as_bytes()[..])?;
+            tput(
+                &t[IDEM],
+                new.idempotency_key.as_bytes(),
+                &IdemRec {
+                    message_id: mid.to_string(),
+                    fingerprint: new.fingerprint.clone(),
+                },
+            )?;
+            t[CASES].insert(
+                case_key(new.case_ref, new.created_at, mid),
+                &[DIR_SENT, kind_byte(new.kind)],
+            )?;
+            if let Some(due) = new.due {
+                t[DUE].insert(due_key(due, mid), &[DIR_SENT])?;
+            }
+            if let Some(until) = new.retain_until {
+                t[RETENTION].insert(retention_key(until, DIR_SENT, mid), &[])?;
+            }
+            tadd(&t[META], state_counter(OutboxState::Queued), 1)?;
+            // A reply marks the received message it answers.
+            if let Some(answered) = new.in_reply_to
+                && let Some(seq) = t[INBOX_MID].get(answered.as_bytes())?
+                && let Some(mut inrec) = tget::<InRec>(&t[INBOX], &seq)?
+                && inrec.answered_by.is_none()
+                && inrec.sender == new.recipient.as_str()
+            {
+                inrec.answered_by = Some(mid.to_string());
+                tput(&t[INBOX], &seq, &inrec)?;
+            }
+            Ok((rec, true))
+        })?;
+        Ok((rec.0.to_entry()?, rec.1))
+    }
+
+    /// The case of a received message, if it is in the inbox.
+    pub(crate) fn inbox_case_of(&self, id: MessageId) -> Result<Option<CaseRef>, NodeError> {
+        self.inbox_rec_by_mid(id)?
+            .map(|rec| CaseRef::parse(&rec.case_ref).map_err(corrupt("case")))
+            .transpose()
+    }
+
+    /// Up to `limit` `QUEUED` entries in creation order, with the envelope
+    /// to submit (byte-identical each time).
+    pub(crate) fn queued(&self, limit: usize) -> Result<Vec<(MessageId, pb::Envelope)>, NodeError> {
+        let mut out = Vec::new();
+        for item in self.trees[QUEUED].iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, mid) = item.map_err(store_err)?;
+            let Some(env_bytes) = self.trees[OUT_ENV].get(&mid).map_err(store_err)? else {
+                continue;
+            };
+            let mut env = pb::Envelope::decode(env_bytes.as_ref()).map_err(store_err)?;
+            let Some(payload) = self.trees[OUT_BODY].get(&mid).map_err(store_err)? else {
+                continue;
+            };
+            env.payload = payload.to_vec();
+            let id = <[u8; 16]>::try_from(mid.as_ref())
+                .map(MessageId::from_bytes)
+                .map_err(|_| NodeError::Store("corrupt queue key".into()))?;
+            out.push((id, env));
+        }
+        Ok(out)
+    }
+
+    /// Changes one outbox entry in a transaction. `f` gets the record and
+    /// returns whether it changed it; states moves keep `queued` and the
+    /// counters in step. `None` when there is no such entry.
+    fn update_out(
+        &self,
+        id: MessageId,
+        f: impl Fn(&mut OutRec) -> Result<bool, NodeError>,
+    ) -> Result<Option<Updated>, NodeError> {
+        let rec = self.tx(|t| {
+            let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())? else {
+                return Ok(None);
+            };
+            let before = rec.state;
+            match f(&mut rec) {
+                Ok(false) => return Ok(Some((rec, false))),
+                Ok(true) => {}
+                Err(e) => return abort(e),
+            }
+            if rec.state != before {
+                t_move_state(t, &rec, before)?;
+            }
+            tput(&t[OUTBOX], id.as_bytes(), &rec)?;
+            Ok(Some((rec, true)))
+        })?;
+        rec.map(|(r, changed)| {
+            Ok(Updated {
+                entry: r.to_entry()?,
+                changed,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records a failed submit attempt (transient error); the entry stays queued.
+    pub(crate) fn note_submit_error(&self, id: MessageId, error: &str) -> Result<(), NodeError> {
+        self.update_out(id, |rec| {
+            rec.submit_attempts = rec.submit_attempts.saturating_add(1);
+            rec.last_error = Some(error.to_owned());
+            Ok(true)
+        })?;
+        Ok(())
+    }
+
+    /// The broker accepted the entry: `QUEUED → SUBMITTED` (if a receipt did
+    /// not already move it further).
+    pub(crate) fn mark_submitted(
+        &self,
+        id: MessageId,
+        at: Millis,
+    ) -> Result<Option<Updated>, NodeError> {
+        self.update_out(id, |rec| {
+            rec.submit_attempts = rec.submit_attempts.saturating_add(1);
+            rec.last_error = None;
+            if rec.submitted_at.is_none() {
+                rec.submitted_at = Some(at);
+            }
+            if rec.state == OutboxState::Queued {
+                rec.state = OutboxState::Submitted;
+            }
+            Ok(true)
+        })
+    }
+
+    /// The broker refused the entry for good: `QUEUED → FAILED`.
+    pub(crate) fn mark_refused(
+        &self,
+        id: MessageId,
+        failure: Failure,
+        error: &str,
+        at: Millis,
+    ) -> Result<Option<Updated>, NodeError> {
+        self.update_out(id, |rec| {
+            rec.submit_attempts = rec.submit_attempts.saturating_add(1);
+            rec.last_error = Some(error.to_owned());
+            if rec.state == OutboxState::Queued {
+                rec.state = OutboxState::Failed;
+                rec.failure = Some(failure.clone());
+                rec.outcome_at = Some(at);
+            }
+            Ok(true)
+        })
+    }
+
+    /// Applies a receipt: `DELIVERED` for a delivery receipt, `FAILED` with
+    /// `failure` for a non-delivery report; only forward moves (and
+    /// `FAILED → DELIVERED`).
+    pub(crate) fn apply_receipt(
+        &self,
+        id: MessageId,
+        failure: Option<Failure>,
+        at: Millis,
+    ) -> Result<ReceiptEffect, NodeError> {
+        let target = if failure.is_some() {
+            OutboxState::Failed
+        } else {
+            OutboxState::Delivered
+        };
+        let updated = self.update_out(id, |rec| {
+            if !can_move(rec.state, target) {
+                return Ok(false);
+            }
+            rec.state = target;
+            rec.failure = failure.clone();
+            rec.outcome_at = Some(at);
+            Ok(true)
+        })?;
+        Ok(match updated {
+            None => ReceiptEffect::Unknown,
+            Some(u) if u.changed => ReceiptEffect::Moved(target),
+            Some(u) => ReceiptEffect::Ignored(u.entry.state),
+        })
+    }
+
+    /// Withdraws a `QUEUED` entry locally (`FAILED`, outcome `withdrawn`).
+    /// Returns the entry as it is afterwards.
+    pub(crate) fn withdraw_local(
+        &self,
+        id: MessageId,
+        at: Millis,
+        allow_submitted: bool,
+    ) -> Result<Option<Updated>, NodeError> {
+        self.update_out(id, |rec| {
+            let allowed = rec.state == OutboxState::Queued
+                || (allow_submitted && rec.state == OutboxState::Submitted);
+            if !allowed {
+                return Ok(false);
+            }
+            rec.state = OutboxState::Failed;
+            rec.failure = Some(Failure {
+                outcome: "withdrawn".into(),
+                reason_code: "WITHDRAWN".into(),
+                field_path: String::new(),
+            });
+            rec.outcome_at = Some(at);
+            Ok(true)
+        })
+    }
+
+    fn out_rec(&self, id: MessageId) -> Result<Option<OutRec>, NodeError> {
+        self.trees[OUTBOX]
+            .get(id.as_bytes())
+            .map_err(store_err)?
+            .map(|b| from_json(&b))
+            .transpose()
+    }
+
+    /// One outbox entry.
+    pub(crate) fn outbox_entry(&self, id: MessageId) -> Result<Option<OutboxEntry>, NodeError> {
+        self.out_rec(id)?.map(|r| r.to_entry()).transpose()
+    }
+
+    /// Outbox entries matching `filter`, newest first.
+    pub(crate) fn list_outbox(&self, filter: &ListFilter) -> Result<Vec<OutboxEntry>, NodeError> {
+        let limit = if filter.limit == 0 {
+            DEFAULT_LIMIT
+        } else {
+            filter.limit
+        };
+        let mut out = Vec::new();
+        for item in self.trees[OUT_ORDER].iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, mid) = item.map_err(store_err)?;
+            let Some(bytes) = self.trees[OUTBOX].get(&mid).map_err(store_err)? else {
+                continue;
+            };
+            let entry = from_json::<OutRec>(&bytes)?.to_entry()?;
+            let keep = filter.case_ref.is_none_or(|c| c == entry.case_ref)
+                && filter
+                    .counterpart
+                    .as_ref()
+                    .is_none_or(|p| *p == entry.recipient)
+                && filter.kind.is_none_or(|k| k == entry.kind)
+                && filter.state.is_none_or(|s| s == entry.state);
+            if keep {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The body of an outbox entry (`None` when erased).
+    pub(crate) fn outbox_body(&self, id: MessageId) -> Result<Option<Vec<u8>>, NodeError> {
+        Ok(self.trees[OUT_BODY]
+            .get(id.as_bytes())
+            .map_err(store_err)?
+            .map(|b| b.to_vec()))
+    }
+
+    // ---- inbox --------------------------------------------------------
+
+    /// Whether (sender, id) was stored before.
+    pub(crate) fn is_duplicate(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+    ) -> Result<bool, NodeError> {
+        self.trees[DEDUP]
+            .contains_key(dedup_key(id, sender))
+            .map_err(store_err)
+    }
+
+    /// Stores a delivery in the inbox with the next seq, with its case, due
+    /// and retention index entries; marks the outbox entry it answers.
+    /// `None` if (sender, id) was stored before (nothing changes).
+    pub(crate) fn store_incoming(&self, msg: &Incoming) -> Result<Option<InboxEntry>, NodeError> {
+        let mid = msg.message_id;
+        let dkey = dedup_key(mid, &msg.sender);
+        let rec = self.tx(|t| {
+            if t[DEDUP].get(&dkey)?.is_some() {
+                return Ok(None);
+            }
+            let seq = tadd(&t[META], "inbox_seq", 1)?;
+            tadd(&t[META], "n_inbox", 1)?;
+            let rec = InRec {
+                seq,
+                message_id: mid.to_string(),
+                sender: msg.sender.to_string(),
+                kind: msg.kind.name().to_owned(),
+                case_ref: msg.case_ref.to_string(),
+                in_reply_to: msg.in_reply_to.map(|id| id.to_string()),
+                priority: priority_name(msg.priority).to_owned(),
+                created_at: msg.created_at,
+                accepted_at: msg.accepted_at,
+                received_at: msg.received_at,
+                answered_by: None,
+                body_erased: false,
+                due: msg.due.map(|d| d.to_string()),
+                retain_until: msg.retain_until.map(|d| d.to_string()),
+            };
+            tput(&t[INBOX], &be(seq), &rec)?;
+            t[DEDUP].insert(dkey.as_slice(), &be(seq))?;
+            if t[INBOX_MID].get(mid.as_bytes())?.is_none() {
+                t[INBOX_MID].insert(&mid.as_bytes()[..], &be(seq))?;
+            }
+            t[IN_BODY].insert(&be(seq), msg.body.as_slice())?;
+            t[CASES].insert(
+                case_key(msg.case_ref, msg.created_at, mid),
+                &[DIR_RECEIVED, kind_byte(msg.kind)],
+            )?;
+            if let Some(due) = msg.due {
+                t[DUE].insert(due_key(due, mid), &[DIR_RECEIVED])?;
+            }
+            if let Some(until) = msg.retain_until {
+                t[RETENTION].insert(retention_key(until, DIR_RECEIVED, mid), &[])?;
+            }
+            if let Some(answered) = msg.in_reply_to
+                && let Some(mut out) = tget::<OutRec>(&t[OUTBOX], answered.as_bytes())?
+                && out.answered_by.is_none()
+                && out.recipient == msg.sender.as_str()
+            {
+                out.answered_by = Some(mid.to_string());
+                tput(&t[OUTBOX], answered.as_bytes(), &out)?;
+            }
+            Ok(Some(rec))
+        })?;
+        rec.map(|r| r.to_entry()).transpose()
+    }
+
+    fn inbox_rec(&self, seq: u64) -> Result<Option<InRec>, NodeError> {
+        self.trees[INBOX]
+            .get(be(seq))
+            .map_err(store_err)?
+            .map(|b| from_json(&b))
+            .transpose()
+    }
+
+    fn inbox_rec_by_mid(&self, id: MessageId) -> Result<Option<InRec>, NodeError> {
+        match self.trees[INBOX_MID]
+            .get(id.as_bytes())
+            .map_err(store_err)?
+        {
+            Some(seq) => self.inbox_rec(read_u64(&seq)),
+            None => Ok(None),
+        }
+    }
+
+    /// One inbox entry by message id.
+    pub(crate) fn inbox_entry(&self, id: MessageId) -> Result<Option<InboxEntry>, NodeError> {
+        self.inbox_rec_by_mid(id)?.map(|r| r.to_entry()).transpose()
+    }
+
+    /// The body of an inbox entry (`None` when erased).
+    pub(crate) fn inbox_body(&self, seq: u64) -> Result<Option<Vec<u8>>, NodeError> {
+        Ok(self.trees[IN_BODY]
+            .get(be(seq))
+            .map_err(store_err)?
+            .map(|b| b.to_vec()))
+    }
+
+    /// Up to `limit` inbox entries with `seq > after`, in seq order.
+    pub(crate) fn inbox_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, NodeError> {
+        let start = after.saturating_add(1);
+        if after == u64::MAX {
+            return Ok(Vec::new());
+        }
+        self.trees[INBOX]
+            .range(be(start)..)
+            .take(limit)
+            .map(|item| {
+                let (_, bytes) = item.map_err(store_err)?;
+                from_json::<InRec>(&bytes)?.to_entry()
+            })
+            .collect()
+    }
+
+    /// Inbox entries matching `filter`, newest first.
+    pub(crate) fn list_inbox(&self, filter: &ListFilter) -> Result<Vec<InboxEntry>, NodeError> {
+        let limit = if filter.limit == 0 {
+            DEFAULT_LIMIT
+        } else {
+            filter.limit
+        };
+        let mut out = Vec::new();
+        for item in self.trees[INBOX].iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, bytes) = item.map_err(store_err)?;
+            let entry = from_json::<InRec>(&bytes)?.to_entry()?;
+            let keep = filter.case_ref.is_none_or(|c| c == entry.case_ref)
+                && filter
+                    .counterpart
+                    .as_ref()
+                    .is_none_or(|p| *p == entry.sender)
+                && filter.kind.is_none_or(|k| k == entry.kind);
+            if keep {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- cases and due --------------------------------------------------
+
+    /// Every message of a case, sent and received, in order of creation.
+    pub(crate) fn timeline(&self, case: CaseRef) -> Result<Vec<TimelineEntry>, NodeError> {
+        let mut out = Vec::new();
+        for item in self.trees[CASES].scan_prefix(case.as_bytes()) {
+            let (key, value) = item.map_err(store_err)?;
+            let (Some(at), Some(id), Some(&dir)) = (
+                key.get(16..24).map(read_u64),
+                key.get(24..40)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .map(MessageId::from_bytes),
+                value.first(),
+            ) else {
+                return Err(NodeError::Store("corrupt case index".into()));
+            };
+            if dir == DIR_SENT {
+                if let Some(e) = self.outbox_entry(id)? {
+                    let mut state = e.state.name().to_owned();
+                    if e.answered_by.is_some() {
+                        state.push_str("+answered");
+                    }
+                    out.push(TimelineEntry {
+                        at,
+                        direction: Direction::Sent,
+                        message_id: id,
+                        kind: e.kind,
+                        counterpart: e.recipient,
+                        in_reply_to: e.in_reply_to,
+                        state,
+                    });
+                }
+            } else if let Some(e) = self.inbox_entry(id)? {
+                let state = if e.answered_by.is_some() {
+                    "received+answered"
+                } else {
+                    "received"
+                };
+                out.push(TimelineEntry {
+                    at,
+                    direction: Direction::Received,
+                    message_id: id,
+                    kind: e.kind,
+                    counterpart: e.sender,
+                    in_reply_to: e.in_reply_to,
+                    state: state.to_owned(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a follow-up was created on `case` after `at`.
+    fn later_follow_up(&self, case: CaseRef, at: Millis) -> Result<bool, NodeError> {
+        let mut start = case.as_bytes().to_vec();
+        start.extend_from_slice(&be(at.saturating_add(1)));
+        let mut end = case.as_bytes().to_vec();
+        end.extend_from_slice(&be(u64::MAX));
+        for item in self.trees[CASES].range(start..=end) {
+            let (_, value) = item.map_err(store_err)?;
+            if value.get(1) == Some(&kind_byte(Kind::FollowUp)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// What is due on or before `today` (see [`DueKind`]).
+    pub(crate) fn due(&self, today: Date) -> Result<Vec<DueItem>, NodeError> {
+        let mut end = date_key(today).to_vec();
+        end.extend_from_slice(&[0xff; 16]);
+        let mut out = Vec::new();
+        for item in self.trees[DUE].range(..=end) {
+            let (key, value) = item.map_err(store_err)?;
+            let (Some(date), Some(id)) = (
+                key.get(0..4).and_then(|b| {
+                    let year = u16::from_be_bytes([b[0], b[1]]);
+                    Date::parse(&format!("{year:04}-{:02}-{:02}", b[2], b[3])).ok()
+                }),
+                key.get(4..20)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .map(MessageId::from_bytes),
+            ) else {
+                return Err(NodeError::Store("corrupt due index".into()));
+            };
+            let due_item = if value.first() == Some(&DIR_SENT) {
+                let Some(e) = self.outbox_entry(id)? else {
+                    continue;
+                };
+                let what = if e.kind == Kind::FollowUp {
+                    if self.later_follow_up(e.case_ref, e.created_at)? {
+                        continue;
+                    }
+                    DueKind::FollowUpDue
+                } else {
+                    if e.answered_by.is_some() || e.state == OutboxState::Failed {
+                        continue;
+                    }
+                    DueKind::AwaitingAnswer
+                };
+                DueItem {
+                    message_id: id,
+                    case_ref: e.case_ref,
+                    kind: e.kind,
+                    counterpart: e.recipient,
+                    due: date,
+                    what,
+                }
+            } else {
+                let Some(e) = self.inbox_entry(id)? else {
+                    continue;
+                };
+                let what = if e.kind == Kind::FollowUp {
+                    if self.later_follow_up(e.case_ref, e.created_at)? {
+                        continue;
+                    }
+                    DueKind::FollowUpDue
+                } else {
+                    if e.answered_by.is_some() {
+                        continue;
+                    }
+                    DueKind::AnswerOwed
+                };
+                DueItem {
+                    message_id: id,
+                    case_ref: e.case_ref,
+                    kind: e.kind,
+                    counterpart: e.sender,
+                    due: date,
+                    what,
+                }
+            };
+            out.push(due_item);
+        }
+        Ok(out)
+    }
+
+    // ---- retention ------------------------------------------------------
+
+    /// Erases the bodies whose `retain_until` is before `today`; the entries
+    /// keep their metadata and say `body_erased`. Returns how many.
+    pub(crate) fn erase_expired(&self, today: Date) -> Result<Vec<MessageId>, NodeError> {
+        let end = date_key(today);
+        let keys: Vec<sled::IVec> = self.trees[RETENTION]
+            .range(..end.to_vec())
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(store_err)?;
+        let mut erased = Vec::new();
+        for key in keys {
+            let (Some(&dir), Some(id)) = (
+                key.get(4),
+                key.get(5..21)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .map(MessageId::from_bytes),
+            ) else {
+                return Err(NodeError::Store("corrupt retention index".into()));
+            };
+            self.tx(|t| {
+                t[RETENTION].remove(&key)?;
+                if dir == DIR_SENT {
+                    if let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())? {
+                        rec.body_erased = true;
+                        if rec.state == OutboxState::Queued {
+                            // Never submitted and now it cannot be.
+                            rec.state = OutboxState::Failed;
+                            rec.failure = Some(Failure {
+                                outcome: "erased".into(),
+                                reason_code: "BODY_ERASED".into(),
+                                field_path: String::new(),
+                            });
+                            t_move_state(t, &rec, OutboxState::Queued)?;
+                        }
+                        tput(&t[OUTBOX], id.as_bytes(), &rec)?;
+                        t[OUT_BODY].remove(&id.as_bytes()[..])?;
+                    }
+                } else if let Some(seq) = t[INBOX_MID].get(id.as_bytes())?
+                    && let Some(mut rec) = tget::<InRec>(&t[INBOX], &seq)?
+                {
+                    rec.body_erased = true;
+                    tput(&t[INBOX], &seq, &rec)?;
+                    t[IN_BODY].remove(&seq)?;
+                }
+                Ok(())
+            })?;
+            erased.push(id);
+        }
+        Ok(erased)
+    }
+}
+
+/// Decodes a stored body (always protobuf).
+pub(crate) fn decode_body(kind: Kind, bytes: &[u8]) -> Result<Body, NodeError> {
+    Body::decode(kind, bytes).map_err(|e| NodeError::Store(format!("stored body: {e}")))
+}
