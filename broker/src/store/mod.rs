@@ -19,7 +19,12 @@ use std::time::Duration;
 use trmx_proto::envelope::Priority;
 use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
 
-// (the sled implementation lands in the next commit)
+pub mod sled;
+
+#[cfg(test)]
+mod conformance;
+
+pub use self::sled::{FaultSwitch, SledOptions, SledStore};
 
 /// Milliseconds since the Unix epoch; every instant in the store uses this.
 pub type Millis = u64;
@@ -452,7 +457,12 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
     /// Operator: ACCEPTED / IN_FLIGHT → PURGED, payload deleted, NDR (outcome PURGED) to the sender.
     /// `reason` is the operator's note (kept in the record, never sent to anyone).
-    async fn purge(&self, id: MessageId, reason: &str, now: Millis) -> Result<PurgeResult, StoreError>;
+    async fn purge(
+        &self,
+        id: MessageId,
+        reason: &str,
+        now: Millis,
+    ) -> Result<PurgeResult, StoreError>;
     /// Operator: EXPIRED, or DEAD_LETTERED by attempts, with the payload kept → ACCEPTED with a fresh
     /// lifetime (as long as the original one) and attempts reset. Never a rejected message.
     async fn redrive(&self, id: MessageId, now: Millis) -> Result<RedriveResult, StoreError>;
@@ -462,4 +472,10 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn search(&self, filter: SearchFilter) -> Result<Vec<StatusRecord>, StoreError>;
     /// Flush and close (graceful shutdown). Later writes fail with `Unavailable`.
     async fn close(&self) -> Result<(), StoreError>;
+    /// After each durable write, every recipient that got newly due messages (new submit, receipt
+    /// queued, stream released, recovery, redelivery due, redrive) is sent here, so the service can
+    /// wake its streams. On `RecvError::Lagged`, wake every stream. The default never sends.
+    fn wakeups(&self) -> tokio::sync::broadcast::Receiver<ParticipantId> {
+        tokio::sync::broadcast::channel(1).1
+    }
 }

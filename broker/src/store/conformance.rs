@@ -1,0 +1,1004 @@
+//! Conformance suite of [`BrokerStore`]: the behaviour every implementation
+//! must show (DESIGN.md §3 receipts, §4 lifecycle, §6 storage). Each check is
+//! a generic `async fn` over `S: BrokerStore`; the `sled` module at the end
+//! runs them against [`SledStore`] in a temporary directory, plus the checks
+//! that need a real directory (reopen, storage faults, locking).
+//!
+//! Time is a [`ManualClock`]: nothing sleeps.
+
+use std::time::Duration;
+
+use prost::Message as _;
+use trmx_proto::envelope::{Priority, sha256};
+use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
+
+use super::*;
+use crate::clock::{Clock, ManualClock};
+
+const NL: &str = "NL-NRM";
+const BE: &str = "BE-PAYOKE";
+const NG: &str = "NG-NAPTIP";
+
+fn pid(s: &str) -> ParticipantId {
+    ParticipantId::parse(s).unwrap()
+}
+
+/// The lifecycle used by the suite.
+fn lifecycle() -> Lifecycle {
+    Lifecycle {
+        ack_timeout: Duration::from_secs(30),
+        max_attempts: 3,
+        redelivery_backoff_base: Duration::from_secs(2),
+        redelivery_backoff_max: Duration::from_secs(10),
+        dead_letter_retention: Duration::from_secs(3600),
+        metadata_retention: Duration::from_secs(2 * 3600),
+        max_queued_bytes_per_sender: 64 * 1024,
+    }
+}
+
+fn clock() -> ManualClock {
+    ManualClock::at_millis(1_700_000_000_000)
+}
+
+fn message(from: &str, to: &str, priority: Priority, size: usize, now: Millis) -> NewMessage {
+    let message_id = MessageId::new_v7();
+    let payload = bytes::Bytes::from(vec![7u8; size]);
+    let payload_sha256 = sha256(&payload);
+    let mut fp = message_id.as_bytes().to_vec();
+    fp.extend_from_slice(&payload_sha256);
+    NewMessage {
+        message_id,
+        sender: pid(from),
+        recipient: pid(to),
+        kind: Kind::Referral,
+        case_ref: CaseRef::new_random(),
+        in_reply_to: None,
+        priority,
+        created_at: now,
+        expires_at: now + 24 * 3600 * 1000,
+        content_type: Kind::Referral.content_type(),
+        payload,
+        payload_sha256,
+        fingerprint: sha256(&fp),
+    }
+}
+
+async fn submit_ok<S: BrokerStore>(s: &S, msg: &NewMessage, now: Millis) -> Accepted {
+    match s.submit(msg.clone(), now).await.unwrap() {
+        SubmitOutcome::Accepted(a) => a,
+        other => panic!("expected Accepted, got {other:?}"),
+    }
+}
+
+async fn lease_ids<S: BrokerStore>(
+    s: &S,
+    to: &str,
+    stream: u64,
+    max: usize,
+    now: Millis,
+) -> Vec<MessageId> {
+    s.lease(&pid(to), StreamId(stream), max, now)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.message_id)
+        .collect()
+}
+
+async fn state_of<S: BrokerStore>(s: &S, msg: &NewMessage) -> State {
+    s.status(&msg.sender, msg.message_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+}
+
+/// Leases everything in `who`'s queue and returns the receipts among it, decoded.
+async fn receipts<S: BrokerStore>(s: &S, who: &str, now: Millis) -> Vec<(Leased, pb::Receipt)> {
+    s.lease(&pid(who), StreamId(999), 1000, now)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.kind.is_broker_made())
+        .map(|l| {
+            let r = pb::Receipt::decode(l.payload.as_ref()).unwrap();
+            (l, r)
+        })
+        .collect()
+}
+
+/// Applies timers until nothing is due at `now`.
+async fn tick<S: BrokerStore>(s: &S, now: Millis) -> TickReport {
+    s.tick(now).await.unwrap()
+}
+
+pub(super) async fn submit_then_lease_in_priority_and_seq_order<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let n1 = message(NL, BE, Priority::Normal, 100, now);
+    let n2 = message(NL, BE, Priority::Normal, 100, now);
+    let u1 = message(NG, BE, Priority::Urgent, 100, now);
+    let other = message(NL, NG, Priority::Urgent, 100, now);
+    let a1 = submit_ok(s, &n1, now).await;
+    let a2 = submit_ok(s, &n2, now).await;
+    submit_ok(s, &u1, now).await;
+    submit_ok(s, &other, now).await;
+    assert!(a2.broker_seq > a1.broker_seq);
+    assert_eq!(a1.accepted_at, now);
+    assert_eq!(a1.expires_at, n1.expires_at);
+    assert_eq!(state_of(s, &n1).await, State::Accepted);
+
+    let leased = s.lease(&pid(BE), StreamId(1), 10, now).await.unwrap();
+    let ids: Vec<_> = leased.iter().map(|l| l.message_id).collect();
+    assert_eq!(ids, vec![u1.message_id, n1.message_id, n2.message_id]);
+    let first = &leased[1];
+    assert_eq!(first.payload, n1.payload);
+    assert_eq!(first.payload_sha256, n1.payload_sha256);
+    assert_eq!(first.sender, Some(pid(NL)));
+    assert_eq!(first.case_ref, n1.case_ref);
+    assert_eq!(first.attempt, 1);
+    assert_eq!(first.broker_seq, a1.broker_seq);
+    assert_eq!(state_of(s, &n1).await, State::InFlight);
+    // nothing more for BE; NG's message untouched
+    assert!(lease_ids(s, BE, 2, 10, now).await.is_empty());
+    assert_eq!(lease_ids(s, NG, 3, 10, now).await, vec![other.message_id]);
+}
+
+pub(super) async fn idempotent_duplicate_and_conflict<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 100, now);
+    let first = submit_ok(s, &m, now).await;
+    c.advance(Duration::from_secs(5));
+    let later = c.now_millis();
+    assert_eq!(
+        s.submit(m.clone(), later).await.unwrap(),
+        SubmitOutcome::Duplicate(first.clone())
+    );
+    let mut changed = m.clone();
+    changed.fingerprint = [1; 32];
+    assert_eq!(
+        s.submit(changed, later).await.unwrap(),
+        SubmitOutcome::Conflict
+    );
+    // the same id from another sender is another message
+    let mut from_other = m.clone();
+    from_other.sender = pid(NG);
+    submit_ok(s, &from_other, later).await;
+    // only one copy per sender in the queue
+    assert_eq!(lease_ids(s, BE, 1, 10, later).await.len(), 2);
+}
+
+pub(super) async fn quota<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let big = message(NL, BE, Priority::Normal, 40 * 1024, now);
+    submit_ok(s, &big, now).await;
+    let second = message(NL, BE, Priority::Normal, 40 * 1024, now);
+    assert_eq!(
+        s.submit(second.clone(), now).await.unwrap(),
+        SubmitOutcome::QuotaExceeded
+    );
+    assert!(
+        s.status(&second.sender, second.message_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // another sender has its own quota
+    submit_ok(s, &message(NG, BE, Priority::Normal, 40 * 1024, now), now).await;
+    // in flight still counts; acknowledged frees it
+    lease_ids(s, BE, 1, 10, now).await;
+    assert_eq!(
+        s.submit(second.clone(), now).await.unwrap(),
+        SubmitOutcome::QuotaExceeded
+    );
+    s.ack(&pid(BE), &[big.message_id], now).await.unwrap();
+    submit_ok(s, &second, now).await;
+}
+
+pub(super) async fn lease_max_and_one_stream_per_message<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let mut all = Vec::new();
+    for _ in 0..10 {
+        let m = message(NL, BE, Priority::Normal, 10, now);
+        submit_ok(s, &m, now).await;
+        all.push(m.message_id);
+    }
+    assert!(lease_ids(s, BE, 1, 0, now).await.is_empty());
+    let a = lease_ids(s, BE, 1, 4, now).await;
+    assert_eq!(a, all[..4].to_vec());
+    // concurrent leases on two streams never share a message
+    let (b, c2) = tokio::join!(lease_ids(s, BE, 2, 4, now), lease_ids(s, BE, 3, 4, now));
+    let mut seen: Vec<_> = a.iter().chain(&b).chain(&c2).copied().collect();
+    assert_eq!(b.len() + c2.len(), 6);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 10);
+    assert!(lease_ids(s, BE, 4, 4, now).await.is_empty());
+}
+
+pub(super) async fn ack_queues_delivery_receipt<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Urgent, 100, now);
+    submit_ok(s, &m, now).await;
+    // not yet delivered: ack is NotFound
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], now).await.unwrap(),
+        vec![AckResult::NotFound]
+    );
+    lease_ids(s, BE, 1, 10, now).await;
+    // someone else's ack never applies
+    assert_eq!(
+        s.ack(&pid(NG), &[m.message_id], now).await.unwrap(),
+        vec![AckResult::NotFound]
+    );
+    assert_eq!(
+        s.ack(&pid(NL), &[m.message_id], now).await.unwrap(),
+        vec![AckResult::NotFound]
+    );
+    assert_eq!(state_of(s, &m).await, State::InFlight);
+    c.advance(Duration::from_secs(1));
+    let at = c.now_millis();
+    let unknown = MessageId::new_v7();
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id, unknown], at).await.unwrap(),
+        vec![AckResult::Acknowledged, AckResult::NotFound]
+    );
+    let status = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert_eq!(status.state, State::Acknowledged);
+    assert!(!status.payload_kept);
+    assert_eq!(status.attempts, 1);
+    assert_eq!(status.state_changed_at, at);
+    // twice is harmless and makes no second receipt
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], at).await.unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+
+    let got = receipts(s, NL, at).await;
+    assert_eq!(got.len(), 1);
+    let (env, body) = &got[0];
+    assert_eq!(
+        env.message_id,
+        MessageId::receipt_id(m.message_id, "DELIVERED")
+    );
+    assert_eq!(
+        env.message_id,
+        receipt_id(m.message_id, pb::Outcome::Delivered)
+    );
+    assert_eq!(env.kind, Kind::DeliveryReceipt);
+    assert_eq!(env.sender, None);
+    assert_eq!(env.recipient, pid(NL));
+    assert_eq!(env.in_reply_to, None);
+    assert_eq!(env.case_ref, m.case_ref);
+    assert_eq!(env.priority, Priority::Urgent);
+    assert_eq!(env.content_type, Kind::DeliveryReceipt.content_type());
+    assert_eq!(env.payload_sha256, sha256(&env.payload));
+    assert_eq!(
+        env.expires_at,
+        at + lifecycle().metadata_retention.as_millis() as u64
+    );
+    assert_eq!(body.message_id, m.message_id.to_string());
+    assert_eq!(body.outcome, pb::Outcome::Delivered as i32);
+    assert_eq!(body.attempts, 1);
+    assert_eq!(
+        body.at,
+        Some(trmx_proto::time::to_timestamp(
+            trmx_proto::time::from_millis(at)
+        ))
+    );
+    assert_eq!(
+        body.last_delivered_at,
+        Some(trmx_proto::time::to_timestamp(
+            trmx_proto::time::from_millis(now)
+        ))
+    );
+
+    // acking the receipt makes no receipt
+    assert_eq!(
+        s.ack(&pid(NL), &[env.message_id], at).await.unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+    assert!(receipts(s, BE, at).await.is_empty());
+    assert!(receipts(s, NL, at).await.is_empty());
+}
+
+pub(super) async fn reject_dead_letters_with_ndr<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 100, now);
+    submit_ok(s, &m, now).await;
+    assert_eq!(
+        s.reject(
+            &pid(BE),
+            m.message_id,
+            "INVALID_BODY",
+            "referral.consent",
+            now
+        )
+        .await
+        .unwrap(),
+        RejectResult::NotFound
+    );
+    lease_ids(s, BE, 1, 10, now).await;
+    assert_eq!(
+        s.reject(
+            &pid(NG),
+            m.message_id,
+            "INVALID_BODY",
+            "referral.consent",
+            now
+        )
+        .await
+        .unwrap(),
+        RejectResult::NotFound
+    );
+    assert_eq!(
+        s.reject(
+            &pid(BE),
+            m.message_id,
+            "INVALID_BODY",
+            "referral.consent.basis",
+            now
+        )
+        .await
+        .unwrap(),
+        RejectResult::Rejected
+    );
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert_eq!(st.state, State::DeadLettered);
+    assert_eq!(st.reason_code, "INVALID_BODY");
+    assert_eq!(st.field_path, "referral.consent.basis");
+    assert!(st.payload_kept);
+    assert!(!st.redrivable);
+    // the recipient's ack after the reject does nothing
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], now).await.unwrap(),
+        vec![AckResult::NotFound]
+    );
+    let got = receipts(s, NL, now).await;
+    assert_eq!(got.len(), 1);
+    let (env, body) = &got[0];
+    assert_eq!(env.kind, Kind::NonDeliveryReport);
+    assert_eq!(
+        env.message_id,
+        MessageId::receipt_id(m.message_id, "REJECTED_BY_RECIPIENT")
+    );
+    assert_eq!(body.outcome, pb::Outcome::RejectedByRecipient as i32);
+    assert_eq!(body.reason_code, "INVALID_BODY");
+    assert_eq!(body.field_path, "referral.consent.basis");
+    assert_eq!(body.attempts, 1);
+    // never redrivable
+    assert_eq!(
+        s.redrive(m.message_id, now).await.unwrap(),
+        RedriveResult::NotRedrivable {
+            state: State::DeadLettered
+        }
+    );
+    let dead = s.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id, m.message_id);
+}
+
+pub(super) async fn ack_timeout_redelivers_after_backoff<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 100, now);
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    assert_eq!(s.next_timer().await.unwrap(), Some(now + 30_000));
+    c.advance(Duration::from_secs(29));
+    assert_eq!(tick(s, c.now_millis()).await, TickReport::default());
+    c.advance(Duration::from_secs(1));
+    let timeout_at = c.now_millis();
+    let report = tick(s, timeout_at).await;
+    assert_eq!(report.redelivery_due, 1);
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert_eq!(st.state, State::Accepted);
+    assert_eq!(st.next_attempt_at, Some(timeout_at + 2_000)); // base * 2^0
+    // backing off: not leased yet
+    assert!(lease_ids(s, BE, 2, 10, timeout_at).await.is_empty());
+    assert_eq!(s.next_timer().await.unwrap(), Some(timeout_at + 2_000));
+    c.advance(Duration::from_secs(2));
+    let report = tick(s, c.now_millis()).await;
+    assert_eq!(report.woken, vec![pid(BE)]);
+    let again = s
+        .lease(&pid(BE), StreamId(2), 10, c.now_millis())
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+    // a delivered message back in ACCEPTED may still be acknowledged
+    c.advance(Duration::from_secs(30));
+    tick(s, c.now_millis()).await;
+    assert_eq!(state_of(s, &m).await, State::Accepted);
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert_eq!(st.next_attempt_at, Some(c.now_millis() + 4_000)); // base * 2^1
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], c.now_millis())
+            .await
+            .unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+    // and its backoff timer is gone
+    c.advance(Duration::from_secs(5));
+    assert!(lease_ids(s, BE, 3, 10, c.now_millis()).await.is_empty());
+}
+
+pub(super) async fn max_attempts_dead_letters_with_ndr<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let m = message(NL, BE, Priority::Normal, 100, c.now_millis());
+    submit_ok(s, &m, c.now_millis()).await;
+    for attempt in 1..=3u32 {
+        let leased = s
+            .lease(&pid(BE), StreamId(1), 10, c.now_millis())
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1, "attempt {attempt}");
+        assert_eq!(leased[0].attempt, attempt);
+        c.advance(Duration::from_secs(30));
+        tick(s, c.now_millis()).await;
+        c.advance(Duration::from_secs(10)); // past any backoff
+        tick(s, c.now_millis()).await;
+    }
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert_eq!(st.state, State::DeadLettered);
+    assert_eq!(st.reason_code, "MAX_ATTEMPTS");
+    assert_eq!(st.attempts, 3);
+    assert!(st.redrivable);
+    assert!(lease_ids(s, BE, 1, 10, c.now_millis()).await.is_empty());
+    let got = receipts(s, NL, c.now_millis()).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].0.message_id,
+        MessageId::receipt_id(m.message_id, "DEAD_LETTERED")
+    );
+    assert_eq!(got[0].1.outcome, pb::Outcome::DeadLettered as i32);
+    assert_eq!(got[0].1.reason_code, "MAX_ATTEMPTS");
+    assert_eq!(got[0].1.attempts, 3);
+    // operator redrive: ACCEPTED again, attempts from scratch
+    let redriven = s.redrive(m.message_id, c.now_millis()).await.unwrap();
+    assert!(matches!(redriven, RedriveResult::Redriven(_)));
+    let leased = s
+        .lease(&pid(BE), StreamId(1), 10, c.now_millis())
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].attempt, 1);
+    assert_eq!(leased[0].payload, m.payload);
+    assert!(s.dead_letters(10).await.unwrap().is_empty());
+}
+
+pub(super) async fn release_stream_makes_due_at_once<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let m1 = message(NL, BE, Priority::Normal, 100, now);
+    let m2 = message(NL, BE, Priority::Normal, 100, now);
+    submit_ok(s, &m1, now).await;
+    submit_ok(s, &m2, now).await;
+    assert_eq!(lease_ids(s, BE, 1, 1, now).await, vec![m1.message_id]);
+    assert_eq!(lease_ids(s, BE, 2, 1, now).await, vec![m2.message_id]);
+    let mut wake = s.wakeups();
+    assert_eq!(
+        s.release_stream(&pid(BE), StreamId(1), now).await.unwrap(),
+        1
+    );
+    assert_eq!(wake.try_recv().ok(), Some(pid(BE)));
+    assert_eq!(
+        s.release_stream(&pid(BE), StreamId(1), now).await.unwrap(),
+        0
+    );
+    assert_eq!(state_of(s, &m2).await, State::InFlight);
+    let again = s.lease(&pid(BE), StreamId(3), 10, now).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message_id, m1.message_id);
+    assert_eq!(again[0].attempt, 2);
+}
+
+pub(super) async fn expiry_from_accepted_and_in_flight<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let mut waiting = message(NL, BE, Priority::Normal, 100, now);
+    waiting.expires_at = now + 60_000;
+    let mut flying = message(NL, NG, Priority::Normal, 100, now);
+    flying.expires_at = now + 60_000;
+    submit_ok(s, &waiting, now).await;
+    submit_ok(s, &flying, now).await;
+    assert_eq!(lease_ids(s, NG, 1, 10, now).await.len(), 1);
+    c.set(trmx_proto::time::from_millis(now + 60_000));
+    let report = tick(s, c.now_millis()).await;
+    // NG's lease (deadline now+30 s) timed out first, then both expired
+    assert_eq!(report.redelivery_due, 1);
+    assert_eq!(report.expired, 2);
+    assert_eq!(report.woken, vec![pid(NL)]);
+    for m in [&waiting, &flying] {
+        let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+        assert_eq!(st.state, State::Expired);
+        assert!(st.payload_kept);
+        assert!(st.redrivable);
+    }
+    let got = receipts(s, NL, c.now_millis()).await;
+    assert_eq!(got.len(), 2);
+    for (env, body) in &got {
+        assert_eq!(env.kind, Kind::NonDeliveryReport);
+        assert_eq!(body.outcome, pb::Outcome::Expired as i32);
+        assert_eq!(body.reason_code, "EXPIRED");
+    }
+    let flying_ndr = got
+        .iter()
+        .find(|(_, b)| b.message_id == flying.message_id.to_string())
+        .unwrap();
+    assert_eq!(flying_ndr.1.attempts, 1);
+    assert!(flying_ndr.1.last_delivered_at.is_some());
+    let waiting_ndr = got
+        .iter()
+        .find(|(_, b)| b.message_id == waiting.message_id.to_string())
+        .unwrap();
+    assert_eq!(waiting_ndr.1.attempts, 0);
+    assert!(waiting_ndr.1.last_delivered_at.is_none());
+    assert!(lease_ids(s, BE, 2, 10, c.now_millis()).await.is_empty());
+    // an expired receipt makes no NDR
+    let later = c.now_millis() + lifecycle().metadata_retention.as_millis() as u64;
+    tick(s, later).await;
+    assert!(receipts(s, NL, later).await.is_empty());
+    assert!(receipts(s, BE, later).await.is_empty());
+}
+
+pub(super) async fn expired_but_not_ticked_is_not_leased<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let mut m = message(NL, BE, Priority::Normal, 100, now);
+    m.expires_at = now + 1_000;
+    submit_ok(s, &m, now).await;
+    assert!(lease_ids(s, BE, 1, 10, now + 1_000).await.is_empty());
+}
+
+pub(super) async fn withdraw_before_ack_refused_after<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let queued = message(NL, BE, Priority::Normal, 100, now);
+    let flying = message(NL, BE, Priority::Normal, 100, now);
+    let done = message(NL, BE, Priority::Normal, 100, now);
+    submit_ok(s, &flying, now).await;
+    submit_ok(s, &done, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    submit_ok(s, &queued, now).await;
+    s.ack(&pid(BE), &[done.message_id], now).await.unwrap();
+
+    // only the sender may withdraw
+    assert_eq!(
+        s.withdraw(&pid(BE), queued.message_id, now).await.unwrap(),
+        WithdrawResult::NotFound
+    );
+    assert_eq!(
+        s.withdraw(&pid(NL), queued.message_id, now).await.unwrap(),
+        WithdrawResult::Withdrawn { at: now }
+    );
+    assert_eq!(
+        s.withdraw(&pid(NL), flying.message_id, now).await.unwrap(),
+        WithdrawResult::Withdrawn { at: now }
+    );
+    assert_eq!(
+        s.withdraw(&pid(NL), done.message_id, now).await.unwrap(),
+        WithdrawResult::AlreadyAcknowledged
+    );
+    c.advance(Duration::from_secs(1));
+    assert_eq!(
+        s.withdraw(&pid(NL), queued.message_id, c.now_millis())
+            .await
+            .unwrap(),
+        WithdrawResult::Withdrawn { at: now }
+    );
+    let st = s
+        .status(&queued.sender, queued.message_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.state, State::Withdrawn);
+    assert!(!st.payload_kept);
+    // the recipient never sees them again, its ack of the withdrawn in-flight one is NotFound
+    assert!(lease_ids(s, BE, 2, 10, c.now_millis()).await.is_empty());
+    assert_eq!(
+        s.ack(&pid(BE), &[flying.message_id], c.now_millis())
+            .await
+            .unwrap(),
+        vec![AckResult::NotFound]
+    );
+    // no NDR for a withdrawal (only the delivery receipt of `done`)
+    let got = receipts(s, NL, c.now_millis()).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1.outcome, pb::Outcome::Delivered as i32);
+}
+
+pub(super) async fn status_only_for_the_sender<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Urgent, 123, now);
+    let a = submit_ok(s, &m, now).await;
+    let st = s.status(&pid(NL), m.message_id).await.unwrap().unwrap();
+    assert_eq!(st.message_id, m.message_id);
+    assert_eq!(st.sender, Some(pid(NL)));
+    assert_eq!(st.recipient, pid(BE));
+    assert_eq!(st.kind, Kind::Referral);
+    assert_eq!(st.priority, Priority::Urgent);
+    assert_eq!(st.payload_size, 123);
+    assert_eq!(st.broker_seq, a.broker_seq);
+    assert_eq!(st.attempts, 0);
+    assert_eq!(st.last_delivered_at, None);
+    assert!(s.status(&pid(BE), m.message_id).await.unwrap().is_none());
+    assert!(s.status(&pid(NG), m.message_id).await.unwrap().is_none());
+    assert!(
+        s.status(&pid(NL), MessageId::new_v7())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub(super) async fn retentions_delete_payload_then_metadata<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let mut m = message(NL, BE, Priority::Normal, 100, now);
+    m.expires_at = now + 1_000;
+    let acked = message(NL, NG, Priority::Normal, 100, now);
+    submit_ok(s, &m, now).await;
+    submit_ok(s, &acked, now).await;
+    lease_ids(s, NG, 1, 10, now).await;
+    s.ack(&pid(NG), &[acked.message_id], now).await.unwrap();
+    c.advance(Duration::from_secs(1));
+    let expired_at = c.now_millis();
+    assert_eq!(tick(s, expired_at).await.expired, 1);
+    // payload kept for the dead-letter retention (1 h)
+    let dlr = lifecycle().dead_letter_retention.as_millis() as u64;
+    let mr = lifecycle().metadata_retention.as_millis() as u64;
+    let report = tick(s, expired_at + dlr - 1).await;
+    assert_eq!(report.payloads_deleted, 0);
+    let report = tick(s, expired_at + dlr).await;
+    assert_eq!(report.payloads_deleted, 1);
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert!(!st.payload_kept);
+    assert!(!st.redrivable);
+    assert_eq!(
+        s.redrive(m.message_id, expired_at + dlr).await.unwrap(),
+        RedriveResult::NotRedrivable {
+            state: State::Expired
+        }
+    );
+    // the acknowledged message's metadata goes after the metadata retention (2 h)
+    let report = tick(s, now + mr).await;
+    assert_eq!(report.metadata_deleted, 1);
+    assert!(
+        s.status(&acked.sender, acked.message_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(s.status(&m.sender, m.message_id).await.unwrap().is_some());
+    let report = tick(s, expired_at + mr).await;
+    // the expired message, and the two receipts (acked/expired at +2 h after their expiry) not yet
+    assert!(report.metadata_deleted >= 1);
+    assert!(s.status(&m.sender, m.message_id).await.unwrap().is_none());
+    // everything is gone eventually; no timer left
+    tick(s, expired_at + 10 * mr).await;
+    assert_eq!(s.next_timer().await.unwrap(), None);
+    assert!(s.search(SearchFilter::default()).await.unwrap().is_empty());
+    for q in s.queue_stats().await.unwrap() {
+        assert_eq!((q.depth, q.in_flight, q.bytes), (0, 0, 0), "{q:?}");
+    }
+    // metadata gone: the same id is a new message now
+    let mut again = m.clone();
+    again.expires_at = expired_at + 20 * mr;
+    submit_ok(s, &again, expired_at + 10 * mr).await;
+}
+
+pub(super) async fn purge_queues_ndr<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 100, now);
+    submit_ok(s, &m, now).await;
+    assert_eq!(
+        s.purge(MessageId::new_v7(), "test", now).await.unwrap(),
+        PurgeResult::NotFound
+    );
+    assert_eq!(
+        s.purge(m.message_id, "court order 12", now).await.unwrap(),
+        PurgeResult::Purged
+    );
+    assert_eq!(
+        s.purge(m.message_id, "again", now).await.unwrap(),
+        PurgeResult::NotPurgeable {
+            state: State::Purged
+        }
+    );
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert_eq!(st.state, State::Purged);
+    assert!(!st.payload_kept);
+    assert!(lease_ids(s, BE, 1, 10, now).await.is_empty());
+    let got = receipts(s, NL, now).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1.outcome, pb::Outcome::Purged as i32);
+    assert_eq!(
+        got[0].0.message_id,
+        MessageId::receipt_id(m.message_id, "PURGED")
+    );
+}
+
+pub(super) async fn stats_and_search<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let m1 = message(NL, BE, Priority::Normal, 100, now);
+    let m2 = message(NG, BE, Priority::Urgent, 50, now + 1);
+    let m3 = message(NL, NG, Priority::Normal, 10, now + 2);
+    submit_ok(s, &m1, now).await;
+    submit_ok(s, &m2, now + 1).await;
+    submit_ok(s, &m3, now + 2).await;
+    lease_ids(s, BE, 1, 1, now + 3).await; // m2 (urgent)
+    let mut stats = s.queue_stats().await.unwrap();
+    stats.sort_by(|a, b| a.recipient.cmp(&b.recipient));
+    assert_eq!(
+        stats,
+        vec![
+            QueueStats {
+                recipient: pid(BE),
+                depth: 1,
+                in_flight: 1,
+                oldest_accepted_at: Some(now),
+                bytes: 150
+            },
+            QueueStats {
+                recipient: pid(NG),
+                depth: 1,
+                in_flight: 0,
+                oldest_accepted_at: Some(now + 2),
+                bytes: 10
+            },
+        ]
+    );
+    let from_nl = s
+        .search(SearchFilter {
+            sender: Some(pid(NL)),
+            ..SearchFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        from_nl.iter().map(|r| r.message_id).collect::<Vec<_>>(),
+        vec![m1.message_id, m3.message_id]
+    );
+    let in_flight = s
+        .search(SearchFilter {
+            state: Some(State::InFlight),
+            ..SearchFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(in_flight.len(), 1);
+    assert_eq!(in_flight[0].message_id, m2.message_id);
+    let by_case = s
+        .search(SearchFilter {
+            case_ref: Some(m3.case_ref),
+            ..SearchFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_case.len(), 1);
+    let by_id = s
+        .search(SearchFilter {
+            message_id: Some(m1.message_id),
+            ..SearchFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_id.len(), 1);
+    let limited = s
+        .search(SearchFilter {
+            limit: 2,
+            ..SearchFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(limited.len(), 2);
+}
+
+pub(super) async fn concurrent_submits_share_flushes<S: BrokerStore>(
+    s: &std::sync::Arc<S>,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let s = std::sync::Arc::clone(s);
+        let from = if i % 2 == 0 { NL } else { NG };
+        let m = message(from, BE, Priority::Normal, 100, now);
+        tasks.push(tokio::spawn(async move { s.submit(m, now).await }));
+    }
+    for t in tasks {
+        assert!(matches!(
+            t.await.unwrap().unwrap(),
+            SubmitOutcome::Accepted(_)
+        ));
+    }
+    assert_eq!(lease_ids(&**s, BE, 1, 100, now).await.len(), 64);
+}
+
+mod sled {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn open(dir: &std::path::Path) -> SledStore {
+        SledStore::open(
+            dir,
+            SledOptions {
+                cache_capacity_bytes: 8 * 1024 * 1024,
+            },
+            lifecycle(),
+        )
+        .unwrap()
+    }
+
+    macro_rules! conformance {
+        ($($name:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = open(dir.path());
+                super::$name(&store, &clock()).await;
+                store.close().await.unwrap();
+            }
+        )*};
+    }
+
+    conformance!(
+        submit_then_lease_in_priority_and_seq_order,
+        idempotent_duplicate_and_conflict,
+        quota,
+        lease_max_and_one_stream_per_message,
+        ack_queues_delivery_receipt,
+        reject_dead_letters_with_ndr,
+        ack_timeout_redelivers_after_backoff,
+        max_attempts_dead_letters_with_ndr,
+        release_stream_makes_due_at_once,
+        expiry_from_accepted_and_in_flight,
+        expired_but_not_ticked_is_not_leased,
+        withdraw_before_ack_refused_after,
+        status_only_for_the_sender,
+        retentions_delete_payload_then_metadata,
+        purge_queues_ndr,
+        stats_and_search,
+    );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_submits_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path()));
+        super::concurrent_submits_share_flushes(&store, &clock()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopen_restores_queues_in_flight_statuses_and_timers() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = clock();
+        let now = c.now_millis();
+        let queued = message(NL, BE, Priority::Normal, 100, now);
+        let flying = message(NL, BE, Priority::Urgent, 100, now);
+        let mut short = message(NG, BE, Priority::Normal, 100, now);
+        short.expires_at = now + 600_000;
+        let acked = message(NG, NL, Priority::Normal, 100, now);
+        let s = open(dir.path());
+        submit_ok(&s, &flying, now).await;
+        assert_eq!(lease_ids(&s, BE, 1, 1, now).await, vec![flying.message_id]);
+        submit_ok(&s, &queued, now).await;
+        submit_ok(&s, &short, now).await;
+        submit_ok(&s, &acked, now).await;
+        lease_ids(&s, NL, 1, 1, now).await;
+        s.ack(&pid(NL), &[acked.message_id], now).await.unwrap();
+        let before = s.queue_stats().await.unwrap();
+        s.close().await.unwrap();
+        assert!(matches!(
+            s.submit(message(NL, BE, Priority::Normal, 1, now), now)
+                .await,
+            Err(StoreError::Unavailable(_))
+        ));
+        drop(s);
+
+        let s = open(dir.path());
+        assert_eq!(s.queue_stats().await.unwrap(), before);
+        assert_eq!(state_of(&s, &flying).await, State::InFlight);
+        assert_eq!(state_of(&s, &acked).await, State::Acknowledged);
+        // the lease of the previous process is due again at once
+        assert_eq!(s.recover(now).await.unwrap(), 1);
+        let leased = s.lease(&pid(BE), StreamId(7), 10, now).await.unwrap();
+        let ids: Vec<_> = leased.iter().map(|l| l.message_id).collect();
+        assert_eq!(
+            ids,
+            vec![flying.message_id, queued.message_id, short.message_id]
+        );
+        assert_eq!(leased[0].attempt, 2);
+        assert_eq!(leased[1].payload, queued.payload);
+        // the receipt of the ack survived
+        let got = receipts(&s, NG, now).await;
+        assert_eq!(got.len(), 1);
+        // timers survived: the expiry of `short` and the ack deadlines
+        assert_eq!(s.next_timer().await.unwrap(), Some(now + 30_000));
+        // idempotency survived
+        assert!(matches!(
+            s.submit(queued.clone(), now).await.unwrap(),
+            SubmitOutcome::Duplicate(_)
+        ));
+        s.close().await.unwrap();
+        drop(s);
+
+        let s = open(dir.path());
+        let report = s.tick(now + 600_000).await.unwrap();
+        assert_eq!(report.expired, 1);
+        assert_eq!(state_of(&s, &short).await, State::Expired);
+        s.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failing_flush_is_unavailable_until_a_flush_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = clock();
+        let now = c.now_millis();
+        let s = open(dir.path());
+        let faults = s.fault_switch();
+        let before = message(NL, BE, Priority::Normal, 100, now);
+        submit_ok(&s, &before, now).await;
+
+        faults.set_failing(true);
+        let m = message(NL, BE, Priority::Normal, 100, now);
+        assert!(matches!(
+            s.submit(m.clone(), now).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        // every later write is refused without being attempted
+        let other = message(NG, BE, Priority::Normal, 100, now);
+        assert!(matches!(
+            s.submit(other.clone(), now).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(
+            s.status(&other.sender, other.message_id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(matches!(
+            s.lease(&pid(BE), StreamId(1), 10, now).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            s.ack(&pid(BE), &[before.message_id], now).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(s.tick(now).await, Err(StoreError::Unavailable(_))));
+        // reads still work
+        assert_eq!(state_of(&s, &before).await, State::Accepted);
+
+        faults.set_failing(false);
+        // the write answered Unavailable may or may not have happened; a retry is idempotent
+        assert!(matches!(
+            s.submit(m.clone(), now).await.unwrap(),
+            SubmitOutcome::Accepted(_) | SubmitOutcome::Duplicate(_)
+        ));
+        submit_ok(&s, &other, now).await;
+        assert_eq!(lease_ids(&s, BE, 1, 10, now).await.len(), 3);
+        s.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_errors_name_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        match SledStore::open(dir.path(), SledOptions::default(), lifecycle()) {
+            Err(StoreError::Open { path, reason }) => {
+                assert_eq!(path, dir.path().display().to_string());
+                assert!(reason.contains("locked"), "{reason}");
+            }
+            other => panic!("expected Open error, got {other:?}"),
+        }
+        s.close().await.unwrap();
+        drop(s);
+        // a file where the directory should be
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            SledStore::open(&file, SledOptions::default(), lifecycle()),
+            Err(StoreError::Open { .. })
+        ));
+    }
+}

@@ -1,0 +1,387 @@
+//! [`SledStore`]: the embedded implementation of [`BrokerStore`] on sled 0.34.
+//!
+//! - `codec`: binary encoding of the message record and of index keys.
+//! - `tx`: inside one transaction — index maintenance derived from the record,
+//!   receipts, lifecycle transitions.
+//! - `ops`: each broker operation as synchronous sled transactions.
+//! - `flusher`: the group-commit flusher thread.
+//! - this file: opening, the async layer (blocking work on `spawn_blocking`,
+//!   then wait for the shared flush), wake-ups.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+use trmx_proto::{MessageId, ParticipantId};
+
+pub use self::flusher::FaultSwitch;
+use self::flusher::Flusher;
+use self::tx::TREE_NAMES;
+use crate::store::{
+    AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, PurgeResult, QueueStats,
+    RedriveResult, RejectResult, SearchFilter, StatusRecord, StoreError, StreamId, SubmitOutcome,
+    TickReport, WithdrawResult,
+};
+
+mod codec;
+mod flusher;
+mod ops;
+mod tx;
+
+/// Format marker stored in the `meta` tree.
+const FORMAT: &[u8] = b"trmx-broker-store/1";
+/// Capacity of the wake-up channel.
+const WAKEUP_CAPACITY: usize = 1024;
+
+/// Tuning of the sled database.
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// sled page-cache size in bytes (sled's own default is 1 GiB; set it).
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        Self {
+            cache_capacity_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The broker's store on an embedded sled database.
+///
+/// Trees (all keys big-endian, `seq` = `broker_seq`, a participant id in a key
+/// is followed by a 0 byte):
+///
+/// | tree | key → value |
+/// |---|---|
+/// | `records` | seq → message record (metadata, no payload) |
+/// | `payloads` | seq → payload bytes |
+/// | `by_sender` | sender, message id → seq (idempotency, status, withdraw) |
+/// | `by_id` | message id → seqs (ack / reject / operator by id) |
+/// | `queue` | recipient, priority, seq → () — due for delivery, lease order |
+/// | `inflight` | recipient, seq → stream id |
+/// | `timers` | at, kind, seq → () — ack deadline, backoff end, expiry, retentions |
+/// | `dead` | seq → () — EXPIRED and DEAD_LETTERED records |
+/// | `counters` | `r`+recipient → depth, in flight, bytes; `s`+sender → queued bytes |
+///
+/// # Invariants
+/// - Every index entry, timer and counter is a function of one record; every
+///   change writes the record and exactly those entries in ONE sled
+///   transaction (`tx::Tx::put`), together with any receipt it causes. So after
+///   a crash the trees agree with each other.
+/// - A record is in `queue` iff it is ACCEPTED and not backing off; it has a
+///   `Due` timer iff ACCEPTED and backing off; it is in `inflight` with a
+///   `Lease` timer iff IN_FLIGHT; it has an `Expiry` timer iff ACCEPTED or
+///   IN_FLIGHT; it is in `dead` iff EXPIRED or DEAD_LETTERED.
+/// - A payload exists iff `payload_kept`: from submit until ACKNOWLEDGED /
+///   WITHDRAWN / PURGED, or until the dead-letter retention of an EXPIRED /
+///   DEAD_LETTERED message passed. The metadata of a final message is deleted
+///   after `max(metadata_retention, dead_letter_retention)` (retention only for
+///   ACKNOWLEDGED / WITHDRAWN / PURGED).
+/// - `counters` hold the payload bytes of ACCEPTED + IN_FLIGHT messages per
+///   sender (the quota) and per recipient, and the per-recipient depth and
+///   in-flight counts.
+/// - A message is leased to at most one stream (leases are serialised and
+///   re-checked inside the transaction).
+/// - No answer is given before the change is flushed: every operation waits for
+///   a flush that started after its transaction committed. After a failed
+///   flush, no write is attempted until a flush succeeds again.
+/// - Time comes only from the `now` arguments.
+/// - Nothing in memory grows with the backlog: queues, timers and indexes are
+///   sled trees; only the sled page cache (`cache_capacity_bytes`) holds data.
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shared state used by the blocking operations.
+pub(super) struct Inner {
+    flusher: Flusher,
+    db: ::sled::Db,
+    trees: Vec<::sled::Tree>,
+    life: Lifecycle,
+    faults: FaultSwitch,
+    lease_lock: Mutex<()>,
+    closed: AtomicBool,
+    wakeups: broadcast::Sender<ParticipantId>,
+    path: PathBuf,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in directory `path`. Blocking: call it at
+    /// start-up (or inside `spawn_blocking`). Fails with [`StoreError::Open`]
+    /// when the directory is locked by another broker process, not writable,
+    /// or holds data of another format.
+    pub fn open(path: &Path, opts: SledOptions, lifecycle: Lifecycle) -> Result<Self, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
+        let db = ::sled::Config::new()
+            .path(path)
+            .cache_capacity(opts.cache_capacity_bytes)
+            .mode(::sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| open_err(describe_open_error(&e)))?;
+        let meta = db.open_tree("meta").map_err(|e| open_err(e.to_string()))?;
+        match meta.get("format").map_err(|e| open_err(e.to_string()))? {
+            Some(format) if format.as_ref() != FORMAT => {
+                return Err(open_err(format!(
+                    "unknown data format {:?} (expected {:?})",
+                    String::from_utf8_lossy(&format),
+                    String::from_utf8_lossy(FORMAT)
+                )));
+            }
+            Some(_) => {}
+            None => {
+                meta.insert("format", FORMAT)
+                    .map_err(|e| open_err(e.to_string()))?;
+                db.flush().map_err(|e| open_err(describe_open_error(&e)))?;
+            }
+        }
+        let trees = TREE_NAMES
+            .iter()
+            .map(|name| db.open_tree(name))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| open_err(e.to_string()))?;
+        let faults = FaultSwitch::default();
+        let flusher = Flusher::start(db.clone(), faults.clone())
+            .map_err(|e| open_err(format!("cannot start the flusher thread: {e}")))?;
+        let (wakeups, _) = broadcast::channel(WAKEUP_CAPACITY);
+        tracing::info!(path = %path.display(), cache_bytes = opts.cache_capacity_bytes, "store opened");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                flusher,
+                db,
+                trees,
+                life: lifecycle,
+                faults,
+                lease_lock: Mutex::new(()),
+                closed: AtomicBool::new(false),
+                wakeups,
+                path: path.to_owned(),
+            }),
+        })
+    }
+
+    /// The switch that makes flushes fail like a full disk (storage-fault tests).
+    pub fn fault_switch(&self) -> FaultSwitch {
+        self.inner.faults.clone()
+    }
+
+    /// The lifecycle parameters in force.
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.inner.life
+    }
+
+    /// Refuses writes on a closed store, and after a failed flush until a
+    /// new flush succeeds.
+    async fn ready(&self) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("store closed".to_owned()));
+        }
+        if !self.inner.flusher.healthy() {
+            self.inner.flusher.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `op` on a blocking thread.
+    async fn blocking<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || op(&inner))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    /// Runs the write `op` on a blocking thread, waits until it is durable,
+    /// then wakes the recipients it made messages due for.
+    async fn write<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<(T, BTreeSet<ParticipantId>), StoreError> + Send + 'static,
+    {
+        self.ready().await?;
+        let (value, wake) = self.blocking(op).await?;
+        self.inner.flusher.durable().await?;
+        for recipient in wake {
+            // no receiver is fine: nobody is connected
+            let _ = self.inner.wakeups.send(recipient);
+        }
+        Ok(value)
+    }
+}
+
+fn describe_open_error(e: &::sled::Error) -> String {
+    if let ::sled::Error::Io(io) = e {
+        match io.kind() {
+            std::io::ErrorKind::WouldBlock => {
+                return "the data directory is locked by another process (is another broker running on it?)"
+                    .to_owned();
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                return format!("the data directory is not writable: {io}");
+            }
+            _ => {
+                let text = io.to_string();
+                if text.contains("lock") {
+                    return format!(
+                        "the data directory is locked by another process (is another broker running on it?): {text}"
+                    );
+                }
+                return text;
+            }
+        }
+    }
+    e.to_string()
+}
+
+#[tonic::async_trait]
+impl BrokerStore for SledStore {
+    async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError> {
+        self.write(move |inner| inner.submit(&msg, now)).await
+    }
+
+    async fn lease(
+        &self,
+        recipient: &ParticipantId,
+        stream: StreamId,
+        max: usize,
+        now: Millis,
+    ) -> Result<Vec<Leased>, StoreError> {
+        let recipient = recipient.clone();
+        self.write(move |inner| Ok((inner.lease(&recipient, stream, max, now)?, BTreeSet::new())))
+            .await
+    }
+
+    async fn ack(
+        &self,
+        recipient: &ParticipantId,
+        ids: &[MessageId],
+        now: Millis,
+    ) -> Result<Vec<AckResult>, StoreError> {
+        let recipient = recipient.clone();
+        let ids = ids.to_vec();
+        self.write(move |inner| inner.ack(&recipient, &ids, now))
+            .await
+    }
+
+    async fn reject(
+        &self,
+        recipient: &ParticipantId,
+        id: MessageId,
+        reason_code: &str,
+        field_path: &str,
+        now: Millis,
+    ) -> Result<RejectResult, StoreError> {
+        let recipient = recipient.clone();
+        let reason_code = reason_code.to_owned();
+        let field_path = field_path.to_owned();
+        self.write(move |inner| inner.reject(&recipient, id, &reason_code, &field_path, now))
+            .await
+    }
+
+    async fn release_stream(
+        &self,
+        recipient: &ParticipantId,
+        stream: StreamId,
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let recipient = recipient.clone();
+        self.write(move |inner| inner.requeue_in_flight(Some(&recipient), Some(stream), now))
+            .await
+    }
+
+    async fn withdraw(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+        now: Millis,
+    ) -> Result<WithdrawResult, StoreError> {
+        let sender = sender.clone();
+        self.write(move |inner| Ok((inner.withdraw(&sender, id, now)?, BTreeSet::new())))
+            .await
+    }
+
+    async fn status(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+    ) -> Result<Option<StatusRecord>, StoreError> {
+        let sender = sender.clone();
+        self.blocking(move |inner| inner.status(&sender, id)).await
+    }
+
+    async fn tick(&self, now: Millis) -> Result<TickReport, StoreError> {
+        self.write(move |inner| inner.tick(now)).await
+    }
+
+    async fn next_timer(&self) -> Result<Option<Millis>, StoreError> {
+        self.blocking(Inner::next_timer).await
+    }
+
+    async fn recover(&self, now: Millis) -> Result<u64, StoreError> {
+        self.write(move |inner| inner.requeue_in_flight(None, None, now))
+            .await
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        self.blocking(Inner::queue_stats).await
+    }
+
+    async fn purge(
+        &self,
+        id: MessageId,
+        reason: &str,
+        now: Millis,
+    ) -> Result<PurgeResult, StoreError> {
+        let reason = reason.to_owned();
+        self.write(move |inner| inner.purge(id, &reason, now)).await
+    }
+
+    async fn redrive(&self, id: MessageId, now: Millis) -> Result<RedriveResult, StoreError> {
+        self.write(move |inner| inner.redrive(id, now)).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<StatusRecord>, StoreError> {
+        self.blocking(move |inner| inner.dead_letters(limit)).await
+    }
+
+    async fn search(&self, filter: SearchFilter) -> Result<Vec<StatusRecord>, StoreError> {
+        self.blocking(move |inner| inner.search(&filter)).await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let flushed = self.inner.flusher.durable().await;
+        let inner = Arc::clone(&self.inner);
+        // joining the flusher thread blocks
+        tokio::task::spawn_blocking(move || inner.flusher.stop())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?;
+        tracing::info!(path = %self.inner.path.display(), ok = flushed.is_ok(), "store closed");
+        flushed
+    }
+
+    fn wakeups(&self) -> broadcast::Receiver<ParticipantId> {
+        self.inner.wakeups.subscribe()
+    }
+}

@@ -1,0 +1,678 @@
+//! The broker operations as synchronous sled transactions (run on blocking
+//! threads by the async layer in `mod.rs`, which then waits for the flush).
+
+use std::collections::BTreeSet;
+
+use ::sled::Transactional as _;
+use ::sled::transaction::{TransactionError, TransactionalTree};
+use trmx_proto::{MessageId, ParticipantId, pb};
+
+use super::Inner;
+use super::codec::{
+    RecipientCounters, Record, TimerKind, parse_timer_key, participant_prefix, read_u64, seq_suffix,
+};
+use super::tx::{
+    COUNTERS, DEAD, INFLIGHT, QUEUE, RECORDS, TIMERS, Tx, TxResult, abort, after, backoff,
+    finish_keeping_payload, finish_without_payload,
+};
+use crate::store::{
+    Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
+    RejectResult, SearchFilter, State, StatusRecord, StoreError, StreamId, SubmitOutcome,
+    TickReport, WithdrawResult,
+};
+
+/// Recipients that have newly due messages after an operation.
+pub(super) type Wake = BTreeSet<ParticipantId>;
+
+/// Timers applied per transaction by `tick`.
+const TICK_BATCH: usize = 256;
+/// Leases requeued per transaction by `recover`.
+const RECOVER_BATCH: usize = 256;
+
+pub(super) fn storage(e: ::sled::Error) -> StoreError {
+    StoreError::Unavailable(format!("storage error: {e}"))
+}
+
+impl Inner {
+    fn tree(&self, index: usize) -> &::sled::Tree {
+        &self.trees[index]
+    }
+
+    /// Runs `f` as one atomic transaction over every tree.
+    fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+        let result = self
+            .trees
+            .as_slice()
+            .transaction(|trees: &Vec<TransactionalTree>| {
+                f(&Tx {
+                    t: trees.as_slice(),
+                    life: &self.life,
+                })
+            });
+        match result {
+            Ok(value) => Ok(value),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(storage(e)),
+        }
+    }
+
+    fn load(&self, seq: u64) -> Result<Option<Record>, StoreError> {
+        match self.tree(RECORDS).get(seq.to_be_bytes()).map_err(storage)? {
+            Some(bytes) => Record::decode(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn submit(
+        &self,
+        msg: &NewMessage,
+        now: Millis,
+    ) -> Result<(SubmitOutcome, Wake), StoreError> {
+        let seq = self.db.generate_id().map_err(storage)?;
+        let size = msg.payload.len() as u64;
+        let outcome = self.transact(|tx| {
+            if let Some(first) = tx.by_sender(&msg.sender, msg.message_id)? {
+                let accepted = Accepted {
+                    broker_seq: first.seq,
+                    accepted_at: first.accepted_at,
+                    expires_at: first.expires_at,
+                };
+                return Ok(if first.fingerprint == msg.fingerprint {
+                    SubmitOutcome::Duplicate(accepted)
+                } else {
+                    SubmitOutcome::Conflict
+                });
+            }
+            let queued = tx.sender_bytes(&msg.sender)?;
+            if queued.saturating_add(size) > self.life.max_queued_bytes_per_sender {
+                return Ok(SubmitOutcome::QuotaExceeded);
+            }
+            let record = Record {
+                seq,
+                message_id: msg.message_id,
+                sender: Some(msg.sender.clone()),
+                recipient: msg.recipient.clone(),
+                kind: msg.kind,
+                case_ref: msg.case_ref,
+                in_reply_to: msg.in_reply_to,
+                priority: msg.priority,
+                created_at: msg.created_at,
+                expires_at: msg.expires_at,
+                accepted_at: now,
+                content_type: msg.content_type.clone(),
+                payload_sha256: msg.payload_sha256,
+                payload_size: size,
+                fingerprint: msg.fingerprint,
+                state: State::Accepted,
+                attempts: 0,
+                last_delivered_at: None,
+                state_changed_at: now,
+                next_attempt_at: None,
+                lease: None,
+                reason_code: String::new(),
+                field_path: String::new(),
+                payload_kept: true,
+                rejected: false,
+                payload_delete_at: None,
+                metadata_delete_at: None,
+                note: String::new(),
+            };
+            tx.t[super::tx::PAYLOADS].insert(&seq.to_be_bytes(), msg.payload.as_ref())?;
+            tx.put(None, Some(&record))?;
+            Ok(SubmitOutcome::Accepted(Accepted {
+                broker_seq: seq,
+                accepted_at: now,
+                expires_at: msg.expires_at,
+            }))
+        })?;
+        let mut wake = Wake::new();
+        if matches!(outcome, SubmitOutcome::Accepted(_)) {
+            wake.insert(msg.recipient.clone());
+        }
+        Ok((outcome, wake))
+    }
+
+    pub(super) fn lease(
+        &self,
+        recipient: &ParticipantId,
+        stream: StreamId,
+        max: usize,
+        now: Millis,
+    ) -> Result<Vec<Leased>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        // Serialise leases so that two streams never pick the same candidates.
+        let _guard = self
+            .lease_lock
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let mut candidates = Vec::with_capacity(max);
+        for item in self.tree(QUEUE).scan_prefix(participant_prefix(recipient)) {
+            let (key, _) = item.map_err(storage)?;
+            let seq = seq_suffix(&key)?;
+            match self.load(seq)? {
+                // expired but not yet ticked: `tick` will expire it
+                Some(record) if record.expires_at > now => candidates.push(seq),
+                _ => {}
+            }
+            if candidates.len() >= max {
+                break;
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deadline = after(now, self.life.ack_timeout);
+        self.transact(|tx| {
+            let mut out = Vec::with_capacity(candidates.len());
+            for &seq in &candidates {
+                let Some(old) = tx.record(seq)? else {
+                    continue;
+                };
+                if old.state != State::Accepted
+                    || old.next_attempt_at.is_some()
+                    || old.recipient != *recipient
+                {
+                    continue;
+                }
+                let Some(payload) = tx.payload(seq)? else {
+                    return abort(StoreError::Corrupt(format!(
+                        "payload of message seq {seq} missing"
+                    )));
+                };
+                let mut new = old.clone();
+                new.state = State::InFlight;
+                new.attempts = old.attempts.saturating_add(1);
+                new.last_delivered_at = Some(now);
+                new.state_changed_at = now;
+                new.lease = Some((deadline, stream.0));
+                tx.put(Some(&old), Some(&new))?;
+                out.push(Leased {
+                    message_id: new.message_id,
+                    sender: new.sender.clone(),
+                    recipient: new.recipient.clone(),
+                    kind: new.kind,
+                    case_ref: new.case_ref,
+                    in_reply_to: new.in_reply_to,
+                    priority: new.priority,
+                    created_at: new.created_at,
+                    expires_at: new.expires_at,
+                    content_type: new.content_type.clone(),
+                    payload: bytes::Bytes::copy_from_slice(&payload),
+                    payload_sha256: new.payload_sha256,
+                    accepted_at: new.accepted_at,
+                    broker_seq: new.seq,
+                    attempt: new.attempts,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    pub(super) fn ack(
+        &self,
+        recipient: &ParticipantId,
+        ids: &[MessageId],
+        now: Millis,
+    ) -> Result<(Vec<AckResult>, Wake), StoreError> {
+        self.transact(|tx| {
+            let mut results = Vec::with_capacity(ids.len());
+            let mut wake = Wake::new();
+            for &id in ids {
+                let mut result = AckResult::NotFound;
+                for old in tx.records_of(id)? {
+                    if old.recipient != *recipient {
+                        continue;
+                    }
+                    let delivered = old.state == State::InFlight
+                        || (old.state == State::Accepted && old.attempts > 0);
+                    if old.state == State::Acknowledged {
+                        result = AckResult::Acknowledged;
+                    } else if delivered {
+                        let mut new = old.clone();
+                        finish_without_payload(&mut new, State::Acknowledged, now, &self.life);
+                        tx.put(Some(&old), Some(&new))?;
+                        if let Some(to) = tx.receipt(&new, pb::Outcome::Delivered, now)? {
+                            wake.insert(to);
+                        }
+                        result = AckResult::Acknowledged;
+                    }
+                }
+                results.push(result);
+            }
+            Ok((results, wake))
+        })
+    }
+
+    pub(super) fn reject(
+        &self,
+        recipient: &ParticipantId,
+        id: MessageId,
+        reason_code: &str,
+        field_path: &str,
+        now: Millis,
+    ) -> Result<(RejectResult, Wake), StoreError> {
+        self.transact(|tx| {
+            let mut result = RejectResult::NotFound;
+            let mut wake = Wake::new();
+            for old in tx.records_of(id)? {
+                if old.recipient != *recipient {
+                    continue;
+                }
+                let delivered = old.state == State::InFlight
+                    || (old.state == State::Accepted && old.attempts > 0);
+                if old.state == State::DeadLettered && old.rejected {
+                    result = RejectResult::Rejected;
+                } else if delivered {
+                    let mut new = old.clone();
+                    finish_keeping_payload(&mut new, State::DeadLettered, now, &self.life);
+                    new.rejected = true;
+                    new.reason_code = reason_code.to_owned();
+                    new.field_path = field_path.to_owned();
+                    tx.put(Some(&old), Some(&new))?;
+                    if let Some(to) = tx.receipt(&new, pb::Outcome::RejectedByRecipient, now)? {
+                        wake.insert(to);
+                    }
+                    result = RejectResult::Rejected;
+                }
+            }
+            Ok((result, wake))
+        })
+    }
+
+    /// IN_FLIGHT messages of `recipient` (on `stream`, or on any stream when
+    /// `None`) become due again at once. Returns how many.
+    pub(super) fn requeue_in_flight(
+        &self,
+        recipient: Option<&ParticipantId>,
+        stream: Option<StreamId>,
+        now: Millis,
+    ) -> Result<(u64, Wake), StoreError> {
+        let mut total = 0;
+        let mut wake = Wake::new();
+        let prefix = recipient.map(participant_prefix).unwrap_or_default();
+        let mut after_key: Option<Vec<u8>> = None;
+        loop {
+            let mut batch = Vec::with_capacity(RECOVER_BATCH);
+            let range = match &after_key {
+                Some(k) => self.tree(INFLIGHT).range(k.clone()..),
+                None => self.tree(INFLIGHT).range(prefix.clone()..),
+            };
+            for item in range {
+                let (key, value) = item.map_err(storage)?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                if after_key.as_deref() == Some(&key[..]) {
+                    continue;
+                }
+                after_key = Some(key.to_vec());
+                if stream.is_some_and(|s| read_u64(&value).ok() != Some(s.0)) {
+                    continue;
+                }
+                batch.push(seq_suffix(&key)?);
+                if batch.len() >= RECOVER_BATCH {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let (count, woken) = self.transact(|tx| {
+                let mut count = 0u64;
+                let mut woken = Wake::new();
+                for &seq in &batch {
+                    let Some(old) = tx.record(seq)? else {
+                        continue;
+                    };
+                    let on_stream = match (old.lease, stream) {
+                        (Some((_, s)), Some(want)) => s == want.0,
+                        (Some(_), None) => true,
+                        (None, _) => false,
+                    };
+                    if old.state != State::InFlight || !on_stream {
+                        continue;
+                    }
+                    let mut new = old.clone();
+                    new.state = State::Accepted;
+                    new.state_changed_at = now;
+                    new.lease = None;
+                    new.next_attempt_at = None;
+                    tx.put(Some(&old), Some(&new))?;
+                    woken.insert(new.recipient.clone());
+                    count += 1;
+                }
+                Ok((count, woken))
+            })?;
+            total += count;
+            wake.extend(woken);
+        }
+        Ok((total, wake))
+    }
+
+    pub(super) fn withdraw(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+        now: Millis,
+    ) -> Result<WithdrawResult, StoreError> {
+        self.transact(|tx| {
+            let Some(old) = tx.by_sender(sender, id)? else {
+                return Ok(WithdrawResult::NotFound);
+            };
+            Ok(match old.state {
+                State::Accepted | State::InFlight => {
+                    let mut new = old.clone();
+                    finish_without_payload(&mut new, State::Withdrawn, now, &self.life);
+                    tx.put(Some(&old), Some(&new))?;
+                    WithdrawResult::Withdrawn { at: now }
+                }
+                State::Withdrawn => WithdrawResult::Withdrawn {
+                    at: old.state_changed_at,
+                },
+                State::Acknowledged => WithdrawResult::AlreadyAcknowledged,
+                state @ (State::Expired | State::DeadLettered | State::Purged) => {
+                    WithdrawResult::Final { state }
+                }
+            })
+        })
+    }
+
+    pub(super) fn status(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+    ) -> Result<Option<StatusRecord>, StoreError> {
+        let key = super::codec::by_sender_key(sender, id);
+        let Some(seq) = self.tree(super::tx::BY_SENDER).get(key).map_err(storage)? else {
+            return Ok(None);
+        };
+        Ok(self.load(read_u64(&seq)?)?.map(|r| r.to_status()))
+    }
+
+    pub(super) fn tick(&self, now: Millis) -> Result<(TickReport, Wake), StoreError> {
+        let mut report = TickReport::default();
+        let mut wake = Wake::new();
+        loop {
+            let mut keys = Vec::with_capacity(TICK_BATCH);
+            for item in self.tree(TIMERS).iter().keys() {
+                let key = item.map_err(storage)?;
+                if parse_timer_key(&key)?.0 > now {
+                    break;
+                }
+                keys.push(key);
+                if keys.len() >= TICK_BATCH {
+                    break;
+                }
+            }
+            if keys.is_empty() {
+                break;
+            }
+            let (part, woken) = self.transact(|tx| {
+                let mut part = TickReport::default();
+                let mut woken = Wake::new();
+                for key in &keys {
+                    self.fire(tx, key, now, &mut part, &mut woken)?;
+                }
+                Ok((part, woken))
+            })?;
+            report.redelivery_due += part.redelivery_due;
+            report.dead_lettered += part.dead_lettered;
+            report.expired += part.expired;
+            report.payloads_deleted += part.payloads_deleted;
+            report.metadata_deleted += part.metadata_deleted;
+            wake.extend(woken);
+        }
+        report.woken = wake.iter().cloned().collect();
+        Ok((report, wake))
+    }
+
+    /// Applies one due timer.
+    fn fire(
+        &self,
+        tx: &Tx<'_>,
+        key: &[u8],
+        now: Millis,
+        report: &mut TickReport,
+        wake: &mut Wake,
+    ) -> TxResult<()> {
+        let (at, kind, seq) = match parse_timer_key(key) {
+            Ok(parsed) => parsed,
+            Err(e) => return abort(e),
+        };
+        tx.t[TIMERS].remove(key)?;
+        let Some(old) = tx.record(seq)? else {
+            return Ok(()); // stale timer
+        };
+        let mut new = old.clone();
+        match kind {
+            TimerKind::Lease
+                if old.state == State::InFlight && old.lease.map(|l| l.0) == Some(at) =>
+            {
+                if old.attempts >= self.life.max_attempts {
+                    finish_keeping_payload(&mut new, State::DeadLettered, now, &self.life);
+                    new.reason_code = "MAX_ATTEMPTS".to_owned();
+                    tx.put(Some(&old), Some(&new))?;
+                    if let Some(to) = tx.receipt(&new, pb::Outcome::DeadLettered, now)? {
+                        wake.insert(to);
+                    }
+                    report.dead_lettered += 1;
+                } else {
+                    let wait = backoff(&self.life, old.attempts);
+                    new.state = State::Accepted;
+                    new.state_changed_at = now;
+                    new.lease = None;
+                    new.next_attempt_at = (!wait.is_zero()).then(|| after(now, wait));
+                    if new.next_attempt_at.is_none() {
+                        wake.insert(new.recipient.clone());
+                    }
+                    tx.put(Some(&old), Some(&new))?;
+                    report.redelivery_due += 1;
+                }
+            }
+            TimerKind::Due if old.state == State::Accepted && old.next_attempt_at == Some(at) => {
+                new.next_attempt_at = None;
+                tx.put(Some(&old), Some(&new))?;
+                wake.insert(new.recipient.clone());
+            }
+            TimerKind::Expiry if old.state.is_active() && old.expires_at == at => {
+                finish_keeping_payload(&mut new, State::Expired, now, &self.life);
+                new.reason_code = "EXPIRED".to_owned();
+                tx.put(Some(&old), Some(&new))?;
+                if let Some(to) = tx.receipt(&new, pb::Outcome::Expired, now)? {
+                    wake.insert(to);
+                }
+                report.expired += 1;
+            }
+            TimerKind::PayloadRetention
+                if old.payload_kept && old.payload_delete_at == Some(at) =>
+            {
+                new.payload_kept = false;
+                new.payload_delete_at = None;
+                tx.put(Some(&old), Some(&new))?;
+                report.payloads_deleted += 1;
+            }
+            TimerKind::MetadataRetention
+                if !old.state.is_active() && old.metadata_delete_at == Some(at) =>
+            {
+                tx.put(Some(&old), None)?;
+                report.metadata_deleted += 1;
+            }
+            _ => {} // stale timer: removed above
+        }
+        Ok(())
+    }
+
+    pub(super) fn next_timer(&self) -> Result<Option<Millis>, StoreError> {
+        match self.tree(TIMERS).first().map_err(storage)? {
+            Some((key, _)) => Ok(Some(parse_timer_key(&key)?.0)),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(COUNTERS).scan_prefix(b"r") {
+            let (key, value) = item.map_err(storage)?;
+            let name = std::str::from_utf8(&key[1..])
+                .map_err(|_| StoreError::Corrupt("counter key".to_owned()))?;
+            let recipient = ParticipantId::parse(name)
+                .map_err(|_| StoreError::Corrupt("counter key".to_owned()))?;
+            let counters = RecipientCounters::decode(&value)?;
+            let mut oldest: Option<Millis> = None;
+            let prefix = participant_prefix(&recipient);
+            for priority in [0u8, 1u8] {
+                let mut p = prefix.clone();
+                p.push(priority);
+                if let Some(item) = self.tree(QUEUE).scan_prefix(p).next() {
+                    let (key, _) = item.map_err(storage)?;
+                    if let Some(record) = self.load(seq_suffix(&key)?)? {
+                        oldest =
+                            Some(oldest.map_or(record.accepted_at, |o| o.min(record.accepted_at)));
+                    }
+                }
+            }
+            out.push(QueueStats {
+                recipient,
+                depth: counters.depth,
+                in_flight: counters.in_flight,
+                oldest_accepted_at: oldest,
+                bytes: counters.bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(super) fn purge(
+        &self,
+        id: MessageId,
+        reason: &str,
+        now: Millis,
+    ) -> Result<(PurgeResult, Wake), StoreError> {
+        self.transact(|tx| {
+            let mut result = PurgeResult::NotFound;
+            let mut wake = Wake::new();
+            for old in tx.records_of(id)? {
+                if !old.state.is_active() {
+                    if result == PurgeResult::NotFound {
+                        result = PurgeResult::NotPurgeable { state: old.state };
+                    }
+                    continue;
+                }
+                let mut new = old.clone();
+                finish_without_payload(&mut new, State::Purged, now, &self.life);
+                new.reason_code = "PURGED".to_owned();
+                new.note = reason.to_owned();
+                tx.put(Some(&old), Some(&new))?;
+                if let Some(to) = tx.receipt(&new, pb::Outcome::Purged, now)? {
+                    wake.insert(to);
+                }
+                result = PurgeResult::Purged;
+            }
+            Ok((result, wake))
+        })
+    }
+
+    pub(super) fn redrive(
+        &self,
+        id: MessageId,
+        now: Millis,
+    ) -> Result<(RedriveResult, Wake), StoreError> {
+        self.transact(|tx| {
+            let mut result = RedriveResult::NotFound;
+            let mut wake = Wake::new();
+            for old in tx.records_of(id)? {
+                if !old.redrivable() {
+                    if result == RedriveResult::NotFound {
+                        result = RedriveResult::NotRedrivable { state: old.state };
+                    }
+                    continue;
+                }
+                let lifetime = old.expires_at.saturating_sub(old.accepted_at).max(60_000);
+                let mut new = old.clone();
+                new.state = State::Accepted;
+                new.state_changed_at = now;
+                new.attempts = 0;
+                new.expires_at = now.saturating_add(lifetime);
+                new.next_attempt_at = None;
+                new.lease = None;
+                new.reason_code = String::new();
+                new.field_path = String::new();
+                new.payload_delete_at = None;
+                new.metadata_delete_at = None;
+                tx.put(Some(&old), Some(&new))?;
+                wake.insert(new.recipient.clone());
+                result = RedriveResult::Redriven(Accepted {
+                    broker_seq: new.seq,
+                    accepted_at: new.accepted_at,
+                    expires_at: new.expires_at,
+                });
+            }
+            Ok((result, wake))
+        })
+    }
+
+    pub(super) fn dead_letters(&self, limit: usize) -> Result<Vec<StatusRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(DEAD).iter().keys() {
+            if out.len() >= limit {
+                break;
+            }
+            let key = item.map_err(storage)?;
+            if let Some(record) = self.load(read_u64(&key)?)? {
+                out.push(record.to_status());
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn search(&self, filter: &SearchFilter) -> Result<Vec<StatusRecord>, StoreError> {
+        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+        let matches = |r: &Record| {
+            filter.message_id.is_none_or(|id| r.message_id == id)
+                && filter
+                    .sender
+                    .as_ref()
+                    .is_none_or(|s| r.sender.as_ref() == Some(s))
+                && filter.recipient.as_ref().is_none_or(|p| r.recipient == *p)
+                && filter.case_ref.is_none_or(|c| r.case_ref == c)
+                && filter.state.is_none_or(|s| r.state == s)
+                && filter.kind.is_none_or(|k| r.kind == k)
+                && filter.accepted_from.is_none_or(|t| r.accepted_at >= t)
+                && filter.accepted_until.is_none_or(|t| r.accepted_at < t)
+        };
+        let mut out = Vec::new();
+        if let Some(id) = filter.message_id {
+            let mut records = Vec::new();
+            if let Some(v) = self
+                .tree(super::tx::BY_ID)
+                .get(id.as_bytes())
+                .map_err(storage)?
+            {
+                for seq in super::codec::decode_seqs(&v)? {
+                    records.extend(self.load(seq)?);
+                }
+            }
+            records.sort_by_key(|r| r.seq);
+            out.extend(
+                records
+                    .iter()
+                    .filter(|r| matches(r))
+                    .take(limit)
+                    .map(Record::to_status),
+            );
+            return Ok(out);
+        }
+        for item in self.tree(RECORDS).iter().values() {
+            if out.len() >= limit {
+                break;
+            }
+            let record = Record::decode(&item.map_err(storage)?)?;
+            if matches(&record) {
+                out.push(record.to_status());
+            }
+        }
+        Ok(out)
+    }
+}

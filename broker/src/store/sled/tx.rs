@@ -1,0 +1,438 @@
+//! Inside one sled transaction: reading records and keeping every index in
+//! step with them.
+//!
+//! The single rule that keeps the trees consistent: every index entry, timer
+//! and counter is a function of one record ([`index_entries`],
+//! [`Contribution`]). A change is written with [`Tx::put`]`(old, new)`, which
+//! removes what `old` implied and writes what `new` implies, in the same
+//! transaction as the record itself.
+
+use std::time::Duration;
+
+use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use prost::Message as _;
+use trmx_proto::{Kind, ParticipantId, pb};
+
+use super::codec::{
+    RecipientCounters, Record, TimerKind, by_sender_key, decode_seqs, encode_seqs, inflight_key,
+    queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
+};
+use crate::store::{Lifecycle, Millis, State, StoreError, receipt_id};
+
+/// Result inside a transaction closure.
+pub(super) type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// Tree indexes (order of [`TREE_NAMES`]).
+pub(super) const RECORDS: usize = 0;
+pub(super) const PAYLOADS: usize = 1;
+pub(super) const BY_SENDER: usize = 2;
+pub(super) const BY_ID: usize = 3;
+pub(super) const QUEUE: usize = 4;
+pub(super) const INFLIGHT: usize = 5;
+pub(super) const TIMERS: usize = 6;
+pub(super) const DEAD: usize = 7;
+pub(super) const COUNTERS: usize = 8;
+
+/// Names of the sled trees, in index order.
+pub(super) const TREE_NAMES: [&str; 9] = [
+    "records",
+    "payloads",
+    "by_sender",
+    "by_id",
+    "queue",
+    "inflight",
+    "timers",
+    "dead",
+    "counters",
+];
+
+/// Aborts the transaction with `err`.
+pub(super) fn abort<T>(err: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(err))
+}
+
+/// `now + d` in milliseconds, saturating.
+pub(super) fn after(now: Millis, d: Duration) -> Millis {
+    now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The view of one transaction over all trees.
+pub(super) struct Tx<'a> {
+    pub(super) t: &'a [TransactionalTree],
+    pub(super) life: &'a Lifecycle,
+}
+
+impl Tx<'_> {
+    pub(super) fn record(&self, seq: u64) -> TxResult<Option<Record>> {
+        match self.t[RECORDS].get(seq.to_be_bytes())? {
+            Some(bytes) => match Record::decode(&bytes) {
+                Ok(record) => Ok(Some(record)),
+                Err(e) => abort(e),
+            },
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn payload(&self, seq: u64) -> TxResult<Option<::sled::IVec>> {
+        Ok(self.t[PAYLOADS].get(seq.to_be_bytes())?)
+    }
+
+    /// The record of `sender`'s message `id`.
+    pub(super) fn by_sender(
+        &self,
+        sender: &ParticipantId,
+        id: trmx_proto::MessageId,
+    ) -> TxResult<Option<Record>> {
+        match self.t[BY_SENDER].get(by_sender_key(sender, id))? {
+            Some(v) => match read_u64(&v) {
+                Ok(seq) => self.record(seq),
+                Err(e) => abort(e),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Every record with message id `id` (normally one; two senders may
+    /// happen to use the same id).
+    pub(super) fn records_of(&self, id: trmx_proto::MessageId) -> TxResult<Vec<Record>> {
+        let seqs = match self.t[BY_ID].get(id.as_bytes())? {
+            Some(v) => match decode_seqs(&v) {
+                Ok(seqs) => seqs,
+                Err(e) => return abort(e),
+            },
+            None => return Ok(Vec::new()),
+        };
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if let Some(record) = self.record(seq)? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    fn counter(&self, key: &[u8]) -> TxResult<u64> {
+        match self.t[COUNTERS].get(key)? {
+            Some(v) => match read_u64(&v) {
+                Ok(n) => Ok(n),
+                Err(e) => abort(e),
+            },
+            None => Ok(0),
+        }
+    }
+
+    /// Payload bytes of `sender`'s ACCEPTED / IN_FLIGHT messages.
+    pub(super) fn sender_bytes(&self, sender: &ParticipantId) -> TxResult<u64> {
+        self.counter(&sender_counter_key(sender))
+    }
+
+    /// Writes the change `old` → `new` of one message (either may be absent:
+    /// creation, deletion) with every index, timer and counter it implies.
+    /// A payload that `old` kept and `new` does not is deleted; the caller
+    /// stores the payload of a new message.
+    pub(super) fn put(&self, old: Option<&Record>, new: Option<&Record>) -> TxResult<()> {
+        if let Some(old) = old {
+            for (tree, key, _) in index_entries(old) {
+                self.t[tree].remove(key)?;
+            }
+        }
+        if let Some(new) = new {
+            for (tree, key, value) in index_entries(new) {
+                self.t[tree].insert(key, value)?;
+            }
+        }
+        self.apply_counters(old, new)?;
+        match (old, new) {
+            (None, Some(new)) => {
+                if let Some(sender) = &new.sender {
+                    self.t[BY_SENDER].insert(
+                        by_sender_key(sender, new.message_id),
+                        &new.seq.to_be_bytes()[..],
+                    )?;
+                }
+                self.update_by_id(new.message_id, |seqs| seqs.push(new.seq))?;
+            }
+            (Some(old), None) => {
+                if let Some(sender) = &old.sender {
+                    self.t[BY_SENDER].remove(by_sender_key(sender, old.message_id))?;
+                }
+                self.update_by_id(old.message_id, |seqs| seqs.retain(|s| *s != old.seq))?;
+                self.t[RECORDS].remove(&old.seq.to_be_bytes())?;
+            }
+            _ => {}
+        }
+        if let Some(old) = old
+            && old.payload_kept
+            && !new.is_some_and(|n| n.payload_kept)
+        {
+            self.t[PAYLOADS].remove(&old.seq.to_be_bytes())?;
+        }
+        if let Some(new) = new {
+            self.t[RECORDS].insert(&new.seq.to_be_bytes(), new.encode())?;
+        }
+        Ok(())
+    }
+
+    fn update_by_id(
+        &self,
+        id: trmx_proto::MessageId,
+        change: impl FnOnce(&mut Vec<u64>),
+    ) -> TxResult<()> {
+        let mut seqs = match self.t[BY_ID].get(id.as_bytes())? {
+            Some(v) => match decode_seqs(&v) {
+                Ok(seqs) => seqs,
+                Err(e) => return abort(e),
+            },
+            None => Vec::new(),
+        };
+        change(&mut seqs);
+        if seqs.is_empty() {
+            self.t[BY_ID].remove(&id.as_bytes()[..])?;
+        } else {
+            self.t[BY_ID].insert(&id.as_bytes()[..], encode_seqs(&seqs))?;
+        }
+        Ok(())
+    }
+
+    fn apply_counters(&self, old: Option<&Record>, new: Option<&Record>) -> TxResult<()> {
+        let before = old.map(Contribution::of).unwrap_or_default();
+        let after = new.map(Contribution::of).unwrap_or_default();
+        if before == after {
+            return Ok(());
+        }
+        // recipient figures
+        for (contribution, sign) in [(&before, false), (&after, true)] {
+            let Some(recipient) = contribution.recipient else {
+                continue;
+            };
+            let key = recipient_counter_key(recipient);
+            let mut counters = match self.t[COUNTERS].get(&key)? {
+                Some(v) => match RecipientCounters::decode(&v) {
+                    Ok(c) => c,
+                    Err(e) => return abort(e),
+                },
+                None => RecipientCounters::default(),
+            };
+            let apply = |value: &mut u64, delta: u64| {
+                *value = if sign {
+                    value.saturating_add(delta)
+                } else {
+                    value.saturating_sub(delta)
+                };
+            };
+            apply(&mut counters.depth, contribution.depth);
+            apply(&mut counters.in_flight, contribution.in_flight);
+            apply(&mut counters.bytes, contribution.bytes);
+            self.t[COUNTERS].insert(key, &counters.encode()[..])?;
+        }
+        // sender quota
+        for (contribution, sign) in [(&before, false), (&after, true)] {
+            let Some(sender) = contribution.sender else {
+                continue;
+            };
+            let key = sender_counter_key(sender);
+            let current = self.counter(&key)?;
+            let next = if sign {
+                current.saturating_add(contribution.bytes)
+            } else {
+                current.saturating_sub(contribution.bytes)
+            };
+            self.t[COUNTERS].insert(key, &next.to_be_bytes()[..])?;
+        }
+        Ok(())
+    }
+
+    /// Queues the receipt with `outcome` for `original` (already in its new
+    /// state) to the original sender, unless `original` is itself a receipt
+    /// or that receipt exists already. Returns the receipt's recipient.
+    pub(super) fn receipt(
+        &self,
+        original: &Record,
+        outcome: pb::Outcome,
+        now: Millis,
+    ) -> TxResult<Option<ParticipantId>> {
+        let Some(sender) = &original.sender else {
+            return Ok(None); // a receipt never causes a receipt
+        };
+        let id = receipt_id(original.message_id, outcome);
+        if self
+            .records_of(id)?
+            .iter()
+            .any(|r| r.recipient == *sender && r.sender.is_none())
+        {
+            return Ok(None);
+        }
+        let body = pb::Receipt {
+            message_id: original.message_id.to_string(),
+            outcome: outcome as i32,
+            at: Some(timestamp(now)),
+            attempts: original.attempts,
+            last_delivered_at: original.last_delivered_at.map(timestamp),
+            reason_code: original.reason_code.clone(),
+            field_path: original.field_path.clone(),
+        };
+        let payload = body.encode_to_vec();
+        let kind = if outcome == pb::Outcome::Delivered {
+            Kind::DeliveryReceipt
+        } else {
+            Kind::NonDeliveryReport
+        };
+        let seq = self.t[RECORDS].generate_id()?;
+        let record = Record {
+            seq,
+            message_id: id,
+            sender: None,
+            recipient: sender.clone(),
+            kind,
+            case_ref: original.case_ref,
+            in_reply_to: None,
+            priority: original.priority,
+            created_at: now,
+            expires_at: after(now, self.life.metadata_retention),
+            accepted_at: now,
+            content_type: Kind::DeliveryReceipt.content_type(),
+            payload_sha256: trmx_proto::envelope::sha256(&payload),
+            payload_size: payload.len() as u64,
+            fingerprint: [0; 32],
+            state: State::Accepted,
+            attempts: 0,
+            last_delivered_at: None,
+            state_changed_at: now,
+            next_attempt_at: None,
+            lease: None,
+            reason_code: String::new(),
+            field_path: String::new(),
+            payload_kept: true,
+            rejected: false,
+            payload_delete_at: None,
+            metadata_delete_at: None,
+            note: String::new(),
+        };
+        self.t[PAYLOADS].insert(&seq.to_be_bytes(), payload)?;
+        self.put(None, Some(&record))?;
+        Ok(Some(sender.clone()))
+    }
+}
+
+fn timestamp(at: Millis) -> pb::Timestamp {
+    trmx_proto::time::to_timestamp(trmx_proto::time::from_millis(at))
+}
+
+/// Index entries `(tree, key, value)` that `r` implies.
+fn index_entries(r: &Record) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::with_capacity(4);
+    match r.state {
+        State::Accepted => match r.next_attempt_at {
+            None => out.push((
+                QUEUE,
+                queue_key(&r.recipient, r.priority, r.seq),
+                Vec::new(),
+            )),
+            Some(at) => out.push((TIMERS, timer_key(at, TimerKind::Due, r.seq), Vec::new())),
+        },
+        State::InFlight => {
+            if let Some((deadline, stream)) = r.lease {
+                out.push((
+                    INFLIGHT,
+                    inflight_key(&r.recipient, r.seq),
+                    stream.to_be_bytes().to_vec(),
+                ));
+                out.push((
+                    TIMERS,
+                    timer_key(deadline, TimerKind::Lease, r.seq),
+                    Vec::new(),
+                ));
+            }
+        }
+        State::Expired | State::DeadLettered => {
+            out.push((DEAD, r.seq.to_be_bytes().to_vec(), Vec::new()));
+        }
+        State::Acknowledged | State::Withdrawn | State::Purged => {}
+    }
+    if r.state.is_active() {
+        out.push((
+            TIMERS,
+            timer_key(r.expires_at, TimerKind::Expiry, r.seq),
+            Vec::new(),
+        ));
+    }
+    if r.payload_kept
+        && let Some(at) = r.payload_delete_at
+    {
+        out.push((
+            TIMERS,
+            timer_key(at, TimerKind::PayloadRetention, r.seq),
+            Vec::new(),
+        ));
+    }
+    if let Some(at) = r.metadata_delete_at {
+        out.push((
+            TIMERS,
+            timer_key(at, TimerKind::MetadataRetention, r.seq),
+            Vec::new(),
+        ));
+    }
+    out
+}
+
+/// What one record adds to the counters.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Contribution<'a> {
+    recipient: Option<&'a ParticipantId>,
+    sender: Option<&'a ParticipantId>,
+    depth: u64,
+    in_flight: u64,
+    bytes: u64,
+}
+
+impl<'a> Contribution<'a> {
+    fn of(r: &'a Record) -> Self {
+        if !r.state.is_active() {
+            return Self::default();
+        }
+        Self {
+            recipient: Some(&r.recipient),
+            sender: r.sender.as_ref(),
+            depth: u64::from(r.state == State::Accepted),
+            in_flight: u64::from(r.state == State::InFlight),
+            bytes: r.payload_size,
+        }
+    }
+}
+
+/// Moves `r` to a final state whose payload is deleted at once
+/// (ACKNOWLEDGED, WITHDRAWN, PURGED).
+pub(super) fn finish_without_payload(r: &mut Record, state: State, now: Millis, life: &Lifecycle) {
+    r.state = state;
+    r.state_changed_at = now;
+    r.lease = None;
+    r.next_attempt_at = None;
+    r.payload_kept = false;
+    r.payload_delete_at = None;
+    r.metadata_delete_at = Some(after(now, life.metadata_retention));
+}
+
+/// Moves `r` to EXPIRED or DEAD_LETTERED: the payload is kept for the
+/// dead-letter retention, the metadata at least as long.
+pub(super) fn finish_keeping_payload(r: &mut Record, state: State, now: Millis, life: &Lifecycle) {
+    r.state = state;
+    r.state_changed_at = now;
+    r.lease = None;
+    r.next_attempt_at = None;
+    if r.payload_kept {
+        r.payload_delete_at = Some(after(now, life.dead_letter_retention));
+    }
+    r.metadata_delete_at = Some(after(
+        now,
+        life.metadata_retention.max(life.dead_letter_retention),
+    ));
+}
+
+/// Backoff before redelivery after `attempts` deliveries: base * 2^(attempts-1), capped.
+pub(super) fn backoff(life: &Lifecycle, attempts: u32) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(31);
+    life.redelivery_backoff_base
+        .checked_mul(1u32 << exponent)
+        .unwrap_or(life.redelivery_backoff_max)
+        .min(life.redelivery_backoff_max)
+}
