@@ -176,15 +176,15 @@ impl Body {
 
     /// The canonical proto3 JSON of the body, pretty-printed: lowerCamelCase
     /// names in field-number order, default values left out. A body that
-    /// passed [`Body::validate`] always serializes; one holding a timestamp
-    /// that cannot be written as RFC 3339 serializes as `{}` (see
-    /// [`Body::try_to_json`]).
+    /// passed [`Body::validate`] always serializes; one holding an unknown
+    /// enum number or a timestamp that cannot be written as RFC 3339
+    /// serializes as `{}` (see [`Body::try_to_json`]).
     pub fn to_json(&self) -> String {
         self.try_to_json().unwrap_or_else(|_| "{}".to_owned())
     }
 
     /// Like [`Body::to_json`], with an error (naming the body) instead of `{}`
-    /// when a timestamp is out of range.
+    /// when an enum number is unknown or a timestamp is out of range.
     pub fn try_to_json(&self) -> Result<String, ValidationError> {
         let result = match self {
             Body::Referral(m) => serde_json::to_string_pretty(m),
@@ -197,7 +197,7 @@ impl Body {
         result.map(json::z_normalize).map_err(|_| {
             ValidationError::new(
                 Body::root(self.kind()),
-                "cannot be written as JSON (a timestamp is out of range)",
+                "cannot be written as JSON (an unknown enum value or a timestamp out of range)",
             )
         })
     }

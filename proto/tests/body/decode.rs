@@ -81,3 +81,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn unknown_enum_numbers_decode_but_do_not_validate_or_serialize() {
+    let mut referral = super::referral();
+    referral.safety_risk = 77;
+    let bytes = Body::Referral(referral).encode();
+    let body = Body::decode(Kind::Referral, &bytes).expect("well-formed protobuf");
+    let err = body.validate(&ctx()).expect_err("unknown enum value");
+    assert_eq!(err.field, "referral.safety_risk");
+    assert_eq!(
+        body.try_to_json().expect_err("no JSON name").field,
+        "referral"
+    );
+    assert_eq!(body.to_json(), "{}");
+}
