@@ -1,0 +1,31 @@
+//! The client side of the local API: a tonic channel over the node's Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+use trmx_proto::pb::node_api_client::NodeApiClient;
+
+/// How long connecting to the local socket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to a node's local API socket. Fails at once when nothing listens
+/// on `socket` (missing file, refused connection, permission denied).
+pub async fn connect_local(
+    socket: &Path,
+) -> Result<NodeApiClient<Channel>, tonic::transport::Error> {
+    let path: PathBuf = socket.to_path_buf();
+    // The URI is required by tonic but unused: the connector below ignores it.
+    let channel = Endpoint::from_static("http://[::]:50051")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await?;
+    Ok(NodeApiClient::new(channel)
+        .max_decoding_message_size(16 * 1024 * 1024)
+        .max_encoding_message_size(16 * 1024 * 1024))
+}

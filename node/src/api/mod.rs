@@ -1,0 +1,388 @@
+//! The local API: the `trmx.v1.NodeApi` gRPC service over a Unix socket,
+//! wrapping a [`NodeCore`].
+//!
+//! - [`serve_local_api`] binds the socket (mode 0600) and serves until the
+//!   shutdown future completes; [`bind_local_socket`] + [`serve_bound`] do the
+//!   same in two steps, so a caller knows the socket accepts connections
+//!   before it serves.
+//! - `convert` (private) turns requests into core calls and core results into
+//!   wire messages; [`status`] is the one place where a [`NodeError`] becomes a
+//!   [`tonic::Status`].
+//! - [`client`]: [`client::connect_local`], the client side used by the CLI and
+//!   by tests.
+//!
+//! # Socket
+//! The socket is bound inside a fresh directory of mode 0700 next to the
+//! target path, set to mode 0600, then renamed into place: at no moment can
+//! another user connect. A socket file left by a crashed node is removed only
+//! if nothing answers on it; a socket in use, or a path that is not a socket,
+//! is an error. The file is removed when the server stops (if it is still ours).
+
+pub mod client;
+mod convert;
+pub mod status;
+
+use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+use trmx_proto::pb;
+use trmx_proto::pb::node_api_server::{NodeApi, NodeApiServer};
+use trmx_proto::time::Date;
+
+use crate::core::{Clock, MessageView, NodeCore, NodeError, SystemClock};
+pub use status::to_status;
+
+/// Largest request the local API decodes (a body with attachments).
+const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// Concurrent HTTP/2 streams per connection (watch streams included).
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// Binds the local API socket at `socket_path` with mode 0600 and serves
+/// `NodeApi` on it until `shutdown` completes; open `Watch` streams end then.
+/// The socket file is removed when the server stops.
+pub async fn serve_local_api(
+    core: NodeCore,
+    socket_path: &Path,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let socket = bind_local_socket(socket_path)?;
+    serve_bound(core, Arc::new(SystemClock), socket, shutdown).await
+}
+
+/// A bound local API socket; the socket file is removed when it is dropped
+/// (if the file is still the one this node created).
+#[derive(Debug)]
+pub struct LocalSocket {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+    dev_ino: (u64, u64),
+}
+
+impl LocalSocket {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for LocalSocket {
+    fn drop(&mut self) {
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.dev_ino
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn socket_error(path: &Path, what: &str, e: impl std::fmt::Display) -> NodeError {
+    NodeError::Config(format!("api.socket: {what} {}: {e}", path.display()))
+}
+
+/// Binds the local API socket at `path` (mode 0600, see the module docs).
+/// Must be called inside a tokio runtime.
+pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| socket_error(&parent, "cannot create", e))?;
+    remove_stale_socket(path)?;
+
+    // Bind in a private directory, restrict the mode, then move into place.
+    let staging = parent.join(format!(".trmx-{}", std::process::id()));
+    if std::fs::symlink_metadata(&staging).is_ok() {
+        std::fs::remove_dir_all(&staging)
+            .map_err(|e| socket_error(&staging, "cannot remove", e))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(|e| socket_error(&staging, "cannot create", e))?;
+    let staged = staging.join("s");
+    let result = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&staged)
+            .map_err(|e| socket_error(path, "cannot bind", e))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| socket_error(path, "cannot set mode 0600 on", e))?;
+        std::fs::rename(&staged, path)
+            .map_err(|e| socket_error(path, "cannot move socket to", e))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&staging);
+    let listener = result?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| socket_error(path, "cannot stat", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| socket_error(path, "cannot configure", e))?;
+    let listener =
+        UnixListener::from_std(listener).map_err(|e| socket_error(path, "cannot register", e))?;
+    Ok(LocalSocket {
+        listener: Some(listener),
+        path: path.to_path_buf(),
+        dev_ino: (meta.dev(), meta.ino()),
+    })
+}
+
+/// Removes a socket file that nothing listens on; refuses a live socket or a
+/// path that is not a socket.
+fn remove_stale_socket(path: &Path) -> Result<(), NodeError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(socket_error(path, "cannot stat", e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(NodeError::Config(format!(
+            "api.socket: {} exists and is not a socket",
+            path.display()
+        )));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(NodeError::Config(format!(
+            "api.socket: {} is in use (is another trmx-node running?)",
+            path.display()
+        )));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(socket_error(path, "cannot remove stale socket", e)),
+    }
+}
+
+/// Serves `NodeApi` on an already bound socket until `shutdown` completes.
+/// `clock` gives "today" for `ListDue` (inject the core's clock in tests).
+pub async fn serve_bound(
+    core: NodeCore,
+    clock: Arc<dyn Clock>,
+    mut socket: LocalSocket,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let listener = socket
+        .listener
+        .take()
+        .ok_or_else(|| NodeError::Config("api.socket: already served".to_owned()))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let service = LocalApi {
+        core,
+        clock,
+        stop: stop_rx,
+    };
+    tracing::info!(socket = %socket.path.display(), "local api listening");
+    let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .add_service(
+            NodeApiServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            shutdown.await;
+            // End the open watch streams so that the graceful shutdown completes.
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    tracing::info!(socket = %socket.path.display(), "local api stopped");
+    drop(socket);
+    result.map_err(|e| NodeError::Config(format!("api.socket: local api failed: {e}")))
+}
+
+/// The `NodeApi` implementation.
+#[derive(Debug, Clone)]
+struct LocalApi {
+    core: NodeCore,
+    clock: Arc<dyn Clock>,
+    stop: watch::Receiver<bool>,
+}
+
+type ApiResult<T> = Result<Response<T>, Status>;
+
+fn reply<T>(result: Result<T, NodeError>) -> ApiResult<T> {
+    result.map(Response::new).map_err(to_status)
+}
+
+impl LocalApi {
+    async fn send(&self, req: pb::SendRequest) -> Result<pb::SendResponse, NodeError> {
+        let request = convert::send_request(req)?;
+        let entry = self.core.send(request).await?;
+        tracing::info!(
+            message_id = %entry.message_id,
+            recipient = %entry.recipient,
+            kind = %entry.kind,
+            state = %entry.state,
+            "send accepted"
+        );
+        Ok(pb::SendResponse {
+            message_id: entry.message_id.to_string(),
+            case_ref: entry.case_ref.to_string(),
+            state: convert::outbox_state(entry.state) as i32,
+            entry: Some(convert::outbox_entry(entry)),
+        })
+    }
+
+    async fn get_message(&self, id: &str) -> Result<pb::GetMessageResponse, NodeError> {
+        let id = convert::message_id(id, "message_id")?;
+        let view = self
+            .core
+            .message(id)
+            .await?
+            .ok_or(NodeError::NotFound(id))?;
+        let (direction, entry, body) = match view {
+            MessageView::Outbox(entry, body) => (
+                pb::MessageDirection::Sent,
+                pb::get_message_response::Entry::Outbox(convert::outbox_entry(entry)),
+                body,
+            ),
+            MessageView::Inbox(entry, body) => (
+                pb::MessageDirection::Received,
+                pb::get_message_response::Entry::Inbox(convert::inbox_entry(entry)),
+                body,
+            ),
+        };
+        Ok(pb::GetMessageResponse {
+            direction: direction as i32,
+            entry: Some(entry),
+            body_erased: body.is_none(),
+            body_json: body.as_ref().map(|b| b.to_json()).unwrap_or_default(),
+            body: body.as_ref().and_then(convert::typed_message_body),
+        })
+    }
+
+    async fn due(&self, today: &str) -> Result<pb::ListDueResponse, NodeError> {
+        let today = if today.is_empty() {
+            Date::of(self.clock.now())
+        } else {
+            Date::parse(today).map_err(|e| NodeError::Invalid(e.within("today")))?
+        };
+        let items = self.core.due(today).await?;
+        Ok(pb::ListDueResponse {
+            items: items.into_iter().map(convert::due_item).collect(),
+        })
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::InboxEntry, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl NodeApi for LocalApi {
+    async fn send(&self, request: Request<pb::SendRequest>) -> ApiResult<pb::SendResponse> {
+        reply(LocalApi::send(self, request.into_inner()).await)
+    }
+
+    async fn list_outbox(
+        &self,
+        request: Request<pb::ListOutboxRequest>,
+    ) -> ApiResult<pb::ListOutboxResponse> {
+        let result = async {
+            let filter = convert::outbox_filter(request.get_ref())?;
+            let entries = self.core.outbox(&filter).await?;
+            Ok(pb::ListOutboxResponse {
+                entries: entries.into_iter().map(convert::outbox_entry).collect(),
+            })
+        };
+        reply(result.await)
+    }
+
+    async fn list_inbox(
+        &self,
+        request: Request<pb::ListInboxRequest>,
+    ) -> ApiResult<pb::ListInboxResponse> {
+        let result = async {
+            let filter = convert::inbox_filter(request.get_ref())?;
+            let entries = self.core.inbox(&filter).await?;
+            Ok(pb::ListInboxResponse {
+                entries: entries.into_iter().map(convert::inbox_entry).collect(),
+            })
+        };
+        reply(result.await)
+    }
+
+    async fn get_message(
+        &self,
+        request: Request<pb::GetMessageRequest>,
+    ) -> ApiResult<pb::GetMessageResponse> {
+        reply(LocalApi::get_message(self, &request.get_ref().message_id).await)
+    }
+
+    async fn get_case(
+        &self,
+        request: Request<pb::GetCaseRequest>,
+    ) -> ApiResult<pb::GetCaseResponse> {
+        let result = async {
+            let case_ref = convert::case_ref(&request.get_ref().case_ref, "case_ref")?;
+            let entries = self.core.case_timeline(case_ref).await?;
+            Ok(pb::GetCaseResponse {
+                case_ref: case_ref.to_string(),
+                entries: entries.into_iter().map(convert::timeline_entry).collect(),
+            })
+        };
+        reply(result.await)
+    }
+
+    async fn list_due(
+        &self,
+        request: Request<pb::ListDueRequest>,
+    ) -> ApiResult<pb::ListDueResponse> {
+        reply(self.due(&request.get_ref().today).await)
+    }
+
+    async fn list_participants(
+        &self,
+        _request: Request<pb::ListParticipantsRequest>,
+    ) -> ApiResult<pb::ListParticipantsResponse> {
+        let result = async {
+            let participants = self.core.participants().await?;
+            Ok(pb::ListParticipantsResponse {
+                participants: participants.into_iter().map(convert::participant).collect(),
+            })
+        };
+        reply(result.await)
+    }
+
+    async fn withdraw(
+        &self,
+        request: Request<pb::WithdrawMessageRequest>,
+    ) -> ApiResult<pb::WithdrawMessageResponse> {
+        let result = async {
+            let id = convert::message_id(&request.get_ref().message_id, "message_id")?;
+            self.core.withdraw(id).await?;
+            tracing::info!(message_id = %id, "message withdrawn");
+            Ok(pb::WithdrawMessageResponse {})
+        };
+        reply(result.await)
+    }
+
+    async fn get_node_status(
+        &self,
+        _request: Request<pb::GetNodeStatusRequest>,
+    ) -> ApiResult<pb::NodeStatus> {
+        Ok(Response::new(convert::node_status(self.core.status())))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> ApiResult<Self::WatchStream> {
+        let after_seq = request.get_ref().after_seq;
+        let mut stop = self.stop.clone();
+        let stopped = async move {
+            // Ends when shutdown is signalled or the server is gone.
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        };
+        let stream = self
+            .core
+            .watch(after_seq)
+            .map(|item| item.map(convert::inbox_entry).map_err(to_status))
+            .take_until(stopped);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,410 @@
+//! Human-readable output: aligned tables and words a caseworker reads
+//! (`referral  → BE-PAYOKE  delivered  2026-11-29 10:02`). Times are UTC.
+
+use trmx_proto::time::{Date, from_timestamp};
+use trmx_proto::{Kind, pb};
+
+/// An instant as `YYYY-MM-DD HH:MM` (UTC); `-` when unset.
+pub(crate) fn when(ts: Option<&pb::Timestamp>) -> String {
+    let Some(at) = ts.and_then(|ts| from_timestamp(ts).ok()) else {
+        return "-".to_owned();
+    };
+    let secs = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let minutes_of_day = (secs % 86_400) / 60;
+    format!(
+        "{} {:02}:{:02}",
+        Date::of(at),
+        minutes_of_day / 60,
+        minutes_of_day % 60
+    )
+}
+
+/// A kind in words: `referral`, `referral response`, `follow-up`, …
+pub(crate) fn kind(value: i32) -> String {
+    match Kind::from_pb(value) {
+        Some(Kind::Referral) => "referral",
+        Some(Kind::ReferralResponse) => "referral response",
+        Some(Kind::ReturnRiskAssessmentRequest) => "return risk assessment request",
+        Some(Kind::ReturnRiskAssessment) => "return risk assessment",
+        Some(Kind::FollowUp) => "follow-up",
+        Some(Kind::DeliveryReceipt) => "delivery receipt",
+        Some(Kind::NonDeliveryReport) => "non-delivery report",
+        None => "unknown kind",
+    }
+    .to_owned()
+}
+
+/// A kind, with `(urgent)` for urgent messages.
+fn kind_and_priority(kind_value: i32, priority: i32) -> String {
+    if priority == pb::Priority::Urgent as i32 {
+        format!("{} (urgent)", kind(kind_value))
+    } else {
+        kind(kind_value)
+    }
+}
+
+/// An outbox state in words, with the failure reason and `answered`.
+pub(crate) fn outbox_state(entry: &pb::OutboxEntry) -> String {
+    let mut state = match pb::OutboxState::try_from(entry.state) {
+        Ok(pb::OutboxState::Queued) => "queued".to_owned(),
+        Ok(pb::OutboxState::Submitted) => "at the broker".to_owned(),
+        Ok(pb::OutboxState::Delivered) => "delivered".to_owned(),
+        Ok(pb::OutboxState::Failed) => match &entry.failure {
+            Some(f) => {
+                let mut text = format!("failed: {}", f.outcome.replace('-', " "));
+                if !f.reason_code.is_empty() {
+                    text.push_str(&format!(" ({})", f.reason_code));
+                }
+                if !f.field_path.is_empty() {
+                    text.push_str(&format!(" at {}", f.field_path));
+                }
+                text
+            }
+            None => "failed".to_owned(),
+        },
+        _ => "unknown".to_owned(),
+    };
+    if !entry.answered_by.is_empty() {
+        state.push_str(", answered");
+    }
+    if entry.body_erased {
+        state.push_str(", body erased");
+    }
+    state
+}
+
+/// The time that goes with an outbox entry's state.
+fn outbox_time(entry: &pb::OutboxEntry) -> String {
+    when(
+        entry
+            .outcome_at
+            .as_ref()
+            .or(entry.submitted_at.as_ref())
+            .or(entry.created_at.as_ref()),
+    )
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub(crate) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| -> String {
+        let last = cells.len().saturating_sub(1);
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            out.push_str(cell);
+            if i < last {
+                let pad = widths.get(i).copied().unwrap_or(0) - cell.chars().count() + 2;
+                out.push_str(&" ".repeat(pad));
+            }
+        }
+        out.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in &rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// The outbox as a table.
+pub(crate) fn outbox(entries: &[pb::OutboxEntry]) -> String {
+    if entries.is_empty() {
+        return "no sent messages\n".to_owned();
+    }
+    let rows = entries
+        .iter()
+        .map(|e| {
+            vec![
+                kind_and_priority(e.kind, e.priority),
+                format!("→ {}", e.recipient),
+                outbox_state(e),
+                outbox_time(e),
+                e.message_id.clone(),
+                e.case_ref.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["KIND", "TO", "STATE", "SINCE (UTC)", "MESSAGE", "CASE"],
+        rows,
+    )
+}
+
+fn inbox_state(e: &pb::InboxEntry) -> String {
+    let mut state = if e.answered_by.is_empty() {
+        "received".to_owned()
+    } else {
+        "answered".to_owned()
+    };
+    if e.body_erased {
+        state.push_str(", body erased");
+    }
+    state
+}
+
+fn inbox_row(e: &pb::InboxEntry) -> Vec<String> {
+    vec![
+        kind_and_priority(e.kind, e.priority),
+        format!("← {}", e.sender),
+        inbox_state(e),
+        when(e.received_at.as_ref()),
+        e.seq.to_string(),
+        e.message_id.clone(),
+        e.case_ref.clone(),
+    ]
+}
+
+const INBOX_HEADER: [&str; 7] = [
+    "KIND",
+    "FROM",
+    "STATE",
+    "RECEIVED (UTC)",
+    "SEQ",
+    "MESSAGE",
+    "CASE",
+];
+
+/// The inbox as a table.
+pub(crate) fn inbox(entries: &[pb::InboxEntry]) -> String {
+    if entries.is_empty() {
+        return "no received messages\n".to_owned();
+    }
+    table(&INBOX_HEADER, entries.iter().map(inbox_row).collect())
+}
+
+/// One streamed inbox entry, on one line.
+pub(crate) fn watched(e: &pb::InboxEntry) -> String {
+    format!(
+        "#{}  {}  {}  ← {}  case {}  message {}\n",
+        e.seq,
+        when(e.received_at.as_ref()),
+        kind_and_priority(e.kind, e.priority),
+        e.sender,
+        e.case_ref,
+        e.message_id
+    )
+}
+
+/// A message with its metadata and body.
+pub(crate) fn message(response: &pb::GetMessageResponse) -> String {
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    match &response.entry {
+        Some(pb::get_message_response::Entry::Outbox(e)) => {
+            rows.push(("message", e.message_id.clone()));
+            rows.push(("sent to", e.recipient.clone()));
+            rows.push(("kind", kind_and_priority(e.kind, e.priority)));
+            rows.push(("case", e.case_ref.clone()));
+            if !e.in_reply_to.is_empty() {
+                rows.push(("in reply to", e.in_reply_to.clone()));
+            }
+            rows.push(("state", outbox_state(e)));
+            if !e.answered_by.is_empty() {
+                rows.push(("answered by", e.answered_by.clone()));
+            }
+            rows.push(("queued", when(e.created_at.as_ref())));
+            if e.submitted_at.is_some() {
+                rows.push(("at the broker", when(e.submitted_at.as_ref())));
+            }
+            if e.outcome_at.is_some() {
+                rows.push(("outcome", when(e.outcome_at.as_ref())));
+            }
+            rows.push(("submit attempts", e.submit_attempts.to_string()));
+            if !e.last_error.is_empty() {
+                rows.push(("last error", e.last_error.clone()));
+            }
+            rows.push(("idempotency key", e.idempotency_key.clone()));
+        }
+        Some(pb::get_message_response::Entry::Inbox(e)) => {
+            rows.push(("message", e.message_id.clone()));
+            rows.push(("received from", e.sender.clone()));
+            rows.push(("kind", kind_and_priority(e.kind, e.priority)));
+            rows.push(("case", e.case_ref.clone()));
+            if !e.in_reply_to.is_empty() {
+                rows.push(("in reply to", e.in_reply_to.clone()));
+            }
+            rows.push(("state", inbox_state(e)));
+            if !e.answered_by.is_empty() {
+                rows.push(("answered by", e.answered_by.clone()));
+            }
+            rows.push(("created", when(e.created_at.as_ref())));
+            rows.push(("received", when(e.received_at.as_ref())));
+            rows.push(("inbox seq", e.seq.to_string()));
+        }
+        None => {}
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (key, value) in rows {
+        out.push_str(&format!("{key:<width$}  {value}\n"));
+    }
+    if response.body_erased {
+        out.push_str("\nthe body was erased (retention period over)\n");
+    } else {
+        out.push('\n');
+        out.push_str(response.body_json.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A case timeline.
+pub(crate) fn case(response: &pb::GetCaseResponse) -> String {
+    if response.entries.is_empty() {
+        return format!("case {}: no messages\n", response.case_ref);
+    }
+    let rows = response
+        .entries
+        .iter()
+        .map(|e| {
+            let sent = e.direction == pb::MessageDirection::Sent as i32;
+            vec![
+                when(e.at.as_ref()),
+                if sent { "sent" } else { "received" }.to_owned(),
+                kind(e.kind),
+                format!("{} {}", if sent { "→" } else { "←" }, e.counterpart),
+                e.state.replace('+', ", ").replace('-', " "),
+                e.message_id.clone(),
+                e.in_reply_to.clone(),
+            ]
+        })
+        .collect();
+    format!(
+        "case {}\n{}",
+        response.case_ref,
+        table(
+            &[
+                "WHEN (UTC)",
+                "",
+                "KIND",
+                "WITH",
+                "STATE",
+                "MESSAGE",
+                "IN REPLY TO"
+            ],
+            rows
+        )
+    )
+}
+
+/// What is due.
+pub(crate) fn due(items: &[pb::DueItem]) -> String {
+    if items.is_empty() {
+        return "nothing is due\n".to_owned();
+    }
+    let rows = items
+        .iter()
+        .map(|i| {
+            let (what, arrow) = match pb::DueKind::try_from(i.what) {
+                Ok(pb::DueKind::AwaitingAnswer) => ("awaiting their answer", "→"),
+                Ok(pb::DueKind::AnswerOwed) => ("we owe an answer", "←"),
+                Ok(pb::DueKind::FollowUpDue) => ("follow-up due", "↔"),
+                _ => ("due", "↔"),
+            };
+            vec![
+                i.due.clone(),
+                what.to_owned(),
+                kind(i.kind),
+                format!("{arrow} {}", i.counterpart),
+                i.case_ref.clone(),
+                i.message_id.clone(),
+            ]
+        })
+        .collect();
+    table(&["DUE", "WHAT", "KIND", "WITH", "CASE", "MESSAGE"], rows)
+}
+
+fn organisation_type(value: i32) -> String {
+    match pb::OrganisationType::try_from(value) {
+        Ok(pb::OrganisationType::Nrm) => "NRM",
+        Ok(pb::OrganisationType::Ngo) => "NGO",
+        Ok(pb::OrganisationType::Authority) => "authority",
+        Ok(pb::OrganisationType::InternationalOrganisation) => "international organisation",
+        Ok(pb::OrganisationType::ReturnCounselling) => "return counselling",
+        _ => "-",
+    }
+    .to_owned()
+}
+
+/// The participant registry.
+pub(crate) fn participants(list: &[pb::Participant]) -> String {
+    if list.is_empty() {
+        return "no participants known yet (the node has not reached the broker)\n".to_owned();
+    }
+    let rows = list
+        .iter()
+        .map(|p| {
+            vec![
+                p.id.clone(),
+                p.display_name.clone(),
+                p.country.clone(),
+                organisation_type(p.organisation_type),
+                p.accepts
+                    .iter()
+                    .map(|k| kind(*k))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]
+        })
+        .collect();
+    table(&["PARTICIPANT", "NAME", "COUNTRY", "TYPE", "ACCEPTS"], rows)
+}
+
+/// The node's status.
+pub(crate) fn status(s: &pb::NodeStatus) -> String {
+    let broker = if s.broker_connected {
+        "connected".to_owned()
+    } else if s.last_broker_error.is_empty() {
+        "not connected".to_owned()
+    } else {
+        format!("not connected ({})", s.last_broker_error)
+    };
+    format!(
+        "participant  {}\nbroker       {}\noutbox       {} queued, {} at the broker, {} failed\ninbox        {} messages (last seq {})\n",
+        s.participant,
+        broker,
+        s.outbox_queued,
+        s.outbox_submitted,
+        s.outbox_failed,
+        s.inbox_total,
+        s.last_inbox_seq
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_utc_minutes() {
+        let ts = pb::Timestamp {
+            seconds: 1_795_946_520, // 2026-11-29 10:02:00 UTC
+            nanos: 0,
+        };
+        assert_eq!(when(Some(&ts)), "2026-11-29 10:02");
+        assert_eq!(when(None), "-");
+    }
+
+    #[test]
+    fn tables_align_columns_with_arrows() {
+        let out = table(
+            &["KIND", "TO", "STATE"],
+            vec![
+                vec!["referral".into(), "→ BE-PAYOKE".into(), "delivered".into()],
+                vec!["follow-up".into(), "→ NG-NAPTIP".into(), "queued".into()],
+            ],
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[1], "referral   → BE-PAYOKE  delivered");
+        assert_eq!(lines[2], "follow-up  → NG-NAPTIP  queued");
+    }
+}

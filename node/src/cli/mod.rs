@@ -1,0 +1,656 @@
+//! The `trmx-node` command line: `run` (the daemon) and the client commands
+//! that talk to a running node over its local API socket.
+//!
+//! Every failure is one clear line on stderr and a non-zero exit
+//! ([`CliError`]); output is human-readable by default, JSON Lines with
+//! `--json` (one proto3-JSON object per line).
+//!
+//! The socket is found from `--socket` (or `TRMX_NODE_SOCKET`), else from the
+//! config file given with `--config` (or `TRMX_NODE_CONFIG`).
+
+mod format;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+use trmx_proto::pb::node_api_client::NodeApiClient;
+use trmx_proto::time::Date;
+use trmx_proto::{Kind, MessageId, pb};
+
+use crate::api::client::connect_local;
+use crate::api::status::invalid_field;
+use crate::config::NodeConfig;
+use crate::core::{Body, BodyContext, SystemClock};
+use crate::daemon::RunningNode;
+
+/// Exit code of every failure (clap uses 2 for usage errors).
+pub const EXIT_FAILURE: i32 = 1;
+
+/// The trmx participant node: daemon and command line.
+#[derive(Debug, Parser)]
+#[command(name = "trmx-node", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The node's local API socket (default: from the config file).
+    #[arg(long, global = true, env = "TRMX_NODE_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The node's config file (for `run`; for the other commands, to find the socket).
+    #[arg(long, global = true, env = "TRMX_NODE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output: one JSON object per line.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon (needs --config).
+    Run {
+        /// Write the socket path to this file once the node accepts requests.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
+    },
+    /// Send a document (proto3 JSON) to a participant; prints the message id.
+    Send(SendArgs),
+    /// List sent messages, newest first.
+    Outbox {
+        /// Filters.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Only messages in this state: queued, submitted, delivered, failed.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<pb::OutboxState>,
+    },
+    /// List received messages, newest first.
+    Inbox {
+        /// Filters.
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Show one message (sent or received) with its body.
+    Show {
+        /// The message id.
+        id: String,
+    },
+    /// Show the timeline of a case: every message sent and received.
+    Case {
+        /// The case reference.
+        case: String,
+    },
+    /// What is due: unanswered requests past their respond-by date, follow-ups past due.
+    Due {
+        /// Count as due on or before this date (YYYY-MM-DD; default: today).
+        #[arg(long)]
+        today: Option<String>,
+    },
+    /// Print new inbox entries as they arrive (resume with --after).
+    Watch {
+        /// Start after this inbox sequence number (0: from the first message).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Take back a sent message that was not delivered yet.
+    Withdraw {
+        /// The message id.
+        id: String,
+    },
+    /// List the participants the broker routes for.
+    Participants,
+    /// Show the broker connection and queue sizes.
+    Status,
+}
+
+/// Arguments of `send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The recipient's participant ID, e.g. BE-PAYOKE.
+    #[arg(long, value_name = "PARTICIPANT")]
+    pub to: String,
+    /// referral, referral-response, return-risk-assessment-request,
+    /// return-risk-assessment or follow-up.
+    #[arg(long, value_parser = parse_kind)]
+    pub kind: Kind,
+    /// The case the message belongs to.
+    #[arg(long, value_name = "CASE", required_unless_present = "new_case")]
+    pub case: Option<String>,
+    /// Open a new case (the node mints the case reference and prints it).
+    #[arg(long, conflicts_with = "case")]
+    pub new_case: bool,
+    /// The message this one answers.
+    #[arg(long, value_name = "ID")]
+    pub reply_to: Option<String>,
+    /// Deliver before normal messages (children, imminent return, safety risk).
+    #[arg(long)]
+    pub urgent: bool,
+    /// Idempotency key (default: derived from the file, recipient, kind and
+    /// case, so that re-running the same command does not send twice).
+    #[arg(long, value_name = "KEY")]
+    pub key: Option<String>,
+    /// The document, in the proto3 JSON mapping of the kind's message.
+    pub file: PathBuf,
+}
+
+/// Filters of `outbox` and `inbox`.
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Only this case.
+    #[arg(long)]
+    pub case: Option<String>,
+    /// Only messages to / from this participant.
+    #[arg(long, value_name = "PARTICIPANT")]
+    pub with: Option<String>,
+    /// Only this kind (e.g. referral).
+    #[arg(long, value_parser = parse_kind)]
+    pub kind: Option<Kind>,
+    /// At most this many entries.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+}
+
+fn parse_kind(value: &str) -> Result<Kind, String> {
+    Kind::from_name(&value.trim().to_ascii_lowercase().replace(['_', ' '], "-"))
+        .or_else(|| Kind::from_name(value))
+        .filter(|k| !k.is_broker_made())
+        .ok_or_else(|| {
+            "expected referral, referral-response, return-risk-assessment-request, return-risk-assessment or follow-up".to_owned()
+        })
+}
+
+fn parse_state(value: &str) -> Result<pb::OutboxState, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "queued" => Ok(pb::OutboxState::Queued),
+        "submitted" => Ok(pb::OutboxState::Submitted),
+        "delivered" => Ok(pb::OutboxState::Delivered),
+        "failed" => Ok(pb::OutboxState::Failed),
+        _ => Err("expected queued, submitted, delivered or failed".to_owned()),
+    }
+}
+
+/// A failure of a command: one line for stderr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliError(pub String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+fn fail<T>(message: impl Into<String>) -> Result<T, CliError> {
+    Err(CliError(message.into()))
+}
+
+/// Runs a parsed command line. `run` returns when the daemon stopped.
+pub async fn execute(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Run { ready_file } => {
+            run_daemon(cli.config.as_deref(), cli.socket, ready_file.as_deref()).await
+        }
+        command => {
+            let socket = socket_path(cli.socket, cli.config.as_deref())?;
+            let out = Output { json: cli.json };
+            client_command(command, &socket, &out).await
+        }
+    }
+}
+
+/// The socket of a client command: `--socket`, else the config's.
+fn socket_path(socket: Option<PathBuf>, config: Option<&Path>) -> Result<PathBuf, CliError> {
+    if let Some(socket) = socket {
+        return Ok(socket);
+    }
+    match config {
+        Some(path) => NodeConfig::load(path)
+            .map(|c| c.socket_path())
+            .map_err(|e| CliError(e.to_string())),
+        None => fail(
+            "no node socket given: pass --socket PATH or --config FILE, or set TRMX_NODE_SOCKET",
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// run
+
+/// Log filter for the daemon: `RUST_LOG` if set, else the config's `log_level`.
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run_daemon(
+    config: Option<&Path>,
+    socket: Option<PathBuf>,
+    ready_file: Option<&Path>,
+) -> Result<(), CliError> {
+    let Some(config_path) = config else {
+        return fail("run needs --config FILE (or TRMX_NODE_CONFIG)");
+    };
+    let mut config = NodeConfig::load(config_path).map_err(|e| CliError(e.to_string()))?;
+    if let Some(socket) = socket {
+        config.api.socket = Some(socket);
+        config.validate().map_err(|e| CliError(e.to_string()))?;
+    }
+    init_logging(&config.log_level);
+    let node = RunningNode::start(&config, Arc::new(SystemClock))
+        .await
+        .map_err(|e| CliError(format!("cannot start the node: {e}")))?;
+    let socket = node.socket_path().to_path_buf();
+    if let Some(ready_file) = ready_file
+        && let Err(e) = write_ready_file(ready_file, &socket)
+    {
+        let _ = node.stop().await;
+        return fail(format!("cannot write {}: {e}", ready_file.display()));
+    }
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(
+            stdout,
+            "trmx-node ready: participant {} socket {}",
+            config.participant,
+            socket.display()
+        );
+        let _ = stdout.flush();
+    }
+    node.run_until(shutdown_signal())
+        .await
+        .map_err(|e| CliError(e.to_string()))
+}
+
+/// Writes the socket path to `path` atomically (temp file + rename).
+fn write_ready_file(path: &Path, socket: &Path) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, format!("{}\n", socket.display()))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown requested");
+}
+
+// ---------------------------------------------------------------------------
+// client commands
+
+/// Where output goes and in which form.
+#[derive(Debug)]
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    /// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
+    fn print(&self, text: &str) -> Result<(), CliError> {
+        let mut stdout = std::io::stdout().lock();
+        match stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            Err(e) => fail(format!("cannot write output: {e}")),
+        }
+    }
+
+    /// One JSON object per line.
+    fn json_lines<T: serde::Serialize>(&self, items: &[T]) -> Result<(), CliError> {
+        let mut text = String::new();
+        for item in items {
+            text.push_str(&to_json(item)?);
+            text.push('\n');
+        }
+        self.print(&text)
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
+    serde_json::to_string(value).map_err(|e| CliError(format!("cannot write JSON: {e}")))
+}
+
+async fn connect(socket: &Path) -> Result<NodeApiClient<Channel>, CliError> {
+    connect_local(socket).await.map_err(|e| {
+        let cause = io_cause(&e)
+            .filter(|io| {
+                !matches!(
+                    io.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                )
+            })
+            .map(|io| format!(" ({io})"))
+            .unwrap_or_default();
+        CliError(format!(
+            "cannot reach the trmx node at {}{cause}: is `trmx-node run` running?",
+            socket.display()
+        ))
+    })
+}
+
+fn io_cause<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// A status from the node as one line.
+fn status_line(status: &tonic::Status, socket: &Path) -> CliError {
+    if status.code() == Code::Unavailable && status.message().contains("transport") {
+        return CliError(format!(
+            "lost the connection to the trmx node at {}: is `trmx-node run` running?",
+            socket.display()
+        ));
+    }
+    CliError(status.message().to_owned())
+}
+
+async fn client_command(command: Command, socket: &Path, out: &Output) -> Result<(), CliError> {
+    // Read and check a file before contacting the node: a bad file is
+    // reported even when the node is down.
+    let prepared = match &command {
+        Command::Send(args) => Some(prepare_send(args)?),
+        _ => None,
+    };
+    let mut client = connect(socket).await?;
+    let err = |s: tonic::Status| status_line(&s, socket);
+    match command {
+        Command::Run { .. } => Ok(()),
+        Command::Send(args) => {
+            let Some(request) = prepared else {
+                return Ok(());
+            };
+            let response = client
+                .send(request)
+                .await
+                .map_err(|s| send_error(&s, &args.file, socket))?
+                .into_inner();
+            if out.json {
+                out.json_lines(&[response])
+            } else {
+                out.print(&format!("{}\n", response.message_id))?;
+                eprintln!(
+                    "{} for {} queued in case {}",
+                    format::kind(args.kind.to_pb() as i32),
+                    args.to,
+                    response.case_ref
+                );
+                Ok(())
+            }
+        }
+        Command::Outbox { filter, state } => {
+            let request = pb::ListOutboxRequest {
+                case_ref: filter.case.unwrap_or_default(),
+                counterpart: filter.with.unwrap_or_default(),
+                kind: filter.kind.map(|k| k.to_pb() as i32).unwrap_or_default(),
+                state: state.map(|s| s as i32).unwrap_or_default(),
+                limit: filter.limit,
+            };
+            let entries = client
+                .list_outbox(request)
+                .await
+                .map_err(err)?
+                .into_inner()
+                .entries;
+            if out.json {
+                out.json_lines(&entries)
+            } else {
+                out.print(&format::outbox(&entries))
+            }
+        }
+        Command::Inbox { filter } => {
+            let request = pb::ListInboxRequest {
+                case_ref: filter.case.unwrap_or_default(),
+                counterpart: filter.with.unwrap_or_default(),
+                kind: filter.kind.map(|k| k.to_pb() as i32).unwrap_or_default(),
+                limit: filter.limit,
+            };
+            let entries = client
+                .list_inbox(request)
+                .await
+                .map_err(err)?
+                .into_inner()
+                .entries;
+            if out.json {
+                out.json_lines(&entries)
+            } else {
+                out.print(&format::inbox(&entries))
+            }
+        }
+        Command::Show { id } => {
+            let response = client
+                .get_message(pb::GetMessageRequest { message_id: id })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if out.json {
+                out.print(&(show_json(response)? + "\n"))
+            } else {
+                out.print(&format::message(&response))
+            }
+        }
+        Command::Case { case } => {
+            let response = client
+                .get_case(pb::GetCaseRequest { case_ref: case })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if out.json {
+                out.json_lines(&response.entries)
+            } else {
+                out.print(&format::case(&response))
+            }
+        }
+        Command::Due { today } => {
+            let items = client
+                .list_due(pb::ListDueRequest {
+                    today: today.unwrap_or_default(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .items;
+            if out.json {
+                out.json_lines(&items)
+            } else {
+                out.print(&format::due(&items))
+            }
+        }
+        Command::Watch { after } => {
+            let mut stream = client
+                .watch(pb::WatchRequest { after_seq: after })
+                .await
+                .map_err(err)?
+                .into_inner();
+            while let Some(item) = stream.next().await {
+                let entry = item.map_err(err)?;
+                if out.json {
+                    out.json_lines(&[entry])?;
+                } else {
+                    out.print(&format::watched(&entry))?;
+                }
+            }
+            fail("the trmx node closed the watch stream (did it stop?)")
+        }
+        Command::Withdraw { id } => {
+            client
+                .withdraw(pb::WithdrawMessageRequest {
+                    message_id: id.clone(),
+                })
+                .await
+                .map_err(err)?;
+            if out.json {
+                out.print(&format!(
+                    "{}\n",
+                    serde_json::json!({ "messageId": id, "withdrawn": true })
+                ))
+            } else {
+                out.print(&format!("withdrew {id}\n"))
+            }
+        }
+        Command::Participants => {
+            let list = client
+                .list_participants(pb::ListParticipantsRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .participants;
+            if out.json {
+                out.json_lines(&list)
+            } else {
+                out.print(&format::participants(&list))
+            }
+        }
+        Command::Status => {
+            let status = client
+                .get_node_status(pb::GetNodeStatusRequest {})
+                .await
+                .map_err(err)?
+                .into_inner();
+            if out.json {
+                out.json_lines(&[status])
+            } else {
+                out.print(&format::status(&status))
+            }
+        }
+    }
+}
+
+/// `show --json`: the response with `bodyJson` replaced by the parsed `body`.
+fn show_json(response: pb::GetMessageResponse) -> Result<String, CliError> {
+    let body_json = response.body_json.clone();
+    let without_body = pb::GetMessageResponse {
+        body: None,
+        body_json: String::new(),
+        ..response
+    };
+    let mut value = serde_json::to_value(&without_body)
+        .map_err(|e| CliError(format!("cannot write JSON: {e}")))?;
+    if let Some(map) = value.as_object_mut()
+        && let Ok(body) = serde_json::from_str::<serde_json::Value>(&body_json)
+    {
+        map.insert("body".to_owned(), body);
+    }
+    to_json(&value)
+}
+
+/// Fields of `SendRequest` itself (errors on them are not about the file).
+const REQUEST_FIELDS: [&str; 9] = [
+    "kind",
+    "recipient",
+    "case_ref",
+    "new_case",
+    "in_reply_to",
+    "priority",
+    "idempotency_key",
+    "expires_at",
+    "body",
+];
+
+/// A `Send` error; body errors are prefixed with the file name.
+fn send_error(status: &tonic::Status, file: &Path, socket: &Path) -> CliError {
+    match invalid_field(status) {
+        Some(field) if !REQUEST_FIELDS.contains(&field) => {
+            CliError(format!("{}: {}", file.display(), status.message()))
+        }
+        _ => status_line(status, socket),
+    }
+}
+
+/// Reads and checks the document, and builds the request.
+fn prepare_send(args: &SendArgs) -> Result<pb::SendRequest, CliError> {
+    let file = args.file.display();
+    let bytes =
+        std::fs::read(&args.file).map_err(|e| CliError(format!("{file}: cannot read: {e}")))?;
+    let text = String::from_utf8(bytes.clone())
+        .map_err(|_| CliError(format!("{file}: is not UTF-8 text")))?;
+    // Syntax first, so that a broken file gets a line and column.
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
+        return fail(format!("{file}: not valid JSON: {e}"));
+    }
+    let in_reply_to = match &args.reply_to {
+        Some(id) => {
+            Some(MessageId::parse(id).map_err(|e| CliError(format!("--reply-to: {}", e.rule)))?)
+        }
+        None => None,
+    };
+    let body = Body::from_json(args.kind, &text).map_err(|e| CliError(format!("{file}: {e}")))?;
+    let context = BodyContext {
+        in_reply_to,
+        today: Date::of(SystemTime::now()),
+    };
+    body.validate(&context)
+        .map_err(|e| CliError(format!("{file}: {e}")))?;
+    let case = args.case.clone().unwrap_or_default();
+    let key = match &args.key {
+        Some(key) => key.clone(),
+        None => default_idempotency_key(&bytes, &args.to, args.kind, &case, args.new_case),
+    };
+    Ok(pb::SendRequest {
+        kind: args.kind.to_pb() as i32,
+        recipient: args.to.clone(),
+        case_ref: case,
+        new_case: args.new_case,
+        in_reply_to: args.reply_to.clone().unwrap_or_default(),
+        priority: if args.urgent {
+            pb::Priority::Urgent
+        } else {
+            pb::Priority::Normal
+        } as i32,
+        idempotency_key: key,
+        expires_at: None,
+        body: Some(pb::send_request::Body::BodyJson(text)),
+    })
+}
+
+/// `cli:` + hex SHA-256 of (recipient, kind, case, file content): the same
+/// command run twice queues once.
+pub fn default_idempotency_key(
+    content: &[u8],
+    recipient: &str,
+    kind: Kind,
+    case: &str,
+    new_case: bool,
+) -> String {
+    let case = if new_case { "new-case" } else { case };
+    let mut input = Vec::with_capacity(content.len() + 128);
+    for part in ["trmx-cli-send-v1", recipient, kind.name(), case] {
+        input.extend_from_slice(part.as_bytes());
+        input.push(0);
+    }
+    input.extend_from_slice(content);
+    let digest = trmx_proto::envelope::sha256(&input);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("cli:{hex}")
+}

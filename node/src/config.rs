@@ -1,0 +1,352 @@
+//! The node's TOML configuration: parsed with `deny_unknown_fields`, defaults
+//! named, validated with errors that name the field, then turned into a
+//! [`CoreConfig`] for the core and a socket path for the local API.
+//!
+//! Relative paths in a file loaded with [`NodeConfig::load`] are resolved
+//! against the directory of that file, so a config and its certificates can
+//! move together.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use trmx_proto::ParticipantId;
+
+use crate::core::{CoreConfig, NodeError};
+
+/// File name of the local API socket inside `data_dir` when `api.socket` is unset.
+pub const DEFAULT_SOCKET_NAME: &str = "node.sock";
+
+/// The whole node configuration (one TOML file, see `node/node.example.toml`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's participant ID, e.g. `NL-NRM`; must match the node certificate.
+    pub participant: String,
+    /// Directory of the node's database (created if missing).
+    pub data_dir: PathBuf,
+    /// Log filter: `error`, `warn`, `info`, `debug`, `trace`, or a
+    /// `tracing_subscriber` filter directive. `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// The broker.
+    pub broker: BrokerSection,
+    /// The node's TLS material.
+    pub tls: TlsSection,
+    /// The local API.
+    #[serde(default)]
+    pub api: ApiSection,
+    /// Local storage and retention.
+    #[serde(default)]
+    pub storage: StorageSection,
+}
+
+/// `[broker]`: where the broker is and how to talk to it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// `host:port` of the broker.
+    pub address: String,
+    /// The DNS name in the broker's certificate (checked during the TLS handshake).
+    pub server_name: String,
+    /// Most unacknowledged deliveries on the receive stream.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// First wait before reconnecting, in milliseconds (doubles, jittered).
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest wait before reconnecting, in milliseconds.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// Lifetime of sent messages in hours (their `expires_at`); 0 leaves it to
+    /// the broker's default.
+    #[serde(default = "default_message_lifetime_hours")]
+    pub message_lifetime_hours: u64,
+}
+
+/// `[tls]`: the node's PEM files, made with `trmx-certs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The federation CA certificate.
+    pub ca: PathBuf,
+    /// The node certificate (chain, leaf first).
+    pub cert: PathBuf,
+    /// The node's private key.
+    pub key: PathBuf,
+}
+
+/// `[api]`: the local gRPC API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Unix socket path; unset means `<data_dir>/node.sock`. Created with mode 0600.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
+/// `[storage]`: the local database and retention.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// sled page cache, in MiB.
+    #[serde(default = "default_cache_capacity_mb")]
+    pub cache_capacity_mb: u64,
+    /// How often bodies past their `handling.retain_until` are erased, in seconds.
+    #[serde(default = "default_retention_check_interval_secs")]
+    pub retention_check_interval_secs: u64,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            cache_capacity_mb: default_cache_capacity_mb(),
+            retention_check_interval_secs: default_retention_check_interval_secs(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_max_in_flight() -> u32 {
+    32
+}
+fn default_reconnect_min_ms() -> u64 {
+    500
+}
+fn default_reconnect_max_ms() -> u64 {
+    60_000
+}
+fn default_message_lifetime_hours() -> u64 {
+    // 30 days: long enough for a node that is offline for a holiday period.
+    30 * 24
+}
+fn default_cache_capacity_mb() -> u64 {
+    64
+}
+fn default_retention_check_interval_secs() -> u64 {
+    3_600
+}
+
+/// Largest accepted `broker.max_in_flight`.
+const MAX_IN_FLIGHT: u32 = 1_024;
+/// Largest accepted `broker.message_lifetime_hours` (one year).
+const MAX_LIFETIME_HOURS: u64 = 366 * 24;
+
+fn invalid(field: &str, rule: impl std::fmt::Display) -> NodeError {
+    NodeError::Config(format!("{field}: {rule}"))
+}
+
+impl NodeConfig {
+    /// Reads, parses and validates a config file; relative paths are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<NodeConfig, NodeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let mut config = NodeConfig::parse(&text)
+            .map_err(|e| NodeError::Config(format!("{}: {}", path.display(), config_msg(&e))))?;
+        if let Some(base) = path.parent() {
+            config.resolve_relative_to(base);
+        }
+        config
+            .validate()
+            .map_err(|e| NodeError::Config(format!("{}: {}", path.display(), config_msg(&e))))?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no validation, paths as written).
+    pub fn parse(text: &str) -> Result<NodeConfig, NodeError> {
+        toml::from_str(text).map_err(|e| {
+            // The toml error names the key; keep its first line (no source excerpt).
+            let message = e.message().to_owned();
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    NodeError::Config(format!("line {line}: {message}"))
+                }
+                None => NodeError::Config(message),
+            }
+        })
+    }
+
+    /// Checks every rule that serde cannot; the error names the field.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        ParticipantId::parse(&self.participant).map_err(|_| {
+            invalid(
+                "participant",
+                "must look like NL-NRM (country code or INT, a dash, 2-24 of A-Z 0-9)",
+            )
+        })?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "is required"));
+        }
+        if self.log_level.trim().is_empty() {
+            return Err(invalid("log_level", "must not be empty"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid("log_level", format!("is not a valid filter: {e}")))?;
+        let b = &self.broker;
+        if !looks_like_host_port(&b.address) {
+            return Err(invalid("broker.address", "must be host:port"));
+        }
+        if b.server_name.trim().is_empty() {
+            return Err(invalid("broker.server_name", "is required"));
+        }
+        if !(1..=MAX_IN_FLIGHT).contains(&b.max_in_flight) {
+            return Err(invalid(
+                "broker.max_in_flight",
+                format!("must be between 1 and {MAX_IN_FLIGHT}"),
+            ));
+        }
+        if b.reconnect_min_ms == 0 {
+            return Err(invalid("broker.reconnect_min_ms", "must be at least 1"));
+        }
+        if b.reconnect_max_ms < b.reconnect_min_ms {
+            return Err(invalid(
+                "broker.reconnect_max_ms",
+                "must not be less than broker.reconnect_min_ms",
+            ));
+        }
+        if b.message_lifetime_hours > MAX_LIFETIME_HOURS {
+            return Err(invalid(
+                "broker.message_lifetime_hours",
+                format!("must be at most {MAX_LIFETIME_HOURS} (one year)"),
+            ));
+        }
+        for (field, path) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(field, "is required"));
+            }
+        }
+        if let Some(socket) = &self.api.socket {
+            if socket.as_os_str().is_empty() {
+                return Err(invalid(
+                    "api.socket",
+                    "must not be empty (leave it out for the default)",
+                ));
+            }
+            // sun_path holds 108 bytes including the terminating NUL.
+            if socket.as_os_str().len() > 107 {
+                return Err(invalid(
+                    "api.socket",
+                    "must be at most 107 bytes long (a Unix socket path)",
+                ));
+            }
+        }
+        if self.storage.cache_capacity_mb == 0 {
+            return Err(invalid("storage.cache_capacity_mb", "must be at least 1"));
+        }
+        if self.storage.retention_check_interval_secs == 0 {
+            return Err(invalid(
+                "storage.retention_check_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes every relative path absolute against `base`.
+    pub fn resolve_relative_to(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data_dir);
+        resolve(&mut self.tls.ca);
+        resolve(&mut self.tls.cert);
+        resolve(&mut self.tls.key);
+        if let Some(socket) = &mut self.api.socket {
+            resolve(socket);
+        }
+    }
+
+    /// The local API socket: `api.socket`, or `<data_dir>/node.sock`.
+    pub fn socket_path(&self) -> PathBuf {
+        self.api
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(DEFAULT_SOCKET_NAME))
+    }
+
+    /// The core's view of this config (validate first).
+    pub fn core_config(&self) -> Result<CoreConfig, NodeError> {
+        let participant = ParticipantId::parse(&self.participant)
+            .map_err(|_| invalid("participant", "must look like NL-NRM"))?;
+        let b = &self.broker;
+        Ok(CoreConfig {
+            participant,
+            data_dir: self.data_dir.clone(),
+            broker_addr: b.address.clone(),
+            broker_server_name: b.server_name.clone(),
+            tls: trmx_transport::TlsPaths {
+                ca: self.tls.ca.clone(),
+                cert: self.tls.cert.clone(),
+                key: self.tls.key.clone(),
+            },
+            max_in_flight: b.max_in_flight,
+            reconnect_min: Duration::from_millis(b.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(b.reconnect_max_ms),
+            default_lifetime: (b.message_lifetime_hours > 0)
+                .then(|| Duration::from_secs(b.message_lifetime_hours * 3_600)),
+            retention_check_interval: Duration::from_secs(
+                self.storage.retention_check_interval_secs,
+            ),
+            cache_capacity_bytes: self.storage.cache_capacity_mb.saturating_mul(1024 * 1024),
+        })
+    }
+
+    /// A config with every default, for tests and tools that build one in code.
+    pub fn new(
+        participant: &str,
+        data_dir: PathBuf,
+        broker_address: &str,
+        broker_server_name: &str,
+        tls: trmx_transport::TlsPaths,
+    ) -> NodeConfig {
+        NodeConfig {
+            participant: participant.to_owned(),
+            data_dir,
+            log_level: default_log_level(),
+            broker: BrokerSection {
+                address: broker_address.to_owned(),
+                server_name: broker_server_name.to_owned(),
+                max_in_flight: default_max_in_flight(),
+                reconnect_min_ms: default_reconnect_min_ms(),
+                reconnect_max_ms: default_reconnect_max_ms(),
+                message_lifetime_hours: default_message_lifetime_hours(),
+            },
+            tls: TlsSection {
+                ca: tls.ca,
+                cert: tls.cert,
+                key: tls.key,
+            },
+            api: ApiSection::default(),
+            storage: StorageSection::default(),
+        }
+    }
+}
+
+/// The message of a [`NodeError::Config`] without its `config: ` prefix.
+fn config_msg(e: &NodeError) -> String {
+    match e {
+        NodeError::Config(message) => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn looks_like_host_port(address: &str) -> bool {
+    match address.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => false,
+    }
+}
