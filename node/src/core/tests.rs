@@ -1,1 +1,728 @@
+//! Unit tests of the node core without a broker: two offline nodes, with
+//! the "network" simulated by handing one node's queued envelope to the
+//! other's delivery checks, as the broker would.
 
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use futures::StreamExt;
+use trmx_proto::time::to_timestamp;
+
+use super::link::{Verdict, classify, store_delivery, store_receipt};
+use super::store::{ReceiptEffect, can_move};
+use super::*;
+
+const DAY: Duration = Duration::from_secs(86_400);
+/// 2026-12-01T00:00:00Z: after every date in the example bodies.
+const START: u64 = 1_796_083_200;
+
+fn body(kind: Kind, json: &str) -> Body {
+    Body::from_json(kind, json).unwrap()
+}
+
+fn referral() -> Body {
+    body(
+        Kind::Referral,
+        include_str!("../../../proto/examples/01-referral.json"),
+    )
+}
+
+fn response() -> Body {
+    body(
+        Kind::ReferralResponse,
+        include_str!("../../../proto/examples/02-referral-response.json"),
+    )
+}
+
+fn follow_up() -> Body {
+    body(
+        Kind::FollowUp,
+        include_str!("../../../proto/examples/03-follow-up-training.json"),
+    )
+}
+
+fn pid(s: &str) -> ParticipantId {
+    ParticipantId::parse(s).unwrap()
+}
+
+fn date(s: &str) -> Date {
+    Date::parse(s).unwrap()
+}
+
+fn config(dir: &Path, me: &str) -> CoreConfig {
+    CoreConfig {
+        participant: pid(me),
+        data_dir: dir.join(me),
+        broker_addr: "127.0.0.1:1".into(),
+        broker_server_name: "localhost".into(),
+        tls: trmx_transport::TlsPaths {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        },
+        max_in_flight: 8,
+        reconnect_min: Duration::from_millis(10),
+        reconnect_max: Duration::from_millis(100),
+        default_lifetime: None,
+        retention_check_interval: Duration::from_secs(3600),
+        cache_capacity_bytes: 8 << 20,
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+    nl: NodeCore,
+    be: NodeCore,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+    let nl = NodeCore::start_offline(config(dir.path(), "NL-NRM"), clock.clone())
+        .await
+        .unwrap();
+    let be = NodeCore::start_offline(config(dir.path(), "BE-PAYOKE"), clock.clone())
+        .await
+        .unwrap();
+    Fixture {
+        _dir: dir,
+        clock,
+        nl,
+        be,
+    }
+}
+
+fn request(key: &str, to: &str, body: Body) -> SendRequest {
+    SendRequest {
+        idempotency_key: key.into(),
+        recipient: pid(to),
+        case_ref: None,
+        in_reply_to: None,
+        priority: Priority::Normal,
+        body,
+        expires_at: None,
+    }
+}
+
+/// The envelope `from` would submit for `id`, as the broker hands it on.
+fn in_transit(from: &NodeCore, id: MessageId) -> pb::Envelope {
+    let queued = from.inner.store.queued(1000).unwrap();
+    let (_, mut env) = queued.into_iter().find(|(m, _)| *m == id).unwrap();
+    env.sender = from.inner.config.participant.to_string();
+    env.accepted_at = Some(to_timestamp(from.inner.clock.now()));
+    env.broker_seq = 1;
+    env
+}
+
+/// Hands `id` from `from` to `to`, as a broker would; `to` must store it.
+async fn transfer(from: &NodeCore, to: &NodeCore, id: MessageId) -> InboxEntry {
+    let env = in_transit(from, id);
+    match classify(&to.inner, Some(env)).await.unwrap() {
+        Verdict::Store(incoming) => store_delivery(&to.inner, *incoming).await.unwrap().unwrap(),
+        other => panic!("expected store, got {other:?}"),
+    }
+}
+
+fn receipt_envelope(
+    to: &str,
+    original: MessageId,
+    outcome: pb::Outcome,
+    reason: &str,
+) -> pb::Envelope {
+    let receipt = pb::Receipt {
+        message_id: original.to_string(),
+        outcome: outcome as i32,
+        at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START + 60))),
+        attempts: 1,
+        last_delivered_at: None,
+        reason_code: reason.into(),
+        field_path: if reason.is_empty() {
+            String::new()
+        } else {
+            "referral.consent.basis".into()
+        },
+    };
+    let payload = prost::Message::encode_to_vec(&receipt);
+    let kind = if outcome == pb::Outcome::Delivered {
+        Kind::DeliveryReceipt
+    } else {
+        Kind::NonDeliveryReport
+    };
+    pb::Envelope {
+        message_id: MessageId::receipt_id(original, outcome.as_str_name()).to_string(),
+        sender: String::new(),
+        recipient: to.into(),
+        kind: kind.to_pb() as i32,
+        case_ref: CaseRef::new_random().to_string(),
+        in_reply_to: String::new(),
+        priority: pb::Priority::Normal as i32,
+        created_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START))),
+        expires_at: None,
+        payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
+        payload,
+        content_type: kind.content_type(),
+        accepted_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START))),
+        broker_seq: 2,
+    }
+}
+
+async fn apply(node: &NodeCore, env: pb::Envelope) -> ReceiptEffect {
+    match classify(&node.inner, Some(env)).await.unwrap() {
+        Verdict::Receipt {
+            original,
+            failure,
+            at,
+            ..
+        } => store_receipt(&node.inner, original, failure, at)
+            .await
+            .unwrap(),
+        other => panic!("expected a receipt, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn send_queues_once_per_idempotency_key_and_survives_restart() {
+    let f = fixture().await;
+    let first =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    assert_eq!(first.state, OutboxState::Queued);
+    assert_eq!(first.kind, Kind::Referral);
+    assert_eq!(first.message_id.uuid().get_version_num(), 7);
+
+    let again =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    assert_eq!(again.message_id, first.message_id);
+    assert_eq!(again.case_ref, first.case_ref);
+    assert_eq!(f.nl.status().outbox_queued, 1);
+
+    let mut other = request("k-1", "BE-PAYOKE", referral());
+    other.priority = Priority::Urgent;
+    assert!(matches!(
+        f.nl.send(other).await,
+        Err(NodeError::IdempotencyConflict { key }) if key == "k-1"
+    ));
+    assert_eq!(f.nl.outbox(&ListFilter::default()).await.unwrap().len(), 1);
+
+    // The envelope to submit is stored: identical bytes every time.
+    let a = f.nl.inner.store.queued(10).unwrap();
+    let b = f.nl.inner.store.queued(10).unwrap();
+    assert_eq!(a[0].1, b[0].1);
+    assert!(trmx_proto::envelope::SubmitEnvelope::check(&a[0].1).is_ok());
+
+    // Restart: the entry is still there, still queued.
+    let cfg = f.nl.inner.config.clone();
+    f.nl.shutdown().await;
+    drop(f.nl);
+    let nl = NodeCore::start_offline(cfg, f.clock.clone()).await.unwrap();
+    let list = nl.outbox(&ListFilter::default()).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].message_id, first.message_id);
+    assert_eq!(list[0].state, OutboxState::Queued);
+    assert_eq!(nl.status().outbox_queued, 1);
+}
+
+#[tokio::test]
+async fn invalid_requests_are_refused_and_nothing_is_stored() {
+    let f = fixture().await;
+    let Body::Referral(mut r) = referral() else {
+        unreachable!()
+    };
+    r.person = None;
+    let err =
+        f.nl.send(request("k-1", "BE-PAYOKE", Body::Referral(r)))
+            .await
+            .unwrap_err();
+    let NodeError::Invalid(e) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(e.field, "referral.person");
+
+    // An answer needs in_reply_to.
+    let err =
+        f.nl.send(request("k-2", "BE-PAYOKE", response()))
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(err, NodeError::Invalid(ref e) if e.field == "in_reply_to"),
+        "{err:?}"
+    );
+
+    // A bad idempotency key.
+    let err =
+        f.nl.send(request("has space", "BE-PAYOKE", referral()))
+            .await
+            .unwrap_err();
+    assert!(matches!(err, NodeError::Invalid(ref e) if e.field == "idempotency_key"));
+
+    // Receipts are made by the broker only.
+    let receipt = Body::Receipt(pb::Receipt {
+        message_id: MessageId::new_v7().to_string(),
+        outcome: pb::Outcome::Delivered as i32,
+        ..Default::default()
+    });
+    assert!(matches!(
+        f.nl.send(request("k-3", "BE-PAYOKE", receipt)).await,
+        Err(NodeError::Invalid(_))
+    ));
+
+    assert!(
+        f.nl.outbox(&ListFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(f.nl.status().outbox_queued, 0);
+    // The key of a refused request is still free.
+    assert!(
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .is_ok()
+    );
+}
+
+#[test]
+fn outbox_states_only_move_forward() {
+    use OutboxState::*;
+    let all = [Queued, Submitted, Delivered, Failed];
+    let allowed = [
+        (Queued, Submitted),
+        (Queued, Delivered),
+        (Queued, Failed),
+        (Submitted, Delivered),
+        (Submitted, Failed),
+        (Failed, Delivered),
+    ];
+    for from in all {
+        for to in all {
+            assert_eq!(
+                can_move(from, to),
+                allowed.contains(&(from, to)),
+                "{from} -> {to}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn receipts_move_the_outbox_forward_only() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let id = sent.message_id;
+    let store = f.nl.inner.store.clone();
+    let updated = store.mark_submitted(id, 1).unwrap().unwrap();
+    assert_eq!(updated.entry.state, OutboxState::Submitted);
+    assert_eq!(f.nl.status().outbox_queued, 0);
+    assert_eq!(f.nl.status().outbox_submitted, 1);
+    assert!(store.queued(10).unwrap().is_empty());
+
+    // A non-delivery report (rejected by the recipient) → FAILED with the reason.
+    let effect = apply(
+        &f.nl,
+        receipt_envelope(
+            "NL-NRM",
+            id,
+            pb::Outcome::RejectedByRecipient,
+            "INVALID_BODY",
+        ),
+    )
+    .await;
+    assert_eq!(effect, ReceiptEffect::Moved(OutboxState::Failed));
+    let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(entry.state, OutboxState::Failed);
+    let failure = entry.failure.unwrap();
+    assert_eq!(failure.outcome, "rejected-by-recipient");
+    assert_eq!(failure.reason_code, "INVALID_BODY");
+    assert_eq!(failure.field_path, "referral.consent.basis");
+    assert_eq!(f.nl.status().outbox_failed, 1);
+
+    // A late submit answer does not move it back.
+    store.mark_submitted(id, 2).unwrap();
+    assert_eq!(
+        f.nl.outbox(&ListFilter::default()).await.unwrap()[0].state,
+        OutboxState::Failed
+    );
+
+    // FAILED → DELIVERED is the one way back (a redriven message).
+    let effect = apply(
+        &f.nl,
+        receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, ""),
+    )
+    .await;
+    assert_eq!(effect, ReceiptEffect::Moved(OutboxState::Delivered));
+    // Nothing moves a delivered message.
+    let effect = apply(
+        &f.nl,
+        receipt_envelope("NL-NRM", id, pb::Outcome::Expired, "EXPIRED"),
+    )
+    .await;
+    assert_eq!(effect, ReceiptEffect::Ignored(OutboxState::Delivered));
+    let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(entry.state, OutboxState::Delivered);
+    assert!(entry.failure.is_none());
+    let status = f.nl.status();
+    assert_eq!((status.outbox_failed, status.outbox_submitted), (0, 0));
+
+    // A receipt for a message we never sent.
+    let effect = apply(
+        &f.nl,
+        receipt_envelope("NL-NRM", MessageId::new_v7(), pb::Outcome::Delivered, ""),
+    )
+    .await;
+    assert_eq!(effect, ReceiptEffect::Unknown);
+}
+
+#[tokio::test]
+async fn withdraw_a_queued_message() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    f.nl.withdraw(sent.message_id).await.unwrap();
+    let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(entry.state, OutboxState::Failed);
+    assert_eq!(entry.failure.unwrap().outcome, "withdrawn");
+    assert!(f.nl.inner.store.queued(10).unwrap().is_empty());
+    // Twice is harmless; an unknown id is NOT_FOUND.
+    f.nl.withdraw(sent.message_id).await.unwrap();
+    assert!(matches!(
+        f.nl.withdraw(MessageId::new_v7()).await,
+        Err(NodeError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn deliveries_are_stored_once_and_replies_mark_answered() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let received = transfer(&f.nl, &f.be, sent.message_id).await;
+    assert_eq!(received.seq, 1);
+    assert_eq!(received.sender, pid("NL-NRM"));
+    assert_eq!(received.case_ref, sent.case_ref);
+
+    // The same delivery again (at-least-once from the broker): not stored twice.
+    let again = classify(&f.be.inner, Some(in_transit(&f.nl, sent.message_id)))
+        .await
+        .unwrap();
+    assert!(matches!(again, Verdict::Duplicate(id) if id == sent.message_id));
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+    assert_eq!(f.be.status().inbox_total, 1);
+
+    // The body is shown decoded.
+    let Some(MessageView::Inbox(entry, Some(shown))) = f.be.message(sent.message_id).await.unwrap()
+    else {
+        panic!("expected the inbox entry with its body")
+    };
+    assert_eq!(entry.seq, 1);
+    assert_eq!(shown, referral());
+
+    // BE answers; the case follows the request without being named.
+    let mut reply = request("r-1", "NL-NRM", response());
+    reply.in_reply_to = Some(sent.message_id);
+    let reply = f.be.send(reply).await.unwrap();
+    assert_eq!(reply.case_ref, sent.case_ref);
+    let be_entry = f.be.inbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(be_entry.answered_by, Some(reply.message_id));
+
+    f.clock.advance(Duration::from_secs(60));
+    transfer(&f.be, &f.nl, reply.message_id).await;
+    let nl_entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(nl_entry.answered_by, Some(reply.message_id));
+
+    // Both timelines list both messages, in order.
+    for (node, first, second) in [
+        (&f.nl, Direction::Sent, Direction::Received),
+        (&f.be, Direction::Received, Direction::Sent),
+    ] {
+        let timeline = node.case_timeline(sent.case_ref).await.unwrap();
+        assert_eq!(timeline.len(), 2);
+        assert_eq!(timeline[0].message_id, sent.message_id);
+        assert_eq!(timeline[0].direction, first);
+        assert!(
+            timeline[0].state.ends_with("+answered"),
+            "{}",
+            timeline[0].state
+        );
+        assert_eq!(timeline[1].message_id, reply.message_id);
+        assert_eq!(timeline[1].direction, second);
+        assert_eq!(timeline[1].in_reply_to, Some(sent.message_id));
+    }
+    assert!(
+        f.nl.case_timeline(CaseRef::new_random())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Filters.
+    let by_case = ListFilter {
+        case_ref: Some(sent.case_ref),
+        ..ListFilter::default()
+    };
+    assert_eq!(f.be.outbox(&by_case).await.unwrap().len(), 1);
+    let by_kind = ListFilter {
+        kind: Some(Kind::FollowUp),
+        ..ListFilter::default()
+    };
+    assert!(f.be.inbox(&by_kind).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bad_deliveries_are_rejected_with_a_reason_and_not_stored() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let good = in_transit(&f.nl, sent.message_id);
+
+    let verdict_of = |env: pb::Envelope| {
+        let be = f.be.clone();
+        async move {
+            match classify(&be.inner, Some(env)).await.unwrap() {
+                Verdict::Reject {
+                    reason_code,
+                    field_path,
+                    ..
+                } => (reason_code, field_path),
+                other => panic!("expected a rejection, got {other:?}"),
+            }
+        }
+    };
+
+    // A body that breaks a DOMAIN.md rule (sent by a hand-made client).
+    let Body::Referral(mut r) = referral() else {
+        unreachable!()
+    };
+    r.consent = None;
+    let mut env = good.clone();
+    env.payload = Body::Referral(r).encode();
+    env.payload_sha256 = trmx_proto::envelope::sha256(&env.payload).to_vec();
+    assert_eq!(
+        verdict_of(env).await,
+        ("INVALID_BODY", "referral.consent".to_owned())
+    );
+
+    // Bytes that are no body at all.
+    let mut env = good.clone();
+    env.payload = vec![0xff, 0xff, 0xff];
+    env.payload_sha256 = trmx_proto::envelope::sha256(&env.payload).to_vec();
+    assert_eq!(verdict_of(env).await.0, "INVALID_BODY");
+
+    // A digest that does not match.
+    let mut env = good.clone();
+    env.payload.push(0);
+    assert_eq!(
+        verdict_of(env).await,
+        ("DIGEST_MISMATCH", "envelope.payload_sha256".to_owned())
+    );
+
+    // Addressed to someone else.
+    let mut env = good.clone();
+    env.recipient = "DE-BKA".into();
+    assert_eq!(
+        verdict_of(env).await,
+        ("INVALID_ENVELOPE", "envelope.recipient".to_owned())
+    );
+
+    // An unknown kind.
+    let mut env = good.clone();
+    env.kind = 42;
+    assert_eq!(verdict_of(env).await.0, "UNKNOWN_SCHEMA");
+
+    assert!(f.be.inbox(&ListFilter::default()).await.unwrap().is_empty());
+    assert_eq!(f.be.status().last_inbox_seq, 0);
+    // The good one is still accepted afterwards.
+    assert_eq!(transfer(&f.nl, &f.be, sent.message_id).await.seq, 1);
+}
+
+#[tokio::test]
+async fn retention_erases_bodies_and_keeps_metadata() {
+    let f = fixture().await;
+    // The example referral is kept until 2032-12-31; the follow-up has no date.
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let kept =
+        f.nl.send(request("k-2", "BE-PAYOKE", follow_up()))
+            .await
+            .unwrap();
+    f.nl.inner.store.mark_submitted(sent.message_id, 1).unwrap();
+
+    assert_eq!(f.nl.run_retention().await.unwrap(), 0);
+    f.clock.advance(DAY * 365 * 6 + DAY * 40); // into 2033
+    assert_eq!(f.nl.run_retention().await.unwrap(), 1);
+    match f.nl.message(sent.message_id).await.unwrap() {
+        Some(MessageView::Outbox(entry, body)) => {
+            assert!(entry.body_erased);
+            assert!(body.is_none());
+            assert_eq!(entry.state, OutboxState::Submitted);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The follow-up keeps its body.
+    match f.nl.message(kept.message_id).await.unwrap() {
+        Some(MessageView::Outbox(entry, body)) => {
+            assert!(!entry.body_erased);
+            assert!(body.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    // Erasure is done once.
+    assert_eq!(f.nl.run_retention().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn received_bodies_are_erased_too() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+    f.clock.advance(DAY * 365 * 7);
+    assert_eq!(f.be.run_retention().await.unwrap(), 1);
+    match f.be.message(sent.message_id).await.unwrap() {
+        Some(MessageView::Inbox(entry, None)) => assert!(entry.body_erased),
+        other => panic!("{other:?}"),
+    }
+    let listed = f.be.inbox(&ListFilter::default()).await.unwrap();
+    assert!(listed[0].body_erased);
+}
+
+#[tokio::test]
+async fn due_lists_unanswered_requests_and_follow_ups() {
+    let f = fixture().await;
+    // The example referral asks for an answer by 2026-01-21.
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+
+    assert!(f.nl.due(date("2026-01-20")).await.unwrap().is_empty());
+    let due = f.nl.due(date("2026-01-21")).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].what, DueKind::AwaitingAnswer);
+    assert_eq!(due[0].message_id, sent.message_id);
+    assert_eq!(due[0].counterpart, pid("BE-PAYOKE"));
+    assert_eq!(due[0].due, date("2026-01-21"));
+    let owed = f.be.due(date("2026-02-01")).await.unwrap();
+    assert_eq!(owed.len(), 1);
+    assert_eq!(owed[0].what, DueKind::AnswerOwed);
+    assert_eq!(owed[0].counterpart, pid("NL-NRM"));
+
+    // BE answers: nothing is due on either side any more.
+    let mut reply = request("r-1", "NL-NRM", response());
+    reply.in_reply_to = Some(sent.message_id);
+    let reply = f.be.send(reply).await.unwrap();
+    transfer(&f.be, &f.nl, reply.message_id).await;
+    assert!(f.be.due(date("2026-02-01")).await.unwrap().is_empty());
+    assert!(f.nl.due(date("2026-02-01")).await.unwrap().is_empty());
+
+    // A follow-up (next due 2026-07-20) on the case is due from that day…
+    f.clock.advance(Duration::from_secs(60));
+    let mut fu = request("f-1", "NL-NRM", follow_up());
+    fu.case_ref = Some(sent.case_ref);
+    let fu = f.be.send(fu).await.unwrap();
+    transfer(&f.be, &f.nl, fu.message_id).await;
+    assert!(f.nl.due(date("2026-07-19")).await.unwrap().is_empty());
+    for node in [&f.nl, &f.be] {
+        let due = node.due(date("2026-07-20")).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].what, DueKind::FollowUpDue);
+        assert_eq!(due[0].message_id, fu.message_id);
+    }
+
+    // …until a later follow-up on the case (its own next date is 2026-11-10).
+    f.clock.advance(Duration::from_secs(60));
+    let mut later = request(
+        "f-2",
+        "NL-NRM",
+        body(
+            Kind::FollowUp,
+            include_str!("../../../proto/examples/06-follow-up-arrived.json"),
+        ),
+    );
+    later.case_ref = Some(sent.case_ref);
+    let later = f.be.send(later).await.unwrap();
+    let due = f.be.due(date("2026-08-01")).await.unwrap();
+    assert!(due.is_empty(), "{due:?}");
+    let due = f.be.due(date("2026-11-10")).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].message_id, later.message_id);
+}
+
+#[tokio::test]
+async fn watch_streams_from_after_seq_and_then_live() {
+    let f = fixture().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let sent =
+            f.nl.send(request(&format!("k-{i}"), "BE-PAYOKE", follow_up()))
+                .await
+                .unwrap();
+        transfer(&f.nl, &f.be, sent.message_id).await;
+        ids.push(sent.message_id);
+    }
+    let all: Vec<u64> =
+        f.be.watch(0)
+            .take(3)
+            .map(|e| e.unwrap().seq)
+            .collect()
+            .await;
+    assert_eq!(all, vec![1, 2, 3]);
+
+    // Resumed after seq 2: only 3, then a live one.
+    let mut stream = Box::pin(f.be.watch(2));
+    let next = stream.next().await.unwrap().unwrap();
+    assert_eq!((next.seq, next.message_id), (3, ids[2]));
+
+    let sent =
+        f.nl.send(request("k-9", "BE-PAYOKE", follow_up()))
+            .await
+            .unwrap();
+    let be = f.be.clone();
+    let nl = f.nl.clone();
+    let id = sent.message_id;
+    let producer = tokio::spawn(async move { transfer(&nl, &be, id).await });
+    let live = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((live.seq, live.message_id), (4, sent.message_id));
+    producer.await.unwrap();
+
+    // Shutdown ends the stream.
+    f.be.shutdown().await;
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap();
+    assert!(end.is_none());
+}
+
+#[tokio::test]
+async fn status_counts_and_participants_offline() {
+    let f = fixture().await;
+    let status = f.nl.status();
+    assert_eq!(status.participant, pid("NL-NRM"));
+    assert!(!status.broker_connected);
+    assert_eq!(status.outbox_queued, 0);
+    assert!(matches!(
+        f.nl.participants().await,
+        Err(NodeError::BrokerUnavailable(_))
+    ));
+}
