@@ -27,7 +27,7 @@ use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
 use crate::registry::Registry;
 use crate::service::{ExchangeService, Shared};
-use crate::store::{BrokerStore, Lifecycle};
+use crate::store::{BrokerStore, Lifecycle, SledOptions, SledStore};
 use crate::streams::Streams;
 
 /// Bytes allowed on top of `max_envelope_bytes` for the rest of a request, so
@@ -144,6 +144,9 @@ impl BrokerBuilder {
             timer_loop(shared.clone(), config.clone(), shutdown_rx.clone())
                 .instrument(info_span!("timers")),
         );
+        let wakeups = tokio::spawn(
+            forward_wakeups(shared.clone(), shutdown_rx.clone()).instrument(info_span!("wakeups")),
+        );
         let crl_reloads = tokio::spawn(
             crl_reload_loop(
                 tls.clone(),
@@ -197,6 +200,7 @@ impl BrokerBuilder {
                 .await;
             let _ = timers.await;
             crl_reloads.abort();
+            wakeups.abort();
             let closed = shared.store.close().await.map_err(BrokerError::from);
             info!("broker stopped");
             stopped.and(closed)
@@ -373,6 +377,22 @@ async fn timer_loop(
     debug!("timer loop stopped");
 }
 
+/// Wakes the streams of every recipient the store reports newly due messages for.
+async fn forward_wakeups(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut wakeups = shared.store.wakeups();
+    loop {
+        tokio::select! {
+            received = wakeups.recv() => match received {
+                Ok(participant) => shared.streams.wake(&participant),
+                Err(RecvError::Lagged(_)) => shared.streams.wake_all(),
+                Err(RecvError::Closed) => return,
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// Re-reads the CRL every `interval`.
 async fn crl_reload_loop(tls: ServerTls, interval: Duration, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(interval);
@@ -464,8 +484,12 @@ async fn open_store(config: &BrokerConfig) -> Result<Arc<dyn BrokerStore>, Broke
         context: format!("creating data_dir {}", dir.display()),
         source,
     })?;
-    let _lifecycle = lifecycle_of(config);
-    Err(BrokerError::Unavailable(
-        "the sled store is not built yet".into(),
-    ))
+    let options = SledOptions {
+        cache_capacity_bytes: config.store.cache_capacity,
+    };
+    let lifecycle = lifecycle_of(config);
+    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir, options, lifecycle))
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("store open task failed: {e}")))??;
+    Ok(Arc::new(store))
 }

@@ -1,0 +1,216 @@
+//! Issue 3 item 7: every bad input gets its code, and nothing is stored.
+
+use std::time::{Duration, SystemTime};
+
+use tonic::Code;
+use trmx_proto::time::to_timestamp;
+use trmx_proto::{Kind, pb};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn every_bad_submit_gets_its_code_and_stores_nothing() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+
+    type Mutation = Box<dyn Fn(&mut pb::Envelope)>;
+    let cases: Vec<(&str, Mutation, Code, &str)> = vec![
+        (
+            "foreign sender",
+            Box::new(|e| e.sender = "INT-IOM".into()),
+            Code::PermissionDenied,
+            "envelope.sender",
+        ),
+        (
+            "broker-made kind",
+            Box::new(|e| {
+                e.kind = pb::MessageKind::DeliveryReceipt as i32;
+                e.content_type = Kind::DeliveryReceipt.content_type();
+            }),
+            Code::PermissionDenied,
+            "broker",
+        ),
+        (
+            "missing recipient",
+            Box::new(|e| e.recipient.clear()),
+            Code::InvalidArgument,
+            "envelope.recipient",
+        ),
+        (
+            "malformed case_ref",
+            Box::new(|e| e.case_ref = "Jane Doe".into()),
+            Code::InvalidArgument,
+            "envelope.case_ref",
+        ),
+        (
+            "bad digest",
+            Box::new(|e| e.payload.push(b'!')),
+            Code::InvalidArgument,
+            "envelope.payload_sha256",
+        ),
+        (
+            "broker-set accepted_at",
+            Box::new(|e| e.accepted_at = Some(to_timestamp(SystemTime::now()))),
+            Code::InvalidArgument,
+            "envelope.accepted_at",
+        ),
+        (
+            "broker-set broker_seq",
+            Box::new(|e| e.broker_seq = 42),
+            Code::InvalidArgument,
+            "envelope.broker_seq",
+        ),
+        (
+            "oversize envelope",
+            Box::new(|e| {
+                e.payload = vec![7; (64 << 10) + 1];
+                e.payload_sha256 = trmx_proto::envelope::sha256(&e.payload).to_vec();
+            }),
+            Code::InvalidArgument,
+            "envelope: must be at most",
+        ),
+        (
+            "unknown recipient",
+            Box::new(|e| e.recipient = "DE-NOBODY".into()),
+            Code::NotFound,
+            "DE-NOBODY",
+        ),
+        (
+            "kind not accepted",
+            Box::new(|e| {
+                e.recipient = "INT-IOM".into();
+            }),
+            Code::FailedPrecondition,
+            "does not accept",
+        ),
+        (
+            "expires_at already past",
+            Box::new(|e| {
+                let now = SystemTime::now();
+                e.created_at = Some(to_timestamp(now - Duration::from_secs(20)));
+                e.expires_at = Some(to_timestamp(now - Duration::from_secs(10)));
+            }),
+            Code::FailedPrecondition,
+            "expires_at",
+        ),
+    ];
+    let mut refused_ids = Vec::new();
+    for (what, mutate, code, needle) in &cases {
+        let mut env = referral("BE-PAYOKE");
+        mutate(&mut env);
+        refused_ids.push(env.message_id.clone());
+        let status = assert_code(submit(&mut nl, env).await, *code, what);
+        assert!(
+            status.message().contains(needle),
+            "{what}: message {:?} should name {needle:?}",
+            status.message()
+        );
+    }
+    let missing = nl.submit(pb::SubmitRequest { envelope: None }).await;
+    assert_code(missing, Code::InvalidArgument, "no envelope");
+
+    // A reused id with different content: the first stays as it was.
+    let first = referral("BE-PAYOKE");
+    let receipt1 = submit(&mut nl, first.clone()).await?;
+    let mut reused = referral("BE-PAYOKE");
+    reused.message_id = first.message_id.clone();
+    assert_code(
+        submit(&mut nl, reused).await,
+        Code::AlreadyExists,
+        "reused id",
+    );
+
+    // Operators and unregistered participants may not use Exchange at all.
+    let mut operator = t.operator_client("alice")?;
+    assert_code(
+        submit(&mut operator, referral("BE-PAYOKE")).await,
+        Code::PermissionDenied,
+        "operator submit",
+    );
+    assert_code(
+        operator
+            .receive(pb::ReceiveRequest { max_in_flight: 1 })
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+        "operator receive",
+    );
+    let mut stranger = t.client("FR-OFII")?;
+    assert_code(
+        submit(&mut stranger, referral("BE-PAYOKE")).await,
+        Code::PermissionDenied,
+        "unregistered participant",
+    );
+
+    // Nothing of the refused submits was stored...
+    for id in &refused_ids {
+        assert_code(
+            status(&mut nl, id).await,
+            Code::NotFound,
+            "refused id stored",
+        );
+    }
+    // ...and the recipients' queues hold only the one good message.
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 0).await?;
+    let delivery = next(&mut stream).await?;
+    assert_eq!(id_of(&delivery), first.message_id);
+    assert_eq!(
+        delivery.envelope.map(|e| e.broker_seq),
+        Some(receipt1.broker_seq)
+    );
+    expect_quiet(&mut stream).await?;
+    let mut iom = t.client("INT-IOM")?;
+    let mut stream = receive(&mut iom, 0).await?;
+    expect_quiet(&mut stream).await?;
+    // and the broker still serves everybody
+    let info = nl.get_info(pb::GetInfoRequest {}).await?.into_inner();
+    assert_eq!(info.caller, "NL-NRM");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sender_rate_limit_refuses_with_resource_exhausted() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| {
+        c.limits.sender_rate_per_second = 1;
+        c.limits.sender_rate_burst = 3;
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    for _ in 0..3 {
+        submit(&mut nl, referral("BE-PAYOKE")).await?;
+    }
+    let refused = referral("BE-PAYOKE");
+    let id = refused.message_id.clone();
+    assert_code(
+        submit(&mut nl, refused).await,
+        Code::ResourceExhausted,
+        "rate",
+    );
+    assert_code(
+        status(&mut nl, &id).await,
+        Code::NotFound,
+        "rate-limited id stored",
+    );
+    // another sender has its own bucket
+    let mut iom = t.client("INT-IOM")?;
+    submit(&mut iom, referral("BE-PAYOKE")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_free_disk_watermark_refuses_submits_but_delivery_goes_on() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| {
+        c.limits.min_free_disk_bytes = u64::MAX / 2;
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    assert_code(
+        submit(&mut nl, referral("BE-PAYOKE")).await,
+        Code::ResourceExhausted,
+        "low disk",
+    );
+    let mut be = t.client("BE-PAYOKE")?;
+    receive(&mut be, 0).await?;
+    Ok(())
+}

@@ -1,0 +1,461 @@
+//! The `Exchange` semantics of DESIGN.md §3 over real mutual TLS.
+
+use std::collections::HashSet;
+
+use tonic::Code;
+use trmx_proto::envelope::check_delivery;
+use trmx_proto::{Kind, MessageId, pb};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn offline_recipient_receives_on_connect_and_the_sender_gets_a_receipt() -> anyhow::Result<()>
+{
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    let receipt1 = submit(&mut nl, env.clone()).await?;
+    assert_eq!(receipt1.message_id, id);
+    assert!(!receipt1.duplicate);
+    assert!(receipt1.accepted_at.is_some() && receipt1.expires_at.is_some());
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::Accepted);
+
+    // Same content again: the first receipt, marked duplicate.
+    let again = submit(&mut nl, env.clone()).await?;
+    assert!(again.duplicate);
+    assert_eq!(again.broker_seq, receipt1.broker_seq);
+    assert_eq!(again.accepted_at, receipt1.accepted_at);
+    // The sender may name itself.
+    let mut named = env.clone();
+    named.sender = "NL-NRM".into();
+    assert!(submit(&mut nl, named).await?.duplicate);
+    // Different content under the same id.
+    let mut changed = env.clone();
+    changed.priority = pb::Priority::Urgent as i32;
+    assert_code(
+        submit(&mut nl, changed).await,
+        Code::AlreadyExists,
+        "reused id",
+    );
+
+    // The recipient connects and gets it, with the broker-set fields filled in.
+    let mut stream = receive(&mut be, 0).await?;
+    let delivery = next(&mut stream).await?;
+    assert_eq!(delivery.attempt, 1);
+    let got = delivery.envelope.clone().expect("envelope");
+    assert_eq!(got.message_id, id);
+    assert_eq!(got.sender, "NL-NRM");
+    assert_eq!(got.payload, env.payload);
+    assert_eq!(got.broker_seq, receipt1.broker_seq);
+    assert_eq!(got.accepted_at, receipt1.accepted_at);
+    check_delivery(&got)?;
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::InFlight);
+    expect_quiet(&mut stream).await?; // exactly once
+
+    assert_eq!(
+        ack(&mut be, &[id.clone()]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    // acknowledging twice is harmless
+    assert_eq!(
+        ack(&mut be, &[id.clone()]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    let st = status(&mut nl, &id).await?;
+    assert_eq!(st.state, pb::MessageState::Acknowledged as i32);
+    assert_eq!(st.attempts, 1);
+    assert!(st.last_delivered_at.is_some());
+
+    // The sender's delivery receipt.
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    let delivery = next(&mut nl_stream).await?;
+    let (kind, receipt) = receipt(&delivery)?;
+    assert_eq!(kind, Kind::DeliveryReceipt);
+    assert_eq!(receipt.message_id, id);
+    assert_eq!(receipt.outcome, pb::Outcome::Delivered as i32);
+    assert_eq!(receipt.attempts, 1);
+    let receipt_id = id_of(&delivery);
+    assert_eq!(
+        receipt_id,
+        MessageId::receipt_id(MessageId::parse(&id)?, "DELIVERED").to_string()
+    );
+    assert_eq!(
+        delivery.envelope.as_ref().map(|e| e.case_ref.clone()),
+        Some(env.case_ref)
+    );
+    // acknowledging a receipt causes no receipt
+    assert_eq!(
+        ack(&mut nl, &[receipt_id]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    let mut be_again = receive(&mut be, 0).await?;
+    expect_quiet(&mut be_again).await?;
+    expect_quiet(&mut nl_stream).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn urgent_first_then_acceptance_order() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut expected_normal = Vec::new();
+    for _ in 0..3 {
+        let env = referral("BE-PAYOKE");
+        expected_normal.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    let mut urgent = referral("BE-PAYOKE");
+    urgent.priority = pb::Priority::Urgent as i32;
+    let urgent_id = urgent.message_id.clone();
+    submit(&mut nl, urgent).await?;
+
+    let mut stream = receive(&mut be, 10).await?;
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        order.push(id_of(&next(&mut stream).await?));
+    }
+    assert_eq!(order[0], urgent_id);
+    assert_eq!(order[1..], expected_normal[..]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn max_in_flight_is_respected_and_two_streams_never_share_a_message() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut be2 = t.client("BE-PAYOKE")?;
+    let mut all = HashSet::new();
+    for _ in 0..10 {
+        let env = referral("BE-PAYOKE");
+        all.insert(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    let mut a = receive(&mut be, 3).await?;
+    let mut b = receive(&mut be2, 3).await?;
+    let mut got_a = Vec::new();
+    let mut got_b = Vec::new();
+    for _ in 0..3 {
+        got_a.push(id_of(&next(&mut a).await?));
+        got_b.push(id_of(&next(&mut b).await?));
+    }
+    expect_quiet(&mut a).await?;
+    expect_quiet(&mut b).await?;
+    let set_a: HashSet<_> = got_a.iter().cloned().collect();
+    let set_b: HashSet<_> = got_b.iter().cloned().collect();
+    assert_eq!(set_a.len(), 3);
+    assert!(
+        set_a.is_disjoint(&set_b),
+        "a message was in flight on two streams"
+    );
+
+    // Acknowledging frees slots on that stream only.
+    assert!(
+        ack(&mut be, &got_a)
+            .await?
+            .iter()
+            .all(|r| *r == pb::AckResult::Acknowledged)
+    );
+    let mut more_a = HashSet::new();
+    for _ in 0..3 {
+        more_a.insert(id_of(&next(&mut a).await?));
+    }
+    expect_quiet(&mut b).await?;
+    assert!(more_a.is_disjoint(&set_a) && more_a.is_disjoint(&set_b));
+
+    // Closing stream b releases its messages at once to stream a's free slots.
+    drop(b);
+    let acked: Vec<String> = more_a.iter().cloned().collect();
+    ack(&mut be, &acked).await?;
+    let mut rest = HashSet::new();
+    for _ in 0..3 {
+        rest.insert(id_of(&next(&mut a).await?));
+    }
+    // 10 messages: 3 acked + 3 acked + the 3 released from b + 1 not yet leased
+    // are spread over these deliveries; everything seen is one of ours.
+    let seen: HashSet<_> = set_a.iter().chain(&more_a).chain(&rest).cloned().collect();
+    assert!(seen.is_subset(&all));
+    assert_eq!(seen.len(), 9);
+    Ok(())
+}
+
+#[tokio::test]
+async fn ack_reports_per_id_and_never_touches_anothers_message() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut iom = t.client("INT-IOM")?;
+
+    let to_be = referral("BE-PAYOKE");
+    let to_iom = envelope("INT-IOM", Kind::FollowUp, b"follow up");
+    submit(&mut nl, to_be.clone()).await?;
+    submit(&mut nl, to_iom.clone()).await?;
+    let mut be_stream = receive(&mut be, 0).await?;
+    let mut iom_stream = receive(&mut iom, 0).await?;
+    assert_eq!(id_of(&next(&mut be_stream).await?), to_be.message_id);
+    assert_eq!(id_of(&next(&mut iom_stream).await?), to_iom.message_id);
+
+    let results = ack(
+        &mut be,
+        &[
+            to_be.message_id.clone(),
+            to_iom.message_id.clone(),
+            MessageId::new_v7().to_string(),
+            "not-an-id".into(),
+        ],
+    )
+    .await?;
+    assert_eq!(
+        results,
+        vec![
+            pb::AckResult::Acknowledged,
+            pb::AckResult::NotFound,
+            pb::AckResult::NotFound,
+            pb::AckResult::InvalidId
+        ]
+    );
+    assert_eq!(
+        state_of(&mut nl, &to_be.message_id).await?,
+        pb::MessageState::Acknowledged
+    );
+    assert_eq!(
+        state_of(&mut nl, &to_iom.message_id).await?,
+        pb::MessageState::InFlight
+    );
+    assert_eq!(
+        ack(&mut iom, &[to_iom.message_id.clone()]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn get_status_is_for_the_sender_only() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    submit(&mut nl, env.clone()).await?;
+    let st = status(&mut nl, &env.message_id).await?;
+    assert_eq!(st.recipient, "BE-PAYOKE");
+    assert_eq!(st.kind, pb::MessageKind::Referral as i32);
+    assert_eq!(st.payload_size, env.payload.len() as u64);
+    // not even the recipient sees the sender's status
+    assert_code(
+        status(&mut be, &env.message_id).await,
+        Code::NotFound,
+        "recipient asks",
+    );
+    assert_code(
+        status(&mut nl, &MessageId::new_v7().to_string()).await,
+        Code::NotFound,
+        "unknown id",
+    );
+    assert_code(status(&mut nl, "x").await, Code::InvalidArgument, "bad id");
+    Ok(())
+}
+
+#[tokio::test]
+async fn reject_dead_letters_and_reports_the_reason_to_the_sender() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    let mut stream = receive(&mut be, 0).await?;
+    next(&mut stream).await?;
+
+    let reject = |code: &str, path: &str, id: &str| pb::RejectRequest {
+        message_id: id.into(),
+        reason_code: code.into(),
+        field_path: path.into(),
+    };
+    for (request, what) in [
+        (
+            reject("invalid body", "referral.consent", &id),
+            "reason code",
+        ),
+        (
+            reject("INVALID_BODY", "referral..consent", &id),
+            "field path",
+        ),
+        (
+            reject("INVALID_BODY", "name=Jane Doe", &id),
+            "field path with a value",
+        ),
+        (reject("INVALID_BODY", "", "nope"), "message id"),
+    ] {
+        assert_code(be.reject(request).await, Code::InvalidArgument, what);
+    }
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::InFlight);
+    // someone else cannot reject it
+    let mut iom = t.client("INT-IOM")?;
+    assert_code(
+        iom.reject(reject("INVALID_BODY", "", &id)).await,
+        Code::NotFound,
+        "foreign reject",
+    );
+
+    be.reject(reject("INVALID_BODY", "referral.consent.basis", &id))
+        .await?;
+    let st = status(&mut nl, &id).await?;
+    assert_eq!(st.state, pb::MessageState::DeadLettered as i32);
+    assert_eq!(st.field_path, "referral.consent.basis");
+
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    let (kind, receipt) = receipt(&next(&mut nl_stream).await?)?;
+    assert_eq!(kind, Kind::NonDeliveryReport);
+    assert_eq!(receipt.message_id, id);
+    assert_eq!(receipt.outcome, pb::Outcome::RejectedByRecipient as i32);
+    assert!(
+        receipt.reason_code.contains("INVALID_BODY"),
+        "{}",
+        receipt.reason_code
+    );
+    assert_eq!(receipt.field_path, "referral.consent.basis");
+    assert_eq!(receipt.attempts, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn withdrawn_messages_never_reach_the_recipient() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    let withdraw = |id: &str| pb::WithdrawRequest {
+        message_id: id.into(),
+    };
+    // only the sender can withdraw it
+    assert_code(
+        be.withdraw(withdraw(&id)).await,
+        Code::NotFound,
+        "foreign withdraw",
+    );
+    let withdrawn = nl.withdraw(withdraw(&id)).await?.into_inner();
+    assert!(withdrawn.withdrawn_at.is_some());
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::Withdrawn);
+    let mut stream = receive(&mut be, 0).await?;
+    expect_quiet(&mut stream).await?;
+    // no receipt for a withdrawal
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    expect_quiet(&mut nl_stream).await?;
+
+    // an acknowledged message cannot be withdrawn any more
+    let env = referral("BE-PAYOKE");
+    let acked = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), acked);
+    ack(&mut be, &[acked.clone()]).await?;
+    assert_code(
+        nl.withdraw(withdraw(&acked)).await,
+        Code::FailedPrecondition,
+        "after ack",
+    );
+    assert_code(
+        nl.withdraw(withdraw(&MessageId::new_v7().to_string()))
+            .await,
+        Code::NotFound,
+        "unknown",
+    );
+
+    // an in-flight message withdrawn: the recipient cannot ack it
+    let env = referral("BE-PAYOKE");
+    let in_flight = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), in_flight);
+    nl.withdraw(withdraw(&in_flight)).await?;
+    assert_eq!(
+        ack(&mut be, &[in_flight.clone()]).await?,
+        vec![pb::AckResult::NotFound]
+    );
+    assert_eq!(
+        state_of(&mut nl, &in_flight).await?,
+        pb::MessageState::Withdrawn
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn get_info_lists_the_registry_and_limits() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let info = be.get_info(pb::GetInfoRequest {}).await?.into_inner();
+    assert_eq!(info.caller, "BE-PAYOKE");
+    assert_eq!(info.broker_name, "test-1");
+    let ids: Vec<_> = info.participants.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["BE-PAYOKE", "INT-IOM", "NL-NRM"]);
+    let iom = &info.participants[1];
+    assert_eq!(iom.accepts, vec![pb::MessageKind::FollowUp as i32]);
+    assert_eq!(
+        iom.organisation_type,
+        pb::OrganisationType::InternationalOrganisation as i32
+    );
+    let limits = info.limits.expect("limits");
+    assert_eq!(limits.max_envelope_bytes, 64 << 10);
+    assert_eq!(limits.default_max_in_flight, 32);
+    assert_eq!(limits.max_attempts, 3);
+    assert_eq!(limits.ack_timeout.map(|d| d.seconds), Some(10));
+    Ok(())
+}
+
+#[tokio::test]
+async fn streams_per_participant_are_limited() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(receive(&mut be, 1).await?);
+    }
+    let refused = be.receive(pb::ReceiveRequest { max_in_flight: 1 }).await;
+    assert_code(refused.map(|_| ()), Code::ResourceExhausted, "fifth stream");
+    // another participant is unaffected
+    let mut nl = t.client("NL-NRM")?;
+    receive(&mut nl, 1).await?;
+    // closing one makes room (the broker notices the close asynchronously)
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match be.receive(pb::ReceiveRequest { max_in_flight: 1 }).await {
+            Ok(_) => break,
+            Err(s)
+                if s.code() == Code::ResourceExhausted
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(s) => anyhow::bail!("stream not freed: {s}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_health_service_reports_serving() -> anyhow::Result<()> {
+    use tonic_health::pb::health_client::HealthClient;
+    let t = TestBroker::start().await?;
+    let channel = trmx_transport::client_channel(
+        &t.addr.to_string(),
+        &t.pki.participant("NL-NRM")?,
+        &Default::default(),
+    )?;
+    let mut health = HealthClient::new(channel);
+    let response = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "trmx.v1.Exchange".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        response.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! Shared test harness: a federation CA in a temp dir, a real broker on
+//! 127.0.0.1:0 with a manual clock, and mutual-TLS clients built from the
+//! generated stubs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+use trmx_broker::clock::ManualClock;
+use trmx_broker::config::{OrganisationType, ParticipantConfig, TlsConfig};
+use trmx_broker::{Broker, BrokerConfig, RunningBroker};
+use trmx_certs::Federation;
+use trmx_proto::envelope::sha256;
+use trmx_proto::pb::exchange_client::ExchangeClient;
+use trmx_proto::time::to_timestamp;
+use trmx_proto::{CaseRef, Kind, MessageId, pb};
+use trmx_transport::{ClientOptions, TlsPaths, client_channel};
+
+pub(crate) type Client = ExchangeClient<Channel>;
+
+/// How long a test waits for something that should happen.
+pub(crate) const WAIT: Duration = Duration::from_secs(5);
+/// How long a test waits to be sure that something does NOT happen.
+pub(crate) const QUIET: Duration = Duration::from_millis(400);
+
+/// The test federation: NL-NRM accepts everything; BE-PAYOKE accepts no
+/// return-risk-assessment requests; INT-IOM accepts follow-ups only.
+pub(crate) fn participants() -> Vec<ParticipantConfig> {
+    let all: Vec<String> = Kind::APPLICATION
+        .iter()
+        .map(|k| k.name().to_string())
+        .collect();
+    vec![
+        ParticipantConfig {
+            id: "NL-NRM".into(),
+            display_name: "Dutch NRM".into(),
+            country: "NL".into(),
+            organisation_type: OrganisationType::Nrm,
+            accepts: all,
+        },
+        ParticipantConfig {
+            id: "BE-PAYOKE".into(),
+            display_name: "Payoke".into(),
+            country: "BE".into(),
+            organisation_type: OrganisationType::Ngo,
+            accepts: vec![
+                "referral".into(),
+                "referral-response".into(),
+                "follow-up".into(),
+            ],
+        },
+        ParticipantConfig {
+            id: "INT-IOM".into(),
+            display_name: "IOM".into(),
+            country: "INT".into(),
+            organisation_type: OrganisationType::InternationalOrganisation,
+            accepts: vec!["follow-up".into()],
+        },
+    ]
+}
+
+/// A federation CA and the broker's certificate in `dir`.
+pub(crate) struct Pki {
+    pub(crate) federation: Federation,
+    pub(crate) tls: TlsConfig,
+}
+
+impl Pki {
+    pub(crate) fn create(dir: &Path) -> anyhow::Result<Self> {
+        let federation = Federation::create(&dir.join("pki"), "trm.test")?;
+        let broker = federation.broker("test-1")?;
+        let tls = TlsConfig {
+            ca: federation.ca_cert_path(),
+            cert: broker.cert,
+            key: broker.key,
+            crl: Some(federation.crl_path()),
+            crl_reload_interval: Duration::from_secs(3600),
+            crl_policy: Default::default(),
+        };
+        Ok(Self { federation, tls })
+    }
+
+    /// Client TLS files of a participant (issued on first use).
+    pub(crate) fn participant(&self, id: &str) -> anyhow::Result<TlsPaths> {
+        let path = self.federation.dir.join(format!("{id}.pem"));
+        let cert = if path.exists() {
+            trmx_certs::CertPaths::for_cert(&path)
+        } else {
+            self.federation.participant(id)?
+        };
+        Ok(TlsPaths {
+            ca: self.federation.ca_cert_path(),
+            cert: cert.cert,
+            key: cert.key,
+        })
+    }
+}
+
+/// A test config: fast timers, small envelopes, generous rates, no disk watermark.
+pub(crate) fn test_config(data_dir: PathBuf, tls: TlsConfig) -> BrokerConfig {
+    let mut config = BrokerConfig::new(data_dir, tls);
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.participants = participants();
+    config.store.cache_capacity = 8 << 20;
+    config.limits.max_envelope_bytes = 64 << 10;
+    config.limits.min_free_disk_bytes = 0;
+    config.limits.sender_rate_per_second = 100_000;
+    config.limits.sender_rate_burst = 100_000;
+    config.limits.max_streams_per_participant = 4;
+    config.limits.shutdown_grace = Duration::from_secs(3);
+    config.lifecycle.ack_timeout = Duration::from_secs(10);
+    config.lifecycle.backoff_base = Duration::from_secs(1);
+    config.lifecycle.backoff_max = Duration::from_secs(2);
+    config.lifecycle.max_attempts = 3;
+    config.lifecycle.tick_interval = Duration::from_millis(20);
+    config
+}
+
+/// A running in-process broker with its PKI, data dir and manual clock.
+pub(crate) struct TestBroker {
+    pub(crate) _dir: TempDir,
+    pub(crate) pki: Pki,
+    pub(crate) clock: ManualClock,
+    pub(crate) config: BrokerConfig,
+    pub(crate) broker: RunningBroker,
+    pub(crate) addr: SocketAddr,
+}
+
+impl TestBroker {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    pub(crate) async fn start_with(adjust: impl FnOnce(&mut BrokerConfig)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::create(dir.path())?;
+        let mut config = test_config(dir.path().join("data"), pki.tls.clone());
+        adjust(&mut config);
+        let clock = ManualClock::new(SystemTime::now());
+        let broker = start_broker(&config, &clock).await?;
+        let addr = broker.local_addr();
+        Ok(Self {
+            _dir: dir,
+            pki,
+            clock,
+            config,
+            broker,
+            addr,
+        })
+    }
+
+    /// Shuts the broker down in order and starts it again on the same data dir
+    /// (new port).
+    pub(crate) async fn restart(&mut self) -> anyhow::Result<()> {
+        self.broker.shutdown().await?;
+        self.broker = start_broker(&self.config, &self.clock).await?;
+        self.addr = self.broker.local_addr();
+        Ok(())
+    }
+
+    /// An `Exchange` client with `id`'s certificate.
+    pub(crate) fn client(&self, id: &str) -> anyhow::Result<Client> {
+        client(self.addr, &self.pki.participant(id)?)
+    }
+
+    /// A client with an operator certificate.
+    pub(crate) fn operator_client(&self, name: &str) -> anyhow::Result<Client> {
+        let cert = self.pki.federation.operator(name)?;
+        let paths = TlsPaths {
+            ca: self.pki.federation.ca_cert_path(),
+            cert: cert.cert,
+            key: cert.key,
+        };
+        client(self.addr, &paths)
+    }
+
+    pub(crate) fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+}
+
+async fn start_broker(config: &BrokerConfig, clock: &ManualClock) -> anyhow::Result<RunningBroker> {
+    // The previous broker on this data dir may still be letting go of its
+    // files: retry briefly.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        match Broker::builder(config.clone())
+            .clock(clock.clone())
+            .start(listener)
+            .await
+        {
+            Ok(broker) => return Ok(broker),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("broker start failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e).context("starting the broker"),
+        }
+    }
+}
+
+pub(crate) fn client(addr: SocketAddr, paths: &TlsPaths) -> anyhow::Result<Client> {
+    let channel = client_channel(&addr.to_string(), paths, &ClientOptions::default())?;
+    Ok(ExchangeClient::new(channel))
+}
+
+/// A valid envelope from the caller to `to`.
+pub(crate) fn envelope(to: &str, kind: Kind, payload: &[u8]) -> pb::Envelope {
+    pb::Envelope {
+        message_id: MessageId::new_v7().to_string(),
+        recipient: to.into(),
+        kind: kind.to_pb() as i32,
+        case_ref: CaseRef::new_random().to_string(),
+        priority: pb::Priority::Normal as i32,
+        created_at: Some(to_timestamp(SystemTime::now())),
+        payload_sha256: sha256(payload).to_vec(),
+        payload: payload.to_vec(),
+        content_type: kind.content_type(),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn referral(to: &str) -> pb::Envelope {
+    envelope(to, Kind::Referral, b"opaque referral body")
+}
+
+pub(crate) async fn submit(
+    client: &mut Client,
+    env: pb::Envelope,
+) -> Result<pb::SubmitReceipt, tonic::Status> {
+    client
+        .submit(pb::SubmitRequest {
+            envelope: Some(env),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+pub(crate) async fn receive(
+    client: &mut Client,
+    max_in_flight: u32,
+) -> anyhow::Result<Streaming<pb::Delivery>> {
+    Ok(client
+        .receive(pb::ReceiveRequest { max_in_flight })
+        .await?
+        .into_inner())
+}
+
+/// The next delivery, failing after [`WAIT`].
+pub(crate) async fn next(stream: &mut Streaming<pb::Delivery>) -> anyhow::Result<pb::Delivery> {
+    match tokio::time::timeout(WAIT, stream.message()).await {
+        Ok(Ok(Some(delivery))) => Ok(delivery),
+        Ok(Ok(None)) => anyhow::bail!("stream ended"),
+        Ok(Err(status)) => anyhow::bail!("stream failed: {status}"),
+        Err(_) => anyhow::bail!("no delivery within {WAIT:?}"),
+    }
+}
+
+/// Asserts that no delivery arrives within [`QUIET`].
+pub(crate) async fn expect_quiet(stream: &mut Streaming<pb::Delivery>) -> anyhow::Result<()> {
+    match tokio::time::timeout(QUIET, stream.message()).await {
+        Err(_) => Ok(()),
+        Ok(Ok(Some(delivery))) => anyhow::bail!(
+            "unexpected delivery of {}",
+            delivery.envelope.map(|e| e.message_id).unwrap_or_default()
+        ),
+        Ok(other) => anyhow::bail!("stream ended unexpectedly: {other:?}"),
+    }
+}
+
+pub(crate) fn id_of(delivery: &pb::Delivery) -> String {
+    delivery
+        .envelope
+        .as_ref()
+        .map(|e| e.message_id.clone())
+        .unwrap_or_default()
+}
+
+pub(crate) async fn ack(client: &mut Client, ids: &[String]) -> anyhow::Result<Vec<pb::AckResult>> {
+    let response = client
+        .ack(pb::AckRequest {
+            message_ids: ids.to_vec(),
+        })
+        .await?
+        .into_inner();
+    Ok(response
+        .results
+        .iter()
+        .map(|r| pb::AckResult::try_from(r.result).unwrap_or(pb::AckResult::Unspecified))
+        .collect())
+}
+
+pub(crate) async fn status(
+    client: &mut Client,
+    id: &str,
+) -> Result<pb::MessageStatus, tonic::Status> {
+    client
+        .get_status(pb::GetStatusRequest {
+            message_id: id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+pub(crate) async fn state_of(client: &mut Client, id: &str) -> anyhow::Result<pb::MessageState> {
+    let status = status(client, id).await?;
+    Ok(pb::MessageState::try_from(status.state)?)
+}
+
+/// The receipt carried by a delivery of a broker-made kind.
+pub(crate) fn receipt(delivery: &pb::Delivery) -> anyhow::Result<(Kind, pb::Receipt)> {
+    use prost::Message;
+    let env = delivery.envelope.as_ref().context("no envelope")?;
+    let kind = Kind::from_pb(env.kind).context("bad kind")?;
+    anyhow::ensure!(kind.is_broker_made(), "not a receipt: {kind}");
+    anyhow::ensure!(env.sender.is_empty(), "receipt with a sender");
+    Ok((kind, pb::Receipt::decode(env.payload.as_slice())?))
+}
+
+pub(crate) fn assert_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: Code,
+    context: &str,
+) -> tonic::Status {
+    match result {
+        Ok(value) => panic!("{context}: expected {code:?}, got Ok({value:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{context}: {}", status.message());
+            status
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! DESIGN.md §4 lifecycle, driven by the manual clock: redelivery after the
+//! ack timeout, dead-lettering after max attempts, expiry, restarts.
+
+use std::time::{Duration, SystemTime};
+
+use tonic::Code;
+use trmx_proto::time::to_timestamp;
+use trmx_proto::{Kind, pb};
+
+use crate::harness::*;
+
+/// Moves the clock past the ack timeout of message `id`, waits until the
+/// broker's timers have taken the lease back, then moves past the backoff.
+async fn time_out_lease(t: &TestBroker, sender: &mut Client, id: &str) -> anyhow::Result<()> {
+    t.advance(Duration::from_secs(11));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while state_of(sender, id).await? == pb::MessageState::InFlight {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "lease not timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    t.advance(Duration::from_secs(2)); // backoff_max
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unacknowledged_delivery_comes_again_after_the_ack_timeout() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    let mut stream = receive(&mut be, 1).await?;
+    let first = next(&mut stream).await?;
+    assert_eq!((id_of(&first), first.attempt), (id.clone(), 1));
+    expect_quiet(&mut stream).await?;
+
+    // ack timeout (10s), then the backoff: due again, on the same stream,
+    // although the stream's only slot was taken by the unacknowledged lease.
+    time_out_lease(&t, &mut nl, &id).await?;
+    let second = next(&mut stream).await?;
+    assert_eq!((id_of(&second), second.attempt), (id.clone(), 2));
+    let st = status(&mut nl, &id).await?;
+    assert_eq!(st.attempts, 2);
+    assert_eq!(st.state, pb::MessageState::InFlight as i32);
+
+    // an ack of the redelivered message settles it
+    assert_eq!(
+        ack(&mut be, &[id.clone()]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    assert_eq!(
+        state_of(&mut nl, &id).await?,
+        pb::MessageState::Acknowledged
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn too_many_attempts_dead_letter_with_a_report() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?; // max_attempts = 3
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    let mut stream = receive(&mut be, 1).await?;
+    for attempt in 1..=3 {
+        let delivery = next(&mut stream).await?;
+        assert_eq!((id_of(&delivery), delivery.attempt), (id.clone(), attempt));
+        time_out_lease(&t, &mut nl, &id).await?;
+    }
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    let (kind, report) = receipt(&next(&mut nl_stream).await?)?;
+    assert_eq!(kind, Kind::NonDeliveryReport);
+    assert_eq!(report.message_id, id);
+    assert_eq!(report.outcome, pb::Outcome::DeadLettered as i32);
+    assert_eq!(report.attempts, 3);
+    assert!(report.last_delivered_at.is_some());
+    assert_eq!(
+        state_of(&mut nl, &id).await?,
+        pb::MessageState::DeadLettered
+    );
+    expect_quiet(&mut stream).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_message_produces_a_non_delivery_report() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    env.expires_at = Some(to_timestamp(SystemTime::now() + Duration::from_secs(60)));
+    let receipt1 = submit(&mut nl, env).await?;
+    assert!(receipt1.expires_at.is_some());
+
+    t.advance(Duration::from_secs(61));
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    let (kind, report) = receipt(&next(&mut nl_stream).await?)?;
+    assert_eq!(kind, Kind::NonDeliveryReport);
+    assert_eq!(report.message_id, id);
+    assert_eq!(report.outcome, pb::Outcome::Expired as i32);
+    assert_eq!(report.attempts, 0, "never delivered");
+    assert!(report.last_delivered_at.is_none());
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::Expired);
+
+    // the recipient never gets it
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 0).await?;
+    expect_quiet(&mut stream).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn lifetimes_are_defaulted_and_capped() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let now = trmx_proto::time::to_millis(SystemTime::now());
+    let seconds = |ts: Option<pb::Timestamp>| ts.map(|t| t.seconds).unwrap_or_default();
+    let defaulted = submit(&mut nl, referral("BE-PAYOKE")).await?;
+    let lifetime = seconds(defaulted.expires_at) - seconds(defaulted.accepted_at);
+    assert_eq!(lifetime, 30 * 86_400);
+    let mut far = referral("BE-PAYOKE");
+    far.expires_at = Some(to_timestamp(
+        trmx_proto::time::from_millis(now) + Duration::from_secs(400 * 86_400),
+    ));
+    let capped = submit(&mut nl, far).await?;
+    let lifetime = seconds(capped.expires_at) - seconds(capped.accepted_at);
+    assert_eq!(lifetime, 90 * 86_400);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restart_keeps_queues_in_flight_deliveries_and_status() -> anyhow::Result<()> {
+    let mut t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let queued = referral("BE-PAYOKE");
+    let in_flight = referral("BE-PAYOKE");
+    submit(&mut nl, in_flight.clone()).await?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), in_flight.message_id);
+    submit(&mut nl, queued.clone()).await?;
+
+    t.restart().await?;
+    // the open stream was ended by the shutdown
+    match tokio::time::timeout(WAIT, stream.message()).await {
+        Ok(Ok(None)) | Ok(Err(_)) => {}
+        other => anyhow::bail!("stream not ended by shutdown: {other:?}"),
+    }
+
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    assert_eq!(
+        state_of(&mut nl, &queued.message_id).await?,
+        pb::MessageState::Accepted
+    );
+    let mut stream = receive(&mut be, 10).await?;
+    let mut got = vec![next(&mut stream).await?, next(&mut stream).await?];
+    got.sort_by_key(|d| d.envelope.as_ref().map(|e| e.broker_seq));
+    assert_eq!(id_of(&got[0]), in_flight.message_id);
+    assert_eq!(
+        got[0].attempt, 2,
+        "the lease of the old process became due again"
+    );
+    assert_eq!(id_of(&got[1]), queued.message_id);
+    // the duplicate check survives the restart too
+    assert!(submit(&mut nl, queued.clone()).await?.duplicate);
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_refuses_new_work_and_ends_streams() -> anyhow::Result<()> {
+    let mut t = TestBroker::start().await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 0).await?;
+    let started = std::time::Instant::now();
+    t.broker.shutdown().await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    match tokio::time::timeout(WAIT, stream.message()).await {
+        Ok(Err(status)) => assert_eq!(status.code(), Code::Unavailable),
+        Ok(Ok(None)) => {}
+        other => anyhow::bail!("stream not ended: {other:?}"),
+    }
+    let mut nl = t.client("NL-NRM")?;
+    assert!(submit(&mut nl, referral("BE-PAYOKE")).await.is_err());
+    Ok(())
+}
