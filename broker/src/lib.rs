@@ -26,6 +26,7 @@
 //! stream's slots. The timer loop in [`server`] calls `store.tick` for ack timeouts,
 //! expiry and retentions, and wakes the streams of recipients with newly due messages.
 
+pub mod admin;
 pub mod admission;
 pub mod clock;
 pub mod config;

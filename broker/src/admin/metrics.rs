@@ -1,0 +1,1131 @@
+//! A small hand-written Prometheus registry for the broker.
+//!
+//! The series names are a contract: `ops/grafana/trmx-broker.json` and
+//! `ops/prometheus/alerts.yml` query exactly these, and `ops/check.sh scrape` proves it
+//! against a real Prometheus. Labels are bounded: `kind` and every `reason` come from fixed
+//! enums (all values are exported from the start, at 0, so `rate()` and `increase()` see the
+//! first event), `recipient`/`participant` from the participant registry, `role`/`name` from
+//! the certificates the broker holds or has seen.
+//!
+//! Counters and histograms are atomics (lock-free on the hot path); the per-participant
+//! gauges sit behind one `std::sync::Mutex`, never held across an `.await`. Time-derived
+//! gauges (oldest message age, seconds until a certificate or the CRL expires, last seen of
+//! a connected participant) are stored as instants and computed at render time from the
+//! injected [`Clock`], so they never go stale between refreshes.
+//!
+//! Text exposition format 0.0.4:
+//! <https://prometheus.io/docs/instrumenting/exposition_formats/>.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use trmx_proto::{Kind, ParticipantId};
+
+use crate::clock::{Clock, SystemClock};
+use crate::store::{Millis, QueueStats, TickReport};
+
+/// Upper bounds (seconds) of the `trmx_submit_duration_seconds` buckets.
+pub const SUBMIT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// Upper bounds (seconds) of the `trmx_store_flush_duration_seconds` buckets.
+pub const FLUSH_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// Why a `Submit` was refused (label `reason` of `trmx_submits_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RefusalReason {
+    /// `INVALID_ARGUMENT`: the envelope failed validation.
+    InvalidArgument,
+    /// `PERMISSION_DENIED`: a foreign sender, a broker-made kind, an operator certificate.
+    PermissionDenied,
+    /// `NOT_FOUND`: unknown recipient.
+    NotFound,
+    /// `FAILED_PRECONDITION`: kind not accepted by the recipient, already expired.
+    FailedPrecondition,
+    /// `ALREADY_EXISTS`: a used message id with different content.
+    AlreadyExists,
+    /// `RESOURCE_EXHAUSTED`: the sender's queued-bytes quota.
+    Quota,
+    /// `RESOURCE_EXHAUSTED`: the sender's rate limit.
+    Rate,
+    /// `RESOURCE_EXHAUSTED`: free disk below the watermark.
+    Disk,
+    /// `UNAVAILABLE`: the store cannot make writes durable.
+    Unavailable,
+}
+
+impl RefusalReason {
+    /// Every reason, in label order.
+    pub const ALL: [RefusalReason; 9] = [
+        RefusalReason::InvalidArgument,
+        RefusalReason::PermissionDenied,
+        RefusalReason::NotFound,
+        RefusalReason::FailedPrecondition,
+        RefusalReason::AlreadyExists,
+        RefusalReason::Quota,
+        RefusalReason::Rate,
+        RefusalReason::Disk,
+        RefusalReason::Unavailable,
+    ];
+
+    /// The label value, e.g. `invalid_argument`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::InvalidArgument => "invalid_argument",
+            RefusalReason::PermissionDenied => "permission_denied",
+            RefusalReason::NotFound => "not_found",
+            RefusalReason::FailedPrecondition => "failed_precondition",
+            RefusalReason::AlreadyExists => "already_exists",
+            RefusalReason::Quota => "quota",
+            RefusalReason::Rate => "rate",
+            RefusalReason::Disk => "disk",
+            RefusalReason::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Why a message was dead-lettered (label `reason` of `trmx_messages_dead_lettered_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeadLetterReason {
+    /// The recipient rejected it (never redrivable).
+    Rejected,
+    /// Delivery attempts exhausted.
+    MaxAttempts,
+}
+
+impl DeadLetterReason {
+    /// Every reason, in label order.
+    pub const ALL: [DeadLetterReason; 2] =
+        [DeadLetterReason::Rejected, DeadLetterReason::MaxAttempts];
+
+    /// The label value: `rejected` or `max_attempts`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Rejected => "rejected",
+            DeadLetterReason::MaxAttempts => "max_attempts",
+        }
+    }
+}
+
+/// Whose certificate (label `role` of `trmx_certificate_expiry_seconds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CertRole {
+    /// The federation CA.
+    Ca,
+    /// This broker's server certificate.
+    Broker,
+    /// A participant's node certificate (as seen on a connection).
+    Participant,
+    /// An operator's certificate (as seen on a connection).
+    Operator,
+}
+
+impl CertRole {
+    /// The label value: `ca`, `broker`, `participant` or `operator`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertRole::Ca => "ca",
+            CertRole::Broker => "broker",
+            CertRole::Participant => "participant",
+            CertRole::Operator => "operator",
+        }
+    }
+}
+
+/// What `/readyz` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// The store makes writes durable (no failed flush latched, disk above the watermark).
+    pub store_writable: bool,
+    /// The CA and broker certificates are known and none of them has expired.
+    pub certificates_valid: bool,
+}
+
+impl Readiness {
+    /// Whether the broker can take work.
+    pub fn is_ready(&self) -> bool {
+        self.store_writable && self.certificates_valid
+    }
+}
+
+/// The broker's metrics. Cheap to update from any task; share it as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    clock: Arc<dyn Clock>,
+    accepted: KindCounters,
+    delivered: KindCounters,
+    acknowledged: KindCounters,
+    redelivered: AtomicU64,
+    expired: AtomicU64,
+    dead_lettered: [AtomicU64; DeadLetterReason::ALL.len()],
+    withdrawn: AtomicU64,
+    purged: AtomicU64,
+    refused: [AtomicU64; RefusalReason::ALL.len()],
+    submit_duration: Histogram,
+    flush_duration: Histogram,
+    store_writable: AtomicBool,
+    gauges: Mutex<Gauges>,
+}
+
+#[derive(Debug, Default)]
+struct KindCounters([AtomicU64; Kind::ALL.len()]);
+
+impl KindCounters {
+    fn inc(&self, kind: Kind) {
+        if let Some(i) = Kind::ALL.iter().position(|k| *k == kind) {
+            self.0[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Gauges {
+    queues: BTreeMap<String, QueueGauge>,
+    participants: BTreeMap<String, ParticipantGauge>,
+    certs: BTreeMap<(CertRole, String), SystemTime>,
+    crl_next_update: Option<SystemTime>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct QueueGauge {
+    depth: u64,
+    in_flight: u64,
+    oldest_accepted_at: Option<Millis>,
+    bytes: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ParticipantGauge {
+    streams: u64,
+    last_seen: Option<SystemTime>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every counter at 0, reading time from the system clock.
+    pub fn new() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
+
+    /// A registry reading "now" from `clock` (the broker's clock; a manual clock in tests).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            clock,
+            accepted: KindCounters::default(),
+            delivered: KindCounters::default(),
+            acknowledged: KindCounters::default(),
+            redelivered: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            dead_lettered: Default::default(),
+            withdrawn: AtomicU64::new(0),
+            purged: AtomicU64::new(0),
+            refused: Default::default(),
+            submit_duration: Histogram::new(SUBMIT_BUCKETS),
+            flush_duration: Histogram::new(FLUSH_BUCKETS),
+            store_writable: AtomicBool::new(false),
+            gauges: Mutex::new(Gauges::default()),
+        }
+    }
+
+    /// A new message was made durable (not for a duplicate submit).
+    pub fn accepted(&self, kind: Kind) {
+        self.accepted.inc(kind);
+    }
+
+    /// A message was handed to a `Receive` stream; `attempt` > 1 also counts a redelivery.
+    pub fn delivered(&self, kind: Kind, attempt: u32) {
+        self.delivered.inc(kind);
+        if attempt > 1 {
+            self.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The recipient acknowledged a message.
+    pub fn acknowledged(&self, kind: Kind) {
+        self.acknowledged.inc(kind);
+    }
+
+    /// `n` messages expired.
+    pub fn expired(&self, n: u64) {
+        self.expired.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` messages were dead-lettered for `reason`.
+    pub fn dead_lettered(&self, reason: DeadLetterReason, n: u64) {
+        let i = DeadLetterReason::ALL.iter().position(|r| *r == reason);
+        if let Some(i) = i {
+            self.dead_lettered[i].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The sender withdrew a message.
+    pub fn withdrawn(&self) {
+        self.withdrawn.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An operator purged a message.
+    pub fn purged(&self) {
+        self.purged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A `Submit` was refused for `reason` (nothing stored).
+    pub fn refused(&self, reason: RefusalReason) {
+        let i = RefusalReason::ALL.iter().position(|r| *r == reason);
+        if let Some(i) = i {
+            self.refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts what a store `tick` did: expiries and dead letters by exhausted attempts.
+    /// (Redeliveries are counted when the message is handed out again, see [`Self::delivered`].)
+    pub fn record_tick(&self, report: &TickReport) {
+        self.expired(report.expired);
+        self.dead_lettered(DeadLetterReason::MaxAttempts, report.dead_lettered);
+    }
+
+    /// How long a `Submit` took, from request to durable receipt.
+    pub fn observe_submit(&self, took: Duration) {
+        self.submit_duration.observe(took.as_secs_f64());
+    }
+
+    /// How long one store flush (fsync) took.
+    pub fn observe_flush(&self, took: Duration) {
+        self.flush_duration.observe(took.as_secs_f64());
+    }
+
+    /// Whether the store currently makes writes durable (`trmx_store_writable`, `/readyz`).
+    /// Starts `false`: the broker sets it once the store is open.
+    pub fn set_store_writable(&self, writable: bool) {
+        self.store_writable.store(writable, Ordering::Relaxed);
+    }
+
+    /// Replaces the per-recipient queue gauges with the store's `queue_stats()`. A recipient
+    /// known before but absent now is reset to 0 (its series stays, never a stale value).
+    pub fn set_queue(&self, stats: &[QueueStats]) {
+        let mut gauges = self.lock();
+        for gauge in gauges.queues.values_mut() {
+            *gauge = QueueGauge::default();
+        }
+        for stat in stats {
+            gauges.queues.insert(
+                stat.recipient.as_str().to_owned(),
+                QueueGauge {
+                    depth: stat.depth,
+                    in_flight: stat.in_flight,
+                    oldest_accepted_at: stat.oldest_accepted_at,
+                    bytes: stat.bytes,
+                },
+            );
+        }
+    }
+
+    /// Exports 0-valued queue and stream series for these participants (the registry), so
+    /// dashboards list every participant before its first message.
+    pub fn register_participants<'a>(
+        &self,
+        participants: impl IntoIterator<Item = &'a ParticipantId>,
+    ) {
+        let mut gauges = self.lock();
+        for p in participants {
+            gauges.queues.entry(p.as_str().to_owned()).or_default();
+            gauges
+                .participants
+                .entry(p.as_str().to_owned())
+                .or_default();
+        }
+    }
+
+    /// A `Receive` stream of `participant` opened.
+    pub fn stream_opened(&self, participant: &ParticipantId) {
+        let now = self.clock.now();
+        let mut gauges = self.lock();
+        let entry = gauges
+            .participants
+            .entry(participant.as_str().to_owned())
+            .or_default();
+        entry.streams += 1;
+        entry.last_seen = Some(entry.last_seen.map_or(now, |seen| seen.max(now)));
+    }
+
+    /// A `Receive` stream of `participant` closed.
+    pub fn stream_closed(&self, participant: &ParticipantId) {
+        let now = self.clock.now();
+        let mut gauges = self.lock();
+        let entry = gauges
+            .participants
+            .entry(participant.as_str().to_owned())
+            .or_default();
+        entry.streams = entry.streams.saturating_sub(1);
+        entry.last_seen = Some(entry.last_seen.map_or(now, |seen| seen.max(now)));
+    }
+
+    /// `participant` made a call at `at` (last seen only moves forward). While it has an open
+    /// stream, it counts as seen "now" at every scrape.
+    pub fn seen(&self, participant: &ParticipantId, at: SystemTime) {
+        let mut gauges = self.lock();
+        let entry = gauges
+            .participants
+            .entry(participant.as_str().to_owned())
+            .or_default();
+        entry.last_seen = Some(entry.last_seen.map_or(at, |seen| seen.max(at)));
+    }
+
+    /// Records the `not_after` of a certificate; the gauge shows the seconds left at scrape time.
+    /// `name` is the participant id, the operator or broker name, or the CA's name.
+    pub fn set_cert_expiry(&self, role: CertRole, name: &str, not_after: SystemTime) {
+        self.lock().certs.insert((role, name.to_owned()), not_after);
+    }
+
+    /// Records the CRL's `nextUpdate`; the gauge shows the seconds left (negative once stale).
+    pub fn set_crl_next_update(&self, next_update: SystemTime) {
+        self.lock().crl_next_update = Some(next_update);
+    }
+
+    /// Store writable, and the CA and broker certificates known and unexpired.
+    pub fn readiness(&self) -> Readiness {
+        let now = self.clock.now();
+        let gauges = self.lock();
+        let mut ca = false;
+        let mut broker = false;
+        let mut expired = false;
+        for ((role, _), not_after) in &gauges.certs {
+            match role {
+                CertRole::Ca => ca = true,
+                CertRole::Broker => broker = true,
+                CertRole::Participant | CertRole::Operator => continue,
+            }
+            expired |= *not_after <= now;
+        }
+        Readiness {
+            store_writable: self.store_writable.load(Ordering::Relaxed),
+            certificates_valid: ca && broker && !expired,
+        }
+    }
+
+    /// The text exposition (format 0.0.4) of every series, as of the clock's now.
+    pub fn render(&self) -> String {
+        let now = self.clock.now();
+        let mut w = Writer::default();
+
+        self.render_kinds(
+            &mut w,
+            "trmx_messages_accepted_total",
+            "Messages made durable on submit (duplicates not counted).",
+            &self.accepted,
+        );
+        self.render_kinds(
+            &mut w,
+            "trmx_messages_delivered_total",
+            "Messages handed to a Receive stream (every attempt).",
+            &self.delivered,
+        );
+        self.render_kinds(
+            &mut w,
+            "trmx_messages_acknowledged_total",
+            "Messages acknowledged by their recipient.",
+            &self.acknowledged,
+        );
+        w.family(
+            "trmx_messages_redelivered_total",
+            "Deliveries after the first attempt.",
+            "counter",
+        );
+        w.sample(
+            "trmx_messages_redelivered_total",
+            &[],
+            load(&self.redelivered),
+        );
+        w.family(
+            "trmx_messages_expired_total",
+            "Messages whose lifetime ended before acknowledgement.",
+            "counter",
+        );
+        w.sample("trmx_messages_expired_total", &[], load(&self.expired));
+        w.family("trmx_messages_dead_lettered_total", "Messages dead-lettered, by reason (rejected by the recipient, max_attempts exhausted).", "counter");
+        for (reason, count) in DeadLetterReason::ALL.iter().zip(&self.dead_lettered) {
+            w.sample(
+                "trmx_messages_dead_lettered_total",
+                &[("reason", reason.as_str())],
+                load(count),
+            );
+        }
+        w.family(
+            "trmx_messages_withdrawn_total",
+            "Messages withdrawn by their sender.",
+            "counter",
+        );
+        w.sample("trmx_messages_withdrawn_total", &[], load(&self.withdrawn));
+        w.family(
+            "trmx_messages_purged_total",
+            "Messages purged by an operator.",
+            "counter",
+        );
+        w.sample("trmx_messages_purged_total", &[], load(&self.purged));
+        w.family(
+            "trmx_submits_refused_total",
+            "Submits refused (nothing stored), by reason.",
+            "counter",
+        );
+        for (reason, count) in RefusalReason::ALL.iter().zip(&self.refused) {
+            w.sample(
+                "trmx_submits_refused_total",
+                &[("reason", reason.as_str())],
+                load(count),
+            );
+        }
+
+        self.submit_duration.render(
+            &mut w,
+            "trmx_submit_duration_seconds",
+            "Time from Submit request to durable receipt.",
+        );
+        self.flush_duration.render(
+            &mut w,
+            "trmx_store_flush_duration_seconds",
+            "Time of one store flush (fsync).",
+        );
+
+        let gauges = self.lock();
+        let now_millis = trmx_proto::time::to_millis(now);
+        type QueueField = fn(&QueueGauge, Millis) -> f64;
+        let queue_families: [(&str, &str, QueueField); 4] = [
+            (
+                "trmx_queue_depth",
+                "Messages waiting for the recipient (ACCEPTED, due or backing off).",
+                |q, _| q.depth as f64,
+            ),
+            (
+                "trmx_queue_in_flight",
+                "Messages on a recipient stream, not yet acknowledged.",
+                |q, _| q.in_flight as f64,
+            ),
+            (
+                "trmx_queue_oldest_message_age_seconds",
+                "Age of the oldest message due for the recipient (0 when none).",
+                |q, now| {
+                    q.oldest_accepted_at
+                        .map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0)
+                },
+            ),
+            (
+                "trmx_queue_bytes",
+                "Payload bytes queued for the recipient (ACCEPTED and IN_FLIGHT).",
+                |q, _| q.bytes as f64,
+            ),
+        ];
+        for (name, help, field) in queue_families {
+            w.family(name, help, "gauge");
+            for (recipient, queue) in &gauges.queues {
+                w.sample(name, &[("recipient", recipient)], field(queue, now_millis));
+            }
+        }
+
+        w.family(
+            "trmx_participant_connected_streams",
+            "Open Receive streams of the participant.",
+            "gauge",
+        );
+        for (participant, p) in &gauges.participants {
+            w.sample(
+                "trmx_participant_connected_streams",
+                &[("participant", participant)],
+                p.streams as f64,
+            );
+        }
+        w.family(
+            "trmx_participant_last_seen_timestamp_seconds",
+            "When the participant last called the broker or had a stream open (Unix seconds).",
+            "gauge",
+        );
+        for (participant, p) in &gauges.participants {
+            let seen = if p.streams > 0 {
+                Some(now)
+            } else {
+                p.last_seen
+            };
+            if let Some(seen) = seen {
+                w.sample(
+                    "trmx_participant_last_seen_timestamp_seconds",
+                    &[("participant", participant)],
+                    seconds_between(UNIX_EPOCH, seen),
+                );
+            }
+        }
+        w.family(
+            "trmx_connected_participants",
+            "Participants with at least one open Receive stream.",
+            "gauge",
+        );
+        let connected = gauges
+            .participants
+            .values()
+            .filter(|p| p.streams > 0)
+            .count();
+        w.sample("trmx_connected_participants", &[], connected as f64);
+
+        w.family(
+            "trmx_certificate_expiry_seconds",
+            "Seconds until the certificate's not_after (negative once expired).",
+            "gauge",
+        );
+        for ((role, name), not_after) in &gauges.certs {
+            w.sample(
+                "trmx_certificate_expiry_seconds",
+                &[("role", role.as_str()), ("name", name)],
+                seconds_between(now, *not_after),
+            );
+        }
+        w.family(
+            "trmx_crl_next_update_seconds",
+            "Seconds until the loaded CRL's nextUpdate (negative once stale).",
+            "gauge",
+        );
+        if let Some(next_update) = gauges.crl_next_update {
+            w.sample(
+                "trmx_crl_next_update_seconds",
+                &[],
+                seconds_between(now, next_update),
+            );
+        }
+        drop(gauges);
+
+        w.family(
+            "trmx_store_writable",
+            "1 while the store makes writes durable, else 0.",
+            "gauge",
+        );
+        w.sample(
+            "trmx_store_writable",
+            &[],
+            f64::from(u8::from(self.store_writable.load(Ordering::Relaxed))),
+        );
+        w.family(
+            "trmx_up",
+            "1 while the broker process serves metrics.",
+            "gauge",
+        );
+        w.sample("trmx_up", &[], 1.0);
+        w.out
+    }
+
+    fn render_kinds(&self, w: &mut Writer, name: &str, help: &str, counters: &KindCounters) {
+        w.family(name, help, "counter");
+        for (kind, count) in Kind::ALL.iter().zip(&counters.0) {
+            w.sample(name, &[("kind", kind.name())], load(count));
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Gauges> {
+        self.gauges.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn load(counter: &AtomicU64) -> f64 {
+    counter.load(Ordering::Relaxed) as f64
+}
+
+/// Signed seconds from `from` to `to`, rounded to milliseconds.
+fn seconds_between(from: SystemTime, to: SystemTime) -> f64 {
+    let secs = match to.duration_since(from) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    };
+    (secs * 1000.0).round() / 1000.0
+}
+
+/// A histogram with fixed upper bounds; bucket counts are kept per bucket (not cumulative)
+/// and accumulated at render time.
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    /// One per bound, plus the `+Inf` overflow.
+    counts: Box<[AtomicU64]>,
+    /// `f64` bits of the sum of observations.
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    fn observe(&self, value: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|bound| value <= *bound)
+            .unwrap_or(self.bounds.len());
+        if let Some(count) = self.counts.get(i) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        // fetch_update retries until the add lands; the closure never returns None.
+        let _ = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + value).to_bits())
+            });
+    }
+
+    fn render(&self, w: &mut Writer, name: &str, help: &str) {
+        w.family(name, help, "histogram");
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0u64;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = self
+                .bounds
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |b| format_value(*b));
+            w.sample(&bucket, &[("le", &le)], cumulative as f64);
+        }
+        w.sample(
+            &format!("{name}_sum"),
+            &[],
+            f64::from_bits(self.sum.load(Ordering::Relaxed)),
+        );
+        // The count is the +Inf bucket, so the two always agree within one scrape.
+        w.sample(&format!("{name}_count"), &[], cumulative as f64);
+    }
+}
+
+/// Writes the text exposition format.
+#[derive(Debug, Default)]
+struct Writer {
+    out: String,
+}
+
+impl Writer {
+    fn family(&mut self, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {}", escape_help(help));
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (label, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{label}=\"{}\"", escape_label_value(value));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {}", format_value(value));
+    }
+}
+
+/// `# HELP` text: backslash and line feed escaped.
+fn escape_help(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// Label values: backslash, double quote and line feed escaped.
+fn escape_label_value(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A sample value as Go's `strconv.ParseFloat` reads it (`+Inf`, `-Inf`, `NaN`).
+fn format_value(value: f64) -> String {
+    if value.is_nan() {
+        "NaN".to_owned()
+    } else if value.is_infinite() {
+        if value > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
+    } else {
+        format!("{value}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    const START: Millis = 1_750_000_000_000;
+
+    fn registry() -> (Metrics, ManualClock) {
+        let clock = ManualClock::at_millis(START);
+        (Metrics::with_clock(Arc::new(clock.clone())), clock)
+    }
+
+    fn pid(s: &str) -> ParticipantId {
+        ParticipantId::parse(s).unwrap()
+    }
+
+    /// The lines of `family` (its HELP/TYPE and samples) in the rendered text.
+    fn family_lines(text: &str, family: &str) -> Vec<String> {
+        text.lines()
+            .filter(|line| {
+                let name = line
+                    .strip_prefix("# HELP ")
+                    .or_else(|| line.strip_prefix("# TYPE "))
+                    .unwrap_or(line);
+                let name = name.split(['{', ' ']).next().unwrap();
+                name == family
+                    || name
+                        .strip_prefix(family)
+                        .is_some_and(|s| ["_bucket", "_sum", "_count"].contains(&s))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn exposition_text_of_a_small_registry_is_exact() {
+        let mut w = Writer::default();
+        w.family("demo_total", "Demo counter.", "counter");
+        w.sample("demo_total", &[("kind", "referral")], 3.0);
+        w.sample(
+            "demo_total",
+            &[("kind", "follow-up"), ("reason", "rate")],
+            0.0,
+        );
+        w.family("demo_gauge", "A gauge.", "gauge");
+        w.sample("demo_gauge", &[], -1.5);
+        let histogram = Histogram::new(&[0.1, 1.0]);
+        histogram.observe(0.05);
+        histogram.observe(0.5);
+        histogram.observe(2.0);
+        histogram.render(&mut w, "demo_seconds", "A histogram.");
+        assert_eq!(
+            w.out,
+            "# HELP demo_total Demo counter.\n\
+             # TYPE demo_total counter\n\
+             demo_total{kind=\"referral\"} 3\n\
+             demo_total{kind=\"follow-up\",reason=\"rate\"} 0\n\
+             # HELP demo_gauge A gauge.\n\
+             # TYPE demo_gauge gauge\n\
+             demo_gauge -1.5\n\
+             # HELP demo_seconds A histogram.\n\
+             # TYPE demo_seconds histogram\n\
+             demo_seconds_bucket{le=\"0.1\"} 1\n\
+             demo_seconds_bucket{le=\"1\"} 2\n\
+             demo_seconds_bucket{le=\"+Inf\"} 3\n\
+             demo_seconds_sum 2.55\n\
+             demo_seconds_count 3\n"
+        );
+    }
+
+    #[test]
+    fn label_values_and_help_are_escaped() {
+        let mut w = Writer::default();
+        w.family("x", "back\\slash and\nnewline \"quoted\"", "gauge");
+        w.sample("x", &[("name", "a\"b\\c\nd")], 1.0);
+        assert_eq!(
+            w.out,
+            "# HELP x back\\\\slash and\\nnewline \"quoted\"\n# TYPE x gauge\nx{name=\"a\\\"b\\\\c\\nd\"} 1\n"
+        );
+        let (metrics, _) = registry();
+        metrics.set_cert_expiry(CertRole::Operator, "ops \"night\"", SystemTime::UNIX_EPOCH);
+        assert!(
+            metrics
+                .render()
+                .contains("{role=\"operator\",name=\"ops \\\"night\\\"\"}")
+        );
+    }
+
+    #[test]
+    fn special_values_use_prometheus_spelling() {
+        assert_eq!(format_value(f64::INFINITY), "+Inf");
+        assert_eq!(format_value(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(format_value(f64::NAN), "NaN");
+        assert_eq!(format_value(0.0005), "0.0005");
+        assert_eq!(format_value(1.0), "1");
+        assert_eq!(format_value(1e-7), "0.0000001");
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_sum_and_count() {
+        let (metrics, _) = registry();
+        for ms in [0.2, 0.5, 0.7, 3.0, 40.0, 2000.0] {
+            metrics.observe_submit(Duration::from_secs_f64(ms / 1000.0));
+        }
+        let lines = family_lines(&metrics.render(), "trmx_submit_duration_seconds");
+        let bucket = |le: &str| {
+            lines
+                .iter()
+                .find_map(|l| {
+                    l.strip_prefix(&format!(
+                        "trmx_submit_duration_seconds_bucket{{le=\"{le}\"}} "
+                    ))
+                })
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(bucket("0.0005"), "2"); // 0.2 ms and exactly 0.5 ms (le is inclusive)
+        assert_eq!(bucket("0.001"), "3");
+        assert_eq!(bucket("0.005"), "4");
+        assert_eq!(bucket("0.05"), "5");
+        assert_eq!(bucket("1"), "5");
+        assert_eq!(bucket("+Inf"), "6");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("_bucket{")).count(),
+            SUBMIT_BUCKETS.len() + 1
+        );
+        assert!(lines.contains(&"trmx_submit_duration_seconds_count 6".to_owned()));
+        let sum: f64 = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("trmx_submit_duration_seconds_sum "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 2.0444).abs() < 1e-9, "{sum}");
+        // the buckets never decrease
+        let counts: Vec<u64> = lines
+            .iter()
+            .filter(|l| l.contains("_bucket{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn counters_start_at_zero_for_every_label_value() {
+        let (metrics, _) = registry();
+        let text = metrics.render();
+        for kind in Kind::ALL {
+            for family in ["accepted", "delivered", "acknowledged"] {
+                let line = format!("trmx_messages_{family}_total{{kind=\"{}\"}} 0", kind.name());
+                assert!(text.contains(&line), "{line}");
+            }
+        }
+        for reason in RefusalReason::ALL {
+            assert!(text.contains(&format!(
+                "trmx_submits_refused_total{{reason=\"{}\"}} 0",
+                reason.as_str()
+            )));
+        }
+        assert!(text.contains("trmx_messages_dead_lettered_total{reason=\"rejected\"} 0\n"));
+        assert!(text.contains("trmx_messages_dead_lettered_total{reason=\"max_attempts\"} 0\n"));
+        assert!(text.contains("trmx_up 1\n"));
+        assert!(text.contains("trmx_store_writable 0\n"));
+        assert!(text.contains("trmx_connected_participants 0\n"));
+        // every family has one HELP and one TYPE line
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert_eq!(types, 22);
+        assert_eq!(helps, types);
+    }
+
+    #[test]
+    fn counters_move_as_events_are_recorded() {
+        let (metrics, _) = registry();
+        metrics.accepted(Kind::Referral);
+        metrics.accepted(Kind::Referral);
+        metrics.delivered(Kind::Referral, 1);
+        metrics.delivered(Kind::Referral, 2);
+        metrics.acknowledged(Kind::DeliveryReceipt);
+        metrics.refused(RefusalReason::Quota);
+        metrics.dead_lettered(DeadLetterReason::Rejected, 1);
+        metrics.record_tick(&TickReport {
+            expired: 3,
+            dead_lettered: 2,
+            ..TickReport::default()
+        });
+        metrics.withdrawn();
+        metrics.purged();
+        metrics.purged();
+        let text = metrics.render();
+        for line in [
+            "trmx_messages_accepted_total{kind=\"referral\"} 2",
+            "trmx_messages_accepted_total{kind=\"follow-up\"} 0",
+            "trmx_messages_delivered_total{kind=\"referral\"} 2",
+            "trmx_messages_redelivered_total 1",
+            "trmx_messages_acknowledged_total{kind=\"delivery-receipt\"} 1",
+            "trmx_submits_refused_total{reason=\"quota\"} 1",
+            "trmx_submits_refused_total{reason=\"rate\"} 0",
+            "trmx_messages_dead_lettered_total{reason=\"rejected\"} 1",
+            "trmx_messages_dead_lettered_total{reason=\"max_attempts\"} 2",
+            "trmx_messages_expired_total 3",
+            "trmx_messages_withdrawn_total 1",
+            "trmx_messages_purged_total 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}");
+        }
+    }
+
+    #[test]
+    fn queue_gauges_follow_the_store_and_reset_vanished_recipients() {
+        let (metrics, clock) = registry();
+        metrics.set_queue(&[
+            QueueStats {
+                recipient: pid("NL-NRM"),
+                depth: 3,
+                in_flight: 1,
+                oldest_accepted_at: Some(START - 90_000),
+                bytes: 4096,
+            },
+            QueueStats {
+                recipient: pid("BE-PAYOKE"),
+                depth: 1,
+                in_flight: 0,
+                oldest_accepted_at: None,
+                bytes: 10,
+            },
+        ]);
+        clock.advance(Duration::from_millis(500));
+        let text = metrics.render();
+        assert_eq!(
+            family_lines(&text, "trmx_queue_oldest_message_age_seconds")[2..],
+            [
+                "trmx_queue_oldest_message_age_seconds{recipient=\"BE-PAYOKE\"} 0",
+                "trmx_queue_oldest_message_age_seconds{recipient=\"NL-NRM\"} 90.5",
+            ]
+        );
+        assert!(text.contains("trmx_queue_depth{recipient=\"NL-NRM\"} 3\n"));
+        assert!(text.contains("trmx_queue_in_flight{recipient=\"NL-NRM\"} 1\n"));
+        assert!(text.contains("trmx_queue_bytes{recipient=\"NL-NRM\"} 4096\n"));
+
+        // NL-NRM drained: its series stay, at 0
+        metrics.set_queue(&[QueueStats {
+            recipient: pid("BE-PAYOKE"),
+            depth: 2,
+            in_flight: 0,
+            oldest_accepted_at: None,
+            bytes: 20,
+        }]);
+        let text = metrics.render();
+        for family in [
+            "trmx_queue_depth",
+            "trmx_queue_in_flight",
+            "trmx_queue_oldest_message_age_seconds",
+            "trmx_queue_bytes",
+        ] {
+            assert!(
+                text.contains(&format!("{family}{{recipient=\"NL-NRM\"}} 0\n")),
+                "{family}"
+            );
+        }
+        assert!(text.contains("trmx_queue_depth{recipient=\"BE-PAYOKE\"} 2\n"));
+
+        metrics.register_participants([&pid("INT-IOM")]);
+        assert!(
+            metrics
+                .render()
+                .contains("trmx_queue_depth{recipient=\"INT-IOM\"} 0\n")
+        );
+    }
+
+    #[test]
+    fn participants_streams_and_last_seen() {
+        let (metrics, clock) = registry();
+        let nl = pid("NL-NRM");
+        let be = pid("BE-PAYOKE");
+        metrics.seen(&be, trmx_proto::time::from_millis(START - 10_000));
+        metrics.seen(&be, trmx_proto::time::from_millis(START - 20_000)); // older: ignored
+        metrics.stream_opened(&nl);
+        metrics.stream_opened(&nl);
+        clock.advance(Duration::from_secs(60));
+        let text = metrics.render();
+        let start_secs = START / 1000;
+        assert!(text.contains("trmx_participant_connected_streams{participant=\"NL-NRM\"} 2\n"));
+        assert!(text.contains("trmx_connected_participants 1\n"));
+        // an open stream counts as seen now
+        assert!(text.contains(&format!(
+            "trmx_participant_last_seen_timestamp_seconds{{participant=\"NL-NRM\"}} {}\n",
+            start_secs + 60
+        )));
+        assert!(text.contains(&format!(
+            "trmx_participant_last_seen_timestamp_seconds{{participant=\"BE-PAYOKE\"}} {}\n",
+            start_secs - 10
+        )));
+        assert!(text.contains("trmx_participant_connected_streams{participant=\"BE-PAYOKE\"} 0\n"));
+
+        metrics.stream_closed(&nl);
+        metrics.stream_closed(&nl);
+        metrics.stream_closed(&nl); // more closes than opens never underflow
+        clock.advance(Duration::from_secs(60));
+        let text = metrics.render();
+        assert!(text.contains("trmx_participant_connected_streams{participant=\"NL-NRM\"} 0\n"));
+        assert!(text.contains("trmx_connected_participants 0\n"));
+        assert!(text.contains(&format!(
+            "trmx_participant_last_seen_timestamp_seconds{{participant=\"NL-NRM\"}} {}\n",
+            start_secs + 60
+        )));
+    }
+
+    #[test]
+    fn certificate_and_crl_gauges_count_down_and_drive_readiness() {
+        let (metrics, clock) = registry();
+        let now = clock.now();
+        assert_eq!(
+            metrics.readiness(),
+            Readiness {
+                store_writable: false,
+                certificates_valid: false
+            }
+        );
+        metrics.set_store_writable(true);
+        metrics.set_cert_expiry(
+            CertRole::Ca,
+            "trmx-ca",
+            now + Duration::from_secs(86_400 * 3650),
+        );
+        assert!(
+            !metrics.readiness().certificates_valid,
+            "no broker certificate yet"
+        );
+        metrics.set_cert_expiry(CertRole::Broker, "broker-1", now + Duration::from_secs(100));
+        metrics.set_cert_expiry(
+            CertRole::Participant,
+            "NL-NRM",
+            now - Duration::from_secs(5),
+        );
+        metrics.set_crl_next_update(now + Duration::from_secs(30));
+        assert!(
+            metrics.readiness().is_ready(),
+            "an expired participant certificate does not matter"
+        );
+
+        clock.advance(Duration::from_secs(40));
+        let text = metrics.render();
+        assert_eq!(
+            family_lines(&text, "trmx_certificate_expiry_seconds")[2..],
+            [
+                "trmx_certificate_expiry_seconds{role=\"ca\",name=\"trmx-ca\"} 315359960",
+                "trmx_certificate_expiry_seconds{role=\"broker\",name=\"broker-1\"} 60",
+                "trmx_certificate_expiry_seconds{role=\"participant\",name=\"NL-NRM\"} -45",
+            ]
+        );
+        assert!(text.contains("trmx_crl_next_update_seconds -10\n"));
+        assert!(text.contains("trmx_store_writable 1\n"));
+
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(
+            metrics.readiness(),
+            Readiness {
+                store_writable: true,
+                certificates_valid: false
+            }
+        );
+        metrics.set_cert_expiry(
+            CertRole::Broker,
+            "broker-1",
+            clock.now() + Duration::from_secs(86_400),
+        );
+        assert!(
+            metrics.readiness().is_ready(),
+            "a renewed certificate replaces the old one"
+        );
+        metrics.set_store_writable(false);
+        assert!(!metrics.readiness().is_ready());
+    }
+}
