@@ -1,0 +1,313 @@
+//! The local API over its Unix socket, against a node whose broker is down.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tonic::Code;
+use trmx_node::api::status::{invalid_field, to_status};
+use trmx_node::connect_local;
+use trmx_node::core::NodeError;
+use trmx_proto::{MessageId, ValidationError, pb};
+
+use super::harness::{REFERRAL_JSON, Sandbox, referral_without};
+
+fn referral_request(key: &str, body_json: &str) -> pb::SendRequest {
+    pb::SendRequest {
+        kind: pb::MessageKind::Referral as i32,
+        recipient: "BE-PAYOKE".to_owned(),
+        new_case: true,
+        priority: pb::Priority::Urgent as i32,
+        idempotency_key: key.to_owned(),
+        body: Some(pb::send_request::Body::BodyJson(body_json.to_owned())),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn every_node_error_maps_to_its_code_and_keeps_its_message() {
+    let id = MessageId::new_v7();
+    let cases = [
+        (
+            NodeError::Invalid(ValidationError::new(
+                "referral.person.pseudonym",
+                "is required",
+            )),
+            Code::InvalidArgument,
+        ),
+        (
+            NodeError::IdempotencyConflict { key: "k1".into() },
+            Code::AlreadyExists,
+        ),
+        (NodeError::NotFound(id), Code::NotFound),
+        (
+            NodeError::FailedPrecondition("already delivered".into()),
+            Code::FailedPrecondition,
+        ),
+        (
+            NodeError::BrokerUnavailable("connection refused".into()),
+            Code::Unavailable,
+        ),
+        (NodeError::Store("flush failed".into()), Code::Unavailable),
+        (NodeError::Config("bad".into()), Code::Internal),
+    ];
+    for (error, code) in cases {
+        let message = error.to_string();
+        let status = to_status(error);
+        assert_eq!(status.code(), code, "{message}");
+        assert_eq!(status.message(), message);
+    }
+    let status = to_status(NodeError::Invalid(ValidationError::new(
+        "referral.person.pseudonym",
+        "is required",
+    )));
+    assert_eq!(status.message(), "referral.person.pseudonym: is required");
+    assert_eq!(invalid_field(&status), Some("referral.person.pseudonym"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_and_messages_survive_the_socket() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+
+    let unknown = MessageId::new_v7();
+    let status = client
+        .get_message(pb::GetMessageRequest {
+            message_id: unknown.to_string(),
+        })
+        .await
+        .expect_err("unknown id");
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.message(), NodeError::NotFound(unknown).to_string());
+
+    let status = client
+        .get_message(pb::GetMessageRequest {
+            message_id: "not-a-uuid".to_owned(),
+        })
+        .await
+        .expect_err("malformed id");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("message_id: "),
+        "{}",
+        status.message()
+    );
+    assert_eq!(invalid_field(&status), Some("message_id"));
+
+    let status = client
+        .send(referral_request(
+            "k-invalid",
+            &referral_without(&["person", "pseudonym"]),
+        ))
+        .await
+        .expect_err("invalid body");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(invalid_field(&status), Some("referral.person.pseudonym"));
+    assert!(
+        status.message().starts_with("referral.person.pseudonym: "),
+        "{}",
+        status.message()
+    );
+
+    let status = client
+        .send(pb::SendRequest {
+            new_case: false,
+            ..referral_request("k-nocase", REFERRAL_JSON)
+        })
+        .await
+        .expect_err("no case");
+    assert_eq!(invalid_field(&status), Some("case_ref"));
+
+    // Nothing was queued by the refused sends.
+    let outbox = client
+        .list_outbox(pb::ListOutboxRequest::default())
+        .await
+        .expect("outbox")
+        .into_inner();
+    assert!(outbox.entries.is_empty());
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_queues_locally_while_the_broker_is_down_and_is_idempotent() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+
+    let first = client
+        .send(referral_request("cms:referral:4711", REFERRAL_JSON))
+        .await
+        .expect("send")
+        .into_inner();
+    assert_eq!(first.state, pb::OutboxState::Queued as i32);
+    MessageId::parse(&first.message_id).expect("message id");
+    trmx_proto::CaseRef::parse(&first.case_ref).expect("minted case ref");
+
+    // Same key, same content: the same message.
+    let again = client
+        .send(referral_request("cms:referral:4711", REFERRAL_JSON))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(again.message_id, first.message_id);
+    assert_eq!(again.case_ref, first.case_ref);
+
+    // Same key, different content: refused.
+    let other = REFERRAL_JSON.replace("NRM-2026-0117-A", "NRM-2026-0117-B");
+    let status = client
+        .send(referral_request("cms:referral:4711", &other))
+        .await
+        .expect_err("conflict");
+    assert_eq!(status.code(), Code::AlreadyExists);
+
+    let outbox = client
+        .list_outbox(pb::ListOutboxRequest::default())
+        .await
+        .expect("outbox")
+        .into_inner()
+        .entries;
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].recipient, "BE-PAYOKE");
+    assert_eq!(outbox[0].priority, pb::Priority::Urgent as i32);
+
+    let shown = client
+        .get_message(pb::GetMessageRequest {
+            message_id: first.message_id.clone(),
+        })
+        .await
+        .expect("show")
+        .into_inner();
+    assert_eq!(shown.direction, pb::MessageDirection::Sent as i32);
+    assert!(!shown.body_erased);
+    assert!(shown.body_json.contains("NRM-2026-0117-A"));
+    match shown.body {
+        Some(pb::get_message_response::Body::Referral(r)) => {
+            assert_eq!(
+                r.person.map(|p| p.pseudonym).as_deref(),
+                Some("NRM-2026-0117-A")
+            );
+        }
+        other => panic!("expected a typed referral, got {other:?}"),
+    }
+
+    let case = client
+        .get_case(pb::GetCaseRequest {
+            case_ref: first.case_ref.clone(),
+        })
+        .await
+        .expect("case")
+        .into_inner();
+    assert_eq!(case.entries.len(), 1);
+    assert_eq!(case.entries[0].message_id, first.message_id);
+    assert_eq!(case.entries[0].direction, pb::MessageDirection::Sent as i32);
+
+    let status = client
+        .get_node_status(pb::GetNodeStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.participant, "NL-NRM");
+    assert!(!status.broker_connected);
+    assert_eq!(status.outbox_queued, 1);
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_bodies_are_accepted() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let referral: pb::Referral = serde_json::from_str(REFERRAL_JSON).expect("referral");
+    let response = client
+        .send(pb::SendRequest {
+            kind: pb::MessageKind::Unspecified as i32,
+            body: Some(pb::send_request::Body::Referral(referral)),
+            ..referral_request("typed-1", "")
+        })
+        .await
+        .expect("typed send")
+        .into_inner();
+    let entry = response.entry.expect("entry");
+    assert_eq!(entry.kind, pb::MessageKind::Referral as i32);
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_is_private_and_removed_on_stop() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_path_buf();
+    assert_eq!(socket, sandbox.config.data_dir.join("node.sock"));
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    // No staging directory is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&sandbox.config.data_dir)
+        .expect("data dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".trmx-"))
+        .collect();
+    assert!(leftovers.is_empty());
+
+    // A second node on the same socket is refused while the first runs.
+    let mut second = sandbox.config.clone();
+    second.data_dir = sandbox.path().join("data2");
+    second.api.socket = Some(socket.clone());
+    let error =
+        trmx_node::RunningNode::start(&second, std::sync::Arc::new(trmx_node::core::SystemClock))
+            .await
+            .expect_err("socket in use");
+    assert!(error.to_string().contains("in use"), "{error}");
+
+    node.stop().await.expect("stop");
+    assert!(
+        std::fs::symlink_metadata(&socket).is_err(),
+        "socket removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_socket_is_replaced_and_a_regular_file_is_not() {
+    let sandbox = Sandbox::new();
+    std::fs::create_dir_all(&sandbox.config.data_dir).expect("data dir");
+    let socket = sandbox.config.data_dir.join("node.sock");
+    // A socket file nobody listens on (as left by a crashed node).
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(std::fs::symlink_metadata(&socket).is_ok());
+    let node = sandbox.start().await;
+    connect_local(node.socket_path()).await.expect("connect");
+    node.stop().await.expect("stop");
+
+    std::fs::write(&socket, b"not a socket").expect("write");
+    let error = trmx_node::RunningNode::start(
+        &sandbox.config,
+        std::sync::Arc::new(trmx_node::core::SystemClock),
+    )
+    .await
+    .expect_err("regular file");
+    assert!(error.to_string().contains("not a socket"), "{error}");
+    assert_eq!(std::fs::read(&socket).expect("kept"), b"not a socket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_open_watch_streams() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let mut stream = client
+        .watch(pb::WatchRequest { after_seq: 0 })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(10), node.stop())
+        .await
+        .expect("stop does not wait for the watch stream")
+        .expect("stop");
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("stream ends");
+    assert!(end.is_none() || end.is_some_and(|r| r.is_err()));
+}

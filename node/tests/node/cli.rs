@@ -1,0 +1,341 @@
+//! The `trmx-node` binary: one clear line and a non-zero exit on failure,
+//! tables and JSON on success, and `run` as a real process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use super::harness::{REFERRAL_JSON, Sandbox, eventually, referral_without};
+
+fn trmx_node() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_trmx-node"));
+    command
+        .env_remove("TRMX_NODE_SOCKET")
+        .env_remove("TRMX_NODE_CONFIG")
+        .env_remove("RUST_LOG");
+    command
+}
+
+fn run(args: &[&str]) -> Output {
+    trmx_node().args(args).output().expect("run trmx-node")
+}
+
+async fn run_async(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || trmx_node().args(&args).output().expect("run trmx-node"))
+        .await
+        .expect("join")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Exactly one line on stderr, nothing on stdout, a non-zero exit.
+fn assert_one_line_failure(output: &Output) -> String {
+    assert!(!output.status.success(), "exit status {:?}", output.status);
+    assert_ne!(output.status.code(), Some(0));
+    let err = stderr(output);
+    assert_eq!(err.lines().count(), 1, "stderr: {err:?}");
+    assert!(output.stdout.is_empty(), "stdout: {:?}", stdout(output));
+    err.trim_end().to_owned()
+}
+
+#[test]
+fn an_unreachable_daemon_is_one_clear_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("node.sock");
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    for args in [
+        vec!["--socket", socket_arg, "status"],
+        vec!["--socket", socket_arg, "outbox"],
+        vec!["--socket", socket_arg, "watch", "--after", "3"],
+    ] {
+        let line = assert_one_line_failure(&run(&args));
+        assert_eq!(
+            line,
+            format!("cannot reach the trmx node at {socket_arg}: is `trmx-node run` running?")
+        );
+    }
+    // The socket can also come from the environment.
+    let output = trmx_node()
+        .env("TRMX_NODE_SOCKET", &socket)
+        .arg("inbox")
+        .output()
+        .expect("run");
+    let line = assert_one_line_failure(&output);
+    assert!(line.starts_with("cannot reach the trmx node at "), "{line}");
+}
+
+#[test]
+fn no_socket_and_no_config_is_one_clear_line() {
+    let line = assert_one_line_failure(&run(&["status"]));
+    assert!(line.contains("--socket"), "{line}");
+}
+
+#[test]
+fn bad_files_are_one_clear_line_naming_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("node.sock");
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    let send = |file: &Path| {
+        run(&[
+            "--socket",
+            socket_arg,
+            "send",
+            "--to",
+            "BE-PAYOKE",
+            "--kind",
+            "referral",
+            "--new-case",
+            file.to_str().expect("utf-8 path"),
+        ])
+    };
+
+    let broken = dir.path().join("broken.json");
+    std::fs::write(&broken, "{ \"purpose\": ").expect("write");
+    let line = assert_one_line_failure(&send(&broken));
+    assert!(
+        line.starts_with(&format!("{}: not valid JSON: ", broken.display())),
+        "{line}"
+    );
+
+    let invalid = dir.path().join("referral.json");
+    std::fs::write(&invalid, referral_without(&["person", "pseudonym"])).expect("write");
+    let line = assert_one_line_failure(&send(&invalid));
+    assert!(
+        line.starts_with(&format!(
+            "{}: referral.person.pseudonym: ",
+            invalid.display()
+        )),
+        "{line}"
+    );
+
+    let missing = dir.path().join("absent.json");
+    let line = assert_one_line_failure(&send(&missing));
+    assert!(
+        line.starts_with(&format!("{}: cannot read", missing.display())),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_prints_the_message_id_once_and_tables_show_it() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8").to_owned();
+    let file = sandbox.write("referral.json", REFERRAL_JSON);
+    let send_args: Vec<String> = [
+        "--socket",
+        &socket,
+        "send",
+        "--to",
+        "BE-PAYOKE",
+        "--kind",
+        "referral",
+        "--new-case",
+        "--urgent",
+        file.to_str().expect("utf-8"),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+
+    let first = run_async(send_args.clone()).await;
+    assert!(first.status.success(), "stderr: {}", stderr(&first));
+    let id = stdout(&first).trim().to_owned();
+    trmx_proto::MessageId::parse(&id).expect("prints the message id");
+    assert!(
+        stderr(&first).contains("queued in case "),
+        "{}",
+        stderr(&first)
+    );
+
+    // Re-running the same command does not queue twice.
+    let second = run_async(send_args).await;
+    assert!(second.status.success(), "stderr: {}", stderr(&second));
+    assert_eq!(stdout(&second).trim(), id);
+
+    let outbox = run_async(vec!["--socket".into(), socket.clone(), "outbox".into()]).await;
+    assert!(outbox.status.success(), "stderr: {}", stderr(&outbox));
+    let text = stdout(&outbox);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("KIND"), "{text}");
+    assert!(
+        lines[1].starts_with("referral (urgent)  → BE-PAYOKE  queued"),
+        "{text}"
+    );
+    assert!(lines[1].contains(&id), "{text}");
+
+    let json = run_async(vec![
+        "--socket".into(),
+        socket.clone(),
+        "--json".into(),
+        "outbox".into(),
+    ])
+    .await;
+    assert!(json.status.success());
+    let entries: Vec<serde_json::Value> = stdout(&json)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["messageId"], id.as_str());
+    assert_eq!(entries[0]["state"], "OUTBOX_STATE_QUEUED");
+    let case_ref = entries[0]["caseRef"].as_str().expect("case").to_owned();
+
+    let show = run_async(vec![
+        "--socket".into(),
+        socket.clone(),
+        "show".into(),
+        id.clone(),
+    ])
+    .await;
+    assert!(show.status.success());
+    assert!(stdout(&show).contains("NRM-2026-0117-A"));
+    assert!(stdout(&show).contains("sent to"));
+
+    let show_json = run_async(vec![
+        "--socket".into(),
+        socket.clone(),
+        "--json".into(),
+        "show".into(),
+        id.clone(),
+    ])
+    .await;
+    let value: serde_json::Value =
+        serde_json::from_str(stdout(&show_json).trim()).expect("show --json");
+    assert_eq!(value["body"]["person"]["pseudonym"], "NRM-2026-0117-A");
+
+    let case = run_async(vec![
+        "--socket".into(),
+        socket.clone(),
+        "case".into(),
+        case_ref,
+    ])
+    .await;
+    assert!(case.status.success());
+    assert!(stdout(&case).contains("→ BE-PAYOKE"), "{}", stdout(&case));
+
+    let status = run_async(vec!["--socket".into(), socket.clone(), "status".into()]).await;
+    assert!(status.status.success());
+    let text = stdout(&status);
+    assert!(text.contains("participant  NL-NRM"), "{text}");
+    assert!(text.contains("not connected"), "{text}");
+    assert!(text.contains("1 queued"), "{text}");
+
+    let unknown = trmx_proto::MessageId::new_v7().to_string();
+    let missing = run_async(vec![
+        "--socket".into(),
+        socket.clone(),
+        "show".into(),
+        unknown.clone(),
+    ])
+    .await;
+    let line = assert_one_line_failure(&missing);
+    assert_eq!(line, format!("message {unknown} not found"));
+
+    node.stop().await.expect("stop");
+}
+
+fn wait_for_file(path: &Path, deadline: Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|s| s.ends_with('\n')) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_until_sigterm() {
+    let sandbox = Sandbox::new();
+    let c = &sandbox.config;
+    let config = format!(
+        r#"
+participant = "NL-NRM"
+data_dir = "data"
+log_level = "warn"
+
+[broker]
+address = "{}"
+server_name = "localhost"
+reconnect_min_ms = 50
+reconnect_max_ms = 200
+
+[tls]
+ca = "{}"
+cert = "{}"
+key = "{}"
+"#,
+        c.broker.address,
+        c.tls.ca.display(),
+        c.tls.cert.display(),
+        c.tls.key.display()
+    );
+    let config_path = sandbox.write("node.toml", &config);
+    let ready: PathBuf = sandbox.path().join("ready");
+    let mut child = trmx_node()
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn trmx-node run");
+    let ready_path = ready.clone();
+    let is_ready =
+        tokio::task::spawn_blocking(move || wait_for_file(&ready_path, Duration::from_secs(20)))
+            .await
+            .expect("join");
+    if !is_ready {
+        let _ = child.kill();
+        let output = child.wait_with_output().expect("output");
+        panic!("node did not become ready: {}", stderr(&output));
+    }
+    let socket = std::fs::read_to_string(&ready)
+        .expect("ready file")
+        .trim()
+        .to_owned();
+    assert_eq!(Path::new(&socket), sandbox.path().join("data/node.sock"));
+
+    // The client finds the socket through the config file.
+    let status = run_async(vec![
+        "--config".into(),
+        config_path.to_str().expect("utf-8").into(),
+        "status".into(),
+    ])
+    .await;
+    assert!(status.status.success(), "{}", stderr(&status));
+    assert!(stdout(&status).contains("NL-NRM"));
+
+    let pid = child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait"))
+        .await
+        .expect("join");
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status,
+        stderr(&output)
+    );
+    assert!(stdout(&output).starts_with("trmx-node ready: participant NL-NRM socket "));
+    let socket_path = PathBuf::from(socket);
+    eventually("socket removed", Duration::from_secs(1), || {
+        std::fs::symlink_metadata(&socket_path).is_err()
+    })
+    .await;
+}

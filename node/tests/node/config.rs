@@ -1,0 +1,139 @@
+//! Config loading and validation: errors name the field.
+
+use std::path::Path;
+
+use trmx_node::NodeConfig;
+use trmx_node::core::NodeError;
+
+const MINIMAL: &str = r#"
+participant = "BE-PAYOKE"
+data_dir = "data"
+
+[broker]
+address = "localhost:7443"
+server_name = "localhost"
+
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/BE-PAYOKE.pem"
+key = "pki/BE-PAYOKE.key"
+"#;
+
+fn config_error(text: &str) -> String {
+    let parsed = NodeConfig::parse(text).and_then(|c| c.validate().map(|()| c));
+    match parsed {
+        Err(NodeError::Config(message)) => message,
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("node.example.toml");
+    let config = NodeConfig::load(&path).expect("node.example.toml loads");
+    assert_eq!(config.participant, "NL-NRM");
+    assert_eq!(
+        config.socket_path(),
+        Path::new("/var/lib/trmx-node/node.sock")
+    );
+    let core = config.core_config().expect("core config");
+    assert_eq!(core.broker_addr, "broker.trmx.example:7443");
+    assert_eq!(core.max_in_flight, 32);
+    assert_eq!(
+        core.default_lifetime,
+        Some(std::time::Duration::from_secs(720 * 3600))
+    );
+}
+
+#[test]
+fn defaults_and_relative_paths() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, MINIMAL).expect("write");
+    let config = NodeConfig::load(&path).expect("loads");
+    assert_eq!(config.data_dir, dir.path().join("data"));
+    assert_eq!(config.tls.key, dir.path().join("pki/BE-PAYOKE.key"));
+    assert_eq!(config.socket_path(), dir.path().join("data/node.sock"));
+    assert_eq!(config.log_level, "info");
+    assert_eq!(config.broker.max_in_flight, 32);
+    assert_eq!(config.storage.cache_capacity_mb, 64);
+}
+
+#[test]
+fn unknown_keys_are_refused_by_name() {
+    let message = config_error(&MINIMAL.replace("server_name", "server_nme"));
+    assert!(message.contains("server_nme"), "{message}");
+    let message = config_error(&format!("{MINIMAL}\n[storage]\ncache_mb = 3\n"));
+    assert!(message.contains("cache_mb"), "{message}");
+}
+
+#[test]
+fn missing_required_fields_are_named() {
+    let message = config_error(&MINIMAL.replace("participant = \"BE-PAYOKE\"", ""));
+    assert!(message.contains("participant"), "{message}");
+}
+
+#[test]
+fn validation_errors_name_the_field() {
+    let cases = [
+        (
+            MINIMAL.replace("BE-PAYOKE\"\ndata", "payoke\"\ndata"),
+            "participant:",
+        ),
+        (
+            MINIMAL.replace("localhost:7443", "localhost"),
+            "broker.address:",
+        ),
+        (
+            MINIMAL.replace("server_name = \"localhost\"", "server_name = \"\""),
+            "broker.server_name:",
+        ),
+        (
+            MINIMAL.replace(
+                "server_name = \"localhost\"",
+                "server_name = \"localhost\"\nmax_in_flight = 0",
+            ),
+            "broker.max_in_flight:",
+        ),
+        (
+            MINIMAL.replace(
+                "server_name = \"localhost\"",
+                "server_name = \"localhost\"\nreconnect_min_ms = 5000\nreconnect_max_ms = 100",
+            ),
+            "broker.reconnect_max_ms:",
+        ),
+        (
+            format!("{MINIMAL}\n[storage]\nretention_check_interval_secs = 0\n"),
+            "storage.retention_check_interval_secs:",
+        ),
+        (
+            format!("{MINIMAL}\n[api]\nsocket = \"/{}\"\n", "x".repeat(120)),
+            "api.socket:",
+        ),
+        (
+            format!("log_level = \"info,=bad[\"\n{MINIMAL}"),
+            "log_level:",
+        ),
+    ];
+    for (text, field) in cases {
+        let message = config_error(&text);
+        assert!(message.starts_with(field), "expected {field} in: {message}");
+    }
+}
+
+#[test]
+fn load_errors_name_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, MINIMAL.replace("localhost:7443", "nowhere")).expect("write");
+    let message = NodeConfig::load(&path).expect_err("invalid").to_string();
+    assert!(message.contains("node.toml"), "{message}");
+    assert!(
+        message.contains("broker.address: must be host:port"),
+        "{message}"
+    );
+    let missing = NodeConfig::load(&dir.path().join("absent.toml"))
+        .expect_err("missing")
+        .to_string();
+    assert!(missing.contains("absent.toml"), "{missing}");
+}

@@ -1,0 +1,92 @@
+//! Shared test helpers: a federation with one node certificate, a broker
+//! address nothing listens on, and an in-process node with a manual clock.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use trmx_node::NodeConfig;
+use trmx_node::RunningNode;
+use trmx_node::core::ManualClock;
+
+/// The demo referral (valid).
+pub(crate) const REFERRAL_JSON: &str = include_str!("../../../proto/examples/01-referral.json");
+
+/// A temp dir with certificates for `NL-NRM` and a node config pointing at a
+/// closed port.
+pub(crate) struct Sandbox {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) config: NodeConfig,
+}
+
+impl Sandbox {
+    pub(crate) fn new() -> Sandbox {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let federation =
+            trmx_certs::Federation::create(&dir.path().join("pki"), "trmx.test").expect("ca");
+        let node = federation.participant("NL-NRM").expect("node cert");
+        let tls = trmx_transport::TlsPaths {
+            ca: federation.ca_cert_path(),
+            cert: node.cert,
+            key: node.key,
+        };
+        let mut config = NodeConfig::new(
+            "NL-NRM",
+            dir.path().join("data"),
+            &closed_port_address(),
+            "localhost",
+            tls,
+        );
+        // Keep the failing reconnects cheap.
+        config.broker.reconnect_min_ms = 50;
+        config.broker.reconnect_max_ms = 200;
+        Sandbox { dir, config }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts the node in this process with a manual clock at "now".
+    pub(crate) async fn start(&self) -> RunningNode {
+        RunningNode::start(&self.config, Arc::new(ManualClock::new(SystemTime::now())))
+            .await
+            .expect("node starts with the broker down")
+    }
+
+    /// Writes a file into the sandbox.
+    pub(crate) fn write(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::write(&path, content).expect("write file");
+        path
+    }
+}
+
+/// `127.0.0.1:<port>` where nothing listens (bound, then closed).
+pub(crate) fn closed_port_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    addr.to_string()
+}
+
+/// Polls `check` until it returns true or `deadline` passes.
+pub(crate) async fn eventually(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The referral with one JSON field removed (dotted path of object keys).
+pub(crate) fn referral_without(path: &[&str]) -> String {
+    let mut value: serde_json::Value = serde_json::from_str(REFERRAL_JSON).expect("example json");
+    let (last, parents) = path.split_last().expect("path");
+    let mut node = &mut value;
+    for key in parents {
+        node = node.get_mut(*key).expect("key");
+    }
+    node.as_object_mut().expect("object").remove(*last);
+    serde_json::to_string_pretty(&value).expect("json")
+}

@@ -1,0 +1,4 @@
+mod api;
+mod cli;
+mod config;
+mod harness;
