@@ -76,19 +76,19 @@ async fn traffic(metrics: Arc<Metrics>, participants: Vec<ParticipantId>) {
         n += 1;
         let kind = Kind::APPLICATION[(n % Kind::APPLICATION.len() as u64) as usize];
         metrics.accepted(kind);
-        metrics.delivered(kind, if n % 7 == 0 { 2 } else { 1 });
+        metrics.delivered(kind, if n.is_multiple_of(7) { 2 } else { 1 });
         metrics.acknowledged(kind);
         metrics.acknowledged(Kind::DeliveryReceipt);
         metrics.observe_submit(Duration::from_micros(400 + (n * 7919) % 20_000));
         metrics.observe_flush(Duration::from_micros(100 + (n * 104_729) % 8_000));
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             metrics.refused(RefusalReason::ALL[(n / 5 % RefusalReason::ALL.len() as u64) as usize]);
         }
-        if n % 40 == 0 {
+        if n.is_multiple_of(40) {
             metrics.dead_lettered(DeadLetterReason::MaxAttempts, 1);
             metrics.expired(1);
         }
-        if n % 20 == 0 {
+        if n.is_multiple_of(20) {
             let now_ms = trmx_proto::time::to_millis(SystemTime::now());
             let stats: Vec<QueueStats> = participants
                 .iter()
