@@ -14,6 +14,8 @@
 //! inbox entries by their node-local `seq`.
 
 pub mod clock;
+#[cfg(test)]
+mod fake_broker;
 mod link;
 mod store;
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! other's delivery checks, as the broker would.
 
 use std::path::Path;
+
 use std::time::{Duration, UNIX_EPOCH};
+use tokio::net::TcpListener;
 
 use futures::StreamExt;
 use trmx_proto::time::to_timestamp;
@@ -725,4 +727,221 @@ async fn status_counts_and_participants_offline() {
         f.nl.participants().await,
         Err(NodeError::BrokerUnavailable(_))
     ));
+}
+
+// ---- the broker link, against the in-memory fake broker ----------------------
+
+mod link {
+    use std::future::Future;
+    use std::net::SocketAddr;
+
+    use super::super::fake_broker::{FakeBroker, listener};
+    use super::*;
+
+    /// Polls `check` until it is true or 10 s passed.
+    async fn until<F, Fut>(what: &str, check: F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn online(dir: &Path, me: &str, addr: SocketAddr, clock: Arc<ManualClock>) -> NodeCore {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        NodeCore::open(
+            config(dir, me),
+            clock,
+            Some(ExchangeClient::new(channel)),
+            false,
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn state_of(node: &NodeCore, id: MessageId) -> Option<OutboxEntry> {
+        match node.message(id).await.unwrap() {
+            Some(MessageView::Outbox(entry, _)) => Some(entry),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_receipts_and_replies_flow_through_a_broker() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (nl_l, nl_addr) = listener().await;
+        let (be_l, be_addr) = listener().await;
+        let _s1 = broker.serve("NL-NRM", nl_l);
+        let _s2 = broker.serve("BE-PAYOKE", be_l);
+        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("BE stores the referral", || async {
+            be.inbox(&ListFilter::default()).await.unwrap().len() == 1
+        })
+        .await;
+        until("NL sees DELIVERED", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Delivered)
+        })
+        .await;
+        assert!(nl.status().broker_connected);
+        let participants = nl.participants().await.unwrap();
+        assert_eq!(participants.len(), 2);
+        assert!(participants[0].accepts.contains(&Kind::Referral));
+
+        let mut reply = request("r-1", "NL-NRM", response());
+        reply.in_reply_to = Some(sent.message_id);
+        let reply = be.send(reply).await.unwrap();
+        until("NL's referral is ANSWERED", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .and_then(|e| e.answered_by)
+                == Some(reply.message_id)
+        })
+        .await;
+        until("BE's reply is DELIVERED", || async {
+            state_of(&be, reply.message_id).await.map(|e| e.state) == Some(OutboxState::Delivered)
+        })
+        .await;
+        assert_eq!(nl.case_timeline(sent.case_ref).await.unwrap().len(), 2);
+        assert_eq!(be.case_timeline(sent.case_ref).await.unwrap().len(), 2);
+        // Every delivery (2 messages + 2 receipts) was acknowledged once.
+        assert_eq!(broker.lock().acked.len(), 4);
+        nl.shutdown().await;
+        be.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_sent_while_the_broker_is_down_is_delivered_when_it_comes_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let (nl_l, nl_addr) = listener().await;
+        drop(nl_l); // nothing listens yet
+        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("NL notices the broker is down", || async {
+            nl.status().last_broker_error.is_some()
+        })
+        .await;
+        assert!(!nl.status().broker_connected);
+        assert_eq!(
+            state_of(&nl, sent.message_id).await.unwrap().state,
+            OutboxState::Queued
+        );
+
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let _s1 = broker.serve("NL-NRM", TcpListener::bind(nl_addr).await.unwrap());
+        until("NL submits after the broker came up", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        assert!(broker.lock().queues["BE-PAYOKE"].len() == 1);
+        until("NL is connected", || async { nl.status().broker_connected }).await;
+
+        // BE comes online later and gets it.
+        let (be_l, be_addr) = listener().await;
+        let _s2 = broker.serve("BE-PAYOKE", be_l);
+        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        until("BE stores it", || async {
+            be.inbox(&ListFilter::default()).await.unwrap().len() == 1
+        })
+        .await;
+        until("NL sees DELIVERED", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Delivered)
+        })
+        .await;
+        nl.shutdown().await;
+        be.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn refusals_and_rejections_end_in_failed_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (nl_l, nl_addr) = listener().await;
+        let (be_l, be_addr) = listener().await;
+        let _s1 = broker.serve("NL-NRM", nl_l);
+        let _s2 = broker.serve("BE-PAYOKE", be_l);
+        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+
+        // Refused at submit (unknown recipient): FAILED with the gRPC code.
+        let lost = nl
+            .send(request("k-1", "DE-NOBODY", referral()))
+            .await
+            .unwrap();
+        until("the broker refusal is recorded", || async {
+            state_of(&nl, lost.message_id).await.map(|e| e.state) == Some(OutboxState::Failed)
+        })
+        .await;
+        let failure = state_of(&nl, lost.message_id)
+            .await
+            .unwrap()
+            .failure
+            .unwrap();
+        assert_eq!(failure.outcome, "rejected-by-broker");
+        assert_eq!(failure.reason_code, "NOT_FOUND");
+        assert_eq!(failure.field_path, "envelope.recipient");
+
+        // An invalid body from a hand-made client: BE rejects it with the
+        // reason and the field path, and stores nothing. (How a known
+        // sender's outbox turns FAILED from the resulting non-delivery
+        // report is covered by `receipts_move_the_outbox_forward_only`.)
+        let sent = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("submitted or delivered", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) != Some(OutboxState::Queued)
+        })
+        .await;
+        until("BE stores the good one", || async {
+            be.inbox(&ListFilter::default()).await.unwrap().len() == 1
+        })
+        .await;
+        let Body::Referral(mut r) = referral() else {
+            unreachable!()
+        };
+        r.consent = None;
+        let payload = Body::Referral(r).encode();
+        let bad_id = MessageId::new_v7();
+        let mut env = broker.lock().accepted[&sent.message_id.to_string()].clone();
+        env.message_id = bad_id.to_string();
+        env.payload_sha256 = trmx_proto::envelope::sha256(&payload).to_vec();
+        env.payload = payload;
+        broker.enqueue(env, "NL-NRM");
+        until("BE rejects it", || async {
+            !broker.lock().rejected.is_empty()
+        })
+        .await;
+        let (id, code, field) = broker.lock().rejected[0].clone();
+        assert_eq!(
+            (id.as_str(), code.as_str(), field.as_str()),
+            (
+                bad_id.to_string().as_str(),
+                "INVALID_BODY",
+                "referral.consent"
+            )
+        );
+        assert_eq!(be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+        nl.shutdown().await;
+        be.shutdown().await;
+    }
 }

@@ -1,0 +1,310 @@
+//! A minimal in-memory `Exchange` server for the link tests (plain HTTP/2 on
+//! 127.0.0.1:0, one listener per participant so that the caller is known
+//! without certificates). It follows the broker's contract only as far as
+//! the node relies on it: idempotent submit, per-recipient queues, ack →
+//! delivery receipt, reject → non-delivery report, `GetInfo`.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use futures::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+use trmx_proto::pb::exchange_server::{Exchange, ExchangeServer};
+use trmx_proto::time::to_timestamp;
+use trmx_proto::{Kind, MessageId, pb};
+
+#[derive(Debug, Default)]
+pub(crate) struct FakeState {
+    /// Known participants.
+    pub(crate) participants: Vec<String>,
+    pub(crate) queues: HashMap<String, VecDeque<pb::Envelope>>,
+    /// Envelopes accepted, by id, with their sender.
+    pub(crate) accepted: HashMap<String, pb::Envelope>,
+    pub(crate) acked: Vec<String>,
+    pub(crate) rejected: Vec<(String, String, String)>,
+    seq: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FakeBroker {
+    pub(crate) state: Arc<Mutex<FakeState>>,
+    notify: Arc<Notify>,
+}
+
+/// One participant's view of the fake broker.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    broker: FakeBroker,
+    caller: String,
+}
+
+impl FakeBroker {
+    pub(crate) fn new(participants: &[&str]) -> Self {
+        let broker = FakeBroker::default();
+        broker.lock().participants = participants.iter().map(|p| (*p).to_owned()).collect();
+        broker
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
+
+    /// Serves `caller` on `listener` until the returned sender is dropped or fired.
+    pub(crate) fn serve(
+        &self,
+        caller: &str,
+        listener: TcpListener,
+    ) -> tokio::sync::oneshot::Sender<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let service = ExchangeServer::new(Endpoint {
+            broker: self.clone(),
+            caller: caller.to_owned(),
+        });
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        tx
+    }
+
+    /// Queues an envelope as if the broker had accepted it.
+    pub(crate) fn enqueue(&self, mut envelope: pb::Envelope, sender: &str) {
+        let mut st = self.lock();
+        st.seq += 1;
+        envelope.sender = sender.to_owned();
+        envelope.accepted_at = Some(to_timestamp(SystemTime::now()));
+        envelope.broker_seq = st.seq;
+        st.accepted
+            .insert(envelope.message_id.clone(), envelope.clone());
+        st.queues
+            .entry(envelope.recipient.clone())
+            .or_default()
+            .push_back(envelope);
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    fn receipt(&self, original: &pb::Envelope, outcome: pb::Outcome, code: &str, field: &str) {
+        let receipt = pb::Receipt {
+            message_id: original.message_id.clone(),
+            outcome: outcome as i32,
+            at: Some(to_timestamp(SystemTime::now())),
+            attempts: 1,
+            last_delivered_at: None,
+            reason_code: code.to_owned(),
+            field_path: field.to_owned(),
+        };
+        let kind = if outcome == pb::Outcome::Delivered {
+            Kind::DeliveryReceipt
+        } else {
+            Kind::NonDeliveryReport
+        };
+        let payload = prost::Message::encode_to_vec(&receipt);
+        let id = MessageId::parse(&original.message_id).unwrap();
+        let envelope = pb::Envelope {
+            message_id: MessageId::receipt_id(id, outcome.as_str_name()).to_string(),
+            recipient: original.sender.clone(),
+            kind: kind.to_pb() as i32,
+            case_ref: original.case_ref.clone(),
+            priority: pb::Priority::Normal as i32,
+            created_at: Some(to_timestamp(SystemTime::now())),
+            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
+            payload,
+            content_type: kind.content_type(),
+            ..Default::default()
+        };
+        self.enqueue(envelope, "");
+    }
+}
+
+pub(crate) async fn listener() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::Delivery, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Exchange for Endpoint {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitReceipt>, Status> {
+        let envelope = request
+            .into_inner()
+            .envelope
+            .ok_or_else(|| Status::invalid_argument("envelope: is required"))?;
+        trmx_proto::envelope::SubmitEnvelope::check(&envelope)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let duplicate = {
+            let st = self.broker.lock();
+            if !st.participants.contains(&envelope.recipient) {
+                return Err(Status::not_found("envelope.recipient: unknown participant"));
+            }
+            match st.accepted.get(&envelope.message_id) {
+                Some(first) => {
+                    let mut mine = first.clone();
+                    mine.sender.clear();
+                    mine.accepted_at = None;
+                    mine.broker_seq = 0;
+                    if mine != envelope {
+                        return Err(Status::already_exists("message_id: used"));
+                    }
+                    true
+                }
+                None => false,
+            }
+        };
+        if !duplicate {
+            self.broker.enqueue(envelope.clone(), &self.caller);
+        }
+        Ok(Response::new(pb::SubmitReceipt {
+            message_id: envelope.message_id,
+            duplicate,
+            ..Default::default()
+        }))
+    }
+
+    type ReceiveStream = DeliveryStream;
+
+    async fn receive(
+        &self,
+        _request: Request<pb::ReceiveRequest>,
+    ) -> Result<Response<Self::ReceiveStream>, Status> {
+        let (tx, rx) = mpsc::channel(8);
+        let broker = self.broker.clone();
+        let caller = self.caller.clone();
+        tokio::spawn(async move {
+            loop {
+                let notified = broker.notify.notified();
+                let next = broker
+                    .lock()
+                    .queues
+                    .get_mut(&caller)
+                    .and_then(VecDeque::pop_front);
+                match next {
+                    Some(envelope) => {
+                        let delivery = pb::Delivery {
+                            envelope: Some(envelope.clone()),
+                            attempt: 1,
+                        };
+                        if tx.send(Ok(delivery)).await.is_err() {
+                            broker
+                                .lock()
+                                .queues
+                                .entry(caller.clone())
+                                .or_default()
+                                .push_front(envelope);
+                            return;
+                        }
+                    }
+                    None => tokio::select! {
+                        () = notified => {}
+                        () = tx.closed() => return,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let mut results = Vec::new();
+        for id in request.into_inner().message_ids {
+            let original = {
+                let mut st = self.broker.lock();
+                st.acked.push(id.clone());
+                st.accepted.get(&id).cloned()
+            };
+            if let Some(original) = original
+                && !original.sender.is_empty()
+            {
+                self.broker
+                    .receipt(&original, pb::Outcome::Delivered, "", "");
+            }
+            results.push(pb::AckOutcome {
+                message_id: id,
+                result: pb::AckResult::Acknowledged as i32,
+            });
+        }
+        Ok(Response::new(pb::AckResponse { results }))
+    }
+
+    async fn reject(
+        &self,
+        request: Request<pb::RejectRequest>,
+    ) -> Result<Response<pb::RejectResponse>, Status> {
+        let r = request.into_inner();
+        let original = {
+            let mut st = self.broker.lock();
+            st.rejected.push((
+                r.message_id.clone(),
+                r.reason_code.clone(),
+                r.field_path.clone(),
+            ));
+            st.accepted.get(&r.message_id).cloned()
+        };
+        if let Some(original) = original {
+            self.broker.receipt(
+                &original,
+                pb::Outcome::RejectedByRecipient,
+                &r.reason_code,
+                &r.field_path,
+            );
+        }
+        Ok(Response::new(pb::RejectResponse {}))
+    }
+
+    async fn withdraw(
+        &self,
+        _request: Request<pb::WithdrawRequest>,
+    ) -> Result<Response<pb::WithdrawResponse>, Status> {
+        Err(Status::unimplemented("withdraw"))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::MessageStatus>, Status> {
+        Err(Status::unimplemented("get_status"))
+    }
+
+    async fn get_info(
+        &self,
+        _request: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::BrokerInfo>, Status> {
+        let participants = self
+            .broker
+            .lock()
+            .participants
+            .iter()
+            .map(|id| pb::Participant {
+                id: id.clone(),
+                display_name: format!("{id} (test)"),
+                country: id[..2].to_owned(),
+                organisation_type: pb::OrganisationType::Ngo as i32,
+                accepts: Kind::APPLICATION.iter().map(|k| k.to_pb() as i32).collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::BrokerInfo {
+            broker_name: "fake".into(),
+            participants,
+            limits: None,
+            caller: self.caller.clone(),
+        }))
+    }
+}
