@@ -146,7 +146,10 @@ impl NodeConfig {
             .map_err(|e| NodeError::Config(format!("cannot read {}: {e}", path.display())))?;
         let mut config = NodeConfig::parse(&text)
             .map_err(|e| NodeError::Config(format!("{}: {}", path.display(), config_msg(&e))))?;
-        if let Some(base) = path.parent() {
+        // Resolve against the file's directory, made absolute so that the
+        // socket path printed and written to a ready file works from anywhere.
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        if let Some(base) = absolute.parent() {
             config.resolve_relative_to(base);
         }
         config

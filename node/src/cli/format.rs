@@ -53,9 +53,12 @@ pub(crate) fn outbox_state(entry: &pb::OutboxEntry) -> String {
         Ok(pb::OutboxState::Submitted) => "at the broker".to_owned(),
         Ok(pb::OutboxState::Delivered) => "delivered".to_owned(),
         Ok(pb::OutboxState::Failed) => match &entry.failure {
+            Some(f) if f.outcome == "withdrawn" => "withdrawn".to_owned(),
             Some(f) => {
-                let mut text = format!("failed: {}", f.outcome.replace('-', " "));
-                if !f.reason_code.is_empty() {
+                let outcome = f.outcome.replace('-', " ");
+                let mut text = format!("failed: {outcome}");
+                let reason = f.reason_code.to_ascii_lowercase().replace(['_', '-'], " ");
+                if !f.reason_code.is_empty() && reason != outcome {
                     text.push_str(&format!(" ({})", f.reason_code));
                 }
                 if !f.field_path.is_empty() {

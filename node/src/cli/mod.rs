@@ -191,6 +191,43 @@ fn fail<T>(message: impl Into<String>) -> Result<T, CliError> {
     Err(CliError(message.into()))
 }
 
+/// The whole `trmx-node` program: parses `args` (the first is the program
+/// name), runs the command on a fresh runtime, prints a failure as one line
+/// on stderr, and returns the exit code (0, [`EXIT_FAILURE`], or 2 for a
+/// usage error). The binary is `std::process::exit(main_with_args(std::env::args_os()))`;
+/// a test crate can build the same binary from this.
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = e.exit_code();
+            let _ = e.print();
+            return code;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("trmx-node: cannot start the async runtime: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
 /// Runs a parsed command line. `run` returns when the daemon stopped.
 pub async fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
@@ -230,6 +267,7 @@ fn init_logging(level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
