@@ -215,7 +215,7 @@ impl LocalApi {
     async fn send(&self, req: pb::SendRequest) -> Result<pb::SendResponse, NodeError> {
         let request = convert::send_request(req)?;
         let entry = self.core.send(request).await?;
-        tracing::info!(
+        tracing::debug!(
             message_id = %entry.message_id,
             recipient = %entry.recipient,
             kind = %entry.kind,
