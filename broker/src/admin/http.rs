@@ -59,7 +59,8 @@ impl AdminHooks for NoHooks {}
 pub struct AdminLimits {
     /// Connections served at once.
     pub max_connections: usize,
-    /// Time allowed for a request's headers to arrive.
+    /// Time allowed for a request's headers to arrive; also how long an idle keep-alive
+    /// connection is kept (hyper restarts the timer while waiting for the next request).
     pub header_read_timeout: Duration,
     /// A keep-alive connection is closed (gracefully) after this long.
     pub max_connection_age: Duration,
@@ -459,6 +460,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!String::from_utf8_lossy(&raw).contains(" 200 "));
+        // an idle keep-alive connection is closed the same way, so it never pins a slot
+        let mut idle = TcpStream::connect(server.addr).await.unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(DEADLINE, idle.read_to_end(&mut raw))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
         server.shutdown().await;
     }
 
