@@ -28,6 +28,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -1,0 +1,151 @@
+//! The `trmx-broker` command line: parses flags, loads the config, binds, and
+//! runs the broker until SIGTERM/SIGINT. SIGHUP reloads the CRL.
+//!
+//! It lives in the library so that other executables (the demo's multi-call
+//! binary, process-level tests) run exactly what `trmx-broker` runs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+use crate::{Broker, BrokerConfig};
+
+/// The trmx store-and-forward broker.
+#[derive(Debug, Parser)]
+#[command(name = "trmx-broker", version)]
+struct Cli {
+    /// The broker's TOML config file (see broker.example.toml).
+    #[arg(long, short, env = "TRMX_BROKER_CONFIG")]
+    config: PathBuf,
+    /// Listen address; overrides `listen` in the config.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory; overrides `data_dir` in the config.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `info,trmx_broker=debug` (RUST_LOG syntax).
+    #[arg(long, env = "TRMX_LOG", default_value = "info")]
+    log_level: String,
+    /// Write the bound address to this file once the broker accepts connections.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker (the default).
+    Run,
+    /// Load and validate the config, print the effective config, and exit.
+    CheckConfig,
+}
+
+/// Runs `trmx-broker` with `args` (the first is the program name) and returns
+/// its exit code.
+pub fn main<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("trmx-broker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = BrokerConfig::load(&cli.config)?;
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    if let Some(data_dir) = &cli.data_dir {
+        config.data_dir = data_dir.clone();
+    }
+    config.validate()?;
+    if matches!(cli.command, Some(Command::CheckConfig)) {
+        print!("{}", config.to_toml()?);
+        println!("# config OK: {}", cli.config.display());
+        return Ok(());
+    }
+    init_tracing(&cli.log_level)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_broker(config, cli.ready_file))
+}
+
+fn init_tracing(filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("--log-level {filter:?} is not a valid log filter"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))
+}
+
+async fn run_broker(config: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let mut broker = Broker::builder(config).start(listener).await?;
+    let addr = broker.local_addr();
+    println!("trmx-broker listening on {addr}");
+    if let Some(path) = &ready_file {
+        write_ready_file(path, addr)?;
+    }
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { info!("SIGTERM received"); break; }
+            _ = interrupt.recv() => { info!("SIGINT received"); break; }
+            _ = hangup.recv() => {
+                info!("SIGHUP received, reloading TLS material and CRL");
+                match broker.reload_tls() {
+                    Ok(report) => info!(
+                        closed_connections = report.closed_connections,
+                        crl_stale = report.crl.stale,
+                        "tls reloaded"
+                    ),
+                    Err(e) => warn!(error = %e, "tls reload failed, keeping the previous config"),
+                }
+            }
+            result = broker.wait_stopped() => {
+                if let Err(e) = &result {
+                    error!(error = %e, "broker stopped");
+                }
+                return result.map_err(Into::into);
+            }
+        }
+    }
+    broker.shutdown().await?;
+    Ok(())
+}
+
+/// Writes `addr` to `path` atomically (temp file + rename), so a reader never
+/// sees a half-written file.
+fn write_ready_file(path: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
