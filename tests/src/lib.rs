@@ -1,1 +1,20 @@
-//! trmx-tests: shared harness for end-to-end tests (filled in by the node helper and the lead).
+//! trmx-tests: the local federation demo and the harness of the end-to-end tests.
+//!
+//! - [`federation`]: writes a whole local federation to a directory — PKI
+//!   (via `trmx-certs`), a broker config with the participant registry, one
+//!   node config per participant.
+//! - [`process`]: starts a broker or node as a real child process, waits for
+//!   its ready file, and always stops it (SIGTERM, then SIGKILL).
+//! - [`story`]: the demo story of DOMAIN.md driven through the nodes' local
+//!   APIs with the example documents; narrates and returns a report.
+//! - [`proxy`]: a fault-injecting TCP proxy (cut, stall, delay) for network
+//!   fault tests.
+//!
+//! The `trmx-demo` binary (`src/bin/trmx-demo.rs`) puts these together; the
+//! integration tests in `tests/main.rs` run the same pieces and check every
+//! outcome.
+
+pub mod federation;
+pub mod process;
+pub mod proxy;
+pub mod story;

@@ -1,0 +1,257 @@
+//! `trmx-demo`: the first run. Builds a local federation in a temp dir (CA,
+//! certificates, a broker and three nodes as real processes over real mutual
+//! TLS on loopback) and runs the story of DOMAIN.md through the nodes' local
+//! APIs, narrating each step; exits 0 only if every message was delivered and
+//! acknowledged.
+//!
+//! ```text
+//! cargo run -p trmx-tests --bin trmx-demo            # temp dir, removed afterwards
+//! cargo run -p trmx-tests --bin trmx-demo -- --dir demo-out --keep
+//! ```
+//!
+//! The broker and the nodes are this same executable started as
+//! `trmx-demo broker …` and `trmx-demo node …` (which run exactly what the
+//! `trmx-broker` and `trmx-node` binaries run), so one `cargo run` builds
+//! everything the demo needs.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use trmx_tests::federation::{LocalFederation, STORY_MEMBERS, TRUST_DOMAIN};
+use trmx_tests::process::Process;
+use trmx_tests::story::{Story, connect};
+
+/// How long a broker or node may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the DOMAIN.md demo story on a local federation.
+#[derive(Debug, Parser)]
+#[command(name = "trmx-demo", version)]
+struct Args {
+    /// Working directory for certificates, configs, databases and logs
+    /// (default: a new temp dir, removed at the end unless --keep).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the working directory afterwards (always kept with --dir).
+    #[arg(long)]
+    keep: bool,
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    // Multi-call: `trmx-demo broker …` / `trmx-demo node …` are the daemons.
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("broker") => {
+            args.remove(1);
+            args[0] = "trmx-broker".into();
+            return trmx_broker::cli::main(args);
+        }
+        Some("node") => {
+            args.remove(1);
+            args[0] = "trmx-node".into();
+            let code = trmx_node::cli::main_with_args(args);
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
+        _ => {}
+    }
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("trmx-demo: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(demo(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("trmx-demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(args: Args) -> anyhow::Result<bool> {
+    let (temp, dir) = match &args.dir {
+        Some(dir) => (None, dir.clone()),
+        None => {
+            let temp = tempfile::Builder::new().prefix("trmx-demo-").tempdir()?;
+            let dir = temp.path().to_owned();
+            (Some(temp), dir)
+        }
+    };
+    println!(
+        "trmx demo: a case, end to end (working files in {})",
+        dir.display()
+    );
+    let result = tokio::select! {
+        result = run(&dir) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; every process it started has been stopped")),
+    };
+    match temp {
+        Some(temp) if args.keep => println!("working files kept in {}", temp.keep().display()),
+        Some(temp) => drop(temp),
+        None => println!("working files kept in {}", dir.display()),
+    }
+    result
+}
+
+/// The processes the demo started; dropping it stops them all.
+type Processes = Arc<Mutex<Vec<Process>>>;
+
+async fn run(dir: &Path) -> anyhow::Result<bool> {
+    let exe = std::env::current_exe().context("locating the trmx-demo executable")?;
+    let processes: Processes = Arc::default();
+
+    println!();
+    println!("Setting up the federation");
+    let federation = tokio::task::spawn_blocking({
+        let dir = dir.to_owned();
+        move || LocalFederation::create(&dir, &STORY_MEMBERS)
+    })
+    .await??;
+    println!(
+        "  federation CA for trust domain {TRUST_DOMAIN} created; certificates issued for the broker and {}",
+        STORY_MEMBERS.map(|m| m.id).join(", ")
+    );
+    let broker_config = federation.write_broker_config("")?;
+    let broker_dir = dir.join("broker");
+    let broker_addr = start(
+        &processes,
+        "broker",
+        &exe,
+        vec![
+            "broker".into(),
+            "--config".into(),
+            broker_config.into(),
+            "--ready-file".into(),
+            broker_dir.join("ready").into(),
+        ],
+        &broker_dir.join("broker.log"),
+        &broker_dir.join("ready"),
+    )
+    .await?;
+    println!("  broker listening on {broker_addr} (TLS 1.3, client certificates required)");
+    let broker_addr = broker_addr
+        .parse()
+        .context("reading the broker's address")?;
+
+    let mut story = Story::new(std::io::stdout());
+    for member in ["NL-NRM", "BE-PAYOKE"] {
+        let socket = start_node(&processes, &federation, &exe, member, broker_addr).await?;
+        story.add_node(member, connect(Path::new(&socket)).await?);
+        println!("  {member} node running");
+    }
+    println!("  NG-NAPTIP node kept offline for now");
+
+    let report = story
+        .run(|| {
+            let processes = Arc::clone(&processes);
+            let federation = &federation;
+            let exe = exe.clone();
+            async move {
+                let socket =
+                    start_node(&processes, federation, &exe, "NG-NAPTIP", broker_addr).await?;
+                connect(Path::new(&socket)).await
+            }
+        })
+        .await;
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("trmx-demo: the story stopped: {e:#}");
+            eprintln!("  logs: {}", dir.display());
+            return Ok(false);
+        }
+    };
+
+    println!();
+    let delivered = report
+        .sent
+        .iter()
+        .filter(|s| s.received && s.delivered)
+        .count();
+    println!(
+        "{delivered} of {} messages delivered and acknowledged; every sender holds its delivery receipt.",
+        report.sent.len()
+    );
+    println!("Stopping the nodes and the broker");
+    let mut clean = true;
+    let stopped = tokio::task::spawn_blocking(move || {
+        let mut all = processes
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        // Nodes first, then the broker (started first).
+        all.reverse();
+        all.iter_mut()
+            .map(|p| (p.name().to_owned(), p.stop(Duration::from_secs(10))))
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    for (name, ok) in stopped {
+        if !ok {
+            clean = false;
+            eprintln!("  {name} did not stop cleanly");
+        }
+    }
+    Ok(report.all_delivered() && report.held_while_offline && clean)
+}
+
+async fn start_node(
+    processes: &Processes,
+    federation: &LocalFederation,
+    exe: &Path,
+    member: &str,
+    broker: std::net::SocketAddr,
+) -> anyhow::Result<String> {
+    let config = federation.write_node_config(member, broker)?;
+    let node_dir = federation.dir.join(member);
+    start(
+        processes,
+        member,
+        exe,
+        vec![
+            "node".into(),
+            "--config".into(),
+            config.into(),
+            "run".into(),
+            "--ready-file".into(),
+            node_dir.join("ready").into(),
+        ],
+        &node_dir.join("node.log"),
+        &node_dir.join("ready"),
+    )
+    .await
+}
+
+async fn start(
+    processes: &Processes,
+    name: &str,
+    exe: &Path,
+    args: Vec<OsString>,
+    log: &Path,
+    ready: &Path,
+) -> anyhow::Result<String> {
+    let (name, exe, log, ready) = (
+        name.to_owned(),
+        exe.to_owned(),
+        log.to_owned(),
+        ready.to_owned(),
+    );
+    let (process, ready) = tokio::task::spawn_blocking(move || {
+        Process::start(&name, &exe, &args, &log, &ready, START_TIMEOUT)
+    })
+    .await??;
+    processes
+        .lock()
+        .map_err(|_| anyhow::anyhow!("process list poisoned"))?
+        .push(process);
+    Ok(ready)
+}

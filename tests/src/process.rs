@@ -1,0 +1,147 @@
+//! Child processes of the demo and the end-to-end tests: a broker or a node
+//! started from a real executable, with its output in a log file, its
+//! readiness read from a `--ready-file`, and a guaranteed stop (SIGTERM, then
+//! SIGKILL) even when the caller fails or is interrupted.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// A started broker or node process. Dropping it stops the process.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args…` with stdout and stderr appended to `log`, then
+    /// waits (at most `timeout`) until it has written `ready_file`, whose
+    /// trimmed content is returned (the broker writes its bound address, the
+    /// node its socket path).
+    pub fn start(
+        name: &str,
+        program: &Path,
+        args: &[OsString],
+        log: &Path,
+        ready_file: &Path,
+        timeout: Duration,
+    ) -> anyhow::Result<(Self, String)> {
+        // A ready file from an earlier run would make us think it is ready.
+        match std::fs::remove_file(ready_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", ready_file.display())),
+        }
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        let mut process = Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log: log.to_owned(),
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(ready_file)
+                && !text.trim().is_empty()
+            {
+                return Ok((process, text.trim().to_owned()));
+            }
+            if let Some(status) = process
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "{name} exited during start-up ({status}); see {}",
+                    log.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} was not ready after {timeout:?}; see {}",
+                    log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Where its output goes.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Asks the process to stop (SIGTERM), waits up to `grace`, then kills it.
+    /// Returns whether it stopped on its own with a success status.
+    pub fn stop(&mut self, grace: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        signal(&child, "TERM");
+        let deadline = Instant::now() + grace;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The name given at start.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// Sends a signal with the system `kill` command (no unsafe code needed).
+fn signal(child: &Child, name: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
