@@ -282,6 +282,13 @@ async fn run_until_stopped(
 ) -> Result<(), BrokerError> {
     tokio::select! {
         result = &mut server => {
+            // The server saw the shutdown signal first and finished cleanly:
+            // that is the orderly path, not a failure.
+            if matches!(result, Ok(Ok(()))) && *shutdown.borrow() {
+                info!("shutting down: no new connections, ending receive streams");
+                shared.streams.close_all();
+                return Ok(());
+            }
             // The server stopped on its own: a fatal transport error.
             let error = match result {
                 Ok(Ok(())) => "the gRPC server stopped unexpectedly".to_string(),
@@ -292,7 +299,7 @@ async fn run_until_stopped(
             shared.streams.close_all();
             return Err(BrokerError::Unavailable(error));
         }
-        () = wait_true(shutdown) => {}
+        () = wait_true(shutdown.clone()) => {}
     }
     info!("shutting down: no new connections, ending receive streams");
     shared.streams.close_all();
