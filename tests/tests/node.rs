@@ -1,0 +1,1 @@
+//! Node behaviour against a real broker (issue 4).
