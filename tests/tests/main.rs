@@ -2,5 +2,8 @@
 //! 127.0.0.1. One test binary for the whole crate (each binary links tonic,
 //! rustls and sled again).
 
+// Test code: a broken fixture should fail the test loudly, wherever it is.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod e2e;
 mod node;
