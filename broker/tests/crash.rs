@@ -96,7 +96,7 @@ async fn a_broker_killed_with_sigkill_keeps_every_accepted_message() -> anyhow::
         );
         let delivery = next(&mut stream).await?;
         let id = id_of(&delivery);
-        let results = ack(&mut be, &[id.clone()]).await?;
+        let results = ack(&mut be, [&id]).await?;
         assert_eq!(results, vec![pb::AckResult::Acknowledged]);
         delivered.insert(id);
     }

@@ -56,12 +56,12 @@ async fn offline_recipient_receives_on_connect_and_the_sender_gets_a_receipt() -
     expect_quiet(&mut stream).await?; // exactly once
 
     assert_eq!(
-        ack(&mut be, &[id.clone()]).await?,
+        ack(&mut be, [&id]).await?,
         vec![pb::AckResult::Acknowledged]
     );
     // acknowledging twice is harmless
     assert_eq!(
-        ack(&mut be, &[id.clone()]).await?,
+        ack(&mut be, [&id]).await?,
         vec![pb::AckResult::Acknowledged]
     );
     let st = status(&mut nl, &id).await?;
@@ -227,7 +227,7 @@ async fn ack_reports_per_id_and_never_touches_anothers_message() -> anyhow::Resu
         pb::MessageState::InFlight
     );
     assert_eq!(
-        ack(&mut iom, &[to_iom.message_id.clone()]).await?,
+        ack(&mut iom, [&to_iom.message_id]).await?,
         vec![pb::AckResult::Acknowledged]
     );
     Ok(())
@@ -353,7 +353,7 @@ async fn withdrawn_messages_never_reach_the_recipient() -> anyhow::Result<()> {
     let acked = env.message_id.clone();
     submit(&mut nl, env).await?;
     assert_eq!(id_of(&next(&mut stream).await?), acked);
-    ack(&mut be, &[acked.clone()]).await?;
+    ack(&mut be, [&acked]).await?;
     assert_code(
         nl.withdraw(withdraw(&acked)).await,
         Code::FailedPrecondition,
@@ -373,7 +373,7 @@ async fn withdrawn_messages_never_reach_the_recipient() -> anyhow::Result<()> {
     assert_eq!(id_of(&next(&mut stream).await?), in_flight);
     nl.withdraw(withdraw(&in_flight)).await?;
     assert_eq!(
-        ack(&mut be, &[in_flight.clone()]).await?,
+        ack(&mut be, [&in_flight]).await?,
         vec![pb::AckResult::NotFound]
     );
     assert_eq!(

@@ -282,10 +282,13 @@ pub(crate) fn id_of(delivery: &pb::Delivery) -> String {
         .unwrap_or_default()
 }
 
-pub(crate) async fn ack(client: &mut Client, ids: &[String]) -> anyhow::Result<Vec<pb::AckResult>> {
+pub(crate) async fn ack<S: ToString>(
+    client: &mut Client,
+    ids: impl IntoIterator<Item = S>,
+) -> anyhow::Result<Vec<pb::AckResult>> {
     let response = client
         .ack(pb::AckRequest {
-            message_ids: ids.to_vec(),
+            message_ids: ids.into_iter().map(|id| id.to_string()).collect(),
         })
         .await?
         .into_inner();

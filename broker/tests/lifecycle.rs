@@ -49,7 +49,7 @@ async fn an_unacknowledged_delivery_comes_again_after_the_ack_timeout() -> anyho
 
     // an ack of the redelivered message settles it
     assert_eq!(
-        ack(&mut be, &[id.clone()]).await?,
+        ack(&mut be, [&id]).await?,
         vec![pb::AckResult::Acknowledged]
     );
     assert_eq!(
@@ -160,7 +160,7 @@ async fn a_restart_keeps_queues_in_flight_deliveries_and_status() -> anyhow::Res
         pb::MessageState::Accepted
     );
     let mut stream = receive(&mut be, 10).await?;
-    let mut got = vec![next(&mut stream).await?, next(&mut stream).await?];
+    let mut got = [next(&mut stream).await?, next(&mut stream).await?];
     got.sort_by_key(|d| d.envelope.as_ref().map(|e| e.broker_seq));
     assert_eq!(id_of(&got[0]), in_flight.message_id);
     assert_eq!(
