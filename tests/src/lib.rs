@@ -15,6 +15,7 @@
 //! outcome.
 
 pub mod federation;
+pub mod harness;
 pub mod process;
 pub mod proxy;
 pub mod story;

@@ -6,7 +6,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -32,6 +32,20 @@ impl Process {
         ready_file: &Path,
         timeout: Duration,
     ) -> anyhow::Result<(Self, String)> {
+        Self::start_with_env(name, program, args, &[], log, ready_file, timeout)
+    }
+
+    /// Like [`Process::start`], with extra environment variables `env`
+    /// (name, value) set on the child only (e.g. a test fail point).
+    pub fn start_with_env(
+        name: &str,
+        program: &Path,
+        args: &[OsString],
+        env: &[(&str, &str)],
+        log: &Path,
+        ready_file: &Path,
+        timeout: Duration,
+    ) -> anyhow::Result<(Self, String)> {
         // A ready file from an earlier run would make us think it is ready.
         match std::fs::remove_file(ready_file) {
             Ok(()) => {}
@@ -46,6 +60,7 @@ impl Process {
         let err = out.try_clone()?;
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -113,6 +128,32 @@ impl Process {
                     return false;
                 }
             }
+        }
+    }
+
+    /// Waits (at most `timeout`) until the process exits on its own and
+    /// returns its exit status; afterwards the process counts as stopped.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let name = &self.name;
+        let Some(child) = self.child.as_mut() else {
+            bail!("{name} is not running");
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child
+                .try_wait()
+                .with_context(|| format!("waiting for {name}"))?
+            {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} still runs after {timeout:?}; see {}",
+                    self.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -1,0 +1,473 @@
+//! The in-process harness of the node tests: a [`LocalFederation`] in a temp
+//! dir, a real broker started, stopped and restarted in this process on one
+//! fixed loopback address (same data dir every time), nodes started and
+//! stopped in this process with [`RunningNode`], a local API client per node,
+//! hand-made `Exchange` clients with a participant's certificate, and
+//! [`wait_until`] to poll for an outcome with a deadline (never a fixed sleep).
+//!
+//! Everything talks real mutual TLS over 127.0.0.1; every certificate is made
+//! at run time.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+use trmx_broker::{Broker, BrokerConfig, RunningBroker};
+use trmx_certs::CertPaths;
+use trmx_node::core::SystemClock;
+use trmx_node::{NodeConfig, RunningNode};
+use trmx_proto::envelope::sha256;
+use trmx_proto::pb::exchange_client::ExchangeClient;
+use trmx_proto::pb::node_api_client::NodeApiClient;
+use trmx_proto::pb::{self, send_request};
+use trmx_proto::time::to_timestamp;
+use trmx_proto::{CaseRef, Kind, MessageId};
+use trmx_transport::{ClientOptions, TlsPaths, client_channel};
+
+use crate::federation::{LocalFederation, STORY_MEMBERS};
+
+/// A node's local API client.
+pub type Api = NodeApiClient<Channel>;
+/// A broker `Exchange` client (a hand-made participant, not a node).
+pub type Exchange = ExchangeClient<Channel>;
+
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(10);
+/// How long a test watches to be sure that something does NOT happen.
+pub const QUIET: Duration = Duration::from_millis(400);
+/// How often [`wait_until`] polls.
+const POLL_EVERY: Duration = Duration::from_millis(10);
+/// The name in the broker's certificate that nodes check.
+const BROKER_SERVER_NAME: &str = "localhost";
+
+/// A federation of the story's three participants (`NL-NRM`, `BE-PAYOKE`,
+/// `NG-NAPTIP`) in a temp dir: one broker and any number of nodes, all in
+/// this process. Dropping it drops the temp dir; call [`Harness::shutdown`]
+/// to stop everything in order first.
+#[derive(Debug)]
+pub struct Harness {
+    dir: TempDir,
+    /// Certificates and config files.
+    pub federation: LocalFederation,
+    broker_config: BrokerConfig,
+    broker_addr: SocketAddr,
+    broker: Option<RunningBroker>,
+    nodes: BTreeMap<String, (RunningNode, Api)>,
+}
+
+impl Harness {
+    /// Creates the PKI and the broker config, and picks the broker's address
+    /// (127.0.0.1 and a free port, kept across broker restarts). Starts nothing.
+    pub async fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("trmx-node-").tempdir()?;
+        let root = dir.path().to_owned();
+        let federation =
+            tokio::task::spawn_blocking(move || LocalFederation::create(&root, &STORY_MEMBERS))
+                .await??;
+        let path = federation.write_broker_config("")?;
+        let mut broker_config = BrokerConfig::load(&path)?;
+        // Fast timers so that redeliveries happen within a test's time.
+        broker_config.store.cache_capacity = 8 << 20;
+        broker_config.limits.min_free_disk_bytes = 0;
+        broker_config.limits.shutdown_grace = Duration::from_millis(500);
+        broker_config.lifecycle.backoff_base = Duration::from_millis(50);
+        broker_config.lifecycle.backoff_max = Duration::from_millis(200);
+        broker_config.lifecycle.tick_interval = Duration::from_millis(20);
+        broker_config.validate()?;
+        // Reserve a port: bound, then released; the broker binds it again.
+        let broker_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        Ok(Self {
+            dir,
+            federation,
+            broker_config,
+            broker_addr,
+            broker: None,
+            nodes: BTreeMap::new(),
+        })
+    }
+
+    /// The root of the temp dir.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The broker's address (the same across restarts, whether it runs or not).
+    pub fn broker_addr(&self) -> SocketAddr {
+        self.broker_addr
+    }
+
+    /// Starts the broker on [`Harness::broker_addr`] with its data dir.
+    pub async fn start_broker(&mut self) -> anyhow::Result<()> {
+        if self.broker.is_some() {
+            bail!("the broker is already running");
+        }
+        // The port may still be held briefly by the previous broker's sockets,
+        // and its store by the previous broker's last tasks: retry.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let attempt = async {
+                let listener = TcpListener::bind(self.broker_addr)
+                    .await
+                    .with_context(|| format!("binding {}", self.broker_addr))?;
+                Broker::builder(self.broker_config.clone())
+                    .start(listener)
+                    .await
+                    .context("starting the broker")
+            };
+            match attempt.await {
+                Ok(broker) => {
+                    self.broker = Some(broker);
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("broker start failed, retrying: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stops the broker in order (its store is flushed and closed).
+    pub async fn stop_broker(&mut self) -> anyhow::Result<()> {
+        let mut broker = self.broker.take().context("the broker is not running")?;
+        broker.shutdown().await?;
+        Ok(())
+    }
+
+    /// Stops the broker and starts it again on the same address and data dir.
+    pub async fn restart_broker(&mut self) -> anyhow::Result<()> {
+        self.stop_broker().await?;
+        self.start_broker().await
+    }
+
+    /// TLS files of participant `id`.
+    pub fn tls(&self, id: &str) -> TlsPaths {
+        let cert = CertPaths::from_prefix(&self.federation.pki.dir.join(id));
+        TlsPaths {
+            ca: self.federation.pki.ca_cert_path(),
+            cert: cert.cert,
+            key: cert.key,
+        }
+    }
+
+    /// Writes `<dir>/<id>/node.toml` (the config a node daemon process runs
+    /// with) and returns its path.
+    pub fn node_config_file(&self, id: &str) -> anyhow::Result<PathBuf> {
+        self.federation.write_node_config(id, self.broker_addr)
+    }
+
+    /// The config of `id`'s node (the file's, with quick reconnects).
+    pub fn node_config(&self, id: &str) -> anyhow::Result<NodeConfig> {
+        let mut config = NodeConfig::load(&self.node_config_file(id)?)?;
+        config.broker.reconnect_min_ms = 50;
+        config.broker.reconnect_max_ms = 250;
+        Ok(config)
+    }
+
+    /// Starts `id`'s node in this process (the broker may be down) and
+    /// returns a client of its local API.
+    pub async fn start_node(&mut self, id: &str) -> anyhow::Result<Api> {
+        if self.nodes.contains_key(id) {
+            bail!("{id}'s node is already running");
+        }
+        let config = self.node_config(id)?;
+        // A node stopped a moment ago may still be letting go of its store: retry.
+        let deadline = Instant::now() + WAIT;
+        let node = loop {
+            match RunningNode::start(&config, Arc::new(SystemClock)).await {
+                Ok(node) => break node,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("{id}'s node start failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e).with_context(|| format!("starting {id}'s node")),
+            }
+        };
+        let api = trmx_node::connect_local(node.socket_path())
+            .await
+            .with_context(|| format!("connecting to {id}'s local API"))?;
+        self.nodes.insert(id.to_owned(), (node, api.clone()));
+        Ok(api)
+    }
+
+    /// Stops `id`'s node in order (API, link, store flushed and closed).
+    pub async fn stop_node(&mut self, id: &str) -> anyhow::Result<()> {
+        let (node, _) = self
+            .nodes
+            .remove(id)
+            .with_context(|| format!("{id}'s node is not running"))?;
+        node.stop().await?;
+        Ok(())
+    }
+
+    /// Stops `id`'s node and starts it again on the same data dir; returns a
+    /// new local API client.
+    pub async fn restart_node(&mut self, id: &str) -> anyhow::Result<Api> {
+        self.stop_node(id).await?;
+        self.start_node(id).await
+    }
+
+    /// A local API client of `id`'s running node.
+    pub fn api(&self, id: &str) -> anyhow::Result<Api> {
+        self.nodes
+            .get(id)
+            .map(|(_, api)| api.clone())
+            .with_context(|| format!("{id}'s node is not running"))
+    }
+
+    /// An `Exchange` client that talks to the broker directly with `id`'s
+    /// certificate (a hand-made participant instead of a node).
+    pub fn exchange(&self, id: &str) -> anyhow::Result<Exchange> {
+        let options = ClientOptions {
+            server_name: BROKER_SERVER_NAME.to_owned(),
+            ..ClientOptions::default()
+        };
+        let channel = client_channel(&self.broker_addr.to_string(), &self.tls(id), &options)?;
+        Ok(ExchangeClient::new(channel))
+    }
+
+    /// Stops every node, then the broker.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        for id in ids {
+            self.stop_node(&id).await?;
+        }
+        if self.broker.is_some() {
+            self.stop_broker().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Calls `check` until it returns `Some` (or fails), for at most `timeout`.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+// ---- local API helpers ----------------------------------------------------------
+
+/// A `Send` of `json` as `kind` to `to` that opens a new case.
+pub fn json_request(key: &str, to: &str, kind: Kind, json: &str) -> pb::SendRequest {
+    pb::SendRequest {
+        kind: kind.to_pb() as i32,
+        recipient: to.to_owned(),
+        new_case: true,
+        priority: pb::Priority::Normal as i32,
+        idempotency_key: key.to_owned(),
+        body: Some(send_request::Body::BodyJson(json.to_owned())),
+        ..Default::default()
+    }
+}
+
+/// A `Send` of `json` as `kind` to `to`, answering `in_reply_to` in `case_ref`.
+pub fn reply_request(
+    key: &str,
+    to: &str,
+    kind: Kind,
+    json: &str,
+    case_ref: &str,
+    in_reply_to: &str,
+) -> pb::SendRequest {
+    pb::SendRequest {
+        new_case: false,
+        case_ref: case_ref.to_owned(),
+        in_reply_to: in_reply_to.to_owned(),
+        ..json_request(key, to, kind, json)
+    }
+}
+
+/// Sends and returns the response.
+pub async fn send(
+    api: &mut Api,
+    request: pb::SendRequest,
+) -> Result<pb::SendResponse, tonic::Status> {
+    api.send(request).await.map(tonic::Response::into_inner)
+}
+
+/// The outbox entry of `id`, if the node sent it.
+pub async fn outbox_entry(api: &mut Api, id: &str) -> anyhow::Result<Option<pb::OutboxEntry>> {
+    Ok(match message(api, id).await?.and_then(|m| m.entry) {
+        Some(pb::get_message_response::Entry::Outbox(entry)) => Some(entry),
+        _ => None,
+    })
+}
+
+/// The inbox entry of `id`, if the node received it.
+pub async fn inbox_entry(api: &mut Api, id: &str) -> anyhow::Result<Option<pb::InboxEntry>> {
+    Ok(match message(api, id).await?.and_then(|m| m.entry) {
+        Some(pb::get_message_response::Entry::Inbox(entry)) => Some(entry),
+        _ => None,
+    })
+}
+
+/// `GetMessage`; `None` for `NOT_FOUND`.
+pub async fn message(api: &mut Api, id: &str) -> anyhow::Result<Option<pb::GetMessageResponse>> {
+    match api
+        .get_message(pb::GetMessageRequest {
+            message_id: id.to_owned(),
+        })
+        .await
+    {
+        Ok(response) => Ok(Some(response.into_inner())),
+        Err(status) if status.code() == Code::NotFound => Ok(None),
+        Err(status) => Err(status.into()),
+    }
+}
+
+/// Every outbox entry (newest first).
+pub async fn outbox(api: &mut Api) -> anyhow::Result<Vec<pb::OutboxEntry>> {
+    Ok(api
+        .list_outbox(pb::ListOutboxRequest {
+            limit: 1_000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .entries)
+}
+
+/// Every inbox entry (newest first).
+pub async fn inbox(api: &mut Api) -> anyhow::Result<Vec<pb::InboxEntry>> {
+    Ok(api
+        .list_inbox(pb::ListInboxRequest {
+            limit: 1_000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .entries)
+}
+
+/// The node's status.
+pub async fn node_status(api: &mut Api) -> anyhow::Result<pb::NodeStatus> {
+    Ok(api
+        .get_node_status(pb::GetNodeStatusRequest {})
+        .await?
+        .into_inner())
+}
+
+/// A case timeline.
+pub async fn timeline(api: &mut Api, case_ref: &str) -> anyhow::Result<Vec<pb::TimelineEntry>> {
+    Ok(api
+        .get_case(pb::GetCaseRequest {
+            case_ref: case_ref.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .entries)
+}
+
+/// Waits until the outbox entry of `id` satisfies `done`.
+pub async fn wait_outbox(
+    api: &Api,
+    id: &str,
+    what: &str,
+    done: impl Fn(&pb::OutboxEntry) -> bool,
+) -> anyhow::Result<pb::OutboxEntry> {
+    let done = &done;
+    wait_until(WAIT, what, || {
+        let mut api = api.clone();
+        async move { Ok(outbox_entry(&mut api, id).await?.filter(|e| done(e))) }
+    })
+    .await
+}
+
+/// Waits until the outbox shows `id` delivered; fails at once if it failed.
+pub async fn wait_delivered(api: &Api, id: &str) -> anyhow::Result<pb::OutboxEntry> {
+    let entry = wait_outbox(api, id, &format!("{id} delivered or failed"), |e| {
+        e.state == pb::OutboxState::Delivered as i32 || e.state == pb::OutboxState::Failed as i32
+    })
+    .await?;
+    if entry.state != pb::OutboxState::Delivered as i32 {
+        bail!("{id} failed: {:?}", entry.failure);
+    }
+    Ok(entry)
+}
+
+/// Waits until the inbox has `id`.
+pub async fn wait_received(api: &Api, id: &str) -> anyhow::Result<pb::InboxEntry> {
+    wait_until(WAIT, &format!("{id} in the inbox"), || {
+        let mut api = api.clone();
+        async move { inbox_entry(&mut api, id).await }
+    })
+    .await
+}
+
+/// Opens a `Watch` stream after `after_seq`.
+pub async fn watch(api: &mut Api, after_seq: u64) -> anyhow::Result<Streaming<pb::InboxEntry>> {
+    Ok(api
+        .watch(pb::WatchRequest { after_seq })
+        .await?
+        .into_inner())
+}
+
+/// The next item of a stream, failing after [`WAIT`].
+pub async fn next_item<T>(stream: &mut Streaming<T>) -> anyhow::Result<T> {
+    match tokio::time::timeout(WAIT, stream.message()).await {
+        Ok(Ok(Some(item))) => Ok(item),
+        Ok(Ok(None)) => bail!("stream ended"),
+        Ok(Err(status)) => bail!("stream failed: {status}"),
+        Err(_) => bail!("nothing on the stream within {WAIT:?}"),
+    }
+}
+
+/// Checks that nothing arrives on a stream for [`QUIET`].
+pub async fn expect_quiet<T: std::fmt::Debug>(stream: &mut Streaming<T>) -> anyhow::Result<()> {
+    match tokio::time::timeout(QUIET, stream.message()).await {
+        Err(_) => Ok(()),
+        Ok(Ok(Some(item))) => bail!("unexpected item on the stream: {item:?}"),
+        Ok(other) => bail!("stream ended unexpectedly: {other:?}"),
+    }
+}
+
+// ---- hand-made Exchange helpers ----------------------------------------------------
+
+/// A valid envelope to `to` carrying `payload` as a body of `kind` (digest
+/// and content type right, whatever the payload is), in a new case.
+pub fn envelope(to: &str, kind: Kind, payload: Vec<u8>) -> pb::Envelope {
+    pb::Envelope {
+        message_id: MessageId::new_v7().to_string(),
+        recipient: to.to_owned(),
+        kind: kind.to_pb() as i32,
+        case_ref: CaseRef::new_random().to_string(),
+        priority: pb::Priority::Normal as i32,
+        created_at: Some(to_timestamp(SystemTime::now())),
+        payload_sha256: sha256(&payload).to_vec(),
+        payload,
+        content_type: kind.content_type(),
+        ..Default::default()
+    }
+}
+
+/// The broker's status of a message the caller sent.
+pub async fn broker_status(exchange: &mut Exchange, id: &str) -> anyhow::Result<pb::MessageStatus> {
+    Ok(exchange
+        .get_status(pb::GetStatusRequest {
+            message_id: id.to_owned(),
+        })
+        .await?
+        .into_inner())
+}
