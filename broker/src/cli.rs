@@ -8,11 +8,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::{Broker, BrokerConfig};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
-use crate::{Broker, BrokerConfig};
+
+/// Threads for blocking store work (tokio's default is 512).
+const MAX_BLOCKING_THREADS: usize = 16;
 
 /// The trmx store-and-forward broker.
 #[derive(Debug, Parser)]
@@ -85,6 +88,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing(&cli.log_level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Store operations run on blocking threads; a few are enough, and each
+        // extra thread costs memory (stack, malloc arena) under load.
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run_broker(config, cli.ready_file))

@@ -107,10 +107,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let result = phases(&args, &bench).await;
     let hwm = proc_status_kib(bench.child.id(), "VmHWM:").unwrap_or(0);
+    let cpu = proc_cpu_seconds(bench.child.id()).unwrap_or(0.0);
     let disk = dir_bytes(&bench.data_dir);
     bench.stop();
     result?;
     println!("broker peak RSS (VmHWM): {:.1} MiB", hwm as f64 / 1024.0);
+    println!("broker CPU time: {cpu:.1} s (user + system)");
     println!(
         "bytes on disk after the run: {:.1} MiB",
         disk as f64 / (1 << 20) as f64
@@ -561,6 +563,17 @@ fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix(key))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// User + system CPU seconds of a process (/proc/PID/stat, 100 ticks/s).
+fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields after the parenthesised command name; utime and stime are the 12th and 13th
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Samples the broker's RSS every 100 ms and keeps the maximum.
