@@ -214,3 +214,60 @@ async fn the_free_disk_watermark_refuses_submits_but_delivery_goes_on() -> anyho
     receive(&mut be, 0).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_failed_flush_refuses_submits_until_the_store_writes_again() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use trmx_broker::store::{SledOptions, SledStore};
+
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    let store = SledStore::open(
+        &config.data_dir,
+        SledOptions::default(),
+        trmx_broker::server::lifecycle_of(&config),
+    )?;
+    let faults = store.fault_switch();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mut broker = trmx_broker::Broker::builder(config)
+        .store(Arc::new(store))
+        .start(listener)
+        .await?;
+    let mut nl = client(broker.local_addr(), &pki.participant("NL-NRM")?)?;
+    let kept = referral("BE-PAYOKE");
+    submit(&mut nl, kept.clone()).await?;
+
+    faults.set_failing(true);
+    let lost = referral("BE-PAYOKE");
+    assert_code(
+        submit(&mut nl, lost.clone()).await,
+        Code::Unavailable,
+        "failed flush",
+    );
+    // still refused: the broker does not try to acknowledge what it cannot make durable
+    assert_code(
+        submit(&mut nl, referral("BE-PAYOKE")).await,
+        Code::Unavailable,
+        "latched",
+    );
+
+    faults.set_failing(false);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let accepted = loop {
+        match submit(&mut nl, referral("BE-PAYOKE")).await {
+            Ok(receipt) => break receipt,
+            Err(s) if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(s) => anyhow::bail!("submits not accepted again: {s}"),
+        }
+    };
+    assert!(!accepted.duplicate);
+    assert_eq!(
+        state_of(&mut nl, &kept.message_id).await?,
+        pb::MessageState::Accepted
+    );
+    broker.shutdown().await?;
+    Ok(())
+}
