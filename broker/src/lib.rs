@@ -13,6 +13,10 @@
 //!   certificate, request validation, calls into the store, `Receive` stream tasks.
 //! - [`server`]: [`serve`] and [`Broker::builder`] — TLS, store, timer loop, CRL reloads,
 //!   tonic with explicit limits, the gRPC health service, orderly shutdown.
+//! - [`cli`]: the `trmx-broker` command line (flags over the config, signals, ready file),
+//!   in the library so that other executables run exactly what the binary runs.
+//! - [`admin`]: the operator side — Prometheus `/metrics`, `/healthz`, `/readyz` on a
+//!   separate loopback HTTP port.
 //! - [`store`]: the storage contract [`store::BrokerStore`] and its sled implementation.
 //! - [`clock`]: the injected time source ([`clock::SystemClock`], [`clock::ManualClock`]).
 //! - [`error`]: [`BrokerError`] and its one mapping to `tonic::Status`.
