@@ -257,6 +257,28 @@ async fn a_node_process_killed_between_storing_and_acknowledging_shows_the_messa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_message_survives_a_sigkill_of_the_sending_node_process() -> TestResult {
+    let mut h = Harness::new().await?;
+    // The broker is down: the message can only live in the node's outbox.
+    let (mut nl_process, mut nl) = start_node_process(&h, NL, &[]).await?;
+    let sent = send(&mut nl, referral("killed-1", BE)).await?;
+    assert_eq!(sent.state, pb::OutboxState::Queued as i32);
+    // SIGKILL as soon as Send answered: nothing is flushed on the way out.
+    tokio::task::spawn_blocking(move || nl_process.kill()).await?;
+
+    let (nl_process, mut nl) = start_node_process(&h, NL, &[]).await?;
+    let kept = outbox_entry(&mut nl, &sent.message_id).await?.unwrap();
+    assert_eq!(state(&kept), pb::OutboxState::Queued, "{kept:?}");
+    h.start_broker().await?;
+    let be = h.start_node(BE).await?;
+    wait_delivered(&nl, &sent.message_id).await?;
+    wait_received(&be, &sent.message_id).await?;
+    assert_eq!(outbox(&mut nl).await?.len(), 1);
+    assert!(stop_process(nl_process).await?, "node stops cleanly");
+    h.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_resumed_with_after_seq_misses_nothing_and_repeats_nothing() -> TestResult {
     let mut h = Harness::new().await?;
     h.start_broker().await?;
@@ -333,10 +355,25 @@ async fn a_send_retried_with_the_same_idempotency_key_queues_once() -> TestResul
     let mut be = h.start_node(BE).await?;
     let key = "cms:referral:4711:v1";
 
-    let first = send(&mut nl, referral(key, BE)).await?;
+    // A client that times out and retries may have several attempts in
+    // flight at once: they all get the same message.
+    let attempts: Vec<_> = (0..8)
+        .map(|_| {
+            let mut nl = nl.clone();
+            tokio::spawn(async move { send(&mut nl, referral(key, BE)).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for attempt in attempts {
+        answers.push(attempt.await??);
+    }
+    let first = answers[0].clone();
+    for again in &answers {
+        assert_eq!(again.message_id, first.message_id);
+        assert_eq!(again.case_ref, first.case_ref);
+    }
     let again = send(&mut nl, referral(key, BE)).await?;
     assert_eq!(again.message_id, first.message_id);
-    assert_eq!(again.case_ref, first.case_ref);
 
     // The same key for a different document is refused, not queued.
     let other = REFERRAL.replace("Prenatal care", "Antenatal care");
