@@ -15,7 +15,7 @@ use trmx_proto::Kind;
 use trmx_proto::body::Body;
 use trmx_proto::pb;
 use trmx_tests::harness::{
-    Api, Exchange, Harness, WAIT, broker_status, envelope, expect_quiet, inbox, inbox_entry,
+    Api, Exchange, Harness, QUIET, WAIT, broker_status, envelope, expect_quiet, inbox, inbox_entry,
     json_request, next_item, node_status, outbox, outbox_entry, reply_request, send, timeline,
     wait_delivered, wait_outbox, wait_received, wait_until, watch,
 };
@@ -71,9 +71,7 @@ async fn inbox_ids(api: &mut Api) -> anyhow::Result<Vec<String>> {
 async fn watched_after(api: &mut Api, after_seq: u64) -> anyhow::Result<Vec<pb::InboxEntry>> {
     let mut stream = watch(api, after_seq).await?;
     let mut seen = Vec::new();
-    while let Ok(Ok(Some(entry))) =
-        tokio::time::timeout(trmx_tests::harness::QUIET, stream.message()).await
-    {
+    while let Ok(Ok(Some(entry))) = tokio::time::timeout(QUIET, stream.message()).await {
         seen.push(entry);
     }
     Ok(seen)
@@ -748,10 +746,9 @@ async fn a_restarted_node_keeps_its_outbox_and_inbox_and_does_not_redeliver() ->
     let mut h = Harness::new().await?;
     h.start_broker().await?;
     let mut nl = h.start_node(NL).await?;
-    let be = h.start_node(BE).await?;
+    let mut be = h.start_node(BE).await?;
 
     let (first, case_ref) = refer(&mut nl, &be, "restart-1").await?;
-    let mut be = be;
     let seen = watched_after(&mut be, 0).await?;
     assert_eq!(seen.len(), 1);
     let last_seq = seen[0].seq;
