@@ -27,6 +27,10 @@ pub struct BrokerConfig {
     /// Address to listen on (the binary binds it; `serve` takes a bound listener).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Address of the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); `None`
+    /// (written `"off"`) runs no admin endpoint. Loopback unless configured otherwise.
+    #[serde(default = "default_admin_listen", with = "admin_listen")]
+    pub admin_listen: Option<SocketAddr>,
     /// The broker's name shown in `GetInfo`; defaults to the name in its certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -279,6 +283,12 @@ impl OrganisationType {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 7443))
 }
+/// The admin endpoint of a broker from a config file: loopback, Prometheus' port range.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+fn default_admin_listen() -> Option<SocketAddr> {
+    Some(DEFAULT_ADMIN_LISTEN)
+}
 fn default_crl_reload_interval() -> Duration {
     Duration::from_secs(300)
 }
@@ -366,10 +376,13 @@ fn default_tick_interval() -> Duration {
 
 impl BrokerConfig {
     /// A config with every default, for `data_dir` and the given TLS files
-    /// (used by tests and tools that build a config in code).
+    /// (used by tests and tools that build a config in code) — except
+    /// `admin_listen`, which is a free loopback port (`127.0.0.1:0`) so that
+    /// several brokers built in code never fight over the default admin port.
     pub fn new(data_dir: impl Into<PathBuf>, tls: TlsConfig) -> Self {
         Self {
             listen: default_listen(),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             name: None,
             data_dir: data_dir.into(),
             tls,
@@ -422,6 +435,21 @@ impl BrokerConfig {
         let c = &self.lifecycle;
         if self.data_dir.as_os_str().is_empty() {
             return Err(BrokerError::config("data_dir", "must not be empty"));
+        }
+        if let Some(admin) = self.admin_listen
+            && admin.port() != 0
+            && admin.port() == self.listen.port()
+            && (admin.ip() == self.listen.ip()
+                || admin.ip().is_unspecified()
+                || self.listen.ip().is_unspecified())
+        {
+            return Err(BrokerError::config(
+                "admin_listen",
+                format!(
+                    "must not be the gRPC listen address ({}), got {admin}",
+                    self.listen
+                ),
+            ));
         }
         if let Some(name) = &self.name
             && (name.is_empty() || name.len() > 64)
@@ -668,6 +696,39 @@ fn at_least_duration(field: &str, value: Duration, min: Duration) -> Result<(), 
     Ok(())
 }
 
+/// Serde adapter of `admin_listen`: an address (`"127.0.0.1:9464"`) or `"off"`.
+mod admin_listen {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const OFF: &str = "off";
+
+    pub(super) fn serialize<S: Serializer>(
+        value: &Option<SocketAddr>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(addr) => serializer.collect_str(addr),
+            None => serializer.serialize_str(OFF),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text == OFF {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "admin_listen must be an address like \"127.0.0.1:9464\" or \"off\", got {text:?}"
+            ))
+        })
+    }
+}
+
 /// " (line N)" for a parse error span.
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
@@ -711,6 +772,44 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
         assert_eq!(config.lifecycle.ack_timeout, Duration::from_secs(60));
         assert_eq!(config.tls.crl_policy, CrlPolicyConfig::Warn);
         assert_eq!(config.listen.port(), 7443);
+        assert_eq!(config.admin_listen, Some(DEFAULT_ADMIN_LISTEN));
+    }
+
+    #[test]
+    fn the_admin_endpoint_is_on_loopback_unless_configured() {
+        let from_file = BrokerConfig::from_toml(&minimal()).unwrap();
+        let admin = from_file.admin_listen.unwrap();
+        assert!(admin.ip().is_loopback(), "{admin}");
+        assert_eq!(admin.port(), 9464);
+        let in_code = BrokerConfig::new("/tmp/x", from_file.tls.clone());
+        let admin = in_code.admin_listen.unwrap();
+        assert!(admin.ip().is_loopback(), "{admin}");
+        assert_eq!(admin.port(), 0, "a free port for brokers built in code");
+
+        let text = format!("admin_listen = \"0.0.0.0:9100\"\n{}", minimal());
+        let open = BrokerConfig::from_toml(&text).unwrap();
+        assert_eq!(open.admin_listen, Some("0.0.0.0:9100".parse().unwrap()));
+        let text = format!("admin_listen = \"off\"\n{}", minimal());
+        let off = BrokerConfig::from_toml(&text).unwrap();
+        assert_eq!(off.admin_listen, None);
+        assert!(off.to_toml().unwrap().contains("admin_listen = \"off\""));
+        assert_eq!(
+            BrokerConfig::from_toml(&off.to_toml().unwrap()).unwrap(),
+            off
+        );
+
+        let text = format!("admin_listen = \"localhost\"\n{}", minimal());
+        let err = BrokerConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("admin_listen must be an address"), "{err}");
+        let text = format!(
+            "listen = \"0.0.0.0:7443\"\nadmin_listen = \"127.0.0.1:7443\"\n{}",
+            minimal()
+        );
+        let err = BrokerConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("config: admin_listen must not be the gRPC listen address"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -84,6 +84,7 @@ impl LocalFederation {
         std::fs::create_dir_all(&broker_dir)?;
         let mut text = format!(
             "listen = \"127.0.0.1:0\"\n\
+             admin_listen = \"127.0.0.1:0\"\n\
              data_dir = {data:?}\n\n\
              [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\ncrl = {crl:?}\n\n\
              [limits]\nmin_free_disk_bytes = \"64MiB\"\n\n{extra}\n",
