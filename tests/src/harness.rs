@@ -471,3 +471,20 @@ pub async fn broker_status(exchange: &mut Exchange, id: &str) -> anyhow::Result<
         .await?
         .into_inner())
 }
+
+// ---- additions for the adversarial tests -------------------------------------------
+
+impl Harness {
+    /// The config the broker starts with: adjust it before
+    /// [`Harness::start_broker`] (a running broker keeps its old config).
+    pub fn broker_config_mut(&mut self) -> &mut BrokerConfig {
+        &mut self.broker_config
+    }
+
+    /// Re-reads the broker's CRL, certificate and key now and closes the
+    /// connections whose certificate no longer verifies (what SIGHUP does).
+    pub fn reload_broker_tls(&self) -> anyhow::Result<trmx_transport::ReloadReport> {
+        let broker = self.broker.as_ref().context("the broker is not running")?;
+        Ok(broker.reload_tls()?)
+    }
+}

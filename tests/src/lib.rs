@@ -1,5 +1,8 @@
 //! trmx-tests: the local federation demo and the harness of the end-to-end tests.
 //!
+//! - [`adversary`]: hostile clients for the certificate and bad-input tests —
+//!   any TLS config, bare handshakes that report the alert, certificates
+//!   with unusual key usages, raw gRPC bodies.
 //! - [`federation`]: writes a whole local federation to a directory — PKI
 //!   (via `trmx-certs`), a broker config with the participant registry, one
 //!   node config per participant.
@@ -14,6 +17,7 @@
 //! integration tests in `tests/main.rs` run the same pieces and check every
 //! outcome.
 
+pub mod adversary;
 pub mod federation;
 pub mod harness;
 pub mod process;

@@ -5,5 +5,7 @@
 // Test code: a broken fixture should fail the test loudly, wherever it is.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bad_input;
+mod certs;
 mod e2e;
 mod node;
