@@ -52,16 +52,16 @@ impl Admission {
     /// Checks the store latch and the disk watermark, then takes one token of
     /// `sender`'s bucket (real time: rates are about load, not message time).
     pub fn admit(&self, sender: &ParticipantId) -> Result<(), BrokerError> {
+        self.check(sender).map_err(Refusal::into_error)
+    }
+
+    /// [`Admission::admit`], telling why a submit is refused.
+    pub fn check(&self, sender: &ParticipantId) -> Result<(), Refusal> {
         if self.store_unavailable.load(Ordering::Acquire) {
-            return Err(BrokerError::Unavailable(
-                "the broker cannot store messages right now; retry later".into(),
-            ));
+            return Err(Refusal::StoreUnavailable);
         }
-        let free = self.free_disk_bytes.load(Ordering::Acquire);
-        if free < self.min_free_disk_bytes {
-            return Err(BrokerError::ResourceExhausted(
-                "the broker is low on disk space and accepts no new messages; retry later".into(),
-            ));
+        if self.low_on_disk() {
+            return Err(Refusal::LowDisk);
         }
         let now = Instant::now();
         let mut buckets = self
@@ -76,13 +76,22 @@ impl Admission {
         bucket.tokens = (bucket.tokens + elapsed * self.rate_per_second).min(self.burst);
         bucket.refilled_at = now;
         if bucket.tokens < 1.0 {
-            return Err(BrokerError::ResourceExhausted(format!(
-                "submit rate limit of {} messages/s exceeded; retry later",
-                self.rate_per_second
-            )));
+            return Err(Refusal::Rate {
+                per_second: self.rate_per_second,
+            });
         }
         bucket.tokens -= 1.0;
         Ok(())
+    }
+
+    fn low_on_disk(&self) -> bool {
+        self.free_disk_bytes.load(Ordering::Acquire) < self.min_free_disk_bytes
+    }
+
+    /// Whether new submits can be stored: no failed flush latched and free disk at or
+    /// above the watermark (what `trmx_store_writable` and `/readyz` report).
+    pub fn store_writable(&self) -> bool {
+        !self.is_store_unavailable() && !self.low_on_disk()
     }
 
     /// The store failed to make a write durable: refuse new submits.
@@ -103,6 +112,37 @@ impl Admission {
     /// Records the free space of the data directory.
     pub fn set_free_disk_bytes(&self, bytes: u64) {
         self.free_disk_bytes.store(bytes, Ordering::Release);
+    }
+}
+
+/// Why [`Admission::check`] refused a submit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Refusal {
+    /// A flush failed and no write has succeeded since (`UNAVAILABLE`).
+    StoreUnavailable,
+    /// Free disk below `limits.min_free_disk_bytes` (`RESOURCE_EXHAUSTED`).
+    LowDisk,
+    /// The sender's token bucket is empty (`RESOURCE_EXHAUSTED`).
+    Rate {
+        /// The configured sustained rate.
+        per_second: f64,
+    },
+}
+
+impl Refusal {
+    /// The error the caller gets.
+    pub fn into_error(self) -> BrokerError {
+        match self {
+            Refusal::StoreUnavailable => BrokerError::Unavailable(
+                "the broker cannot store messages right now; retry later".into(),
+            ),
+            Refusal::LowDisk => BrokerError::ResourceExhausted(
+                "the broker is low on disk space and accepts no new messages; retry later".into(),
+            ),
+            Refusal::Rate { per_second } => BrokerError::ResourceExhausted(format!(
+                "submit rate limit of {per_second} messages/s exceeded; retry later"
+            )),
+        }
     }
 }
 
@@ -128,6 +168,10 @@ mod tests {
         }
         let err = gate.admit(&id("NL-NRM")).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(matches!(
+            gate.check(&id("NL-NRM")),
+            Err(Refusal::Rate { .. })
+        ));
         // another sender is unaffected
         gate.admit(&id("BE-PAYOKE")).unwrap();
     }
@@ -135,20 +179,27 @@ mod tests {
     #[test]
     fn low_disk_and_a_failed_store_refuse() {
         let gate = Admission::new(100, 100, 1000);
+        assert!(gate.store_writable());
         gate.set_free_disk_bytes(999);
         assert_eq!(
             gate.admit(&id("NL-NRM")).unwrap_err().code(),
             tonic::Code::ResourceExhausted
         );
+        assert_eq!(gate.check(&id("NL-NRM")), Err(Refusal::LowDisk));
+        assert!(!gate.store_writable());
         gate.set_free_disk_bytes(1000);
         gate.admit(&id("NL-NRM")).unwrap();
+        assert!(gate.store_writable());
         gate.store_failed();
         assert_eq!(
             gate.admit(&id("NL-NRM")).unwrap_err().code(),
             tonic::Code::Unavailable
         );
+        assert_eq!(gate.check(&id("NL-NRM")), Err(Refusal::StoreUnavailable));
+        assert!(!gate.store_writable());
         gate.store_recovered();
         gate.admit(&id("NL-NRM")).unwrap();
+        assert!(gate.store_writable());
     }
 
     #[test]

@@ -4,29 +4,37 @@
 //! [`serve`] is the simple entry point; [`Broker::builder`] lets tests inject a
 //! clock (or a store), read the bound address, reload TLS and shut down.
 //!
-//! Shutdown order: stop accepting connections and refuse new submits; end the
-//! `Receive` streams (their leases are released); let open RPCs finish within
-//! `limits.shutdown_grace`; stop the timers; flush and close the store.
+//! The admin endpoint (`admin_listen`: `/metrics`, `/healthz`, `/readyz`) is bound
+//! before the store opens (a taken port fails the start at once) and served once the
+//! store is open; [`BrokerAdminHooks`] refreshes the queue gauges from the store on
+//! every scrape.
+//!
+//! Shutdown order: stop accepting connections and refuse new submits (`/readyz` turns
+//! 503); end the `Receive` streams (their leases are released); let open RPCs finish
+//! within `limits.shutdown_grace`; stop the timers; flush and close the store; stop the
+//! admin endpoint last.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use trmx_proto::pb::exchange_server::ExchangeServer;
 use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
 
+use crate::admin::{AdminHooks, AdminState, CertRole, Metrics, serve_admin};
 use crate::admission::{Admission, free_disk_bytes};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
 use crate::registry::Registry;
-use crate::service::{ExchangeService, Shared};
+use crate::service::{ExchangeService, PeerCerts, Shared};
 use crate::store::{BrokerStore, Lifecycle, SledOptions, SledStore};
 use crate::streams::Streams;
 
@@ -108,6 +116,22 @@ impl BrokerBuilder {
             Some(name) => name.clone(),
             None => broker_name_from_cert(&config),
         };
+        let admin_listener = match config.admin_listen {
+            Some(admin) => Some(bind_admin(admin).await?),
+            None => None,
+        };
+        let admin_addr = admin_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok());
+        let metrics = Arc::new(Metrics::with_clock(clock.clone()));
+        metrics.register_participants(registry.iter().map(|p| &p.id));
+        let certs = CertWatch {
+            metrics: metrics.clone(),
+            ca: config.tls.ca.clone(),
+            cert: config.tls.cert.clone(),
+            broker_name: broker_name.clone(),
+        };
+        certs.record(&tls);
         let store = match store {
             Some(store) => store,
             None => open_store(&config).await?,
@@ -138,6 +162,21 @@ impl BrokerBuilder {
             lifecycle: config.lifecycle.clone(),
             broker_name,
             shutting_down: shutdown_rx.clone(),
+            metrics: metrics.clone(),
+            peer_certs: PeerCerts::default(),
+        });
+        // the store is open: writable unless the disk is already below the watermark
+        shared.update_store_writable();
+        let (admin_stop, admin_stopped) = oneshot::channel::<()>();
+        let admin = admin_listener.map(|listener| {
+            let hooks = Arc::new(BrokerAdminHooks {
+                shared: shared.clone(),
+            });
+            let state = AdminState::new(metrics.clone()).with_hooks(hooks);
+            let stopped = async {
+                let _ = admin_stopped.await;
+            };
+            tokio::spawn(serve_admin(listener, state, stopped).instrument(info_span!("admin")))
         });
 
         let timers = tokio::spawn(
@@ -150,6 +189,7 @@ impl BrokerBuilder {
         let crl_reloads = tokio::spawn(
             crl_reload_loop(
                 tls.clone(),
+                certs.clone(),
                 config.tls.crl_reload_interval,
                 shutdown_rx.clone(),
             )
@@ -190,11 +230,12 @@ impl BrokerBuilder {
                 .serve_with_incoming_shutdown(incoming, wait_true(shutdown_rx.clone()))
                 .instrument(info_span!("grpc", %addr)),
         );
-        info!(%addr, broker = %shared.broker_name, "broker listening");
+        info!(%addr, admin = ?admin_addr, broker = %shared.broker_name, "broker listening");
 
         let grace = limits.shutdown_grace;
         let main = tokio::spawn(async move {
             let stopped = run_until_stopped(server, shutdown_rx, &shared, grace).await;
+            shared.update_store_writable(); // not ready while shutting down
             health
                 .set_not_serving::<ExchangeServer<ExchangeService>>()
                 .await;
@@ -202,12 +243,19 @@ impl BrokerBuilder {
             crl_reloads.abort();
             wakeups.abort();
             let closed = shared.store.close().await.map_err(BrokerError::from);
+            shared.metrics.set_store_writable(false);
+            let _ = admin_stop.send(());
+            if let Some(admin) = admin {
+                let _ = admin.await;
+            }
             info!("broker stopped");
             stopped.and(closed)
         });
         Ok(RunningBroker {
             addr,
+            admin_addr,
             tls,
+            certs,
             shutdown: shutdown_tx,
             main: Some(main),
         })
@@ -218,7 +266,9 @@ impl BrokerBuilder {
 #[derive(Debug)]
 pub struct RunningBroker {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     tls: ServerTls,
+    certs: CertWatch,
     shutdown: watch::Sender<bool>,
     main: Option<JoinHandle<Result<(), BrokerError>>>,
 }
@@ -229,12 +279,26 @@ impl RunningBroker {
         self.addr
     }
 
+    /// The address of the admin endpoint (`/metrics`, `/healthz`, `/readyz`);
+    /// `None` when `admin_listen` is `"off"`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The broker's metrics (what `/metrics` serves).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.certs.metrics
+    }
+
     /// Re-reads the CRL (and certificate and key) now, and closes connections
     /// whose certificate no longer verifies (what SIGHUP does).
     pub fn reload_tls(&self) -> Result<ReloadReport, BrokerError> {
-        self.tls
+        let report = self
+            .tls
             .reload()
-            .map_err(|e| BrokerError::transport("reloading TLS material", e))
+            .map_err(|e| BrokerError::transport("reloading TLS material", e))?;
+        self.certs.record(&self.tls);
+        Ok(report)
     }
 
     /// Starts the orderly shutdown without waiting for it.
@@ -335,6 +399,7 @@ async fn timer_loop(
         let now = shared.clock.now_millis();
         match shared.stored(shared.store.tick(now).await) {
             Ok(report) => {
+                shared.metrics.record_tick(&report);
                 let changed = report.redelivery_due
                     + report.dead_lettered
                     + report.expired
@@ -363,6 +428,7 @@ async fn timer_loop(
         }
         if disk_checked.elapsed() >= DISK_CHECK_INTERVAL {
             measure_disk(&config, &shared.admission).await;
+            shared.update_store_writable();
             disk_checked = Instant::now();
         }
         let wait = match shared.store.next_timer().await {
@@ -401,7 +467,12 @@ async fn forward_wakeups(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool
 }
 
 /// Re-reads the CRL every `interval`.
-async fn crl_reload_loop(tls: ServerTls, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn crl_reload_loop(
+    tls: ServerTls,
+    certs: CertWatch,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate: the CRL was just loaded
@@ -410,8 +481,15 @@ async fn crl_reload_loop(tls: ServerTls, interval: Duration, mut shutdown: watch
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let tls = tls.clone();
-        match tokio::task::spawn_blocking(move || tls.reload()).await {
+        let (tls, certs) = (tls.clone(), certs.clone());
+        let reloaded = tokio::task::spawn_blocking(move || {
+            let report = tls.reload();
+            if report.is_ok() {
+                certs.record(&tls);
+            }
+            report
+        });
+        match reloaded.await {
             Ok(Ok(report)) => debug!(
                 closed_connections = report.closed_connections,
                 crl_stale = report.crl.stale,
@@ -439,6 +517,98 @@ async fn measure_disk(config: &BrokerConfig, admission: &Admission) {
         Ok(Err(error)) => warn!(%error, "cannot measure free disk space"),
         Err(error) => warn!(%error, "disk measurement task failed"),
     }
+}
+
+/// Binds the admin endpoint's address.
+async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
+    if !addr.ip().is_loopback() {
+        warn!(%addr, "admin endpoint (metrics, health) is not on loopback: keep it on a management network");
+    }
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BrokerError::Io {
+            context: format!("binding admin_listen {addr}"),
+            source,
+        })
+}
+
+/// What the admin endpoint asks the broker: the queue gauges from the store before each
+/// scrape. Readiness is the default ([`Metrics::readiness`]): store writable (kept up to
+/// date by the service and the timer loop) and the CA and broker certificates valid.
+#[derive(Debug)]
+struct BrokerAdminHooks {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl AdminHooks for BrokerAdminHooks {
+    async fn refresh(&self, metrics: &Metrics) {
+        match self.shared.store.queue_stats().await {
+            Ok(stats) => metrics.set_queue(&stats),
+            Err(error) => warn!(%error, "cannot read queue statistics for metrics"),
+        }
+    }
+}
+
+/// Keeps the certificate and CRL gauges in step with the TLS material: at start and
+/// after every reload (a renewed broker certificate or a fresh CRL shows at once).
+#[derive(Debug, Clone)]
+struct CertWatch {
+    metrics: Arc<Metrics>,
+    ca: PathBuf,
+    cert: PathBuf,
+    broker_name: String,
+}
+
+impl CertWatch {
+    /// Reads the CA and broker certificates' `not_after` and the loaded CRL's
+    /// `nextUpdate`. Reads small files: from async code, call it on a blocking thread
+    /// (start-up and `reload_tls` already read the same files synchronously).
+    fn record(&self, tls: &ServerTls) {
+        match ca_expiries(&self.ca) {
+            Ok(cas) => {
+                for (name, not_after) in cas {
+                    self.metrics.set_cert_expiry(CertRole::Ca, &name, not_after);
+                }
+            }
+            Err(error) => warn!(%error, "cannot read the CA certificate's expiry"),
+        }
+        match trmx_certs::CertInfo::from_pem_file(&self.cert) {
+            Ok(info) => {
+                let name = info.identity.broker().unwrap_or(&self.broker_name);
+                self.metrics
+                    .set_cert_expiry(CertRole::Broker, name, info.not_after);
+            }
+            Err(error) => warn!(%error, "cannot read the broker certificate's expiry"),
+        }
+        if let Some(next_update) = tls.crl_status().next_update {
+            self.metrics.set_crl_next_update(next_update);
+        }
+    }
+}
+
+/// Common name (or subject) and `not_after` of every certificate in the CA file.
+fn ca_expiries(path: &std::path::Path) -> Result<Vec<(String, SystemTime)>, BrokerError> {
+    let certs = trmx_certs::load_certs_pem(path)
+        .map_err(|e| BrokerError::transport("reading the CA certificate", e))?;
+    let mut out = Vec::with_capacity(certs.len());
+    for der in &certs {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| BrokerError::transport("parsing the CA certificate", e.to_string()))?;
+        let name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map_or_else(|| cert.subject().to_string(), str::to_owned);
+        let secs = cert.validity().not_after.timestamp();
+        let not_after = match u64::try_from(secs) {
+            Ok(secs) => SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            Err(_) => SystemTime::UNIX_EPOCH,
+        };
+        out.push((name, not_after));
+    }
+    Ok(out)
 }
 
 /// Resolves when the watch holds `true` (or its sender is gone).

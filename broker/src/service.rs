@@ -7,21 +7,23 @@
 //! one `From<BrokerError> for Status`. Logs carry participant and message ids,
 //! never payloads or body fields.
 
+use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
-use trmx_certs::Role;
+use trmx_certs::{CertInfo, Role};
 use trmx_proto::envelope::SubmitEnvelope;
 use trmx_proto::time::{from_millis, to_millis, to_timestamp};
-use trmx_proto::{MessageId, ParticipantId, ValidationError, pb};
+use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
-use crate::admission::Admission;
+use crate::admin::{CertRole, DeadLetterReason, Metrics, RefusalReason};
+use crate::admission::{self, Admission};
 use crate::clock::Clock;
 use crate::config::{LifecycleConfig, LimitsConfig};
 use crate::error::BrokerError;
@@ -29,7 +31,7 @@ use crate::registry::Registry;
 use crate::store::{
     self, BrokerStore, Leased, Millis, NewMessage, StatusRecord, StoreError, SubmitOutcome,
 };
-use crate::streams::{StreamHandle, Streams};
+use crate::streams::{Lease, StreamHandle, Streams};
 
 /// Most ids one `Ack` may carry.
 pub const MAX_ACK_IDS: usize = 1024;
@@ -49,6 +51,98 @@ pub(crate) struct Shared {
     pub(crate) broker_name: String,
     /// Becomes `true` when the broker shuts down: streams end, submits are refused.
     pub(crate) shutting_down: watch::Receiver<bool>,
+    /// What `/metrics` serves.
+    pub(crate) metrics: Arc<Metrics>,
+    /// The participants' certificates last seen, for their expiry gauges.
+    pub(crate) peer_certs: PeerCerts,
+}
+
+/// The leaf certificate each participant last connected with, so that a certificate is
+/// parsed (for `trmx_certificate_expiry_seconds`) once, not on every RPC: a call only
+/// compares bytes. Holds at most one entry per registry participant.
+#[derive(Debug, Default)]
+pub(crate) struct PeerCerts(Mutex<HashMap<ParticipantId, Vec<u8>>>);
+
+impl PeerCerts {
+    /// Records `participant`'s certificate expiry in `metrics` if `leaf_der` is new.
+    fn note(&self, metrics: &Metrics, participant: &ParticipantId, leaf_der: &[u8]) {
+        let known = |map: &HashMap<ParticipantId, Vec<u8>>| {
+            map.get(participant).is_some_and(|der| der == leaf_der)
+        };
+        if known(&self.lock()) {
+            return;
+        }
+        match CertInfo::from_der(leaf_der) {
+            Ok(info) => {
+                metrics.set_cert_expiry(
+                    CertRole::Participant,
+                    participant.as_str(),
+                    info.not_after,
+                );
+                self.lock().insert(participant.clone(), leaf_der.to_vec());
+            }
+            Err(error) => debug!(%error, "cannot read the expiry of a client certificate"),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ParticipantId, Vec<u8>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A refused `Submit`: the error the caller gets, and the reason it is counted under in
+/// `trmx_submits_refused_total` (`None`: not a refusal, e.g. an internal error).
+#[derive(Debug)]
+pub(crate) struct Refused {
+    error: BrokerError,
+    reason: Option<RefusalReason>,
+}
+
+impl Refused {
+    fn new(error: BrokerError, reason: RefusalReason) -> Self {
+        Self {
+            error,
+            reason: Some(reason),
+        }
+    }
+}
+
+impl From<BrokerError> for Refused {
+    /// The reason follows from the code, except `RESOURCE_EXHAUSTED`, whose sites say
+    /// which limit it was ([`Refused::new`]).
+    fn from(error: BrokerError) -> Self {
+        use tonic::Code;
+        let reason = match error.code() {
+            Code::InvalidArgument => Some(RefusalReason::InvalidArgument),
+            // a certificate that may not submit
+            Code::PermissionDenied | Code::Unauthenticated => Some(RefusalReason::PermissionDenied),
+            Code::NotFound => Some(RefusalReason::NotFound),
+            Code::FailedPrecondition => Some(RefusalReason::FailedPrecondition),
+            Code::AlreadyExists => Some(RefusalReason::AlreadyExists),
+            Code::Unavailable => Some(RefusalReason::Unavailable),
+            _ => None,
+        };
+        Self { error, reason }
+    }
+}
+
+impl From<ValidationError> for Refused {
+    fn from(error: ValidationError) -> Self {
+        BrokerError::from(error).into()
+    }
+}
+
+impl From<admission::Refusal> for Refused {
+    fn from(refusal: admission::Refusal) -> Self {
+        let reason = match refusal {
+            admission::Refusal::StoreUnavailable => RefusalReason::Unavailable,
+            admission::Refusal::LowDisk => RefusalReason::Disk,
+            admission::Refusal::Rate { .. } => RefusalReason::Rate,
+        };
+        Refused::new(refusal.into_error(), reason)
+    }
 }
 
 impl Shared {
@@ -64,6 +158,7 @@ impl Shared {
                 if self.admission.is_store_unavailable() {
                     info!("store writable again, accepting submits");
                     self.admission.store_recovered();
+                    self.update_store_writable();
                 }
                 Ok(value)
             }
@@ -73,12 +168,20 @@ impl Shared {
                         tracing::error!(%error, "store cannot make writes durable, refusing submits");
                     }
                     self.admission.store_failed();
+                    self.update_store_writable();
                 } else {
                     tracing::error!(%error, "store error");
                 }
                 Err(BrokerError::Store(error))
             }
         }
+    }
+
+    /// Publishes whether new submits can be stored: no failed flush latched, disk above
+    /// the watermark, not shutting down.
+    pub(crate) fn update_store_writable(&self) {
+        let writable = self.admission.store_writable() && !*self.shutting_down.borrow();
+        self.metrics.set_store_writable(writable);
     }
 }
 
@@ -119,19 +222,38 @@ impl ExchangeService {
                 "participant {id} is not in this broker's registry"
             )));
         }
+        let metrics = &self.shared.metrics;
+        metrics.seen(&id, self.shared.clock.now());
+        if let Some(leaf) = request
+            .peer_certs()
+            .as_deref()
+            .and_then(|certs| certs.first())
+        {
+            self.shared.peer_certs.note(metrics, &id, leaf.as_ref());
+        }
         Ok(id)
+    }
+
+    /// [`Self::submit_inner`], counted: the latency of a durable receipt, or the refusal.
+    async fn submit_counted(
+        &self,
+        caller: &ParticipantId,
+        request: pb::SubmitRequest,
+        started: Instant,
+    ) -> Result<pb::SubmitReceipt, Refused> {
+        let receipt = self.submit_inner(caller, request).await?;
+        self.shared.metrics.observe_submit(started.elapsed());
+        Ok(receipt)
     }
 
     async fn submit_inner(
         &self,
         caller: &ParticipantId,
         request: pb::SubmitRequest,
-    ) -> Result<pb::SubmitReceipt, BrokerError> {
+    ) -> Result<pb::SubmitReceipt, Refused> {
         let shared = &self.shared;
         if *shared.shutting_down.borrow() {
-            return Err(BrokerError::Unavailable(
-                "the broker is shutting down".into(),
-            ));
+            return Err(BrokerError::Unavailable("the broker is shutting down".into()).into());
         }
         let mut envelope = request
             .envelope
@@ -154,13 +276,15 @@ impl ExchangeService {
         {
             return Err(BrokerError::PermissionDenied(
                 "envelope.sender must be empty or the caller's own participant ID".into(),
-            ));
+            )
+            .into());
         }
         if checked.kind.is_broker_made() {
             return Err(BrokerError::PermissionDenied(format!(
                 "envelope.kind {} is made by the broker only",
                 checked.kind
-            )));
+            ))
+            .into());
         }
         let recipient = shared.registry.get(&checked.recipient).ok_or_else(|| {
             BrokerError::NotFound(format!("unknown recipient {}", checked.recipient))
@@ -169,7 +293,8 @@ impl ExchangeService {
             return Err(BrokerError::FailedPrecondition(format!(
                 "recipient {} does not accept {} messages",
                 recipient.id, checked.kind
-            )));
+            ))
+            .into());
         }
         let now = shared.now();
         let max_expiry = now.saturating_add(millis(shared.limits.max_lifetime));
@@ -179,13 +304,14 @@ impl ExchangeService {
                 if at <= now {
                     return Err(BrokerError::FailedPrecondition(
                         "envelope.expires_at is already past".into(),
-                    ));
+                    )
+                    .into());
                 }
                 at.min(max_expiry)
             }
             None => now.saturating_add(millis(shared.limits.default_lifetime)),
         };
-        shared.admission.admit(caller)?;
+        shared.admission.check(caller)?;
 
         let payload = bytes::Bytes::from(std::mem::take(&mut envelope.payload));
         let fingerprint = fingerprint(&envelope, caller, checked.priority);
@@ -207,6 +333,7 @@ impl ExchangeService {
         let outcome = shared.stored(shared.store.submit(message, now).await)?;
         let (accepted, duplicate) = match outcome {
             SubmitOutcome::Accepted(accepted) => {
+                shared.metrics.accepted(checked.kind);
                 shared.streams.wake(&checked.recipient);
                 (accepted, false)
             }
@@ -215,13 +342,17 @@ impl ExchangeService {
                 return Err(BrokerError::AlreadyExists(format!(
                     "message_id {} was already used by {caller} for different content",
                     checked.message_id
-                )));
+                ))
+                .into());
             }
             SubmitOutcome::QuotaExceeded => {
-                return Err(BrokerError::ResourceExhausted(format!(
-                    "{caller} has more than {} bytes queued; retry when the recipients catch up",
-                    shared.limits.max_queued_bytes_per_sender
-                )));
+                return Err(Refused::new(
+                    BrokerError::ResourceExhausted(format!(
+                        "{caller} has more than {} bytes queued; retry when the recipients catch up",
+                        shared.limits.max_queued_bytes_per_sender
+                    )),
+                    RefusalReason::Quota,
+                ));
             }
         };
         debug!(
@@ -303,7 +434,9 @@ impl ExchangeService {
             .filter(|(_, r)| **r == store::AckResult::Acknowledged)
             .map(|(id, _)| *id)
             .collect();
-        self.settled(caller, &acknowledged);
+        for kind in self.settled(caller, &acknowledged) {
+            shared.metrics.acknowledged(kind);
+        }
         let mut results = results.into_iter();
         let outcomes = request
             .message_ids
@@ -328,9 +461,11 @@ impl ExchangeService {
     }
 
     /// Frees the stream slots of settled messages and wakes whoever gets a receipt.
-    fn settled(&self, caller: &ParticipantId, ids: &[MessageId]) {
+    /// Returns the kinds of the messages that were in flight on a stream here (each
+    /// settled message once; not those leased before a restart or past their deadline).
+    fn settled(&self, caller: &ParticipantId, ids: &[MessageId]) -> Vec<Kind> {
         if ids.is_empty() {
-            return;
+            return Vec::new();
         }
         let streams = &self.shared.streams;
         let senders = streams.settled(caller, ids);
@@ -342,6 +477,7 @@ impl ExchangeService {
                 streams.wake(sender);
             }
         }
+        senders.kinds
     }
 
     async fn reject_inner(
@@ -369,6 +505,7 @@ impl ExchangeService {
         match result {
             store::RejectResult::Rejected => {
                 self.settled(caller, &[id]);
+                shared.metrics.dead_lettered(DeadLetterReason::Rejected, 1);
                 info!(reason_code = %request.reason_code, "message rejected by recipient");
                 Ok(pb::RejectResponse {})
             }
@@ -389,6 +526,7 @@ impl ExchangeService {
         let result = shared.stored(shared.store.withdraw(caller, id, shared.now()).await)?;
         match result {
             store::WithdrawResult::Withdrawn { at } => {
+                shared.metrics.withdrawn();
                 shared.streams.withdrawn(caller, &id);
                 info!("message withdrawn");
                 Ok(pb::WithdrawResponse {
@@ -453,9 +591,14 @@ impl ExchangeService {
 }
 
 /// Runs the RPC `body` inside a span naming the method and the caller, and
-/// converts its error into a `Status` (logging refusals at debug level).
+/// converts its error into a `Status` (logging refusals at debug level). The long
+/// form names the body's error type and a hook that sees every [`Refused`].
 macro_rules! rpc {
-    ($self:ident, $request:ident, $method:literal, |$caller:ident, $inner:ident| $body:expr) => {{
+    ($self:ident, $request:ident, $method:literal, |$caller:ident, $inner:ident| $body:expr) => {
+        rpc!($self, $request, $method, BrokerError, |_: &Refused| {}, |$caller, $inner| $body)
+    };
+    ($self:ident, $request:ident, $method:literal, $error:ty, $on_refused:expr,
+     |$caller:ident, $inner:ident| $body:expr) => {{
         let span = info_span!(
             "rpc",
             method = $method,
@@ -472,10 +615,12 @@ macro_rules! rpc {
         .instrument(span.clone())
         .await
         .map(Response::new)
-        .map_err(|error: BrokerError| {
+        .map_err(|error: $error| {
+            let refused = Refused::from(error);
+            ($on_refused)(&refused);
             let _entered = span.enter();
-            debug!(code = ?error.code(), %error, "request refused");
-            Status::from(error)
+            debug!(code = ?refused.error.code(), error = %refused.error, "request refused");
+            Status::from(refused.error)
         })
     }};
 }
@@ -486,9 +631,20 @@ impl pb::exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitReceipt>, Status> {
-        rpc!(self, request, "Submit", |caller, inner| self
-            .submit_inner(&caller, inner)
-            .await)
+        let started = Instant::now();
+        let count_refusal = |refused: &Refused| {
+            if let Some(reason) = refused.reason {
+                self.shared.metrics.refused(reason);
+            }
+        };
+        rpc!(
+            self,
+            request,
+            "Submit",
+            Refused,
+            count_refusal,
+            |caller, inner| self.submit_counted(&caller, inner, started).await
+        )
     }
 
     type ReceiveStream = ReceiverStream<Result<pb::Delivery, Status>>;
@@ -559,6 +715,7 @@ async fn run_stream(
     let ack_timeout = millis(shared.lifecycle.ack_timeout);
     let recheck = shared.lifecycle.tick_interval;
     let mut shutting_down = shared.shutting_down.clone();
+    shared.metrics.stream_opened(&participant);
     debug!("receive stream opened");
     let end = 'stream: loop {
         // Register for wake-ups before looking for work, so none is lost.
@@ -581,19 +738,20 @@ async fn run_stream(
                 shared.streams.leased(
                     &participant,
                     handle.id,
-                    leased.iter().map(|l| {
-                        (
-                            l.message_id,
-                            l.sender.clone(),
-                            now.saturating_add(ack_timeout),
-                        )
+                    leased.iter().map(|l| Lease {
+                        message_id: l.message_id,
+                        sender: l.sender.clone(),
+                        kind: l.kind,
+                        deadline: now.saturating_add(ack_timeout),
                     }),
                 );
                 for lease in leased {
                     debug!(message_id = %lease.message_id, attempt = lease.attempt, "delivering");
+                    let (kind, attempt) = (lease.kind, lease.attempt);
                     if tx.send(Ok(delivery(lease))).await.is_err() {
                         break 'stream None;
                     }
+                    shared.metrics.delivered(kind, attempt);
                 }
                 continue;
             }
@@ -618,6 +776,7 @@ async fn run_stream(
             .await,
     );
     shared.streams.remove(&participant, handle.id);
+    shared.metrics.stream_closed(&participant);
     match released {
         Ok(n) => {
             if n > 0 {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, watch};
-use trmx_proto::{MessageId, ParticipantId};
+use trmx_proto::{Kind, MessageId, ParticipantId};
 
 use crate::store::{Millis, StreamId};
 
@@ -24,6 +24,8 @@ use crate::store::{Millis, StreamId};
 struct InFlight {
     /// Sender of the message (None for receipts), to wake it when its receipt is queued.
     sender: Option<ParticipantId>,
+    /// Its kind, for the acknowledged-messages counter.
+    kind: Kind,
     /// When the store stops holding the lease.
     deadline: Millis,
 }
@@ -54,9 +56,25 @@ pub struct Streams {
 pub struct Settled {
     /// Senders of the settled messages known to a stream here (receipts excluded).
     pub senders: Vec<ParticipantId>,
+    /// Kinds of the settled messages known to a stream here (receipts included), one
+    /// per message: an id settled twice is counted once.
+    pub kinds: Vec<Kind>,
     /// Whether some id was not in flight on any stream here (leased before a
     /// restart, or already timed out): its sender is unknown.
     pub unknown: bool,
+}
+
+/// A delivery handed to a stream, as [`Streams::leased`] records it.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The message.
+    pub message_id: MessageId,
+    /// Its sender (None for receipts).
+    pub sender: Option<ParticipantId>,
+    /// Its kind.
+    pub kind: Kind,
+    /// When the store stops holding the lease.
+    pub deadline: Millis,
 }
 
 /// What a stream needs to run: its id, the participant's wake-up and its close signal.
@@ -157,17 +175,22 @@ impl Streams {
         &self,
         participant: &ParticipantId,
         id: StreamId,
-        leases: impl IntoIterator<Item = (MessageId, Option<ParticipantId>, Millis)>,
+        leases: impl IntoIterator<Item = Lease>,
     ) {
         let mut inner = self.lock();
         if let Some(stream) = inner
             .get_mut(participant)
             .and_then(|p| p.streams.get_mut(&id))
         {
-            for (message_id, sender, deadline) in leases {
-                stream
-                    .in_flight
-                    .insert(message_id, InFlight { sender, deadline });
+            for lease in leases {
+                stream.in_flight.insert(
+                    lease.message_id,
+                    InFlight {
+                        sender: lease.sender,
+                        kind: lease.kind,
+                        deadline: lease.deadline,
+                    },
+                );
             }
         }
     }
@@ -188,7 +211,10 @@ impl Streams {
                 .values_mut()
                 .find_map(|s| s.in_flight.remove(id))
             {
-                Some(lease) => settled.senders.extend(lease.sender),
+                Some(lease) => {
+                    settled.kinds.push(lease.kind);
+                    settled.senders.extend(lease.sender);
+                }
                 None => settled.unknown = true,
             }
         }
@@ -282,10 +308,27 @@ mod tests {
         let m1 = MessageId::new_v7();
         let m2 = MessageId::new_v7();
         let sender = id("BE-PAYOKE");
-        streams.leased(&p, s.id, [(m1, Some(sender.clone()), 100), (m2, None, 200)]);
+        let lease = |message_id, sender, kind, deadline| Lease {
+            message_id,
+            sender,
+            kind,
+            deadline,
+        };
+        streams.leased(
+            &p,
+            s.id,
+            [
+                lease(m1, Some(sender.clone()), Kind::Referral, 100),
+                lease(m2, None, Kind::DeliveryReceipt, 200),
+            ],
+        );
         assert_eq!(streams.free_slots(&p, s.id, 2, 50), 0);
         let settled = streams.settled(&p, &[m1]);
         assert_eq!(settled.senders, vec![sender]);
+        assert_eq!(settled.kinds, vec![Kind::Referral]);
+        // settled again: not counted again
+        let again = streams.settled(&p, &[m1]);
+        assert!(again.unknown && again.kinds.is_empty());
         assert!(!settled.unknown);
         assert_eq!(streams.free_slots(&p, s.id, 2, 50), 1);
         assert_eq!(streams.free_slots(&p, s.id, 2, 200), 2);
