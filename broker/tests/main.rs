@@ -8,4 +8,5 @@ mod bad_input;
 mod crash;
 mod exchange;
 mod lifecycle;
+mod metrics;
 mod revocation;

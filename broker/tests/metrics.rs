@@ -1,0 +1,461 @@
+//! Issue 6 items 4 and 5: the admin endpoint of a real broker — `/metrics` moves as
+//! messages flow over real mutual TLS, `/healthz` and `/readyz` answer, refusals are
+//! counted by reason, and the endpoint stops with the broker.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::Code;
+use trmx_proto::{Kind, pb};
+
+use crate::harness::*;
+
+/// One HTTP/1.1 GET on the admin endpoint: status and body.
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await?;
+        anyhow::Ok(String::from_utf8(reply)?)
+    };
+    let reply = tokio::time::timeout(WAIT, exchange)
+        .await
+        .context("admin endpoint did not answer")??;
+    let (head, body) = reply.split_once("\r\n\r\n").context("no header end")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no status")?;
+    Ok((status, body.to_owned()))
+}
+
+/// The samples of one `/metrics` scrape, keyed by `name{labels}` as written.
+struct Scrape(BTreeMap<String, f64>);
+
+impl Scrape {
+    async fn take(addr: SocketAddr) -> anyhow::Result<Self> {
+        let (status, body) = get(addr, "/metrics").await?;
+        anyhow::ensure!(status == 200, "GET /metrics: {status}");
+        let mut samples = BTreeMap::new();
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').context("sample line")?;
+            samples.insert(series.to_owned(), value.parse()?);
+        }
+        Ok(Self(samples))
+    }
+
+    /// The value of `series`, e.g. `trmx_queue_depth{recipient="BE-PAYOKE"}`.
+    fn get(&self, series: &str) -> Option<f64> {
+        self.0.get(series).copied()
+    }
+
+    fn value(&self, series: &str) -> f64 {
+        self.get(series)
+            .unwrap_or_else(|| panic!("no series {series} in the scrape"))
+    }
+}
+
+fn kind_series(family: &str, kind: Kind) -> String {
+    format!("{family}{{kind=\"{}\"}}", kind.name())
+}
+
+fn refused(reason: &str) -> String {
+    format!("trmx_submits_refused_total{{reason=\"{reason}\"}}")
+}
+
+fn queue(family: &str, recipient: &str) -> String {
+    format!("trmx_queue_{family}{{recipient=\"{recipient}\"}}")
+}
+
+/// Scrapes until `check` holds (gauges refreshed by timers or streams), failing after [`WAIT`].
+async fn scrape_until(
+    addr: SocketAddr,
+    what: &str,
+    check: impl Fn(&Scrape) -> bool,
+) -> anyhow::Result<Scrape> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let scrape = Scrape::take(addr).await?;
+        if check(&scrape) {
+            return Ok(scrape);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn admin_addr(t: &TestBroker) -> anyhow::Result<SocketAddr> {
+    t.broker.admin_addr().context("no admin endpoint")
+}
+
+#[tokio::test]
+async fn metrics_move_as_messages_flow() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let admin = admin_addr(&t)?;
+    assert!(admin.ip().is_loopback(), "{admin}");
+    let accepted = kind_series("trmx_messages_accepted_total", Kind::Referral);
+    let delivered = kind_series("trmx_messages_delivered_total", Kind::Referral);
+    let acknowledged = kind_series("trmx_messages_acknowledged_total", Kind::Referral);
+
+    // Before any traffic: every registry participant and counter is there, at 0.
+    let before = Scrape::take(admin).await?;
+    assert_eq!(before.value(&accepted), 0.0);
+    for p in ["NL-NRM", "BE-PAYOKE", "INT-IOM"] {
+        assert_eq!(before.value(&queue("depth", p)), 0.0);
+        assert_eq!(
+            before.value(&format!(
+                "trmx_participant_connected_streams{{participant=\"{p}\"}}"
+            )),
+            0.0
+        );
+    }
+    assert_eq!(before.value("trmx_store_writable"), 1.0);
+    assert_eq!(before.value("trmx_submit_duration_seconds_count"), 0.0);
+    assert!(before.value("trmx_crl_next_update_seconds") > 0.0);
+    let broker_cert =
+        before.value("trmx_certificate_expiry_seconds{role=\"broker\",name=\"test-1\"}");
+    assert!(broker_cert > 86_400.0, "{broker_cert}");
+    assert!(
+        before
+            .0
+            .iter()
+            .any(|(k, v)| k.starts_with("trmx_certificate_expiry_seconds{role=\"ca\"") && *v > 0.0),
+        "CA certificate expiry"
+    );
+    assert_eq!(get(admin, "/healthz").await?.0, 200);
+    let (status, body) = get(admin, "/readyz").await?;
+    assert_eq!((status, body.lines().next()), (200, Some("ready")));
+
+    // A submit: accepted +1, one message queued for the recipient, one latency sample.
+    let mut nl = t.client("NL-NRM")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env.clone()).await?;
+    let after_submit = Scrape::take(admin).await?;
+    assert_eq!(after_submit.value(&accepted), 1.0);
+    assert_eq!(after_submit.value(&queue("depth", "BE-PAYOKE")), 1.0);
+    assert!(after_submit.value(&queue("bytes", "BE-PAYOKE")) > 0.0);
+    assert_eq!(after_submit.value(&queue("depth", "NL-NRM")), 0.0);
+    assert_eq!(
+        after_submit.value("trmx_submit_duration_seconds_count"),
+        1.0
+    );
+    assert!(
+        after_submit
+            .get("trmx_participant_last_seen_timestamp_seconds{participant=\"NL-NRM\"}")
+            .is_some(),
+        "the sender was seen"
+    );
+    let nl_cert =
+        after_submit.value("trmx_certificate_expiry_seconds{role=\"participant\",name=\"NL-NRM\"}");
+    assert!(nl_cert > 86_400.0, "{nl_cert}");
+    // A duplicate is not a new message.
+    assert!(submit(&mut nl, env).await?.duplicate);
+    assert_eq!(Scrape::take(admin).await?.value(&accepted), 1.0);
+
+    // Received: delivered +1, in flight on a connected stream.
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 0).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), id);
+    let in_flight = scrape_until(admin, "the delivery to be counted", |s| {
+        s.get(&delivered) == Some(1.0)
+    })
+    .await?;
+    assert_eq!(in_flight.value(&queue("in_flight", "BE-PAYOKE")), 1.0);
+    assert_eq!(in_flight.value(&queue("depth", "BE-PAYOKE")), 0.0);
+    assert_eq!(
+        in_flight.value("trmx_participant_connected_streams{participant=\"BE-PAYOKE\"}"),
+        1.0
+    );
+    assert_eq!(in_flight.value("trmx_connected_participants"), 1.0);
+    assert_eq!(in_flight.value("trmx_messages_redelivered_total"), 0.0);
+
+    // Acknowledged (twice: counted once): acknowledged +1, nothing left for the recipient.
+    ack(&mut be, [&id]).await?;
+    ack(&mut be, [&id]).await?;
+    let settled = Scrape::take(admin).await?;
+    assert_eq!(settled.value(&acknowledged), 1.0);
+    assert_eq!(settled.value(&queue("depth", "BE-PAYOKE")), 0.0);
+    assert_eq!(settled.value(&queue("in_flight", "BE-PAYOKE")), 0.0);
+    assert_eq!(settled.value(&queue("bytes", "BE-PAYOKE")), 0.0);
+    // the sender's delivery receipt now waits in its own queue
+    assert_eq!(settled.value(&queue("depth", "NL-NRM")), 1.0);
+
+    // The stream closes: no participant connected any more.
+    drop(stream);
+    drop(be);
+    scrape_until(admin, "the stream to close", |s| {
+        s.get("trmx_connected_participants") == Some(0.0)
+    })
+    .await?;
+    // the handle's registry is the one served
+    assert!(
+        t.broker
+            .metrics()
+            .render()
+            .contains("trmx_messages_acknowledged_total{kind=\"referral\"} 1\n")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn refused_rejected_and_withdrawn_submits_are_counted_by_reason() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let admin = admin_addr(&t)?;
+    let mut nl = t.client("NL-NRM")?;
+
+    // one refusal of each kind the envelope and the registry decide
+    assert_code(
+        submit(&mut nl, referral("SE-NOBODY")).await,
+        Code::NotFound,
+        "unknown recipient",
+    );
+    assert_code(
+        submit(&mut nl, envelope("INT-IOM", Kind::Referral, b"x")).await,
+        Code::FailedPrecondition,
+        "kind not accepted",
+    );
+    let mut bad = referral("BE-PAYOKE");
+    bad.case_ref = "Jane Doe".into();
+    assert_code(
+        submit(&mut nl, bad).await,
+        Code::InvalidArgument,
+        "bad case_ref",
+    );
+    let mut foreign = referral("BE-PAYOKE");
+    foreign.sender = "INT-IOM".into();
+    assert_code(
+        submit(&mut nl, foreign).await,
+        Code::PermissionDenied,
+        "foreign sender",
+    );
+    let mut operator = t.operator_client("night-shift")?;
+    assert_code(
+        submit(&mut operator, referral("BE-PAYOKE")).await,
+        Code::PermissionDenied,
+        "operator certificate",
+    );
+    let used = referral("BE-PAYOKE");
+    submit(&mut nl, used.clone()).await?;
+    let mut changed = used.clone();
+    changed.priority = pb::Priority::Urgent as i32;
+    assert_code(
+        submit(&mut nl, changed).await,
+        Code::AlreadyExists,
+        "reused id",
+    );
+
+    let scrape = Scrape::take(admin).await?;
+    for (reason, n) in [
+        ("not_found", 1.0),
+        ("failed_precondition", 1.0),
+        ("invalid_argument", 1.0),
+        ("permission_denied", 2.0),
+        ("already_exists", 1.0),
+        ("quota", 0.0),
+        ("rate", 0.0),
+        ("disk", 0.0),
+        ("unavailable", 0.0),
+    ] {
+        assert_eq!(scrape.value(&refused(reason)), n, "{reason}");
+    }
+    // refusals store nothing and take no latency sample
+    assert_eq!(
+        scrape.value(&kind_series("trmx_messages_accepted_total", Kind::Referral)),
+        1.0
+    );
+    assert_eq!(scrape.value("trmx_submit_duration_seconds_count"), 1.0);
+
+    // withdrawn by the sender; rejected by the recipient
+    nl.withdraw(pb::WithdrawRequest {
+        message_id: used.message_id.clone(),
+    })
+    .await?;
+    let rejected = referral("BE-PAYOKE");
+    submit(&mut nl, rejected.clone()).await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 0).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), rejected.message_id);
+    be.reject(pb::RejectRequest {
+        message_id: rejected.message_id.clone(),
+        reason_code: "INVALID_BODY".into(),
+        field_path: "referral.consent".into(),
+    })
+    .await?;
+    let scrape = Scrape::take(admin).await?;
+    assert_eq!(scrape.value("trmx_messages_withdrawn_total"), 1.0);
+    assert_eq!(
+        scrape.value("trmx_messages_dead_lettered_total{reason=\"rejected\"}"),
+        1.0
+    );
+    assert_eq!(
+        scrape.value("trmx_messages_dead_lettered_total{reason=\"max_attempts\"}"),
+        0.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn rate_and_quota_refusals_are_told_apart() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| {
+        c.limits.sender_rate_per_second = 1;
+        c.limits.sender_rate_burst = 2;
+        c.limits.max_queued_bytes_per_sender = c.limits.max_envelope_bytes;
+    })
+    .await?;
+    let admin = admin_addr(&t)?;
+    let mut nl = t.client("NL-NRM")?;
+    let big = vec![7u8; 40 << 10];
+    submit(&mut nl, envelope("BE-PAYOKE", Kind::Referral, &big)).await?;
+    assert_code(
+        submit(&mut nl, envelope("BE-PAYOKE", Kind::Referral, &big)).await,
+        Code::ResourceExhausted,
+        "quota",
+    );
+    assert_code(
+        submit(&mut nl, referral("BE-PAYOKE")).await,
+        Code::ResourceExhausted,
+        "rate",
+    );
+    let scrape = Scrape::take(admin).await?;
+    assert_eq!(scrape.value(&refused("quota")), 1.0);
+    assert_eq!(scrape.value(&refused("rate")), 1.0);
+    assert_eq!(scrape.value(&refused("disk")), 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn low_disk_makes_the_broker_not_ready_and_refusals_count_as_disk() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| c.limits.min_free_disk_bytes = u64::MAX).await?;
+    let admin = admin_addr(&t)?;
+    let mut nl = t.client("NL-NRM")?;
+    assert_code(
+        submit(&mut nl, referral("BE-PAYOKE")).await,
+        Code::ResourceExhausted,
+        "low disk",
+    );
+    let scrape = Scrape::take(admin).await?;
+    assert_eq!(scrape.value(&refused("disk")), 1.0);
+    assert_eq!(scrape.value("trmx_store_writable"), 0.0);
+    let (status, body) = get(admin, "/readyz").await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("store_writable false"), "{body}");
+    // alive all the same
+    assert_eq!(get(admin, "/healthz").await?.0, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_flush_shows_as_not_writable_until_the_store_writes_again() -> anyhow::Result<()> {
+    use trmx_broker::store::{SledOptions, SledStore};
+
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    let store = SledStore::open(
+        &config.data_dir,
+        SledOptions::default(),
+        trmx_broker::server::lifecycle_of(&config),
+    )?;
+    let faults = store.fault_switch();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mut broker = trmx_broker::Broker::builder(config)
+        .store(Arc::new(store))
+        .start(listener)
+        .await?;
+    let admin = broker.admin_addr().context("no admin endpoint")?;
+    let mut nl = client(broker.local_addr(), &pki.participant("NL-NRM")?)?;
+    assert_eq!(get(admin, "/readyz").await?.0, 200);
+
+    faults.set_failing(true);
+    assert_code(
+        submit(&mut nl, referral("BE-PAYOKE")).await,
+        Code::Unavailable,
+        "failed flush",
+    );
+    assert_code(
+        submit(&mut nl, referral("BE-PAYOKE")).await,
+        Code::Unavailable,
+        "latched",
+    );
+    let scrape = Scrape::take(admin).await?;
+    assert_eq!(scrape.value("trmx_store_writable"), 0.0);
+    assert_eq!(scrape.value(&refused("unavailable")), 2.0);
+    assert_eq!(get(admin, "/readyz").await?.0, 503);
+
+    faults.set_failing(false);
+    // the timer loop's next write clears the latch
+    scrape_until(admin, "the store to be writable again", |s| {
+        s.get("trmx_store_writable") == Some(1.0)
+    })
+    .await?;
+    assert_eq!(get(admin, "/readyz").await?.0, 200);
+    broker.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn expiry_is_counted_by_the_timer_loop() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let admin = admin_addr(&t)?;
+    let mut nl = t.client("NL-NRM")?;
+    submit(&mut nl, referral("BE-PAYOKE")).await?;
+    t.advance(t.config.limits.default_lifetime + Duration::from_secs(1));
+    let scrape = scrape_until(admin, "the expiry to be counted", |s| {
+        s.get("trmx_messages_expired_total") == Some(1.0)
+    })
+    .await?;
+    assert_eq!(scrape.value(&queue("depth", "BE-PAYOKE")), 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_admin_endpoint_stops_with_the_broker_and_can_be_off() -> anyhow::Result<()> {
+    let mut t = TestBroker::start().await?;
+    let admin = admin_addr(&t)?;
+    assert_eq!(get(admin, "/healthz").await?.0, 200);
+    t.broker.shutdown().await?;
+    assert!(
+        TcpStream::connect(admin).await.is_err(),
+        "admin port still open after shutdown"
+    );
+
+    let off = TestBroker::start_with(|c| c.admin_listen = None).await?;
+    assert_eq!(off.broker.admin_addr(), None);
+    // the broker itself works without it
+    let mut nl = off.client("NL-NRM")?;
+    submit(&mut nl, referral("BE-PAYOKE")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_taken_admin_port_fails_the_start() -> anyhow::Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let mut config = test_config(dir.path().join("data"), pki.tls.clone());
+    config.admin_listen = Some(addr);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let err = trmx_broker::Broker::builder(config)
+        .start(listener)
+        .await
+        .err()
+        .context("started on a taken admin port")?;
+    assert!(
+        err.to_string().contains("admin_listen"),
+        "the error names the setting: {err}"
+    );
+    Ok(())
+}
