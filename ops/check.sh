@@ -8,12 +8,17 @@
 #                                    rules; checks the exposition with `promtool check metrics`,
 #                                    that every rule evaluates without error, and that EVERY
 #                                    query of ops/grafana/trmx-broker.json returns series
+#   ops/check.sh broker              builds trmx-certs and trmx-demo, makes a throw-away federation,
+#                                    runs the REAL broker (admin endpoint on a free loopback port)
+#                                    and two real nodes, sends a referral through them until its
+#                                    delivery receipt is acknowledged, then runs `scrape` against
+#                                    the broker's /metrics (and checks /healthz and /readyz)
 #   ops/check.sh demo                builds and runs the metrics_demo example (a stand-in admin
 #                                    endpoint with synthetic traffic) and runs `scrape` against it
-#   ops/check.sh all                 rules, then demo
+#   ops/check.sh all                 rules, then broker
 #
 # A missing tool is a failure, never a skip. Needs Debian's `prometheus` package (promtool and
-# prometheus) and python3.
+# prometheus), python3, and cargo for `broker` and `demo`.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -244,16 +249,149 @@ check_demo() {
     check_scrape "$url"
 }
 
+# Waits until the file $1 exists and is not empty; fails if process $2 ($3) exits first.
+wait_file() {
+    local file="$1" pid="$2" what="$3" log="$4" waited=0
+    until [[ -s "$file" ]]; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            cat "$log" >&2
+            die "$what exited before it was ready"
+        fi
+        ((waited += 1))
+        ((waited < deadline_secs * 10)) || { cat "$log" >&2; die "$what did not become ready"; }
+        sleep 0.1
+    done
+}
+
+check_broker() {
+    need cargo prometheus promtool python3
+    make_tmp
+    echo "== cargo build -p trmx-certs -p trmx-tests (trmx-certs, trmx-demo)"
+    (cd "$root" && cargo build --quiet --locked -p trmx-certs --bin trmx-certs -p trmx-tests --bin trmx-demo)
+    local certs="$root/target/debug/trmx-certs" demo="$root/target/debug/trmx-demo"
+    local ca="$tmp/ca" td="trm.check" members=(NL-NRM BE-PAYOKE) id
+
+    echo "== federation: CA, CRL, broker and node certificates"
+    "$certs" init --dir "$ca" --trust-domain "$td" >/dev/null
+    "$certs" issue broker --dir "$ca" --name check-1 --dns localhost --ip 127.0.0.1 --out "$ca/broker" >/dev/null
+    for id in "${members[@]}"; do
+        "$certs" issue node --dir "$ca" --participant "$id" --out "$ca/$id" >/dev/null
+    done
+
+    local admin_port
+    admin_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    mkdir -p "$tmp/broker"
+    {
+        printf 'listen = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:%s"\ndata_dir = "%s"\n\n' \
+            "$admin_port" "$tmp/broker/data"
+        printf '[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\ncrl = "%s"\n\n' \
+            "$ca/ca.pem" "$ca/broker.pem" "$ca/broker.key" "$ca/crl.pem"
+        printf '[limits]\nmin_free_disk_bytes = "16MiB"\n\n[store]\ncache_capacity = "16MiB"\n\n'
+        printf '[[participants]]\nid = "NL-NRM"\ndisplay_name = "Dutch NRM"\ncountry = "NL"\n'
+        printf 'organisation_type = "nrm"\naccepts = ["referral", "referral-response", "follow-up"]\n\n'
+        printf '[[participants]]\nid = "BE-PAYOKE"\ndisplay_name = "Payoke"\ncountry = "BE"\n'
+        printf 'organisation_type = "ngo"\naccepts = ["referral", "referral-response", "follow-up"]\n'
+    } >"$tmp/broker/broker.toml"
+
+    echo "== broker (trmx-demo broker), admin endpoint 127.0.0.1:$admin_port"
+    "$demo" broker --config "$tmp/broker/broker.toml" --ready-file "$tmp/broker/ready" \
+        --log-level warn >"$tmp/broker/log" 2>&1 &
+    pids+=("$!")
+    wait_file "$tmp/broker/ready" "${pids[-1]}" broker "$tmp/broker/log"
+    local broker_addr
+    broker_addr="$(head -n 1 "$tmp/broker/ready")"
+    echo "broker listening on $broker_addr"
+
+    for id in "${members[@]}"; do
+        mkdir -p "$tmp/$id"
+        {
+            printf 'participant = "%s"\ndata_dir = "%s"\n\n' "$id" "$tmp/$id/data"
+            printf '[broker]\naddress = "%s"\nserver_name = "localhost"\n' "$broker_addr"
+            printf 'reconnect_min_ms = 100\nreconnect_max_ms = 1000\n\n'
+            printf '[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n\n' "$ca/ca.pem" "$ca/$id.pem" "$ca/$id.key"
+            printf '[api]\nsocket = "%s"\n' "$tmp/$id/node.sock"
+        } >"$tmp/$id/node.toml"
+        "$demo" node --config "$tmp/$id/node.toml" run --ready-file "$tmp/$id/ready" \
+            >"$tmp/$id/log" 2>&1 &
+        pids+=("$!")
+        wait_file "$tmp/$id/ready" "${pids[-1]}" "node $id" "$tmp/$id/log"
+    done
+    echo "nodes running: ${members[*]}"
+
+    echo "== traffic: NL-NRM sends a referral to BE-PAYOKE"
+    "$demo" node --config "$tmp/NL-NRM/node.toml" send --to BE-PAYOKE --kind referral --new-case \
+        "$root/proto/examples/01-referral.json" >"$tmp/sent" 2>"$tmp/send.err" \
+        || { cat "$tmp/send.err" >&2; die "send failed"; }
+    echo "message $(head -n 1 "$tmp/sent") queued"
+
+    local metrics="http://127.0.0.1:$admin_port"
+    if ! URL="$metrics" DEADLINE="$deadline_secs" python3 - <<'PY'; then
+import os, sys, time, urllib.error, urllib.request
+
+base = os.environ["URL"]
+deadline = time.monotonic() + float(os.environ["DEADLINE"])
+
+def get(path):
+    try:
+        with urllib.request.urlopen(base + path, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+for path in ("/healthz", "/readyz"):
+    status, body = get(path)
+    if status != 200:
+        sys.exit(f"GET {path}: {status} {body!r}")
+    print(f"ok  GET {path}: {status} {body.splitlines()[0]}")
+
+def samples():
+    _, text = get("/metrics")
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
+
+# the referral is delivered and acknowledged, and its receipt back at the sender too
+want = {
+    'trmx_messages_accepted_total{kind="referral"}': 1,
+    'trmx_messages_acknowledged_total{kind="referral"}': 1,
+    'trmx_messages_acknowledged_total{kind="delivery-receipt"}': 1,
+    'trmx_connected_participants': 2,
+}
+while True:
+    s = samples()
+    missing = {k: s.get(k) for k, v in want.items() if s.get(k, 0) < v}
+    if not missing:
+        break
+    if time.monotonic() > deadline:
+        sys.exit(f"traffic did not show in the broker's metrics: {missing}")
+    time.sleep(0.2)
+for k in want:
+    print(f"ok  {k} = {s[k]:g}")
+for k in ('trmx_queue_depth{recipient="BE-PAYOKE"}', 'trmx_submit_duration_seconds_count',
+          'trmx_store_writable', 'trmx_crl_next_update_seconds'):
+    print(f"ok  {k} = {s.get(k)}")
+PY
+        echo "--- broker log" >&2
+        cat "$tmp/broker/log" >&2
+        die "the broker's metrics did not follow the traffic"
+    fi
+    check_scrape "$metrics/metrics"
+}
+
 case "${1:-}" in
     rules) check_rules ;;
     scrape)
         [[ $# -eq 2 ]] || die "usage: ops/check.sh scrape <metrics-url>"
         check_scrape "$2" ;;
+    broker) check_broker ;;
     demo) check_demo ;;
     all)
         check_rules
-        check_demo ;;
+        check_broker ;;
     *)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
         exit 2 ;;
 esac
