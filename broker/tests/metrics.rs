@@ -459,3 +459,48 @@ async fn a_taken_admin_port_fails_the_start() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn redeliveries_and_exhausted_attempts_are_counted() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?; // max_attempts = 3, ack_timeout 10s, backoff <= 2s
+    let admin = admin_addr(&t)?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    let mut stream = receive(&mut be, 1).await?;
+    for attempt in 1..=3 {
+        let delivery = next(&mut stream).await?;
+        assert_eq!((id_of(&delivery), delivery.attempt), (id.clone(), attempt));
+        // past the ack timeout; once the timers took the lease back, past the backoff
+        t.advance(Duration::from_secs(11));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while state_of(&mut nl, &id).await? == pb::MessageState::InFlight {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "lease kept");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        t.advance(Duration::from_secs(2));
+    }
+    let scrape = scrape_until(admin, "the dead letter to be counted", |s| {
+        s.get("trmx_messages_dead_lettered_total{reason=\"max_attempts\"}") == Some(1.0)
+    })
+    .await?;
+    assert_eq!(
+        scrape.value(&kind_series(
+            "trmx_messages_delivered_total",
+            Kind::Referral
+        )),
+        3.0
+    );
+    assert_eq!(scrape.value("trmx_messages_redelivered_total"), 2.0);
+    assert_eq!(
+        scrape.value(&kind_series(
+            "trmx_messages_acknowledged_total",
+            Kind::Referral
+        )),
+        0.0
+    );
+    assert_eq!(scrape.value(&queue("in_flight", "BE-PAYOKE")), 0.0);
+    Ok(())
+}
