@@ -28,7 +28,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use trmx_proto::pb::exchange_server::ExchangeServer;
 use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
 
-use crate::admin::{AdminHooks, AdminState, CertRole, Metrics, serve_admin};
+use crate::admin::{AdminHooks, AdminState, CertRole, Metrics, Readiness, serve_admin};
 use crate::admission::{Admission, free_disk_bytes};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
@@ -171,6 +171,7 @@ impl BrokerBuilder {
         let admin = admin_listener.map(|listener| {
             let hooks = Arc::new(BrokerAdminHooks {
                 shared: shared.clone(),
+                tls: tls.clone(),
             });
             let state = AdminState::new(metrics.clone()).with_hooks(hooks);
             let stopped = async {
@@ -533,11 +534,14 @@ async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
 }
 
 /// What the admin endpoint asks the broker: the queue gauges from the store before each
-/// scrape. Readiness is the default ([`Metrics::readiness`]): store writable (kept up to
-/// date by the service and the timer loop) and the CA and broker certificates valid.
+/// scrape, and readiness: [`Metrics::readiness`] (store writable — kept up to date by the
+/// service and the timer loop — and the CA and broker certificates valid), and under
+/// `crl_policy = "strict"` a CRL not past its `nextUpdate` (a strict broker refuses every
+/// connection with a stale CRL).
 #[derive(Debug)]
 struct BrokerAdminHooks {
     shared: Arc<Shared>,
+    tls: ServerTls,
 }
 
 #[tonic::async_trait]
@@ -547,6 +551,16 @@ impl AdminHooks for BrokerAdminHooks {
             Ok(stats) => metrics.set_queue(&stats),
             Err(error) => warn!(%error, "cannot read queue statistics for metrics"),
         }
+    }
+
+    fn readiness(&self, metrics: &Metrics) -> Readiness {
+        let mut readiness = metrics.readiness();
+        if self.tls.crl_policy() == CrlPolicy::Strict
+            && self.tls.crl_status_at(self.shared.clock.now()).stale
+        {
+            readiness.certificates_valid = false;
+        }
+        readiness
     }
 }
 

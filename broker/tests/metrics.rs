@@ -504,3 +504,22 @@ async fn redeliveries_and_exhausted_attempts_are_counted() -> anyhow::Result<()>
     assert_eq!(scrape.value(&queue("in_flight", "BE-PAYOKE")), 0.0);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stale_crl_makes_only_a_strict_broker_not_ready() -> anyhow::Result<()> {
+    use trmx_broker::config::CrlPolicyConfig;
+
+    for (policy, ready_when_stale) in [(CrlPolicyConfig::Warn, 200), (CrlPolicyConfig::Strict, 503)]
+    {
+        let t = TestBroker::start_with(|c| c.tls.crl_policy = policy).await?;
+        let admin = admin_addr(&t)?;
+        assert_eq!(get(admin, "/readyz").await?.0, 200, "{policy:?}, fresh CRL");
+        // the CRL's nextUpdate is a week after it was written
+        t.advance(Duration::from_secs(8 * 86_400));
+        let scrape = Scrape::take(admin).await?;
+        assert!(scrape.value("trmx_crl_next_update_seconds") < 0.0);
+        let (status, body) = get(admin, "/readyz").await?;
+        assert_eq!(status, ready_when_stale, "{policy:?}, stale CRL: {body}");
+    }
+    Ok(())
+}
