@@ -7,7 +7,7 @@ use ::sled::Transactional as _;
 use ::sled::transaction::{TransactionError, TransactionalTree};
 use trmx_proto::{MessageId, ParticipantId, pb};
 
-use super::Inner;
+use super::Core;
 use super::codec::{
     RecipientCounters, Record, TimerKind, parse_timer_key, participant_prefix, read_u64, seq_suffix,
 };
@@ -33,13 +33,13 @@ pub(super) fn storage(e: ::sled::Error) -> StoreError {
     StoreError::Unavailable(format!("storage error: {e}"))
 }
 
-impl Inner {
+impl Core {
     fn tree(&self, index: usize) -> &::sled::Tree {
         &self.trees[index]
     }
 
     /// Runs `f` as one atomic transaction over every tree.
-    fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+    pub(super) fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
         let result = self
             .trees
             .as_slice()
@@ -63,75 +63,6 @@ impl Inner {
         }
     }
 
-    pub(super) fn submit(
-        &self,
-        msg: &NewMessage,
-        now: Millis,
-    ) -> Result<(SubmitOutcome, Wake), StoreError> {
-        let seq = self.db.generate_id().map_err(storage)?;
-        let size = msg.payload.len() as u64;
-        let outcome = self.transact(|tx| {
-            if let Some(first) = tx.by_sender(&msg.sender, msg.message_id)? {
-                let accepted = Accepted {
-                    broker_seq: first.seq,
-                    accepted_at: first.accepted_at,
-                    expires_at: first.expires_at,
-                };
-                return Ok(if first.fingerprint == msg.fingerprint {
-                    SubmitOutcome::Duplicate(accepted)
-                } else {
-                    SubmitOutcome::Conflict
-                });
-            }
-            let queued = tx.sender_bytes(&msg.sender)?;
-            if queued.saturating_add(size) > self.life.max_queued_bytes_per_sender {
-                return Ok(SubmitOutcome::QuotaExceeded);
-            }
-            let record = Record {
-                seq,
-                message_id: msg.message_id,
-                sender: Some(msg.sender.clone()),
-                recipient: msg.recipient.clone(),
-                kind: msg.kind,
-                case_ref: msg.case_ref,
-                in_reply_to: msg.in_reply_to,
-                priority: msg.priority,
-                created_at: msg.created_at,
-                expires_at: msg.expires_at,
-                accepted_at: now,
-                content_type: msg.content_type.clone(),
-                payload_sha256: msg.payload_sha256,
-                payload_size: size,
-                fingerprint: msg.fingerprint,
-                state: State::Accepted,
-                attempts: 0,
-                last_delivered_at: None,
-                state_changed_at: now,
-                next_attempt_at: None,
-                lease: None,
-                reason_code: String::new(),
-                field_path: String::new(),
-                payload_kept: true,
-                rejected: false,
-                payload_delete_at: None,
-                metadata_delete_at: None,
-                note: String::new(),
-            };
-            tx.t[super::tx::PAYLOADS].insert(&seq.to_be_bytes(), msg.payload.as_ref())?;
-            tx.put(None, Some(&record))?;
-            Ok(SubmitOutcome::Accepted(Accepted {
-                broker_seq: seq,
-                accepted_at: now,
-                expires_at: msg.expires_at,
-            }))
-        })?;
-        let mut wake = Wake::new();
-        if matches!(outcome, SubmitOutcome::Accepted(_)) {
-            wake.insert(msg.recipient.clone());
-        }
-        Ok((outcome, wake))
-    }
-
     pub(super) fn lease(
         &self,
         recipient: &ParticipantId,
@@ -142,11 +73,8 @@ impl Inner {
         if max == 0 {
             return Ok(Vec::new());
         }
-        // Serialise leases so that two streams never pick the same candidates.
-        let _guard = self
-            .lease_lock
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        // Leases run on the single writer thread, so two streams never pick
+        // the same candidates.
         let mut candidates = Vec::with_capacity(max);
         for item in self.tree(QUEUE).scan_prefix(participant_prefix(recipient)) {
             let (key, _) = item.map_err(storage)?;
@@ -210,79 +138,6 @@ impl Inner {
         })
     }
 
-    pub(super) fn ack(
-        &self,
-        recipient: &ParticipantId,
-        ids: &[MessageId],
-        now: Millis,
-    ) -> Result<(Vec<AckResult>, Wake), StoreError> {
-        self.transact(|tx| {
-            let mut results = Vec::with_capacity(ids.len());
-            let mut wake = Wake::new();
-            for &id in ids {
-                let mut result = AckResult::NotFound;
-                for old in tx.records_of(id)? {
-                    if old.recipient != *recipient {
-                        continue;
-                    }
-                    let delivered = old.state == State::InFlight
-                        || (old.state == State::Accepted && old.attempts > 0);
-                    if old.state == State::Acknowledged {
-                        result = AckResult::Acknowledged;
-                    } else if delivered {
-                        let mut new = old.clone();
-                        finish_without_payload(&mut new, State::Acknowledged, now, &self.life);
-                        tx.put(Some(&old), Some(&new))?;
-                        if let Some(to) = tx.receipt(&new, pb::Outcome::Delivered, now)? {
-                            wake.insert(to);
-                        }
-                        result = AckResult::Acknowledged;
-                    }
-                }
-                results.push(result);
-            }
-            Ok((results, wake))
-        })
-    }
-
-    pub(super) fn reject(
-        &self,
-        recipient: &ParticipantId,
-        id: MessageId,
-        reason_code: &str,
-        field_path: &str,
-        now: Millis,
-    ) -> Result<(RejectResult, Wake), StoreError> {
-        self.transact(|tx| {
-            let mut result = RejectResult::NotFound;
-            let mut wake = Wake::new();
-            for old in tx.records_of(id)? {
-                if old.recipient != *recipient {
-                    continue;
-                }
-                let delivered = old.state == State::InFlight
-                    || (old.state == State::Accepted && old.attempts > 0);
-                if old.state == State::DeadLettered && old.rejected {
-                    result = RejectResult::Rejected;
-                } else if delivered {
-                    let mut new = old.clone();
-                    finish_keeping_payload(&mut new, State::DeadLettered, now, &self.life);
-                    new.rejected = true;
-                    new.reason_code = reason_code.to_owned();
-                    new.field_path = field_path.to_owned();
-                    tx.put(Some(&old), Some(&new))?;
-                    if let Some(to) = tx.receipt(&new, pb::Outcome::RejectedByRecipient, now)? {
-                        wake.insert(to);
-                    }
-                    result = RejectResult::Rejected;
-                }
-            }
-            Ok((result, wake))
-        })
-    }
-
-    /// IN_FLIGHT messages of `recipient` (on `stream`, or on any stream when
-    /// `None`) become due again at once. Returns how many.
     pub(super) fn requeue_in_flight(
         &self,
         recipient: Option<&ParticipantId>,
@@ -349,34 +204,6 @@ impl Inner {
             wake.extend(woken);
         }
         Ok((total, wake))
-    }
-
-    pub(super) fn withdraw(
-        &self,
-        sender: &ParticipantId,
-        id: MessageId,
-        now: Millis,
-    ) -> Result<WithdrawResult, StoreError> {
-        self.transact(|tx| {
-            let Some(old) = tx.by_sender(sender, id)? else {
-                return Ok(WithdrawResult::NotFound);
-            };
-            Ok(match old.state {
-                State::Accepted | State::InFlight => {
-                    let mut new = old.clone();
-                    finish_without_payload(&mut new, State::Withdrawn, now, &self.life);
-                    tx.put(Some(&old), Some(&new))?;
-                    WithdrawResult::Withdrawn { at: now }
-                }
-                State::Withdrawn => WithdrawResult::Withdrawn {
-                    at: old.state_changed_at,
-                },
-                State::Acknowledged => WithdrawResult::AlreadyAcknowledged,
-                state @ (State::Expired | State::DeadLettered | State::Purged) => {
-                    WithdrawResult::Final { state }
-                }
-            })
-        })
     }
 
     pub(super) fn status(
@@ -544,75 +371,6 @@ impl Inner {
         Ok(out)
     }
 
-    pub(super) fn purge(
-        &self,
-        id: MessageId,
-        reason: &str,
-        now: Millis,
-    ) -> Result<(PurgeResult, Wake), StoreError> {
-        self.transact(|tx| {
-            let mut result = PurgeResult::NotFound;
-            let mut wake = Wake::new();
-            for old in tx.records_of(id)? {
-                if !old.state.is_active() {
-                    if result == PurgeResult::NotFound {
-                        result = PurgeResult::NotPurgeable { state: old.state };
-                    }
-                    continue;
-                }
-                let mut new = old.clone();
-                finish_without_payload(&mut new, State::Purged, now, &self.life);
-                new.reason_code = "PURGED".to_owned();
-                new.note = reason.to_owned();
-                tx.put(Some(&old), Some(&new))?;
-                if let Some(to) = tx.receipt(&new, pb::Outcome::Purged, now)? {
-                    wake.insert(to);
-                }
-                result = PurgeResult::Purged;
-            }
-            Ok((result, wake))
-        })
-    }
-
-    pub(super) fn redrive(
-        &self,
-        id: MessageId,
-        now: Millis,
-    ) -> Result<(RedriveResult, Wake), StoreError> {
-        self.transact(|tx| {
-            let mut result = RedriveResult::NotFound;
-            let mut wake = Wake::new();
-            for old in tx.records_of(id)? {
-                if !old.redrivable() {
-                    if result == RedriveResult::NotFound {
-                        result = RedriveResult::NotRedrivable { state: old.state };
-                    }
-                    continue;
-                }
-                let lifetime = old.expires_at.saturating_sub(old.accepted_at).max(60_000);
-                let mut new = old.clone();
-                new.state = State::Accepted;
-                new.state_changed_at = now;
-                new.attempts = 0;
-                new.expires_at = now.saturating_add(lifetime);
-                new.next_attempt_at = None;
-                new.lease = None;
-                new.reason_code = String::new();
-                new.field_path = String::new();
-                new.payload_delete_at = None;
-                new.metadata_delete_at = None;
-                tx.put(Some(&old), Some(&new))?;
-                wake.insert(new.recipient.clone());
-                result = RedriveResult::Redriven(Accepted {
-                    broker_seq: new.seq,
-                    accepted_at: new.accepted_at,
-                    expires_at: new.expires_at,
-                });
-            }
-            Ok((result, wake))
-        })
-    }
-
     pub(super) fn dead_letters(&self, limit: usize) -> Result<Vec<StatusRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.tree(DEAD).iter().keys() {
@@ -674,5 +432,244 @@ impl Inner {
             }
         }
         Ok(out)
+    }
+}
+
+/// Operations that run inside a (possibly shared) transaction.
+impl Tx<'_> {
+    pub(super) fn submit(&self, msg: &NewMessage, now: Millis) -> TxResult<(SubmitOutcome, Wake)> {
+        let tx = self;
+        let size = msg.payload.len() as u64;
+        if let Some(first) = tx.by_sender(&msg.sender, msg.message_id)? {
+            let accepted = Accepted {
+                broker_seq: first.seq,
+                accepted_at: first.accepted_at,
+                expires_at: first.expires_at,
+            };
+            let outcome = if first.fingerprint == msg.fingerprint {
+                SubmitOutcome::Duplicate(accepted)
+            } else {
+                SubmitOutcome::Conflict
+            };
+            return Ok((outcome, Wake::new()));
+        }
+        let queued = tx.sender_bytes(&msg.sender)?;
+        if queued.saturating_add(size) > self.life.max_queued_bytes_per_sender {
+            return Ok((SubmitOutcome::QuotaExceeded, Wake::new()));
+        }
+        let seq = tx.t[RECORDS].generate_id()?;
+        let record = Record {
+            seq,
+            message_id: msg.message_id,
+            sender: Some(msg.sender.clone()),
+            recipient: msg.recipient.clone(),
+            kind: msg.kind,
+            case_ref: msg.case_ref,
+            in_reply_to: msg.in_reply_to,
+            priority: msg.priority,
+            created_at: msg.created_at,
+            expires_at: msg.expires_at,
+            accepted_at: now,
+            content_type: msg.content_type.clone(),
+            payload_sha256: msg.payload_sha256,
+            payload_size: size,
+            fingerprint: msg.fingerprint,
+            state: State::Accepted,
+            attempts: 0,
+            last_delivered_at: None,
+            state_changed_at: now,
+            next_attempt_at: None,
+            lease: None,
+            reason_code: String::new(),
+            field_path: String::new(),
+            payload_kept: true,
+            rejected: false,
+            payload_delete_at: None,
+            metadata_delete_at: None,
+            note: String::new(),
+        };
+        tx.t[super::tx::PAYLOADS].insert(&seq.to_be_bytes(), msg.payload.as_ref())?;
+        tx.put(None, Some(&record))?;
+        let mut wake = Wake::new();
+        wake.insert(msg.recipient.clone());
+        Ok((
+            SubmitOutcome::Accepted(Accepted {
+                broker_seq: seq,
+                accepted_at: now,
+                expires_at: msg.expires_at,
+            }),
+            wake,
+        ))
+    }
+
+    pub(super) fn ack(
+        &self,
+        recipient: &ParticipantId,
+        ids: &[MessageId],
+        now: Millis,
+    ) -> TxResult<(Vec<AckResult>, Wake)> {
+        let tx = self;
+        {
+            let mut results = Vec::with_capacity(ids.len());
+            let mut wake = Wake::new();
+            for &id in ids {
+                let mut result = AckResult::NotFound;
+                for old in tx.records_of(id)? {
+                    if old.recipient != *recipient {
+                        continue;
+                    }
+                    let delivered = old.state == State::InFlight
+                        || (old.state == State::Accepted && old.attempts > 0);
+                    if old.state == State::Acknowledged {
+                        result = AckResult::Acknowledged;
+                    } else if delivered {
+                        let mut new = old.clone();
+                        finish_without_payload(&mut new, State::Acknowledged, now, self.life);
+                        tx.put(Some(&old), Some(&new))?;
+                        if let Some(to) = tx.receipt(&new, pb::Outcome::Delivered, now)? {
+                            wake.insert(to);
+                        }
+                        result = AckResult::Acknowledged;
+                    }
+                }
+                results.push(result);
+            }
+            Ok((results, wake))
+        }
+    }
+
+    pub(super) fn reject(
+        &self,
+        recipient: &ParticipantId,
+        id: MessageId,
+        reason_code: &str,
+        field_path: &str,
+        now: Millis,
+    ) -> TxResult<(RejectResult, Wake)> {
+        let tx = self;
+        {
+            let mut result = RejectResult::NotFound;
+            let mut wake = Wake::new();
+            for old in tx.records_of(id)? {
+                if old.recipient != *recipient {
+                    continue;
+                }
+                let delivered = old.state == State::InFlight
+                    || (old.state == State::Accepted && old.attempts > 0);
+                if old.state == State::DeadLettered && old.rejected {
+                    result = RejectResult::Rejected;
+                } else if delivered {
+                    let mut new = old.clone();
+                    finish_keeping_payload(&mut new, State::DeadLettered, now, self.life);
+                    new.rejected = true;
+                    new.reason_code = reason_code.to_owned();
+                    new.field_path = field_path.to_owned();
+                    tx.put(Some(&old), Some(&new))?;
+                    if let Some(to) = tx.receipt(&new, pb::Outcome::RejectedByRecipient, now)? {
+                        wake.insert(to);
+                    }
+                    result = RejectResult::Rejected;
+                }
+            }
+            Ok((result, wake))
+        }
+    }
+
+    /// IN_FLIGHT messages of `recipient` (on `stream`, or on any stream when
+    /// `None`) become due again at once. Returns how many.
+    pub(super) fn withdraw(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+        now: Millis,
+    ) -> TxResult<WithdrawResult> {
+        let tx = self;
+        {
+            let Some(old) = tx.by_sender(sender, id)? else {
+                return Ok(WithdrawResult::NotFound);
+            };
+            Ok(match old.state {
+                State::Accepted | State::InFlight => {
+                    let mut new = old.clone();
+                    finish_without_payload(&mut new, State::Withdrawn, now, self.life);
+                    tx.put(Some(&old), Some(&new))?;
+                    WithdrawResult::Withdrawn { at: now }
+                }
+                State::Withdrawn => WithdrawResult::Withdrawn {
+                    at: old.state_changed_at,
+                },
+                State::Acknowledged => WithdrawResult::AlreadyAcknowledged,
+                state @ (State::Expired | State::DeadLettered | State::Purged) => {
+                    WithdrawResult::Final { state }
+                }
+            })
+        }
+    }
+
+    pub(super) fn purge(
+        &self,
+        id: MessageId,
+        reason: &str,
+        now: Millis,
+    ) -> TxResult<(PurgeResult, Wake)> {
+        let tx = self;
+        {
+            let mut result = PurgeResult::NotFound;
+            let mut wake = Wake::new();
+            for old in tx.records_of(id)? {
+                if !old.state.is_active() {
+                    if result == PurgeResult::NotFound {
+                        result = PurgeResult::NotPurgeable { state: old.state };
+                    }
+                    continue;
+                }
+                let mut new = old.clone();
+                finish_without_payload(&mut new, State::Purged, now, self.life);
+                new.reason_code = "PURGED".to_owned();
+                new.note = reason.to_owned();
+                tx.put(Some(&old), Some(&new))?;
+                if let Some(to) = tx.receipt(&new, pb::Outcome::Purged, now)? {
+                    wake.insert(to);
+                }
+                result = PurgeResult::Purged;
+            }
+            Ok((result, wake))
+        }
+    }
+
+    pub(super) fn redrive(&self, id: MessageId, now: Millis) -> TxResult<(RedriveResult, Wake)> {
+        let tx = self;
+        {
+            let mut result = RedriveResult::NotFound;
+            let mut wake = Wake::new();
+            for old in tx.records_of(id)? {
+                if !old.redrivable() {
+                    if result == RedriveResult::NotFound {
+                        result = RedriveResult::NotRedrivable { state: old.state };
+                    }
+                    continue;
+                }
+                let lifetime = old.expires_at.saturating_sub(old.accepted_at).max(60_000);
+                let mut new = old.clone();
+                new.state = State::Accepted;
+                new.state_changed_at = now;
+                new.attempts = 0;
+                new.expires_at = now.saturating_add(lifetime);
+                new.next_attempt_at = None;
+                new.lease = None;
+                new.reason_code = String::new();
+                new.field_path = String::new();
+                new.payload_delete_at = None;
+                new.metadata_delete_at = None;
+                tx.put(Some(&old), Some(&new))?;
+                wake.insert(new.recipient.clone());
+                result = RedriveResult::Redriven(Accepted {
+                    broker_seq: new.seq,
+                    accepted_at: new.accepted_at,
+                    expires_at: new.expires_at,
+                });
+            }
+            Ok((result, wake))
+        }
     }
 }

@@ -1,0 +1,223 @@
+//! The single writer thread: every change of the store runs here, in order.
+//!
+//! sled serialises transactions behind one process-wide lock anyway, so one
+//! thread loses nothing and gains a lot: no lock contention, no pile of
+//! blocking threads, and consecutive transactional jobs (submit, ack, reject,
+//! withdraw, purge, redrive) are merged into ONE sled transaction, which
+//! spreads its fixed cost over the batch. Each job stays atomic: a batch
+//! commits all its jobs or none; if a batch aborts, its jobs are retried one
+//! by one so that only the faulty one fails.
+//!
+//! The writer only applies changes; the callers then wait for the group-commit
+//! flush (`flusher`) before answering.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::Core;
+use super::tx::{Tx, TxResult};
+use crate::store::StoreError;
+
+/// Most jobs merged into one transaction.
+const MAX_BATCH: usize = 256;
+/// Jobs waiting for the writer (callers wait beyond that: backpressure).
+const QUEUE_CAPACITY: usize = 4096;
+
+/// A job that runs inside a (possibly shared) transaction.
+trait TxJob: Send {
+    /// Runs inside the transaction (may run again if sled retries it).
+    fn run(&self, tx: &Tx<'_>) -> TxResult<()>;
+    /// Sends the result of the last run, or `err`.
+    fn reply(self: Box<Self>, err: Option<StoreError>);
+}
+
+struct TxJobOf<T, F> {
+    f: F,
+    out: RefCell<Option<T>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> TxJob for TxJobOf<T, F>
+where
+    T: Send,
+    F: Fn(&Tx<'_>) -> TxResult<T> + Send,
+{
+    fn run(&self, tx: &Tx<'_>) -> TxResult<()> {
+        let value = (self.f)(tx)?;
+        *self.out.borrow_mut() = Some(value);
+        Ok(())
+    }
+
+    fn reply(self: Box<Self>, err: Option<StoreError>) {
+        let result = match (err, self.out.into_inner()) {
+            (Some(e), _) => Err(e),
+            (None, Some(value)) => Ok(value),
+            (None, None) => Err(StoreError::Unavailable(
+                "store job produced no result".to_owned(),
+            )),
+        };
+        // the caller may be gone (client disconnected): the change stands
+        let _ = self.reply.send(result);
+    }
+}
+
+enum Job {
+    Tx(Box<dyn TxJob>),
+    Plain(Box<dyn FnOnce(&Core) + Send>),
+}
+
+/// Handle of the writer thread.
+#[derive(Debug)]
+pub(super) struct Writer {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Writer {
+    pub(super) fn start(core: Arc<Core>) -> std::io::Result<Self> {
+        let (jobs, mut rx) = mpsc::channel(QUEUE_CAPACITY);
+        let thread = std::thread::Builder::new()
+            .name("trmx-store-write".to_owned())
+            .spawn(move || run(&core, &mut rx))?;
+        Ok(Self {
+            jobs: Mutex::new(Some(jobs)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+            .ok_or_else(closed)
+    }
+
+    /// Runs `f` inside a transaction (possibly shared with other jobs).
+    pub(super) async fn transaction<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Tx<'_>) -> TxResult<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = TxJobOf {
+            f,
+            out: RefCell::new(None),
+            reply,
+        };
+        self.sender()?
+            .send(Job::Tx(Box::new(job)))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Runs `f` alone on the writer thread (operations that scan before
+    /// they write, and write in several transactions).
+    pub(super) async fn exclusive<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Core) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = move |core: &Core| {
+            let _ = reply.send(f(core));
+        };
+        self.sender()?
+            .send(Job::Plain(Box::new(job)))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Lets the queued jobs finish, then stops the thread and waits for it.
+    pub(super) fn stop(&self) {
+        drop(
+            self.jobs
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .take(),
+        );
+        let handle = self
+            .thread
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!("store writer thread panicked");
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("store closed".to_owned())
+}
+
+fn run(core: &Core, rx: &mut mpsc::Receiver<Job>) {
+    let mut pending: Option<Job> = None;
+    loop {
+        let job = match pending.take() {
+            Some(job) => job,
+            None => match rx.blocking_recv() {
+                Some(job) => job,
+                None => break, // every sender is gone
+            },
+        };
+        match job {
+            Job::Plain(f) => f(core),
+            Job::Tx(first) => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Job::Tx(job)) => batch.push(job),
+                        Ok(plain) => {
+                            pending = Some(plain);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                run_batch(core, batch);
+            }
+        }
+    }
+}
+
+fn run_batch(core: &Core, batch: Vec<Box<dyn TxJob>>) {
+    let result = core.transact(|tx| {
+        for job in &batch {
+            job.run(tx)?;
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => {
+            for job in batch {
+                job.reply(None);
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            if let Some(job) = batch.into_iter().next() {
+                job.reply(Some(e));
+            }
+        }
+        Err(_) => {
+            // isolate the job that failed: the others commit on their own
+            for job in batch {
+                let alone = core.transact(|tx| job.run(tx));
+                job.reply(alone.err());
+            }
+        }
+    }
+}
