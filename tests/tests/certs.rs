@@ -7,8 +7,6 @@
 //! TLS-level refusals are checked twice: a bare handshake tells the TLS
 //! alert the broker refused with (so a test cannot pass because its own
 //! setup is broken), and a gRPC `Submit` over the same config fails.
-//! Not here: a node certificate on the `Operator` service (that service
-//! does not exist yet).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
