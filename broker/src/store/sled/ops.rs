@@ -286,11 +286,13 @@ impl Core {
                     }
                     report.dead_lettered += 1;
                 } else {
-                    let wait = backoff(&self.life, old.attempts);
+                    // the backoff runs from the ack deadline, so a late tick
+                    // (broker down, coarse timer) does not stretch it
+                    let due = after(at, backoff(&self.life, old.attempts));
                     new.state = State::Accepted;
                     new.state_changed_at = now;
                     new.lease = None;
-                    new.next_attempt_at = (!wait.is_zero()).then(|| after(now, wait));
+                    new.next_attempt_at = (due > now).then_some(due);
                     if new.next_attempt_at.is_none() {
                         wake.insert(new.recipient.clone());
                     }
