@@ -7,6 +7,8 @@
 //! - `writer`: the single writer thread; merges consecutive changes into one
 //!   transaction.
 //! - `flusher`: the group-commit flusher thread.
+//! - [`failpoint`]: test-only crash points and disk faults of a broker process
+//!   (`TRMX_BROKER_FAILPOINT`, `TRMX_BROKER_FAULT_FILE`), read once at open.
 //! - this file: opening, the async layer (changes on the writer thread, reads
 //!   on `spawn_blocking`, then wait for the shared flush), wake-ups.
 
@@ -19,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::broadcast;
 use trmx_proto::{MessageId, ParticipantId};
 
+use self::failpoint::{FailPoints, Point};
 pub use self::flusher::FaultSwitch;
 use self::flusher::Flusher;
 use self::tx::{TREE_NAMES, Tx, TxResult};
@@ -30,6 +33,7 @@ use crate::store::{
 };
 
 mod codec;
+pub mod failpoint;
 mod flusher;
 mod ops;
 mod tx;
@@ -125,6 +129,7 @@ struct Inner {
     closed: AtomicBool,
     wakeups: broadcast::Sender<ParticipantId>,
     path: PathBuf,
+    failpoints: FailPoints,
 }
 
 impl SledStore {
@@ -167,6 +172,8 @@ impl SledStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| open_err(e.to_string()))?;
         let faults = FaultSwitch::default();
+        let failpoints = FailPoints::from_env().map_err(&open_err)?;
+        failpoint::watch_fault_file(&faults).map_err(&open_err)?;
         let flusher = Flusher::start(db.clone(), faults.clone())
             .map_err(|e| open_err(format!("cannot start the flusher thread: {e}")))?;
         let core = Arc::new(Core {
@@ -186,6 +193,7 @@ impl SledStore {
                 closed: AtomicBool::new(false),
                 wakeups,
                 path: path.to_owned(),
+                failpoints,
             }),
         })
     }
@@ -251,6 +259,28 @@ impl SledStore {
         Ok(value)
     }
 
+    /// [`Self::change`] with the test fail points: `after_write` is passed once the
+    /// transaction is applied, `after_flush` once it is durable (see [`failpoint`]).
+    async fn change_at<T, F>(
+        &self,
+        after_write: Point,
+        after_flush: Option<Point>,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Tx<'_>) -> TxResult<(T, BTreeSet<ParticipantId>)> + Send + 'static,
+    {
+        self.ready().await?;
+        let (value, wake) = self.inner.writer.transaction(op).await?;
+        self.inner.failpoints.hit(after_write);
+        self.durable_then_wake(wake).await?;
+        if let Some(point) = after_flush {
+            self.inner.failpoints.hit(point);
+        }
+        Ok(value)
+    }
+
     async fn durable_then_wake(&self, wake: BTreeSet<ParticipantId>) -> Result<(), StoreError> {
         self.inner.flusher.durable().await?;
         for recipient in wake {
@@ -309,7 +339,12 @@ fn describe_open_error(e: &::sled::Error) -> String {
 #[tonic::async_trait]
 impl BrokerStore for SledStore {
     async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError> {
-        self.change(move |tx| tx.submit(&msg, now)).await
+        self.change_at(
+            Point::AfterWriteBeforeFlush,
+            Some(Point::AfterFlushBeforeReply),
+            move |tx| tx.submit(&msg, now),
+        )
+        .await
     }
 
     async fn lease(
@@ -338,7 +373,10 @@ impl BrokerStore for SledStore {
     ) -> Result<Vec<AckResult>, StoreError> {
         let recipient = recipient.clone();
         let ids = ids.to_vec();
-        self.change(move |tx| tx.ack(&recipient, &ids, now)).await
+        self.change_at(Point::DuringAck, None, move |tx| {
+            tx.ack(&recipient, &ids, now)
+        })
+        .await
     }
 
     async fn reject(
