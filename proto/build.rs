@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
         .compile_well_known_types(true)
+        // Malformed requests are the caller's error (INVALID_ARGUMENT), see src/codec.rs.
+        .codec_path("crate::codec::Codec")
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(descriptors)?;
 

@@ -8,6 +8,8 @@
 //! - [`envelope`]: envelope validation for `Submit` and for received deliveries
 //!   (required fields, id formats, sizes, digest, kind ↔ content type).
 //! - [`body`]: validation of the DOMAIN.md bodies and their proto3 JSON mapping.
+//! - [`codec`]: the gRPC codec of the generated services (prost, with
+//!   malformed messages answered `INVALID_ARGUMENT` instead of `INTERNAL`).
 //! - [`error`]: [`ValidationError`], which names a field path and the rule
 //!   broken, never the value (values are personal data).
 //!
@@ -32,6 +34,7 @@ pub mod pb {
 }
 
 pub mod body;
+pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod ids;
