@@ -284,7 +284,22 @@ async fn reject(
         reason_code: reason_code.to_owned(),
         field_path: field_path.to_owned(),
     };
-    if let Err(status) = client.reject(request).await {
+    let mut result = client.reject(request.clone()).await;
+    // A path the broker will not take must not leave the message in flight
+    // (and its sender uninformed): reject it again without the path.
+    if let Err(status) = &result
+        && status.code() == tonic::Code::InvalidArgument
+        && !request.field_path.is_empty()
+    {
+        warn!(participant = %me, message_id = %message_id, "broker refused the field path, rejecting without it");
+        result = client
+            .reject(pb::RejectRequest {
+                field_path: String::new(),
+                ..request
+            })
+            .await;
+    }
+    if let Err(status) = result {
         warn!(participant = %me, message_id = %message_id, code = ?status.code(), "reject failed");
     }
 }

@@ -10,8 +10,8 @@ use serde_path_to_error::Segment;
 
 use crate::ValidationError;
 
-/// Longest JSON key reported in an error path; longer or odd keys are shown
-/// as `?`.
+/// Longest JSON key reported in an error path; longer or odd keys end the
+/// path at their parent object.
 const MAX_REPORTED_KEY: usize = 64;
 
 /// Parses `json` as `T`; errors are rooted at `root` (e.g. `referral`).
@@ -35,29 +35,36 @@ pub(super) fn parse<T: DeserializeOwned>(root: &str, json: &str) -> Result<T, Va
 }
 
 /// `root.snake_case.path[3].of_the_field`.
+///
+/// A key that is not a plausible field name (it could hold anything) ends the
+/// path at the object that holds it, so the path stays a valid dotted field
+/// path (`referral.person`) that the broker accepts in a `Reject`.
 fn path(root: &str, path: &serde_path_to_error::Path) -> String {
     let mut out = root.to_owned();
     for segment in path {
         match segment {
             Segment::Seq { index } => out.push_str(&format!("[{index}]")),
-            Segment::Map { key } => {
-                out.push('.');
-                out.push_str(&field_name(key));
-            }
-            Segment::Enum { .. } | Segment::Unknown => out.push_str(".?"),
+            Segment::Map { key } => match field_name(key) {
+                Some(name) => {
+                    out.push('.');
+                    out.push_str(&name);
+                }
+                None => break,
+            },
+            Segment::Enum { .. } | Segment::Unknown => break,
         }
     }
     out
 }
 
-/// A JSON key as its proto field name (`ageBand` → `age_band`); `?` for a key
-/// that is not a plausible field name (it could hold anything).
-fn field_name(key: &str) -> String {
+/// A JSON key as its proto field name (`ageBand` → `age_band`); `None` for a
+/// key that is not a plausible field name (it could hold anything).
+fn field_name(key: &str) -> Option<String> {
     let plausible = !key.is_empty()
         && key.len() <= MAX_REPORTED_KEY
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !plausible {
-        return "?".to_owned();
+        return None;
     }
     let mut out = String::with_capacity(key.len() + 4);
     for c in key.chars() {
@@ -68,7 +75,7 @@ fn field_name(key: &str) -> String {
             out.push(c);
         }
     }
-    out
+    Some(out)
 }
 
 /// The field named by serde's "duplicate field `name`" (a schema name from
@@ -79,7 +86,7 @@ fn duplicate_name(error: &serde_json::Error) -> Option<String> {
         .strip_prefix("duplicate field `")?
         .split('`')
         .next()?;
-    Some(field_name(name))
+    field_name(name)
 }
 
 /// Timestamp fields of the bodies, by JSON name. pbjson writes instants with a
@@ -141,11 +148,11 @@ mod tests {
 
     #[test]
     fn keys_become_proto_field_names() {
-        assert_eq!(field_name("ageBand"), "age_band");
-        assert_eq!(field_name("age_band"), "age_band");
-        assert_eq!(field_name("sha256"), "sha256");
-        assert_eq!(field_name("Jane Doe"), "?");
-        assert_eq!(field_name(&"a".repeat(65)), "?");
+        assert_eq!(field_name("ageBand").as_deref(), Some("age_band"));
+        assert_eq!(field_name("age_band").as_deref(), Some("age_band"));
+        assert_eq!(field_name("sha256").as_deref(), Some("sha256"));
+        assert_eq!(field_name("Jane Doe"), None);
+        assert_eq!(field_name(&"a".repeat(65)), None);
     }
 
     #[test]

@@ -30,10 +30,12 @@ fn unknown_fields_are_named() {
     let json = referral_json(|v| v["surprise"] = 1.into());
     assert_eq!(refused(&json).field, "referral.surprise");
 
-    // A key that is not a plausible field name is not echoed.
+    // A key that is not a plausible field name is not echoed: the path ends
+    // at the object holding it (still a valid dotted path for a Reject).
     let json = referral_json(|v| v["person"]["Jane Doe SECRET"] = 1.into());
     let err = refused(&json);
-    assert_eq!(err.field, "referral.person.?");
+    assert_eq!(err.field, "referral.person");
+    assert_eq!(err.rule, "unknown field");
     assert!(!format!("{err:?}").contains("SECRET"));
 }
 
