@@ -21,9 +21,10 @@ const MAX_BLOCKING_THREADS: usize = 16;
 #[derive(Debug, Parser)]
 #[command(name = "trmx-broker", version)]
 struct Cli {
-    /// The broker's TOML config file (see broker.example.toml).
+    /// The broker's TOML config file (see broker.example.toml); required to run the
+    /// broker or check its config.
     #[arg(long, short, env = "TRMX_BROKER_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Listen address; overrides `listen` in the config.
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -46,6 +47,11 @@ enum Command {
     Run,
     /// Load and validate the config, print the effective config, and exit.
     CheckConfig,
+    /// Operator commands against a running broker, with an operator certificate
+    /// (queues, participants, messages, dead letters, redrive, purge, audit, stats).
+    Admin(Box<crate::admin_cli::AdminArgs>),
+    /// Offline audit-log work on a stopped broker's data directory (`audit verify`).
+    Audit(crate::admin_cli::OfflineAuditArgs),
 }
 
 /// Runs `trmx-broker` with `args` (the first is the program name) and returns
@@ -62,6 +68,11 @@ where
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
+    let cli = match cli.command {
+        Some(Command::Admin(args)) => return crate::admin_cli::run(*args),
+        Some(Command::Audit(args)) => return crate::admin_cli::run_offline_audit(args),
+        command => Cli { command, ..cli },
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -72,7 +83,10 @@ where
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut config = BrokerConfig::load(&cli.config)?;
+    let Some(config_path) = &cli.config else {
+        anyhow::bail!("--config FILE (or TRMX_BROKER_CONFIG) is required to run the broker");
+    };
+    let mut config = BrokerConfig::load(config_path)?;
     if let Some(listen) = cli.listen {
         config.listen = listen;
     }
@@ -82,7 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.validate()?;
     if matches!(cli.command, Some(Command::CheckConfig)) {
         print!("{}", config.to_toml()?);
-        println!("# config OK: {}", cli.config.display());
+        println!("# config OK: {}", config_path.display());
         return Ok(());
     }
     init_tracing(&cli.log_level)?;

@@ -17,6 +17,11 @@
 //!   in the library so that other executables run exactly what the binary runs.
 //! - [`admin`]: the operator side — Prometheus `/metrics`, `/healthz`, `/readyz` on a
 //!   separate loopback HTTP port.
+//! - [`operator`]: the `trmx.v1.Operator` gRPC service for operator certificates —
+//!   queues, participants, metadata search, dead letters, redrive, purge, audit
+//!   verification, federation statistics ([`operator::stats`]); never payloads.
+//! - [`admin_cli`]: `trmx-broker admin …`, the operators' client of that service
+//!   (tables, `--json`, `stats --csv`).
 //! - [`store`]: the storage contract [`store::BrokerStore`] and its sled implementation.
 //! - [`clock`]: the injected time source ([`clock::SystemClock`], [`clock::ManualClock`]).
 //! - [`error`]: [`BrokerError`] and its one mapping to `tonic::Status`.
@@ -31,11 +36,13 @@
 //! expiry and retentions, and wakes the streams of recipients with newly due messages.
 
 pub mod admin;
+pub mod admin_cli;
 pub mod admission;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod operator;
 pub mod registry;
 pub mod server;
 pub mod service;

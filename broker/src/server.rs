@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use trmx_proto::pb::exchange_server::ExchangeServer;
+use trmx_proto::pb::operator_server::OperatorServer;
 use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
 
 use crate::admin::{AdminHooks, AdminState, CertRole, Metrics, Readiness, serve_admin};
@@ -33,6 +34,7 @@ use crate::admission::{Admission, free_disk_bytes};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
+use crate::operator::OperatorService;
 use crate::registry::Registry;
 use crate::service::{ExchangeService, PeerCerts, Shared};
 use crate::store::{BrokerStore, Lifecycle, SledOptions, SledStore};
@@ -207,6 +209,10 @@ impl BrokerBuilder {
         let exchange = ExchangeServer::new(ExchangeService::new(shared.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
+        health
+            .set_serving::<OperatorServer<OperatorService>>()
+            .await;
+        let operator = OperatorServer::new(OperatorService::new(shared.clone()));
         let listener_limits = ListenerLimits {
             handshake_timeout: limits.handshake_timeout,
             max_connections: limits.max_connections,
@@ -225,7 +231,8 @@ impl BrokerBuilder {
             .concurrency_limit_per_connection(limits.concurrency_per_connection)
             .timeout(limits.request_timeout)
             .add_service(health_service)
-            .add_service(exchange);
+            .add_service(exchange)
+            .add_service(operator);
         let server = tokio::spawn(
             router
                 .serve_with_incoming_shutdown(incoming, wait_true(shutdown_rx.clone()))
@@ -239,6 +246,9 @@ impl BrokerBuilder {
             shared.update_store_writable(); // not ready while shutting down
             health
                 .set_not_serving::<ExchangeServer<ExchangeService>>()
+                .await;
+            health
+                .set_not_serving::<OperatorServer<OperatorService>>()
                 .await;
             let _ = timers.await;
             crl_reloads.abort();
@@ -665,6 +675,8 @@ pub fn lifecycle_of(config: &BrokerConfig) -> Lifecycle {
         dead_letter_retention: c.dead_letter_retention,
         metadata_retention: c.metadata_retention,
         max_queued_bytes_per_sender: config.limits.max_queued_bytes_per_sender,
+        // the audit log outlives the metadata it speaks of
+        audit_retention: c.metadata_retention.saturating_mul(2),
     }
 }
 

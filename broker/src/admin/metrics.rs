@@ -381,6 +381,20 @@ impl Metrics {
         entry.last_seen = Some(entry.last_seen.map_or(at, |seen| seen.max(at)));
     }
 
+    /// When `participant` was last seen (a call, or a stream open or closing), if ever
+    /// (read by the `Operator` service).
+    pub fn last_seen(&self, participant: &ParticipantId) -> Option<SystemTime> {
+        self.lock()
+            .participants
+            .get(participant.as_str())
+            .and_then(|p| p.last_seen)
+    }
+
+    /// The recorded `not_after` of a certificate, if known (read by the `Operator` service).
+    pub fn cert_expiry(&self, role: CertRole, name: &str) -> Option<SystemTime> {
+        self.lock().certs.get(&(role, name.to_owned())).copied()
+    }
+
     /// Records the `not_after` of a certificate; the gauge shows the seconds left at scrape time.
     /// `name` is the participant id, the operator or broker name, or the CA's name.
     pub fn set_cert_expiry(&self, role: CertRole, name: &str, not_after: SystemTime) {

@@ -33,6 +33,7 @@ fn lifecycle() -> Lifecycle {
         dead_letter_retention: Duration::from_secs(3600),
         metadata_retention: Duration::from_secs(2 * 3600),
         max_queued_bytes_per_sender: 64 * 1024,
+        audit_retention: Duration::from_secs(4 * 3600),
     }
 }
 

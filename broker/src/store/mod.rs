@@ -10,6 +10,9 @@
 //! - [`sled`]: [`SledStore`], the embedded implementation (sled trees,
 //!   one transaction per logical change, group-committed flushes, timers as keys).
 //! - `conformance` (tests only): the suite every implementation must pass.
+//! - [`audit`]: the hash-chained audit log's records, canonical encoding and chain
+//!   check; every state change and operator action appends a record in the same
+//!   atomic write ([`BrokerStore::audit_verify`], [`BrokerStore::audit_append_operator`]).
 //!
 //! Receipts (DESIGN.md §3 "Receipts") are made by the store, inside the same
 //! atomic write as the state change that causes them: see [`receipt_outcome_name`].
@@ -19,12 +22,17 @@ use std::time::Duration;
 use trmx_proto::envelope::Priority;
 use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
 
+pub mod audit;
 pub mod sled;
 
 #[cfg(test)]
 mod conformance;
 
-pub use self::sled::{FaultSwitch, SledOptions, SledStore};
+pub use self::audit::{AuditReport, OperatorAction};
+pub use self::sled::{
+    FaultSwitch, SledOptions, SledStore, audit_records_offline, tamper_audit_record,
+    verify_audit_offline,
+};
 
 /// Milliseconds since the Unix epoch; every instant in the store uses this.
 pub type Millis = u64;
@@ -306,6 +314,9 @@ pub struct Lifecycle {
     pub metadata_retention: Duration,
     /// bytes of payloads in ACCEPTED/IN_FLIGHT per sender
     pub max_queued_bytes_per_sender: u64,
+    /// how long audit records are kept (whole segments are dropped once their last
+    /// record is older)
+    pub audit_retention: Duration,
 }
 
 impl Default for Lifecycle {
@@ -318,6 +329,7 @@ impl Default for Lifecycle {
             dead_letter_retention: Duration::from_secs(7 * 24 * 3600),
             metadata_retention: Duration::from_secs(30 * 24 * 3600),
             max_queued_bytes_per_sender: 1 << 30,
+            audit_retention: Duration::from_secs(800 * 24 * 3600),
         }
     }
 }
@@ -470,6 +482,30 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<StatusRecord>, StoreError>;
     /// Operator: metadata search (never payloads), in broker_seq order.
     async fn search(&self, filter: SearchFilter) -> Result<Vec<StatusRecord>, StoreError>;
+    /// Operator: appends `action` to the audit log (durable when this returns).
+    async fn audit_append_operator(
+        &self,
+        action: OperatorAction,
+        now: Millis,
+    ) -> Result<(), StoreError>;
+    /// Operator: walks the audit log's hash chain and reports the first broken record.
+    async fn audit_verify(&self) -> Result<AuditReport, StoreError>;
+    /// [`Self::purge`] by `operator`, audited (the action with its reason) in the same
+    /// atomic write as the purge.
+    async fn operator_purge(
+        &self,
+        operator: &str,
+        id: MessageId,
+        reason: &str,
+        now: Millis,
+    ) -> Result<PurgeResult, StoreError>;
+    /// [`Self::redrive`] by `operator`, audited in the same atomic write as the redrive.
+    async fn operator_redrive(
+        &self,
+        operator: &str,
+        id: MessageId,
+        now: Millis,
+    ) -> Result<RedriveResult, StoreError>;
     /// Flush and close (graceful shutdown). Later writes fail with `Unavailable`.
     async fn close(&self) -> Result<(), StoreError>;
     /// After each durable write, every recipient that got newly due messages (new submit, receipt

@@ -21,17 +21,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::broadcast;
 use trmx_proto::{MessageId, ParticipantId};
 
+pub use self::audit::{audit_records_offline, tamper_audit_record, verify_audit_offline};
 use self::failpoint::{FailPoints, Point};
 pub use self::flusher::FaultSwitch;
 use self::flusher::Flusher;
 use self::tx::{TREE_NAMES, Tx, TxResult};
 use self::writer::Writer;
+use crate::store::audit::{AuditEvent, AuditReport, OperatorAction};
 use crate::store::{
     AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, PurgeResult, QueueStats,
     RedriveResult, RejectResult, SearchFilter, StatusRecord, StoreError, StreamId, SubmitOutcome,
     TickReport, WithdrawResult,
 };
 
+mod audit;
 mod codec;
 pub mod failpoint;
 mod flusher;
@@ -426,7 +429,12 @@ impl BrokerStore for SledStore {
     }
 
     async fn tick(&self, now: Millis) -> Result<TickReport, StoreError> {
-        self.change_alone(move |core| core.tick(now)).await
+        self.change_alone(move |core| {
+            let done = core.tick(now)?;
+            core.audit_prune(now)?;
+            Ok(done)
+        })
+        .await
     }
 
     async fn next_timer(&self) -> Result<Option<Millis>, StoreError> {
@@ -462,6 +470,59 @@ impl BrokerStore for SledStore {
 
     async fn search(&self, filter: SearchFilter) -> Result<Vec<StatusRecord>, StoreError> {
         self.read(move |core| core.search(&filter)).await
+    }
+
+    async fn audit_append_operator(
+        &self,
+        action: OperatorAction,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        self.change(move |tx| {
+            tx.audit(now, AuditEvent::Operator(action.clone()))?;
+            Ok(((), BTreeSet::new()))
+        })
+        .await
+    }
+
+    async fn audit_verify(&self) -> Result<AuditReport, StoreError> {
+        self.read(Core::audit_verify).await
+    }
+
+    async fn operator_purge(
+        &self,
+        operator: &str,
+        id: MessageId,
+        reason: &str,
+        now: Millis,
+    ) -> Result<PurgeResult, StoreError> {
+        let action = OperatorAction::Purge {
+            operator: operator.to_owned(),
+            message_id: id,
+            reason: reason.to_owned(),
+        };
+        let reason = reason.to_owned();
+        self.change(move |tx| {
+            tx.audit(now, AuditEvent::Operator(action.clone()))?;
+            tx.purge(id, &reason, now)
+        })
+        .await
+    }
+
+    async fn operator_redrive(
+        &self,
+        operator: &str,
+        id: MessageId,
+        now: Millis,
+    ) -> Result<RedriveResult, StoreError> {
+        let action = OperatorAction::Redrive {
+            operator: operator.to_owned(),
+            message_id: id,
+        };
+        self.change(move |tx| {
+            tx.audit(now, AuditEvent::Operator(action.clone()))?;
+            tx.redrive(id, now)
+        })
+        .await
     }
 
     async fn close(&self) -> Result<(), StoreError> {

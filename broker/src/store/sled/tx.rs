@@ -5,7 +5,8 @@
 //! and counter is a function of one record ([`index_entries`],
 //! [`Contribution`]). A change is written with [`Tx::put`]`(old, new)`, which
 //! removes what `old` implied and writes what `new` implies, in the same
-//! transaction as the record itself.
+//! transaction as the record itself — and appends the audit record of a state
+//! change (`audit.rs`).
 
 use std::time::Duration;
 
@@ -32,9 +33,11 @@ pub(super) const INFLIGHT: usize = 5;
 pub(super) const TIMERS: usize = 6;
 pub(super) const DEAD: usize = 7;
 pub(super) const COUNTERS: usize = 8;
+pub(super) const AUDIT: usize = 9;
+pub(super) const AUDIT_META: usize = 10;
 
 /// Names of the sled trees, in index order.
-pub(super) const TREE_NAMES: [&str; 9] = [
+pub(super) const TREE_NAMES: [&str; 11] = [
     "records",
     "payloads",
     "by_sender",
@@ -44,6 +47,8 @@ pub(super) const TREE_NAMES: [&str; 9] = [
     "timers",
     "dead",
     "counters",
+    "audit",
+    "audit_meta",
 ];
 
 /// Aborts the transaction with `err`.
@@ -131,6 +136,7 @@ impl Tx<'_> {
     /// A payload that `old` kept and `new` does not is deleted; the caller
     /// stores the payload of a new message.
     pub(super) fn put(&self, old: Option<&Record>, new: Option<&Record>) -> TxResult<()> {
+        self.audit_change(old, new)?;
         if let Some(old) = old {
             for (tree, key, _) in index_entries(old) {
                 self.t[tree].remove(key)?;

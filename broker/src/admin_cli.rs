@@ -1,0 +1,959 @@
+//! `trmx-broker admin …`: the operators' command line, a client of the `Operator`
+//! gRPC service over mutual TLS with an operator certificate.
+//!
+//! Every command prints a table by default and the proto3 JSON mapping of the
+//! answer with `--json` (for scripts); `stats --csv` prints CSV. A failure is one
+//! line on stderr and a non-zero exit. No output ever holds a payload: the
+//! service answers metadata only.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use tonic::transport::Channel;
+use trmx_proto::pb::operator_client::OperatorClient;
+use trmx_proto::time::{Date, from_timestamp, to_millis};
+use trmx_proto::{Kind, pb};
+use trmx_transport::{ClientOptions, TlsPaths, client_channel};
+
+/// Connection flags of `trmx-broker admin` and the command to run.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The broker's gRPC address, HOST:PORT.
+    #[arg(long, env = "TRMX_ADMIN_BROKER")]
+    pub broker: String,
+    /// The federation CA certificate (PEM).
+    #[arg(long, env = "TRMX_ADMIN_CA")]
+    pub ca: PathBuf,
+    /// The operator certificate (PEM).
+    #[arg(long, env = "TRMX_ADMIN_CERT")]
+    pub cert: PathBuf,
+    /// The operator certificate's private key (PEM).
+    #[arg(long, env = "TRMX_ADMIN_KEY")]
+    pub key: PathBuf,
+    /// Name the broker's certificate must carry (default: the host of --broker).
+    #[arg(long, env = "TRMX_ADMIN_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Print the answer as JSON (proto3 JSON mapping) instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// The operator commands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Per-recipient queue depth, in flight, oldest message age, bytes, streams.
+    Queues {
+        /// Refresh in place every SECS seconds (default 2) until interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
+    },
+    /// The participants: connected streams, last seen, certificate expiry.
+    Participants,
+    /// Message metadata matching a filter (never payloads).
+    Messages(MessageFilter),
+    /// Expired and dead-lettered messages, oldest first.
+    DeadLetters {
+        /// At most this many (default 100, at most 1000).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Put an expired or dead-lettered (after too many attempts) message back in its queue.
+    Redrive {
+        /// The message id.
+        id: String,
+    },
+    /// Remove a waiting message; its sender gets a non-delivery report.
+    Purge {
+        /// The message id.
+        id: String,
+        /// Why (3 to 500 characters, recorded in the audit log; no personal data).
+        #[arg(long)]
+        reason: String,
+    },
+    /// The audit log.
+    Audit {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Federation statistics from metadata only (counts under 5 shown as <5).
+    Stats {
+        /// Only messages accepted on or after this day (YYYY-MM-DD) or instant (RFC 3339).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only messages accepted before this day (YYYY-MM-DD) or instant (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Print CSV (one row per figure) instead of tables.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+    },
+}
+
+/// `admin audit …`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the hash chain on the running broker; reports the first broken record.
+    Verify,
+}
+
+/// The filter of `admin messages`.
+#[derive(Debug, Args)]
+pub struct MessageFilter {
+    /// Only this message id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Only messages of this case reference.
+    #[arg(long = "case")]
+    pub case_ref: Option<String>,
+    /// Only messages from this participant, e.g. NL-NRM.
+    #[arg(long)]
+    pub sender: Option<String>,
+    /// Only messages to this participant.
+    #[arg(long)]
+    pub recipient: Option<String>,
+    /// Only messages in this state: accepted, in-flight, acknowledged, expired,
+    /// dead-lettered, withdrawn, purged.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only messages of this kind, e.g. referral, follow-up.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only messages accepted on or after this day (YYYY-MM-DD) or instant (RFC 3339).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Only messages accepted before this day (YYYY-MM-DD) or instant (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many (default 100, at most 1000).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u32,
+}
+
+/// A failure of an admin command: one line for stderr.
+#[derive(Debug)]
+pub struct AdminError(pub String);
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<tonic::Status> for AdminError {
+    fn from(status: tonic::Status) -> Self {
+        let code = status_code_name(status.code());
+        AdminError(one_line(&format!("{code}: {}", status.message())))
+    }
+}
+
+fn status_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Joins the lines of `text` (error chains, transport details) into one.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn fail(message: impl Into<String>) -> AdminError {
+    AdminError(one_line(&message.into()))
+}
+
+/// Runs `trmx-broker admin` and returns the exit code; prints the failure line.
+pub fn run(args: AdminArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("trmx-broker admin: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("trmx-broker admin: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `trmx-broker audit …`: offline work on a stopped broker's data directory.
+#[derive(Debug, Args)]
+pub struct OfflineAuditArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: OfflineAuditCommand,
+}
+
+/// The offline audit commands.
+#[derive(Debug, Subcommand)]
+pub enum OfflineAuditCommand {
+    /// Verify the audit log's hash chain with the broker stopped; prints the
+    /// first broken record.
+    Verify {
+        /// The broker's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `trmx-broker audit …` and returns the exit code; prints the failure line.
+pub fn run_offline_audit(args: OfflineAuditArgs) -> ExitCode {
+    let OfflineAuditCommand::Verify { data_dir, json } = args.command;
+    let result = crate::store::verify_audit_offline(&data_dir)
+        .map_err(|e| fail(format!("{e} (is the broker still running on it?)")))
+        .and_then(|report| {
+            let report = report.to_pb();
+            emit(json, &report, audit_table)?;
+            audit_verdict(&report)
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("trmx-broker audit: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(args: &AdminArgs) -> Result<OperatorClient<Channel>, AdminError> {
+    let paths = TlsPaths {
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+    };
+    let options = ClientOptions {
+        server_name: args.server_name.clone().unwrap_or_default(),
+        ..ClientOptions::default()
+    };
+    let channel =
+        client_channel(&args.broker, &paths, &options).map_err(|e| fail(e.to_string()))?;
+    Ok(OperatorClient::new(channel))
+}
+
+async fn execute(args: AdminArgs) -> Result<(), AdminError> {
+    let mut client = connect(&args).await?;
+    let json = args.json;
+    match &args.command {
+        AdminCommand::Queues { watch, count } => match watch {
+            None => {
+                let queues = client
+                    .list_queues(pb::ListQueuesRequest {})
+                    .await?
+                    .into_inner();
+                emit(json, &queues, queues_table)
+            }
+            Some(secs) => watch_queues(&mut client, json, *secs, *count).await,
+        },
+        AdminCommand::Participants => {
+            let answer = client
+                .list_participants(pb::OperatorListParticipantsRequest {})
+                .await?
+                .into_inner();
+            emit(json, &answer, participants_table)
+        }
+        AdminCommand::Messages(filter) => {
+            let request = search_request(filter)?;
+            let answer = client.search_messages(request).await?.into_inner();
+            emit(json, &answer, |a| messages_table(&a.messages, a.truncated))
+        }
+        AdminCommand::DeadLetters { limit } => {
+            let answer = client
+                .list_dead_letters(pb::ListDeadLettersRequest { limit: *limit })
+                .await?
+                .into_inner();
+            emit(json, &answer, |a| messages_table(&a.messages, a.truncated))
+        }
+        AdminCommand::Redrive { id } => {
+            let answer = client
+                .redrive(pb::RedriveRequest {
+                    message_id: id.clone(),
+                })
+                .await?
+                .into_inner();
+            emit(json, &answer, |a| {
+                format!(
+                    "redriven {} (ACCEPTED again, expires {})\n",
+                    a.message_id,
+                    fmt_ts(a.expires_at.as_ref())
+                )
+            })
+        }
+        AdminCommand::Purge { id, reason } => {
+            let answer = client
+                .purge(pb::PurgeRequest {
+                    message_id: id.clone(),
+                    reason: reason.clone(),
+                })
+                .await?
+                .into_inner();
+            emit(json, &answer, |a| {
+                format!(
+                    "purged {} at {}; its sender gets a non-delivery report\n",
+                    a.message_id,
+                    fmt_ts(a.purged_at.as_ref())
+                )
+            })
+        }
+        AdminCommand::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let report = client
+                .verify_audit(pb::VerifyAuditRequest {})
+                .await?
+                .into_inner();
+            emit(json, &report, audit_table)?;
+            audit_verdict(&report)
+        }
+        AdminCommand::Stats { from, until, csv } => {
+            let request = pb::GetStatisticsRequest {
+                from: from
+                    .as_deref()
+                    .map(|v| parse_instant(v, "--from"))
+                    .transpose()?,
+                until: until
+                    .as_deref()
+                    .map(|v| parse_instant(v, "--until"))
+                    .transpose()?,
+            };
+            let stats = client.get_statistics(request).await?.into_inner();
+            if *csv {
+                print!("{}", stats_csv(&stats));
+                Ok(())
+            } else {
+                emit(json, &stats, stats_table)
+            }
+        }
+    }
+}
+
+/// An intact report is success; a broken chain is a failure line naming the record.
+pub fn audit_verdict(report: &pb::AuditReport) -> Result<(), AdminError> {
+    if report.intact {
+        Ok(())
+    } else {
+        Err(fail(format!(
+            "audit log broken at record {}: {}",
+            report.first_broken, report.problem
+        )))
+    }
+}
+
+async fn watch_queues(
+    client: &mut OperatorClient<Channel>,
+    json: bool,
+    secs: u64,
+    count: Option<u64>,
+) -> Result<(), AdminError> {
+    let every = Duration::from_secs(secs.max(1));
+    let mut shown = 0u64;
+    loop {
+        let queues = client
+            .list_queues(pb::ListQueuesRequest {})
+            .await?
+            .into_inner();
+        // clear the screen, cursor home, redraw
+        print!("\x1b[2J\x1b[H");
+        emit(json, &queues, queues_table)?;
+        shown += 1;
+        if count.is_some_and(|n| shown >= n) {
+            return Ok(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Prints `value` as JSON, or as the table `table` makes of it.
+fn emit<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> Result<(), AdminError> {
+    if json {
+        let text = serde_json::to_string_pretty(value)
+            .map_err(|e| fail(format!("cannot encode the answer as JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", table(value));
+    }
+    Ok(())
+}
+
+fn search_request(filter: &MessageFilter) -> Result<pb::SearchMessagesRequest, AdminError> {
+    let state = match &filter.state {
+        None => 0,
+        Some(name) => parse_state(name)? as i32,
+    };
+    let kind = match &filter.kind {
+        None => 0,
+        Some(name) => Kind::from_name(name)
+            .ok_or_else(|| {
+                fail(format!(
+                    "--kind {name:?} is not a message kind (referral, referral-response, return-risk-assessment-request, return-risk-assessment, follow-up, delivery-receipt, non-delivery-report)"
+                ))
+            })?
+            .to_pb() as i32,
+    };
+    Ok(pb::SearchMessagesRequest {
+        message_id: filter.id.clone().unwrap_or_default(),
+        case_ref: filter.case_ref.clone().unwrap_or_default(),
+        sender: filter.sender.clone().unwrap_or_default(),
+        recipient: filter.recipient.clone().unwrap_or_default(),
+        state,
+        kind,
+        accepted_from: filter
+            .from
+            .as_deref()
+            .map(|v| parse_instant(v, "--from"))
+            .transpose()?,
+        accepted_until: filter
+            .until
+            .as_deref()
+            .map(|v| parse_instant(v, "--until"))
+            .transpose()?,
+        limit: filter.limit,
+    })
+}
+
+/// `dead-lettered`, `DEAD_LETTERED` or `MESSAGE_STATE_DEAD_LETTERED`.
+fn parse_state(name: &str) -> Result<pb::MessageState, AdminError> {
+    let wire = format!(
+        "MESSAGE_STATE_{}",
+        name.trim_start_matches("MESSAGE_STATE_")
+            .replace('-', "_")
+            .to_ascii_uppercase()
+    );
+    match pb::MessageState::from_str_name(&wire) {
+        Some(pb::MessageState::Unspecified) | None => Err(fail(format!(
+            "--state {name:?} is not a state (accepted, in-flight, acknowledged, expired, dead-lettered, withdrawn, purged)"
+        ))),
+        Some(state) => Ok(state),
+    }
+}
+
+/// `YYYY-MM-DD` (midnight UTC) or an RFC 3339 instant.
+fn parse_instant(value: &str, flag: &str) -> Result<pb::Timestamp, AdminError> {
+    if let Ok(date) = Date::parse(value) {
+        let text = format!("\"{date}T00:00:00Z\"");
+        return serde_json::from_str(&text)
+            .map_err(|_| fail(format!("{flag} {value:?} is not a valid date")));
+    }
+    serde_json::from_str::<pb::Timestamp>(&format!("\"{value}\"")).map_err(|_| {
+        fail(format!(
+            "{flag} {value:?} is not a date YYYY-MM-DD or an RFC 3339 instant like 2025-03-01T12:00:00Z"
+        ))
+    })
+}
+
+/// A plain-text table: a header row and rows, columns padded to the widest cell.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (i, cell) in cells.enumerate() {
+            let width = widths.get(i).copied().unwrap_or(0);
+            let _ = write!(text, "{cell:<width$}  ");
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// `2025-03-01 12:00:00Z`, or `-` when unset.
+pub fn fmt_ts(ts: Option<&pb::Timestamp>) -> String {
+    let Some(ts) = ts else {
+        return "-".to_owned();
+    };
+    let Ok(at) = from_timestamp(ts) else {
+        return "?".to_owned();
+    };
+    let millis = to_millis(at);
+    let secs_of_day = (millis / 1000) % 86_400;
+    format!(
+        "{} {:02}:{:02}:{:02}Z",
+        Date::of(at),
+        secs_of_day / 3600,
+        (secs_of_day / 60) % 60,
+        secs_of_day % 60
+    )
+}
+
+/// `3d4h`, `5m12s`, `800ms`; `-` when unset.
+pub fn fmt_duration(d: Option<&pb::Duration>) -> String {
+    let Some(d) = d else {
+        return "-".to_owned();
+    };
+    let secs = u64::try_from(d.seconds).unwrap_or(0);
+    if secs == 0 {
+        let ms = u64::try_from(d.nanos).unwrap_or(0) / 1_000_000;
+        return format!("{ms}ms");
+    }
+    let (days, hours, minutes, seconds) = (
+        secs / 86_400,
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+    );
+    if days > 0 {
+        format!("{days}d{hours}h")
+    } else if hours > 0 {
+        format!("{hours}h{minutes}m")
+    } else if minutes > 0 {
+        format!("{minutes}m{seconds}s")
+    } else {
+        format!("{seconds}s")
+    }
+}
+
+fn fmt_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn kind_name(value: i32) -> String {
+    Kind::from_pb(value).map_or_else(|| "?".to_owned(), |k| k.name().to_owned())
+}
+
+fn state_name(value: i32) -> String {
+    pb::MessageState::try_from(value).map_or_else(
+        |_| "?".to_owned(),
+        |s| {
+            s.as_str_name()
+                .trim_start_matches("MESSAGE_STATE_")
+                .to_owned()
+        },
+    )
+}
+
+fn or_dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+fn queues_table(answer: &pb::ListQueuesResponse) -> String {
+    let rows: Vec<Vec<String>> = answer
+        .queues
+        .iter()
+        .map(|q| {
+            vec![
+                q.recipient.clone(),
+                q.depth.to_string(),
+                q.in_flight.to_string(),
+                fmt_duration(q.oldest_age.as_ref()),
+                fmt_bytes(q.bytes),
+                q.connected_streams.to_string(),
+            ]
+        })
+        .collect();
+    format!(
+        "queues at {}\n{}",
+        fmt_ts(answer.at.as_ref()),
+        table(
+            &[
+                "RECIPIENT",
+                "DEPTH",
+                "IN FLIGHT",
+                "OLDEST",
+                "BYTES",
+                "STREAMS"
+            ],
+            &rows
+        )
+    )
+}
+
+fn participants_table(answer: &pb::OperatorListParticipantsResponse) -> String {
+    let rows: Vec<Vec<String>> = answer
+        .participants
+        .iter()
+        .map(|p| {
+            let entry = p.participant.clone().unwrap_or_default();
+            vec![
+                entry.id,
+                entry.country,
+                if p.connected_streams > 0 {
+                    format!("yes ({})", p.connected_streams)
+                } else {
+                    "no".to_owned()
+                },
+                fmt_ts(p.last_seen.as_ref()),
+                fmt_ts(p.certificate_not_after.as_ref()),
+                entry.display_name,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PARTICIPANT",
+            "COUNTRY",
+            "CONNECTED",
+            "LAST SEEN",
+            "CERT EXPIRES",
+            "NAME",
+        ],
+        &rows,
+    )
+}
+
+fn messages_table(messages: &[pb::MessageMetadata], truncated: bool) -> String {
+    let rows: Vec<Vec<String>> = messages
+        .iter()
+        .map(|m| {
+            vec![
+                m.message_id.clone(),
+                kind_name(m.kind),
+                or_dash(&m.sender),
+                m.recipient.clone(),
+                state_name(m.state),
+                m.attempts.to_string(),
+                fmt_ts(m.accepted_at.as_ref()),
+                fmt_ts(m.state_changed_at.as_ref()),
+                or_dash(&m.reason_code),
+                m.payload_size.to_string(),
+                if m.redrivable { "yes" } else { "no" }.to_owned(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "MESSAGE ID",
+            "KIND",
+            "SENDER",
+            "RECIPIENT",
+            "STATE",
+            "ATTEMPTS",
+            "ACCEPTED",
+            "STATE SINCE",
+            "REASON",
+            "SIZE",
+            "REDRIVABLE",
+        ],
+        &rows,
+    );
+    let _ = writeln!(
+        out,
+        "{} message(s){}",
+        messages.len(),
+        if truncated {
+            " (more match: narrow the filter or raise --limit)"
+        } else {
+            ""
+        }
+    );
+    out
+}
+
+fn audit_table(report: &pb::AuditReport) -> String {
+    let hex = |bytes: &[u8]| -> String {
+        if bytes.is_empty() {
+            "-".to_owned()
+        } else {
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    };
+    let rows = vec![
+        vec![
+            "verdict".to_owned(),
+            if report.intact { "intact" } else { "BROKEN" }.to_owned(),
+        ],
+        vec!["records checked".to_owned(), report.records.to_string()],
+        vec![
+            "first broken record".to_owned(),
+            if report.intact {
+                "-".to_owned()
+            } else {
+                format!("{} ({})", report.first_broken, report.problem)
+            },
+        ],
+        vec!["first record kept".to_owned(), report.first_seq.to_string()],
+        vec!["last record".to_owned(), report.last_seq.to_string()],
+        vec!["head hash".to_owned(), hex(&report.head_hash)],
+        vec!["anchor hash".to_owned(), hex(&report.anchor_hash)],
+    ];
+    table(&["AUDIT LOG", ""], &rows)
+}
+
+/// `6`, or `<5` for a suppressed count.
+pub fn fmt_count(count: Option<&pb::StatisticCount>) -> String {
+    match count {
+        Some(c) if !c.suppressed => c.value.to_string(),
+        _ => "<5".to_owned(),
+    }
+}
+
+fn stats_table(stats: &pb::Statistics) -> String {
+    let mut out = format!(
+        "federation statistics, messages accepted {} to {} (counts under {} shown as <{})\n\n",
+        fmt_ts(stats.from.as_ref()),
+        fmt_ts(stats.until.as_ref()),
+        stats.suppression_threshold,
+        stats.suppression_threshold,
+    );
+    let corridors: Vec<Vec<String>> = stats
+        .corridors
+        .iter()
+        .map(|c| {
+            vec![
+                c.month.clone(),
+                format!("{} -> {}", c.sender_country, c.recipient_country),
+                kind_name(c.kind),
+                fmt_count(c.messages.as_ref()),
+            ]
+        })
+        .collect();
+    out.push_str("messages per corridor\n");
+    out.push_str(&table(
+        &["MONTH", "CORRIDOR", "KIND", "MESSAGES"],
+        &corridors,
+    ));
+    let times: Vec<Vec<String>> = stats
+        .response_times
+        .iter()
+        .map(|t| {
+            vec![
+                t.month.clone(),
+                format!(
+                    "{} -> {}",
+                    kind_name(t.request_kind),
+                    kind_name(t.answer_kind)
+                ),
+                fmt_count(t.pairs.as_ref()),
+                fmt_duration(t.median.as_ref()),
+                fmt_duration(t.p90.as_ref()),
+            ]
+        })
+        .collect();
+    out.push_str("\ntime from request to answer\n");
+    out.push_str(&table(
+        &["MONTH", "REQUEST -> ANSWER", "PAIRS", "MEDIAN", "P90"],
+        &times,
+    ));
+    let non_delivery: Vec<Vec<String>> = stats
+        .non_delivery
+        .iter()
+        .map(|n| {
+            vec![
+                n.month.clone(),
+                fmt_count(n.delivered.as_ref()),
+                fmt_count(n.not_delivered.as_ref()),
+                if n.rate_suppressed {
+                    "suppressed".to_owned()
+                } else {
+                    format!("{:.1}%", n.rate * 100.0)
+                },
+            ]
+        })
+        .collect();
+    out.push_str("\nnon-delivery\n");
+    out.push_str(&table(
+        &["MONTH", "DELIVERED", "NOT DELIVERED", "RATE"],
+        &non_delivery,
+    ));
+    out
+}
+
+/// Long-format CSV: `section,month,sender_country,recipient_country,kind,answer_kind,measure,value`.
+pub fn stats_csv(stats: &pb::Statistics) -> String {
+    let mut out = String::from(
+        "section,month,sender_country,recipient_country,kind,answer_kind,measure,value\n",
+    );
+    let mut row = |fields: [&str; 8]| {
+        out.push_str(&fields.map(csv_field).join(","));
+        out.push('\n');
+    };
+    for c in &stats.corridors {
+        row([
+            "corridor",
+            &c.month,
+            &c.sender_country,
+            &c.recipient_country,
+            &kind_name(c.kind),
+            "",
+            "messages",
+            &fmt_count(c.messages.as_ref()),
+        ]);
+    }
+    for t in &stats.response_times {
+        let (request, answer) = (kind_name(t.request_kind), kind_name(t.answer_kind));
+        let secs = |d: Option<&pb::Duration>| {
+            d.map_or_else(|| "suppressed".to_owned(), |d| d.seconds.to_string())
+        };
+        row([
+            "response_time",
+            &t.month,
+            "",
+            "",
+            &request,
+            &answer,
+            "pairs",
+            &fmt_count(t.pairs.as_ref()),
+        ]);
+        row([
+            "response_time",
+            &t.month,
+            "",
+            "",
+            &request,
+            &answer,
+            "median_seconds",
+            &secs(t.median.as_ref()),
+        ]);
+        row([
+            "response_time",
+            &t.month,
+            "",
+            "",
+            &request,
+            &answer,
+            "p90_seconds",
+            &secs(t.p90.as_ref()),
+        ]);
+    }
+    for n in &stats.non_delivery {
+        let rate = if n.rate_suppressed {
+            "suppressed".to_owned()
+        } else {
+            format!("{:.4}", n.rate)
+        };
+        for (measure, value) in [
+            ("delivered", fmt_count(n.delivered.as_ref())),
+            ("not_delivered", fmt_count(n.not_delivered.as_ref())),
+            ("rate", rate),
+        ] {
+            row(["non_delivery", &n.month, "", "", "", "", measure, &value]);
+        }
+    }
+    out
+}
+
+/// Quotes a CSV field when it needs it.
+fn csv_field(field: &str) -> String {
+    if field.contains([',', '"', '\n']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_and_instants_parse() {
+        assert_eq!(
+            parse_state("dead-lettered").unwrap(),
+            pb::MessageState::DeadLettered
+        );
+        assert_eq!(
+            parse_state("IN_FLIGHT").unwrap(),
+            pb::MessageState::InFlight
+        );
+        assert!(parse_state("lost").is_err());
+        assert!(parse_state("unspecified").is_err());
+        let day = parse_instant("2025-03-01", "--from").unwrap();
+        assert_eq!(day.seconds, 1_740_787_200);
+        let instant = parse_instant("2025-03-01T00:00:10Z", "--from").unwrap();
+        assert_eq!(instant.seconds, 1_740_787_210);
+        let error = parse_instant("yesterday", "--from").unwrap_err();
+        assert!(error.0.starts_with("--from"));
+    }
+
+    #[test]
+    fn formatting() {
+        let ts = pb::Timestamp {
+            seconds: 1_740_787_210,
+            nanos: 0,
+        };
+        assert_eq!(fmt_ts(Some(&ts)), "2025-03-01 00:00:10Z");
+        assert_eq!(fmt_ts(None), "-");
+        let d = |seconds| pb::Duration { seconds, nanos: 0 };
+        assert_eq!(fmt_duration(Some(&d(90))), "1m30s");
+        assert_eq!(fmt_duration(Some(&d(2 * 86_400 + 3600))), "2d1h");
+        assert_eq!(fmt_bytes(2048), "2.0 KiB");
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(
+            fmt_count(Some(&pb::StatisticCount {
+                value: 0,
+                suppressed: true
+            })),
+            "<5"
+        );
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        let error = AdminError::from(tonic::Status::permission_denied("no\nway"));
+        assert_eq!(error.0, "PERMISSION_DENIED: no; way");
+    }
+}

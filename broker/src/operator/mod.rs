@@ -1,0 +1,698 @@
+//! The `trmx.v1.Operator` gRPC service (DESIGN.md §3, issue 6): queue figures,
+//! participants, metadata search, dead letters, redrive, purge, audit verification
+//! and federation statistics — for operator certificates only.
+//!
+//! - this file: the service — the caller's operator name from its certificate
+//!   (node and broker certificates get `PERMISSION_DENIED`), request validation,
+//!   the calls into the [`BrokerStore`], and the conversion of store records to
+//!   [`pb::MessageMetadata`] (never a payload).
+//! - [`stats`]: the federation statistics with small-count suppression.
+//!
+//! Handlers return [`BrokerError`]; the one `From<BrokerError> for Status` makes
+//! the gRPC status. Every search, dead-letter listing, redrive, purge and audit
+//! verification is appended to the store's audit log with the operator's name.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, debug, info, info_span};
+use trmx_certs::{CertInfo, Role};
+use trmx_proto::time::{from_millis, from_timestamp, to_millis, to_timestamp};
+use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, ValidationError, pb};
+
+use crate::admin::CertRole;
+use crate::error::BrokerError;
+use crate::service::Shared;
+use crate::store::{
+    Millis, OperatorAction, PurgeResult, RedriveResult, SearchFilter, State, StatusRecord,
+};
+
+pub mod stats;
+
+/// Results of a search or listing when the request asks for 0.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Most results of one search or listing.
+pub const MAX_LIMIT: usize = 1000;
+/// Shortest purge reason, in characters.
+pub const MIN_REASON_CHARS: usize = 3;
+/// Longest purge reason, in characters.
+pub const MAX_REASON_CHARS: usize = 500;
+/// Most message records one statistics request reads.
+pub const MAX_STATISTICS_RECORDS: usize = 1_000_000;
+
+/// The `Operator` service. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct OperatorService {
+    shared: Arc<Shared>,
+}
+
+impl OperatorService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The caller's operator name, from its verified client certificate. Node and
+    /// broker certificates are refused.
+    fn operator<T>(&self, request: &Request<T>) -> Result<String, BrokerError> {
+        let identity = trmx_transport::peer_identity(request)
+            .map_err(|status| BrokerError::Unauthenticated(status.message().to_string()))?;
+        match identity.role {
+            Role::Operator(name) => {
+                if let Some(leaf) = request
+                    .peer_certs()
+                    .as_deref()
+                    .and_then(|certs| certs.first())
+                    && let Ok(info) = CertInfo::from_der(leaf.as_ref())
+                {
+                    self.shared
+                        .metrics
+                        .set_cert_expiry(CertRole::Operator, &name, info.not_after);
+                }
+                Ok(name)
+            }
+            Role::Participant(_) => Err(BrokerError::PermissionDenied(
+                "node certificates cannot use the Operator service; use an operator certificate"
+                    .into(),
+            )),
+            Role::Broker(_) => Err(BrokerError::PermissionDenied(
+                "broker certificates cannot use the Operator service".into(),
+            )),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        self.shared.clock.now_millis()
+    }
+
+    /// Appends an operator action to the audit log (durable before the answer).
+    async fn audit(&self, action: OperatorAction) -> Result<(), BrokerError> {
+        let now = self.now();
+        let shared = &self.shared;
+        shared.stored(shared.store.audit_append_operator(action, now).await)
+    }
+
+    async fn list_queues(&self) -> Result<pb::ListQueuesResponse, BrokerError> {
+        let shared = &self.shared;
+        let now = self.now();
+        let stats = shared.stored(shared.store.queue_stats().await)?;
+        let mut queues: std::collections::BTreeMap<ParticipantId, pb::QueueInfo> = shared
+            .registry
+            .iter()
+            .map(|p| {
+                (
+                    p.id.clone(),
+                    pb::QueueInfo {
+                        recipient: p.id.to_string(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        for stat in stats {
+            let entry = queues
+                .entry(stat.recipient.clone())
+                .or_insert_with(|| pb::QueueInfo {
+                    recipient: stat.recipient.to_string(),
+                    ..Default::default()
+                });
+            entry.depth = stat.depth;
+            entry.in_flight = stat.in_flight;
+            entry.bytes = stat.bytes;
+            entry.oldest_accepted_at = stat.oldest_accepted_at.map(timestamp);
+            entry.oldest_age = stat
+                .oldest_accepted_at
+                .map(|at| duration_ms(now.saturating_sub(at)));
+        }
+        let queues = queues
+            .into_iter()
+            .map(|(id, mut queue)| {
+                queue.connected_streams =
+                    u32::try_from(shared.streams.count(&id)).unwrap_or(u32::MAX);
+                queue
+            })
+            .collect();
+        Ok(pb::ListQueuesResponse {
+            queues,
+            at: Some(timestamp(now)),
+        })
+    }
+
+    fn list_participants(&self) -> pb::OperatorListParticipantsResponse {
+        let shared = &self.shared;
+        let participants = shared
+            .registry
+            .iter()
+            .map(|p| pb::ParticipantInfo {
+                participant: Some(p.to_pb()),
+                connected_streams: u32::try_from(shared.streams.count(&p.id)).unwrap_or(u32::MAX),
+                last_seen: shared.metrics.last_seen(&p.id).map(to_timestamp),
+                certificate_not_after: shared
+                    .metrics
+                    .cert_expiry(CertRole::Participant, p.id.as_str())
+                    .map(to_timestamp),
+            })
+            .collect();
+        pb::OperatorListParticipantsResponse { participants }
+    }
+
+    async fn search_messages(
+        &self,
+        operator: &str,
+        request: pb::SearchMessagesRequest,
+    ) -> Result<pb::SearchMessagesResponse, BrokerError> {
+        let shared = &self.shared;
+        let mut filter = search_filter(&request)?;
+        let limit = limit_of(request.limit);
+        filter.limit = limit + 1;
+        self.audit(OperatorAction::Search {
+            operator: operator.to_owned(),
+            filter: filter_summary(&filter),
+        })
+        .await?;
+        let mut records = shared.stored(shared.store.search(filter).await)?;
+        let truncated = records.len() > limit;
+        records.truncate(limit);
+        debug!(results = records.len(), truncated, "operator search");
+        Ok(pb::SearchMessagesResponse {
+            messages: records.iter().map(metadata).collect(),
+            truncated,
+        })
+    }
+
+    async fn list_dead_letters(
+        &self,
+        operator: &str,
+        request: pb::ListDeadLettersRequest,
+    ) -> Result<pb::ListDeadLettersResponse, BrokerError> {
+        let shared = &self.shared;
+        let limit = limit_of(request.limit);
+        self.audit(OperatorAction::ListDeadLetters {
+            operator: operator.to_owned(),
+        })
+        .await?;
+        let mut records = shared.stored(shared.store.dead_letters(limit + 1).await)?;
+        let truncated = records.len() > limit;
+        records.truncate(limit);
+        Ok(pb::ListDeadLettersResponse {
+            messages: records.iter().map(metadata).collect(),
+            truncated,
+        })
+    }
+
+    /// The one record with message id `id` (the first one, if two senders used it).
+    async fn record(&self, id: MessageId) -> Result<Option<StatusRecord>, BrokerError> {
+        let shared = &self.shared;
+        let filter = SearchFilter {
+            message_id: Some(id),
+            limit: 1,
+            ..SearchFilter::default()
+        };
+        Ok(shared
+            .stored(shared.store.search(filter).await)?
+            .into_iter()
+            .next())
+    }
+
+    async fn redrive(
+        &self,
+        operator: &str,
+        request: pb::RedriveRequest,
+    ) -> Result<pb::RedriveResponse, BrokerError> {
+        let shared = &self.shared;
+        let id = parse_message_id(&request.message_id)?;
+        tracing::Span::current().record("message_id", tracing::field::display(id));
+        let result = shared.stored(
+            shared
+                .store
+                .operator_redrive(operator, id, self.now())
+                .await,
+        )?;
+        match result {
+            RedriveResult::Redriven(accepted) => {
+                info!(%operator, "message redriven");
+                Ok(pb::RedriveResponse {
+                    message_id: id.to_string(),
+                    broker_seq: accepted.broker_seq,
+                    expires_at: Some(timestamp(accepted.expires_at)),
+                })
+            }
+            RedriveResult::NotFound => Err(BrokerError::NotFound(format!("no message {id}"))),
+            RedriveResult::NotRedrivable { state } => {
+                let record = self.record(id).await?;
+                Err(BrokerError::FailedPrecondition(not_redrivable(
+                    id,
+                    state,
+                    record.as_ref(),
+                )))
+            }
+        }
+    }
+
+    async fn purge(
+        &self,
+        operator: &str,
+        request: pb::PurgeRequest,
+    ) -> Result<pb::PurgeResponse, BrokerError> {
+        let shared = &self.shared;
+        let id = parse_message_id(&request.message_id)?;
+        tracing::Span::current().record("message_id", tracing::field::display(id));
+        let reason = check_reason(&request.reason)?;
+        let now = self.now();
+        let result = shared.stored(shared.store.operator_purge(operator, id, reason, now).await)?;
+        match result {
+            PurgeResult::Purged => {
+                shared.metrics.purged();
+                // free the recipient's stream slot if it was in flight
+                if let Some(record) = self.record(id).await? {
+                    let settled = shared.streams.settled(&record.recipient, &[id]);
+                    for sender in settled.senders {
+                        shared.streams.wake(&sender);
+                    }
+                    if let Some(sender) = &record.sender {
+                        shared.streams.wake(sender);
+                    }
+                }
+                info!(%operator, "message purged");
+                Ok(pb::PurgeResponse {
+                    message_id: id.to_string(),
+                    purged_at: Some(timestamp(now)),
+                })
+            }
+            PurgeResult::NotFound => Err(BrokerError::NotFound(format!("no message {id}"))),
+            PurgeResult::NotPurgeable { state } => Err(BrokerError::FailedPrecondition(format!(
+                "message {id} is {}; only ACCEPTED or IN_FLIGHT messages can be purged",
+                state_name(state)
+            ))),
+        }
+    }
+
+    async fn verify_audit(&self, operator: &str) -> Result<pb::AuditReport, BrokerError> {
+        let shared = &self.shared;
+        let report = shared.stored(shared.store.audit_verify().await)?;
+        self.audit(OperatorAction::VerifyAudit {
+            operator: operator.to_owned(),
+            intact: report.first_broken.is_none(),
+        })
+        .await?;
+        Ok(report.to_pb())
+    }
+
+    async fn statistics(
+        &self,
+        request: pb::GetStatisticsRequest,
+    ) -> Result<pb::Statistics, BrokerError> {
+        let shared = &self.shared;
+        let from = match &request.from {
+            Some(ts) => to_millis(from_timestamp(ts).map_err(|e| e.within("from"))?),
+            None => 0,
+        };
+        let until = match &request.until {
+            Some(ts) => to_millis(from_timestamp(ts).map_err(|e| e.within("until"))?),
+            None => self.now().saturating_add(1),
+        };
+        if until <= from {
+            return Err(ValidationError::new("until", "must be after from").into());
+        }
+        // Every record is read (answers may come after the range), metadata only.
+        let filter = SearchFilter {
+            limit: MAX_STATISTICS_RECORDS,
+            ..SearchFilter::default()
+        };
+        let records = shared.stored(shared.store.search(filter).await)?;
+        let stats = tokio::task::spawn_blocking(move || stats::compute(&records, from, until))
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("statistics task failed: {e}")))?;
+        Ok(stats)
+    }
+}
+
+/// Runs the RPC `body` inside a span naming the method and the operator, and
+/// converts its error into a `Status`.
+macro_rules! operator_rpc {
+    ($self:ident, $request:ident, $method:literal, |$operator:ident, $inner:ident| $body:expr) => {{
+        let span = info_span!(
+            "operator_rpc",
+            method = $method,
+            operator = tracing::field::Empty,
+            message_id = tracing::field::Empty,
+            remote = ?$request.remote_addr(),
+        );
+        async {
+            let $operator = $self.operator(&$request)?;
+            tracing::Span::current().record("operator", tracing::field::display(&$operator));
+            let $inner = $request.into_inner();
+            $body
+        }
+        .instrument(span.clone())
+        .await
+        .map(Response::new)
+        .map_err(|error: BrokerError| {
+            let _entered = span.enter();
+            debug!(code = ?error.code(), %error, "operator request refused");
+            Status::from(error)
+        })
+    }};
+}
+
+#[tonic::async_trait]
+impl pb::operator_server::Operator for OperatorService {
+    async fn list_queues(
+        &self,
+        request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        operator_rpc!(self, request, "ListQueues", |_operator, _inner| self
+            .list_queues()
+            .await)
+    }
+
+    async fn list_participants(
+        &self,
+        request: Request<pb::OperatorListParticipantsRequest>,
+    ) -> Result<Response<pb::OperatorListParticipantsResponse>, Status> {
+        operator_rpc!(self, request, "ListParticipants", |_operator, _inner| Ok(
+            self.list_participants()
+        ))
+    }
+
+    async fn search_messages(
+        &self,
+        request: Request<pb::SearchMessagesRequest>,
+    ) -> Result<Response<pb::SearchMessagesResponse>, Status> {
+        operator_rpc!(self, request, "SearchMessages", |operator, inner| self
+            .search_messages(&operator, inner)
+            .await)
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        operator_rpc!(self, request, "ListDeadLetters", |operator, inner| self
+            .list_dead_letters(&operator, inner)
+            .await)
+    }
+
+    async fn redrive(
+        &self,
+        request: Request<pb::RedriveRequest>,
+    ) -> Result<Response<pb::RedriveResponse>, Status> {
+        operator_rpc!(self, request, "Redrive", |operator, inner| self
+            .redrive(&operator, inner)
+            .await)
+    }
+
+    async fn purge(
+        &self,
+        request: Request<pb::PurgeRequest>,
+    ) -> Result<Response<pb::PurgeResponse>, Status> {
+        operator_rpc!(self, request, "Purge", |operator, inner| self
+            .purge(&operator, inner)
+            .await)
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::AuditReport>, Status> {
+        operator_rpc!(self, request, "VerifyAudit", |operator, _inner| self
+            .verify_audit(&operator)
+            .await)
+    }
+
+    async fn get_statistics(
+        &self,
+        request: Request<pb::GetStatisticsRequest>,
+    ) -> Result<Response<pb::Statistics>, Status> {
+        operator_rpc!(self, request, "GetStatistics", |_operator, inner| self
+            .statistics(inner)
+            .await)
+    }
+}
+
+/// `limit` of a request: 0 → [`DEFAULT_LIMIT`], capped at [`MAX_LIMIT`].
+fn limit_of(requested: u32) -> usize {
+    match usize::try_from(requested).unwrap_or(MAX_LIMIT) {
+        0 => DEFAULT_LIMIT,
+        n => n.min(MAX_LIMIT),
+    }
+}
+
+fn parse_message_id(value: &str) -> Result<MessageId, BrokerError> {
+    if value.is_empty() {
+        return Err(ValidationError::new("message_id", "is required").into());
+    }
+    MessageId::parse(value).map_err(|e| BrokerError::InvalidArgument(e.within("message_id")))
+}
+
+/// The purge reason, trimmed: 3 to 500 characters.
+fn check_reason(reason: &str) -> Result<&str, BrokerError> {
+    let reason = reason.trim();
+    let chars = reason.chars().count();
+    if (MIN_REASON_CHARS..=MAX_REASON_CHARS).contains(&chars) {
+        Ok(reason)
+    } else {
+        Err(ValidationError::new(
+            "reason",
+            format!(
+                "is required: {MIN_REASON_CHARS} to {MAX_REASON_CHARS} characters, got {chars}"
+            ),
+        )
+        .into())
+    }
+}
+
+/// The store filter of a search request; every malformed field is `INVALID_ARGUMENT`
+/// naming it.
+fn search_filter(request: &pb::SearchMessagesRequest) -> Result<SearchFilter, BrokerError> {
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let participant = |value: &str, field: &str| -> Result<Option<ParticipantId>, BrokerError> {
+        non_empty(value)
+            .map(|v| ParticipantId::parse(&v).map_err(|e| e.within(field)))
+            .transpose()
+            .map_err(BrokerError::from)
+    };
+    let instant =
+        |ts: &Option<pb::Timestamp>, field: &str| -> Result<Option<Millis>, BrokerError> {
+            ts.as_ref()
+                .map(|ts| {
+                    from_timestamp(ts)
+                        .map(to_millis)
+                        .map_err(|e| e.within(field))
+                })
+                .transpose()
+                .map_err(BrokerError::from)
+        };
+    let message_id = non_empty(&request.message_id)
+        .map(|v| MessageId::parse(&v).map_err(|e| e.within("message_id")))
+        .transpose()?;
+    let case_ref = non_empty(&request.case_ref)
+        .map(|v| CaseRef::parse(&v).map_err(|e| e.within("case_ref")))
+        .transpose()?;
+    let state = match pb::MessageState::try_from(request.state) {
+        Ok(pb::MessageState::Unspecified) => None,
+        Ok(state) => Some(state_from_pb(state)),
+        Err(_) => {
+            return Err(ValidationError::new("state", "is not a MessageState value").into());
+        }
+    };
+    let kind = match request.kind {
+        0 => None,
+        value => Some(
+            Kind::from_pb(value)
+                .ok_or_else(|| ValidationError::new("kind", "is not a MessageKind value"))?,
+        ),
+    };
+    let accepted_from = instant(&request.accepted_from, "accepted_from")?;
+    let accepted_until = instant(&request.accepted_until, "accepted_until")?;
+    if let (Some(from), Some(until)) = (accepted_from, accepted_until)
+        && until <= from
+    {
+        return Err(ValidationError::new("accepted_until", "must be after accepted_from").into());
+    }
+    Ok(SearchFilter {
+        message_id,
+        sender: participant(&request.sender, "sender")?,
+        recipient: participant(&request.recipient, "recipient")?,
+        case_ref,
+        state,
+        kind,
+        accepted_from,
+        accepted_until,
+        limit: DEFAULT_LIMIT,
+    })
+}
+
+/// What the audit log records of a search: which fields were filtered on, with
+/// ids and participants, but never the case reference's value.
+fn filter_summary(filter: &SearchFilter) -> String {
+    let mut parts = Vec::new();
+    if let Some(id) = filter.message_id {
+        parts.push(format!("message_id={id}"));
+    }
+    if filter.case_ref.is_some() {
+        parts.push("case_ref=(set)".to_owned());
+    }
+    if let Some(sender) = &filter.sender {
+        parts.push(format!("sender={sender}"));
+    }
+    if let Some(recipient) = &filter.recipient {
+        parts.push(format!("recipient={recipient}"));
+    }
+    if let Some(state) = filter.state {
+        parts.push(format!("state={}", state_name(state)));
+    }
+    if let Some(kind) = filter.kind {
+        parts.push(format!("kind={kind}"));
+    }
+    if let Some(from) = filter.accepted_from {
+        parts.push(format!("accepted_from={from}"));
+    }
+    if let Some(until) = filter.accepted_until {
+        parts.push(format!("accepted_until={until}"));
+    }
+    parts.join(" ")
+}
+
+fn state_from_pb(state: pb::MessageState) -> State {
+    match state {
+        pb::MessageState::Unspecified | pb::MessageState::Accepted => State::Accepted,
+        pb::MessageState::InFlight => State::InFlight,
+        pb::MessageState::Acknowledged => State::Acknowledged,
+        pb::MessageState::Expired => State::Expired,
+        pb::MessageState::DeadLettered => State::DeadLettered,
+        pb::MessageState::Withdrawn => State::Withdrawn,
+        pb::MessageState::Purged => State::Purged,
+    }
+}
+
+/// `ACCEPTED`, `DEAD_LETTERED`, ...
+pub fn state_name(state: State) -> &'static str {
+    let name = state.to_pb().as_str_name();
+    name.strip_prefix("MESSAGE_STATE_").unwrap_or(name)
+}
+
+/// Why message `id` in `state` cannot be redriven.
+fn not_redrivable(id: MessageId, state: State, record: Option<&StatusRecord>) -> String {
+    match (state, record) {
+        (State::DeadLettered, Some(r)) if r.reason_code != "MAX_ATTEMPTS" => format!(
+            "message {id} was rejected by its recipient ({}); a rejected message is never redriven",
+            r.reason_code
+        ),
+        (State::Expired | State::DeadLettered, Some(r)) if !r.payload_kept => format!(
+            "message {id} is {} and its payload was already deleted (dead-letter retention passed)",
+            state_name(state)
+        ),
+        _ => format!(
+            "message {id} is {}; only EXPIRED messages and messages DEAD_LETTERED after too many attempts can be redriven",
+            state_name(state)
+        ),
+    }
+}
+
+fn timestamp(at: Millis) -> pb::Timestamp {
+    to_timestamp(from_millis(at))
+}
+
+fn duration_ms(ms: Millis) -> pb::Duration {
+    pb::Duration {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// The wire form of a store record: metadata only (there is no payload field).
+pub fn metadata(record: &StatusRecord) -> pb::MessageMetadata {
+    pb::MessageMetadata {
+        message_id: record.message_id.to_string(),
+        sender: record
+            .sender
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        recipient: record.recipient.to_string(),
+        kind: record.kind.to_pb() as i32,
+        case_ref: record.case_ref.to_string(),
+        in_reply_to: record
+            .in_reply_to
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+        priority: record.priority.to_pb() as i32,
+        state: record.state.to_pb() as i32,
+        attempts: record.attempts,
+        accepted_at: Some(timestamp(record.accepted_at)),
+        expires_at: Some(timestamp(record.expires_at)),
+        last_delivered_at: record.last_delivered_at.map(timestamp),
+        state_changed_at: Some(timestamp(record.state_changed_at)),
+        next_attempt_at: record.next_attempt_at.map(timestamp),
+        reason_code: record.reason_code.clone(),
+        field_path: record.field_path.clone(),
+        payload_size: record.payload_size,
+        payload_kept: record.payload_kept,
+        broker_seq: record.broker_seq,
+        redrivable: record.redrivable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons() {
+        assert_eq!(check_reason("  spam ").unwrap(), "spam");
+        for bad in ["", "  ", "ab", &"x".repeat(501)] {
+            let error = check_reason(bad).unwrap_err();
+            assert_eq!(error.code(), tonic::Code::InvalidArgument);
+            assert!(error.to_string().starts_with("reason:"), "{error}");
+        }
+        assert!(check_reason(&"é".repeat(500)).is_ok());
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(limit_of(0), DEFAULT_LIMIT);
+        assert_eq!(limit_of(5), 5);
+        assert_eq!(limit_of(1_000_000), MAX_LIMIT);
+    }
+
+    #[test]
+    fn filters_name_the_bad_field() {
+        let bad = |request: pb::SearchMessagesRequest, field: &str| {
+            let error = search_filter(&request).unwrap_err();
+            assert_eq!(error.code(), tonic::Code::InvalidArgument);
+            assert!(error.to_string().starts_with(field), "{error}");
+        };
+        bad(
+            pb::SearchMessagesRequest {
+                message_id: "nope".into(),
+                ..Default::default()
+            },
+            "message_id",
+        );
+        bad(
+            pb::SearchMessagesRequest {
+                sender: "nl-nrm".into(),
+                ..Default::default()
+            },
+            "sender",
+        );
+        bad(
+            pb::SearchMessagesRequest {
+                state: 99,
+                ..Default::default()
+            },
+            "state",
+        );
+        let ok = search_filter(&pb::SearchMessagesRequest {
+            sender: "NL-NRM".into(),
+            state: pb::MessageState::DeadLettered as i32,
+            case_ref: CaseRef::new_random().to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.state, Some(State::DeadLettered));
+        let summary = filter_summary(&ok);
+        assert!(summary.contains("sender=NL-NRM") && summary.contains("case_ref=(set)"));
+        assert!(!summary.contains(&ok.case_ref.unwrap().to_string()));
+    }
+}

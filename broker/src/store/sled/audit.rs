@@ -1,0 +1,259 @@
+//! The audit log in sled (see [`crate::store::audit`] for the records and the
+//! chain rules).
+//!
+//! | tree | key → value |
+//! |---|---|
+//! | `audit` | seq (u64 BE) → canonical encoding ‖ SHA-256 of it |
+//! | `audit_meta` | `head` → seq, hash of the last record; `anchor` → seq, hash the first kept record links to |
+//!
+//! A record is appended inside the transaction of the change it records
+//! ([`Tx::put`] calls [`Tx::audit_change`]; operator actions call [`Tx::audit`]):
+//! one insert into `audit` and one into `audit_meta` more in a transaction that
+//! happens anyway. Retention ([`Core::audit_prune`], from `tick`) drops whole
+//! segments of [`SEGMENT_RECORDS`] records and moves the anchor.
+
+use std::path::Path;
+
+use super::Core;
+use super::codec::Record;
+use super::ops::storage;
+use super::tx::{AUDIT, AUDIT_META, Tx, TxResult, abort, after};
+use crate::store::audit::{
+    AuditEvent, AuditRecord, AuditReport, ChainPoint, LifecycleEvent, SEGMENT_RECORDS, verify,
+};
+use crate::store::{Millis, StoreError};
+
+const HEAD: &[u8] = b"head";
+const ANCHOR: &[u8] = b"anchor";
+/// Attempts at a verification that raced with retention.
+const VERIFY_ATTEMPTS: usize = 3;
+/// Segments dropped per `tick` at most.
+const PRUNE_SEGMENTS_PER_TICK: usize = 4;
+
+impl Tx<'_> {
+    fn chain_point(&self, key: &[u8]) -> TxResult<ChainPoint> {
+        match self.t[AUDIT_META].get(key)? {
+            Some(v) => match ChainPoint::decode(&v) {
+                Ok(point) => Ok(point),
+                Err(e) => abort(e),
+            },
+            None => Ok(ChainPoint::default()),
+        }
+    }
+
+    /// Appends `event` at `at` to the chain.
+    pub(super) fn audit(&self, at: Millis, event: AuditEvent) -> TxResult<()> {
+        let head = self.chain_point(HEAD)?;
+        let record = AuditRecord {
+            seq: head.seq + 1,
+            at,
+            prev_hash: head.hash,
+            event,
+        };
+        let (value, hash) = record.to_stored();
+        self.t[AUDIT].insert(&record.seq.to_be_bytes(), value)?;
+        let head = ChainPoint {
+            seq: record.seq,
+            hash,
+        };
+        self.t[AUDIT_META].insert(HEAD, &head.encode()[..])?;
+        Ok(())
+    }
+
+    /// Records the change `old` → `new` of one message if its state changed
+    /// (no case reference, no payload).
+    pub(super) fn audit_change(&self, old: Option<&Record>, new: Option<&Record>) -> TxResult<()> {
+        let rejected = new.is_some_and(|n| n.rejected);
+        let Some(event) = LifecycleEvent::of(old.map(|r| r.state), new.map(|r| r.state), rejected)
+        else {
+            return Ok(());
+        };
+        let Some(r) = new.or(old) else {
+            return Ok(());
+        };
+        let at = match (new, old) {
+            (Some(n), _) => n.state_changed_at,
+            (None, Some(o)) => o.metadata_delete_at.unwrap_or(o.state_changed_at),
+            (None, None) => return Ok(()),
+        };
+        self.audit(
+            at,
+            AuditEvent::Lifecycle {
+                event,
+                message_id: r.message_id,
+                kind: r.kind,
+                sender: r.sender.clone(),
+                recipient: r.recipient.clone(),
+                from: old.map(|o| o.state),
+                to: new.map(|n| n.state),
+                accepted_at: r.accepted_at,
+                attempts: r.attempts,
+            },
+        )
+    }
+}
+
+fn chain_point(meta: &::sled::Tree, key: &[u8]) -> Result<ChainPoint, StoreError> {
+    match meta.get(key).map_err(storage)? {
+        Some(v) => ChainPoint::decode(&v),
+        None => Ok(ChainPoint::default()),
+    }
+}
+
+/// Verifies the chain in the `audit` / `audit_meta` trees: the records from the
+/// anchor up to the head read at the start (records appended meanwhile are left
+/// for the next verification). Retried when retention moved the anchor meanwhile.
+fn verify_trees(audit: &::sled::Tree, meta: &::sled::Tree) -> Result<AuditReport, StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let anchor = chain_point(meta, ANCHOR)?;
+        let head = chain_point(meta, HEAD)?;
+        let records = audit.range(..=head.seq.to_be_bytes()).map(
+            |item| -> Result<(u64, Vec<u8>), StoreError> {
+                let (key, value) = item.map_err(storage)?;
+                let key: [u8; 8] = key
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("audit key".to_owned()))?;
+                Ok((u64::from_be_bytes(key), value.to_vec()))
+            },
+        );
+        let report = verify(anchor, head, records)?;
+        if report.first_broken.is_none()
+            || attempt >= VERIFY_ATTEMPTS
+            || chain_point(meta, ANCHOR)? == anchor
+        {
+            return Ok(report);
+        }
+    }
+}
+
+impl Core {
+    /// Verifies the audit chain (reads only; runs beside the writer).
+    pub(super) fn audit_verify(&self) -> Result<AuditReport, StoreError> {
+        verify_trees(&self.trees[AUDIT], &self.trees[AUDIT_META])
+    }
+
+    /// Drops whole segments whose last record is older than the audit retention,
+    /// oldest first, keeping the hash the chain continues from. Returns the
+    /// records dropped. A segment is dropped only once the next one has begun.
+    pub(super) fn audit_prune(&self, now: Millis) -> Result<u64, StoreError> {
+        let audit = &self.trees[AUDIT];
+        let meta = &self.trees[AUDIT_META];
+        let retention = self.life.audit_retention;
+        let mut dropped = 0;
+        for _ in 0..PRUNE_SEGMENTS_PER_TICK {
+            let anchor = chain_point(meta, ANCHOR)?;
+            let head = chain_point(meta, HEAD)?;
+            let first = anchor.seq + 1;
+            let segment_end = (first - 1) / SEGMENT_RECORDS * SEGMENT_RECORDS + SEGMENT_RECORDS;
+            if head.seq <= segment_end {
+                break; // the segment is still being written (or is the last one)
+            }
+            let Some(last) = audit.get(segment_end.to_be_bytes()).map_err(storage)? else {
+                return Err(StoreError::Corrupt(format!(
+                    "audit record {segment_end} missing"
+                )));
+            };
+            if last.len() < 32 {
+                return Err(StoreError::Corrupt("audit record too short".to_owned()));
+            }
+            let (encoding, hash) = last.split_at(last.len() - 32);
+            let record = AuditRecord::decode(encoding)?;
+            if after(record.at, retention) > now {
+                break;
+            }
+            let mut new_anchor = ChainPoint {
+                seq: segment_end,
+                hash: [0; 32],
+            };
+            new_anchor.hash.copy_from_slice(hash);
+            self.transact(|tx| {
+                for seq in first..=segment_end {
+                    tx.t[AUDIT].remove(&seq.to_be_bytes())?;
+                }
+                tx.t[AUDIT_META].insert(ANCHOR, &new_anchor.encode()[..])?;
+                Ok(())
+            })?;
+            dropped += segment_end + 1 - first;
+        }
+        if dropped > 0 {
+            tracing::info!(records = dropped, "audit segments past retention dropped");
+        }
+        Ok(dropped)
+    }
+}
+
+/// Opens the sled database in `path` for offline work (the broker must be
+/// stopped: sled locks the directory) after checking that it is a broker store.
+fn open_existing(path: &Path) -> Result<::sled::Db, StoreError> {
+    let open_err = |reason: String| StoreError::Open {
+        path: path.display().to_string(),
+        reason,
+    };
+    // never create a database where there is none
+    std::fs::read_dir(path).map_err(|e| open_err(format!("cannot read the directory: {e}")))?;
+    let db = ::sled::Config::new()
+        .path(path)
+        .cache_capacity(16 << 20)
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| open_err(super::describe_open_error(&e)))?;
+    let is_store = db
+        .open_tree("meta")
+        .and_then(|meta| meta.get("format"))
+        .map_err(|e| open_err(e.to_string()))?
+        .is_some_and(|format| format.as_ref() == super::FORMAT);
+    if !is_store {
+        return Err(open_err("not a trmx broker data directory".to_owned()));
+    }
+    Ok(db)
+}
+
+/// Verifies the audit log of the broker store in `path` while the broker is
+/// stopped (offline). Reads only.
+pub fn verify_audit_offline(path: &Path) -> Result<AuditReport, StoreError> {
+    let db = open_existing(path)?;
+    let audit = db.open_tree("audit").map_err(storage)?;
+    let meta = db.open_tree("audit_meta").map_err(storage)?;
+    verify_trees(&audit, &meta)
+}
+
+/// Test support only (tamper tests): replaces the stored value of audit record
+/// `seq` in the stopped broker's store at `path` with `change(value)` and
+/// flushes. Returns false when there is no such record. Never use it on a real
+/// store: it breaks the chain on purpose.
+#[doc(hidden)]
+pub fn tamper_audit_record(
+    path: &Path,
+    seq: u64,
+    change: impl FnOnce(&mut Vec<u8>),
+) -> Result<bool, StoreError> {
+    let db = open_existing(path)?;
+    let audit = db.open_tree("audit").map_err(storage)?;
+    let Some(value) = audit.get(seq.to_be_bytes()).map_err(storage)? else {
+        return Ok(false);
+    };
+    let mut value = value.to_vec();
+    change(&mut value);
+    audit.insert(seq.to_be_bytes(), value).map_err(storage)?;
+    db.flush().map_err(storage)?;
+    Ok(true)
+}
+
+/// Every audit record kept in the stopped broker's store at `path`, oldest
+/// first (for inspection and tests). Reads only.
+pub fn audit_records_offline(path: &Path) -> Result<Vec<AuditRecord>, StoreError> {
+    let db = open_existing(path)?;
+    let audit = db.open_tree("audit").map_err(storage)?;
+    let mut out = Vec::new();
+    for item in audit.iter().values() {
+        let value = item.map_err(storage)?;
+        if value.len() < 32 {
+            return Err(StoreError::Corrupt("audit record too short".to_owned()));
+        }
+        out.push(AuditRecord::decode(&value[..value.len() - 32])?);
+    }
+    Ok(out)
+}
