@@ -9,4 +9,5 @@ mod crash;
 mod exchange;
 mod lifecycle;
 mod metrics;
+mod operator;
 mod revocation;

@@ -1,0 +1,941 @@
+//! Issue 6: the `Operator` service and `trmx-broker admin` against a real broker
+//! over mutual TLS holding queued, in-flight, expired and dead-lettered messages;
+//! redrive, purge, the audit log (tampering found online and offline), statistics
+//! with small counts suppressed — and no operator output holding a payload byte.
+
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use tonic::Code;
+use tonic::transport::Channel;
+use trmx_broker::clock::Clock;
+use trmx_broker::store::audit::{AuditEvent, OperatorAction};
+use trmx_proto::pb::operator_client::OperatorClient;
+use trmx_proto::time::to_timestamp;
+use trmx_proto::{Kind, pb};
+use trmx_transport::{ClientOptions, TlsPaths, client_channel};
+
+use crate::harness::*;
+
+type Operator = OperatorClient<Channel>;
+
+/// Every payload of these tests carries this marker; no operator output may.
+const MARKER: &str = "PAYLOAD-MARKER-q7Zx";
+
+fn payload(n: usize) -> Vec<u8> {
+    format!("{MARKER} body {n} {MARKER}").into_bytes()
+}
+
+fn marked(to: &str, kind: Kind, n: usize) -> pb::Envelope {
+    envelope(to, kind, &payload(n))
+}
+
+/// The operator certificate `alice` (issued once per test broker).
+fn operator_paths(t: &TestBroker) -> anyhow::Result<TlsPaths> {
+    let path = t.pki.federation.dir.join("alice.pem");
+    let cert = if path.exists() {
+        trmx_certs::CertPaths::for_cert(&path)
+    } else {
+        t.pki.federation.operator("alice")?
+    };
+    Ok(TlsPaths {
+        ca: t.pki.federation.ca_cert_path(),
+        cert: cert.cert,
+        key: cert.key,
+    })
+}
+
+fn operator(t: &TestBroker) -> anyhow::Result<Operator> {
+    let channel = client_channel(
+        &t.addr.to_string(),
+        &operator_paths(t)?,
+        &ClientOptions::default(),
+    )?;
+    Ok(OperatorClient::new(channel))
+}
+
+/// Fails if `bytes` hold the payload marker (raw or base64 in any alignment).
+fn assert_no_payload(what: &str, bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    assert!(!text.contains(MARKER), "{what} holds a payload: {text}");
+    for b64 in base64_forms(MARKER.as_bytes()) {
+        assert!(
+            !text.contains(&b64),
+            "{what} holds a base64 payload: {text}"
+        );
+    }
+}
+
+/// The base64 text that any encoding of data containing `needle` must contain
+/// (one per alignment), trimmed to whole characters.
+fn base64_forms(needle: &[u8]) -> Vec<String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    (0..3)
+        .map(|shift| {
+            let mut data = vec![0u8; shift];
+            data.extend_from_slice(needle);
+            let mut out = String::new();
+            for chunk in data.chunks(3) {
+                if chunk.len() < 3 {
+                    break;
+                }
+                let n =
+                    (u32::from(chunk[0]) << 16) | (u32::from(chunk[1]) << 8) | u32::from(chunk[2]);
+                for i in (0..4).rev() {
+                    out.push(ALPHABET[((n >> (6 * i)) & 63) as usize] as char);
+                }
+            }
+            // drop the characters that depend on the unknown leading bytes
+            out.chars().skip(if shift == 0 { 0 } else { 4 }).collect()
+        })
+        .collect()
+}
+
+/// Runs `trmx-broker` with `args` (blocking, on a blocking thread).
+async fn broker_cli(args: Vec<String>) -> anyhow::Result<Output> {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+            .args(&args)
+            .env_remove("TRMX_BROKER_CONFIG")
+            .output()
+    })
+    .await?
+    .context("running trmx-broker")
+}
+
+/// `trmx-broker admin <connection flags> <args>`; output checked for payload bytes.
+async fn admin(t: &TestBroker, args: &[&str]) -> anyhow::Result<Output> {
+    let paths = operator_paths(t)?;
+    let mut all = vec![
+        "admin".to_owned(),
+        "--broker".to_owned(),
+        t.addr.to_string(),
+        "--ca".to_owned(),
+        paths.ca.display().to_string(),
+        "--cert".to_owned(),
+        paths.cert.display().to_string(),
+        "--key".to_owned(),
+        paths.key.display().to_string(),
+    ];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let output = broker_cli(all).await?;
+    assert_no_payload(&format!("stdout of admin {args:?}"), &output.stdout);
+    assert_no_payload(&format!("stderr of admin {args:?}"), &output.stderr);
+    Ok(output)
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &Output) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(output.status.success(), "admin failed: {}", stderr(output));
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// Polls the sender's view of `id` until it is in `state`.
+async fn wait_state(client: &mut Client, id: &str, state: pb::MessageState) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = state_of(client, id).await?;
+        if now == state {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{id} is {now:?}, never {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn encoded<M: prost::Message>(message: &M) -> Vec<u8> {
+    message.encode_to_vec()
+}
+
+/// The broker of the scenario and the ids of its messages.
+struct Scenario {
+    t: TestBroker,
+    nl: Client,
+    /// BE-PAYOKE's open stream holding `in_flight`.
+    _be_stream: tonic::Streaming<pb::Delivery>,
+    /// dead-lettered after 3 attempts (NL → INT-IOM follow-up)
+    dead: String,
+    /// rejected by BE-PAYOKE
+    rejected: String,
+    /// expired (NL → BE-PAYOKE)
+    expired: String,
+    /// in flight to BE-PAYOKE
+    in_flight: String,
+    /// queued for BE-PAYOKE
+    queued: Vec<String>,
+}
+
+/// Builds a broker holding: a message dead-lettered after too many attempts, one
+/// rejected by its recipient, one expired, one in flight and two queued.
+async fn scenario() -> anyhow::Result<Scenario> {
+    let t = TestBroker::start().await?; // max_attempts 3, ack timeout 10s
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut iom = t.client("INT-IOM")?;
+
+    // dead-lettered after 3 attempts
+    let env = marked("INT-IOM", Kind::FollowUp, 1);
+    let dead = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    {
+        let mut stream = receive(&mut iom, 1).await?;
+        for attempt in 1..=3 {
+            let delivery = next(&mut stream).await?;
+            assert_eq!(
+                (id_of(&delivery), delivery.attempt),
+                (dead.clone(), attempt)
+            );
+            // past the ack timeout (10s) and the backoff (at most 2s)
+            t.advance(Duration::from_secs(13));
+        }
+        // before the stream closes (which would release the lease)
+        wait_state(&mut nl, &dead, pb::MessageState::DeadLettered).await?;
+    }
+
+    // rejected by the recipient
+    let env = marked("BE-PAYOKE", Kind::Referral, 2);
+    let rejected = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    {
+        let mut stream = receive(&mut be, 1).await?;
+        assert_eq!(id_of(&next(&mut stream).await?), rejected);
+        be.reject(pb::RejectRequest {
+            message_id: rejected.clone(),
+            reason_code: "INVALID_BODY".into(),
+            field_path: "referral.consent".into(),
+        })
+        .await?;
+    }
+    wait_state(&mut nl, &rejected, pb::MessageState::DeadLettered).await?;
+
+    // expired
+    let mut env = marked("BE-PAYOKE", Kind::Referral, 3);
+    env.expires_at = Some(to_timestamp(t.clock.now() + Duration::from_secs(1)));
+    let expired = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    t.advance(Duration::from_secs(2));
+    wait_state(&mut nl, &expired, pb::MessageState::Expired).await?;
+
+    // one in flight, two queued
+    let mut ids = Vec::new();
+    for n in 4..7 {
+        let env = marked("BE-PAYOKE", Kind::Referral, n);
+        ids.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    let mut be_stream = receive(&mut be, 1).await?;
+    let in_flight = id_of(&next(&mut be_stream).await?);
+    assert_eq!(in_flight, ids[0]);
+    let queued = ids[1..].to_vec();
+    Ok(Scenario {
+        t,
+        nl,
+        _be_stream: be_stream,
+        dead,
+        rejected,
+        expired,
+        in_flight,
+        queued,
+    })
+}
+
+fn ids_of(messages: &[pb::MessageMetadata]) -> Vec<String> {
+    messages.iter().map(|m| m.message_id.clone()).collect()
+}
+
+#[tokio::test]
+async fn operators_see_queues_participants_messages_and_dead_letters() -> anyhow::Result<()> {
+    let s = scenario().await?;
+    let mut op = operator(&s.t)?;
+
+    let queues = op.list_queues(pb::ListQueuesRequest {}).await?.into_inner();
+    assert_no_payload("ListQueues", &encoded(&queues));
+    let be = queues
+        .queues
+        .iter()
+        .find(|q| q.recipient == "BE-PAYOKE")
+        .context("no BE-PAYOKE queue")?;
+    assert_eq!((be.depth, be.in_flight, be.connected_streams), (2, 1, 1));
+    assert!(be.bytes > 0);
+    assert!(be.oldest_accepted_at.is_some() && be.oldest_age.is_some());
+    let iom = queues
+        .queues
+        .iter()
+        .find(|q| q.recipient == "INT-IOM")
+        .context("no INT-IOM")?;
+    assert_eq!((iom.depth, iom.in_flight), (0, 0));
+
+    let participants = op
+        .list_participants(pb::OperatorListParticipantsRequest {})
+        .await?
+        .into_inner();
+    assert_no_payload("ListParticipants", &encoded(&participants));
+    assert_eq!(participants.participants.len(), 3);
+    let be = participants
+        .participants
+        .iter()
+        .find(|p| p.participant.as_ref().is_some_and(|e| e.id == "BE-PAYOKE"))
+        .context("no BE-PAYOKE")?;
+    assert_eq!(be.connected_streams, 1);
+    assert!(be.last_seen.is_some());
+    let not_after = be.certificate_not_after.context("no certificate expiry")?;
+    assert!(not_after.seconds > to_timestamp(SystemTime::now()).seconds);
+
+    // search: NL-NRM's dead letters (the rejected one and the one out of attempts)
+    let found = op
+        .search_messages(pb::SearchMessagesRequest {
+            sender: "NL-NRM".into(),
+            state: pb::MessageState::DeadLettered as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_no_payload("SearchMessages", &encoded(&found));
+    let mut want = vec![s.dead.clone(), s.rejected.clone()];
+    want.sort();
+    let mut got = ids_of(&found.messages);
+    got.sort();
+    assert_eq!(got, want);
+    let dead = found
+        .messages
+        .iter()
+        .find(|m| m.message_id == s.dead)
+        .context("dead")?;
+    assert_eq!(dead.reason_code, "MAX_ATTEMPTS");
+    assert!(dead.redrivable && dead.payload_kept);
+    let rejected = found
+        .messages
+        .iter()
+        .find(|m| m.message_id == s.rejected)
+        .context("rej")?;
+    assert_eq!(
+        (rejected.reason_code.as_str(), rejected.field_path.as_str()),
+        ("INVALID_BODY", "referral.consent")
+    );
+    assert!(!rejected.redrivable);
+    // by id, by recipient and state, by kind and time; a limit truncates
+    let by_id = op
+        .search_messages(pb::SearchMessagesRequest {
+            message_id: s.in_flight.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(ids_of(&by_id.messages), vec![s.in_flight.clone()]);
+    assert_eq!(by_id.messages[0].state, pb::MessageState::InFlight as i32);
+    let queued = op
+        .search_messages(pb::SearchMessagesRequest {
+            recipient: "BE-PAYOKE".into(),
+            state: pb::MessageState::Accepted as i32,
+            kind: pb::MessageKind::Referral as i32,
+            accepted_from: Some(to_timestamp(s.t.clock.now() - Duration::from_secs(3600))),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(ids_of(&queued.messages), s.queued);
+    let limited = op
+        .search_messages(pb::SearchMessagesRequest {
+            sender: "NL-NRM".into(),
+            limit: 2,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(limited.messages.len(), 2);
+    assert!(limited.truncated);
+    let bad = op
+        .search_messages(pb::SearchMessagesRequest {
+            sender: "nl-nrm".into(),
+            ..Default::default()
+        })
+        .await;
+    let status = assert_code(bad, Code::InvalidArgument, "lower-case sender");
+    assert!(
+        status.message().starts_with("sender"),
+        "{}",
+        status.message()
+    );
+
+    let dead_letters = op
+        .list_dead_letters(pb::ListDeadLettersRequest { limit: 0 })
+        .await?
+        .into_inner();
+    assert_no_payload("ListDeadLetters", &encoded(&dead_letters));
+    assert_eq!(
+        ids_of(&dead_letters.messages),
+        vec![s.dead.clone(), s.rejected.clone(), s.expired.clone()]
+    );
+    let expired = &dead_letters.messages[2];
+    assert_eq!(expired.state, pb::MessageState::Expired as i32);
+    assert!(expired.redrivable);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> anyhow::Result<()> {
+    let mut s = scenario().await?;
+    let mut op = operator(&s.t)?;
+    let refused = op
+        .redrive(pb::RedriveRequest {
+            message_id: s.rejected.clone(),
+        })
+        .await;
+    let status = assert_code(
+        refused,
+        Code::FailedPrecondition,
+        "redrive of a rejected message",
+    );
+    assert!(
+        status.message().contains("rejected"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        state_of(&mut s.nl, &s.rejected).await?,
+        pb::MessageState::DeadLettered
+    );
+    let refused = op
+        .redrive(pb::RedriveRequest {
+            message_id: s.in_flight.clone(),
+        })
+        .await;
+    assert_code(
+        refused,
+        Code::FailedPrecondition,
+        "redrive of an in-flight message",
+    );
+    let unknown = op
+        .redrive(pb::RedriveRequest {
+            message_id: trmx_proto::MessageId::new_v7().to_string(),
+        })
+        .await;
+    assert_code(unknown, Code::NotFound, "redrive of an unknown id");
+
+    let redriven = op
+        .redrive(pb::RedriveRequest {
+            message_id: s.dead.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_no_payload("Redrive", &encoded(&redriven));
+    assert_eq!(redriven.message_id, s.dead);
+    assert_eq!(
+        state_of(&mut s.nl, &s.dead).await?,
+        pb::MessageState::Accepted
+    );
+    // the recipient gets it again, from attempt 1, and acknowledges it
+    let mut iom = s.t.client("INT-IOM")?;
+    let mut stream = receive(&mut iom, 1).await?;
+    let delivery = next(&mut stream).await?;
+    assert_eq!((id_of(&delivery), delivery.attempt), (s.dead.clone(), 1));
+    assert_eq!(
+        delivery.envelope.as_ref().map(|e| e.payload.clone()),
+        Some(payload(1))
+    );
+    assert_eq!(
+        ack(&mut iom, [&s.dead]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    assert_eq!(
+        state_of(&mut s.nl, &s.dead).await?,
+        pb::MessageState::Acknowledged
+    );
+    // an expired message can be redriven too
+    op.redrive(pb::RedriveRequest {
+        message_id: s.expired.clone(),
+    })
+    .await?;
+    assert_eq!(
+        state_of(&mut s.nl, &s.expired).await?,
+        pb::MessageState::Accepted
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> anyhow::Result<()> {
+    let mut s = scenario().await?;
+    let mut op = operator(&s.t)?;
+    let target = s.queued[1].clone();
+    for reason in ["", "  ", "ab", &"x".repeat(501)] {
+        let refused = op
+            .purge(pb::PurgeRequest {
+                message_id: target.clone(),
+                reason: reason.to_owned(),
+            })
+            .await;
+        let status = assert_code(refused, Code::InvalidArgument, "purge without a reason");
+        assert!(
+            status.message().starts_with("reason"),
+            "{}",
+            status.message()
+        );
+    }
+    assert_eq!(
+        state_of(&mut s.nl, &target).await?,
+        pb::MessageState::Accepted
+    );
+
+    let purged = op
+        .purge(pb::PurgeRequest {
+            message_id: target.clone(),
+            reason: "misaddressed, sender asked by phone".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(purged.message_id, target);
+    assert_eq!(
+        state_of(&mut s.nl, &target).await?,
+        pb::MessageState::Purged
+    );
+    // a final message cannot be purged again
+    let again = op
+        .purge(pb::PurgeRequest {
+            message_id: target.clone(),
+            reason: "twice".into(),
+        })
+        .await;
+    assert_code(again, Code::FailedPrecondition, "purge of a purged message");
+    // the in-flight one can be purged as well
+    op.purge(pb::PurgeRequest {
+        message_id: s.in_flight.clone(),
+        reason: "duplicate of another referral".into(),
+    })
+    .await?;
+
+    // the sender gets a non-delivery report PURGED for it
+    let mut stream = receive(&mut s.nl, 0).await?;
+    let mut found = false;
+    for _ in 0..10 {
+        let (kind, report) = receipt(&next(&mut stream).await?)?;
+        if report.message_id == target {
+            assert_eq!(kind, Kind::NonDeliveryReport);
+            assert_eq!(report.outcome, pb::Outcome::Purged as i32);
+            assert!(!format!("{report:?}").contains("phone"), "reason leaked");
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no non-delivery report for the purged message");
+
+    // the audit log holds the purge with its reason and the operator, and the
+    // lifecycle change — never a case reference
+    let report = op
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await?
+        .into_inner();
+    assert!(report.intact, "{report:?}");
+    assert!(report.records > 10);
+    let data_dir = s.t.config.data_dir.clone();
+    let mut t = s.t;
+    drop(stream);
+    drop(s._be_stream);
+    t.broker.shutdown().await?;
+    let records = trmx_broker::store::audit_records_offline(&data_dir)?;
+    let purge = records
+        .iter()
+        .find(|r| {
+            matches!(&r.event, AuditEvent::Operator(OperatorAction::Purge { message_id, reason, operator })
+                if message_id.to_string() == target && reason == "misaddressed, sender asked by phone" && operator == "alice")
+        })
+        .context("no audit record of the purge")?;
+    let purged_change = records
+        .iter()
+        .find(|r| {
+            matches!(&r.event, AuditEvent::Lifecycle { message_id, event, .. }
+                if message_id.to_string() == target && event.name() == "PURGED")
+        })
+        .context("no lifecycle record of the purge")?;
+    assert!(purged_change.seq > purge.seq);
+    let text = format!("{records:?}");
+    assert!(!text.contains(MARKER));
+    t.restart().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tampered_audit_log_is_found_at_the_right_record_offline_and_online() -> anyhow::Result<()>
+{
+    let mut t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    for n in 0..5 {
+        submit(&mut nl, marked("BE-PAYOKE", Kind::Referral, n)).await?;
+    }
+    let mut op = operator(&t)?;
+    op.search_messages(pb::SearchMessagesRequest {
+        sender: "NL-NRM".into(),
+        ..Default::default()
+    })
+    .await?;
+    let intact = op
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await?
+        .into_inner();
+    assert!(intact.intact && intact.records >= 6, "{intact:?}");
+    drop(op);
+    drop(nl);
+    t.broker.shutdown().await?;
+    let data_dir = t.config.data_dir.clone();
+
+    // offline, intact
+    let verified = broker_cli(vec![
+        "audit".into(),
+        "verify".into(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+    ])
+    .await?;
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    assert!(
+        stdout(&verified).contains("intact"),
+        "{}",
+        stdout(&verified)
+    );
+
+    // change one byte of record 3 (a lifecycle record)
+    let tampered =
+        trmx_broker::store::tamper_audit_record(&data_dir, 3, |value| value[12] ^= 0x01)?;
+    assert!(tampered);
+    let report = trmx_broker::store::verify_audit_offline(&data_dir)?;
+    assert_eq!(report.first_broken, Some(3), "{report:?}");
+    let verified = broker_cli(vec![
+        "audit".into(),
+        "verify".into(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+    ])
+    .await?;
+    assert!(!verified.status.success());
+    let line = stderr(&verified);
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(line.contains("broken at record 3"), "{line}");
+
+    // online, after a restart: the same record, through the RPC and the CLI
+    t.restart().await?;
+    let mut op = operator(&t)?;
+    let report = op
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await?
+        .into_inner();
+    assert!(!report.intact);
+    assert_eq!(report.first_broken, 3, "{report:?}");
+    let cli = admin(&t, &["audit", "verify"]).await?;
+    assert!(!cli.status.success());
+    assert!(
+        stderr(&cli).contains("broken at record 3"),
+        "{}",
+        stderr(&cli)
+    );
+
+    // offline while the broker runs: refused with one clear line
+    let locked = broker_cli(vec![
+        "audit".into(),
+        "verify".into(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+    ])
+    .await?;
+    assert!(!locked.status.success());
+    assert_eq!(stderr(&locked).lines().count(), 1, "{}", stderr(&locked));
+    Ok(())
+}
+
+#[tokio::test]
+async fn node_certificates_cannot_use_the_operator_service() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let paths = t.pki.participant("NL-NRM")?;
+    let channel = client_channel(&t.addr.to_string(), &paths, &ClientOptions::default())?;
+    let mut node = OperatorClient::new(channel);
+    let status = assert_code(
+        node.list_queues(pb::ListQueuesRequest {}).await,
+        Code::PermissionDenied,
+        "node certificate on Operator",
+    );
+    assert!(status.message().contains("operator certificate"));
+    assert_code(
+        node.purge(pb::PurgeRequest {
+            message_id: trmx_proto::MessageId::new_v7().to_string(),
+            reason: "because".into(),
+        })
+        .await,
+        Code::PermissionDenied,
+        "node certificate purging",
+    );
+    // and operator certificates still cannot use Exchange
+    let mut op_exchange = t.operator_client("bob")?;
+    assert_code(
+        submit(&mut op_exchange, referral("BE-PAYOKE")).await,
+        Code::PermissionDenied,
+        "operator certificate on Exchange",
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_admin_command_works_and_never_prints_a_payload() -> anyhow::Result<()> {
+    let s = scenario().await?;
+    let t = &s.t;
+
+    let out = admin(t, &["queues"]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(
+        table.contains("RECIPIENT") && table.contains("BE-PAYOKE"),
+        "{table}"
+    );
+    let be_row = table
+        .lines()
+        .find(|l| l.starts_with("BE-PAYOKE"))
+        .context("row")?;
+    let cells: Vec<&str> = be_row.split_whitespace().collect();
+    assert_eq!(&cells[1..3], ["2", "1"], "{be_row}");
+    let queues = json(&admin(t, &["--json", "queues"]).await?)?;
+    assert!(
+        queues["queues"].as_array().is_some_and(|q| q.len() == 3),
+        "{queues}"
+    );
+
+    let watched = admin(t, &["queues", "--watch", "1", "--count", "2"]).await?;
+    assert!(watched.status.success(), "{}", stderr(&watched));
+    let screen = stdout(&watched);
+    assert_eq!(screen.matches("\x1b[2J\x1b[H").count(), 2, "{screen}");
+
+    let out = admin(t, &["participants"]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("yes (1)"), "{}", stdout(&out));
+    json(&admin(t, &["participants", "--json"]).await?)?;
+
+    let out = admin(
+        t,
+        &["messages", "--sender", "NL-NRM", "--state", "dead-lettered"],
+    )
+    .await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(
+        table.contains(&s.dead) && table.contains(&s.rejected),
+        "{table}"
+    );
+    assert!(
+        table.contains("MAX_ATTEMPTS") && table.contains("INVALID_BODY"),
+        "{table}"
+    );
+    assert!(!table.contains(&s.in_flight));
+    let found = json(&admin(t, &["--json", "messages", "--id", &s.in_flight]).await?)?;
+    assert_eq!(
+        found["messages"][0]["state"], "MESSAGE_STATE_IN_FLIGHT",
+        "{found}"
+    );
+    let case = found["messages"][0]["caseRef"]
+        .as_str()
+        .context("caseRef")?
+        .to_owned();
+    let by_case = json(&admin(t, &["--json", "messages", "--case", &case]).await?)?;
+    assert_eq!(by_case["messages"].as_array().map(Vec::len), Some(1));
+
+    let out = admin(t, &["dead-letters"]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&s.expired), "{}", stdout(&out));
+    let dead = json(&admin(t, &["dead-letters", "--json"]).await?)?;
+    assert_eq!(dead["messages"].as_array().map(Vec::len), Some(3));
+
+    let refused = admin(t, &["redrive", &s.rejected]).await?;
+    assert!(!refused.status.success());
+    let line = stderr(&refused);
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(
+        line.contains("FAILED_PRECONDITION") && line.contains("rejected"),
+        "{line}"
+    );
+    let out = admin(t, &["redrive", &s.dead]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("redriven"), "{}", stdout(&out));
+
+    let refused = admin(t, &["purge", &s.queued[0], "--reason", "no"]).await?;
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("INVALID_ARGUMENT: reason"),
+        "{}",
+        stderr(&refused)
+    );
+    let missing = admin(t, &["purge", &s.queued[0]]).await?;
+    assert!(
+        !missing.status.success(),
+        "a purge without --reason must fail"
+    );
+    let purged = json(
+        &admin(
+            t,
+            &[
+                "--json",
+                "purge",
+                &s.queued[0],
+                "--reason",
+                "wrong recipient",
+            ],
+        )
+        .await?,
+    )?;
+    assert_eq!(purged["messageId"], s.queued[0].as_str());
+
+    let out = admin(t, &["audit", "verify"]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("intact"), "{}", stdout(&out));
+
+    let out = admin(t, &["stats"]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("messages per corridor"),
+        "{}",
+        stdout(&out)
+    );
+    let csv = admin(t, &["stats", "--csv"]).await?;
+    assert!(csv.status.success(), "{}", stderr(&csv));
+    assert!(
+        stdout(&csv).starts_with("section,month,"),
+        "{}",
+        stdout(&csv)
+    );
+    json(&admin(t, &["stats", "--json"]).await?)?;
+
+    // failures: one line, non-zero
+    let bad = admin(t, &["messages", "--state", "lost"]).await?;
+    assert!(!bad.status.success());
+    assert_eq!(stderr(&bad).lines().count(), 1, "{}", stderr(&bad));
+    let node = t.pki.participant("BE-PAYOKE")?;
+    let denied = broker_cli(vec![
+        "admin".into(),
+        "--broker".into(),
+        t.addr.to_string(),
+        "--ca".into(),
+        node.ca.display().to_string(),
+        "--cert".into(),
+        node.cert.display().to_string(),
+        "--key".into(),
+        node.key.display().to_string(),
+        "queues".into(),
+    ])
+    .await?;
+    assert!(!denied.status.success());
+    assert!(
+        stderr(&denied).contains("PERMISSION_DENIED"),
+        "{}",
+        stderr(&denied)
+    );
+    assert_eq!(stderr(&denied).lines().count(), 1);
+    let unreachable = broker_cli(vec![
+        "admin".into(),
+        "--broker".into(),
+        "127.0.0.1:1".into(),
+        "--ca".into(),
+        node.ca.display().to_string(),
+        "--cert".into(),
+        node.cert.display().to_string(),
+        "--key".into(),
+        node.key.display().to_string(),
+        "queues".into(),
+    ])
+    .await?;
+    assert!(!unreachable.status.success());
+    assert_eq!(
+        stderr(&unreachable).lines().count(),
+        1,
+        "{}",
+        stderr(&unreachable)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn statistics_come_from_metadata_and_suppress_small_counts() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    // 6 referrals NL → BE, each answered; 2 follow-ups NL → INT-IOM
+    let mut referrals = Vec::new();
+    for n in 0..6 {
+        let env = marked("BE-PAYOKE", Kind::Referral, n);
+        referrals.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    for n in 0..2 {
+        submit(&mut nl, marked("INT-IOM", Kind::FollowUp, 10 + n)).await?;
+    }
+    t.advance(Duration::from_secs(3600));
+    for (n, id) in referrals.iter().enumerate() {
+        let mut answer = marked("NL-NRM", Kind::ReferralResponse, 20 + n);
+        answer.in_reply_to = id.clone();
+        submit(&mut be, answer).await?;
+        t.advance(Duration::from_secs(60));
+    }
+    let mut op = operator(&t)?;
+    let stats = op
+        .get_statistics(pb::GetStatisticsRequest::default())
+        .await?
+        .into_inner();
+    assert_no_payload("GetStatistics", &encoded(&stats));
+    let corridor = |from: &str, to: &str, kind: pb::MessageKind| {
+        stats
+            .corridors
+            .iter()
+            .find(|c| {
+                c.sender_country == from && c.recipient_country == to && c.kind == kind as i32
+            })
+            .and_then(|c| c.messages)
+    };
+    let nl_be = corridor("NL", "BE", pb::MessageKind::Referral).context("NL→BE")?;
+    assert_eq!((nl_be.value, nl_be.suppressed), (6, false));
+    let nl_int = corridor("NL", "INT", pb::MessageKind::FollowUp).context("NL→INT")?;
+    assert_eq!((nl_int.value, nl_int.suppressed), (0, true));
+    assert!(corridor("BE", "NL", pb::MessageKind::ReferralResponse).is_some());
+    let times = stats
+        .response_times
+        .iter()
+        .find(|r| r.request_kind == pb::MessageKind::Referral as i32)
+        .context("no referral response times")?;
+    assert_eq!(times.pairs.map(|p| p.value), Some(6));
+    let median = times.median.context("median")?;
+    assert!(
+        (3600..3600 + 6 * 60).contains(&median.seconds),
+        "{median:?}"
+    );
+    let p90 = times.p90.context("p90")?;
+    assert!(p90.seconds >= median.seconds);
+
+    let csv = admin(&t, &["stats", "--csv"]).await?;
+    assert!(csv.status.success(), "{}", stderr(&csv));
+    let text = stdout(&csv);
+    assert!(text.contains(",NL,INT,follow-up,,messages,<5"), "{text}");
+    assert!(text.contains(",NL,BE,referral,,messages,6"), "{text}");
+    assert!(
+        text.contains("referral,referral-response,median_seconds,"),
+        "{text}"
+    );
+    let table = stdout(&admin(&t, &["stats"]).await?);
+    assert!(
+        table.contains("<5") && table.contains("NL -> BE"),
+        "{table}"
+    );
+
+    // a range that ends before it starts is refused
+    let bad = op
+        .get_statistics(pb::GetStatisticsRequest {
+            from: Some(to_timestamp(t.clock.now())),
+            until: Some(to_timestamp(t.clock.now() - Duration::from_secs(1))),
+        })
+        .await;
+    assert_code(bad, Code::InvalidArgument, "inverted range");
+    Ok(())
+}
