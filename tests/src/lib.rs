@@ -1,5 +1,8 @@
 //! trmx-tests: the local federation demo and the harness of the end-to-end tests.
 //!
+//! - [`chaos`]: crash safety under chaos — broker and node processes killed
+//!   (SIGKILL, broker fail points) while messages flow, and the checker that
+//!   counts lost, duplicated and redelivered messages.
 //! - [`adversary`]: hostile clients for the certificate and bad-input tests —
 //!   any TLS config, bare handshakes that report the alert, certificates
 //!   with unusual key usages, raw gRPC bodies.
@@ -18,6 +21,7 @@
 //! outcome.
 
 pub mod adversary;
+pub mod chaos;
 pub mod federation;
 pub mod harness;
 pub mod process;

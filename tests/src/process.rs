@@ -157,6 +157,14 @@ impl Process {
         }
     }
 
+    /// The exit status if the process has exited on its own, without waiting;
+    /// afterwards the process counts as stopped.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
+    }
+
     /// Kills the process at once (SIGKILL), like a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

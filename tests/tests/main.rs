@@ -7,5 +7,6 @@
 
 mod bad_input;
 mod certs;
+mod chaos;
 mod e2e;
 mod node;
