@@ -339,3 +339,30 @@ pub(crate) fn assert_code<T: std::fmt::Debug>(
         }
     }
 }
+
+/// Moves the clock past a lease's ack timeout (10 s) and the longest backoff
+/// (2 s) of [`TestBroker`], and waits until the broker's timers acted on it:
+/// the message was handed out again (one more attempt) or left `IN_FLIGHT`
+/// (dead-lettered after its last attempt). The backoff counts from the ack
+/// deadline, so a due message may be leased again before any poll sees it
+/// `ACCEPTED`: the attempt count is what tells.
+pub(crate) async fn time_out_lease(
+    t: &TestBroker,
+    sender: &mut Client,
+    id: &str,
+) -> anyhow::Result<()> {
+    let before = status(sender, id).await?.attempts;
+    t.advance(Duration::from_secs(10 + 2 + 1));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let st = status(sender, id).await?;
+        if st.state != pb::MessageState::InFlight as i32 || st.attempts > before {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "lease not timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -9,22 +9,6 @@ use trmx_proto::{Kind, pb};
 
 use crate::harness::*;
 
-/// Moves the clock past the ack timeout of message `id`, waits until the
-/// broker's timers have taken the lease back, then moves past the backoff.
-async fn time_out_lease(t: &TestBroker, sender: &mut Client, id: &str) -> anyhow::Result<()> {
-    t.advance(Duration::from_secs(11));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while state_of(sender, id).await? == pb::MessageState::InFlight {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "lease not timed out"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    t.advance(Duration::from_secs(2)); // backoff_max
-    Ok(())
-}
-
 #[tokio::test]
 async fn an_unacknowledged_delivery_comes_again_after_the_ack_timeout() -> anyhow::Result<()> {
     let t = TestBroker::start().await?;

@@ -473,14 +473,7 @@ async fn redeliveries_and_exhausted_attempts_are_counted() -> anyhow::Result<()>
     for attempt in 1..=3 {
         let delivery = next(&mut stream).await?;
         assert_eq!((id_of(&delivery), delivery.attempt), (id.clone(), attempt));
-        // past the ack timeout; once the timers took the lease back, past the backoff
-        t.advance(Duration::from_secs(11));
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while state_of(&mut nl, &id).await? == pb::MessageState::InFlight {
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "lease kept");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        t.advance(Duration::from_secs(2));
+        time_out_lease(&t, &mut nl, &id).await?;
     }
     let scrape = scrape_until(admin, "the dead letter to be counted", |s| {
         s.get("trmx_messages_dead_lettered_total{reason=\"max_attempts\"}") == Some(1.0)
