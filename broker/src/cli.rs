@@ -113,9 +113,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn init_tracing(filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .with_context(|| format!("--log-level {filter:?} is not a valid log filter"))?;
+    // Colours only on a terminal: log files and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))
 }
