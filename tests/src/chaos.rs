@@ -1190,3 +1190,326 @@ impl SenderJob {
         Ok((self.sender, ids))
     }
 }
+
+// ---- resource bounds (issue 7, item 5): the long measurements ----------------------------
+
+/// Broker memory with a small and a large backlog (nobody receiving).
+#[derive(Debug, Clone, Default)]
+pub struct BacklogFigures {
+    /// The small backlog, in messages.
+    pub small: usize,
+    /// The large backlog, in messages.
+    pub large: usize,
+    /// Payload bytes per message.
+    pub payload_bytes: usize,
+    /// Broker RSS with the small backlog, KiB.
+    pub rss_small_kib: u64,
+    /// Broker RSS with the large backlog, KiB.
+    pub rss_large_kib: u64,
+    /// Broker peak RSS (VmHWM) up to the small backlog, KiB.
+    pub peak_small_kib: u64,
+    /// Broker peak RSS (VmHWM) up to the large backlog, KiB.
+    pub peak_large_kib: u64,
+    /// Submits per second while filling.
+    pub fill_rate: f64,
+}
+
+impl BacklogFigures {
+    /// RSS with the large backlog over RSS with the small one.
+    pub fn ratio(&self) -> f64 {
+        self.rss_large_kib as f64 / self.rss_small_kib.max(1) as f64
+    }
+}
+
+impl fmt::Display for BacklogFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        writeln!(
+            f,
+            "backlog {:>7} messages: broker RSS {:6.1} MiB (peak {:6.1} MiB)",
+            self.small,
+            mib(self.rss_small_kib),
+            mib(self.peak_small_kib)
+        )?;
+        writeln!(
+            f,
+            "backlog {:>7} messages: broker RSS {:6.1} MiB (peak {:6.1} MiB)",
+            self.large,
+            mib(self.rss_large_kib),
+            mib(self.peak_large_kib)
+        )?;
+        writeln!(
+            f,
+            "payload {} bytes, filled at {:.0} submits/s",
+            self.payload_bytes, self.fill_rate
+        )?;
+        write!(f, "RSS ratio {:.2} (limit 1.5)", self.ratio())
+    }
+}
+
+/// Fills an offline recipient's queue on a broker process to `small`, then
+/// to `large` messages, and measures the broker's RSS at both.
+pub async fn measure_backlog(
+    exe: &Path,
+    dir: &Path,
+    small: usize,
+    large: usize,
+    payload_bytes: usize,
+) -> anyhow::Result<BacklogFigures> {
+    // The production defaults (page cache, limits) except the submit rate,
+    // which would make filling take hours.
+    let mut fleet = Fleet::create(dir, exe, 2, |c| {
+        let defaults = BrokerConfig::new(c.data_dir.clone(), c.tls.clone());
+        c.store = defaults.store;
+        c.lifecycle = defaults.lifecycle;
+    })
+    .await?;
+    fleet.start_broker(&[]).await?;
+    let pid = fleet.broker.pid().context("the broker is not running")?;
+    let clients = vec![
+        fleet.exchange(&fleet.senders[0])?,
+        fleet.exchange(&fleet.senders[1])?,
+    ];
+    let started = Instant::now();
+    fill(&clients, small, payload_bytes).await?;
+    let rss_small_kib = settled_rss(pid).await?;
+    let peak_small_kib = peak_rss_kib(pid).unwrap_or(0);
+    fill(&clients, large - small, payload_bytes).await?;
+    let fill_rate = large as f64 / started.elapsed().as_secs_f64();
+    let rss_large_kib = settled_rss(pid).await?;
+    let peak_large_kib = peak_rss_kib(pid).unwrap_or(0);
+    fleet.stop_all().await?;
+    Ok(BacklogFigures {
+        small,
+        large,
+        payload_bytes,
+        rss_small_kib,
+        rss_large_kib,
+        peak_small_kib,
+        peak_large_kib,
+        fill_rate,
+    })
+}
+
+/// The RSS once the broker has been idle for a moment.
+async fn settled_rss(pid: u32) -> anyhow::Result<u64> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rss_kib(pid).context("cannot read the broker's RSS")
+}
+
+/// Submits `count` messages to [`RECIPIENT`] through `clients`, 32 at a time each.
+async fn fill(clients: &[Exchange], count: usize, payload_bytes: usize) -> anyhow::Result<()> {
+    const IN_FLIGHT: usize = 32;
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        for _ in 0..IN_FLIGHT {
+            let (mut client, next) = (client.clone(), Arc::clone(&next));
+            tasks.spawn(async move {
+                while next.fetch_add(1, Ordering::SeqCst) < count {
+                    let env = crate::harness::envelope(
+                        RECIPIENT,
+                        Kind::Referral,
+                        vec![0x5a; payload_bytes],
+                    );
+                    client
+                        .submit(pb::SubmitRequest {
+                            envelope: Some(env),
+                        })
+                        .await?;
+                }
+                anyhow::Ok(())
+            });
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Submit latencies of one participant, in microseconds.
+#[derive(Debug, Clone, Default)]
+pub struct Latencies {
+    /// Every successful submit's latency.
+    pub micros: Vec<u64>,
+    /// Submits refused or failed.
+    pub errors: usize,
+}
+
+impl Latencies {
+    /// The `q`-quantile (0..=1), in milliseconds.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.micros.is_empty() {
+            return 0.0;
+        }
+        let mut sorted = self.micros.clone();
+        sorted.sort_unstable();
+        let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1] as f64 / 1000.0
+    }
+}
+
+/// Another participant's submit latency before and during a flood.
+#[derive(Debug, Clone, Default)]
+pub struct FloodFigures {
+    /// Seconds each phase lasted.
+    pub seconds: u64,
+    /// The other participant, no flood.
+    pub baseline: Latencies,
+    /// The other participant, during the flood.
+    pub during: Latencies,
+    /// Flood submits accepted.
+    pub flood_accepted: usize,
+    /// Flood submits refused with RESOURCE_EXHAUSTED.
+    pub flood_exhausted: usize,
+    /// Flood submits that failed otherwise.
+    pub flood_other: usize,
+    /// The limits in force: rate per second, burst.
+    pub rate: (u32, u32),
+}
+
+impl FloodFigures {
+    /// p99 during the flood over the p99 of the baseline.
+    pub fn ratio(&self) -> f64 {
+        self.during.quantile_ms(0.99) / self.baseline.quantile_ms(0.99).max(0.001)
+    }
+}
+
+impl fmt::Display for FloodFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let line = |l: &Latencies| {
+            format!(
+                "{} submits, {} errors, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                l.micros.len(),
+                l.errors,
+                l.quantile_ms(0.5),
+                l.quantile_ms(0.99),
+                l.quantile_ms(1.0)
+            )
+        };
+        writeln!(
+            f,
+            "other participant, baseline:     {}",
+            line(&self.baseline)
+        )?;
+        writeln!(f, "other participant, during flood: {}", line(&self.during))?;
+        writeln!(
+            f,
+            "flooder ({} s, limit {}/s burst {}): {} accepted, {} RESOURCE_EXHAUSTED, {} other errors",
+            self.seconds,
+            self.rate.0,
+            self.rate.1,
+            self.flood_accepted,
+            self.flood_exhausted,
+            self.flood_other
+        )?;
+        write!(f, "p99 ratio {:.2} (limit 3.0)", self.ratio())
+    }
+}
+
+/// With the default limits, one participant floods `Submit` (64 at a time)
+/// while another submits at a steady pace; the other's latency is measured
+/// for `seconds` without and then with the flood.
+pub async fn measure_flood(exe: &Path, dir: &Path, seconds: u64) -> anyhow::Result<FloodFigures> {
+    let mut rate = (0, 0);
+    let mut fleet = Fleet::create(dir, exe, 2, |c| {
+        let defaults = BrokerConfig::new(c.data_dir.clone(), c.tls.clone());
+        c.store = defaults.store;
+        c.limits = defaults.limits;
+        c.lifecycle = defaults.lifecycle;
+        rate = (c.limits.sender_rate_per_second, c.limits.sender_rate_burst);
+    })
+    .await?;
+    fleet.start_broker(&[]).await?;
+    let flooder = fleet.exchange(&fleet.senders[0])?;
+    let other = fleet.exchange(&fleet.senders[1])?;
+    let phase = Duration::from_secs(seconds);
+    // warm up the connection
+    probe(other.clone(), Duration::from_millis(500)).await?;
+    let baseline = probe(other.clone(), phase).await?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new([
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (mut client, stop, counts) = (flooder.clone(), Arc::clone(&stop), Arc::clone(&counts));
+        tasks.spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let env = crate::harness::envelope(RECIPIENT, Kind::Referral, vec![0x5a; 1024]);
+                let slot = match client
+                    .submit(pb::SubmitRequest {
+                        envelope: Some(env),
+                    })
+                    .await
+                {
+                    Ok(_) => 0,
+                    Err(status) if status.code() == Code::ResourceExhausted => 1,
+                    Err(_) => 2,
+                };
+                counts[slot].fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let during = probe(other, phase).await;
+    stop.store(true, Ordering::SeqCst);
+    while tasks.join_next().await.is_some() {}
+    let during = during?;
+    fleet.stop_all().await?;
+    Ok(FloodFigures {
+        seconds,
+        baseline,
+        during,
+        flood_accepted: counts[0].load(Ordering::SeqCst),
+        flood_exhausted: counts[1].load(Ordering::SeqCst),
+        flood_other: counts[2].load(Ordering::SeqCst),
+        rate,
+    })
+}
+
+/// Submits one message every 20 ms for `phase` on a thread and runtime of
+/// its own (so that a busy runtime elsewhere does not delay its clock).
+async fn probe(client: Exchange, phase: Duration) -> anyhow::Result<Latencies> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("latency-probe".to_owned())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let outcome = match runtime {
+                Ok(runtime) => runtime.block_on(async move {
+                    let mut client = client;
+                    let mut latencies = Latencies::default();
+                    let end = Instant::now() + phase;
+                    let mut tick = tokio::time::interval(Duration::from_millis(20));
+                    while Instant::now() < end {
+                        tick.tick().await;
+                        let env =
+                            crate::harness::envelope(RECIPIENT, Kind::Referral, vec![0x33; 1024]);
+                        let started = Instant::now();
+                        match client
+                            .submit(pb::SubmitRequest {
+                                envelope: Some(env),
+                            })
+                            .await
+                        {
+                            Ok(_) => latencies.micros.push(started.elapsed().as_micros() as u64),
+                            Err(_) => latencies.errors += 1,
+                        }
+                    }
+                    latencies
+                }),
+                Err(e) => {
+                    let _ = done.send(Err(anyhow::anyhow!("probe runtime: {e}")));
+                    return;
+                }
+            };
+            let _ = done.send(Ok(outcome));
+        })?;
+    result.await?
+}

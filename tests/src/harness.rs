@@ -488,3 +488,41 @@ impl Harness {
         Ok(broker.reload_tls()?)
     }
 }
+
+// ---- additions for the network-fault and resource-bound tests ------------------------
+
+impl Harness {
+    /// Starts `id`'s node in this process talking to the broker through
+    /// `broker` instead of the broker's own address (e.g. a
+    /// [`crate::proxy::FaultProxy`] in front of it); returns its local API.
+    pub async fn start_node_via(&mut self, id: &str, broker: SocketAddr) -> anyhow::Result<Api> {
+        if self.nodes.contains_key(id) {
+            bail!("{id}'s node is already running");
+        }
+        let mut config = self.node_config(id)?;
+        config.broker.address = broker.to_string();
+        let node = RunningNode::start(&config, Arc::new(SystemClock))
+            .await
+            .with_context(|| format!("starting {id}'s node"))?;
+        let api = trmx_node::connect_local(node.socket_path())
+            .await
+            .with_context(|| format!("connecting to {id}'s local API"))?;
+        self.nodes.insert(id.to_owned(), (node, api.clone()));
+        Ok(api)
+    }
+}
+
+/// Every entry a `Watch` from the start streams: at least `expected`, then
+/// whatever else arrives within [`QUIET`] (a duplicate would).
+pub async fn watch_all(api: &mut Api, expected: usize) -> anyhow::Result<Vec<pb::InboxEntry>> {
+    let mut stream = watch(api, 0).await?;
+    let mut seen = Vec::with_capacity(expected);
+    loop {
+        let wait = if seen.len() >= expected { QUIET } else { WAIT };
+        match tokio::time::timeout(wait, stream.message()).await {
+            Ok(Ok(Some(entry))) => seen.push(entry),
+            Ok(Ok(None)) | Err(_) => return Ok(seen),
+            Ok(Err(status)) => bail!("watch failed: {status}"),
+        }
+    }
+}

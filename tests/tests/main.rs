@@ -6,7 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bad_input;
+mod bounds;
 mod certs;
 mod chaos;
 mod e2e;
+mod network;
 mod node;
+mod storage;
