@@ -360,13 +360,6 @@ pub(super) fn seq_suffix(key: &[u8]) -> Result<u64, StoreError> {
     read_u64(&key[start..])
 }
 
-/// `by_sender`: sender | 0 | message id (value: seq).
-pub(super) fn by_sender_key(sender: &ParticipantId, id: MessageId) -> Vec<u8> {
-    let mut key = participant_prefix(sender);
-    key.extend_from_slice(id.as_bytes());
-    key
-}
-
 /// What a timer does when it fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TimerKind {

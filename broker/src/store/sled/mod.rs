@@ -44,6 +44,8 @@ mod writer;
 
 /// Format marker stored in the `meta` tree.
 const FORMAT: &[u8] = b"trmx-broker-store/1";
+/// Lease attempts when every candidate was settled meanwhile.
+const LEASE_ATTEMPTS: usize = 3;
 /// Capacity of the wake-up channel.
 const WAKEUP_CAPACITY: usize = 1024;
 
@@ -71,8 +73,7 @@ impl Default for SledOptions {
 /// |---|---|
 /// | `records` | seq → message record (metadata, no payload) |
 /// | `payloads` | seq → payload bytes |
-/// | `by_sender` | sender, message id → seq (idempotency, status, withdraw) |
-/// | `by_id` | message id → seqs (ack / reject / operator by id) |
+/// | `by_id` | message id → seqs (ack / reject / operator by id; with the record's sender: idempotency, status, withdraw) |
 /// | `queue` | recipient, priority, seq → () — due for delivery, lease order |
 /// | `inflight` | recipient, seq → stream id |
 /// | `timers` | at, kind, seq → () — ack deadline, backoff end, expiry, retentions |
@@ -362,10 +363,27 @@ impl BrokerStore for SledStore {
         // `recover` makes the message due again (at least once). It becomes
         // durable with the next flush anyone waits for (the ack's at the latest).
         self.ready().await?;
-        self.inner
-            .writer
-            .exclusive(move |core| core.lease(&recipient, stream, max, now))
-            .await
+        // A candidate can be settled by an earlier job of the same batch
+        // (ack after a timeout, withdraw): then look again rather than
+        // answer "nothing due" while the queue holds more.
+        for _ in 0..LEASE_ATTEMPTS {
+            let (scan_for, lease_for) = (recipient.clone(), recipient.clone());
+            let (leased, had_candidates) = self
+                .inner
+                .writer
+                .prepared_transaction(
+                    move |core, claimed| core.lease_candidates(&scan_for, max, claimed),
+                    move |tx, candidates| {
+                        let leased = tx.lease(&lease_for, stream, candidates, now)?;
+                        Ok((leased, !candidates.is_empty()))
+                    },
+                )
+                .await?;
+            if !leased.is_empty() || !had_candidates {
+                return Ok(leased);
+            }
+        }
+        Ok(Vec::new())
     }
 
     async fn ack(

@@ -63,79 +63,30 @@ impl Core {
         }
     }
 
-    pub(super) fn lease(
+    /// Up to `max` seqs from the committed queue of `recipient`, in lease
+    /// order, not `claimed` by an earlier lease of the same batch (they are
+    /// added to it).
+    pub(super) fn lease_candidates(
         &self,
         recipient: &ParticipantId,
-        stream: StreamId,
         max: usize,
-        now: Millis,
-    ) -> Result<Vec<Leased>, StoreError> {
+        claimed: &mut super::writer::Claimed,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut candidates = Vec::with_capacity(max.min(1024));
         if max == 0 {
-            return Ok(Vec::new());
+            return Ok(candidates);
         }
-        // Leases run on the single writer thread, so two streams never pick
-        // the same candidates.
-        let mut candidates = Vec::with_capacity(max);
         for item in self.tree(QUEUE).scan_prefix(participant_prefix(recipient)) {
             let (key, _) = item.map_err(storage)?;
             let seq = seq_suffix(&key)?;
-            match self.load(seq)? {
-                // expired but not yet ticked: `tick` will expire it
-                Some(record) if record.expires_at > now => candidates.push(seq),
-                _ => {}
-            }
-            if candidates.len() >= max {
-                break;
-            }
-        }
-        if candidates.is_empty() {
-            return Ok(Vec::new());
-        }
-        let deadline = after(now, self.life.ack_timeout);
-        self.transact(|tx| {
-            let mut out = Vec::with_capacity(candidates.len());
-            for &seq in &candidates {
-                let Some(old) = tx.record(seq)? else {
-                    continue;
-                };
-                if old.state != State::Accepted
-                    || old.next_attempt_at.is_some()
-                    || old.recipient != *recipient
-                {
-                    continue;
+            if claimed.insert(seq) {
+                candidates.push(seq);
+                if candidates.len() >= max {
+                    break;
                 }
-                let Some(payload) = tx.payload(seq)? else {
-                    return abort(StoreError::Corrupt(format!(
-                        "payload of message seq {seq} missing"
-                    )));
-                };
-                let mut new = old.clone();
-                new.state = State::InFlight;
-                new.attempts = old.attempts.saturating_add(1);
-                new.last_delivered_at = Some(now);
-                new.state_changed_at = now;
-                new.lease = Some((deadline, stream.0));
-                tx.put(Some(&old), Some(&new))?;
-                out.push(Leased {
-                    message_id: new.message_id,
-                    sender: new.sender.clone(),
-                    recipient: new.recipient.clone(),
-                    kind: new.kind,
-                    case_ref: new.case_ref,
-                    in_reply_to: new.in_reply_to,
-                    priority: new.priority,
-                    created_at: new.created_at,
-                    expires_at: new.expires_at,
-                    content_type: new.content_type.clone(),
-                    payload: bytes::Bytes::copy_from_slice(&payload),
-                    payload_sha256: new.payload_sha256,
-                    accepted_at: new.accepted_at,
-                    broker_seq: new.seq,
-                    attempt: new.attempts,
-                });
             }
-            Ok(out)
-        })
+        }
+        Ok(candidates)
     }
 
     pub(super) fn requeue_in_flight(
@@ -211,11 +162,21 @@ impl Core {
         sender: &ParticipantId,
         id: MessageId,
     ) -> Result<Option<StatusRecord>, StoreError> {
-        let key = super::codec::by_sender_key(sender, id);
-        let Some(seq) = self.tree(super::tx::BY_SENDER).get(key).map_err(storage)? else {
+        let Some(seqs) = self
+            .tree(super::tx::BY_ID)
+            .get(id.as_bytes())
+            .map_err(storage)?
+        else {
             return Ok(None);
         };
-        Ok(self.load(read_u64(&seq)?)?.map(|r| r.to_status()))
+        for seq in super::codec::decode_seqs(&seqs)? {
+            if let Some(record) = self.load(seq)?
+                && record.sender.as_ref() == Some(sender)
+            {
+                return Ok(Some(record.to_status()));
+            }
+        }
+        Ok(None)
     }
 
     pub(super) fn tick(&self, now: Millis) -> Result<(TickReport, Wake), StoreError> {
@@ -439,6 +400,66 @@ impl Core {
 
 /// Operations that run inside a (possibly shared) transaction.
 impl Tx<'_> {
+    /// Up to `max` due messages of `recipient`, leased to `stream`, out of
+    /// `candidates` (picked by [`Core::lease_candidates`] from the committed
+    /// queue). Each is re-checked here: an earlier job of the same batch may
+    /// have settled it. Messages queued by earlier jobs of the same batch are
+    /// left for the next lease: their submit wakes the stream once durable.
+    pub(super) fn lease(
+        &self,
+        recipient: &ParticipantId,
+        stream: StreamId,
+        candidates: &[u64],
+        now: Millis,
+    ) -> TxResult<Vec<Leased>> {
+        let tx = self;
+        let mut out = Vec::with_capacity(candidates.len());
+        let deadline = after(now, self.life.ack_timeout);
+        for &seq in candidates {
+            let Some(old) = tx.record(seq)? else {
+                continue;
+            };
+            if old.state != State::Accepted
+                || old.next_attempt_at.is_some()
+                || old.recipient != *recipient
+                // expired but not yet ticked: `tick` will expire it
+                || old.expires_at <= now
+            {
+                continue;
+            }
+            let Some(payload) = tx.payload(seq)? else {
+                return abort(StoreError::Corrupt(format!(
+                    "payload of message seq {seq} missing"
+                )));
+            };
+            let mut new = old.clone();
+            new.state = State::InFlight;
+            new.attempts = old.attempts.saturating_add(1);
+            new.last_delivered_at = Some(now);
+            new.state_changed_at = now;
+            new.lease = Some((deadline, stream.0));
+            tx.put(Some(&old), Some(&new))?;
+            out.push(Leased {
+                message_id: new.message_id,
+                sender: new.sender,
+                recipient: new.recipient,
+                kind: new.kind,
+                case_ref: new.case_ref,
+                in_reply_to: new.in_reply_to,
+                priority: new.priority,
+                created_at: new.created_at,
+                expires_at: new.expires_at,
+                content_type: new.content_type,
+                payload: bytes::Bytes::copy_from_slice(&payload),
+                payload_sha256: new.payload_sha256,
+                accepted_at: new.accepted_at,
+                broker_seq: new.seq,
+                attempt: new.attempts,
+            });
+        }
+        Ok(out)
+    }
+
     pub(super) fn submit(&self, msg: &NewMessage, now: Millis) -> TxResult<(SubmitOutcome, Wake)> {
         let tx = self;
         let size = msg.payload.len() as u64;

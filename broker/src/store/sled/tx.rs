@@ -15,8 +15,8 @@ use prost::Message as _;
 use trmx_proto::{Kind, ParticipantId, pb};
 
 use super::codec::{
-    RecipientCounters, Record, TimerKind, by_sender_key, decode_seqs, encode_seqs, inflight_key,
-    queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
+    RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs, inflight_key, queue_key,
+    read_u64, recipient_counter_key, sender_counter_key, timer_key,
 };
 use crate::store::{Lifecycle, Millis, State, StoreError, receipt_id};
 
@@ -26,21 +26,20 @@ pub(super) type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>
 /// Tree indexes (order of [`TREE_NAMES`]).
 pub(super) const RECORDS: usize = 0;
 pub(super) const PAYLOADS: usize = 1;
-pub(super) const BY_SENDER: usize = 2;
-pub(super) const BY_ID: usize = 3;
-pub(super) const QUEUE: usize = 4;
-pub(super) const INFLIGHT: usize = 5;
-pub(super) const TIMERS: usize = 6;
-pub(super) const DEAD: usize = 7;
-pub(super) const COUNTERS: usize = 8;
-pub(super) const AUDIT: usize = 9;
-pub(super) const AUDIT_META: usize = 10;
+pub(super) const BY_ID: usize = 2;
+pub(super) const QUEUE: usize = 3;
+pub(super) const INFLIGHT: usize = 4;
+pub(super) const TIMERS: usize = 5;
+pub(super) const DEAD: usize = 6;
+pub(super) const COUNTERS: usize = 7;
+pub(super) const AUDIT: usize = 8;
+pub(super) const AUDIT_META: usize = 9;
 
-/// Names of the sled trees, in index order.
-pub(super) const TREE_NAMES: [&str; 11] = [
+/// Names of the sled trees, in index order. (Stores written before kept a
+/// `by_sender` tree too; it is no longer read or written.)
+pub(super) const TREE_NAMES: [&str; 10] = [
     "records",
     "payloads",
-    "by_sender",
     "by_id",
     "queue",
     "inflight",
@@ -82,19 +81,17 @@ impl Tx<'_> {
         Ok(self.t[PAYLOADS].get(seq.to_be_bytes())?)
     }
 
-    /// The record of `sender`'s message `id`.
+    /// The record of `sender`'s message `id` (found through `by_id`: one
+    /// index fewer to write for every message).
     pub(super) fn by_sender(
         &self,
         sender: &ParticipantId,
         id: trmx_proto::MessageId,
     ) -> TxResult<Option<Record>> {
-        match self.t[BY_SENDER].get(by_sender_key(sender, id))? {
-            Some(v) => match read_u64(&v) {
-                Ok(seq) => self.record(seq),
-                Err(e) => abort(e),
-            },
-            None => Ok(None),
-        }
+        Ok(self
+            .records_of(id)?
+            .into_iter()
+            .find(|r| r.sender.as_ref() == Some(sender)))
     }
 
     /// Every record with message id `id` (normally one; two senders may
@@ -137,31 +134,28 @@ impl Tx<'_> {
     /// stores the payload of a new message.
     pub(super) fn put(&self, old: Option<&Record>, new: Option<&Record>) -> TxResult<()> {
         self.audit_change(old, new)?;
-        if let Some(old) = old {
-            for (tree, key, _) in index_entries(old) {
-                self.t[tree].remove(key)?;
+        // Only the entries that differ are written: an entry both records
+        // imply (e.g. the expiry timer of a message being leased) is already
+        // stored, and every write costs a sled page update.
+        let before = old.map(index_entries).unwrap_or_default();
+        let after = new.map(index_entries).unwrap_or_default();
+        for (tree, key, _) in &before {
+            if !after.iter().any(|(t, k, _)| t == tree && k == key) {
+                self.t[*tree].remove(key.as_slice())?;
             }
         }
-        if let Some(new) = new {
-            for (tree, key, value) in index_entries(new) {
-                self.t[tree].insert(key, value)?;
+        for entry in after.iter() {
+            if !before.contains(entry) {
+                let (tree, key, value) = entry;
+                self.t[*tree].insert(key.as_slice(), value.as_slice())?;
             }
         }
         self.apply_counters(old, new)?;
         match (old, new) {
             (None, Some(new)) => {
-                if let Some(sender) = &new.sender {
-                    self.t[BY_SENDER].insert(
-                        by_sender_key(sender, new.message_id),
-                        &new.seq.to_be_bytes()[..],
-                    )?;
-                }
                 self.update_by_id(new.message_id, |seqs| seqs.push(new.seq))?;
             }
             (Some(old), None) => {
-                if let Some(sender) = &old.sender {
-                    self.t[BY_SENDER].remove(by_sender_key(sender, old.message_id))?;
-                }
                 self.update_by_id(old.message_id, |seqs| seqs.retain(|s| *s != old.seq))?;
                 self.t[RECORDS].remove(&old.seq.to_be_bytes())?;
             }
@@ -206,44 +200,64 @@ impl Tx<'_> {
         if before == after {
             return Ok(());
         }
-        // recipient figures
-        for (contribution, sign) in [(&before, false), (&after, true)] {
-            let Some(recipient) = contribution.recipient else {
-                continue;
-            };
+        // recipient figures: one read and (if changed) one write per key
+        let mut recipients: Vec<&ParticipantId> = Vec::with_capacity(2);
+        recipients.extend(before.recipient);
+        if let Some(r) = after.recipient
+            && !recipients.contains(&r)
+        {
+            recipients.push(r);
+        }
+        for recipient in recipients {
             let key = recipient_counter_key(recipient);
-            let mut counters = match self.t[COUNTERS].get(&key)? {
+            let current = match self.t[COUNTERS].get(&key)? {
                 Some(v) => match RecipientCounters::decode(&v) {
                     Ok(c) => c,
                     Err(e) => return abort(e),
                 },
                 None => RecipientCounters::default(),
             };
-            let apply = |value: &mut u64, delta: u64| {
-                *value = if sign {
-                    value.saturating_add(delta)
-                } else {
-                    value.saturating_sub(delta)
+            let mut counters = current;
+            for (contribution, sign) in [(&before, false), (&after, true)] {
+                if contribution.recipient != Some(recipient) {
+                    continue;
+                }
+                let apply = |value: &mut u64, delta: u64| {
+                    *value = if sign {
+                        value.saturating_add(delta)
+                    } else {
+                        value.saturating_sub(delta)
+                    };
                 };
-            };
-            apply(&mut counters.depth, contribution.depth);
-            apply(&mut counters.in_flight, contribution.in_flight);
-            apply(&mut counters.bytes, contribution.bytes);
-            self.t[COUNTERS].insert(key, &counters.encode()[..])?;
+                apply(&mut counters.depth, contribution.depth);
+                apply(&mut counters.in_flight, contribution.in_flight);
+                apply(&mut counters.bytes, contribution.bytes);
+            }
+            if counters != current {
+                self.t[COUNTERS].insert(key, &counters.encode()[..])?;
+            }
         }
         // sender quota
-        for (contribution, sign) in [(&before, false), (&after, true)] {
-            let Some(sender) = contribution.sender else {
-                continue;
-            };
+        let mut senders: Vec<&ParticipantId> = Vec::with_capacity(2);
+        senders.extend(before.sender);
+        if let Some(s) = after.sender
+            && !senders.contains(&s)
+        {
+            senders.push(s);
+        }
+        for sender in senders {
             let key = sender_counter_key(sender);
             let current = self.counter(&key)?;
-            let next = if sign {
-                current.saturating_add(contribution.bytes)
-            } else {
-                current.saturating_sub(contribution.bytes)
-            };
-            self.t[COUNTERS].insert(key, &next.to_be_bytes()[..])?;
+            let mut next = current;
+            if before.sender == Some(sender) {
+                next = next.saturating_sub(before.bytes);
+            }
+            if after.sender == Some(sender) {
+                next = next.saturating_add(after.bytes);
+            }
+            if next != current {
+                self.t[COUNTERS].insert(key, &next.to_be_bytes()[..])?;
+            }
         }
         Ok(())
     }

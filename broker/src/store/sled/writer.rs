@@ -12,6 +12,7 @@
 //! flush (`flusher`) before answering.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -26,8 +27,18 @@ const MAX_BATCH: usize = 256;
 /// Jobs waiting for the writer (callers wait beyond that: backpressure).
 const QUEUE_CAPACITY: usize = 4096;
 
+/// What the jobs of one batch have already picked in their `prepare` step
+/// (message seqs), so that two leases of the same batch pick different ones.
+pub(super) type Claimed = HashSet<u64>;
+
 /// A job that runs inside a (possibly shared) transaction.
 trait TxJob: Send {
+    /// Runs before the batch's transaction starts, against the committed
+    /// trees (scans are impossible inside a sled transaction: it holds sled's
+    /// global write lock, which an iterator would wait for).
+    fn prepare(&mut self, _core: &Core, _claimed: &mut Claimed) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Runs inside the transaction (may run again if sled retries it).
     fn run(&self, tx: &Tx<'_>) -> TxResult<()>;
     /// Sends the result of the last run, or `err`.
@@ -60,6 +71,52 @@ where
             )),
         };
         // the caller may be gone (client disconnected): the change stands
+        let _ = self.reply.send(result);
+    }
+}
+
+/// A transactional job with a `prepare` step whose result `S` `f` reads.
+struct PreparedJobOf<S, T, P, F> {
+    prepare: Option<P>,
+    state: Option<S>,
+    f: F,
+    out: RefCell<Option<T>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<S, T, P, F> TxJob for PreparedJobOf<S, T, P, F>
+where
+    S: Send,
+    T: Send,
+    P: FnOnce(&Core, &mut Claimed) -> Result<S, StoreError> + Send,
+    F: Fn(&Tx<'_>, &S) -> TxResult<T> + Send,
+{
+    fn prepare(&mut self, core: &Core, claimed: &mut Claimed) -> Result<(), StoreError> {
+        if let Some(prepare) = self.prepare.take() {
+            self.state = Some(prepare(core, claimed)?);
+        }
+        Ok(())
+    }
+
+    fn run(&self, tx: &Tx<'_>) -> TxResult<()> {
+        let Some(state) = &self.state else {
+            return Err(::sled::transaction::ConflictableTransactionError::Abort(
+                StoreError::Unavailable("store job not prepared".to_owned()),
+            ));
+        };
+        let value = (self.f)(tx, state)?;
+        *self.out.borrow_mut() = Some(value);
+        Ok(())
+    }
+
+    fn reply(self: Box<Self>, err: Option<StoreError>) {
+        let result = match (err, self.out.into_inner()) {
+            (Some(e), _) => Err(e),
+            (None, Some(value)) => Ok(value),
+            (None, None) => Err(StoreError::Unavailable(
+                "store job produced no result".to_owned(),
+            )),
+        };
         let _ = self.reply.send(result);
     }
 }
@@ -104,6 +161,35 @@ impl Writer {
     {
         let (reply, answer) = oneshot::channel();
         let job = TxJobOf {
+            f,
+            out: RefCell::new(None),
+            reply,
+        };
+        self.sender()?
+            .send(Job::Tx(Box::new(job)))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Runs `prepare` on the writer thread against the committed trees just
+    /// before the batch's transaction starts, then `f` inside it (possibly
+    /// shared with other jobs).
+    pub(super) async fn prepared_transaction<S, T, P, F>(
+        &self,
+        prepare: P,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        S: Send + 'static,
+        T: Send + 'static,
+        P: FnOnce(&Core, &mut Claimed) -> Result<S, StoreError> + Send + 'static,
+        F: Fn(&Tx<'_>, &S) -> TxResult<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = PreparedJobOf {
+            prepare: Some(prepare),
+            state: None,
             f,
             out: RefCell::new(None),
             reply,
@@ -194,7 +280,18 @@ fn run(core: &Core, rx: &mut mpsc::Receiver<Job>) {
     }
 }
 
-fn run_batch(core: &Core, batch: Vec<Box<dyn TxJob>>) {
+fn run_batch(core: &Core, jobs: Vec<Box<dyn TxJob>>) {
+    let mut claimed = Claimed::new();
+    let mut batch = Vec::with_capacity(jobs.len());
+    for mut job in jobs {
+        match job.prepare(core, &mut claimed) {
+            Ok(()) => batch.push(job),
+            Err(e) => job.reply(Some(e)),
+        }
+    }
+    if batch.is_empty() {
+        return;
+    }
     let result = core.transact(|tx| {
         for job in &batch {
             job.run(tx)?;
