@@ -3,14 +3,19 @@
 //!
 //! | tree | key → value |
 //! |---|---|
-//! | `audit` | seq (u64 BE) → canonical encoding ‖ SHA-256 of it |
+//! | `audit` | seq of the block's first record (u64 BE) → block: [`BLOCK_MARK`], then per record (consecutive seqs) its length (u32 BE) and stored value (canonical encoding ‖ SHA-256 of it). A value without the mark is one record (stores written before blocks). |
 //! | `audit_meta` | `head` → seq, hash of the last record; `anchor` → seq, hash the first kept record links to |
 //!
-//! A record is appended inside the transaction of the change it records
-//! ([`Tx::put`] calls [`Tx::audit_change`]; operator actions call [`Tx::audit`]):
-//! one insert into `audit` and one into `audit_meta` more in a transaction that
-//! happens anyway. Retention ([`Core::audit_prune`], from `tick`) drops whole
-//! segments of [`SEGMENT_RECORDS`] records and moves the anchor.
+//! The records of one transaction are appended ([`Tx::audit`]: [`Tx::put`]
+//! calls it through [`Tx::audit_change`]; operator actions directly) to a
+//! block that is written when the transaction's work is done
+//! ([`Tx::finish_audit`], called by `Core::transact`), in the same
+//! transaction: one insert per transaction (per [`BLOCK_MAX`] bytes) instead of
+//! one per record — every sled insert of a new key costs a page update and,
+//! every few, a node split. A block never spans two segments, so retention
+//! ([`Core::audit_prune`], from `tick`) still drops whole segments of
+//! [`SEGMENT_RECORDS`] records and moves the anchor. Each record keeps its own
+//! hash, so a changed record is still found at its own sequence number.
 
 use std::path::Path;
 
@@ -19,7 +24,8 @@ use super::codec::Record;
 use super::ops::storage;
 use super::tx::{AUDIT, AUDIT_META, Tx, TxResult, abort, after};
 use crate::store::audit::{
-    AuditEvent, AuditRecord, AuditReport, ChainPoint, LifecycleEvent, SEGMENT_RECORDS, verify,
+    AuditEvent, AuditRecord, AuditReport, ChainPoint, LifecycleEvent, SEGMENT_RECORDS, segment_of,
+    verify,
 };
 use crate::store::{Millis, StoreError};
 
@@ -30,7 +36,89 @@ const VERIFY_ATTEMPTS: usize = 3;
 /// Segments dropped per `tick` at most.
 const PRUNE_SEGMENTS_PER_TICK: usize = 4;
 
+/// First byte of a block value (a record's canonical encoding starts with
+/// its format version, 1).
+const BLOCK_MARK: u8 = 0xB1;
+/// A block is closed once it holds this many bytes (well below the size at
+/// which sled stores a value in a file of its own).
+const BLOCK_MAX: usize = 32 * 1024;
+
+/// The audit records of one transaction not yet written to the tree.
+#[derive(Debug, Default)]
+pub(super) struct PendingBlock {
+    first: u64,
+    next: u64,
+    value: Vec<u8>,
+}
+
+/// Appends one stored record to a block value.
+fn push_entry(block: &mut Vec<u8>, stored: &[u8]) {
+    if block.is_empty() {
+        block.push(BLOCK_MARK);
+    }
+    let len = u32::try_from(stored.len()).unwrap_or(u32::MAX);
+    block.extend_from_slice(&len.to_be_bytes());
+    block.extend_from_slice(stored);
+}
+
+/// The records `(seq, stored value)` of the `audit` tree value at `key`
+/// (a block, or one record as written before blocks). A malformed block
+/// yields its remainder as one record, which then fails verification there.
+fn entries(key: u64, value: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    let Some((&BLOCK_MARK, mut rest)) = value.split_first() else {
+        return vec![(key, value.to_vec())];
+    };
+    let mut out = Vec::new();
+    let mut seq = key;
+    while !rest.is_empty() {
+        let len = rest
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(|b| u32::from_be_bytes(b) as usize);
+        match len {
+            Some(len) if rest.len() >= 4 + len => {
+                out.push((seq, rest[4..4 + len].to_vec()));
+                rest = &rest[4 + len..];
+            }
+            _ => {
+                out.push((seq, rest.to_vec()));
+                break;
+            }
+        }
+        seq += 1;
+    }
+    out
+}
+
+fn key_seq(key: &[u8]) -> Result<u64, StoreError> {
+    let key: [u8; 8] = key
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("audit key".to_owned()))?;
+    Ok(u64::from_be_bytes(key))
+}
+
+/// The stored value of record `seq` (None if not kept).
+fn find_record(audit: &::sled::Tree, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(item) = audit.range(..=seq.to_be_bytes()).next_back() else {
+        return Ok(None);
+    };
+    let (key, value) = item.map_err(storage)?;
+    Ok(entries(key_seq(&key)?, &value)
+        .into_iter()
+        .find(|(s, _)| *s == seq)
+        .map(|(_, stored)| stored))
+}
+
 impl Tx<'_> {
+    /// Writes the audit records of this transaction (see the module doc).
+    pub(super) fn finish_audit(&self) -> TxResult<()> {
+        let block = std::mem::take(&mut *self.audit_block.borrow_mut());
+        if !block.value.is_empty() {
+            self.t[AUDIT].insert(&block.first.to_be_bytes(), block.value)?;
+        }
+        Ok(())
+    }
+
     fn chain_point(&self, key: &[u8]) -> TxResult<ChainPoint> {
         match self.t[AUDIT_META].get(key)? {
             Some(v) => match ChainPoint::decode(&v) {
@@ -51,7 +139,22 @@ impl Tx<'_> {
             event,
         };
         let (value, hash) = record.to_stored();
-        self.t[AUDIT].insert(&record.seq.to_be_bytes(), value)?;
+        {
+            let mut block = self.audit_block.borrow_mut();
+            let fits = !block.value.is_empty()
+                && block.next == record.seq
+                && segment_of(block.first) == segment_of(record.seq)
+                && block.value.len() + value.len() <= BLOCK_MAX;
+            if !fits {
+                let done = std::mem::take(&mut *block);
+                if !done.value.is_empty() {
+                    self.t[AUDIT].insert(&done.first.to_be_bytes(), done.value)?;
+                }
+                block.first = record.seq;
+            }
+            push_entry(&mut block.value, &value);
+            block.next = record.seq + 1;
+        }
         let head = ChainPoint {
             seq: record.seq,
             hash,
@@ -109,16 +212,18 @@ fn verify_trees(audit: &::sled::Tree, meta: &::sled::Tree) -> Result<AuditReport
         attempt += 1;
         let anchor = chain_point(meta, ANCHOR)?;
         let head = chain_point(meta, HEAD)?;
-        let records = audit.range(..=head.seq.to_be_bytes()).map(
-            |item| -> Result<(u64, Vec<u8>), StoreError> {
+        let records = audit
+            .range(..=head.seq.to_be_bytes())
+            .map(|item| -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
                 let (key, value) = item.map_err(storage)?;
-                let key: [u8; 8] = key
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("audit key".to_owned()))?;
-                Ok((u64::from_be_bytes(key), value.to_vec()))
-            },
-        );
+                Ok(entries(key_seq(&key)?, &value))
+            })
+            .flat_map(|block| match block {
+                Ok(records) => records.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
+            // records appended after the head was read
+            .filter(|item| item.as_ref().map_or(true, |(seq, _)| *seq <= head.seq));
         let report = verify(anchor, head, records)?;
         if report.first_broken.is_none()
             || attempt >= VERIFY_ATTEMPTS
@@ -151,7 +256,7 @@ impl Core {
             if head.seq <= segment_end {
                 break; // the segment is still being written (or is the last one)
             }
-            let Some(last) = audit.get(segment_end.to_be_bytes()).map_err(storage)? else {
+            let Some(last) = find_record(audit, segment_end)? else {
                 return Err(StoreError::Corrupt(format!(
                     "audit record {segment_end} missing"
                 )));
@@ -169,9 +274,15 @@ impl Core {
                 hash: [0; 32],
             };
             new_anchor.hash.copy_from_slice(hash);
+            // blocks never span two segments: these hold exactly its records
+            let keys = audit
+                .range(first.to_be_bytes()..=segment_end.to_be_bytes())
+                .keys()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(storage)?;
             self.transact(|tx| {
-                for seq in first..=segment_end {
-                    tx.t[AUDIT].remove(&seq.to_be_bytes())?;
+                for key in &keys {
+                    tx.t[AUDIT].remove(key)?;
                 }
                 tx.t[AUDIT_META].insert(ANCHOR, &new_anchor.encode()[..])?;
                 Ok(())
@@ -232,12 +343,26 @@ pub fn tamper_audit_record(
 ) -> Result<bool, StoreError> {
     let db = open_existing(path)?;
     let audit = db.open_tree("audit").map_err(storage)?;
-    let Some(value) = audit.get(seq.to_be_bytes()).map_err(storage)? else {
+    let Some(item) = audit.range(..=seq.to_be_bytes()).next_back() else {
         return Ok(false);
     };
-    let mut value = value.to_vec();
-    change(&mut value);
-    audit.insert(seq.to_be_bytes(), value).map_err(storage)?;
+    let (key, value) = item.map_err(storage)?;
+    let first = key_seq(&key)?;
+    let mut records = entries(first, &value);
+    let Some((_, stored)) = records.iter_mut().find(|(s, _)| *s == seq) else {
+        return Ok(false);
+    };
+    change(stored);
+    let value = if value.first() == Some(&BLOCK_MARK) {
+        let mut block = Vec::new();
+        for (_, stored) in &records {
+            push_entry(&mut block, stored);
+        }
+        block
+    } else {
+        records.swap_remove(0).1
+    };
+    audit.insert(key, value).map_err(storage)?;
     db.flush().map_err(storage)?;
     Ok(true)
 }
@@ -248,12 +373,14 @@ pub fn audit_records_offline(path: &Path) -> Result<Vec<AuditRecord>, StoreError
     let db = open_existing(path)?;
     let audit = db.open_tree("audit").map_err(storage)?;
     let mut out = Vec::new();
-    for item in audit.iter().values() {
-        let value = item.map_err(storage)?;
-        if value.len() < 32 {
-            return Err(StoreError::Corrupt("audit record too short".to_owned()));
+    for item in audit.iter() {
+        let (key, value) = item.map_err(storage)?;
+        for (_, value) in entries(key_seq(&key)?, &value) {
+            if value.len() < 32 {
+                return Err(StoreError::Corrupt("audit record too short".to_owned()));
+            }
+            out.push(AuditRecord::decode(&value[..value.len() - 32])?);
         }
-        out.push(AuditRecord::decode(&value[..value.len() - 32])?);
     }
     Ok(out)
 }

@@ -44,10 +44,14 @@ impl Core {
             .trees
             .as_slice()
             .transaction(|trees: &Vec<TransactionalTree>| {
-                f(&Tx {
+                let tx = Tx {
                     t: trees.as_slice(),
                     life: &self.life,
-                })
+                    audit_block: Default::default(),
+                };
+                let value = f(&tx)?;
+                tx.finish_audit()?;
+                Ok(value)
             });
         match result {
             Ok(value) => Ok(value),

@@ -64,6 +64,8 @@ pub(super) fn after(now: Millis, d: Duration) -> Millis {
 pub(super) struct Tx<'a> {
     pub(super) t: &'a [TransactionalTree],
     pub(super) life: &'a Lifecycle,
+    /// Audit records of this transaction not yet written (`audit.rs`).
+    pub(super) audit_block: std::cell::RefCell<super::audit::PendingBlock>,
 }
 
 impl Tx<'_> {
