@@ -384,3 +384,89 @@ pub fn audit_records_offline(path: &Path) -> Result<Vec<AuditRecord>, StoreError
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::Lifecycle;
+    use crate::store::audit::OperatorAction;
+    use crate::store::sled::{SledOptions, SledStore};
+
+    fn lifecycle() -> Lifecycle {
+        Lifecycle {
+            ack_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            redelivery_backoff_base: Duration::from_secs(2),
+            redelivery_backoff_max: Duration::from_secs(10),
+            dead_letter_retention: Duration::from_secs(3600),
+            metadata_retention: Duration::from_secs(3600),
+            max_queued_bytes_per_sender: 1 << 20,
+            audit_retention: Duration::from_secs(60),
+        }
+    }
+
+    fn action(n: u64) -> AuditEvent {
+        AuditEvent::Operator(OperatorAction::Purge {
+            operator: format!("op{n}"),
+            message_id: trmx_proto::MessageId::new_v7(),
+            reason: "test".to_owned(),
+        })
+    }
+
+    /// Appends `per_tx` records in each of `txs` transactions at `at`.
+    fn append(core: &Core, txs: u64, per_tx: u64, at: Millis) {
+        for t in 0..txs {
+            core.transact(|tx| {
+                for i in 0..per_tx {
+                    tx.audit(at, action(t * per_tx + i))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn blocks_keep_every_record_span_no_segment_and_prune_whole_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), SledOptions::default(), lifecycle()).unwrap();
+        let core = &store.inner.core;
+        // 3 segments and a bit, in transactions of odd sizes (blocks cross
+        // no segment boundary even when a transaction does)
+        let total = 3 * SEGMENT_RECORDS + 77;
+        append(core, total / 333, 333, 1_000);
+        append(core, 1, total % 333, 1_000);
+        let report = core.audit_verify().unwrap();
+        assert_eq!(report.first_broken, None, "{}", report.problem);
+        assert_eq!((report.first_seq, report.last_seq), (1, total));
+        assert_eq!(report.records, total);
+        // fewer tree entries than records: blocks
+        let blocks = core.trees[AUDIT].len() as u64;
+        assert!(blocks < total / 10, "{blocks} blocks");
+        for item in core.trees[AUDIT].iter() {
+            let (key, value) = item.unwrap();
+            let records = entries(key_seq(&key).unwrap(), &value);
+            let first = records.first().unwrap().0;
+            let last = records.last().unwrap().0;
+            assert_eq!(segment_of(first), segment_of(last));
+        }
+        // retention drops whole segments and the chain still verifies
+        let dropped = core.audit_prune(1_000 + 61_000).unwrap();
+        assert_eq!(dropped, 3 * SEGMENT_RECORDS);
+        let report = core.audit_verify().unwrap();
+        assert_eq!(report.first_broken, None, "{}", report.problem);
+        assert_eq!(report.first_seq, 3 * SEGMENT_RECORDS + 1);
+        assert_eq!(report.last_seq, total);
+        // a changed record inside a block is found at its own seq
+        let target = total - 5;
+        let path = dir.path().to_owned();
+        drop(store);
+        assert!(tamper_audit_record(&path, target, |v| v[12] ^= 1).unwrap());
+        let report = verify_audit_offline(&path).unwrap();
+        assert_eq!(report.first_broken, Some(target));
+        let records = audit_records_offline(&path).unwrap();
+        assert_eq!(records.len() as u64, total - 3 * SEGMENT_RECORDS);
+    }
+}
