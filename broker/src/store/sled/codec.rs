@@ -9,10 +9,25 @@ use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId};
 
 use crate::store::{Millis, State, StatusRecord, StoreError};
 
-/// Format byte of [`Record`] encodings.
+/// Format byte of [`Record`] encodings without a payload (the payload, if
+/// any, is in the `payloads` tree).
 const RECORD_V1: u8 = 1;
+/// Format byte of [`Record`] encodings followed by the payload (if kept).
+const RECORD_V2: u8 = 2;
 
-/// Everything the store knows about one message except its payload.
+/// A payload stored with its record (its bytes never show in `Debug`).
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct InlinePayload(pub(super) ::sled::IVec);
+
+impl std::fmt::Debug for InlinePayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InlinePayload({} bytes)", self.0.len())
+    }
+}
+
+/// Everything the store knows about one message, and its payload when that
+/// is stored with the record (every record written since format byte 2;
+/// older ones keep theirs in the `payloads` tree).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Record {
     pub(super) seq: u64,
@@ -47,6 +62,9 @@ pub(super) struct Record {
     pub(super) metadata_delete_at: Option<Millis>,
     /// Operator note (purge reason). Never sent to anyone.
     pub(super) note: String,
+    /// The payload, when stored with the record; written only while
+    /// `payload_kept` (so dropping it is rewriting the record).
+    pub(super) payload: Option<InlinePayload>,
 }
 
 impl Record {
@@ -83,8 +101,11 @@ impl Record {
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(256 + self.content_type.len()));
-        w.u8(RECORD_V1);
+        let inline = self.payload.as_ref().filter(|_| self.payload_kept);
+        let mut w = Writer(Vec::with_capacity(
+            256 + self.content_type.len() + inline.map_or(0, |p| p.0.len()),
+        ));
+        w.u8(RECORD_V2);
         w.u64(self.seq);
         w.raw(self.message_id.as_bytes());
         w.opt_str(self.sender.as_ref().map(ParticipantId::as_str));
@@ -126,13 +147,35 @@ impl Record {
         w.opt_u64(self.payload_delete_at);
         w.opt_u64(self.metadata_delete_at);
         w.str(&self.note);
+        if let Some(payload) = inline {
+            w.raw(&payload.0);
+        }
         w.0
     }
 
+    /// Decodes a stored record; an inline payload is copied.
     pub(super) fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let (mut record, payload_at) = Self::decode_meta(bytes)?;
+        if let Some(at) = payload_at {
+            record.payload = Some(InlinePayload(::sled::IVec::from(&bytes[at..])));
+        }
+        Ok(record)
+    }
+
+    /// Decodes a stored record; an inline payload is shared, not copied.
+    pub(super) fn decode_stored(value: &::sled::IVec) -> Result<Self, StoreError> {
+        let (mut record, payload_at) = Self::decode_meta(value)?;
+        if let Some(at) = payload_at {
+            record.payload = Some(InlinePayload(value.subslice(at, value.len() - at)));
+        }
+        Ok(record)
+    }
+
+    /// The record without its payload, and where an inline payload starts.
+    fn decode_meta(bytes: &[u8]) -> Result<(Self, Option<usize>), StoreError> {
         let mut r = Reader(bytes);
         let version = r.u8()?;
-        if version != RECORD_V1 {
+        if version != RECORD_V1 && version != RECORD_V2 {
             return Err(corrupt(format!("unknown record format {version}")));
         }
         let record = Record {
@@ -170,11 +213,19 @@ impl Record {
             payload_delete_at: r.opt_u64()?,
             metadata_delete_at: r.opt_u64()?,
             note: r.str()?,
+            payload: None,
         };
-        if !r.0.is_empty() {
+        let rest = r.0.len();
+        if rest == 0 {
+            return Ok((record, None));
+        }
+        if version == RECORD_V1 {
             return Err(corrupt("trailing bytes after record".to_owned()));
         }
-        Ok(record)
+        if !record.payload_kept || rest as u64 != record.payload_size {
+            return Err(corrupt("inline payload of the wrong size".to_owned()));
+        }
+        Ok((record, Some(bytes.len() - rest)))
     }
 }
 
@@ -487,6 +538,7 @@ mod tests {
             payload_delete_at: None,
             metadata_delete_at: Some(9),
             note: String::new(),
+            payload: None,
         }
     }
 
@@ -504,6 +556,23 @@ mod tests {
         receipt.in_reply_to = None;
         receipt.lease = None;
         assert_eq!(Record::decode(&receipt.encode()).unwrap(), receipt);
+        // an inline payload round-trips, must have its recorded size, and is
+        // not written once the payload is no longer kept
+        let mut with = sample();
+        with.payload = Some(InlinePayload(::sled::IVec::from(vec![5u8; 4096])));
+        let bytes = with.encode();
+        assert_eq!(Record::decode(&bytes).unwrap(), with);
+        assert_eq!(
+            Record::decode_stored(&::sled::IVec::from(bytes.clone())).unwrap(),
+            with
+        );
+        assert!(matches!(
+            Record::decode(&bytes[..bytes.len() - 1]),
+            Err(StoreError::Corrupt(_))
+        ));
+        with.payload_kept = false;
+        assert_eq!(with.encode().len(), sample().encode().len());
+        assert!(!format!("{with:?}").contains("5, 5"));
     }
 
     #[test]

@@ -71,8 +71,8 @@ impl Default for SledOptions {
 ///
 /// | tree | key → value |
 /// |---|---|
-/// | `records` | seq → message record (metadata, no payload) |
-/// | `payloads` | seq → payload bytes |
+/// | `records` | seq → message record (metadata, then the payload while it is kept) |
+/// | `payloads` | seq → payload bytes (only records written before payloads moved into the record) |
 /// | `by_id` | message id → seqs (ack / reject / operator by id; with the record's sender: idempotency, status, withdraw) |
 /// | `queue` | recipient, priority, seq → () — due for delivery, lease order |
 /// | `inflight` | recipient, seq → stream id |
@@ -89,7 +89,7 @@ impl Default for SledOptions {
 ///   `Due` timer iff ACCEPTED and backing off; it is in `inflight` with a
 ///   `Lease` timer iff IN_FLIGHT; it has an `Expiry` timer iff ACCEPTED or
 ///   IN_FLIGHT; it is in `dead` iff EXPIRED or DEAD_LETTERED.
-/// - A payload exists iff `payload_kept`: from submit until ACKNOWLEDGED /
+/// - A payload exists (with its record, or in `payloads` for old records) iff `payload_kept`: from submit until ACKNOWLEDGED /
 ///   WITHDRAWN / PURGED, or until the dead-letter retention of an EXPIRED /
 ///   DEAD_LETTERED message passed. The metadata of a final message is deleted
 ///   after `max(metadata_retention, dead_letter_retention)` (retention only for

@@ -431,7 +431,7 @@ impl Tx<'_> {
             {
                 continue;
             }
-            let Some(payload) = tx.payload(seq)? else {
+            let Some(payload) = tx.payload(&old)? else {
                 return abort(StoreError::Corrupt(format!(
                     "payload of message seq {seq} missing"
                 )));
@@ -514,8 +514,10 @@ impl Tx<'_> {
             payload_delete_at: None,
             metadata_delete_at: None,
             note: String::new(),
+            payload: Some(super::codec::InlinePayload(::sled::IVec::from(
+                msg.payload.as_ref(),
+            ))),
         };
-        tx.t[super::tx::PAYLOADS].insert(&seq.to_be_bytes(), msg.payload.as_ref())?;
         tx.put(None, Some(&record))?;
         let mut wake = Wake::new();
         wake.insert(msg.recipient.clone());

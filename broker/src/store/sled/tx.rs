@@ -15,8 +15,8 @@ use prost::Message as _;
 use trmx_proto::{Kind, ParticipantId, pb};
 
 use super::codec::{
-    RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs, inflight_key, queue_key,
-    read_u64, recipient_counter_key, sender_counter_key, timer_key,
+    InlinePayload, RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs, inflight_key,
+    queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
 };
 use crate::store::{Lifecycle, Millis, State, StoreError, receipt_id};
 
@@ -71,7 +71,7 @@ pub(super) struct Tx<'a> {
 impl Tx<'_> {
     pub(super) fn record(&self, seq: u64) -> TxResult<Option<Record>> {
         match self.t[RECORDS].get(seq.to_be_bytes())? {
-            Some(bytes) => match Record::decode(&bytes) {
+            Some(bytes) => match Record::decode_stored(&bytes) {
                 Ok(record) => Ok(Some(record)),
                 Err(e) => abort(e),
             },
@@ -79,8 +79,16 @@ impl Tx<'_> {
         }
     }
 
-    pub(super) fn payload(&self, seq: u64) -> TxResult<Option<::sled::IVec>> {
-        Ok(self.t[PAYLOADS].get(seq.to_be_bytes())?)
+    /// The payload of `r` (with the record, or in `payloads` for records
+    /// written before payloads moved into the record).
+    pub(super) fn payload(&self, r: &Record) -> TxResult<Option<::sled::IVec>> {
+        if !r.payload_kept {
+            return Ok(None);
+        }
+        match &r.payload {
+            Some(p) => Ok(Some(p.0.clone())),
+            None => Ok(self.t[PAYLOADS].get(r.seq.to_be_bytes())?),
+        }
     }
 
     /// The record of `sender`'s message `id` (found through `by_id`: one
@@ -163,8 +171,10 @@ impl Tx<'_> {
             }
             _ => {}
         }
+        // (a payload stored with the record goes with the rewritten record)
         if let Some(old) = old
             && old.payload_kept
+            && old.payload.is_none()
             && !new.is_some_and(|n| n.payload_kept)
         {
             self.t[PAYLOADS].remove(&old.seq.to_be_bytes())?;
@@ -329,8 +339,8 @@ impl Tx<'_> {
             payload_delete_at: None,
             metadata_delete_at: None,
             note: String::new(),
+            payload: Some(InlinePayload(::sled::IVec::from(payload))),
         };
-        self.t[PAYLOADS].insert(&seq.to_be_bytes(), payload)?;
         self.put(None, Some(&record))?;
         Ok(Some(sender.clone()))
     }
