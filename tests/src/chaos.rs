@@ -1202,6 +1202,8 @@ pub struct BacklogFigures {
     pub large: usize,
     /// Payload bytes per message.
     pub payload_bytes: usize,
+    /// The broker's sled page cache (`store.cache_capacity`).
+    pub cache_bytes: u64,
     /// Broker RSS with the small backlog, KiB.
     pub rss_small_kib: u64,
     /// Broker RSS with the large backlog, KiB.
@@ -1240,8 +1242,10 @@ impl fmt::Display for BacklogFigures {
         )?;
         writeln!(
             f,
-            "payload {} bytes, filled at {:.0} submits/s",
-            self.payload_bytes, self.fill_rate
+            "payload {} bytes, sled page cache {} MiB, filled at {:.0} submits/s",
+            self.payload_bytes,
+            self.cache_bytes >> 20,
+            self.fill_rate
         )?;
         write!(f, "RSS ratio {:.2} (limit 1.5)", self.ratio())
     }
@@ -1255,13 +1259,19 @@ pub async fn measure_backlog(
     small: usize,
     large: usize,
     payload_bytes: usize,
+    cache_bytes: Option<u64>,
 ) -> anyhow::Result<BacklogFigures> {
-    // The production defaults (page cache, limits) except the submit rate,
-    // which would make filling take hours.
+    // The production defaults (page cache unless `cache_bytes`, limits)
+    // except the submit rate, which would make filling take hours.
+    let mut cache = 0;
     let mut fleet = Fleet::create(dir, exe, 2, |c| {
         let defaults = BrokerConfig::new(c.data_dir.clone(), c.tls.clone());
         c.store = defaults.store;
         c.lifecycle = defaults.lifecycle;
+        if let Some(bytes) = cache_bytes {
+            c.store.cache_capacity = bytes;
+        }
+        cache = c.store.cache_capacity;
     })
     .await?;
     fleet.start_broker(&[]).await?;
@@ -1283,6 +1293,7 @@ pub async fn measure_backlog(
         small,
         large,
         payload_bytes,
+        cache_bytes: cache,
         rss_small_kib,
         rss_large_kib,
         peak_small_kib,
@@ -1367,6 +1378,8 @@ pub struct FloodFigures {
     pub flood_other: usize,
     /// The limits in force: rate per second, burst.
     pub rate: (u32, u32),
+    /// Flood submits in flight at once.
+    pub concurrency: usize,
 }
 
 impl FloodFigures {
@@ -1380,10 +1393,11 @@ impl fmt::Display for FloodFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let line = |l: &Latencies| {
             format!(
-                "{} submits, {} errors, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                "{} submits, {} errors, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
                 l.micros.len(),
                 l.errors,
                 l.quantile_ms(0.5),
+                l.quantile_ms(0.9),
                 l.quantile_ms(0.99),
                 l.quantile_ms(1.0)
             )
@@ -1396,8 +1410,9 @@ impl fmt::Display for FloodFigures {
         writeln!(f, "other participant, during flood: {}", line(&self.during))?;
         writeln!(
             f,
-            "flooder ({} s, limit {}/s burst {}): {} accepted, {} RESOURCE_EXHAUSTED, {} other errors",
+            "flooder ({} s, {} in flight, limit {}/s burst {}): {} accepted, {} RESOURCE_EXHAUSTED, {} other errors",
             self.seconds,
+            self.concurrency,
             self.rate.0,
             self.rate.1,
             self.flood_accepted,
@@ -1408,10 +1423,15 @@ impl fmt::Display for FloodFigures {
     }
 }
 
-/// With the default limits, one participant floods `Submit` (64 at a time)
+/// With the default limits, one participant floods `Submit` (`concurrency` at a time)
 /// while another submits at a steady pace; the other's latency is measured
 /// for `seconds` without and then with the flood.
-pub async fn measure_flood(exe: &Path, dir: &Path, seconds: u64) -> anyhow::Result<FloodFigures> {
+pub async fn measure_flood(
+    exe: &Path,
+    dir: &Path,
+    seconds: u64,
+    concurrency: usize,
+) -> anyhow::Result<FloodFigures> {
     let mut rate = (0, 0);
     let mut fleet = Fleet::create(dir, exe, 2, |c| {
         let defaults = BrokerConfig::new(c.data_dir.clone(), c.tls.clone());
@@ -1436,7 +1456,7 @@ pub async fn measure_flood(exe: &Path, dir: &Path, seconds: u64) -> anyhow::Resu
         AtomicUsize::new(0),
     ]);
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..64 {
+    for _ in 0..concurrency {
         let (mut client, stop, counts) = (flooder.clone(), Arc::clone(&stop), Arc::clone(&counts));
         tasks.spawn(async move {
             while !stop.load(Ordering::SeqCst) {
@@ -1468,6 +1488,7 @@ pub async fn measure_flood(exe: &Path, dir: &Path, seconds: u64) -> anyhow::Resu
         flood_exhausted: counts[1].load(Ordering::SeqCst),
         flood_other: counts[2].load(Ordering::SeqCst),
         rate,
+        concurrency,
     })
 }
 

@@ -72,6 +72,13 @@ enum Command {
         /// Seconds of baseline, then of flood.
         #[arg(long, default_value_t = 5)]
         flood_seconds: u64,
+        /// Flood submits in flight at once.
+        #[arg(long, default_value_t = 64)]
+        flood_concurrency: usize,
+        /// The broker's sled page cache in MiB for the backlog measurement
+        /// (default: the broker's default).
+        #[arg(long)]
+        cache_mib: Option<u64>,
     },
 }
 
@@ -127,7 +134,17 @@ async fn main_async(args: Args) -> anyhow::Result<bool> {
             large,
             payload,
             flood_seconds,
-        }) => bounds(&exe, &dir, *small, *large, *payload, *flood_seconds).await,
+            flood_concurrency,
+            cache_mib,
+        }) => {
+            let sizes = Sizes {
+                small: *small,
+                large: *large,
+                payload: *payload,
+                cache_bytes: cache_mib.map(|mib| mib << 20),
+            };
+            bounds(&exe, &dir, &sizes, *flood_seconds, *flood_concurrency).await
+        }
     };
     let keep = args.keep || !matches!(result, Ok(true));
     match temp {
@@ -171,23 +188,46 @@ async fn crash(exe: &Path, dir: &Path, args: &Args) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-async fn bounds(
-    exe: &Path,
-    dir: &Path,
+/// The backlog measurement's parameters.
+#[derive(Debug)]
+struct Sizes {
     small: usize,
     large: usize,
     payload: usize,
+    cache_bytes: Option<u64>,
+}
+
+async fn bounds(
+    exe: &Path,
+    dir: &Path,
+    sizes: &Sizes,
     flood_seconds: u64,
+    flood_concurrency: usize,
 ) -> anyhow::Result<bool> {
+    let Sizes {
+        small,
+        large,
+        payload,
+        cache_bytes,
+    } = *sizes;
     anyhow::ensure!(small > 0 && large > small, "--large must exceed --small");
     println!("trmx-chaos bounds: broker RSS with a {small} and a {large} message backlog");
-    let backlog = chaos::measure_backlog(exe, &dir.join("backlog"), small, large, payload).await?;
+    let backlog = chaos::measure_backlog(
+        exe,
+        &dir.join("backlog"),
+        small,
+        large,
+        payload,
+        cache_bytes,
+    )
+    .await?;
     println!("{backlog}");
     println!();
     println!(
         "trmx-chaos bounds: another participant's submit latency, {flood_seconds} s without and {flood_seconds} s with a flood"
     );
-    let flood = chaos::measure_flood(exe, &dir.join("flood"), flood_seconds).await?;
+    let flood =
+        chaos::measure_flood(exe, &dir.join("flood"), flood_seconds, flood_concurrency).await?;
     println!("{flood}");
     println!();
     let mut ok = true;
