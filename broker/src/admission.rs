@@ -1,5 +1,7 @@
 //! Admission control for `Submit`: a per-sender token bucket, the free-disk
-//! watermark and the "store unavailable" latch.
+//! watermark, the "store unavailable" latch, and per-sender submit slots
+//! ([`SubmitSlots`]) so that one sender's burst cannot fill the store's
+//! write batches.
 //!
 //! # Invariants
 //! - A bucket never holds more than `burst` tokens; one submit takes one token.
@@ -10,10 +12,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use trmx_proto::ParticipantId;
 
 use crate::error::BrokerError;
@@ -112,6 +115,48 @@ impl Admission {
     /// Records the free space of the data directory.
     pub fn set_free_disk_bytes(&self, bytes: u64) {
         self.free_disk_bytes.store(bytes, Ordering::Release);
+    }
+}
+
+/// Per-sender limit on submits being written at once. A sender over it waits
+/// (its request is not refused): the store's group commit then interleaves
+/// every sender's writes instead of serving one sender's burst of hundreds
+/// first, so a burst from one participant costs the others little latency.
+///
+/// # Invariants
+/// - At most `per_sender` submits of one sender hold a slot at a time.
+/// - The map holds one entry per sender that ever submitted; senders are
+///   registry participants (others are refused before), so it is bounded.
+#[derive(Debug)]
+pub struct SubmitSlots {
+    per_sender: usize,
+    slots: Mutex<HashMap<ParticipantId, Arc<Semaphore>>>,
+}
+
+impl SubmitSlots {
+    /// At most `per_sender` (at least 1) concurrent submits per sender.
+    pub fn new(per_sender: usize) -> Self {
+        Self {
+            per_sender: per_sender.max(1),
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for one of `sender`'s slots; it is freed when the permit drops.
+    /// (`None` only if the semaphore were closed, which it never is.)
+    pub async fn acquire(&self, sender: &ParticipantId) -> Option<OwnedSemaphorePermit> {
+        let semaphore = {
+            let mut slots = self
+                .slots
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            Arc::clone(
+                slots
+                    .entry(sender.clone())
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.per_sender))),
+            )
+        };
+        semaphore.acquire_owned().await.ok()
     }
 }
 

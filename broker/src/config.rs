@@ -156,6 +156,17 @@ pub struct LimitsConfig {
     /// Payload bytes one sender may have queued (not yet acknowledged).
     #[serde(default = "default_max_queued_bytes_per_sender", with = "units::bytes")]
     pub max_queued_bytes_per_sender: u64,
+    /// How long a submit refused for the sender's rate or quota is held
+    /// before its `RESOURCE_EXHAUSTED` answer. A well-behaved node backs off
+    /// anyway; a client that floods is slowed to (its concurrent requests ÷
+    /// this delay) refusals per second instead of taking the broker's CPU
+    /// from the other participants. `"0s"` answers at once.
+    #[serde(default = "default_refusal_delay", with = "units::duration")]
+    pub refusal_delay: Duration,
+    /// Submits of one sender written at once; more wait their turn, so one
+    /// sender's burst cannot fill the store's write batches and delay others.
+    #[serde(default = "default_max_concurrent_submits_per_sender")]
+    pub max_concurrent_submits_per_sender: u32,
     /// Below this much free space in `data_dir` new submits are refused
     /// (`RESOURCE_EXHAUSTED`) while delivery goes on.
     #[serde(default = "default_min_free_disk_bytes", with = "units::bytes")]
@@ -185,6 +196,8 @@ impl Default for LimitsConfig {
             sender_rate_per_second: default_sender_rate_per_second(),
             sender_rate_burst: default_sender_rate_burst(),
             max_queued_bytes_per_sender: default_max_queued_bytes_per_sender(),
+            refusal_delay: default_refusal_delay(),
+            max_concurrent_submits_per_sender: default_max_concurrent_submits_per_sender(),
             min_free_disk_bytes: default_min_free_disk_bytes(),
             shutdown_grace: default_shutdown_grace(),
         }
@@ -293,7 +306,7 @@ fn default_crl_reload_interval() -> Duration {
     Duration::from_secs(300)
 }
 fn default_cache_capacity() -> u64 {
-    64 << 20
+    16 << 20
 }
 fn default_max_envelope_bytes() -> u64 {
     8 << 20
@@ -341,13 +354,19 @@ fn default_sender_rate_per_second() -> u32 {
     200
 }
 fn default_sender_rate_burst() -> u32 {
-    2_000
+    400
 }
 fn default_max_queued_bytes_per_sender() -> u64 {
     1 << 30
 }
 fn default_min_free_disk_bytes() -> u64 {
     1 << 30
+}
+fn default_max_concurrent_submits_per_sender() -> u32 {
+    16
+}
+fn default_refusal_delay() -> Duration {
+    Duration::from_millis(250)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(10)
@@ -507,6 +526,25 @@ impl BrokerConfig {
             ("limits.request_timeout", l.request_timeout),
         ] {
             at_least_duration(field, value, Duration::from_millis(100))?;
+        }
+        at_least(
+            "limits.max_concurrent_submits_per_sender",
+            u64::from(l.max_concurrent_submits_per_sender),
+            1,
+        )?;
+        at_most(
+            "limits.max_concurrent_submits_per_sender",
+            u64::from(l.max_concurrent_submits_per_sender),
+            1024,
+        )?;
+        if l.refusal_delay > Duration::from_secs(10) || l.refusal_delay >= l.request_timeout {
+            return Err(BrokerError::config(
+                "limits.refusal_delay",
+                format!(
+                    "must be at most 10s and shorter than limits.request_timeout, got {:?}",
+                    l.refusal_delay
+                ),
+            ));
         }
         at_least(
             "limits.max_max_in_flight",

@@ -30,7 +30,7 @@ use trmx_proto::pb::operator_server::OperatorServer;
 use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
 
 use crate::admin::{AdminHooks, AdminState, CertRole, Metrics, Readiness, serve_admin};
-use crate::admission::{Admission, free_disk_bytes};
+use crate::admission::{Admission, SubmitSlots, free_disk_bytes};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
@@ -160,6 +160,7 @@ impl BrokerBuilder {
             registry,
             streams: Streams::new(limits.max_streams_per_participant, 1),
             admission,
+            submit_slots: SubmitSlots::new(limits.max_concurrent_submits_per_sender as usize),
             limits: limits.clone(),
             lifecycle: config.lifecycle.clone(),
             broker_name,

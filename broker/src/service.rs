@@ -23,7 +23,7 @@ use trmx_proto::time::{from_millis, to_millis, to_timestamp};
 use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use crate::admin::{CertRole, DeadLetterReason, Metrics, RefusalReason};
-use crate::admission::{self, Admission};
+use crate::admission::{self, Admission, SubmitSlots};
 use crate::clock::Clock;
 use crate::config::{LifecycleConfig, LimitsConfig};
 use crate::error::BrokerError;
@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) streams: Streams,
     pub(crate) admission: Admission,
+    /// Per-sender slots for submits being written (fairness between senders).
+    pub(crate) submit_slots: SubmitSlots,
     pub(crate) limits: LimitsConfig,
     pub(crate) lifecycle: LifecycleConfig,
     pub(crate) broker_name: String,
@@ -241,9 +243,25 @@ impl ExchangeService {
         request: pb::SubmitRequest,
         started: Instant,
     ) -> Result<pb::SubmitReceipt, Refused> {
-        let receipt = self.submit_inner(caller, request).await?;
-        self.shared.metrics.observe_submit(started.elapsed());
-        Ok(receipt)
+        match self.submit_inner(caller, request).await {
+            Ok(receipt) => {
+                self.shared.metrics.observe_submit(started.elapsed());
+                Ok(receipt)
+            }
+            Err(refused) => {
+                // A sender over its rate or quota waits for its answer: a
+                // flooding client slows itself down (its concurrency is
+                // bounded per connection) instead of taking the CPU that the
+                // other participants' submits need.
+                if matches!(
+                    refused.reason,
+                    Some(RefusalReason::Rate | RefusalReason::Quota)
+                ) {
+                    tokio::time::sleep(self.shared.limits.refusal_delay).await;
+                }
+                Err(refused)
+            }
+        }
     }
 
     async fn submit_inner(
@@ -330,7 +348,9 @@ impl ExchangeService {
             payload_sha256: checked.payload_sha256,
             fingerprint,
         };
+        let slot = shared.submit_slots.acquire(caller).await;
         let outcome = shared.stored(shared.store.submit(message, now).await)?;
+        drop(slot);
         let (accepted, duplicate) = match outcome {
             SubmitOutcome::Accepted(accepted) => {
                 shared.metrics.accepted(checked.kind);

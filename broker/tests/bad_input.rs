@@ -199,6 +199,38 @@ async fn the_sender_rate_limit_refuses_with_resource_exhausted() -> anyhow::Resu
 }
 
 #[tokio::test]
+async fn a_refusal_for_rate_is_held_back_so_a_flooder_slows_itself_down() -> anyhow::Result<()> {
+    let delay = Duration::from_millis(300);
+    let t = TestBroker::start_with(|c| {
+        c.limits.sender_rate_per_second = 1;
+        c.limits.sender_rate_burst = 1;
+        c.limits.refusal_delay = delay;
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    submit(&mut nl, referral("BE-PAYOKE")).await?;
+    // Eight refusals in parallel each wait the delay (they overlap, so the
+    // flooder gets at most concurrency / delay answers per second) ...
+    let started = tokio::time::Instant::now();
+    let refusals = futures::future::join_all((0..8).map(|_| {
+        let mut nl = nl.clone();
+        async move { submit(&mut nl, referral("BE-PAYOKE")).await }
+    }))
+    .await;
+    for refused in refusals {
+        assert_code(refused, Code::ResourceExhausted, "rate");
+    }
+    assert!(
+        started.elapsed() >= delay,
+        "refusals answered before the delay"
+    );
+    // ... while another sender is answered at once, within its own bucket.
+    let mut iom = t.client("INT-IOM")?;
+    submit(&mut iom, referral("BE-PAYOKE")).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_free_disk_watermark_refuses_submits_but_delivery_goes_on() -> anyhow::Result<()> {
     let t = TestBroker::start_with(|c| {
         c.limits.min_free_disk_bytes = u64::MAX / 2;

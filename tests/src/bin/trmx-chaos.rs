@@ -232,7 +232,7 @@ async fn bounds(
     println!();
     let mut ok = true;
     if backlog.ratio() > 1.5 {
-        println!("FAIL: RSS ratio {:.2} > 1.5", backlog.ratio());
+        println!("FAIL: peak RSS ratio {:.2} > 1.5", backlog.ratio());
         ok = false;
     }
     if flood.ratio() > 3.0 {

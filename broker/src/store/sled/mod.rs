@@ -59,7 +59,7 @@ pub struct SledOptions {
 impl Default for SledOptions {
     fn default() -> Self {
         Self {
-            cache_capacity_bytes: 64 * 1024 * 1024,
+            cache_capacity_bytes: 16 * 1024 * 1024,
         }
     }
 }
