@@ -252,4 +252,29 @@ mod tests {
         let dir = std::env::temp_dir();
         assert!(free_disk_bytes(&dir).unwrap() > 0);
     }
+
+    #[tokio::test]
+    async fn a_sender_gets_at_most_its_slots_and_others_are_not_held() {
+        let slots = SubmitSlots::new(2);
+        let nl = id("NL-NRM");
+        let first = slots.acquire(&nl).await;
+        let second = slots.acquire(&nl).await;
+        assert!(first.is_some() && second.is_some());
+        // the third of NL-NRM waits ...
+        let wait = std::time::Duration::from_millis(30);
+        assert!(
+            tokio::time::timeout(wait, slots.acquire(&nl))
+                .await
+                .is_err()
+        );
+        // ... while another sender is served at once ...
+        assert!(
+            tokio::time::timeout(wait, slots.acquire(&id("BE-PAYOKE")))
+                .await
+                .is_ok()
+        );
+        // ... and a freed slot lets NL-NRM's next submit in.
+        drop(first);
+        assert!(tokio::time::timeout(wait, slots.acquire(&nl)).await.is_ok());
+    }
 }
