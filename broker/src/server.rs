@@ -37,7 +37,7 @@ use crate::error::BrokerError;
 use crate::operator::OperatorService;
 use crate::registry::Registry;
 use crate::service::{ExchangeService, PeerCerts, Shared};
-use crate::store::{BrokerStore, Lifecycle, SledOptions, SledStore};
+use crate::store::{BrokerStore, FlushObserver, Lifecycle, SledOptions, SledStore};
 use crate::streams::Streams;
 
 /// Bytes allowed on top of `max_envelope_bytes` for the rest of a request, so
@@ -136,7 +136,7 @@ impl BrokerBuilder {
         certs.record(&tls);
         let store = match store {
             Some(store) => store,
-            None => open_store(&config).await?,
+            None => open_store(&config, &metrics).await?,
         };
         let recovered = store.recover(clock.now_millis()).await?;
         info!(
@@ -681,15 +681,23 @@ pub fn lifecycle_of(config: &BrokerConfig) -> Lifecycle {
     }
 }
 
-/// Opens the sled store in `data_dir` (created if missing).
-async fn open_store(config: &BrokerConfig) -> Result<Arc<dyn BrokerStore>, BrokerError> {
+/// Opens the sled store in `data_dir` (created if missing); every flush is
+/// timed into `metrics` (`trmx_store_flush_duration_seconds`).
+async fn open_store(
+    config: &BrokerConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn BrokerStore>, BrokerError> {
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| BrokerError::Io {
         context: format!("creating data_dir {}", dir.display()),
         source,
     })?;
+    let flushes = Arc::clone(metrics);
     let options = SledOptions {
         cache_capacity_bytes: config.store.cache_capacity,
+        flush_observer: Some(FlushObserver(Arc::new(move |took| {
+            flushes.observe_flush(took);
+        }))),
     };
     let lifecycle = lifecycle_of(config);
     let store = tokio::task::spawn_blocking(move || SledStore::open(&dir, options, lifecycle))

@@ -151,6 +151,8 @@ async fn metrics_move_as_messages_flow() -> anyhow::Result<()> {
         after_submit.value("trmx_submit_duration_seconds_count"),
         1.0
     );
+    // The submit was answered after a flush, and the flush was timed.
+    assert!(after_submit.value("trmx_store_flush_duration_seconds_count") >= 1.0);
     assert!(
         after_submit
             .get("trmx_participant_last_seen_timestamp_seconds{participant=\"NL-NRM\"}")

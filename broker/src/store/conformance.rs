@@ -851,6 +851,7 @@ mod sled {
             dir,
             SledOptions {
                 cache_capacity_bytes: 8 * 1024 * 1024,
+                flush_observer: None,
             },
             lifecycle(),
         )

@@ -30,7 +30,7 @@ mod conformance;
 
 pub use self::audit::{AuditReport, OperatorAction};
 pub use self::sled::{
-    FaultSwitch, SledOptions, SledStore, audit_records_offline, tamper_audit_record,
+    FaultSwitch, FlushObserver, SledOptions, SledStore, audit_records_offline, tamper_audit_record,
     verify_audit_offline,
 };
 

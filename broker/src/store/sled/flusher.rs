@@ -81,7 +81,11 @@ pub(super) struct Flusher {
 
 impl Flusher {
     /// Starts the flusher thread for `db`.
-    pub(super) fn start(db: ::sled::Db, faults: FaultSwitch) -> std::io::Result<Self> {
+    pub(super) fn start(
+        db: ::sled::Db,
+        faults: FaultSwitch,
+        observer: Option<super::FlushObserver>,
+    ) -> std::io::Result<Self> {
         let (progress, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
             requests: Mutex::new(Requests::default()),
@@ -91,7 +95,7 @@ impl Flusher {
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("trmx-store-flush".to_owned())
-            .spawn(move || run(&thread_shared, &db, &faults))?;
+            .spawn(move || run(&thread_shared, &db, &faults, observer.as_ref()))?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -157,7 +161,12 @@ impl Drop for Flusher {
     }
 }
 
-fn run(shared: &Shared, db: &::sled::Db, faults: &FaultSwitch) {
+fn run(
+    shared: &Shared,
+    db: &::sled::Db,
+    faults: &FaultSwitch,
+    observer: Option<&super::FlushObserver>,
+) {
     loop {
         let number = {
             let mut requests = shared.lock();
@@ -176,7 +185,12 @@ fn run(shared: &Shared, db: &::sled::Db, faults: &FaultSwitch) {
         let result = if faults.is_failing() {
             Err("injected storage fault (disk full)".to_owned())
         } else {
-            db.flush().map(drop).map_err(|e| e.to_string())
+            let started = std::time::Instant::now();
+            let result = db.flush().map(drop).map_err(|e| e.to_string());
+            if let Some(observer) = observer {
+                (observer.0)(started.elapsed());
+            }
+            result
         };
         if let Err(reason) = &result {
             tracing::error!(error = %reason, "store flush failed");

@@ -54,11 +54,25 @@ const WAKEUP_CAPACITY: usize = 1024;
 pub struct SledOptions {
     /// sled page-cache size in bytes (sled's own default is 1 GiB; set it).
     pub cache_capacity_bytes: u64,
+    /// Told how long each flush (fsync) took — for the flush-latency metric.
+    pub flush_observer: Option<FlushObserver>,
+}
+
+/// A callback told the duration of every flush; it runs on the flusher
+/// thread, so it must be quick (e.g. a histogram observation).
+#[derive(Clone)]
+pub struct FlushObserver(pub Arc<dyn Fn(std::time::Duration) + Send + Sync>);
+
+impl fmt::Debug for FlushObserver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FlushObserver")
+    }
 }
 
 impl Default for SledOptions {
     fn default() -> Self {
         Self {
+            flush_observer: None,
             cache_capacity_bytes: 16 * 1024 * 1024,
         }
     }
@@ -178,7 +192,7 @@ impl SledStore {
         let faults = FaultSwitch::default();
         let failpoints = FailPoints::from_env().map_err(&open_err)?;
         failpoint::watch_fault_file(&faults).map_err(&open_err)?;
-        let flusher = Flusher::start(db.clone(), faults.clone())
+        let flusher = Flusher::start(db.clone(), faults.clone(), opts.flush_observer.clone())
             .map_err(|e| open_err(format!("cannot start the flusher thread: {e}")))?;
         let core = Arc::new(Core {
             trees,
