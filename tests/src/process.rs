@@ -6,7 +6,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -193,4 +193,27 @@ fn signal(child: &Child, name: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// Multi-call: when this executable was started as `<exe> broker …` or
+/// `<exe> node …`, runs exactly what `trmx-broker …` / `trmx-node …` run and
+/// returns its exit code; otherwise `None`. The demo and the chaos runner
+/// start their daemons this way, so one `cargo run` builds everything.
+pub fn run_as_daemon() -> Option<ExitCode> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let daemon = args.get(1).and_then(|a| a.to_str()).map(str::to_owned)?;
+    match daemon.as_str() {
+        "broker" => {
+            args.remove(1);
+            args[0] = "trmx-broker".into();
+            Some(trmx_broker::cli::main(args))
+        }
+        "node" => {
+            args.remove(1);
+            args[0] = "trmx-node".into();
+            let code = trmx_node::cli::main_with_args(args);
+            Some(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        _ => None,
+    }
 }

@@ -16,7 +16,6 @@
 //! `trmx-chaos broker …` / `trmx-chaos node …` (exactly what the `trmx-broker`
 //! and `trmx-node` binaries run).
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -83,21 +82,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let mut args: Vec<OsString> = std::env::args_os().collect();
     // Multi-call: `trmx-chaos broker …` / `trmx-chaos node …` are the daemons.
-    match args.get(1).and_then(|a| a.to_str()) {
-        Some("broker") => {
-            args.remove(1);
-            args[0] = "trmx-broker".into();
-            return trmx_broker::cli::main(args);
-        }
-        Some("node") => {
-            args.remove(1);
-            args[0] = "trmx-node".into();
-            let code = trmx_node::cli::main_with_args(args);
-            return ExitCode::from(u8::try_from(code).unwrap_or(1));
-        }
-        _ => {}
+    if let Some(code) = trmx_tests::process::run_as_daemon() {
+        return code;
     }
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -43,21 +43,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let mut args: Vec<OsString> = std::env::args_os().collect();
     // Multi-call: `trmx-demo broker …` / `trmx-demo node …` are the daemons.
-    match args.get(1).and_then(|a| a.to_str()) {
-        Some("broker") => {
-            args.remove(1);
-            args[0] = "trmx-broker".into();
-            return trmx_broker::cli::main(args);
-        }
-        Some("node") => {
-            args.remove(1);
-            args[0] = "trmx-node".into();
-            let code = trmx_node::cli::main_with_args(args);
-            return ExitCode::from(u8::try_from(code).unwrap_or(1));
-        }
-        _ => {}
+    if let Some(code) = trmx_tests::process::run_as_daemon() {
+        return code;
     }
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {
