@@ -23,7 +23,7 @@
 //! [`peer_identity`]. A reload swaps the config and flags revoked connections, whose
 //! next read fails so hyper drops them.
 //!
-//! ```ignore
+//! ```text
 //! // server (broker)
 //! let tls = ServerTls::load(&paths, Some(&crl), CrlPolicy::Warn)?;
 //! let conns = incoming(listener, tls.clone(), ListenerLimits::default(), shutdown);
