@@ -425,6 +425,21 @@ pub(super) async fn ack_timeout_redelivers_after_backoff<S: BrokerStore>(s: &S, 
     assert!(lease_ids(s, BE, 3, 10, c.now_millis()).await.is_empty());
 }
 
+/// A broker that was down past both an ack deadline and the later expiry
+/// of a message applies them in time order: the lease times out first.
+pub(super) async fn overdue_deadlines_fire_in_time_order<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let mut m = message(NL, BE, Priority::Normal, 100, now);
+    m.expires_at = now + 60_000;
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    let report = tick(s, now + 120_000).await;
+    assert_eq!((report.redelivery_due, report.expired), (1, 1));
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert_eq!((st.state, st.attempts), (State::Expired, 1));
+    assert_eq!(s.next_timer().await.unwrap(), Some(now + 120_000 + 3600 * 1000));
+}
+
 pub(super) async fn backoff_runs_from_the_ack_deadline<S: BrokerStore>(s: &S, c: &ManualClock) {
     let now = c.now_millis();
     let m = message(NL, BE, Priority::Normal, 100, now);
@@ -879,6 +894,7 @@ mod sled {
         reject_dead_letters_with_ndr,
         ack_timeout_redelivers_after_backoff,
         backoff_runs_from_the_ack_deadline,
+        overdue_deadlines_fire_in_time_order,
         max_attempts_dead_letters_with_ndr,
         release_stream_makes_due_at_once,
         expiry_from_accepted_and_in_flight,
@@ -956,6 +972,52 @@ mod sled {
         assert_eq!(report.expired, 1);
         assert_eq!(state_of(&s, &short).await, State::Expired);
         s.close().await.unwrap();
+    }
+
+    /// Stores written before the `leases` tree kept a lease as an `inflight`
+    /// entry (recipient, seq → stream) and a `Lease` timer: `recover` makes
+    /// such a message due again and empties `inflight`; its timer goes stale.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_of_older_stores_are_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = clock();
+        let now = c.now_millis();
+        let m = message(NL, BE, Priority::Normal, 100, now);
+        let s = open(dir.path());
+        let seq = submit_ok(&s, &m, now).await.broker_seq;
+        lease_ids(&s, BE, 4, 1, now).await;
+        s.close().await.unwrap();
+        drop(s);
+        // rewrite the lease as an older broker stored it
+        {
+            let db = ::sled::open(dir.path()).unwrap();
+            let leases = db.open_tree("leases").unwrap();
+            let deadline = now + 30_000;
+            let mut key = deadline.to_be_bytes().to_vec();
+            key.extend_from_slice(&seq.to_be_bytes());
+            let stream = leases.remove(&key).unwrap().expect("lease entry");
+            let mut legacy = format!("{BE}\0").into_bytes();
+            legacy.extend_from_slice(&seq.to_be_bytes());
+            db.open_tree("inflight").unwrap().insert(legacy, stream).unwrap();
+            let mut timer = deadline.to_be_bytes().to_vec();
+            timer.push(1);
+            timer.extend_from_slice(&seq.to_be_bytes());
+            db.open_tree("timers").unwrap().insert(timer, &[][..]).unwrap();
+            db.flush().unwrap();
+        }
+        let s = open(dir.path());
+        assert_eq!(s.recover(now).await.unwrap(), 1);
+        let again = s.lease(&pid(BE), StreamId(5), 10, now + 1_000).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].attempt, 2);
+        // the old lease timer does not time the new lease out
+        let report = s.tick(now + 30_000).await.unwrap();
+        assert_eq!(report.redelivery_due, 0);
+        assert_eq!(state_of(&s, &m).await, State::InFlight);
+        s.close().await.unwrap();
+        drop(s);
+        let db = ::sled::open(dir.path()).unwrap();
+        assert!(db.open_tree("inflight").unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

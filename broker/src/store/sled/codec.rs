@@ -395,14 +395,24 @@ pub(super) fn queue_key(recipient: &ParticipantId, priority: Priority, seq: u64)
     key
 }
 
-/// `inflight`: recipient | 0 | seq (value: stream id).
-pub(super) fn inflight_key(recipient: &ParticipantId, seq: u64) -> Vec<u8> {
-    let mut key = participant_prefix(recipient);
+/// `leases`: ack deadline | seq (value: stream id). Ordered by deadline, so
+/// the tree is also the lease timer: `tick` reads it from the front.
+pub(super) fn lease_key(deadline: Millis, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    key.extend_from_slice(&deadline.to_be_bytes());
     key.extend_from_slice(&seq.to_be_bytes());
     key
 }
 
-/// The seq at the end of a `queue` or `inflight` key.
+/// `(deadline, seq)` of a `leases` key.
+pub(super) fn parse_lease_key(key: &[u8]) -> Result<(Millis, u64), StoreError> {
+    if key.len() != 16 {
+        return Err(corrupt("bad lease key".to_owned()));
+    }
+    Ok((read_u64(&key[..8])?, read_u64(&key[8..])?))
+}
+
+/// The seq at the end of a `queue` (or legacy `inflight`) key.
 pub(super) fn seq_suffix(key: &[u8]) -> Result<u64, StoreError> {
     let start = key
         .len()
@@ -414,7 +424,8 @@ pub(super) fn seq_suffix(key: &[u8]) -> Result<u64, StoreError> {
 /// What a timer does when it fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TimerKind {
-    /// IN_FLIGHT ack deadline.
+    /// IN_FLIGHT ack deadline (only in stores written before the `leases`
+    /// tree took this part; still honoured).
     Lease = 1,
     /// ACCEPTED backoff ended: due again.
     Due = 2,
@@ -581,6 +592,14 @@ mod tests {
         let b = timer_key(6, TimerKind::Lease, 1);
         assert!(a < b);
         assert_eq!(parse_timer_key(&a).unwrap(), (5, TimerKind::Expiry, 99));
+    }
+
+    #[test]
+    fn lease_keys_sort_by_deadline() {
+        let a = lease_key(5, 99);
+        assert!(a < lease_key(6, 1));
+        assert_eq!(parse_lease_key(&a).unwrap(), (5, 99));
+        assert!(matches!(parse_lease_key(&a[1..]), Err(StoreError::Corrupt(_))));
     }
 
     #[test]

@@ -89,8 +89,8 @@ impl Default for SledOptions {
 /// | `payloads` | seq → payload bytes (only records written before payloads moved into the record) |
 /// | `by_id` | message id → seqs (ack / reject / operator by id; with the record's sender: idempotency, status, withdraw) |
 /// | `queue` | recipient, priority, seq → () — due for delivery, lease order |
-/// | `inflight` | recipient, seq → stream id |
-/// | `timers` | at, kind, seq → () — ack deadline, backoff end, expiry, retentions |
+/// | `leases` | ack deadline, seq → stream id — IN_FLIGHT messages; also their lease timer |
+/// | `timers` | at, kind, seq → () — backoff end, expiry, retentions |
 /// | `dead` | seq → () — EXPIRED and DEAD_LETTERED records |
 /// | `counters` | `r`+recipient → depth, in flight, bytes; `s`+sender → queued bytes |
 ///
@@ -100,8 +100,10 @@ impl Default for SledOptions {
 ///   transaction (`tx::Tx::put`), together with any receipt it causes. So after
 ///   a crash the trees agree with each other.
 /// - A record is in `queue` iff it is ACCEPTED and not backing off; it has a
-///   `Due` timer iff ACCEPTED and backing off; it is in `inflight` with a
-///   `Lease` timer iff IN_FLIGHT; it has an `Expiry` timer iff ACCEPTED or
+///   `Due` timer iff ACCEPTED and backing off; it is in `leases` iff
+///   IN_FLIGHT (stores written before `leases` existed kept an `inflight`
+///   entry and a `Lease` timer instead: `recover` empties `inflight` at
+///   start-up, and a left-over `Lease` timer still fires correctly); it has an `Expiry` timer iff ACCEPTED or
 ///   IN_FLIGHT; it is in `dead` iff EXPIRED or DEAD_LETTERED.
 /// - A payload exists (with its record, or in `payloads` for old records) iff `payload_kept`: from submit until ACKNOWLEDGED /
 ///   WITHDRAWN / PURGED, or until the dead-letter retention of an EXPIRED /

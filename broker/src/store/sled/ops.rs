@@ -9,10 +9,11 @@ use trmx_proto::{MessageId, ParticipantId, pb};
 
 use super::Core;
 use super::codec::{
-    RecipientCounters, Record, TimerKind, parse_timer_key, participant_prefix, read_u64, seq_suffix,
+    RecipientCounters, Record, TimerKind, parse_lease_key, parse_timer_key, participant_prefix,
+    read_u64, seq_suffix,
 };
 use super::tx::{
-    COUNTERS, DEAD, INFLIGHT, QUEUE, RECORDS, TIMERS, Tx, TxResult, abort, after, backoff,
+    COUNTERS, DEAD, LEASES, LEGACY_INFLIGHT, QUEUE, RECORDS, TIMERS, Tx, TxResult, abort, after, backoff,
     finish_keeping_payload, finish_without_payload,
 };
 use crate::store::{
@@ -93,27 +94,48 @@ impl Core {
         Ok(candidates)
     }
 
+    /// Puts IN_FLIGHT messages back in their queue, due at once (no attempt
+    /// is lost): those of `recipient` leased to `stream` when a stream
+    /// closed, or every one (`recover` at start-up, which also empties the
+    /// `inflight` tree of older stores).
     pub(super) fn requeue_in_flight(
         &self,
         recipient: Option<&ParticipantId>,
         stream: Option<StreamId>,
         now: Millis,
     ) -> Result<(u64, Wake), StoreError> {
+        let (mut total, mut wake) = (0, Wake::new());
+        if recipient.is_none() && stream.is_none() {
+            let (count, woken) = self.requeue_from(LEGACY_INFLIGHT, None, None, now)?;
+            total += count;
+            wake.extend(woken);
+        }
+        let (count, woken) = self.requeue_from(LEASES, recipient, stream, now)?;
+        Ok((total + count, wake.into_iter().chain(woken).collect()))
+    }
+
+    /// [`Self::requeue_in_flight`] over one lease tree. Both trees end their
+    /// keys with the seq and hold the stream id as value. The `leases` tree
+    /// is not per recipient: it is read whole, which is bounded by the
+    /// messages in flight, not by the backlog.
+    fn requeue_from(
+        &self,
+        tree: usize,
+        recipient: Option<&ParticipantId>,
+        stream: Option<StreamId>,
+        now: Millis,
+    ) -> Result<(u64, Wake), StoreError> {
         let mut total = 0;
         let mut wake = Wake::new();
-        let prefix = recipient.map(participant_prefix).unwrap_or_default();
         let mut after_key: Option<Vec<u8>> = None;
         loop {
             let mut batch = Vec::with_capacity(RECOVER_BATCH);
             let range = match &after_key {
-                Some(k) => self.tree(INFLIGHT).range(k.clone()..),
-                None => self.tree(INFLIGHT).range(prefix.clone()..),
+                Some(k) => self.tree(tree).range(k.clone()..),
+                None => self.tree(tree).iter(),
             };
             for item in range {
                 let (key, value) = item.map_err(storage)?;
-                if !key.starts_with(&prefix) {
-                    break;
-                }
                 if after_key.as_deref() == Some(&key[..]) {
                     continue;
                 }
@@ -121,7 +143,8 @@ impl Core {
                 if stream.is_some_and(|s| read_u64(&value).ok() != Some(s.0)) {
                     continue;
                 }
-                batch.push(seq_suffix(&key)?);
+                let seq = seq_suffix(&key)?;
+                batch.push((key, seq));
                 if batch.len() >= RECOVER_BATCH {
                     break;
                 }
@@ -132,8 +155,12 @@ impl Core {
             let (count, woken) = self.transact(|tx| {
                 let mut count = 0u64;
                 let mut woken = Wake::new();
-                for &seq in &batch {
-                    let Some(old) = tx.record(seq)? else {
+                for (key, seq) in &batch {
+                    if tree == LEGACY_INFLIGHT {
+                        // `put` keeps only the `leases` tree in step
+                        tx.t[LEGACY_INFLIGHT].remove(key)?;
+                    }
+                    let Some(old) = tx.record(*seq)? else {
                         continue;
                     };
                     let on_stream = match (old.lease, stream) {
@@ -141,7 +168,10 @@ impl Core {
                         (Some(_), None) => true,
                         (None, _) => false,
                     };
-                    if old.state != State::InFlight || !on_stream {
+                    if old.state != State::InFlight
+                        || !on_stream
+                        || recipient.is_some_and(|r| old.recipient != *r)
+                    {
                         continue;
                     }
                     let mut new = old.clone();
@@ -183,29 +213,52 @@ impl Core {
         Ok(None)
     }
 
+    /// Applies every timer and lease deadline that is due at `now`, in time
+    /// order across both trees (a lease deadline before an expiry fires
+    /// first, as it would have with the broker running).
     pub(super) fn tick(&self, now: Millis) -> Result<(TickReport, Wake), StoreError> {
         let mut report = TickReport::default();
         let mut wake = Wake::new();
         loop {
-            let mut keys = Vec::with_capacity(TICK_BATCH);
-            for item in self.tree(TIMERS).iter().keys() {
-                let key = item.map_err(storage)?;
-                if parse_timer_key(&key)?.0 > now {
-                    break;
-                }
-                keys.push(key);
-                if keys.len() >= TICK_BATCH {
-                    break;
-                }
-            }
-            if keys.is_empty() {
+            let timers = self.due_keys(TIMERS, now, |k| Ok(parse_timer_key(k)?.0))?;
+            let leases = self.due_keys(LEASES, now, |k| Ok(parse_lease_key(k)?.0))?;
+            if timers.is_empty() && leases.is_empty() {
                 break;
             }
+            // a full batch may stop before later entries of its tree: fire
+            // nothing of the other tree beyond its last time in this round
+            let cutoff = [&timers, &leases]
+                .into_iter()
+                .filter(|batch| batch.len() >= TICK_BATCH)
+                .filter_map(|batch| batch.last().map(|(at, _)| *at))
+                .min()
+                .unwrap_or(now);
+            let mut due: Vec<(Millis, bool, ::sled::IVec)> = timers
+                .into_iter()
+                .map(|(at, key)| (at, false, key))
+                .chain(leases.into_iter().map(|(at, key)| (at, true, key)))
+                .filter(|(at, _, _)| *at <= cutoff)
+                .collect();
+            // (a lease deadline goes first at the same millisecond, as the
+            // `Lease` timer kind sorted first when leases were timers)
+            due.sort_by_key(|(at, is_lease, _)| (*at, !*is_lease));
             let (part, woken) = self.transact(|tx| {
                 let mut part = TickReport::default();
                 let mut woken = Wake::new();
-                for key in &keys {
-                    self.fire(tx, key, now, &mut part, &mut woken)?;
+                for (at, is_lease, key) in &due {
+                    if *is_lease {
+                        // (`put` removes it too; an entry without its record goes here)
+                        tx.t[LEASES].remove(key)?;
+                        let seq = match parse_lease_key(key) {
+                            Ok((_, seq)) => seq,
+                            Err(e) => return abort(e),
+                        };
+                        if let Some(old) = tx.record(seq)? {
+                            self.lease_timeout(tx, *at, &old, now, &mut part, &mut woken)?;
+                        }
+                    } else {
+                        self.fire(tx, key, now, &mut part, &mut woken)?;
+                    }
                 }
                 Ok((part, woken))
             })?;
@@ -218,6 +271,69 @@ impl Core {
         }
         report.woken = wake.iter().cloned().collect();
         Ok((report, wake))
+    }
+
+    /// Up to [`TICK_BATCH`] keys of `tree` (ordered by time) due at `now`.
+    fn due_keys(
+        &self,
+        tree: usize,
+        now: Millis,
+        time_of: impl Fn(&[u8]) -> Result<Millis, StoreError>,
+    ) -> Result<Vec<(Millis, ::sled::IVec)>, StoreError> {
+        let mut keys = Vec::new();
+        for item in self.tree(tree).iter().keys() {
+            let key = item.map_err(storage)?;
+            let at = time_of(&key)?;
+            if at > now {
+                break;
+            }
+            keys.push((at, key));
+            if keys.len() >= TICK_BATCH {
+                break;
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The ack deadline `at` of `old`'s lease passed: due again after the
+    /// backoff, or DEAD_LETTERED (+ NDR) when its attempts are used up.
+    /// Nothing happens when `old` is no longer leased with that deadline.
+    fn lease_timeout(
+        &self,
+        tx: &Tx<'_>,
+        at: Millis,
+        old: &Record,
+        now: Millis,
+        report: &mut TickReport,
+        wake: &mut Wake,
+    ) -> TxResult<()> {
+        if old.state != State::InFlight || old.lease.map(|l| l.0) != Some(at) {
+            return Ok(());
+        }
+        let mut new = old.clone();
+        if old.attempts >= self.life.max_attempts {
+            finish_keeping_payload(&mut new, State::DeadLettered, now, &self.life);
+            new.reason_code = "MAX_ATTEMPTS".to_owned();
+            tx.put(Some(old), Some(&new))?;
+            if let Some(to) = tx.receipt(&new, pb::Outcome::DeadLettered, now)? {
+                wake.insert(to);
+            }
+            report.dead_lettered += 1;
+        } else {
+            // the backoff runs from the ack deadline, so a late tick
+            // (broker down, coarse timer) does not stretch it
+            let due = after(at, backoff(&self.life, old.attempts));
+            new.state = State::Accepted;
+            new.state_changed_at = now;
+            new.lease = None;
+            new.next_attempt_at = (due > now).then_some(due);
+            if new.next_attempt_at.is_none() {
+                wake.insert(new.recipient.clone());
+            }
+            tx.put(Some(old), Some(&new))?;
+            report.redelivery_due += 1;
+        }
+        Ok(())
     }
 
     /// Applies one due timer.
@@ -239,31 +355,9 @@ impl Core {
         };
         let mut new = old.clone();
         match kind {
-            TimerKind::Lease
-                if old.state == State::InFlight && old.lease.map(|l| l.0) == Some(at) =>
-            {
-                if old.attempts >= self.life.max_attempts {
-                    finish_keeping_payload(&mut new, State::DeadLettered, now, &self.life);
-                    new.reason_code = "MAX_ATTEMPTS".to_owned();
-                    tx.put(Some(&old), Some(&new))?;
-                    if let Some(to) = tx.receipt(&new, pb::Outcome::DeadLettered, now)? {
-                        wake.insert(to);
-                    }
-                    report.dead_lettered += 1;
-                } else {
-                    // the backoff runs from the ack deadline, so a late tick
-                    // (broker down, coarse timer) does not stretch it
-                    let due = after(at, backoff(&self.life, old.attempts));
-                    new.state = State::Accepted;
-                    new.state_changed_at = now;
-                    new.lease = None;
-                    new.next_attempt_at = (due > now).then_some(due);
-                    if new.next_attempt_at.is_none() {
-                        wake.insert(new.recipient.clone());
-                    }
-                    tx.put(Some(&old), Some(&new))?;
-                    report.redelivery_due += 1;
-                }
+            TimerKind::Lease => {
+                // written by stores before the `leases` tree
+                self.lease_timeout(tx, at, &old, now, report, wake)?;
             }
             TimerKind::Due if old.state == State::Accepted && old.next_attempt_at == Some(at) => {
                 new.next_attempt_at = None;
@@ -299,10 +393,15 @@ impl Core {
     }
 
     pub(super) fn next_timer(&self) -> Result<Option<Millis>, StoreError> {
-        match self.tree(TIMERS).first().map_err(storage)? {
-            Some((key, _)) => Ok(Some(parse_timer_key(&key)?.0)),
-            None => Ok(None),
-        }
+        let timer = match self.tree(TIMERS).first().map_err(storage)? {
+            Some((key, _)) => Some(parse_timer_key(&key)?.0),
+            None => None,
+        };
+        let lease = match self.tree(LEASES).first().map_err(storage)? {
+            Some((key, _)) => Some(parse_lease_key(&key)?.0),
+            None => None,
+        };
+        Ok(timer.into_iter().chain(lease).min())
     }
 
     pub(super) fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {

@@ -15,7 +15,7 @@ use prost::Message as _;
 use trmx_proto::{Kind, ParticipantId, pb};
 
 use super::codec::{
-    InlinePayload, RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs, inflight_key,
+    InlinePayload, RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs, lease_key,
     queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
 };
 use crate::store::{Lifecycle, Millis, State, StoreError, receipt_id};
@@ -28,16 +28,20 @@ pub(super) const RECORDS: usize = 0;
 pub(super) const PAYLOADS: usize = 1;
 pub(super) const BY_ID: usize = 2;
 pub(super) const QUEUE: usize = 3;
-pub(super) const INFLIGHT: usize = 4;
+/// Leases of stores written before [`LEASES`]: drained by `recover`.
+pub(super) const LEGACY_INFLIGHT: usize = 4;
 pub(super) const TIMERS: usize = 5;
 pub(super) const DEAD: usize = 6;
 pub(super) const COUNTERS: usize = 7;
 pub(super) const AUDIT: usize = 8;
 pub(super) const AUDIT_META: usize = 9;
+pub(super) const LEASES: usize = 10;
 
 /// Names of the sled trees, in index order. (Stores written before kept a
-/// `by_sender` tree too; it is no longer read or written.)
-pub(super) const TREE_NAMES: [&str; 10] = [
+/// `by_sender` tree too; it is no longer read or written. `inflight` held the
+/// leases keyed by recipient, each with a `Lease` timer: two keys per lease
+/// where `leases` needs one; it is only read and emptied at start-up now.)
+pub(super) const TREE_NAMES: [&str; 11] = [
     "records",
     "payloads",
     "by_id",
@@ -48,6 +52,7 @@ pub(super) const TREE_NAMES: [&str; 10] = [
     "counters",
     "audit",
     "audit_meta",
+    "leases",
 ];
 
 /// Aborts the transaction with `err`.
@@ -365,14 +370,9 @@ fn index_entries(r: &Record) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
         State::InFlight => {
             if let Some((deadline, stream)) = r.lease {
                 out.push((
-                    INFLIGHT,
-                    inflight_key(&r.recipient, r.seq),
+                    LEASES,
+                    lease_key(deadline, r.seq),
                     stream.to_be_bytes().to_vec(),
-                ));
-                out.push((
-                    TIMERS,
-                    timer_key(deadline, TimerKind::Lease, r.seq),
-                    Vec::new(),
                 ));
             }
         }
