@@ -698,7 +698,6 @@ async fn open_store(
         flush_observer: Some(FlushObserver(Arc::new(move |took| {
             flushes.observe_flush(took);
         }))),
-        ..SledOptions::default()
     };
     let lifecycle = lifecycle_of(config);
     let store = tokio::task::spawn_blocking(move || SledStore::open(&dir, options, lifecycle))

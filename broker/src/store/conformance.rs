@@ -437,10 +437,7 @@ pub(super) async fn overdue_deadlines_fire_in_time_order<S: BrokerStore>(s: &S, 
     assert_eq!((report.redelivery_due, report.expired), (1, 1));
     let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
     assert_eq!((st.state, st.attempts), (State::Expired, 1));
-    assert_eq!(
-        s.next_timer().await.unwrap(),
-        Some(now + 120_000 + 3600 * 1000)
-    );
+    assert_eq!(s.next_timer().await.unwrap(), Some(now + 120_000 + 3600 * 1000));
 }
 
 pub(super) async fn backoff_runs_from_the_ack_deadline<S: BrokerStore>(s: &S, c: &ManualClock) {
@@ -870,8 +867,6 @@ mod sled {
             SledOptions {
                 cache_capacity_bytes: 8 * 1024 * 1024,
                 flush_observer: None,
-                // small segments: the suite crosses many segment boundaries
-                payload_segment_bytes: 1024,
             },
             lifecycle(),
         )
@@ -979,64 +974,6 @@ mod sled {
         s.close().await.unwrap();
     }
 
-    fn segment_files(dir: &std::path::Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir.join("payloads"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
-    /// Payloads live in segment files (1 KiB in this suite); a segment is
-    /// deleted once no record keeps a payload in it, and a kept payload
-    /// survives a restart in its segment.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn payload_segments_go_when_no_payload_in_them_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = clock();
-        let now = c.now_millis();
-        let s = open(dir.path());
-        let msgs: Vec<NewMessage> = (0..10)
-            .map(|_| message(NL, BE, Priority::Normal, 300, now))
-            .collect();
-        for m in &msgs {
-            submit_ok(&s, m, now).await;
-        }
-        // 3 payloads of 300 bytes per 1 KiB segment, and a fresh one
-        assert_eq!(segment_files(dir.path()).len(), 4);
-        let leased = s.lease(&pid(BE), StreamId(1), 100, now).await.unwrap();
-        assert_eq!(leased.len(), 10);
-        for (l, m) in leased.iter().zip(&msgs) {
-            assert_eq!(l.payload, m.payload);
-        }
-        // keep the fifth (second segment); acknowledge the others
-        let kept = &msgs[4];
-        let done: Vec<MessageId> = msgs
-            .iter()
-            .filter(|m| m.message_id != kept.message_id)
-            .map(|m| m.message_id)
-            .collect();
-        s.ack(&pid(BE), &done, now).await.unwrap();
-        s.tick(now).await.unwrap();
-        // the segment of the kept payload and the one appended to stay
-        let left = segment_files(dir.path());
-        assert_eq!(left, ["0000000000000002.seg", "0000000000000004.seg"]);
-        s.close().await.unwrap();
-        drop(s);
-
-        let s = open(dir.path());
-        assert_eq!(s.recover(now).await.unwrap(), 1);
-        let again = s.lease(&pid(BE), StreamId(2), 10, now).await.unwrap();
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].payload, kept.payload);
-        s.ack(&pid(BE), &[kept.message_id], now).await.unwrap();
-        s.tick(now).await.unwrap();
-        // only the segment this process appends to is left
-        assert_eq!(segment_files(dir.path()).len(), 1);
-        s.close().await.unwrap();
-    }
-
     /// Stores written before the `leases` tree kept a lease as an `inflight`
     /// entry (recipient, seq → stream) and a `Lease` timer: `recover` makes
     /// such a message due again and empties `inflight`; its timer goes stale.
@@ -1061,25 +998,16 @@ mod sled {
             let stream = leases.remove(&key).unwrap().expect("lease entry");
             let mut legacy = format!("{BE}\0").into_bytes();
             legacy.extend_from_slice(&seq.to_be_bytes());
-            db.open_tree("inflight")
-                .unwrap()
-                .insert(legacy, stream)
-                .unwrap();
+            db.open_tree("inflight").unwrap().insert(legacy, stream).unwrap();
             let mut timer = deadline.to_be_bytes().to_vec();
             timer.push(1);
             timer.extend_from_slice(&seq.to_be_bytes());
-            db.open_tree("timers")
-                .unwrap()
-                .insert(timer, &[][..])
-                .unwrap();
+            db.open_tree("timers").unwrap().insert(timer, &[][..]).unwrap();
             db.flush().unwrap();
         }
         let s = open(dir.path());
         assert_eq!(s.recover(now).await.unwrap(), 1);
-        let again = s
-            .lease(&pid(BE), StreamId(5), 10, now + 1_000)
-            .await
-            .unwrap();
+        let again = s.lease(&pid(BE), StreamId(5), 10, now + 1_000).await.unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].attempt, 2);
         // the old lease timer does not time the new lease out

@@ -373,7 +373,7 @@ pub struct SearchFilter {
 }
 
 /// Errors of the store.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot make writes durable (flush failed, disk full, ...). The broker must stop accepting.
     #[error("store unavailable: {0}")]

@@ -14,40 +14,20 @@ use crate::store::{Millis, State, StatusRecord, StoreError};
 const RECORD_V1: u8 = 1;
 /// Format byte of [`Record`] encodings followed by the payload (if kept).
 const RECORD_V2: u8 = 2;
-/// Format byte of [`Record`] encodings followed by a payload tag: 0 none,
-/// 1 the payload bytes follow, 2 segment and offset in the payload log.
-const RECORD_V3: u8 = 3;
 
-/// Where a kept payload is, when not in the `payloads` tree of old records.
+/// A payload stored with its record (its bytes never show in `Debug`).
 #[derive(Clone, PartialEq, Eq)]
-pub(super) enum StoredPayload {
-    /// With the record (broker-made receipts, and records of format 2).
-    Inline(::sled::IVec),
-    /// In the payload log (`payload_log`); its length is the record's
-    /// `payload_size`.
-    Log(LogRef),
-}
+pub(super) struct InlinePayload(pub(super) ::sled::IVec);
 
-/// A payload's place in the payload log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct LogRef {
-    pub(super) segment: u64,
-    pub(super) offset: u64,
-}
-
-// (the bytes never show in `Debug`)
-impl std::fmt::Debug for StoredPayload {
+impl std::fmt::Debug for InlinePayload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Inline(bytes) => write!(f, "Inline({} bytes)", bytes.len()),
-            Self::Log(at) => write!(f, "Log({}:{})", at.segment, at.offset),
-        }
+        write!(f, "InlinePayload({} bytes)", self.0.len())
     }
 }
 
-/// Everything the store knows about one message, and where its payload is
-/// (format 3: in the payload log, or with the record for small broker-made
-/// ones; format 2: with the record; format 1: in the `payloads` tree).
+/// Everything the store knows about one message, and its payload when that
+/// is stored with the record (every record written since format byte 2;
+/// older ones keep theirs in the `payloads` tree).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Record {
     pub(super) seq: u64,
@@ -82,10 +62,9 @@ pub(super) struct Record {
     pub(super) metadata_delete_at: Option<Millis>,
     /// Operator note (purge reason). Never sent to anyone.
     pub(super) note: String,
-    /// Where the payload is (None: in the `payloads` tree, or not kept);
-    /// written only while `payload_kept` (so dropping it is rewriting the
-    /// record).
-    pub(super) payload: Option<StoredPayload>,
+    /// The payload, when stored with the record; written only while
+    /// `payload_kept` (so dropping it is rewriting the record).
+    pub(super) payload: Option<InlinePayload>,
 }
 
 impl Record {
@@ -121,24 +100,12 @@ impl Record {
         }
     }
 
-    /// The payload-log segment this record keeps a payload in.
-    pub(super) fn log_segment(&self) -> Option<u64> {
-        match &self.payload {
-            Some(StoredPayload::Log(at)) if self.payload_kept => Some(at.segment),
-            _ => None,
-        }
-    }
-
     pub(super) fn encode(&self) -> Vec<u8> {
-        let kept = self.payload.as_ref().filter(|_| self.payload_kept);
-        let inline_len = match kept {
-            Some(StoredPayload::Inline(bytes)) => bytes.len(),
-            _ => 0,
-        };
+        let inline = self.payload.as_ref().filter(|_| self.payload_kept);
         let mut w = Writer(Vec::with_capacity(
-            256 + self.content_type.len() + inline_len,
+            256 + self.content_type.len() + inline.map_or(0, |p| p.0.len()),
         ));
-        w.u8(RECORD_V3);
+        w.u8(RECORD_V2);
         w.u64(self.seq);
         w.raw(self.message_id.as_bytes());
         w.opt_str(self.sender.as_ref().map(ParticipantId::as_str));
@@ -180,17 +147,8 @@ impl Record {
         w.opt_u64(self.payload_delete_at);
         w.opt_u64(self.metadata_delete_at);
         w.str(&self.note);
-        match kept {
-            None => w.u8(0),
-            Some(StoredPayload::Inline(bytes)) => {
-                w.u8(1);
-                w.raw(bytes);
-            }
-            Some(StoredPayload::Log(at)) => {
-                w.u8(2);
-                w.u64(at.segment);
-                w.u64(at.offset);
-            }
+        if let Some(payload) = inline {
+            w.raw(&payload.0);
         }
         w.0
     }
@@ -199,7 +157,7 @@ impl Record {
     pub(super) fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let (mut record, payload_at) = Self::decode_meta(bytes)?;
         if let Some(at) = payload_at {
-            record.payload = Some(StoredPayload::Inline(::sled::IVec::from(&bytes[at..])));
+            record.payload = Some(InlinePayload(::sled::IVec::from(&bytes[at..])));
         }
         Ok(record)
     }
@@ -208,17 +166,16 @@ impl Record {
     pub(super) fn decode_stored(value: &::sled::IVec) -> Result<Self, StoreError> {
         let (mut record, payload_at) = Self::decode_meta(value)?;
         if let Some(at) = payload_at {
-            record.payload = Some(StoredPayload::Inline(value.subslice(at, value.len() - at)));
+            record.payload = Some(InlinePayload(value.subslice(at, value.len() - at)));
         }
         Ok(record)
     }
 
-    /// The record without an inline payload (a payload-log reference is
-    /// set), and where an inline payload starts.
+    /// The record without its payload, and where an inline payload starts.
     fn decode_meta(bytes: &[u8]) -> Result<(Self, Option<usize>), StoreError> {
         let mut r = Reader(bytes);
         let version = r.u8()?;
-        if !(RECORD_V1..=RECORD_V3).contains(&version) {
+        if version != RECORD_V1 && version != RECORD_V2 {
             return Err(corrupt(format!("unknown record format {version}")));
         }
         let record = Record {
@@ -258,34 +215,12 @@ impl Record {
             note: r.str()?,
             payload: None,
         };
-        let mut record = record;
-        let inline = match version {
-            RECORD_V3 => match r.u8()? {
-                0 => false,
-                1 => true,
-                2 => {
-                    record.payload = Some(StoredPayload::Log(LogRef {
-                        segment: r.u64()?,
-                        offset: r.u64()?,
-                    }));
-                    false
-                }
-                other => return Err(corrupt(format!("unknown payload tag {other}"))),
-            },
-            RECORD_V2 => !r.0.is_empty(),
-            _ => false,
-        };
         let rest = r.0.len();
-        if !inline {
-            if rest != 0 {
-                return Err(corrupt("trailing bytes after record".to_owned()));
-            }
-            if record.payload.is_some() && !record.payload_kept {
-                return Err(corrupt(
-                    "payload reference without a kept payload".to_owned(),
-                ));
-            }
+        if rest == 0 {
             return Ok((record, None));
+        }
+        if version == RECORD_V1 {
+            return Err(corrupt("trailing bytes after record".to_owned()));
         }
         if !record.payload_kept || rest as u64 != record.payload_size {
             return Err(corrupt("inline payload of the wrong size".to_owned()));
@@ -554,13 +489,6 @@ impl RecipientCounters {
     }
 }
 
-/// `counters` key of the number of payloads kept in payload-log segment `id`.
-pub(super) fn segment_counter_key(id: u64) -> Vec<u8> {
-    let mut key = vec![b'p'];
-    key.extend_from_slice(&id.to_be_bytes());
-    key
-}
-
 /// `counters` key of a sender's queued bytes.
 pub(super) fn sender_counter_key(sender: &ParticipantId) -> Vec<u8> {
     let mut key = vec![b's'];
@@ -642,7 +570,7 @@ mod tests {
         // an inline payload round-trips, must have its recorded size, and is
         // not written once the payload is no longer kept
         let mut with = sample();
-        with.payload = Some(StoredPayload::Inline(::sled::IVec::from(vec![5u8; 4096])));
+        with.payload = Some(InlinePayload(::sled::IVec::from(vec![5u8; 4096])));
         let bytes = with.encode();
         assert_eq!(Record::decode(&bytes).unwrap(), with);
         assert_eq!(
@@ -653,34 +581,9 @@ mod tests {
             Record::decode(&bytes[..bytes.len() - 1]),
             Err(StoreError::Corrupt(_))
         ));
-        // a record of format 2 (payload bytes right after the note) still reads
-        let mut v2 = bytes.clone();
-        v2.remove(bytes.len() - 4096 - 1);
-        v2[0] = RECORD_V2;
-        assert_eq!(Record::decode(&v2).unwrap(), with);
         with.payload_kept = false;
         assert_eq!(with.encode().len(), sample().encode().len());
         assert!(!format!("{with:?}").contains("5, 5"));
-    }
-
-    #[test]
-    fn payload_log_references_round_trip_while_kept() {
-        let mut record = sample();
-        record.payload = Some(StoredPayload::Log(LogRef {
-            segment: 3,
-            offset: 8192,
-        }));
-        let bytes = record.encode();
-        assert_eq!(Record::decode(&bytes).unwrap(), record);
-        assert_eq!(record.log_segment(), Some(3));
-        assert!(matches!(
-            Record::decode(&bytes[..bytes.len() - 1]),
-            Err(StoreError::Corrupt(_))
-        ));
-        record.payload_kept = false;
-        assert_eq!(record.log_segment(), None);
-        let dropped = Record::decode(&record.encode()).unwrap();
-        assert_eq!(dropped.payload, None);
     }
 
     #[test]
@@ -696,10 +599,7 @@ mod tests {
         let a = lease_key(5, 99);
         assert!(a < lease_key(6, 1));
         assert_eq!(parse_lease_key(&a).unwrap(), (5, 99));
-        assert!(matches!(
-            parse_lease_key(&a[1..]),
-            Err(StoreError::Corrupt(_))
-        ));
+        assert!(matches!(parse_lease_key(&a[1..]), Err(StoreError::Corrupt(_))));
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! - `writer`: the single writer thread; merges consecutive changes into one
 //!   transaction.
 //! - `flusher`: the group-commit flusher thread.
-//! - `payload_log`: payloads in append-only segment files beside sled.
 //! - [`failpoint`]: test-only crash points and disk faults of a broker process
 //!   (`TRMX_BROKER_FAILPOINT`, `TRMX_BROKER_FAULT_FILE`), read once at open.
 //! - this file: opening, the async layer (changes on the writer thread, reads
@@ -40,7 +39,6 @@ mod codec;
 pub mod failpoint;
 mod flusher;
 mod ops;
-mod payload_log;
 mod tx;
 mod writer;
 
@@ -50,8 +48,6 @@ const FORMAT: &[u8] = b"trmx-broker-store/1";
 const LEASE_ATTEMPTS: usize = 3;
 /// Capacity of the wake-up channel.
 const WAKEUP_CAPACITY: usize = 1024;
-/// How long `open` waits for a directory lock that is being released.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Tuning of the sled database.
 #[derive(Debug, Clone)]
@@ -60,9 +56,6 @@ pub struct SledOptions {
     pub cache_capacity_bytes: u64,
     /// Told how long each flush (fsync) took — for the flush-latency metric.
     pub flush_observer: Option<FlushObserver>,
-    /// Size after which the payload log starts a new segment file (a segment
-    /// is deleted once none of its payloads is kept).
-    pub payload_segment_bytes: u64,
 }
 
 /// A callback told the duration of every flush; it runs on the flusher
@@ -81,7 +74,6 @@ impl Default for SledOptions {
         Self {
             flush_observer: None,
             cache_capacity_bytes: 16 * 1024 * 1024,
-            payload_segment_bytes: payload_log::DEFAULT_SEGMENT_BYTES,
         }
     }
 }
@@ -145,7 +137,6 @@ impl fmt::Debug for SledStore {
 pub(super) struct Core {
     trees: Vec<::sled::Tree>,
     life: Lifecycle,
-    payloads: payload_log::PayloadLog,
 }
 
 /// Everything behind a [`SledStore`]. Field order is drop order: the
@@ -172,25 +163,13 @@ impl SledStore {
             reason,
         };
         pin_malloc_mmap_threshold();
-        let config = ::sled::Config::new()
+        let db = ::sled::Config::new()
             .path(path)
             .cache_capacity(opts.cache_capacity_bytes)
             .mode(::sled::Mode::HighThroughput)
-            .flush_every_ms(None);
-        // sled's I/O threads let go of the directory lock a moment after the
-        // last handle of a closed store is dropped: a store reopened in the
-        // same process (a broker restarted in place, the tests) can see the
-        // lock still held. Another process that holds it is still reported,
-        // after LOCK_WAIT.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match config.open() {
-                Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                opened => break opened.map_err(|e| open_err(describe_open_error(&e)))?,
-            }
-        };
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| open_err(describe_open_error(&e)))?;
         let meta = db.open_tree("meta").map_err(|e| open_err(e.to_string()))?;
         match meta.get("format").map_err(|e| open_err(e.to_string()))? {
             Some(format) if format.as_ref() != FORMAT => {
@@ -217,13 +196,9 @@ impl SledStore {
         failpoint::watch_fault_file(&faults).map_err(&open_err)?;
         let flusher = Flusher::start(db.clone(), faults.clone(), opts.flush_observer.clone())
             .map_err(|e| open_err(format!("cannot start the flusher thread: {e}")))?;
-        let payloads =
-            payload_log::PayloadLog::open(path, opts.payload_segment_bytes, faults.clone())
-                .map_err(|e| open_err(format!("cannot open the payload log: {e}")))?;
         let core = Arc::new(Core {
             trees,
             life: lifecycle,
-            payloads,
         });
         let writer = Writer::start(Arc::clone(&core))
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
@@ -326,38 +301,6 @@ impl SledStore {
         Ok(value)
     }
 
-    /// [`Self::change_at`] for a submit: its payload is staged in the
-    /// payload log on the writer thread just before the batch's transaction.
-    async fn submit_at(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError> {
-        self.ready().await?;
-        let msg = Arc::new(msg);
-        let staged = Arc::clone(&msg);
-        let written = self
-            .inner
-            .writer
-            .prepared_transaction(
-                move |core, _| core.payloads.stage(&staged.payload),
-                move |tx, at| tx.submit(&msg, *at, now),
-            )
-            .await;
-        let (value, wake) = match written {
-            Ok(done) => done,
-            Err(e) => {
-                // A payload write failed (or the store is closing). Try a
-                // flush: when the storage is failing, it fails too, and the
-                // store refuses every write until one succeeds again.
-                if matches!(e, StoreError::Unavailable(_)) {
-                    let _ = self.inner.flusher.durable().await;
-                }
-                return Err(e);
-            }
-        };
-        self.inner.failpoints.hit(Point::AfterWriteBeforeFlush);
-        self.durable_then_wake(wake).await?;
-        self.inner.failpoints.hit(Point::AfterFlushBeforeReply);
-        Ok(value)
-    }
-
     async fn durable_then_wake(&self, wake: BTreeSet<ParticipantId>) -> Result<(), StoreError> {
         self.inner.flusher.durable().await?;
         for recipient in wake {
@@ -389,12 +332,6 @@ fn pin_malloc_mmap_threshold() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn pin_malloc_mmap_threshold() {}
 
-/// Whether opening failed because the directory lock is held.
-fn is_locked(e: &::sled::Error) -> bool {
-    matches!(e, ::sled::Error::Io(io)
-        if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock"))
-}
-
 fn describe_open_error(e: &::sled::Error) -> String {
     if let ::sled::Error::Io(io) = e {
         match io.kind() {
@@ -422,7 +359,12 @@ fn describe_open_error(e: &::sled::Error) -> String {
 #[tonic::async_trait]
 impl BrokerStore for SledStore {
     async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError> {
-        self.submit_at(msg, now).await
+        self.change_at(
+            Point::AfterWriteBeforeFlush,
+            Some(Point::AfterFlushBeforeReply),
+            move |tx| tx.submit(&msg, now),
+        )
+        .await
     }
 
     async fn lease(
@@ -524,7 +466,6 @@ impl BrokerStore for SledStore {
         self.change_alone(move |core| {
             let done = core.tick(now)?;
             core.audit_prune(now)?;
-            core.collect_payload_segments()?;
             Ok(done)
         })
         .await

@@ -9,12 +9,12 @@ use trmx_proto::{MessageId, ParticipantId, pb};
 
 use super::Core;
 use super::codec::{
-    LogRef, RecipientCounters, Record, StoredPayload, TimerKind, parse_lease_key, parse_timer_key,
-    participant_prefix, read_u64, segment_counter_key, seq_suffix,
+    RecipientCounters, Record, TimerKind, parse_lease_key, parse_timer_key, participant_prefix,
+    read_u64, seq_suffix,
 };
 use super::tx::{
-    COUNTERS, DEAD, LEASES, LEGACY_INFLIGHT, QUEUE, RECORDS, TIMERS, Tx, TxResult, abort, after,
-    backoff, finish_keeping_payload, finish_without_payload,
+    COUNTERS, DEAD, LEASES, LEGACY_INFLIGHT, QUEUE, RECORDS, TIMERS, Tx, TxResult, abort, after, backoff,
+    finish_keeping_payload, finish_without_payload,
 };
 use crate::store::{
     Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
@@ -48,7 +48,6 @@ impl Core {
                 let tx = Tx {
                     t: trees.as_slice(),
                     life: &self.life,
-                    payloads: &self.payloads,
                     audit_block: Default::default(),
                 };
                 let value = f(&tx)?;
@@ -405,39 +404,6 @@ impl Core {
         Ok(timer.into_iter().chain(lease).min())
     }
 
-    /// Deletes the payload-log segments (except the one appended to) in
-    /// which no record keeps a payload any more; returns how many. Counts of
-    /// those segments can only fall, so sled is flushed first: a deletion
-    /// never outlives, after a crash, the change that made a count zero.
-    pub(super) fn collect_payload_segments(&self) -> Result<usize, StoreError> {
-        let active = self.payloads.active_id();
-        let mut unused = Vec::new();
-        for id in self.payloads.segments()? {
-            if id >= active {
-                continue;
-            }
-            let kept = match self
-                .tree(COUNTERS)
-                .get(segment_counter_key(id))
-                .map_err(storage)?
-            {
-                Some(v) => read_u64(&v)?,
-                None => 0,
-            };
-            if kept == 0 {
-                unused.push(id);
-            }
-        }
-        if unused.is_empty() {
-            return Ok(0);
-        }
-        self.tree(COUNTERS).flush().map_err(storage)?;
-        for &id in &unused {
-            self.payloads.remove(id)?;
-        }
-        Ok(unused.len())
-    }
-
     pub(super) fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
         let mut out = Vec::new();
         for item in self.tree(COUNTERS).scan_prefix(b"r") {
@@ -587,7 +553,7 @@ impl Tx<'_> {
                 created_at: new.created_at,
                 expires_at: new.expires_at,
                 content_type: new.content_type,
-                payload,
+                payload: bytes::Bytes::copy_from_slice(&payload),
                 payload_sha256: new.payload_sha256,
                 accepted_at: new.accepted_at,
                 broker_seq: new.seq,
@@ -597,14 +563,7 @@ impl Tx<'_> {
         Ok(out)
     }
 
-    /// Stores `msg`, whose payload the writer staged in the payload log at
-    /// `payload_at` (a duplicate leaves those bytes unreferenced).
-    pub(super) fn submit(
-        &self,
-        msg: &NewMessage,
-        payload_at: LogRef,
-        now: Millis,
-    ) -> TxResult<(SubmitOutcome, Wake)> {
+    pub(super) fn submit(&self, msg: &NewMessage, now: Millis) -> TxResult<(SubmitOutcome, Wake)> {
         let tx = self;
         let size = msg.payload.len() as u64;
         if let Some(first) = tx.by_sender(&msg.sender, msg.message_id)? {
@@ -654,7 +613,9 @@ impl Tx<'_> {
             payload_delete_at: None,
             metadata_delete_at: None,
             note: String::new(),
-            payload: Some(StoredPayload::Log(payload_at)),
+            payload: Some(super::codec::InlinePayload(::sled::IVec::from(
+                msg.payload.as_ref(),
+            ))),
         };
         tx.put(None, Some(&record))?;
         let mut wake = Wake::new();

@@ -15,8 +15,8 @@ use prost::Message as _;
 use trmx_proto::{Kind, ParticipantId, pb};
 
 use super::codec::{
-    RecipientCounters, Record, StoredPayload, TimerKind, decode_seqs, encode_seqs, lease_key,
-    queue_key, read_u64, recipient_counter_key, segment_counter_key, sender_counter_key, timer_key,
+    InlinePayload, RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs, lease_key,
+    queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
 };
 use crate::store::{Lifecycle, Millis, State, StoreError, receipt_id};
 
@@ -69,8 +69,6 @@ pub(super) fn after(now: Millis, d: Duration) -> Millis {
 pub(super) struct Tx<'a> {
     pub(super) t: &'a [TransactionalTree],
     pub(super) life: &'a Lifecycle,
-    /// Where payloads of format 3 are.
-    pub(super) payloads: &'a super::payload_log::PayloadLog,
     /// Audit records of this transaction not yet written (`audit.rs`).
     pub(super) audit_block: std::cell::RefCell<super::audit::PendingBlock>,
 }
@@ -86,21 +84,15 @@ impl Tx<'_> {
         }
     }
 
-    /// The payload of `r` (in the payload log, with the record, or in the
-    /// `payloads` tree for records of format 1).
-    pub(super) fn payload(&self, r: &Record) -> TxResult<Option<bytes::Bytes>> {
+    /// The payload of `r` (with the record, or in `payloads` for records
+    /// written before payloads moved into the record).
+    pub(super) fn payload(&self, r: &Record) -> TxResult<Option<::sled::IVec>> {
         if !r.payload_kept {
             return Ok(None);
         }
         match &r.payload {
-            Some(StoredPayload::Log(at)) => match self.payloads.read(*at, r.payload_size) {
-                Ok(bytes) => Ok(Some(bytes::Bytes::from(bytes))),
-                Err(e) => abort(e),
-            },
-            Some(StoredPayload::Inline(bytes)) => Ok(Some(bytes::Bytes::copy_from_slice(bytes))),
-            None => Ok(self.t[PAYLOADS]
-                .get(r.seq.to_be_bytes())?
-                .map(|bytes| bytes::Bytes::copy_from_slice(&bytes))),
+            Some(p) => Ok(Some(p.0.clone())),
+            None => Ok(self.t[PAYLOADS].get(r.seq.to_be_bytes())?),
         }
     }
 
@@ -174,18 +166,6 @@ impl Tx<'_> {
             }
         }
         self.apply_counters(old, new)?;
-        let (was, is) = (
-            old.and_then(Record::log_segment),
-            new.and_then(Record::log_segment),
-        );
-        if was != is {
-            if let Some(segment) = was {
-                self.count_segment(segment, false)?;
-            }
-            if let Some(segment) = is {
-                self.count_segment(segment, true)?;
-            }
-        }
         match (old, new) {
             (None, Some(new)) => {
                 self.update_by_id(new.message_id, |seqs| seqs.push(new.seq))?;
@@ -227,24 +207,6 @@ impl Tx<'_> {
             self.t[BY_ID].remove(&id.as_bytes()[..])?;
         } else {
             self.t[BY_ID].insert(&id.as_bytes()[..], encode_seqs(&seqs))?;
-        }
-        Ok(())
-    }
-
-    /// One payload more (`up`) or fewer kept in payload-log `segment`; the
-    /// key goes when none is left.
-    fn count_segment(&self, segment: u64, up: bool) -> TxResult<()> {
-        let key = segment_counter_key(segment);
-        let count = self.counter(&key)?;
-        let next = if up {
-            count.saturating_add(1)
-        } else {
-            count.saturating_sub(1)
-        };
-        if next == 0 {
-            self.t[COUNTERS].remove(key)?;
-        } else {
-            self.t[COUNTERS].insert(key, &next.to_be_bytes()[..])?;
         }
         Ok(())
     }
@@ -382,7 +344,7 @@ impl Tx<'_> {
             payload_delete_at: None,
             metadata_delete_at: None,
             note: String::new(),
-            payload: Some(StoredPayload::Inline(::sled::IVec::from(payload))),
+            payload: Some(InlinePayload(::sled::IVec::from(payload))),
         };
         self.put(None, Some(&record))?;
         Ok(Some(sender.clone()))

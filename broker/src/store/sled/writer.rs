@@ -292,13 +292,6 @@ fn run_batch(core: &Core, jobs: Vec<Box<dyn TxJob>>) {
     if batch.is_empty() {
         return;
     }
-    // payloads staged by `prepare` are durable before any record refers to them
-    if let Err(e) = core.payloads.write_staged() {
-        for job in batch {
-            job.reply(Some(e.clone()));
-        }
-        return;
-    }
     let result = core.transact(|tx| {
         for job in &batch {
             job.run(tx)?;
