@@ -437,7 +437,10 @@ pub(super) async fn overdue_deadlines_fire_in_time_order<S: BrokerStore>(s: &S, 
     assert_eq!((report.redelivery_due, report.expired), (1, 1));
     let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
     assert_eq!((st.state, st.attempts), (State::Expired, 1));
-    assert_eq!(s.next_timer().await.unwrap(), Some(now + 120_000 + 3600 * 1000));
+    assert_eq!(
+        s.next_timer().await.unwrap(),
+        Some(now + 120_000 + 3600 * 1000)
+    );
 }
 
 pub(super) async fn backoff_runs_from_the_ack_deadline<S: BrokerStore>(s: &S, c: &ManualClock) {
@@ -998,16 +1001,25 @@ mod sled {
             let stream = leases.remove(&key).unwrap().expect("lease entry");
             let mut legacy = format!("{BE}\0").into_bytes();
             legacy.extend_from_slice(&seq.to_be_bytes());
-            db.open_tree("inflight").unwrap().insert(legacy, stream).unwrap();
+            db.open_tree("inflight")
+                .unwrap()
+                .insert(legacy, stream)
+                .unwrap();
             let mut timer = deadline.to_be_bytes().to_vec();
             timer.push(1);
             timer.extend_from_slice(&seq.to_be_bytes());
-            db.open_tree("timers").unwrap().insert(timer, &[][..]).unwrap();
+            db.open_tree("timers")
+                .unwrap()
+                .insert(timer, &[][..])
+                .unwrap();
             db.flush().unwrap();
         }
         let s = open(dir.path());
         assert_eq!(s.recover(now).await.unwrap(), 1);
-        let again = s.lease(&pid(BE), StreamId(5), 10, now + 1_000).await.unwrap();
+        let again = s
+            .lease(&pid(BE), StreamId(5), 10, now + 1_000)
+            .await
+            .unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].attempt, 2);
         // the old lease timer does not time the new lease out

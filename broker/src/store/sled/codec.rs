@@ -599,7 +599,10 @@ mod tests {
         let a = lease_key(5, 99);
         assert!(a < lease_key(6, 1));
         assert_eq!(parse_lease_key(&a).unwrap(), (5, 99));
-        assert!(matches!(parse_lease_key(&a[1..]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            parse_lease_key(&a[1..]),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]

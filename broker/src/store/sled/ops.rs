@@ -13,8 +13,8 @@ use super::codec::{
     read_u64, seq_suffix,
 };
 use super::tx::{
-    COUNTERS, DEAD, LEASES, LEGACY_INFLIGHT, QUEUE, RECORDS, TIMERS, Tx, TxResult, abort, after, backoff,
-    finish_keeping_payload, finish_without_payload,
+    COUNTERS, DEAD, LEASES, LEGACY_INFLIGHT, QUEUE, RECORDS, TIMERS, Tx, TxResult, abort, after,
+    backoff, finish_keeping_payload, finish_without_payload,
 };
 use crate::store::{
     Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
