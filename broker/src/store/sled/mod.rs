@@ -48,6 +48,8 @@ const FORMAT: &[u8] = b"trmx-broker-store/1";
 const LEASE_ATTEMPTS: usize = 3;
 /// Capacity of the wake-up channel.
 const WAKEUP_CAPACITY: usize = 1024;
+/// How long `open` waits for a directory lock that is being released.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Tuning of the sled database.
 #[derive(Debug, Clone)]
@@ -163,13 +165,25 @@ impl SledStore {
             reason,
         };
         pin_malloc_mmap_threshold();
-        let db = ::sled::Config::new()
+        let config = ::sled::Config::new()
             .path(path)
             .cache_capacity(opts.cache_capacity_bytes)
             .mode(::sled::Mode::HighThroughput)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| open_err(describe_open_error(&e)))?;
+            .flush_every_ms(None);
+        // sled's I/O threads let go of the directory lock a moment after the
+        // last handle of a closed store is dropped: a store reopened in the
+        // same process (a broker restarted in place, the tests) can see the
+        // lock still held. Another process that holds it is still reported,
+        // after LOCK_WAIT.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                opened => break opened.map_err(|e| open_err(describe_open_error(&e)))?,
+            }
+        };
         let meta = db.open_tree("meta").map_err(|e| open_err(e.to_string()))?;
         match meta.get("format").map_err(|e| open_err(e.to_string()))? {
             Some(format) if format.as_ref() != FORMAT => {
@@ -331,6 +345,12 @@ fn pin_malloc_mmap_threshold() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn pin_malloc_mmap_threshold() {}
+
+/// Whether opening failed because the directory lock is held.
+fn is_locked(e: &::sled::Error) -> bool {
+    matches!(e, ::sled::Error::Io(io)
+        if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock"))
+}
 
 fn describe_open_error(e: &::sled::Error) -> String {
     if let ::sled::Error::Io(io) = e {
