@@ -977,61 +977,6 @@ mod sled {
         s.close().await.unwrap();
     }
 
-    /// Stores written before the `leases` tree kept a lease as an `inflight`
-    /// entry (recipient, seq → stream) and a `Lease` timer: `recover` makes
-    /// such a message due again and empties `inflight`; its timer goes stale.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn leases_of_older_stores_are_recovered() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = clock();
-        let now = c.now_millis();
-        let m = message(NL, BE, Priority::Normal, 100, now);
-        let s = open(dir.path());
-        let seq = submit_ok(&s, &m, now).await.broker_seq;
-        lease_ids(&s, BE, 4, 1, now).await;
-        s.close().await.unwrap();
-        drop(s);
-        // rewrite the lease as an older broker stored it
-        {
-            let db = ::sled::open(dir.path()).unwrap();
-            let leases = db.open_tree("leases").unwrap();
-            let deadline = now + 30_000;
-            let mut key = deadline.to_be_bytes().to_vec();
-            key.extend_from_slice(&seq.to_be_bytes());
-            let stream = leases.remove(&key).unwrap().expect("lease entry");
-            let mut legacy = format!("{BE}\0").into_bytes();
-            legacy.extend_from_slice(&seq.to_be_bytes());
-            db.open_tree("inflight")
-                .unwrap()
-                .insert(legacy, stream)
-                .unwrap();
-            let mut timer = deadline.to_be_bytes().to_vec();
-            timer.push(1);
-            timer.extend_from_slice(&seq.to_be_bytes());
-            db.open_tree("timers")
-                .unwrap()
-                .insert(timer, &[][..])
-                .unwrap();
-            db.flush().unwrap();
-        }
-        let s = open(dir.path());
-        assert_eq!(s.recover(now).await.unwrap(), 1);
-        let again = s
-            .lease(&pid(BE), StreamId(5), 10, now + 1_000)
-            .await
-            .unwrap();
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].attempt, 2);
-        // the old lease timer does not time the new lease out
-        let report = s.tick(now + 30_000).await.unwrap();
-        assert_eq!(report.redelivery_due, 0);
-        assert_eq!(state_of(&s, &m).await, State::InFlight);
-        s.close().await.unwrap();
-        drop(s);
-        let db = ::sled::open(dir.path()).unwrap();
-        assert!(db.open_tree("inflight").unwrap().is_empty());
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failing_flush_is_unavailable_until_a_flush_succeeds() {
         let dir = tempfile::tempdir().unwrap();

@@ -395,24 +395,64 @@ pub(super) fn queue_key(recipient: &ParticipantId, priority: Priority, seq: u64)
     key
 }
 
-/// `leases`: ack deadline | seq (value: stream id). Ordered by deadline, so
-/// the tree is also the lease timer: `tick` reads it from the front.
-pub(super) fn lease_key(deadline: Millis, seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(16);
-    key.extend_from_slice(&deadline.to_be_bytes());
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
+/// A lease as the `leased` tree stores it (key: seq): a leased message's
+/// record stays as it was when it was due, and this entry says the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct LeaseEntry {
+    pub(super) deadline: Millis,
+    pub(super) stream: u64,
+    /// The attempt this delivery is (the record keeps the previous count).
+    pub(super) attempt: u32,
+    pub(super) delivered_at: Millis,
 }
 
-/// `(deadline, seq)` of a `leases` key.
-pub(super) fn parse_lease_key(key: &[u8]) -> Result<(Millis, u64), StoreError> {
-    if key.len() != 16 {
-        return Err(corrupt("bad lease key".to_owned()));
+impl LeaseEntry {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(28));
+        w.u64(self.deadline);
+        w.u64(self.stream);
+        w.u32(self.attempt);
+        w.u64(self.delivered_at);
+        w.0
     }
-    Ok((read_u64(&key[..8])?, read_u64(&key[8..])?))
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let mut r = Reader(bytes);
+        let entry = Self {
+            deadline: r.u64()?,
+            stream: r.u64()?,
+            attempt: r.u32()?,
+            delivered_at: r.u64()?,
+        };
+        if !r.0.is_empty() {
+            return Err(corrupt("trailing bytes after lease".to_owned()));
+        }
+        Ok(entry)
+    }
+
+    /// `r` (a due ACCEPTED record) as this lease makes it: IN_FLIGHT.
+    pub(super) fn apply(&self, mut r: Record) -> Record {
+        r.state = State::InFlight;
+        r.attempts = self.attempt;
+        r.last_delivered_at = Some(self.delivered_at);
+        r.state_changed_at = self.delivered_at;
+        r.lease = Some((self.deadline, self.stream));
+        r
+    }
+
+    /// The lease of an IN_FLIGHT record.
+    pub(super) fn of(r: &Record) -> Option<Self> {
+        let (deadline, stream) = r.lease?;
+        Some(Self {
+            deadline,
+            stream,
+            attempt: r.attempts,
+            delivered_at: r.last_delivered_at.unwrap_or(r.state_changed_at),
+        })
+    }
 }
 
-/// The seq at the end of a `queue` (or legacy `inflight`) key.
+/// The seq at the end of a `queue` key, or of a key of a lease tree.
 pub(super) fn seq_suffix(key: &[u8]) -> Result<u64, StoreError> {
     let start = key
         .len()
@@ -595,14 +635,23 @@ mod tests {
     }
 
     #[test]
-    fn lease_keys_sort_by_deadline() {
-        let a = lease_key(5, 99);
-        assert!(a < lease_key(6, 1));
-        assert_eq!(parse_lease_key(&a).unwrap(), (5, 99));
-        assert!(matches!(
-            parse_lease_key(&a[1..]),
-            Err(StoreError::Corrupt(_))
-        ));
+    fn lease_entries_round_trip_and_make_the_record_in_flight() {
+        let entry = LeaseEntry {
+            deadline: 9,
+            stream: 4,
+            attempt: 3,
+            delivered_at: 7,
+        };
+        let bytes = entry.encode();
+        assert_eq!(LeaseEntry::decode(&bytes).unwrap(), entry);
+        assert!(LeaseEntry::decode(&bytes[1..]).is_err());
+        let mut due = sample();
+        due.state = State::Accepted;
+        due.lease = None;
+        let leased = entry.apply(due);
+        assert_eq!(leased.state, State::InFlight);
+        assert_eq!(leased.lease, Some((9, 4)));
+        assert_eq!(LeaseEntry::of(&leased), Some(entry));
     }
 
     #[test]

@@ -9,12 +9,12 @@ use trmx_proto::{MessageId, ParticipantId, pb};
 
 use super::Core;
 use super::codec::{
-    RecipientCounters, Record, TimerKind, parse_lease_key, parse_timer_key, participant_prefix,
+    LeaseEntry, RecipientCounters, Record, TimerKind, parse_timer_key, participant_prefix,
     read_u64, seq_suffix,
 };
 use super::tx::{
-    COUNTERS, DEAD, LEASES, LEGACY_INFLIGHT, QUEUE, RECORDS, TIMERS, Tx, TxResult, abort, after,
-    backoff, finish_keeping_payload, finish_without_payload,
+    COUNTERS, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, QUEUE, RECORDS, TIMERS, Tx, TxResult,
+    abort, after, backoff, finish_keeping_payload, finish_without_payload, may_be_leased,
 };
 use crate::store::{
     Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
@@ -61,11 +61,41 @@ impl Core {
         }
     }
 
+    /// The committed record of `seq` as it is now: IN_FLIGHT when it has a
+    /// lease (see `Tx::record`).
     fn load(&self, seq: u64) -> Result<Option<Record>, StoreError> {
         match self.tree(RECORDS).get(seq.to_be_bytes()).map_err(storage)? {
-            Some(bytes) => Record::decode(&bytes).map(Some),
+            Some(bytes) => self.with_lease(Record::decode(&bytes)?).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// The stored `record` with its lease, if it has one.
+    fn with_lease(&self, record: Record) -> Result<Record, StoreError> {
+        if !may_be_leased(&record) {
+            return Ok(record);
+        }
+        match self
+            .tree(LEASED)
+            .get(record.seq.to_be_bytes())
+            .map_err(storage)?
+        {
+            Some(v) => Ok(LeaseEntry::decode(&v)?.apply(record)),
+            None => Ok(record),
+        }
+    }
+
+    /// `(deadline, seq)` of every lease, earliest first. The `leased` tree
+    /// holds only the messages in flight (bounded by the streams and their
+    /// `max_in_flight`), never the backlog, so it is read whole.
+    fn lease_deadlines(&self) -> Result<Vec<(Millis, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(LEASED).iter() {
+            let (key, value) = item.map_err(storage)?;
+            out.push((LeaseEntry::decode(&value)?.deadline, read_u64(&key)?));
+        }
+        out.sort_unstable();
+        Ok(out)
     }
 
     /// Up to `max` seqs from the committed queue of `recipient`, in lease
@@ -106,18 +136,21 @@ impl Core {
     ) -> Result<(u64, Wake), StoreError> {
         let (mut total, mut wake) = (0, Wake::new());
         if recipient.is_none() && stream.is_none() {
-            let (count, woken) = self.requeue_from(LEGACY_INFLIGHT, None, None, now)?;
-            total += count;
-            wake.extend(woken);
+            for legacy in [LEGACY_INFLIGHT, LEGACY_LEASES] {
+                let (count, woken) = self.requeue_from(legacy, None, None, now)?;
+                total += count;
+                wake.extend(woken);
+            }
         }
-        let (count, woken) = self.requeue_from(LEASES, recipient, stream, now)?;
+        let (count, woken) = self.requeue_from(LEASED, recipient, stream, now)?;
         Ok((total + count, wake.into_iter().chain(woken).collect()))
     }
 
-    /// [`Self::requeue_in_flight`] over one lease tree. Both trees end their
-    /// keys with the seq and hold the stream id as value. The `leases` tree
-    /// is not per recipient: it is read whole, which is bounded by the
-    /// messages in flight, not by the backlog.
+    /// [`Self::requeue_in_flight`] over one lease tree. Every lease tree ends
+    /// its keys with the seq; the stream id is the value of the legacy trees
+    /// and part of a [`LeaseEntry`] in `leased`. No lease tree is per
+    /// recipient: each is read whole, which is bounded by the messages in
+    /// flight, not by the backlog.
     fn requeue_from(
         &self,
         tree: usize,
@@ -140,7 +173,12 @@ impl Core {
                     continue;
                 }
                 after_key = Some(key.to_vec());
-                if stream.is_some_and(|s| read_u64(&value).ok() != Some(s.0)) {
+                let leased_to = if tree == LEASED {
+                    LeaseEntry::decode(&value)?.stream
+                } else {
+                    read_u64(&value)?
+                };
+                if stream.is_some_and(|s| leased_to != s.0) {
                     continue;
                 }
                 let seq = seq_suffix(&key)?;
@@ -156,9 +194,9 @@ impl Core {
                 let mut count = 0u64;
                 let mut woken = Wake::new();
                 for (key, seq) in &batch {
-                    if tree == LEGACY_INFLIGHT {
-                        // `put` keeps only the `leases` tree in step
-                        tx.t[LEGACY_INFLIGHT].remove(key)?;
+                    if tree != LEASED {
+                        // `put` keeps only the `leased` tree in step
+                        tx.t[tree].remove(key)?;
                     }
                     let Some(old) = tx.record(*seq)? else {
                         continue;
@@ -221,7 +259,13 @@ impl Core {
         let mut wake = Wake::new();
         loop {
             let timers = self.due_keys(TIMERS, now, |k| Ok(parse_timer_key(k)?.0))?;
-            let leases = self.due_keys(LEASES, now, |k| Ok(parse_lease_key(k)?.0))?;
+            let leases: Vec<(Millis, ::sled::IVec)> = self
+                .lease_deadlines()?
+                .into_iter()
+                .take_while(|(deadline, _)| *deadline <= now)
+                .take(TICK_BATCH)
+                .map(|(deadline, seq)| (deadline, ::sled::IVec::from(&seq.to_be_bytes())))
+                .collect();
             if timers.is_empty() && leases.is_empty() {
                 break;
             }
@@ -247,13 +291,14 @@ impl Core {
                 let mut woken = Wake::new();
                 for (at, is_lease, key) in &due {
                     if *is_lease {
-                        // (`put` removes it too; an entry without its record goes here)
-                        tx.t[LEASES].remove(key)?;
-                        let seq = match parse_lease_key(key) {
-                            Ok((_, seq)) => seq,
+                        let seq = match read_u64(key) {
+                            Ok(seq) => seq,
                             Err(e) => return abort(e),
                         };
-                        if let Some(old) = tx.record(seq)? {
+                        let old = tx.record(seq)?;
+                        // (`put` removes it too; one without its record goes here)
+                        tx.t[LEASED].remove(key)?;
+                        if let Some(old) = old {
                             self.lease_timeout(tx, *at, &old, now, &mut part, &mut woken)?;
                         }
                     } else {
@@ -397,10 +442,10 @@ impl Core {
             Some((key, _)) => Some(parse_timer_key(&key)?.0),
             None => None,
         };
-        let lease = match self.tree(LEASES).first().map_err(storage)? {
-            Some((key, _)) => Some(parse_lease_key(&key)?.0),
-            None => None,
-        };
+        let lease = self
+            .lease_deadlines()?
+            .first()
+            .map(|(deadline, _)| *deadline);
         Ok(timer.into_iter().chain(lease).min())
     }
 
@@ -492,7 +537,7 @@ impl Core {
             if out.len() >= limit {
                 break;
             }
-            let record = Record::decode(&item.map_err(storage)?)?;
+            let record = self.with_lease(Record::decode(&item.map_err(storage)?)?)?;
             if matches(&record) {
                 out.push(record.to_status());
             }
@@ -798,6 +843,117 @@ impl Tx<'_> {
                 });
             }
             Ok((result, wake))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trmx_proto::envelope::{Priority, sha256};
+    use trmx_proto::{CaseRef, Kind};
+
+    use super::super::codec::{LeaseEntry, Record};
+    use super::super::{SledOptions, SledStore};
+    use super::*;
+    use crate::store::{BrokerStore, Lifecycle, NewMessage};
+
+    const NOW: Millis = 1_700_000_000_000;
+
+    fn message(to: &ParticipantId) -> NewMessage {
+        let payload = bytes::Bytes::from_static(b"payload");
+        NewMessage {
+            message_id: MessageId::new_v7(),
+            sender: ParticipantId::parse("NL-NRM").unwrap(),
+            recipient: to.clone(),
+            kind: Kind::Referral,
+            case_ref: CaseRef::new_random(),
+            in_reply_to: None,
+            priority: Priority::Normal,
+            created_at: NOW,
+            expires_at: NOW + 24 * 3600 * 1000,
+            content_type: Kind::Referral.content_type(),
+            payload_sha256: sha256(&payload),
+            fingerprint: sha256(b"fingerprint"),
+            payload,
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> SledStore {
+        SledStore::open(dir, SledOptions::default(), Lifecycle::default()).unwrap()
+    }
+
+    /// Older stores wrote a leased record in full (IN_FLIGHT) and kept the
+    /// lease in `inflight` (recipient, seq → stream) with a `Lease` timer,
+    /// or in `leases` (deadline, seq → stream). `recover` makes such a
+    /// message due again and empties those trees; a left-over timer goes
+    /// stale.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_of_older_stores_are_recovered() {
+        for legacy_tree in ["inflight", "leases"] {
+            let dir = tempfile::tempdir().unwrap();
+            let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+            let m = message(&be);
+            let s = open(dir.path());
+            s.submit(m.clone(), NOW).await.unwrap();
+            let leased = s.lease(&be, StreamId(4), 1, NOW).await.unwrap();
+            let seq = leased[0].broker_seq;
+            s.close().await.unwrap();
+            drop(s);
+            {
+                // rewrite the lease as an older broker stored it
+                let db = ::sled::open(dir.path()).unwrap();
+                let key = seq.to_be_bytes();
+                let entry = db
+                    .open_tree("leased")
+                    .unwrap()
+                    .remove(key)
+                    .unwrap()
+                    .unwrap();
+                let entry = LeaseEntry::decode(&entry).unwrap();
+                let records = db.open_tree("records").unwrap();
+                let stored = Record::decode(&records.get(key).unwrap().unwrap()).unwrap();
+                records.insert(key, entry.apply(stored).encode()).unwrap();
+                let stream = entry.stream.to_be_bytes();
+                let legacy_key = if legacy_tree == "inflight" {
+                    let mut k = participant_prefix(&be);
+                    k.extend_from_slice(&key);
+                    k
+                } else {
+                    let mut k = entry.deadline.to_be_bytes().to_vec();
+                    k.extend_from_slice(&key);
+                    k
+                };
+                db.open_tree(legacy_tree)
+                    .unwrap()
+                    .insert(legacy_key, &stream)
+                    .unwrap();
+                let mut timer = entry.deadline.to_be_bytes().to_vec();
+                timer.push(1);
+                timer.extend_from_slice(&key);
+                db.open_tree("timers")
+                    .unwrap()
+                    .insert(timer, &[][..])
+                    .unwrap();
+                db.flush().unwrap();
+            }
+            let s = open(dir.path());
+            let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+            assert_eq!((st.state, st.attempts), (State::InFlight, 1));
+            assert_eq!(s.recover(NOW).await.unwrap(), 1, "{legacy_tree}");
+            let again = s.lease(&be, StreamId(5), 10, NOW + 1_000).await.unwrap();
+            assert_eq!(again.len(), 1);
+            assert_eq!(again[0].attempt, 2);
+            // the old lease timer does not time the new lease out
+            let report = s.tick(NOW + 60_000).await.unwrap();
+            assert_eq!(report.redelivery_due, 0);
+            let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+            assert_eq!((st.state, st.attempts), (State::InFlight, 2));
+            let stats = s.queue_stats().await.unwrap();
+            assert_eq!((stats[0].depth, stats[0].in_flight), (0, 1));
+            s.close().await.unwrap();
+            drop(s);
+            let db = ::sled::open(dir.path()).unwrap();
+            assert!(db.open_tree(legacy_tree).unwrap().is_empty());
         }
     }
 }

@@ -15,7 +15,7 @@ use prost::Message as _;
 use trmx_proto::{Kind, ParticipantId, pb};
 
 use super::codec::{
-    InlinePayload, RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs, lease_key,
+    InlinePayload, LeaseEntry, RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs,
     queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
 };
 use crate::store::{Lifecycle, Millis, State, StoreError, receipt_id};
@@ -28,20 +28,24 @@ pub(super) const RECORDS: usize = 0;
 pub(super) const PAYLOADS: usize = 1;
 pub(super) const BY_ID: usize = 2;
 pub(super) const QUEUE: usize = 3;
-/// Leases of stores written before [`LEASES`]: drained by `recover`.
+/// Leases of stores written before [`LEASED`] (recipient, seq → stream,
+/// plus a `Lease` timer): emptied by `recover`.
 pub(super) const LEGACY_INFLIGHT: usize = 4;
 pub(super) const TIMERS: usize = 5;
 pub(super) const DEAD: usize = 6;
 pub(super) const COUNTERS: usize = 7;
 pub(super) const AUDIT: usize = 8;
 pub(super) const AUDIT_META: usize = 9;
-pub(super) const LEASES: usize = 10;
+/// Leases of stores written before [`LEASED`] (deadline, seq → stream):
+/// emptied by `recover`.
+pub(super) const LEGACY_LEASES: usize = 10;
+pub(super) const LEASED: usize = 11;
 
 /// Names of the sled trees, in index order. (Stores written before kept a
-/// `by_sender` tree too; it is no longer read or written. `inflight` held the
-/// leases keyed by recipient, each with a `Lease` timer: two keys per lease
-/// where `leases` needs one; it is only read and emptied at start-up now.)
-pub(super) const TREE_NAMES: [&str; 11] = [
+/// `by_sender` tree too; it is no longer read or written. `inflight` and
+/// `leases` held leases of IN_FLIGHT records written in full; they are only
+/// read and emptied at start-up now.)
+pub(super) const TREE_NAMES: [&str; 12] = [
     "records",
     "payloads",
     "by_id",
@@ -53,6 +57,7 @@ pub(super) const TREE_NAMES: [&str; 11] = [
     "audit",
     "audit_meta",
     "leases",
+    "leased",
 ];
 
 /// Aborts the transaction with `err`.
@@ -74,13 +79,24 @@ pub(super) struct Tx<'a> {
 }
 
 impl Tx<'_> {
+    /// The record of `seq` as it is now: IN_FLIGHT when it has a lease.
     pub(super) fn record(&self, seq: u64) -> TxResult<Option<Record>> {
-        match self.t[RECORDS].get(seq.to_be_bytes())? {
-            Some(bytes) => match Record::decode_stored(&bytes) {
-                Ok(record) => Ok(Some(record)),
+        let Some(bytes) = self.t[RECORDS].get(seq.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let record = match Record::decode_stored(&bytes) {
+            Ok(record) => record,
+            Err(e) => return abort(e),
+        };
+        if !may_be_leased(&record) {
+            return Ok(Some(record));
+        }
+        match self.t[LEASED].get(seq.to_be_bytes())? {
+            Some(v) => match LeaseEntry::decode(&v) {
+                Ok(lease) => Ok(Some(lease.apply(record))),
                 Err(e) => abort(e),
             },
-            None => Ok(None),
+            None => Ok(Some(record)),
         }
     }
 
@@ -184,7 +200,12 @@ impl Tx<'_> {
         {
             self.t[PAYLOADS].remove(&old.seq.to_be_bytes())?;
         }
-        if let Some(new) = new {
+        // A lease writes only its `leased` entry (an index entry of the
+        // IN_FLIGHT record): the stored record stays the due ACCEPTED one, so
+        // leasing does not rewrite a record with its payload.
+        if let Some(new) = new
+            && new.state != State::InFlight
+        {
             self.t[RECORDS].insert(&new.seq.to_be_bytes(), new.encode())?;
         }
         Ok(())
@@ -368,12 +389,8 @@ fn index_entries(r: &Record) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
             Some(at) => out.push((TIMERS, timer_key(at, TimerKind::Due, r.seq), Vec::new())),
         },
         State::InFlight => {
-            if let Some((deadline, stream)) = r.lease {
-                out.push((
-                    LEASES,
-                    lease_key(deadline, r.seq),
-                    stream.to_be_bytes().to_vec(),
-                ));
+            if let Some(lease) = LeaseEntry::of(r) {
+                out.push((LEASED, r.seq.to_be_bytes().to_vec(), lease.encode()));
             }
         }
         State::Expired | State::DeadLettered => {
@@ -405,6 +422,12 @@ fn index_entries(r: &Record) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
         ));
     }
     out
+}
+
+/// Whether the stored `r` may have a lease in `leased`: a lease is only
+/// taken of a due ACCEPTED record, which stays stored as it was.
+pub(super) fn may_be_leased(r: &Record) -> bool {
+    r.state == State::Accepted && r.next_attempt_at.is_none()
 }
 
 /// What one record adds to the counters.
