@@ -91,7 +91,7 @@ impl Default for SledOptions {
 /// | `payloads` | seq → payload bytes (only records written before payloads moved into the record) |
 /// | `by_id` | message id → seqs (ack / reject / operator by id; with the record's sender: idempotency, status, withdraw) |
 /// | `queue` | recipient, priority, seq → () — due for delivery, lease order |
-/// | `leases` | ack deadline, seq → stream id — IN_FLIGHT messages; also their lease timer |
+/// | `leased` | seq → ack deadline, stream id, attempt, delivery time — the lease of an IN_FLIGHT message |
 /// | `timers` | at, kind, seq → () — backoff end, expiry, retentions |
 /// | `dead` | seq → () — EXPIRED and DEAD_LETTERED records |
 /// | `counters` | `r`+recipient → depth, in flight, bytes; `s`+sender → queued bytes |
@@ -101,12 +101,17 @@ impl Default for SledOptions {
 ///   change writes the record and exactly those entries in ONE sled
 ///   transaction (`tx::Tx::put`), together with any receipt it causes. So after
 ///   a crash the trees agree with each other.
+/// - A leased (IN_FLIGHT) message is its stored due ACCEPTED record plus its
+///   `leased` entry: a lease does not rewrite the record (with its payload);
+///   reading a record applies the entry. The lease deadlines are read from
+///   the whole `leased` tree, which holds only messages in flight.
+///   (Stores written before kept the record IN_FLIGHT with an `inflight`
+///   entry and a `Lease` timer, or a `leases` entry by deadline: `recover`
+///   empties those trees at start-up; a left-over `Lease` timer goes stale.)
 /// - A record is in `queue` iff it is ACCEPTED and not backing off; it has a
-///   `Due` timer iff ACCEPTED and backing off; it is in `leases` iff
-///   IN_FLIGHT (stores written before `leases` existed kept an `inflight`
-///   entry and a `Lease` timer instead: `recover` empties `inflight` at
-///   start-up, and a left-over `Lease` timer still fires correctly); it has an `Expiry` timer iff ACCEPTED or
-///   IN_FLIGHT; it is in `dead` iff EXPIRED or DEAD_LETTERED.
+///   `Due` timer iff ACCEPTED and backing off; it has a `leased` entry iff
+///   IN_FLIGHT; it has an `Expiry` timer iff ACCEPTED or IN_FLIGHT; it is in
+///   `dead` iff EXPIRED or DEAD_LETTERED.
 /// - A payload exists (with its record, or in `payloads` for old records) iff `payload_kept`: from submit until ACKNOWLEDGED /
 ///   WITHDRAWN / PURGED, or until the dead-letter retention of an EXPIRED /
 ///   DEAD_LETTERED message passed. The metadata of a final message is deleted
