@@ -443,6 +443,22 @@ pub(super) async fn overdue_deadlines_fire_in_time_order<S: BrokerStore>(s: &S, 
     );
 }
 
+/// More leases time out at once than one tick transaction applies: all of
+/// them come back, each once.
+pub(super) async fn many_leases_time_out_in_one_tick<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    for _ in 0..300 {
+        submit_ok(s, &message(NL, BE, Priority::Normal, 10, now), now).await;
+    }
+    assert_eq!(lease_ids(s, BE, 1, 1000, now).await.len(), 300);
+    let report = tick(s, now + 30_000).await;
+    assert_eq!(report.redelivery_due, 300);
+    assert_eq!(tick(s, now + 30_000).await.redelivery_due, 0);
+    // due again after the backoff (base 2 s)
+    tick(s, now + 32_000).await;
+    assert_eq!(lease_ids(s, BE, 2, 1000, now + 32_000).await.len(), 300);
+}
+
 pub(super) async fn backoff_runs_from_the_ack_deadline<S: BrokerStore>(s: &S, c: &ManualClock) {
     let now = c.now_millis();
     let m = message(NL, BE, Priority::Normal, 100, now);
@@ -898,6 +914,7 @@ mod sled {
         ack_timeout_redelivers_after_backoff,
         backoff_runs_from_the_ack_deadline,
         overdue_deadlines_fire_in_time_order,
+        many_leases_time_out_in_one_tick,
         max_attempts_dead_letters_with_ndr,
         release_stream_makes_due_at_once,
         expiry_from_accepted_and_in_flight,

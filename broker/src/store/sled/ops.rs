@@ -257,14 +257,19 @@ impl Core {
     pub(super) fn tick(&self, now: Millis) -> Result<(TickReport, Wake), StoreError> {
         let mut report = TickReport::default();
         let mut wake = Wake::new();
+        // Read once: leases taken meanwhile are due after `now`, and one
+        // settled meanwhile is found settled when its turn comes.
+        let mut due_leases: std::collections::VecDeque<(Millis, u64)> = self
+            .lease_deadlines()?
+            .into_iter()
+            .take_while(|(deadline, _)| *deadline <= now)
+            .collect();
         loop {
             let timers = self.due_keys(TIMERS, now, |k| Ok(parse_timer_key(k)?.0))?;
-            let leases: Vec<(Millis, ::sled::IVec)> = self
-                .lease_deadlines()?
-                .into_iter()
-                .take_while(|(deadline, _)| *deadline <= now)
+            let leases: Vec<(Millis, ::sled::IVec)> = due_leases
+                .iter()
                 .take(TICK_BATCH)
-                .map(|(deadline, seq)| (deadline, ::sled::IVec::from(&seq.to_be_bytes())))
+                .map(|(deadline, seq)| (*deadline, ::sled::IVec::from(&seq.to_be_bytes())))
                 .collect();
             if timers.is_empty() && leases.is_empty() {
                 break;
@@ -283,6 +288,9 @@ impl Core {
                 .chain(leases.into_iter().map(|(at, key)| (at, true, key)))
                 .filter(|(at, _, _)| *at <= cutoff)
                 .collect();
+            // (the leases fired now are a prefix of `due_leases`)
+            let fired = due.iter().filter(|(_, is_lease, _)| *is_lease).count();
+            due_leases.drain(..fired);
             // (a lease deadline goes first at the same millisecond, as the
             // `Lease` timer kind sorted first when leases were timers)
             due.sort_by_key(|(at, is_lease, _)| (*at, !*is_lease));
