@@ -63,14 +63,28 @@ impl Core {
 
     /// The committed record of `seq` as it is now: IN_FLIGHT when it has a
     /// lease (see `Tx::record`).
+    ///
+    /// Outside the writer thread a change can commit between the two reads,
+    /// so the lease is read first. If it ended in between, the record read
+    /// second is what followed: the lease is applied only when that record is
+    /// due again (giving the IN_FLIGHT state just before). A lease taken in
+    /// between is not seen. Either way the answer is a state the message was
+    /// in.
     fn load(&self, seq: u64) -> Result<Option<Record>, StoreError> {
-        match self.tree(RECORDS).get(seq.to_be_bytes()).map_err(storage)? {
-            Some(bytes) => self.with_lease(Record::decode(&bytes)?).map(Some),
-            None => Ok(None),
+        let key = seq.to_be_bytes();
+        let lease = self.tree(LEASED).get(key).map_err(storage)?;
+        let Some(bytes) = self.tree(RECORDS).get(key).map_err(storage)? else {
+            return Ok(None);
+        };
+        let record = Record::decode(&bytes)?;
+        match lease {
+            Some(v) if may_be_leased(&record) => Ok(Some(LeaseEntry::decode(&v)?.apply(record))),
+            _ => Ok(Some(record)),
         }
     }
 
-    /// The stored `record` with its lease, if it has one.
+    /// The stored `record` with its lease, if it has one (for scans; see
+    /// [`Self::load`] for reads of one record outside the writer thread).
     fn with_lease(&self, record: Record) -> Result<Record, StoreError> {
         if !may_be_leased(&record) {
             return Ok(record);
