@@ -16,6 +16,12 @@
 //!
 //! Then the broker's peak RSS (VmHWM) and the bytes of its data directory.
 //!
+//! The throughput, fill and drain phases also print the CPU time per message
+//! of the broker and of this load generator, and how many cores the two kept
+//! busy: on one machine they share the cores, so `cores / (broker + load
+//! generator)` bounds the rate, and fill (submit only) plus drain (deliver
+//! and ack only) add up to about the end-to-end cost per message.
+//!
 //! The broker runs with its defaults except the per-sender rate and
 //! queued-bytes quota (fairness limits that four senders would hit first),
 //! the sled cache (`--cache-mib`) and, if given, `--submit-slots`.
@@ -163,6 +169,7 @@ async fn throughput(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Resul
     let sent_at = Arc::new(Mutex::new(HashMap::<String, Instant>::new()));
     let receiver = Receiver::start(bench.receiver()?, args.max_in_flight, sent_at.clone()).await?;
     let start = Instant::now();
+    let cpu = CpuMeter::start(bench);
     submit_all(bench, args, payload, args.messages, Some(sent_at)).await?;
     let submit_secs = start.elapsed().as_secs_f64();
     let latencies = receiver
@@ -184,6 +191,7 @@ async fn throughput(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Resul
         n / e2e_secs
     );
     print_latency("latency at saturation", latencies);
+    cpu.print(args.messages);
     Ok(())
 }
 
@@ -242,10 +250,13 @@ async fn backlog(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Result<(
     let rss_before = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let start = Instant::now();
     let sampler = RssSampler::start(pid);
+    let fill_cpu = CpuMeter::start(bench);
     submit_all(bench, args, payload, args.backlog, None).await?;
     let fill_secs = start.elapsed().as_secs_f64();
+    let fill_cpu = fill_cpu.stop();
     let rss_full = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let start = Instant::now();
+    let drain_cpu = CpuMeter::start(bench);
     let receiver = Receiver::start(
         bench.receiver()?,
         args.max_in_flight,
@@ -256,6 +267,7 @@ async fn backlog(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Result<(
         .wait_for(args.backlog, Duration::from_secs(900))
         .await?;
     let drain_secs = start.elapsed().as_secs_f64();
+    let drain_cpu = drain_cpu.stop();
     let rss_max = sampler.stop().await;
     println!(
         "-- backlog: {} messages queued for an offline recipient",
@@ -271,6 +283,8 @@ async fn backlog(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Result<(
         args.backlog as f64 / drain_secs,
         drain_secs
     );
+    fill_cpu.print("fill", args.backlog);
+    drain_cpu.print("drain", args.backlog);
     println!(
         "broker RSS:  {:.1} MiB before, {:.1} MiB with the backlog queued, {:.1} MiB max during fill and drain",
         rss_before as f64 / 1024.0,
@@ -572,6 +586,60 @@ fn participant(id: &str, country: &str) -> ParticipantConfig {
         country: country.into(),
         organisation_type: OrganisationType::Nrm,
         accepts: vec!["referral".into()],
+    }
+}
+
+/// CPU time of the broker and of this load generator over one phase. On one
+/// machine the two share the cores, so the sum per message bounds the rate:
+/// `cores / (broker + load generator)` messages per second at best.
+struct CpuMeter {
+    broker_pid: u32,
+    broker: f64,
+    client: f64,
+    wall: Instant,
+}
+
+/// What a [`CpuMeter`] measured over its phase.
+struct CpuUse {
+    broker: f64,
+    client: f64,
+    wall: f64,
+}
+
+impl CpuMeter {
+    fn start(bench: &Bench) -> Self {
+        let broker_pid = bench.child.id();
+        Self {
+            broker_pid,
+            broker: proc_cpu_seconds(broker_pid).unwrap_or(0.0),
+            client: proc_cpu_seconds(std::process::id()).unwrap_or(0.0),
+            wall: Instant::now(),
+        }
+    }
+
+    fn stop(self) -> CpuUse {
+        CpuUse {
+            broker: proc_cpu_seconds(self.broker_pid).unwrap_or(0.0) - self.broker,
+            client: proc_cpu_seconds(std::process::id()).unwrap_or(0.0) - self.client,
+            wall: self.wall.elapsed().as_secs_f64(),
+        }
+    }
+
+    fn print(self, messages: usize) {
+        self.stop().print("throughput", messages);
+    }
+}
+
+impl CpuUse {
+    fn print(&self, phase: &str, messages: usize) {
+        let per_msg = |secs: f64| secs * 1e6 / messages.max(1) as f64;
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        println!(
+            "CPU ({phase}): broker {:.0} µs/msg, load generator {:.0} µs/msg; {:.2} of {cores} cores busy",
+            per_msg(self.broker),
+            per_msg(self.client),
+            (self.broker + self.client) / self.wall.max(f64::EPSILON),
+        );
     }
 }
 
