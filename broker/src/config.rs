@@ -91,12 +91,19 @@ pub struct StoreConfig {
     /// sled page cache size in bytes (sled's own default is 1 GiB).
     #[serde(default = "default_cache_capacity", with = "units::bytes")]
     pub cache_capacity: u64,
+    /// Nice value (-20..=19) of the store's writer and flusher threads. Every
+    /// change passes through them in order, so on a busy machine they should
+    /// get a core first. Below 0 needs CAP_SYS_NICE or RLIMIT_NICE (systemd:
+    /// `LimitNICE=`); without it the broker warns and runs them at its own.
+    #[serde(default = "default_writer_nice")]
+    pub writer_nice: i32,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             cache_capacity: default_cache_capacity(),
+            writer_nice: default_writer_nice(),
         }
     }
 }
@@ -305,6 +312,10 @@ fn default_admin_listen() -> Option<SocketAddr> {
 fn default_crl_reload_interval() -> Duration {
     Duration::from_secs(300)
 }
+fn default_writer_nice() -> i32 {
+    -8
+}
+
 fn default_cache_capacity() -> u64 {
     16 << 20
 }
@@ -493,6 +504,15 @@ impl BrokerConfig {
             Duration::from_secs(1),
         )?;
         at_least("store.cache_capacity", self.store.cache_capacity, 1 << 20)?;
+        if !(-20..=19).contains(&self.store.writer_nice) {
+            return Err(BrokerError::config(
+                "store.writer_nice",
+                format!(
+                    "must be a nice value from -20 to 19, got {}",
+                    self.store.writer_nice
+                ),
+            ));
+        }
         at_least("limits.max_envelope_bytes", l.max_envelope_bytes, 1 << 10)?;
         at_most(
             "limits.max_envelope_bytes",
@@ -898,6 +918,10 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
             (
                 "[limits]\nmax_envelope_bytes = \"1GiB\"\n",
                 "config: limits.max_envelope_bytes must be <= 67108864",
+            ),
+            (
+                "[store]\nwriter_nice = -21\n",
+                "config: store.writer_nice must be a nice value from -20 to 19, got -21",
             ),
         ];
         for (extra, expected) in cases {

@@ -695,6 +695,7 @@ async fn open_store(
     let flushes = Arc::clone(metrics);
     let options = SledOptions {
         cache_capacity_bytes: config.store.cache_capacity,
+        writer_nice: config.store.writer_nice,
         flush_observer: Some(FlushObserver(Arc::new(move |took| {
             flushes.observe_flush(took);
         }))),

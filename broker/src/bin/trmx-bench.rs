@@ -93,6 +93,10 @@ struct Args {
     /// behind the submits.
     #[arg(long)]
     submit_slots: Option<u32>,
+    /// The broker's `store.writer_nice` (default: the broker's default, -8;
+    /// 0 runs the store threads like the rest of the broker).
+    #[arg(long, allow_hyphen_values = true)]
+    writer_nice: Option<i32>,
     /// The broker binary (default: `trmx-broker` next to this one).
     #[arg(long)]
     broker_bin: Option<PathBuf>,
@@ -115,13 +119,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let bench = Bench::start(&args, &work)?;
     println!(
-        "trmx-bench: broker pid {} on {}, {} senders, {} B payloads, sled cache {} MiB, {} submits at once per sender",
+        "trmx-bench: broker pid {} on {}, {} senders, {} B payloads, sled cache {} MiB, {} submits at once per sender, store writer nice {}",
         bench.child.id(),
         bench.addr,
         args.senders,
         args.payload,
         args.cache_mib,
         submit_slots(&args),
+        args.writer_nice
+            .unwrap_or_else(|| trmx_broker::config::StoreConfig::default().writer_nice),
     );
     let result = phases(&args, &bench).await;
     let hwm = proc_status_kib(bench.child.id(), "VmHWM:").unwrap_or(0);
@@ -497,6 +503,9 @@ impl Bench {
         config.limits.min_free_disk_bytes = 64 << 20;
         config.limits.max_max_in_flight = 1024;
         config.limits.max_concurrent_submits_per_sender = submit_slots(args);
+        if let Some(nice) = args.writer_nice {
+            config.store.writer_nice = nice;
+        }
         let config_path = work.join("broker.toml");
         std::fs::write(&config_path, config.to_toml()?)?;
         let ready = work.join("ready");

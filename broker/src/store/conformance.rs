@@ -886,6 +886,7 @@ mod sled {
             SledOptions {
                 cache_capacity_bytes: 8 * 1024 * 1024,
                 flush_observer: None,
+                writer_nice: 0,
             },
             lifecycle(),
         )

@@ -80,11 +80,12 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the flusher thread for `db`.
+    /// Starts the flusher thread for `db`, with the nice value `nice` (0: unchanged).
     pub(super) fn start(
         db: ::sled::Db,
         faults: FaultSwitch,
         observer: Option<super::FlushObserver>,
+        nice: i32,
     ) -> std::io::Result<Self> {
         let (progress, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
@@ -95,7 +96,10 @@ impl Flusher {
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("trmx-store-flush".to_owned())
-            .spawn(move || run(&thread_shared, &db, &faults, observer.as_ref()))?;
+            .spawn(move || {
+                super::apply_thread_nice("trmx-store-flush", nice);
+                run(&thread_shared, &db, &faults, observer.as_ref());
+            })?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),

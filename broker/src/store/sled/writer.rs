@@ -134,11 +134,15 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn start(core: Arc<Core>) -> std::io::Result<Self> {
+    /// Starts the writer thread with the nice value `nice` (0: unchanged).
+    pub(super) fn start(core: Arc<Core>, nice: i32) -> std::io::Result<Self> {
         let (jobs, mut rx) = mpsc::channel(QUEUE_CAPACITY);
         let thread = std::thread::Builder::new()
             .name("trmx-store-write".to_owned())
-            .spawn(move || run(&core, &mut rx))?;
+            .spawn(move || {
+                super::apply_thread_nice("trmx-store-write", nice);
+                run(&core, &mut rx);
+            })?;
         Ok(Self {
             jobs: Mutex::new(Some(jobs)),
             thread: Mutex::new(Some(thread)),
