@@ -16,6 +16,7 @@
 //! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
 //!   `Channel` over mutual TLS 1.3.
 //! - `pem` (private): reading PEM files with errors that name the file.
+//! - [`status`] — [`code_name`] — a gRPC status code by its canonical name.
 //! - [`error`] — [`TransportError`].
 //!
 //! Data flow on the server: `TcpListener` → [`incoming`] (handshake with the current
@@ -43,9 +44,11 @@ pub mod identity;
 pub mod listener;
 mod pem;
 pub mod server;
+pub mod status;
 
 pub use client::{ClientOptions, client_channel, client_config};
 pub use error::TransportError;
 pub use identity::peer_identity;
 pub use listener::{ListenerLimits, TlsConn, incoming};
 pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerTls, TlsPaths};
+pub use status::code_name;

@@ -82,29 +82,6 @@ fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 
-/// The gRPC code as its canonical name, e.g. `INVALID_ARGUMENT`.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// Whether a submit refused with `code` can never succeed.
 pub(crate) fn is_permanent(code: Code) -> bool {
     matches!(
@@ -697,7 +674,7 @@ async fn submit_one(
         Err(status) if is_permanent(status.code()) => {
             let failure = Failure {
                 outcome: "rejected-by-broker".into(),
-                reason_code: code_name(status.code()).to_owned(),
+                reason_code: trmx_transport::code_name(status.code()).to_owned(),
                 field_path: field_path_of(status.message()),
             };
             let text = status_text(&status);
