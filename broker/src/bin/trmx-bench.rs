@@ -105,6 +105,11 @@ struct Args {
     keep: bool,
 }
 
+/// The same allocator as the broker binary (see `broker/src/main.rs`): the
+/// load generator's allocations cost the shared cores less.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -157,7 +162,7 @@ fn submit_slots(args: &Args) -> u32 {
 }
 
 async fn phases(args: &Args, bench: &Bench) -> anyhow::Result<()> {
-    let payload = vec![0x5a_u8; args.payload];
+    let payload = Payload::new(args.payload);
     if args.messages > 0 {
         throughput(args, bench, &payload).await?;
     }
@@ -171,7 +176,7 @@ async fn phases(args: &Args, bench: &Bench) -> anyhow::Result<()> {
 }
 
 /// Phase 1: saturation throughput.
-async fn throughput(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Result<()> {
+async fn throughput(args: &Args, bench: &Bench, payload: &Payload) -> anyhow::Result<()> {
     let sent_at = Arc::new(Mutex::new(HashMap::<String, Instant>::new()));
     let receiver = Receiver::start(bench.receiver()?, args.max_in_flight, sent_at.clone()).await?;
     let start = Instant::now();
@@ -202,7 +207,7 @@ async fn throughput(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Resul
 }
 
 /// Phase 2: open-loop latency at a fixed rate.
-async fn latency(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Result<()> {
+async fn latency(args: &Args, bench: &Bench, payload: &Payload) -> anyhow::Result<()> {
     let total = (u64::from(args.rate) * args.seconds) as usize;
     let sent_at = Arc::new(Mutex::new(HashMap::<String, Instant>::new()));
     let receiver = Receiver::start(bench.receiver()?, args.max_in_flight, sent_at.clone()).await?;
@@ -251,7 +256,7 @@ async fn latency(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Result<(
 }
 
 /// Phase 3: a backlog for an offline recipient, then drained.
-async fn backlog(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Result<()> {
+async fn backlog(args: &Args, bench: &Bench, payload: &Payload) -> anyhow::Result<()> {
     let pid = bench.child.id();
     let rss_before = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let start = Instant::now();
@@ -304,7 +309,7 @@ async fn backlog(args: &Args, bench: &Bench, payload: &[u8]) -> anyhow::Result<(
 async fn submit_all(
     bench: &Bench,
     args: &Args,
-    payload: &[u8],
+    payload: &Payload,
     total: usize,
     sent_at: Option<Arc<Mutex<HashMap<String, Instant>>>>,
 ) -> anyhow::Result<()> {
@@ -317,7 +322,7 @@ async fn submit_all(
             let count = per_task.min(remaining);
             remaining -= count;
             let mut client = client.clone();
-            let payload = payload.to_vec();
+            let payload = payload.clone();
             let sent_at = sent_at.clone();
             tasks.spawn(async move {
                 for _ in 0..count {
@@ -344,7 +349,24 @@ async fn submit_all(
     Ok(())
 }
 
-fn envelope(payload: &[u8]) -> pb::Envelope {
+/// The payload every message carries, with its digest computed once: the
+/// load generator shares the machine with the broker, so it spends as
+/// little CPU per message as it can.
+#[derive(Clone)]
+struct Payload {
+    bytes: Vec<u8>,
+    sha256: [u8; 32],
+}
+
+impl Payload {
+    fn new(len: usize) -> Self {
+        let bytes = vec![0x5a_u8; len];
+        let sha256 = sha256(&bytes);
+        Self { bytes, sha256 }
+    }
+}
+
+fn envelope(payload: &Payload) -> pb::Envelope {
     pb::Envelope {
         message_id: MessageId::new_v7().to_string(),
         recipient: RECEIVER.into(),
@@ -352,8 +374,8 @@ fn envelope(payload: &[u8]) -> pb::Envelope {
         case_ref: CaseRef::new_random().to_string(),
         priority: pb::Priority::Normal as i32,
         created_at: Some(to_timestamp(SystemTime::now())),
-        payload_sha256: sha256(payload).to_vec(),
-        payload: payload.to_vec(),
+        payload_sha256: payload.sha256.to_vec(),
+        payload: payload.bytes.clone(),
         content_type: Kind::Referral.content_type(),
         ..Default::default()
     }
