@@ -10,7 +10,8 @@
 //! - [`failpoint`]: test-only crash points and disk faults of a broker process
 //!   (`TRMX_BROKER_FAILPOINT`, `TRMX_BROKER_FAULT_FILE`), read once at open.
 //! - this file: opening, the async layer (changes on the writer thread, reads
-//!   on `spawn_blocking`, then wait for the shared flush), wake-ups.
+//!   on `spawn_blocking`, then wait for the shared flush), wake-ups, and the
+//!   priority (nice value) of the writer and flusher threads.
 
 use std::collections::BTreeSet;
 use std::fmt;
