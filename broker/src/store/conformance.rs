@@ -425,6 +425,43 @@ pub(super) async fn ack_timeout_redelivers_after_backoff<S: BrokerStore>(s: &S, 
     assert!(lease_ids(s, BE, 3, 10, c.now_millis()).await.is_empty());
 }
 
+/// A message with an empty payload (a protobuf body whose fields are all
+/// defaults encodes to 0 bytes) is delivered like any other, also again after
+/// its ack deadline, and does not hold up the messages behind it.
+pub(super) async fn an_empty_payload_is_delivered<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let empty = message(NL, BE, Priority::Normal, 0, now);
+    let after = message(NL, BE, Priority::Normal, 100, now);
+    submit_ok(s, &empty, now).await;
+    submit_ok(s, &after, now).await;
+    let leased = s.lease(&pid(BE), StreamId(1), 10, now).await.unwrap();
+    let ids: Vec<MessageId> = leased.iter().map(|l| l.message_id).collect();
+    assert_eq!(ids, vec![empty.message_id, after.message_id]);
+    assert!(leased[0].payload.is_empty());
+    assert_eq!(leased[0].payload_sha256, empty.payload_sha256);
+    // again after the ack deadline and the backoff
+    c.advance(Duration::from_secs(30));
+    tick(s, c.now_millis()).await;
+    c.advance(Duration::from_secs(2));
+    tick(s, c.now_millis()).await;
+    let again = s
+        .lease(&pid(BE), StreamId(2), 10, c.now_millis())
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 2);
+    assert!(
+        again
+            .iter()
+            .any(|l| l.message_id == empty.message_id && l.payload.is_empty())
+    );
+    assert_eq!(
+        s.ack(&pid(BE), &[empty.message_id], c.now_millis())
+            .await
+            .unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+}
+
 /// A broker that was down past both an ack deadline and the later expiry
 /// of a message applies them in time order: the lease times out first.
 pub(super) async fn overdue_deadlines_fire_in_time_order<S: BrokerStore>(s: &S, c: &ManualClock) {
@@ -913,6 +950,7 @@ mod sled {
         ack_queues_delivery_receipt,
         reject_dead_letters_with_ndr,
         ack_timeout_redelivers_after_backoff,
+        an_empty_payload_is_delivered,
         backoff_runs_from_the_ack_deadline,
         overdue_deadlines_fire_in_time_order,
         many_leases_time_out_in_one_tick,

@@ -102,13 +102,23 @@ impl Tx<'_> {
 
     /// The payload of `r` (with the record, or in `payloads` for records
     /// written before payloads moved into the record).
+    ///
+    /// An empty payload stored with its record takes no bytes, so the record
+    /// reads back as one without an inline payload: with nothing in
+    /// `payloads` either, a kept payload of size 0 is the empty one (without
+    /// this, such a message failed every lease as corrupt, and blocked its
+    /// recipient's queue).
     pub(super) fn payload(&self, r: &Record) -> TxResult<Option<::sled::IVec>> {
         if !r.payload_kept {
             return Ok(None);
         }
         match &r.payload {
             Some(p) => Ok(Some(p.0.clone())),
-            None => Ok(self.t[PAYLOADS].get(r.seq.to_be_bytes())?),
+            None => match self.t[PAYLOADS].get(r.seq.to_be_bytes())? {
+                Some(p) => Ok(Some(p)),
+                None if r.payload_size == 0 => Ok(Some(::sled::IVec::default())),
+                None => Ok(None),
+            },
         }
     }
 
