@@ -55,6 +55,9 @@ const MAX_SECONDS: i64 = 253_402_300_799;
 
 // ---- running property tests inside a broker's runtime ----------------------------
 
+/// How long proptest may shrink a failing input, in milliseconds.
+const MAX_SHRINK_MILLIS: u32 = 60_000;
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -64,7 +67,10 @@ fn runtime() -> Runtime {
 }
 
 /// A proptest config with `cases` (unless `PROPTEST_CASES` says otherwise),
-/// no failure files, and a seed that is printed so a failure can be replayed.
+/// no failure files, a seed that is printed so a failure can be replayed, and
+/// shrinking bounded in time: a case here can wait [`trmx_tests::harness::WAIT`]
+/// (10 s) for a report, and proptest's own bound (4 × cases shrink steps) let
+/// one failure run for over 40 minutes, past CI's limit, without a word.
 fn config(cases: u32) -> Config {
     let seed = std::env::var("PROPTEST_RNG_SEED")
         .ok()
@@ -83,6 +89,7 @@ fn config(cases: u32) -> Config {
         cases,
         failure_persistence: None,
         rng_seed: RngSeed::Fixed(seed),
+        max_shrink_time: MAX_SHRINK_MILLIS,
         ..Config::default()
     }
 }
