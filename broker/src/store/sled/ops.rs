@@ -575,6 +575,12 @@ impl Tx<'_> {
     /// queue). Each is re-checked here: an earlier job of the same batch may
     /// have settled it. Messages queued by earlier jobs of the same batch are
     /// left for the next lease: their submit wakes the stream once durable.
+    ///
+    /// A queued message that cannot be read (a damaged record, a payload
+    /// gone) is left queued and logged, and the messages behind it are
+    /// leased: one unreadable record must not stop a recipient's deliveries
+    /// (its Receive stream would end with the error at every attempt). It
+    /// stays ACCEPTED until it expires or an operator purges it.
     pub(super) fn lease(
         &self,
         recipient: &ParticipantId,
@@ -586,8 +592,23 @@ impl Tx<'_> {
         let mut out = Vec::with_capacity(candidates.len());
         let deadline = after(now, self.life.ack_timeout);
         for &seq in candidates {
-            let Some(old) = tx.record(seq)? else {
-                continue;
+            let old = match tx.record(seq) {
+                Ok(Some(old)) => old,
+                Ok(None) => continue,
+                Err(::sled::transaction::ConflictableTransactionError::Abort(
+                    StoreError::Corrupt(why),
+                )) => {
+                    tracing::error!(
+                        seq,
+                        %recipient,
+                        %why,
+                        "a queued record cannot be read: it stays queued and is skipped, \
+                         the messages behind it are delivered; the store is damaged, restore \
+                         the data directory from a backup"
+                    );
+                    continue;
+                }
+                Err(other) => return Err(other),
             };
             if old.state != State::Accepted
                 || old.next_attempt_at.is_some()
@@ -598,9 +619,15 @@ impl Tx<'_> {
                 continue;
             }
             let Some(payload) = tx.payload(&old)? else {
-                return abort(StoreError::Corrupt(format!(
-                    "payload of message seq {seq} missing"
-                )));
+                tracing::error!(
+                    seq,
+                    message_id = %old.message_id,
+                    %recipient,
+                    "the payload of a queued message is missing: it stays queued and is \
+                     skipped, the messages behind it are delivered; purge it \
+                     (trmx-broker admin purge) so that its sender gets a non-delivery report"
+                );
+                continue;
             };
             let mut new = old.clone();
             new.state = State::InFlight;
@@ -902,6 +929,58 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> SledStore {
         SledStore::open(dir, SledOptions::default(), Lifecycle::default()).unwrap()
+    }
+
+    /// A queued message whose record cannot be read, or whose payload is
+    /// gone, is skipped: the messages behind it are still delivered, and it
+    /// stays queued (ACCEPTED) for an operator to purge.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_queued_message_does_not_stop_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let (damaged, payload_gone, fine) = (message(&be), message(&be), message(&be));
+        let s = open(dir.path());
+        let mut seqs = Vec::new();
+        for m in [&damaged, &payload_gone, &fine] {
+            match s.submit(m.clone(), NOW).await.unwrap() {
+                SubmitOutcome::Accepted(a) => seqs.push(a.broker_seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        s.close().await.unwrap();
+        drop(s);
+        {
+            let db = ::sled::open(dir.path()).unwrap();
+            let records = db.open_tree("records").unwrap();
+            records
+                .insert(seqs[0].to_be_bytes(), &b"\xffnot a record"[..])
+                .unwrap();
+            let key = seqs[1].to_be_bytes();
+            let mut record = Record::decode(&records.get(key).unwrap().unwrap()).unwrap();
+            record.payload = None; // written without it, and not in `payloads`
+            records.insert(key, record.encode()).unwrap();
+            db.flush().unwrap();
+        }
+        let s = open(dir.path());
+        let leased = s.lease(&be, StreamId(1), 10, NOW).await.unwrap();
+        let ids: Vec<MessageId> = leased.iter().map(|l| l.message_id).collect();
+        assert_eq!(ids, vec![fine.message_id]);
+        let status = s
+            .status(&payload_gone.sender, payload_gone.message_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.state, State::Accepted);
+        // and the operator can purge it: its sender is told
+        let purged = s
+            .operator_purge("night-shift", payload_gone.message_id, "payload lost", NOW)
+            .await
+            .unwrap();
+        assert!(
+            matches!(purged, crate::store::PurgeResult::Purged),
+            "{purged:?}"
+        );
+        s.close().await.unwrap();
     }
 
     /// Older stores wrote a leased record in full (IN_FLIGHT) and kept the
