@@ -317,7 +317,7 @@ impl Core {
                             Ok(seq) => seq,
                             Err(e) => return abort(e),
                         };
-                        let old = tx.record(seq)?;
+                        let old = tx.readable_record(seq, "its lease is dropped")?;
                         // (`put` removes it too; one without its record goes here)
                         tx.t[LEASED].remove(key)?;
                         if let Some(old) = old {
@@ -417,7 +417,7 @@ impl Core {
             Err(e) => return abort(e),
         };
         tx.t[TIMERS].remove(key)?;
-        let Some(old) = tx.record(seq)? else {
+        let Some(old) = tx.readable_record(seq, "its timer is dropped")? else {
             return Ok(()); // stale timer
         };
         let mut new = old.clone();
@@ -592,23 +592,12 @@ impl Tx<'_> {
         let mut out = Vec::with_capacity(candidates.len());
         let deadline = after(now, self.life.ack_timeout);
         for &seq in candidates {
-            let old = match tx.record(seq) {
-                Ok(Some(old)) => old,
-                Ok(None) => continue,
-                Err(::sled::transaction::ConflictableTransactionError::Abort(
-                    StoreError::Corrupt(why),
-                )) => {
-                    tracing::error!(
-                        seq,
-                        %recipient,
-                        %why,
-                        "a queued record cannot be read: it stays queued and is skipped, \
-                         the messages behind it are delivered; the store is damaged, restore \
-                         the data directory from a backup"
-                    );
-                    continue;
-                }
-                Err(other) => return Err(other),
+            let Some(old) = tx.readable_record(
+                seq,
+                "it stays queued and is skipped, the messages behind it are delivered",
+            )?
+            else {
+                continue;
             };
             if old.state != State::Accepted
                 || old.next_attempt_at.is_some()
@@ -980,6 +969,47 @@ mod tests {
             matches!(purged, crate::store::PurgeResult::Purged),
             "{purged:?}"
         );
+        s.close().await.unwrap();
+    }
+
+    /// A record that cannot be decoded does not fail `tick` for every other
+    /// message when its timer comes due: the timer is dropped (and logged),
+    /// the others fire.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_record_does_not_stop_the_timers() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let (damaged, fine) = (message(&be), message(&be));
+        let s = open(dir.path());
+        let mut seqs = Vec::new();
+        for m in [&damaged, &fine] {
+            match s.submit(m.clone(), NOW).await.unwrap() {
+                SubmitOutcome::Accepted(a) => seqs.push(a.broker_seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        s.close().await.unwrap();
+        drop(s);
+        {
+            let db = ::sled::open(dir.path()).unwrap();
+            let records = db.open_tree("records").unwrap();
+            records
+                .insert(seqs[0].to_be_bytes(), &b"\xffnot a record"[..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = open(dir.path());
+        let after_expiry = NOW + 25 * 3600 * 1000;
+        let report = s.tick(after_expiry).await.unwrap();
+        assert_eq!(report.expired, 1);
+        let status = s
+            .status(&fine.sender, fine.message_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.state, State::Expired);
+        // the damaged record's timer is gone: the next tick has nothing to do
+        assert_eq!(s.tick(after_expiry).await.unwrap(), TickReport::default());
         s.close().await.unwrap();
     }
 

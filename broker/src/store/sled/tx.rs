@@ -100,6 +100,27 @@ impl Tx<'_> {
         }
     }
 
+    /// [`Self::record`], for the operations that go through many messages
+    /// (lease, tick): a record that cannot be decoded is logged with `what`
+    /// is done about it and read as absent, so that one damaged record does
+    /// not fail the operation for every other message.
+    pub(super) fn readable_record(&self, seq: u64, what: &str) -> TxResult<Option<Record>> {
+        match self.record(seq) {
+            Err(::sled::transaction::ConflictableTransactionError::Abort(StoreError::Corrupt(
+                why,
+            ))) => {
+                tracing::error!(
+                    seq,
+                    %why,
+                    "a stored message record cannot be read: {what}; the store is damaged, \
+                     restore the data directory from a backup"
+                );
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+
     /// The payload of `r` (with the record, or in `payloads` for records
     /// written before payloads moved into the record).
     ///
