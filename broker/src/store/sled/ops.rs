@@ -920,17 +920,18 @@ mod tests {
         SledStore::open(dir, SledOptions::default(), Lifecycle::default()).unwrap()
     }
 
-    /// A queued message whose record cannot be read, or whose payload is
-    /// gone, is skipped: the messages behind it are still delivered, and it
-    /// stays queued (ACCEPTED) for an operator to purge.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_unreadable_queued_message_does_not_stop_the_queue() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A closed store in `dir` that holds a message to BE-PAYOKE whose record
+    /// is damaged (not decodable), then `messages`; `change` may alter the
+    /// stored records of `messages` (their seqs in order) before it is reopened.
+    async fn damaged_store(
+        dir: &std::path::Path,
+        messages: &[&NewMessage],
+        change: impl FnOnce(&::sled::Tree, &[u64]),
+    ) {
         let be = ParticipantId::parse("BE-PAYOKE").unwrap();
-        let (damaged, payload_gone, fine) = (message(&be), message(&be), message(&be));
-        let s = open(dir.path());
+        let s = open(dir);
         let mut seqs = Vec::new();
-        for m in [&damaged, &payload_gone, &fine] {
+        for m in std::iter::once(&message(&be)).chain(messages.iter().copied()) {
             match s.submit(m.clone(), NOW).await.unwrap() {
                 SubmitOutcome::Accepted(a) => seqs.push(a.broker_seq),
                 other => panic!("{other:?}"),
@@ -938,18 +939,30 @@ mod tests {
         }
         s.close().await.unwrap();
         drop(s);
-        {
-            let db = ::sled::open(dir.path()).unwrap();
-            let records = db.open_tree("records").unwrap();
-            records
-                .insert(seqs[0].to_be_bytes(), &b"\xffnot a record"[..])
-                .unwrap();
-            let key = seqs[1].to_be_bytes();
+        let db = ::sled::open(dir).unwrap();
+        let records = db.open_tree("records").unwrap();
+        records
+            .insert(seqs[0].to_be_bytes(), &b"\xffnot a record"[..])
+            .unwrap();
+        change(&records, &seqs[1..]);
+        db.flush().unwrap();
+    }
+
+    /// A queued message whose record cannot be read, or whose payload is
+    /// gone, is skipped: the messages behind it are still delivered, and it
+    /// stays queued (ACCEPTED) for an operator to purge.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_queued_message_does_not_stop_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let (payload_gone, fine) = (message(&be), message(&be));
+        damaged_store(dir.path(), &[&payload_gone, &fine], |records, seqs| {
+            let key = seqs[0].to_be_bytes();
             let mut record = Record::decode(&records.get(key).unwrap().unwrap()).unwrap();
             record.payload = None; // written without it, and not in `payloads`
             records.insert(key, record.encode()).unwrap();
-            db.flush().unwrap();
-        }
+        })
+        .await;
         let s = open(dir.path());
         let leased = s.lease(&be, StreamId(1), 10, NOW).await.unwrap();
         let ids: Vec<MessageId> = leased.iter().map(|l| l.message_id).collect();
@@ -979,25 +992,8 @@ mod tests {
     async fn a_damaged_record_does_not_stop_the_timers() {
         let dir = tempfile::tempdir().unwrap();
         let be = ParticipantId::parse("BE-PAYOKE").unwrap();
-        let (damaged, fine) = (message(&be), message(&be));
-        let s = open(dir.path());
-        let mut seqs = Vec::new();
-        for m in [&damaged, &fine] {
-            match s.submit(m.clone(), NOW).await.unwrap() {
-                SubmitOutcome::Accepted(a) => seqs.push(a.broker_seq),
-                other => panic!("{other:?}"),
-            }
-        }
-        s.close().await.unwrap();
-        drop(s);
-        {
-            let db = ::sled::open(dir.path()).unwrap();
-            let records = db.open_tree("records").unwrap();
-            records
-                .insert(seqs[0].to_be_bytes(), &b"\xffnot a record"[..])
-                .unwrap();
-            db.flush().unwrap();
-        }
+        let fine = message(&be);
+        damaged_store(dir.path(), &[&fine], |_, _| {}).await;
         let s = open(dir.path());
         let after_expiry = NOW + 25 * 3600 * 1000;
         let report = s.tick(after_expiry).await.unwrap();
