@@ -37,7 +37,7 @@ use crate::error::BrokerError;
 use crate::operator::OperatorService;
 use crate::registry::Registry;
 use crate::service::{ExchangeService, PeerCerts, Shared};
-use crate::store::{BrokerStore, FlushObserver, Lifecycle, SledOptions, SledStore};
+use crate::store::{BrokerStore, FlushObserver, Lifecycle, Presence, SledOptions, SledStore};
 use crate::streams::Streams;
 
 /// Bytes allowed on top of `max_envelope_bytes` for the rest of a request, so
@@ -139,6 +139,7 @@ impl BrokerBuilder {
             None => open_store(&config, &metrics).await?,
         };
         let recovered = store.recover(clock.now_millis()).await?;
+        restore_presence(store.as_ref(), &metrics, &registry).await;
         info!(
             data_dir = %config.data_dir.display(),
             recovered_leases = recovered,
@@ -189,6 +190,9 @@ impl BrokerBuilder {
         );
         let wakeups = tokio::spawn(
             forward_wakeups(shared.clone(), shutdown_rx.clone()).instrument(info_span!("wakeups")),
+        );
+        let presence = tokio::spawn(
+            presence_loop(shared.clone(), shutdown_rx.clone()).instrument(info_span!("presence")),
         );
         let crl_reloads = tokio::spawn(
             crl_reload_loop(
@@ -254,6 +258,8 @@ impl BrokerBuilder {
             let _ = timers.await;
             crl_reloads.abort();
             wakeups.abort();
+            presence.abort();
+            save_presence(&shared, None).await;
             let closed = shared.store.close().await.map_err(BrokerError::from);
             shared.metrics.set_store_writable(false);
             let _ = admin_stop.send(());
@@ -394,6 +400,63 @@ async fn run_until_stopped(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
+}
+
+/// Puts back the last-seen times and certificate expiries the store kept
+/// for the registry's participants, so that the "not seen for a day" and
+/// certificate alerts still fire for a participant that does not come back
+/// after the broker restarted. Failing to read them is logged, not fatal: they
+/// only feed gauges.
+async fn restore_presence(store: &dyn BrokerStore, metrics: &Metrics, registry: &Registry) {
+    match store.presence().await {
+        Ok(saved) => {
+            for p in saved
+                .iter()
+                .filter(|p| registry.get(&p.participant).is_some())
+            {
+                metrics.restore_presence(p);
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the participants' last-seen times; the gauges start empty")
+        }
+    }
+}
+
+/// How often the participants' last-seen times are saved (and at shutdown).
+/// After a crash, a last-seen time is at most this old.
+const PRESENCE_SAVE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Saves the participants' presence every [`PRESENCE_SAVE_INTERVAL`].
+async fn presence_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut saved = Vec::new();
+    let mut ticker = tokio::time::interval(PRESENCE_SAVE_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate: nothing seen yet
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        saved = save_presence(&shared, Some(saved)).await;
+    }
+}
+
+/// Saves what changed since `saved` (everything when `None`); returns what
+/// is saved now (`saved` again when the save failed, to retry next time).
+async fn save_presence(shared: &Shared, saved: Option<Vec<Presence>>) -> Vec<Presence> {
+    let now = shared.metrics.presence();
+    let changed: Vec<Presence> = match &saved {
+        Some(saved) => now.iter().filter(|p| !saved.contains(p)).cloned().collect(),
+        None => now.clone(),
+    };
+    match shared.store.save_presence(changed).await {
+        Ok(()) => now,
+        Err(e) => {
+            warn!(error = %e, "cannot save the participants' last-seen times");
+            saved.unwrap_or_default()
+        }
+    }
 }
 
 /// Calls `store.tick` when a timer is due, and at least every `tick_interval`

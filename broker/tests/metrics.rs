@@ -11,7 +11,9 @@ use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
+use trmx_proto::pb::operator_client::OperatorClient;
 use trmx_proto::{Kind, pb};
+use trmx_transport::{ClientOptions, TlsPaths, client_channel};
 
 use crate::harness::*;
 
@@ -516,5 +518,61 @@ async fn a_stale_crl_makes_only_a_strict_broker_not_ready() -> anyhow::Result<()
         let (status, body) = get(admin, "/readyz").await?;
         assert_eq!(status, ready_when_stale, "{policy:?}, stale CRL: {body}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn last_seen_and_certificate_expiry_survive_a_restart() -> anyhow::Result<()> {
+    // Without them, a participant whose node died before a broker restart
+    // would have no last-seen series, and TrmxParticipantNotSeen would never
+    // fire for it.
+    let mut t = TestBroker::start().await?;
+    let seen = "trmx_participant_last_seen_timestamp_seconds{participant=\"NL-NRM\"}";
+    let cert = "trmx_certificate_expiry_seconds{role=\"participant\",name=\"NL-NRM\"}";
+    let mut nl = t.client("NL-NRM")?;
+    nl.get_info(pb::GetInfoRequest {}).await?;
+    let before = Scrape::take(admin_addr(&t)?).await?;
+    let seen_at = before.value(seen);
+    let cert_left = before.value(cert);
+    assert!(cert_left > 86_400.0, "{cert_left}");
+    assert_eq!(
+        before.get("trmx_participant_last_seen_timestamp_seconds{participant=\"BE-PAYOKE\"}"),
+        None,
+        "never seen"
+    );
+    drop(nl);
+
+    // A day later, after a restart, NL-NRM has not called again.
+    t.clock.advance(Duration::from_secs(86_400));
+    t.restart().await?;
+    let after = Scrape::take(admin_addr(&t)?).await?;
+    // (kept to the millisecond)
+    assert!((after.value(seen) - seen_at).abs() < 0.002, "{seen_at}");
+    assert_eq!(after.value(cert), cert_left - 86_400.0);
+    assert_eq!(
+        after.get("trmx_participant_last_seen_timestamp_seconds{participant=\"BE-PAYOKE\"}"),
+        None,
+        "still never seen"
+    );
+    // The operator's participant list has both too.
+    let alice = t.pki.federation.operator("alice")?;
+    let paths = TlsPaths {
+        ca: t.pki.federation.ca_cert_path(),
+        cert: alice.cert,
+        key: alice.key,
+    };
+    let channel = client_channel(&t.addr.to_string(), &paths, &ClientOptions::default())?;
+    let listed = OperatorClient::new(channel)
+        .list_participants(pb::OperatorListParticipantsRequest {})
+        .await?
+        .into_inner();
+    let nl = listed
+        .participants
+        .iter()
+        .find(|p| p.participant.as_ref().is_some_and(|e| e.id == "NL-NRM"))
+        .context("NL-NRM listed")?;
+    let listed_at = nl.last_seen.as_ref().context("NL-NRM's last seen")?;
+    assert_eq!(listed_at.seconds as f64, seen_at.floor());
+    assert!(nl.certificate_not_after.is_some());
     Ok(())
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use trmx_proto::{Kind, ParticipantId};
 
 use crate::clock::{Clock, SystemClock};
-use crate::store::{Millis, QueueStats, TickReport};
+use crate::store::{Millis, Presence, QueueStats, TickReport};
 
 /// Upper bounds (seconds) of the `trmx_submit_duration_seconds` buckets.
 pub const SUBMIT_BUCKETS: &[f64] = &[
@@ -388,6 +388,51 @@ impl Metrics {
             .participants
             .get(participant.as_str())
             .and_then(|p| p.last_seen)
+    }
+
+    /// Every participant seen so far, as the store keeps it across restarts:
+    /// seen "now" while it has a stream open, with the `not_after` of the
+    /// certificate it last connected with.
+    pub fn presence(&self) -> Vec<Presence> {
+        let now = self.clock.now();
+        let gauges = self.lock();
+        gauges
+            .participants
+            .iter()
+            .filter_map(|(name, p)| {
+                let seen = if p.streams > 0 {
+                    Some(now)
+                } else {
+                    p.last_seen
+                }?;
+                let participant = ParticipantId::parse(name).ok()?;
+                let cert_not_after = gauges
+                    .certs
+                    .get(&(CertRole::Participant, name.clone()))
+                    .map(|at| trmx_proto::time::to_millis(*at));
+                Some(Presence {
+                    participant,
+                    last_seen: trmx_proto::time::to_millis(seen),
+                    cert_not_after,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes back what [`Self::presence`] gave before a restart (last seen
+    /// only moves forward; a certificate seen since is kept).
+    pub fn restore_presence(&self, saved: &Presence) {
+        let name = saved.participant.as_str();
+        let mut gauges = self.lock();
+        let entry = gauges.participants.entry(name.to_owned()).or_default();
+        let at = trmx_proto::time::from_millis(saved.last_seen);
+        entry.last_seen = Some(entry.last_seen.map_or(at, |seen| seen.max(at)));
+        if let Some(not_after) = saved.cert_not_after {
+            gauges
+                .certs
+                .entry((CertRole::Participant, name.to_owned()))
+                .or_insert_with(|| trmx_proto::time::from_millis(not_after));
+        }
     }
 
     /// The recorded `not_after` of a certificate, if known (read by the `Operator` service).

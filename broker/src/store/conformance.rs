@@ -891,6 +891,45 @@ pub(super) async fn stats_and_search<S: BrokerStore>(s: &S, c: &ManualClock) {
     assert_eq!(limited.len(), 2);
 }
 
+pub(super) async fn presence_moves_forward_only<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    assert_eq!(s.presence().await.unwrap(), vec![]);
+    let seen = |who: &str, at: Millis, cert: Option<Millis>| Presence {
+        participant: pid(who),
+        last_seen: at,
+        cert_not_after: cert,
+    };
+    s.save_presence(vec![
+        seen(NL, now, Some(now + 1000)),
+        seen(BE, now - 5, None),
+    ])
+    .await
+    .unwrap();
+    // an older sighting does not undo a newer one; a newer one replaces it
+    s.save_presence(vec![
+        seen(NL, now - 60_000, None),
+        seen(BE, now + 10, Some(now + 99)),
+    ])
+    .await
+    .unwrap();
+    s.save_presence(vec![]).await.unwrap();
+    assert_eq!(
+        s.presence().await.unwrap(),
+        vec![
+            seen(BE, now + 10, Some(now + 99)),
+            seen(NL, now, Some(now + 1000))
+        ]
+    );
+    // a renewed certificate seen in the same millisecond is kept
+    s.save_presence(vec![seen(NL, now, Some(now + 5000))])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.presence().await.unwrap()[1],
+        seen(NL, now, Some(now + 5000))
+    );
+}
+
 pub(super) async fn concurrent_submits_share_flushes<S: BrokerStore>(
     s: &std::sync::Arc<S>,
     c: &ManualClock,
@@ -963,6 +1002,7 @@ mod sled {
         retentions_delete_payload_then_metadata,
         purge_queues_ndr,
         stats_and_search,
+        presence_moves_forward_only,
     );
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1023,10 +1063,17 @@ mod sled {
             s.submit(queued.clone(), now).await.unwrap(),
             SubmitOutcome::Duplicate(_)
         ));
+        let sighting = Presence {
+            participant: pid(BE),
+            last_seen: now,
+            cert_not_after: Some(now + 86_400_000),
+        };
+        s.save_presence(vec![sighting.clone()]).await.unwrap();
         s.close().await.unwrap();
         drop(s);
 
         let s = open(dir.path());
+        assert_eq!(s.presence().await.unwrap(), vec![sighting]);
         let report = s.tick(now + 600_000).await.unwrap();
         assert_eq!(report.expired, 1);
         assert_eq!(state_of(&s, &short).await, State::Expired);

@@ -349,6 +349,19 @@ pub struct QueueStats {
     pub bytes: u64,
 }
 
+/// What the broker last knew of a participant, kept across restarts so that
+/// "not seen for a day" and "certificate expires soon" still hold for a
+/// participant that does not come back after the broker restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// The participant.
+    pub participant: ParticipantId,
+    /// When it last called the broker or had a Receive stream open.
+    pub last_seen: Millis,
+    /// `not_after` of the certificate it last connected with, if known.
+    pub cert_not_after: Option<Millis>,
+}
+
 /// Operator metadata search (never payloads). Every set field must match.
 #[derive(Debug, Clone, Default)]
 pub struct SearchFilter {
@@ -506,6 +519,12 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         id: MessageId,
         now: Millis,
     ) -> Result<RedriveResult, StoreError>;
+    /// Records the presence of each participant in `seen` (one entry per
+    /// participant; a later `last_seen` replaces an earlier one, an older one
+    /// is ignored). Durable when this returns.
+    async fn save_presence(&self, seen: Vec<Presence>) -> Result<(), StoreError>;
+    /// Every presence recorded, in participant order.
+    async fn presence(&self) -> Result<Vec<Presence>, StoreError>;
     /// Flush and close (graceful shutdown). Later writes fail with `Unavailable`.
     async fn close(&self) -> Result<(), StoreError>;
     /// After each durable write, every recipient that got newly due messages (new submit, receipt

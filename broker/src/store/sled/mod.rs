@@ -30,9 +30,9 @@ use self::tx::{TREE_NAMES, Tx, TxResult};
 use self::writer::Writer;
 use crate::store::audit::{AuditEvent, AuditReport, OperatorAction};
 use crate::store::{
-    AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, PurgeResult, QueueStats,
-    RedriveResult, RejectResult, SearchFilter, StatusRecord, StoreError, StreamId, SubmitOutcome,
-    TickReport, WithdrawResult,
+    AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, Presence, PurgeResult,
+    QueueStats, RedriveResult, RejectResult, SearchFilter, StatusRecord, StoreError, StreamId,
+    SubmitOutcome, TickReport, WithdrawResult,
 };
 
 mod audit;
@@ -40,6 +40,7 @@ mod codec;
 pub mod failpoint;
 mod flusher;
 mod ops;
+mod presence;
 mod tx;
 mod writer;
 
@@ -103,6 +104,7 @@ impl Default for SledOptions {
 /// | `timers` | at, kind, seq → () — backoff end, expiry, retentions |
 /// | `dead` | seq → () — EXPIRED and DEAD_LETTERED records |
 /// | `counters` | `r`+recipient → depth, in flight, bytes; `s`+sender → queued bytes |
+/// | `presence` | participant id → last seen, certificate not_after (operator gauges; written outside the message transactions) |
 ///
 /// # Invariants
 /// - Every index entry, timer and counter is a function of one record; every
@@ -151,6 +153,8 @@ impl fmt::Debug for SledStore {
 /// The database and its trees, used by the writer thread and by reads.
 pub(super) struct Core {
     trees: Vec<::sled::Tree>,
+    /// Last seen and certificate expiry per participant (`presence.rs`).
+    presence: ::sled::Tree,
     life: Lifecycle,
 }
 
@@ -218,6 +222,9 @@ impl SledStore {
             .map(|name| db.open_tree(name))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| open_err(e.to_string()))?;
+        let presence = db
+            .open_tree(presence::TREE)
+            .map_err(|e| open_err(e.to_string()))?;
         let faults = FaultSwitch::default();
         let failpoints = FailPoints::from_env().map_err(&open_err)?;
         failpoint::watch_fault_file(&faults).map_err(&open_err)?;
@@ -230,6 +237,7 @@ impl SledStore {
         .map_err(|e| open_err(format!("cannot start the flusher thread: {e}")))?;
         let core = Arc::new(Core {
             trees,
+            presence,
             life: lifecycle,
         });
         let writer = Writer::start(Arc::clone(&core), opts.writer_nice)
@@ -641,6 +649,21 @@ impl BrokerStore for SledStore {
             tx.redrive(id, now)
         })
         .await
+    }
+
+    async fn save_presence(&self, seen: Vec<Presence>) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        self.change_alone(move |core| {
+            core.save_presence(&seen)?;
+            Ok(((), BTreeSet::new()))
+        })
+        .await
+    }
+
+    async fn presence(&self) -> Result<Vec<Presence>, StoreError> {
+        self.read(Core::presence).await
     }
 
     async fn close(&self) -> Result<(), StoreError> {
