@@ -232,6 +232,67 @@ pub fn run_offline_audit(args: OfflineAuditArgs) -> ExitCode {
     }
 }
 
+/// `trmx-broker store …`: offline work on a stopped broker's store.
+#[derive(Debug, Args)]
+pub struct OfflineStoreArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: OfflineStoreCommand,
+}
+
+/// The offline store commands.
+#[derive(Debug, Subcommand)]
+pub enum OfflineStoreCommand {
+    /// Give back the disk space sled keeps: copy the stopped broker's store
+    /// into a fresh database, check the copy, and swap it in. The original is
+    /// kept next to the data directory until you remove it.
+    Compact {
+        /// The broker's data directory (the broker must be stopped).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Write the compacted copy to this new directory and leave the data
+        /// directory as it is (for a data directory that is a mount point).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// Runs `trmx-broker store …` and returns the exit code; prints the failure line.
+pub fn run_offline_store(args: OfflineStoreArgs) -> ExitCode {
+    let OfflineStoreCommand::Compact { data_dir, output } = args.command;
+    match crate::store::compact_offline(&data_dir, output.as_deref()) {
+        Ok(report) => {
+            println!(
+                "compacted {}: {} -> {} on disk ({} keys, {} of keys and values)",
+                report.compacted.display(),
+                fmt_bytes(report.bytes_before),
+                fmt_bytes(report.bytes_after),
+                report.keys,
+                fmt_bytes(report.key_value_bytes)
+            );
+            match &report.original_kept_at {
+                Some(kept) => println!(
+                    "the original store is kept at {}: remove it once the broker runs well on \
+                     the compacted one",
+                    kept.display()
+                ),
+                None => println!(
+                    "{} is unchanged; stop using it before you move the copy into its place",
+                    data_dir.display()
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "trmx-broker store compact: {}",
+                one_line(&error.to_string())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn connect(args: &AdminArgs) -> Result<OperatorClient<Channel>, AdminError> {
     let paths = TlsPaths {
         ca: args.ca.clone(),

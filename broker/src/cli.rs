@@ -52,6 +52,8 @@ enum Command {
     Admin(Box<crate::admin_cli::AdminArgs>),
     /// Offline audit-log work on a stopped broker's data directory (`audit verify`).
     Audit(crate::admin_cli::OfflineAuditArgs),
+    /// Offline work on a stopped broker's store (`store compact`).
+    Store(crate::admin_cli::OfflineStoreArgs),
 }
 
 /// Runs `trmx-broker` with `args` (the first is the program name) and returns
@@ -71,6 +73,7 @@ where
     let cli = match cli.command {
         Some(Command::Admin(args)) => return crate::admin_cli::run(*args),
         Some(Command::Audit(args)) => return crate::admin_cli::run_offline_audit(args),
+        Some(Command::Store(args)) => return crate::admin_cli::run_offline_store(args),
         command => Cli { command, ..cli },
     };
     match run(cli) {

@@ -939,3 +939,56 @@ async fn statistics_come_from_metadata_and_suppress_small_counts() -> anyhow::Re
     assert_code(bad, Code::InvalidArgument, "inverted range");
     Ok(())
 }
+
+#[tokio::test]
+async fn store_compact_on_a_stopped_broker_keeps_its_messages() -> anyhow::Result<()> {
+    let mut t = TestBroker::start().await?;
+    let data_dir = t.config.data_dir.clone();
+    let compact = || {
+        broker_cli(vec![
+            "store".into(),
+            "compact".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ])
+    };
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    // history for sled to keep: delivered and acknowledged 32 KiB messages
+    let big = vec![0x5a_u8; 32 * 1024];
+    let mut stream = receive(&mut be, 0).await?;
+    for _ in 0..20 {
+        let env = envelope("BE-PAYOKE", Kind::Referral, &big);
+        submit(&mut nl, env).await?;
+        let id = id_of(&next(&mut stream).await?);
+        ack(&mut be, [&id]).await?;
+    }
+    drop(stream);
+    let waiting = referral("BE-PAYOKE");
+    submit(&mut nl, waiting.clone()).await?;
+
+    // refused while the broker runs, with one line that says why
+    let locked = compact().await?;
+    assert!(!locked.status.success());
+    assert_eq!(stderr(&locked).lines().count(), 1, "{}", stderr(&locked));
+    assert!(stderr(&locked).contains("locked"), "{}", stderr(&locked));
+
+    drop((nl, be));
+    t.broker.shutdown().await?;
+    let out = compact().await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("compacted"), "{text}");
+    assert!(text.contains("the original store is kept at"), "{text}");
+
+    // the restarted broker has every message, and takes new ones
+    t.restart().await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 0).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), waiting.message_id);
+    let mut nl = t.client("NL-NRM")?;
+    let after = referral("BE-PAYOKE");
+    submit(&mut nl, after.clone()).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), after.message_id);
+    Ok(())
+}

@@ -1131,6 +1131,127 @@ mod sled {
         s.close().await.unwrap();
     }
 
+    /// A store with messages in every kind of state, and garbage for sled
+    /// to drop (acknowledged 4 KiB messages). Returns the highest seq given.
+    async fn store_with_history(
+        path: &std::path::Path,
+        now: Millis,
+        flying: &NewMessage,
+        queued: &NewMessage,
+        acked: &NewMessage,
+    ) -> u64 {
+        let s = open(path);
+        let mut last = submit_ok(&s, flying, now).await.broker_seq;
+        assert_eq!(lease_ids(&s, BE, 1, 1, now).await, vec![flying.message_id]);
+        last = last.max(submit_ok(&s, queued, now).await.broker_seq);
+        last = last.max(submit_ok(&s, acked, now).await.broker_seq);
+        // (in rounds: the suite's sender quota is 64 KiB)
+        for round in 0..30 {
+            for _ in 0..10 {
+                let m = message(NG, NL, Priority::Normal, 4096, now);
+                last = last.max(submit_ok(&s, &m, now).await.broker_seq);
+            }
+            let ids = lease_ids(&s, NL, 2, 1000, now).await;
+            assert_eq!(ids.len(), if round == 0 { 11 } else { 10 });
+            s.ack(&pid(NL), &ids, now).await.unwrap();
+        }
+        s.close().await.unwrap();
+        last
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_keeps_every_message_and_new_seqs_stay_above_the_old() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("data");
+        let now = clock().now_millis();
+        let flying = message(NL, BE, Priority::Urgent, 100, now);
+        let queued = message(NL, BE, Priority::Normal, 100, now);
+        let acked = message(NG, NL, Priority::Normal, 100, now);
+        let last = store_with_history(&path, now, &flying, &queued, &acked).await;
+        let s = open(&path);
+        let stats = s.queue_stats().await.unwrap();
+        let audit = s.audit_verify().await.unwrap();
+        // refused while a store runs on the directory
+        match compact_offline(&path, None) {
+            Err(StoreError::Open { reason, .. }) => assert!(reason.contains("locked"), "{reason}"),
+            other => panic!("expected a locked directory, got {other:?}"),
+        }
+        s.close().await.unwrap();
+        drop(s);
+
+        let report = compact_offline(&path, None).unwrap();
+        assert_eq!(report.compacted, path);
+        assert!(report.bytes_after < report.bytes_before, "{report:?}");
+        let kept = report.original_kept_at.clone().unwrap();
+        assert!(kept.join("db").exists(), "the original is kept: {report:?}");
+        assert!(!path.with_file_name("data.compacting").exists());
+
+        let s = open(&path);
+        assert_eq!(s.queue_stats().await.unwrap(), stats);
+        assert_eq!(state_of(&s, &flying).await, State::InFlight);
+        assert_eq!(state_of(&s, &acked).await, State::Acknowledged);
+        let verified = s.audit_verify().await.unwrap();
+        assert_eq!(verified.first_broken, None, "{verified:?}");
+        assert_eq!(
+            (verified.records, verified.head_hash),
+            (audit.records, audit.head_hash)
+        );
+        // a new message gets a seq above every old one, and queues behind them
+        let fresh = message(NL, BE, Priority::Normal, 100, now);
+        let fresh_seq = submit_ok(&s, &fresh, now).await.broker_seq;
+        assert!(fresh_seq > last, "{fresh_seq} <= {last}");
+        assert_eq!(s.recover(now).await.unwrap(), 1);
+        assert_eq!(
+            lease_ids(&s, BE, 3, 10, now).await,
+            vec![flying.message_id, queued.message_id, fresh.message_id]
+        );
+        s.close().await.unwrap();
+        drop(s);
+
+        // compacted again: the floor keeps growing
+        compact_offline(&path, None).unwrap();
+        let s = open(&path);
+        let later = message(NG, BE, Priority::Normal, 100, now);
+        assert!(submit_ok(&s, &later, now).await.broker_seq > fresh_seq);
+        assert_eq!(state_of(&s, &fresh).await, State::InFlight);
+        s.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_to_an_output_directory_leaves_the_original_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("data");
+        let out = root.path().join("copy");
+        let now = clock().now_millis();
+        let flying = message(NL, BE, Priority::Urgent, 100, now);
+        let queued = message(NL, BE, Priority::Normal, 100, now);
+        let acked = message(NG, NL, Priority::Normal, 100, now);
+        let last = store_with_history(&path, now, &flying, &queued, &acked).await;
+        // a directory left by an interrupted run is not overwritten
+        let leftover = root.path().join("data.compacting");
+        std::fs::create_dir(&leftover).unwrap();
+        match compact_offline(&path, None) {
+            Err(StoreError::Open { path, reason }) => {
+                assert_eq!(path, leftover.display().to_string());
+                assert!(reason.contains("already exists"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let report = compact_offline(&path, Some(&out)).unwrap();
+        assert_eq!(
+            (report.compacted.clone(), report.original_kept_at),
+            (out.clone(), None)
+        );
+        for dir in [&path, &out] {
+            let s = open(dir);
+            assert_eq!(state_of(&s, &queued).await, State::Accepted);
+            assert_eq!(state_of(&s, &acked).await, State::Acknowledged);
+            let next = message(NL, NG, Priority::Normal, 1, now);
+            assert!(submit_ok(&s, &next, now).await.broker_seq > last);
+            s.close().await.unwrap();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn open_errors_name_the_cause() {
         let dir = tempfile::tempdir().unwrap();

@@ -298,7 +298,7 @@ impl Core {
 
 /// Opens the sled database in `path` for offline work (the broker must be
 /// stopped: sled locks the directory) after checking that it is a broker store.
-fn open_existing(path: &Path) -> Result<::sled::Db, StoreError> {
+pub(super) fn open_existing(path: &Path) -> Result<::sled::Db, StoreError> {
     let open_err = |reason: String| StoreError::Open {
         path: path.display().to_string(),
         reason,

@@ -23,6 +23,7 @@ use tokio::sync::broadcast;
 use trmx_proto::{MessageId, ParticipantId};
 
 pub use self::audit::{audit_records_offline, tamper_audit_record, verify_audit_offline};
+pub use self::compact::{CompactReport, compact_offline};
 use self::failpoint::{FailPoints, Point};
 pub use self::flusher::FaultSwitch;
 use self::flusher::Flusher;
@@ -37,6 +38,7 @@ use crate::store::{
 
 mod audit;
 mod codec;
+mod compact;
 pub mod failpoint;
 mod flusher;
 mod ops;
@@ -104,6 +106,7 @@ impl Default for SledOptions {
 /// | `timers` | at, kind, seq → () — backoff end, expiry, retentions |
 /// | `dead` | seq → () — EXPIRED and DEAD_LETTERED records |
 /// | `counters` | `r`+recipient → depth, in flight, bytes; `s`+sender → queued bytes |
+/// | `meta` | `format` → store format; `seq_floor` → added to sled's id generator for new seqs (written by `store compact`, see `compact.rs`) |
 /// | `presence` | participant id → last seen, certificate not_after (operator gauges; written outside the message transactions) |
 ///
 /// # Invariants
@@ -155,6 +158,8 @@ pub(super) struct Core {
     trees: Vec<::sled::Tree>,
     /// Last seen and certificate expiry per participant (`presence.rs`).
     presence: ::sled::Tree,
+    /// Added to sled's id generator for new seqs (`compact.rs`).
+    seq_floor: u64,
     life: Lifecycle,
 }
 
@@ -217,6 +222,7 @@ impl SledStore {
                 db.flush().map_err(|e| open_err(describe_open_error(&e)))?;
             }
         }
+        let seq_floor = compact::seq_floor(&meta).map_err(|e| open_err(e.to_string()))?;
         let trees = TREE_NAMES
             .iter()
             .map(|name| db.open_tree(name))
@@ -238,6 +244,7 @@ impl SledStore {
         let core = Arc::new(Core {
             trees,
             presence,
+            seq_floor,
             life: lifecycle,
         });
         let writer = Writer::start(Arc::clone(&core), opts.writer_nice)

@@ -48,6 +48,7 @@ impl Core {
                 let tx = Tx {
                     t: trees.as_slice(),
                     life: &self.life,
+                    seq_floor: self.seq_floor,
                     audit_block: Default::default(),
                 };
                 let value = f(&tx)?;
@@ -666,7 +667,7 @@ impl Tx<'_> {
         if queued.saturating_add(size) > self.life.max_queued_bytes_per_sender {
             return Ok((SubmitOutcome::QuotaExceeded, Wake::new()));
         }
-        let seq = tx.t[RECORDS].generate_id()?;
+        let seq = tx.next_seq()?;
         let record = Record {
             seq,
             message_id: msg.message_id,

@@ -74,11 +74,25 @@ pub(super) fn after(now: Millis, d: Duration) -> Millis {
 pub(super) struct Tx<'a> {
     pub(super) t: &'a [TransactionalTree],
     pub(super) life: &'a Lifecycle,
+    /// Added to sled's id generator for a new seq (see [`Self::next_seq`]).
+    pub(super) seq_floor: u64,
     /// Audit records of this transaction not yet written (`audit.rs`).
     pub(super) audit_block: std::cell::RefCell<super::audit::PendingBlock>,
 }
 
 impl Tx<'_> {
+    /// The seq of a new record: sled's database-wide id generator, above
+    /// `seq_floor`. The generator only grows, but it starts again at 0 in a
+    /// database written by `compact_offline`, which stores the floor that
+    /// keeps new seqs above every seq it copied.
+    pub(super) fn next_seq(&self) -> TxResult<u64> {
+        let id = self.t[RECORDS].generate_id()?;
+        match self.seq_floor.checked_add(id) {
+            Some(seq) => Ok(seq),
+            None => abort(StoreError::Corrupt("message seqs are exhausted".to_owned())),
+        }
+    }
+
     /// The record of `seq` as it is now: IN_FLIGHT when it has a lease.
     pub(super) fn record(&self, seq: u64) -> TxResult<Option<Record>> {
         let Some(bytes) = self.t[RECORDS].get(seq.to_be_bytes())? else {
@@ -366,7 +380,7 @@ impl Tx<'_> {
         } else {
             Kind::NonDeliveryReport
         };
-        let seq = self.t[RECORDS].generate_id()?;
+        let seq = self.next_seq()?;
         let record = Record {
             seq,
             message_id: id,

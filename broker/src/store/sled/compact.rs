@@ -1,0 +1,311 @@
+//! Offline compaction: copies a stopped broker's store into a fresh sled
+//! database and swaps it in, to give back the disk space sled does not.
+//!
+//! sled 0.34 keeps rewritten pages in the segments of its log and reuses a
+//! segment only once most of it is dead, so its files grow with the messages
+//! processed, not with what is kept (about 6× the live keys and values after
+//! a benchmark run; see the README). A fresh database holds each key once.
+//!
+//! The one trap: message seqs come from sled's database-wide id generator,
+//! which a copy does not carry over (it starts again at 0). The copy stores a
+//! floor in `meta` (`seq_floor`) above every seq of the original, and new seqs
+//! are `floor + id` ([`super::tx::Tx::next_seq`]), so no new record can land on
+//! an old one.
+//!
+//! The original is never changed: it is kept next to the data directory until
+//! the operator removes it, and the swap is one atomic `rename` exchange, so
+//! an interruption at any point leaves a complete store at the data directory.
+
+use std::path::{Path, PathBuf};
+
+use super::audit::open_existing;
+use super::ops::storage;
+use crate::store::StoreError;
+
+/// Key of the seq floor in the `meta` tree (u64, big-endian).
+const SEQ_FLOOR_KEY: &[u8] = b"seq_floor";
+/// Keys per sled batch when copying a tree.
+const COPY_BATCH: usize = 1024;
+
+/// The seq floor stored in `meta` (0 in a store never compacted).
+pub(super) fn seq_floor(meta: &::sled::Tree) -> Result<u64, StoreError> {
+    match meta.get(SEQ_FLOOR_KEY).map_err(storage)? {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(v.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("meta: seq_floor is not 8 bytes".to_owned())),
+    }
+}
+
+/// What [`compact_offline`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Keys copied (all trees).
+    pub keys: u64,
+    /// Bytes of those keys and their values.
+    pub key_value_bytes: u64,
+    /// Bytes of the store's files before.
+    pub bytes_before: u64,
+    /// Bytes of the compacted store's files.
+    pub bytes_after: u64,
+    /// Where the compacted store is: the data directory itself, or `--output`.
+    pub compacted: PathBuf,
+    /// Where the original store is kept (None with `--output`: it stayed in place).
+    pub original_kept_at: Option<PathBuf>,
+}
+
+/// Compacts the stopped broker's store at `path`.
+///
+/// With `output`, writes the compacted copy there (a directory that must not
+/// exist yet) and leaves `path` alone: for a data directory that is a mount
+/// point, or to inspect the copy first. Without it, builds the copy next to
+/// `path` (`<path>.compacting`), checks it, and swaps the two atomically; the
+/// original stays at `<path>.before-compaction-<unix seconds>`.
+///
+/// Fails without changing anything when the broker still runs on `path`
+/// (the directory is locked), when `path` holds no broker store, or when the
+/// copy's checksum differs from the original's.
+pub fn compact_offline(path: &Path, output: Option<&Path>) -> Result<CompactReport, StoreError> {
+    let fail = |at: &Path, reason: String| StoreError::Open {
+        path: at.display().to_string(),
+        reason,
+    };
+    let target = match output {
+        Some(out) => out.to_owned(),
+        None => sibling(path, "compacting")?,
+    };
+    if target.exists() {
+        return Err(fail(
+            &target,
+            "already exists (left by an interrupted compaction?): remove it, then compact again"
+                .to_owned(),
+        ));
+    }
+    let bytes_before = dir_bytes(path);
+    // the copy is ours until it is swapped in: remove it on any failure
+    let (keys, key_value_bytes) = copy_store(path, &target).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&target);
+    })?;
+    copy_permissions(path, &target)?;
+    let bytes_after = dir_bytes(&target);
+    if output.is_some() {
+        return Ok(CompactReport {
+            keys,
+            key_value_bytes,
+            bytes_before,
+            bytes_after,
+            compacted: target,
+            original_kept_at: None,
+        });
+    }
+    exchange(&target, path).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&target);
+    })?;
+    // (after the exchange, `target` holds the original)
+    let kept = free_sibling(path, &format!("before-compaction-{}", unix_seconds()))?;
+    std::fs::rename(&target, &kept).map_err(|e| {
+        fail(
+            &target,
+            format!(
+                "the compacted store is in place; the original is here, and could not be \
+                 renamed to {}: {e}",
+                kept.display()
+            ),
+        )
+    })?;
+    sync_parent(path)?;
+    Ok(CompactReport {
+        keys,
+        key_value_bytes,
+        bytes_before,
+        bytes_after,
+        compacted: path.to_owned(),
+        original_kept_at: Some(kept),
+    })
+}
+
+/// Copies the store at `path` into a new database at `target`, checks the
+/// copy against the original, and stores the seq floor; returns the keys
+/// copied and their bytes (keys and values).
+fn copy_store(path: &Path, target: &Path) -> Result<(u64, u64), StoreError> {
+    let old = open_existing(path)?;
+    let old_floor = seq_floor(&old.open_tree("meta").map_err(storage)?)?;
+    // above every seq handed out: the generator never gives an id twice
+    let next = old.generate_id().map_err(storage)?;
+    let new_floor = old_floor
+        .checked_add(next)
+        .ok_or_else(|| StoreError::Corrupt("message seqs are exhausted".to_owned()))?;
+    let new = ::sled::Config::new()
+        .path(target)
+        .cache_capacity(16 << 20)
+        .mode(::sled::Mode::HighThroughput)
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| StoreError::Open {
+            path: target.display().to_string(),
+            reason: super::describe_open_error(&e),
+        })?;
+    let keys = copy_trees(&old, &new)?;
+    let (before, after) = (
+        old.checksum().map_err(storage)?,
+        new.checksum().map_err(storage)?,
+    );
+    if before != after {
+        return Err(StoreError::Corrupt(format!(
+            "the copy's checksum {after:08x} differs from the original's {before:08x}; \
+             nothing was changed"
+        )));
+    }
+    new.open_tree("meta")
+        .and_then(|meta| meta.insert(SEQ_FLOOR_KEY, &new_floor.to_be_bytes()[..]))
+        .map_err(storage)?;
+    new.flush().map_err(storage)?;
+    Ok(keys)
+}
+
+/// Copies every tree of `from` into the empty `to`, in key order; returns
+/// the keys copied and their bytes (keys and values).
+fn copy_trees(from: &::sled::Db, to: &::sled::Db) -> Result<(u64, u64), StoreError> {
+    let (mut keys, mut bytes) = (0u64, 0u64);
+    for name in from.tree_names() {
+        let source = from.open_tree(&name).map_err(storage)?;
+        let dest = to.open_tree(&name).map_err(storage)?;
+        let mut batch = ::sled::Batch::default();
+        let mut in_batch = 0;
+        for item in source.iter() {
+            let (key, value) = item.map_err(storage)?;
+            bytes += (key.len() + value.len()) as u64;
+            batch.insert(key, value);
+            in_batch += 1;
+            keys += 1;
+            if in_batch == COPY_BATCH {
+                dest.apply_batch(std::mem::take(&mut batch))
+                    .map_err(storage)?;
+                in_batch = 0;
+            }
+        }
+        dest.apply_batch(batch).map_err(storage)?;
+    }
+    Ok((keys, bytes))
+}
+
+/// `<path>.<suffix>`, next to `path`.
+fn sibling(path: &Path, suffix: &str) -> Result<PathBuf, StoreError> {
+    let name = path.file_name().ok_or_else(|| StoreError::Open {
+        path: path.display().to_string(),
+        reason: "not a directory name".to_owned(),
+    })?;
+    let mut name = name.to_os_string();
+    name.push(".");
+    name.push(suffix);
+    Ok(path.with_file_name(name))
+}
+
+/// [`sibling`]`(path, stem)`, or with `-2`, `-3`… added until no such file exists.
+fn free_sibling(path: &Path, stem: &str) -> Result<PathBuf, StoreError> {
+    let mut candidate = sibling(path, stem)?;
+    let mut n = 1;
+    while candidate.exists() {
+        n += 1;
+        candidate = sibling(path, &format!("{stem}-{n}"))?;
+    }
+    Ok(candidate)
+}
+
+/// Swaps the directories `a` and `b` in one step (Linux `renameat2` with
+/// `RENAME_EXCHANGE`), so that `b` is never missing: a broker started at any
+/// moment finds either the original or the compacted store, never an empty
+/// directory in which sled would start a new one.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // one libc call; std has no atomic exchange of two paths
+fn exchange(a: &Path, b: &Path) -> Result<(), StoreError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| StoreError::Open {
+            path: p.display().to_string(),
+            reason: "the path holds a NUL byte".to_owned(),
+        })
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    Err(StoreError::Open {
+        path: b.display().to_string(),
+        reason: format!(
+            "cannot swap in the compacted store from {} ({e}); nothing was changed. If the data \
+             directory is a mount point, compact with --output DIR and move the files by hand",
+            a.display()
+        ),
+    })
+}
+
+/// Elsewhere there is no atomic exchange: the caller must use `--output`.
+#[cfg(not(target_os = "linux"))]
+fn exchange(a: &Path, b: &Path) -> Result<(), StoreError> {
+    Err(StoreError::Open {
+        path: b.display().to_string(),
+        reason: format!(
+            "swapping in {} needs Linux; nothing was changed. Compact with --output DIR and \
+             move the files by hand",
+            a.display()
+        ),
+    })
+}
+
+/// Gives `to` the permission bits of `from` (a data directory is often 0700).
+fn copy_permissions(from: &Path, to: &Path) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| StoreError::Open {
+        path: to.display().to_string(),
+        reason: format!("cannot set the permissions: {e}"),
+    };
+    let mode = std::fs::metadata(from).map_err(io)?.permissions();
+    std::fs::set_permissions(to, mode).map_err(io)
+}
+
+/// Makes the renames in `path`'s parent directory durable.
+fn sync_parent(path: &Path) -> Result<(), StoreError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| StoreError::Open {
+            path: parent.display().to_string(),
+            reason: format!("cannot sync the directory after the swap: {e}"),
+        })
+}
+
+/// Total bytes of the files under `dir` (0 for what cannot be read).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&entry.path()),
+            Ok(_) => entry.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
