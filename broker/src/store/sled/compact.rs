@@ -82,21 +82,25 @@ pub fn compact_offline(path: &Path, output: Option<&Path>) -> Result<CompactRepo
         ));
     }
     let bytes_before = dir_bytes(path);
-    // the copy is ours until it is swapped in: remove it on any failure
-    let (keys, key_value_bytes) = copy_store(path, &target).inspect_err(|_| {
-        let _ = std::fs::remove_dir_all(&target);
-    })?;
-    copy_permissions(path, &target)?;
-    let bytes_after = dir_bytes(&target);
+    // The copy is ours until it is swapped in: removed on any failure. Both
+    // databases stay open (and so locked) until the swap is done, so that a
+    // broker started meanwhile cannot open either directory and write into
+    // the one about to move away.
+    let copied = copy_store(path, &target)
+        .and_then(|copied| copy_permissions(path, &target).map(|()| copied))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&target);
+        })?;
+    let report = |compacted: PathBuf, original_kept_at: Option<PathBuf>| CompactReport {
+        keys: copied.keys,
+        key_value_bytes: copied.key_value_bytes,
+        bytes_before,
+        bytes_after: dir_bytes(&compacted),
+        compacted,
+        original_kept_at,
+    };
     if output.is_some() {
-        return Ok(CompactReport {
-            keys,
-            key_value_bytes,
-            bytes_before,
-            bytes_after,
-            compacted: target,
-            original_kept_at: None,
-        });
+        return Ok(report(target, None));
     }
     exchange(&target, path).inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&target);
@@ -114,20 +118,20 @@ pub fn compact_offline(path: &Path, output: Option<&Path>) -> Result<CompactRepo
         )
     })?;
     sync_parent(path)?;
-    Ok(CompactReport {
-        keys,
-        key_value_bytes,
-        bytes_before,
-        bytes_after,
-        compacted: path.to_owned(),
-        original_kept_at: Some(kept),
-    })
+    Ok(report(path.to_owned(), Some(kept)))
+}
+
+/// The two open databases of a compaction, and what was copied.
+struct Copied {
+    _original: ::sled::Db,
+    _copy: ::sled::Db,
+    keys: u64,
+    key_value_bytes: u64,
 }
 
 /// Copies the store at `path` into a new database at `target`, checks the
-/// copy against the original, and stores the seq floor; returns the keys
-/// copied and their bytes (keys and values).
-fn copy_store(path: &Path, target: &Path) -> Result<(u64, u64), StoreError> {
+/// copy against the original, stores the seq floor, and flushes the copy.
+fn copy_store(path: &Path, target: &Path) -> Result<Copied, StoreError> {
     let old = open_existing(path)?;
     let old_floor = seq_floor(&old.open_tree("meta").map_err(storage)?)?;
     // above every seq handed out: the generator never gives an id twice
@@ -145,7 +149,7 @@ fn copy_store(path: &Path, target: &Path) -> Result<(u64, u64), StoreError> {
             path: target.display().to_string(),
             reason: super::describe_open_error(&e),
         })?;
-    let keys = copy_trees(&old, &new)?;
+    let (keys, key_value_bytes) = copy_trees(&old, &new)?;
     let (before, after) = (
         old.checksum().map_err(storage)?,
         new.checksum().map_err(storage)?,
@@ -160,7 +164,12 @@ fn copy_store(path: &Path, target: &Path) -> Result<(u64, u64), StoreError> {
         .and_then(|meta| meta.insert(SEQ_FLOOR_KEY, &new_floor.to_be_bytes()[..]))
         .map_err(storage)?;
     new.flush().map_err(storage)?;
-    Ok(keys)
+    Ok(Copied {
+        _original: old,
+        _copy: new,
+        keys,
+        key_value_bytes,
+    })
 }
 
 /// Copies every tree of `from` into the empty `to`, in key order; returns
