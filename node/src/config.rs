@@ -62,6 +62,11 @@ pub struct BrokerSection {
     /// the broker's default.
     #[serde(default = "default_message_lifetime_hours")]
     pub message_lifetime_hours: u64,
+    /// How often the node asks the broker about its messages that have no
+    /// receipt after that long, in seconds; one the broker lost (its store
+    /// restored from a backup) is submitted again. 0 turns the check off.
+    #[serde(default = "default_outbox_check_interval_secs")]
+    pub outbox_check_interval_secs: u64,
 }
 
 /// `[tls]`: the node's PEM files, made with `trmx-certs`.
@@ -121,6 +126,9 @@ fn default_reconnect_max_ms() -> u64 {
 fn default_message_lifetime_hours() -> u64 {
     // 30 days: long enough for a node that is offline for a holiday period.
     30 * 24
+}
+fn default_outbox_check_interval_secs() -> u64 {
+    600
 }
 fn default_cache_capacity_mb() -> u64 {
     64
@@ -297,6 +305,8 @@ impl NodeConfig {
             reconnect_max: Duration::from_millis(b.reconnect_max_ms),
             default_lifetime: (b.message_lifetime_hours > 0)
                 .then(|| Duration::from_secs(b.message_lifetime_hours * 3_600)),
+            outbox_check_interval: (b.outbox_check_interval_secs > 0)
+                .then(|| Duration::from_secs(b.outbox_check_interval_secs)),
             retention_check_interval: Duration::from_secs(
                 self.storage.retention_check_interval_secs,
             ),
@@ -323,6 +333,7 @@ impl NodeConfig {
                 reconnect_min_ms: default_reconnect_min_ms(),
                 reconnect_max_ms: default_reconnect_max_ms(),
                 message_lifetime_hours: default_message_lifetime_hours(),
+                outbox_check_interval_secs: default_outbox_check_interval_secs(),
             },
             tls: TlsSection {
                 ca: tls.ca,

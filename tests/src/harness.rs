@@ -150,6 +150,11 @@ impl Harness {
         self.start_broker().await
     }
 
+    /// The broker's data directory.
+    pub fn broker_data_dir(&self) -> &Path {
+        &self.broker_config.data_dir
+    }
+
     /// TLS files of participant `id`.
     pub fn tls(&self, id: &str) -> TlsPaths {
         let cert = CertPaths::from_prefix(&self.federation.pki.dir.join(id));
@@ -177,10 +182,20 @@ impl Harness {
     /// Starts `id`'s node in this process (the broker may be down) and
     /// returns a client of its local API.
     pub async fn start_node(&mut self, id: &str) -> anyhow::Result<Api> {
+        self.start_node_with(id, |_| {}).await
+    }
+
+    /// [`Harness::start_node`] with the config changed by `adjust`.
+    pub async fn start_node_with(
+        &mut self,
+        id: &str,
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> anyhow::Result<Api> {
         if self.nodes.contains_key(id) {
             bail!("{id}'s node is already running");
         }
-        let config = self.node_config(id)?;
+        let mut config = self.node_config(id)?;
+        adjust(&mut config);
         // A node stopped a moment ago may still be letting go of its store: retry.
         let deadline = Instant::now() + WAIT;
         let node = loop {

@@ -122,6 +122,69 @@ async fn a_message_sent_while_the_broker_is_down_is_delivered_after_it_comes_up(
     h.shutdown().await
 }
 
+/// Copies the directory tree `from` to `to` (a backup of a stopped broker).
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_lost_when_the_broker_is_restored_from_an_older_backup_still_arrives()
+-> TestResult {
+    let mut h = Harness::new().await?;
+    h.start_broker().await?;
+    let check_every_second = |c: &mut trmx_node::NodeConfig| {
+        c.broker.outbox_check_interval_secs = 1;
+    };
+    let mut nl = h.start_node_with(NL, check_every_second).await?;
+    let before = send(&mut nl, referral("restore-1", BE)).await?;
+    wait_outbox(&nl, &before.message_id, "submitted", |e| {
+        e.state == pb::OutboxState::Submitted as i32
+    })
+    .await?;
+    // The operator's backup: broker stopped, data directory copied.
+    h.stop_broker().await?;
+    let data_dir = h.broker_data_dir().to_owned();
+    let backup = h.dir().join("broker-backup");
+    copy_dir(&data_dir, &backup)?;
+    h.start_broker().await?;
+    let after = send(&mut nl, referral("restore-2", BE)).await?;
+    wait_outbox(&nl, &after.message_id, "submitted", |e| {
+        e.state == pb::OutboxState::Submitted as i32
+    })
+    .await?;
+
+    // The broker's disk dies; its store comes back from the backup, which
+    // does not have the second message, accepted after it was taken.
+    h.stop_broker().await?;
+    std::fs::remove_dir_all(&data_dir)?;
+    copy_dir(&backup, &data_dir)?;
+    h.start_broker().await?;
+
+    // NL's node finds out and submits it again: BE gets both, once each.
+    let be = h.start_node(BE).await?;
+    wait_delivered(&nl, &after.message_id).await?;
+    wait_delivered(&nl, &before.message_id).await?;
+    let mut be = be;
+    let mut ids = inbox_ids(&mut be).await?;
+    ids.sort();
+    let mut expected = vec![before.message_id.clone(), after.message_id.clone()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    let entry = outbox_entry(&mut nl, &after.message_id).await?.unwrap();
+    assert!(entry.last_error.contains("lost"), "{entry:?}");
+    h.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_sent_to_an_offline_node_arrives_when_that_node_starts() -> TestResult {
     let mut h = Harness::new().await?;

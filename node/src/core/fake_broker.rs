@@ -2,7 +2,8 @@
 //! 127.0.0.1:0, one listener per participant so that the caller is known
 //! without certificates). It follows the broker's contract only as far as
 //! the node relies on it: idempotent submit, per-recipient queues, ack →
-//! delivery receipt, reject → non-delivery report, `GetInfo`.
+//! delivery receipt, reject → non-delivery report, `GetStatus` (known or
+//! not), `GetInfo`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -28,6 +29,8 @@ pub(crate) struct FakeState {
     pub(crate) accepted: HashMap<String, pb::Envelope>,
     pub(crate) acked: Vec<String>,
     pub(crate) rejected: Vec<(String, String, String)>,
+    /// Message ids asked about with `GetStatus`.
+    pub(crate) status_asked: Vec<String>,
     seq: u64,
 }
 
@@ -75,6 +78,15 @@ impl FakeBroker {
                 .await;
         });
         tx
+    }
+
+    /// Forgets message `id` as a broker restored from an older backup would.
+    pub(crate) fn lose(&self, id: &str) {
+        let mut st = self.lock();
+        st.accepted.remove(id);
+        for queue in st.queues.values_mut() {
+            queue.retain(|e| e.message_id != id);
+        }
     }
 
     /// Queues an envelope as if the broker had accepted it.
@@ -278,9 +290,20 @@ impl Exchange for Endpoint {
 
     async fn get_status(
         &self,
-        _request: Request<pb::GetStatusRequest>,
+        request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::MessageStatus>, Status> {
-        Err(Status::unimplemented("get_status"))
+        let id = request.into_inner().message_id;
+        let mut st = self.broker.lock();
+        st.status_asked.push(id.clone());
+        match st.accepted.get(&id) {
+            Some(envelope) if envelope.sender == self.caller => {
+                Ok(Response::new(pb::MessageStatus {
+                    message_id: id,
+                    ..Default::default()
+                }))
+            }
+            _ => Err(Status::not_found("message_id: no such message of yours")),
+        }
     }
 
     async fn get_info(

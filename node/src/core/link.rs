@@ -22,7 +22,7 @@ use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use super::store::{Incoming, ReceiptEffect};
 use super::{
-    Body, BodyContext, Failure, InboxEntry, Inner, NodeError, OutboxState, ParticipantInfo,
+    Body, BodyContext, Failure, InboxEntry, Inner, Millis, NodeError, OutboxState, ParticipantInfo,
 };
 
 /// Queued entries read per round of the submit loop.
@@ -623,6 +623,140 @@ pub(crate) async fn submit_loop(
                 _ = shutdown.changed() => break,
             }
         }
+    }
+}
+
+/// `SUBMITTED` entries asked about per round of the outbox check.
+const CHECK_BATCH: usize = 100;
+
+/// Every `interval`, asks the broker (`GetStatus`) about the entries that
+/// were submitted at least `interval` ago and have no receipt yet. The
+/// broker keeps every message it accepted until its receipt is acknowledged;
+/// one it does not know was lost with its store (restored from a backup
+/// taken before the submit). Such an entry is submitted again, byte for
+/// byte, so that it still arrives; one whose body is already erased becomes
+/// `FAILED` (`lost-by-broker`). Nothing is lost silently either way.
+///
+/// Each round asks about at most [`CHECK_BATCH`] entries, those checked
+/// longest ago first, so that a long outbox (a recipient offline for days)
+/// costs a few calls a round, not one per entry.
+pub(crate) async fn outbox_check_loop(
+    inner: Arc<Inner>,
+    mut client: ExchangeClient<Channel>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let me = inner.config.participant.clone();
+    let mut checked: std::collections::HashMap<MessageId, Millis> = Default::default();
+    while pause(interval, &mut shutdown).await {
+        let now = to_millis(inner.clock.now());
+        let before = now.saturating_sub(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX));
+        let store = inner.store.clone();
+        let due = inner
+            .blocking(move || {
+                if store.counts()?.submitted == 0 {
+                    return Ok(Vec::new());
+                }
+                store.submitted_before(before)
+            })
+            .await;
+        let mut due = match due {
+            Ok(due) => due,
+            Err(e) => {
+                warn!(participant = %me, error = %e, "cannot read the outbox for the check");
+                continue;
+            }
+        };
+        checked.retain(|id, _| due.iter().any(|(d, _)| d == id));
+        due.sort_by_key(|(id, submitted_at)| {
+            (checked.get(id).copied().unwrap_or(0), *submitted_at)
+        });
+        for (id, _) in due.into_iter().take(CHECK_BATCH) {
+            if *shutdown.borrow() {
+                return;
+            }
+            match check_one(&inner, &mut client, id).await {
+                Ok(()) => {
+                    checked.insert(id, now);
+                }
+                Err(e) => {
+                    debug!(participant = %me, error = %e, "outbox check stopped for this round");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Asks the broker about one `SUBMITTED` entry and, when the broker does not
+/// know it, submits it again (or marks it `FAILED` when that is impossible).
+/// `Err` means the broker could not answer: the round stops.
+async fn check_one(
+    inner: &Arc<Inner>,
+    client: &mut ExchangeClient<Channel>,
+    id: MessageId,
+) -> Result<(), NodeError> {
+    let me = inner.config.participant.clone();
+    let status = client
+        .get_status(pb::GetStatusRequest {
+            message_id: id.to_string(),
+        })
+        .await;
+    match status {
+        Ok(_) => return Ok(()),
+        Err(status) if status.code() == Code::NotFound => {}
+        Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
+    }
+    let now = to_millis(inner.clock.now());
+    let store = inner.store.clone();
+    let Some(envelope) = inner.blocking(move || store.envelope(id)).await? else {
+        warn!(participant = %me, message_id = %id, "the broker does not know this submitted message, and its body is erased: it cannot be sent again");
+        let failure = Failure {
+            outcome: "lost-by-broker".into(),
+            reason_code: "NOT_FOUND".into(),
+            field_path: String::new(),
+        };
+        let store = inner.store.clone();
+        inner
+            .blocking(move || {
+                store.mark_lost(id, failure, "the broker no longer knows this message", now)
+            })
+            .await?;
+        return inner.store.flush_async().await;
+    };
+    warn!(participant = %me, message_id = %id, "the broker does not know this submitted message (was its store restored from a backup?): submitting it again");
+    let result = client
+        .submit(pb::SubmitRequest {
+            envelope: Some(envelope),
+        })
+        .await;
+    let store = inner.store.clone();
+    match result {
+        Ok(_) => {
+            inner
+                .blocking(move || {
+                    store.note_resubmitted(
+                        id,
+                        "the broker had lost this message; it was submitted again",
+                    )
+                })
+                .await?;
+            inner.store.flush_async().await
+        }
+        Err(status) if is_permanent(status.code()) => {
+            let failure = Failure {
+                outcome: "lost-by-broker".into(),
+                reason_code: trmx_transport::code_name(status.code()).to_owned(),
+                field_path: field_path_of(status.message()),
+            };
+            let text = status_text(&status);
+            warn!(participant = %me, message_id = %id, code = ?status.code(), "the broker refused the message submitted again");
+            inner
+                .blocking(move || store.mark_lost(id, failure, &text, now))
+                .await?;
+            inner.store.flush_async().await
+        }
+        Err(status) => Err(NodeError::BrokerUnavailable(status_text(&status))),
     }
 }
 

@@ -71,6 +71,10 @@ pub struct CoreConfig {
     pub default_lifetime: Option<Duration>,
     /// How often retention erases expired bodies.
     pub retention_check_interval: Duration,
+    /// How often the node asks the broker about messages submitted that long
+    /// ago without a receipt, and submits again those the broker lost
+    /// (`None`: never).
+    pub outbox_check_interval: Option<Duration>,
     /// sled page cache size.
     pub cache_capacity_bytes: u64,
 }
@@ -132,7 +136,7 @@ impl std::fmt::Display for OutboxState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
     /// `rejected-by-broker`, `rejected-by-recipient`, `expired`,
-    /// `dead-lettered`, `purged`.
+    /// `dead-lettered`, `purged`, `withdrawn`, `erased`, `lost-by-broker`.
     pub outcome: String,
     /// Machine-readable reason (gRPC code name or the recipient's reason code).
     pub reason_code: String,
@@ -517,6 +521,14 @@ impl NodeCore {
                 client.clone(),
                 inner.shutdown.subscribe(),
             )));
+            if let Some(interval) = inner.config.outbox_check_interval {
+                tasks.push(tokio::spawn(link::outbox_check_loop(
+                    inner.clone(),
+                    client.clone(),
+                    interval,
+                    inner.shutdown.subscribe(),
+                )));
+            }
             tasks.push(tokio::spawn(link::submit_loop(
                 inner.clone(),
                 client,

@@ -567,20 +567,85 @@ impl Store {
                 break;
             }
             let (_, mid) = item.map_err(store_err)?;
-            let Some(env_bytes) = self.trees[OUT_ENV].get(&mid).map_err(store_err)? else {
-                continue;
-            };
-            let mut env = pb::Envelope::decode(env_bytes.as_ref()).map_err(store_err)?;
-            let Some(payload) = self.trees[OUT_BODY].get(&mid).map_err(store_err)? else {
-                continue;
-            };
-            env.payload = payload.to_vec();
             let id = <[u8; 16]>::try_from(mid.as_ref())
                 .map(MessageId::from_bytes)
                 .map_err(|_| NodeError::Store("corrupt queue key".into()))?;
-            out.push((id, env));
+            if let Some(env) = self.envelope(id)? {
+                out.push((id, env));
+            }
         }
         Ok(out)
+    }
+
+    /// The envelope of outbox entry `id` as it is submitted (byte-identical
+    /// each time), while its body is kept.
+    pub(crate) fn envelope(&self, id: MessageId) -> Result<Option<pb::Envelope>, NodeError> {
+        let Some(env_bytes) = self.trees[OUT_ENV].get(id.as_bytes()).map_err(store_err)? else {
+            return Ok(None);
+        };
+        let mut env = pb::Envelope::decode(env_bytes.as_ref()).map_err(store_err)?;
+        let Some(payload) = self.trees[OUT_BODY].get(id.as_bytes()).map_err(store_err)? else {
+            return Ok(None);
+        };
+        env.payload = payload.to_vec();
+        Ok(Some(env))
+    }
+
+    /// `SUBMITTED` entries submitted at or before `before`, with when they
+    /// were submitted. Reads the whole outbox: call it only when the
+    /// `SUBMITTED` count is not 0.
+    pub(crate) fn submitted_before(
+        &self,
+        before: Millis,
+    ) -> Result<Vec<(MessageId, Millis)>, NodeError> {
+        let mut out = Vec::new();
+        for item in self.trees[OUTBOX].iter() {
+            let (key, value) = item.map_err(store_err)?;
+            let rec: OutRec = from_json(&value)?;
+            if rec.state != OutboxState::Submitted {
+                continue;
+            }
+            let Some(at) = rec.submitted_at.filter(|at| *at <= before) else {
+                continue;
+            };
+            let id = <[u8; 16]>::try_from(key.as_ref())
+                .map(MessageId::from_bytes)
+                .map_err(|_| NodeError::Store("corrupt outbox key".into()))?;
+            out.push((id, at));
+        }
+        Ok(out)
+    }
+
+    /// The broker no longer knows a `SUBMITTED` entry and it cannot be
+    /// submitted again: `SUBMITTED → FAILED` with `failure`.
+    pub(crate) fn mark_lost(
+        &self,
+        id: MessageId,
+        failure: Failure,
+        error: &str,
+        at: Millis,
+    ) -> Result<Option<Updated>, NodeError> {
+        self.update_out(id, |rec| {
+            if rec.state != OutboxState::Submitted {
+                return Ok(false);
+            }
+            rec.last_error = Some(error.to_owned());
+            rec.state = OutboxState::Failed;
+            rec.failure = Some(failure.clone());
+            rec.outcome_at = Some(at);
+            Ok(true)
+        })
+    }
+
+    /// Records that a `SUBMITTED` entry was submitted again (the broker had
+    /// lost it); the state stays `SUBMITTED`.
+    pub(crate) fn note_resubmitted(&self, id: MessageId, note: &str) -> Result<(), NodeError> {
+        self.update_out(id, |rec| {
+            rec.submit_attempts = rec.submit_attempts.saturating_add(1);
+            rec.last_error = Some(note.to_owned());
+            Ok(true)
+        })?;
+        Ok(())
     }
 
     /// Changes one outbox entry in a transaction. `f` gets the record and

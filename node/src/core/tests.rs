@@ -67,6 +67,7 @@ fn config(dir: &Path, me: &str) -> CoreConfig {
         reconnect_max: Duration::from_millis(100),
         default_lifetime: None,
         retention_check_interval: Duration::from_secs(3600),
+        outbox_check_interval: None,
         cache_capacity_bytes: 8 << 20,
     }
 }
@@ -752,18 +753,21 @@ mod link {
     }
 
     async fn online(dir: &Path, me: &str, addr: SocketAddr, clock: Arc<ManualClock>) -> NodeCore {
+        online_with(config(dir, me), addr, clock).await
+    }
+
+    async fn online_with(
+        config: CoreConfig,
+        addr: SocketAddr,
+        clock: Arc<ManualClock>,
+    ) -> NodeCore {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_timeout(Duration::from_secs(1))
             .connect_lazy();
-        NodeCore::open(
-            config(dir, me),
-            clock,
-            Some(ExchangeClient::new(channel)),
-            false,
-        )
-        .await
-        .unwrap()
+        NodeCore::open(config, clock, Some(ExchangeClient::new(channel)), false)
+            .await
+            .unwrap()
     }
 
     async fn state_of(node: &NodeCore, id: MessageId) -> Option<OutboxEntry> {
@@ -828,6 +832,116 @@ mod link {
         assert_eq!(broker.lock().acked.len(), 4);
         nl.shutdown().await;
         be.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_the_broker_lost_is_submitted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (nl_l, nl_addr) = listener().await;
+        let _s1 = broker.serve("NL-NRM", nl_l);
+        let mut cfg = config(dir.path(), "NL-NRM");
+        cfg.outbox_check_interval = Some(Duration::from_millis(20));
+        let nl = online_with(cfg, nl_addr, clock.clone()).await;
+        let kept = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        let lost = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        for id in [kept.message_id, lost.message_id] {
+            until("NL submits", || async {
+                state_of(&nl, id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+            })
+            .await;
+        }
+        // Not asked about before the interval has passed since the submit.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(broker.lock().status_asked.is_empty());
+
+        // The broker's store is restored from a backup without `lost`.
+        broker.lose(&lost.message_id.to_string());
+        clock.advance(Duration::from_secs(1));
+        until("NL submits the lost message again", || async {
+            broker
+                .lock()
+                .accepted
+                .contains_key(&lost.message_id.to_string())
+        })
+        .await;
+        {
+            let st = broker.lock();
+            assert!(st.status_asked.contains(&kept.message_id.to_string()));
+            assert_eq!(st.queues["BE-PAYOKE"].len(), 2, "each message once");
+        }
+        let entry = state_of(&nl, lost.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Submitted);
+        assert!(
+            entry
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("lost")),
+            "{entry:?}"
+        );
+        // The recipient gets it, and the sender its receipt.
+        let (be_l, be_addr) = listener().await;
+        let _s2 = broker.serve("BE-PAYOKE", be_l);
+        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        until("NL sees both DELIVERED", || async {
+            state_of(&nl, lost.message_id).await.map(|e| e.state) == Some(OutboxState::Delivered)
+                && state_of(&nl, kept.message_id).await.map(|e| e.state)
+                    == Some(OutboxState::Delivered)
+        })
+        .await;
+        nl.shutdown().await;
+        be.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_lost_message_whose_body_is_erased_fails_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (nl_l, nl_addr) = listener().await;
+        let _s1 = broker.serve("NL-NRM", nl_l);
+        let mut cfg = config(dir.path(), "NL-NRM");
+        cfg.outbox_check_interval = Some(Duration::from_millis(20));
+        let nl = online_with(cfg, nl_addr, clock.clone()).await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("NL submits", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        // past the referral's handling.retain_until (2032-12-31): body erased
+        clock.advance(Duration::from_secs(8 * 365 * 86_400));
+        assert_eq!(nl.run_retention().await.unwrap(), 1);
+        broker.lose(&sent.message_id.to_string());
+        until("NL gives the lost message up", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Failed)
+        })
+        .await;
+        let failure = state_of(&nl, sent.message_id)
+            .await
+            .unwrap()
+            .failure
+            .unwrap();
+        assert_eq!(
+            (failure.outcome.as_str(), failure.reason_code.as_str()),
+            ("lost-by-broker", "NOT_FOUND")
+        );
+        assert!(
+            !broker
+                .lock()
+                .accepted
+                .contains_key(&sent.message_id.to_string())
+        );
+        nl.shutdown().await;
     }
 
     #[tokio::test]
