@@ -147,7 +147,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let result = phases(&args, &bench).await;
     let hwm = proc_status_kib(bench.child.id(), "VmHWM:").unwrap_or(0);
     let cpu = proc_cpu_seconds(bench.child.id()).unwrap_or(0.0);
-    let disk = dir_bytes(&bench.data_dir);
+    let disk = trmx_broker::store::dir_bytes(&bench.data_dir);
     bench.stop();
     result?;
     println!("broker peak RSS (VmHWM): {:.1} MiB", hwm as f64 / 1024.0);
@@ -730,18 +730,4 @@ impl RssSampler {
         let _ = self.stop.send(());
         self.task.await.unwrap_or(0)
     }
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|entry| match entry.metadata() {
-            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
-            Ok(meta) => meta.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }

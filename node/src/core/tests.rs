@@ -834,16 +834,42 @@ mod link {
         be.shutdown().await;
     }
 
-    #[tokio::test]
-    async fn a_message_the_broker_lost_is_submitted_again() {
+    /// NL's node on a fake broker, checking its outbox every 20 ms.
+    struct Checking {
+        dir: tempfile::TempDir,
+        clock: Arc<ManualClock>,
+        broker: FakeBroker,
+        nl: NodeCore,
+        _serving: tokio::sync::oneshot::Sender<()>,
+    }
+
+    async fn checking() -> Checking {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
         let (nl_l, nl_addr) = listener().await;
-        let _s1 = broker.serve("NL-NRM", nl_l);
+        let serving = broker.serve("NL-NRM", nl_l);
         let mut cfg = config(dir.path(), "NL-NRM");
         cfg.outbox_check_interval = Some(Duration::from_millis(20));
         let nl = online_with(cfg, nl_addr, clock.clone()).await;
+        Checking {
+            dir,
+            clock,
+            broker,
+            nl,
+            _serving: serving,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_the_broker_lost_is_submitted_again() {
+        let Checking {
+            dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
         let kept = nl
             .send(request("k-1", "BE-PAYOKE", referral()))
             .await
@@ -902,14 +928,13 @@ mod link {
 
     #[tokio::test]
     async fn a_lost_message_whose_body_is_erased_fails_with_the_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
-        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (nl_l, nl_addr) = listener().await;
-        let _s1 = broker.serve("NL-NRM", nl_l);
-        let mut cfg = config(dir.path(), "NL-NRM");
-        cfg.outbox_check_interval = Some(Duration::from_millis(20));
-        let nl = online_with(cfg, nl_addr, clock.clone()).await;
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
         let sent = nl
             .send(request("k-1", "BE-PAYOKE", referral()))
             .await

@@ -297,8 +297,9 @@ fn sync_parent(path: &Path) -> Result<(), StoreError> {
         })
 }
 
-/// Total bytes of the files under `dir` (0 for what cannot be read).
-fn dir_bytes(dir: &Path) -> u64 {
+/// Total bytes of the files under `dir` (0 for what cannot be read): a
+/// store's size on disk.
+pub fn dir_bytes(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

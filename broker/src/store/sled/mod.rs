@@ -23,7 +23,7 @@ use tokio::sync::broadcast;
 use trmx_proto::{MessageId, ParticipantId};
 
 pub use self::audit::{audit_records_offline, tamper_audit_record, verify_audit_offline};
-pub use self::compact::{CompactReport, compact_offline};
+pub use self::compact::{CompactReport, compact_offline, dir_bytes};
 use self::failpoint::{FailPoints, Point};
 pub use self::flusher::FaultSwitch;
 use self::flusher::Flusher;
