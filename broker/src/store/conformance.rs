@@ -1218,6 +1218,27 @@ mod sled {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_through_a_symlink_swaps_the_directory_it_points_at() {
+        let root = tempfile::tempdir().unwrap();
+        let real = root.path().join("real");
+        let link = root.path().join("link");
+        let now = clock().now_millis();
+        let flying = message(NL, BE, Priority::Urgent, 100, now);
+        let queued = message(NL, BE, Priority::Normal, 100, now);
+        let acked = message(NG, NL, Priority::Normal, 100, now);
+        store_with_history(&real, now, &flying, &queued, &acked).await;
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let report = compact_offline(&link, None).unwrap();
+        assert_eq!(report.compacted, real.canonicalize().unwrap());
+        let kept = report.original_kept_at.unwrap();
+        assert_eq!(kept.parent(), real.canonicalize().unwrap().parent());
+        assert!(link.is_symlink() && kept.join("db").exists());
+        let s = open(&link);
+        assert_eq!(state_of(&s, &queued).await, State::Accepted);
+        s.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn compaction_to_an_output_directory_leaves_the_original_alone() {
         let root = tempfile::tempdir().unwrap();
         let path = root.path().join("data");

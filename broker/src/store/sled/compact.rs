@@ -70,6 +70,10 @@ pub fn compact_offline(path: &Path, output: Option<&Path>) -> Result<CompactRepo
         path: at.display().to_string(),
         reason,
     };
+    // the real directory: `.` works, and through a symlink the directory
+    // itself is swapped (the link then points at the compacted store)
+    let path = &std::fs::canonicalize(path)
+        .map_err(|e| fail(path, format!("cannot find the data directory: {e}")))?;
     let target = match output {
         Some(out) => out.to_owned(),
         None => sibling(path, "compacting")?,
