@@ -679,8 +679,13 @@ pub(crate) async fn outbox_check_loop(
                 Ok(()) => {
                     checked.insert(id, now);
                 }
-                Err(e) => {
+                Err(e @ NodeError::BrokerUnavailable(_)) => {
+                    // the receive loop reports the broker's state
                     debug!(participant = %me, error = %e, "outbox check stopped for this round");
+                    break;
+                }
+                Err(e) => {
+                    warn!(participant = %me, message_id = %id, error = %e, "outbox check stopped for this round");
                     break;
                 }
             }
