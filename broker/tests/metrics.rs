@@ -549,7 +549,10 @@ async fn last_seen_and_certificate_expiry_survive_a_restart() -> anyhow::Result<
     // (kept to the millisecond)
     assert!((after.value(seen) - seen_at).abs() < 0.002, "{seen_at}");
     let cert_after = after.value(cert);
-    assert!((cert_after - (cert_left - 86_400.0)).abs() < 0.002, "{cert_after} {cert_left}");
+    assert!(
+        (cert_after - (cert_left - 86_400.0)).abs() < 0.002,
+        "{cert_after} {cert_left}"
+    );
     assert_eq!(
         after.get("trmx_participant_last_seen_timestamp_seconds{participant=\"BE-PAYOKE\"}"),
         None,
