@@ -153,7 +153,7 @@ impl BrokerBuilder {
             limits.sender_rate_burst,
             limits.min_free_disk_bytes,
         );
-        measure_disk(&config, &admission).await;
+        measure_disk(&config, &admission, &metrics).await;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             store: store.clone(),
@@ -502,7 +502,7 @@ async fn timer_loop(
             Err(error) => debug!(%error, "tick failed"),
         }
         if disk_checked.elapsed() >= DISK_CHECK_INTERVAL {
-            measure_disk(&config, &shared.admission).await;
+            measure_disk(&config, &shared.admission, &shared.metrics).await;
             shared.update_store_writable();
             disk_checked = Instant::now();
         }
@@ -576,10 +576,14 @@ async fn crl_reload_loop(
     }
 }
 
-async fn measure_disk(config: &BrokerConfig, admission: &Admission) {
+async fn measure_disk(config: &BrokerConfig, admission: &Admission, metrics: &Metrics) {
     let dir = config.data_dir.clone();
-    match tokio::task::spawn_blocking(move || free_disk_bytes(&dir)).await {
-        Ok(Ok(free)) => {
+    let measured = tokio::task::spawn_blocking(move || {
+        free_disk_bytes(&dir).map(|free| (free, crate::store::dir_bytes(&dir)))
+    })
+    .await;
+    match measured {
+        Ok(Ok((free, store))) => {
             if free < config.limits.min_free_disk_bytes {
                 warn!(
                     free_bytes = free,
@@ -588,6 +592,7 @@ async fn measure_disk(config: &BrokerConfig, admission: &Admission) {
                 );
             }
             admission.set_free_disk_bytes(free);
+            metrics.set_disk(free, config.limits.min_free_disk_bytes, store);
         }
         Ok(Err(error)) => warn!(%error, "cannot measure free disk space"),
         Err(error) => warn!(%error, "disk measurement task failed"),

@@ -123,6 +123,9 @@ async fn metrics_move_as_messages_flow() -> anyhow::Result<()> {
         );
     }
     assert_eq!(before.value("trmx_store_writable"), 1.0);
+    // the store's files exist from the start: an empty store has a size
+    assert!(before.value("trmx_store_size_bytes") > 0.0);
+    assert!(before.value("trmx_store_disk_free_bytes") > 0.0);
     assert_eq!(before.value("trmx_submit_duration_seconds_count"), 0.0);
     assert!(before.value("trmx_crl_next_update_seconds") > 0.0);
     let broker_cert =
@@ -352,6 +355,12 @@ async fn low_disk_makes_the_broker_not_ready_and_refusals_count_as_disk() -> any
     let scrape = Scrape::take(admin).await?;
     assert_eq!(scrape.value(&refused("disk")), 1.0);
     assert_eq!(scrape.value("trmx_store_writable"), 0.0);
+    // what an alert compares before refusals start
+    assert_eq!(
+        scrape.value("trmx_store_disk_free_min_bytes"),
+        u64::MAX as f64
+    );
+    assert!(scrape.value("trmx_store_disk_free_bytes") > 0.0);
     let (status, body) = get(admin, "/readyz").await?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("store_writable false"), "{body}");

@@ -190,6 +190,15 @@ struct Gauges {
     participants: BTreeMap<String, ParticipantGauge>,
     certs: BTreeMap<(CertRole, String), SystemTime>,
     crl_next_update: Option<SystemTime>,
+    disk: Option<DiskGauge>,
+}
+
+/// The store's disk, as last measured.
+#[derive(Debug, Clone, Copy)]
+struct DiskGauge {
+    free: u64,
+    min_free: u64,
+    store: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -446,6 +455,17 @@ impl Metrics {
         self.lock().certs.insert((role, name.to_owned()), not_after);
     }
 
+    /// Records the store's disk: `free` bytes on its filesystem, the
+    /// `min_free` watermark below which submits are refused, and the `store`
+    /// bytes of its files.
+    pub fn set_disk(&self, free: u64, min_free: u64, store: u64) {
+        self.lock().disk = Some(DiskGauge {
+            free,
+            min_free,
+            store,
+        });
+    }
+
     /// Records the CRL's `nextUpdate`; the gauge shows the seconds left (negative once stale).
     pub fn set_crl_next_update(&self, next_update: SystemTime) {
         self.lock().crl_next_update = Some(next_update);
@@ -656,6 +676,28 @@ impl Metrics {
                 &[],
                 seconds_between(now, next_update),
             );
+        }
+        for (name, help, value) in [
+            (
+                "trmx_store_disk_free_bytes",
+                "Free bytes on the filesystem of the store (measured every few seconds).",
+                gauges.disk.map(|d| d.free),
+            ),
+            (
+                "trmx_store_disk_free_min_bytes",
+                "limits.min_free_disk_bytes: below it, submits are refused (0: never).",
+                gauges.disk.map(|d| d.min_free),
+            ),
+            (
+                "trmx_store_size_bytes",
+                "Bytes of the store's files on disk (shrunk by `trmx-broker store compact`).",
+                gauges.disk.map(|d| d.store),
+            ),
+        ] {
+            w.family(name, help, "gauge");
+            if let Some(value) = value {
+                w.sample(name, &[], value as f64);
+            }
         }
         drop(gauges);
 
@@ -1119,6 +1161,23 @@ mod tests {
             "trmx_participant_last_seen_timestamp_seconds{{participant=\"NL-NRM\"}} {}\n",
             start_secs + 60
         )));
+    }
+
+    #[test]
+    fn disk_gauges_appear_once_measured() {
+        let (metrics, _) = registry();
+        let text = metrics.render();
+        assert!(text.contains("# TYPE trmx_store_disk_free_bytes gauge\n"));
+        assert!(!text.contains("\ntrmx_store_disk_free_bytes "), "{text}");
+        metrics.set_disk(5 << 30, 1 << 30, 123_456);
+        let text = metrics.render();
+        for line in [
+            "trmx_store_disk_free_bytes 5368709120\n",
+            "trmx_store_disk_free_min_bytes 1073741824\n",
+            "trmx_store_size_bytes 123456\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]
