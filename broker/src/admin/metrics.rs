@@ -1022,7 +1022,7 @@ mod tests {
         // every family has one HELP and one TYPE line
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 22);
+        assert_eq!(types, 25);
         assert_eq!(helps, types);
     }
 
