@@ -305,11 +305,11 @@ pub(super) fn open_existing(path: &Path) -> Result<::sled::Db, StoreError> {
     };
     // never create a database where there is none
     std::fs::read_dir(path).map_err(|e| open_err(format!("cannot read the directory: {e}")))?;
-    let db = ::sled::Config::new()
+    let config = ::sled::Config::new()
         .path(path)
         .cache_capacity(16 << 20)
-        .flush_every_ms(None)
-        .open()
+        .flush_every_ms(None);
+    let db = super::open_waiting_for_lock(&config)
         .map_err(|e| open_err(super::describe_open_error(&e)))?;
     let is_store = db
         .open_tree("meta")

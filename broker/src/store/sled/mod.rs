@@ -192,20 +192,7 @@ impl SledStore {
             .cache_capacity(opts.cache_capacity_bytes)
             .mode(::sled::Mode::HighThroughput)
             .flush_every_ms(None);
-        // sled's I/O threads let go of the directory lock a moment after the
-        // last handle of a closed store is dropped: a store reopened in the
-        // same process (a broker restarted in place, the tests) can see the
-        // lock still held. Another process that holds it is still reported,
-        // after LOCK_WAIT.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match config.open() {
-                Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                opened => break opened.map_err(|e| open_err(describe_open_error(&e)))?,
-            }
-        };
+        let db = open_waiting_for_lock(&config).map_err(|e| open_err(describe_open_error(&e)))?;
         let meta = db.open_tree("meta").map_err(|e| open_err(e.to_string()))?;
         match meta.get("format").map_err(|e| open_err(e.to_string()))? {
             Some(format) if format.as_ref() != FORMAT => {
@@ -426,6 +413,23 @@ fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
 }
 
 /// Whether opening failed because the directory lock is held.
+/// Opens `config`'s database. sled's I/O threads let go of the directory
+/// lock a moment after the last handle of a closed database is dropped: one
+/// reopened in the same process (a broker restarted in place, a compaction
+/// right after, the tests) can see the lock still held. Another process that
+/// holds it is still reported, after [`LOCK_WAIT`].
+fn open_waiting_for_lock(config: &::sled::Config) -> ::sled::Result<::sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 fn is_locked(e: &::sled::Error) -> bool {
     matches!(e, ::sled::Error::Io(io)
         if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock"))
