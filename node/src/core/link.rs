@@ -714,55 +714,56 @@ async fn check_one(
     }
     let now = to_millis(inner.clock.now());
     let store = inner.store.clone();
-    let Some(envelope) = inner.blocking(move || store.envelope(id)).await? else {
-        warn!(participant = %me, message_id = %id, "the broker does not know this submitted message, and its body is erased: it cannot be sent again");
-        let failure = Failure {
-            outcome: "lost-by-broker".into(),
-            reason_code: "NOT_FOUND".into(),
-            field_path: String::new(),
-        };
-        let store = inner.store.clone();
-        inner
-            .blocking(move || {
-                store.mark_lost(id, failure, "the broker no longer knows this message", now)
-            })
-            .await?;
-        return inner.store.flush_async().await;
-    };
-    warn!(participant = %me, message_id = %id, "the broker does not know this submitted message (was its store restored from a backup?): submitting it again");
-    let result = client
-        .submit(pb::SubmitRequest {
-            envelope: Some(envelope),
-        })
-        .await;
-    let store = inner.store.clone();
-    match result {
-        Ok(_) => {
-            inner
-                .blocking(move || {
-                    store.note_resubmitted(
-                        id,
-                        "the broker had lost this message; it was submitted again",
-                    )
+    let envelope = inner.blocking(move || store.envelope(id)).await?;
+    // what makes the entry FAILED (`lost-by-broker`), if it cannot be sent again
+    let (reason_code, field_path, error) = match envelope {
+        None => {
+            warn!(participant = %me, message_id = %id, "the broker does not know this submitted message, and its body is erased: it cannot be sent again");
+            let error = "the broker no longer knows this message".to_owned();
+            ("NOT_FOUND".to_owned(), String::new(), error)
+        }
+        Some(envelope) => {
+            warn!(participant = %me, message_id = %id, "the broker does not know this submitted message (was its store restored from a backup?): submitting it again");
+            let result = client
+                .submit(pb::SubmitRequest {
+                    envelope: Some(envelope),
                 })
-                .await?;
-            inner.store.flush_async().await
+                .await;
+            match result {
+                Ok(_) => {
+                    let store = inner.store.clone();
+                    inner
+                        .blocking(move || {
+                            store.note_resubmitted(
+                                id,
+                                "the broker had lost this message; it was submitted again",
+                            )
+                        })
+                        .await?;
+                    return inner.store.flush_async().await;
+                }
+                Err(status) if is_permanent(status.code()) => {
+                    warn!(participant = %me, message_id = %id, code = ?status.code(), "the broker refused the message submitted again");
+                    (
+                        trmx_transport::code_name(status.code()).to_owned(),
+                        field_path_of(status.message()),
+                        status_text(&status),
+                    )
+                }
+                Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
+            }
         }
-        Err(status) if is_permanent(status.code()) => {
-            let failure = Failure {
-                outcome: "lost-by-broker".into(),
-                reason_code: trmx_transport::code_name(status.code()).to_owned(),
-                field_path: field_path_of(status.message()),
-            };
-            let text = status_text(&status);
-            warn!(participant = %me, message_id = %id, code = ?status.code(), "the broker refused the message submitted again");
-            inner
-                .blocking(move || store.mark_lost(id, failure, &text, now))
-                .await?;
-            inner.store.flush_async().await
-        }
-        Err(status) => Err(NodeError::BrokerUnavailable(status_text(&status))),
-    }
+    };
+    let failure = Failure {
+        outcome: "lost-by-broker".into(),
+        reason_code,
+        field_path,
+    };
+    let store = inner.store.clone();
+    inner
+        .blocking(move || store.mark_lost(id, failure, &error, now))
+        .await?;
+    inner.store.flush_async().await
 }
 
 /// Submits one entry and records the outcome. `Err` means a transient
