@@ -667,7 +667,9 @@ pub(crate) async fn outbox_check_loop(
                 continue;
             }
         };
-        checked.retain(|id, _| due.iter().any(|(d, _)| d == id));
+        // forget the entries no longer SUBMITTED (delivered, failed)
+        let due_ids: std::collections::HashSet<MessageId> = due.iter().map(|(id, _)| *id).collect();
+        checked.retain(|id, _| due_ids.contains(id));
         due.sort_by_key(|(id, submitted_at)| {
             (checked.get(id).copied().unwrap_or(0), *submitted_at)
         });
