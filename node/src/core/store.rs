@@ -13,6 +13,7 @@
 //! | `out_body` | message id | the payload (protobuf body) — erased by retention |
 //! | `out_order` | out seq (8 BE) | message id — every outbox entry, in creation order |
 //! | `queued` | out seq | message id — entries still `QUEUED`, in creation order |
+//! | `submitted` | submitted at (8 BE) + out seq | message id — entries `SUBMITTED`, oldest submit first |
 //! | `idem` | idempotency key | [`IdemRec`] (JSON) |
 //! | `inbox` | inbox seq (8 BE) | [`InRec`] (JSON) |
 //! | `dedup` | message id + sender | inbox seq — every (sender, id) ever stored |
@@ -23,8 +24,10 @@
 //! | `retention` | date (4) + direction (1) + message id | empty |
 //!
 //! # Invariants
-//! - An outbox entry is in `queued` iff its state is `QUEUED`; its body is
-//!   in `out_body` unless `body_erased`.
+//! - An outbox entry is in `queued` iff its state is `QUEUED`, and in
+//!   `submitted` iff its state is `SUBMITTED` (stores written before that
+//!   index get it at open: [`Store::open`]); its body is in `out_body`
+//!   unless `body_erased`.
 //! - Outbox states only move forward (`QUEUED → SUBMITTED → DELIVERED |
 //!   FAILED`), except `FAILED → DELIVERED` ([`can_move`]).
 //! - Inbox `seq`s are strictly increasing and never reused; a (sender,
@@ -64,7 +67,8 @@ const IN_BODY: usize = 10;
 const CASES: usize = 11;
 const DUE: usize = 12;
 const RETENTION: usize = 13;
-const TREE_NAMES: [&str; 14] = [
+const SUBMITTED: usize = 14;
+const TREE_NAMES: [&str; 15] = [
     "meta",
     "outbox",
     "out_env",
@@ -79,7 +83,11 @@ const TREE_NAMES: [&str; 14] = [
     "cases",
     "due",
     "retention",
+    "submitted",
 ];
+
+/// `meta` key set once `submitted` holds every `SUBMITTED` entry.
+const SUBMITTED_INDEXED: &str = "submitted_indexed";
 
 const DIR_SENT: u8 = 1;
 const DIR_RECEIVED: u8 = 2;
@@ -203,14 +211,32 @@ pub(crate) struct Updated {
     pub(crate) changed: bool,
 }
 
-/// Keeps `queued` and the counters in step with a state move of `rec`.
+/// Keeps `queued`, `submitted` and the counters in step with a state move
+/// of `rec` (as it is after the move). `submitted_at` is set once, with or
+/// before the move to `SUBMITTED`, so the `submitted` key of `rec` is the
+/// one it had before the move too.
 fn t_move_state(t: &[TransactionalTree], rec: &OutRec, before: OutboxState) -> TxResult<()> {
     tadd(&t[META], state_counter(before), -1)?;
     tadd(&t[META], state_counter(rec.state), 1)?;
     if before == OutboxState::Queued {
         t[QUEUED].remove(&be(rec.seq))?;
     }
+    if before == OutboxState::Submitted {
+        t[SUBMITTED].remove(submitted_key(rec))?;
+    }
+    if rec.state == OutboxState::Submitted {
+        let id = parse_mid(&rec.message_id).map_err(ConflictableTransactionError::Abort)?;
+        t[SUBMITTED].insert(submitted_key(rec), &id.as_bytes()[..])?;
+    }
     Ok(())
+}
+
+/// The `submitted` key of `rec`: when it was submitted, then its out seq.
+fn submitted_key(rec: &OutRec) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    key.extend_from_slice(&be(rec.submitted_at.unwrap_or(0)));
+    key.extend_from_slice(&be(rec.seq));
+    key
 }
 
 /// Entry counts by state.
@@ -428,7 +454,41 @@ impl Store {
             .map(|name| db.open_tree(name))
             .collect::<Result<Vec<_>, _>>()
             .map_err(store_err)?;
-        Ok(Store { db, trees })
+        let store = Store { db, trees };
+        store.index_submitted()?;
+        Ok(store)
+    }
+
+    /// Fills `submitted` from the outbox, once, for a store written before
+    /// that index (it is empty then: nothing else writes it before this
+    /// runs). Interrupted, it runs again at the next open.
+    fn index_submitted(&self) -> Result<(), NodeError> {
+        if self.trees[META]
+            .get(SUBMITTED_INDEXED)
+            .map_err(store_err)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut indexed = 0u64;
+        for item in self.trees[OUTBOX].iter() {
+            let (key, value) = item.map_err(store_err)?;
+            let rec: OutRec = from_json(&value)?;
+            if rec.state == OutboxState::Submitted {
+                self.trees[SUBMITTED]
+                    .insert(submitted_key(&rec), key)
+                    .map_err(store_err)?;
+                indexed += 1;
+            }
+        }
+        self.trees[META]
+            .insert(SUBMITTED_INDEXED, &[1])
+            .map_err(store_err)?;
+        self.db.flush().map_err(store_err)?;
+        if indexed > 0 {
+            tracing::info!(entries = indexed, "indexed the submitted outbox entries");
+        }
+        Ok(())
     }
 
     fn tx<A>(&self, f: impl Fn(&Vec<TransactionalTree>) -> TxResult<A>) -> Result<A, NodeError> {
@@ -592,25 +652,19 @@ impl Store {
     }
 
     /// `SUBMITTED` entries submitted at or before `before`, with when they
-    /// were submitted. Reads the whole outbox: call it only when the
-    /// `SUBMITTED` count is not 0.
+    /// were submitted, oldest first (reads only those entries' index keys).
     pub(crate) fn submitted_before(
         &self,
         before: Millis,
     ) -> Result<Vec<(MessageId, Millis)>, NodeError> {
         let mut out = Vec::new();
-        for item in self.trees[OUTBOX].iter() {
-            let (key, value) = item.map_err(store_err)?;
-            let rec: OutRec = from_json(&value)?;
-            if rec.state != OutboxState::Submitted {
-                continue;
-            }
-            let Some(at) = rec.submitted_at.filter(|at| *at <= before) else {
-                continue;
+        for item in self.trees[SUBMITTED].range(..be(before.saturating_add(1))) {
+            let (key, mid) = item.map_err(store_err)?;
+            let at = key.get(..8).map(read_u64);
+            let id = <[u8; 16]>::try_from(mid.as_ref()).map(MessageId::from_bytes);
+            let (Some(at), Ok(id)) = (at, id) else {
+                return Err(NodeError::Store("corrupt submitted index".into()));
             };
-            let id = <[u8; 16]>::try_from(key.as_ref())
-                .map(MessageId::from_bytes)
-                .map_err(|_| NodeError::Store("corrupt outbox key".into()))?;
             out.push((id, at));
         }
         Ok(out)
@@ -1180,4 +1234,122 @@ impl Store {
 /// Decodes a stored body (always protobuf).
 pub(crate) fn decode_body(kind: Kind, bytes: &[u8]) -> Result<Body, NodeError> {
     Body::decode(kind, bytes).map_err(|e| NodeError::Store(format!("stored body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outgoing(key: &str) -> NewOutgoing {
+        NewOutgoing {
+            idempotency_key: key.to_owned(),
+            fingerprint: key.to_owned(),
+            envelope: pb::Envelope::default(),
+            message_id: MessageId::new_v7(),
+            recipient: ParticipantId::parse("BE-PAYOKE").unwrap(),
+            kind: Kind::Referral,
+            case_ref: CaseRef::new_random(),
+            in_reply_to: None,
+            priority: Priority::Normal,
+            created_at: 1_000,
+            due: None,
+            retain_until: None,
+        }
+    }
+
+    fn lost() -> Failure {
+        Failure {
+            outcome: "lost-by-broker".into(),
+            reason_code: "NOT_FOUND".into(),
+            field_path: String::new(),
+        }
+    }
+
+    /// Queues `n` entries and submits them at 2000, 3000, …
+    fn submitted(store: &Store, n: u64) -> Vec<MessageId> {
+        (0..n)
+            .map(|i| {
+                let (entry, _) = store.enqueue(&outgoing(&format!("k-{i}"))).unwrap();
+                store
+                    .mark_submitted(entry.message_id, 2_000 + i * 1_000)
+                    .unwrap();
+                entry.message_id
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_submitted_index_follows_every_state_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let ids = submitted(&store, 4);
+        let (queued, _) = store.enqueue(&outgoing("still-queued")).unwrap();
+        assert_eq!(
+            store.submitted_before(u64::MAX).unwrap(),
+            vec![
+                (ids[0], 2_000),
+                (ids[1], 3_000),
+                (ids[2], 4_000),
+                (ids[3], 5_000)
+            ],
+            "oldest submit first, never the QUEUED entry {}",
+            queued.message_id
+        );
+        assert_eq!(
+            store.submitted_before(3_000).unwrap(),
+            vec![(ids[0], 2_000), (ids[1], 3_000)],
+            "up to and including `before`"
+        );
+        // a second submit (the broker answered `duplicate`) keeps the first time
+        store.mark_submitted(ids[0], 9_000).unwrap();
+        assert_eq!(
+            store.submitted_before(2_000).unwrap(),
+            vec![(ids[0], 2_000)]
+        );
+
+        store.apply_receipt(ids[0], None, 10_000).unwrap();
+        store.mark_lost(ids[1], lost(), "lost", 10_000).unwrap();
+        store.withdraw_local(ids[2], 10_000, true).unwrap();
+        assert_eq!(
+            store.submitted_before(u64::MAX).unwrap(),
+            vec![(ids[3], 5_000)]
+        );
+        // a failed entry a receipt then delivers does not come back
+        store.apply_receipt(ids[1], None, 11_000).unwrap();
+        assert_eq!(
+            store.submitted_before(u64::MAX).unwrap(),
+            vec![(ids[3], 5_000)]
+        );
+        assert_eq!(store.counts().unwrap().submitted, 1);
+    }
+
+    #[test]
+    fn a_store_written_before_the_submitted_index_gets_it_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let ids = submitted(&store, 3);
+            store.apply_receipt(ids[1], None, 10_000).unwrap();
+            store.enqueue(&outgoing("still-queued")).unwrap();
+            // what a store of an older version looks like
+            store.trees[SUBMITTED].clear().unwrap();
+            store.trees[META].remove(SUBMITTED_INDEXED).unwrap();
+            store.db.flush().unwrap();
+            assert!(store.submitted_before(u64::MAX).unwrap().is_empty());
+            ids
+        };
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            store.submitted_before(u64::MAX).unwrap(),
+            vec![(ids[0], 2_000), (ids[2], 4_000)]
+        );
+        // and it is not rebuilt (nor duplicated) at the next open
+        store.apply_receipt(ids[0], None, 11_000).unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            store.submitted_before(u64::MAX).unwrap(),
+            vec![(ids[2], 4_000)]
+        );
+    }
 }
