@@ -1081,6 +1081,51 @@ mod sled {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_message_is_on_disk_when_its_submit_is_answered() {
+        // sled keeps a value over a quarter of a segment (128 KiB) in a file
+        // of its own, which its flush never syncs: the store's flush must.
+        let dir = tempfile::tempdir().unwrap();
+        let now = clock().now_millis();
+        let life = Lifecycle {
+            max_queued_bytes_per_sender: 4 << 20,
+            ..lifecycle()
+        };
+        let s = SledStore::open(dir.path(), SledOptions::default(), life).unwrap();
+        submit_ok(&s, &message(NL, BE, Priority::Normal, 4096, now), now).await;
+        assert_eq!(s.blob_files_synced(), 0);
+        let large = message(NL, BE, Priority::Normal, 1 << 20, now);
+        submit_ok(&s, &large, now).await;
+        assert!(s.blob_files_synced() >= 1);
+        s.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_whose_files_cannot_be_synced_refuses_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = clock().now_millis();
+        let s = open(dir.path());
+        let before = message(NL, BE, Priority::Normal, 100, now);
+        submit_ok(&s, &before, now).await;
+        // (what an operator's clean-up of the data directory could do)
+        std::fs::remove_dir_all(dir.path().join("blobs")).unwrap();
+        let err = s
+            .submit(message(NL, BE, Priority::Normal, 100, now), now)
+            .await
+            .expect_err("not durable");
+        assert!(
+            matches!(&err, StoreError::Unavailable(why) if why.contains("blobs")),
+            "{err:?}"
+        );
+        // and it stays so: a new blob directory would not be watched
+        assert!(matches!(
+            s.submit(message(NG, BE, Priority::Normal, 100, now), now)
+                .await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(state_of(&s, &before).await, State::Accepted);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failing_flush_is_unavailable_until_a_flush_succeeds() {
         let dir = tempfile::tempdir().unwrap();
         let c = clock();

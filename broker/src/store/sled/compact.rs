@@ -134,7 +134,8 @@ struct Copied {
 }
 
 /// Copies the store at `path` into a new database at `target`, checks the
-/// copy against the original, stores the seq floor, and flushes the copy.
+/// copy against the original, stores the seq floor, and flushes the copy
+/// to disk (every file: it must survive a power cut once it is swapped in).
 fn copy_store(path: &Path, target: &Path) -> Result<Copied, StoreError> {
     let old = open_existing(path)?;
     let old_floor = seq_floor(&old.open_tree("meta").map_err(storage)?)?;
@@ -168,6 +169,10 @@ fn copy_store(path: &Path, target: &Path) -> Result<Copied, StoreError> {
         .and_then(|meta| meta.insert(SEQ_FLOOR_KEY, &new_floor.to_be_bytes()[..]))
         .map_err(storage)?;
     new.flush().map_err(storage)?;
+    trmx_durable::DiskSync::open(target).map_err(|e| StoreError::Open {
+        path: target.display().to_string(),
+        reason: format!("cannot sync the copy: {e}"),
+    })?;
     Ok(Copied {
         _original: old,
         _copy: new,

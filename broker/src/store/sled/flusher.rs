@@ -8,12 +8,16 @@
 //!
 //! A flush runs on its own thread (not a caller's task) so that a caller whose
 //! future is dropped (client gone) can never leave the flush half done.
+//!
+//! A flush is sled's `flush` and then [`DiskSync::sync`]: sled alone
+//! survives a crash of the process but not a power cut (see `trmx_durable`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use tokio::sync::watch;
+use trmx_durable::DiskSync;
 
 use crate::store::StoreError;
 
@@ -62,6 +66,8 @@ struct Shared {
     requests: Mutex<Requests>,
     wake: Condvar,
     progress: watch::Sender<Progress>,
+    /// Blob files the flushes synced (large values; tests read it).
+    blob_files_synced: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -80,9 +86,11 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the flusher thread for `db`, with the nice value `nice` (0: unchanged).
+    /// Starts the flusher thread for `db`, whose flushes `sync` completes,
+    /// with the nice value `nice` (0: unchanged).
     pub(super) fn start(
         db: ::sled::Db,
+        sync: DiskSync,
         faults: FaultSwitch,
         observer: Option<super::FlushObserver>,
         nice: i32,
@@ -92,13 +100,14 @@ impl Flusher {
             requests: Mutex::new(Requests::default()),
             wake: Condvar::new(),
             progress,
+            blob_files_synced: Default::default(),
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("trmx-store-flush".to_owned())
             .spawn(move || {
                 super::apply_thread_nice("trmx-store-flush", nice);
-                run(&thread_shared, &db, &faults, observer.as_ref());
+                run(&thread_shared, &db, sync, &faults, observer.as_ref());
             })?;
         Ok(Self {
             shared,
@@ -142,6 +151,12 @@ impl Flusher {
         p.last_ok == p.finished && !p.stopped
     }
 
+    /// How many blob files (sled's files for large values) the flushes synced.
+    #[cfg(test)]
+    pub(super) fn blob_files_synced(&self) -> u64 {
+        self.shared.blob_files_synced.load(Ordering::Relaxed)
+    }
+
     /// Stops the thread after the flushes already requested, and waits for it.
     pub(super) fn stop(&self) {
         self.shared.lock().stop = true;
@@ -168,6 +183,7 @@ impl Drop for Flusher {
 fn run(
     shared: &Shared,
     db: &::sled::Db,
+    mut sync: DiskSync,
     faults: &FaultSwitch,
     observer: Option<&super::FlushObserver>,
 ) {
@@ -190,7 +206,15 @@ fn run(
             Err("injected storage fault (disk full)".to_owned())
         } else {
             let started = std::time::Instant::now();
-            let result = db.flush().map(drop).map_err(|e| e.to_string());
+            let result = db
+                .flush()
+                .map_err(|e| e.to_string())
+                .and_then(|_| sync.sync().map_err(|e| e.to_string()))
+                .map(|synced| {
+                    shared
+                        .blob_files_synced
+                        .fetch_add(synced.blob_files as u64, Ordering::Relaxed);
+                });
             if let Some(observer) = observer {
                 (observer.0)(started.elapsed());
             }

@@ -221,8 +221,11 @@ impl SledStore {
         let faults = FaultSwitch::default();
         let failpoints = FailPoints::from_env().map_err(&open_err)?;
         failpoint::watch_fault_file(&faults).map_err(&open_err)?;
+        let sync = trmx_durable::DiskSync::open(path)
+            .map_err(|e| open_err(format!("cannot sync the store's files: {e}")))?;
         let flusher = Flusher::start(
             db.clone(),
+            sync,
             faults.clone(),
             opts.flush_observer.clone(),
             opts.writer_nice,
@@ -697,6 +700,14 @@ impl BrokerStore for SledStore {
 
     fn wakeups(&self) -> broadcast::Receiver<ParticipantId> {
         self.inner.wakeups.subscribe()
+    }
+}
+
+#[cfg(test)]
+impl SledStore {
+    /// How many of sled's blob files (large values) the flushes synced.
+    pub(crate) fn blob_files_synced(&self) -> u64 {
+        self.inner.flusher.blob_files_synced()
     }
 }
 

@@ -1,0 +1,328 @@
+//! Completes sled's flush so that what it flushed survives a power cut.
+//!
+//! sled 0.34's `Db::flush` makes writes survive a crash of the process, not
+//! a power cut or a kernel panic:
+//! - it writes its log (`<dir>/db`) with `sync_file_range`, which neither
+//!   asks the disk to empty its volatile write cache nor commits the size of
+//!   a log file that grew;
+//! - it writes every item larger than a quarter of a segment (128 KiB with
+//!   the default 512 KiB segments: a message with a large attachment, or a
+//!   leaf holding several) into a file of its own under `<dir>/blobs/`, and
+//!   never syncs those files or that directory at all.
+//!
+//! A crash of the process loses none of this (the kernel's page cache
+//! survives it). A power cut can lose what was already answered for.
+//!
+//! [`DiskSync::sync`], called after every successful `Db::flush` and before
+//! anyone is answered, closes the gap:
+//! 1. It fdatasyncs every blob file closed since the last call. inotify
+//!    tells which ones, so a flush without large values costs one
+//!    non-blocking read.
+//! 2. It fsyncs the blob directory when entries came or went.
+//! 3. It fdatasyncs the log.
+//!
+//! The blobs go first, so that the log never points to a blob that a power
+//! cut could take. Linux only (inotify).
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fd::OwnedFd;
+use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+use rustix::io::Errno;
+
+/// The log file in a sled 0.34 directory.
+const LOG_FILE: &str = "db";
+/// The directory of a sled 0.34 database that holds the large items.
+const BLOB_DIR: &str = "blobs";
+/// Room for a few inotify events at a time (each at most 16 + 256 bytes).
+const EVENT_BUFFER: usize = 8192;
+
+/// Makes the flushes of one sled database durable (see the crate docs).
+#[derive(Debug)]
+pub struct DiskSync {
+    log: File,
+    /// The blob directory. (Not kept open: an open handle would delay the
+    /// event that says it was removed until the handle is closed.)
+    blobs: PathBuf,
+    inotify: OwnedFd,
+    events: Vec<MaybeUninit<u8>>,
+    /// Why the watch no longer sees every blob file: every later sync
+    /// fails with it (until the store is opened again).
+    broken: Option<String>,
+}
+
+/// What one [`DiskSync::sync`] synced besides the log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Synced {
+    /// Blob files fdatasynced.
+    pub blob_files: usize,
+    /// Whether the blob directory was fsynced.
+    pub blob_dir: bool,
+}
+
+impl DiskSync {
+    /// Starts watching the sled database in `dir` (already opened by sled,
+    /// which created its files), and syncs everything it holds once, so that
+    /// nothing written before the watch began is left out.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let blobs = dir.join(BLOB_DIR);
+        let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
+        inotify::add_watch(
+            &inotify,
+            &blobs,
+            WatchFlags::CLOSE_WRITE
+                | WatchFlags::CREATE
+                | WatchFlags::DELETE
+                | WatchFlags::MOVED_FROM
+                | WatchFlags::MOVED_TO
+                | WatchFlags::DELETE_SELF
+                | WatchFlags::MOVE_SELF
+                | WatchFlags::ONLYDIR,
+        )
+        .map_err(|e| with_path(e.into(), &blobs))?;
+        let log = File::open(dir.join(LOG_FILE)).map_err(|e| with_path(e, &dir.join(LOG_FILE)))?;
+        let sync = Self {
+            log,
+            blobs,
+            inotify,
+            events: vec![MaybeUninit::uninit(); EVENT_BUFFER],
+            broken: None,
+        };
+        sync.sync_every_blob()?;
+        sync.sync_blob_dir()?;
+        // the directory entries of the log, `conf` and `blobs` themselves
+        File::open(dir)?.sync_all()?;
+        sync.log.sync_data()?;
+        Ok(sync)
+    }
+
+    /// Makes everything the last `Db::flush` wrote durable. Call it after
+    /// every successful flush; an error means the flush is not durable.
+    pub fn sync(&mut self) -> io::Result<Synced> {
+        if let Some(why) = &self.broken {
+            return Err(io::Error::other(why.clone()));
+        }
+        let changes = self.read_events()?;
+        let mut synced = Synced::default();
+        if changes.overflowed {
+            tracing::warn!(
+                blobs = %self.blobs.display(),
+                "the kernel dropped file events of the store's blob directory: syncing every blob file"
+            );
+            synced.blob_files = self.sync_every_blob()?;
+        } else {
+            for name in &changes.closed {
+                if sync_blob(&self.blobs.join(name))? {
+                    synced.blob_files += 1;
+                }
+            }
+        }
+        if changes.overflowed || changes.entries_changed {
+            self.sync_blob_dir()?;
+            synced.blob_dir = true;
+        }
+        self.log.sync_data()?;
+        Ok(synced)
+    }
+
+    /// Drains the pending inotify events.
+    fn read_events(&mut self) -> io::Result<Changes> {
+        let mut changes = Changes::default();
+        let mut reader = inotify::Reader::new(&self.inotify, &mut self.events);
+        loop {
+            let event = match reader.next() {
+                Ok(event) => event,
+                Err(Errno::AGAIN) => break,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let flags = event.events();
+            if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
+                changes.overflowed = true;
+                continue;
+            }
+            if flags.intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF | ReadFlags::IGNORED)
+            {
+                // what is written there now is not watched
+                let why = format!(
+                    "{} was removed, moved or unmounted while the store is open; \
+                     restart the broker on an intact data directory",
+                    self.blobs.display()
+                );
+                self.broken = Some(why.clone());
+                return Err(io::Error::other(why));
+            }
+            if flags.intersects(
+                ReadFlags::CREATE | ReadFlags::DELETE | ReadFlags::MOVED_FROM | ReadFlags::MOVED_TO,
+            ) {
+                changes.entries_changed = true;
+            }
+            if flags.contains(ReadFlags::CLOSE_WRITE)
+                && let Some(name) = event.file_name()
+            {
+                let name = OsStr::from_bytes(name.to_bytes()).to_owned();
+                if !changes.closed.contains(&name) {
+                    changes.closed.push(name);
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Fsyncs the blob directory (its entries).
+    fn sync_blob_dir(&self) -> io::Result<()> {
+        File::open(&self.blobs)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| with_path(e, &self.blobs))
+    }
+
+    /// Fdatasyncs every file in the blob directory; returns how many.
+    fn sync_every_blob(&self) -> io::Result<usize> {
+        let mut count = 0;
+        for entry in std::fs::read_dir(&self.blobs).map_err(|e| with_path(e, &self.blobs))? {
+            if sync_blob(&entry?.path())? {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// What happened in the blob directory since the last read.
+#[derive(Debug, Default)]
+struct Changes {
+    /// Files closed after writing, each once.
+    closed: Vec<OsString>,
+    /// Entries were created, removed or renamed.
+    entries_changed: bool,
+    /// The kernel's event queue overflowed: some events are lost.
+    overflowed: bool,
+}
+
+/// Fdatasyncs the blob file `path`; `false` when sled removed it already.
+fn sync_blob(path: &Path) -> io::Result<bool> {
+    match File::open(path) {
+        Ok(file) => {
+            file.sync_data().map_err(|e| with_path(e, path))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(with_path(e, path)),
+    }
+}
+
+/// `e`, saying which file it is about.
+fn with_path(e: io::Error, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn sled_dir() -> (tempfile::TempDir, sled::Db) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path())
+            .cache_capacity(1 << 20)
+            .flush_every_ms(None)
+            .open()
+            .expect("open sled");
+        (dir, db)
+    }
+
+    #[test]
+    fn a_flush_without_large_values_syncs_only_the_log() {
+        let (dir, db) = sled_dir();
+        let mut sync = DiskSync::open(dir.path()).expect("watch");
+        db.insert("k", vec![7u8; 4096]).expect("insert");
+        db.flush().expect("flush");
+        assert_eq!(sync.sync().expect("sync"), Synced::default());
+    }
+
+    #[test]
+    fn a_value_sled_keeps_in_a_blob_file_is_synced_with_the_flush() {
+        // This is the sled behaviour the crate exists for: if sled stopped
+        // writing large values to `blobs/`, this test says so.
+        let (dir, db) = sled_dir();
+        let mut sync = DiskSync::open(dir.path()).expect("watch");
+        db.insert("attachment", vec![7u8; 300 << 10])
+            .expect("insert");
+        db.flush().expect("flush");
+        let synced = sync.sync().expect("sync");
+        assert!(synced.blob_files >= 1, "{synced:?}");
+        assert!(synced.blob_dir, "{synced:?}");
+        // nothing new: nothing more to sync
+        assert_eq!(sync.sync().expect("sync"), Synced::default());
+    }
+
+    #[test]
+    fn a_blob_still_being_written_is_synced_once_it_is_closed() {
+        let (dir, _db) = sled_dir();
+        let mut sync = DiskSync::open(dir.path()).expect("watch");
+        let path = dir.path().join(BLOB_DIR).join("12345");
+        let mut file = File::create(&path).expect("create");
+        file.write_all(b"half").expect("write");
+        let synced = sync.sync().expect("sync");
+        assert_eq!(synced.blob_files, 0, "not closed yet");
+        assert!(synced.blob_dir, "a new entry");
+        file.write_all(b" and the rest").expect("write");
+        drop(file);
+        assert_eq!(
+            sync.sync().expect("sync"),
+            Synced {
+                blob_files: 1,
+                blob_dir: false
+            }
+        );
+        // removed by sled after a rewrite: the directory again, no file
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(
+            sync.sync().expect("sync"),
+            Synced {
+                blob_files: 0,
+                blob_dir: true
+            }
+        );
+    }
+
+    #[test]
+    fn every_blob_file_sled_wrote_before_the_watch_is_found() {
+        let (dir, db) = sled_dir();
+        db.insert("attachment", vec![7u8; 300 << 10])
+            .expect("insert");
+        db.flush().expect("flush");
+        let blobs = std::fs::read_dir(dir.path().join(BLOB_DIR))
+            .expect("blobs")
+            .count();
+        assert!(blobs >= 1);
+        let sync = DiskSync::open(dir.path()).expect("watch");
+        assert_eq!(sync.sync_every_blob().expect("sync"), blobs);
+    }
+
+    #[test]
+    fn a_removed_blob_directory_fails_every_later_sync() {
+        let (dir, _db) = sled_dir();
+        let mut sync = DiskSync::open(dir.path()).expect("watch");
+        std::fs::remove_dir_all(dir.path().join(BLOB_DIR)).expect("remove");
+        let err = sync.sync().expect_err("removed");
+        assert!(err.to_string().contains("removed, moved"), "{err}");
+        // a new directory would not be watched: still refused
+        std::fs::create_dir(dir.path().join(BLOB_DIR)).expect("recreate");
+        assert!(sync.sync().is_err());
+    }
+
+    #[test]
+    fn a_missing_blob_directory_is_an_error_naming_it() {
+        let (dir, _db) = sled_dir();
+        std::fs::remove_dir_all(dir.path().join(BLOB_DIR)).expect("remove");
+        let err = DiskSync::open(dir.path()).expect_err("no blobs dir");
+        assert!(err.to_string().contains(BLOB_DIR), "{err}");
+    }
+}
