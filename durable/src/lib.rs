@@ -71,7 +71,14 @@ impl DiskSync {
     /// nothing written before the watch began is left out.
     pub fn open(dir: &Path) -> io::Result<Self> {
         let blobs = dir.join(BLOB_DIR);
-        let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
+        let inotify =
+            inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).map_err(|e| match e {
+                Errno::MFILE => io::Error::other(
+                    "cannot watch the store's files: this user's inotify instances are all in \
+                     use (raise the sysctl fs.inotify.max_user_instances)",
+                ),
+                e => io::Error::other(format!("cannot watch the store's files (inotify): {e}")),
+            })?;
         inotify::add_watch(
             &inotify,
             &blobs,
@@ -84,7 +91,14 @@ impl DiskSync {
                 | WatchFlags::MOVE_SELF
                 | WatchFlags::ONLYDIR,
         )
-        .map_err(|e| with_path(e.into(), &blobs))?;
+        .map_err(|e| match e {
+            Errno::NOSPC => io::Error::other(format!(
+                "cannot watch {}: this user's inotify watches are all in use \
+                 (raise the sysctl fs.inotify.max_user_watches)",
+                blobs.display()
+            )),
+            e => with_path(e.into(), &blobs),
+        })?;
         let log = File::open(dir.join(LOG_FILE)).map_err(|e| with_path(e, &dir.join(LOG_FILE)))?;
         let sync = Self {
             log,
