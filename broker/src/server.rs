@@ -192,7 +192,13 @@ impl BrokerBuilder {
             forward_wakeups(shared.clone(), shutdown_rx.clone()).instrument(info_span!("wakeups")),
         );
         let presence = tokio::spawn(
-            presence_loop(shared.clone(), shutdown_rx.clone()).instrument(info_span!("presence")),
+            presence_loop(
+                shared.store.clone(),
+                shared.metrics.clone(),
+                PRESENCE_SAVE_INTERVAL,
+                shutdown_rx.clone(),
+            )
+            .instrument(info_span!("presence")),
         );
         let crl_reloads = tokio::spawn(
             crl_reload_loop(
@@ -259,7 +265,7 @@ impl BrokerBuilder {
             crl_reloads.abort();
             wakeups.abort();
             presence.abort();
-            save_presence(&shared, None).await;
+            save_presence(shared.store.as_ref(), &shared.metrics, None).await;
             let closed = shared.store.close().await.map_err(BrokerError::from);
             shared.metrics.set_store_writable(false);
             let _ = admin_stop.send(());
@@ -427,10 +433,15 @@ async fn restore_presence(store: &dyn BrokerStore, metrics: &Metrics, registry: 
 /// After a crash, a last-seen time is at most this old.
 const PRESENCE_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Saves the participants' presence every [`PRESENCE_SAVE_INTERVAL`].
-async fn presence_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// Saves the participants' presence every `interval` ([`PRESENCE_SAVE_INTERVAL`]).
+async fn presence_loop(
+    store: Arc<dyn BrokerStore>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut saved = Vec::new();
-    let mut ticker = tokio::time::interval(PRESENCE_SAVE_INTERVAL);
+    let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await; // the first tick is immediate: nothing seen yet
     loop {
@@ -438,19 +449,23 @@ async fn presence_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        saved = save_presence(&shared, Some(saved)).await;
+        saved = save_presence(store.as_ref(), &metrics, Some(saved)).await;
     }
 }
 
 /// Saves what changed since `saved` (everything when `None`); returns what
 /// is saved now (`saved` again when the save failed, to retry next time).
-async fn save_presence(shared: &Shared, saved: Option<Vec<Presence>>) -> Vec<Presence> {
-    let now = shared.metrics.presence();
+async fn save_presence(
+    store: &dyn BrokerStore,
+    metrics: &Metrics,
+    saved: Option<Vec<Presence>>,
+) -> Vec<Presence> {
+    let now = metrics.presence();
     let changed: Vec<Presence> = match &saved {
         Some(saved) => now.iter().filter(|p| !saved.contains(p)).cloned().collect(),
         None => now.clone(),
     };
-    match shared.store.save_presence(changed).await {
+    match store.save_presence(changed).await {
         Ok(()) => now,
         Err(e) => {
             warn!(error = %e, "cannot save the participants' last-seen times");
@@ -773,4 +788,60 @@ async fn open_store(
         .await
         .map_err(|e| BrokerError::Unavailable(format!("store open task failed: {e}")))??;
     Ok(Arc::new(store))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trmx_proto::ParticipantId;
+
+    /// Polls `store` until its saved presence is `want` (or fails after 10 s).
+    async fn until_saved(store: &dyn BrokerStore, want: &[Presence]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let saved = store.presence().await.expect("presence");
+            if saved == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "saved {saved:?}, want {want:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn presence_is_saved_every_interval_until_shutdown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn BrokerStore> = Arc::new(
+            SledStore::open(dir.path(), SledOptions::default(), Lifecycle::default())
+                .expect("open"),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let (stop, stopped) = watch::channel(false);
+        let saving = tokio::spawn(presence_loop(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            Duration::from_millis(20),
+            stopped,
+        ));
+        let nl = ParticipantId::parse("NL-NRM").expect("id");
+        let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        let saved = |secs: u64| Presence {
+            participant: nl.clone(),
+            last_seen: secs * 1000,
+            cert_not_after: None,
+        };
+
+        metrics.seen(&nl, at(1_700_000_000));
+        until_saved(store.as_ref(), &[saved(1_700_000_000)]).await;
+        // a later sighting is saved at the next interval, not only at shutdown
+        metrics.seen(&nl, at(1_700_000_060));
+        until_saved(store.as_ref(), &[saved(1_700_000_060)]).await;
+
+        stop.send(true).expect("loop running");
+        tokio::time::timeout(Duration::from_secs(5), saving)
+            .await
+            .expect("the loop ends at shutdown")
+            .expect("no panic");
+        store.close().await.expect("close");
+    }
 }
