@@ -22,7 +22,9 @@
 //! 3. It fdatasyncs the log.
 //!
 //! The blobs go first, so that the log never points to a blob that a power
-//! cut could take. Linux only (inotify).
+//! cut could take. [`DiskSync::open`] syncs once what was written before the
+//! watch began: every blob file, sled's `conf` (written once, never synced),
+//! the directories and the log. Linux only (inotify).
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -37,6 +39,8 @@ use rustix::io::Errno;
 
 /// The log file in a sled 0.34 directory.
 const LOG_FILE: &str = "db";
+/// sled's settings file, written once when the database is created (unsynced).
+const CONF_FILE: &str = "conf";
 /// The directory of a sled 0.34 database that holds the large items.
 const BLOB_DIR: &str = "blobs";
 /// Room for a few inotify events at a time (each at most 16 + 256 bytes).
@@ -109,8 +113,19 @@ impl DiskSync {
         };
         sync.sync_every_blob()?;
         sync.sync_blob_dir()?;
-        // the directory entries of the log, `conf` and `blobs` themselves
-        File::open(dir)?.sync_all()?;
+        sync_file(&dir.join(CONF_FILE))?;
+        // the directory entries of the log, `conf` and `blobs` themselves,
+        // and of the database directory (sled creates it when missing)
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| with_path(e, dir))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            match File::open(parent).and_then(|d| d.sync_all()) {
+                // (a parent this user may not list was not created by it either)
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+                other => other.map_err(|e| with_path(e, parent))?,
+            }
+        }
         sync.log.sync_data()?;
         Ok(sync)
     }
@@ -131,7 +146,7 @@ impl DiskSync {
             synced.blob_files = self.sync_every_blob()?;
         } else {
             for name in &changes.closed {
-                if sync_blob(&self.blobs.join(name))? {
+                if sync_file(&self.blobs.join(name))? {
                     synced.blob_files += 1;
                 }
             }
@@ -199,7 +214,7 @@ impl DiskSync {
     fn sync_every_blob(&self) -> io::Result<usize> {
         let mut count = 0;
         for entry in std::fs::read_dir(&self.blobs).map_err(|e| with_path(e, &self.blobs))? {
-            if sync_blob(&entry?.path())? {
+            if sync_file(&entry?.path())? {
                 count += 1;
             }
         }
@@ -218,8 +233,9 @@ struct Changes {
     overflowed: bool,
 }
 
-/// Fdatasyncs the blob file `path`; `false` when sled removed it already.
-fn sync_blob(path: &Path) -> io::Result<bool> {
+/// Fdatasyncs the file `path`; `false` when it is gone (sled removed the
+/// blob already).
+fn sync_file(path: &Path) -> io::Result<bool> {
     match File::open(path) {
         Ok(file) => {
             file.sync_data().map_err(|e| with_path(e, path))?;
