@@ -26,6 +26,7 @@
 //! watch began: every blob file, sled's `conf` (written once, never synced),
 //! the directories and the log. Linux only (inotify).
 
+use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -55,8 +56,8 @@ pub struct DiskSync {
     blobs: PathBuf,
     inotify: OwnedFd,
     events: Vec<MaybeUninit<u8>>,
-    /// Why the watch no longer sees every blob file: every later sync
-    /// fails with it (until the store is opened again).
+    /// Why a sync failed: every later sync fails with it (until the store
+    /// is opened again; see [`DiskSync::sync`]).
     broken: Option<String>,
 }
 
@@ -132,10 +133,24 @@ impl DiskSync {
 
     /// Makes everything the last `Db::flush` wrote durable. Call it after
     /// every successful flush; an error means the flush is not durable.
+    ///
+    /// An error is final: every later call fails with it. After a failed
+    /// fsync the kernel may have dropped the pages it could not write, and
+    /// the events read before the failure are consumed, so a later success
+    /// would prove nothing. Opening the store again syncs every file anew.
     pub fn sync(&mut self) -> io::Result<Synced> {
         if let Some(why) = &self.broken {
             return Err(io::Error::other(why.clone()));
         }
+        self.sync_changes().inspect_err(|e| {
+            self.broken = Some(format!(
+                "{e}; no later flush of this store is trusted: open it again (restart) once \
+                 the cause is fixed"
+            ));
+        })
+    }
+
+    fn sync_changes(&mut self) -> io::Result<Synced> {
         let changes = self.read_events()?;
         let mut synced = Synced::default();
         if changes.overflowed {
@@ -178,13 +193,10 @@ impl DiskSync {
             if flags.intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF | ReadFlags::IGNORED)
             {
                 // what is written there now is not watched
-                let why = format!(
-                    "{} was removed, moved or unmounted while the store is open; \
-                     restart the broker on an intact data directory",
+                return Err(io::Error::other(format!(
+                    "{} was removed, moved or unmounted while the store is open",
                     self.blobs.display()
-                );
-                self.broken = Some(why.clone());
-                return Err(io::Error::other(why));
+                )));
             }
             if flags.intersects(
                 ReadFlags::CREATE | ReadFlags::DELETE | ReadFlags::MOVED_FROM | ReadFlags::MOVED_TO,
@@ -194,10 +206,9 @@ impl DiskSync {
             if flags.contains(ReadFlags::CLOSE_WRITE)
                 && let Some(name) = event.file_name()
             {
-                let name = OsStr::from_bytes(name.to_bytes()).to_owned();
-                if !changes.closed.contains(&name) {
-                    changes.closed.push(name);
-                }
+                changes
+                    .closed
+                    .insert(OsStr::from_bytes(name.to_bytes()).to_owned());
             }
         }
         Ok(changes)
@@ -225,8 +236,8 @@ impl DiskSync {
 /// What happened in the blob directory since the last read.
 #[derive(Debug, Default)]
 struct Changes {
-    /// Files closed after writing, each once.
-    closed: Vec<OsString>,
+    /// Files closed after writing.
+    closed: BTreeSet<OsString>,
     /// Entries were created, removed or renamed.
     entries_changed: bool,
     /// The kernel's event queue overflowed: some events are lost.
