@@ -41,6 +41,8 @@ use tonic::Code;
 use trmx_broker::BrokerConfig;
 pub use trmx_broker::store::sled::failpoint::{FAILPOINT_ENV, FAULT_FILE_ENV, Point};
 use trmx_certs::CertPaths;
+use trmx_proto::body::Body;
+use trmx_proto::envelope::sha256;
 use trmx_proto::{Kind, pb};
 use trmx_transport::{ClientOptions, TlsPaths, client_channel};
 
@@ -73,6 +75,10 @@ const JITTER_MS: u64 = 150;
 const SIGABRT: i32 = 6;
 /// The document every chaos message carries (a valid referral).
 const REFERRAL: &str = EXAMPLES[0];
+/// The attachment every [`ChaosPlan::attachment_every`]-th message adds to
+/// it: over sled's 128 KiB blob threshold, so that the broker and the nodes
+/// keep that message in a file of its own (`blobs/`).
+const ATTACHMENT_BYTES: usize = 200 << 10;
 
 // ---- seeded randomness --------------------------------------------------------------
 
@@ -545,6 +551,9 @@ pub struct ChaosPlan {
     pub window: u64,
     /// How long the run may take to settle after the last send.
     pub settle: Duration,
+    /// Every this many messages of a sender, one carries a 200 KiB
+    /// attachment (0: none).
+    pub attachment_every: usize,
     /// Narrate every fault on stderr.
     pub verbose: bool,
 }
@@ -577,6 +586,7 @@ impl ChaosPlan {
             seed,
             window: 64,
             settle: Duration::from_secs(120),
+            attachment_every: 0,
             verbose: true,
         }
     }
@@ -841,6 +851,7 @@ impl<'p> Driver<'p> {
                 sender,
                 count: per_sender + usize::from(n < extra),
                 window: self.plan.window,
+                attachment_every: self.plan.attachment_every,
                 accepted: Arc::clone(&self.accepted),
                 deadline,
             };
@@ -1120,6 +1131,26 @@ async fn watch_all(api: &mut Api, expected: usize) -> anyhow::Result<Vec<String>
     }
 }
 
+/// The chaos message with idempotency key `key`: the referral, with a
+/// [`ATTACHMENT_BYTES`] attachment when `attach`.
+fn chaos_request(key: &str, attach: bool) -> anyhow::Result<pb::SendRequest> {
+    let mut request = json_request(key, RECIPIENT, Kind::Referral, REFERRAL);
+    if attach {
+        let Body::Referral(mut referral) = Body::from_json(Kind::Referral, REFERRAL)? else {
+            bail!("the chaos document is not a referral");
+        };
+        let content: Vec<u8> = (0..ATTACHMENT_BYTES).map(|i| (i % 251) as u8).collect();
+        referral.attachments.push(pb::Attachment {
+            file_name: "consent-form.pdf".to_owned(),
+            media_type: "application/pdf".to_owned(),
+            sha256: sha256(&content).to_vec(),
+            content,
+        });
+        request.body = Some(pb::send_request::Body::Referral(referral));
+    }
+    Ok(request)
+}
+
 /// One sender's application: sends `count` referrals through its node's
 /// local API with idempotency keys, keeping at most `window` queued, and
 /// retrying (same key) while its node is down.
@@ -1128,6 +1159,7 @@ struct SenderJob {
     socket: PathBuf,
     count: usize,
     window: u64,
+    attachment_every: usize,
     accepted: Arc<AtomicUsize>,
     deadline: Instant,
 }
@@ -1164,7 +1196,8 @@ impl SenderJob {
                         continue;
                     }
                 }
-                let request = json_request(&key, RECIPIENT, Kind::Referral, REFERRAL);
+                let attach = self.attachment_every > 0 && k % self.attachment_every == 0;
+                let request = chaos_request(&key, attach)?;
                 match client.send(request).await {
                     Ok(response) => {
                         ids.push(response.into_inner().message_id);

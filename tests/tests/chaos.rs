@@ -28,6 +28,8 @@ async fn chaos_run(messages: usize, faults: Vec<Fault>) -> anyhow::Result<ChaosR
         seed,
         window: 24,
         settle: Duration::from_secs(40),
+        // some messages in sled's blob files, through every kill
+        attachment_every: 10,
         verbose: true,
     };
     let report = chaos::run(Path::new(DEMO), dir.path(), &plan).await;

@@ -42,6 +42,10 @@ struct Args {
     /// SIGKILLs of a sender's node with messages in its outbox.
     #[arg(long, default_value_t = 2)]
     sender_kills: usize,
+    /// Every this many messages of a sender, one carries a 200 KiB attachment, which the
+    /// broker and the nodes store in a file of its own (sled's blobs); 0: none.
+    #[arg(long, default_value_t = 25)]
+    attachment_every: usize,
     /// Seed of every random choice (default: TRMX_CHAOS_SEED, else a fresh one).
     #[arg(long)]
     seed: Option<u64>,
@@ -151,14 +155,17 @@ async fn crash(exe: &Path, dir: &Path, args: &Args) -> anyhow::Result<bool> {
         "trmx-chaos: {} messages from {} senders, {} broker kills, {} recipient kills, {} sender kills; seed {seed} (replay: --seed {seed} or {SEED_ENV}={seed})",
         args.messages, args.senders, args.kills, args.recipient_kills, args.sender_kills
     );
-    let plan = ChaosPlan::mixed(
-        args.senders,
-        args.messages,
-        args.kills,
-        args.recipient_kills,
-        args.sender_kills,
-        seed,
-    );
+    let plan = ChaosPlan {
+        attachment_every: args.attachment_every,
+        ..ChaosPlan::mixed(
+            args.senders,
+            args.messages,
+            args.kills,
+            args.recipient_kills,
+            args.sender_kills,
+            seed,
+        )
+    };
     let report = chaos::run(exe, dir, &plan).await?;
     println!();
     println!("{report}");
