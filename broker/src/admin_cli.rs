@@ -255,11 +255,23 @@ pub enum OfflineStoreCommand {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Check that every index, timer and counter of the stopped broker's
+    /// store holds what its message records imply (after a crash, a power
+    /// cut, a restore or a compaction). Reads only; exit code 1 when the
+    /// store is not consistent.
+    Verify {
+        /// The broker's data directory (the broker must be stopped).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 /// Runs `trmx-broker store …` and returns the exit code; prints the failure line.
 pub fn run_offline_store(args: OfflineStoreArgs) -> ExitCode {
-    let OfflineStoreCommand::Compact { data_dir, output } = args.command;
+    let (data_dir, output) = match args.command {
+        OfflineStoreCommand::Compact { data_dir, output } => (data_dir, output),
+        OfflineStoreCommand::Verify { data_dir } => return verify_store(&data_dir),
+    };
     match crate::store::compact_offline(&data_dir, output.as_deref()) {
         Ok(report) => {
             println!(
@@ -286,6 +298,27 @@ pub fn run_offline_store(args: OfflineStoreArgs) -> ExitCode {
         Err(error) => {
             eprintln!(
                 "trmx-broker store compact: {}",
+                one_line(&error.to_string())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `trmx-broker store verify`.
+fn verify_store(data_dir: &std::path::Path) -> ExitCode {
+    match crate::store::verify_store_offline(data_dir) {
+        Ok(report) => {
+            println!("{report}");
+            if report.is_consistent() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!(
+                "trmx-broker store verify: {} (is the broker still running on it?)",
                 one_line(&error.to_string())
             );
             ExitCode::FAILURE

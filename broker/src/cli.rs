@@ -52,7 +52,7 @@ enum Command {
     Admin(Box<crate::admin_cli::AdminArgs>),
     /// Offline audit-log work on a stopped broker's data directory (`audit verify`).
     Audit(crate::admin_cli::OfflineAuditArgs),
-    /// Offline work on a stopped broker's store (`store compact`).
+    /// Offline work on a stopped broker's store (`store compact`, `store verify`).
     Store(crate::admin_cli::OfflineStoreArgs),
 }
 

@@ -944,14 +944,15 @@ async fn statistics_come_from_metadata_and_suppress_small_counts() -> anyhow::Re
 async fn store_compact_on_a_stopped_broker_keeps_its_messages() -> anyhow::Result<()> {
     let mut t = TestBroker::start().await?;
     let data_dir = t.config.data_dir.clone();
-    let compact = || {
+    let store = |command: &str| {
         broker_cli(vec![
             "store".into(),
-            "compact".into(),
+            command.into(),
             "--data-dir".into(),
             data_dir.display().to_string(),
         ])
     };
+    let compact = || store("compact");
     let mut nl = t.client("NL-NRM")?;
     let mut be = t.client("BE-PAYOKE")?;
     // history for sled to keep: delivered and acknowledged 32 KiB messages
@@ -973,13 +974,33 @@ async fn store_compact_on_a_stopped_broker_keeps_its_messages() -> anyhow::Resul
     assert_eq!(stderr(&locked).lines().count(), 1, "{}", stderr(&locked));
     assert!(stderr(&locked).contains("locked"), "{}", stderr(&locked));
 
+    let locked = store("verify").await?;
+    assert!(!locked.status.success());
+    assert!(stderr(&locked).contains("locked"), "{}", stderr(&locked));
+
     drop((nl, be));
     t.broker.shutdown().await?;
+    let verified = store("verify").await?;
+    assert!(verified.status.success(), "{}", stdout(&verified));
+    // 20 delivered messages, their 20 receipts, and the one waiting
+    assert!(
+        stdout(&verified).contains("records            41"),
+        "{}",
+        stdout(&verified)
+    );
     let out = compact().await?;
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("compacted"), "{text}");
     assert!(text.contains("the original store is kept at"), "{text}");
+    // the copy's indexes hold what its records imply
+    let verified = store("verify").await?;
+    assert!(verified.status.success(), "{}", stdout(&verified));
+    assert!(
+        stdout(&verified).contains("the store is consistent"),
+        "{}",
+        stdout(&verified)
+    );
 
     // the restarted broker has every message, and takes new ones
     t.restart().await?;

@@ -15,16 +15,16 @@ use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
 use super::*;
 use crate::clock::{Clock, ManualClock};
 
-const NL: &str = "NL-NRM";
-const BE: &str = "BE-PAYOKE";
-const NG: &str = "NG-NAPTIP";
+pub(super) const NL: &str = "NL-NRM";
+pub(super) const BE: &str = "BE-PAYOKE";
+pub(super) const NG: &str = "NG-NAPTIP";
 
-fn pid(s: &str) -> ParticipantId {
+pub(super) fn pid(s: &str) -> ParticipantId {
     ParticipantId::parse(s).unwrap()
 }
 
 /// The lifecycle used by the suite.
-fn lifecycle() -> Lifecycle {
+pub(super) fn lifecycle() -> Lifecycle {
     Lifecycle {
         ack_timeout: Duration::from_secs(30),
         max_attempts: 3,
@@ -37,11 +37,17 @@ fn lifecycle() -> Lifecycle {
     }
 }
 
-fn clock() -> ManualClock {
+pub(super) fn clock() -> ManualClock {
     ManualClock::at_millis(1_700_000_000_000)
 }
 
-fn message(from: &str, to: &str, priority: Priority, size: usize, now: Millis) -> NewMessage {
+pub(super) fn message(
+    from: &str,
+    to: &str,
+    priority: Priority,
+    size: usize,
+    now: Millis,
+) -> NewMessage {
     let message_id = MessageId::new_v7();
     let payload = bytes::Bytes::from(vec![7u8; size]);
     let payload_sha256 = sha256(&payload);
@@ -64,14 +70,14 @@ fn message(from: &str, to: &str, priority: Priority, size: usize, now: Millis) -
     }
 }
 
-async fn submit_ok<S: BrokerStore>(s: &S, msg: &NewMessage, now: Millis) -> Accepted {
+pub(super) async fn submit_ok<S: BrokerStore>(s: &S, msg: &NewMessage, now: Millis) -> Accepted {
     match s.submit(msg.clone(), now).await.unwrap() {
         SubmitOutcome::Accepted(a) => a,
         other => panic!("expected Accepted, got {other:?}"),
     }
 }
 
-async fn lease_ids<S: BrokerStore>(
+pub(super) async fn lease_ids<S: BrokerStore>(
     s: &S,
     to: &str,
     stream: u64,
@@ -977,6 +983,10 @@ mod sled {
                 let store = open(dir.path());
                 super::$name(&store, &clock()).await;
                 store.close().await.unwrap();
+                drop(store);
+                // and every index still holds what the records imply
+                let report = crate::store::verify_store_offline(dir.path()).unwrap();
+                assert!(report.is_consistent(), "{report}");
             }
         )*};
     }

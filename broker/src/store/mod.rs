@@ -30,8 +30,9 @@ mod conformance;
 
 pub use self::audit::{AuditReport, OperatorAction};
 pub use self::sled::{
-    CompactReport, FaultSwitch, FlushObserver, SledOptions, SledStore, audit_records_offline,
-    compact_offline, dir_bytes, tamper_audit_record, verify_audit_offline,
+    CompactReport, FaultSwitch, FlushObserver, SledOptions, SledStore, StoreReport,
+    audit_records_offline, compact_offline, dir_bytes, tamper_audit_record, verify_audit_offline,
+    verify_store_offline,
 };
 
 /// Milliseconds since the Unix epoch; every instant in the store uses this.

@@ -303,8 +303,11 @@ pub(super) fn open_existing(path: &Path) -> Result<::sled::Db, StoreError> {
         path: path.display().to_string(),
         reason,
     };
-    // never create a database where there is none
+    // never create a database where there is none (sled would)
     std::fs::read_dir(path).map_err(|e| open_err(format!("cannot read the directory: {e}")))?;
+    if !path.join("conf").is_file() {
+        return Err(open_err("not a trmx broker data directory".to_owned()));
+    }
     let config = ::sled::Config::new()
         .path(path)
         .cache_capacity(16 << 20)

@@ -28,6 +28,7 @@ use self::failpoint::{FailPoints, Point};
 pub use self::flusher::FaultSwitch;
 use self::flusher::Flusher;
 use self::tx::{TREE_NAMES, Tx, TxResult};
+pub use self::verify::{StoreReport, verify_store_offline};
 use self::writer::Writer;
 use crate::store::audit::{AuditEvent, AuditReport, OperatorAction};
 use crate::store::{
@@ -44,6 +45,7 @@ mod flusher;
 mod ops;
 mod presence;
 mod tx;
+mod verify;
 mod writer;
 
 /// Format marker stored in the `meta` tree.

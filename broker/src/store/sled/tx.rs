@@ -422,7 +422,7 @@ fn timestamp(at: Millis) -> pb::Timestamp {
 }
 
 /// Index entries `(tree, key, value)` that `r` implies.
-fn index_entries(r: &Record) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
+pub(super) fn index_entries(r: &Record) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
     let mut out = Vec::with_capacity(4);
     match r.state {
         State::Accepted => match r.next_attempt_at {
@@ -477,16 +477,16 @@ pub(super) fn may_be_leased(r: &Record) -> bool {
 
 /// What one record adds to the counters.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Contribution<'a> {
-    recipient: Option<&'a ParticipantId>,
-    sender: Option<&'a ParticipantId>,
-    depth: u64,
-    in_flight: u64,
-    bytes: u64,
+pub(super) struct Contribution<'a> {
+    pub(super) recipient: Option<&'a ParticipantId>,
+    pub(super) sender: Option<&'a ParticipantId>,
+    pub(super) depth: u64,
+    pub(super) in_flight: u64,
+    pub(super) bytes: u64,
 }
 
 impl<'a> Contribution<'a> {
-    fn of(r: &'a Record) -> Self {
+    pub(super) fn of(r: &'a Record) -> Self {
         if !r.state.is_active() {
             return Self::default();
         }
