@@ -281,6 +281,8 @@ pub struct Fleet {
     pub admin_addr: SocketAddr,
     /// The broker's config file.
     pub broker_config: PathBuf,
+    /// The broker's data directory.
+    pub broker_data_dir: PathBuf,
     /// The broker process.
     pub broker: Daemon,
     /// Node processes by participant id.
@@ -342,6 +344,7 @@ impl Fleet {
         tune(&mut config);
         config.validate()?;
         std::fs::write(&broker_config, config.to_toml()?)?;
+        let broker_data_dir = config.data_dir.clone();
         let broker_dir = dir.join("broker");
         let broker = Daemon::new(
             "broker",
@@ -385,6 +388,7 @@ impl Fleet {
             broker_addr,
             admin_addr,
             broker_config,
+            broker_data_dir,
             broker,
             nodes,
             senders: SENDER_IDS[..senders]
@@ -637,6 +641,11 @@ pub struct ChaosReport {
     pub settled: bool,
     /// Whether every process stopped cleanly at the end.
     pub clean_stop: bool,
+    /// What `trmx-broker store verify` found in the broker's store after
+    /// the stop (`None`: not checked, the broker did not stop cleanly).
+    pub store_check: Option<String>,
+    /// Whether that check found the store consistent.
+    pub store_consistent: bool,
     /// Wall time of the run.
     pub wall: Duration,
 }
@@ -651,6 +660,7 @@ impl ChaosReport {
             && self.failed == 0
             && self.unexpected_exits.is_empty()
             && self.delivered == self.messages_sent
+            && (self.store_check.is_none() || self.store_consistent)
     }
 
     /// Total kills of every kind.
@@ -733,6 +743,13 @@ impl fmt::Display for ChaosReport {
         }
         writeln!(f, "settled                   {}", self.settled)?;
         writeln!(f, "clean stop                {}", self.clean_stop)?;
+        match &self.store_check {
+            Some(_) if self.store_consistent => {
+                writeln!(f, "broker store              consistent (store verify)")?;
+            }
+            Some(check) => writeln!(f, "BROKER STORE NOT CONSISTENT\n{check}")?,
+            None => writeln!(f, "broker store              not checked")?,
+        }
         write!(
             f,
             "wall time                 {:.1} s",
@@ -761,7 +778,17 @@ pub async fn run(exe: &Path, dir: &Path, plan: &ChaosPlan) -> anyhow::Result<Cha
         report.broker_peak_rss_kib = sampler.finish().await.into_values().collect();
     }
     report.broker_incarnations = fleet.broker.starts();
+    let data_dir = fleet.broker_data_dir.clone();
     report.clean_stop = fleet.stop_all().await?;
+    if report.clean_stop {
+        // every index of the broker's store still holds what its records imply
+        let check = tokio::task::spawn_blocking(move || {
+            trmx_broker::store::verify_store_offline(&data_dir)
+        })
+        .await??;
+        report.store_consistent = check.is_consistent();
+        report.store_check = Some(check.to_string());
+    }
     report.wall = started.elapsed();
     result.map(|()| report)
 }
