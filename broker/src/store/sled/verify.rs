@@ -10,8 +10,9 @@
 //! never be delivered or never expire) and what is extra (an entry that
 //! points to nothing, or to a record that does not imply it).
 //!
-//! It reads only, and it holds the derived entries in memory: about 250
-//! bytes per stored record. The audit log has its own check (`audit verify`).
+//! It reads only, and it holds the derived entries in memory: about 1 KiB
+//! per stored record with sled's cache (120,000 records: 1.0 s, 126 MiB).
+//! The audit log has its own check (`audit verify`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
