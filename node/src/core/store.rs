@@ -493,11 +493,7 @@ impl Store {
             .insert(SUBMITTED_INDEXED, &[1])
             .map_err(store_err)?;
         self.db.flush().map_err(store_err)?;
-        self.sync
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .sync()
-            .map_err(store_err)?;
+        self.sync_files()?;
         if indexed > 0 {
             tracing::info!(entries = indexed, "indexed the submitted outbox entries");
         }
@@ -511,16 +507,20 @@ impl Store {
     /// Makes everything written so far durable, also against a power cut.
     pub(crate) async fn flush_async(&self) -> Result<(), NodeError> {
         self.db.flush_async().await.map_err(store_err)?;
-        let sync = std::sync::Arc::clone(&self.sync);
-        tokio::task::spawn_blocking(move || {
-            sync.lock()
-                .unwrap_or_else(|poison| poison.into_inner())
-                .sync()
-        })
-        .await
-        .map_err(store_err)?
-        .map(drop)
-        .map_err(|e| NodeError::Store(format!("cannot sync the node's store: {e}")))
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.sync_files())
+            .await
+            .map_err(store_err)?
+    }
+
+    /// Completes a sled flush so that it survives a power cut (blocking).
+    fn sync_files(&self) -> Result<(), NodeError> {
+        self.sync
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .sync()
+            .map(drop)
+            .map_err(|e| NodeError::Store(format!("cannot sync the node's store: {e}")))
     }
 
     fn counter(&self, name: &str) -> Result<u64, NodeError> {
