@@ -197,7 +197,8 @@ impl Expected {
 }
 
 /// Checks the stopped broker's store at `path` (see the module docs). An
-/// `Err` means the store could not be read at all.
+/// `Err` means the store could not be read at all; a damaged entry is a
+/// finding of the report, not an error.
 pub fn verify_store_offline(path: &Path) -> Result<StoreReport, StoreError> {
     let db = open_existing(path)?;
     let trees = TREE_NAMES
@@ -259,7 +260,13 @@ pub fn verify_store_offline(path: &Path) -> Result<StoreReport, StoreError> {
 
     for item in trees[BY_ID].iter() {
         let (key, value) = item.map_err(storage)?;
-        let stored: BTreeSet<u64> = decode_seqs(&value)?.into_iter().collect();
+        let stored: BTreeSet<u64> = match decode_seqs(&value) {
+            Ok(seqs) => seqs.into_iter().collect(),
+            Err(e) => {
+                report.extra(BY_ID, format!("by_id: {}: {e}", describe(&key)));
+                continue;
+            }
+        };
         let want = expected.by_id.remove(key.as_ref()).unwrap_or_default();
         for seq in stored.difference(&want) {
             report.extra(BY_ID, format!("by_id: seq {seq} without its record"));
@@ -285,7 +292,15 @@ pub fn verify_store_offline(path: &Path) -> Result<StoreReport, StoreError> {
 
     for item in trees[COUNTERS].iter() {
         let (key, value) = item.map_err(storage)?;
-        let stored = Counter::decode(&key, &value)?;
+        let stored = match Counter::decode(&key, &value) {
+            Ok(counter) => counter,
+            Err(e) => {
+                expected.counters.remove(key.as_ref());
+                report.wrong_counters += 1;
+                report.example(format!("counters: {}: {e}", describe(&key)));
+                continue;
+            }
+        };
         let matches = match expected.counters.remove(key.as_ref()) {
             Some(want) => want == stored,
             None => stored.is_zero(),
@@ -383,10 +398,17 @@ mod tests {
                 .expect("counters")
                 .insert(recipient_counter_key(&pid(BE)), &wrong.encode()[..])
                 .expect("insert");
+            // and a value that does not even decode
+            db.open_tree("by_id")
+                .expect("by_id")
+                .insert(queued.message_id.as_bytes(), &[1, 2, 3][..])
+                .expect("insert");
             db.flush().expect("flush");
         }
-        let report = verify_store_offline(dir.path()).expect("verify");
+        let report = verify_store_offline(dir.path()).expect("damage is a finding, not an error");
         assert!(!report.is_consistent());
+        assert_eq!(report.extra.get("by_id"), Some(&1), "{report}");
+        assert_eq!(report.missing.get("by_id"), Some(&1), "{report}");
         assert_eq!(report.missing.get("queue"), Some(&1), "{report}");
         assert_eq!(report.extra.get("timers"), Some(&1), "{report}");
         assert_eq!(report.wrong_counters, 1, "{report}");
