@@ -49,6 +49,7 @@ async fn a_broker_sigkilled_at_random_moments_loses_nothing_and_doubles_nothing(
 -> anyhow::Result<()> {
     let report = chaos_run(240, vec![Fault::BrokerKill, Fault::BrokerKill]).await?;
     assert!(report.ok(), "{report}");
+    assert!(report.store_consistent, "checked by store verify: {report}");
     assert_eq!(report.messages_sent, 240);
     assert_eq!(report.broker_kills_random, 2);
     assert_eq!(report.broker_incarnations, 3);
