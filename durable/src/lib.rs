@@ -6,9 +6,10 @@
 //!   asks the disk to empty its volatile write cache nor commits the size of
 //!   a log file that grew;
 //! - it writes every item larger than a quarter of a segment (128 KiB with
-//!   the default 512 KiB segments: a message with a large attachment, or a
-//!   leaf holding several) into a file of its own under `<dir>/blobs/`, and
-//!   never syncs those files or that directory at all.
+//!   the default 512 KiB segments: a message with a large attachment, or one
+//!   of sled's own pages grown that large; a broker store under a 4 KiB
+//!   benchmark holds about a hundred) into a file of its own under
+//!   `<dir>/blobs/`, and never syncs those files or that directory at all.
 //!
 //! A crash of the process loses none of this (the kernel's page cache
 //! survives it). A power cut can lose what was already answered for.
