@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::operator::{DEFAULT_LIMIT, MAX_LIMIT};
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use trmx_proto::pb::operator_client::OperatorClient;
@@ -65,6 +66,9 @@ pub enum AdminCommand {
         /// At most this many (default 100, at most 1000).
         #[arg(long, default_value_t = 0)]
         limit: u32,
+        /// Continue an earlier listing (the token it printed).
+        #[arg(long)]
+        page_token: Option<String>,
     },
     /// Put an expired or dead-lettered (after too many attempts) message back in its queue.
     Redrive {
@@ -137,6 +141,9 @@ pub struct MessageFilter {
     /// At most this many (default 100, at most 1000).
     #[arg(long, default_value_t = 0)]
     pub limit: u32,
+    /// Continue an earlier search with the same filter (the token it printed).
+    #[arg(long)]
+    pub page_token: Option<String>,
 }
 
 /// A failure of an admin command: one line for stderr.
@@ -363,16 +370,22 @@ async fn execute(args: AdminArgs) -> Result<(), AdminError> {
             emit(json, &answer, participants_table)
         }
         AdminCommand::Messages(filter) => {
-            let request = search_request(filter)?;
-            let answer = client.search_messages(request).await?.into_inner();
-            emit(json, &answer, |a| messages_table(&a.messages, a.truncated))
+            let answer = search_pages(&mut client, search_request(filter)?).await?;
+            emit(json, &answer, |a| {
+                messages_table(&a.messages, &a.next_page_token)
+            })
         }
-        AdminCommand::DeadLetters { limit } => {
+        AdminCommand::DeadLetters { limit, page_token } => {
             let answer = client
-                .list_dead_letters(pb::ListDeadLettersRequest { limit: *limit })
+                .list_dead_letters(pb::ListDeadLettersRequest {
+                    limit: *limit,
+                    page_token: page_token.clone().unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
-            emit(json, &answer, |a| messages_table(&a.messages, a.truncated))
+            emit(json, &answer, |a| {
+                messages_table(&a.messages, &a.next_page_token)
+            })
         }
         AdminCommand::Redrive { id } => {
             let answer = client
@@ -525,7 +538,34 @@ fn search_request(filter: &MessageFilter) -> Result<pb::SearchMessagesRequest, A
             .map(|v| parse_instant(v, "--until"))
             .transpose()?,
         limit: filter.limit,
+        page_token: filter.page_token.clone().unwrap_or_default(),
     })
+}
+
+/// Runs `request`, following the broker's pages until `limit` messages are
+/// found or the search reaches the end. (The broker answers a call after
+/// examining a bounded number of messages, so a filter that matches little
+/// takes several calls over a large store.)
+async fn search_pages(
+    client: &mut OperatorClient<Channel>,
+    mut request: pb::SearchMessagesRequest,
+) -> Result<pb::SearchMessagesResponse, AdminError> {
+    let wanted = match request.limit {
+        0 => DEFAULT_LIMIT,
+        n => usize::try_from(n).unwrap_or(MAX_LIMIT).min(MAX_LIMIT),
+    };
+    let mut all = pb::SearchMessagesResponse::default();
+    loop {
+        request.limit = u32::try_from(wanted - all.messages.len()).unwrap_or(u32::MAX);
+        let page = client.search_messages(request.clone()).await?.into_inner();
+        all.messages.extend(page.messages);
+        all.truncated = page.truncated;
+        all.next_page_token = page.next_page_token;
+        if all.next_page_token.is_empty() || all.messages.len() >= wanted {
+            return Ok(all);
+        }
+        request.page_token = all.next_page_token.clone();
+    }
 }
 
 /// `dead-lettered`, `DEAD_LETTERED` or `MESSAGE_STATE_DEAD_LETTERED`.
@@ -734,7 +774,7 @@ fn participants_table(answer: &pb::OperatorListParticipantsResponse) -> String {
     )
 }
 
-fn messages_table(messages: &[pb::MessageMetadata], truncated: bool) -> String {
+fn messages_table(messages: &[pb::MessageMetadata], next_page_token: &str) -> String {
     let rows: Vec<Vec<String>> = messages
         .iter()
         .map(|m| {
@@ -773,10 +813,10 @@ fn messages_table(messages: &[pb::MessageMetadata], truncated: bool) -> String {
         out,
         "{} message(s){}",
         messages.len(),
-        if truncated {
-            " (more match: narrow the filter or raise --limit)"
+        if next_page_token.is_empty() {
+            String::new()
         } else {
-            ""
+            format!(" (more may match: add --page-token {next_page_token} for the next page)")
         }
     );
     out

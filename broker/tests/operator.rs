@@ -355,6 +355,46 @@ async fn operators_see_queues_participants_messages_and_dead_letters() -> anyhow
         .into_inner();
     assert_eq!(limited.messages.len(), 2);
     assert!(limited.truncated);
+    // the next page goes on after the last message of this one, to the end
+    let mut from_nl = ids_of(&limited.messages);
+    let mut token = limited.next_page_token.clone();
+    while !token.is_empty() {
+        let page = op
+            .search_messages(pb::SearchMessagesRequest {
+                sender: "NL-NRM".into(),
+                limit: 2,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert_eq!(page.truncated, !page.next_page_token.is_empty());
+        from_nl.extend(ids_of(&page.messages));
+        token = page.next_page_token;
+    }
+    let everything = op
+        .search_messages(pb::SearchMessagesRequest {
+            sender: "NL-NRM".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(!everything.truncated && everything.next_page_token.is_empty());
+    assert_eq!(from_nl, ids_of(&everything.messages));
+    for bad_token in ["12", "p1.zz", "p1."] {
+        let bad = op
+            .search_messages(pb::SearchMessagesRequest {
+                page_token: bad_token.into(),
+                ..Default::default()
+            })
+            .await;
+        let status = assert_code(bad, Code::InvalidArgument, "a made-up page token");
+        assert!(
+            status.message().starts_with("page_token"),
+            "{}",
+            status.message()
+        );
+    }
     let bad = op
         .search_messages(pb::SearchMessagesRequest {
             sender: "nl-nrm".into(),
@@ -369,7 +409,7 @@ async fn operators_see_queues_participants_messages_and_dead_letters() -> anyhow
     );
 
     let dead_letters = op
-        .list_dead_letters(pb::ListDeadLettersRequest { limit: 0 })
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
         .await?
         .into_inner();
     assert_no_payload("ListDeadLetters", &encoded(&dead_letters));
@@ -380,6 +420,26 @@ async fn operators_see_queues_participants_messages_and_dead_letters() -> anyhow
     let expired = &dead_letters.messages[2];
     assert_eq!(expired.state, pb::MessageState::Expired as i32);
     assert!(expired.redrivable);
+    let first = op
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            limit: 2,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(first.truncated);
+    let rest = op
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            limit: 2,
+            page_token: first.next_page_token,
+        })
+        .await?
+        .into_inner();
+    assert!(!rest.truncated && rest.next_page_token.is_empty());
+    assert_eq!(
+        [ids_of(&first.messages), ids_of(&rest.messages)].concat(),
+        ids_of(&dead_letters.messages)
+    );
     Ok(())
 }
 
@@ -748,6 +808,21 @@ async fn every_admin_command_works_and_never_prints_a_payload() -> anyhow::Resul
     let out = admin(t, &["dead-letters"]).await?;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains(&s.expired), "{}", stdout(&out));
+    // a page: the table says how to get the next one, and that works
+    let out = admin(t, &["dead-letters", "--limit", "2"]).await?;
+    let table = stdout(&out);
+    let token = table
+        .split("--page-token ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("the next page's token")?;
+    let out = admin(t, &["dead-letters", "--page-token", token]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rest = stdout(&out);
+    assert!(
+        rest.contains(&s.expired) && rest.contains("1 message(s)\n"),
+        "{rest}"
+    );
     let dead = json(&admin(t, &["dead-letters", "--json"]).await?)?;
     assert_eq!(dead["messages"].as_array().map(Vec::len), Some(3));
 

@@ -14,6 +14,11 @@
 //! 3. backlog: `--backlog` messages queued for an offline recipient, then
 //!    drained; prints the drain rate and the broker's RSS during the backlog.
 //!
+//! 4. operator reads (`--operator-reads`): with every message of the run on
+//!    record, an operator's `GetStatistics` and a `SearchMessages` that
+//!    matches nothing (so it reads every record), each with its time and
+//!    the broker's RSS while it runs.
+//!
 //! Then the broker's peak RSS (VmHWM) and the bytes of its data directory.
 //!
 //! The throughput, fill and drain phases also print the CPU time per message
@@ -53,6 +58,7 @@ use trmx_broker::config::{OrganisationType, ParticipantConfig, TlsConfig};
 use trmx_certs::Federation;
 use trmx_proto::envelope::sha256;
 use trmx_proto::pb::exchange_client::ExchangeClient;
+use trmx_proto::pb::operator_client::OperatorClient;
 use trmx_proto::time::to_timestamp;
 use trmx_proto::{CaseRef, Kind, MessageId, pb};
 use trmx_transport::{ClientOptions, TlsPaths, client_channel};
@@ -112,6 +118,10 @@ struct Args {
     /// Keep the work directory (data, certificates, broker log) and print its path.
     #[arg(long)]
     keep: bool,
+    /// After the other phases, time an operator's `GetStatistics` and a
+    /// `SearchMessages` over every record of the run, with the broker's RSS.
+    #[arg(long)]
+    operator_reads: bool,
 }
 
 /// The same allocator as the broker binary (see `broker/src/main.rs`): the
@@ -180,6 +190,9 @@ async fn phases(args: &Args, bench: &Bench) -> anyhow::Result<()> {
     }
     if args.backlog > 0 {
         backlog(args, bench, &payload).await?;
+    }
+    if args.operator_reads {
+        operator_reads(bench).await?;
     }
     Ok(())
 }
@@ -310,6 +323,59 @@ async fn backlog(args: &Args, bench: &Bench, payload: &Payload) -> anyhow::Resul
         rss_before as f64 / 1024.0,
         rss_full as f64 / 1024.0,
         rss_max as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// Phase 4: the operator reads that go through every record.
+async fn operator_reads(bench: &Bench) -> anyhow::Result<()> {
+    let pid = bench.child.id();
+    let mut operator = bench.operator()?;
+    println!("-- operator reads over every record of the run");
+    let rss_before = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let sampler = RssSampler::start(pid);
+    let start = Instant::now();
+    let stats = operator
+        .get_statistics(pb::GetStatisticsRequest::default())
+        .await?
+        .into_inner();
+    let stats_secs = start.elapsed().as_secs_f64();
+    let stats_rss = sampler.stop().await;
+    let messages: u64 = stats
+        .corridors
+        .iter()
+        .filter_map(|c| c.messages.map(|m| m.value))
+        .sum();
+    println!(
+        "statistics:  {stats_secs:.2} s, {messages} messages counted; broker RSS {:.1} MiB before, {:.1} MiB max",
+        rss_before as f64 / 1024.0,
+        stats_rss as f64 / 1024.0
+    );
+    let sampler = RssSampler::start(pid);
+    let start = Instant::now();
+    let mut pages = 0;
+    let mut page_token = String::new();
+    loop {
+        // a case nobody wrote about: every record is read, none matches
+        let answer = operator
+            .search_messages(pb::SearchMessagesRequest {
+                case_ref: CaseRef::new_random().to_string(),
+                page_token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        pages += 1;
+        if answer.next_page_token.is_empty() {
+            break;
+        }
+        page_token = answer.next_page_token;
+    }
+    let search_secs = start.elapsed().as_secs_f64();
+    let search_rss = sampler.stop().await;
+    println!(
+        "search:      {search_secs:.2} s for a filter that matches nothing, in {pages} call(s); broker RSS {:.1} MiB max",
+        search_rss as f64 / 1024.0
     );
     Ok(())
 }
@@ -600,6 +666,17 @@ impl Bench {
         Ok(ExchangeClient::new(channel)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20))
+    }
+
+    fn operator(&self) -> anyhow::Result<OperatorClient<Channel>> {
+        let cert = self.federation.operator("bench")?;
+        let paths = TlsPaths {
+            ca: self.federation.ca_cert_path(),
+            cert: cert.cert,
+            key: cert.key,
+        };
+        let channel = client_channel(&self.addr.to_string(), &paths, &ClientOptions::default())?;
+        Ok(OperatorClient::new(channel).max_decoding_message_size(16 << 20))
     }
 
     fn senders(&self) -> anyhow::Result<Vec<Client>> {

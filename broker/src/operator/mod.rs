@@ -37,8 +37,14 @@ pub const MAX_LIMIT: usize = 1000;
 pub const MIN_REASON_CHARS: usize = 3;
 /// Longest purge reason, in characters.
 pub const MAX_REASON_CHARS: usize = 500;
-/// Most message records one statistics request reads.
-pub const MAX_STATISTICS_RECORDS: usize = 1_000_000;
+/// Most message records one search call examines (about a second of reading
+/// on the 2-core CI machine). A filter that matches little answers with what
+/// it found so far and the `next_page_token` that continues it, so that one
+/// call never reads a whole large store at once.
+pub const SEARCH_SCAN_LIMIT: usize = 100_000;
+/// Message records the statistics read per store call. The figures are
+/// tallied page by page, so their memory does not grow with the store.
+pub const STATISTICS_PAGE: usize = 5_000;
 
 /// The `Operator` service. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -161,21 +167,19 @@ impl OperatorService {
         request: pb::SearchMessagesRequest,
     ) -> Result<pb::SearchMessagesResponse, BrokerError> {
         let shared = &self.shared;
-        let mut filter = search_filter(&request)?;
-        let limit = limit_of(request.limit);
-        filter.limit = limit + 1;
+        let filter = search_filter(&request)?;
         self.audit(OperatorAction::Search {
             operator: operator.to_owned(),
             filter: filter_summary(&filter),
         })
         .await?;
-        let mut records = shared.stored(shared.store.search(filter).await)?;
-        let truncated = records.len() > limit;
-        records.truncate(limit);
-        debug!(results = records.len(), truncated, "operator search");
+        let page = shared.stored(shared.store.search(filter).await)?;
+        let truncated = page.resume_after.is_some();
+        debug!(results = page.records.len(), truncated, "operator search");
         Ok(pb::SearchMessagesResponse {
-            messages: records.iter().map(metadata).collect(),
+            messages: page.records.iter().map(metadata).collect(),
             truncated,
+            next_page_token: page.resume_after.map(page_token).unwrap_or_default(),
         })
     }
 
@@ -186,16 +190,16 @@ impl OperatorService {
     ) -> Result<pb::ListDeadLettersResponse, BrokerError> {
         let shared = &self.shared;
         let limit = limit_of(request.limit);
+        let after_seq = parse_page_token(&request.page_token)?;
         self.audit(OperatorAction::ListDeadLetters {
             operator: operator.to_owned(),
         })
         .await?;
-        let mut records = shared.stored(shared.store.dead_letters(limit + 1).await)?;
-        let truncated = records.len() > limit;
-        records.truncate(limit);
+        let page = shared.stored(shared.store.dead_letters(limit, after_seq).await)?;
         Ok(pb::ListDeadLettersResponse {
-            messages: records.iter().map(metadata).collect(),
-            truncated,
+            messages: page.records.iter().map(metadata).collect(),
+            truncated: page.resume_after.is_some(),
+            next_page_token: page.resume_after.map(page_token).unwrap_or_default(),
         })
     }
 
@@ -209,6 +213,7 @@ impl OperatorService {
         };
         Ok(shared
             .stored(shared.store.search(filter).await)?
+            .records
             .into_iter()
             .next())
     }
@@ -313,16 +318,27 @@ impl OperatorService {
         if until <= from {
             return Err(ValidationError::new("until", "must be after from").into());
         }
-        // Every record is read (answers may come after the range), metadata only.
-        let filter = SearchFilter {
-            limit: MAX_STATISTICS_RECORDS,
-            ..SearchFilter::default()
-        };
-        let records = shared.stored(shared.store.search(filter).await)?;
-        let stats = tokio::task::spawn_blocking(move || stats::compute(&records, from, until))
-            .await
-            .map_err(|e| BrokerError::Unavailable(format!("statistics task failed: {e}")))?;
-        Ok(stats)
+        // Every record is read (answers may come after the range), metadata
+        // only, a page at a time: the tally keeps only the figures and the
+        // requests of the range, never the records.
+        let mut tally = stats::Tally::new(from, until);
+        let mut after_seq = None;
+        loop {
+            let filter = SearchFilter {
+                limit: STATISTICS_PAGE,
+                after_seq,
+                ..SearchFilter::default()
+            };
+            let page = shared.stored(shared.store.search(filter).await)?;
+            for record in &page.records {
+                tally.add(record);
+            }
+            match page.resume_after {
+                Some(seq) => after_seq = Some(seq),
+                None => break,
+            }
+        }
+        Ok(tally.finish())
     }
 }
 
@@ -461,6 +477,32 @@ fn check_reason(reason: &str) -> Result<&str, BrokerError> {
     }
 }
 
+/// The `next_page_token` that continues a listing after `broker_seq`.
+fn page_token(broker_seq: u64) -> String {
+    format!("{PAGE_TOKEN_PREFIX}{broker_seq:x}")
+}
+
+/// The `after_seq` of a `page_token` (none for an empty one).
+fn parse_page_token(token: &str) -> Result<Option<u64>, BrokerError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .strip_prefix(PAGE_TOKEN_PREFIX)
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ValidationError::new(
+                "page_token",
+                "is not a next_page_token of this broker: pass one unchanged, or none for the first page",
+            )
+            .into()
+        })
+}
+
+/// Starts every page token (a version, should the format ever change).
+const PAGE_TOKEN_PREFIX: &str = "p1.";
+
 /// The store filter of a search request; every malformed field is `INVALID_ARGUMENT`
 /// naming it.
 fn search_filter(request: &pb::SearchMessagesRequest) -> Result<SearchFilter, BrokerError> {
@@ -518,7 +560,9 @@ fn search_filter(request: &pb::SearchMessagesRequest) -> Result<SearchFilter, Br
         kind,
         accepted_from,
         accepted_until,
-        limit: DEFAULT_LIMIT,
+        limit: limit_of(request.limit),
+        after_seq: parse_page_token(&request.page_token)?,
+        scan_limit: SEARCH_SCAN_LIMIT,
     })
 }
 
@@ -549,6 +593,9 @@ fn filter_summary(filter: &SearchFilter) -> String {
     }
     if let Some(until) = filter.accepted_until {
         parts.push(format!("accepted_until={until}"));
+    }
+    if let Some(after) = filter.after_seq {
+        parts.push(format!("after_seq={after}"));
     }
     parts.join(" ")
 }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use trmx_proto::time::{Date, from_millis, to_timestamp};
-use trmx_proto::{Kind, MessageId, pb};
+use trmx_proto::{Kind, MessageId, ParticipantId, pb};
 
 use crate::store::{Millis, State, StatusRecord};
 
@@ -65,150 +65,226 @@ fn duration(millis: Millis) -> pb::Duration {
 }
 
 /// Computes the statistics of the messages accepted in `[from, until)` among
-/// `records` (metadata of every message the broker still keeps; receipts and
-/// messages outside the range are ignored, except that an answer's request is
-/// looked up among all of `records`).
+/// `records` (in broker sequence order; see [`Tally`]).
 pub fn compute(records: &[StatusRecord], from: Millis, until: Millis) -> pb::Statistics {
-    let in_range = |r: &&StatusRecord| {
-        !r.kind.is_broker_made() && r.accepted_at >= from && r.accepted_at < until
-    };
-    // corridors
-    let mut corridors: BTreeMap<(String, String, String, Kind), u64> = BTreeMap::new();
-    for r in records.iter().filter(in_range) {
-        let Some(sender) = &r.sender else { continue };
-        let key = (
-            month_of(r.accepted_at),
-            sender.country().to_owned(),
-            r.recipient.country().to_owned(),
-            r.kind,
-        );
-        *corridors.entry(key).or_default() += 1;
+    let mut tally = Tally::new(from, until);
+    for record in records {
+        tally.add(record);
     }
-    // request → first answer
-    let requests: HashMap<(MessageId, &str), &StatusRecord> = records
-        .iter()
-        .filter(|r| REQUEST_ANSWER.iter().any(|(req, _)| *req == r.kind))
-        .filter_map(|r| Some(((r.message_id, r.sender.as_ref()?.as_str()), r)))
-        .collect();
-    let mut first_answer: HashMap<(MessageId, &str), Millis> = HashMap::new();
-    for answer in records {
-        let Some(asked) = answer.in_reply_to else {
-            continue;
-        };
-        // the answer goes back to the request's sender
-        let key = (asked, answer.recipient.as_str());
-        let Some(request) = requests.get(&key) else {
-            continue;
-        };
-        let expected = REQUEST_ANSWER
-            .iter()
-            .find(|(req, _)| *req == request.kind)
-            .map(|(_, ans)| *ans);
-        if expected != Some(answer.kind)
-            || answer.sender.as_ref() != Some(&request.recipient)
-            || answer.accepted_at < request.accepted_at
-        {
-            continue;
+    tally.finish()
+}
+
+/// The statistics of the messages accepted in `[from, until)`, tallied one
+/// record at a time over the metadata of every message the broker still keeps,
+/// in broker sequence order. Receipts and messages outside the range are not
+/// counted, but an answer outside the range still answers a request inside it.
+///
+/// It keeps the figures and, per request of the range, what its answer needs
+/// (participants as small numbers), never the records: its memory grows with
+/// the requests of the range, not with the store.
+///
+/// An answer is matched to a request seen before it in broker sequence: a node
+/// answers a request it received, which the broker had stored first. (An
+/// `in_reply_to` naming an id that did not exist yet answers nothing.)
+#[derive(Debug)]
+pub struct Tally {
+    from: Millis,
+    until: Millis,
+    corridors: BTreeMap<(String, String, String, Kind), u64>,
+    /// (request id, its sender) → the request.
+    requests: HashMap<(MessageId, u32), Request>,
+    /// Participants seen in requests, numbered.
+    participants: HashMap<ParticipantId, u32>,
+    /// month → (delivered, not delivered)
+    outcomes: BTreeMap<String, (u64, u64)>,
+}
+
+/// What a request of the range needs to be matched with its first answer.
+#[derive(Debug)]
+struct Request {
+    kind: Kind,
+    recipient: u32,
+    accepted_at: Millis,
+    first_answer: Option<Millis>,
+}
+
+impl Tally {
+    /// An empty tally of the range `[from, until)`.
+    pub fn new(from: Millis, until: Millis) -> Self {
+        Self {
+            from,
+            until,
+            corridors: BTreeMap::new(),
+            requests: HashMap::new(),
+            participants: HashMap::new(),
+            outcomes: BTreeMap::new(),
         }
-        let at = first_answer.entry(key).or_insert(answer.accepted_at);
-        *at = (*at).min(answer.accepted_at);
     }
-    let mut waits: BTreeMap<(String, Kind), Vec<Millis>> = BTreeMap::new();
-    for (key, answered_at) in &first_answer {
-        let Some(request) = requests.get(key) else {
-            continue;
-        };
-        if !in_range(request) {
-            continue;
+
+    fn in_range(&self, r: &StatusRecord) -> bool {
+        !r.kind.is_broker_made() && r.accepted_at >= self.from && r.accepted_at < self.until
+    }
+
+    fn number(&mut self, participant: &ParticipantId) -> u32 {
+        let next = u32::try_from(self.participants.len()).unwrap_or(u32::MAX);
+        *self.participants.entry(participant.clone()).or_insert(next)
+    }
+
+    /// Counts `r`, the next record in broker sequence order.
+    pub fn add(&mut self, r: &StatusRecord) {
+        if let Some(asked) = r.in_reply_to {
+            self.answer(asked, r);
         }
-        waits
-            .entry((month_of(request.accepted_at), request.kind))
-            .or_default()
-            .push(answered_at.saturating_sub(request.accepted_at));
-    }
-    let response_times = waits
-        .into_iter()
-        .map(|((month, kind), mut values)| {
-            values.sort_unstable();
-            let pairs = count(values.len() as u64);
-            let (median, p90) = if pairs.suppressed {
-                (None, None)
-            } else {
-                (
-                    Some(duration(percentile(&values, 50))),
-                    Some(duration(percentile(&values, 90))),
-                )
-            };
-            let answer = REQUEST_ANSWER
-                .iter()
-                .find(|(req, _)| *req == kind)
-                .map_or(Kind::ReferralResponse, |(_, ans)| *ans);
-            pb::ResponseTime {
-                month,
-                request_kind: kind.to_pb() as i32,
-                answer_kind: answer.to_pb() as i32,
-                pairs: Some(pairs),
-                median,
-                p90,
+        if !self.in_range(r) {
+            return;
+        }
+        if let Some(sender) = &r.sender {
+            let key = (
+                month_of(r.accepted_at),
+                sender.country().to_owned(),
+                r.recipient.country().to_owned(),
+                r.kind,
+            );
+            *self.corridors.entry(key).or_default() += 1;
+            if REQUEST_ANSWER.iter().any(|(req, _)| *req == r.kind) {
+                let sender = self.number(sender);
+                let recipient = self.number(&r.recipient);
+                self.requests.insert(
+                    (r.message_id, sender),
+                    Request {
+                        kind: r.kind,
+                        recipient,
+                        accepted_at: r.accepted_at,
+                        first_answer: None,
+                    },
+                );
             }
-        })
-        .collect();
-    // non-delivery
-    let mut outcomes: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for r in records.iter().filter(in_range) {
-        let entry = outcomes.entry(month_of(r.accepted_at)).or_default();
+        }
+        let entry = self.outcomes.entry(month_of(r.accepted_at)).or_default();
         match r.state {
             State::Acknowledged => entry.0 += 1,
             State::Expired | State::DeadLettered | State::Purged => entry.1 += 1,
             State::Accepted | State::InFlight | State::Withdrawn => {}
         }
     }
-    let non_delivery = outcomes
-        .into_iter()
-        .filter(|(_, (delivered, failed))| delivered + failed > 0)
-        .map(|(month, (delivered, failed))| {
-            let total = delivered + failed;
-            let reveals = |n: u64| n > 0 && n < SUPPRESSION_THRESHOLD;
-            let rate_suppressed =
-                total < SUPPRESSION_THRESHOLD || reveals(failed) || reveals(delivered);
-            let rate = if rate_suppressed {
-                0.0
-            } else {
-                failed as f64 / total as f64
+
+    /// `answer` answers the request `asked` of its recipient, if it is the
+    /// expected kind of answer from that request's recipient.
+    fn answer(&mut self, asked: MessageId, answer: &StatusRecord) {
+        // the answer goes back to the request's sender
+        let Some(&asker) = self.participants.get(&answer.recipient) else {
+            return;
+        };
+        let answerer = answer
+            .sender
+            .as_ref()
+            .and_then(|s| self.participants.get(s))
+            .copied();
+        let Some(request) = self.requests.get_mut(&(asked, asker)) else {
+            return;
+        };
+        let expected = REQUEST_ANSWER
+            .iter()
+            .find(|(req, _)| *req == request.kind)
+            .map(|(_, ans)| *ans);
+        if expected != Some(answer.kind)
+            || answerer != Some(request.recipient)
+            || answer.accepted_at < request.accepted_at
+        {
+            return;
+        }
+        let first = request.first_answer.get_or_insert(answer.accepted_at);
+        *first = (*first).min(answer.accepted_at);
+    }
+
+    /// The statistics, with small counts suppressed.
+    pub fn finish(self) -> pb::Statistics {
+        let mut waits: BTreeMap<(String, Kind), Vec<Millis>> = BTreeMap::new();
+        for request in self.requests.values() {
+            let Some(answered_at) = request.first_answer else {
+                continue;
             };
-            pb::NonDelivery {
-                month,
-                delivered: Some(count(delivered)),
-                not_delivered: Some(count(failed)),
-                rate,
-                rate_suppressed,
-            }
-        })
-        .collect();
-    pb::Statistics {
-        corridors: corridors
+            waits
+                .entry((month_of(request.accepted_at), request.kind))
+                .or_default()
+                .push(answered_at.saturating_sub(request.accepted_at));
+        }
+        let response_times = waits
             .into_iter()
-            .map(|((month, sender, recipient, kind), n)| pb::CorridorCount {
-                month,
-                sender_country: sender,
-                recipient_country: recipient,
-                kind: kind.to_pb() as i32,
-                messages: Some(count(n)),
+            .map(|((month, kind), mut values)| {
+                values.sort_unstable();
+                let pairs = count(values.len() as u64);
+                let (median, p90) = if pairs.suppressed {
+                    (None, None)
+                } else {
+                    (
+                        Some(duration(percentile(&values, 50))),
+                        Some(duration(percentile(&values, 90))),
+                    )
+                };
+                let answer = REQUEST_ANSWER
+                    .iter()
+                    .find(|(req, _)| *req == kind)
+                    .map_or(Kind::ReferralResponse, |(_, ans)| *ans);
+                pb::ResponseTime {
+                    month,
+                    request_kind: kind.to_pb() as i32,
+                    answer_kind: answer.to_pb() as i32,
+                    pairs: Some(pairs),
+                    median,
+                    p90,
+                }
             })
-            .collect(),
-        response_times,
-        non_delivery,
-        from: Some(to_timestamp(from_millis(from))),
-        until: Some(to_timestamp(from_millis(until))),
-        suppression_threshold: SUPPRESSION_THRESHOLD as u32,
+            .collect();
+        let (from, until, corridors, outcomes) =
+            (self.from, self.until, self.corridors, self.outcomes);
+        let non_delivery = outcomes
+            .into_iter()
+            .filter(|(_, (delivered, failed))| delivered + failed > 0)
+            .map(|(month, (delivered, failed))| {
+                let total = delivered + failed;
+                let reveals = |n: u64| n > 0 && n < SUPPRESSION_THRESHOLD;
+                let rate_suppressed =
+                    total < SUPPRESSION_THRESHOLD || reveals(failed) || reveals(delivered);
+                let rate = if rate_suppressed {
+                    0.0
+                } else {
+                    failed as f64 / total as f64
+                };
+                pb::NonDelivery {
+                    month,
+                    delivered: Some(count(delivered)),
+                    not_delivered: Some(count(failed)),
+                    rate,
+                    rate_suppressed,
+                }
+            })
+            .collect();
+        pb::Statistics {
+            corridors: corridors
+                .into_iter()
+                .map(|((month, sender, recipient, kind), n)| pb::CorridorCount {
+                    month,
+                    sender_country: sender,
+                    recipient_country: recipient,
+                    kind: kind.to_pb() as i32,
+                    messages: Some(count(n)),
+                })
+                .collect(),
+            response_times,
+            non_delivery,
+            from: Some(to_timestamp(from_millis(from))),
+            until: Some(to_timestamp(from_millis(until))),
+            suppression_threshold: SUPPRESSION_THRESHOLD as u32,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trmx_proto::CaseRef;
     use trmx_proto::envelope::Priority;
-    use trmx_proto::{CaseRef, ParticipantId};
 
     const DAY: Millis = 86_400_000;
     // 2025-03-01T00:00:00Z
@@ -337,5 +413,43 @@ mod tests {
         // outside the range: nothing
         let empty = compute(&records, MARCH + 40 * DAY, MARCH + 50 * DAY);
         assert!(empty.corridors.is_empty() && empty.response_times.is_empty());
+    }
+
+    #[test]
+    fn an_answer_counts_after_its_request_even_outside_the_range() {
+        let request = record(
+            "NL-NRM",
+            "BE-PAYOKE",
+            Kind::Referral,
+            MARCH + 1,
+            State::Acknowledged,
+            None,
+        );
+        // answered in April, for March's figures
+        let answer = record(
+            "BE-PAYOKE",
+            "NL-NRM",
+            Kind::ReferralResponse,
+            MARCH + 40 * DAY,
+            State::Acknowledged,
+            Some(request.message_id),
+        );
+        let mut tally = Tally::new(MARCH, MARCH + 31 * DAY);
+        tally.add(&request);
+        tally.add(&answer);
+        let first = tally.requests.values().next().and_then(|r| r.first_answer);
+        assert_eq!(first, Some(MARCH + 40 * DAY));
+        // an "answer" the broker stored before the request answers nothing
+        let mut tally = Tally::new(MARCH, MARCH + 31 * DAY);
+        tally.add(&answer);
+        tally.add(&request);
+        assert_eq!(tally.requests.values().next().unwrap().first_answer, None);
+        // nor does one from somebody else than the request's recipient
+        let mut other = answer.clone();
+        other.sender = Some(ParticipantId::parse("NG-NAPTIP").unwrap());
+        let mut tally = Tally::new(MARCH, MARCH + 31 * DAY);
+        tally.add(&request);
+        tally.add(&other);
+        assert_eq!(tally.requests.values().next().unwrap().first_answer, None);
     }
 }

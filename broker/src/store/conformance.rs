@@ -382,7 +382,7 @@ pub(super) async fn reject_dead_letters_with_ndr<S: BrokerStore>(s: &S, c: &Manu
             state: State::DeadLettered
         }
     );
-    let dead = s.dead_letters(10).await.unwrap();
+    let dead = s.dead_letters(10, None).await.unwrap().records;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].message_id, m.message_id);
 }
@@ -568,7 +568,7 @@ pub(super) async fn max_attempts_dead_letters_with_ndr<S: BrokerStore>(s: &S, c:
     assert_eq!(leased.len(), 1);
     assert_eq!(leased[0].attempt, 1);
     assert_eq!(leased[0].payload, m.payload);
-    assert!(s.dead_letters(10).await.unwrap().is_empty());
+    assert!(s.dead_letters(10, None).await.unwrap().records.is_empty());
 }
 
 pub(super) async fn release_stream_makes_due_at_once<S: BrokerStore>(s: &S, c: &ManualClock) {
@@ -780,7 +780,13 @@ pub(super) async fn retentions_delete_payload_then_metadata<S: BrokerStore>(
     // everything is gone eventually; no timer left
     tick(s, expired_at + 10 * mr).await;
     assert_eq!(s.next_timer().await.unwrap(), None);
-    assert!(s.search(SearchFilter::default()).await.unwrap().is_empty());
+    assert!(
+        s.search(SearchFilter::default())
+            .await
+            .unwrap()
+            .records
+            .is_empty()
+    );
     for q in s.queue_stats().await.unwrap() {
         assert_eq!((q.depth, q.in_flight, q.bytes), (0, 0, 0), "{q:?}");
     }
@@ -851,50 +857,130 @@ pub(super) async fn stats_and_search<S: BrokerStore>(s: &S, c: &ManualClock) {
             },
         ]
     );
-    let from_nl = s
-        .search(SearchFilter {
-            sender: Some(pid(NL)),
-            ..SearchFilter::default()
-        })
-        .await
-        .unwrap();
+    let search = |filter: SearchFilter| async move { s.search(filter).await.unwrap().records };
+    let from_nl = search(SearchFilter {
+        sender: Some(pid(NL)),
+        ..SearchFilter::default()
+    })
+    .await;
     assert_eq!(
         from_nl.iter().map(|r| r.message_id).collect::<Vec<_>>(),
         vec![m1.message_id, m3.message_id]
     );
-    let in_flight = s
-        .search(SearchFilter {
-            state: Some(State::InFlight),
-            ..SearchFilter::default()
-        })
-        .await
-        .unwrap();
+    let in_flight = search(SearchFilter {
+        state: Some(State::InFlight),
+        ..SearchFilter::default()
+    })
+    .await;
     assert_eq!(in_flight.len(), 1);
     assert_eq!(in_flight[0].message_id, m2.message_id);
-    let by_case = s
-        .search(SearchFilter {
-            case_ref: Some(m3.case_ref),
-            ..SearchFilter::default()
-        })
-        .await
-        .unwrap();
+    let by_case = search(SearchFilter {
+        case_ref: Some(m3.case_ref),
+        ..SearchFilter::default()
+    })
+    .await;
     assert_eq!(by_case.len(), 1);
-    let by_id = s
-        .search(SearchFilter {
-            message_id: Some(m1.message_id),
-            ..SearchFilter::default()
-        })
-        .await
-        .unwrap();
+    let by_id = search(SearchFilter {
+        message_id: Some(m1.message_id),
+        ..SearchFilter::default()
+    })
+    .await;
     assert_eq!(by_id.len(), 1);
-    let limited = s
-        .search(SearchFilter {
-            limit: 2,
-            ..SearchFilter::default()
-        })
-        .await
-        .unwrap();
+    let limited = search(SearchFilter {
+        limit: 2,
+        ..SearchFilter::default()
+    })
+    .await;
     assert_eq!(limited.len(), 2);
+}
+
+/// Every page of `filter`, following `resume_after` to the end: the ids found
+/// and the number of calls.
+async fn all_pages<S: BrokerStore>(s: &S, filter: SearchFilter) -> (Vec<MessageId>, usize) {
+    let mut filter = filter;
+    let mut ids = Vec::new();
+    let mut calls = 0;
+    loop {
+        let page = s.search(filter.clone()).await.unwrap();
+        calls += 1;
+        assert!(page.records.len() <= filter.limit.max(1), "{page:?}");
+        ids.extend(page.records.iter().map(|r| r.message_id));
+        match page.resume_after {
+            Some(seq) => filter.after_seq = Some(seq),
+            None => return (ids, calls),
+        }
+        assert!(calls < 100, "the pages never end");
+    }
+}
+
+pub(super) async fn search_and_dead_letters_page<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let mut from_nl = Vec::new();
+    for i in 0..5 {
+        let mut m = message(NL, BE, Priority::Normal, 10, now + i);
+        m.expires_at = now + 60_000;
+        submit_ok(s, &m, now + i).await;
+        from_nl.push(m.message_id);
+    }
+    let ng = message(NG, BE, Priority::Normal, 10, now + 5);
+    submit_ok(s, &ng, now + 5).await;
+    let nl = |limit: usize| SearchFilter {
+        sender: Some(pid(NL)),
+        limit,
+        ..SearchFilter::default()
+    };
+
+    // pages of 2: [0, 1] [2, 3] [4], each saying where the next starts
+    let first = s.search(nl(2)).await.unwrap();
+    let ids: Vec<_> = first.records.iter().map(|r| r.message_id).collect();
+    assert_eq!(ids, from_nl[..2]);
+    assert_eq!(first.resume_after, Some(first.records[1].broker_seq));
+    assert_eq!(all_pages(s, nl(2)).await, (from_nl.clone(), 3));
+    // exactly `limit` matches: no page after the last one
+    let whole = s.search(nl(5)).await.unwrap();
+    assert_eq!(whole.records.len(), 5);
+    assert_eq!(whole.resume_after, None);
+    // a filter that matches little stops at the scan limit and goes on from there
+    let only_ng = SearchFilter {
+        sender: Some(pid(NG)),
+        scan_limit: 2,
+        ..SearchFilter::default()
+    };
+    let stopped = s.search(only_ng.clone()).await.unwrap();
+    assert!(stopped.records.is_empty());
+    assert!(stopped.resume_after.is_some());
+    let (ids, calls) = all_pages(s, only_ng).await;
+    assert_eq!(ids, vec![ng.message_id]);
+    assert!(calls >= 3, "{calls} calls");
+    // the id index honours the page too
+    let by_id = |after_seq| SearchFilter {
+        message_id: Some(from_nl[0]),
+        after_seq,
+        ..SearchFilter::default()
+    };
+    let found = s.search(by_id(None)).await.unwrap().records;
+    assert_eq!(found.len(), 1);
+    assert!(
+        s.search(by_id(Some(found[0].broker_seq)))
+            .await
+            .unwrap()
+            .records
+            .is_empty()
+    );
+
+    // the five expire: dead letters come in pages too
+    c.advance(Duration::from_secs(61));
+    assert_eq!(tick(s, c.now_millis()).await.expired, 5);
+    let page = s.dead_letters(2, None).await.unwrap();
+    assert_eq!(page.records.len(), 2);
+    let mut dead: Vec<_> = page.records.iter().map(|r| r.message_id).collect();
+    let mut after = page.resume_after;
+    while let Some(seq) = after {
+        let page = s.dead_letters(2, Some(seq)).await.unwrap();
+        dead.extend(page.records.iter().map(|r| r.message_id));
+        after = page.resume_after;
+    }
+    assert_eq!(dead, from_nl);
 }
 
 pub(super) async fn presence_moves_forward_only<S: BrokerStore>(s: &S, c: &ManualClock) {
@@ -1012,6 +1098,7 @@ mod sled {
         retentions_delete_payload_then_metadata,
         purge_queues_ndr,
         stats_and_search,
+        search_and_dead_letters_page,
         presence_moves_forward_only,
     );
 

@@ -384,6 +384,24 @@ pub struct SearchFilter {
     pub accepted_until: Option<Millis>,
     /// At most this many results (0 means 100).
     pub limit: usize,
+    /// Only messages with a `broker_seq` above this one: the next page of an
+    /// earlier search ([`SearchPage::resume_after`]).
+    pub after_seq: Option<u64>,
+    /// Examine at most this many messages (0: no bound), so that a filter
+    /// that matches little cannot keep one call reading the whole store; the
+    /// page then says where to continue.
+    pub scan_limit: usize,
+}
+
+/// One page of a [`BrokerStore::search`] or [`BrokerStore::dead_letters`].
+#[derive(Debug, Clone, Default)]
+pub struct SearchPage {
+    /// The matching messages, in `broker_seq` order: at most the limit.
+    pub records: Vec<StatusRecord>,
+    /// Set when the page stopped before the end: more messages matched than
+    /// the limit, or the scan limit was reached first (more may match). The
+    /// `after_seq` that continues the search.
+    pub resume_after: Option<u64>,
 }
 
 /// Errors of the store.
@@ -492,10 +510,16 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     /// Operator: EXPIRED, or DEAD_LETTERED by attempts, with the payload kept → ACCEPTED with a fresh
     /// lifetime (as long as the original one) and attempts reset. Never a rejected message.
     async fn redrive(&self, id: MessageId, now: Millis) -> Result<RedriveResult, StoreError>;
-    /// Operator: EXPIRED and DEAD_LETTERED messages still on record, oldest first.
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<StatusRecord>, StoreError>;
-    /// Operator: metadata search (never payloads), in broker_seq order.
-    async fn search(&self, filter: SearchFilter) -> Result<Vec<StatusRecord>, StoreError>;
+    /// Operator: EXPIRED and DEAD_LETTERED messages still on record, oldest first: at most
+    /// `limit` (0 means 100) with a `broker_seq` above `after_seq`.
+    async fn dead_letters(
+        &self,
+        limit: usize,
+        after_seq: Option<u64>,
+    ) -> Result<SearchPage, StoreError>;
+    /// Operator: metadata search (never payloads), in broker_seq order. A record that cannot
+    /// be read is skipped (and logged), not an error of the whole search.
+    async fn search(&self, filter: SearchFilter) -> Result<SearchPage, StoreError>;
     /// Operator: appends `action` to the audit log (durable when this returns).
     async fn audit_append_operator(
         &self,

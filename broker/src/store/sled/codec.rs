@@ -171,6 +171,11 @@ impl Record {
         Ok(record)
     }
 
+    /// Decodes a stored record without its payload (scans of metadata).
+    pub(super) fn decode_metadata(bytes: &[u8]) -> Result<Self, StoreError> {
+        Ok(Self::decode_meta(bytes)?.0)
+    }
+
     /// The record without its payload, and where an inline payload starts.
     fn decode_meta(bytes: &[u8]) -> Result<(Self, Option<usize>), StoreError> {
         let mut r = Reader(bytes);

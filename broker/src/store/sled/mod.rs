@@ -33,8 +33,8 @@ use self::writer::Writer;
 use crate::store::audit::{AuditEvent, AuditReport, OperatorAction};
 use crate::store::{
     AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, Presence, PurgeResult,
-    QueueStats, RedriveResult, RejectResult, SearchFilter, StatusRecord, StoreError, StreamId,
-    SubmitOutcome, TickReport, WithdrawResult,
+    QueueStats, RedriveResult, RejectResult, SearchFilter, SearchPage, StatusRecord, StoreError,
+    StreamId, SubmitOutcome, TickReport, WithdrawResult,
 };
 
 mod audit;
@@ -606,11 +606,16 @@ impl BrokerStore for SledStore {
         self.change(move |tx| tx.redrive(id, now)).await
     }
 
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<StatusRecord>, StoreError> {
-        self.read(move |core| core.dead_letters(limit)).await
+    async fn dead_letters(
+        &self,
+        limit: usize,
+        after_seq: Option<u64>,
+    ) -> Result<SearchPage, StoreError> {
+        self.read(move |core| core.dead_letters(limit, after_seq))
+            .await
     }
 
-    async fn search(&self, filter: SearchFilter) -> Result<Vec<StatusRecord>, StoreError> {
+    async fn search(&self, filter: SearchFilter) -> Result<SearchPage, StoreError> {
         self.read(move |core| core.search(&filter)).await
     }
 

@@ -18,8 +18,8 @@ use super::tx::{
 };
 use crate::store::{
     Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
-    RejectResult, SearchFilter, State, StatusRecord, StoreError, StreamId, SubmitOutcome,
-    TickReport, WithdrawResult,
+    RejectResult, SearchFilter, SearchPage, State, StatusRecord, StoreError, StreamId,
+    SubmitOutcome, TickReport, WithdrawResult,
 };
 
 /// Recipients that have newly due messages after an operation.
@@ -505,22 +505,23 @@ impl Core {
         Ok(out)
     }
 
-    pub(super) fn dead_letters(&self, limit: usize) -> Result<Vec<StatusRecord>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree(DEAD).iter().keys() {
-            if out.len() >= limit {
+    pub(super) fn dead_letters(
+        &self,
+        limit: usize,
+        after_seq: Option<u64>,
+    ) -> Result<SearchPage, StoreError> {
+        let mut page = Paging::new(limit, 0);
+        for item in self.tree(DEAD).range(seqs_after(after_seq)).keys() {
+            let seq = read_u64(&item.map_err(storage)?)?;
+            let record = self.readable(seq, self.load(seq))?;
+            if !page.examine(seq, record.map(|r| r.to_status())) {
                 break;
             }
-            let key = item.map_err(storage)?;
-            if let Some(record) = self.load(read_u64(&key)?)? {
-                out.push(record.to_status());
-            }
         }
-        Ok(out)
+        Ok(page.finish())
     }
 
-    pub(super) fn search(&self, filter: &SearchFilter) -> Result<Vec<StatusRecord>, StoreError> {
-        let limit = if filter.limit == 0 { 100 } else { filter.limit };
+    pub(super) fn search(&self, filter: &SearchFilter) -> Result<SearchPage, StoreError> {
         let matches = |r: &Record| {
             filter.message_id.is_none_or(|id| r.message_id == id)
                 && filter
@@ -534,38 +535,124 @@ impl Core {
                 && filter.accepted_from.is_none_or(|t| r.accepted_at >= t)
                 && filter.accepted_until.is_none_or(|t| r.accepted_at < t)
         };
-        let mut out = Vec::new();
+        let mut page = Paging::new(filter.limit, filter.scan_limit);
         if let Some(id) = filter.message_id {
-            let mut records = Vec::new();
-            if let Some(v) = self
+            let mut seqs = match self
                 .tree(super::tx::BY_ID)
                 .get(id.as_bytes())
                 .map_err(storage)?
             {
-                for seq in super::codec::decode_seqs(&v)? {
-                    records.extend(self.load(seq)?);
+                Some(v) => super::codec::decode_seqs(&v)?,
+                None => Vec::new(),
+            };
+            seqs.sort_unstable();
+            seqs.retain(|seq| after_seq_ok(*seq, filter.after_seq));
+            for seq in seqs {
+                let record = self.readable(seq, self.load(seq))?;
+                let matched = record.filter(|r| matches(r)).map(|r| r.to_status());
+                if !page.examine(seq, matched) {
+                    break;
                 }
             }
-            records.sort_by_key(|r| r.seq);
-            out.extend(
-                records
-                    .iter()
-                    .filter(|r| matches(r))
-                    .take(limit)
-                    .map(Record::to_status),
-            );
-            return Ok(out);
+            return Ok(page.finish());
         }
-        for item in self.tree(RECORDS).iter().values() {
-            if out.len() >= limit {
+        // Metadata only: an inline payload is not even copied.
+        for item in self.tree(RECORDS).range(seqs_after(filter.after_seq)) {
+            let (key, value) = item.map_err(storage)?;
+            let seq = read_u64(&key)?;
+            let record = Record::decode_metadata(&value).and_then(|r| self.with_lease(r));
+            let matched = self
+                .readable(seq, record.map(Some))?
+                .filter(|r| matches(r))
+                .map(|r| r.to_status());
+            if !page.examine(seq, matched) {
                 break;
             }
-            let record = self.with_lease(Record::decode(&item.map_err(storage)?)?)?;
-            if matches(&record) {
-                out.push(record.to_status());
-            }
         }
-        Ok(out)
+        Ok(page.finish())
+    }
+
+    /// `record` of `seq`, or none when it cannot be read (logged): one
+    /// damaged record must not fail every operator read that passes it.
+    fn readable(
+        &self,
+        seq: u64,
+        record: Result<Option<Record>, StoreError>,
+    ) -> Result<Option<Record>, StoreError> {
+        match record {
+            Err(StoreError::Corrupt(why)) => {
+                tracing::error!(
+                    seq,
+                    %why,
+                    "a stored message record cannot be read: left out of an operator's \
+                     search; the store is damaged, run `trmx-broker store verify`"
+                );
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+}
+
+/// The keys of the seq-keyed trees after `after` (all of them when `None`).
+fn seqs_after(after: Option<u64>) -> (std::ops::Bound<[u8; 8]>, std::ops::Bound<[u8; 8]>) {
+    use std::ops::Bound;
+    match after {
+        Some(seq) => (Bound::Excluded(seq.to_be_bytes()), Bound::Unbounded),
+        None => (Bound::Unbounded, Bound::Unbounded),
+    }
+}
+
+fn after_seq_ok(seq: u64, after: Option<u64>) -> bool {
+    after.is_none_or(|after| seq > after)
+}
+
+/// Collects one page of an operator read: at most `limit` matches (0 means
+/// 100), looking one match further to know whether there are more, and
+/// examining at most `scan_limit` records (0: no bound).
+struct Paging {
+    limit: usize,
+    scan_limit: usize,
+    examined: usize,
+    records: Vec<StatusRecord>,
+    resume_after: Option<u64>,
+}
+
+impl Paging {
+    fn new(limit: usize, scan_limit: usize) -> Self {
+        Self {
+            limit: if limit == 0 { 100 } else { limit },
+            scan_limit,
+            examined: 0,
+            records: Vec::new(),
+            resume_after: None,
+        }
+    }
+
+    /// Takes the record `seq` (its status when it matched); `false` when
+    /// the page is complete and the scan stops.
+    fn examine(&mut self, seq: u64, matched: Option<StatusRecord>) -> bool {
+        if let Some(status) = matched {
+            if self.records.len() == self.limit {
+                // one more match: the next page starts after the last one kept
+                self.resume_after = self.records.last().map(|r| r.broker_seq);
+                return false;
+            }
+            self.records.push(status);
+        }
+        self.examined += 1;
+        if self.scan_limit > 0 && self.examined >= self.scan_limit {
+            self.resume_after = Some(seq);
+            return false;
+        }
+        true
+    }
+
+    fn finish(self) -> SearchPage {
+        SearchPage {
+            records: self.records,
+            resume_after: self.resume_after,
+        }
     }
 }
 
@@ -1007,6 +1094,22 @@ mod tests {
         assert_eq!(status.state, State::Expired);
         // the damaged record's timer is gone: the next tick has nothing to do
         assert_eq!(s.tick(after_expiry).await.unwrap(), TickReport::default());
+        s.close().await.unwrap();
+    }
+
+    /// An operator's search or statistics pass a damaged record by (logged):
+    /// it does not fail the read of every other message.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_operator_search_skips_a_damaged_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let fine = message(&be);
+        damaged_store(dir.path(), &[&fine], |_, _| {}).await;
+        let s = open(dir.path());
+        let page = s.search(SearchFilter::default()).await.unwrap();
+        let ids: Vec<MessageId> = page.records.iter().map(|r| r.message_id).collect();
+        assert_eq!(ids, vec![fine.message_id]);
+        assert_eq!(page.resume_after, None);
         s.close().await.unwrap();
     }
 
