@@ -107,6 +107,9 @@ impl Flusher {
             .name("trmx-store-flush".to_owned())
             .spawn(move || {
                 super::apply_thread_nice("trmx-store-flush", nice);
+                // If the thread dies (a panic in sled or the observer), the
+                // waiting writers must hear of it, not wait forever.
+                let _stopped = StopGuard(&thread_shared);
                 run(&thread_shared, &db, sync, &faults, observer.as_ref());
             })?;
         Ok(Self {
@@ -180,6 +183,35 @@ impl Drop for Flusher {
     }
 }
 
+/// Publishes the end of the flusher thread when dropped, also by a panic:
+/// the flush under way then counts as failed, and every waiter and every
+/// later write is answered `Unavailable` (the store is not healthy again
+/// until it is reopened).
+struct StopGuard<'a>(&'a Shared);
+
+impl Drop for StopGuard<'_> {
+    fn drop(&mut self) {
+        let panicked = std::thread::panicking();
+        if panicked {
+            tracing::error!(
+                "store flusher thread panicked: the broker refuses writes until restarted"
+            );
+        }
+        let started = {
+            let mut requests = self.0.lock();
+            requests.stop = true;
+            requests.started
+        };
+        self.0.progress.send_modify(|p| {
+            if panicked {
+                p.finished = p.finished.max(started);
+                p.last_error = "the store's flusher thread panicked".to_owned();
+            }
+            p.stopped = true;
+        });
+    }
+}
+
 fn run(
     shared: &Shared,
     db: &::sled::Db,
@@ -231,5 +263,4 @@ fn run(
             }
         });
     }
-    shared.progress.send_modify(|p| p.stopped = true);
 }
