@@ -29,7 +29,8 @@ use crate::config::{LifecycleConfig, LimitsConfig};
 use crate::error::BrokerError;
 use crate::registry::Registry;
 use crate::store::{
-    self, BrokerStore, Leased, Millis, NewMessage, StatusRecord, StoreError, SubmitOutcome,
+    self, BrokerStore, Leased, Millis, NewMessage, StatusRecord, StoreError, StreamEnd,
+    SubmitOutcome,
 };
 use crate::streams::{Lease, StreamHandle, Streams};
 
@@ -153,11 +154,12 @@ impl Shared {
     }
 
     /// Passes a store result through, latching "unavailable" on a failed
-    /// flush and clearing it when a write succeeds again.
+    /// flush and clearing it once the store makes writes durable again (a
+    /// read that works does not clear it).
     pub(crate) fn stored<T>(&self, result: Result<T, StoreError>) -> Result<T, BrokerError> {
         match result {
             Ok(value) => {
-                if self.admission.is_store_unavailable() {
+                if self.admission.is_store_unavailable() && self.store.writes_durable() {
                     info!("store writable again, accepting submits");
                     self.admission.store_recovered();
                     self.update_store_writable();
@@ -785,6 +787,13 @@ async fn run_stream(
             () = tokio::time::sleep(recheck), if free == 0 => {}
         }
     };
+    // With a status the broker ended the stream; without one the recipient
+    // went away, and its unacknowledged deliveries count as failed attempts.
+    let ended_by = if end.is_some() {
+        StreamEnd::Broker
+    } else {
+        StreamEnd::Recipient
+    };
     if let Some(status) = end {
         let _ = tx.try_send(Err(status));
     }
@@ -792,17 +801,25 @@ async fn run_stream(
     let released = shared.stored(
         shared
             .store
-            .release_stream(&participant, handle.id, shared.now())
+            .release_stream(&participant, handle.id, ended_by, shared.now())
             .await,
     );
     shared.streams.remove(&participant, handle.id);
     shared.metrics.stream_closed(&participant);
     match released {
-        Ok(n) => {
-            if n > 0 {
+        Ok(released) => {
+            if released.requeued > 0 {
                 shared.streams.wake(&participant);
             }
-            debug!(released = n, "receive stream closed");
+            shared
+                .metrics
+                .dead_lettered(DeadLetterReason::MaxAttempts, released.dead_lettered);
+            debug!(
+                requeued = released.requeued,
+                dead_lettered = released.dead_lettered,
+                ?ended_by,
+                "receive stream closed"
+            );
         }
         Err(error) => {
             warn!(%error, "receive stream closed, leases not released (due again after the ack timeout)")

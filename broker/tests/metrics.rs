@@ -390,6 +390,9 @@ async fn a_failed_flush_shows_as_not_writable_until_the_store_writes_again() -> 
     let admin = broker.admin_addr().context("no admin endpoint")?;
     let mut nl = client(broker.local_addr(), &pki.participant("NL-NRM")?)?;
     assert_eq!(get(admin, "/readyz").await?.0, 200);
+    let earlier = referral("BE-PAYOKE");
+    let earlier_id = earlier.message_id.clone();
+    submit(&mut nl, earlier).await?;
 
     faults.set_failing(true);
     assert_code(
@@ -402,6 +405,8 @@ async fn a_failed_flush_shows_as_not_writable_until_the_store_writes_again() -> 
         Code::Unavailable,
         "latched",
     );
+    // a read that works says nothing about writes: still not writable
+    status(&mut nl, &earlier_id).await?;
     let scrape = Scrape::take(admin).await?;
     assert_eq!(scrape.value("trmx_store_writable"), 0.0);
     assert_eq!(scrape.value(&refused("unavailable")), 2.0);

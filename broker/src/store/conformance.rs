@@ -580,20 +580,69 @@ pub(super) async fn release_stream_makes_due_at_once<S: BrokerStore>(s: &S, c: &
     assert_eq!(lease_ids(s, BE, 1, 1, now).await, vec![m1.message_id]);
     assert_eq!(lease_ids(s, BE, 2, 1, now).await, vec![m2.message_id]);
     let mut wake = s.wakeups();
+    let be = pid(BE);
+    let released = |stream| s.release_stream(&be, StreamId(stream), StreamEnd::Broker, now);
     assert_eq!(
-        s.release_stream(&pid(BE), StreamId(1), now).await.unwrap(),
-        1
+        released(1).await.unwrap(),
+        Released {
+            requeued: 1,
+            dead_lettered: 0
+        }
     );
     assert_eq!(wake.try_recv().ok(), Some(pid(BE)));
-    assert_eq!(
-        s.release_stream(&pid(BE), StreamId(1), now).await.unwrap(),
-        0
-    );
+    assert_eq!(released(1).await.unwrap(), Released::default());
     assert_eq!(state_of(s, &m2).await, State::InFlight);
     let again = s.lease(&pid(BE), StreamId(3), 10, now).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].message_id, m1.message_id);
     assert_eq!(again[0].attempt, 2);
+}
+
+/// A recipient whose stream ends with a delivery unacknowledged (its node
+/// crashed on the message, say) failed that attempt: due again after the
+/// backoff, and dead-lettered with a report once the attempts are used up,
+/// never handed to it forever.
+pub(super) async fn a_stream_closed_by_its_recipient_is_a_failed_attempt<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let life = lifecycle();
+    let m = message(NL, BE, Priority::Normal, 100, c.now_millis());
+    submit_ok(s, &m, c.now_millis()).await;
+    for attempt in 1..=life.max_attempts {
+        let now = c.now_millis();
+        assert_eq!(lease_ids(s, BE, 1, 10, now).await, vec![m.message_id]);
+        let released = s
+            .release_stream(&pid(BE), StreamId(1), StreamEnd::Recipient, now)
+            .await
+            .unwrap();
+        if attempt < life.max_attempts {
+            assert_eq!(released.requeued, 1, "attempt {attempt}");
+            // backing off: not due yet
+            assert!(lease_ids(s, BE, 2, 10, now).await.is_empty());
+            let status = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+            assert_eq!(status.state, State::Accepted);
+            let due = status.next_attempt_at.expect("backing off");
+            // base 2 s, doubling per attempt (capped at 10 s)
+            let backoff = (2_000u64 << (attempt - 1)).min(10_000);
+            assert_eq!(due, now + backoff, "attempt {attempt}");
+            c.advance(Duration::from_millis(backoff));
+            tick(s, due).await;
+        } else {
+            assert_eq!(
+                released,
+                Released {
+                    requeued: 0,
+                    dead_lettered: 1
+                }
+            );
+        }
+    }
+    assert_eq!(state_of(s, &m).await, State::DeadLettered);
+    let reports = receipts(s, NL, c.now_millis()).await;
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].1.outcome, pb::Outcome::DeadLettered as i32);
+    assert_eq!(reports[0].1.reason_code, "MAX_ATTEMPTS");
 }
 
 pub(super) async fn expiry_from_accepted_and_in_flight<S: BrokerStore>(s: &S, c: &ManualClock) {
@@ -1091,6 +1140,7 @@ mod sled {
         many_leases_time_out_in_one_tick,
         max_attempts_dead_letters_with_ndr,
         release_stream_makes_due_at_once,
+        a_stream_closed_by_its_recipient_is_a_failed_attempt,
         expiry_from_accepted_and_in_flight,
         expired_but_not_ticked_is_not_leased,
         withdraw_before_ack_refused_after,
@@ -1220,6 +1270,41 @@ mod sled {
             Err(StoreError::Unavailable(_))
         ));
         assert_eq!(state_of(&s, &before).await, State::Accepted);
+    }
+
+    /// A panic on the flusher thread (in sled, say) is a failed flush for
+    /// everybody waiting and every later write, not a hang.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flusher_that_panics_fails_the_writes_instead_of_hanging_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = clock();
+        let now = c.now_millis();
+        let s = SledStore::open(
+            dir.path(),
+            SledOptions {
+                cache_capacity_bytes: 8 * 1024 * 1024,
+                flush_observer: Some(FlushObserver(Arc::new(|_| {
+                    panic!("the flush went wrong (test)")
+                }))),
+                writer_nice: 0,
+            },
+            lifecycle(),
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let m = message(NL, BE, Priority::Normal, 100, now);
+            let answer = tokio::time::timeout(Duration::from_secs(10), s.submit(m, now))
+                .await
+                .expect("answered, not hung");
+            assert!(
+                matches!(answer, Err(StoreError::Unavailable(_))),
+                "{answer:?}"
+            );
+        }
+        tokio::time::timeout(Duration::from_secs(10), s.close())
+            .await
+            .expect("closed, not hung")
+            .ok();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -393,6 +393,24 @@ pub struct SearchFilter {
     pub scan_limit: usize,
 }
 
+/// Who ended a `Receive` stream (see [`BrokerStore::release_stream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The recipient's side: closed, reset or gone.
+    Recipient,
+    /// The broker: shutting down, a revoked certificate, a store failure.
+    Broker,
+}
+
+/// What [`BrokerStore::release_stream`] did with a stream's unacknowledged deliveries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Back in their queue (due at once, or after the backoff).
+    pub requeued: u64,
+    /// Attempts used up: DEAD_LETTERED, a non-delivery report to the sender.
+    pub dead_lettered: u64,
+}
+
 /// One page of a [`BrokerStore::search`] or [`BrokerStore::dead_letters`].
 #[derive(Debug, Clone, Default)]
 pub struct SearchPage {
@@ -471,13 +489,18 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         field_path: &str,
         now: Millis,
     ) -> Result<RejectResult, StoreError>;
-    /// The stream closed: its IN_FLIGHT messages are due again at once (no attempt is lost).
+    /// The stream ended with these IN_FLIGHT messages unacknowledged. Ended by the recipient
+    /// ([`StreamEnd::Recipient`]), each delivery was a failed attempt (DESIGN.md §4): due again
+    /// after the backoff, or DEAD_LETTERED (+ NDR) when its attempts are used up, so that a
+    /// message that makes the recipient's node drop its stream is not handed to it forever.
+    /// Ended by the broker ([`StreamEnd::Broker`]), they are due again at once.
     async fn release_stream(
         &self,
         recipient: &ParticipantId,
         stream: StreamId,
+        end: StreamEnd,
         now: Millis,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<Released, StoreError>;
     /// Sender takes back its message (ACCEPTED or IN_FLIGHT) → WITHDRAWN, payload deleted; no NDR.
     async fn withdraw(
         &self,
@@ -552,6 +575,9 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn presence(&self) -> Result<Vec<Presence>, StoreError>;
     /// Flush and close (graceful shutdown). Later writes fail with `Unavailable`.
     async fn close(&self) -> Result<(), StoreError>;
+    /// Whether writes are made durable now: open, and no failed flush since the last one that
+    /// succeeded. (A read that works says nothing about it.)
+    fn writes_durable(&self) -> bool;
     /// After each durable write, every recipient that got newly due messages (new submit, receipt
     /// queued, stream released, recovery, redelivery due, redrive) is sent here, so the service can
     /// wake its streams. On `RecvError::Lagged`, wake every stream. The default never sends.

@@ -13,7 +13,7 @@
 //!   on `spawn_blocking`, then wait for the shared flush), wake-ups, and the
 //!   priority (nice value) of the writer and flusher threads.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,8 +33,8 @@ use self::writer::Writer;
 use crate::store::audit::{AuditEvent, AuditReport, OperatorAction};
 use crate::store::{
     AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, Presence, PurgeResult,
-    QueueStats, RedriveResult, RejectResult, SearchFilter, SearchPage, StatusRecord, StoreError,
-    StreamId, SubmitOutcome, TickReport, WithdrawResult,
+    QueueStats, RedriveResult, RejectResult, Released, SearchFilter, SearchPage, StatusRecord,
+    StoreError, StreamEnd, StreamId, SubmitOutcome, TickReport, WithdrawResult,
 };
 
 mod audit;
@@ -163,6 +163,9 @@ pub(super) struct Core {
     /// Added to sled's id generator for new seqs (`compact.rs`).
     seq_floor: u64,
     life: Lifecycle,
+    /// Queued messages found damaged by a lease (`ops::Leases::damaged`):
+    /// passed by from then on. Few, and forgotten at a restart.
+    unleasable: std::sync::Mutex<HashSet<u64>>,
 }
 
 /// Everything behind a [`SledStore`]. Field order is drop order: the
@@ -238,6 +241,7 @@ impl SledStore {
             presence,
             seq_floor,
             life: lifecycle,
+            unleasable: Default::default(),
         });
         let writer = Writer::start(Arc::clone(&core), opts.writer_nice)
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
@@ -489,22 +493,35 @@ impl BrokerStore for SledStore {
         self.ready().await?;
         // A candidate can be settled by an earlier job of the same batch
         // (ack after a timeout, withdraw): then look again rather than
-        // answer "nothing due" while the queue holds more.
-        for _ in 0..LEASE_ATTEMPTS {
+        // answer "nothing due" while the queue holds more. A look that found
+        // damaged messages does not count: they are passed by from then on,
+        // so each look gets further down the queue.
+        let mut attempts = 0;
+        while attempts < LEASE_ATTEMPTS {
             let (scan_for, lease_for) = (recipient.clone(), recipient.clone());
-            let (leased, had_candidates) = self
+            let (leases, had_candidates) = self
                 .inner
                 .writer
                 .prepared_transaction(
                     move |core, claimed| core.lease_candidates(&scan_for, max, claimed),
                     move |tx, candidates| {
-                        let leased = tx.lease(&lease_for, stream, candidates, now)?;
-                        Ok((leased, !candidates.is_empty()))
+                        let leases = tx.lease(&lease_for, stream, candidates, now)?;
+                        Ok((leases, !candidates.is_empty()))
                     },
                 )
                 .await?;
-            if !leased.is_empty() || !had_candidates {
-                return Ok(leased);
+            if leases.damaged.is_empty() {
+                attempts += 1;
+            } else {
+                self.inner
+                    .core
+                    .unleasable
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .extend(leases.damaged);
+            }
+            if !leases.leased.is_empty() || !had_candidates {
+                return Ok(leases.leased);
             }
         }
         Ok(Vec::new())
@@ -539,14 +556,24 @@ impl BrokerStore for SledStore {
             .await
     }
 
+    fn writes_durable(&self) -> bool {
+        !self.inner.closed.load(Ordering::SeqCst) && self.inner.flusher.healthy()
+    }
+
     async fn release_stream(
         &self,
         recipient: &ParticipantId,
         stream: StreamId,
+        end: StreamEnd,
         now: Millis,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Released, StoreError> {
         let recipient = recipient.clone();
-        self.change_alone(move |core| core.requeue_in_flight(Some(&recipient), Some(stream), now))
+        let on = ops::Requeue::Stream {
+            recipient,
+            stream,
+            failed_attempt: end == StreamEnd::Recipient,
+        };
+        self.change_alone(move |core| core.requeue_in_flight(&on, now))
             .await
     }
 
@@ -584,8 +611,9 @@ impl BrokerStore for SledStore {
     }
 
     async fn recover(&self, now: Millis) -> Result<u64, StoreError> {
-        self.change_alone(move |core| core.requeue_in_flight(None, None, now))
+        self.change_alone(move |core| core.requeue_in_flight(&ops::Requeue::Restart, now))
             .await
+            .map(|released| released.requeued)
     }
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {

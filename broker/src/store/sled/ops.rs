@@ -18,7 +18,7 @@ use super::tx::{
 };
 use crate::store::{
     Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
-    RejectResult, SearchFilter, SearchPage, State, StatusRecord, StoreError, StreamId,
+    RejectResult, Released, SearchFilter, SearchPage, State, StatusRecord, StoreError, StreamId,
     SubmitOutcome, TickReport, WithdrawResult,
 };
 
@@ -115,7 +115,7 @@ impl Core {
 
     /// Up to `max` seqs from the committed queue of `recipient`, in lease
     /// order, not `claimed` by an earlier lease of the same batch (they are
-    /// added to it).
+    /// added to it), and not known to be damaged (see [`Leases::damaged`]).
     pub(super) fn lease_candidates(
         &self,
         recipient: &ParticipantId,
@@ -126,10 +126,14 @@ impl Core {
         if max == 0 {
             return Ok(candidates);
         }
+        let unleasable = self
+            .unleasable
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         for item in self.tree(QUEUE).scan_prefix(participant_prefix(recipient)) {
             let (key, _) = item.map_err(storage)?;
             let seq = seq_suffix(&key)?;
-            if claimed.insert(seq) {
+            if !unleasable.contains(&seq) && claimed.insert(seq) {
                 candidates.push(seq);
                 if candidates.len() >= max {
                     break;
@@ -139,26 +143,25 @@ impl Core {
         Ok(candidates)
     }
 
-    /// Puts IN_FLIGHT messages back in their queue, due at once (no attempt
-    /// is lost): those of `recipient` leased to `stream` when a stream
-    /// closed, or every one (`recover` at start-up, which also empties the
-    /// `inflight` tree of older stores).
+    /// Puts IN_FLIGHT messages back in their queue (see [`Requeue`]); the
+    /// restart also empties the lease trees of older stores.
     pub(super) fn requeue_in_flight(
         &self,
-        recipient: Option<&ParticipantId>,
-        stream: Option<StreamId>,
+        on: &Requeue,
         now: Millis,
-    ) -> Result<(u64, Wake), StoreError> {
-        let (mut total, mut wake) = (0, Wake::new());
-        if recipient.is_none() && stream.is_none() {
+    ) -> Result<(Released, Wake), StoreError> {
+        let (mut total, mut wake) = (Released::default(), Wake::new());
+        if matches!(on, Requeue::Restart) {
             for legacy in [LEGACY_INFLIGHT, LEGACY_LEASES] {
-                let (count, woken) = self.requeue_from(legacy, None, None, now)?;
-                total += count;
+                let (count, woken) = self.requeue_from(legacy, on, now)?;
+                total.requeued += count.requeued;
                 wake.extend(woken);
             }
         }
-        let (count, woken) = self.requeue_from(LEASED, recipient, stream, now)?;
-        Ok((total + count, wake.into_iter().chain(woken).collect()))
+        let (count, woken) = self.requeue_from(LEASED, on, now)?;
+        total.requeued += count.requeued;
+        total.dead_lettered += count.dead_lettered;
+        Ok((total, wake.into_iter().chain(woken).collect()))
     }
 
     /// [`Self::requeue_in_flight`] over one lease tree. Every lease tree ends
@@ -169,11 +172,18 @@ impl Core {
     fn requeue_from(
         &self,
         tree: usize,
-        recipient: Option<&ParticipantId>,
-        stream: Option<StreamId>,
+        on: &Requeue,
         now: Millis,
-    ) -> Result<(u64, Wake), StoreError> {
-        let mut total = 0;
+    ) -> Result<(Released, Wake), StoreError> {
+        let (recipient, stream, failed_attempt) = match on {
+            Requeue::Stream {
+                recipient,
+                stream,
+                failed_attempt,
+            } => (Some(recipient), Some(*stream), *failed_attempt),
+            Requeue::Restart => (None, None, false),
+        };
+        let mut total = Released::default();
         let mut wake = Wake::new();
         let mut after_key: Option<Vec<u8>> = None;
         loop {
@@ -206,7 +216,7 @@ impl Core {
                 break;
             }
             let (count, woken) = self.transact(|tx| {
-                let mut count = 0u64;
+                let mut count = Released::default();
                 let mut woken = Wake::new();
                 for (key, seq) in &batch {
                     if tree != LEASED {
@@ -227,6 +237,13 @@ impl Core {
                     {
                         continue;
                     }
+                    if failed_attempt {
+                        match self.attempt_failed(tx, &old, now, now, &mut woken)? {
+                            Retry::DeadLettered => count.dead_lettered += 1,
+                            Retry::Due | Retry::Later => count.requeued += 1,
+                        }
+                        continue;
+                    }
                     let mut new = old.clone();
                     new.state = State::Accepted;
                     new.state_changed_at = now;
@@ -234,11 +251,12 @@ impl Core {
                     new.next_attempt_at = None;
                     tx.put(Some(&old), Some(&new))?;
                     woken.insert(new.recipient.clone());
-                    count += 1;
+                    count.requeued += 1;
                 }
                 Ok((count, woken))
             })?;
-            total += count;
+            total.requeued += count.requeued;
+            total.dead_lettered += count.dead_lettered;
             wake.extend(woken);
         }
         Ok((total, wake))
@@ -363,8 +381,7 @@ impl Core {
         Ok(keys)
     }
 
-    /// The ack deadline `at` of `old`'s lease passed: due again after the
-    /// backoff, or DEAD_LETTERED (+ NDR) when its attempts are used up.
+    /// The ack deadline `at` of `old`'s lease passed: a failed attempt.
     /// Nothing happens when `old` is no longer leased with that deadline.
     fn lease_timeout(
         &self,
@@ -378,6 +395,27 @@ impl Core {
         if old.state != State::InFlight || old.lease.map(|l| l.0) != Some(at) {
             return Ok(());
         }
+        // the backoff runs from the ack deadline, so a late tick (broker
+        // down, coarse timer) does not stretch it
+        match self.attempt_failed(tx, old, at, now, wake)? {
+            Retry::DeadLettered => report.dead_lettered += 1,
+            Retry::Due | Retry::Later => report.redelivery_due += 1,
+        }
+        Ok(())
+    }
+
+    /// The delivery of the IN_FLIGHT `old` failed (ack deadline passed, or
+    /// its recipient's stream closed without an ack): DEAD_LETTERED (+ NDR)
+    /// when its attempts are used up, else ACCEPTED again, due once the
+    /// backoff from `failed_at` has passed.
+    fn attempt_failed(
+        &self,
+        tx: &Tx<'_>,
+        old: &Record,
+        failed_at: Millis,
+        now: Millis,
+        wake: &mut Wake,
+    ) -> TxResult<Retry> {
         let mut new = old.clone();
         if old.attempts >= self.life.max_attempts {
             finish_keeping_payload(&mut new, State::DeadLettered, now, &self.life);
@@ -386,22 +424,20 @@ impl Core {
             if let Some(to) = tx.receipt(&new, pb::Outcome::DeadLettered, now)? {
                 wake.insert(to);
             }
-            report.dead_lettered += 1;
-        } else {
-            // the backoff runs from the ack deadline, so a late tick
-            // (broker down, coarse timer) does not stretch it
-            let due = after(at, backoff(&self.life, old.attempts));
-            new.state = State::Accepted;
-            new.state_changed_at = now;
-            new.lease = None;
-            new.next_attempt_at = (due > now).then_some(due);
-            if new.next_attempt_at.is_none() {
-                wake.insert(new.recipient.clone());
-            }
-            tx.put(Some(old), Some(&new))?;
-            report.redelivery_due += 1;
+            return Ok(Retry::DeadLettered);
         }
-        Ok(())
+        let due = after(failed_at, backoff(&self.life, old.attempts));
+        new.state = State::Accepted;
+        new.state_changed_at = now;
+        new.lease = None;
+        new.next_attempt_at = (due > now).then_some(due);
+        tx.put(Some(old), Some(&new))?;
+        if new.next_attempt_at.is_none() {
+            wake.insert(new.recipient.clone());
+            Ok(Retry::Due)
+        } else {
+            Ok(Retry::Later)
+        }
     }
 
     /// Applies one due timer.
@@ -594,6 +630,45 @@ impl Core {
     }
 }
 
+/// What [`Tx::lease`] did with its candidates.
+#[derive(Debug)]
+pub(super) struct Leases {
+    /// Now IN_FLIGHT, to be delivered.
+    pub(super) leased: Vec<Leased>,
+    /// Queued messages that cannot be delivered (a record that cannot be
+    /// read, a payload gone). They stay queued until they expire or are
+    /// purged, and later leases pass them by: picked again and again, a
+    /// few of them at the head of a queue would stop every delivery behind
+    /// them.
+    pub(super) damaged: Vec<u64>,
+}
+
+/// Which IN_FLIGHT messages [`Core::requeue_in_flight`] puts back, and how.
+#[derive(Debug)]
+pub(super) enum Requeue {
+    /// Those of `recipient` leased to `stream`, which ended. With
+    /// `failed_attempt` (the recipient ended it) each is a failed delivery:
+    /// backoff and the attempt limit apply; else they are due at once.
+    Stream {
+        recipient: ParticipantId,
+        stream: StreamId,
+        failed_attempt: bool,
+    },
+    /// Every one, at start-up: the previous process ended their streams,
+    /// not their recipients. Due at once; no attempt is lost.
+    Restart,
+}
+
+/// What became of a failed delivery.
+enum Retry {
+    /// Due again now.
+    Due,
+    /// Due again after the backoff.
+    Later,
+    /// Attempts used up.
+    DeadLettered,
+}
+
 /// The keys of the seq-keyed trees after `after` (all of them when `None`).
 fn seqs_after(after: Option<u64>) -> (std::ops::Bound<[u8; 8]>, std::ops::Bound<[u8; 8]>) {
     use std::ops::Bound;
@@ -675,9 +750,12 @@ impl Tx<'_> {
         stream: StreamId,
         candidates: &[u64],
         now: Millis,
-    ) -> TxResult<Vec<Leased>> {
+    ) -> TxResult<Leases> {
         let tx = self;
-        let mut out = Vec::with_capacity(candidates.len());
+        let mut out = Leases {
+            leased: Vec::with_capacity(candidates.len()),
+            damaged: Vec::new(),
+        };
         let deadline = after(now, self.life.ack_timeout);
         for &seq in candidates {
             let Some(old) = tx.readable_record(
@@ -685,6 +763,7 @@ impl Tx<'_> {
                 "it stays queued and is skipped, the messages behind it are delivered",
             )?
             else {
+                out.damaged.push(seq);
                 continue;
             };
             if old.state != State::Accepted
@@ -704,6 +783,7 @@ impl Tx<'_> {
                      skipped, the messages behind it are delivered; purge it \
                      (trmx-broker admin purge) so that its sender gets a non-delivery report"
                 );
+                out.damaged.push(seq);
                 continue;
             };
             let mut new = old.clone();
@@ -713,7 +793,7 @@ impl Tx<'_> {
             new.state_changed_at = now;
             new.lease = Some((deadline, stream.0));
             tx.put(Some(&old), Some(&new))?;
-            out.push(Leased {
+            out.leased.push(Leased {
                 message_id: new.message_id,
                 sender: new.sender,
                 recipient: new.recipient,
@@ -1070,6 +1150,38 @@ mod tests {
             matches!(purged, crate::store::PurgeResult::Purged),
             "{purged:?}"
         );
+        s.close().await.unwrap();
+    }
+
+    /// Damaged messages at the head of a queue do not stop a small delivery
+    /// window: a lease of one message passes them by and delivers the next
+    /// good one, and later leases do not pick them again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn damaged_messages_at_the_head_do_not_stop_a_window_of_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let (gone1, gone2, first, second) =
+            (message(&be), message(&be), message(&be), message(&be));
+        damaged_store(
+            dir.path(),
+            &[&gone1, &gone2, &first, &second],
+            |records, seqs| {
+                for seq in &seqs[..2] {
+                    let key = seq.to_be_bytes();
+                    let mut record = Record::decode(&records.get(key).unwrap().unwrap()).unwrap();
+                    record.payload = None; // written without it, and not in `payloads`
+                    records.insert(key, record.encode()).unwrap();
+                }
+            },
+        )
+        .await;
+        let s = open(dir.path());
+        for (stream, want) in [(1, &first), (2, &second)] {
+            let leased = s.lease(&be, StreamId(stream), 1, NOW).await.unwrap();
+            let ids: Vec<MessageId> = leased.iter().map(|l| l.message_id).collect();
+            assert_eq!(ids, vec![want.message_id], "stream {stream}");
+        }
+        assert!(s.lease(&be, StreamId(3), 1, NOW).await.unwrap().is_empty());
         s.close().await.unwrap();
     }
 
