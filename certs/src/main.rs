@@ -239,7 +239,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
                 Some(key) => CertPaths { cert, key },
                 None => CertPaths::for_cert(&cert),
             };
-            let info = ca.renew(&paths, validity_days)?;
+            let info = ca.renew(&paths, validity_days)?.new;
             print_written(&paths, &info);
             Ok(())
         }

@@ -332,7 +332,9 @@ mod ca_files {
         let old = CertInfo::from_pem_file(&broker.cert).unwrap();
         let old_key = std::fs::read(&broker.key).unwrap();
 
-        let new = fed.ca.renew(&broker, 30).unwrap();
+        let renewal = fed.ca.renew(&broker, 30).unwrap();
+        assert_eq!(renewal.old, old);
+        let new = renewal.new;
         assert_eq!(new.identity, old.identity);
         assert_eq!(new.dns_names, old.dns_names);
         assert_eq!(new.ips, old.ips);
@@ -353,6 +355,69 @@ mod ca_files {
         let issued = fed.ca.issued();
         let entry = issued.iter().find(|c| c.serial == old.serial_hex).unwrap();
         assert_eq!(entry.renewed_by.as_deref(), Some(new.serial_hex.as_str()));
+    }
+
+    #[test]
+    fn renewed_certificate_is_revoked_by_serial_without_its_file() {
+        let (_d, fed) = federation();
+        let node = fed.participant("NL-NRM").unwrap();
+        let old_cert = leaf(&node);
+        let renewal = fed.ca.renew(&node, 30).unwrap();
+        let (old, new) = (renewal.old.serial_hex, renewal.new.serial_hex);
+        // the file now holds the new certificate: revoking by file would hit the new one
+        assert_eq!(CertInfo::from_pem_file(&node.cert).unwrap().serial_hex, new);
+
+        // any case and `:` separators, as other tools print serials
+        let colons = old
+            .as_bytes()
+            .chunks(2)
+            .map(|b| std::str::from_utf8(b).unwrap().to_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        let first = fed.ca.revoke_serial_hex(&colons).unwrap();
+        assert!(!first.already_revoked);
+        assert_eq!(first.cert.serial, old);
+        assert_eq!(
+            first.cert.identity,
+            "spiffe://trm.example/participant/NL-NRM"
+        );
+        assert_eq!(first.cert.renewed_by.as_deref(), Some(new.as_str()));
+        assert!(fed.ca.is_revoked(&old) && !fed.ca.is_revoked(&new));
+        let err = verify_client(&client_verifier(&fed), &old_cert).unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        );
+        verify_client(&client_verifier(&fed), &leaf(&node)).unwrap();
+
+        // twice is harmless and keeps the first revocation time
+        let again = fed.ca.revoke_serial_hex(&old).unwrap();
+        assert!(again.already_revoked);
+        assert_eq!(again.cert.revoked_at, first.cert.revoked_at);
+    }
+
+    #[test]
+    fn revoking_an_unknown_or_malformed_serial_changes_nothing() {
+        let (_d, fed) = federation();
+        fed.participant("NL-NRM").unwrap();
+        let (index, crl) = (fed.dir.join("ca/index.json"), fed.crl_path());
+        let before = (std::fs::read(&index).unwrap(), std::fs::read(&crl).unwrap());
+
+        let err = fed.ca.revoke_serial_hex("0x4A01").unwrap_err();
+        assert!(matches!(err, CertError::UnknownSerial { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "serial 4a01 was not issued by this CA (it is not in {})",
+                index.display()
+            )
+        );
+        let err = fed.ca.revoke_serial_hex("NL-NRM").unwrap_err().to_string();
+        assert_eq!(err, "serial is invalid: \"NL-NRM\" is not hexadecimal");
+        assert_eq!(
+            (std::fs::read(&index).unwrap(), std::fs::read(&crl).unwrap()),
+            before
+        );
     }
 
     #[test]
