@@ -172,6 +172,25 @@ pub struct IssuedCert {
     pub renewed_by: Option<String>,
 }
 
+/// What a revocation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// The index entry, now revoked (`revoked_at` is the first revocation's time).
+    pub cert: IssuedCert,
+    /// It was revoked before this call; only the CRL was rewritten.
+    pub already_revoked: bool,
+}
+
+/// What [`Ca::renew`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    /// The replaced certificate: its files are gone, but it stays valid until it expires
+    /// unless its serial is revoked.
+    pub old: CertInfo,
+    /// The new certificate, now in the certificate file.
+    pub new: CertInfo,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Index {
@@ -538,48 +557,71 @@ impl Ca {
 
     /// Revokes the certificate in `cert_pem_path` (it must have been signed by this CA):
     /// marks it revoked in the index and rewrites the CRL with the configured lifetime.
-    /// Revoking twice is harmless.
-    pub fn revoke(&self, cert_pem_path: &Path) -> Result<(), CertError> {
+    /// Revoking twice is harmless (the CRL is rewritten, the first revocation time kept).
+    pub fn revoke(&self, cert_pem_path: &Path) -> Result<Revocation, CertError> {
         let info = self.verify_issued(cert_pem_path)?;
         self.revoke_serial(&info.serial_hex, Some(&info))
     }
 
-    /// Revokes a serial (hex, as `show` prints it) that this CA issued.
-    pub fn revoke_serial_hex(&self, serial_hex: &str) -> Result<(), CertError> {
-        self.revoke_serial(&normalize_serial(serial_hex), None)
+    /// Revokes a serial (hex, as `show` and `list` print it; any case, `:` and leading
+    /// zeros ignored) that this CA's index knows. Needs no copy of the certificate, so a
+    /// certificate replaced by [`Ca::renew`] or a forced [`Ca::issue`] can still be revoked.
+    pub fn revoke_serial_hex(&self, serial_hex: &str) -> Result<Revocation, CertError> {
+        let serial = normalize_serial(serial_hex);
+        if !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(CertError::InvalidArgument {
+                field: "serial",
+                problem: format!("{serial_hex:?} is not hexadecimal"),
+            });
+        }
+        self.revoke_serial(&serial, None)
     }
 
-    fn revoke_serial(&self, serial: &str, info: Option<&CertInfo>) -> Result<(), CertError> {
+    /// Marks `serial` revoked and rewrites the CRL. `info` is the certificate itself when
+    /// the caller has it: a serial missing from the index is then recorded, not refused.
+    fn revoke_serial(
+        &self,
+        serial: &str,
+        info: Option<&CertInfo>,
+    ) -> Result<Revocation, CertError> {
         let now = unix(SystemTime::now());
-        let mut known = true;
+        let mut outcome = None;
         self.update_index(|index| {
-            match index.certs.iter_mut().find(|c| c.serial == serial) {
+            let entry = match index.certs.iter_mut().find(|c| c.serial == serial) {
                 Some(entry) => {
+                    let already_revoked = entry.revoked_at.is_some();
                     entry.revoked_at.get_or_insert(now);
+                    Some((entry.clone(), already_revoked))
                 }
-                None => match info {
-                    // signed by us but missing from the index (e.g. an index restored
-                    // from a backup): record it
-                    Some(info) => index.certs.push(IssuedCert {
+                // signed by us but missing from the index (e.g. an index restored from a
+                // backup): record it
+                None => info.map(|info| {
+                    let entry = IssuedCert {
                         serial: serial.to_string(),
                         identity: info.identity.spiffe_uri(),
                         issued_at: unix(info.not_before),
                         not_after: unix(info.not_after),
                         revoked_at: Some(now),
                         renewed_by: None,
-                    }),
-                    None => known = false,
-                },
-            }
+                    };
+                    index.certs.push(entry.clone());
+                    (entry, false)
+                }),
+            };
+            outcome = entry;
         })?;
-        if !known {
-            return Err(CertError::InvalidArgument {
-                field: "serial",
-                problem: format!("{serial} was not issued by this CA"),
-            });
-        }
+        let (cert, already_revoked) = outcome.ok_or_else(|| CertError::UnknownSerial {
+            serial: serial.to_string(),
+            index: self.index_path(),
+        })?;
+        // rewritten even when already revoked: it repairs a CRL that a crash between the
+        // index update and the CRL write left without this serial
         let next = Duration::from_secs(self.lock().crl_next_update_secs);
-        self.write_crl(next)
+        self.write_crl(next)?;
+        Ok(Revocation {
+            cert,
+            already_revoked,
+        })
     }
 
     /// Writes a new CRL (next CRL number) listing every revoked serial, valid from now
@@ -644,9 +686,11 @@ impl Ca {
     }
 
     /// Issues a fresh certificate with the same identity (and DNS/IP names) as the one in
-    /// `cert.cert`, a new key and `validity_days`, replacing both files. The old certificate
-    /// is not revoked (revoke it once the new one is deployed).
-    pub fn renew(&self, cert: &CertPaths, validity_days: u32) -> Result<CertInfo, CertError> {
+    /// `cert.cert`, a new key and `validity_days`, replacing both files, and records the new
+    /// serial as the old one's `renewed_by`. The old certificate is not revoked: it stays
+    /// valid until it expires unless revoked with [`Ca::revoke_serial_hex`] (its serial is
+    /// in the returned [`Renewal`]) once the new one is deployed.
+    pub fn renew(&self, cert: &CertPaths, validity_days: u32) -> Result<Renewal, CertError> {
         let old = self.verify_issued(&cert.cert)?;
         let spec = IssueSpec {
             role: old.identity.role.clone(),
@@ -660,7 +704,7 @@ impl Ca {
                 entry.renewed_by = Some(new.serial_hex.clone());
             }
         })?;
-        Ok(new)
+        Ok(Renewal { old, new })
     }
 
     /// Whether the serial (hex, any case, leading zeros and `:` ignored) is revoked, as of

@@ -77,6 +77,14 @@ pub enum CertError {
         /// Why it was rejected.
         problem: String,
     },
+    /// A serial to revoke is not in the CA's index.
+    #[error("serial {serial} was not issued by this CA (it is not in {})", index.display())]
+    UnknownSerial {
+        /// The serial, normalised (lower-case hex).
+        serial: String,
+        /// The CA's index file.
+        index: PathBuf,
+    },
     /// A certificate's trust domain differs from the CA's.
     #[error("certificate trust domain {found:?} differs from the CA's {expected:?}")]
     TrustDomainMismatch {

@@ -86,6 +86,6 @@ impl Federation {
 
     /// Revokes a certificate and rewrites the CRL.
     pub fn revoke(&self, cert: &CertPaths) -> Result<(), CertError> {
-        self.ca.revoke(&cert.cert)
+        self.ca.revoke(&cert.cert).map(drop)
     }
 }

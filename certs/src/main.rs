@@ -8,11 +8,11 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use trmx_certs::{
     Ca, CaOptions, CertError, CertInfo, CertPaths, DEFAULT_CA_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS,
-    IssueSpec, Role, format_time, validate_name, validate_participant_id,
+    IssueSpec, IssuedCert, Revocation, Role, format_time, validate_name, validate_participant_id,
 };
 
 /// Federation PKI for trmx: create the CA, issue broker, node and operator certificates,
-/// revoke them (CRL), renew and inspect them.
+/// revoke them (CRL), renew, list and inspect them.
 ///
 /// Every certificate carries one SPIFFE URI SAN: spiffe://<trust-domain>/participant/<ID>,
 /// /operator/<name> or /broker/<name>. Keys are ECDSA P-256, written with mode 0600, and
@@ -49,12 +49,16 @@ enum Command {
         #[command(subcommand)]
         what: IssueCommand,
     },
-    /// Revoke a certificate and rewrite the CRL.
+    /// Revoke a certificate, given as a PEM file or by serial, and rewrite the CRL.
+    ///
+    /// A certificate replaced by `renew` or `issue --force` no longer has a file: revoke it
+    /// by the serial those commands print (`list` shows every serial the CA issued).
+    /// Revoking a revoked certificate only rewrites the CRL.
     Revoke {
         #[command(flatten)]
         ca: CaDir,
-        /// The certificate to revoke (PEM).
-        cert: PathBuf,
+        #[command(flatten)]
+        target: RevokeTarget,
     },
     /// Rewrite the CRL with a new nextUpdate.
     ///
@@ -71,7 +75,8 @@ enum Command {
     ///
     /// Issues a new certificate with the same identity (and DNS/IP names), a new key and a
     /// new validity, replacing the certificate and key files. The old certificate is not
-    /// revoked: revoke it once the new one is deployed.
+    /// revoked and stays valid until it expires: once the new one is deployed, run the
+    /// `trmx-certs revoke --serial <old serial>` command that renew prints.
     Renew {
         #[command(flatten)]
         ca: CaDir,
@@ -98,6 +103,27 @@ enum Command {
         /// The certificate (PEM).
         cert: PathBuf,
     },
+    /// List the certificates the CA issued: serial, identity, expiry, revocation, renewal.
+    ///
+    /// Read from the CA's index.json, oldest first; needs no copy of the certificates.
+    List {
+        #[command(flatten)]
+        ca: CaDir,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `revoke` revokes: exactly one of a certificate file and a serial.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct RevokeTarget {
+    /// The certificate to revoke (PEM).
+    cert: Option<PathBuf>,
+    /// The serial to revoke (hex, as `list`, `show`, `renew` and `issue` print it).
+    #[arg(long, value_name = "HEX")]
+    serial: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,7 +180,8 @@ struct IssueArgs {
     /// Validity in days.
     #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS)]
     validity_days: u32,
-    /// Overwrite existing certificate and key files.
+    /// Overwrite existing certificate and key files. A replaced certificate stays valid
+    /// until it expires: issue prints its serial and the revoke command to run.
     #[arg(long)]
     force: bool,
 }
@@ -196,16 +223,19 @@ fn run(cli: Cli) -> Result<(), CertError> {
             Ok(())
         }
         Command::Issue { what } => issue(what),
-        Command::Revoke { ca, cert } => {
+        Command::Revoke { ca, target } => {
             let ca = Ca::open(&ca.dir)?;
-            let info = ca.verify_issued(&cert)?;
-            ca.revoke(&cert)?;
-            println!(
-                "revoked {} (serial {}); CRL rewritten: {}",
-                info.identity,
-                info.serial_hex,
-                ca.crl_path().display()
-            );
+            let revocation = match (target.cert, target.serial) {
+                (_, Some(serial)) => ca.revoke_serial_hex(&serial)?,
+                (Some(cert), None) => ca.revoke(&cert)?,
+                (None, None) => {
+                    return Err(CertError::InvalidArgument {
+                        field: "revoke",
+                        problem: "give a certificate file or --serial".to_string(),
+                    });
+                }
+            };
+            print_revoked(&ca, &revocation);
             Ok(())
         }
         Command::Crl {
@@ -239,11 +269,13 @@ fn run(cli: Cli) -> Result<(), CertError> {
                 Some(key) => CertPaths { cert, key },
                 None => CertPaths::for_cert(&cert),
             };
-            let info = ca.renew(&paths, validity_days)?;
-            print_written(&paths, &info);
+            let renewal = ca.renew(&paths, validity_days)?;
+            print_written(&paths, &renewal.new);
+            print_replaced(&ca, &renewal.old);
             Ok(())
         }
         Command::Show { dir, json, cert } => show(dir.as_deref(), json, &cert),
+        Command::List { ca, json } => list(&Ca::open(&ca.dir)?, json),
     }
 }
 
@@ -280,8 +312,18 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
     let ca = Ca::open(&common.ca.dir)?;
     let prefix = common.out.unwrap_or_else(|| PathBuf::from(default_stem));
     let paths = CertPaths::from_prefix(&prefix);
+    // read before it is overwritten: its serial is all that is left to revoke it by. A
+    // missing, unreadable or foreign file is overwritten too, with nothing to revoke here.
+    let replaced = if common.force {
+        ca.verify_issued(&paths.cert).ok()
+    } else {
+        None
+    };
     let info = ca.issue(&spec, &paths, common.force)?;
     print_written(&paths, &info);
+    if let Some(old) = replaced {
+        print_replaced(&ca, &old);
+    }
     Ok(())
 }
 
@@ -290,6 +332,122 @@ fn print_written(paths: &CertPaths, info: &CertInfo) {
     println!("  certificate: {}", paths.cert.display());
     println!("  key:         {}", paths.key.display());
     println!("  not after:   {}", format_time(info.not_after));
+}
+
+/// Tells the operator that `old` was replaced and, unless it is revoked already, the
+/// command that revokes it.
+fn print_replaced(ca: &Ca, old: &CertInfo) {
+    if ca.is_revoked(&old.serial_hex) {
+        println!(
+            "replaced {} (serial {}), which is already revoked",
+            old.identity, old.serial_hex
+        );
+        return;
+    }
+    println!(
+        "replaced {} (serial {}): it stays valid until {} unless revoked",
+        old.identity,
+        old.serial_hex,
+        format_time(old.not_after)
+    );
+    println!("once the new certificate is deployed, revoke the old one:");
+    println!(
+        "  trmx-certs revoke --dir {} --serial {}",
+        shell_word(&ca.dir().display().to_string()),
+        old.serial_hex
+    );
+}
+
+fn print_revoked(ca: &Ca, r: &Revocation) {
+    let what = format!("{} (serial {})", r.cert.identity, r.cert.serial);
+    match (r.already_revoked, r.cert.revoked_at) {
+        (true, Some(at)) => println!("{what} was already revoked on {}", format_unix(at)),
+        _ => println!("revoked {what}"),
+    }
+    println!("CRL rewritten: {}", ca.crl_path().display());
+}
+
+/// `s` quoted for a POSIX shell when it needs to be, so printed commands can be pasted.
+fn shell_word(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+=:@,%".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// An index timestamp (Unix seconds).
+fn unix_time(secs: i64) -> SystemTime {
+    let d = Duration::from_secs(secs.unsigned_abs());
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + d
+    } else {
+        SystemTime::UNIX_EPOCH - d
+    }
+}
+
+fn format_unix(secs: i64) -> String {
+    format_time(unix_time(secs))
+}
+
+fn list(ca: &Ca, json: bool) -> Result<(), CertError> {
+    let certs = ca.issued();
+    let now = SystemTime::now();
+    let expired = |c: &IssuedCert| unix_time(c.not_after) <= now;
+    if json {
+        let v: Vec<serde_json::Value> = certs
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "serial": c.serial,
+                    "identity": c.identity,
+                    "issued_at": format_unix(c.issued_at),
+                    "not_after": format_unix(c.not_after),
+                    "expired": expired(c),
+                    "revoked": c.revoked_at.is_some(),
+                    "revoked_at": c.revoked_at.map(format_unix),
+                    "renewed_by": c.renewed_by,
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&v).map_err(|e| CertError::InvalidArgument {
+            field: "--json",
+            problem: e.to_string(),
+        })?;
+        println!("{text}");
+        return Ok(());
+    }
+    if certs.is_empty() {
+        println!("no certificates issued by this CA yet");
+        return Ok(());
+    }
+    let width = certs
+        .iter()
+        .map(|c| c.identity.len())
+        .max()
+        .unwrap_or(0)
+        .max("IDENTITY".len());
+    println!(
+        "{:<32}  {:<width$}  {:<20}  {:<28}  RENEWED BY",
+        "SERIAL", "IDENTITY", "NOT AFTER", "STATUS"
+    );
+    for c in &certs {
+        let status = match c.revoked_at {
+            Some(at) => format!("revoked {}", format_unix(at)),
+            None if expired(c) => "expired".to_string(),
+            None => "valid".to_string(),
+        };
+        println!(
+            "{:<32}  {:<width$}  {:<20}  {:<28}  {}",
+            c.serial,
+            c.identity,
+            format_unix(c.not_after),
+            status,
+            c.renewed_by.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(())
 }
 
 fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {

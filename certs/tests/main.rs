@@ -332,7 +332,9 @@ mod ca_files {
         let old = CertInfo::from_pem_file(&broker.cert).unwrap();
         let old_key = std::fs::read(&broker.key).unwrap();
 
-        let new = fed.ca.renew(&broker, 30).unwrap();
+        let renewal = fed.ca.renew(&broker, 30).unwrap();
+        assert_eq!(renewal.old, old);
+        let new = renewal.new;
         assert_eq!(new.identity, old.identity);
         assert_eq!(new.dns_names, old.dns_names);
         assert_eq!(new.ips, old.ips);
@@ -353,6 +355,69 @@ mod ca_files {
         let issued = fed.ca.issued();
         let entry = issued.iter().find(|c| c.serial == old.serial_hex).unwrap();
         assert_eq!(entry.renewed_by.as_deref(), Some(new.serial_hex.as_str()));
+    }
+
+    #[test]
+    fn renewed_certificate_is_revoked_by_serial_without_its_file() {
+        let (_d, fed) = federation();
+        let node = fed.participant("NL-NRM").unwrap();
+        let old_cert = leaf(&node);
+        let renewal = fed.ca.renew(&node, 30).unwrap();
+        let (old, new) = (renewal.old.serial_hex, renewal.new.serial_hex);
+        // the file now holds the new certificate: revoking by file would hit the new one
+        assert_eq!(CertInfo::from_pem_file(&node.cert).unwrap().serial_hex, new);
+
+        // any case and `:` separators, as other tools print serials
+        let colons = old
+            .as_bytes()
+            .chunks(2)
+            .map(|b| std::str::from_utf8(b).unwrap().to_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        let first = fed.ca.revoke_serial_hex(&colons).unwrap();
+        assert!(!first.already_revoked);
+        assert_eq!(first.cert.serial, old);
+        assert_eq!(
+            first.cert.identity,
+            "spiffe://trm.example/participant/NL-NRM"
+        );
+        assert_eq!(first.cert.renewed_by.as_deref(), Some(new.as_str()));
+        assert!(fed.ca.is_revoked(&old) && !fed.ca.is_revoked(&new));
+        let err = verify_client(&client_verifier(&fed), &old_cert).unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        );
+        verify_client(&client_verifier(&fed), &leaf(&node)).unwrap();
+
+        // twice is harmless and keeps the first revocation time
+        let again = fed.ca.revoke_serial_hex(&old).unwrap();
+        assert!(again.already_revoked);
+        assert_eq!(again.cert.revoked_at, first.cert.revoked_at);
+    }
+
+    #[test]
+    fn revoking_an_unknown_or_malformed_serial_changes_nothing() {
+        let (_d, fed) = federation();
+        fed.participant("NL-NRM").unwrap();
+        let (index, crl) = (fed.dir.join("ca/index.json"), fed.crl_path());
+        let before = (std::fs::read(&index).unwrap(), std::fs::read(&crl).unwrap());
+
+        let err = fed.ca.revoke_serial_hex("0x4A01").unwrap_err();
+        assert!(matches!(err, CertError::UnknownSerial { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "serial 4a01 was not issued by this CA (it is not in {})",
+                index.display()
+            )
+        );
+        let err = fed.ca.revoke_serial_hex("NL-NRM").unwrap_err().to_string();
+        assert_eq!(err, "serial is invalid: \"NL-NRM\" is not hexadecimal");
+        assert_eq!(
+            (std::fs::read(&index).unwrap(), std::fs::read(&crl).unwrap()),
+            before
+        );
     }
 
     #[test]
@@ -425,6 +490,7 @@ mod ca_files {
 mod cli {
     use super::*;
     use std::process::{Command, Output};
+    use trmx_certs::CertInfo;
 
     fn certs(cwd: &Path, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_trmx-certs"))
@@ -628,11 +694,161 @@ mod cli {
         );
     }
 
+    /// Serials in the CA's current CRL, lower-case hex as `list` prints them.
+    fn crl_serials(d: &Path) -> Vec<String> {
+        use x509_parser::prelude::FromDer;
+        let der = load_crls_pem(&d.join("ca/crl.pem")).unwrap().remove(0);
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+        crl.iter_revoked_certificates()
+            .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+            .collect()
+    }
+
+    /// The `trmx-certs revoke ...` line a command printed, as arguments.
+    fn printed_revoke_command(stdout: &str) -> Vec<String> {
+        let line = stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("trmx-certs "))
+            .unwrap_or_else(|| panic!("no trmx-certs command in:\n{stdout}"));
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    fn list(d: &Path) -> Vec<serde_json::Value> {
+        serde_json::from_str(&ok(&certs(d, &["list", "--dir", "ca", "--json"]))).unwrap()
+    }
+
+    fn init_and_issue_node(d: &Path) -> String {
+        ok(&certs(
+            d,
+            &["init", "--dir", "ca", "--trust-domain", "trm.example"],
+        ));
+        ok(&certs(
+            d,
+            &["issue", "node", "--dir", "ca", "--participant", "NL-NRM"],
+        ));
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&certs(d, &["show", "--json", "NL-NRM.pem"]))).unwrap();
+        v["serial"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn renew_then_revoke_the_old_certificate_by_the_printed_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let old = init_and_issue_node(d);
+        std::fs::copy(d.join("NL-NRM.pem"), d.join("old.pem")).unwrap();
+
+        let out = ok(&certs(d, &["renew", "--dir", "ca", "NL-NRM.pem"]));
+        let new = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+        assert_ne!(new, old);
+        assert!(out.contains(&format!("(serial {old})")), "{out}");
+        let command = printed_revoke_command(&out);
+        assert_eq!(command, ["revoke", "--dir", "ca", "--serial", old.as_str()]);
+        assert!(crl_serials(d).is_empty());
+
+        // the operator runs the printed command once the new certificate is deployed
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        let out = ok(&certs(d, &args));
+        assert!(
+            out.contains(&format!(
+                "revoked spiffe://trm.example/participant/NL-NRM (serial {old})"
+            )),
+            "{out}"
+        );
+        assert!(!out.contains("PRIVATE KEY"), "{out}");
+        assert_eq!(crl_serials(d), std::slice::from_ref(&old));
+
+        // the old copy is refused, the deployed new certificate still accepted
+        let fed = Federation::open(d).unwrap();
+        let v = client_verifier(&fed);
+        assert!(verify_client(&v, &leaf(&CertPaths::for_cert(&d.join("old.pem")))).is_err());
+        verify_client(&v, &leaf(&CertPaths::for_cert(&d.join("NL-NRM.pem")))).unwrap();
+
+        // the list shows both, the old one revoked and renewed by the new one
+        let listed = list(d);
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert_eq!(listed[0]["serial"], old.as_str());
+        assert_eq!(listed[0]["revoked"], true);
+        assert_eq!(listed[0]["renewed_by"], new.as_str());
+        assert_eq!(listed[1]["serial"], new.as_str());
+        assert_eq!(listed[1]["revoked"], false);
+        assert_eq!(listed[1]["renewed_by"], serde_json::Value::Null);
+        for c in &listed {
+            assert_eq!(c["identity"], "spiffe://trm.example/participant/NL-NRM");
+        }
+        let text = ok(&certs(d, &["list", "--dir", "ca"]));
+        let row = |serial: &str| {
+            text.lines()
+                .find(|l| l.starts_with(serial))
+                .unwrap_or_else(|| panic!("{serial} missing:\n{text}"))
+                .to_string()
+        };
+        assert!(
+            row(&old).contains(" revoked ") && row(&old).ends_with(&new),
+            "{text}"
+        );
+        assert!(
+            row(&new).contains(" valid ") && row(&new).ends_with(" -"),
+            "{text}"
+        );
+
+        // revoking again succeeds, says so and keeps the CRL as it was
+        let out = ok(&certs(d, &["revoke", "--dir", "ca", "old.pem"]));
+        assert!(out.contains("was already revoked"), "{out}");
+        assert_eq!(crl_serials(d), [old]);
+    }
+
+    #[test]
+    fn issue_force_prints_how_to_revoke_the_replaced_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let old = init_and_issue_node(d);
+        let issue = ["issue", "node", "--dir", "ca", "--participant", "NL-NRM"];
+        let out = ok(&certs(d, &[&issue[..], &["--force"]].concat()));
+        let command = printed_revoke_command(&out);
+        assert_eq!(command, ["revoke", "--dir", "ca", "--serial", old.as_str()]);
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        ok(&certs(d, &args));
+        assert_eq!(crl_serials(d), [old]);
+
+        // the usual reaction to a compromise, revoke then reissue: nothing more to revoke
+        ok(&certs(d, &["revoke", "--dir", "ca", "NL-NRM.pem"]));
+        let out = ok(&certs(d, &[&issue[..], &["--force"]].concat()));
+        assert!(out.contains("already revoked"), "{out}");
+        assert!(!out.contains("trmx-certs revoke"), "{out}");
+    }
+
+    #[test]
+    fn revoke_takes_exactly_one_of_file_and_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let serial = init_and_issue_node(d);
+        let crl = std::fs::read(d.join("ca/crl.pem")).unwrap();
+
+        let err = failed(&certs(d, &["revoke", "--dir", "ca", "--serial", "4a01"]));
+        assert_eq!(
+            err,
+            "error: serial 4a01 was not issued by this CA (it is not in ca/index.json)"
+        );
+        for args in [
+            &["revoke", "--dir", "ca"][..],
+            &["revoke", "--dir", "ca", "NL-NRM.pem", "--serial", &serial],
+        ] {
+            let out = certs(d, args);
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+        }
+        assert_eq!(std::fs::read(d.join("ca/crl.pem")).unwrap(), crl);
+        assert_eq!(list(d)[0]["revoked"], false);
+    }
+
     #[test]
     fn help_documents_every_command() {
         let dir = tempfile::tempdir().unwrap();
         let help = ok(&certs(dir.path(), &["--help"]));
-        for cmd in ["init", "issue", "revoke", "crl", "renew", "show"] {
+        for cmd in ["init", "issue", "revoke", "crl", "renew", "show", "list"] {
             assert!(help.contains(cmd), "{cmd} missing from --help:\n{help}");
         }
         let issue = ok(&certs(dir.path(), &["issue", "--help"]));
