@@ -764,17 +764,15 @@ pub fn lifecycle_of(config: &BrokerConfig) -> Lifecycle {
     }
 }
 
-/// Opens the sled store in `data_dir` (created if missing); every flush is
+/// Opens the sled store in `data_dir` (created if missing, only its owner may
+/// enter it); every flush is
 /// timed into `metrics` (`trmx_store_flush_duration_seconds`).
 async fn open_store(
     config: &BrokerConfig,
     metrics: &Arc<Metrics>,
 ) -> Result<Arc<dyn BrokerStore>, BrokerError> {
+    // (the store creates it, private to this user)
     let dir = config.data_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|source| BrokerError::Io {
-        context: format!("creating data_dir {}", dir.display()),
-        source,
-    })?;
     let flushes = Arc::clone(metrics);
     let options = SledOptions {
         cache_capacity_bytes: config.store.cache_capacity,

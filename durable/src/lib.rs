@@ -234,6 +234,56 @@ impl DiskSync {
     }
 }
 
+/// Makes `dir` (created with its parents when missing) a directory that only
+/// its owner can enter. A store holds personal data, and sled creates its
+/// files with the modes the umask allows (0644 under the usual 022), readable
+/// by every local user who can reach them. A directory that exists with
+/// permissions for its group or others is narrowed to its owner's (logged);
+/// one this user cannot narrow is an error that says what to run.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::fs::{DirBuilder, Permissions};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+    let mode = match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => meta.permissions().mode() & 0o777,
+        Ok(_) => {
+            return Err(io::Error::other(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| with_path(e, dir));
+        }
+        Err(e) => return Err(with_path(e, dir)),
+    };
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    std::fs::set_permissions(dir, Permissions::from_mode(mode & 0o700)).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{} is open to other users (mode {mode:o}) and cannot be narrowed: {e}; \
+                 run `chmod 700 {}` as its owner",
+                dir.display(),
+                dir.display()
+            ),
+        )
+    })?;
+    tracing::warn!(
+        dir = %dir.display(),
+        was = format!("{mode:o}"),
+        now = format!("{:o}", mode & 0o700),
+        "the data directory was open to other users: narrowed to its owner"
+    );
+    Ok(())
+}
+
 /// What happened in the blob directory since the last read.
 #[derive(Debug, Default)]
 struct Changes {
@@ -358,6 +408,29 @@ mod tests {
         // a new directory would not be watched: still refused
         std::fs::create_dir(dir.path().join(BLOB_DIR)).expect("recreate");
         assert!(sync.sync().is_err());
+    }
+
+    #[test]
+    fn a_data_directory_is_created_or_narrowed_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().expect("tempdir");
+        let fresh = root.path().join("a/b/data");
+        private_dir(&fresh).expect("created");
+        assert_eq!(mode(&fresh), 0o700);
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        private_dir(&open).expect("narrowed");
+        assert_eq!(mode(&open), 0o700);
+        // already private: left as it is
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o500)).expect("chmod");
+        private_dir(&open).expect("private");
+        assert_eq!(mode(&open), 0o500);
+        let file = root.path().join("file");
+        std::fs::write(&file, b"x").expect("write");
+        let err = private_dir(&file).expect_err("a file");
+        assert!(err.to_string().contains("not a directory"), "{err}");
     }
 
     #[test]

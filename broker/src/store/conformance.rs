@@ -1272,6 +1272,25 @@ mod sled {
         assert_eq!(state_of(&s, &before).await, State::Accepted);
     }
 
+    /// The store holds personal data: its directory is its owner's only,
+    /// made so or narrowed when it was open to others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_data_directory_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = root.path().join("fresh");
+        let open_dir = root.path().join("open");
+        std::fs::create_dir(&open_dir).unwrap();
+        std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for dir in [&fresh, &open_dir] {
+            let s = open(dir);
+            submit_ok(&s, &message(NL, BE, Priority::Normal, 10, 0), 0).await;
+            s.close().await.unwrap();
+            assert_eq!(mode(dir), 0o700, "{}", dir.display());
+        }
+    }
+
     /// A panic on the flusher thread (in sled, say) is a failed flush for
     /// everybody waiting and every later write, not a hang.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

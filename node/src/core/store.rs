@@ -446,6 +446,9 @@ impl Store {
     /// Opens (or creates) the database in `dir` with a page cache of
     /// `cache_capacity` bytes.
     pub(crate) fn open(dir: &Path, cache_capacity: u64) -> Result<Store, NodeError> {
+        // personal data: only the node's user may enter (sled's files are 0644)
+        trmx_durable::private_dir(dir)
+            .map_err(|e| NodeError::Store(format!("cannot open {}: {e}", dir.display())))?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity)
@@ -1299,6 +1302,19 @@ mod tests {
                 entry.message_id
             })
             .collect()
+    }
+
+    #[test]
+    fn the_data_directory_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let store = Store::open(&dir, 1 << 20).unwrap();
+        drop(store);
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

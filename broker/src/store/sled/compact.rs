@@ -144,6 +144,11 @@ fn copy_store(path: &Path, target: &Path) -> Result<Copied, StoreError> {
     let new_floor = old_floor
         .checked_add(next)
         .ok_or_else(|| StoreError::Corrupt("message seqs are exhausted".to_owned()))?;
+    // as private as the store it replaces (see `trmx_durable::private_dir`)
+    trmx_durable::private_dir(target).map_err(|e| StoreError::Open {
+        path: target.display().to_string(),
+        reason: e.to_string(),
+    })?;
     let new = ::sled::Config::new()
         .path(target)
         .cache_capacity(16 << 20)

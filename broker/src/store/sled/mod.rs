@@ -192,6 +192,7 @@ impl SledStore {
             reason,
         };
         pin_malloc_mmap_threshold();
+        trmx_durable::private_dir(path).map_err(|e| open_err(e.to_string()))?;
         let config = ::sled::Config::new()
             .path(path)
             .cache_capacity(opts.cache_capacity_bytes)
