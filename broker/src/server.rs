@@ -114,10 +114,20 @@ impl BrokerBuilder {
         })?;
         let registry = Registry::from_config(&config.participants)?;
         let tls = load_tls(&config)?;
-        let broker_name = match &config.name {
-            Some(name) => name.clone(),
-            None => broker_name_from_cert(&config),
+        let own = own_identity(&config);
+        let broker_name = match (&config.name, &own) {
+            (Some(name), _) => name.clone(),
+            (None, Some(identity)) => identity.broker().unwrap_or("broker").to_owned(),
+            (None, None) => "broker".to_owned(),
         };
+        let trust_domain = own.map(|identity| identity.trust_domain);
+        if trust_domain.is_none() {
+            warn!(
+                cert = %config.tls.cert.display(),
+                "the broker's certificate names no trmx identity: clients of every trust \
+                 domain the CA signs for are accepted"
+            );
+        }
         let admin_listener = match config.admin_listen {
             Some(admin) => Some(bind_admin(admin).await?),
             None => None,
@@ -168,6 +178,7 @@ impl BrokerBuilder {
             shutting_down: shutdown_rx.clone(),
             metrics: metrics.clone(),
             peer_certs: PeerCerts::default(),
+            trust_domain,
         });
         // the store is open: writable unless the disk is already below the watermark
         shared.update_store_writable();
@@ -739,13 +750,13 @@ fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
 }
 
 /// The broker name in the certificate's URI SAN, or `broker`.
-fn broker_name_from_cert(config: &BrokerConfig) -> String {
+/// The identity in the broker's own certificate (its name and the
+/// federation's trust domain), if it carries one.
+fn own_identity(config: &BrokerConfig) -> Option<trmx_certs::Identity> {
     trmx_certs::load_certs_pem(&config.tls.cert)
         .ok()
         .and_then(|certs| certs.into_iter().next())
         .and_then(|leaf| trmx_certs::Identity::from_der(leaf.as_ref()).ok())
-        .and_then(|identity| identity.broker().map(str::to_owned))
-        .unwrap_or_else(|| "broker".to_string())
 }
 
 /// The store's lifecycle parameters from the config.

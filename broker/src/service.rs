@@ -58,6 +58,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// The participants' certificates last seen, for their expiry gauges.
     pub(crate) peer_certs: PeerCerts,
+    /// The federation's trust domain, from the broker's own certificate: a
+    /// client certificate of another one is refused, even if the CA signed it.
+    pub(crate) trust_domain: Option<String>,
 }
 
 /// The leaf certificate each participant last connected with, so that a certificate is
@@ -153,6 +156,27 @@ impl Shared {
         self.clock.now_millis()
     }
 
+    /// The verified caller's identity: `UNAUTHENTICATED` without one, and
+    /// `PERMISSION_DENIED` for one of another trust domain than this broker's
+    /// (a CA that signs for several federations must not let one into the
+    /// other).
+    pub(crate) fn identity<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<trmx_certs::Identity, BrokerError> {
+        let identity = trmx_transport::peer_identity(request)
+            .map_err(|status| BrokerError::Unauthenticated(status.message().to_string()))?;
+        match &self.trust_domain {
+            Some(ours) if identity.trust_domain != *ours => {
+                Err(BrokerError::PermissionDenied(format!(
+                    "the client certificate is of trust domain {}, this broker serves {ours}",
+                    identity.trust_domain
+                )))
+            }
+            _ => Ok(identity),
+        }
+    }
+
     /// Passes a store result through, latching "unavailable" on a failed
     /// flush and clearing it once the store makes writes durable again (a
     /// read that works does not clear it).
@@ -203,8 +227,7 @@ impl ExchangeService {
     /// The caller's participant id: from the verified client certificate,
     /// a participant role, and listed in the registry.
     fn caller<T>(&self, request: &Request<T>) -> Result<ParticipantId, BrokerError> {
-        let identity = trmx_transport::peer_identity(request)
-            .map_err(|status| BrokerError::Unauthenticated(status.message().to_string()))?;
+        let identity = self.shared.identity(request)?;
         let id = match &identity.role {
             Role::Participant(id) => id,
             Role::Operator(_) => {

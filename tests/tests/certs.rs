@@ -469,6 +469,21 @@ async fn a_participant_not_in_the_registry_is_denied_every_exchange_call() -> Te
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_of_another_trust_domain_is_denied_every_exchange_call() -> TestResult {
+    let s = setup().await?;
+    // Signed by the federation CA (as a CA shared by two federations would),
+    // for a registry participant's id, but in another trust domain.
+    let foreign = issue_with_usages(
+        &s.h.federation.pki.dir.join("ca"),
+        "other-federation.example",
+        NL,
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        &s.h.dir().join("foreign"),
+    )?;
+    assert_denied_identity(s, foreign).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_certificate_used_as_a_client_is_denied_every_exchange_call() -> TestResult {
     let s = setup().await?;
     // The broker's own certificate (it carries clientAuth too).

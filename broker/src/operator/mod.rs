@@ -60,8 +60,7 @@ impl OperatorService {
     /// The caller's operator name, from its verified client certificate. Node and
     /// broker certificates are refused.
     fn operator<T>(&self, request: &Request<T>) -> Result<String, BrokerError> {
-        let identity = trmx_transport::peer_identity(request)
-            .map_err(|status| BrokerError::Unauthenticated(status.message().to_string()))?;
+        let identity = self.shared.identity(request)?;
         match identity.role {
             Role::Operator(name) => {
                 if let Some(leaf) = request
