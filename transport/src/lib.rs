@@ -15,7 +15,7 @@
 //!   verified client certificate of a tonic request.
 //! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
 //!   `Channel` over mutual TLS 1.3.
-//! - `pem` (private): reading PEM files with errors that name the file.
+//! - `pem` (private): reading PEM files (and DER CRLs) with errors that name the file.
 //! - [`status`] — [`code_name`] — a gRPC status code by its canonical name.
 //! - [`error`] — [`TransportError`].
 //!

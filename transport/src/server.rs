@@ -215,9 +215,9 @@ fn build(
 }
 
 impl ServerTls {
-    /// Loads the CA, this server's certificate and key, and the CRLs in `crl` (if any)
-    /// into a TLS 1.3-only config that requires a client certificate issued by the CA and
-    /// not revoked, with ALPN `h2`.
+    /// Loads the CA, this server's certificate and key, and the CRLs in `crl` (if any: the
+    /// `X509 CRL` blocks of a PEM file, or one DER CRL) into a TLS 1.3-only config that
+    /// requires a client certificate issued by the CA and not revoked, with ALPN `h2`.
     ///
     /// Reads small files synchronously.
     pub fn load(
