@@ -1,5 +1,6 @@
 //! CRL: revocation on reload (new and open connections), stale CRLs, failed reloads.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -195,4 +196,48 @@ fn crl_file_neither_pem_nor_der_is_refused_naming_the_file() {
         assert!(msg.contains(&path.display().to_string()), "{msg}");
         assert!(msg.contains("not a DER CRL"), "{msg}");
     }
+}
+
+#[tokio::test]
+async fn concurrent_reloads_take_turns_and_the_last_crl_on_disk_wins() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let bystander = fx.fed.participant("BE-PAYOKE").unwrap();
+    let tls = fx.server_tls(CrlPolicy::Warn);
+    let stop = AtomicBool::new(false);
+    // Three "interval" threads reload in a loop while the operator revokes a certificate
+    // and reloads once more (SIGHUP); then the loops stop.
+    let (mut generations, sighup) = std::thread::scope(|scope| {
+        let loops: Vec<_> = (0..3)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut seen = Vec::new();
+                    while seen.len() < 5 || !stop.load(Ordering::Acquire) {
+                        seen.push(tls.reload().unwrap().generation);
+                    }
+                    seen
+                })
+            })
+            .collect();
+        fx.fed.revoke(&node).unwrap();
+        let sighup = tls.reload().unwrap().generation;
+        stop.store(true, Ordering::Release);
+        let per_thread: Vec<Vec<u64>> = loops.into_iter().map(|l| l.join().unwrap()).collect();
+        (per_thread, sighup)
+    });
+    for seen in &generations {
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+    generations.push(vec![sighup]);
+    let mut all: Vec<u64> = generations.concat();
+    all.sort_unstable();
+    let expected: Vec<u64> = (1..=all.len() as u64).collect();
+    assert_eq!(all, expected, "every reload got its own next generation");
+
+    // the CRL written last (with the revocation) is the one in force
+    let server = Server::start(tls, ListenerLimits::default()).await;
+    let node_config = client_config(&fx.paths(&node)).unwrap();
+    assert!(!raw_accepted(server.addr, node_config).await.unwrap());
+    let bystander_config = client_config(&fx.paths(&bystander)).unwrap();
+    assert!(raw_accepted(server.addr, bystander_config).await.unwrap());
 }
