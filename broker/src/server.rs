@@ -228,6 +228,7 @@ impl BrokerBuilder {
             handshake_timeout: limits.handshake_timeout,
             max_connections: limits.max_connections,
             tcp_keepalive: Some(limits.tcp_keepalive),
+            ..ListenerLimits::default()
         };
         let incoming = trmx_transport::incoming(
             listener,

@@ -9,7 +9,9 @@
 //!   registry of open connections so that a reload closes the ones whose certificate no
 //!   longer verifies. [`CrlPolicy`] / [`CrlStatus`] cover a CRL past its `nextUpdate`.
 //! - [`listener`] — [`incoming`] — the accept loop (concurrent handshakes with a timeout,
-//!   a connection cap, TCP keepalive, shutdown future) yielding [`TlsConn`]s for
+//!   in a budget of their own with a per-address cap, so unauthenticated sockets cannot
+//!   take the slots of authenticated connections; a connection cap, TCP keepalive,
+//!   shutdown future) yielding [`TlsConn`]s for
 //!   `tonic::transport::Server::serve_with_incoming_shutdown`.
 //! - [`identity`] — [`peer_identity`] — the caller's `trmx_certs::Identity` from the
 //!   verified client certificate of a tonic request.
