@@ -115,9 +115,15 @@ pub struct LimitsConfig {
     /// Largest encoded envelope accepted by `Submit`.
     #[serde(default = "default_max_envelope_bytes", with = "units::bytes")]
     pub max_envelope_bytes: u64,
-    /// Open TLS connections at once.
+    /// Authenticated TLS connections open at once (pending handshakes do not count).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// TLS handshakes in progress at once (sockets not yet authenticated).
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// TLS handshakes in progress at once from one IPv4 address or IPv6 /64.
+    #[serde(default = "default_max_handshakes_per_ip")]
+    pub max_handshakes_per_ip: usize,
     /// Concurrent HTTP/2 streams (RPCs) per connection.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
@@ -188,6 +194,8 @@ impl Default for LimitsConfig {
         Self {
             max_envelope_bytes: default_max_envelope_bytes(),
             max_connections: default_max_connections(),
+            max_handshakes: default_max_handshakes(),
+            max_handshakes_per_ip: default_max_handshakes_per_ip(),
             max_concurrent_streams: default_max_concurrent_streams(),
             concurrency_per_connection: default_concurrency_per_connection(),
             max_streams_per_participant: default_max_streams_per_participant(),
@@ -324,6 +332,12 @@ fn default_max_envelope_bytes() -> u64 {
 }
 fn default_max_connections() -> usize {
     1024
+}
+fn default_max_handshakes() -> usize {
+    256
+}
+fn default_max_handshakes_per_ip() -> usize {
+    8
 }
 fn default_max_concurrent_streams() -> u32 {
     128
@@ -520,6 +534,12 @@ impl BrokerConfig {
             MAX_ENVELOPE_CEILING,
         )?;
         at_least("limits.max_connections", l.max_connections as u64, 1)?;
+        at_least("limits.max_handshakes", l.max_handshakes as u64, 1)?;
+        at_least(
+            "limits.max_handshakes_per_ip",
+            l.max_handshakes_per_ip as u64,
+            1,
+        )?;
         at_least(
             "limits.max_concurrent_streams",
             u64::from(l.max_concurrent_streams),
@@ -910,6 +930,10 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
             (
                 "[lifecycle]\nmetadata_retention = \"10d\"\n",
                 "config: lifecycle.metadata_retention must be >= limits.max_lifetime (90d)",
+            ),
+            (
+                "[limits]\nmax_handshakes_per_ip = 0\n",
+                "config: limits.max_handshakes_per_ip must be >= 1, got 0",
             ),
             (
                 "[lifecycle]\nmax_attempts = 0\n",

@@ -237,8 +237,11 @@ impl BrokerBuilder {
         let operator = OperatorServer::new(OperatorService::new(shared.clone()));
         let listener_limits = ListenerLimits {
             handshake_timeout: limits.handshake_timeout,
+            max_handshakes: limits.max_handshakes,
+            max_handshakes_per_ip: limits.max_handshakes_per_ip,
             max_connections: limits.max_connections,
             tcp_keepalive: Some(limits.tcp_keepalive),
+            ..ListenerLimits::default()
         };
         let incoming = trmx_transport::incoming(
             listener,

@@ -9,13 +9,15 @@
 //!   registry of open connections so that a reload closes the ones whose certificate no
 //!   longer verifies. [`CrlPolicy`] / [`CrlStatus`] cover a CRL past its `nextUpdate`.
 //! - [`listener`] — [`incoming`] — the accept loop (concurrent handshakes with a timeout,
-//!   a connection cap, TCP keepalive, shutdown future) yielding [`TlsConn`]s for
+//!   in a budget of their own with a per-address cap, so unauthenticated sockets cannot
+//!   take the slots of authenticated connections; a connection cap, TCP keepalive,
+//!   shutdown future) yielding [`TlsConn`]s for
 //!   `tonic::transport::Server::serve_with_incoming_shutdown`.
 //! - [`identity`] — [`peer_identity`] — the caller's `trmx_certs::Identity` from the
 //!   verified client certificate of a tonic request.
 //! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
 //!   `Channel` over mutual TLS 1.3.
-//! - `pem` (private): reading PEM files with errors that name the file.
+//! - `pem` (private): reading PEM files (and DER CRLs) with errors that name the file.
 //! - [`status`] — [`code_name`] — a gRPC status code by its canonical name.
 //! - [`error`] — [`TransportError`].
 //!

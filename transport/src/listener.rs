@@ -1,10 +1,39 @@
 //! The accept loop ([`incoming`]) and the connection type it yields ([`TlsConn`]).
+//!
+//! # Admission
+//! A socket is unauthenticated until its TLS handshake completes, and anyone who can reach
+//! the port can open one, so pending handshakes and established connections are budgeted
+//! apart: handshakes can never take the slots of authenticated connections.
+//!
+//! 1. On accept, the socket needs a place in the handshake budget:
+//!    [`ListenerLimits::max_handshakes`] in progress at once, and at most
+//!    [`ListenerLimits::max_handshakes_per_ip`] of them from one source (an IPv4 address or
+//!    an IPv6 /64, so one host cannot take the whole budget). A source at its cap has its
+//!    new socket closed at once.
+//! 2. When the budget is full, the oldest pending handshake is closed to make room if it
+//!    has been pending for [`ListenerLimits::handshake_eviction_age`] (a real client
+//!    finishes well within it); otherwise the new socket is closed. Holding the budget then
+//!    takes opening handshakes from many sources faster than that age, not once per
+//!    [`ListenerLimits::handshake_timeout`].
+//! 3. Only a completed mutual handshake takes one of [`ListenerLimits::max_connections`]
+//!    slots, held until the connection is dropped; with none free it is closed at once.
+//!
+//! Every refusal and eviction is reported as a `warn` line (reason, peer address, the limit,
+//! and how many there were since the previous line for that reason), at most one line per
+//! reason every ten seconds, so a flood of sockets cannot flood the log.
+//!
+//! # Invariants
+//! - A pending handshake is counted once in `Pending::by_age` and once in
+//!   `Pending::per_source`, from admission until its task ends or it is evicted, whichever
+//!   comes first; the counts never exceed the limits.
 
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,19 +42,29 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 use crate::server::{CloseSignal, Registration, ServerTls};
 
-/// Bounds on the accept loop.
+/// Bounds on the accept loop (see the [module docs](self) for how they combine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenerLimits {
     /// Time a client has from TCP accept to a completed TLS handshake.
     pub handshake_timeout: Duration,
-    /// Connections (established or handshaking) beyond which new sockets are closed at once.
+    /// TLS handshakes in progress at once (sockets not yet authenticated).
+    pub max_handshakes: usize,
+    /// Handshakes in progress at once from one IPv4 address or IPv6 /64.
+    pub max_handshakes_per_ip: usize,
+    /// With `max_handshakes` in progress, a handshake pending at least this long is closed
+    /// to make room for a new socket; younger ones are left alone and the new socket is
+    /// closed instead.
+    pub handshake_eviction_age: Duration,
+    /// Established, authenticated connections; one that completes its handshake beyond it
+    /// is closed at once. Pending handshakes do not count.
     pub max_connections: usize,
     /// TCP keepalive idle time set on accepted sockets; `None` leaves the OS default.
     pub tcp_keepalive: Option<Duration>,
@@ -35,6 +74,9 @@ impl Default for ListenerLimits {
     fn default() -> Self {
         ListenerLimits {
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 256,
+            max_handshakes_per_ip: 8,
+            handshake_eviction_age: Duration::from_secs(2),
             max_connections: 1024,
             tcp_keepalive: Some(Duration::from_secs(60)),
         }
@@ -167,10 +209,11 @@ impl Connected for TlsConn {
 ///
 /// Handshakes run concurrently as tasks, each bounded by `limits.handshake_timeout`; a
 /// failed or timed-out handshake is logged at debug level (peer address and reason) and
-/// dropped without delaying the others. When `limits.max_connections` connections are
-/// established or handshaking, new sockets are closed at once. The stream ends when
-/// `shutdown` resolves (pending handshakes are abandoned) and never yields an `Err`:
-/// accept errors are logged and retried after a short pause.
+/// dropped without delaying the others. Admission follows the [module docs](self): a
+/// bounded handshake budget with a per-source cap, then a connection slot once
+/// authenticated. The stream ends when `shutdown` resolves (pending handshakes are
+/// abandoned) and never yields an `Err`: accept errors are logged and retried after a short
+/// pause.
 ///
 /// Must be polled inside a Tokio runtime. Feed it to
 /// `tonic::transport::Server::serve_with_incoming_shutdown`.
@@ -183,10 +226,7 @@ pub fn incoming(
     let state = AcceptState {
         listener,
         tls,
-        limits,
-        slots: Arc::new(Semaphore::new(
-            limits.max_connections.min(Semaphore::MAX_PERMITS),
-        )),
+        gate: Arc::new(Gate::new(limits)),
         handshakes: JoinSet::new(),
         shutdown: Box::pin(shutdown),
     };
@@ -199,8 +239,7 @@ pub fn incoming(
 struct AcceptState {
     listener: TcpListener,
     tls: ServerTls,
-    limits: ListenerLimits,
-    slots: Arc<Semaphore>,
+    gate: Arc<Gate>,
     handshakes: JoinSet<Option<TlsConn>>,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
@@ -235,21 +274,16 @@ impl AcceptState {
     }
 
     fn start_handshake(&mut self, tcp: TcpStream, peer: SocketAddr) {
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                peer = %peer,
-                max_connections = self.limits.max_connections,
-                "connection limit reached, closing new connection"
-            );
-            return;
+        let Some(pending) = self.gate.admit_handshake(peer) else {
+            return; // `tcp` is dropped: the socket is closed at once
         };
-        if let Err(error) = configure_socket(&tcp, self.limits.tcp_keepalive) {
+        if let Err(error) = configure_socket(&tcp, self.gate.limits.tcp_keepalive) {
             tracing::debug!(peer = %peer, %error, "cannot set socket options");
         }
-        let tls = self.tls.clone();
-        let timeout = self.limits.handshake_timeout;
-        self.handshakes
-            .spawn(handshake(tls, tcp, peer, timeout, permit));
+        let id = pending.id;
+        let task = handshake(self.tls.clone(), tcp, peer, self.gate.clone(), pending);
+        let abort = self.handshakes.spawn(task);
+        self.gate.pending().set_abort(id, abort);
     }
 }
 
@@ -276,11 +310,12 @@ async fn handshake(
     tls: ServerTls,
     tcp: TcpStream,
     peer: SocketAddr,
-    timeout: Duration,
-    permit: OwnedSemaphorePermit,
+    gate: Arc<Gate>,
+    pending: PendingHandshake,
 ) -> Option<TlsConn> {
     let loaded = tls.current();
     let acceptor = TlsAcceptor::from(loaded.config.clone());
+    let timeout = gate.limits.handshake_timeout;
     let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
@@ -292,11 +327,14 @@ async fn handshake(
             return None;
         }
     };
+    // Authenticated: its place in the handshake budget goes back before it takes a slot.
+    drop(pending);
     let Some(certs) = stream.get_ref().1.peer_certificates() else {
         // Unreachable with a verifier that requires client certificates; refuse anyway.
         tracing::debug!(peer = %peer, "tls handshake without client certificate");
         return None;
     };
+    let permit = gate.take_slot(peer)?;
     let certs = Arc::new(certs.to_vec());
     let (registration, close) = tls.register(certs, loaded.generation());
     tracing::debug!(peer = %peer, "tls connection established");
@@ -307,4 +345,372 @@ async fn handshake(
         _registration: registration,
         _permit: permit,
     })
+}
+
+/// Who gets in: the handshake budget and the connection slots, shared by the accept loop
+/// and the handshake tasks.
+struct Gate {
+    limits: ListenerLimits,
+    pending: Mutex<Pending>,
+    slots: Arc<Semaphore>,
+    refusals: Refusals,
+}
+
+impl Gate {
+    fn new(limits: ListenerLimits) -> Gate {
+        Gate {
+            limits,
+            pending: Mutex::new(Pending::default()),
+            slots: Arc::new(Semaphore::new(
+                limits.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
+            refusals: Refusals::default(),
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // Every change to `Pending` completes without a panic point in between, so a
+        // poisoned lock still guards consistent counts.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place in the handshake budget for a new socket from `peer`, evicting the oldest
+    /// pending handshake if the budget is full and it is old enough; `None` (reported) when
+    /// the socket must be closed.
+    fn admit_handshake(self: &Arc<Self>, peer: SocketAddr) -> Option<PendingHandshake> {
+        let admitted = self.pending().admit(peer, Instant::now(), &self.limits);
+        match admitted {
+            Admitted::Yes { id, evicted } => {
+                if let Some(evicted) = evicted {
+                    // Outside the lock: the aborted task's guard takes it when dropped.
+                    if let Some(abort) = evicted.abort {
+                        abort.abort();
+                    }
+                    self.refusals.report(
+                        Refusal::Evicted,
+                        evicted.peer,
+                        self.limits.max_handshakes,
+                    );
+                }
+                Some(PendingHandshake {
+                    gate: self.clone(),
+                    id,
+                })
+            }
+            Admitted::No(refusal) => {
+                let limit = match refusal {
+                    Refusal::SourceBusy => self.limits.max_handshakes_per_ip,
+                    _ => self.limits.max_handshakes,
+                };
+                self.refusals.report(refusal, peer, limit);
+                None
+            }
+        }
+    }
+
+    /// A connection slot for `peer`, which completed its handshake; `None` (reported) when
+    /// every slot is taken.
+    fn take_slot(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.refusals
+                .report(Refusal::ConnectionLimit, peer, self.limits.max_connections);
+        }
+        permit
+    }
+}
+
+/// The answer of [`Pending::admit`].
+enum Admitted {
+    Yes {
+        id: u64,
+        /// The pending handshake removed to make room, for the caller to abort.
+        evicted: Option<PendingEntry>,
+    },
+    No(Refusal),
+}
+
+/// The handshakes in progress, by start order and by source (see the module's
+/// `# Invariants`).
+#[derive(Default)]
+struct Pending {
+    next_id: u64,
+    /// Ids grow with admission time, so the first entry is the oldest.
+    by_age: BTreeMap<u64, PendingEntry>,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+struct PendingEntry {
+    source: IpAddr,
+    peer: SocketAddr,
+    started: Instant,
+    /// Set right after the task is spawned; `None` only in between.
+    abort: Option<AbortHandle>,
+}
+
+impl Pending {
+    fn admit(&mut self, peer: SocketAddr, now: Instant, limits: &ListenerLimits) -> Admitted {
+        let source = source_of(peer.ip());
+        if self.per_source.get(&source).copied().unwrap_or(0) >= limits.max_handshakes_per_ip {
+            return Admitted::No(Refusal::SourceBusy);
+        }
+        let mut evicted = None;
+        if self.by_age.len() >= limits.max_handshakes {
+            let old_enough = self.by_age.first_key_value().is_some_and(|(_, oldest)| {
+                now.saturating_duration_since(oldest.started) >= limits.handshake_eviction_age
+            });
+            if !old_enough {
+                return Admitted::No(Refusal::HandshakesBusy);
+            }
+            evicted = self.remove_oldest();
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.by_age.insert(
+            id,
+            PendingEntry {
+                source,
+                peer,
+                started: now,
+                abort: None,
+            },
+        );
+        *self.per_source.entry(source).or_insert(0) += 1;
+        Admitted::Yes { id, evicted }
+    }
+
+    fn set_abort(&mut self, id: u64, abort: AbortHandle) {
+        // Absent if the handshake already ended (or was evicted) before this call.
+        if let Some(entry) = self.by_age.get_mut(&id) {
+            entry.abort = Some(abort);
+        }
+    }
+
+    fn remove_oldest(&mut self) -> Option<PendingEntry> {
+        let (_, entry) = self.by_age.pop_first()?;
+        self.forget_source(entry.source);
+        Some(entry)
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(entry) = self.by_age.remove(&id) {
+            self.forget_source(entry.source);
+        }
+    }
+
+    fn forget_source(&mut self, source: IpAddr) {
+        if let Entry::Occupied(mut count) = self.per_source.entry(source) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+    }
+}
+
+/// A handshake's place in the budget, given back when dropped (the task ended, or was
+/// aborted).
+struct PendingHandshake {
+    gate: Arc<Gate>,
+    id: u64,
+}
+
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        self.gate.pending().remove(self.id);
+    }
+}
+
+/// What a per-source cap counts by: an IPv4 address (also when mapped into IPv6), or the
+/// /64 prefix of an IPv6 address, since one host usually holds a whole /64.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        v4 @ IpAddr::V4(_) => v4,
+    }
+}
+
+/// Why a socket was closed without being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its source had `max_handshakes_per_ip` handshakes in progress.
+    SourceBusy,
+    /// `max_handshakes` were in progress, none old enough to evict.
+    HandshakesBusy,
+    /// A pending handshake closed to make room for a new one.
+    Evicted,
+    /// Authenticated, but all `max_connections` slots were taken.
+    ConnectionLimit,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 4] = [
+        Refusal::SourceBusy,
+        Refusal::HandshakesBusy,
+        Refusal::Evicted,
+        Refusal::ConnectionLimit,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How often at most one reason's refusals are logged.
+const REFUSAL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Counts refusals and logs them at most once per reason every
+/// [`REFUSAL_REPORT_INTERVAL`]; each line carries the count since the previous one.
+#[derive(Default)]
+struct Refusals {
+    tallies: Mutex<[Tally; Refusal::ALL.len()]>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    last_report: Option<Instant>,
+    unreported: u64,
+}
+
+impl Refusals {
+    fn report(&self, refusal: Refusal, peer: SocketAddr, limit: usize) {
+        let refused = {
+            let mut tallies = self
+                .tallies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tally = &mut tallies[refusal.index()];
+            tally.unreported += 1;
+            let now = Instant::now();
+            let due = tally
+                .last_report
+                .is_none_or(|last| now.duration_since(last) >= REFUSAL_REPORT_INTERVAL);
+            if !due {
+                return;
+            }
+            tally.last_report = Some(now);
+            std::mem::take(&mut tally.unreported)
+        };
+        match refusal {
+            Refusal::SourceBusy => tracing::warn!(
+                peer = %peer.ip(),
+                max_handshakes_per_ip = limit,
+                refused,
+                "too many handshakes from one address, closing new connection"
+            ),
+            Refusal::HandshakesBusy => tracing::warn!(
+                peer = %peer.ip(),
+                max_handshakes = limit,
+                refused,
+                "handshake limit reached, closing new connection"
+            ),
+            Refusal::Evicted => tracing::warn!(
+                peer = %peer.ip(),
+                max_handshakes = limit,
+                refused,
+                "handshake limit reached, closing the oldest pending handshake"
+            ),
+            Refusal::ConnectionLimit => tracing::warn!(
+                peer = %peer.ip(),
+                max_connections = limit,
+                refused,
+                "connection limit reached, closing new connection"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_handshakes: usize, per_ip: usize, eviction_age: Duration) -> ListenerLimits {
+        ListenerLimits {
+            max_handshakes,
+            max_handshakes_per_ip: per_ip,
+            handshake_eviction_age: eviction_age,
+            ..ListenerLimits::default()
+        }
+    }
+
+    fn peer(addr: &str) -> SocketAddr {
+        addr.parse().unwrap()
+    }
+
+    fn admitted(answer: Admitted) -> (u64, Option<SocketAddr>) {
+        match answer {
+            Admitted::Yes { id, evicted } => (id, evicted.map(|e| e.peer)),
+            Admitted::No(refusal) => panic!("refused: {refusal:?}"),
+        }
+    }
+
+    #[test]
+    fn sources_are_addresses_or_ipv6_prefixes() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            source_of(ip("2001:db8:1:2::1"))
+        );
+        assert_ne!(source_of(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+    }
+
+    #[test]
+    fn a_source_at_its_cap_is_refused_until_one_of_its_handshakes_ends() {
+        let limits = limits(10, 2, Duration::from_secs(60));
+        let now = Instant::now();
+        let mut pending = Pending::default();
+        let (first, _) = admitted(pending.admit(peer("192.0.2.1:1000"), now, &limits));
+        admitted(pending.admit(peer("192.0.2.1:1001"), now, &limits));
+        assert!(matches!(
+            pending.admit(peer("192.0.2.1:1002"), now, &limits),
+            Admitted::No(Refusal::SourceBusy)
+        ));
+        // the same /64 is the same source; another address is not
+        assert!(matches!(
+            pending.admit(peer("[2001:db8::1]:1"), now, &limits),
+            Admitted::Yes { .. }
+        ));
+        assert!(matches!(
+            pending.admit(peer("[2001:db8::2]:1"), now, &limits),
+            Admitted::Yes { .. }
+        ));
+        assert!(matches!(
+            pending.admit(peer("[2001:db8::3]:1"), now, &limits),
+            Admitted::No(Refusal::SourceBusy)
+        ));
+        admitted(pending.admit(peer("192.0.2.2:1000"), now, &limits));
+        pending.remove(first);
+        pending.remove(first); // a second removal (eviction, then the guard) is harmless
+        admitted(pending.admit(peer("192.0.2.1:1003"), now, &limits));
+        assert_eq!(pending.by_age.len(), 5);
+        assert_eq!(pending.per_source.values().sum::<usize>(), 5);
+    }
+
+    #[test]
+    fn a_full_budget_evicts_the_oldest_only_once_it_is_old_enough() {
+        let limits = limits(2, 8, Duration::from_secs(2));
+        let start = Instant::now();
+        let mut pending = Pending::default();
+        admitted(pending.admit(peer("192.0.2.1:1"), start, &limits));
+        let later = start + Duration::from_secs(1);
+        admitted(pending.admit(peer("192.0.2.2:1"), later, &limits));
+        assert!(matches!(
+            pending.admit(peer("192.0.2.3:1"), later, &limits),
+            Admitted::No(Refusal::HandshakesBusy)
+        ));
+        let (_, evicted) =
+            admitted(pending.admit(peer("192.0.2.3:1"), start + Duration::from_secs(2), &limits));
+        assert_eq!(evicted, Some(peer("192.0.2.1:1")));
+        assert_eq!(pending.by_age.len(), 2);
+        assert!(
+            !pending
+                .per_source
+                .contains_key(&source_of(peer("192.0.2.1:1").ip()))
+        );
+    }
 }

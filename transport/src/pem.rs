@@ -1,4 +1,5 @@
-//! Reading PEM files (certificates, keys, CRLs) with errors that name the file.
+//! Reading PEM files (certificates, keys, CRLs) with errors that name the file. A CRL may
+//! also be a DER file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,16 +66,16 @@ pub(crate) struct Crls {
     pub(crate) next_update: Option<SystemTime>,
 }
 
-/// Every CRL in a PEM file (at least one), checked to be parseable.
+/// The CRLs in a file, checked to be parseable: every `X509 CRL` block of a PEM file, or,
+/// when the file holds no such block, the whole file as one DER CRL (what `openssl crl
+/// -outform DER` and many CAs publish).
 pub(crate) fn crls(path: &Path) -> Result<Crls, TransportError> {
     let bytes = read(path)?;
-    let ders = CertificateRevocationListDer::pem_slice_iter(&bytes)
+    let mut ders = CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem_error(path, "CRL"))?;
     if ders.is_empty() {
-        return Err(pem_error(path, "CRL")(
-            rustls::pki_types::pem::Error::NoItemsFound,
-        ));
+        ders.push(der_crl(path, bytes)?);
     }
     let mut next_update: Option<SystemTime> = None;
     for der in &ders {
@@ -85,6 +86,23 @@ pub(crate) fn crls(path: &Path) -> Result<Crls, TransportError> {
         });
     }
     Ok(Crls { ders, next_update })
+}
+
+/// `bytes` as exactly one DER CRL; the error says the file is neither PEM nor DER.
+fn der_crl(
+    path: &Path,
+    bytes: Vec<u8>,
+) -> Result<CertificateRevocationListDer<'static>, TransportError> {
+    let invalid = |reason: String| TransportError::Invalid {
+        path: path.to_owned(),
+        what: "CRL",
+        reason: format!("no PEM \"X509 CRL\" block, and not a DER CRL: {reason}"),
+    };
+    match x509_parser::parse_x509_crl(&bytes) {
+        Ok(([], _)) => Ok(CertificateRevocationListDer::from(bytes)),
+        Ok((rest, _)) => Err(invalid(format!("{} bytes after the CRL", rest.len()))),
+        Err(e) => Err(invalid(e.to_string())),
+    }
 }
 
 /// The `nextUpdate` of one DER CRL (rustls requires it, so its absence is an error).

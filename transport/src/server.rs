@@ -6,6 +6,10 @@
 //! - A connection whose handshake used an older config than the current one is re-verified
 //!   against the current verifier when it registers, so a reload racing a handshake cannot
 //!   let a revoked certificate through (see [`ServerTls::register`]).
+//! - Reloads run one at a time (`Inner::reload_lock`, held from reading the files to the
+//!   last check of open connections), so the config in force is always built from the
+//!   files as the latest reload read them, and generations strictly increase: the `n`th
+//!   successful reload stores generation `n`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -66,6 +70,9 @@ impl CrlStatus {
 pub struct ReloadReport {
     /// Open connections ordered closed because their peer certificate no longer verifies.
     pub closed_connections: usize,
+    /// The generation of the config now in force: 0 for the one [`ServerTls::load`] built,
+    /// one more for every successful reload (reloads never run concurrently).
+    pub generation: u64,
     /// The freshness of the CRL now loaded.
     pub crl: CrlStatus,
 }
@@ -82,6 +89,10 @@ struct Inner {
     crl_path: Option<PathBuf>,
     policy: CrlPolicy,
     state: ArcSwap<Loaded>,
+    /// Held for a whole [`ServerTls::reload`]. Without it a reload that read the old CRL
+    /// could store its config after one that read the new CRL, and both would carry the
+    /// same generation (so `register` would skip its re-check).
+    reload_lock: Mutex<()>,
     conns: Mutex<HashMap<u64, ConnEntry>>,
     next_conn: AtomicU64,
 }
@@ -215,9 +226,9 @@ fn build(
 }
 
 impl ServerTls {
-    /// Loads the CA, this server's certificate and key, and the CRLs in `crl` (if any)
-    /// into a TLS 1.3-only config that requires a client certificate issued by the CA and
-    /// not revoked, with ALPN `h2`.
+    /// Loads the CA, this server's certificate and key, and the CRLs in `crl` (if any: the
+    /// `X509 CRL` blocks of a PEM file, or one DER CRL) into a TLS 1.3-only config that
+    /// requires a client certificate issued by the CA and not revoked, with ALPN `h2`.
     ///
     /// Reads small files synchronously.
     pub fn load(
@@ -232,6 +243,7 @@ impl ServerTls {
                 crl_path: crl.map(Path::to_owned),
                 policy: crl_policy,
                 state: ArcSwap::from_pointee(loaded),
+                reload_lock: Mutex::new(()),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
             }),
@@ -247,10 +259,21 @@ impl ServerTls {
     ///
     /// On error the old config stays in force and no connection is touched.
     ///
-    /// Reads small files and checks one signature chain per open connection synchronously:
-    /// from async code, call it through `tokio::task::spawn_blocking`.
+    /// Concurrent calls (SIGHUP and the reload interval) run one after the other, so the
+    /// files read by the last one to start are the ones in force when it returns.
+    ///
+    /// Reads small files and checks one signature chain per open connection synchronously,
+    /// and waits for a reload already running: from async code, call it through
+    /// `tokio::task::spawn_blocking`.
     pub fn reload(&self) -> Result<ReloadReport, TransportError> {
-        let generation = self.inner.state.load().generation.wrapping_add(1);
+        // A panic in an earlier reload left nothing half-done behind this lock (the state
+        // is swapped in one store), so a poisoned lock is still usable.
+        let _one_at_a_time = self
+            .inner
+            .reload_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let generation = self.inner.state.load().generation + 1;
         let loaded = Arc::new(build(
             &self.inner.paths,
             self.inner.crl_path.as_deref(),
@@ -284,6 +307,7 @@ impl ServerTls {
         }
         Ok(ReloadReport {
             closed_connections,
+            generation,
             crl,
         })
     }

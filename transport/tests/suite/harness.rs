@@ -1,6 +1,6 @@
 //! Shared set-up: a federation, a server on 127.0.0.1:0, raw and tonic clients.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use rustls::pki_types::ServerName;
 use tempfile::TempDir;
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
@@ -139,8 +139,18 @@ pub(crate) async fn raw_accepted(
     addr: SocketAddr,
     config: rustls::ClientConfig,
 ) -> anyhow::Result<bool> {
+    raw_accepted_from(IpAddr::V4(Ipv4Addr::LOCALHOST), addr, config).await
+}
+
+/// [`raw_accepted`] from a chosen loopback source address (Linux routes all of 127/8 to
+/// `lo`, so 127.0.0.2 is a second client host).
+pub(crate) async fn raw_accepted_from(
+    source: IpAddr,
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+) -> anyhow::Result<bool> {
     let connector = TlsConnector::from(Arc::new(config));
-    let tcp = TcpStream::connect(addr).await?;
+    let tcp = connect_from(source, addr).await?;
     let name = ServerName::try_from("localhost")?;
     let mut tls = match connector.connect(name, tcp).await {
         Ok(tls) => tls,
@@ -151,6 +161,22 @@ pub(crate) async fn raw_accepted(
         .await
         .context("server neither spoke nor closed within 5 s")?;
     Ok(matches!(read, Ok(n) if n > 0))
+}
+
+/// A TCP connection to `addr` from `source` (an IPv4 loopback address).
+pub(crate) async fn connect_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// Whether the server closes `tcp` (a client that sent nothing) within `within`.
+pub(crate) async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 8];
+    match tokio::time::timeout(within, tcp.read(&mut buf)).await {
+        Ok(read) => matches!(read, Ok(0) | Err(_)),
+        Err(_) => false,
+    }
 }
 
 /// Polls `cond` until it holds or `within` passes.

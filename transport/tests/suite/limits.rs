@@ -1,12 +1,17 @@
-//! Handshake timeout, concurrency of handshakes, connection cap.
+//! Handshake timeout, concurrency of handshakes, the handshake budget (global, per
+//! address, eviction), connection cap.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use trmx_transport::{ListenerLimits, client_config};
 
-use super::harness::{Fixture, Server, check_request, eventually, health, raw_accepted};
+use super::harness::{
+    Fixture, Server, check_request, closed_within, connect_from, eventually, health, raw_accepted,
+    raw_accepted_from,
+};
 
 #[tokio::test]
 async fn silent_client_does_not_block_other_handshakes() {
@@ -65,4 +70,114 @@ async fn connections_over_the_cap_are_closed() {
         .await
     );
     assert!(raw_accepted(server.addr, config).await.unwrap());
+}
+
+const HOST_A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+const HOST_B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// `n` TCP connections from `source` that never send a ClientHello.
+async fn silent(source: IpAddr, addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        sockets.push(connect_from(source, addr).await.unwrap());
+    }
+    sockets
+}
+
+#[tokio::test]
+async fn silent_sockets_do_not_take_connection_slots() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let limits = ListenerLimits {
+        max_connections: 4,
+        handshake_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let server = Server::start(fx.server_tls(Default::default()), limits).await;
+    let mut sockets = silent(HOST_A, server.addr, limits.max_connections).await;
+    // a node connecting after them gets in (before, they held every slot)
+    let mut client = health(server.addr, &fx.paths(&node));
+    client.check(check_request()).await.unwrap();
+    assert_eq!(server.tls.open_connections(), 1);
+    for socket in &mut sockets {
+        assert!(!closed_within(socket, Duration::from_millis(100)).await);
+    }
+}
+
+#[tokio::test]
+async fn one_address_at_its_handshake_cap_does_not_block_another() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let limits = ListenerLimits {
+        max_handshakes: 4,
+        max_handshakes_per_ip: 2,
+        handshake_timeout: Duration::from_secs(30),
+        handshake_eviction_age: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let server = Server::start(fx.server_tls(Default::default()), limits).await;
+    let mut sockets = silent(HOST_A, server.addr, 4).await;
+    // the two beyond the address's cap are closed at once, the first two wait
+    for socket in &mut sockets[2..] {
+        assert!(closed_within(socket, Duration::from_secs(5)).await);
+    }
+    for socket in &mut sockets[..2] {
+        assert!(!closed_within(socket, Duration::from_millis(100)).await);
+    }
+    let config = client_config(&fx.paths(&node)).unwrap();
+    assert!(
+        !raw_accepted_from(HOST_A, server.addr, config.clone())
+            .await
+            .unwrap()
+    );
+    assert!(
+        raw_accepted_from(HOST_B, server.addr, config)
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_full_handshake_budget_refuses_new_sockets_while_the_pending_are_young() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let limits = ListenerLimits {
+        max_handshakes: 2,
+        handshake_timeout: Duration::from_secs(30),
+        handshake_eviction_age: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let server = Server::start(fx.server_tls(Default::default()), limits).await;
+    let mut sockets = silent(HOST_A, server.addr, 2).await;
+    let config = client_config(&fx.paths(&node)).unwrap();
+    assert!(
+        !raw_accepted_from(HOST_B, server.addr, config)
+            .await
+            .unwrap()
+    );
+    for socket in &mut sockets {
+        assert!(!closed_within(socket, Duration::from_millis(100)).await);
+    }
+}
+
+#[tokio::test]
+async fn a_full_handshake_budget_closes_the_oldest_pending_handshake_for_a_new_one() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let limits = ListenerLimits {
+        max_handshakes: 2,
+        handshake_timeout: Duration::from_secs(30),
+        handshake_eviction_age: Duration::ZERO,
+        ..Default::default()
+    };
+    let server = Server::start(fx.server_tls(Default::default()), limits).await;
+    let mut sockets = silent(HOST_A, server.addr, 2).await;
+    let config = client_config(&fx.paths(&node)).unwrap();
+    assert!(
+        raw_accepted_from(HOST_B, server.addr, config)
+            .await
+            .unwrap()
+    );
+    assert!(closed_within(&mut sockets[0], Duration::from_secs(5)).await);
+    assert!(!closed_within(&mut sockets[1], Duration::from_millis(100)).await);
 }

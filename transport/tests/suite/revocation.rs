@@ -1,9 +1,10 @@
 //! CRL: revocation on reload (new and open connections), stale CRLs, failed reloads.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tonic_health::pb::health_check_response::ServingStatus;
-use trmx_transport::{CrlPolicy, ListenerLimits, client_config};
+use trmx_transport::{CrlPolicy, ListenerLimits, ServerTls, client_config};
 
 use super::harness::{
     Fixture, Server, assert_refused, check_request, eventually, health, raw_accepted,
@@ -136,8 +137,107 @@ fn crl_status_follows_the_clock() {
     assert!(!tls.crl_status_at(next - Duration::from_secs(1)).stale);
     assert!(tls.crl_status_at(next).stale);
 
-    let without =
-        trmx_transport::ServerTls::load(&fx.paths(&fx.broker), None, CrlPolicy::Strict).unwrap();
+    let without = ServerTls::load(&fx.paths(&fx.broker), None, CrlPolicy::Strict).unwrap();
     assert_eq!(without.crl_status().next_update, None);
     assert!(!without.crl_status().stale);
+}
+
+/// Writes the federation's current CRL to `to` as DER (one CRL, no PEM armour).
+fn write_der_crl(fx: &Fixture, to: &std::path::Path) {
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateRevocationListDer::from_pem_file(fx.crl()).unwrap();
+    std::fs::write(to, der.as_ref()).unwrap();
+}
+
+#[tokio::test]
+async fn der_crl_is_loaded_and_reloaded() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let bystander = fx.fed.participant("BE-PAYOKE").unwrap();
+    let der_crl = fx.dir.path().join("ca.crl.der");
+    write_der_crl(&fx, &der_crl);
+    let tls = ServerTls::load(&fx.paths(&fx.broker), Some(&der_crl), CrlPolicy::Strict).unwrap();
+    assert!(tls.crl_status().next_update.is_some());
+    let server = Server::start(tls, ListenerLimits::default()).await;
+    let node_config = client_config(&fx.paths(&node)).unwrap();
+    assert!(
+        raw_accepted(server.addr, node_config.clone())
+            .await
+            .unwrap()
+    );
+
+    fx.fed.revoke(&node).unwrap();
+    write_der_crl(&fx, &der_crl);
+    let report = server.tls.reload().unwrap();
+    assert!(!report.crl.stale);
+    assert!(!raw_accepted(server.addr, node_config).await.unwrap());
+    let bystander_config = client_config(&fx.paths(&bystander)).unwrap();
+    assert!(raw_accepted(server.addr, bystander_config).await.unwrap());
+}
+
+#[test]
+fn crl_file_neither_pem_nor_der_is_refused_naming_the_file() {
+    let fx = Fixture::new();
+    let der = {
+        let path = fx.dir.path().join("whole.crl.der");
+        write_der_crl(&fx, &path);
+        std::fs::read(path).unwrap()
+    };
+    let truncated = fx.dir.path().join("truncated.crl");
+    std::fs::write(&truncated, &der[..der.len() - 1]).unwrap();
+    let trailing = fx.dir.path().join("trailing.crl");
+    std::fs::write(&trailing, [der.as_slice(), b"\0"].concat()).unwrap();
+    // a PEM file without a CRL block (the CA certificate) is not a DER CRL either
+    let certificate = fx.fed.ca_cert_path();
+    for path in [truncated, trailing, certificate] {
+        let err = ServerTls::load(&fx.paths(&fx.broker), Some(&path), CrlPolicy::Warn).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("not a DER CRL"), "{msg}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_reloads_take_turns_and_the_last_crl_on_disk_wins() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let bystander = fx.fed.participant("BE-PAYOKE").unwrap();
+    let tls = fx.server_tls(CrlPolicy::Warn);
+    let stop = AtomicBool::new(false);
+    // Three "interval" threads reload in a loop while the operator revokes a certificate
+    // and reloads once more (SIGHUP); then the loops stop.
+    let (mut generations, sighup) = std::thread::scope(|scope| {
+        let loops: Vec<_> = (0..3)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut seen = Vec::new();
+                    while seen.len() < 5 || !stop.load(Ordering::Acquire) {
+                        seen.push(tls.reload().unwrap().generation);
+                    }
+                    seen
+                })
+            })
+            .collect();
+        fx.fed.revoke(&node).unwrap();
+        let sighup = tls.reload().unwrap().generation;
+        stop.store(true, Ordering::Release);
+        let per_thread: Vec<Vec<u64>> = loops.into_iter().map(|l| l.join().unwrap()).collect();
+        (per_thread, sighup)
+    });
+    for seen in &generations {
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+    generations.push(vec![sighup]);
+    let mut all: Vec<u64> = generations.concat();
+    all.sort_unstable();
+    let expected: Vec<u64> = (1..=all.len() as u64).collect();
+    assert_eq!(all, expected, "every reload got its own next generation");
+
+    // the CRL written last (with the revocation) is the one in force
+    let server = Server::start(tls, ListenerLimits::default()).await;
+    let node_config = client_config(&fx.paths(&node)).unwrap();
+    assert!(!raw_accepted(server.addr, node_config).await.unwrap());
+    let bystander_config = client_config(&fx.paths(&bystander)).unwrap();
+    assert!(raw_accepted(server.addr, bystander_config).await.unwrap());
 }
