@@ -312,52 +312,45 @@ impl ExchangeService {
             )
             .into());
         }
-        let checked = SubmitEnvelope::check(&envelope)?;
-        tracing::Span::current().record("message_id", tracing::field::display(checked.message_id));
-        if let Some(claimed) = &checked.claimed_sender
-            && claimed != caller.as_str()
-        {
+        // Who may send this comes before whether it is well formed (DESIGN.md
+        // §3): any sender but empty or the caller's own ID, and any
+        // broker-made kind, are PERMISSION_DENIED, however the rest looks.
+        if !envelope.sender.is_empty() && envelope.sender != caller.as_str() {
             return Err(BrokerError::PermissionDenied(
                 "envelope.sender must be empty or the caller's own participant ID".into(),
             )
             .into());
         }
-        if checked.kind.is_broker_made() {
+        if let Some(kind) = Kind::from_pb(envelope.kind)
+            && kind.is_broker_made()
+        {
             return Err(BrokerError::PermissionDenied(format!(
-                "envelope.kind {} is made by the broker only",
-                checked.kind
+                "envelope.kind {kind} is made by the broker only"
             ))
             .into());
         }
-        let recipient = shared.registry.get(&checked.recipient).ok_or_else(|| {
-            BrokerError::NotFound(format!("unknown recipient {}", checked.recipient))
-        })?;
-        if !recipient.accepts(checked.kind) {
-            return Err(BrokerError::FailedPrecondition(format!(
-                "recipient {} does not accept {} messages",
-                recipient.id, checked.kind
-            ))
-            .into());
-        }
+        let checked = SubmitEnvelope::check(&envelope)?;
+        tracing::Span::current().record("message_id", tracing::field::display(checked.message_id));
         let now = shared.now();
-        let max_expiry = now.saturating_add(millis(shared.limits.max_lifetime));
-        let expires_at = match checked.expires_at {
-            Some(at) => {
-                let at = to_millis(at);
-                if at <= now {
-                    return Err(BrokerError::FailedPrecondition(
-                        "envelope.expires_at is already past".into(),
-                    )
-                    .into());
-                }
-                at.min(max_expiry)
+        let fingerprint = fingerprint(&envelope, caller, checked.priority);
+        let expires_at = match self.admissible(caller, &checked, now) {
+            Ok(expires_at) => expires_at,
+            Err(refused) => {
+                // A retry of a message stored before gets its first receipt
+                // (DESIGN.md §3), even if its lifetime has passed since, its
+                // recipient left the registry or the caller is over its rate.
+                let first = shared
+                    .store
+                    .resubmitted(caller, checked.message_id, fingerprint)
+                    .await;
+                return match first {
+                    Ok(Some(accepted)) => Ok(receipt(checked.message_id, &accepted, true)),
+                    _ => Err(refused),
+                };
             }
-            None => now.saturating_add(millis(shared.limits.default_lifetime)),
         };
-        shared.admission.check(caller)?;
 
         let payload = bytes::Bytes::from(std::mem::take(&mut envelope.payload));
-        let fingerprint = fingerprint(&envelope, caller, checked.priority);
         let message = NewMessage {
             message_id: checked.message_id,
             sender: caller.clone(),
@@ -408,13 +401,44 @@ impl ExchangeService {
             size,
             "message accepted"
         );
-        Ok(pb::SubmitReceipt {
-            message_id: checked.message_id.to_string(),
-            accepted_at: Some(to_timestamp(from_millis(accepted.accepted_at))),
-            broker_seq: accepted.broker_seq,
-            expires_at: Some(to_timestamp(from_millis(accepted.expires_at))),
-            duplicate,
-        })
+        Ok(receipt(checked.message_id, &accepted, duplicate))
+    }
+
+    /// The checks of a submit against the registry, the clock and the
+    /// admission limits; the message's expiry when it passes them.
+    fn admissible(
+        &self,
+        caller: &ParticipantId,
+        checked: &SubmitEnvelope,
+        now: Millis,
+    ) -> Result<Millis, Refused> {
+        let shared = &self.shared;
+        let recipient = shared.registry.get(&checked.recipient).ok_or_else(|| {
+            BrokerError::NotFound(format!("unknown recipient {}", checked.recipient))
+        })?;
+        if !recipient.accepts(checked.kind) {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "recipient {} does not accept {} messages",
+                recipient.id, checked.kind
+            ))
+            .into());
+        }
+        let max_expiry = now.saturating_add(millis(shared.limits.max_lifetime));
+        let expires_at = match checked.expires_at {
+            Some(at) => {
+                let at = to_millis(at);
+                if at <= now {
+                    return Err(BrokerError::FailedPrecondition(
+                        "envelope.expires_at is already past".into(),
+                    )
+                    .into());
+                }
+                at.min(max_expiry)
+            }
+            None => now.saturating_add(millis(shared.limits.default_lifetime)),
+        };
+        shared.admission.check(caller)?;
+        Ok(expires_at)
     }
 
     fn receive_inner(
@@ -512,17 +536,12 @@ impl ExchangeService {
         if ids.is_empty() {
             return Vec::new();
         }
-        let streams = &self.shared.streams;
-        let senders = streams.settled(caller, ids);
-        if senders.unknown {
-            // leased before a restart: the sender is not known here
-            streams.wake_all();
-        } else {
-            for sender in &senders.senders {
-                streams.wake(sender);
-            }
-        }
-        senders.kinds
+        // The senders' streams need no wake-up from here: the store wakes the
+        // recipient of every receipt it queues once it is durable. (Waking
+        // every stream when an id was not in flight here let one client that
+        // acks an old id over and over set every stream of every participant
+        // leasing on the store's one writer thread.)
+        self.shared.streams.settled(caller, ids).kinds
     }
 
     async fn reject_inner(
@@ -880,6 +899,17 @@ fn delivery(lease: Leased) -> pb::Delivery {
 /// with the broker-set fields cleared, the sender set to the caller, the
 /// priority normalised, and the payload left out (its digest, already checked,
 /// stands for it). Equal content gives equal fingerprints.
+/// The answer to a submit of `id`.
+fn receipt(id: MessageId, accepted: &store::Accepted, duplicate: bool) -> pb::SubmitReceipt {
+    pb::SubmitReceipt {
+        message_id: id.to_string(),
+        accepted_at: Some(to_timestamp(from_millis(accepted.accepted_at))),
+        broker_seq: accepted.broker_seq,
+        expires_at: Some(to_timestamp(from_millis(accepted.expires_at))),
+        duplicate,
+    }
+}
+
 fn fingerprint(
     envelope_without_payload: &pb::Envelope,
     caller: &ParticipantId,

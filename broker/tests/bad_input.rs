@@ -22,11 +22,23 @@ async fn every_bad_submit_gets_its_code_and_stores_nothing() -> anyhow::Result<(
             "envelope.sender",
         ),
         (
+            "malformed sender",
+            Box::new(|e| e.sender = "nl-nrm".into()),
+            Code::PermissionDenied,
+            "envelope.sender",
+        ),
+        (
             "broker-made kind",
             Box::new(|e| {
                 e.kind = pb::MessageKind::DeliveryReceipt as i32;
                 e.content_type = Kind::DeliveryReceipt.content_type();
             }),
+            Code::PermissionDenied,
+            "broker",
+        ),
+        (
+            "broker-made kind, a referral's content type",
+            Box::new(|e| e.kind = pb::MessageKind::NonDeliveryReport as i32),
             Code::PermissionDenied,
             "broker",
         ),

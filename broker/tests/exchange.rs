@@ -472,3 +472,40 @@ async fn the_health_service_reports_serving() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// DESIGN.md §3: the same envelope again gets the first receipt. A retry
+/// after a lost answer may come when the message's lifetime has passed: it
+/// still gets its receipt (not FAILED_PRECONDITION, which a node takes as a
+/// final refusal of a message the broker holds). A new message with that
+/// lifetime is refused.
+#[tokio::test]
+async fn a_retry_after_its_lifetime_passed_still_gets_the_first_receipt() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut env = referral("BE-PAYOKE");
+    let expires_at = trmx_broker::clock::Clock::now(&t.clock) + std::time::Duration::from_secs(60);
+    env.expires_at = Some(trmx_proto::time::to_timestamp(expires_at));
+    let first = submit(&mut nl, env.clone()).await?;
+    t.advance(std::time::Duration::from_secs(120));
+    let again = submit(&mut nl, env.clone()).await?;
+    assert!(again.duplicate);
+    assert_eq!(again.broker_seq, first.broker_seq);
+    assert_eq!(again.accepted_at, first.accepted_at);
+
+    let mut fresh = env.clone();
+    fresh.message_id = MessageId::new_v7().to_string();
+    assert_code(
+        submit(&mut nl, fresh).await,
+        Code::FailedPrecondition,
+        "a new message whose lifetime has passed",
+    );
+    // other content under the first id: refused too, and not as a duplicate
+    let mut changed = env;
+    changed.priority = pb::Priority::Urgent as i32;
+    assert_code(
+        submit(&mut nl, changed).await,
+        Code::FailedPrecondition,
+        "other content, lifetime passed",
+    );
+    Ok(())
+}

@@ -461,6 +461,17 @@ pub fn receipt_id(original: MessageId, outcome: pb::Outcome) -> MessageId {
 pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     /// Idempotent on (sender, message_id).
     async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError>;
+    /// The first receipt of `sender`'s message `id` when it is stored with `fingerprint` (a
+    /// retry of the same content), once it is durable; `None` when it is not stored, or stored
+    /// with other content. Reads only: for retries that a precondition refuses before
+    /// [`Self::submit`] (a lifetime passed since, a recipient gone from the registry, a rate
+    /// limit), which must still get the first receipt.
+    async fn resubmitted(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+        fingerprint: [u8; 32],
+    ) -> Result<Option<Accepted>, StoreError>;
     /// Up to `max` due messages for `recipient` (state ACCEPTED and not backing off, not expired):
     /// urgent first, then broker_seq order. Marks them IN_FLIGHT on `stream` with deadline now+ack_timeout, attempts+1.
     async fn lease(

@@ -32,7 +32,7 @@ pub use self::verify::{StoreReport, verify_store_offline};
 use self::writer::Writer;
 use crate::store::audit::{AuditEvent, AuditReport, OperatorAction};
 use crate::store::{
-    AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, Presence, PurgeResult,
+    Accepted, AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, Presence, PurgeResult,
     QueueStats, RedriveResult, RejectResult, Released, SearchFilter, SearchPage, StatusRecord,
     StoreError, StreamEnd, StreamId, SubmitOutcome, TickReport, WithdrawResult,
 };
@@ -555,6 +555,26 @@ impl BrokerStore for SledStore {
         let field_path = field_path.to_owned();
         self.change(move |tx| tx.reject(&recipient, id, &reason_code, &field_path, now))
             .await
+    }
+
+    async fn resubmitted(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+        fingerprint: [u8; 32],
+    ) -> Result<Option<Accepted>, StoreError> {
+        let sender = sender.clone();
+        let found = self
+            .read(move |core| core.identical(&sender, id, &fingerprint))
+            .await?;
+        let Some(accepted) = found else {
+            return Ok(None);
+        };
+        // The first submit may have committed it without its flush having
+        // finished yet (or failed): answer only once it is durable.
+        self.ready().await?;
+        self.inner.flusher.durable().await?;
+        Ok(Some(accepted))
     }
 
     fn writes_durable(&self) -> bool {

@@ -267,6 +267,33 @@ impl Core {
         sender: &ParticipantId,
         id: MessageId,
     ) -> Result<Option<StatusRecord>, StoreError> {
+        Ok(self.sender_record(sender, id)?.map(|r| r.to_status()))
+    }
+
+    /// What the first submit of `sender`'s message `id` was answered, if it
+    /// was stored with `fingerprint` (the same content).
+    pub(super) fn identical(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+        fingerprint: &[u8; 32],
+    ) -> Result<Option<Accepted>, StoreError> {
+        Ok(self
+            .sender_record(sender, id)?
+            .filter(|r| r.fingerprint == *fingerprint)
+            .map(|first| Accepted {
+                broker_seq: first.seq,
+                accepted_at: first.accepted_at,
+                expires_at: first.expires_at,
+            }))
+    }
+
+    /// The committed record of `sender`'s message `id`.
+    fn sender_record(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+    ) -> Result<Option<Record>, StoreError> {
         let Some(seqs) = self
             .tree(super::tx::BY_ID)
             .get(id.as_bytes())
@@ -278,7 +305,7 @@ impl Core {
             if let Some(record) = self.load(seq)?
                 && record.sender.as_ref() == Some(sender)
             {
-                return Ok(Some(record.to_status()));
+                return Ok(Some(record));
             }
         }
         Ok(None)
