@@ -100,17 +100,60 @@ impl Core {
         }
     }
 
-    /// `(deadline, seq)` of every lease, earliest first. The `leased` tree
+    /// `(deadline, seq)` of every lease, earliest first, and the seqs whose
+    /// entry cannot be read (see [`Self::repair_lease`]). The `leased` tree
     /// holds only the messages in flight (bounded by the streams and their
     /// `max_in_flight`), never the backlog, so it is read whole.
-    fn lease_deadlines(&self) -> Result<Vec<(Millis, u64)>, StoreError> {
-        let mut out = Vec::new();
+    fn lease_deadlines(&self) -> Result<LeaseDeadlines, StoreError> {
+        let mut out = LeaseDeadlines::default();
         for item in self.tree(LEASED).iter() {
             let (key, value) = item.map_err(storage)?;
-            out.push((LeaseEntry::decode(&value)?.deadline, read_u64(&key)?));
+            let seq = read_u64(&key)?;
+            match LeaseEntry::decode(&value) {
+                Ok(lease) => out.due.push((lease.deadline, seq)),
+                Err(e) => out.damaged.push((seq, e)),
+            }
         }
-        out.sort_unstable();
+        out.due.sort_unstable();
         Ok(out)
+    }
+
+    /// The lease entry of `seq` cannot be read (`why`): the message is made
+    /// due again, as after a restart, so that it neither stays in flight
+    /// forever nor fails every operation that reads it. Logged.
+    fn repair_lease(&self, seq: u64, why: &StoreError, now: Millis) -> Result<Wake, StoreError> {
+        tracing::error!(
+            seq,
+            %why,
+            "a lease in the store cannot be read: the message is due again; the store is \
+             damaged, run `trmx-broker store verify` when the broker is stopped"
+        );
+        self.transact(|tx| {
+            let mut wake = Wake::new();
+            let stored = match tx.t[RECORDS].get(seq.to_be_bytes())? {
+                Some(bytes) => Record::decode_stored(&bytes).ok(),
+                None => None,
+            };
+            let Some(due) = stored.filter(may_be_leased) else {
+                // nothing it could lease: only the entry goes
+                tx.t[LEASED].remove(&seq.to_be_bytes())?;
+                return Ok(wake);
+            };
+            // what the entry stood for, as well as can be told: `put` takes
+            // the entry away and puts the message back in its queue
+            let in_flight = LeaseEntry {
+                deadline: now,
+                stream: 0,
+                attempt: due.attempts.saturating_add(1),
+                delivered_at: due.last_delivered_at.unwrap_or(due.state_changed_at),
+            }
+            .apply(due.clone());
+            let mut back = due;
+            back.state_changed_at = now;
+            tx.put(Some(&in_flight), Some(&back))?;
+            wake.insert(back.recipient.clone());
+            Ok(wake)
+        })
     }
 
     /// Up to `max` seqs from the committed queue of `recipient`, in lease
@@ -185,6 +228,7 @@ impl Core {
         };
         let mut total = Released::default();
         let mut wake = Wake::new();
+        let mut repaired = Wake::new();
         let mut after_key: Option<Vec<u8>> = None;
         loop {
             let mut batch = Vec::with_capacity(RECOVER_BATCH);
@@ -199,7 +243,15 @@ impl Core {
                 }
                 after_key = Some(key.to_vec());
                 let leased_to = if tree == LEASED {
-                    LeaseEntry::decode(&value)?.stream
+                    match LeaseEntry::decode(&value) {
+                        Ok(lease) => lease.stream,
+                        Err(e) => {
+                            // whose stream it was cannot be told: due again
+                            let seq = seq_suffix(&key)?;
+                            repaired.extend(self.repair_lease(seq, &e, now)?);
+                            continue;
+                        }
+                    }
                 } else {
                     read_u64(&value)?
                 };
@@ -259,6 +311,7 @@ impl Core {
             total.dead_lettered += count.dead_lettered;
             wake.extend(woken);
         }
+        wake.extend(repaired);
         Ok((total, wake))
     }
 
@@ -319,8 +372,12 @@ impl Core {
         let mut wake = Wake::new();
         // Read once: leases taken meanwhile are due after `now`, and one
         // settled meanwhile is found settled when its turn comes.
-        let mut due_leases: std::collections::VecDeque<(Millis, u64)> = self
-            .lease_deadlines()?
+        let deadlines = self.lease_deadlines()?;
+        for (seq, why) in &deadlines.damaged {
+            wake.extend(self.repair_lease(*seq, why, now)?);
+        }
+        let mut due_leases: std::collections::VecDeque<(Millis, u64)> = deadlines
+            .due
             .into_iter()
             .take_while(|(deadline, _)| *deadline <= now)
             .collect();
@@ -396,7 +453,20 @@ impl Core {
         let mut keys = Vec::new();
         for item in self.tree(tree).iter().keys() {
             let key = item.map_err(storage)?;
-            let at = time_of(&key)?;
+            let at = match time_of(&key) {
+                Ok(at) => at,
+                Err(why) => {
+                    // it can never fire: read at every tick, it would stop
+                    // every timer behind it
+                    tracing::error!(
+                        %why,
+                        "a timer in the store cannot be read: it is dropped; the store is \
+                         damaged, run `trmx-broker store verify` when the broker is stopped"
+                    );
+                    self.tree(tree).remove(&key).map_err(storage)?;
+                    continue;
+                }
+            };
             if at > now {
                 break;
             }
@@ -530,6 +600,7 @@ impl Core {
         };
         let lease = self
             .lease_deadlines()?
+            .due
             .first()
             .map(|(deadline, _)| *deadline);
         Ok(timer.into_iter().chain(lease).min())
@@ -655,6 +726,15 @@ impl Core {
             other => other,
         }
     }
+}
+
+/// The leases of the store, by deadline.
+#[derive(Debug, Default)]
+struct LeaseDeadlines {
+    /// `(deadline, seq)`, earliest first.
+    due: Vec<(Millis, u64)>,
+    /// The seqs whose lease entry cannot be read, and why.
+    damaged: Vec<(u64, StoreError)>,
 }
 
 /// What [`Tx::lease`] did with its candidates.
@@ -1249,6 +1329,95 @@ mod tests {
         let ids: Vec<MessageId> = page.records.iter().map(|r| r.message_id).collect();
         assert_eq!(ids, vec![fine.message_id]);
         assert_eq!(page.resume_after, None);
+        s.close().await.unwrap();
+    }
+
+    /// A closed store in `dir` with `n` messages to BE-PAYOKE, all leased to
+    /// one stream, the lease entry of the first overwritten with bytes that
+    /// do not decode; their ids and seqs.
+    async fn store_with_a_damaged_lease(dir: &std::path::Path, n: usize) -> Vec<(MessageId, u64)> {
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir);
+        for _ in 0..n {
+            s.submit(message(&be), NOW).await.unwrap();
+        }
+        let leased: Vec<_> = s
+            .lease(&be, StreamId(4), n, NOW)
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| (l.message_id, l.broker_seq))
+            .collect();
+        assert_eq!(leased.len(), n);
+        s.close().await.unwrap();
+        drop(s);
+        let db = ::sled::open(dir).unwrap();
+        db.open_tree("leased")
+            .unwrap()
+            .insert(leased[0].1.to_be_bytes(), &b"xx"[..])
+            .unwrap();
+        db.flush().unwrap();
+        leased
+    }
+
+    /// A lease entry that cannot be read stops neither the start-up (its
+    /// `recover`) nor the timers: the message is due again, and so are the
+    /// others in flight at the restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_lease_is_due_again_at_start_and_at_a_tick() {
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        // at start-up
+        let dir = tempfile::tempdir().unwrap();
+        let leased = store_with_a_damaged_lease(dir.path(), 2).await;
+        let s = open(dir.path());
+        s.recover(NOW).await.unwrap();
+        let again = s.lease(&be, StreamId(5), 10, NOW + 1).await.unwrap();
+        let mut ids: Vec<_> = again.iter().map(|l| l.message_id).collect();
+        ids.sort();
+        let mut want: Vec<_> = leased.iter().map(|(id, _)| *id).collect();
+        want.sort();
+        assert_eq!(ids, want);
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+
+        // at a tick, without a restart: that message due again, the other
+        // still in flight
+        let dir = tempfile::tempdir().unwrap();
+        let leased = store_with_a_damaged_lease(dir.path(), 2).await;
+        let s = open(dir.path());
+        s.tick(NOW + 1).await.unwrap();
+        let again = s.lease(&be, StreamId(5), 10, NOW + 2).await.unwrap();
+        let ids: Vec<_> = again.iter().map(|l| l.message_id).collect();
+        assert_eq!(ids, vec![leased[0].0]);
+        s.close().await.unwrap();
+    }
+
+    /// A timer key that cannot be read is dropped, not read at every tick
+    /// in front of the timers behind it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_timer_does_not_stop_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let m = message(&be);
+        let s = open(dir.path());
+        s.submit(m.clone(), NOW).await.unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        {
+            let db = ::sled::open(dir.path()).unwrap();
+            // sorts before every real timer key
+            db.open_tree("timers")
+                .unwrap()
+                .insert(&[0u8, 1, 2][..], &[][..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = open(dir.path());
+        let report = s.tick(m.expires_at).await.unwrap();
+        assert_eq!(report.expired, 1);
+        assert_eq!(s.tick(m.expires_at).await.unwrap(), TickReport::default());
         s.close().await.unwrap();
     }
 
