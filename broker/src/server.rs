@@ -775,6 +775,7 @@ pub fn lifecycle_of(config: &BrokerConfig) -> Lifecycle {
         max_queued_bytes_per_sender: config.limits.max_queued_bytes_per_sender,
         // the audit log outlives the metadata it speaks of
         audit_retention: c.metadata_retention.saturating_mul(2),
+        max_lifetime: config.limits.max_lifetime,
     }
 }
 

@@ -34,6 +34,7 @@ pub(super) fn lifecycle() -> Lifecycle {
         metadata_retention: Duration::from_secs(2 * 3600),
         max_queued_bytes_per_sender: 64 * 1024,
         audit_retention: Duration::from_secs(4 * 3600),
+        max_lifetime: Duration::from_secs(3 * 3600),
     }
 }
 
@@ -645,6 +646,40 @@ pub(super) async fn a_stream_closed_by_its_recipient_is_a_failed_attempt<S: Brok
     assert_eq!(reports[0].1.reason_code, "MAX_ATTEMPTS");
 }
 
+/// An expired message redriven again and again never gets a lifetime longer
+/// than the longest any message gets (the nodes' duplicate windows rely on
+/// it); its first lifetime is kept as long as that is shorter.
+pub(super) async fn repeated_redrives_stay_within_the_longest_lifetime<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    const HOUR: Millis = 3_600_000;
+    let longest = lifecycle().max_lifetime.as_millis() as Millis;
+    let now = c.now_millis();
+    let mut m = message(NL, BE, Priority::Normal, 10, now);
+    m.expires_at = now + HOUR;
+    submit_ok(s, &m, now).await;
+    let mut expires_at = m.expires_at;
+    for round in 1..=4 {
+        c.advance(Duration::from_millis(expires_at - c.now_millis()));
+        tick(s, expires_at).await;
+        assert_eq!(state_of(s, &m).await, State::Expired, "round {round}");
+        // within the dead-letter retention (1 h): the payload is kept
+        c.advance(Duration::from_secs(1800));
+        let at = c.now_millis();
+        match s.redrive(m.message_id, at).await.unwrap() {
+            RedriveResult::Redriven(accepted) => {
+                assert!(accepted.expires_at <= at + longest, "round {round}");
+                if round == 1 {
+                    assert_eq!(accepted.expires_at, at + HOUR, "the first lifetime");
+                }
+                expires_at = accepted.expires_at;
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+}
+
 pub(super) async fn expiry_from_accepted_and_in_flight<S: BrokerStore>(s: &S, c: &ManualClock) {
     let now = c.now_millis();
     let mut waiting = message(NL, BE, Priority::Normal, 100, now);
@@ -1140,6 +1175,7 @@ mod sled {
         many_leases_time_out_in_one_tick,
         max_attempts_dead_letters_with_ndr,
         release_stream_makes_due_at_once,
+        repeated_redrives_stay_within_the_longest_lifetime,
         a_stream_closed_by_its_recipient_is_a_failed_attempt,
         expiry_from_accepted_and_in_flight,
         expired_but_not_ticked_is_not_leased,

@@ -318,6 +318,8 @@ pub struct Lifecycle {
     /// how long audit records are kept (whole segments are dropped once their last
     /// record is older)
     pub audit_retention: Duration,
+    /// the longest lifetime a message gets (`limits.max_lifetime`), also when redriven
+    pub max_lifetime: Duration,
 }
 
 impl Default for Lifecycle {
@@ -331,6 +333,7 @@ impl Default for Lifecycle {
             metadata_retention: Duration::from_secs(30 * 24 * 3600),
             max_queued_bytes_per_sender: 1 << 30,
             audit_retention: Duration::from_secs(800 * 24 * 3600),
+            max_lifetime: Duration::from_secs(90 * 24 * 3600),
         }
     }
 }

@@ -407,6 +407,7 @@ mod tests {
             metadata_retention: Duration::from_secs(3600),
             max_queued_bytes_per_sender: 1 << 20,
             audit_retention: Duration::from_secs(60),
+            ..Lifecycle::default()
         }
     }
 

@@ -1135,7 +1135,15 @@ impl Tx<'_> {
                     }
                     continue;
                 }
-                let lifetime = old.expires_at.saturating_sub(old.accepted_at).max(60_000);
+                // As long as the first lifetime, taken from its acceptance.
+                // Redriven before, `expires_at` has moved on from that, so
+                // this is longer: capped at the longest lifetime any message
+                // gets, which the nodes' duplicate windows rely on.
+                let lifetime = old
+                    .expires_at
+                    .saturating_sub(old.accepted_at)
+                    .min(after(0, self.life.max_lifetime))
+                    .max(60_000);
                 let mut new = old.clone();
                 new.state = State::Accepted;
                 new.state_changed_at = now;
