@@ -79,6 +79,11 @@ pub struct TlsSection {
     pub cert: PathBuf,
     /// The node's private key.
     pub key: PathBuf,
+    /// The federation's CRL (PEM or DER), as the broker reads it: a broker certificate it
+    /// lists is refused, so that a broker key that leaked and was revoked cannot pose as
+    /// the broker. Read again whenever the file changes. Unset: not checked.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// `[api]`: the local gRPC API.
@@ -234,6 +239,17 @@ impl NodeConfig {
                 return Err(invalid(field, "is required"));
             }
         }
+        if self
+            .tls
+            .crl
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "tls.crl",
+                "must not be empty (leave it out to not check)",
+            ));
+        }
         if let Some(socket) = &self.api.socket {
             if socket.as_os_str().is_empty() {
                 return Err(invalid(
@@ -272,6 +288,9 @@ impl NodeConfig {
         resolve(&mut self.tls.ca);
         resolve(&mut self.tls.cert);
         resolve(&mut self.tls.key);
+        if let Some(crl) = &mut self.tls.crl {
+            resolve(crl);
+        }
         if let Some(socket) = &mut self.api.socket {
             resolve(socket);
         }
@@ -300,6 +319,7 @@ impl NodeConfig {
                 cert: self.tls.cert.clone(),
                 key: self.tls.key.clone(),
             },
+            crl: self.tls.crl.clone(),
             max_in_flight: b.max_in_flight,
             reconnect_min: Duration::from_millis(b.reconnect_min_ms),
             reconnect_max: Duration::from_millis(b.reconnect_max_ms),
@@ -339,6 +359,7 @@ impl NodeConfig {
                 ca: tls.ca,
                 cert: tls.cert,
                 key: tls.key,
+                crl: None,
             },
             api: ApiSection::default(),
             storage: StorageSection::default(),

@@ -582,3 +582,40 @@ async fn a_node_expecting_another_broker_name_submits_nothing_until_configured_r
     node.stop().await?;
     s.h.shutdown().await
 }
+
+/// A node that reads the federation's CRL refuses a broker certificate the
+/// CRL lists: a leaked broker key, once revoked, cannot pose as the broker.
+/// The CRL is read again when it changes, also by a channel made before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_broker_certificate_is_refused_by_a_node_that_reads_the_crl() -> TestResult {
+    let mut s = setup().await?;
+    let crl_channel = |s: &Setup| -> anyhow::Result<Channel> {
+        let options = ClientOptions {
+            server_name: BROKER_NAME.to_owned(),
+            crl: Some(s.h.federation.pki.crl_path()),
+            ..ClientOptions::default()
+        };
+        Ok(client_channel(
+            &s.h.broker_addr().to_string(),
+            &s.h.tls(NL),
+            &options,
+        )?)
+    };
+    // Control: the CRL lists nothing of the broker's yet.
+    let before = ExchangeClient::new(crl_channel(&s)?);
+    s.assert_control_delivers(before).await?;
+    // Made now, first connected after the revocation.
+    let mut made_before = ExchangeClient::new(crl_channel(&s)?);
+
+    s.h.federation
+        .pki
+        .revoke(&s.h.federation.broker_cert.clone())?;
+    let mut fresh = ExchangeClient::new(crl_channel(&s)?);
+    for client in [&mut made_before, &mut fresh] {
+        let (id, result) = submit(client).await;
+        assert_transport_failure(result, "revoked broker certificate")?;
+        s.assert_not_stored(&id).await?;
+    }
+    expect_quiet(&mut s.queue).await?;
+    s.h.shutdown().await
+}

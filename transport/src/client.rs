@@ -1,10 +1,12 @@
 //! The client side: a TLS 1.3-only rustls config with our certificate, and a lazily
 //! connecting tonic channel over it.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use rustls::ClientConfig;
+use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -23,6 +25,10 @@ pub struct ClientOptions {
     /// Name the server certificate must carry (DNS name or IP); empty means the host part
     /// of the address.
     pub server_name: String,
+    /// The federation's CRL (PEM or DER): a server certificate it lists is refused. Read
+    /// again before a connection whenever the file has changed; a file that cannot be read
+    /// then keeps the CRL read before (logged).
+    pub crl: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -31,6 +37,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             http2_keepalive: Duration::from_secs(30),
             server_name: String::new(),
+            crl: None,
         }
     }
 }
@@ -38,23 +45,96 @@ impl Default for ClientOptions {
 /// A rustls client config: TLS 1.3 only, the CA of `paths` as the only trust anchor, our
 /// certificate and key for client authentication, ALPN `h2`.
 pub fn client_config(paths: &TlsPaths) -> Result<ClientConfig, TransportError> {
+    client_config_checking(paths, None)
+}
+
+/// [`client_config`], refusing the server certificates that the CRLs in `crl` list.
+fn client_config_checking(
+    paths: &TlsPaths,
+    crl: Option<&Path>,
+) -> Result<ClientConfig, TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let chain = pem::certs(&paths.cert)?;
     let key = pem::key(&paths.key)?;
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TransportError::Config {
             path: paths.ca.clone(),
             source,
-        })?
-        .with_root_certificates(roots)
+        })?;
+    let builder = match crl {
+        None => builder.with_root_certificates(roots),
+        Some(path) => {
+            let crls = pem::crls(path)?;
+            let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .with_crls(crls.ders)
+                .build()
+                .map_err(|source| TransportError::Verifier {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            builder.with_webpki_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_client_auth_cert(chain, key)
         .map_err(|source| TransportError::Config {
             path: paths.cert.clone(),
             source,
         })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    if crl.is_some() {
+        // a resumed session skips the server certificate's check, and so the CRL
+        config.resumption = Resumption::disabled();
+    }
     Ok(config)
+}
+
+/// The client config of a channel, built again when its CRL file changes.
+struct ClientTls {
+    paths: TlsPaths,
+    crl: Option<PathBuf>,
+    /// The CRL file's stamp when `config` was built, and the config.
+    current: Mutex<(Option<Stamp>, Arc<ClientConfig>)>,
+}
+
+impl ClientTls {
+    fn load(paths: &TlsPaths, crl: Option<&Path>) -> Result<Self, TransportError> {
+        let modified = crl.and_then(stamp);
+        let config = client_config_checking(paths, crl)?;
+        Ok(Self {
+            paths: paths.clone(),
+            crl: crl.map(Path::to_owned),
+            current: Mutex::new((modified, Arc::new(config))),
+        })
+    }
+
+    /// The config for a new connection: with the CRL file as it is now.
+    fn config(&self) -> Arc<ClientConfig> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(crl) = &self.crl {
+            let now = stamp(crl);
+            if now.is_some() && now != current.0 {
+                match client_config_checking(&self.paths, Some(crl)) {
+                    Ok(config) => *current = (now, Arc::new(config)),
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "the CRL changed but cannot be read: connecting with the CRL read before"
+                    ),
+                }
+            }
+        }
+        Arc::clone(&current.1)
+    }
+}
+
+/// When a file was last changed, and its length (a file system that keeps
+/// whole seconds would not tell two changes in one second apart by the time).
+type Stamp = (SystemTime, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 /// The host part of `host:port`, `[v6]:port`; errors name the address.
@@ -80,7 +160,8 @@ fn host_of(addr: &str) -> Result<&str, TransportError> {
 
 /// A tonic channel to `addr` (`"127.0.0.1:4443"`, `"broker.example:4443"`) over mutual TLS
 /// 1.3 with the certificate of `paths`, checking the server certificate against the CA
-/// for `opts.server_name` (default: the host part of `addr`).
+/// (and the CRL of `opts.crl`, if any) for `opts.server_name` (default: the host part of
+/// `addr`).
 ///
 /// Connects lazily on first use and reconnects after a failure; nothing is dialled here.
 pub fn client_channel(
@@ -96,7 +177,7 @@ pub fn client_channel(
     };
     let server_name =
         ServerName::try_from(name.clone()).map_err(|_| TransportError::ServerName { name })?;
-    let connector = TlsConnector::from(Arc::new(client_config(paths)?));
+    let tls = Arc::new(ClientTls::load(paths, opts.crl.as_deref())?);
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|source| TransportError::Endpoint {
             addr: addr.to_owned(),
@@ -107,7 +188,7 @@ pub fn client_channel(
         .keep_alive_while_idle(true);
     let target = addr.to_owned();
     let connect = tower::service_fn(move |_: Uri| {
-        let connector = connector.clone();
+        let connector = TlsConnector::from(tls.config());
         let server_name = server_name.clone();
         let target = target.clone();
         async move {

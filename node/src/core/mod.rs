@@ -61,6 +61,8 @@ pub struct CoreConfig {
     pub broker_server_name: String,
     /// CA, certificate and key of this node.
     pub tls: trmx_transport::TlsPaths,
+    /// The federation's CRL: a broker certificate it lists is refused.
+    pub crl: Option<PathBuf>,
     /// The `Receive` window.
     pub max_in_flight: u32,
     /// Shortest wait before reconnecting (jittered exponential backoff).
@@ -470,6 +472,7 @@ impl NodeCore {
     pub async fn start(config: CoreConfig, clock: Arc<dyn Clock>) -> Result<NodeCore, NodeError> {
         let opts = trmx_transport::ClientOptions {
             server_name: config.broker_server_name.clone(),
+            crl: config.crl.clone(),
             ..trmx_transport::ClientOptions::default()
         };
         let channel = trmx_transport::client_channel(&config.broker_addr, &config.tls, &opts)

@@ -62,6 +62,7 @@ fn config(dir: &Path, me: &str) -> CoreConfig {
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
         },
+        crl: None,
         max_in_flight: 8,
         reconnect_min: Duration::from_millis(10),
         reconnect_max: Duration::from_millis(100),

@@ -57,6 +57,24 @@ fn defaults_and_relative_paths() {
     assert_eq!(config.log_level, "info");
     assert_eq!(config.broker.max_in_flight, 32);
     assert_eq!(config.storage.cache_capacity_mb, 64);
+    assert_eq!(config.tls.crl, None);
+    // the CRL is optional; given, it is a path like the others
+    let with_crl = MINIMAL.replace(
+        "key = \"pki/BE-PAYOKE.key\"",
+        "key = \"pki/BE-PAYOKE.key\"\ncrl = \"pki/ca.crl\"",
+    );
+    std::fs::write(&path, with_crl).expect("write");
+    let config = NodeConfig::load(&path).expect("loads");
+    assert_eq!(config.tls.crl, Some(dir.path().join("pki/ca.crl")));
+    assert_eq!(
+        config.core_config().expect("core").crl,
+        Some(dir.path().join("pki/ca.crl"))
+    );
+    let message = config_error(&MINIMAL.replace(
+        "key = \"pki/BE-PAYOKE.key\"",
+        "key = \"pki/BE-PAYOKE.key\"\ncrl = \"\"",
+    ));
+    assert!(message.contains("tls.crl"), "{message}");
 }
 
 #[test]
