@@ -145,7 +145,9 @@ async fn run_broker(config: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow
             _ = interrupt.recv() => { info!("SIGINT received"); break; }
             _ = hangup.recv() => {
                 info!("SIGHUP received, reloading TLS material and CRL");
-                match broker.reload_tls() {
+                // file reads, and maybe a wait for an interval reload under
+                // way: off the async workers' backs (the runtime is multi-thread)
+                match tokio::task::block_in_place(|| broker.reload_tls()) {
                     Ok(report) => info!(
                         closed_connections = report.closed_connections,
                         crl_stale = report.crl.stale,
