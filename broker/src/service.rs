@@ -332,25 +332,28 @@ impl ExchangeService {
         let checked = SubmitEnvelope::check(&envelope)?;
         tracing::Span::current().record("message_id", tracing::field::display(checked.message_id));
         let now = shared.now();
+        let payload = bytes::Bytes::from(std::mem::take(&mut envelope.payload));
         let fingerprint = fingerprint(&envelope, caller, checked.priority);
-        let expires_at = match self.admissible(caller, &checked, now) {
+        let expires_at = match self.admissible(&checked, now) {
             Ok(expires_at) => expires_at,
-            Err(refused) => {
+            Err(final_refusal) => {
                 // A retry of a message stored before gets its first receipt
-                // (DESIGN.md §3), even if its lifetime has passed since, its
-                // recipient left the registry or the caller is over its rate.
+                // (DESIGN.md §3), not a refusal its node would take as final,
+                // even if its lifetime has passed since or its recipient left
+                // the registry. (A store failure here is UNAVAILABLE: retry.)
                 let first = shared
                     .store
                     .resubmitted(caller, checked.message_id, fingerprint)
                     .await;
-                return match first {
-                    Ok(Some(accepted)) => Ok(receipt(checked.message_id, &accepted, true)),
-                    _ => Err(refused),
+                return match shared.stored(first)? {
+                    Some(accepted) => Ok(receipt(checked.message_id, &accepted, true)),
+                    None => Err(final_refusal.into()),
                 };
             }
         };
+        // (refusals to retry later: a stored message's retry gets its receipt then)
+        shared.admission.check(caller)?;
 
-        let payload = bytes::Bytes::from(std::mem::take(&mut envelope.payload));
         let message = NewMessage {
             message_id: checked.message_id,
             sender: caller.clone(),
@@ -404,14 +407,9 @@ impl ExchangeService {
         Ok(receipt(checked.message_id, &accepted, duplicate))
     }
 
-    /// The checks of a submit against the registry, the clock and the
-    /// admission limits; the message's expiry when it passes them.
-    fn admissible(
-        &self,
-        caller: &ParticipantId,
-        checked: &SubmitEnvelope,
-        now: Millis,
-    ) -> Result<Millis, Refused> {
+    /// The checks of a new message against the registry and the clock, which
+    /// a retry would fail again (final refusals); its expiry when it passes.
+    fn admissible(&self, checked: &SubmitEnvelope, now: Millis) -> Result<Millis, BrokerError> {
         let shared = &self.shared;
         let recipient = shared.registry.get(&checked.recipient).ok_or_else(|| {
             BrokerError::NotFound(format!("unknown recipient {}", checked.recipient))
@@ -420,8 +418,7 @@ impl ExchangeService {
             return Err(BrokerError::FailedPrecondition(format!(
                 "recipient {} does not accept {} messages",
                 recipient.id, checked.kind
-            ))
-            .into());
+            )));
         }
         let max_expiry = now.saturating_add(millis(shared.limits.max_lifetime));
         let expires_at = match checked.expires_at {
@@ -430,14 +427,12 @@ impl ExchangeService {
                 if at <= now {
                     return Err(BrokerError::FailedPrecondition(
                         "envelope.expires_at is already past".into(),
-                    )
-                    .into());
+                    ));
                 }
                 at.min(max_expiry)
             }
             None => now.saturating_add(millis(shared.limits.default_lifetime)),
         };
-        shared.admission.check(caller)?;
         Ok(expires_at)
     }
 
@@ -895,10 +890,6 @@ fn delivery(lease: Leased) -> pb::Delivery {
     }
 }
 
-/// SHA-256 over the canonical encoding of the client-set fields: the envelope
-/// with the broker-set fields cleared, the sender set to the caller, the
-/// priority normalised, and the payload left out (its digest, already checked,
-/// stands for it). Equal content gives equal fingerprints.
 /// The answer to a submit of `id`.
 fn receipt(id: MessageId, accepted: &store::Accepted, duplicate: bool) -> pb::SubmitReceipt {
     pb::SubmitReceipt {
@@ -910,6 +901,10 @@ fn receipt(id: MessageId, accepted: &store::Accepted, duplicate: bool) -> pb::Su
     }
 }
 
+/// SHA-256 over the canonical encoding of the client-set fields: the envelope
+/// with the broker-set fields cleared, the sender set to the caller, the
+/// priority normalised, and the payload left out (its digest, already checked,
+/// stands for it). Equal content gives equal fingerprints.
 fn fingerprint(
     envelope_without_payload: &pb::Envelope,
     caller: &ParticipantId,

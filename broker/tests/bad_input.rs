@@ -283,7 +283,9 @@ async fn a_failed_flush_refuses_submits_until_the_store_writes_again() -> anyhow
     submit(&mut nl, kept.clone()).await?;
 
     faults.set_failing(true);
-    let lost = referral("BE-PAYOKE");
+    // (its write is applied, its flush fails)
+    let mut lost = referral("BE-PAYOKE");
+    lost.expires_at = Some(to_timestamp(SystemTime::now() + Duration::from_millis(300)));
     assert_code(
         submit(&mut nl, lost.clone()).await,
         Code::Unavailable,
@@ -294,6 +296,15 @@ async fn a_failed_flush_refuses_submits_until_the_store_writes_again() -> anyhow
         submit(&mut nl, referral("BE-PAYOKE")).await,
         Code::Unavailable,
         "latched",
+    );
+    // The message whose flush failed, retried once its lifetime has passed:
+    // "retry later", not the final "expires_at is already past" that would
+    // make its node give up on a message the broker may still hold.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_code(
+        submit(&mut nl, lost.clone()).await,
+        Code::Unavailable,
+        "a retry after the lifetime, store failing",
     );
 
     faults.set_failing(false);

@@ -401,7 +401,8 @@ pub struct SearchFilter {
 pub enum StreamEnd {
     /// The recipient's side: closed, reset or gone.
     Recipient,
-    /// The broker: shutting down, a revoked certificate, a store failure.
+    /// The broker: shutting down, a store failure. (A revoked certificate's connection is
+    /// closed under the stream, which then sees its recipient gone.)
     Broker,
 }
 
@@ -507,7 +508,8 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     /// ([`StreamEnd::Recipient`]), each delivery was a failed attempt (DESIGN.md §4): due again
     /// after the backoff, or DEAD_LETTERED (+ NDR) when its attempts are used up, so that a
     /// message that makes the recipient's node drop its stream is not handed to it forever.
-    /// Ended by the broker ([`StreamEnd::Broker`]), they are due again at once.
+    /// Ended by the broker ([`StreamEnd::Broker`]), they are due again at once. Every
+    /// unacknowledged delivery of the stream counts, also one its node never read.
     async fn release_stream(
         &self,
         recipient: &ParticipantId,

@@ -108,26 +108,31 @@ impl Core {
         let mut out = LeaseDeadlines::default();
         for item in self.tree(LEASED).iter() {
             let (key, value) = item.map_err(storage)?;
-            let seq = read_u64(&key)?;
-            match LeaseEntry::decode(&value) {
-                Ok(lease) => out.due.push((lease.deadline, seq)),
-                Err(e) => out.damaged.push((seq, e)),
+            match read_u64(&key).and_then(|seq| Ok((seq, LeaseEntry::decode(&value)?))) {
+                Ok((seq, lease)) => out.due.push((lease.deadline, seq)),
+                Err(why) => out.damaged.push((key, why)),
             }
         }
         out.due.sort_unstable();
         Ok(out)
     }
 
-    /// The lease entry of `seq` cannot be read (`why`): the message is made
-    /// due again, as after a restart, so that it neither stays in flight
-    /// forever nor fails every operation that reads it. Logged.
-    fn repair_lease(&self, seq: u64, why: &StoreError, now: Millis) -> Result<Wake, StoreError> {
+    /// The lease entry under `key` cannot be read (`why`): its message is
+    /// made due again, as after a restart (it may have been on a stream
+    /// still open: like a lease whose ack timeout passed early), so that it
+    /// neither stays in flight forever nor fails every operation that reads
+    /// it. A key that names no message just goes. Logged. Only `tick` and
+    /// the restart repair: a stream's release passes such an entry by.
+    fn repair_lease(&self, key: &[u8], why: &StoreError, now: Millis) -> Result<Wake, StoreError> {
         tracing::error!(
-            seq,
             %why,
-            "a lease in the store cannot be read: the message is due again; the store is \
+            "a lease in the store cannot be read: its message is due again; the store is \
              damaged, run `trmx-broker store verify` when the broker is stopped"
         );
+        let Ok(seq) = read_u64(key) else {
+            self.tree(LEASED).remove(key).map_err(storage)?;
+            return Ok(Wake::new());
+        };
         self.transact(|tx| {
             let mut wake = Wake::new();
             let stored = match tx.t[RECORDS].get(seq.to_be_bytes())? {
@@ -242,23 +247,26 @@ impl Core {
                     continue;
                 }
                 after_key = Some(key.to_vec());
-                let leased_to = if tree == LEASED {
-                    match LeaseEntry::decode(&value) {
-                        Ok(lease) => lease.stream,
-                        Err(e) => {
-                            // whose stream it was cannot be told: due again
-                            let seq = seq_suffix(&key)?;
-                            repaired.extend(self.repair_lease(seq, &e, now)?);
-                            continue;
-                        }
-                    }
+                let leased = if tree == LEASED {
+                    seq_suffix(&key).and_then(|seq| Ok((LeaseEntry::decode(&value)?.stream, seq)))
                 } else {
-                    read_u64(&value)?
+                    seq_suffix(&key).and_then(|seq| Ok((read_u64(&value)?, seq)))
+                };
+                let (leased_to, seq) = match leased {
+                    Ok(leased) => leased,
+                    // whose stream it was cannot be told: due again at a
+                    // restart; a stream's release leaves it to the next tick
+                    Err(why) if tree == LEASED => {
+                        if stream.is_none() {
+                            repaired.extend(self.repair_lease(&key, &why, now)?);
+                        }
+                        continue;
+                    }
+                    Err(why) => return Err(why),
                 };
                 if stream.is_some_and(|s| leased_to != s.0) {
                     continue;
                 }
-                let seq = seq_suffix(&key)?;
                 batch.push((key, seq));
                 if batch.len() >= RECOVER_BATCH {
                     break;
@@ -373,8 +381,8 @@ impl Core {
         // Read once: leases taken meanwhile are due after `now`, and one
         // settled meanwhile is found settled when its turn comes.
         let deadlines = self.lease_deadlines()?;
-        for (seq, why) in &deadlines.damaged {
-            wake.extend(self.repair_lease(*seq, why, now)?);
+        for (key, why) in &deadlines.damaged {
+            wake.extend(self.repair_lease(key, why, now)?);
         }
         let mut due_leases: std::collections::VecDeque<(Millis, u64)> = deadlines
             .due
@@ -733,8 +741,8 @@ impl Core {
 struct LeaseDeadlines {
     /// `(deadline, seq)`, earliest first.
     due: Vec<(Millis, u64)>,
-    /// The seqs whose lease entry cannot be read, and why.
-    damaged: Vec<(u64, StoreError)>,
+    /// The keys whose lease entry cannot be read, and why.
+    damaged: Vec<(::sled::IVec, StoreError)>,
 }
 
 /// What [`Tx::lease`] did with its candidates.
@@ -1391,14 +1399,61 @@ mod tests {
         assert!(report.is_consistent(), "{report}");
 
         // at a tick, without a restart: that message due again, the other
-        // still in flight
+        // still in flight; the release of another stream leaves it alone
         let dir = tempfile::tempdir().unwrap();
         let leased = store_with_a_damaged_lease(dir.path(), 2).await;
         let s = open(dir.path());
+        let released = s
+            .release_stream(
+                &be,
+                StreamId(9),
+                crate::store::StreamEnd::Recipient,
+                NOW + 1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(released, crate::store::Released::default());
+        assert!(
+            s.lease(&be, StreamId(5), 10, NOW + 1)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         s.tick(NOW + 1).await.unwrap();
         let again = s.lease(&be, StreamId(5), 10, NOW + 2).await.unwrap();
         let ids: Vec<_> = again.iter().map(|l| l.message_id).collect();
         assert_eq!(ids, vec![leased[0].0]);
+        s.close().await.unwrap();
+    }
+
+    /// A lease key that names no message goes at the restart and at a
+    /// tick, and stops neither.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_lease_key_stops_neither_the_start_nor_the_timers() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let m = message(&be);
+        let s = open(dir.path());
+        s.submit(m.clone(), NOW).await.unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        for _ in 0..2 {
+            {
+                let db = ::sled::open(dir.path()).unwrap();
+                db.open_tree("leased")
+                    .unwrap()
+                    .insert(&[1u8, 2, 3][..], &b"xx"[..])
+                    .unwrap();
+                db.flush().unwrap();
+            }
+            let s = open(dir.path());
+            s.recover(NOW).await.unwrap();
+            assert!(s.next_timer().await.is_ok());
+            s.tick(NOW + 1).await.unwrap();
+            s.close().await.unwrap();
+        }
+        let s = open(dir.path());
+        assert_eq!(s.tick(m.expires_at).await.unwrap().expired, 1);
         s.close().await.unwrap();
     }
 
