@@ -234,7 +234,9 @@ async fn concurrent_reloads_take_turns_and_the_last_crl_on_disk_wins() {
     let expected: Vec<u64> = (1..=all.len() as u64).collect();
     assert_eq!(all, expected, "every reload got its own next generation");
 
-    // the CRL written last (with the revocation) is the one in force
+    // the CRL written last (with the revocation) is the one in force. (An end-state check:
+    // the loops went on reloading after the revocation, so it cannot catch the race itself;
+    // the distinct, increasing generations above are what the lock is for.)
     let server = Server::start(tls, ListenerLimits::default()).await;
     let node_config = client_config(&fx.paths(&node)).unwrap();
     assert!(!raw_accepted(server.addr, node_config).await.unwrap());
