@@ -142,12 +142,15 @@ fn judge(body: &[u8]) -> Expect {
     if env.encoded_len() as u64 > MAX_ENVELOPE {
         return Expect::Invalid;
     }
+    // who may send it comes before whether it is well formed: any sender
+    // but empty or the caller, and a broker-made kind, are refused as such
+    let broker_made = Kind::from_pb(env.kind).is_some_and(Kind::is_broker_made);
+    if (!env.sender.is_empty() && env.sender != NL) || broker_made {
+        return Expect::Refused(Code::PermissionDenied);
+    }
     let Ok(checked) = SubmitEnvelope::check(&env) else {
         return Expect::Invalid;
     };
-    if checked.claimed_sender.as_deref().is_some_and(|s| s != NL) || checked.kind.is_broker_made() {
-        return Expect::Refused(Code::PermissionDenied);
-    }
     if ![NL, BE, NG].contains(&checked.recipient.as_str()) {
         return Expect::Refused(Code::NotFound);
     }
@@ -642,7 +645,8 @@ fn encode_unknown(fields: &[(u32, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-/// The request bytes of `broken`, and the field its refusal must name.
+/// The request bytes of `broken`, and the field an `INVALID_ARGUMENT`
+/// refusal of it must name.
 fn build(broken: &Broken) -> (pb::Envelope, Vec<u8>, Option<&'static str>) {
     let mut env = valid(b"opaque response body".to_vec());
     match broken {
@@ -650,7 +654,9 @@ fn build(broken: &Broken) -> (pb::Envelope, Vec<u8>, Option<&'static str>) {
             let (number, name) = STRING_FIELDS[*field];
             *string_field(&mut env, number) = "A".repeat(*len);
             let bytes = request_bytes(&env);
-            (env, bytes, Some(name))
+            // a sender that is not the caller is PERMISSION_DENIED, however long
+            let name = (name != "sender").then_some(name);
+            (env, bytes, name)
         }
         Broken::BigPayload { len } => {
             env.payload = vec![0x5a; *len];
@@ -749,6 +755,12 @@ async fn broken_case(fuzz: &Fuzz, broken: Broken) -> anyhow::Result<()> {
         Broken::InvalidUtf8 { .. } => anyhow::ensure!(expect == Expect::Malformed),
         Broken::UnknownFields { .. } => {
             anyhow::ensure!(matches!(expect, Expect::Accepted(_)), "{expect:?}")
+        }
+        Broken::OversizeString { field, .. } if STRING_FIELDS[*field].1 == "sender" => {
+            anyhow::ensure!(
+                expect == Expect::Refused(Code::PermissionDenied),
+                "{expect:?}"
+            )
         }
         Broken::OversizeString { .. } | Broken::WrongDigest { .. } | Broken::Timestamp { .. } => {
             anyhow::ensure!(expect == Expect::Invalid, "{expect:?}")
