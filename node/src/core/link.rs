@@ -521,6 +521,9 @@ async fn handle_delivery(
             field_path,
         } => reject(client, inner, &message_id, reason_code, &field_path).await,
         Verdict::Duplicate(id) => {
+            // stored before, but that store's flush may have failed: ack only
+            // what is durable now
+            inner.store.flush_async().await?;
             info!(participant = %me, message_id = %id, "duplicate delivery acknowledged");
             ack(client, inner, id).await;
         }
@@ -601,10 +604,30 @@ pub(crate) async fn submit_loop(
                 _ = shutdown.changed() => break,
             }
         }
+        // The entries are committed, but their enqueue's flush may still be
+        // under way: a message the broker has must never be one that a crash
+        // takes from the outbox (the application, unanswered, would send it
+        // again under a new id, and the recipient would get both).
+        if let Err(e) = inner.store.flush_async().await {
+            warn!(participant = %me, error = %e, "cannot make the outbox durable before submitting");
+            if !pause(backoff.next_delay(), &mut shutdown).await {
+                break;
+            }
+            continue;
+        }
         let mut transient = false;
         for (id, envelope) in batch {
             if *shutdown.borrow() {
                 return;
+            }
+            // withdrawn since the batch was read: not sent at all
+            let store = inner.store.clone();
+            let still_queued = inner
+                .blocking(move || store.outbox_entry(id))
+                .await
+                .map(|entry| entry.is_some_and(|e| e.state == OutboxState::Queued));
+            if matches!(still_queued, Ok(false)) {
+                continue;
             }
             match submit_one(&inner, &mut client, id, envelope).await {
                 Ok(()) => backoff.reset(),

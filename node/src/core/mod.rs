@@ -463,6 +463,21 @@ fn fingerprint(req: &SendRequest, payload: &[u8]) -> String {
         .collect()
 }
 
+/// The largest message the node takes from or sends to the broker: twice the
+/// broker's default `limits.max_envelope_bytes`, so that a broker configured
+/// higher still gets through; what is over the broker's limit it refuses.
+pub const MAX_DELIVERY_BYTES: usize = 16 << 20;
+
+/// The `Exchange` client of the broker link over `channel`. A delivery is an
+/// envelope of up to the broker's `max_envelope_bytes` (8 MiB by default):
+/// with tonic's 4 MiB default a larger one broke the stream at every attempt
+/// instead of being stored or rejected.
+pub(crate) fn broker_client(channel: Channel) -> ExchangeClient<Channel> {
+    ExchangeClient::new(channel)
+        .max_decoding_message_size(MAX_DELIVERY_BYTES)
+        .max_encoding_message_size(MAX_DELIVERY_BYTES)
+}
+
 impl NodeCore {
     /// Opens the store and starts the broker link and retention tasks.
     ///
@@ -478,7 +493,7 @@ impl NodeCore {
         let channel = trmx_transport::client_channel(&config.broker_addr, &config.tls, &opts)
             .map_err(|e| NodeError::Config(format!("broker connection: {e}")))?;
         let failpoint = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "inbox-after-store");
-        Self::open(config, clock, Some(ExchangeClient::new(channel)), failpoint).await
+        Self::open(config, clock, Some(broker_client(channel)), failpoint).await
     }
 
     /// Opens the store without a broker link: nothing is submitted or
@@ -900,15 +915,26 @@ async fn next_watched(mut st: WatchState) -> Option<(Result<InboxEntry, NodeErro
             return None;
         }
         // Mark the current seq as seen before reading, so that an entry
-        // stored after the read wakes us.
-        st.seq_rx.borrow_and_update();
+        // stored after the read wakes us. It is the last one flushed: an
+        // entry committed but not yet durable is not handed out, since a
+        // crash before its flush would give its seq to another message and
+        // a resuming application would skip that one.
+        let durable = *st.seq_rx.borrow_and_update();
         let store = st.inner.store.clone();
         let cursor = st.cursor;
-        match st
-            .inner
-            .blocking(move || store.inbox_after(cursor, WATCH_BATCH))
-            .await
-        {
+        let read = if cursor >= durable {
+            Ok(Vec::new())
+        } else {
+            st.inner
+                .blocking(move || store.inbox_after(cursor, WATCH_BATCH))
+                .await
+        };
+        match read.map(|entries| {
+            entries
+                .into_iter()
+                .take_while(|entry| entry.seq <= durable)
+                .collect::<Vec<_>>()
+        }) {
             Ok(entries) if !entries.is_empty() => st.buffer.extend(entries),
             Ok(_) => {
                 tokio::select! {

@@ -622,12 +622,24 @@ impl Store {
                 t[RETENTION].insert(retention_key(until, DIR_SENT, mid), &[])?;
             }
             tadd(&t[META], state_counter(OutboxState::Queued), 1)?;
-            // A reply marks the received message it answers.
+            // A reply marks the received message it answers (in place of
+            // an earlier reply that failed: that one answered nothing).
             if let Some(answered) = new.in_reply_to
                 && let Some(seq) = t[INBOX_MID].get(answered.as_bytes())?
                 && let Some(mut inrec) = tget::<InRec>(&t[INBOX], &seq)?
-                && inrec.answered_by.is_none()
                 && inrec.sender == new.recipient.as_str()
+                && match &inrec.answered_by {
+                    None => true,
+                    Some(earlier) => {
+                        let earlier = MessageId::parse(earlier).map_err(|_| {
+                            ConflictableTransactionError::Abort(NodeError::Store(
+                                "corrupt answered_by".into(),
+                            ))
+                        })?;
+                        tget::<OutRec>(&t[OUTBOX], earlier.as_bytes())?
+                            .is_none_or(|r| r.state == OutboxState::Failed)
+                    }
+                }
             {
                 inrec.answered_by = Some(mid.to_string());
                 tput(&t[INBOX], &seq, &inrec)?;
@@ -1184,7 +1196,13 @@ impl Store {
                     }
                     DueKind::FollowUpDue
                 } else {
-                    if e.answered_by.is_some() {
+                    // answered only by a reply that is on its way or arrived:
+                    // one the broker refused, or withdrawn, answers nothing
+                    if let Some(reply) = e.answered_by
+                        && self
+                            .outbox_entry(reply)?
+                            .is_none_or(|r| r.state != OutboxState::Failed)
+                    {
                         continue;
                     }
                     DueKind::AnswerOwed

@@ -606,6 +606,32 @@ async fn received_bodies_are_erased_too() {
     assert!(listed[0].body_erased);
 }
 
+/// A reply that failed (withdrawn, or refused by the broker) answers
+/// nothing: the request is owed an answer again.
+#[tokio::test]
+async fn a_reply_that_failed_leaves_the_answer_owed() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+    let mut reply = request("r-1", "NL-NRM", response());
+    reply.in_reply_to = Some(sent.message_id);
+    let reply = f.be.send(reply).await.unwrap();
+    assert!(f.be.due(date("2026-02-01")).await.unwrap().is_empty());
+    f.be.withdraw(reply.message_id).await.unwrap();
+    let owed = f.be.due(date("2026-02-01")).await.unwrap();
+    assert_eq!(owed.len(), 1, "{owed:?}");
+    assert_eq!(owed[0].what, DueKind::AnswerOwed);
+    assert_eq!(owed[0].message_id, sent.message_id);
+    // a second reply answers it
+    let mut again = request("r-2", "NL-NRM", response());
+    again.in_reply_to = Some(sent.message_id);
+    f.be.send(again).await.unwrap();
+    assert!(f.be.due(date("2026-02-01")).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn due_lists_unanswered_requests_and_follow_ups() {
     let f = fixture().await;
@@ -718,6 +744,36 @@ async fn watch_streams_from_after_seq_and_then_live() {
     assert!(end.is_none());
 }
 
+/// A delivery committed but not yet flushed is not handed to a watcher: a
+/// crash before its flush would give its seq to another message, which a
+/// watcher resuming after that seq would never see.
+#[tokio::test]
+async fn watch_hands_out_only_what_is_flushed() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", follow_up()))
+            .await
+            .unwrap();
+    let env = in_transit(&f.nl, sent.message_id);
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(env)).await.unwrap() else {
+        panic!("expected store");
+    };
+    let store = f.be.inner.store.clone();
+    let entry = store.store_incoming(&incoming).unwrap().unwrap();
+    let mut stream = Box::pin(f.be.watch(0));
+    let early = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(early.is_err(), "handed out before its flush: {early:?}");
+    // flushed, and the watchers told: now it comes
+    f.be.inner.store.flush_async().await.unwrap();
+    f.be.inner.inbox_seq.send_replace(entry.seq);
+    let got = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.seq, got.message_id), (entry.seq, sent.message_id));
+}
+
 #[tokio::test]
 async fn status_counts_and_participants_offline() {
     let f = fixture().await;
@@ -766,7 +822,7 @@ mod link {
             .unwrap()
             .connect_timeout(Duration::from_secs(1))
             .connect_lazy();
-        NodeCore::open(config, clock, Some(ExchangeClient::new(channel)), false)
+        NodeCore::open(config, clock, Some(broker_client(channel)), false)
             .await
             .unwrap()
     }
@@ -1087,6 +1143,109 @@ mod link {
             )
         );
         assert_eq!(be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+        nl.shutdown().await;
+        be.shutdown().await;
+    }
+
+    /// A delivery over tonic's default 4 MiB (the broker takes envelopes of
+    /// up to 8 MiB) reaches the node's checks: this one, no valid referral,
+    /// is rejected with a reason, not a broken stream at every attempt.
+    #[tokio::test]
+    async fn a_delivery_over_four_mebibytes_is_checked_not_a_broken_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (be_l, be_addr) = listener().await;
+        let _s = broker.serve("BE-PAYOKE", be_l);
+        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        let payload = vec![0x5a; 5 << 20];
+        let id = MessageId::new_v7();
+        let env = pb::Envelope {
+            message_id: id.to_string(),
+            recipient: "BE-PAYOKE".into(),
+            kind: Kind::Referral.to_pb() as i32,
+            case_ref: trmx_proto::CaseRef::new_random().to_string(),
+            priority: pb::Priority::Normal as i32,
+            created_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START))),
+            content_type: Kind::Referral.content_type(),
+            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
+            payload,
+            ..Default::default()
+        };
+        broker.enqueue(env, "NL-NRM");
+        until("BE rejects it", || async {
+            !broker.lock().rejected.is_empty()
+        })
+        .await;
+        assert_eq!(broker.lock().rejected[0].0, id.to_string());
+        assert_eq!(be.status().last_broker_error, None);
+        be.shutdown().await;
+    }
+
+    /// A message in the outbox that is not durable (its flush failed) is
+    /// never submitted: the broker must not hold a message that a crash
+    /// would take from the outbox.
+    #[tokio::test]
+    async fn an_outbox_entry_not_on_disk_is_not_submitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (nl_l, nl_addr) = listener().await;
+        let _s = broker.serve("NL-NRM", nl_l);
+        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        // every flush of NL's store fails from now on
+        std::fs::remove_dir_all(dir.path().join("NL-NRM").join("blobs")).unwrap();
+        let sent = nl.send(request("k-1", "BE-PAYOKE", referral())).await;
+        assert!(sent.is_err(), "answered although not durable: {sent:?}");
+        let store = nl.inner.store.clone();
+        let queued = store.queued(10).unwrap();
+        assert_eq!(queued.len(), 1, "committed, not flushed");
+        nl.inner.submit_wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            broker.lock().accepted.is_empty(),
+            "submitted before it was durable"
+        );
+        nl.shutdown().await;
+    }
+
+    /// A delivery whose store's flush failed comes again and is found
+    /// stored: it is acknowledged only once a flush succeeds, never on the
+    /// strength of a copy that may not be on disk.
+    #[tokio::test]
+    async fn a_redelivery_of_a_copy_not_on_disk_is_not_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (nl_l, nl_addr) = listener().await;
+        let (be_l, be_addr) = listener().await;
+        let _s1 = broker.serve("NL-NRM", nl_l);
+        let _s2 = broker.serve("BE-PAYOKE", be_l);
+        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        // BE's flushes fail from now on
+        std::fs::remove_dir_all(dir.path().join("BE-PAYOKE").join("blobs")).unwrap();
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("BE stored it (not durably)", || async {
+            be.inner
+                .store
+                .is_duplicate(&pid("NL-NRM"), sent.message_id)
+                .unwrap()
+        })
+        .await;
+        // delivered again
+        let id = sent.message_id.to_string();
+        broker.lose(&id);
+        let env = nl.inner.store.envelope(sent.message_id).unwrap().unwrap();
+        broker.enqueue(env, "NL-NRM");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(
+            !broker.lock().acked.contains(&id),
+            "acked a copy not on disk"
+        );
         nl.shutdown().await;
         be.shutdown().await;
     }
