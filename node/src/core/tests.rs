@@ -827,6 +827,39 @@ mod link {
             .unwrap()
     }
 
+    /// A fake broker, and NL-NRM and BE-PAYOKE online against it.
+    struct Pair {
+        dir: tempfile::TempDir,
+        clock: Arc<ManualClock>,
+        broker: FakeBroker,
+        nl: NodeCore,
+        be: NodeCore,
+        /// Dropped: the broker stops serving.
+        _serving: [tokio::sync::oneshot::Sender<()>; 2],
+    }
+
+    async fn online_pair() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (nl_l, nl_addr) = listener().await;
+        let (be_l, be_addr) = listener().await;
+        let serving = [
+            broker.serve("NL-NRM", nl_l),
+            broker.serve("BE-PAYOKE", be_l),
+        ];
+        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        Pair {
+            dir,
+            clock,
+            broker,
+            nl,
+            be,
+            _serving: serving,
+        }
+    }
+
     async fn state_of(node: &NodeCore, id: MessageId) -> Option<OutboxEntry> {
         match node.message(id).await.unwrap() {
             Some(MessageView::Outbox(entry, _)) => Some(entry),
@@ -836,15 +869,14 @@ mod link {
 
     #[tokio::test]
     async fn messages_receipts_and_replies_flow_through_a_broker() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
-        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (nl_l, nl_addr) = listener().await;
-        let (be_l, be_addr) = listener().await;
-        let _s1 = broker.serve("NL-NRM", nl_l);
-        let _s2 = broker.serve("BE-PAYOKE", be_l);
-        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
-        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        let Pair {
+            dir: _dir,
+            clock: _clock,
+            broker,
+            nl,
+            be,
+            _serving,
+        } = online_pair().await;
 
         let sent = nl
             .send(request("k-1", "BE-PAYOKE", referral()))
@@ -1074,15 +1106,14 @@ mod link {
 
     #[tokio::test]
     async fn refusals_and_rejections_end_in_failed_with_the_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
-        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (nl_l, nl_addr) = listener().await;
-        let (be_l, be_addr) = listener().await;
-        let _s1 = broker.serve("NL-NRM", nl_l);
-        let _s2 = broker.serve("BE-PAYOKE", be_l);
-        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
-        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        let Pair {
+            dir: _dir,
+            clock: _clock,
+            broker,
+            nl,
+            be,
+            _serving,
+        } = online_pair().await;
 
         // Refused at submit (unknown recipient): FAILED with the gRPC code.
         let lost = nl
@@ -1214,15 +1245,14 @@ mod link {
     /// strength of a copy that may not be on disk.
     #[tokio::test]
     async fn a_redelivery_of_a_copy_not_on_disk_is_not_acknowledged() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
-        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (nl_l, nl_addr) = listener().await;
-        let (be_l, be_addr) = listener().await;
-        let _s1 = broker.serve("NL-NRM", nl_l);
-        let _s2 = broker.serve("BE-PAYOKE", be_l);
-        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
-        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        let Pair {
+            dir,
+            clock: _clock,
+            broker,
+            nl,
+            be,
+            _serving,
+        } = online_pair().await;
         // BE's flushes fail from now on
         std::fs::remove_dir_all(dir.path().join("BE-PAYOKE").join("blobs")).unwrap();
         let sent = nl
