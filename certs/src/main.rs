@@ -411,12 +411,7 @@ fn list(ca: &Ca, json: bool) -> Result<(), CertError> {
                 })
             })
             .collect();
-        let text = serde_json::to_string_pretty(&v).map_err(|e| CertError::InvalidArgument {
-            field: "--json",
-            problem: e.to_string(),
-        })?;
-        println!("{text}");
-        return Ok(());
+        return print_json(&v);
     }
     if certs.is_empty() {
         println!("no certificates issued by this CA yet");
@@ -496,12 +491,7 @@ fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
             obj.insert("issued_by_ca".to_string(), issued.into());
             obj.insert("revoked".to_string(), revoked.into());
         }
-        let text = serde_json::to_string_pretty(&v).map_err(|e| CertError::InvalidArgument {
-            field: "--json",
-            problem: e.to_string(),
-        })?;
-        println!("{text}");
-        return Ok(());
+        return print_json(&v);
     }
     let role = match &info.identity.role {
         Role::Participant(_) => "participant (node)",
@@ -533,5 +523,15 @@ fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
         println!("issued here: {}", if issued { "yes" } else { "no" });
         println!("revoked:     {}", if revoked { "yes" } else { "no" });
     }
+    Ok(())
+}
+
+/// Prints `value` as pretty JSON (`--json`).
+fn print_json(value: &impl serde::Serialize) -> Result<(), CertError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CertError::InvalidArgument {
+        field: "--json",
+        problem: e.to_string(),
+    })?;
+    println!("{text}");
     Ok(())
 }

@@ -493,14 +493,21 @@ async fn a_broker_certificate_used_as_a_client_is_denied_every_exchange_call() -
 
 /// The node's own channel code (`trmx_transport::client_channel`) to the broker.
 fn node_channel(s: &Setup, server_name: &str) -> anyhow::Result<Channel> {
-    let options = ClientOptions {
-        server_name: server_name.to_owned(),
-        ..ClientOptions::default()
-    };
+    node_channel_with(
+        s,
+        &ClientOptions {
+            server_name: server_name.to_owned(),
+            ..ClientOptions::default()
+        },
+    )
+}
+
+/// NL-NRM's channel to the broker with `options`.
+fn node_channel_with(s: &Setup, options: &ClientOptions) -> anyhow::Result<Channel> {
     Ok(client_channel(
         &s.h.broker_addr().to_string(),
         &s.h.tls(NL),
-        &options,
+        options,
     )?)
 }
 
@@ -589,17 +596,15 @@ async fn a_node_expecting_another_broker_name_submits_nothing_until_configured_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_broker_certificate_is_refused_by_a_node_that_reads_the_crl() -> TestResult {
     let mut s = setup().await?;
-    let crl_channel = |s: &Setup| -> anyhow::Result<Channel> {
-        let options = ClientOptions {
-            server_name: BROKER_NAME.to_owned(),
-            crl: Some(s.h.federation.pki.crl_path()),
-            ..ClientOptions::default()
-        };
-        Ok(client_channel(
-            &s.h.broker_addr().to_string(),
-            &s.h.tls(NL),
-            &options,
-        )?)
+    let crl_channel = |s: &Setup| {
+        node_channel_with(
+            s,
+            &ClientOptions {
+                server_name: BROKER_NAME.to_owned(),
+                crl: Some(s.h.federation.pki.crl_path()),
+                ..ClientOptions::default()
+            },
+        )
     };
     // Control: the CRL lists nothing of the broker's yet.
     let before = ExchangeClient::new(crl_channel(&s)?);
