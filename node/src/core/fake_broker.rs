@@ -38,6 +38,9 @@ pub(crate) struct FakeState {
 pub(crate) struct FakeBroker {
     pub(crate) state: Arc<Mutex<FakeState>>,
     notify: Arc<Notify>,
+    /// Every `Submit` waits for this lock: a test holds it to keep submits
+    /// in flight.
+    pub(crate) submit_hold: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One participant's view of the fake broker.
@@ -159,6 +162,7 @@ impl Exchange for Endpoint {
             .ok_or_else(|| Status::invalid_argument("envelope: is required"))?;
         trmx_proto::envelope::SubmitEnvelope::check(&envelope)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        drop(self.broker.submit_hold.lock().await);
         let duplicate = {
             let st = self.broker.lock();
             if !st.participants.contains(&envelope.recipient) {

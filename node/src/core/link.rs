@@ -620,7 +620,9 @@ pub(crate) async fn submit_loop(
             if *shutdown.borrow() {
                 return;
             }
-            // withdrawn since the batch was read: not sent at all
+            // withdrawn since the batch was read: not sent at all; from here
+            // until its answer is stored, a withdrawal waits (`submit_gate`)
+            let gate = inner.submit_gate.lock().await;
             let store = inner.store.clone();
             let still_queued = inner
                 .blocking(move || store.outbox_entry(id))
@@ -629,7 +631,9 @@ pub(crate) async fn submit_loop(
             if matches!(still_queued, Ok(false)) {
                 continue;
             }
-            match submit_one(&inner, &mut client, id, envelope).await {
+            let submitted = submit_one(&inner, &mut client, id, envelope).await;
+            drop(gate);
+            match submitted {
                 Ok(()) => backoff.reset(),
                 Err(e) => {
                     debug!(participant = %me, message_id = %id, error = %e, "submit will be retried");

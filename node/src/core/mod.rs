@@ -385,6 +385,12 @@ struct Inner {
     /// `None` when started offline.
     client: Option<ExchangeClient<Channel>>,
     submit_wake: Notify,
+    /// Held by the submit loop from its last look that an entry is still
+    /// `QUEUED` until the broker's answer to its submit is stored, and by a
+    /// withdrawal while it takes back a `QUEUED` entry: so that a message
+    /// being submitted is never called withdrawn locally (it waits, then is
+    /// withdrawn on the broker, with the broker's answer).
+    submit_gate: tokio::sync::Mutex<()>,
     /// The highest inbox seq stored (wakes watchers).
     inbox_seq: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
@@ -527,6 +533,7 @@ impl NodeCore {
             link: LinkState::default(),
             client,
             submit_wake: Notify::new(),
+            submit_gate: tokio::sync::Mutex::new(()),
             inbox_seq,
             shutdown,
             tasks: Mutex::new(Vec::new()),
@@ -687,10 +694,12 @@ impl NodeCore {
         let inner = &self.inner;
         let now = to_millis(inner.clock.now());
         let store = inner.store.clone();
+        let gate = inner.submit_gate.lock().await;
         let updated = inner
             .blocking(move || store.withdraw_local(id, now, false))
             .await?
             .ok_or(NodeError::NotFound(id))?;
+        drop(gate);
         if updated.changed {
             inner.store.flush_async().await?;
             info!(participant = %inner.config.participant, message_id = %id, "queued message withdrawn");

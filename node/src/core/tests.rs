@@ -1279,4 +1279,43 @@ mod link {
         nl.shutdown().await;
         be.shutdown().await;
     }
+
+    /// A withdrawal of a message whose submit is in flight waits for the
+    /// broker's answer and then withdraws it there: it never says
+    /// "withdrawn" for a message the broker goes on to deliver. (The fake
+    /// broker does not implement `Withdraw`: the honest answer is an error.)
+    #[tokio::test]
+    async fn withdrawing_a_message_being_submitted_answers_what_the_broker_did() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (nl_l, nl_addr) = listener().await;
+        let _s = broker.serve("NL-NRM", nl_l);
+        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        let held = broker.submit_hold.lock().await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        // the submit is in flight (held by the broker) when the withdrawal comes
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let withdrawing = tokio::spawn({
+            let nl = nl.clone();
+            async move { nl.withdraw(sent.message_id).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !withdrawing.is_finished(),
+            "answered before the submit's outcome"
+        );
+        drop(held);
+        let answer = withdrawing.await.unwrap();
+        assert!(
+            matches!(answer, Err(NodeError::BrokerUnavailable(_))),
+            "{answer:?}"
+        );
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Submitted, "{entry:?}");
+        nl.shutdown().await;
+    }
 }
