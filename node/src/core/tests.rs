@@ -860,6 +860,25 @@ mod link {
         }
     }
 
+    /// A fake broker and `me` alone online against it: the temp directory,
+    /// the broker, the node, and the handle that keeps the broker serving.
+    async fn online_alone(
+        me: &str,
+    ) -> (
+        tempfile::TempDir,
+        FakeBroker,
+        NodeCore,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let serving = broker.serve(me, l);
+        let node = online(dir.path(), me, addr, clock).await;
+        (dir, broker, node, serving)
+    }
+
     async fn state_of(node: &NodeCore, id: MessageId) -> Option<OutboxEntry> {
         match node.message(id).await.unwrap() {
             Some(MessageView::Outbox(entry, _)) => Some(entry),
@@ -1183,12 +1202,7 @@ mod link {
     /// is rejected with a reason, not a broken stream at every attempt.
     #[tokio::test]
     async fn a_delivery_over_four_mebibytes_is_checked_not_a_broken_stream() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
-        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (be_l, be_addr) = listener().await;
-        let _s = broker.serve("BE-PAYOKE", be_l);
-        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
         let payload = vec![0x5a; 5 << 20];
         let id = MessageId::new_v7();
         let env = pb::Envelope {
@@ -1218,12 +1232,7 @@ mod link {
     /// would take from the outbox.
     #[tokio::test]
     async fn an_outbox_entry_not_on_disk_is_not_submitted() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
-        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (nl_l, nl_addr) = listener().await;
-        let _s = broker.serve("NL-NRM", nl_l);
-        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        let (dir, broker, nl, _serving) = online_alone("NL-NRM").await;
         // every flush of NL's store fails from now on
         std::fs::remove_dir_all(dir.path().join("NL-NRM").join("blobs")).unwrap();
         let sent = nl.send(request("k-1", "BE-PAYOKE", referral())).await;
@@ -1286,12 +1295,7 @@ mod link {
     /// broker does not implement `Withdraw`: the honest answer is an error.)
     #[tokio::test]
     async fn withdrawing_a_message_being_submitted_answers_what_the_broker_did() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
-        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (nl_l, nl_addr) = listener().await;
-        let _s = broker.serve("NL-NRM", nl_l);
-        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
         let held = broker.submit_hold.lock().await;
         let sent = nl
             .send(request("k-1", "BE-PAYOKE", referral()))
