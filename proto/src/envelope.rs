@@ -56,8 +56,6 @@ impl Priority {
 pub struct SubmitEnvelope {
     /// The idempotency key.
     pub message_id: MessageId,
-    /// The claimed sender, if any (the broker compares it with the caller).
-    pub claimed_sender: Option<String>,
     /// The recipient.
     pub recipient: ParticipantId,
     /// The kind (may be broker-made: the broker refuses those with
@@ -96,16 +94,14 @@ impl SubmitEnvelope {
                 "must be empty: set by the broker",
             ));
         }
-        let claimed_sender = if envelope.sender.is_empty() {
-            None
-        } else {
+        // (whether a sender may send is the broker's check, against the
+        // caller: here only its form)
+        if !envelope.sender.is_empty() {
             ParticipantId::parse(&envelope.sender).map_err(|e| e.within("envelope.sender"))?;
-            Some(envelope.sender.clone())
-        };
+        }
         let common = check_common(envelope)?;
         Ok(Self {
             message_id: common.message_id,
-            claimed_sender,
             recipient: common.recipient,
             kind: common.kind,
             case_ref: common.case_ref,
