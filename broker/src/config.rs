@@ -244,6 +244,10 @@ pub struct LifecycleConfig {
     /// Longest real time between two runs of the timer loop.
     #[serde(default = "default_tick_interval", with = "units::duration")]
     pub tick_interval: Duration,
+    /// Largest step of the system clock the broker follows; a larger jump
+    /// is held (see [`crate::clock::GuardedClock`]).
+    #[serde(default = "default_max_clock_step", with = "units::duration")]
+    pub max_clock_step: Duration,
 }
 
 impl Default for LifecycleConfig {
@@ -256,6 +260,7 @@ impl Default for LifecycleConfig {
             dead_letter_retention: default_dead_letter_retention(),
             metadata_retention: default_metadata_retention(),
             tick_interval: default_tick_interval(),
+            max_clock_step: default_max_clock_step(),
         }
     }
 }
@@ -416,6 +421,10 @@ fn default_metadata_retention() -> Duration {
 }
 fn default_tick_interval() -> Duration {
     Duration::from_millis(200)
+}
+
+fn default_max_clock_step() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl BrokerConfig {
@@ -677,6 +686,12 @@ impl BrokerConfig {
             c.tick_interval,
             Duration::from_millis(10),
         )?;
+        // below a second, NTP's ordinary steps would hold the clock
+        at_least_duration(
+            "lifecycle.max_clock_step",
+            c.max_clock_step,
+            Duration::from_secs(1),
+        )?;
         self.validate_participants()
     }
 
@@ -848,6 +863,7 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
         assert_eq!(config.limits.max_envelope_bytes, 8 << 20);
         assert_eq!(config.limits.default_max_in_flight, 32);
         assert_eq!(config.lifecycle.ack_timeout, Duration::from_secs(60));
+        assert_eq!(config.lifecycle.max_clock_step, Duration::from_secs(60));
         assert_eq!(config.tls.crl_policy, CrlPolicyConfig::Warn);
         assert_eq!(config.listen.port(), 7443);
         assert_eq!(config.admin_listen, Some(DEFAULT_ADMIN_LISTEN));
@@ -938,6 +954,10 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
             (
                 "[lifecycle]\nmax_attempts = 0\n",
                 "config: lifecycle.max_attempts must be >= 1, got 0",
+            ),
+            (
+                "[lifecycle]\nmax_clock_step = \"500ms\"\n",
+                "config: lifecycle.max_clock_step must be >= 1s, got 500ms",
             ),
             (
                 "[limits]\nmax_envelope_bytes = \"1GiB\"\n",

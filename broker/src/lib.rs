@@ -23,7 +23,8 @@
 //! - [`admin_cli`]: `trmx-broker admin …`, the operators' client of that service
 //!   (tables, `--json`, `stats --csv`).
 //! - [`store`]: the storage contract [`store::BrokerStore`] and its sled implementation.
-//! - [`clock`]: the injected time source ([`clock::SystemClock`], [`clock::ManualClock`]).
+//! - [`clock`]: the injected time source ([`clock::GuardedClock`] in a running broker,
+//!   [`clock::SystemClock`], [`clock::ManualClock`] in tests).
 //! - [`error`]: [`BrokerError`] and its one mapping to `tonic::Status`.
 //!
 //! Data flow: a node's TLS connection is accepted by `trmx_transport::incoming` (client

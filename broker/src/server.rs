@@ -31,7 +31,7 @@ use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPath
 
 use crate::admin::{AdminHooks, AdminState, CertRole, Metrics, Readiness, serve_admin};
 use crate::admission::{Admission, SubmitSlots, free_disk_bytes};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, GuardedClock};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
 use crate::operator::OperatorService;
@@ -66,11 +66,14 @@ pub async fn serve(
 pub struct Broker;
 
 impl Broker {
-    /// A builder for a broker with `config`, the system clock and the sled store.
+    /// A builder for a broker with `config`, the system clock (guarded
+    /// against jumps of more than `lifecycle.max_clock_step`) and the sled store.
     pub fn builder(config: BrokerConfig) -> BrokerBuilder {
+        let guard = GuardedClock::system(config.lifecycle.max_clock_step);
         BrokerBuilder {
             config,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(guard.clone()),
+            guard: Some(guard),
             store: None,
         }
     }
@@ -81,6 +84,8 @@ impl Broker {
 pub struct BrokerBuilder {
     config: BrokerConfig,
     clock: Arc<dyn Clock>,
+    /// The default clock, for [`RunningBroker::accept_system_time`].
+    guard: Option<GuardedClock>,
     store: Option<Arc<dyn BrokerStore>>,
 }
 
@@ -89,6 +94,7 @@ impl BrokerBuilder {
     #[must_use]
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
+        self.guard = None;
         self
     }
 
@@ -105,6 +111,7 @@ impl BrokerBuilder {
         let BrokerBuilder {
             config,
             clock,
+            guard,
             store,
         } = self;
         config.validate()?;
@@ -294,6 +301,7 @@ impl BrokerBuilder {
             admin_addr,
             tls,
             certs,
+            guard,
             shutdown: shutdown_tx,
             main: Some(main),
         })
@@ -307,6 +315,7 @@ pub struct RunningBroker {
     admin_addr: Option<SocketAddr>,
     tls: ServerTls,
     certs: CertWatch,
+    guard: Option<GuardedClock>,
     shutdown: watch::Sender<bool>,
     main: Option<JoinHandle<Result<(), BrokerError>>>,
 }
@@ -337,6 +346,14 @@ impl RunningBroker {
             .map_err(|e| BrokerError::transport("reloading TLS material", e))?;
         self.certs.record(&self.tls);
         Ok(report)
+    }
+
+    /// Accepts the system clock as it is when the broker's clock holds its
+    /// own time after a jump (what SIGHUP does); returns the offset it had,
+    /// in milliseconds. `None` when nothing was held, or the broker was
+    /// built with another clock.
+    pub fn accept_system_time(&self) -> Option<i64> {
+        self.guard.as_ref()?.accept_system_time()
     }
 
     /// Starts the orderly shutdown without waiting for it.

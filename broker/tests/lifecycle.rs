@@ -178,3 +178,85 @@ async fn shutdown_refuses_new_work_and_ends_streams() -> anyhow::Result<()> {
     assert!(submit(&mut nl, referral("BE-PAYOKE")).await.is_err());
     Ok(())
 }
+
+/// A wall clock the test sets and a real-time clock that moves with it
+/// (the operating system's two clocks, as [`GuardedClock`] reads them).
+#[derive(Debug, Clone)]
+struct SettableTime(std::sync::Arc<std::sync::Mutex<(SystemTime, Duration)>>);
+
+impl SettableTime {
+    fn now() -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new((
+            SystemTime::now(),
+            Duration::ZERO,
+        ))))
+    }
+    /// Someone sets the system clock: only the wall clock moves.
+    fn set_wall_ahead(&self, by: Duration) {
+        self.0.lock().expect("time lock").0 += by;
+    }
+}
+
+impl trmx_broker::clock::TimeSource for SettableTime {
+    fn wall(&self) -> SystemTime {
+        self.0.lock().expect("time lock").0
+    }
+    fn elapsed(&self) -> Duration {
+        self.0.lock().expect("time lock").1
+    }
+}
+
+/// A wall clock set a year ahead (a mistyped date, a bad RTC at boot) must
+/// not expire every queued message: the broker holds its own time, reports
+/// the offset, and only the operator's acceptance moves it on.
+#[tokio::test]
+async fn a_jump_of_the_system_clock_expires_nothing_until_accepted() -> anyhow::Result<()> {
+    use trmx_broker::clock::GuardedClock;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    let time = SettableTime::now();
+    let guard = GuardedClock::new(time.clone(), config.lifecycle.max_clock_step);
+    let broker = trmx_broker::Broker::builder(config)
+        .clock(guard.clone())
+        .start(tokio::net::TcpListener::bind("127.0.0.1:0").await?)
+        .await?;
+    let mut nl = client(broker.local_addr(), &pki.participant("NL-NRM")?)?;
+    let mut env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    env.expires_at = Some(to_timestamp(SystemTime::now() + Duration::from_secs(3600)));
+    submit(&mut nl, env).await?;
+
+    let year = Duration::from_secs(365 * 86_400);
+    time.set_wall_ahead(year);
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    // ticks run every 20 ms: none of them expires the message
+    expect_quiet(&mut nl_stream).await?;
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::Accepted);
+    let metrics = broker.metrics().render();
+    assert!(
+        metrics.contains(&format!("trmx_clock_offset_seconds {}\n", year.as_secs())),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("trmx_clock"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // the operator says the new time is right (SIGHUP): now it has expired
+    assert!(guard.accept_system_time().is_some());
+    let (kind, report) = receipt(&next(&mut nl_stream).await?)?;
+    assert_eq!(kind, Kind::NonDeliveryReport);
+    assert_eq!(report.message_id, id);
+    assert_eq!(report.outcome, pb::Outcome::Expired as i32);
+    assert!(
+        broker
+            .metrics()
+            .render()
+            .contains("trmx_clock_offset_seconds 0\n")
+    );
+    let mut broker = broker;
+    broker.shutdown().await?;
+    Ok(())
+}

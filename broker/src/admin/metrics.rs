@@ -702,6 +702,14 @@ impl Metrics {
         drop(gauges);
 
         w.family(
+            "trmx_clock_offset_seconds",
+            "While the broker keeps its own time after a jump of the system clock: how far the system clock is ahead of it (negative: behind). 0 while it follows the system clock.",
+            "gauge",
+        );
+        // (`now` above was read from the clock, so the offset is current)
+        let offset = self.clock.held_offset_millis().unwrap_or(0) as f64 / 1000.0;
+        w.sample("trmx_clock_offset_seconds", &[], offset);
+        w.family(
             "trmx_store_writable",
             "1 while the store makes writes durable, else 0.",
             "gauge",
@@ -1018,11 +1026,12 @@ mod tests {
         assert!(text.contains("trmx_messages_dead_lettered_total{reason=\"max_attempts\"} 0\n"));
         assert!(text.contains("trmx_up 1\n"));
         assert!(text.contains("trmx_store_writable 0\n"));
+        assert!(text.contains("trmx_clock_offset_seconds 0\n"));
         assert!(text.contains("trmx_connected_participants 0\n"));
         // every family has one HELP and one TYPE line
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 25);
+        assert_eq!(types, 26);
         assert_eq!(helps, types);
     }
 
