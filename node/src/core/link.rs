@@ -20,10 +20,8 @@ use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::time::{Date, from_timestamp, to_millis};
 use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
-use super::store::{Incoming, ReceiptEffect};
-use super::{
-    Body, BodyContext, Failure, InboxEntry, Inner, Millis, NodeError, OutboxState, ParticipantInfo,
-};
+use super::store::{IdUse, Incoming, ReceiptEffect, Stored};
+use super::{Body, BodyContext, Failure, Inner, Millis, NodeError, OutboxState, ParticipantInfo};
 
 /// Queued entries read per round of the submit loop.
 const SUBMIT_BATCH: usize = 32;
@@ -308,7 +306,8 @@ pub(crate) enum Verdict {
     Reject {
         /// The message id as delivered.
         message_id: String,
-        /// `INVALID_BODY`, `UNKNOWN_SCHEMA`, `DIGEST_MISMATCH`, `INVALID_ENVELOPE`.
+        /// `INVALID_BODY`, `UNKNOWN_SCHEMA`, `DIGEST_MISMATCH`, `INVALID_ENVELOPE`,
+        /// `DUPLICATE_MESSAGE_ID`.
         reason_code: &'static str,
         /// The offending field path; never a value.
         field_path: String,
@@ -333,6 +332,10 @@ pub(crate) enum Verdict {
     /// Nothing to act on (no envelope at all).
     Ignore,
 }
+
+/// The rejection of a delivery whose id is another message's here (see
+/// [`IdUse::Taken`]): reason code and field path.
+const ID_TAKEN: (&str, &str) = ("DUPLICATE_MESSAGE_ID", "envelope.message_id");
 
 fn reject_verdict(message_id: &str, reason_code: &'static str, field_path: &str) -> Verdict {
     Verdict::Reject {
@@ -376,11 +379,20 @@ pub(crate) async fn classify(
 
     let store = inner.store.clone();
     let dup_sender = sender.clone();
-    if inner
-        .blocking(move || store.is_duplicate(&dup_sender, id))
+    match inner
+        .blocking(move || store.id_use(&dup_sender, id))
         .await?
     {
-        return Ok(Verdict::Duplicate(id));
+        IdUse::New => {}
+        IdUse::Stored => return Ok(Verdict::Duplicate(id)),
+        IdUse::Taken => {
+            let (reason_code, field_path) = ID_TAKEN;
+            return Ok(reject_verdict(
+                &envelope.message_id,
+                reason_code,
+                field_path,
+            ));
+        }
     }
 
     let body = if envelope.content_type.starts_with("application/json") {
@@ -472,18 +484,17 @@ fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &
     }
 }
 
-/// Stores a delivery (flushed) and wakes the watchers. `None` when it was
-/// a duplicate.
+/// Stores a delivery (flushed) and wakes the watchers.
 pub(crate) async fn store_delivery(
     inner: &Arc<Inner>,
     incoming: Incoming,
-) -> Result<Option<InboxEntry>, NodeError> {
+) -> Result<Stored, NodeError> {
     let store = inner.store.clone();
     let stored = inner
         .blocking(move || store.store_incoming(&incoming))
         .await?;
     inner.store.flush_async().await?;
-    if let Some(entry) = &stored {
+    if let Stored::New(entry) = &stored {
         inner.inbox_seq.send_replace(entry.seq);
     }
     Ok(stored)
@@ -531,11 +542,17 @@ async fn handle_delivery(
             let id = incoming.message_id;
             let sender = incoming.sender.clone();
             match store_delivery(inner, *incoming).await? {
-                Some(entry) => {
+                Stored::New(entry) => {
                     info!(participant = %me, message_id = %id, sender = %sender, kind = %entry.kind, seq = entry.seq, attempt = delivery.attempt, "message stored");
                 }
-                None => {
+                Stored::Duplicate => {
                     info!(participant = %me, message_id = %id, sender = %sender, "duplicate delivery acknowledged");
+                }
+                Stored::IdTaken => {
+                    // (taken between the check and the store)
+                    let (reason_code, field_path) = ID_TAKEN;
+                    reject(client, inner, &id.to_string(), reason_code, field_path).await;
+                    return Ok(());
                 }
             }
             if inner.failpoint_inbox_after_store {

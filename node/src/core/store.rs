@@ -17,7 +17,7 @@
 //! | `idem` | idempotency key | [`IdemRec`] (JSON) |
 //! | `inbox` | inbox seq (8 BE) | [`InRec`] (JSON) |
 //! | `dedup` | message id + sender | inbox seq — every (sender, id) ever stored |
-//! | `inbox_mid` | message id | inbox seq (first stored with that id) |
+//! | `inbox_mid` | message id | inbox seq of the message with that id |
 //! | `in_body` | inbox seq | the payload (protobuf body) — erased by retention |
 //! | `cases` | case (16) + at (8 BE) + message id | direction (1) + kind (1) |
 //! | `due` | date (4) + message id | direction (1) |
@@ -32,6 +32,10 @@
 //!   FAILED`), except `FAILED → DELIVERED` ([`can_move`]).
 //! - Inbox `seq`s are strictly increasing and never reused; a (sender,
 //!   message id) is stored at most once (`dedup` is never pruned).
+//! - A message id names one message here: a delivery with the id of an
+//!   outbox entry or of another sender's inbox entry is not stored (the
+//!   node rejects it, `DUPLICATE_MESSAGE_ID`), since the inbox's lookups,
+//!   due dates and retention go by id.
 //! - The `n_*` counters in `meta` equal the number of entries in each state.
 
 use std::path::Path;
@@ -173,6 +177,29 @@ pub(crate) struct NewOutgoing {
     pub(crate) created_at: Millis,
     pub(crate) due: Option<Date>,
     pub(crate) retain_until: Option<Date>,
+}
+
+/// What a delivery's message id is to this node ([`Store::id_use`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IdUse {
+    /// Not seen before.
+    New,
+    /// This sender's message with this id is stored.
+    Stored,
+    /// The id is another message's: one this node sent, or another
+    /// sender's. A broken peer; the delivery is rejected.
+    Taken,
+}
+
+/// What [`Store::store_incoming`] did.
+#[derive(Debug)]
+pub(crate) enum Stored {
+    /// Stored with the next inbox seq.
+    New(InboxEntry),
+    /// Stored before; nothing changed.
+    Duplicate,
+    /// The id is another message's ([`IdUse::Taken`]); nothing changed.
+    IdTaken,
 }
 
 /// A validated delivery to store.
@@ -932,26 +959,43 @@ impl Store {
 
     // ---- inbox --------------------------------------------------------
 
-    /// Whether (sender, id) was stored before.
-    pub(crate) fn is_duplicate(
-        &self,
-        sender: &ParticipantId,
-        id: MessageId,
-    ) -> Result<bool, NodeError> {
-        self.trees[DEDUP]
+    /// Whether `sender`'s message `id` was stored before, or its id is
+    /// another message's here.
+    pub(crate) fn id_use(&self, sender: &ParticipantId, id: MessageId) -> Result<IdUse, NodeError> {
+        let t = &self.trees;
+        if t[DEDUP]
             .contains_key(dedup_key(id, sender))
-            .map_err(store_err)
+            .map_err(store_err)?
+        {
+            return Ok(IdUse::Stored);
+        }
+        let taken = t[OUTBOX].contains_key(id.as_bytes()).map_err(store_err)?
+            || t[INBOX_MID]
+                .contains_key(id.as_bytes())
+                .map_err(store_err)?;
+        Ok(if taken { IdUse::Taken } else { IdUse::New })
     }
 
     /// Stores a delivery in the inbox with the next seq, with its case, due
     /// and retention index entries; marks the outbox entry it answers.
-    /// `None` if (sender, id) was stored before (nothing changes).
-    pub(crate) fn store_incoming(&self, msg: &Incoming) -> Result<Option<InboxEntry>, NodeError> {
+    /// Nothing changes when (sender, id) was stored before, or the id is
+    /// another message's ([`Self::id_use`]).
+    pub(crate) fn store_incoming(&self, msg: &Incoming) -> Result<Stored, NodeError> {
         let mid = msg.message_id;
         let dkey = dedup_key(mid, &msg.sender);
         let rec = self.tx(|t| {
             if t[DEDUP].get(&dkey)?.is_some() {
-                return Ok(None);
+                return Ok(Err(IdUse::Stored));
+            }
+            // The inbox's lookups, due dates and retention go by message id
+            // alone, so a second message with an id already here (a broken
+            // peer reusing the id of the message it answers, or of another
+            // sender's) would share them: the retention would erase one body
+            // and keep the other's for ever.
+            if t[OUTBOX].get(mid.as_bytes())?.is_some()
+                || t[INBOX_MID].get(mid.as_bytes())?.is_some()
+            {
+                return Ok(Err(IdUse::Taken));
             }
             let seq = tadd(&t[META], "inbox_seq", 1)?;
             tadd(&t[META], "n_inbox", 1)?;
@@ -973,9 +1017,7 @@ impl Store {
             };
             tput(&t[INBOX], &be(seq), &rec)?;
             t[DEDUP].insert(dkey.as_slice(), &be(seq))?;
-            if t[INBOX_MID].get(mid.as_bytes())?.is_none() {
-                t[INBOX_MID].insert(&mid.as_bytes()[..], &be(seq))?;
-            }
+            t[INBOX_MID].insert(&mid.as_bytes()[..], &be(seq))?;
             t[IN_BODY].insert(&be(seq), msg.body.as_slice())?;
             t[CASES].insert(
                 case_key(msg.case_ref, msg.created_at, mid),
@@ -995,9 +1037,13 @@ impl Store {
                 out.answered_by = Some(mid.to_string());
                 tput(&t[OUTBOX], answered.as_bytes(), &out)?;
             }
-            Ok(Some(rec))
+            Ok(Ok(rec))
         })?;
-        rec.map(|r| r.to_entry()).transpose()
+        match rec {
+            Ok(rec) => Ok(Stored::New(rec.to_entry()?)),
+            Err(IdUse::Taken) => Ok(Stored::IdTaken),
+            Err(IdUse::Stored | IdUse::New) => Ok(Stored::Duplicate),
+        }
     }
 
     fn inbox_rec(&self, seq: u64) -> Result<Option<InRec>, NodeError> {

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use trmx_proto::time::to_timestamp;
 
 use super::link::{Verdict, classify, store_delivery, store_receipt};
-use super::store::{ReceiptEffect, can_move};
+use super::store::{IdUse, ReceiptEffect, Stored, can_move};
 use super::*;
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -123,7 +123,10 @@ fn in_transit(from: &NodeCore, id: MessageId) -> pb::Envelope {
 async fn transfer(from: &NodeCore, to: &NodeCore, id: MessageId) -> InboxEntry {
     let env = in_transit(from, id);
     match classify(&to.inner, Some(env)).await.unwrap() {
-        Verdict::Store(incoming) => store_delivery(&to.inner, *incoming).await.unwrap().unwrap(),
+        Verdict::Store(incoming) => match store_delivery(&to.inner, *incoming).await.unwrap() {
+            Stored::New(entry) => entry,
+            other => panic!("expected a new entry, got {other:?}"),
+        },
         other => panic!("expected store, got {other:?}"),
     }
 }
@@ -401,6 +404,58 @@ async fn withdraw_a_queued_message() {
         f.nl.withdraw(MessageId::new_v7()).await,
         Err(NodeError::NotFound(_))
     ));
+}
+
+/// The inbox's lookups, due dates and retention go by message id: a
+/// delivery reusing the id of a message here (one this node sent, or one of
+/// another sender) is rejected, and nothing is stored.
+#[tokio::test]
+async fn a_delivery_reusing_another_messages_id_is_rejected() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+    let rejected = |verdict: Verdict| match verdict {
+        Verdict::Reject {
+            message_id,
+            reason_code,
+            field_path,
+        } => {
+            assert_eq!(message_id, sent.message_id.to_string());
+            assert_eq!(reason_code, "DUPLICATE_MESSAGE_ID");
+            assert_eq!(field_path, "envelope.message_id");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+
+    // a broken BE sends a follow-up under the id of the referral it had
+    let mut follow = request("f-1", "NL-NRM", follow_up());
+    follow.case_ref = Some(sent.case_ref);
+    let reply = f.be.send(follow).await.unwrap();
+    let mut env = in_transit(&f.be, reply.message_id);
+    env.message_id = sent.message_id.to_string();
+    rejected(classify(&f.nl.inner, Some(env)).await.unwrap());
+
+    // another sender uses the id of the message BE has from NL
+    let mut env = in_transit(&f.nl, sent.message_id);
+    env.sender = "INT-IOM".into();
+    let verdict = classify(&f.be.inner, Some(env.clone())).await.unwrap();
+    rejected(verdict);
+    // (and between the check and the store, the store refuses it too)
+    env.message_id = MessageId::new_v7().to_string();
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(env)).await.unwrap() else {
+        panic!("a fresh id is stored");
+    };
+    let mut taken = *incoming;
+    taken.message_id = sent.message_id;
+    assert!(matches!(
+        f.be.inner.store.store_incoming(&taken).unwrap(),
+        Stored::IdTaken
+    ));
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+    assert_eq!(f.nl.inbox(&ListFilter::default()).await.unwrap().len(), 0);
 }
 
 #[tokio::test]
@@ -759,7 +814,9 @@ async fn watch_hands_out_only_what_is_flushed() {
         panic!("expected store");
     };
     let store = f.be.inner.store.clone();
-    let entry = store.store_incoming(&incoming).unwrap().unwrap();
+    let Stored::New(entry) = store.store_incoming(&incoming).unwrap() else {
+        panic!("expected a new entry");
+    };
     let mut stream = Box::pin(f.be.watch(0));
     let early = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
     assert!(early.is_err(), "handed out before its flush: {early:?}");
@@ -1271,8 +1328,9 @@ mod link {
         until("BE stored it (not durably)", || async {
             be.inner
                 .store
-                .is_duplicate(&pid("NL-NRM"), sent.message_id)
+                .id_use(&pid("NL-NRM"), sent.message_id)
                 .unwrap()
+                == IdUse::Stored
         })
         .await;
         // delivered again
