@@ -31,6 +31,12 @@ pub struct BrokerConfig {
     /// (written `"off"`) runs no admin endpoint. Loopback unless configured otherwise.
     #[serde(default = "default_admin_listen", with = "admin_listen")]
     pub admin_listen: Option<SocketAddr>,
+    /// Host names the admin endpoint answers to besides IP addresses and
+    /// `localhost` (a web page's DNS rebinding reaches a loopback endpoint
+    /// under its own name). Empty: any name on a non-loopback `admin_listen`,
+    /// none on a loopback one. Set, it applies to both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_allowed_hosts: Vec<String>,
     /// The broker's name shown in `GetInfo`; defaults to the name in its certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -436,6 +442,7 @@ impl BrokerConfig {
         Self {
             listen: default_listen(),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            admin_allowed_hosts: Vec::new(),
             name: None,
             data_dir: data_dir.into(),
             tls,
@@ -503,6 +510,19 @@ impl BrokerConfig {
                     self.listen
                 ),
             ));
+        }
+        for (i, host) in self.admin_allowed_hosts.iter().enumerate() {
+            let valid = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !valid {
+                return Err(BrokerError::config(
+                    format!("admin_allowed_hosts[{i}]"),
+                    format!("must be a host name (letters, digits, '-' and '.'), got {host:?}"),
+                ));
+            }
         }
         if let Some(name) = &self.name
             && (name.is_empty() || name.len() > 64)
@@ -973,6 +993,16 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
             let err = BrokerConfig::from_toml(&text).unwrap_err().to_string();
             assert!(err.starts_with(expected), "{err}");
         }
+        let text = format!(
+            "admin_allowed_hosts = [\"broker.internal\", \"bad host\"]\n{}",
+            minimal()
+        );
+        let err = BrokerConfig::from_toml(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "config: admin_allowed_hosts[1] must be a host name (letters, digits, '-' and '.'), \
+             got \"bad host\""
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use trmx_proto::pb::exchange_server::ExchangeServer;
 use trmx_proto::pb::operator_server::OperatorServer;
 use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
 
-use crate::admin::{AdminHooks, AdminState, CertRole, Metrics, Readiness, serve_admin};
+use crate::admin::{AdminHooks, AdminState, CertRole, HostCheck, Metrics, Readiness, serve_admin};
 use crate::admission::{Admission, SubmitSlots, free_disk_bytes};
 use crate::clock::{Clock, GuardedClock};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
@@ -195,7 +195,11 @@ impl BrokerBuilder {
                 shared: shared.clone(),
                 tls: tls.clone(),
             });
-            let state = AdminState::new(metrics.clone()).with_hooks(hooks);
+            let mut state = AdminState::new(metrics.clone()).with_hooks(hooks);
+            if let Some(bound) = config.admin_listen {
+                state = state
+                    .with_host_check(HostCheck::for_endpoint(bound, &config.admin_allowed_hosts));
+            }
             let stopped = async {
                 let _ = admin_stopped.await;
             };

@@ -19,9 +19,14 @@ use crate::harness::*;
 
 /// One HTTP/1.1 GET on the admin endpoint: status and body.
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    get_as(addr, &addr.to_string(), path).await
+}
+
+/// [`get`] with `host` as the `Host` header.
+async fn get_as(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut reply = Vec::new();
         stream.read_to_end(&mut reply).await?;
@@ -454,6 +459,44 @@ async fn the_admin_endpoint_stops_with_the_broker_and_can_be_off() -> anyhow::Re
     // the broker itself works without it
     let mut nl = off.client("NL-NRM")?;
     submit(&mut nl, referral("BE-PAYOKE")).await?;
+    Ok(())
+}
+
+/// DNS rebinding: a web page makes a browser on the broker host ask for
+/// `http://attacker.example:PORT/metrics` with that name pointed at 127.0.0.1.
+#[tokio::test]
+async fn a_loopback_admin_endpoint_answers_only_addresses_localhost_and_listed_names()
+-> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let admin = admin_addr(&t)?;
+    let port = admin.port();
+    let (status, body) = get_as(admin, &format!("attacker.example:{port}"), "/metrics").await?;
+    assert_eq!(status, 421, "{body}");
+    assert!(!body.contains("trmx_"), "{body}");
+    assert_eq!(
+        get_as(admin, &format!("localhost:{port}"), "/metrics")
+            .await?
+            .0,
+        200
+    );
+    assert_eq!(get(admin, "/metrics").await?.0, 200);
+
+    let t =
+        TestBroker::start_with(|c| c.admin_allowed_hosts = vec!["broker.internal".into()]).await?;
+    let admin = admin_addr(&t)?;
+    let port = admin.port();
+    assert_eq!(
+        get_as(admin, &format!("broker.internal:{port}"), "/metrics")
+            .await?
+            .0,
+        200
+    );
+    assert_eq!(
+        get_as(admin, &format!("attacker.example:{port}"), "/readyz")
+            .await?
+            .0,
+        421
+    );
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -82,12 +82,72 @@ impl Default for AdminLimits {
     }
 }
 
+/// Which `Host` headers the admin endpoint answers (a defence against DNS
+/// rebinding: a web page opened on the broker host can make the browser
+/// fetch `http://attacker.example:9464/metrics` after pointing that name at
+/// 127.0.0.1; the browser then sends the attacker's name as `Host`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HostCheck {
+    /// Every host.
+    #[default]
+    Any,
+    /// IP addresses, `localhost`, and these names (lower case, without a
+    /// trailing dot).
+    Names(Vec<String>),
+}
+
+impl HostCheck {
+    /// The check for an endpoint bound to `bound`: the `allowed` names when
+    /// some are configured; with none, only IP addresses and `localhost` on
+    /// a loopback address (where a scraper uses those), any host elsewhere.
+    pub fn for_endpoint(bound: std::net::SocketAddr, allowed: &[String]) -> Self {
+        if allowed.is_empty() && !bound.ip().is_loopback() {
+            return HostCheck::Any;
+        }
+        HostCheck::Names(allowed.iter().map(|h| normalise_host(h)).collect())
+    }
+
+    /// Whether a request with this `Host` header (`None`: without one) is
+    /// answered.
+    pub fn allows(&self, host: Option<&str>) -> bool {
+        let HostCheck::Names(names) = self else {
+            return true;
+        };
+        // a browser always sends one; an HTTP/1.0 tool may not
+        let Some(host) = host else {
+            return true;
+        };
+        let name = match host.strip_prefix('[') {
+            // "[::1]:9464"
+            Some(v6) => {
+                return v6
+                    .split(']')
+                    .next()
+                    .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+            }
+            None => match host.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                _ => host,
+            },
+        };
+        let name = normalise_host(name);
+        name.parse::<std::net::Ipv4Addr>().is_ok()
+            || name == "localhost"
+            || names.contains(&name)
+    }
+}
+
+fn normalise_host(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// Everything the admin server needs; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AdminState {
     metrics: Arc<Metrics>,
     hooks: Arc<dyn AdminHooks>,
     limits: AdminLimits,
+    hosts: Arc<HostCheck>,
 }
 
 impl AdminState {
@@ -97,7 +157,14 @@ impl AdminState {
             metrics,
             hooks: Arc::new(NoHooks),
             limits: AdminLimits::default(),
+            hosts: Arc::new(HostCheck::Any),
         }
+    }
+
+    /// Answers only the hosts `hosts` allows (default: any).
+    pub fn with_host_check(mut self, hosts: HostCheck) -> Self {
+        self.hosts = Arc::new(hosts);
+        self
     }
 
     /// Uses `hooks` for the scrape refresh and `/readyz`.
@@ -215,6 +282,23 @@ async fn serve_connection(
 }
 
 async fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let host = match request.headers().get(HOST) {
+        Some(value) => Some(value.to_str().unwrap_or("\u{fffd}")),
+        None => request.uri().host(),
+    };
+    if !state.hosts.allows(host) {
+        // (the name only: it is the requester's, not the broker's data)
+        warn!(
+            host = host.unwrap_or_default(),
+            "admin request for a host name that is not allowed refused (DNS rebinding?)"
+        );
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this host name is not allowed: use the IP address or localhost, \
+             or add the name to admin_allowed_hosts in the broker's config\n"
+                .to_owned(),
+        );
+    }
     let path = request.uri().path();
     if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return text(StatusCode::NOT_FOUND, "not found\n".to_owned());
@@ -332,9 +416,14 @@ mod tests {
 
     /// One request on a fresh connection (`Connection: close`), read to the end.
     async fn request(addr: SocketAddr, method: &str, path: &str) -> Reply {
+        request_for(addr, "localhost", method, path).await
+    }
+
+    /// [`request`] with `host` as the `Host` header.
+    async fn request_for(addr: SocketAddr, host: &str, method: &str, path: &str) -> Reply {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let request =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
         tokio::time::timeout(DEADLINE, stream.read_to_end(&mut raw))
@@ -379,6 +468,69 @@ mod tests {
         metrics.set_cert_expiry(CertRole::Broker, "broker", later);
         metrics.set_store_writable(true);
         metrics
+    }
+
+    #[test]
+    fn host_checks_allow_addresses_localhost_and_the_configured_names() {
+        let loopback: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+        let open: SocketAddr = "0.0.0.0:9464".parse().unwrap();
+        let strict = HostCheck::for_endpoint(loopback, &[]);
+        for host in [
+            "127.0.0.1:9464",
+            "127.0.0.1",
+            "[::1]:9464",
+            "10.1.2.3:9464",
+            "localhost:9464",
+            "LOCALHOST",
+            "localhost.",
+        ] {
+            assert!(strict.allows(Some(host)), "{host}");
+        }
+        assert!(strict.allows(None), "no Host header (HTTP/1.0)");
+        for host in [
+            "attacker.example:9464",
+            "attacker.example",
+            "localhost.attacker.example",
+            "127.0.0.1.attacker.example",
+            "[not-an-address]:9464",
+            "",
+        ] {
+            assert!(!strict.allows(Some(host)), "{host}");
+        }
+        // nothing configured on an open address: scrapers use any name
+        let any = HostCheck::for_endpoint(open, &[]);
+        assert_eq!(any, HostCheck::Any);
+        assert!(any.allows(Some("broker.internal:9464")));
+        // configured names, on either
+        let named = HostCheck::for_endpoint(open, &["Broker.Internal.".to_owned()]);
+        assert!(named.allows(Some("broker.internal:9464")));
+        assert!(named.allows(Some("10.1.2.3:9464")));
+        assert!(!named.allows(Some("attacker.example:9464")));
+    }
+
+    #[tokio::test]
+    async fn a_request_for_a_host_not_allowed_is_refused() {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let state = AdminState::new(ready_metrics())
+            .with_host_check(HostCheck::for_endpoint(loopback, &[]));
+        let server = start(state).await;
+        let rebound = request_for(server.addr, "attacker.example:9464", "GET", "/metrics").await;
+        assert_eq!(rebound.status, 421);
+        assert!(
+            rebound.body.contains("admin_allowed_hosts"),
+            "{}",
+            rebound.body
+        );
+        assert!(
+            !rebound.body.contains("trmx_"),
+            "no metrics: {}",
+            rebound.body
+        );
+        let by_address =
+            request_for(server.addr, &server.addr.to_string(), "GET", "/metrics").await;
+        assert_eq!(by_address.status, 200);
+        assert!(by_address.body.contains("trmx_up 1"));
+        server.shutdown().await;
     }
 
     #[tokio::test]

@@ -17,5 +17,5 @@
 pub mod http;
 pub mod metrics;
 
-pub use http::{AdminHooks, AdminLimits, AdminState, serve_admin};
+pub use http::{AdminHooks, AdminLimits, AdminState, HostCheck, serve_admin};
 pub use metrics::{CertRole, DeadLetterReason, Metrics, Readiness, RefusalReason};
