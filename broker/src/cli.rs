@@ -1,6 +1,5 @@
 //! The `trmx-broker` command line: parses flags, loads the config, binds, and
-//! runs the broker until SIGTERM/SIGINT. SIGHUP reloads the CRL (and accepts a
-//! system clock the broker holds its own time against after a jump).
+//! runs the broker until SIGTERM/SIGINT. SIGHUP reloads the CRL.
 //!
 //! It lives in the library so that other executables (the demo's multi-call
 //! binary, process-level tests) run exactly what `trmx-broker` runs.
@@ -146,9 +145,6 @@ async fn run_broker(config: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow
             _ = interrupt.recv() => { info!("SIGINT received"); break; }
             _ = hangup.recv() => {
                 info!("SIGHUP received, reloading TLS material and CRL");
-                // a clock held after a jump takes the system clock as it is
-                // (logged by the clock)
-                broker.accept_system_time();
                 // file reads, and maybe a wait for an interval reload under
                 // way: off the async workers' backs (the runtime is multi-thread)
                 match tokio::task::block_in_place(|| broker.reload_tls()) {

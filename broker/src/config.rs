@@ -32,9 +32,8 @@ pub struct BrokerConfig {
     #[serde(default = "default_admin_listen", with = "admin_listen")]
     pub admin_listen: Option<SocketAddr>,
     /// Host names the admin endpoint answers to besides IP addresses and
-    /// `localhost` (a web page's DNS rebinding reaches a loopback endpoint
-    /// under its own name). Empty: any name on a non-loopback `admin_listen`,
-    /// none on a loopback one. Set, it applies to both.
+    /// `localhost` (a web page's DNS rebinding reaches the endpoint under a
+    /// name of its own; any other name gets 421).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub admin_allowed_hosts: Vec<String>,
     /// The broker's name shown in `GetInfo`; defaults to the name in its certificate.

@@ -31,7 +31,7 @@ use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPath
 
 use crate::admin::{AdminHooks, AdminState, CertRole, HostCheck, Metrics, Readiness, serve_admin};
 use crate::admission::{Admission, SubmitSlots, free_disk_bytes};
-use crate::clock::{Clock, GuardedClock};
+use crate::clock::{Clock, broker_clock};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
 use crate::operator::OperatorService;
@@ -69,11 +69,10 @@ impl Broker {
     /// A builder for a broker with `config`, the system clock (guarded
     /// against jumps of more than `lifecycle.max_clock_step`) and the sled store.
     pub fn builder(config: BrokerConfig) -> BrokerBuilder {
-        let guard = GuardedClock::system(config.lifecycle.max_clock_step);
+        let clock = broker_clock(config.lifecycle.max_clock_step);
         BrokerBuilder {
             config,
-            clock: Arc::new(guard.clone()),
-            guard: Some(guard),
+            clock: Arc::new(clock),
             store: None,
         }
     }
@@ -84,8 +83,6 @@ impl Broker {
 pub struct BrokerBuilder {
     config: BrokerConfig,
     clock: Arc<dyn Clock>,
-    /// The default clock, for [`RunningBroker::accept_system_time`].
-    guard: Option<GuardedClock>,
     store: Option<Arc<dyn BrokerStore>>,
 }
 
@@ -94,7 +91,6 @@ impl BrokerBuilder {
     #[must_use]
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
-        self.guard = None;
         self
     }
 
@@ -111,7 +107,6 @@ impl BrokerBuilder {
         let BrokerBuilder {
             config,
             clock,
-            guard,
             store,
         } = self;
         config.validate()?;
@@ -195,11 +190,9 @@ impl BrokerBuilder {
                 shared: shared.clone(),
                 tls: tls.clone(),
             });
-            let mut state = AdminState::new(metrics.clone()).with_hooks(hooks);
-            if let Some(bound) = config.admin_listen {
-                state = state
-                    .with_host_check(HostCheck::for_endpoint(bound, &config.admin_allowed_hosts));
-            }
+            let state = AdminState::new(metrics.clone())
+                .with_hooks(hooks)
+                .with_host_check(HostCheck::names(&config.admin_allowed_hosts));
             let stopped = async {
                 let _ = admin_stopped.await;
             };
@@ -305,7 +298,6 @@ impl BrokerBuilder {
             admin_addr,
             tls,
             certs,
-            guard,
             shutdown: shutdown_tx,
             main: Some(main),
         })
@@ -319,7 +311,6 @@ pub struct RunningBroker {
     admin_addr: Option<SocketAddr>,
     tls: ServerTls,
     certs: CertWatch,
-    guard: Option<GuardedClock>,
     shutdown: watch::Sender<bool>,
     main: Option<JoinHandle<Result<(), BrokerError>>>,
 }
@@ -350,14 +341,6 @@ impl RunningBroker {
             .map_err(|e| BrokerError::transport("reloading TLS material", e))?;
         self.certs.record(&self.tls);
         Ok(report)
-    }
-
-    /// Accepts the system clock as it is when the broker's clock holds its
-    /// own time after a jump (what SIGHUP does); returns the offset it had,
-    /// in milliseconds. `None` when nothing was held, or the broker was
-    /// built with another clock.
-    pub fn accept_system_time(&self) -> Option<i64> {
-        self.guard.as_ref()?.accept_system_time()
     }
 
     /// Starts the orderly shutdown without waiting for it.

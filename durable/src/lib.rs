@@ -27,6 +27,8 @@
 //! watch began: every blob file, sled's `conf` (written once, never synced),
 //! the directories and the log. Linux only (inotify).
 
+pub mod clock;
+
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;

@@ -105,6 +105,11 @@ pub struct StorageSection {
     /// How often bodies past their `handling.retain_until` are erased, in seconds.
     #[serde(default = "default_retention_check_interval_secs")]
     pub retention_check_interval_secs: u64,
+    /// Largest step of the system clock the node follows, in seconds; a
+    /// larger jump is held (`trmx_durable::clock::GuardedClock`), so that a
+    /// clock set ahead by mistake erases no body before its retention date.
+    #[serde(default = "default_max_clock_step_secs")]
+    pub max_clock_step_secs: u64,
 }
 
 impl Default for StorageSection {
@@ -112,6 +117,7 @@ impl Default for StorageSection {
         Self {
             cache_capacity_mb: default_cache_capacity_mb(),
             retention_check_interval_secs: default_retention_check_interval_secs(),
+            max_clock_step_secs: default_max_clock_step_secs(),
         }
     }
 }
@@ -140,6 +146,9 @@ fn default_cache_capacity_mb() -> u64 {
 }
 fn default_retention_check_interval_secs() -> u64 {
     3_600
+}
+fn default_max_clock_step_secs() -> u64 {
+    60
 }
 
 /// Largest accepted `broker.max_in_flight`.
@@ -274,7 +283,20 @@ impl NodeConfig {
                 "must be at least 1",
             ));
         }
+        if self.storage.max_clock_step_secs == 0 {
+            return Err(invalid(
+                "storage.max_clock_step_secs",
+                "must be at least 1 (below, NTP's ordinary steps would be held)",
+            ));
+        }
         Ok(())
+    }
+
+    /// The guarded system clock a node with this config runs on.
+    pub fn clock(&self) -> std::sync::Arc<dyn crate::core::Clock> {
+        std::sync::Arc::new(crate::core::node_clock(Duration::from_secs(
+            self.storage.max_clock_step_secs,
+        )))
     }
 
     /// Makes every relative path absolute against `base`.

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{bind_local_socket, serve_bound};
 use crate::config::NodeConfig;
-use crate::core::{Clock, NodeCore, NodeError, SystemClock};
+use crate::core::{Clock, NodeCore, NodeError};
 
 /// A node started in this process: core + local API.
 #[derive(Debug)]
@@ -104,9 +104,9 @@ impl RunningNode {
     }
 }
 
-/// Runs a node with the system clock until `shutdown` completes.
+/// Runs a node with the (guarded) system clock until `shutdown` completes.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
-    RunningNode::start(&config, Arc::new(SystemClock))
+    RunningNode::start(&config, config.clock())
         .await?
         .run_until(shutdown)
         .await

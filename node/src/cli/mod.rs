@@ -12,7 +12,6 @@ mod format;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use clap::{Args, Parser, Subcommand};
@@ -26,7 +25,7 @@ use trmx_proto::{Kind, MessageId, pb};
 use crate::api::client::connect_local;
 use crate::api::status::invalid_field;
 use crate::config::NodeConfig;
-use crate::core::{Body, BodyContext, SystemClock};
+use crate::core::{Body, BodyContext};
 use crate::daemon::RunningNode;
 
 /// Exit code of every failure (clap uses 2 for usage errors).
@@ -286,7 +285,7 @@ async fn run_daemon(
         config.validate().map_err(|e| CliError(e.to_string()))?;
     }
     init_logging(&config.log_level);
-    let node = RunningNode::start(&config, Arc::new(SystemClock))
+    let node = RunningNode::start(&config, config.clock())
         .await
         .map_err(|e| CliError(format!("cannot start the node: {e}")))?;
     let socket = node.socket_path().to_path_buf();

@@ -1,14 +1,28 @@
 //! Time source of the node core: every time-dependent rule (retention, due
 //! dates, timestamps of entries) reads the injected [`Clock`], so tests run
-//! with a [`ManualClock`].
+//! with a [`ManualClock`]. A running node uses a [`GuardedClock`]: the system
+//! clock, but not its jumps (retention erases bodies for good).
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
+
+pub use trmx_durable::clock::{GuardedClock, TimeSource};
 
 /// A source of the current instant.
 pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     /// The current instant.
     fn now(&self) -> SystemTime;
+}
+
+impl<S: TimeSource> Clock for GuardedClock<S> {
+    fn now(&self) -> SystemTime {
+        GuardedClock::now(self)
+    }
+}
+
+/// The guarded system clock of a running node (`storage.max_clock_step_secs`).
+pub fn node_clock(max_step: Duration) -> GuardedClock {
+    GuardedClock::system(max_step, "restart the node to accept it")
 }
 
 /// The system's wall clock.

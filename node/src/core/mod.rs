@@ -39,7 +39,7 @@ use trmx_proto::time::{to_millis, to_timestamp};
 
 use store::{NewOutgoing, Store};
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, GuardedClock, ManualClock, SystemClock, TimeSource, node_clock};
 pub use trmx_proto::body::{Body, BodyContext};
 pub use trmx_proto::envelope::Priority;
 pub use trmx_proto::time::Date;
@@ -610,6 +610,14 @@ impl NodeCore {
             return Err(NodeError::Invalid(ValidationError::new(
                 "in_reply_to",
                 format!("is required for a {kind}"),
+            )));
+        }
+        // (it would come back with the id of its own outbox entry, which the
+        // node refuses to store: one id, one message)
+        if req.recipient == inner.config.participant {
+            return Err(NodeError::Invalid(ValidationError::new(
+                "recipient",
+                "is this node's own participant ID: a message goes to another organisation",
             )));
         }
         let now = inner.clock.now();

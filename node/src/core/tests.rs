@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 
 use futures::StreamExt;
@@ -256,6 +256,16 @@ async fn invalid_requests_are_refused_and_nothing_is_stored() {
             .unwrap_err();
     assert!(
         matches!(err, NodeError::Invalid(ref e) if e.field == "in_reply_to"),
+        "{err:?}"
+    );
+
+    // Not to itself.
+    let err =
+        f.nl.send(request("k-3", "NL-NRM", referral()))
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(err, NodeError::Invalid(ref e) if e.field == "recipient"),
         "{err:?}"
     );
 
@@ -641,6 +651,66 @@ async fn retention_erases_bodies_and_keeps_metadata() {
     }
     // Erasure is done once.
     assert_eq!(f.nl.run_retention().await.unwrap(), 0);
+}
+
+/// A wall clock set years ahead while the node runs (a mistyped date)
+/// erases no body before its retention date; restarting the node is what
+/// accepts the new time.
+#[tokio::test]
+async fn a_jump_of_the_system_clock_erases_no_body_until_a_restart() {
+    #[derive(Debug, Clone)]
+    struct Settable(Arc<Mutex<SystemTime>>);
+    impl TimeSource for Settable {
+        fn wall(&self) -> SystemTime {
+            *self.0.lock().unwrap()
+        }
+        fn elapsed(&self) -> Duration {
+            Duration::ZERO
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let time = Settable(Arc::new(Mutex::new(
+        UNIX_EPOCH + Duration::from_secs(START),
+    )));
+    let clock = || {
+        Arc::new(GuardedClock::new(
+            time.clone(),
+            Duration::from_secs(60),
+            "restart",
+        ))
+    };
+    let nl = NodeCore::start_offline(config(dir.path(), "NL-NRM"), clock())
+        .await
+        .unwrap();
+    // the example referral is kept until 2032-12-31
+    let sent = nl
+        .send(request("k-1", "BE-PAYOKE", referral()))
+        .await
+        .unwrap();
+    *time.0.lock().unwrap() += DAY * 365 * 7;
+    assert_eq!(nl.run_retention().await.unwrap(), 0);
+    assert!(!nl.outbox(&ListFilter::default()).await.unwrap()[0].body_erased);
+    nl.shutdown().await;
+    drop(nl);
+
+    // (the old core's tasks may still be letting go of the database)
+    let mut tries = 0;
+    let nl = loop {
+        match NodeCore::start_offline(config(dir.path(), "NL-NRM"), clock()).await {
+            Ok(nl) => break nl,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                eprintln!("restart: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    nl.run_retention().await.unwrap(); // (or the run at start did it)
+    match nl.message(sent.message_id).await.unwrap() {
+        Some(MessageView::Outbox(entry, None)) => assert!(entry.body_erased),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]

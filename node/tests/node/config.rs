@@ -125,6 +125,10 @@ fn validation_errors_name_the_field() {
             "storage.retention_check_interval_secs:",
         ),
         (
+            format!("{MINIMAL}\n[storage]\nmax_clock_step_secs = 0\n"),
+            "storage.max_clock_step_secs:",
+        ),
+        (
             format!("{MINIMAL}\n[api]\nsocket = \"/{}\"\n", "x".repeat(120)),
             "api.socket:",
         ),
