@@ -23,6 +23,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
+# where cargo puts what it builds (CARGO_TARGET_DIR when set)
+target="${CARGO_TARGET_DIR:-$root/target}"
 alerts="$here/prometheus/alerts.yml"
 dashboard="$here/grafana/trmx-broker.json"
 deadline_secs="${TRMX_CHECK_DEADLINE_SECS:-60}"
@@ -234,7 +236,7 @@ check_demo() {
     make_tmp
     echo "== cargo build -p trmx-broker --example metrics_demo"
     (cd "$root" && cargo build --quiet -p trmx-broker --example metrics_demo)
-    "$root/target/debug/examples/metrics_demo" 127.0.0.1:0 >"$tmp/demo.out" 2>"$tmp/demo.err" &
+    "$target/debug/examples/metrics_demo" 127.0.0.1:0 >"$tmp/demo.out" 2>"$tmp/demo.err" &
     pids+=("$!")
     local url="" waited=0
     while [[ -z "$url" ]]; do
@@ -268,7 +270,7 @@ check_broker() {
     make_tmp
     echo "== cargo build -p trmx-certs -p trmx-tests (trmx-certs, trmx-demo)"
     (cd "$root" && cargo build --quiet --locked -p trmx-certs --bin trmx-certs -p trmx-tests --bin trmx-demo)
-    local certs="$root/target/debug/trmx-certs" demo="$root/target/debug/trmx-demo"
+    local certs="$target/debug/trmx-certs" demo="$target/debug/trmx-demo"
     local ca="$tmp/ca" td="trm.check" members=(NL-NRM BE-PAYOKE) id
 
     echo "== federation: CA, CRL, broker and node certificates"

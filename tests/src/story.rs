@@ -172,9 +172,11 @@ impl<W: Write> Story<W> {
         let still_held =
             self.outbox_state("BE-PAYOKE", &request).await? == pb::OutboxState::Submitted;
         self.report.held_while_offline = still_held;
-        self.say(
-            "          NG-NAPTIP's node is offline: the broker holds the request safely on disk",
-        );
+        self.say(if still_held {
+            "          NG-NAPTIP's node is offline: the broker holds the request safely on disk"
+        } else {
+            "          NG-NAPTIP's node is offline, but the request is no longer waiting at the broker"
+        });
         self.say("          ... NG-NAPTIP's node comes online");
         let naptip = bring_online().await?;
         self.add_node("NG-NAPTIP", naptip);

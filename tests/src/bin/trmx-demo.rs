@@ -67,7 +67,7 @@ fn main() -> ExitCode {
 
 async fn demo(args: Args) -> anyhow::Result<bool> {
     let (temp, dir) = match &args.dir {
-        Some(dir) => (None, dir.clone()),
+        Some(dir) => (None, working_dir(dir)?),
         None => {
             let temp = tempfile::Builder::new().prefix("trmx-demo-").tempdir()?;
             let dir = temp.path().to_owned();
@@ -88,6 +88,30 @@ async fn demo(args: Args) -> anyhow::Result<bool> {
         None => println!("working files kept in {}", dir.display()),
     }
     result
+}
+
+/// `--dir` made absolute (the node configs the demo writes name paths that
+/// each node resolves against its own folder), and checked to be new or
+/// empty: a previous run's federation there would be mixed into this one.
+fn working_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    let dir = std::path::absolute(dir)
+        .with_context(|| format!("--dir {}: cannot make it absolute", dir.display()))?;
+    match std::fs::read_dir(&dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                anyhow::bail!(
+                    "--dir {} is not empty (a previous run's federation?): \
+                     name a new directory, or remove that one",
+                    dir.display()
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("--dir {}: cannot read it", dir.display()));
+        }
+    }
+    Ok(dir)
 }
 
 /// The processes the demo started; dropping it stops them all.
@@ -189,6 +213,16 @@ async fn run(dir: &Path) -> anyhow::Result<bool> {
             eprintln!("  {name} did not stop cleanly");
         }
     }
+    if !report.all_delivered() {
+        eprintln!("trmx-demo: not every message was delivered and acknowledged");
+    }
+    if !report.held_while_offline {
+        eprintln!(
+            "trmx-demo: the request to the offline NG-NAPTIP was not held by the broker \
+             (logs: {})",
+            dir.display()
+        );
+    }
     Ok(report.all_delivered() && report.held_while_offline && clean)
 }
 
@@ -242,4 +276,22 @@ async fn start(
         .map_err(|_| anyhow::anyhow!("process list poisoned"))?
         .push(process);
     Ok(ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_working_dir_is_made_absolute_and_must_be_new_or_empty() {
+        let relative = working_dir(Path::new("demo-out-that-does-not-exist")).unwrap();
+        assert!(relative.is_absolute(), "{}", relative.display());
+        assert!(relative.ends_with("demo-out-that-does-not-exist"));
+
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(working_dir(dir.path()).unwrap(), dir.path());
+        std::fs::create_dir(dir.path().join("broker")).unwrap();
+        let err = working_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is not empty"), "{err}");
+    }
 }
