@@ -83,6 +83,36 @@ impl FakeBroker {
         tx
     }
 
+    /// [`FakeBroker::serve`] over mutual TLS with `tls`, as the broker does
+    /// (the caller is still `caller`, whatever the client certificate says).
+    pub(crate) fn serve_tls(
+        &self,
+        caller: &str,
+        listener: TcpListener,
+        tls: trmx_transport::ServerTls,
+    ) -> tokio::sync::oneshot::Sender<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let service = ExchangeServer::new(Endpoint {
+            broker: self.clone(),
+            caller: caller.to_owned(),
+        });
+        let conns = trmx_transport::incoming(
+            listener,
+            tls,
+            trmx_transport::ListenerLimits::default(),
+            async {
+                let _ = rx.await;
+            },
+        );
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(conns)
+                .await;
+        });
+        tx
+    }
+
     /// Forgets message `id` as a broker restored from an older backup would.
     pub(crate) fn lose(&self, id: &str) {
         let mut st = self.lock();

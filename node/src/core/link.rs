@@ -76,8 +76,29 @@ async fn pause(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-fn status_text(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+/// A broker error for operators: the gRPC code, the message and every cause
+/// under it (`Unknown: transport error: …: invalid peer certificate: …`):
+/// tonic says only "transport error" for a connection that failed, and the
+/// cause (refused, DNS, certificate) is in the source chain.
+pub(crate) fn status_text(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    push_causes(&mut text, status.source());
+    text
+}
+
+/// Appends `cause` and each of its sources to `text`, each after `: `; one
+/// whose text the line already ends with (hyper and io repeat their inner
+/// error) is left out.
+fn push_causes(text: &mut String, mut cause: Option<&(dyn std::error::Error + 'static)>) {
+    while let Some(error) = cause {
+        let part = error.to_string();
+        if !part.is_empty() && !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = error.source();
+    }
 }
 
 /// Whether a submit refused with `code` can never succeed.
@@ -900,6 +921,42 @@ mod tests {
         assert!(d >= Duration::from_millis(500), "{d:?}");
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn status_text_walks_the_source_chain() {
+        #[derive(Debug)]
+        struct Cause(&'static str, Option<Box<Cause>>);
+        impl std::fmt::Display for Cause {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Cause {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|c| c as _)
+            }
+        }
+        let io = Cause("invalid peer certificate: Expired", None);
+        // hyper's connect error repeats its cause; it is said once
+        let connect = Cause(
+            "tcp connect error: invalid peer certificate: Expired",
+            Some(Box::new(io)),
+        );
+        let mut status = tonic::Status::unknown("transport error");
+        status.set_source(Arc::new(Cause(
+            "client error (Connect)",
+            Some(Box::new(connect)),
+        )));
+        assert_eq!(
+            status_text(&status),
+            "Unknown: transport error: client error (Connect): \
+             tcp connect error: invalid peer certificate: Expired"
+        );
+        assert_eq!(
+            status_text(&tonic::Status::not_found("unknown recipient XX-NOPE")),
+            "NotFound: unknown recipient XX-NOPE"
+        );
     }
 
     #[test]

@@ -756,11 +756,7 @@ impl NodeCore {
                 )));
             }
             Err(status) => {
-                return Err(NodeError::BrokerUnavailable(format!(
-                    "{:?}: {}",
-                    status.code(),
-                    status.message()
-                )));
+                return Err(NodeError::BrokerUnavailable(link::status_text(&status)));
             }
         }
         let store = inner.store.clone();
@@ -849,7 +845,7 @@ impl NodeCore {
         )
         .await
         .map_err(|_| NodeError::BrokerUnavailable("GetInfo timed out".into()))?
-        .map_err(|s| NodeError::BrokerUnavailable(format!("{:?}: {}", s.code(), s.message())))?
+        .map_err(|s| NodeError::BrokerUnavailable(link::status_text(&s)))?
         .into_inner();
         self.inner.cache_participants(&info);
         Ok(info

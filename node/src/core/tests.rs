@@ -1450,4 +1450,75 @@ mod link {
         assert_eq!(entry.state, OutboxState::Submitted, "{entry:?}");
         nl.shutdown().await;
     }
+
+    // ---- connection failures, as the operator sees them -----------------------
+
+    /// A federation in `<dir>/pki` with a broker certificate for localhost.
+    fn federation(dir: &Path) -> trmx_certs::Federation {
+        trmx_certs::Federation::create(&dir.join("pki"), "trmx.test").unwrap()
+    }
+
+    /// The broker's TLS config from `federation` (its CRL checked).
+    fn broker_tls(federation: &trmx_certs::Federation) -> trmx_transport::ServerTls {
+        let cert = federation.broker("test").unwrap();
+        let paths = trmx_transport::TlsPaths {
+            ca: federation.ca_cert_path(),
+            cert: cert.cert,
+            key: cert.key,
+        };
+        trmx_transport::ServerTls::load(
+            &paths,
+            Some(&federation.crl_path()),
+            trmx_transport::CrlPolicy::Warn,
+        )
+        .unwrap()
+    }
+
+    /// `me` as the daemon starts it (`NodeCore::start`: mutual TLS with the
+    /// certificate `cert` of `federation`) against the broker at `addr`.
+    async fn started(
+        dir: &Path,
+        me: &str,
+        federation: &trmx_certs::Federation,
+        cert: &trmx_certs::CertPaths,
+        addr: SocketAddr,
+    ) -> Result<NodeCore, NodeError> {
+        let mut cfg = config(dir, me);
+        cfg.broker_addr = addr.to_string();
+        cfg.tls = trmx_transport::TlsPaths {
+            ca: federation.ca_cert_path(),
+            cert: cert.cert.clone(),
+            key: cert.key.clone(),
+        };
+        NodeCore::start(cfg, Arc::new(ManualClock::new(SystemTime::now()))).await
+    }
+
+    /// The last broker error once there is one.
+    async fn broker_error(node: &NodeCore) -> String {
+        until("a broker error", || async {
+            node.status().last_broker_error.is_some()
+        })
+        .await;
+        node.status().last_broker_error.unwrap()
+    }
+
+    /// `trmx-node status` said "Unknown: transport error" for a revoked
+    /// certificate: the certificate error is in the error's source chain.
+    #[tokio::test]
+    async fn status_shows_why_the_broker_refused_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("NL-NRM").unwrap();
+        federation.revoke(&cert).unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
+        let nl = started(dir.path(), "NL-NRM", &federation, &cert, addr)
+            .await
+            .unwrap();
+        let error = broker_error(&nl).await;
+        assert!(error.contains("CertificateRevoked"), "{error}");
+        assert!(!nl.status().broker_connected);
+        nl.shutdown().await;
+    }
 }
