@@ -79,7 +79,8 @@ async fn pause(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
 /// A broker error for operators: the gRPC code, the message and every cause
 /// under it (`Unknown: transport error: …: invalid peer certificate: …`):
 /// tonic says only "transport error" for a connection that failed, and the
-/// cause (refused, DNS, certificate) is in the source chain.
+/// cause (refused, DNS, certificate) is in the source chain. A TLS error
+/// that means the peer does not speak TLS gets [`NOT_TLS_HINT`].
 pub(crate) fn status_text(status: &tonic::Status) -> String {
     use std::error::Error as _;
     let mut text = format!("{:?}: {}", status.code(), status.message());
@@ -87,18 +88,47 @@ pub(crate) fn status_text(status: &tonic::Status) -> String {
     text
 }
 
+/// Said after the TLS error of a peer that answered in plain text, such as
+/// the broker's admin endpoint (HTTP).
+const NOT_TLS_HINT: &str = "is broker.address the broker's gRPC/TLS port, not its admin port?";
+
 /// Appends `cause` and each of its sources to `text`, each after `: `; one
-/// whose text the line already ends with (hyper and io repeat their inner
+/// whose text the line holds already (hyper, io and tonic repeat their inner
 /// error) is left out.
 fn push_causes(text: &mut String, mut cause: Option<&(dyn std::error::Error + 'static)>) {
+    let mut not_tls = false;
     while let Some(error) = cause {
+        not_tls |= is_not_tls(error);
         let part = error.to_string();
-        if !part.is_empty() && !text.ends_with(&part) {
+        if !part.is_empty() && !text.contains(&part) {
             text.push_str(": ");
             text.push_str(&part);
         }
         cause = error.source();
     }
+    if not_tls {
+        text.push_str(" (");
+        text.push_str(NOT_TLS_HINT);
+        text.push(')');
+    }
+}
+
+/// Whether `error` is rustls' "received corrupt message of type
+/// InvalidContentType" (bare or inside an `io::Error`): the first bytes the
+/// peer sent were not a TLS record.
+fn is_not_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+        error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    });
+    matches!(
+        tls,
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))
+    )
 }
 
 /// Whether a submit refused with `code` can never succeed.

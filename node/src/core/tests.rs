@@ -1521,4 +1521,35 @@ mod link {
         assert!(!nl.status().broker_connected);
         nl.shutdown().await;
     }
+
+    /// A node pointed at the broker's admin port (plain HTTP) got
+    /// "received corrupt message of type InvalidContentType" and no clue.
+    #[tokio::test]
+    async fn a_plain_http_port_gets_a_hint_about_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("NL-NRM").unwrap();
+        let (l, addr) = listener().await;
+        // what an HTTP/1 server answers to a TLS ClientHello
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let nl = started(dir.path(), "NL-NRM", &federation, &cert, addr)
+            .await
+            .unwrap();
+        let error = broker_error(&nl).await;
+        assert!(error.contains("InvalidContentType"), "{error}");
+        assert!(
+            error.ends_with("(is broker.address the broker's gRPC/TLS port, not its admin port?)"),
+            "{error}"
+        );
+        nl.shutdown().await;
+    }
 }
