@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::watch;
@@ -211,6 +211,60 @@ pub(crate) fn participant_info(p: &pb::Participant) -> Option<ParticipantInfo> {
 
 // ---- receive ----------------------------------------------------------------
 
+/// How often a broker connection failure that persists is logged again.
+pub(crate) const FAILURE_REPEAT: Duration = Duration::from_secs(300);
+
+/// Which broker connection failures reach the log at WARN: the first, each
+/// one that differs from the failure logged before, and the same one again
+/// every [`FAILURE_REPEAT`] — enough for `journalctl` to show why the node is
+/// cut off without a line per reconnect attempt. Every failure is counted,
+/// and the count is logged when the link works again.
+#[derive(Debug, Default)]
+pub(crate) struct FailureLog {
+    /// The failure logged last, and when.
+    logged: Option<(String, Instant)>,
+    /// Failures since the link last worked.
+    failures: u64,
+}
+
+impl FailureLog {
+    /// Counts a failure at `now`; `true` when it is to be logged.
+    pub(crate) fn failed(&mut self, error: &str, now: Instant) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        let due = match &self.logged {
+            None => true,
+            Some((last, at)) => last != error || now.duration_since(*at) >= FAILURE_REPEAT,
+        };
+        if due {
+            self.logged = Some((error.to_owned(), now));
+        }
+        due
+    }
+
+    /// Failures since the link last worked.
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// The link works: the failures before (0 if none), forgotten.
+    pub(crate) fn recovered(&mut self) -> u64 {
+        self.logged = None;
+        std::mem::take(&mut self.failures)
+    }
+}
+
+/// Records a broker connection failure for `status` and logs it as
+/// [`FailureLog`] decides (every one at DEBUG).
+fn link_failed(inner: &Inner, failures: &mut FailureLog, what: &'static str, error: String) {
+    let me = &inner.config.participant;
+    if failures.failed(&error, Instant::now()) {
+        warn!(participant = %me, error = %error, failures = failures.failures(), "{what}");
+    } else {
+        debug!(participant = %me, error = %error, failures = failures.failures(), "{what}");
+    }
+    inner.set_error(error);
+}
+
 /// Connects, refreshes the participant cache, then consumes one `Receive`
 /// stream until it breaks; reconnects with backoff until shutdown.
 pub(crate) async fn receive_loop(
@@ -220,6 +274,7 @@ pub(crate) async fn receive_loop(
 ) {
     let me = inner.config.participant.clone();
     let mut backoff = Backoff::new(inner.config.reconnect_min, inner.config.reconnect_max);
+    let mut failures = FailureLog::default();
     loop {
         if *shutdown.borrow() {
             break;
@@ -240,7 +295,12 @@ pub(crate) async fn receive_loop(
                     Ok(stream) => {
                         inner.set_connected(true);
                         backoff.reset();
-                        info!(participant = %me, "connected to broker");
+                        match failures.recovered() {
+                            0 => info!(participant = %me, "connected to broker"),
+                            failed => {
+                                info!(participant = %me, failures = failed, "connected to broker again");
+                            }
+                        }
                         // The broker is reachable: let the submit loop retry now.
                         inner.submit_wake.notify_one();
                         let mut stream = stream.into_inner();
@@ -260,7 +320,7 @@ pub(crate) async fn receive_loop(
                                         break false;
                                     }
                                     Err(status) => {
-                                        inner.set_error(status_text(&status));
+                                        link_failed(&inner, &mut failures, "connection to the broker broken", status_text(&status));
                                         break false;
                                     }
                                 },
@@ -272,13 +332,20 @@ pub(crate) async fn receive_loop(
                         }
                         info!(participant = %me, "disconnected from broker");
                     }
-                    Err(status) => inner.set_error(status_text(&status)),
+                    Err(status) => link_failed(
+                        &inner,
+                        &mut failures,
+                        "broker refused the receive stream",
+                        status_text(&status),
+                    ),
                 }
             }
-            Err(status) => {
-                debug!(participant = %me, code = ?status.code(), "broker not reachable");
-                inner.set_error(status_text(&status));
-            }
+            Err(status) => link_failed(
+                &inner,
+                &mut failures,
+                "cannot connect to the broker",
+                status_text(&status),
+            ),
         }
         if !pause(backoff.next_delay(), &mut shutdown).await {
             break;
@@ -986,6 +1053,30 @@ mod tests {
         assert_eq!(
             status_text(&tonic::Status::not_found("unknown recipient XX-NOPE")),
             "NotFound: unknown recipient XX-NOPE"
+        );
+    }
+
+    #[test]
+    fn connection_failures_are_logged_when_new_changed_or_persisting() {
+        let mut log = FailureLog::default();
+        let t0 = Instant::now();
+        let refused = "Unknown: transport error: Connection refused";
+        assert!(log.failed(refused, t0), "the first failure");
+        assert!(!log.failed(refused, t0 + Duration::from_secs(1)));
+        assert!(!log.failed(refused, t0 + Duration::from_secs(60)));
+        let revoked = "Unknown: transport error: CertificateRevoked";
+        assert!(log.failed(revoked, t0 + Duration::from_secs(61)), "changed");
+        assert!(!log.failed(revoked, t0 + Duration::from_secs(62)));
+        assert!(
+            log.failed(revoked, t0 + Duration::from_secs(61) + FAILURE_REPEAT),
+            "persisting"
+        );
+        assert_eq!(log.failures(), 6);
+        assert_eq!(log.recovered(), 6);
+        assert_eq!(log.recovered(), 0, "no failures since");
+        assert!(
+            log.failed(revoked, t0 + Duration::from_secs(70)),
+            "after a recovery"
         );
     }
 

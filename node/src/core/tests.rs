@@ -97,6 +97,50 @@ async fn fixture() -> Fixture {
     }
 }
 
+/// The log lines written on this thread (the `#[tokio::test]` runtime and
+/// its tasks) while it lives: INFO and above, and DEBUG of this crate.
+struct LogCapture {
+    lines: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    fn start() -> LogCapture {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("info,trmx_node=debug")
+            .with_ansi(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        LogCapture {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// The lines that contain every one of `parts`.
+    fn lines_with(&self, parts: &[&str]) -> Vec<String> {
+        String::from_utf8_lossy(&self.lines.lock().unwrap())
+            .lines()
+            .filter(|line| parts.iter().all(|p| line.contains(p)))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
 fn request(key: &str, to: &str, body: Body) -> SendRequest {
     SendRequest {
         idempotency_key: key.into(),
@@ -1550,6 +1594,37 @@ mod link {
             error.ends_with("(is broker.address the broker's gRPC/TLS port, not its admin port?)"),
             "{error}"
         );
+        nl.shutdown().await;
+    }
+
+    /// A node that could not reach the broker logged nothing at INFO, and
+    /// journalctl looked healthy: the first failure is a WARN with its
+    /// cause, the same failure again is not (DEBUG only), and the return of
+    /// the broker is an INFO.
+    #[tokio::test]
+    async fn connection_failures_are_warned_once_and_the_recovery_told() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let (l, addr) = listener().await;
+        drop(l); // nothing listens yet
+        let nl = online(dir.path(), "NL-NRM", addr, clock).await;
+        until("two failed attempts after the first", || async {
+            logs.lines_with(&["DEBUG", "cannot connect to the broker"])
+                .len()
+                >= 2
+        })
+        .await;
+        let warned = logs.lines_with(&["WARN", "cannot connect to the broker"]);
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        assert!(warned[0].contains("Connection refused"), "{}", warned[0]);
+
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let _serving = broker.serve("NL-NRM", TcpListener::bind(addr).await.unwrap());
+        until("NL is connected", || async { nl.status().broker_connected }).await;
+        let back = logs.lines_with(&["INFO", "connected to broker again"]);
+        assert_eq!(back.len(), 1, "{back:#?}");
+        assert!(back[0].contains("failures="), "{}", back[0]);
         nl.shutdown().await;
     }
 }
