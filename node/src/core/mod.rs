@@ -469,6 +469,45 @@ fn fingerprint(req: &SendRequest, payload: &[u8]) -> String {
         .collect()
 }
 
+/// How long before its end of validity the node certificate is warned about
+/// at start.
+pub const CERT_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
+
+/// Checks the node certificate (`tls.cert`) against the config at `now`: it
+/// must be a participant certificate for `config.participant` — the broker
+/// knows the node by its certificate only, so with another participant's
+/// certificate the node would receive that participant's messages into this
+/// one's database — and must not have expired. One that expires within
+/// [`CERT_EXPIRY_WARNING`] is logged at WARN.
+pub fn check_node_certificate(config: &CoreConfig, now: SystemTime) -> Result<(), NodeError> {
+    let path = config.tls.cert.display();
+    let info = trmx_certs::CertInfo::from_pem_file(&config.tls.cert)
+        .map_err(|e| NodeError::Config(format!("tls.cert: {e}")))?;
+    let Some(certified) = info.identity.participant() else {
+        return Err(NodeError::Config(format!(
+            "tls.cert: {path} is a {} certificate, not a participant's node certificate",
+            info.identity.role.kind()
+        )));
+    };
+    if certified != config.participant.as_str() {
+        return Err(NodeError::Config(format!(
+            "participant: {} does not match the node certificate {path}, which is for {certified}",
+            config.participant
+        )));
+    }
+    let not_after = trmx_certs::format_time(info.not_after);
+    match info.not_after.duration_since(now) {
+        Err(_) => Err(NodeError::Config(format!(
+            "tls.cert: {path} expired at {not_after} (its notAfter): the broker refuses it; install a renewed certificate"
+        ))),
+        Ok(left) if left < CERT_EXPIRY_WARNING => {
+            warn!(participant = %config.participant, cert = %path, not_after = %not_after, days_left = left.as_secs() / 86_400, "the node certificate expires soon: renew it");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
 /// The largest message the node takes from or sends to the broker: twice the
 /// broker's default `limits.max_envelope_bytes`, so that a broker configured
 /// higher still gets through; what is over the broker's limit it refuses.
@@ -490,7 +529,12 @@ impl NodeCore {
     /// Reads `TRMX_FAILPOINT` once: `inbox-after-store` makes the receive
     /// loop abort the process after a delivery is stored and flushed, before
     /// it is acknowledged (test-only).
+    ///
+    /// Refuses a node certificate that is not `config.participant`'s or that
+    /// has expired (see [`check_node_certificate`]) before anything is
+    /// opened or dialled.
     pub async fn start(config: CoreConfig, clock: Arc<dyn Clock>) -> Result<NodeCore, NodeError> {
+        check_node_certificate(&config, clock.now())?;
         let opts = trmx_transport::ClientOptions {
             server_name: config.broker_server_name.clone(),
             crl: config.crl.clone(),

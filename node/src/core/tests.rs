@@ -1627,4 +1627,95 @@ mod link {
         assert!(back[0].contains("failures="), "{}", back[0]);
         nl.shutdown().await;
     }
+
+    // ---- the node certificate at start ------------------------------------------
+
+    /// With participant = "NL-NRM" and BE-PAYOKE's certificate the node ran
+    /// and would have stored BE-PAYOKE's deliveries as NL-NRM's.
+    #[tokio::test]
+    async fn a_certificate_of_another_participant_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("BE-PAYOKE").unwrap();
+        let (l, addr) = listener().await;
+        let error = started(dir.path(), "NL-NRM", &federation, &cert, addr)
+            .await
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(matches!(error, NodeError::Config(_)), "{error:?}");
+        for part in ["NL-NRM", "BE-PAYOKE", &cert.cert.display().to_string()] {
+            assert!(text.contains(part), "{part} missing: {text}");
+        }
+        assert!(!dir.path().join("NL-NRM").exists(), "store opened");
+        let dialled = tokio::time::timeout(Duration::from_millis(200), l.accept()).await;
+        assert!(dialled.is_err(), "the broker was dialled");
+
+        // an operator's certificate is no node certificate either
+        let operator = federation.operator("alice").unwrap();
+        let error = started(dir.path(), "NL-NRM", &federation, &operator, addr)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("operator certificate"),
+            "{error}"
+        );
+    }
+
+    /// The certificate `id` of `federation`, issued `issued_days_ago` days
+    /// ago and valid for `validity_days`.
+    fn issued(
+        federation: &trmx_certs::Federation,
+        id: &str,
+        issued_days_ago: u64,
+        validity_days: u32,
+    ) -> trmx_certs::CertPaths {
+        let spec = trmx_certs::IssueSpec {
+            validity_days,
+            ..trmx_certs::IssueSpec::participant(id)
+        };
+        let paths = trmx_certs::CertPaths::from_prefix(&federation.dir.join(id));
+        let at = SystemTime::now() - DAY * u32::try_from(issued_days_ago).unwrap();
+        federation.ca.issue_at(&spec, &paths, true, at).unwrap();
+        paths
+    }
+
+    #[tokio::test]
+    async fn an_expired_certificate_stops_the_start_and_one_expiring_is_warned() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let (_l, addr) = listener().await;
+
+        let expired = issued(&federation, "NL-NRM", 20, 10);
+        let not_after = trmx_certs::CertInfo::from_pem_file(&expired.cert)
+            .unwrap()
+            .not_after;
+        let error = started(dir.path(), "NL-NRM", &federation, &expired, addr)
+            .await
+            .unwrap_err()
+            .to_string();
+        for part in [
+            expired.cert.display().to_string(),
+            trmx_certs::format_time(not_after),
+        ] {
+            assert!(error.contains(&part), "{part} missing: {error}");
+        }
+
+        let expiring = issued(&federation, "NL-NRM", 0, 10);
+        let nl = started(dir.path(), "NL-NRM", &federation, &expiring, addr)
+            .await
+            .unwrap();
+        let warned = logs.lines_with(&["WARN", "the node certificate expires soon"]);
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        assert!(warned[0].contains("days_left=9"), "{}", warned[0]);
+        nl.shutdown().await;
+
+        // (another participant: NL-NRM's store stays locked while `nl` lives)
+        let fresh = issued(&federation, "BE-PAYOKE", 0, 365);
+        let be = started(dir.path(), "BE-PAYOKE", &federation, &fresh, addr)
+            .await
+            .unwrap();
+        assert_eq!(logs.lines_with(&["expires soon"]).len(), 1, "warned again");
+        be.shutdown().await;
+    }
 }
