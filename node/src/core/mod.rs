@@ -410,6 +410,93 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The broker's participant registry as last fetched; `None` until a
+    /// `GetInfo` answered.
+    fn cached_participants(&self) -> Option<Vec<ParticipantInfo>> {
+        self.link
+            .participants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Asks the broker for its participant registry (`GetInfo`, waiting at most
+/// `wait`) and caches it.
+async fn fetch_participants(
+    inner: &Inner,
+    wait: Duration,
+) -> Result<Vec<ParticipantInfo>, NodeError> {
+    let Some(mut client) = inner.client.clone() else {
+        return Err(NodeError::BrokerUnavailable("the node runs offline".into()));
+    };
+    let info = tokio::time::timeout(wait, client.get_info(pb::GetInfoRequest {}))
+        .await
+        .map_err(|_| NodeError::BrokerUnavailable("GetInfo timed out".into()))?
+        .map_err(|s| NodeError::BrokerUnavailable(link::status_text(&s)))?
+        .into_inner();
+    inner.cache_participants(&info);
+    Ok(info
+        .participants
+        .iter()
+        .filter_map(link::participant_info)
+        .collect())
+}
+
+/// Longest wait for the broker's registry when a send names a recipient that
+/// the cached registry refuses.
+const REGISTRY_REFRESH_WAIT: Duration = Duration::from_secs(3);
+
+/// Why the broker, by its registry `participants`, would refuse a `kind`
+/// message to `recipient` (as `NOT_FOUND` or `FAILED_PRECONDITION`), if it would.
+fn registry_refusal(
+    participants: &[ParticipantInfo],
+    recipient: &ParticipantId,
+    kind: Kind,
+) -> Option<ValidationError> {
+    match participants.iter().find(|p| p.id == *recipient) {
+        None => Some(ValidationError::new(
+            "recipient",
+            format!(
+                "{recipient} is not a participant of the broker (trmx-node participants lists them)"
+            ),
+        )),
+        Some(p) if !p.accepts.contains(&kind) => Some(ValidationError::new(
+            "kind",
+            format!(
+                "{recipient} does not accept {kind} messages (trmx-node participants lists what each accepts)"
+            ),
+        )),
+        Some(_) => None,
+    }
+}
+
+/// Refuses up front a message that the broker's registry says it would
+/// refuse, so that the caller is told now instead of a moment after "queued".
+/// A node that never reached the broker knows no registry and queues (the
+/// broker decides). A refusal by the cached registry is checked again with a
+/// fresh one (a participant may have joined, or started to accept the kind,
+/// since the last connect); when the broker cannot answer, the cached one
+/// decides.
+async fn check_recipient(
+    inner: &Inner,
+    recipient: &ParticipantId,
+    kind: Kind,
+) -> Result<(), NodeError> {
+    let Some(cached) = inner.cached_participants() else {
+        return Ok(());
+    };
+    let Some(refusal) = registry_refusal(&cached, recipient, kind) else {
+        return Ok(());
+    };
+    let refusal = match fetch_participants(inner, REGISTRY_REFRESH_WAIT).await {
+        Ok(fresh) => registry_refusal(&fresh, recipient, kind),
+        Err(_) => Some(refusal),
+    };
+    refusal.map_or(Ok(()), |r| Err(NodeError::Invalid(r)))
+}
+
 /// Checks an idempotency key: 1..=128 of `[A-Za-z0-9._:-]`.
 fn check_idempotency_key(key: &str) -> Result<(), NodeError> {
     let ok = (1..=128).contains(&key.len())
@@ -638,7 +725,9 @@ impl NodeCore {
     }
 
     /// Validates and stores a message as `QUEUED` (flushed before this returns),
-    /// then wakes the submit loop. A retry with the same idempotency key and
+    /// then wakes the submit loop. A recipient that the broker's registry,
+    /// once known, does not list, or that does not accept the kind, is
+    /// refused here (`Invalid`, field `recipient` or `kind`). A retry with the same idempotency key and
     /// content returns the entry stored the first time.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
         let inner = &self.inner;
@@ -680,6 +769,7 @@ impl NodeCore {
                 "must be in the future",
             )));
         }
+        check_recipient(inner, &req.recipient, kind).await?;
         let payload = req.body.encode();
         let fingerprint = fingerprint(&req, &payload);
         let case_ref = match (req.case_ref, req.in_reply_to) {
@@ -870,33 +960,10 @@ impl NodeCore {
 
     /// The broker's participant registry (cached, refreshed on each connect).
     pub async fn participants(&self) -> Result<Vec<ParticipantInfo>, NodeError> {
-        let cached = self
-            .inner
-            .link
-            .participants
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        if let Some(list) = cached {
-            return Ok(list);
+        match self.inner.cached_participants() {
+            Some(list) => Ok(list),
+            None => fetch_participants(&self.inner, Duration::from_secs(10)).await,
         }
-        let Some(mut client) = self.inner.client.clone() else {
-            return Err(NodeError::BrokerUnavailable("the node runs offline".into()));
-        };
-        let info = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.get_info(pb::GetInfoRequest {}),
-        )
-        .await
-        .map_err(|_| NodeError::BrokerUnavailable("GetInfo timed out".into()))?
-        .map_err(|s| NodeError::BrokerUnavailable(link::status_text(&s)))?
-        .into_inner();
-        self.inner.cache_participants(&info);
-        Ok(info
-            .participants
-            .iter()
-            .filter_map(link::participant_info)
-            .collect())
     }
 
     /// Connection state and queue sizes.

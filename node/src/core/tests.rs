@@ -1305,9 +1305,12 @@ mod link {
             _serving,
         } = online_pair().await;
 
-        // Refused at submit (unknown recipient): FAILED with the gRPC code.
+        // Refused at submit (a recipient that left the registry after the
+        // node last fetched it): FAILED with the gRPC code.
+        broker.lock().participants.push("DE-GONE".into());
+        broker.lock().gone.push("DE-GONE".into());
         let lost = nl
-            .send(request("k-1", "DE-NOBODY", referral()))
+            .send(request("k-1", "DE-GONE", referral()))
             .await
             .unwrap();
         until("the broker refusal is recorded", || async {
@@ -1716,6 +1719,67 @@ mod link {
             .await
             .unwrap();
         assert_eq!(logs.lines_with(&["expires soon"]).len(), 1, "warned again");
+        be.shutdown().await;
+    }
+
+    // ---- the recipient, checked against the broker's registry -------------------
+
+    /// `trmx-node send --to XX-NOPE` said "queued" and failed a moment later
+    /// as rejected by the broker: a node that knows the registry says so now.
+    #[tokio::test]
+    async fn a_recipient_the_registry_refuses_is_refused_at_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE", "DE-KOK"]);
+        broker
+            .lock()
+            .accepts
+            .insert("DE-KOK".into(), vec![Kind::FollowUp]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
+        until("NL is connected", || async { nl.status().broker_connected }).await;
+
+        let refused =
+            |result: Result<OutboxEntry, NodeError>, field: &str, parts: &[&str]| match result {
+                Err(NodeError::Invalid(e)) => {
+                    assert_eq!(e.field, field, "{e}");
+                    for part in parts {
+                        assert!(e.to_string().contains(part), "{part} missing: {e}");
+                    }
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            };
+        refused(
+            nl.send(request("k-1", "XX-NOPE", referral())).await,
+            "recipient",
+            &["XX-NOPE", "not a participant"],
+        );
+        refused(
+            nl.send(request("k-2", "DE-KOK", referral())).await,
+            "kind",
+            &["DE-KOK", "does not accept referral"],
+        );
+        assert!(nl.outbox(&ListFilter::default()).await.unwrap().is_empty());
+
+        // a participant that joined after the node connected is asked for again
+        broker.lock().participants.push("FR-NEW".into());
+        let sent = nl.send(request("k-3", "FR-NEW", referral())).await.unwrap();
+        until("FR-NEW's message is submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+
+        // a node that never reached the broker knows no registry: it queues
+        let (down, down_addr) = listener().await;
+        drop(down);
+        let be = online(dir.path(), "BE-PAYOKE", down_addr, clock).await;
+        let queued = be
+            .send(request("k-1", "XX-NOPE", referral()))
+            .await
+            .unwrap();
+        assert_eq!(queued.state, OutboxState::Queued);
+        nl.shutdown().await;
         be.shutdown().await;
     }
 }
