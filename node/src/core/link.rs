@@ -907,7 +907,7 @@ async fn check_one(
                     return inner.store.flush_async().await;
                 }
                 Err(status) if is_permanent(status.code()) => {
-                    warn!(participant = %me, message_id = %id, code = ?status.code(), "the broker refused the message submitted again");
+                    warn!(participant = %me, message_id = %id, code = ?status.code(), reason = status.message(), "the broker refused the message submitted again");
                     (
                         trmx_transport::code_name(status.code()).to_owned(),
                         field_path_of(status.message()),
@@ -939,7 +939,7 @@ async fn submit_one(
     envelope: pb::Envelope,
 ) -> Result<(), NodeError> {
     let me = inner.config.participant.clone();
-    let kind = Kind::from_pb(envelope.kind);
+    let kind = Kind::from_pb(envelope.kind).map_or("unspecified", Kind::name);
     let result = client
         .submit(pb::SubmitRequest {
             envelope: Some(envelope),
@@ -954,7 +954,7 @@ async fn submit_one(
                 .blocking(move || store.mark_submitted(id, now))
                 .await?;
             inner.store.flush_async().await?;
-            info!(participant = %me, message_id = %id, kind = ?kind, duplicate, "message submitted");
+            info!(participant = %me, message_id = %id, kind = %kind, duplicate, "message submitted");
             let withdrawn = updated.as_ref().is_some_and(|u| {
                 u.entry.state == OutboxState::Failed
                     && u.entry
@@ -982,7 +982,9 @@ async fn submit_one(
                 field_path: field_path_of(status.message()),
             };
             let text = status_text(&status);
-            warn!(participant = %me, message_id = %id, kind = ?kind, code = ?status.code(), "broker refused message");
+            // The broker's reason names a field path and rule, ids, kinds
+            // or limits, never a value from the body (its error contract).
+            warn!(participant = %me, message_id = %id, kind = %kind, code = ?status.code(), reason = status.message(), "broker refused message");
             inner
                 .blocking(move || store.mark_refused(id, failure, &text, now))
                 .await?;

@@ -1296,6 +1296,7 @@ mod link {
 
     #[tokio::test]
     async fn refusals_and_rejections_end_in_failed_with_the_reason() {
+        let logs = LogCapture::start();
         let Pair {
             dir: _dir,
             clock: _clock,
@@ -1306,7 +1307,8 @@ mod link {
         } = online_pair().await;
 
         // Refused at submit (a recipient that left the registry after the
-        // node last fetched it): FAILED with the gRPC code.
+        // node last fetched it): FAILED with the gRPC code, and the
+        // broker's reason in the log.
         broker.lock().participants.push("DE-GONE".into());
         broker.lock().gone.push("DE-GONE".into());
         let lost = nl
@@ -1325,6 +1327,18 @@ mod link {
         assert_eq!(failure.outcome, "rejected-by-broker");
         assert_eq!(failure.reason_code, "NOT_FOUND");
         assert_eq!(failure.field_path, "envelope.recipient");
+        let warned = logs.lines_with(&[
+            "WARN",
+            "broker refused message",
+            &lost.message_id.to_string(),
+        ]);
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        assert!(
+            warned[0].contains("kind=referral ")
+                && warned[0].contains(r#"reason="envelope.recipient: unknown participant""#),
+            "{}",
+            warned[0]
+        );
 
         // An invalid body from a hand-made client: BE rejects it with the
         // reason and the field path, and stores nothing. (How a known
