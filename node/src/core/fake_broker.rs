@@ -24,6 +24,11 @@ use trmx_proto::{Kind, MessageId, pb};
 pub(crate) struct FakeState {
     /// Known participants.
     pub(crate) participants: Vec<String>,
+    /// Kinds a participant accepts, where not every application kind.
+    pub(crate) accepts: HashMap<String, Vec<Kind>>,
+    /// Participants that `GetInfo` still lists but `Submit` no longer knows
+    /// (gone from the registry since the node last asked).
+    pub(crate) gone: Vec<String>,
     pub(crate) queues: HashMap<String, VecDeque<pb::Envelope>>,
     /// Envelopes accepted, by id, with their sender.
     pub(crate) accepted: HashMap<String, pb::Envelope>,
@@ -78,6 +83,36 @@ impl FakeBroker {
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = rx.await;
                 })
+                .await;
+        });
+        tx
+    }
+
+    /// [`FakeBroker::serve`] over mutual TLS with `tls`, as the broker does
+    /// (the caller is still `caller`, whatever the client certificate says).
+    pub(crate) fn serve_tls(
+        &self,
+        caller: &str,
+        listener: TcpListener,
+        tls: trmx_transport::ServerTls,
+    ) -> tokio::sync::oneshot::Sender<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let service = ExchangeServer::new(Endpoint {
+            broker: self.clone(),
+            caller: caller.to_owned(),
+        });
+        let conns = trmx_transport::incoming(
+            listener,
+            tls,
+            trmx_transport::ListenerLimits::default(),
+            async {
+                let _ = rx.await;
+            },
+        );
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(conns)
                 .await;
         });
         tx
@@ -165,7 +200,9 @@ impl Exchange for Endpoint {
         drop(self.broker.submit_hold.lock().await);
         let duplicate = {
             let st = self.broker.lock();
-            if !st.participants.contains(&envelope.recipient) {
+            if !st.participants.contains(&envelope.recipient)
+                || st.gone.contains(&envelope.recipient)
+            {
                 return Err(Status::not_found("envelope.recipient: unknown participant"));
             }
             match st.accepted.get(&envelope.message_id) {
@@ -314,9 +351,8 @@ impl Exchange for Endpoint {
         &self,
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::BrokerInfo>, Status> {
-        let participants = self
-            .broker
-            .lock()
+        let st = self.broker.lock();
+        let participants = st
             .participants
             .iter()
             .map(|id| pb::Participant {
@@ -324,9 +360,16 @@ impl Exchange for Endpoint {
                 display_name: format!("{id} (test)"),
                 country: id[..2].to_owned(),
                 organisation_type: pb::OrganisationType::Ngo as i32,
-                accepts: Kind::APPLICATION.iter().map(|k| k.to_pb() as i32).collect(),
+                accepts: st
+                    .accepts
+                    .get(id)
+                    .map_or(&Kind::APPLICATION[..], Vec::as_slice)
+                    .iter()
+                    .map(|k| k.to_pb() as i32)
+                    .collect(),
             })
             .collect();
+        drop(st);
         Ok(Response::new(pb::BrokerInfo {
             broker_name: "fake".into(),
             participants,

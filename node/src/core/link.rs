@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::watch;
@@ -76,8 +76,59 @@ async fn pause(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-fn status_text(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+/// A broker error for operators: the gRPC code, the message and every cause
+/// under it (`Unknown: transport error: …: invalid peer certificate: …`):
+/// tonic says only "transport error" for a connection that failed, and the
+/// cause (refused, DNS, certificate) is in the source chain. A TLS error
+/// that means the peer does not speak TLS gets [`NOT_TLS_HINT`].
+pub(crate) fn status_text(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    push_causes(&mut text, status.source());
+    text
+}
+
+/// Said after the TLS error of a peer that answered in plain text, such as
+/// the broker's admin endpoint (HTTP).
+const NOT_TLS_HINT: &str = "is broker.address the broker's gRPC/TLS port, not its admin port?";
+
+/// Appends `cause` and each of its sources to `text`, each after `: `; one
+/// whose text the line holds already (hyper, io and tonic repeat their inner
+/// error) is left out.
+fn push_causes(text: &mut String, mut cause: Option<&(dyn std::error::Error + 'static)>) {
+    let mut not_tls = false;
+    while let Some(error) = cause {
+        not_tls |= is_not_tls(error);
+        let part = error.to_string();
+        if !part.is_empty() && !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = error.source();
+    }
+    if not_tls {
+        text.push_str(" (");
+        text.push_str(NOT_TLS_HINT);
+        text.push(')');
+    }
+}
+
+/// Whether `error` is rustls' "received corrupt message of type
+/// InvalidContentType" (bare or inside an `io::Error`): the first bytes the
+/// peer sent were not a TLS record.
+fn is_not_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+        error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    });
+    matches!(
+        tls,
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))
+    )
 }
 
 /// Whether a submit refused with `code` can never succeed.
@@ -160,6 +211,60 @@ pub(crate) fn participant_info(p: &pb::Participant) -> Option<ParticipantInfo> {
 
 // ---- receive ----------------------------------------------------------------
 
+/// How often a broker connection failure that persists is logged again.
+pub(crate) const FAILURE_REPEAT: Duration = Duration::from_secs(300);
+
+/// Which broker connection failures reach the log at WARN: the first, each
+/// one that differs from the failure logged before, and the same one again
+/// every [`FAILURE_REPEAT`] — enough for `journalctl` to show why the node is
+/// cut off without a line per reconnect attempt. Every failure is counted,
+/// and the count is logged when the link works again.
+#[derive(Debug, Default)]
+pub(crate) struct FailureLog {
+    /// The failure logged last, and when.
+    logged: Option<(String, Instant)>,
+    /// Failures since the link last worked.
+    failures: u64,
+}
+
+impl FailureLog {
+    /// Counts a failure at `now`; `true` when it is to be logged.
+    pub(crate) fn failed(&mut self, error: &str, now: Instant) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        let due = match &self.logged {
+            None => true,
+            Some((last, at)) => last != error || now.duration_since(*at) >= FAILURE_REPEAT,
+        };
+        if due {
+            self.logged = Some((error.to_owned(), now));
+        }
+        due
+    }
+
+    /// Failures since the link last worked.
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// The link works: the failures before (0 if none), forgotten.
+    pub(crate) fn recovered(&mut self) -> u64 {
+        self.logged = None;
+        std::mem::take(&mut self.failures)
+    }
+}
+
+/// Records a broker connection failure for `status` and logs it as
+/// [`FailureLog`] decides (every one at DEBUG).
+fn link_failed(inner: &Inner, failures: &mut FailureLog, what: &'static str, error: String) {
+    let me = &inner.config.participant;
+    if failures.failed(&error, Instant::now()) {
+        warn!(participant = %me, error = %error, failures = failures.failures(), "{what}");
+    } else {
+        debug!(participant = %me, error = %error, failures = failures.failures(), "{what}");
+    }
+    inner.set_error(error);
+}
+
 /// Connects, refreshes the participant cache, then consumes one `Receive`
 /// stream until it breaks; reconnects with backoff until shutdown.
 pub(crate) async fn receive_loop(
@@ -169,6 +274,7 @@ pub(crate) async fn receive_loop(
 ) {
     let me = inner.config.participant.clone();
     let mut backoff = Backoff::new(inner.config.reconnect_min, inner.config.reconnect_max);
+    let mut failures = FailureLog::default();
     loop {
         if *shutdown.borrow() {
             break;
@@ -189,7 +295,12 @@ pub(crate) async fn receive_loop(
                     Ok(stream) => {
                         inner.set_connected(true);
                         backoff.reset();
-                        info!(participant = %me, "connected to broker");
+                        match failures.recovered() {
+                            0 => info!(participant = %me, "connected to broker"),
+                            failed => {
+                                info!(participant = %me, failures = failed, "connected to broker again");
+                            }
+                        }
                         // The broker is reachable: let the submit loop retry now.
                         inner.submit_wake.notify_one();
                         let mut stream = stream.into_inner();
@@ -209,7 +320,7 @@ pub(crate) async fn receive_loop(
                                         break false;
                                     }
                                     Err(status) => {
-                                        inner.set_error(status_text(&status));
+                                        link_failed(&inner, &mut failures, "connection to the broker broken", status_text(&status));
                                         break false;
                                     }
                                 },
@@ -221,13 +332,20 @@ pub(crate) async fn receive_loop(
                         }
                         info!(participant = %me, "disconnected from broker");
                     }
-                    Err(status) => inner.set_error(status_text(&status)),
+                    Err(status) => link_failed(
+                        &inner,
+                        &mut failures,
+                        "broker refused the receive stream",
+                        status_text(&status),
+                    ),
                 }
             }
-            Err(status) => {
-                debug!(participant = %me, code = ?status.code(), "broker not reachable");
-                inner.set_error(status_text(&status));
-            }
+            Err(status) => link_failed(
+                &inner,
+                &mut failures,
+                "cannot connect to the broker",
+                status_text(&status),
+            ),
         }
         if !pause(backoff.next_delay(), &mut shutdown).await {
             break;
@@ -789,7 +907,7 @@ async fn check_one(
                     return inner.store.flush_async().await;
                 }
                 Err(status) if is_permanent(status.code()) => {
-                    warn!(participant = %me, message_id = %id, code = ?status.code(), "the broker refused the message submitted again");
+                    warn!(participant = %me, message_id = %id, code = ?status.code(), reason = status.message(), "the broker refused the message submitted again");
                     (
                         trmx_transport::code_name(status.code()).to_owned(),
                         field_path_of(status.message()),
@@ -821,7 +939,7 @@ async fn submit_one(
     envelope: pb::Envelope,
 ) -> Result<(), NodeError> {
     let me = inner.config.participant.clone();
-    let kind = Kind::from_pb(envelope.kind);
+    let kind = Kind::from_pb(envelope.kind).map_or("unspecified", Kind::name);
     let result = client
         .submit(pb::SubmitRequest {
             envelope: Some(envelope),
@@ -836,7 +954,7 @@ async fn submit_one(
                 .blocking(move || store.mark_submitted(id, now))
                 .await?;
             inner.store.flush_async().await?;
-            info!(participant = %me, message_id = %id, kind = ?kind, duplicate, "message submitted");
+            info!(participant = %me, message_id = %id, kind = %kind, duplicate, "message submitted");
             let withdrawn = updated.as_ref().is_some_and(|u| {
                 u.entry.state == OutboxState::Failed
                     && u.entry
@@ -864,7 +982,9 @@ async fn submit_one(
                 field_path: field_path_of(status.message()),
             };
             let text = status_text(&status);
-            warn!(participant = %me, message_id = %id, kind = ?kind, code = ?status.code(), "broker refused message");
+            // The broker's reason names a field path and rule, ids, kinds
+            // or limits, never a value from the body (its error contract).
+            warn!(participant = %me, message_id = %id, kind = %kind, code = ?status.code(), reason = status.message(), "broker refused message");
             inner
                 .blocking(move || store.mark_refused(id, failure, &text, now))
                 .await?;
@@ -900,6 +1020,66 @@ mod tests {
         assert!(d >= Duration::from_millis(500), "{d:?}");
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn status_text_walks_the_source_chain() {
+        #[derive(Debug)]
+        struct Cause(&'static str, Option<Box<Cause>>);
+        impl std::fmt::Display for Cause {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Cause {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|c| c as _)
+            }
+        }
+        let io = Cause("invalid peer certificate: Expired", None);
+        // hyper's connect error repeats its cause; it is said once
+        let connect = Cause(
+            "tcp connect error: invalid peer certificate: Expired",
+            Some(Box::new(io)),
+        );
+        let mut status = tonic::Status::unknown("transport error");
+        status.set_source(Arc::new(Cause(
+            "client error (Connect)",
+            Some(Box::new(connect)),
+        )));
+        assert_eq!(
+            status_text(&status),
+            "Unknown: transport error: client error (Connect): \
+             tcp connect error: invalid peer certificate: Expired"
+        );
+        assert_eq!(
+            status_text(&tonic::Status::not_found("unknown recipient XX-NOPE")),
+            "NotFound: unknown recipient XX-NOPE"
+        );
+    }
+
+    #[test]
+    fn connection_failures_are_logged_when_new_changed_or_persisting() {
+        let mut log = FailureLog::default();
+        let t0 = Instant::now();
+        let refused = "Unknown: transport error: Connection refused";
+        assert!(log.failed(refused, t0), "the first failure");
+        assert!(!log.failed(refused, t0 + Duration::from_secs(1)));
+        assert!(!log.failed(refused, t0 + Duration::from_secs(60)));
+        let revoked = "Unknown: transport error: CertificateRevoked";
+        assert!(log.failed(revoked, t0 + Duration::from_secs(61)), "changed");
+        assert!(!log.failed(revoked, t0 + Duration::from_secs(62)));
+        assert!(
+            log.failed(revoked, t0 + Duration::from_secs(61) + FAILURE_REPEAT),
+            "persisting"
+        );
+        assert_eq!(log.failures(), 6);
+        assert_eq!(log.recovered(), 6);
+        assert_eq!(log.recovered(), 0, "no failures since");
+        assert!(
+            log.failed(revoked, t0 + Duration::from_secs(70)),
+            "after a recovery"
+        );
     }
 
     #[test]

@@ -410,6 +410,93 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The broker's participant registry as last fetched; `None` until a
+    /// `GetInfo` answered.
+    fn cached_participants(&self) -> Option<Vec<ParticipantInfo>> {
+        self.link
+            .participants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Asks the broker for its participant registry (`GetInfo`, waiting at most
+/// `wait`) and caches it.
+async fn fetch_participants(
+    inner: &Inner,
+    wait: Duration,
+) -> Result<Vec<ParticipantInfo>, NodeError> {
+    let Some(mut client) = inner.client.clone() else {
+        return Err(NodeError::BrokerUnavailable("the node runs offline".into()));
+    };
+    let info = tokio::time::timeout(wait, client.get_info(pb::GetInfoRequest {}))
+        .await
+        .map_err(|_| NodeError::BrokerUnavailable("GetInfo timed out".into()))?
+        .map_err(|s| NodeError::BrokerUnavailable(link::status_text(&s)))?
+        .into_inner();
+    inner.cache_participants(&info);
+    Ok(info
+        .participants
+        .iter()
+        .filter_map(link::participant_info)
+        .collect())
+}
+
+/// Longest wait for the broker's registry when a send names a recipient that
+/// the cached registry refuses.
+const REGISTRY_REFRESH_WAIT: Duration = Duration::from_secs(3);
+
+/// Why the broker, by its registry `participants`, would refuse a `kind`
+/// message to `recipient` (as `NOT_FOUND` or `FAILED_PRECONDITION`), if it would.
+fn registry_refusal(
+    participants: &[ParticipantInfo],
+    recipient: &ParticipantId,
+    kind: Kind,
+) -> Option<ValidationError> {
+    match participants.iter().find(|p| p.id == *recipient) {
+        None => Some(ValidationError::new(
+            "recipient",
+            format!(
+                "{recipient} is not a participant of the broker (trmx-node participants lists them)"
+            ),
+        )),
+        Some(p) if !p.accepts.contains(&kind) => Some(ValidationError::new(
+            "kind",
+            format!(
+                "{recipient} does not accept {kind} messages (trmx-node participants lists what each accepts)"
+            ),
+        )),
+        Some(_) => None,
+    }
+}
+
+/// Refuses up front a message that the broker's registry says it would
+/// refuse, so that the caller is told now instead of a moment after "queued".
+/// A node that never reached the broker knows no registry and queues (the
+/// broker decides). A refusal by the cached registry is checked again with a
+/// fresh one (a participant may have joined, or started to accept the kind,
+/// since the last connect); when the broker cannot answer, the cached one
+/// decides.
+async fn check_recipient(
+    inner: &Inner,
+    recipient: &ParticipantId,
+    kind: Kind,
+) -> Result<(), NodeError> {
+    let Some(cached) = inner.cached_participants() else {
+        return Ok(());
+    };
+    let Some(refusal) = registry_refusal(&cached, recipient, kind) else {
+        return Ok(());
+    };
+    let refusal = match fetch_participants(inner, REGISTRY_REFRESH_WAIT).await {
+        Ok(fresh) => registry_refusal(&fresh, recipient, kind),
+        Err(_) => Some(refusal),
+    };
+    refusal.map_or(Ok(()), |r| Err(NodeError::Invalid(r)))
+}
+
 /// Checks an idempotency key: 1..=128 of `[A-Za-z0-9._:-]`.
 fn check_idempotency_key(key: &str) -> Result<(), NodeError> {
     let ok = (1..=128).contains(&key.len())
@@ -469,6 +556,45 @@ fn fingerprint(req: &SendRequest, payload: &[u8]) -> String {
         .collect()
 }
 
+/// How long before its end of validity the node certificate is warned about
+/// at start.
+pub const CERT_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
+
+/// Checks the node certificate (`tls.cert`) against the config at `now`: it
+/// must be a participant certificate for `config.participant` — the broker
+/// knows the node by its certificate only, so with another participant's
+/// certificate the node would receive that participant's messages into this
+/// one's database — and must not have expired. One that expires within
+/// [`CERT_EXPIRY_WARNING`] is logged at WARN.
+pub fn check_node_certificate(config: &CoreConfig, now: SystemTime) -> Result<(), NodeError> {
+    let path = config.tls.cert.display();
+    let info = trmx_certs::CertInfo::from_pem_file(&config.tls.cert)
+        .map_err(|e| NodeError::Config(format!("tls.cert: {e}")))?;
+    let Some(certified) = info.identity.participant() else {
+        return Err(NodeError::Config(format!(
+            "tls.cert: {path} is a {} certificate, not a participant's node certificate",
+            info.identity.role.kind()
+        )));
+    };
+    if certified != config.participant.as_str() {
+        return Err(NodeError::Config(format!(
+            "participant: {} does not match the node certificate {path}, which is for {certified}",
+            config.participant
+        )));
+    }
+    let not_after = trmx_certs::format_time(info.not_after);
+    match info.not_after.duration_since(now) {
+        Err(_) => Err(NodeError::Config(format!(
+            "tls.cert: {path} expired at {not_after} (its notAfter): the broker refuses it; install a renewed certificate"
+        ))),
+        Ok(left) if left < CERT_EXPIRY_WARNING => {
+            warn!(participant = %config.participant, cert = %path, not_after = %not_after, days_left = left.as_secs() / 86_400, "the node certificate expires soon: renew it");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
 /// The largest message the node takes from or sends to the broker: twice the
 /// broker's default `limits.max_envelope_bytes`, so that a broker configured
 /// higher still gets through; what is over the broker's limit it refuses.
@@ -490,7 +616,12 @@ impl NodeCore {
     /// Reads `TRMX_FAILPOINT` once: `inbox-after-store` makes the receive
     /// loop abort the process after a delivery is stored and flushed, before
     /// it is acknowledged (test-only).
+    ///
+    /// Refuses a node certificate that is not `config.participant`'s or that
+    /// has expired (see [`check_node_certificate`]) before anything is
+    /// opened or dialled.
     pub async fn start(config: CoreConfig, clock: Arc<dyn Clock>) -> Result<NodeCore, NodeError> {
+        check_node_certificate(&config, clock.now())?;
         let opts = trmx_transport::ClientOptions {
             server_name: config.broker_server_name.clone(),
             crl: config.crl.clone(),
@@ -594,7 +725,9 @@ impl NodeCore {
     }
 
     /// Validates and stores a message as `QUEUED` (flushed before this returns),
-    /// then wakes the submit loop. A retry with the same idempotency key and
+    /// then wakes the submit loop. A recipient that the broker's registry,
+    /// once known, does not list, or that does not accept the kind, is
+    /// refused here (`Invalid`, field `recipient` or `kind`). A retry with the same idempotency key and
     /// content returns the entry stored the first time.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
         let inner = &self.inner;
@@ -636,6 +769,7 @@ impl NodeCore {
                 "must be in the future",
             )));
         }
+        check_recipient(inner, &req.recipient, kind).await?;
         let payload = req.body.encode();
         let fingerprint = fingerprint(&req, &payload);
         let case_ref = match (req.case_ref, req.in_reply_to) {
@@ -756,11 +890,7 @@ impl NodeCore {
                 )));
             }
             Err(status) => {
-                return Err(NodeError::BrokerUnavailable(format!(
-                    "{:?}: {}",
-                    status.code(),
-                    status.message()
-                )));
+                return Err(NodeError::BrokerUnavailable(link::status_text(&status)));
             }
         }
         let store = inner.store.clone();
@@ -830,33 +960,10 @@ impl NodeCore {
 
     /// The broker's participant registry (cached, refreshed on each connect).
     pub async fn participants(&self) -> Result<Vec<ParticipantInfo>, NodeError> {
-        let cached = self
-            .inner
-            .link
-            .participants
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        if let Some(list) = cached {
-            return Ok(list);
+        match self.inner.cached_participants() {
+            Some(list) => Ok(list),
+            None => fetch_participants(&self.inner, Duration::from_secs(10)).await,
         }
-        let Some(mut client) = self.inner.client.clone() else {
-            return Err(NodeError::BrokerUnavailable("the node runs offline".into()));
-        };
-        let info = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.get_info(pb::GetInfoRequest {}),
-        )
-        .await
-        .map_err(|_| NodeError::BrokerUnavailable("GetInfo timed out".into()))?
-        .map_err(|s| NodeError::BrokerUnavailable(format!("{:?}: {}", s.code(), s.message())))?
-        .into_inner();
-        self.inner.cache_participants(&info);
-        Ok(info
-            .participants
-            .iter()
-            .filter_map(link::participant_info)
-            .collect())
     }
 
     /// Connection state and queue sizes.

@@ -97,6 +97,50 @@ async fn fixture() -> Fixture {
     }
 }
 
+/// The log lines written on this thread (the `#[tokio::test]` runtime and
+/// its tasks) while it lives: INFO and above, and DEBUG of this crate.
+struct LogCapture {
+    lines: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    fn start() -> LogCapture {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("info,trmx_node=debug")
+            .with_ansi(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        LogCapture {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// The lines that contain every one of `parts`.
+    fn lines_with(&self, parts: &[&str]) -> Vec<String> {
+        String::from_utf8_lossy(&self.lines.lock().unwrap())
+            .lines()
+            .filter(|line| parts.iter().all(|p| line.contains(p)))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
 fn request(key: &str, to: &str, body: Body) -> SendRequest {
     SendRequest {
         idempotency_key: key.into(),
@@ -1252,6 +1296,7 @@ mod link {
 
     #[tokio::test]
     async fn refusals_and_rejections_end_in_failed_with_the_reason() {
+        let logs = LogCapture::start();
         let Pair {
             dir: _dir,
             clock: _clock,
@@ -1261,9 +1306,13 @@ mod link {
             _serving,
         } = online_pair().await;
 
-        // Refused at submit (unknown recipient): FAILED with the gRPC code.
+        // Refused at submit (a recipient that left the registry after the
+        // node last fetched it): FAILED with the gRPC code, and the
+        // broker's reason in the log.
+        broker.lock().participants.push("DE-GONE".into());
+        broker.lock().gone.push("DE-GONE".into());
         let lost = nl
-            .send(request("k-1", "DE-NOBODY", referral()))
+            .send(request("k-1", "DE-GONE", referral()))
             .await
             .unwrap();
         until("the broker refusal is recorded", || async {
@@ -1278,6 +1327,18 @@ mod link {
         assert_eq!(failure.outcome, "rejected-by-broker");
         assert_eq!(failure.reason_code, "NOT_FOUND");
         assert_eq!(failure.field_path, "envelope.recipient");
+        let warned = logs.lines_with(&[
+            "WARN",
+            "broker refused message",
+            &lost.message_id.to_string(),
+        ]);
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        assert!(
+            warned[0].contains("kind=referral ")
+                && warned[0].contains(r#"reason="envelope.recipient: unknown participant""#),
+            "{}",
+            warned[0]
+        );
 
         // An invalid body from a hand-made client: BE rejects it with the
         // reason and the field path, and stores nothing. (How a known
@@ -1449,5 +1510,290 @@ mod link {
         let entry = state_of(&nl, sent.message_id).await.unwrap();
         assert_eq!(entry.state, OutboxState::Submitted, "{entry:?}");
         nl.shutdown().await;
+    }
+
+    // ---- connection failures, as the operator sees them -----------------------
+
+    /// A federation in `<dir>/pki` with a broker certificate for localhost.
+    fn federation(dir: &Path) -> trmx_certs::Federation {
+        trmx_certs::Federation::create(&dir.join("pki"), "trmx.test").unwrap()
+    }
+
+    /// The broker's TLS config from `federation` (its CRL checked).
+    fn broker_tls(federation: &trmx_certs::Federation) -> trmx_transport::ServerTls {
+        let cert = federation.broker("test").unwrap();
+        let paths = trmx_transport::TlsPaths {
+            ca: federation.ca_cert_path(),
+            cert: cert.cert,
+            key: cert.key,
+        };
+        trmx_transport::ServerTls::load(
+            &paths,
+            Some(&federation.crl_path()),
+            trmx_transport::CrlPolicy::Warn,
+        )
+        .unwrap()
+    }
+
+    /// `me` as the daemon starts it (`NodeCore::start`: mutual TLS with the
+    /// certificate `cert` of `federation`) against the broker at `addr`.
+    async fn started(
+        dir: &Path,
+        me: &str,
+        federation: &trmx_certs::Federation,
+        cert: &trmx_certs::CertPaths,
+        addr: SocketAddr,
+    ) -> Result<NodeCore, NodeError> {
+        let mut cfg = config(dir, me);
+        cfg.broker_addr = addr.to_string();
+        cfg.tls = trmx_transport::TlsPaths {
+            ca: federation.ca_cert_path(),
+            cert: cert.cert.clone(),
+            key: cert.key.clone(),
+        };
+        NodeCore::start(cfg, Arc::new(ManualClock::new(SystemTime::now()))).await
+    }
+
+    /// The last broker error once there is one.
+    async fn broker_error(node: &NodeCore) -> String {
+        until("a broker error", || async {
+            node.status().last_broker_error.is_some()
+        })
+        .await;
+        node.status().last_broker_error.unwrap()
+    }
+
+    /// `trmx-node status` said "Unknown: transport error" for a revoked
+    /// certificate: the certificate error is in the error's source chain.
+    #[tokio::test]
+    async fn status_shows_why_the_broker_refused_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("NL-NRM").unwrap();
+        federation.revoke(&cert).unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
+        let nl = started(dir.path(), "NL-NRM", &federation, &cert, addr)
+            .await
+            .unwrap();
+        let error = broker_error(&nl).await;
+        assert!(error.contains("CertificateRevoked"), "{error}");
+        assert!(!nl.status().broker_connected);
+        nl.shutdown().await;
+    }
+
+    /// A node pointed at the broker's admin port (plain HTTP) got
+    /// "received corrupt message of type InvalidContentType" and no clue.
+    #[tokio::test]
+    async fn a_plain_http_port_gets_a_hint_about_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("NL-NRM").unwrap();
+        let (l, addr) = listener().await;
+        // what an HTTP/1 server answers to a TLS ClientHello
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let nl = started(dir.path(), "NL-NRM", &federation, &cert, addr)
+            .await
+            .unwrap();
+        let error = broker_error(&nl).await;
+        assert!(error.contains("InvalidContentType"), "{error}");
+        assert!(
+            error.ends_with("(is broker.address the broker's gRPC/TLS port, not its admin port?)"),
+            "{error}"
+        );
+        nl.shutdown().await;
+    }
+
+    /// A node that could not reach the broker logged nothing at INFO, and
+    /// journalctl looked healthy: the first failure is a WARN with its
+    /// cause, the same failure again is not (DEBUG only), and the return of
+    /// the broker is an INFO.
+    #[tokio::test]
+    async fn connection_failures_are_warned_once_and_the_recovery_told() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let (l, addr) = listener().await;
+        drop(l); // nothing listens yet
+        let nl = online(dir.path(), "NL-NRM", addr, clock).await;
+        until("two failed attempts after the first", || async {
+            logs.lines_with(&["DEBUG", "cannot connect to the broker"])
+                .len()
+                >= 2
+        })
+        .await;
+        let warned = logs.lines_with(&["WARN", "cannot connect to the broker"]);
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        assert!(warned[0].contains("Connection refused"), "{}", warned[0]);
+
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let _serving = broker.serve("NL-NRM", TcpListener::bind(addr).await.unwrap());
+        until("NL is connected", || async { nl.status().broker_connected }).await;
+        let back = logs.lines_with(&["INFO", "connected to broker again"]);
+        assert_eq!(back.len(), 1, "{back:#?}");
+        assert!(back[0].contains("failures="), "{}", back[0]);
+        nl.shutdown().await;
+    }
+
+    // ---- the node certificate at start ------------------------------------------
+
+    /// With participant = "NL-NRM" and BE-PAYOKE's certificate the node ran
+    /// and would have stored BE-PAYOKE's deliveries as NL-NRM's.
+    #[tokio::test]
+    async fn a_certificate_of_another_participant_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("BE-PAYOKE").unwrap();
+        let (l, addr) = listener().await;
+        let error = started(dir.path(), "NL-NRM", &federation, &cert, addr)
+            .await
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(matches!(error, NodeError::Config(_)), "{error:?}");
+        for part in ["NL-NRM", "BE-PAYOKE", &cert.cert.display().to_string()] {
+            assert!(text.contains(part), "{part} missing: {text}");
+        }
+        assert!(!dir.path().join("NL-NRM").exists(), "store opened");
+        let dialled = tokio::time::timeout(Duration::from_millis(200), l.accept()).await;
+        assert!(dialled.is_err(), "the broker was dialled");
+
+        // an operator's certificate is no node certificate either
+        let operator = federation.operator("alice").unwrap();
+        let error = started(dir.path(), "NL-NRM", &federation, &operator, addr)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("operator certificate"),
+            "{error}"
+        );
+    }
+
+    /// The certificate `id` of `federation`, issued `issued_days_ago` days
+    /// ago and valid for `validity_days`.
+    fn issued(
+        federation: &trmx_certs::Federation,
+        id: &str,
+        issued_days_ago: u64,
+        validity_days: u32,
+    ) -> trmx_certs::CertPaths {
+        let spec = trmx_certs::IssueSpec {
+            validity_days,
+            ..trmx_certs::IssueSpec::participant(id)
+        };
+        let paths = trmx_certs::CertPaths::from_prefix(&federation.dir.join(id));
+        let at = SystemTime::now() - DAY * u32::try_from(issued_days_ago).unwrap();
+        federation.ca.issue_at(&spec, &paths, true, at).unwrap();
+        paths
+    }
+
+    #[tokio::test]
+    async fn an_expired_certificate_stops_the_start_and_one_expiring_is_warned() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let (_l, addr) = listener().await;
+
+        let expired = issued(&federation, "NL-NRM", 20, 10);
+        let not_after = trmx_certs::CertInfo::from_pem_file(&expired.cert)
+            .unwrap()
+            .not_after;
+        let error = started(dir.path(), "NL-NRM", &federation, &expired, addr)
+            .await
+            .unwrap_err()
+            .to_string();
+        for part in [
+            expired.cert.display().to_string(),
+            trmx_certs::format_time(not_after),
+        ] {
+            assert!(error.contains(&part), "{part} missing: {error}");
+        }
+
+        let expiring = issued(&federation, "NL-NRM", 0, 10);
+        let nl = started(dir.path(), "NL-NRM", &federation, &expiring, addr)
+            .await
+            .unwrap();
+        let warned = logs.lines_with(&["WARN", "the node certificate expires soon"]);
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        assert!(warned[0].contains("days_left=9"), "{}", warned[0]);
+        nl.shutdown().await;
+
+        // (another participant: NL-NRM's store stays locked while `nl` lives)
+        let fresh = issued(&federation, "BE-PAYOKE", 0, 365);
+        let be = started(dir.path(), "BE-PAYOKE", &federation, &fresh, addr)
+            .await
+            .unwrap();
+        assert_eq!(logs.lines_with(&["expires soon"]).len(), 1, "warned again");
+        be.shutdown().await;
+    }
+
+    // ---- the recipient, checked against the broker's registry -------------------
+
+    /// `trmx-node send --to XX-NOPE` said "queued" and failed a moment later
+    /// as rejected by the broker: a node that knows the registry says so now.
+    #[tokio::test]
+    async fn a_recipient_the_registry_refuses_is_refused_at_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE", "DE-KOK"]);
+        broker
+            .lock()
+            .accepts
+            .insert("DE-KOK".into(), vec![Kind::FollowUp]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
+        until("NL is connected", || async { nl.status().broker_connected }).await;
+
+        let refused =
+            |result: Result<OutboxEntry, NodeError>, field: &str, parts: &[&str]| match result {
+                Err(NodeError::Invalid(e)) => {
+                    assert_eq!(e.field, field, "{e}");
+                    for part in parts {
+                        assert!(e.to_string().contains(part), "{part} missing: {e}");
+                    }
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            };
+        refused(
+            nl.send(request("k-1", "XX-NOPE", referral())).await,
+            "recipient",
+            &["XX-NOPE", "not a participant"],
+        );
+        refused(
+            nl.send(request("k-2", "DE-KOK", referral())).await,
+            "kind",
+            &["DE-KOK", "does not accept referral"],
+        );
+        assert!(nl.outbox(&ListFilter::default()).await.unwrap().is_empty());
+
+        // a participant that joined after the node connected is asked for again
+        broker.lock().participants.push("FR-NEW".into());
+        let sent = nl.send(request("k-3", "FR-NEW", referral())).await.unwrap();
+        until("FR-NEW's message is submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+
+        // a node that never reached the broker knows no registry: it queues
+        let (down, down_addr) = listener().await;
+        drop(down);
+        let be = online(dir.path(), "BE-PAYOKE", down_addr, clock).await;
+        let queued = be
+            .send(request("k-1", "XX-NOPE", referral()))
+            .await
+            .unwrap();
+        assert_eq!(queued.state, OutboxState::Queued);
+        nl.shutdown().await;
+        be.shutdown().await;
     }
 }
