@@ -769,7 +769,16 @@ impl NodeCore {
                 "must be in the future",
             )));
         }
-        check_recipient(inner, &req.recipient, kind).await?;
+        // (a retry of a send stored before gets its entry, as it did the
+        // first time, whatever the registry says now)
+        let store = inner.store.clone();
+        let key = req.idempotency_key.clone();
+        if !inner
+            .blocking(move || store.idempotency_key_used(&key))
+            .await?
+        {
+            check_recipient(inner, &req.recipient, kind).await?;
+        }
         let payload = req.body.encode();
         let fingerprint = fingerprint(&req, &payload);
         let case_ref = match (req.case_ref, req.in_reply_to) {

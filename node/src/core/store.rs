@@ -579,6 +579,13 @@ impl Store {
 
     // ---- outbox -------------------------------------------------------
 
+    /// Whether a send used the idempotency key `key` before.
+    pub(crate) fn idempotency_key_used(&self, key: &str) -> Result<bool, NodeError> {
+        self.trees[IDEM]
+            .contains_key(key.as_bytes())
+            .map_err(store_err)
+    }
+
     /// Stores a new outbox entry as `QUEUED`, or returns the entry already
     /// stored under the same idempotency key and content (`false`).
     /// Different content under a used key is `IdempotencyConflict`.

@@ -1783,6 +1783,16 @@ mod link {
             state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
         })
         .await;
+        // FR-NEW leaves the registry: a retry of that send still gets its
+        // entry, as the first try did
+        broker.lock().participants.retain(|p| p != "FR-NEW");
+        refused(
+            nl.send(request("k-4", "XX-OTHER", referral())).await,
+            "recipient",
+            &["XX-OTHER"],
+        ); // (which fetched the registry without FR-NEW)
+        let retried = nl.send(request("k-3", "FR-NEW", referral())).await.unwrap();
+        assert_eq!(retried.message_id, sent.message_id);
 
         // a node that never reached the broker knows no registry: it queues
         let (down, down_addr) = listener().await;
