@@ -110,9 +110,9 @@ impl BrokerBuilder {
             store,
         } = self;
         config.validate()?;
-        let addr = listener.local_addr().map_err(|source| BrokerError::Io {
+        let addr = listener.local_addr().map_err(|error| BrokerError::Io {
             context: "reading the listener's address".into(),
-            source,
+            error,
         })?;
         let registry = Registry::from_config(&config.participants)?;
         let tls = load_tls(&config)?;
@@ -335,10 +335,7 @@ impl RunningBroker {
     /// Re-reads the CRL (and certificate and key) now, and closes connections
     /// whose certificate no longer verifies (what SIGHUP does).
     pub fn reload_tls(&self) -> Result<ReloadReport, BrokerError> {
-        let report = self
-            .tls
-            .reload()
-            .map_err(|e| BrokerError::transport("reloading TLS material", e))?;
+        let report = self.tls.reload().map_err(BrokerError::tls)?;
         self.certs.record(&self.tls);
         Ok(report)
     }
@@ -639,9 +636,9 @@ async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
     }
     TcpListener::bind(addr)
         .await
-        .map_err(|source| BrokerError::Io {
+        .map_err(|error| BrokerError::Io {
             context: format!("binding admin_listen {addr}"),
-            source,
+            error,
         })
 }
 
@@ -752,8 +749,7 @@ fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
         CrlPolicyConfig::Warn => CrlPolicy::Warn,
         CrlPolicyConfig::Strict => CrlPolicy::Strict,
     };
-    ServerTls::load(&paths, config.tls.crl.as_deref(), policy)
-        .map_err(|e| BrokerError::transport("loading TLS material", e))
+    ServerTls::load(&paths, config.tls.crl.as_deref(), policy).map_err(BrokerError::tls)
 }
 
 /// The broker name in the certificate's URI SAN, or `broker`.

@@ -12,8 +12,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::server::provider;
-use crate::{TlsPaths, TransportError, pem};
+use crate::server::{certified_key_error, provider};
+use crate::{TlsFile, TlsPaths, TransportError, pem};
 
 /// How a client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,13 +54,14 @@ fn client_config_checking(
     crl: Option<&Path>,
 ) -> Result<ClientConfig, TransportError> {
     let roots = pem::roots(&paths.ca)?;
-    let chain = pem::certs(&paths.cert)?;
+    let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
     let key = pem::key(&paths.key)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| TransportError::Config {
+        .map_err(|error| TransportError::Config {
+            file: TlsFile::Ca,
             path: paths.ca.clone(),
-            source,
+            error,
         })?;
     let builder = match crl {
         None => builder.with_root_certificates(roots),
@@ -69,19 +70,17 @@ fn client_config_checking(
             let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
                 .with_crls(crls.ders)
                 .build()
-                .map_err(|source| TransportError::Verifier {
+                .map_err(|error| TransportError::Verifier {
+                    file: TlsFile::Crl,
                     path: path.to_owned(),
-                    source,
+                    error,
                 })?;
             builder.with_webpki_verifier(verifier)
         }
     };
     let mut config = builder
         .with_client_auth_cert(chain, key)
-        .map_err(|source| TransportError::Config {
-            path: paths.cert.clone(),
-            source,
-        })?;
+        .map_err(|error| certified_key_error(paths, error))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     if crl.is_some() {
         // a resumed session skips the server certificate's check, and so the CRL
@@ -179,9 +178,9 @@ pub fn client_channel(
         ServerName::try_from(name.clone()).map_err(|_| TransportError::ServerName { name })?;
     let tls = Arc::new(ClientTls::load(paths, opts.crl.as_deref())?);
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|source| TransportError::Endpoint {
+        .map_err(|error| TransportError::Endpoint {
             addr: addr.to_owned(),
-            source,
+            error,
         })?
         .connect_timeout(opts.connect_timeout)
         .http2_keep_alive_interval(opts.http2_keepalive)

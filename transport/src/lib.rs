@@ -19,7 +19,7 @@
 //!   `Channel` over mutual TLS 1.3.
 //! - `pem` (private): reading PEM files (and DER CRLs) with errors that name the file.
 //! - [`status`] — [`code_name`] — a gRPC status code by its canonical name.
-//! - [`error`] — [`TransportError`].
+//! - [`error`] — [`TransportError`], with the [`TlsFile`] it is about.
 //!
 //! Data flow on the server: `TcpListener` → [`incoming`] (handshake with the current
 //! config) → [`TlsConn`] registered in [`ServerTls`] → tonic/hyper → handlers call
@@ -49,7 +49,7 @@ pub mod server;
 pub mod status;
 
 pub use client::{ClientOptions, client_channel, client_config};
-pub use error::TransportError;
+pub use error::{TlsFile, TransportError};
 pub use identity::peer_identity;
 pub use listener::{ListenerLimits, TlsConn, incoming};
 pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerTls, TlsPaths};

@@ -24,7 +24,7 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 
-use crate::{TransportError, pem};
+use crate::{TlsFile, TransportError, pem};
 
 /// Where a party's TLS material lives (all PEM).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,7 +182,7 @@ fn build(
 ) -> Result<Loaded, TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let crls = crl.map(pem::crls).transpose()?;
-    let chain = pem::certs(&paths.cert)?;
+    let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
     let key = pem::key(&paths.key)?;
 
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
@@ -194,23 +194,29 @@ fn build(
     if policy == CrlPolicy::Strict {
         builder = builder.enforce_revocation_expiration();
     }
-    let verifier = builder.build().map_err(|source| TransportError::Verifier {
-        path: crl.map_or_else(|| paths.ca.clone(), Path::to_owned),
-        source,
+    let verifier = builder.build().map_err(|error| match crl {
+        Some(crl) => TransportError::Verifier {
+            file: TlsFile::Crl,
+            path: crl.to_owned(),
+            error,
+        },
+        None => TransportError::Verifier {
+            file: TlsFile::Ca,
+            path: paths.ca.clone(),
+            error,
+        },
     })?;
 
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| TransportError::Config {
+        .map_err(|error| TransportError::Config {
+            file: TlsFile::Cert,
             path: paths.cert.clone(),
-            source,
+            error,
         })?
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
-        .map_err(|source| TransportError::Config {
-            path: paths.cert.clone(),
-            source,
-        })?;
+        .map_err(|error| certified_key_error(paths, error))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     // No resumption: a resumed session skips client-certificate verification, which
     // would let a since-revoked certificate back in without meeting the new CRL.
@@ -223,6 +229,24 @@ fn build(
         crl_next_update,
         generation,
     })
+}
+
+/// The error for rustls refusing `paths`' certificate and key together: a key that is not
+/// the certificate's names both files.
+pub(crate) fn certified_key_error(paths: &TlsPaths, error: rustls::Error) -> TransportError {
+    match error {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TransportError::KeyMismatch {
+                cert: paths.cert.clone(),
+                key: paths.key.clone(),
+            }
+        }
+        error => TransportError::Config {
+            file: TlsFile::Cert,
+            path: paths.cert.clone(),
+            error,
+        },
+    }
 }
 
 impl ServerTls {
