@@ -82,6 +82,41 @@ pub enum TransportError {
         /// The key file.
         key: PathBuf,
     },
+    /// The server's own certificate does not chain to the CA.
+    #[error(
+        "certificate {} is not issued by the CA in {} ({reason})",
+        cert.display(),
+        ca.display()
+    )]
+    NotIssuedByCa {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The CA file.
+        ca: PathBuf,
+        /// What the path check said.
+        reason: String,
+    },
+    /// The server's own certificate is not meant for a TLS server.
+    #[error(
+        "certificate {} is not a server certificate: its extended key usage lacks serverAuth \
+         (a node or operator certificate?)",
+        cert.display()
+    )]
+    NotServerCertificate {
+        /// The certificate file.
+        cert: PathBuf,
+    },
+    /// The CRL is not one the CA issued, so no client certificate could be checked against it
+    /// (every client would be refused).
+    #[error("CRL {} is not issued by the CA in {}: {reason}", crl.display(), ca.display())]
+    CrlNotFromCa {
+        /// The CRL file.
+        crl: PathBuf,
+        /// The CA file.
+        ca: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// rustls refused the assembled configuration.
     #[error("{file} {}: {error}", path.display())]
     Config {
@@ -144,6 +179,9 @@ impl TransportError {
             | TransportError::Config { file, .. }
             | TransportError::Verifier { file, .. } => one(*file),
             TransportError::KeyMismatch { .. } => &[TlsFile::Key, TlsFile::Cert],
+            TransportError::NotIssuedByCa { .. } => &[TlsFile::Cert, TlsFile::Ca],
+            TransportError::NotServerCertificate { .. } => &[TlsFile::Cert],
+            TransportError::CrlNotFromCa { .. } => &[TlsFile::Crl, TlsFile::Ca],
             TransportError::Address { .. }
             | TransportError::ServerName { .. }
             | TransportError::Endpoint { .. } => &[],

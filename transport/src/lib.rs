@@ -5,7 +5,8 @@
 //! Module map:
 //! - [`server`] — [`ServerTls`] — loads CA, certificate, key and CRL into a rustls
 //!   `ServerConfig` (client certificate required, verified against the federation CA and
-//!   the CRL), swaps a freshly loaded config in on [`ServerTls::reload`], and keeps a
+//!   the CRL; the server's own certificate checked to chain to the CA with serverAuth, and
+//!   the CRL to be the CA's), swaps a freshly loaded config in on [`ServerTls::reload`], and keeps a
 //!   registry of open connections so that a reload closes the ones whose certificate no
 //!   longer verifies. [`CrlPolicy`] / [`CrlStatus`] cover a CRL past its `nextUpdate`.
 //! - [`listener`] — [`incoming`] — the accept loop (concurrent handshakes with a timeout,

@@ -19,10 +19,10 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use futures::task::AtomicWaker;
-use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
+use rustls::{RootCertStore, ServerConfig};
 
 use crate::{TlsFile, TransportError, pem};
 
@@ -184,6 +184,7 @@ fn build(
     let crls = crl.map(pem::crls).transpose()?;
     let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
     let key = pem::key(&paths.key)?;
+    check_own_certificate(paths, &roots, &chain, crl.zip(crls.as_ref()))?;
 
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     let mut crl_next_update = None;
@@ -249,10 +250,143 @@ pub(crate) fn certified_key_error(paths: &TlsPaths, error: rustls::Error) -> Tra
     }
 }
 
+/// Checks at load time what would otherwise only show in handshakes, as refused clients
+/// with no word why:
+/// - the server's certificate chains to the CA (the clients' only trust anchor);
+/// - its extended key usage allows serverAuth (a node certificate does not);
+/// - the CRLs, if any, tell its revocation status the way the client verifier tells a
+///   client's: a CRL the CA did not issue (another CA's, or one whose signature does not
+///   verify) leaves every status unknown, and the verifier refuses every client.
+///
+/// Expiry is left to the caller's monitoring (and a renewal plus reload): an expired or
+/// not yet valid certificate is checked as of a moment it is valid. A certificate the CRL
+/// revokes is logged, not refused (see below).
+fn check_own_certificate(
+    paths: &TlsPaths,
+    roots: &RootCertStore,
+    chain: &[CertificateDer<'static>],
+    crl: Option<(&Path, &pem::Crls)>,
+) -> Result<(), TransportError> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Ok(()); // `pem::certs` returns at least one
+    };
+    let invalid = |file: TlsFile, path: &Path, reason: String| TransportError::Invalid {
+        file,
+        path: path.to_owned(),
+        reason,
+    };
+    let end_entity = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| invalid(TlsFile::Cert, &paths.cert, format!("{e:?}")))?;
+    let crls = match crl {
+        Some((path, crls)) => crls
+            .ders
+            .iter()
+            .map(|der| webpki::BorrowedCertRevocationList::from_der(der.as_ref()).map(Into::into))
+            .collect::<Result<Vec<webpki::CertRevocationList<'_>>, _>>()
+            .map_err(|e| invalid(TlsFile::Crl, path, format!("{e:?}")))?,
+        None => Vec::new(),
+    };
+    let crl_refs: Vec<&webpki::CertRevocationList<'_>> = crls.iter().collect();
+    // as rustls' client verifier does by default: every certificate of the chain, unknown
+    // status refused; staleness is the CRL policy's business, not this check's
+    let revocation = webpki::RevocationOptionsBuilder::new(&crl_refs)
+        .ok()
+        .map(|options| {
+            options
+                .with_depth(webpki::RevocationCheckDepth::Chain)
+                .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+                .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+                .build()
+        });
+    let provider = provider();
+    let verify = |at: UnixTime| {
+        end_entity
+            .verify_for_usage(
+                provider.signature_verification_algorithms.all,
+                &roots.roots,
+                intermediates,
+                at,
+                webpki::KeyUsage::server_auth(),
+                revocation,
+                None,
+            )
+            .map(drop)
+    };
+    let checked = match verify(UnixTime::now()) {
+        Err(webpki::Error::CertExpired { not_after, .. }) => verify(not_after),
+        Err(webpki::Error::CertNotValidYet { not_before, .. }) => verify(not_before),
+        checked => checked,
+    };
+    match checked {
+        // Not refused: a reload that failed on it would keep the old CRL, and so let in
+        // the clients revoked with it, until the new certificate is in place.
+        Err(webpki::Error::CertRevoked) => {
+            tracing::warn!(
+                cert = %paths.cert.display(),
+                "the server's certificate is revoked by the CRL: clients that read the CRL \
+                 refuse it; install a new certificate and reload"
+            );
+            Ok(())
+        }
+        checked => {
+            checked.map_err(|error| own_certificate_error(paths, crl.map(|(path, _)| path), error))
+        }
+    }
+}
+
+/// What a failed [`check_own_certificate`] means, naming the files.
+fn own_certificate_error(
+    paths: &TlsPaths,
+    crl: Option<&Path>,
+    error: webpki::Error,
+) -> TransportError {
+    use webpki::Error as E;
+    let crl = || crl.unwrap_or(&paths.ca).to_owned();
+    let not_from_ca = |reason| TransportError::CrlNotFromCa {
+        crl: crl(),
+        ca: paths.ca.clone(),
+        reason,
+    };
+    match error {
+        E::UnknownIssuer => TransportError::NotIssuedByCa {
+            cert: paths.cert.clone(),
+            ca: paths.ca.clone(),
+            reason: "no chain of signatures leads to it".to_owned(),
+        },
+        E::InvalidSignatureForPublicKey => TransportError::NotIssuedByCa {
+            cert: paths.cert.clone(),
+            ca: paths.ca.clone(),
+            reason: "its signature does not verify with the CA's key: a CA of the same name?"
+                .to_owned(),
+        },
+        E::RequiredEkuNotFoundContext(_) => TransportError::NotServerCertificate {
+            cert: paths.cert.clone(),
+        },
+        E::UnknownRevocationStatus => not_from_ca(
+            "it does not cover the certificates the CA issues (another CA's CRL?), so every \
+             client would be refused",
+        ),
+        E::InvalidCrlSignatureForPublicKey => not_from_ca(
+            "its signature does not verify with the CA's key, so every client would be refused",
+        ),
+        E::IssuerNotCrlSigner => not_from_ca("the CA's key usage does not allow signing CRLs"),
+        other => TransportError::NotIssuedByCa {
+            cert: paths.cert.clone(),
+            ca: paths.ca.clone(),
+            reason: format!("the check of its chain failed: {other:?}"),
+        },
+    }
+}
+
 impl ServerTls {
     /// Loads the CA, this server's certificate and key, and the CRLs in `crl` (if any: the
     /// `X509 CRL` blocks of a PEM file, or one DER CRL) into a TLS 1.3-only config that
     /// requires a client certificate issued by the CA and not revoked, with ALPN `h2`.
+    ///
+    /// Refuses, naming the files, what would fail every handshake later: a key that is not
+    /// the certificate's, a certificate that does not chain to the CA or lacks serverAuth
+    /// (a node certificate), and a CRL the CA did not issue; a certificate the CRL revokes
+    /// is only a warning. [`ServerTls::reload`] makes the same checks.
     ///
     /// Reads small files synchronously.
     pub fn load(
