@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -737,6 +737,65 @@ fn ca_expiries(path: &std::path::Path) -> Result<Vec<(String, SystemTime)>, Brok
 /// Resolves when the watch holds `true` (or its sender is gone).
 async fn wait_true(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// What `trmx-broker check-config` checks, binding and opening nothing: the config's
+/// rules, the participant registry, the TLS material loaded exactly as at start, and a
+/// data directory the broker can write in, or create. The store is not opened (a running
+/// broker holds its lock), so what only sled can tell (a store of another version, a
+/// corrupt one) shows at start.
+pub fn check_config(config: &BrokerConfig) -> Result<(), BrokerError> {
+    config.validate()?;
+    Registry::from_config(&config.participants)?;
+    load_tls(config)?;
+    check_data_dir(&config.data_dir)
+}
+
+/// `dir` is a directory this user can create files in, or does not exist yet and its
+/// nearest existing ancestor is one (the broker creates it at start). Creates nothing
+/// but a probe file, removed at once.
+fn check_data_dir(dir: &Path) -> Result<(), BrokerError> {
+    let problem = |problem: String| BrokerError::config("data_dir", problem);
+    let mut existing = dir;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => {
+                return Err(problem(format!(
+                    "{}: {} is not a directory",
+                    dir.display(),
+                    existing.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                existing = match existing.parent() {
+                    Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+                    Some(parent) => parent,
+                    None => return Err(problem(format!("{}: {e}", existing.display()))),
+                };
+            }
+            Err(e) => return Err(problem(format!("{}: {e}", existing.display()))),
+        }
+    }
+    let probe = existing.join(format!(".trmx-check-config-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| {
+            let what = if existing == dir {
+                "cannot create files in it".to_owned()
+            } else {
+                format!(
+                    "does not exist and cannot be created in {}",
+                    existing.display()
+                )
+            };
+            problem(format!("{} {what}: {e}", dir.display()))
+        })?;
+    // best effort: a probe left behind is an empty file with a telling name
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {

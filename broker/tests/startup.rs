@@ -1,5 +1,5 @@
-//! TLS material the broker refuses at start, naming the file: what would otherwise start
-//! and report ready, then refuse every client.
+//! TLS material the broker refuses at start (and `check-config` with it), naming the
+//! file: what would otherwise start and report ready, then refuse every client.
 
 use tokio::net::TcpListener;
 use trmx_broker::{Broker, BrokerConfig, BrokerError};
@@ -53,6 +53,10 @@ async fn broken_tls_material_is_refused_at_start_naming_the_file() -> anyhow::Re
         let error = start(config).await.expect_err(what).to_string();
         assert!(error.contains(&*file.to_string_lossy()), "{what}: {error}");
         assert!(error.contains(problem), "{what}: {error}");
+        let checked = trmx_broker::check_config(config)
+            .expect_err(what)
+            .to_string();
+        assert_eq!(checked, error, "check-config says what the start says");
     }
     // nothing was created for the refused starts
     assert!(!good.data_dir.exists());
