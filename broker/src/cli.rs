@@ -156,6 +156,7 @@ async fn run_broker(config: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow
                 match tokio::task::block_in_place(|| broker.reload_tls()) {
                     Ok(report) => info!(
                         closed_connections = report.closed_connections,
+                        closed = %report.closed.join(", "),
                         crl_stale = report.crl.stale,
                         "tls reloaded"
                     ),

@@ -597,6 +597,7 @@ async fn crl_reload_loop(
         match reloaded.await {
             Ok(Ok(report)) => debug!(
                 closed_connections = report.closed_connections,
+                closed = %report.closed.join(", "),
                 crl_stale = report.crl.stale,
                 "crl reloaded"
             ),
@@ -642,8 +643,8 @@ async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
         })
 }
 
-/// What the admin endpoint asks the broker: the queue gauges from the store before each
-/// scrape, and readiness: [`Metrics::readiness`] (store writable — kept up to date by the
+/// What the admin endpoint asks the broker: the queue gauges from the store and the
+/// transport's failed-handshake counts before each scrape, and readiness: [`Metrics::readiness`] (store writable — kept up to date by the
 /// service and the timer loop — and the CA and broker certificates valid), and under
 /// `crl_policy = "strict"` a CRL not past its `nextUpdate` (a strict broker refuses every
 /// connection with a stale CRL).
@@ -656,6 +657,7 @@ struct BrokerAdminHooks {
 #[tonic::async_trait]
 impl AdminHooks for BrokerAdminHooks {
     async fn refresh(&self, metrics: &Metrics) {
+        metrics.set_tls_handshake_failures(&self.tls.handshake_failures());
         match self.shared.store.queue_stats().await {
             Ok(stats) => metrics.set_queue(&stats),
             Err(error) => warn!(%error, "cannot read queue statistics for metrics"),

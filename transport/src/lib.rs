@@ -13,7 +13,8 @@
 //!   in a budget of their own with a per-address cap, so unauthenticated sockets cannot
 //!   take the slots of authenticated connections; a connection cap, TCP keepalive,
 //!   shutdown future) yielding [`TlsConn`]s for
-//!   `tonic::transport::Server::serve_with_incoming_shutdown`.
+//!   `tonic::transport::Server::serve_with_incoming_shutdown`. Failed handshakes are
+//!   counted by [`HandshakeFailure`] in the [`ServerTls`].
 //! - [`identity`] — [`peer_identity`] — the caller's `trmx_certs::Identity` from the
 //!   verified client certificate of a tonic request.
 //! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
@@ -52,6 +53,6 @@ pub mod status;
 pub use client::{ClientOptions, client_channel, client_config};
 pub use error::{TlsFile, TransportError};
 pub use identity::peer_identity;
-pub use listener::{ListenerLimits, TlsConn, incoming};
+pub use listener::{HandshakeFailure, ListenerLimits, TlsConn, incoming};
 pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerTls, TlsPaths};
 pub use status::code_name;

@@ -12,6 +12,7 @@
 //!   successful reload stores generation `n`.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,6 +25,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
+use crate::listener::{HandshakeFailure, HandshakeFailures};
 use crate::{TlsFile, TransportError, pem};
 
 /// Where a party's TLS material lives (all PEM).
@@ -66,10 +68,13 @@ impl CrlStatus {
 }
 
 /// What a [`ServerTls::reload`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadReport {
     /// Open connections ordered closed because their peer certificate no longer verifies.
     pub closed_connections: usize,
+    /// Who they were: the identity in the certificate (`participant BE-PAYOKE`, `operator
+    /// alice`; the subject when it holds none) and the peer's address, one per connection.
+    pub closed: Vec<String>,
     /// The generation of the config now in force: 0 for the one [`ServerTls::load`] built,
     /// one more for every successful reload (reloads never run concurrently).
     pub generation: u64,
@@ -95,6 +100,7 @@ struct Inner {
     reload_lock: Mutex<()>,
     conns: Mutex<HashMap<u64, ConnEntry>>,
     next_conn: AtomicU64,
+    handshake_failures: HandshakeFailures,
 }
 
 /// One loaded generation of TLS material.
@@ -113,6 +119,7 @@ impl Loaded {
 
 struct ConnEntry {
     certs: Arc<Vec<CertificateDer<'static>>>,
+    peer: SocketAddr,
     close: Arc<CloseSignal>,
 }
 
@@ -404,6 +411,7 @@ impl ServerTls {
                 reload_lock: Mutex::new(()),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
+                handshake_failures: HandshakeFailures::default(),
             }),
         };
         tls.log_crl_status("tls config loaded");
@@ -441,30 +449,38 @@ impl ServerTls {
         // Swap first, then snapshot: a connection registering after the snapshot sees the
         // new generation and checks itself (see `register`).
         self.inner.state.store(loaded.clone());
-        let snapshot: Vec<(Arc<Vec<CertificateDer<'static>>>, Arc<CloseSignal>)> = self
+        type Snapshot = (
+            Arc<Vec<CertificateDer<'static>>>,
+            SocketAddr,
+            Arc<CloseSignal>,
+        );
+        let snapshot: Vec<Snapshot> = self
             .inner
             .conns()
             .values()
-            .map(|entry| (entry.certs.clone(), entry.close.clone()))
+            .map(|entry| (entry.certs.clone(), entry.peer, entry.close.clone()))
             .collect();
         let now = UnixTime::now();
-        let mut closed_connections = 0;
-        for (certs, close) in snapshot {
+        let mut closed = Vec::new();
+        for (certs, peer, close) in snapshot {
             if !close.is_closed() && !still_valid(&*loaded.verifier, &certs, now) {
                 close.close();
-                closed_connections += 1;
+                closed.push(format!("{} from {}", peer_name(&certs), peer.ip()));
             }
         }
+        closed.sort();
         let crl = self.crl_status();
         self.log_crl_status("tls config reloaded");
-        if closed_connections > 0 {
+        if !closed.is_empty() {
             tracing::info!(
-                closed_connections,
+                closed_connections = closed.len(),
+                closed = %closed.join(", "),
                 "closed connections whose certificate no longer verifies"
             );
         }
         Ok(ReloadReport {
-            closed_connections,
+            closed_connections: closed.len(),
+            closed,
             generation,
             crl,
         })
@@ -490,16 +506,28 @@ impl ServerTls {
         self.inner.conns().len()
     }
 
+    /// Failed handshakes since [`ServerTls::load`], by reason (every reason listed, from 0).
+    pub fn handshake_failures(&self) -> [(HandshakeFailure, u64); HandshakeFailure::ALL.len()] {
+        self.inner.handshake_failures.counts()
+    }
+
+    /// Where [`crate::incoming`] records failed handshakes.
+    pub(crate) fn failures(&self) -> &HandshakeFailures {
+        &self.inner.handshake_failures
+    }
+
     /// The config new handshakes use.
     pub(crate) fn current(&self) -> Arc<Loaded> {
         self.inner.state.load_full()
     }
 
-    /// Records an established connection whose handshake used `handshake_generation`.
+    /// Records an established connection from `peer` whose handshake used
+    /// `handshake_generation`.
     pub(crate) fn register(
         &self,
         certs: Arc<Vec<CertificateDer<'static>>>,
         handshake_generation: u64,
+        peer: SocketAddr,
     ) -> (Registration, Arc<CloseSignal>) {
         let close = Arc::new(CloseSignal::default());
         let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -507,6 +535,7 @@ impl ServerTls {
             id,
             ConnEntry {
                 certs: certs.clone(),
+                peer,
                 close: close.clone(),
             },
         );
@@ -539,6 +568,21 @@ impl ServerTls {
             );
         }
         tracing::info!(next_update_unix, stale = status.stale, "{msg}");
+    }
+}
+
+/// Who holds a certificate chain, for a log line: the trmx identity of the leaf
+/// (`participant BE-PAYOKE`), else its subject.
+fn peer_name(certs: &[CertificateDer<'static>]) -> String {
+    let Some(leaf) = certs.first() else {
+        return "no certificate".to_owned();
+    };
+    if let Ok(identity) = trmx_certs::Identity::from_der(leaf.as_ref()) {
+        return identity.role.to_string();
+    }
+    match x509_parser::parse_x509_certificate(leaf.as_ref()) {
+        Ok((_, cert)) => format!("subject {}", cert.subject()),
+        Err(_) => "an unparsable certificate".to_owned(),
     }
 }
 
