@@ -157,9 +157,29 @@ impl std::fmt::Display for AdminError {
 }
 
 impl From<tonic::Status> for AdminError {
+    /// The code, the message, and the causes: a failed connection's status says only
+    /// "transport error", its causes say why (a revoked or expired operator certificate, a
+    /// broker certificate without the name connected to, ...).
     fn from(status: tonic::Status) -> Self {
         let code = trmx_transport::code_name(status.code());
-        AdminError(one_line(&format!("{code}: {}", status.message())))
+        let mut text = format!("{code}: {}", status.message());
+        let mut cause = std::error::Error::source(&status);
+        while let Some(error) = cause {
+            let said = error.to_string();
+            // wrappers often repeat their cause's text
+            if !text.contains(&said) {
+                text.push_str(": ");
+                text.push_str(&said);
+            }
+            cause = error.source();
+        }
+        if std::error::Error::source(&status).is_some_and(trmx_transport::server_name_mismatch) {
+            text.push_str(
+                " (the broker's certificate does not carry the host of --broker: give a name \
+                 it carries with --server-name NAME or TRMX_ADMIN_SERVER_NAME)",
+            );
+        }
+        AdminError(one_line(&text))
     }
 }
 
@@ -348,7 +368,8 @@ async fn connect(args: &AdminArgs) -> Result<OperatorClient<Channel>, AdminError
     Ok(OperatorClient::new(channel))
 }
 
-async fn execute(args: AdminArgs) -> Result<(), AdminError> {
+/// Runs one admin command (what [`run`] does, without printing the failure).
+pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
     let mut client = connect(&args).await?;
     let json = args.json;
     match &args.command {
@@ -1060,6 +1081,15 @@ mod tests {
             })),
             "<5"
         );
+    }
+
+    #[test]
+    fn a_failed_call_shows_its_causes() {
+        let cause = std::io::Error::other("received fatal alert: CertificateRevoked");
+        let status = tonic::Status::from_error(Box::new(cause));
+        let error = AdminError::from(status);
+        assert!(error.0.contains("CertificateRevoked"), "{}", error.0);
+        assert!(!error.0.contains("--server-name"), "{}", error.0);
     }
 
     #[test]

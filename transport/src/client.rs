@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use rustls::ClientConfig;
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::pki_types::ServerName;
+use tokio::io::AsyncBufReadExt as _;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -136,6 +137,32 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// Whether a failed connection (given the causes of a tonic status or transport error)
+/// failed because the server's certificate does not carry the name it was checked for
+/// ([`ClientOptions::server_name`], by default the host of the address): the caller can
+/// then say how to give the name.
+pub fn server_name_mismatch(error: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::CertificateError as C;
+    let mut current = Some(error);
+    while let Some(error) = current {
+        // tokio-rustls hands rustls' error over inside an I/O error
+        let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) = tls
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
 /// The host part of `host:port`, `[v6]:port`; errors name the address.
 fn host_of(addr: &str) -> Result<&str, TransportError> {
     let bad = |reason| TransportError::Address {
@@ -194,6 +221,17 @@ pub fn client_channel(
             let tcp = TcpStream::connect(target.as_str()).await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(server_name, tcp).await?;
+            // In TLS 1.3 the server checks our certificate after our side of the
+            // handshake is done. Wait for its first bytes (the HTTP/2 server preface,
+            // sent at once): a refusal then arrives as its alert ("received fatal alert:
+            // CertificateRevoked") instead of a broken pipe on the first request.
+            let mut tls = tokio::io::BufReader::new(tls);
+            if tls.fill_buf().await?.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection after the TLS handshake",
+                ));
+            }
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });

@@ -18,7 +18,8 @@
 //! - [`identity`] — [`peer_identity`] — the caller's `trmx_certs::Identity` from the
 //!   verified client certificate of a tonic request.
 //! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
-//!   `Channel` over mutual TLS 1.3.
+//!   `Channel` over mutual TLS 1.3; [`server_name_mismatch`] tells a failure to connect
+//!   for a name the server's certificate does not carry.
 //! - `pem` (private): reading PEM files (and DER CRLs) with errors that name the file.
 //! - [`status`] — [`code_name`] — a gRPC status code by its canonical name.
 //! - [`error`] — [`TransportError`], with the [`TlsFile`] it is about.
@@ -50,7 +51,7 @@ mod pem;
 pub mod server;
 pub mod status;
 
-pub use client::{ClientOptions, client_channel, client_config};
+pub use client::{ClientOptions, client_channel, client_config, server_name_mismatch};
 pub use error::{TlsFile, TransportError};
 pub use identity::peer_identity;
 pub use listener::{HandshakeFailure, ListenerLimits, TlsConn, incoming};

@@ -65,6 +65,7 @@ async fn certificate_from_another_ca_is_refused() {
         .await
         .unwrap_err();
     assert_refused(&err);
+    assert!(!trmx_transport::server_name_mismatch(&err), "{err:?}");
     assert!(server.seen.lock().unwrap().is_empty());
     // counted by reason: the raw client and the channel (which may retry)
     assert!(
@@ -136,6 +137,7 @@ async fn client_refuses_server_with_wrong_name() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(trmx_transport::server_name_mismatch(&err), "{err:?}");
     // the server counts the client's refusal apart from refusals of client certificates
     assert!(
         eventually(Duration::from_secs(5), || failures(

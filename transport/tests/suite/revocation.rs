@@ -59,6 +59,14 @@ async fn revoked_certificate_is_refused_and_its_open_stream_closed() {
     );
     let err = client.check(check_request()).await.unwrap_err();
     assert_refused(&err);
+    // the client hears why (the server's alert), not a broken pipe
+    let mut causes = format!("{err}");
+    let mut cause = std::error::Error::source(&err);
+    while let Some(e) = cause {
+        causes.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    assert!(causes.contains("CertificateRevoked"), "{causes}");
     // the other participant is untouched
     other.check(check_request()).await.unwrap();
     assert!(
