@@ -243,8 +243,9 @@ pub enum OfflineAuditCommand {
 /// Runs `trmx-broker audit …` and returns the exit code; prints the failure line.
 pub fn run_offline_audit(args: OfflineAuditArgs) -> ExitCode {
     let OfflineAuditCommand::Verify { data_dir, json } = args.command;
+    // (the store's open error says when another process holds the directory's lock)
     let result = crate::store::verify_audit_offline(&data_dir)
-        .map_err(|e| fail(format!("{e} (is the broker still running on it?)")))
+        .map_err(|e| fail(e.to_string()))
         .and_then(|report| {
             let report = report.to_pb();
             emit(json, &report, audit_table)?;
@@ -344,10 +345,8 @@ fn verify_store(data_dir: &std::path::Path) -> ExitCode {
             }
         }
         Err(error) => {
-            eprintln!(
-                "trmx-broker store verify: {} (is the broker still running on it?)",
-                one_line(&error.to_string())
-            );
+            // (the store's open error says when another process holds the directory's lock)
+            eprintln!("trmx-broker store verify: {}", one_line(&error.to_string()));
             ExitCode::FAILURE
         }
     }

@@ -1139,3 +1139,19 @@ async fn admin_with_a_revoked_certificate_says_it_is_revoked() -> anyhow::Result
     assert!(!text.contains("--server-name"), "{text}");
     Ok(())
 }
+
+#[tokio::test]
+async fn offline_commands_on_a_missing_directory_say_so() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("nonexistent").display().to_string();
+    for command in [["store", "verify"], ["audit", "verify"]] {
+        let mut args: Vec<String> = command.iter().map(|a| (*a).to_owned()).collect();
+        args.extend(["--data-dir".to_owned(), missing.clone()]);
+        let out = broker_cli(args).await?;
+        assert!(!out.status.success());
+        let text = stderr(&out);
+        assert!(text.contains("does not exist"), "{command:?}: {text}");
+        assert!(!text.contains("running"), "{command:?}: {text}");
+    }
+    Ok(())
+}
