@@ -881,9 +881,13 @@ pub fn fmt_count(count: Option<&pb::StatisticCount>) -> String {
 }
 
 fn stats_table(stats: &pb::Statistics) -> String {
+    // without --from the broker counts from the Unix epoch
+    let from = match &stats.from {
+        Some(from) if from.seconds > 0 => format!("from {}", fmt_ts(Some(from))),
+        _ => "since the first message on record".to_owned(),
+    };
     let mut out = format!(
-        "federation statistics, messages accepted {} to {} (counts under {} shown as <{})\n\n",
-        fmt_ts(stats.from.as_ref()),
+        "federation statistics, messages accepted {from} to {} (counts under {} shown as <{})\n\n",
         fmt_ts(stats.until.as_ref()),
         stats.suppression_threshold,
         stats.suppression_threshold,
@@ -1079,6 +1083,40 @@ mod tests {
                 suppressed: true
             })),
             "<5"
+        );
+    }
+
+    #[test]
+    fn stats_without_from_count_since_the_first_message() {
+        let until = pb::Timestamp {
+            seconds: 1_740_787_210,
+            nanos: 0,
+        };
+        let mut stats = pb::Statistics {
+            from: Some(pb::Timestamp {
+                seconds: 0,
+                nanos: 0,
+            }),
+            until: Some(until),
+            suppression_threshold: 5,
+            ..Default::default()
+        };
+        let heading = |stats: &pb::Statistics| stats_table(stats).lines().next().map(str::to_owned);
+        assert_eq!(
+            heading(&stats).unwrap(),
+            "federation statistics, messages accepted since the first message on record to \
+             2025-03-01 00:00:10Z (counts under 5 shown as <5)"
+        );
+        stats.from = Some(pb::Timestamp {
+            seconds: 1_740_700_800,
+            nanos: 0,
+        });
+        assert!(
+            heading(&stats)
+                .unwrap()
+                .contains("accepted from 2025-02-28 00:00:00Z to 2025-03-01 00:00:10Z"),
+            "{:?}",
+            heading(&stats)
         );
     }
 

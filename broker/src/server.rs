@@ -267,7 +267,12 @@ impl BrokerBuilder {
                 .serve_with_incoming_shutdown(incoming, wait_true(shutdown_rx.clone()))
                 .instrument(info_span!("grpc", %addr)),
         );
-        info!(%addr, admin = ?admin_addr, broker = %shared.broker_name, "broker listening");
+        info!(
+            %addr,
+            admin = %admin_addr.map_or_else(|| "off".to_owned(), |admin| admin.to_string()),
+            broker = %shared.broker_name,
+            "broker listening"
+        );
 
         let grace = limits.shutdown_grace;
         let main = tokio::spawn(async move {

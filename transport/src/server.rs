@@ -560,14 +560,18 @@ impl ServerTls {
             .next_update
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map(|d| d.as_secs());
+        // RFC 3339 for people, Unix seconds (as before) for scripts
+        let next_update = status.next_update.map(trmx_certs::format_time);
+        let next_update = next_update.as_deref();
         if status.stale {
             tracing::warn!(
+                next_update,
                 next_update_unix,
                 policy = ?self.inner.policy,
                 "crl is past its next update"
             );
         }
-        tracing::info!(next_update_unix, stale = status.stale, "{msg}");
+        tracing::info!(next_update, next_update_unix, stale = status.stale, "{msg}");
     }
 }
 
