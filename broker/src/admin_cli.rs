@@ -157,9 +157,29 @@ impl std::fmt::Display for AdminError {
 }
 
 impl From<tonic::Status> for AdminError {
+    /// The code, the message, and the causes: a failed connection's status says only
+    /// "transport error", its causes say why (a revoked or expired operator certificate, a
+    /// broker certificate without the name connected to, ...).
     fn from(status: tonic::Status) -> Self {
         let code = trmx_transport::code_name(status.code());
-        AdminError(one_line(&format!("{code}: {}", status.message())))
+        let mut text = format!("{code}: {}", status.message());
+        let mut cause = std::error::Error::source(&status);
+        while let Some(error) = cause {
+            let said = error.to_string();
+            // wrappers often repeat their cause's text
+            if !text.contains(&said) {
+                text.push_str(": ");
+                text.push_str(&said);
+            }
+            cause = error.source();
+        }
+        if std::error::Error::source(&status).is_some_and(trmx_transport::server_name_mismatch) {
+            text.push_str(
+                " (the broker's certificate does not carry the host of --broker: give a name \
+                 it carries with --server-name NAME or TRMX_ADMIN_SERVER_NAME)",
+            );
+        }
+        AdminError(one_line(&text))
     }
 }
 
@@ -223,8 +243,9 @@ pub enum OfflineAuditCommand {
 /// Runs `trmx-broker audit …` and returns the exit code; prints the failure line.
 pub fn run_offline_audit(args: OfflineAuditArgs) -> ExitCode {
     let OfflineAuditCommand::Verify { data_dir, json } = args.command;
+    // (the store's open error says when another process holds the directory's lock)
     let result = crate::store::verify_audit_offline(&data_dir)
-        .map_err(|e| fail(format!("{e} (is the broker still running on it?)")))
+        .map_err(|e| fail(e.to_string()))
         .and_then(|report| {
             let report = report.to_pb();
             emit(json, &report, audit_table)?;
@@ -324,10 +345,8 @@ fn verify_store(data_dir: &std::path::Path) -> ExitCode {
             }
         }
         Err(error) => {
-            eprintln!(
-                "trmx-broker store verify: {} (is the broker still running on it?)",
-                one_line(&error.to_string())
-            );
+            // (the store's open error says when another process holds the directory's lock)
+            eprintln!("trmx-broker store verify: {}", one_line(&error.to_string()));
             ExitCode::FAILURE
         }
     }
@@ -348,7 +367,8 @@ async fn connect(args: &AdminArgs) -> Result<OperatorClient<Channel>, AdminError
     Ok(OperatorClient::new(channel))
 }
 
-async fn execute(args: AdminArgs) -> Result<(), AdminError> {
+/// Runs one admin command (what [`run`] does, without printing the failure).
+pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
     let mut client = connect(&args).await?;
     let json = args.json;
     match &args.command {
@@ -861,9 +881,13 @@ pub fn fmt_count(count: Option<&pb::StatisticCount>) -> String {
 }
 
 fn stats_table(stats: &pb::Statistics) -> String {
+    // without --from the broker counts from the Unix epoch
+    let from = match &stats.from {
+        Some(from) if from.seconds > 0 => format!("from {}", fmt_ts(Some(from))),
+        _ => "since the first message on record".to_owned(),
+    };
     let mut out = format!(
-        "federation statistics, messages accepted {} to {} (counts under {} shown as <{})\n\n",
-        fmt_ts(stats.from.as_ref()),
+        "federation statistics, messages accepted {from} to {} (counts under {} shown as <{})\n\n",
         fmt_ts(stats.until.as_ref()),
         stats.suppression_threshold,
         stats.suppression_threshold,
@@ -1060,6 +1084,49 @@ mod tests {
             })),
             "<5"
         );
+    }
+
+    #[test]
+    fn stats_without_from_count_since_the_first_message() {
+        let until = pb::Timestamp {
+            seconds: 1_740_787_210,
+            nanos: 0,
+        };
+        let mut stats = pb::Statistics {
+            from: Some(pb::Timestamp {
+                seconds: 0,
+                nanos: 0,
+            }),
+            until: Some(until),
+            suppression_threshold: 5,
+            ..Default::default()
+        };
+        let heading = |stats: &pb::Statistics| stats_table(stats).lines().next().map(str::to_owned);
+        assert_eq!(
+            heading(&stats).unwrap(),
+            "federation statistics, messages accepted since the first message on record to \
+             2025-03-01 00:00:10Z (counts under 5 shown as <5)"
+        );
+        stats.from = Some(pb::Timestamp {
+            seconds: 1_740_700_800,
+            nanos: 0,
+        });
+        assert!(
+            heading(&stats)
+                .unwrap()
+                .contains("accepted from 2025-02-28 00:00:00Z to 2025-03-01 00:00:10Z"),
+            "{:?}",
+            heading(&stats)
+        );
+    }
+
+    #[test]
+    fn a_failed_call_shows_its_causes() {
+        let cause = std::io::Error::other("received fatal alert: CertificateRevoked");
+        let status = tonic::Status::from_error(Box::new(cause));
+        let error = AdminError::from(status);
+        assert!(error.0.contains("CertificateRevoked"), "{}", error.0);
+        assert!(!error.0.contains("--server-name"), "{}", error.0);
     }
 
     #[test]

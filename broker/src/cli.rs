@@ -18,24 +18,27 @@ use tracing::{error, info, warn};
 const MAX_BLOCKING_THREADS: usize = 16;
 
 /// The trmx store-and-forward broker.
+///
+/// The flags below are global: `trmx-broker --config F run` and `trmx-broker run --config F`
+/// are the same (the node's form).
 #[derive(Debug, Parser)]
 #[command(name = "trmx-broker", version)]
 struct Cli {
     /// The broker's TOML config file (see broker.example.toml); required to run the
     /// broker or check its config.
-    #[arg(long, short, env = "TRMX_BROKER_CONFIG")]
+    #[arg(long, short, env = "TRMX_BROKER_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Listen address; overrides `listen` in the config.
-    #[arg(long)]
+    #[arg(long, global = true)]
     listen: Option<SocketAddr>,
     /// Data directory; overrides `data_dir` in the config.
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// Log filter, e.g. `info` or `info,trmx_broker=debug` (RUST_LOG syntax).
-    #[arg(long, env = "TRMX_LOG", default_value = "info")]
+    #[arg(long, env = "TRMX_LOG", default_value = "info", global = true)]
     log_level: String,
     /// Write the bound address to this file once the broker accepts connections.
-    #[arg(long)]
+    #[arg(long, global = true)]
     ready_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -45,7 +48,9 @@ struct Cli {
 enum Command {
     /// Run the broker (the default).
     Run,
-    /// Load and validate the config, print the effective config, and exit.
+    /// Load and validate the config, load the TLS material as `run` does, check that the
+    /// data directory is writable (the store is not opened), print the effective config,
+    /// and exit.
     CheckConfig,
     /// Operator commands against a running broker, with an operator certificate
     /// (queues, participants, messages, dead letters, redrive, purge, audit, stats).
@@ -96,12 +101,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(data_dir) = &cli.data_dir {
         config.data_dir = data_dir.clone();
     }
-    config.validate()?;
     if matches!(cli.command, Some(Command::CheckConfig)) {
+        crate::check_config(&config)?;
         print!("{}", config.to_toml()?);
         println!("# config OK: {}", config_path.display());
         return Ok(());
     }
+    config.validate()?;
     init_tracing(&cli.log_level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -150,6 +156,7 @@ async fn run_broker(config: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow
                 match tokio::task::block_in_place(|| broker.reload_tls()) {
                     Ok(report) => info!(
                         closed_connections = report.closed_connections,
+                        closed = %report.closed.join(", "),
                         crl_stale = report.crl.stale,
                         "tls reloaded"
                     ),
@@ -176,4 +183,243 @@ fn write_ready_file(path: &Path, addr: SocketAddr) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use trmx_certs::{CertPaths, Federation};
+
+    use crate::config::{OrganisationType, ParticipantConfig, TlsConfig};
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn broker_flags_go_before_or_after_the_command() {
+        for args in [
+            [
+                "trmx-broker",
+                "--config",
+                "b.toml",
+                "--data-dir",
+                "d",
+                "--listen",
+                "127.0.0.1:1",
+                "run",
+            ],
+            [
+                "trmx-broker",
+                "run",
+                "--config",
+                "b.toml",
+                "--data-dir",
+                "d",
+                "--listen",
+                "127.0.0.1:1",
+            ],
+            [
+                "trmx-broker",
+                "check-config",
+                "--config",
+                "b.toml",
+                "--data-dir",
+                "d",
+                "--listen",
+                "127.0.0.1:1",
+            ],
+        ] {
+            let cli = parse(&args);
+            assert_eq!(cli.config.as_deref(), Some(Path::new("b.toml")), "{args:?}");
+            assert_eq!(cli.data_dir.as_deref(), Some(Path::new("d")), "{args:?}");
+            assert_eq!(
+                cli.listen,
+                Some(SocketAddr::from(([127, 0, 0, 1], 1))),
+                "{args:?}"
+            );
+        }
+        let mut command = Cli::command();
+        command.build(); // propagates the global flags, as parsing does
+        let help = command
+            .find_subcommand_mut("run")
+            .expect("run")
+            .render_help()
+            .to_string();
+        for flag in ["--config", "--data-dir", "--listen"] {
+            assert!(help.contains(flag), "{flag} in {help}");
+        }
+        // the offline commands keep their own --data-dir
+        let cli = parse(&["trmx-broker", "store", "verify", "--data-dir", "/x"]);
+        assert!(matches!(cli.command, Some(Command::Store(_))));
+    }
+
+    /// A federation and a valid config file in `dir`; returns the config, its file, and
+    /// the federation.
+    fn valid_config(dir: &Path) -> (BrokerConfig, PathBuf, Federation) {
+        let federation = Federation::create(&dir.join("pki"), "trm.test").expect("federation");
+        let broker = federation.broker("test-1").expect("broker certificate");
+        let tls = TlsConfig {
+            ca: federation.ca_cert_path(),
+            cert: broker.cert,
+            key: broker.key,
+            crl: Some(federation.crl_path()),
+            crl_reload_interval: Duration::from_secs(3600),
+            crl_policy: Default::default(),
+        };
+        let mut config = BrokerConfig::new(dir.join("data"), tls);
+        config.participants = vec![ParticipantConfig {
+            id: "NL-NRM".into(),
+            display_name: "Dutch NRM".into(),
+            country: "NL".into(),
+            organisation_type: OrganisationType::Nrm,
+            accepts: vec!["referral".into()],
+        }];
+        let path = write_config(dir, &config);
+        (config, path, federation)
+    }
+
+    fn write_config(dir: &Path, config: &BrokerConfig) -> PathBuf {
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, config.to_toml().expect("toml")).expect("write config");
+        path
+    }
+
+    /// `trmx-broker check-config --config FILE` (the node's order): the error as printed.
+    fn check_config(path: &Path) -> Result<(), String> {
+        let config = path.to_str().expect("utf-8 path");
+        run(parse(&["trmx-broker", "check-config", "--config", config]))
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    use std::time::Duration;
+
+    #[test]
+    fn check_config_accepts_a_good_config_and_creates_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, path, _federation) = valid_config(dir.path());
+        check_config(&path).expect("a good config");
+        assert!(
+            !config.data_dir.exists(),
+            "check-config created the data directory"
+        );
+    }
+
+    #[test]
+    fn check_config_loads_the_tls_material_as_the_broker_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (good, _, federation) = valid_config(dir.path());
+        let other_dir = tempfile::tempdir().expect("tempdir");
+        let other = Federation::create(other_dir.path(), "trm.other").expect("federation");
+        let stranger = other.broker("test-1").expect("certificate");
+        let node = federation.participant("NL-NRM").expect("certificate");
+        let key_of = |cert: &CertPaths| cert.key.clone();
+        let garbage = dir.path().join("garbage.crl");
+        std::fs::write(&garbage, "not a crl").expect("write");
+
+        type Breakage = Box<dyn Fn(&mut TlsConfig)>;
+        let missing = dir.path().join("nope.pem");
+        let cases: Vec<(&str, Breakage, &str)> = vec![
+            (
+                "a missing certificate",
+                Box::new({
+                    let missing = missing.clone();
+                    move |tls| tls.cert = missing.clone()
+                }),
+                "config: tls.cert: cannot read certificate",
+            ),
+            (
+                "the key of another certificate",
+                Box::new({
+                    let key = key_of(&node);
+                    move |tls| tls.key = key.clone()
+                }),
+                "config: tls.key and tls.cert: private key",
+            ),
+            (
+                "a CRL that does not parse",
+                Box::new({
+                    let garbage = garbage.clone();
+                    move |tls| tls.crl = Some(garbage.clone())
+                }),
+                "config: tls.crl: CRL",
+            ),
+            (
+                "a certificate of another CA",
+                Box::new({
+                    let stranger = stranger.clone();
+                    move |tls| {
+                        tls.cert = stranger.cert.clone();
+                        tls.key = stranger.key.clone();
+                    }
+                }),
+                "config: tls.cert and tls.ca: certificate",
+            ),
+            (
+                "a node certificate",
+                Box::new({
+                    let node = node.clone();
+                    move |tls| {
+                        tls.cert = node.cert.clone();
+                        tls.key = node.key.clone();
+                    }
+                }),
+                "not a server certificate",
+            ),
+            (
+                "another CA's CRL",
+                Box::new({
+                    let crl = other.crl_path();
+                    move |tls| tls.crl = Some(crl.clone())
+                }),
+                "config: tls.crl and tls.ca: CRL",
+            ),
+        ];
+        for (what, breakage, expected) in cases {
+            let mut config = good.clone();
+            breakage(&mut config.tls);
+            let path = write_config(dir.path(), &config);
+            let error = check_config(&path).expect_err(what);
+            assert!(error.contains(expected), "{what}: {error}");
+        }
+        // each cause once
+        let mut config = good.clone();
+        config.tls.cert = missing.clone();
+        let error = check_config(&write_config(dir.path(), &config)).expect_err("missing");
+        assert_eq!(
+            error.matches(&*missing.to_string_lossy()).count(),
+            1,
+            "{error}"
+        );
+        assert_eq!(error.matches("No such file").count(), 1, "{error}");
+    }
+
+    #[test]
+    fn check_config_wants_a_data_dir_it_can_write_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut config, _, _federation) = valid_config(dir.path());
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").expect("write");
+        config.data_dir = file.clone();
+        let error = check_config(&write_config(dir.path(), &config)).expect_err("a file");
+        assert!(
+            error.contains("data_dir") && error.contains("not a directory"),
+            "{error}"
+        );
+        config.data_dir = file.join("below");
+        let error = check_config(&write_config(dir.path(), &config)).expect_err("under a file");
+        assert!(
+            error.contains("data_dir") && error.contains("ot a directory"),
+            "{error}"
+        );
+        // an existing directory is fine
+        config.data_dir = dir.path().to_owned();
+        check_config(&write_config(dir.path(), &config)).expect("existing directory");
+    }
 }

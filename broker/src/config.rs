@@ -454,9 +454,9 @@ impl BrokerConfig {
 
     /// Reads, parses and validates a TOML config file.
     pub fn load(path: &Path) -> Result<Self, BrokerError> {
-        let text = std::fs::read_to_string(path).map_err(|source| BrokerError::ConfigRead {
+        let text = std::fs::read_to_string(path).map_err(|error| BrokerError::ConfigRead {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         let config = Self::from_toml(&text).map_err(|e| match e {
             BrokerError::ConfigParse { message, .. } => BrokerError::ConfigParse {

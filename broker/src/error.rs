@@ -4,6 +4,10 @@
 //! Start-up errors (config, TLS material, store) and refusals of a request
 //! (bad envelope, permission, quota) share this enum. A refusal's message
 //! names a field and a rule, or an id — never a value from a payload or body.
+//!
+//! Causes follow `trmx_transport`'s rule: a message carries its cause's text, and no
+//! variant also returns that cause from `source()`, so `%error` in a log and `{:#}`
+//! through `anyhow` both print each cause once.
 
 use tonic::{Code, Status};
 use trmx_proto::ValidationError;
@@ -22,13 +26,12 @@ pub enum BrokerError {
         problem: String,
     },
     /// The config file could not be read.
-    #[error("config: cannot read {path}: {source}")]
+    #[error("config: cannot read {path}: {error}")]
     ConfigRead {
         /// The file.
         path: String,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The config file is not valid TOML for [`crate::config::BrokerConfig`].
     #[error("config: {path}: {message}")]
@@ -38,23 +41,30 @@ pub enum BrokerError {
         /// The parser's message (names the key).
         message: String,
     },
+    /// The TLS material named by the config is unusable; `fields` are the config fields
+    /// of the files at fault, e.g. `tls.key and tls.cert`.
+    #[error("config: {fields}: {error}")]
+    Tls {
+        /// The config fields, joined with "and".
+        fields: String,
+        /// What is wrong, naming the files.
+        error: trmx_transport::TransportError,
+    },
     /// The TLS material or the listener could not be set up.
-    #[error("transport: {context}: {source}")]
+    #[error("transport: {context}: {error}")]
     Transport {
         /// What was being done.
         context: &'static str,
         /// Why it failed.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     /// An I/O error outside the store.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
         /// Why it failed.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The storage engine failed.
     #[error(transparent)]
@@ -98,11 +108,34 @@ impl BrokerError {
     /// A transport set-up error.
     pub fn transport(
         context: &'static str,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
         BrokerError::Transport {
             context,
-            source: source.into(),
+            error: error.into(),
+        }
+    }
+
+    /// A TLS file named by `config.tls` is unusable: names the config fields of the files
+    /// at fault.
+    pub fn tls(error: trmx_transport::TransportError) -> Self {
+        use trmx_transport::TlsFile;
+        let fields: Vec<&str> = error
+            .files()
+            .iter()
+            .map(|file| match file {
+                TlsFile::Ca => "tls.ca",
+                TlsFile::Cert => "tls.cert",
+                TlsFile::Key => "tls.key",
+                TlsFile::Crl => "tls.crl",
+            })
+            .collect();
+        if fields.is_empty() {
+            return BrokerError::transport("tls", error);
+        }
+        BrokerError::Tls {
+            fields: fields.join(" and "),
+            error,
         }
     }
 
@@ -122,6 +155,7 @@ impl BrokerError {
             | BrokerError::Config { .. }
             | BrokerError::ConfigRead { .. }
             | BrokerError::ConfigParse { .. }
+            | BrokerError::Tls { .. }
             | BrokerError::Transport { .. }
             | BrokerError::Io { .. } => Code::Internal,
         }
@@ -195,6 +229,49 @@ mod tests {
             assert_eq!(status.code(), code);
             assert_eq!(status.message(), message);
         }
+    }
+
+    #[test]
+    fn each_cause_is_printed_once_by_display_and_by_anyhow() {
+        let io = || std::io::Error::from_raw_os_error(98);
+        let errors = [
+            BrokerError::Io {
+                context: "binding admin_listen 127.0.0.1:9464".into(),
+                error: io(),
+            },
+            BrokerError::ConfigRead {
+                path: "/x/broker.toml".into(),
+                error: io(),
+            },
+            BrokerError::tls(trmx_transport::TransportError::Read {
+                file: trmx_transport::TlsFile::Cert,
+                path: "/x/nope.pem".into(),
+                error: io(),
+            }),
+            BrokerError::transport("reading the CA certificate", io()),
+        ];
+        let cause = io().to_string();
+        for error in errors {
+            let display = error.to_string();
+            assert_eq!(display.matches(&cause).count(), 1, "{display}");
+            let chain = format!("{:#}", anyhow::Error::from(error));
+            assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+            assert_eq!(chain, display);
+        }
+    }
+
+    #[test]
+    fn tls_errors_name_the_config_fields() {
+        let error = BrokerError::tls(trmx_transport::TransportError::KeyMismatch {
+            cert: "/x/broker.pem".into(),
+            key: "/x/other.key".into(),
+        });
+        let text = error.to_string();
+        assert!(text.starts_with("config: tls.key and tls.cert: "), "{text}");
+        assert!(
+            text.contains("/x/other.key") && text.contains("/x/broker.pem"),
+            "{text}"
+        );
     }
 
     #[test]

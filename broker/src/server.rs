@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -110,9 +110,9 @@ impl BrokerBuilder {
             store,
         } = self;
         config.validate()?;
-        let addr = listener.local_addr().map_err(|source| BrokerError::Io {
+        let addr = listener.local_addr().map_err(|error| BrokerError::Io {
             context: "reading the listener's address".into(),
-            source,
+            error,
         })?;
         let registry = Registry::from_config(&config.participants)?;
         let tls = load_tls(&config)?;
@@ -267,7 +267,12 @@ impl BrokerBuilder {
                 .serve_with_incoming_shutdown(incoming, wait_true(shutdown_rx.clone()))
                 .instrument(info_span!("grpc", %addr)),
         );
-        info!(%addr, admin = ?admin_addr, broker = %shared.broker_name, "broker listening");
+        info!(
+            %addr,
+            admin = %admin_addr.map_or_else(|| "off".to_owned(), |admin| admin.to_string()),
+            broker = %shared.broker_name,
+            "broker listening"
+        );
 
         let grace = limits.shutdown_grace;
         let main = tokio::spawn(async move {
@@ -335,10 +340,7 @@ impl RunningBroker {
     /// Re-reads the CRL (and certificate and key) now, and closes connections
     /// whose certificate no longer verifies (what SIGHUP does).
     pub fn reload_tls(&self) -> Result<ReloadReport, BrokerError> {
-        let report = self
-            .tls
-            .reload()
-            .map_err(|e| BrokerError::transport("reloading TLS material", e))?;
+        let report = self.tls.reload().map_err(BrokerError::tls)?;
         self.certs.record(&self.tls);
         Ok(report)
     }
@@ -600,6 +602,7 @@ async fn crl_reload_loop(
         match reloaded.await {
             Ok(Ok(report)) => debug!(
                 closed_connections = report.closed_connections,
+                closed = %report.closed.join(", "),
                 crl_stale = report.crl.stale,
                 "crl reloaded"
             ),
@@ -639,14 +642,14 @@ async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
     }
     TcpListener::bind(addr)
         .await
-        .map_err(|source| BrokerError::Io {
+        .map_err(|error| BrokerError::Io {
             context: format!("binding admin_listen {addr}"),
-            source,
+            error,
         })
 }
 
-/// What the admin endpoint asks the broker: the queue gauges from the store before each
-/// scrape, and readiness: [`Metrics::readiness`] (store writable — kept up to date by the
+/// What the admin endpoint asks the broker: the queue gauges from the store and the
+/// transport's failed-handshake counts before each scrape, and readiness: [`Metrics::readiness`] (store writable — kept up to date by the
 /// service and the timer loop — and the CA and broker certificates valid), and under
 /// `crl_policy = "strict"` a CRL not past its `nextUpdate` (a strict broker refuses every
 /// connection with a stale CRL).
@@ -659,6 +662,7 @@ struct BrokerAdminHooks {
 #[tonic::async_trait]
 impl AdminHooks for BrokerAdminHooks {
     async fn refresh(&self, metrics: &Metrics) {
+        metrics.set_tls_handshake_failures(&self.tls.handshake_failures());
         match self.shared.store.queue_stats().await {
             Ok(stats) => metrics.set_queue(&stats),
             Err(error) => warn!(%error, "cannot read queue statistics for metrics"),
@@ -742,6 +746,65 @@ async fn wait_true(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// What `trmx-broker check-config` checks, binding and opening nothing: the config's
+/// rules, the participant registry, the TLS material loaded exactly as at start, and a
+/// data directory the broker can write in, or create. The store is not opened (a running
+/// broker holds its lock), so what only sled can tell (a store of another version, a
+/// corrupt one) shows at start.
+pub fn check_config(config: &BrokerConfig) -> Result<(), BrokerError> {
+    config.validate()?;
+    Registry::from_config(&config.participants)?;
+    load_tls(config)?;
+    check_data_dir(&config.data_dir)
+}
+
+/// `dir` is a directory this user can create files in, or does not exist yet and its
+/// nearest existing ancestor is one (the broker creates it at start). Creates nothing
+/// but a probe file, removed at once.
+fn check_data_dir(dir: &Path) -> Result<(), BrokerError> {
+    let problem = |problem: String| BrokerError::config("data_dir", problem);
+    let mut existing = dir;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => {
+                return Err(problem(format!(
+                    "{}: {} is not a directory",
+                    dir.display(),
+                    existing.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                existing = match existing.parent() {
+                    Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+                    Some(parent) => parent,
+                    None => return Err(problem(format!("{}: {e}", existing.display()))),
+                };
+            }
+            Err(e) => return Err(problem(format!("{}: {e}", existing.display()))),
+        }
+    }
+    let probe = existing.join(format!(".trmx-check-config-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| {
+            let what = if existing == dir {
+                "cannot create files in it".to_owned()
+            } else {
+                format!(
+                    "does not exist and cannot be created in {}",
+                    existing.display()
+                )
+            };
+            problem(format!("{} {what}: {e}", dir.display()))
+        })?;
+    // best effort: a probe left behind is an empty file with a telling name
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
     let paths = TlsPaths {
         ca: config.tls.ca.clone(),
@@ -752,8 +815,7 @@ fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
         CrlPolicyConfig::Warn => CrlPolicy::Warn,
         CrlPolicyConfig::Strict => CrlPolicy::Strict,
     };
-    ServerTls::load(&paths, config.tls.crl.as_deref(), policy)
-        .map_err(|e| BrokerError::transport("loading TLS material", e))
+    ServerTls::load(&paths, config.tls.crl.as_deref(), policy).map_err(BrokerError::tls)
 }
 
 /// The broker name in the certificate's URI SAN, or `broker`.

@@ -663,7 +663,7 @@ macro_rules! rpc {
             method = $method,
             participant = tracing::field::Empty,
             message_id = tracing::field::Empty,
-            remote = ?$request.remote_addr(),
+            remote = $request.remote_addr().map(tracing::field::display),
         );
         async {
             let $caller = $self.caller(&$request)?;

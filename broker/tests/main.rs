@@ -11,3 +11,4 @@ mod lifecycle;
 mod metrics;
 mod operator;
 mod revocation;
+mod startup;

@@ -637,3 +637,44 @@ async fn last_seen_and_certificate_expiry_survive_a_restart() -> anyhow::Result<
     assert!(nl.certificate_not_after.is_some());
     Ok(())
 }
+
+#[tokio::test]
+async fn failed_handshakes_are_counted_by_reason() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let admin = admin_addr(&t)?;
+    let series = |reason: &str| format!("trmx_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+    let before = Scrape::take(admin).await?;
+    for reason in [
+        "bad_certificate",
+        "revoked",
+        "expired",
+        "unknown_ca",
+        "stale_crl",
+        "client_refused",
+        "timeout",
+        "other",
+    ] {
+        assert_eq!(before.value(&series(reason)), 0.0, "{reason}");
+    }
+
+    // a node of another federation, trusting this broker's CA
+    let dir = tempfile::tempdir()?;
+    let other = trmx_certs::Federation::create(dir.path(), "trm.other")?;
+    let stranger = other.participant("NL-NRM")?;
+    let paths = TlsPaths {
+        ca: t.pki.federation.ca_cert_path(),
+        cert: stranger.cert,
+        key: stranger.key,
+    };
+    let channel = client_channel(&t.addr.to_string(), &paths, &ClientOptions::default())?;
+    let mut client = trmx_proto::pb::exchange_client::ExchangeClient::new(channel);
+    let refused = client.get_info(pb::GetInfoRequest {}).await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    let after = scrape_until(admin, "the failed handshake to be counted", |s| {
+        s.get(&series("unknown_ca")).is_some_and(|n| n >= 1.0)
+    })
+    .await?;
+    assert_eq!(after.value(&series("revoked")), 0.0);
+    Ok(())
+}

@@ -1081,3 +1081,77 @@ async fn store_compact_on_a_stopped_broker_keeps_its_messages() -> anyhow::Resul
     assert_eq!(id_of(&next(&mut stream).await?), after.message_id);
     Ok(())
 }
+
+#[tokio::test]
+async fn admin_by_ip_address_says_how_to_give_the_broker_name() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    // a broker certificate for its DNS name only, as most deployments have
+    let spec = trmx_certs::IssueSpec::broker("test-1", vec!["localhost".into()], Vec::new());
+    t.pki.federation.issue("broker-test-1", &spec)?;
+    t.broker.reload_tls()?;
+
+    let out = admin(&t, &["participants"]).await?;
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("not valid for name"), "{text}");
+    assert!(
+        text.contains("--server-name") && text.contains("TRMX_ADMIN_SERVER_NAME"),
+        "{text}"
+    );
+
+    let out = admin(&t, &["--server-name", "localhost", "participants"]).await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_with_a_revoked_certificate_says_it_is_revoked() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let cert = t.pki.federation.operator("carol")?;
+    let queues = || {
+        broker_cli(
+            [
+                "admin",
+                "--broker",
+                &t.addr.to_string(),
+                "--ca",
+                &t.pki.federation.ca_cert_path().display().to_string(),
+                "--cert",
+                &cert.cert.display().to_string(),
+                "--key",
+                &cert.key.display().to_string(),
+                "queues",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        )
+    };
+    let out = queues().await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    t.pki.federation.revoke(&cert)?;
+    t.broker.reload_tls()?;
+    let out = queues().await?;
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("Revoked"), "{text}");
+    assert!(!text.contains("--server-name"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn offline_commands_on_a_missing_directory_say_so() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("nonexistent").display().to_string();
+    for command in [["store", "verify"], ["audit", "verify"]] {
+        let mut args: Vec<String> = command.iter().map(|a| (*a).to_owned()).collect();
+        args.extend(["--data-dir".to_owned(), missing.clone()]);
+        let out = broker_cli(args).await?;
+        assert!(!out.status.success());
+        let text = stderr(&out);
+        assert!(text.contains("does not exist"), "{command:?}: {text}");
+        assert!(!text.contains("running"), "{command:?}: {text}");
+    }
+    Ok(())
+}

@@ -18,6 +18,15 @@ async fn a_revoked_certificate_is_refused_and_its_stream_closed() -> anyhow::Res
     t.pki.federation.revoke(&be_cert)?;
     let report = t.broker.reload_tls()?;
     assert!(report.closed_connections >= 1, "{report:?}");
+    // the report (and its log line) names whose connections were closed
+    assert_eq!(report.closed.len(), report.closed_connections, "{report:?}");
+    assert!(
+        report
+            .closed
+            .iter()
+            .all(|c| c == "participant BE-PAYOKE from 127.0.0.1"),
+        "{report:?}"
+    );
 
     // The open stream ends.
     match tokio::time::timeout(WAIT, stream.message()).await {

@@ -8,12 +8,13 @@ use std::time::{Duration, SystemTime};
 use rustls::ClientConfig;
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::pki_types::ServerName;
+use tokio::io::AsyncBufReadExt as _;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::server::provider;
-use crate::{TlsPaths, TransportError, pem};
+use crate::server::{certified_key_error, provider};
+use crate::{TlsFile, TlsPaths, TransportError, pem};
 
 /// How a client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,13 +55,14 @@ fn client_config_checking(
     crl: Option<&Path>,
 ) -> Result<ClientConfig, TransportError> {
     let roots = pem::roots(&paths.ca)?;
-    let chain = pem::certs(&paths.cert)?;
+    let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
     let key = pem::key(&paths.key)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| TransportError::Config {
+        .map_err(|error| TransportError::Config {
+            file: TlsFile::Ca,
             path: paths.ca.clone(),
-            source,
+            error,
         })?;
     let builder = match crl {
         None => builder.with_root_certificates(roots),
@@ -69,19 +71,17 @@ fn client_config_checking(
             let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
                 .with_crls(crls.ders)
                 .build()
-                .map_err(|source| TransportError::Verifier {
+                .map_err(|error| TransportError::Verifier {
+                    file: TlsFile::Crl,
                     path: path.to_owned(),
-                    source,
+                    error,
                 })?;
             builder.with_webpki_verifier(verifier)
         }
     };
     let mut config = builder
         .with_client_auth_cert(chain, key)
-        .map_err(|source| TransportError::Config {
-            path: paths.cert.clone(),
-            source,
-        })?;
+        .map_err(|error| certified_key_error(paths, error))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     if crl.is_some() {
         // a resumed session skips the server certificate's check, and so the CRL
@@ -137,6 +137,32 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// Whether a failed connection (given the causes of a tonic status or transport error)
+/// failed because the server's certificate does not carry the name it was checked for
+/// ([`ClientOptions::server_name`], by default the host of the address): the caller can
+/// then say how to give the name.
+pub fn server_name_mismatch(error: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::CertificateError as C;
+    let mut current = Some(error);
+    while let Some(error) = current {
+        // tokio-rustls hands rustls' error over inside an I/O error
+        let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) = tls
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
 /// The host part of `host:port`, `[v6]:port`; errors name the address.
 fn host_of(addr: &str) -> Result<&str, TransportError> {
     let bad = |reason| TransportError::Address {
@@ -179,9 +205,9 @@ pub fn client_channel(
         ServerName::try_from(name.clone()).map_err(|_| TransportError::ServerName { name })?;
     let tls = Arc::new(ClientTls::load(paths, opts.crl.as_deref())?);
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|source| TransportError::Endpoint {
+        .map_err(|error| TransportError::Endpoint {
             addr: addr.to_owned(),
-            source,
+            error,
         })?
         .connect_timeout(opts.connect_timeout)
         .http2_keep_alive_interval(opts.http2_keepalive)
@@ -195,6 +221,17 @@ pub fn client_channel(
             let tcp = TcpStream::connect(target.as_str()).await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(server_name, tcp).await?;
+            // In TLS 1.3 the server checks our certificate after our side of the
+            // handshake is done. Wait for its first bytes (the HTTP/2 server preface,
+            // sent at once): a refusal then arrives as its alert ("received fatal alert:
+            // CertificateRevoked") instead of a broken pipe on the first request.
+            let mut tls = tokio::io::BufReader::new(tls);
+            if tls.fill_buf().await?.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection after the TLS handshake",
+                ));
+            }
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });

@@ -1,6 +1,38 @@
 //! The crate's one error type.
+//!
+//! # One rule for causes
+//! A message carries the text of its cause (`cannot read ca.pem: No such file or directory
+//! (os error 2)`), and no variant returns that cause from `source()`. So `%error` in a log
+//! line is complete, and `anyhow`'s `{:#}`, which appends every `source()`, prints each
+//! cause once. (The broker's `BrokerError` follows the same rule.)
 
+use std::fmt;
 use std::path::PathBuf;
+
+/// Which of a party's TLS files an error is about (callers map it to their own config
+/// field, e.g. the broker's `tls.key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsFile {
+    /// The federation CA certificate ([`crate::TlsPaths::ca`]).
+    Ca,
+    /// This party's certificate ([`crate::TlsPaths::cert`]).
+    Cert,
+    /// This party's private key ([`crate::TlsPaths::key`]).
+    Key,
+    /// The CRL file.
+    Crl,
+}
+
+impl fmt::Display for TlsFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsFile::Ca => "CA certificate",
+            TlsFile::Cert => "certificate",
+            TlsFile::Key => "private key",
+            TlsFile::Crl => "CRL",
+        })
+    }
+}
 
 /// Everything that can go wrong while loading TLS material or building a channel.
 ///
@@ -9,52 +41,101 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// A file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {file} {}: {error}", path.display())]
     Read {
+        /// Which file.
+        file: TlsFile,
         /// The file.
         path: PathBuf,
         /// What the OS said.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file is not valid PEM, or holds no object of the expected kind.
-    #[error("{}: {what}: {source}", path.display())]
+    #[error("{file} {}: not a PEM {file}: {error}", path.display())]
     Pem {
+        /// Which file (and so what was expected in it).
+        file: TlsFile,
         /// The file.
         path: PathBuf,
-        /// What was expected in it ("certificate", "private key", "CRL").
-        what: &'static str,
         /// The PEM decoder's complaint.
-        #[source]
-        source: rustls::pki_types::pem::Error,
+        error: rustls::pki_types::pem::Error,
     },
     /// A file holds PEM but not a usable object (bad DER, unsupported CRL, …).
-    #[error("{}: invalid {what}: {reason}", path.display())]
+    #[error("{file} {}: invalid: {reason}", path.display())]
     Invalid {
+        /// Which file.
+        file: TlsFile,
         /// The file.
         path: PathBuf,
-        /// What was expected in it.
-        what: &'static str,
         /// Why it was refused.
         reason: String,
     },
-    /// rustls refused the assembled configuration (e.g. key does not match certificate).
-    #[error("tls config from {}: {source}", path.display())]
-    Config {
-        /// The file the problem is most likely in (the certificate or the CA).
-        path: PathBuf,
-        /// rustls' reason.
-        #[source]
-        source: rustls::Error,
+    /// The private key is not the one of the certificate.
+    #[error(
+        "private key {} does not match certificate {} (the key of another certificate?)",
+        key.display(),
+        cert.display()
+    )]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
     },
-    /// The client-certificate verifier could not be built from the CA and CRLs.
-    #[error("client verifier from {}: {source}", path.display())]
-    Verifier {
+    /// The server's own certificate does not chain to the CA.
+    #[error(
+        "certificate {} is not issued by the CA in {} ({reason})",
+        cert.display(),
+        ca.display()
+    )]
+    NotIssuedByCa {
+        /// The certificate file.
+        cert: PathBuf,
         /// The CA file.
+        ca: PathBuf,
+        /// What the path check said.
+        reason: String,
+    },
+    /// The server's own certificate is not meant for a TLS server.
+    #[error(
+        "certificate {} is not a server certificate: its extended key usage lacks serverAuth \
+         (a node or operator certificate?)",
+        cert.display()
+    )]
+    NotServerCertificate {
+        /// The certificate file.
+        cert: PathBuf,
+    },
+    /// The CRL is not one the CA issued, so no client certificate could be checked against it
+    /// (every client would be refused).
+    #[error("CRL {} is not issued by the CA in {}: {reason}", crl.display(), ca.display())]
+    CrlNotFromCa {
+        /// The CRL file.
+        crl: PathBuf,
+        /// The CA file.
+        ca: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// rustls refused the assembled configuration.
+    #[error("{file} {}: {error}", path.display())]
+    Config {
+        /// The file the problem is most likely in.
+        file: TlsFile,
+        /// The file.
         path: PathBuf,
         /// rustls' reason.
-        #[source]
-        source: rustls::server::VerifierBuilderError,
+        error: rustls::Error,
+    },
+    /// The certificate verifier could not be built from the CA and CRLs.
+    #[error("{file} {}: cannot build the certificate verifier: {error}", path.display())]
+    Verifier {
+        /// The CA or CRL.
+        file: TlsFile,
+        /// The file.
+        path: PathBuf,
+        /// rustls' reason.
+        error: rustls::server::VerifierBuilderError,
     },
     /// An address given to [`crate::client_channel`] is not `host:port`.
     #[error("address {addr:?}: {reason}")]
@@ -71,12 +152,64 @@ pub enum TransportError {
         name: String,
     },
     /// tonic refused the endpoint.
-    #[error("endpoint {addr}: {source}")]
+    #[error("endpoint {addr}: {error}")]
     Endpoint {
         /// The address as given.
         addr: String,
         /// tonic's reason.
-        #[source]
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
+}
+
+impl TransportError {
+    /// The files the problem is in, the one to fix first (empty for address errors).
+    pub fn files(&self) -> &'static [TlsFile] {
+        fn one(file: TlsFile) -> &'static [TlsFile] {
+            match file {
+                TlsFile::Ca => &[TlsFile::Ca],
+                TlsFile::Cert => &[TlsFile::Cert],
+                TlsFile::Key => &[TlsFile::Key],
+                TlsFile::Crl => &[TlsFile::Crl],
+            }
+        }
+        match self {
+            TransportError::Read { file, .. }
+            | TransportError::Pem { file, .. }
+            | TransportError::Invalid { file, .. }
+            | TransportError::Config { file, .. }
+            | TransportError::Verifier { file, .. } => one(*file),
+            TransportError::KeyMismatch { .. } => &[TlsFile::Key, TlsFile::Cert],
+            TransportError::NotIssuedByCa { .. } => &[TlsFile::Cert, TlsFile::Ca],
+            TransportError::NotServerCertificate { .. } => &[TlsFile::Cert],
+            TransportError::CrlNotFromCa { .. } => &[TlsFile::Crl, TlsFile::Ca],
+            TransportError::Address { .. }
+            | TransportError::ServerName { .. }
+            | TransportError::Endpoint { .. } => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_is_in_the_message_and_not_repeated_as_source() {
+        let error = TransportError::Read {
+            file: TlsFile::Cert,
+            path: "/x/nope.pem".into(),
+            error: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(
+            error.to_string(),
+            "cannot read certificate /x/nope.pem: entity not found"
+        );
+        assert!(std::error::Error::source(&error).is_none());
+        let error = TransportError::Config {
+            file: TlsFile::Cert,
+            path: "/x/c.pem".into(),
+            error: rustls::Error::General("boom".into()),
+        };
+        assert!(std::error::Error::source(&error).is_none());
+    }
 }

@@ -5,21 +5,24 @@
 //! Module map:
 //! - [`server`] — [`ServerTls`] — loads CA, certificate, key and CRL into a rustls
 //!   `ServerConfig` (client certificate required, verified against the federation CA and
-//!   the CRL), swaps a freshly loaded config in on [`ServerTls::reload`], and keeps a
+//!   the CRL; the server's own certificate checked to chain to the CA with serverAuth, and
+//!   the CRL to be the CA's), swaps a freshly loaded config in on [`ServerTls::reload`], and keeps a
 //!   registry of open connections so that a reload closes the ones whose certificate no
 //!   longer verifies. [`CrlPolicy`] / [`CrlStatus`] cover a CRL past its `nextUpdate`.
 //! - [`listener`] — [`incoming`] — the accept loop (concurrent handshakes with a timeout,
 //!   in a budget of their own with a per-address cap, so unauthenticated sockets cannot
 //!   take the slots of authenticated connections; a connection cap, TCP keepalive,
 //!   shutdown future) yielding [`TlsConn`]s for
-//!   `tonic::transport::Server::serve_with_incoming_shutdown`.
+//!   `tonic::transport::Server::serve_with_incoming_shutdown`. Failed handshakes are
+//!   counted by [`HandshakeFailure`] in the [`ServerTls`].
 //! - [`identity`] — [`peer_identity`] — the caller's `trmx_certs::Identity` from the
 //!   verified client certificate of a tonic request.
 //! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
-//!   `Channel` over mutual TLS 1.3.
+//!   `Channel` over mutual TLS 1.3; [`server_name_mismatch`] tells a failure to connect
+//!   for a name the server's certificate does not carry.
 //! - `pem` (private): reading PEM files (and DER CRLs) with errors that name the file.
 //! - [`status`] — [`code_name`] — a gRPC status code by its canonical name.
-//! - [`error`] — [`TransportError`].
+//! - [`error`] — [`TransportError`], with the [`TlsFile`] it is about.
 //!
 //! Data flow on the server: `TcpListener` → [`incoming`] (handshake with the current
 //! config) → [`TlsConn`] registered in [`ServerTls`] → tonic/hyper → handlers call
@@ -48,9 +51,9 @@ mod pem;
 pub mod server;
 pub mod status;
 
-pub use client::{ClientOptions, client_channel, client_config};
-pub use error::TransportError;
+pub use client::{ClientOptions, client_channel, client_config, server_name_mismatch};
+pub use error::{TlsFile, TransportError};
 pub use identity::peer_identity;
-pub use listener::{ListenerLimits, TlsConn, incoming};
+pub use listener::{HandshakeFailure, ListenerLimits, TlsConn, incoming};
 pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerTls, TlsPaths};
 pub use status::code_name;

@@ -22,6 +22,13 @@
 //! and how many there were since the previous line for that reason), at most one line per
 //! reason every ten seconds, so a flood of sockets cannot flood the log.
 //!
+//! # Failed handshakes
+//! Each is counted by [`HandshakeFailure`] reason in the [`ServerTls`]
+//! ([`ServerTls::handshake_failures`], the broker's `trmx_tls_handshake_failures_total`),
+//! logged at debug, and at info at most once per reason a minute (peer address, rustls'
+//! reason, and how many since the previous line), so that a client refused for a
+//! revoked, expired or foreign certificate shows in a default log without flooding it.
+//!
 //! # Invariants
 //! - A pending handshake is counted once in `Pending::by_age` and once in
 //!   `Pending::per_source`, from admission until its task ends or it is evicted, whichever
@@ -33,6 +40,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -208,7 +216,7 @@ impl Connected for TlsConn {
 /// handshake with the current config of `tls`.
 ///
 /// Handshakes run concurrently as tasks, each bounded by `limits.handshake_timeout`; a
-/// failed or timed-out handshake is logged at debug level (peer address and reason) and
+/// failed or timed-out handshake is counted and logged (see the [module docs](self)) and
 /// dropped without delaying the others. Admission follows the [module docs](self): a
 /// bounded handshake budget with a per-source cap, then a connection slot once
 /// authenticated. The stream ends when `shutdown` resolves (pending handshakes are
@@ -320,10 +328,14 @@ async fn handshake(
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             tracing::debug!(peer = %peer, %error, "tls handshake failed");
+            tls.failures()
+                .record(HandshakeFailure::of(&error), peer, &error);
             return None;
         }
         Err(_) => {
             tracing::debug!(peer = %peer, "tls handshake timed out");
+            tls.failures()
+                .record(HandshakeFailure::Timeout, peer, &"timed out");
             return None;
         }
     };
@@ -336,7 +348,7 @@ async fn handshake(
     };
     let permit = gate.take_slot(peer)?;
     let certs = Arc::new(certs.to_vec());
-    let (registration, close) = tls.register(certs, loaded.generation());
+    let (registration, close) = tls.register(certs, loaded.generation(), peer);
     tracing::debug!(peer = %peer, "tls connection established");
     Some(TlsConn {
         stream,
@@ -345,6 +357,145 @@ async fn handshake(
         _registration: registration,
         _permit: permit,
     })
+}
+
+/// Why a TLS handshake failed: the label `reason` of the broker's
+/// `trmx_tls_handshake_failures_total`. A fixed set, so the metric's series are bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeFailure {
+    /// The client presented no certificate, or one that does not verify for another
+    /// reason than those below (bad signature, wrong key usage, unknown revocation status).
+    BadCertificate,
+    /// The client's certificate is on the CRL.
+    Revoked,
+    /// The client's certificate has expired or is not valid yet.
+    Expired,
+    /// The client's certificate is not issued by the federation CA (its issuer is unknown,
+    /// or has the CA's name but not its key: the signature does not verify).
+    UnknownCa,
+    /// The CRL is past its `nextUpdate` under [`crate::CrlPolicy::Strict`]: every client is
+    /// refused until a fresh CRL is loaded.
+    StaleCrl,
+    /// The client refused the server's certificate (its alert: a name the certificate
+    /// does not carry, a CA the client does not trust, ...).
+    ClientRefused,
+    /// No completed handshake within [`ListenerLimits::handshake_timeout`].
+    Timeout,
+    /// Anything else: not TLS, a protocol error, a reset.
+    Other,
+}
+
+impl HandshakeFailure {
+    /// Every reason, in label order.
+    pub const ALL: [HandshakeFailure; 8] = [
+        HandshakeFailure::BadCertificate,
+        HandshakeFailure::Revoked,
+        HandshakeFailure::Expired,
+        HandshakeFailure::UnknownCa,
+        HandshakeFailure::StaleCrl,
+        HandshakeFailure::ClientRefused,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Other,
+    ];
+
+    /// The label value, e.g. `bad_certificate`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::BadCertificate => "bad_certificate",
+            HandshakeFailure::Revoked => "revoked",
+            HandshakeFailure::Expired => "expired",
+            HandshakeFailure::UnknownCa => "unknown_ca",
+            HandshakeFailure::StaleCrl => "stale_crl",
+            HandshakeFailure::ClientRefused => "client_refused",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Other => "other",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The reason of a failed `accept` (tokio-rustls carries rustls' error in the I/O error).
+    fn of(error: &io::Error) -> HandshakeFailure {
+        use rustls::CertificateError as C;
+        let Some(tls) = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        else {
+            return HandshakeFailure::Other;
+        };
+        match tls {
+            rustls::Error::NoCertificatesPresented => HandshakeFailure::BadCertificate,
+            rustls::Error::InvalidCertificate(cert) => match cert {
+                C::Revoked => HandshakeFailure::Revoked,
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => HandshakeFailure::Expired,
+                C::UnknownIssuer | C::BadSignature => HandshakeFailure::UnknownCa,
+                C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => {
+                    HandshakeFailure::StaleCrl
+                }
+                _ => HandshakeFailure::BadCertificate,
+            },
+            rustls::Error::AlertReceived(_) => HandshakeFailure::ClientRefused,
+            _ => HandshakeFailure::Other,
+        }
+    }
+}
+
+/// How often at most one reason's handshake failures are logged at info.
+const HANDSHAKE_FAILURE_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Failed handshakes: counted by reason (for metrics), and logged at info at most once per
+/// reason every [`HANDSHAKE_FAILURE_REPORT_INTERVAL`] with the peer's address (every one at
+/// debug).
+pub(crate) struct HandshakeFailures {
+    counts: [AtomicU64; HandshakeFailure::ALL.len()],
+    throttle: Throttle<{ HandshakeFailure::ALL.len() }>,
+}
+
+impl Default for HandshakeFailures {
+    fn default() -> Self {
+        HandshakeFailures {
+            counts: Default::default(),
+            throttle: Throttle::new(HANDSHAKE_FAILURE_REPORT_INTERVAL),
+        }
+    }
+}
+
+impl HandshakeFailures {
+    pub(crate) fn record(
+        &self,
+        reason: HandshakeFailure,
+        peer: SocketAddr,
+        error: &dyn std::fmt::Display,
+    ) {
+        if let Some(count) = self.counts.get(reason.index()) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(failed) = self.throttle.count(reason.index()) {
+            tracing::info!(
+                peer = %peer.ip(),
+                reason = %reason.as_str(),
+                %error,
+                failed,
+                "tls handshake failed"
+            );
+        }
+    }
+
+    /// The failures so far, by reason.
+    pub(crate) fn counts(&self) -> [(HandshakeFailure, u64); HandshakeFailure::ALL.len()] {
+        HandshakeFailure::ALL.map(|reason| {
+            let count = self
+                .counts
+                .get(reason.index())
+                .map_or(0, |c| c.load(Ordering::Relaxed));
+            (reason, count)
+        })
+    }
 }
 
 /// Who gets in: the handshake budget and the connection slots, shared by the accept loop
@@ -563,9 +714,22 @@ const REFUSAL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Counts refusals and logs them at most once per reason every
 /// [`REFUSAL_REPORT_INTERVAL`]; each line carries the count since the previous one.
-#[derive(Default)]
 struct Refusals {
-    tallies: Mutex<[Tally; Refusal::ALL.len()]>,
+    throttle: Throttle<{ Refusal::ALL.len() }>,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Refusals {
+            throttle: Throttle::new(REFUSAL_REPORT_INTERVAL),
+        }
+    }
+}
+
+/// Per-reason throttling of log lines: at most one line per reason every `interval`.
+struct Throttle<const N: usize> {
+    interval: Duration,
+    tallies: Mutex<[Tally; N]>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -574,24 +738,39 @@ struct Tally {
     unreported: u64,
 }
 
+impl<const N: usize> Throttle<N> {
+    fn new(interval: Duration) -> Self {
+        Throttle {
+            interval,
+            tallies: Mutex::new([Tally::default(); N]),
+        }
+    }
+
+    /// Counts one event of reason `index`; when a line is due, the events since the
+    /// previous line (this one included).
+    fn count(&self, index: usize) -> Option<u64> {
+        let mut tallies = self
+            .tallies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tally = tallies.get_mut(index)?;
+        tally.unreported += 1;
+        let now = Instant::now();
+        let due = tally
+            .last_report
+            .is_none_or(|last| now.duration_since(last) >= self.interval);
+        if !due {
+            return None;
+        }
+        tally.last_report = Some(now);
+        Some(std::mem::take(&mut tally.unreported))
+    }
+}
+
 impl Refusals {
     fn report(&self, refusal: Refusal, peer: SocketAddr, limit: usize) {
-        let refused = {
-            let mut tallies = self
-                .tallies
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let tally = &mut tallies[refusal.index()];
-            tally.unreported += 1;
-            let now = Instant::now();
-            let due = tally
-                .last_report
-                .is_none_or(|last| now.duration_since(last) >= REFUSAL_REPORT_INTERVAL);
-            if !due {
-                return;
-            }
-            tally.last_report = Some(now);
-            std::mem::take(&mut tally.unreported)
+        let Some(refused) = self.throttle.count(refusal.index()) else {
+            return;
         };
         match refusal {
             Refusal::SourceBusy => tracing::warn!(
@@ -644,6 +823,22 @@ mod tests {
             Admitted::Yes { id, evicted } => (id, evicted.map(|e| e.peer)),
             Admitted::No(refusal) => panic!("refused: {refusal:?}"),
         }
+    }
+
+    #[test]
+    fn a_throttle_lets_one_line_per_reason_and_interval_through_with_the_count() {
+        let throttle = Throttle::<2>::new(Duration::from_millis(20));
+        assert_eq!(throttle.count(0), Some(1));
+        assert_eq!(throttle.count(0), None);
+        assert_eq!(throttle.count(0), None);
+        assert_eq!(throttle.count(1), Some(1), "reasons are throttled apart");
+        std::thread::sleep(Duration::from_millis(25));
+        assert_eq!(
+            throttle.count(0),
+            Some(3),
+            "the two held back, and this one"
+        );
+        assert_eq!(throttle.count(5), None, "an index out of range is ignored");
     }
 
     #[test]

@@ -9,31 +9,36 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
-use crate::TransportError;
+use crate::{TlsFile, TransportError};
 
-fn read(path: &Path) -> Result<Vec<u8>, TransportError> {
-    std::fs::read(path).map_err(|source| TransportError::Read {
+fn read(file: TlsFile, path: &Path) -> Result<Vec<u8>, TransportError> {
+    std::fs::read(path).map_err(|error| TransportError::Read {
+        file,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
 fn pem_error(
+    file: TlsFile,
     path: &Path,
-    what: &'static str,
 ) -> impl FnOnce(rustls::pki_types::pem::Error) -> TransportError {
     let path = path.to_owned();
-    move |source| TransportError::Pem { path, what, source }
+    move |error| TransportError::Pem { file, path, error }
 }
 
-/// Every certificate in a PEM file (at least one).
-pub(crate) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
-    let bytes = read(path)?;
+/// Every certificate in a PEM file (at least one): this party's chain (`file` is
+/// [`TlsFile::Cert`]) or the CA ([`TlsFile::Ca`]).
+pub(crate) fn certs(
+    file: TlsFile,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let bytes = read(file, path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(pem_error(path, "certificate"))?;
+        .map_err(pem_error(file, path))?;
     if certs.is_empty() {
-        return Err(pem_error(path, "certificate")(
+        return Err(pem_error(file, path)(
             rustls::pki_types::pem::Error::NoItemsFound,
         ));
     }
@@ -42,17 +47,17 @@ pub(crate) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Transpo
 
 /// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
 pub(crate) fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
-    let bytes = read(path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(pem_error(path, "private key"))
+    let bytes = read(TlsFile::Key, path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(pem_error(TlsFile::Key, path))
 }
 
 /// The trust anchors in a CA file.
 pub(crate) fn roots(path: &Path) -> Result<Arc<RootCertStore>, TransportError> {
     let mut store = RootCertStore::empty();
-    for cert in certs(path)? {
+    for cert in certs(TlsFile::Ca, path)? {
         store.add(cert).map_err(|e| TransportError::Invalid {
+            file: TlsFile::Ca,
             path: path.to_owned(),
-            what: "CA certificate",
             reason: e.to_string(),
         })?;
     }
@@ -70,10 +75,10 @@ pub(crate) struct Crls {
 /// when the file holds no such block, the whole file as one DER CRL (what `openssl crl
 /// -outform DER` and many CAs publish).
 pub(crate) fn crls(path: &Path) -> Result<Crls, TransportError> {
-    let bytes = read(path)?;
+    let bytes = read(TlsFile::Crl, path)?;
     let mut ders = CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(pem_error(path, "CRL"))?;
+        .map_err(pem_error(TlsFile::Crl, path))?;
     if ders.is_empty() {
         ders.push(der_crl(path, bytes)?);
     }
@@ -94,8 +99,8 @@ fn der_crl(
     bytes: Vec<u8>,
 ) -> Result<CertificateRevocationListDer<'static>, TransportError> {
     let invalid = |reason: String| TransportError::Invalid {
+        file: TlsFile::Crl,
         path: path.to_owned(),
-        what: "CRL",
         reason: format!("no PEM \"X509 CRL\" block, and not a DER CRL: {reason}"),
     };
     match x509_parser::parse_x509_crl(&bytes) {
@@ -108,8 +113,8 @@ fn der_crl(
 /// The `nextUpdate` of one DER CRL (rustls requires it, so its absence is an error).
 fn crl_next_update(path: PathBuf, der: &[u8]) -> Result<SystemTime, TransportError> {
     let invalid = |reason: String| TransportError::Invalid {
+        file: TlsFile::Crl,
         path: path.clone(),
-        what: "CRL",
         reason,
     };
     let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| invalid(e.to_string()))?;

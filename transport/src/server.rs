@@ -12,6 +12,7 @@
 //!   successful reload stores generation `n`.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,12 +20,13 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use futures::task::AtomicWaker;
-use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
+use rustls::{RootCertStore, ServerConfig};
 
-use crate::{TransportError, pem};
+use crate::listener::{HandshakeFailure, HandshakeFailures};
+use crate::{TlsFile, TransportError, pem};
 
 /// Where a party's TLS material lives (all PEM).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,10 +68,13 @@ impl CrlStatus {
 }
 
 /// What a [`ServerTls::reload`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadReport {
     /// Open connections ordered closed because their peer certificate no longer verifies.
     pub closed_connections: usize,
+    /// Who they were: the identity in the certificate (`participant BE-PAYOKE`, `operator
+    /// alice`; the subject when it holds none) and the peer's address, one per connection.
+    pub closed: Vec<String>,
     /// The generation of the config now in force: 0 for the one [`ServerTls::load`] built,
     /// one more for every successful reload (reloads never run concurrently).
     pub generation: u64,
@@ -95,6 +100,7 @@ struct Inner {
     reload_lock: Mutex<()>,
     conns: Mutex<HashMap<u64, ConnEntry>>,
     next_conn: AtomicU64,
+    handshake_failures: HandshakeFailures,
 }
 
 /// One loaded generation of TLS material.
@@ -113,6 +119,7 @@ impl Loaded {
 
 struct ConnEntry {
     certs: Arc<Vec<CertificateDer<'static>>>,
+    peer: SocketAddr,
     close: Arc<CloseSignal>,
 }
 
@@ -182,8 +189,9 @@ fn build(
 ) -> Result<Loaded, TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let crls = crl.map(pem::crls).transpose()?;
-    let chain = pem::certs(&paths.cert)?;
+    let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
     let key = pem::key(&paths.key)?;
+    check_own_certificate(paths, &roots, &chain, crl.zip(crls.as_ref()))?;
 
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     let mut crl_next_update = None;
@@ -194,23 +202,29 @@ fn build(
     if policy == CrlPolicy::Strict {
         builder = builder.enforce_revocation_expiration();
     }
-    let verifier = builder.build().map_err(|source| TransportError::Verifier {
-        path: crl.map_or_else(|| paths.ca.clone(), Path::to_owned),
-        source,
+    let verifier = builder.build().map_err(|error| match crl {
+        Some(crl) => TransportError::Verifier {
+            file: TlsFile::Crl,
+            path: crl.to_owned(),
+            error,
+        },
+        None => TransportError::Verifier {
+            file: TlsFile::Ca,
+            path: paths.ca.clone(),
+            error,
+        },
     })?;
 
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| TransportError::Config {
+        .map_err(|error| TransportError::Config {
+            file: TlsFile::Cert,
             path: paths.cert.clone(),
-            source,
+            error,
         })?
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
-        .map_err(|source| TransportError::Config {
-            path: paths.cert.clone(),
-            source,
-        })?;
+        .map_err(|error| certified_key_error(paths, error))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     // No resumption: a resumed session skips client-certificate verification, which
     // would let a since-revoked certificate back in without meeting the new CRL.
@@ -225,10 +239,161 @@ fn build(
     })
 }
 
+/// The error for rustls refusing `paths`' certificate and key together: a key that is not
+/// the certificate's names both files.
+pub(crate) fn certified_key_error(paths: &TlsPaths, error: rustls::Error) -> TransportError {
+    match error {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TransportError::KeyMismatch {
+                cert: paths.cert.clone(),
+                key: paths.key.clone(),
+            }
+        }
+        error => TransportError::Config {
+            file: TlsFile::Cert,
+            path: paths.cert.clone(),
+            error,
+        },
+    }
+}
+
+/// Checks at load time what would otherwise only show in handshakes, as refused clients
+/// with no word why:
+/// - the server's certificate chains to the CA (the clients' only trust anchor);
+/// - its extended key usage allows serverAuth (a node certificate does not);
+/// - the CRLs, if any, tell its revocation status the way the client verifier tells a
+///   client's: a CRL the CA did not issue (another CA's, or one whose signature does not
+///   verify) leaves every status unknown, and the verifier refuses every client.
+///
+/// Expiry is left to the caller's monitoring (and a renewal plus reload): an expired or
+/// not yet valid certificate is checked as of a moment it is valid. A certificate the CRL
+/// revokes is logged, not refused (see below).
+fn check_own_certificate(
+    paths: &TlsPaths,
+    roots: &RootCertStore,
+    chain: &[CertificateDer<'static>],
+    crl: Option<(&Path, &pem::Crls)>,
+) -> Result<(), TransportError> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Ok(()); // `pem::certs` returns at least one
+    };
+    let invalid = |file: TlsFile, path: &Path, reason: String| TransportError::Invalid {
+        file,
+        path: path.to_owned(),
+        reason,
+    };
+    let end_entity = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| invalid(TlsFile::Cert, &paths.cert, format!("{e:?}")))?;
+    let crls = match crl {
+        Some((path, crls)) => crls
+            .ders
+            .iter()
+            .map(|der| webpki::BorrowedCertRevocationList::from_der(der.as_ref()).map(Into::into))
+            .collect::<Result<Vec<webpki::CertRevocationList<'_>>, _>>()
+            .map_err(|e| invalid(TlsFile::Crl, path, format!("{e:?}")))?,
+        None => Vec::new(),
+    };
+    let crl_refs: Vec<&webpki::CertRevocationList<'_>> = crls.iter().collect();
+    // as rustls' client verifier does by default: every certificate of the chain, unknown
+    // status refused; staleness is the CRL policy's business, not this check's
+    let revocation = webpki::RevocationOptionsBuilder::new(&crl_refs)
+        .ok()
+        .map(|options| {
+            options
+                .with_depth(webpki::RevocationCheckDepth::Chain)
+                .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+                .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+                .build()
+        });
+    let provider = provider();
+    let verify = |at: UnixTime| {
+        end_entity
+            .verify_for_usage(
+                provider.signature_verification_algorithms.all,
+                &roots.roots,
+                intermediates,
+                at,
+                webpki::KeyUsage::server_auth(),
+                revocation,
+                None,
+            )
+            .map(drop)
+    };
+    let checked = match verify(UnixTime::now()) {
+        Err(webpki::Error::CertExpired { not_after, .. }) => verify(not_after),
+        Err(webpki::Error::CertNotValidYet { not_before, .. }) => verify(not_before),
+        checked => checked,
+    };
+    match checked {
+        // Not refused: a reload that failed on it would keep the old CRL, and so let in
+        // the clients revoked with it, until the new certificate is in place.
+        Err(webpki::Error::CertRevoked) => {
+            tracing::warn!(
+                cert = %paths.cert.display(),
+                "the server's certificate is revoked by the CRL: clients that read the CRL \
+                 refuse it; install a new certificate and reload"
+            );
+            Ok(())
+        }
+        checked => {
+            checked.map_err(|error| own_certificate_error(paths, crl.map(|(path, _)| path), error))
+        }
+    }
+}
+
+/// What a failed [`check_own_certificate`] means, naming the files.
+fn own_certificate_error(
+    paths: &TlsPaths,
+    crl: Option<&Path>,
+    error: webpki::Error,
+) -> TransportError {
+    use webpki::Error as E;
+    let crl = || crl.unwrap_or(&paths.ca).to_owned();
+    let not_from_ca = |reason| TransportError::CrlNotFromCa {
+        crl: crl(),
+        ca: paths.ca.clone(),
+        reason,
+    };
+    match error {
+        E::UnknownIssuer => TransportError::NotIssuedByCa {
+            cert: paths.cert.clone(),
+            ca: paths.ca.clone(),
+            reason: "no chain of signatures leads to it".to_owned(),
+        },
+        E::InvalidSignatureForPublicKey => TransportError::NotIssuedByCa {
+            cert: paths.cert.clone(),
+            ca: paths.ca.clone(),
+            reason: "its signature does not verify with the CA's key: a CA of the same name?"
+                .to_owned(),
+        },
+        E::RequiredEkuNotFoundContext(_) => TransportError::NotServerCertificate {
+            cert: paths.cert.clone(),
+        },
+        E::UnknownRevocationStatus => not_from_ca(
+            "it does not cover the certificates the CA issues (another CA's CRL?), so every \
+             client would be refused",
+        ),
+        E::InvalidCrlSignatureForPublicKey => not_from_ca(
+            "its signature does not verify with the CA's key, so every client would be refused",
+        ),
+        E::IssuerNotCrlSigner => not_from_ca("the CA's key usage does not allow signing CRLs"),
+        other => TransportError::NotIssuedByCa {
+            cert: paths.cert.clone(),
+            ca: paths.ca.clone(),
+            reason: format!("the check of its chain failed: {other:?}"),
+        },
+    }
+}
+
 impl ServerTls {
     /// Loads the CA, this server's certificate and key, and the CRLs in `crl` (if any: the
     /// `X509 CRL` blocks of a PEM file, or one DER CRL) into a TLS 1.3-only config that
     /// requires a client certificate issued by the CA and not revoked, with ALPN `h2`.
+    ///
+    /// Refuses, naming the files, what would fail every handshake later: a key that is not
+    /// the certificate's, a certificate that does not chain to the CA or lacks serverAuth
+    /// (a node certificate), and a CRL the CA did not issue; a certificate the CRL revokes
+    /// is only a warning. [`ServerTls::reload`] makes the same checks.
     ///
     /// Reads small files synchronously.
     pub fn load(
@@ -246,6 +411,7 @@ impl ServerTls {
                 reload_lock: Mutex::new(()),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
+                handshake_failures: HandshakeFailures::default(),
             }),
         };
         tls.log_crl_status("tls config loaded");
@@ -283,30 +449,38 @@ impl ServerTls {
         // Swap first, then snapshot: a connection registering after the snapshot sees the
         // new generation and checks itself (see `register`).
         self.inner.state.store(loaded.clone());
-        let snapshot: Vec<(Arc<Vec<CertificateDer<'static>>>, Arc<CloseSignal>)> = self
+        type Snapshot = (
+            Arc<Vec<CertificateDer<'static>>>,
+            SocketAddr,
+            Arc<CloseSignal>,
+        );
+        let snapshot: Vec<Snapshot> = self
             .inner
             .conns()
             .values()
-            .map(|entry| (entry.certs.clone(), entry.close.clone()))
+            .map(|entry| (entry.certs.clone(), entry.peer, entry.close.clone()))
             .collect();
         let now = UnixTime::now();
-        let mut closed_connections = 0;
-        for (certs, close) in snapshot {
+        let mut closed = Vec::new();
+        for (certs, peer, close) in snapshot {
             if !close.is_closed() && !still_valid(&*loaded.verifier, &certs, now) {
                 close.close();
-                closed_connections += 1;
+                closed.push(format!("{} from {}", peer_name(&certs), peer.ip()));
             }
         }
+        closed.sort();
         let crl = self.crl_status();
         self.log_crl_status("tls config reloaded");
-        if closed_connections > 0 {
+        if !closed.is_empty() {
             tracing::info!(
-                closed_connections,
+                closed_connections = closed.len(),
+                closed = %closed.join(", "),
                 "closed connections whose certificate no longer verifies"
             );
         }
         Ok(ReloadReport {
-            closed_connections,
+            closed_connections: closed.len(),
+            closed,
             generation,
             crl,
         })
@@ -332,16 +506,28 @@ impl ServerTls {
         self.inner.conns().len()
     }
 
+    /// Failed handshakes since [`ServerTls::load`], by reason (every reason listed, from 0).
+    pub fn handshake_failures(&self) -> [(HandshakeFailure, u64); HandshakeFailure::ALL.len()] {
+        self.inner.handshake_failures.counts()
+    }
+
+    /// Where [`crate::incoming`] records failed handshakes.
+    pub(crate) fn failures(&self) -> &HandshakeFailures {
+        &self.inner.handshake_failures
+    }
+
     /// The config new handshakes use.
     pub(crate) fn current(&self) -> Arc<Loaded> {
         self.inner.state.load_full()
     }
 
-    /// Records an established connection whose handshake used `handshake_generation`.
+    /// Records an established connection from `peer` whose handshake used
+    /// `handshake_generation`.
     pub(crate) fn register(
         &self,
         certs: Arc<Vec<CertificateDer<'static>>>,
         handshake_generation: u64,
+        peer: SocketAddr,
     ) -> (Registration, Arc<CloseSignal>) {
         let close = Arc::new(CloseSignal::default());
         let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -349,6 +535,7 @@ impl ServerTls {
             id,
             ConnEntry {
                 certs: certs.clone(),
+                peer,
                 close: close.clone(),
             },
         );
@@ -373,14 +560,33 @@ impl ServerTls {
             .next_update
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map(|d| d.as_secs());
+        // RFC 3339 for people, Unix seconds (as before) for scripts
+        let next_update = status.next_update.map(trmx_certs::format_time);
+        let next_update = next_update.as_deref();
         if status.stale {
             tracing::warn!(
+                next_update,
                 next_update_unix,
                 policy = ?self.inner.policy,
                 "crl is past its next update"
             );
         }
-        tracing::info!(next_update_unix, stale = status.stale, "{msg}");
+        tracing::info!(next_update, next_update_unix, stale = status.stale, "{msg}");
+    }
+}
+
+/// Who holds a certificate chain, for a log line: the trmx identity of the leaf
+/// (`participant BE-PAYOKE`), else its subject.
+fn peer_name(certs: &[CertificateDer<'static>]) -> String {
+    let Some(leaf) = certs.first() else {
+        return "no certificate".to_owned();
+    };
+    if let Ok(identity) = trmx_certs::Identity::from_der(leaf.as_ref()) {
+        return identity.role.to_string();
+    }
+    match x509_parser::parse_x509_certificate(leaf.as_ref()) {
+        Ok((_, cert)) => format!("subject {}", cert.subject()),
+        Err(_) => "an unparsable certificate".to_owned(),
     }
 }
 

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use trmx_proto::{Kind, ParticipantId};
+use trmx_transport::HandshakeFailure;
 
 use crate::clock::{Clock, SystemClock};
 use crate::store::{Millis, Presence, QueueStats, TickReport};
@@ -167,6 +168,9 @@ pub struct Metrics {
     withdrawn: AtomicU64,
     purged: AtomicU64,
     refused: [AtomicU64; RefusalReason::ALL.len()],
+    /// Copied from the transport's own counts at every scrape (see
+    /// [`Self::set_tls_handshake_failures`]).
+    tls_handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
     submit_duration: Histogram,
     flush_duration: Histogram,
     store_writable: AtomicBool,
@@ -240,6 +244,7 @@ impl Metrics {
             withdrawn: AtomicU64::new(0),
             purged: AtomicU64::new(0),
             refused: Default::default(),
+            tls_handshake_failures: Default::default(),
             submit_duration: Histogram::new(SUBMIT_BUCKETS),
             flush_duration: Histogram::new(FLUSH_BUCKETS),
             store_writable: AtomicBool::new(false),
@@ -293,6 +298,17 @@ impl Metrics {
         let i = RefusalReason::ALL.iter().position(|r| *r == reason);
         if let Some(i) = i {
             self.refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the failed TLS handshakes counted by the transport
+    /// (`trmx_transport::ServerTls::handshake_failures`, totals since start).
+    pub fn set_tls_handshake_failures(&self, counts: &[(HandshakeFailure, u64)]) {
+        for (reason, count) in counts {
+            let i = HandshakeFailure::ALL.iter().position(|r| r == reason);
+            if let Some(counter) = i.and_then(|i| self.tls_handshake_failures.get(i)) {
+                counter.store(*count, Ordering::Relaxed);
+            }
         }
     }
 
@@ -559,6 +575,22 @@ impl Metrics {
         for (reason, count) in RefusalReason::ALL.iter().zip(&self.refused) {
             w.sample(
                 "trmx_submits_refused_total",
+                &[("reason", reason.as_str())],
+                load(count),
+            );
+        }
+
+        w.family(
+            "trmx_tls_handshake_failures_total",
+            "TLS handshakes that failed, by reason (bad_certificate, revoked, expired, unknown_ca, stale_crl, client_refused, timeout, other).",
+            "counter",
+        );
+        for (reason, count) in HandshakeFailure::ALL
+            .iter()
+            .zip(&self.tls_handshake_failures)
+        {
+            w.sample(
+                "trmx_tls_handshake_failures_total",
                 &[("reason", reason.as_str())],
                 load(count),
             );
@@ -1024,6 +1056,12 @@ mod tests {
         }
         assert!(text.contains("trmx_messages_dead_lettered_total{reason=\"rejected\"} 0\n"));
         assert!(text.contains("trmx_messages_dead_lettered_total{reason=\"max_attempts\"} 0\n"));
+        for reason in HandshakeFailure::ALL {
+            assert!(text.contains(&format!(
+                "trmx_tls_handshake_failures_total{{reason=\"{}\"}} 0\n",
+                reason.as_str()
+            )));
+        }
         assert!(text.contains("trmx_up 1\n"));
         assert!(text.contains("trmx_store_writable 0\n"));
         assert!(text.contains("trmx_clock_offset_seconds 0\n"));
@@ -1031,7 +1069,7 @@ mod tests {
         // every family has one HELP and one TYPE line
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 26);
+        assert_eq!(types, 27);
         assert_eq!(helps, types);
     }
 
@@ -1053,6 +1091,10 @@ mod tests {
         metrics.withdrawn();
         metrics.purged();
         metrics.purged();
+        metrics.set_tls_handshake_failures(&[
+            (HandshakeFailure::Revoked, 4),
+            (HandshakeFailure::Timeout, 1),
+        ]);
         let text = metrics.render();
         for line in [
             "trmx_messages_accepted_total{kind=\"referral\"} 2",
@@ -1067,6 +1109,9 @@ mod tests {
             "trmx_messages_expired_total 3",
             "trmx_messages_withdrawn_total 1",
             "trmx_messages_purged_total 2",
+            "trmx_tls_handshake_failures_total{reason=\"revoked\"} 4",
+            "trmx_tls_handshake_failures_total{reason=\"timeout\"} 1",
+            "trmx_tls_handshake_failures_total{reason=\"unknown_ca\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}");
         }

@@ -350,7 +350,7 @@ macro_rules! operator_rpc {
             method = $method,
             operator = tracing::field::Empty,
             message_id = tracing::field::Empty,
-            remote = ?$request.remote_addr(),
+            remote = $request.remote_addr().map(tracing::field::display),
         );
         async {
             let $operator = $self.operator(&$request)?;

@@ -179,6 +179,14 @@ pub(crate) async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool
     }
 }
 
+/// The failed handshakes `tls` counted for `reason`.
+pub(crate) fn failures(tls: &ServerTls, reason: trmx_transport::HandshakeFailure) -> u64 {
+    tls.handshake_failures()
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, n)| *n)
+}
+
 /// Polls `cond` until it holds or `within` passes.
 pub(crate) async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + within;

@@ -1,5 +1,6 @@
 mod harness;
 mod identity;
 mod limits;
+mod load;
 mod refusals;
 mod revocation;

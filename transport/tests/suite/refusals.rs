@@ -2,10 +2,14 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
 use trmx_certs::Federation;
-use trmx_transport::{ListenerLimits, TlsPaths, client_config};
 
-use super::harness::{Fixture, Server, assert_refused, check_request, health, raw_accepted};
+use trmx_transport::{HandshakeFailure, ListenerLimits, TlsPaths, client_config};
+
+use super::harness::{
+    Fixture, Server, assert_refused, check_request, eventually, failures, health, raw_accepted,
+};
 
 fn ring() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -29,6 +33,13 @@ async fn client_without_certificate_is_refused() {
     config.alpn_protocols = vec![b"h2".to_vec()];
     assert!(!raw_accepted(server.addr, config).await.unwrap());
     assert_eq!(server.tls.open_connections(), 0);
+    assert!(
+        eventually(Duration::from_secs(5), || failures(
+            &server.tls,
+            HandshakeFailure::BadCertificate
+        ) == 1)
+        .await
+    );
 }
 
 #[tokio::test]
@@ -54,7 +65,43 @@ async fn certificate_from_another_ca_is_refused() {
         .await
         .unwrap_err();
     assert_refused(&err);
+    assert!(!trmx_transport::server_name_mismatch(&err), "{err:?}");
     assert!(server.seen.lock().unwrap().is_empty());
+    // counted by reason: the raw client and the channel (which may retry)
+    assert!(
+        eventually(Duration::from_secs(5), || failures(
+            &server.tls,
+            HandshakeFailure::UnknownCa
+        ) >= 2)
+        .await
+    );
+    assert_eq!(failures(&server.tls, HandshakeFailure::BadCertificate), 0);
+}
+
+#[tokio::test]
+async fn certificate_of_a_ca_of_another_name_is_counted_as_unknown_ca() {
+    let fx = Fixture::new();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Federation::create(other_dir.path(), "trm.other").unwrap();
+    let stranger = other.participant("NL-NRM").unwrap();
+    let server = Server::start(fx.server_tls(Default::default()), ListenerLimits::default()).await;
+    let paths = TlsPaths {
+        ca: fx.fed.ca_cert_path(),
+        cert: stranger.cert.clone(),
+        key: stranger.key.clone(),
+    };
+    assert!(
+        !raw_accepted(server.addr, client_config(&paths).unwrap())
+            .await
+            .unwrap()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || failures(
+            &server.tls,
+            HandshakeFailure::UnknownCa
+        ) == 1)
+        .await
+    );
 }
 
 #[tokio::test]
@@ -90,6 +137,16 @@ async fn client_refuses_server_with_wrong_name() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(trmx_transport::server_name_mismatch(&err), "{err:?}");
+    // the server counts the client's refusal apart from refusals of client certificates
+    assert!(
+        eventually(Duration::from_secs(5), || failures(
+            &server.tls,
+            HandshakeFailure::ClientRefused
+        ) >= 1)
+        .await
+    );
+    assert_eq!(failures(&server.tls, HandshakeFailure::BadCertificate), 0);
 }
 
 use rustls::pki_types::pem::PemObject as _;

@@ -4,10 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tonic_health::pb::health_check_response::ServingStatus;
-use trmx_transport::{CrlPolicy, ListenerLimits, ServerTls, client_config};
+use trmx_transport::{CrlPolicy, HandshakeFailure, ListenerLimits, ServerTls, client_config};
 
 use super::harness::{
-    Fixture, Server, assert_refused, check_request, eventually, health, raw_accepted,
+    Fixture, Server, assert_refused, check_request, eventually, failures, health, raw_accepted,
 };
 
 #[tokio::test]
@@ -40,6 +40,7 @@ async fn revoked_certificate_is_refused_and_its_open_stream_closed() {
     fx.fed.revoke(&node).unwrap();
     let report = server.tls.reload().unwrap();
     assert_eq!(report.closed_connections, 1);
+    assert_eq!(report.closed, ["participant NL-NRM from 127.0.0.1"]);
     assert!(!report.crl.stale);
 
     // the open stream ends within seconds
@@ -47,10 +48,25 @@ async fn revoked_certificate_is_refused_and_its_open_stream_closed() {
         .await
         .expect("open stream of a revoked certificate closed within 5 s");
     assert!(!matches!(next, Ok(Some(_))), "{next:?}");
-    // new connections are refused
+    // new connections are refused, and counted as revoked
     assert!(!raw_accepted(server.addr, node_config).await.unwrap());
+    assert!(
+        eventually(Duration::from_secs(5), || failures(
+            &server.tls,
+            HandshakeFailure::Revoked
+        ) >= 1)
+        .await
+    );
     let err = client.check(check_request()).await.unwrap_err();
     assert_refused(&err);
+    // the client hears why (the server's alert), not a broken pipe
+    let mut causes = format!("{err}");
+    let mut cause = std::error::Error::source(&err);
+    while let Some(e) = cause {
+        causes.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    assert!(causes.contains("CertificateRevoked"), "{causes}");
     // the other participant is untouched
     other.check(check_request()).await.unwrap();
     assert!(
@@ -103,6 +119,13 @@ async fn stale_crl_under_strict_policy_refuses() {
     let server = Server::start(tls, ListenerLimits::default()).await;
     let config = client_config(&fx.paths(&node)).unwrap();
     assert!(!raw_accepted(server.addr, config.clone()).await.unwrap());
+    assert!(
+        eventually(Duration::from_secs(5), || failures(
+            &server.tls,
+            HandshakeFailure::StaleCrl
+        ) == 1)
+        .await
+    );
 
     // a fresh CRL lets the same certificate in again
     fx.fed.ca.write_crl(Duration::from_secs(3600)).unwrap();

@@ -304,7 +304,10 @@ pub(super) fn open_existing(path: &Path) -> Result<::sled::Db, StoreError> {
         reason,
     };
     // never create a database where there is none (sled would)
-    std::fs::read_dir(path).map_err(|e| open_err(format!("cannot read the directory: {e}")))?;
+    std::fs::read_dir(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => open_err("the directory does not exist".to_owned()),
+        _ => open_err(format!("cannot read the directory: {e}")),
+    })?;
     if !path.join("conf").is_file() {
         return Err(open_err("not a trmx broker data directory".to_owned()));
     }

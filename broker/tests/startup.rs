@@ -1,0 +1,190 @@
+//! TLS material the broker refuses at start (and `check-config` with it), naming the
+//! file: what would otherwise start and report ready, then refuse every client.
+
+use tokio::net::TcpListener;
+use trmx_broker::{Broker, BrokerConfig, BrokerError};
+use trmx_certs::Federation;
+
+use crate::harness::*;
+
+async fn start(config: &BrokerConfig) -> Result<trmx_broker::RunningBroker, BrokerError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    Broker::builder(config.clone()).start(listener).await
+}
+
+#[tokio::test]
+async fn broken_tls_material_is_refused_at_start_naming_the_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let other = Federation::create(&dir.path().join("other"), "trm.other")?;
+    let stranger = other.broker("test-1")?;
+    let node = pki.federation.participant("NL-NRM")?;
+    let good = test_config(dir.path().join("data"), pki.tls.clone());
+
+    let mut foreign_cert = good.clone();
+    foreign_cert.tls.cert = stranger.cert.clone();
+    foreign_cert.tls.key = stranger.key.clone();
+    let mut node_cert = good.clone();
+    node_cert.tls.cert = node.cert.clone();
+    node_cert.tls.key = node.key.clone();
+    let mut foreign_crl = good.clone();
+    foreign_crl.tls.crl = Some(other.crl_path());
+
+    for (what, config, file, problem) in [
+        (
+            "a certificate of another CA",
+            &foreign_cert,
+            &stranger.cert,
+            "not issued by the CA",
+        ),
+        (
+            "a node certificate",
+            &node_cert,
+            &node.cert,
+            "not a server certificate",
+        ),
+        (
+            "another CA's CRL",
+            &foreign_crl,
+            &other.crl_path(),
+            "not issued by the CA",
+        ),
+    ] {
+        let error = start(config).await.expect_err(what).to_string();
+        assert!(error.contains(&*file.to_string_lossy()), "{what}: {error}");
+        assert!(error.contains(problem), "{what}: {error}");
+        let checked = trmx_broker::check_config(config)
+            .expect_err(what)
+            .to_string();
+        assert_eq!(checked, error, "check-config says what the start says");
+    }
+    // nothing was created for the refused starts
+    assert!(!good.data_dir.exists());
+    let mut broker = start(&good).await?;
+    broker.shutdown().await?;
+    Ok(())
+}
+
+/// The real `trmx-broker run` with its log on stderr in a file; stopped (SIGTERM) on drop.
+struct Process {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{name} failed");
+        Ok(())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The first log line holding `what`, waiting up to [`WAIT`] for it.
+    async fn line(&self, what: &str) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self.log().lines().find(|l| l.contains(what)) {
+                return Ok(line.to_owned());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no log line with {what:?} in:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.signal("TERM");
+        let _ = self.child.wait();
+    }
+}
+
+/// What an operator reads in the log of the real binary: optional fields without
+/// `Some(…)`, the CRL's next update as a date, a refused handshake at info with the peer's
+/// address and the reason, and who a revocation plus SIGHUP cut off.
+#[tokio::test]
+async fn the_log_tells_an_operator_what_happened() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let mut config = test_config(dir.path().join("data"), pki.tls.clone());
+    config.limits.shutdown_grace = std::time::Duration::from_millis(200);
+    let config_file = dir.path().join("broker.toml");
+    std::fs::write(&config_file, config.to_toml()?)?;
+    let ready = dir.path().join("ready");
+    let log = dir.path().join("broker.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config_file)
+        .arg("--ready-file")
+        .arg(&ready)
+        .args(["--log-level", "info,trmx_broker=debug"])
+        .env_remove("TRMX_BROKER_CONFIG")
+        .env_remove("TRMX_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let broker = Process { child, log };
+    let listening = broker.line("broker listening").await?;
+    let addr: std::net::SocketAddr = std::fs::read_to_string(&ready)?.trim().parse()?;
+
+    assert!(listening.contains("admin=127.0.0.1:"), "{listening}");
+    let loaded = broker.line("tls config loaded").await?;
+    let date = loaded
+        .split("next_update=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default();
+    assert!(
+        date.len() == 20 && date.as_bytes()[10] == b'T' && date.ends_with('Z'),
+        "an RFC 3339 date in {loaded}"
+    );
+
+    // a refused request: its RPC span names the peer
+    let mut nl = client(addr, &pki.participant("NL-NRM")?)?;
+    assert!(submit(&mut nl, referral("XX-NOBODY")).await.is_err());
+    let refused = broker.line("request refused").await?;
+    assert!(refused.contains("remote=127.0.0.1:"), "{refused}");
+
+    // a node of another federation: one info line with the reason and the address
+    let other = Federation::create(&dir.path().join("other"), "trm.other")?;
+    let stranger = other.participant("NL-NRM")?;
+    let mut foreign = client(
+        addr,
+        &trmx_transport::TlsPaths {
+            ca: pki.federation.ca_cert_path(),
+            cert: stranger.cert,
+            key: stranger.key,
+        },
+    )?;
+    assert!(submit(&mut foreign, referral("BE-PAYOKE")).await.is_err());
+    let failed = broker.line("tls handshake failed").await?;
+    assert!(
+        failed.contains("peer=127.0.0.1") && failed.contains("reason=unknown_ca"),
+        "{failed}"
+    );
+
+    // BE-PAYOKE holds a stream open; revoked, then SIGHUP: the log names it
+    let mut be = client(addr, &pki.participant("BE-PAYOKE")?)?;
+    let _stream = receive(&mut be, 0).await?;
+    let be_cert = trmx_certs::CertPaths::for_cert(&pki.participant("BE-PAYOKE")?.cert);
+    pki.federation.revoke(&be_cert)?;
+    broker.signal("HUP")?;
+    let reloaded = broker.line("tls reloaded").await?;
+    assert!(
+        reloaded.contains("closed=participant BE-PAYOKE from 127.0.0.1"),
+        "{reloaded}"
+    );
+
+    assert!(!broker.log().contains("Some("), "{}", broker.log());
+    Ok(())
+}

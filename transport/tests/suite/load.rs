@@ -1,0 +1,124 @@
+//! What `ServerTls::load` (and so a reload) refuses, naming the files: material a client
+//! would refuse, or that would make the server refuse every client, with no word why.
+
+use trmx_certs::Federation;
+use trmx_transport::{CrlPolicy, ServerTls, TlsFile, TransportError};
+
+use super::harness::Fixture;
+
+fn load(fx: &Fixture, paths: &trmx_transport::TlsPaths) -> Result<ServerTls, TransportError> {
+    ServerTls::load(paths, Some(&fx.crl()), CrlPolicy::Warn)
+}
+
+/// A second federation; `trust_domain` equal to the fixture's gives a CA of the same name.
+fn other_federation(trust_domain: &str) -> (tempfile::TempDir, Federation) {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = Federation::create(dir.path(), trust_domain).unwrap();
+    (dir, fed)
+}
+
+#[test]
+fn a_key_of_another_certificate_names_both_files_once() {
+    let fx = Fixture::new();
+    let other = fx.fed.broker("other").unwrap();
+    let mut paths = fx.paths(&fx.broker);
+    paths.key = other.key.clone();
+    let err = load(&fx, &paths).unwrap_err();
+    assert!(matches!(err, TransportError::KeyMismatch { .. }), "{err}");
+    assert_eq!(err.files(), [TlsFile::Key, TlsFile::Cert]);
+    let text = err.to_string();
+    assert_eq!(
+        text.matches(&*other.key.to_string_lossy()).count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches(&*fx.broker.cert.to_string_lossy()).count(),
+        1,
+        "{text}"
+    );
+    assert!(!text.contains("KeyMismatch"), "{text}");
+}
+
+#[test]
+fn a_server_certificate_of_another_ca_is_refused() {
+    for trust_domain in ["trm.other", super::harness::TRUST_DOMAIN] {
+        let fx = Fixture::new();
+        let (_dir, other) = other_federation(trust_domain);
+        let stranger = other.broker("main").unwrap();
+        let err = load(&fx, &fx.paths(&stranger)).unwrap_err();
+        assert!(
+            matches!(err, TransportError::NotIssuedByCa { .. }),
+            "{trust_domain}: {err}"
+        );
+        assert_eq!(err.files(), [TlsFile::Cert, TlsFile::Ca]);
+        let text = err.to_string();
+        assert!(text.contains(&*stranger.cert.to_string_lossy()), "{text}");
+        assert!(
+            text.contains(&*fx.fed.ca_cert_path().to_string_lossy()),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_client_certificate_is_not_a_server_certificate() {
+    let fx = Fixture::new();
+    for cert in [
+        fx.fed.participant("NL-NRM").unwrap(),
+        fx.fed.operator("alice").unwrap(),
+    ] {
+        let err = load(&fx, &fx.paths(&cert)).unwrap_err();
+        assert!(
+            matches!(err, TransportError::NotServerCertificate { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("serverAuth"), "{err}");
+    }
+}
+
+#[test]
+fn a_crl_the_ca_did_not_issue_is_refused() {
+    for trust_domain in ["trm.other", super::harness::TRUST_DOMAIN] {
+        let fx = Fixture::new();
+        let (_dir, other) = other_federation(trust_domain);
+        let err = ServerTls::load(
+            &fx.paths(&fx.broker),
+            Some(&other.crl_path()),
+            CrlPolicy::Warn,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, TransportError::CrlNotFromCa { .. }),
+            "{trust_domain}: {err}"
+        );
+        assert_eq!(err.files(), [TlsFile::Crl, TlsFile::Ca]);
+        assert!(
+            err.to_string()
+                .contains(&*other.crl_path().to_string_lossy()),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_revoked_server_certificate_does_not_stop_crl_reloads() {
+    // (a reload refused for it would keep the old CRL, and the clients revoked with it)
+    let fx = Fixture::new();
+    let tls = fx.server_tls(CrlPolicy::Warn);
+    fx.fed.revoke(&fx.broker).unwrap();
+    tls.reload().unwrap();
+    load(&fx, &fx.paths(&fx.broker)).unwrap();
+}
+
+#[test]
+fn a_reload_with_a_certificate_of_another_ca_keeps_the_old_config() {
+    let fx = Fixture::new();
+    let tls = fx.server_tls(CrlPolicy::Warn);
+    let (_dir, other) = other_federation("trm.other");
+    let stranger = other.broker("main").unwrap();
+    std::fs::copy(&stranger.cert, &fx.broker.cert).unwrap();
+    std::fs::copy(&stranger.key, &fx.broker.key).unwrap();
+    let err = tls.reload().unwrap_err();
+    assert!(matches!(err, TransportError::NotIssuedByCa { .. }), "{err}");
+}
