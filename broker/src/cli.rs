@@ -102,6 +102,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         config.data_dir = data_dir.clone();
     }
     if matches!(cli.command, Some(Command::CheckConfig)) {
+        // what loading only warns about (the broker's own certificate revoked, a CRL past
+        // its nextUpdate) goes to stderr as at a start; a logger set up already is kept
+        let _ = init_tracing(&cli.log_level);
         crate::check_config(&config)?;
         print!("{}", config.to_toml()?);
         println!("# config OK: {}", config_path.display());

@@ -784,7 +784,12 @@ fn check_data_dir(dir: &Path) -> Result<(), BrokerError> {
             Err(e) => return Err(problem(format!("{}: {e}", existing.display()))),
         }
     }
-    let probe = existing.join(format!(".trmx-check-config-{}", std::process::id()));
+    // (a random name: one left behind by a killed check, under the same pid in a
+    // container, must not fail the next)
+    let probe = existing.join(format!(
+        ".trmx-check-config-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

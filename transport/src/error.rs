@@ -151,8 +151,9 @@ pub enum TransportError {
         /// The name as given.
         name: String,
     },
-    /// tonic refused the endpoint.
-    #[error("endpoint {addr}: {error}")]
+    /// tonic refused the endpoint (its own text is only "invalid URI": the detail is in its
+    /// source, said here too).
+    #[error("endpoint {addr}: {error}{}", std::error::Error::source(error).map(|s| format!(": {s}")).unwrap_or_default())]
     Endpoint {
         /// The address as given.
         addr: String,
@@ -192,6 +193,19 @@ impl TransportError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_error_says_what_tonic_keeps_in_its_source() {
+        let error = tonic::transport::Endpoint::from_shared("http://a b:1".to_owned()).unwrap_err();
+        let text = TransportError::Endpoint {
+            addr: "a b:1".to_owned(),
+            error,
+        }
+        .to_string();
+        assert!(text.starts_with("endpoint a b:1: "), "{text}");
+        let parts = text.split(": ").count();
+        assert!(parts >= 3, "the source's detail is missing: {text}");
+    }
 
     #[test]
     fn a_cause_is_in_the_message_and_not_repeated_as_source() {

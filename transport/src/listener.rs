@@ -363,8 +363,11 @@ async fn handshake(
 /// `trmx_tls_handshake_failures_total`. A fixed set, so the metric's series are bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HandshakeFailure {
-    /// The client presented no certificate, or one that does not verify for another
-    /// reason than those below (bad signature, wrong key usage, unknown revocation status).
+    /// The client presented no certificate: not a node or operator (a TLS health check of
+    /// a load balancer, a probe), so apart from the others.
+    NoCertificate,
+    /// The client presented a certificate that does not verify for another reason than
+    /// those below (wrong key usage, unknown revocation status, ...).
     BadCertificate,
     /// The client's certificate is on the CRL.
     Revoked,
@@ -376,8 +379,9 @@ pub enum HandshakeFailure {
     /// The CRL is past its `nextUpdate` under [`crate::CrlPolicy::Strict`]: every client is
     /// refused until a fresh CRL is loaded.
     StaleCrl,
-    /// The client refused the server's certificate (its alert: a name the certificate
-    /// does not carry, a CA the client does not trust, ...).
+    /// The client refused the server's certificate: its alert names a certificate problem
+    /// (a name the certificate does not carry, a CA the client does not trust, revoked,
+    /// expired). Other alerts (a client that gives up, `user_canceled`) are [`Self::Other`].
     ClientRefused,
     /// No completed handshake within [`ListenerLimits::handshake_timeout`].
     Timeout,
@@ -387,7 +391,8 @@ pub enum HandshakeFailure {
 
 impl HandshakeFailure {
     /// Every reason, in label order.
-    pub const ALL: [HandshakeFailure; 8] = [
+    pub const ALL: [HandshakeFailure; 9] = [
+        HandshakeFailure::NoCertificate,
         HandshakeFailure::BadCertificate,
         HandshakeFailure::Revoked,
         HandshakeFailure::Expired,
@@ -401,6 +406,7 @@ impl HandshakeFailure {
     /// The label value, e.g. `bad_certificate`.
     pub fn as_str(self) -> &'static str {
         match self {
+            HandshakeFailure::NoCertificate => "no_certificate",
             HandshakeFailure::BadCertificate => "bad_certificate",
             HandshakeFailure::Revoked => "revoked",
             HandshakeFailure::Expired => "expired",
@@ -426,7 +432,7 @@ impl HandshakeFailure {
             return HandshakeFailure::Other;
         };
         match tls {
-            rustls::Error::NoCertificatesPresented => HandshakeFailure::BadCertificate,
+            rustls::Error::NoCertificatesPresented => HandshakeFailure::NoCertificate,
             rustls::Error::InvalidCertificate(cert) => match cert {
                 C::Revoked => HandshakeFailure::Revoked,
                 C::Expired
@@ -439,7 +445,20 @@ impl HandshakeFailure {
                 }
                 _ => HandshakeFailure::BadCertificate,
             },
-            rustls::Error::AlertReceived(_) => HandshakeFailure::ClientRefused,
+            rustls::Error::AlertReceived(alert) => {
+                use rustls::AlertDescription as A;
+                match alert {
+                    A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::BadCertificateStatusResponse
+                    | A::AccessDenied => HandshakeFailure::ClientRefused,
+                    _ => HandshakeFailure::Other,
+                }
+            }
             _ => HandshakeFailure::Other,
         }
     }
@@ -804,6 +823,39 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshake_failures_are_told_apart() {
+        let of =
+            |e: rustls::Error| HandshakeFailure::of(&io::Error::new(io::ErrorKind::InvalidData, e));
+        assert_eq!(
+            of(rustls::Error::NoCertificatesPresented),
+            HandshakeFailure::NoCertificate
+        );
+        assert_eq!(
+            of(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked
+            )),
+            HandshakeFailure::Revoked
+        );
+        // a client refusing the broker's certificate, and one that just gives up
+        assert_eq!(
+            of(rustls::Error::AlertReceived(
+                rustls::AlertDescription::UnknownCA
+            )),
+            HandshakeFailure::ClientRefused
+        );
+        assert_eq!(
+            of(rustls::Error::AlertReceived(
+                rustls::AlertDescription::UserCanceled
+            )),
+            HandshakeFailure::Other
+        );
+        assert_eq!(
+            HandshakeFailure::of(&io::Error::from(io::ErrorKind::ConnectionReset)),
+            HandshakeFailure::Other
+        );
+    }
 
     fn limits(max_handshakes: usize, per_ip: usize, eviction_age: Duration) -> ListenerLimits {
         ListenerLimits {

@@ -325,6 +325,25 @@ fn check_own_certificate(
         checked => checked,
     };
     match checked {
+        // A CRL of the CA, but none of an intermediate CA in the broker's chain: the
+        // clients the CA issued are checked as they should be, so a warning only.
+        Err(webpki::Error::UnknownRevocationStatus)
+            if crl_refs.iter().any(|crl| {
+                roots
+                    .roots
+                    .iter()
+                    .any(|root| root.subject.as_ref() == crl.issuer())
+            }) =>
+        {
+            tracing::warn!(
+                cert = %paths.cert.display(),
+                crl = %crl.map_or_else(String::new, |(path, _)| path.display().to_string()),
+                "the CRL file holds the CA's CRL but none of an intermediate CA of the server's \
+                 certificate chain: clients that check the CRL cannot check the server's \
+                 certificate; add the intermediate's CRL"
+            );
+            Ok(())
+        }
         // Not refused: a reload that failed on it would keep the old CRL, and so let in
         // the clients revoked with it, until the new certificate is in place.
         Err(webpki::Error::CertRevoked) => {
@@ -370,8 +389,7 @@ fn own_certificate_error(
             cert: paths.cert.clone(),
         },
         E::UnknownRevocationStatus => not_from_ca(
-            "it does not cover the certificates the CA issues (another CA's CRL?), so every \
-             client would be refused",
+            "it is not issued by the CA (another CA's CRL?), so every client would be refused",
         ),
         E::InvalidCrlSignatureForPublicKey => not_from_ca(
             "its signature does not verify with the CA's key, so every client would be refused",

@@ -582,7 +582,7 @@ impl Metrics {
 
         w.family(
             "trmx_tls_handshake_failures_total",
-            "TLS handshakes that failed, by reason (bad_certificate, revoked, expired, unknown_ca, stale_crl, client_refused, timeout, other).",
+            "TLS handshakes that failed, by reason (no_certificate, bad_certificate, revoked, expired, unknown_ca, stale_crl, client_refused, timeout, other).",
             "counter",
         );
         for (reason, count) in HandshakeFailure::ALL

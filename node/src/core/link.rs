@@ -228,15 +228,18 @@ pub(crate) struct FailureLog {
 }
 
 impl FailureLog {
-    /// Counts a failure at `now`; `true` when it is to be logged.
+    /// Counts a failure at `now`; `true` when it is to be logged. Failures that differ in
+    /// their numbers only are the same one (rustls says how long ago a certificate expired,
+    /// as of the attempt).
     pub(crate) fn failed(&mut self, error: &str, now: Instant) -> bool {
         self.failures = self.failures.saturating_add(1);
+        let key: String = error.chars().filter(|c| !c.is_ascii_digit()).collect();
         let due = match &self.logged {
             None => true,
-            Some((last, at)) => last != error || now.duration_since(*at) >= FAILURE_REPEAT,
+            Some((last, at)) => *last != key || now.duration_since(*at) >= FAILURE_REPEAT,
         };
         if due {
-            self.logged = Some((error.to_owned(), now));
+            self.logged = Some((key, now));
         }
         due
     }
@@ -1066,6 +1069,11 @@ mod tests {
         assert!(log.failed(refused, t0), "the first failure");
         assert!(!log.failed(refused, t0 + Duration::from_secs(1)));
         assert!(!log.failed(refused, t0 + Duration::from_secs(60)));
+        // the same failure, as of another moment
+        let expired = |ago: u64| format!("invalid peer certificate: expired {ago} seconds ago");
+        let mut log2 = FailureLog::default();
+        assert!(log2.failed(&expired(5), t0));
+        assert!(!log2.failed(&expired(65), t0 + Duration::from_secs(60)));
         let revoked = "Unknown: transport error: CertificateRevoked";
         assert!(log.failed(revoked, t0 + Duration::from_secs(61)), "changed");
         assert!(!log.failed(revoked, t0 + Duration::from_secs(62)));

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use trmx_proto::pb;
 use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::time::{to_millis, to_timestamp};
@@ -564,8 +564,8 @@ pub const CERT_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
 /// must be a participant certificate for `config.participant` — the broker
 /// knows the node by its certificate only, so with another participant's
 /// certificate the node would receive that participant's messages into this
-/// one's database — and must not have expired. One that expires within
-/// [`CERT_EXPIRY_WARNING`] is logged at WARN.
+/// one's database. One that has expired is logged at ERROR (the node still
+/// serves its store), one that expires within [`CERT_EXPIRY_WARNING`] at WARN.
 pub fn check_node_certificate(config: &CoreConfig, now: SystemTime) -> Result<(), NodeError> {
     let path = config.tls.cert.display();
     let info = trmx_certs::CertInfo::from_pem_file(&config.tls.cert)
@@ -584,9 +584,12 @@ pub fn check_node_certificate(config: &CoreConfig, now: SystemTime) -> Result<()
     }
     let not_after = trmx_certs::format_time(info.not_after);
     match info.not_after.duration_since(now) {
-        Err(_) => Err(NodeError::Config(format!(
-            "tls.cert: {path} expired at {not_after} (its notAfter): the broker refuses it; install a renewed certificate"
-        ))),
+        // Not refused: the node still serves what it stores (the referrals it received, to
+        // the case workers) while the renewal comes; only the broker is out of reach.
+        Err(_) => {
+            error!(participant = %config.participant, cert = %path, not_after = %not_after, "the node certificate has expired: the broker refuses it, so nothing is sent or received until a renewed certificate is installed (the local store is still served)");
+            Ok(())
+        }
         Ok(left) if left < CERT_EXPIRY_WARNING => {
             warn!(participant = %config.participant, cert = %path, not_after = %not_after, days_left = left.as_secs() / 86_400, "the node certificate expires soon: renew it");
             Ok(())

@@ -1697,26 +1697,30 @@ mod link {
     }
 
     #[tokio::test]
-    async fn an_expired_certificate_stops_the_start_and_one_expiring_is_warned() {
+    async fn an_expired_certificate_is_an_error_and_one_expiring_is_warned() {
         let logs = LogCapture::start();
         let dir = tempfile::tempdir().unwrap();
         let federation = federation(dir.path());
         let (_l, addr) = listener().await;
 
-        let expired = issued(&federation, "NL-NRM", 20, 10);
+        // expired: said at ERROR, but the node starts (its store is still served)
+        let expired = issued(&federation, "DE-KOK", 20, 10);
         let not_after = trmx_certs::CertInfo::from_pem_file(&expired.cert)
             .unwrap()
             .not_after;
-        let error = started(dir.path(), "NL-NRM", &federation, &expired, addr)
+        let de = started(dir.path(), "DE-KOK", &federation, &expired, addr)
             .await
-            .unwrap_err()
-            .to_string();
+            .unwrap();
+        assert!(de.inbox(&ListFilter::default()).await.unwrap().is_empty());
+        let said = logs.lines_with(&["ERROR", "the node certificate has expired"]);
+        assert_eq!(said.len(), 1, "{said:#?}");
         for part in [
             expired.cert.display().to_string(),
             trmx_certs::format_time(not_after),
         ] {
-            assert!(error.contains(&part), "{part} missing: {error}");
+            assert!(said[0].contains(&part), "{part} missing: {}", said[0]);
         }
+        de.shutdown().await;
 
         let expiring = issued(&federation, "NL-NRM", 0, 10);
         let nl = started(dir.path(), "NL-NRM", &federation, &expiring, addr)

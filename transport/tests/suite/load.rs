@@ -122,3 +122,62 @@ fn a_reload_with_a_certificate_of_another_ca_keeps_the_old_config() {
     let err = tls.reload().unwrap_err();
     assert!(matches!(err, TransportError::NotIssuedByCa { .. }), "{err}");
 }
+
+/// A deployment with an intermediate CA: `tls.ca` is the root, the broker's certificate
+/// comes with the intermediate that issued it, and the CRL file holds the root's CRL only.
+/// The clients the root issues are checked as they should be: it loads (with a warning that
+/// the intermediate's CRL is missing), where it was refused as "another CA's CRL".
+#[test]
+fn a_crl_of_the_root_without_the_intermediates_loads() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SerialNumber,
+        date_time_ymd,
+    };
+    let ca_params = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca_params("root CA");
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::from_ca_cert_der(root.der(), &root_key).unwrap();
+    let mid_key = KeyPair::generate().unwrap();
+    let mid = ca_params("intermediate CA")
+        .signed_by(&mid_key, &root_issuer)
+        .unwrap();
+    let mid_issuer = Issuer::from_ca_cert_der(mid.der(), &mid_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["broker.test".to_owned()]).unwrap();
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = leaf_params.signed_by(&leaf_key, &mid_issuer).unwrap();
+    let crl = CertificateRevocationListParams {
+        this_update: date_time_ymd(2025, 1, 1),
+        next_update: date_time_ymd(2099, 1, 1),
+        crl_number: SerialNumber::from_slice(&[1]),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&root_issuer)
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let paths = trmx_transport::TlsPaths {
+        ca: write("root.pem", root.pem()),
+        cert: write("broker.pem", format!("{}{}", leaf.pem(), mid.pem())),
+        key: write("broker.key", leaf_key.serialize_pem()),
+    };
+    let crl = write("root.crl.pem", crl.pem().unwrap());
+    ServerTls::load(&paths, Some(&crl), CrlPolicy::Warn).unwrap();
+}
