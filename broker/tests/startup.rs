@@ -188,3 +188,33 @@ async fn the_log_tells_an_operator_what_happened() -> anyhow::Result<()> {
     assert!(!broker.log().contains("Some("), "{}", broker.log());
     Ok(())
 }
+
+/// `check-config` said "config OK" and nothing else for a broker certificate the CRL
+/// revokes (loading only warns about it, so that a CRL reload is never refused): the
+/// warning goes to stderr, as at a start.
+#[test]
+fn check_config_shows_what_loading_warns_about() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    let config_file = dir.path().join("broker.toml");
+    std::fs::write(&config_file, config.to_toml()?)?;
+    let broker_cert = trmx_certs::CertPaths::for_cert(&pki.tls.cert);
+    pki.federation.revoke(&broker_cert)?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config_file)
+        .env_remove("TRMX_BROKER_CONFIG")
+        .env_remove("TRMX_LOG")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("# config OK"), "{stdout}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("revoked by the CRL"),
+        "{stderr}"
+    );
+    Ok(())
+}
