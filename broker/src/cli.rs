@@ -19,39 +19,91 @@ const MAX_BLOCKING_THREADS: usize = 16;
 
 /// The trmx store-and-forward broker.
 ///
-/// The flags below are global: `trmx-broker --config F run` and `trmx-broker run --config F`
-/// are the same (the node's form).
+/// The broker's flags go before or after `run`/`check-config`: `trmx-broker --config F run`
+/// and `trmx-broker run --config F` are the same (the node's form). The operator and
+/// offline commands (`admin`, `audit`, `store`) take their own flags.
 #[derive(Debug, Parser)]
 #[command(name = "trmx-broker", version)]
 struct Cli {
-    /// The broker's TOML config file (see broker.example.toml); required to run the
-    /// broker or check its config.
-    #[arg(long, short, env = "TRMX_BROKER_CONFIG", global = true)]
-    config: Option<PathBuf>,
-    /// Listen address; overrides `listen` in the config.
-    #[arg(long, global = true)]
-    listen: Option<SocketAddr>,
-    /// Data directory; overrides `data_dir` in the config.
-    #[arg(long, global = true)]
-    data_dir: Option<PathBuf>,
-    /// Log filter, e.g. `info` or `info,trmx_broker=debug` (RUST_LOG syntax).
-    #[arg(long, env = "TRMX_LOG", default_value = "info", global = true)]
-    log_level: String,
-    /// Write the bound address to this file once the broker accepts connections.
-    #[arg(long, global = true)]
-    ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// Flags of `run` and `check-config` (also accepted before the command).
+///
+/// Environment variables, read when the flag is given nowhere: `TRMX_BROKER_CONFIG` for
+/// `--config`, `TRMX_LOG` for `--log-level`. They are not clap `env` attributes, since
+/// those would fill the command's copy of a flag and hide the same flag given before it.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct ServerArgs {
+    /// The broker's TOML config file (see broker.example.toml); required to run the
+    /// broker or check its config. [env: TRMX_BROKER_CONFIG]
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Listen address; overrides `listen` in the config.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory; overrides `data_dir` in the config.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `info,trmx_broker=debug` (RUST_LOG syntax).
+    /// [env: TRMX_LOG] [default: info]
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Write the bound address to this file once the broker accepts connections.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    /// These flags as given after the command, else before it.
+    fn or(self, before: Self) -> Self {
+        Self {
+            config: self.config.or(before.config),
+            listen: self.listen.or(before.listen),
+            data_dir: self.data_dir.or(before.data_dir),
+            log_level: self.log_level.or(before.log_level),
+            ready_file: self.ready_file.or(before.ready_file),
+        }
+    }
+
+    /// The first flag given, by name (to refuse it where it means nothing).
+    fn first_given(&self) -> Option<&'static str> {
+        [
+            ("--config", self.config.is_some()),
+            ("--listen", self.listen.is_some()),
+            ("--data-dir", self.data_dir.is_some()),
+            ("--log-level", self.log_level.is_some()),
+            ("--ready-file", self.ready_file.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    }
+
+    fn config_path(&self) -> Option<PathBuf> {
+        self.config
+            .clone()
+            .or_else(|| std::env::var_os("TRMX_BROKER_CONFIG").map(PathBuf::from))
+    }
+
+    fn log_filter(&self) -> String {
+        self.log_level
+            .clone()
+            .or_else(|| std::env::var("TRMX_LOG").ok())
+            .unwrap_or_else(|| "info".to_owned())
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker (the default).
-    Run,
+    Run(ServerArgs),
     /// Load and validate the config, load the TLS material as `run` does, check that the
     /// data directory is writable (the store is not opened), print the effective config,
     /// and exit.
-    CheckConfig,
+    CheckConfig(ServerArgs),
     /// Operator commands against a running broker, with an operator certificate
     /// (queues, participants, messages, dead letters, redrive, purge, audit, stats).
     Admin(Box<crate::admin_cli::AdminArgs>),
@@ -59,6 +111,57 @@ enum Command {
     Audit(crate::admin_cli::OfflineAuditArgs),
     /// Offline work on a stopped broker's store (`store compact`, `store verify`).
     Store(crate::admin_cli::OfflineStoreArgs),
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+enum Invocation {
+    /// Run the broker, or only check its config.
+    Serve {
+        args: ServerArgs,
+        check_only: bool,
+    },
+    Admin(Box<crate::admin_cli::AdminArgs>),
+    Audit(crate::admin_cli::OfflineAuditArgs),
+    Store(crate::admin_cli::OfflineStoreArgs),
+}
+
+impl Cli {
+    fn invocation(self) -> Result<Invocation, String> {
+        let before = self.server;
+        let (name, offline) = match self.command {
+            None => {
+                return Ok(Invocation::Serve {
+                    args: before,
+                    check_only: false,
+                });
+            }
+            Some(Command::Run(args)) => {
+                return Ok(Invocation::Serve {
+                    args: args.or(before),
+                    check_only: false,
+                });
+            }
+            Some(Command::CheckConfig(args)) => {
+                return Ok(Invocation::Serve {
+                    args: args.or(before),
+                    check_only: true,
+                });
+            }
+            Some(Command::Admin(args)) => ("admin", Invocation::Admin(args)),
+            Some(Command::Audit(args)) => ("audit", Invocation::Audit(args)),
+            Some(Command::Store(args)) => ("store", Invocation::Store(args)),
+        };
+        // silently ignoring e.g. `--data-dir` before `store verify` would verify the
+        // wrong directory's neighbour, or nothing the operator meant
+        match before.first_given() {
+            Some(flag) => Err(format!(
+                "{flag} is a flag of `run` and `check-config`; `{name}` takes its own flags \
+                 (see `trmx-broker {name} --help`)"
+            )),
+            None => Ok(offline),
+        }
+    }
 }
 
 /// Runs `trmx-broker` with `args` (the first is the program name) and returns
@@ -75,13 +178,17 @@ where
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    let cli = match cli.command {
-        Some(Command::Admin(args)) => return crate::admin_cli::run(*args),
-        Some(Command::Audit(args)) => return crate::admin_cli::run_offline_audit(args),
-        Some(Command::Store(args)) => return crate::admin_cli::run_offline_store(args),
-        command => Cli { command, ..cli },
+    let (args, check_only) = match cli.invocation() {
+        Ok(Invocation::Serve { args, check_only }) => (args, check_only),
+        Ok(Invocation::Admin(args)) => return crate::admin_cli::run(*args),
+        Ok(Invocation::Audit(args)) => return crate::admin_cli::run_offline_audit(args),
+        Ok(Invocation::Store(args)) => return crate::admin_cli::run_offline_store(args),
+        Err(message) => {
+            eprintln!("trmx-broker: {message}");
+            return ExitCode::from(2);
+        }
     };
-    match run(cli) {
+    match run(args, check_only) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("trmx-broker: {error:#}");
@@ -90,28 +197,30 @@ where
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let Some(config_path) = &cli.config else {
+fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
+    let Some(config_path) = args.config_path() else {
         anyhow::bail!("--config FILE (or TRMX_BROKER_CONFIG) is required to run the broker");
     };
+    let config_path = config_path.as_path();
     let mut config = BrokerConfig::load(config_path)?;
-    if let Some(listen) = cli.listen {
+    if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    if let Some(data_dir) = &cli.data_dir {
+    if let Some(data_dir) = &args.data_dir {
         config.data_dir = data_dir.clone();
     }
-    if matches!(cli.command, Some(Command::CheckConfig)) {
+    let log_filter = args.log_filter();
+    if check_only {
         // what loading only warns about (the broker's own certificate revoked, a CRL past
         // its nextUpdate) goes to stderr as at a start; a logger set up already is kept
-        let _ = init_tracing(&cli.log_level);
+        let _ = init_tracing(&log_filter);
         crate::check_config(&config)?;
         print!("{}", config.to_toml()?);
         println!("# config OK: {}", config_path.display());
         return Ok(());
     }
     config.validate()?;
-    init_tracing(&cli.log_level)?;
+    init_tracing(&log_filter)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Store operations run on blocking threads; a few are enough, and each
@@ -119,7 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_broker(config, cli.ready_file))
+    runtime.block_on(run_broker(config, args.ready_file))
 }
 
 fn init_tracing(filter: &str) -> anyhow::Result<()> {
@@ -238,29 +347,111 @@ mod tests {
                 "--listen",
                 "127.0.0.1:1",
             ],
+            [
+                "trmx-broker",
+                "--config",
+                "b.toml",
+                "check-config",
+                "--data-dir",
+                "d",
+                "--listen",
+                "127.0.0.1:1",
+            ],
         ] {
-            let cli = parse(&args);
-            assert_eq!(cli.config.as_deref(), Some(Path::new("b.toml")), "{args:?}");
-            assert_eq!(cli.data_dir.as_deref(), Some(Path::new("d")), "{args:?}");
+            let Ok(Invocation::Serve { args: server, .. }) = parse(&args).invocation() else {
+                panic!("{args:?} serves");
+            };
             assert_eq!(
-                cli.listen,
+                server.config.as_deref(),
+                Some(Path::new("b.toml")),
+                "{args:?}"
+            );
+            assert_eq!(server.data_dir.as_deref(), Some(Path::new("d")), "{args:?}");
+            assert_eq!(
+                server.listen,
                 Some(SocketAddr::from(([127, 0, 0, 1], 1))),
                 "{args:?}"
             );
         }
+        // given twice, the flag after the command wins
+        let Ok(Invocation::Serve { args: server, .. }) = parse(&[
+            "trmx-broker",
+            "--log-level",
+            "warn",
+            "run",
+            "--log-level",
+            "debug",
+        ])
+        .invocation() else {
+            panic!("serves");
+        };
+        assert_eq!(server.log_level.as_deref(), Some("debug"));
         let mut command = Cli::command();
-        command.build(); // propagates the global flags, as parsing does
         let help = command
             .find_subcommand_mut("run")
             .expect("run")
             .render_help()
             .to_string();
-        for flag in ["--config", "--data-dir", "--listen"] {
+        for flag in ["--config", "--data-dir", "--listen", "--log-level"] {
             assert!(help.contains(flag), "{flag} in {help}");
         }
+    }
+
+    #[test]
+    fn operator_and_offline_commands_neither_list_nor_ignore_the_broker_flags() {
+        let mut command = Cli::command();
+        for name in ["admin", "audit", "store"] {
+            let help = command
+                .find_subcommand_mut(name)
+                .expect(name)
+                .render_help()
+                .to_string();
+            for flag in ["--config", "--listen", "--ready-file", "--log-level"] {
+                assert!(!help.contains(flag), "{flag} listed by {name}: {help}");
+            }
+        }
         // the offline commands keep their own --data-dir
-        let cli = parse(&["trmx-broker", "store", "verify", "--data-dir", "/x"]);
-        assert!(matches!(cli.command, Some(Command::Store(_))));
+        let Ok(Invocation::Store(_)) =
+            parse(&["trmx-broker", "store", "verify", "--data-dir", "/x"]).invocation()
+        else {
+            panic!("store verify");
+        };
+        // a broker flag before them is refused, not silently dropped
+        for args in [
+            &[
+                "trmx-broker",
+                "--data-dir",
+                "/x",
+                "store",
+                "verify",
+                "--data-dir",
+                "/y",
+            ][..],
+            &[
+                "trmx-broker",
+                "--config",
+                "b.toml",
+                "audit",
+                "verify",
+                "--data-dir",
+                "/y",
+            ],
+            &[
+                "trmx-broker",
+                "--listen",
+                "127.0.0.1:1",
+                "admin",
+                "--broker",
+                "h:1",
+                "queues",
+            ],
+        ] {
+            let Ok(cli) = Cli::try_parse_from(args) else {
+                continue; // refused by clap already
+            };
+            let error = cli.invocation().expect_err("refused");
+            assert!(error.contains("takes its own flags"), "{args:?}: {error}");
+        }
     }
 
     /// A federation and a valid config file in `dir`; returns the config, its file, and
@@ -297,8 +488,13 @@ mod tests {
     /// `trmx-broker check-config --config FILE` (the node's order): the error as printed.
     fn check_config(path: &Path) -> Result<(), String> {
         let config = path.to_str().expect("utf-8 path");
-        run(parse(&["trmx-broker", "check-config", "--config", config]))
-            .map_err(|e| format!("{e:#}"))
+        let Ok(Invocation::Serve { args, check_only }) =
+            parse(&["trmx-broker", "check-config", "--config", config]).invocation()
+        else {
+            panic!("check-config serves");
+        };
+        assert!(check_only);
+        run(args, check_only).map_err(|e| format!("{e:#}"))
     }
 
     use std::time::Duration;
