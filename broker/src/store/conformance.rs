@@ -249,20 +249,26 @@ pub(super) async fn ack_queues_delivery_receipt<S: BrokerStore>(s: &S, c: &Manua
     c.advance(Duration::from_secs(1));
     let at = c.now_millis();
     let unknown = MessageId::new_v7();
+    let mut wake = s.wakeups();
     assert_eq!(
         s.ack(&pid(BE), &[m.message_id, unknown], at).await.unwrap(),
         vec![AckResult::Acknowledged, AckResult::NotFound]
     );
+    // the receipt is due to the sender: its streams are woken, and nobody else's
+    assert_eq!(wake.try_recv().ok(), Some(pid(NL)));
+    assert!(wake.try_recv().is_err(), "one wake-up, for the sender");
     let status = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
     assert_eq!(status.state, State::Acknowledged);
     assert!(!status.payload_kept);
     assert_eq!(status.attempts, 1);
     assert_eq!(status.state_changed_at, at);
-    // twice is harmless and makes no second receipt
+    // twice is harmless, makes no second receipt and wakes no stream (an old
+    // ack repeated in a loop must not wake every stream of the sender)
     assert_eq!(
         s.ack(&pid(BE), &[m.message_id], at).await.unwrap(),
         vec![AckResult::Acknowledged]
     );
+    assert!(wake.try_recv().is_err(), "a repeated ack woke a stream");
 
     let got = receipts(s, NL, at).await;
     assert_eq!(got.len(), 1);
