@@ -381,6 +381,8 @@ impl NodeApi for LocalApi {
         let stream = self
             .core
             .watch(after_seq)
+            .await
+            .map_err(to_status)?
             .map(|item| item.map(convert::inbox_entry).map_err(to_status))
             .take_until(stopped);
         Ok(Response::new(Box::pin(stream)))

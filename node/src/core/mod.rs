@@ -1013,10 +1013,27 @@ impl NodeCore {
     /// Every inbox entry with `seq > after_seq`, then new ones as they are
     /// stored; never misses one (entries are re-read from the store, so a
     /// slow subscriber only falls behind). Ends at shutdown or after an error.
-    pub fn watch(
+    ///
+    /// An `after_seq` past the inbox's last seq is `FailedPrecondition`: no
+    /// entry of this inbox gave it out (the store was replaced or restored
+    /// from a backup, or the cursor is another node's), and waiting would
+    /// silently skip every entry stored until the seqs catch up with it.
+    pub async fn watch(
         &self,
         after_seq: u64,
-    ) -> impl Stream<Item = Result<InboxEntry, NodeError>> + Send + 'static {
+    ) -> Result<impl Stream<Item = Result<InboxEntry, NodeError>> + Send + 'static, NodeError> {
+        let store = self.inner.store.clone();
+        let last = self
+            .inner
+            .blocking(move || store.last_inbox_seq())
+            .await?;
+        if after_seq > last {
+            return Err(NodeError::FailedPrecondition(format!(
+                "after_seq {after_seq} is past the last inbox seq of this node ({last}): \
+                 the cursor does not come from this inbox (was the node's store replaced \
+                 or restored?); resynchronise, e.g. with after_seq 0"
+            )));
+        }
         let state = WatchState {
             inner: self.inner.clone(),
             seq_rx: self.inner.inbox_seq.subscribe(),
@@ -1025,7 +1042,7 @@ impl NodeCore {
             buffer: VecDeque::new(),
             done: false,
         };
-        futures::stream::unfold(state, next_watched)
+        Ok(futures::stream::unfold(state, next_watched))
     }
 }
 

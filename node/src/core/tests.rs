@@ -877,7 +877,7 @@ async fn watch_streams_from_after_seq_and_then_live() {
         ids.push(sent.message_id);
     }
     let all: Vec<u64> =
-        f.be.watch(0)
+        f.be.watch(0).await.unwrap()
             .take(3)
             .map(|e| e.unwrap().seq)
             .collect()
@@ -885,7 +885,7 @@ async fn watch_streams_from_after_seq_and_then_live() {
     assert_eq!(all, vec![1, 2, 3]);
 
     // Resumed after seq 2: only 3, then a live one.
-    let mut stream = Box::pin(f.be.watch(2));
+    let mut stream = Box::pin(f.be.watch(2).await.unwrap());
     let next = stream.next().await.unwrap().unwrap();
     assert_eq!((next.seq, next.message_id), (3, ids[2]));
 
@@ -913,6 +913,32 @@ async fn watch_streams_from_after_seq_and_then_live() {
     assert!(end.is_none());
 }
 
+/// A cursor this inbox never gave out (its store was replaced, or restored
+/// from an older backup) is refused: a watcher waiting on it would skip every
+/// entry stored until the seqs caught up with it.
+#[tokio::test]
+async fn watch_refuses_a_cursor_past_the_last_seq() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", follow_up()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+
+    // the last seq itself is a fine cursor: nothing yet, then what comes
+    let mut at_end = Box::pin(f.be.watch(1).await.unwrap());
+    let early = tokio::time::timeout(Duration::from_millis(200), at_end.next()).await;
+    assert!(early.is_err(), "{early:?}");
+
+    let Err(err) = f.be.watch(5).await else {
+        panic!("a cursor past the last seq was accepted");
+    };
+    assert!(
+        matches!(&err, NodeError::FailedPrecondition(m) if m.contains("after_seq 5") && m.contains("(1)")),
+        "{err}"
+    );
+}
+
 /// A delivery committed but not yet flushed is not handed to a watcher: a
 /// crash before its flush would give its seq to another message, which a
 /// watcher resuming after that seq would never see.
@@ -931,7 +957,7 @@ async fn watch_hands_out_only_what_is_flushed() {
     let Stored::New(entry) = store.store_incoming(&incoming).unwrap() else {
         panic!("expected a new entry");
     };
-    let mut stream = Box::pin(f.be.watch(0));
+    let mut stream = Box::pin(f.be.watch(0).await.unwrap());
     let early = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
     assert!(early.is_err(), "handed out before its flush: {early:?}");
     // flushed, and the watchers told: now it comes

@@ -311,3 +311,23 @@ async fn stop_ends_open_watch_streams() {
         .expect("stream ends");
     assert!(end.is_none() || end.is_some_and(|r| r.is_err()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_cursor_past_the_inbox_is_refused() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    // e.g. the integration's cursor from before the node's store was replaced
+    let status = client
+        .watch(pb::WatchRequest { after_seq: 7 })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("after_seq 7"), "{status:?}");
+    // from the last seq (0 for an empty inbox) it is fine
+    client
+        .watch(pb::WatchRequest { after_seq: 0 })
+        .await
+        .expect("watch from the start");
+    node.stop().await.expect("stop");
+}
