@@ -261,6 +261,11 @@ async fn the_socket_is_private_and_removed_on_stop() {
             .await
             .expect_err("socket in use");
     assert!(error.to_string().contains("in use"), "{error}");
+    // … before it opened a store (or dialled the broker to fill it)
+    assert!(
+        !second.data_dir.exists(),
+        "the second node opened its store before it found the socket taken"
+    );
 
     node.stop().await.expect("stop");
     assert!(
