@@ -305,9 +305,14 @@ impl NodeApi for LocalApi {
     ) -> ApiResult<pb::ListOutboxResponse> {
         let result = async {
             let filter = convert::outbox_filter(request.get_ref())?;
-            let entries = self.core.outbox(&filter).await?;
+            let page = self.core.outbox_page(&filter).await?;
             Ok(pb::ListOutboxResponse {
-                entries: entries.into_iter().map(convert::outbox_entry).collect(),
+                entries: page
+                    .entries
+                    .into_iter()
+                    .map(convert::outbox_entry)
+                    .collect(),
+                next_page_token: convert::next_page_token(page.next, convert::OUTBOX_PAGE),
             })
         };
         reply(result.await)
@@ -319,9 +324,10 @@ impl NodeApi for LocalApi {
     ) -> ApiResult<pb::ListInboxResponse> {
         let result = async {
             let filter = convert::inbox_filter(request.get_ref())?;
-            let entries = self.core.inbox(&filter).await?;
+            let page = self.core.inbox_page(&filter).await?;
             Ok(pb::ListInboxResponse {
-                entries: entries.into_iter().map(convert::inbox_entry).collect(),
+                entries: page.entries.into_iter().map(convert::inbox_entry).collect(),
+                next_page_token: convert::next_page_token(page.next, convert::INBOX_PAGE),
             })
         };
         reply(result.await)
@@ -428,6 +434,9 @@ mod tests {
         // the first node's socket is still the one at the path
         let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
         live.set_nonblocking(true).unwrap();
-        assert!(live.accept().is_ok(), "the connection reached the first node");
+        assert!(
+            live.accept().is_ok(),
+            "the connection reached the first node"
+        );
     }
 }

@@ -291,6 +291,19 @@ pub struct ListFilter {
     pub state: Option<OutboxState>,
     /// Most entries returned; 0 means 100.
     pub limit: usize,
+    /// Where the listing starts (a [`Page::next`] of an earlier page): the
+    /// entries at or below this seq; `None` for the newest.
+    pub start: Option<u64>,
+}
+
+/// One page of a listing, newest first.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The entries.
+    pub entries: Vec<T>,
+    /// Where the next page starts ([`ListFilter::start`]); `None` when no
+    /// older entry matches.
+    pub next: Option<u64>,
 }
 
 /// What the node is doing.
@@ -914,8 +927,13 @@ impl NodeCore {
         Ok(())
     }
 
-    /// Outbox entries, newest first.
+    /// Outbox entries, newest first (the first page of [`Self::outbox_page`]).
     pub async fn outbox(&self, filter: &ListFilter) -> Result<Vec<OutboxEntry>, NodeError> {
+        Ok(self.outbox_page(filter).await?.entries)
+    }
+
+    /// One page of outbox entries, newest first.
+    pub async fn outbox_page(&self, filter: &ListFilter) -> Result<Page<OutboxEntry>, NodeError> {
         let store = self.inner.store.clone();
         let filter = filter.clone();
         self.inner
@@ -923,8 +941,13 @@ impl NodeCore {
             .await
     }
 
-    /// Inbox entries, newest first.
+    /// Inbox entries, newest first (the first page of [`Self::inbox_page`]).
     pub async fn inbox(&self, filter: &ListFilter) -> Result<Vec<InboxEntry>, NodeError> {
+        Ok(self.inbox_page(filter).await?.entries)
+    }
+
+    /// One page of inbox entries, newest first.
+    pub async fn inbox_page(&self, filter: &ListFilter) -> Result<Page<InboxEntry>, NodeError> {
         let store = self.inner.store.clone();
         let filter = filter.clone();
         self.inner.blocking(move || store.list_inbox(&filter)).await
@@ -1023,10 +1046,7 @@ impl NodeCore {
         after_seq: u64,
     ) -> Result<impl Stream<Item = Result<InboxEntry, NodeError>> + Send + 'static, NodeError> {
         let store = self.inner.store.clone();
-        let last = self
-            .inner
-            .blocking(move || store.last_inbox_seq())
-            .await?;
+        let last = self.inner.blocking(move || store.last_inbox_seq()).await?;
         if after_seq > last {
             return Err(NodeError::FailedPrecondition(format!(
                 "after_seq {after_seq} is past the last inbox seq of this node ({last}): \

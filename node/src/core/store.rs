@@ -54,7 +54,7 @@ use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
 
 use super::{
     Body, Direction, DueItem, DueKind, Failure, InboxEntry, ListFilter, Millis, NodeError,
-    OutboxEntry, OutboxState, TimelineEntry,
+    OutboxEntry, OutboxState, Page, TimelineEntry,
 };
 
 const META: usize = 0;
@@ -96,8 +96,16 @@ const SUBMITTED_INDEXED: &str = "submitted_indexed";
 const DIR_SENT: u8 = 1;
 const DIR_RECEIVED: u8 = 2;
 
-/// Default and largest page of a listing.
+/// Page size of a listing asked with limit 0.
 const DEFAULT_LIMIT: usize = 100;
+
+fn page_limit(filter: &ListFilter) -> usize {
+    if filter.limit == 0 {
+        DEFAULT_LIMIT
+    } else {
+        filter.limit
+    }
+}
 
 type TxResult<T> = ConflictableTransactionResult<T, NodeError>;
 
@@ -925,19 +933,13 @@ impl Store {
         self.out_rec(id)?.map(|r| r.to_entry()).transpose()
     }
 
-    /// Outbox entries matching `filter`, newest first.
-    pub(crate) fn list_outbox(&self, filter: &ListFilter) -> Result<Vec<OutboxEntry>, NodeError> {
-        let limit = if filter.limit == 0 {
-            DEFAULT_LIMIT
-        } else {
-            filter.limit
-        };
-        let mut out = Vec::new();
-        for item in self.trees[OUT_ORDER].iter().rev() {
-            if out.len() >= limit {
-                break;
-            }
-            let (_, mid) = item.map_err(store_err)?;
+    /// Outbox entries matching `filter`, newest first, from `filter.start`.
+    pub(crate) fn list_outbox(&self, filter: &ListFilter) -> Result<Page<OutboxEntry>, NodeError> {
+        let limit = page_limit(filter);
+        let mut entries = Vec::new();
+        let end = be(filter.start.unwrap_or(u64::MAX));
+        for item in self.trees[OUT_ORDER].range(..=end).rev() {
+            let (seq, mid) = item.map_err(store_err)?;
             let Some(bytes) = self.trees[OUTBOX].get(&mid).map_err(store_err)? else {
                 continue;
             };
@@ -950,10 +952,19 @@ impl Store {
                 && filter.kind.is_none_or(|k| k == entry.kind)
                 && filter.state.is_none_or(|s| s == entry.state);
             if keep {
-                out.push(entry);
+                if entries.len() == limit {
+                    return Ok(Page {
+                        entries,
+                        next: Some(read_u64(&seq)),
+                    });
+                }
+                entries.push(entry);
             }
         }
-        Ok(out)
+        Ok(Page {
+            entries,
+            next: None,
+        })
     }
 
     /// The body of an outbox entry (`None` when erased).
@@ -1104,19 +1115,13 @@ impl Store {
             .collect()
     }
 
-    /// Inbox entries matching `filter`, newest first.
-    pub(crate) fn list_inbox(&self, filter: &ListFilter) -> Result<Vec<InboxEntry>, NodeError> {
-        let limit = if filter.limit == 0 {
-            DEFAULT_LIMIT
-        } else {
-            filter.limit
-        };
-        let mut out = Vec::new();
-        for item in self.trees[INBOX].iter().rev() {
-            if out.len() >= limit {
-                break;
-            }
-            let (_, bytes) = item.map_err(store_err)?;
+    /// Inbox entries matching `filter`, newest first, from `filter.start`.
+    pub(crate) fn list_inbox(&self, filter: &ListFilter) -> Result<Page<InboxEntry>, NodeError> {
+        let limit = page_limit(filter);
+        let mut entries = Vec::new();
+        let end = be(filter.start.unwrap_or(u64::MAX));
+        for item in self.trees[INBOX].range(..=end).rev() {
+            let (seq, bytes) = item.map_err(store_err)?;
             let entry = from_json::<InRec>(&bytes)?.to_entry()?;
             let keep = filter.case_ref.is_none_or(|c| c == entry.case_ref)
                 && filter
@@ -1125,10 +1130,19 @@ impl Store {
                     .is_none_or(|p| *p == entry.sender)
                 && filter.kind.is_none_or(|k| k == entry.kind);
             if keep {
-                out.push(entry);
+                if entries.len() == limit {
+                    return Ok(Page {
+                        entries,
+                        next: Some(read_u64(&seq)),
+                    });
+                }
+                entries.push(entry);
             }
         }
-        Ok(out)
+        Ok(Page {
+            entries,
+            next: None,
+        })
     }
 
     // ---- cases and due --------------------------------------------------

@@ -877,7 +877,9 @@ async fn watch_streams_from_after_seq_and_then_live() {
         ids.push(sent.message_id);
     }
     let all: Vec<u64> =
-        f.be.watch(0).await.unwrap()
+        f.be.watch(0)
+            .await
+            .unwrap()
             .take(3)
             .map(|e| e.unwrap().seq)
             .collect()
@@ -911,6 +913,60 @@ async fn watch_streams_from_after_seq_and_then_live() {
         .await
         .unwrap();
     assert!(end.is_none());
+}
+
+/// Pages of a listing, newest first, hold every matching entry once: none
+/// is out of reach behind the page size.
+#[tokio::test]
+async fn listings_page_through_every_matching_entry() {
+    let f = fixture().await;
+    let mut sent = Vec::new();
+    for i in 0..7 {
+        let body = if i % 2 == 0 { follow_up() } else { referral() };
+        let entry =
+            f.nl.send(request(&format!("k-{i}"), "BE-PAYOKE", body))
+                .await
+                .unwrap();
+        transfer(&f.nl, &f.be, entry.message_id).await;
+        sent.push(entry.message_id);
+    }
+    let newest_first: Vec<MessageId> = sent.iter().rev().copied().collect();
+    let follow_ups: Vec<MessageId> = newest_first.iter().step_by(2).copied().collect();
+
+    for (kind, expected) in [(None, &newest_first), (Some(Kind::FollowUp), &follow_ups)] {
+        let mut filter = ListFilter {
+            kind,
+            limit: 2,
+            ..ListFilter::default()
+        };
+        let (mut outbox, mut inbox) = (Vec::new(), Vec::new());
+        loop {
+            let page = f.nl.outbox_page(&filter).await.unwrap();
+            assert!(page.entries.len() <= 2);
+            outbox.extend(page.entries.iter().map(|e| e.message_id));
+            match page.next {
+                Some(next) => filter.start = Some(next),
+                None => break,
+            }
+        }
+        filter.start = None;
+        loop {
+            let page = f.be.inbox_page(&filter).await.unwrap();
+            inbox.extend(page.entries.iter().map(|e| e.message_id));
+            match page.next {
+                Some(next) => filter.start = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(&outbox, expected, "outbox, kind {kind:?}");
+        assert_eq!(&inbox, expected, "inbox, kind {kind:?}");
+    }
+    // a page that holds the last match says there is no more
+    let filter = ListFilter {
+        limit: 7,
+        ..ListFilter::default()
+    };
+    assert_eq!(f.nl.outbox_page(&filter).await.unwrap().next, None);
 }
 
 /// A cursor this inbox never gave out (its store was replaced, or restored

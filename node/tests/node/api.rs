@@ -336,3 +336,49 @@ async fn a_watch_cursor_past_the_inbox_is_refused() {
         .expect("watch from the start");
     node.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_is_listed_a_page_at_a_time() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let response = client
+            .send(referral_request(&format!("cms:page:{i}"), REFERRAL_JSON))
+            .await
+            .expect("send")
+            .into_inner();
+        sent.insert(0, response.message_id);
+    }
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_outbox(pb::ListOutboxRequest {
+                limit: 2,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("outbox")
+            .into_inner();
+        listed.extend(page.entries.into_iter().map(|e| e.message_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(listed, sent, "every entry once, newest first");
+
+    let status = client
+        .list_inbox(pb::ListInboxRequest {
+            page_token: "garbage".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad token");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(invalid_field(&status), Some("page_token"));
+    node.stop().await.expect("stop");
+}
