@@ -946,10 +946,14 @@ impl NodeCore {
         Ok(self.inbox_page(filter).await?.entries)
     }
 
-    /// One page of inbox entries, newest first.
+    /// One page of inbox entries, newest first. Like [`Self::watch`], only
+    /// entries already flushed: a crash before its flush would give the seq
+    /// of one committed after to another message.
     pub async fn inbox_page(&self, filter: &ListFilter) -> Result<Page<InboxEntry>, NodeError> {
         let store = self.inner.store.clone();
-        let filter = filter.clone();
+        let mut filter = filter.clone();
+        let durable = *self.inner.inbox_seq.borrow();
+        filter.start = Some(filter.start.map_or(durable, |start| start.min(durable)));
         self.inner.blocking(move || store.list_inbox(&filter)).await
     }
 
@@ -1022,7 +1026,9 @@ impl NodeCore {
             outbox_submitted: counts.submitted,
             outbox_failed: counts.failed,
             inbox_total: counts.inbox,
-            last_inbox_seq: counts.last_inbox_seq,
+            // the last one flushed, as `watch` hands out: a cursor to start
+            // from "now" must not name an entry a crash can take back
+            last_inbox_seq: *self.inner.inbox_seq.borrow(),
         }
     }
 

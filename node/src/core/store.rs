@@ -283,7 +283,6 @@ pub(crate) struct Counts {
     pub(crate) submitted: u64,
     pub(crate) failed: u64,
     pub(crate) inbox: u64,
-    pub(crate) last_inbox_seq: u64,
 }
 
 /// Whether an outbox entry may move from `from` to `to` (DESIGN.md §4).
@@ -576,7 +575,6 @@ impl Store {
             submitted: self.counter("n_submitted")?,
             failed: self.counter("n_failed")?,
             inbox: self.counter("n_inbox")?,
-            last_inbox_seq: self.counter("inbox_seq")?,
         })
     }
 

@@ -995,7 +995,8 @@ async fn watch_refuses_a_cursor_past_the_last_seq() {
     );
 }
 
-/// A delivery committed but not yet flushed is not handed to a watcher: a
+/// A delivery committed but not yet flushed is not handed to a watcher (nor
+/// listed, nor reported as the last seq): a
 /// crash before its flush would give its seq to another message, which a
 /// watcher resuming after that seq would never see.
 #[tokio::test]
@@ -1016,6 +1017,12 @@ async fn watch_hands_out_only_what_is_flushed() {
     let mut stream = Box::pin(f.be.watch(0).await.unwrap());
     let early = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
     assert!(early.is_err(), "handed out before its flush: {early:?}");
+    // nor listed, nor counted as the last seq to watch from
+    assert!(
+        f.be.inbox(&ListFilter::default()).await.unwrap().is_empty(),
+        "listed before its flush"
+    );
+    assert_eq!(f.be.status().last_inbox_seq, 0);
     // flushed, and the watchers told: now it comes
     f.be.inner.store.flush_async().await.unwrap();
     f.be.inner.inbox_seq.send_replace(entry.seq);
@@ -1025,6 +1032,8 @@ async fn watch_hands_out_only_what_is_flushed() {
         .unwrap()
         .unwrap();
     assert_eq!((got.seq, got.message_id), (entry.seq, sent.message_id));
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+    assert_eq!(f.be.status().last_inbox_seq, entry.seq);
 }
 
 #[tokio::test]
