@@ -510,6 +510,50 @@ async fn check_recipient(
     refusal.map_or(Ok(()), |r| Err(NodeError::Invalid(r)))
 }
 
+/// Refuses a reply that cannot answer the received message `answered` that
+/// its `in_reply_to` names: sent to another participant than its sender (who
+/// would get an answer to a message it never sent, while ours stays owed),
+/// filed in another case, or an answer of the wrong kind. Participant IDs,
+/// kinds and case references are not body values.
+fn check_reply(req: &SendRequest, kind: Kind, answered: &InboxEntry) -> Result<(), NodeError> {
+    let refuse =
+        |field: &str, rule: String| Err(NodeError::Invalid(ValidationError::new(field, rule)));
+    if answered.sender != req.recipient {
+        return refuse(
+            "in_reply_to",
+            format!(
+                "is a message from {}: a reply goes to the sender of the message it answers, not to {}",
+                answered.sender, req.recipient
+            ),
+        );
+    }
+    if let Some(case) = req.case_ref
+        && case != answered.case_ref
+    {
+        return refuse(
+            "case_ref",
+            format!(
+                "is not the case of the message in_reply_to answers ({}): a reply belongs to that case",
+                answered.case_ref
+            ),
+        );
+    }
+    let asks = match kind {
+        Kind::ReferralResponse => Some(Kind::Referral),
+        Kind::ReturnRiskAssessment => Some(Kind::ReturnRiskAssessmentRequest),
+        _ => None,
+    };
+    if let Some(asks) = asks
+        && answered.kind != asks
+    {
+        return refuse(
+            "in_reply_to",
+            format!("is a {}: a {kind} answers a {asks}", answered.kind),
+        );
+    }
+    Ok(())
+}
+
 /// Checks an idempotency key: 1..=128 of `[A-Za-z0-9._:-]`.
 fn check_idempotency_key(key: &str) -> Result<(), NodeError> {
     let ok = (1..=128).contains(&key.len())
@@ -795,19 +839,22 @@ impl NodeCore {
         {
             check_recipient(inner, &req.recipient, kind).await?;
         }
+        let answered = match req.in_reply_to {
+            Some(id) => {
+                let store = inner.store.clone();
+                inner.blocking(move || store.inbox_entry(id)).await?
+            }
+            None => None,
+        };
+        if let Some(answered) = &answered {
+            check_reply(&req, kind, answered)?;
+        }
         let payload = req.body.encode();
         let fingerprint = fingerprint(&req, &payload);
-        let case_ref = match (req.case_ref, req.in_reply_to) {
-            (Some(case), _) => case,
-            (None, Some(answered)) => {
-                let store = inner.store.clone();
-                inner
-                    .blocking(move || store.inbox_case_of(answered))
-                    .await?
-                    .unwrap_or_else(CaseRef::new_random)
-            }
-            (None, None) => CaseRef::new_random(),
-        };
+        let case_ref = req
+            .case_ref
+            .or(answered.map(|a| a.case_ref))
+            .unwrap_or_else(CaseRef::new_random);
         let message_id = MessageId::new_v7();
         let envelope = pb::Envelope {
             message_id: message_id.to_string(),

@@ -689,13 +689,6 @@ impl Store {
         Ok((rec.0.to_entry()?, rec.1))
     }
 
-    /// The case of a received message, if it is in the inbox.
-    pub(crate) fn inbox_case_of(&self, id: MessageId) -> Result<Option<CaseRef>, NodeError> {
-        self.inbox_rec_by_mid(id)?
-            .map(|rec| CaseRef::parse(&rec.case_ref).map_err(corrupt("case")))
-            .transpose()
-    }
-
     /// Up to `limit` `QUEUED` entries in creation order, with the envelope
     /// to submit (byte-identical each time).
     pub(crate) fn queued(&self, limit: usize) -> Result<Vec<(MessageId, pb::Envelope)>, NodeError> {

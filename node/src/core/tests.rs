@@ -801,6 +801,55 @@ async fn a_reply_that_failed_leaves_the_answer_owed() {
     assert!(f.be.due(date("2026-02-01")).await.unwrap().is_empty());
 }
 
+/// A reply that cannot answer the message its in_reply_to names is refused,
+/// naming the field, and changes nothing: the request stays owed.
+#[tokio::test]
+async fn a_reply_to_the_wrong_participant_case_or_kind_is_refused() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+
+    let assessment = body(
+        Kind::ReturnRiskAssessment,
+        include_str!("../../../proto/examples/05-return-risk-assessment.json"),
+    );
+    let other_case = CaseRef::new_random();
+    let cases = [
+        ("r-to", "NG-NAPTIP", response(), None, "in_reply_to"),
+        ("r-case", "NL-NRM", response(), Some(other_case), "case_ref"),
+        ("r-kind", "NL-NRM", assessment, None, "in_reply_to"),
+    ];
+    for (key, to, reply, case_ref, field) in cases {
+        let mut reply = request(key, to, reply);
+        reply.in_reply_to = Some(sent.message_id);
+        reply.case_ref = case_ref;
+        let err = f.be.send(reply).await.unwrap_err();
+        assert!(
+            matches!(&err, NodeError::Invalid(e) if e.field == field),
+            "{key}: {err:?}"
+        );
+    }
+    assert!(
+        f.be.outbox(&ListFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let owed = f.be.due(date("2026-02-01")).await.unwrap();
+    assert_eq!(owed.len(), 1);
+    assert_eq!(owed[0].what, DueKind::AnswerOwed);
+
+    // the reply to its sender, in its case (given or taken from it), is fine
+    let mut reply = request("r-ok", "NL-NRM", response());
+    reply.in_reply_to = Some(sent.message_id);
+    let reply = f.be.send(reply).await.unwrap();
+    assert_eq!(reply.case_ref, sent.case_ref);
+    assert!(f.be.due(date("2026-02-01")).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn due_lists_unanswered_requests_and_follow_ups() {
     let f = fixture().await;
