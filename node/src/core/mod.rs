@@ -911,9 +911,17 @@ impl NodeCore {
         let gate = inner.submit_gate.lock().await;
         let updated = inner
             .blocking(move || store.withdraw_local(id, now, false))
-            .await?
-            .ok_or(NodeError::NotFound(id))?;
+            .await?;
         drop(gate);
+        let Some(updated) = updated else {
+            let store = inner.store.clone();
+            return Err(match inner.blocking(move || store.inbox_entry(id)).await? {
+                Some(_) => NodeError::FailedPrecondition(format!(
+                    "message {id} was received by this node: only a message it sent can be withdrawn"
+                )),
+                None => NodeError::NotFound(id),
+            });
+        };
         if updated.changed {
             inner.store.flush_async().await?;
             info!(participant = %inner.config.participant, message_id = %id, "queued message withdrawn");

@@ -458,6 +458,18 @@ async fn withdraw_a_queued_message() {
         f.nl.withdraw(MessageId::new_v7()).await,
         Err(NodeError::NotFound(_))
     ));
+    // A received message is not ours to take back: the answer says so
+    // (GetMessage finds it, so NOT_FOUND would be a puzzle).
+    let other =
+        f.nl.send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, other.message_id).await;
+    let err = f.be.withdraw(other.message_id).await.unwrap_err();
+    assert!(
+        matches!(&err, NodeError::FailedPrecondition(m) if m.contains("received")),
+        "{err:?}"
+    );
 }
 
 /// The inbox's lookups, due dates and retention go by message id: a
