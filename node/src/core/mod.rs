@@ -823,20 +823,20 @@ impl NodeCore {
         let expires_at = req
             .expires_at
             .or_else(|| inner.config.default_lifetime.map(|d| now + d));
-        if expires_at.is_some_and(|at| at <= now) {
-            return Err(NodeError::Invalid(ValidationError::new(
-                "expires_at",
-                "must be in the future",
-            )));
-        }
         // (a retry of a send stored before gets its entry, as it did the
-        // first time, whatever the registry says now)
+        // first time, whatever the registry or the clock says now)
         let store = inner.store.clone();
         let key = req.idempotency_key.clone();
         if !inner
             .blocking(move || store.idempotency_key_used(&key))
             .await?
         {
+            if expires_at.is_some_and(|at| at <= now) {
+                return Err(NodeError::Invalid(ValidationError::new(
+                    "expires_at",
+                    "must be in the future",
+                )));
+            }
             check_recipient(inner, &req.recipient, kind).await?;
         }
         let answered = match req.in_reply_to {

@@ -277,6 +277,27 @@ async fn send_queues_once_per_idempotency_key_and_survives_restart() {
     assert_eq!(nl.status().outbox_queued, 1);
 }
 
+/// A retry after the message's own expires_at passed (the first answer was
+/// lost, the application retried later) still gets the first entry, as
+/// the API promises for the same key and content.
+#[tokio::test]
+async fn a_retry_after_its_expires_at_passed_gets_the_first_entry() {
+    let f = fixture().await;
+    let mut req = request("k-1", "BE-PAYOKE", referral());
+    req.expires_at = Some(f.clock.now() + Duration::from_secs(60));
+    let first = f.nl.send(req.clone()).await.unwrap();
+    f.clock.advance(Duration::from_secs(120));
+    let again = f.nl.send(req.clone()).await.unwrap();
+    assert_eq!(again.message_id, first.message_id);
+    // a new message with that expires_at is refused
+    req.idempotency_key = "k-2".into();
+    let err = f.nl.send(req).await.unwrap_err();
+    assert!(
+        matches!(&err, NodeError::Invalid(e) if e.field == "expires_at"),
+        "{err:?}"
+    );
+}
+
 #[tokio::test]
 async fn invalid_requests_are_refused_and_nothing_is_stored() {
     let f = fixture().await;
