@@ -1,7 +1,8 @@
 //! The daemon: a [`NodeCore`] and its local API, started and stopped in order.
 //!
-//! [`RunningNode::start`] opens the core, binds the API socket and serves it in
-//! a task; when it returns, the socket accepts connections. [`RunningNode::stop`]
+//! [`RunningNode::start`] binds the API socket (so that a node whose socket is
+//! taken starts nothing), opens the core and serves the socket in a task; when
+//! it returns, the socket accepts connections. [`RunningNode::stop`]
 //! stops the API first (no new requests, open `Watch` streams end), then shuts
 //! the core down (link tasks stop, the store is flushed). [`run`] is the same
 //! for callers that only have a shutdown future (the binary, tests).
@@ -27,22 +28,20 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Validates `config`, starts the core with `clock`, binds the local API
-    /// socket and starts serving it.
+    /// Validates `config`, binds the local API socket, starts the core with
+    /// `clock` and starts serving the socket.
     pub async fn start(
         config: &NodeConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<RunningNode, NodeError> {
         config.validate()?;
-        let core = NodeCore::start(config.core_config()?, Arc::clone(&clock)).await?;
+        // The socket first: a second node configured on the socket of a
+        // running one must stop before its core opens a store and takes
+        // deliveries from the broker into it, where no integration sees them.
         let socket_path = config.socket_path();
-        let socket = match bind_local_socket(&socket_path) {
-            Ok(socket) => socket,
-            Err(e) => {
-                core.shutdown().await;
-                return Err(e);
-            }
-        };
+        let socket = bind_local_socket(&socket_path)?;
+        // (an error drops `socket`, which removes the file)
+        let core = NodeCore::start(config.core_config()?, Arc::clone(&clock)).await?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let api = tokio::spawn(serve_bound(core.clone(), clock, socket, async move {
             let _ = stop_rx.await;

@@ -196,6 +196,7 @@ pub(crate) fn outbox_filter(req: &pb::ListOutboxRequest) -> Result<ListFilter, N
         kind: optional_kind(req.kind, "kind")?,
         state: optional_state(req.state, "state")?,
         limit: list_limit(req.limit),
+        start: page_start(&req.page_token, OUTBOX_PAGE)?,
     })
 }
 
@@ -207,7 +208,35 @@ pub(crate) fn inbox_filter(req: &pb::ListInboxRequest) -> Result<ListFilter, Nod
         kind: optional_kind(req.kind, "kind")?,
         state: None,
         limit: list_limit(req.limit),
+        start: page_start(&req.page_token, INBOX_PAGE)?,
     })
+}
+
+/// Prefix of the page tokens of `ListOutbox`.
+pub(crate) const OUTBOX_PAGE: &str = "outbox:";
+/// Prefix of the page tokens of `ListInbox`.
+pub(crate) const INBOX_PAGE: &str = "inbox:";
+
+/// Where a page token says the listing continues (`""`: the newest).
+fn page_start(token: &str, prefix: &str) -> Result<Option<u64>, NodeError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .strip_prefix(prefix)
+        .and_then(|seq| seq.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            invalid(
+                "page_token",
+                "is not a next_page_token of this listing (leave it empty for the first page)",
+            )
+        })
+}
+
+/// The `next_page_token` of a page.
+pub(crate) fn next_page_token(next: Option<u64>, prefix: &str) -> String {
+    next.map(|seq| format!("{prefix}{seq}")).unwrap_or_default()
 }
 
 /// Largest page the API returns at once.

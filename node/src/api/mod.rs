@@ -13,8 +13,8 @@
 //!
 //! # Socket
 //! The socket is bound inside a fresh directory of mode 0700 next to the
-//! target path, set to mode 0600, then renamed into place: at no moment can
-//! another user connect. A socket file left by a crashed node is removed only
+//! target path, set to mode 0600, then linked into place (never over an
+//! existing file): at no moment can another user connect. A socket file left by a crashed node is removed only
 //! if nothing answers on it; a socket in use, or a path that is not a socket,
 //! is an error. The file is removed when the server stops (if it is still ours).
 
@@ -94,7 +94,13 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent).map_err(|e| socket_error(&parent, "cannot create", e))?;
+    // (private, as the data directory the socket is usually in: the node
+    // binds before its store creates that)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&parent)
+        .map_err(|e| socket_error(&parent, "cannot create", e))?;
     remove_stale_socket(path)?;
 
     // Bind in a private directory, restrict the mode, then move into place.
@@ -113,8 +119,7 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
             .map_err(|e| socket_error(path, "cannot bind", e))?;
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| socket_error(path, "cannot set mode 0600 on", e))?;
-        std::fs::rename(&staged, path)
-            .map_err(|e| socket_error(path, "cannot move socket to", e))?;
+        move_into_place(&staged, path)?;
         Ok(listener)
     })();
     let _ = std::fs::remove_file(&staged);
@@ -131,6 +136,21 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
         path: path.to_path_buf(),
         dev_ino: (meta.dev(), meta.ino()),
     })
+}
+
+/// Gives the socket at `staged` the name `path`, unless something took that
+/// name since the stale-socket check (another node starting at the same
+/// moment): a rename would replace that node's live socket, leaving it
+/// running unreachable. A hard link fails instead when the name exists.
+fn move_into_place(staged: &Path, path: &Path) -> Result<(), NodeError> {
+    match std::fs::hard_link(staged, path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(NodeError::Config(format!(
+            "api.socket: {} is in use (is another trmx-node running?)",
+            path.display()
+        ))),
+        Err(e) => Err(socket_error(path, "cannot move socket to", e)),
+    }
 }
 
 /// Removes a socket file that nothing listens on; refuses a live socket or a
@@ -285,9 +305,14 @@ impl NodeApi for LocalApi {
     ) -> ApiResult<pb::ListOutboxResponse> {
         let result = async {
             let filter = convert::outbox_filter(request.get_ref())?;
-            let entries = self.core.outbox(&filter).await?;
+            let page = self.core.outbox_page(&filter).await?;
             Ok(pb::ListOutboxResponse {
-                entries: entries.into_iter().map(convert::outbox_entry).collect(),
+                entries: page
+                    .entries
+                    .into_iter()
+                    .map(convert::outbox_entry)
+                    .collect(),
+                next_page_token: convert::next_page_token(page.next, convert::OUTBOX_PAGE),
             })
         };
         reply(result.await)
@@ -299,9 +324,10 @@ impl NodeApi for LocalApi {
     ) -> ApiResult<pb::ListInboxResponse> {
         let result = async {
             let filter = convert::inbox_filter(request.get_ref())?;
-            let entries = self.core.inbox(&filter).await?;
+            let page = self.core.inbox_page(&filter).await?;
             Ok(pb::ListInboxResponse {
-                entries: entries.into_iter().map(convert::inbox_entry).collect(),
+                entries: page.entries.into_iter().map(convert::inbox_entry).collect(),
+                next_page_token: convert::next_page_token(page.next, convert::INBOX_PAGE),
             })
         };
         reply(result.await)
@@ -381,8 +407,36 @@ impl NodeApi for LocalApi {
         let stream = self
             .core
             .watch(after_seq)
+            .await
+            .map_err(to_status)?
             .map(|item| item.map(convert::inbox_entry).map_err(to_status))
             .take_until(stopped);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two nodes starting on one socket path at the same moment: the second
+    /// to move its socket into place must fail, not replace the first's.
+    #[test]
+    fn a_socket_is_never_moved_over_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.sock");
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let staged = dir.path().join("staged.sock");
+        let _late = std::os::unix::net::UnixListener::bind(&staged).unwrap();
+
+        let error = move_into_place(&staged, &path).unwrap_err();
+        assert!(error.to_string().contains("in use"), "{error}");
+        // the first node's socket is still the one at the path
+        let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        live.set_nonblocking(true).unwrap();
+        assert!(
+            live.accept().is_ok(),
+            "the connection reached the first node"
+        );
     }
 }

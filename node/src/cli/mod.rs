@@ -153,6 +153,9 @@ pub struct FilterArgs {
     /// At most this many entries.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// Continue a listing where the previous one stopped (it prints the token).
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<String>,
 }
 
 fn parse_kind(value: &str) -> Result<Kind, String> {
@@ -453,17 +456,14 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                 kind: filter.kind.map(|k| k.to_pb() as i32).unwrap_or_default(),
                 state: state.map(|s| s as i32).unwrap_or_default(),
                 limit: filter.limit,
+                page_token: filter.page_token.unwrap_or_default(),
             };
-            let entries = client
-                .list_outbox(request)
-                .await
-                .map_err(err)?
-                .into_inner()
-                .entries;
+            let page = client.list_outbox(request).await.map_err(err)?.into_inner();
+            more(&page.next_page_token);
             if out.json {
-                out.json_lines(&entries)
+                out.json_lines(&page.entries)
             } else {
-                out.print(&format::outbox(&entries))
+                out.print(&format::outbox(&page.entries))
             }
         }
         Command::Inbox { filter } => {
@@ -472,17 +472,14 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                 counterpart: filter.with.unwrap_or_default(),
                 kind: filter.kind.map(|k| k.to_pb() as i32).unwrap_or_default(),
                 limit: filter.limit,
+                page_token: filter.page_token.unwrap_or_default(),
             };
-            let entries = client
-                .list_inbox(request)
-                .await
-                .map_err(err)?
-                .into_inner()
-                .entries;
+            let page = client.list_inbox(request).await.map_err(err)?.into_inner();
+            more(&page.next_page_token);
             if out.json {
-                out.json_lines(&entries)
+                out.json_lines(&page.entries)
             } else {
-                out.print(&format::inbox(&entries))
+                out.print(&format::inbox(&page.entries))
             }
         }
         Command::Show { id } => {
@@ -585,6 +582,14 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
 }
 
 /// `show --json`: the response with `bodyJson` replaced by the parsed `body`.
+/// Tells on stderr (not in the listing a script reads) that older entries
+/// match, and how to get them.
+fn more(next_page_token: &str) {
+    if !next_page_token.is_empty() {
+        eprintln!("more entries match: add --page-token {next_page_token}");
+    }
+}
+
 fn show_json(response: pb::GetMessageResponse) -> Result<String, CliError> {
     let body_json = response.body_json.clone();
     let without_body = pb::GetMessageResponse {

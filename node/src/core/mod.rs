@@ -291,6 +291,19 @@ pub struct ListFilter {
     pub state: Option<OutboxState>,
     /// Most entries returned; 0 means 100.
     pub limit: usize,
+    /// Where the listing starts (a [`Page::next`] of an earlier page): the
+    /// entries at or below this seq; `None` for the newest.
+    pub start: Option<u64>,
+}
+
+/// One page of a listing, newest first.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The entries.
+    pub entries: Vec<T>,
+    /// Where the next page starts ([`ListFilter::start`]); `None` when no
+    /// older entry matches.
+    pub next: Option<u64>,
 }
 
 /// What the node is doing.
@@ -495,6 +508,50 @@ async fn check_recipient(
         Err(_) => Some(refusal),
     };
     refusal.map_or(Ok(()), |r| Err(NodeError::Invalid(r)))
+}
+
+/// Refuses a reply that cannot answer the received message `answered` that
+/// its `in_reply_to` names: sent to another participant than its sender (who
+/// would get an answer to a message it never sent, while ours stays owed),
+/// filed in another case, or an answer of the wrong kind. Participant IDs,
+/// kinds and case references are not body values.
+fn check_reply(req: &SendRequest, kind: Kind, answered: &InboxEntry) -> Result<(), NodeError> {
+    let refuse =
+        |field: &str, rule: String| Err(NodeError::Invalid(ValidationError::new(field, rule)));
+    if answered.sender != req.recipient {
+        return refuse(
+            "in_reply_to",
+            format!(
+                "is a message from {}: a reply goes to the sender of the message it answers, not to {}",
+                answered.sender, req.recipient
+            ),
+        );
+    }
+    if let Some(case) = req.case_ref
+        && case != answered.case_ref
+    {
+        return refuse(
+            "case_ref",
+            format!(
+                "is not the case of the message in_reply_to answers ({}): a reply belongs to that case",
+                answered.case_ref
+            ),
+        );
+    }
+    let asks = match kind {
+        Kind::ReferralResponse => Some(Kind::Referral),
+        Kind::ReturnRiskAssessment => Some(Kind::ReturnRiskAssessmentRequest),
+        _ => None,
+    };
+    if let Some(asks) = asks
+        && answered.kind != asks
+    {
+        return refuse(
+            "in_reply_to",
+            format!("is a {}: a {kind} answers a {asks}", answered.kind),
+        );
+    }
+    Ok(())
 }
 
 /// Checks an idempotency key: 1..=128 of `[A-Za-z0-9._:-]`.
@@ -766,35 +823,38 @@ impl NodeCore {
         let expires_at = req
             .expires_at
             .or_else(|| inner.config.default_lifetime.map(|d| now + d));
-        if expires_at.is_some_and(|at| at <= now) {
-            return Err(NodeError::Invalid(ValidationError::new(
-                "expires_at",
-                "must be in the future",
-            )));
-        }
         // (a retry of a send stored before gets its entry, as it did the
-        // first time, whatever the registry says now)
+        // first time, whatever the registry or the clock says now)
         let store = inner.store.clone();
         let key = req.idempotency_key.clone();
         if !inner
             .blocking(move || store.idempotency_key_used(&key))
             .await?
         {
+            if expires_at.is_some_and(|at| at <= now) {
+                return Err(NodeError::Invalid(ValidationError::new(
+                    "expires_at",
+                    "must be in the future",
+                )));
+            }
             check_recipient(inner, &req.recipient, kind).await?;
+        }
+        let answered = match req.in_reply_to {
+            Some(id) => {
+                let store = inner.store.clone();
+                inner.blocking(move || store.inbox_entry(id)).await?
+            }
+            None => None,
+        };
+        if let Some(answered) = &answered {
+            check_reply(&req, kind, answered)?;
         }
         let payload = req.body.encode();
         let fingerprint = fingerprint(&req, &payload);
-        let case_ref = match (req.case_ref, req.in_reply_to) {
-            (Some(case), _) => case,
-            (None, Some(answered)) => {
-                let store = inner.store.clone();
-                inner
-                    .blocking(move || store.inbox_case_of(answered))
-                    .await?
-                    .unwrap_or_else(CaseRef::new_random)
-            }
-            (None, None) => CaseRef::new_random(),
-        };
+        let case_ref = req
+            .case_ref
+            .or(answered.map(|a| a.case_ref))
+            .unwrap_or_else(CaseRef::new_random);
         let message_id = MessageId::new_v7();
         let envelope = pb::Envelope {
             message_id: message_id.to_string(),
@@ -851,9 +911,17 @@ impl NodeCore {
         let gate = inner.submit_gate.lock().await;
         let updated = inner
             .blocking(move || store.withdraw_local(id, now, false))
-            .await?
-            .ok_or(NodeError::NotFound(id))?;
+            .await?;
         drop(gate);
+        let Some(updated) = updated else {
+            let store = inner.store.clone();
+            return Err(match inner.blocking(move || store.inbox_entry(id)).await? {
+                Some(_) => NodeError::FailedPrecondition(format!(
+                    "message {id} was received by this node: only a message it sent can be withdrawn"
+                )),
+                None => NodeError::NotFound(id),
+            });
+        };
         if updated.changed {
             inner.store.flush_async().await?;
             info!(participant = %inner.config.participant, message_id = %id, "queued message withdrawn");
@@ -914,8 +982,13 @@ impl NodeCore {
         Ok(())
     }
 
-    /// Outbox entries, newest first.
+    /// Outbox entries, newest first (the first page of [`Self::outbox_page`]).
     pub async fn outbox(&self, filter: &ListFilter) -> Result<Vec<OutboxEntry>, NodeError> {
+        Ok(self.outbox_page(filter).await?.entries)
+    }
+
+    /// One page of outbox entries, newest first.
+    pub async fn outbox_page(&self, filter: &ListFilter) -> Result<Page<OutboxEntry>, NodeError> {
         let store = self.inner.store.clone();
         let filter = filter.clone();
         self.inner
@@ -923,10 +996,19 @@ impl NodeCore {
             .await
     }
 
-    /// Inbox entries, newest first.
+    /// Inbox entries, newest first (the first page of [`Self::inbox_page`]).
     pub async fn inbox(&self, filter: &ListFilter) -> Result<Vec<InboxEntry>, NodeError> {
+        Ok(self.inbox_page(filter).await?.entries)
+    }
+
+    /// One page of inbox entries, newest first. Like [`Self::watch`], only
+    /// entries already flushed: a crash before its flush would give the seq
+    /// of one committed after to another message.
+    pub async fn inbox_page(&self, filter: &ListFilter) -> Result<Page<InboxEntry>, NodeError> {
         let store = self.inner.store.clone();
-        let filter = filter.clone();
+        let mut filter = filter.clone();
+        let durable = *self.inner.inbox_seq.borrow();
+        filter.start = Some(filter.start.map_or(durable, |start| start.min(durable)));
         self.inner.blocking(move || store.list_inbox(&filter)).await
     }
 
@@ -999,7 +1081,9 @@ impl NodeCore {
             outbox_submitted: counts.submitted,
             outbox_failed: counts.failed,
             inbox_total: counts.inbox,
-            last_inbox_seq: counts.last_inbox_seq,
+            // the last one flushed, as `watch` hands out: a cursor to start
+            // from "now" must not name an entry a crash can take back
+            last_inbox_seq: *self.inner.inbox_seq.borrow(),
         }
     }
 
@@ -1013,10 +1097,24 @@ impl NodeCore {
     /// Every inbox entry with `seq > after_seq`, then new ones as they are
     /// stored; never misses one (entries are re-read from the store, so a
     /// slow subscriber only falls behind). Ends at shutdown or after an error.
-    pub fn watch(
+    ///
+    /// An `after_seq` past the inbox's last seq is `FailedPrecondition`: no
+    /// entry of this inbox gave it out (the store was replaced or restored
+    /// from a backup, or the cursor is another node's), and waiting would
+    /// silently skip every entry stored until the seqs catch up with it.
+    pub async fn watch(
         &self,
         after_seq: u64,
-    ) -> impl Stream<Item = Result<InboxEntry, NodeError>> + Send + 'static {
+    ) -> Result<impl Stream<Item = Result<InboxEntry, NodeError>> + Send + 'static, NodeError> {
+        let store = self.inner.store.clone();
+        let last = self.inner.blocking(move || store.last_inbox_seq()).await?;
+        if after_seq > last {
+            return Err(NodeError::FailedPrecondition(format!(
+                "after_seq {after_seq} is past the last inbox seq of this node ({last}): \
+                 the cursor does not come from this inbox (was the node's store replaced \
+                 or restored?); resynchronise, e.g. with after_seq 0"
+            )));
+        }
         let state = WatchState {
             inner: self.inner.clone(),
             seq_rx: self.inner.inbox_seq.subscribe(),
@@ -1025,7 +1123,7 @@ impl NodeCore {
             buffer: VecDeque::new(),
             done: false,
         };
-        futures::stream::unfold(state, next_watched)
+        Ok(futures::stream::unfold(state, next_watched))
     }
 }
 

@@ -54,7 +54,7 @@ use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
 
 use super::{
     Body, Direction, DueItem, DueKind, Failure, InboxEntry, ListFilter, Millis, NodeError,
-    OutboxEntry, OutboxState, TimelineEntry,
+    OutboxEntry, OutboxState, Page, TimelineEntry,
 };
 
 const META: usize = 0;
@@ -96,8 +96,16 @@ const SUBMITTED_INDEXED: &str = "submitted_indexed";
 const DIR_SENT: u8 = 1;
 const DIR_RECEIVED: u8 = 2;
 
-/// Default and largest page of a listing.
+/// Page size of a listing asked with limit 0.
 const DEFAULT_LIMIT: usize = 100;
+
+fn page_limit(filter: &ListFilter) -> usize {
+    if filter.limit == 0 {
+        DEFAULT_LIMIT
+    } else {
+        filter.limit
+    }
+}
 
 type TxResult<T> = ConflictableTransactionResult<T, NodeError>;
 
@@ -275,7 +283,6 @@ pub(crate) struct Counts {
     pub(crate) submitted: u64,
     pub(crate) failed: u64,
     pub(crate) inbox: u64,
-    pub(crate) last_inbox_seq: u64,
 }
 
 /// Whether an outbox entry may move from `from` to `to` (DESIGN.md §4).
@@ -568,7 +575,6 @@ impl Store {
             submitted: self.counter("n_submitted")?,
             failed: self.counter("n_failed")?,
             inbox: self.counter("n_inbox")?,
-            last_inbox_seq: self.counter("inbox_seq")?,
         })
     }
 
@@ -681,13 +687,6 @@ impl Store {
             Ok((rec, true))
         })?;
         Ok((rec.0.to_entry()?, rec.1))
-    }
-
-    /// The case of a received message, if it is in the inbox.
-    pub(crate) fn inbox_case_of(&self, id: MessageId) -> Result<Option<CaseRef>, NodeError> {
-        self.inbox_rec_by_mid(id)?
-            .map(|rec| CaseRef::parse(&rec.case_ref).map_err(corrupt("case")))
-            .transpose()
     }
 
     /// Up to `limit` `QUEUED` entries in creation order, with the envelope
@@ -925,19 +924,13 @@ impl Store {
         self.out_rec(id)?.map(|r| r.to_entry()).transpose()
     }
 
-    /// Outbox entries matching `filter`, newest first.
-    pub(crate) fn list_outbox(&self, filter: &ListFilter) -> Result<Vec<OutboxEntry>, NodeError> {
-        let limit = if filter.limit == 0 {
-            DEFAULT_LIMIT
-        } else {
-            filter.limit
-        };
-        let mut out = Vec::new();
-        for item in self.trees[OUT_ORDER].iter().rev() {
-            if out.len() >= limit {
-                break;
-            }
-            let (_, mid) = item.map_err(store_err)?;
+    /// Outbox entries matching `filter`, newest first, from `filter.start`.
+    pub(crate) fn list_outbox(&self, filter: &ListFilter) -> Result<Page<OutboxEntry>, NodeError> {
+        let limit = page_limit(filter);
+        let mut entries = Vec::new();
+        let end = be(filter.start.unwrap_or(u64::MAX));
+        for item in self.trees[OUT_ORDER].range(..=end).rev() {
+            let (seq, mid) = item.map_err(store_err)?;
             let Some(bytes) = self.trees[OUTBOX].get(&mid).map_err(store_err)? else {
                 continue;
             };
@@ -950,10 +943,19 @@ impl Store {
                 && filter.kind.is_none_or(|k| k == entry.kind)
                 && filter.state.is_none_or(|s| s == entry.state);
             if keep {
-                out.push(entry);
+                if entries.len() == limit {
+                    return Ok(Page {
+                        entries,
+                        next: Some(read_u64(&seq)),
+                    });
+                }
+                entries.push(entry);
             }
         }
-        Ok(out)
+        Ok(Page {
+            entries,
+            next: None,
+        })
     }
 
     /// The body of an outbox entry (`None` when erased).
@@ -1104,19 +1106,13 @@ impl Store {
             .collect()
     }
 
-    /// Inbox entries matching `filter`, newest first.
-    pub(crate) fn list_inbox(&self, filter: &ListFilter) -> Result<Vec<InboxEntry>, NodeError> {
-        let limit = if filter.limit == 0 {
-            DEFAULT_LIMIT
-        } else {
-            filter.limit
-        };
-        let mut out = Vec::new();
-        for item in self.trees[INBOX].iter().rev() {
-            if out.len() >= limit {
-                break;
-            }
-            let (_, bytes) = item.map_err(store_err)?;
+    /// Inbox entries matching `filter`, newest first, from `filter.start`.
+    pub(crate) fn list_inbox(&self, filter: &ListFilter) -> Result<Page<InboxEntry>, NodeError> {
+        let limit = page_limit(filter);
+        let mut entries = Vec::new();
+        let end = be(filter.start.unwrap_or(u64::MAX));
+        for item in self.trees[INBOX].range(..=end).rev() {
+            let (seq, bytes) = item.map_err(store_err)?;
             let entry = from_json::<InRec>(&bytes)?.to_entry()?;
             let keep = filter.case_ref.is_none_or(|c| c == entry.case_ref)
                 && filter
@@ -1125,10 +1121,19 @@ impl Store {
                     .is_none_or(|p| *p == entry.sender)
                 && filter.kind.is_none_or(|k| k == entry.kind);
             if keep {
-                out.push(entry);
+                if entries.len() == limit {
+                    return Ok(Page {
+                        entries,
+                        next: Some(read_u64(&seq)),
+                    });
+                }
+                entries.push(entry);
             }
         }
-        Ok(out)
+        Ok(Page {
+            entries,
+            next: None,
+        })
     }
 
     // ---- cases and due --------------------------------------------------

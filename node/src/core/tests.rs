@@ -277,6 +277,27 @@ async fn send_queues_once_per_idempotency_key_and_survives_restart() {
     assert_eq!(nl.status().outbox_queued, 1);
 }
 
+/// A retry after the message's own expires_at passed (the first answer was
+/// lost, the application retried later) still gets the first entry, as
+/// the API promises for the same key and content.
+#[tokio::test]
+async fn a_retry_after_its_expires_at_passed_gets_the_first_entry() {
+    let f = fixture().await;
+    let mut req = request("k-1", "BE-PAYOKE", referral());
+    req.expires_at = Some(f.clock.now() + Duration::from_secs(60));
+    let first = f.nl.send(req.clone()).await.unwrap();
+    f.clock.advance(Duration::from_secs(120));
+    let again = f.nl.send(req.clone()).await.unwrap();
+    assert_eq!(again.message_id, first.message_id);
+    // a new message with that expires_at is refused
+    req.idempotency_key = "k-2".into();
+    let err = f.nl.send(req).await.unwrap_err();
+    assert!(
+        matches!(&err, NodeError::Invalid(e) if e.field == "expires_at"),
+        "{err:?}"
+    );
+}
+
 #[tokio::test]
 async fn invalid_requests_are_refused_and_nothing_is_stored() {
     let f = fixture().await;
@@ -458,6 +479,18 @@ async fn withdraw_a_queued_message() {
         f.nl.withdraw(MessageId::new_v7()).await,
         Err(NodeError::NotFound(_))
     ));
+    // A received message is not ours to take back: the answer says so
+    // (GetMessage finds it, so NOT_FOUND would be a puzzle).
+    let other =
+        f.nl.send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, other.message_id).await;
+    let err = f.be.withdraw(other.message_id).await.unwrap_err();
+    assert!(
+        matches!(&err, NodeError::FailedPrecondition(m) if m.contains("received")),
+        "{err:?}"
+    );
 }
 
 /// The inbox's lookups, due dates and retention go by message id: a
@@ -801,6 +834,55 @@ async fn a_reply_that_failed_leaves_the_answer_owed() {
     assert!(f.be.due(date("2026-02-01")).await.unwrap().is_empty());
 }
 
+/// A reply that cannot answer the message its in_reply_to names is refused,
+/// naming the field, and changes nothing: the request stays owed.
+#[tokio::test]
+async fn a_reply_to_the_wrong_participant_case_or_kind_is_refused() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+
+    let assessment = body(
+        Kind::ReturnRiskAssessment,
+        include_str!("../../../proto/examples/05-return-risk-assessment.json"),
+    );
+    let other_case = CaseRef::new_random();
+    let cases = [
+        ("r-to", "NG-NAPTIP", response(), None, "in_reply_to"),
+        ("r-case", "NL-NRM", response(), Some(other_case), "case_ref"),
+        ("r-kind", "NL-NRM", assessment, None, "in_reply_to"),
+    ];
+    for (key, to, reply, case_ref, field) in cases {
+        let mut reply = request(key, to, reply);
+        reply.in_reply_to = Some(sent.message_id);
+        reply.case_ref = case_ref;
+        let err = f.be.send(reply).await.unwrap_err();
+        assert!(
+            matches!(&err, NodeError::Invalid(e) if e.field == field),
+            "{key}: {err:?}"
+        );
+    }
+    assert!(
+        f.be.outbox(&ListFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let owed = f.be.due(date("2026-02-01")).await.unwrap();
+    assert_eq!(owed.len(), 1);
+    assert_eq!(owed[0].what, DueKind::AnswerOwed);
+
+    // the reply to its sender, in its case (given or taken from it), is fine
+    let mut reply = request("r-ok", "NL-NRM", response());
+    reply.in_reply_to = Some(sent.message_id);
+    let reply = f.be.send(reply).await.unwrap();
+    assert_eq!(reply.case_ref, sent.case_ref);
+    assert!(f.be.due(date("2026-02-01")).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn due_lists_unanswered_requests_and_follow_ups() {
     let f = fixture().await;
@@ -878,6 +960,8 @@ async fn watch_streams_from_after_seq_and_then_live() {
     }
     let all: Vec<u64> =
         f.be.watch(0)
+            .await
+            .unwrap()
             .take(3)
             .map(|e| e.unwrap().seq)
             .collect()
@@ -885,7 +969,7 @@ async fn watch_streams_from_after_seq_and_then_live() {
     assert_eq!(all, vec![1, 2, 3]);
 
     // Resumed after seq 2: only 3, then a live one.
-    let mut stream = Box::pin(f.be.watch(2));
+    let mut stream = Box::pin(f.be.watch(2).await.unwrap());
     let next = stream.next().await.unwrap().unwrap();
     assert_eq!((next.seq, next.message_id), (3, ids[2]));
 
@@ -913,7 +997,88 @@ async fn watch_streams_from_after_seq_and_then_live() {
     assert!(end.is_none());
 }
 
-/// A delivery committed but not yet flushed is not handed to a watcher: a
+/// Pages of a listing, newest first, hold every matching entry once: none
+/// is out of reach behind the page size.
+#[tokio::test]
+async fn listings_page_through_every_matching_entry() {
+    let f = fixture().await;
+    let mut sent = Vec::new();
+    for i in 0..7 {
+        let body = if i % 2 == 0 { follow_up() } else { referral() };
+        let entry =
+            f.nl.send(request(&format!("k-{i}"), "BE-PAYOKE", body))
+                .await
+                .unwrap();
+        transfer(&f.nl, &f.be, entry.message_id).await;
+        sent.push(entry.message_id);
+    }
+    let newest_first: Vec<MessageId> = sent.iter().rev().copied().collect();
+    let follow_ups: Vec<MessageId> = newest_first.iter().step_by(2).copied().collect();
+
+    for (kind, expected) in [(None, &newest_first), (Some(Kind::FollowUp), &follow_ups)] {
+        let mut filter = ListFilter {
+            kind,
+            limit: 2,
+            ..ListFilter::default()
+        };
+        let (mut outbox, mut inbox) = (Vec::new(), Vec::new());
+        loop {
+            let page = f.nl.outbox_page(&filter).await.unwrap();
+            assert!(page.entries.len() <= 2);
+            outbox.extend(page.entries.iter().map(|e| e.message_id));
+            match page.next {
+                Some(next) => filter.start = Some(next),
+                None => break,
+            }
+        }
+        filter.start = None;
+        loop {
+            let page = f.be.inbox_page(&filter).await.unwrap();
+            inbox.extend(page.entries.iter().map(|e| e.message_id));
+            match page.next {
+                Some(next) => filter.start = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(&outbox, expected, "outbox, kind {kind:?}");
+        assert_eq!(&inbox, expected, "inbox, kind {kind:?}");
+    }
+    // a page that holds the last match says there is no more
+    let filter = ListFilter {
+        limit: 7,
+        ..ListFilter::default()
+    };
+    assert_eq!(f.nl.outbox_page(&filter).await.unwrap().next, None);
+}
+
+/// A cursor this inbox never gave out (its store was replaced, or restored
+/// from an older backup) is refused: a watcher waiting on it would skip every
+/// entry stored until the seqs caught up with it.
+#[tokio::test]
+async fn watch_refuses_a_cursor_past_the_last_seq() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", follow_up()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+
+    // the last seq itself is a fine cursor: nothing yet, then what comes
+    let mut at_end = Box::pin(f.be.watch(1).await.unwrap());
+    let early = tokio::time::timeout(Duration::from_millis(200), at_end.next()).await;
+    assert!(early.is_err(), "{early:?}");
+
+    let Err(err) = f.be.watch(5).await else {
+        panic!("a cursor past the last seq was accepted");
+    };
+    assert!(
+        matches!(&err, NodeError::FailedPrecondition(m) if m.contains("after_seq 5") && m.contains("(1)")),
+        "{err}"
+    );
+}
+
+/// A delivery committed but not yet flushed is not handed to a watcher (nor
+/// listed, nor reported as the last seq): a
 /// crash before its flush would give its seq to another message, which a
 /// watcher resuming after that seq would never see.
 #[tokio::test]
@@ -931,9 +1096,15 @@ async fn watch_hands_out_only_what_is_flushed() {
     let Stored::New(entry) = store.store_incoming(&incoming).unwrap() else {
         panic!("expected a new entry");
     };
-    let mut stream = Box::pin(f.be.watch(0));
+    let mut stream = Box::pin(f.be.watch(0).await.unwrap());
     let early = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
     assert!(early.is_err(), "handed out before its flush: {early:?}");
+    // nor listed, nor counted as the last seq to watch from
+    assert!(
+        f.be.inbox(&ListFilter::default()).await.unwrap().is_empty(),
+        "listed before its flush"
+    );
+    assert_eq!(f.be.status().last_inbox_seq, 0);
     // flushed, and the watchers told: now it comes
     f.be.inner.store.flush_async().await.unwrap();
     f.be.inner.inbox_seq.send_replace(entry.seq);
@@ -943,6 +1114,8 @@ async fn watch_hands_out_only_what_is_flushed() {
         .unwrap()
         .unwrap();
     assert_eq!((got.seq, got.message_id), (entry.seq, sent.message_id));
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+    assert_eq!(f.be.status().last_inbox_seq, entry.seq);
 }
 
 #[tokio::test]

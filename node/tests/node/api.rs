@@ -261,6 +261,11 @@ async fn the_socket_is_private_and_removed_on_stop() {
             .await
             .expect_err("socket in use");
     assert!(error.to_string().contains("in use"), "{error}");
+    // … before it opened a store (or dialled the broker to fill it)
+    assert!(
+        !second.data_dir.exists(),
+        "the second node opened its store before it found the socket taken"
+    );
 
     node.stop().await.expect("stop");
     assert!(
@@ -310,4 +315,70 @@ async fn stop_ends_open_watch_streams() {
         .await
         .expect("stream ends");
     assert!(end.is_none() || end.is_some_and(|r| r.is_err()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_cursor_past_the_inbox_is_refused() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    // e.g. the integration's cursor from before the node's store was replaced
+    let status = client
+        .watch(pb::WatchRequest { after_seq: 7 })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("after_seq 7"), "{status:?}");
+    // from the last seq (0 for an empty inbox) it is fine
+    client
+        .watch(pb::WatchRequest { after_seq: 0 })
+        .await
+        .expect("watch from the start");
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_is_listed_a_page_at_a_time() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let response = client
+            .send(referral_request(&format!("cms:page:{i}"), REFERRAL_JSON))
+            .await
+            .expect("send")
+            .into_inner();
+        sent.insert(0, response.message_id);
+    }
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_outbox(pb::ListOutboxRequest {
+                limit: 2,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("outbox")
+            .into_inner();
+        listed.extend(page.entries.into_iter().map(|e| e.message_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(listed, sent, "every entry once, newest first");
+
+    let status = client
+        .list_inbox(pb::ListInboxRequest {
+            page_token: "garbage".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad token");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(invalid_field(&status), Some("page_token"));
+    node.stop().await.expect("stop");
 }
