@@ -14,9 +14,10 @@
 //! # Socket
 //! The socket is bound inside a fresh directory of mode 0700 next to the
 //! target path, set to mode 0600, then linked into place (never over an
-//! existing file): at no moment can another user connect. A socket file left by a crashed node is removed only
-//! if nothing answers on it; a socket in use, or a path that is not a socket,
-//! is an error. The file is removed when the server stops (if it is still ours).
+//! existing file): at no moment can another user connect. A socket file left
+//! by a crashed node is removed only if nothing answers on it; a socket in
+//! use, or a path that is not a socket, is an error. The file is removed when
+//! the server stops (if it is still ours).
 
 pub mod client;
 mod convert;

@@ -581,7 +581,6 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
     }
 }
 
-/// `show --json`: the response with `bodyJson` replaced by the parsed `body`.
 /// Tells on stderr (not in the listing a script reads) that older entries
 /// match, and how to get them.
 fn more(next_page_token: &str) {
@@ -590,6 +589,7 @@ fn more(next_page_token: &str) {
     }
 }
 
+/// `show --json`: the response with `bodyJson` replaced by the parsed `body`.
 fn show_json(response: pb::GetMessageResponse) -> Result<String, CliError> {
     let body_json = response.body_json.clone();
     let without_body = pb::GetMessageResponse {
