@@ -69,6 +69,17 @@ pub enum CertError {
         /// The existing file.
         path: PathBuf,
     },
+    /// Another run held the CA directory's lock file for longer than [`crate::ca::LOCK_WAIT`].
+    #[error(
+        "the CA directory is busy: {} is held by another trmx-certs run ({owner}); if none is running, remove that file and retry",
+        path.display()
+    )]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// What the lock file says about its owner (`pid 1234 since …`), or empty.
+        owner: String,
+    },
     /// A certificate was not issued by this federation CA.
     #[error("certificate {} was not issued by this CA ({problem})", path.display())]
     NotIssuedByCa {

@@ -451,6 +451,69 @@ mod ca_files {
         assert!(read(&fed).0 > n3);
     }
 
+    /// Two `trmx-certs` runs at once (here: separate `Ca` handles on one directory, which
+    /// share nothing but the files) must not lose each other's issues or revocations.
+    #[test]
+    fn concurrent_runs_lose_no_certificate_and_no_revocation() {
+        let (_d, fed) = federation();
+        let ca_dir = fed.dir.join("ca");
+        let mut serials = Vec::new();
+        for i in 0..12 {
+            let out = CertPaths::from_prefix(&fed.dir.join(format!("to-revoke-{i}")));
+            let id = format!("NL-R{i:02}");
+            let info = fed
+                .ca
+                .issue(&IssueSpec::participant(&id), &out, false)
+                .unwrap();
+            serials.push(info.serial_hex);
+        }
+        let runs: Vec<_> = (0..4)
+            .map(|run| {
+                let ca_dir = ca_dir.clone();
+                let dir = fed.dir.clone();
+                let to_revoke: Vec<String> = serials.iter().skip(run).step_by(4).cloned().collect();
+                std::thread::spawn(move || {
+                    let ca = Ca::open(&ca_dir).unwrap();
+                    let mut issued = Vec::new();
+                    for (i, serial) in to_revoke.iter().enumerate() {
+                        ca.revoke_serial_hex(serial).unwrap();
+                        let id = format!("BE-I{run}{i}");
+                        let out = CertPaths::from_prefix(&dir.join(&id));
+                        let info = ca.issue(&IssueSpec::participant(&id), &out, false).unwrap();
+                        issued.push(info.serial_hex);
+                    }
+                    issued
+                })
+            })
+            .collect();
+        let issued: Vec<String> = runs
+            .into_iter()
+            .flat_map(|run| run.join().unwrap())
+            .collect();
+
+        let ca = Ca::open(&ca_dir).unwrap();
+        let index = ca.issued();
+        for serial in &serials {
+            assert!(ca.is_revoked(serial), "revocation of {serial} lost");
+        }
+        for serial in &issued {
+            assert!(
+                index.iter().any(|c| &c.serial == serial),
+                "issue of {serial} lost"
+            );
+        }
+        let der = load_crls_pem(&fed.crl_path()).unwrap().remove(0);
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+        let listed: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+            .collect();
+        for serial in &serials {
+            assert!(listed.contains(serial), "{serial} missing from the CRL");
+        }
+    }
+
     #[test]
     fn certificate_details() {
         let (_d, fed) = federation();
