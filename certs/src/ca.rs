@@ -447,8 +447,17 @@ impl Ca {
         let mut sans = vec![SanType::URI(ia5("URI", identity.spiffe_uri())?)];
         match spec.role {
             Role::Broker(_) => {
+                if spec.dns_names.is_empty() && spec.ips.is_empty() {
+                    return Err(CertError::InvalidArgument {
+                        field: "broker names",
+                        problem: "a broker certificate needs at least one DNS name (--dns) or IP \
+                                  address (--ip), the address nodes connect to"
+                            .to_string(),
+                    });
+                }
                 for d in &spec.dns_names {
-                    sans.push(SanType::DnsName(ia5("dns name", d.clone())?));
+                    check_dns_name(d)?;
+                    sans.push(SanType::DnsName(ia5("broker DNS name", d.clone())?));
                 }
                 sans.extend(spec.ips.iter().copied().map(SanType::IpAddress));
             }
@@ -902,6 +911,38 @@ fn check_validity_days(d: u32) -> Result<(), CertError> {
             problem: format!("expected 1 to {MAX_VALIDITY_DAYS}, got {d}"),
         })
     }
+}
+
+/// A broker's DNS name must be one that TLS clients can match the address they dial
+/// against: dot-separated labels of 1 to 63 letters, digits and `-` (not first or last),
+/// the leftmost label possibly `*`; at most 253 characters; no port, scheme, path or
+/// trailing dot. An IP address is refused with a pointer to `--ip`.
+fn check_dns_name(name: &str) -> Result<(), CertError> {
+    let invalid = |problem: String| CertError::InvalidArgument {
+        field: "broker DNS name",
+        problem,
+    };
+    if name.parse::<IpAddr>().is_ok() {
+        return Err(invalid(format!(
+            "{name:?} is an IP address: give it with --ip"
+        )));
+    }
+    let label_ok = |(i, label): (usize, &str)| {
+        (i == 0 && label == "*")
+            || ((1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-'))
+    };
+    if name.len() > 253 || name == "*" || !name.split('.').enumerate().all(label_ok) {
+        return Err(invalid(format!(
+            "{name:?} is not a host name: expected labels of letters, digits and '-' separated \
+             by dots, like broker.example.eu, without port, scheme, path or trailing dot"
+        )));
+    }
+    Ok(())
 }
 
 fn days(d: u32) -> Duration {

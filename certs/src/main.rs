@@ -136,7 +136,8 @@ enum IssueCommand {
         /// Broker name (A-Z a-z 0-9 . _ -).
         #[arg(long)]
         name: String,
-        /// DNS name clients use to reach the broker (repeatable).
+        /// DNS name clients use to reach the broker (repeatable; no port or scheme). At least
+        /// one --dns or --ip is required.
         #[arg(long = "dns", value_name = "NAME")]
         dns: Vec<String>,
         /// IP address clients use to reach the broker (repeatable).

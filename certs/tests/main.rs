@@ -514,6 +514,66 @@ mod ca_files {
         }
     }
 
+    /// A broker certificate is useless, and the failure shows only at the nodes ("certificate
+    /// not valid for name"), when it carries no name a client can match: refuse it at issue.
+    #[test]
+    fn broker_names_that_no_client_can_match_are_refused() {
+        use std::net::{IpAddr, Ipv4Addr};
+        let (_d, fed) = federation();
+        let out = CertPaths::from_prefix(&fed.dir.join("b"));
+        let issue = |dns: &[&str], ips: Vec<IpAddr>| {
+            let dns = dns.iter().map(|d| d.to_string()).collect();
+            fed.ca
+                .issue(&IssueSpec::broker("eu-1", dns, ips), &out, true)
+        };
+        let err = issue(&[], Vec::new()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "broker names is invalid: a broker certificate needs at least one DNS name (--dns) \
+             or IP address (--ip), the address nodes connect to"
+        );
+        let err = issue(&["127.0.0.1"], Vec::new()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "broker DNS name is invalid: \"127.0.0.1\" is an IP address: give it with --ip"
+        );
+        for bad in [
+            "broker.example.eu:7443",
+            "https://broker.example.eu",
+            "broker.example.eu/",
+            "a b",
+            "-broker.example.eu",
+            "broker-.example.eu",
+            "broker..example.eu",
+            "broker.example.eu.",
+            ".example.eu",
+            "",
+            "broker.*.eu",
+            "*",
+        ] {
+            let err = issue(&[bad], Vec::new()).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "broker DNS name is invalid: {bad:?} is not a host name"
+                )),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(!out.cert.exists() && !out.key.exists());
+        let long_label = format!("{}.example.eu", "a".repeat(64));
+        assert!(issue(&[&long_label], Vec::new()).is_err());
+
+        for good in [
+            "localhost",
+            "broker.trm.example.eu",
+            "Broker-1.example",
+            "*.trm.example",
+        ] {
+            issue(&[good], Vec::new()).unwrap();
+        }
+        issue(&[], vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))]).unwrap();
+    }
+
     #[test]
     fn certificate_details() {
         let (_d, fed) = federation();
