@@ -602,6 +602,35 @@ impl Ca {
         self.revoke_serial(&serial, None)
     }
 
+    /// Revokes every certificate the index lists for `role` in this CA's trust domain (a
+    /// participant after a compromise or when it leaves: its renewed certificate and the one
+    /// it replaced alike) and rewrites the CRL once. Certificates already revoked are
+    /// reported with `already_revoked`. Refuses, changing nothing, when the index lists no
+    /// certificate for `role`.
+    pub fn revoke_role(&self, role: &Role) -> Result<Vec<Revocation>, CertError> {
+        let identity = Identity::new(&self.trust_domain, role.clone())?.spiffe_uri();
+        let lock = self.lock_dir()?;
+        let index = load_index(&self.index_path())?;
+        if !index.certs.iter().any(|c| c.identity == identity) {
+            return Err(CertError::UnknownIdentity { identity });
+        }
+        let now = unix(SystemTime::now());
+        let mut revocations = Vec::new();
+        self.update_index(&lock, |index| {
+            for entry in index.certs.iter_mut().filter(|c| c.identity == identity) {
+                let already_revoked = entry.revoked_at.is_some();
+                entry.revoked_at.get_or_insert(now);
+                revocations.push(Revocation {
+                    cert: entry.clone(),
+                    already_revoked,
+                });
+            }
+        })?;
+        let next = Duration::from_secs(self.lock().crl_next_update_secs);
+        self.write_crl_locked(&lock, next)?;
+        Ok(revocations)
+    }
+
     /// Marks `serial` revoked and rewrites the CRL. `info` is the certificate itself when
     /// the caller has it: a serial missing from the index is then recorded, not refused.
     fn revoke_serial(

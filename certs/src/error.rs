@@ -96,6 +96,12 @@ pub enum CertError {
         /// The CA's index file.
         index: PathBuf,
     },
+    /// The CA's index lists no certificate for an identity to revoke.
+    #[error("this CA issued no certificate for {identity} (see `trmx-certs list`)")]
+    UnknownIdentity {
+        /// The SPIFFE URI looked for.
+        identity: String,
+    },
     /// A certificate's trust domain differs from the CA's.
     #[error("certificate trust domain {found:?} differs from the CA's {expected:?}")]
     TrustDomainMismatch {

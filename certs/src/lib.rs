@@ -11,7 +11,7 @@
 //!   trust domains; parses the URI SAN out of a DER certificate;
 //! - [`info`] — [`CertInfo`]: identity, serial, validity, issuer, names of a certificate;
 //! - [`ca`] — [`Ca`], a CA directory (`ca.pem`, `ca.key`, `crl.pem`, `index.json`): `init`,
-//!   `open`, `issue`, `revoke` (by file or by serial), `write_crl`, `renew`, `issued`; every
+//!   `open`, `issue`, `revoke` (by file, serial or identity), `write_crl`, `renew`, `issued`; every
 //!   change holds the directory's `ca.lock`, so concurrent runs lose nothing;
 //! - [`federation`] — [`Federation`], a CA plus certificates in one directory for tests
 //!   and demos;

@@ -49,11 +49,14 @@ enum Command {
         #[command(subcommand)]
         what: IssueCommand,
     },
-    /// Revoke a certificate, given as a PEM file or by serial, and rewrite the CRL.
+    /// Revoke a certificate, given as a PEM file, by serial, or every certificate of a
+    /// participant or operator, and rewrite the CRL.
     ///
     /// A certificate replaced by `renew` or `issue --force` no longer has a file: revoke it
-    /// by the serial those commands print (`list` shows every serial the CA issued).
-    /// Revoking a revoked certificate only rewrites the CRL.
+    /// by the serial those commands print (`list` shows every serial the CA issued), or
+    /// revoke all of a participant's certificates with --participant (after a key
+    /// compromise, or when it leaves the federation). Revoking a revoked certificate only
+    /// rewrites the CRL.
     Revoke {
         #[command(flatten)]
         ca: CaDir,
@@ -115,7 +118,8 @@ enum Command {
     },
 }
 
-/// What `revoke` revokes: exactly one of a certificate file and a serial.
+/// What `revoke` revokes: exactly one of a certificate file, a serial, a participant and
+/// an operator.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 struct RevokeTarget {
@@ -124,6 +128,12 @@ struct RevokeTarget {
     /// The serial to revoke (hex, as `list`, `show`, `renew` and `issue` print it).
     #[arg(long, value_name = "HEX")]
     serial: Option<String>,
+    /// Revoke every certificate this CA issued for the participant, e.g. NL-NRM.
+    #[arg(long, value_name = "ID")]
+    participant: Option<String>,
+    /// Revoke every certificate this CA issued for the operator.
+    #[arg(long, value_name = "NAME")]
+    operator: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,17 +236,34 @@ fn run(cli: Cli) -> Result<(), CertError> {
         Command::Issue { what } => issue(what),
         Command::Revoke { ca, target } => {
             let ca = Ca::open(&ca.dir)?;
-            let revocation = match (target.cert, target.serial) {
-                (_, Some(serial)) => ca.revoke_serial_hex(&serial)?,
-                (Some(cert), None) => ca.revoke(&cert)?,
-                (None, None) => {
+            let revocations = match target {
+                RevokeTarget {
+                    serial: Some(serial),
+                    ..
+                } => vec![ca.revoke_serial_hex(&serial)?],
+                RevokeTarget {
+                    participant: Some(id),
+                    ..
+                } => ca.revoke_role(&Role::Participant(id))?,
+                RevokeTarget {
+                    operator: Some(name),
+                    ..
+                } => ca.revoke_role(&Role::Operator(name))?,
+                RevokeTarget {
+                    cert: Some(cert), ..
+                } => vec![ca.revoke(&cert)?],
+                RevokeTarget { .. } => {
                     return Err(CertError::InvalidArgument {
                         field: "revoke",
-                        problem: "give a certificate file or --serial".to_string(),
+                        problem: "give a certificate file, --serial, --participant or --operator"
+                            .to_string(),
                     });
                 }
             };
-            print_revoked(&ca, &revocation);
+            for revocation in &revocations {
+                print_revoked(revocation);
+            }
+            println!("CRL rewritten: {}", ca.crl_path().display());
             Ok(())
         }
         Command::Crl {
@@ -359,13 +386,12 @@ fn print_replaced(ca: &Ca, old: &CertInfo) {
     );
 }
 
-fn print_revoked(ca: &Ca, r: &Revocation) {
+fn print_revoked(r: &Revocation) {
     let what = format!("{} (serial {})", r.cert.identity, r.cert.serial);
     match (r.already_revoked, r.cert.revoked_at) {
         (true, Some(at)) => println!("{what} was already revoked on {}", format_unix(at)),
         _ => println!("revoked {what}"),
     }
-    println!("CRL rewritten: {}", ca.crl_path().display());
 }
 
 /// `s` quoted for a POSIX shell when it needs to be, so printed commands can be pasted.

@@ -967,6 +967,87 @@ mod cli {
         assert_eq!(list(d)[0]["revoked"], false);
     }
 
+    /// After a compromise, or when an organisation leaves, the administrator revokes "NL-NRM"
+    /// without first looking up which serials it holds (a renewal leaves two valid ones).
+    #[test]
+    fn revoke_by_participant_revokes_every_certificate_of_it_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let first = init_and_issue_node(d);
+        ok(&certs(d, &["renew", "--dir", "ca", "NL-NRM.pem"]));
+        let renewed = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+        ok(&certs(
+            d,
+            &["issue", "node", "--dir", "ca", "--participant", "BE-PAYOKE"],
+        ));
+
+        let revoke = ["revoke", "--dir", "ca", "--participant", "NL-NRM"];
+        let out = ok(&certs(d, &revoke));
+        for serial in [&first, &renewed] {
+            assert!(
+                out.contains(&format!(
+                    "revoked spiffe://trm.example/participant/NL-NRM (serial {serial})"
+                )),
+                "{out}"
+            );
+        }
+        let mut revoked = crl_serials(d);
+        revoked.sort();
+        let mut expected = vec![first.clone(), renewed.clone()];
+        expected.sort();
+        assert_eq!(revoked, expected);
+
+        // again: nothing new, says so, the CRL still lists both
+        let out = ok(&certs(d, &revoke));
+        assert_eq!(out.matches("was already revoked").count(), 2, "{out}");
+        assert_eq!(crl_serials(d).len(), 2);
+
+        let before = std::fs::read(d.join("ca/index.json")).unwrap();
+        let err = failed(&certs(
+            d,
+            &["revoke", "--dir", "ca", "--participant", "DE-NOBODY"],
+        ));
+        assert_eq!(
+            err,
+            "error: this CA issued no certificate for spiffe://trm.example/participant/DE-NOBODY \
+             (see `trmx-certs list`)"
+        );
+        let err = failed(&certs(
+            d,
+            &["revoke", "--dir", "ca", "--participant", "nl-nrm"],
+        ));
+        assert!(
+            err.starts_with("error: participant id \"nl-nrm\" is invalid"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(d.join("ca/index.json")).unwrap(), before);
+        let out = certs(
+            d,
+            &[
+                "revoke",
+                "--dir",
+                "ca",
+                "--participant",
+                "NL-NRM",
+                "NL-NRM.pem",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2));
+
+        ok(&certs(
+            d,
+            &["issue", "operator", "--dir", "ca", "--name", "alice"],
+        ));
+        let out = ok(&certs(d, &["revoke", "--dir", "ca", "--operator", "alice"]));
+        assert!(
+            out.contains("revoked spiffe://trm.example/operator/alice"),
+            "{out}"
+        );
+        assert_eq!(crl_serials(d).len(), 3);
+    }
+
     #[test]
     fn help_documents_every_command() {
         let dir = tempfile::tempdir().unwrap();
