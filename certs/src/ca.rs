@@ -396,6 +396,11 @@ impl Ca {
         self.dir.join("index.json")
     }
 
+    /// The end of the CA certificate's validity: no certificate it issues may outlive it.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
     /// The CA certificate, DER.
     pub fn ca_cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
@@ -436,10 +441,20 @@ impl Ca {
         check_validity_days(spec.validity_days)?;
         let not_after = now + days(spec.validity_days);
         if not_after > self.not_after {
+            let left = self.not_after.duration_since(now).unwrap_or_default();
+            let left_days = left.as_secs() / DAY;
+            let what_now = if left_days == 0 {
+                "no certificate can be issued any more: replace the CA".to_string()
+            } else {
+                format!(
+                    "at most {left_days} days remain: pass --validity-days {left_days} or less, \
+                     and replace the CA before it expires"
+                )
+            };
             return Err(CertError::InvalidArgument {
                 field: "validity days",
                 problem: format!(
-                    "the certificate would outlive the CA certificate (it expires {})",
+                    "the certificate would outlive the CA certificate, which expires {}; {what_now}",
                     crate::format_time(self.not_after)
                 ),
             });

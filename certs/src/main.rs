@@ -235,7 +235,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
         }
         Command::Issue { what } => issue(what),
         Command::Revoke { ca, target } => {
-            let ca = Ca::open(&ca.dir)?;
+            let ca = open_ca(&ca.dir)?;
             let revocations = match target {
                 RevokeTarget {
                     serial: Some(serial),
@@ -276,7 +276,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
                     problem: "must be at least 1".to_string(),
                 });
             }
-            let ca = Ca::open(&ca.dir)?;
+            let ca = open_ca(&ca.dir)?;
             let next = Duration::from_secs(u64::from(next_update_days) * 24 * 3600);
             ca.write_crl(next)?;
             println!(
@@ -292,7 +292,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
             key,
             validity_days,
         } => {
-            let ca = Ca::open(&ca.dir)?;
+            let ca = open_ca(&ca.dir)?;
             let paths = match key {
                 Some(key) => CertPaths { cert, key },
                 None => CertPaths::for_cert(&cert),
@@ -303,7 +303,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
             Ok(())
         }
         Command::Show { dir, json, cert } => show(dir.as_deref(), json, &cert),
-        Command::List { ca, json } => list(&Ca::open(&ca.dir)?, json),
+        Command::List { ca, json } => list(&open_ca(&ca.dir)?, json),
     }
 }
 
@@ -337,7 +337,7 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
         validity_days: common.validity_days,
         ..spec
     };
-    let ca = Ca::open(&common.ca.dir)?;
+    let ca = open_ca(&common.ca.dir)?;
     let prefix = common.out.unwrap_or_else(|| PathBuf::from(default_stem));
     let paths = CertPaths::from_prefix(&prefix);
     // read before it is overwritten: its serial is all that is left to revoke it by. A
@@ -353,6 +353,30 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
         print_replaced(&ca, &old);
     }
     Ok(())
+}
+
+/// Opens the CA directory and warns on stderr when the CA certificate expires within a
+/// default certificate validity: from then on no default-length certificate can be issued,
+/// and every certificate it issued dies with it, so its successor must be set up and its
+/// `ca.pem` distributed before then.
+fn open_ca(dir: &Path) -> Result<Ca, CertError> {
+    let ca = Ca::open(dir)?;
+    let expires = format_time(ca.not_after());
+    match ca.not_after().duration_since(SystemTime::now()) {
+        Err(_) => eprintln!(
+            "warning: the CA certificate expired on {expires}: every certificate it issued is \
+             invalid; set up a new CA"
+        ),
+        Ok(left) if left < Duration::from_secs(u64::from(DEFAULT_VALIDITY_DAYS) * 24 * 3600) => {
+            eprintln!(
+                "warning: the CA certificate expires on {expires} (in {} days): no certificate \
+                 can outlive it; set up its successor and distribute its ca.pem before then",
+                left.as_secs() / (24 * 3600)
+            )
+        }
+        Ok(_) => {}
+    }
+    Ok(ca)
 }
 
 fn print_written(paths: &CertPaths, info: &CertInfo) {
@@ -477,7 +501,7 @@ fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
     // (issued by this CA, revoked) when a CA directory is given
     let status = match dir {
         Some(dir) => {
-            let ca = Ca::open(dir)?;
+            let ca = open_ca(dir)?;
             let issued = match ca.verify_issued(cert) {
                 Ok(_) => true,
                 Err(CertError::NotIssuedByCa { .. } | CertError::TrustDomainMismatch { .. }) => {

@@ -655,7 +655,7 @@ mod cli {
                 "--name",
                 "TRM Federation CA",
                 "--validity-days",
-                "30",
+                "3650",
             ],
         ));
         ok(&certs(
@@ -1046,6 +1046,63 @@ mod cli {
             "{out}"
         );
         assert_eq!(crl_serials(d).len(), 3);
+    }
+
+    /// Years in, the CA itself nears its end: every run says so, and an issue that would
+    /// outlive it says how long a certificate can still be.
+    #[test]
+    fn a_ca_near_its_expiry_warns_and_says_what_can_still_be_issued() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let init = [
+            "init",
+            "--dir",
+            "ca",
+            "--trust-domain",
+            "trm.example",
+            "--validity-days",
+            "100",
+        ];
+        ok(&certs(d, &init));
+        let node = ["issue", "node", "--dir", "ca", "--participant", "NL-NRM"];
+        let out = certs(d, &node);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains(
+                "warning: the CA certificate expires on 2" // the date
+            ) && err.contains("(in 99 days)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("at most 99 days remain: pass --validity-days 99 or less"),
+            "{err}"
+        );
+        assert!(!d.join("NL-NRM.pem").exists());
+
+        let out = certs(d, &[&node[..], &["--validity-days", "99"]].concat());
+        ok(&out);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("(in 99 days)"), "{err}");
+        // read-only commands warn too
+        let out = certs(d, &["list", "--dir", "ca"]);
+        ok(&out);
+        assert!(
+            String::from_utf8(out.stderr)
+                .unwrap()
+                .contains("(in 99 days)")
+        );
+
+        // a CA with years ahead does not
+        let far = tempfile::tempdir().unwrap();
+        ok(&certs(far.path(), &init[..5]));
+        let out = certs(far.path(), &["list", "--dir", "ca"]);
+        ok(&out);
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
