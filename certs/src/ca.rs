@@ -307,12 +307,19 @@ impl Ca {
     }
 
     /// Opens an existing CA directory. A missing or unreadable file is a one-line error
-    /// naming it (`cannot read CA key /x/ca.key: No such file or directory`).
+    /// naming it (`cannot read CA key /x/ca.key: No such file or directory`); a directory
+    /// with neither `ca.pem` nor `ca.key` (a wrong `--dir`) is [`CertError::NoCa`].
     pub fn open(dir: &Path) -> Result<Ca, CertError> {
         let cert_path = dir.join("ca.pem");
         let key_path = dir.join("ca.key");
         let index_path = dir.join("index.json");
 
+        let absent = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        if absent(&cert_path) && absent(&key_path) {
+            return Err(CertError::NoCa {
+                dir: dir.to_path_buf(),
+            });
+        }
         let key_pem = read("CA key", &key_path)?;
         let key_pem = String::from_utf8(key_pem)
             .map_err(|_| CertError::parse("CA key", &key_path, "not UTF-8 PEM"))?;

@@ -63,6 +63,15 @@ pub enum CertError {
         /// The parser's complaint.
         problem: String,
     },
+    /// A directory given as a CA directory holds neither `ca.pem` nor `ca.key`.
+    #[error(
+        "no federation CA in {} (neither ca.pem nor ca.key is there): check --dir or TRMX_CA_DIR, or create one with `trmx-certs init`",
+        dir.display()
+    )]
+    NoCa {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// A target file exists and `force` was not given.
     #[error("refusing to overwrite {} (use --force)", path.display())]
     AlreadyExists {

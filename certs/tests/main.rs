@@ -301,7 +301,21 @@ mod ca_files {
 
     #[test]
     fn unreadable_ca_is_a_one_line_error_naming_the_file() {
+        // a wrong --dir or TRMX_CA_DIR: say so, not only which file is missing
         let dir = tempfile::tempdir().unwrap();
+        for wrong in [dir.path().to_path_buf(), dir.path().join("missing")] {
+            let err = Ca::open(&wrong).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "no federation CA in {} (neither ca.pem nor ca.key is there): check --dir or \
+                     TRMX_CA_DIR, or create one with `trmx-certs init`",
+                    wrong.display()
+                )
+            );
+        }
+        // a CA directory that lost its key: name the file
+        std::fs::write(dir.path().join("ca.pem"), "").unwrap();
         let err = Ca::open(dir.path()).unwrap_err().to_string();
         assert_eq!(
             err,
@@ -800,7 +814,8 @@ mod cli {
         ));
         assert_eq!(
             err,
-            "error: cannot read CA key /nonexistent/ca/ca.key: No such file or directory"
+            "error: no federation CA in /nonexistent/ca (neither ca.pem nor ca.key is there): \
+             check --dir or TRMX_CA_DIR, or create one with `trmx-certs init`"
         );
         let err = failed(&certs(d, &["show", "missing.pem"]));
         assert_eq!(
