@@ -63,11 +63,31 @@ pub enum CertError {
         /// The parser's complaint.
         problem: String,
     },
+    /// A directory given as a CA directory holds neither `ca.pem` nor `ca.key`.
+    #[error(
+        "no federation CA in {} (neither ca.pem nor ca.key is there): check --dir or TRMX_CA_DIR, or create one with `trmx-certs init`",
+        dir.display()
+    )]
+    NoCa {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// A target file exists and `force` was not given.
     #[error("refusing to overwrite {} (use --force)", path.display())]
     AlreadyExists {
         /// The existing file.
         path: PathBuf,
+    },
+    /// Another run held the CA directory's lock file for longer than [`crate::ca::LOCK_WAIT`].
+    #[error(
+        "the CA directory is busy: {} is held by another trmx-certs run ({owner}); if none is running, remove that file and retry",
+        path.display()
+    )]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// What the lock file says about its owner (`pid 1234 since …`), or empty.
+        owner: String,
     },
     /// A certificate was not issued by this federation CA.
     #[error("certificate {} was not issued by this CA ({problem})", path.display())]
@@ -84,6 +104,12 @@ pub enum CertError {
         serial: String,
         /// The CA's index file.
         index: PathBuf,
+    },
+    /// The CA's index lists no certificate for an identity to revoke.
+    #[error("this CA issued no certificate for {identity} (see `trmx-certs list`)")]
+    UnknownIdentity {
+        /// The SPIFFE URI looked for.
+        identity: String,
     },
     /// A certificate's trust domain differs from the CA's.
     #[error("certificate trust domain {found:?} differs from the CA's {expected:?}")]

@@ -11,7 +11,8 @@
 //!   trust domains; parses the URI SAN out of a DER certificate;
 //! - [`info`] — [`CertInfo`]: identity, serial, validity, issuer, names of a certificate;
 //! - [`ca`] — [`Ca`], a CA directory (`ca.pem`, `ca.key`, `crl.pem`, `index.json`): `init`,
-//!   `open`, `issue`, `revoke` (by file or by serial), `write_crl`, `renew`, `issued`;
+//!   `open`, `issue`, `revoke` (by file, serial or identity), `write_crl`, `renew`, `issued`; every
+//!   change holds the directory's `ca.lock`, so concurrent runs lose nothing;
 //! - [`federation`] — [`Federation`], a CA plus certificates in one directory for tests
 //!   and demos;
 //! - [`pem`] — `load_certs_pem`, `load_key_pem`, `load_crls_pem` for rustls, and the atomic
@@ -31,7 +32,8 @@ use std::time::SystemTime;
 
 pub use ca::{
     CLOCK_SKEW_ALLOWANCE, Ca, CaOptions, CertPaths, DEFAULT_CA_VALIDITY_DAYS,
-    DEFAULT_CRL_NEXT_UPDATE, DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, Renewal, Revocation,
+    DEFAULT_CRL_NEXT_UPDATE, DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, LOCK_WAIT, Renewal,
+    Revocation,
 };
 pub use error::CertError;
 pub use federation::Federation;

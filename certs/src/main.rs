@@ -49,11 +49,14 @@ enum Command {
         #[command(subcommand)]
         what: IssueCommand,
     },
-    /// Revoke a certificate, given as a PEM file or by serial, and rewrite the CRL.
+    /// Revoke a certificate, given as a PEM file, by serial, or every certificate of a
+    /// participant or operator, and rewrite the CRL.
     ///
     /// A certificate replaced by `renew` or `issue --force` no longer has a file: revoke it
-    /// by the serial those commands print (`list` shows every serial the CA issued).
-    /// Revoking a revoked certificate only rewrites the CRL.
+    /// by the serial those commands print (`list` shows every serial the CA issued), or
+    /// revoke all of a participant's certificates with --participant (after a key
+    /// compromise, or when it leaves the federation). Revoking a revoked certificate only
+    /// rewrites the CRL.
     Revoke {
         #[command(flatten)]
         ca: CaDir,
@@ -115,7 +118,8 @@ enum Command {
     },
 }
 
-/// What `revoke` revokes: exactly one of a certificate file and a serial.
+/// What `revoke` revokes: exactly one of a certificate file, a serial, a participant and
+/// an operator.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 struct RevokeTarget {
@@ -124,6 +128,12 @@ struct RevokeTarget {
     /// The serial to revoke (hex, as `list`, `show`, `renew` and `issue` print it).
     #[arg(long, value_name = "HEX")]
     serial: Option<String>,
+    /// Revoke every certificate this CA issued for the participant, e.g. NL-NRM.
+    #[arg(long, value_name = "ID")]
+    participant: Option<String>,
+    /// Revoke every certificate this CA issued for the operator.
+    #[arg(long, value_name = "NAME")]
+    operator: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,7 +146,8 @@ enum IssueCommand {
         /// Broker name (A-Z a-z 0-9 . _ -).
         #[arg(long)]
         name: String,
-        /// DNS name clients use to reach the broker (repeatable).
+        /// DNS name clients use to reach the broker (repeatable; no port or scheme). At least
+        /// one --dns or --ip is required.
         #[arg(long = "dns", value_name = "NAME")]
         dns: Vec<String>,
         /// IP address clients use to reach the broker (repeatable).
@@ -224,18 +235,35 @@ fn run(cli: Cli) -> Result<(), CertError> {
         }
         Command::Issue { what } => issue(what),
         Command::Revoke { ca, target } => {
-            let ca = Ca::open(&ca.dir)?;
-            let revocation = match (target.cert, target.serial) {
-                (_, Some(serial)) => ca.revoke_serial_hex(&serial)?,
-                (Some(cert), None) => ca.revoke(&cert)?,
-                (None, None) => {
+            let ca = open_ca(&ca.dir)?;
+            let revocations = match target {
+                RevokeTarget {
+                    serial: Some(serial),
+                    ..
+                } => vec![ca.revoke_serial_hex(&serial)?],
+                RevokeTarget {
+                    participant: Some(id),
+                    ..
+                } => ca.revoke_role(&Role::Participant(id))?,
+                RevokeTarget {
+                    operator: Some(name),
+                    ..
+                } => ca.revoke_role(&Role::Operator(name))?,
+                RevokeTarget {
+                    cert: Some(cert), ..
+                } => vec![ca.revoke(&cert)?],
+                RevokeTarget { .. } => {
                     return Err(CertError::InvalidArgument {
                         field: "revoke",
-                        problem: "give a certificate file or --serial".to_string(),
+                        problem: "give a certificate file, --serial, --participant or --operator"
+                            .to_string(),
                     });
                 }
             };
-            print_revoked(&ca, &revocation);
+            for revocation in &revocations {
+                print_revoked(revocation);
+            }
+            println!("CRL rewritten: {}", ca.crl_path().display());
             Ok(())
         }
         Command::Crl {
@@ -248,7 +276,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
                     problem: "must be at least 1".to_string(),
                 });
             }
-            let ca = Ca::open(&ca.dir)?;
+            let ca = open_ca(&ca.dir)?;
             let next = Duration::from_secs(u64::from(next_update_days) * 24 * 3600);
             ca.write_crl(next)?;
             println!(
@@ -264,7 +292,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
             key,
             validity_days,
         } => {
-            let ca = Ca::open(&ca.dir)?;
+            let ca = open_ca(&ca.dir)?;
             let paths = match key {
                 Some(key) => CertPaths { cert, key },
                 None => CertPaths::for_cert(&cert),
@@ -275,7 +303,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
             Ok(())
         }
         Command::Show { dir, json, cert } => show(dir.as_deref(), json, &cert),
-        Command::List { ca, json } => list(&Ca::open(&ca.dir)?, json),
+        Command::List { ca, json } => list(&open_ca(&ca.dir)?, json),
     }
 }
 
@@ -309,7 +337,7 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
         validity_days: common.validity_days,
         ..spec
     };
-    let ca = Ca::open(&common.ca.dir)?;
+    let ca = open_ca(&common.ca.dir)?;
     let prefix = common.out.unwrap_or_else(|| PathBuf::from(default_stem));
     let paths = CertPaths::from_prefix(&prefix);
     // read before it is overwritten: its serial is all that is left to revoke it by. A
@@ -325,6 +353,30 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
         print_replaced(&ca, &old);
     }
     Ok(())
+}
+
+/// Opens the CA directory and warns on stderr when the CA certificate expires within a
+/// default certificate validity: from then on no default-length certificate can be issued,
+/// and every certificate it issued dies with it, so its successor must be set up and its
+/// `ca.pem` distributed before then.
+fn open_ca(dir: &Path) -> Result<Ca, CertError> {
+    let ca = Ca::open(dir)?;
+    let expires = format_time(ca.not_after());
+    match ca.not_after().duration_since(SystemTime::now()) {
+        Err(_) => eprintln!(
+            "warning: the CA certificate expired on {expires}: every certificate it issued is \
+             invalid; set up a new CA"
+        ),
+        Ok(left) if left < Duration::from_secs(u64::from(DEFAULT_VALIDITY_DAYS) * 24 * 3600) => {
+            eprintln!(
+                "warning: the CA certificate expires on {expires} (in {} days): no certificate \
+                 can outlive it; set up its successor and distribute its ca.pem before then",
+                left.as_secs() / (24 * 3600)
+            )
+        }
+        Ok(_) => {}
+    }
+    Ok(ca)
 }
 
 fn print_written(paths: &CertPaths, info: &CertInfo) {
@@ -358,13 +410,12 @@ fn print_replaced(ca: &Ca, old: &CertInfo) {
     );
 }
 
-fn print_revoked(ca: &Ca, r: &Revocation) {
+fn print_revoked(r: &Revocation) {
     let what = format!("{} (serial {})", r.cert.identity, r.cert.serial);
     match (r.already_revoked, r.cert.revoked_at) {
         (true, Some(at)) => println!("{what} was already revoked on {}", format_unix(at)),
         _ => println!("revoked {what}"),
     }
-    println!("CRL rewritten: {}", ca.crl_path().display());
 }
 
 /// `s` quoted for a POSIX shell when it needs to be, so printed commands can be pasted.
@@ -450,7 +501,7 @@ fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
     // (issued by this CA, revoked) when a CA directory is given
     let status = match dir {
         Some(dir) => {
-            let ca = Ca::open(dir)?;
+            let ca = open_ca(dir)?;
             let issued = match ca.verify_issued(cert) {
                 Ok(_) => true,
                 Err(CertError::NotIssuedByCa { .. } | CertError::TrustDomainMismatch { .. }) => {

@@ -301,7 +301,21 @@ mod ca_files {
 
     #[test]
     fn unreadable_ca_is_a_one_line_error_naming_the_file() {
+        // a wrong --dir or TRMX_CA_DIR: say so, not only which file is missing
         let dir = tempfile::tempdir().unwrap();
+        for wrong in [dir.path().to_path_buf(), dir.path().join("missing")] {
+            let err = Ca::open(&wrong).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "no federation CA in {} (neither ca.pem nor ca.key is there): check --dir or \
+                     TRMX_CA_DIR, or create one with `trmx-certs init`",
+                    wrong.display()
+                )
+            );
+        }
+        // a CA directory that lost its key: name the file
+        std::fs::write(dir.path().join("ca.pem"), "").unwrap();
         let err = Ca::open(dir.path()).unwrap_err().to_string();
         assert_eq!(
             err,
@@ -451,6 +465,129 @@ mod ca_files {
         assert!(read(&fed).0 > n3);
     }
 
+    /// Two `trmx-certs` runs at once (here: separate `Ca` handles on one directory, which
+    /// share nothing but the files) must not lose each other's issues or revocations.
+    #[test]
+    fn concurrent_runs_lose_no_certificate_and_no_revocation() {
+        let (_d, fed) = federation();
+        let ca_dir = fed.dir.join("ca");
+        let mut serials = Vec::new();
+        for i in 0..12 {
+            let out = CertPaths::from_prefix(&fed.dir.join(format!("to-revoke-{i}")));
+            let id = format!("NL-R{i:02}");
+            let info = fed
+                .ca
+                .issue(&IssueSpec::participant(&id), &out, false)
+                .unwrap();
+            serials.push(info.serial_hex);
+        }
+        let runs: Vec<_> = (0..4)
+            .map(|run| {
+                let ca_dir = ca_dir.clone();
+                let dir = fed.dir.clone();
+                let to_revoke: Vec<String> = serials.iter().skip(run).step_by(4).cloned().collect();
+                std::thread::spawn(move || {
+                    let ca = Ca::open(&ca_dir).unwrap();
+                    let mut issued = Vec::new();
+                    for (i, serial) in to_revoke.iter().enumerate() {
+                        ca.revoke_serial_hex(serial).unwrap();
+                        let id = format!("BE-I{run}{i}");
+                        let out = CertPaths::from_prefix(&dir.join(&id));
+                        let info = ca.issue(&IssueSpec::participant(&id), &out, false).unwrap();
+                        issued.push(info.serial_hex);
+                    }
+                    issued
+                })
+            })
+            .collect();
+        let issued: Vec<String> = runs
+            .into_iter()
+            .flat_map(|run| run.join().unwrap())
+            .collect();
+
+        let ca = Ca::open(&ca_dir).unwrap();
+        let index = ca.issued();
+        for serial in &serials {
+            assert!(ca.is_revoked(serial), "revocation of {serial} lost");
+        }
+        for serial in &issued {
+            assert!(
+                index.iter().any(|c| &c.serial == serial),
+                "issue of {serial} lost"
+            );
+        }
+        let der = load_crls_pem(&fed.crl_path()).unwrap().remove(0);
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+        let listed: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+            .collect();
+        for serial in &serials {
+            assert!(listed.contains(serial), "{serial} missing from the CRL");
+        }
+    }
+
+    /// A broker certificate is useless, and the failure shows only at the nodes ("certificate
+    /// not valid for name"), when it carries no name a client can match: refuse it at issue.
+    #[test]
+    fn broker_names_that_no_client_can_match_are_refused() {
+        use std::net::{IpAddr, Ipv4Addr};
+        let (_d, fed) = federation();
+        let out = CertPaths::from_prefix(&fed.dir.join("b"));
+        let issue = |dns: &[&str], ips: Vec<IpAddr>| {
+            let dns = dns.iter().map(|d| d.to_string()).collect();
+            fed.ca
+                .issue(&IssueSpec::broker("eu-1", dns, ips), &out, true)
+        };
+        let err = issue(&[], Vec::new()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "broker names is invalid: a broker certificate needs at least one DNS name (--dns) \
+             or IP address (--ip), the address nodes connect to"
+        );
+        let err = issue(&["127.0.0.1"], Vec::new()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "broker DNS name is invalid: \"127.0.0.1\" is an IP address: give it with --ip"
+        );
+        for bad in [
+            "broker.example.eu:7443",
+            "https://broker.example.eu",
+            "broker.example.eu/",
+            "a b",
+            "-broker.example.eu",
+            "broker-.example.eu",
+            "broker..example.eu",
+            "broker.example.eu.",
+            ".example.eu",
+            "",
+            "broker.*.eu",
+            "*",
+        ] {
+            let err = issue(&[bad], Vec::new()).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "broker DNS name is invalid: {bad:?} is not a host name"
+                )),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(!out.cert.exists() && !out.key.exists());
+        let long_label = format!("{}.example.eu", "a".repeat(64));
+        assert!(issue(&[&long_label], Vec::new()).is_err());
+
+        for good in [
+            "localhost",
+            "broker.trm.example.eu",
+            "Broker-1.example",
+            "*.trm.example",
+        ] {
+            issue(&[good], Vec::new()).unwrap();
+        }
+        issue(&[], vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))]).unwrap();
+    }
+
     #[test]
     fn certificate_details() {
         let (_d, fed) = federation();
@@ -532,7 +669,7 @@ mod cli {
                 "--name",
                 "TRM Federation CA",
                 "--validity-days",
-                "30",
+                "3650",
             ],
         ));
         ok(&certs(
@@ -677,7 +814,8 @@ mod cli {
         ));
         assert_eq!(
             err,
-            "error: cannot read CA key /nonexistent/ca/ca.key: No such file or directory"
+            "error: no federation CA in /nonexistent/ca (neither ca.pem nor ca.key is there): \
+             check --dir or TRMX_CA_DIR, or create one with `trmx-certs init`"
         );
         let err = failed(&certs(d, &["show", "missing.pem"]));
         assert_eq!(
@@ -842,6 +980,144 @@ mod cli {
         }
         assert_eq!(std::fs::read(d.join("ca/crl.pem")).unwrap(), crl);
         assert_eq!(list(d)[0]["revoked"], false);
+    }
+
+    /// After a compromise, or when an organisation leaves, the administrator revokes "NL-NRM"
+    /// without first looking up which serials it holds (a renewal leaves two valid ones).
+    #[test]
+    fn revoke_by_participant_revokes_every_certificate_of_it_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let first = init_and_issue_node(d);
+        ok(&certs(d, &["renew", "--dir", "ca", "NL-NRM.pem"]));
+        let renewed = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+        ok(&certs(
+            d,
+            &["issue", "node", "--dir", "ca", "--participant", "BE-PAYOKE"],
+        ));
+
+        let revoke = ["revoke", "--dir", "ca", "--participant", "NL-NRM"];
+        let out = ok(&certs(d, &revoke));
+        for serial in [&first, &renewed] {
+            assert!(
+                out.contains(&format!(
+                    "revoked spiffe://trm.example/participant/NL-NRM (serial {serial})"
+                )),
+                "{out}"
+            );
+        }
+        let mut revoked = crl_serials(d);
+        revoked.sort();
+        let mut expected = vec![first.clone(), renewed.clone()];
+        expected.sort();
+        assert_eq!(revoked, expected);
+
+        // again: nothing new, says so, the CRL still lists both
+        let out = ok(&certs(d, &revoke));
+        assert_eq!(out.matches("was already revoked").count(), 2, "{out}");
+        assert_eq!(crl_serials(d).len(), 2);
+
+        let before = std::fs::read(d.join("ca/index.json")).unwrap();
+        let err = failed(&certs(
+            d,
+            &["revoke", "--dir", "ca", "--participant", "DE-NOBODY"],
+        ));
+        assert_eq!(
+            err,
+            "error: this CA issued no certificate for spiffe://trm.example/participant/DE-NOBODY \
+             (see `trmx-certs list`)"
+        );
+        let err = failed(&certs(
+            d,
+            &["revoke", "--dir", "ca", "--participant", "nl-nrm"],
+        ));
+        assert!(
+            err.starts_with("error: participant id \"nl-nrm\" is invalid"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(d.join("ca/index.json")).unwrap(), before);
+        let out = certs(
+            d,
+            &[
+                "revoke",
+                "--dir",
+                "ca",
+                "--participant",
+                "NL-NRM",
+                "NL-NRM.pem",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2));
+
+        ok(&certs(
+            d,
+            &["issue", "operator", "--dir", "ca", "--name", "alice"],
+        ));
+        let out = ok(&certs(d, &["revoke", "--dir", "ca", "--operator", "alice"]));
+        assert!(
+            out.contains("revoked spiffe://trm.example/operator/alice"),
+            "{out}"
+        );
+        assert_eq!(crl_serials(d).len(), 3);
+    }
+
+    /// Years in, the CA itself nears its end: every run says so, and an issue that would
+    /// outlive it says how long a certificate can still be.
+    #[test]
+    fn a_ca_near_its_expiry_warns_and_says_what_can_still_be_issued() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let init = [
+            "init",
+            "--dir",
+            "ca",
+            "--trust-domain",
+            "trm.example",
+            "--validity-days",
+            "100",
+        ];
+        ok(&certs(d, &init));
+        let node = ["issue", "node", "--dir", "ca", "--participant", "NL-NRM"];
+        let out = certs(d, &node);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains(
+                "warning: the CA certificate expires on 2" // the date
+            ) && err.contains("(in 99 days)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("at most 99 days remain: pass --validity-days 99 or less"),
+            "{err}"
+        );
+        assert!(!d.join("NL-NRM.pem").exists());
+
+        let out = certs(d, &[&node[..], &["--validity-days", "99"]].concat());
+        ok(&out);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("(in 99 days)"), "{err}");
+        // read-only commands warn too
+        let out = certs(d, &["list", "--dir", "ca"]);
+        ok(&out);
+        assert!(
+            String::from_utf8(out.stderr)
+                .unwrap()
+                .contains("(in 99 days)")
+        );
+
+        // a CA with years ahead does not
+        let far = tempfile::tempdir().unwrap();
+        ok(&certs(far.path(), &init[..5]));
+        let out = certs(far.path(), &["list", "--dir", "ca"]);
+        ok(&out);
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]

@@ -266,3 +266,50 @@ async fn concurrent_reloads_take_turns_and_the_last_crl_on_disk_wins() {
     let bystander_config = client_config(&fx.paths(&bystander)).unwrap();
     assert!(raw_accepted(server.addr, bystander_config).await.unwrap());
 }
+
+/// Rotating a node's certificate (`trmx-certs renew`, then `revoke --serial <old>`): the
+/// renewed certificate connects next to the old one, and revoking the old serial closes
+/// only the connection that still uses it, not the participant's new one.
+#[tokio::test]
+async fn renewal_then_revoking_the_old_serial_closes_only_the_old_certificate() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let server = Server::start(fx.server_tls(CrlPolicy::Warn), ListenerLimits::default()).await;
+
+    let mut old = health(server.addr, &fx.paths(&node));
+    let mut old_watch = old.watch(check_request()).await.unwrap().into_inner();
+    old_watch.message().await.unwrap().unwrap();
+
+    // the channel above keeps the old certificate and key; the files now hold the new ones
+    let renewal = fx.fed.ca.renew(&node, 30).unwrap();
+    assert_ne!(renewal.new.serial_hex, renewal.old.serial_hex);
+    let mut new = health(server.addr, &fx.paths(&node));
+    let mut new_watch = new.watch(check_request()).await.unwrap().into_inner();
+    new_watch.message().await.unwrap().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || server.tls.open_connections()
+            == 2)
+        .await
+    );
+
+    fx.fed
+        .ca
+        .revoke_serial_hex(&renewal.old.serial_hex)
+        .unwrap();
+    let report = server.tls.reload().unwrap();
+    assert_eq!(report.closed, ["participant NL-NRM from 127.0.0.1"]);
+    let next = tokio::time::timeout(Duration::from_secs(5), old_watch.message())
+        .await
+        .expect("stream of the old certificate closed within 5 s");
+    assert!(!matches!(next, Ok(Some(_))), "{next:?}");
+    // the renewed certificate's stream and new connections carry on
+    new.check(check_request()).await.unwrap();
+    assert!(
+        raw_accepted(server.addr, client_config(&fx.paths(&node)).unwrap())
+            .await
+            .unwrap()
+    );
+    assert_eq!(server.tls.reload().unwrap().closed_connections, 0);
+    drop(new_watch);
+    server.stop().await;
+}
