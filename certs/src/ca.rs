@@ -7,14 +7,14 @@
 //! - `crl.pem` — the current CRL, rewritten on every revocation and by `write_crl`;
 //! - `index.json` — issued serials with identity, expiry and revocation time, the last CRL
 //!   number and the CRL lifetime used on revocation;
-//! - `ca.lock` — exists only while a run changes the directory (see below).
+//! - `ca.lock` — locked (`flock`) while a run changes the directory (see below).
 //!
 //! # Invariants
 //! - every file is replaced atomically (temporary file + rename), keys are created `0600`;
 //! - the CRL number only grows;
 //! - a serial once marked revoked stays revoked (and in every later CRL);
 //! - every change (issue, revoke, CRL, renew) reads the index, changes it and writes the
-//!   index and CRL while holding `ca.lock`, created exclusively; a second run waits for it
+//!   index and CRL while holding an exclusive `flock` on `ca.lock`; a second run waits for it
 //!   (up to [`LOCK_WAIT`]), so two runs at once never lose each other's changes.
 
 use std::net::IpAddr;
@@ -839,55 +839,60 @@ impl Ca {
     }
 }
 
-/// `<dir>/ca.lock`, created exclusively (`O_EXCL`) while a run changes the CA directory and
-/// removed when dropped. It holds the owner's pid, for the error a waiting run reports. A
-/// run killed while holding it leaves it behind: the error says to remove it.
+/// An exclusive `flock` on `<dir>/ca.lock` while a run changes the CA directory. The
+/// kernel releases it when the file is closed: when the guard is dropped, and also when a
+/// run is killed, so a crash never leaves the directory locked. The file itself stays
+/// (removing it could let two runs lock two different files) and holds the last owner's
+/// pid, for the error a waiting run reports.
 #[derive(Debug)]
 struct DirLock {
-    path: PathBuf,
+    /// Closing it releases the lock.
+    _file: std::fs::File,
 }
 
 impl DirLock {
     fn acquire(dir: &Path, wait: Duration) -> Result<DirLock, CertError> {
-        use std::io::Write;
+        use rustix::fs::{FlockOperation, flock};
+        use rustix::io::Errno;
+        use std::io::{Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
         let path = dir.join("ca.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| CertError::io("open lock file", &path, e))?;
         let started = std::time::Instant::now();
         loop {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut file) => {
-                    let lock = DirLock { path };
-                    let owner = format!(
-                        "pid {} since {}\n",
-                        std::process::id(),
-                        crate::format_time(SystemTime::now())
-                    );
-                    // only informs a waiting run's error message
-                    let _ = file.write_all(owner.as_bytes());
-                    return Ok(lock);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if started.elapsed() >= wait {
-                        let owner = std::fs::read_to_string(&path).unwrap_or_default();
-                        return Err(CertError::Locked {
-                            owner: owner.trim().to_string(),
-                            path,
-                        });
-                    }
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(Errno::WOULDBLOCK | Errno::INTR) if started.elapsed() < wait => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => return Err(CertError::io("create lock file", &path, e)),
+                Err(Errno::WOULDBLOCK) => {
+                    let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                    return Err(CertError::Locked {
+                        owner: owner.trim().to_string(),
+                        path,
+                    });
+                }
+                Err(e) => return Err(CertError::io("lock", &path, e.into())),
             }
         }
-    }
-}
-
-impl Drop for DirLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let owner = format!(
+            "pid {} since {}\n",
+            std::process::id(),
+            crate::format_time(SystemTime::now())
+        );
+        // only informs a waiting run's error message
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(owner.as_bytes()));
+        Ok(DirLock { _file: file })
     }
 }
 
@@ -1076,8 +1081,8 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "the CA directory is busy: {} is held by another trmx-certs run ({}); if none \
-                 is running, remove that file and retry",
+                "the CA directory is busy: {} is locked by another trmx-certs run ({}); retry \
+                 once it has finished",
                 lock_file.display(),
                 owner.trim()
             )
@@ -1088,7 +1093,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         drop(held);
         assert!(waiter.join().unwrap());
-        assert!(!lock_file.exists());
+        // the file a killed run leaves behind (its lock went with its process) blocks nobody
+        std::fs::write(&lock_file, "pid 1 since long ago\n").unwrap();
+        DirLock::acquire(dir.path(), Duration::ZERO).expect("a lock file nobody holds");
     }
 
     #[test]

@@ -78,9 +78,9 @@ pub enum CertError {
         /// The existing file.
         path: PathBuf,
     },
-    /// Another run held the CA directory's lock file for longer than [`crate::ca::LOCK_WAIT`].
+    /// Another run held the CA directory's lock for longer than [`crate::ca::LOCK_WAIT`].
     #[error(
-        "the CA directory is busy: {} is held by another trmx-certs run ({owner}); if none is running, remove that file and retry",
+        "the CA directory is busy: {} is locked by another trmx-certs run ({owner}); retry once it has finished",
         path.display()
     )]
     Locked {
