@@ -352,28 +352,46 @@ pub async fn message(api: &mut Api, id: &str) -> anyhow::Result<Option<pb::GetMe
     }
 }
 
-/// Every outbox entry (newest first).
+/// Every outbox entry (newest first), a page at a time.
 pub async fn outbox(api: &mut Api) -> anyhow::Result<Vec<pb::OutboxEntry>> {
-    Ok(api
-        .list_outbox(pb::ListOutboxRequest {
-            limit: 1_000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .entries)
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = api
+            .list_outbox(pb::ListOutboxRequest {
+                limit: 1_000,
+                page_token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        entries.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return Ok(entries);
+        }
+        page_token = page.next_page_token;
+    }
 }
 
-/// Every inbox entry (newest first).
+/// Every inbox entry (newest first), a page at a time.
 pub async fn inbox(api: &mut Api) -> anyhow::Result<Vec<pb::InboxEntry>> {
-    Ok(api
-        .list_inbox(pb::ListInboxRequest {
-            limit: 1_000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .entries)
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = api
+            .list_inbox(pb::ListInboxRequest {
+                limit: 1_000,
+                page_token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        entries.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return Ok(entries);
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 /// The node's status.
