@@ -411,7 +411,16 @@ impl NodeApi for LocalApi {
             .await
             .map_err(to_status)?
             .map(|item| item.map(convert::inbox_entry).map_err(to_status))
-            .take_until(stopped);
+            .take_until(stopped)
+            // A watch never ends as finished: a clean end would read to a client
+            // as "nothing more will come", and it would not resume. (After an
+            // error item tonic ends the stream there, so this is only sent when
+            // the node stops.)
+            .chain(futures::stream::once(async {
+                Err(Status::unavailable(
+                    "the node is stopping: resume with after_seq set to the last seq processed",
+                ))
+            }));
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -314,7 +314,12 @@ async fn stop_ends_open_watch_streams() {
     let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
         .expect("stream ends");
-    assert!(end.is_none() || end.is_some_and(|r| r.is_err()));
+    // UNAVAILABLE, the code a client retries on: a clean end would say "finished"
+    let status = end
+        .expect("an error, not a clean end")
+        .expect_err("an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("after_seq"), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
