@@ -219,6 +219,8 @@ pub struct Ca {
     key_id: Vec<u8>,
     not_after: SystemTime,
     index: Mutex<Index>,
+    /// Where [`Ca::init`] with `force` moved the CA it replaced.
+    replaced: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -251,11 +253,16 @@ impl Ca {
             dir.join("ca.key"),
             dir.join("index.json"),
         );
-        if !opts.force {
+        // (a CA key is never destroyed: with `force` the CA it replaces is moved aside)
+        let lock = DirLock::acquire(dir, LOCK_WAIT)?;
+        let replaced = if opts.force {
+            retire_ca(dir)?
+        } else {
             for p in [&cert_path, &key_path, &index_path] {
                 refuse_existing(p)?;
             }
-        }
+            None
+        };
 
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(CertError::generate("CA key"))?;
@@ -301,8 +308,9 @@ impl Ca {
             certs: Vec::new(),
         };
         save_index(&index_path, &index)?;
-        let ca = Ca::open(dir)?;
-        ca.write_crl(DEFAULT_CRL_NEXT_UPDATE)?;
+        let mut ca = Ca::open(dir)?;
+        ca.replaced = replaced;
+        ca.write_crl_locked(&lock, DEFAULT_CRL_NEXT_UPDATE)?;
         Ok(ca)
     }
 
@@ -376,7 +384,14 @@ impl Ca {
             key_id,
             not_after,
             index: Mutex::new(index),
+            replaced: None,
         })
+    }
+
+    /// Where [`Ca::init`] with `force` moved the files of the CA it replaced (`None` when
+    /// there was none, and for a CA opened with [`Ca::open`]).
+    pub fn replaced(&self) -> Option<&Path> {
+        self.replaced.as_deref()
     }
 
     /// The federation's trust domain.
@@ -945,6 +960,47 @@ fn create_dir(dir: &Path) -> Result<(), CertError> {
     }
     b.create(dir)
         .map_err(|e| CertError::io("create CA directory", dir, e))
+}
+
+/// The files of a CA, moved aside by [`retire_ca`].
+const CA_FILES: [&str; 4] = ["ca.key", "ca.pem", "index.json", "crl.pem"];
+
+/// Moves the CA files in `dir` into a new `dir/replaced-<unix seconds>` (mode `0700`):
+/// its key signed every certificate still in use, so replacing a CA must not destroy it.
+/// Returns that directory, or `None` when `dir` holds no CA file.
+fn retire_ca(dir: &Path) -> Result<Option<PathBuf>, CertError> {
+    let present: Vec<&str> = CA_FILES
+        .into_iter()
+        .filter(|name| std::fs::symlink_metadata(dir.join(name)).is_ok())
+        .collect();
+    if present.is_empty() {
+        return Ok(None);
+    }
+    let stamp = unix(SystemTime::now());
+    let mut target = dir.join(format!("replaced-{stamp}"));
+    let mut n = 1;
+    loop {
+        let mut b = std::fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        match b.create(&target) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                n += 1;
+                target = dir.join(format!("replaced-{stamp}-{n}"));
+            }
+            Err(e) => return Err(CertError::io("create", &target, e)),
+        }
+    }
+    for name in present {
+        let (from, to) = (dir.join(name), target.join(name));
+        std::fs::rename(&from, &to).map_err(|e| CertError::io("move aside", &from, e))?;
+    }
+    for d in [&target, dir] {
+        std::fs::File::open(d)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| CertError::io("sync", d, e))?;
+    }
+    Ok(Some(target))
 }
 
 /// Fails with [`CertError::AlreadyExists`] if something is at `path`.

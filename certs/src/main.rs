@@ -40,7 +40,8 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_CA_VALIDITY_DAYS)]
         validity_days: u32,
         /// Replace an existing CA in the directory (every certificate it issued becomes
-        /// untrusted).
+        /// untrusted). Its files (key, certificate, index, CRL) are moved into a new
+        /// `replaced-<unix seconds>` directory beside them, never deleted.
         #[arg(long)]
         force: bool,
     },
@@ -231,6 +232,12 @@ fn run(cli: Cli) -> Result<(), CertError> {
             );
             println!("  certificate: {}", ca.ca_cert_path().display());
             println!("  CRL:         {}", ca.crl_path().display());
+            if let Some(previous) = ca.replaced() {
+                println!(
+                    "  the CA it replaced (key included): {}",
+                    previous.display()
+                );
+            }
             Ok(())
         }
         Command::Issue { what } => issue(what),

@@ -275,8 +275,26 @@ mod ca_files {
             force: true,
             ..opts
         };
-        Ca::init(dir.path(), &forced).unwrap();
+        let fresh = Ca::init(dir.path(), &forced).unwrap();
         assert_ne!(std::fs::read(dir.path().join("ca.key")).unwrap(), key);
+        // the replaced CA is moved aside, key included, never destroyed
+        let previous = fresh.replaced().expect("the old CA was moved aside");
+        assert_eq!(previous.parent(), Some(dir.path()));
+        assert_eq!(std::fs::read(previous.join("ca.key")).unwrap(), key);
+        for name in ["ca.pem", "index.json", "crl.pem"] {
+            assert!(previous.join(name).is_file(), "{name} moved aside");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(previous).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // and it still opens as the CA it was
+        let old = Ca::open(previous).unwrap();
+        assert_eq!(old.trust_domain(), "trm.example");
+        assert!(Ca::open(dir.path()).unwrap().replaced().is_none());
+        // a second forced init in the same second gets a directory of its own
+        let again = Ca::init(dir.path(), &forced).unwrap();
+        assert_ne!(again.replaced(), Some(previous));
+        assert!(previous.join("ca.key").is_file());
     }
 
     #[test]
