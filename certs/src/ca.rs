@@ -836,9 +836,20 @@ impl Ca {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes `ca.lock`, waiting up to [`LOCK_WAIT`] for another run to release it.
+    /// Takes `ca.lock`, waiting up to [`LOCK_WAIT`] for another run to release it, and
+    /// checks that the directory still holds this CA: one that `init --force` replaced
+    /// since [`Ca::open`] must not sign a certificate or a CRL into its successor's files.
     fn lock_dir(&self) -> Result<DirLock, CertError> {
-        DirLock::acquire(&self.dir, LOCK_WAIT)
+        let lock = DirLock::acquire(&self.dir, LOCK_WAIT)?;
+        let on_disk = load_certs_pem(&self.ca_cert_path())
+            .ok()
+            .and_then(|certs| certs.into_iter().next());
+        if on_disk.as_ref() != Some(&self.cert_der) {
+            return Err(CertError::CaReplaced {
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(lock)
     }
 
     /// Re-reads the index from disk (another process may have changed it), applies `f`,

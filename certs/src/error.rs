@@ -89,6 +89,16 @@ pub enum CertError {
         /// What the lock file says about its owner (`pid 1234 since …`), or empty.
         owner: String,
     },
+    /// The CA directory holds another CA than the one this run opened (`init --force`
+    /// replaced it meanwhile): nothing was changed.
+    #[error(
+        "the CA in {} was replaced (trmx-certs init --force) after this run opened it; nothing was changed: run the command again",
+        dir.display()
+    )]
+    CaReplaced {
+        /// The CA directory.
+        dir: PathBuf,
+    },
     /// A certificate was not issued by this federation CA.
     #[error("certificate {} was not issued by this CA ({problem})", path.display())]
     NotIssuedByCa {

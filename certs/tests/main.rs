@@ -262,6 +262,48 @@ mod ca_files {
         assert_ne!(std::fs::read(&out.key).unwrap(), key);
     }
 
+    /// A run that opened the CA before another replaced it (`init --force` while a `revoke`
+    /// or `issue` waited for the lock) must not sign with the replaced key into the new
+    /// CA's directory: a CRL the new CA did not sign would fail at every broker and node.
+    #[test]
+    fn a_run_that_opened_a_replaced_ca_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CaOptions::new("trm.example", "TRM Federation CA");
+        let stale = Ca::init(dir.path(), &opts).unwrap();
+        let forced = CaOptions {
+            force: true,
+            ..opts
+        };
+        let fresh = Ca::init(dir.path(), &forced).unwrap();
+        let files = |names: &[&str]| -> Vec<Vec<u8>> {
+            names
+                .iter()
+                .map(|n| std::fs::read(dir.path().join(n)).unwrap())
+                .collect()
+        };
+        let before = files(&["ca.pem", "crl.pem", "index.json"]);
+        let out = CertPaths::from_prefix(&dir.path().join("NL-NRM"));
+
+        let errors = [
+            stale
+                .issue(&IssueSpec::participant("NL-NRM"), &out, false)
+                .map(|_| ())
+                .unwrap_err(),
+            stale.write_crl(Duration::from_secs(86_400)).unwrap_err(),
+            stale.revoke_serial_hex("01").map(|_| ()).unwrap_err(),
+        ];
+        for err in errors {
+            let err = err.to_string();
+            assert!(err.contains("was replaced"), "{err}");
+        }
+        assert_eq!(files(&["ca.pem", "crl.pem", "index.json"]), before);
+        assert!(!out.cert.exists());
+        // the CA that replaced it is unaffected
+        fresh
+            .issue(&IssueSpec::participant("NL-NRM"), &out, false)
+            .unwrap();
+    }
+
     #[test]
     fn init_refuses_to_replace_a_ca_without_force() {
         let dir = tempfile::tempdir().unwrap();

@@ -614,11 +614,26 @@ pub(crate) async fn store_delivery(
     let stored = inner
         .blocking(move || store.store_incoming(&incoming))
         .await?;
-    inner.store.flush_async().await?;
-    if let Stored::New(entry) = &stored {
-        inner.inbox_seq.send_replace(entry.seq);
-    }
+    flush_inbox(inner).await?;
     Ok(stored)
+}
+
+/// Flushes the store, then tells the watchers (and the listings) that every
+/// inbox entry committed before the flush is durable: also one whose own
+/// flush failed earlier, which its redelivery finds stored. Without that it
+/// would stay hidden, though acknowledged, until the next new delivery.
+pub(crate) async fn flush_inbox(inner: &Arc<Inner>) -> Result<(), NodeError> {
+    let store = inner.store.clone();
+    let committed = inner.blocking(move || store.last_inbox_seq()).await?;
+    inner.store.flush_async().await?;
+    inner.inbox_seq.send_if_modified(|durable| {
+        let raised = committed > *durable;
+        if raised {
+            *durable = committed;
+        }
+        raised
+    });
+    Ok(())
 }
 
 /// Applies a receipt to the outbox (flushed).
@@ -654,8 +669,8 @@ async fn handle_delivery(
         } => reject(client, inner, &message_id, reason_code, &field_path).await,
         Verdict::Duplicate(id) => {
             // stored before, but that store's flush may have failed: ack only
-            // what is durable now
-            inner.store.flush_async().await?;
+            // what is durable now, and show it from then on
+            flush_inbox(inner).await?;
             info!(participant = %me, message_id = %id, "duplicate delivery acknowledged");
             ack(client, inner, id).await;
         }

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use futures::StreamExt;
 use trmx_proto::time::to_timestamp;
 
-use super::link::{Verdict, classify, store_delivery, store_receipt};
+use super::link::{Verdict, classify, flush_inbox, store_delivery, store_receipt};
 use super::store::{IdUse, ReceiptEffect, Stored, can_move};
 use super::*;
 
@@ -1111,6 +1111,42 @@ async fn watch_hands_out_only_what_is_flushed() {
     let got = tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
         .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.seq, got.message_id), (entry.seq, sent.message_id));
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+    assert_eq!(f.be.status().last_inbox_seq, entry.seq);
+}
+
+/// A delivery committed but whose flush failed is not acknowledged; its
+/// redelivery finds it stored (a duplicate), flushes and acknowledges it.
+/// From then on it is durable, so it must be watched, listed and counted
+/// at once, not only when some later delivery happens to arrive.
+#[tokio::test]
+async fn a_redelivery_found_stored_is_shown_once_flushed() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", follow_up()))
+            .await
+            .unwrap();
+    let env = in_transit(&f.nl, sent.message_id);
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(env.clone())).await.unwrap() else {
+        panic!("expected store");
+    };
+    // committed; the flush of store_delivery failed, so no ack and no wake
+    let Stored::New(entry) = f.be.inner.store.store_incoming(&incoming).unwrap() else {
+        panic!("expected a new entry");
+    };
+    let mut stream = Box::pin(f.be.watch(0).await.unwrap());
+
+    // the redelivery: a duplicate, flushed (as handle_delivery does) before its ack
+    let again = classify(&f.be.inner, Some(env)).await.unwrap();
+    assert!(matches!(again, Verdict::Duplicate(id) if id == sent.message_id));
+    flush_inbox(&f.be.inner).await.unwrap();
+
+    let got = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+    let got = got
+        .expect("acknowledged but never watched")
         .unwrap()
         .unwrap();
     assert_eq!((got.seq, got.message_id), (entry.seq, sent.message_id));
