@@ -1002,14 +1002,19 @@ fn retire_ca(dir: &Path) -> Result<Option<PathBuf>, CertError> {
             Err(e) => return Err(CertError::io("create", &target, e)),
         }
     }
+    // (a failure part-way names where the files already moved are)
+    let moved_to = |e: CertError| CertError::ReplaceIncomplete {
+        moved_to: target.clone(),
+        cause: Box::new(e),
+    };
     for name in present {
         let (from, to) = (dir.join(name), target.join(name));
-        std::fs::rename(&from, &to).map_err(|e| CertError::io("move aside", &from, e))?;
+        std::fs::rename(&from, &to).map_err(|e| moved_to(CertError::io("move aside", &from, e)))?;
     }
     for d in [&target, dir] {
         std::fs::File::open(d)
             .and_then(|f| f.sync_all())
-            .map_err(|e| CertError::io("sync", d, e))?;
+            .map_err(|e| moved_to(CertError::io("sync", d, e)))?;
     }
     Ok(Some(target))
 }

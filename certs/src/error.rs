@@ -89,6 +89,14 @@ pub enum CertError {
         /// What the lock file says about its owner (`pid 1234 since …`), or empty.
         owner: String,
     },
+    /// `init --force` failed part-way through moving the CA it replaces aside.
+    #[error("{cause}; the replaced CA's files moved so far are in {}", moved_to.display())]
+    ReplaceIncomplete {
+        /// The directory the files were being moved into.
+        moved_to: PathBuf,
+        /// What failed.
+        cause: Box<CertError>,
+    },
     /// The CA directory holds another CA than the one this run opened (`init --force`
     /// replaced it meanwhile): nothing was changed.
     #[error(
