@@ -354,9 +354,7 @@ pub async fn message(api: &mut Api, id: &str) -> anyhow::Result<Option<pb::GetMe
 
 /// Every outbox entry (newest first), a page at a time.
 pub async fn outbox(api: &mut Api) -> anyhow::Result<Vec<pb::OutboxEntry>> {
-    let mut entries = Vec::new();
-    let mut page_token = String::new();
-    loop {
+    every_page(async |page_token| {
         let page = api
             .list_outbox(pb::ListOutboxRequest {
                 limit: 1_000,
@@ -365,19 +363,14 @@ pub async fn outbox(api: &mut Api) -> anyhow::Result<Vec<pb::OutboxEntry>> {
             })
             .await?
             .into_inner();
-        entries.extend(page.entries);
-        if page.next_page_token.is_empty() {
-            return Ok(entries);
-        }
-        page_token = page.next_page_token;
-    }
+        Ok((page.entries, page.next_page_token))
+    })
+    .await
 }
 
 /// Every inbox entry (newest first), a page at a time.
 pub async fn inbox(api: &mut Api) -> anyhow::Result<Vec<pb::InboxEntry>> {
-    let mut entries = Vec::new();
-    let mut page_token = String::new();
-    loop {
+    every_page(async |page_token| {
         let page = api
             .list_inbox(pb::ListInboxRequest {
                 limit: 1_000,
@@ -386,11 +379,25 @@ pub async fn inbox(api: &mut Api) -> anyhow::Result<Vec<pb::InboxEntry>> {
             })
             .await?
             .into_inner();
-        entries.extend(page.entries);
-        if page.next_page_token.is_empty() {
+        Ok((page.entries, page.next_page_token))
+    })
+    .await
+}
+
+/// The entries of every page `fetch(page_token)` returns with its next token,
+/// until that token is empty.
+async fn every_page<T>(
+    mut fetch: impl AsyncFnMut(String) -> anyhow::Result<(Vec<T>, String)>,
+) -> anyhow::Result<Vec<T>> {
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (page, next) = fetch(page_token).await?;
+        entries.extend(page);
+        if next.is_empty() {
             return Ok(entries);
         }
-        page_token = page.next_page_token;
+        page_token = next;
     }
 }
 

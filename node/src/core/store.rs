@@ -99,12 +99,42 @@ const DIR_RECEIVED: u8 = 2;
 /// Page size of a listing asked with limit 0.
 const DEFAULT_LIMIT: usize = 100;
 
-fn page_limit(filter: &ListFilter) -> usize {
-    if filter.limit == 0 {
+/// One page of a listing over `tree` (keyed by big-endian seq), newest first
+/// from `filter.start`: the entries `read` makes of its values (`None`: gone,
+/// skipped) that `keep` accepts, at most `filter.limit` (0: 100), and the
+/// seq the next page starts at.
+fn page_of<T>(
+    tree: &sled::Tree,
+    filter: &ListFilter,
+    read: impl Fn(&[u8]) -> Result<Option<T>, NodeError>,
+    keep: impl Fn(&T) -> bool,
+) -> Result<Page<T>, NodeError> {
+    let limit = if filter.limit == 0 {
         DEFAULT_LIMIT
     } else {
         filter.limit
+    };
+    let mut entries = Vec::new();
+    let end = be(filter.start.unwrap_or(u64::MAX));
+    for item in tree.range(..=end).rev() {
+        let (seq, value) = item.map_err(store_err)?;
+        let Some(entry) = read(&value)? else {
+            continue;
+        };
+        if keep(&entry) {
+            if entries.len() == limit {
+                return Ok(Page {
+                    entries,
+                    next: Some(read_u64(&seq)),
+                });
+            }
+            entries.push(entry);
+        }
     }
+    Ok(Page {
+        entries,
+        next: None,
+    })
 }
 
 type TxResult<T> = ConflictableTransactionResult<T, NodeError>;
@@ -926,36 +956,24 @@ impl Store {
 
     /// Outbox entries matching `filter`, newest first, from `filter.start`.
     pub(crate) fn list_outbox(&self, filter: &ListFilter) -> Result<Page<OutboxEntry>, NodeError> {
-        let limit = page_limit(filter);
-        let mut entries = Vec::new();
-        let end = be(filter.start.unwrap_or(u64::MAX));
-        for item in self.trees[OUT_ORDER].range(..=end).rev() {
-            let (seq, mid) = item.map_err(store_err)?;
-            let Some(bytes) = self.trees[OUTBOX].get(&mid).map_err(store_err)? else {
-                continue;
-            };
-            let entry = from_json::<OutRec>(&bytes)?.to_entry()?;
-            let keep = filter.case_ref.is_none_or(|c| c == entry.case_ref)
-                && filter
-                    .counterpart
-                    .as_ref()
-                    .is_none_or(|p| *p == entry.recipient)
-                && filter.kind.is_none_or(|k| k == entry.kind)
-                && filter.state.is_none_or(|s| s == entry.state);
-            if keep {
-                if entries.len() == limit {
-                    return Ok(Page {
-                        entries,
-                        next: Some(read_u64(&seq)),
-                    });
-                }
-                entries.push(entry);
-            }
-        }
-        Ok(Page {
-            entries,
-            next: None,
-        })
+        let read = |mid: &[u8]| match self.trees[OUTBOX].get(mid).map_err(store_err)? {
+            Some(bytes) => from_json::<OutRec>(&bytes)?.to_entry().map(Some),
+            None => Ok(None),
+        };
+        page_of(
+            &self.trees[OUT_ORDER],
+            filter,
+            read,
+            |entry: &OutboxEntry| {
+                filter.case_ref.is_none_or(|c| c == entry.case_ref)
+                    && filter
+                        .counterpart
+                        .as_ref()
+                        .is_none_or(|p| *p == entry.recipient)
+                    && filter.kind.is_none_or(|k| k == entry.kind)
+                    && filter.state.is_none_or(|s| s == entry.state)
+            },
+        )
     }
 
     /// The body of an outbox entry (`None` when erased).
@@ -1108,31 +1126,14 @@ impl Store {
 
     /// Inbox entries matching `filter`, newest first, from `filter.start`.
     pub(crate) fn list_inbox(&self, filter: &ListFilter) -> Result<Page<InboxEntry>, NodeError> {
-        let limit = page_limit(filter);
-        let mut entries = Vec::new();
-        let end = be(filter.start.unwrap_or(u64::MAX));
-        for item in self.trees[INBOX].range(..=end).rev() {
-            let (seq, bytes) = item.map_err(store_err)?;
-            let entry = from_json::<InRec>(&bytes)?.to_entry()?;
-            let keep = filter.case_ref.is_none_or(|c| c == entry.case_ref)
+        let read = |bytes: &[u8]| from_json::<InRec>(bytes)?.to_entry().map(Some);
+        page_of(&self.trees[INBOX], filter, read, |entry: &InboxEntry| {
+            filter.case_ref.is_none_or(|c| c == entry.case_ref)
                 && filter
                     .counterpart
                     .as_ref()
                     .is_none_or(|p| *p == entry.sender)
-                && filter.kind.is_none_or(|k| k == entry.kind);
-            if keep {
-                if entries.len() == limit {
-                    return Ok(Page {
-                        entries,
-                        next: Some(read_u64(&seq)),
-                    });
-                }
-                entries.push(entry);
-            }
-        }
-        Ok(Page {
-            entries,
-            next: None,
+                && filter.kind.is_none_or(|k| k == entry.kind)
         })
     }
 
