@@ -34,7 +34,7 @@ use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 use crate::info::normalize_serial;
 use crate::pem::{Mode, read, write_atomic};
-use crate::{CertError, CertInfo, Identity, Role, load_certs_pem};
+use crate::{CertError, CertInfo, CertRequest, Identity, Role, load_certs_pem};
 
 /// How far `not_before` (and a CRL's `thisUpdate`) is set in the past, so that peers whose
 /// clocks run a little behind still accept a certificate issued a moment ago.
@@ -448,14 +448,38 @@ impl Ca {
         now: SystemTime,
     ) -> Result<CertInfo, CertError> {
         let lock = self.lock_dir()?;
-        self.issue_locked(&lock, spec, out, force, now)
+        self.issue_locked(
+            &lock,
+            spec,
+            &out.cert,
+            NewKey::Generate(&out.key),
+            force,
+            now,
+        )
+    }
+
+    /// Issues a certificate for `spec` to the key of `request` and writes it to `cert`
+    /// (no key file: the organisation made its key itself). Only the request's public key
+    /// is used; identity, names and validity come from `spec`. Refuses to overwrite `cert`
+    /// unless `force`.
+    pub fn issue_for_request(
+        &self,
+        spec: &IssueSpec,
+        request: &CertRequest,
+        cert: &Path,
+        force: bool,
+    ) -> Result<CertInfo, CertError> {
+        let lock = self.lock_dir()?;
+        let key = NewKey::Request(request);
+        self.issue_locked(&lock, spec, cert, key, force, SystemTime::now())
     }
 
     fn issue_locked(
         &self,
         lock: &DirLock,
         spec: &IssueSpec,
-        out: &CertPaths,
+        cert_path: &Path,
+        key: NewKey<'_>,
         force: bool,
         now: SystemTime,
     ) -> Result<CertInfo, CertError> {
@@ -509,12 +533,22 @@ impl Ca {
             }
         }
         if !force {
-            refuse_existing(&out.cert)?;
-            refuse_existing(&out.key)?;
+            refuse_existing(cert_path)?;
+            if let NewKey::Generate(key_path) = key {
+                refuse_existing(key_path)?;
+            }
         }
 
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(CertError::generate("certificate key"))?;
+        let key = match key {
+            NewKey::Generate(path) => Certified::Made(
+                Box::new(
+                    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+                        .map_err(CertError::generate("certificate key"))?,
+                ),
+                path,
+            ),
+            NewKey::Request(request) => Certified::Request(request),
+        };
         let serial = random_serial()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -543,29 +577,35 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)
             .map_err(CertError::generate("issuer from the CA certificate"))?;
-        let cert = params
-            .signed_by(&key, &issuer)
-            .map_err(CertError::generate("certificate"))?;
+        let cert = match &key {
+            Certified::Made(key, _) => params.signed_by(key.as_ref(), &issuer),
+            Certified::Request(request) => params.signed_by(request.public_key(), &issuer),
+        }
+        .map_err(CertError::generate("certificate"))?;
         let info = CertInfo::from_der(cert.der())?;
 
-        if let Some(parent) = out.cert.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| CertError::io("create directory", parent, e))?;
+        let key_path = match &key {
+            Certified::Made(_, path) => Some(*path),
+            Certified::Request(_) => None,
+        };
+        for path in std::iter::once(cert_path).chain(key_path) {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| CertError::io("create directory", parent, e))?;
+            }
         }
-        if let Some(parent) = out.key.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| CertError::io("create directory", parent, e))?;
+        if let Certified::Made(key, key_path) = &key {
+            write_atomic(
+                "private key",
+                key_path,
+                key.serialize_pem().as_bytes(),
+                Mode::Secret,
+                force,
+            )?;
         }
-        write_atomic(
-            "private key",
-            &out.key,
-            key.serialize_pem().as_bytes(),
-            Mode::Secret,
-            force,
-        )?;
         write_atomic(
             "certificate",
-            &out.cert,
+            cert_path,
             cert.pem().as_bytes(),
             Mode::Public,
             force,
@@ -800,7 +840,27 @@ impl Ca {
     /// valid until it expires unless revoked with [`Ca::revoke_serial_hex`] (its serial is
     /// in the returned [`Renewal`]) once the new one is deployed.
     pub fn renew(&self, cert: &CertPaths, validity_days: u32) -> Result<Renewal, CertError> {
-        let old = self.verify_issued(&cert.cert)?;
+        self.renew_with(&cert.cert, NewKey::Generate(&cert.key), validity_days)
+    }
+
+    /// [`Ca::renew`] to the key of `request` (the organisation's new key): only the
+    /// certificate file is replaced.
+    pub fn renew_for_request(
+        &self,
+        cert: &Path,
+        request: &CertRequest,
+        validity_days: u32,
+    ) -> Result<Renewal, CertError> {
+        self.renew_with(cert, NewKey::Request(request), validity_days)
+    }
+
+    fn renew_with(
+        &self,
+        cert: &Path,
+        key: NewKey<'_>,
+        validity_days: u32,
+    ) -> Result<Renewal, CertError> {
+        let old = self.verify_issued(cert)?;
         let spec = IssueSpec {
             role: old.identity.role.clone(),
             dns_names: old.dns_names.clone(),
@@ -808,7 +868,7 @@ impl Ca {
             validity_days,
         };
         let lock = self.lock_dir()?;
-        let new = self.issue_locked(&lock, &spec, cert, true, SystemTime::now())?;
+        let new = self.issue_locked(&lock, &spec, cert, key, true, SystemTime::now())?;
         self.update_index(&lock, |index| {
             if let Some(entry) = index.certs.iter_mut().find(|c| c.serial == old.serial_hex) {
                 entry.renewed_by = Some(new.serial_hex.clone());
@@ -863,6 +923,23 @@ impl Ca {
         *guard = index;
         Ok(())
     }
+}
+
+/// Where the key of a new certificate comes from.
+#[derive(Debug, Clone, Copy)]
+enum NewKey<'a> {
+    /// Made here, and written to this path (mode `0600`) next to the certificate.
+    Generate(&'a Path),
+    /// The organisation's own, from its certificate request: no key file is written.
+    Request(&'a CertRequest),
+}
+
+/// The key a certificate is issued to, once [`NewKey`] is resolved.
+enum Certified<'a> {
+    /// Made here; to be written to the path.
+    Made(Box<KeyPair>, &'a Path),
+    /// The organisation's, from its request.
+    Request(&'a CertRequest),
 }
 
 /// An exclusive `flock` on `<dir>/ca.lock` while a run changes the CA directory. The

@@ -15,6 +15,8 @@
 //!   change holds the directory's `ca.lock`, so concurrent runs lose nothing;
 //! - [`federation`] — [`Federation`], a CA plus certificates in one directory for tests
 //!   and demos;
+//! - [`request`] — [`CertRequest`]: an organisation's own key and certificate signing
+//!   request, so that its private key never travels; the CA certifies only its public key;
 //! - [`pem`] — `load_certs_pem`, `load_key_pem`, `load_crls_pem` for rustls, and the atomic
 //!   writer used for every file (keys created `0600`);
 //! - [`error`] — [`CertError`], the crate's one error type (one-line messages).
@@ -27,6 +29,7 @@ pub mod federation;
 pub mod identity;
 pub mod info;
 pub mod pem;
+pub mod request;
 
 use std::time::SystemTime;
 
@@ -40,6 +43,7 @@ pub use federation::Federation;
 pub use identity::{Identity, Role, validate_name, validate_participant_id, validate_trust_domain};
 pub use info::CertInfo;
 pub use pem::{load_certs_pem, load_crls_pem, load_key_pem};
+pub use request::{CertRequest, RequestPaths, key_fingerprint};
 
 /// RFC 3339 in UTC, seconds precision (`2025-03-01T12:00:00Z`).
 pub fn format_time(t: SystemTime) -> String {

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 use trmx_certs::{
-    Ca, CaOptions, CertError, CertInfo, CertPaths, DEFAULT_CA_VALIDITY_DAYS, DEFAULT_VALIDITY_DAYS,
-    IssueSpec, IssuedCert, Revocation, Role, format_time, validate_name, validate_participant_id,
+    Ca, CaOptions, CertError, CertInfo, CertPaths, CertRequest, DEFAULT_CA_VALIDITY_DAYS,
+    DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, RequestPaths, Revocation, Role, format_time,
+    validate_name, validate_participant_id,
 };
 
 /// Federation PKI for trmx: create the CA, issue broker, node and operator certificates,
@@ -42,6 +43,21 @@ enum Command {
         /// Replace an existing CA in the directory (every certificate it issued becomes
         /// untrusted). Its files (key, certificate, index, CRL) are moved into a new
         /// `replaced-<unix seconds>` directory beside them, never deleted.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a key pair and a certificate request (PEM) for the CA, on the organisation's
+    /// own machine: PREFIX.key (0600) stays there, only PREFIX.csr goes to the CA, which
+    /// issues the certificate with `issue ... --csr`. Needs no CA directory.
+    Request {
+        /// A label for the CA administrator, e.g. the participant id; the CA decides the
+        /// certificate's identity.
+        #[arg(long)]
+        name: String,
+        /// Output path prefix: writes PREFIX.key and PREFIX.csr [default: the name].
+        #[arg(long, value_name = "PREFIX")]
+        out: Option<PathBuf>,
+        /// Overwrite existing files.
         #[arg(long)]
         force: bool,
     },
@@ -87,8 +103,12 @@ enum Command {
         /// The certificate to renew (PEM); it is replaced.
         cert: PathBuf,
         /// The key file to replace [default: the certificate's path with extension .key].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "csr")]
         key: Option<PathBuf>,
+        /// Certify the organisation's new key from its request (`trmx-certs request`)
+        /// instead of making one: only the certificate is replaced.
+        #[arg(long, value_name = "FILE")]
+        csr: Option<PathBuf>,
         /// Validity of the new certificate in days.
         #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS)]
         validity_days: u32,
@@ -186,9 +206,16 @@ struct CaDir {
 struct IssueArgs {
     #[command(flatten)]
     ca: CaDir,
-    /// Output path prefix: writes PREFIX.pem and PREFIX.key.
+    /// Output path prefix: writes PREFIX.pem and PREFIX.key (only PREFIX.pem with --csr).
     #[arg(long, value_name = "PREFIX")]
     out: Option<PathBuf>,
+    /// Certify the key of this certificate request (`trmx-certs request`, made by the
+    /// organisation, which keeps its key) instead of making a key here. Only its public
+    /// key is used: identity, names and validity come from this command. Compare the
+    /// fingerprint printed with the one the organisation reads out before you send the
+    /// certificate.
+    #[arg(long, value_name = "FILE")]
+    csr: Option<PathBuf>,
     /// Validity in days.
     #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS)]
     validity_days: u32,
@@ -293,19 +320,51 @@ fn run(cli: Cli) -> Result<(), CertError> {
             );
             Ok(())
         }
+        Command::Request { name, out, force } => {
+            let prefix = out.unwrap_or_else(|| PathBuf::from(&name));
+            let paths = RequestPaths::from_prefix(&prefix);
+            let request = CertRequest::create(&name, &paths, force)?;
+            println!("request for {name}");
+            println!(
+                "  request:     {} (send it to the CA)",
+                paths.request.display()
+            );
+            println!(
+                "  key:         {} (keep it here, mode 0600)",
+                paths.key.display()
+            );
+            println!("  fingerprint: {}", request.fingerprint());
+            println!(
+                "read the fingerprint out to the CA administrator, who checks it before issuing"
+            );
+            Ok(())
+        }
         Command::Renew {
             ca,
             cert,
             key,
+            csr,
             validity_days,
         } => {
             let ca = open_ca(&ca.dir)?;
-            let paths = match key {
-                Some(key) => CertPaths { cert, key },
-                None => CertPaths::for_cert(&cert),
+            let (renewal, key) = match csr {
+                Some(csr) => {
+                    let request = CertRequest::from_pem_file(&csr)?;
+                    print_request(&request);
+                    (ca.renew_for_request(&cert, &request, validity_days)?, None)
+                }
+                None => {
+                    let paths = match key {
+                        Some(key) => CertPaths {
+                            cert: cert.clone(),
+                            key,
+                        },
+                        None => CertPaths::for_cert(&cert),
+                    };
+                    (ca.renew(&paths, validity_days)?, Some(paths.key))
+                }
             };
-            let renewal = ca.renew(&paths, validity_days)?;
-            print_written(&paths, &renewal.new);
+            print_written(&cert, key.as_deref(), &renewal.new);
             print_replaced(&ca, &renewal.old);
             Ok(())
         }
@@ -344,6 +403,12 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
         validity_days: common.validity_days,
         ..spec
     };
+    // (read first: a request that is not one is refused before the CA is opened)
+    let request = common
+        .csr
+        .as_deref()
+        .map(CertRequest::from_pem_file)
+        .transpose()?;
     let ca = open_ca(&common.ca.dir)?;
     let prefix = common.out.unwrap_or_else(|| PathBuf::from(default_stem));
     let paths = CertPaths::from_prefix(&prefix);
@@ -354,8 +419,15 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
     } else {
         None
     };
-    let info = ca.issue(&spec, &paths, common.force)?;
-    print_written(&paths, &info);
+    let info = match &request {
+        Some(request) => {
+            print_request(request);
+            ca.issue_for_request(&spec, request, &paths.cert, common.force)?
+        }
+        None => ca.issue(&spec, &paths, common.force)?,
+    };
+    let key = request.is_none().then_some(paths.key.as_path());
+    print_written(&paths.cert, key, &info);
     if let Some(old) = replaced {
         print_replaced(&ca, &old);
     }
@@ -386,11 +458,24 @@ fn open_ca(dir: &Path) -> Result<Ca, CertError> {
     Ok(ca)
 }
 
-fn print_written(paths: &CertPaths, info: &CertInfo) {
+/// What `issue`/`renew` wrote: the certificate, and the key unless it came from a request.
+fn print_written(cert: &Path, key: Option<&Path>, info: &CertInfo) {
     println!("issued {} (serial {})", info.identity, info.serial_hex);
-    println!("  certificate: {}", paths.cert.display());
-    println!("  key:         {}", paths.key.display());
+    println!("  certificate: {}", cert.display());
+    match key {
+        Some(key) => println!("  key:         {}", key.display()),
+        None => println!("  key:         the organisation's own (from its request)"),
+    }
     println!("  not after:   {}", format_time(info.not_after));
+}
+
+/// The request being certified, with the fingerprint to compare.
+fn print_request(request: &CertRequest) {
+    println!(
+        "certifying the key of {}: fingerprint {}",
+        request.path().display(),
+        request.fingerprint()
+    );
 }
 
 /// Tells the operator that `old` was replaced and, unless it is revoked already, the

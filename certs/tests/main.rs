@@ -431,6 +431,85 @@ mod ca_files {
         assert_eq!(entry.renewed_by.as_deref(), Some(new.serial_hex.as_str()));
     }
 
+    /// A request (the organisation keeps its key): the CA certifies only the request's key,
+    /// with the identity, names and usages of its own command line, whatever the request
+    /// asks for; no key file is written.
+    #[test]
+    fn a_request_gets_a_certificate_for_its_key_and_nothing_else_it_asks() {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa};
+        use trmx_certs::{CertRequest, Identity, Role};
+        let (d, fed) = federation();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut asked = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+        asked.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://trm.example/participant/BE-PAYOKE"
+                .try_into()
+                .unwrap(),
+        ));
+        asked.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        asked.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let csr = d.path().join("nl.csr");
+        let pem = asked.serialize_request(&key).unwrap().pem().unwrap();
+        std::fs::write(&csr, pem).unwrap();
+
+        let request = CertRequest::from_pem_file(&csr).unwrap();
+        assert_eq!(
+            request.fingerprint(),
+            trmx_certs::key_fingerprint(key.public_key_raw())
+        );
+        let cert = d.path().join("NL-NRM.pem");
+        let spec = IssueSpec::participant("NL-NRM");
+        let info = fed
+            .ca
+            .issue_for_request(&spec, &request, &cert, false)
+            .unwrap();
+        assert_eq!(
+            info.identity,
+            Identity::new("trm.example", Role::Participant("NL-NRM".into())).unwrap()
+        );
+        assert!(info.dns_names.is_empty() && info.ips.is_empty());
+        assert!(info.client_auth && !info.server_auth);
+        assert!(!d.path().join("NL-NRM.key").exists(), "no key is made");
+        let chain = load_certs_pem(&cert).unwrap();
+        let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&chain[0]).unwrap();
+        assert!(!parsed.is_ca());
+        // a client of this federation, and the request's key is the certificate's
+        verify_client(&client_verifier(&fed), &chain[0]).unwrap();
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key_der)
+            .unwrap();
+        // never over an existing certificate without force
+        let err = fed.ca.issue_for_request(&spec, &request, &cert, false);
+        assert!(
+            matches!(err, Err(CertError::AlreadyExists { .. })),
+            "{err:?}"
+        );
+
+        // renewal to the organisation's next key replaces only the certificate
+        let next = d.path().join("next");
+        let next = CertRequest::create(
+            "NL-NRM",
+            &trmx_certs::RequestPaths::from_prefix(&next),
+            false,
+        )
+        .unwrap();
+        let renewal = fed.ca.renew_for_request(&cert, &next, 30).unwrap();
+        assert_eq!(renewal.old, info);
+        assert_eq!(renewal.new.identity, info.identity);
+        assert_eq!(CertInfo::from_pem_file(&cert).unwrap(), renewal.new);
+        let issued = fed.ca.issued();
+        let entry = issued.iter().find(|c| c.serial == info.serial_hex).unwrap();
+        assert_eq!(
+            entry.renewed_by.as_deref(),
+            Some(renewal.new.serial_hex.as_str())
+        );
+        assert!(!d.path().join("NL-NRM.key").exists());
+    }
+
     #[test]
     fn renewed_certificate_is_revoked_by_serial_without_its_file() {
         let (_d, fed) = federation();
@@ -928,6 +1007,72 @@ mod cli {
         let v: serde_json::Value =
             serde_json::from_str(&ok(&certs(d, &["show", "--json", "NL-NRM.pem"]))).unwrap();
         v["serial"].as_str().unwrap().to_string()
+    }
+
+    /// The organisation makes its key and request; the CA issues from the request alone,
+    /// and both print the same fingerprint for the administrator to compare.
+    #[test]
+    fn request_then_issue_from_it_keeps_the_key_with_the_organisation() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        ok(&certs(
+            d,
+            &["init", "--dir", "ca", "--trust-domain", "trm.example"],
+        ));
+        std::fs::create_dir(d.join("org")).unwrap();
+        let asked = ok(&certs(&d.join("org"), &["request", "--name", "NL-NRM"]));
+        let fingerprint = |out: &str| {
+            out.lines()
+                .find_map(|l| l.split("fingerprint").nth(1))
+                .map(|f| f.trim_start_matches(':').trim().to_string())
+                .unwrap_or_else(|| panic!("no fingerprint in:\n{out}"))
+        };
+        std::fs::copy(d.join("org/NL-NRM.csr"), d.join("NL-NRM.csr")).unwrap();
+        let issued = ok(&certs(
+            d,
+            &[
+                "issue",
+                "node",
+                "--dir",
+                "ca",
+                "--participant",
+                "NL-NRM",
+                "--csr",
+                "NL-NRM.csr",
+            ],
+        ));
+        assert_eq!(fingerprint(&asked), fingerprint(&issued));
+        assert!(d.join("NL-NRM.pem").exists());
+        assert!(!d.join("NL-NRM.key").exists(), "the CA made no key");
+        // the organisation's key and the CA's certificate are a pair
+        let chain = load_certs_pem(&d.join("NL-NRM.pem")).unwrap();
+        let key = trmx_certs::load_key_pem(&d.join("org/NL-NRM.key")).unwrap();
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        assert_eq!(list(d).len(), 1);
+        // a key or a certificate given as the request is refused, and nothing is issued
+        for not_a_request in ["org/NL-NRM.key", "NL-NRM.pem"] {
+            let err = failed(&certs(
+                d,
+                &[
+                    "issue",
+                    "node",
+                    "--dir",
+                    "ca",
+                    "--participant",
+                    "BE-PAYOKE",
+                    "--csr",
+                    not_a_request,
+                ],
+            ));
+            assert!(err.contains("no CERTIFICATE REQUEST block"), "{err}");
+        }
+        assert_eq!(list(d).len(), 1);
+        assert!(!d.join("BE-PAYOKE.pem").exists());
     }
 
     #[test]
