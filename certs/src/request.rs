@@ -11,9 +11,20 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, KeyPair,
-    PKCS_ECDSA_P256_SHA256, PublicKeyData,
+    CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256,
+    PKCS_ECDSA_P384_SHA384, PKCS_ED25519, PKCS_RSA_SHA256, PublicKeyData, SignatureAlgorithm,
 };
+use rustls::pki_types::CertificateSigningRequestDer;
+use rustls::pki_types::pem::PemObject;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::error::X509Error;
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_NIST_EC_P521,
+    OID_PKCS1_RSAENCRYPTION, OID_SIG_ED25519,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey as ParsedKey;
+use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::error::CertError;
 use crate::pem::{Mode, write_atomic};
@@ -24,8 +35,101 @@ const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 /// A verified certificate signing request: the public key to certify.
 #[derive(Debug, Clone)]
 pub struct CertRequest {
-    public_key: rcgen::PublicKey,
+    public_key: RequestKey,
     path: PathBuf,
+}
+
+/// The public key of a request, with the algorithm of its own `SubjectPublicKeyInfo`
+/// (rcgen's CSR parser takes it from the request's *signature* algorithm instead, so a
+/// P-384 key signed with SHA-256, openssl's default, would be certified as a P-256 key).
+#[derive(Debug, Clone)]
+pub(crate) struct RequestKey {
+    raw: Vec<u8>,
+    alg: &'static SignatureAlgorithm,
+}
+
+impl PublicKeyData for RequestKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.alg
+    }
+}
+
+/// What the federation's TLS 1.3 peers (rustls with ring) can use, for the messages.
+const SUPPORTED_KEYS: &str = "the federation takes ECDSA P-256 (what `trmx-certs request` makes), \
+                              ECDSA P-384, Ed25519 or RSA of 2048 to 8192 bits";
+
+/// The key of a request as the certificate will carry it, if a TLS 1.3 handshake with
+/// rustls and ring can use it.
+fn request_key(spki: &SubjectPublicKeyInfo<'_>) -> Result<RequestKey, String> {
+    let key_alg = &spki.algorithm.algorithm;
+    let raw = spki.subject_public_key.data.to_vec();
+    let alg = if *key_alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        let (alg, len) = match curve {
+            Some(c) if c == OID_EC_P256 => (&PKCS_ECDSA_P256_SHA256, 65),
+            Some(c) if c == OID_NIST_EC_P384 => (&PKCS_ECDSA_P384_SHA384, 97),
+            Some(c) if c == OID_NIST_EC_P521 => {
+                return Err(format!(
+                    "an ECDSA P-521 key is not supported: {SUPPORTED_KEYS}"
+                ));
+            }
+            Some(c) => {
+                return Err(format!(
+                    "an ECDSA key on curve {c} is not supported: {SUPPORTED_KEYS}"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "an ECDSA key with explicit curve parameters is not supported: {SUPPORTED_KEYS}"
+                ));
+            }
+        };
+        if raw.len() != len || raw.first() != Some(&4) {
+            return Err(format!(
+                "its ECDSA key is not an uncompressed point (make the request without \
+                 point compression): {SUPPORTED_KEYS}"
+            ));
+        }
+        alg
+    } else if *key_alg == OID_SIG_ED25519 {
+        &PKCS_ED25519
+    } else if *key_alg == OID_PKCS1_RSAENCRYPTION {
+        let bits = match spki.parsed() {
+            Ok(ParsedKey::RSA(rsa)) => rsa_bits(rsa.modulus),
+            _ => 0,
+        };
+        if !(2048..=8192).contains(&bits) {
+            return Err(format!(
+                "a {bits}-bit RSA key is not supported: {SUPPORTED_KEYS}"
+            ));
+        }
+        &PKCS_RSA_SHA256
+    } else {
+        return Err(format!(
+            "a key of type {key_alg} is not supported: {SUPPORTED_KEYS}"
+        ));
+    };
+    Ok(RequestKey { raw, alg })
+}
+
+/// The size in bits of an RSA modulus (a DER INTEGER's content, maybe with leading zeros).
+fn rsa_bits(modulus: &[u8]) -> usize {
+    let digits = modulus
+        .iter()
+        .position(|b| *b != 0)
+        .map_or(&[][..], |i| &modulus[i..]);
+    match digits.first() {
+        Some(first) => digits.len() * 8 - first.leading_zeros() as usize,
+        None => 0,
+    }
 }
 
 /// The files [`CertRequest::create`] writes.
@@ -120,17 +224,12 @@ impl CertRequest {
                 "no CERTIFICATE REQUEST block (make one with `trmx-certs request`)",
             ));
         }
-        let parsed = CertificateSigningRequestParams::from_pem(&text).map_err(|e| {
-            let problem = match e {
-                rcgen::Error::InvalidCertificationRequestSignature => {
-                    "its signature does not match its key (damaged or altered)".to_string()
-                }
-                other => other.to_string(),
-            };
-            CertError::parse(what, path, problem)
-        })?;
+        let der = CertificateSigningRequestDer::from_pem_slice(text.as_bytes())
+            .map_err(|e| CertError::parse(what, path, e))?;
+        let public_key =
+            verified_key(&der).map_err(|problem| CertError::parse(what, path, problem))?;
         Ok(CertRequest {
-            public_key: parsed.public_key,
+            public_key,
             path: path.to_path_buf(),
         })
     }
@@ -141,7 +240,7 @@ impl CertRequest {
     }
 
     /// The public key to certify.
-    pub(crate) fn public_key(&self) -> &rcgen::PublicKey {
+    pub(crate) fn public_key(&self) -> &RequestKey {
         &self.public_key
     }
 
@@ -150,6 +249,34 @@ impl CertRequest {
     pub fn fingerprint(&self) -> String {
         key_fingerprint(self.public_key.der_bytes())
     }
+}
+
+/// The key of a DER request whose signature proves that its sender holds the private key.
+/// Only the key is taken: the subject, the attributes and any extensions the request asks
+/// for are ignored (not refused: the CA decides all of them).
+fn verified_key(der: &[u8]) -> Result<RequestKey, String> {
+    let (rest, csr) = X509CertificationRequest::from_der(der)
+        .map_err(|e| format!("not a PKCS #10 certificate request: {e}"))?;
+    if !rest.is_empty() {
+        return Err("data after the request".to_string());
+    }
+    // the key first: an unsupported one is named, not reported as a bad signature
+    let key = request_key(&csr.certification_request_info.subject_pki)?;
+    csr.verify_signature().map_err(|e| match e {
+        X509Error::SignatureUnsupportedAlgorithm => format!(
+            "its signature algorithm ({}) is not supported: sign it with SHA-256 or SHA-384",
+            csr.signature_algorithm.algorithm
+        ),
+        _ => "its signature does not match its key (damaged or altered)".to_string(),
+    })?;
+    // the certificate carries the key exactly as the request has it
+    if key.subject_public_key_info() != csr.certification_request_info.subject_pki.raw {
+        return Err(format!(
+            "its key is encoded in an unusual way (not as a certificate would carry it): \
+             {SUPPORTED_KEYS}"
+        ));
+    }
+    Ok(key)
 }
 
 /// SHA-256 of a raw public key (the subject public key bits of a certificate or request),
