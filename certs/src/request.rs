@@ -8,14 +8,14 @@
 //! [`CertRequest::fingerprint`] of the public key, so that the CA administrator can compare
 //! it with the organisation over another channel (the phone) before issuing.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256,
     PKCS_ECDSA_P384_SHA384, PKCS_ED25519, PKCS_RSA_SHA256, PublicKeyData, SignatureAlgorithm,
 };
-use rustls::pki_types::CertificateSigningRequestDer;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{PemObject, SectionKind};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::error::X509Error;
 use x509_parser::oid_registry::{
@@ -203,31 +203,72 @@ impl CertRequest {
     }
 
     /// Reads a PEM request and checks its signature (proof that its sender holds the key).
+    /// The file must hold exactly one `CERTIFICATE REQUEST` block and no private key.
     pub fn from_pem_file(path: &Path) -> Result<CertRequest, CertError> {
         let what = "certificate request";
-        let len = std::fs::metadata(path)
-            .map_err(|e| CertError::io("read certificate request", path, e))?
-            .len();
-        if len > MAX_REQUEST_BYTES {
-            return Err(CertError::parse(
-                what,
-                path,
-                format!("{len} bytes is not a certificate request"),
-            ));
-        }
-        let text = std::fs::read_to_string(path)
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_REQUEST_BYTES + 1).read_to_end(&mut bytes))
             .map_err(|e| CertError::io("read certificate request", path, e))?;
-        if !text.contains("-----BEGIN CERTIFICATE REQUEST-----") {
+        if bytes.len() as u64 > MAX_REQUEST_BYTES {
             return Err(CertError::parse(
                 what,
                 path,
-                "no CERTIFICATE REQUEST block (make one with `trmx-certs request`)",
+                format!("more than {MAX_REQUEST_BYTES} bytes is not a certificate request"),
             ));
         }
-        let der = CertificateSigningRequestDer::from_pem_slice(text.as_bytes())
-            .map_err(|e| CertError::parse(what, path, e))?;
+        let text = String::from_utf8_lossy(&bytes);
+        let private_key = text.lines().any(|line| {
+            let line = line.trim();
+            line.starts_with("-----BEGIN ") && line.ends_with("PRIVATE KEY-----")
+        });
+        if private_key {
+            return Err(CertError::parse(
+                what,
+                path,
+                "it holds a private key, which must never leave the organisation: treat that \
+                 key as disclosed, have the organisation make a new key and request \
+                 (`trmx-certs request`) and send only the .csr",
+            ));
+        }
+        let requests = if text.contains("-----BEGIN CERTIFICATE REQUEST-----") {
+            <(SectionKind, Vec<u8>)>::pem_slice_iter(&bytes)
+                .filter(|section| !matches!(section, Ok((kind, _)) if *kind != SectionKind::Csr))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CertError::parse(what, path, format!("malformed PEM: {e:?}")))?
+        } else {
+            Vec::new()
+        };
+        let der = match requests.as_slice() {
+            [(_, der)] => der,
+            [] if bytes.first() == Some(&0x30) => {
+                return Err(CertError::parse(
+                    what,
+                    path,
+                    "no CERTIFICATE REQUEST block; for a DER request, convert it first: \
+                     `openssl req -inform DER -in FILE -out FILE.csr`",
+                ));
+            }
+            [] => {
+                return Err(CertError::parse(
+                    what,
+                    path,
+                    "no CERTIFICATE REQUEST block (make one with `trmx-certs request`)",
+                ));
+            }
+            more => {
+                return Err(CertError::parse(
+                    what,
+                    path,
+                    format!(
+                        "{} CERTIFICATE REQUEST blocks: send one request per file",
+                        more.len()
+                    ),
+                ));
+            }
+        };
         let public_key =
-            verified_key(&der).map_err(|problem| CertError::parse(what, path, problem))?;
+            verified_key(der).map_err(|problem| CertError::parse(what, path, problem))?;
         Ok(CertRequest {
             public_key,
             path: path.to_path_buf(),

@@ -1055,7 +1055,10 @@ mod cli {
             .unwrap();
         assert_eq!(list(d).len(), 1);
         // a key or a certificate given as the request is refused, and nothing is issued
-        for not_a_request in ["org/NL-NRM.key", "NL-NRM.pem"] {
+        for (not_a_request, expect) in [
+            ("org/NL-NRM.key", "it holds a private key"),
+            ("NL-NRM.pem", "no CERTIFICATE REQUEST block"),
+        ] {
             let err = failed(&certs(
                 d,
                 &[
@@ -1069,7 +1072,7 @@ mod cli {
                     not_a_request,
                 ],
             ));
-            assert!(err.contains("no CERTIFICATE REQUEST block"), "{err}");
+            assert!(err.contains(expect), "{err}");
         }
         assert_eq!(list(d).len(), 1);
         assert!(!d.join("BE-PAYOKE.pem").exists());
@@ -1548,6 +1551,69 @@ mod requests {
         let chain = issue(&fed, d.path(), &csr);
         let key_der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
         handshake(&fed, chain, key_der).unwrap();
+    }
+
+    /// The file the CA is given must hold exactly one request and no private key: a key
+    /// sent along (`cat NL-NRM.csr NL-NRM.key`, or openssl's output with the key in it)
+    /// has left the organisation, and the CA must not certify it as if it had not.
+    #[test]
+    fn a_request_file_with_a_private_key_or_two_requests_is_refused() {
+        let (d, fed) = federation();
+        let org = trmx_certs::RequestPaths::from_prefix(&d.path().join("org"));
+        CertRequest::create("NL-NRM", &org, false).unwrap();
+        let csr = std::fs::read_to_string(&org.request).unwrap();
+        let key = std::fs::read_to_string(&org.key).unwrap();
+        let other = rcgen::CertificateParams::default()
+            .serialize_request(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem()
+            .unwrap();
+        let file = d.path().join("sent.csr");
+        for (contents, expect) in [
+            (format!("{csr}{key}"), "private key"),
+            (format!("{key}{csr}"), "private key"),
+            (
+                format!(
+                    "{csr}-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n"
+                ),
+                "private key",
+            ),
+            (format!("{csr}{other}"), "2 CERTIFICATE REQUEST blocks"),
+        ] {
+            std::fs::write(&file, contents).unwrap();
+            let err = CertRequest::from_pem_file(&file).unwrap_err().to_string();
+            assert!(err.contains(expect), "{err}");
+        }
+        // a DER request is named as such
+        let der = CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap();
+        std::fs::write(&file, der.as_ref()).unwrap();
+        let err = CertRequest::from_pem_file(&file).unwrap_err().to_string();
+        assert!(err.contains("openssl req -inform DER"), "{err}");
+        assert!(fed.ca.issued().is_empty());
+    }
+
+    /// A request read from a pipe (whose size no metadata tells) is bounded like a file.
+    #[test]
+    fn a_request_read_from_a_pipe_is_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("csr.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+                // the reader may stop early: a broken pipe is fine
+                let _ = f.write_all(&vec![b'A'; 1 << 20]);
+            })
+        };
+        let err = CertRequest::from_pem_file(&fifo).unwrap_err().to_string();
+        writer.join().unwrap();
+        assert!(err.contains("more than"), "{err}");
     }
 
     /// A key that no handshake of the federation can use is refused by name, not as an
