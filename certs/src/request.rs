@@ -285,10 +285,13 @@ impl CertRequest {
         &self.public_key
     }
 
-    /// SHA-256 of the public key, in groups of four hex digits (`3f2a 9c01 …`): what the CA
-    /// administrator reads out to the organisation before issuing.
+    /// SHA-256 of the public key's SubjectPublicKeyInfo, in groups of four hex digits
+    /// (`3f2a 9c01 …`): what the CA administrator reads out to the organisation before
+    /// issuing. openssl prints the same digits for a request with `openssl req -in FILE
+    /// -noout -pubkey | openssl pkey -pubin -outform DER | sha256sum` (`openssl x509` for
+    /// the certificate).
     pub fn fingerprint(&self) -> String {
-        key_fingerprint(self.public_key.der_bytes())
+        key_fingerprint(&self.public_key.subject_public_key_info())
     }
 }
 
@@ -320,10 +323,10 @@ fn verified_key(der: &[u8]) -> Result<RequestKey, String> {
     Ok(key)
 }
 
-/// SHA-256 of a raw public key (the subject public key bits of a certificate or request),
-/// in groups of four hex digits.
-pub fn key_fingerprint(raw_public_key: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, raw_public_key);
+/// SHA-256 of a public key's DER SubjectPublicKeyInfo (the key with its algorithm and
+/// curve, as a request or a certificate carries it), in groups of four hex digits.
+pub fn key_fingerprint(subject_public_key_info: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, subject_public_key_info);
     let hex: Vec<String> = digest
         .as_ref()
         .chunks(2)
@@ -349,7 +352,10 @@ mod tests {
         assert_eq!(made.fingerprint().split(' ').count(), 16);
         // the key in the key file is the requested one
         let key = KeyPair::from_pem(&std::fs::read_to_string(&out.key).unwrap()).unwrap();
-        assert_eq!(key_fingerprint(key.public_key_raw()), made.fingerprint());
+        assert_eq!(
+            key_fingerprint(&key.subject_public_key_info()),
+            made.fingerprint()
+        );
         // never over existing files without force
         let err = CertRequest::create("NL-NRM", &out, false).unwrap_err();
         assert!(matches!(err, CertError::AlreadyExists { .. }), "{err}");

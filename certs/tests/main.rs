@@ -455,7 +455,7 @@ mod ca_files {
         let request = CertRequest::from_pem_file(&csr).unwrap();
         assert_eq!(
             request.fingerprint(),
-            trmx_certs::key_fingerprint(key.public_key_raw())
+            trmx_certs::key_fingerprint(&rcgen::PublicKeyData::subject_public_key_info(&key))
         );
         let cert = d.path().join("NL-NRM.pem");
         let spec = IssueSpec::participant("NL-NRM");
@@ -1614,6 +1614,29 @@ mod requests {
         let err = CertRequest::from_pem_file(&fifo).unwrap_err().to_string();
         writer.join().unwrap();
         assert!(err.contains("more than"), "{err}");
+    }
+
+    /// The fingerprint both sides read out is the SHA-256 of the key's
+    /// SubjectPublicKeyInfo, so that an organisation that made its request with openssl
+    /// can compute it too (`openssl req -in NL-NRM.csr -noout -pubkey | openssl pkey -pubin
+    /// -outform DER | sha256sum`), and it covers the key's algorithm and curve.
+    #[test]
+    fn the_fingerprint_is_the_sha256_of_the_subject_public_key_info() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (d, fed) = federation();
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let csr = std::fs::read_to_string(data.join("p384-sha256.csr")).unwrap();
+        let chain = issue(&fed, d.path(), &csr);
+        let request = CertRequest::from_pem_file(&d.path().join("org.csr")).unwrap();
+        let (_, cert) = X509Certificate::from_der(&chain[0]).unwrap();
+        let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(request.fingerprint().replace(' ', ""), hex);
+        // the one openssl printed for this request
+        assert_eq!(
+            hex,
+            "93669acee944e184e1c0c640f0ac3ed25dfcac4cb85fed7583714a28fe64f65d"
+        );
     }
 
     /// A key that no handshake of the federation can use is refused by name, not as an
