@@ -351,7 +351,9 @@ fn run(cli: Cli) -> Result<(), CertError> {
                 Some(csr) => {
                     let request = CertRequest::from_pem_file(&csr)?;
                     print_request(&request);
-                    (ca.renew_for_request(&cert, &request, validity_days)?, None)
+                    let renewal = ca.renew_for_request(&cert, &request, validity_days)?;
+                    warn_stale_key(&CertPaths::for_cert(&cert).key);
+                    (renewal, None)
                 }
                 None => {
                     let paths = match key {
@@ -428,6 +430,9 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
     };
     let key = request.is_none().then_some(paths.key.as_path());
     print_written(&paths.cert, key, &info);
+    if request.is_some() {
+        warn_stale_key(&paths.key);
+    }
     if let Some(old) = replaced {
         print_replaced(&ca, &old);
     }
@@ -467,6 +472,18 @@ fn print_written(cert: &Path, key: Option<&Path>, info: &CertInfo) {
         None => println!("  key:         the organisation's own (from its request)"),
     }
     println!("  not after:   {}", format_time(info.not_after));
+}
+
+/// After a certificate issued to a request replaced one whose key the CA had made: that key
+/// file no longer belongs to the certificate beside it.
+fn warn_stale_key(key: &Path) {
+    if key.exists() {
+        eprintln!(
+            "warning: {} is the key of the certificate this one replaced and does not match \
+             it: delete it, and do not send it anywhere",
+            key.display()
+        );
+    }
 }
 
 /// The request being certified, with the fingerprint to compare.

@@ -203,7 +203,8 @@ impl CertRequest {
     }
 
     /// Reads a PEM request and checks its signature (proof that its sender holds the key).
-    /// The file must hold exactly one `CERTIFICATE REQUEST` block and no private key.
+    /// The file must hold exactly one `CERTIFICATE REQUEST` block (or `NEW CERTIFICATE
+    /// REQUEST`, as Windows and Java tools write) and no private key.
     pub fn from_pem_file(path: &Path) -> Result<CertRequest, CertError> {
         let what = "certificate request";
         let mut bytes = Vec::new();
@@ -231,8 +232,17 @@ impl CertRequest {
                  (`trmx-certs request`) and send only the .csr",
             ));
         }
+        // (Windows certreq and Java keytool label their requests "NEW CERTIFICATE REQUEST")
+        let text = text.replace(
+            "-----BEGIN NEW CERTIFICATE REQUEST-----",
+            "-----BEGIN CERTIFICATE REQUEST-----",
+        );
+        let text = text.replace(
+            "-----END NEW CERTIFICATE REQUEST-----",
+            "-----END CERTIFICATE REQUEST-----",
+        );
         let requests = if text.contains("-----BEGIN CERTIFICATE REQUEST-----") {
-            <(SectionKind, Vec<u8>)>::pem_slice_iter(&bytes)
+            <(SectionKind, Vec<u8>)>::pem_slice_iter(text.as_bytes())
                 .filter(|section| !matches!(section, Ok((kind, _)) if *kind != SectionKind::Csr))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| CertError::parse(what, path, format!("malformed PEM: {e:?}")))?
@@ -359,6 +369,19 @@ mod tests {
         // never over existing files without force
         let err = CertRequest::create("NL-NRM", &out, false).unwrap_err();
         assert!(matches!(err, CertError::AlreadyExists { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_request_labelled_new_certificate_request_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = RequestPaths::from_prefix(&dir.path().join("x"));
+        let made = CertRequest::create("x", &out, false).unwrap();
+        let pem = std::fs::read_to_string(&out.request).unwrap();
+        let relabelled = pem.replace("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST");
+        assert_ne!(relabelled, pem);
+        std::fs::write(&out.request, relabelled).unwrap();
+        let read = CertRequest::from_pem_file(&out.request).unwrap();
+        assert_eq!(read.fingerprint(), made.fingerprint());
     }
 
     #[test]

@@ -1076,6 +1076,33 @@ mod cli {
         }
         assert_eq!(list(d).len(), 1);
         assert!(!d.join("BE-PAYOKE.pem").exists());
+
+        // a request's certificate over one whose key the CA made: that key is stale
+        ok(&certs(
+            d,
+            &["issue", "node", "--dir", "ca", "--participant", "BE-PAYOKE"],
+        ));
+        ok(&certs(&d.join("org"), &["request", "--name", "BE-PAYOKE"]));
+        let out = certs(
+            d,
+            &[
+                "issue",
+                "node",
+                "--dir",
+                "ca",
+                "--participant",
+                "BE-PAYOKE",
+                "--csr",
+                "org/BE-PAYOKE.csr",
+                "--force",
+            ],
+        );
+        ok(&out);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("BE-PAYOKE.key is the key of the certificate this one replaced"),
+            "{stderr}"
+        );
     }
 
     #[test]
