@@ -33,6 +33,9 @@ pub struct CertInfo {
     pub server_auth: bool,
     /// The certificate may authenticate a TLS client.
     pub client_auth: bool,
+    /// [`crate::key_fingerprint`] of its public key: the digits `trmx-certs request`
+    /// printed for the key the certificate was issued to.
+    pub key_fingerprint: String,
 }
 
 impl CertInfo {
@@ -94,6 +97,7 @@ impl CertInfo {
             ips,
             server_auth,
             client_auth,
+            key_fingerprint: crate::key_fingerprint(cert.public_key().raw),
         })
     }
 

@@ -646,6 +646,7 @@ fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
             "dns_names": info.dns_names,
             "ips": info.ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "extended_key_usage": usages,
+            "key_fingerprint": info.key_fingerprint,
         });
         if let (Some((issued, revoked)), Some(obj)) = (status, v.as_object_mut()) {
             obj.insert("issued_by_ca".to_string(), issued.into());
@@ -679,6 +680,7 @@ fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
         println!("ips:         {}", ips.join(", "));
     }
     println!("usage:       {}", usages.join(", "));
+    println!("key:         SHA-256 {}", info.key_fingerprint);
     if let Some((issued, revoked)) = status {
         println!("issued here: {}", if issued { "yes" } else { "no" });
         println!("revoked:     {}", if revoked { "yes" } else { "no" });

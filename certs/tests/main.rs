@@ -1042,6 +1042,10 @@ mod cli {
             ],
         ));
         assert_eq!(fingerprint(&asked), fingerprint(&issued));
+        // and the organisation finds the same digits in the certificate it gets back
+        let shown: serde_json::Value =
+            serde_json::from_str(&ok(&certs(d, &["show", "--json", "NL-NRM.pem"]))).unwrap();
+        assert_eq!(shown["key_fingerprint"], fingerprint(&asked));
         assert!(d.join("NL-NRM.pem").exists());
         assert!(!d.join("NL-NRM.key").exists(), "the CA made no key");
         // the organisation's key and the CA's certificate are a pair
