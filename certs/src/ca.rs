@@ -137,13 +137,9 @@ pub struct CertPaths {
 impl CertPaths {
     /// `<prefix>.pem` and `<prefix>.key`.
     pub fn from_prefix(prefix: &Path) -> CertPaths {
-        let mut cert = prefix.as_os_str().to_owned();
-        cert.push(".pem");
-        let mut key = prefix.as_os_str().to_owned();
-        key.push(".key");
         CertPaths {
-            cert: cert.into(),
-            key: key.into(),
+            cert: crate::pem::suffixed(prefix, ".pem"),
+            key: crate::pem::suffixed(prefix, ".key"),
         }
     }
 

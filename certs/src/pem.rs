@@ -2,7 +2,7 @@
 //! and the atomic, mode-aware writer this crate uses for keys, certificates and CRLs.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -48,6 +48,14 @@ pub fn load_crls_pem(path: &Path) -> Result<Vec<CertificateRevocationListDer<'st
         return Err(CertError::parse("CRL", path, "no X509 CRL block"));
     }
     Ok(crls)
+}
+
+/// `prefix` with `suffix` appended (`out/NL-NRM` + `.key`). Unlike
+/// [`Path::with_extension`], it keeps what follows a dot in the prefix (`eu-1.b` stays).
+pub(crate) fn suffixed(prefix: &Path, suffix: &str) -> PathBuf {
+    let mut path = prefix.as_os_str().to_owned();
+    path.push(suffix);
+    path.into()
 }
 
 /// File permissions for what we write.

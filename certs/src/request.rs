@@ -144,13 +144,9 @@ pub struct RequestPaths {
 impl RequestPaths {
     /// `PREFIX.key` and `PREFIX.csr`.
     pub fn from_prefix(prefix: &Path) -> Self {
-        let mut key = prefix.as_os_str().to_owned();
-        key.push(".key");
-        let mut request = prefix.as_os_str().to_owned();
-        request.push(".csr");
         Self {
-            key: key.into(),
-            request: request.into(),
+            key: crate::pem::suffixed(prefix, ".key"),
+            request: crate::pem::suffixed(prefix, ".csr"),
         }
     }
 }
