@@ -207,3 +207,31 @@ fn a_bundle_of_two_cas_and_their_crls_loads() {
         files.load(&fx).unwrap();
     }
 }
+
+/// A bundle whose CRL file lacks one CA's CRL would refuse every client that CA issued
+/// (rustls refuses an unknown revocation status): refused at load, naming the CA, where it
+/// loaded with a warning about an intermediate CA when the broker's own certificate was
+/// the uncovered CA's.
+#[test]
+fn a_bundle_without_the_crl_of_one_of_its_cas_is_refused() {
+    let fx = Fixture::new();
+    let files = BrokerFiles::new(&fx);
+    let ca2 = second_ca(&fx, "trm.test federation CA 2");
+    let bundle = [fx.fed.ca.ca_cert_path(), ca2.ca_cert_path()];
+    for broker_ca in [&fx.fed.ca, &ca2] {
+        broker_ca.issue(&broker_spec(), &fx.broker, true).unwrap();
+        for (missing, present) in [(&fx.fed.ca, &ca2), (&ca2, &fx.fed.ca)] {
+            cat(&files.ca, &bundle);
+            cat(&files.crl, &[present.crl_path()]);
+            let err = files.load(&fx).unwrap_err();
+            assert!(matches!(err, TransportError::CrlNotFromCa { .. }), "{err}");
+            assert_eq!(err.files(), [TlsFile::Crl, TlsFile::Ca]);
+            let name = if std::ptr::eq(missing, &ca2) {
+                "CN=trm.test federation CA 2"
+            } else {
+                "CN=trm.test federation CA,"
+            };
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+}
