@@ -260,10 +260,15 @@ pub(crate) fn certified_key_error(paths: &TlsPaths, error: rustls::Error) -> Tra
     }
 }
 
-/// Checks that the CRL files hold a CRL of every CA in the CA file (two of them during a CA
-/// rollover): rustls refuses a client whose revocation status is unknown, so a CA without
-/// its CRL would have every client it issued refused. A CRL of another CA is the business
-/// of [`check_own_certificate`].
+/// Checks what a CA file of several CAs (two during a CA rollover) needs once CRLs are
+/// configured:
+/// - no two CAs (different keys) of the same name: webpki checks a certificate against the
+///   first CRL naming its issuer, so the clients of one of them would all be refused (and
+///   the server's certificate too, when it is theirs), the CRL's signature not verifying;
+/// - a CRL of every CA: rustls refuses a client whose revocation status is unknown, so a
+///   CA without its CRL would have every client it issued refused.
+///
+/// A CRL of another CA is the business of [`check_own_certificate`].
 fn check_crls_cover_cas(
     paths: &TlsPaths,
     crl: &Path,
@@ -280,6 +285,7 @@ fn check_crls_cover_cas(
             })?;
         issuers.push(parsed.issuer().as_raw().to_vec());
     }
+    let mut seen: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(cas.len());
     for der in &cas {
         let (_, ca) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| {
             TransportError::Invalid {
@@ -289,6 +295,21 @@ fn check_crls_cover_cas(
             }
         })?;
         let name = ca.subject();
+        let key = ca.public_key().raw;
+        if seen
+            .iter()
+            .any(|(other_name, other_key)| other_name == name.as_raw() && other_key != key)
+        {
+            return Err(TransportError::Invalid {
+                file: TlsFile::Ca,
+                path: paths.ca.clone(),
+                reason: format!(
+                    "two CAs are named {name}: with CRLs, the clients of one of them would all \
+                     be refused; give the new CA another name (trmx-certs init --name)"
+                ),
+            });
+        }
+        seen.push((name.as_raw().to_vec(), key.to_vec()));
         if !issuers
             .iter()
             .any(|issuer| issuer.as_slice() == name.as_raw())

@@ -235,3 +235,22 @@ fn a_bundle_without_the_crl_of_one_of_its_cas_is_refused() {
         }
     }
 }
+
+/// Two CAs of the same name cannot share a CRL file: rustls checks a certificate against
+/// the first CRL that names its issuer, so the other CA's clients would all be refused
+/// (or, as before, the broker refused with "not issued by the CA"). Refused at load with
+/// what to do; a CA2 made with another `--name` is fine (above).
+#[test]
+fn two_cas_of_the_same_name_with_crls_are_refused() {
+    let fx = Fixture::new();
+    let files = BrokerFiles::new(&fx);
+    let ca2 = second_ca(&fx, "trm.test federation CA");
+    for order in [[&fx.fed.ca, &ca2], [&ca2, &fx.fed.ca]] {
+        files.set(&order);
+        let err = files.load(&fx).unwrap_err();
+        assert_eq!(err.files(), [TlsFile::Ca], "{err}");
+        assert!(err.to_string().contains("--name"), "{err}");
+    }
+    // without CRLs the two are told apart by their keys
+    ServerTls::load(&with_ca(&fx.broker, &files.ca), None, CrlPolicy::Warn).unwrap();
+}
