@@ -34,7 +34,8 @@ enum Command {
         /// SPIFFE trust domain of the federation, e.g. trm.example.
         #[arg(long)]
         trust_domain: String,
-        /// Common name of the CA certificate.
+        /// Common name of the CA certificate. A successor CA (a CA rollover) needs a name
+        /// other than its predecessor's: brokers refuse two CAs of one name with CRLs.
         #[arg(long, default_value = "TRM Federation CA")]
         name: String,
         /// Validity of the CA certificate in days.

@@ -106,8 +106,8 @@ pub enum TransportError {
         /// The certificate file.
         cert: PathBuf,
     },
-    /// The CRL is not one the CA issued, so no client certificate could be checked against it
-    /// (every client would be refused).
+    /// The CRL is not one the CA issued, or the CRL file lacks the CRL of one of the CAs in
+    /// the CA file: the clients of that CA could not be checked (every one would be refused).
     #[error("CRL {} is not issued by the CA in {}: {reason}", crl.display(), ca.display())]
     CrlNotFromCa {
         /// The CRL file.
@@ -115,7 +115,7 @@ pub enum TransportError {
         /// The CA file.
         ca: PathBuf,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: String,
     },
     /// rustls refused the assembled configuration.
     #[error("{file} {}: {error}", path.display())]

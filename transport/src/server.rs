@@ -191,6 +191,9 @@ fn build(
     let crls = crl.map(pem::crls).transpose()?;
     let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
     let key = pem::key(&paths.key)?;
+    if let (Some(path), Some(crls)) = (crl, crls.as_ref()) {
+        check_crls_cover_cas(paths, path, crls)?;
+    }
     check_own_certificate(paths, &roots, &chain, crl.zip(crls.as_ref()))?;
 
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
@@ -255,6 +258,73 @@ pub(crate) fn certified_key_error(paths: &TlsPaths, error: rustls::Error) -> Tra
             error,
         },
     }
+}
+
+/// Checks what a CA file of several CAs (two during a CA rollover) needs once CRLs are
+/// configured:
+/// - no two CAs (different keys) of the same name: webpki checks a certificate against the
+///   first CRL naming its issuer, so the clients of one of them would all be refused (and
+///   the server's certificate too, when it is theirs), the CRL's signature not verifying;
+/// - a CRL of every CA: rustls refuses a client whose revocation status is unknown, so a
+///   CA without its CRL would have every client it issued refused.
+///
+/// A CRL of another CA is the business of [`check_own_certificate`].
+fn check_crls_cover_cas(
+    paths: &TlsPaths,
+    crl: &Path,
+    crls: &pem::Crls,
+) -> Result<(), TransportError> {
+    let cas = pem::certs(TlsFile::Ca, &paths.ca)?;
+    let mut issuers = Vec::with_capacity(crls.ders.len());
+    for der in &crls.ders {
+        let (_, parsed) =
+            x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| TransportError::Invalid {
+                file: TlsFile::Crl,
+                path: crl.to_owned(),
+                reason: e.to_string(),
+            })?;
+        issuers.push(parsed.issuer().as_raw().to_vec());
+    }
+    let mut seen: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(cas.len());
+    for der in &cas {
+        let (_, ca) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| {
+            TransportError::Invalid {
+                file: TlsFile::Ca,
+                path: paths.ca.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let name = ca.subject();
+        let key = ca.public_key().raw;
+        if seen
+            .iter()
+            .any(|(other_name, other_key)| other_name == name.as_raw() && other_key != key)
+        {
+            return Err(TransportError::Invalid {
+                file: TlsFile::Ca,
+                path: paths.ca.clone(),
+                reason: format!(
+                    "two CAs are named {name}: with CRLs, the clients of one of them would all \
+                     be refused; give the new CA another name (trmx-certs init --name)"
+                ),
+            });
+        }
+        seen.push((name.as_raw().to_vec(), key.to_vec()));
+        if !issuers
+            .iter()
+            .any(|issuer| issuer.as_slice() == name.as_raw())
+        {
+            return Err(TransportError::CrlNotFromCa {
+                crl: crl.to_owned(),
+                ca: paths.ca.clone(),
+                reason: format!(
+                    "it holds no CRL of the CA {name}, so every client that CA issued would be \
+                     refused; add that CA's CRL (cat its crl.pem into the file)"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks at load time what would otherwise only show in handshakes, as refused clients
@@ -368,10 +438,10 @@ fn own_certificate_error(
 ) -> TransportError {
     use webpki::Error as E;
     let crl = || crl.unwrap_or(&paths.ca).to_owned();
-    let not_from_ca = |reason| TransportError::CrlNotFromCa {
+    let not_from_ca = |reason: &str| TransportError::CrlNotFromCa {
         crl: crl(),
         ca: paths.ca.clone(),
-        reason,
+        reason: reason.to_owned(),
     };
     match error {
         E::UnknownIssuer => TransportError::NotIssuedByCa {
@@ -410,7 +480,8 @@ impl ServerTls {
     ///
     /// Refuses, naming the files, what would fail every handshake later: a key that is not
     /// the certificate's, a certificate that does not chain to the CA or lacks serverAuth
-    /// (a node certificate), and a CRL the CA did not issue; a certificate the CRL revokes
+    /// (a node certificate), a CRL the CA did not issue, and a CRL file that lacks the CRL
+    /// of one of the CAs in the CA file (a bundle); a certificate the CRL revokes
     /// is only a warning. [`ServerTls::reload`] makes the same checks.
     ///
     /// Reads small files synchronously.

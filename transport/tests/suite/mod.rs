@@ -4,3 +4,4 @@ mod limits;
 mod load;
 mod refusals;
 mod revocation;
+mod rollover;
