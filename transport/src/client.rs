@@ -68,6 +68,9 @@ fn client_config_checking(
         None => builder.with_root_certificates(roots),
         Some(path) => {
             let crls = pem::crls(path)?;
+            // (the broker's certificate is checked against them as a client's is on the
+            // broker, so a CA bundle needs what it needs there)
+            crate::server::check_crls_cover_cas(paths, path, &crls)?;
             let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
                 .with_crls(crls.ders)
                 .build()

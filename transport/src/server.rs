@@ -261,7 +261,7 @@ pub(crate) fn certified_key_error(paths: &TlsPaths, error: rustls::Error) -> Tra
 }
 
 /// Checks what a CA file of several CAs (two during a CA rollover) needs once CRLs are
-/// configured:
+/// configured, on the broker and on a node alike:
 /// - no two CAs (different keys) of the same name: webpki checks a certificate against the
 ///   first CRL naming its issuer, so the clients of one of them would all be refused (and
 ///   the server's certificate too, when it is theirs), the CRL's signature not verifying;
@@ -269,7 +269,7 @@ pub(crate) fn certified_key_error(paths: &TlsPaths, error: rustls::Error) -> Tra
 ///   CA without its CRL would have every client it issued refused.
 ///
 /// A CRL of another CA is the business of [`check_own_certificate`].
-fn check_crls_cover_cas(
+pub(crate) fn check_crls_cover_cas(
     paths: &TlsPaths,
     crl: &Path,
     crls: &pem::Crls,
@@ -304,8 +304,8 @@ fn check_crls_cover_cas(
                 file: TlsFile::Ca,
                 path: paths.ca.clone(),
                 reason: format!(
-                    "two CAs are named {name}: with CRLs, the clients of one of them would all \
-                     be refused; give the new CA another name (trmx-certs init --name)"
+                    "two CAs are named {name}: with CRLs, the certificates of one of them \
+                     would all be refused; give the new CA another name (trmx-certs init --name)"
                 ),
             });
         }
@@ -318,8 +318,8 @@ fn check_crls_cover_cas(
                 crl: crl.to_owned(),
                 ca: paths.ca.clone(),
                 reason: format!(
-                    "it holds no CRL of the CA {name}, so every client that CA issued would be \
-                     refused; add that CA's CRL (cat its crl.pem into the file)"
+                    "it holds no CRL of the CA {name}, so every certificate that CA issued \
+                     would be refused; add that CA's CRL (cat its crl.pem into the file)"
                 ),
             });
         }

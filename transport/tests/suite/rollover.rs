@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use trmx_certs::{Ca, CaOptions, CertPaths, IssueSpec};
 use trmx_transport::{
-    CrlPolicy, ListenerLimits, ServerTls, TlsFile, TlsPaths, TransportError, client_config,
+    ClientOptions, CrlPolicy, ListenerLimits, ServerTls, TlsFile, TlsPaths, TransportError,
+    client_channel, client_config,
 };
 
 use super::harness::{
@@ -253,4 +254,44 @@ fn two_cas_of_the_same_name_with_crls_are_refused() {
     }
     // without CRLs the two are told apart by their keys
     ServerTls::load(&with_ca(&fx.broker, &files.ca), None, CrlPolicy::Warn).unwrap();
+}
+
+/// A node's `tls.ca` and `tls.crl` are checked as the broker's are: with the CRL of one CA
+/// missing, or two CAs of one name, every broker certificate of that CA would be refused
+/// at each connect, with no word why. The channel is refused when it is made instead.
+#[tokio::test]
+async fn a_node_checks_its_ca_bundle_and_crls_as_the_broker_does() {
+    let fx = Fixture::new();
+    let node = participant(&fx, &fx.fed.ca, "NL-NRM");
+    let etc = fx.dir.path().join("node");
+    std::fs::create_dir(&etc).unwrap();
+    let (ca, crl) = (etc.join("tls.ca"), etc.join("tls.crl"));
+    let channel = |crl: &Path| {
+        let opts = ClientOptions {
+            crl: Some(crl.to_owned()),
+            ..ClientOptions::default()
+        };
+        client_channel("127.0.0.1:1", &with_ca(&node, &ca), &opts)
+    };
+    let ca2 = second_ca(&fx, "trm.test federation CA 2");
+    cat(&ca, &[fx.fed.ca.ca_cert_path(), ca2.ca_cert_path()]);
+    cat(&crl, &[fx.fed.ca.crl_path()]);
+    let err = channel(&crl).unwrap_err();
+    assert!(matches!(err, TransportError::CrlNotFromCa { .. }), "{err}");
+    assert!(
+        err.to_string().contains("CN=trm.test federation CA 2"),
+        "{err}"
+    );
+    cat(&crl, &[fx.fed.ca.crl_path(), ca2.crl_path()]);
+    channel(&crl).expect("both CAs and both CRLs");
+
+    let namesake = Ca::init(
+        &fx.dir.path().join("namesake"),
+        &CaOptions::new(TRUST_DOMAIN, "trm.test federation CA"),
+    )
+    .unwrap();
+    cat(&ca, &[fx.fed.ca.ca_cert_path(), namesake.ca_cert_path()]);
+    cat(&crl, &[fx.fed.ca.crl_path(), namesake.crl_path()]);
+    let err = channel(&crl).unwrap_err();
+    assert!(err.to_string().contains("--name"), "{err}");
 }
