@@ -624,3 +624,48 @@ async fn a_revoked_broker_certificate_is_refused_by_a_node_that_reads_the_crl() 
     expect_quiet(&mut s.queue).await?;
     s.h.shutdown().await
 }
+
+/// Certificates issued to the organisations' own keys (certificate requests, the key never
+/// at the CA) work end to end: NL-NRM's from `trmx-certs request` (ECDSA P-256), BE-PAYOKE's
+/// from an Ed25519 request made elsewhere. A referral goes from one node to the other
+/// through the broker and is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_certificates_issued_to_their_own_requests_exchange_messages() -> TestResult {
+    let mut h = Harness::new().await?;
+    let ca = &h.federation.pki.ca;
+    // NL-NRM: the request command's key and request
+    let nl = CertPaths::from_prefix(&h.federation.pki.dir.join(NL));
+    let nl_request = trmx_certs::CertRequest::create(
+        NL,
+        &trmx_certs::RequestPaths {
+            key: nl.key.clone(),
+            request: nl.cert.with_extension("csr"),
+        },
+        true,
+    )?;
+    ca.issue_for_request(&IssueSpec::participant(NL), &nl_request, &nl.cert, true)?;
+    // BE-PAYOKE: an Ed25519 key and request from another tool
+    let be = CertPaths::from_prefix(&h.federation.pki.dir.join(BE));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    let csr = be.cert.with_extension("csr");
+    std::fs::write(
+        &csr,
+        rcgen::CertificateParams::default()
+            .serialize_request(&key)?
+            .pem()?,
+    )?;
+    std::fs::write(&be.key, key.serialize_pem())?;
+    let be_request = trmx_certs::CertRequest::from_pem_file(&csr)?;
+    ca.issue_for_request(&IssueSpec::participant(BE), &be_request, &be.cert, true)?;
+
+    h.start_broker().await?;
+    let mut nl_api = h.start_node(NL).await?;
+    let _be_api = h.start_node(BE).await?;
+    let sent = send(
+        &mut nl_api,
+        json_request("csr-1", BE, Kind::Referral, EXAMPLES[0]),
+    )
+    .await?;
+    wait_delivered(&nl_api, &sent.message_id).await?;
+    h.shutdown().await
+}
