@@ -70,6 +70,11 @@ pub struct BrokerSection {
 }
 
 /// `[tls]`: the node's PEM files, made with `trmx-certs`.
+///
+/// All four are read again before a connection to the broker when one of them has
+/// changed (a renewal, a CA rollover, a new CRL): no restart is needed. A change that
+/// cannot be used, or a certificate of another identity, is logged and the files read
+/// before stay in force.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
@@ -81,7 +86,7 @@ pub struct TlsSection {
     pub key: PathBuf,
     /// The federation's CRL (PEM or DER), as the broker reads it: a broker certificate it
     /// lists is refused, so that a broker key that leaked and was revoked cannot pose as
-    /// the broker. Read again whenever the file changes. Unset: not checked.
+    /// the broker. Unset: not checked.
     #[serde(default)]
     pub crl: Option<PathBuf>,
 }

@@ -7,11 +7,12 @@ use std::time::{Duration, SystemTime};
 
 use rustls::ClientConfig;
 use rustls::client::{Resumption, WebPkiServerVerifier};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
+use trmx_certs::{CertInfo, Identity};
 
 use crate::server::{certified_key_error, provider};
 use crate::{TlsFile, TlsPaths, TransportError, pem};
@@ -54,8 +55,25 @@ fn client_config_checking(
     paths: &TlsPaths,
     crl: Option<&Path>,
 ) -> Result<ClientConfig, TransportError> {
+    build(paths, crl).map(|(config, _)| config)
+}
+
+/// The client config of [`client_config_checking`], and the leaf certificate it presents.
+fn build(
+    paths: &TlsPaths,
+    crl: Option<&Path>,
+) -> Result<(ClientConfig, CertificateDer<'static>), TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
+    // (`pem::certs` refuses a file without one)
+    let leaf = chain
+        .first()
+        .cloned()
+        .ok_or_else(|| TransportError::Invalid {
+            file: TlsFile::Cert,
+            path: paths.cert.clone(),
+            reason: "no certificate".to_owned(),
+        })?;
     let key = pem::key(&paths.key)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -90,44 +108,104 @@ fn client_config_checking(
         // a resumed session skips the server certificate's check, and so the CRL
         config.resumption = Resumption::disabled();
     }
-    Ok(config)
+    Ok((config, leaf))
 }
 
-/// The client config of a channel, built again when its CRL file changes.
+/// The client config of a channel, built again when one of its files changes.
+///
+/// A long-running client (a node) thus takes up, at its next connection and without a
+/// restart, a renewed certificate and key, a CA bundle of a rollover, and a new CRL. A
+/// change that cannot be used (a file half-copied, a key that is not the certificate's,
+/// a certificate of another identity) is logged once, and the files read before stay in
+/// force until the next change.
 struct ClientTls {
     paths: TlsPaths,
     crl: Option<PathBuf>,
-    /// The CRL file's stamp when `config` was built, and the config.
-    current: Mutex<(Option<Stamp>, Arc<ClientConfig>)>,
+    /// The identity of the certificate loaded first (`None`: it carries no trmx
+    /// identity): a changed certificate must carry the same one, since whoever reads
+    /// this client's traffic (a node's store) belongs to that identity.
+    identity: Option<Identity>,
+    current: Mutex<Current>,
 }
+
+struct Current {
+    /// The stamps of the files when they were last read, whether that worked or not.
+    read: Stamps,
+    config: Arc<ClientConfig>,
+}
+
+/// The stamps of the CA, certificate, key and CRL files (`None`: cannot be read).
+type Stamps = [Option<Stamp>; 4];
 
 impl ClientTls {
     fn load(paths: &TlsPaths, crl: Option<&Path>) -> Result<Self, TransportError> {
-        let modified = crl.and_then(stamp);
-        let config = client_config_checking(paths, crl)?;
+        let read = stamps(paths, crl);
+        let (config, leaf) = build(paths, crl)?;
         Ok(Self {
             paths: paths.clone(),
             crl: crl.map(Path::to_owned),
-            current: Mutex::new((modified, Arc::new(config))),
+            identity: Identity::from_der(&leaf).ok(),
+            current: Mutex::new(Current {
+                read,
+                config: Arc::new(config),
+            }),
         })
     }
 
-    /// The config for a new connection: with the CRL file as it is now.
+    /// The config for a new connection: with the files as they are now.
     fn config(&self) -> Arc<ClientConfig> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(crl) = &self.crl {
-            let now = stamp(crl);
-            if now.is_some() && now != current.0 {
-                match client_config_checking(&self.paths, Some(crl)) {
-                    Ok(config) => *current = (now, Arc::new(config)),
-                    Err(error) => tracing::warn!(
-                        %error,
-                        "the CRL changed but cannot be read: connecting with the CRL read before"
-                    ),
-                }
+        let now = stamps(&self.paths, self.crl.as_deref());
+        if now != current.read {
+            current.read = now;
+            if let Some(config) = self.rebuild() {
+                current.config = Arc::new(config);
             }
         }
-        Arc::clone(&current.1)
+        Arc::clone(&current.config)
+    }
+
+    /// A config from the files as they are now, or `None` (logged) when they cannot be
+    /// used.
+    fn rebuild(&self) -> Option<ClientConfig> {
+        let (config, leaf) = match build(&self.paths, self.crl.as_deref()) {
+            Ok(built) => built,
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "the TLS files changed but cannot be used: connecting with the ones \
+                     read before until they change again"
+                );
+                return None;
+            }
+        };
+        let identity = Identity::from_der(&leaf).ok();
+        if identity != self.identity {
+            let name = |identity: &Option<Identity>| {
+                identity
+                    .as_ref()
+                    .map_or_else(|| "no trmx identity".to_owned(), Identity::to_string)
+            };
+            tracing::warn!(
+                cert = %self.paths.cert.display(),
+                loaded = %name(&self.identity),
+                found = %name(&identity),
+                "the certificate file now holds a certificate of another identity: not \
+                 used, connecting with the one read before (restart with a matching \
+                 configuration to change identity)"
+            );
+            return None;
+        }
+        match CertInfo::from_der(&leaf) {
+            Ok(info) => tracing::info!(
+                cert = %self.paths.cert.display(),
+                serial = %info.serial_hex,
+                not_after = %trmx_certs::format_time(info.not_after),
+                "the TLS files changed: new connections use them"
+            ),
+            Err(_) => tracing::info!("the TLS files changed: new connections use them"),
+        }
+        Some(config)
     }
 }
 
@@ -138,6 +216,15 @@ type Stamp = (SystemTime, u64);
 fn stamp(path: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
+}
+
+fn stamps(paths: &TlsPaths, crl: Option<&Path>) -> Stamps {
+    [
+        stamp(&paths.ca),
+        stamp(&paths.cert),
+        stamp(&paths.key),
+        crl.and_then(stamp),
+    ]
 }
 
 /// Whether a failed connection (given the causes of a tonic status or transport error)
@@ -243,7 +330,67 @@ pub fn client_channel(
 
 #[cfg(test)]
 mod tests {
-    use super::host_of;
+    use std::sync::Arc;
+
+    use trmx_certs::Federation;
+
+    use super::{ClientTls, host_of};
+    use crate::TlsPaths;
+
+    /// Whether two configs are the same one (not rebuilt in between).
+    fn same(a: &Arc<rustls::ClientConfig>, b: &Arc<rustls::ClientConfig>) -> bool {
+        Arc::ptr_eq(a, b)
+    }
+
+    #[test]
+    fn changed_files_are_taken_up_unless_they_cannot_be_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = Federation::create(dir.path(), "trm.test").unwrap();
+        let node = fed.participant("NL-NRM").unwrap();
+        let other = fed.participant("DE-NRM").unwrap();
+        let paths = TlsPaths {
+            ca: fed.ca_cert_path(),
+            cert: node.cert.clone(),
+            key: node.key.clone(),
+        };
+        let crl = fed.crl_path();
+        let tls = ClientTls::load(&paths, Some(&crl)).unwrap();
+        let first = tls.config();
+        assert!(same(&first, &tls.config()), "nothing changed: not rebuilt");
+
+        // a renewal (new certificate and key) is taken up
+        fed.ca.renew(&node, 30).unwrap();
+        let renewed = tls.config();
+        assert!(!same(&first, &renewed));
+
+        // a certificate of another participant is not, though it is valid
+        let cert = std::fs::read(&node.cert).unwrap();
+        let key = std::fs::read(&node.key).unwrap();
+        std::fs::copy(&other.cert, &node.cert).unwrap();
+        std::fs::copy(&other.key, &node.key).unwrap();
+        assert!(same(&renewed, &tls.config()));
+        std::fs::write(&node.cert, &cert).unwrap();
+        std::fs::write(&node.key, &key).unwrap();
+        let back = tls.config();
+        assert!(!same(&renewed, &back));
+
+        // nor is a certificate whose key is not beside it yet (a copy half done); once
+        // the key follows, the pair is taken up
+        fed.ca.renew(&node, 30).unwrap();
+        let new_key = std::fs::read(&node.key).unwrap();
+        std::fs::write(&node.key, &key).unwrap();
+        assert!(same(&back, &tls.config()));
+        std::fs::write(&node.key, &new_key).unwrap();
+        let again = tls.config();
+        assert!(!same(&back, &again));
+        assert!(same(&again, &tls.config()));
+
+        // a new CRL too
+        fed.ca
+            .write_crl(std::time::Duration::from_secs(86_400))
+            .unwrap();
+        assert!(!same(&again, &tls.config()));
+    }
 
     #[test]
     fn host_part_of_addresses() {

@@ -313,3 +313,43 @@ async fn renewal_then_revoking_the_old_serial_closes_only_the_old_certificate() 
     drop(new_watch);
     server.stop().await;
 }
+
+/// A long-running client (a node) keeps its channel across a renewal: when the broker
+/// closes the connection of the old, now revoked, certificate, the same channel connects
+/// again with the renewed files, without a restart.
+#[tokio::test]
+async fn a_channel_reconnects_with_the_renewed_certificate_after_the_old_is_revoked() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let server = Server::start(fx.server_tls(CrlPolicy::Warn), ListenerLimits::default()).await;
+    let mut client = health(server.addr, &fx.paths(&node));
+    client.check(check_request()).await.unwrap();
+
+    let renewal = fx.fed.ca.renew(&node, 30).unwrap();
+    fx.fed
+        .ca
+        .revoke_serial_hex(&renewal.old.serial_hex)
+        .unwrap();
+    let report = server.tls.reload().unwrap();
+    assert_eq!(report.closed, ["participant NL-NRM from 127.0.0.1"]);
+
+    // the channel notices the closed connection and dials again (a first call may
+    // still meet the closed one)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    while tokio::time::Instant::now() < deadline {
+        match client.check(check_request()).await {
+            Ok(_) => break,
+            Err(status) => last = Some(status),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = client.check(check_request()).await;
+    assert!(answer.is_ok(), "{answer:?}, before: {last:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || server.tls.open_connections()
+            == 1)
+        .await
+    );
+    server.stop().await;
+}
