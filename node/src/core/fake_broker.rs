@@ -36,6 +36,8 @@ pub(crate) struct FakeState {
     pub(crate) rejected: Vec<(String, String, String)>,
     /// Message ids asked about with `GetStatus`.
     pub(crate) status_asked: Vec<String>,
+    /// `limits.max_envelope_bytes` of `GetInfo`; 0: no limits sent.
+    pub(crate) max_envelope_bytes: u64,
     seq: u64,
 }
 
@@ -369,11 +371,15 @@ impl Exchange for Endpoint {
                     .collect(),
             })
             .collect();
+        let limits = (st.max_envelope_bytes != 0).then(|| pb::BrokerLimits {
+            max_envelope_bytes: st.max_envelope_bytes,
+            ..Default::default()
+        });
         drop(st);
         Ok(Response::new(pb::BrokerInfo {
             broker_name: "fake".into(),
             participants,
-            limits: None,
+            limits,
             caller: self.caller.clone(),
         }))
     }

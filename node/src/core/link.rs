@@ -175,7 +175,10 @@ impl Inner {
         self.link.connected.store(connected, Ordering::SeqCst);
     }
 
-    pub(super) fn cache_participants(&self, info: &pb::BrokerInfo) {
+    /// Keeps the broker's registry and its envelope limit of a `GetInfo` answer.
+    pub(super) fn cache_broker_info(&self, info: &pb::BrokerInfo) {
+        let limit = info.limits.as_ref().map_or(0, |l| l.max_envelope_bytes);
+        self.link.max_envelope_bytes.store(limit, Ordering::SeqCst);
         let list: Vec<ParticipantInfo> = info
             .participants
             .iter()
@@ -288,7 +291,7 @@ pub(crate) async fn receive_loop(
                 if info.caller != me.as_str() {
                     warn!(participant = %me, broker_caller = %info.caller, "broker sees this node under another participant id");
                 }
-                inner.cache_participants(&info);
+                inner.cache_broker_info(&info);
                 match client
                     .receive(pb::ReceiveRequest {
                         max_in_flight: inner.config.max_in_flight,

@@ -23,7 +23,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -387,6 +387,8 @@ struct LinkState {
     last_error: Mutex<Option<String>>,
     /// `None` until the first `GetInfo` answered.
     participants: Mutex<Option<Vec<ParticipantInfo>>>,
+    /// The broker's `limits.max_envelope_bytes`; 0 until a `GetInfo` answered.
+    max_envelope_bytes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -449,7 +451,7 @@ async fn fetch_participants(
         .map_err(|_| NodeError::BrokerUnavailable("GetInfo timed out".into()))?
         .map_err(|s| NodeError::BrokerUnavailable(link::status_text(&s)))?
         .into_inner();
-    inner.cache_participants(&info);
+    inner.cache_broker_info(&info);
     Ok(info
         .participants
         .iter()
@@ -508,6 +510,36 @@ async fn check_recipient(
         Err(_) => Some(refusal),
     };
     refusal.map_or(Ok(()), |r| Err(NodeError::Invalid(r)))
+}
+
+/// Refuses up front an envelope larger than the broker's `max_envelope_bytes`, which
+/// the broker would refuse a moment after "queued". As with the registry, a node that
+/// never reached the broker does not know the limit and queues, and a refusal by the
+/// limit last fetched is checked again against a fresh one (the broker's operators may
+/// have raised it).
+async fn check_envelope_size(inner: &Inner, envelope: &pb::Envelope) -> Result<(), NodeError> {
+    let size = prost::Message::encoded_len(envelope) as u64;
+    let limit = || inner.link.max_envelope_bytes.load(Ordering::SeqCst);
+    let over = |limit: u64| limit != 0 && size > limit;
+    if !over(limit()) {
+        return Ok(());
+    }
+    // (when the broker cannot answer, the limit fetched before decides)
+    if fetch_participants(inner, REGISTRY_REFRESH_WAIT)
+        .await
+        .is_ok()
+        && !over(limit())
+    {
+        return Ok(());
+    }
+    Err(NodeError::Invalid(ValidationError::new(
+        "body",
+        format!(
+            "makes an envelope of {size} bytes, and the broker accepts at most {} \
+             (its limits.max_envelope_bytes): send fewer or smaller attachments",
+            limit()
+        ),
+    )))
 }
 
 /// Refuses a reply that cannot answer the received message `answered` that
@@ -827,10 +859,10 @@ impl NodeCore {
         // first time, whatever the registry or the clock says now)
         let store = inner.store.clone();
         let key = req.idempotency_key.clone();
-        if !inner
+        let retry = inner
             .blocking(move || store.idempotency_key_used(&key))
-            .await?
-        {
+            .await?;
+        if !retry {
             if expires_at.is_some_and(|at| at <= now) {
                 return Err(NodeError::Invalid(ValidationError::new(
                     "expires_at",
@@ -872,6 +904,9 @@ impl NodeCore {
             accepted_at: None,
             broker_seq: 0,
         };
+        if !retry {
+            check_envelope_size(inner, &envelope).await?;
+        }
         let new = NewOutgoing {
             idempotency_key: req.idempotency_key.clone(),
             fingerprint,

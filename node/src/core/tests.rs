@@ -1949,6 +1949,54 @@ mod link {
         be.shutdown().await;
     }
 
+    // ---- the envelope, checked against the broker's limit ----------------------
+
+    /// A message over the broker's `max_envelope_bytes` said "queued" and was refused
+    /// by the broker a moment later: a node that knows the limit says so now, and asks
+    /// again before it refuses (the limit may have been raised).
+    #[tokio::test]
+    async fn an_envelope_over_the_brokers_limit_is_refused_at_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        // (the example referral makes an envelope of 512 to 1024 bytes)
+        broker.lock().max_envelope_bytes = 512;
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
+        until("NL is connected", || async { nl.status().broker_connected }).await;
+
+        match nl.send(request("k-1", "BE-PAYOKE", referral())).await {
+            Err(NodeError::Invalid(e)) => {
+                assert_eq!(e.field, "body", "{e}");
+                let text = e.to_string();
+                assert!(text.contains("at most 512"), "{text}");
+                assert!(text.contains("max_envelope_bytes"), "{text}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(nl.outbox(&ListFilter::default()).await.unwrap().is_empty());
+
+        // the broker's operators raise the limit: the same send now goes
+        broker.lock().max_envelope_bytes = 1 << 20;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the referral is submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        // a retry of a send stored before gets its entry, whatever the limit says now
+        broker.lock().max_envelope_bytes = 512;
+        let retried = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        assert_eq!(retried.message_id, sent.message_id);
+        nl.shutdown().await;
+    }
+
     // ---- the recipient, checked against the broker's registry -------------------
 
     /// `trmx-node send --to XX-NOPE` said "queued" and failed a moment later
