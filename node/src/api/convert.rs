@@ -7,12 +7,12 @@ use std::time::SystemTime;
 use prost::Message;
 
 use trmx_proto::envelope::Priority;
-use trmx_proto::time::{from_millis, from_timestamp, to_timestamp};
+use trmx_proto::time::{Date, from_millis, from_timestamp, to_timestamp};
 use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use crate::core::{
-    Body, Direction, DueItem, DueKind, Failure, InboxEntry, ListFilter, Millis, NodeError,
-    NodeStatus, OutboxEntry, OutboxState, ParticipantInfo, SendRequest, TimelineEntry,
+    Body, Direction, DueCursor, DueItem, DueKind, Failure, InboxEntry, ListFilter, Millis,
+    NodeError, NodeStatus, OutboxEntry, OutboxState, ParticipantInfo, SendRequest, TimelineEntry,
 };
 
 fn invalid(field: &str, rule: &str) -> NodeError {
@@ -237,6 +237,43 @@ fn page_start(token: &str, prefix: &str) -> Result<Option<u64>, NodeError> {
 /// The `next_page_token` of a page.
 pub(crate) fn next_page_token(next: Option<u64>, prefix: &str) -> String {
     next.map(|seq| format!("{prefix}{seq}")).unwrap_or_default()
+}
+
+/// Prefix of the page tokens of `ListDue`.
+const DUE_PAGE: &str = "due:";
+
+/// Where a `ListDue` page token says the listing continues (`""`: the first item).
+pub(crate) fn due_page_start(token: &str) -> Result<Option<DueCursor>, NodeError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .strip_prefix(DUE_PAGE)
+        .and_then(|rest| rest.split_once(':'))
+        .and_then(|(date, id)| {
+            Some(DueCursor {
+                due: Date::parse(date).ok()?,
+                message_id: MessageId::parse(id).ok()?,
+            })
+        })
+        .map(Some)
+        .ok_or_else(|| {
+            invalid(
+                "page_token",
+                "is not a next_page_token of ListDue (leave it empty for the first page)",
+            )
+        })
+}
+
+/// The `next_page_token` of a `ListDue` page.
+pub(crate) fn due_page_token(next: Option<DueCursor>) -> String {
+    next.map(|c| format!("{DUE_PAGE}{}:{}", c.due, c.message_id))
+        .unwrap_or_default()
+}
+
+/// `ListDue`'s `limit`: 0 is the largest page (see `DUE_DEFAULT_LIMIT`).
+pub(crate) fn due_limit(limit: u32) -> usize {
+    usize::try_from(limit.min(MAX_LIST_LIMIT)).unwrap_or(0)
 }
 
 /// Largest page the API returns at once.

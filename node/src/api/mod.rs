@@ -279,15 +279,20 @@ impl LocalApi {
         })
     }
 
-    async fn due(&self, today: &str) -> Result<pb::ListDueResponse, NodeError> {
-        let today = if today.is_empty() {
+    async fn due(&self, req: &pb::ListDueRequest) -> Result<pb::ListDueResponse, NodeError> {
+        let today = if req.today.is_empty() {
             Date::of(self.clock.now())
         } else {
-            Date::parse(today).map_err(|e| NodeError::Invalid(e.within("today")))?
+            Date::parse(&req.today).map_err(|e| NodeError::Invalid(e.within("today")))?
         };
-        let items = self.core.due(today).await?;
+        let start = convert::due_page_start(&req.page_token)?;
+        let page = self
+            .core
+            .due(today, start, convert::due_limit(req.limit))
+            .await?;
         Ok(pb::ListDueResponse {
-            items: items.into_iter().map(convert::due_item).collect(),
+            items: page.entries.into_iter().map(convert::due_item).collect(),
+            next_page_token: convert::due_page_token(page.next),
         })
     }
 }
@@ -360,7 +365,7 @@ impl NodeApi for LocalApi {
         &self,
         request: Request<pb::ListDueRequest>,
     ) -> ApiResult<pb::ListDueResponse> {
-        reply(self.due(&request.get_ref().today).await)
+        reply(self.due(request.get_ref()).await)
     }
 
     async fn list_participants(

@@ -90,6 +90,12 @@ pub enum Command {
         /// Count as due on or before this date (YYYY-MM-DD; default: today).
         #[arg(long)]
         today: Option<String>,
+        /// At most this many items, oldest date first.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue a listing where the previous one stopped (it prints the token).
+        #[arg(long, value_name = "TOKEN")]
+        page_token: Option<String>,
     },
     /// Print new inbox entries as they arrive (resume with --after).
     Watch {
@@ -506,19 +512,25 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                 out.print(&format::case(&response))
             }
         }
-        Command::Due { today } => {
-            let items = client
+        Command::Due {
+            today,
+            limit,
+            page_token,
+        } => {
+            let page = client
                 .list_due(pb::ListDueRequest {
                     today: today.unwrap_or_default(),
+                    limit,
+                    page_token: page_token.unwrap_or_default(),
                 })
                 .await
                 .map_err(err)?
-                .into_inner()
-                .items;
+                .into_inner();
+            more(&page.next_page_token);
             if out.json {
-                out.json_lines(&items)
+                out.json_lines(&page.items)
             } else {
-                out.print(&format::due(&items))
+                out.print(&format::due(&page.items))
             }
         }
         Command::Watch { after } => {

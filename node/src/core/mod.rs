@@ -278,6 +278,16 @@ pub struct DueItem {
     pub what: DueKind,
 }
 
+/// Where a page of [`NodeCore::due`] starts: the first item at or after this date and
+/// message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DueCursor {
+    /// The date.
+    pub due: Date,
+    /// The message, in the byte order of its id among those of one date.
+    pub message_id: MessageId,
+}
+
 /// Filter of outbox / inbox listings. Empty fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -296,14 +306,15 @@ pub struct ListFilter {
     pub start: Option<u64>,
 }
 
-/// One page of a listing, newest first.
+/// One page of a listing: of the outbox or inbox (newest first, continued at the seq
+/// `C`), or of what is due (oldest first, continued at a [`DueCursor`]).
 #[derive(Debug, Clone)]
-pub struct Page<T> {
+pub struct Page<T, C = u64> {
     /// The entries.
     pub entries: Vec<T>,
-    /// Where the next page starts ([`ListFilter::start`]); `None` when no
-    /// older entry matches.
-    pub next: Option<u64>,
+    /// Where the next page starts ([`ListFilter::start`], or the `start` of
+    /// [`NodeCore::due`]); `None` when no further entry matches.
+    pub next: Option<C>,
 }
 
 /// What the node is doing.
@@ -1082,9 +1093,19 @@ impl NodeCore {
     /// requests we received with such a `respond_by` that we have not
     /// answered; follow-ups whose `next_follow_up_due` is on or before it
     /// with no later follow-up on the case.
-    pub async fn due(&self, today: Date) -> Result<Vec<DueItem>, NodeError> {
+    ///
+    /// A page at a time, oldest date first: at most `limit` items (0: 10,000) from
+    /// `start` (the [`Page::next`] of the page before; `None`: the first).
+    pub async fn due(
+        &self,
+        today: Date,
+        start: Option<DueCursor>,
+        limit: usize,
+    ) -> Result<Page<DueItem, DueCursor>, NodeError> {
         let store = self.inner.store.clone();
-        self.inner.blocking(move || store.due(today)).await
+        self.inner
+            .blocking(move || store.due(today, start, limit))
+            .await
     }
 
     /// The broker's participant registry (cached, refreshed on each connect).

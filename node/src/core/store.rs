@@ -53,8 +53,8 @@ use trmx_proto::time::Date;
 use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
 
 use super::{
-    Body, Direction, DueItem, DueKind, Failure, InboxEntry, ListFilter, Millis, NodeError,
-    OutboxEntry, OutboxState, Page, TimelineEntry,
+    Body, Direction, DueCursor, DueItem, DueKind, Failure, InboxEntry, ListFilter, Millis,
+    NodeError, OutboxEntry, OutboxState, Page, TimelineEntry,
 };
 
 const META: usize = 0;
@@ -98,6 +98,11 @@ const DIR_RECEIVED: u8 = 2;
 
 /// Page size of a listing asked with limit 0.
 const DEFAULT_LIMIT: usize = 100;
+
+/// Page size of `due` asked with limit 0: large, since `ListDue` had no pages before and
+/// its callers may not read `next_page_token`, but bounded (10,000 items are about
+/// 1.5 MB on the wire).
+pub(crate) const DUE_DEFAULT_LIMIT: usize = 10_000;
 
 /// One page of a listing over `tree` (keyed by big-endian seq), newest first
 /// from `filter.start`: the entries `read` makes of its values (`None`: gone,
@@ -1204,12 +1209,27 @@ impl Store {
         Ok(false)
     }
 
-    /// What is due on or before `today` (see [`DueKind`]).
-    pub(crate) fn due(&self, today: Date) -> Result<Vec<DueItem>, NodeError> {
+    /// What is due on or before `today` (see [`DueKind`]), oldest date first, from
+    /// `start` (a [`Page::next`] of an earlier page; `None`: the first), at most `limit`
+    /// items (0: [`DUE_DEFAULT_LIMIT`]).
+    pub(crate) fn due(
+        &self,
+        today: Date,
+        start: Option<DueCursor>,
+        limit: usize,
+    ) -> Result<Page<DueItem, DueCursor>, NodeError> {
+        let limit = if limit == 0 { DUE_DEFAULT_LIMIT } else { limit };
         let mut end = date_key(today).to_vec();
         end.extend_from_slice(&[0xff; 16]);
+        let begin = start.map_or_else(Vec::new, |c| due_key(c.due, c.message_id));
         let mut out = Vec::new();
-        for item in self.trees[DUE].range(..=end) {
+        if begin > end {
+            return Ok(Page {
+                entries: out,
+                next: None,
+            });
+        }
+        for item in self.trees[DUE].range(begin..=end) {
             let (key, value) = item.map_err(store_err)?;
             let (Some(date), Some(id)) = (
                 key.get(0..4).and_then(|b| {
@@ -1275,9 +1295,21 @@ impl Store {
                     what,
                 }
             };
+            if out.len() == limit {
+                return Ok(Page {
+                    entries: out,
+                    next: Some(DueCursor {
+                        due: date,
+                        message_id: id,
+                    }),
+                });
+            }
             out.push(due_item);
         }
-        Ok(out)
+        Ok(Page {
+            entries: out,
+            next: None,
+        })
     }
 
     // ---- retention ------------------------------------------------------

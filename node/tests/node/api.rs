@@ -343,7 +343,7 @@ async fn a_watch_cursor_past_the_inbox_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_outbox_is_listed_a_page_at_a_time() {
+async fn the_outbox_and_what_is_due_are_listed_a_page_at_a_time() {
     let sandbox = Sandbox::new();
     let node = sandbox.start().await;
     let mut client = connect_local(node.socket_path()).await.expect("connect");
@@ -375,6 +375,41 @@ async fn the_outbox_is_listed_a_page_at_a_time() {
         page_token = page.next_page_token;
     }
     assert_eq!(listed, sent, "every entry once, newest first");
+
+    // what is due too, oldest date first (one date here: ordered by message id)
+    let mut due = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = client
+            .list_due(pb::ListDueRequest {
+                today: "2026-02-01".to_owned(),
+                limit: 2,
+                page_token,
+            })
+            .await
+            .expect("due")
+            .into_inner();
+        pages += 1;
+        due.extend(page.items.into_iter().map(|e| e.message_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(pages, 2);
+    let mut expected = sent.clone();
+    expected.sort();
+    assert_eq!(due, expected, "every request awaiting an answer once");
+    let status = client
+        .list_due(pb::ListDueRequest {
+            page_token: "outbox:3".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a token of another listing");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(invalid_field(&status), Some("page_token"));
 
     let status = client
         .list_inbox(pb::ListInboxRequest {
