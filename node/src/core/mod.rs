@@ -422,6 +422,15 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     failpoint_inbox_after_store: bool,
+    /// What was last said about the node certificate's expiry.
+    cert_notice: Mutex<ExpiryNotice>,
+}
+
+/// The broker link of a node started online, for [`NodeCore::open`].
+struct BrokerLink {
+    client: ExchangeClient<Channel>,
+    /// What [`NodeCore::start`] said about the certificate's expiry.
+    cert_notice: ExpiryNotice,
 }
 
 impl Inner {
@@ -656,17 +665,19 @@ fn fingerprint(req: &SendRequest, payload: &[u8]) -> String {
         .collect()
 }
 
-/// How long before its end of validity the node certificate is warned about
-/// at start.
+/// How long before its end of validity the node certificate is warned about.
 pub const CERT_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
 
-/// Checks the node certificate (`tls.cert`) against the config at `now`: it
-/// must be a participant certificate for `config.participant` — the broker
-/// knows the node by its certificate only, so with another participant's
-/// certificate the node would receive that participant's messages into this
-/// one's database. One that has expired is logged at ERROR (the node still
-/// serves its store), one that expires within [`CERT_EXPIRY_WARNING`] at WARN.
-pub fn check_node_certificate(config: &CoreConfig, now: SystemTime) -> Result<(), NodeError> {
+/// How often a node certificate that expires soon, or has expired, is said again: a
+/// node runs for months, and a warning at its start alone would be long scrolled away
+/// when the date comes.
+pub const CERT_EXPIRY_REPEAT: Duration = Duration::from_secs(86_400);
+
+/// Checks the node certificate (`tls.cert`) against the config: it must be a
+/// participant certificate for `config.participant` — the broker knows the node by its
+/// certificate only, so with another participant's certificate the node would receive
+/// that participant's messages into this one's database. Returns what it holds.
+pub fn check_node_certificate(config: &CoreConfig) -> Result<trmx_certs::CertInfo, NodeError> {
     let path = config.tls.cert.display();
     let info = trmx_certs::CertInfo::from_pem_file(&config.tls.cert)
         .map_err(|e| NodeError::Config(format!("tls.cert: {e}")))?;
@@ -682,19 +693,62 @@ pub fn check_node_certificate(config: &CoreConfig, now: SystemTime) -> Result<()
             config.participant
         )));
     }
+    Ok(info)
+}
+
+/// What was last said about the node certificate's expiry: its serial, and when.
+type ExpiryNotice = Option<(String, SystemTime)>;
+
+/// Says that the node certificate `info` has expired (ERROR) or expires within
+/// [`CERT_EXPIRY_WARNING`] (WARN), unless `said` says so of the same certificate less
+/// than [`CERT_EXPIRY_REPEAT`] before `now`.
+fn note_certificate_expiry(
+    config: &CoreConfig,
+    info: &trmx_certs::CertInfo,
+    now: SystemTime,
+    said: &mut ExpiryNotice,
+) {
+    let left = info.not_after.duration_since(now);
+    if left.as_ref().is_ok_and(|left| *left >= CERT_EXPIRY_WARNING) {
+        return;
+    }
+    if let Some((serial, at)) = said.as_ref()
+        && *serial == info.serial_hex
+        && now
+            .duration_since(*at)
+            .is_ok_and(|ago| ago < CERT_EXPIRY_REPEAT)
+    {
+        return;
+    }
+    *said = Some((info.serial_hex.clone(), now));
+    let path = config.tls.cert.display();
     let not_after = trmx_certs::format_time(info.not_after);
-    match info.not_after.duration_since(now) {
+    match left {
         // Not refused: the node still serves what it stores (the referrals it received, to
         // the case workers) while the renewal comes; only the broker is out of reach.
         Err(_) => {
             error!(participant = %config.participant, cert = %path, not_after = %not_after, "the node certificate has expired: the broker refuses it, so nothing is sent or received until a renewed certificate is installed (the local store is still served)");
-            Ok(())
         }
-        Ok(left) if left < CERT_EXPIRY_WARNING => {
+        Ok(left) => {
             warn!(participant = %config.participant, cert = %path, not_after = %not_after, days_left = left.as_secs() / 86_400, "the node certificate expires soon: renew it");
-            Ok(())
         }
-        Ok(_) => Ok(()),
+    }
+}
+
+impl Inner {
+    /// Reads the node certificate again (it may have been renewed) and says when it
+    /// expires soon or has expired, once a day at most. A file that cannot be read, or
+    /// holds another identity, is left to the broker link, which does not use it and
+    /// says why at its next connection.
+    fn recheck_certificate(&self) {
+        let Ok(info) = check_node_certificate(&self.config) else {
+            return;
+        };
+        let mut said = self
+            .cert_notice
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        note_certificate_expiry(&self.config, &info, self.clock.now(), &mut said);
     }
 }
 
@@ -720,11 +774,15 @@ impl NodeCore {
     /// loop abort the process after a delivery is stored and flushed, before
     /// it is acknowledged (test-only).
     ///
-    /// Refuses a node certificate that is not `config.participant`'s or that
-    /// has expired (see [`check_node_certificate`]) before anything is
-    /// opened or dialled.
+    /// Refuses a node certificate that is not `config.participant`'s (see
+    /// [`check_node_certificate`]) before anything is opened or dialled. One that
+    /// has expired is logged at ERROR (the node still serves its store), one that
+    /// expires within [`CERT_EXPIRY_WARNING`] at WARN; both are said again once a
+    /// day while the node runs.
     pub async fn start(config: CoreConfig, clock: Arc<dyn Clock>) -> Result<NodeCore, NodeError> {
-        check_node_certificate(&config, clock.now())?;
+        let info = check_node_certificate(&config)?;
+        let mut said = None;
+        note_certificate_expiry(&config, &info, clock.now(), &mut said);
         let opts = trmx_transport::ClientOptions {
             server_name: config.broker_server_name.clone(),
             crl: config.crl.clone(),
@@ -733,7 +791,11 @@ impl NodeCore {
         let channel = trmx_transport::client_channel(&config.broker_addr, &config.tls, &opts)
             .map_err(|e| NodeError::Config(format!("broker connection: {e}")))?;
         let failpoint = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "inbox-after-store");
-        Self::open(config, clock, Some(broker_client(channel)), failpoint).await
+        let link = BrokerLink {
+            client: broker_client(channel),
+            cert_notice: said,
+        };
+        Self::open(config, clock, Some(link), failpoint).await
     }
 
     /// Opens the store without a broker link: nothing is submitted or
@@ -748,9 +810,10 @@ impl NodeCore {
     async fn open(
         config: CoreConfig,
         clock: Arc<dyn Clock>,
-        client: Option<ExchangeClient<Channel>>,
+        link: Option<BrokerLink>,
         failpoint_inbox_after_store: bool,
     ) -> Result<NodeCore, NodeError> {
+        let (client, cert_notice) = link.map_or((None, None), |l| (Some(l.client), l.cert_notice));
         check_config(&config)?;
         let dir = config.data_dir.clone();
         let cache = config.cache_capacity_bytes;
@@ -772,6 +835,7 @@ impl NodeCore {
             shutdown,
             tasks: Mutex::new(Vec::new()),
             failpoint_inbox_after_store,
+            cert_notice: Mutex::new(cert_notice),
         });
         let mut tasks = Vec::new();
         if let Some(client) = inner.client.clone() {
@@ -1261,9 +1325,14 @@ async fn run_retention(inner: &Arc<Inner>) -> Result<usize, NodeError> {
     Ok(erased.len())
 }
 
-/// Erases expired bodies at start and then every `retention_check_interval`.
+/// Erases expired bodies at start and then every `retention_check_interval`; a node
+/// online also reads its certificate again then (see [`Inner::recheck_certificate`]).
 async fn retention_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
     loop {
+        // (riding on the retention timer: an hourly read of one small file)
+        if inner.client.is_some() {
+            inner.recheck_certificate();
+        }
         if let Err(e) = run_retention(&inner).await {
             warn!(participant = %inner.config.participant, error = %e, "retention run failed");
         }

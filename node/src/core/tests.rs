@@ -1209,7 +1209,11 @@ mod link {
             .unwrap()
             .connect_timeout(Duration::from_secs(1))
             .connect_lazy();
-        NodeCore::open(config, clock, Some(broker_client(channel)), false)
+        let link = BrokerLink {
+            client: broker_client(channel),
+            cert_notice: None,
+        };
+        NodeCore::open(config, clock, Some(link), false)
             .await
             .unwrap()
     }
@@ -1770,6 +1774,25 @@ mod link {
         NodeCore::start(cfg, Arc::new(ManualClock::new(SystemTime::now()))).await
     }
 
+    /// [`started`] on `clock`.
+    async fn started_on(
+        dir: &Path,
+        me: &str,
+        federation: &trmx_certs::Federation,
+        cert: &trmx_certs::CertPaths,
+        addr: SocketAddr,
+        clock: Arc<ManualClock>,
+    ) -> NodeCore {
+        let mut cfg = config(dir, me);
+        cfg.broker_addr = addr.to_string();
+        cfg.tls = trmx_transport::TlsPaths {
+            ca: federation.ca_cert_path(),
+            cert: cert.cert.clone(),
+            key: cert.key.clone(),
+        };
+        NodeCore::start(cfg, clock).await.unwrap()
+    }
+
     /// The last broker error once there is one.
     async fn broker_error(node: &NodeCore) -> String {
         until("a broker error", || async {
@@ -1910,6 +1933,59 @@ mod link {
         let at = SystemTime::now() - DAY * u32::try_from(issued_days_ago).unwrap();
         federation.ca.issue_at(&spec, &paths, true, at).unwrap();
         paths
+    }
+
+    /// A node runs for months: a warning at its start alone would be long scrolled
+    /// away when the certificate expires. It is said again once a day, from the file
+    /// as it is then (a renewal ends it).
+    #[tokio::test]
+    async fn an_expiring_certificate_is_said_again_once_a_day_until_renewed() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let (_l, addr) = listener().await;
+        let expiring = issued(&federation, "NL-NRM", 0, 10);
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let nl = started_on(
+            dir.path(),
+            "NL-NRM",
+            &federation,
+            &expiring,
+            addr,
+            clock.clone(),
+        )
+        .await;
+        let warned = || logs.lines_with(&["WARN", "the node certificate expires soon"]);
+        assert_eq!(warned().len(), 1, "at start");
+
+        clock.advance(Duration::from_secs(3600));
+        nl.inner.recheck_certificate();
+        assert_eq!(warned().len(), 1, "not again within a day");
+        clock.advance(DAY);
+        nl.inner.recheck_certificate();
+        let said = warned();
+        assert_eq!(said.len(), 2, "{said:#?}");
+        assert!(said[1].contains("days_left=8"), "{}", said[1]);
+
+        // renewed in place: nothing more to say, however many days pass
+        let renewed = issued(&federation, "NL-NRM", 0, 365);
+        assert_eq!(renewed.cert, expiring.cert);
+        clock.advance(DAY * 2);
+        nl.inner.recheck_certificate();
+        assert_eq!(warned().len(), 2);
+
+        // until that one expires, without a restart
+        clock.advance(DAY * 400);
+        nl.inner.recheck_certificate();
+        let expired = logs.lines_with(&["ERROR", "the node certificate has expired"]);
+        assert_eq!(expired.len(), 1, "{expired:#?}");
+        nl.inner.recheck_certificate();
+        assert_eq!(
+            logs.lines_with(&["ERROR", "the node certificate has expired"])
+                .len(),
+            1
+        );
+        nl.shutdown().await;
     }
 
     #[tokio::test]
