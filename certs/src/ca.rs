@@ -11,6 +11,8 @@
 //!
 //! # Invariants
 //! - every file is replaced atomically (temporary file + rename), keys are created `0600`;
+//!   a new key and its certificate are written together (`pem::write_pair_atomic`): a
+//!   failure leaves the old pair;
 //! - the CRL number only grows;
 //! - a serial once marked revoked stays revoked (and in every later CRL);
 //! - every change (issue, revoke, CRL, renew) reads the index, changes it and writes the
@@ -33,7 +35,7 @@ use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 use crate::info::normalize_serial;
-use crate::pem::{Mode, read, write_atomic};
+use crate::pem::{Mode, NewFile, read, write_atomic, write_pair_atomic};
 use crate::{CertError, CertInfo, CertRequest, Identity, Role, load_certs_pem};
 
 /// How far `not_before` (and a CRL's `thisUpdate`) is set in the past, so that peers whose
@@ -590,22 +592,34 @@ impl Ca {
                     .map_err(|e| CertError::io("create directory", parent, e))?;
             }
         }
-        if let Certified::Made(key, key_path) = &key {
-            write_atomic(
-                "private key",
-                key_path,
-                key.serialize_pem().as_bytes(),
-                Mode::Secret,
+        let cert_pem = cert.pem();
+        let cert_file = NewFile {
+            what: "certificate",
+            path: cert_path,
+            contents: cert_pem.as_bytes(),
+            mode: Mode::Public,
+        };
+        match &key {
+            // both or neither: a crash or failure must not leave a new key beside the old
+            // certificate (or the reverse); see `write_pair_atomic` for what remains
+            Certified::Made(key, key_path) => {
+                let key_pem = key.serialize_pem();
+                let key_file = NewFile {
+                    what: "private key",
+                    path: key_path,
+                    contents: key_pem.as_bytes(),
+                    mode: Mode::Secret,
+                };
+                write_pair_atomic(key_file, cert_file, force)?;
+            }
+            Certified::Request(_) => write_atomic(
+                cert_file.what,
+                cert_file.path,
+                cert_file.contents,
+                cert_file.mode,
                 force,
-            )?;
+            )?,
         }
-        write_atomic(
-            "certificate",
-            cert_path,
-            cert.pem().as_bytes(),
-            Mode::Public,
-            force,
-        )?;
 
         self.update_index(lock, |index| {
             index.certs.push(IssuedCert {

@@ -17,8 +17,9 @@
 //!   and demos;
 //! - [`request`] — [`CertRequest`]: an organisation's own key and certificate signing
 //!   request, so that its private key never travels; the CA certifies only its public key;
-//! - [`pem`] — `load_certs_pem`, `load_key_pem`, `load_crls_pem` for rustls, and the atomic
-//!   writer used for every file (keys created `0600`);
+//! - [`pem`] — `load_certs_pem`, `load_key_pem`, `load_crls_pem` for rustls, the atomic
+//!   writer used for every file (keys created `0600`), and the pair writer that replaces a
+//!   key and its certificate together;
 //! - [`error`] — [`CertError`], the crate's one error type (one-line messages).
 //!
 //! The `trmx-certs` binary (`src/main.rs`) is a thin clap front end over [`Ca`].

@@ -304,6 +304,61 @@ mod ca_files {
             .unwrap();
     }
 
+    /// Names of the temporary files (`.trmx-certs-*`) in `dir`.
+    fn temporaries(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".trmx-certs-"))
+            .collect()
+    }
+
+    /// A key and its certificate are replaced together: when the certificate cannot be
+    /// written (here a directory is in its way), the old key stays, nothing is recorded and
+    /// no temporary file is left; on success none is left either.
+    #[test]
+    fn a_certificate_that_cannot_be_written_leaves_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(
+            &dir.path().join("ca"),
+            &CaOptions::new("trm.example", "TRM Federation CA"),
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        let paths = CertPaths::from_prefix(&out.join("NL-NRM"));
+        let spec = IssueSpec::participant("NL-NRM");
+        ca.issue(&spec, &paths, false).unwrap();
+        let renewed = ca.renew(&paths, 30).unwrap();
+        assert_eq!(temporaries(&out), Vec::<String>::new());
+        let key = std::fs::read(&paths.key).unwrap();
+        let index = std::fs::read(dir.path().join("ca/index.json")).unwrap();
+
+        let blocked = CertPaths {
+            cert: out.join("blocked.pem"),
+            key: paths.key.clone(),
+        };
+        std::fs::create_dir(&blocked.cert).unwrap();
+        let err = ca.issue(&spec, &blocked, true).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot write certificate {}: ",
+                blocked.cert.display()
+            )),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&paths.key).unwrap(), key, "the old key stays");
+        assert_eq!(mode(&paths.key), 0o600);
+        assert_eq!(
+            CertInfo::from_pem_file(&paths.cert).unwrap().serial_hex,
+            renewed.new.serial_hex
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("ca/index.json")).unwrap(),
+            index
+        );
+        assert_eq!(temporaries(&out), Vec::<String>::new());
+    }
+
     #[test]
     fn init_refuses_to_replace_a_ca_without_force() {
         let dir = tempfile::tempdir().unwrap();
