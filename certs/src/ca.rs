@@ -207,16 +207,33 @@ struct Index {
 
 const INDEX_VERSION: u32 = 1;
 
-/// An opened federation CA directory.
-pub struct Ca {
+/// A federation CA directory opened for reading only: the CA certificate and the index,
+/// never `ca.key`. Enough to list what the CA issued and to check whether it issued a
+/// certificate and revoked it, so an auditor or an operator without access to the key can
+/// do that. [`Ca`] is a view plus the key.
+pub struct CaView {
     dir: PathBuf,
     trust_domain: String,
     cert_der: CertificateDer<'static>,
+    not_after: SystemTime,
+    index: Mutex<Index>,
+}
+
+impl std::fmt::Debug for CaView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaView")
+            .field("dir", &self.dir)
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An opened federation CA directory, key included: it issues, renews and revokes.
+pub struct Ca {
+    view: CaView,
     key: KeyPair,
     /// The CA's subject key identifier, used as the CRL's authority key identifier.
     key_id: Vec<u8>,
-    not_after: SystemTime,
-    index: Mutex<Index>,
     /// Where [`Ca::init`] with `force` moved the CA it replaced.
     replaced: Option<PathBuf>,
 }
@@ -224,10 +241,139 @@ pub struct Ca {
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca")
-            .field("dir", &self.dir)
-            .field("trust_domain", &self.trust_domain)
+            .field("dir", &self.view.dir)
+            .field("trust_domain", &self.view.trust_domain)
             .field("key", &"[elided]")
             .finish_non_exhaustive()
+    }
+}
+
+impl CaView {
+    /// Opens an existing CA directory for reading: `ca.pem` and `index.json`, never
+    /// `ca.key`. A missing or unreadable file is a one-line error naming it; a directory
+    /// with neither `ca.pem` nor `ca.key` (a wrong `--dir`) is [`CertError::NoCa`].
+    pub fn open(dir: &Path) -> Result<CaView, CertError> {
+        refuse_no_ca(dir)?;
+        CaView::read(dir)
+    }
+
+    fn read(dir: &Path) -> Result<CaView, CertError> {
+        let cert_path = dir.join("ca.pem");
+        let index_path = dir.join("index.json");
+        let cert_der = load_certs_pem(&cert_path)
+            .map_err(|e| rename_what(e, "CA certificate"))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                CertError::parse("CA certificate", &cert_path, "no CERTIFICATE block")
+            })?;
+        let (_, x509) = X509Certificate::from_der(&cert_der)
+            .map_err(|e| CertError::parse("CA certificate", &cert_path, e))?;
+        if !x509.is_ca() {
+            return Err(CertError::parse(
+                "CA certificate",
+                &cert_path,
+                "not a CA certificate",
+            ));
+        }
+        let not_after = crate::info::system_time(x509.validity().not_after);
+
+        let index = load_index(&index_path)?;
+        crate::identity::validate_trust_domain(&index.trust_domain)
+            .map_err(|e| CertError::parse("CA index", &index_path, e))?;
+        Ok(CaView {
+            dir: dir.to_path_buf(),
+            trust_domain: index.trust_domain.clone(),
+            cert_der: cert_der.into_owned(),
+            not_after,
+            index: Mutex::new(index),
+        })
+    }
+
+    /// The federation's trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `<dir>/ca.pem`, the trust anchor.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// `<dir>/crl.pem`, the current CRL.
+    pub fn crl_path(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.dir.join("index.json")
+    }
+
+    /// The end of the CA certificate's validity: no certificate it issues may outlive it.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// The CA certificate, DER.
+    pub fn ca_cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Reads a certificate file and checks that this CA signed it and that it carries an
+    /// identity of this trust domain.
+    pub fn verify_issued(&self, cert_pem_path: &Path) -> Result<CertInfo, CertError> {
+        let der = load_certs_pem(cert_pem_path)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                CertError::parse("certificate", cert_pem_path, "no CERTIFICATE block")
+            })?;
+        let (_, cert) = X509Certificate::from_der(&der)
+            .map_err(|e| CertError::parse("certificate", cert_pem_path, e))?;
+        let (_, ca) = X509Certificate::from_der(&self.cert_der)
+            .map_err(|e| CertError::parse("CA certificate", &self.ca_cert_path(), e))?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|e| CertError::NotIssuedByCa {
+                path: cert_pem_path.to_path_buf(),
+                problem: format!("signature: {e}"),
+            })?;
+        let info = CertInfo::from_x509(&cert).map_err(|e| match e {
+            CertError::InvalidIdentity { problem } => {
+                CertError::parse("certificate", cert_pem_path, format!("identity: {problem}"))
+            }
+            other => other,
+        })?;
+        if info.identity.trust_domain != self.trust_domain {
+            return Err(CertError::TrustDomainMismatch {
+                expected: self.trust_domain.clone(),
+                found: info.identity.trust_domain,
+            });
+        }
+        Ok(info)
+    }
+
+    /// Whether the serial (hex, any case, leading zeros and `:` ignored) is revoked, as of
+    /// this CA's last open or change (a long-running process should rely on the CRL).
+    pub fn is_revoked(&self, serial_hex: &str) -> bool {
+        let serial = normalize_serial(serial_hex);
+        self.lock()
+            .certs
+            .iter()
+            .any(|c| c.serial == serial && c.revoked_at.is_some())
+    }
+
+    /// Every certificate this CA issued, from the index.
+    pub fn issued(&self) -> Vec<IssuedCert> {
+        self.lock().certs.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -312,34 +458,22 @@ impl Ca {
         Ok(ca)
     }
 
-    /// Opens an existing CA directory. A missing or unreadable file is a one-line error
-    /// naming it (`cannot read CA key /x/ca.key: No such file or directory`); a directory
-    /// with neither `ca.pem` nor `ca.key` (a wrong `--dir`) is [`CertError::NoCa`].
+    /// Opens an existing CA directory, key included. A missing or unreadable file is a
+    /// one-line error naming it (`cannot read CA key /x/ca.key: No such file or directory`);
+    /// a directory with neither `ca.pem` nor `ca.key` (a wrong `--dir`) is
+    /// [`CertError::NoCa`]. To read without the key, use [`CaView::open`].
     pub fn open(dir: &Path) -> Result<Ca, CertError> {
-        let cert_path = dir.join("ca.pem");
+        refuse_no_ca(dir)?;
         let key_path = dir.join("ca.key");
-        let index_path = dir.join("index.json");
-
-        let absent = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
-        if absent(&cert_path) && absent(&key_path) {
-            return Err(CertError::NoCa {
-                dir: dir.to_path_buf(),
-            });
-        }
         let key_pem = read("CA key", &key_path)?;
         let key_pem = String::from_utf8(key_pem)
             .map_err(|_| CertError::parse("CA key", &key_path, "not UTF-8 PEM"))?;
         let key =
             KeyPair::from_pem(&key_pem).map_err(|e| CertError::parse("CA key", &key_path, e))?;
 
-        let cert_der = load_certs_pem(&cert_path)
-            .map_err(|e| rename_what(e, "CA certificate"))?
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                CertError::parse("CA certificate", &cert_path, "no CERTIFICATE block")
-            })?;
-        let (_, x509) = X509Certificate::from_der(&cert_der)
+        let view = CaView::read(dir)?;
+        let cert_path = view.ca_cert_path();
+        let (_, x509) = X509Certificate::from_der(&view.cert_der)
             .map_err(|e| CertError::parse("CA certificate", &cert_path, e))?;
         if x509.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
             return Err(CertError::parse(
@@ -349,13 +483,6 @@ impl Ca {
                     "it does not belong to the certificate {}",
                     cert_path.display()
                 ),
-            ));
-        }
-        if !x509.is_ca() {
-            return Err(CertError::parse(
-                "CA certificate",
-                &cert_path,
-                "not a CA certificate",
             ));
         }
         let key_id = x509
@@ -368,22 +495,17 @@ impl Ca {
             .ok_or_else(|| {
                 CertError::parse("CA certificate", &cert_path, "no subject key identifier")
             })?;
-        let not_after = crate::info::system_time(x509.validity().not_after);
-
-        let index = load_index(&index_path)?;
-        crate::identity::validate_trust_domain(&index.trust_domain)
-            .map_err(|e| CertError::parse("CA index", &index_path, e))?;
-        let cert_der = cert_der.into_owned();
         Ok(Ca {
-            dir: dir.to_path_buf(),
-            trust_domain: index.trust_domain.clone(),
-            cert_der,
+            view,
             key,
             key_id,
-            not_after,
-            index: Mutex::new(index),
             replaced: None,
         })
+    }
+
+    /// The read-only part of this CA: certificate, trust domain, index.
+    pub fn view(&self) -> &CaView {
+        &self.view
     }
 
     /// Where [`Ca::init`] with `force` moved the files of the CA it replaced (`None` when
@@ -394,36 +516,36 @@ impl Ca {
 
     /// The federation's trust domain.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        self.view.trust_domain()
     }
 
     /// The CA directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.view.dir()
     }
 
     /// `<dir>/ca.pem`, the trust anchor.
     pub fn ca_cert_path(&self) -> PathBuf {
-        self.dir.join("ca.pem")
+        self.view.ca_cert_path()
     }
 
     /// `<dir>/crl.pem`, the current CRL.
     pub fn crl_path(&self) -> PathBuf {
-        self.dir.join("crl.pem")
+        self.view.crl_path()
     }
 
     fn index_path(&self) -> PathBuf {
-        self.dir.join("index.json")
+        self.view.index_path()
     }
 
     /// The end of the CA certificate's validity: no certificate it issues may outlive it.
     pub fn not_after(&self) -> SystemTime {
-        self.not_after
+        self.view.not_after()
     }
 
     /// The CA certificate, DER.
     pub fn ca_cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
+        self.view.ca_cert_der()
     }
 
     /// Issues a certificate for `spec` and writes it to `out` (key `0600`). Refuses to
@@ -481,11 +603,11 @@ impl Ca {
         force: bool,
         now: SystemTime,
     ) -> Result<CertInfo, CertError> {
-        let identity = Identity::new(&self.trust_domain, spec.role.clone())?;
+        let identity = Identity::new(&self.view.trust_domain, spec.role.clone())?;
         check_validity_days(spec.validity_days)?;
         let not_after = now + days(spec.validity_days);
-        if not_after > self.not_after {
-            let left = self.not_after.duration_since(now).unwrap_or_default();
+        if not_after > self.view.not_after {
+            let left = self.view.not_after.duration_since(now).unwrap_or_default();
             let left_days = left.as_secs() / DAY;
             let what_now = if left_days == 0 {
                 "no certificate can be issued any more: replace the CA".to_string()
@@ -499,7 +621,7 @@ impl Ca {
                 field: "validity days",
                 problem: format!(
                     "the certificate would outlive the CA certificate, which expires {}; {what_now}",
-                    crate::format_time(self.not_after)
+                    crate::format_time(self.view.not_after)
                 ),
             });
         }
@@ -555,7 +677,7 @@ impl Ca {
             .push(DnType::CommonName, identity.role.name());
         params
             .distinguished_name
-            .push(DnType::OrganizationName, self.trust_domain.as_str());
+            .push(DnType::OrganizationName, self.view.trust_domain.as_str());
         params
             .distinguished_name
             .push(DnType::OrganizationalUnitName, identity.role.kind());
@@ -573,7 +695,7 @@ impl Ca {
         params.not_after = OffsetDateTime::from(not_after);
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)
+        let issuer = Issuer::from_ca_cert_der(&self.view.cert_der, &self.key)
             .map_err(CertError::generate("issuer from the CA certificate"))?;
         let cert = match &key {
             Certified::Made(key, _) => params.signed_by(key.as_ref(), &issuer),
@@ -637,34 +759,7 @@ impl Ca {
     /// Reads a certificate file and checks that this CA signed it and that it carries an
     /// identity of this trust domain.
     pub fn verify_issued(&self, cert_pem_path: &Path) -> Result<CertInfo, CertError> {
-        let der = load_certs_pem(cert_pem_path)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                CertError::parse("certificate", cert_pem_path, "no CERTIFICATE block")
-            })?;
-        let (_, cert) = X509Certificate::from_der(&der)
-            .map_err(|e| CertError::parse("certificate", cert_pem_path, e))?;
-        let (_, ca) = X509Certificate::from_der(&self.cert_der)
-            .map_err(|e| CertError::parse("CA certificate", &self.ca_cert_path(), e))?;
-        cert.verify_signature(Some(ca.public_key()))
-            .map_err(|e| CertError::NotIssuedByCa {
-                path: cert_pem_path.to_path_buf(),
-                problem: format!("signature: {e}"),
-            })?;
-        let info = CertInfo::from_x509(&cert).map_err(|e| match e {
-            CertError::InvalidIdentity { problem } => {
-                CertError::parse("certificate", cert_pem_path, format!("identity: {problem}"))
-            }
-            other => other,
-        })?;
-        if info.identity.trust_domain != self.trust_domain {
-            return Err(CertError::TrustDomainMismatch {
-                expected: self.trust_domain.clone(),
-                found: info.identity.trust_domain,
-            });
-        }
-        Ok(info)
+        self.view.verify_issued(cert_pem_path)
     }
 
     /// Revokes the certificate in `cert_pem_path` (it must have been signed by this CA):
@@ -695,7 +790,7 @@ impl Ca {
     /// reported with `already_revoked`. Refuses, changing nothing, when the index lists no
     /// certificate for `role`.
     pub fn revoke_role(&self, role: &Role) -> Result<Vec<Revocation>, CertError> {
-        let identity = Identity::new(&self.trust_domain, role.clone())?.spiffe_uri();
+        let identity = Identity::new(&self.view.trust_domain, role.clone())?.spiffe_uri();
         let lock = self.lock_dir()?;
         let index = load_index(&self.index_path())?;
         if !index.certs.iter().any(|c| c.identity == identity) {
@@ -831,7 +926,7 @@ impl Ca {
             revoked_certs,
             key_identifier_method: KeyIdMethod::PreSpecified(self.key_id.clone()),
         };
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)
+        let issuer = Issuer::from_ca_cert_der(&self.view.cert_der, &self.key)
             .map_err(CertError::generate("issuer from the CA certificate"))?;
         let crl = params
             .signed_by(&issuer)
@@ -890,33 +985,29 @@ impl Ca {
     /// Whether the serial (hex, any case, leading zeros and `:` ignored) is revoked, as of
     /// this CA's last open or change (a long-running process should rely on the CRL).
     pub fn is_revoked(&self, serial_hex: &str) -> bool {
-        let serial = normalize_serial(serial_hex);
-        self.lock()
-            .certs
-            .iter()
-            .any(|c| c.serial == serial && c.revoked_at.is_some())
+        self.view.is_revoked(serial_hex)
     }
 
     /// Every certificate this CA issued, from the index.
     pub fn issued(&self) -> Vec<IssuedCert> {
-        self.lock().certs.clone()
+        self.view.issued()
     }
 
     fn lock(&self) -> MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        self.view.lock()
     }
 
     /// Takes `ca.lock`, waiting up to [`LOCK_WAIT`] for another run to release it, and
     /// checks that the directory still holds this CA: one that `init --force` replaced
     /// since [`Ca::open`] must not sign a certificate or a CRL into its successor's files.
     fn lock_dir(&self) -> Result<DirLock, CertError> {
-        let lock = DirLock::acquire(&self.dir, LOCK_WAIT)?;
+        let lock = DirLock::acquire(&self.view.dir, LOCK_WAIT)?;
         let on_disk = load_certs_pem(&self.ca_cert_path())
             .ok()
             .and_then(|certs| certs.into_iter().next());
-        if on_disk.as_ref() != Some(&self.cert_der) {
+        if on_disk.as_ref() != Some(&self.view.cert_der) {
             return Err(CertError::CaReplaced {
-                dir: self.dir.clone(),
+                dir: self.view.dir.clone(),
             });
         }
         Ok(lock)
@@ -1028,6 +1119,21 @@ fn save_index(path: &Path, index: &Index) -> Result<(), CertError> {
         serde_json::to_vec_pretty(index).map_err(|e| CertError::parse("CA index", path, e))?;
     json.push(b'\n');
     write_atomic("CA index", path, &json, Mode::Public, true)
+}
+
+/// Fails with [`CertError::NoCa`] when `dir` holds neither `ca.pem` nor `ca.key` (a wrong
+/// `--dir`), rather than with the name of whichever file is read first.
+fn refuse_no_ca(dir: &Path) -> Result<(), CertError> {
+    let absent = |name: &str| {
+        matches!(std::fs::symlink_metadata(dir.join(name)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    };
+    if absent("ca.pem") && absent("ca.key") {
+        return Err(CertError::NoCa {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 fn rename_what(e: CertError, what: &'static str) -> CertError {

@@ -12,7 +12,8 @@
 //! - [`info`] — [`CertInfo`]: identity, serial, validity, issuer, names of a certificate;
 //! - [`ca`] — [`Ca`], a CA directory (`ca.pem`, `ca.key`, `crl.pem`, `index.json`): `init`,
 //!   `open`, `issue`, `revoke` (by file, serial or identity), `write_crl`, `renew`, `issued`; every
-//!   change holds the directory's `ca.lock`, so concurrent runs lose nothing;
+//!   change holds the directory's `ca.lock`, so concurrent runs lose nothing. [`CaView`] opens
+//!   the same directory read-only, never touching `ca.key` (`list`, `show --dir`);
 //! - [`federation`] — [`Federation`], a CA plus certificates in one directory for tests
 //!   and demos;
 //! - [`request`] — [`CertRequest`]: an organisation's own key and certificate signing
@@ -35,7 +36,7 @@ pub mod request;
 use std::time::SystemTime;
 
 pub use ca::{
-    CLOCK_SKEW_ALLOWANCE, Ca, CaOptions, CertPaths, DEFAULT_CA_VALIDITY_DAYS,
+    CLOCK_SKEW_ALLOWANCE, Ca, CaOptions, CaView, CertPaths, DEFAULT_CA_VALIDITY_DAYS,
     DEFAULT_CRL_NEXT_UPDATE, DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, LOCK_WAIT, Renewal,
     Revocation,
 };

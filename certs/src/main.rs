@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 use trmx_certs::{
-    Ca, CaOptions, CertError, CertInfo, CertPaths, CertRequest, DEFAULT_CA_VALIDITY_DAYS,
+    Ca, CaOptions, CaView, CertError, CertInfo, CertPaths, CertRequest, DEFAULT_CA_VALIDITY_DAYS,
     DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, RequestPaths, Revocation, Role, format_time,
     validate_name, validate_participant_id,
 };
@@ -117,7 +117,7 @@ enum Command {
     /// Show a certificate: identity, role, serial, validity, issuer, revoked or not.
     ///
     /// With --dir (or TRMX_CA_DIR), also says whether this CA issued it and whether it is
-    /// revoked.
+    /// revoked; that reads ca.pem and index.json, never ca.key.
     Show {
         /// The CA directory (to report revocation).
         #[arg(long, env = "TRMX_CA_DIR")]
@@ -130,7 +130,8 @@ enum Command {
     },
     /// List the certificates the CA issued: serial, identity, expiry, revocation, renewal.
     ///
-    /// Read from the CA's index.json, oldest first; needs no copy of the certificates.
+    /// Read from the CA's index.json, oldest first; needs no copy of the certificates, and
+    /// no access to ca.key (ca.pem and index.json are enough).
     List {
         #[command(flatten)]
         ca: CaDir,
@@ -372,7 +373,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
             Ok(())
         }
         Command::Show { dir, json, cert } => show(dir.as_deref(), json, &cert),
-        Command::List { ca, json } => list(&open_ca(&ca.dir)?, json),
+        Command::List { ca, json } => list(&open_ca_view(&ca.dir)?, json),
     }
 }
 
@@ -440,14 +441,28 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
     Ok(())
 }
 
-/// Opens the CA directory and warns on stderr when the CA certificate expires within a
-/// default certificate validity: from then on no default-length certificate can be issued,
-/// and every certificate it issued dies with it, so its successor must be set up and its
-/// `ca.pem` distributed before then.
+/// Opens the CA directory, key included, and warns if the CA nears its expiry.
 fn open_ca(dir: &Path) -> Result<Ca, CertError> {
     let ca = Ca::open(dir)?;
-    let expires = format_time(ca.not_after());
-    match ca.not_after().duration_since(SystemTime::now()) {
+    warn_ca_expiry(ca.not_after());
+    Ok(ca)
+}
+
+/// Opens the CA directory read-only (never `ca.key`: an auditor without access to it can
+/// run `list` and `show --dir`), and warns if the CA nears its expiry.
+fn open_ca_view(dir: &Path) -> Result<CaView, CertError> {
+    let ca = CaView::open(dir)?;
+    warn_ca_expiry(ca.not_after());
+    Ok(ca)
+}
+
+/// Warns on stderr when the CA certificate expires within a default certificate validity:
+/// from then on no default-length certificate can be issued, and every certificate it
+/// issued dies with it, so its successor must be set up and its `ca.pem` distributed
+/// before then.
+fn warn_ca_expiry(not_after: SystemTime) {
+    let expires = format_time(not_after);
+    match not_after.duration_since(SystemTime::now()) {
         Err(_) => eprintln!(
             "warning: the CA certificate expired on {expires}: every certificate it issued is \
              invalid; set up a new CA"
@@ -461,7 +476,6 @@ fn open_ca(dir: &Path) -> Result<Ca, CertError> {
         }
         Ok(_) => {}
     }
-    Ok(ca)
 }
 
 /// What `issue`/`renew` wrote: the certificate, and the key unless it came from a request.
@@ -552,7 +566,7 @@ fn format_unix(secs: i64) -> String {
     format_time(unix_time(secs))
 }
 
-fn list(ca: &Ca, json: bool) -> Result<(), CertError> {
+fn list(ca: &CaView, json: bool) -> Result<(), CertError> {
     let certs = ca.issued();
     let now = SystemTime::now();
     let expired = |c: &IssuedCert| unix_time(c.not_after) <= now;
@@ -611,7 +625,7 @@ fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
     // (issued by this CA, revoked) when a CA directory is given
     let status = match dir {
         Some(dir) => {
-            let ca = open_ca(dir)?;
+            let ca = open_ca_view(dir)?;
             let issued = match ca.verify_issued(cert) {
                 Ok(_) => true,
                 Err(CertError::NotIssuedByCa { .. } | CertError::TrustDomainMismatch { .. }) => {

@@ -54,6 +54,18 @@ fn federation() -> (tempfile::TempDir, Federation) {
     (dir, fed)
 }
 
+/// Takes read access to `<ca_dir>/ca.key` away, as an auditor lacks it: mode 000, and since
+/// that does not stop root, the file is also moved out of the directory if still readable.
+fn hide_ca_key(ca_dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let key = ca_dir.join("ca.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o000)).unwrap();
+    if std::fs::read(&key).is_ok() {
+        let elsewhere = ca_dir.parent().unwrap().join("ca.key.elsewhere");
+        std::fs::rename(&key, elsewhere).unwrap();
+    }
+}
+
 mod verify {
     use super::*;
     use rustls::CertificateError;
@@ -452,6 +464,40 @@ mod ca_files {
             )),
             "{err}"
         );
+    }
+
+    /// An auditor with `ca.pem` and `index.json` but not `ca.key` reads what the CA issued
+    /// and revoked; only signing needs the key.
+    #[test]
+    fn a_ca_view_reads_the_directory_without_the_key() {
+        use trmx_certs::CaView;
+        let (_d, fed) = federation();
+        let node = fed.participant("NL-NRM").unwrap();
+        let other = fed.participant("BE-PAYOKE").unwrap();
+        fed.revoke(&node).unwrap();
+        let ca_dir = fed.dir.join("ca");
+        hide_ca_key(&ca_dir);
+
+        let view = CaView::open(&ca_dir).unwrap();
+        assert_eq!(view.trust_domain(), "trm.example");
+        assert_eq!(view.not_after(), fed.ca.not_after());
+        assert_eq!(view.issued(), fed.ca.issued());
+        let revoked = view.verify_issued(&node.cert).unwrap();
+        assert!(view.is_revoked(&revoked.serial_hex));
+        let valid = view.verify_issued(&other.cert).unwrap();
+        assert!(!view.is_revoked(&valid.serial_hex));
+
+        let err = Ca::open(&ca_dir).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot read CA key {}: ",
+                ca_dir.join("ca.key").display()
+            )),
+            "{err}"
+        );
+        // a wrong directory is still named as one
+        let err = CaView::open(&fed.dir).unwrap_err();
+        assert!(matches!(err, CertError::NoCa { .. }), "{err}");
     }
 
     #[test]
@@ -1412,6 +1458,46 @@ mod cli {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Least privilege: `list` and `show --dir` need `ca.pem` and `index.json`, not the CA
+    /// key; `issue` says plainly that it cannot read the key.
+    #[test]
+    fn list_and_show_work_without_access_to_the_ca_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let serial = init_and_issue_node(d);
+        ok(&certs(d, &["revoke", "--dir", "ca", "--serial", &serial]));
+        hide_ca_key(&d.join("ca"));
+
+        let listed = list(d);
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0]["serial"], serial.as_str());
+        assert_eq!(listed[0]["revoked"], true);
+        let text = ok(&certs(d, &["list", "--dir", "ca"]));
+        assert!(text.contains(&serial), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&ok(&certs(
+            d,
+            &["show", "--dir", "ca", "--json", "NL-NRM.pem"],
+        )))
+        .unwrap();
+        assert_eq!(v["issued_by_ca"], true);
+        assert_eq!(v["revoked"], true);
+
+        let err = failed(&certs(
+            d,
+            &["issue", "node", "--dir", "ca", "--participant", "BE-PAYOKE"],
+        ));
+        assert!(
+            err.starts_with("error: cannot read CA key ca/ca.key: "),
+            "{err}"
+        );
+        assert!(!d.join("BE-PAYOKE.pem").exists());
+        // a wrong --dir still says there is no CA there
+        let err = failed(&certs(d, &["list", "--dir", "."]));
+        assert!(err.starts_with("error: no federation CA in ."), "{err}");
+        let err = failed(&certs(d, &["show", "--dir", ".", "NL-NRM.pem"]));
+        assert!(err.starts_with("error: no federation CA in ."), "{err}");
     }
 
     #[test]
