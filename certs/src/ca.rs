@@ -606,25 +606,7 @@ impl Ca {
         let identity = Identity::new(&self.view.trust_domain, spec.role.clone())?;
         check_validity_days(spec.validity_days)?;
         let not_after = now + days(spec.validity_days);
-        if not_after > self.view.not_after {
-            let left = self.view.not_after.duration_since(now).unwrap_or_default();
-            let left_days = left.as_secs() / DAY;
-            let what_now = if left_days == 0 {
-                "no certificate can be issued any more: replace the CA".to_string()
-            } else {
-                format!(
-                    "at most {left_days} days remain: pass --validity-days {left_days} or less, \
-                     and replace the CA before it expires"
-                )
-            };
-            return Err(CertError::InvalidArgument {
-                field: "validity days",
-                problem: format!(
-                    "the certificate would outlive the CA certificate, which expires {}; {what_now}",
-                    crate::format_time(self.view.not_after)
-                ),
-            });
-        }
+        self.check_within_ca(&CERT_WITHIN_CA, now, not_after)?;
         let mut sans = vec![SanType::URI(ia5("URI", identity.spiffe_uri())?)];
         match spec.role {
             Role::Broker(_) => {
@@ -864,7 +846,12 @@ impl Ca {
     /// Writes a new CRL (next CRL number) listing every revoked serial, valid from now
     /// (minus [`CLOCK_SKEW_ALLOWANCE`]) until now + `next_update`, and remembers
     /// `next_update` for later revocations.
+    ///
+    /// Refuses a `next_update` past the CA certificate's end, saying how many days still
+    /// fit: a CRL cannot vouch for anything after its issuer expires.
     pub fn write_crl(&self, next_update: Duration) -> Result<(), CertError> {
+        let now = SystemTime::now();
+        self.check_within_ca(&CRL_WITHIN_CA, now, now + next_update)?;
         let lock = self.lock_dir()?;
         self.write_crl_locked(&lock, next_update)
     }
@@ -997,6 +984,38 @@ impl Ca {
         self.view.lock()
     }
 
+    /// Refuses `until` past the CA certificate's end, with the days that still fit (from
+    /// `now`) and the flag to pass them with.
+    fn check_within_ca(
+        &self,
+        limit: &WithinCa,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> Result<(), CertError> {
+        let ca_end = self.view.not_after;
+        if until <= ca_end {
+            return Ok(());
+        }
+        let left_days = ca_end.duration_since(now).unwrap_or_default().as_secs() / DAY;
+        let what_now = if left_days == 0 {
+            format!("{}: replace the CA", limit.none_left)
+        } else {
+            format!(
+                "at most {left_days} days remain: pass {} {left_days} or less, and replace the \
+                 CA before it expires",
+                limit.flag
+            )
+        };
+        Err(CertError::InvalidArgument {
+            field: limit.field,
+            problem: format!(
+                "{} would outlive the CA certificate, which expires {}; {what_now}",
+                limit.subject,
+                crate::format_time(ca_end)
+            ),
+        })
+    }
+
     /// Takes `ca.lock`, waiting up to [`LOCK_WAIT`] for another run to release it, and
     /// checks that the directory still holds this CA: one that `init --force` replaced
     /// since [`Ca::open`] must not sign a certificate or a CRL into its successor's files.
@@ -1025,6 +1044,35 @@ impl Ca {
         Ok(())
     }
 }
+
+/// What [`Ca::check_within_ca`] says about something that would outlive the CA.
+#[derive(Debug)]
+struct WithinCa {
+    /// The field in the error.
+    field: &'static str,
+    /// What would outlive the CA.
+    subject: &'static str,
+    /// The command-line flag that sets its lifetime in days.
+    flag: &'static str,
+    /// What to say when not even one day is left.
+    none_left: &'static str,
+}
+
+/// A certificate's validity ends by the CA's.
+const CERT_WITHIN_CA: WithinCa = WithinCa {
+    field: "validity days",
+    subject: "the certificate",
+    flag: "--validity-days",
+    none_left: "no certificate can be issued any more",
+};
+
+/// A CRL's nextUpdate comes by the CA's end.
+const CRL_WITHIN_CA: WithinCa = WithinCa {
+    field: "next update days",
+    subject: "the CRL (its nextUpdate)",
+    flag: "--next-update-days",
+    none_left: "no CRL can be written for a day any more",
+};
 
 /// Where the key of a new certificate comes from.
 #[derive(Debug, Clone, Copy)]

@@ -88,7 +88,8 @@ enum Command {
     Crl {
         #[command(flatten)]
         ca: CaDir,
-        /// Days until the CRL's nextUpdate; also used by later revocations.
+        /// Days until the CRL's nextUpdate; also used by later revocations. It may not pass
+        /// the CA certificate's expiry.
         #[arg(long, default_value_t = 7)]
         next_update_days: u32,
     },

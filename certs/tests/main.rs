@@ -707,6 +707,37 @@ mod ca_files {
 
     /// Two `trmx-certs` runs at once (here: separate `Ca` handles on one directory, which
     /// share nothing but the files) must not lose each other's issues or revocations.
+    /// A CRL cannot promise a next update after its CA has expired: refused, with the days
+    /// that still fit, and nothing written.
+    #[test]
+    fn a_crl_may_not_outlive_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CaOptions {
+            validity_days: 10,
+            ..CaOptions::new("trm.example", "TRM Federation CA")
+        };
+        let ca = Ca::init(dir.path(), &opts).unwrap();
+        let files =
+            || ["crl.pem", "index.json"].map(|n| std::fs::read(dir.path().join(n)).unwrap());
+        let before = files();
+        let err = ca
+            .write_crl(Duration::from_secs(30 * 24 * 3600))
+            .unwrap_err();
+        assert!(matches!(err, CertError::InvalidArgument { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "next update days is invalid: the CRL (its nextUpdate) would outlive the CA \
+                 certificate, which expires {}; at most 9 days remain: pass --next-update-days 9 \
+                 or less, and replace the CA before it expires",
+                trmx_certs::format_time(ca.not_after())
+            )
+        );
+        assert_eq!(files(), before);
+        ca.write_crl(Duration::from_secs(9 * 24 * 3600)).unwrap();
+        assert_ne!(files(), before);
+    }
+
     #[test]
     fn concurrent_runs_lose_no_certificate_and_no_revocation() {
         let (_d, fed) = federation();
@@ -1498,6 +1529,40 @@ mod cli {
         assert!(err.starts_with("error: no federation CA in ."), "{err}");
         let err = failed(&certs(d, &["show", "--dir", ".", "NL-NRM.pem"]));
         assert!(err.starts_with("error: no federation CA in ."), "{err}");
+    }
+
+    #[test]
+    fn crl_refuses_a_next_update_past_the_ca_s_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let init = ["init", "--dir", "ca", "--trust-domain", "trm.example"];
+        ok(&certs(d, &[&init[..], &["--validity-days", "10"]].concat()));
+        let crl = std::fs::read(d.join("ca/crl.pem")).unwrap();
+        let out = certs(d, &["crl", "--dir", "ca", "--next-update-days", "30"]);
+        assert_eq!(out.status.code(), Some(1));
+        // (after the CA-expiry warning) one line, saying what still fits
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let err = stderr.lines().last().unwrap();
+        assert!(
+            err.starts_with(
+                "error: next update days is invalid: the CRL (its nextUpdate) would outlive the \
+                 CA certificate, which expires 2"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(
+                "at most 9 days remain: pass --next-update-days 9 or less, and replace the CA \
+                 before it expires"
+            ),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(d.join("ca/crl.pem")).unwrap(), crl);
+        ok(&certs(
+            d,
+            &["crl", "--dir", "ca", "--next-update-days", "9"],
+        ));
+        assert_ne!(std::fs::read(d.join("ca/crl.pem")).unwrap(), crl);
     }
 
     #[test]
