@@ -191,6 +191,9 @@ pub struct Renewal {
     pub old: CertInfo,
     /// The new certificate, now in the certificate file.
     pub new: CertInfo,
+    /// When the replaced certificate was revoked, if it was: renewing a revoked certificate
+    /// is allowed (a new key after a leak) but should never happen by accident.
+    pub old_revoked_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -961,12 +964,18 @@ impl Ca {
         };
         let lock = self.lock_dir()?;
         let new = self.issue_locked(&lock, &spec, cert, key, true, SystemTime::now())?;
+        let mut old_revoked_at = None;
         self.update_index(&lock, |index| {
             if let Some(entry) = index.certs.iter_mut().find(|c| c.serial == old.serial_hex) {
                 entry.renewed_by = Some(new.serial_hex.clone());
+                old_revoked_at = entry.revoked_at.map(crate::from_unix_seconds);
             }
         })?;
-        Ok(Renewal { old, new })
+        Ok(Renewal {
+            old,
+            new,
+            old_revoked_at,
+        })
     }
 
     /// Whether the serial (hex, any case, leading zeros and `:` ignored) is revoked, as of

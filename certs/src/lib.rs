@@ -55,3 +55,13 @@ pub fn format_time(t: SystemTime) -> String {
     dt.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| format!("{dt}"))
 }
+
+/// An index time (Unix seconds, as in [`IssuedCert`]) as a [`SystemTime`].
+pub fn from_unix_seconds(secs: i64) -> SystemTime {
+    let d = std::time::Duration::from_secs(secs.unsigned_abs());
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + d
+    } else {
+        SystemTime::UNIX_EPOCH - d
+    }
+}

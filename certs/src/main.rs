@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use trmx_certs::{
     Ca, CaOptions, CaView, CertError, CertInfo, CertPaths, CertRequest, DEFAULT_CA_VALIDITY_DAYS,
-    DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, RequestPaths, Revocation, Role, format_time,
-    validate_name, validate_participant_id,
+    DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, Renewal, RequestPaths, Revocation, Role,
+    format_time, from_unix_seconds, validate_name, validate_participant_id,
 };
 
 /// Federation PKI for trmx: create the CA, issue broker, node and operator certificates,
@@ -98,7 +98,8 @@ enum Command {
     /// Issues a new certificate with the same identity (and DNS/IP names), a new key and a
     /// new validity, replacing the certificate and key files. The old certificate is not
     /// revoked and stays valid until it expires: once the new one is deployed, run the
-    /// `trmx-certs revoke --serial <old serial>` command that renew prints.
+    /// `trmx-certs revoke --serial <old serial>` command that renew prints. Renewing a
+    /// revoked certificate (after a key leak) is allowed, with a note on stderr.
     Renew {
         #[command(flatten)]
         ca: CaDir,
@@ -371,6 +372,9 @@ fn run(cli: Cli) -> Result<(), CertError> {
             };
             print_written(&cert, key.as_deref(), &renewal.new);
             print_replaced(&ca, &renewal.old);
+            if let Some(revoked_at) = renewal.old_revoked_at {
+                note_renewed_revoked(&ca, &renewal, revoked_at);
+            }
             Ok(())
         }
         Command::Show { dir, json, cert } => show(dir.as_deref(), json, &cert),
@@ -535,6 +539,23 @@ fn print_replaced(ca: &Ca, old: &CertInfo) {
     );
 }
 
+/// Renewing a revoked certificate is allowed (after a key leak: revoke, then renew to a new
+/// key), but it gives a revoked identity a valid certificate again: say so on stderr, with
+/// the command that undoes it, so that it never happens by accident.
+fn note_renewed_revoked(ca: &Ca, renewal: &Renewal, revoked_at: SystemTime) {
+    eprintln!(
+        "note: the certificate renewed, {} (serial {}), was revoked on {}; the new certificate \
+         (serial {}) is valid for the same identity: if it must not be, revoke it with \
+         `trmx-certs revoke --dir {} --serial {}`",
+        renewal.old.identity,
+        renewal.old.serial_hex,
+        format_time(revoked_at),
+        renewal.new.serial_hex,
+        shell_word(&ca.dir().display().to_string()),
+        renewal.new.serial_hex,
+    );
+}
+
 fn print_revoked(r: &Revocation) {
     let what = format!("{} (serial {})", r.cert.identity, r.cert.serial);
     match (r.already_revoked, r.cert.revoked_at) {
@@ -553,24 +574,14 @@ fn shell_word(s: &str) -> String {
     }
 }
 
-/// An index timestamp (Unix seconds).
-fn unix_time(secs: i64) -> SystemTime {
-    let d = Duration::from_secs(secs.unsigned_abs());
-    if secs >= 0 {
-        SystemTime::UNIX_EPOCH + d
-    } else {
-        SystemTime::UNIX_EPOCH - d
-    }
-}
-
 fn format_unix(secs: i64) -> String {
-    format_time(unix_time(secs))
+    format_time(from_unix_seconds(secs))
 }
 
 fn list(ca: &CaView, json: bool) -> Result<(), CertError> {
     let certs = ca.issued();
     let now = SystemTime::now();
-    let expired = |c: &IssuedCert| unix_time(c.not_after) <= now;
+    let expired = |c: &IssuedCert| from_unix_seconds(c.not_after) <= now;
     if json {
         let v: Vec<serde_json::Value> = certs
             .iter()

@@ -530,6 +530,19 @@ mod ca_files {
         let issued = fed.ca.issued();
         let entry = issued.iter().find(|c| c.serial == old.serial_hex).unwrap();
         assert_eq!(entry.renewed_by.as_deref(), Some(new.serial_hex.as_str()));
+        assert_eq!(renewal.old_revoked_at, None);
+
+        // a revoked certificate can be renewed (a new key after a leak); the renewal says
+        // when it was revoked
+        fed.revoke(&broker).unwrap();
+        let revoked_at = fed.ca.issued().last().unwrap().revoked_at.unwrap();
+        let again = fed.ca.renew(&broker, 30).unwrap();
+        assert_eq!(again.old.serial_hex, new.serial_hex);
+        assert_eq!(
+            again.old_revoked_at,
+            Some(trmx_certs::from_unix_seconds(revoked_at))
+        );
+        assert!(!fed.ca.is_revoked(&again.new.serial_hex));
     }
 
     /// A request (the organisation keeps its key): the CA certifies only the request's key,
@@ -1308,6 +1321,69 @@ mod cli {
         let out = ok(&certs(d, &["revoke", "--dir", "ca", "old.pem"]));
         assert!(out.contains("was already revoked"), "{out}");
         assert_eq!(crl_serials(d), [old]);
+    }
+
+    /// After a key leak the administrator revokes, then renews to a new key: allowed, but
+    /// stderr says that the certificate renewed was revoked (serial, time), so that nobody
+    /// renews a revoked identity by accident. A renewal of a valid one says nothing of it.
+    #[test]
+    fn renewing_a_revoked_certificate_notes_it_on_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let first = init_and_issue_node(d);
+        let out = certs(d, &["renew", "--dir", "ca", "NL-NRM.pem"]);
+        ok(&out);
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let second = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+
+        ok(&certs(d, &["revoke", "--dir", "ca", "NL-NRM.pem"]));
+        let revoked_at = list(d)[1]["revoked_at"].as_str().unwrap().to_string();
+        let note = |stderr: &[u8], old: &str, new: &str| {
+            let stderr = String::from_utf8(stderr.to_vec()).unwrap();
+            let expected = format!(
+                "note: the certificate renewed, spiffe://trm.example/participant/NL-NRM (serial \
+                 {old}), was revoked on {revoked_at}; the new certificate (serial {new}) is \
+                 valid for the same identity: if it must not be, revoke it with `trmx-certs \
+                 revoke --dir ca --serial {new}`\n"
+            );
+            assert_eq!(stderr, expected);
+        };
+        let out = certs(d, &["renew", "--dir", "ca", "NL-NRM.pem"]);
+        ok(&out);
+        let third = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+        note(&out.stderr, &second, &third);
+        assert_eq!(list(d)[1]["renewed_by"], third.as_str());
+        assert_eq!(list(d)[2]["revoked"], false);
+
+        // to the organisation's own new key (--csr) alike
+        ok(&certs(d, &["revoke", "--dir", "ca", "--serial", &third]));
+        let revoked_at = list(d)[2]["revoked_at"].as_str().unwrap().to_string();
+        ok(&certs(d, &["request", "--name", "NL-NRM", "--out", "next"]));
+        let out = certs(
+            d,
+            &["renew", "--dir", "ca", "NL-NRM.pem", "--csr", "next.csr"],
+        );
+        ok(&out);
+        let fourth = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains(&format!(
+                "(serial {third}), was revoked on {revoked_at}; the new certificate (serial \
+                 {fourth})"
+            )),
+            "{stderr}"
+        );
+        assert_ne!(first, third);
     }
 
     #[test]
