@@ -11,6 +11,8 @@
 //!
 //! # Invariants
 //! - every file is replaced atomically (temporary file + rename), keys are created `0600`;
+//!   a new key and its certificate are written together (`pem::write_pair_atomic`): a
+//!   failure leaves the old pair;
 //! - the CRL number only grows;
 //! - a serial once marked revoked stays revoked (and in every later CRL);
 //! - every change (issue, revoke, CRL, renew) reads the index, changes it and writes the
@@ -33,7 +35,7 @@ use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 use crate::info::normalize_serial;
-use crate::pem::{Mode, read, write_atomic};
+use crate::pem::{Mode, NewFile, read, write_atomic, write_pair_atomic};
 use crate::{CertError, CertInfo, CertRequest, Identity, Role, load_certs_pem};
 
 /// How far `not_before` (and a CRL's `thisUpdate`) is set in the past, so that peers whose
@@ -189,6 +191,9 @@ pub struct Renewal {
     pub old: CertInfo,
     /// The new certificate, now in the certificate file.
     pub new: CertInfo,
+    /// When the replaced certificate was revoked, if it was: renewing a revoked certificate
+    /// is allowed (a new key after a leak) but should never happen by accident.
+    pub old_revoked_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,16 +210,33 @@ struct Index {
 
 const INDEX_VERSION: u32 = 1;
 
-/// An opened federation CA directory.
-pub struct Ca {
+/// A federation CA directory opened for reading only: the CA certificate and the index,
+/// never `ca.key`. Enough to list what the CA issued and to check whether it issued a
+/// certificate and revoked it, so an auditor or an operator without access to the key can
+/// do that. [`Ca`] is a view plus the key.
+pub struct CaView {
     dir: PathBuf,
     trust_domain: String,
     cert_der: CertificateDer<'static>,
+    not_after: SystemTime,
+    index: Mutex<Index>,
+}
+
+impl std::fmt::Debug for CaView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaView")
+            .field("dir", &self.dir)
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An opened federation CA directory, key included: it issues, renews and revokes.
+pub struct Ca {
+    view: CaView,
     key: KeyPair,
     /// The CA's subject key identifier, used as the CRL's authority key identifier.
     key_id: Vec<u8>,
-    not_after: SystemTime,
-    index: Mutex<Index>,
     /// Where [`Ca::init`] with `force` moved the CA it replaced.
     replaced: Option<PathBuf>,
 }
@@ -222,10 +244,139 @@ pub struct Ca {
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca")
-            .field("dir", &self.dir)
-            .field("trust_domain", &self.trust_domain)
+            .field("dir", &self.view.dir)
+            .field("trust_domain", &self.view.trust_domain)
             .field("key", &"[elided]")
             .finish_non_exhaustive()
+    }
+}
+
+impl CaView {
+    /// Opens an existing CA directory for reading: `ca.pem` and `index.json`, never
+    /// `ca.key`. A missing or unreadable file is a one-line error naming it; a directory
+    /// with neither `ca.pem` nor `ca.key` (a wrong `--dir`) is [`CertError::NoCa`].
+    pub fn open(dir: &Path) -> Result<CaView, CertError> {
+        refuse_no_ca(dir)?;
+        CaView::read(dir)
+    }
+
+    fn read(dir: &Path) -> Result<CaView, CertError> {
+        let cert_path = dir.join("ca.pem");
+        let index_path = dir.join("index.json");
+        let cert_der = load_certs_pem(&cert_path)
+            .map_err(|e| rename_what(e, "CA certificate"))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                CertError::parse("CA certificate", &cert_path, "no CERTIFICATE block")
+            })?;
+        let (_, x509) = X509Certificate::from_der(&cert_der)
+            .map_err(|e| CertError::parse("CA certificate", &cert_path, e))?;
+        if !x509.is_ca() {
+            return Err(CertError::parse(
+                "CA certificate",
+                &cert_path,
+                "not a CA certificate",
+            ));
+        }
+        let not_after = crate::info::system_time(x509.validity().not_after);
+
+        let index = load_index(&index_path)?;
+        crate::identity::validate_trust_domain(&index.trust_domain)
+            .map_err(|e| CertError::parse("CA index", &index_path, e))?;
+        Ok(CaView {
+            dir: dir.to_path_buf(),
+            trust_domain: index.trust_domain.clone(),
+            cert_der: cert_der.into_owned(),
+            not_after,
+            index: Mutex::new(index),
+        })
+    }
+
+    /// The federation's trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `<dir>/ca.pem`, the trust anchor.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// `<dir>/crl.pem`, the current CRL.
+    pub fn crl_path(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.dir.join("index.json")
+    }
+
+    /// The end of the CA certificate's validity: no certificate it issues may outlive it.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// The CA certificate, DER.
+    pub fn ca_cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Reads a certificate file and checks that this CA signed it and that it carries an
+    /// identity of this trust domain.
+    pub fn verify_issued(&self, cert_pem_path: &Path) -> Result<CertInfo, CertError> {
+        let der = load_certs_pem(cert_pem_path)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                CertError::parse("certificate", cert_pem_path, "no CERTIFICATE block")
+            })?;
+        let (_, cert) = X509Certificate::from_der(&der)
+            .map_err(|e| CertError::parse("certificate", cert_pem_path, e))?;
+        let (_, ca) = X509Certificate::from_der(&self.cert_der)
+            .map_err(|e| CertError::parse("CA certificate", &self.ca_cert_path(), e))?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|e| CertError::NotIssuedByCa {
+                path: cert_pem_path.to_path_buf(),
+                problem: format!("signature: {e}"),
+            })?;
+        let info = CertInfo::from_x509(&cert).map_err(|e| match e {
+            CertError::InvalidIdentity { problem } => {
+                CertError::parse("certificate", cert_pem_path, format!("identity: {problem}"))
+            }
+            other => other,
+        })?;
+        if info.identity.trust_domain != self.trust_domain {
+            return Err(CertError::TrustDomainMismatch {
+                expected: self.trust_domain.clone(),
+                found: info.identity.trust_domain,
+            });
+        }
+        Ok(info)
+    }
+
+    /// Whether the serial (hex, any case, leading zeros and `:` ignored) is revoked, as of
+    /// this CA's last open or change (a long-running process should rely on the CRL).
+    pub fn is_revoked(&self, serial_hex: &str) -> bool {
+        let serial = normalize_serial(serial_hex);
+        self.lock()
+            .certs
+            .iter()
+            .any(|c| c.serial == serial && c.revoked_at.is_some())
+    }
+
+    /// Every certificate this CA issued, from the index.
+    pub fn issued(&self) -> Vec<IssuedCert> {
+        self.lock().certs.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -310,34 +461,22 @@ impl Ca {
         Ok(ca)
     }
 
-    /// Opens an existing CA directory. A missing or unreadable file is a one-line error
-    /// naming it (`cannot read CA key /x/ca.key: No such file or directory`); a directory
-    /// with neither `ca.pem` nor `ca.key` (a wrong `--dir`) is [`CertError::NoCa`].
+    /// Opens an existing CA directory, key included. A missing or unreadable file is a
+    /// one-line error naming it (`cannot read CA key /x/ca.key: No such file or directory`);
+    /// a directory with neither `ca.pem` nor `ca.key` (a wrong `--dir`) is
+    /// [`CertError::NoCa`]. To read without the key, use [`CaView::open`].
     pub fn open(dir: &Path) -> Result<Ca, CertError> {
-        let cert_path = dir.join("ca.pem");
+        refuse_no_ca(dir)?;
         let key_path = dir.join("ca.key");
-        let index_path = dir.join("index.json");
-
-        let absent = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
-        if absent(&cert_path) && absent(&key_path) {
-            return Err(CertError::NoCa {
-                dir: dir.to_path_buf(),
-            });
-        }
         let key_pem = read("CA key", &key_path)?;
         let key_pem = String::from_utf8(key_pem)
             .map_err(|_| CertError::parse("CA key", &key_path, "not UTF-8 PEM"))?;
         let key =
             KeyPair::from_pem(&key_pem).map_err(|e| CertError::parse("CA key", &key_path, e))?;
 
-        let cert_der = load_certs_pem(&cert_path)
-            .map_err(|e| rename_what(e, "CA certificate"))?
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                CertError::parse("CA certificate", &cert_path, "no CERTIFICATE block")
-            })?;
-        let (_, x509) = X509Certificate::from_der(&cert_der)
+        let view = CaView::read(dir)?;
+        let cert_path = view.ca_cert_path();
+        let (_, x509) = X509Certificate::from_der(&view.cert_der)
             .map_err(|e| CertError::parse("CA certificate", &cert_path, e))?;
         if x509.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
             return Err(CertError::parse(
@@ -347,13 +486,6 @@ impl Ca {
                     "it does not belong to the certificate {}",
                     cert_path.display()
                 ),
-            ));
-        }
-        if !x509.is_ca() {
-            return Err(CertError::parse(
-                "CA certificate",
-                &cert_path,
-                "not a CA certificate",
             ));
         }
         let key_id = x509
@@ -366,22 +498,17 @@ impl Ca {
             .ok_or_else(|| {
                 CertError::parse("CA certificate", &cert_path, "no subject key identifier")
             })?;
-        let not_after = crate::info::system_time(x509.validity().not_after);
-
-        let index = load_index(&index_path)?;
-        crate::identity::validate_trust_domain(&index.trust_domain)
-            .map_err(|e| CertError::parse("CA index", &index_path, e))?;
-        let cert_der = cert_der.into_owned();
         Ok(Ca {
-            dir: dir.to_path_buf(),
-            trust_domain: index.trust_domain.clone(),
-            cert_der,
+            view,
             key,
             key_id,
-            not_after,
-            index: Mutex::new(index),
             replaced: None,
         })
+    }
+
+    /// The read-only part of this CA: certificate, trust domain, index.
+    pub fn view(&self) -> &CaView {
+        &self.view
     }
 
     /// Where [`Ca::init`] with `force` moved the files of the CA it replaced (`None` when
@@ -392,36 +519,36 @@ impl Ca {
 
     /// The federation's trust domain.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        self.view.trust_domain()
     }
 
     /// The CA directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.view.dir()
     }
 
     /// `<dir>/ca.pem`, the trust anchor.
     pub fn ca_cert_path(&self) -> PathBuf {
-        self.dir.join("ca.pem")
+        self.view.ca_cert_path()
     }
 
     /// `<dir>/crl.pem`, the current CRL.
     pub fn crl_path(&self) -> PathBuf {
-        self.dir.join("crl.pem")
+        self.view.crl_path()
     }
 
     fn index_path(&self) -> PathBuf {
-        self.dir.join("index.json")
+        self.view.index_path()
     }
 
     /// The end of the CA certificate's validity: no certificate it issues may outlive it.
     pub fn not_after(&self) -> SystemTime {
-        self.not_after
+        self.view.not_after()
     }
 
     /// The CA certificate, DER.
     pub fn ca_cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
+        self.view.ca_cert_der()
     }
 
     /// Issues a certificate for `spec` and writes it to `out` (key `0600`). Refuses to
@@ -479,28 +606,10 @@ impl Ca {
         force: bool,
         now: SystemTime,
     ) -> Result<CertInfo, CertError> {
-        let identity = Identity::new(&self.trust_domain, spec.role.clone())?;
+        let identity = Identity::new(&self.view.trust_domain, spec.role.clone())?;
         check_validity_days(spec.validity_days)?;
         let not_after = now + days(spec.validity_days);
-        if not_after > self.not_after {
-            let left = self.not_after.duration_since(now).unwrap_or_default();
-            let left_days = left.as_secs() / DAY;
-            let what_now = if left_days == 0 {
-                "no certificate can be issued any more: replace the CA".to_string()
-            } else {
-                format!(
-                    "at most {left_days} days remain: pass --validity-days {left_days} or less, \
-                     and replace the CA before it expires"
-                )
-            };
-            return Err(CertError::InvalidArgument {
-                field: "validity days",
-                problem: format!(
-                    "the certificate would outlive the CA certificate, which expires {}; {what_now}",
-                    crate::format_time(self.not_after)
-                ),
-            });
-        }
+        self.check_within_ca(&CERT_WITHIN_CA, now, not_after)?;
         let mut sans = vec![SanType::URI(ia5("URI", identity.spiffe_uri())?)];
         match spec.role {
             Role::Broker(_) => {
@@ -553,7 +662,7 @@ impl Ca {
             .push(DnType::CommonName, identity.role.name());
         params
             .distinguished_name
-            .push(DnType::OrganizationName, self.trust_domain.as_str());
+            .push(DnType::OrganizationName, self.view.trust_domain.as_str());
         params
             .distinguished_name
             .push(DnType::OrganizationalUnitName, identity.role.kind());
@@ -571,7 +680,7 @@ impl Ca {
         params.not_after = OffsetDateTime::from(not_after);
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)
+        let issuer = Issuer::from_ca_cert_der(&self.view.cert_der, &self.key)
             .map_err(CertError::generate("issuer from the CA certificate"))?;
         let cert = match &key {
             Certified::Made(key, _) => params.signed_by(key.as_ref(), &issuer),
@@ -590,22 +699,34 @@ impl Ca {
                     .map_err(|e| CertError::io("create directory", parent, e))?;
             }
         }
-        if let Certified::Made(key, key_path) = &key {
-            write_atomic(
-                "private key",
-                key_path,
-                key.serialize_pem().as_bytes(),
-                Mode::Secret,
+        let cert_pem = cert.pem();
+        let cert_file = NewFile {
+            what: "certificate",
+            path: cert_path,
+            contents: cert_pem.as_bytes(),
+            mode: Mode::Public,
+        };
+        match &key {
+            // both or neither: a crash or failure must not leave a new key beside the old
+            // certificate (or the reverse); see `write_pair_atomic` for what remains
+            Certified::Made(key, key_path) => {
+                let key_pem = key.serialize_pem();
+                let key_file = NewFile {
+                    what: "private key",
+                    path: key_path,
+                    contents: key_pem.as_bytes(),
+                    mode: Mode::Secret,
+                };
+                write_pair_atomic(key_file, cert_file, force)?;
+            }
+            Certified::Request(_) => write_atomic(
+                cert_file.what,
+                cert_file.path,
+                cert_file.contents,
+                cert_file.mode,
                 force,
-            )?;
+            )?,
         }
-        write_atomic(
-            "certificate",
-            cert_path,
-            cert.pem().as_bytes(),
-            Mode::Public,
-            force,
-        )?;
 
         self.update_index(lock, |index| {
             index.certs.push(IssuedCert {
@@ -623,34 +744,7 @@ impl Ca {
     /// Reads a certificate file and checks that this CA signed it and that it carries an
     /// identity of this trust domain.
     pub fn verify_issued(&self, cert_pem_path: &Path) -> Result<CertInfo, CertError> {
-        let der = load_certs_pem(cert_pem_path)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                CertError::parse("certificate", cert_pem_path, "no CERTIFICATE block")
-            })?;
-        let (_, cert) = X509Certificate::from_der(&der)
-            .map_err(|e| CertError::parse("certificate", cert_pem_path, e))?;
-        let (_, ca) = X509Certificate::from_der(&self.cert_der)
-            .map_err(|e| CertError::parse("CA certificate", &self.ca_cert_path(), e))?;
-        cert.verify_signature(Some(ca.public_key()))
-            .map_err(|e| CertError::NotIssuedByCa {
-                path: cert_pem_path.to_path_buf(),
-                problem: format!("signature: {e}"),
-            })?;
-        let info = CertInfo::from_x509(&cert).map_err(|e| match e {
-            CertError::InvalidIdentity { problem } => {
-                CertError::parse("certificate", cert_pem_path, format!("identity: {problem}"))
-            }
-            other => other,
-        })?;
-        if info.identity.trust_domain != self.trust_domain {
-            return Err(CertError::TrustDomainMismatch {
-                expected: self.trust_domain.clone(),
-                found: info.identity.trust_domain,
-            });
-        }
-        Ok(info)
+        self.view.verify_issued(cert_pem_path)
     }
 
     /// Revokes the certificate in `cert_pem_path` (it must have been signed by this CA):
@@ -681,7 +775,7 @@ impl Ca {
     /// reported with `already_revoked`. Refuses, changing nothing, when the index lists no
     /// certificate for `role`.
     pub fn revoke_role(&self, role: &Role) -> Result<Vec<Revocation>, CertError> {
-        let identity = Identity::new(&self.trust_domain, role.clone())?.spiffe_uri();
+        let identity = Identity::new(&self.view.trust_domain, role.clone())?.spiffe_uri();
         let lock = self.lock_dir()?;
         let index = load_index(&self.index_path())?;
         if !index.certs.iter().any(|c| c.identity == identity) {
@@ -755,7 +849,12 @@ impl Ca {
     /// Writes a new CRL (next CRL number) listing every revoked serial, valid from now
     /// (minus [`CLOCK_SKEW_ALLOWANCE`]) until now + `next_update`, and remembers
     /// `next_update` for later revocations.
+    ///
+    /// Refuses a `next_update` past the CA certificate's end, saying how many days still
+    /// fit: a CRL cannot vouch for anything after its issuer expires.
     pub fn write_crl(&self, next_update: Duration) -> Result<(), CertError> {
+        let now = SystemTime::now();
+        self.check_within_ca(&CRL_WITHIN_CA, now, now + next_update)?;
         let lock = self.lock_dir()?;
         self.write_crl_locked(&lock, next_update)
     }
@@ -817,7 +916,7 @@ impl Ca {
             revoked_certs,
             key_identifier_method: KeyIdMethod::PreSpecified(self.key_id.clone()),
         };
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)
+        let issuer = Issuer::from_ca_cert_der(&self.view.cert_der, &self.key)
             .map_err(CertError::generate("issuer from the CA certificate"))?;
         let crl = params
             .signed_by(&issuer)
@@ -865,44 +964,78 @@ impl Ca {
         };
         let lock = self.lock_dir()?;
         let new = self.issue_locked(&lock, &spec, cert, key, true, SystemTime::now())?;
+        let mut old_revoked_at = None;
         self.update_index(&lock, |index| {
             if let Some(entry) = index.certs.iter_mut().find(|c| c.serial == old.serial_hex) {
                 entry.renewed_by = Some(new.serial_hex.clone());
+                old_revoked_at = entry.revoked_at.map(crate::from_unix_seconds);
             }
         })?;
-        Ok(Renewal { old, new })
+        Ok(Renewal {
+            old,
+            new,
+            old_revoked_at,
+        })
     }
 
     /// Whether the serial (hex, any case, leading zeros and `:` ignored) is revoked, as of
     /// this CA's last open or change (a long-running process should rely on the CRL).
     pub fn is_revoked(&self, serial_hex: &str) -> bool {
-        let serial = normalize_serial(serial_hex);
-        self.lock()
-            .certs
-            .iter()
-            .any(|c| c.serial == serial && c.revoked_at.is_some())
+        self.view.is_revoked(serial_hex)
     }
 
     /// Every certificate this CA issued, from the index.
     pub fn issued(&self) -> Vec<IssuedCert> {
-        self.lock().certs.clone()
+        self.view.issued()
     }
 
     fn lock(&self) -> MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        self.view.lock()
+    }
+
+    /// Refuses `until` past the CA certificate's end, with the days that still fit (from
+    /// `now`) and the flag to pass them with.
+    fn check_within_ca(
+        &self,
+        limit: &WithinCa,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> Result<(), CertError> {
+        let ca_end = self.view.not_after;
+        if until <= ca_end {
+            return Ok(());
+        }
+        let left_days = ca_end.duration_since(now).unwrap_or_default().as_secs() / DAY;
+        let what_now = if left_days == 0 {
+            format!("{}: replace the CA", limit.none_left)
+        } else {
+            format!(
+                "at most {left_days} days remain: pass {} {left_days} or less, and replace the \
+                 CA before it expires",
+                limit.flag
+            )
+        };
+        Err(CertError::InvalidArgument {
+            field: limit.field,
+            problem: format!(
+                "{} would outlive the CA certificate, which expires {}; {what_now}",
+                limit.subject,
+                crate::format_time(ca_end)
+            ),
+        })
     }
 
     /// Takes `ca.lock`, waiting up to [`LOCK_WAIT`] for another run to release it, and
     /// checks that the directory still holds this CA: one that `init --force` replaced
     /// since [`Ca::open`] must not sign a certificate or a CRL into its successor's files.
     fn lock_dir(&self) -> Result<DirLock, CertError> {
-        let lock = DirLock::acquire(&self.dir, LOCK_WAIT)?;
+        let lock = DirLock::acquire(&self.view.dir, LOCK_WAIT)?;
         let on_disk = load_certs_pem(&self.ca_cert_path())
             .ok()
             .and_then(|certs| certs.into_iter().next());
-        if on_disk.as_ref() != Some(&self.cert_der) {
+        if on_disk.as_ref() != Some(&self.view.cert_der) {
             return Err(CertError::CaReplaced {
-                dir: self.dir.clone(),
+                dir: self.view.dir.clone(),
             });
         }
         Ok(lock)
@@ -920,6 +1053,35 @@ impl Ca {
         Ok(())
     }
 }
+
+/// What [`Ca::check_within_ca`] says about something that would outlive the CA.
+#[derive(Debug)]
+struct WithinCa {
+    /// The field in the error.
+    field: &'static str,
+    /// What would outlive the CA.
+    subject: &'static str,
+    /// The command-line flag that sets its lifetime in days.
+    flag: &'static str,
+    /// What to say when not even one day is left.
+    none_left: &'static str,
+}
+
+/// A certificate's validity ends by the CA's.
+const CERT_WITHIN_CA: WithinCa = WithinCa {
+    field: "validity days",
+    subject: "the certificate",
+    flag: "--validity-days",
+    none_left: "no certificate can be issued any more",
+};
+
+/// A CRL's nextUpdate comes by the CA's end.
+const CRL_WITHIN_CA: WithinCa = WithinCa {
+    field: "next update days",
+    subject: "the CRL (its nextUpdate)",
+    flag: "--next-update-days",
+    none_left: "no CRL can be written for a day any more",
+};
 
 /// Where the key of a new certificate comes from.
 #[derive(Debug, Clone, Copy)]
@@ -1014,6 +1176,21 @@ fn save_index(path: &Path, index: &Index) -> Result<(), CertError> {
         serde_json::to_vec_pretty(index).map_err(|e| CertError::parse("CA index", path, e))?;
     json.push(b'\n');
     write_atomic("CA index", path, &json, Mode::Public, true)
+}
+
+/// Fails with [`CertError::NoCa`] when `dir` holds neither `ca.pem` nor `ca.key` (a wrong
+/// `--dir`), rather than with the name of whichever file is read first.
+fn refuse_no_ca(dir: &Path) -> Result<(), CertError> {
+    let absent = |name: &str| {
+        matches!(std::fs::symlink_metadata(dir.join(name)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    };
+    if absent("ca.pem") && absent("ca.key") {
+        return Err(CertError::NoCa {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 fn rename_what(e: CertError, what: &'static str) -> CertError {

@@ -97,6 +97,22 @@ pub enum CertError {
         /// What failed.
         cause: Box<CertError>,
     },
+    /// Replacing a key and its certificate failed after the key was renamed into place,
+    /// and putting the key back failed too: the key file does not match the certificate.
+    #[error(
+        "{cause}; {} already holds the new {what} and could not be restored ({undo}): it does not match the certificate beside it",
+        path.display()
+    )]
+    PairIncomplete {
+        /// The file replaced first (the key).
+        path: PathBuf,
+        /// What it is, e.g. `private key`.
+        what: String,
+        /// Why it could not be restored.
+        undo: String,
+        /// What failed.
+        cause: Box<CertError>,
+    },
     /// The CA directory holds another CA than the one this run opened (`init --force`
     /// replaced it meanwhile): nothing was changed.
     #[error(
@@ -179,7 +195,7 @@ impl CertError {
 }
 
 /// `No such file or directory`, without the `(os error 2)` suffix.
-fn io_message(e: &std::io::Error) -> String {
+pub(crate) fn io_message(e: &std::io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error ") {
         Some(i) if s.ends_with(')') => s[..i].to_string(),

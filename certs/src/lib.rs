@@ -12,13 +12,15 @@
 //! - [`info`] — [`CertInfo`]: identity, serial, validity, issuer, names of a certificate;
 //! - [`ca`] — [`Ca`], a CA directory (`ca.pem`, `ca.key`, `crl.pem`, `index.json`): `init`,
 //!   `open`, `issue`, `revoke` (by file, serial or identity), `write_crl`, `renew`, `issued`; every
-//!   change holds the directory's `ca.lock`, so concurrent runs lose nothing;
+//!   change holds the directory's `ca.lock`, so concurrent runs lose nothing. [`CaView`] opens
+//!   the same directory read-only, never touching `ca.key` (`list`, `show --dir`);
 //! - [`federation`] — [`Federation`], a CA plus certificates in one directory for tests
 //!   and demos;
 //! - [`request`] — [`CertRequest`]: an organisation's own key and certificate signing
 //!   request, so that its private key never travels; the CA certifies only its public key;
-//! - [`pem`] — `load_certs_pem`, `load_key_pem`, `load_crls_pem` for rustls, and the atomic
-//!   writer used for every file (keys created `0600`);
+//! - [`pem`] — `load_certs_pem`, `load_key_pem`, `load_crls_pem` for rustls, the atomic
+//!   writer used for every file (keys created `0600`), and the pair writer that replaces a
+//!   key and its certificate together;
 //! - [`error`] — [`CertError`], the crate's one error type (one-line messages).
 //!
 //! The `trmx-certs` binary (`src/main.rs`) is a thin clap front end over [`Ca`].
@@ -34,7 +36,7 @@ pub mod request;
 use std::time::SystemTime;
 
 pub use ca::{
-    CLOCK_SKEW_ALLOWANCE, Ca, CaOptions, CertPaths, DEFAULT_CA_VALIDITY_DAYS,
+    CLOCK_SKEW_ALLOWANCE, Ca, CaOptions, CaView, CertPaths, DEFAULT_CA_VALIDITY_DAYS,
     DEFAULT_CRL_NEXT_UPDATE, DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, LOCK_WAIT, Renewal,
     Revocation,
 };
@@ -52,4 +54,14 @@ pub fn format_time(t: SystemTime) -> String {
         .unwrap_or(time::OffsetDateTime::from(t));
     dt.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| format!("{dt}"))
+}
+
+/// An index time (Unix seconds, as in [`IssuedCert`]) as a [`SystemTime`].
+pub fn from_unix_seconds(secs: i64) -> SystemTime {
+    let d = std::time::Duration::from_secs(secs.unsigned_abs());
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + d
+    } else {
+        SystemTime::UNIX_EPOCH - d
+    }
 }

@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 use trmx_certs::{
-    Ca, CaOptions, CertError, CertInfo, CertPaths, CertRequest, DEFAULT_CA_VALIDITY_DAYS,
-    DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, RequestPaths, Revocation, Role, format_time,
-    validate_name, validate_participant_id,
+    Ca, CaOptions, CaView, CertError, CertInfo, CertPaths, CertRequest, DEFAULT_CA_VALIDITY_DAYS,
+    DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, Renewal, RequestPaths, Revocation, Role,
+    format_time, from_unix_seconds, validate_name, validate_participant_id,
 };
 
 /// Federation PKI for trmx: create the CA, issue broker, node and operator certificates,
@@ -88,7 +88,8 @@ enum Command {
     Crl {
         #[command(flatten)]
         ca: CaDir,
-        /// Days until the CRL's nextUpdate; also used by later revocations.
+        /// Days until the CRL's nextUpdate; also used by later revocations. It may not pass
+        /// the CA certificate's expiry.
         #[arg(long, default_value_t = 7)]
         next_update_days: u32,
     },
@@ -97,7 +98,8 @@ enum Command {
     /// Issues a new certificate with the same identity (and DNS/IP names), a new key and a
     /// new validity, replacing the certificate and key files. The old certificate is not
     /// revoked and stays valid until it expires: once the new one is deployed, run the
-    /// `trmx-certs revoke --serial <old serial>` command that renew prints.
+    /// `trmx-certs revoke --serial <old serial>` command that renew prints. Renewing a
+    /// revoked certificate (after a key leak) is allowed, with a note on stderr.
     Renew {
         #[command(flatten)]
         ca: CaDir,
@@ -117,7 +119,7 @@ enum Command {
     /// Show a certificate: identity, role, serial, validity, issuer, revoked or not.
     ///
     /// With --dir (or TRMX_CA_DIR), also says whether this CA issued it and whether it is
-    /// revoked.
+    /// revoked; that reads ca.pem and index.json, never ca.key.
     Show {
         /// The CA directory (to report revocation).
         #[arg(long, env = "TRMX_CA_DIR")]
@@ -130,7 +132,8 @@ enum Command {
     },
     /// List the certificates the CA issued: serial, identity, expiry, revocation, renewal.
     ///
-    /// Read from the CA's index.json, oldest first; needs no copy of the certificates.
+    /// Read from the CA's index.json, oldest first; needs no copy of the certificates, and
+    /// no access to ca.key (ca.pem and index.json are enough).
     List {
         #[command(flatten)]
         ca: CaDir,
@@ -369,10 +372,13 @@ fn run(cli: Cli) -> Result<(), CertError> {
             };
             print_written(&cert, key.as_deref(), &renewal.new);
             print_replaced(&ca, &renewal.old);
+            if let Some(revoked_at) = renewal.old_revoked_at {
+                note_renewed_revoked(&ca, &renewal, revoked_at);
+            }
             Ok(())
         }
         Command::Show { dir, json, cert } => show(dir.as_deref(), json, &cert),
-        Command::List { ca, json } => list(&open_ca(&ca.dir)?, json),
+        Command::List { ca, json } => list(&open_ca_view(&ca.dir)?, json),
     }
 }
 
@@ -440,14 +446,28 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
     Ok(())
 }
 
-/// Opens the CA directory and warns on stderr when the CA certificate expires within a
-/// default certificate validity: from then on no default-length certificate can be issued,
-/// and every certificate it issued dies with it, so its successor must be set up and its
-/// `ca.pem` distributed before then.
+/// Opens the CA directory, key included, and warns if the CA nears its expiry.
 fn open_ca(dir: &Path) -> Result<Ca, CertError> {
     let ca = Ca::open(dir)?;
-    let expires = format_time(ca.not_after());
-    match ca.not_after().duration_since(SystemTime::now()) {
+    warn_ca_expiry(ca.not_after());
+    Ok(ca)
+}
+
+/// Opens the CA directory read-only (never `ca.key`: an auditor without access to it can
+/// run `list` and `show --dir`), and warns if the CA nears its expiry.
+fn open_ca_view(dir: &Path) -> Result<CaView, CertError> {
+    let ca = CaView::open(dir)?;
+    warn_ca_expiry(ca.not_after());
+    Ok(ca)
+}
+
+/// Warns on stderr when the CA certificate expires within a default certificate validity:
+/// from then on no default-length certificate can be issued, and every certificate it
+/// issued dies with it, so its successor must be set up and its `ca.pem` distributed
+/// before then.
+fn warn_ca_expiry(not_after: SystemTime) {
+    let expires = format_time(not_after);
+    match not_after.duration_since(SystemTime::now()) {
         Err(_) => eprintln!(
             "warning: the CA certificate expired on {expires}: every certificate it issued is \
              invalid; set up a new CA"
@@ -461,7 +481,6 @@ fn open_ca(dir: &Path) -> Result<Ca, CertError> {
         }
         Ok(_) => {}
     }
-    Ok(ca)
 }
 
 /// What `issue`/`renew` wrote: the certificate, and the key unless it came from a request.
@@ -520,6 +539,23 @@ fn print_replaced(ca: &Ca, old: &CertInfo) {
     );
 }
 
+/// Renewing a revoked certificate is allowed (after a key leak: revoke, then renew to a new
+/// key), but it gives a revoked identity a valid certificate again: say so on stderr, with
+/// the command that undoes it, so that it never happens by accident.
+fn note_renewed_revoked(ca: &Ca, renewal: &Renewal, revoked_at: SystemTime) {
+    eprintln!(
+        "note: the certificate renewed, {} (serial {}), was revoked on {}; the new certificate \
+         (serial {}) is valid for the same identity: if it must not be, revoke it with \
+         `trmx-certs revoke --dir {} --serial {}`",
+        renewal.old.identity,
+        renewal.old.serial_hex,
+        format_time(revoked_at),
+        renewal.new.serial_hex,
+        shell_word(&ca.dir().display().to_string()),
+        renewal.new.serial_hex,
+    );
+}
+
 fn print_revoked(r: &Revocation) {
     let what = format!("{} (serial {})", r.cert.identity, r.cert.serial);
     match (r.already_revoked, r.cert.revoked_at) {
@@ -538,24 +574,14 @@ fn shell_word(s: &str) -> String {
     }
 }
 
-/// An index timestamp (Unix seconds).
-fn unix_time(secs: i64) -> SystemTime {
-    let d = Duration::from_secs(secs.unsigned_abs());
-    if secs >= 0 {
-        SystemTime::UNIX_EPOCH + d
-    } else {
-        SystemTime::UNIX_EPOCH - d
-    }
-}
-
 fn format_unix(secs: i64) -> String {
-    format_time(unix_time(secs))
+    format_time(from_unix_seconds(secs))
 }
 
-fn list(ca: &Ca, json: bool) -> Result<(), CertError> {
+fn list(ca: &CaView, json: bool) -> Result<(), CertError> {
     let certs = ca.issued();
     let now = SystemTime::now();
-    let expired = |c: &IssuedCert| unix_time(c.not_after) <= now;
+    let expired = |c: &IssuedCert| from_unix_seconds(c.not_after) <= now;
     if json {
         let v: Vec<serde_json::Value> = certs
             .iter()
@@ -611,7 +637,7 @@ fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
     // (issued by this CA, revoked) when a CA directory is given
     let status = match dir {
         Some(dir) => {
-            let ca = open_ca(dir)?;
+            let ca = open_ca_view(dir)?;
             let issued = match ca.verify_issued(cert) {
                 Ok(_) => true,
                 Err(CertError::NotIssuedByCa { .. } | CertError::TrustDomainMismatch { .. }) => {

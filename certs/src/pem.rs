@@ -78,46 +78,179 @@ pub(crate) fn write_atomic(
     mode: Mode,
     overwrite: bool,
 ) -> Result<(), CertError> {
-    let dir = match path.parent() {
+    let file = NewFile {
+        what,
+        path,
+        contents,
+        mode,
+    };
+    let staged = file.stage()?;
+    let dir = staged.dir.clone();
+    staged.persist(overwrite)?;
+    sync_dir(&dir);
+    Ok(())
+}
+
+/// A file to write with [`write_atomic`] or [`write_pair_atomic`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewFile<'a> {
+    /// What it is, for errors: `private key`, `certificate`, ...
+    pub(crate) what: &'a str,
+    /// Where it goes.
+    pub(crate) path: &'a Path,
+    /// Its contents.
+    pub(crate) contents: &'a [u8],
+    /// Its permissions.
+    pub(crate) mode: Mode,
+}
+
+/// Writes two files that belong together (a private key and its certificate) so that the
+/// pair on disk is, as far as a file system allows, either the old pair or the new one:
+///
+/// 1. both are written and synced to temporary files beside their targets (a key created
+///    `0600`); a failure here (disk full, read-only directory, ...) removes both temporaries
+///    and leaves the old pair untouched;
+/// 2. the existing `first` (if any) is kept under a temporary hard link, so that it can be
+///    put back;
+/// 3. `first` is renamed into place, then `second`. If renaming `second` fails, `first` is
+///    put back as it was (or removed, if there was none) and the temporaries are removed;
+/// 4. the backup link is removed and the directories synced.
+///
+/// What remains: a crash (power loss, `kill -9`) in the instant between the two renames
+/// leaves the new `first` beside the old `second`. Nothing is lost then: the new `second`
+/// and the old `first` are still in `.trmx-certs-*.tmp` files in their directories (the
+/// old key is mode `0600` like the key itself), to be renamed by hand. A crash at any other
+/// moment leaves the old pair or the new one in place, at worst with such temporaries
+/// beside it. Without `overwrite`, neither target may exist ([`CertError::AlreadyExists`]).
+pub(crate) fn write_pair_atomic(
+    first: NewFile<'_>,
+    second: NewFile<'_>,
+    overwrite: bool,
+) -> Result<(), CertError> {
+    let staged_first = first.stage()?;
+    let staged_second = second.stage()?;
+    let backup = if overwrite {
+        backup_link(first.what, first.path)?
+    } else {
+        None
+    };
+    let (first_dir, second_dir) = (staged_first.dir.clone(), staged_second.dir.clone());
+    staged_first.persist(overwrite)?;
+    if let Err(cause) = staged_second.persist(overwrite) {
+        // put the old `first` back, or remove the new one that has no `second` beside it
+        let undone = match backup {
+            Some(backup) => backup.persist(first.path).map_err(|e| e.error),
+            None => std::fs::remove_file(first.path),
+        };
+        sync_dir(&first_dir);
+        return match undone {
+            Ok(()) => Err(cause),
+            Err(e) => Err(CertError::PairIncomplete {
+                path: first.path.to_path_buf(),
+                what: first.what.to_string(),
+                undo: crate::error::io_message(&e),
+                cause: Box::new(cause),
+            }),
+        };
+    }
+    drop(backup);
+    sync_dir(&first_dir);
+    if second_dir != first_dir {
+        sync_dir(&second_dir);
+    }
+    Ok(())
+}
+
+/// A second name (hard link) for the file at `path`, in its directory, removed when
+/// dropped; `None` when there is no file there.
+fn backup_link(what: &str, path: &Path) -> Result<Option<tempfile::NamedTempFile<()>>, CertError> {
+    let dir = parent_dir(path);
+    let linked = tempfile::Builder::new()
+        .prefix(".trmx-certs-")
+        .suffix(".old.tmp")
+        .make_in(dir, |backup| std::fs::hard_link(path, backup));
+    match linked {
+        Ok(backup) => Ok(Some(backup)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CertError::io(
+            format!("keep the replaced {what} (hard link) while replacing"),
+            path,
+            e,
+        )),
+    }
+}
+
+/// A [`NewFile`] written and synced under a temporary name in its target's directory, not
+/// yet in place. Dropping it removes the temporary file.
+struct Staged<'a> {
+    file: NewFile<'a>,
+    dir: PathBuf,
+    tmp: tempfile::NamedTempFile,
+}
+
+impl<'a> NewFile<'a> {
+    fn stage(self) -> Result<Staged<'a>, CertError> {
+        let what = self.what;
+        let dir = parent_dir(self.path);
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".trmx-certs-").suffix(".tmp");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let bits = match self.mode {
+                Mode::Secret => 0o600,
+                Mode::Public => 0o644,
+            };
+            builder.permissions(std::fs::Permissions::from_mode(bits));
+        }
+        let mut tmp = builder
+            .tempfile_in(dir)
+            .map_err(|e| CertError::io(format!("create a temporary file for {what} in"), dir, e))?;
+        tmp.write_all(self.contents)
+            .and_then(|()| tmp.as_file().sync_all())
+            .map_err(|e| CertError::io(format!("write {what}"), tmp.path(), e))?;
+        Ok(Staged {
+            file: self,
+            dir: dir.to_path_buf(),
+            tmp,
+        })
+    }
+}
+
+impl Staged<'_> {
+    /// Renames the temporary file to the target (on failure it is removed).
+    fn persist(self, overwrite: bool) -> Result<(), CertError> {
+        let Staged { file, tmp, .. } = self;
+        let persisted = if overwrite {
+            tmp.persist(file.path)
+        } else {
+            tmp.persist_noclobber(file.path)
+        };
+        persisted.map(drop).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                CertError::AlreadyExists {
+                    path: file.path.to_path_buf(),
+                }
+            } else {
+                CertError::io(format!("write {}", file.what), file.path, e.error)
+            }
+        })
+    }
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".trmx-certs-").suffix(".tmp");
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let bits = match mode {
-            Mode::Secret => 0o600,
-            Mode::Public => 0o644,
-        };
-        builder.permissions(std::fs::Permissions::from_mode(bits));
     }
-    let mut tmp = builder
-        .tempfile_in(dir)
-        .map_err(|e| CertError::io(format!("create a temporary file for {what} in"), dir, e))?;
-    tmp.write_all(contents)
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| CertError::io(format!("write {what}"), tmp.path(), e))?;
-    let persisted = if overwrite {
-        tmp.persist(path)
-    } else {
-        tmp.persist_noclobber(path)
-    };
-    persisted.map_err(|e| {
-        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
-            CertError::AlreadyExists {
-                path: path.to_path_buf(),
-            }
-        } else {
-            CertError::io(format!("write {what}"), path, e.error)
-        }
-    })?;
-    // Make the rename durable too; failure here is not worth failing the operation for.
+}
+
+/// Makes renames in `dir` durable; failure here is not worth failing the operation for.
+fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -145,6 +278,103 @@ mod tests {
         // no temporary files left behind
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 2);
+    }
+
+    /// Names in `dir` of temporary files a write left behind.
+    fn temporaries(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".trmx-certs-"))
+            .collect()
+    }
+
+    fn file<'a>(what: &'a str, path: &'a Path, contents: &'a [u8], mode: Mode) -> NewFile<'a> {
+        NewFile {
+            what,
+            path,
+            contents,
+            mode,
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_pair_is_replaced_together_and_leaves_no_temporary() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (k, c) = (dir.path().join("n.key"), dir.path().join("n.pem"));
+        let pair = |key: &'static [u8], cert: &'static [u8], overwrite| {
+            write_pair_atomic(
+                file("private key", &k, key, Mode::Secret),
+                file("certificate", &c, cert, Mode::Public),
+                overwrite,
+            )
+        };
+        pair(b"key 1", b"cert 1", false).unwrap();
+        let e = pair(b"key 2", b"cert 2", false).unwrap_err();
+        assert!(matches!(e, CertError::AlreadyExists { .. }), "{e}");
+        pair(b"key 2", b"cert 2", true).unwrap();
+        assert_eq!(std::fs::read(&k).unwrap(), b"key 2");
+        assert_eq!(std::fs::read(&c).unwrap(), b"cert 2");
+        let mode = std::fs::metadata(&k).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(temporaries(dir.path()), Vec::<String>::new());
+    }
+
+    /// The second file cannot be renamed into place (a directory is in the way): the first
+    /// is put back as it was, or removed if it is new, and no temporary stays.
+    #[test]
+    fn a_pair_whose_second_rename_fails_leaves_the_old_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, c) = (dir.path().join("n.key"), dir.path().join("n.pem"));
+        std::fs::create_dir(&c).unwrap();
+        for (old, overwrite) in [(None, true), (None, false), (Some(b"old key"), true)] {
+            if let Some(old) = old {
+                std::fs::write(&k, old).unwrap();
+            }
+            let e = write_pair_atomic(
+                file("private key", &k, b"new key", Mode::Secret),
+                file("certificate", &c, b"new cert", Mode::Public),
+                overwrite,
+            )
+            .unwrap_err();
+            match old {
+                Some(old) => assert_eq!(std::fs::read(&k).unwrap(), old),
+                None => assert!(!k.exists(), "the new key without its certificate stayed"),
+            }
+            let expected = if overwrite {
+                format!("cannot write certificate {}: ", c.display())
+            } else {
+                format!("refusing to overwrite {}", c.display())
+            };
+            assert!(e.to_string().starts_with(&expected), "{e}");
+            assert!(c.is_dir());
+            assert_eq!(temporaries(dir.path()), Vec::<String>::new());
+        }
+    }
+
+    /// The second file cannot even be written (its directory is missing): the first target
+    /// is untouched and its temporary removed.
+    #[test]
+    fn a_pair_whose_second_write_fails_leaves_the_old_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("n.key");
+        let c = dir.path().join("missing/n.pem");
+        std::fs::write(&k, b"old key").unwrap();
+        let e = write_pair_atomic(
+            file("private key", &k, b"new key", Mode::Secret),
+            file("certificate", &c, b"new cert", Mode::Public),
+            true,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot create a temporary file for certificate in"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&k).unwrap(), b"old key");
+        assert_eq!(temporaries(dir.path()), Vec::<String>::new());
     }
 
     #[test]

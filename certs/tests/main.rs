@@ -54,6 +54,18 @@ fn federation() -> (tempfile::TempDir, Federation) {
     (dir, fed)
 }
 
+/// Takes read access to `<ca_dir>/ca.key` away, as an auditor lacks it: mode 000, and since
+/// that does not stop root, the file is also moved out of the directory if still readable.
+fn hide_ca_key(ca_dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let key = ca_dir.join("ca.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o000)).unwrap();
+    if std::fs::read(&key).is_ok() {
+        let elsewhere = ca_dir.parent().unwrap().join("ca.key.elsewhere");
+        std::fs::rename(&key, elsewhere).unwrap();
+    }
+}
+
 mod verify {
     use super::*;
     use rustls::CertificateError;
@@ -304,6 +316,61 @@ mod ca_files {
             .unwrap();
     }
 
+    /// Names of the temporary files (`.trmx-certs-*`) in `dir`.
+    fn temporaries(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".trmx-certs-"))
+            .collect()
+    }
+
+    /// A key and its certificate are replaced together: when the certificate cannot be
+    /// written (here a directory is in its way), the old key stays, nothing is recorded and
+    /// no temporary file is left; on success none is left either.
+    #[test]
+    fn a_certificate_that_cannot_be_written_leaves_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(
+            &dir.path().join("ca"),
+            &CaOptions::new("trm.example", "TRM Federation CA"),
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        let paths = CertPaths::from_prefix(&out.join("NL-NRM"));
+        let spec = IssueSpec::participant("NL-NRM");
+        ca.issue(&spec, &paths, false).unwrap();
+        let renewed = ca.renew(&paths, 30).unwrap();
+        assert_eq!(temporaries(&out), Vec::<String>::new());
+        let key = std::fs::read(&paths.key).unwrap();
+        let index = std::fs::read(dir.path().join("ca/index.json")).unwrap();
+
+        let blocked = CertPaths {
+            cert: out.join("blocked.pem"),
+            key: paths.key.clone(),
+        };
+        std::fs::create_dir(&blocked.cert).unwrap();
+        let err = ca.issue(&spec, &blocked, true).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot write certificate {}: ",
+                blocked.cert.display()
+            )),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&paths.key).unwrap(), key, "the old key stays");
+        assert_eq!(mode(&paths.key), 0o600);
+        assert_eq!(
+            CertInfo::from_pem_file(&paths.cert).unwrap().serial_hex,
+            renewed.new.serial_hex
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("ca/index.json")).unwrap(),
+            index
+        );
+        assert_eq!(temporaries(&out), Vec::<String>::new());
+    }
+
     #[test]
     fn init_refuses_to_replace_a_ca_without_force() {
         let dir = tempfile::tempdir().unwrap();
@@ -399,6 +466,40 @@ mod ca_files {
         );
     }
 
+    /// An auditor with `ca.pem` and `index.json` but not `ca.key` reads what the CA issued
+    /// and revoked; only signing needs the key.
+    #[test]
+    fn a_ca_view_reads_the_directory_without_the_key() {
+        use trmx_certs::CaView;
+        let (_d, fed) = federation();
+        let node = fed.participant("NL-NRM").unwrap();
+        let other = fed.participant("BE-PAYOKE").unwrap();
+        fed.revoke(&node).unwrap();
+        let ca_dir = fed.dir.join("ca");
+        hide_ca_key(&ca_dir);
+
+        let view = CaView::open(&ca_dir).unwrap();
+        assert_eq!(view.trust_domain(), "trm.example");
+        assert_eq!(view.not_after(), fed.ca.not_after());
+        assert_eq!(view.issued(), fed.ca.issued());
+        let revoked = view.verify_issued(&node.cert).unwrap();
+        assert!(view.is_revoked(&revoked.serial_hex));
+        let valid = view.verify_issued(&other.cert).unwrap();
+        assert!(!view.is_revoked(&valid.serial_hex));
+
+        let err = Ca::open(&ca_dir).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot read CA key {}: ",
+                ca_dir.join("ca.key").display()
+            )),
+            "{err}"
+        );
+        // a wrong directory is still named as one
+        let err = CaView::open(&fed.dir).unwrap_err();
+        assert!(matches!(err, CertError::NoCa { .. }), "{err}");
+    }
+
     #[test]
     fn renew_keeps_identity_and_changes_key_and_serial() {
         let (_d, fed) = federation();
@@ -429,6 +530,19 @@ mod ca_files {
         let issued = fed.ca.issued();
         let entry = issued.iter().find(|c| c.serial == old.serial_hex).unwrap();
         assert_eq!(entry.renewed_by.as_deref(), Some(new.serial_hex.as_str()));
+        assert_eq!(renewal.old_revoked_at, None);
+
+        // a revoked certificate can be renewed (a new key after a leak); the renewal says
+        // when it was revoked
+        fed.revoke(&broker).unwrap();
+        let revoked_at = fed.ca.issued().last().unwrap().revoked_at.unwrap();
+        let again = fed.ca.renew(&broker, 30).unwrap();
+        assert_eq!(again.old.serial_hex, new.serial_hex);
+        assert_eq!(
+            again.old_revoked_at,
+            Some(trmx_certs::from_unix_seconds(revoked_at))
+        );
+        assert!(!fed.ca.is_revoked(&again.new.serial_hex));
     }
 
     /// A request (the organisation keeps its key): the CA certifies only the request's key,
@@ -606,6 +720,37 @@ mod ca_files {
 
     /// Two `trmx-certs` runs at once (here: separate `Ca` handles on one directory, which
     /// share nothing but the files) must not lose each other's issues or revocations.
+    /// A CRL cannot promise a next update after its CA has expired: refused, with the days
+    /// that still fit, and nothing written.
+    #[test]
+    fn a_crl_may_not_outlive_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CaOptions {
+            validity_days: 10,
+            ..CaOptions::new("trm.example", "TRM Federation CA")
+        };
+        let ca = Ca::init(dir.path(), &opts).unwrap();
+        let files =
+            || ["crl.pem", "index.json"].map(|n| std::fs::read(dir.path().join(n)).unwrap());
+        let before = files();
+        let err = ca
+            .write_crl(Duration::from_secs(30 * 24 * 3600))
+            .unwrap_err();
+        assert!(matches!(err, CertError::InvalidArgument { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "next update days is invalid: the CRL (its nextUpdate) would outlive the CA \
+                 certificate, which expires {}; at most 9 days remain: pass --next-update-days 9 \
+                 or less, and replace the CA before it expires",
+                trmx_certs::format_time(ca.not_after())
+            )
+        );
+        assert_eq!(files(), before);
+        ca.write_crl(Duration::from_secs(9 * 24 * 3600)).unwrap();
+        assert_ne!(files(), before);
+    }
+
     #[test]
     fn concurrent_runs_lose_no_certificate_and_no_revocation() {
         let (_d, fed) = federation();
@@ -1178,6 +1323,69 @@ mod cli {
         assert_eq!(crl_serials(d), [old]);
     }
 
+    /// After a key leak the administrator revokes, then renews to a new key: allowed, but
+    /// stderr says that the certificate renewed was revoked (serial, time), so that nobody
+    /// renews a revoked identity by accident. A renewal of a valid one says nothing of it.
+    #[test]
+    fn renewing_a_revoked_certificate_notes_it_on_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let first = init_and_issue_node(d);
+        let out = certs(d, &["renew", "--dir", "ca", "NL-NRM.pem"]);
+        ok(&out);
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let second = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+
+        ok(&certs(d, &["revoke", "--dir", "ca", "NL-NRM.pem"]));
+        let revoked_at = list(d)[1]["revoked_at"].as_str().unwrap().to_string();
+        let note = |stderr: &[u8], old: &str, new: &str| {
+            let stderr = String::from_utf8(stderr.to_vec()).unwrap();
+            let expected = format!(
+                "note: the certificate renewed, spiffe://trm.example/participant/NL-NRM (serial \
+                 {old}), was revoked on {revoked_at}; the new certificate (serial {new}) is \
+                 valid for the same identity: if it must not be, revoke it with `trmx-certs \
+                 revoke --dir ca --serial {new}`\n"
+            );
+            assert_eq!(stderr, expected);
+        };
+        let out = certs(d, &["renew", "--dir", "ca", "NL-NRM.pem"]);
+        ok(&out);
+        let third = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+        note(&out.stderr, &second, &third);
+        assert_eq!(list(d)[1]["renewed_by"], third.as_str());
+        assert_eq!(list(d)[2]["revoked"], false);
+
+        // to the organisation's own new key (--csr) alike
+        ok(&certs(d, &["revoke", "--dir", "ca", "--serial", &third]));
+        let revoked_at = list(d)[2]["revoked_at"].as_str().unwrap().to_string();
+        ok(&certs(d, &["request", "--name", "NL-NRM", "--out", "next"]));
+        let out = certs(
+            d,
+            &["renew", "--dir", "ca", "NL-NRM.pem", "--csr", "next.csr"],
+        );
+        ok(&out);
+        let fourth = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains(&format!(
+                "(serial {third}), was revoked on {revoked_at}; the new certificate (serial \
+                 {fourth})"
+            )),
+            "{stderr}"
+        );
+        assert_ne!(first, third);
+    }
+
     #[test]
     fn issue_force_prints_how_to_revoke_the_replaced_certificate() {
         let dir = tempfile::tempdir().unwrap();
@@ -1357,6 +1565,80 @@ mod cli {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Least privilege: `list` and `show --dir` need `ca.pem` and `index.json`, not the CA
+    /// key; `issue` says plainly that it cannot read the key.
+    #[test]
+    fn list_and_show_work_without_access_to_the_ca_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let serial = init_and_issue_node(d);
+        ok(&certs(d, &["revoke", "--dir", "ca", "--serial", &serial]));
+        hide_ca_key(&d.join("ca"));
+
+        let listed = list(d);
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0]["serial"], serial.as_str());
+        assert_eq!(listed[0]["revoked"], true);
+        let text = ok(&certs(d, &["list", "--dir", "ca"]));
+        assert!(text.contains(&serial), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&ok(&certs(
+            d,
+            &["show", "--dir", "ca", "--json", "NL-NRM.pem"],
+        )))
+        .unwrap();
+        assert_eq!(v["issued_by_ca"], true);
+        assert_eq!(v["revoked"], true);
+
+        let err = failed(&certs(
+            d,
+            &["issue", "node", "--dir", "ca", "--participant", "BE-PAYOKE"],
+        ));
+        assert!(
+            err.starts_with("error: cannot read CA key ca/ca.key: "),
+            "{err}"
+        );
+        assert!(!d.join("BE-PAYOKE.pem").exists());
+        // a wrong --dir still says there is no CA there
+        let err = failed(&certs(d, &["list", "--dir", "."]));
+        assert!(err.starts_with("error: no federation CA in ."), "{err}");
+        let err = failed(&certs(d, &["show", "--dir", ".", "NL-NRM.pem"]));
+        assert!(err.starts_with("error: no federation CA in ."), "{err}");
+    }
+
+    #[test]
+    fn crl_refuses_a_next_update_past_the_ca_s_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let init = ["init", "--dir", "ca", "--trust-domain", "trm.example"];
+        ok(&certs(d, &[&init[..], &["--validity-days", "10"]].concat()));
+        let crl = std::fs::read(d.join("ca/crl.pem")).unwrap();
+        let out = certs(d, &["crl", "--dir", "ca", "--next-update-days", "30"]);
+        assert_eq!(out.status.code(), Some(1));
+        // (after the CA-expiry warning) one line, saying what still fits
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let err = stderr.lines().last().unwrap();
+        assert!(
+            err.starts_with(
+                "error: next update days is invalid: the CRL (its nextUpdate) would outlive the \
+                 CA certificate, which expires 2"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(
+                "at most 9 days remain: pass --next-update-days 9 or less, and replace the CA \
+                 before it expires"
+            ),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(d.join("ca/crl.pem")).unwrap(), crl);
+        ok(&certs(
+            d,
+            &["crl", "--dir", "ca", "--next-update-days", "9"],
+        ));
+        assert_ne!(std::fs::read(d.join("ca/crl.pem")).unwrap(), crl);
     }
 
     #[test]
