@@ -412,5 +412,13 @@ pub(crate) fn node_status(status: NodeStatus) -> pb::NodeStatus {
         outbox_failed: status.outbox_failed,
         inbox_total: status.inbox_total,
         last_inbox_seq: status.last_inbox_seq,
+        certificate_serial: status
+            .certificate
+            .as_ref()
+            .map(|(serial, _)| serial.clone())
+            .unwrap_or_default(),
+        certificate_not_after: status
+            .certificate
+            .map(|(_, not_after)| to_timestamp(not_after)),
     }
 }

@@ -1,8 +1,12 @@
 //! Human-readable output: aligned tables and words a caseworker reads
 //! (`referral  → BE-PAYOKE  delivered  2026-11-29 10:02`). Times are UTC.
 
+use std::time::SystemTime;
+
 use trmx_proto::time::{Date, from_timestamp};
 use trmx_proto::{Kind, pb};
+
+use crate::core::CERT_EXPIRY_WARNING;
 
 /// An instant as `YYYY-MM-DD HH:MM` (UTC); `-` when unset.
 pub(crate) fn when(ts: Option<&pb::Timestamp>) -> String {
@@ -363,7 +367,7 @@ pub(crate) fn participants(list: &[pb::Participant]) -> String {
 }
 
 /// The node's status.
-pub(crate) fn status(s: &pb::NodeStatus) -> String {
+pub(crate) fn status(s: &pb::NodeStatus, now: SystemTime) -> String {
     let broker = if s.broker_connected {
         "connected".to_owned()
     } else if s.last_broker_error.is_empty() {
@@ -371,10 +375,32 @@ pub(crate) fn status(s: &pb::NodeStatus) -> String {
     } else {
         format!("not connected ({})", s.last_broker_error)
     };
+    let certificate = match s
+        .certificate_not_after
+        .as_ref()
+        .and_then(|ts| from_timestamp(ts).ok())
+    {
+        None => "cannot be read".to_owned(),
+        Some(not_after) => {
+            let state = match not_after.duration_since(now) {
+                Err(_) => "EXPIRED: renew it".to_owned(),
+                Ok(left) if left < CERT_EXPIRY_WARNING => {
+                    format!("{} days left: renew it", left.as_secs() / 86_400)
+                }
+                Ok(left) => format!("{} days left", left.as_secs() / 86_400),
+            };
+            format!(
+                "serial {}, valid until {} ({state})",
+                s.certificate_serial,
+                when(s.certificate_not_after.as_ref())
+            )
+        }
+    };
     format!(
-        "participant  {}\nbroker       {}\noutbox       {} queued, {} at the broker, {} failed\ninbox        {} messages (last seq {})\n",
+        "participant  {}\nbroker       {}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed\ninbox        {} messages (last seq {})\n",
         s.participant,
         broker,
+        certificate,
         s.outbox_queued,
         s.outbox_submitted,
         s.outbox_failed,
@@ -386,6 +412,32 @@ pub(crate) fn status(s: &pb::NodeStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_says_how_long_the_certificate_is_valid() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_946_520);
+        let days = |n: u64| std::time::Duration::from_secs(n * 86_400);
+        let with = |not_after: Option<SystemTime>| pb::NodeStatus {
+            participant: "NL-NRM".into(),
+            certificate_serial: "3f2a".into(),
+            certificate_not_after: not_after.map(trmx_proto::time::to_timestamp),
+            ..Default::default()
+        };
+        let line = |s: &pb::NodeStatus| {
+            status(s, now)
+                .lines()
+                .find(|l| l.starts_with("certificate"))
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            line(&with(Some(now + days(400)))),
+            "certificate  serial 3f2a, valid until 2028-01-03 10:02 (400 days left)"
+        );
+        assert!(line(&with(Some(now + days(9)))).ends_with("(9 days left: renew it)"));
+        assert!(line(&with(Some(now - days(1)))).ends_with("(EXPIRED: renew it)"));
+        assert_eq!(line(&with(None)), "certificate  cannot be read");
+    }
 
     #[test]
     fn times_read_as_utc_minutes() {

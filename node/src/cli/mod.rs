@@ -587,7 +587,7 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
             if out.json {
                 out.json_lines(&[status])
             } else {
-                out.print(&format::status(&status))
+                out.print(&format::status(&status, std::time::SystemTime::now()))
             }
         }
     }

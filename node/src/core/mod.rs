@@ -336,6 +336,9 @@ pub struct NodeStatus {
     pub inbox_total: u64,
     /// Highest inbox `seq`.
     pub last_inbox_seq: u64,
+    /// The node certificate file as it is now: serial (hex) and end of validity;
+    /// `None` when it cannot be read.
+    pub certificate: Option<(String, SystemTime)>,
 }
 
 /// One participant of the broker's registry.
@@ -1204,6 +1207,9 @@ impl NodeCore {
             // the last one flushed, as `watch` hands out: a cursor to start
             // from "now" must not name an entry a crash can take back
             last_inbox_seq: *self.inner.inbox_seq.borrow(),
+            certificate: trmx_certs::CertInfo::from_pem_file(&self.inner.config.tls.cert)
+                .ok()
+                .map(|info| (info.serial_hex, info.not_after)),
         }
     }
 

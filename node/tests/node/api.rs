@@ -210,6 +210,20 @@ async fn send_queues_locally_while_the_broker_is_down_and_is_idempotent() {
     assert_eq!(status.participant, "NL-NRM");
     assert!(!status.broker_connected);
     assert_eq!(status.outbox_queued, 1);
+    // the certificate file, for an operator checking a renewal
+    assert!(
+        status
+            .certificate_serial
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit())
+            && !status.certificate_serial.is_empty(),
+        "{status:?}"
+    );
+    let not_after = status.certificate_not_after.expect("certificate expiry");
+    assert!(
+        not_after.seconds > 1_767_225_600,
+        "after 2026-01-01: {not_after:?}"
+    );
     node.stop().await.expect("stop");
 }
 
