@@ -859,9 +859,13 @@ impl Ca {
         self.write_crl_locked(&lock, next_update)
     }
 
+    /// [`Ca::write_crl`] under `lock`, for the CRLs that follow a change (`init`, a
+    /// revocation) with the remembered `next_update`: near the CA's end their `nextUpdate`
+    /// is cut to the CA's, since a revocation must not fail for want of time left.
     fn write_crl_locked(&self, lock: &DirLock, next_update: Duration) -> Result<(), CertError> {
         let now = SystemTime::now();
-        self.write_crl_with_times_locked(lock, now - CLOCK_SKEW_ALLOWANCE, now + next_update)?;
+        let until = (now + next_update).min(self.not_after());
+        self.write_crl_with_times_locked(lock, now - CLOCK_SKEW_ALLOWANCE, until)?;
         self.update_index(lock, |index| {
             index.crl_next_update_secs = next_update.as_secs();
         })

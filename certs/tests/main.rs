@@ -749,6 +749,44 @@ mod ca_files {
         assert_eq!(files(), before);
         ca.write_crl(Duration::from_secs(9 * 24 * 3600)).unwrap();
         assert_ne!(files(), before);
+
+        // the CRLs written on their own, with the remembered nextUpdate (7 days after
+        // init), end with a CA that has less left: a revocation never fails for want of
+        // time left
+        let fresh = tempfile::tempdir().unwrap();
+        let short = CaOptions {
+            validity_days: 5,
+            ..opts
+        };
+        let ca = Ca::init(fresh.path(), &short).unwrap();
+        let next_update = || {
+            let der = load_crls_pem(&fresh.path().join("crl.pem"))
+                .unwrap()
+                .remove(0);
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+            crl.next_update().unwrap().timestamp()
+        };
+        let ca_end = i64::try_from(
+            ca.not_after()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap();
+        assert!(next_update() <= ca_end, "init's CRL outlives the CA");
+        let node = CertPaths::from_prefix(&fresh.path().join("NL-NRM"));
+        let spec = IssueSpec {
+            validity_days: 3,
+            ..IssueSpec::participant("NL-NRM")
+        };
+        let info = ca.issue(&spec, &node, false).unwrap();
+        ca.revoke(&node.cert).unwrap();
+        assert!(ca.is_revoked(&info.serial_hex));
+        assert!(
+            next_update() <= ca_end,
+            "the revocation's CRL outlives the CA"
+        );
     }
 
     #[test]
