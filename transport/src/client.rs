@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::ClientConfig;
 use rustls::client::{Resumption, WebPkiServerVerifier};
@@ -115,9 +115,9 @@ fn build(
 ///
 /// A long-running client (a node) thus takes up, at its next connection and without a
 /// restart, a renewed certificate and key, a CA bundle of a rollover, and a new CRL. A
-/// change that cannot be used (a file half-copied, a key that is not the certificate's,
-/// a certificate of another identity) is logged once, and the files read before stay in
-/// force until the next change.
+/// change that cannot be used (a file half-copied or unreadable, a key that is not the
+/// certificate's, a certificate of another identity) is logged once, and the files read
+/// before stay in force until the files change again.
 struct ClientTls {
     paths: TlsPaths,
     crl: Option<PathBuf>,
@@ -132,6 +132,10 @@ struct Current {
     /// The stamps of the files when they were last read, whether that worked or not.
     read: Stamps,
     config: Arc<ClientConfig>,
+    /// The certificate `config` presents (`None`: not a trmx certificate).
+    presented: Option<CertInfo>,
+    /// Why the files as they were last read are not in force.
+    refused: Option<String>,
 }
 
 /// The stamps of the CA, certificate, key and CRL files (`None`: cannot be read).
@@ -148,26 +152,38 @@ impl ClientTls {
             current: Mutex::new(Current {
                 read,
                 config: Arc::new(config),
+                presented: CertInfo::from_der(&leaf).ok(),
+                refused: None,
             }),
         })
     }
 
     /// The config for a new connection: with the files as they are now.
     fn config(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.current().config)
+    }
+
+    /// The state with the files as they are now (read again if they changed).
+    fn current(&self) -> std::sync::MutexGuard<'_, Current> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         let now = stamps(&self.paths, self.crl.as_deref());
         if now != current.read {
             current.read = now;
-            if let Some(config) = self.rebuild() {
-                current.config = Arc::new(config);
+            match self.rebuild() {
+                Ok((config, presented)) => {
+                    current.config = Arc::new(config);
+                    current.presented = presented;
+                    current.refused = None;
+                }
+                Err(why) => current.refused = Some(why),
             }
         }
-        Arc::clone(&current.config)
+        current
     }
 
-    /// A config from the files as they are now, or `None` (logged) when they cannot be
-    /// used.
-    fn rebuild(&self) -> Option<ClientConfig> {
+    /// A config from the files as they are now and the certificate it presents, or why
+    /// they cannot be used (logged).
+    fn rebuild(&self) -> Result<(ClientConfig, Option<CertInfo>), String> {
         let (config, leaf) = match build(&self.paths, self.crl.as_deref()) {
             Ok(built) => built,
             Err(error) => {
@@ -176,7 +192,7 @@ impl ClientTls {
                     "the TLS files changed but cannot be used: connecting with the ones \
                      read before until they change again"
                 );
-                return None;
+                return Err(error.to_string());
             }
         };
         let identity = Identity::from_der(&leaf).ok();
@@ -186,36 +202,84 @@ impl ClientTls {
                     .as_ref()
                     .map_or_else(|| "no trmx identity".to_owned(), Identity::to_string)
             };
+            let why = format!(
+                "the certificate file {} holds a certificate of {}, not of {}",
+                self.paths.cert.display(),
+                name(&identity),
+                name(&self.identity)
+            );
             tracing::warn!(
-                cert = %self.paths.cert.display(),
-                loaded = %name(&self.identity),
-                found = %name(&identity),
+                %why,
                 "the certificate file now holds a certificate of another identity: not \
                  used, connecting with the one read before (restart with a matching \
                  configuration to change identity)"
             );
-            return None;
+            return Err(why);
         }
-        match CertInfo::from_der(&leaf) {
-            Ok(info) => tracing::info!(
+        let presented = CertInfo::from_der(&leaf).ok();
+        match &presented {
+            Some(info) => tracing::info!(
                 cert = %self.paths.cert.display(),
                 serial = %info.serial_hex,
                 not_after = %trmx_certs::format_time(info.not_after),
                 "the TLS files changed: new connections use them"
             ),
-            Err(_) => tracing::info!("the TLS files changed: new connections use them"),
+            None => tracing::info!("the TLS files changed: new connections use them"),
         }
-        Some(config)
+        Ok((config, presented))
     }
 }
 
-/// When a file was last changed, and its length (a file system that keeps
-/// whole seconds would not tell two changes in one second apart by the time).
-type Stamp = (SystemTime, u64);
+/// The TLS files of a channel made by [`client_channel_with_tls`]: what its next
+/// connection presents, for a status display.
+#[derive(Clone)]
+pub struct ChannelTls {
+    tls: Arc<ClientTls>,
+}
+
+impl std::fmt::Debug for ChannelTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelTls")
+            .field("cert", &self.tls.paths.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a channel's next connection presents ([`ChannelTls::status`]).
+#[derive(Debug, Clone)]
+pub struct ChannelTlsStatus {
+    /// The certificate (`None`: it carries no trmx identity). The connection open now
+    /// may still present the one before.
+    pub presented: Option<CertInfo>,
+    /// Why the files as they are now are not used (they changed, and cannot be used):
+    /// the certificate above is the one read before.
+    pub refused: Option<String>,
+}
+
+impl ChannelTls {
+    /// The state with the files as they are now: they are read again (small files,
+    /// synchronously) when they changed, as before a connection, so that a change that
+    /// cannot be used is found now rather than at the next connection.
+    pub fn status(&self) -> ChannelTlsStatus {
+        let current = self.tls.current();
+        ChannelTlsStatus {
+            presented: current.presented.clone(),
+            refused: current.refused.clone(),
+        }
+    }
+}
+
+/// A digest of a file's contents. The contents, not the time and size: a file fixed by a
+/// `chmod`, or rewritten with the same length within one tick of a coarse clock, is a
+/// change too. The files are small and read only before a connection.
+type Stamp = u64;
 
 fn stamp(path: &Path) -> Option<Stamp> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    use std::hash::{Hash as _, Hasher as _};
+    let bytes = std::fs::read(path).ok()?;
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 fn stamps(paths: &TlsPaths, crl: Option<&Path>) -> Stamps {
@@ -285,6 +349,16 @@ pub fn client_channel(
     paths: &TlsPaths,
     opts: &ClientOptions,
 ) -> Result<Channel, TransportError> {
+    client_channel_with_tls(addr, paths, opts).map(|(channel, _)| channel)
+}
+
+/// [`client_channel`], and a handle on its TLS files: which certificate its next
+/// connection presents, and whether a change of the files was refused.
+pub fn client_channel_with_tls(
+    addr: &str,
+    paths: &TlsPaths,
+    opts: &ClientOptions,
+) -> Result<(Channel, ChannelTls), TransportError> {
     let host = host_of(addr)?;
     let name = if opts.server_name.is_empty() {
         host.to_owned()
@@ -294,6 +368,7 @@ pub fn client_channel(
     let server_name =
         ServerName::try_from(name.clone()).map_err(|_| TransportError::ServerName { name })?;
     let tls = Arc::new(ClientTls::load(paths, opts.crl.as_deref())?);
+    let handle = ChannelTls { tls: tls.clone() };
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|error| TransportError::Endpoint {
             addr: addr.to_owned(),
@@ -325,7 +400,7 @@ pub fn client_channel(
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
-    Ok(endpoint.connect_with_connector_lazy(connect))
+    Ok((endpoint.connect_with_connector_lazy(connect), handle))
 }
 
 #[cfg(test)]
@@ -374,16 +449,41 @@ mod tests {
         let back = tls.config();
         assert!(!same(&renewed, &back));
 
-        // nor is a certificate whose key is not beside it yet (a copy half done); once
-        // the key follows, the pair is taken up
+        // nor is a certificate whose key is not beside it yet (a copy half done), and the
+        // status says so; once the key follows, the pair is taken up, even when it has
+        // the same length and time as the wrong one (a `cp -p`, a coarse clock)
+        let serial = |tls: &ClientTls| {
+            let current = tls.current();
+            current.presented.as_ref().unwrap().serial_hex.clone()
+        };
+        let before = serial(&tls);
         fed.ca.renew(&node, 30).unwrap();
         let new_key = std::fs::read(&node.key).unwrap();
+        assert_eq!(new_key.len(), key.len());
+        let stamped = std::fs::metadata(&node.key).unwrap().modified().unwrap();
         std::fs::write(&node.key, &key).unwrap();
+        let file = std::fs::File::options()
+            .write(true)
+            .open(&node.key)
+            .unwrap();
+        file.set_modified(stamped).unwrap();
+        drop(file);
         assert!(same(&back, &tls.config()));
+        assert_eq!(serial(&tls), before, "still the one read before");
+        let refused = tls.current().refused.clone().unwrap();
+        assert!(refused.contains("key"), "{refused}");
         std::fs::write(&node.key, &new_key).unwrap();
+        let file = std::fs::File::options()
+            .write(true)
+            .open(&node.key)
+            .unwrap();
+        file.set_modified(stamped).unwrap();
+        drop(file);
         let again = tls.config();
         assert!(!same(&back, &again));
         assert!(same(&again, &tls.config()));
+        assert_ne!(serial(&tls), before);
+        assert!(tls.current().refused.is_none());
 
         // a new CRL too
         fed.ca

@@ -51,7 +51,10 @@ mod pem;
 pub mod server;
 pub mod status;
 
-pub use client::{ClientOptions, client_channel, client_config, server_name_mismatch};
+pub use client::{
+    ChannelTls, ChannelTlsStatus, ClientOptions, client_channel, client_channel_with_tls,
+    client_config, server_name_mismatch,
+};
 pub use error::{TlsFile, TransportError};
 pub use identity::peer_identity;
 pub use listener::{HandshakeFailure, ListenerLimits, TlsConn, incoming};

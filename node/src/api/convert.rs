@@ -415,10 +415,15 @@ pub(crate) fn node_status(status: NodeStatus) -> pb::NodeStatus {
         certificate_serial: status
             .certificate
             .as_ref()
-            .map(|(serial, _)| serial.clone())
+            .map(|c| c.serial_hex.clone())
             .unwrap_or_default(),
         certificate_not_after: status
             .certificate
-            .map(|(_, not_after)| to_timestamp(not_after)),
+            .as_ref()
+            .map(|c| to_timestamp(c.not_after)),
+        certificate_refused: status
+            .certificate
+            .and_then(|c| c.refused)
+            .unwrap_or_default(),
     }
 }

@@ -396,6 +396,15 @@ pub(crate) fn status(s: &pb::NodeStatus, now: SystemTime) -> String {
             )
         }
     };
+    let certificate = if s.certificate_refused.is_empty() {
+        certificate
+    } else {
+        format!(
+            "{certificate}\n             the TLS files changed but cannot be used, so the one above \
+             stays: {}",
+            s.certificate_refused
+        )
+    };
     format!(
         "participant  {}\nbroker       {}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed\ninbox        {} messages (last seq {})\n",
         s.participant,
@@ -437,6 +446,18 @@ mod tests {
         assert!(line(&with(Some(now + days(9)))).ends_with("(9 days left: renew it)"));
         assert!(line(&with(Some(now - days(1)))).ends_with("(EXPIRED: renew it)"));
         assert_eq!(line(&with(None)), "certificate  cannot be read");
+        let refused = pb::NodeStatus {
+            certificate_refused: "the key is not the certificate's".into(),
+            ..with(Some(now + days(400)))
+        };
+        assert!(
+            status(&refused, now).contains(
+                "\n             the TLS files changed but cannot be used, so the one above \
+                 stays: the key is not the certificate's\n"
+            ),
+            "{}",
+            status(&refused, now)
+        );
     }
 
     #[test]

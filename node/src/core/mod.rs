@@ -336,9 +336,22 @@ pub struct NodeStatus {
     pub inbox_total: u64,
     /// Highest inbox `seq`.
     pub last_inbox_seq: u64,
-    /// The node certificate file as it is now: serial (hex) and end of validity;
-    /// `None` when it cannot be read.
-    pub certificate: Option<(String, SystemTime)>,
+    /// The node certificate the next connection to the broker presents; `None` when
+    /// it cannot be read.
+    pub certificate: Option<CertificateStatus>,
+}
+
+/// The node certificate in [`NodeStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateStatus {
+    /// Its serial, lower-case hex.
+    pub serial_hex: String,
+    /// The end of its validity.
+    pub not_after: SystemTime,
+    /// Why the TLS files as they are now are not used (they changed, and cannot be:
+    /// a key that is not the certificate's, another identity, ...): the certificate
+    /// above is the one read before. `None` when the files are in force.
+    pub refused: Option<String>,
 }
 
 /// One participant of the broker's registry.
@@ -425,15 +438,18 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     failpoint_inbox_after_store: bool,
-    /// What was last said about the node certificate's expiry.
-    cert_notice: Mutex<ExpiryNotice>,
+    /// The TLS files of the broker link (`None`: offline, or a test link).
+    tls: Option<trmx_transport::ChannelTls>,
+    /// What was last said about the node certificate.
+    notices: Mutex<CertNotices>,
 }
 
 /// The broker link of a node started online, for [`NodeCore::open`].
 struct BrokerLink {
     client: ExchangeClient<Channel>,
-    /// What [`NodeCore::start`] said about the certificate's expiry.
-    cert_notice: ExpiryNotice,
+    tls: Option<trmx_transport::ChannelTls>,
+    /// What [`NodeCore::start`] said about the certificate.
+    notices: CertNotices,
 }
 
 impl Inner {
@@ -699,8 +715,39 @@ pub fn check_node_certificate(config: &CoreConfig) -> Result<trmx_certs::CertInf
     Ok(info)
 }
 
-/// What was last said about the node certificate's expiry: its serial, and when.
-type ExpiryNotice = Option<(String, SystemTime)>;
+/// Something said about the node certificate: about what (a serial, a reason), and when.
+#[derive(Debug)]
+struct Said {
+    about: String,
+    at: SystemTime,
+}
+
+/// What was last said about the node certificate, so that it is said again once a
+/// [`CERT_EXPIRY_REPEAT`] and not at every check.
+#[derive(Debug, Default)]
+struct CertNotices {
+    /// Its expiry (about its serial).
+    expiry: Option<Said>,
+    /// A change of the TLS files that is not used (about the reason).
+    refused: Option<Said>,
+}
+
+/// Whether `about` is to be said at `now`, given what `said` holds (then recorded).
+fn say_again(said: &mut Option<Said>, about: &str, now: SystemTime) -> bool {
+    if let Some(last) = said.as_ref()
+        && last.about == about
+        && now
+            .duration_since(last.at)
+            .is_ok_and(|ago| ago < CERT_EXPIRY_REPEAT)
+    {
+        return false;
+    }
+    *said = Some(Said {
+        about: about.to_owned(),
+        at: now,
+    });
+    true
+}
 
 /// Says that the node certificate `info` has expired (ERROR) or expires within
 /// [`CERT_EXPIRY_WARNING`] (WARN), unless `said` says so of the same certificate less
@@ -709,21 +756,15 @@ fn note_certificate_expiry(
     config: &CoreConfig,
     info: &trmx_certs::CertInfo,
     now: SystemTime,
-    said: &mut ExpiryNotice,
+    said: &mut Option<Said>,
 ) {
     let left = info.not_after.duration_since(now);
     if left.as_ref().is_ok_and(|left| *left >= CERT_EXPIRY_WARNING) {
         return;
     }
-    if let Some((serial, at)) = said.as_ref()
-        && *serial == info.serial_hex
-        && now
-            .duration_since(*at)
-            .is_ok_and(|ago| ago < CERT_EXPIRY_REPEAT)
-    {
+    if !say_again(said, &info.serial_hex, now) {
         return;
     }
-    *said = Some((info.serial_hex.clone(), now));
     let path = config.tls.cert.display();
     let not_after = trmx_certs::format_time(info.not_after);
     match left {
@@ -739,19 +780,51 @@ fn note_certificate_expiry(
 }
 
 impl Inner {
-    /// Reads the node certificate again (it may have been renewed) and says when it
-    /// expires soon or has expired, once a day at most. A file that cannot be read, or
-    /// holds another identity, is left to the broker link, which does not use it and
-    /// says why at its next connection.
+    /// Reads the TLS files of the broker link again (they may have been renewed) and
+    /// says, once a day at most, when the certificate the link presents expires soon or
+    /// has expired, and when a change of the files cannot be used (found now, not at
+    /// the next connection, which may be weeks away).
     fn recheck_certificate(&self) {
-        let Ok(info) = check_node_certificate(&self.config) else {
+        let Some(tls) = &self.tls else {
             return;
         };
+        let status = tls.status();
+        let now = self.clock.now();
         let mut said = self
-            .cert_notice
+            .notices
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        note_certificate_expiry(&self.config, &info, self.clock.now(), &mut said);
+        if let Some(info) = &status.presented {
+            note_certificate_expiry(&self.config, info, now, &mut said.expiry);
+        }
+        match &status.refused {
+            Some(why) if say_again(&mut said.refused, why, now) => {
+                let serial = status.presented.as_ref().map(|i| i.serial_hex.as_str());
+                warn!(participant = %self.config.participant, cert = %self.config.tls.cert.display(), serial = serial.unwrap_or("-"), reason = %why, "the TLS files changed but cannot be used: the node keeps presenting the certificate read before; fix the files");
+            }
+            Some(_) => {}
+            None => said.refused = None,
+        }
+    }
+
+    /// The certificate the broker link presents from its next connection, or the
+    /// certificate file's when there is no link.
+    fn certificate_status(&self) -> Option<CertificateStatus> {
+        let (info, refused) = match &self.tls {
+            Some(tls) => {
+                let status = tls.status();
+                (status.presented, status.refused)
+            }
+            None => (
+                trmx_certs::CertInfo::from_pem_file(&self.config.tls.cert).ok(),
+                None,
+            ),
+        };
+        info.map(|info| CertificateStatus {
+            serial_hex: info.serial_hex,
+            not_after: info.not_after,
+            refused,
+        })
     }
 }
 
@@ -784,19 +857,21 @@ impl NodeCore {
     /// day while the node runs.
     pub async fn start(config: CoreConfig, clock: Arc<dyn Clock>) -> Result<NodeCore, NodeError> {
         let info = check_node_certificate(&config)?;
-        let mut said = None;
-        note_certificate_expiry(&config, &info, clock.now(), &mut said);
+        let mut notices = CertNotices::default();
+        note_certificate_expiry(&config, &info, clock.now(), &mut notices.expiry);
         let opts = trmx_transport::ClientOptions {
             server_name: config.broker_server_name.clone(),
             crl: config.crl.clone(),
             ..trmx_transport::ClientOptions::default()
         };
-        let channel = trmx_transport::client_channel(&config.broker_addr, &config.tls, &opts)
-            .map_err(|e| NodeError::Config(format!("broker connection: {e}")))?;
+        let (channel, tls) =
+            trmx_transport::client_channel_with_tls(&config.broker_addr, &config.tls, &opts)
+                .map_err(|e| NodeError::Config(format!("broker connection: {e}")))?;
         let failpoint = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "inbox-after-store");
         let link = BrokerLink {
             client: broker_client(channel),
-            cert_notice: said,
+            tls: Some(tls),
+            notices,
         };
         Self::open(config, clock, Some(link), failpoint).await
     }
@@ -816,7 +891,10 @@ impl NodeCore {
         link: Option<BrokerLink>,
         failpoint_inbox_after_store: bool,
     ) -> Result<NodeCore, NodeError> {
-        let (client, cert_notice) = link.map_or((None, None), |l| (Some(l.client), l.cert_notice));
+        let (client, tls, notices) = match link {
+            Some(link) => (Some(link.client), link.tls, link.notices),
+            None => (None, None, CertNotices::default()),
+        };
         check_config(&config)?;
         let dir = config.data_dir.clone();
         let cache = config.cache_capacity_bytes;
@@ -838,7 +916,8 @@ impl NodeCore {
             shutdown,
             tasks: Mutex::new(Vec::new()),
             failpoint_inbox_after_store,
-            cert_notice: Mutex::new(cert_notice),
+            tls,
+            notices: Mutex::new(notices),
         });
         let mut tasks = Vec::new();
         if let Some(client) = inner.client.clone() {
@@ -1207,9 +1286,7 @@ impl NodeCore {
             // the last one flushed, as `watch` hands out: a cursor to start
             // from "now" must not name an entry a crash can take back
             last_inbox_seq: *self.inner.inbox_seq.borrow(),
-            certificate: trmx_certs::CertInfo::from_pem_file(&self.inner.config.tls.cert)
-                .ok()
-                .map(|info| (info.serial_hex, info.not_after)),
+            certificate: self.inner.certificate_status(),
         }
     }
 
@@ -1335,10 +1412,8 @@ async fn run_retention(inner: &Arc<Inner>) -> Result<usize, NodeError> {
 /// online also reads its certificate again then (see [`Inner::recheck_certificate`]).
 async fn retention_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        // (riding on the retention timer: an hourly read of one small file)
-        if inner.client.is_some() {
-            inner.recheck_certificate();
-        }
+        // (riding on the retention timer: an hourly read of four small files)
+        inner.recheck_certificate();
         if let Err(e) = run_retention(&inner).await {
             warn!(participant = %inner.config.participant, error = %e, "retention run failed");
         }

@@ -1211,7 +1211,8 @@ mod link {
             .connect_lazy();
         let link = BrokerLink {
             client: broker_client(channel),
-            cert_notice: None,
+            tls: None,
+            notices: CertNotices::default(),
         };
         NodeCore::open(config, clock, Some(link), false)
             .await
@@ -1985,6 +1986,64 @@ mod link {
                 .len(),
             1
         );
+        nl.shutdown().await;
+    }
+
+    /// A renewal whose key copy failed: the node keeps presenting the certificate
+    /// read before, and says so in its status and once a day, instead of showing the
+    /// new file as if it were in force until the old certificate expires.
+    #[tokio::test]
+    async fn a_change_of_the_tls_files_that_cannot_be_used_is_shown_and_said_daily() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let (_l, addr) = listener().await;
+        let cert = issued(&federation, "NL-NRM", 0, 365);
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let nl = started_on(
+            dir.path(),
+            "NL-NRM",
+            &federation,
+            &cert,
+            addr,
+            clock.clone(),
+        )
+        .await;
+        let first = nl.status().certificate.unwrap();
+        assert_eq!(first.refused, None);
+
+        // the renewed certificate arrives, its key does not
+        let key = std::fs::read(&cert.key).unwrap();
+        issued(&federation, "NL-NRM", 0, 365);
+        std::fs::write(&cert.key, &key).unwrap();
+        let shown = nl.status().certificate.unwrap();
+        assert_eq!(
+            shown.serial_hex, first.serial_hex,
+            "still the one read before"
+        );
+        assert!(shown.refused.is_some(), "{shown:?}");
+        let said = || {
+            logs.lines_with(&[
+                "WARN",
+                "the TLS files changed but cannot be used: the node keeps presenting",
+            ])
+        };
+        nl.inner.recheck_certificate();
+        nl.inner.recheck_certificate();
+        assert_eq!(said().len(), 1, "{:#?}", said());
+        assert!(said()[0].contains(&first.serial_hex), "{}", said()[0]);
+        clock.advance(DAY);
+        nl.inner.recheck_certificate();
+        assert_eq!(said().len(), 2);
+
+        // the right key follows: in force, nothing more to say
+        issued(&federation, "NL-NRM", 0, 365);
+        let renewed = nl.status().certificate.unwrap();
+        assert_ne!(renewed.serial_hex, first.serial_hex);
+        assert_eq!(renewed.refused, None);
+        clock.advance(DAY);
+        nl.inner.recheck_certificate();
+        assert_eq!(said().len(), 2);
         nl.shutdown().await;
     }
 
