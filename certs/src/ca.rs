@@ -776,6 +776,7 @@ impl Ca {
     /// certificate for `role`.
     pub fn revoke_role(&self, role: &Role) -> Result<Vec<Revocation>, CertError> {
         let identity = Identity::new(&self.view.trust_domain, role.clone())?.spiffe_uri();
+        self.check_can_sign_crl()?;
         let lock = self.lock_dir()?;
         let index = load_index(&self.index_path())?;
         if !index.certs.iter().any(|c| c.identity == identity) {
@@ -805,6 +806,7 @@ impl Ca {
         serial: &str,
         info: Option<&CertInfo>,
     ) -> Result<Revocation, CertError> {
+        self.check_can_sign_crl()?;
         let lock = self.lock_dir()?;
         let now = unix(SystemTime::now());
         let mut outcome = None;
@@ -999,6 +1001,25 @@ impl Ca {
 
     /// Refuses `until` past the CA certificate's end, with the days that still fit (from
     /// `now`) and the flag to pass them with.
+    /// Refuses a revocation, before anything is changed, once the CA has expired: it can
+    /// sign no CRL any more (a revocation recorded in the index alone would reach no
+    /// one), and every certificate it issued has expired with it.
+    fn check_can_sign_crl(&self) -> Result<(), CertError> {
+        let ca_end = self.view.not_after;
+        if SystemTime::now() < ca_end {
+            return Ok(());
+        }
+        Err(CertError::InvalidArgument {
+            field: "CA",
+            problem: format!(
+                "the CA certificate expired {}: it can sign no CRL any more, and every \
+                 certificate it issued expired with it (none may outlive it); revoke with \
+                 its successor's directory",
+                crate::format_time(ca_end)
+            ),
+        })
+    }
+
     fn check_within_ca(
         &self,
         limit: &WithinCa,

@@ -100,8 +100,12 @@ pub enum CertError {
     /// Replacing a key and its certificate failed after the key was renamed into place,
     /// and putting the key back failed too: the key file does not match the certificate.
     #[error(
-        "{cause}; {} already holds the new {what} and could not be restored ({undo}): it does not match the certificate beside it",
-        path.display()
+        "{cause}; {} already holds the new {what} and could not be restored ({undo}): it does not match the certificate beside it; {}",
+        path.display(),
+        match kept {
+            Some(old) => format!("the replaced {what} is kept in {}: move it back to {} by hand", old.display(), path.display()),
+            None => format!("the replaced {what} could not be kept either"),
+        }
     )]
     PairIncomplete {
         /// The file replaced first (the key).
@@ -110,6 +114,8 @@ pub enum CertError {
         what: String,
         /// Why it could not be restored.
         undo: String,
+        /// Where the replaced file is kept, to be moved back by hand.
+        kept: Option<PathBuf>,
         /// What failed.
         cause: Box<CertError>,
     },

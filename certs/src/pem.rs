@@ -129,26 +129,23 @@ pub(crate) fn write_pair_atomic(
 ) -> Result<(), CertError> {
     let staged_first = first.stage()?;
     let staged_second = second.stage()?;
-    let backup = if overwrite {
-        backup_link(first.what, first.path)?
-    } else {
-        None
-    };
+    let backup = if overwrite { Backup::of(&first)? } else { None };
     let (first_dir, second_dir) = (staged_first.dir.clone(), staged_second.dir.clone());
     staged_first.persist(overwrite)?;
     if let Err(cause) = staged_second.persist(overwrite) {
         // put the old `first` back, or remove the new one that has no `second` beside it
         let undone = match backup {
-            Some(backup) => backup.persist(first.path).map_err(|e| e.error),
-            None => std::fs::remove_file(first.path),
+            Some(backup) => backup.restore(first.path),
+            None => std::fs::remove_file(first.path).map_err(|e| (e, None)),
         };
         sync_dir(&first_dir);
         return match undone {
             Ok(()) => Err(cause),
-            Err(e) => Err(CertError::PairIncomplete {
+            Err((e, kept)) => Err(CertError::PairIncomplete {
                 path: first.path.to_path_buf(),
                 what: first.what.to_string(),
                 undo: crate::error::io_message(&e),
+                kept,
                 cause: Box::new(cause),
             }),
         };
@@ -161,22 +158,69 @@ pub(crate) fn write_pair_atomic(
     Ok(())
 }
 
-/// A second name (hard link) for the file at `path`, in its directory, removed when
-/// dropped; `None` when there is no file there.
-fn backup_link(what: &str, path: &Path) -> Result<Option<tempfile::NamedTempFile<()>>, CertError> {
-    let dir = parent_dir(path);
-    let linked = tempfile::Builder::new()
-        .prefix(".trmx-certs-")
-        .suffix(".old.tmp")
-        .make_in(dir, |backup| std::fs::hard_link(path, backup));
-    match linked {
-        Ok(backup) => Ok(Some(backup)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(CertError::io(
-            format!("keep the replaced {what} (hard link) while replacing"),
-            path,
-            e,
-        )),
+/// The file a [`write_pair_atomic`] replaces, kept aside in its directory until the new
+/// pair is in place, then removed (when dropped).
+enum Backup {
+    /// A second name (hard link) of the file itself.
+    Link(tempfile::NamedTempFile<()>),
+    /// A copy with the same contents and the new file's mode, where the file system
+    /// (vfat, some network mounts) or `fs.protected_hardlinks` allow no hard link.
+    Copy(tempfile::NamedTempFile),
+}
+
+impl Backup {
+    /// The backup of the file `file` replaces; `None` when there is no file there.
+    fn of(file: &NewFile<'_>) -> Result<Option<Backup>, CertError> {
+        Backup::made_with(file, |path, backup| std::fs::hard_link(path, backup))
+    }
+
+    /// [`Backup::of`], linking with `link` (tests make it fail).
+    fn made_with(
+        file: &NewFile<'_>,
+        link: impl Fn(&Path, &Path) -> std::io::Result<()>,
+    ) -> Result<Option<Backup>, CertError> {
+        let (what, path) = (file.what, file.path);
+        let linked = tempfile::Builder::new()
+            .prefix(".trmx-certs-")
+            .suffix(".old.tmp")
+            .make_in(parent_dir(path), |backup| link(path, backup));
+        let link_error = match linked {
+            Ok(backup) => return Ok(Some(Backup::Link(backup))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => e,
+        };
+        let old = match std::fs::read(path) {
+            Ok(old) => old,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(CertError::io(
+                    format!(
+                        "keep the replaced {what} while replacing (no hard link: {}; no copy)",
+                        crate::error::io_message(&link_error)
+                    ),
+                    path,
+                    e,
+                ));
+            }
+        };
+        let copy = NewFile {
+            contents: &old,
+            ..*file
+        }
+        .stage()?;
+        Ok(Some(Backup::Copy(copy.tmp)))
+    }
+
+    /// Puts the replaced file back at `path`. On failure the backup is kept (not
+    /// removed), and its path returned with the error, to be moved back by hand.
+    fn restore(self, path: &Path) -> Result<(), (std::io::Error, Option<PathBuf>)> {
+        fn kept<F>(e: tempfile::PersistError<F>) -> (std::io::Error, Option<PathBuf>) {
+            (e.error, e.file.keep().ok().map(|(_, kept)| kept))
+        }
+        match self {
+            Backup::Link(backup) => backup.persist(path).map(drop).map_err(kept),
+            Backup::Copy(backup) => backup.persist(path).map(drop).map_err(kept),
+        }
     }
 }
 
@@ -296,6 +340,35 @@ mod tests {
             contents,
             mode,
         }
+    }
+
+    /// Where no hard link can be made (vfat, some network mounts), the replaced file is
+    /// kept as a copy; a backup that cannot be put back is kept and named, never removed.
+    #[cfg(unix)]
+    #[test]
+    fn a_backup_is_a_copy_without_hard_links_and_is_kept_when_it_cannot_go_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("n.key");
+        std::fs::write(&key, b"old key").unwrap();
+        let new = file("private key", &key, b"new key", Mode::Secret);
+        let no_links = |_: &Path, _: &Path| Err(std::io::Error::other("no hard links here"));
+        let Some(backup @ Backup::Copy(_)) = Backup::made_with(&new, no_links).unwrap() else {
+            panic!("expected a copy");
+        };
+        std::fs::write(&key, b"new key").unwrap();
+        backup.restore(&key).unwrap();
+        assert_eq!(std::fs::read(&key).unwrap(), b"old key");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(temporaries(dir.path()).is_empty());
+
+        let backup = Backup::of(&new).unwrap().unwrap();
+        let nowhere = dir.path().join("gone").join("n.key");
+        let (_, kept) = backup.restore(&nowhere).unwrap_err();
+        let kept = kept.expect("the backup is kept");
+        assert_eq!(std::fs::read(&kept).unwrap(), b"old key");
+        assert_eq!(temporaries(dir.path()).len(), 1);
     }
 
     #[cfg(unix)]

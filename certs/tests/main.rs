@@ -718,8 +718,50 @@ mod ca_files {
         assert!(read(&fed).0 > n3);
     }
 
-    /// Two `trmx-certs` runs at once (here: separate `Ca` handles on one directory, which
-    /// share nothing but the files) must not lose each other's issues or revocations.
+    /// Once the CA has expired it can sign no CRL: a revocation is refused before the
+    /// index records it (it would reach no one), saying why.
+    #[test]
+    fn an_expired_ca_refuses_a_revocation_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(
+            dir.path(),
+            &CaOptions::new("trm.example", "TRM Federation CA"),
+        )
+        .unwrap();
+        let node = CertPaths::from_prefix(&dir.path().join("NL-NRM"));
+        ca.issue(&IssueSpec::participant("NL-NRM"), &node, false)
+            .unwrap();
+        // the same CA, its certificate signed again by its key, expired yesterday
+        let key_pem = std::fs::read_to_string(dir.path().join("ca.key")).unwrap();
+        let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "TRM Federation CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let day = Duration::from_secs(86_400);
+        params.not_before = (SystemTime::now() - day * 20).into();
+        params.not_after = (SystemTime::now() - day).into();
+        let expired = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), expired.pem()).unwrap();
+        let ca = Ca::open(dir.path()).unwrap();
+        let files =
+            || ["crl.pem", "index.json"].map(|n| std::fs::read(dir.path().join(n)).unwrap());
+        let before = files();
+        let err = ca.revoke(&node.cert).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("the CA certificate expired"), "{text}");
+        assert!(text.contains("successor"), "{text}");
+        assert_eq!(files(), before, "nothing recorded");
+        let err = ca.revoke_role(&trmx_certs::Role::Participant("NL-NRM".into()));
+        assert!(err.unwrap_err().to_string().contains("expired"));
+        assert_eq!(files(), before);
+    }
+
     /// A CRL cannot promise a next update after its CA has expired: refused, with the days
     /// that still fit, and nothing written.
     #[test]
@@ -789,6 +831,8 @@ mod ca_files {
         );
     }
 
+    /// Two `trmx-certs` runs at once (here: separate `Ca` handles on one directory, which
+    /// share nothing but the files) must not lose each other's issues or revocations.
     #[test]
     fn concurrent_runs_lose_no_certificate_and_no_revocation() {
         let (_d, fed) = federation();
