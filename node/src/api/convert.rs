@@ -242,32 +242,44 @@ pub(crate) fn next_page_token(next: Option<u64>, prefix: &str) -> String {
 /// Prefix of the page tokens of `ListDue`.
 const DUE_PAGE: &str = "due:";
 
-/// Where a `ListDue` page token says the listing continues (`""`: the first item).
-pub(crate) fn due_page_start(token: &str) -> Result<Option<DueCursor>, NodeError> {
+/// The `today` of a `ListDue` request and where its page token says the listing
+/// continues (`None`: the first item). The token carries the `today` of its listing: a
+/// request without one continues that listing, a request with another is refused (its
+/// pages would skip or repeat items).
+pub(crate) fn due_page(
+    today: Option<Date>,
+    token: &str,
+) -> Result<(Option<Date>, Option<DueCursor>), NodeError> {
     if token.is_empty() {
-        return Ok(None);
+        return Ok((today, None));
     }
-    token
-        .strip_prefix(DUE_PAGE)
-        .and_then(|rest| rest.split_once(':'))
-        .and_then(|(date, id)| {
-            Some(DueCursor {
-                due: Date::parse(date).ok()?,
-                message_id: MessageId::parse(id).ok()?,
-            })
-        })
-        .map(Some)
-        .ok_or_else(|| {
-            invalid(
-                "page_token",
-                "is not a next_page_token of ListDue (leave it empty for the first page)",
-            )
-        })
+    let parse = |token: &str| {
+        let mut parts = token.strip_prefix(DUE_PAGE)?.splitn(3, ':');
+        let listed = Date::parse(parts.next()?).ok()?;
+        let due = Date::parse(parts.next()?).ok()?;
+        let message_id = MessageId::parse(parts.next()?).ok()?;
+        Some((listed, DueCursor { due, message_id }))
+    };
+    let (listed, cursor) = parse(token).ok_or_else(|| {
+        invalid(
+            "page_token",
+            "is not a next_page_token of ListDue (leave it empty for the first page)",
+        )
+    })?;
+    match today {
+        Some(today) if today != listed => Err(NodeError::Invalid(ValidationError::new(
+            "page_token",
+            format!(
+                "continues the listing of what is due by {listed}, not by {today}: ask with today {listed} or without today"
+            ),
+        ))),
+        _ => Ok((Some(listed), Some(cursor))),
+    }
 }
 
-/// The `next_page_token` of a `ListDue` page.
-pub(crate) fn due_page_token(next: Option<DueCursor>) -> String {
-    next.map(|c| format!("{DUE_PAGE}{}:{}", c.due, c.message_id))
+/// The `next_page_token` of a page of what is due by `today`.
+pub(crate) fn due_page_token(today: Date, next: Option<DueCursor>) -> String {
+    next.map(|c| format!("{DUE_PAGE}{today}:{}:{}", c.due, c.message_id))
         .unwrap_or_default()
 }
 

@@ -281,18 +281,19 @@ impl LocalApi {
 
     async fn due(&self, req: &pb::ListDueRequest) -> Result<pb::ListDueResponse, NodeError> {
         let today = if req.today.is_empty() {
-            Date::of(self.clock.now())
+            None
         } else {
-            Date::parse(&req.today).map_err(|e| NodeError::Invalid(e.within("today")))?
+            Some(Date::parse(&req.today).map_err(|e| NodeError::Invalid(e.within("today")))?)
         };
-        let start = convert::due_page_start(&req.page_token)?;
+        let (today, start) = convert::due_page(today, &req.page_token)?;
+        let today = today.unwrap_or_else(|| Date::of(self.clock.now()));
         let page = self
             .core
             .due(today, start, convert::due_limit(req.limit))
             .await?;
         Ok(pb::ListDueResponse {
             items: page.entries.into_iter().map(convert::due_item).collect(),
-            next_page_token: convert::due_page_token(page.next),
+            next_page_token: convert::due_page_token(today, page.next),
         })
     }
 }

@@ -90,8 +90,8 @@ pub enum Command {
         /// Count as due on or before this date (YYYY-MM-DD; default: today).
         #[arg(long)]
         today: Option<String>,
-        /// At most this many items, oldest date first.
-        #[arg(long, default_value_t = 100)]
+        /// At most this many items, oldest date first (0: as many as a page holds, 10,000).
+        #[arg(long, default_value_t = 0)]
         limit: u32,
         /// Continue a listing where the previous one stopped (it prints the token).
         #[arg(long, value_name = "TOKEN")]

@@ -391,15 +391,16 @@ async fn the_outbox_and_what_is_due_are_listed_a_page_at_a_time() {
     assert_eq!(listed, sent, "every entry once, newest first");
 
     // what is due too, oldest date first (one date here: ordered by message id)
+    // (the token carries its listing's `today`: the next pages ask without one)
     let mut due = Vec::new();
     let mut page_token = String::new();
     let mut pages = 0;
     loop {
         let page = client
             .list_due(pb::ListDueRequest {
-                today: "2026-02-01".to_owned(),
+                today: if pages == 0 { "2026-02-01" } else { "" }.to_owned(),
                 limit: 2,
-                page_token,
+                page_token: page_token.clone(),
             })
             .await
             .expect("due")
@@ -410,6 +411,16 @@ async fn the_outbox_and_what_is_due_are_listed_a_page_at_a_time() {
             break;
         }
         page_token = page.next_page_token;
+        let status = client
+            .list_due(pb::ListDueRequest {
+                today: "2026-03-01".to_owned(),
+                limit: 2,
+                page_token: page_token.clone(),
+            })
+            .await
+            .expect_err("a token of the listing by another day");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("2026-02-01"), "{status:?}");
     }
     assert_eq!(pages, 2);
     let mut expected = sent.clone();
