@@ -99,6 +99,15 @@ const DIR_RECEIVED: u8 = 2;
 /// Page size of a listing asked with limit 0.
 const DEFAULT_LIMIT: usize = 100;
 
+/// What one entry of the due index is now ([`Store::due_state`]).
+enum DueState {
+    Due(DueItem),
+    /// Not due now, but it may be again.
+    NotNow,
+    /// Never due again: the entry can go.
+    Never,
+}
+
 /// Page size of `due` asked with limit 0: large, since `ListDue` had no pages before and
 /// its callers may not read `next_page_token`, but bounded (10,000 items are about
 /// 1.5 MB on the wire).
@@ -1229,6 +1238,10 @@ impl Store {
                 next: None,
             });
         }
+        let mut next = None;
+        // entries that can never be due again, forgotten after the scan so that the
+        // index holds what may still be due, not every request ever exchanged
+        let mut forgotten = Vec::new();
         for item in self.trees[DUE].range(begin..=end) {
             let (key, value) = item.map_err(store_err)?;
             let (Some(date), Some(id)) = (
@@ -1242,77 +1255,98 @@ impl Store {
             ) else {
                 return Err(NodeError::Store("corrupt due index".into()));
             };
-            let due_item = if value.first() == Some(&DIR_SENT) {
-                let Some(e) = self.outbox_entry(id)? else {
-                    continue;
-                };
-                let what = if e.kind == Kind::FollowUp {
-                    if self.later_follow_up(e.case_ref, e.created_at)? {
-                        continue;
-                    }
-                    DueKind::FollowUpDue
-                } else {
-                    if e.answered_by.is_some() || e.state == OutboxState::Failed {
-                        continue;
-                    }
-                    DueKind::AwaitingAnswer
-                };
-                DueItem {
-                    message_id: id,
-                    case_ref: e.case_ref,
-                    kind: e.kind,
-                    counterpart: e.recipient,
-                    due: date,
-                    what,
-                }
-            } else {
-                let Some(e) = self.inbox_entry(id)? else {
-                    continue;
-                };
-                let what = if e.kind == Kind::FollowUp {
-                    if self.later_follow_up(e.case_ref, e.created_at)? {
-                        continue;
-                    }
-                    DueKind::FollowUpDue
-                } else {
-                    // answered only by a reply that is on its way or arrived:
-                    // one the broker refused, or withdrawn, answers nothing
-                    if let Some(reply) = e.answered_by
-                        && self
-                            .outbox_entry(reply)?
-                            .is_none_or(|r| r.state != OutboxState::Failed)
-                    {
-                        continue;
-                    }
-                    DueKind::AnswerOwed
-                };
-                DueItem {
-                    message_id: id,
-                    case_ref: e.case_ref,
-                    kind: e.kind,
-                    counterpart: e.sender,
-                    due: date,
-                    what,
-                }
-            };
-            if out.len() == limit {
-                return Ok(Page {
-                    entries: out,
-                    next: Some(DueCursor {
+            match self.due_state(value.first().copied(), id, date)? {
+                DueState::Never => forgotten.push(key),
+                DueState::NotNow => {}
+                DueState::Due(_) if out.len() == limit => {
+                    next = Some(DueCursor {
                         due: date,
                         message_id: id,
-                    }),
-                });
+                    });
+                    break;
+                }
+                DueState::Due(item) => out.push(item),
             }
-            out.push(due_item);
         }
-        Ok(Page {
-            entries: out,
-            next: None,
-        })
+        for key in forgotten {
+            // (not flushed: an entry a crash brings back is forgotten again)
+            if let Err(e) = self.trees[DUE].remove(key) {
+                tracing::debug!(error = %e, "a due entry could not be forgotten");
+            }
+        }
+        Ok(Page { entries: out, next })
     }
 
-    // ---- retention ------------------------------------------------------
+    /// Entries in the due index (tests).
+    #[cfg(test)]
+    pub(crate) fn due_index_len(&self) -> usize {
+        self.trees[DUE].len()
+    }
+
+    /// Whether the message `id` (sent or received, by `dir`) with the date `date` in the
+    /// due index is due now, or no longer, or never again: a request answered (a reply to
+    /// ours arrived, or ours was delivered), a follow-up that a later one on its case
+    /// replaced, a message gone. A request whose answer failed, or ours that failed, is
+    /// not due now but may be again (a lost message found, a new reply).
+    fn due_state(&self, dir: Option<u8>, id: MessageId, date: Date) -> Result<DueState, NodeError> {
+        if dir == Some(DIR_SENT) {
+            let Some(e) = self.outbox_entry(id)? else {
+                return Ok(DueState::Never);
+            };
+            let what = if e.kind == Kind::FollowUp {
+                if self.later_follow_up(e.case_ref, e.created_at)? {
+                    return Ok(DueState::Never);
+                }
+                DueKind::FollowUpDue
+            } else if e.answered_by.is_some() {
+                return Ok(DueState::Never);
+            } else if e.state == OutboxState::Failed {
+                // (a message found after all moves on to delivered)
+                return Ok(DueState::NotNow);
+            } else {
+                DueKind::AwaitingAnswer
+            };
+            return Ok(DueState::Due(DueItem {
+                message_id: id,
+                case_ref: e.case_ref,
+                kind: e.kind,
+                counterpart: e.recipient,
+                due: date,
+                what,
+            }));
+        }
+        let Some(e) = self.inbox_entry(id)? else {
+            return Ok(DueState::Never);
+        };
+        let what = if e.kind == Kind::FollowUp {
+            if self.later_follow_up(e.case_ref, e.created_at)? {
+                return Ok(DueState::Never);
+            }
+            DueKind::FollowUpDue
+        } else {
+            // answered only by a reply that is on its way or arrived: one the broker
+            // refused, or withdrawn, answers nothing (and another reply may follow)
+            match e.answered_by {
+                Some(reply) => match self.outbox_entry(reply)? {
+                    None => return Ok(DueState::Never),
+                    Some(r) if r.state == OutboxState::Delivered => return Ok(DueState::Never),
+                    Some(r) if r.state != OutboxState::Failed => return Ok(DueState::NotNow),
+                    Some(_) => DueKind::AnswerOwed,
+                },
+                None => DueKind::AnswerOwed,
+            }
+        };
+        Ok(DueState::Due(DueItem {
+            message_id: id,
+            case_ref: e.case_ref,
+            kind: e.kind,
+            counterpart: e.sender,
+            due: date,
+            what,
+        }))
+    }
+
+    // ---- retention    // ---- retention ------------------------------------------------------
 
     /// Erases the bodies whose `retain_until` is before `today`; the entries
     /// keep their metadata and say `body_erased`. Returns how many.
@@ -1411,6 +1445,33 @@ mod tests {
                 entry.message_id
             })
             .collect()
+    }
+
+    /// The due index forgets only what can never be due again: a request of ours that
+    /// failed is not due now, but a receipt may still deliver it (lost, then found).
+    #[test]
+    fn a_failed_request_stays_in_the_due_index_until_it_can_never_be_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let today = Date::parse("2026-02-01").unwrap();
+        let mut request = outgoing("k-1");
+        request.due = Some(Date::parse("2026-01-21").unwrap());
+        let (entry, _) = store.enqueue(&request).unwrap();
+        let id = entry.message_id;
+        assert_eq!(store.due(today, None, 0).unwrap().entries.len(), 1);
+        store.mark_submitted(id, 2_000).unwrap();
+        store.mark_lost(id, lost(), "lost", 3_000).unwrap();
+        assert!(store.due(today, None, 0).unwrap().entries.is_empty());
+        assert_eq!(store.due_index_len(), 1, "kept: it may be found");
+        store.apply_receipt(id, None, 4_000).unwrap();
+        let due = store.due(today, None, 0).unwrap().entries;
+        assert_eq!(
+            due.len(),
+            1,
+            "found and delivered: an answer is awaited again"
+        );
+        assert_eq!(due[0].what, DueKind::AwaitingAnswer);
+        assert_eq!(store.due_index_len(), 1);
     }
 
     #[test]

@@ -919,6 +919,10 @@ async fn due_lists_unanswered_requests_and_follow_ups() {
     transfer(&f.be, &f.nl, reply.message_id).await;
     assert!(due_on(&f.be, date("2026-02-01")).await.is_empty());
     assert!(due_on(&f.nl, date("2026-02-01")).await.is_empty());
+    // NL's request is answered for good: its entry is gone from the due index; BE's
+    // answer is on its way and may still fail, so BE's entry stays
+    assert_eq!(f.nl.inner.store.due_index_len(), 0);
+    assert_eq!(f.be.inner.store.due_index_len(), 1);
 
     // A follow-up (next due 2026-07-20) on the case is due from that day…
     f.clock.advance(Duration::from_secs(60));
@@ -946,8 +950,14 @@ async fn due_lists_unanswered_requests_and_follow_ups() {
     );
     later.case_ref = Some(sent.case_ref);
     let later = f.be.send(later).await.unwrap();
+    let before = f.be.inner.store.due_index_len();
     let due = due_on(&f.be, date("2026-08-01")).await;
     assert!(due.is_empty(), "{due:?}");
+    assert_eq!(
+        f.be.inner.store.due_index_len(),
+        before - 1,
+        "the replaced follow-up is forgotten"
+    );
     let due = due_on(&f.be, date("2026-11-10")).await;
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].message_id, later.message_id);
