@@ -1775,14 +1775,8 @@ mod link {
         cert: &trmx_certs::CertPaths,
         addr: SocketAddr,
     ) -> Result<NodeCore, NodeError> {
-        let mut cfg = config(dir, me);
-        cfg.broker_addr = addr.to_string();
-        cfg.tls = trmx_transport::TlsPaths {
-            ca: federation.ca_cert_path(),
-            cert: cert.cert.clone(),
-            key: cert.key.clone(),
-        };
-        NodeCore::start(cfg, Arc::new(ManualClock::new(SystemTime::now()))).await
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        started_on(dir, me, federation, cert, addr, clock).await
     }
 
     /// [`started`] on `clock`.
@@ -1793,7 +1787,7 @@ mod link {
         cert: &trmx_certs::CertPaths,
         addr: SocketAddr,
         clock: Arc<ManualClock>,
-    ) -> NodeCore {
+    ) -> Result<NodeCore, NodeError> {
         let mut cfg = config(dir, me);
         cfg.broker_addr = addr.to_string();
         cfg.tls = trmx_transport::TlsPaths {
@@ -1801,7 +1795,7 @@ mod link {
             cert: cert.cert.clone(),
             key: cert.key.clone(),
         };
-        NodeCore::start(cfg, clock).await.unwrap()
+        NodeCore::start(cfg, clock).await
     }
 
     /// The last broker error once there is one.
@@ -1965,7 +1959,8 @@ mod link {
             addr,
             clock.clone(),
         )
-        .await;
+        .await
+        .unwrap();
         let warned = || logs.lines_with(&["WARN", "the node certificate expires soon"]);
         assert_eq!(warned().len(), 1, "at start");
 
@@ -2018,7 +2013,8 @@ mod link {
             addr,
             clock.clone(),
         )
-        .await;
+        .await
+        .unwrap();
         let first = nl.status().certificate.unwrap();
         assert_eq!(first.refused, None);
 
