@@ -461,24 +461,21 @@ mod tests {
         let new_key = std::fs::read(&node.key).unwrap();
         assert_eq!(new_key.len(), key.len());
         let stamped = std::fs::metadata(&node.key).unwrap().modified().unwrap();
-        std::fs::write(&node.key, &key).unwrap();
-        let file = std::fs::File::options()
-            .write(true)
-            .open(&node.key)
-            .unwrap();
-        file.set_modified(stamped).unwrap();
-        drop(file);
+        // (written with the time the renewal gave the key file)
+        let write_stamped = |contents: &[u8]| {
+            std::fs::write(&node.key, contents).unwrap();
+            let file = std::fs::File::options()
+                .write(true)
+                .open(&node.key)
+                .unwrap();
+            file.set_modified(stamped).unwrap();
+        };
+        write_stamped(&key);
         assert!(same(&back, &tls.config()));
         assert_eq!(serial(&tls), before, "still the one read before");
         let refused = tls.current().refused.clone().unwrap();
         assert!(refused.contains("key"), "{refused}");
-        std::fs::write(&node.key, &new_key).unwrap();
-        let file = std::fs::File::options()
-            .write(true)
-            .open(&node.key)
-            .unwrap();
-        file.set_modified(stamped).unwrap();
-        drop(file);
+        write_stamped(&new_key);
         let again = tls.config();
         assert!(!same(&back, &again));
         assert!(same(&again, &tls.config()));
