@@ -999,8 +999,6 @@ impl Ca {
         self.view.lock()
     }
 
-    /// Refuses `until` past the CA certificate's end, with the days that still fit (from
-    /// `now`) and the flag to pass them with.
     /// Refuses a revocation, before anything is changed, once the CA has expired: it can
     /// sign no CRL any more (a revocation recorded in the index alone would reach no
     /// one), and every certificate it issued has expired with it.
@@ -1020,6 +1018,8 @@ impl Ca {
         })
     }
 
+    /// Refuses `until` past the CA certificate's end, with the days that still fit (from
+    /// `now`) and the flag to pass them with.
     fn check_within_ca(
         &self,
         limit: &WithinCa,

@@ -102,9 +102,10 @@ pub enum CertError {
     #[error(
         "{cause}; {} already holds the new {what} and could not be restored ({undo}): it does not match the certificate beside it; {}",
         path.display(),
-        match kept {
-            Some(old) => format!("the replaced {what} is kept in {}: move it back to {} by hand", old.display(), path.display()),
-            None => format!("the replaced {what} could not be kept either"),
+        match (replaced, kept) {
+            (false, _) => format!("there was no {what} there before: remove it by hand"),
+            (true, Some(old)) => format!("the replaced {what} is kept in {}: move it back to {} by hand", old.display(), path.display()),
+            (true, None) => format!("the replaced {what} could not be kept either"),
         }
     )]
     PairIncomplete {
@@ -114,6 +115,8 @@ pub enum CertError {
         what: String,
         /// Why it could not be restored.
         undo: String,
+        /// Whether a file was replaced (else the new one was to be removed).
+        replaced: bool,
         /// Where the replaced file is kept, to be moved back by hand.
         kept: Option<PathBuf>,
         /// What failed.

@@ -110,11 +110,12 @@ pub(crate) struct NewFile<'a> {
 /// 1. both are written and synced to temporary files beside their targets (a key created
 ///    `0600`); a failure here (disk full, read-only directory, ...) removes both temporaries
 ///    and leaves the old pair untouched;
-/// 2. the existing `first` (if any) is kept under a temporary hard link, so that it can be
-///    put back;
+/// 2. the existing `first` (if any) is kept under a temporary hard link (or, where the file
+///    system allows none, as a copy with `first`'s mode), so that it can be put back;
 /// 3. `first` is renamed into place, then `second`. If renaming `second` fails, `first` is
 ///    put back as it was (or removed, if there was none) and the temporaries are removed;
-/// 4. the backup link is removed and the directories synced.
+/// 4. the backup is removed and the directories synced. (If putting `first` back fails, the
+///    backup is kept and named in [`CertError::PairIncomplete`].)
 ///
 /// What remains: a crash (power loss, `kill -9`) in the instant between the two renames
 /// leaves the new `first` beside the old `second`. Nothing is lost then: the new `second`
@@ -134,6 +135,7 @@ pub(crate) fn write_pair_atomic(
     staged_first.persist(overwrite)?;
     if let Err(cause) = staged_second.persist(overwrite) {
         // put the old `first` back, or remove the new one that has no `second` beside it
+        let replaced = backup.is_some();
         let undone = match backup {
             Some(backup) => backup.restore(first.path),
             None => std::fs::remove_file(first.path).map_err(|e| (e, None)),
@@ -145,6 +147,7 @@ pub(crate) fn write_pair_atomic(
                 path: first.path.to_path_buf(),
                 what: first.what.to_string(),
                 undo: crate::error::io_message(&e),
+                replaced,
                 kept,
                 cause: Box::new(cause),
             }),

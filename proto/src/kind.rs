@@ -77,7 +77,18 @@ impl Kind {
 
     /// Whether a message of this kind answers another (`in_reply_to` required).
     pub fn is_answer(self) -> bool {
-        matches!(self, Kind::ReferralResponse | Kind::ReturnRiskAssessment)
+        self.answers().is_some()
+    }
+
+    /// The kind of request a message of this kind answers (DOMAIN.md): a referral
+    /// response a referral, a return-risk assessment its request. Other messages may
+    /// name a message in `in_reply_to` too (a follow-up), but answer no request.
+    pub fn answers(self) -> Option<Kind> {
+        match self {
+            Kind::ReferralResponse => Some(Kind::Referral),
+            Kind::ReturnRiskAssessment => Some(Kind::ReturnRiskAssessmentRequest),
+            _ => None,
+        }
     }
 
     /// The protobuf message name of the body, e.g. `trmx.v1.Referral`.

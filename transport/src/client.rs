@@ -165,8 +165,9 @@ impl ClientTls {
 
     /// The state with the files as they are now (read again if they changed).
     fn current(&self) -> std::sync::MutexGuard<'_, Current> {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        // (read outside the lock: a connection or a status waits for a rebuild only)
         let now = stamps(&self.paths, self.crl.as_deref());
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if now != current.read {
             current.read = now;
             match self.rebuild() {
@@ -271,7 +272,8 @@ impl ChannelTls {
 
 /// A digest of a file's contents. The contents, not the time and size: a file fixed by a
 /// `chmod`, or rewritten with the same length within one tick of a coarse clock, is a
-/// change too. The files are small and read only before a connection.
+/// change too. The files are small, and read before a connection and when a status is
+/// asked for.
 type Stamp = u64;
 
 fn stamp(path: &Path) -> Option<Stamp> {

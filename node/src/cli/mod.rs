@@ -87,7 +87,8 @@ pub enum Command {
     },
     /// What is due: unanswered requests past their respond-by date, follow-ups past due.
     Due {
-        /// Count as due on or before this date (YYYY-MM-DD; default: today).
+        /// Count as due on or before this date (YYYY-MM-DD; default: today, or with
+        /// --page-token the date of the listing it continues).
         #[arg(long)]
         today: Option<String>,
         /// At most this many items, oldest date first (0: as many as a page holds, 10,000).

@@ -609,12 +609,7 @@ fn check_reply(req: &SendRequest, kind: Kind, answered: &InboxEntry) -> Result<(
             ),
         );
     }
-    let asks = match kind {
-        Kind::ReferralResponse => Some(Kind::Referral),
-        Kind::ReturnRiskAssessment => Some(Kind::ReturnRiskAssessmentRequest),
-        _ => None,
-    };
-    if let Some(asks) = asks
+    if let Some(asks) = kind.answers()
         && answered.kind != asks
     {
         return refuse(

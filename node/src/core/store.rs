@@ -99,6 +99,14 @@ const DIR_RECEIVED: u8 = 2;
 /// Page size of a listing asked with limit 0.
 const DEFAULT_LIMIT: usize = 100;
 
+/// Whether a later follow-up replaced one ([`Store::later_follow_up`]).
+enum Replaced {
+    No,
+    /// One of ours on its way: it may still fail.
+    Pending,
+    Yes,
+}
+
 /// What one entry of the due index is now ([`Store::due_state`]).
 enum DueState {
     Due(DueItem),
@@ -706,12 +714,16 @@ impl Store {
                 t[RETENTION].insert(retention_key(until, DIR_SENT, mid), &[])?;
             }
             tadd(&t[META], state_counter(OutboxState::Queued), 1)?;
-            // A reply marks the received message it answers (in place of
-            // an earlier reply that failed: that one answered nothing).
+            // An answer marks the received request it answers (in place of
+            // an earlier answer that failed: that one answered nothing). Another
+            // message naming it in `in_reply_to` (a follow-up) answers nothing:
+            // the request stays owed.
             if let Some(answered) = new.in_reply_to
+                && let Some(asks) = new.kind.answers()
                 && let Some(seq) = t[INBOX_MID].get(answered.as_bytes())?
                 && let Some(mut inrec) = tget::<InRec>(&t[INBOX], &seq)?
                 && inrec.sender == new.recipient.as_str()
+                && inrec.kind == asks.name()
                 && match &inrec.answered_by {
                     None => true,
                     Some(earlier) => {
@@ -1070,10 +1082,13 @@ impl Store {
             if let Some(until) = msg.retain_until {
                 t[RETENTION].insert(retention_key(until, DIR_RECEIVED, mid), &[])?;
             }
+            // (only an answer of the kind the request asks for answers it)
             if let Some(answered) = msg.in_reply_to
+                && let Some(asks) = msg.kind.answers()
                 && let Some(mut out) = tget::<OutRec>(&t[OUTBOX], answered.as_bytes())?
                 && out.answered_by.is_none()
                 && out.recipient == msg.sender.as_str()
+                && out.kind == asks.name()
             {
                 out.answered_by = Some(mid.to_string());
                 tput(&t[OUTBOX], answered.as_bytes(), &out)?;
@@ -1203,19 +1218,42 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether a follow-up was created on `case` after `at`.
-    fn later_follow_up(&self, case: CaseRef, at: Millis) -> Result<bool, NodeError> {
+    /// Whether a later follow-up on `case` than the one made at `at` replaced it (its
+    /// `next_follow_up_due` no longer counts): one received, or one of ours delivered,
+    /// does for good; one of ours on its way may yet fail; one of ours that failed
+    /// replaces nothing (unless it is found and delivered after all).
+    fn later_follow_up(&self, case: CaseRef, at: Millis) -> Result<Replaced, NodeError> {
         let mut start = case.as_bytes().to_vec();
         start.extend_from_slice(&be(at.saturating_add(1)));
         let mut end = case.as_bytes().to_vec();
         end.extend_from_slice(&be(u64::MAX));
+        let mut pending = false;
         for item in self.trees[CASES].range(start..=end) {
-            let (_, value) = item.map_err(store_err)?;
-            if value.get(1) == Some(&kind_byte(Kind::FollowUp)) {
-                return Ok(true);
+            let (key, value) = item.map_err(store_err)?;
+            if value.get(1) != Some(&kind_byte(Kind::FollowUp)) {
+                continue;
+            }
+            if value.first() != Some(&DIR_SENT) {
+                return Ok(Replaced::Yes);
+            }
+            let Some(id) = key
+                .get(24..40)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(MessageId::from_bytes)
+            else {
+                return Err(NodeError::Store("corrupt case index".into()));
+            };
+            match self.outbox_entry(id)?.map(|e| e.state) {
+                Some(OutboxState::Delivered) => return Ok(Replaced::Yes),
+                Some(OutboxState::Queued | OutboxState::Submitted) => pending = true,
+                Some(OutboxState::Failed) | None => {}
             }
         }
-        Ok(false)
+        Ok(if pending {
+            Replaced::Pending
+        } else {
+            Replaced::No
+        })
     }
 
     /// What is due on or before `today` (see [`DueKind`]), oldest date first, from
@@ -1284,21 +1322,28 @@ impl Store {
     }
 
     /// Whether the message `id` (sent or received, by `dir`) with the date `date` in the
-    /// due index is due now, or no longer, or never again: a request answered (a reply to
-    /// ours arrived, or ours was delivered), a follow-up that a later one on its case
-    /// replaced, a message gone. A request whose answer failed, or ours that failed, is
-    /// not due now but may be again (a lost message found, a new reply).
+    /// due index is due now, or not now, or never again: a request answered (its answer
+    /// arrived, or ours was delivered), a follow-up that a later one on its case replaced
+    /// for good, a message gone. A request whose answer failed, or ours that failed, is
+    /// not due now but may be again (a lost message found, a new answer).
     fn due_state(&self, dir: Option<u8>, id: MessageId, date: Date) -> Result<DueState, NodeError> {
+        let follow_up = |case_ref, created_at| -> Result<Option<DueState>, NodeError> {
+            Ok(match self.later_follow_up(case_ref, created_at)? {
+                Replaced::Yes => Some(DueState::Never),
+                Replaced::Pending => Some(DueState::NotNow),
+                Replaced::No => None,
+            })
+        };
         if dir == Some(DIR_SENT) {
             let Some(e) = self.outbox_entry(id)? else {
                 return Ok(DueState::Never);
             };
             let what = if e.kind == Kind::FollowUp {
-                if self.later_follow_up(e.case_ref, e.created_at)? {
-                    return Ok(DueState::Never);
+                if let Some(state) = follow_up(e.case_ref, e.created_at)? {
+                    return Ok(state);
                 }
                 DueKind::FollowUpDue
-            } else if e.answered_by.is_some() {
+            } else if self.answered_by_answer(e.answered_by, e.kind)? {
                 return Ok(DueState::Never);
             } else if e.state == OutboxState::Failed {
                 // (a message found after all moves on to delivered)
@@ -1319,20 +1364,23 @@ impl Store {
             return Ok(DueState::Never);
         };
         let what = if e.kind == Kind::FollowUp {
-            if self.later_follow_up(e.case_ref, e.created_at)? {
-                return Ok(DueState::Never);
+            if let Some(state) = follow_up(e.case_ref, e.created_at)? {
+                return Ok(state);
             }
             DueKind::FollowUpDue
         } else {
-            // answered only by a reply that is on its way or arrived: one the broker
-            // refused, or withdrawn, answers nothing (and another reply may follow)
-            match e.answered_by {
-                Some(reply) => match self.outbox_entry(reply)? {
-                    None => return Ok(DueState::Never),
-                    Some(r) if r.state == OutboxState::Delivered => return Ok(DueState::Never),
-                    Some(r) if r.state != OutboxState::Failed => return Ok(DueState::NotNow),
-                    Some(_) => DueKind::AnswerOwed,
-                },
+            // answered only by an answer that is on its way or arrived: one the broker
+            // refused, or withdrawn, answers nothing (and another may follow)
+            let answer = match e.answered_by {
+                Some(reply) => self.outbox_entry(reply)?,
+                None => None,
+            };
+            match answer {
+                Some(r) if r.kind.answers() != Some(e.kind) => DueKind::AnswerOwed,
+                Some(r) if r.state == OutboxState::Delivered => return Ok(DueState::Never),
+                Some(r) if r.state != OutboxState::Failed => return Ok(DueState::NotNow),
+                Some(_) => DueKind::AnswerOwed,
+                None if e.answered_by.is_some() => return Ok(DueState::Never),
                 None => DueKind::AnswerOwed,
             }
         };
@@ -1346,7 +1394,23 @@ impl Store {
         }))
     }
 
-    // ---- retention    // ---- retention ------------------------------------------------------
+    /// Whether `answered_by` of a sent request of kind `asked` names a received answer of
+    /// the kind it asks for. (Stores written before answers were told from other
+    /// replies may name a follow-up there: that answers nothing.)
+    fn answered_by_answer(
+        &self,
+        answered_by: Option<MessageId>,
+        asked: Kind,
+    ) -> Result<bool, NodeError> {
+        let Some(answer) = answered_by else {
+            return Ok(false);
+        };
+        Ok(self
+            .inbox_entry(answer)?
+            .is_some_and(|a| a.kind.answers() == Some(asked)))
+    }
+
+    // ---- retention ------------------------------------------------------
 
     /// Erases the bodies whose `retain_until` is before `today`; the entries
     /// keep their metadata and say `body_erased`. Returns how many.

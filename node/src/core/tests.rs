@@ -955,12 +955,96 @@ async fn due_lists_unanswered_requests_and_follow_ups() {
     assert!(due.is_empty(), "{due:?}");
     assert_eq!(
         f.be.inner.store.due_index_len(),
+        before,
+        "kept while the later one is on its way: it may still fail"
+    );
+    f.be.inner
+        .store
+        .mark_submitted(later.message_id, 1)
+        .unwrap();
+    apply(
+        &f.be,
+        receipt_envelope("BE-PAYOKE", later.message_id, pb::Outcome::Delivered, ""),
+    )
+    .await;
+    assert!(due_on(&f.be, date("2026-08-01")).await.is_empty());
+    assert_eq!(
+        f.be.inner.store.due_index_len(),
         before - 1,
-        "the replaced follow-up is forgotten"
+        "the follow-up replaced for good is forgotten"
     );
     let due = due_on(&f.be, date("2026-11-10")).await;
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].message_id, later.message_id);
+}
+
+/// Only an answer of the kind a request asks for answers it: a follow-up that names the
+/// referral in `in_reply_to` (an acknowledgement) leaves the response owed and awaited,
+/// on both sides, and a follow-up of ours that failed replaces no earlier one.
+#[tokio::test]
+async fn a_reply_that_is_no_answer_leaves_the_request_due() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+    let mut ack = request("a-1", "NL-NRM", follow_up());
+    ack.in_reply_to = Some(sent.message_id);
+    ack.case_ref = Some(sent.case_ref);
+    let ack = f.be.send(ack).await.unwrap();
+    transfer(&f.be, &f.nl, ack.message_id).await;
+    f.be.inner.store.mark_submitted(ack.message_id, 1).unwrap();
+    apply(
+        &f.be,
+        receipt_envelope("BE-PAYOKE", ack.message_id, pb::Outcome::Delivered, ""),
+    )
+    .await;
+    let kinds = |due: Vec<DueItem>| {
+        due.into_iter()
+            .map(|d| (d.message_id, d.what))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        kinds(due_on(&f.be, date("2026-02-01")).await)
+            .contains(&(sent.message_id, DueKind::AnswerOwed))
+    );
+    assert!(
+        kinds(due_on(&f.nl, date("2026-02-01")).await)
+            .contains(&(sent.message_id, DueKind::AwaitingAnswer))
+    );
+    let listed = f.nl.outbox(&ListFilter::default()).await.unwrap();
+    let ours = listed
+        .iter()
+        .find(|e| e.message_id == sent.message_id)
+        .unwrap();
+    assert_eq!(ours.answered_by, None, "a follow-up answers nothing");
+
+    // the follow-up's own next date (2026-07-20): a later one of ours that failed
+    // replaces nothing
+    f.clock.advance(Duration::from_secs(60));
+    let mut later = request("f-2", "NL-NRM", follow_up());
+    later.case_ref = Some(sent.case_ref);
+    let later = f.be.send(later).await.unwrap();
+    f.be.inner
+        .store
+        .mark_submitted(later.message_id, 2)
+        .unwrap();
+    apply(
+        &f.be,
+        receipt_envelope(
+            "BE-PAYOKE",
+            later.message_id,
+            pb::Outcome::Expired,
+            "EXPIRED",
+        ),
+    )
+    .await;
+    let due = kinds(due_on(&f.be, date("2026-07-20")).await);
+    assert!(
+        due.contains(&(ack.message_id, DueKind::FollowUpDue)),
+        "{due:?}"
+    );
 }
 
 #[tokio::test]
