@@ -399,7 +399,12 @@ impl NodeApi for LocalApi {
         &self,
         _request: Request<pb::GetNodeStatusRequest>,
     ) -> ApiResult<pb::NodeStatus> {
-        Ok(Response::new(convert::node_status(self.core.status())))
+        // (it reads the node's TLS files when they changed: off the runtime)
+        let core = self.core.clone();
+        let status = tokio::task::spawn_blocking(move || core.status())
+            .await
+            .map_err(|e| Status::internal(format!("node status task failed: {e}")))?;
+        Ok(Response::new(convert::node_status(status)))
     }
 
     type WatchStream = WatchStream;

@@ -793,6 +793,13 @@ impl Inner {
             note_certificate_expiry(&self.config, info, now, &mut said.expiry);
         }
         match &status.refused {
+            // (the channel said it when it found it: this is the daily reminder)
+            Some(why) if said.refused.as_ref().is_none_or(|s| s.about != *why) => {
+                said.refused = Some(Said {
+                    about: why.clone(),
+                    at: now,
+                });
+            }
             Some(why) if say_again(&mut said.refused, why, now) => {
                 let serial = status.presented.as_ref().map(|i| i.serial_hex.as_str());
                 warn!(participant = %self.config.participant, cert = %self.config.tls.cert.display(), serial = serial.unwrap_or("-"), reason = %why, "the TLS files changed but cannot be used: the node keeps presenting the certificate read before; fix the files");
@@ -1407,8 +1414,12 @@ async fn run_retention(inner: &Arc<Inner>) -> Result<usize, NodeError> {
 /// online also reads its certificate again then (see [`Inner::recheck_certificate`]).
 async fn retention_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        // (riding on the retention timer: an hourly read of four small files)
-        inner.recheck_certificate();
+        // (riding on the retention timer: an hourly read of four small files, off the
+        // runtime like every file read)
+        let checking = inner.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || checking.recheck_certificate()).await {
+            warn!(participant = %inner.config.participant, error = %e, "certificate check failed");
+        }
         if let Err(e) = run_retention(&inner).await {
             warn!(participant = %inner.config.participant, error = %e, "retention run failed");
         }
