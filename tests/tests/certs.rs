@@ -669,3 +669,46 @@ async fn nodes_with_certificates_issued_to_their_own_requests_exchange_messages(
     wait_delivered(&nl_api, &sent.message_id).await?;
     h.shutdown().await
 }
+
+/// A node's certificate renewed in place needs no restart: `trmx-node status` shows the
+/// renewed certificate at once, and once the broker revokes the old serial (closing the
+/// node's connection), the node connects again with the renewed files and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_renewed_in_place_carries_on_without_a_restart() -> TestResult {
+    let mut h = Harness::new().await?;
+    h.start_broker().await?;
+    let mut nl_api = h.start_node(NL).await?;
+    let _be_api = h.start_node(BE).await?;
+    let first = send(
+        &mut nl_api,
+        json_request("renew-1", BE, Kind::Referral, EXAMPLES[0]),
+    )
+    .await?;
+    wait_delivered(&nl_api, &first.message_id).await?;
+
+    let nl = CertPaths::from_prefix(&h.federation.pki.dir.join(NL));
+    let renewal = h.federation.pki.ca.renew(&nl, 365)?;
+    let status = node_status(&mut nl_api).await?;
+    assert_eq!(status.certificate_serial, renewal.new.serial_hex);
+    assert_eq!(status.certificate_refused, "");
+
+    h.federation
+        .pki
+        .ca
+        .revoke_serial_hex(&renewal.old.serial_hex)?;
+    let report = h.reload_broker_tls()?;
+    assert!(
+        report
+            .closed
+            .iter()
+            .any(|c| c.starts_with("participant NL-NRM")),
+        "{report:?}"
+    );
+    let second = send(
+        &mut nl_api,
+        json_request("renew-2", BE, Kind::Referral, EXAMPLES[0]),
+    )
+    .await?;
+    wait_delivered(&nl_api, &second.message_id).await?;
+    h.shutdown().await
+}
