@@ -58,6 +58,9 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         ready_file: Option<PathBuf>,
     },
+    /// Check the config file (--config) and the TLS files it names as `run` would,
+    /// without starting anything: print what the node would use, exit 1 on a problem.
+    CheckConfig,
     /// Send a document (proto3 JSON) to a participant; prints the message id.
     Send(SendArgs),
     /// List sent messages, newest first.
@@ -243,6 +246,7 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Run { ready_file } => {
             run_daemon(cli.config.as_deref(), cli.socket, ready_file.as_deref()).await
         }
+        Command::CheckConfig => check_config(cli.config.as_deref(), cli.socket),
         command => {
             let socket = socket_path(cli.socket, cli.config.as_deref())?;
             let out = Output { json: cli.json };
@@ -318,6 +322,81 @@ async fn run_daemon(
     node.run_until(shutdown_signal())
         .await
         .map_err(|e| CliError(e.to_string()))
+}
+
+/// `check-config`: everything `run` checks before it opens the store and dials the
+/// broker (the config, the node certificate's identity, the CA, key and CRL files
+/// together), and the certificate's expiry; prints what the node would use.
+fn check_config(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), CliError> {
+    let Some(config_path) = config else {
+        return fail("check-config needs --config FILE (or TRMX_NODE_CONFIG)");
+    };
+    let mut config = NodeConfig::load(config_path).map_err(|e| CliError(e.to_string()))?;
+    if let Some(socket) = socket {
+        config.api.socket = Some(socket);
+        config.validate().map_err(|e| CliError(e.to_string()))?;
+    }
+    let core = config.core_config().map_err(|e| CliError(e.to_string()))?;
+    let info = crate::core::check_node_certificate(&core).map_err(|e| CliError(e.to_string()))?;
+    let opts = trmx_transport::ClientOptions {
+        server_name: core.broker_server_name.clone(),
+        crl: core.crl.clone(),
+        ..trmx_transport::ClientOptions::default()
+    };
+    // (builds the TLS config as `run` does: nothing is dialled)
+    trmx_transport::client_channel_with_tls(&core.broker_addr, &core.tls, &opts)
+        .map_err(|e| CliError(format!("broker connection: {e}")))?;
+    let now = std::time::SystemTime::now();
+    let valid_until = trmx_certs::format_time(info.not_after);
+    let left = match info.not_after.duration_since(now) {
+        Err(_) => {
+            return fail(format!(
+                "tls.cert: {} expired {valid_until}: the node would start and serve its store, \
+                 but the broker refuses the certificate; renew it",
+                core.tls.cert.display()
+            ));
+        }
+        Ok(left) => left,
+    };
+    let days_left = left.as_secs() / 86_400;
+    if left < crate::core::CERT_EXPIRY_WARNING {
+        eprintln!(
+            "warning: tls.cert: {} expires {valid_until}, in {days_left} days: renew it",
+            core.tls.cert.display()
+        );
+    }
+    let crl = core.crl.as_ref().map_or_else(
+        || "not checked (tls.crl unset)".to_owned(),
+        |p| p.display().to_string(),
+    );
+    let lines = [
+        ("participant", core.participant.to_string()),
+        (
+            "broker",
+            format!(
+                "{} (its certificate must name {})",
+                core.broker_addr, core.broker_server_name
+            ),
+        ),
+        (
+            "certificate",
+            format!(
+                "{} serial {}, valid until {valid_until} ({days_left} days left)",
+                core.tls.cert.display(),
+                info.serial_hex
+            ),
+        ),
+        ("CA", core.tls.ca.display().to_string()),
+        ("CRL", crl),
+        ("data dir", core.data_dir.display().to_string()),
+        ("socket", config.socket_path().display().to_string()),
+    ];
+    let mut stdout = std::io::stdout().lock();
+    for (what, value) in lines {
+        let _ = writeln!(stdout, "{what:<12} {value}");
+    }
+    let _ = writeln!(stdout, "# config OK: {}", config_path.display());
+    Ok(())
 }
 
 /// Writes the socket path to `path` atomically (temp file + rename).
@@ -433,7 +512,7 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
     let mut client = connect(socket).await?;
     let err = |s: tonic::Status| status_line(&s, socket);
     match command {
-        Command::Run { .. } => Ok(()),
+        Command::Run { .. } | Command::CheckConfig => Ok(()),
         Command::Send(args) => {
             let Some(request) = prepared else {
                 return Ok(());

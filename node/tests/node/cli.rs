@@ -253,13 +253,12 @@ fn wait_for_file(path: &Path, deadline: Duration) -> bool {
     false
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_serves_until_sigterm() {
-    let sandbox = Sandbox::new();
+/// The sandbox's node config as a file, `participant` as given.
+fn write_config(sandbox: &Sandbox, participant: &str) -> PathBuf {
     let c = &sandbox.config;
     let config = format!(
         r#"
-participant = "NL-NRM"
+participant = "{participant}"
 data_dir = "data"
 log_level = "warn"
 
@@ -279,7 +278,54 @@ key = "{}"
         c.tls.cert.display(),
         c.tls.key.display()
     );
-    let config_path = sandbox.write("node.toml", &config);
+    sandbox.write(&format!("{participant}.toml"), &config)
+}
+
+/// `check-config` checks what `run` would, starts nothing, and says what it found.
+#[test]
+fn check_config_says_what_the_node_would_use_or_the_one_problem() {
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let config_arg = config_path.to_str().expect("utf-8");
+    let output = run(&["--config", config_arg, "check-config"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("participant  NL-NRM\n"), "{text}");
+    assert!(text.contains("days left)"), "{text}");
+    assert!(
+        text.contains(&format!("# config OK: {config_arg}")),
+        "{text}"
+    );
+    assert!(stderr(&output).is_empty(), "{}", stderr(&output));
+    assert!(!sandbox.path().join("data").exists(), "nothing started");
+
+    // another participant's config with this certificate
+    let other = write_config(&sandbox, "BE-PAYOKE");
+    let line = assert_one_line_failure(&run(&[
+        "--config",
+        other.to_str().expect("utf-8"),
+        "check-config",
+    ]));
+    assert!(line.contains("which is for NL-NRM"), "{line}");
+
+    // a key that is not the certificate's (a renewal copied half)
+    let c = &sandbox.config;
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    let stranger = trmx_certs::Federation::create(elsewhere.path(), "trmx.test")
+        .and_then(|f| f.participant("NL-NRM"))
+        .expect("another key");
+    std::fs::copy(&stranger.key, &c.tls.key).expect("copy key");
+    let line = assert_one_line_failure(&run(&["--config", config_arg, "check-config"]));
+    assert!(line.contains(&c.tls.key.display().to_string()), "{line}");
+
+    let line = assert_one_line_failure(&run(&["check-config"]));
+    assert!(line.contains("--config"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_until_sigterm() {
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
     let ready: PathBuf = sandbox.path().join("ready");
     let mut child = trmx_node()
         .arg("run")
