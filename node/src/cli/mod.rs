@@ -293,11 +293,7 @@ async fn run_daemon(
     let Some(config_path) = config else {
         return fail("run needs --config FILE (or TRMX_NODE_CONFIG)");
     };
-    let mut config = NodeConfig::load(config_path).map_err(|e| CliError(e.to_string()))?;
-    if let Some(socket) = socket {
-        config.api.socket = Some(socket);
-        config.validate().map_err(|e| CliError(e.to_string()))?;
-    }
+    let config = load_config(config_path, socket)?;
     init_logging(&config.log_level);
     let node = RunningNode::start(&config, config.clock())
         .await
@@ -324,6 +320,16 @@ async fn run_daemon(
         .map_err(|e| CliError(e.to_string()))
 }
 
+/// The config file at `path`, with `--socket` in place of its socket when given.
+fn load_config(path: &Path, socket: Option<PathBuf>) -> Result<NodeConfig, CliError> {
+    let mut config = NodeConfig::load(path).map_err(|e| CliError(e.to_string()))?;
+    if let Some(socket) = socket {
+        config.api.socket = Some(socket);
+        config.validate().map_err(|e| CliError(e.to_string()))?;
+    }
+    Ok(config)
+}
+
 /// `check-config`: everything `run` checks before it opens the store and dials the
 /// broker (the config, the node certificate's identity, the CA, key and CRL files
 /// together), and the certificate's expiry; prints what the node would use.
@@ -331,11 +337,7 @@ fn check_config(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), Cl
     let Some(config_path) = config else {
         return fail("check-config needs --config FILE (or TRMX_NODE_CONFIG)");
     };
-    let mut config = NodeConfig::load(config_path).map_err(|e| CliError(e.to_string()))?;
-    if let Some(socket) = socket {
-        config.api.socket = Some(socket);
-        config.validate().map_err(|e| CliError(e.to_string()))?;
-    }
+    let config = load_config(config_path, socket)?;
     let core = config.core_config().map_err(|e| CliError(e.to_string()))?;
     let info = crate::core::check_node_certificate(&core).map_err(|e| CliError(e.to_string()))?;
     let opts = trmx_transport::ClientOptions {
