@@ -732,8 +732,10 @@ impl Store {
                                 "corrupt answered_by".into(),
                             ))
                         })?;
-                        tget::<OutRec>(&t[OUTBOX], earlier.as_bytes())?
-                            .is_none_or(|r| r.state == OutboxState::Failed)
+                        // (a store written before may name a follow-up there)
+                        tget::<OutRec>(&t[OUTBOX], earlier.as_bytes())?.is_none_or(|r| {
+                            r.state == OutboxState::Failed || r.kind != new.kind.name()
+                        })
                     }
                 }
             {
@@ -1082,11 +1084,27 @@ impl Store {
             if let Some(until) = msg.retain_until {
                 t[RETENTION].insert(retention_key(until, DIR_RECEIVED, mid), &[])?;
             }
-            // (only an answer of the kind the request asks for answers it)
+            // (only an answer of the kind the request asks for answers it; a store
+            // written before may name a follow-up in `answered_by`, which the answer
+            // replaces)
             if let Some(answered) = msg.in_reply_to
                 && let Some(asks) = msg.kind.answers()
                 && let Some(mut out) = tget::<OutRec>(&t[OUTBOX], answered.as_bytes())?
-                && out.answered_by.is_none()
+                && match &out.answered_by {
+                    None => true,
+                    Some(earlier) => {
+                        let earlier = MessageId::parse(earlier).map_err(|_| {
+                            ConflictableTransactionError::Abort(NodeError::Store(
+                                "corrupt answered_by".into(),
+                            ))
+                        })?;
+                        match t[INBOX_MID].get(earlier.as_bytes())? {
+                            Some(seq) => tget::<InRec>(&t[INBOX], &seq)?
+                                .is_none_or(|r| r.kind != msg.kind.name()),
+                            None => true,
+                        }
+                    }
+                }
                 && out.recipient == msg.sender.as_str()
                 && out.kind == asks.name()
             {
@@ -1536,6 +1554,65 @@ mod tests {
         );
         assert_eq!(due[0].what, DueKind::AwaitingAnswer);
         assert_eq!(store.due_index_len(), 1);
+    }
+
+    /// A store written before answers were told from other replies may name a
+    /// follow-up as what answered a request: the request is still awaited, and the
+    /// answer that then arrives takes its place.
+    #[test]
+    fn an_answer_replaces_a_follow_up_that_an_older_store_took_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let today = Date::parse("2026-02-01").unwrap();
+        let mut request = outgoing("k-1");
+        request.due = Some(Date::parse("2026-01-21").unwrap());
+        let (entry, _) = store.enqueue(&request).unwrap();
+        let id = entry.message_id;
+        let incoming = |kind: Kind| Incoming {
+            message_id: MessageId::new_v7(),
+            sender: ParticipantId::parse("BE-PAYOKE").unwrap(),
+            kind,
+            case_ref: entry.case_ref,
+            in_reply_to: Some(id),
+            priority: Priority::Normal,
+            created_at: 5_000,
+            accepted_at: 5_000,
+            received_at: 5_000,
+            body: Vec::new(),
+            due: None,
+            retain_until: None,
+        };
+        let follow_up = incoming(Kind::FollowUp);
+        store.store_incoming(&follow_up).unwrap();
+        assert_eq!(store.outbox_entry(id).unwrap().unwrap().answered_by, None);
+        // (what the older store wrote)
+        store
+            .tx(|t| {
+                let mut out = tget::<OutRec>(&t[OUTBOX], id.as_bytes())?.unwrap();
+                out.answered_by = Some(follow_up.message_id.to_string());
+                tput(&t[OUTBOX], id.as_bytes(), &out)
+            })
+            .unwrap();
+        let due = store.due(today, None, 0).unwrap().entries;
+        assert_eq!(due.len(), 1, "still awaited");
+        assert_eq!(due[0].what, DueKind::AwaitingAnswer);
+
+        let answer = incoming(Kind::ReferralResponse);
+        store.store_incoming(&answer).unwrap();
+        assert_eq!(
+            store.outbox_entry(id).unwrap().unwrap().answered_by,
+            Some(answer.message_id)
+        );
+        assert!(store.due(today, None, 0).unwrap().entries.is_empty());
+        assert_eq!(store.due_index_len(), 0, "answered for good");
+        // a second answer does not take the first one's place
+        store
+            .store_incoming(&incoming(Kind::ReferralResponse))
+            .unwrap();
+        assert_eq!(
+            store.outbox_entry(id).unwrap().unwrap().answered_by,
+            Some(answer.message_id)
+        );
     }
 
     #[test]
