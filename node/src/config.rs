@@ -69,6 +69,9 @@ pub struct BrokerSection {
     pub outbox_check_interval_secs: u64,
 }
 
+/// The longest Unix socket path: `sun_path` holds 108 bytes with the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
 /// `[tls]`: the node's PEM files, made with `trmx-certs`.
 ///
 /// All four are read again before a connection to the broker when one of them has
@@ -272,10 +275,23 @@ impl NodeConfig {
                 ));
             }
             // sun_path holds 108 bytes including the terminating NUL.
-            if socket.as_os_str().len() > 107 {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(invalid(
                     "api.socket",
                     "must be at most 107 bytes long (a Unix socket path)",
+                ));
+            }
+        } else {
+            let socket = self.socket_path();
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(invalid(
+                    "data_dir",
+                    format!(
+                        "is too long for the default socket {} ({} bytes, a Unix socket path \
+                         holds at most 107): set api.socket to a shorter path",
+                        socket.display(),
+                        socket.as_os_str().len()
+                    ),
                 ));
             }
         }

@@ -330,15 +330,22 @@ fn load_config(path: &Path, socket: Option<PathBuf>) -> Result<NodeConfig, CliEr
     Ok(config)
 }
 
-/// `check-config`: everything `run` checks before it opens the store and dials the
-/// broker (the config, the node certificate's identity, the CA, key and CRL files
-/// together), and the certificate's expiry; prints what the node would use.
+/// `check-config`: what `run` checks before it starts (the config, the node
+/// certificate's identity, the CA, key and CRL files together), the certificate's expiry,
+/// and that this user can make and use the data directory and the socket's directory;
+/// prints what the node would use. It creates nothing, so it may run beside a running
+/// node (whose socket and store it leaves alone).
 fn check_config(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), CliError> {
     let Some(config_path) = config else {
         return fail("check-config needs --config FILE (or TRMX_NODE_CONFIG)");
     };
     let config = load_config(config_path, socket)?;
     let core = config.core_config().map_err(|e| CliError(e.to_string()))?;
+    usable_dir("data_dir", &core.data_dir)?;
+    let socket = config.socket_path();
+    if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
+        usable_dir("api.socket", parent)?;
+    }
     let info = crate::core::check_node_certificate(&core).map_err(|e| CliError(e.to_string()))?;
     let opts = trmx_transport::ClientOptions {
         server_name: core.broker_server_name.clone(),
@@ -391,7 +398,7 @@ fn check_config(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), Cl
         ("CA", core.tls.ca.display().to_string()),
         ("CRL", crl),
         ("data dir", core.data_dir.display().to_string()),
-        ("socket", config.socket_path().display().to_string()),
+        ("socket", socket.display().to_string()),
     ];
     let mut stdout = std::io::stdout().lock();
     for (what, value) in lines {
@@ -399,6 +406,41 @@ fn check_config(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), Cl
     }
     let _ = writeln!(stdout, "# config OK: {}", config_path.display());
     Ok(())
+}
+
+/// Whether this user can make and use the directory `dir` (of the config's `field`): it
+/// is a directory it may write and enter, or its nearest existing ancestor is.
+fn usable_dir(field: &str, dir: &Path) -> Result<(), CliError> {
+    use rustix::fs::Access;
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(meta) if meta.is_dir() => {
+                return rustix::fs::access(at, Access::WRITE_OK | Access::EXEC_OK).map_err(|e| {
+                    let what = if at == dir { "use" } else { "create" };
+                    CliError(format!(
+                        "{field}: this user cannot {what} {}: {} is not writable ({e})",
+                        dir.display(),
+                        at.display()
+                    ))
+                });
+            }
+            Ok(_) => {
+                return fail(format!(
+                    "{field}: {} is not a directory (needed for {})",
+                    at.display(),
+                    dir.display()
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match at.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    Some(parent) => at = parent,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => return fail(format!("{field}: cannot read {}: {e}", at.display())),
+        }
+    }
 }
 
 /// Writes the socket path to `path` atomically (temp file + rename).

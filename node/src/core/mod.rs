@@ -1415,7 +1415,7 @@ async fn run_retention(inner: &Arc<Inner>) -> Result<usize, NodeError> {
 async fn retention_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
     loop {
         // (riding on the retention timer: an hourly read of four small files, off the
-        // runtime like every file read)
+        // runtime)
         let checking = inner.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || checking.recheck_certificate()).await {
             warn!(participant = %inner.config.participant, error = %e, "certificate check failed");

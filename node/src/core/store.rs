@@ -1090,6 +1090,8 @@ impl Store {
             if let Some(answered) = msg.in_reply_to
                 && let Some(asks) = msg.kind.answers()
                 && let Some(mut out) = tget::<OutRec>(&t[OUTBOX], answered.as_bytes())?
+                && out.recipient == msg.sender.as_str()
+                && out.kind == asks.name()
                 && match &out.answered_by {
                     None => true,
                     Some(earlier) => {
@@ -1105,8 +1107,6 @@ impl Store {
                         }
                     }
                 }
-                && out.recipient == msg.sender.as_str()
-                && out.kind == asks.name()
             {
                 out.answered_by = Some(mid.to_string());
                 tput(&t[OUTBOX], answered.as_bytes(), &out)?;
@@ -1393,12 +1393,23 @@ impl Store {
                 Some(reply) => self.outbox_entry(reply)?,
                 None => None,
             };
-            match answer {
-                Some(r) if r.kind.answers() != Some(e.kind) => DueKind::AnswerOwed,
-                Some(r) if r.state == OutboxState::Delivered => return Ok(DueState::Never),
-                Some(r) if r.state != OutboxState::Failed => return Ok(DueState::NotNow),
-                Some(_) => DueKind::AnswerOwed,
+            let recorded = match answer {
+                Some(r) if r.kind.answers() != Some(e.kind) => None,
+                Some(r) if r.state == OutboxState::Failed => None,
+                Some(r) => Some(r.state),
                 None if e.answered_by.is_some() => return Ok(DueState::Never),
+                None => None,
+            };
+            // (an answer sent while the recorded one was on its way, which then failed,
+            // is not recorded: look for it)
+            let state = match recorded {
+                Some(state) => Some(state),
+                None if e.answered_by.is_some() => self.other_answer(&e)?,
+                None => None,
+            };
+            match state {
+                Some(OutboxState::Delivered) => return Ok(DueState::Never),
+                Some(_) => return Ok(DueState::NotNow),
                 None => DueKind::AnswerOwed,
             }
         };
@@ -1410,6 +1421,41 @@ impl Store {
             due: date,
             what,
         }))
+    }
+
+    /// The best state of an answer of ours to the received `request` that has not
+    /// failed, found in its case: delivered before on its way; `None` when there is none.
+    fn other_answer(&self, request: &InboxEntry) -> Result<Option<OutboxState>, NodeError> {
+        let Some(answer_kind) = Kind::APPLICATION
+            .iter()
+            .copied()
+            .find(|k| k.answers() == Some(request.kind))
+        else {
+            return Ok(None);
+        };
+        let mut best = None;
+        for item in self.trees[CASES].scan_prefix(request.case_ref.as_bytes()) {
+            let (key, value) = item.map_err(store_err)?;
+            if value.first() != Some(&DIR_SENT) || value.get(1) != Some(&kind_byte(answer_kind)) {
+                continue;
+            }
+            let Some(id) = key
+                .get(24..40)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(MessageId::from_bytes)
+            else {
+                return Err(NodeError::Store("corrupt case index".into()));
+            };
+            match self.outbox_entry(id)? {
+                Some(r) if r.in_reply_to == Some(request.message_id) => match r.state {
+                    OutboxState::Delivered => return Ok(Some(OutboxState::Delivered)),
+                    OutboxState::Failed => {}
+                    state => best = Some(state),
+                },
+                _ => {}
+            }
+        }
+        Ok(best)
     }
 
     /// Whether `answered_by` of a sent request of kind `asked` names a received answer of
@@ -1613,6 +1659,77 @@ mod tests {
             store.outbox_entry(id).unwrap().unwrap().answered_by,
             Some(answer.message_id)
         );
+    }
+
+    /// The mirror of the above for a request we received: our answer takes the place of
+    /// a follow-up of ours that an older store named, and a second answer does not take
+    /// the place of the first while that one may still arrive.
+    #[test]
+    fn our_answer_replaces_a_follow_up_that_an_older_store_took_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let request = Incoming {
+            message_id: MessageId::new_v7(),
+            sender: ParticipantId::parse("BE-PAYOKE").unwrap(),
+            kind: Kind::Referral,
+            case_ref: CaseRef::new_random(),
+            in_reply_to: None,
+            priority: Priority::Normal,
+            created_at: 1_000,
+            accepted_at: 1_000,
+            received_at: 1_000,
+            body: Vec::new(),
+            due: Some(Date::parse("2026-01-21").unwrap()),
+            retain_until: None,
+        };
+        store.store_incoming(&request).unwrap();
+        let id = request.message_id;
+        let reply = |key: &str, kind: Kind| NewOutgoing {
+            kind,
+            in_reply_to: Some(id),
+            case_ref: request.case_ref,
+            ..outgoing(key)
+        };
+        let (follow_up, _) = store.enqueue(&reply("f-1", Kind::FollowUp)).unwrap();
+        assert_eq!(store.inbox_entry(id).unwrap().unwrap().answered_by, None);
+        // (what the older store wrote)
+        store
+            .tx(|t| {
+                let seq = t[INBOX_MID].get(id.as_bytes())?.unwrap();
+                let mut inrec = tget::<InRec>(&t[INBOX], &seq)?.unwrap();
+                inrec.answered_by = Some(follow_up.message_id.to_string());
+                tput(&t[INBOX], &seq, &inrec)
+            })
+            .unwrap();
+        let (answer, _) = store
+            .enqueue(&reply("r-1", Kind::ReferralResponse))
+            .unwrap();
+        assert_eq!(
+            store.inbox_entry(id).unwrap().unwrap().answered_by,
+            Some(answer.message_id)
+        );
+        let (second, _) = store
+            .enqueue(&reply("r-2", Kind::ReferralResponse))
+            .unwrap();
+        assert_eq!(
+            store.inbox_entry(id).unwrap().unwrap().answered_by,
+            Some(answer.message_id),
+            "the first answer, on its way, stays"
+        );
+
+        // the first answer fails, the second is on its way: not owed now; once the
+        // second is delivered, never again
+        let today = Date::parse("2026-02-01").unwrap();
+        store.mark_submitted(answer.message_id, 2_000).unwrap();
+        store
+            .mark_lost(answer.message_id, lost(), "lost", 3_000)
+            .unwrap();
+        assert!(store.due(today, None, 0).unwrap().entries.is_empty());
+        assert_eq!(store.due_index_len(), 1);
+        store.mark_submitted(second.message_id, 2_000).unwrap();
+        store.apply_receipt(second.message_id, None, 4_000).unwrap();
+        assert!(store.due(today, None, 0).unwrap().entries.is_empty());
+        assert_eq!(store.due_index_len(), 0, "answered for good");
     }
 
     #[test]

@@ -322,6 +322,48 @@ fn check_config_says_what_the_node_would_use_or_the_one_problem() {
     assert!(line.contains("--config"), "{line}");
 }
 
+/// What `run` would fail on later is caught too: a data directory that is a file, and a
+/// certificate that has expired (which `run` accepts, to serve the store, but with which
+/// the node reaches no broker) or expires soon (a warning).
+#[test]
+fn check_config_refuses_a_data_dir_that_is_a_file_and_an_expired_certificate() {
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let config_arg = config_path.to_str().expect("utf-8");
+    sandbox.write("data", "not a directory");
+    let line = assert_one_line_failure(&run(&["--config", config_arg, "check-config"]));
+    assert!(line.starts_with("data_dir: "), "{line}");
+    assert!(line.contains("is not a directory"), "{line}");
+    std::fs::remove_file(sandbox.path().join("data")).expect("remove");
+
+    let ca = trmx_certs::Ca::open(&sandbox.path().join("pki").join("ca")).expect("ca");
+    let c = &sandbox.config;
+    let paths = trmx_certs::CertPaths {
+        cert: c.tls.cert.clone(),
+        key: c.tls.key.clone(),
+    };
+    let issue = |issued_days_ago: u64, validity_days: u32| {
+        let spec = trmx_certs::IssueSpec {
+            validity_days,
+            ..trmx_certs::IssueSpec::participant("NL-NRM")
+        };
+        let at = std::time::SystemTime::now() - Duration::from_secs(issued_days_ago * 86_400);
+        ca.issue_at(&spec, &paths, true, at).expect("issue");
+    };
+    issue(0, 10);
+    let output = run(&["--config", config_arg, "check-config"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).starts_with("warning: tls.cert: "),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stdout(&output).contains("# config OK"));
+    issue(20, 10);
+    let line = assert_one_line_failure(&run(&["--config", config_arg, "check-config"]));
+    assert!(line.contains("expired"), "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_until_sigterm() {
     let sandbox = Sandbox::new();

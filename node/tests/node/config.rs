@@ -133,6 +133,13 @@ fn validation_errors_name_the_field() {
             "api.socket:",
         ),
         (
+            MINIMAL.replace(
+                "data_dir = \"data\"",
+                &format!("data_dir = \"/{}\"", "d".repeat(100)),
+            ),
+            "data_dir: is too long for the default socket",
+        ),
+        (
             format!("log_level = \"info,=bad[\"\n{MINIMAL}"),
             "log_level:",
         ),
