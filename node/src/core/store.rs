@@ -432,6 +432,21 @@ fn case_key(case: CaseRef, at: Millis, id: MessageId) -> Vec<u8> {
     key
 }
 
+/// The message id of a [`case_key`].
+fn case_key_id(key: &[u8]) -> Result<MessageId, NodeError> {
+    key.get(24..40)
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+        .map(MessageId::from_bytes)
+        .ok_or_else(|| NodeError::Store("corrupt case index".into()))
+}
+
+/// The message id an entry's stored `answered_by` names.
+fn stored_answer(answered_by: &str) -> TxResult<MessageId> {
+    MessageId::parse(answered_by).map_err(|_| {
+        ConflictableTransactionError::Abort(NodeError::Store("corrupt answered_by".into()))
+    })
+}
+
 fn due_key(date: Date, id: MessageId) -> Vec<u8> {
     let mut key = date_key(date).to_vec();
     key.extend_from_slice(id.as_bytes());
@@ -727,11 +742,7 @@ impl Store {
                 && match &inrec.answered_by {
                     None => true,
                     Some(earlier) => {
-                        let earlier = MessageId::parse(earlier).map_err(|_| {
-                            ConflictableTransactionError::Abort(NodeError::Store(
-                                "corrupt answered_by".into(),
-                            ))
-                        })?;
+                        let earlier = stored_answer(earlier)?;
                         // (a store written before may name a follow-up there)
                         tget::<OutRec>(&t[OUTBOX], earlier.as_bytes())?.is_none_or(|r| {
                             r.state == OutboxState::Failed || r.kind != new.kind.name()
@@ -1095,11 +1106,7 @@ impl Store {
                 && match &out.answered_by {
                     None => true,
                     Some(earlier) => {
-                        let earlier = MessageId::parse(earlier).map_err(|_| {
-                            ConflictableTransactionError::Abort(NodeError::Store(
-                                "corrupt answered_by".into(),
-                            ))
-                        })?;
+                        let earlier = stored_answer(earlier)?;
                         match t[INBOX_MID].get(earlier.as_bytes())? {
                             Some(seq) => tget::<InRec>(&t[INBOX], &seq)?
                                 .is_none_or(|r| r.kind != msg.kind.name()),
@@ -1191,13 +1198,8 @@ impl Store {
         let mut out = Vec::new();
         for item in self.trees[CASES].scan_prefix(case.as_bytes()) {
             let (key, value) = item.map_err(store_err)?;
-            let (Some(at), Some(id), Some(&dir)) = (
-                key.get(16..24).map(read_u64),
-                key.get(24..40)
-                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                    .map(MessageId::from_bytes),
-                value.first(),
-            ) else {
+            let id = case_key_id(&key)?;
+            let (Some(at), Some(&dir)) = (key.get(16..24).map(read_u64), value.first()) else {
                 return Err(NodeError::Store("corrupt case index".into()));
             };
             if dir == DIR_SENT {
@@ -1254,13 +1256,7 @@ impl Store {
             if value.first() != Some(&DIR_SENT) {
                 return Ok(Replaced::Yes);
             }
-            let Some(id) = key
-                .get(24..40)
-                .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                .map(MessageId::from_bytes)
-            else {
-                return Err(NodeError::Store("corrupt case index".into()));
-            };
+            let id = case_key_id(&key)?;
             match self.outbox_entry(id)?.map(|e| e.state) {
                 Some(OutboxState::Delivered) => return Ok(Replaced::Yes),
                 Some(OutboxState::Queued | OutboxState::Submitted) => pending = true,
@@ -1439,13 +1435,7 @@ impl Store {
             if value.first() != Some(&DIR_SENT) || value.get(1) != Some(&kind_byte(answer_kind)) {
                 continue;
             }
-            let Some(id) = key
-                .get(24..40)
-                .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                .map(MessageId::from_bytes)
-            else {
-                return Err(NodeError::Store("corrupt case index".into()));
-            };
+            let id = case_key_id(&key)?;
             match self.outbox_entry(id)? {
                 Some(r) if r.in_reply_to == Some(request.message_id) => match r.state {
                     OutboxState::Delivered => return Ok(Some(OutboxState::Delivered)),
