@@ -317,6 +317,16 @@ pub struct Page<T, C = u64> {
     pub next: Option<C>,
 }
 
+impl<T, C> Page<T, C> {
+    /// The page with `f` applied to each entry.
+    pub(crate) fn try_map<U, E>(self, f: impl FnMut(T) -> Result<U, E>) -> Result<Page<U, C>, E> {
+        Ok(Page {
+            entries: self.entries.into_iter().map(f).collect::<Result<_, _>>()?,
+            next: self.next,
+        })
+    }
+}
+
 /// What the node is doing.
 #[derive(Debug, Clone)]
 pub struct NodeStatus {
@@ -1212,6 +1222,7 @@ impl NodeCore {
         self.inner
             .blocking(move || {
                 if let Some(entry) = store.outbox_entry(id)? {
+                    let entry = store.shown_outbox(entry)?;
                     let body = store
                         .outbox_body(id)?
                         .map(|b| store::decode_body(entry.kind, &b))
@@ -1219,6 +1230,7 @@ impl NodeCore {
                     return Ok(Some(MessageView::Outbox(entry, body)));
                 }
                 if let Some(entry) = store.inbox_entry(id)? {
+                    let entry = store.shown_inbox(entry)?;
                     let body = store
                         .inbox_body(entry.seq)?
                         .map(|b| store::decode_body(entry.kind, &b))

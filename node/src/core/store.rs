@@ -1012,7 +1012,17 @@ impl Store {
                     && filter.kind.is_none_or(|k| k == entry.kind)
                     && filter.state.is_none_or(|s| s == entry.state)
             },
-        )
+        )?
+        .try_map(|e| self.shown_outbox(e))
+    }
+
+    /// `entry` as it is shown: `answered_by` only if it names an answer of the kind
+    /// the message asks for (a store written before may name a follow-up there).
+    pub(crate) fn shown_outbox(&self, mut entry: OutboxEntry) -> Result<OutboxEntry, NodeError> {
+        if !self.answered_by_answer(entry.answered_by, entry.kind)? {
+            entry.answered_by = None;
+        }
+        Ok(entry)
     }
 
     /// The body of an outbox entry (`None` when erased).
@@ -1173,9 +1183,16 @@ impl Store {
             .take(limit)
             .map(|item| {
                 let (_, bytes) = item.map_err(store_err)?;
-                from_json::<InRec>(&bytes)?.to_entry()
+                self.shown_inbox(from_json::<InRec>(&bytes)?.to_entry()?)
             })
             .collect()
+    }
+
+    /// `entry` as it is shown: `answered_by` names the answer of ours that has not
+    /// failed (see [`Self::answer_to`]), empty when every answer failed.
+    pub(crate) fn shown_inbox(&self, mut entry: InboxEntry) -> Result<InboxEntry, NodeError> {
+        entry.answered_by = self.answer_to(&entry)?.map(|(id, _)| id);
+        Ok(entry)
     }
 
     /// Inbox entries matching `filter`, newest first, from `filter.start`.
@@ -1188,7 +1205,8 @@ impl Store {
                     .as_ref()
                     .is_none_or(|p| *p == entry.sender)
                 && filter.kind.is_none_or(|k| k == entry.kind)
-        })
+        })?
+        .try_map(|e| self.shown_inbox(e))
     }
 
     // ---- cases and due --------------------------------------------------
@@ -1204,6 +1222,7 @@ impl Store {
             };
             if dir == DIR_SENT {
                 if let Some(e) = self.outbox_entry(id)? {
+                    let e = self.shown_outbox(e)?;
                     let mut state = e.state.name().to_owned();
                     if e.answered_by.is_some() {
                         state.push_str("+answered");
@@ -1219,6 +1238,7 @@ impl Store {
                     });
                 }
             } else if let Some(e) = self.inbox_entry(id)? {
+                let e = self.shown_inbox(e)?;
                 let state = if e.answered_by.is_some() {
                     "received+answered"
                 } else {
@@ -1383,29 +1403,9 @@ impl Store {
             }
             DueKind::FollowUpDue
         } else {
-            // answered only by an answer that is on its way or arrived: one the broker
-            // refused, or withdrawn, answers nothing (and another may follow)
-            let answer = match e.answered_by {
-                Some(reply) => self.outbox_entry(reply)?,
-                None => None,
-            };
-            let recorded = match answer {
-                Some(r) if r.kind.answers() != Some(e.kind) => None,
-                Some(r) if r.state == OutboxState::Failed => None,
-                Some(r) => Some(r.state),
-                None if e.answered_by.is_some() => return Ok(DueState::Never),
-                None => None,
-            };
-            // (an answer sent while the recorded one was on its way, which then failed,
-            // is not recorded: look for it)
-            let state = match recorded {
-                Some(state) => Some(state),
-                None if e.answered_by.is_some() => self.other_answer(&e)?,
-                None => None,
-            };
-            match state {
-                Some(OutboxState::Delivered) => return Ok(DueState::Never),
-                Some(_) => return Ok(DueState::NotNow),
+            match self.answer_to(&e)? {
+                Some((_, None | Some(OutboxState::Delivered))) => return Ok(DueState::Never),
+                Some((_, Some(_))) => return Ok(DueState::NotNow),
                 None => DueKind::AnswerOwed,
             }
         };
@@ -1419,9 +1419,35 @@ impl Store {
         }))
     }
 
-    /// The best state of an answer of ours to the received `request` that has not
-    /// failed, found in its case: delivered before on its way; `None` when there is none.
-    fn other_answer(&self, request: &InboxEntry) -> Result<Option<OutboxState>, NodeError> {
+    /// The answer of ours to the received `request` that counts, with its state: the
+    /// recorded one unless it failed (the broker refused it, or it was withdrawn or
+    /// expired: it answers nothing, and another may follow), or else another one
+    /// found in the case. `None` for the state when the recorded answer is gone from
+    /// the outbox: it was sent, so it still answers.
+    fn answer_to(
+        &self,
+        request: &InboxEntry,
+    ) -> Result<Option<(MessageId, Option<OutboxState>)>, NodeError> {
+        let Some(recorded) = request.answered_by else {
+            return Ok(None);
+        };
+        match self.outbox_entry(recorded)? {
+            None => Ok(Some((recorded, None))),
+            // (a store written before may name a follow-up there)
+            Some(r) if r.kind.answers() != Some(request.kind) => self.other_answer(request),
+            Some(r) if r.state == OutboxState::Failed => self.other_answer(request),
+            Some(r) => Ok(Some((recorded, Some(r.state)))),
+        }
+    }
+
+    /// The best answer of ours to the received `request` that has not failed, found
+    /// in its case: delivered before on its way; `None` when there is none. (An
+    /// answer sent while the recorded one was on its way, which then failed, is not
+    /// recorded.)
+    fn other_answer(
+        &self,
+        request: &InboxEntry,
+    ) -> Result<Option<(MessageId, Option<OutboxState>)>, NodeError> {
         let Some(answer_kind) = Kind::APPLICATION
             .iter()
             .copied()
@@ -1438,9 +1464,9 @@ impl Store {
             let id = case_key_id(&key)?;
             match self.outbox_entry(id)? {
                 Some(r) if r.in_reply_to == Some(request.message_id) => match r.state {
-                    OutboxState::Delivered => return Ok(Some(OutboxState::Delivered)),
+                    OutboxState::Delivered => return Ok(Some((id, Some(OutboxState::Delivered)))),
                     OutboxState::Failed => {}
-                    state => best = Some(state),
+                    state => best = Some((id, Some(state))),
                 },
                 _ => {}
             }
@@ -1632,6 +1658,8 @@ mod tests {
         let due = store.due(today, None, 0).unwrap().entries;
         assert_eq!(due.len(), 1, "still awaited");
         assert_eq!(due[0].what, DueKind::AwaitingAnswer);
+        let listed = store.list_outbox(&ListFilter::default()).unwrap().entries;
+        assert_eq!(listed[0].answered_by, None, "not shown as answered");
 
         let answer = incoming(Kind::ReferralResponse);
         store.store_incoming(&answer).unwrap();
@@ -1716,10 +1744,16 @@ mod tests {
             .unwrap();
         assert!(store.due(today, None, 0).unwrap().entries.is_empty());
         assert_eq!(store.due_index_len(), 1);
+        let shown = |store: &Store| {
+            let entry = store.inbox_entry(id).unwrap().unwrap();
+            store.shown_inbox(entry).unwrap().answered_by
+        };
+        assert_eq!(shown(&store), Some(second.message_id), "the live answer");
         store.mark_submitted(second.message_id, 2_000).unwrap();
         store.apply_receipt(second.message_id, None, 4_000).unwrap();
         assert!(store.due(today, None, 0).unwrap().entries.is_empty());
         assert_eq!(store.due_index_len(), 0, "answered for good");
+        assert_eq!(shown(&store), Some(second.message_id));
     }
 
     #[test]

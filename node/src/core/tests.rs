@@ -815,8 +815,28 @@ async fn received_bodies_are_erased_too() {
     assert!(listed[0].body_erased);
 }
 
+/// The answer that the received request `id` shows in every view: its inbox
+/// listing, the message itself, and the case timeline ("received+answered").
+async fn shown_answer(node: &NodeCore, id: MessageId) -> Option<MessageId> {
+    let listed = node.inbox(&ListFilter::default()).await.unwrap();
+    let listed = listed.iter().find(|e| e.message_id == id).unwrap();
+    let Some(MessageView::Inbox(entry, _)) = node.message(id).await.unwrap() else {
+        panic!("{id} is not in the inbox");
+    };
+    let timeline = node.case_timeline(entry.case_ref).await.unwrap();
+    let row = timeline.iter().find(|e| e.message_id == id).unwrap();
+    assert_eq!(listed.answered_by, entry.answered_by);
+    assert_eq!(
+        row.state == "received+answered",
+        entry.answered_by.is_some(),
+        "{row:?}"
+    );
+    entry.answered_by
+}
+
 /// A reply that failed (withdrawn, or refused by the broker) answers
-/// nothing: the request is owed an answer again.
+/// nothing: the request is owed an answer again, and no view calls it
+/// answered.
 #[tokio::test]
 async fn a_reply_that_failed_leaves_the_answer_owed() {
     let f = fixture().await;
@@ -829,16 +849,36 @@ async fn a_reply_that_failed_leaves_the_answer_owed() {
     reply.in_reply_to = Some(sent.message_id);
     let reply = f.be.send(reply).await.unwrap();
     assert!(due_on(&f.be, date("2026-02-01")).await.is_empty());
+    assert_eq!(
+        shown_answer(&f.be, sent.message_id).await,
+        Some(reply.message_id)
+    );
     f.be.withdraw(reply.message_id).await.unwrap();
     let owed = due_on(&f.be, date("2026-02-01")).await;
     assert_eq!(owed.len(), 1, "{owed:?}");
     assert_eq!(owed[0].what, DueKind::AnswerOwed);
     assert_eq!(owed[0].message_id, sent.message_id);
+    assert_eq!(shown_answer(&f.be, sent.message_id).await, None);
     // a second reply answers it
     let mut again = request("r-2", "NL-NRM", response());
     again.in_reply_to = Some(sent.message_id);
-    f.be.send(again).await.unwrap();
+    let again = f.be.send(again).await.unwrap();
     assert!(due_on(&f.be, date("2026-02-01")).await.is_empty());
+    assert_eq!(
+        shown_answer(&f.be, sent.message_id).await,
+        Some(again.message_id)
+    );
+    // a third, sent while the second is on its way, is not recorded; when the
+    // second fails, the third is the answer shown
+    let mut third = request("r-3", "NL-NRM", response());
+    third.in_reply_to = Some(sent.message_id);
+    let third = f.be.send(third).await.unwrap();
+    f.be.withdraw(again.message_id).await.unwrap();
+    assert!(due_on(&f.be, date("2026-02-01")).await.is_empty());
+    assert_eq!(
+        shown_answer(&f.be, sent.message_id).await,
+        Some(third.message_id)
+    );
 }
 
 /// A reply that cannot answer the message its in_reply_to names is refused,
