@@ -246,7 +246,7 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Run { ready_file } => {
             run_daemon(cli.config.as_deref(), cli.socket, ready_file.as_deref()).await
         }
-        Command::CheckConfig => check_config(cli.config.as_deref(), cli.socket),
+        Command::CheckConfig => check_config(cli.config.as_deref(), cli.socket, cli.json),
         command => {
             let socket = socket_path(cli.socket, cli.config.as_deref())?;
             let out = Output { json: cli.json };
@@ -333,9 +333,14 @@ fn load_config(path: &Path, socket: Option<PathBuf>) -> Result<NodeConfig, CliEr
 /// `check-config`: what `run` checks before it starts (the config, the node
 /// certificate's identity, the CA, key and CRL files together), the certificate's expiry,
 /// and that this user can make and use the data directory and the socket's directory;
-/// prints what the node would use. It creates nothing, so it may run beside a running
-/// node (whose socket and store it leaves alone).
-fn check_config(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), CliError> {
+/// prints what the node would use (with `--json`, as one object). It creates nothing, so
+/// it may run beside a running node (whose socket and store it leaves alone). A problem
+/// is one line on stderr and exit status 1, in both forms.
+fn check_config(
+    config: Option<&Path>,
+    socket: Option<PathBuf>,
+    json: bool,
+) -> Result<(), CliError> {
     let Some(config_path) = config else {
         return fail("check-config needs --config FILE (or TRMX_NODE_CONFIG)");
     };
@@ -368,11 +373,36 @@ fn check_config(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), Cl
         Ok(left) => left,
     };
     let days_left = left.as_secs() / 86_400;
+    let mut warnings = Vec::new();
     if left < crate::core::CERT_EXPIRY_WARNING {
-        eprintln!(
-            "warning: tls.cert: {} expires {valid_until}, in {days_left} days: renew it",
+        let warning = format!(
+            "tls.cert: {} expires {valid_until}, in {days_left} days: renew it",
             core.tls.cert.display()
         );
+        eprintln!("warning: {warning}");
+        warnings.push(warning);
+    }
+    if json {
+        // (paths as displayed: a path that is not UTF-8 must not fail the check)
+        let report = serde_json::json!({
+            "config": config_path.display().to_string(),
+            "participant": core.participant.as_str(),
+            "brokerAddr": core.broker_addr,
+            "brokerServerName": core.broker_server_name,
+            "certificate": {
+                "path": core.tls.cert.display().to_string(),
+                "serialHex": info.serial_hex,
+                "notAfter": valid_until,
+                "daysLeft": days_left,
+            },
+            "ca": core.tls.ca.display().to_string(),
+            "crl": core.crl.as_ref().map(|p| p.display().to_string()),
+            "dataDir": core.data_dir.display().to_string(),
+            "socket": socket.display().to_string(),
+            "warnings": warnings,
+            "ok": true,
+        });
+        return Output { json }.print(&(to_json(&report)? + "\n"));
     }
     let crl = core.crl.as_ref().map_or_else(
         || "not checked (tls.crl unset)".to_owned(),

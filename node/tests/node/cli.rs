@@ -359,9 +359,22 @@ fn check_config_refuses_a_data_dir_that_is_a_file_and_an_expired_certificate() {
         stderr(&output)
     );
     assert!(stdout(&output).contains("# config OK"));
+    // --json: one object, with the warning in it
+    let output = run(&["--json", "--config", config_arg, "check-config"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("one object");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["participant"], "NL-NRM");
+    assert!(report["certificate"]["daysLeft"].as_u64().expect("days") < 10);
+    let warnings = report["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{report}");
+    assert!(warnings[0].as_str().expect("text").contains("renew it"));
     issue(20, 10);
     let line = assert_one_line_failure(&run(&["--config", config_arg, "check-config"]));
     assert!(line.contains("expired"), "{line}");
+    let output = run(&["--json", "--config", config_arg, "check-config"]);
+    assert!(stdout(&output).is_empty(), "no report of a failed check");
+    assert!(assert_one_line_failure(&output).contains("expired"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
