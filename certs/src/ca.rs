@@ -699,45 +699,32 @@ impl Ca {
                     .map_err(|e| CertError::io("create directory", parent, e))?;
             }
         }
-        let cert_pem = cert.pem();
-        let cert_file = NewFile {
-            what: "certificate",
-            path: cert_path,
-            contents: cert_pem.as_bytes(),
-            mode: Mode::Public,
+        // The index first: a crash after the files are in place must not leave a
+        // certificate in use that `list` does not show and its serial cannot revoke. A
+        // crash before they are in place leaves an entry for a certificate never
+        // installed, which is harmless (and revocable). A failed write takes it out again.
+        let entry = IssuedCert {
+            serial: info.serial_hex.clone(),
+            identity: identity.spiffe_uri(),
+            issued_at: unix(now),
+            not_after: unix(info.not_after),
+            revoked_at: None,
+            renewed_by: None,
         };
-        match &key {
-            // both or neither: a crash or failure must not leave a new key beside the old
-            // certificate (or the reverse); see `write_pair_atomic` for what remains
-            Certified::Made(key, key_path) => {
-                let key_pem = key.serialize_pem();
-                let key_file = NewFile {
-                    what: "private key",
-                    path: key_path,
-                    contents: key_pem.as_bytes(),
-                    mode: Mode::Secret,
-                };
-                write_pair_atomic(key_file, cert_file, force)?;
-            }
-            Certified::Request(_) => write_atomic(
-                cert_file.what,
-                cert_file.path,
-                cert_file.contents,
-                cert_file.mode,
-                force,
-            )?,
-        }
-
-        self.update_index(lock, |index| {
-            index.certs.push(IssuedCert {
-                serial: info.serial_hex.clone(),
-                identity: identity.spiffe_uri(),
-                issued_at: unix(now),
-                not_after: unix(info.not_after),
-                revoked_at: None,
-                renewed_by: None,
+        self.update_index(lock, |index| index.certs.push(entry))?;
+        if let Err(e) = write_issued(&cert, &key, cert_path, force) {
+            let undone = self.update_index(lock, |index| {
+                index.certs.retain(|c| c.serial != info.serial_hex);
             });
-        })?;
+            return Err(match undone {
+                Ok(()) => e,
+                Err(undo) => CertError::IndexNotUndone {
+                    serial: info.serial_hex,
+                    undo: Box::new(undo),
+                    cause: Box::new(e),
+                },
+            });
+        }
         Ok(info)
     }
 
@@ -1115,6 +1102,44 @@ enum NewKey<'a> {
     Generate(&'a Path),
     /// The organisation's own, from its certificate request: no key file is written.
     Request(&'a CertRequest),
+}
+
+/// Writes an issued certificate to `cert_path`, with its key beside it when it was made
+/// here.
+fn write_issued(
+    cert: &rcgen::Certificate,
+    key: &Certified<'_>,
+    cert_path: &Path,
+    force: bool,
+) -> Result<(), CertError> {
+    let cert_pem = cert.pem();
+    let cert_file = NewFile {
+        what: "certificate",
+        path: cert_path,
+        contents: cert_pem.as_bytes(),
+        mode: Mode::Public,
+    };
+    match &key {
+        // both or neither: a crash or failure must not leave a new key beside the old
+        // certificate (or the reverse); see `write_pair_atomic` for what remains
+        Certified::Made(key, key_path) => {
+            let key_pem = key.serialize_pem();
+            let key_file = NewFile {
+                what: "private key",
+                path: key_path,
+                contents: key_pem.as_bytes(),
+                mode: Mode::Secret,
+            };
+            write_pair_atomic(key_file, cert_file, force)
+        }
+        Certified::Request(_) => write_atomic(
+            cert_file.what,
+            cert_file.path,
+            cert_file.contents,
+            cert_file.mode,
+            force,
+        ),
+    }
 }
 
 /// The key a certificate is issued to, once [`NewKey`] is resolved.

@@ -122,6 +122,19 @@ pub enum CertError {
         /// What failed.
         cause: Box<CertError>,
     },
+    /// Writing an issued certificate failed, and so did taking its entry out of the index
+    /// again: the index lists a serial that was never installed.
+    #[error(
+        "{cause}; the CA index still lists serial {serial}, which was never installed ({undo}): revoke it with `trmx-certs revoke --serial {serial}` or ignore it"
+    )]
+    IndexNotUndone {
+        /// The serial the index lists.
+        serial: String,
+        /// Why the entry could not be removed.
+        undo: Box<CertError>,
+        /// What failed.
+        cause: Box<CertError>,
+    },
     /// The CA directory holds another CA than the one this run opened (`init --force`
     /// replaced it meanwhile): nothing was changed.
     #[error(

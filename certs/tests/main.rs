@@ -371,6 +371,40 @@ mod ca_files {
         assert_eq!(temporaries(&out), Vec::<String>::new());
     }
 
+    /// The index records a certificate before its files are put in place, so a crash in
+    /// between never leaves a certificate in use that the index does not know: when the
+    /// index cannot be written (here a directory is in its way), no file is written.
+    #[test]
+    fn a_certificate_the_index_cannot_record_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let ca = Ca::init(&ca_dir, &CaOptions::new("trm.example", "TRM Federation CA")).unwrap();
+        let out = dir.path().join("out");
+        let paths = CertPaths::from_prefix(&out.join("NL-NRM"));
+        let index = ca_dir.join("index.json");
+        let saved = dir.path().join("index.saved");
+        std::fs::rename(&index, &saved).unwrap();
+        std::fs::create_dir(&index).unwrap();
+        let err = ca
+            .issue(&IssueSpec::participant("NL-NRM"), &paths, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("index.json"), "{err}");
+        assert!(
+            !paths.cert.exists() && !paths.key.exists(),
+            "nothing written"
+        );
+
+        std::fs::remove_dir(&index).unwrap();
+        std::fs::rename(&saved, &index).unwrap();
+        let info = ca
+            .issue(&IssueSpec::participant("NL-NRM"), &paths, false)
+            .unwrap();
+        let listed = Ca::open(&ca_dir).unwrap().issued();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].serial, info.serial_hex);
+    }
+
     #[test]
     fn init_refuses_to_replace_a_ca_without_force() {
         let dir = tempfile::tempdir().unwrap();
