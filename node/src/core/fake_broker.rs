@@ -2,8 +2,8 @@
 //! 127.0.0.1:0, one listener per participant so that the caller is known
 //! without certificates). It follows the broker's contract only as far as
 //! the node relies on it: idempotent submit, per-recipient queues, ack →
-//! delivery receipt, reject → non-delivery report, `GetStatus` (known or
-//! not), `GetInfo`.
+//! delivery receipt, reject → non-delivery report, `Withdraw` (of a message
+//! not acknowledged), `GetStatus` (known or not), `GetInfo`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -38,6 +38,14 @@ pub(crate) struct FakeState {
     pub(crate) status_asked: Vec<String>,
     /// `limits.max_envelope_bytes` of `GetInfo`; 0: no limits sent.
     pub(crate) max_envelope_bytes: u64,
+    /// Message ids withdrawn by their sender.
+    pub(crate) withdrawn: Vec<String>,
+    /// What `Withdraw` answers in place of withdrawing (a final state the fake does
+    /// not model).
+    pub(crate) withdraw_refusal: Option<(tonic::Code, String)>,
+    /// `Submit` stores the envelope, then answers `UNAVAILABLE`: the answer lost on
+    /// the way back.
+    pub(crate) lose_submit_answers: bool,
     seq: u64,
 }
 
@@ -224,6 +232,9 @@ impl Exchange for Endpoint {
         if !duplicate {
             self.broker.enqueue(envelope.clone(), &self.caller);
         }
+        if self.broker.lock().lose_submit_answers {
+            return Err(Status::unavailable("connection reset"));
+        }
         Ok(Response::new(pb::SubmitReceipt {
             message_id: envelope.message_id,
             duplicate,
@@ -326,9 +337,34 @@ impl Exchange for Endpoint {
 
     async fn withdraw(
         &self,
-        _request: Request<pb::WithdrawRequest>,
+        request: Request<pb::WithdrawRequest>,
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
-        Err(Status::unimplemented("withdraw"))
+        let id = request.into_inner().message_id;
+        let mut st = self.broker.lock();
+        if let Some((code, message)) = st.withdraw_refusal.clone() {
+            return Err(Status::new(code, message));
+        }
+        let recipient = match st.accepted.get(&id) {
+            Some(envelope) if envelope.sender == self.caller => envelope.recipient.clone(),
+            _ => {
+                return Err(Status::not_found(format!(
+                    "no message {id} from {}",
+                    self.caller
+                )));
+            }
+        };
+        if st.acked.contains(&id) {
+            return Err(Status::failed_precondition(format!(
+                "message {id} was already acknowledged by its recipient"
+            )));
+        }
+        if let Some(queue) = st.queues.get_mut(&recipient) {
+            queue.retain(|e| e.message_id != id);
+        }
+        st.withdrawn.push(id);
+        Ok(Response::new(pb::WithdrawResponse {
+            withdrawn_at: Some(to_timestamp(SystemTime::now())),
+        }))
     }
 
     async fn get_status(

@@ -897,6 +897,17 @@ async fn check_one(
         Err(status) if status.code() == Code::NotFound => {}
         Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
     }
+    // From here until the outcome is stored, a withdrawal waits; one that came first
+    // has made the entry FAILED, and it is not sent again.
+    let _gate = inner.submit_gate.lock().await;
+    let store = inner.store.clone();
+    let still_submitted = inner
+        .blocking(move || store.outbox_entry(id))
+        .await?
+        .is_some_and(|e| e.state == OutboxState::Submitted);
+    if !still_submitted {
+        return Ok(());
+    }
     let now = to_millis(inner.clock.now());
     let store = inner.store.clone();
     let envelope = inner.blocking(move || store.envelope(id)).await?;

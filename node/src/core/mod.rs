@@ -1105,19 +1105,22 @@ impl NodeCore {
         Ok(entry)
     }
 
-    /// Takes back a message that has not been delivered yet: a queued one
-    /// locally, a submitted one on the broker. The entry becomes `FAILED`
-    /// with outcome `withdrawn`.
+    /// Takes back a message that has not been delivered yet. The entry becomes
+    /// `FAILED` with outcome `withdrawn`.
+    ///
+    /// A message that may have reached the broker is withdrawn there first: a
+    /// submitted one, and a queued one that was sent before (its answer lost on the
+    /// way back, so the broker may hold it). Only a queued message never sent is
+    /// withdrawn here alone when the broker is out of reach. A message the broker
+    /// does not hold (it never arrived, or the broker lost it) is withdrawn here, and
+    /// so never sent again. While this runs, neither the submit loop nor the outbox
+    /// check sends the message (`submit_gate`).
     pub async fn withdraw(&self, id: MessageId) -> Result<(), NodeError> {
         let inner = &self.inner;
-        let now = to_millis(inner.clock.now());
-        let store = inner.store.clone();
         let gate = inner.submit_gate.lock().await;
-        let updated = inner
-            .blocking(move || store.withdraw_local(id, now, false))
-            .await?;
-        drop(gate);
-        let Some(updated) = updated else {
+        let store = inner.store.clone();
+        let Some(entry) = inner.blocking(move || store.outbox_entry(id)).await? else {
+            drop(gate);
             let store = inner.store.clone();
             return Err(match inner.blocking(move || store.inbox_entry(id)).await? {
                 Some(_) => NodeError::FailedPrecondition(format!(
@@ -1126,63 +1129,66 @@ impl NodeCore {
                 None => NodeError::NotFound(id),
             });
         };
-        if updated.changed {
-            inner.store.flush_async().await?;
-            info!(participant = %inner.config.participant, message_id = %id, "queued message withdrawn");
-            return Ok(());
-        }
-        match updated.entry.state {
-            OutboxState::Submitted => {}
+        let never_sent = match entry.state {
+            OutboxState::Queued => entry.submit_attempts == 0,
+            OutboxState::Submitted => false,
             OutboxState::Delivered => {
                 return Err(NodeError::FailedPrecondition(format!(
                     "message {id} was already delivered"
                 )));
             }
             OutboxState::Failed
-                if updated
-                    .entry
+                if entry
                     .failure
                     .as_ref()
                     .is_some_and(|f| f.outcome == "withdrawn") =>
             {
                 return Ok(());
             }
-            OutboxState::Failed | OutboxState::Queued => {
+            OutboxState::Failed => {
                 return Err(NodeError::FailedPrecondition(format!(
-                    "message {id} has failed already"
+                    "message {id} has failed already (it was not delivered)"
                 )));
             }
-        }
-        let Some(mut client) = inner.client.clone() else {
-            return Err(NodeError::BrokerUnavailable("the node runs offline".into()));
         };
-        match client
-            .withdraw(pb::WithdrawRequest {
-                message_id: id.to_string(),
-            })
-            .await
-        {
-            Ok(_) => {}
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                return Err(NodeError::FailedPrecondition(format!(
-                    "message {id} was already delivered"
-                )));
-            }
+        let at_broker = match inner.client.clone() {
+            Some(mut client) => client
+                .withdraw(pb::WithdrawRequest {
+                    message_id: id.to_string(),
+                })
+                .await
+                .map(drop),
+            None => Err(tonic::Status::unavailable("the node runs offline")),
+        };
+        let how = match at_broker {
+            Ok(()) => "withdrawn on the broker",
             Err(status) if status.code() == tonic::Code::NotFound => {
+                "the broker does not hold it (it never arrived, or the broker lost it): withdrawn here"
+            }
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                // acknowledged, expired, dead-lettered or purged: the broker says which
                 return Err(NodeError::FailedPrecondition(format!(
-                    "the broker does not know message {id}"
+                    "the broker cannot withdraw it: {}",
+                    status.message()
                 )));
             }
+            Err(_) if never_sent => "never sent: withdrawn here",
             Err(status) => {
-                return Err(NodeError::BrokerUnavailable(link::status_text(&status)));
+                return Err(NodeError::BrokerUnavailable(format!(
+                    "message {id} may have reached the broker (it was sent before), so only \
+                     the broker can withdraw it, and it cannot be reached ({}): try again",
+                    link::status_text(&status)
+                )));
             }
-        }
+        };
+        let now = to_millis(inner.clock.now());
         let store = inner.store.clone();
         inner
             .blocking(move || store.withdraw_local(id, now, true))
             .await?;
         inner.store.flush_async().await?;
-        info!(participant = %inner.config.participant, message_id = %id, "submitted message withdrawn");
+        drop(gate);
+        info!(participant = %inner.config.participant, message_id = %id, how, "message withdrawn");
         Ok(())
     }
 

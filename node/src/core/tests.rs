@@ -1835,8 +1835,7 @@ mod link {
 
     /// A withdrawal of a message whose submit is in flight waits for the
     /// broker's answer and then withdraws it there: it never says
-    /// "withdrawn" for a message the broker goes on to deliver. (The fake
-    /// broker does not implement `Withdraw`: the honest answer is an error.)
+    /// "withdrawn" for a message the broker goes on to deliver.
     #[tokio::test]
     async fn withdrawing_a_message_being_submitted_answers_what_the_broker_did() {
         let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
@@ -1857,13 +1856,135 @@ mod link {
             "answered before the submit's outcome"
         );
         drop(held);
-        let answer = withdrawing.await.unwrap();
-        assert!(
-            matches!(answer, Err(NodeError::BrokerUnavailable(_))),
-            "{answer:?}"
+        withdrawing.await.unwrap().unwrap();
+        assert_eq!(broker.lock().withdrawn, [sent.message_id.to_string()]);
+        assert!(queued_at(&broker, "BE-PAYOKE").is_empty());
+        assert_withdrawn(&nl, sent.message_id).await;
+        nl.shutdown().await;
+    }
+
+    /// The ids the fake broker holds for `recipient`.
+    fn queued_at(broker: &FakeBroker, recipient: &str) -> Vec<String> {
+        broker
+            .lock()
+            .queues
+            .get(recipient)
+            .map(|q| q.iter().map(|e| e.message_id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    async fn assert_withdrawn(nl: &NodeCore, id: MessageId) {
+        let entry = state_of(nl, id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Failed, "{entry:?}");
+        assert_eq!(
+            entry.failure.map(|f| f.outcome).as_deref(),
+            Some("withdrawn")
         );
-        let entry = state_of(&nl, sent.message_id).await.unwrap();
-        assert_eq!(entry.state, OutboxState::Submitted, "{entry:?}");
+    }
+
+    /// A submit whose answer was lost on the way back leaves the entry queued while
+    /// the broker holds the message: a withdrawal asks the broker, and says
+    /// "withdrawn" only once the broker took it back. Out of the broker's reach it
+    /// refuses, since only the broker can withdraw it then.
+    #[tokio::test]
+    async fn a_withdrawal_after_a_lost_submit_answer_withdraws_on_the_broker() {
+        let (_dir, broker, nl, serving) = online_alone("NL-NRM").await;
+        broker.lock().lose_submit_answers = true;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the broker holds it", || async {
+            queued_at(&broker, "BE-PAYOKE").contains(&sent.message_id.to_string())
+        })
+        .await;
+        until("NL saw the lost answer", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .is_some_and(|e| e.submit_attempts > 0)
+        })
+        .await;
+        assert_eq!(
+            state_of(&nl, sent.message_id).await.unwrap().state,
+            OutboxState::Queued
+        );
+        // the broker out of reach: refused, nothing changed
+        broker.lock().withdraw_refusal = Some((tonic::Code::Unavailable, "down".into()));
+        let err = nl.withdraw(sent.message_id).await.unwrap_err();
+        assert!(
+            matches!(&err, NodeError::BrokerUnavailable(m) if m.contains("try again")),
+            "{err:?}"
+        );
+        assert_eq!(
+            state_of(&nl, sent.message_id).await.unwrap().state,
+            OutboxState::Queued
+        );
+        broker.lock().withdraw_refusal = None;
+        nl.withdraw(sent.message_id).await.unwrap();
+        assert!(queued_at(&broker, "BE-PAYOKE").is_empty(), "taken back");
+        assert_withdrawn(&nl, sent.message_id).await;
+        drop(serving);
+        nl.shutdown().await;
+    }
+
+    /// A submitted message the broker no longer holds (its store restored from a
+    /// backup) is withdrawn here, and the outbox check never submits it again.
+    #[tokio::test]
+    async fn a_message_the_broker_lost_is_withdrawn_here_and_never_sent_again() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("NL submits", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        broker.lose(&sent.message_id.to_string());
+        nl.withdraw(sent.message_id).await.unwrap();
+        assert_withdrawn(&nl, sent.message_id).await;
+        // the outbox check runs: it has nothing submitted to look after
+        broker.lock().status_asked.clear();
+        clock.advance(Duration::from_secs(3600));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !broker
+                .lock()
+                .accepted
+                .contains_key(&sent.message_id.to_string()),
+            "submitted again"
+        );
+        assert_withdrawn(&nl, sent.message_id).await;
+        nl.shutdown().await;
+    }
+
+    /// A message that expired (or was dead-lettered) before its report arrived is
+    /// not called delivered: the broker's own words are passed on.
+    #[tokio::test]
+    async fn a_withdrawal_the_broker_refuses_says_why() {
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        broker.lock().withdraw_refusal = Some((
+            tonic::Code::FailedPrecondition,
+            format!("message {} is already EXPIRED", sent.message_id),
+        ));
+        let err = nl.withdraw(sent.message_id).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("already EXPIRED"), "{text}");
+        assert!(!text.contains("delivered"), "{text}");
         nl.shutdown().await;
     }
 
