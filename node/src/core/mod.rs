@@ -1047,8 +1047,20 @@ impl NodeCore {
             }
             None => None,
         };
-        if let Some(answered) = &answered {
-            check_reply(&req, kind, answered)?;
+        match &answered {
+            Some(answered) => check_reply(&req, kind, answered)?,
+            // (a typo, or another node's id: sent, it would answer nothing, and the
+            // request it was meant for would stay owed on both sides)
+            None if kind.is_answer() => {
+                return Err(NodeError::Invalid(ValidationError::new(
+                    "in_reply_to",
+                    format!(
+                        "names no message this node received: a {kind} answers a request \
+                         received here"
+                    ),
+                )));
+            }
+            None => {}
         }
         let payload = req.body.encode();
         let fingerprint = fingerprint(&req, &payload);

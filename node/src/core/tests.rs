@@ -930,6 +930,45 @@ async fn a_reply_to_the_wrong_participant_case_or_kind_is_refused() {
     assert!(due_on(&f.be, date("2026-02-01")).await.is_empty());
 }
 
+/// An answer whose in_reply_to names no message this node received (a typo,
+/// another node's id) is refused: sent, it would answer nothing.
+#[tokio::test]
+async fn an_answer_to_a_message_never_received_is_refused() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+    let mut typo = request("r-1", "NL-NRM", response());
+    typo.in_reply_to = Some(MessageId::new_v7());
+    typo.case_ref = Some(sent.case_ref);
+    let err = f.be.send(typo).await.unwrap_err();
+    assert!(
+        matches!(&err, NodeError::Invalid(e) if e.field == "in_reply_to"),
+        "{err:?}"
+    );
+    // NL's own referral is no message NL received either
+    let mut own = request("r-2", "BE-PAYOKE", response());
+    own.in_reply_to = Some(sent.message_id);
+    let err = f.nl.send(own).await.unwrap_err();
+    assert!(
+        matches!(&err, NodeError::Invalid(e) if e.field == "in_reply_to"),
+        "{err:?}"
+    );
+    assert!(
+        f.be.outbox(&ListFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        due_on(&f.be, date("2026-02-01")).await.len(),
+        1,
+        "still owed"
+    );
+}
+
 #[tokio::test]
 async fn due_lists_unanswered_requests_and_follow_ups() {
     let f = fixture().await;
