@@ -257,7 +257,8 @@ pub enum DueKind {
     AwaitingAnswer,
     /// We received a request with `respond_by`; we have not answered.
     AnswerOwed,
-    /// A follow-up's `next_follow_up_due` passed with no later follow-up on the case.
+    /// A follow-up's `next_follow_up_due` passed with no later follow-up on the case
+    /// from the same sender to the same recipient.
     FollowUpDue,
 }
 
@@ -1270,7 +1271,8 @@ impl NodeCore {
     /// is on or before it and that have no answer (and did not fail);
     /// requests we received with such a `respond_by` that we have not
     /// answered; follow-ups whose `next_follow_up_due` is on or before it
-    /// with no later follow-up on the case.
+    /// with no later follow-up on the case from the same sender to the same
+    /// recipient.
     ///
     /// A page at a time, oldest date first: at most `limit` items (0: 10,000) from
     /// `start` (the [`Page::next`] of the page before; `None`: the first).

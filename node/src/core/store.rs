@@ -1258,11 +1258,22 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether a later follow-up on `case` than the one made at `at` replaced it (its
-    /// `next_follow_up_due` no longer counts): one received, or one of ours delivered,
-    /// does for good; one of ours on its way may yet fail; one of ours that failed
-    /// replaces nothing (unless it is found and delivered after all).
-    fn later_follow_up(&self, case: CaseRef, at: Millis) -> Result<Replaced, NodeError> {
+    /// Whether a later follow-up replaced the follow-up made at `at` on `case` in
+    /// direction `dir` with `counterpart` (its `next_follow_up_due` no longer counts).
+    /// The date is the sender's promise to the recipient, so only a later follow-up
+    /// of the same sender to the same recipient keeps it; one between other
+    /// participants of the case (a case may have three), or the other way round,
+    /// does not. (Both follow-ups are then dated by one clock, the sender's.) A
+    /// received one replaces it for good, as does one of ours delivered; one of ours
+    /// on its way may yet fail; one of ours that failed replaces nothing (unless it is
+    /// found and delivered after all).
+    fn later_follow_up(
+        &self,
+        case: CaseRef,
+        at: Millis,
+        dir: u8,
+        counterpart: &ParticipantId,
+    ) -> Result<Replaced, NodeError> {
         let mut start = case.as_bytes().to_vec();
         start.extend_from_slice(&be(at.saturating_add(1)));
         let mut end = case.as_bytes().to_vec();
@@ -1270,17 +1281,26 @@ impl Store {
         let mut pending = false;
         for item in self.trees[CASES].range(start..=end) {
             let (key, value) = item.map_err(store_err)?;
-            if value.get(1) != Some(&kind_byte(Kind::FollowUp)) {
+            if value.get(1) != Some(&kind_byte(Kind::FollowUp)) || value.first() != Some(&dir) {
                 continue;
             }
-            if value.first() != Some(&DIR_SENT) {
-                return Ok(Replaced::Yes);
-            }
             let id = case_key_id(&key)?;
-            match self.outbox_entry(id)?.map(|e| e.state) {
-                Some(OutboxState::Delivered) => return Ok(Replaced::Yes),
-                Some(OutboxState::Queued | OutboxState::Submitted) => pending = true,
-                Some(OutboxState::Failed) | None => {}
+            if dir == DIR_RECEIVED {
+                if self
+                    .inbox_entry(id)?
+                    .is_some_and(|e| e.sender == *counterpart)
+                {
+                    return Ok(Replaced::Yes);
+                }
+                continue;
+            }
+            match self.outbox_entry(id)? {
+                Some(e) if e.recipient == *counterpart => match e.state {
+                    OutboxState::Delivered => return Ok(Replaced::Yes),
+                    OutboxState::Queued | OutboxState::Submitted => pending = true,
+                    OutboxState::Failed => {}
+                },
+                _ => {}
             }
         }
         Ok(if pending {
@@ -1361,19 +1381,21 @@ impl Store {
     /// for good, a message gone. A request whose answer failed, or ours that failed, is
     /// not due now but may be again (a lost message found, a new answer).
     fn due_state(&self, dir: Option<u8>, id: MessageId, date: Date) -> Result<DueState, NodeError> {
-        let follow_up = |case_ref, created_at| -> Result<Option<DueState>, NodeError> {
-            Ok(match self.later_follow_up(case_ref, created_at)? {
-                Replaced::Yes => Some(DueState::Never),
-                Replaced::Pending => Some(DueState::NotNow),
-                Replaced::No => None,
-            })
+        let follow_up = |case_ref, created_at, dir, counterpart: &ParticipantId| {
+            Ok::<_, NodeError>(
+                match self.later_follow_up(case_ref, created_at, dir, counterpart)? {
+                    Replaced::Yes => Some(DueState::Never),
+                    Replaced::Pending => Some(DueState::NotNow),
+                    Replaced::No => None,
+                },
+            )
         };
         if dir == Some(DIR_SENT) {
             let Some(e) = self.outbox_entry(id)? else {
                 return Ok(DueState::Never);
             };
             let what = if e.kind == Kind::FollowUp {
-                if let Some(state) = follow_up(e.case_ref, e.created_at)? {
+                if let Some(state) = follow_up(e.case_ref, e.created_at, DIR_SENT, &e.recipient)? {
                     return Ok(state);
                 }
                 DueKind::FollowUpDue
@@ -1398,7 +1420,7 @@ impl Store {
             return Ok(DueState::Never);
         };
         let what = if e.kind == Kind::FollowUp {
-            if let Some(state) = follow_up(e.case_ref, e.created_at)? {
+            if let Some(state) = follow_up(e.case_ref, e.created_at, DIR_RECEIVED, &e.sender)? {
                 return Ok(state);
             }
             DueKind::FollowUpDue

@@ -969,6 +969,61 @@ async fn an_answer_to_a_message_never_received_is_refused() {
     );
 }
 
+/// A follow-up's next date is its sender's promise to its recipient: in a case of
+/// three (the demo's), BE's own follow-up to NL-NRM does not keep the follow-up BE
+/// awaits from NG-NAPTIP, and neither does a follow-up BE sends to NG-NAPTIP; the
+/// next one from NG-NAPTIP does.
+#[tokio::test]
+async fn only_the_next_follow_up_of_the_same_sender_replaces_an_awaited_one() {
+    let f = fixture().await;
+    let ng = NodeCore::start_offline(config(f._dir.path(), "NG-NAPTIP"), f.clock.clone())
+        .await
+        .unwrap();
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+    // NG reports to BE on the case; its next follow-up is due 2026-07-20
+    f.clock.advance(Duration::from_secs(60));
+    let mut from_ng = request("n-1", "BE-PAYOKE", follow_up());
+    from_ng.case_ref = Some(sent.case_ref);
+    let from_ng = ng.send(from_ng).await.unwrap();
+    transfer(&ng, &f.be, from_ng.message_id).await;
+    let awaited = |due: &[DueItem]| {
+        due.iter()
+            .any(|d| d.message_id == from_ng.message_id && d.what == DueKind::FollowUpDue)
+    };
+    assert!(awaited(&due_on(&f.be, date("2026-08-01")).await));
+    // BE reports to NL and to NG on the same case, both delivered
+    for (key, to) in [("f-nl", "NL-NRM"), ("f-ng", "NG-NAPTIP")] {
+        f.clock.advance(Duration::from_secs(60));
+        let mut report = request(key, to, follow_up());
+        report.case_ref = Some(sent.case_ref);
+        let report = f.be.send(report).await.unwrap();
+        f.be.inner
+            .store
+            .mark_submitted(report.message_id, 1)
+            .unwrap();
+        apply(
+            &f.be,
+            receipt_envelope("BE-PAYOKE", report.message_id, pb::Outcome::Delivered, ""),
+        )
+        .await;
+        let due = due_on(&f.be, date("2026-08-01")).await;
+        assert!(awaited(&due), "after BE's follow-up to {to}: {due:?}");
+    }
+    // NG's next report keeps it
+    f.clock.advance(Duration::from_secs(60));
+    let mut again = request("n-2", "BE-PAYOKE", follow_up());
+    again.case_ref = Some(sent.case_ref);
+    let again = ng.send(again).await.unwrap();
+    transfer(&ng, &f.be, again.message_id).await;
+    let due = due_on(&f.be, date("2026-08-01")).await;
+    assert!(!awaited(&due), "{due:?}");
+    ng.shutdown().await;
+}
+
 #[tokio::test]
 async fn due_lists_unanswered_requests_and_follow_ups() {
     let f = fixture().await;
