@@ -388,9 +388,11 @@ impl NodeApi for LocalApi {
     ) -> ApiResult<pb::WithdrawMessageResponse> {
         let result = async {
             let id = convert::message_id(&request.get_ref().message_id, "message_id")?;
-            self.core.withdraw(id).await?;
+            let done = self.core.withdraw(id).await?;
             tracing::info!(message_id = %id, "message withdrawn");
-            Ok(pb::WithdrawMessageResponse {})
+            Ok(pb::WithdrawMessageResponse {
+                broker_pending: done == crate::core::Withdrawal::BrokerPending,
+            })
         };
         reply(result.await)
     }

@@ -567,7 +567,9 @@ fn io_cause<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std:
 
 /// A status from the node as one line.
 fn status_line(status: &tonic::Status, socket: &Path) -> CliError {
-    if status.code() == Code::Unavailable && status.message().contains("transport") {
+    // (tonic's own word for a lost connection; the node's `broker unavailable: …`
+    // may quote the same word about the broker)
+    if status.code() == Code::Unavailable && status.message().starts_with("transport error") {
         return CliError(format!(
             "lost the connection to the trmx node at {}: is `trmx-node run` running?",
             socket.display()
@@ -596,17 +598,36 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                 .await
                 .map_err(|s| send_error(&s, &args.file, socket))?
                 .into_inner();
+            let what = format!("{} for {}", format::kind(args.kind.to_pb() as i32), args.to);
+            // A retry (the same key: by default the same command and file) returns the
+            // message sent the first time, in its state now.
+            let earlier = response
+                .entry
+                .as_ref()
+                .filter(|e| e.state != pb::OutboxState::Queued as i32);
+            let failed = earlier.is_some_and(|e| e.state == pb::OutboxState::Failed as i32);
             if out.json {
-                out.json_lines(&[response])
-            } else {
+                out.json_lines(std::slice::from_ref(&response))?;
+            } else if !failed {
                 out.print(&format!("{}\n", response.message_id))?;
-                eprintln!(
-                    "{} for {} queued in case {}",
-                    format::kind(args.kind.to_pb() as i32),
-                    args.to,
-                    response.case_ref
-                );
-                Ok(())
+                match earlier {
+                    None => eprintln!("{what} queued in case {}", response.case_ref),
+                    Some(entry) if !failed => eprintln!(
+                        "{what} was sent before with this key, in case {}: {} (nothing new sent)",
+                        response.case_ref,
+                        format::outbox_state(entry)
+                    ),
+                    Some(_) => {}
+                }
+            }
+            match earlier {
+                Some(entry) if failed => fail(format!(
+                    "{what} was sent before with this key as message {} and is {}: nothing was \
+                     sent now; to send it again, pass a new --key",
+                    response.message_id,
+                    format::outbox_state(entry)
+                )),
+                _ => Ok(()),
             }
         }
         Command::Outbox { filter, state } => {
@@ -704,18 +725,30 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
             fail("the trmx node closed the watch stream (did it stop?)")
         }
         Command::Withdraw { id } => {
-            client
+            let withdrawn = client
                 .withdraw(pb::WithdrawMessageRequest {
                     message_id: id.clone(),
                 })
                 .await
-                .map_err(err)?;
+                .map_err(err)?
+                .into_inner();
             if out.json {
                 out.print(&format!(
                     "{}\n",
-                    serde_json::json!({ "messageId": id, "withdrawn": true })
+                    serde_json::json!({
+                        "messageId": id,
+                        "withdrawn": true,
+                        "brokerPending": withdrawn.broker_pending,
+                    })
                 ))
             } else {
+                if withdrawn.broker_pending {
+                    eprintln!(
+                        "note: an earlier submit of {id} may have reached the broker, which \
+                         cannot be reached now: the node withdraws it there as soon as it can \
+                         (`trmx-node show {id}` tells; a delivery receipt would mean it arrived first)"
+                    );
+                }
                 out.print(&format!("withdrew {id}\n"))
             }
         }

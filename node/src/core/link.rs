@@ -743,6 +743,13 @@ pub(crate) async fn submit_loop(
         if *shutdown.borrow() {
             break;
         }
+        if let Err(e) = withdraw_pending(&inner, &mut client).await {
+            debug!(participant = %me, error = %e, "pending withdrawals will be retried");
+            if !pause(backoff.next_delay(), &mut shutdown).await {
+                break;
+            }
+            continue;
+        }
         let store = inner.store.clone();
         let batch = match inner.blocking(move || store.queued(SUBMIT_BATCH)).await {
             Ok(batch) => batch,
@@ -960,6 +967,48 @@ async fn check_one(
         .blocking(move || store.mark_lost(id, failure, &error, now))
         .await?;
     inner.store.flush_async().await
+}
+
+/// Withdraws on the broker the messages withdrawn here while it could not be reached
+/// (an earlier submit of theirs may have reached it). `Err` when the broker cannot be
+/// reached: the rest wait for the next round.
+async fn withdraw_pending(
+    inner: &Arc<Inner>,
+    client: &mut ExchangeClient<Channel>,
+) -> Result<(), NodeError> {
+    let me = &inner.config.participant;
+    let store = inner.store.clone();
+    let pending = inner
+        .blocking(move || store.pending_withdrawals(SUBMIT_BATCH))
+        .await?;
+    for id in pending {
+        let answer = client
+            .withdraw(pb::WithdrawRequest {
+                message_id: id.to_string(),
+            })
+            .await;
+        let note = match answer {
+            Ok(_) => {
+                info!(participant = %me, message_id = %id, "message withdrawn on the broker too (an earlier submit had reached it)");
+                "withdrawn on the broker too: an earlier submit had reached it".to_owned()
+            }
+            Err(status) if status.code() == Code::NotFound => {
+                info!(participant = %me, message_id = %id, "the broker never had the withdrawn message");
+                "withdrawn: the broker never had it".to_owned()
+            }
+            Err(status) if status.code() == Code::FailedPrecondition => {
+                warn!(participant = %me, message_id = %id, reason = status.message(), "the broker could not withdraw a message withdrawn here while it was out of reach: it reached its recipient or failed first, as its receipt will tell");
+                format!("the broker could not withdraw it: {}", status.message())
+            }
+            Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
+        };
+        let store = inner.store.clone();
+        inner
+            .blocking(move || store.withdrawal_done(id, &note))
+            .await?;
+        inner.store.flush_async().await?;
+    }
+    Ok(())
 }
 
 /// Submits one entry and records the outcome. `Err` means a transient

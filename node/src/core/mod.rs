@@ -250,6 +250,17 @@ pub struct TimelineEntry {
     pub state: String,
 }
 
+/// What [`NodeCore::withdraw`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawal {
+    /// Withdrawn: the recipient will not get it from the broker.
+    Done,
+    /// Withdrawn here. An earlier submit may have brought it to the broker, which
+    /// could not be reached: the node withdraws it there as soon as it reaches the
+    /// broker. If the recipient got it first, its delivery receipt will say so.
+    BrokerPending,
+}
+
 /// Why something is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DueKind {
@@ -1123,12 +1134,14 @@ impl NodeCore {
     ///
     /// A message that may have reached the broker is withdrawn there first: a
     /// submitted one, and a queued one that was sent before (its answer lost on the
-    /// way back, so the broker may hold it). Only a queued message never sent is
-    /// withdrawn here alone when the broker is out of reach. A message the broker
-    /// does not hold (it never arrived, or the broker lost it) is withdrawn here, and
-    /// so never sent again. While this runs, neither the submit loop nor the outbox
-    /// check sends the message (`submit_gate`).
-    pub async fn withdraw(&self, id: MessageId) -> Result<(), NodeError> {
+    /// way back, so the broker may hold it). Out of the broker's reach, a submitted
+    /// message cannot be withdrawn (`BrokerUnavailable`); a queued one is withdrawn
+    /// here, and, if it was sent before, on the broker as soon as the node reaches it
+    /// ([`Withdrawal::BrokerPending`]). A message the broker does not hold (it never
+    /// arrived, or the broker lost it) is withdrawn here, and so never sent again.
+    /// While this runs, neither the submit loop nor the outbox check sends the
+    /// message (`submit_gate`).
+    pub async fn withdraw(&self, id: MessageId) -> Result<Withdrawal, NodeError> {
         let inner = &self.inner;
         let gate = inner.submit_gate.lock().await;
         let store = inner.store.clone();
@@ -1156,7 +1169,7 @@ impl NodeCore {
                     .as_ref()
                     .is_some_and(|f| f.outcome == "withdrawn") =>
             {
-                return Ok(());
+                return Ok(Withdrawal::Done);
             }
             OutboxState::Failed => {
                 return Err(NodeError::FailedPrecondition(format!(
@@ -1186,6 +1199,24 @@ impl NodeCore {
                 )));
             }
             Err(_) if never_sent => "never sent: withdrawn here",
+            Err(status) if entry.state == OutboxState::Queued => {
+                let now = to_millis(inner.clock.now());
+                let store = inner.store.clone();
+                if !inner
+                    .blocking(move || store.withdraw_here_then_at_broker(id, now))
+                    .await?
+                {
+                    // (a receipt moved it meanwhile)
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "message {id} changed state meanwhile: look at it and try again"
+                    )));
+                }
+                inner.store.flush_async().await?;
+                drop(gate);
+                inner.submit_wake.notify_one();
+                warn!(participant = %inner.config.participant, message_id = %id, error = %link::status_text(&status), "message withdrawn here while the broker is out of reach; an earlier submit may have reached it, so it is withdrawn there as soon as the broker can be reached");
+                return Ok(Withdrawal::BrokerPending);
+            }
             Err(status) => {
                 return Err(NodeError::BrokerUnavailable(format!(
                     "message {id} may have reached the broker (it was sent before), so only \
@@ -1202,7 +1233,7 @@ impl NodeCore {
         inner.store.flush_async().await?;
         drop(gate);
         info!(participant = %inner.config.participant, message_id = %id, how, "message withdrawn");
-        Ok(())
+        Ok(Withdrawal::Done)
     }
 
     /// Outbox entries, newest first (the first page of [`Self::outbox_page`]).

@@ -72,7 +72,8 @@ const CASES: usize = 11;
 const DUE: usize = 12;
 const RETENTION: usize = 13;
 const SUBMITTED: usize = 14;
-const TREE_NAMES: [&str; 15] = [
+const WITHDRAW_PENDING: usize = 15;
+const TREE_NAMES: [&str; 16] = [
     "meta",
     "outbox",
     "out_env",
@@ -88,6 +89,7 @@ const TREE_NAMES: [&str; 15] = [
     "due",
     "retention",
     "submitted",
+    "withdraw_pending",
 ];
 
 /// `meta` key set once `submitted` holds every `SUBMITTED` entry.
@@ -346,6 +348,22 @@ pub(crate) fn can_move(from: OutboxState, to: OutboxState) -> bool {
             | (Submitted, Delivered | Failed)
             | (Failed, Delivered)
     )
+}
+
+/// `last_error` of an entry withdrawn here while the broker may hold it.
+const WITHDRAW_PENDING_NOTE: &str = "withdrawn here while the broker was out of reach; an \
+    earlier submit may have reached it, so the node withdraws it there as soon as it can";
+
+/// Makes `rec` `FAILED` with outcome `withdrawn` at `at` (the caller moves the state
+/// counters).
+fn withdraw_rec(rec: &mut OutRec, at: Millis) {
+    rec.state = OutboxState::Failed;
+    rec.failure = Some(Failure {
+        outcome: "withdrawn".into(),
+        reason_code: "WITHDRAWN".into(),
+        field_path: String::new(),
+    });
+    rec.outcome_at = Some(at);
 }
 
 fn store_err(e: impl std::fmt::Display) -> NodeError {
@@ -969,14 +987,61 @@ impl Store {
             if !allowed {
                 return Ok(false);
             }
-            rec.state = OutboxState::Failed;
-            rec.failure = Some(Failure {
-                outcome: "withdrawn".into(),
-                reason_code: "WITHDRAWN".into(),
-                field_path: String::new(),
-            });
-            rec.outcome_at = Some(at);
+            withdraw_rec(rec, at);
             Ok(true)
+        })
+    }
+
+    /// Withdraws a `QUEUED` entry that an earlier submit may have brought to the broker
+    /// (its answer was lost), while the broker cannot be reached: `FAILED`, outcome
+    /// `withdrawn`, and listed for the broker's `Withdraw` ([`Self::pending_withdrawals`]).
+    /// `false` when the entry is not `QUEUED` (any more).
+    pub(crate) fn withdraw_here_then_at_broker(
+        &self,
+        id: MessageId,
+        at: Millis,
+    ) -> Result<bool, NodeError> {
+        self.tx(|t| {
+            let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())? else {
+                return Ok(false);
+            };
+            if rec.state != OutboxState::Queued {
+                return Ok(false);
+            }
+            withdraw_rec(&mut rec, at);
+            rec.last_error = Some(WITHDRAW_PENDING_NOTE.to_owned());
+            t_move_state(t, &rec, OutboxState::Queued)?;
+            tput(&t[OUTBOX], id.as_bytes(), &rec)?;
+            t[WITHDRAW_PENDING].insert(&id.as_bytes()[..], &[][..])?;
+            Ok(true)
+        })
+    }
+
+    /// Up to `limit` messages withdrawn here that are still to be withdrawn on the
+    /// broker.
+    pub(crate) fn pending_withdrawals(&self, limit: usize) -> Result<Vec<MessageId>, NodeError> {
+        self.trees[WITHDRAW_PENDING]
+            .iter()
+            .keys()
+            .take(limit)
+            .map(|key| {
+                let key = key.map_err(store_err)?;
+                <[u8; 16]>::try_from(key.as_ref())
+                    .map(MessageId::from_bytes)
+                    .map_err(|_| NodeError::Store("corrupt withdraw_pending key".into()))
+            })
+            .collect()
+    }
+
+    /// The broker answered the `Withdraw` of a pending withdrawal: `note` says how.
+    pub(crate) fn withdrawal_done(&self, id: MessageId, note: &str) -> Result<(), NodeError> {
+        self.tx(|t| {
+            t[WITHDRAW_PENDING].remove(&id.as_bytes()[..])?;
+            if let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())? {
+                rec.last_error = Some(note.to_owned());
+                tput(&t[OUTBOX], id.as_bytes(), &rec)?;
+            }
+            Ok(())
         })
     }
 

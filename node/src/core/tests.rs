@@ -1977,9 +1977,10 @@ mod link {
     }
 
     /// A submit whose answer was lost on the way back leaves the entry queued while
-    /// the broker holds the message: a withdrawal asks the broker, and says
-    /// "withdrawn" only once the broker took it back. Out of the broker's reach it
-    /// refuses, since only the broker can withdraw it then.
+    /// the broker holds the message: a withdrawal asks the broker. Out of the
+    /// broker's reach, the message is withdrawn here, and the answer says that the
+    /// broker's part is pending; the node withdraws it on the broker once it
+    /// reaches it.
     #[tokio::test]
     async fn a_withdrawal_after_a_lost_submit_answer_withdraws_on_the_broker() {
         let (_dir, broker, nl, serving) = online_alone("NL-NRM").await;
@@ -2002,7 +2003,55 @@ mod link {
             state_of(&nl, sent.message_id).await.unwrap().state,
             OutboxState::Queued
         );
-        // the broker out of reach: refused, nothing changed
+        // the broker out of reach: withdrawn here, the broker's part pending
+        broker.lock().withdraw_refusal = Some((tonic::Code::Unavailable, "down".into()));
+        assert_eq!(
+            nl.withdraw(sent.message_id).await.unwrap(),
+            Withdrawal::BrokerPending
+        );
+        assert_withdrawn(&nl, sent.message_id).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            queued_at(&broker, "BE-PAYOKE").contains(&sent.message_id.to_string()),
+            "still at the broker while it cannot be reached"
+        );
+        // reachable again: the node withdraws it there
+        broker.lock().withdraw_refusal = None;
+        until("withdrawn on the broker", || async {
+            queued_at(&broker, "BE-PAYOKE").is_empty()
+        })
+        .await;
+        assert_eq!(broker.lock().withdrawn, [sent.message_id.to_string()]);
+        until("the entry says so", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .and_then(|e| e.last_error)
+                .is_some_and(|e| e.contains("withdrawn on the broker too"))
+        })
+        .await;
+        assert_withdrawn(&nl, sent.message_id).await;
+        assert_eq!(
+            nl.withdraw(sent.message_id).await.unwrap(),
+            Withdrawal::Done,
+            "withdrawing again is harmless"
+        );
+        drop(serving);
+        nl.shutdown().await;
+    }
+
+    /// A submitted message cannot be withdrawn while the broker is out of reach:
+    /// only the broker can take it back, so the caller is told to try again.
+    #[tokio::test]
+    async fn a_submitted_message_is_not_withdrawn_while_the_broker_is_out_of_reach() {
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
         broker.lock().withdraw_refusal = Some((tonic::Code::Unavailable, "down".into()));
         let err = nl.withdraw(sent.message_id).await.unwrap_err();
         assert!(
@@ -2011,13 +2060,8 @@ mod link {
         );
         assert_eq!(
             state_of(&nl, sent.message_id).await.unwrap().state,
-            OutboxState::Queued
+            OutboxState::Submitted
         );
-        broker.lock().withdraw_refusal = None;
-        nl.withdraw(sent.message_id).await.unwrap();
-        assert!(queued_at(&broker, "BE-PAYOKE").is_empty(), "taken back");
-        assert_withdrawn(&nl, sent.message_id).await;
-        drop(serving);
         nl.shutdown().await;
     }
 

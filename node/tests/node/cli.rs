@@ -440,3 +440,50 @@ async fn run_serves_until_sigterm() {
     })
     .await;
 }
+
+/// The same `send` run again returns the message of the first run (its default key is
+/// the same): while that one is on its way it says so; once it was withdrawn (or
+/// failed) it says that nothing was sent now, how to send it again, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_again_says_what_became_of_the_first_message() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8").to_owned();
+    let file = sandbox.write("referral.json", REFERRAL_JSON);
+    let file = file.to_str().expect("utf-8");
+    let send: Vec<String> = [
+        "--socket",
+        &socket,
+        "send",
+        "--to",
+        "BE-PAYOKE",
+        "--kind",
+        "referral",
+        "--new-case",
+        file,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let first = run_async(send.clone()).await;
+    assert!(first.status.success(), "stderr: {}", stderr(&first));
+    let id = stdout(&first).trim().to_owned();
+    assert!(
+        stderr(&first).contains("queued in case"),
+        "{}",
+        stderr(&first)
+    );
+
+    let withdraw = ["--socket", &socket, "withdraw", &id].map(str::to_owned);
+    let withdrawn = run_async(withdraw.to_vec()).await;
+    assert!(withdrawn.status.success(), "stderr: {}", stderr(&withdrawn));
+    assert_eq!(stdout(&withdrawn), format!("withdrew {id}\n"));
+
+    let again = run_async(send).await;
+    let line = assert_one_line_failure(&again);
+    assert!(line.contains(&id), "the first message's id: {line}");
+    assert!(line.contains("is withdrawn"), "{line}");
+    assert!(line.contains("nothing was sent now"), "{line}");
+    assert!(line.contains("--key"), "{line}");
+    node.stop().await.expect("stop");
+}
