@@ -343,6 +343,7 @@ pub async fn message(api: &mut Api, id: &str) -> anyhow::Result<Option<pb::GetMe
     match api
         .get_message(pb::GetMessageRequest {
             message_id: id.to_owned(),
+            ..Default::default()
         })
         .await
     {

@@ -298,7 +298,10 @@ impl<W: Write> Story<W> {
                 let id = sent.message_id.clone();
                 async move {
                     let found = node
-                        .get_message(pb::GetMessageRequest { message_id: id })
+                        .get_message(pb::GetMessageRequest {
+                            message_id: id,
+                            ..Default::default()
+                        })
                         .await;
                     Ok(match found {
                         Ok(response) => match response.into_inner().entry {
@@ -409,6 +412,7 @@ impl<W: Write> Story<W> {
             .node(participant)?
             .get_message(pb::GetMessageRequest {
                 message_id: message_id.to_owned(),
+                ..Default::default()
             })
             .await?;
         Ok(match response.into_inner().entry {
@@ -431,7 +435,10 @@ impl<W: Write> Story<W> {
             let id = message_id.to_owned();
             async move {
                 let response = node
-                    .get_message(pb::GetMessageRequest { message_id: id })
+                    .get_message(pb::GetMessageRequest {
+                        message_id: id,
+                        ..Default::default()
+                    })
                     .await?;
                 Ok(match response.into_inner().entry {
                     Some(pb::get_message_response::Entry::Outbox(entry)) if done(&entry) => {

@@ -251,8 +251,24 @@ impl LocalApi {
         })
     }
 
-    async fn get_message(&self, id: &str) -> Result<pb::GetMessageResponse, NodeError> {
-        let id = convert::message_id(id, "message_id")?;
+    async fn get_message(
+        &self,
+        req: &pb::GetMessageRequest,
+    ) -> Result<pb::GetMessageResponse, NodeError> {
+        let id = convert::message_id(&req.message_id, "message_id")?;
+        let form = req.body_form;
+        let (json, typed) = match pb::BodyForm::try_from(form) {
+            Ok(pb::BodyForm::Unspecified) => (true, true),
+            Ok(pb::BodyForm::Json) => (true, false),
+            Ok(pb::BodyForm::Typed) => (false, true),
+            Ok(pb::BodyForm::None) => (false, false),
+            Err(_) => {
+                return Err(NodeError::Invalid(trmx_proto::ValidationError::new(
+                    "body_form",
+                    format!("{form} is no BodyForm"),
+                )));
+            }
+        };
         let view = self
             .core
             .message(id)
@@ -274,8 +290,15 @@ impl LocalApi {
             direction: direction as i32,
             entry: Some(entry),
             body_erased: body.is_none(),
-            body_json: body.as_ref().map(|b| b.to_json()).unwrap_or_default(),
-            body: body.as_ref().and_then(convert::typed_message_body),
+            body_json: body
+                .as_ref()
+                .filter(|_| json)
+                .map(|b| b.to_json())
+                .unwrap_or_default(),
+            body: body
+                .as_ref()
+                .filter(|_| typed)
+                .and_then(convert::typed_message_body),
         })
     }
 
@@ -344,7 +367,7 @@ impl NodeApi for LocalApi {
         &self,
         request: Request<pb::GetMessageRequest>,
     ) -> ApiResult<pb::GetMessageResponse> {
-        reply(LocalApi::get_message(self, &request.get_ref().message_id).await)
+        reply(LocalApi::get_message(self, request.get_ref()).await)
     }
 
     async fn get_case(

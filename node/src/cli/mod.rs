@@ -664,8 +664,13 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
             }
         }
         Command::Show { id } => {
+            // (the JSON form only: both forms of a message with large attachments
+            // would take twice the size)
             let response = client
-                .get_message(pb::GetMessageRequest { message_id: id })
+                .get_message(pb::GetMessageRequest {
+                    message_id: id,
+                    body_form: pb::BodyForm::Json as i32,
+                })
                 .await
                 .map_err(err)?
                 .into_inner();

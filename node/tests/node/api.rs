@@ -75,6 +75,7 @@ async fn codes_and_messages_survive_the_socket() {
     let status = client
         .get_message(pb::GetMessageRequest {
             message_id: unknown.to_string(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown id");
@@ -84,6 +85,7 @@ async fn codes_and_messages_survive_the_socket() {
     let status = client
         .get_message(pb::GetMessageRequest {
             message_id: "not-a-uuid".to_owned(),
+            ..Default::default()
         })
         .await
         .expect_err("malformed id");
@@ -174,6 +176,7 @@ async fn send_queues_locally_while_the_broker_is_down_and_is_idempotent() {
     let shown = client
         .get_message(pb::GetMessageRequest {
             message_id: first.message_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("show")
@@ -445,5 +448,87 @@ async fn the_outbox_and_what_is_due_are_listed_a_page_at_a_time() {
         .expect_err("bad token");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(invalid_field(&status), Some("page_token"));
+    node.stop().await.expect("stop");
+}
+
+/// A message with the largest attachments a node sends takes about 5 MB with both forms
+/// of its body, over the 4 MiB a default gRPC client accepts: each form alone fits, and
+/// the metadata alone carries no body; an unknown form is refused.
+#[tokio::test]
+async fn a_message_with_the_largest_attachments_reads_in_one_form_with_a_default_client() {
+    use trmx_node::core::{Body, Kind};
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let Ok(Body::Referral(mut referral)) = Body::from_json(Kind::Referral, REFERRAL_JSON) else {
+        panic!("example referral");
+    };
+    for (i, byte) in [1u8, 2].into_iter().enumerate() {
+        let content = vec![byte; 1024 * 1024];
+        referral.attachments.push(pb::Attachment {
+            file_name: format!("scan-{i}.pdf"),
+            media_type: "application/pdf".into(),
+            sha256: trmx_proto::envelope::sha256(&content).to_vec(),
+            content,
+        });
+    }
+    let sent = client
+        .send(pb::SendRequest {
+            kind: pb::MessageKind::Referral as i32,
+            recipient: "BE-PAYOKE".to_owned(),
+            new_case: true,
+            idempotency_key: "big-1".to_owned(),
+            body: Some(pb::send_request::Body::Referral(referral)),
+            ..Default::default()
+        })
+        .await
+        .expect("send accepts 2 MiB of attachments")
+        .into_inner();
+    // a client with gRPC's default receive limit (4 MiB)
+    let mut default_client = client.clone().max_decoding_message_size(4 * 1024 * 1024);
+    let read = |form: pb::BodyForm| pb::GetMessageRequest {
+        message_id: sent.message_id.clone(),
+        body_form: form as i32,
+    };
+    let both = default_client
+        .get_message(read(pb::BodyForm::Unspecified))
+        .await;
+    assert_eq!(
+        both.map(drop).expect_err("both forms").code(),
+        Code::OutOfRange,
+        "(if this passes, the note on BodyForm is out of date)"
+    );
+    let json = default_client
+        .get_message(read(pb::BodyForm::Json))
+        .await
+        .expect("JSON alone")
+        .into_inner();
+    assert!(json.body.is_none() && !json.body_json.is_empty());
+    let typed = default_client
+        .get_message(read(pb::BodyForm::Typed))
+        .await
+        .expect("typed alone")
+        .into_inner();
+    assert!(typed.body.is_some() && typed.body_json.is_empty());
+    let none = default_client
+        .get_message(read(pb::BodyForm::None))
+        .await
+        .expect("metadata")
+        .into_inner();
+    assert!(none.body.is_none() && none.body_json.is_empty() && !none.body_erased);
+    assert!(none.entry.is_some());
+    let status = client
+        .get_message(pb::GetMessageRequest {
+            message_id: sent.message_id.clone(),
+            body_form: 9,
+        })
+        .await
+        .expect_err("unknown form");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("body_form"),
+        "{}",
+        status.message()
+    );
     node.stop().await.expect("stop");
 }
