@@ -171,7 +171,16 @@ impl Inner {
         *last = Some(error);
     }
 
+    /// Connected: the last error is over (a status read while connected must not
+    /// report an outage that ended).
     fn set_connected(&self, connected: bool) {
+        if connected {
+            *self
+                .link
+                .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
         self.link.connected.store(connected, Ordering::SeqCst);
     }
 

@@ -346,7 +346,8 @@ pub struct NodeStatus {
     pub participant: ParticipantId,
     /// Whether the receive stream to the broker is open.
     pub broker_connected: bool,
-    /// The last broker error (code and message; never personal data).
+    /// The last broker error since the node was last connected (code and message;
+    /// never personal data).
     pub last_broker_error: Option<String>,
     /// Outbox entries waiting to be submitted.
     pub outbox_queued: u64,

@@ -1726,6 +1726,11 @@ mod link {
         .await;
         assert!(broker.lock().queues["BE-PAYOKE"].len() == 1);
         until("NL is connected", || async { nl.status().broker_connected }).await;
+        assert_eq!(
+            nl.status().last_broker_error,
+            None,
+            "the error of the outage is over"
+        );
 
         // BE comes online later and gets it.
         let (be_l, be_addr) = listener().await;
