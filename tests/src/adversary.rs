@@ -221,6 +221,11 @@ pub fn issue_with_usages(
 
     let paths = CertPaths::from_prefix(out_prefix);
     std::fs::write(&paths.key, key.serialize_pem())?;
+    // (a key other users may read is refused)
+    std::fs::set_permissions(
+        &paths.key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     std::fs::write(&paths.cert, cert.pem())?;
     Ok(paths)
 }

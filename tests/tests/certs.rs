@@ -655,6 +655,7 @@ async fn nodes_with_certificates_issued_to_their_own_requests_exchange_messages(
             .pem()?,
     )?;
     std::fs::write(&be.key, key.serialize_pem())?;
+    std::fs::set_permissions(&be.key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let be_request = trmx_certs::CertRequest::from_pem_file(&csr)?;
     ca.issue_for_request(&IssueSpec::participant(BE), &be_request, &be.cert, true)?;
 

@@ -178,6 +178,48 @@ fn a_crl_of_the_root_without_the_intermediates_loads() {
         cert: write("broker.pem", format!("{}{}", leaf.pem(), mid.pem())),
         key: write("broker.key", leaf_key.serialize_pem()),
     };
+    std::fs::set_permissions(
+        &paths.key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let crl = write("root.crl.pem", crl.pem().unwrap());
     ServerTls::load(&paths, Some(&crl), CrlPolicy::Warn).unwrap();
+}
+
+/// A private key that other users may read (a copy made with the wrong umask) is
+/// refused by the server and by a client, naming the file and the fix; one its group
+/// may read (`0640`, kept by root for a service's group) is taken.
+#[tokio::test]
+async fn a_private_key_other_users_may_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let chmod = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let client = || {
+        let opts = trmx_transport::ClientOptions {
+            server_name: "localhost".into(),
+            ..trmx_transport::ClientOptions::default()
+        };
+        trmx_transport::client_channel("127.0.0.1:1", &fx.paths(&node), &opts).map(drop)
+    };
+    for mode in [0o644, 0o604, 0o660] {
+        chmod(&fx.broker.key, mode);
+        let err = load(&fx, &fx.paths(&fx.broker)).map(drop).unwrap_err();
+        assert_eq!(err.files(), [TlsFile::Key], "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("mode {mode:04o}")), "{text}");
+        assert!(text.contains("chmod 600"), "{text}");
+        chmod(&node.key, mode);
+        let err = client().unwrap_err();
+        assert_eq!(err.files(), [TlsFile::Key], "{err}");
+    }
+    for mode in [0o600, 0o640, 0o400] {
+        chmod(&fx.broker.key, mode);
+        load(&fx, &fx.paths(&fx.broker)).unwrap();
+        chmod(&node.key, mode);
+        client().unwrap();
+    }
 }
