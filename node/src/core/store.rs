@@ -38,6 +38,7 @@
 //!   due dates and retention go by id.
 //! - The `n_*` counters in `meta` equal the number of entries in each state.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use prost::Message;
@@ -685,6 +686,7 @@ impl Store {
         let payload = std::mem::take(&mut env.payload);
         let env_bytes = env.encode_to_vec();
         let mid = new.message_id;
+        let until = self.retention_of(new.retain_until, new.case_ref)?;
         let rec = self.tx(|t| {
             if let Some(idem) = tget::<IdemRec>(&t[IDEM], new.idempotency_key.as_bytes())? {
                 if idem.fingerprint != new.fingerprint {
@@ -743,7 +745,7 @@ impl Store {
             if let Some(due) = new.due {
                 t[DUE].insert(due_key(due, mid), &[DIR_SENT])?;
             }
-            if let Some(until) = new.retain_until {
+            if let Some(until) = until {
                 t[RETENTION].insert(retention_key(until, DIR_SENT, mid), &[])?;
             }
             tadd(&t[META], state_counter(OutboxState::Queued), 1)?;
@@ -1124,6 +1126,7 @@ impl Store {
     pub(crate) fn store_incoming(&self, msg: &Incoming) -> Result<Stored, NodeError> {
         let mid = msg.message_id;
         let dkey = dedup_key(mid, &msg.sender);
+        let until = self.retention_of(msg.retain_until, msg.case_ref)?;
         let rec = self.tx(|t| {
             if t[DEDUP].get(&dkey)?.is_some() {
                 return Ok(Err(IdUse::Stored));
@@ -1167,7 +1170,7 @@ impl Store {
             if let Some(due) = msg.due {
                 t[DUE].insert(due_key(due, mid), &[DIR_RECEIVED])?;
             }
-            if let Some(until) = msg.retain_until {
+            if let Some(until) = until {
                 t[RETENTION].insert(retention_key(until, DIR_RECEIVED, mid), &[])?;
             }
             // (only an answer of the kind the request asks for answers it; a store
@@ -1579,8 +1582,17 @@ impl Store {
 
     // ---- retention ------------------------------------------------------
 
-    /// Erases the bodies whose `retain_until` is before `today`; the entries
-    /// keep their metadata and say `body_erased`. Returns how many.
+    /// Erases the bodies whose retention ended before `today`; the entries keep their
+    /// metadata and say `body_erased`. Returns the messages erased.
+    ///
+    /// A message's retention is its own `handling.retain_until` (referrals and
+    /// assessment requests), or else its case's: the latest `retain_until` of the
+    /// case's messages that carry one ([`Self::case_retain_until`]). The answers and
+    /// follow-ups of a case are about the same person, so they go when the case's
+    /// data goes, and not before: a case whose retention a later request extended
+    /// keeps them until then. A message of ours still on its way is erased once it
+    /// has arrived or failed. A case in which no message carries a `retain_until`
+    /// keeps its bodies.
     pub(crate) fn erase_expired(&self, today: Date) -> Result<Vec<MessageId>, NodeError> {
         let end = date_key(today);
         let keys: Vec<sled::IVec> = self.trees[RETENTION]
@@ -1589,6 +1601,7 @@ impl Store {
             .collect::<Result<_, _>>()
             .map_err(store_err)?;
         let mut erased = Vec::new();
+        let mut ended_cases = BTreeSet::new();
         for key in keys {
             let (Some(&dir), Some(id)) = (
                 key.get(4),
@@ -1598,37 +1611,190 @@ impl Store {
             ) else {
                 return Err(NodeError::Store("corrupt retention index".into()));
             };
-            self.tx(|t| {
-                t[RETENTION].remove(&key)?;
-                if dir == DIR_SENT {
-                    if let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())? {
-                        rec.body_erased = true;
-                        if rec.state == OutboxState::Queued {
-                            // Never submitted and now it cannot be.
-                            rec.state = OutboxState::Failed;
-                            rec.failure = Some(Failure {
-                                outcome: "erased".into(),
-                                reason_code: "BODY_ERASED".into(),
-                                field_path: String::new(),
-                            });
-                            t_move_state(t, &rec, OutboxState::Queued)?;
-                        }
-                        tput(&t[OUTBOX], id.as_bytes(), &rec)?;
-                        t[OUT_BODY].remove(&id.as_bytes()[..])?;
-                    }
-                } else if let Some(seq) = t[INBOX_MID].get(id.as_bytes())?
-                    && let Some(mut rec) = tget::<InRec>(&t[INBOX], &seq)?
-                {
-                    rec.body_erased = true;
-                    tput(&t[INBOX], &seq, &rec)?;
-                    t[IN_BODY].remove(&seq)?;
+            let Some(kept) = self.kept(dir, id)? else {
+                self.rekey_retention(&key, None)?;
+                continue;
+            };
+            if kept.own_retention {
+                // its own date passed: erased, and its case's may have ended with it
+                if self.erase_body(dir, id, Some(&key))? {
+                    erased.push(id);
                 }
-                Ok(())
-            })?;
-            erased.push(id);
+                ended_cases.insert(kept.case_ref);
+                continue;
+            }
+            match self.case_retain_until(kept.case_ref)? {
+                Some(until) if until >= today => {
+                    // a later request extended the case's retention
+                    self.rekey_retention(&key, Some(retention_key(until, dir, id)))?;
+                }
+                _ if !kept.settled => {
+                    // still on its way: looked at again tomorrow
+                    self.rekey_retention(&key, Some(retention_key(today, dir, id)))?;
+                }
+                _ => {
+                    if self.erase_body(dir, id, Some(&key))? {
+                        erased.push(id);
+                    }
+                }
+            }
+        }
+        // messages of an ended case that no retention key names (stored before any
+        // message of the case carried a date, or by an older version of the node)
+        for case in ended_cases {
+            if self
+                .case_retain_until(case)?
+                .is_some_and(|until| until >= today)
+            {
+                continue;
+            }
+            for item in self.trees[CASES].scan_prefix(case.as_bytes()) {
+                let (key, value) = item.map_err(store_err)?;
+                let (id, Some(&dir)) = (case_key_id(&key)?, value.first()) else {
+                    return Err(NodeError::Store("corrupt case index".into()));
+                };
+                let Some(kept) = self.kept(dir, id)? else {
+                    continue;
+                };
+                if kept.own_retention {
+                    continue;
+                }
+                if !kept.settled {
+                    self.rekey_retention(&[], Some(retention_key(today, dir, id)))?;
+                } else if self.erase_body(dir, id, None)? {
+                    erased.push(id);
+                }
+            }
         }
         Ok(erased)
     }
+
+    /// The retention date a new message is indexed under: its own, or else its case's
+    /// as known now (checked again when it passes: a later request may extend it).
+    fn retention_of(&self, own: Option<Date>, case: CaseRef) -> Result<Option<Date>, NodeError> {
+        match own {
+            Some(until) => Ok(Some(until)),
+            None => self.case_retain_until(case),
+        }
+    }
+
+    /// The latest `retain_until` of the messages of `case` that carry one, as this node
+    /// knows them; `None` when none does.
+    fn case_retain_until(&self, case: CaseRef) -> Result<Option<Date>, NodeError> {
+        let mut latest = None;
+        for item in self.trees[CASES].scan_prefix(case.as_bytes()) {
+            let (key, value) = item.map_err(store_err)?;
+            let id = case_key_id(&key)?;
+            let until = if value.first() == Some(&DIR_SENT) {
+                self.out_rec(id)?.and_then(|r| r.retain_until)
+            } else {
+                self.inbox_rec_by_mid(id)?.and_then(|r| r.retain_until)
+            };
+            if let Some(until) = until {
+                let until = Date::parse(&until)
+                    .map_err(|_| NodeError::Store("corrupt retain_until".into()))?;
+                latest = latest.max(Some(until));
+            }
+        }
+        Ok(latest)
+    }
+
+    /// What retention needs to know of message `id` in direction `dir`; `None` when it
+    /// is gone, or its body was erased already.
+    fn kept(&self, dir: u8, id: MessageId) -> Result<Option<Kept>, NodeError> {
+        let (case_ref, own_retention, settled) = if dir == DIR_SENT {
+            match self.out_rec(id)? {
+                Some(r) if !r.body_erased => (
+                    r.case_ref,
+                    r.retain_until.is_some(),
+                    matches!(r.state, OutboxState::Delivered | OutboxState::Failed),
+                ),
+                _ => return Ok(None),
+            }
+        } else {
+            match self.inbox_rec_by_mid(id)? {
+                Some(r) if !r.body_erased => (r.case_ref, r.retain_until.is_some(), true),
+                _ => return Ok(None),
+            }
+        };
+        let case_ref =
+            CaseRef::parse(&case_ref).map_err(|_| NodeError::Store("corrupt case_ref".into()))?;
+        Ok(Some(Kept {
+            case_ref,
+            own_retention,
+            settled,
+        }))
+    }
+
+    /// Replaces the retention key `old` (none when empty) with `new` (none: dropped).
+    fn rekey_retention(&self, old: &[u8], new: Option<Vec<u8>>) -> Result<(), NodeError> {
+        self.tx(|t| {
+            if !old.is_empty() {
+                t[RETENTION].remove(old)?;
+            }
+            if let Some(new) = &new {
+                t[RETENTION].insert(new.as_slice(), &[][..])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Erases the body of message `id` (direction `dir`) and drops its retention key
+    /// `key`, if given; whether a body was erased now. A queued message of ours is
+    /// never submitted after that: it fails with outcome `erased`.
+    fn erase_body(&self, dir: u8, id: MessageId, key: Option<&[u8]>) -> Result<bool, NodeError> {
+        self.tx(|t| {
+            if let Some(key) = key {
+                t[RETENTION].remove(key)?;
+            }
+            if dir == DIR_SENT {
+                let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())? else {
+                    return Ok(false);
+                };
+                if rec.body_erased {
+                    return Ok(false);
+                }
+                rec.body_erased = true;
+                if rec.state == OutboxState::Queued {
+                    // Never submitted and now it cannot be.
+                    rec.state = OutboxState::Failed;
+                    rec.failure = Some(Failure {
+                        outcome: "erased".into(),
+                        reason_code: "BODY_ERASED".into(),
+                        field_path: String::new(),
+                    });
+                    t_move_state(t, &rec, OutboxState::Queued)?;
+                }
+                tput(&t[OUTBOX], id.as_bytes(), &rec)?;
+                t[OUT_BODY].remove(&id.as_bytes()[..])?;
+                return Ok(true);
+            }
+            let Some(seq) = t[INBOX_MID].get(id.as_bytes())? else {
+                return Ok(false);
+            };
+            let Some(mut rec) = tget::<InRec>(&t[INBOX], &seq)? else {
+                return Ok(false);
+            };
+            if rec.body_erased {
+                return Ok(false);
+            }
+            rec.body_erased = true;
+            tput(&t[INBOX], &seq, &rec)?;
+            t[IN_BODY].remove(&seq)?;
+            Ok(true)
+        })
+    }
+}
+
+/// What [`Store::erase_expired`] needs to know of a message whose body is kept
+/// ([`Store::kept`]).
+struct Kept {
+    /// Its case.
+    case_ref: CaseRef,
+    /// It carries its own `retain_until`.
+    own_retention: bool,
+    /// Ours has arrived or failed; received ones always are.
+    settled: bool,
 }
 
 /// Decodes a stored body (always protobuf).

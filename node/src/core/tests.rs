@@ -737,6 +737,126 @@ async fn retention_erases_bodies_and_keeps_metadata() {
     assert_eq!(f.nl.run_retention().await.unwrap(), 0);
 }
 
+/// `transfer`, and the sender's delivery receipt.
+async fn deliver(from: &NodeCore, to: &NodeCore, id: MessageId) {
+    transfer(from, to, id).await;
+    from.inner.store.mark_submitted(id, 1).unwrap();
+    let me = from.inner.config.participant.to_string();
+    apply(from, receipt_envelope(&me, id, pb::Outcome::Delivered, "")).await;
+}
+
+/// Which of `ids` (on `node`) still have their body.
+async fn bodies_kept(node: &NodeCore, ids: &[MessageId]) -> Vec<MessageId> {
+    let mut kept = Vec::new();
+    for &id in ids {
+        let erased = match node.message(id).await.unwrap().unwrap() {
+            MessageView::Outbox(e, body) => e.body_erased && body.is_none(),
+            MessageView::Inbox(e, body) => e.body_erased && body.is_none(),
+        };
+        if !erased {
+            kept.push(id);
+        }
+    }
+    kept
+}
+
+/// The answers and follow-ups of a case (about the same person) are erased when the
+/// case's retention ends, on both sides: the latest `retain_until` of its requests.
+/// A later request that extends it keeps them until its own date; a message of ours
+/// still on its way is erased once it has arrived.
+#[tokio::test]
+async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
+    let f = fixture().await;
+    let in_case = |key: &str, to: &str, body: Body, case: CaseRef, reply: Option<MessageId>| {
+        let mut req = request(key, to, body);
+        req.case_ref = Some(case);
+        req.in_reply_to = reply;
+        req
+    };
+    // case A: a referral (kept until 2032-12-31), its answer and a follow-up
+    let a =
+        f.nl.send(request("a-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    deliver(&f.nl, &f.be, a.message_id).await;
+    let a_answer =
+        f.be.send(in_case(
+            "a-2",
+            "NL-NRM",
+            response(),
+            a.case_ref,
+            Some(a.message_id),
+        ))
+        .await
+        .unwrap();
+    deliver(&f.be, &f.nl, a_answer.message_id).await;
+    let a_news =
+        f.be.send(in_case("a-3", "NL-NRM", follow_up(), a.case_ref, None))
+            .await
+            .unwrap();
+    deliver(&f.be, &f.nl, a_news.message_id).await;
+    // ours, still queued when the case's retention ends
+    let a_late =
+        f.nl.send(in_case("a-4", "BE-PAYOKE", follow_up(), a.case_ref, None))
+            .await
+            .unwrap();
+    // case B: the same, and a request that keeps the case until 2034-12-31
+    let b =
+        f.nl.send(request("b-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    deliver(&f.nl, &f.be, b.message_id).await;
+    let b_news =
+        f.be.send(in_case("b-2", "NL-NRM", follow_up(), b.case_ref, None))
+            .await
+            .unwrap();
+    deliver(&f.be, &f.nl, b_news.message_id).await;
+    let longer = body(
+        Kind::ReturnRiskAssessmentRequest,
+        &include_str!("../../../proto/examples/04-return-risk-assessment-request.json")
+            .replace("2032-12-31", "2034-12-31"),
+    );
+    let b_request =
+        f.nl.send(in_case("b-3", "BE-PAYOKE", longer, b.case_ref, None))
+            .await
+            .unwrap();
+    deliver(&f.nl, &f.be, b_request.message_id).await;
+
+    let case_a = [a.message_id, a_answer.message_id, a_news.message_id];
+    let case_b = [b.message_id, b_news.message_id, b_request.message_id];
+    f.clock.advance(DAY * 365 * 6 + DAY * 40); // into 2033
+    f.nl.run_retention().await.unwrap();
+    f.be.run_retention().await.unwrap();
+    for node in [&f.nl, &f.be] {
+        assert_eq!(bodies_kept(node, &case_a).await, [], "case A ended");
+        assert_eq!(
+            bodies_kept(node, &case_b).await,
+            [b_news.message_id, b_request.message_id],
+            "case B goes on until 2034-12-31, but the referral's own date passed"
+        );
+    }
+    assert_eq!(
+        bodies_kept(&f.nl, &[a_late.message_id]).await,
+        [a_late.message_id],
+        "on its way"
+    );
+    // it arrives; the next day's run erases it
+    deliver(&f.nl, &f.be, a_late.message_id).await;
+    f.clock.advance(DAY);
+    assert_eq!(f.nl.run_retention().await.unwrap(), 1);
+    assert_eq!(bodies_kept(&f.nl, &[a_late.message_id]).await, []);
+    // and what arrives in an ended case goes at the next run
+    assert_eq!(f.be.run_retention().await.unwrap(), 1);
+    assert_eq!(bodies_kept(&f.be, &[a_late.message_id]).await, []);
+
+    f.clock.advance(DAY * 365 * 2); // into 2035
+    f.nl.run_retention().await.unwrap();
+    f.be.run_retention().await.unwrap();
+    for node in [&f.nl, &f.be] {
+        assert_eq!(bodies_kept(node, &case_b).await, [], "case B ended");
+    }
+}
+
 /// A wall clock set years ahead while the node runs (a mistyped date)
 /// erases no body before its retention date; restarting the node is what
 /// accepts the new time.
