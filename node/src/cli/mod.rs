@@ -140,8 +140,9 @@ pub struct SendArgs {
     /// Deliver before normal messages (children, imminent return, safety risk).
     #[arg(long)]
     pub urgent: bool,
-    /// Idempotency key (default: derived from the file, recipient, kind and
-    /// case, so that re-running the same command does not send twice).
+    /// Idempotency key (default: derived from the file, recipient, kind, case,
+    /// --reply-to and --urgent, so that re-running the same command does not send
+    /// twice).
     #[arg(long, value_name = "KEY")]
     pub key: Option<String>,
     /// The document, in the proto3 JSON mapping of the kind's message.
@@ -861,7 +862,7 @@ fn prepare_send(args: &SendArgs) -> Result<pb::SendRequest, CliError> {
     let case = args.case.clone().unwrap_or_default();
     let key = match &args.key {
         Some(key) => key.clone(),
-        None => default_idempotency_key(&bytes, &args.to, args.kind, &case, args.new_case),
+        None => default_idempotency_key(&bytes, args),
     };
     Ok(pb::SendRequest {
         kind: args.kind.to_pb() as i32,
@@ -880,18 +881,27 @@ fn prepare_send(args: &SendArgs) -> Result<pb::SendRequest, CliError> {
     })
 }
 
-/// `cli:` + hex SHA-256 of (recipient, kind, case, file content): the same
-/// command run twice queues once.
-pub fn default_idempotency_key(
-    content: &[u8],
-    recipient: &str,
-    kind: Kind,
-    case: &str,
-    new_case: bool,
-) -> String {
-    let case = if new_case { "new-case" } else { case };
-    let mut input = Vec::with_capacity(content.len() + 128);
-    for part in ["trmx-cli-send-v1", recipient, kind.name(), case] {
+/// `cli:` + hex SHA-256 of (recipient, kind, case, the message answered, priority, file
+/// content): the same command run twice queues once, and a command that differs in any
+/// of them is another message (the same file answering a second request, or sent again
+/// as urgent).
+pub fn default_idempotency_key(content: &[u8], args: &SendArgs) -> String {
+    let case = match (&args.case, args.new_case) {
+        (_, true) => "new-case",
+        (Some(case), false) => case.as_str(),
+        (None, false) => "",
+    };
+    let reply_to = args.reply_to.as_deref().unwrap_or("");
+    let priority = if args.urgent { "urgent" } else { "normal" };
+    let mut input = Vec::with_capacity(content.len() + 192);
+    for part in [
+        "trmx-cli-send-v2",
+        &args.to,
+        args.kind.name(),
+        case,
+        reply_to,
+        priority,
+    ] {
         input.extend_from_slice(part.as_bytes());
         input.push(0);
     }

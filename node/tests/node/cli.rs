@@ -487,3 +487,42 @@ async fn send_again_says_what_became_of_the_first_message() {
     assert!(line.contains("--key"), "{line}");
     node.stop().await.expect("stop");
 }
+
+/// The same file sent again as urgent is another message, not a conflict with the first
+/// one's default key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_file_sent_again_as_urgent_is_another_message() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8").to_owned();
+    let file = sandbox.write("referral.json", REFERRAL_JSON);
+    let file = file.to_str().expect("utf-8");
+    let send = |urgent: bool| {
+        let mut args = vec![
+            "--socket",
+            &socket,
+            "send",
+            "--to",
+            "BE-PAYOKE",
+            "--kind",
+            "referral",
+            "--new-case",
+        ];
+        if urgent {
+            args.push("--urgent");
+        }
+        args.push(file);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let first = run_async(send(false)).await;
+    assert!(first.status.success(), "stderr: {}", stderr(&first));
+    let urgent = run_async(send(true)).await;
+    assert!(urgent.status.success(), "stderr: {}", stderr(&urgent));
+    assert!(
+        stderr(&urgent).contains("queued in case"),
+        "{}",
+        stderr(&urgent)
+    );
+    assert_ne!(stdout(&first), stdout(&urgent), "two messages");
+    node.stop().await.expect("stop");
+}
