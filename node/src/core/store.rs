@@ -74,7 +74,8 @@ const DUE: usize = 12;
 const RETENTION: usize = 13;
 const SUBMITTED: usize = 14;
 const WITHDRAW_PENDING: usize = 15;
-const TREE_NAMES: [&str; 16] = [
+const QUEUED_URGENT: usize = 16;
+const TREE_NAMES: [&str; 17] = [
     "meta",
     "outbox",
     "out_env",
@@ -91,6 +92,7 @@ const TREE_NAMES: [&str; 16] = [
     "retention",
     "submitted",
     "withdraw_pending",
+    "queued_urgent",
 ];
 
 /// `meta` key set once `submitted` holds every `SUBMITTED` entry.
@@ -312,6 +314,7 @@ fn t_move_state(t: &[TransactionalTree], rec: &OutRec, before: OutboxState) -> T
     tadd(&t[META], state_counter(rec.state), 1)?;
     if before == OutboxState::Queued {
         t[QUEUED].remove(&be(rec.seq))?;
+        t[QUEUED_URGENT].remove(&be(rec.seq))?;
     }
     if before == OutboxState::Submitted {
         t[SUBMITTED].remove(submitted_key(rec))?;
@@ -730,6 +733,9 @@ impl Store {
             t[OUT_BODY].insert(&mid.as_bytes()[..], payload.as_slice())?;
             t[OUT_ORDER].insert(&be(seq), &mid.as_bytes()[..])?;
             t[QUEUED].insert(&be(seq), &mid.as_bytes()[..])?;
+            if new.priority == Priority::Urgent {
+                t[QUEUED_URGENT].insert(&be(seq), &mid.as_bytes()[..])?;
+            }
             tput(
                 &t[IDEM],
                 new.idempotency_key.as_bytes(),
@@ -780,9 +786,12 @@ impl Store {
 
     /// Up to `limit` `QUEUED` entries in creation order, with the envelope
     /// to submit (byte-identical each time).
+    /// Urgent ones come first: after an outage, an urgent referral (a child, an
+    /// imminent return) must not wait behind every normal message queued before it.
     pub(crate) fn queued(&self, limit: usize) -> Result<Vec<(MessageId, pb::Envelope)>, NodeError> {
-        let mut out = Vec::new();
-        for item in self.trees[QUEUED].iter() {
+        let mut out: Vec<(MessageId, pb::Envelope)> = Vec::new();
+        let urgent = self.trees[QUEUED_URGENT].iter();
+        for item in urgent.chain(self.trees[QUEUED].iter()) {
             if out.len() >= limit {
                 break;
             }
@@ -790,6 +799,9 @@ impl Store {
             let id = <[u8; 16]>::try_from(mid.as_ref())
                 .map(MessageId::from_bytes)
                 .map_err(|_| NodeError::Store("corrupt queue key".into()))?;
+            if out.iter().any(|(taken, _)| *taken == id) {
+                continue;
+            }
             if let Some(env) = self.envelope(id)? {
                 out.push((id, env));
             }
@@ -1842,6 +1854,43 @@ mod tests {
                 entry.message_id
             })
             .collect()
+    }
+
+    /// After an outage, an urgent message is submitted before the normal ones queued
+    /// before it; the others keep their order, and a submitted one leaves both queues.
+    #[test]
+    fn urgent_messages_are_submitted_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut ids = Vec::new();
+        for (key, priority) in [
+            ("n-1", Priority::Normal),
+            ("n-2", Priority::Normal),
+            ("u-1", Priority::Urgent),
+            ("n-3", Priority::Normal),
+            ("u-2", Priority::Urgent),
+        ] {
+            let (entry, _) = store
+                .enqueue(&NewOutgoing {
+                    priority,
+                    ..outgoing(key)
+                })
+                .unwrap();
+            ids.push(entry.message_id);
+        }
+        let order = |store: &Store, limit| -> Vec<MessageId> {
+            store
+                .queued(limit)
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect()
+        };
+        assert_eq!(order(&store, 3), [ids[2], ids[4], ids[0]]);
+        assert_eq!(order(&store, 10), [ids[2], ids[4], ids[0], ids[1], ids[3]]);
+        store.mark_submitted(ids[2], 2_000).unwrap();
+        store.mark_submitted(ids[0], 2_000).unwrap();
+        assert_eq!(order(&store, 10), [ids[4], ids[1], ids[3]]);
     }
 
     /// The due index forgets only what can never be due again: a request of ours that
