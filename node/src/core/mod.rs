@@ -1464,7 +1464,11 @@ impl std::fmt::Debug for WatchState {
 async fn run_retention(inner: &Arc<Inner>) -> Result<usize, NodeError> {
     let today = Date::of(inner.clock.now());
     let store = inner.store.clone();
+    // (no submit meanwhile: a queued message whose body is erased now fails, and must
+    // not be on its way to the broker with the body read a moment before)
+    let gate = inner.submit_gate.lock().await;
     let erased = inner.blocking(move || store.erase_expired(today)).await?;
+    drop(gate);
     if !erased.is_empty() {
         inner.store.flush_async().await?;
         for id in &erased {

@@ -2227,6 +2227,46 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A retention run waits for a submit in flight: a message whose body it erases is
+    /// either failed before it is sent (never sent) or on the broker (and shown so),
+    /// never failed "erased" while the broker delivers it.
+    #[tokio::test]
+    async fn retention_waits_for_a_submit_in_flight() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let held = broker.submit_hold.lock().await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // the submit is in flight; the referral's retain_until (2032-12-31) passes
+        clock.advance(DAY * 365 * 7);
+        let retention = tokio::spawn({
+            let nl = nl.clone();
+            async move { nl.run_retention().await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!retention.is_finished(), "it waits for the submit");
+        drop(held);
+        assert_eq!(retention.await.unwrap().unwrap(), 1);
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert!(
+            broker
+                .lock()
+                .accepted
+                .contains_key(&sent.message_id.to_string())
+        );
+        assert_eq!(entry.state, OutboxState::Submitted, "{entry:?}");
+        assert!(entry.body_erased);
+        nl.shutdown().await;
+    }
+
     /// A message that expired (or was dead-lettered) before its report arrived is
     /// not called delivered: the broker's own words are passed on.
     #[tokio::test]
