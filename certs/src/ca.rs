@@ -468,7 +468,7 @@ impl Ca {
     pub fn open(dir: &Path) -> Result<Ca, CertError> {
         refuse_no_ca(dir)?;
         let key_path = dir.join("ca.key");
-        let key_pem = read("CA key", &key_path)?;
+        let key_pem = crate::pem::read_secret("CA key", &key_path)?;
         let key_pem = String::from_utf8(key_pem)
             .map_err(|_| CertError::parse("CA key", &key_path, "not UTF-8 PEM"))?;
         let key =

@@ -53,6 +53,20 @@ pub enum CertError {
         /// What is wrong.
         problem: String,
     },
+    /// A private key file that other users may read, or its group change.
+    #[error(
+        "{what} {} has mode {mode:04o}, which lets other users read or change it: `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    KeyExposed {
+        /// What it is, e.g. `CA key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A PEM or DER document could not be parsed.
     #[error("cannot parse {what} {location}: {problem}")]
     Parse {

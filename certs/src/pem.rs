@@ -14,6 +14,30 @@ pub(crate) fn read(what: &str, path: &Path) -> Result<Vec<u8>, CertError> {
     std::fs::read(path).map_err(|e| CertError::io(format!("read {what}"), path, e))
 }
 
+/// Permission bits a private key file may not have: any access by other users, and
+/// write access by the group (as the broker and the nodes refuse them).
+const KEY_MODE_FORBIDDEN: u32 = 0o027;
+
+/// Reads a private key file, refusing one that other users may read or its group
+/// change: the key would not be secret (a copy made with the wrong umask, usually).
+pub(crate) fn read_secret(what: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |e| CertError::io(format!("read {what}"), path, e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mode = file.metadata().map_err(io)?.permissions().mode();
+    if mode & KEY_MODE_FORBIDDEN != 0 {
+        return Err(CertError::KeyExposed {
+            what,
+            path: path.to_path_buf(),
+            mode: mode & 0o7777,
+        });
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io)?;
+    Ok(bytes)
+}
+
 /// Loads every `CERTIFICATE` block of a PEM file (a chain, or a CA bundle).
 ///
 /// A file without any certificate is an error.
@@ -32,9 +56,10 @@ pub fn load_certs_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertE
     Ok(certs)
 }
 
-/// Loads the first private key (PKCS#8, SEC1 or PKCS#1) of a PEM file.
+/// Loads the first private key (PKCS#8, SEC1 or PKCS#1) of a PEM file that other users
+/// may not read ([`read_secret`]).
 pub fn load_key_pem(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
-    let bytes = read("private key", path)?;
+    let bytes = read_secret("private key", path)?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| CertError::parse("private key", path, e))
 }
 

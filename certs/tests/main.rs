@@ -371,6 +371,26 @@ mod ca_files {
         assert_eq!(temporaries(&out), Vec::<String>::new());
     }
 
+    /// A CA key that other users may read is refused before anything is signed with it,
+    /// naming the file and the fix, as a node's or the broker's key is.
+    #[test]
+    fn a_ca_key_other_users_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        Ca::init(&ca_dir, &CaOptions::new("trm.example", "TRM Federation CA")).unwrap();
+        let key = ca_dir.join("ca.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Ca::open(&ca_dir).map(drop).unwrap_err().to_string();
+        assert!(err.contains("mode 0644"), "{err}");
+        assert!(
+            err.contains(&format!("chmod 600 {}", key.display())),
+            "{err}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Ca::open(&ca_dir).unwrap();
+    }
+
     /// The index records a certificate before its files are put in place, so a crash in
     /// between never leaves a certificate in use that the index does not know: when the
     /// index cannot be written (here a directory is in its way), no file is written.
