@@ -1009,6 +1009,14 @@ async fn withdraw_pending(
                 warn!(participant = %me, message_id = %id, reason = status.message(), "the broker could not withdraw a message withdrawn here while it was out of reach: it reached its recipient or failed first, as its receipt will tell");
                 format!("the broker could not withdraw it: {}", status.message())
             }
+            // (asking again would get the same answer, and hold up every submit behind it)
+            Err(status) if is_permanent(status.code()) => {
+                warn!(participant = %me, message_id = %id, code = ?status.code(), reason = status.message(), "the broker refused to withdraw a message withdrawn here while it was out of reach");
+                format!(
+                    "the broker refused the withdrawal: {}",
+                    status_text(&status)
+                )
+            }
             Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
         };
         let store = inner.store.clone();

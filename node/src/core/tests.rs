@@ -2164,6 +2164,51 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A pending withdrawal that the broker refuses for good is recorded as such, and
+    /// does not hold up the messages sent after it.
+    #[tokio::test]
+    async fn a_pending_withdrawal_the_broker_refuses_does_not_hold_up_the_outbox() {
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        broker.lock().lose_submit_answers = true;
+        let first = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("NL saw the lost answer", || async {
+            state_of(&nl, first.message_id)
+                .await
+                .is_some_and(|e| e.submit_attempts > 0)
+        })
+        .await;
+        broker.lock().withdraw_refusal = Some((tonic::Code::Unavailable, "down".into()));
+        assert_eq!(
+            nl.withdraw(first.message_id).await.unwrap(),
+            Withdrawal::BrokerPending
+        );
+        {
+            let mut st = broker.lock();
+            st.withdraw_refusal = Some((tonic::Code::PermissionDenied, "no".into()));
+            st.lose_submit_answers = false;
+        }
+        let second = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the next message is submitted", || async {
+            state_of(&nl, second.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let entry = state_of(&nl, first.message_id).await.unwrap();
+        assert!(
+            entry
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("refused the withdrawal")),
+            "{entry:?}"
+        );
+        nl.shutdown().await;
+    }
+
     /// A submitted message cannot be withdrawn while the broker is out of reach:
     /// only the broker can take it back, so the caller is told to try again.
     #[tokio::test]
