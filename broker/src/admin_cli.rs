@@ -63,8 +63,8 @@ pub enum AdminCommand {
     Messages(MessageFilter),
     /// Expired and dead-lettered messages, oldest first.
     DeadLetters {
-        /// At most this many (default 100, at most 1000).
-        #[arg(long, default_value_t = 0)]
+        /// At most this many: 100 when not given (or 0), never more than 1000.
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
         limit: u32,
         /// Continue an earlier listing (the token it printed).
         #[arg(long)]
@@ -138,8 +138,8 @@ pub struct MessageFilter {
     /// Only messages accepted before this day (YYYY-MM-DD) or instant (RFC 3339).
     #[arg(long)]
     pub until: Option<String>,
-    /// At most this many (default 100, at most 1000).
-    #[arg(long, default_value_t = 0)]
+    /// At most this many: 100 when not given (or 0), never more than 1000.
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
     pub limit: u32,
     /// Continue an earlier search with the same filter (the token it printed).
     #[arg(long)]

@@ -37,7 +37,7 @@ fn the_example_config_loads() {
         Path::new("/var/lib/trmx-node/node.sock")
     );
     let core = config.core_config().expect("core config");
-    assert_eq!(core.broker_addr, "broker.trmx.example:7443");
+    assert_eq!(core.broker_addr, "broker.trm.example.eu:7443");
     assert_eq!(core.max_in_flight, 32);
     assert_eq!(
         core.default_lifetime,
