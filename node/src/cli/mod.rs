@@ -750,8 +750,8 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
             } else {
                 if withdrawn.broker_pending {
                     eprintln!(
-                        "note: an earlier submit of {id} may have reached the broker, which \
-                         cannot be reached now: the node withdraws it there as soon as it can \
+                        "note: the broker cannot be reached now; in case an earlier submit of \
+                         {id} reached it, the node withdraws it there too as soon as it can \
                          (`trmx-node show {id}` tells; a delivery receipt would mean it arrived first)"
                     );
                 }

@@ -250,13 +250,17 @@ pub struct TimelineEntry {
     pub state: String,
 }
 
+/// How long a withdrawal waits for the broker's answer before it takes the broker as
+/// out of reach (submits wait for it meanwhile).
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What [`NodeCore::withdraw`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Withdrawal {
     /// Withdrawn: the recipient will not get it from the broker.
     Done,
-    /// Withdrawn here. An earlier submit may have brought it to the broker, which
-    /// could not be reached: the node withdraws it there as soon as it reaches the
+    /// Withdrawn here; the broker could not be reached, and an earlier submit may have
+    /// brought it there: the node withdraws it there too as soon as it reaches the
     /// broker. If the recipient got it first, its delivery receipt will say so.
     BrokerPending,
 }
@@ -1133,15 +1137,14 @@ impl NodeCore {
     /// Takes back a message that has not been delivered yet. The entry becomes
     /// `FAILED` with outcome `withdrawn`.
     ///
-    /// A message that may have reached the broker is withdrawn there first: a
-    /// submitted one, and a queued one that was sent before (its answer lost on the
-    /// way back, so the broker may hold it). Out of the broker's reach, a submitted
-    /// message cannot be withdrawn (`BrokerUnavailable`); a queued one is withdrawn
-    /// here, and, if it was sent before, on the broker as soon as the node reaches it
-    /// ([`Withdrawal::BrokerPending`]). A message the broker does not hold (it never
-    /// arrived, or the broker lost it) is withdrawn here, and so never sent again.
-    /// While this runs, neither the submit loop nor the outbox check sends the
-    /// message (`submit_gate`).
+    /// It is withdrawn on the broker first, since even a queued message may be there
+    /// (a submit whose answer was lost, or a node killed before it recorded the
+    /// answer). Out of the broker's reach, a submitted message cannot be withdrawn
+    /// (`BrokerUnavailable`); a queued one is withdrawn here, and on the broker as soon
+    /// as the node reaches it ([`Withdrawal::BrokerPending`]). A message the broker
+    /// does not hold (it never arrived, or the broker lost it) is withdrawn here, and
+    /// so never sent again. While this runs, neither the submit loop nor the outbox
+    /// check sends the message (`submit_gate`).
     pub async fn withdraw(&self, id: MessageId) -> Result<Withdrawal, NodeError> {
         let inner = &self.inner;
         let gate = inner.submit_gate.lock().await;
@@ -1156,9 +1159,8 @@ impl NodeCore {
                 None => NodeError::NotFound(id),
             });
         };
-        let never_sent = match entry.state {
-            OutboxState::Queued => entry.submit_attempts == 0,
-            OutboxState::Submitted => false,
+        match entry.state {
+            OutboxState::Queued | OutboxState::Submitted => {}
             OutboxState::Delivered => {
                 return Err(NodeError::FailedPrecondition(format!(
                     "message {id} was already delivered"
@@ -1170,21 +1172,33 @@ impl NodeCore {
                     .as_ref()
                     .is_some_and(|f| f.outcome == "withdrawn") =>
             {
-                return Ok(Withdrawal::Done);
+                let store = inner.store.clone();
+                let pending = inner.blocking(move || store.withdrawal_pending(id)).await?;
+                return Ok(if pending {
+                    Withdrawal::BrokerPending
+                } else {
+                    Withdrawal::Done
+                });
             }
             OutboxState::Failed => {
                 return Err(NodeError::FailedPrecondition(format!(
                     "message {id} has failed already (it was not delivered)"
                 )));
             }
-        };
+        }
+        // (bounded: submits wait for the gate meanwhile)
         let at_broker = match inner.client.clone() {
-            Some(mut client) => client
-                .withdraw(pb::WithdrawRequest {
+            Some(mut client) => {
+                let call = client.withdraw(pb::WithdrawRequest {
                     message_id: id.to_string(),
-                })
-                .await
-                .map(drop),
+                });
+                match tokio::time::timeout(WITHDRAW_TIMEOUT, call).await {
+                    Ok(answer) => answer.map(drop),
+                    Err(_) => Err(tonic::Status::deadline_exceeded(
+                        "the broker did not answer the withdrawal in time",
+                    )),
+                }
+            }
             None => Err(tonic::Status::unavailable("the node runs offline")),
         };
         let how = match at_broker {
@@ -1199,7 +1213,8 @@ impl NodeCore {
                     status.message()
                 )));
             }
-            Err(_) if never_sent => "never sent: withdrawn here",
+            // (queued, yet an earlier submit may have reached the broker: its answer
+            // lost, or the node killed before it recorded the answer)
             Err(status) if entry.state == OutboxState::Queued => {
                 let now = to_millis(inner.clock.now());
                 let store = inner.store.clone();
@@ -1215,13 +1230,13 @@ impl NodeCore {
                 inner.store.flush_async().await?;
                 drop(gate);
                 inner.submit_wake.notify_one();
-                warn!(participant = %inner.config.participant, message_id = %id, error = %link::status_text(&status), "message withdrawn here while the broker is out of reach; an earlier submit may have reached it, so it is withdrawn there as soon as the broker can be reached");
+                warn!(participant = %inner.config.participant, message_id = %id, error = %link::status_text(&status), "message withdrawn here while the broker is out of reach; in case an earlier submit reached it, it is withdrawn there too as soon as the broker can be reached");
                 return Ok(Withdrawal::BrokerPending);
             }
             Err(status) => {
                 return Err(NodeError::BrokerUnavailable(format!(
-                    "message {id} may have reached the broker (it was sent before), so only \
-                     the broker can withdraw it, and it cannot be reached ({}): try again",
+                    "message {id} is on the broker, so only the broker can withdraw it, and it \
+                     cannot be reached ({}): try again",
                     link::status_text(&status)
                 )));
             }

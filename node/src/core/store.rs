@@ -97,6 +97,9 @@ const TREE_NAMES: [&str; 17] = [
 
 /// `meta` key set once `submitted` holds every `SUBMITTED` entry.
 const SUBMITTED_INDEXED: &str = "submitted_indexed";
+/// `meta` key set once a store written before them has `queued_urgent`, and `due` and
+/// `retention` keys for what those indexes lacked ([`Store::index_v2`]).
+const V2_INDEXED: &str = "v2_indexed";
 
 const DIR_SENT: u8 = 1;
 const DIR_RECEIVED: u8 = 2;
@@ -590,7 +593,91 @@ impl Store {
             sync: std::sync::Arc::new(std::sync::Mutex::new(sync)),
         };
         store.index_submitted()?;
+        store.index_v2()?;
         Ok(store)
+    }
+
+    /// Fills, once, what a store written before these indexes lacks (interrupted, it
+    /// runs again at the next open; every step may be done twice):
+    /// - `queued_urgent` with the urgent messages still queued;
+    /// - `due` with every request and follow-up that has a date: a follow-up replaced by
+    ///   another participant's was forgotten under the earlier rule, and may be due
+    ///   again ([`Self::due`] forgets again what can never be due);
+    /// - `retention` with every message kept without a date of its own, under its case's
+    ///   latest date, even a past one: the next run erases it or waits for the case.
+    fn index_v2(&self) -> Result<(), NodeError> {
+        if self.trees[META]
+            .get(V2_INDEXED)
+            .map_err(store_err)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut indexed = 0u64;
+        for item in self.trees[OUTBOX].iter() {
+            let (key, value) = item.map_err(store_err)?;
+            let rec: OutRec = from_json(&value)?;
+            let id = parse_mid(&rec.message_id)?;
+            if rec.state == OutboxState::Queued && rec.priority == priority_name(Priority::Urgent) {
+                self.trees[QUEUED_URGENT]
+                    .insert(be(rec.seq), key)
+                    .map_err(store_err)?;
+            }
+            indexed += self.index_dates(DIR_SENT, id, &rec.case_ref, rec.due.as_deref(), {
+                rec.retain_until.is_none() && !rec.body_erased
+            })?;
+        }
+        for item in self.trees[INBOX].iter() {
+            let (_, value) = item.map_err(store_err)?;
+            let rec: InRec = from_json(&value)?;
+            let id = parse_mid(&rec.message_id)?;
+            indexed += self.index_dates(DIR_RECEIVED, id, &rec.case_ref, rec.due.as_deref(), {
+                rec.retain_until.is_none() && !rec.body_erased
+            })?;
+        }
+        self.trees[META]
+            .insert(V2_INDEXED, &[1])
+            .map_err(store_err)?;
+        self.db.flush().map_err(store_err)?;
+        self.sync_files()?;
+        if indexed > 0 {
+            tracing::info!(
+                entries = indexed,
+                "indexed due dates, retention and urgent messages"
+            );
+        }
+        Ok(())
+    }
+
+    /// [`Self::index_v2`] for one message: its due date, and, when `takes_case_date`, its
+    /// case's retention date. How many keys it wrote.
+    fn index_dates(
+        &self,
+        dir: u8,
+        id: MessageId,
+        case_ref: &str,
+        due: Option<&str>,
+        takes_case_date: bool,
+    ) -> Result<u64, NodeError> {
+        let mut written = 0;
+        if let Some(due) = due {
+            let due = Date::parse(due).map_err(|_| NodeError::Store("corrupt due".into()))?;
+            self.trees[DUE]
+                .insert(due_key(due, id), &[dir])
+                .map_err(store_err)?;
+            written += 1;
+        }
+        if takes_case_date {
+            let case = CaseRef::parse(case_ref)
+                .map_err(|_| NodeError::Store("corrupt case_ref".into()))?;
+            if let Some(until) = self.case_retain_until(case)? {
+                self.trees[RETENTION]
+                    .insert(retention_key(until, dir, id), &[])
+                    .map_err(store_err)?;
+                written += 1;
+            }
+        }
+        Ok(written)
     }
 
     /// Fills `submitted` from the outbox, once, for a store written before
@@ -1045,6 +1132,13 @@ impl Store {
                     .map_err(|_| NodeError::Store("corrupt withdraw_pending key".into()))
             })
             .collect()
+    }
+
+    /// Whether message `id` is still to be withdrawn on the broker.
+    pub(crate) fn withdrawal_pending(&self, id: MessageId) -> Result<bool, NodeError> {
+        self.trees[WITHDRAW_PENDING]
+            .contains_key(id.as_bytes())
+            .map_err(store_err)
     }
 
     /// The broker answered the `Withdraw` of a pending withdrawal: `note` says how.
@@ -2162,6 +2256,142 @@ mod tests {
         assert_eq!(
             store.submitted_before(u64::MAX).unwrap(),
             vec![(ids[2], 4_000)]
+        );
+    }
+
+    // ---- stores written before `index_v2` ------------------------------------
+
+    /// Makes `store` look like one written before [`Store::index_v2`].
+    fn as_before_v2(store: &Store) {
+        store.trees[META].remove(V2_INDEXED).unwrap();
+        store.db.flush().unwrap();
+    }
+
+    /// An urgent message queued by an older node (no `queued_urgent` tree) is still
+    /// submitted first after the upgrade.
+    #[test]
+    fn an_urgent_message_queued_before_the_upgrade_goes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (normal, urgent) = {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let (n, _) = store.enqueue(&outgoing("n-1")).unwrap();
+            let (u, _) = store
+                .enqueue(&NewOutgoing {
+                    priority: Priority::Urgent,
+                    ..outgoing("u-1")
+                })
+                .unwrap();
+            // what a store of an older version looks like
+            store.trees[QUEUED_URGENT].clear().unwrap();
+            as_before_v2(&store);
+            (n.message_id, u.message_id)
+        };
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let order: Vec<MessageId> = store
+            .queued(10)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(order, [urgent, normal], "urgent first after the upgrade");
+    }
+
+    fn incoming(case_ref: CaseRef, kind: Kind, reply: Option<MessageId>) -> Incoming {
+        Incoming {
+            message_id: MessageId::new_v7(),
+            sender: ParticipantId::parse("BE-PAYOKE").unwrap(),
+            kind,
+            case_ref,
+            in_reply_to: reply,
+            priority: Priority::Normal,
+            created_at: 5_000,
+            accepted_at: 5_000,
+            received_at: 5_000,
+            body: vec![1, 2, 3],
+            due: None,
+            retain_until: None,
+        }
+    }
+
+    /// A case whose referral's retention ended while an older node ran (it erased the referral's body only, and indexed no answer by the case's
+    /// date) has its answer erased by the upgraded node.
+    #[test]
+    fn the_answer_of_a_case_that_ended_before_the_upgrade_is_erased() {
+        let dir = tempfile::tempdir().unwrap();
+        let until = Date::parse("2030-01-01").unwrap();
+        let answer = {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let mut referral = outgoing("k-1");
+            referral.retain_until = Some(until);
+            let (referral, _) = store.enqueue(&referral).unwrap();
+            let rid = referral.message_id;
+            store.mark_submitted(rid, 2_000).unwrap();
+            store.apply_receipt(rid, None, 3_000).unwrap();
+            let answer = incoming(referral.case_ref, Kind::ReferralResponse, Some(rid));
+            store.store_incoming(&answer).unwrap();
+            // what the older node wrote: no retention key for the answer...
+            store.trees[RETENTION]
+                .remove(retention_key(until, DIR_RECEIVED, answer.message_id))
+                .unwrap();
+            // ...and what its retention run on 2030-01-02 did: the referral's body only
+            assert!(
+                store
+                    .erase_body(DIR_SENT, rid, Some(&retention_key(until, DIR_SENT, rid)))
+                    .unwrap()
+            );
+            as_before_v2(&store);
+            answer.message_id
+        };
+        // the upgraded node
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        store
+            .erase_expired(Date::parse("2030-02-01").unwrap())
+            .unwrap();
+        let entry = store.inbox_entry(answer).unwrap().unwrap();
+        assert!(
+            entry.body_erased,
+            "the answer of a case whose retention ended keeps its body"
+        );
+    }
+
+    /// A received follow-up that an older node took as replaced by a
+    /// later follow-up of ours (any later follow-up on the case did) was forgotten from
+    /// the due index; under the new rule (only the same sender's next one replaces it)
+    /// it is due, and must be listed after the upgrade.
+    #[test]
+    fn a_follow_up_forgotten_by_an_older_node_is_due_after_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let today = Date::parse("2026-08-01").unwrap();
+        let awaited = {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let case = CaseRef::new_random();
+            let mut from_be = incoming(case, Kind::FollowUp, None);
+            from_be.due = Some(Date::parse("2026-07-20").unwrap());
+            store.store_incoming(&from_be).unwrap();
+            // our own follow-up to NG on the case, later, delivered
+            let mut ours = outgoing("f-1");
+            ours.kind = Kind::FollowUp;
+            ours.case_ref = case;
+            ours.created_at = 6_000;
+            ours.recipient = ParticipantId::parse("NG-NAPTIP").unwrap();
+            let (ours, _) = store.enqueue(&ours).unwrap();
+            store.mark_submitted(ours.message_id, 7_000).unwrap();
+            store.apply_receipt(ours.message_id, None, 8_000).unwrap();
+            // the older node's due() found BE's follow-up replaced and forgot it
+            store.trees[DUE]
+                .remove(due_key(
+                    Date::parse("2026-07-20").unwrap(),
+                    from_be.message_id,
+                ))
+                .unwrap();
+            as_before_v2(&store);
+            from_be.message_id
+        };
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let due = store.due(today, None, 0).unwrap().entries;
+        assert!(
+            due.iter().any(|d| d.message_id == awaited),
+            "BE's follow-up is due again under the new rule: {due:?}"
         );
     }
 }

@@ -2818,4 +2818,67 @@ mod link {
         nl.shutdown().await;
         be.shutdown().await;
     }
+
+    /// A node killed after the broker accepted a submit but before it recorded the
+    /// answer (submit_attempts still 0, the entry QUEUED) restarts while the broker is
+    /// out of reach. Withdrawing does not say "done" while the broker may hold the
+    /// message (asked again, it still says so); it is withdrawn there once the broker
+    /// is reachable.
+    #[tokio::test]
+    async fn a_withdrawal_after_a_crash_mid_submit_reaches_the_broker() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        // the earlier run: queued, submitted, the broker made it durable, then kill -9
+        let first = NodeCore::start_offline(config(dir.path(), "NL-NRM"), clock.clone())
+            .await
+            .unwrap();
+        let sent = first
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        let envelope = first
+            .inner
+            .store
+            .envelope(sent.message_id)
+            .unwrap()
+            .unwrap();
+        broker.enqueue(envelope, "NL-NRM");
+        first.shutdown().await;
+        drop(first);
+        // restarted while the broker cannot be reached
+        let (down, down_addr) = listener().await;
+        drop(down);
+        let nl = online(dir.path(), "NL-NRM", down_addr, clock).await;
+        assert_eq!(
+            state_of(&nl, sent.message_id)
+                .await
+                .unwrap()
+                .submit_attempts,
+            0
+        );
+        let how = nl.withdraw(sent.message_id).await.unwrap();
+        assert_eq!(how, Withdrawal::BrokerPending);
+        assert_eq!(
+            nl.inner.store.pending_withdrawals(10).unwrap(),
+            [sent.message_id]
+        );
+        assert_eq!(
+            nl.withdraw(sent.message_id).await.unwrap(),
+            Withdrawal::BrokerPending,
+            "asked again"
+        );
+        // the broker comes up: the node withdraws it there
+        let _serving = broker.serve("NL-NRM", TcpListener::bind(down_addr).await.unwrap());
+        until("withdrawn on the broker", || async {
+            broker.lock().withdrawn == [sent.message_id.to_string()]
+        })
+        .await;
+        assert!(nl.inner.store.pending_withdrawals(10).unwrap().is_empty());
+        assert_eq!(
+            nl.withdraw(sent.message_id).await.unwrap(),
+            Withdrawal::Done
+        );
+        nl.shutdown().await;
+    }
 }
