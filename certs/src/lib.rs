@@ -18,9 +18,10 @@
 //!   and demos;
 //! - [`request`] — [`CertRequest`]: an organisation's own key and certificate signing
 //!   request, so that its private key never travels; the CA certifies only its public key;
-//! - [`pem`] — `load_certs_pem`, `load_key_pem`, `load_crls_pem` for rustls, the atomic
-//!   writer used for every file (keys created `0600`), and the pair writer that replaces a
-//!   key and its certificate together;
+//! - [`pem`] — `load_certs_pem`, `load_key_pem`, `load_crls_pem` for rustls,
+//!   `read_key_file` (refuses a key other users may read; the broker and nodes use it too),
+//!   the atomic writer used for every file (keys created `0600`), and the pair writer that
+//!   replaces a key and its certificate together;
 //! - [`error`] — [`CertError`], the crate's one error type (one-line messages).
 //!
 //! The `trmx-certs` binary (`src/main.rs`) is a thin clap front end over [`Ca`].
@@ -44,7 +45,9 @@ pub use error::CertError;
 pub use federation::Federation;
 pub use identity::{Identity, Role, validate_name, validate_participant_id, validate_trust_domain};
 pub use info::CertInfo;
-pub use pem::{load_certs_pem, load_crls_pem, load_key_pem};
+pub use pem::{
+    KEY_MODE_FORBIDDEN, KeyFile, load_certs_pem, load_crls_pem, load_key_pem, read_key_file,
+};
 pub use request::{CertRequest, RequestPaths, key_fingerprint};
 
 /// RFC 3339 in UTC, seconds precision (`2025-03-01T12:00:00Z`).

@@ -15,27 +15,49 @@ pub(crate) fn read(what: &str, path: &Path) -> Result<Vec<u8>, CertError> {
 }
 
 /// Permission bits a private key file may not have: any access by other users, and
-/// write access by the group (as the broker and the nodes refuse them).
-const KEY_MODE_FORBIDDEN: u32 = 0o027;
+/// write access by the group. A group may read it (`0640`, a key kept by root for a
+/// service's group); `0600` is what this crate writes.
+pub const KEY_MODE_FORBIDDEN: u32 = 0o027;
 
-/// Reads a private key file, refusing one that other users may read or its group
-/// change: the key would not be secret (a copy made with the wrong umask, usually).
-pub(crate) fn read_secret(what: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
+/// A private key file as read by [`read_key_file`].
+#[derive(Debug)]
+pub enum KeyFile {
+    /// Its contents.
+    Read(Vec<u8>),
+    /// Other users may read it, or its group change it ([`KEY_MODE_FORBIDDEN`]): it was
+    /// not read. `mode` holds its permission bits.
+    Exposed {
+        /// The permission bits.
+        mode: u32,
+    },
+}
+
+/// Reads a private key file unless other users may read it or its group change it: the
+/// key would not be secret (a copy made with the wrong umask, usually). The mode is the
+/// one of the file read, not of whatever the path names a moment later.
+pub fn read_key_file(path: &Path) -> std::io::Result<KeyFile> {
     use std::io::Read as _;
     use std::os::unix::fs::PermissionsExt as _;
-    let io = |e| CertError::io(format!("read {what}"), path, e);
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mode = file.metadata().map_err(io)?.permissions().mode();
+    let mut file = std::fs::File::open(path)?;
+    let mode = file.metadata()?.permissions().mode() & 0o7777;
     if mode & KEY_MODE_FORBIDDEN != 0 {
-        return Err(CertError::KeyExposed {
-            what,
-            path: path.to_path_buf(),
-            mode: mode & 0o7777,
-        });
+        return Ok(KeyFile::Exposed { mode });
     }
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(io)?;
-    Ok(bytes)
+    file.read_to_end(&mut bytes)?;
+    Ok(KeyFile::Read(bytes))
+}
+
+/// [`read_key_file`], with this crate's errors.
+pub(crate) fn read_secret(what: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
+    match read_key_file(path).map_err(|e| CertError::io(format!("read {what}"), path, e))? {
+        KeyFile::Read(bytes) => Ok(bytes),
+        KeyFile::Exposed { mode } => Err(CertError::KeyExposed {
+            what,
+            path: path.to_path_buf(),
+            mode,
+        }),
+    }
 }
 
 /// Loads every `CERTIFICATE` block of a PEM file (a chain, or a CA bundle).

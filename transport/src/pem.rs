@@ -45,39 +45,29 @@ pub(crate) fn certs(
     Ok(certs)
 }
 
-/// Permission bits a private key file may not have: any access by other users, and
-/// write access by the group. A group may read it (`0640`, a key kept by root for a
-/// service's group); `0600` is what trmx-certs writes.
-const KEY_MODE_FORBIDDEN: u32 = 0o027;
-
 /// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1). A file that other
-/// users may read (or its group write) is refused: the key would not be secret, and a
-/// copy made with the wrong umask is the usual cause.
+/// users may read (or its group write) is refused ([`trmx_certs::read_key_file`]): the
+/// key would not be secret, and a copy made with the wrong umask is the usual cause.
 pub(crate) fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
-    use std::io::Read as _;
-    use std::os::unix::fs::PermissionsExt as _;
-    let read_error = |error| TransportError::Read {
+    let read = trmx_certs::read_key_file(path).map_err(|error| TransportError::Read {
         file: TlsFile::Key,
         path: path.to_owned(),
         error,
+    })?;
+    let bytes = match read {
+        trmx_certs::KeyFile::Read(bytes) => bytes,
+        trmx_certs::KeyFile::Exposed { mode } => {
+            return Err(TransportError::Invalid {
+                file: TlsFile::Key,
+                path: path.to_owned(),
+                reason: format!(
+                    "mode {mode:04o} lets other users read or change it: `chmod 600 {}` (the \
+                     service's user must own it)",
+                    path.display()
+                ),
+            });
+        }
     };
-    let mut file = std::fs::File::open(path).map_err(read_error)?;
-    // (the mode of the file read, not of whatever the path names a moment later)
-    let mode = file.metadata().map_err(read_error)?.permissions().mode();
-    if mode & KEY_MODE_FORBIDDEN != 0 {
-        return Err(TransportError::Invalid {
-            file: TlsFile::Key,
-            path: path.to_owned(),
-            reason: format!(
-                "mode {:04o} lets other users read or change it: `chmod 600 {}` (the \
-                 service's user must own it)",
-                mode & 0o7777,
-                path.display()
-            ),
-        });
-    }
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(read_error)?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(pem_error(TlsFile::Key, path))
 }
 

@@ -592,27 +592,28 @@ impl Store {
             trees,
             sync: std::sync::Arc::new(std::sync::Mutex::new(sync)),
         };
-        store.index_submitted()?;
-        store.index_v2()?;
+        store.once(
+            SUBMITTED_INDEXED,
+            "the submitted outbox entries",
+            Self::index_submitted,
+        )?;
+        store.once(
+            V2_INDEXED,
+            "due dates, retention and urgent messages",
+            Self::index_v2,
+        )?;
         Ok(store)
     }
 
-    /// Fills, once, what a store written before these indexes lacks (interrupted, it
-    /// runs again at the next open; every step may be done twice):
+    /// Fills what a store written before these indexes lacks (see [`Self::once`]; every
+    /// step may be done twice):
     /// - `queued_urgent` with the urgent messages still queued;
     /// - `due` with every request and follow-up that has a date: a follow-up replaced by
     ///   another participant's was forgotten under the earlier rule, and may be due
     ///   again ([`Self::due`] forgets again what can never be due);
     /// - `retention` with every message kept without a date of its own, under its case's
     ///   latest date, even a past one: the next run erases it or waits for the case.
-    fn index_v2(&self) -> Result<(), NodeError> {
-        if self.trees[META]
-            .get(V2_INDEXED)
-            .map_err(store_err)?
-            .is_some()
-        {
-            return Ok(());
-        }
+    fn index_v2(&self) -> Result<u64, NodeError> {
         let mut indexed = 0u64;
         for item in self.trees[OUTBOX].iter() {
             let (key, value) = item.map_err(store_err)?;
@@ -635,18 +636,7 @@ impl Store {
                 rec.retain_until.is_none() && !rec.body_erased
             })?;
         }
-        self.trees[META]
-            .insert(V2_INDEXED, &[1])
-            .map_err(store_err)?;
-        self.db.flush().map_err(store_err)?;
-        self.sync_files()?;
-        if indexed > 0 {
-            tracing::info!(
-                entries = indexed,
-                "indexed due dates, retention and urgent messages"
-            );
-        }
-        Ok(())
+        Ok(indexed)
     }
 
     /// [`Self::index_v2`] for one message: its due date, and, when `takes_case_date`, its
@@ -680,17 +670,9 @@ impl Store {
         Ok(written)
     }
 
-    /// Fills `submitted` from the outbox, once, for a store written before
-    /// that index (it is empty then: nothing else writes it before this
-    /// runs). Interrupted, it runs again at the next open.
-    fn index_submitted(&self) -> Result<(), NodeError> {
-        if self.trees[META]
-            .get(SUBMITTED_INDEXED)
-            .map_err(store_err)?
-            .is_some()
-        {
-            return Ok(());
-        }
+    /// Fills `submitted` from the outbox, for a store written before that index (it is
+    /// empty then: nothing else writes it before this runs); see [`Self::once`].
+    fn index_submitted(&self) -> Result<u64, NodeError> {
         let mut indexed = 0u64;
         for item in self.trees[OUTBOX].iter() {
             let (key, value) = item.map_err(store_err)?;
@@ -702,13 +684,27 @@ impl Store {
                 indexed += 1;
             }
         }
-        self.trees[META]
-            .insert(SUBMITTED_INDEXED, &[1])
-            .map_err(store_err)?;
+        Ok(indexed)
+    }
+
+    /// Runs `fill` once for this store: unless the `meta` key `flag` says it ran, then
+    /// sets it, durably. `fill` writes the index keys that a store written before lacks
+    /// and says how many; interrupted, it runs again at the next open.
+    fn once(
+        &self,
+        flag: &str,
+        what: &str,
+        fill: impl FnOnce(&Self) -> Result<u64, NodeError>,
+    ) -> Result<(), NodeError> {
+        if self.trees[META].get(flag).map_err(store_err)?.is_some() {
+            return Ok(());
+        }
+        let indexed = fill(self)?;
+        self.trees[META].insert(flag, &[1]).map_err(store_err)?;
         self.db.flush().map_err(store_err)?;
         self.sync_files()?;
         if indexed > 0 {
-            tracing::info!(entries = indexed, "indexed the submitted outbox entries");
+            tracing::info!(entries = indexed, "indexed {what}");
         }
         Ok(())
     }
