@@ -211,6 +211,74 @@ async fn a_message_sent_to_an_offline_node_arrives_when_that_node_starts() -> Te
     h.shutdown().await
 }
 
+async fn withdraw(api: &mut Api, id: &str) -> anyhow::Result<pb::WithdrawMessageResponse> {
+    Ok(api
+        .withdraw(pb::WithdrawMessageRequest {
+            message_id: id.to_owned(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// A withdrawal through a real broker: a message on the broker is withdrawn there, and
+/// its recipient never gets it; one queued while the broker is down is withdrawn on
+/// the node at once, and on the broker once the node reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_message_never_reaches_its_recipient() -> TestResult {
+    let mut h = Harness::new().await?;
+    h.start_broker().await?;
+    let mut nl = h.start_node(NL).await?;
+
+    let on_broker = send(&mut nl, referral("withdraw-1", BE)).await?;
+    wait_outbox(&nl, &on_broker.message_id, "the broker to accept it", |e| {
+        e.state == pb::OutboxState::Submitted as i32
+    })
+    .await?;
+    let answer = withdraw(&mut nl, &on_broker.message_id).await?;
+    assert!(!answer.broker_pending);
+    let mut nl_exchange = h.exchange(NL)?;
+    let status = broker_status(&mut nl_exchange, &on_broker.message_id).await?;
+    assert_eq!(
+        broker_state(&status),
+        pb::MessageState::Withdrawn,
+        "{status:?}"
+    );
+    let entry = outbox_entry(&mut nl, &on_broker.message_id).await?.unwrap();
+    assert_eq!(state(&entry), pb::OutboxState::Failed);
+    assert_eq!(
+        entry.failure.map(|f| f.outcome).as_deref(),
+        Some("withdrawn")
+    );
+    assert!(
+        !withdraw(&mut nl, &on_broker.message_id)
+            .await?
+            .broker_pending
+    );
+
+    // queued while the broker is down
+    h.stop_broker().await?;
+    let queued = send(&mut nl, referral("withdraw-2", BE)).await?;
+    wait_outbox(&nl, &queued.message_id, "a failed submit attempt", |e| {
+        e.submit_attempts >= 1
+    })
+    .await?;
+    assert!(withdraw(&mut nl, &queued.message_id).await?.broker_pending);
+    h.start_broker().await?;
+    let entry = wait_outbox(&nl, &queued.message_id, "the broker's part done", |e| {
+        e.last_error.contains("the broker never had it")
+    })
+    .await?;
+    assert_eq!(state(&entry), pb::OutboxState::Failed);
+
+    // a message sent after both still goes; the recipient gets only that one
+    let after = send(&mut nl, referral("withdraw-3", BE)).await?;
+    let mut be = h.start_node(BE).await?;
+    wait_received(&be, &after.message_id).await?;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(inbox_ids(&mut be).await?, [after.message_id]);
+    h.shutdown().await
+}
+
 /// Starts `id`'s node as a `trmx-node run` daemon process (through the
 /// `trmx-demo` multi-call binary) with `env`, and connects to its local API.
 async fn start_node_process(
