@@ -5,7 +5,7 @@
 //! acknowledged.
 //!
 //! ```text
-//! cargo run -p trmx-tests --bin trmx-demo            # temp dir, removed afterwards
+//! cargo run -p trmx-tests --bin trmx-demo            # temp dir, removed afterwards (kept if it fails)
 //! cargo run -p trmx-tests --bin trmx-demo -- --dir demo-out --keep
 //! ```
 //!
@@ -34,7 +34,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 #[command(name = "trmx-demo", version)]
 struct Args {
     /// Working directory for certificates, configs, databases and logs
-    /// (default: a new temp dir, removed at the end unless --keep).
+    /// (default: a new temp dir, removed at the end unless --keep or the demo
+    /// failed).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Keep the working directory afterwards (always kept with --dir).
@@ -82,8 +83,12 @@ async fn demo(args: Args) -> anyhow::Result<bool> {
         result = run(&dir) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; every process it started has been stopped")),
     };
+    // (a failed run keeps its temp dir: its logs say why, and the messages name it)
+    let failed = !matches!(result, Ok(true));
     match temp {
-        Some(temp) if args.keep => println!("working files kept in {}", temp.keep().display()),
+        Some(temp) if args.keep || failed => {
+            println!("working files kept in {}", temp.keep().display());
+        }
         Some(temp) => drop(temp),
         None => println!("working files kept in {}", dir.display()),
     }
