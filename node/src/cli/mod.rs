@@ -613,12 +613,11 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                 out.print(&format!("{}\n", response.message_id))?;
                 match earlier {
                     None => eprintln!("{what} queued in case {}", response.case_ref),
-                    Some(entry) if !failed => eprintln!(
+                    Some(entry) => eprintln!(
                         "{what} was sent before with this key, in case {}: {} (nothing new sent)",
                         response.case_ref,
                         format::outbox_state(entry)
                     ),
-                    Some(_) => {}
                 }
             }
             match earlier {
