@@ -1213,6 +1213,12 @@ impl NodeCore {
                     status.message()
                 )));
             }
+            Err(status) if link::is_permanent(status.code()) => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "the broker refused the withdrawal: {}",
+                    link::status_text(&status)
+                )));
+            }
             // (queued, yet an earlier submit may have reached the broker: its answer
             // lost, or the node killed before it recorded the answer)
             Err(status) if entry.state == OutboxState::Queued => {

@@ -2333,6 +2333,17 @@ mod link {
         let text = err.to_string();
         assert!(text.contains("already EXPIRED"), "{text}");
         assert!(!text.contains("delivered"), "{text}");
+        // a refusal for good is not taken for a broker out of reach
+        broker.lock().withdraw_refusal = Some((tonic::Code::PermissionDenied, "no".into()));
+        let err = nl.withdraw(sent.message_id).await.unwrap_err();
+        assert!(
+            matches!(&err, NodeError::FailedPrecondition(m) if m.contains("refused the withdrawal")),
+            "{err:?}"
+        );
+        assert_eq!(
+            state_of(&nl, sent.message_id).await.unwrap().state,
+            OutboxState::Submitted
+        );
         nl.shutdown().await;
     }
 
