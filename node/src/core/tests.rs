@@ -1783,14 +1783,7 @@ mod link {
             nl,
             _serving,
         } = checking().await;
-        let sent = nl
-            .send(request("k-1", "BE-PAYOKE", referral()))
-            .await
-            .unwrap();
-        until("NL submits", || async {
-            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
-        })
-        .await;
+        let sent = submitted_referral(&nl).await;
         // past the referral's handling.retain_until (2032-12-31): body erased
         clock.advance(Duration::from_secs(8 * 365 * 86_400));
         assert_eq!(nl.run_retention().await.unwrap(), 1);
@@ -2082,6 +2075,19 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// Sends a referral to BE-PAYOKE (key `k-1`) and waits until the broker took it.
+    async fn submitted_referral(nl: &NodeCore) -> OutboxEntry {
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the referral is submitted", || async {
+            state_of(nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        sent
+    }
+
     /// The ids the fake broker holds for `recipient`.
     fn queued_at(broker: &FakeBroker, recipient: &str) -> Vec<String> {
         broker
@@ -2214,14 +2220,7 @@ mod link {
     #[tokio::test]
     async fn a_submitted_message_is_not_withdrawn_while_the_broker_is_out_of_reach() {
         let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
-        let sent = nl
-            .send(request("k-1", "BE-PAYOKE", referral()))
-            .await
-            .unwrap();
-        until("submitted", || async {
-            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
-        })
-        .await;
+        let sent = submitted_referral(&nl).await;
         broker.lock().withdraw_refusal = Some((tonic::Code::Unavailable, "down".into()));
         let err = nl.withdraw(sent.message_id).await.unwrap_err();
         assert!(
@@ -2246,14 +2245,7 @@ mod link {
             nl,
             _serving,
         } = checking().await;
-        let sent = nl
-            .send(request("k-1", "BE-PAYOKE", referral()))
-            .await
-            .unwrap();
-        until("NL submits", || async {
-            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
-        })
-        .await;
+        let sent = submitted_referral(&nl).await;
         broker.lose(&sent.message_id.to_string());
         nl.withdraw(sent.message_id).await.unwrap();
         assert_withdrawn(&nl, sent.message_id).await;
@@ -2317,14 +2309,7 @@ mod link {
     #[tokio::test]
     async fn a_withdrawal_the_broker_refuses_says_why() {
         let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
-        let sent = nl
-            .send(request("k-1", "BE-PAYOKE", referral()))
-            .await
-            .unwrap();
-        until("submitted", || async {
-            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
-        })
-        .await;
+        let sent = submitted_referral(&nl).await;
         broker.lock().withdraw_refusal = Some((
             tonic::Code::FailedPrecondition,
             format!("message {} is already EXPIRED", sent.message_id),
@@ -2741,14 +2726,7 @@ mod link {
 
         // the broker's operators raise the limit: the same send now goes
         broker.lock().max_envelope_bytes = 1 << 20;
-        let sent = nl
-            .send(request("k-1", "BE-PAYOKE", referral()))
-            .await
-            .unwrap();
-        until("the referral is submitted", || async {
-            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
-        })
-        .await;
+        let sent = submitted_referral(&nl).await;
         // a retry of a send stored before gets its entry, whatever the limit says now
         broker.lock().max_envelope_bytes = 512;
         let retried = nl
