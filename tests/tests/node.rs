@@ -263,12 +263,14 @@ async fn a_withdrawn_message_never_reaches_its_recipient() -> TestResult {
     })
     .await?;
     assert!(withdraw(&mut nl, &queued.message_id).await?.broker_pending);
+    assert_eq!(node_status(&mut nl).await?.withdrawals_pending, 1);
     h.start_broker().await?;
     let entry = wait_outbox(&nl, &queued.message_id, "the broker's part done", |e| {
         e.last_error.contains("the broker never had it")
     })
     .await?;
     assert_eq!(state(&entry), pb::OutboxState::Failed);
+    assert_eq!(node_status(&mut nl).await?.withdrawals_pending, 0);
 
     // a message sent after both still goes; the recipient gets only that one
     let after = send(&mut nl, referral("withdraw-3", BE)).await?;

@@ -437,5 +437,6 @@ pub(crate) fn node_status(status: NodeStatus) -> pb::NodeStatus {
             .certificate
             .and_then(|c| c.refused)
             .unwrap_or_default(),
+        withdrawals_pending: status.withdrawals_pending,
     }
 }

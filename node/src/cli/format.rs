@@ -405,8 +405,16 @@ pub(crate) fn status(s: &pb::NodeStatus, now: SystemTime) -> String {
             s.certificate_refused
         )
     };
+    let pending = if s.withdrawals_pending == 0 {
+        String::new()
+    } else {
+        format!(
+            ", {} withdrawn here and still to be withdrawn on the broker",
+            s.withdrawals_pending
+        )
+    };
     format!(
-        "participant  {}\nbroker       {}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed\ninbox        {} messages (last seq {})\n",
+        "participant  {}\nbroker       {}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed{pending}\ninbox        {} messages (last seq {})\n",
         s.participant,
         broker,
         certificate,

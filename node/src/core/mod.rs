@@ -366,6 +366,8 @@ pub struct NodeStatus {
     /// The node certificate the next connection to the broker presents; `None` when
     /// it cannot be read.
     pub certificate: Option<CertificateStatus>,
+    /// Messages withdrawn here whose withdrawal on the broker is still to be done.
+    pub withdrawals_pending: u64,
 }
 
 /// The node certificate in [`NodeStatus`].
@@ -1374,6 +1376,7 @@ impl NodeCore {
             // from "now" must not name an entry a crash can take back
             last_inbox_seq: *self.inner.inbox_seq.borrow(),
             certificate: self.inner.certificate_status(),
+            withdrawals_pending: counts.withdrawals_pending,
         }
     }
 

@@ -344,6 +344,7 @@ pub(crate) struct Counts {
     pub(crate) submitted: u64,
     pub(crate) failed: u64,
     pub(crate) inbox: u64,
+    pub(crate) withdrawals_pending: u64,
 }
 
 /// Whether an outbox entry may move from `from` to `to` (DESIGN.md §4).
@@ -747,6 +748,8 @@ impl Store {
             submitted: self.counter("n_submitted")?,
             failed: self.counter("n_failed")?,
             inbox: self.counter("n_inbox")?,
+            // (a handful at most: each waits only for the broker to be reachable)
+            withdrawals_pending: self.trees[WITHDRAW_PENDING].len() as u64,
         })
     }
 

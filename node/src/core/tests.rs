@@ -2141,6 +2141,7 @@ mod link {
             Withdrawal::BrokerPending
         );
         assert_withdrawn(&nl, sent.message_id).await;
+        assert_eq!(nl.status().withdrawals_pending, 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
             queued_at(&broker, "BE-PAYOKE").contains(&sent.message_id.to_string()),
@@ -2153,6 +2154,10 @@ mod link {
         })
         .await;
         assert_eq!(broker.lock().withdrawn, [sent.message_id.to_string()]);
+        until("the status says so", || async {
+            nl.status().withdrawals_pending == 0
+        })
+        .await;
         until("the entry says so", || async {
             state_of(&nl, sent.message_id)
                 .await
