@@ -351,8 +351,24 @@ impl ExchangeService {
                 };
             }
         };
-        // (refusals to retry later: a stored message's retry gets its receipt then)
-        shared.admission.check(caller)?;
+        // Refusals to retry later. A retry of a message stored before asks for nothing
+        // new, so a rate limit or the disk watermark gives it its first receipt all the
+        // same (DESIGN.md §3; §7 refuses "new submits"); a store that cannot write
+        // answers nothing, since its records may not be durable.
+        match shared.admission.check(caller) {
+            Ok(()) => {}
+            Err(refusal @ (admission::Refusal::LowDisk | admission::Refusal::Rate { .. })) => {
+                let first = shared
+                    .store
+                    .resubmitted(caller, checked.message_id, fingerprint)
+                    .await;
+                return match shared.stored(first)? {
+                    Some(accepted) => Ok(receipt(checked.message_id, &accepted, true)),
+                    None => Err(refusal.into()),
+                };
+            }
+            Err(refusal) => return Err(refusal.into()),
+        }
 
         let message = NewMessage {
             message_id: checked.message_id,
@@ -492,15 +508,18 @@ impl ExchangeService {
         } else {
             shared.stored(shared.store.ack(caller, &valid, shared.now()).await)?
         };
-        let acknowledged: Vec<MessageId> = valid
-            .iter()
-            .zip(&results)
-            .filter(|(_, r)| **r == store::AckResult::Acknowledged)
-            .map(|(id, _)| *id)
-            .collect();
+        let (mut acknowledged, mut not_found) = (Vec::new(), Vec::new());
+        for (id, result) in valid.iter().zip(&results) {
+            match result {
+                store::AckResult::Acknowledged => acknowledged.push(*id),
+                // (expired, withdrawn or purged while in flight: its stream slot is free)
+                store::AckResult::NotFound => not_found.push(*id),
+            }
+        }
         for kind in self.settled(caller, &acknowledged) {
             shared.metrics.acknowledged(kind);
         }
+        shared.streams.not_in_flight(caller, &not_found);
         let mut results = results.into_iter();
         let outcomes = request
             .message_ids
@@ -568,9 +587,12 @@ impl ExchangeService {
                 info!(reason_code = %request.reason_code, "message rejected by recipient");
                 Ok(pb::RejectResponse {})
             }
-            store::RejectResult::NotFound => Err(BrokerError::NotFound(format!(
-                "message {id} was not delivered to {caller}"
-            ))),
+            store::RejectResult::NotFound => {
+                shared.streams.not_in_flight(caller, &[id]);
+                Err(BrokerError::NotFound(format!(
+                    "message {id} was not delivered to {caller}"
+                )))
+            }
         }
     }
 

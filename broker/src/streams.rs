@@ -222,6 +222,30 @@ impl Streams {
         settled
     }
 
+    /// Removes `ids` from the streams of `participant` after the store said they are
+    /// not in flight to it (an ack or a reject answered `NOT_FOUND`: the message
+    /// expired, was withdrawn or purged meanwhile), so that their slots count against
+    /// `max_in_flight` no longer. Wakes those streams only if one held such an id: a
+    /// client acking unknown ids over and over sets no stream leasing.
+    pub fn not_in_flight(&self, participant: &ParticipantId, ids: &[MessageId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        let Some(entry) = inner.get_mut(participant) else {
+            return;
+        };
+        let mut freed = false;
+        for id in ids {
+            for stream in entry.streams.values_mut() {
+                freed |= stream.in_flight.remove(id).is_some();
+            }
+        }
+        if freed {
+            entry.notify.notify_waiters();
+        }
+    }
+
     /// Removes a withdrawn message from whichever stream holds it.
     pub fn withdrawn(&self, sender: &ParticipantId, id: &MessageId) {
         let mut inner = self.lock();

@@ -1,9 +1,11 @@
 //! The `Exchange` semantics of DESIGN.md §3 over real mutual TLS.
 
 use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
 
 use tonic::Code;
 use trmx_proto::envelope::check_delivery;
+use trmx_proto::time::to_timestamp;
 use trmx_proto::{Kind, MessageId, pb};
 
 use crate::harness::*;
@@ -506,6 +508,81 @@ async fn a_retry_after_its_lifetime_passed_still_gets_the_first_receipt() -> any
         submit(&mut nl, changed).await,
         Code::FailedPrecondition,
         "other content, lifetime passed",
+    );
+    Ok(())
+}
+
+/// DESIGN.md §3: "Idempotent on (sender, message_id): an envelope whose
+/// client-set fields equal the first one's returns the first receipt with
+/// `duplicate = true`". A node whose answer was lost retries; the retry is
+/// not a new submit, so the rate limit (and the disk watermark, §7: "refuses
+/// new submits") should not refuse it. `BrokerStore::resubmitted` says so too
+/// ("a rate limit ... must still get the first receipt").
+#[tokio::test]
+async fn a_retry_at_the_rate_limit_gets_its_first_receipt() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| {
+        c.limits.sender_rate_per_second = 1;
+        c.limits.sender_rate_burst = 1;
+        c.limits.refusal_delay = Duration::from_millis(10);
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    let env = referral("BE-PAYOKE");
+    let first = submit(&mut nl, env.clone()).await?;
+    // the answer was lost: the node sends the same envelope again at once
+    let again = submit(&mut nl, env).await;
+    let again = match again {
+        Ok(receipt) => receipt,
+        Err(status) => panic!(
+            "retry of a stored message refused with {:?}: {}",
+            status.code(),
+            status.message()
+        ),
+    };
+    assert!(again.duplicate);
+    assert_eq!(again.broker_seq, first.broker_seq);
+    Ok(())
+}
+
+/// DESIGN.md §3: "At most `max_in_flight` unacknowledged deliveries per
+/// stream". A delivery whose message expired while in flight is no longer in
+/// flight (EXPIRED, its NDR sent), and the recipient's ack of it is answered
+/// NOT_FOUND; yet it keeps its stream slot until its ack deadline, so the next
+/// message (here an urgent one) waits up to the whole ack timeout.
+#[tokio::test]
+async fn an_expired_delivery_frees_its_stream_slot() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut short = referral("BE-PAYOKE");
+    short.expires_at = Some(to_timestamp(SystemTime::now() + Duration::from_secs(5)));
+    let short_id = short.message_id.clone();
+    submit(&mut nl, short).await?;
+    let mut urgent = referral("BE-PAYOKE");
+    urgent.priority = pb::Priority::Urgent as i32;
+    urgent.created_at = Some(to_timestamp(SystemTime::now()));
+    let urgent_id = urgent.message_id.clone();
+
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), short_id);
+    submit(&mut nl, urgent).await?;
+    // its lifetime ends 6 s later, well inside the 10 s ack timeout
+    t.advance(Duration::from_secs(6));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while state_of(&mut nl, &short_id).await? != pb::MessageState::Expired {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "not expired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // the recipient's node acks it (it had stored it): not in flight any more
+    assert_eq!(
+        ack(&mut be, [&short_id]).await?,
+        vec![pb::AckResult::NotFound]
+    );
+    // nothing is in flight on the stream: the urgent message is due now
+    let delivered = next(&mut stream).await;
+    assert!(
+        delivered.as_ref().is_ok_and(|d| id_of(d) == urgent_id),
+        "urgent message not delivered while the stream holds no message in flight: {delivered:?}"
     );
     Ok(())
 }
