@@ -91,8 +91,9 @@ pub struct StreamHandle {
 }
 
 impl Streams {
-    /// An empty registry. Stream ids start at a value unique to this process
-    /// start (so ids never repeat across restarts on the same store).
+    /// An empty registry. Stream ids count from `first_id`; they may repeat those of
+    /// an earlier run on the same store, since `BrokerStore::recover` releases every
+    /// lease of that run at start.
     pub fn new(max_per_participant: usize, first_id: u64) -> Self {
         Self {
             next_id: AtomicU64::new(first_id),
