@@ -336,19 +336,12 @@ impl ExchangeService {
         let fingerprint = fingerprint(&envelope, caller, checked.priority);
         let expires_at = match self.admissible(&checked, now) {
             Ok(expires_at) => expires_at,
+            // (not a refusal its node would take as final, even if its lifetime has
+            // passed since or its recipient left the registry)
             Err(final_refusal) => {
-                // A retry of a message stored before gets its first receipt
-                // (DESIGN.md §3), not a refusal its node would take as final,
-                // even if its lifetime has passed since or its recipient left
-                // the registry. (A store failure here is UNAVAILABLE: retry.)
-                let first = shared
-                    .store
-                    .resubmitted(caller, checked.message_id, fingerprint)
+                return self
+                    .first_receipt_or(caller, checked.message_id, fingerprint, final_refusal)
                     .await;
-                return match shared.stored(first)? {
-                    Some(accepted) => Ok(receipt(checked.message_id, &accepted, true)),
-                    None => Err(final_refusal.into()),
-                };
             }
         };
         // Refusals to retry later. A retry of a message stored before asks for nothing
@@ -358,14 +351,9 @@ impl ExchangeService {
         match shared.admission.check(caller) {
             Ok(()) => {}
             Err(refusal @ (admission::Refusal::LowDisk | admission::Refusal::Rate { .. })) => {
-                let first = shared
-                    .store
-                    .resubmitted(caller, checked.message_id, fingerprint)
+                return self
+                    .first_receipt_or(caller, checked.message_id, fingerprint, refusal)
                     .await;
-                return match shared.stored(first)? {
-                    Some(accepted) => Ok(receipt(checked.message_id, &accepted, true)),
-                    None => Err(refusal.into()),
-                };
             }
             Err(refusal) => return Err(refusal.into()),
         }
@@ -421,6 +409,24 @@ impl ExchangeService {
             "message accepted"
         );
         Ok(receipt(checked.message_id, &accepted, duplicate))
+    }
+
+    /// The first receipt of `caller`'s message `id` when it is stored with `fingerprint`:
+    /// a retry gets it (DESIGN.md §3) whatever refused a new submit. Else `refusal`. (A
+    /// store failure here is `UNAVAILABLE`: retry.)
+    async fn first_receipt_or(
+        &self,
+        caller: &ParticipantId,
+        id: MessageId,
+        fingerprint: [u8; 32],
+        refusal: impl Into<Refused>,
+    ) -> Result<pb::SubmitReceipt, Refused> {
+        let shared = &self.shared;
+        let first = shared.store.resubmitted(caller, id, fingerprint).await;
+        match shared.stored(first)? {
+            Some(accepted) => Ok(receipt(id, &accepted, true)),
+            None => Err(refusal.into()),
+        }
     }
 
     /// The checks of a new message against the registry and the clock, which
