@@ -809,7 +809,7 @@ async fn run_stream(
         let mut notified = pin!(handle.notify.notified());
         notified.as_mut().enable();
         if *handle.close.borrow() || *shutting_down.borrow() {
-            break 'stream Some(Status::unavailable("the broker is shutting down"));
+            break 'stream Some(closing());
         }
         let now = shared.now();
         let free = shared
@@ -835,8 +835,16 @@ async fn run_stream(
                 for lease in leased {
                     debug!(message_id = %lease.message_id, attempt = lease.attempt, "delivering");
                     let (kind, attempt) = (lease.kind, lease.attempt);
-                    if tx.send(Ok(delivery(lease))).await.is_err() {
-                        break 'stream None;
+                    // A recipient that stops reading blocks this send. A shutdown or
+                    // a closing stream must still end it, so that its leases are
+                    // released as the broker's doing (not failed attempts), and the
+                    // store is not held open past the shutdown.
+                    tokio::select! {
+                        sent = tx.send(Ok(delivery(lease))) => if sent.is_err() {
+                            break 'stream None;
+                        },
+                        Ok(_) = handle.close.wait_for(|closed| *closed) => break 'stream Some(closing()),
+                        Ok(_) = shutting_down.wait_for(|down| *down) => break 'stream Some(closing()),
                     }
                     shared.metrics.delivered(kind, attempt);
                 }
@@ -854,7 +862,9 @@ async fn run_stream(
     };
     // With a status the broker ended the stream; without one the recipient
     // went away, and its unacknowledged deliveries count as failed attempts.
-    let ended_by = if end.is_some() {
+    // During a shutdown the broker closes the connections itself, so a stream
+    // that ends then is never the recipient's failure.
+    let ended_by = if end.is_some() || *shutting_down.borrow() {
         StreamEnd::Broker
     } else {
         StreamEnd::Recipient
@@ -890,6 +900,11 @@ async fn run_stream(
             warn!(%error, "receive stream closed, leases not released (due again after the ack timeout)")
         }
     }
+}
+
+/// How the broker ends a `Receive` stream when it shuts down.
+fn closing() -> Status {
+    Status::unavailable("the broker is shutting down")
 }
 
 /// The envelope a recipient receives.

@@ -179,6 +179,74 @@ async fn shutdown_refuses_new_work_and_ends_streams() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A recipient that stops reading fills its stream until the broker's send
+/// blocks. A shutdown then ends that stream: the broker cut those deliveries
+/// short, so none of them is a failed attempt, even when the recipient goes
+/// away before the shutdown is over (with `max_attempts = 1` a failed attempt
+/// would dead-letter the message).
+#[tokio::test]
+async fn a_shutdown_counts_no_attempt_against_a_stream_blocked_in_a_send() -> anyhow::Result<()> {
+    let mut t = TestBroker::start_with(|c| {
+        c.lifecycle.max_attempts = 1;
+        c.limits.shutdown_grace = Duration::from_millis(500);
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    // more than the stream's channel and both HTTP/2 windows hold
+    let payload = vec![7u8; 60 << 10];
+    let mut ids = Vec::new();
+    for _ in 0..400 {
+        let env = envelope("BE-PAYOKE", Kind::FollowUp, &payload);
+        ids.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    let stream = receive(&mut be, 256).await?;
+    // the stream is never read: wait until the broker stops leasing
+    let mut leased = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = in_flight(&mut nl, &ids).await?;
+        if now > 0 && now == leased {
+            break;
+        }
+        leased = now;
+    }
+    assert!(
+        leased > 0 && leased < ids.len(),
+        "the stream should block part-way, {leased} of {} leased",
+        ids.len()
+    );
+
+    // The recipient gives up during the shutdown's grace period. Its stream
+    // was already ended by the broker, which had stopped waiting on the send.
+    t.broker.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop((stream, be));
+    t.broker.wait_stopped().await?;
+    t.restart().await?;
+    let mut nl = t.client("NL-NRM")?;
+    for id in &ids {
+        assert_eq!(
+            state_of(&mut nl, id).await?,
+            pb::MessageState::Accepted,
+            "{id} after the shutdown"
+        );
+    }
+    Ok(())
+}
+
+/// How many of `ids` are IN_FLIGHT.
+async fn in_flight(client: &mut Client, ids: &[String]) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for id in ids {
+        if state_of(client, id).await? == pb::MessageState::InFlight {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// A wall clock the test sets and a real-time clock that moves with it
 /// (the operating system's two clocks, as [`GuardedClock`] reads them).
 #[derive(Debug, Clone)]
