@@ -1784,14 +1784,19 @@ impl Store {
     }
 
     /// The latest `retain_until` of the messages of `case` that carry one, as this node
-    /// knows them; `None` when none does.
+    /// knows them; `None` when none does. A message of ours that failed (expired,
+    /// refused, withdrawn) does not count: its recipient never had it, so the case's
+    /// other bodies must not outlive the dates the partners know. It keeps its own body
+    /// until its own date.
     fn case_retain_until(&self, case: CaseRef) -> Result<Option<Date>, NodeError> {
         let mut latest = None;
         for item in self.trees[CASES].scan_prefix(case.as_bytes()) {
             let (key, value) = item.map_err(store_err)?;
             let id = case_key_id(&key)?;
             let until = if value.first() == Some(&DIR_SENT) {
-                self.out_rec(id)?.and_then(|r| r.retain_until)
+                self.out_rec(id)?
+                    .filter(|r| r.state != OutboxState::Failed)
+                    .and_then(|r| r.retain_until)
             } else {
                 self.inbox_rec_by_mid(id)?.and_then(|r| r.retain_until)
             };

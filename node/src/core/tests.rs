@@ -857,6 +857,52 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
     }
 }
 
+/// A request of ours that failed (expired, refused, withdrawn) never reached its
+/// recipient, so its date does not extend its case: the case's other bodies go
+/// when the dates the partners know have passed.
+#[tokio::test]
+async fn a_failed_request_does_not_extend_its_cases_retention() {
+    let f = fixture().await;
+    // a referral kept until 2032-12-31, and a follow-up about the same person
+    let referral =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    deliver(&f.nl, &f.be, referral.message_id).await;
+    let mut news = request("k-2", "NL-NRM", follow_up());
+    news.case_ref = Some(referral.case_ref);
+    let news = f.be.send(news).await.unwrap();
+    deliver(&f.be, &f.nl, news.message_id).await;
+    // a request that would keep the case until 2034-12-31 expires on its way
+    let longer = body(
+        Kind::ReturnRiskAssessmentRequest,
+        &include_str!("../../../proto/examples/04-return-risk-assessment-request.json")
+            .replace("2032-12-31", "2034-12-31"),
+    );
+    let mut late = request("k-3", "BE-PAYOKE", longer);
+    late.case_ref = Some(referral.case_ref);
+    let late = f.nl.send(late).await.unwrap();
+    f.nl.inner.store.mark_submitted(late.message_id, 1).unwrap();
+    let effect = apply(
+        &f.nl,
+        receipt_envelope("NL-NRM", late.message_id, pb::Outcome::Expired, "EXPIRED"),
+    )
+    .await;
+    assert_eq!(effect, ReceiptEffect::Moved(OutboxState::Failed));
+
+    f.clock.advance(DAY * 365 * 6 + DAY * 40); // into 2033
+    f.nl.run_retention().await.unwrap();
+    assert_eq!(
+        bodies_kept(
+            &f.nl,
+            &[referral.message_id, news.message_id, late.message_id]
+        )
+        .await,
+        [late.message_id],
+        "the case ended with the referral; the failed request keeps only its own body"
+    );
+}
+
 /// A wall clock set years ahead while the node runs (a mistyped date)
 /// erases no body before its retention date; restarting the node is what
 /// accepts the new time.
