@@ -74,6 +74,9 @@ pub enum AdminCommand {
     Redrive {
         /// The message id.
         id: String,
+        /// The message's sender; needed only when two senders used the id.
+        #[arg(long)]
+        sender: Option<String>,
     },
     /// Remove a waiting message; its sender gets a non-delivery report.
     Purge {
@@ -82,6 +85,9 @@ pub enum AdminCommand {
         /// Why (3 to 500 characters, recorded in the audit log; no personal data).
         #[arg(long)]
         reason: String,
+        /// The message's sender; needed only when two senders used the id.
+        #[arg(long)]
+        sender: Option<String>,
     },
     /// The audit log.
     Audit {
@@ -407,10 +413,11 @@ pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
                 messages_table(&a.messages, &a.next_page_token)
             })
         }
-        AdminCommand::Redrive { id } => {
+        AdminCommand::Redrive { id, sender } => {
             let answer = client
                 .redrive(pb::RedriveRequest {
                     message_id: id.clone(),
+                    sender: sender.clone().unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -422,11 +429,12 @@ pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
                 )
             })
         }
-        AdminCommand::Purge { id, reason } => {
+        AdminCommand::Purge { id, reason, sender } => {
             let answer = client
                 .purge(pb::PurgeRequest {
                     message_id: id.clone(),
                     reason: reason.clone(),
+                    sender: sender.clone().unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

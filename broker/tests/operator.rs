@@ -450,6 +450,7 @@ async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> a
     let refused = op
         .redrive(pb::RedriveRequest {
             message_id: s.rejected.clone(),
+            ..Default::default()
         })
         .await;
     let status = assert_code(
@@ -469,6 +470,7 @@ async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> a
     let refused = op
         .redrive(pb::RedriveRequest {
             message_id: s.in_flight.clone(),
+            ..Default::default()
         })
         .await;
     assert_code(
@@ -479,6 +481,7 @@ async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> a
     let unknown = op
         .redrive(pb::RedriveRequest {
             message_id: trmx_proto::MessageId::new_v7().to_string(),
+            ..Default::default()
         })
         .await;
     assert_code(unknown, Code::NotFound, "redrive of an unknown id");
@@ -486,6 +489,7 @@ async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> a
     let redriven = op
         .redrive(pb::RedriveRequest {
             message_id: s.dead.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -515,6 +519,7 @@ async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> a
     // an expired message can be redriven too
     op.redrive(pb::RedriveRequest {
         message_id: s.expired.clone(),
+        ..Default::default()
     })
     .await?;
     assert_eq!(
@@ -534,6 +539,7 @@ async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> any
             .purge(pb::PurgeRequest {
                 message_id: target.clone(),
                 reason: reason.to_owned(),
+                ..Default::default()
             })
             .await;
         let status = assert_code(refused, Code::InvalidArgument, "purge without a reason");
@@ -552,6 +558,7 @@ async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> any
         .purge(pb::PurgeRequest {
             message_id: target.clone(),
             reason: "misaddressed, sender asked by phone".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -565,6 +572,7 @@ async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> any
         .purge(pb::PurgeRequest {
             message_id: target.clone(),
             reason: "twice".into(),
+            ..Default::default()
         })
         .await;
     assert_code(again, Code::FailedPrecondition, "purge of a purged message");
@@ -572,6 +580,7 @@ async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> any
     op.purge(pb::PurgeRequest {
         message_id: s.in_flight.clone(),
         reason: "duplicate of another referral".into(),
+        ..Default::default()
     })
     .await?;
 
@@ -622,6 +631,50 @@ async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> any
     let text = format!("{records:?}");
     assert!(!text.contains(MARKER));
     t.restart().await?;
+    Ok(())
+}
+
+/// Message ids are unique per sender only. A purge of an id two senders used
+/// changes nothing until the operator names the sender, and then touches only
+/// that sender's message.
+#[tokio::test]
+async fn a_purge_of_an_id_two_senders_used_must_name_the_sender() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut iom = t.client("INT-IOM")?;
+    let ours = marked("BE-PAYOKE", Kind::FollowUp, 1);
+    let mut theirs = marked("BE-PAYOKE", Kind::FollowUp, 2);
+    theirs.message_id = ours.message_id.clone();
+    let id = ours.message_id.clone();
+    submit(&mut nl, ours).await?;
+    submit(&mut iom, theirs).await?;
+
+    let refused = admin(&t, &["purge", &id, "--reason", "misaddressed"]).await?;
+    assert!(!refused.status.success());
+    let said = stderr(&refused);
+    assert!(
+        said.contains("NL-NRM") && said.contains("INT-IOM") && said.contains("sender"),
+        "{said}"
+    );
+    for client in [&mut nl, &mut iom] {
+        assert_eq!(state_of(client, &id).await?, pb::MessageState::Accepted);
+    }
+
+    let purged = admin(
+        &t,
+        &[
+            "purge",
+            &id,
+            "--reason",
+            "misaddressed",
+            "--sender",
+            "INT-IOM",
+        ],
+    )
+    .await?;
+    assert!(purged.status.success(), "{}", stderr(&purged));
+    assert_eq!(state_of(&mut iom, &id).await?, pb::MessageState::Purged);
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::Accepted);
     Ok(())
 }
 
@@ -728,6 +781,7 @@ async fn node_certificates_cannot_use_the_operator_service() -> anyhow::Result<(
         node.purge(pb::PurgeRequest {
             message_id: trmx_proto::MessageId::new_v7().to_string(),
             reason: "because".into(),
+            ..Default::default()
         })
         .await,
         Code::PermissionDenied,

@@ -202,11 +202,17 @@ impl OperatorService {
         })
     }
 
-    /// The one record with message id `id` (the first one, if two senders used it).
-    async fn record(&self, id: MessageId) -> Result<Option<StatusRecord>, BrokerError> {
+    /// The record of `sender`'s message `id`; without a sender, the first one with
+    /// that id (purge and redrive have made sure it is the only one).
+    async fn record(
+        &self,
+        id: MessageId,
+        sender: Option<&ParticipantId>,
+    ) -> Result<Option<StatusRecord>, BrokerError> {
         let shared = &self.shared;
         let filter = SearchFilter {
             message_id: Some(id),
+            sender: sender.cloned(),
             limit: 1,
             ..SearchFilter::default()
         };
@@ -224,11 +230,12 @@ impl OperatorService {
     ) -> Result<pb::RedriveResponse, BrokerError> {
         let shared = &self.shared;
         let id = parse_message_id(&request.message_id)?;
+        let sender = parse_sender(&request.sender)?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
         let result = shared.stored(
             shared
                 .store
-                .operator_redrive(operator, id, self.now())
+                .operator_redrive(operator, id, sender.as_ref(), self.now())
                 .await,
         )?;
         match result {
@@ -240,9 +247,10 @@ impl OperatorService {
                     expires_at: Some(timestamp(accepted.expires_at)),
                 })
             }
-            RedriveResult::NotFound => Err(BrokerError::NotFound(format!("no message {id}"))),
+            RedriveResult::NotFound => Err(not_found(id, sender.as_ref())),
+            RedriveResult::Ambiguous { senders } => Err(ambiguous(id, &senders)),
             RedriveResult::NotRedrivable { state } => {
-                let record = self.record(id).await?;
+                let record = self.record(id, sender.as_ref()).await?;
                 Err(BrokerError::FailedPrecondition(not_redrivable(
                     id,
                     state,
@@ -259,15 +267,21 @@ impl OperatorService {
     ) -> Result<pb::PurgeResponse, BrokerError> {
         let shared = &self.shared;
         let id = parse_message_id(&request.message_id)?;
+        let sender = parse_sender(&request.sender)?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
         let reason = check_reason(&request.reason)?;
         let now = self.now();
-        let result = shared.stored(shared.store.operator_purge(operator, id, reason, now).await)?;
+        let result = shared.stored(
+            shared
+                .store
+                .operator_purge(operator, id, sender.as_ref(), reason, now)
+                .await,
+        )?;
         match result {
             PurgeResult::Purged => {
                 shared.metrics.purged();
                 // free the recipient's stream slot if it was in flight
-                if let Some(record) = self.record(id).await? {
+                if let Some(record) = self.record(id, sender.as_ref()).await? {
                     let settled = shared.streams.settled(&record.recipient, &[id]);
                     for sender in settled.senders {
                         shared.streams.wake(&sender);
@@ -282,7 +296,8 @@ impl OperatorService {
                     purged_at: Some(timestamp(now)),
                 })
             }
-            PurgeResult::NotFound => Err(BrokerError::NotFound(format!("no message {id}"))),
+            PurgeResult::NotFound => Err(not_found(id, sender.as_ref())),
+            PurgeResult::Ambiguous { senders } => Err(ambiguous(id, &senders)),
             PurgeResult::NotPurgeable { state } => Err(BrokerError::FailedPrecondition(format!(
                 "message {id} is {}; only ACCEPTED or IN_FLIGHT messages can be purged",
                 state_name(state)
@@ -457,6 +472,36 @@ fn parse_message_id(value: &str) -> Result<MessageId, BrokerError> {
         return Err(ValidationError::new("message_id", "is required").into());
     }
     MessageId::parse(value).map_err(|e| BrokerError::InvalidArgument(e.within("message_id")))
+}
+
+/// The optional `sender` of a purge or redrive.
+fn parse_sender(value: &str) -> Result<Option<ParticipantId>, BrokerError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    ParticipantId::parse(value)
+        .map(Some)
+        .map_err(|e| BrokerError::InvalidArgument(e.within("sender")))
+}
+
+fn not_found(id: MessageId, sender: Option<&ParticipantId>) -> BrokerError {
+    BrokerError::NotFound(match sender {
+        Some(sender) => format!("no message {id} from {sender}"),
+        None => format!("no message {id}"),
+    })
+}
+
+/// Two senders used `id`: the operator must say which message is meant.
+fn ambiguous(id: MessageId, senders: &[Option<ParticipantId>]) -> BrokerError {
+    let names: Vec<&str> = senders
+        .iter()
+        .map(|s| s.as_ref().map_or("the broker", ParticipantId::as_str))
+        .collect();
+    BrokerError::FailedPrecondition(format!(
+        "{} messages have id {id} (senders: {}); name the sender (field `sender`)",
+        senders.len(),
+        names.join(", ")
+    ))
 }
 
 /// The purge reason, trimmed: 3 to 500 characters.

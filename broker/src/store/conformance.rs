@@ -384,7 +384,7 @@ pub(super) async fn reject_dead_letters_with_ndr<S: BrokerStore>(s: &S, c: &Manu
     assert_eq!(body.attempts, 1);
     // never redrivable
     assert_eq!(
-        s.redrive(m.message_id, now).await.unwrap(),
+        s.redrive(m.message_id, None, now).await.unwrap(),
         RedriveResult::NotRedrivable {
             state: State::DeadLettered
         }
@@ -566,7 +566,7 @@ pub(super) async fn max_attempts_dead_letters_with_ndr<S: BrokerStore>(s: &S, c:
     assert_eq!(got[0].1.reason_code, "MAX_ATTEMPTS");
     assert_eq!(got[0].1.attempts, 3);
     // operator redrive: ACCEPTED again, attempts from scratch
-    let redriven = s.redrive(m.message_id, c.now_millis()).await.unwrap();
+    let redriven = s.redrive(m.message_id, None, c.now_millis()).await.unwrap();
     assert!(matches!(redriven, RedriveResult::Redriven(_)));
     let leased = s
         .lease(&pid(BE), StreamId(1), 10, c.now_millis())
@@ -673,7 +673,7 @@ pub(super) async fn repeated_redrives_stay_within_the_longest_lifetime<S: Broker
         // within the dead-letter retention (1 h): the payload is kept
         c.advance(Duration::from_secs(1800));
         let at = c.now_millis();
-        match s.redrive(m.message_id, at).await.unwrap() {
+        match s.redrive(m.message_id, None, at).await.unwrap() {
             RedriveResult::Redriven(accepted) => {
                 assert!(accepted.expires_at <= at + longest, "round {round}");
                 if round == 1 {
@@ -848,7 +848,9 @@ pub(super) async fn retentions_delete_payload_then_metadata<S: BrokerStore>(
     assert!(!st.payload_kept);
     assert!(!st.redrivable);
     assert_eq!(
-        s.redrive(m.message_id, expired_at + dlr).await.unwrap(),
+        s.redrive(m.message_id, None, expired_at + dlr)
+            .await
+            .unwrap(),
         RedriveResult::NotRedrivable {
             state: State::Expired
         }
@@ -886,20 +888,68 @@ pub(super) async fn retentions_delete_payload_then_metadata<S: BrokerStore>(
     submit_ok(s, &again, expired_at + 10 * mr).await;
 }
 
+/// Message ids are unique per sender only. An operator's purge or redrive acts on one
+/// message: the named sender's, or the only one with the id. Never on another
+/// organisation's message that carries the same id.
+pub(super) async fn operator_actions_name_one_message<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let ours = message(NL, BE, Priority::Normal, 100, now);
+    let mut theirs = message(NG, BE, Priority::Normal, 100, now);
+    theirs.message_id = ours.message_id;
+    submit_ok(s, &ours, now).await;
+    submit_ok(s, &theirs, now).await;
+    let id = ours.message_id;
+    let both = PurgeResult::Ambiguous {
+        senders: vec![Some(pid(NL)), Some(pid(NG))],
+    };
+    assert_eq!(s.purge(id, None, "misaddressed", now).await.unwrap(), both);
+    assert_eq!(
+        s.redrive(id, None, now).await.unwrap(),
+        RedriveResult::Ambiguous {
+            senders: vec![Some(pid(NL)), Some(pid(NG))],
+        }
+    );
+    assert_eq!(
+        s.purge(id, Some(&pid(BE)), "misaddressed", now)
+            .await
+            .unwrap(),
+        PurgeResult::NotFound
+    );
+    for m in [&ours, &theirs] {
+        assert_eq!(state_of(s, m).await, State::Accepted, "nothing changed yet");
+    }
+    assert_eq!(
+        s.purge(id, Some(&pid(NG)), "misaddressed", now)
+            .await
+            .unwrap(),
+        PurgeResult::Purged
+    );
+    assert_eq!(state_of(s, &theirs).await, State::Purged);
+    assert_eq!(state_of(s, &ours).await, State::Accepted);
+    assert_eq!(lease_ids(s, BE, 1, 10, now).await, vec![id]);
+    // only NG has a non-delivery report
+    assert!(receipts(s, NL, now).await.is_empty());
+    assert_eq!(receipts(s, NG, now).await.len(), 1);
+}
+
 pub(super) async fn purge_queues_ndr<S: BrokerStore>(s: &S, c: &ManualClock) {
     let now = c.now_millis();
     let m = message(NL, BE, Priority::Normal, 100, now);
     submit_ok(s, &m, now).await;
     assert_eq!(
-        s.purge(MessageId::new_v7(), "test", now).await.unwrap(),
+        s.purge(MessageId::new_v7(), None, "test", now)
+            .await
+            .unwrap(),
         PurgeResult::NotFound
     );
     assert_eq!(
-        s.purge(m.message_id, "court order 12", now).await.unwrap(),
+        s.purge(m.message_id, None, "court order 12", now)
+            .await
+            .unwrap(),
         PurgeResult::Purged
     );
     assert_eq!(
-        s.purge(m.message_id, "again", now).await.unwrap(),
+        s.purge(m.message_id, None, "again", now).await.unwrap(),
         PurgeResult::NotPurgeable {
             state: State::Purged
         }
@@ -1189,6 +1239,7 @@ mod sled {
         status_only_for_the_sender,
         retentions_delete_payload_then_metadata,
         purge_queues_ndr,
+        operator_actions_name_one_message,
         stats_and_search,
         search_and_dead_letters_page,
         presence_moves_forward_only,

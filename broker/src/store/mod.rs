@@ -220,6 +220,11 @@ pub enum PurgeResult {
         /// The state it is in.
         state: State,
     },
+    /// No sender was named, and more than one sender used this id: nothing changed.
+    Ambiguous {
+        /// The senders of the messages with this id (none for a broker-made one).
+        senders: Vec<Option<ParticipantId>>,
+    },
 }
 
 /// Result of [`BrokerStore::redrive`].
@@ -233,6 +238,11 @@ pub enum RedriveResult {
     NotRedrivable {
         /// The state it is in.
         state: State,
+    },
+    /// No sender was named, and more than one sender used this id: nothing changed.
+    Ambiguous {
+        /// The senders of the messages with this id (none for a broker-made one).
+        senders: Vec<Option<ParticipantId>>,
     },
 }
 
@@ -540,15 +550,26 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
     /// Operator: ACCEPTED / IN_FLIGHT → PURGED, payload deleted, NDR (outcome PURGED) to the sender.
     /// `reason` is the operator's note (kept in the record, never sent to anyone).
+    ///
+    /// Message ids are unique per sender only. With `sender` the message is `sender`'s `id`;
+    /// without, `id` must be one message ([`PurgeResult::Ambiguous`] otherwise), so that an
+    /// operator never acts on another organisation's message that carries the same id.
     async fn purge(
         &self,
         id: MessageId,
+        sender: Option<&ParticipantId>,
         reason: &str,
         now: Millis,
     ) -> Result<PurgeResult, StoreError>;
     /// Operator: EXPIRED, or DEAD_LETTERED by attempts, with the payload kept → ACCEPTED with a fresh
     /// lifetime (as long as the original one) and attempts reset. Never a rejected message.
-    async fn redrive(&self, id: MessageId, now: Millis) -> Result<RedriveResult, StoreError>;
+    /// `sender` as for [`Self::purge`].
+    async fn redrive(
+        &self,
+        id: MessageId,
+        sender: Option<&ParticipantId>,
+        now: Millis,
+    ) -> Result<RedriveResult, StoreError>;
     /// Operator: EXPIRED and DEAD_LETTERED messages still on record, oldest first: at most
     /// `limit` (0 means 100) with a `broker_seq` above `after_seq`.
     async fn dead_letters(
@@ -573,6 +594,7 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         &self,
         operator: &str,
         id: MessageId,
+        sender: Option<&ParticipantId>,
         reason: &str,
         now: Millis,
     ) -> Result<PurgeResult, StoreError>;
@@ -581,6 +603,7 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         &self,
         operator: &str,
         id: MessageId,
+        sender: Option<&ParticipantId>,
         now: Millis,
     ) -> Result<RedriveResult, StoreError>;
     /// Records the presence of each participant in `seen` (one entry per

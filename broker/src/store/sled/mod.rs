@@ -644,15 +644,24 @@ impl BrokerStore for SledStore {
     async fn purge(
         &self,
         id: MessageId,
+        sender: Option<&ParticipantId>,
         reason: &str,
         now: Millis,
     ) -> Result<PurgeResult, StoreError> {
-        let reason = reason.to_owned();
-        self.change(move |tx| tx.purge(id, &reason, now)).await
+        let (sender, reason) = (sender.cloned(), reason.to_owned());
+        self.change(move |tx| tx.purge(id, sender.as_ref(), &reason, now))
+            .await
     }
 
-    async fn redrive(&self, id: MessageId, now: Millis) -> Result<RedriveResult, StoreError> {
-        self.change(move |tx| tx.redrive(id, now)).await
+    async fn redrive(
+        &self,
+        id: MessageId,
+        sender: Option<&ParticipantId>,
+        now: Millis,
+    ) -> Result<RedriveResult, StoreError> {
+        let sender = sender.cloned();
+        self.change(move |tx| tx.redrive(id, sender.as_ref(), now))
+            .await
     }
 
     async fn dead_letters(
@@ -684,10 +693,13 @@ impl BrokerStore for SledStore {
         self.read(Core::audit_verify).await
     }
 
+    // The action's audit record names the id; the lifecycle record the purge or
+    // redrive writes with it names the sender of the message it changed.
     async fn operator_purge(
         &self,
         operator: &str,
         id: MessageId,
+        sender: Option<&ParticipantId>,
         reason: &str,
         now: Millis,
     ) -> Result<PurgeResult, StoreError> {
@@ -696,10 +708,10 @@ impl BrokerStore for SledStore {
             message_id: id,
             reason: reason.to_owned(),
         };
-        let reason = reason.to_owned();
+        let (sender, reason) = (sender.cloned(), reason.to_owned());
         self.change(move |tx| {
             tx.audit(now, AuditEvent::Operator(action.clone()))?;
-            tx.purge(id, &reason, now)
+            tx.purge(id, sender.as_ref(), &reason, now)
         })
         .await
     }
@@ -708,15 +720,17 @@ impl BrokerStore for SledStore {
         &self,
         operator: &str,
         id: MessageId,
+        sender: Option<&ParticipantId>,
         now: Millis,
     ) -> Result<RedriveResult, StoreError> {
         let action = OperatorAction::Redrive {
             operator: operator.to_owned(),
             message_id: id,
         };
+        let sender = sender.cloned();
         self.change(move |tx| {
             tx.audit(now, AuditEvent::Operator(action.clone()))?;
-            tx.redrive(id, now)
+            tx.redrive(id, sender.as_ref(), now)
         })
         .await
     }

@@ -1100,79 +1100,96 @@ impl Tx<'_> {
         }
     }
 
+    /// The one message an operator names: `sender`'s `id`, or without a sender the
+    /// only message with that id. `Err` lists the senders when several used the id.
+    fn operator_target(
+        &self,
+        id: MessageId,
+        sender: Option<&ParticipantId>,
+    ) -> TxResult<Result<Option<Record>, Vec<Option<ParticipantId>>>> {
+        let mut records = self.records_of(id)?;
+        if let Some(sender) = sender {
+            records.retain(|r| r.sender.as_ref() == Some(sender));
+        }
+        Ok(if records.len() > 1 {
+            Err(records.into_iter().map(|r| r.sender).collect())
+        } else {
+            Ok(records.pop())
+        })
+    }
+
     pub(super) fn purge(
         &self,
         id: MessageId,
+        sender: Option<&ParticipantId>,
         reason: &str,
         now: Millis,
     ) -> TxResult<(PurgeResult, Wake)> {
         let tx = self;
-        {
-            let mut result = PurgeResult::NotFound;
-            let mut wake = Wake::new();
-            for old in tx.records_of(id)? {
-                if !old.state.is_active() {
-                    if result == PurgeResult::NotFound {
-                        result = PurgeResult::NotPurgeable { state: old.state };
-                    }
-                    continue;
-                }
-                let mut new = old.clone();
-                finish_without_payload(&mut new, State::Purged, now, self.life);
-                new.reason_code = "PURGED".to_owned();
-                new.note = reason.to_owned();
-                tx.put(Some(&old), Some(&new))?;
-                if let Some(to) = tx.receipt(&new, pb::Outcome::Purged, now)? {
-                    wake.insert(to);
-                }
-                result = PurgeResult::Purged;
-            }
-            Ok((result, wake))
+        let mut wake = Wake::new();
+        let old = match tx.operator_target(id, sender)? {
+            Ok(Some(old)) => old,
+            Ok(None) => return Ok((PurgeResult::NotFound, wake)),
+            Err(senders) => return Ok((PurgeResult::Ambiguous { senders }, wake)),
+        };
+        if !old.state.is_active() {
+            return Ok((PurgeResult::NotPurgeable { state: old.state }, wake));
         }
+        let mut new = old.clone();
+        finish_without_payload(&mut new, State::Purged, now, self.life);
+        new.reason_code = "PURGED".to_owned();
+        new.note = reason.to_owned();
+        tx.put(Some(&old), Some(&new))?;
+        if let Some(to) = tx.receipt(&new, pb::Outcome::Purged, now)? {
+            wake.insert(to);
+        }
+        Ok((PurgeResult::Purged, wake))
     }
 
-    pub(super) fn redrive(&self, id: MessageId, now: Millis) -> TxResult<(RedriveResult, Wake)> {
+    pub(super) fn redrive(
+        &self,
+        id: MessageId,
+        sender: Option<&ParticipantId>,
+        now: Millis,
+    ) -> TxResult<(RedriveResult, Wake)> {
         let tx = self;
-        {
-            let mut result = RedriveResult::NotFound;
-            let mut wake = Wake::new();
-            for old in tx.records_of(id)? {
-                if !old.redrivable() {
-                    if result == RedriveResult::NotFound {
-                        result = RedriveResult::NotRedrivable { state: old.state };
-                    }
-                    continue;
-                }
-                // As long as the first lifetime, taken from its acceptance.
-                // Redriven before, `expires_at` has moved on from that, so
-                // this is longer: capped at the longest lifetime any message
-                // gets, which the nodes' duplicate windows rely on.
-                let lifetime = old
-                    .expires_at
-                    .saturating_sub(old.accepted_at)
-                    .min(after(0, self.life.max_lifetime))
-                    .max(60_000);
-                let mut new = old.clone();
-                new.state = State::Accepted;
-                new.state_changed_at = now;
-                new.attempts = 0;
-                new.expires_at = now.saturating_add(lifetime);
-                new.next_attempt_at = None;
-                new.lease = None;
-                new.reason_code = String::new();
-                new.field_path = String::new();
-                new.payload_delete_at = None;
-                new.metadata_delete_at = None;
-                tx.put(Some(&old), Some(&new))?;
-                wake.insert(new.recipient.clone());
-                result = RedriveResult::Redriven(Accepted {
-                    broker_seq: new.seq,
-                    accepted_at: new.accepted_at,
-                    expires_at: new.expires_at,
-                });
-            }
-            Ok((result, wake))
+        let mut wake = Wake::new();
+        let old = match tx.operator_target(id, sender)? {
+            Ok(Some(old)) => old,
+            Ok(None) => return Ok((RedriveResult::NotFound, wake)),
+            Err(senders) => return Ok((RedriveResult::Ambiguous { senders }, wake)),
+        };
+        if !old.redrivable() {
+            return Ok((RedriveResult::NotRedrivable { state: old.state }, wake));
         }
+        // As long as the first lifetime, taken from its acceptance.
+        // Redriven before, `expires_at` has moved on from that, so
+        // this is longer: capped at the longest lifetime any message
+        // gets, which the nodes' duplicate windows rely on.
+        let lifetime = old
+            .expires_at
+            .saturating_sub(old.accepted_at)
+            .min(after(0, self.life.max_lifetime))
+            .max(60_000);
+        let mut new = old.clone();
+        new.state = State::Accepted;
+        new.state_changed_at = now;
+        new.attempts = 0;
+        new.expires_at = now.saturating_add(lifetime);
+        new.next_attempt_at = None;
+        new.lease = None;
+        new.reason_code = String::new();
+        new.field_path = String::new();
+        new.payload_delete_at = None;
+        new.metadata_delete_at = None;
+        tx.put(Some(&old), Some(&new))?;
+        wake.insert(new.recipient.clone());
+        let accepted = Accepted {
+            broker_seq: new.seq,
+            accepted_at: new.accepted_at,
+            expires_at: new.expires_at,
+        };
+        Ok((RedriveResult::Redriven(accepted), wake))
     }
 }
 
@@ -1266,7 +1283,13 @@ mod tests {
         assert_eq!(status.state, State::Accepted);
         // and the operator can purge it: its sender is told
         let purged = s
-            .operator_purge("night-shift", payload_gone.message_id, "payload lost", NOW)
+            .operator_purge(
+                "night-shift",
+                payload_gone.message_id,
+                None,
+                "payload lost",
+                NOW,
+            )
             .await
             .unwrap();
         assert!(
