@@ -505,10 +505,32 @@ async fn timer_loop(
 ) {
     let interval = config.lifecycle.tick_interval;
     let mut disk_checked = Instant::now();
+    let mut tick_failing = Recurring::default();
+    let mut prune_failing = Recurring::default();
     loop {
         let now = shared.clock.now_millis();
         match shared.stored(shared.store.tick(now).await) {
             Ok(report) => {
+                if tick_failing.ended() {
+                    info!("timers are applied again");
+                }
+                match &report.audit_prune_error {
+                    Some(error) => {
+                        if let Some(repeated) = prune_failing.failed(error) {
+                            error!(
+                                %error,
+                                repeated,
+                                "the audit log's retention cannot run: old audit records are \
+                                 kept (check with `trmx-broker admin audit verify`)"
+                            );
+                        }
+                    }
+                    None => {
+                        if prune_failing.ended() {
+                            info!("the audit log's retention runs again");
+                        }
+                    }
+                }
                 shared.metrics.record_tick(&report);
                 let changed = report.redelivery_due
                     + report.dead_lettered
@@ -534,7 +556,14 @@ async fn timer_loop(
                     }
                 }
             }
-            Err(error) => debug!(%error, "tick failed"),
+            Err(error) => {
+                // Timers applied before the failure are committed, but their
+                // wake-ups were lost with the report: let every stream look.
+                shared.streams.wake_all();
+                if let Some(repeated) = tick_failing.failed(&error.to_string()) {
+                    warn!(%error, repeated, "applying the timers failed (redeliveries, expiry, retention wait)");
+                }
+            }
         }
         if disk_checked.elapsed() >= DISK_CHECK_INTERVAL {
             measure_disk(&config, &shared.admission, &shared.metrics).await;
@@ -558,6 +587,39 @@ async fn timer_loop(
         }
     }
     debug!("timer loop stopped");
+}
+
+/// A failure that may recur on every tick (many a second): logged when it starts
+/// or its text changes, then once per [`RECURRING_REPORT_INTERVAL`] with the count
+/// of failures since the last line.
+#[derive(Debug, Default)]
+struct Recurring {
+    last: Option<(String, Instant)>,
+    unreported: u64,
+}
+
+const RECURRING_REPORT_INTERVAL: Duration = Duration::from_secs(300);
+
+impl Recurring {
+    /// Counts a failure; `Some(failures since the last line)` when a line is due.
+    fn failed(&mut self, error: &str) -> Option<u64> {
+        self.unreported += 1;
+        let due = match &self.last {
+            Some((text, at)) => text != error || at.elapsed() >= RECURRING_REPORT_INTERVAL,
+            None => true,
+        };
+        if !due {
+            return None;
+        }
+        self.last = Some((error.to_owned(), Instant::now()));
+        Some(std::mem::take(&mut self.unreported))
+    }
+
+    /// The failure is over; whether there was one.
+    fn ended(&mut self) -> bool {
+        self.unreported = 0;
+        self.last.take().is_some()
+    }
 }
 
 /// Wakes the streams of every recipient the store reports newly due messages for.
@@ -878,6 +940,29 @@ async fn open_store(
 mod tests {
     use super::*;
     use trmx_proto::ParticipantId;
+
+    /// A failure on every tick is one line, again when its text changes, and
+    /// the line after a pause counts the failures it stands for.
+    #[test]
+    fn a_recurring_failure_is_logged_when_it_starts_or_changes() {
+        let mut failing = Recurring::default();
+        assert_eq!(failing.failed("disk"), Some(1));
+        assert_eq!(failing.failed("disk"), None);
+        assert_eq!(failing.failed("disk"), None);
+        assert_eq!(
+            failing.failed("corrupt"),
+            Some(3),
+            "two unlogged, and this one"
+        );
+        let Some((_, at)) = failing.last.as_mut() else {
+            panic!("no failure recorded")
+        };
+        *at = at.checked_sub(RECURRING_REPORT_INTERVAL).unwrap_or(*at);
+        assert_eq!(failing.failed("corrupt"), Some(1));
+        assert!(failing.ended());
+        assert!(!failing.ended());
+        assert_eq!(failing.failed("corrupt"), Some(1));
+    }
 
     /// Polls `store` until its saved presence is `want` (or fails after 10 s).
     async fn until_saved(store: &dyn BrokerStore, want: &[Presence]) {

@@ -306,6 +306,9 @@ pub struct TickReport {
     pub metadata_deleted: u64,
     /// recipients that have newly due messages (so the service can wake their streams)
     pub woken: Vec<ParticipantId>,
+    /// The audit log's retention could not run (e.g. a damaged record): the timers
+    /// above were applied all the same, and the next tick tries again.
+    pub audit_prune_error: Option<String>,
 }
 
 /// Lifecycle parameters the store applies (from the broker config).
@@ -541,6 +544,8 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         id: MessageId,
     ) -> Result<Option<StatusRecord>, StoreError>;
     /// Applies every timer due at `now` (ack timeouts → redelivery with backoff or dead-letter, expiry, retentions).
+    /// On an error some timers may have been applied already, and their wake-ups not sent:
+    /// the caller wakes every stream.
     async fn tick(&self, now: Millis) -> Result<TickReport, StoreError>;
     /// Earliest instant at which `tick` has something to do (None if nothing pending).
     async fn next_timer(&self) -> Result<Option<Millis>, StoreError>;

@@ -435,6 +435,37 @@ mod tests {
         }
     }
 
+    /// A damaged record stops the audit log's retention, not the timers: the tick
+    /// applies them and reports the failure, and its wake-ups go out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_audit_record_stops_the_audit_retention_not_the_timers() {
+        use crate::store::BrokerStore;
+        use crate::store::conformance::{BE, NL, lease_ids, message, pid, submit_ok};
+        use trmx_proto::envelope::Priority;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), SledOptions::default(), lifecycle()).unwrap();
+        append(&store.inner.core, 1, SEGMENT_RECORDS + 10, 1_000);
+        store.close().await.unwrap();
+        drop(store);
+        // the last record of the first segment no longer decodes
+        let damaged = tamper_audit_record(dir.path(), SEGMENT_RECORDS, |v| v[0] ^= 0xff).unwrap();
+        assert!(damaged);
+
+        let store = SledStore::open(dir.path(), SledOptions::default(), lifecycle()).unwrap();
+        let now = 2_000;
+        let m = message(NL, BE, Priority::Normal, 100, now);
+        submit_ok(&store, &m, now).await;
+        assert_eq!(lease_ids(&store, BE, 1, 1, now).await, vec![m.message_id]);
+        let mut wakeups = store.wakeups();
+        // past the ack deadline and the backoff, and past the audit retention
+        let report = store.tick(now + 100_000).await.unwrap();
+        assert_eq!(report.redelivery_due, 1);
+        assert!(report.audit_prune_error.is_some(), "{report:?}");
+        assert_eq!(wakeups.try_recv().ok(), Some(pid(BE)));
+        store.close().await.unwrap();
+    }
+
     #[test]
     fn blocks_keep_every_record_span_no_segment_and_prune_whole_segments() {
         let dir = tempfile::tempdir().unwrap();

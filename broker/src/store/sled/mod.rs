@@ -619,10 +619,12 @@ impl BrokerStore for SledStore {
     }
 
     async fn tick(&self, now: Millis) -> Result<TickReport, StoreError> {
+        // A failing audit retention must not fail the tick: the timers it applied
+        // are committed, and their wake-ups would be lost with the report.
         self.change_alone(move |core| {
-            let done = core.tick(now)?;
-            core.audit_prune(now)?;
-            Ok(done)
+            let (mut report, wake) = core.tick(now)?;
+            report.audit_prune_error = core.audit_prune(now).err().map(|e| e.to_string());
+            Ok((report, wake))
         })
         .await
     }
