@@ -118,45 +118,82 @@ impl Admission {
     }
 }
 
-/// Per-sender limit on submits being written at once. A sender over it waits
-/// (its request is not refused): the store's group commit then interleaves
-/// every sender's writes instead of serving one sender's burst of hundreds
-/// first, so a burst from one participant costs the others little latency.
+/// Per-sender limits on submits between their admission and their answer.
+///
+/// Slots: at most `per_sender` submits of one sender are written at once. More
+/// wait (they are not refused): the store's group commit then interleaves every
+/// sender's writes instead of serving one sender's burst of hundreds first, so a
+/// burst from one participant costs the others little latency.
+///
+/// Bytes: the envelopes of one sender's waiting and written submits hold at most
+/// `bytes_per_sender` bytes of memory. A submit beyond it is refused at once
+/// ([`Refusal::Waiting`]), so a sender that sends faster than the store writes
+/// cannot fill the broker's memory while its requests wait.
 ///
 /// # Invariants
 /// - At most `per_sender` submits of one sender hold a slot at a time.
+/// - The envelope bytes of one sender's reservations never exceed `bytes_per_sender`.
 /// - The map holds one entry per sender that ever submitted; senders are
 ///   registry participants (others are refused before), so it is bounded.
 #[derive(Debug)]
 pub struct SubmitSlots {
     per_sender: usize,
-    slots: Mutex<HashMap<ParticipantId, Arc<Semaphore>>>,
+    bytes_per_sender: u32,
+    senders: Mutex<HashMap<ParticipantId, SenderSlots>>,
+}
+
+#[derive(Debug, Clone)]
+struct SenderSlots {
+    writing: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
 }
 
 impl SubmitSlots {
-    /// At most `per_sender` (at least 1) concurrent submits per sender.
-    pub fn new(per_sender: usize) -> Self {
+    /// At most `per_sender` (at least 1) concurrent submits per sender, and
+    /// `bytes_per_sender` envelope bytes of its submits in memory.
+    pub fn new(per_sender: usize, bytes_per_sender: u32) -> Self {
         Self {
             per_sender: per_sender.max(1),
-            slots: Mutex::new(HashMap::new()),
+            bytes_per_sender,
+            senders: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn of(&self, sender: &ParticipantId) -> SenderSlots {
+        let mut senders = self
+            .senders
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        senders
+            .entry(sender.clone())
+            .or_insert_with(|| SenderSlots {
+                writing: Arc::new(Semaphore::new(self.per_sender)),
+                bytes: Arc::new(Semaphore::new(self.bytes_per_sender as usize)),
+            })
+            .clone()
+    }
+
+    /// Reserves `bytes` of `sender`'s memory budget until the permit drops;
+    /// [`Refusal::Waiting`] when the budget is spent.
+    pub fn reserve(
+        &self,
+        sender: &ParticipantId,
+        bytes: u64,
+    ) -> Result<OwnedSemaphorePermit, Refusal> {
+        let spent = Refusal::Waiting {
+            limit_bytes: u64::from(self.bytes_per_sender),
+        };
+        let bytes = u32::try_from(bytes).map_err(|_| spent)?;
+        self.of(sender)
+            .bytes
+            .try_acquire_many_owned(bytes)
+            .map_err(|_| spent)
     }
 
     /// Waits for one of `sender`'s slots; it is freed when the permit drops.
     /// (`None` only if the semaphore were closed, which it never is.)
     pub async fn acquire(&self, sender: &ParticipantId) -> Option<OwnedSemaphorePermit> {
-        let semaphore = {
-            let mut slots = self
-                .slots
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner());
-            Arc::clone(
-                slots
-                    .entry(sender.clone())
-                    .or_insert_with(|| Arc::new(Semaphore::new(self.per_sender))),
-            )
-        };
-        semaphore.acquire_owned().await.ok()
+        self.of(sender).writing.acquire_owned().await.ok()
     }
 }
 
@@ -172,6 +209,12 @@ pub enum Refusal {
         /// The configured sustained rate.
         per_second: f64,
     },
+    /// The sender's submits waiting for the store already hold its memory budget
+    /// (`RESOURCE_EXHAUSTED`; see [`SubmitSlots`]).
+    Waiting {
+        /// The configured budget.
+        limit_bytes: u64,
+    },
 }
 
 impl Refusal {
@@ -186,6 +229,10 @@ impl Refusal {
             ),
             Refusal::Rate { per_second } => BrokerError::ResourceExhausted(format!(
                 "submit rate limit of {per_second} messages/s exceeded; retry later"
+            )),
+            Refusal::Waiting { limit_bytes } => BrokerError::ResourceExhausted(format!(
+                "this sender's submits waiting for the store already hold {limit_bytes} bytes \
+                 (limits.max_waiting_submit_bytes_per_sender); retry when they are answered"
             )),
         }
     }
@@ -255,7 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sender_gets_at_most_its_slots_and_others_are_not_held() {
-        let slots = SubmitSlots::new(2);
+        let slots = SubmitSlots::new(2, 1 << 20);
         let nl = id("NL-NRM");
         let first = slots.acquire(&nl).await;
         let second = slots.acquire(&nl).await;
@@ -276,5 +323,23 @@ mod tests {
         // ... and a freed slot lets NL-NRM's next submit in.
         drop(first);
         assert!(tokio::time::timeout(wait, slots.acquire(&nl)).await.is_ok());
+    }
+
+    #[test]
+    fn a_sender_holds_at_most_its_byte_budget_and_others_are_not_held() {
+        let slots = SubmitSlots::new(2, 1000);
+        let nl = id("NL-NRM");
+        let first = slots.reserve(&nl, 600).unwrap();
+        let refused = slots.reserve(&nl, 500).unwrap_err();
+        assert_eq!(refused, Refusal::Waiting { limit_bytes: 1000 });
+        assert_eq!(refused.into_error().code(), tonic::Code::ResourceExhausted);
+        // what is left still fits, and another sender has its own budget
+        let _second = slots.reserve(&nl, 400).unwrap();
+        let _other = slots.reserve(&id("BE-PAYOKE"), 1000).unwrap();
+        // an answered submit gives its bytes back
+        drop(first);
+        assert!(slots.reserve(&nl, 500).is_ok());
+        // an envelope larger than the whole budget never fits
+        assert!(slots.reserve(&id("INT-IOM"), 1001).is_err());
     }
 }

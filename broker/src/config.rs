@@ -185,6 +185,16 @@ pub struct LimitsConfig {
     /// sender's burst cannot fill the store's write batches and delay others.
     #[serde(default = "default_max_concurrent_submits_per_sender")]
     pub max_concurrent_submits_per_sender: u32,
+    /// Envelope bytes of one sender held in memory while its submits wait for their
+    /// turn or for the store. A submit beyond it is refused at once
+    /// (`RESOURCE_EXHAUSTED`, like the rate limit) and its envelope dropped, so a
+    /// sender that sends faster than the store writes cannot fill the broker's
+    /// memory. At least `max_envelope_bytes`.
+    #[serde(
+        default = "default_max_waiting_submit_bytes_per_sender",
+        with = "units::bytes"
+    )]
+    pub max_waiting_submit_bytes_per_sender: u64,
     /// Below this much free space in `data_dir` new submits are refused
     /// (`RESOURCE_EXHAUSTED`) while delivery goes on.
     #[serde(default = "default_min_free_disk_bytes", with = "units::bytes")]
@@ -218,6 +228,7 @@ impl Default for LimitsConfig {
             max_queued_bytes_per_sender: default_max_queued_bytes_per_sender(),
             refusal_delay: default_refusal_delay(),
             max_concurrent_submits_per_sender: default_max_concurrent_submits_per_sender(),
+            max_waiting_submit_bytes_per_sender: default_max_waiting_submit_bytes_per_sender(),
             min_free_disk_bytes: default_min_free_disk_bytes(),
             shutdown_grace: default_shutdown_grace(),
         }
@@ -399,6 +410,9 @@ fn default_min_free_disk_bytes() -> u64 {
 }
 fn default_max_concurrent_submits_per_sender() -> u32 {
     16
+}
+fn default_max_waiting_submit_bytes_per_sender() -> u64 {
+    64 << 20
 }
 fn default_refusal_delay() -> Duration {
     Duration::from_millis(250)
@@ -604,6 +618,21 @@ impl BrokerConfig {
             "limits.max_concurrent_submits_per_sender",
             u64::from(l.max_concurrent_submits_per_sender),
             1024,
+        )?;
+        if l.max_waiting_submit_bytes_per_sender < l.max_envelope_bytes {
+            return Err(BrokerError::config(
+                "limits.max_waiting_submit_bytes_per_sender",
+                format!(
+                    "must be at least limits.max_envelope_bytes ({}), or no envelope of that \
+                     size is ever accepted; got {}",
+                    l.max_envelope_bytes, l.max_waiting_submit_bytes_per_sender
+                ),
+            ));
+        }
+        at_most(
+            "limits.max_waiting_submit_bytes_per_sender",
+            l.max_waiting_submit_bytes_per_sender,
+            u64::from(u32::MAX),
         )?;
         if l.refusal_delay > Duration::from_secs(10) || l.refusal_delay >= l.request_timeout {
             return Err(BrokerError::config(
@@ -985,6 +1014,11 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
             (
                 "[store]\nwriter_nice = -21\n",
                 "config: store.writer_nice must be a nice value from -20 to 19, got -21",
+            ),
+            (
+                "[limits]\nmax_waiting_submit_bytes_per_sender = \"4MiB\"\n",
+                "config: limits.max_waiting_submit_bytes_per_sender must be at least \
+                 limits.max_envelope_bytes (8388608)",
             ),
         ];
         for (extra, expected) in cases {

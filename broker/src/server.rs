@@ -173,7 +173,11 @@ impl BrokerBuilder {
             registry,
             streams: Streams::new(limits.max_streams_per_participant, 1),
             admission,
-            submit_slots: SubmitSlots::new(limits.max_concurrent_submits_per_sender as usize),
+            submit_slots: SubmitSlots::new(
+                limits.max_concurrent_submits_per_sender as usize,
+                // (validated to fit)
+                u32::try_from(limits.max_waiting_submit_bytes_per_sender).unwrap_or(u32::MAX),
+            ),
             limits: limits.clone(),
             lifecycle: config.lifecycle.clone(),
             broker_name,

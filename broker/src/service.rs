@@ -145,7 +145,10 @@ impl From<admission::Refusal> for Refused {
         let reason = match refusal {
             admission::Refusal::StoreUnavailable => RefusalReason::Unavailable,
             admission::Refusal::LowDisk => RefusalReason::Disk,
-            admission::Refusal::Rate { .. } => RefusalReason::Rate,
+            // (sending faster than the store writes)
+            admission::Refusal::Rate { .. } | admission::Refusal::Waiting { .. } => {
+                RefusalReason::Rate
+            }
         };
         Refused::new(refusal.into_error(), reason)
     }
@@ -373,9 +376,17 @@ impl ExchangeService {
             payload_sha256: checked.payload_sha256,
             fingerprint,
         };
+        let reserved = match shared.submit_slots.reserve(caller, size) {
+            Ok(reserved) => reserved,
+            Err(refusal) => {
+                return self
+                    .first_receipt_or(caller, checked.message_id, fingerprint, refusal)
+                    .await;
+            }
+        };
         let slot = shared.submit_slots.acquire(caller).await;
         let outcome = shared.stored(shared.store.submit(message, now).await)?;
-        drop(slot);
+        drop((slot, reserved));
         let (accepted, duplicate) = match outcome {
             SubmitOutcome::Accepted(accepted) => {
                 shared.metrics.accepted(checked.kind);
