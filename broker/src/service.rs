@@ -394,6 +394,15 @@ impl ExchangeService {
                 (accepted, false)
             }
             SubmitOutcome::Duplicate(accepted) => (accepted, true),
+            SubmitOutcome::IdTaken => {
+                // (the other sender is not named: that would tell who writes to whom)
+                return Err(BrokerError::AlreadyExists(format!(
+                    "message_id {} is already used by another sender's message to {}; \
+                     give each message a fresh UUIDv7",
+                    checked.message_id, checked.recipient
+                ))
+                .into());
+            }
             SubmitOutcome::Conflict => {
                 return Err(BrokerError::AlreadyExists(format!(
                     "message_id {} was already used by {caller} for different content",

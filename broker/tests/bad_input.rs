@@ -131,6 +131,25 @@ async fn every_bad_submit_gets_its_code_and_stores_nothing() -> anyhow::Result<(
         Code::AlreadyExists,
         "reused id",
     );
+    // The same id from another sender to the same recipient: its node acks by id.
+    let mut iom = t.client("INT-IOM")?;
+    let mut taken = envelope("BE-PAYOKE", Kind::FollowUp, b"follow-up");
+    taken.message_id = first.message_id.clone();
+    let refused = assert_code(
+        submit(&mut iom, taken).await,
+        Code::AlreadyExists,
+        "an id another sender used for the same recipient",
+    );
+    assert!(
+        refused.message().contains("another sender") && !refused.message().contains("NL-NRM"),
+        "{}",
+        refused.message()
+    );
+    assert_code(
+        status(&mut iom, &first.message_id).await,
+        Code::NotFound,
+        "the refused id stored for its second sender",
+    );
 
     // Operators and unregistered participants may not use Exchange at all.
     let mut operator = t.operator_client("alice")?;

@@ -643,7 +643,7 @@ async fn a_purge_of_an_id_two_senders_used_must_name_the_sender() -> anyhow::Res
     let mut nl = t.client("NL-NRM")?;
     let mut iom = t.client("INT-IOM")?;
     let ours = marked("BE-PAYOKE", Kind::FollowUp, 1);
-    let mut theirs = marked("BE-PAYOKE", Kind::FollowUp, 2);
+    let mut theirs = marked("NL-NRM", Kind::FollowUp, 2);
     theirs.message_id = ours.message_id.clone();
     let id = ours.message_id.clone();
     submit(&mut nl, ours).await?;

@@ -170,12 +170,20 @@ pub(super) async fn idempotent_duplicate_and_conflict<S: BrokerStore>(s: &S, c: 
         s.submit(changed, later).await.unwrap(),
         SubmitOutcome::Conflict
     );
-    // the same id from another sender is another message
+    // the same id from another sender to the same recipient is refused: the
+    // recipient acks by id, and an ack of one would settle both
     let mut from_other = m.clone();
     from_other.sender = pid(NG);
+    assert_eq!(
+        s.submit(from_other.clone(), later).await.unwrap(),
+        SubmitOutcome::IdTaken
+    );
+    assert!(s.status(&pid(NG), m.message_id).await.unwrap().is_none());
+    // to another recipient it is another message
+    from_other.recipient = pid(NL);
     submit_ok(s, &from_other, later).await;
-    // only one copy per sender in the queue
-    assert_eq!(lease_ids(s, BE, 1, 10, later).await.len(), 2);
+    assert_eq!(lease_ids(s, BE, 1, 10, later).await, vec![m.message_id]);
+    assert_eq!(lease_ids(s, NL, 2, 10, later).await, vec![m.message_id]);
 }
 
 pub(super) async fn quota<S: BrokerStore>(s: &S, c: &ManualClock) {
@@ -894,7 +902,7 @@ pub(super) async fn retentions_delete_payload_then_metadata<S: BrokerStore>(
 pub(super) async fn operator_actions_name_one_message<S: BrokerStore>(s: &S, c: &ManualClock) {
     let now = c.now_millis();
     let ours = message(NL, BE, Priority::Normal, 100, now);
-    let mut theirs = message(NG, BE, Priority::Normal, 100, now);
+    let mut theirs = message(NG, NL, Priority::Normal, 100, now);
     theirs.message_id = ours.message_id;
     submit_ok(s, &ours, now).await;
     submit_ok(s, &theirs, now).await;

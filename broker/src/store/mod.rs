@@ -134,6 +134,11 @@ pub enum SubmitOutcome {
     Conflict,
     /// the sender's queued-bytes quota would be exceeded → RESOURCE_EXHAUSTED
     QuotaExceeded,
+    /// another sender's message to the same recipient has this id → ALREADY_EXISTS. The
+    /// recipient acknowledges and rejects by id (and a node keeps its inbox by id), so two
+    /// live messages of one recipient must never share one: an ack of one would settle
+    /// both, and the second would be lost.
+    IdTaken,
 }
 
 /// A message leased to a stream: everything needed to build the `Delivery`.

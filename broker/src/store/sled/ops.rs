@@ -932,7 +932,11 @@ impl Tx<'_> {
     pub(super) fn submit(&self, msg: &NewMessage, now: Millis) -> TxResult<(SubmitOutcome, Wake)> {
         let tx = self;
         let size = msg.payload.len() as u64;
-        if let Some(first) = tx.by_sender(&msg.sender, msg.message_id)? {
+        let same_id = tx.records_of(msg.message_id)?;
+        if let Some(first) = same_id
+            .iter()
+            .find(|r| r.sender.as_ref() == Some(&msg.sender))
+        {
             let accepted = Accepted {
                 broker_seq: first.seq,
                 accepted_at: first.accepted_at,
@@ -944,6 +948,9 @@ impl Tx<'_> {
                 SubmitOutcome::Conflict
             };
             return Ok((outcome, Wake::new()));
+        }
+        if same_id.iter().any(|r| r.recipient == msg.recipient) {
+            return Ok((SubmitOutcome::IdTaken, Wake::new()));
         }
         let queued = tx.sender_bytes(&msg.sender)?;
         if queued.saturating_add(size) > self.life.max_queued_bytes_per_sender {
