@@ -96,6 +96,14 @@ async fn an_expired_message_produces_a_non_delivery_report() -> anyhow::Result<(
     let mut be = t.client("BE-PAYOKE")?;
     let mut stream = receive(&mut be, 0).await?;
     expect_quiet(&mut stream).await?;
+
+    // its sender can still take it back, and its payload with it
+    nl.withdraw(pb::WithdrawRequest {
+        message_id: id.clone(),
+    })
+    .await?;
+    let st = status(&mut nl, &id).await?;
+    assert_eq!(st.state, pb::MessageState::Withdrawn as i32);
     Ok(())
 }
 

@@ -806,6 +806,56 @@ pub(super) async fn withdraw_before_ack_refused_after<S: BrokerStore>(s: &S, c: 
     assert_eq!(got[0].1.outcome, pb::Outcome::Delivered as i32);
 }
 
+/// A misaddressed message that expired keeps its payload for a redrive; its sender
+/// can still take it back, and then it is gone and never redriven.
+pub(super) async fn an_expired_message_can_be_withdrawn<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let mut m = message(NL, BE, Priority::Normal, 100, now);
+    m.expires_at = now + 600_000;
+    submit_ok(s, &m, now).await;
+    let later = now + 600_001;
+    assert_eq!(tick(s, later).await.expired, 1);
+    assert!(
+        s.status(&pid(NL), m.message_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .payload_kept
+    );
+    assert_eq!(
+        s.withdraw(&pid(NL), m.message_id, later).await.unwrap(),
+        WithdrawResult::Withdrawn { at: later }
+    );
+    let st = s.status(&pid(NL), m.message_id).await.unwrap().unwrap();
+    assert_eq!(st.state, State::Withdrawn);
+    assert!(!st.payload_kept);
+    assert_eq!(
+        s.redrive(m.message_id, None, later).await.unwrap(),
+        RedriveResult::NotRedrivable {
+            state: State::Withdrawn
+        }
+    );
+    assert!(s.dead_letters(0, None).await.unwrap().records.is_empty());
+    // the expiry's report only
+    let got = receipts(s, NL, later).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1.outcome, pb::Outcome::Expired as i32);
+    // a purged message stays purged
+    let purged = message(NL, BE, Priority::Normal, 100, later);
+    submit_ok(s, &purged, later).await;
+    s.purge(purged.message_id, None, "misaddressed", later)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.withdraw(&pid(NL), purged.message_id, later)
+            .await
+            .unwrap(),
+        WithdrawResult::Final {
+            state: State::Purged
+        }
+    );
+}
+
 pub(super) async fn status_only_for_the_sender<S: BrokerStore>(s: &S, c: &ManualClock) {
     let now = c.now_millis();
     let m = message(NL, BE, Priority::Urgent, 123, now);
@@ -1244,6 +1294,7 @@ mod sled {
         expiry_from_accepted_and_in_flight,
         expired_but_not_ticked_is_not_leased,
         withdraw_before_ack_refused_after,
+        an_expired_message_can_be_withdrawn,
         status_only_for_the_sender,
         retentions_delete_payload_then_metadata,
         purge_queues_ndr,

@@ -206,7 +206,7 @@ pub enum WithdrawResult {
     NotFound,
     /// Too late: the recipient has it → FAILED_PRECONDITION.
     AlreadyAcknowledged,
-    /// Already in another final state (EXPIRED, DEAD_LETTERED, PURGED) → FAILED_PRECONDITION.
+    /// Purged by an operator already → FAILED_PRECONDITION.
     Final {
         /// The state it is in.
         state: State,
@@ -535,7 +535,8 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         end: StreamEnd,
         now: Millis,
     ) -> Result<Released, StoreError>;
-    /// Sender takes back its message (ACCEPTED or IN_FLIGHT) → WITHDRAWN, payload deleted; no NDR.
+    /// Sender takes back its message (ACCEPTED, IN_FLIGHT, or EXPIRED or DEAD_LETTERED with
+    /// the payload kept for a redrive) → WITHDRAWN, payload deleted; no NDR.
     async fn withdraw(
         &self,
         sender: &ParticipantId,

@@ -1182,6 +1182,9 @@ impl NodeCore {
                     Withdrawal::Done
                 });
             }
+            // (the broker keeps its payload for a redrive: withdrawn there, it is
+            // deleted, and never redriven to a recipient it was not meant for)
+            OutboxState::Failed if entry.failure.as_ref().is_some_and(store::kept_for_redrive) => {}
             OutboxState::Failed => {
                 return Err(NodeError::FailedPrecondition(format!(
                     "message {id} has failed already (it was not delivered)"

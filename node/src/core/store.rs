@@ -362,6 +362,16 @@ pub(crate) fn can_move(from: OutboxState, to: OutboxState) -> bool {
 const WITHDRAW_PENDING_NOTE: &str = "withdrawn here while the broker was out of reach; an \
     earlier submit may have reached it, so the node withdraws it there as soon as it can";
 
+/// Whether a message that failed this way is still on the broker with its payload,
+/// for an operator's redrive (expired, dead-lettered or rejected): its sender can
+/// still withdraw it there, and so delete that payload.
+pub(crate) fn kept_for_redrive(failure: &Failure) -> bool {
+    matches!(
+        failure.outcome.as_str(),
+        "expired" | "dead-lettered" | "rejected-by-recipient"
+    )
+}
+
 /// Makes `rec` `FAILED` with outcome `withdrawn` at `at` (the caller moves the state
 /// counters).
 fn withdraw_rec(rec: &mut OutRec, at: Millis) {
@@ -1073,17 +1083,22 @@ impl Store {
         })
     }
 
-    /// Withdraws a `QUEUED` entry locally (`FAILED`, outcome `withdrawn`).
-    /// Returns the entry as it is afterwards.
+    /// Withdraws a `QUEUED` entry locally (`FAILED`, outcome `withdrawn`). With
+    /// `broker_done` (the broker withdrew it, or does not hold it) also a `SUBMITTED`
+    /// one, and a `FAILED` one whose payload the broker kept for a redrive
+    /// ([`kept_for_redrive`]). Returns the entry as it is afterwards.
     pub(crate) fn withdraw_local(
         &self,
         id: MessageId,
         at: Millis,
-        allow_submitted: bool,
+        broker_done: bool,
     ) -> Result<Option<Updated>, NodeError> {
         self.update_out(id, |rec| {
             let allowed = rec.state == OutboxState::Queued
-                || (allow_submitted && rec.state == OutboxState::Submitted);
+                || (broker_done
+                    && (rec.state == OutboxState::Submitted
+                        || (rec.state == OutboxState::Failed
+                            && rec.failure.as_ref().is_some_and(kept_for_redrive))));
             if !allowed {
                 return Ok(false);
             }

@@ -2355,19 +2355,56 @@ mod link {
         nl.shutdown().await;
     }
 
-    /// A message that expired (or was dead-lettered) before its report arrived is
-    /// not called delivered: the broker's own words are passed on.
+    /// A message that expired on its way keeps its payload on the broker for a
+    /// redrive. Its sender can still withdraw it there, which deletes it; one that
+    /// failed for good (purged) is refused without asking.
+    #[tokio::test]
+    async fn an_expired_message_can_still_be_withdrawn_on_the_broker() {
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        let sent = submitted_referral(&nl).await;
+        let expired = receipt_envelope("NL-NRM", sent.message_id, pb::Outcome::Expired, "EXPIRED");
+        assert_eq!(
+            apply(&nl, expired).await,
+            ReceiptEffect::Moved(OutboxState::Failed)
+        );
+        assert!(matches!(
+            nl.withdraw(sent.message_id).await.unwrap(),
+            Withdrawal::Done
+        ));
+        assert_eq!(broker.lock().withdrawn, vec![sent.message_id.to_string()]);
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Failed);
+        assert_eq!(
+            entry.failure.map(|f| f.outcome).as_deref(),
+            Some("withdrawn")
+        );
+
+        let other = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        nl.inner.store.mark_submitted(other.message_id, 1).unwrap();
+        let purged = receipt_envelope("NL-NRM", other.message_id, pb::Outcome::Purged, "PURGED");
+        apply(&nl, purged).await;
+        let err = nl.withdraw(other.message_id).await.unwrap_err();
+        assert!(err.to_string().contains("failed already"), "{err}");
+        assert_eq!(broker.lock().withdrawn.len(), 1, "the broker was not asked");
+        nl.shutdown().await;
+    }
+
+    /// A message that was purged before its report arrived is not called
+    /// delivered: the broker's own words are passed on.
     #[tokio::test]
     async fn a_withdrawal_the_broker_refuses_says_why() {
         let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
         let sent = submitted_referral(&nl).await;
         broker.lock().withdraw_refusal = Some((
             tonic::Code::FailedPrecondition,
-            format!("message {} is already EXPIRED", sent.message_id),
+            format!("message {} is already PURGED", sent.message_id),
         ));
         let err = nl.withdraw(sent.message_id).await.unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("already EXPIRED"), "{text}");
+        assert!(text.contains("already PURGED"), "{text}");
         assert!(!text.contains("delivered"), "{text}");
         // a refusal for good is not taken for a broker out of reach
         broker.lock().withdraw_refusal = Some((tonic::Code::PermissionDenied, "no".into()));

@@ -1090,7 +1090,11 @@ impl Tx<'_> {
                 return Ok(WithdrawResult::NotFound);
             };
             Ok(match old.state {
-                State::Accepted | State::InFlight => {
+                // An expired or dead-lettered message keeps its payload for a redrive: a
+                // sender that takes back a misaddressed one wants it gone, and never
+                // redriven to the wrong recipient (ARCHITECTURE.md). Its sender had its
+                // non-delivery report already; a withdrawal makes none.
+                State::Accepted | State::InFlight | State::Expired | State::DeadLettered => {
                     let mut new = old.clone();
                     finish_without_payload(&mut new, State::Withdrawn, now, self.life);
                     tx.put(Some(&old), Some(&new))?;
@@ -1100,9 +1104,7 @@ impl Tx<'_> {
                     at: old.state_changed_at,
                 },
                 State::Acknowledged => WithdrawResult::AlreadyAcknowledged,
-                state @ (State::Expired | State::DeadLettered | State::Purged) => {
-                    WithdrawResult::Final { state }
-                }
+                state @ State::Purged => WithdrawResult::Final { state },
             })
         }
     }
