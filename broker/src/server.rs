@@ -564,6 +564,7 @@ async fn timer_loop(
                 // Timers applied before the failure are committed, but their
                 // wake-ups were lost with the report: let every stream look.
                 shared.streams.wake_all();
+                shared.metrics.tick_failed();
                 if let Some(repeated) = tick_failing.failed(&error.to_string()) {
                     warn!(%error, repeated, "applying the timers failed (redeliveries, expiry, retention wait)");
                 }

@@ -155,6 +155,9 @@ impl Readiness {
     }
 }
 
+/// The `step` labels of `trmx_timer_failures_total`.
+const TIMER_STEPS: [&str; 2] = ["tick", "audit_retention"];
+
 /// The broker's metrics. Cheap to update from any task; share it as `Arc<Metrics>`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -168,6 +171,8 @@ pub struct Metrics {
     withdrawn: AtomicU64,
     purged: AtomicU64,
     refused: [AtomicU64; RefusalReason::ALL.len()],
+    /// Failed timer runs, by [`TIMER_STEPS`].
+    timer_failures: [AtomicU64; TIMER_STEPS.len()],
     /// Copied from the transport's own counts at every scrape (see
     /// [`Self::set_tls_handshake_failures`]).
     tls_handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
@@ -244,6 +249,7 @@ impl Metrics {
             withdrawn: AtomicU64::new(0),
             purged: AtomicU64::new(0),
             refused: Default::default(),
+            timer_failures: Default::default(),
             tls_handshake_failures: Default::default(),
             submit_duration: Histogram::new(SUBMIT_BUCKETS),
             flush_duration: Histogram::new(FLUSH_BUCKETS),
@@ -317,6 +323,14 @@ impl Metrics {
     pub fn record_tick(&self, report: &TickReport) {
         self.expired(report.expired);
         self.dead_lettered(DeadLetterReason::MaxAttempts, report.dead_lettered);
+        if report.audit_prune_error.is_some() {
+            self.timer_failures[1].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A store `tick` failed: its timers (redelivery, expiry, retentions) may not have run.
+    pub fn tick_failed(&self) {
+        self.timer_failures[0].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How long a `Submit` took, from request to durable receipt.
@@ -567,6 +581,15 @@ impl Metrics {
             "counter",
         );
         w.sample("trmx_messages_purged_total", &[], load(&self.purged));
+        w.family(
+            "trmx_timer_failures_total",
+            "Failed runs of the broker's timers, by step: tick (redeliveries, expiry, \
+             retentions) or audit_retention.",
+            "counter",
+        );
+        for (step, count) in TIMER_STEPS.iter().zip(&self.timer_failures) {
+            w.sample("trmx_timer_failures_total", &[("step", step)], load(count));
+        }
         w.family(
             "trmx_submits_refused_total",
             "Submits refused (nothing stored), by reason.",
@@ -1069,7 +1092,7 @@ mod tests {
         // every family has one HELP and one TYPE line
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 27);
+        assert_eq!(types, 28);
         assert_eq!(helps, types);
     }
 
@@ -1086,8 +1109,10 @@ mod tests {
         metrics.record_tick(&TickReport {
             expired: 3,
             dead_lettered: 2,
+            audit_prune_error: Some("audit record: bad version".to_owned()),
             ..TickReport::default()
         });
+        metrics.tick_failed();
         metrics.withdrawn();
         metrics.purged();
         metrics.purged();
@@ -1109,6 +1134,8 @@ mod tests {
             "trmx_messages_expired_total 3",
             "trmx_messages_withdrawn_total 1",
             "trmx_messages_purged_total 2",
+            "trmx_timer_failures_total{step=\"tick\"} 1",
+            "trmx_timer_failures_total{step=\"audit_retention\"} 1",
             "trmx_tls_handshake_failures_total{reason=\"revoked\"} 4",
             "trmx_tls_handshake_failures_total{reason=\"timeout\"} 1",
             "trmx_tls_handshake_failures_total{reason=\"unknown_ca\"} 0",
