@@ -2959,3 +2959,34 @@ mod link {
         nl.shutdown().await;
     }
 }
+
+/// Review probe (privacy/bad-input): a `case_ref` that names no case this node
+/// ever sent or received a message in (here: the referral's *message id*
+/// pasted where its case reference belongs, both lower-case UUIDs) must be
+/// refused on `case_ref` and store nothing. The NodeApi contract says
+/// `case_ref` is "a lower-case UUID from an earlier message of the case", and
+/// opening a case takes `new_case`.
+#[tokio::test]
+async fn probe_a_case_ref_naming_no_known_case_is_refused() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+
+    // the caseworker pastes the message id instead of the case reference
+    let mut follow = request("k-2", "BE-PAYOKE", follow_up());
+    follow.case_ref = Some(CaseRef::parse(&sent.message_id.to_string()).unwrap());
+    let result = f.nl.send(follow).await;
+    let stored = f.nl.outbox(&ListFilter::default()).await.unwrap();
+    assert!(
+        matches!(&result, Err(NodeError::Invalid(e)) if e.field == "case_ref"),
+        "a case_ref naming no known case was accepted: {:?}; outbox now holds {} entries, \
+         cases {:?}",
+        result.as_ref().map(|e| (e.message_id, e.case_ref, e.state)),
+        stored.len(),
+        stored.iter().map(|e| e.case_ref).collect::<Vec<_>>(),
+    );
+    assert_eq!(stored.len(), 1, "nothing stored");
+}
