@@ -90,7 +90,9 @@ pub struct SendRequest {
     pub idempotency_key: String,
     /// The recipient.
     pub recipient: ParticipantId,
-    /// The case; `None` opens a new case (random UUID v4).
+    /// The case: one this node sent or received a message in. `None` opens a new
+    /// case (random UUID v4), or, for a reply to a message this node received,
+    /// takes that message's case.
     pub case_ref: Option<CaseRef>,
     /// The message this one answers.
     pub in_reply_to: Option<MessageId>,
@@ -1007,7 +1009,9 @@ impl NodeCore {
     /// Validates and stores a message as `QUEUED` (flushed before this returns),
     /// then wakes the submit loop. A recipient that the broker's registry,
     /// once known, does not list, or that does not accept the kind, is
-    /// refused here (`Invalid`, field `recipient` or `kind`). A retry with the same idempotency key and
+    /// refused here (`Invalid`, field `recipient` or `kind`), and so is a `case_ref`
+    /// that names no case this node sent or received a message in (field
+    /// `case_ref`). A retry with the same idempotency key and
     /// content returns the entry stored the first time.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
         let inner = &self.inner;
@@ -1080,6 +1084,19 @@ impl NodeCore {
                 )));
             }
             None => {}
+        }
+        // (a made-up case, or a message id pasted for the case reference: filed
+        // under it, the message would split the case's timeline on both sides. A
+        // retry's case was known the first time, as the index keeps every case.)
+        if !retry && let Some(case) = req.case_ref {
+            let store = inner.store.clone();
+            if !inner.blocking(move || store.case_known(case)).await? {
+                return Err(NodeError::Invalid(ValidationError::new(
+                    "case_ref",
+                    "names no case this node sent or received a message in; set new_case to \
+                     open one",
+                )));
+            }
         }
         let payload = req.body.encode();
         let fingerprint = fingerprint(&req, &payload);

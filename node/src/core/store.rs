@@ -1399,6 +1399,16 @@ impl Store {
 
     // ---- cases and due --------------------------------------------------
 
+    /// Whether this node sent or received a message in `case`.
+    pub(crate) fn case_known(&self, case: CaseRef) -> Result<bool, NodeError> {
+        self.trees[CASES]
+            .scan_prefix(case.as_bytes())
+            .next()
+            .transpose()
+            .map(|first| first.is_some())
+            .map_err(store_err)
+    }
+
     /// Every message of a case, sent and received, in order of creation.
     pub(crate) fn timeline(&self, case: CaseRef) -> Result<Vec<TimelineEntry>, NodeError> {
         let mut out = Vec::new();

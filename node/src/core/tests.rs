@@ -1135,6 +1135,47 @@ async fn an_answer_to_a_message_never_received_is_refused() {
     );
 }
 
+/// A `case_ref` that names no case this node sent or received a message in (here:
+/// the referral's message id pasted where its case reference belongs, both
+/// lower-case UUIDs) is refused on `case_ref` and stores nothing: filed under it, the
+/// message would split the case's timeline on both sides. The cases the node knows,
+/// sent or received, take new messages, and a retry gets its first message.
+#[tokio::test]
+async fn a_case_ref_naming_no_known_case_is_refused() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+
+    let pasted_id = CaseRef::parse(&sent.message_id.to_string()).unwrap();
+    for (key, case) in [("k-2", pasted_id), ("k-3", CaseRef::new_random())] {
+        let mut follow = request(key, "BE-PAYOKE", follow_up());
+        follow.case_ref = Some(case);
+        let err = f.nl.send(follow).await.unwrap_err();
+        assert!(
+            matches!(&err, NodeError::Invalid(e) if e.field == "case_ref"
+                && e.rule.contains("new_case")),
+            "{key}: {err:?}"
+        );
+    }
+    let stored = f.nl.outbox(&ListFilter::default()).await.unwrap();
+    assert_eq!(stored.len(), 1, "nothing stored");
+    assert!(f.nl.case_timeline(pasted_id).await.unwrap().is_empty());
+
+    // the case of a message sent, and of one received, take new messages
+    let mut follow = request("k-2", "BE-PAYOKE", follow_up());
+    follow.case_ref = Some(sent.case_ref);
+    let first = f.nl.send(follow.clone()).await.unwrap();
+    assert_eq!(first.case_ref, sent.case_ref);
+    let again = f.nl.send(follow).await.unwrap();
+    assert_eq!(again.message_id, first.message_id, "a retry gets its first");
+    let mut back = request("b-1", "NL-NRM", follow_up());
+    back.case_ref = Some(sent.case_ref);
+    assert_eq!(f.be.send(back).await.unwrap().case_ref, sent.case_ref);
+}
+
 /// A follow-up's next date is its sender's promise to its recipient: in a case of
 /// three (the demo's), BE's own follow-up to NL-NRM does not keep the follow-up BE
 /// awaits from NG-NAPTIP, and neither does a follow-up BE sends to NG-NAPTIP; the
@@ -1150,6 +1191,18 @@ async fn only_the_next_follow_up_of_the_same_sender_replaces_an_awaited_one() {
             .await
             .unwrap();
     transfer(&f.nl, &f.be, sent.message_id).await;
+    // BE asks NG for a return risk assessment on the case
+    let mut ask = request(
+        "a-1",
+        "NG-NAPTIP",
+        body(
+            Kind::ReturnRiskAssessmentRequest,
+            include_str!("../../../proto/examples/04-return-risk-assessment-request.json"),
+        ),
+    );
+    ask.case_ref = Some(sent.case_ref);
+    let ask = f.be.send(ask).await.unwrap();
+    transfer(&f.be, &ng, ask.message_id).await;
     // NG reports to BE on the case; its next follow-up is due 2026-07-20
     f.clock.advance(Duration::from_secs(60));
     let mut from_ng = request("n-1", "BE-PAYOKE", follow_up());
@@ -2958,35 +3011,4 @@ mod link {
         );
         nl.shutdown().await;
     }
-}
-
-/// Review probe (privacy/bad-input): a `case_ref` that names no case this node
-/// ever sent or received a message in (here: the referral's *message id*
-/// pasted where its case reference belongs, both lower-case UUIDs) must be
-/// refused on `case_ref` and store nothing. The NodeApi contract says
-/// `case_ref` is "a lower-case UUID from an earlier message of the case", and
-/// opening a case takes `new_case`.
-#[tokio::test]
-async fn probe_a_case_ref_naming_no_known_case_is_refused() {
-    let f = fixture().await;
-    let sent =
-        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
-            .await
-            .unwrap();
-    transfer(&f.nl, &f.be, sent.message_id).await;
-
-    // the caseworker pastes the message id instead of the case reference
-    let mut follow = request("k-2", "BE-PAYOKE", follow_up());
-    follow.case_ref = Some(CaseRef::parse(&sent.message_id.to_string()).unwrap());
-    let result = f.nl.send(follow).await;
-    let stored = f.nl.outbox(&ListFilter::default()).await.unwrap();
-    assert!(
-        matches!(&result, Err(NodeError::Invalid(e)) if e.field == "case_ref"),
-        "a case_ref naming no known case was accepted: {:?}; outbox now holds {} entries, \
-         cases {:?}",
-        result.as_ref().map(|e| (e.message_id, e.case_ref, e.state)),
-        stored.len(),
-        stored.iter().map(|e| e.case_ref).collect::<Vec<_>>(),
-    );
-    assert_eq!(stored.len(), 1, "nothing stored");
 }
