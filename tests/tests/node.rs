@@ -733,6 +733,7 @@ async fn a_reply_marks_the_request_answered() -> TestResult {
     let before = outbox_entry(&mut nl, &request).await?.unwrap();
     assert!(before.answered_by.is_empty(), "{before:?}");
 
+    // (no case_ref: a reply takes the case of the message it answers)
     let reply = send(
         &mut be,
         reply_request(
@@ -740,11 +741,12 @@ async fn a_reply_marks_the_request_answered() -> TestResult {
             NL,
             Kind::ReferralResponse,
             REFERRAL_RESPONSE,
-            &case_ref,
+            "",
             &request,
         ),
     )
     .await?;
+    assert_eq!(reply.case_ref, case_ref);
     let answered = wait_outbox(&nl, &request, "the request marked answered", |e| {
         !e.answered_by.is_empty()
     })

@@ -153,6 +153,8 @@ fn application_kind(kind: Kind) -> Result<(), NodeError> {
 pub(crate) fn send_request(req: pb::SendRequest) -> Result<SendRequest, NodeError> {
     let recipient = optional_participant(&req.recipient, "recipient")?
         .ok_or_else(|| invalid("recipient", "is required"))?;
+    let in_reply_to = optional_message_id(&req.in_reply_to, "in_reply_to")?;
+    // (`None` to the core: a new case, or the case of the message a reply answers)
     let case_ref = match (optional_case_ref(&req.case_ref, "case_ref")?, req.new_case) {
         (Some(_), true) => {
             return Err(invalid(
@@ -160,7 +162,14 @@ pub(crate) fn send_request(req: pb::SendRequest) -> Result<SendRequest, NodeErro
                 "must not be set together with case_ref",
             ));
         }
-        (None, false) => {
+        (None, true) if in_reply_to.is_some() => {
+            return Err(invalid(
+                "new_case",
+                "must not be set together with in_reply_to: a reply belongs to the case of \
+                 the message it answers (leave case_ref empty to take that case)",
+            ));
+        }
+        (None, false) if in_reply_to.is_none() => {
             return Err(invalid(
                 "case_ref",
                 "is required (or set new_case to open a new case)",
@@ -168,7 +177,6 @@ pub(crate) fn send_request(req: pb::SendRequest) -> Result<SendRequest, NodeErro
         }
         (case_ref, _) => case_ref,
     };
-    let in_reply_to = optional_message_id(&req.in_reply_to, "in_reply_to")?;
     let priority = Priority::from_pb(req.priority)
         .map_err(|_| invalid("priority", "must be a known Priority"))?;
     let expires_at: Option<SystemTime> = req

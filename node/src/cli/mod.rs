@@ -128,11 +128,17 @@ pub struct SendArgs {
     /// return-risk-assessment or follow-up.
     #[arg(long, value_parser = parse_kind)]
     pub kind: Kind,
-    /// The case the message belongs to.
-    #[arg(long, value_name = "CASE", required_unless_present = "new_case")]
+    /// The case the message belongs to (with --reply-to it may be left out: the
+    /// reply takes the case of the message it answers).
+    #[arg(
+        long,
+        value_name = "CASE",
+        required_unless_present_any = ["new_case", "reply_to"]
+    )]
     pub case: Option<String>,
-    /// Open a new case (the node mints the case reference and prints it).
-    #[arg(long, conflicts_with = "case")]
+    /// Open a new case (the node mints the case reference and prints it); not with
+    /// --reply-to, as a reply belongs to the case of the message it answers.
+    #[arg(long, conflicts_with_all = ["case", "reply_to"])]
     pub new_case: bool,
     /// The message this one answers.
     #[arg(long, value_name = "ID")]

@@ -91,8 +91,8 @@ pub struct SendRequest {
     /// The recipient.
     pub recipient: ParticipantId,
     /// The case: one this node sent or received a message in. `None` opens a new
-    /// case (random UUID v4), or, for a reply to a message this node received,
-    /// takes that message's case.
+    /// case (random UUID v4), or, with `in_reply_to`, takes the case of the message
+    /// it answers, which must be one this node received.
     pub case_ref: Option<CaseRef>,
     /// The message this one answers.
     pub in_reply_to: Option<MessageId>,
@@ -1088,14 +1088,28 @@ impl NodeCore {
         // (a made-up case, or a message id pasted for the case reference: filed
         // under it, the message would split the case's timeline on both sides. A
         // retry's case was known the first time, as the index keeps every case.)
-        if !retry && let Some(case) = req.case_ref {
-            let store = inner.store.clone();
-            if !inner.blocking(move || store.case_known(case)).await? {
-                return Err(NodeError::Invalid(ValidationError::new(
-                    "case_ref",
-                    "names no case this node sent or received a message in; set new_case to \
-                     open one",
-                )));
+        if !retry {
+            match req.case_ref {
+                Some(case) => {
+                    let store = inner.store.clone();
+                    if !inner.blocking(move || store.case_known(case)).await? {
+                        return Err(NodeError::Invalid(ValidationError::new(
+                            "case_ref",
+                            "names no case this node sent or received a message in; set \
+                             new_case to open one",
+                        )));
+                    }
+                }
+                // (a reply takes the case of the message it answers; one that names no
+                // message received here has none to take, and opens none unasked)
+                None if req.in_reply_to.is_some() && answered.is_none() => {
+                    return Err(NodeError::Invalid(ValidationError::new(
+                        "case_ref",
+                        "is required: in_reply_to names no message this node received, \
+                         whose case the reply would take",
+                    )));
+                }
+                None => {}
             }
         }
         let payload = req.body.encode();

@@ -1176,6 +1176,36 @@ async fn a_case_ref_naming_no_known_case_is_refused() {
     assert_eq!(f.be.send(back).await.unwrap().case_ref, sent.case_ref);
 }
 
+/// A reply without a `case_ref` takes the case of the message it answers; one
+/// whose in_reply_to names no message this node received has no case to take, and is
+/// refused on `case_ref` rather than filed under a new case nobody asked for.
+#[tokio::test]
+async fn a_reply_without_case_ref_takes_the_case_of_the_message_it_answers() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+
+    for (key, reply) in [("r-1", response()), ("r-2", follow_up())] {
+        let mut reply = request(key, "NL-NRM", reply);
+        reply.in_reply_to = Some(sent.message_id);
+        let reply = f.be.send(reply).await.unwrap();
+        assert_eq!(reply.case_ref, sent.case_ref, "{key}");
+    }
+
+    // NL's own referral is no message NL received
+    let mut own = request("f-1", "BE-PAYOKE", follow_up());
+    own.in_reply_to = Some(sent.message_id);
+    let err = f.nl.send(own).await.unwrap_err();
+    assert!(
+        matches!(&err, NodeError::Invalid(e) if e.field == "case_ref"),
+        "{err:?}"
+    );
+    assert_eq!(f.nl.outbox(&ListFilter::default()).await.unwrap().len(), 1);
+}
+
 /// A follow-up's next date is its sender's promise to its recipient: in a case of
 /// three (the demo's), BE's own follow-up to NL-NRM does not keep the follow-up BE
 /// awaits from NG-NAPTIP, and neither does a follow-up BE sends to NG-NAPTIP; the

@@ -131,6 +131,46 @@ async fn codes_and_messages_survive_the_socket() {
     node.stop().await.expect("stop");
 }
 
+/// A reply belongs to the case of the message it answers: `new_case` with
+/// `in_reply_to` is refused on `new_case`, not ignored; and without `case_ref` a reply
+/// must answer a message this node received, whose case it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_opens_no_new_case() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let answered = MessageId::new_v7().to_string();
+
+    let status = client
+        .send(pb::SendRequest {
+            in_reply_to: answered.clone(),
+            ..referral_request("k-new", REFERRAL_JSON)
+        })
+        .await
+        .expect_err("new_case with in_reply_to");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(invalid_field(&status), Some("new_case"), "{status:?}");
+
+    let status = client
+        .send(pb::SendRequest {
+            new_case: false,
+            in_reply_to: answered,
+            ..referral_request("k-unknown", REFERRAL_JSON)
+        })
+        .await
+        .expect_err("no case to take");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(invalid_field(&status), Some("case_ref"), "{status:?}");
+
+    let outbox = client
+        .list_outbox(pb::ListOutboxRequest::default())
+        .await
+        .expect("outbox")
+        .into_inner();
+    assert!(outbox.entries.is_empty());
+    node.stop().await.expect("stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_queues_locally_while_the_broker_is_down_and_is_idempotent() {
     let sandbox = Sandbox::new();

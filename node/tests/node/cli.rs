@@ -122,6 +122,49 @@ fn bad_files_are_one_clear_line_naming_the_file() {
     );
 }
 
+/// `send --reply-to` needs no `--case` (the reply takes the case of the message it
+/// answers), and refuses `--new-case`: a reply opens no case.
+#[test]
+fn a_reply_needs_no_case_and_opens_none() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("node.sock");
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    let file = dir.path().join("response.json");
+    std::fs::write(
+        &file,
+        include_str!("../../../proto/examples/02-referral-response.json"),
+    )
+    .expect("write");
+    let id = trmx_proto::MessageId::new_v7().to_string();
+    let send = |extra: &[&str]| {
+        let mut args = vec![
+            "--socket",
+            socket_arg,
+            "send",
+            "--to",
+            "NL-NRM",
+            "--kind",
+            "referral-response",
+            "--reply-to",
+            &id,
+        ];
+        args.extend_from_slice(extra);
+        args.push(file.to_str().expect("utf-8 path"));
+        run(&args)
+    };
+    // (accepted as typed: it goes on to look for the node)
+    let line = assert_one_line_failure(&send(&[]));
+    assert!(line.starts_with("cannot reach the trmx node at "), "{line}");
+
+    let refused = send(&["--new-case"]);
+    assert_eq!(refused.status.code(), Some(2), "a usage error");
+    let err = stderr(&refused);
+    assert!(
+        err.contains("--new-case") && err.contains("--reply-to"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_prints_the_message_id_once_and_tables_show_it() {
     let sandbox = Sandbox::new();
