@@ -572,6 +572,69 @@ fn io_cause<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std:
     None
 }
 
+/// The flags of `send`, by the `SendRequest` field each sets.
+const SEND_FLAGS: &[(&str, &str)] = &[
+    ("recipient", "--to"),
+    ("kind", "--kind"),
+    ("case_ref", "--case"),
+    ("new_case", "--new-case"),
+    ("in_reply_to", "--reply-to"),
+    ("priority", "--urgent"),
+    ("idempotency_key", "--key"),
+];
+
+/// The flags of `outbox` and `inbox`, by the request field each sets.
+const FILTER_FLAGS: &[(&str, &str)] = &[
+    ("case_ref", "--case"),
+    ("counterpart", "--with"),
+    ("kind", "--kind"),
+    ("state", "--state"),
+    ("limit", "--limit"),
+    ("page_token", "--page-token"),
+];
+
+/// The flags of `due`, by the request field each sets.
+const DUE_FLAGS: &[(&str, &str)] = &[
+    ("today", "--today"),
+    ("limit", "--limit"),
+    ("page_token", "--page-token"),
+];
+
+/// A status from the node as one line, naming the flag the user typed where the
+/// node names the request field it set (`--to: …`, not `recipient: …`): `flags`
+/// maps the command's fields to its flags. The rule says the flags too in place of
+/// the fields it mentions (`set --new-case to open one`).
+fn command_error(status: &tonic::Status, socket: &Path, flags: &[(&str, &str)]) -> CliError {
+    let flag_of = |field: &str| {
+        flags
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map(|&(_, flag)| flag)
+    };
+    if let Some(field) = invalid_field(status)
+        && let Some(flag) = flag_of(field)
+        && let Some(rule) = status
+            .message()
+            .strip_prefix(field)
+            .and_then(|rest| rest.strip_prefix(": "))
+    {
+        // (only field names no sentence uses as a word: `kind` stays a word)
+        let rule = rule
+            .split_inclusive(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map(|piece| {
+                let word =
+                    piece.trim_end_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+                match flag_of(word) {
+                    Some(flag) if word.contains('_') => format!("{flag}{}", &piece[word.len()..]),
+                    _ => piece.to_owned(),
+                }
+            })
+            .collect::<String>();
+        return CliError(format!("{flag}: {rule}"));
+    }
+    status_line(status, socket)
+}
+
 /// A status from the node as one line.
 fn status_line(status: &tonic::Status, socket: &Path) -> CliError {
     // (tonic's own word for a lost connection; the node's `broker unavailable: …`
@@ -645,7 +708,11 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                 limit: filter.limit,
                 page_token: filter.page_token.unwrap_or_default(),
             };
-            let page = client.list_outbox(request).await.map_err(err)?.into_inner();
+            let page = client
+                .list_outbox(request)
+                .await
+                .map_err(|s| command_error(&s, socket, FILTER_FLAGS))?
+                .into_inner();
             more(&page.next_page_token);
             if out.json {
                 out.json_lines(&page.entries)
@@ -661,7 +728,11 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                 limit: filter.limit,
                 page_token: filter.page_token.unwrap_or_default(),
             };
-            let page = client.list_inbox(request).await.map_err(err)?.into_inner();
+            let page = client
+                .list_inbox(request)
+                .await
+                .map_err(|s| command_error(&s, socket, FILTER_FLAGS))?
+                .into_inner();
             more(&page.next_page_token);
             if out.json {
                 out.json_lines(&page.entries)
@@ -710,7 +781,7 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                     page_token: page_token.unwrap_or_default(),
                 })
                 .await
-                .map_err(err)?
+                .map_err(|s| command_error(&s, socket, DUE_FLAGS))?
                 .into_inner();
             more(&page.next_page_token);
             if out.json {
@@ -830,13 +901,14 @@ const REQUEST_FIELDS: [&str; 9] = [
     "body",
 ];
 
-/// A `Send` error; body errors are prefixed with the file name.
+/// A `Send` error; body errors are prefixed with the file name, errors on a
+/// request field name the flag that set it.
 fn send_error(status: &tonic::Status, file: &Path, socket: &Path) -> CliError {
     match invalid_field(status) {
         Some(field) if !REQUEST_FIELDS.contains(&field) => {
             CliError(format!("{}: {}", file.display(), status.message()))
         }
-        _ => status_line(status, socket),
+        _ => command_error(status, socket, SEND_FLAGS),
     }
 }
 

@@ -122,6 +122,58 @@ fn bad_files_are_one_clear_line_naming_the_file() {
     );
 }
 
+/// An error on a value the user typed names the flag it came with (`--to`, `--case`,
+/// `--key`, `--with`), not the API field the node checks (`recipient`, `case_ref`, …),
+/// and the rule says flags too; nothing is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_the_flag_the_user_typed() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8").to_owned();
+    let file = sandbox.write("referral.json", REFERRAL_JSON);
+    let file = file.to_str().expect("utf-8").to_owned();
+    let unknown_case = trmx_proto::CaseRef::new_random().to_string();
+    let send = |extra: &[&str]| {
+        let mut args = vec!["--socket", &socket, "send", "--kind", "referral"];
+        args.extend_from_slice(extra);
+        args.push(&file);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let cases = [
+        (send(&["--to", "be-payoke", "--new-case"]), "--to: "),
+        (send(&["--to", "NL-NRM", "--new-case"]), "--to: "),
+        (send(&["--to", "BE-PAYOKE", "--case", "case-7"]), "--case: "),
+        (
+            send(&["--to", "BE-PAYOKE", "--case", &unknown_case]),
+            "--case: names no case this node sent or received a message in; set --new-case to \
+             open one",
+        ),
+        (
+            send(&["--to", "BE-PAYOKE", "--new-case", "--key", "has space"]),
+            "--key: ",
+        ),
+        (
+            ["--socket", &socket, "outbox", "--with", "nope"]
+                .map(str::to_owned)
+                .to_vec(),
+            "--with: ",
+        ),
+        (
+            ["--socket", &socket, "inbox", "--case", "case-7"]
+                .map(str::to_owned)
+                .to_vec(),
+            "--case: ",
+        ),
+    ];
+    for (args, start) in cases {
+        let line = assert_one_line_failure(&run_async(args.clone()).await);
+        assert!(line.starts_with(start), "{args:?}: {line}");
+    }
+    let outbox = run_async(vec!["--socket".into(), socket.clone(), "outbox".into()]).await;
+    assert_eq!(stdout(&outbox).lines().count(), 1, "{}", stdout(&outbox));
+    node.stop().await.expect("stop");
+}
+
 /// `send --reply-to` needs no `--case` (the reply takes the case of the message it
 /// answers), and refuses `--new-case`: a reply opens no case.
 #[test]
