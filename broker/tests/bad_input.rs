@@ -345,3 +345,27 @@ async fn a_failed_flush_refuses_submits_until_the_store_writes_again() -> anyhow
     broker.shutdown().await?;
     Ok(())
 }
+
+/// PROBE (review-transport): one participant's connections may take every one of
+/// `limits.max_connections`; the broker has no per-identity cap, and an idle connection
+/// lives for ever (keepalive pings are answered by the client). A node that leaks
+/// channels, or one compromised certificate, shuts every other participant out: their
+/// handshakes complete and are closed at once ("connection limit reached").
+#[tokio::test]
+async fn probe_one_participant_cannot_take_every_connection_slot() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| c.limits.max_connections = 3).await?;
+    let mut hog = Vec::new();
+    for _ in 0..3 {
+        let mut nl = t.client("NL-NRM")?; // a channel of its own: a connection of its own
+        nl.get_info(pb::GetInfoRequest {}).await?;
+        hog.push(nl);
+    }
+    let mut be = t.client("BE-PAYOKE")?;
+    let answer = tokio::time::timeout(WAIT, be.get_info(pb::GetInfoRequest {})).await;
+    assert!(
+        matches!(answer, Ok(Ok(_))),
+        "BE-PAYOKE shut out by NL-NRM's idle connections: {answer:?}"
+    );
+    drop(hog);
+    Ok(())
+}

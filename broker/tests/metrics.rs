@@ -678,3 +678,57 @@ async fn failed_handshakes_are_counted_by_reason() -> anyhow::Result<()> {
     assert_eq!(after.value(&series("revoked")), 0.0);
     Ok(())
 }
+
+/// PROBE (review-transport): a CA taken out of `tls.ca` by a reload (the end of a CA
+/// rollover) must stop counting. `CertWatch::record` only ever inserts CA expiries, so the
+/// dropped CA's series stays, and once that CA expires `/readyz` answers 503 for good
+/// (until a restart), although every certificate in force is valid.
+#[tokio::test]
+async fn probe_a_ca_dropped_from_the_bundle_does_not_make_the_broker_unready() -> anyhow::Result<()>
+{
+    let extra = tempfile::tempdir()?;
+    let old_ca = trmx_certs::Ca::init(
+        &extra.path().join("old-ca"),
+        &trmx_certs::CaOptions {
+            validity_days: 30,
+            ..trmx_certs::CaOptions::new("trm.test", "trm.test old CA")
+        },
+    )?;
+    let bundle = extra.path().join("bundle.pem");
+    let crls = extra.path().join("crls.pem");
+    let (old_cert, old_crl) = (old_ca.ca_cert_path(), old_ca.crl_path());
+    let (b, c) = (bundle.clone(), crls.clone());
+    let t = TestBroker::start_with(move |config| {
+        let cat = |out: &std::path::Path, parts: &[&std::path::Path]| {
+            let text: String = parts
+                .iter()
+                .map(|p| std::fs::read_to_string(p).unwrap())
+                .collect();
+            std::fs::write(out, text).unwrap();
+        };
+        let crl = config.tls.crl.clone().unwrap();
+        cat(&b, &[&config.tls.ca, &old_cert]);
+        cat(&c, &[&crl, &old_crl]);
+        config.tls.ca = b;
+        config.tls.crl = Some(c);
+    })
+    .await?;
+    let admin = admin_addr(&t)?;
+    assert_eq!(get(admin, "/readyz").await?.0, 200);
+    // the rollover ends: the old CA leaves the bundle and its CRL the CRL file
+    std::fs::copy(t.pki.federation.ca_cert_path(), &bundle)?;
+    std::fs::copy(t.pki.federation.crl_path(), &crls)?;
+    t.broker.reload_tls()?;
+    // a month on, the old CA (no longer trusted) has expired; the CA and broker
+    // certificates in force are good for years / a year
+    t.advance(Duration::from_secs(31 * 86_400));
+    let scrape = Scrape::take(admin).await?;
+    let dropped = "trmx_certificate_expiry_seconds{role=\"ca\",name=\"trm.test old CA\"}";
+    let (status, body) = get(admin, "/readyz").await?;
+    assert_eq!(
+        (status, scrape.get(dropped)),
+        (200, None),
+        "readyz: {body}; a CA no longer in tls.ca still exported"
+    );
+    Ok(())
+}

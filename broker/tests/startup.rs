@@ -218,3 +218,21 @@ fn check_config_shows_what_loading_warns_about() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// PROBE (review-transport): `crl_policy = "strict"` without a `crl` is accepted without
+/// a word, and the broker runs with no revocation check at all: an operator who asked for
+/// the strictest revocation setting gets none (a missing/commented-out `crl` line).
+#[tokio::test]
+async fn probe_a_strict_crl_policy_without_a_crl_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let mut config = test_config(dir.path().join("data"), pki.tls.clone());
+    config.tls.crl = None;
+    config.tls.crl_policy = trmx_broker::config::CrlPolicyConfig::Strict;
+    let checked = trmx_broker::check_config(&config);
+    assert!(
+        checked.is_err(),
+        "crl_policy = \"strict\" with no tls.crl passed check-config: revocation is off"
+    );
+    Ok(())
+}
