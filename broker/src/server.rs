@@ -761,20 +761,21 @@ impl CertWatch {
     /// Reads the CA and broker certificates' `not_after` and the loaded CRL's
     /// `nextUpdate`. Reads small files: from async code, call it on a blocking thread
     /// (start-up and `reload_tls` already read the same files synchronously).
+    ///
+    /// The CA and broker entries are replaced with what the files hold now, not added to:
+    /// a CA dropped from `tls.ca` at the end of a rollover (or a broker certificate renewed
+    /// under another name) must not keep `/readyz` 503 once it expires. A file that cannot
+    /// be read leaves its entries as they were (the reload that just succeeded read it).
     fn record(&self, tls: &ServerTls) {
         match ca_expiries(&self.ca) {
-            Ok(cas) => {
-                for (name, not_after) in cas {
-                    self.metrics.set_cert_expiry(CertRole::Ca, &name, not_after);
-                }
-            }
+            Ok(cas) => self.metrics.replace_cert_expiries(CertRole::Ca, cas),
             Err(error) => warn!(%error, "cannot read the CA certificate's expiry"),
         }
         match trmx_certs::CertInfo::from_pem_file(&self.cert) {
             Ok(info) => {
                 let name = info.identity.broker().unwrap_or(&self.broker_name);
                 self.metrics
-                    .set_cert_expiry(CertRole::Broker, name, info.not_after);
+                    .replace_cert_expiries(CertRole::Broker, [(name.to_owned(), info.not_after)]);
             }
             Err(error) => warn!(%error, "cannot read the broker certificate's expiry"),
         }

@@ -679,13 +679,13 @@ async fn failed_handshakes_are_counted_by_reason() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// PROBE (review-transport): a CA taken out of `tls.ca` by a reload (the end of a CA
-/// rollover) must stop counting. `CertWatch::record` only ever inserts CA expiries, so the
-/// dropped CA's series stays, and once that CA expires `/readyz` answers 503 for good
-/// (until a restart), although every certificate in force is valid.
+/// A CA taken out of `tls.ca` by a reload (the end of a CA rollover) stops counting. The
+/// reload used to only add CA expiries, so the dropped CA's series stayed, and once that
+/// CA expired `/readyz` answered 503 for good (until a restart) and its expiry alert
+/// fired, although every certificate in force was valid.
 #[tokio::test]
-async fn probe_a_ca_dropped_from_the_bundle_does_not_make_the_broker_unready() -> anyhow::Result<()>
-{
+async fn a_ca_dropped_from_the_bundle_by_a_reload_does_not_make_the_broker_unready_when_it_expires()
+-> anyhow::Result<()> {
     let extra = tempfile::tempdir()?;
     let old_ca = trmx_certs::Ca::init(
         &extra.path().join("old-ca"),

@@ -202,6 +202,28 @@ struct Gauges {
     disk: Option<DiskGauge>,
 }
 
+impl Gauges {
+    /// Drops the operator certificates that expired more than
+    /// [`OPERATOR_CERT_AFTERLIFE`] ago. An operator entry is recorded when an operator
+    /// calls, so the one of someone who left (or who was given a certificate under a new
+    /// name) would otherwise stay for good, its gauge negative and its expiry alert
+    /// firing, with nobody left to renew it. The alert still fires for the 30 days before
+    /// and the day after, so the expiry of an operator still at work is seen. (Operator
+    /// certificates never count for `/readyz`: the broker serves without them.)
+    fn forget_departed_operators(&mut self, now: SystemTime) {
+        self.certs.retain(|(role, _), not_after| {
+            *role != CertRole::Operator
+                || not_after
+                    .checked_add(OPERATOR_CERT_AFTERLIFE)
+                    .is_none_or(|gone| now < gone)
+        });
+    }
+}
+
+/// How long the expiry of an operator certificate stays exported after its `not_after`
+/// (see [`Gauges::forget_departed_operators`]).
+pub const OPERATOR_CERT_AFTERLIFE: Duration = Duration::from_secs(86_400);
+
 /// The store's disk, as last measured.
 #[derive(Debug, Clone, Copy)]
 struct DiskGauge {
@@ -485,6 +507,24 @@ impl Metrics {
         self.lock().certs.insert((role, name.to_owned()), not_after);
     }
 
+    /// Replaces every certificate of `role` with `certs` (name, `not_after`): for the
+    /// certificates the broker holds itself (the CA file, its own certificate), whose
+    /// files say all there is. A CA taken out of the CA file at the end of a rollover, or
+    /// a broker certificate renewed under another name, must stop counting: left in, its
+    /// expiry would turn `/readyz` 503 and raise an alert for a certificate no longer in
+    /// use, until a restart.
+    pub fn replace_cert_expiries(
+        &self,
+        role: CertRole,
+        certs: impl IntoIterator<Item = (String, SystemTime)>,
+    ) {
+        let mut gauges = self.lock();
+        gauges.certs.retain(|(r, _), _| *r != role);
+        for (name, not_after) in certs {
+            gauges.certs.insert((role, name), not_after);
+        }
+    }
+
     /// Records the store's disk: `free` bytes on its filesystem, the
     /// `min_free` watermark below which submits are refused, and the `store`
     /// bytes of its files.
@@ -630,7 +670,8 @@ impl Metrics {
             "Time of one store flush (fsync).",
         );
 
-        let gauges = self.lock();
+        let mut gauges = self.lock();
+        gauges.forget_departed_operators(now);
         let now_millis = trmx_proto::time::to_millis(now);
         type QueueField = fn(&QueueGauge, Millis) -> f64;
         let queue_families: [(&str, &str, QueueField); 4] = [
@@ -997,8 +1038,8 @@ mod tests {
             w.out,
             "# HELP x back\\\\slash and\\nnewline \"quoted\"\n# TYPE x gauge\nx{name=\"a\\\"b\\\\c\\nd\"} 1\n"
         );
-        let (metrics, _) = registry();
-        metrics.set_cert_expiry(CertRole::Operator, "ops \"night\"", SystemTime::UNIX_EPOCH);
+        let (metrics, clock) = registry();
+        metrics.set_cert_expiry(CertRole::Operator, "ops \"night\"", clock.now());
         assert!(
             metrics
                 .render()
@@ -1326,5 +1367,77 @@ mod tests {
         );
         metrics.set_store_writable(false);
         assert!(!metrics.readiness().is_ready());
+    }
+    #[test]
+    fn a_replaced_set_of_certificates_forgets_the_ones_left_out() {
+        let (metrics, clock) = registry();
+        let now = clock.now();
+        let years = |n: u64| now + Duration::from_secs(n * 365 * 86_400);
+        metrics.set_store_writable(true);
+        metrics.replace_cert_expiries(
+            CertRole::Ca,
+            [
+                ("old CA".to_owned(), now + Duration::from_secs(60)),
+                ("new CA".to_owned(), years(10)),
+            ],
+        );
+        metrics.replace_cert_expiries(CertRole::Broker, [("broker-1".to_owned(), years(1))]);
+        // the rollover ends, and the broker's certificate is renewed under a new name
+        metrics.replace_cert_expiries(CertRole::Ca, [("new CA".to_owned(), years(10))]);
+        metrics.replace_cert_expiries(CertRole::Broker, [("broker-2".to_owned(), years(1))]);
+        clock.advance(Duration::from_secs(120));
+        assert!(
+            metrics.readiness().is_ready(),
+            "the old CA no longer counts"
+        );
+        assert_eq!(metrics.cert_expiry(CertRole::Ca, "old CA"), None);
+        assert_eq!(metrics.cert_expiry(CertRole::Broker, "broker-1"), None);
+        assert!(metrics.cert_expiry(CertRole::Broker, "broker-2").is_some());
+    }
+
+    #[test]
+    fn an_expired_operator_certificate_is_forgotten_a_day_after_and_never_blocks_readiness() {
+        let (metrics, clock) = registry();
+        let now = clock.now();
+        metrics.set_store_writable(true);
+        metrics.set_cert_expiry(
+            CertRole::Ca,
+            "trmx-ca",
+            now + Duration::from_secs(86_400 * 3650),
+        );
+        metrics.set_cert_expiry(
+            CertRole::Broker,
+            "broker-1",
+            now + Duration::from_secs(86_400 * 365),
+        );
+        metrics.set_cert_expiry(CertRole::Operator, "alice", now + Duration::from_secs(60));
+        metrics.set_cert_expiry(
+            CertRole::Participant,
+            "NL-NRM",
+            now + Duration::from_secs(60),
+        );
+        let series = |name: &str, role: &str| {
+            format!("trmx_certificate_expiry_seconds{{role=\"{role}\",name=\"{name}\"}}")
+        };
+
+        clock.advance(Duration::from_secs(120));
+        assert!(
+            metrics.readiness().is_ready(),
+            "an operator's certificate is not the broker's"
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains(&format!("{} -60\n", series("alice", "operator"))),
+            "{text}"
+        );
+
+        // alice left: a day after her certificate expired, it is no longer exported
+        clock.advance(OPERATOR_CERT_AFTERLIFE);
+        let text = metrics.render();
+        assert!(!text.contains(&series("alice", "operator")), "{text}");
+        assert_eq!(metrics.cert_expiry(CertRole::Operator, "alice"), None);
+        // a participant stays in the registry: its expired certificate still alerts
+        assert!(text.contains(&series("NL-NRM", "participant")), "{text}");
+        assert!(metrics.readiness().is_ready());
     }
 }
