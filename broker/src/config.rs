@@ -123,6 +123,11 @@ pub struct LimitsConfig {
     /// Authenticated TLS connections open at once (pending handshakes do not count).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Authenticated TLS connections of one certificate identity (a participant, an
+    /// operator) open at once, so that one node leaking channels, or one stolen
+    /// certificate, cannot take every one of `max_connections`.
+    #[serde(default = "default_max_connections_per_identity")]
+    pub max_connections_per_identity: usize,
     /// TLS handshakes in progress at once (sockets not yet authenticated).
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: usize,
@@ -138,7 +143,8 @@ pub struct LimitsConfig {
     /// Open `Receive` streams per participant.
     #[serde(default = "default_max_streams_per_participant")]
     pub max_streams_per_participant: usize,
-    /// Time allowed for the TLS handshake.
+    /// Time allowed for the TLS handshake, and then again for the client's HTTP/2
+    /// preface (a client that authenticates and stays silent would hold its slot).
     #[serde(default = "default_handshake_timeout", with = "units::duration")]
     pub handshake_timeout: Duration,
     /// HTTP/2 PING interval on idle connections.
@@ -209,6 +215,7 @@ impl Default for LimitsConfig {
         Self {
             max_envelope_bytes: default_max_envelope_bytes(),
             max_connections: default_max_connections(),
+            max_connections_per_identity: default_max_connections_per_identity(),
             max_handshakes: default_max_handshakes(),
             max_handshakes_per_ip: default_max_handshakes_per_ip(),
             max_concurrent_streams: default_max_concurrent_streams(),
@@ -353,6 +360,12 @@ fn default_max_envelope_bytes() -> u64 {
 }
 fn default_max_connections() -> usize {
     1024
+}
+/// A node needs one connection (its channel multiplexes every RPC); 32 leaves room for
+/// restarts and tools under one name, and it takes 32 identities at their cap to fill
+/// the default `max_connections` of 1024.
+fn default_max_connections_per_identity() -> usize {
+    32
 }
 fn default_max_handshakes() -> usize {
     256
@@ -576,6 +589,11 @@ impl BrokerConfig {
             MAX_ENVELOPE_CEILING,
         )?;
         at_least("limits.max_connections", l.max_connections as u64, 1)?;
+        at_least(
+            "limits.max_connections_per_identity",
+            l.max_connections_per_identity as u64,
+            1,
+        )?;
         at_least("limits.max_handshakes", l.max_handshakes as u64, 1)?;
         at_least(
             "limits.max_handshakes_per_ip",

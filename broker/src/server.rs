@@ -248,6 +248,7 @@ impl BrokerBuilder {
             max_handshakes: limits.max_handshakes,
             max_handshakes_per_ip: limits.max_handshakes_per_ip,
             max_connections: limits.max_connections,
+            max_connections_per_identity: limits.max_connections_per_identity,
             tcp_keepalive: Some(limits.tcp_keepalive),
             ..ListenerLimits::default()
         };

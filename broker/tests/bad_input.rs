@@ -346,20 +346,30 @@ async fn a_failed_flush_refuses_submits_until_the_store_writes_again() -> anyhow
     Ok(())
 }
 
-/// PROBE (review-transport): one participant's connections may take every one of
-/// `limits.max_connections`; the broker has no per-identity cap, and an idle connection
-/// lives for ever (keepalive pings are answered by the client). A node that leaks
-/// channels, or one compromised certificate, shuts every other participant out: their
-/// handshakes complete and are closed at once ("connection limit reached").
+/// One participant's connections could take every one of `limits.max_connections`: a node
+/// that leaks channels, or one stolen certificate, shut every other participant out (their
+/// handshakes completed and were closed at once, "peer closed connection without sending
+/// TLS close_notify"). Now an identity holds at most `limits.max_connections_per_identity`.
 #[tokio::test]
-async fn probe_one_participant_cannot_take_every_connection_slot() -> anyhow::Result<()> {
-    let t = TestBroker::start_with(|c| c.limits.max_connections = 3).await?;
+async fn one_participant_at_its_connection_cap_cannot_shut_the_others_out() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| {
+        c.limits.max_connections = 3;
+        c.limits.max_connections_per_identity = 2;
+    })
+    .await?;
     let mut hog = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..2 {
         let mut nl = t.client("NL-NRM")?; // a channel of its own: a connection of its own
         nl.get_info(pb::GetInfoRequest {}).await?;
         hog.push(nl);
     }
+    // NL-NRM's third connection is refused, though a slot is free
+    let mut third = t.client("NL-NRM")?;
+    let refused = tokio::time::timeout(WAIT, third.get_info(pb::GetInfoRequest {})).await;
+    assert!(
+        matches!(refused, Ok(Err(_))),
+        "NL-NRM got a third connection over its cap of 2: {refused:?}"
+    );
     let mut be = t.client("BE-PAYOKE")?;
     let answer = tokio::time::timeout(WAIT, be.get_info(pb::GetInfoRequest {})).await;
     assert!(

@@ -11,7 +11,8 @@
 //!   longer verifies. [`CrlPolicy`] / [`CrlStatus`] cover a CRL past its `nextUpdate`.
 //! - [`listener`] — [`incoming`] — the accept loop (concurrent handshakes with a timeout,
 //!   in a budget of their own with a per-address cap, so unauthenticated sockets cannot
-//!   take the slots of authenticated connections; a connection cap, TCP keepalive,
+//!   take the slots of authenticated connections; a connection cap, and one per
+//!   certificate identity; a bound on the wait for the HTTP/2 preface; TCP keepalive,
 //!   shutdown future) yielding [`TlsConn`]s for
 //!   `tonic::transport::Server::serve_with_incoming_shutdown`. Failed handshakes are
 //!   counted by [`HandshakeFailure`] in the [`ServerTls`].

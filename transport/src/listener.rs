@@ -15,12 +15,20 @@
 //!    finishes well within it); otherwise the new socket is closed. Holding the budget then
 //!    takes opening handshakes from many sources faster than that age, not once per
 //!    [`ListenerLimits::handshake_timeout`].
-//! 3. Only a completed mutual handshake takes one of [`ListenerLimits::max_connections`]
-//!    slots, held until the connection is dropped; with none free it is closed at once.
+//! 3. A completed mutual handshake takes one of [`ListenerLimits::max_connections_per_identity`]
+//!    places of its certificate's identity (`participant NL-NRM`, `operator alice`; the
+//!    subject for a certificate without one), then one of [`ListenerLimits::max_connections`]
+//!    slots, both held until the connection is dropped; with either full it is closed at
+//!    once. So one node that leaks channels, or one stolen certificate, cannot take every
+//!    slot and shut the other participants out: it only shuts out itself.
+//! 4. An established connection has [`ListenerLimits::handshake_timeout`] again to send the
+//!    HTTP/2 connection preface; one that sends nothing is closed, so that it does not hold
+//!    its places for ever (hyper's keepalive only starts after the preface).
 //!
-//! Every refusal and eviction is reported as a `warn` line (reason, peer address, the limit,
-//! and how many there were since the previous line for that reason), at most one line per
-//! reason every ten seconds, so a flood of sockets cannot flood the log.
+//! Every refusal and eviction is reported as a `warn` line (reason, peer address, the
+//! identity once known, the limit, and how many there were since the previous line for that
+//! reason), at most one line per reason every ten seconds, so a flood of sockets cannot
+//! flood the log.
 //!
 //! # Failed handshakes
 //! Each is counted by [`HandshakeFailure`] reason in the [`ServerTls`]
@@ -33,6 +41,9 @@
 //! - A pending handshake is counted once in `Pending::by_age` and once in
 //!   `Pending::per_source`, from admission until its task ends or it is evicted, whichever
 //!   comes first; the counts never exceed the limits.
+//! - An established connection is counted once in `Gate::per_identity` (by its
+//!   [`IdentitySlot`]) from its handshake until it is dropped; an identity with no
+//!   connection has no entry, so the map holds only identities connected now.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -56,12 +67,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
-use crate::server::{CloseSignal, Registration, ServerTls};
+use crate::server::{CloseSignal, Registration, ServerTls, peer_name};
 
 /// Bounds on the accept loop (see the [module docs](self) for how they combine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenerLimits {
-    /// Time a client has from TCP accept to a completed TLS handshake.
+    /// Time a client has from TCP accept to a completed TLS handshake, and then again to
+    /// send the HTTP/2 connection preface.
     pub handshake_timeout: Duration,
     /// TLS handshakes in progress at once (sockets not yet authenticated).
     pub max_handshakes: usize,
@@ -74,6 +86,10 @@ pub struct ListenerLimits {
     /// Established, authenticated connections; one that completes its handshake beyond it
     /// is closed at once. Pending handshakes do not count.
     pub max_connections: usize,
+    /// Established connections of one certificate identity (a participant, an operator);
+    /// one beyond it is closed at once, whatever `max_connections` has left. Keep it well
+    /// below `max_connections`, so that one identity cannot take every slot.
+    pub max_connections_per_identity: usize,
     /// TCP keepalive idle time set on accepted sockets; `None` leaves the OS default.
     pub tcp_keepalive: Option<Duration>,
 }
@@ -86,6 +102,7 @@ impl Default for ListenerLimits {
             max_handshakes_per_ip: 8,
             handshake_eviction_age: Duration::from_secs(2),
             max_connections: 1024,
+            max_connections_per_identity: 32,
             tcp_keepalive: Some(Duration::from_secs(60)),
         }
     }
@@ -102,9 +119,22 @@ pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     close: Arc<CloseSignal>,
     remote_addr: SocketAddr,
+    /// Until the peer has sent the HTTP/2 preface: when it must have, and how many of its
+    /// bytes are still to come.
+    preface: Option<PrefaceDeadline>,
     _registration: Registration,
     _permit: OwnedSemaphorePermit,
+    identity: IdentitySlot,
 }
+
+/// The bound on a connection that completed TLS but has not sent the HTTP/2 preface.
+struct PrefaceDeadline {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    remaining: usize,
+}
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n` (RFC 9113 §3.4), what every HTTP/2 client sends first.
+const HTTP2_PREFACE_LEN: usize = 24;
 
 impl std::fmt::Debug for TlsConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,7 +180,28 @@ impl AsyncRead for TlsConn {
         if this.close.is_closed() {
             return Poll::Ready(Err(aborted()));
         }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some(preface) = &mut this.preface {
+            let got = buf.filled().len().saturating_sub(before);
+            preface.remaining = preface.remaining.saturating_sub(got);
+            if preface.remaining == 0 {
+                this.preface = None;
+            } else if read.is_pending() && preface.deadline.as_mut().poll(cx).is_ready() {
+                let slot = &this.identity;
+                slot.gate.refusals.report_identity(
+                    Refusal::NoPreface,
+                    this.remote_addr,
+                    &slot.identity,
+                    duration_secs(slot.gate.limits.handshake_timeout),
+                );
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no HTTP/2 connection preface in time",
+                )));
+            }
+        }
+        read
     }
 }
 
@@ -346,16 +397,23 @@ async fn handshake(
         tracing::debug!(peer = %peer, "tls handshake without client certificate");
         return None;
     };
+    // The identity's place first: one at its cap must not take a slot from the others.
+    let identity = gate.take_identity_slot(peer_name(certs), peer)?;
     let permit = gate.take_slot(peer)?;
     let certs = Arc::new(certs.to_vec());
     let (registration, close) = tls.register(certs, loaded.generation(), peer);
-    tracing::debug!(peer = %peer, "tls connection established");
+    tracing::debug!(peer = %peer, identity = %identity.identity, "tls connection established");
     Some(TlsConn {
         stream,
         close,
         remote_addr: peer,
+        preface: Some(PrefaceDeadline {
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            remaining: HTTP2_PREFACE_LEN,
+        }),
         _registration: registration,
         _permit: permit,
+        identity,
     })
 }
 
@@ -523,6 +581,8 @@ struct Gate {
     limits: ListenerLimits,
     pending: Mutex<Pending>,
     slots: Arc<Semaphore>,
+    /// Established connections by certificate identity (see the module's `# Invariants`).
+    per_identity: Mutex<HashMap<String, usize>>,
     refusals: Refusals,
 }
 
@@ -534,8 +594,43 @@ impl Gate {
             slots: Arc::new(Semaphore::new(
                 limits.max_connections.min(Semaphore::MAX_PERMITS),
             )),
+            per_identity: Mutex::new(HashMap::new()),
             refusals: Refusals::default(),
         }
+    }
+
+    fn per_identity(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        // Single increments and decrements: a poisoned lock still guards consistent counts.
+        self.per_identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place among the connections of `identity`, which `peer` authenticated as; `None`
+    /// (reported) when it has `max_connections_per_identity` open.
+    fn take_identity_slot(
+        self: &Arc<Self>,
+        identity: String,
+        peer: SocketAddr,
+    ) -> Option<IdentitySlot> {
+        let mut per_identity = self.per_identity();
+        let open = per_identity.get(&identity).copied().unwrap_or(0);
+        if open >= self.limits.max_connections_per_identity {
+            drop(per_identity); // (not held while logging)
+            self.refusals.report_identity(
+                Refusal::IdentityLimit,
+                peer,
+                &identity,
+                self.limits.max_connections_per_identity as u64,
+            );
+            return None;
+        }
+        per_identity.insert(identity.clone(), open + 1);
+        drop(per_identity);
+        Some(IdentitySlot {
+            gate: self.clone(),
+            identity,
+        })
     }
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
@@ -589,6 +684,24 @@ impl Gate {
                 .report(Refusal::ConnectionLimit, peer, self.limits.max_connections);
         }
         permit
+    }
+}
+
+/// A connection's place among those of its identity, given back when dropped.
+struct IdentitySlot {
+    gate: Arc<Gate>,
+    identity: String,
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut per_identity = self.gate.per_identity();
+        if let Entry::Occupied(mut open) = per_identity.entry(std::mem::take(&mut self.identity)) {
+            *open.get_mut() -= 1;
+            if *open.get() == 0 {
+                open.remove();
+            }
+        }
     }
 }
 
@@ -713,19 +826,30 @@ enum Refusal {
     Evicted,
     /// Authenticated, but all `max_connections` slots were taken.
     ConnectionLimit,
+    /// Authenticated, but its identity had `max_connections_per_identity` open.
+    IdentityLimit,
+    /// Authenticated, but sent no HTTP/2 preface within `handshake_timeout`.
+    NoPreface,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 4] = [
+    const ALL: [Refusal; 6] = [
         Refusal::SourceBusy,
         Refusal::HandshakesBusy,
         Refusal::Evicted,
         Refusal::ConnectionLimit,
+        Refusal::IdentityLimit,
+        Refusal::NoPreface,
     ];
 
     fn index(self) -> usize {
         self as usize
     }
+}
+
+/// Whole seconds of `d`, rounded up (a limit in a log line).
+fn duration_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// How often at most one reason's refusals are logged.
@@ -815,6 +939,35 @@ impl Refusals {
                 max_connections = limit,
                 refused,
                 "connection limit reached, closing new connection"
+            ),
+            // reported by `report_identity`, which names the identity
+            Refusal::IdentityLimit | Refusal::NoPreface => {}
+        }
+    }
+
+    /// A refusal of an authenticated connection: the line names its certificate's
+    /// identity, since its address alone may be a shared NAT's. `limit` is
+    /// `max_connections_per_identity`, or the seconds of `handshake_timeout`.
+    fn report_identity(&self, refusal: Refusal, peer: SocketAddr, identity: &str, limit: u64) {
+        let Some(refused) = self.throttle.count(refusal.index()) else {
+            return;
+        };
+        match refusal {
+            // a node leaking channels, or a certificate in the wrong hands
+            Refusal::NoPreface => tracing::warn!(
+                peer = %peer.ip(),
+                identity,
+                handshake_timeout_secs = limit,
+                refused,
+                "no http/2 preface within the handshake timeout after the tls handshake, \
+                 closing connection"
+            ),
+            _ => tracing::warn!(
+                peer = %peer.ip(),
+                identity,
+                max_connections_per_identity = limit,
+                refused,
+                "connection limit of one identity reached, closing its new connection"
             ),
         }
     }

@@ -666,7 +666,7 @@ impl ServerTls {
 
 /// Who holds a certificate chain, for a log line: the trmx identity of the leaf
 /// (`participant BE-PAYOKE`), else its subject.
-fn peer_name(certs: &[CertificateDer<'static>]) -> String {
+pub(crate) fn peer_name(certs: &[CertificateDer<'static>]) -> String {
     let Some(leaf) = certs.first() else {
         return "no certificate".to_owned();
     };

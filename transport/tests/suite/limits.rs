@@ -181,3 +181,76 @@ async fn a_full_handshake_budget_closes_the_oldest_pending_handshake_for_a_new_o
     assert!(closed_within(&mut sockets[0], Duration::from_secs(5)).await);
     assert!(!closed_within(&mut sockets[1], Duration::from_millis(100)).await);
 }
+
+#[tokio::test]
+async fn an_identity_at_its_connection_cap_is_refused_while_others_get_in() {
+    let fx = Fixture::new();
+    let nl = fx.fed.participant("NL-NRM").unwrap();
+    let be = fx.fed.participant("BE-PAYOKE").unwrap();
+    let limits = ListenerLimits {
+        max_connections: 4,
+        max_connections_per_identity: 2,
+        ..Default::default()
+    };
+    let server = Server::start(fx.server_tls(Default::default()), limits).await;
+    let mut first = health(server.addr, &fx.paths(&nl));
+    first.check(check_request()).await.unwrap();
+    let mut second = health(server.addr, &fx.paths(&nl));
+    second.check(check_request()).await.unwrap();
+    let nl_config = client_config(&fx.paths(&nl)).unwrap();
+    assert!(
+        !raw_accepted(server.addr, nl_config.clone()).await.unwrap(),
+        "a third connection of NL-NRM, with slots free"
+    );
+    let be_config = client_config(&fx.paths(&be)).unwrap();
+    assert!(raw_accepted(server.addr, be_config).await.unwrap());
+    // its place comes back once one of its connections is gone
+    drop(first);
+    assert!(
+        eventually(Duration::from_secs(5), || server.tls.open_connections()
+            == 1)
+        .await
+    );
+    assert!(raw_accepted(server.addr, nl_config).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_no_http2_preface_is_closed_after_the_handshake_timeout() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let limits = ListenerLimits {
+        handshake_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let server = Server::start(fx.server_tls(Default::default()), limits).await;
+    let config = client_config(&fx.paths(&node)).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || server.tls.open_connections()
+            == 1)
+        .await
+    );
+    // authenticated, then silent: the server's settings come, then the close
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a silent authenticated connection stays open"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || server.tls.open_connections()
+            == 0)
+        .await
+    );
+}
