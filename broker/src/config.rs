@@ -567,6 +567,25 @@ impl BrokerConfig {
                 return Err(BrokerError::config(field, "must not be empty"));
             }
         }
+        match &self.tls.crl {
+            Some(crl) if crl.as_os_str().is_empty() => {
+                return Err(BrokerError::config(
+                    "tls.crl",
+                    "must not be empty (leave it out to check no revocation)",
+                ));
+            }
+            // The strictest revocation setting with no CRL at all would check nothing, and
+            // say nothing: most likely a `crl` line left out or commented out by mistake.
+            None if self.tls.crl_policy == CrlPolicyConfig::Strict => {
+                return Err(BrokerError::config(
+                    "tls.crl",
+                    "is required with tls.crl_policy = \"strict\": without a CRL no \
+                     certificate's revocation is checked; set tls.crl to the federation CA's \
+                     CRL file, or tls.crl_policy = \"warn\" to run without one",
+                ));
+            }
+            _ => {}
+        }
         at_least_duration(
             "tls.crl_reload_interval",
             self.tls.crl_reload_interval,

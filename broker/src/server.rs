@@ -879,7 +879,17 @@ fn check_data_dir(dir: &Path) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// Loads the TLS files as at start; also what `check-config` runs, so that its warnings
+/// show there too.
 fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
+    if config.tls.crl.is_none() {
+        // Allowed (a test federation, a first set-up), but never silently: a certificate
+        // revoked because its key leaked would still get in.
+        warn!(
+            "no tls.crl configured: revocation is not checked, a revoked certificate is \
+             accepted; set tls.crl to the federation CA's CRL file"
+        );
+    }
     let paths = TlsPaths {
         ca: config.tls.ca.clone(),
         cert: config.tls.cert.clone(),

@@ -219,11 +219,12 @@ fn check_config_shows_what_loading_warns_about() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// PROBE (review-transport): `crl_policy = "strict"` without a `crl` is accepted without
-/// a word, and the broker runs with no revocation check at all: an operator who asked for
-/// the strictest revocation setting gets none (a missing/commented-out `crl` line).
-#[tokio::test]
-async fn probe_a_strict_crl_policy_without_a_crl_is_refused() -> anyhow::Result<()> {
+/// `crl_policy = "strict"` without a `crl` was accepted without a word, and the broker ran
+/// with no revocation check at all: an operator who asked for the strictest revocation
+/// setting got none (a missing or commented-out `crl` line). It is refused, naming
+/// `tls.crl`; and a broker without a CRL says so (a warning at start and in check-config).
+#[test]
+fn a_strict_crl_policy_without_a_crl_is_refused_and_no_crl_is_warned_about() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = Pki::create(dir.path())?;
     let mut config = test_config(dir.path().join("data"), pki.tls.clone());
@@ -231,8 +232,28 @@ async fn probe_a_strict_crl_policy_without_a_crl_is_refused() -> anyhow::Result<
     config.tls.crl_policy = trmx_broker::config::CrlPolicyConfig::Strict;
     let checked = trmx_broker::check_config(&config);
     assert!(
-        checked.is_err(),
-        "crl_policy = \"strict\" with no tls.crl passed check-config: revocation is off"
+        checked
+            .as_ref()
+            .is_err_and(|e| e.to_string().starts_with("config: tls.crl is required")),
+        "crl_policy = \"strict\" with no tls.crl passed check-config: {checked:?}"
+    );
+
+    // "warn" without a CRL runs, but not silently
+    config.tls.crl_policy = trmx_broker::config::CrlPolicyConfig::Warn;
+    let config_file = dir.path().join("broker.toml");
+    std::fs::write(&config_file, config.to_toml()?)?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config_file)
+        .env_remove("TRMX_BROKER_CONFIG")
+        .env_remove("TRMX_LOG")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("no tls.crl configured"),
+        "{stderr}"
     );
     Ok(())
 }
