@@ -117,6 +117,24 @@ pub enum TransportError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A reload found a CRL older than the one in force for the same CA (a lower
+    /// `crlNumber`, or without one an earlier `thisUpdate`): loading it would un-revoke the
+    /// certificates revoked since.
+    #[error(
+        "CRL {}: the CRL of {issuer} is older than the one in force ({comparison}), a copy \
+         restored from a backup? Loading it would un-revoke certificates, so the CRL in force \
+         stays; install the CA's current CRL (trmx-certs crl rewrites it) and reload",
+        path.display()
+    )]
+    CrlOlder {
+        /// The CRL file.
+        path: PathBuf,
+        /// The CA whose CRL it is (its subject).
+        issuer: String,
+        /// The file's CRL against the one in force: `crlNumber 6 < crlNumber 7`, or their
+        /// `thisUpdate`s without a number.
+        comparison: String,
+    },
     /// rustls refused the assembled configuration.
     #[error("{file} {}: {error}", path.display())]
     Config {
@@ -179,6 +197,7 @@ impl TransportError {
             | TransportError::Invalid { file, .. }
             | TransportError::Config { file, .. }
             | TransportError::Verifier { file, .. } => one(*file),
+            TransportError::CrlOlder { .. } => &[TlsFile::Crl],
             TransportError::KeyMismatch { .. } => &[TlsFile::Key, TlsFile::Cert],
             TransportError::NotIssuedByCa { .. } => &[TlsFile::Cert, TlsFile::Ca],
             TransportError::NotServerCertificate { .. } => &[TlsFile::Cert],

@@ -89,6 +89,48 @@ pub(crate) fn roots(path: &Path) -> Result<Arc<RootCertStore>, TransportError> {
 pub(crate) struct Crls {
     pub(crate) ders: Vec<CertificateRevocationListDer<'static>>,
     pub(crate) next_update: Option<SystemTime>,
+    /// How recent each CRL is, in file order (one per entry of `ders`).
+    pub(crate) versions: Vec<CrlVersion>,
+}
+
+/// How recent one CRL is, for telling a CRL restored from a backup from a newer one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CrlVersion {
+    /// Its issuer's name (DER), and the issuer's key identifier when the CRL names it: a
+    /// new CA of the same name (another key) starts its own count.
+    pub(crate) issuer: (Vec<u8>, Option<Vec<u8>>),
+    /// The issuer's name, for a message.
+    pub(crate) issuer_name: String,
+    /// `crlNumber` (RFC 5280 §5.2.3: grows with every CRL of the issuer), if present.
+    pub(crate) number: Option<x509_parser::num_bigint::BigUint>,
+    /// `thisUpdate`, in Unix seconds.
+    pub(crate) this_update: i64,
+}
+
+impl CrlVersion {
+    /// Whether this CRL came before `loaded` (the same issuer's): a lower `crlNumber`, or,
+    /// when either has none, an earlier `thisUpdate`. The same CRL is not older.
+    pub(crate) fn is_older_than(&self, loaded: &CrlVersion) -> bool {
+        match (&self.number, &loaded.number) {
+            (Some(new), Some(old)) => new < old,
+            _ => self.this_update < loaded.this_update,
+        }
+    }
+
+    /// `crlNumber 7`, or `thisUpdate 2026-11-30T00:00:00Z` without one (in the terms of
+    /// the comparison with `other`).
+    pub(crate) fn describe(&self, other: &CrlVersion) -> String {
+        match (&self.number, &other.number) {
+            (Some(number), Some(_)) => format!("crlNumber {number}"),
+            _ => match u64::try_from(self.this_update) {
+                Ok(secs) => format!(
+                    "thisUpdate {}",
+                    trmx_certs::format_time(UNIX_EPOCH + Duration::from_secs(secs))
+                ),
+                Err(_) => format!("thisUpdate {} (Unix seconds)", self.this_update),
+            },
+        }
+    }
 }
 
 /// The CRLs in a file, checked to be parseable: every `X509 CRL` block of a PEM file, or,
@@ -103,14 +145,44 @@ pub(crate) fn crls(path: &Path) -> Result<Crls, TransportError> {
         ders.push(der_crl(path, bytes)?);
     }
     let mut next_update: Option<SystemTime> = None;
+    let mut versions = Vec::with_capacity(ders.len());
     for der in &ders {
         let at = crl_next_update(path.to_owned(), der.as_ref())?;
         next_update = Some(match next_update {
             Some(earliest) if earliest <= at => earliest,
             _ => at,
         });
+        versions.push(crl_version(path, der.as_ref())?);
     }
-    Ok(Crls { ders, next_update })
+    Ok(Crls {
+        ders,
+        next_update,
+        versions,
+    })
+}
+
+/// The issuer, `crlNumber` and `thisUpdate` of one DER CRL.
+fn crl_version(path: &Path, der: &[u8]) -> Result<CrlVersion, TransportError> {
+    let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| TransportError::Invalid {
+        file: TlsFile::Crl,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let key_id = crl
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|id| id.0.to_vec())
+            }
+            _ => None,
+        });
+    Ok(CrlVersion {
+        issuer: (crl.issuer().as_raw().to_vec(), key_id),
+        issuer_name: crl.issuer().to_string(),
+        number: crl.crl_number().cloned(),
+        this_update: crl.last_update().timestamp(),
+    })
 }
 
 /// `bytes` as exactly one DER CRL; the error says the file is neither PEM nor DER.
@@ -144,4 +216,37 @@ fn crl_next_update(path: PathBuf, der: &[u8]) -> Result<SystemTime, TransportErr
     let secs = next.timestamp();
     let secs = u64::try_from(secs).map_err(|_| invalid("nextUpdate before 1970".to_owned()))?;
     Ok(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(number: Option<u32>, this_update: i64) -> CrlVersion {
+        CrlVersion {
+            issuer: (b"ca".to_vec(), None),
+            issuer_name: "CN=ca".to_owned(),
+            number: number.map(x509_parser::num_bigint::BigUint::from),
+            this_update,
+        }
+    }
+
+    #[test]
+    fn a_crl_is_older_by_its_number_or_without_one_by_its_this_update() {
+        // the number decides, whatever the times (a CRL re-signed with a clock set back)
+        assert!(version(Some(6), 2_000).is_older_than(&version(Some(7), 1_000)));
+        assert!(!version(Some(8), 1_000).is_older_than(&version(Some(7), 2_000)));
+        assert!(!version(Some(7), 1_000).is_older_than(&version(Some(7), 1_000)));
+        // without a number on either side, thisUpdate
+        assert!(version(None, 1_000).is_older_than(&version(Some(7), 2_000)));
+        assert!(!version(None, 2_000).is_older_than(&version(None, 2_000)));
+        assert_eq!(
+            version(None, 0).describe(&version(Some(7), 0)),
+            "thisUpdate 1970-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            version(Some(7), 0).describe(&version(Some(8), 0)),
+            "crlNumber 7"
+        );
+    }
 }

@@ -108,6 +108,8 @@ pub(crate) struct Loaded {
     pub(crate) config: Arc<ServerConfig>,
     verifier: Arc<dyn ClientCertVerifier>,
     crl_next_update: Option<SystemTime>,
+    /// How recent each loaded CRL is, so that a reload can refuse an older one.
+    crl_versions: Vec<pem::CrlVersion>,
     generation: u64,
 }
 
@@ -198,9 +200,11 @@ fn build(
 
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     let mut crl_next_update = None;
+    let mut crl_versions = Vec::new();
     if let Some(crls) = crls {
         builder = builder.with_crls(crls.ders);
         crl_next_update = crls.next_update;
+        crl_versions = crls.versions;
     }
     if policy == CrlPolicy::Strict {
         builder = builder.enforce_revocation_expiration();
@@ -238,8 +242,37 @@ fn build(
         config: Arc::new(config),
         verifier,
         crl_next_update,
+        crl_versions,
         generation,
     })
+}
+
+/// Refuses a CRL older than the one in force for the same CA: a crl.pem restored from a
+/// backup (or an old copy deployed by mistake) would silently un-revoke every certificate
+/// revoked since, and a revoked key that leaked would get back in. A CA new to the file
+/// (a rollover) has nothing to compare with; a CA gone from it is not checked.
+fn check_crls_not_older(
+    crl: &Path,
+    loaded: &[pem::CrlVersion],
+    new: &[pem::CrlVersion],
+) -> Result<(), TransportError> {
+    for found in new {
+        let in_force = loaded.iter().find(|old| old.issuer == found.issuer);
+        if let Some(in_force) = in_force
+            && found.is_older_than(in_force)
+        {
+            return Err(TransportError::CrlOlder {
+                path: crl.to_owned(),
+                issuer: found.issuer_name.clone(),
+                comparison: format!(
+                    "{} < {}",
+                    found.describe(in_force),
+                    in_force.describe(found)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The error for rustls refusing `paths`' certificate and key together: a key that is not
@@ -512,7 +545,10 @@ impl ServerTls {
     /// (revoked, expired, or — under [`CrlPolicy::Strict`] — checked against a stale CRL)
     /// closed; those connections fail their next read or write at once.
     ///
-    /// On error the old config stays in force and no connection is touched.
+    /// On error the old config stays in force and no connection is touched. A CRL older
+    /// than the one in force for the same CA (a lower `crlNumber`, or without one an
+    /// earlier `thisUpdate`) is such an error: a crl.pem restored from a backup must not
+    /// un-revoke certificates.
     ///
     /// Concurrent calls (SIGHUP and the reload interval) run one after the other, so the
     /// files read by the last one to start are the ones in force when it returns.
@@ -528,13 +564,17 @@ impl ServerTls {
             .reload_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let generation = self.inner.state.load().generation + 1;
+        let in_force = self.inner.state.load_full();
+        let generation = in_force.generation + 1;
         let loaded = Arc::new(build(
             &self.inner.paths,
             self.inner.crl_path.as_deref(),
             self.inner.policy,
             generation,
         )?);
+        if let Some(crl) = self.inner.crl_path.as_deref() {
+            check_crls_not_older(crl, &in_force.crl_versions, &loaded.crl_versions)?;
+        }
         // Swap first, then snapshot: a connection registering after the snapshot sees the
         // new generation and checks itself (see `register`).
         self.inner.state.store(loaded.clone());

@@ -353,3 +353,45 @@ async fn a_channel_reconnects_with_the_renewed_certificate_after_the_old_is_revo
     );
     server.stop().await;
 }
+
+/// A crl.pem restored from a backup used to be loaded like any other, and silently
+/// un-revoked every certificate revoked since. A reload now refuses a CRL whose
+/// `crlNumber` is below the one in force for the same CA, and keeps the one in force.
+#[tokio::test]
+async fn a_crl_older_than_the_one_in_force_is_refused_on_reload() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let server = Server::start(fx.server_tls(CrlPolicy::Warn), ListenerLimits::default()).await;
+    let backup = fx.dir.path().join("crl.pem.backup");
+    std::fs::copy(fx.crl(), &backup).unwrap();
+    // the second CRL: NL-NRM revoked
+    fx.fed.revoke(&node).unwrap();
+    let generation = server.tls.reload().unwrap().generation;
+    let current = std::fs::read(fx.crl()).unwrap();
+    let node_config = client_config(&fx.paths(&node)).unwrap();
+    assert!(
+        !raw_accepted(server.addr, node_config.clone())
+            .await
+            .unwrap()
+    );
+
+    // the first CRL comes back from the backup
+    std::fs::copy(&backup, fx.crl()).unwrap();
+    let err = server.tls.reload().unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&fx.crl().display().to_string())
+            && msg.contains("older than the one in force")
+            && msg.contains("crlNumber"),
+        "{msg}"
+    );
+    assert_eq!(err.files(), [trmx_transport::TlsFile::Crl]);
+    assert!(
+        !raw_accepted(server.addr, node_config).await.unwrap(),
+        "the restored CRL un-revoked NL-NRM"
+    );
+
+    // the current CRL again (the same one: not older) reloads
+    std::fs::write(fx.crl(), current).unwrap();
+    assert_eq!(server.tls.reload().unwrap().generation, generation + 1);
+}
