@@ -49,6 +49,15 @@ async fn every_bad_submit_gets_its_code_and_stores_nothing() -> anyhow::Result<(
             "envelope.recipient",
         ),
         (
+            "an id of the broker's receipt space (UUIDv5)",
+            Box::new(|e| {
+                let original = trmx_proto::MessageId::new_v7();
+                e.message_id = trmx_proto::MessageId::receipt_id(original, "DELIVERED").to_string();
+            }),
+            Code::InvalidArgument,
+            "envelope.message_id",
+        ),
+        (
             "malformed case_ref",
             Box::new(|e| e.case_ref = "Jane Doe".into()),
             Code::InvalidArgument,

@@ -100,6 +100,13 @@ impl SubmitEnvelope {
             ParticipantId::parse(&envelope.sender).map_err(|e| e.within("envelope.sender"))?;
         }
         let common = check_common(envelope)?;
+        if common.message_id.is_broker_made() {
+            return Err(ValidationError::new(
+                "envelope.message_id",
+                "must not be a UUIDv5: version 5 ids are the broker's own (receipts); \
+                 use a fresh UUIDv7",
+            ));
+        }
         Ok(Self {
             message_id: common.message_id,
             recipient: common.recipient,
@@ -341,6 +348,15 @@ mod tests {
             (
                 "envelope.message_id",
                 Box::new(|e| e.message_id = e.message_id.to_uppercase()),
+            ),
+            // the broker's receipt id space: a message there could share its id with
+            // a receipt of the same recipient
+            (
+                "envelope.message_id",
+                Box::new(|e| {
+                    e.message_id =
+                        MessageId::receipt_id(MessageId::new_v7(), "DELIVERED").to_string()
+                }),
             ),
             (
                 "envelope.recipient",

@@ -116,6 +116,12 @@ impl MessageId {
         Self(uuid::Uuid::now_v7())
     }
 
+    /// Whether this is an id of the broker's own space (UUIDv5, see
+    /// [`Self::receipt_id`]), which no participant may submit.
+    pub fn is_broker_made(&self) -> bool {
+        self.0.get_version_num() == 5
+    }
+
     /// The id of the broker-made receipt for `original` with `outcome`:
     /// UUIDv5 of (original id, outcome name), so that a repeated receipt is
     /// recognisably the same message.
