@@ -1239,6 +1239,17 @@ impl NodeCore {
         };
         let how = match at_broker {
             Ok(()) => "withdrawn on the broker",
+            // (a failed message the broker no longer holds: its payload is gone there
+            // already, and its failure is kept as it was)
+            Err(status)
+                if status.code() == tonic::Code::NotFound && entry.state == OutboxState::Failed =>
+            {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "message {id} failed ({}) and the broker no longer holds it: there is \
+                     nothing left to withdraw",
+                    entry.failure.as_ref().map_or("", |f| f.outcome.as_str())
+                )));
+            }
             Err(status) if status.code() == tonic::Code::NotFound => {
                 "the broker does not hold it (it never arrived, or the broker lost it): withdrawn here"
             }

@@ -202,6 +202,17 @@ pub(crate) struct OutRec {
     retain_until: Option<String>,
 }
 
+impl OutRec {
+    /// Whether this message of ours certainly never reached its recipient: it failed
+    /// before the broker took it (refused at submit, withdrawn while queued, erased
+    /// unsent), and nothing answered it.
+    fn never_arrived(&self) -> bool {
+        self.state == OutboxState::Failed
+            && self.submitted_at.is_none()
+            && self.answered_by.is_none()
+    }
+}
+
 /// An inbox entry as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct InRec {
@@ -1809,10 +1820,12 @@ impl Store {
     }
 
     /// The latest `retain_until` of the messages of `case` that carry one, as this node
-    /// knows them; `None` when none does. A message of ours that failed (expired,
-    /// refused, withdrawn) does not count: its recipient never had it, so the case's
-    /// other bodies must not outlive the dates the partners know. It keeps its own body
-    /// until its own date.
+    /// knows them; `None` when none does. A message of ours that certainly never reached
+    /// its recipient ([`OutRec::never_arrived`]) does not count, so that the case's other
+    /// bodies do not outlive the dates the partners know; it keeps its own body until its
+    /// own date. One that failed after the broker took it (expired, dead-lettered,
+    /// withdrawn, purged) still counts: its recipient may have stored it, and a redrive
+    /// may yet deliver it.
     fn case_retain_until(&self, case: CaseRef) -> Result<Option<Date>, NodeError> {
         let mut latest = None;
         for item in self.trees[CASES].scan_prefix(case.as_bytes()) {
@@ -1820,7 +1833,7 @@ impl Store {
             let id = case_key_id(&key)?;
             let until = if value.first() == Some(&DIR_SENT) {
                 self.out_rec(id)?
-                    .filter(|r| r.state != OutboxState::Failed)
+                    .filter(|r| !r.never_arrived())
                     .and_then(|r| r.retain_until)
             } else {
                 self.inbox_rec_by_mid(id)?.and_then(|r| r.retain_until)

@@ -857,49 +857,72 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
     }
 }
 
-/// A request of ours that failed (expired, refused, withdrawn) never reached its
-/// recipient, so its date does not extend its case: the case's other bodies go
-/// when the dates the partners know have passed.
+/// A request of ours that certainly never reached its recipient (withdrawn while
+/// still queued) does not extend its case: the case's other bodies go when the dates
+/// the partners know have passed. One that expired after the broker took it still
+/// counts: its recipient may have stored it, and a redrive may yet deliver it.
 #[tokio::test]
-async fn a_failed_request_does_not_extend_its_cases_retention() {
+async fn a_request_that_never_left_does_not_extend_its_cases_retention() {
     let f = fixture().await;
-    // a referral kept until 2032-12-31, and a follow-up about the same person
-    let referral =
-        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
-            .await
-            .unwrap();
-    deliver(&f.nl, &f.be, referral.message_id).await;
-    let mut news = request("k-2", "NL-NRM", follow_up());
-    news.case_ref = Some(referral.case_ref);
-    let news = f.be.send(news).await.unwrap();
-    deliver(&f.be, &f.nl, news.message_id).await;
-    // a request that would keep the case until 2034-12-31 expires on its way
-    let longer = body(
-        Kind::ReturnRiskAssessmentRequest,
-        &include_str!("../../../proto/examples/04-return-risk-assessment-request.json")
-            .replace("2032-12-31", "2034-12-31"),
+    let longer = || {
+        body(
+            Kind::ReturnRiskAssessmentRequest,
+            &include_str!("../../../proto/examples/04-return-risk-assessment-request.json")
+                .replace("2032-12-31", "2034-12-31"),
+        )
+    };
+    // Two cases, each with a referral kept until 2032-12-31, a follow-up about the
+    // same person, and a request that would keep the case until 2034-12-31.
+    let mut cases = Vec::new();
+    for n in 0..2 {
+        let referral =
+            f.nl.send(request(&format!("r-{n}"), "BE-PAYOKE", referral()))
+                .await
+                .unwrap();
+        deliver(&f.nl, &f.be, referral.message_id).await;
+        let mut news = request(&format!("n-{n}"), "NL-NRM", follow_up());
+        news.case_ref = Some(referral.case_ref);
+        let news = f.be.send(news).await.unwrap();
+        deliver(&f.be, &f.nl, news.message_id).await;
+        let mut late = request(&format!("l-{n}"), "BE-PAYOKE", longer());
+        late.case_ref = Some(referral.case_ref);
+        let late = f.nl.send(late).await.unwrap();
+        cases.push((referral, news, late));
+    }
+    // case 0: the request is withdrawn before it ever left the node
+    let (_, never_news, never) = &cases[0];
+    assert!(matches!(
+        f.nl.withdraw(never.message_id).await.unwrap(),
+        Withdrawal::BrokerPending
+    ));
+    // case 1: the request expired after the broker took it
+    let (_, expired_news, expired) = &cases[1];
+    f.nl.inner
+        .store
+        .mark_submitted(expired.message_id, 1)
+        .unwrap();
+    let report = receipt_envelope(
+        "NL-NRM",
+        expired.message_id,
+        pb::Outcome::Expired,
+        "EXPIRED",
     );
-    let mut late = request("k-3", "BE-PAYOKE", longer);
-    late.case_ref = Some(referral.case_ref);
-    let late = f.nl.send(late).await.unwrap();
-    f.nl.inner.store.mark_submitted(late.message_id, 1).unwrap();
-    let effect = apply(
-        &f.nl,
-        receipt_envelope("NL-NRM", late.message_id, pb::Outcome::Expired, "EXPIRED"),
-    )
-    .await;
-    assert_eq!(effect, ReceiptEffect::Moved(OutboxState::Failed));
+    assert_eq!(
+        apply(&f.nl, report).await,
+        ReceiptEffect::Moved(OutboxState::Failed)
+    );
 
     f.clock.advance(DAY * 365 * 6 + DAY * 40); // into 2033
     f.nl.run_retention().await.unwrap();
     assert_eq!(
-        bodies_kept(
-            &f.nl,
-            &[referral.message_id, news.message_id, late.message_id]
-        )
-        .await,
-        [late.message_id],
-        "the case ended with the referral; the failed request keeps only its own body"
+        bodies_kept(&f.nl, &[never_news.message_id, never.message_id]).await,
+        [never.message_id],
+        "case 0 ended with its referral; the withdrawn request keeps only its own body"
+    );
+    assert_eq!(
+        bodies_kept(&f.nl, &[expired_news.message_id]).await,
+        [expired_news.message_id],
+        "case 1 goes on until 2034-12-31"
     );
 }
 
@@ -2466,12 +2489,43 @@ mod link {
             .send(request("k-2", "BE-PAYOKE", referral()))
             .await
             .unwrap();
-        nl.inner.store.mark_submitted(other.message_id, 1).unwrap();
+        until("it is submitted", || async {
+            state_of(&nl, other.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
         let purged = receipt_envelope("NL-NRM", other.message_id, pb::Outcome::Purged, "PURGED");
         apply(&nl, purged).await;
         let err = nl.withdraw(other.message_id).await.unwrap_err();
         assert!(err.to_string().contains("failed already"), "{err}");
         assert_eq!(broker.lock().withdrawn.len(), 1, "the broker was not asked");
+
+        // one the broker no longer holds (its retention passed) keeps its failure
+        let old = nl
+            .send(request("k-3", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("it is submitted", || async {
+            state_of(&nl, old.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let rejected = receipt_envelope(
+            "NL-NRM",
+            old.message_id,
+            pb::Outcome::RejectedByRecipient,
+            "INVALID_BODY",
+        );
+        apply(&nl, rejected).await;
+        broker.lock().accepted.remove(&old.message_id.to_string());
+        let err = nl.withdraw(old.message_id).await.unwrap_err();
+        assert!(
+            err.to_string().contains("nothing left to withdraw"),
+            "{err}"
+        );
+        let entry = state_of(&nl, old.message_id).await.unwrap();
+        assert_eq!(
+            entry.failure.map(|f| f.outcome).as_deref(),
+            Some("rejected-by-recipient")
+        );
         nl.shutdown().await;
     }
 
