@@ -374,6 +374,7 @@ impl NodeConfig {
                 self.storage.retention_check_interval_secs,
             ),
             cache_capacity_bytes: self.storage.cache_capacity_mb.saturating_mul(1024 * 1024),
+            withdraw_timeout: crate::core::WITHDRAW_TIMEOUT,
         })
     }
 

@@ -46,6 +46,12 @@ pub(crate) struct FakeState {
     /// `Submit` stores the envelope, then answers `UNAVAILABLE`: the answer lost on
     /// the way back.
     pub(crate) lose_submit_answers: bool,
+    /// (review probe) What `Submit` answers in place of storing.
+    pub(crate) submit_refusal: Option<(tonic::Code, String)>,
+    /// (review probe) `Receive` opens, then ends at once with this status.
+    pub(crate) end_streams: Option<(tonic::Code, String)>,
+    /// (review probe) `GetInfo` calls answered.
+    pub(crate) get_info_calls: u64,
     seq: u64,
 }
 
@@ -208,6 +214,9 @@ impl Exchange for Endpoint {
         trmx_proto::envelope::SubmitEnvelope::check(&envelope)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         drop(self.broker.submit_hold.lock().await);
+        if let Some((code, message)) = self.broker.lock().submit_refusal.clone() {
+            return Err(Status::new(code, message));
+        }
         let duplicate = {
             let st = self.broker.lock();
             if !st.participants.contains(&envelope.recipient)
@@ -249,6 +258,10 @@ impl Exchange for Endpoint {
         _request: Request<pb::ReceiveRequest>,
     ) -> Result<Response<Self::ReceiveStream>, Status> {
         let (tx, rx) = mpsc::channel(8);
+        if let Some((code, message)) = self.broker.lock().end_streams.clone() {
+            tx.try_send(Err(Status::new(code, message))).unwrap();
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         let broker = self.broker.clone();
         let caller = self.caller.clone();
         tokio::spawn(async move {
@@ -389,7 +402,8 @@ impl Exchange for Endpoint {
         &self,
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::BrokerInfo>, Status> {
-        let st = self.broker.lock();
+        let mut st = self.broker.lock();
+        st.get_info_calls += 1;
         let participants = st
             .participants
             .iter()

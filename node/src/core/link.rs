@@ -131,17 +131,24 @@ fn is_not_tls(error: &(dyn std::error::Error + 'static)) -> bool {
     )
 }
 
-/// Whether a submit refused with `code` can never succeed.
+/// Whether a call about one message (a submit, a withdrawal) refused with `code` can
+/// never succeed: a bad field, an unknown recipient or message, a kind not accepted, an
+/// expiry passed, an id used for other content, a size over the limits.
+///
+/// A refusal of the caller says nothing about the message: `PERMISSION_DENIED` (the
+/// participant is not, or not yet, in the broker's registry; the node never sends what
+/// only the broker may), `UNAUTHENTICATED`, or `UNIMPLEMENTED` (a proxy's answer, or not a
+/// trmx broker at that address). Taken as final, it would fail every queued message
+/// in turn, for good, for a registry entry deployed a little late. The node retries
+/// those as for a broker out of reach, and its log says why.
 pub(crate) fn is_permanent(code: Code) -> bool {
     matches!(
         code,
         Code::InvalidArgument
             | Code::NotFound
             | Code::FailedPrecondition
-            | Code::PermissionDenied
             | Code::AlreadyExists
             | Code::OutOfRange
-            | Code::Unimplemented
     )
 }
 
@@ -268,6 +275,21 @@ impl FailureLog {
     }
 }
 
+/// How long a `Receive` stream must last (or carry one delivery) before the link counts
+/// as working again: the backoff starts over, and the failures before are logged as over.
+/// (At most `reconnect_max`: a stream that outlasts the longest backoff is a working link.)
+const STREAM_PROVEN: Duration = Duration::from_secs(10);
+
+/// The receive stream has proved itself: the backoff starts over, and the failures
+/// before it are over.
+fn link_works(inner: &Inner, failures: &mut FailureLog, backoff: &mut Backoff) {
+    backoff.reset();
+    let failed = failures.recovered();
+    if failed > 0 {
+        info!(participant = %inner.config.participant, failures = failed, "connected to broker again");
+    }
+}
+
 /// Records a broker connection failure for `status` and logs it as
 /// [`FailureLog`] decides (every one at DEBUG).
 fn link_failed(inner: &Inner, failures: &mut FailureLog, what: &'static str, error: String) {
@@ -309,29 +331,40 @@ pub(crate) async fn receive_loop(
                 {
                     Ok(stream) => {
                         inner.set_connected(true);
-                        backoff.reset();
-                        match failures.recovered() {
-                            0 => info!(participant = %me, "connected to broker"),
-                            failed => {
-                                info!(participant = %me, failures = failed, "connected to broker again");
-                            }
+                        if failures.failures() == 0 {
+                            info!(participant = %me, "connected to broker");
                         }
                         // The broker is reachable: let the submit loop retry now.
                         inner.submit_wake.notify_one();
+                        // The link works once the stream has carried a delivery or lasted
+                        // STREAM_PROVEN: a stream the broker (or this node's store) ends at
+                        // once is a failure like any other, with the backoff growing and
+                        // one WARN, not a reconnect and three log lines every half second.
+                        let mut proven = false;
+                        let proving =
+                            tokio::time::sleep(STREAM_PROVEN.min(inner.config.reconnect_max));
+                        tokio::pin!(proving);
                         let mut stream = stream.into_inner();
                         let stop = loop {
                             tokio::select! {
                                 _ = shutdown.changed() => break true,
+                                () = &mut proving, if !proven => {
+                                    proven = true;
+                                    link_works(&inner, &mut failures, &mut backoff);
+                                }
                                 item = stream.message() => match item {
                                     Ok(Some(delivery)) => {
                                         if let Err(e) = handle_delivery(&inner, &mut client, delivery).await {
-                                            warn!(participant = %me, error = %e, "delivery not stored; reconnecting");
-                                            inner.set_error(format!("store: {e}"));
+                                            link_failed(&inner, &mut failures, "delivery not stored; reconnecting", format!("store: {e}"));
                                             break false;
+                                        }
+                                        if !proven {
+                                            proven = true;
+                                            link_works(&inner, &mut failures, &mut backoff);
                                         }
                                     }
                                     Ok(None) => {
-                                        inner.set_error("receive stream closed by the broker".into());
+                                        link_failed(&inner, &mut failures, "the broker ended the receive stream", "receive stream closed by the broker".into());
                                         break false;
                                     }
                                     Err(status) => {
@@ -345,7 +378,9 @@ pub(crate) async fn receive_loop(
                         if stop {
                             break;
                         }
-                        info!(participant = %me, "disconnected from broker");
+                        if proven {
+                            info!(participant = %me, "disconnected from broker");
+                        }
                     }
                     Err(status) => link_failed(
                         &inner,
@@ -748,6 +783,8 @@ pub(crate) async fn submit_loop(
 ) {
     let me = inner.config.participant.clone();
     let mut backoff = Backoff::new(inner.config.reconnect_min, inner.config.reconnect_max);
+    // (a submit refused again and again, while the receive stream is fine, must say so)
+    let mut failures = FailureLog::default();
     loop {
         if *shutdown.borrow() {
             break;
@@ -803,12 +840,28 @@ pub(crate) async fn submit_loop(
             if matches!(still_queued, Ok(false)) {
                 continue;
             }
-            let submitted = submit_one(&inner, &mut client, id, envelope).await;
+            // A shutdown does not wait for a broker that does not answer: the entry
+            // stays queued, and the broker's idempotency covers the submit next time.
+            let submitted = tokio::select! {
+                submitted = submit_one(&inner, &mut client, id, envelope) => submitted,
+                Ok(_) = shutdown.wait_for(|down| *down) => return,
+            };
             drop(gate);
             match submitted {
-                Ok(()) => backoff.reset(),
+                Ok(()) => {
+                    backoff.reset();
+                    let failed = failures.recovered();
+                    if failed > 0 {
+                        info!(participant = %me, failures = failed, "submits accepted again");
+                    }
+                }
                 Err(e) => {
-                    debug!(participant = %me, message_id = %id, error = %e, "submit will be retried");
+                    let error = e.to_string();
+                    if failures.failed(&error, Instant::now()) {
+                        warn!(participant = %me, message_id = %id, error = %error, failures = failures.failures(), "submit not accepted; the outbox waits and tries again");
+                    } else {
+                        debug!(participant = %me, message_id = %id, error = %error, "submit will be retried");
+                    }
                     transient = true;
                     break;
                 }
@@ -1191,6 +1244,10 @@ mod tests {
         assert!(is_permanent(Code::AlreadyExists));
         assert!(!is_permanent(Code::Unavailable));
         assert!(!is_permanent(Code::ResourceExhausted));
+        // refusals of the caller, not of the message
+        assert!(!is_permanent(Code::PermissionDenied));
+        assert!(!is_permanent(Code::Unauthenticated));
+        assert!(!is_permanent(Code::Unimplemented));
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub struct CoreConfig {
     pub outbox_check_interval: Option<Duration>,
     /// sled page cache size.
     pub cache_capacity_bytes: u64,
+    /// How long a withdrawal waits for the broker: first for the answer to a submit in
+    /// progress (the message may be in it), then for the answer to its own call. Past
+    /// either it answers `UNAVAILABLE` (try again); submits wait for it meanwhile.
+    pub withdraw_timeout: Duration,
 }
 
 /// A message the application asks the node to send.
@@ -252,9 +256,8 @@ pub struct TimelineEntry {
     pub state: String,
 }
 
-/// How long a withdrawal waits for the broker's answer before it takes the broker as
-/// out of reach (submits wait for it meanwhile).
-const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a withdrawal waits for the broker, by default ([`CoreConfig::withdraw_timeout`]).
+pub(crate) const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What [`NodeCore::withdraw`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1180,7 +1183,15 @@ impl NodeCore {
     /// check sends the message (`submit_gate`).
     pub async fn withdraw(&self, id: MessageId) -> Result<Withdrawal, NodeError> {
         let inner = &self.inner;
-        let gate = inner.submit_gate.lock().await;
+        let wait = inner.config.withdraw_timeout;
+        // (bounded: a broker that never answers a submit must not hang the caller)
+        let Ok(gate) = tokio::time::timeout(wait, inner.submit_gate.lock()).await else {
+            return Err(NodeError::BrokerUnavailable(format!(
+                "a submit to the broker has waited more than {}s for its answer, and \
+                 message {id} may be in it: try again",
+                wait.as_secs()
+            )));
+        };
         let store = inner.store.clone();
         let Some(entry) = inner.blocking(move || store.outbox_entry(id)).await? else {
             drop(gate);
@@ -1228,7 +1239,7 @@ impl NodeCore {
                 let call = client.withdraw(pb::WithdrawRequest {
                     message_id: id.to_string(),
                 });
-                match tokio::time::timeout(WITHDRAW_TIMEOUT, call).await {
+                match tokio::time::timeout(wait, call).await {
                     Ok(answer) => answer.map(drop),
                     Err(_) => Err(tonic::Status::deadline_exceeded(
                         "the broker did not answer the withdrawal in time",

@@ -77,6 +77,7 @@ fn config(dir: &Path, me: &str) -> CoreConfig {
         retention_check_interval: Duration::from_secs(3600),
         outbox_check_interval: None,
         cache_capacity_bytes: 8 << 20,
+        withdraw_timeout: Duration::from_secs(2),
     }
 }
 
@@ -2350,7 +2351,7 @@ mod link {
         );
         {
             let mut st = broker.lock();
-            st.withdraw_refusal = Some((tonic::Code::PermissionDenied, "no".into()));
+            st.withdraw_refusal = Some((tonic::Code::InvalidArgument, "no".into()));
             st.lose_submit_answers = false;
         }
         let second = nl
@@ -2544,7 +2545,7 @@ mod link {
         assert!(text.contains("already PURGED"), "{text}");
         assert!(!text.contains("delivered"), "{text}");
         // a refusal for good is not taken for a broker out of reach
-        broker.lock().withdraw_refusal = Some((tonic::Code::PermissionDenied, "no".into()));
+        broker.lock().withdraw_refusal = Some((tonic::Code::InvalidArgument, "no".into()));
         let err = nl.withdraw(sent.message_id).await.unwrap_err();
         assert!(
             matches!(&err, NodeError::FailedPrecondition(m) if m.contains("refused the withdrawal")),
@@ -2697,6 +2698,13 @@ mod link {
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
         let _serving = broker.serve("NL-NRM", TcpListener::bind(addr).await.unwrap());
         until("NL is connected", || async { nl.status().broker_connected }).await;
+        // (told once the stream has lasted: one the broker ends at once is no recovery)
+        until("the recovery is told", || async {
+            !logs
+                .lines_with(&["INFO", "connected to broker again"])
+                .is_empty()
+        })
+        .await;
         let back = logs.lines_with(&["INFO", "connected to broker again"]);
         assert_eq!(back.len(), 1, "{back:#?}");
         assert!(back[0].contains("failures="), "{}", back[0]);
@@ -3094,5 +3102,151 @@ mod link {
             Withdrawal::Done
         );
         nl.shutdown().await;
+    }
+
+    // ---- how the link treats a broker that refuses or hangs ---------------------
+
+    /// A broker that refuses the *caller* (its participant not, or not yet, in the
+    /// broker's registry: `PERMISSION_DENIED`; also tonic's mapping of a proxy's HTTP 403)
+    /// says nothing about the message. The outbox waits and tries again, and says why;
+    /// no message becomes FAILED, and all go once the registry is fixed.
+    #[tokio::test]
+    async fn a_refused_caller_is_retried_and_fails_no_message() {
+        let logs = LogCapture::start();
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        broker.lock().submit_refusal = Some((
+            tonic::Code::PermissionDenied,
+            "participant NL-NRM is not in this broker's registry".into(),
+        ));
+        let first = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        let second = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("tried again", || async {
+            state_of(&nl, first.message_id)
+                .await
+                .is_some_and(|e| e.submit_attempts >= 2)
+        })
+        .await;
+        for id in [first.message_id, second.message_id] {
+            let entry = state_of(&nl, id).await.unwrap();
+            assert_eq!(entry.state, OutboxState::Queued, "{entry:?}");
+        }
+        let warned = logs.lines_with(&["WARN", "not in this broker's registry"]);
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        // the operator adds NL-NRM to the registry
+        broker.lock().submit_refusal = None;
+        for id in [first.message_id, second.message_id] {
+            until("submitted", || async {
+                state_of(&nl, id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+            })
+            .await;
+        }
+        nl.shutdown().await;
+    }
+
+    /// A broker that opens the `Receive` stream and ends it at once (its store cannot
+    /// lease) is a failure like any other: the backoff grows and the log has one WARN,
+    /// not a reconnect and three lines every `reconnect_min`.
+    #[tokio::test]
+    async fn a_stream_ended_at_once_is_reopened_with_backoff_and_warned_once() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        broker.lock().end_streams = Some((
+            tonic::Code::Unavailable,
+            "the broker cannot store messages right now; retry later".into(),
+        ));
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        // reconnect_min 10 ms, reconnect_max 100 ms
+        let nl = online(dir.path(), "NL-NRM", addr, clock).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let connects = broker.lock().get_info_calls;
+        let warned = logs.lines_with(&["WARN", "connection to the broker broken"]);
+        let back = logs.lines_with(&["INFO", "connected to broker again"]);
+        nl.shutdown().await;
+        // with the backoff at its 100 ms cap: about 25 attempts in 2 s (200 without)
+        assert!(
+            connects <= 40 && warned.len() == 1 && back.is_empty(),
+            "{connects} connects, {} WARN and {} INFO lines for one persisting failure in 2 s",
+            warned.len(),
+            back.len()
+        );
+    }
+
+    /// A submit refused again and again with a code that is not final (the sender's
+    /// quota, the broker's disk watermark), while the receive stream is fine, is
+    /// warned about once: the message waits QUEUED, and the log says why.
+    #[tokio::test]
+    async fn a_persisting_submit_refusal_is_warned_once() {
+        let logs = LogCapture::start();
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        broker.lock().submit_refusal = Some((
+            tonic::Code::ResourceExhausted,
+            "NL-NRM's queued messages are over its quota".into(),
+        ));
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("refused several times", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .is_some_and(|e| e.submit_attempts >= 5)
+        })
+        .await;
+        let warned = logs.lines_with(&["WARN", "over its quota"]);
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        assert!(
+            warned[0].contains(&sent.message_id.to_string()),
+            "{}",
+            warned[0]
+        );
+        broker.lock().submit_refusal = None;
+        until("accepted", || async {
+            !logs
+                .lines_with(&["INFO", "submits accepted again"])
+                .is_empty()
+        })
+        .await;
+        nl.shutdown().await;
+    }
+
+    /// A broker that never answers a `Submit` (alive, its store stalled) holds up
+    /// neither a withdrawal (UNAVAILABLE after `withdraw_timeout`: try again) nor the
+    /// node's shutdown; the message stays QUEUED for the next submit.
+    #[tokio::test]
+    async fn an_unanswered_submit_blocks_neither_withdraw_nor_shutdown() {
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        let held = broker.submit_hold.lock().await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // withdraw_timeout is 2 s in these tests
+        let withdrew = tokio::time::timeout(Duration::from_secs(5), nl.withdraw(sent.message_id))
+            .await
+            .expect("the withdrawal answered");
+        assert!(
+            matches!(&withdrew, Err(NodeError::BrokerUnavailable(m)) if m.contains("try again")),
+            "{withdrew:?}"
+        );
+        let stopped = tokio::time::timeout(Duration::from_secs(5), nl.shutdown()).await;
+        assert!(stopped.is_ok(), "the shutdown waited for the broker");
+        drop(held);
+        let entry = nl
+            .inner
+            .store
+            .outbox_entry(sent.message_id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(entry.state, OutboxState::Queued);
     }
 }
