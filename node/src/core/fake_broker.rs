@@ -46,12 +46,15 @@ pub(crate) struct FakeState {
     /// `Submit` stores the envelope, then answers `UNAVAILABLE`: the answer lost on
     /// the way back.
     pub(crate) lose_submit_answers: bool,
-    /// (review probe) What `Submit` answers in place of storing.
+    /// What `Submit` answers in place of storing.
     pub(crate) submit_refusal: Option<(tonic::Code, String)>,
-    /// (review probe) `Receive` opens, then ends at once with this status.
+    /// `Receive` opens, then ends at once with this status.
     pub(crate) end_streams: Option<(tonic::Code, String)>,
-    /// (review probe) `GetInfo` calls answered.
+    /// `GetInfo` calls answered.
     pub(crate) get_info_calls: u64,
+    /// `Submit` calls that passed the envelope check: a test that holds
+    /// [`FakeBroker::submit_hold`] waits for this to know a submit is in flight.
+    pub(crate) submits_arrived: usize,
     seq: u64,
 }
 
@@ -213,6 +216,7 @@ impl Exchange for Endpoint {
             .ok_or_else(|| Status::invalid_argument("envelope: is required"))?;
         trmx_proto::envelope::SubmitEnvelope::check(&envelope)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.broker.lock().submits_arrived += 1;
         drop(self.broker.submit_hold.lock().await);
         if let Some((code, message)) = self.broker.lock().submit_refusal.clone() {
             return Err(Status::new(code, message));

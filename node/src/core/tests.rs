@@ -2210,7 +2210,10 @@ mod link {
             .await
             .unwrap();
         // the submit is in flight (held by the broker) when the withdrawal comes
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until("the submit reaches the broker", || async {
+            broker.lock().submits_arrived > 0
+        })
+        .await;
         let withdrawing = tokio::spawn({
             let nl = nl.clone();
             async move { nl.withdraw(sent.message_id).await }
@@ -2439,7 +2442,10 @@ mod link {
             .send(request("k-1", "BE-PAYOKE", referral()))
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until("the submit reaches the broker", || async {
+            broker.lock().submits_arrived > 0
+        })
+        .await;
         // the submit is in flight; the referral's retain_until (2032-12-31) passes
         clock.advance(DAY * 365 * 7);
         let retention = tokio::spawn({
