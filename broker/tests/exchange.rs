@@ -555,7 +555,10 @@ async fn an_expired_delivery_frees_its_stream_slot() -> anyhow::Result<()> {
     let mut nl = t.client("NL-NRM")?;
     let mut be = t.client("BE-PAYOKE")?;
     let mut short = referral("BE-PAYOKE");
-    short.expires_at = Some(to_timestamp(SystemTime::now() + Duration::from_secs(5)));
+    // (the broker's clock: it stood still while the broker started)
+    let now = trmx_broker::clock::Clock::now(&t.clock);
+    short.created_at = Some(to_timestamp(now));
+    short.expires_at = Some(to_timestamp(now + Duration::from_secs(5)));
     let short_id = short.message_id.clone();
     submit(&mut nl, short).await?;
     let mut urgent = referral("BE-PAYOKE");
