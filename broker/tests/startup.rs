@@ -84,6 +84,24 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The contents of the ready file at `path`, waiting up to [`WAIT`] for it.
+    async fn ready_file(&self, path: &std::path::Path) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match std::fs::read_to_string(path) {
+                Ok(text) => return Ok(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no ready file; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// The first log line holding `what`, waiting up to [`WAIT`] for it.
     async fn line(&self, what: &str) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -135,7 +153,8 @@ async fn the_log_tells_an_operator_what_happened() -> anyhow::Result<()> {
         .spawn()?;
     let broker = Process { child, log };
     let listening = broker.line("broker listening").await?;
-    let addr: std::net::SocketAddr = std::fs::read_to_string(&ready)?.trim().parse()?;
+    // (logged inside `start`; the ready file is written after it returns)
+    let addr: std::net::SocketAddr = broker.ready_file(&ready).await?.trim().parse()?;
 
     assert!(listening.contains("admin=127.0.0.1:"), "{listening}");
     let loaded = broker.line("tls config loaded").await?;
