@@ -313,7 +313,10 @@ async fn a_failed_flush_refuses_submits_until_the_store_writes_again() -> anyhow
     faults.set_failing(true);
     // (its write is applied, its flush fails)
     let mut lost = referral("BE-PAYOKE");
-    lost.expires_at = Some(to_timestamp(SystemTime::now() + Duration::from_millis(300)));
+    // (long enough that this first submit reaches the broker well before it, on a
+    // slow machine too: then it would be refused as expired, not for the flush)
+    let expires_at = SystemTime::now() + Duration::from_secs(2);
+    lost.expires_at = Some(to_timestamp(expires_at));
     assert_code(
         submit(&mut nl, lost.clone()).await,
         Code::Unavailable,
@@ -328,7 +331,10 @@ async fn a_failed_flush_refuses_submits_until_the_store_writes_again() -> anyhow
     // The message whose flush failed, retried once its lifetime has passed:
     // "retry later", not the final "expires_at is already past" that would
     // make its node give up on a message the broker may still hold.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let left = expires_at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(100)).await;
     assert_code(
         submit(&mut nl, lost.clone()).await,
         Code::Unavailable,
