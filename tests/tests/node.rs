@@ -17,7 +17,7 @@ use trmx_proto::pb;
 use trmx_tests::harness::{
     Api, Exchange, Harness, QUIET, WAIT, broker_status, envelope, expect_quiet, inbox, inbox_entry,
     json_request, next_item, node_status, outbox, outbox_entry, reply_request, send, timeline,
-    wait_delivered, wait_outbox, wait_received, wait_until, watch,
+    wait_delivered, wait_outbox, wait_received, wait_until, watch, watch_all,
 };
 use trmx_tests::process::Process;
 use trmx_tests::story::EXAMPLES;
@@ -65,16 +65,6 @@ async fn inbox_ids(api: &mut Api) -> anyhow::Result<Vec<String>> {
     let mut entries = inbox(api).await?;
     entries.sort_by_key(|e| e.seq);
     Ok(entries.into_iter().map(|e| e.message_id).collect())
-}
-
-/// Everything a fresh `Watch(after_seq)` streams until it goes quiet.
-async fn watched_after(api: &mut Api, after_seq: u64) -> anyhow::Result<Vec<pb::InboxEntry>> {
-    let mut stream = watch(api, after_seq).await?;
-    let mut seen = Vec::new();
-    while let Ok(Ok(Some(entry))) = tokio::time::timeout(QUIET, stream.message()).await {
-        seen.push(entry);
-    }
-    Ok(seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,7 +364,7 @@ async fn a_node_process_killed_between_storing_and_acknowledging_shows_the_messa
         "redelivered once after the crash: {status:?}"
     );
     assert_eq!(inbox_ids(&mut be).await?, [id.as_str()]);
-    let watched = watched_after(&mut be, 0).await?;
+    let watched = watch_all(&mut be, 1).await?;
     assert_eq!(
         watched
             .iter()
@@ -527,7 +517,7 @@ async fn a_send_retried_with_the_same_idempotency_key_queues_once() -> TestResul
     let entries = outbox(&mut nl).await?;
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(entries[0].idempotency_key, key);
-    let watched = watched_after(&mut be, 0).await?;
+    let watched = watch_all(&mut be, 1).await?;
     assert_eq!(
         watched
             .iter()
@@ -575,7 +565,7 @@ async fn an_invalid_json_body_is_refused_at_send_with_the_field_path_and_nothing
     let valid = send(&mut nl, referral(key, BE)).await?;
     wait_delivered(&nl, &valid.message_id).await?;
     assert_eq!(outbox(&mut nl).await?.len(), 1);
-    let watched = watched_after(&mut be, 0).await?;
+    let watched = watch_all(&mut be, 1).await?;
     assert_eq!(
         watched
             .iter()
@@ -672,7 +662,7 @@ async fn an_invalid_body_from_a_hand_made_client_is_rejected_and_its_sender_told
     // The recipient's node stored neither.
     assert!(inbox(&mut be).await?.is_empty());
     assert!(inbox_entry(&mut be, &rule_breaking).await?.is_none());
-    assert!(watched_after(&mut be, 0).await?.is_empty());
+    assert!(watch_all(&mut be, 0).await?.is_empty());
     h.shutdown().await
 }
 
@@ -884,7 +874,7 @@ async fn a_restarted_node_keeps_its_outbox_and_inbox_and_does_not_redeliver() ->
     let mut be = h.start_node(BE).await?;
 
     let (first, case_ref) = refer(&mut nl, &be, "restart-1").await?;
-    let seen = watched_after(&mut be, 0).await?;
+    let seen = watch_all(&mut be, 1).await?;
     assert_eq!(seen.len(), 1);
     let last_seq = seen[0].seq;
 
