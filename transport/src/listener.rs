@@ -1032,12 +1032,14 @@ mod tests {
 
     #[test]
     fn a_throttle_lets_one_line_per_reason_and_interval_through_with_the_count() {
-        let throttle = Throttle::<2>::new(Duration::from_millis(20));
+        // (the first four counts must fall within one interval: long enough that a
+        // thread descheduled on a loaded machine does not let the interval pass)
+        let throttle = Throttle::<2>::new(Duration::from_millis(300));
         assert_eq!(throttle.count(0), Some(1));
         assert_eq!(throttle.count(0), None);
         assert_eq!(throttle.count(0), None);
         assert_eq!(throttle.count(1), Some(1), "reasons are throttled apart");
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(310));
         assert_eq!(
             throttle.count(0),
             Some(3),
