@@ -2189,6 +2189,12 @@ mod link {
         broker.lose(&id);
         let env = nl.inner.store.envelope(sent.message_id).unwrap().unwrap();
         broker.enqueue(env, "NL-NRM");
+        // handed to BE's stream (else the check below would pass for nothing) ...
+        until("the copy is delivered again", || async {
+            queued_at(&broker, "BE-PAYOKE").is_empty()
+        })
+        .await;
+        // ... and BE does not acknowledge it
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert!(
             !broker.lock().acked.contains(&id),
