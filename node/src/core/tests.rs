@@ -3241,7 +3241,10 @@ mod link {
             .send(request("k-1", "BE-PAYOKE", referral()))
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until("the submit reaches the broker", || async {
+            broker.lock().submits_arrived > 0
+        })
+        .await;
         // withdraw_timeout is 2 s in these tests
         let withdrew = tokio::time::timeout(Duration::from_secs(5), nl.withdraw(sent.message_id))
             .await
