@@ -2140,6 +2140,7 @@ mod link {
     /// would take from the outbox.
     #[tokio::test]
     async fn an_outbox_entry_not_on_disk_is_not_submitted() {
+        let logs = LogCapture::start();
         let (dir, broker, nl, _serving) = online_alone("NL-NRM").await;
         // every flush of NL's store fails from now on
         std::fs::remove_dir_all(dir.path().join("NL-NRM").join("blobs")).unwrap();
@@ -2149,7 +2150,13 @@ mod link {
         let queued = store.queued(10).unwrap();
         assert_eq!(queued.len(), 1, "committed, not flushed");
         nl.inner.submit_wake.notify_one();
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // the submit loop tried, and stopped at the flush
+        until("the submit loop found the outbox not durable", || async {
+            !logs
+                .lines_with(&["cannot make the outbox durable before submitting"])
+                .is_empty()
+        })
+        .await;
         assert!(
             broker.lock().accepted.is_empty(),
             "submitted before it was durable"
@@ -2413,13 +2420,36 @@ mod link {
             _serving,
         } = checking().await;
         let sent = submitted_referral(&nl).await;
+        // another message on its way, which the outbox check asks about: the sign
+        // that a check ran
+        let witness = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the witness is submitted", || async {
+            state_of(&nl, witness.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
         broker.lose(&sent.message_id.to_string());
         nl.withdraw(sent.message_id).await.unwrap();
         assert_withdrawn(&nl, sent.message_id).await;
-        // the outbox check runs: it has nothing submitted to look after
+        // the outbox check runs: it looks after the witness only
         broker.lock().status_asked.clear();
         clock.advance(Duration::from_secs(3600));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        until("the outbox check ran", || async {
+            broker
+                .lock()
+                .status_asked
+                .contains(&witness.message_id.to_string())
+        })
+        .await;
+        assert!(
+            !broker
+                .lock()
+                .status_asked
+                .contains(&sent.message_id.to_string()),
+            "asked about the withdrawn message"
+        );
         assert!(
             !broker
                 .lock()
