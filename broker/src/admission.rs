@@ -1,7 +1,8 @@
 //! Admission control for `Submit`: a per-sender token bucket, the free-disk
 //! watermark, the "store unavailable" latch, and per-sender submit slots
 //! ([`SubmitSlots`]) so that one sender's burst cannot fill the store's
-//! write batches.
+//! write batches, and the submits in progress by message ([`Submitting`]) so that
+//! a withdrawal is not overtaken by an earlier submit of its message.
 //!
 //! # Invariants
 //! - A bucket never holds more than `burst` tokens; one submit takes one token.
@@ -16,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use trmx_proto::ParticipantId;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use trmx_proto::{MessageId, ParticipantId};
 
 use crate::error::BrokerError;
 
@@ -197,6 +198,144 @@ impl SubmitSlots {
     }
 }
 
+/// The submits between their admission and their store write, by sender and message
+/// id, so that a `Withdraw` is never overtaken by an earlier submit of the same
+/// message.
+///
+/// A node whose submit went unanswered (its connection broke, or it gave up waiting)
+/// may have the user withdraw the message, and then asks the broker to withdraw it.
+/// The earlier submit can still be here, waiting for its sender's write slot: its
+/// connection's end is noticed later. Without this, the withdrawal would find nothing
+/// (`NOT_FOUND`: "the broker never had it"), and the submit would then store the
+/// message and deliver it. With it, a withdrawal cancels the submits of the same
+/// message still waiting (they answer `FAILED_PRECONDITION` and store nothing) and waits
+/// for those already being written, so the store sees the withdrawal after them.
+///
+/// # Invariants
+/// - A submit registered before a withdrawal of its (sender, id) either starts writing
+///   before the withdrawal reaches the store, or never writes.
+/// - An entry exists exactly while a submit of its (sender, id) is registered.
+#[derive(Debug, Default)]
+pub struct Submitting {
+    entries: Mutex<HashMap<(ParticipantId, MessageId), Pending>>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    /// The sequence number the next registered submit gets.
+    next: u64,
+    /// Submits numbered below this were cancelled by a withdrawal.
+    cancelled_below: u64,
+    /// Registered submits not yet writing.
+    waiting: usize,
+    /// Submits writing to the store.
+    writing: watch::Sender<usize>,
+}
+
+impl Submitting {
+    /// Registers a submit of `sender`'s message `id`, before it waits for anything.
+    pub fn enter(&self, sender: &ParticipantId, id: MessageId) -> SubmitTicket<'_> {
+        let key = (sender.clone(), id);
+        let mut entries = self.lock();
+        let pending = entries.entry(key.clone()).or_insert_with(|| Pending {
+            next: 0,
+            cancelled_below: 0,
+            waiting: 0,
+            writing: watch::Sender::new(0),
+        });
+        let seq = pending.next;
+        pending.next += 1;
+        pending.waiting += 1;
+        SubmitTicket {
+            owner: self,
+            key,
+            seq,
+            writing: false,
+        }
+    }
+
+    /// Cancels the submits of `sender`'s message `id` that wait for a write slot, and
+    /// waits until those writing are done. Returns how many were cancelled. (The
+    /// withdrawal that calls this goes to the store next, after their writes.)
+    pub async fn withdraw(&self, sender: &ParticipantId, id: MessageId) -> usize {
+        let (cancelled, mut writing) = {
+            let mut entries = self.lock();
+            let Some(pending) = entries.get_mut(&(sender.clone(), id)) else {
+                return 0;
+            };
+            pending.cancelled_below = pending.next;
+            (pending.waiting, pending.writing.subscribe())
+        };
+        // (an error: the last submit has gone, and the entry with it)
+        let _ = writing.wait_for(|n| *n == 0).await;
+        cancelled
+    }
+
+    /// How many messages have submits registered.
+    #[cfg(test)]
+    pub(crate) fn messages(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ParticipantId, MessageId), Pending>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// A registered submit (see [`Submitting`]); dropping it ends the registration.
+#[derive(Debug)]
+pub struct SubmitTicket<'a> {
+    owner: &'a Submitting,
+    key: (ParticipantId, MessageId),
+    seq: u64,
+    writing: bool,
+}
+
+impl SubmitTicket<'_> {
+    /// Moves the submit from waiting to writing, unless a withdrawal of its message
+    /// came since it was registered: then `Err`, and it must not be written.
+    pub fn start_writing(&mut self) -> Result<(), Withdrawn> {
+        let mut entries = self.owner.lock();
+        // (the entry lives while this ticket does)
+        let Some(pending) = entries.get_mut(&self.key) else {
+            return Ok(());
+        };
+        if self.writing {
+            return Ok(());
+        }
+        if self.seq < pending.cancelled_below {
+            return Err(Withdrawn);
+        }
+        pending.waiting -= 1;
+        pending.writing.send_modify(|n| *n += 1);
+        self.writing = true;
+        Ok(())
+    }
+}
+
+impl Drop for SubmitTicket<'_> {
+    fn drop(&mut self) {
+        let mut entries = self.owner.lock();
+        let Some(pending) = entries.get_mut(&self.key) else {
+            return;
+        };
+        if self.writing {
+            pending.writing.send_modify(|n| *n -= 1);
+        } else {
+            pending.waiting -= 1;
+        }
+        if pending.waiting == 0 && *pending.writing.borrow() == 0 {
+            entries.remove(&self.key);
+        }
+    }
+}
+
+/// A submit cancelled by a withdrawal of its message before it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Withdrawn;
+
 /// Why [`Admission::check`] refused a submit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Refusal {
@@ -247,6 +386,7 @@ pub fn free_disk_bytes(path: &Path) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn id(s: &str) -> ParticipantId {
         ParticipantId::parse(s).unwrap()
@@ -341,5 +481,51 @@ mod tests {
         assert!(slots.reserve(&nl, 500).is_ok());
         // an envelope larger than the whole budget never fits
         assert!(slots.reserve(&id("INT-IOM"), 1001).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_withdrawal_cancels_the_submits_of_its_message_still_waiting() {
+        let submitting = Submitting::default();
+        let (nl, be) = (id("NL-NRM"), id("BE-PAYOKE"));
+        let (message, other) = (MessageId::new_v7(), MessageId::new_v7());
+        let mut first = submitting.enter(&nl, message);
+        let mut retry = submitting.enter(&nl, message);
+        let mut other_message = submitting.enter(&nl, other);
+        let mut other_sender = submitting.enter(&be, message);
+        assert_eq!(submitting.withdraw(&nl, message).await, 2);
+        assert_eq!(first.start_writing(), Err(Withdrawn));
+        assert_eq!(retry.start_writing(), Err(Withdrawn));
+        // another message, or the same id from another sender, is another message
+        assert_eq!(other_message.start_writing(), Ok(()));
+        assert_eq!(other_sender.start_writing(), Ok(()));
+        // a submit that comes after the withdrawal is not cancelled by it
+        let mut later = submitting.enter(&nl, message);
+        assert_eq!(later.start_writing(), Ok(()));
+        drop((first, retry, other_message, other_sender, later));
+        assert!(
+            submitting.lock().is_empty(),
+            "every entry goes with its submits"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_withdrawal_waits_for_the_submits_of_its_message_being_written() {
+        let submitting = Submitting::default();
+        let nl = id("NL-NRM");
+        let message = MessageId::new_v7();
+        let mut writing = submitting.enter(&nl, message);
+        writing.start_writing().unwrap();
+        let mut withdrawal = Box::pin(submitting.withdraw(&nl, message));
+        // (a zero timeout polls the withdrawal once)
+        let polled = tokio::time::timeout(Duration::ZERO, &mut withdrawal).await;
+        assert!(polled.is_err(), "the withdrawal waits for the write");
+        drop(writing);
+        let cancelled = tokio::time::timeout(Duration::from_secs(5), withdrawal)
+            .await
+            .expect("the withdrawal goes on once the write is done");
+        assert_eq!(cancelled, 0, "a submit being written is not cancelled");
+        assert!(submitting.lock().is_empty());
+        // nothing registered: nothing to wait for
+        assert_eq!(submitting.withdraw(&nl, message).await, 0);
     }
 }

@@ -30,7 +30,7 @@ use trmx_proto::pb::operator_server::OperatorServer;
 use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
 
 use crate::admin::{AdminHooks, AdminState, CertRole, HostCheck, Metrics, Readiness, serve_admin};
-use crate::admission::{Admission, SubmitSlots, free_disk_bytes};
+use crate::admission::{Admission, SubmitSlots, Submitting, free_disk_bytes};
 use crate::clock::{Clock, broker_clock};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
@@ -178,6 +178,7 @@ impl BrokerBuilder {
                 // (validated to fit)
                 u32::try_from(limits.max_waiting_submit_bytes_per_sender).unwrap_or(u32::MAX),
             ),
+            submitting: Submitting::default(),
             limits: limits.clone(),
             lifecycle: config.lifecycle.clone(),
             broker_name,

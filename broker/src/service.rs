@@ -23,7 +23,7 @@ use trmx_proto::time::{from_millis, to_millis, to_timestamp};
 use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use crate::admin::{CertRole, DeadLetterReason, Metrics, RefusalReason};
-use crate::admission::{self, Admission, SubmitSlots};
+use crate::admission::{self, Admission, SubmitSlots, Submitting};
 use crate::clock::Clock;
 use crate::config::{LifecycleConfig, LimitsConfig};
 use crate::error::BrokerError;
@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) admission: Admission,
     /// Per-sender slots for submits being written (fairness between senders).
     pub(crate) submit_slots: SubmitSlots,
+    /// The submits not yet written, by message, for `Withdraw`.
+    pub(crate) submitting: Submitting,
     pub(crate) limits: LimitsConfig,
     pub(crate) lifecycle: LifecycleConfig,
     pub(crate) broker_name: String,
@@ -384,9 +386,19 @@ impl ExchangeService {
                     .await;
             }
         };
+        // (registered before it waits: a withdrawal of the message from here on
+        // cancels it or comes after its write; see `Submitting`)
+        let mut ticket = shared.submitting.enter(caller, checked.message_id);
         let slot = shared.submit_slots.acquire(caller).await;
+        if ticket.start_writing().is_err() {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "message {} was withdrawn while this submit waited to be written",
+                checked.message_id
+            ))
+            .into());
+        }
         let outcome = shared.stored(shared.store.submit(message, now).await)?;
-        drop((slot, reserved));
+        drop((slot, reserved, ticket));
         let (accepted, duplicate) = match outcome {
             SubmitOutcome::Accepted(accepted) => {
                 shared.metrics.accepted(checked.kind);
@@ -630,6 +642,15 @@ impl ExchangeService {
         let shared = &self.shared;
         let id = parse_message_id(&request.message_id, "message_id")?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
+        // An earlier submit of the message may still wait for its write slot (its
+        // client gone): it must not store the message after this withdrawal.
+        let cancelled = shared.submitting.withdraw(caller, id).await;
+        if cancelled > 0 {
+            info!(
+                cancelled,
+                "submits of the message still waiting were cancelled"
+            );
+        }
         let result = shared.stored(shared.store.withdraw(caller, id, shared.now()).await)?;
         match result {
             store::WithdrawResult::Withdrawn { at } => {
@@ -1133,5 +1154,110 @@ mod tests {
         assert_ne!(a, fingerprint(&c, &caller, normal));
         let other = ParticipantId::parse("BE-PAYOKE").unwrap();
         assert_ne!(a, fingerprint(&base, &other, normal));
+    }
+
+    /// The shared state of a broker on a sled store in `dir`, with one submit slot per
+    /// sender (so a test can hold a sender's submits by holding its slot).
+    fn one_slot_broker(dir: &std::path::Path) -> Arc<Shared> {
+        use crate::config::{OrganisationType, ParticipantConfig};
+        use crate::store::{Lifecycle, SledOptions, SledStore};
+        let participant = |id: &str, country: &str| ParticipantConfig {
+            id: id.into(),
+            display_name: id.into(),
+            country: country.into(),
+            organisation_type: OrganisationType::Nrm,
+            accepts: vec!["referral".into()],
+        };
+        let store = SledStore::open(dir, SledOptions::default(), Lifecycle::default()).unwrap();
+        let clock = crate::clock::ManualClock::new(std::time::SystemTime::now());
+        let (_, shutting_down) = watch::channel(false);
+        Arc::new(Shared {
+            store: Arc::new(store),
+            clock: Arc::new(clock),
+            registry: Registry::from_config(&[
+                participant("NL-NRM", "NL"),
+                participant("BE-PAYOKE", "BE"),
+            ])
+            .unwrap(),
+            streams: Streams::new(4, 1),
+            admission: Admission::new(1000, 1000, 0),
+            submit_slots: SubmitSlots::new(1, 1 << 20),
+            submitting: Submitting::default(),
+            limits: LimitsConfig::default(),
+            lifecycle: LifecycleConfig::default(),
+            broker_name: "test".into(),
+            shutting_down,
+            metrics: Arc::new(Metrics::new()),
+            peer_certs: PeerCerts::default(),
+            trust_domain: None,
+        })
+    }
+
+    fn referral_to(recipient: &str) -> pb::Envelope {
+        let payload = b"opaque referral body".to_vec();
+        pb::Envelope {
+            message_id: MessageId::new_v7().to_string(),
+            recipient: recipient.into(),
+            kind: pb::MessageKind::Referral as i32,
+            case_ref: trmx_proto::CaseRef::new_random().to_string(),
+            priority: pb::Priority::Normal as i32,
+            created_at: Some(to_timestamp(std::time::SystemTime::now())),
+            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
+            payload,
+            content_type: Kind::Referral.content_type(),
+            ..Default::default()
+        }
+    }
+
+    /// A node whose submit went unanswered (its connection broke while the broker held
+    /// the submit) withdraws the message. The submit still held must not store it
+    /// afterwards, or "the broker never had it" would be followed by a delivery.
+    #[tokio::test]
+    async fn a_withdrawal_is_not_overtaken_by_an_earlier_submit_still_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = one_slot_broker(dir.path());
+        let service = Arc::new(ExchangeService::new(shared.clone()));
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let envelope = referral_to("BE-PAYOKE");
+        let id = MessageId::parse(&envelope.message_id).unwrap();
+        // the sender's one write slot is taken: its submit waits for it
+        let slot = shared.submit_slots.acquire(&nl).await;
+        let submit = tokio::spawn({
+            let (service, nl) = (service.clone(), nl.clone());
+            async move {
+                let request = pb::SubmitRequest {
+                    envelope: Some(envelope),
+                };
+                service.submit_inner(&nl, request).await
+            }
+        });
+        // (the submit runs up to its wait for the slot)
+        while shared.submitting.messages() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let withdrawn = service
+            .withdraw_inner(
+                &nl,
+                pb::WithdrawRequest {
+                    message_id: id.to_string(),
+                },
+            )
+            .await;
+        assert!(
+            matches!(withdrawn, Err(BrokerError::NotFound(_))),
+            "{withdrawn:?}"
+        );
+        drop(slot);
+        let refused = submit.await.unwrap().unwrap_err();
+        assert_eq!(
+            refused.error.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(shared.store.status(&nl, id).await.unwrap().is_none());
+        let queued: u64 = (shared.store.queue_stats().await.unwrap().iter())
+            .map(|q| q.depth + q.in_flight)
+            .sum();
+        assert_eq!(queued, 0, "nothing queued for the recipient");
     }
 }
