@@ -15,7 +15,7 @@ use crate::operator::{DEFAULT_LIMIT, MAX_LIMIT};
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 use trmx_proto::pb::operator_client::OperatorClient;
-use trmx_proto::time::{Date, from_timestamp, to_millis};
+use trmx_proto::time::{Date, from_millis, from_timestamp, to_millis, to_timestamp};
 use trmx_proto::{Kind, pb};
 use trmx_transport::{ClientOptions, TlsPaths, client_channel};
 
@@ -298,6 +298,16 @@ pub enum OfflineStoreCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Accept the system clock as it is now. A broker does not start when the clock
+    /// is more than `lifecycle.max_downtime` ahead of the store's last run, or more
+    /// than `lifecycle.max_clock_step` behind it, since a wrong clock would expire
+    /// every queued message at once (or hold every redelivery). When the clock is
+    /// right, this records it as the store's last run, and the broker starts.
+    AcceptClock {
+        /// The broker's data directory (the broker must be stopped).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 /// Runs `trmx-broker store …` and returns the exit code; prints the failure line.
@@ -305,6 +315,7 @@ pub fn run_offline_store(args: OfflineStoreArgs) -> ExitCode {
     let (data_dir, output) = match args.command {
         OfflineStoreCommand::Compact { data_dir, output } => (data_dir, output),
         OfflineStoreCommand::Verify { data_dir } => return verify_store(&data_dir),
+        OfflineStoreCommand::AcceptClock { data_dir } => return accept_clock(&data_dir),
     };
     match crate::store::compact_offline(&data_dir, output.as_deref()) {
         Ok(report) => {
@@ -340,6 +351,29 @@ pub fn run_offline_store(args: OfflineStoreArgs) -> ExitCode {
 }
 
 /// `trmx-broker store verify`.
+fn accept_clock(data_dir: &std::path::Path) -> ExitCode {
+    let now = to_millis(std::time::SystemTime::now());
+    match crate::store::accept_clock_offline(data_dir, now) {
+        Ok(before) => {
+            let before = before.map_or_else(|| "nothing".to_owned(), fmt_millis);
+            println!(
+                "recorded {} as the last run of the broker on {} (it was {before}): the \
+                 broker starts with this clock",
+                fmt_millis(now),
+                data_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "trmx-broker store accept-clock: {}",
+                one_line(&error.to_string())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn verify_store(data_dir: &std::path::Path) -> ExitCode {
     match crate::store::verify_store_offline(data_dir) {
         Ok(report) => {
@@ -651,6 +685,11 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         line(&mut row.iter().map(String::as_str));
     }
     out
+}
+
+/// `2025-03-01 12:00:00Z` for milliseconds since the Unix epoch.
+pub fn fmt_millis(at: u64) -> String {
+    fmt_ts(Some(&to_timestamp(from_millis(at))))
 }
 
 /// `2025-03-01 12:00:00Z`, or `-` when unset.

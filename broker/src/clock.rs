@@ -98,7 +98,9 @@ impl<S: TimeSource> Clock for GuardedClock<S> {
 pub fn broker_clock(max_step: Duration) -> GuardedClock {
     GuardedClock::system(
         max_step,
-        "restart the broker to accept it (SIGHUP does not)",
+        "restart the broker to accept it (SIGHUP does not; a jump of more than \
+         lifecycle.max_downtime, or back, also needs `trmx-broker store accept-clock` \
+         with the broker stopped)",
     )
 }
 

@@ -271,6 +271,12 @@ pub struct LifecycleConfig {
     /// is held (see [`crate::clock::GuardedClock`]).
     #[serde(default = "default_max_clock_step", with = "units::duration")]
     pub max_clock_step: Duration,
+    /// Longest time between two runs of a broker on its store that a start accepts
+    /// without `trmx-broker store accept-clock`: a system clock further ahead than
+    /// this of the store's last run (or more than `max_clock_step` behind it) is
+    /// taken for a wrong clock. `0s` accepts any forward step.
+    #[serde(default = "default_max_downtime", with = "units::duration")]
+    pub max_downtime: Duration,
 }
 
 impl Default for LifecycleConfig {
@@ -284,6 +290,7 @@ impl Default for LifecycleConfig {
             metadata_retention: default_metadata_retention(),
             tick_interval: default_tick_interval(),
             max_clock_step: default_max_clock_step(),
+            max_downtime: default_max_downtime(),
         }
     }
 }
@@ -457,6 +464,9 @@ fn default_tick_interval() -> Duration {
 
 fn default_max_clock_step() -> Duration {
     Duration::from_secs(60)
+}
+fn default_max_downtime() -> Duration {
+    Duration::from_secs(7 * 86_400)
 }
 
 impl BrokerConfig {

@@ -58,6 +58,10 @@ pub enum BrokerError {
         /// Why it failed.
         error: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The system clock disagrees with the last time a broker ran on the store
+    /// (see `lifecycle.max_downtime`): the broker does not start.
+    #[error("clock: {0}")]
+    ClockJump(String),
     /// An I/O error outside the store.
     #[error("{context}: {error}")]
     Io {
@@ -157,6 +161,7 @@ impl BrokerError {
             | BrokerError::ConfigParse { .. }
             | BrokerError::Tls { .. }
             | BrokerError::Transport { .. }
+            | BrokerError::ClockJump(_)
             | BrokerError::Io { .. } => Code::Internal,
         }
     }

@@ -30,15 +30,19 @@ use trmx_proto::pb::operator_server::OperatorServer;
 use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
 
 use crate::admin::{AdminHooks, AdminState, CertRole, HostCheck, Metrics, Readiness, serve_admin};
+use crate::admin_cli::fmt_millis;
 use crate::admission::{Admission, SubmitSlots, Submitting, free_disk_bytes};
 use crate::clock::{Clock, broker_clock};
-use crate::config::{BrokerConfig, CrlPolicyConfig};
+use crate::config::{BrokerConfig, CrlPolicyConfig, LifecycleConfig};
 use crate::error::BrokerError;
 use crate::operator::OperatorService;
 use crate::registry::Registry;
 use crate::service::{ExchangeService, PeerCerts, Shared};
-use crate::store::{BrokerStore, FlushObserver, Lifecycle, Presence, SledOptions, SledStore};
+use crate::store::{
+    BrokerStore, FlushObserver, Lifecycle, Millis, Presence, SledOptions, SledStore,
+};
 use crate::streams::Streams;
+use crate::units::format_duration;
 
 /// Bytes allowed on top of `max_envelope_bytes` for the rest of a request, so
 /// that a slightly oversize envelope is answered `INVALID_ARGUMENT` by the
@@ -46,6 +50,8 @@ use crate::streams::Streams;
 const DECODE_MARGIN: usize = 1 << 20;
 /// How often the free space of the data directory is measured.
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the broker records in its store that it runs (see `check_clock`).
+const RUNNING_MARK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Runs a broker on `listener` until `shutdown` resolves, then shuts down in
 /// order. The simple entry point; see [`Broker::builder`] for more control.
@@ -150,7 +156,10 @@ impl BrokerBuilder {
             Some(store) => store,
             None => open_store(&config, &metrics).await?,
         };
-        let recovered = store.recover(clock.now_millis()).await?;
+        let now = clock.now_millis();
+        check_clock(store.as_ref(), now, &config.lifecycle).await?;
+        store.mark_running(now).await?;
+        let recovered = store.recover(now).await?;
         restore_presence(store.as_ref(), &metrics, &registry).await;
         info!(
             data_dir = %config.data_dir.display(),
@@ -511,6 +520,8 @@ async fn timer_loop(
 ) {
     let interval = config.lifecycle.tick_interval;
     let mut disk_checked = Instant::now();
+    // (the start recorded it)
+    let mut marked = Instant::now();
     let mut tick_failing = Recurring::default();
     let mut prune_failing = Recurring::default();
     loop {
@@ -577,6 +588,13 @@ async fn timer_loop(
             shared.update_store_writable();
             disk_checked = Instant::now();
         }
+        if marked.elapsed() >= RUNNING_MARK_INTERVAL {
+            // (a store that cannot write says so through the submits and the tick)
+            if let Err(error) = shared.store.mark_running(now).await {
+                debug!(%error, "recording the broker's time in the store failed");
+            }
+            marked = Instant::now();
+        }
         let wait = match shared.store.next_timer().await {
             Ok(Some(at)) => {
                 let now = shared.clock.now_millis();
@@ -594,6 +612,54 @@ async fn timer_loop(
         }
     }
     debug!("timer loop stopped");
+}
+
+/// Refuses to start when the system clock disagrees with the last time a broker ran on
+/// the store (what [`BrokerStore::mark_running`] recorded): a clock set ahead by mistake
+/// would expire every queued message at the first tick, and one set back would hold every
+/// redelivery. (While the broker runs, the [`crate::clock::GuardedClock`] holds jumps;
+/// across a restart nothing else would see one.)
+async fn check_clock(
+    store: &dyn BrokerStore,
+    now: Millis,
+    lifecycle: &LifecycleConfig,
+) -> Result<(), BrokerError> {
+    let Some(last) = store.last_running().await? else {
+        return Ok(());
+    };
+    let fix = "If the clock is right, run `trmx-broker store accept-clock --data-dir DIR` \
+               once with the broker stopped, then start it; if not, set the clock right \
+               (is NTP running?)";
+    let step = to_millis_duration(lifecycle.max_clock_step);
+    if now.saturating_add(step) < last {
+        return Err(BrokerError::ClockJump(format!(
+            "the system clock reads {}, {} before the last time a broker ran on this store \
+             ({}), more than lifecycle.max_clock_step ({}): a broker started now would hold \
+             every redelivery until the clock caught up. {fix}",
+            fmt_millis(now),
+            format_duration(Duration::from_millis(last - now)),
+            fmt_millis(last),
+            format_duration(lifecycle.max_clock_step),
+        )));
+    }
+    let longest = to_millis_duration(lifecycle.max_downtime);
+    if longest > 0 && now > last.saturating_add(longest) {
+        return Err(BrokerError::ClockJump(format!(
+            "the system clock reads {}, {} after the last time a broker ran on this store \
+             ({}), more than lifecycle.max_downtime ({}): if the clock is wrong, a broker \
+             started now would expire and dead-letter every message whose lifetime that \
+             passes, and send its sender a non-delivery report. {fix}",
+            fmt_millis(now),
+            format_duration(Duration::from_millis(now - last)),
+            fmt_millis(last),
+            format_duration(lifecycle.max_downtime),
+        )));
+    }
+    Ok(())
+}
+
+fn to_millis_duration(duration: Duration) -> Millis {
+    Millis::try_from(duration.as_millis()).unwrap_or(Millis::MAX)
 }
 
 /// A failure that may recur on every tick (many a second): logged when it starts

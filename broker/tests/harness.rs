@@ -184,7 +184,10 @@ impl TestBroker {
     }
 }
 
-async fn start_broker(config: &BrokerConfig, clock: &ManualClock) -> anyhow::Result<RunningBroker> {
+pub(crate) async fn start_broker(
+    config: &BrokerConfig,
+    clock: &ManualClock,
+) -> anyhow::Result<RunningBroker> {
     // The previous broker on this data dir may still be letting go of its
     // files: retry briefly.
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -3,8 +3,9 @@
 
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context;
 use tonic::Code;
-use trmx_proto::time::to_timestamp;
+use trmx_proto::time::{to_millis, to_timestamp};
 use trmx_proto::{Kind, pb};
 
 use crate::harness::*;
@@ -290,7 +291,8 @@ impl trmx_broker::clock::TimeSource for SettableTime {
 
 /// A wall clock set a year ahead while the broker runs (a mistyped date)
 /// must not expire every queued message: the broker holds its own time and
-/// reports the offset; only a restart, the operator's acceptance, moves it on.
+/// reports the offset; only a restart, the operator's acceptance, moves it on
+/// (and for a jump that large, `trmx-broker store accept-clock` before it).
 #[tokio::test]
 async fn a_jump_of_the_system_clock_expires_nothing_until_a_restart() -> anyhow::Result<()> {
     use trmx_broker::clock::GuardedClock;
@@ -332,10 +334,21 @@ async fn a_jump_of_the_system_clock_expires_nothing_until_a_restart() -> anyhow:
             .join("\n")
     );
 
-    // the operator says the new time is right and restarts the broker:
-    // now the message has expired
+    // the operator says the new time is right and restarts the broker: a year is
+    // more than `lifecycle.max_downtime`, so the start asks for the clock to be
+    // accepted first (`trmx-broker store accept-clock`); then the message expires
     drop(nl_stream);
     broker.shutdown().await?;
+    let refused = start(config.clone())
+        .await
+        .err()
+        .context("the broker started")?;
+    assert!(
+        refused.to_string().contains("lifecycle.max_downtime"),
+        "{refused:#}"
+    );
+    let wall = trmx_broker::clock::TimeSource::wall(&time);
+    trmx_broker::store::accept_clock_offline(&config.data_dir, to_millis(wall))?;
     let mut broker = start(config).await?;
     let mut nl = client(broker.local_addr(), &pki.participant("NL-NRM")?)?;
     let mut nl_stream = receive(&mut nl, 0).await?;

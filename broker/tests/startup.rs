@@ -1,9 +1,14 @@
 //! TLS material the broker refuses at start (and `check-config` with it), naming the
-//! file: what would otherwise start and report ready, then refuse every client.
+//! file: what would otherwise start and report ready, then refuse every client. And a
+//! system clock that jumped while the broker was down.
+
+use std::time::Duration;
 
 use tokio::net::TcpListener;
+use trmx_broker::clock::{Clock, ManualClock};
 use trmx_broker::{Broker, BrokerConfig, BrokerError};
 use trmx_certs::Federation;
+use trmx_proto::pb;
 
 use crate::harness::*;
 
@@ -274,5 +279,84 @@ fn a_strict_crl_policy_without_a_crl_is_refused_and_no_crl_is_warned_about() -> 
         stderr.contains("WARN") && stderr.contains("no tls.crl configured"),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// A system clock set ahead while the broker was down would expire every queued message at
+/// its first tick (and one set back would hold every redelivery). The broker does not start
+/// then: it says why and what to do, and changes nothing. Once the operator accepts the
+/// clock (`trmx-broker store accept-clock`), it starts.
+/// (`the_last_run_survives_a_reopen_and_can_be_accepted_offline` accepts a clock ahead.)
+#[tokio::test]
+async fn a_clock_that_jumped_while_the_broker_was_down_is_refused_until_accepted()
+-> anyhow::Result<()> {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let mut b = TestBroker::start().await?;
+    let mut nl = b.client("NL-NRM")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    b.broker.shutdown().await?;
+    let down_at = b.clock.now();
+    let start_refused = |clock: &ManualClock| {
+        let (config, clock) = (b.config.clone(), clock.clone());
+        async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            match Broker::builder(config).clock(clock).start(listener).await {
+                Ok(_) => anyhow::bail!("the broker started"),
+                Err(BrokerError::ClockJump(text)) => Ok(text),
+                Err(other) => anyhow::bail!("another error: {other}"),
+            }
+        }
+    };
+
+    // a year ahead: past the referral's 30-day lifetime
+    b.clock.set(down_at + 365 * DAY);
+    let text = start_refused(&b.clock).await?;
+    for part in [
+        "after the last time a broker ran on this store",
+        "lifecycle.max_downtime (7d)",
+        "trmx-broker store accept-clock --data-dir",
+    ] {
+        assert!(text.contains(part), "{part:?} not in: {text}");
+    }
+    // an hour back
+    b.clock.set(down_at - Duration::from_secs(3600));
+    let text = start_refused(&b.clock).await?;
+    for part in [
+        "before the last time a broker ran on this store",
+        "lifecycle.max_clock_step (1m)",
+        "trmx-broker store accept-clock --data-dir",
+    ] {
+        assert!(text.contains(part), "{part:?} not in: {text}");
+    }
+
+    // the refused starts changed nothing: with the clock right (a day of downtime is
+    // fine), the referral is still queued
+    b.clock.set(down_at + DAY);
+    b.broker = start_broker(&b.config, &b.clock).await?;
+    b.addr = b.broker.local_addr();
+    let mut nl = b.client("NL-NRM")?;
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::Accepted);
+    b.broker.shutdown().await?;
+
+    // the clock is set back a day (to the real time): refused, until the operator
+    // accepts the clock with the offline command
+    b.clock.set(std::time::SystemTime::now());
+    start_refused(&b.clock).await?;
+    let data_dir = b.config.data_dir.display().to_string();
+    let accepted = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+            .args(["store", "accept-clock", "--data-dir", &data_dir])
+            .output()
+    })
+    .await??;
+    let said = String::from_utf8_lossy(&accepted.stdout);
+    assert!(accepted.status.success(), "{accepted:?}");
+    assert!(said.contains("the broker starts with this clock"), "{said}");
+    b.broker = start_broker(&b.config, &b.clock).await?;
+    b.addr = b.broker.local_addr();
+    let mut nl = b.client("NL-NRM")?;
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::Accepted);
     Ok(())
 }

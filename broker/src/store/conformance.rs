@@ -1220,6 +1220,16 @@ pub(super) async fn presence_moves_forward_only<S: BrokerStore>(s: &S, c: &Manua
     );
 }
 
+pub(super) async fn the_last_run_is_recorded<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    assert_eq!(s.last_running().await.unwrap(), None, "a new store");
+    s.mark_running(now).await.unwrap();
+    assert_eq!(s.last_running().await.unwrap(), Some(now));
+    // the last mark counts, also one earlier than the one before (an accepted clock)
+    s.mark_running(now - 5_000).await.unwrap();
+    assert_eq!(s.last_running().await.unwrap(), Some(now - 5_000));
+}
+
 pub(super) async fn concurrent_submits_share_flushes<S: BrokerStore>(
     s: &std::sync::Arc<S>,
     c: &ManualClock,
@@ -1302,7 +1312,23 @@ mod sled {
         stats_and_search,
         search_and_dead_letters_page,
         presence_moves_forward_only,
+        the_last_run_is_recorded,
     );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_last_run_survives_a_reopen_and_can_be_accepted_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = clock().now_millis();
+        let s = open(dir.path());
+        s.mark_running(now).await.unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        let later = now + 30 * 86_400_000;
+        let before = crate::store::accept_clock_offline(dir.path(), later).unwrap();
+        assert_eq!(before, Some(now));
+        let s = open(dir.path());
+        assert_eq!(s.last_running().await.unwrap(), Some(later));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_submits_share_flushes() {

@@ -31,8 +31,8 @@ mod conformance;
 pub use self::audit::{AuditReport, OperatorAction};
 pub use self::sled::{
     CompactReport, FaultSwitch, FlushObserver, SledOptions, SledStore, StoreReport,
-    audit_records_offline, compact_offline, dir_bytes, tamper_audit_record, verify_audit_offline,
-    verify_store_offline,
+    accept_clock_offline, audit_records_offline, compact_offline, dir_bytes, tamper_audit_record,
+    verify_audit_offline, verify_store_offline,
 };
 
 /// Milliseconds since the Unix epoch; every instant in the store uses this.
@@ -557,6 +557,12 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn next_timer(&self) -> Result<Option<Millis>, StoreError>;
     /// Called once at start: every IN_FLIGHT lease of a previous process becomes due again.
     async fn recover(&self, now: Millis) -> Result<u64, StoreError>;
+    /// The instant a broker last recorded with [`Self::mark_running`] (`None` for a store
+    /// never marked). Read at start, to catch a system clock that jumped while the broker
+    /// was down: expiry and the retentions are final.
+    async fn last_running(&self) -> Result<Option<Millis>, StoreError>;
+    /// Records, durably, that a broker runs on this store at `now`.
+    async fn mark_running(&self, now: Millis) -> Result<(), StoreError>;
     /// Per-recipient depth (ACCEPTED), in flight, oldest accepted_at, queued bytes — for operators and metrics.
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
     /// Operator: ACCEPTED / IN_FLIGHT → PURGED, payload deleted, NDR (outcome PURGED) to the sender.

@@ -27,6 +27,7 @@ pub use self::compact::{CompactReport, compact_offline, dir_bytes};
 use self::failpoint::{FailPoints, Point};
 pub use self::flusher::FaultSwitch;
 use self::flusher::Flusher;
+use self::ops::storage;
 use self::tx::{TREE_NAMES, Tx, TxResult};
 pub use self::verify::{StoreReport, verify_store_offline};
 use self::writer::Writer;
@@ -50,6 +51,8 @@ mod writer;
 
 /// Format marker stored in the `meta` tree.
 const FORMAT: &[u8] = b"trmx-broker-store/1";
+/// The `meta` key of [`BrokerStore::mark_running`]'s instant (8 bytes, big-endian ms).
+const RUNNING_KEY: &[u8] = b"running_at";
 /// Lease attempts when every candidate was settled meanwhile.
 const LEASE_ATTEMPTS: usize = 3;
 /// Capacity of the wake-up channel.
@@ -160,6 +163,8 @@ pub(super) struct Core {
     trees: Vec<::sled::Tree>,
     /// Last seen and certificate expiry per participant (`presence.rs`).
     presence: ::sled::Tree,
+    /// The store's format, seq floor and [`RUNNING_KEY`].
+    meta: ::sled::Tree,
     /// Added to sled's id generator for new seqs (`compact.rs`).
     seq_floor: u64,
     life: Lifecycle,
@@ -240,6 +245,7 @@ impl SledStore {
         let core = Arc::new(Core {
             trees,
             presence,
+            meta,
             seq_floor,
             life: lifecycle,
             unleasable: Default::default(),
@@ -469,6 +475,33 @@ fn describe_open_error(e: &::sled::Error) -> String {
     e.to_string()
 }
 
+/// [`RUNNING_KEY`] in `meta`.
+fn last_running(meta: &::sled::Tree) -> Result<Option<Millis>, StoreError> {
+    let Some(value) = meta.get(RUNNING_KEY).map_err(storage)? else {
+        return Ok(None);
+    };
+    let bytes = <[u8; 8]>::try_from(value.as_ref())
+        .map_err(|_| StoreError::Corrupt("meta: running_at is not 8 bytes".to_owned()))?;
+    Ok(Some(Millis::from_be_bytes(bytes)))
+}
+
+/// Records `now` as the last run of the stopped broker whose store is in `path`, so that
+/// its next start accepts the system clock (see `lifecycle.max_downtime`). Returns the
+/// instant recorded before, if any. Durable when it returns.
+pub fn accept_clock_offline(path: &Path, now: Millis) -> Result<Option<Millis>, StoreError> {
+    let db = audit::open_existing(path)?;
+    let meta = db.open_tree("meta").map_err(storage)?;
+    let before = last_running(&meta)?;
+    meta.insert(RUNNING_KEY, &now.to_be_bytes()[..])
+        .map_err(storage)?;
+    db.flush().map_err(storage)?;
+    trmx_durable::DiskSync::open(path).map_err(|e| StoreError::Open {
+        path: path.display().to_string(),
+        reason: format!("cannot sync the store's files: {e}"),
+    })?;
+    Ok(before)
+}
+
 #[tonic::async_trait]
 impl BrokerStore for SledStore {
     async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError> {
@@ -631,6 +664,20 @@ impl BrokerStore for SledStore {
 
     async fn next_timer(&self) -> Result<Option<Millis>, StoreError> {
         self.read(Core::next_timer).await
+    }
+
+    async fn last_running(&self) -> Result<Option<Millis>, StoreError> {
+        self.read(|core| last_running(&core.meta)).await
+    }
+
+    async fn mark_running(&self, now: Millis) -> Result<(), StoreError> {
+        self.change_alone(move |core| {
+            core.meta
+                .insert(RUNNING_KEY, &now.to_be_bytes()[..])
+                .map_err(storage)?;
+            Ok(((), BTreeSet::new()))
+        })
+        .await
     }
 
     async fn recover(&self, now: Millis) -> Result<u64, StoreError> {
