@@ -134,6 +134,8 @@ struct Current {
     config: Arc<ClientConfig>,
     /// The certificate `config` presents (`None`: not a trmx certificate).
     presented: Option<CertInfo>,
+    /// The same, as presented.
+    leaf: CertificateDer<'static>,
     /// Why the files as they were last read are not in force.
     refused: Option<String>,
 }
@@ -153,14 +155,27 @@ impl ClientTls {
                 read,
                 config: Arc::new(config),
                 presented: CertInfo::from_der(&leaf).ok(),
+                leaf,
                 refused: None,
             }),
         })
     }
 
     /// The config for a new connection: with the files as they are now.
+    #[cfg(test)]
     fn config(&self) -> Arc<ClientConfig> {
         Arc::clone(&self.current().config)
+    }
+
+    /// The config for a new connection, with the files as they are now, and the
+    /// certificate it presents.
+    fn for_connection(&self) -> (Arc<ClientConfig>, Opened) {
+        let current = self.current();
+        let opened = Opened {
+            leaf: current.leaf.clone(),
+            info: current.presented.clone(),
+        };
+        (Arc::clone(&current.config), opened)
     }
 
     /// The state with the files as they are now (read again if they changed).
@@ -171,9 +186,10 @@ impl ClientTls {
         if now != current.read {
             current.read = now;
             match self.rebuild() {
-                Ok((config, presented)) => {
+                Ok((config, leaf, presented)) => {
                     current.config = Arc::new(config);
                     current.presented = presented;
+                    current.leaf = leaf;
                     current.refused = None;
                 }
                 Err(why) => current.refused = Some(why),
@@ -184,7 +200,7 @@ impl ClientTls {
 
     /// A config from the files as they are now and the certificate it presents, or why
     /// they cannot be used (logged).
-    fn rebuild(&self) -> Result<(ClientConfig, Option<CertInfo>), String> {
+    fn rebuild(&self) -> Result<(ClientConfig, CertificateDer<'static>, Option<CertInfo>), String> {
         let (config, leaf) = match build(&self.paths, self.crl.as_deref()) {
             Ok(built) => built,
             Err(error) => {
@@ -227,15 +243,35 @@ impl ClientTls {
             ),
             None => tracing::info!("the TLS files changed: new connections use them"),
         }
-        Ok((config, presented))
+        Ok((config, leaf, presented))
     }
 }
 
 /// The TLS files of a channel made by [`client_channel_with_tls`]: what its next
-/// connection presents, for a status display.
+/// connection presents, for a status display, and what its connection opened last
+/// presented. Clones are handles on the same channel.
 #[derive(Clone)]
 pub struct ChannelTls {
     tls: Arc<ClientTls>,
+    dial: Arc<Dial>,
+    /// The certificate the channel's connection opened last presented (`None`: none
+    /// opened yet).
+    opened: Arc<Mutex<Option<Opened>>>,
+}
+
+/// Where and how a channel connects.
+struct Dial {
+    endpoint: Endpoint,
+    server_name: ServerName<'static>,
+    target: String,
+}
+
+/// A certificate a connection presents.
+#[derive(Clone)]
+struct Opened {
+    leaf: CertificateDer<'static>,
+    /// (`None`: not a trmx certificate)
+    info: Option<CertInfo>,
 }
 
 impl std::fmt::Debug for ChannelTls {
@@ -250,11 +286,19 @@ impl std::fmt::Debug for ChannelTls {
 #[derive(Debug, Clone)]
 pub struct ChannelTlsStatus {
     /// The certificate (`None`: it carries no trmx identity). The connection open now
-    /// may still present the one before.
+    /// may still present the one before: see `outdated`.
     pub presented: Option<CertInfo>,
     /// Why the files as they are now are not used (they changed, and cannot be used):
     /// the certificate above is the one read before.
     pub refused: Option<String>,
+    /// The certificate the channel's connection opened last presented (`None`: no
+    /// connection opened yet, or no trmx identity in it).
+    pub connected: Option<CertInfo>,
+    /// Whether the channel's connection opened last presented another certificate than
+    /// `presented`: an HTTP/2 connection lasts until it breaks, and goes on presenting
+    /// the certificate it was opened with (to a broker that may revoke it). A client
+    /// that must present the new one now moves to [`ChannelTls::new_channel`].
+    pub outdated: bool,
 }
 
 impl ChannelTls {
@@ -263,10 +307,29 @@ impl ChannelTls {
     /// cannot be used is found now rather than at the next connection.
     pub fn status(&self) -> ChannelTlsStatus {
         let current = self.tls.current();
+        let opened = self
+            .opened
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         ChannelTlsStatus {
             presented: current.presented.clone(),
             refused: current.refused.clone(),
+            outdated: opened.as_ref().is_some_and(|o| o.leaf != current.leaf),
+            connected: opened.and_then(|o| o.info),
         }
+    }
+
+    /// Another channel to the same address with the same TLS files (a certificate of
+    /// another identity is still refused), with its own connection, and its handle.
+    ///
+    /// Moving to it is how a client presents a changed certificate at once: its new
+    /// calls go to the new channel, whose first call connects with the files as they
+    /// are then, and the old channel is dropped. The old connection ends when the calls
+    /// still on it have (hyper closes an HTTP/2 connection whose handles are all
+    /// dropped once its last stream ends): nothing in flight is cut off.
+    pub fn new_channel(&self) -> (Channel, ChannelTls) {
+        channel(&self.tls, &self.dial)
     }
 }
 
@@ -355,7 +418,8 @@ pub fn client_channel(
 }
 
 /// [`client_channel`], and a handle on its TLS files: which certificate its next
-/// connection presents, and whether a change of the files was refused.
+/// connection presents, whether a change of the files was refused, and whether its
+/// connection presents an older certificate (then [`ChannelTls::new_channel`] moves on).
 pub fn client_channel_with_tls(
     addr: &str,
     paths: &TlsPaths,
@@ -370,7 +434,6 @@ pub fn client_channel_with_tls(
     let server_name =
         ServerName::try_from(name.clone()).map_err(|_| TransportError::ServerName { name })?;
     let tls = Arc::new(ClientTls::load(paths, opts.crl.as_deref())?);
-    let handle = ChannelTls { tls: tls.clone() };
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|error| TransportError::Endpoint {
             addr: addr.to_owned(),
@@ -379,11 +442,31 @@ pub fn client_channel_with_tls(
         .connect_timeout(opts.connect_timeout)
         .http2_keep_alive_interval(opts.http2_keepalive)
         .keep_alive_while_idle(true);
-    let target = addr.to_owned();
+    let dial = Arc::new(Dial {
+        endpoint,
+        server_name,
+        target: addr.to_owned(),
+    });
+    Ok(channel(&tls, &dial))
+}
+
+/// A lazily connecting channel with `tls` as `dial` says, and its handle.
+fn channel(tls: &Arc<ClientTls>, dial: &Arc<Dial>) -> (Channel, ChannelTls) {
+    let handle = ChannelTls {
+        tls: Arc::clone(tls),
+        dial: Arc::clone(dial),
+        opened: Arc::new(Mutex::new(None)),
+    };
+    let tls = Arc::clone(tls);
+    let server_name = dial.server_name.clone();
+    let target = dial.target.clone();
+    let opened = Arc::clone(&handle.opened);
     let connect = tower::service_fn(move |_: Uri| {
-        let connector = TlsConnector::from(tls.config());
+        let (config, presented) = tls.for_connection();
+        let connector = TlsConnector::from(config);
         let server_name = server_name.clone();
         let target = target.clone();
+        let opened = Arc::clone(&opened);
         async move {
             let tcp = TcpStream::connect(target.as_str()).await?;
             tcp.set_nodelay(true)?;
@@ -399,10 +482,14 @@ pub fn client_channel_with_tls(
                     "the server closed the connection after the TLS handshake",
                 ));
             }
+            *opened.lock().unwrap_or_else(PoisonError::into_inner) = Some(presented);
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
-    Ok((endpoint.connect_with_connector_lazy(connect), handle))
+    (
+        dial.endpoint.clone().connect_with_connector_lazy(connect),
+        handle,
+    )
 }
 
 #[cfg(test)]
