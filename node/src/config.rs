@@ -75,9 +75,11 @@ const MAX_SOCKET_PATH: usize = 107;
 /// `[tls]`: the node's PEM files, made with `trmx-certs`.
 ///
 /// All four are read again before a connection to the broker when one of them has
-/// changed (a renewal, a CA rollover, a new CRL): no restart is needed. A change that
-/// cannot be used, or a certificate of another identity, is logged and the files read
-/// before stay in force.
+/// changed (a renewal, a CA rollover, a new CRL): no restart is needed. A changed
+/// certificate is checked for every few seconds, and the node moves to a new connection
+/// that presents it (the open one would go on presenting the old one until it breaks).
+/// A change that cannot be used, or a certificate of another identity, is logged and
+/// the files read before stay in force.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
@@ -375,6 +377,7 @@ impl NodeConfig {
             ),
             cache_capacity_bytes: self.storage.cache_capacity_mb.saturating_mul(1024 * 1024),
             withdraw_timeout: crate::core::WITHDRAW_TIMEOUT,
+            certificate_check_interval: crate::core::CERTIFICATE_CHECK_INTERVAL,
         })
     }
 

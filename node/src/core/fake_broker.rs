@@ -52,6 +52,9 @@ pub(crate) struct FakeState {
     pub(crate) end_streams: Option<(tonic::Code, String)>,
     /// `GetInfo` calls answered.
     pub(crate) get_info_calls: u64,
+    /// The serial of the client certificate of each `Receive` call (served over TLS
+    /// only), in order.
+    pub(crate) receive_serials: Vec<String>,
     /// `Submit` calls that passed the envelope check: a test that holds
     /// [`FakeBroker::submit_hold`] waits for this to know a submit is in flight.
     pub(crate) submits_arrived: usize,
@@ -259,8 +262,16 @@ impl Exchange for Endpoint {
 
     async fn receive(
         &self,
-        _request: Request<pb::ReceiveRequest>,
+        request: Request<pb::ReceiveRequest>,
     ) -> Result<Response<Self::ReceiveStream>, Status> {
+        let serial = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned())
+            .and_then(|leaf| trmx_certs::CertInfo::from_der(&leaf).ok())
+            .map(|info| info.serial_hex);
+        if let Some(serial) = serial {
+            self.broker.lock().receive_serials.push(serial);
+        }
         let (tx, rx) = mpsc::channel(8);
         if let Some((code, message)) = self.broker.lock().end_streams.clone() {
             tx.try_send(Err(Status::new(code, message))).unwrap();

@@ -10,16 +10,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use prost::Message;
 use tokio::sync::watch;
 use tonic::Code;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 use trmx_proto::envelope::check_delivery;
 use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::time::{Date, from_timestamp, to_millis};
 use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
+use super::channel::LinkChannel;
 use super::store::{IdUse, Incoming, ReceiptEffect, Stored};
 use super::{Body, BodyContext, Failure, Inner, Millis, NodeError, OutboxState, ParticipantInfo};
 
@@ -302,11 +303,25 @@ fn link_failed(inner: &Inner, failures: &mut FailureLog, what: &'static str, err
     inner.set_error(error);
 }
 
+/// How a `Receive` stream ended.
+enum StreamEnd {
+    /// Shutdown.
+    Stop,
+    /// It broke, or the broker ended it: reconnect after the backoff.
+    Failed,
+    /// The link moved to a new connection (the node certificate changed): reopen
+    /// at once on it.
+    Moved,
+}
+
 /// Connects, refreshes the participant cache, then consumes one `Receive`
-/// stream until it breaks; reconnects with backoff until shutdown.
+/// stream until it breaks; reconnects with backoff until shutdown. When the
+/// link moves to a new connection (`moves` changes), the stream is ended
+/// between two deliveries and opened again at once on the new one.
 pub(crate) async fn receive_loop(
     inner: Arc<Inner>,
-    mut client: ExchangeClient<Channel>,
+    mut client: ExchangeClient<LinkChannel>,
+    mut moves: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let me = inner.config.participant.clone();
@@ -316,6 +331,9 @@ pub(crate) async fn receive_loop(
         if *shutdown.borrow() {
             break;
         }
+        // (a move from here on ends the stream opened below: it may be on the old
+        // connection)
+        let generation = *moves.borrow_and_update();
         match client.get_info(pb::GetInfoRequest {}).await {
             Ok(info) => {
                 let info = info.into_inner();
@@ -345,9 +363,31 @@ pub(crate) async fn receive_loop(
                             tokio::time::sleep(STREAM_PROVEN.min(inner.config.reconnect_max));
                         tokio::pin!(proving);
                         let mut stream = stream.into_inner();
-                        let stop = loop {
+                        let end = loop {
                             tokio::select! {
-                                _ = shutdown.changed() => break true,
+                                _ = shutdown.changed() => break StreamEnd::Stop,
+                                // (the watch's borrow ends here, not after the drain)
+                                Ok(()) = moves.wait_for(|now| *now != generation).map(|moved| moved.map(drop)) => {
+                                    // Drain: what has reached the node already is
+                                    // stored and acknowledged before the stream ends
+                                    // (the broker counts a delivery unacknowledged on
+                                    // a closed stream as a failed attempt); the rest
+                                    // is delivered again, and the inbox's dedup keeps
+                                    // it once, as after any reconnect.
+                                    let window = inner.config.max_in_flight;
+                                    let mut end = StreamEnd::Moved;
+                                    for _ in 0..window {
+                                        let Some(Ok(Some(delivery))) = stream.message().now_or_never() else {
+                                            break;
+                                        };
+                                        if let Err(e) = handle_delivery(&inner, &mut client, delivery).await {
+                                            link_failed(&inner, &mut failures, "delivery not stored; reconnecting", format!("store: {e}"));
+                                            end = StreamEnd::Failed;
+                                            break;
+                                        }
+                                    }
+                                    break end;
+                                }
                                 () = &mut proving, if !proven => {
                                     proven = true;
                                     link_works(&inner, &mut failures, &mut backoff);
@@ -356,7 +396,7 @@ pub(crate) async fn receive_loop(
                                     Ok(Some(delivery)) => {
                                         if let Err(e) = handle_delivery(&inner, &mut client, delivery).await {
                                             link_failed(&inner, &mut failures, "delivery not stored; reconnecting", format!("store: {e}"));
-                                            break false;
+                                            break StreamEnd::Failed;
                                         }
                                         if !proven {
                                             proven = true;
@@ -365,21 +405,27 @@ pub(crate) async fn receive_loop(
                                     }
                                     Ok(None) => {
                                         link_failed(&inner, &mut failures, "the broker ended the receive stream", "receive stream closed by the broker".into());
-                                        break false;
+                                        break StreamEnd::Failed;
                                     }
                                     Err(status) => {
                                         link_failed(&inner, &mut failures, "connection to the broker broken", status_text(&status));
-                                        break false;
+                                        break StreamEnd::Failed;
                                     }
                                 },
                             }
                         };
+                        drop(stream);
                         inner.set_connected(false);
-                        if stop {
-                            break;
-                        }
-                        if proven {
-                            info!(participant = %me, "disconnected from broker");
+                        match end {
+                            StreamEnd::Stop => break,
+                            StreamEnd::Moved => {
+                                debug!(participant = %me, "receive stream ended: the link moved to a new connection");
+                                continue;
+                            }
+                            StreamEnd::Failed if proven => {
+                                info!(participant = %me, "disconnected from broker");
+                            }
+                            StreamEnd::Failed => {}
                         }
                     }
                     Err(status) => link_failed(
@@ -414,7 +460,7 @@ fn reject_reason(e: &ValidationError) -> &'static str {
 }
 
 async fn reject(
-    client: &mut ExchangeClient<Channel>,
+    client: &mut ExchangeClient<LinkChannel>,
     inner: &Inner,
     message_id: &str,
     reason_code: &str,
@@ -447,7 +493,7 @@ async fn reject(
     }
 }
 
-async fn ack(client: &mut ExchangeClient<Channel>, inner: &Inner, message_id: MessageId) {
+async fn ack(client: &mut ExchangeClient<LinkChannel>, inner: &Inner, message_id: MessageId) {
     let me = &inner.config.participant;
     let request = pb::AckRequest {
         message_ids: vec![message_id.to_string()],
@@ -703,7 +749,7 @@ pub(crate) async fn store_receipt(
 /// and the broker will redeliver it.
 async fn handle_delivery(
     inner: &Arc<Inner>,
-    client: &mut ExchangeClient<Channel>,
+    client: &mut ExchangeClient<LinkChannel>,
     delivery: pb::Delivery,
 ) -> Result<(), NodeError> {
     let me = inner.config.participant.clone();
@@ -772,13 +818,45 @@ async fn handle_delivery(
     Ok(())
 }
 
+// ---- certificate ----------------------------------------------------------------
+
+/// Every `certificate_check_interval`, moves the link to a new connection when
+/// the next one would present another certificate than the open one: after a
+/// renewal (before the old certificate expires, or is revoked) the broker sees
+/// the new certificate within seconds. The files are read off the runtime, and
+/// only when they changed (the channel compares their digests).
+pub(crate) async fn certificate_loop(
+    inner: Arc<Inner>,
+    channel: LinkChannel,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let me = inner.config.participant.clone();
+    while pause(inner.config.certificate_check_interval, &mut shutdown).await {
+        let checking = channel.clone();
+        let moved = match tokio::task::spawn_blocking(move || checking.move_if_outdated()).await {
+            Ok(moved) => moved,
+            Err(e) => {
+                warn!(participant = %me, error = %e, "certificate check failed");
+                continue;
+            }
+        };
+        if let Some(moved) = moved {
+            let serial = |info: &Option<trmx_certs::CertInfo>| {
+                info.as_ref()
+                    .map_or_else(|| "-".to_owned(), |i| i.serial_hex.clone())
+            };
+            info!(participant = %me, old_serial = %serial(&moved.old), new_serial = %serial(&moved.new), "the node certificate changed: reconnecting to the broker to present the new one");
+        }
+    }
+}
+
 // ---- submit -------------------------------------------------------------------
 
 /// Submits `QUEUED` entries in creation order whenever the broker is
 /// reachable; woken by each new send and by each (re)connect.
 pub(crate) async fn submit_loop(
     inner: Arc<Inner>,
-    mut client: ExchangeClient<Channel>,
+    mut client: ExchangeClient<LinkChannel>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let me = inner.config.participant.clone();
@@ -894,7 +972,7 @@ const CHECK_BATCH: usize = 100;
 /// costs a few calls a round, not one per entry.
 pub(crate) async fn outbox_check_loop(
     inner: Arc<Inner>,
-    mut client: ExchangeClient<Channel>,
+    mut client: ExchangeClient<LinkChannel>,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -952,7 +1030,7 @@ pub(crate) async fn outbox_check_loop(
 /// `Err` means the broker could not answer: the round stops.
 async fn check_one(
     inner: &Arc<Inner>,
-    client: &mut ExchangeClient<Channel>,
+    client: &mut ExchangeClient<LinkChannel>,
     id: MessageId,
 ) -> Result<(), NodeError> {
     let me = inner.config.participant.clone();
@@ -1036,7 +1114,7 @@ async fn check_one(
 /// reached: the rest wait for the next round.
 async fn withdraw_pending(
     inner: &Arc<Inner>,
-    client: &mut ExchangeClient<Channel>,
+    client: &mut ExchangeClient<LinkChannel>,
 ) -> Result<(), NodeError> {
     let me = &inner.config.participant;
     let store = inner.store.clone();
@@ -1085,7 +1163,7 @@ async fn withdraw_pending(
 /// failure (retry later, in order).
 async fn submit_one(
     inner: &Arc<Inner>,
-    client: &mut ExchangeClient<Channel>,
+    client: &mut ExchangeClient<LinkChannel>,
     id: MessageId,
     envelope: pb::Envelope,
 ) -> Result<(), NodeError> {

@@ -5,7 +5,11 @@
 //! - [`clock`]: the injected time source ([`Clock`], [`SystemClock`], [`ManualClock`]).
 //! - `store` (private): the sled database — outbox, inbox, idempotency, dedup,
 //!   case and due indexes; every state change is one transaction.
-//! - `link` (private): the broker link — submit loop, receive loop, `GetInfo`.
+//! - `link` (private): the broker link — submit loop, receive loop, `GetInfo`,
+//!   and the certificate check that moves the link to a new connection when the
+//!   node certificate changes.
+//! - `channel` (private): the channel every broker call goes through, replaced
+//!   by a new one (new connection) on such a move.
 //!
 //! Data flow: [`NodeCore::send`] validates, stores the entry as `QUEUED` and
 //! flushes, then wakes the submit loop, which submits to the broker and marks
@@ -13,6 +17,7 @@
 //! receipt), flushes, then acknowledges it; [`NodeCore::watch`] streams new
 //! inbox entries by their node-local `seq`.
 
+mod channel;
 pub mod clock;
 #[cfg(test)]
 mod fake_broker;
@@ -31,12 +36,12 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tracing::{error, info, warn};
 use trmx_proto::pb;
 use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::time::{to_millis, to_timestamp};
 
+use channel::LinkChannel;
 use store::{NewOutgoing, Store};
 
 pub use clock::{Clock, GuardedClock, ManualClock, SystemClock, TimeSource, node_clock};
@@ -83,6 +88,9 @@ pub struct CoreConfig {
     /// progress (the message may be in it), then for the answer to its own call. Past
     /// either it answers `UNAVAILABLE` (try again); submits wait for it meanwhile.
     pub withdraw_timeout: Duration,
+    /// How often the link compares the certificate its connection presents with the
+    /// certificate file; when they differ (a renewal), it moves to a new connection.
+    pub certificate_check_interval: Duration,
 }
 
 /// A message the application asks the node to send.
@@ -255,6 +263,11 @@ pub struct TimelineEntry {
     /// with `+answered` when answered) or `received` (`received+answered`).
     pub state: String,
 }
+
+/// How often the link checks whether the node certificate changed, by default
+/// ([`CoreConfig::certificate_check_interval`]): a renewed certificate is presented to the
+/// broker within seconds, not from whenever the connection happens to break.
+pub(crate) const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long a withdrawal waits for the broker, by default ([`CoreConfig::withdraw_timeout`]).
 pub(crate) const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(15);
@@ -459,7 +472,7 @@ struct Inner {
     store: Store,
     link: LinkState,
     /// `None` when started offline.
-    client: Option<ExchangeClient<Channel>>,
+    client: Option<ExchangeClient<LinkChannel>>,
     submit_wake: Notify,
     /// Held by the submit loop from its last look that an entry is still
     /// `QUEUED` until the broker's answer to its submit is stored, and by a
@@ -480,7 +493,7 @@ struct Inner {
 
 /// The broker link of a node started online, for [`NodeCore::open`].
 struct BrokerLink {
-    client: ExchangeClient<Channel>,
+    channel: LinkChannel,
     tls: Option<trmx_transport::ChannelTls>,
     /// What [`NodeCore::start`] said about the certificate.
     notices: CertNotices,
@@ -873,7 +886,7 @@ pub const MAX_DELIVERY_BYTES: usize = 16 << 20;
 /// envelope of up to the broker's `max_envelope_bytes` (8 MiB by default):
 /// with tonic's 4 MiB default a larger one broke the stream at every attempt
 /// instead of being stored or rejected.
-pub(crate) fn broker_client(channel: Channel) -> ExchangeClient<Channel> {
+fn broker_client(channel: LinkChannel) -> ExchangeClient<LinkChannel> {
     ExchangeClient::new(channel)
         .max_decoding_message_size(MAX_DELIVERY_BYTES)
         .max_encoding_message_size(MAX_DELIVERY_BYTES)
@@ -905,7 +918,7 @@ impl NodeCore {
                 .map_err(|e| NodeError::Config(format!("broker connection: {e}")))?;
         let failpoint = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "inbox-after-store");
         let link = BrokerLink {
-            client: broker_client(channel),
+            channel: LinkChannel::new(channel, Some(tls.clone())),
             tls: Some(tls),
             notices,
         };
@@ -927,10 +940,11 @@ impl NodeCore {
         link: Option<BrokerLink>,
         failpoint_inbox_after_store: bool,
     ) -> Result<NodeCore, NodeError> {
-        let (client, tls, notices) = match link {
-            Some(link) => (Some(link.client), link.tls, link.notices),
+        let (channel, tls, notices) = match link {
+            Some(link) => (Some(link.channel), link.tls, link.notices),
             None => (None, None, CertNotices::default()),
         };
+        let client = channel.clone().map(broker_client);
         check_config(&config)?;
         let dir = config.data_dir.clone();
         let cache = config.cache_capacity_bytes;
@@ -956,12 +970,20 @@ impl NodeCore {
             notices: Mutex::new(notices),
         });
         let mut tasks = Vec::new();
-        if let Some(client) = inner.client.clone() {
+        if let (Some(client), Some(channel)) = (inner.client.clone(), channel) {
             tasks.push(tokio::spawn(link::receive_loop(
                 inner.clone(),
                 client.clone(),
+                channel.generation(),
                 inner.shutdown.subscribe(),
             )));
+            if inner.tls.is_some() {
+                tasks.push(tokio::spawn(link::certificate_loop(
+                    inner.clone(),
+                    channel,
+                    inner.shutdown.subscribe(),
+                )));
+            }
             if let Some(interval) = inner.config.outbox_check_interval {
                 tasks.push(tokio::spawn(link::outbox_check_loop(
                     inner.clone(),

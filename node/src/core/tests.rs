@@ -78,6 +78,7 @@ fn config(dir: &Path, me: &str) -> CoreConfig {
         outbox_check_interval: None,
         cache_capacity_bytes: 8 << 20,
         withdraw_timeout: Duration::from_secs(2),
+        certificate_check_interval: Duration::from_millis(50),
     }
 }
 
@@ -1711,7 +1712,7 @@ mod link {
             .connect_timeout(Duration::from_secs(1))
             .connect_lazy();
         let link = BrokerLink {
-            client: broker_client(channel),
+            channel: LinkChannel::new(channel, None),
             tls: None,
             notices: CertNotices::default(),
         };
@@ -2662,6 +2663,107 @@ mod link {
         })
         .await;
         node.status().last_broker_error.unwrap()
+    }
+
+    /// After a renewal, a node went on presenting its old certificate on the open
+    /// HTTP/2 connection until that broke, which could be weeks away (or until the
+    /// broker cut it off for the revocation of the old one). Now it moves to a new
+    /// connection within seconds; the submit in flight then ends on the old
+    /// connection (submitted once, not abandoned and sent again), the old connection
+    /// closes, and messages flow both ways on the new one.
+    #[tokio::test]
+    async fn a_renewed_certificate_is_presented_on_a_new_connection() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("NL-NRM").unwrap();
+        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let server = broker_tls(&federation);
+        let _serving = broker.serve_tls("NL-NRM", l, server.clone());
+        let nl = started(dir.path(), "NL-NRM", &federation, &cert, addr)
+            .await
+            .unwrap();
+        let serials = || broker.lock().receive_serials.clone();
+        until("NL receives with its first certificate", || async {
+            serials() == [first.serial_hex.clone()]
+        })
+        .await;
+        assert_eq!(server.open_connections(), 1);
+
+        // a submit in flight when the certificate changes
+        let held = broker.submit_hold.lock().await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the submit reaches the broker", || async {
+            broker.lock().submits_arrived == 1
+        })
+        .await;
+        let renewed = federation.ca.renew(&cert, 30).unwrap().new;
+        assert_ne!(renewed.serial_hex, first.serial_hex);
+        until("NL receives with its renewed certificate", || async {
+            serials().last() == Some(&renewed.serial_hex)
+        })
+        .await;
+        assert_eq!(
+            server.open_connections(),
+            2,
+            "the old connection waits for the submit in flight"
+        );
+        drop(held);
+        until("the submit in flight is answered", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        until("the old connection is closed", || async {
+            server.open_connections() == 1
+        })
+        .await;
+        assert_eq!(broker.lock().submits_arrived, 1, "submitted once");
+        assert_eq!(
+            serials(),
+            [first.serial_hex.clone(), renewed.serial_hex.clone()],
+            "one move"
+        );
+
+        // messages flow both ways on the new connection
+        let again = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("a new message is submitted", || async {
+            state_of(&nl, again.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let be = NodeCore::start_offline(config(dir.path(), "BE-PAYOKE"), clock)
+            .await
+            .unwrap();
+        let incoming = be.send(request("k-1", "NL-NRM", referral())).await.unwrap();
+        let envelope = be
+            .inner
+            .store
+            .envelope(incoming.message_id)
+            .unwrap()
+            .unwrap();
+        broker.enqueue(envelope, "BE-PAYOKE");
+        until("NL stores and acknowledges a delivery", || async {
+            broker.lock().acked == [incoming.message_id.to_string()]
+        })
+        .await;
+        assert_eq!(nl.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+        assert_eq!(server.open_connections(), 1);
+
+        let told = logs.lines_with(&["INFO", "the node certificate changed"]);
+        assert_eq!(told.len(), 1, "{told:#?}");
+        for part in [&first.serial_hex, &renewed.serial_hex] {
+            assert!(told[0].contains(part.as_str()), "{part}: {}", told[0]);
+        }
+        be.shutdown().await;
+        nl.shutdown().await;
     }
 
     /// `trmx-node status` said "Unknown: transport error" for a revoked

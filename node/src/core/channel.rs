@@ -1,0 +1,145 @@
+//! The channel of the broker link, moved to a new connection when the node
+//! certificate changes.
+//!
+//! An HTTP/2 connection lasts until it breaks, and presents the certificate
+//! it was opened with all along: after a renewal the node would go on
+//! presenting the old certificate (to a broker about to revoke it) for weeks.
+//! [`LinkChannel`] is the `tower` service every `Exchange` client of the link
+//! calls through. [`LinkChannel::move_if_outdated`] replaces the channel
+//! inside it with a new one when the next connection would present another
+//! certificate than the open one: each call from then on goes to the new
+//! channel, while a call made before (a submit awaiting its answer) ends on
+//! the old connection, which hyper closes once its last call has ended. The
+//! receive loop, whose stream would hold the old connection open for ever,
+//! watches [`LinkChannel::generation`] and moves its stream.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use tokio::sync::watch;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::transport::Channel;
+use trmx_certs::CertInfo;
+use trmx_transport::ChannelTls;
+
+/// The broker channel in use; clones share it.
+#[derive(Clone)]
+pub(crate) struct LinkChannel {
+    shared: Arc<Shared>,
+    /// The channel `poll_ready` made ready, for the `call` that follows, and its
+    /// generation.
+    ready: Option<(u64, Channel)>,
+}
+
+struct Shared {
+    current: Mutex<Current>,
+    /// The generation of `current`, for those who wait for a move.
+    generation: watch::Sender<u64>,
+}
+
+struct Current {
+    generation: u64,
+    channel: Channel,
+    /// Its TLS files (`None`: a link without TLS, in tests).
+    tls: Option<ChannelTls>,
+}
+
+/// A move to a new connection: the certificates of the old and of the new.
+#[derive(Debug)]
+pub(crate) struct Moved {
+    /// What the open connection presents (`None`: no trmx certificate).
+    pub(crate) old: Option<CertInfo>,
+    /// What the next connection presents.
+    pub(crate) new: Option<CertInfo>,
+}
+
+impl std::fmt::Debug for LinkChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkChannel")
+            .field("generation", &*self.shared.generation.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkChannel {
+    pub(crate) fn new(channel: Channel, tls: Option<ChannelTls>) -> Self {
+        let (generation, _) = watch::channel(0);
+        Self {
+            shared: Arc::new(Shared {
+                current: Mutex::new(Current {
+                    generation: 0,
+                    channel,
+                    tls,
+                }),
+                generation,
+            }),
+            ready: None,
+        }
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.shared
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes with each move to a new channel.
+    pub(crate) fn generation(&self) -> watch::Receiver<u64> {
+        self.shared.generation.subscribe()
+    }
+
+    /// Moves to a new channel when the next connection would present another
+    /// certificate than the open one presents. Reads the TLS files when they
+    /// changed (small files, synchronously): call it off the runtime.
+    pub(crate) fn move_if_outdated(&self) -> Option<Moved> {
+        let tls = self.current().tls.clone()?;
+        let status = tls.status();
+        if !status.outdated {
+            return None;
+        }
+        let (channel, tls) = tls.new_channel();
+        let generation = {
+            let mut current = self.current();
+            current.generation = current.generation.wrapping_add(1);
+            // (the old channel is dropped here, unless a call still holds it)
+            current.channel = channel;
+            current.tls = Some(tls);
+            current.generation
+        };
+        self.shared.generation.send_replace(generation);
+        Some(Moved {
+            old: status.connected,
+            new: status.presented,
+        })
+    }
+
+    /// The channel in use, and its generation.
+    fn in_use(&self) -> (u64, Channel) {
+        let current = self.current();
+        (current.generation, current.channel.clone())
+    }
+}
+
+impl tower::Service<http::Request<Body>> for LinkChannel {
+    type Response = http::Response<Body>;
+    type Error = tonic::transport::Error;
+    type Future = <Channel as tower::Service<http::Request<Body>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // (a channel made ready before a move, and not called, is left for the new one)
+        let generation = *self.shared.generation.borrow();
+        let ready = match self.ready.take() {
+            Some(ready) if ready.0 == generation => ready,
+            _ => self.in_use(),
+        };
+        self.ready.insert(ready).1.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // (`Channel::call` without a `poll_ready` before panics, as this one does then)
+        let (_, mut channel) = self.ready.take().unwrap_or_else(|| self.in_use());
+        channel.call(request)
+    }
+}
