@@ -1,6 +1,6 @@
 //! The node's TOML configuration: parsed with `deny_unknown_fields`, defaults
 //! named, validated with errors that name the field, then turned into a
-//! [`CoreConfig`] for the core and a socket path for the local API.
+//! [`CoreConfig`] for the core and a socket path and limits for the local API.
 //!
 //! Relative paths in a file loaded with [`NodeConfig::load`] are resolved
 //! against the directory of that file, so a config and its certificates can
@@ -97,12 +97,30 @@ pub struct TlsSection {
 }
 
 /// `[api]`: the local gRPC API.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSection {
     /// Unix socket path; unset means `<data_dir>/node.sock`. Created with mode 0600.
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// Most connections open at once; one more is closed at once (and logged), so that
+    /// an integration leaking connections cannot take the node's file descriptors.
+    #[serde(default = "default_api_max_connections")]
+    pub max_connections: u32,
+    /// Most `Watch` streams open at once, over all connections; one more is refused
+    /// with `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_api_max_watch_streams")]
+    pub max_watch_streams: u32,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            max_connections: default_api_max_connections(),
+            max_watch_streams: default_api_max_watch_streams(),
+        }
+    }
 }
 
 /// `[storage]`: the local database and retention.
@@ -151,6 +169,12 @@ fn default_message_lifetime_hours() -> u64 {
 fn default_outbox_check_interval_secs() -> u64 {
     600
 }
+fn default_api_max_connections() -> u32 {
+    64
+}
+fn default_api_max_watch_streams() -> u32 {
+    64
+}
 fn default_cache_capacity_mb() -> u64 {
     64
 }
@@ -165,6 +189,11 @@ fn default_max_clock_step_secs() -> u64 {
 const MAX_IN_FLIGHT: u32 = 1_024;
 /// Largest accepted `broker.message_lifetime_hours` (one year).
 const MAX_LIFETIME_HOURS: u64 = 366 * 24;
+/// Largest accepted `api.max_connections`: each takes a file descriptor, and a cap
+/// above the usual limit of 1024 open files would not keep the node's own.
+const MAX_API_CONNECTIONS: u32 = 1_000;
+/// Largest accepted `api.max_watch_streams`.
+const MAX_API_WATCH_STREAMS: u32 = 10_000;
 
 fn invalid(field: &str, rule: impl std::fmt::Display) -> NodeError {
     NodeError::Config(format!("{field}: {rule}"))
@@ -297,6 +326,18 @@ impl NodeConfig {
                 ));
             }
         }
+        if !(1..=MAX_API_CONNECTIONS).contains(&self.api.max_connections) {
+            return Err(invalid(
+                "api.max_connections",
+                format!("must be between 1 and {MAX_API_CONNECTIONS}"),
+            ));
+        }
+        if !(1..=MAX_API_WATCH_STREAMS).contains(&self.api.max_watch_streams) {
+            return Err(invalid(
+                "api.max_watch_streams",
+                format!("must be between 1 and {MAX_API_WATCH_STREAMS}"),
+            ));
+        }
         if self.storage.cache_capacity_mb == 0 {
             return Err(invalid("storage.cache_capacity_mb", "must be at least 1"));
         }
@@ -347,6 +388,14 @@ impl NodeConfig {
             .socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join(DEFAULT_SOCKET_NAME))
+    }
+
+    /// The local API's limits.
+    pub fn api_limits(&self) -> crate::api::ApiLimits {
+        crate::api::ApiLimits {
+            max_connections: usize::try_from(self.api.max_connections).unwrap_or(usize::MAX),
+            max_watch_streams: usize::try_from(self.api.max_watch_streams).unwrap_or(usize::MAX),
+        }
     }
 
     /// The core's view of this config (validate first).

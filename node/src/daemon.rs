@@ -43,9 +43,16 @@ impl RunningNode {
         // (an error drops `socket`, which removes the file)
         let core = NodeCore::start(config.core_config()?, Arc::clone(&clock)).await?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let api = tokio::spawn(serve_bound(core.clone(), clock, socket, async move {
-            let _ = stop_rx.await;
-        }));
+        let limits = config.api_limits();
+        let api = tokio::spawn(serve_bound(
+            core.clone(),
+            clock,
+            socket,
+            limits,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
         tracing::info!(
             participant = %config.participant,
             socket = %socket_path.display(),

@@ -10,6 +10,8 @@
 //!   [`tonic::Status`].
 //! - [`client`]: [`client::connect_local`], the client side used by the CLI and
 //!   by tests.
+//! - `limits` (private): [`ApiLimits`] — connections and `Watch` streams open at
+//!   once, beyond the per-connection caps (streams, request size) set here.
 //!
 //! # Socket
 //! The socket is bound inside a fresh directory of mode 0700 next to the
@@ -21,6 +23,7 @@
 
 pub mod client;
 mod convert;
+mod limits;
 pub mod status;
 
 use std::future::Future;
@@ -32,13 +35,14 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 use trmx_proto::pb;
 use trmx_proto::pb::node_api_server::{NodeApi, NodeApiServer};
 use trmx_proto::time::Date;
 
 use crate::core::{Clock, MessageView, NodeCore, NodeError, SystemClock};
+pub use limits::ApiLimits;
+use limits::WatchSlots;
 pub use status::to_status;
 
 /// Largest request the local API decodes (a body with attachments).
@@ -47,15 +51,23 @@ const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// Binds the local API socket at `socket_path` with mode 0600 and serves
-/// `NodeApi` on it until `shutdown` completes; open `Watch` streams end then.
-/// The socket file is removed when the server stops.
+/// `NodeApi` on it, with the default [`ApiLimits`], until `shutdown` completes;
+/// open `Watch` streams end then. The socket file is removed when the server
+/// stops.
 pub async fn serve_local_api(
     core: NodeCore,
     socket_path: &Path,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let socket = bind_local_socket(socket_path)?;
-    serve_bound(core, Arc::new(SystemClock), socket, shutdown).await
+    serve_bound(
+        core,
+        Arc::new(SystemClock),
+        socket,
+        ApiLimits::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// A bound local API socket; the socket file is removed when it is dropped
@@ -181,12 +193,14 @@ fn remove_stale_socket(path: &Path) -> Result<(), NodeError> {
     }
 }
 
-/// Serves `NodeApi` on an already bound socket until `shutdown` completes.
-/// `clock` gives "today" for `ListDue` (inject the core's clock in tests).
+/// Serves `NodeApi` on an already bound socket until `shutdown` completes,
+/// within `limits`. `clock` gives "today" for `ListDue` (inject the core's
+/// clock in tests).
 pub async fn serve_bound(
     core: NodeCore,
     clock: Arc<dyn Clock>,
     mut socket: LocalSocket,
+    limits: ApiLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let listener = socket
@@ -198,8 +212,14 @@ pub async fn serve_bound(
         core,
         clock,
         stop: stop_rx,
+        watch_slots: WatchSlots::new(limits.max_watch_streams),
     };
-    tracing::info!(socket = %socket.path.display(), "local api listening");
+    tracing::info!(
+        socket = %socket.path.display(),
+        max_connections = limits.max_connections,
+        max_watch_streams = limits.max_watch_streams,
+        "local api listening"
+    );
     let result = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .add_service(
@@ -207,11 +227,14 @@ pub async fn serve_bound(
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_REQUEST_BYTES),
         )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            shutdown.await;
-            // End the open watch streams so that the graceful shutdown completes.
-            let _ = stop_tx.send(true);
-        })
+        .serve_with_incoming_shutdown(
+            limits::incoming(listener, limits.max_connections),
+            async move {
+                shutdown.await;
+                // End the open watch streams so that the graceful shutdown completes.
+                let _ = stop_tx.send(true);
+            },
+        )
         .await;
     tracing::info!(socket = %socket.path.display(), "local api stopped");
     drop(socket);
@@ -224,6 +247,7 @@ struct LocalApi {
     core: NodeCore,
     clock: Arc<dyn Clock>,
     stop: watch::Receiver<bool>,
+    watch_slots: WatchSlots,
 }
 
 type ApiResult<T> = Result<Response<T>, Status>;
@@ -436,6 +460,8 @@ impl NodeApi for LocalApi {
 
     async fn watch(&self, request: Request<pb::WatchRequest>) -> ApiResult<Self::WatchStream> {
         let after_seq = request.get_ref().after_seq;
+        // (held by the stream: given back when it ends, or when the client drops it)
+        let slot = self.watch_slots.take().map_err(to_status)?;
         let mut stop = self.stop.clone();
         let stopped = async move {
             // Ends when shutdown is signalled or the server is gone.
@@ -446,7 +472,10 @@ impl NodeApi for LocalApi {
             .watch(after_seq)
             .await
             .map_err(to_status)?
-            .map(|item| item.map(convert::inbox_entry).map_err(to_status))
+            .map(move |item| {
+                let _held = &slot;
+                item.map(convert::inbox_entry).map_err(to_status)
+            })
             .take_until(stopped)
             // A watch never ends as finished: a clean end would read to a client
             // as "nothing more will come", and it would not resume. (After an

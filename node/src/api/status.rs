@@ -8,6 +8,7 @@
 //! | `FailedPrecondition` | `FAILED_PRECONDITION` |
 //! | `BrokerUnavailable` | `UNAVAILABLE` |
 //! | `Store` | `UNAVAILABLE` (the node's database cannot take the request now) |
+//! | `LimitReached` | `RESOURCE_EXHAUSTED`, the message naming the config key |
 //! | `Config` | `INTERNAL` |
 
 use tonic::{Code, Status};
@@ -25,6 +26,7 @@ pub fn to_status(error: NodeError) -> Status {
         NodeError::NotFound(_) => Code::NotFound,
         NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
         NodeError::BrokerUnavailable(_) | NodeError::Store(_) => Code::Unavailable,
+        NodeError::LimitReached { .. } => Code::ResourceExhausted,
         NodeError::Config(_) => Code::Internal,
     };
     let mut status = Status::new(code, error.to_string());

@@ -440,6 +440,17 @@ pub enum NodeError {
     /// The local database failed.
     #[error("store: {0}")]
     Store(String),
+    /// A configured limit is reached (`RESOURCE_EXHAUSTED`): the message names its
+    /// config key.
+    #[error("{what}: the limit {key} = {limit} is reached; close one, or raise {key}")]
+    LimitReached {
+        /// What there is too much of, e.g. `too many Watch streams open`.
+        what: &'static str,
+        /// The config key of the limit, e.g. `api.max_watch_streams`.
+        key: &'static str,
+        /// Its value.
+        limit: usize,
+    },
     /// The configuration is unusable.
     #[error("config: {0}")]
     Config(String),

@@ -1,7 +1,7 @@
 //! The local API over its Unix socket, against a node whose broker is down.
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tonic::Code;
@@ -10,7 +10,7 @@ use trmx_node::connect_local;
 use trmx_node::core::NodeError;
 use trmx_proto::{MessageId, ValidationError, pb};
 
-use super::harness::{REFERRAL_JSON, Sandbox, referral_without};
+use super::harness::{LogCapture, REFERRAL_JSON, Sandbox, referral_without};
 
 fn referral_request(key: &str, body_json: &str) -> pb::SendRequest {
     pb::SendRequest {
@@ -49,6 +49,14 @@ fn every_node_error_maps_to_its_code_and_keeps_its_message() {
             Code::Unavailable,
         ),
         (NodeError::Store("flush failed".into()), Code::Unavailable),
+        (
+            NodeError::LimitReached {
+                what: "too many Watch streams open",
+                key: "api.max_watch_streams",
+                limit: 64,
+            },
+            Code::ResourceExhausted,
+        ),
         (NodeError::Config("bad".into()), Code::Internal),
     ];
     for (error, code) in cases {
@@ -377,6 +385,86 @@ async fn stop_ends_open_watch_streams() {
         .expect_err("an error");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("after_seq"), "{status:?}");
+}
+
+/// Whether a connection to the local API at `socket` answers a call.
+async fn answers(
+    socket: &std::path::Path,
+) -> Option<trmx_proto::pb::node_api_client::NodeApiClient<tonic::transport::Channel>> {
+    let mut client = connect_local(socket).await.ok()?;
+    client
+        .list_outbox(pb::ListOutboxRequest::default())
+        .await
+        .ok()?;
+    Some(client)
+}
+
+/// An integration that leaked connections could take every file descriptor of the
+/// node, and its broker link and store with them. One over `api.max_connections` is
+/// closed at once, with a warning that names the limit; a connection closed gives its
+/// slot back.
+#[tokio::test]
+async fn connections_over_the_cap_are_closed() {
+    let logs = LogCapture::start();
+    let mut sandbox = Sandbox::new();
+    sandbox.config.api.max_connections = 2;
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_owned();
+    let first = answers(&socket).await.expect("the first connection");
+    let _second = answers(&socket).await.expect("the second connection");
+    assert!(
+        answers(&socket).await.is_none(),
+        "a third connection answered"
+    );
+    let warned = logs.lines_with(&["WARN", "api.max_connections"]);
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(warned[0].contains("limit=2"), "{}", warned[0]);
+
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while answers(&socket).await.is_none() {
+        assert!(Instant::now() < deadline, "the slot was not given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await.expect("stop");
+}
+
+/// Each `Watch` stream holds its entries and a task's worth of state until it ends;
+/// leaked ones piled up. One over `api.max_watch_streams`, over all connections, is
+/// RESOURCE_EXHAUSTED naming the key; the rest of the API still answers, and a stream
+/// dropped gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_over_the_cap_are_refused() {
+    let mut sandbox = Sandbox::new();
+    sandbox.config.api.max_watch_streams = 2;
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let mut other = connect_local(node.socket_path()).await.expect("connect");
+    let watch = pb::WatchRequest { after_seq: 0 };
+    let first = client.watch(watch).await.expect("the first watch");
+    let _second = other.watch(watch).await.expect("the second watch");
+    let status = client.watch(watch).await.expect_err("a third watch");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("api.max_watch_streams = 2"),
+        "{status:?}"
+    );
+    client
+        .list_outbox(pb::ListOutboxRequest::default())
+        .await
+        .expect("other calls still answer");
+
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.watch(watch).await {
+            Ok(_) => break,
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
+        assert!(Instant::now() < deadline, "the slot was not given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await.expect("stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

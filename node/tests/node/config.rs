@@ -39,6 +39,8 @@ fn the_example_config_loads() {
     let core = config.core_config().expect("core config");
     assert_eq!(core.broker_addr, "broker.trm.example.eu:7443");
     assert_eq!(core.max_in_flight, 32);
+    let limits = config.api_limits();
+    assert_eq!((limits.max_connections, limits.max_watch_streams), (64, 64));
     assert_eq!(
         core.default_lifetime,
         Some(std::time::Duration::from_secs(720 * 3600))
@@ -58,6 +60,8 @@ fn defaults_and_relative_paths() {
     assert_eq!(config.broker.max_in_flight, 32);
     assert_eq!(config.storage.cache_capacity_mb, 64);
     assert_eq!(config.tls.crl, None);
+    let limits = config.api_limits();
+    assert_eq!((limits.max_connections, limits.max_watch_streams), (64, 64));
     // the CRL is optional; given, it is a path like the others
     let with_crl = MINIMAL.replace(
         "key = \"pki/BE-PAYOKE.key\"",
@@ -131,6 +135,18 @@ fn validation_errors_name_the_field() {
         (
             format!("{MINIMAL}\n[api]\nsocket = \"/{}\"\n", "x".repeat(120)),
             "api.socket:",
+        ),
+        (
+            format!("{MINIMAL}\n[api]\nmax_connections = 0\n"),
+            "api.max_connections:",
+        ),
+        (
+            format!("{MINIMAL}\n[api]\nmax_connections = 100000\n"),
+            "api.max_connections:",
+        ),
+        (
+            format!("{MINIMAL}\n[api]\nmax_watch_streams = 0\n"),
+            "api.max_watch_streams:",
         ),
         (
             MINIMAL.replace(

@@ -2,7 +2,7 @@
 //! address nothing listens on, and an in-process node with a manual clock.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use trmx_node::NodeConfig;
@@ -89,4 +89,48 @@ pub(crate) fn referral_without(path: &[&str]) -> String {
     }
     node.as_object_mut().expect("object").remove(*last);
     serde_json::to_string_pretty(&value).expect("json")
+}
+
+/// The log lines written on this thread (a current-thread `#[tokio::test]` runtime and its
+/// tasks) while it lives, at INFO and above.
+pub(crate) struct LogCapture {
+    lines: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    pub(crate) fn start() -> LogCapture {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let writer = Arc::clone(&lines);
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_ansi(false)
+            .with_writer(move || LogWriter(Arc::clone(&writer)))
+            .finish();
+        LogCapture {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// The lines that contain every one of `parts`.
+    pub(crate) fn lines_with(&self, parts: &[&str]) -> Vec<String> {
+        String::from_utf8_lossy(&self.lines.lock().expect("log lock"))
+            .lines()
+            .filter(|line| parts.iter().all(|p| line.contains(p)))
+            .map(str::to_owned)
+            .collect()
+    }
 }
