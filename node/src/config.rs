@@ -138,6 +138,12 @@ pub struct StorageSection {
     /// clock set ahead by mistake erases no body before its retention date.
     #[serde(default = "default_max_clock_step_secs")]
     pub max_clock_step_secs: u64,
+    /// Longest time between two runs of the node on its store that a start accepts
+    /// without `trmx-node accept-clock`, in seconds: a system clock further ahead of the
+    /// store's last run (or more than `max_clock_step_secs` behind it) is taken for a
+    /// wrong clock. 0 accepts any forward step.
+    #[serde(default = "default_max_downtime_secs")]
+    pub max_downtime_secs: u64,
 }
 
 impl Default for StorageSection {
@@ -146,6 +152,7 @@ impl Default for StorageSection {
             cache_capacity_mb: default_cache_capacity_mb(),
             retention_check_interval_secs: default_retention_check_interval_secs(),
             max_clock_step_secs: default_max_clock_step_secs(),
+            max_downtime_secs: default_max_downtime_secs(),
         }
     }
 }
@@ -183,6 +190,9 @@ fn default_retention_check_interval_secs() -> u64 {
 }
 fn default_max_clock_step_secs() -> u64 {
     60
+}
+fn default_max_downtime_secs() -> u64 {
+    7 * 86_400
 }
 
 /// Largest accepted `broker.max_in_flight`.
@@ -427,6 +437,11 @@ impl NodeConfig {
             cache_capacity_bytes: self.storage.cache_capacity_mb.saturating_mul(1024 * 1024),
             withdraw_timeout: crate::core::WITHDRAW_TIMEOUT,
             certificate_check_interval: crate::core::CERTIFICATE_CHECK_INTERVAL,
+            clock_bounds: crate::core::ClockBounds {
+                max_step: Duration::from_secs(self.storage.max_clock_step_secs),
+                max_downtime: (self.storage.max_downtime_secs > 0)
+                    .then(|| Duration::from_secs(self.storage.max_downtime_secs)),
+            },
         })
     }
 

@@ -27,7 +27,7 @@ pub fn to_status(error: NodeError) -> Status {
         NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
         NodeError::BrokerUnavailable(_) | NodeError::Store(_) => Code::Unavailable,
         NodeError::LimitReached { .. } => Code::ResourceExhausted,
-        NodeError::Config(_) => Code::Internal,
+        NodeError::Config(_) | NodeError::ClockJump(_) => Code::Internal,
     };
     let mut status = Status::new(code, error.to_string());
     if let NodeError::Invalid(invalid) = &error

@@ -61,6 +61,12 @@ pub enum Command {
     /// Check the config file (--config) and the TLS files it names as `run` would,
     /// without starting anything: print what the node would use, exit 1 on a problem.
     CheckConfig,
+    /// Accept the system clock as it is now (needs --config; the node stopped). A node
+    /// does not start when the clock is more than `storage.max_downtime_secs` ahead of
+    /// its store's last run, or more than `storage.max_clock_step_secs` behind it, since
+    /// a wrong clock would erase bodies before their retention date. When the clock is
+    /// right, this records it as the store's last run, and the node starts.
+    AcceptClock,
     /// Send a document (proto3 JSON) to a participant; prints the message id.
     Send(SendArgs),
     /// List sent messages, newest first.
@@ -254,6 +260,7 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             run_daemon(cli.config.as_deref(), cli.socket, ready_file.as_deref()).await
         }
         Command::CheckConfig => check_config(cli.config.as_deref(), cli.socket, cli.json),
+        Command::AcceptClock => accept_clock(cli.config.as_deref(), cli.socket),
         command => {
             let socket = socket_path(cli.socket, cli.config.as_deref())?;
             let out = Output { json: cli.json };
@@ -343,6 +350,32 @@ fn load_config(path: &Path, socket: Option<PathBuf>) -> Result<NodeConfig, CliEr
 /// prints what the node would use (with `--json`, as one object). It creates nothing, so
 /// it may run beside a running node (whose socket and store it leaves alone). A problem
 /// is one line on stderr and exit status 1, in both forms.
+/// `accept-clock`: records the system clock as the store's last run.
+fn accept_clock(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), CliError> {
+    let Some(config_path) = config else {
+        return fail("accept-clock needs --config FILE (or TRMX_NODE_CONFIG)");
+    };
+    let config = load_config(config_path, socket)?;
+    let now = std::time::SystemTime::now();
+    let before = crate::core::accept_clock(&config.data_dir, now).map_err(|e| {
+        CliError(format!(
+            "{e} (the node must be stopped: it holds the store while it runs)"
+        ))
+    })?;
+    let when = trmx_certs::format_time;
+    let before = before.map_or_else(
+        || "nothing".to_owned(),
+        |at| when(trmx_proto::time::from_millis(at)),
+    );
+    println!(
+        "recorded {} as the last run of the node on {} (it was {before}): the node starts \
+         with this clock",
+        when(now),
+        config.data_dir.display()
+    );
+    Ok(())
+}
+
 fn check_config(
     config: Option<&Path>,
     socket: Option<PathBuf>,
@@ -658,7 +691,7 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
     let mut client = connect(socket).await?;
     let err = |s: tonic::Status| status_line(&s, socket);
     match command {
-        Command::Run { .. } | Command::CheckConfig => Ok(()),
+        Command::Run { .. } | Command::CheckConfig | Command::AcceptClock => Ok(()),
         Command::Send(args) => {
             let Some(request) = prepared else {
                 return Ok(());

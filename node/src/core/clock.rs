@@ -22,7 +22,11 @@ impl<S: TimeSource> Clock for GuardedClock<S> {
 
 /// The guarded system clock of a running node (`storage.max_clock_step_secs`).
 pub fn node_clock(max_step: Duration) -> GuardedClock {
-    GuardedClock::system(max_step, "restart the node to accept it")
+    GuardedClock::system(
+        max_step,
+        "restart the node to accept it (a jump of more than storage.max_downtime_secs, or \
+         back, also needs `trmx-node --config FILE accept-clock` with the node stopped)",
+    )
 }
 
 /// The system's wall clock.

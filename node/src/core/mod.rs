@@ -36,7 +36,7 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use trmx_proto::pb;
 use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::time::{to_millis, to_timestamp};
@@ -91,6 +91,27 @@ pub struct CoreConfig {
     /// How often the link compares the certificate its connection presents with the
     /// certificate file; when they differ (a renewal), it moves to a new connection.
     pub certificate_check_interval: Duration,
+    /// How far the system clock may be from the store's last run at start.
+    pub clock_bounds: ClockBounds,
+}
+
+/// How far the system clock may be from the last time a node ran on its store, when it
+/// starts (see [`NodeCore::start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockBounds {
+    /// Furthest behind (`storage.max_clock_step_secs`).
+    pub max_step: Duration,
+    /// Furthest ahead (`storage.max_downtime_secs`); `None`: any step forward.
+    pub max_downtime: Option<Duration>,
+}
+
+impl Default for ClockBounds {
+    fn default() -> Self {
+        Self {
+            max_step: Duration::from_secs(60),
+            max_downtime: Some(Duration::from_secs(7 * 86_400)),
+        }
+    }
 }
 
 /// A message the application asks the node to send.
@@ -454,6 +475,10 @@ pub enum NodeError {
     /// The configuration is unusable.
     #[error("config: {0}")]
     Config(String),
+    /// The system clock disagrees with the last time a node ran on the store (see
+    /// [`ClockBounds`]): the node does not start.
+    #[error("clock: {0}")]
+    ClockJump(String),
 }
 
 /// The environment variable of the test-only fail point.
@@ -962,6 +987,12 @@ impl NodeCore {
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, cache))
             .await
             .map_err(|e| NodeError::Store(format!("store task failed: {e}")))??;
+        let now = to_millis(clock.now());
+        check_clock(store.last_running()?, now, config.clock_bounds)?;
+        let marking = store.clone();
+        tokio::task::spawn_blocking(move || marking.mark_running(now))
+            .await
+            .map_err(|e| NodeError::Store(format!("store task failed: {e}")))??;
         let last_seq = store.last_inbox_seq()?;
         let (shutdown, _) = watch::channel(false);
         let (inbox_seq, _) = watch::channel(last_seq);
@@ -1010,6 +1041,10 @@ impl NodeCore {
             )));
         }
         tasks.push(tokio::spawn(retention_loop(
+            inner.clone(),
+            inner.shutdown.subscribe(),
+        )));
+        tasks.push(tokio::spawn(running_mark_loop(
             inner.clone(),
             inner.shutdown.subscribe(),
         )));
@@ -1593,6 +1628,84 @@ async fn run_retention(inner: &Arc<Inner>) -> Result<usize, NodeError> {
 
 /// Erases expired bodies at start and then every `retention_check_interval`; a node
 /// online also reads its certificate again then (see [`Inner::recheck_certificate`]).
+/// Records `now` as the last run of the stopped node whose store is in `data_dir`, so
+/// that its next start accepts the system clock (see [`ClockBounds`]). Returns the
+/// instant recorded before, if any. Durable when it returns. Fails while a node runs on
+/// the store (it holds the store's lock).
+pub fn accept_clock(
+    data_dir: &std::path::Path,
+    now: SystemTime,
+) -> Result<Option<Millis>, NodeError> {
+    let store = Store::open(data_dir, 8 << 20)?;
+    let before = store.last_running()?;
+    store.mark_running(to_millis(now))?;
+    Ok(before)
+}
+
+/// How often a running node records its time in its store (see [`check_clock`]).
+const RUNNING_MARK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Records the node's time in its store every [`RUNNING_MARK_INTERVAL`] (the start
+/// recorded it first).
+async fn running_mark_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(RUNNING_MARK_INTERVAL) => {}
+            _ = shutdown.changed() => break,
+        }
+        let now = to_millis(inner.clock.now());
+        let store = inner.store.clone();
+        match tokio::task::spawn_blocking(move || store.mark_running(now)).await {
+            Ok(Ok(())) => {}
+            // (a store that cannot write says so through everything else)
+            Ok(Err(e)) => debug!(error = %e, "recording the node's time in its store failed"),
+            Err(e) => debug!(error = %e, "recording the node's time in its store failed"),
+        }
+    }
+}
+
+/// Refuses to start when the system clock disagrees with `last`, the last time a node ran
+/// on the store: a clock set ahead by mistake would erase, at the first retention run,
+/// every body whose retention date it passes (for good), and one set back would hold the
+/// node's timers. (While the node runs, the [`GuardedClock`] holds jumps.)
+fn check_clock(last: Option<Millis>, now: Millis, bounds: ClockBounds) -> Result<(), NodeError> {
+    let Some(last) = last else {
+        return Ok(());
+    };
+    let when = |at: Millis| trmx_certs::format_time(trmx_proto::time::from_millis(at));
+    let days = |ms: Millis| format!("{:.1} days", ms as f64 / 86_400_000.0);
+    let fix = "If the clock is right, run `trmx-node --config FILE accept-clock` once with the \
+               node stopped, then start it; if not, set the clock right (is NTP running?)";
+    let step = Millis::try_from(bounds.max_step.as_millis()).unwrap_or(Millis::MAX);
+    if now.saturating_add(step) < last {
+        return Err(NodeError::ClockJump(format!(
+            "the system clock reads {}, {} before the last time the node ran on this store \
+             ({}), more than storage.max_clock_step_secs ({}): a node started now would hold \
+             its timers until the clock caught up. {fix}",
+            when(now),
+            days(last - now),
+            when(last),
+            bounds.max_step.as_secs(),
+        )));
+    }
+    if let Some(longest) = bounds.max_downtime {
+        let longest_ms = Millis::try_from(longest.as_millis()).unwrap_or(Millis::MAX);
+        if now > last.saturating_add(longest_ms) {
+            return Err(NodeError::ClockJump(format!(
+                "the system clock reads {}, {} after the last time the node ran on this store \
+                 ({}), more than storage.max_downtime_secs ({}): if the clock is wrong, a node \
+                 started now would erase for good every body whose retention date that \
+                 passes. {fix}",
+                when(now),
+                days(now - last),
+                when(last),
+                longest.as_secs(),
+            )));
+        }
+    }
+    Ok(())
+}
+
 async fn retention_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
     loop {
         // (riding on the retention timer: an hourly read of four small files, off the

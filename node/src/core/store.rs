@@ -95,6 +95,9 @@ const TREE_NAMES: [&str; 17] = [
     "queued_urgent",
 ];
 
+/// `meta` key of the instant the node last recorded that it runs ([`Store::mark_running`];
+/// 8 bytes, big-endian milliseconds).
+const RUNNING_AT: &str = "running_at";
 /// `meta` key set once `submitted` holds every `SUBMITTED` entry.
 const SUBMITTED_INDEXED: &str = "submitted_indexed";
 /// `meta` key set once a store written before them has `queued_urgent`, and `due` and
@@ -729,6 +732,27 @@ impl Store {
             tracing::info!(entries = indexed, "indexed {what}");
         }
         Ok(())
+    }
+
+    /// The instant a node last recorded with [`Self::mark_running`] (`None` for a store
+    /// never marked): read at start, to catch a system clock that jumped while the node
+    /// was down, since retention erases bodies for good.
+    pub(crate) fn last_running(&self) -> Result<Option<Millis>, NodeError> {
+        let Some(value) = self.trees[META].get(RUNNING_AT).map_err(store_err)? else {
+            return Ok(None);
+        };
+        let bytes = <[u8; 8]>::try_from(value.as_ref())
+            .map_err(|_| NodeError::Store("meta: running_at is not 8 bytes".to_owned()))?;
+        Ok(Some(Millis::from_be_bytes(bytes)))
+    }
+
+    /// Records, durably, that a node runs on this store at `now`.
+    pub(crate) fn mark_running(&self, now: Millis) -> Result<(), NodeError> {
+        self.trees[META]
+            .insert(RUNNING_AT, &now.to_be_bytes()[..])
+            .map_err(store_err)?;
+        self.db.flush().map_err(store_err)?;
+        self.sync_files()
     }
 
     fn tx<A>(&self, f: impl Fn(&Vec<TransactionalTree>) -> TxResult<A>) -> Result<A, NodeError> {

@@ -79,6 +79,7 @@ fn config(dir: &Path, me: &str) -> CoreConfig {
         cache_capacity_bytes: 8 << 20,
         withdraw_timeout: Duration::from_secs(2),
         certificate_check_interval: Duration::from_millis(50),
+        clock_bounds: ClockBounds::default(),
     }
 }
 
@@ -928,9 +929,37 @@ async fn a_request_that_never_left_does_not_extend_its_cases_retention() {
     );
 }
 
+#[test]
+fn a_start_refuses_a_clock_far_from_the_last_run() {
+    let bounds = ClockBounds::default();
+    let last = START * 1000;
+    let minute = 60_000;
+    // a new store, or a clock within the bounds
+    check_clock(None, 0, bounds).unwrap();
+    check_clock(Some(last), last - minute, bounds).unwrap();
+    check_clock(Some(last), last + 7 * 86_400_000, bounds).unwrap();
+    // set back more than max_clock_step_secs, or ahead more than max_downtime_secs
+    let back = check_clock(Some(last), last - minute - 1, bounds).unwrap_err();
+    assert!(
+        back.to_string()
+            .contains("storage.max_clock_step_secs (60)"),
+        "{back}"
+    );
+    let ahead = check_clock(Some(last), last + 7 * 86_400_000 + 1, bounds).unwrap_err();
+    assert!(matches!(ahead, NodeError::ClockJump(_)), "{ahead}");
+    // max_downtime_secs = 0 accepts any step forward, never one back
+    let open = ClockBounds {
+        max_downtime: None,
+        ..bounds
+    };
+    check_clock(Some(last), last + 3650 * 86_400_000, open).unwrap();
+    check_clock(Some(last), last - 2 * minute, open).unwrap_err();
+}
+
 /// A wall clock set years ahead while the node runs (a mistyped date)
 /// erases no body before its retention date; restarting the node is what
-/// accepts the new time.
+/// accepts the new time (and for a jump that large, `trmx-node accept-clock`
+/// before it).
 #[tokio::test]
 async fn a_jump_of_the_system_clock_erases_no_body_until_a_restart() {
     #[derive(Debug, Clone)]
@@ -968,19 +997,34 @@ async fn a_jump_of_the_system_clock_erases_no_body_until_a_restart() {
     nl.shutdown().await;
     drop(nl);
 
+    // Seven years is more than `storage.max_downtime_secs`: the start asks for the
+    // clock to be accepted first (`trmx-node accept-clock`), and erases nothing.
     // (the old core's tasks may still be letting go of the database)
     let mut tries = 0;
-    let nl = loop {
+    let refused = loop {
         match NodeCore::start_offline(config(dir.path(), "NL-NRM"), clock()).await {
-            Ok(nl) => break nl,
-            Err(e) if tries < 100 => {
+            Ok(_) => panic!("the node started"),
+            Err(NodeError::Store(e)) if tries < 100 => {
                 tries += 1;
                 eprintln!("restart: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(e) => panic!("{e}"),
+            Err(e) => break e,
         }
     };
+    assert!(matches!(refused, NodeError::ClockJump(_)), "{refused}");
+    for part in [
+        "after the last time the node ran on this store",
+        "storage.max_downtime_secs (604800)",
+        "trmx-node --config FILE accept-clock",
+    ] {
+        assert!(refused.to_string().contains(part), "{part:?}: {refused}");
+    }
+    let cfg = config(dir.path(), "NL-NRM");
+    let wall = *time.0.lock().unwrap();
+    let before = accept_clock(&cfg.data_dir, wall).unwrap();
+    assert_eq!(before, Some(START * 1000), "the last run was at the start");
+    let nl = NodeCore::start_offline(cfg, clock()).await.unwrap();
     nl.run_retention().await.unwrap(); // (or the run at start did it)
     match nl.message(sent.message_id).await.unwrap() {
         Some(MessageView::Outbox(entry, None)) => assert!(entry.body_erased),

@@ -621,3 +621,43 @@ async fn the_same_file_sent_again_as_urgent_is_another_message() {
     assert_ne!(stdout(&first), stdout(&urgent), "two messages");
     node.stop().await.expect("stop");
 }
+
+/// `accept-clock` records the system clock as the store's last run, for a node that
+/// refuses to start on a clock far from it; it needs the config, and a stopped node.
+#[tokio::test]
+async fn accept_clock_records_the_clock_for_a_stopped_node() {
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let config_arg = config_path.to_str().expect("utf-8").to_owned();
+    let mut node_config = sandbox.config.clone();
+    node_config.data_dir = sandbox.path().join("data");
+    let node = trmx_node::RunningNode::start(
+        &node_config,
+        std::sync::Arc::new(trmx_node::core::ManualClock::new(
+            std::time::SystemTime::now(),
+        )),
+    )
+    .await
+    .expect("node starts");
+    // while the node runs, it holds its store
+    let args = vec![
+        "--config".to_owned(),
+        config_arg.clone(),
+        "accept-clock".to_owned(),
+    ];
+    let line = assert_one_line_failure(&run_async(args.clone()).await);
+    assert!(line.contains("the node must be stopped"), "{line}");
+    node.stop().await.expect("stop");
+
+    let output = run_async(args).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("the node starts with this clock"), "{text}");
+    assert!(
+        !text.contains("it was nothing"),
+        "the start recorded its time: {text}"
+    );
+
+    let line = assert_one_line_failure(&run(&["accept-clock"]));
+    assert!(line.contains("--config"), "{line}");
+}
