@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use trmx_broker::admin::{
-    AdminState, CertRole, DeadLetterReason, Metrics, RefusalReason, serve_admin,
+    AdminState, CertRole, DeadLetterReason, HeldCert, Metrics, RefusalReason, serve_admin,
+    sha256_label,
 };
 use trmx_broker::store::QueueStats;
 use trmx_proto::{Kind, ParticipantId};
@@ -47,7 +48,15 @@ fn populate(metrics: &Metrics, participants: &[ParticipantId]) {
     let now = SystemTime::now();
     let day = Duration::from_secs(86_400);
     metrics.set_store_writable(true);
-    metrics.set_cert_expiry(CertRole::Ca, "trmx-demo-ca", now + day * 3650);
+    // the CA file as a broker reads it: every CA labelled with the start of its fingerprint
+    metrics.replace_cert_expiries(
+        CertRole::Ca,
+        [HeldCert {
+            name: "trmx-demo-ca".to_owned(),
+            sha256: Some(sha256_label(b"trmx-demo-ca")),
+            not_after: now + day * 3650,
+        }],
+    );
     metrics.set_cert_expiry(CertRole::Broker, "broker-1", now + day * 90);
     metrics.set_cert_expiry(CertRole::Operator, "night-shift", now + day * 20);
     for (i, p) in participants.iter().enumerate() {

@@ -29,7 +29,10 @@ use trmx_proto::pb::exchange_server::ExchangeServer;
 use trmx_proto::pb::operator_server::OperatorServer;
 use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
 
-use crate::admin::{AdminHooks, AdminState, CertRole, HostCheck, Metrics, Readiness, serve_admin};
+use crate::admin::{
+    AdminHooks, AdminState, CertRole, HeldCert, HostCheck, Metrics, Readiness, serve_admin,
+    sha256_label,
+};
 use crate::admin_cli::fmt_millis;
 use crate::admission::{Admission, SubmitSlots, Submitting, free_disk_bytes};
 use crate::clock::{Clock, broker_clock};
@@ -842,8 +845,12 @@ impl CertWatch {
         match trmx_certs::CertInfo::from_pem_file(&self.cert) {
             Ok(info) => {
                 let name = info.identity.broker().unwrap_or(&self.broker_name);
-                self.metrics
-                    .replace_cert_expiries(CertRole::Broker, [(name.to_owned(), info.not_after)]);
+                let held = HeldCert {
+                    name: name.to_owned(),
+                    sha256: None,
+                    not_after: info.not_after,
+                };
+                self.metrics.replace_cert_expiries(CertRole::Broker, [held]);
             }
             Err(error) => warn!(%error, "cannot read the broker certificate's expiry"),
         }
@@ -853,8 +860,10 @@ impl CertWatch {
     }
 }
 
-/// Common name (or subject) and `not_after` of every certificate in the CA file.
-fn ca_expiries(path: &std::path::Path) -> Result<Vec<(String, SystemTime)>, BrokerError> {
+/// Every certificate in the CA file: its common name (or subject), the start of its
+/// fingerprint (two CAs of one name, the old and the new of a rollover, are two entries)
+/// and its `not_after`.
+fn ca_expiries(path: &std::path::Path) -> Result<Vec<HeldCert>, BrokerError> {
     let certs = trmx_certs::load_certs_pem(path)
         .map_err(|e| BrokerError::transport("reading the CA certificate", e))?;
     let mut out = Vec::with_capacity(certs.len());
@@ -872,7 +881,11 @@ fn ca_expiries(path: &std::path::Path) -> Result<Vec<(String, SystemTime)>, Brok
             Ok(secs) => SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
             Err(_) => SystemTime::UNIX_EPOCH,
         };
-        out.push((name, not_after));
+        out.push(HeldCert {
+            name,
+            sha256: Some(sha256_label(der.as_ref())),
+            not_after,
+        });
     }
     Ok(out)
 }

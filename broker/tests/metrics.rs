@@ -64,6 +64,15 @@ impl Scrape {
         self.0.get(series).copied()
     }
 
+    /// Every series whose `name{labels}` starts with `prefix`.
+    fn starting_with(&self, prefix: &str) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter(|series| series.starts_with(prefix))
+            .map(String::as_str)
+            .collect()
+    }
+
     fn value(&self, series: &str) -> f64 {
         self.get(series)
             .unwrap_or_else(|| panic!("no series {series} in the scrape"))
@@ -723,12 +732,73 @@ async fn a_ca_dropped_from_the_bundle_by_a_reload_does_not_make_the_broker_unrea
     // certificates in force are good for years / a year
     t.advance(Duration::from_secs(31 * 86_400));
     let scrape = Scrape::take(admin).await?;
-    let dropped = "trmx_certificate_expiry_seconds{role=\"ca\",name=\"trm.test old CA\"}";
+    let dropped = "trmx_certificate_expiry_seconds{role=\"ca\",name=\"trm.test old CA\",";
     let (status, body) = get(admin, "/readyz").await?;
     assert_eq!(
-        (status, scrape.get(dropped)),
-        (200, None),
+        (status, scrape.starting_with(dropped).len()),
+        (200, 0),
         "readyz: {body}; a CA no longer in tls.ca still exported"
     );
+    Ok(())
+}
+
+/// The old and the new CA of a rollover often have the same name (no CRL configured, or a
+/// CA certificate renewed with its key). Their expiries used to be one entry, keyed by the
+/// name: the CA later in `tls.ca` hid the other, so the old CA could expire with no alert
+/// and `/readyz` still 200 although a CA in the file had expired. Each is now a series of
+/// its own, told apart by the `sha256` label.
+#[tokio::test]
+async fn two_cas_of_one_name_in_the_bundle_are_two_series_and_both_count_for_readiness()
+-> anyhow::Result<()> {
+    let extra = tempfile::tempdir()?;
+    // the CA of the test federation is `trm.test federation CA` too
+    let old_ca = trmx_certs::Ca::init(
+        &extra.path().join("old-ca"),
+        &trmx_certs::CaOptions {
+            validity_days: 30,
+            ..trmx_certs::CaOptions::new("trm.test", "trm.test federation CA")
+        },
+    )?;
+    let bundle = extra.path().join("bundle.pem");
+    let old_cert = old_ca.ca_cert_path();
+    let b = bundle.clone();
+    let t = TestBroker::start_with(move |config| {
+        // the old CA first: the new one, good for years, used to hide it
+        let text = [&old_cert, &config.tls.ca]
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect::<String>();
+        std::fs::write(&b, text).unwrap();
+        config.tls.ca = b;
+        // (two CAs of one name and different keys cannot share a CRL file)
+        config.tls.crl = None;
+    })
+    .await?;
+    let admin = admin_addr(&t)?;
+    let series = |der: &[u8]| {
+        format!(
+            "trmx_certificate_expiry_seconds{{role=\"ca\",name=\"trm.test federation CA\",sha256=\"{}\"}}",
+            trmx_broker::admin::sha256_label(der)
+        )
+    };
+    let old = series(old_ca.ca_cert_der().as_ref());
+    let new = series(t.pki.federation.ca.ca_cert_der().as_ref());
+    assert_ne!(old, new);
+
+    let scrape = Scrape::take(admin).await?;
+    let named = "trmx_certificate_expiry_seconds{role=\"ca\",name=\"trm.test federation CA\"";
+    let cas = scrape.starting_with(named);
+    assert_eq!(cas.len(), 2, "{cas:?}");
+    let days = |seconds: f64| (seconds / 86_400.0).round();
+    assert_eq!(days(scrape.value(&old)), 30.0);
+    assert!(days(scrape.value(&new)) > 365.0);
+    assert_eq!(get(admin, "/readyz").await?.0, 200);
+
+    // the rollover is not finished when the old CA expires
+    t.advance(Duration::from_secs(31 * 86_400));
+    let scrape = Scrape::take(admin).await?;
+    assert!(scrape.value(&old) < 0.0);
+    let (status, body) = get(admin, "/readyz").await?;
+    assert_eq!(status, 503, "a CA in tls.ca has expired: {body}");
     Ok(())
 }

@@ -4,8 +4,8 @@
 //! `ops/prometheus/alerts.yml` query exactly these, and `ops/check.sh scrape` proves it
 //! against a real Prometheus. Labels are bounded: `kind` and every `reason` come from fixed
 //! enums (all values are exported from the start, at 0, so `rate()` and `increase()` see the
-//! first event), `recipient`/`participant` from the participant registry, `role`/`name` from
-//! the certificates the broker holds or has seen.
+//! first event), `recipient`/`participant` from the participant registry, `role`/`name` (and
+//! `sha256` for a CA) from the certificates the broker holds or has seen.
 //!
 //! Counters and histograms are atomics (lock-free on the hot path); the per-participant
 //! gauges sit behind one `std::sync::Mutex`, never held across an `.await`. Time-derived
@@ -139,6 +139,31 @@ impl CertRole {
     }
 }
 
+/// A certificate the broker holds itself (one of the CA file, or its own), for
+/// [`Metrics::replace_cert_expiries`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldCert {
+    /// Label `name`: the CA's common name (or subject), the broker's name.
+    pub name: String,
+    /// Label `sha256` ([`sha256_label`] of the certificate), set for CAs: the old and the
+    /// new CA of a rollover often have the same name, and each needs a series of its own,
+    /// or the one that comes last in the CA file hides the other's expiry.
+    pub sha256: Option<String>,
+    /// Its `notAfter`.
+    pub not_after: SystemTime,
+}
+
+/// The `sha256` label of a certificate: the first 16 hex digits (lower case) of the SHA-256
+/// of its DER, i.e. of what `openssl x509 -noout -fingerprint -sha256` prints, colons taken
+/// out. Enough to tell the few CAs of one file apart, short enough for a dashboard.
+pub fn sha256_label(der: &[u8]) -> String {
+    trmx_proto::envelope::sha256(der)
+        .iter()
+        .take(8)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
 /// What `/readyz` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Readiness {
@@ -197,9 +222,29 @@ impl KindCounters {
 struct Gauges {
     queues: BTreeMap<String, QueueGauge>,
     participants: BTreeMap<String, ParticipantGauge>,
-    certs: BTreeMap<(CertRole, String), SystemTime>,
+    certs: BTreeMap<CertKey, SystemTime>,
     crl_next_update: Option<SystemTime>,
     disk: Option<DiskGauge>,
+}
+
+/// One series of `trmx_certificate_expiry_seconds`: its labels `role`, `name` and, for a
+/// CA, `sha256` (see [`HeldCert::sha256`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct CertKey {
+    role: CertRole,
+    name: String,
+    sha256: Option<String>,
+}
+
+impl CertKey {
+    /// A certificate known by its role and name alone (participants, operators).
+    fn named(role: CertRole, name: &str) -> CertKey {
+        CertKey {
+            role,
+            name: name.to_owned(),
+            sha256: None,
+        }
+    }
 }
 
 impl Gauges {
@@ -211,8 +256,8 @@ impl Gauges {
     /// and the day after, so the expiry of an operator still at work is seen. (Operator
     /// certificates never count for `/readyz`: the broker serves without them.)
     fn forget_departed_operators(&mut self, now: SystemTime) {
-        self.certs.retain(|(role, _), not_after| {
-            *role != CertRole::Operator
+        self.certs.retain(|key, not_after| {
+            key.role != CertRole::Operator
                 || not_after
                     .checked_add(OPERATOR_CERT_AFTERLIFE)
                     .is_none_or(|gone| now < gone)
@@ -469,7 +514,7 @@ impl Metrics {
                 let participant = ParticipantId::parse(name).ok()?;
                 let cert_not_after = gauges
                     .certs
-                    .get(&(CertRole::Participant, name.clone()))
+                    .get(&CertKey::named(CertRole::Participant, name))
                     .map(|at| trmx_proto::time::to_millis(*at));
                 Some(Presence {
                     participant,
@@ -491,37 +536,46 @@ impl Metrics {
         if let Some(not_after) = saved.cert_not_after {
             gauges
                 .certs
-                .entry((CertRole::Participant, name.to_owned()))
+                .entry(CertKey::named(CertRole::Participant, name))
                 .or_insert_with(|| trmx_proto::time::from_millis(not_after));
         }
     }
 
-    /// The recorded `not_after` of a certificate, if known (read by the `Operator` service).
+    /// The recorded `not_after` of a certificate, if known (read by the `Operator` service);
+    /// the earliest one when several of `role` have that name (CAs of one name).
     pub fn cert_expiry(&self, role: CertRole, name: &str) -> Option<SystemTime> {
-        self.lock().certs.get(&(role, name.to_owned())).copied()
+        self.lock()
+            .certs
+            .iter()
+            .filter(|(key, _)| key.role == role && key.name == name)
+            .map(|(_, not_after)| *not_after)
+            .min()
     }
 
     /// Records the `not_after` of a certificate; the gauge shows the seconds left at scrape time.
     /// `name` is the participant id, the operator or broker name, or the CA's name.
     pub fn set_cert_expiry(&self, role: CertRole, name: &str, not_after: SystemTime) {
-        self.lock().certs.insert((role, name.to_owned()), not_after);
+        self.lock()
+            .certs
+            .insert(CertKey::named(role, name), not_after);
     }
 
-    /// Replaces every certificate of `role` with `certs` (name, `not_after`): for the
-    /// certificates the broker holds itself (the CA file, its own certificate), whose
-    /// files say all there is. A CA taken out of the CA file at the end of a rollover, or
-    /// a broker certificate renewed under another name, must stop counting: left in, its
-    /// expiry would turn `/readyz` 503 and raise an alert for a certificate no longer in
-    /// use, until a restart.
-    pub fn replace_cert_expiries(
-        &self,
-        role: CertRole,
-        certs: impl IntoIterator<Item = (String, SystemTime)>,
-    ) {
+    /// Replaces every certificate of `role` with `certs`: for the certificates the broker
+    /// holds itself (the CA file, its own certificate), whose files say all there is. A CA
+    /// taken out of the CA file at the end of a rollover, or a broker certificate renewed
+    /// under another name, must stop counting: left in, its expiry would turn `/readyz` 503
+    /// and raise an alert for a certificate no longer in use, until a restart. Each
+    /// certificate is one series (two of one name apart by their `sha256`).
+    pub fn replace_cert_expiries(&self, role: CertRole, certs: impl IntoIterator<Item = HeldCert>) {
         let mut gauges = self.lock();
-        gauges.certs.retain(|(r, _), _| *r != role);
-        for (name, not_after) in certs {
-            gauges.certs.insert((role, name), not_after);
+        gauges.certs.retain(|key, _| key.role != role);
+        for cert in certs {
+            let key = CertKey {
+                role,
+                name: cert.name,
+                sha256: cert.sha256,
+            };
+            gauges.certs.insert(key, cert.not_after);
         }
     }
 
@@ -548,8 +602,8 @@ impl Metrics {
         let mut ca = false;
         let mut broker = false;
         let mut expired = false;
-        for ((role, _), not_after) in &gauges.certs {
-            match role {
+        for (key, not_after) in &gauges.certs {
+            match key.role {
                 CertRole::Ca => ca = true,
                 CertRole::Broker => broker = true,
                 CertRole::Participant | CertRole::Operator => continue,
@@ -751,13 +805,18 @@ impl Metrics {
 
         w.family(
             "trmx_certificate_expiry_seconds",
-            "Seconds until the certificate's not_after (negative once expired).",
+            "Seconds until the certificate's not_after (negative once expired). A CA's series \
+             also has sha256, the start of its fingerprint: two CAs may share a name.",
             "gauge",
         );
-        for ((role, name), not_after) in &gauges.certs {
+        for (key, not_after) in &gauges.certs {
+            let mut labels = vec![("role", key.role.as_str()), ("name", key.name.as_str())];
+            if let Some(sha256) = &key.sha256 {
+                labels.push(("sha256", sha256));
+            }
             w.sample(
                 "trmx_certificate_expiry_seconds",
-                &[("role", role.as_str()), ("name", name)],
+                &labels,
                 seconds_between(now, *not_after),
             );
         }
@@ -1368,6 +1427,61 @@ mod tests {
         metrics.set_store_writable(false);
         assert!(!metrics.readiness().is_ready());
     }
+    fn held(name: &str, sha256: Option<&str>, not_after: SystemTime) -> HeldCert {
+        HeldCert {
+            name: name.to_owned(),
+            sha256: sha256.map(str::to_owned),
+            not_after,
+        }
+    }
+
+    /// The old and the new CA of a rollover often have the same name. They used to share
+    /// one series (and one readiness entry), so the one later in the CA file hid the other:
+    /// the old CA could expire without an alert, and without `/readyz` saying so.
+    #[test]
+    fn two_cas_of_one_name_are_two_series() {
+        let (metrics, clock) = registry();
+        let now = clock.now();
+        metrics.set_store_writable(true);
+        metrics.replace_cert_expiries(
+            CertRole::Broker,
+            [held("broker-1", None, now + Duration::from_secs(86_400))],
+        );
+        metrics.replace_cert_expiries(
+            CertRole::Ca,
+            [
+                held("trmx-ca", Some("00aa"), now + Duration::from_secs(60)),
+                held("trmx-ca", Some("00bb"), now + Duration::from_secs(3600)),
+            ],
+        );
+        let text = metrics.render();
+        assert_eq!(
+            family_lines(&text, "trmx_certificate_expiry_seconds")[2..],
+            [
+                "trmx_certificate_expiry_seconds{role=\"ca\",name=\"trmx-ca\",sha256=\"00aa\"} 60",
+                "trmx_certificate_expiry_seconds{role=\"ca\",name=\"trmx-ca\",sha256=\"00bb\"} 3600",
+                "trmx_certificate_expiry_seconds{role=\"broker\",name=\"broker-1\"} 86400",
+            ]
+        );
+        assert_eq!(
+            metrics.cert_expiry(CertRole::Ca, "trmx-ca"),
+            Some(now + Duration::from_secs(60)),
+            "the earlier of the two"
+        );
+        assert!(metrics.readiness().is_ready());
+        clock.advance(Duration::from_secs(120));
+        assert!(
+            !metrics.readiness().certificates_valid,
+            "the old CA, still in the CA file, has expired"
+        );
+    }
+
+    #[test]
+    fn the_sha256_label_is_the_start_of_the_fingerprint() {
+        // SHA-256("abc"), FIPS 180-2 appendix B.1
+        assert_eq!(sha256_label(b"abc"), "ba7816bf8f01cfea");
+    }
+
     #[test]
     fn a_replaced_set_of_certificates_forgets_the_ones_left_out() {
         let (metrics, clock) = registry();
@@ -1377,14 +1491,14 @@ mod tests {
         metrics.replace_cert_expiries(
             CertRole::Ca,
             [
-                ("old CA".to_owned(), now + Duration::from_secs(60)),
-                ("new CA".to_owned(), years(10)),
+                held("old CA", Some("0a"), now + Duration::from_secs(60)),
+                held("new CA", Some("0b"), years(10)),
             ],
         );
-        metrics.replace_cert_expiries(CertRole::Broker, [("broker-1".to_owned(), years(1))]);
+        metrics.replace_cert_expiries(CertRole::Broker, [held("broker-1", None, years(1))]);
         // the rollover ends, and the broker's certificate is renewed under a new name
-        metrics.replace_cert_expiries(CertRole::Ca, [("new CA".to_owned(), years(10))]);
-        metrics.replace_cert_expiries(CertRole::Broker, [("broker-2".to_owned(), years(1))]);
+        metrics.replace_cert_expiries(CertRole::Ca, [held("new CA", Some("0b"), years(10))]);
+        metrics.replace_cert_expiries(CertRole::Broker, [held("broker-2", None, years(1))]);
         clock.advance(Duration::from_secs(120));
         assert!(
             metrics.readiness().is_ready(),

@@ -18,4 +18,6 @@ pub mod http;
 pub mod metrics;
 
 pub use http::{AdminHooks, AdminLimits, AdminState, HostCheck, serve_admin};
-pub use metrics::{CertRole, DeadLetterReason, Metrics, Readiness, RefusalReason};
+pub use metrics::{
+    CertRole, DeadLetterReason, HeldCert, Metrics, Readiness, RefusalReason, sha256_label,
+};
