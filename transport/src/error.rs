@@ -135,6 +135,53 @@ pub enum TransportError {
         /// `thisUpdate`s without a number.
         comparison: String,
     },
+    /// A CRL older than the newest of its CA accepted before, as the CRL record keeps it
+    /// ([`crate::CrlRecord`]): after a restart there is no CRL in force to compare with, and
+    /// a crl.pem restored from a backup would un-revoke the certificates revoked since.
+    #[error(
+        "CRL {}: the CRL of {issuer} is older than the newest one accepted before \
+         ({comparison}, recorded in {}), a copy restored from a backup? Loading it would \
+         un-revoke the certificates revoked since; install the CA's current CRL (trmx-certs \
+         crl rewrites it), or delete {} and start again if you really mean to go back",
+        path.display(),
+        record.display(),
+        record.display()
+    )]
+    CrlOlderThanRecorded {
+        /// The CRL file.
+        path: PathBuf,
+        /// The CRL record.
+        record: PathBuf,
+        /// The CA whose CRL it is (its subject).
+        issuer: Box<str>,
+        /// The file's CRL against the recorded one: `crlNumber 1 < crlNumber 2`, or their
+        /// `thisUpdate`s without a number. (Boxed, like `issuer`, to keep the error small.)
+        comparison: Box<str>,
+    },
+    /// The CRL record does not parse. Never taken for an empty record: that would accept
+    /// any CRL.
+    #[error(
+        "CRL record {} is damaged ({reason}): it keeps the newest CRL accepted of each CA, so \
+         that an older one is refused after a restart; restore it, or delete it to take the \
+         CRLs of the CRL file as the newest",
+        path.display()
+    )]
+    CrlRecordDamaged {
+        /// The CRL record.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The CRL record could not be read or written.
+    #[error("CRL record {}: cannot {action}: {error}", path.display())]
+    CrlRecordIo {
+        /// The CRL record.
+        path: PathBuf,
+        /// What failed: `read it`, `write it`, …
+        action: &'static str,
+        /// What the OS said.
+        error: std::io::Error,
+    },
     /// rustls refused the assembled configuration.
     #[error("{file} {}: {error}", path.display())]
     Config {
@@ -197,7 +244,11 @@ impl TransportError {
             | TransportError::Invalid { file, .. }
             | TransportError::Config { file, .. }
             | TransportError::Verifier { file, .. } => one(*file),
-            TransportError::CrlOlder { .. } => &[TlsFile::Crl],
+            TransportError::CrlOlder { .. } | TransportError::CrlOlderThanRecorded { .. } => {
+                &[TlsFile::Crl]
+            }
+            // (a file of the server's own, not one of its TLS files)
+            TransportError::CrlRecordDamaged { .. } | TransportError::CrlRecordIo { .. } => &[],
             TransportError::KeyMismatch { .. } => &[TlsFile::Key, TlsFile::Cert],
             TransportError::NotIssuedByCa { .. } => &[TlsFile::Cert, TlsFile::Ca],
             TransportError::NotServerCertificate { .. } => &[TlsFile::Cert],

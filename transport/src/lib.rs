@@ -9,6 +9,9 @@
 //!   the CRL to be the CA's), swaps a freshly loaded config in on [`ServerTls::reload`], and keeps a
 //!   registry of open connections so that a reload closes the ones whose certificate no
 //!   longer verifies. [`CrlPolicy`] / [`CrlStatus`] cover a CRL past its `nextUpdate`.
+//! - [`crl_record`] — [`CrlRecord`] — the newest CRL of each CA accepted, kept in a file,
+//!   so that [`ServerTls::load_with_record`] refuses an older CRL after a restart as a
+//!   reload does.
 //! - [`listener`] — [`incoming`] — the accept loop (concurrent handshakes with a timeout,
 //!   in a budget of their own with a per-address cap, so unauthenticated sockets cannot
 //!   take the slots of authenticated connections; a connection cap, and one per
@@ -45,6 +48,7 @@
 //! ```
 
 pub mod client;
+pub mod crl_record;
 pub mod error;
 pub mod identity;
 pub mod listener;
@@ -56,6 +60,7 @@ pub use client::{
     ChannelTls, ChannelTlsStatus, ClientOptions, client_channel, client_channel_with_tls,
     client_config, server_name_mismatch,
 };
+pub use crl_record::CrlRecord;
 pub use error::{TlsFile, TransportError};
 pub use identity::peer_identity;
 pub use listener::{HandshakeFailure, ListenerLimits, TlsConn, incoming};

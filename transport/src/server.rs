@@ -6,10 +6,13 @@
 //! - A connection whose handshake used an older config than the current one is re-verified
 //!   against the current verifier when it registers, so a reload racing a handshake cannot
 //!   let a revoked certificate through (see [`ServerTls::register`]).
-//! - Reloads run one at a time (`Inner::reload_lock`, held from reading the files to the
+//! - Reloads run one at a time (`Inner::reloads`, held from reading the files to the
 //!   last check of open connections), so the config in force is always built from the
 //!   files as the latest reload read them, and generations strictly increase: the `n`th
 //!   successful reload stores generation `n`.
+//! - With a [`CrlRecord`], no CRL in force is older than the one recorded for its CA, and
+//!   the record (in memory, and in its file once [`ServerTls::save_crl_record`] was called)
+//!   holds every CRL put in force.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,7 +29,7 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::listener::{HandshakeFailure, HandshakeFailures};
-use crate::{TlsFile, TransportError, pem};
+use crate::{CrlRecord, TlsFile, TransportError, pem};
 
 /// Where a party's TLS material lives (all PEM).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,10 +100,19 @@ struct Inner {
     /// Held for a whole [`ServerTls::reload`]. Without it a reload that read the old CRL
     /// could store its config after one that read the new CRL, and both would carry the
     /// same generation (so `register` would skip its re-check).
-    reload_lock: Mutex<()>,
+    reloads: Mutex<Reloads>,
     conns: Mutex<HashMap<u64, ConnEntry>>,
     next_conn: AtomicU64,
     handshake_failures: HandshakeFailures,
+}
+
+/// What the reloads share, behind the lock they hold one after the other.
+struct Reloads {
+    /// The newest CRL of each CA accepted, when the server keeps a record of them.
+    record: Option<CrlRecord>,
+    /// Whether a reload writes `record` to its file: from the first
+    /// [`ServerTls::save_crl_record`] on.
+    saving: bool,
 }
 
 /// One loaded generation of TLS material.
@@ -170,6 +182,15 @@ impl std::fmt::Debug for ServerTls {
 }
 
 impl Inner {
+    fn reloads(&self) -> MutexGuard<'_, Reloads> {
+        // A panic in an earlier reload left nothing half-done behind this lock (the state
+        // is swapped in one store, the record file replaced in one rename), so a poisoned
+        // lock is still usable.
+        self.reloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnEntry>> {
         // A panic while holding this lock cannot leave the map inconsistent (single
         // insert/remove calls), so a poisoned lock is still usable.
@@ -523,14 +544,47 @@ impl ServerTls {
         crl: Option<&Path>,
         crl_policy: CrlPolicy,
     ) -> Result<ServerTls, TransportError> {
+        Self::load_inner(paths, crl, crl_policy, None)
+    }
+
+    /// [`ServerTls::load`], refusing a CRL older than the one `record` holds for its CA
+    /// ([`TransportError::CrlOlderThanRecorded`]): after a restart there is no CRL in force
+    /// to compare with, and a crl.pem restored from a backup must not un-revoke
+    /// certificates. Reloads compare with the record too, and take what they load into it.
+    ///
+    /// Writes nothing (so `check-config` can call it): the record's file is written by
+    /// [`ServerTls::save_crl_record`], and from then on by every reload that loads a newer
+    /// CRL.
+    pub fn load_with_record(
+        paths: &TlsPaths,
+        crl: Option<&Path>,
+        crl_policy: CrlPolicy,
+        record: CrlRecord,
+    ) -> Result<ServerTls, TransportError> {
+        Self::load_inner(paths, crl, crl_policy, Some(record))
+    }
+
+    fn load_inner(
+        paths: &TlsPaths,
+        crl: Option<&Path>,
+        crl_policy: CrlPolicy,
+        mut record: Option<CrlRecord>,
+    ) -> Result<ServerTls, TransportError> {
         let loaded = build(paths, crl, crl_policy, 0)?;
+        if let (Some(record), Some(crl)) = (record.as_mut(), crl) {
+            record.check(crl, &loaded.crl_versions)?;
+            record.take(&loaded.crl_versions);
+        }
         let tls = ServerTls {
             inner: Arc::new(Inner {
                 paths: paths.clone(),
                 crl_path: crl.map(Path::to_owned),
                 policy: crl_policy,
                 state: ArcSwap::from_pointee(loaded),
-                reload_lock: Mutex::new(()),
+                reloads: Mutex::new(Reloads {
+                    record,
+                    saving: false,
+                }),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
                 handshake_failures: HandshakeFailures::default(),
@@ -548,7 +602,10 @@ impl ServerTls {
     /// On error the old config stays in force and no connection is touched. A CRL older
     /// than the one in force for the same CA (a lower `crlNumber`, or without one an
     /// earlier `thisUpdate`) is such an error: a crl.pem restored from a backup must not
-    /// un-revoke certificates.
+    /// un-revoke certificates. So is, with a [`CrlRecord`], a CRL older than the one
+    /// recorded for its CA (a CA that left the CRL file and came back); a reload that puts
+    /// a newer CRL in force records it (a failure to write the record is logged, and the
+    /// CRL stays in force).
     ///
     /// Concurrent calls (SIGHUP and the reload interval) run one after the other, so the
     /// files read by the last one to start are the ones in force when it returns.
@@ -557,13 +614,7 @@ impl ServerTls {
     /// and waits for a reload already running: from async code, call it through
     /// `tokio::task::spawn_blocking`.
     pub fn reload(&self) -> Result<ReloadReport, TransportError> {
-        // A panic in an earlier reload left nothing half-done behind this lock (the state
-        // is swapped in one store), so a poisoned lock is still usable.
-        let _one_at_a_time = self
-            .inner
-            .reload_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut reloads = self.inner.reloads();
         let in_force = self.inner.state.load_full();
         let generation = in_force.generation + 1;
         let loaded = Arc::new(build(
@@ -574,10 +625,26 @@ impl ServerTls {
         )?);
         if let Some(crl) = self.inner.crl_path.as_deref() {
             check_crls_not_older(crl, &in_force.crl_versions, &loaded.crl_versions)?;
+            if let Some(record) = &reloads.record {
+                record.check(crl, &loaded.crl_versions)?;
+            }
         }
         // Swap first, then snapshot: a connection registering after the snapshot sees the
         // new generation and checks itself (see `register`).
         self.inner.state.store(loaded.clone());
+        let saving = reloads.saving;
+        if let Some(record) = reloads.record.as_mut() {
+            record.take(&loaded.crl_versions);
+            // The CRL is in force even so: refusing a newer CRL for want of a record would
+            // keep the certificates it revokes in. Tried again at the next reload.
+            if saving && let Err(error) = record.save() {
+                tracing::warn!(
+                    %error,
+                    "the newer CRL is in force, but not recorded: after a restart an older \
+                     CRL would not be refused"
+                );
+            }
+        }
         type Snapshot = (
             Arc<Vec<CertificateDer<'static>>>,
             SocketAddr,
@@ -613,6 +680,22 @@ impl ServerTls {
             generation,
             crl,
         })
+    }
+
+    /// Writes the CRL record given to [`ServerTls::load_with_record`] to its file (if it
+    /// holds anything the file does not), and makes every later reload that loads a newer
+    /// CRL write it too. Nothing to do without a record.
+    ///
+    /// Call it once the server owns its data directory (the broker: once its store is
+    /// open and locked), so that two processes never write one record. Writes and syncs a
+    /// small file: from async code, call it through `tokio::task::spawn_blocking`.
+    pub fn save_crl_record(&self) -> Result<(), TransportError> {
+        let mut reloads = self.inner.reloads();
+        reloads.saving = true;
+        match reloads.record.as_mut() {
+            Some(record) => record.save(),
+            None => Ok(()),
+        }
     }
 
     /// The freshness of the loaded CRL now.

@@ -4,7 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tonic_health::pb::health_check_response::ServingStatus;
-use trmx_transport::{CrlPolicy, HandshakeFailure, ListenerLimits, ServerTls, client_config};
+use trmx_transport::{
+    CrlPolicy, CrlRecord, HandshakeFailure, ListenerLimits, ServerTls, TlsFile, TransportError,
+    client_config,
+};
 
 use super::harness::{
     Fixture, Server, assert_refused, check_request, eventually, failures, health, raw_accepted,
@@ -394,4 +397,73 @@ async fn a_crl_older_than_the_one_in_force_is_refused_on_reload() {
     // the current CRL again (the same one: not older) reloads
     std::fs::write(fx.crl(), current).unwrap();
     assert_eq!(server.tls.reload().unwrap().generation, generation + 1);
+}
+
+/// A reload compares a CRL with the one in force, but a restarted server has none: a
+/// crl.pem restored from a backup while it was down was loaded like any other. With a CRL
+/// record, the load refuses a CRL older than the one recorded for its CA; the record is
+/// written by `save_crl_record` and from then on by every reload, and never by a load
+/// alone (what `check-config` runs).
+#[test]
+fn a_crl_older_than_the_recorded_one_is_refused_at_load() {
+    let fx = Fixture::new();
+    let record = fx.dir.path().join("crl-record.json");
+    let load = || {
+        ServerTls::load_with_record(
+            &fx.paths(&fx.broker),
+            Some(&fx.crl()),
+            CrlPolicy::Warn,
+            CrlRecord::read(&record)?,
+        )
+    };
+    let backup = fx.dir.path().join("crl.pem.backup");
+    std::fs::copy(fx.crl(), &backup).unwrap();
+
+    let tls = load().unwrap();
+    fx.fed
+        .revoke(&fx.fed.participant("NL-NRM").unwrap())
+        .unwrap();
+    tls.reload().unwrap();
+    assert!(
+        !record.exists(),
+        "a load and a reload without saving write nothing"
+    );
+    tls.save_crl_record().unwrap();
+    let second = std::fs::read(fx.crl()).unwrap();
+    // a reload records the third CRL
+    fx.fed
+        .revoke(&fx.fed.participant("BE-PAYOKE").unwrap())
+        .unwrap();
+    tls.reload().unwrap();
+    let third = std::fs::read(fx.crl()).unwrap();
+    drop(tls);
+
+    // "restarted" with the second CRL, or the first
+    for (older, comparison) in [
+        (&second, "crlNumber 2 < crlNumber 3"),
+        (
+            &std::fs::read(&backup).unwrap(),
+            "crlNumber 1 < crlNumber 3",
+        ),
+    ] {
+        std::fs::write(fx.crl(), older).unwrap();
+        let err = load().unwrap_err();
+        assert!(
+            matches!(err, TransportError::CrlOlderThanRecorded { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.files(), [TlsFile::Crl]);
+        let msg = err.to_string();
+        for part in [
+            comparison.to_owned(),
+            fx.crl().display().to_string(),
+            format!("delete {}", record.display()),
+        ] {
+            assert!(msg.contains(&part), "{part:?} in {msg}");
+        }
+        // (what the record adds: without it, the CRL loads)
+        ServerTls::load(&fx.paths(&fx.broker), Some(&fx.crl()), CrlPolicy::Warn).unwrap();
+    }
+    std::fs::write(fx.crl(), &third).unwrap();
+    load().expect("the recorded CRL itself");
 }

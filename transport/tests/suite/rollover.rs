@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use trmx_certs::{Ca, CaOptions, CertPaths, IssueSpec};
 use trmx_transport::{
-    ClientOptions, CrlPolicy, ListenerLimits, ServerTls, TlsFile, TlsPaths, TransportError,
-    client_channel, client_config,
+    ClientOptions, CrlPolicy, CrlRecord, ListenerLimits, ServerTls, TlsFile, TlsPaths,
+    TransportError, client_channel, client_config,
 };
 
 use super::harness::{
@@ -188,6 +188,50 @@ async fn a_second_ca_takes_over_by_reloads_alone() {
     assert!(!raw_accepted(server.addr, a_trusting_bundle).await.unwrap());
     assert!(raw_accepted(server.addr, b_config).await.unwrap());
     server.stop().await;
+}
+
+/// A CA that left the CRL file at the end of a rollover stays in the CRL record: when it
+/// comes back (a bundle from a backup) with an old CRL, the reload compares that CRL with
+/// the recorded one, though no CRL of that CA is in force any more.
+#[test]
+fn a_crl_of_a_ca_back_in_the_file_is_checked_against_the_record() {
+    let fx = Fixture::new();
+    let files = BrokerFiles::new(&fx);
+    let ca1 = &fx.fed.ca;
+    let ca2 = second_ca(&fx, "trm.test federation CA 2");
+    let first_crl = fx.dir.path().join("ca1-crl.pem.backup");
+    std::fs::copy(ca1.crl_path(), &first_crl).unwrap();
+    fx.fed.revoke(&participant(&fx, ca1, "NL-NRM")).unwrap();
+    files.set(&[ca1, &ca2]);
+    let record = CrlRecord::read(&fx.dir.path().join("crl-record.json")).unwrap();
+    let tls = ServerTls::load_with_record(
+        &with_ca(&fx.broker, &files.ca),
+        Some(&files.crl),
+        CrlPolicy::Strict,
+        record,
+    )
+    .unwrap();
+    // the rollover ends: the broker's certificate is CA2's, CA1 leaves
+    ca2.issue(&broker_spec(), &fx.broker, true).unwrap();
+    files.set(&[&ca2]);
+    tls.reload().unwrap();
+
+    // CA1 comes back with its first CRL
+    cat(&files.ca, &[ca1.ca_cert_path(), ca2.ca_cert_path()]);
+    cat(&files.crl, &[first_crl, ca2.crl_path()]);
+    let err = tls.reload().unwrap_err();
+    assert!(
+        matches!(err, TransportError::CrlOlderThanRecorded { .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("CN=trm.test federation CA,") && msg.contains("crlNumber 1 < crlNumber 2"),
+        "{msg}"
+    );
+    // with its current CRL it is welcome
+    files.set(&[ca1, &ca2]);
+    tls.reload().unwrap();
 }
 
 /// The load checks with two CAs and two CRLs: no refusal whichever CA issued the broker's

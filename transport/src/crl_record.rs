@@ -1,0 +1,403 @@
+//! The CRL record: the newest CRL of each CA that a server has accepted, kept in a small
+//! file (the broker keeps it in its data directory) so that a CRL older than one accepted
+//! before is refused after a restart too, not only by a reload. A crl.pem restored from a
+//! backup would otherwise silently un-revoke every certificate revoked since.
+//!
+//! The file is JSON:
+//!
+//! ```json
+//! {
+//!   "format": 1,
+//!   "about": "…",
+//!   "crls": [
+//!     { "issuer": "CN=TRM Federation CA", "issuer_der": "30…", "issuer_key_id": "a1…",
+//!       "crl_number": "7", "this_update": 1796083200 }
+//!   ]
+//! }
+//! ```
+//!
+//! `issuer_der` (hex) and `issuer_key_id` (hex, or `null` when the CRL names no key) say
+//! which CA; `issuer` is for people. `crl_number` is decimal (CRL numbers may be 20 bytes
+//! long), `null` when the CRL has none; `this_update` is in Unix seconds.
+//!
+//! A missing file is an empty record: the first start, or a record deleted on purpose to go
+//! back to an older CRL. A file that cannot be read or parsed is an error that names it,
+//! never an empty record: that would silently accept any CRL.
+//!
+//! # Invariants
+//! - For each CA, the recorded CRL only moves forward: [`CrlRecord::take`] keeps the newer
+//!   of the recorded and the new, and callers check before they take.
+//! - The file is replaced atomically (temporary file, fsync, rename, fsync of the
+//!   directory): after a crash it holds the record before or after, never a mix.
+//! - A CA once recorded stays recorded, also after it left the CRL file (the end of a
+//!   rollover): a CRL of it that comes back later is checked all the same. One entry per CA
+//!   ever trusted, so the file stays small.
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use x509_parser::num_bigint::BigUint;
+
+use crate::TransportError;
+use crate::pem::CrlVersion;
+
+/// The one format this version reads and writes.
+const FORMAT: u32 = 1;
+
+/// What the file says about itself, for whoever opens it.
+const ABOUT: &str = "The newest CRL of each CA that this trmx server has accepted. At start, a \
+     CRL older than the one recorded here for its CA is refused: it would un-revoke \
+     certificates. Delete this file only to go back to an older CRL on purpose.";
+
+/// The newest CRL of each CA accepted so far, and the file that keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlRecord {
+    /// The file.
+    path: PathBuf,
+    newest: Vec<CrlVersion>,
+    /// `newest` holds something the file does not (yet).
+    unsaved: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordFile {
+    format: u32,
+    about: String,
+    crls: Vec<RecordedCrl>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordedCrl {
+    issuer: String,
+    issuer_der: String,
+    issuer_key_id: Option<String>,
+    crl_number: Option<String>,
+    this_update: i64,
+}
+
+impl CrlRecord {
+    /// Reads the record kept at `path`. A missing file is an empty record (and written at
+    /// the first [`crate::ServerTls::save_crl_record`]); a file that cannot be read, or
+    /// does not parse, is an error that names it.
+    ///
+    /// Reads a small file synchronously.
+    pub fn read(path: &Path) -> Result<CrlRecord, TransportError> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                tracing::info!(
+                    record = %path.display(),
+                    "no CRL record yet (a first start, or deleted): the CRLs in the CRL file \
+                     are taken as the newest"
+                );
+                return Ok(CrlRecord {
+                    path: path.to_owned(),
+                    newest: Vec::new(),
+                    unsaved: true,
+                });
+            }
+            Err(error) => {
+                return Err(TransportError::CrlRecordIo {
+                    path: path.to_owned(),
+                    action: "read it",
+                    error,
+                });
+            }
+        };
+        let newest = parse(&bytes).map_err(|reason| TransportError::CrlRecordDamaged {
+            path: path.to_owned(),
+            reason,
+        })?;
+        Ok(CrlRecord {
+            path: path.to_owned(),
+            newest,
+            unsaved: false,
+        })
+    }
+
+    /// The file the record is kept in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The recorded CRL of `issuer`'s CA, if any.
+    pub(crate) fn of(&self, issuer: &(Vec<u8>, Option<Vec<u8>>)) -> Option<&CrlVersion> {
+        self.newest
+            .iter()
+            .find(|recorded| &recorded.issuer == issuer)
+    }
+
+    /// Refuses the first CRL of `crls` (read from the CRL file `crl`) that is older than
+    /// the one recorded for its CA.
+    pub(crate) fn check(&self, crl: &Path, crls: &[CrlVersion]) -> Result<(), TransportError> {
+        for found in crls {
+            if let Some(recorded) = self.of(&found.issuer)
+                && found.is_older_than(recorded)
+            {
+                return Err(TransportError::CrlOlderThanRecorded {
+                    path: crl.to_owned(),
+                    record: self.path.clone(),
+                    issuer: found.issuer_name.as_str().into(),
+                    comparison: format!(
+                        "{} < {}",
+                        found.describe(recorded),
+                        recorded.describe(found)
+                    )
+                    .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `crls` (checked with [`Self::check`]): each becomes its CA's entry unless the
+    /// one recorded is newer.
+    pub(crate) fn take(&mut self, crls: &[CrlVersion]) {
+        for found in crls {
+            match self
+                .newest
+                .iter_mut()
+                .find(|recorded| recorded.issuer == found.issuer)
+            {
+                Some(recorded) if found.is_older_than(recorded) || recorded == found => {}
+                Some(recorded) => {
+                    *recorded = found.clone();
+                    self.unsaved = true;
+                }
+                None => {
+                    self.newest.push(found.clone());
+                    self.unsaved = true;
+                }
+            }
+        }
+    }
+
+    /// Writes the record to its file if it holds anything the file does not (or the file
+    /// was missing). The file is replaced atomically (see the module doc).
+    ///
+    /// Writes and syncs a small file synchronously.
+    pub(crate) fn save(&mut self) -> Result<(), TransportError> {
+        let path = self.path.as_path();
+        if !self.unsaved {
+            return Ok(());
+        }
+        let io = |action: &'static str| {
+            move |error: std::io::Error| TransportError::CrlRecordIo {
+                path: path.to_owned(),
+                action,
+                error,
+            }
+        };
+        let mut text = serde_json::to_string_pretty(&self.to_file())
+            .map_err(|e| io("encode it")(std::io::Error::other(e)))?;
+        text.push('\n');
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+        tmp_name.push(".tmp");
+        let tmp = dir.join(tmp_name);
+        let written = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut file| {
+                file.write_all(text.as_bytes())?;
+                file.sync_all()
+            });
+        if let Err(error) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io("write it")(error));
+        }
+        std::fs::rename(&tmp, path).map_err(io("rename the new one into place"))?;
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io("sync its directory"))?;
+        self.unsaved = false;
+        tracing::info!(record = %path.display(), crls = self.newest.len(), "crl record saved");
+        Ok(())
+    }
+
+    fn to_file(&self) -> RecordFile {
+        RecordFile {
+            format: FORMAT,
+            about: ABOUT.to_owned(),
+            crls: self
+                .newest
+                .iter()
+                .map(|crl| RecordedCrl {
+                    issuer: crl.issuer_name.clone(),
+                    issuer_der: hex(&crl.issuer.0),
+                    issuer_key_id: crl.issuer.1.as_deref().map(hex),
+                    crl_number: crl.number.as_ref().map(BigUint::to_string),
+                    this_update: crl.this_update,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The CRLs of a record file, or why it is damaged.
+fn parse(bytes: &[u8]) -> Result<Vec<CrlVersion>, String> {
+    let file: RecordFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if file.format != FORMAT {
+        return Err(format!(
+            "format {} (this version reads format {FORMAT})",
+            file.format
+        ));
+    }
+    let mut newest: Vec<CrlVersion> = Vec::with_capacity(file.crls.len());
+    for (i, crl) in file.crls.into_iter().enumerate() {
+        let field = |name: &str| format!("crls[{i}].{name}");
+        let issuer_der = unhex(&crl.issuer_der)
+            .filter(|der| !der.is_empty())
+            .ok_or_else(|| format!("{} is not hex", field("issuer_der")))?;
+        let key_id = crl
+            .issuer_key_id
+            .map(|id| unhex(&id).ok_or_else(|| format!("{} is not hex", field("issuer_key_id"))))
+            .transpose()?;
+        let number = crl
+            .crl_number
+            .map(|n| {
+                n.bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| BigUint::parse_bytes(n.as_bytes(), 10))
+                    .flatten()
+                    .ok_or_else(|| format!("{} is not a decimal number", field("crl_number")))
+            })
+            .transpose()?;
+        let version = CrlVersion {
+            issuer: (issuer_der, key_id),
+            issuer_name: crl.issuer,
+            number,
+            this_update: crl.this_update,
+        };
+        if newest.iter().any(|other| other.issuer == version.issuer) {
+            return Err(format!("{} is listed twice", field("issuer")));
+        }
+        newest.push(version);
+    }
+    Ok(newest)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(issuer: &[u8], number: Option<u32>, this_update: i64) -> CrlVersion {
+        CrlVersion {
+            issuer: (issuer.to_vec(), Some(vec![0xab, 0x01])),
+            issuer_name: "CN=ca".to_owned(),
+            number: number.map(BigUint::from),
+            this_update,
+        }
+    }
+
+    #[test]
+    fn a_saved_record_reads_back_and_a_missing_one_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl-record.json");
+        let mut record = CrlRecord::read(&path).unwrap();
+        assert_eq!(record.newest, []);
+        let a = version(b"a", Some(7), 1_000);
+        let b = CrlVersion {
+            issuer: (b"b".to_vec(), None),
+            number: None,
+            ..version(b"b", None, 2_000)
+        };
+        record.take(&[a.clone(), b.clone()]);
+        record.save().unwrap();
+        let read = CrlRecord::read(&path).unwrap();
+        assert_eq!(read.newest, [a, b]);
+        assert!(!read.unsaved);
+        // nothing but the record is left in the directory
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["crl-record.json"]);
+    }
+
+    #[test]
+    fn the_record_only_moves_forward_per_ca() {
+        let mut record = CrlRecord::read(Path::new("/nonexistent/crl-record.json")).unwrap();
+        record.take(&[version(b"a", Some(7), 1_000), version(b"b", Some(3), 1_000)]);
+        record.take(&[version(b"a", Some(6), 2_000), version(b"b", Some(4), 500)]);
+        assert_eq!(
+            record.newest,
+            [version(b"a", Some(7), 1_000), version(b"b", Some(4), 500)]
+        );
+        let error = record
+            .check(Path::new("/etc/crl.pem"), &[version(b"a", Some(6), 2_000)])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("crlNumber 6 < crlNumber 7"), "{error}");
+        // the same CRL, a newer one, and another CA's are not older
+        record
+            .check(
+                Path::new("/etc/crl.pem"),
+                &[
+                    version(b"a", Some(7), 1_000),
+                    version(b"b", Some(5), 0),
+                    version(b"c", Some(1), 0),
+                ],
+            )
+            .unwrap();
+    }
+
+    /// A damaged record must not read as an empty one: that would accept any CRL.
+    #[test]
+    fn a_damaged_record_is_an_error_that_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl-record.json");
+        let good = r#"{"format": 1, "about": "", "crls": [{"issuer": "CN=ca", "issuer_der": "3000", "issuer_key_id": null, "crl_number": "7", "this_update": 1}]}"#;
+        std::fs::write(&path, good).unwrap();
+        CrlRecord::read(&path).unwrap();
+        for (damage, why) in [
+            ("", "EOF"),
+            (&good[..good.len() / 2], "EOF"),
+            ("{\"format\": 2, \"about\": \"\", \"crls\": []}", "format 2"),
+            (&good.replace("3000", "30x0"), "crls[0].issuer_der is not hex"),
+            (&good.replace("\"7\"", "\"-7\""), "crls[0].crl_number"),
+            (&good.replace("\"7\"", "7"), "invalid type"),
+            (
+                &good.replace("}]}", "}, {\"issuer\": \"CN=ca\", \"issuer_der\": \"3000\", \"issuer_key_id\": null, \"crl_number\": \"8\", \"this_update\": 1}]}"),
+                "listed twice",
+            ),
+        ] {
+            std::fs::write(&path, damage).unwrap();
+            let error = CrlRecord::read(&path).unwrap_err();
+            assert!(
+                matches!(error, TransportError::CrlRecordDamaged { .. }),
+                "{damage}: {error:?}"
+            );
+            let text = error.to_string();
+            assert!(
+                text.contains(&path.display().to_string()) && text.contains(why),
+                "{damage}: {text}"
+            );
+        }
+    }
+}
