@@ -27,7 +27,7 @@ use tonic::transport::Server;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use trmx_proto::pb::exchange_server::ExchangeServer;
 use trmx_proto::pb::operator_server::OperatorServer;
-use trmx_transport::{CrlPolicy, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
+use trmx_transport::{CrlPolicy, CrlRecord, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
 
 use crate::admin::{
     AdminHooks, AdminState, CertRole, HeldCert, HostCheck, Metrics, Readiness, serve_admin,
@@ -55,6 +55,18 @@ const DECODE_MARGIN: usize = 1 << 20;
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the broker records in its store that it runs (see `check_clock`).
 const RUNNING_MARK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The file in `data_dir` that records the newest CRL of each CA the broker has accepted
+/// ([`CrlRecord`]), so that a `tls.crl` older than it is refused at start, as a reload
+/// refuses a CRL older than the one in force: a crl.pem restored from a backup must not
+/// un-revoke certificates, restart or not.
+///
+/// Read at start when `tls.crl` is set (and by `check-config`); written once the store
+/// holds the data directory, and again by every reload that loads a newer CRL. A missing
+/// file is a first start (or a record deleted on purpose to go back to an older CRL): the
+/// CRLs of `tls.crl` are taken as the newest. A damaged one stops the start with an error
+/// that names it, never a silent reset. `trmx-broker store compact` carries it over.
+pub const CRL_RECORD_FILE: &str = "crl-record.json";
 
 /// Runs a broker on `listener` until `shutdown` resolves, then shuts down in
 /// order. The simple entry point; see [`Broker::builder`] for more control.
@@ -161,6 +173,7 @@ impl BrokerBuilder {
         };
         let now = clock.now_millis();
         check_clock(store.as_ref(), now, &config.lifecycle).await?;
+        save_crl_record(&config, &tls).await?;
         store.mark_running(now).await?;
         let recovered = store.recover(now).await?;
         restore_presence(store.as_ref(), &metrics, &registry).await;
@@ -750,6 +763,26 @@ async fn crl_reload_loop(
     }
 }
 
+/// Writes the CRL record ([`CRL_RECORD_FILE`]) once the store holds the data directory's
+/// lock, so that a second broker started on the same directory by mistake never writes it.
+async fn save_crl_record(config: &BrokerConfig, tls: &ServerTls) -> Result<(), BrokerError> {
+    if config.tls.crl.is_none() {
+        return Ok(());
+    }
+    let dir = config.data_dir.clone();
+    let tls = tls.clone();
+    tokio::task::spawn_blocking(move || {
+        // (made by the sled store; not by a store given to the builder)
+        trmx_durable::private_dir(&dir).map_err(|error| BrokerError::Io {
+            context: format!("creating data_dir {}", dir.display()),
+            error,
+        })?;
+        tls.save_crl_record().map_err(BrokerError::tls)
+    })
+    .await
+    .map_err(|e| BrokerError::Unavailable(format!("crl record task failed: {e}")))?
+}
+
 async fn measure_disk(config: &BrokerConfig, admission: &Admission, metrics: &Metrics) {
     let dir = config.data_dir.clone();
     let measured = tokio::task::spawn_blocking(move || {
@@ -959,8 +992,9 @@ fn check_data_dir(dir: &Path) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// Loads the TLS files as at start; also what `check-config` runs, so that its warnings
-/// show there too.
+/// Loads the TLS files as at start, refusing a CRL older than the CRL record
+/// ([`CRL_RECORD_FILE`]) holds; also what `check-config` runs, so that its warnings and
+/// refusals show there too. Writes nothing.
 fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
     if config.tls.crl.is_none() {
         // Allowed (a test federation, a first set-up), but never silently: a certificate
@@ -979,7 +1013,15 @@ fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
         CrlPolicyConfig::Warn => CrlPolicy::Warn,
         CrlPolicyConfig::Strict => CrlPolicy::Strict,
     };
-    ServerTls::load(&paths, config.tls.crl.as_deref(), policy).map_err(BrokerError::tls)
+    match config.tls.crl.as_deref() {
+        Some(crl) => {
+            let record = CrlRecord::read(&config.data_dir.join(CRL_RECORD_FILE))
+                .map_err(BrokerError::tls)?;
+            ServerTls::load_with_record(&paths, Some(crl), policy, record)
+        }
+        None => ServerTls::load(&paths, None, policy),
+    }
+    .map_err(BrokerError::tls)
 }
 
 /// The broker name in the certificate's URI SAN, or `broker`.

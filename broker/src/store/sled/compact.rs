@@ -26,6 +26,9 @@ use crate::store::StoreError;
 const SEQ_FLOOR_KEY: &[u8] = b"seq_floor";
 /// Keys per sled batch when copying a tree.
 const COPY_BATCH: usize = 1024;
+/// The files the broker keeps in the data directory besides sled's: a compacted store
+/// must not lose them (a lost CRL record would let an older CRL in at the next start).
+const BROKER_FILES: &[&str] = &[crate::server::CRL_RECORD_FILE];
 
 /// The seq floor stored in `meta` (0 in a store never compacted).
 pub(super) fn seq_floor(meta: &::sled::Tree) -> Result<u64, StoreError> {
@@ -174,6 +177,8 @@ fn copy_store(path: &Path, target: &Path) -> Result<Copied, StoreError> {
         .and_then(|meta| meta.insert(SEQ_FLOOR_KEY, &new_floor.to_be_bytes()[..]))
         .map_err(storage)?;
     new.flush().map_err(storage)?;
+    copy_broker_files(path, target)?;
+    // (syncs the directory too, so the files copied above are in it after a power cut)
     trmx_durable::DiskSync::open(target).map_err(|e| StoreError::Open {
         path: target.display().to_string(),
         reason: format!("cannot sync the copy: {e}"),
@@ -184,6 +189,26 @@ fn copy_store(path: &Path, target: &Path) -> Result<Copied, StoreError> {
         keys,
         key_value_bytes,
     })
+}
+
+/// Copies the [`BROKER_FILES`] that `from` holds into `to`, synced.
+fn copy_broker_files(from: &Path, to: &Path) -> Result<(), StoreError> {
+    for name in BROKER_FILES {
+        let copied = std::fs::copy(from.join(name), to.join(name))
+            .and_then(|_| std::fs::File::open(to.join(name)))
+            .and_then(|file| file.sync_all());
+        match copied {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StoreError::Open {
+                    path: from.join(name).display().to_string(),
+                    reason: format!("cannot copy it into the compacted store: {e}"),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Copies every tree of `from` into the empty `to`, in key order; returns
