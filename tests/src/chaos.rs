@@ -7,7 +7,8 @@
 //!   [`RECIPIENT`]) whose broker and nodes are child processes ([`Daemon`]) of a
 //!   multi-call executable (`<exe> broker …`, `<exe> node …`: `trmx-demo` in the
 //!   tests, `trmx-chaos` in the long run). The broker listens on a fixed loopback
-//!   port so that a restarted broker is found by the nodes again.
+//!   port, held by the fleet while the broker is down ([`ReservedPort`]), so that a
+//!   restarted broker is found by the nodes again.
 //! - [`run`]: the chaos run of a [`ChaosPlan`]: every sender's application submits
 //!   its share through its node's local API (with an idempotency key, retrying
 //!   while its node is down); at evenly spread points of the run each planned
@@ -48,7 +49,7 @@ use trmx_transport::{ClientOptions, TlsPaths, client_channel};
 
 use crate::federation::{LocalFederation, Member};
 use crate::harness::{Api, Exchange, json_request};
-use crate::process::Process;
+use crate::process::{Process, ReservedPort};
 use crate::story::EXAMPLES;
 
 /// The environment variable that replays a chaos schedule.
@@ -279,6 +280,8 @@ pub struct Fleet {
     pub broker_addr: SocketAddr,
     /// The broker's admin endpoint (`/metrics`, `/readyz`).
     pub admin_addr: SocketAddr,
+    /// The two ports, held while the broker is down.
+    _ports: [ReservedPort; 2],
     /// The broker's config file.
     pub broker_config: PathBuf,
     /// The broker's data directory.
@@ -305,11 +308,6 @@ fn members(senders: usize) -> Vec<Member> {
     members
 }
 
-/// A loopback address with a port that was free a moment ago.
-pub fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 impl Fleet {
     /// Writes the PKI and every config under `dir`. The broker config gets a
     /// fixed loopback port, an admin port, limits that do not throttle the run
@@ -327,8 +325,8 @@ impl Fleet {
         let root = dir.to_owned();
         let federation =
             tokio::task::spawn_blocking(move || LocalFederation::create(&root, &all)).await??;
-        let broker_addr = free_port()?;
-        let admin_addr = free_port()?;
+        let ports = [ReservedPort::new()?, ReservedPort::new()?];
+        let (broker_addr, admin_addr) = (ports[0].addr(), ports[1].addr());
         let broker_config = federation.write_broker_config("")?;
         let mut config = BrokerConfig::load(&broker_config)?;
         config.listen = broker_addr;
@@ -387,6 +385,7 @@ impl Fleet {
             federation,
             broker_addr,
             admin_addr,
+            _ports: ports,
             broker_config,
             broker_data_dir,
             broker,

@@ -34,6 +34,7 @@ use trmx_proto::{CaseRef, Kind, MessageId};
 use trmx_transport::{ClientOptions, TlsPaths, client_channel};
 
 use crate::federation::{LocalFederation, STORY_MEMBERS};
+use crate::process::ReservedPort;
 
 /// A node's local API client.
 pub type Api = NodeApiClient<Channel>;
@@ -59,7 +60,8 @@ pub struct Harness {
     /// Certificates and config files.
     pub federation: LocalFederation,
     broker_config: BrokerConfig,
-    broker_addr: SocketAddr,
+    /// The broker's address, held while the broker is down (see [`ReservedPort`]).
+    broker_port: ReservedPort,
     broker: Option<RunningBroker>,
     nodes: BTreeMap<String, (RunningNode, Api)>,
 }
@@ -83,13 +85,11 @@ impl Harness {
         broker_config.lifecycle.backoff_max = Duration::from_millis(200);
         broker_config.lifecycle.tick_interval = Duration::from_millis(20);
         broker_config.validate()?;
-        // Reserve a port: bound, then released; the broker binds it again.
-        let broker_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         Ok(Self {
             dir,
             federation,
             broker_config,
-            broker_addr,
+            broker_port: ReservedPort::new()?,
             broker: None,
             nodes: BTreeMap::new(),
         })
@@ -102,7 +102,7 @@ impl Harness {
 
     /// The broker's address (the same across restarts, whether it runs or not).
     pub fn broker_addr(&self) -> SocketAddr {
-        self.broker_addr
+        self.broker_port.addr()
     }
 
     /// Starts the broker on [`Harness::broker_addr`] with its data dir.
@@ -115,9 +115,10 @@ impl Harness {
         let deadline = Instant::now() + WAIT;
         loop {
             let attempt = async {
-                let listener = TcpListener::bind(self.broker_addr)
+                let addr = self.broker_addr();
+                let listener = TcpListener::bind(addr)
                     .await
-                    .with_context(|| format!("binding {}", self.broker_addr))?;
+                    .with_context(|| format!("binding {addr}"))?;
                 Broker::builder(self.broker_config.clone())
                     .start(listener)
                     .await
@@ -168,7 +169,7 @@ impl Harness {
     /// Writes `<dir>/<id>/node.toml` (the config a node daemon process runs
     /// with) and returns its path.
     pub fn node_config_file(&self, id: &str) -> anyhow::Result<PathBuf> {
-        self.federation.write_node_config(id, self.broker_addr)
+        self.federation.write_node_config(id, self.broker_addr())
     }
 
     /// The config of `id`'s node (the file's, with quick reconnects).
@@ -247,7 +248,7 @@ impl Harness {
             server_name: BROKER_SERVER_NAME.to_owned(),
             ..ClientOptions::default()
         };
-        let channel = client_channel(&self.broker_addr.to_string(), &self.tls(id), &options)?;
+        let channel = client_channel(&self.broker_addr().to_string(), &self.tls(id), &options)?;
         Ok(ExchangeClient::new(channel))
     }
 

@@ -1,15 +1,54 @@
 //! Child processes of the demo and the end-to-end tests: a broker or a node
 //! started from a real executable, with its output in a log file, its
 //! readiness read from a `--ready-file`, and a guaranteed stop (SIGTERM, then
-//! SIGKILL) even when the caller fails or is interrupted.
+//! SIGKILL) even when the caller fails or is interrupted. [`ReservedPort`]
+//! keeps a broker's address its own across restarts.
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+/// A loopback port held for a broker that stops and starts again on the same address
+/// (the nodes' configs name it): a socket bound to it with `SO_REUSEADDR` that never
+/// listens, kept as long as the value lives.
+///
+/// While the broker is down, a connection to the port is refused, as to a closed port,
+/// and no other socket can take the port: Linux gives it to no `:0` bind and no outgoing
+/// connection, and refuses it to a bind without `SO_REUSEADDR` and to any bind while a
+/// listener holds it. The broker's listener binds it at each start, in this process or a
+/// child (tokio's `TcpListener::bind` sets `SO_REUSEADDR`). Releasing the port between
+/// two incarnations instead would let a test running in parallel take it.
+#[derive(Debug)]
+pub struct ReservedPort {
+    _socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+}
+
+impl ReservedPort {
+    /// Reserves a free port on 127.0.0.1.
+    pub fn new() -> anyhow::Result<Self> {
+        let socket = tokio::net::TcpSocket::new_v4().context("creating a socket")?;
+        socket.set_reuseaddr(true)?;
+        socket
+            .bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .context("reserving a loopback port")?;
+        let addr = socket.local_addr()?;
+        Ok(Self {
+            _socket: socket,
+            addr,
+        })
+    }
+
+    /// `127.0.0.1:<the port>`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
 
 /// A started broker or node process. Dropping it stops the process.
 #[derive(Debug)]
@@ -215,5 +254,34 @@ pub fn run_as_daemon() -> Option<ExitCode> {
             Some(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a broker restarted on its address relies on: between two incarnations the
+    /// port stays refused and taken, and each incarnation can bind it.
+    #[tokio::test]
+    async fn a_reserved_port_is_refused_while_down_taken_for_others_and_free_for_the_broker() {
+        let port = ReservedPort::new().unwrap();
+        for _ in 0..2 {
+            let refused = tokio::net::TcpStream::connect(port.addr()).await;
+            assert_eq!(
+                refused.map(drop).map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionRefused)
+            );
+            // another socket cannot have it (a port bound, then released, it could)
+            let other = tokio::net::TcpSocket::new_v4().unwrap();
+            assert_eq!(
+                other.bind(port.addr()).map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::AddrInUse)
+            );
+            // the broker's listener can
+            let listener = tokio::net::TcpListener::bind(port.addr()).await.unwrap();
+            tokio::net::TcpStream::connect(port.addr()).await.unwrap();
+            drop(listener);
+        }
     }
 }
