@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use futures::Stream;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
@@ -203,6 +203,19 @@ pub(crate) async fn listener() -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     (listener, addr)
+}
+
+/// A port on 127.0.0.1 where nothing listens yet, for a broker that comes up later: a
+/// socket bound to it with `SO_REUSEADDR` that never listens, so a connection is refused
+/// and no other test can take the port meanwhile (one bound, then released, it could).
+/// `TcpListener::bind(addr)` (which sets `SO_REUSEADDR` too) takes it over while the
+/// returned socket lives: keep that as long as the address is in use.
+pub(crate) fn reserved_port() -> (TcpSocket, SocketAddr) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
 }
 
 type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::Delivery, Status>> + Send>>;

@@ -1726,7 +1726,7 @@ mod link {
     use std::future::Future;
     use std::net::SocketAddr;
 
-    use super::super::fake_broker::{FakeBroker, listener};
+    use super::super::fake_broker::{FakeBroker, listener, reserved_port};
     use super::*;
 
     /// Polls `check` until it is true or 10 s passed.
@@ -2012,8 +2012,7 @@ mod link {
     async fn a_message_sent_while_the_broker_is_down_is_delivered_when_it_comes_up() {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
-        let (nl_l, nl_addr) = listener().await;
-        drop(nl_l); // nothing listens yet
+        let (_nl_port, nl_addr) = reserved_port(); // nothing listens yet
         let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
         let sent = nl
             .send(request("k-1", "BE-PAYOKE", referral()))
@@ -2870,8 +2869,7 @@ mod link {
         let logs = LogCapture::start();
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
-        let (l, addr) = listener().await;
-        drop(l); // nothing listens yet
+        let (_port, addr) = reserved_port(); // nothing listens yet
         let nl = online(dir.path(), "NL-NRM", addr, clock).await;
         until("two failed attempts after the first", || async {
             logs.lines_with(&["DEBUG", "cannot connect to the broker"])
@@ -3217,8 +3215,7 @@ mod link {
         assert_eq!(retried.message_id, sent.message_id);
 
         // a node that never reached the broker knows no registry: it queues
-        let (down, down_addr) = listener().await;
-        drop(down);
+        let (_down_port, down_addr) = reserved_port();
         let be = online(dir.path(), "BE-PAYOKE", down_addr, clock).await;
         let queued = be
             .send(request("k-1", "XX-NOPE", referral()))
@@ -3257,8 +3254,7 @@ mod link {
         first.shutdown().await;
         drop(first);
         // restarted while the broker cannot be reached
-        let (down, down_addr) = listener().await;
-        drop(down);
+        let (_down_port, down_addr) = reserved_port();
         let nl = online(dir.path(), "NL-NRM", down_addr, clock).await;
         assert_eq!(
             state_of(&nl, sent.message_id)

@@ -1,5 +1,6 @@
 //! Shared test helpers: a federation with one node certificate, a broker
-//! address nothing listens on, and an in-process node with a manual clock.
+//! address nothing listens on (and nothing else can take), and an in-process node
+//! with a manual clock.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,8 @@ pub(crate) const REFERRAL_JSON: &str = include_str!("../../../proto/examples/01-
 pub(crate) struct Sandbox {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) config: NodeConfig,
+    /// The port of `config.broker`, held for as long as the sandbox lives.
+    _broker_port: ClosedPort,
 }
 
 impl Sandbox {
@@ -30,17 +33,22 @@ impl Sandbox {
             cert: node.cert,
             key: node.key,
         };
+        let broker_port = ClosedPort::new();
         let mut config = NodeConfig::new(
             "NL-NRM",
             dir.path().join("data"),
-            &closed_port_address(),
+            &broker_port.addr.to_string(),
             "localhost",
             tls,
         );
         // Keep the failing reconnects cheap.
         config.broker.reconnect_min_ms = 50;
         config.broker.reconnect_max_ms = 200;
-        Sandbox { dir, config }
+        Sandbox {
+            dir,
+            config,
+            _broker_port: broker_port,
+        }
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -62,12 +70,27 @@ impl Sandbox {
     }
 }
 
-/// `127.0.0.1:<port>` where nothing listens (bound, then closed).
-pub(crate) fn closed_port_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    drop(listener);
-    addr.to_string()
+/// A port on 127.0.0.1 where nothing listens, for as long as the value lives: a socket
+/// bound to it that never listens, so that a connection is refused and no other test
+/// can take the port (one bound, then closed, could be taken by a test running in
+/// parallel, and the node would talk to that).
+pub(crate) struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub(crate) addr: std::net::SocketAddr,
+}
+
+impl ClosedPort {
+    pub(crate) fn new() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        ClosedPort {
+            _socket: socket,
+            addr,
+        }
+    }
 }
 
 /// Polls `check` until it returns true or `deadline` passes.
