@@ -89,7 +89,13 @@ impl CrlRecord {
     pub fn read(path: &Path) -> Result<CrlRecord, TransportError> {
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            // (a data directory that is not one is for its own check to tell)
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
                 tracing::info!(
                     record = %path.display(),
                     "no CRL record yet (a first start, or deleted): the CRLs in the CRL file \
@@ -321,6 +327,16 @@ mod tests {
         let path = dir.path().join("crl-record.json");
         let mut record = CrlRecord::read(&path).unwrap();
         assert_eq!(record.newest, []);
+        // a data directory that is a file is for the data directory's own check to tell
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(
+            CrlRecord::read(&file.join("crl-record.json"))
+                .unwrap()
+                .newest,
+            []
+        );
+        std::fs::remove_file(&file).unwrap();
         let a = version(b"a", Some(7), 1_000);
         let b = CrlVersion {
             issuer: (b"b".to_vec(), None),
