@@ -12,7 +12,9 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-pub use trmx_durable::clock::{GuardedClock, OsTime, TimeSource};
+pub use trmx_durable::clock::{
+    GuardedClock, OsTime, StartClock, TimeSource, check_start, human_span,
+};
 
 use crate::store::Millis;
 
@@ -99,7 +101,7 @@ pub fn broker_clock(max_step: Duration) -> GuardedClock {
     GuardedClock::system(
         max_step,
         "restart the broker to accept it (SIGHUP does not; a jump of more than \
-         lifecycle.max_downtime, or back, also needs `trmx-broker store accept-clock` \
+         lifecycle.max_downtime also needs `trmx-broker store accept-clock` \
          with the broker stopped)",
     )
 }

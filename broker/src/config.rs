@@ -272,9 +272,9 @@ pub struct LifecycleConfig {
     #[serde(default = "default_max_clock_step", with = "units::duration")]
     pub max_clock_step: Duration,
     /// Longest time between two runs of a broker on its store that a start accepts
-    /// without `trmx-broker store accept-clock`: a system clock further ahead than
-    /// this of the store's last run (or more than `max_clock_step` behind it) is
-    /// taken for a wrong clock. `0s` accepts any forward step.
+    /// without `trmx-broker store accept-clock`: a system clock further than this
+    /// from the store's last run, ahead or behind, is taken for a wrong clock. `0s`
+    /// turns the check off; otherwise at least an hour.
     #[serde(default = "default_max_downtime", with = "units::duration")]
     pub max_downtime: Duration,
 }
@@ -465,6 +465,9 @@ fn default_tick_interval() -> Duration {
 fn default_max_clock_step() -> Duration {
     Duration::from_secs(60)
 }
+/// Shortest `lifecycle.max_downtime` other than 0.
+const MIN_MAX_DOWNTIME: Duration = Duration::from_secs(3_600);
+
 fn default_max_downtime() -> Duration {
     Duration::from_secs(7 * 86_400)
 }
@@ -787,6 +790,18 @@ impl BrokerConfig {
             c.max_clock_step,
             Duration::from_secs(1),
         )?;
+        // (the broker records its time every minute: a shorter bound would refuse the
+        // restart after a crash)
+        if !c.max_downtime.is_zero() && c.max_downtime < MIN_MAX_DOWNTIME {
+            return Err(BrokerError::config(
+                "lifecycle.max_downtime",
+                format!(
+                    "must be 0s (no check) or >= {}, got {}",
+                    format_duration(MIN_MAX_DOWNTIME),
+                    format_duration(c.max_downtime)
+                ),
+            ));
+        }
         self.validate_participants()
     }
 
@@ -1083,6 +1098,25 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
             "config: admin_allowed_hosts[1] must be a host name (letters, digits, '-' and '.'), \
              got \"bad host\""
         );
+    }
+
+    #[test]
+    fn a_max_downtime_shorter_than_an_hour_is_refused_but_0s_turns_the_check_off() {
+        for value in ["30s", "1m", "59m"] {
+            let text = format!("{}[lifecycle]\nmax_downtime = \"{value}\"\n", minimal());
+            let result = BrokerConfig::from_toml(&text);
+            assert!(
+                result
+                    .as_ref()
+                    .is_err_and(|e| e.to_string().contains("lifecycle.max_downtime")),
+                "max_downtime = {value:?} accepted: {:?}",
+                result.map(|c| c.lifecycle.max_downtime)
+            );
+        }
+        for value in ["0s", "1h", "30d"] {
+            let text = format!("{}[lifecycle]\nmax_downtime = \"{value}\"\n", minimal());
+            BrokerConfig::from_toml(&text).unwrap();
+        }
     }
 
     #[test]

@@ -35,8 +35,8 @@ use crate::admin::{
 };
 use crate::admin_cli::fmt_millis;
 use crate::admission::{Admission, SubmitSlots, Submitting, free_disk_bytes};
-use crate::clock::{Clock, broker_clock};
-use crate::config::{BrokerConfig, CrlPolicyConfig, LifecycleConfig};
+use crate::clock::{self, Clock, StartClock, broker_clock, human_span};
+use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
 use crate::operator::OperatorService;
 use crate::registry::Registry;
@@ -172,7 +172,7 @@ impl BrokerBuilder {
             None => open_store(&config, &metrics).await?,
         };
         let now = clock.now_millis();
-        check_clock(store.as_ref(), now, &config.lifecycle).await?;
+        check_clock(store.as_ref(), now, &config).await?;
         save_crl_record(&config, &tls).await?;
         store.mark_running(now).await?;
         let recovered = store.recover(now).await?;
@@ -630,52 +630,60 @@ async fn timer_loop(
     debug!("timer loop stopped");
 }
 
-/// Refuses to start when the system clock disagrees with the last time a broker ran on
-/// the store (what [`BrokerStore::mark_running`] recorded): a clock set ahead by mistake
-/// would expire every queued message at the first tick, and one set back would hold every
-/// redelivery. (While the broker runs, the [`crate::clock::GuardedClock`] holds jumps;
-/// across a restart nothing else would see one.)
+/// Refuses to start when the system clock is further than `lifecycle.max_downtime` from
+/// the last time a broker ran on the store (what [`BrokerStore::mark_running`] recorded):
+/// a clock set a year ahead by mistake would expire every queued message at the first
+/// tick, and one set back to 1970 by a dead RTC battery would hold every redelivery. A
+/// clock a little behind is accepted, and said. (While the broker runs, the
+/// [`crate::clock::GuardedClock`] holds jumps; across a restart nothing else would see one.)
 async fn check_clock(
     store: &dyn BrokerStore,
     now: Millis,
-    lifecycle: &LifecycleConfig,
+    config: &BrokerConfig,
 ) -> Result<(), BrokerError> {
-    let Some(last) = store.last_running().await? else {
-        return Ok(());
-    };
-    let fix = "If the clock is right, run `trmx-broker store accept-clock --data-dir DIR` \
-               once with the broker stopped, then start it; if not, set the clock right \
-               (is NTP running?)";
-    let step = to_millis_duration(lifecycle.max_clock_step);
-    if now.saturating_add(step) < last {
-        return Err(BrokerError::ClockJump(format!(
-            "the system clock reads {}, {} before the last time a broker ran on this store \
-             ({}), more than lifecycle.max_clock_step ({}): a broker started now would hold \
-             every redelivery until the clock caught up. {fix}",
-            fmt_millis(now),
-            format_duration(Duration::from_millis(last - now)),
-            fmt_millis(last),
-            format_duration(lifecycle.max_clock_step),
-        )));
+    let lifecycle = &config.lifecycle;
+    let last = store.last_running().await?;
+    let max_downtime = Some(lifecycle.max_downtime).filter(|d| !d.is_zero());
+    match clock::check_start(last, now, lifecycle.max_clock_step, max_downtime) {
+        StartClock::Fine => Ok(()),
+        StartClock::Behind(by) => {
+            warn!(
+                behind = %human_span(by),
+                last_run = %fmt_millis(last.unwrap_or_default()),
+                "the system clock is behind the last time a broker ran on this store: \
+                 redeliveries and expiries scheduled before come that much later"
+            );
+            Ok(())
+        }
+        StartClock::TooFar { ahead, by } => {
+            let (which, harm) = if ahead {
+                (
+                    "after",
+                    "if the clock is wrong, a broker started now would expire and \
+                     dead-letter every message whose lifetime ends before the clock's \
+                     date, and send each sender a non-delivery report",
+                )
+            } else {
+                (
+                    "before",
+                    "a broker started now would hold every redelivery until the clock \
+                     caught up",
+                )
+            };
+            Err(BrokerError::ClockJump(format!(
+                "the system clock reads {}, {} {which} the last time a broker ran on this \
+                 store ({}), more than lifecycle.max_downtime ({}): {harm}. If the clock is \
+                 right, stop the broker, run `trmx-broker store accept-clock --data-dir {}` \
+                 once as the broker's user, and start it; if not, set the clock right (is \
+                 NTP running?)",
+                fmt_millis(now),
+                human_span(by),
+                fmt_millis(last.unwrap_or_default()),
+                format_duration(lifecycle.max_downtime),
+                config.data_dir.display(),
+            )))
+        }
     }
-    let longest = to_millis_duration(lifecycle.max_downtime);
-    if longest > 0 && now > last.saturating_add(longest) {
-        return Err(BrokerError::ClockJump(format!(
-            "the system clock reads {}, {} after the last time a broker ran on this store \
-             ({}), more than lifecycle.max_downtime ({}): if the clock is wrong, a broker \
-             started now would expire and dead-letter every message whose lifetime that \
-             passes, and send its sender a non-delivery report. {fix}",
-            fmt_millis(now),
-            format_duration(Duration::from_millis(now - last)),
-            fmt_millis(last),
-            format_duration(lifecycle.max_downtime),
-        )));
-    }
-    Ok(())
-}
-
-fn to_millis_duration(duration: Duration) -> Millis {
-    Millis::try_from(duration.as_millis()).unwrap_or(Millis::MAX)
 }
 
 /// A failure that may recur on every tick (many a second): logged when it starts

@@ -20,6 +20,10 @@
 //! cannot be told from the time it was down). It never goes backwards:
 //! after a small step back it stands still until the wall clock has caught
 //! up.
+//!
+//! Across a restart, [`check_start`] compares the wall clock with the last
+//! time the process recorded in its store: a clock further than
+//! `max_downtime` from it, either way, is taken for a wrong clock.
 
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -230,6 +234,67 @@ enum Event {
     Held { offset: i64 },
 }
 
+/// How the wall clock at a start compares with the last time the process ran on its
+/// store ([`check_start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartClock {
+    /// Nothing recorded, or the clock is ahead of the last run by less than
+    /// `max_downtime` (the time the process was down), or behind it by at most `max_step`.
+    Fine,
+    /// Behind the last run by more than `max_step`, less than `max_downtime`: the start
+    /// goes on (timers scheduled before come that much later), and says so.
+    Behind(Duration),
+    /// Further from the last run than `max_downtime`: taken for a wrong clock, the start
+    /// is refused until the operator accepts the clock.
+    TooFar {
+        /// Whether the clock is ahead of the last run (else behind).
+        ahead: bool,
+        /// By how much.
+        by: Duration,
+    },
+}
+
+/// Compares `now` with `last`, the last time the process recorded that it ran on its
+/// store (milliseconds since the Unix epoch). `max_downtime` `None` accepts any clock.
+///
+/// A small step back is accepted, with a warning: NTP correcting a clock that ran fast
+/// while the process ran (a jump it held) must not keep the restart that accepts it
+/// from starting.
+pub fn check_start(
+    last: Option<u64>,
+    now: u64,
+    max_step: Duration,
+    max_downtime: Option<Duration>,
+) -> StartClock {
+    let Some(last) = last else {
+        return StartClock::Fine;
+    };
+    let (ahead, by) = if now >= last {
+        (true, Duration::from_millis(now - last))
+    } else {
+        (false, Duration::from_millis(last - now))
+    };
+    match max_downtime {
+        Some(longest) if by > longest => StartClock::TooFar { ahead, by },
+        _ if !ahead && by > max_step => StartClock::Behind(by),
+        _ => StartClock::Fine,
+    }
+}
+
+/// A span of time for a person: `4 minutes`, `5.2 hours`, `365.0 days`.
+pub fn human_span(span: Duration) -> String {
+    let secs = span.as_secs_f64();
+    if secs >= 2.0 * 86_400.0 {
+        format!("{:.1} days", secs / 86_400.0)
+    } else if secs >= 2.0 * 3_600.0 {
+        format!("{:.1} hours", secs / 3_600.0)
+    } else if secs >= 120.0 {
+        format!("{} minutes", span.as_secs() / 60)
+    } else {
+        format!("{} seconds", span.as_secs())
+    }
+}
+
 /// `a - b` in milliseconds, saturating.
 fn signed_millis(a: SystemTime, b: SystemTime) -> i64 {
     match a.duration_since(b) {
@@ -243,6 +308,61 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use super::*;
+
+    #[test]
+    fn a_start_takes_a_clock_far_from_the_last_run_for_a_wrong_one() {
+        let (step, week) = (Duration::from_secs(60), Duration::from_secs(7 * 86_400));
+        let last = 1_800_000_000_000;
+        let check = |now| check_start(Some(last), now, step, Some(week));
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap();
+        assert_eq!(check_start(None, 0, step, Some(week)), StartClock::Fine);
+        assert_eq!(check(last + ms(week)), StartClock::Fine, "down for a week");
+        assert_eq!(
+            check(last - ms(step)),
+            StartClock::Fine,
+            "a small step back"
+        );
+        assert_eq!(
+            check(last - ms(step) - 1),
+            StartClock::Behind(step + Duration::from_millis(1))
+        );
+        assert_eq!(
+            check(last + ms(week) + 1),
+            StartClock::TooFar {
+                ahead: true,
+                by: week + Duration::from_millis(1)
+            }
+        );
+        assert_eq!(
+            check(last - ms(week) - 1),
+            StartClock::TooFar {
+                ahead: false,
+                by: week + Duration::from_millis(1)
+            }
+        );
+        // no max_downtime: any clock, a step back still said
+        assert_eq!(
+            check_start(Some(last), u64::MAX, step, None),
+            StartClock::Fine
+        );
+        assert!(matches!(
+            check_start(Some(last), 0, step, None),
+            StartClock::Behind(_)
+        ));
+    }
+
+    #[test]
+    fn spans_read_in_human_units() {
+        let span = |secs| human_span(Duration::from_secs(secs));
+        assert_eq!(span(59), "59 seconds");
+        assert_eq!(span(300), "5 minutes");
+        assert_eq!(span(5 * 3_600 + 720), "5.2 hours");
+        assert_eq!(span(365 * 86_400 + 1), "365.0 days");
+        assert_eq!(
+            human_span(Duration::from_millis(31_536_001_234)),
+            "365.0 days"
+        );
+    }
 
     /// A wall clock and an elapsed clock the test moves.
     #[derive(Debug, Clone)]

@@ -139,9 +139,9 @@ pub struct StorageSection {
     #[serde(default = "default_max_clock_step_secs")]
     pub max_clock_step_secs: u64,
     /// Longest time between two runs of the node on its store that a start accepts
-    /// without `trmx-node accept-clock`, in seconds: a system clock further ahead of the
-    /// store's last run (or more than `max_clock_step_secs` behind it) is taken for a
-    /// wrong clock. 0 accepts any forward step.
+    /// without `trmx-node accept-clock`, in seconds: a system clock further than this
+    /// from the store's last run, ahead or behind, is taken for a wrong clock. 0 turns
+    /// the check off; otherwise at least 3600.
     #[serde(default = "default_max_downtime_secs")]
     pub max_downtime_secs: u64,
 }
@@ -355,6 +355,14 @@ impl NodeConfig {
             return Err(invalid(
                 "storage.retention_check_interval_secs",
                 "must be at least 1",
+            ));
+        }
+        // (the node records its time every minute: a shorter bound would refuse the
+        // restart after a crash)
+        if (1..3_600).contains(&self.storage.max_downtime_secs) {
+            return Err(invalid(
+                "storage.max_downtime_secs",
+                "must be 0 (no check) or at least 3600 (an hour)",
             ));
         }
         if self.storage.max_clock_step_secs == 0 {

@@ -479,6 +479,11 @@ pub fn receipt_id(original: MessageId, outcome: pb::Outcome) -> MessageId {
 /// Every method that changes state returns only after the change is durable (flushed);
 /// concurrent calls share flushes (group commit). Receipts are created inside the same
 /// atomic write as the state change that causes them.
+///
+/// Changes apply in the order their calls hand them to the store, and a change handed
+/// over applies even if its caller stops waiting for the answer. (`Withdraw` relies on
+/// this: it waits until the submits of its message have handed their writes over, then
+/// follows them; see `admission::Submitting`.)
 #[tonic::async_trait]
 pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     /// Idempotent on (sender, message_id).

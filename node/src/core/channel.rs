@@ -27,9 +27,18 @@ use trmx_transport::ChannelTls;
 #[derive(Clone)]
 pub(crate) struct LinkChannel {
     shared: Arc<Shared>,
-    /// The channel `poll_ready` made ready, for the `call` that follows, and its
-    /// generation.
-    ready: Option<(u64, Channel)>,
+    /// The channel `poll_ready` polled, for the `call` that follows: its generation,
+    /// and whether it answered `Ready` (then it is kept until the call, whatever moves:
+    /// tower's contract is that a service once ready stays ready until called).
+    ready: Option<Polled>,
+}
+
+/// What [`LinkChannel::poll_ready`] last polled.
+#[derive(Clone)]
+struct Polled {
+    generation: u64,
+    channel: Channel,
+    ready: bool,
 }
 
 struct Shared {
@@ -128,18 +137,86 @@ impl tower::Service<http::Request<Body>> for LinkChannel {
     type Future = <Channel as tower::Service<http::Request<Body>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // (a channel made ready before a move, and not called, is left for the new one)
+        // A channel that answered `Ready` is kept until the call (it holds a slot in
+        // its buffer), even across a move: that one call ends on the old connection,
+        // like a call made before the move. One still pending is left for the new one.
+        if let Some(polled) = &self.ready
+            && polled.ready
+        {
+            return Poll::Ready(Ok(()));
+        }
         let generation = *self.shared.generation.borrow();
-        let ready = match self.ready.take() {
-            Some(ready) if ready.0 == generation => ready,
-            _ => self.in_use(),
+        let polled = match self.ready.take() {
+            Some(polled) if polled.generation == generation => polled,
+            _ => {
+                let (generation, channel) = self.in_use();
+                Polled {
+                    generation,
+                    channel,
+                    ready: false,
+                }
+            }
         };
-        self.ready.insert(ready).1.poll_ready(cx)
+        let polled = self.ready.insert(polled);
+        let answer = polled.channel.poll_ready(cx);
+        polled.ready = matches!(answer, Poll::Ready(Ok(())));
+        answer
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // (`Channel::call` without a `poll_ready` before panics, as this one does then)
-        let (_, mut channel) = self.ready.take().unwrap_or_else(|| self.in_use());
+        let mut channel = match self.ready.take() {
+            Some(polled) => polled.channel,
+            None => self.in_use().1,
+        };
         channel.call(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lazy_channel(buffer: usize) -> Channel {
+        tonic::transport::Endpoint::from_static("http://127.0.0.1:9")
+            .buffer_size(buffer)
+            .connect_lazy()
+    }
+
+    /// tower's `Service` contract: once `poll_ready` has returned `Ready(Ok)`, "until a
+    /// request is dispatched, repeated calls to `poll_ready` must return either
+    /// `Ready(Ok)` or `Ready(Err)`". A move between a `Ready` and the `call` must not
+    /// make the next `poll_ready` drop the ready old channel (and its buffer slot) for
+    /// the new one, which can be `Pending` (its buffer full). (tonic's client calls right
+    /// after `Ready`; a tower layer that polls again, such as a buffer, would not.)
+    #[tokio::test]
+    async fn a_ready_link_channel_stays_ready_until_it_is_called() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut link = LinkChannel::new(lazy_channel(16), None);
+        assert!(matches!(
+            tower::Service::<http::Request<Body>>::poll_ready(&mut link, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        // a move, as `move_if_outdated` makes it, to a channel whose buffer is full
+        let full = lazy_channel(1);
+        let mut other = full.clone();
+        assert!(matches!(
+            tower::Service::<http::Request<Body>>::poll_ready(&mut other, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        {
+            let mut current = link.current();
+            current.generation += 1;
+            current.channel = full;
+        }
+        link.shared.generation.send_replace(1);
+        assert!(
+            matches!(
+                tower::Service::<http::Request<Body>>::poll_ready(&mut link, &mut cx),
+                Poll::Ready(_)
+            ),
+            "a LinkChannel that was ready went back to Pending before its call"
+        );
     }
 }

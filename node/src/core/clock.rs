@@ -24,8 +24,8 @@ impl<S: TimeSource> Clock for GuardedClock<S> {
 pub fn node_clock(max_step: Duration) -> GuardedClock {
     GuardedClock::system(
         max_step,
-        "restart the node to accept it (a jump of more than storage.max_downtime_secs, or \
-         back, also needs `trmx-node --config FILE accept-clock` with the node stopped)",
+        "restart the node to accept it (a jump of more than storage.max_downtime_secs also \
+         needs `trmx-node --config FILE accept-clock` with the node stopped)",
     )
 }
 

@@ -99,9 +99,9 @@ pub struct CoreConfig {
 /// starts (see [`NodeCore::start`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClockBounds {
-    /// Furthest behind (`storage.max_clock_step_secs`).
+    /// Furthest behind without a warning (`storage.max_clock_step_secs`).
     pub max_step: Duration,
-    /// Furthest ahead (`storage.max_downtime_secs`); `None`: any step forward.
+    /// Furthest, ahead or behind (`storage.max_downtime_secs`); `None`: no check.
     pub max_downtime: Option<Duration>,
 }
 
@@ -1664,46 +1664,52 @@ async fn running_mark_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool
     }
 }
 
-/// Refuses to start when the system clock disagrees with `last`, the last time a node ran
-/// on the store: a clock set ahead by mistake would erase, at the first retention run,
-/// every body whose retention date it passes (for good), and one set back would hold the
-/// node's timers. (While the node runs, the [`GuardedClock`] holds jumps.)
+/// Refuses to start when the system clock is further than `storage.max_downtime_secs`
+/// from `last`, the last time a node ran on the store: a clock set ahead by mistake would
+/// erase, at the first retention run, every body whose retention date it passes (for
+/// good), and one set back to 1970 by a dead RTC battery would hold the node's timers. A
+/// clock a little behind is accepted, and said. (While the node runs, the
+/// [`GuardedClock`] holds jumps.)
 fn check_clock(last: Option<Millis>, now: Millis, bounds: ClockBounds) -> Result<(), NodeError> {
-    let Some(last) = last else {
-        return Ok(());
-    };
+    use trmx_durable::clock::{StartClock, check_start, human_span};
     let when = |at: Millis| trmx_certs::format_time(trmx_proto::time::from_millis(at));
-    let days = |ms: Millis| format!("{:.1} days", ms as f64 / 86_400_000.0);
-    let fix = "If the clock is right, run `trmx-node --config FILE accept-clock` once with the \
-               node stopped, then start it; if not, set the clock right (is NTP running?)";
-    let step = Millis::try_from(bounds.max_step.as_millis()).unwrap_or(Millis::MAX);
-    if now.saturating_add(step) < last {
-        return Err(NodeError::ClockJump(format!(
-            "the system clock reads {}, {} before the last time the node ran on this store \
-             ({}), more than storage.max_clock_step_secs ({}): a node started now would hold \
-             its timers until the clock caught up. {fix}",
-            when(now),
-            days(last - now),
-            when(last),
-            bounds.max_step.as_secs(),
-        )));
-    }
-    if let Some(longest) = bounds.max_downtime {
-        let longest_ms = Millis::try_from(longest.as_millis()).unwrap_or(Millis::MAX);
-        if now > last.saturating_add(longest_ms) {
-            return Err(NodeError::ClockJump(format!(
-                "the system clock reads {}, {} after the last time the node ran on this store \
-                 ({}), more than storage.max_downtime_secs ({}): if the clock is wrong, a node \
-                 started now would erase for good every body whose retention date that \
-                 passes. {fix}",
+    match check_start(last, now, bounds.max_step, bounds.max_downtime) {
+        StartClock::Fine => Ok(()),
+        StartClock::Behind(by) => {
+            warn!(
+                behind = %human_span(by),
+                last_run = %when(last.unwrap_or_default()),
+                "the system clock is behind the last time the node ran on this store: \
+                 what it scheduled before comes that much later"
+            );
+            Ok(())
+        }
+        StartClock::TooFar { ahead, by } => {
+            let (which, harm) = if ahead {
+                (
+                    "after",
+                    "if the clock is wrong, a node started now would erase for good every \
+                     body whose retention date is before the clock's date",
+                )
+            } else {
+                (
+                    "before",
+                    "a node started now would hold its timers until the clock caught up",
+                )
+            };
+            Err(NodeError::ClockJump(format!(
+                "the system clock reads {}, {} {which} the last time the node ran on this \
+                 store ({}), more than storage.max_downtime_secs ({}): {harm}. If the clock \
+                 is right, stop the node, run `trmx-node --config <its config> accept-clock` \
+                 once as the node's user, and start it; if not, set the clock right (is NTP \
+                 running?)",
                 when(now),
-                days(now - last),
-                when(last),
-                longest.as_secs(),
-            )));
+                human_span(by),
+                when(last.unwrap_or_default()),
+                bounds.max_downtime.map_or(0, |longest| longest.as_secs()),
+            )))
         }
     }
-    Ok(())
 }
 
 async fn retention_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {

@@ -149,6 +149,10 @@ fn validation_errors_name_the_field() {
             "api.max_watch_streams:",
         ),
         (
+            format!("{MINIMAL}\n[storage]\nmax_downtime_secs = 60\n"),
+            "storage.max_downtime_secs:",
+        ),
+        (
             MINIMAL.replace(
                 "data_dir = \"data\"",
                 &format!("data_dir = \"/{}\"", "d".repeat(100)),
