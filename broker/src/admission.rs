@@ -11,13 +11,14 @@
 //! - The free-disk figure is refreshed by the timer loop, never measured on the
 //!   request path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 use trmx_proto::{MessageId, ParticipantId};
 
 use crate::error::BrokerError;
@@ -199,86 +200,143 @@ impl SubmitSlots {
 }
 
 /// The submits between their admission and their store write, by sender and message
-/// id, so that a `Withdraw` is never overtaken by an earlier submit of the same
-/// message.
+/// id, and the withdrawals of the last minutes, so that a `Withdraw` is never overtaken
+/// by an earlier submit of the same message.
 ///
 /// A node whose submit went unanswered (its connection broke, or it gave up waiting)
-/// may have the user withdraw the message, and then asks the broker to withdraw it.
-/// The earlier submit can still be here, waiting for its sender's write slot: its
-/// connection's end is noticed later. Without this, the withdrawal would find nothing
-/// (`NOT_FOUND`: "the broker never had it"), and the submit would then store the
-/// message and deliver it. With it, a withdrawal cancels the submits of the same
-/// message still waiting (they answer `FAILED_PRECONDITION` and store nothing) and waits
-/// for those already being written, so the store sees the withdrawal after them.
+/// may have the user withdraw the message, and then asks the broker to withdraw it, on a
+/// new connection. The earlier submit can still be on its way: waiting for its sender's
+/// write slot, queued behind other requests on its old connection, or its body still
+/// arriving; that connection's end is noticed later. Without this, the withdrawal would
+/// find nothing (`NOT_FOUND`: "the broker never had it"), and the submit would then store
+/// the message and deliver it. With it, a withdrawal keeps, for `refuse_for`, the fact
+/// that the message was withdrawn: no submit of it starts writing from then on (each
+/// answers `FAILED_PRECONDITION` and stores nothing), and the withdrawal waits for the
+/// submits already writing, so the store sees it after them. `refuse_for` outlasts
+/// every request that can still be on its way: the broker's request timeout, and its
+/// HTTP/2 keepalive's time to close a dead connection with the requests queued on it.
 ///
 /// # Invariants
-/// - A submit registered before a withdrawal of its (sender, id) either starts writing
-///   before the withdrawal reaches the store, or never writes.
-/// - An entry exists exactly while a submit of its (sender, id) is registered.
-#[derive(Debug, Default)]
+/// - A submit that has not started writing when a withdrawal of its (sender, id) begins
+///   never writes, if it starts within `refuse_for`; one writing then is written before
+///   the withdrawal reaches the store.
+/// - A pending entry exists exactly while a submit of its (sender, id) is registered.
+/// - At most [`MAX_WITHDRAWALS_KEPT_PER_SENDER`] withdrawals are kept per sender (the
+///   oldest go first), so a sender withdrawing made-up ids cannot fill the memory.
+#[derive(Debug)]
 pub struct Submitting {
-    entries: Mutex<HashMap<(ParticipantId, MessageId), Pending>>,
+    state: Mutex<SubmittingState>,
+    refuse_for: Duration,
+}
+
+/// Most withdrawals [`Submitting`] keeps per sender.
+pub const MAX_WITHDRAWALS_KEPT_PER_SENDER: usize = 10_000;
+
+#[derive(Debug, Default)]
+struct SubmittingState {
+    pending: HashMap<(ParticipantId, MessageId), Pending>,
+    withdrawn: HashMap<ParticipantId, Withdrawals>,
 }
 
 #[derive(Debug)]
 struct Pending {
-    /// The sequence number the next registered submit gets.
-    next: u64,
-    /// Submits numbered below this were cancelled by a withdrawal.
-    cancelled_below: u64,
     /// Registered submits not yet writing.
     waiting: usize,
     /// Submits writing to the store.
     writing: watch::Sender<usize>,
 }
 
+/// One sender's recent withdrawals: when each began, and their order.
+#[derive(Debug, Default)]
+struct Withdrawals {
+    at: HashMap<MessageId, Instant>,
+    order: VecDeque<(Instant, MessageId)>,
+}
+
+impl Withdrawals {
+    /// Forgets the withdrawals that began `refuse_for` or more before `now`.
+    fn forget_before(&mut self, now: Instant, refuse_for: Duration) {
+        while let Some(&(at, id)) = self.order.front() {
+            if now.duration_since(at) < refuse_for {
+                break;
+            }
+            self.order.pop_front();
+            if self.at.get(&id) == Some(&at) {
+                self.at.remove(&id);
+            }
+        }
+    }
+
+    fn refuses(&self, id: MessageId, now: Instant, refuse_for: Duration) -> bool {
+        self.at
+            .get(&id)
+            .is_some_and(|at| now.duration_since(*at) < refuse_for)
+    }
+}
+
 impl Submitting {
+    /// Refuses the submits of a withdrawn message for `refuse_for` after its withdrawal.
+    pub fn new(refuse_for: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            refuse_for,
+        }
+    }
+
     /// Registers a submit of `sender`'s message `id`, before it waits for anything.
     pub fn enter(&self, sender: &ParticipantId, id: MessageId) -> SubmitTicket<'_> {
         let key = (sender.clone(), id);
-        let mut entries = self.lock();
-        let pending = entries.entry(key.clone()).or_insert_with(|| Pending {
-            next: 0,
-            cancelled_below: 0,
+        let mut state = self.lock();
+        let pending = state.pending.entry(key.clone()).or_insert_with(|| Pending {
             waiting: 0,
             writing: watch::Sender::new(0),
         });
-        let seq = pending.next;
-        pending.next += 1;
         pending.waiting += 1;
         SubmitTicket {
             owner: self,
             key,
-            seq,
             writing: false,
         }
     }
 
-    /// Cancels the submits of `sender`'s message `id` that wait for a write slot, and
-    /// waits until those writing are done. Returns how many were cancelled. (The
-    /// withdrawal that calls this goes to the store next, after their writes.)
+    /// Begins a withdrawal of `sender`'s message `id`: from now on, for `refuse_for`, no
+    /// submit of it starts writing. Waits until those writing are done, and returns how
+    /// many were waiting (they will not be written). The withdrawal goes to the store
+    /// next, after their writes.
     pub async fn withdraw(&self, sender: &ParticipantId, id: MessageId) -> usize {
-        let (cancelled, mut writing) = {
-            let mut entries = self.lock();
-            let Some(pending) = entries.get_mut(&(sender.clone(), id)) else {
-                return 0;
-            };
-            pending.cancelled_below = pending.next;
-            (pending.waiting, pending.writing.subscribe())
+        let now = Instant::now();
+        let (waiting, writing) = {
+            let mut state = self.lock();
+            let withdrawals = state.withdrawn.entry(sender.clone()).or_default();
+            withdrawals.forget_before(now, self.refuse_for);
+            if withdrawals.order.len() >= MAX_WITHDRAWALS_KEPT_PER_SENDER
+                && let Some((at, oldest)) = withdrawals.order.pop_front()
+                && withdrawals.at.get(&oldest) == Some(&at)
+            {
+                withdrawals.at.remove(&oldest);
+            }
+            withdrawals.at.insert(id, now);
+            withdrawals.order.push_back((now, id));
+            match state.pending.get(&(sender.clone(), id)) {
+                Some(pending) => (pending.waiting, Some(pending.writing.subscribe())),
+                None => (0, None),
+            }
         };
-        // (an error: the last submit has gone, and the entry with it)
-        let _ = writing.wait_for(|n| *n == 0).await;
-        cancelled
+        if let Some(mut writing) = writing {
+            // (an error: the last submit has gone, and the entry with it)
+            let _ = writing.wait_for(|n| *n == 0).await;
+        }
+        waiting
     }
 
     /// How many messages have submits registered.
     #[cfg(test)]
     pub(crate) fn messages(&self) -> usize {
-        self.lock().len()
+        self.lock().pending.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ParticipantId, MessageId), Pending>> {
-        self.entries
+    fn lock(&self) -> std::sync::MutexGuard<'_, SubmittingState> {
+        self.state
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
@@ -289,27 +347,31 @@ impl Submitting {
 pub struct SubmitTicket<'a> {
     owner: &'a Submitting,
     key: (ParticipantId, MessageId),
-    seq: u64,
     writing: bool,
 }
 
 impl SubmitTicket<'_> {
-    /// Moves the submit from waiting to writing, unless a withdrawal of its message
-    /// came since it was registered: then `Err`, and it must not be written.
+    /// Moves the submit from waiting to writing, unless its message was withdrawn less
+    /// than `refuse_for` ago: then `Err`, and it must not be written.
     pub fn start_writing(&mut self) -> Result<(), Withdrawn> {
-        let mut entries = self.owner.lock();
-        // (the entry lives while this ticket does)
-        let Some(pending) = entries.get_mut(&self.key) else {
-            return Ok(());
-        };
         if self.writing {
             return Ok(());
         }
-        if self.seq < pending.cancelled_below {
+        let refuse_for = self.owner.refuse_for;
+        let mut state = self.owner.lock();
+        let (sender, id) = &self.key;
+        if state
+            .withdrawn
+            .get(sender)
+            .is_some_and(|w| w.refuses(*id, Instant::now(), refuse_for))
+        {
             return Err(Withdrawn);
         }
-        pending.waiting -= 1;
-        pending.writing.send_modify(|n| *n += 1);
+        // (the entry lives while this ticket does)
+        if let Some(pending) = state.pending.get_mut(&self.key) {
+            pending.waiting -= 1;
+            pending.writing.send_modify(|n| *n += 1);
+        }
         self.writing = true;
         Ok(())
     }
@@ -317,8 +379,8 @@ impl SubmitTicket<'_> {
 
 impl Drop for SubmitTicket<'_> {
     fn drop(&mut self) {
-        let mut entries = self.owner.lock();
-        let Some(pending) = entries.get_mut(&self.key) else {
+        let mut state = self.owner.lock();
+        let Some(pending) = state.pending.get_mut(&self.key) else {
             return;
         };
         if self.writing {
@@ -327,12 +389,12 @@ impl Drop for SubmitTicket<'_> {
             pending.waiting -= 1;
         }
         if pending.waiting == 0 && *pending.writing.borrow() == 0 {
-            entries.remove(&self.key);
+            state.pending.remove(&self.key);
         }
     }
 }
 
-/// A submit cancelled by a withdrawal of its message before it was written.
+/// A submit refused because its message was withdrawn while it was on its way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Withdrawn;
 
@@ -483,9 +545,10 @@ mod tests {
         assert!(slots.reserve(&id("INT-IOM"), 1001).is_err());
     }
 
-    #[tokio::test]
-    async fn a_withdrawal_cancels_the_submits_of_its_message_still_waiting() {
-        let submitting = Submitting::default();
+    #[tokio::test(start_paused = true)]
+    async fn a_withdrawal_refuses_the_submits_of_its_message_for_a_while() {
+        let refuse_for = Duration::from_secs(170);
+        let submitting = Submitting::new(refuse_for);
         let (nl, be) = (id("NL-NRM"), id("BE-PAYOKE"));
         let (message, other) = (MessageId::new_v7(), MessageId::new_v7());
         let mut first = submitting.enter(&nl, message);
@@ -498,19 +561,41 @@ mod tests {
         // another message, or the same id from another sender, is another message
         assert_eq!(other_message.start_writing(), Ok(()));
         assert_eq!(other_sender.start_writing(), Ok(()));
-        // a submit that comes after the withdrawal is not cancelled by it
+        // a submit that reaches the broker after the withdrawal (it was queued on its
+        // old connection) is refused too, until `refuse_for` has passed
+        tokio::time::advance(refuse_for - Duration::from_secs(1)).await;
+        let mut late = submitting.enter(&nl, message);
+        assert_eq!(late.start_writing(), Err(Withdrawn));
+        tokio::time::advance(Duration::from_secs(1)).await;
         let mut later = submitting.enter(&nl, message);
         assert_eq!(later.start_writing(), Ok(()));
-        drop((first, retry, other_message, other_sender, later));
-        assert!(
-            submitting.lock().is_empty(),
+        drop((first, retry, other_message, other_sender, late, later));
+        assert_eq!(
+            submitting.messages(),
+            0,
             "every entry goes with its submits"
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_withdrawing_made_up_ids_keeps_a_bounded_record() {
+        let submitting = Submitting::new(Duration::from_secs(170));
+        let nl = id("NL-NRM");
+        let first = MessageId::new_v7();
+        submitting.withdraw(&nl, first).await;
+        for _ in 0..MAX_WITHDRAWALS_KEPT_PER_SENDER {
+            submitting.withdraw(&nl, MessageId::new_v7()).await;
+        }
+        let state = submitting.lock();
+        let kept = &state.withdrawn[&nl];
+        assert_eq!(kept.order.len(), MAX_WITHDRAWALS_KEPT_PER_SENDER);
+        assert_eq!(kept.at.len(), MAX_WITHDRAWALS_KEPT_PER_SENDER);
+        assert!(!kept.at.contains_key(&first), "the oldest went first");
+    }
+
     #[tokio::test]
     async fn a_withdrawal_waits_for_the_submits_of_its_message_being_written() {
-        let submitting = Submitting::default();
+        let submitting = Submitting::new(Duration::from_secs(170));
         let nl = id("NL-NRM");
         let message = MessageId::new_v7();
         let mut writing = submitting.enter(&nl, message);
@@ -524,7 +609,7 @@ mod tests {
             .await
             .expect("the withdrawal goes on once the write is done");
         assert_eq!(cancelled, 0, "a submit being written is not cancelled");
-        assert!(submitting.lock().is_empty());
+        assert_eq!(submitting.messages(), 0);
         // nothing registered: nothing to wait for
         assert_eq!(submitting.withdraw(&nl, message).await, 0);
     }

@@ -203,7 +203,13 @@ impl BrokerBuilder {
                 // (validated to fit)
                 u32::try_from(limits.max_waiting_submit_bytes_per_sender).unwrap_or(u32::MAX),
             ),
-            submitting: Submitting::default(),
+            // (longer than any request can still be on its way: its timeout, twice, and
+            // the time the keepalive takes to close a dead connection)
+            submitting: Submitting::new(
+                limits.request_timeout * 2
+                    + limits.http2_keepalive_interval
+                    + limits.http2_keepalive_timeout,
+            ),
             limits: limits.clone(),
             lifecycle: config.lifecycle.clone(),
             broker_name,

@@ -49,7 +49,8 @@ pub(crate) struct Shared {
     pub(crate) admission: Admission,
     /// Per-sender slots for submits being written (fairness between senders).
     pub(crate) submit_slots: SubmitSlots,
-    /// The submits not yet written, by message, for `Withdraw`.
+    /// The submits not yet written and the recent withdrawals, by message, for
+    /// `Withdraw`.
     pub(crate) submitting: Submitting,
     pub(crate) limits: LimitsConfig,
     pub(crate) lifecycle: LifecycleConfig,
@@ -392,7 +393,8 @@ impl ExchangeService {
         let slot = shared.submit_slots.acquire(caller).await;
         if ticket.start_writing().is_err() {
             return Err(BrokerError::FailedPrecondition(format!(
-                "message {} was withdrawn while this submit waited to be written",
+                "message {} was withdrawn by its sender while this submit was on its way; \
+                 it is not written",
                 checked.message_id
             ))
             .into());
@@ -642,13 +644,13 @@ impl ExchangeService {
         let shared = &self.shared;
         let id = parse_message_id(&request.message_id, "message_id")?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
-        // An earlier submit of the message may still wait for its write slot (its
-        // client gone): it must not store the message after this withdrawal.
+        // An earlier submit of the message may still be on its way (its client gone):
+        // it must not store the message after this withdrawal.
         let cancelled = shared.submitting.withdraw(caller, id).await;
         if cancelled > 0 {
             info!(
                 cancelled,
-                "submits of the message still waiting were cancelled"
+                "submits of the message on their way are not written"
             );
         }
         let result = shared.stored(shared.store.withdraw(caller, id, shared.now()).await)?;
@@ -1182,7 +1184,7 @@ mod tests {
             streams: Streams::new(4, 1),
             admission: Admission::new(1000, 1000, 0),
             submit_slots: SubmitSlots::new(1, 1 << 20),
-            submitting: Submitting::default(),
+            submitting: Submitting::new(Duration::from_secs(170)),
             limits: LimitsConfig::default(),
             lifecycle: LifecycleConfig::default(),
             broker_name: "test".into(),
@@ -1210,8 +1212,9 @@ mod tests {
     }
 
     /// A node whose submit went unanswered (its connection broke while the broker held
-    /// the submit) withdraws the message. The submit still held must not store it
-    /// afterwards, or "the broker never had it" would be followed by a delivery.
+    /// the submit) withdraws the message. The submit still held, and a copy that reaches
+    /// the service only later, must not store it afterwards, or "the broker never had
+    /// it" would be followed by a delivery.
     #[tokio::test]
     async fn a_withdrawal_is_not_overtaken_by_an_earlier_submit_still_waiting() {
         let dir = tempfile::tempdir().unwrap();
@@ -1219,6 +1222,7 @@ mod tests {
         let service = Arc::new(ExchangeService::new(shared.clone()));
         let nl = ParticipantId::parse("NL-NRM").unwrap();
         let envelope = referral_to("BE-PAYOKE");
+        let again = envelope.clone();
         let id = MessageId::parse(&envelope.message_id).unwrap();
         // the sender's one write slot is taken: its submit waits for it
         let slot = shared.submit_slots.acquire(&nl).await;
@@ -1259,5 +1263,13 @@ mod tests {
             .map(|q| q.depth + q.in_flight)
             .sum();
         assert_eq!(queued, 0, "nothing queued for the recipient");
+        // one more copy of the submit, that reaches the service only now (it was queued
+        // on its connection), is refused as well
+        let request = pb::SubmitRequest {
+            envelope: Some(again),
+        };
+        let refused = service.submit_inner(&nl, request).await.unwrap_err();
+        assert_eq!(refused.error.code(), tonic::Code::FailedPrecondition);
+        assert!(shared.store.status(&nl, id).await.unwrap().is_none());
     }
 }

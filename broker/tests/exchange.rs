@@ -599,3 +599,59 @@ async fn an_expired_delivery_frees_its_stream_slot() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A `Withdraw` answered `NOT_FOUND` means the message will not be stored either, also
+/// when a submit of it was already on its way but had not reached the service: here it
+/// waits on its connection behind `limits.concurrency_per_connection` (the connection's
+/// one slot is held by a submit over the sender's rate, which sleeps `refusal_delay`)
+/// while the withdrawal comes on another connection. (The same holds for a request body
+/// still arriving.) The late submit is refused and stores nothing.
+#[tokio::test]
+async fn a_submit_on_its_way_when_its_message_is_withdrawn_is_not_stored() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| {
+        c.limits.concurrency_per_connection = 1;
+        c.limits.sender_rate_per_second = 1;
+        c.limits.sender_rate_burst = 1;
+        c.limits.refusal_delay = Duration::from_secs(2);
+    })
+    .await?;
+    let old_connection = t.client("NL-NRM")?;
+    let mut new_connection = t.client("NL-NRM")?;
+    let mut first = old_connection.clone();
+    // takes the sender's one token
+    submit(&mut first, referral("BE-PAYOKE")).await?;
+    // over the rate: refused after `refusal_delay`, holding the connection's one slot
+    let mut over_rate = old_connection.clone();
+    let held = tokio::spawn(async move { submit(&mut over_rate, referral("BE-PAYOKE")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // the message to withdraw: received by the broker, queued on the connection
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    let mut queued_client = old_connection.clone();
+    let queued = tokio::spawn(async move { submit(&mut queued_client, env).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let withdrawn = new_connection
+        .withdraw(pb::WithdrawRequest {
+            message_id: id.clone(),
+        })
+        .await;
+    assert_code(
+        withdrawn,
+        Code::NotFound,
+        "withdrawal of the queued message",
+    );
+
+    let _ = held.await?;
+    assert_code(
+        queued.await?,
+        Code::FailedPrecondition,
+        "the submit that was on its way",
+    );
+    assert_code(
+        status(&mut new_connection, &id).await,
+        Code::NotFound,
+        "the withdrawn message's status",
+    );
+    Ok(())
+}
