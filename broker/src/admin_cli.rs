@@ -299,10 +299,10 @@ pub enum OfflineStoreCommand {
         data_dir: PathBuf,
     },
     /// Accept the system clock as it is now. A broker does not start when the clock
-    /// is more than `lifecycle.max_downtime` ahead of the store's last run, or more
-    /// than `lifecycle.max_clock_step` behind it, since a wrong clock would expire
-    /// every queued message at once (or hold every redelivery). When the clock is
-    /// right, this records it as the store's last run, and the broker starts.
+    /// is further than `lifecycle.max_downtime` from the store's last run, ahead or
+    /// behind, since a wrong clock would expire every queued message at once (or hold
+    /// every redelivery). When the clock is right, this records it as the store's last
+    /// run, and the broker starts. Run it as the broker's user.
     AcceptClock {
         /// The broker's data directory (the broker must be stopped).
         #[arg(long)]

@@ -62,10 +62,10 @@ pub enum Command {
     /// without starting anything: print what the node would use, exit 1 on a problem.
     CheckConfig,
     /// Accept the system clock as it is now (needs --config; the node stopped). A node
-    /// does not start when the clock is more than `storage.max_downtime_secs` ahead of
-    /// its store's last run, or more than `storage.max_clock_step_secs` behind it, since
-    /// a wrong clock would erase bodies before their retention date. When the clock is
-    /// right, this records it as the store's last run, and the node starts.
+    /// does not start when the clock is further than `storage.max_downtime_secs` from
+    /// its store's last run, ahead or behind, since a wrong clock would erase bodies
+    /// before their retention date (or hold its timers). When the clock is right, this
+    /// records it as the store's last run, and the node starts. Run it as the node's user.
     AcceptClock,
     /// Send a document (proto3 JSON) to a participant; prints the message id.
     Send(SendArgs),
@@ -358,9 +358,15 @@ fn accept_clock(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), Cl
     let config = load_config(config_path, socket)?;
     let now = std::time::SystemTime::now();
     let before = crate::core::accept_clock(&config.data_dir, now).map_err(|e| {
-        CliError(format!(
-            "{e} (the node must be stopped: it holds the store while it runs)"
-        ))
+        let text = e.to_string();
+        if text.starts_with("store: cannot open") {
+            // (sled's lock: the running node holds its store)
+            CliError(format!(
+                "{text} (the node must be stopped: it holds the store while it runs)"
+            ))
+        } else {
+            CliError(text)
+        }
     })?;
     let when = trmx_certs::format_time;
     let before = before.map_or_else(

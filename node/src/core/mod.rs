@@ -1636,6 +1636,13 @@ pub fn accept_clock(
     data_dir: &std::path::Path,
     now: SystemTime,
 ) -> Result<Option<Millis>, NodeError> {
+    // (never create a store where there is none: sled would)
+    if !data_dir.join("conf").is_file() {
+        return Err(NodeError::Store(format!(
+            "no node store in {}: is data_dir right?",
+            data_dir.display()
+        )));
+    }
     let store = Store::open(data_dir, 8 << 20)?;
     let before = store.last_running()?;
     store.mark_running(to_millis(now))?;

@@ -669,4 +669,21 @@ async fn accept_clock_records_the_clock_for_a_stopped_node() {
 
     let line = assert_one_line_failure(&run(&["accept-clock"]));
     assert!(line.contains("--config"), "{line}");
+    // a data_dir with no store in it: none is made
+    let elsewhere = sandbox.write(
+        "elsewhere.toml",
+        &std::fs::read_to_string(&config_path)
+            .expect("read")
+            .replace("data_dir = \"data\"", "data_dir = \"nothing-here\""),
+    );
+    let line = assert_one_line_failure(&run(&[
+        "--config",
+        elsewhere.to_str().expect("utf-8"),
+        "accept-clock",
+    ]));
+    assert!(line.contains("no node store in"), "{line}");
+    assert!(
+        !sandbox.path().join("nothing-here").exists(),
+        "no store made"
+    );
 }
