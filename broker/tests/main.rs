@@ -12,3 +12,4 @@ mod metrics;
 mod operator;
 mod revocation;
 mod startup;
+mod review_b_probes;

@@ -5,3 +5,4 @@ mod load;
 mod refusals;
 mod revocation;
 mod rollover;
+mod review_b_probes;
