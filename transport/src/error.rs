@@ -158,6 +158,22 @@ pub enum TransportError {
         /// `thisUpdate`s without a number. (Boxed, like `issuer`, to keep the error small.)
         comparison: Box<str>,
     },
+    /// A CRL file that holds two CRLs of one CA (a new CRL appended to the file instead of
+    /// replacing it): webpki checks a certificate against the first CRL of its issuer only,
+    /// so the revocations of the other would silently not be in force.
+    #[error(
+        "CRL {}: it holds two CRLs of {issuer}; certificates are checked against the first \
+         one only, so the revocations of the other would not be in force. Keep only that CA's \
+         newest CRL in the file (`trmx-certs crl` rewrites it; do not append a new CRL to the \
+         file)",
+        path.display()
+    )]
+    CrlTwoOfOneCa {
+        /// The CRL file.
+        path: PathBuf,
+        /// The CA (its subject).
+        issuer: Box<str>,
+    },
     /// The CRL record does not parse. Never taken for an empty record: that would accept
     /// any CRL.
     #[error(
@@ -244,9 +260,9 @@ impl TransportError {
             | TransportError::Invalid { file, .. }
             | TransportError::Config { file, .. }
             | TransportError::Verifier { file, .. } => one(*file),
-            TransportError::CrlOlder { .. } | TransportError::CrlOlderThanRecorded { .. } => {
-                &[TlsFile::Crl]
-            }
+            TransportError::CrlOlder { .. }
+            | TransportError::CrlOlderThanRecorded { .. }
+            | TransportError::CrlTwoOfOneCa { .. } => &[TlsFile::Crl],
             // (a file of the server's own, not one of its TLS files)
             TransportError::CrlRecordDamaged { .. } | TransportError::CrlRecordIo { .. } => &[],
             TransportError::KeyMismatch { .. } => &[TlsFile::Key, TlsFile::Cert],

@@ -117,6 +117,17 @@ impl CrlVersion {
         }
     }
 
+    /// Whether this CRL and `other` are of the same CA: the same issuer name, and the same
+    /// authority key identifier when both name one. (webpki checks a certificate against
+    /// the first CRL whose issuer is the certificate's issuer, by name alone.)
+    pub(crate) fn same_ca(&self, other: &CrlVersion) -> bool {
+        self.issuer.0 == other.issuer.0
+            && match (&self.issuer.1, &other.issuer.1) {
+                (Some(mine), Some(theirs)) => mine == theirs,
+                _ => true,
+            }
+    }
+
     /// `crlNumber 7`, or `thisUpdate 2026-11-30T00:00:00Z` without one (in the terms of
     /// the comparison with `other`).
     pub(crate) fn describe(&self, other: &CrlVersion) -> String {
@@ -248,5 +259,22 @@ mod tests {
             version(Some(7), 0).describe(&version(Some(8), 0)),
             "crlNumber 7"
         );
+    }
+
+    #[test]
+    fn two_crls_are_of_one_ca_by_name_and_key_id_when_both_have_one() {
+        let key = |id: Option<&[u8]>| CrlVersion {
+            issuer: (b"ca".to_vec(), id.map(<[u8]>::to_vec)),
+            ..version(Some(1), 0)
+        };
+        assert!(key(Some(b"k1")).same_ca(&key(Some(b"k1"))));
+        assert!(!key(Some(b"k1")).same_ca(&key(Some(b"k2"))));
+        assert!(key(Some(b"k1")).same_ca(&key(None)));
+        assert!(key(None).same_ca(&key(None)));
+        let other_name = CrlVersion {
+            issuer: (b"other".to_vec(), Some(b"k1".to_vec())),
+            ..key(Some(b"k1"))
+        };
+        assert!(!other_name.same_ca(&key(Some(b"k1"))));
     }
 }

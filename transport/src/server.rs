@@ -10,6 +10,8 @@
 //!   last check of open connections), so the config in force is always built from the
 //!   files as the latest reload read them, and generations strictly increase: the `n`th
 //!   successful reload stores generation `n`.
+//! - A CRL file in force holds at most one CRL per CA (webpki would enforce the first
+//!   only).
 //! - With a [`CrlRecord`], no CRL in force is older than the one recorded for its CA, and
 //!   the record (in memory, and in its file once [`ServerTls::save_crl_record`] was called)
 //!   holds every CRL put in force.
@@ -215,6 +217,7 @@ fn build(
     let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
     let key = pem::key(&paths.key)?;
     if let (Some(path), Some(crls)) = (crl, crls.as_ref()) {
+        check_one_crl_per_ca(path, &crls.versions)?;
         check_crls_cover_cas(paths, path, crls)?;
     }
     check_own_certificate(paths, &roots, &chain, crl.zip(crls.as_ref()))?;
@@ -266,6 +269,22 @@ fn build(
         crl_versions,
         generation,
     })
+}
+
+/// Refuses a CRL file that holds two CRLs of one CA (a new CRL appended to the file, not
+/// put in its place): webpki checks a certificate against the first CRL of its issuer
+/// only, so the revocations of the other would silently not be in force, while the CRL
+/// record took the newer as the one in force.
+fn check_one_crl_per_ca(crl: &Path, crls: &[pem::CrlVersion]) -> Result<(), TransportError> {
+    for (i, found) in crls.iter().enumerate() {
+        if crls[..i].iter().any(|before| before.same_ca(found)) {
+            return Err(TransportError::CrlTwoOfOneCa {
+                path: crl.to_owned(),
+                issuer: found.issuer_name.as_str().into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a CRL older than the one in force for the same CA: a crl.pem restored from a
@@ -536,7 +555,9 @@ impl ServerTls {
     /// the certificate's, a certificate that does not chain to the CA or lacks serverAuth
     /// (a node certificate), a CRL the CA did not issue, and a CRL file that lacks the CRL
     /// of one of the CAs in the CA file (a bundle); a certificate the CRL revokes
-    /// is only a warning. [`ServerTls::reload`] makes the same checks.
+    /// is only a warning. Refuses too a CRL file with two CRLs of one CA
+    /// ([`TransportError::CrlTwoOfOneCa`]), whose second would silently not be in force.
+    /// [`ServerTls::reload`] makes the same checks.
     ///
     /// Reads small files synchronously.
     pub fn load(
@@ -602,7 +623,8 @@ impl ServerTls {
     /// On error the old config stays in force and no connection is touched. A CRL older
     /// than the one in force for the same CA (a lower `crlNumber`, or without one an
     /// earlier `thisUpdate`) is such an error: a crl.pem restored from a backup must not
-    /// un-revoke certificates. So is, with a [`CrlRecord`], a CRL older than the one
+    /// un-revoke certificates. So is a CRL file with two CRLs of one CA. So is, with a
+    /// [`CrlRecord`], a CRL older than the one
     /// recorded for its CA (a CA that left the CRL file and came back); a reload that puts
     /// a newer CRL in force records it (a failure to write the record is logged, and the
     /// CRL stays in force).

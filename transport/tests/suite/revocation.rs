@@ -1,5 +1,6 @@
 //! CRL: revocation on reload (new and open connections), stale CRLs, failed reloads.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -466,4 +467,86 @@ fn a_crl_older_than_the_recorded_one_is_refused_at_load() {
     }
     std::fs::write(fx.crl(), &third).unwrap();
     load().expect("the recorded CRL itself");
+}
+
+/// A server loaded from `fx`'s files with the CRL record at `record`.
+fn load_recorded(fx: &Fixture, record: &Path) -> Result<ServerTls, TransportError> {
+    ServerTls::load_with_record(
+        &fx.paths(&fx.broker),
+        Some(&fx.crl()),
+        CrlPolicy::Warn,
+        CrlRecord::read(record)?,
+    )
+}
+
+/// The `crl_number` of every CA in the CRL record at `record`, in its order.
+fn recorded_numbers(record: &Path) -> Vec<String> {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+    json["crls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|crl| crl["crl_number"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Asserts that `err` refuses `fx`'s CRL file for holding two CRLs of the federation CA,
+/// and says how to fix it.
+fn assert_two_of_one_ca(fx: &Fixture, err: &TransportError) {
+    assert!(
+        matches!(err, TransportError::CrlTwoOfOneCa { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.files(), [TlsFile::Crl]);
+    let msg = err.to_string();
+    for part in [
+        format!("CRL {}: ", fx.crl().display()),
+        "two CRLs of CN=trm.test federation CA".to_owned(),
+        "Keep only that CA's newest CRL".to_owned(),
+        "trmx-certs crl".to_owned(),
+    ] {
+        assert!(msg.contains(&part), "{part:?} in {msg}");
+    }
+}
+
+/// A CRL file with two CRLs of one CA (a new CRL appended with `cat new.pem >> crl.pem`):
+/// webpki checks a certificate against the first CRL of its issuer only, so a newer CRL
+/// behind an older one was silently not enforced while the reload succeeded and the CRL
+/// record said it was in force; and the next start refused the very same file as "a copy
+/// restored from a backup". Such a file is refused, at load and at reload, whichever
+/// order, naming the CA and the file; a refused reload keeps the CRL in force.
+#[tokio::test]
+async fn a_crl_file_with_two_crls_of_one_ca_is_refused_at_load_and_reload() {
+    let fx = Fixture::new();
+    let record = fx.dir.path().join("crl-record.json");
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let first = std::fs::read(fx.crl()).unwrap();
+    fx.fed.revoke(&node).unwrap();
+    let second = std::fs::read(fx.crl()).unwrap();
+    for file in [[&second[..], &first[..]], [&first[..], &second[..]]] {
+        std::fs::write(fx.crl(), file.concat()).unwrap();
+        assert_two_of_one_ca(&fx, &load_recorded(&fx, &record).unwrap_err());
+    }
+
+    // a server in force with the first CRL, and an operator who appends the second
+    std::fs::write(fx.crl(), &first).unwrap();
+    let tls = load_recorded(&fx, &record).unwrap();
+    tls.save_crl_record().unwrap();
+    let server = Server::start(tls, ListenerLimits::default()).await;
+    std::fs::write(fx.crl(), [first.as_slice(), second.as_slice()].concat()).unwrap();
+    assert_two_of_one_ca(&fx, &server.tls.reload().unwrap_err());
+    assert_eq!(
+        recorded_numbers(&record),
+        ["1"],
+        "the record says the refused CRL is in force"
+    );
+
+    // only the newest CRL in the file: taken (the first reload that succeeded), and
+    // NL-NRM refused
+    std::fs::write(fx.crl(), &second).unwrap();
+    assert_eq!(server.tls.reload().unwrap().generation, 1);
+    let node_config = client_config(&fx.paths(&node)).unwrap();
+    assert!(!raw_accepted(server.addr, node_config).await.unwrap());
+    assert_eq!(recorded_numbers(&record), ["2"]);
+    server.stop().await;
 }
