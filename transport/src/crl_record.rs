@@ -7,18 +7,22 @@
 //!
 //! ```json
 //! {
-//!   "format": 1,
+//!   "format": 2,
 //!   "about": "…",
 //!   "crls": [
 //!     { "issuer": "CN=TRM Federation CA", "issuer_der": "30…", "issuer_key_id": "a1…",
-//!       "crl_number": "7", "this_update": 1796083200 }
+//!       "crl_number": "7", "this_update": 1796083200, "sha256": "5e…" }
 //!   ]
 //! }
 //! ```
 //!
 //! `issuer_der` (hex) and `issuer_key_id` (hex, or `null` when the CRL names no key) say
 //! which CA; `issuer` is for people. `crl_number` is decimal (CRL numbers may be 20 bytes
-//! long), `null` when the CRL has none; `this_update` is in Unix seconds.
+//! long), `null` when the CRL has none; `this_update` is in Unix seconds. `sha256` (hex) is
+//! the digest of the CRL (DER): a CRL of the recorded number with another digest is a
+//! second CRL under one number (a CA restored from a backup), refused. Format 1, written
+//! before records kept the digest, is read too: its digests are unknown, so the first CRL
+//! taken after it fills them in, and nothing is refused for want of one.
 //!
 //! A missing file is an empty record: the first start, or a record deleted on purpose to go
 //! back to an older CRL. A file that cannot be read or parsed is an error that names it,
@@ -42,15 +46,18 @@ use serde::{Deserialize, Serialize};
 use x509_parser::num_bigint::BigUint;
 
 use crate::TransportError;
-use crate::pem::CrlVersion;
+use crate::pem::{CrlVersion, Standing};
 
-/// The one format this version reads and writes.
-const FORMAT: u32 = 1;
+/// The format this version writes.
+const FORMAT: u32 = 2;
+/// The formats it reads: 1 lacks the digests (`sha256`).
+const READS: [u32; 2] = [1, FORMAT];
 
 /// What the file says about itself, for whoever opens it.
 const ABOUT: &str = "The newest CRL of each CA that this trmx server has accepted. At start, a \
-     CRL older than the one recorded here for its CA is refused: it would un-revoke \
-     certificates. Delete this file only to go back to an older CRL on purpose.";
+     CRL older than the one recorded here for its CA, or another CRL under its number, is \
+     refused: it would un-revoke certificates. Delete this file only to go back to an older \
+     CRL on purpose.";
 
 /// The newest CRL of each CA accepted so far, and the file that keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +85,9 @@ struct RecordedCrl {
     issuer_key_id: Option<String>,
     crl_number: Option<String>,
     this_update: i64,
+    /// Absent from format 1.
+    #[serde(default)]
+    sha256: Option<String>,
 }
 
 impl CrlRecord {
@@ -139,23 +149,35 @@ impl CrlRecord {
     }
 
     /// Refuses the first CRL of `crls` (read from the CRL file `crl`) that is older than
-    /// the one recorded for its CA.
+    /// the one recorded for its CA, or another CRL in its place (see [`Standing`]).
     pub(crate) fn check(&self, crl: &Path, crls: &[CrlVersion]) -> Result<(), TransportError> {
         for found in crls {
-            if let Some(recorded) = self.of(&found.issuer)
-                && found.is_older_than(recorded)
-            {
-                return Err(TransportError::CrlOlderThanRecorded {
-                    path: crl.to_owned(),
-                    record: self.path.clone(),
-                    issuer: found.issuer_name.as_str().into(),
-                    comparison: format!(
-                        "{} < {}",
-                        found.describe(recorded),
-                        recorded.describe(found)
-                    )
-                    .into(),
-                });
+            let Some(recorded) = self.of(&found.issuer) else {
+                continue;
+            };
+            match found.standing(recorded) {
+                Standing::NotOlder => {}
+                Standing::Older => {
+                    return Err(TransportError::CrlOlderThanRecorded {
+                        path: crl.to_owned(),
+                        record: self.path.clone(),
+                        issuer: found.issuer_name.as_str().into(),
+                        comparison: format!(
+                            "{} < {}",
+                            found.describe(recorded),
+                            recorded.describe(found)
+                        )
+                        .into(),
+                    });
+                }
+                Standing::Reissued => {
+                    return Err(TransportError::CrlReissued {
+                        path: crl.to_owned(),
+                        issuer: found.issuer_name.as_str().into(),
+                        version: found.describe(recorded).into(),
+                        record: Some(self.path.clone()),
+                    });
+                }
             }
         }
         Ok(())
@@ -170,7 +192,9 @@ impl CrlRecord {
                 .iter_mut()
                 .find(|recorded| recorded.issuer == found.issuer)
             {
-                Some(recorded) if found.is_older_than(recorded) || recorded == found => {}
+                // (a CRL whose digest the record lacks, taken again, fills it in)
+                Some(recorded)
+                    if recorded == found || found.standing(recorded) != Standing::NotOlder => {}
                 Some(recorded) => {
                     *recorded = found.clone();
                     self.unsaved = true;
@@ -245,6 +269,7 @@ impl CrlRecord {
                     issuer_key_id: crl.issuer.1.as_deref().map(hex),
                     crl_number: crl.number.as_ref().map(BigUint::to_string),
                     this_update: crl.this_update,
+                    sha256: crl.sha256.as_ref().map(|digest| hex(digest)),
                 })
                 .collect(),
         }
@@ -254,10 +279,10 @@ impl CrlRecord {
 /// The CRLs of a record file, or why it is damaged.
 fn parse(bytes: &[u8]) -> Result<Vec<CrlVersion>, String> {
     let file: RecordFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    if file.format != FORMAT {
+    if !READS.contains(&file.format) {
         return Err(format!(
-            "format {} (this version reads format {FORMAT})",
-            file.format
+            "format {} (this version reads formats {} and {})",
+            file.format, READS[0], READS[1]
         ));
     }
     let mut newest: Vec<CrlVersion> = Vec::with_capacity(file.crls.len());
@@ -280,11 +305,20 @@ fn parse(bytes: &[u8]) -> Result<Vec<CrlVersion>, String> {
                     .ok_or_else(|| format!("{} is not a decimal number", field("crl_number")))
             })
             .transpose()?;
+        let sha256 = crl
+            .sha256
+            .map(|digest| {
+                unhex(&digest)
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                    .ok_or_else(|| format!("{} is not 64 hex digits", field("sha256")))
+            })
+            .transpose()?;
         let version = CrlVersion {
             issuer: (issuer_der, key_id),
             issuer_name: crl.issuer,
             number,
             this_update: crl.this_update,
+            sha256,
         };
         if newest.iter().any(|other| other.issuer == version.issuer) {
             return Err(format!("{} is listed twice", field("issuer")));
@@ -318,6 +352,7 @@ mod tests {
             issuer_name: "CN=ca".to_owned(),
             number: number.map(BigUint::from),
             this_update,
+            sha256: Some([number.map_or(0, |n| n.to_le_bytes()[0]); 32]),
         }
     }
 
@@ -388,18 +423,19 @@ mod tests {
     fn a_damaged_record_is_an_error_that_names_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("crl-record.json");
-        let good = r#"{"format": 1, "about": "", "crls": [{"issuer": "CN=ca", "issuer_der": "3000", "issuer_key_id": null, "crl_number": "7", "this_update": 1}]}"#;
+        let good = r#"{"format": 2, "about": "", "crls": [{"issuer": "CN=ca", "issuer_der": "3000", "issuer_key_id": null, "crl_number": "7", "this_update": 1, "sha256": "0000000000000000000000000000000000000000000000000000000000000000"}]}"#;
         std::fs::write(&path, good).unwrap();
         CrlRecord::read(&path).unwrap();
         for (damage, why) in [
             ("", "EOF"),
             (&good[..good.len() / 2], "EOF"),
-            ("{\"format\": 2, \"about\": \"\", \"crls\": []}", "format 2"),
+            ("{\"format\": 3, \"about\": \"\", \"crls\": []}", "format 3"),
+            (&good.replace("\"00000000", "\"0000"), "crls[0].sha256 is not 64 hex digits"),
             (&good.replace("3000", "30x0"), "crls[0].issuer_der is not hex"),
             (&good.replace("\"7\"", "\"-7\""), "crls[0].crl_number"),
             (&good.replace("\"7\"", "7"), "invalid type"),
             (
-                &good.replace("}]}", "}, {\"issuer\": \"CN=ca\", \"issuer_der\": \"3000\", \"issuer_key_id\": null, \"crl_number\": \"8\", \"this_update\": 1}]}"),
+                &good.replace("}]}", "}, {\"issuer\": \"CN=ca\", \"issuer_der\": \"3000\", \"issuer_key_id\": null, \"crl_number\": \"8\", \"this_update\": 1, \"sha256\": null}]}"),
                 "listed twice",
             ),
         ] {
@@ -416,4 +452,64 @@ mod tests {
             );
         }
     }
+
+    /// A record written before records kept each CRL's digest (format 1) still reads, its
+    /// digests unknown: the CRL it names, taken again, is not refused as another CRL under
+    /// its number, and fills the digest in.
+    #[test]
+    fn a_record_without_digests_reads_and_takes_them_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl-record.json");
+        let v1 = r#"{"format": 1, "about": "", "crls": [{"issuer": "CN=ca", "issuer_der": "6100", "issuer_key_id": "ab01", "crl_number": "7", "this_update": 1000}]}"#;
+        std::fs::write(&path, v1).unwrap();
+        let mut record = CrlRecord::read(&path).unwrap();
+        let loaded = version(b"a\0", Some(7), 1_000);
+        assert_eq!(
+            record.newest,
+            [CrlVersion {
+                sha256: None,
+                ..loaded.clone()
+            }]
+        );
+        record
+            .check(Path::new("/etc/crl.pem"), std::slice::from_ref(&loaded))
+            .unwrap();
+        record.take(std::slice::from_ref(&loaded));
+        record.save().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"format\": 2"), "{text}");
+        assert_eq!(CrlRecord::read(&path).unwrap().newest, [loaded]);
+    }
+
+    /// The same crlNumber with other content: the CA issued two CRLs under one number.
+    #[test]
+    fn another_crl_under_the_recorded_number_is_refused() {
+        let mut record = CrlRecord::read(Path::new("/nonexistent/crl-record.json")).unwrap();
+        record.take(&[version(b"a", Some(7), 1_000)]);
+        let reissued = CrlVersion {
+            sha256: Some([0xee; 32]),
+            ..version(b"a", Some(7), 1_000)
+        };
+        let error = record
+            .check(Path::new("/etc/crl.pem"), std::slice::from_ref(&reissued))
+            .unwrap_err();
+        assert!(
+            matches!(error, TransportError::CrlReissued { .. }),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        for part in [
+            "/etc/crl.pem",
+            "issued two different CRLs with crlNumber 7",
+            "recorded in /nonexistent/crl-record.json",
+            "install the newest CRL from the CA",
+            "check the CA's own state",
+        ] {
+            assert!(text.contains(part), "{part:?} in {text}");
+        }
+        // and a take does not record it over the other
+        record.take(&[reissued]);
+        assert_eq!(record.newest, [version(b"a", Some(7), 1_000)]);
+    }
+
 }

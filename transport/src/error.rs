@@ -158,6 +158,34 @@ pub enum TransportError {
         /// `thisUpdate`s without a number. (Boxed, like `issuer`, to keep the error small.)
         comparison: Box<str>,
     },
+    /// A CRL in the place of the one accepted before for its CA (in force, or recorded in
+    /// the [`crate::CrlRecord`]): the same `crlNumber` (or without one the same
+    /// `thisUpdate`), other content. A CA restored from a backup issues a number again,
+    /// without the revocations made since the backup: taking its CRL would un-revoke them.
+    #[error(
+        "CRL {}: the CA {issuer} issued two different CRLs with {version}: this one and {}, a CA \
+         restored from a backup? This one may lack revocations of the other, so it is \
+         refused{}; install the newest CRL from the CA, and check the CA's own state first: a \
+         CA restored from a backup has lost the revocations made since, and every CRL it \
+         issues lacks them until they are made again",
+        path.display(),
+        match record {
+            Some(record) => format!("the one accepted before (recorded in {})", record.display()),
+            None => "the one in force".to_owned(),
+        },
+        if record.is_none() { " and the one in force stays" } else { "" }
+    )]
+    CrlReissued {
+        /// The CRL file.
+        path: PathBuf,
+        /// The CA whose CRL it is (its subject).
+        issuer: Box<str>,
+        /// The place both CRLs claim: `crlNumber 7`, or `thisUpdate …` without a number.
+        version: Box<str>,
+        /// The CRL record, when the other CRL is the one recorded there; `None` when it is
+        /// the one in force.
+        record: Option<PathBuf>,
+    },
     /// A CRL file that holds two CRLs of one CA (a new CRL appended to the file instead of
     /// replacing it): webpki checks a certificate against the first CRL of its issuer only,
     /// so the revocations of the other would silently not be in force.
@@ -262,6 +290,7 @@ impl TransportError {
             | TransportError::Verifier { file, .. } => one(*file),
             TransportError::CrlOlder { .. }
             | TransportError::CrlOlderThanRecorded { .. }
+            | TransportError::CrlReissued { .. }
             | TransportError::CrlTwoOfOneCa { .. } => &[TlsFile::Crl],
             // (a file of the server's own, not one of its TLS files)
             TransportError::CrlRecordDamaged { .. } | TransportError::CrlRecordIo { .. } => &[],

@@ -105,15 +105,40 @@ pub(crate) struct CrlVersion {
     pub(crate) number: Option<x509_parser::num_bigint::BigUint>,
     /// `thisUpdate`, in Unix seconds.
     pub(crate) this_update: i64,
+    /// The SHA-256 digest of the CRL (DER), which tells two CRLs of one number apart.
+    /// Always known for a CRL read from a file; `None` for one a CRL record written
+    /// before records kept it: unknown, never taken for a different CRL.
+    pub(crate) sha256: Option<[u8; 32]>,
+}
+
+/// How a CRL stands against the one accepted before for the same CA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Standing {
+    /// Issued before it: a lower `crlNumber`, or without one an earlier `thisUpdate`.
+    Older,
+    /// Another CRL in its place: the same `crlNumber` (or without one the same
+    /// `thisUpdate`) but other content. A CA restored from a backup issues a number again,
+    /// without the revocations made since the backup.
+    Reissued,
+    /// The same CRL (or one whose digest is not known to differ), or a later one.
+    NotOlder,
 }
 
 impl CrlVersion {
-    /// Whether this CRL came before `loaded` (the same issuer's): a lower `crlNumber`, or,
-    /// when either has none, an earlier `thisUpdate`. The same CRL is not older.
-    pub(crate) fn is_older_than(&self, loaded: &CrlVersion) -> bool {
-        match (&self.number, &loaded.number) {
-            (Some(new), Some(old)) => new < old,
-            _ => self.this_update < loaded.this_update,
+    /// Whether this CRL came before `accepted` (the same issuer's), or takes its place
+    /// with other content (see [`Standing`]).
+    pub(crate) fn standing(&self, accepted: &CrlVersion) -> Standing {
+        let order = match (&self.number, &accepted.number) {
+            (Some(new), Some(old)) => new.cmp(old),
+            _ => self.this_update.cmp(&accepted.this_update),
+        };
+        match order {
+            std::cmp::Ordering::Less => Standing::Older,
+            std::cmp::Ordering::Equal => match (self.sha256, accepted.sha256) {
+                (Some(new), Some(old)) if new != old => Standing::Reissued,
+                _ => Standing::NotOlder,
+            },
+            std::cmp::Ordering::Greater => Standing::NotOlder,
         }
     }
 
@@ -193,7 +218,15 @@ fn crl_version(path: &Path, der: &[u8]) -> Result<CrlVersion, TransportError> {
         issuer_name: crl.issuer().to_string(),
         number: crl.crl_number().cloned(),
         this_update: crl.last_update().timestamp(),
+        sha256: Some(sha256(der)),
     })
+}
+
+/// The SHA-256 digest of `der`.
+pub(crate) fn sha256(der: &[u8]) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+    out
 }
 
 /// `bytes` as exactly one DER CRL; the error says the file is neither PEM nor DER.
@@ -239,18 +272,39 @@ mod tests {
             issuer_name: "CN=ca".to_owned(),
             number: number.map(x509_parser::num_bigint::BigUint::from),
             this_update,
+            sha256: Some([0xaa; 32]),
         }
+    }
+
+    fn with_digest(version: CrlVersion, sha256: Option<[u8; 32]>) -> CrlVersion {
+        CrlVersion { sha256, ..version }
     }
 
     #[test]
     fn a_crl_is_older_by_its_number_or_without_one_by_its_this_update() {
+        use Standing::{NotOlder, Older};
         // the number decides, whatever the times (a CRL re-signed with a clock set back)
-        assert!(version(Some(6), 2_000).is_older_than(&version(Some(7), 1_000)));
-        assert!(!version(Some(8), 1_000).is_older_than(&version(Some(7), 2_000)));
-        assert!(!version(Some(7), 1_000).is_older_than(&version(Some(7), 1_000)));
+        assert_eq!(
+            version(Some(6), 2_000).standing(&version(Some(7), 1_000)),
+            Older
+        );
+        assert_eq!(
+            version(Some(8), 1_000).standing(&version(Some(7), 2_000)),
+            NotOlder
+        );
+        assert_eq!(
+            version(Some(7), 1_000).standing(&version(Some(7), 1_000)),
+            NotOlder
+        );
         // without a number on either side, thisUpdate
-        assert!(version(None, 1_000).is_older_than(&version(Some(7), 2_000)));
-        assert!(!version(None, 2_000).is_older_than(&version(None, 2_000)));
+        assert_eq!(
+            version(None, 1_000).standing(&version(Some(7), 2_000)),
+            Older
+        );
+        assert_eq!(
+            version(None, 2_000).standing(&version(None, 2_000)),
+            NotOlder
+        );
         assert_eq!(
             version(None, 0).describe(&version(Some(7), 0)),
             "thisUpdate 1970-01-01T00:00:00Z"
@@ -259,6 +313,30 @@ mod tests {
             version(Some(7), 0).describe(&version(Some(8), 0)),
             "crlNumber 7"
         );
+    }
+
+    /// A CA restored from a backup issues a crlNumber again, without the revocations
+    /// made since: the same number with other content is no newer CRL. A digest not known
+    /// (a record written before records kept it) is no evidence of a different one.
+    #[test]
+    fn another_crl_in_the_place_of_the_accepted_one_is_reissued() {
+        use Standing::{NotOlder, Reissued};
+        let accepted = version(Some(7), 1_000);
+        let other = with_digest(version(Some(7), 1_000), Some([0xee; 32]));
+        assert_eq!(other.standing(&accepted), Reissued);
+        // without a number, the same thisUpdate
+        let accepted = version(None, 1_000);
+        assert_eq!(
+            with_digest(version(None, 1_000), Some([0xee; 32])).standing(&accepted),
+            Reissued
+        );
+        // a digest not recorded
+        assert_eq!(
+            other.standing(&with_digest(version(Some(7), 1_000), None)),
+            NotOlder
+        );
+        // a later CRL has other content, of course
+        assert_eq!(other.standing(&version(Some(6), 1_000)), NotOlder);
     }
 
     #[test]

@@ -12,9 +12,9 @@
 //!   successful reload stores generation `n`.
 //! - A CRL file in force holds at most one CRL per CA (webpki would enforce the first
 //!   only).
-//! - With a [`CrlRecord`], no CRL in force is older than the one recorded for its CA, and
-//!   the record (in memory, and in its file once [`ServerTls::save_crl_record`] was called)
-//!   holds every CRL put in force.
+//! - With a [`CrlRecord`], no CRL in force is older than the one recorded for its CA, nor
+//!   another CRL under its number, and the record (in memory, and in its file once
+//!   [`ServerTls::save_crl_record`] was called) holds every CRL put in force.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -289,27 +289,40 @@ fn check_one_crl_per_ca(crl: &Path, crls: &[pem::CrlVersion]) -> Result<(), Tran
 
 /// Refuses a CRL older than the one in force for the same CA: a crl.pem restored from a
 /// backup (or an old copy deployed by mistake) would silently un-revoke every certificate
-/// revoked since, and a revoked key that leaked would get back in. A CA new to the file
-/// (a rollover) has nothing to compare with; a CA gone from it is not checked.
+/// revoked since, and a revoked key that leaked would get back in. So is another CRL under
+/// the number of the one in force (a CA restored from a backup issues it again, without
+/// the revocations made since). A CA new to the file (a rollover) has nothing to compare
+/// with; a CA gone from it is not checked.
 fn check_crls_not_older(
     crl: &Path,
     loaded: &[pem::CrlVersion],
     new: &[pem::CrlVersion],
 ) -> Result<(), TransportError> {
     for found in new {
-        let in_force = loaded.iter().find(|old| old.issuer == found.issuer);
-        if let Some(in_force) = in_force
-            && found.is_older_than(in_force)
-        {
-            return Err(TransportError::CrlOlder {
-                path: crl.to_owned(),
-                issuer: found.issuer_name.clone(),
-                comparison: format!(
-                    "{} < {}",
-                    found.describe(in_force),
-                    in_force.describe(found)
-                ),
-            });
+        let Some(in_force) = loaded.iter().find(|old| old.issuer == found.issuer) else {
+            continue;
+        };
+        match found.standing(in_force) {
+            pem::Standing::NotOlder => {}
+            pem::Standing::Older => {
+                return Err(TransportError::CrlOlder {
+                    path: crl.to_owned(),
+                    issuer: found.issuer_name.clone(),
+                    comparison: format!(
+                        "{} < {}",
+                        found.describe(in_force),
+                        in_force.describe(found)
+                    ),
+                });
+            }
+            pem::Standing::Reissued => {
+                return Err(TransportError::CrlReissued {
+                    path: crl.to_owned(),
+                    issuer: found.issuer_name.as_str().into(),
+                    version: found.describe(in_force).into(),
+                    record: None,
+                });
+            }
         }
     }
     Ok(())
@@ -569,9 +582,11 @@ impl ServerTls {
     }
 
     /// [`ServerTls::load`], refusing a CRL older than the one `record` holds for its CA
-    /// ([`TransportError::CrlOlderThanRecorded`]): after a restart there is no CRL in force
-    /// to compare with, and a crl.pem restored from a backup must not un-revoke
-    /// certificates. Reloads compare with the record too, and take what they load into it.
+    /// ([`TransportError::CrlOlderThanRecorded`]), or another CRL under its number
+    /// ([`TransportError::CrlReissued`]): after a restart there is no CRL in force to
+    /// compare with, and a crl.pem restored from a backup (or from a CA restored from one)
+    /// must not un-revoke certificates. Reloads compare with the record too, and take what
+    /// they load into it.
     ///
     /// Writes nothing (so `check-config` can call it): the record's file is written by
     /// [`ServerTls::save_crl_record`], and from then on by every reload that loads a newer
@@ -623,11 +638,12 @@ impl ServerTls {
     /// On error the old config stays in force and no connection is touched. A CRL older
     /// than the one in force for the same CA (a lower `crlNumber`, or without one an
     /// earlier `thisUpdate`) is such an error: a crl.pem restored from a backup must not
-    /// un-revoke certificates. So is a CRL file with two CRLs of one CA. So is, with a
-    /// [`CrlRecord`], a CRL older than the one
-    /// recorded for its CA (a CA that left the CRL file and came back); a reload that puts
-    /// a newer CRL in force records it (a failure to write the record is logged, and the
-    /// CRL stays in force).
+    /// un-revoke certificates. So are another CRL under the number of the one in force (a
+    /// CA restored from a backup), and a CRL file with two CRLs of one CA. So is, with a
+    /// [`CrlRecord`], a CRL older than the one recorded for its CA, or another under its
+    /// number (a CA that left the CRL file and came back); a reload that puts a newer CRL
+    /// in force records it (a failure to write the record is logged, and the CRL stays in
+    /// force).
     ///
     /// Concurrent calls (SIGHUP and the reload interval) run one after the other, so the
     /// files read by the last one to start are the ones in force when it returns.

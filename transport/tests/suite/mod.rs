@@ -5,4 +5,3 @@ mod load;
 mod refusals;
 mod revocation;
 mod rollover;
-mod review_b_probes;

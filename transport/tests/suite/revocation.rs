@@ -550,3 +550,89 @@ async fn a_crl_file_with_two_crls_of_one_ca_is_refused_at_load_and_reload() {
     assert_eq!(recorded_numbers(&record), ["2"]);
     server.stop().await;
 }
+
+/// Copies every regular file of `from` into `to` (a backup of a CA directory, or its
+/// restore).
+fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// The CA's directory is restored from a backup taken before its last revocation, and the
+/// CRL it then issues carries the crlNumber of the last one the server took, without that
+/// revocation. An equal number counted as "not older", so the server took it, at a reload
+/// and at a start, and the revoked certificate was accepted again. Another CRL under the
+/// number in force (or recorded) is refused, saying the CA issued two CRLs numbered so.
+#[tokio::test]
+async fn a_different_crl_under_the_number_in_force_or_recorded_is_refused() {
+    let fx = Fixture::new();
+    let record = fx.dir.path().join("crl-record.json");
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let ca_dir = fx.fed.ca.dir().to_owned();
+    let backup = fx.dir.path().join("ca-backup");
+    copy_files(&ca_dir, &backup);
+
+    let tls = load_recorded(&fx, &record).unwrap();
+    tls.save_crl_record().unwrap();
+    let server = Server::start(tls, ListenerLimits::default()).await;
+    fx.fed.revoke(&node).unwrap(); // crlNumber 2: NL-NRM revoked
+    server.tls.reload().unwrap();
+    let node_config = client_config(&fx.paths(&node)).unwrap();
+    assert!(
+        !raw_accepted(server.addr, node_config.clone())
+            .await
+            .unwrap()
+    );
+
+    // the CA is restored from the backup, and its operator refreshes the CRL
+    copy_files(&backup, &ca_dir);
+    let restored = trmx_certs::Ca::open(&ca_dir).unwrap();
+    restored.write_crl(Duration::from_secs(7 * 86_400)).unwrap();
+    assert_eq!(restored.crl_path(), fx.crl());
+    let err = server.tls.reload().unwrap_err();
+    assert!(
+        matches!(err, TransportError::CrlReissued { record: None, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.files(), [TlsFile::Crl]);
+    let msg = err.to_string();
+    for part in [
+        format!("CRL {}: ", fx.crl().display()),
+        "issued two different CRLs with crlNumber 2".to_owned(),
+        "the one in force stays".to_owned(),
+        "install the newest CRL from the CA".to_owned(),
+        "check the CA's own state".to_owned(),
+    ] {
+        assert!(msg.contains(&part), "{part:?} in {msg}");
+    }
+    assert!(
+        !raw_accepted(server.addr, node_config).await.unwrap(),
+        "the restored CA's CRL un-revoked NL-NRM"
+    );
+    server.stop().await;
+
+    // and at the next start, against the record
+    let err = load_recorded(&fx, &record).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::CrlReissued {
+                record: Some(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    for part in [
+        "issued two different CRLs with crlNumber 2".to_owned(),
+        format!("recorded in {}", record.display()),
+    ] {
+        assert!(msg.contains(&part), "{part:?} in {msg}");
+    }
+}
