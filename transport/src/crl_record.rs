@@ -30,7 +30,9 @@
 //!
 //! # Invariants
 //! - For each CA, the recorded CRL only moves forward: [`CrlRecord::take`] keeps the newer
-//!   of the recorded and the new, and callers check before they take.
+//!   of the recorded and the new, and callers check before they take. A server that read
+//!   the record before it held the directory reads it again, and merges, before it first
+//!   writes it ([`CrlRecord::merge`]), so it never writes an older record over a newer one.
 //! - The file is replaced atomically (temporary file, fsync, rename, fsync of the
 //!   directory): after a crash it holds the record before or after, never a mix.
 //! - A CA once recorded stays recorded, also after it left the CRL file (the end of a
@@ -205,6 +207,17 @@ impl CrlRecord {
                 }
             }
         }
+    }
+
+    /// Takes in `on_disk`, the record read again from the same file: each CA's entry
+    /// becomes the newer of the two, and [`Self::save`] writes the result if the file lacks
+    /// anything of it. For a server that read the record before it held the directory:
+    /// another that ran on it until then may have recorded a newer CRL meanwhile, which a
+    /// save must not write over. (Check the CRLs in force against `on_disk` first.)
+    pub(crate) fn merge(&mut self, on_disk: CrlRecord) {
+        let ours = std::mem::replace(&mut self.newest, on_disk.newest);
+        self.unsaved = on_disk.unsaved;
+        self.take(&ours);
     }
 
     /// Writes the record to its file if it holds anything the file does not (or the file
@@ -510,6 +523,32 @@ mod tests {
         // and a take does not record it over the other
         record.take(&[reissued]);
         assert_eq!(record.newest, [version(b"a", Some(7), 1_000)]);
+    }
+
+    /// Merged with the record read again, each CA keeps the newer entry of the two, and a
+    /// CA only the file knows stays; the file is written only if it lacks something.
+    #[test]
+    fn a_merge_keeps_the_newer_entry_of_each_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl-record.json");
+        let mut on_disk = CrlRecord::read(&path).unwrap();
+        on_disk.take(&[version(b"a", Some(8), 0), version(b"b", Some(2), 0)]);
+        on_disk.save().unwrap();
+        let mut ours = CrlRecord::read(Path::new("/x/crl-record.json")).unwrap();
+        ours.path = path.clone();
+        ours.take(&[version(b"a", Some(7), 0), version(b"b", Some(3), 0)]);
+        ours.merge(CrlRecord::read(&path).unwrap());
+        assert_eq!(
+            ours.newest,
+            [version(b"a", Some(8), 0), version(b"b", Some(3), 0)]
+        );
+        assert!(ours.unsaved);
+        ours.save().unwrap();
+        // nothing the file lacks: nothing to write
+        let mut again = CrlRecord::read(&path).unwrap();
+        again.take(&[version(b"a", Some(7), 0)]);
+        again.merge(CrlRecord::read(&path).unwrap());
+        assert!(!again.unsaved);
     }
 
 }

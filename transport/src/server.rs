@@ -724,16 +724,33 @@ impl ServerTls {
     /// holds anything the file does not), and makes every later reload that loads a newer
     /// CRL write it too. Nothing to do without a record.
     ///
+    /// Reads the file again first: the load read it before this server owned the
+    /// directory, and a server that ran on it until then (still stopping when this one
+    /// started) may have recorded a newer CRL meanwhile. The CRLs in force are checked
+    /// against what the file holds now, with the load's errors
+    /// ([`TransportError::CrlOlderThanRecorded`], [`TransportError::CrlReissued`]): the
+    /// caller must not serve with them. Otherwise the file's entries and this server's are
+    /// merged, the newer of each CA's kept, so a newer record is never written over.
+    ///
     /// Call it once the server owns its data directory (the broker: once its store is
-    /// open and locked), so that two processes never write one record. Writes and syncs a
-    /// small file: from async code, call it through `tokio::task::spawn_blocking`.
+    /// open and locked), so that two processes never write one record. Reads, writes and
+    /// syncs a small file: from async code, call it through `tokio::task::spawn_blocking`.
     pub fn save_crl_record(&self) -> Result<(), TransportError> {
-        let mut reloads = self.inner.reloads();
-        reloads.saving = true;
-        match reloads.record.as_mut() {
-            Some(record) => record.save(),
-            None => Ok(()),
+        let mut guard = self.inner.reloads();
+        let reloads = &mut *guard;
+        let Some(record) = reloads.record.as_mut() else {
+            reloads.saving = true;
+            return Ok(());
+        };
+        let on_disk = CrlRecord::read(record.path())?;
+        if let Some(crl) = self.inner.crl_path.as_deref() {
+            on_disk.check(crl, &self.inner.state.load().crl_versions)?;
         }
+        record.merge(on_disk);
+        // (from here on, a record that cannot be written now is tried again by every
+        // reload that loads a newer CRL)
+        reloads.saving = true;
+        record.save()
     }
 
     /// The freshness of the loaded CRL now.

@@ -636,3 +636,41 @@ async fn a_different_crl_under_the_number_in_force_or_recorded_is_refused() {
         assert!(msg.contains(&part), "{part:?} in {msg}");
     }
 }
+
+/// A start reads the CRL record before it owns the directory (the broker: before its
+/// store's lock), and a server still stopping may record a newer CRL meanwhile. The save
+/// wrote the record read at load over it, and the new server served the older CRL. The
+/// save reads the record again: the CRL loaded is checked against it (the start refused,
+/// with the load's error), and the newer record is kept.
+#[test]
+fn a_save_refuses_a_crl_older_than_the_record_written_since_the_load() {
+    let fx = Fixture::new();
+    let record = fx.dir.path().join("crl-record.json");
+    let stopping = load_recorded(&fx, &record).unwrap();
+    stopping.save_crl_record().unwrap();
+    // the next server loads the first CRL while the previous one still runs...
+    let starting = load_recorded(&fx, &record).unwrap();
+    // ...which takes a second CRL (NL-NRM revoked) and records it before it stops
+    fx.fed
+        .revoke(&fx.fed.participant("NL-NRM").unwrap())
+        .unwrap();
+    stopping.reload().unwrap();
+    drop(stopping);
+    assert_eq!(recorded_numbers(&record), ["2"]);
+
+    let err = starting.save_crl_record().unwrap_err();
+    assert!(
+        matches!(err, TransportError::CrlOlderThanRecorded { .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("crlNumber 1 < crlNumber 2"),
+        "{err}"
+    );
+    assert_eq!(recorded_numbers(&record), ["2"], "the record moved back");
+    // with the second CRL, the next start takes it
+    load_recorded(&fx, &record)
+        .unwrap()
+        .save_crl_record()
+        .unwrap();
+}
