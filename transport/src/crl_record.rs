@@ -47,8 +47,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use x509_parser::num_bigint::BigUint;
 
-use crate::TransportError;
 use crate::pem::{CrlVersion, Standing};
+use crate::{CrlRecordStep, TransportError};
 
 /// The format this version writes.
 const FORMAT: u32 = 2;
@@ -122,7 +122,7 @@ impl CrlRecord {
             Err(error) => {
                 return Err(TransportError::CrlRecordIo {
                     path: path.to_owned(),
-                    action: "read it",
+                    step: CrlRecordStep::Read,
                     error,
                 });
             }
@@ -229,15 +229,15 @@ impl CrlRecord {
         if !self.unsaved {
             return Ok(());
         }
-        let io = |action: &'static str| {
+        let io = |step: CrlRecordStep| {
             move |error: std::io::Error| TransportError::CrlRecordIo {
                 path: path.to_owned(),
-                action,
+                step,
                 error,
             }
         };
         let mut text = serde_json::to_string_pretty(&self.to_file())
-            .map_err(|e| io("encode it")(std::io::Error::other(e)))?;
+            .map_err(|e| io(CrlRecordStep::Encode)(std::io::Error::other(e)))?;
         text.push('\n');
         let dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -258,12 +258,15 @@ impl CrlRecord {
             });
         if let Err(error) = written {
             let _ = std::fs::remove_file(&tmp);
-            return Err(io("write it")(error));
+            return Err(io(CrlRecordStep::Write(tmp))(error));
         }
-        std::fs::rename(&tmp, path).map_err(io("rename the new one into place"))?;
+        if let Err(error) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(CrlRecordStep::Rename(tmp))(error));
+        }
         std::fs::File::open(dir)
             .and_then(|dir| dir.sync_all())
-            .map_err(io("sync its directory"))?;
+            .map_err(io(CrlRecordStep::SyncDir(dir.to_owned())))?;
         self.unsaved = false;
         tracing::info!(record = %path.display(), crls = self.newest.len(), "crl record saved");
         Ok(())
@@ -551,4 +554,37 @@ mod tests {
         assert!(!again.unsaved);
     }
 
+    /// A record that cannot be written says which file failed and what to check.
+    #[test]
+    fn a_failed_write_names_the_file_and_what_to_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl-record.json");
+        let tmp = dir.path().join("crl-record.json.tmp");
+        // (a directory in the way fails the write as root too, unlike a mode)
+        std::fs::create_dir(&tmp).unwrap();
+        let mut record = CrlRecord::read(&path).unwrap();
+        record.take(&[version(b"a", Some(7), 0)]);
+        let text = record.save().unwrap_err().to_string();
+        for part in [
+            format!("CRL record {}: ", path.display()),
+            format!("cannot write the new record to {}", tmp.display()),
+            format!("may create and rename files in {}", dir.path().display()),
+            "space left".to_owned(),
+        ] {
+            assert!(text.contains(&part), "{part:?} in {text}");
+        }
+        std::fs::remove_dir(&tmp).unwrap();
+        // the record itself in the way: the rename fails
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("x"), "").unwrap();
+        let text = record.save().unwrap_err().to_string();
+        assert!(
+            text.contains(&format!("cannot rename {} over it", tmp.display())),
+            "{text}"
+        );
+        assert!(
+            std::fs::metadata(&tmp).is_err(),
+            "the temporary file is left behind"
+        );
+    }
 }

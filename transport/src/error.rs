@@ -34,6 +34,60 @@ impl fmt::Display for TlsFile {
     }
 }
 
+/// The step of reading or writing the CRL record ([`crate::CrlRecord`]) that failed,
+/// with the file it failed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrlRecordStep {
+    /// Reading the record.
+    Read,
+    /// Encoding the new record.
+    Encode,
+    /// Writing the new record to this temporary file, beside the record.
+    Write(PathBuf),
+    /// Renaming this temporary file over the record.
+    Rename(PathBuf),
+    /// Syncing this directory (the record's) after the rename.
+    SyncDir(PathBuf),
+}
+
+impl CrlRecordStep {
+    /// What to check when this step failed on the record at `record`.
+    fn advice(&self, record: &std::path::Path) -> String {
+        let dir = match record.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => std::path::Path::new("."),
+        };
+        match self {
+            CrlRecordStep::Read => format!(
+                "check that the server's user may read it (and enter {})",
+                dir.display()
+            ),
+            CrlRecordStep::Encode => "please report this as a bug".to_owned(),
+            CrlRecordStep::Write(_) | CrlRecordStep::Rename(_) | CrlRecordStep::SyncDir(_) => {
+                format!(
+                    "check that the server's user may create and rename files in {} (its \
+                     data directory) and that its file system has space left",
+                    dir.display()
+                )
+            }
+        }
+    }
+}
+
+impl fmt::Display for CrlRecordStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CrlRecordStep::Read => f.write_str("cannot read it"),
+            CrlRecordStep::Encode => f.write_str("cannot encode the new record"),
+            CrlRecordStep::Write(tmp) => {
+                write!(f, "cannot write the new record to {}", tmp.display())
+            }
+            CrlRecordStep::Rename(tmp) => write!(f, "cannot rename {} over it", tmp.display()),
+            CrlRecordStep::SyncDir(dir) => write!(f, "cannot sync its directory {}", dir.display()),
+        }
+    }
+}
+
 /// Everything that can go wrong while loading TLS material or building a channel.
 ///
 /// Messages are one line and name the file (or address) and the problem; they never
@@ -217,12 +271,13 @@ pub enum TransportError {
         reason: String,
     },
     /// The CRL record could not be read or written.
-    #[error("CRL record {}: cannot {action}: {error}", path.display())]
+    #[error("CRL record {}: {step}: {error}; {}", path.display(), step.advice(path))]
     CrlRecordIo {
         /// The CRL record.
         path: PathBuf,
-        /// What failed: `read it`, `write it`, …
-        action: &'static str,
+        /// What failed, naming the file it failed on (the record, or the temporary file a
+        /// new record is written to first).
+        step: CrlRecordStep,
         /// What the OS said.
         error: std::io::Error,
     },

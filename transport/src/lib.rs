@@ -61,7 +61,7 @@ pub use client::{
     client_config, server_name_mismatch,
 };
 pub use crl_record::CrlRecord;
-pub use error::{TlsFile, TransportError};
+pub use error::{CrlRecordStep, TlsFile, TransportError};
 pub use identity::peer_identity;
 pub use listener::{HandshakeFailure, ListenerLimits, TlsConn, incoming};
 pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerTls, TlsPaths};
