@@ -57,15 +57,19 @@ const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 const RUNNING_MARK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The file in `data_dir` that records the newest CRL of each CA the broker has accepted
-/// ([`CrlRecord`]), so that a `tls.crl` older than it is refused at start, as a reload
-/// refuses a CRL older than the one in force: a crl.pem restored from a backup must not
-/// un-revoke certificates, restart or not.
+/// ([`CrlRecord`]), so that a `tls.crl` older than it (or another CRL under its
+/// crlNumber, from a CA restored from a backup) is refused at start, as a reload refuses
+/// one older than the CRL in force: a crl.pem restored from a backup must not un-revoke
+/// certificates, restart or not.
 ///
-/// Read at start when `tls.crl` is set (and by `check-config`); written once the store
-/// holds the data directory, and again by every reload that loads a newer CRL. A missing
-/// file is a first start (or a record deleted on purpose to go back to an older CRL): the
-/// CRLs of `tls.crl` are taken as the newest. A damaged one stops the start with an error
-/// that names it, never a silent reset. `trmx-broker store compact` carries it over.
+/// Read at start when `tls.crl` is set (and by `check-config`); read again once the store
+/// holds the data directory (a broker still stopping when this one started may have
+/// recorded a newer CRL meanwhile: a `tls.crl` older than that stops the start too), and
+/// written, the newer entry of each CA kept; written again by every reload that loads a
+/// newer CRL. A missing file is a first start (or a record deleted on purpose to go back to
+/// an older CRL): the CRLs of `tls.crl` are taken as the newest. A damaged one stops the
+/// start with an error that names it, never a silent reset. `trmx-broker store compact`
+/// carries it over.
 pub const CRL_RECORD_FILE: &str = "crl-record.json";
 
 /// Runs a broker on `listener` until `shutdown` resolves, then shuts down in
@@ -779,6 +783,12 @@ async fn crl_reload_loop(
 
 /// Writes the CRL record ([`CRL_RECORD_FILE`]) once the store holds the data directory's
 /// lock, so that a second broker started on the same directory by mistake never writes it.
+///
+/// `load_tls` read the record before the lock was held, and the broker that held it
+/// until then may have recorded a newer CRL since (a start that overlapped its stop): the
+/// record is read again, and a CRL loaded that is older than it stops the start with the
+/// error `load_tls` gives (the broker must not serve it); otherwise the newer entry of
+/// each CA is kept, never written over.
 async fn save_crl_record(config: &BrokerConfig, tls: &ServerTls) -> Result<(), BrokerError> {
     if config.tls.crl.is_none() {
         return Ok(());

@@ -12,4 +12,3 @@ mod metrics;
 mod operator;
 mod revocation;
 mod startup;
-mod review_b_probes;

@@ -178,3 +178,208 @@ async fn a_damaged_crl_record_stops_the_start_naming_it() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// The `crl_number` of every CA in the CRL record at `path`, in its order.
+fn recorded_numbers(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    json["crls"]
+        .as_array()
+        .context("no crls")?
+        .iter()
+        .map(|crl| {
+            crl["crl_number"]
+                .as_str()
+                .map(str::to_owned)
+                .context("no crl_number")
+        })
+        .collect()
+}
+
+/// An operator appends the CA's new CRL to tls.crl instead of replacing the file (`cat
+/// crl.pem >> /etc/trmx/crl.pem`). The reload took the file and recorded the new CRL,
+/// which was not even in force (webpki checks a certificate against the first CRL of its
+/// issuer only); weeks later the next start refused the very file the broker ran with, as
+/// "a copy restored from a backup?", and the broker stayed down. The reload refuses the
+/// file, naming the CA and saying to keep its newest CRL only, and the CRL in force stays;
+/// check-config and a start refuse it with the same words.
+#[tokio::test]
+async fn a_crl_file_with_two_crls_of_one_ca_is_refused_at_reload_and_at_start() -> anyhow::Result<()>
+{
+    let mut t = TestBroker::start().await?;
+    let crl = t
+        .config
+        .tls
+        .crl
+        .clone()
+        .context("the harness sets tls.crl")?;
+    let record = t.config.data_dir.join(trmx_broker::CRL_RECORD_FILE);
+    let before = std::fs::read(&crl)?;
+    revoke(&t, "BE-PAYOKE")?;
+    let new = std::fs::read(&crl)?;
+    std::fs::write(&crl, [before.as_slice(), new.as_slice()].concat())?;
+
+    let refused = t
+        .broker
+        .reload_tls()
+        .expect_err("two CRLs of one CA")
+        .to_string();
+    for part in [
+        format!("tls.crl: CRL {}: ", crl.display()),
+        "two CRLs of CN=".to_owned(),
+        "Keep only that CA's newest CRL".to_owned(),
+    ] {
+        assert!(refused.contains(&part), "{part:?} in {refused}");
+    }
+    assert_eq!(
+        recorded_numbers(&record)?,
+        ["1"],
+        "the refused CRL recorded"
+    );
+    t.broker.shutdown().await?;
+    let checked = trmx_broker::check_config(&t.config).expect_err("two CRLs of one CA");
+    assert_eq!(checked.to_string(), refused);
+    let started = refused_start(&t, "two CRLs of one CA").await?;
+    assert_eq!(started, refused);
+
+    // the newest CRL alone starts, and BE-PAYOKE is refused
+    std::fs::write(&crl, &new)?;
+    t.restart().await?;
+    let answer = t
+        .client("BE-PAYOKE")?
+        .get_info(trmx_proto::pb::GetInfoRequest {})
+        .await;
+    assert!(answer.is_err(), "{answer:?}");
+    Ok(())
+}
+
+/// Loads `config`'s TLS files with the CRL record in its data directory and saves the
+/// record, as a broker's start does: what the broker that ran before left behind.
+fn record_as_a_start_would(config: &trmx_broker::BrokerConfig) -> anyhow::Result<()> {
+    let paths = trmx_transport::TlsPaths {
+        ca: config.tls.ca.clone(),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+    };
+    let record =
+        trmx_transport::CrlRecord::read(&config.data_dir.join(trmx_broker::CRL_RECORD_FILE))?;
+    trmx_durable::private_dir(&config.data_dir)?;
+    trmx_transport::ServerTls::load_with_record(
+        &paths,
+        config.tls.crl.as_deref(),
+        trmx_transport::CrlPolicy::Warn,
+        record,
+    )?
+    .save_crl_record()?;
+    Ok(())
+}
+
+/// A start reads the CRL record and tls.crl before it holds the data directory (its
+/// store's lock). A broker started while the previous one is still stopping (a
+/// supervisor that overlaps restarts) waits for the lock while the old one takes a newer
+/// CRL (BE-PAYOKE revoked) and records it: the new broker then served the older CRL,
+/// letting BE-PAYOKE in until its next interval reload, against the record it now owned.
+/// Once it holds the directory, the start reads the record again and refuses a CRL older
+/// than it, with the words of a start refused at once, and keeps the newer record.
+///
+/// The interleaving is set up without timing: one poll runs the start through loading TLS
+/// (which never waits) until it waits for its store to open on a blocking thread, and the
+/// start goes on to save the record only when polled again, after the test wrote the
+/// newer record. (Had the store opened, and its first read ended, before that poll looked,
+/// the start would save within it: the test would then fail, never pass for nothing.)
+#[tokio::test]
+async fn a_start_refuses_a_crl_older_than_the_record_written_while_it_waited() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    let clock = trmx_broker::clock::ManualClock::new(std::time::SystemTime::now());
+    let record = config.data_dir.join(trmx_broker::CRL_RECORD_FILE);
+    record_as_a_start_would(&config)?;
+    assert_eq!(recorded_numbers(&record)?, ["1"]);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let start = trmx_broker::Broker::builder(config.clone())
+        .clock(clock.clone())
+        .start(listener);
+    let mut start = std::pin::pin!(start);
+    assert!(
+        futures::poll!(start.as_mut()).is_pending(),
+        "the start ran to its end in one poll: the test cannot come between its load and \
+         its save"
+    );
+    // the previous broker, still stopping, takes the second CRL and records it
+    let be = trmx_certs::CertPaths::for_cert(&pki.participant("BE-PAYOKE")?.cert);
+    pki.federation.revoke(&be)?;
+    record_as_a_start_would(&config)?;
+    assert_eq!(recorded_numbers(&record)?, ["2"]);
+
+    let refused = match start.await {
+        Ok(mut broker) => {
+            let answer = client(broker.local_addr(), &pki.participant("BE-PAYOKE")?)?
+                .get_info(trmx_proto::pb::GetInfoRequest {})
+                .await;
+            broker.shutdown().await?;
+            panic!(
+                "the broker started with the first CRL, older than the record; BE-PAYOKE's \
+                 call: {answer:?}; record: {:?}",
+                recorded_numbers(&record)?
+            );
+        }
+        Err(error) => error.to_string(),
+    };
+    for part in [
+        "tls.crl: ".to_owned(),
+        "crlNumber 1 < crlNumber 2".to_owned(),
+        format!("recorded in {}", record.display()),
+    ] {
+        assert!(refused.contains(&part), "{part:?} in {refused}");
+    }
+    assert_eq!(recorded_numbers(&record)?, ["2"], "the record moved back");
+
+    // started again, the broker takes the second CRL, and BE-PAYOKE is refused
+    let mut broker = start_broker(&config, &clock).await?;
+    let answer = client(broker.local_addr(), &pki.participant("BE-PAYOKE")?)?
+        .get_info(trmx_proto::pb::GetInfoRequest {})
+        .await;
+    broker.shutdown().await?;
+    assert!(answer.is_err(), "{answer:?}");
+    Ok(())
+}
+
+/// A record the start cannot write stops the start (an older CRL would otherwise not be
+/// refused after the next restart), naming the file that failed, the temporary file a new
+/// record is written to first, and saying what to check.
+#[tokio::test]
+async fn a_crl_record_that_cannot_be_written_stops_the_start_saying_what_to_check()
+-> anyhow::Result<()> {
+    let mut t = TestBroker::start().await?;
+    t.broker.shutdown().await?;
+    let record = t.config.data_dir.join(trmx_broker::CRL_RECORD_FILE);
+    let tmp = t
+        .config
+        .data_dir
+        .join(format!("{}.tmp", trmx_broker::CRL_RECORD_FILE));
+    std::fs::remove_file(&record)?;
+    // (a directory in the way fails the write as root too, unlike a mode)
+    std::fs::create_dir(&tmp)?;
+    // (the stopped broker's store may let go of its lock a moment late)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let refused = loop {
+        let refused = refused_start(&t, "a record that cannot be written").await?;
+        if !refused.contains("locked by another process") || tokio::time::Instant::now() > deadline
+        {
+            break refused;
+        }
+    };
+    for part in [
+        format!("cannot write the new record to {}", tmp.display()),
+        format!("{} (its data directory)", t.config.data_dir.display()),
+        "space left".to_owned(),
+    ] {
+        assert!(refused.contains(&part), "{part:?} in {refused}");
+    }
+    std::fs::remove_dir(&tmp)?;
+    t.restart().await?;
+    assert!(record.exists());
+    Ok(())
+}
