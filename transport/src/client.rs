@@ -87,7 +87,9 @@ fn build(
         Some(path) => {
             let crls = pem::crls(path)?;
             // (the broker's certificate is checked against them as a client's is on the
-            // broker, so a CA bundle needs what it needs there)
+            // broker, so a CA bundle needs what it needs there, and only the first CRL of
+            // a CA would count)
+            crate::server::check_one_crl_per_ca(path, &crls.versions)?;
             crate::server::check_crls_cover_cas(paths, path, &crls)?;
             let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
                 .with_crls(crls.ders)

@@ -275,7 +275,10 @@ fn build(
 /// put in its place): webpki checks a certificate against the first CRL of its issuer
 /// only, so the revocations of the other would silently not be in force, while the CRL
 /// record took the newer as the one in force.
-fn check_one_crl_per_ca(crl: &Path, crls: &[pem::CrlVersion]) -> Result<(), TransportError> {
+pub(crate) fn check_one_crl_per_ca(
+    crl: &Path,
+    crls: &[pem::CrlVersion],
+) -> Result<(), TransportError> {
     for (i, found) in crls.iter().enumerate() {
         if crls[..i].iter().any(|before| before.same_ca(found)) {
             return Err(TransportError::CrlTwoOfOneCa {

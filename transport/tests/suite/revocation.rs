@@ -551,6 +551,34 @@ async fn a_crl_file_with_two_crls_of_one_ca_is_refused_at_load_and_reload() {
     server.stop().await;
 }
 
+/// A node checks the broker's certificate against its `tls.crl` as the broker checks the
+/// node's: an appended CRL of the same CA would not be in force there either, so the node
+/// refuses the file too (at start; a change while it runs is refused and the files read
+/// before stay in force).
+#[tokio::test]
+async fn a_client_refuses_a_crl_file_with_two_crls_of_one_ca() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let first = std::fs::read(fx.crl()).unwrap();
+    fx.fed
+        .revoke(&fx.fed.participant("BE-PAYOKE").unwrap())
+        .unwrap();
+    let second = std::fs::read(fx.crl()).unwrap();
+    std::fs::write(fx.crl(), [first.as_slice(), second.as_slice()].concat()).unwrap();
+    let opts = trmx_transport::ClientOptions {
+        server_name: "localhost".into(),
+        crl: Some(fx.crl()),
+        ..trmx_transport::ClientOptions::default()
+    };
+    let err = trmx_transport::client_channel("127.0.0.1:1", &fx.paths(&node), &opts)
+        .map(drop)
+        .unwrap_err();
+    assert_two_of_one_ca(&fx, &err);
+    // the newest alone is fine
+    std::fs::write(fx.crl(), &second).unwrap();
+    trmx_transport::client_channel("127.0.0.1:1", &fx.paths(&node), &opts).unwrap();
+}
+
 /// Copies every regular file of `from` into `to` (a backup of a CA directory, or its
 /// restore).
 fn copy_files(from: &Path, to: &Path) {
