@@ -913,6 +913,7 @@ impl CertWatch {
         }
         if let Some(next_update) = tls.crl_status().next_update {
             self.metrics.set_crl_next_update(next_update);
+            self.metrics.set_crl_recorded(tls.crl_record_saved());
         }
     }
 }

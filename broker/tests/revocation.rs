@@ -383,3 +383,34 @@ async fn a_crl_record_that_cannot_be_written_stops_the_start_saying_what_to_chec
     assert!(record.exists());
     Ok(())
 }
+
+/// A reload that cannot write the CRL record keeps the newer CRL in force (refusing it
+/// would keep its revoked certificates in), but after a restart an older CRL would then
+/// not be refused: `trmx_crl_recorded` says so (alert `TrmxCrlNotRecorded`) until a reload
+/// writes it again.
+#[tokio::test]
+async fn a_reload_that_cannot_write_the_crl_record_is_reported() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let recorded = |t: &TestBroker| {
+        let text = t.broker.metrics().render();
+        text.lines()
+            .find(|line| line.starts_with("trmx_crl_recorded "))
+            .map(str::to_owned)
+    };
+    assert_eq!(recorded(&t).as_deref(), Some("trmx_crl_recorded 1"));
+    let tmp = t
+        .config
+        .data_dir
+        .join(format!("{}.tmp", trmx_broker::CRL_RECORD_FILE));
+    // (a directory in the way fails the write as root too, unlike a mode)
+    std::fs::create_dir(&tmp)?;
+    t.pki
+        .federation
+        .revoke(&t.pki.federation.participant("BE-PAYOKE")?)?;
+    t.broker.reload_tls()?;
+    assert_eq!(recorded(&t).as_deref(), Some("trmx_crl_recorded 0"));
+    std::fs::remove_dir(&tmp)?;
+    t.broker.reload_tls()?;
+    assert_eq!(recorded(&t).as_deref(), Some("trmx_crl_recorded 1"));
+    Ok(())
+}

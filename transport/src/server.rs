@@ -106,6 +106,8 @@ struct Inner {
     conns: Mutex<HashMap<u64, ConnEntry>>,
     next_conn: AtomicU64,
     handshake_failures: HandshakeFailures,
+    /// Whether the last write of the CRL record failed (see [`ServerTls::crl_record_saved`]).
+    record_unsaved: std::sync::atomic::AtomicBool,
 }
 
 /// What the reloads share, behind the lock they hold one after the other.
@@ -627,6 +629,7 @@ impl ServerTls {
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
                 handshake_failures: HandshakeFailures::default(),
+                record_unsaved: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         tls.log_crl_status("tls config loaded");
@@ -678,12 +681,18 @@ impl ServerTls {
             record.take(&loaded.crl_versions);
             // The CRL is in force even so: refusing a newer CRL for want of a record would
             // keep the certificates it revokes in. Tried again at the next reload.
-            if saving && let Err(error) = record.save() {
-                tracing::warn!(
-                    %error,
-                    "the newer CRL is in force, but not recorded: after a restart an older \
-                     CRL would not be refused"
-                );
+            if saving {
+                let saved = record.save();
+                self.inner
+                    .record_unsaved
+                    .store(saved.is_err(), std::sync::atomic::Ordering::Relaxed);
+                if let Err(error) = saved {
+                    tracing::warn!(
+                        %error,
+                        "the newer CRL is in force, but not recorded: after a restart an \
+                         older CRL would not be refused"
+                    );
+                }
             }
         }
         type Snapshot = (
@@ -753,7 +762,21 @@ impl ServerTls {
         // (from here on, a record that cannot be written now is tried again by every
         // reload that loads a newer CRL)
         reloads.saving = true;
-        record.save()
+        let saved = record.save();
+        self.inner
+            .record_unsaved
+            .store(saved.is_err(), std::sync::atomic::Ordering::Relaxed);
+        saved
+    }
+
+    /// `false` while the CRL record could not be written at the last try (the CRL in
+    /// force is then not recorded: after a restart, an older CRL would not be refused).
+    /// `true` when it was, and for a server that keeps no record.
+    pub fn crl_record_saved(&self) -> bool {
+        !self
+            .inner
+            .record_unsaved
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The freshness of the loaded CRL now.

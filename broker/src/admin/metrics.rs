@@ -224,6 +224,8 @@ struct Gauges {
     participants: BTreeMap<String, ParticipantGauge>,
     certs: BTreeMap<CertKey, SystemTime>,
     crl_next_update: Option<SystemTime>,
+    /// Whether the CRL record holds the CRL in force (`None`: no CRL).
+    crl_recorded: Option<bool>,
     disk: Option<DiskGauge>,
 }
 
@@ -595,6 +597,12 @@ impl Metrics {
         self.lock().crl_next_update = Some(next_update);
     }
 
+    /// Records whether the CRL record could be written at the last try
+    /// (`trmx_crl_recorded`).
+    pub fn set_crl_recorded(&self, recorded: bool) {
+        self.lock().crl_recorded = Some(recorded);
+    }
+
     /// Store writable, and the CA and broker certificates known and unexpired.
     pub fn readiness(&self) -> Readiness {
         let now = self.clock.now();
@@ -831,6 +839,15 @@ impl Metrics {
                 &[],
                 seconds_between(now, next_update),
             );
+        }
+        w.family(
+            "trmx_crl_recorded",
+            "1 when the CRL record in the data directory holds the CRL in force; 0 when it \
+             could not be written (after a restart an older CRL would not be refused).",
+            "gauge",
+        );
+        if let Some(recorded) = gauges.crl_recorded {
+            w.sample("trmx_crl_recorded", &[], f64::from(u8::from(recorded)));
         }
         for (name, help, value) in [
             (
@@ -1192,7 +1209,7 @@ mod tests {
         // every family has one HELP and one TYPE line
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 28);
+        assert_eq!(types, 29);
         assert_eq!(helps, types);
     }
 
@@ -1405,6 +1422,12 @@ mod tests {
             ]
         );
         assert!(text.contains("trmx_crl_next_update_seconds -10\n"));
+        assert!(
+            !text.lines().any(|l| l.starts_with("trmx_crl_recorded ")),
+            "no record state known yet"
+        );
+        metrics.set_crl_recorded(false);
+        assert!(metrics.render().contains("trmx_crl_recorded 0\n"));
         assert!(text.contains("trmx_store_writable 1\n"));
 
         clock.advance(Duration::from_secs(60));
