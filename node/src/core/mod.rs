@@ -810,13 +810,12 @@ struct CertNotices {
     refused: Option<Said>,
 }
 
-/// Whether `about` is to be said at `now`, given what `said` holds (then recorded).
-fn say_again(said: &mut Option<Said>, about: &str, now: SystemTime) -> bool {
+/// Whether `about` is to be said at `now`, given what `said` holds (then recorded): not
+/// when it was said less than `every` before.
+fn say_again(said: &mut Option<Said>, about: &str, now: SystemTime, every: Duration) -> bool {
     if let Some(last) = said.as_ref()
         && last.about == about
-        && now
-            .duration_since(last.at)
-            .is_ok_and(|ago| ago < CERT_EXPIRY_REPEAT)
+        && now.duration_since(last.at).is_ok_and(|ago| ago < every)
     {
         return false;
     }
@@ -840,7 +839,7 @@ fn note_certificate_expiry(
     if left.as_ref().is_ok_and(|left| *left >= CERT_EXPIRY_WARNING) {
         return;
     }
-    if !say_again(said, &info.serial_hex, now) {
+    if !say_again(said, &info.serial_hex, now, CERT_EXPIRY_REPEAT) {
         return;
     }
     let path = config.tls.cert.display();
@@ -883,7 +882,7 @@ impl Inner {
                     at: now,
                 });
             }
-            Some(why) if say_again(&mut said.refused, why, now) => {
+            Some(why) if say_again(&mut said.refused, why, now, CERT_EXPIRY_REPEAT) => {
                 let serial = status.presented.as_ref().map(|i| i.serial_hex.as_str());
                 warn!(participant = %self.config.participant, cert = %self.config.tls.cert.display(), serial = serial.unwrap_or("-"), reason = %why, "the TLS files changed but cannot be used: the node keeps presenting the certificate read before; fix the files");
             }
