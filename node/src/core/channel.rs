@@ -5,13 +5,16 @@
 //! it was opened with all along: after a renewal the node would go on
 //! presenting the old certificate (to a broker about to revoke it) for weeks.
 //! [`LinkChannel`] is the `tower` service every `Exchange` client of the link
-//! calls through. [`LinkChannel::move_if_outdated`] replaces the channel
-//! inside it with a new one when the next connection would present another
-//! certificate than the open one: each call from then on goes to the new
-//! channel, while a call made before (a submit awaiting its answer) ends on
-//! the old connection, which hyper closes once its last call has ended. The
-//! receive loop, whose stream would hold the old connection open for ever,
-//! watches [`LinkChannel::generation`] and moves its stream.
+//! calls through. [`LinkChannel::outdated`] says when the next connection would
+//! present another certificate than the open one, and opens a [`Candidate`]
+//! channel that presents it; the certificate loop proves it with one call, and
+//! only then [`LinkChannel::move_to`] replaces the channel inside with it (a
+//! certificate the broker refuses must not take the link off a connection that
+//! works). Each call from then on goes to the new channel, while a call made
+//! before (a submit awaiting its answer) ends on the old connection, which hyper
+//! closes once its last call has ended. The receive loop, whose stream would
+//! hold the old connection open for ever, watches [`LinkChannel::generation`]
+//! and moves its stream.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -54,13 +57,32 @@ struct Current {
     tls: Option<ChannelTls>,
 }
 
-/// A move to a new connection: the certificates of the old and of the new.
+/// The link's next connection would present another certificate than its open one.
 #[derive(Debug)]
-pub(crate) struct Moved {
+pub(crate) struct Outdated {
     /// What the open connection presents (`None`: no trmx certificate).
     pub(crate) old: Option<CertInfo>,
     /// What the next connection presents.
     pub(crate) new: Option<CertInfo>,
+    /// The TLS files of the channel in use.
+    tls: ChannelTls,
+}
+
+/// A new channel, with its own connection, not yet in use by the link.
+#[derive(Debug)]
+pub(crate) struct Candidate {
+    /// Connects at its first call, with the TLS files as they are then: the call that
+    /// proves it opens the connection the link then uses (no second one).
+    pub(crate) channel: Channel,
+    tls: ChannelTls,
+}
+
+impl Outdated {
+    /// A new channel to the broker with the same TLS files (nothing dialled yet).
+    pub(crate) fn candidate(&self) -> Candidate {
+        let (channel, tls) = self.tls.new_channel();
+        Candidate { channel, tls }
+    }
 }
 
 impl std::fmt::Debug for LinkChannel {
@@ -99,29 +121,32 @@ impl LinkChannel {
         self.shared.generation.subscribe()
     }
 
-    /// Moves to a new channel when the next connection would present another
-    /// certificate than the open one presents. Reads the TLS files when they
-    /// changed (small files, synchronously): call it off the runtime.
-    pub(crate) fn move_if_outdated(&self) -> Option<Moved> {
+    /// Whether the next connection would present another certificate than the open
+    /// one presents (`None`: the same, no connection opened yet, or a link without
+    /// TLS). Reads the TLS files when they changed (small files, synchronously): call
+    /// it off the runtime.
+    pub(crate) fn outdated(&self) -> Option<Outdated> {
         let tls = self.current().tls.clone()?;
         let status = tls.status();
-        if !status.outdated {
-            return None;
-        }
-        let (channel, tls) = tls.new_channel();
+        status.outdated.then_some(Outdated {
+            old: status.connected,
+            new: status.presented,
+            tls,
+        })
+    }
+
+    /// Moves to `candidate`: each call from now on goes to it, and the receive loop
+    /// moves its stream (see [`LinkChannel::generation`]).
+    pub(crate) fn move_to(&self, candidate: Candidate) {
         let generation = {
             let mut current = self.current();
             current.generation = current.generation.wrapping_add(1);
             // (the old channel is dropped here, unless a call still holds it)
-            current.channel = channel;
-            current.tls = Some(tls);
+            current.channel = candidate.channel;
+            current.tls = Some(candidate.tls);
             current.generation
         };
         self.shared.generation.send_replace(generation);
-        Some(Moved {
-            old: status.connected,
-            new: status.presented,
-        })
     }
 
     /// The channel in use, and its generation.
@@ -198,7 +223,7 @@ mod tests {
             tower::Service::<http::Request<Body>>::poll_ready(&mut link, &mut cx),
             Poll::Ready(Ok(()))
         ));
-        // a move, as `move_if_outdated` makes it, to a channel whose buffer is full
+        // a move, as `move_to` makes it, to a channel whose buffer is full
         let full = lazy_channel(1);
         let mut other = full.clone();
         assert!(matches!(

@@ -8,13 +8,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt as _;
 use prost::Message;
 use tokio::sync::watch;
 use tonic::Code;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use trmx_proto::envelope::check_delivery;
 use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::time::{Date, from_timestamp, to_millis};
@@ -22,7 +22,10 @@ use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use super::channel::LinkChannel;
 use super::store::{IdUse, Incoming, ReceiptEffect, Stored};
-use super::{Body, BodyContext, Failure, Inner, Millis, NodeError, OutboxState, ParticipantInfo};
+use super::{
+    Body, BodyContext, Failure, Inner, Millis, NodeError, OutboxState, ParticipantInfo, Said,
+    say_again,
+};
 
 /// Queued entries read per round of the submit loop.
 const SUBMIT_BATCH: usize = 32;
@@ -115,21 +118,24 @@ fn push_causes(text: &mut String, mut cause: Option<&(dyn std::error::Error + 's
 }
 
 /// Whether `error` is rustls' "received corrupt message of type
-/// InvalidContentType" (bare or inside an `io::Error`): the first bytes the
-/// peer sent were not a TLS record.
+/// InvalidContentType": the first bytes the peer sent were not a TLS record.
 fn is_not_tls(error: &(dyn std::error::Error + 'static)) -> bool {
-    let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
-        error
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::get_ref)
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    });
     matches!(
-        tls,
+        rustls_error(error),
         Some(rustls::Error::InvalidMessage(
             rustls::InvalidMessage::InvalidContentType
         ))
     )
+}
+
+/// `error` as a rustls error, bare or inside an `io::Error` (as tokio-rustls hands it on).
+fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    error.downcast_ref::<rustls::Error>().or_else(|| {
+        error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    })
 }
 
 /// Whether a call about one message (a submit, a withdrawal) refused with `code` can
@@ -820,32 +826,172 @@ async fn handle_delivery(
 
 // ---- certificate ----------------------------------------------------------------
 
+/// How long the call that proves a new connection may take: TCP connect (itself bounded
+/// by the channel's connect timeout), the TLS handshake and a `GetInfo`. Not a multiple of
+/// `certificate_check_interval`: the loop waits for the proof before its next check, so
+/// checks do not pile up, and a handshake slowed by a loaded machine must not count as
+/// a refusal and hold the move up for [`REFUSED_RETRY`].
+const PROOF_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a new certificate that the broker did not accept waits before it is tried
+/// again while the files stay as they are (a change of the files is tried at once): a
+/// broker that refused it will most likely refuse it again, and a doomed handshake at
+/// every check would only load it.
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
+
+/// How often a new certificate that the broker does not accept is said again at ERROR
+/// while it lasts.
+const REFUSED_REPEAT: Duration = Duration::from_secs(15 * 60);
+
+/// A new certificate that the broker did not accept: which, and when it was tried.
+#[derive(Debug)]
+struct Refused {
+    cert: Option<trmx_certs::CertInfo>,
+    at: SystemTime,
+}
+
+/// Whether the new certificate `cert` is to be tried at `now`: not when it is the one
+/// `refused` holds and was tried less than [`REFUSED_RETRY`] before.
+fn try_now(
+    refused: Option<&Refused>,
+    cert: Option<&trmx_certs::CertInfo>,
+    now: SystemTime,
+) -> bool {
+    refused.is_none_or(|refused| {
+        refused.cert.as_ref() != cert
+            || !now
+                .duration_since(refused.at)
+                .is_ok_and(|ago| ago < REFUSED_RETRY)
+    })
+}
+
+/// Why a new connection failed its proof.
+#[derive(Debug)]
+struct NotProven {
+    /// The broker's reason, as [`status_text`] gives it.
+    reason: String,
+    /// The broker refused this node (a TLS alert in the handshake, `UNAUTHENTICATED`,
+    /// `PERMISSION_DENIED`), as opposed to a broker out of reach.
+    refused: bool,
+}
+
+/// Proves a new connection: one `GetInfo` through `channel`, which opens it.
+async fn prove(channel: tonic::transport::Channel) -> Result<(), NotProven> {
+    let mut client =
+        ExchangeClient::new(channel).max_decoding_message_size(super::MAX_DELIVERY_BYTES);
+    match tokio::time::timeout(PROOF_TIMEOUT, client.get_info(pb::GetInfoRequest {})).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(NotProven {
+            reason: status_text(&status),
+            refused: is_refusal(&status),
+        }),
+        Err(_) => Err(NotProven {
+            reason: format!("no answer within {} s", PROOF_TIMEOUT.as_secs()),
+            refused: false,
+        }),
+    }
+}
+
+/// Whether `status` says that the broker refused this node rather than that it could not
+/// be reached: `UNAUTHENTICATED`, `PERMISSION_DENIED`, or a TLS alert it sent in the
+/// handshake (a certificate of a CA it does not trust, revoked, not yet valid).
+fn is_refusal(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    if matches!(
+        status.code(),
+        Code::Unauthenticated | Code::PermissionDenied
+    ) {
+        return true;
+    }
+    let mut cause = status.source();
+    while let Some(error) = cause {
+        if matches!(rustls_error(error), Some(rustls::Error::AlertReceived(_))) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// Every `certificate_check_interval`, moves the link to a new connection when
 /// the next one would present another certificate than the open one: after a
 /// renewal (before the old certificate expires, or is revoked) the broker sees
 /// the new certificate within seconds. The files are read off the runtime, and
 /// only when they changed (the channel compares their digests).
+///
+/// The new connection is proven first (one `GetInfo`, at most [`PROOF_TIMEOUT`]), and
+/// the link moves to it only when the broker answered: a certificate the broker refuses
+/// (of a CA it does not trust, revoked, not yet valid) must not take the node off a
+/// connection that works. The link then keeps the old connection, the refusal is logged
+/// at ERROR (again every [`REFUSED_REPEAT`] while it lasts), and the certificate is tried
+/// again after [`REFUSED_RETRY`], or at once when the files change.
+///
+/// When the old connection is down too, a failed proof moves nothing either: the old
+/// channel's next connection reads the files as they are then, so it presents the new
+/// certificate anyway (a move would gain nothing), and the receive loop reports its
+/// failures. The proof is then logged at ERROR only when the broker refused the
+/// certificate, not when it could not be reached.
 pub(crate) async fn certificate_loop(
     inner: Arc<Inner>,
     channel: LinkChannel,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let me = inner.config.participant.clone();
+    let serial = |info: Option<&trmx_certs::CertInfo>| {
+        info.map_or_else(|| "-".to_owned(), |i| i.serial_hex.clone())
+    };
+    let mut refused: Option<Refused> = None;
+    let mut said: Option<Said> = None;
     while pause(inner.config.certificate_check_interval, &mut shutdown).await {
         let checking = channel.clone();
-        let moved = match tokio::task::spawn_blocking(move || checking.move_if_outdated()).await {
-            Ok(moved) => moved,
+        let outdated = match tokio::task::spawn_blocking(move || checking.outdated()).await {
+            Ok(outdated) => outdated,
             Err(e) => {
                 warn!(participant = %me, error = %e, "certificate check failed");
                 continue;
             }
         };
-        if let Some(moved) = moved {
-            let serial = |info: &Option<trmx_certs::CertInfo>| {
-                info.as_ref()
-                    .map_or_else(|| "-".to_owned(), |i| i.serial_hex.clone())
-            };
-            info!(participant = %me, old_serial = %serial(&moved.old), new_serial = %serial(&moved.new), "the node certificate changed: reconnecting to the broker to present the new one");
+        let Some(outdated) = outdated else {
+            // (the files present the connection's certificate again, or it moved: a
+            // refusal from now on is a new one)
+            (refused, said) = (None, None);
+            continue;
+        };
+        let now = inner.clock.now();
+        if !try_now(refused.as_ref(), outdated.new.as_ref(), now) {
+            continue;
+        }
+        let (old_serial, new_serial) =
+            (serial(outdated.old.as_ref()), serial(outdated.new.as_ref()));
+        debug!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, "trying the new node certificate on a new connection before the link moves to it");
+        let candidate = outdated.candidate();
+        let proof = tokio::select! {
+            proof = prove(candidate.channel.clone()) => proof,
+            _ = shutdown.changed() => break,
+        };
+        let failed = match proof {
+            Ok(()) => {
+                channel.move_to(candidate);
+                (refused, said) = (None, None);
+                info!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, "the node certificate changed: reconnecting to the broker to present the new one");
+                continue;
+            }
+            Err(failed) => failed,
+        };
+        // (the candidate is dropped: its connection, if any, with it)
+        refused = Some(Refused {
+            cert: outdated.new,
+            at: now,
+        });
+        let connected = inner.link.connected.load(Ordering::SeqCst);
+        if !connected && !failed.refused {
+            debug!(participant = %me, new_serial = %new_serial, reason = %failed.reason, "the broker cannot be reached to try the new node certificate; the link is down, and its next connection presents it");
+        } else if !say_again(&mut said, &new_serial, now, REFUSED_REPEAT) {
+            debug!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, connected, "the broker did not accept the new node certificate (said before)");
+        } else if connected {
+            error!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate: the link keeps its connection with the old one, until that breaks (the next connection presents the certificate files as they are); install a certificate the broker accepts");
+        } else {
+            error!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate, and the link is down: nothing is sent or received until a certificate the broker accepts is installed");
         }
     }
 }
@@ -1314,6 +1460,60 @@ mod tests {
             log.failed(revoked, t0 + Duration::from_secs(70)),
             "after a recovery"
         );
+    }
+
+    /// A certificate the broker refused is not tried at every check (a doomed handshake
+    /// every 5 s): again after a minute, or at once when the files hold another one.
+    #[test]
+    fn a_refused_certificate_is_tried_again_after_a_minute_or_when_the_files_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = trmx_certs::Federation::create(dir.path(), "trmx.test").unwrap();
+        let info = |id: &str| {
+            let cert = federation.participant(id).unwrap();
+            trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap()
+        };
+        let (bad, other) = (info("NL-NRM"), info("BE-PAYOKE"));
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert!(try_now(None, Some(&bad), t0), "never refused");
+        let refused = Refused {
+            cert: Some(bad.clone()),
+            at: t0,
+        };
+        let refused = Some(&refused);
+        assert!(!try_now(refused, Some(&bad), t0));
+        assert!(!try_now(
+            refused,
+            Some(&bad),
+            t0 + REFUSED_RETRY - Duration::from_secs(1)
+        ));
+        assert!(try_now(refused, Some(&bad), t0 + REFUSED_RETRY));
+        assert!(try_now(refused, Some(&other), t0), "the files changed");
+        assert!(try_now(refused, None, t0), "the files changed");
+        assert!(
+            try_now(refused, Some(&bad), t0 - Duration::from_secs(1)),
+            "a clock set back"
+        );
+    }
+
+    #[test]
+    fn refusals_of_the_node_are_told_from_a_broker_out_of_reach() {
+        assert!(is_refusal(&tonic::Status::unauthenticated(
+            "no client certificate"
+        )));
+        assert!(is_refusal(&tonic::Status::permission_denied(
+            "NL-NRM is not in the registry"
+        )));
+        let mut alert = tonic::Status::unavailable("transport error");
+        alert.set_source(Arc::new(std::io::Error::other(
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked),
+        )));
+        assert!(is_refusal(&alert));
+        let mut refused = tonic::Status::unavailable("transport error");
+        refused.set_source(Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert!(!is_refusal(&refused));
+        assert!(!is_refusal(&tonic::Status::unavailable("shutting down")));
     }
 
     #[test]

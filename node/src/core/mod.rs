@@ -7,7 +7,7 @@
 //!   case and due indexes; every state change is one transaction.
 //! - `link` (private): the broker link — submit loop, receive loop, `GetInfo`,
 //!   and the certificate check that moves the link to a new connection when the
-//!   node certificate changes.
+//!   node certificate changes, once the broker has answered on that connection.
 //! - `channel` (private): the channel every broker call goes through, replaced
 //!   by a new one (new connection) on such a move.
 //!
@@ -89,7 +89,9 @@ pub struct CoreConfig {
     /// either it answers `UNAVAILABLE` (try again); submits wait for it meanwhile.
     pub withdraw_timeout: Duration,
     /// How often the link compares the certificate its connection presents with the
-    /// certificate file; when they differ (a renewal), it moves to a new connection.
+    /// certificate file; when they differ (a renewal), it moves to a new connection, once
+    /// the broker has answered a call on it (a certificate it refuses leaves the link
+    /// where it is).
     pub certificate_check_interval: Duration,
     /// How far the system clock may be from the store's last run at start.
     pub clock_bounds: ClockBounds,
