@@ -2812,6 +2812,184 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// Copies the certificate and key of `from` over those of `to`, as an operator
+    /// deploys new files (the pair does not match for a moment: the node waits for it).
+    fn install(from: &trmx_certs::CertPaths, to: &trmx_certs::CertPaths) {
+        std::fs::copy(&from.cert, &to.cert).unwrap();
+        std::fs::copy(&from.key, &to.key).unwrap();
+    }
+
+    /// A certificate the broker refuses (here issued by another CA, as a file from the
+    /// wrong federation would be; also one revoked or not yet valid) took the node off
+    /// its working connection within seconds: the link moved to a new connection that
+    /// the broker would not open. Now the new certificate is tried on the new
+    /// connection first: refused, the link stays on the old one (messages flow both
+    /// ways, the broker never sees a `Receive` with it), the refusal is said at ERROR
+    /// with both serials and the broker's reason, tried again once a minute and said
+    /// again every 15 minutes while the files stay; a good certificate then moves the
+    /// link as before.
+    #[tokio::test]
+    async fn a_certificate_the_broker_refuses_leaves_the_link_on_its_connection() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("NL-NRM").unwrap();
+        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
+        // NL-NRM's identity, issued by a CA the broker does not trust
+        let stranger =
+            trmx_certs::Federation::create(&dir.path().join("other-pki"), "trmx.test").unwrap();
+        let foreign = stranger.participant("NL-NRM").unwrap();
+        let bad = trmx_certs::CertInfo::from_pem_file(&foreign.cert).unwrap();
+        assert_eq!(bad.identity, first.identity);
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let server = broker_tls(&federation);
+        let _serving = broker.serve_tls("NL-NRM", l, server.clone());
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let nl = started_on(
+            dir.path(),
+            "NL-NRM",
+            &federation,
+            &cert,
+            addr,
+            clock.clone(),
+        )
+        .await
+        .unwrap();
+        let serials = || broker.lock().receive_serials.clone();
+        until("NL receives with its first certificate", || async {
+            serials() == [first.serial_hex.clone()] && nl.status().broker_connected
+        })
+        .await;
+
+        // the handshakes the broker refused for an unknown CA
+        let doomed = || {
+            server
+                .handshake_failures()
+                .iter()
+                .find(|(why, _)| *why == trmx_transport::HandshakeFailure::UnknownCa)
+                .map_or(0, |(_, count)| *count)
+        };
+        assert_eq!(doomed(), 0);
+        install(&foreign, &cert);
+        let refusals = || logs.lines_with(&["ERROR", "the broker did not accept"]);
+        until("the new certificate is tried", || async {
+            !refusals().is_empty() || !nl.status().broker_connected
+        })
+        .await;
+        assert!(
+            nl.status().broker_connected,
+            "the link left its working connection for a certificate the broker refuses: {:?}",
+            nl.status().last_broker_error
+        );
+        until("the broker counts the refused handshake", || async {
+            doomed() >= 1
+        })
+        .await;
+        let told = refusals();
+        assert_eq!(told.len(), 1, "{told:#?}");
+        // (the broker's reason: its TLS alert; the other CA has the same name, so its
+        // signature is what fails)
+        for part in [&first.serial_hex, &bad.serial_hex, "received fatal alert"] {
+            assert!(told[0].contains(part), "{part}: {}", told[0]);
+        }
+
+        // messages flow both ways on the old connection
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("a message is submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let be = NodeCore::start_offline(config(dir.path(), "BE-PAYOKE"), clock.clone())
+            .await
+            .unwrap();
+        let deliver = |key: &'static str| {
+            let (be, broker) = (&be, &broker);
+            async move {
+                let incoming = be.send(request(key, "NL-NRM", referral())).await.unwrap();
+                let envelope = be
+                    .inner
+                    .store
+                    .envelope(incoming.message_id)
+                    .unwrap()
+                    .unwrap();
+                broker.enqueue(envelope, "BE-PAYOKE");
+                incoming.message_id
+            }
+        };
+        let incoming = deliver("k-1").await;
+        until("NL stores and acknowledges a delivery", || async {
+            broker.lock().acked == [incoming.to_string()]
+        })
+        .await;
+        assert!(nl.status().broker_connected);
+        assert_eq!(
+            serials(),
+            std::slice::from_ref(&first.serial_hex),
+            "no Receive with the refused certificate"
+        );
+        assert_eq!(server.open_connections(), 1);
+        assert_eq!(doomed(), 1, "tried once");
+
+        // tried again a minute later, still refused, not said again
+        let outcomes = || logs.lines_with(&["the broker did not accept the new node certificate"]);
+        clock.advance(Duration::from_secs(61));
+        until("the refused certificate is tried again", || async {
+            outcomes().len() == 2 && doomed() >= 2
+        })
+        .await;
+        assert_eq!(doomed(), 2);
+        assert_eq!(refusals().len(), 1, "{:#?}", outcomes());
+        // said again after 15 minutes
+        clock.advance(Duration::from_secs(15 * 60));
+        until("the refusal is said again", || async {
+            refusals().len() == 2 && doomed() >= 3
+        })
+        .await;
+        assert_eq!(doomed(), 3);
+        assert!(nl.status().broker_connected);
+        assert_eq!(serials(), std::slice::from_ref(&first.serial_hex));
+
+        // a good certificate moves the link, at once (the files changed)
+        let good = federation
+            .issue("NL-NRM-2", &trmx_certs::IssueSpec::participant("NL-NRM"))
+            .unwrap();
+        let renewed = trmx_certs::CertInfo::from_pem_file(&good.cert).unwrap();
+        install(&good, &cert);
+        until("NL receives with its renewed certificate", || async {
+            serials().last() == Some(&renewed.serial_hex)
+        })
+        .await;
+        assert_eq!(
+            serials(),
+            [first.serial_hex.clone(), renewed.serial_hex.clone()],
+            "one move"
+        );
+        let incoming = deliver("k-2").await;
+        until(
+            "NL stores and acknowledges a delivery on the new connection",
+            || async { broker.lock().acked.last() == Some(&incoming.to_string()) },
+        )
+        .await;
+        until("the old connection is closed", || async {
+            server.open_connections() == 1
+        })
+        .await;
+        let moved = logs.lines_with(&["INFO", "the node certificate changed"]);
+        assert_eq!(moved.len(), 1, "{moved:#?}");
+        for part in [&first.serial_hex, &renewed.serial_hex] {
+            assert!(moved[0].contains(part.as_str()), "{part}: {}", moved[0]);
+        }
+        assert_eq!(nl.inbox(&ListFilter::default()).await.unwrap().len(), 2);
+        assert_eq!(broker.lock().submits_arrived, 1, "submitted once");
+        assert_eq!(doomed(), 3, "the renewed certificate was accepted");
+        be.shutdown().await;
+        nl.shutdown().await;
+    }
+
     /// `trmx-node status` said "Unknown: transport error" for a revoked
     /// certificate: the certificate error is in the error's source chain.
     #[tokio::test]
