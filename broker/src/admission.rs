@@ -302,8 +302,9 @@ impl Submitting {
     /// Begins a withdrawal of `sender`'s message `id`: from now on, for `refuse_for`, no
     /// submit of it starts writing. Waits until those writing are done, and returns how
     /// many were waiting (they will not be written). The withdrawal goes to the store
-    /// next, after their writes.
-    pub async fn withdraw(&self, sender: &ParticipantId, id: MessageId) -> usize {
+    /// next, after their writes; when the store refuses it (the message was acknowledged
+    /// or purged), [`Self::withdrawal_refused`] lifts the refusal.
+    pub async fn withdraw(&self, sender: &ParticipantId, id: MessageId) -> Withdrawal {
         let now = Instant::now();
         let (waiting, writing) = {
             let mut state = self.lock();
@@ -326,7 +327,25 @@ impl Submitting {
             // (an error: the last submit has gone, and the entry with it)
             let _ = writing.wait_for(|n| *n == 0).await;
         }
-        waiting
+        Withdrawal { waiting, at: now }
+    }
+
+    /// The store refused `withdrawal` (the message stays as it is): submits of the message
+    /// are not refused for it any longer. A retry of the stored message gets its receipt,
+    /// and one of a message the recipient acknowledged must not be told "withdrawn".
+    pub fn withdrawal_refused(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+        withdrawal: Withdrawal,
+    ) {
+        let mut state = self.lock();
+        if let Some(withdrawals) = state.withdrawn.get_mut(sender)
+            && withdrawals.at.get(&id) == Some(&withdrawal.at)
+        {
+            // (its place in `order` goes when it is old enough, like a replaced one)
+            withdrawals.at.remove(&id);
+        }
     }
 
     /// How many messages have submits registered.
@@ -392,6 +411,14 @@ impl Drop for SubmitTicket<'_> {
             state.pending.remove(&self.key);
         }
     }
+}
+
+/// A withdrawal begun by [`Submitting::withdraw`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Withdrawal {
+    /// The submits of the message that were waiting: they will not be written.
+    pub waiting: usize,
+    at: Instant,
 }
 
 /// A submit refused because its message was withdrawn while it was on its way.
@@ -555,7 +582,7 @@ mod tests {
         let mut retry = submitting.enter(&nl, message);
         let mut other_message = submitting.enter(&nl, other);
         let mut other_sender = submitting.enter(&be, message);
-        assert_eq!(submitting.withdraw(&nl, message).await, 2);
+        assert_eq!(submitting.withdraw(&nl, message).await.waiting, 2);
         assert_eq!(first.start_writing(), Err(Withdrawn));
         assert_eq!(retry.start_writing(), Err(Withdrawn));
         // another message, or the same id from another sender, is another message
@@ -605,12 +632,15 @@ mod tests {
         let polled = tokio::time::timeout(Duration::ZERO, &mut withdrawal).await;
         assert!(polled.is_err(), "the withdrawal waits for the write");
         drop(writing);
-        let cancelled = tokio::time::timeout(Duration::from_secs(5), withdrawal)
+        let withdrawal = tokio::time::timeout(Duration::from_secs(5), withdrawal)
             .await
             .expect("the withdrawal goes on once the write is done");
-        assert_eq!(cancelled, 0, "a submit being written is not cancelled");
+        assert_eq!(
+            withdrawal.waiting, 0,
+            "a submit being written is not cancelled"
+        );
         assert_eq!(submitting.messages(), 0);
         // nothing registered: nothing to wait for
-        assert_eq!(submitting.withdraw(&nl, message).await, 0);
+        assert_eq!(submitting.withdraw(&nl, message).await.waiting, 0);
     }
 }

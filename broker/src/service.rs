@@ -646,14 +646,22 @@ impl ExchangeService {
         tracing::Span::current().record("message_id", tracing::field::display(id));
         // An earlier submit of the message may still be on its way (its client gone):
         // it must not store the message after this withdrawal.
-        let cancelled = shared.submitting.withdraw(caller, id).await;
+        let withdrawal = shared.submitting.withdraw(caller, id).await;
+        let cancelled = withdrawal.waiting;
         if cancelled > 0 {
             info!(
                 cancelled,
                 "submits of the message on their way are not written"
             );
         }
+        // (a store that fails keeps the refusal: the message's state is not known)
         let result = shared.stored(shared.store.withdraw(caller, id, shared.now()).await)?;
+        if matches!(
+            result,
+            store::WithdrawResult::AlreadyAcknowledged | store::WithdrawResult::Final { .. }
+        ) {
+            shared.submitting.withdrawal_refused(caller, id, withdrawal);
+        }
         match result {
             store::WithdrawResult::Withdrawn { at } => {
                 shared.metrics.withdrawn();
@@ -1271,5 +1279,54 @@ mod tests {
         let refused = service.submit_inner(&nl, request).await.unwrap_err();
         assert_eq!(refused.error.code(), tonic::Code::FailedPrecondition);
         assert!(shared.store.status(&nl, id).await.unwrap().is_none());
+    }
+
+    /// A withdrawal the store refuses (the recipient acknowledged the message already)
+    /// refuses no submit: the sender's retry of the stored message (its first answer was
+    /// lost) gets its receipt, not "withdrawn by its sender", which would make the
+    /// sender's node mark a delivered message `rejected-by-broker`.
+    #[tokio::test]
+    async fn a_refused_withdrawal_does_not_refuse_the_retry_of_a_stored_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = one_slot_broker(dir.path());
+        let service = Arc::new(ExchangeService::new(shared.clone()));
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let envelope = referral_to("BE-PAYOKE");
+        let id = MessageId::parse(&envelope.message_id).unwrap();
+        let submit = || pb::SubmitRequest {
+            envelope: Some(envelope.clone()),
+        };
+        // stored; its receipt is lost on the way to the sender's node
+        service.submit_inner(&nl, submit()).await.unwrap();
+        // delivered and acknowledged by the recipient
+        let leased = shared
+            .store
+            .lease(&be, crate::store::StreamId(1), 10, shared.now())
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1);
+        shared.store.ack(&be, &[id], shared.now()).await.unwrap();
+        // the user asks for a withdrawal: too late, the broker says so
+        let withdrawn = service
+            .withdraw_inner(
+                &nl,
+                pb::WithdrawRequest {
+                    message_id: id.to_string(),
+                },
+            )
+            .await;
+        assert!(
+            matches!(withdrawn, Err(BrokerError::FailedPrecondition(_))),
+            "{withdrawn:?}"
+        );
+        // the node's submit loop retries the (still queued) message: it must get its
+        // receipt (a duplicate), not a refusal that says it was withdrawn
+        let retry = service.submit_inner(&nl, submit()).await;
+        assert!(
+            retry.as_ref().is_ok_and(|r| r.duplicate),
+            "retry of a stored, acknowledged message refused: {:?}",
+            retry.err().map(|r| r.error)
+        );
     }
 }
