@@ -23,8 +23,8 @@ use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 use super::channel::LinkChannel;
 use super::store::{IdUse, Incoming, ReceiptEffect, Stored};
 use super::{
-    Body, BodyContext, Failure, Inner, Millis, NodeError, OutboxState, ParticipantInfo, Said,
-    say_again,
+    Body, BodyContext, Failure, Inner, Millis, MoveRefused, NodeError, OutboxState,
+    ParticipantInfo, Said, say_again,
 };
 
 /// Queued entries read per round of the submit loop.
@@ -955,6 +955,7 @@ pub(crate) async fn certificate_loop(
             // (the files present the connection's certificate again, or it moved: a
             // refusal from now on is a new one)
             (refused, said) = (None, None);
+            inner.set_move_refused(None);
             continue;
         };
         let now = inner.clock.now();
@@ -973,6 +974,7 @@ pub(crate) async fn certificate_loop(
             Ok(()) => {
                 channel.move_to(candidate);
                 (refused, said) = (None, None);
+                inner.set_move_refused(None);
                 info!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, "the node certificate changed: reconnecting to the broker to present the new one");
                 continue;
             }
@@ -984,6 +986,15 @@ pub(crate) async fn certificate_loop(
             at: now,
         });
         let connected = inner.link.connected.load(Ordering::SeqCst);
+        if connected || failed.refused {
+            inner.set_move_refused(Some(MoveRefused {
+                connected: outdated.old.clone(),
+                reason: format!(
+                    "the broker did not accept the renewed certificate (serial {new_serial}): {}",
+                    failed.reason
+                ),
+            }));
+        }
         if !connected && !failed.refused {
             debug!(participant = %me, new_serial = %new_serial, reason = %failed.reason, "the broker cannot be reached to try the new node certificate; the link is down, and its next connection presents it");
         } else if !say_again(&mut said, &new_serial, now, REFUSED_REPEAT) {

@@ -419,8 +419,9 @@ pub struct CertificateStatus {
     /// The end of its validity.
     pub not_after: SystemTime,
     /// Why the TLS files as they are now are not used (they changed, and cannot be:
-    /// a key that is not the certificate's, another identity, ...): the certificate
-    /// above is the one read before. `None` when the files are in force.
+    /// a key that is not the certificate's, another identity, ...; or the broker did not
+    /// accept their certificate): the certificate above is the one read before, or the
+    /// one the connection presents. `None` when the files are in force.
     pub refused: Option<String>,
 }
 
@@ -527,6 +528,18 @@ struct Inner {
     tls: Option<trmx_transport::ChannelTls>,
     /// What was last said about the node certificate.
     notices: Mutex<CertNotices>,
+    /// The broker did not accept the renewed certificate the link last tried
+    /// (`link::certificate_loop`): the link stays on its connection with the old one.
+    move_refused: Mutex<Option<MoveRefused>>,
+}
+
+/// A renewed certificate the broker did not accept (see `Inner::move_refused`).
+#[derive(Debug, Clone)]
+pub(crate) struct MoveRefused {
+    /// The certificate the link's connection presents.
+    pub(crate) connected: Option<trmx_certs::CertInfo>,
+    /// Why, for `trmx-node status`.
+    pub(crate) reason: String,
 }
 
 /// The broker link of a node started online, for [`NodeCore::open`].
@@ -863,6 +876,14 @@ impl Inner {
     /// says, once a day at most, when the certificate the link presents expires soon or
     /// has expired, and when a change of the files cannot be used (found now, not at
     /// the next connection, which may be weeks away).
+    /// Records (or, with `None`, clears) a renewed certificate the broker did not accept.
+    pub(crate) fn set_move_refused(&self, refused: Option<MoveRefused>) {
+        *self
+            .move_refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = refused;
+    }
+
     fn recheck_certificate(&self) {
         let Some(tls) = &self.tls else {
             return;
@@ -896,10 +917,21 @@ impl Inner {
     /// The certificate the broker link presents from its next connection, or the
     /// certificate file's when there is no link.
     fn certificate_status(&self) -> Option<CertificateStatus> {
+        let move_refused = self
+            .move_refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let (info, refused) = match &self.tls {
             Some(tls) => {
                 let status = tls.status();
-                (status.presented, status.refused)
+                match (status.refused, move_refused) {
+                    (Some(refused), _) => (status.presented, Some(refused)),
+                    // (the broker did not accept the files' certificate: the link goes on
+                    // with the one its connection presents)
+                    (None, Some(moved)) => (moved.connected, Some(moved.reason)),
+                    (None, None) => (status.presented, None),
+                }
             }
             None => (
                 trmx_certs::CertInfo::from_pem_file(&self.config.tls.cert).ok(),
@@ -1011,6 +1043,7 @@ impl NodeCore {
             failpoint_inbox_after_store,
             tls,
             notices: Mutex::new(notices),
+            move_refused: Mutex::new(None),
         });
         let mut tasks = Vec::new();
         if let (Some(client), Some(channel)) = (inner.client.clone(), channel) {

@@ -2893,6 +2893,17 @@ mod link {
         for part in [&first.serial_hex, &bad.serial_hex, "received fatal alert"] {
             assert!(told[0].contains(part), "{part}: {}", told[0]);
         }
+        // `trmx-node status` says so: the certificate in use is the first, and why the
+        // files' is not
+        let shown = nl.status().certificate.unwrap();
+        assert_eq!(shown.serial_hex, first.serial_hex);
+        let why = shown.refused.unwrap_or_default();
+        for part in [
+            "the broker did not accept the renewed certificate",
+            bad.serial_hex.as_str(),
+        ] {
+            assert!(why.contains(part), "{part}: {why}");
+        }
 
         // messages flow both ways on the old connection
         let sent = nl
@@ -2986,6 +2997,11 @@ mod link {
         assert_eq!(nl.inbox(&ListFilter::default()).await.unwrap().len(), 2);
         assert_eq!(broker.lock().submits_arrived, 1, "submitted once");
         assert_eq!(doomed(), 3, "the renewed certificate was accepted");
+        let shown = nl.status().certificate.unwrap();
+        assert_eq!(
+            (shown.serial_hex, shown.refused),
+            (renewed.serial_hex.clone(), None)
+        );
         be.shutdown().await;
         nl.shutdown().await;
     }
