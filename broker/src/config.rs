@@ -165,6 +165,14 @@ pub struct LimitsConfig {
     /// Largest `max_in_flight` granted; larger requests are capped.
     #[serde(default = "default_max_max_in_flight")]
     pub max_max_in_flight: u32,
+    /// Payload bytes a `Receive` stream holds ready ahead of its connection. A
+    /// delivery's ack timeout runs from the moment the broker takes the message for
+    /// the stream, so the stream takes more only while less than this waits to be
+    /// sent: on a slow link, deliveries still waiting behind others are not timed
+    /// out and sent again. Size `lifecycle.ack_timeout` for this plus the largest
+    /// message over the slowest link.
+    #[serde(default = "default_receive_buffer_bytes", with = "units::bytes")]
+    pub receive_buffer_bytes: u64,
     /// Lifetime of a message without `expires_at`, from acceptance.
     #[serde(default = "default_default_lifetime", with = "units::duration")]
     pub default_lifetime: Duration,
@@ -228,6 +236,7 @@ impl Default for LimitsConfig {
             request_timeout: default_request_timeout(),
             default_max_in_flight: default_default_max_in_flight(),
             max_max_in_flight: default_max_max_in_flight(),
+            receive_buffer_bytes: default_receive_buffer_bytes(),
             default_lifetime: default_default_lifetime(),
             max_lifetime: default_max_lifetime(),
             sender_rate_per_second: default_sender_rate_per_second(),
@@ -361,6 +370,11 @@ fn default_writer_nice() -> i32 {
 
 fn default_cache_capacity() -> u64 {
     16 << 20
+}
+/// 1 MiB: a few seconds of a slow (a few Mbit/s) link, and hundreds of typical
+/// referrals, so a fast link's streams are never starved by it.
+fn default_receive_buffer_bytes() -> u64 {
+    1 << 20
 }
 fn default_max_envelope_bytes() -> u64 {
     8 << 20
@@ -708,6 +722,18 @@ impl BrokerConfig {
             u64::from(l.default_max_in_flight),
             1,
         )?;
+        // (at least one typical message ahead, so a stream on a fast link is never
+        // starved; at most what a stream may hold in memory)
+        at_least(
+            "limits.receive_buffer_bytes",
+            l.receive_buffer_bytes,
+            16 << 10,
+        )?;
+        at_most(
+            "limits.receive_buffer_bytes",
+            l.receive_buffer_bytes,
+            256 << 20,
+        )?;
         if l.default_max_in_flight > l.max_max_in_flight {
             return Err(BrokerError::config(
                 "limits.default_max_in_flight",
@@ -1048,6 +1074,10 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
             (
                 "[limits]\ndefault_max_in_flight = 300\n",
                 "config: limits.default_max_in_flight must be <= limits.max_max_in_flight (256), got 300",
+            ),
+            (
+                "[limits]\nreceive_buffer_bytes = \"1KiB\"\n",
+                "config: limits.receive_buffer_bytes must be >= 16384, got 1024",
             ),
             (
                 "[limits]\ndefault_lifetime = \"100d\"\n",

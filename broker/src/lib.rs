@@ -44,6 +44,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod operator;
+pub mod outbound;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 use trmx_certs::{CertInfo, Role};
@@ -27,6 +26,7 @@ use crate::admission::{self, Admission, SubmitSlots, Submitting};
 use crate::clock::Clock;
 use crate::config::{LifecycleConfig, LimitsConfig};
 use crate::error::BrokerError;
+use crate::outbound::{self, Outbound, Outbox};
 use crate::registry::Registry;
 use crate::store::{
     self, BrokerStore, Leased, Millis, NewMessage, StatusRecord, StoreError, StreamEnd,
@@ -496,7 +496,7 @@ impl ExchangeService {
         &self,
         caller: ParticipantId,
         request: pb::ReceiveRequest,
-    ) -> Result<ReceiverStream<Result<pb::Delivery, Status>>, BrokerError> {
+    ) -> Result<Outbound, BrokerError> {
         let shared = &self.shared;
         if *shared.shutting_down.borrow() {
             return Err(BrokerError::Unavailable(
@@ -513,15 +513,17 @@ impl ExchangeService {
                 shared.limits.max_streams_per_participant
             ))
         })?;
-        let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 64));
+        let (outbox, outbound) = outbound::channel(max_in_flight.clamp(1, 64));
         let span = info_span!(
             "receive_stream",
             participant = %caller,
             stream = handle.id.0,
             max_in_flight
         );
-        tokio::spawn(run_stream(self.shared.clone(), handle, max_in_flight, tx).instrument(span));
-        Ok(ReceiverStream::new(rx))
+        tokio::spawn(
+            run_stream(self.shared.clone(), handle, max_in_flight, outbox).instrument(span),
+        );
+        Ok(outbound)
     }
 
     async fn ack_inner(
@@ -785,7 +787,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
         )
     }
 
-    type ReceiveStream = ReceiverStream<Result<pb::Delivery, Status>>;
+    type ReceiveStream = Outbound;
 
     async fn receive(
         &self,
@@ -841,17 +843,19 @@ impl pb::exchange_server::Exchange for ExchangeService {
     }
 }
 
-/// One `Receive` stream: lease up to the free slots, send, sleep until woken.
-/// On exit (client gone, shutdown, store failure) its leases are released.
+/// One `Receive` stream: lease up to the free slots while little waits to be sent,
+/// send, sleep until woken. On exit (client gone, shutdown, store failure) its leases
+/// are released.
 async fn run_stream(
     shared: Arc<Shared>,
     mut handle: StreamHandle,
     max_in_flight: usize,
-    tx: mpsc::Sender<Result<pb::Delivery, Status>>,
+    outbox: Outbox,
 ) {
     let participant = handle.participant.clone();
     let ack_timeout = millis(shared.lifecycle.ack_timeout);
     let recheck = shared.lifecycle.tick_interval;
+    let buffer = shared.limits.receive_buffer_bytes;
     let mut shutting_down = shared.shutting_down.clone();
     shared.metrics.stream_opened(&participant);
     debug!("receive stream opened");
@@ -866,12 +870,18 @@ async fn run_stream(
         let free = shared
             .streams
             .free_slots(&participant, handle.id, max_in_flight, now);
-        if free > 0 {
-            let leased =
-                match shared.stored(shared.store.lease(&participant, handle.id, free, now).await) {
-                    Ok(leased) => leased,
-                    Err(error) => break 'stream Some(Status::from(error)),
-                };
+        // The ack timeout runs from the lease: take only what can be sent soon.
+        let room = buffer.saturating_sub(outbox.waiting_bytes());
+        if free > 0 && room > 0 {
+            let leased = match shared.stored(
+                shared
+                    .store
+                    .lease(&participant, handle.id, free, room, now)
+                    .await,
+            ) {
+                Ok(leased) => leased,
+                Err(error) => break 'stream Some(Status::from(error)),
+            };
             if !leased.is_empty() {
                 shared.streams.leased(
                     &participant,
@@ -891,7 +901,7 @@ async fn run_stream(
                     // released as the broker's doing (not failed attempts), and the
                     // store is not held open past the shutdown.
                     tokio::select! {
-                        sent = tx.send(Ok(delivery(lease))) => if sent.is_err() {
+                        sent = outbox.send(delivery(lease)) => if sent.is_err() {
                             break 'stream None;
                         },
                         Ok(_) = handle.close.wait_for(|closed| *closed) => break 'stream Some(closing()),
@@ -904,7 +914,9 @@ async fn run_stream(
         }
         tokio::select! {
             () = &mut notified => {}
-            () = tx.closed() => break 'stream None,
+            () = outbox.closed() => break 'stream None,
+            // Slots free, but enough waits to be sent: look again when some is sent.
+            () = outbox.taken(), if free > 0 && room == 0 => {}
             _ = handle.close.changed() => {}
             _ = shutting_down.changed() => {}
             // At capacity: look again when a lease deadline may have passed.
@@ -921,9 +933,9 @@ async fn run_stream(
         StreamEnd::Recipient
     };
     if let Some(status) = end {
-        let _ = tx.try_send(Err(status));
+        outbox.end_with(status);
     }
-    drop(tx);
+    drop(outbox);
     let released = shared.stored(
         shared
             .store
@@ -1302,7 +1314,7 @@ mod tests {
         // delivered and acknowledged by the recipient
         let leased = shared
             .store
-            .lease(&be, crate::store::StreamId(1), 10, shared.now())
+            .lease(&be, crate::store::StreamId(1), 10, u64::MAX, shared.now())
             .await
             .unwrap();
         assert_eq!(leased.len(), 1);

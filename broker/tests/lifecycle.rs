@@ -251,6 +251,67 @@ async fn a_shutdown_counts_no_attempt_against_a_stream_blocked_in_a_send() -> an
     Ok(())
 }
 
+/// A delivery's ack timeout runs from its lease. On a slow link (here: a stream its
+/// recipient does not read) the stream leases only what the connection can take
+/// soon, `limits.receive_buffer_bytes` beyond what HTTP/2 flow control lets through,
+/// so that deliveries waiting behind others are not timed out and sent again: the
+/// messages still queued count no attempt. Read, every message then comes, once.
+#[tokio::test]
+async fn a_slow_link_gets_only_what_it_can_take_soon() -> anyhow::Result<()> {
+    const SIZE: usize = 256 << 10;
+    let t = TestBroker::start_with(|c| {
+        c.limits.max_envelope_bytes = 2 * SIZE as u64;
+        c.limits.receive_buffer_bytes = SIZE as u64;
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let payload = vec![7u8; SIZE];
+    let mut ids = Vec::new();
+    for _ in 0..80 {
+        let env = envelope("BE-PAYOKE", Kind::FollowUp, &payload);
+        ids.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    let mut stream = receive(&mut be, 100).await?;
+    // the stream is not read: wait until the broker stops leasing
+    let mut leased = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = in_flight(&mut nl, &ids).await?;
+        if now > 0 && now == leased {
+            break;
+        }
+        leased = now;
+    }
+    // The client's HTTP/2 stream window (2 MiB) holds 8 of them, the broker's
+    // buffer 1, HTTP/2 and gRPC framing a few more: not the 64 its channel holds.
+    assert!(
+        leased > 0 && leased <= 20,
+        "{leased} of {} leased for a stream that reads nothing",
+        ids.len()
+    );
+    for id in &ids[leased..] {
+        let st = status(&mut nl, id).await?;
+        assert_eq!(
+            (st.state, st.attempts),
+            (pb::MessageState::Accepted as i32, 0),
+            "{id}, queued behind the leased ones"
+        );
+    }
+
+    // the link moves again: every message comes once, in order
+    for id in &ids {
+        let delivery = next(&mut stream).await?;
+        assert_eq!((&id_of(&delivery), delivery.attempt), (id, 1));
+        ack(&mut be, [id]).await?;
+    }
+    for id in &ids {
+        assert_eq!(state_of(&mut nl, id).await?, pb::MessageState::Acknowledged);
+    }
+    Ok(())
+}
+
 /// How many of `ids` are IN_FLIGHT.
 async fn in_flight(client: &mut Client, ids: &[String]) -> anyhow::Result<usize> {
     let mut n = 0;

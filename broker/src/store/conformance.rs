@@ -85,7 +85,7 @@ pub(super) async fn lease_ids<S: BrokerStore>(
     max: usize,
     now: Millis,
 ) -> Vec<MessageId> {
-    s.lease(&pid(to), StreamId(stream), max, now)
+    s.lease(&pid(to), StreamId(stream), max, u64::MAX, now)
         .await
         .unwrap()
         .into_iter()
@@ -103,7 +103,7 @@ async fn state_of<S: BrokerStore>(s: &S, msg: &NewMessage) -> State {
 
 /// Leases everything in `who`'s queue and returns the receipts among it, decoded.
 async fn receipts<S: BrokerStore>(s: &S, who: &str, now: Millis) -> Vec<(Leased, pb::Receipt)> {
-    s.lease(&pid(who), StreamId(999), 1000, now)
+    s.lease(&pid(who), StreamId(999), 1000, u64::MAX, now)
         .await
         .unwrap()
         .into_iter()
@@ -138,7 +138,10 @@ pub(super) async fn submit_then_lease_in_priority_and_seq_order<S: BrokerStore>(
     assert_eq!(a1.expires_at, n1.expires_at);
     assert_eq!(state_of(s, &n1).await, State::Accepted);
 
-    let leased = s.lease(&pid(BE), StreamId(1), 10, now).await.unwrap();
+    let leased = s
+        .lease(&pid(BE), StreamId(1), 10, u64::MAX, now)
+        .await
+        .unwrap();
     let ids: Vec<_> = leased.iter().map(|l| l.message_id).collect();
     assert_eq!(ids, vec![u1.message_id, n1.message_id, n2.message_id]);
     let first = &leased[1];
@@ -232,6 +235,36 @@ pub(super) async fn lease_max_and_one_stream_per_message<S: BrokerStore>(s: &S, 
     seen.dedup();
     assert_eq!(seen.len(), 10);
     assert!(lease_ids(s, BE, 4, 4, now).await.is_empty());
+}
+
+/// A lease takes messages in lease order while their payloads fit its byte budget,
+/// and stops (never skips ahead to a smaller one); a message larger than the budget
+/// is leased alone.
+pub(super) async fn lease_stops_at_its_byte_budget<S: BrokerStore>(s: &S, c: &ManualClock) {
+    let now = c.now_millis();
+    let mut all = Vec::new();
+    for size in [400, 400, 900, 100, 100] {
+        let m = message(NL, BE, Priority::Normal, size, now);
+        submit_ok(s, &m, now).await;
+        all.push(m.message_id);
+    }
+    let lease = |max_bytes: u64| async move {
+        s.lease(&pid(BE), StreamId(1), 10, max_bytes, now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.message_id)
+            .collect::<Vec<_>>()
+    };
+    // 400 + 400 fit in 1000; the 900 would go over, and the 100s behind it wait
+    assert_eq!(lease(1000).await, all[..2].to_vec());
+    // the 900 alone is over 500, and is leased all the same: nothing else would ever be
+    assert_eq!(lease(500).await, vec![all[2]]);
+    assert_eq!(lease(200).await, all[3..].to_vec());
+    for id in &all {
+        let status = s.status(&pid(NL), *id).await.unwrap().unwrap();
+        assert_eq!((status.state, status.attempts), (State::InFlight, 1));
+    }
 }
 
 pub(super) async fn ack_queues_delivery_receipt<S: BrokerStore>(s: &S, c: &ManualClock) {
@@ -424,7 +457,7 @@ pub(super) async fn ack_timeout_redelivers_after_backoff<S: BrokerStore>(s: &S, 
     let report = tick(s, c.now_millis()).await;
     assert_eq!(report.woken, vec![pid(BE)]);
     let again = s
-        .lease(&pid(BE), StreamId(2), 10, c.now_millis())
+        .lease(&pid(BE), StreamId(2), 10, u64::MAX, c.now_millis())
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
@@ -455,7 +488,10 @@ pub(super) async fn an_empty_payload_is_delivered<S: BrokerStore>(s: &S, c: &Man
     let after = message(NL, BE, Priority::Normal, 100, now);
     submit_ok(s, &empty, now).await;
     submit_ok(s, &after, now).await;
-    let leased = s.lease(&pid(BE), StreamId(1), 10, now).await.unwrap();
+    let leased = s
+        .lease(&pid(BE), StreamId(1), 10, u64::MAX, now)
+        .await
+        .unwrap();
     let ids: Vec<MessageId> = leased.iter().map(|l| l.message_id).collect();
     assert_eq!(ids, vec![empty.message_id, after.message_id]);
     assert!(leased[0].payload.is_empty());
@@ -466,7 +502,7 @@ pub(super) async fn an_empty_payload_is_delivered<S: BrokerStore>(s: &S, c: &Man
     c.advance(Duration::from_secs(2));
     tick(s, c.now_millis()).await;
     let again = s
-        .lease(&pid(BE), StreamId(2), 10, c.now_millis())
+        .lease(&pid(BE), StreamId(2), 10, u64::MAX, c.now_millis())
         .await
         .unwrap();
     assert_eq!(again.len(), 2);
@@ -530,7 +566,7 @@ pub(super) async fn backoff_runs_from_the_ack_deadline<S: BrokerStore>(s: &S, c:
     assert_eq!(tick(s, deadline + 2_000).await.woken, vec![pid(BE)]);
     // a very late tick: due at once
     let leased = s
-        .lease(&pid(BE), StreamId(1), 1, deadline + 2_000)
+        .lease(&pid(BE), StreamId(1), 1, u64::MAX, deadline + 2_000)
         .await
         .unwrap();
     assert_eq!(leased[0].attempt, 2);
@@ -548,7 +584,7 @@ pub(super) async fn max_attempts_dead_letters_with_ndr<S: BrokerStore>(s: &S, c:
     submit_ok(s, &m, c.now_millis()).await;
     for attempt in 1..=3u32 {
         let leased = s
-            .lease(&pid(BE), StreamId(1), 10, c.now_millis())
+            .lease(&pid(BE), StreamId(1), 10, u64::MAX, c.now_millis())
             .await
             .unwrap();
         assert_eq!(leased.len(), 1, "attempt {attempt}");
@@ -577,7 +613,7 @@ pub(super) async fn max_attempts_dead_letters_with_ndr<S: BrokerStore>(s: &S, c:
     let redriven = s.redrive(m.message_id, None, c.now_millis()).await.unwrap();
     assert!(matches!(redriven, RedriveResult::Redriven(_)));
     let leased = s
-        .lease(&pid(BE), StreamId(1), 10, c.now_millis())
+        .lease(&pid(BE), StreamId(1), 10, u64::MAX, c.now_millis())
         .await
         .unwrap();
     assert_eq!(leased.len(), 1);
@@ -607,7 +643,10 @@ pub(super) async fn release_stream_makes_due_at_once<S: BrokerStore>(s: &S, c: &
     assert_eq!(wake.try_recv().ok(), Some(pid(BE)));
     assert_eq!(released(1).await.unwrap(), Released::default());
     assert_eq!(state_of(s, &m2).await, State::InFlight);
-    let again = s.lease(&pid(BE), StreamId(3), 10, now).await.unwrap();
+    let again = s
+        .lease(&pid(BE), StreamId(3), 10, u64::MAX, now)
+        .await
+        .unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].message_id, m1.message_id);
     assert_eq!(again[0].attempt, 2);
@@ -1290,6 +1329,7 @@ mod sled {
         idempotent_duplicate_and_conflict,
         quota,
         lease_max_and_one_stream_per_message,
+        lease_stops_at_its_byte_budget,
         ack_queues_delivery_receipt,
         reject_dead_letters_with_ndr,
         ack_timeout_redelivers_after_backoff,
@@ -1370,7 +1410,10 @@ mod sled {
         assert_eq!(state_of(&s, &acked).await, State::Acknowledged);
         // the lease of the previous process is due again at once
         assert_eq!(s.recover(now).await.unwrap(), 1);
-        let leased = s.lease(&pid(BE), StreamId(7), 10, now).await.unwrap();
+        let leased = s
+            .lease(&pid(BE), StreamId(7), 10, u64::MAX, now)
+            .await
+            .unwrap();
         let ids: Vec<_> = leased.iter().map(|l| l.message_id).collect();
         assert_eq!(
             ids,
@@ -1533,7 +1576,7 @@ mod sled {
                 .is_none()
         );
         assert!(matches!(
-            s.lease(&pid(BE), StreamId(1), 10, now).await,
+            s.lease(&pid(BE), StreamId(1), 10, u64::MAX, now).await,
             Err(StoreError::Unavailable(_))
         ));
         assert!(matches!(

@@ -501,11 +501,17 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Option<Accepted>, StoreError>;
     /// Up to `max` due messages for `recipient` (state ACCEPTED and not backing off, not expired):
     /// urgent first, then broker_seq order. Marks them IN_FLIGHT on `stream` with deadline now+ack_timeout, attempts+1.
+    ///
+    /// Their payloads take at most `max_bytes` together: leasing stops before the message
+    /// that would go over (a message larger than `max_bytes` is leased alone, when it comes
+    /// first). The ack timeout runs from the lease, so a stream leases only what it can send
+    /// soon: a slow link then does not time out deliveries still waiting to be sent.
     async fn lease(
         &self,
         recipient: &ParticipantId,
         stream: StreamId,
         max: usize,
+        max_bytes: u64,
         now: Millis,
     ) -> Result<Vec<Leased>, StoreError>;
     /// The recipient stored these. Per id: Acknowledged when it is addressed to `recipient` and was delivered at least

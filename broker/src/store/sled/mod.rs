@@ -518,6 +518,7 @@ impl BrokerStore for SledStore {
         recipient: &ParticipantId,
         stream: StreamId,
         max: usize,
+        max_bytes: u64,
         now: Millis,
     ) -> Result<Vec<Leased>, StoreError> {
         let recipient = recipient.clone();
@@ -539,7 +540,7 @@ impl BrokerStore for SledStore {
                 .prepared_transaction(
                     move |core, claimed| core.lease_candidates(&scan_for, max, claimed),
                     move |tx, candidates| {
-                        let leases = tx.lease(&lease_for, stream, candidates, now)?;
+                        let leases = tx.lease(&lease_for, stream, candidates, max_bytes, now)?;
                         Ok((leases, !candidates.is_empty()))
                     },
                 )

@@ -864,6 +864,7 @@ impl Tx<'_> {
         recipient: &ParticipantId,
         stream: StreamId,
         candidates: &[u64],
+        max_bytes: u64,
         now: Millis,
     ) -> TxResult<Leases> {
         let tx = self;
@@ -872,6 +873,7 @@ impl Tx<'_> {
             damaged: Vec::new(),
         };
         let deadline = after(now, self.life.ack_timeout);
+        let mut bytes: u64 = 0;
         for &seq in candidates {
             let Some(old) = tx.readable_record(
                 seq,
@@ -888,6 +890,11 @@ impl Tx<'_> {
                 || old.expires_at <= now
             {
                 continue;
+            }
+            // stop, not skip: what follows stays in lease order
+            let size = old.payload_size;
+            if !out.leased.is_empty() && bytes.saturating_add(size) > max_bytes {
+                break;
             }
             let Some(payload) = tx.payload(&old)? else {
                 tracing::error!(
@@ -908,6 +915,7 @@ impl Tx<'_> {
             new.state_changed_at = now;
             new.lease = Some((deadline, stream.0));
             tx.put(Some(&old), Some(&new))?;
+            bytes = bytes.saturating_add(size);
             out.leased.push(Leased {
                 message_id: new.message_id,
                 sender: new.sender,
@@ -1281,7 +1289,7 @@ mod tests {
         })
         .await;
         let s = open(dir.path());
-        let leased = s.lease(&be, StreamId(1), 10, NOW).await.unwrap();
+        let leased = s.lease(&be, StreamId(1), 10, u64::MAX, NOW).await.unwrap();
         let ids: Vec<MessageId> = leased.iter().map(|l| l.message_id).collect();
         assert_eq!(ids, vec![fine.message_id]);
         let status = s
@@ -1332,11 +1340,19 @@ mod tests {
         .await;
         let s = open(dir.path());
         for (stream, want) in [(1, &first), (2, &second)] {
-            let leased = s.lease(&be, StreamId(stream), 1, NOW).await.unwrap();
+            let leased = s
+                .lease(&be, StreamId(stream), 1, u64::MAX, NOW)
+                .await
+                .unwrap();
             let ids: Vec<MessageId> = leased.iter().map(|l| l.message_id).collect();
             assert_eq!(ids, vec![want.message_id], "stream {stream}");
         }
-        assert!(s.lease(&be, StreamId(3), 1, NOW).await.unwrap().is_empty());
+        assert!(
+            s.lease(&be, StreamId(3), 1, u64::MAX, NOW)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         s.close().await.unwrap();
     }
 
@@ -1390,7 +1406,7 @@ mod tests {
             s.submit(message(&be), NOW).await.unwrap();
         }
         let leased: Vec<_> = s
-            .lease(&be, StreamId(4), n, NOW)
+            .lease(&be, StreamId(4), n, u64::MAX, NOW)
             .await
             .unwrap()
             .iter()
@@ -1419,7 +1435,10 @@ mod tests {
         let leased = store_with_a_damaged_lease(dir.path(), 2).await;
         let s = open(dir.path());
         s.recover(NOW).await.unwrap();
-        let again = s.lease(&be, StreamId(5), 10, NOW + 1).await.unwrap();
+        let again = s
+            .lease(&be, StreamId(5), 10, u64::MAX, NOW + 1)
+            .await
+            .unwrap();
         let mut ids: Vec<_> = again.iter().map(|l| l.message_id).collect();
         ids.sort();
         let mut want: Vec<_> = leased.iter().map(|(id, _)| *id).collect();
@@ -1446,13 +1465,16 @@ mod tests {
             .unwrap();
         assert_eq!(released, crate::store::Released::default());
         assert!(
-            s.lease(&be, StreamId(5), 10, NOW + 1)
+            s.lease(&be, StreamId(5), 10, u64::MAX, NOW + 1)
                 .await
                 .unwrap()
                 .is_empty()
         );
         s.tick(NOW + 1).await.unwrap();
-        let again = s.lease(&be, StreamId(5), 10, NOW + 2).await.unwrap();
+        let again = s
+            .lease(&be, StreamId(5), 10, u64::MAX, NOW + 2)
+            .await
+            .unwrap();
         let ids: Vec<_> = again.iter().map(|l| l.message_id).collect();
         assert_eq!(ids, vec![leased[0].0]);
         s.close().await.unwrap();
@@ -1529,7 +1551,7 @@ mod tests {
             let m = message(&be);
             let s = open(dir.path());
             s.submit(m.clone(), NOW).await.unwrap();
-            let leased = s.lease(&be, StreamId(4), 1, NOW).await.unwrap();
+            let leased = s.lease(&be, StreamId(4), 1, u64::MAX, NOW).await.unwrap();
             let seq = leased[0].broker_seq;
             s.close().await.unwrap();
             drop(s);
@@ -1574,7 +1596,10 @@ mod tests {
             let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
             assert_eq!((st.state, st.attempts), (State::InFlight, 1));
             assert_eq!(s.recover(NOW).await.unwrap(), 1, "{legacy_tree}");
-            let again = s.lease(&be, StreamId(5), 10, NOW + 1_000).await.unwrap();
+            let again = s
+                .lease(&be, StreamId(5), 10, u64::MAX, NOW + 1_000)
+                .await
+                .unwrap();
             assert_eq!(again.len(), 1);
             assert_eq!(again[0].attempt, 2);
             // the old lease timer does not time the new lease out
