@@ -5,11 +5,16 @@
 //! to be sent (`limits.receive_buffer_bytes`): a delivery's ack timeout runs from its
 //! lease, and must not be spent waiting behind other deliveries.
 //!
+//! The room comes back in halves: once the bytes waiting are down to half the buffer,
+//! the stream may fill it again. A stream on a fast link then leases in batches (each
+//! lease is a store transaction), not one message per message sent.
+//!
 //! # Invariants
 //! - [`Outbox::waiting_bytes`] is the payload bytes of the deliveries in the channel:
 //!   added when one is put in, taken off when tonic takes it out.
-//! - Each delivery taken out notifies [`Outbox::taken`] (a stored permit if no one is
-//!   waiting), so a stream that waits for room never misses it.
+//! - A take that brings the bytes waiting down to half the buffer or below notifies
+//!   [`Outbox::room_made`] (a stored permit if no one is waiting), so a stream waiting
+//!   for room never misses it.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,20 +27,27 @@ use tonic::Status;
 use trmx_proto::pb;
 
 /// What both ends share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Waiting {
     bytes: AtomicU64,
-    taken: Notify,
+    /// Half the buffer: at or below it, there is room again.
+    low: u64,
+    room_made: Notify,
 }
 
 /// A `Receive` stream's channel to its connection, holding at most `capacity`
-/// deliveries.
-pub fn channel(capacity: usize) -> (Outbox, Outbound) {
+/// deliveries, with room for `buffer` payload bytes.
+pub fn channel(capacity: usize, buffer: u64) -> (Outbox, Outbound) {
     let (tx, rx) = mpsc::channel(capacity);
-    let waiting = Arc::new(Waiting::default());
+    let waiting = Arc::new(Waiting {
+        bytes: AtomicU64::new(0),
+        low: buffer / 2,
+        room_made: Notify::new(),
+    });
     (
         Outbox {
             tx,
+            buffer,
             waiting: waiting.clone(),
         },
         Outbound { rx, waiting },
@@ -46,6 +58,7 @@ pub fn channel(capacity: usize) -> (Outbox, Outbound) {
 #[derive(Debug)]
 pub struct Outbox {
     tx: mpsc::Sender<Result<pb::Delivery, Status>>,
+    buffer: u64,
     waiting: Arc<Waiting>,
 }
 
@@ -83,10 +96,20 @@ impl Outbox {
         self.waiting.bytes.load(Ordering::Relaxed)
     }
 
-    /// Completes once a delivery is taken for the connection (at once if one was
-    /// taken since the last call).
-    pub async fn taken(&self) {
-        self.waiting.taken.notified().await;
+    /// Payload bytes the stream may lease now: what the buffer has left, once the
+    /// bytes waiting are down to half of it; else 0.
+    pub fn room(&self) -> u64 {
+        let waiting = self.waiting_bytes();
+        if waiting > self.waiting.low {
+            0
+        } else {
+            self.buffer.saturating_sub(waiting).max(1)
+        }
+    }
+
+    /// Completes once a take made room (at once if one did since the last call).
+    pub async fn room_made(&self) {
+        self.waiting.room_made.notified().await;
     }
 
     /// Completes once the connection's end is gone.
@@ -101,10 +124,11 @@ impl Stream for Outbound {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let polled = self.rx.poll_recv(cx);
         if let Poll::Ready(Some(Ok(delivery))) = &polled {
-            self.waiting
-                .bytes
-                .fetch_sub(payload_bytes(delivery), Ordering::Relaxed);
-            self.waiting.taken.notify_one();
+            let size = payload_bytes(delivery);
+            let before = self.waiting.bytes.fetch_sub(size, Ordering::Relaxed);
+            if before - size <= self.waiting.low && before > self.waiting.low {
+                self.waiting.room_made.notify_one();
+            }
         }
         polled
     }
@@ -121,6 +145,7 @@ fn payload_bytes(delivery: &pb::Delivery) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio_stream::StreamExt;
 
     fn delivery(size: usize) -> pb::Delivery {
@@ -134,50 +159,64 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn counts_the_bytes_waiting_and_tells_when_one_is_taken() {
-        let (outbox, mut outbound) = channel(4);
-        outbox.send(delivery(100)).await.unwrap();
-        outbox.send(delivery(50)).await.unwrap();
-        assert_eq!(outbox.waiting_bytes(), 150);
+    async fn room_comes_back_when_half_the_buffer_is_sent() {
+        let (outbox, mut outbound) = channel(8, 200);
+        assert_eq!(outbox.room(), 200);
+        for size in [60, 60, 60] {
+            outbox.send(delivery(size)).await.unwrap();
+        }
+        assert_eq!((outbox.waiting_bytes(), outbox.room()), (180, 0));
 
-        let taken = outbox.taken();
-        tokio::pin!(taken);
-        assert!(futures_poll_once(taken.as_mut()).await.is_pending());
+        let room_made = outbox.room_made();
+        tokio::pin!(room_made);
         outbound.next().await.unwrap().unwrap();
-        assert_eq!(outbox.waiting_bytes(), 50);
-        taken.await;
-        // a take while no one waits is not lost
+        // 120 waiting: more than half
+        assert_eq!((outbox.waiting_bytes(), outbox.room()), (120, 0));
+        assert!(poll_once(room_made.as_mut()).await.is_pending());
         outbound.next().await.unwrap().unwrap();
-        assert_eq!(outbox.waiting_bytes(), 0);
-        tokio::time::timeout(std::time::Duration::from_secs(5), outbox.taken())
+        assert_eq!((outbox.waiting_bytes(), outbox.room()), (60, 140));
+        room_made.await;
+    }
+
+    #[tokio::test]
+    async fn room_made_while_no_one_waits_is_not_lost() {
+        let (outbox, mut outbound) = channel(8, 100);
+        outbox.send(delivery(80)).await.unwrap();
+        outbound.next().await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), outbox.room_made())
             .await
-            .expect("the second take is remembered");
+            .expect("the take made room while no one waited");
+    }
+
+    #[tokio::test]
+    async fn a_message_larger_than_the_buffer_leaves_room_for_one_when_sent() {
+        let (outbox, mut outbound) = channel(8, 100);
+        outbox.send(delivery(500)).await.unwrap();
+        assert_eq!(outbox.room(), 0);
+        outbound.next().await.unwrap().unwrap();
+        assert_eq!(outbox.room(), 100);
     }
 
     #[tokio::test]
     async fn a_send_cancelled_while_the_channel_is_full_counts_nothing() {
-        let (outbox, _outbound) = channel(1);
+        let (outbox, _outbound) = channel(1, 1 << 20);
         outbox.send(delivery(10)).await.unwrap();
-        let blocked = tokio::time::timeout(
-            std::time::Duration::from_millis(20),
-            outbox.send(delivery(1000)),
-        )
-        .await;
+        let blocked =
+            tokio::time::timeout(Duration::from_millis(20), outbox.send(delivery(1000))).await;
         assert!(blocked.is_err(), "the channel is full");
         assert_eq!(outbox.waiting_bytes(), 10);
     }
 
     #[tokio::test]
     async fn a_send_after_the_connection_went_away_fails() {
-        let (outbox, outbound) = channel(1);
+        let (outbox, outbound) = channel(1, 1 << 20);
         drop(outbound);
         assert!(outbox.send(delivery(1)).await.is_err());
         outbox.closed().await;
     }
 
     /// Polls `fut` once.
-    async fn futures_poll_once<F: std::future::Future + Unpin>(fut: F) -> Poll<F::Output> {
-        let mut fut = fut;
+    async fn poll_once<F: std::future::Future + Unpin>(mut fut: F) -> Poll<F::Output> {
         std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await
     }
 }

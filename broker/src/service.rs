@@ -513,7 +513,10 @@ impl ExchangeService {
                 shared.limits.max_streams_per_participant
             ))
         })?;
-        let (outbox, outbound) = outbound::channel(max_in_flight.clamp(1, 64));
+        let (outbox, outbound) = outbound::channel(
+            max_in_flight.clamp(1, 64),
+            shared.limits.receive_buffer_bytes,
+        );
         let span = info_span!(
             "receive_stream",
             participant = %caller,
@@ -855,7 +858,6 @@ async fn run_stream(
     let participant = handle.participant.clone();
     let ack_timeout = millis(shared.lifecycle.ack_timeout);
     let recheck = shared.lifecycle.tick_interval;
-    let buffer = shared.limits.receive_buffer_bytes;
     let mut shutting_down = shared.shutting_down.clone();
     shared.metrics.stream_opened(&participant);
     debug!("receive stream opened");
@@ -871,7 +873,7 @@ async fn run_stream(
             .streams
             .free_slots(&participant, handle.id, max_in_flight, now);
         // The ack timeout runs from the lease: take only what can be sent soon.
-        let room = buffer.saturating_sub(outbox.waiting_bytes());
+        let room = outbox.room();
         if free > 0 && room > 0 {
             let leased = match shared.stored(
                 shared
@@ -916,7 +918,7 @@ async fn run_stream(
             () = &mut notified => {}
             () = outbox.closed() => break 'stream None,
             // Slots free, but enough waits to be sent: look again when some is sent.
-            () = outbox.taken(), if free > 0 && room == 0 => {}
+            () = outbox.room_made(), if free > 0 && room == 0 => {}
             _ = handle.close.changed() => {}
             _ = shutting_down.changed() => {}
             // At capacity: look again when a lease deadline may have passed.
