@@ -408,6 +408,52 @@ impl NodeConfig {
             .unwrap_or_else(|| self.data_dir.join(DEFAULT_SOCKET_NAME))
     }
 
+    /// Every limit and interval in effect (defaults filled in), by config key, in the
+    /// order of `node.example.toml`: what `check-config` prints beside the paths. The
+    /// sections are taken apart field by field, so that a setting added to one does not
+    /// compile until it is listed here (or said to be shown elsewhere).
+    pub fn limits(&self) -> Vec<(&'static str, u64)> {
+        let BrokerSection {
+            address: _,
+            server_name: _,
+            max_in_flight,
+            reconnect_min_ms,
+            reconnect_max_ms,
+            message_lifetime_hours,
+            outbox_check_interval_secs,
+        } = &self.broker;
+        let ApiSection {
+            socket: _,
+            max_connections,
+            max_watch_streams,
+        } = &self.api;
+        let StorageSection {
+            cache_capacity_mb,
+            retention_check_interval_secs,
+            max_clock_step_secs,
+            max_downtime_secs,
+        } = &self.storage;
+        vec![
+            ("broker.max_in_flight", u64::from(*max_in_flight)),
+            ("broker.reconnect_min_ms", *reconnect_min_ms),
+            ("broker.reconnect_max_ms", *reconnect_max_ms),
+            ("broker.message_lifetime_hours", *message_lifetime_hours),
+            (
+                "broker.outbox_check_interval_secs",
+                *outbox_check_interval_secs,
+            ),
+            ("api.max_connections", u64::from(*max_connections)),
+            ("api.max_watch_streams", u64::from(*max_watch_streams)),
+            ("storage.cache_capacity_mb", *cache_capacity_mb),
+            (
+                "storage.retention_check_interval_secs",
+                *retention_check_interval_secs,
+            ),
+            ("storage.max_clock_step_secs", *max_clock_step_secs),
+            ("storage.max_downtime_secs", *max_downtime_secs),
+        ]
+    }
+
     /// The local API's limits.
     pub fn api_limits(&self) -> crate::api::ApiLimits {
         crate::api::ApiLimits {

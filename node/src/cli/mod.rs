@@ -344,12 +344,6 @@ fn load_config(path: &Path, socket: Option<PathBuf>) -> Result<NodeConfig, CliEr
     Ok(config)
 }
 
-/// `check-config`: what `run` checks before it starts (the config, the node
-/// certificate's identity, the CA, key and CRL files together), the certificate's expiry,
-/// and that this user can make and use the data directory and the socket's directory;
-/// prints what the node would use (with `--json`, as one object). It creates nothing, so
-/// it may run beside a running node (whose socket and store it leaves alone). A problem
-/// is one line on stderr and exit status 1, in both forms.
 /// `accept-clock`: records the system clock as the store's last run.
 fn accept_clock(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), CliError> {
     let Some(config_path) = config else {
@@ -382,6 +376,13 @@ fn accept_clock(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), Cl
     Ok(())
 }
 
+/// `check-config`: what `run` checks before it starts (the config, the node
+/// certificate's identity, the CA, key and CRL files together), the certificate's expiry,
+/// and that this user can make and use the data directory and the socket's directory;
+/// prints what the node would use, its limits and intervals included (with `--json`, as
+/// one object). It creates nothing, so it may run beside a running node (whose socket and
+/// store it leaves alone). A problem is one line on stderr and exit status 1, in both
+/// forms.
 fn check_config(
     config: Option<&Path>,
     socket: Option<PathBuf>,
@@ -428,6 +429,7 @@ fn check_config(
         eprintln!("warning: {warning}");
         warnings.push(warning);
     }
+    let limits = config.limits();
     if json {
         // (paths as displayed: a path that is not UTF-8 must not fail the check)
         let report = serde_json::json!({
@@ -441,10 +443,17 @@ fn check_config(
                 "notAfter": valid_until,
                 "daysLeft": days_left,
             },
+            "key": core.tls.key.display().to_string(),
             "ca": core.tls.ca.display().to_string(),
             "crl": core.crl.as_ref().map(|p| p.display().to_string()),
             "dataDir": core.data_dir.display().to_string(),
             "socket": socket.display().to_string(),
+            "logLevel": config.log_level,
+            // (by config key, as in the file)
+            "limits": limits
+                .iter()
+                .map(|&(key, value)| (key.to_owned(), value.into()))
+                .collect::<serde_json::Map<_, _>>(),
             "warnings": warnings,
             "ok": true,
         });
@@ -471,14 +480,23 @@ fn check_config(
                 info.serial_hex
             ),
         ),
+        ("key", core.tls.key.display().to_string()),
         ("CA", core.tls.ca.display().to_string()),
         ("CRL", crl),
         ("data dir", core.data_dir.display().to_string()),
         ("socket", socket.display().to_string()),
+        ("log level", config.log_level.clone()),
     ];
     let mut stdout = std::io::stdout().lock();
     for (what, value) in lines {
         let _ = writeln!(stdout, "{what:<12} {value}");
+    }
+    let _ = writeln!(
+        stdout,
+        "# limits and intervals in effect (config key = value)"
+    );
+    for (key, value) in &limits {
+        let _ = writeln!(stdout, "{key} = {value}");
     }
     let _ = writeln!(stdout, "# config OK: {}", config_path.display());
     Ok(())

@@ -417,6 +417,65 @@ fn check_config_says_what_the_node_would_use_or_the_one_problem() {
     assert!(line.contains("--config"), "{line}");
 }
 
+/// `check-config` shows every limit and interval the node would run with, by its config
+/// key: those set in the file and the defaults of those left out (the local API's
+/// connection and `Watch` caps were missing, so an operator could not see them).
+#[test]
+fn check_config_shows_the_limits_in_effect() {
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let text = std::fs::read_to_string(&config_path).expect("read config");
+    std::fs::write(
+        &config_path,
+        format!("{text}\n[api]\nmax_connections = 7\nmax_watch_streams = 9\n"),
+    )
+    .expect("write config");
+    let config_arg = config_path.to_str().expect("utf-8");
+    let expected = [
+        ("broker.max_in_flight", 32),
+        ("broker.reconnect_min_ms", 50),
+        ("broker.reconnect_max_ms", 200),
+        ("broker.message_lifetime_hours", 720),
+        ("broker.outbox_check_interval_secs", 600),
+        ("api.max_connections", 7),
+        ("api.max_watch_streams", 9),
+        ("storage.cache_capacity_mb", 64),
+        ("storage.retention_check_interval_secs", 3600),
+        ("storage.max_clock_step_secs", 60),
+        ("storage.max_downtime_secs", 604_800),
+    ];
+
+    let output = run(&["--config", config_arg, "check-config"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let shown: Vec<&str> = text
+        .lines()
+        .skip_while(|line| !line.starts_with("# limits"))
+        .skip(1)
+        .take_while(|line| !line.starts_with('#'))
+        .collect();
+    let wanted: Vec<String> = expected
+        .iter()
+        .map(|(key, value)| format!("{key} = {value}"))
+        .collect();
+    assert_eq!(shown, wanted, "{text}");
+    assert!(text.contains("\nlog level    warn\n"), "{text}");
+    assert!(
+        text.ends_with(&format!("# config OK: {config_arg}\n")),
+        "{text}"
+    );
+
+    let output = run(&["--json", "--config", config_arg, "check-config"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("one object");
+    let limits = report["limits"].as_object().expect("limits");
+    assert_eq!(limits.len(), expected.len(), "{report}");
+    for (key, value) in expected {
+        assert_eq!(limits[key], value, "{key}: {report}");
+    }
+    assert_eq!(report["logLevel"], "warn");
+}
+
 /// What `run` would fail on later is caught too: a data directory that is a file, and a
 /// certificate that has expired (which `run` accepts, to serve the store, but with which
 /// the node reaches no broker) or expires soon (a warning).
