@@ -717,16 +717,19 @@ pub(crate) async fn store_delivery(
     Ok(stored)
 }
 
-/// Flushes the store, then tells the watchers (and the listings) that every
-/// inbox entry committed before the flush is durable: also one whose own
-/// flush failed earlier, which its redelivery finds stored. Without that it
+/// Flushes the store, then tells the watchers (and the listings and the status)
+/// that every inbox entry committed before the flush is durable: also one whose
+/// own flush failed earlier, which its redelivery finds stored. Without that it
 /// would stay hidden, though acknowledged, until the next new delivery.
 pub(crate) async fn flush_inbox(inner: &Arc<Inner>) -> Result<(), NodeError> {
     let store = inner.store.clone();
-    let committed = inner.blocking(move || store.last_inbox_seq()).await?;
+    let committed = inner.blocking(move || store.inbox_mark()).await?;
     inner.store.flush_async().await?;
-    inner.inbox_seq.send_if_modified(|durable| {
-        let raised = committed > *durable;
+    // (flushes run side by side: one that read an older mark must not take the
+    // newer one back; inbox entries are never removed, so the count only grows
+    // with the seq)
+    inner.durable_inbox.send_if_modified(|durable| {
+        let raised = committed.last_seq > durable.last_seq;
         if raised {
             *durable = committed;
         }

@@ -42,7 +42,7 @@ use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::time::{to_millis, to_timestamp};
 
 use channel::LinkChannel;
-use store::{NewOutgoing, Store};
+use store::{InboxMark, NewOutgoing, Store};
 
 pub use clock::{Clock, GuardedClock, ManualClock, SystemClock, TimeSource, node_clock};
 pub use trmx_proto::body::{Body, BodyContext};
@@ -400,9 +400,10 @@ pub struct NodeStatus {
     pub outbox_submitted: u64,
     /// Outbox entries failed.
     pub outbox_failed: u64,
-    /// Inbox entries.
+    /// Inbox entries durably stored (an entry is counted once its flush is done, as
+    /// it is listed and watched then).
     pub inbox_total: u64,
-    /// Highest inbox `seq`.
+    /// Highest inbox `seq` durably stored.
     pub last_inbox_seq: u64,
     /// The node certificate the next connection to the broker presents; `None` when
     /// it cannot be read.
@@ -519,8 +520,10 @@ struct Inner {
     /// being submitted is never called withdrawn locally (it waits, then is
     /// withdrawn on the broker, with the broker's answer).
     submit_gate: tokio::sync::Mutex<()>,
-    /// The highest inbox seq stored (wakes watchers).
-    inbox_seq: watch::Sender<u64>,
+    /// The inbox as of the last flush: its highest seq and its number of entries (wakes
+    /// watchers). What is committed but not yet flushed is not in it, since a crash
+    /// before the flush takes it back: watchers, listings and the status stop here.
+    durable_inbox: watch::Sender<InboxMark>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     failpoint_inbox_after_store: bool,
@@ -1026,9 +1029,10 @@ impl NodeCore {
         tokio::task::spawn_blocking(move || marking.mark_running(now))
             .await
             .map_err(|e| NodeError::Store(format!("store task failed: {e}")))??;
-        let last_seq = store.last_inbox_seq()?;
+        // (what a store holds when it opens is what its last run flushed)
+        let inbox = store.inbox_mark()?;
         let (shutdown, _) = watch::channel(false);
-        let (inbox_seq, _) = watch::channel(last_seq);
+        let (durable_inbox, _) = watch::channel(inbox);
         let inner = Arc::new(Inner {
             config,
             clock,
@@ -1037,7 +1041,7 @@ impl NodeCore {
             client,
             submit_wake: Notify::new(),
             submit_gate: tokio::sync::Mutex::new(()),
-            inbox_seq,
+            durable_inbox,
             shutdown,
             tasks: Mutex::new(Vec::new()),
             failpoint_inbox_after_store,
@@ -1443,7 +1447,7 @@ impl NodeCore {
     pub async fn inbox_page(&self, filter: &ListFilter) -> Result<Page<InboxEntry>, NodeError> {
         let store = self.inner.store.clone();
         let mut filter = filter.clone();
-        let durable = *self.inner.inbox_seq.borrow();
+        let durable = self.inner.durable_inbox.borrow().last_seq;
         filter.start = Some(filter.start.map_or(durable, |start| start.min(durable)));
         self.inner.blocking(move || store.list_inbox(&filter)).await
     }
@@ -1512,6 +1516,10 @@ impl NodeCore {
     /// Connection state and queue sizes.
     pub fn status(&self) -> NodeStatus {
         let counts = self.inner.store.counts().unwrap_or_default();
+        // the inbox as of the last flush, as `watch` hands it out: a cursor to start from
+        // "now" must not name an entry a crash can take back, nor a count one it can
+        // take away
+        let inbox = *self.inner.durable_inbox.borrow();
         NodeStatus {
             participant: self.inner.config.participant.clone(),
             broker_connected: self
@@ -1529,10 +1537,8 @@ impl NodeCore {
             outbox_queued: counts.queued,
             outbox_submitted: counts.submitted,
             outbox_failed: counts.failed,
-            inbox_total: counts.inbox,
-            // the last one flushed, as `watch` hands out: a cursor to start
-            // from "now" must not name an entry a crash can take back
-            last_inbox_seq: *self.inner.inbox_seq.borrow(),
+            inbox_total: inbox.total,
+            last_inbox_seq: inbox.last_seq,
             certificate: self.inner.certificate_status(),
             withdrawals_pending: counts.withdrawals_pending,
         }
@@ -1568,7 +1574,7 @@ impl NodeCore {
         }
         let state = WatchState {
             inner: self.inner.clone(),
-            seq_rx: self.inner.inbox_seq.subscribe(),
+            seq_rx: self.inner.durable_inbox.subscribe(),
             shutdown: self.inner.shutdown.subscribe(),
             cursor: after_seq,
             buffer: VecDeque::new(),
@@ -1583,7 +1589,7 @@ const WATCH_BATCH: usize = 256;
 
 struct WatchState {
     inner: Arc<Inner>,
-    seq_rx: watch::Receiver<u64>,
+    seq_rx: watch::Receiver<InboxMark>,
     shutdown: watch::Receiver<bool>,
     cursor: u64,
     buffer: VecDeque<InboxEntry>,
@@ -1604,7 +1610,7 @@ async fn next_watched(mut st: WatchState) -> Option<(Result<InboxEntry, NodeErro
         // entry committed but not yet durable is not handed out, since a
         // crash before its flush would give its seq to another message and
         // a resuming application would skip that one.
-        let durable = *st.seq_rx.borrow_and_update();
+        let durable = st.seq_rx.borrow_and_update().last_seq;
         let store = st.inner.store.clone();
         let cursor = st.cursor;
         let read = if cursor >= durable {

@@ -351,14 +351,23 @@ fn submitted_key(rec: &OutRec) -> Vec<u8> {
     key
 }
 
-/// Entry counts by state.
+/// Entry counts by state (the inbox's is in [`InboxMark`]: it is shown as of the last flush).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Counts {
     pub(crate) queued: u64,
     pub(crate) submitted: u64,
     pub(crate) failed: u64,
-    pub(crate) inbox: u64,
     pub(crate) withdrawals_pending: u64,
+}
+
+/// Where the inbox stands: its highest seq and how many entries it holds, read together
+/// ([`Store::inbox_mark`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct InboxMark {
+    /// The highest inbox seq.
+    pub(crate) last_seq: u64,
+    /// The number of inbox entries.
+    pub(crate) total: u64,
 }
 
 /// Whether an outbox entry may move from `from` to `to` (DESIGN.md §4).
@@ -792,7 +801,6 @@ impl Store {
             queued: self.counter("n_queued")?,
             submitted: self.counter("n_submitted")?,
             failed: self.counter("n_failed")?,
-            inbox: self.counter("n_inbox")?,
             // (a handful at most: each waits only for the broker to be reachable)
             withdrawals_pending: self.trees[WITHDRAW_PENDING].len() as u64,
         })
@@ -801,6 +809,20 @@ impl Store {
     /// The highest inbox seq.
     pub(crate) fn last_inbox_seq(&self) -> Result<u64, NodeError> {
         self.counter("inbox_seq")
+    }
+
+    /// The highest inbox seq and the number of inbox entries, as one commit left them
+    /// (both are written in the transaction that stores an entry, so they never disagree
+    /// on disk, before or after a crash; read apart, a commit could fall between).
+    pub(crate) fn inbox_mark(&self) -> Result<InboxMark, NodeError> {
+        self.trees[META]
+            .transaction(|meta| -> TxResult<InboxMark> {
+                Ok(InboxMark {
+                    last_seq: tcounter(meta, "inbox_seq")?,
+                    total: tcounter(meta, "n_inbox")?,
+                })
+            })
+            .map_err(tx_err)
     }
 
     // ---- outbox -------------------------------------------------------
