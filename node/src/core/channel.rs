@@ -116,6 +116,12 @@ impl LinkChannel {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The TLS files of the channel in use (`None`: a link without TLS, in tests): after
+    /// a move, the new channel's, whose connection presents the certificate moved to.
+    pub(crate) fn tls(&self) -> Option<ChannelTls> {
+        self.current().tls.clone()
+    }
+
     /// Changes with each move to a new channel.
     pub(crate) fn generation(&self) -> watch::Receiver<u64> {
         self.shared.generation.subscribe()
@@ -126,7 +132,7 @@ impl LinkChannel {
     /// TLS). Reads the TLS files when they changed (small files, synchronously): call
     /// it off the runtime.
     pub(crate) fn outdated(&self) -> Option<Outdated> {
-        let tls = self.current().tls.clone()?;
+        let tls = self.tls()?;
         let status = tls.status();
         status.outdated.then_some(Outdated {
             old: status.connected,

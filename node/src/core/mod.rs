@@ -511,6 +511,11 @@ struct Inner {
     clock: Arc<dyn Clock>,
     store: Store,
     link: LinkState,
+    /// The broker link's channel (`None` when started offline); `client` calls
+    /// through it. Its TLS handle is always the one of the connection in use: the
+    /// handle of the first channel would go on saying, after a move to a renewed
+    /// certificate, that the connection presents the old one.
+    channel: Option<LinkChannel>,
     /// `None` when started offline.
     client: Option<ExchangeClient<LinkChannel>>,
     submit_wake: Notify,
@@ -527,8 +532,6 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     failpoint_inbox_after_store: bool,
-    /// The TLS files of the broker link (`None`: offline, or a test link).
-    tls: Option<trmx_transport::ChannelTls>,
     /// What was last said about the node certificate.
     notices: Mutex<CertNotices>,
     /// The broker did not accept the renewed certificate the link last tried
@@ -548,7 +551,6 @@ pub(crate) struct MoveRefused {
 /// The broker link of a node started online, for [`NodeCore::open`].
 struct BrokerLink {
     channel: LinkChannel,
-    tls: Option<trmx_transport::ChannelTls>,
     /// What [`NodeCore::start`] said about the certificate.
     notices: CertNotices,
 }
@@ -875,10 +877,6 @@ fn note_certificate_expiry(
 }
 
 impl Inner {
-    /// Reads the TLS files of the broker link again (they may have been renewed) and
-    /// says, once a day at most, when the certificate the link presents expires soon or
-    /// has expired, and when a change of the files cannot be used (found now, not at
-    /// the next connection, which may be weeks away).
     /// Records (or, with `None`, clears) a renewed certificate the broker did not accept.
     pub(crate) fn set_move_refused(&self, refused: Option<MoveRefused>) {
         *self
@@ -887,8 +885,18 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = refused;
     }
 
+    /// The TLS files of the broker link, with the connection in use (`None`: offline,
+    /// or a test link).
+    fn link_tls(&self) -> Option<trmx_transport::ChannelTls> {
+        self.channel.as_ref()?.tls()
+    }
+
+    /// Reads the TLS files of the broker link again (they may have been renewed) and
+    /// says, once a day at most, when the certificate the link presents expires soon or
+    /// has expired, and when a change of the files cannot be used (found now, not at
+    /// the next connection, which may be weeks away).
     fn recheck_certificate(&self) {
-        let Some(tls) = &self.tls else {
+        let Some(tls) = self.link_tls() else {
             return;
         };
         let status = tls.status();
@@ -925,7 +933,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let (info, refused) = match &self.tls {
+        let (info, refused) = match self.link_tls() {
             Some(tls) => {
                 let status = tls.status();
                 match (status.refused, move_refused) {
@@ -990,8 +998,7 @@ impl NodeCore {
                 .map_err(|e| NodeError::Config(format!("broker connection: {e}")))?;
         let failpoint = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "inbox-after-store");
         let link = BrokerLink {
-            channel: LinkChannel::new(channel, Some(tls.clone())),
-            tls: Some(tls),
+            channel: LinkChannel::new(channel, Some(tls)),
             notices,
         };
         Self::open(config, clock, Some(link), failpoint).await
@@ -1012,9 +1019,9 @@ impl NodeCore {
         link: Option<BrokerLink>,
         failpoint_inbox_after_store: bool,
     ) -> Result<NodeCore, NodeError> {
-        let (channel, tls, notices) = match link {
-            Some(link) => (Some(link.channel), link.tls, link.notices),
-            None => (None, None, CertNotices::default()),
+        let (channel, notices) = match link {
+            Some(link) => (Some(link.channel), link.notices),
+            None => (None, CertNotices::default()),
         };
         let client = channel.clone().map(broker_client);
         check_config(&config)?;
@@ -1038,6 +1045,7 @@ impl NodeCore {
             clock,
             store,
             link: LinkState::default(),
+            channel: channel.clone(),
             client,
             submit_wake: Notify::new(),
             submit_gate: tokio::sync::Mutex::new(()),
@@ -1045,7 +1053,6 @@ impl NodeCore {
             shutdown,
             tasks: Mutex::new(Vec::new()),
             failpoint_inbox_after_store,
-            tls,
             notices: Mutex::new(notices),
             move_refused: Mutex::new(None),
         });
@@ -1057,7 +1064,7 @@ impl NodeCore {
                 channel.generation(),
                 inner.shutdown.subscribe(),
             )));
-            if inner.tls.is_some() {
+            if channel.tls().is_some() {
                 tasks.push(tokio::spawn(link::certificate_loop(
                     inner.clone(),
                     channel,

@@ -1794,7 +1794,6 @@ mod link {
             .connect_lazy();
         let link = BrokerLink {
             channel: LinkChannel::new(channel, None),
-            tls: None,
             notices: CertNotices::default(),
         };
         NodeCore::open(config, clock, Some(link), false)
@@ -2792,6 +2791,21 @@ mod link {
             server.open_connections(),
             2,
             "the old connection waits for the submit in flight"
+        );
+        // the node's view of its link moved too: the connection in use presents the
+        // renewed certificate, which is not outdated (the TLS handle of the first
+        // channel, kept beside the link, said for ever that it was)
+        let link = nl.inner.link_tls().unwrap().status();
+        assert_eq!(
+            link.connected.map(|c| c.serial_hex),
+            Some(renewed.serial_hex.clone())
+        );
+        assert!(!link.outdated, "the link's TLS handle says it is outdated");
+        // and the status shows the renewed certificate, in force
+        let shown = nl.status().certificate.unwrap();
+        assert_eq!(
+            (shown.serial_hex, shown.refused),
+            (renewed.serial_hex.clone(), None)
         );
         drop(held);
         until("the submit in flight is answered", || async {
