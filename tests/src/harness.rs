@@ -411,15 +411,20 @@ pub async fn node_status(api: &mut Api) -> anyhow::Result<pb::NodeStatus> {
         .into_inner())
 }
 
-/// A case timeline.
+/// A case timeline (oldest first), a page at a time.
 pub async fn timeline(api: &mut Api, case_ref: &str) -> anyhow::Result<Vec<pb::TimelineEntry>> {
-    Ok(api
-        .get_case(pb::GetCaseRequest {
-            case_ref: case_ref.to_owned(),
-        })
-        .await?
-        .into_inner()
-        .entries)
+    every_page(async |page_token| {
+        let page = api
+            .get_case(pb::GetCaseRequest {
+                case_ref: case_ref.to_owned(),
+                page_token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        Ok((page.entries, page.next_page_token))
+    })
+    .await
 }
 
 /// Waits until the outbox entry of `id` satisfies `done`.

@@ -460,14 +460,7 @@ impl<W: Write> Story<W> {
         ));
         let participants: Vec<String> = self.nodes.keys().cloned().collect();
         for participant in participants {
-            let timeline = self
-                .node(&participant)?
-                .get_case(pb::GetCaseRequest {
-                    case_ref: case_ref.clone(),
-                })
-                .await?
-                .into_inner()
-                .entries;
+            let timeline = crate::harness::timeline(self.node(&participant)?, &case_ref).await?;
             self.say("");
             self.say(format!("  {participant}"));
             for entry in &timeline {

@@ -11,8 +11,9 @@ use trmx_proto::time::{Date, from_millis, from_timestamp, to_timestamp};
 use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use crate::core::{
-    Body, Direction, DueCursor, DueItem, DueKind, Failure, InboxEntry, ListFilter, Millis,
-    NodeError, NodeStatus, OutboxEntry, OutboxState, ParticipantInfo, SendRequest, TimelineEntry,
+    Body, CASE_PAGE_DEFAULT, CaseCursor, Direction, DueCursor, DueItem, DueKind, Failure,
+    InboxEntry, ListFilter, Millis, NodeError, NodeStatus, OutboxEntry, OutboxState,
+    ParticipantInfo, SendRequest, TimelineEntry,
 };
 
 fn invalid(field: &str, rule: &str) -> NodeError {
@@ -289,6 +290,55 @@ pub(crate) fn due_page(
 pub(crate) fn due_page_token(today: Date, next: Option<DueCursor>) -> String {
     next.map(|c| format!("{DUE_PAGE}{today}:{}:{}", c.due, c.message_id))
         .unwrap_or_default()
+}
+
+/// Prefix of the page tokens of `GetCase`.
+const CASE_PAGE: &str = "case:";
+
+/// Where the page token of a `GetCase` request for `case` says the timeline continues
+/// (`None`: the first message). The token carries its case: one of another case's
+/// timeline is refused (it would start that timeline at a made-up place).
+pub(crate) fn case_page(case: CaseRef, token: &str) -> Result<Option<CaseCursor>, NodeError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let parse = |token: &str| {
+        let mut parts = token.strip_prefix(CASE_PAGE)?.splitn(3, ':');
+        let listed = CaseRef::parse(parts.next()?).ok()?;
+        let at = parts.next()?.parse().ok()?;
+        let message_id = MessageId::parse(parts.next()?).ok()?;
+        Some((listed, CaseCursor { at, message_id }))
+    };
+    let (listed, cursor) = parse(token).ok_or_else(|| {
+        invalid(
+            "page_token",
+            "is not a next_page_token of GetCase (leave it empty for the first page)",
+        )
+    })?;
+    if listed != case {
+        return Err(invalid(
+            "page_token",
+            "continues the timeline of another case: ask with the case_ref it was given for",
+        ));
+    }
+    Ok(Some(cursor))
+}
+
+/// The `next_page_token` of a page of the timeline of `case`.
+pub(crate) fn case_page_token(case: CaseRef, next: Option<CaseCursor>) -> String {
+    next.map(|c| format!("{CASE_PAGE}{case}:{}:{}", c.at, c.message_id))
+        .unwrap_or_default()
+}
+
+/// `GetCase`'s `page_size` as the core takes it (0: the default page; the core caps
+/// it); a negative one is refused.
+pub(crate) fn case_page_size(page_size: i32) -> Result<usize, NodeError> {
+    usize::try_from(page_size).map_err(|_| {
+        NodeError::Invalid(ValidationError::new(
+            "page_size",
+            format!("must not be negative (0 for the default, {CASE_PAGE_DEFAULT} messages)"),
+        ))
+    })
 }
 
 /// `ListDue`'s `limit`: 0 is the largest page (see `DUE_DEFAULT_LIMIT`).

@@ -399,11 +399,19 @@ impl NodeApi for LocalApi {
         request: Request<pb::GetCaseRequest>,
     ) -> ApiResult<pb::GetCaseResponse> {
         let result = async {
-            let case_ref = convert::case_ref(&request.get_ref().case_ref, "case_ref")?;
-            let entries = self.core.case_timeline(case_ref).await?;
+            let req = request.get_ref();
+            let case_ref = convert::case_ref(&req.case_ref, "case_ref")?;
+            let start = convert::case_page(case_ref, &req.page_token)?;
+            let limit = convert::case_page_size(req.page_size)?;
+            let page = self.core.case_timeline(case_ref, start, limit).await?;
             Ok(pb::GetCaseResponse {
                 case_ref: case_ref.to_string(),
-                entries: entries.into_iter().map(convert::timeline_entry).collect(),
+                entries: page
+                    .entries
+                    .into_iter()
+                    .map(convert::timeline_entry)
+                    .collect(),
+                next_page_token: convert::case_page_token(case_ref, page.next),
             })
         };
         reply(result.await)

@@ -816,7 +816,10 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
         }
         Command::Case { case } => {
             let response = client
-                .get_case(pb::GetCaseRequest { case_ref: case })
+                .get_case(pb::GetCaseRequest {
+                    case_ref: case,
+                    ..Default::default()
+                })
                 .await
                 .map_err(err)?
                 .into_inner();

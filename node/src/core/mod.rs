@@ -270,7 +270,7 @@ pub enum Direction {
 /// One message of a case timeline.
 #[derive(Debug, Clone)]
 pub struct TimelineEntry {
-    /// When it was created (sent) or received.
+    /// When its sender created it (a message sent from here: when it was queued).
     pub at: Millis,
     /// Sent or received.
     pub direction: Direction,
@@ -345,6 +345,31 @@ pub struct DueCursor {
     pub message_id: MessageId,
 }
 
+/// Where a page of [`NodeCore::case_timeline`] starts: the first message of the case at
+/// or after this creation time and message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaseCursor {
+    /// The creation time ([`TimelineEntry::at`]).
+    pub at: Millis,
+    /// The message, in the byte order of its id among those of one instant.
+    pub message_id: MessageId,
+}
+
+/// Messages in a page of [`NodeCore::case_timeline`] asked with limit 0: every case but
+/// an exceptional one fits (a case holds tens of messages), in about 150 KB.
+pub const CASE_PAGE_DEFAULT: usize = 1_000;
+/// Most messages in a page of [`NodeCore::case_timeline`] (about 1.5 MB, within the 4 MiB
+/// a gRPC client accepts by default).
+pub const CASE_PAGE_MAX: usize = 10_000;
+
+/// The size of a page of [`NodeCore::case_timeline`] asked with `limit`.
+fn case_page_limit(limit: usize) -> usize {
+    match limit {
+        0 => CASE_PAGE_DEFAULT,
+        limit => limit.min(CASE_PAGE_MAX),
+    }
+}
+
 /// Filter of outbox / inbox listings. Empty fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -364,13 +389,15 @@ pub struct ListFilter {
 }
 
 /// One page of a listing: of the outbox or inbox (newest first, continued at the seq
-/// `C`), or of what is due (oldest first, continued at a [`DueCursor`]).
+/// `C`), of what is due (oldest first, continued at a [`DueCursor`]), or of a case
+/// timeline (oldest first, continued at a [`CaseCursor`]).
 #[derive(Debug, Clone)]
 pub struct Page<T, C = u64> {
     /// The entries.
     pub entries: Vec<T>,
     /// Where the next page starts ([`ListFilter::start`], or the `start` of
-    /// [`NodeCore::due`]); `None` when no further entry matches.
+    /// [`NodeCore::due`] or [`NodeCore::case_timeline`]); `None` when no further entry
+    /// matches.
     pub next: Option<C>,
 }
 
@@ -1485,10 +1512,21 @@ impl NodeCore {
             .await
     }
 
-    /// Every message of a case, sent and received, in order of creation.
-    pub async fn case_timeline(&self, case_ref: CaseRef) -> Result<Vec<TimelineEntry>, NodeError> {
+    /// The messages of a case, sent and received, a page at a time, oldest first (by
+    /// creation time, then message id): at most `limit` ([`CASE_PAGE_DEFAULT`] for 0, at
+    /// most [`CASE_PAGE_MAX`]) from `start` (the [`Page::next`] of the page before;
+    /// `None`: the first). An unknown case has no messages.
+    pub async fn case_timeline(
+        &self,
+        case_ref: CaseRef,
+        start: Option<CaseCursor>,
+        limit: usize,
+    ) -> Result<Page<TimelineEntry, CaseCursor>, NodeError> {
+        let limit = case_page_limit(limit);
         let store = self.inner.store.clone();
-        self.inner.blocking(move || store.timeline(case_ref)).await
+        self.inner
+            .blocking(move || store.timeline(case_ref, start, limit))
+            .await
     }
 
     /// What is due on or before `today`: requests we sent whose `respond_by`

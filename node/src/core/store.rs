@@ -54,8 +54,8 @@ use trmx_proto::time::Date;
 use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, pb};
 
 use super::{
-    Body, Direction, DueCursor, DueItem, DueKind, Failure, InboxEntry, ListFilter, Millis,
-    NodeError, OutboxEntry, OutboxState, Page, TimelineEntry,
+    Body, CaseCursor, Direction, DueCursor, DueItem, DueKind, Failure, InboxEntry, ListFilter,
+    Millis, NodeError, OutboxEntry, OutboxState, Page, TimelineEntry,
 };
 
 const META: usize = 0;
@@ -1466,15 +1466,36 @@ impl Store {
             .map_err(store_err)
     }
 
-    /// Every message of a case, sent and received, in order of creation.
-    pub(crate) fn timeline(&self, case: CaseRef) -> Result<Vec<TimelineEntry>, NodeError> {
+    /// One page of the messages of a case, sent and received, oldest first (in the order
+    /// of the `cases` index: creation time, then message id, which never changes): at
+    /// most `limit` (at least one) from `start` (the [`Page::next`] of the page before;
+    /// `None`: the first).
+    pub(crate) fn timeline(
+        &self,
+        case: CaseRef,
+        start: Option<CaseCursor>,
+        limit: usize,
+    ) -> Result<Page<TimelineEntry, CaseCursor>, NodeError> {
+        let limit = limit.max(1);
+        let begin = start.map_or_else(
+            || case.as_bytes().to_vec(),
+            |c| case_key(case, c.at, c.message_id),
+        );
         let mut out = Vec::new();
-        for item in self.trees[CASES].scan_prefix(case.as_bytes()) {
+        let mut next = None;
+        for item in self.trees[CASES].range(begin..) {
             let (key, value) = item.map_err(store_err)?;
+            if !key.starts_with(case.as_bytes()) {
+                break;
+            }
             let id = case_key_id(&key)?;
             let (Some(at), Some(&dir)) = (key.get(16..24).map(read_u64), value.first()) else {
                 return Err(NodeError::Store("corrupt case index".into()));
             };
+            if out.len() == limit {
+                next = Some(CaseCursor { at, message_id: id });
+                break;
+            }
             if dir == DIR_SENT {
                 if let Some(e) = self.outbox_entry(id)? {
                     let e = self.shown_outbox(e)?;
@@ -1510,7 +1531,7 @@ impl Store {
                 });
             }
         }
-        Ok(out)
+        Ok(Page { entries: out, next })
     }
 
     /// Whether a later follow-up replaced the follow-up made at `at` on `case` in

@@ -601,7 +601,11 @@ async fn deliveries_are_stored_once_and_replies_mark_answered() {
         (&f.nl, Direction::Sent, Direction::Received),
         (&f.be, Direction::Received, Direction::Sent),
     ] {
-        let timeline = node.case_timeline(sent.case_ref).await.unwrap();
+        let timeline = node
+            .case_timeline(sent.case_ref, None, 0)
+            .await
+            .unwrap()
+            .entries;
         assert_eq!(timeline.len(), 2);
         assert_eq!(timeline[0].message_id, sent.message_id);
         assert_eq!(timeline[0].direction, first);
@@ -615,9 +619,10 @@ async fn deliveries_are_stored_once_and_replies_mark_answered() {
         assert_eq!(timeline[1].in_reply_to, Some(sent.message_id));
     }
     assert!(
-        f.nl.case_timeline(CaseRef::new_random())
+        f.nl.case_timeline(CaseRef::new_random(), None, 0)
             .await
             .unwrap()
+            .entries
             .is_empty()
     );
 
@@ -632,6 +637,15 @@ async fn deliveries_are_stored_once_and_replies_mark_answered() {
         ..ListFilter::default()
     };
     assert!(f.be.inbox(&by_kind).await.unwrap().is_empty());
+}
+
+/// A page of a case timeline is bounded whatever is asked: 0 gets the default page,
+/// more than the largest page gets the largest.
+#[test]
+fn case_pages_are_bounded() {
+    assert_eq!(case_page_limit(0), CASE_PAGE_DEFAULT);
+    assert_eq!(case_page_limit(7), 7);
+    assert_eq!(case_page_limit(usize::MAX), CASE_PAGE_MAX);
 }
 
 #[tokio::test]
@@ -1061,7 +1075,11 @@ async fn shown_answer(node: &NodeCore, id: MessageId) -> Option<MessageId> {
     let Some(MessageView::Inbox(entry, _)) = node.message(id).await.unwrap() else {
         panic!("{id} is not in the inbox");
     };
-    let timeline = node.case_timeline(entry.case_ref).await.unwrap();
+    let timeline = node
+        .case_timeline(entry.case_ref, None, 0)
+        .await
+        .unwrap()
+        .entries;
     let row = timeline.iter().find(|e| e.message_id == id).unwrap();
     assert_eq!(listed.answered_by, entry.answered_by);
     assert_eq!(
@@ -1234,7 +1252,13 @@ async fn a_case_ref_naming_no_known_case_is_refused() {
     }
     let stored = f.nl.outbox(&ListFilter::default()).await.unwrap();
     assert_eq!(stored.len(), 1, "nothing stored");
-    assert!(f.nl.case_timeline(pasted_id).await.unwrap().is_empty());
+    assert!(
+        f.nl.case_timeline(pasted_id, None, 0)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
 
     // the case of a message sent, and of one received, take new messages
     let mut follow = request("k-2", "BE-PAYOKE", follow_up());
@@ -1902,8 +1926,22 @@ mod link {
             state_of(&be, reply.message_id).await.map(|e| e.state) == Some(OutboxState::Delivered)
         })
         .await;
-        assert_eq!(nl.case_timeline(sent.case_ref).await.unwrap().len(), 2);
-        assert_eq!(be.case_timeline(sent.case_ref).await.unwrap().len(), 2);
+        assert_eq!(
+            nl.case_timeline(sent.case_ref, None, 0)
+                .await
+                .unwrap()
+                .entries
+                .len(),
+            2
+        );
+        assert_eq!(
+            be.case_timeline(sent.case_ref, None, 0)
+                .await
+                .unwrap()
+                .entries
+                .len(),
+            2
+        );
         // Every delivery (2 messages + 2 receipts) is acknowledged once. (The
         // node records a receipt before it acknowledges it, so the last ack
         // may still be on its way when the state shows.)

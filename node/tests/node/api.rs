@@ -5,9 +5,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tonic::Code;
+use tonic::transport::Channel;
 use trmx_node::api::status::{invalid_field, to_status};
 use trmx_node::connect_local;
 use trmx_node::core::NodeError;
+use trmx_proto::pb::node_api_client::NodeApiClient;
 use trmx_proto::{MessageId, ValidationError, pb};
 
 use super::harness::{LogCapture, REFERRAL_JSON, Sandbox, referral_without};
@@ -245,6 +247,7 @@ async fn send_queues_locally_while_the_broker_is_down_and_is_idempotent() {
     let case = client
         .get_case(pb::GetCaseRequest {
             case_ref: first.case_ref.clone(),
+            ..Default::default()
         })
         .await
         .expect("case")
@@ -658,5 +661,127 @@ async fn a_message_with_the_largest_attachments_reads_in_one_form_with_a_default
         "{}",
         status.message()
     );
+    node.stop().await.expect("stop");
+}
+
+/// The follow-up example, to add messages to a case.
+const FOLLOW_UP_JSON: &str = include_str!("../../../proto/examples/03-follow-up-training.json");
+
+/// A case of `messages` messages (a referral, then follow-ups) sent from `client`'s node:
+/// its case reference and the message ids.
+async fn a_case_of(
+    client: &mut NodeApiClient<Channel>,
+    messages: usize,
+    tag: &str,
+) -> (String, Vec<String>) {
+    let first = client
+        .send(referral_request(&format!("{tag}:0"), REFERRAL_JSON))
+        .await
+        .expect("send the referral")
+        .into_inner();
+    let mut ids = vec![first.message_id];
+    for i in 1..messages {
+        let sent = client
+            .send(pb::SendRequest {
+                kind: pb::MessageKind::FollowUp as i32,
+                recipient: "BE-PAYOKE".to_owned(),
+                case_ref: first.case_ref.clone(),
+                priority: pb::Priority::Normal as i32,
+                idempotency_key: format!("{tag}:{i}"),
+                body: Some(pb::send_request::Body::BodyJson(FOLLOW_UP_JSON.to_owned())),
+                ..Default::default()
+            })
+            .await
+            .expect("send a follow-up")
+            .into_inner();
+        ids.push(sent.message_id);
+    }
+    (first.case_ref, ids)
+}
+
+/// A long case (years of follow-ups) came back in one `GetCase` answer, which could
+/// pass the gRPC message size. It now comes a page at a time, oldest first: the pages
+/// hold every message once, in the order of the whole timeline; a request without the
+/// paging fields gets the first page of the default size (here the whole case); a token
+/// that is not one, or is another case's, is refused, as is a negative page size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_case_longer_than_a_page_is_read_a_page_at_a_time() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let (case_ref, sent) = a_case_of(&mut client, 5, "cms:long-case").await;
+    let (other_case, _) = a_case_of(&mut client, 1, "cms:other-case").await;
+
+    let get = |page_size: i32, page_token: &str| pb::GetCaseRequest {
+        case_ref: case_ref.clone(),
+        page_size,
+        page_token: page_token.to_owned(),
+    };
+    // (as a client written before paging asks)
+    let whole = client
+        .get_case(pb::GetCaseRequest {
+            case_ref: case_ref.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("the first page of the default size")
+        .into_inner();
+    assert_eq!(whole.next_page_token, "", "a short case is one page");
+    let whole: Vec<String> = whole.entries.into_iter().map(|e| e.message_id).collect();
+    let mut expected = sent.clone();
+    expected.sort();
+    let mut got = whole.clone();
+    got.sort();
+    assert_eq!(got, expected, "every message of the case, once");
+
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .get_case(get(2, &page_token))
+            .await
+            .expect("a page")
+            .into_inner();
+        assert_eq!(page.case_ref, case_ref);
+        pages.push(
+            page.entries
+                .into_iter()
+                .map(|e| e.message_id)
+                .collect::<Vec<_>>(),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+        assert!(pages.len() < 10, "the pages never end");
+
+        // a token of this case's timeline is not one of another case's
+        let status = client
+            .get_case(pb::GetCaseRequest {
+                case_ref: other_case.clone(),
+                page_size: 2,
+                page_token: page_token.clone(),
+            })
+            .await
+            .expect_err("another case's token");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(invalid_field(&status), Some("page_token"), "{status:?}");
+    }
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+    assert_eq!(
+        pages.concat(),
+        whole,
+        "the pages in the order of the whole timeline"
+    );
+
+    for (request, field) in [
+        (get(2, "garbage"), "page_token"),
+        (get(2, "outbox:3"), "page_token"),
+        (get(-1, ""), "page_size"),
+    ] {
+        let status = client.get_case(request).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(invalid_field(&status), Some(field), "{status:?}");
+    }
     node.stop().await.expect("stop");
 }
