@@ -93,6 +93,10 @@ pub enum Command {
     Case {
         /// The case reference.
         case: String,
+        /// Messages asked for per request (0: the node's default, 1,000); the whole case
+        /// is shown either way.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        page_size: u32,
     },
     /// What is due: unanswered requests past their respond-by date, follow-ups past due.
     Due {
@@ -814,19 +818,14 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                 out.print(&format::message(&response))
             }
         }
-        Command::Case { case } => {
-            let response = client
-                .get_case(pb::GetCaseRequest {
-                    case_ref: case,
-                    ..Default::default()
-                })
+        Command::Case { case, page_size } => {
+            let timeline = case_timeline(&mut client, case, page_size)
                 .await
-                .map_err(err)?
-                .into_inner();
+                .map_err(err)?;
             if out.json {
-                out.json_lines(&response.entries)
+                out.json_lines(&timeline.entries)
             } else {
-                out.print(&format::case(&response))
+                out.print(&format::case(&timeline))
             }
         }
         Command::Due {
@@ -919,6 +918,43 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                 out.print(&format::status(&status, std::time::SystemTime::now()))
             }
         }
+    }
+}
+
+/// The whole timeline of `case`, read a page at a time (`page_size` messages per
+/// request, 0: the node's default), in one response.
+async fn case_timeline(
+    client: &mut NodeApiClient<Channel>,
+    case: String,
+    page_size: u32,
+) -> Result<pb::GetCaseResponse, tonic::Status> {
+    let page_size = i32::try_from(page_size).unwrap_or(i32::MAX);
+    let mut timeline = pb::GetCaseResponse {
+        case_ref: case,
+        ..Default::default()
+    };
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .get_case(pb::GetCaseRequest {
+                case_ref: timeline.case_ref.clone(),
+                page_size,
+                page_token: page_token.clone(),
+            })
+            .await?
+            .into_inner();
+        timeline.case_ref = page.case_ref;
+        timeline.entries.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            return Ok(timeline);
+        }
+        // (a node that gave the same token again would keep this loop going)
+        if page.next_page_token == page_token {
+            return Err(tonic::Status::internal(
+                "the node gave the same page of the case twice; its timeline could not be read",
+            ));
+        }
+        page_token = page.next_page_token;
     }
 }
 

@@ -348,6 +348,103 @@ fn wait_for_file(path: &Path, deadline: Duration) -> bool {
     false
 }
 
+/// `case` shows the whole case, however many pages the node gives it in: a long case
+/// came back in one answer, which could pass the gRPC message size. The CLI follows
+/// `next_page_token` to the end (here in pages of 2, with `--page-size`), in the table
+/// and in `--json`, oldest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_shows_every_message_of_a_case_longer_than_a_page() {
+    use trmx_proto::pb;
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8").to_owned();
+    let mut client = trmx_node::connect_local(node.socket_path())
+        .await
+        .expect("connect");
+    let send = |key: String, kind: pb::MessageKind, case_ref: &str, body: &str| pb::SendRequest {
+        kind: kind as i32,
+        recipient: "BE-PAYOKE".to_owned(),
+        case_ref: case_ref.to_owned(),
+        new_case: case_ref.is_empty(),
+        priority: pb::Priority::Normal as i32,
+        idempotency_key: key,
+        body: Some(pb::send_request::Body::BodyJson(body.to_owned())),
+        ..Default::default()
+    };
+    let first = client
+        .send(send(
+            "k-0".into(),
+            pb::MessageKind::Referral,
+            "",
+            REFERRAL_JSON,
+        ))
+        .await
+        .expect("send")
+        .into_inner();
+    let case_ref = first.case_ref.clone();
+    let mut sent = vec![first.message_id];
+    for i in 1..5 {
+        let follow_up = include_str!("../../../proto/examples/03-follow-up-training.json");
+        let response = client
+            .send(send(
+                format!("k-{i}"),
+                pb::MessageKind::FollowUp,
+                &case_ref,
+                follow_up,
+            ))
+            .await
+            .expect("send")
+            .into_inner();
+        sent.push(response.message_id);
+    }
+    // the order of the case as the node gives it (by creation time, then id)
+    let timeline: Vec<String> = client
+        .get_case(pb::GetCaseRequest {
+            case_ref: case_ref.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("case")
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.message_id)
+        .collect();
+    let mut listed = timeline.clone();
+    listed.sort();
+    sent.sort();
+    assert_eq!(listed, sent);
+
+    let case = |extra: &[&str]| {
+        let mut args: Vec<String> = vec!["--socket".into(), socket.clone()];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        run_async(args)
+    };
+    for page_size in ["2", "0"] {
+        let output = case(&["case", &case_ref, "--page-size", page_size]).await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = stdout(&output);
+        let rows: Vec<&str> = text.lines().skip(2).collect();
+        assert_eq!(rows.len(), 5, "{text}");
+        for (row, id) in rows.iter().zip(&timeline) {
+            assert!(row.contains(id.as_str()), "{id} not in {row}:\n{text}");
+        }
+
+        let output = case(&["--json", "case", &case_ref, "--page-size", page_size]).await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        let ids: Vec<String> = stdout(&output)
+            .lines()
+            .map(|line| {
+                let entry: serde_json::Value =
+                    serde_json::from_str(line).expect("one JSON object per line");
+                entry["messageId"].as_str().expect("id").to_owned()
+            })
+            .collect();
+        assert_eq!(ids, timeline, "page size {page_size}");
+    }
+    node.stop().await.expect("stop");
+}
+
 /// The sandbox's node config as a file, `participant` as given.
 fn write_config(sandbox: &Sandbox, participant: &str) -> PathBuf {
     let c = &sandbox.config;
