@@ -302,7 +302,9 @@ pub enum OfflineStoreCommand {
     /// is further than `lifecycle.max_downtime` from the store's last run, ahead or
     /// behind, since a wrong clock would expire every queued message at once (or hold
     /// every redelivery). When the clock is right, this records it as the store's last
-    /// run, and the broker starts. Run it as the broker's user.
+    /// run, and the broker starts. Run it as the broker's user. The audit log records it:
+    /// the last run before and after, and who ran it (the operating-system user, and the
+    /// user who ran it through `sudo`).
     AcceptClock {
         /// The broker's data directory (the broker must be stopped).
         #[arg(long)]
@@ -350,15 +352,16 @@ pub fn run_offline_store(args: OfflineStoreArgs) -> ExitCode {
     }
 }
 
-/// `trmx-broker store verify`.
+/// `trmx-broker store accept-clock`.
 fn accept_clock(data_dir: &std::path::Path) -> ExitCode {
     let now = to_millis(std::time::SystemTime::now());
-    match crate::store::accept_clock_offline(data_dir, now) {
+    let operator = offline_operator();
+    match crate::store::accept_clock_offline(data_dir, now, &operator) {
         Ok(before) => {
             let before = before.map_or_else(|| "nothing".to_owned(), fmt_millis);
             println!(
                 "recorded {} as the last run of the broker on {} (it was {before}): the \
-                 broker starts with this clock",
+                 broker starts with this clock; audited as done by {operator}",
                 fmt_millis(now),
                 data_dir.display()
             );
@@ -374,6 +377,67 @@ fn accept_clock(data_dir: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Who runs an offline command that changes the store, for its audit record (offline
+/// there is no operator certificate): the operating-system user, by name and uid, and
+/// the user `sudo` names as the one who ran it as that user (`SUDO_USER`: the README has
+/// operators run these commands with `sudo -u trmx`, so the uid alone would name the
+/// broker's user every time). A record of who did it, not a proof: whoever can run this
+/// as the broker's user can write its store.
+pub fn offline_operator() -> String {
+    let (uid, name) = os_user();
+    let mut who = match name {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    };
+    let sudo_user = std::env::var("SUDO_USER").map(|user| printable(&user));
+    if let Ok(by) = sudo_user.as_deref()
+        && !by.is_empty()
+    {
+        let _ = write!(who, ", via sudo by {by}");
+    }
+    who
+}
+
+/// At most 64 printable ASCII characters of `text` (a user name from the environment or
+/// the user database goes into the audit log as it is).
+fn printable(text: &str) -> String {
+    text.chars()
+        .filter(char::is_ascii_graphic)
+        .take(64)
+        .collect()
+}
+
+/// The real uid of this process and its user name, if the user database has one.
+#[allow(unsafe_code)]
+fn os_user() -> (u32, Option<String>) {
+    // SAFETY: getuid takes nothing, cannot fail and touches no memory of ours.
+    let uid = unsafe { libc::getuid() };
+    let mut entry = std::mem::MaybeUninit::<libc::passwd>::uninit();
+    let mut buf: Vec<libc::c_char> = vec![0; 4096];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r fills `entry`, with its strings in `buf` (whose length is
+    // passed), and sets `found` to `entry` when the user exists, else to null; it keeps
+    // no pointer to any of them. (A name longer than `buf` is ERANGE: no name.)
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            entry.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return (uid, None);
+    }
+    // SAFETY: `found` is `entry`, filled in; its pw_name is a NUL-terminated string in
+    // `buf`, alive until the end of this function.
+    let name = unsafe { std::ffi::CStr::from_ptr((*found).pw_name) };
+    let name = printable(&name.to_string_lossy());
+    (uid, Some(name).filter(|name| !name.is_empty()))
+}
+
+/// `trmx-broker store verify`.
 fn verify_store(data_dir: &std::path::Path) -> ExitCode {
     match crate::store::verify_store_offline(data_dir) {
         Ok(report) => {

@@ -409,7 +409,7 @@ async fn a_jump_of_the_system_clock_expires_nothing_until_a_restart() -> anyhow:
         "{refused:#}"
     );
     let wall = trmx_broker::clock::TimeSource::wall(&time);
-    trmx_broker::store::accept_clock_offline(&config.data_dir, to_millis(wall))?;
+    trmx_broker::store::accept_clock_offline(&config.data_dir, to_millis(wall), "test")?;
     let mut broker = start(config).await?;
     let mut nl = client(broker.local_addr(), &pki.participant("NL-NRM")?)?;
     let mut nl_stream = receive(&mut nl, 0).await?;

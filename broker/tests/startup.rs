@@ -350,7 +350,7 @@ async fn a_clock_that_jumped_while_the_broker_was_down_is_refused_until_accepted
     // A broker that ran with a clock ten days ahead (its last run recorded then); the
     // clock is right now: refused, until the operator accepts it with the command.
     let ahead = b.clock.now() + 10 * DAY;
-    trmx_broker::store::accept_clock_offline(&b.config.data_dir, to_millis(ahead))?;
+    trmx_broker::store::accept_clock_offline(&b.config.data_dir, to_millis(ahead), "test")?;
     b.clock.set(std::time::SystemTime::now());
     start_refused(&b.clock).await?;
     let accepted = tokio::task::spawn_blocking(move || {
@@ -364,5 +364,62 @@ async fn a_clock_that_jumped_while_the_broker_was_down_is_refused_until_accepted
     assert!(said.contains("the broker starts with this clock"), "{said}");
     let mut nl = restart(&mut b).await?;
     assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::Accepted);
+    Ok(())
+}
+
+/// `store accept-clock` moves the broker's time, and with it what expires at the next
+/// start: it leaves an audit record of who ran it (the operating-system user, and the one
+/// `sudo` names), the last run the store held, and the one it holds now; the audit chain
+/// and the store still verify.
+#[tokio::test]
+async fn accepting_the_clock_is_audited_and_the_chain_still_verifies() -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    use trmx_broker::store::audit::{AuditEvent, OperatorAction};
+
+    let mut b = TestBroker::start().await?;
+    let mut nl = b.client("NL-NRM")?;
+    submit(&mut nl, referral("BE-PAYOKE")).await?;
+    // (recorded at start; the manual clock has not moved since)
+    let last_run = b.clock.now_millis();
+    b.broker.shutdown().await?;
+    let data_dir = b.config.data_dir.clone();
+    let records_before = trmx_broker::store::audit_records_offline(&data_dir)?.len();
+
+    let binary = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+            .args(args)
+            .env("SUDO_USER", "alice")
+            .output()
+    };
+    let dir = data_dir.to_str().expect("utf-8 path");
+    let started = to_millis(std::time::SystemTime::now());
+    let accepted = binary(&["store", "accept-clock", "--data-dir", dir])?;
+    let ended = to_millis(std::time::SystemTime::now());
+    assert!(accepted.status.success(), "{accepted:?}");
+
+    let records = trmx_broker::store::audit_records_offline(&data_dir)?;
+    assert_eq!(records.len(), records_before + 1, "one record more");
+    let record = records.last().expect("a record");
+    let AuditEvent::Operator(OperatorAction::AcceptClock {
+        operator,
+        recorded_before,
+        accepted,
+    }) = &record.event
+    else {
+        panic!("not an accept-clock record: {record:?}");
+    };
+    assert_eq!(*recorded_before, Some(last_run));
+    assert!((started..=ended).contains(accepted), "{accepted}");
+    assert_eq!(record.at, *accepted);
+    let uid = std::fs::metadata(&data_dir)?.uid();
+    assert!(
+        operator.contains(&format!("(uid {uid})")) && operator.ends_with(", via sudo by alice"),
+        "{operator}"
+    );
+
+    for check in [["audit", "verify"], ["store", "verify"]] {
+        let out = binary(&[check[0], check[1], "--data-dir", dir])?;
+        assert!(out.status.success(), "{check:?}: {out:?}");
+    }
     Ok(())
 }

@@ -5,8 +5,8 @@
 //! What is recorded: every lifecycle change of a message (accepted, in flight,
 //! requeued, acknowledged, expired, dead-lettered, rejected, withdrawn, purged,
 //! redriven) with its id, kind, sender, recipient, states and times; every
-//! operator action with the operator's name. NEVER a case reference, a payload
-//! or a body value.
+//! operator action with the operator's name (for the offline `store accept-clock`, the
+//! operating-system user who ran it). NEVER a case reference, a payload or a body value.
 //!
 //! # Invariants
 //! - Records are numbered 1, 2, 3, … without gaps; each holds the SHA-256 of the
@@ -170,10 +170,21 @@ pub enum OperatorAction {
         /// Whether the chain was intact.
         intact: bool,
     },
+    /// The system clock was accepted (`trmx-broker store accept-clock`, broker stopped):
+    /// the store's last run moved, and with it the time from which the next start
+    /// measures (and so what expires at its first tick).
+    AcceptClock {
+        /// Who ran it: the operating-system user (no certificate is involved offline).
+        operator: String,
+        /// The last run recorded before (None: the store had none).
+        recorded_before: Option<Millis>,
+        /// The last run recorded now: the system clock when it ran.
+        accepted: Millis,
+    },
 }
 
 impl OperatorAction {
-    /// `SEARCH`, `LIST_DEAD_LETTERS`, `REDRIVE`, `PURGE`, `VERIFY_AUDIT`.
+    /// `SEARCH`, `LIST_DEAD_LETTERS`, `REDRIVE`, `PURGE`, `VERIFY_AUDIT`, `ACCEPT_CLOCK`.
     pub fn name(&self) -> &'static str {
         match self {
             OperatorAction::Search { .. } => "SEARCH",
@@ -181,6 +192,7 @@ impl OperatorAction {
             OperatorAction::Redrive { .. } => "REDRIVE",
             OperatorAction::Purge { .. } => "PURGE",
             OperatorAction::VerifyAudit { .. } => "VERIFY_AUDIT",
+            OperatorAction::AcceptClock { .. } => "ACCEPT_CLOCK",
         }
     }
 
@@ -191,7 +203,8 @@ impl OperatorAction {
             | OperatorAction::ListDeadLetters { operator }
             | OperatorAction::Redrive { operator, .. }
             | OperatorAction::Purge { operator, .. }
-            | OperatorAction::VerifyAudit { operator, .. } => operator,
+            | OperatorAction::VerifyAudit { operator, .. }
+            | OperatorAction::AcceptClock { operator, .. } => operator,
         }
     }
 }
@@ -372,6 +385,16 @@ impl AuditRecord {
                         out.push(5);
                         out.push(u8::from(*intact));
                     }
+                    OperatorAction::AcceptClock {
+                        recorded_before,
+                        accepted,
+                        ..
+                    } => {
+                        out.push(6);
+                        out.push(u8::from(recorded_before.is_some()));
+                        out.extend_from_slice(&recorded_before.unwrap_or(0).to_be_bytes());
+                        out.extend_from_slice(&accepted.to_be_bytes());
+                    }
                 }
             }
         }
@@ -435,6 +458,15 @@ impl AuditRecord {
                         operator,
                         intact: r.u8("intact")? != 0,
                     },
+                    6 => {
+                        let had_before = r.u8("recorded_before")? != 0;
+                        let before = r.u64("recorded_before")?;
+                        OperatorAction::AcceptClock {
+                            operator,
+                            recorded_before: had_before.then_some(before),
+                            accepted: r.u64("accepted")?,
+                        }
+                    }
                     _ => return Err(corrupt("action")),
                 };
                 AuditEvent::Operator(action)
@@ -614,7 +646,13 @@ mod tests {
         let mut prev = [0u8; 32];
         let mut out = Vec::new();
         for seq in 1..=n {
-            let event = if seq % 2 == 0 {
+            let event = if seq % 5 == 0 {
+                AuditEvent::Operator(OperatorAction::AcceptClock {
+                    operator: "trmx (uid 998)".into(),
+                    recorded_before: (seq % 10 == 0).then_some(1_000 + seq),
+                    accepted: 2_000 + seq,
+                })
+            } else if seq % 2 == 0 {
                 AuditEvent::Operator(OperatorAction::Purge {
                     operator: "alice".into(),
                     message_id: MessageId::new_v7(),

@@ -1364,7 +1364,7 @@ mod sled {
         s.close().await.unwrap();
         drop(s);
         let later = now + 30 * 86_400_000;
-        let before = crate::store::accept_clock_offline(dir.path(), later).unwrap();
+        let before = crate::store::accept_clock_offline(dir.path(), later, "test").unwrap();
         assert_eq!(before, Some(now));
         let s = open(dir.path());
         assert_eq!(s.last_running().await.unwrap(), Some(later));

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use ::sled::Transactional as _;
 use tokio::sync::broadcast;
 use trmx_proto::{MessageId, ParticipantId};
 
@@ -477,23 +478,74 @@ fn describe_open_error(e: &::sled::Error) -> String {
 
 /// [`RUNNING_KEY`] in `meta`.
 fn last_running(meta: &::sled::Tree) -> Result<Option<Millis>, StoreError> {
-    let Some(value) = meta.get(RUNNING_KEY).map_err(storage)? else {
-        return Ok(None);
-    };
-    let bytes = <[u8; 8]>::try_from(value.as_ref())
-        .map_err(|_| StoreError::Corrupt("meta: running_at is not 8 bytes".to_owned()))?;
-    Ok(Some(Millis::from_be_bytes(bytes)))
+    meta.get(RUNNING_KEY)
+        .map_err(storage)?
+        .map(|value| decode_running(&value))
+        .transpose()
+}
+
+/// The stored value of [`RUNNING_KEY`].
+fn decode_running(value: &[u8]) -> Result<Millis, StoreError> {
+    <[u8; 8]>::try_from(value)
+        .map(Millis::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt("meta: running_at is not 8 bytes".to_owned()))
 }
 
 /// Records `now` as the last run of the stopped broker whose store is in `path`, so that
-/// its next start accepts the system clock (see `lifecycle.max_downtime`). Returns the
-/// instant recorded before, if any. Durable when it returns.
-pub fn accept_clock_offline(path: &Path, now: Millis) -> Result<Option<Millis>, StoreError> {
+/// its next start accepts the system clock (see `lifecycle.max_downtime`), and appends
+/// to the audit log, in the same transaction, that `operator` did so (with the instant
+/// recorded before and `now`): moving the store's time changes what expires at the next
+/// start. Returns the instant recorded before, if any. Durable when it returns.
+pub fn accept_clock_offline(
+    path: &Path,
+    now: Millis,
+    operator: &str,
+) -> Result<Option<Millis>, StoreError> {
     let db = audit::open_existing(path)?;
-    let meta = db.open_tree("meta").map_err(storage)?;
-    let before = last_running(&meta)?;
-    meta.insert(RUNNING_KEY, &now.to_be_bytes()[..])
+    // the audit trees at their `Tx` indexes, then `meta`
+    let mut trees = TREE_NAMES
+        .iter()
+        .map(|name| db.open_tree(name))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(storage)?;
+    let meta_at = trees.len();
+    trees.push(db.open_tree("meta").map_err(storage)?);
+    let seq_floor = compact::seq_floor(&trees[meta_at])?;
+    let life = Lifecycle::default();
+    let result = trees
+        .as_slice()
+        .transaction(|t: &Vec<::sled::transaction::TransactionalTree>| {
+            let before = match t[meta_at]
+                .get(RUNNING_KEY)?
+                .map(|value| decode_running(&value))
+                .transpose()
+            {
+                Ok(before) => before,
+                Err(e) => return tx::abort(e),
+            };
+            t[meta_at].insert(RUNNING_KEY, &now.to_be_bytes()[..])?;
+            let tx = Tx {
+                t: &t[..meta_at],
+                life: &life,
+                seq_floor,
+                audit_block: Default::default(),
+            };
+            tx.audit(
+                now,
+                AuditEvent::Operator(OperatorAction::AcceptClock {
+                    operator: operator.to_owned(),
+                    recorded_before: before,
+                    accepted: now,
+                }),
+            )?;
+            tx.finish_audit()?;
+            Ok(before)
+        });
+    let before = match result {
+        Ok(before) => before,
+        Err(::sled::transaction::TransactionError::Abort(e)) => return Err(e),
+        Err(::sled::transaction::TransactionError::Storage(e)) => return Err(storage(e)),
+    };
     db.flush().map_err(storage)?;
     trmx_durable::DiskSync::open(path).map_err(|e| StoreError::Open {
         path: path.display().to_string(),
