@@ -101,8 +101,11 @@ enum Command {
     /// Run the broker (the default).
     Run(ServerArgs),
     /// Load and validate the config, load the TLS material as `run` does, check that the
-    /// data directory is writable (the store is not opened), print the effective config,
-    /// and exit.
+    /// data directory is writable, make the clock check of a start (refused: a system
+    /// clock further than `lifecycle.max_downtime` from the store's last run), print the
+    /// effective config, and exit. The store is not opened: a stopped broker's last run
+    /// is read from a copy of the store's files made in the data directory (and removed),
+    /// and a running broker's store is left alone (the clock check is then skipped).
     CheckConfig(ServerArgs),
     /// Operator commands against a running broker, with an operator certificate
     /// (queues, participants, messages, dead letters, redrive, purge, audit, stats).
@@ -214,8 +217,9 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         // what loading only warns about (the broker's own certificate revoked, a CRL past
         // its nextUpdate) goes to stderr as at a start; a logger set up already is kept
         let _ = init_tracing(&log_filter);
-        crate::check_config(&config)?;
+        let checked = crate::check_config(&config)?;
         print!("{}", config.to_toml()?);
+        println!("# clock: {}", checked.clock);
         println!("# config OK: {}", config_path.display());
         return Ok(());
     }

@@ -54,4 +54,7 @@ pub mod units;
 
 pub use config::BrokerConfig;
 pub use error::BrokerError;
-pub use server::{Broker, BrokerBuilder, CRL_RECORD_FILE, RunningBroker, check_config, serve};
+pub use server::{
+    Broker, BrokerBuilder, CRL_RECORD_FILE, ClockCheck, ConfigCheck, RunningBroker, check_config,
+    serve,
+};

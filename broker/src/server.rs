@@ -651,11 +651,21 @@ async fn check_clock(
     now: Millis,
     config: &BrokerConfig,
 ) -> Result<(), BrokerError> {
+    judge_clock(store.last_running().await?, now, config).map(|_| ())
+}
+
+/// [`check_clock`]'s rule, for a store whose last run is `last` (also what `check-config`
+/// runs): logs the warning of a clock behind, refuses one too far either way.
+fn judge_clock(
+    last: Option<Millis>,
+    now: Millis,
+    config: &BrokerConfig,
+) -> Result<StartClock, BrokerError> {
     let lifecycle = &config.lifecycle;
-    let last = store.last_running().await?;
     let max_downtime = Some(lifecycle.max_downtime).filter(|d| !d.is_zero());
-    match clock::check_start(last, now, lifecycle.max_clock_step, max_downtime) {
-        StartClock::Fine => Ok(()),
+    let verdict = clock::check_start(last, now, lifecycle.max_clock_step, max_downtime);
+    match verdict {
+        StartClock::Fine => Ok(verdict),
         StartClock::Behind(by) => {
             warn!(
                 behind = %human_span(by),
@@ -663,7 +673,7 @@ async fn check_clock(
                 "the system clock is behind the last time a broker ran on this store: \
                  redeliveries and expiries scheduled before come that much later"
             );
-            Ok(())
+            Ok(verdict)
         }
         StartClock::TooFar { ahead, by } => {
             let (which, harm) = if ahead {
@@ -953,16 +963,123 @@ async fn wait_true(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// What `trmx-broker check-config` checks, binding and opening nothing: the config's
-/// rules, the participant registry, the TLS material loaded exactly as at start, and a
-/// data directory the broker can write in, or create. The store is not opened (a running
-/// broker holds its lock), so what only sled can tell (a store of another version, a
-/// corrupt one) shows at start.
-pub fn check_config(config: &BrokerConfig) -> Result<(), BrokerError> {
+/// What `trmx-broker check-config` checks, binding nothing: the config's rules, the
+/// participant registry, the TLS material loaded exactly as at start, a data directory
+/// the broker can write in, or create, and the clock check of a start ([`ClockCheck`]).
+/// The store is never opened in place (a running broker holds its lock, and opening a
+/// sled store writes to it): the clock check reads a stopped broker's store from a copy
+/// (a store sled cannot open fails it there, as it would fail the start), and leaves a
+/// running broker's alone.
+pub fn check_config(config: &BrokerConfig) -> Result<ConfigCheck, BrokerError> {
     config.validate()?;
     Registry::from_config(&config.participants)?;
     load_tls(config)?;
-    check_data_dir(&config.data_dir)
+    check_data_dir(&config.data_dir)?;
+    // (a running broker's clock starts as the system clock)
+    let now = clock::SystemClock.now_millis();
+    Ok(ConfigCheck {
+        clock: check_clock_offline(config, now)?,
+    })
+}
+
+/// What [`check_config`] found besides the refusals it returns as errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigCheck {
+    /// The clock check a start would make.
+    pub clock: ClockCheck,
+}
+
+/// The clock check of a start ([`check_clock`]), as `check-config` can make it. A clock a
+/// start would refuse is [`check_config`]'s error, the start's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClockCheck {
+    /// No store in the data directory yet: the first start records the clock.
+    FirstStart,
+    /// A process holds the store (a running broker): not checked.
+    StoreInUse,
+    /// Too little free space for the copy the store is read from: not checked.
+    NoRoomToRead {
+        /// The bytes the copy needs.
+        needed: u64,
+        /// The free bytes on the data directory's filesystem.
+        free: u64,
+    },
+    /// Checked: the system clock at `now` against the store's last run.
+    Checked {
+        /// The last run the store records (`None`: none).
+        last_run: Option<Millis>,
+        /// The system clock.
+        now: Millis,
+        /// What the start makes of it (never [`StartClock::TooFar`]: that is an error).
+        verdict: StartClock,
+    },
+}
+
+impl std::fmt::Display for ClockCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unchecked = "the broker checks the clock against its store when it starts";
+        match self {
+            ClockCheck::FirstStart => write!(
+                f,
+                "first start: no store in data_dir yet (the broker records its time there)"
+            ),
+            ClockCheck::StoreInUse => write!(
+                f,
+                "not checked: the store is in use (a running broker holds it); {unchecked}"
+            ),
+            ClockCheck::NoRoomToRead { needed, free } => write!(
+                f,
+                "not checked: reading the store's last run takes a copy of its files ({}), \
+                 and its filesystem has {} free; {unchecked}",
+                crate::admin_cli::fmt_bytes(*needed),
+                crate::admin_cli::fmt_bytes(*free),
+            ),
+            ClockCheck::Checked { last_run: None, .. } => {
+                write!(f, "OK: the store records no earlier run of a broker")
+            }
+            ClockCheck::Checked {
+                last_run: Some(last),
+                now,
+                verdict,
+            } => {
+                let (span, which) = if now >= last {
+                    (now - last, "after")
+                } else {
+                    (last - now, "before")
+                };
+                let warned = match verdict {
+                    StartClock::Behind(_) => ", with the warning above",
+                    _ => "",
+                };
+                write!(
+                    f,
+                    "OK{warned}: the system clock reads {}, {} {which} the last run of a \
+                     broker on this store ({})",
+                    fmt_millis(*now),
+                    human_span(Duration::from_millis(span)),
+                    fmt_millis(*last),
+                )
+            }
+        }
+    }
+}
+
+/// The clock check of a start against the store in `data_dir`, read without opening it
+/// there ([`crate::store::last_running_offline`]).
+fn check_clock_offline(config: &BrokerConfig, now: Millis) -> Result<ClockCheck, BrokerError> {
+    use crate::store::LastRunMark;
+    Ok(
+        match crate::store::last_running_offline(&config.data_dir)? {
+            LastRunMark::NoStore => ClockCheck::FirstStart,
+            LastRunMark::InUse => ClockCheck::StoreInUse,
+            LastRunMark::NoRoomToCopy { needed, free } => ClockCheck::NoRoomToRead { needed, free },
+            LastRunMark::Recorded(last_run) => ClockCheck::Checked {
+                last_run,
+                now,
+                verdict: judge_clock(last_run, now, config)?,
+            },
+        },
+    )
 }
 
 /// `dir` is a directory this user can create files in, or does not exist yet and its

@@ -423,3 +423,170 @@ async fn accepting_the_clock_is_audited_and_the_chain_still_verifies() -> anyhow
     }
     Ok(())
 }
+
+/// `trmx-broker check-config --config FILE` (a file written from `config` in `dir`).
+fn check_config_binary(
+    dir: &std::path::Path,
+    config: &BrokerConfig,
+) -> anyhow::Result<std::process::Output> {
+    let config_file = dir.join("broker.toml");
+    std::fs::write(&config_file, config.to_toml()?)?;
+    Ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+            .arg("check-config")
+            .arg("--config")
+            .arg(&config_file)
+            .env_remove("TRMX_BROKER_CONFIG")
+            .env_remove("TRMX_LOG")
+            .output()?,
+    )
+}
+
+/// A file's size, SHA-256 and modification time.
+type FileState = (u64, [u8; 32], std::time::SystemTime);
+
+/// Every file under `dir` (not the directories: check-config's probe and copy come and go
+/// in the data directory).
+fn files_in(
+    dir: &std::path::Path,
+) -> anyhow::Result<std::collections::BTreeMap<std::path::PathBuf, FileState>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            out.extend(files_in(&path)?);
+        } else {
+            let meta = std::fs::metadata(&path)?;
+            let digest = trmx_proto::envelope::sha256(&std::fs::read(&path)?);
+            out.insert(path.clone(), (meta.len(), digest, meta.modified()?));
+        }
+    }
+    Ok(out)
+}
+
+/// `check-config` said "config OK" for a config whose start the broker then refused for
+/// a system clock that had jumped while it was down. It makes the start's clock check:
+/// the start's refusal (and exit status 1) for a clock too far from the store's last run,
+/// the start's warning for one behind, OK otherwise, without changing a file of the
+/// store; it skips the check, saying why, when a running broker holds the store, and says
+/// when there is no store yet.
+#[tokio::test]
+async fn check_config_makes_the_clock_check_of_a_start() -> anyhow::Result<()> {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    let stdout = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // no store yet
+    let out = check_config_binary(dir.path(), &config)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("# clock: first start"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        !config.data_dir.exists(),
+        "check-config made the data directory"
+    );
+
+    // a running broker holds the store: not checked, not an error
+    let clock = ManualClock::new(std::time::SystemTime::now());
+    let mut broker = start_broker(&config, &clock).await?;
+    let out = check_config_binary(dir.path(), &config)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("# clock: not checked: the store is in use"),
+        "{}",
+        stdout(&out)
+    );
+    broker.shutdown().await?;
+
+    // the broker stopped: its store says when it last ran
+    let data_dir = config.data_dir.display().to_string();
+    let mark = |at: std::time::SystemTime| {
+        trmx_broker::store::accept_clock_offline(&config.data_dir, to_millis(at), "test")
+    };
+    let wait_for_the_lock = async || -> anyhow::Result<std::process::Output> {
+        // (sled lets go of the store's lock a moment after the broker closed it)
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let out = check_config_binary(dir.path(), &config)?;
+            if !stdout(&out).contains("the store is in use")
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(out);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let out = wait_for_the_lock().await?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("# clock: OK: the system clock reads"),
+        "{}",
+        stdout(&out)
+    );
+
+    // a clock ten days after the last run: refused as the start refuses it, changing nothing
+    mark(std::time::SystemTime::now() - 10 * DAY)?;
+    let before = files_in(&config.data_dir)?;
+    let out = check_config_binary(dir.path(), &config)?;
+    assert!(
+        !out.status.success(),
+        "a clock jump passed: {}",
+        stdout(&out)
+    );
+    assert_eq!(
+        files_in(&config.data_dir)?,
+        before,
+        "the store's files changed"
+    );
+    let error = stderr(&out);
+    // (the start opens the store)
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let started = Broker::builder(config.clone())
+        .clock(ManualClock::new(std::time::SystemTime::now()))
+        .start(listener)
+        .await;
+    let Err(BrokerError::ClockJump(refused)) = started else {
+        anyhow::bail!("the start was not refused for the clock");
+    };
+    for part in [
+        "10.0 days after the last time a broker ran on this store",
+        "more than lifecycle.max_downtime (7d)",
+        &format!("trmx-broker store accept-clock --data-dir {data_dir}` once"),
+    ] {
+        assert!(error.contains(part), "{part:?} not in: {error}");
+        assert!(
+            refused.contains(part),
+            "{part:?} not in the start's: {refused}"
+        );
+    }
+
+    // a clock three hours behind the last run: the start's warning, and OK
+    mark(std::time::SystemTime::now() + Duration::from_secs(3 * 3600))?;
+    let before = files_in(&config.data_dir)?;
+    let out = check_config_binary(dir.path(), &config)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("WARN")
+            && stderr(&out).contains("the system clock is behind the last time a broker ran"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("# clock: OK, with the warning above")
+            && stdout(&out).contains("3.0 hours before the last run"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        files_in(&config.data_dir)?,
+        before,
+        "the store's files changed"
+    );
+    Ok(())
+}

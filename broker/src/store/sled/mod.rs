@@ -7,6 +7,8 @@
 //! - `writer`: the single writer thread; merges consecutive changes into one
 //!   transaction.
 //! - `flusher`: the group-commit flusher thread.
+//! - `peek`: the last-run mark of a stopped broker's store, read from a copy so that
+//!   the store's own files stay as they are (`check-config`).
 //! - [`failpoint`]: test-only crash points and disk faults of a broker process
 //!   (`TRMX_BROKER_FAILPOINT`, `TRMX_BROKER_FAULT_FILE`), read once at open.
 //! - this file: opening, the async layer (changes on the writer thread, reads
@@ -29,6 +31,7 @@ use self::failpoint::{FailPoints, Point};
 pub use self::flusher::FaultSwitch;
 use self::flusher::Flusher;
 use self::ops::storage;
+pub use self::peek::{LastRunMark, last_running_offline};
 use self::tx::{TREE_NAMES, Tx, TxResult};
 pub use self::verify::{StoreReport, verify_store_offline};
 use self::writer::Writer;
@@ -45,6 +48,7 @@ mod compact;
 pub mod failpoint;
 mod flusher;
 mod ops;
+mod peek;
 mod presence;
 mod tx;
 mod verify;
