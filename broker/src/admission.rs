@@ -206,8 +206,10 @@ impl SubmitSlots {
 /// A node whose submit went unanswered (its connection broke, or it gave up waiting)
 /// may have the user withdraw the message, and then asks the broker to withdraw it, on a
 /// new connection. The earlier submit can still be on its way: waiting for its sender's
-/// write slot, queued behind other requests on its old connection, or its body still
-/// arriving; that connection's end is noticed later. Without this, the withdrawal would
+/// write slot, or its body still arriving; that connection's end is noticed later. (It
+/// never waits inside the broker for a slot of its connection, where no timeout would
+/// count the wait: a connection is offered no more HTTP/2 streams than are served at
+/// once, `LimitsConfig::streams_per_connection`.) Without this, the withdrawal would
 /// find nothing (`NOT_FOUND`: "the broker never had it"), and the submit would then store
 /// the message and deliver it. With it, a withdrawal keeps, for `refuse_for`, the fact
 /// that the message was withdrawn: no submit of it starts writing from then on (each

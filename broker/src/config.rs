@@ -134,10 +134,14 @@ pub struct LimitsConfig {
     /// TLS handshakes in progress at once from one IPv4 address or IPv6 /64.
     #[serde(default = "default_max_handshakes_per_ip")]
     pub max_handshakes_per_ip: usize,
-    /// Concurrent HTTP/2 streams (RPCs) per connection.
+    /// Concurrent HTTP/2 streams (RPCs, `Receive` streams included) per connection. The
+    /// broker offers each connection the smaller of this and `concurrency_per_connection`
+    /// ([`Self::streams_per_connection`]).
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
-    /// RPCs served at once per connection.
+    /// RPCs served at once per connection. Enforced as the connection's HTTP/2 stream
+    /// limit ([`Self::streams_per_connection`]): a client with more requests keeps them
+    /// on its side, under its own deadline, and the broker holds none waiting for a slot.
     #[serde(default = "default_concurrency_per_connection")]
     pub concurrency_per_connection: usize,
     /// Open `Receive` streams per participant.
@@ -248,6 +252,21 @@ impl Default for LimitsConfig {
             min_free_disk_bytes: default_min_free_disk_bytes(),
             shutdown_grace: default_shutdown_grace(),
         }
+    }
+}
+
+impl LimitsConfig {
+    /// The HTTP/2 streams a connection is offered: `max_concurrent_streams`, or
+    /// `concurrency_per_connection` when smaller. Every stream a connection has open is
+    /// then served at once; none waits inside the broker for a slot. Such a wait would
+    /// not count against `request_timeout` (tonic's per-connection concurrency limit
+    /// sits outside its request timeout), and a submit held in it for longer than twice
+    /// the request timeout plus the keepalive's time to close a dead connection could
+    /// reach the service after the time for which a withdrawal of its message refuses
+    /// its submits ([`crate::admission::Submitting`]), and store the withdrawn message.
+    pub fn streams_per_connection(&self) -> u32 {
+        let concurrency = u32::try_from(self.concurrency_per_connection).unwrap_or(u32::MAX);
+        self.max_concurrent_streams.min(concurrency)
     }
 }
 

@@ -294,11 +294,20 @@ impl BrokerBuilder {
             listener_limits,
             wait_true(shutdown_rx.clone()),
         );
+        // No `concurrency_limit_per_connection`: tonic puts its queue outside the request
+        // timeout. A connection gets no more streams than are served at once instead.
+        let streams = limits.streams_per_connection();
+        if streams < limits.max_concurrent_streams {
+            info!(
+                streams,
+                "HTTP/2 streams per connection: limits.concurrency_per_connection, below \
+                 limits.max_concurrent_streams"
+            );
+        }
         let router = Server::builder()
             .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .concurrency_limit_per_connection(limits.concurrency_per_connection)
+            .max_concurrent_streams(streams)
             .timeout(limits.request_timeout)
             .add_service(health_service)
             .add_service(exchange)

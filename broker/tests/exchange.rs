@@ -601,34 +601,18 @@ async fn an_expired_delivery_frees_its_stream_slot() -> anyhow::Result<()> {
 }
 
 /// A `Withdraw` answered `NOT_FOUND` means the message will not be stored either, also
-/// when a submit of it was already on its way but had not reached the service: here it
-/// waits on its connection behind `limits.concurrency_per_connection` (the connection's
-/// one slot is held by a submit over the sender's rate, which sleeps `refusal_delay`)
-/// while the withdrawal comes on another connection. (The same holds for a request body
-/// still arriving.) The late submit is refused and stores nothing.
+/// when a submit of it was already on its way but had not reached the service: here the
+/// broker has the submit's request but not yet all of its body (a slow link) when the
+/// withdrawal comes on another connection. The submit, complete after it, is refused and
+/// stores nothing. (A submit cannot wait for a slot inside the broker instead: see
+/// `a_connection_is_offered_no_more_streams_than_it_is_served_at_once`.)
 #[tokio::test]
 async fn a_submit_on_its_way_when_its_message_is_withdrawn_is_not_stored() -> anyhow::Result<()> {
-    let t = TestBroker::start_with(|c| {
-        c.limits.concurrency_per_connection = 1;
-        c.limits.sender_rate_per_second = 1;
-        c.limits.sender_rate_burst = 1;
-        c.limits.refusal_delay = Duration::from_secs(2);
-    })
-    .await?;
-    let old_connection = t.client("NL-NRM")?;
+    let t = TestBroker::start().await?;
     let mut new_connection = t.client("NL-NRM")?;
-    let mut first = old_connection.clone();
-    // takes the sender's one token
-    submit(&mut first, referral("BE-PAYOKE")).await?;
-    // over the rate: refused after `refusal_delay`, holding the connection's one slot
-    let mut over_rate = old_connection.clone();
-    let held = tokio::spawn(async move { submit(&mut over_rate, referral("BE-PAYOKE")).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // the message to withdraw: received by the broker, queued on the connection
     let env = referral("BE-PAYOKE");
     let id = env.message_id.clone();
-    let mut queued_client = old_connection.clone();
-    let queued = tokio::spawn(async move { submit(&mut queued_client, env).await });
+    let on_its_way = PartialSubmit::send(&t, env).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let withdrawn = new_connection
@@ -639,19 +623,128 @@ async fn a_submit_on_its_way_when_its_message_is_withdrawn_is_not_stored() -> an
     assert_code(
         withdrawn,
         Code::NotFound,
-        "withdrawal of the queued message",
+        "withdrawal of the message on its way",
     );
 
-    let _ = held.await?;
-    assert_code(
-        queued.await?,
+    assert_eq!(
+        on_its_way.finish().await?,
         Code::FailedPrecondition,
-        "the submit that was on its way",
+        "the submit that was on its way"
     );
     assert_code(
         status(&mut new_connection, &id).await,
         Code::NotFound,
         "the withdrawn message's status",
     );
+    Ok(())
+}
+
+/// A `Submit` sent over a bare HTTP/2 connection with all of its body but the last bytes.
+struct PartialSubmit {
+    body: h2::SendStream<bytes::Bytes>,
+    rest: bytes::Bytes,
+    response: h2::client::ResponseFuture,
+}
+
+impl PartialSubmit {
+    async fn send(t: &TestBroker, env: pb::Envelope) -> anyhow::Result<Self> {
+        use prost::Message as _;
+        use tonic::codegen::http;
+
+        let message = pb::SubmitRequest {
+            envelope: Some(env),
+        }
+        .encode_to_vec();
+        // a gRPC message: uncompressed, its length, its bytes
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+        framed.extend_from_slice(&message);
+        let mut framed = bytes::Bytes::from(framed);
+        let rest = framed.split_off(framed.len() - 8);
+
+        let tls = trmx_transport::client_config(&t.pki.participant("NL-NRM")?)?;
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+        let tcp = tokio::net::TcpStream::connect(t.addr).await?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(name, tcp)
+            .await?;
+        let (sender, connection) = h2::client::handshake(tls).await?;
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await?;
+        let request = http::Request::post(format!("https://{}/trmx.v1.Exchange/Submit", t.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let (response, mut body) = sender.send_request(request, false)?;
+        body.send_data(framed, false)?;
+        Ok(Self {
+            body,
+            rest,
+            response,
+        })
+    }
+
+    /// Sends the rest of the body; the answer's gRPC status code.
+    async fn finish(mut self) -> anyhow::Result<Code> {
+        self.body.send_data(self.rest, true)?;
+        let response = tokio::time::timeout(WAIT, self.response).await??;
+        let status = |headers: &tonic::codegen::http::HeaderMap| {
+            headers
+                .get("grpc-status")
+                .and_then(|code| code.to_str().ok()?.parse::<i32>().ok())
+                .map(Code::from_i32)
+        };
+        if let Some(code) = status(response.headers()) {
+            return Ok(code); // (trailers only)
+        }
+        let mut body = response.into_body();
+        while let Some(data) = body.data().await {
+            data?;
+        }
+        let trailers = body.trailers().await?.unwrap_or_default();
+        status(&trailers).ok_or_else(|| anyhow::anyhow!("no grpc-status in {trailers:?}"))
+    }
+}
+
+/// A connection is offered no more HTTP/2 streams than the broker serves at once on it
+/// (`limits.concurrency_per_connection`, here below `max_concurrent_streams`): a client
+/// with more requests keeps them on its side, under its own deadline. tonic's own
+/// per-connection limit queued them inside the broker, outside the request timeout, so a
+/// submit could wait there past the time for which its message's withdrawal refuses its
+/// submits, and then store the withdrawn message.
+#[tokio::test]
+async fn a_connection_is_offered_no_more_streams_than_it_is_served_at_once() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    /// The client's connection preface, then its (empty) SETTINGS frame.
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    const SETTINGS: u8 = 0x4;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+    let t = TestBroker::start_with(|c| {
+        c.limits.max_concurrent_streams = 128;
+        c.limits.concurrency_per_connection = 3;
+    })
+    .await?;
+    let tls = trmx_transport::client_config(&t.pki.participant("NL-NRM")?)?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+    let tcp = tokio::net::TcpStream::connect(t.addr).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(PREFACE).await?;
+    tls.flush().await?;
+    // the server's first frame is its SETTINGS: 9 bytes of header, then 6 per setting
+    let mut header = [0u8; 9];
+    tokio::time::timeout(WAIT, tls.read_exact(&mut header)).await??;
+    assert_eq!(header[3], SETTINGS, "first frame {header:?}");
+    let length =
+        usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let mut payload = vec![0u8; length];
+    tokio::time::timeout(WAIT, tls.read_exact(&mut payload)).await??;
+    let streams = payload.chunks_exact(6).find_map(|setting| {
+        (u16::from_be_bytes([setting[0], setting[1]]) == MAX_CONCURRENT_STREAMS)
+            .then(|| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]))
+    });
+    assert_eq!(streams, Some(3), "SETTINGS_MAX_CONCURRENT_STREAMS");
     Ok(())
 }
