@@ -275,9 +275,14 @@ fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(format!("audit record: bad {what}"))
 }
 
+/// Writes `text`, cut to at most [`MAX_TEXT`] bytes at a character boundary (a cut
+/// inside a character would not decode, and `audit verify` would call the chain broken).
 fn put_text(out: &mut Vec<u8>, text: &str) {
-    let bytes = text.as_bytes();
-    let bytes = &bytes[..bytes.len().min(MAX_TEXT)];
+    let mut end = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let bytes = &text.as_bytes()[..end];
     out.extend_from_slice(&u16::try_from(bytes.len()).unwrap_or(0).to_be_bytes());
     out.extend_from_slice(bytes);
 }
@@ -683,6 +688,28 @@ mod tests {
             prev = hash;
         }
         (ChainPoint { seq: n, hash: prev }, out)
+    }
+
+    #[test]
+    fn a_long_text_is_cut_between_characters() {
+        // one byte, then two-byte characters: byte 4096 falls inside one
+        let reason = format!("a{}", "é".repeat(2500));
+        let record = AuditRecord {
+            seq: 1,
+            at: 1,
+            prev_hash: [0; 32],
+            event: AuditEvent::Operator(OperatorAction::Purge {
+                operator: "alice".into(),
+                message_id: MessageId::new_v7(),
+                reason,
+            }),
+        };
+        let decoded = AuditRecord::decode(&record.encode()).unwrap();
+        let AuditEvent::Operator(OperatorAction::Purge { reason, .. }) = decoded.event else {
+            panic!("{decoded:?}");
+        };
+        assert_eq!(reason.len(), MAX_TEXT - 1);
+        assert!(reason.starts_with("aé"));
     }
 
     fn ok(records: &[(u64, Vec<u8>)]) -> Vec<Result<(u64, Vec<u8>), StoreError>> {
