@@ -596,7 +596,8 @@ impl BrokerStore for SledStore {
                 .prepared_transaction(
                     move |core, claimed| core.lease_candidates(&scan_for, max, claimed),
                     move |tx, candidates| {
-                        let leases = tx.lease(&lease_for, stream, candidates, max_bytes, now)?;
+                        let leases =
+                            tx.lease(&lease_for, stream, candidates, max, max_bytes, now)?;
                         Ok((leases, !candidates.is_empty()))
                     },
                 )

@@ -161,9 +161,15 @@ impl Core {
         })
     }
 
-    /// Up to `max` seqs from the committed queue of `recipient`, in lease
-    /// order, not `claimed` by an earlier lease of the same batch (they are
-    /// added to it), and not known to be damaged (see [`Leases::damaged`]).
+    /// The seqs of the committed queue of `recipient` that a lease of up to
+    /// `max` looks at, in lease order, not known to be damaged (see
+    /// [`Leases::damaged`]): `max` not `claimed` by an earlier lease of the
+    /// same batch (they are added to it), and the claimed ones among them.
+    ///
+    /// An earlier lease of the batch may stop short of what it claimed (at its
+    /// byte budget): what it leaves is then this lease's, in order, as
+    /// [`Tx::lease`] finds them still due. Without them this lease would skip
+    /// ahead of them, or find nothing and let its stream sleep while they wait.
     pub(super) fn lease_candidates(
         &self,
         recipient: &ParticipantId,
@@ -178,12 +184,17 @@ impl Core {
             .unleasable
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
+        let mut unclaimed = 0;
         for item in self.tree(QUEUE).scan_prefix(participant_prefix(recipient)) {
             let (key, _) = item.map_err(storage)?;
             let seq = seq_suffix(&key)?;
-            if !unleasable.contains(&seq) && claimed.insert(seq) {
-                candidates.push(seq);
-                if candidates.len() >= max {
+            if unleasable.contains(&seq) {
+                continue;
+            }
+            candidates.push(seq);
+            if claimed.insert(seq) {
+                unclaimed += 1;
+                if unclaimed >= max {
                     break;
                 }
             }
@@ -851,7 +862,7 @@ impl Tx<'_> {
     /// Up to `max` due messages of `recipient`, leased to `stream`, out of
     /// `candidates` (picked by [`Core::lease_candidates`] from the committed
     /// queue). Each is re-checked here: an earlier job of the same batch may
-    /// have settled it. Messages queued by earlier jobs of the same batch are
+    /// have settled or leased it. Messages queued by earlier jobs of the same batch are
     /// left for the next lease: their submit wakes the stream once durable.
     ///
     /// A queued message that cannot be read (a damaged record, a payload
@@ -864,6 +875,7 @@ impl Tx<'_> {
         recipient: &ParticipantId,
         stream: StreamId,
         candidates: &[u64],
+        max: usize,
         max_bytes: u64,
         now: Millis,
     ) -> TxResult<Leases> {
@@ -875,6 +887,9 @@ impl Tx<'_> {
         let deadline = after(now, self.life.ack_timeout);
         let mut bytes: u64 = 0;
         for &seq in candidates {
+            if out.leased.len() >= max {
+                break;
+            }
             let Some(old) = tx.readable_record(
                 seq,
                 "it stays queued and is skipped, the messages behind it are delivered",
@@ -1614,5 +1629,62 @@ mod tests {
             let db = ::sled::open(dir.path()).unwrap();
             assert!(db.open_tree(legacy_tree).unwrap().is_empty());
         }
+    }
+
+    /// Leases that the writer merges into one batch, for `(stream, max, max_bytes)` in
+    /// that order (the writer is held until all are queued): the ids each got.
+    async fn leases_in_one_batch(
+        s: &SledStore,
+        be: &ParticipantId,
+        leases: &[(u64, usize, u64)],
+    ) -> Vec<Vec<MessageId>> {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold = s.inner.writer.exclusive(move |_| {
+            let _ = held.recv();
+            Ok(())
+        });
+        let mut hold = std::pin::pin!(hold);
+        // (each queues its job on its first poll)
+        assert!(futures::poll!(hold.as_mut()).is_pending());
+        let mut pending = Vec::new();
+        for &(stream, max, max_bytes) in leases {
+            let mut lease = s.lease(be, StreamId(stream), max, max_bytes, NOW);
+            assert!(futures::poll!(lease.as_mut()).is_pending());
+            pending.push(lease);
+        }
+        release.send(()).unwrap();
+        hold.await.unwrap();
+        let mut out = Vec::new();
+        for lease in pending {
+            out.push(lease.await.unwrap().iter().map(|l| l.message_id).collect());
+        }
+        out
+    }
+
+    /// Two streams of one recipient whose leases fall in one writer batch: the first
+    /// stops at its byte budget, short of what it picked before the batch began. What
+    /// it left is the second's, in lease order: the second must neither skip past it
+    /// (delivering later messages first on its stream) nor answer "nothing due" while
+    /// it waits (its stream would sleep, with room and free slots, until something
+    /// else wakes it, possibly only when the first stream's slow link drains).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_a_lease_leaves_at_its_byte_budget_goes_to_the_next_lease_of_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir.path());
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            let m = message(&be);
+            ids.push(m.message_id);
+            s.submit(m, NOW).await.unwrap();
+        }
+        let size = b"payload".len() as u64;
+        // the first takes one (its budget), the second the next three, in order
+        let got = leases_in_one_batch(&s, &be, &[(1, 3, size), (2, 3, u64::MAX)]).await;
+        assert_eq!(got, vec![ids[..1].to_vec(), ids[1..4].to_vec()]);
+        // the first picks every message left, and takes one: the rest is the second's
+        let got = leases_in_one_batch(&s, &be, &[(3, 10, size), (4, 10, u64::MAX)]).await;
+        assert_eq!(got, vec![ids[4..5].to_vec(), ids[5..].to_vec()]);
+        s.close().await.unwrap();
     }
 }

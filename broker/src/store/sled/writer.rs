@@ -28,7 +28,9 @@ const MAX_BATCH: usize = 256;
 const QUEUE_CAPACITY: usize = 4096;
 
 /// What the jobs of one batch have already picked in their `prepare` step
-/// (message seqs), so that two leases of the same batch pick different ones.
+/// (message seqs), so that two leases of the same batch pick different ones
+/// (a later lease still looks at the earlier ones' picks, and takes in order
+/// what they left: see `Core::lease_candidates`).
 pub(super) type Claimed = HashSet<u64>;
 
 /// A job that runs inside a (possibly shared) transaction.
