@@ -173,8 +173,9 @@ pub struct LimitsConfig {
     /// delivery's ack timeout runs from the moment the broker takes the message for
     /// the stream, so the stream takes more only while less than this waits to be
     /// sent: on a slow link, deliveries still waiting behind others are not timed
-    /// out and sent again. Size `lifecycle.ack_timeout` for this plus the largest
-    /// message over the slowest link.
+    /// out and sent again. Size `lifecycle.ack_timeout` for this, the node's HTTP/2
+    /// window (2 MiB) and three of the largest messages (two that HTTP/2 holds on the
+    /// broker's side, and the message itself) over the slowest link.
     #[serde(default = "default_receive_buffer_bytes", with = "units::bytes")]
     pub receive_buffer_bytes: u64,
     /// Lifetime of a message without `expires_at`, from acceptance.

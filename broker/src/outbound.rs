@@ -1,9 +1,11 @@
 //! The sending side of a `Receive` stream. Deliveries wait in a channel until tonic
-//! takes them for the connection; tonic takes the next one only when HTTP/2 flow
-//! control lets it send, so on a slow link they wait here. The channel counts their
+//! takes them for the connection. HTTP/2 flow control holds tonic back, though not
+//! at the window's edge: hyper queues one message beyond the peer's window and takes
+//! the next to hold it, so on a slow link the rest wait here. The channel counts their
 //! payload bytes, so that the stream leases more messages only while little waits
 //! to be sent (`limits.receive_buffer_bytes`): a delivery's ack timeout runs from its
-//! lease, and must not be spent waiting behind other deliveries.
+//! lease, and must not be spent waiting behind other deliveries (the window and those
+//! two messages are ahead of it all the same; `lifecycle.ack_timeout` allows for them).
 //!
 //! The room comes back in halves: once the bytes waiting are down to half the buffer,
 //! the stream may fill it again. A stream on a fast link then leases in batches (each

@@ -312,6 +312,56 @@ async fn a_slow_link_gets_only_what_it_can_take_soon() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `lifecycle.ack_timeout` must allow for on a slow link (node.example.toml,
+/// broker.example.toml): the bytes that cross the link ahead of a delivery, counted from
+/// its lease. The recipient here reads nothing, so the stream stops leasing once every
+/// buffer on the way is full; the bytes leased ahead of its last lease are then all in
+/// those buffers. The examples said "limits.receive_buffer_bytes and the node's HTTP/2
+/// window (2 MiB)", about 3 MiB: with the examples' 2 MiB referrals, 4 MiB were ahead
+/// (3 leased), since hyper on the broker's side queues one message beyond the window
+/// and holds the next. (On a link that moves, the window is in transit with a whole
+/// message queued behind it: some 5.5 MiB ahead, measured through a throttling proxy.)
+#[tokio::test]
+async fn the_bytes_ahead_of_a_delivery_are_within_what_the_ack_timeout_allows_for()
+-> anyhow::Result<()> {
+    const SIZE: usize = 2 << 20;
+    const WINDOW: usize = 2 << 20;
+    let buffer = 1 << 20;
+    let t = TestBroker::start_with(|c| {
+        c.limits.max_envelope_bytes = 2 * SIZE as u64;
+        c.limits.receive_buffer_bytes = buffer as u64;
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let payload = vec![7u8; SIZE];
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let env = envelope("BE-PAYOKE", Kind::FollowUp, &payload);
+        ids.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    let _stream = receive(&mut be, 100).await?;
+    let mut leased = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = in_flight(&mut nl, &ids).await?;
+        if now > 0 && now == leased {
+            break;
+        }
+        leased = now;
+    }
+    let ahead = (leased - 1) * SIZE;
+    // as the examples say it now: the broker's buffer, the node's window, and two
+    // messages in HTTP/2 on the broker's side
+    assert!(
+        leased > 0 && ahead <= buffer + WINDOW + 2 * SIZE,
+        "{leased} messages of {SIZE} bytes leased to a stream that reads nothing: \
+         {ahead} bytes ahead of the last"
+    );
+    Ok(())
+}
+
 /// How many of `ids` are IN_FLIGHT.
 async fn in_flight(client: &mut Client, ids: &[String]) -> anyhow::Result<usize> {
     let mut n = 0;
