@@ -27,7 +27,9 @@ use tonic::transport::Server;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use trmx_proto::pb::exchange_server::ExchangeServer;
 use trmx_proto::pb::operator_server::OperatorServer;
-use trmx_transport::{CrlPolicy, CrlRecord, ListenerLimits, ReloadReport, ServerTls, TlsPaths};
+use trmx_transport::{
+    CrlPolicy, CrlRecord, ListenerLimits, ReloadReport, ServerClock, ServerTls, TlsPaths,
+};
 
 use crate::admin::{
     AdminHooks, AdminState, CertRole, HeldCert, HostCheck, Metrics, Readiness, serve_admin,
@@ -140,7 +142,11 @@ impl BrokerBuilder {
             error,
         })?;
         let registry = Registry::from_config(&config.participants)?;
-        let tls = load_tls(&config)?;
+        // TLS checks client certificates on the broker's time, which holds through a
+        // jump of the system clock (see `clock::GuardedClock`), like every other
+        // decision: a clock set a year ahead must not refuse every certificate as expired
+        let tls_clock = clock.clone();
+        let tls = load_tls_at(&config, Arc::new(move || tls_clock.now()))?;
         let own = own_identity(&config);
         let broker_name = match (&config.name, &own) {
             (Some(name), _) => name.clone(),
@@ -1147,6 +1153,11 @@ fn check_data_dir(dir: &Path) -> Result<(), BrokerError> {
 /// ([`CRL_RECORD_FILE`]) holds; also what `check-config` runs, so that its warnings and
 /// refusals show there too. Writes nothing.
 fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
+    load_tls_at(config, Arc::new(SystemTime::now))
+}
+
+/// [`load_tls`], with client certificates and the CRL's freshness checked on `clock`.
+fn load_tls_at(config: &BrokerConfig, clock: ServerClock) -> Result<ServerTls, BrokerError> {
     if config.tls.crl.is_none() {
         // Allowed (a test federation, a first set-up), but never silently: a certificate
         // revoked because its key leaked would still get in.
@@ -1168,9 +1179,9 @@ fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
         Some(crl) => {
             let record = CrlRecord::read(&config.data_dir.join(CRL_RECORD_FILE))
                 .map_err(BrokerError::tls)?;
-            ServerTls::load_with_record(&paths, Some(crl), policy, record)
+            ServerTls::load_with_clock(&paths, Some(crl), policy, Some(record), clock)
         }
-        None => ServerTls::load(&paths, None, policy),
+        None => ServerTls::load_with_clock(&paths, None, policy, None, clock),
     }
     .map_err(BrokerError::tls)
 }

@@ -688,6 +688,50 @@ async fn failed_handshakes_are_counted_by_reason() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The broker checks client certificates on its own time, as it makes every other
+/// decision: that time holds through a jump of the system clock (see
+/// `lifecycle::a_jump_of_the_system_clock_expires_nothing_until_a_restart`), so a clock
+/// set a year ahead does not refuse every node as expired. Here the broker's (manual)
+/// clock moves two years on, past the participants' certificates: a reload closes the
+/// open connection, and a new one is refused, although the system clock says they are
+/// valid.
+#[tokio::test]
+async fn client_certificates_are_checked_on_the_brokers_time() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    nl.get_info(pb::GetInfoRequest {}).await?;
+
+    t.advance(Duration::from_secs(2 * 366 * 86_400));
+    let report = t.broker.reload_tls()?;
+    assert_eq!(
+        report.closed,
+        ["participant NL-NRM from 127.0.0.1"],
+        "{report:?}"
+    );
+    let mut fresh = t.client("NL-NRM")?;
+    let status = fresh
+        .get_info(pb::GetInfoRequest {})
+        .await
+        .expect_err("a certificate expired on the broker's time accepted");
+    assert!(
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal
+        ),
+        "{status}"
+    );
+    scrape_until(
+        admin_addr(&t)?,
+        "the expired certificate to be counted",
+        |s| {
+            s.get("trmx_tls_handshake_failures_total{reason=\"expired\"}")
+                .is_some_and(|n| n >= 1.0)
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// A CA taken out of `tls.ca` by a reload (the end of a CA rollover) stops counting. The
 /// reload used to only add CA expiries, so the dropped CA's series stayed, and once that
 /// CA expired `/readyz` answered 503 for good (until a restart) and its expiry alert

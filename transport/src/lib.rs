@@ -64,5 +64,5 @@ pub use crl_record::CrlRecord;
 pub use error::{CrlRecordStep, TlsFile, TransportError};
 pub use identity::peer_identity;
 pub use listener::{HandshakeFailure, ListenerLimits, TlsConn, incoming};
-pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerTls, TlsPaths};
+pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerClock, ServerTls, TlsPaths};
 pub use status::code_name;

@@ -28,6 +28,7 @@ use futures::task::AtomicWaker;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
+use rustls::time_provider::TimeProvider;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::listener::{HandshakeFailure, HandshakeFailures};
@@ -108,6 +109,30 @@ struct Inner {
     handshake_failures: HandshakeFailures,
     /// Whether the last write of the CRL record failed (see [`ServerTls::crl_record_saved`]).
     record_unsaved: std::sync::atomic::AtomicBool,
+    /// The time certificates and CRLs are checked at (see [`ServerTls::load_with_clock`]).
+    time: Arc<dyn TimeProvider>,
+}
+
+/// The clock a server checks client certificates and CRL freshness with (see
+/// [`ServerTls::load_with_clock`]).
+pub type ServerClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// A [`ServerClock`] as rustls reads time.
+struct ClockTime(ServerClock);
+
+impl std::fmt::Debug for ClockTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ClockTime").field(&(self.0)()).finish()
+    }
+}
+
+impl TimeProvider for ClockTime {
+    fn current_time(&self) -> Option<UnixTime> {
+        (self.0)()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(UnixTime::since_unix_epoch)
+    }
 }
 
 /// What the reloads share, behind the lock they hold one after the other.
@@ -213,6 +238,7 @@ fn build(
     crl: Option<&Path>,
     policy: CrlPolicy,
     generation: u64,
+    time: &Arc<dyn TimeProvider>,
 ) -> Result<Loaded, TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let crls = crl.map(pem::crls).transpose()?;
@@ -259,6 +285,7 @@ fn build(
         .with_single_cert(chain, key)
         .map_err(|error| certified_key_error(paths, error))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.time_provider = time.clone();
     // No resumption: a resumed session skips client-certificate verification, which
     // would let a since-revoked certificate back in without meeting the new CRL.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -583,7 +610,7 @@ impl ServerTls {
         crl: Option<&Path>,
         crl_policy: CrlPolicy,
     ) -> Result<ServerTls, TransportError> {
-        Self::load_inner(paths, crl, crl_policy, None)
+        Self::load_with_clock(paths, crl, crl_policy, None, Arc::new(SystemTime::now))
     }
 
     /// [`ServerTls::load`], refusing a CRL older than the one `record` holds for its CA
@@ -602,16 +629,30 @@ impl ServerTls {
         crl_policy: CrlPolicy,
         record: CrlRecord,
     ) -> Result<ServerTls, TransportError> {
-        Self::load_inner(paths, crl, crl_policy, Some(record))
+        Self::load_with_clock(
+            paths,
+            crl,
+            crl_policy,
+            Some(record),
+            Arc::new(SystemTime::now),
+        )
     }
 
-    fn load_inner(
+    /// [`ServerTls::load`] or, with a `record`, [`ServerTls::load_with_record`], checking
+    /// client certificates (at handshakes and reloads) and CRL freshness at the time
+    /// `time` gives instead of the operating system's clock: a server that holds its own
+    /// time through a jump of the system clock keeps its TLS on that time too, rather than
+    /// refusing every client certificate as expired (or not yet valid) until the clock is
+    /// put right. The server's own certificate is checked at load on the system clock.
+    pub fn load_with_clock(
         paths: &TlsPaths,
         crl: Option<&Path>,
         crl_policy: CrlPolicy,
         mut record: Option<CrlRecord>,
+        clock: ServerClock,
     ) -> Result<ServerTls, TransportError> {
-        let loaded = build(paths, crl, crl_policy, 0)?;
+        let time: Arc<dyn TimeProvider> = Arc::new(ClockTime(clock));
+        let loaded = build(paths, crl, crl_policy, 0, &time)?;
         if let (Some(record), Some(crl)) = (record.as_mut(), crl) {
             record.check(crl, &loaded.crl_versions)?;
             record.take(&loaded.crl_versions);
@@ -630,6 +671,7 @@ impl ServerTls {
                 next_conn: AtomicU64::new(0),
                 handshake_failures: HandshakeFailures::default(),
                 record_unsaved: std::sync::atomic::AtomicBool::new(false),
+                time,
             }),
         };
         tls.log_crl_status("tls config loaded");
@@ -666,6 +708,7 @@ impl ServerTls {
             self.inner.crl_path.as_deref(),
             self.inner.policy,
             generation,
+            &self.inner.time,
         )?);
         if let Some(crl) = self.inner.crl_path.as_deref() {
             check_crls_not_older(crl, &in_force.crl_versions, &loaded.crl_versions)?;
@@ -706,7 +749,7 @@ impl ServerTls {
             .values()
             .map(|entry| (entry.certs.clone(), entry.peer, entry.close.clone()))
             .collect();
-        let now = UnixTime::now();
+        let now = self.now();
         let mut closed = Vec::new();
         for (certs, peer, close) in snapshot {
             if !close.is_closed() && !still_valid(&*loaded.verifier, &certs, now) {
@@ -779,9 +822,17 @@ impl ServerTls {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The freshness of the loaded CRL now.
+    /// The freshness of the loaded CRL now (on the server's time, see
+    /// [`ServerTls::load_with_clock`]).
     pub fn crl_status(&self) -> CrlStatus {
-        self.crl_status_at(SystemTime::now())
+        self.crl_status_at(
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(self.now().as_secs()),
+        )
+    }
+
+    /// The server's time (see [`ServerTls::load_with_clock`]).
+    fn now(&self) -> UnixTime {
+        self.inner.time.current_time().unwrap_or_else(UnixTime::now)
     }
 
     /// The freshness of the loaded CRL at `now` (for callers with their own clock).
@@ -834,7 +885,7 @@ impl ServerTls {
         );
         let current = self.current();
         if current.generation != handshake_generation
-            && !still_valid(&*current.verifier, &certs, UnixTime::now())
+            && !still_valid(&*current.verifier, &certs, self.now())
         {
             close.close();
         }
