@@ -26,8 +26,15 @@
 //! cut could take. [`DiskSync::open`] syncs once what was written before the
 //! watch began: every blob file, sled's `conf` (written once, never synced),
 //! the directories and the log. Linux only (inotify).
+//!
+//! Besides: [`clock`], the system clock guarded against jumps; [`private_dir`], a data
+//! directory only its owner can enter; [`replace`], the atomic replacement of the small
+//! files kept beside a store.
 
 pub mod clock;
+pub mod replace;
+
+pub use replace::{ReplaceError, ReplaceStep, replace_file};
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};

@@ -39,12 +39,10 @@
 //!   rollover): a CRL of it that comes back later is checked all the same. One entry per CA
 //!   ever trusted, so the file stays small.
 
-use std::fs::OpenOptions;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use trmx_durable::ReplaceStep;
 use x509_parser::num_bigint::BigUint;
 
 use crate::pem::{CrlVersion, Standing};
@@ -221,7 +219,8 @@ impl CrlRecord {
     }
 
     /// Writes the record to its file if it holds anything the file does not (or the file
-    /// was missing). The file is replaced atomically (see the module doc).
+    /// was missing). The file is replaced atomically (see the module doc), by
+    /// [`trmx_durable::replace_file`].
     ///
     /// Writes and syncs a small file synchronously.
     pub(crate) fn save(&mut self) -> Result<(), TransportError> {
@@ -239,34 +238,14 @@ impl CrlRecord {
         let mut text = serde_json::to_string_pretty(&self.to_file())
             .map_err(|e| io(CrlRecordStep::Encode)(std::io::Error::other(e)))?;
         text.push('\n');
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(".tmp");
-        let tmp = dir.join(tmp_name);
-        let written = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut file| {
-                file.write_all(text.as_bytes())?;
-                file.sync_all()
-            });
-        if let Err(error) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(CrlRecordStep::Write(tmp))(error));
-        }
-        if let Err(error) = std::fs::rename(&tmp, path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(CrlRecordStep::Rename(tmp))(error));
-        }
-        std::fs::File::open(dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io(CrlRecordStep::SyncDir(dir.to_owned())))?;
+        trmx_durable::replace_file(path, text.as_bytes()).map_err(|failed| {
+            let step = match failed.step {
+                ReplaceStep::Write(tmp) => CrlRecordStep::Write(tmp),
+                ReplaceStep::Rename(tmp) => CrlRecordStep::Rename(tmp),
+                ReplaceStep::SyncDir(dir) => CrlRecordStep::SyncDir(dir),
+            };
+            io(step)(failed.error)
+        })?;
         self.unsaved = false;
         tracing::info!(record = %path.display(), crls = self.newest.len(), "crl record saved");
         Ok(())
