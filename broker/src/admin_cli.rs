@@ -302,9 +302,10 @@ pub enum OfflineStoreCommand {
     /// is further than `lifecycle.max_downtime` from the store's last run, ahead or
     /// behind, since a wrong clock would expire every queued message at once (or hold
     /// every redelivery). When the clock is right, this records it as the store's last
-    /// run, and the broker starts. Run it as the broker's user. The audit log records it:
-    /// the last run before and after, and who ran it (the operating-system user, and the
-    /// user who ran it through `sudo`).
+    /// run (in the store, and in the data directory's `last-run.json` that `check-config`
+    /// reads), and the broker starts. Run it as the broker's user. The audit log records
+    /// it: the last run before and after, and who ran it (the operating-system user, and
+    /// the user who ran it through `sudo`).
     AcceptClock {
         /// The broker's data directory (the broker must be stopped).
         #[arg(long)]
@@ -365,6 +366,14 @@ fn accept_clock(data_dir: &std::path::Path) -> ExitCode {
                 fmt_millis(now),
                 data_dir.display()
             );
+            // (the store's mark is what the start checks: done, whatever becomes of this)
+            if let Err(error) = crate::last_run::write(data_dir, now) {
+                eprintln!(
+                    "trmx-broker store accept-clock: warning: {}; check-config cannot check \
+                     the clock until the broker has run and written it",
+                    one_line(&error.to_string())
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(error) => {

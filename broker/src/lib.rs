@@ -23,6 +23,8 @@
 //! - [`admin_cli`]: `trmx-broker admin …`, the operators' client of that service
 //!   (tables, `--json`, `stats --csv`).
 //! - [`store`]: the storage contract [`store::BrokerStore`] and its sled implementation.
+//! - [`last_run`]: the last-run file in the data directory, the store's last run kept
+//!   where `check-config` reads it without touching the store.
 //! - [`clock`]: the injected time source ([`clock::GuardedClock`] in a running broker,
 //!   [`clock::SystemClock`], [`clock::ManualClock`] in tests).
 //! - [`error`]: [`BrokerError`] and its one mapping to `tonic::Status`.
@@ -43,6 +45,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod last_run;
 pub mod operator;
 pub mod outbound;
 pub mod registry;

@@ -40,6 +40,7 @@ use crate::admission::{Admission, SubmitSlots, Submitting, free_disk_bytes};
 use crate::clock::{self, Clock, StartClock, broker_clock, human_span};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
+use crate::last_run;
 use crate::operator::OperatorService;
 use crate::registry::Registry;
 use crate::service::{ExchangeService, PeerCerts, Shared};
@@ -55,7 +56,8 @@ use crate::units::format_duration;
 const DECODE_MARGIN: usize = 1 << 20;
 /// How often the free space of the data directory is measured.
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
-/// How often the broker records in its store that it runs (see `check_clock`).
+/// How often the broker records in its store that it runs (see `check_clock`), and then
+/// in the last-run file ([`crate::last_run`]).
 const RUNNING_MARK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The file in `data_dir` that records the newest CRL of each CA the broker has accepted
@@ -185,6 +187,8 @@ impl BrokerBuilder {
         check_clock(store.as_ref(), now, &config).await?;
         save_crl_record(&config, &tls).await?;
         store.mark_running(now).await?;
+        let mut last_run_failing = Recurring::default();
+        record_last_run(&config.data_dir, now, &mut last_run_failing).await;
         let recovered = store.recover(now).await?;
         restore_presence(store.as_ref(), &metrics, &registry).await;
         info!(
@@ -246,8 +250,13 @@ impl BrokerBuilder {
         });
 
         let timers = tokio::spawn(
-            timer_loop(shared.clone(), config.clone(), shutdown_rx.clone())
-                .instrument(info_span!("timers")),
+            timer_loop(
+                shared.clone(),
+                config.clone(),
+                last_run_failing,
+                shutdown_rx.clone(),
+            )
+            .instrument(info_span!("timers")),
         );
         let wakeups = tokio::spawn(
             forward_wakeups(shared.clone(), shutdown_rx.clone()).instrument(info_span!("wakeups")),
@@ -553,10 +562,12 @@ async fn save_presence(
 /// Calls `store.tick` when a timer is due, and at least every `tick_interval`
 /// of real time (so a manual clock moved by a test takes effect quickly);
 /// wakes the streams whose recipients have new due messages; measures the
-/// free disk space.
+/// free disk space; records the broker's time in the store and the last-run file
+/// (`last_run_failing`: the start's failures to write that file).
 async fn timer_loop(
     shared: Arc<Shared>,
     config: BrokerConfig,
+    mut last_run_failing: Recurring,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let interval = config.lifecycle.tick_interval;
@@ -631,8 +642,9 @@ async fn timer_loop(
         }
         if marked.elapsed() >= RUNNING_MARK_INTERVAL {
             // (a store that cannot write says so through the submits and the tick)
-            if let Err(error) = shared.store.mark_running(now).await {
-                debug!(%error, "recording the broker's time in the store failed");
+            match shared.store.mark_running(now).await {
+                Ok(()) => record_last_run(&config.data_dir, now, &mut last_run_failing).await,
+                Err(error) => debug!(%error, "recording the broker's time in the store failed"),
             }
             marked = Instant::now();
         }
@@ -718,6 +730,33 @@ fn judge_clock(
                 config.data_dir.display(),
             )))
         }
+    }
+}
+
+/// Writes `now`, which the store has just recorded as the broker's last run, to the
+/// last-run file ([`crate::last_run`]), which `check-config` reads. A failure is logged
+/// (through `failing`: once, then every [`RECURRING_REPORT_INTERVAL`] while it lasts) and
+/// nothing else: the start checks the clock against the store, not the file.
+async fn record_last_run(data_dir: &Path, now: Millis, failing: &mut Recurring) {
+    let dir = data_dir.to_owned();
+    let written = tokio::task::spawn_blocking(move || last_run::write(&dir, now)).await;
+    let error = match written {
+        Ok(Ok(())) => {
+            if failing.ended() {
+                info!("the last-run file is written again");
+            }
+            return;
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => format!("the task writing it failed: {error}"),
+    };
+    if let Some(repeated) = failing.failed(&error) {
+        warn!(
+            %error,
+            repeated,
+            "cannot write the last-run file: check-config cannot check the clock against \
+             the broker's last run (the broker goes on; its start checks the store)"
+        );
     }
 }
 

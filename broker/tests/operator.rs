@@ -1115,6 +1115,11 @@ async fn store_compact_on_a_stopped_broker_keeps_its_messages() -> anyhow::Resul
     let text = verify().await?;
     // 20 delivered messages, their 20 receipts, and the one waiting
     assert!(text.contains("records            41"), "{text}");
+    let last_run = trmx_broker::last_run::read(&data_dir);
+    assert!(
+        matches!(last_run, trmx_broker::last_run::LastRun::At(_)),
+        "{last_run:?}"
+    );
     let out = compact().await?;
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
@@ -1123,6 +1128,8 @@ async fn store_compact_on_a_stopped_broker_keeps_its_messages() -> anyhow::Resul
     // the copy's indexes hold what its records imply
     let text = verify().await?;
     assert!(text.contains("the store is consistent"), "{text}");
+    // the last-run file came along: check-config still checks the clock
+    assert_eq!(trmx_broker::last_run::read(&data_dir), last_run);
 
     // the restarted broker has every message, and takes new ones
     t.restart().await?;

@@ -590,3 +590,46 @@ async fn check_config_makes_the_clock_check_of_a_start() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `check-config` makes the clock check of a start from `last-run.json` in the data
+/// directory, never from the store: the file must hold what the store holds. The broker
+/// writes there, private to its user, the instant it records in its store at start, and
+/// `store accept-clock` the clock it accepts (else check-config would refuse the clock
+/// that the start now accepts).
+#[tokio::test]
+async fn the_last_run_file_is_written_at_start_and_follows_accept_clock() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    use trmx_broker::last_run::{self, LastRun};
+    use trmx_broker::store::audit::{AuditEvent, OperatorAction};
+
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    let data_dir = config.data_dir.clone();
+    // (an hour behind: what accept-clock records later is the system clock's time)
+    let clock = ManualClock::new(std::time::SystemTime::now() - Duration::from_secs(3600));
+    let mut broker = start_broker(&config, &clock).await?;
+    assert_eq!(last_run::read(&data_dir), LastRun::At(clock.now_millis()));
+    let mode = std::fs::metadata(last_run::path(&data_dir))?
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    broker.shutdown().await?;
+
+    let dir = data_dir.to_str().expect("utf-8 path").to_owned();
+    let accepted = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+            .args(["store", "accept-clock", "--data-dir", &dir])
+            .output()
+    })
+    .await??;
+    assert!(accepted.status.success(), "{accepted:?}");
+    let records = trmx_broker::store::audit_records_offline(&data_dir)?;
+    let Some(AuditEvent::Operator(OperatorAction::AcceptClock { accepted, .. })) =
+        records.last().map(|record| &record.event)
+    else {
+        anyhow::bail!("no accept-clock record last: {:?}", records.last());
+    };
+    assert_eq!(last_run::read(&data_dir), LastRun::At(*accepted));
+    Ok(())
+}

@@ -27,8 +27,13 @@ const SEQ_FLOOR_KEY: &[u8] = b"seq_floor";
 /// Keys per sled batch when copying a tree.
 const COPY_BATCH: usize = 1024;
 /// The files the broker keeps in the data directory besides sled's: a compacted store
-/// must not lose them (a lost CRL record would let an older CRL in at the next start).
-const BROKER_FILES: &[&str] = &[crate::server::CRL_RECORD_FILE];
+/// must not lose them (a lost CRL record would let an older CRL in at the next start; a
+/// lost last-run file would leave `check-config` without its clock check until the
+/// broker ran again).
+const BROKER_FILES: &[&str] = &[
+    crate::server::CRL_RECORD_FILE,
+    crate::last_run::LAST_RUN_FILE,
+];
 
 /// The seq floor stored in `meta` (0 in a store never compacted).
 pub(super) fn seq_floor(meta: &::sled::Tree) -> Result<u64, StoreError> {
