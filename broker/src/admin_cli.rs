@@ -811,8 +811,7 @@ pub fn fmt_duration(d: Option<&pb::Duration>) -> String {
     }
 }
 
-/// `512 B`, `3.2 GiB`: a size for a person.
-pub fn fmt_bytes(bytes: u64) -> String {
+fn fmt_bytes(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut value = bytes as f64;
     let mut unit = 0;

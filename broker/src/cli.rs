@@ -103,9 +103,10 @@ enum Command {
     /// Load and validate the config, load the TLS material as `run` does, check that the
     /// data directory is writable, make the clock check of a start (refused: a system
     /// clock further than `lifecycle.max_downtime` from the store's last run), print the
-    /// effective config, and exit. The store is not opened: a stopped broker's last run
-    /// is read from a copy of the store's files made in the data directory (and removed),
-    /// and a running broker's store is left alone (the clock check is then skipped).
+    /// effective config, and exit. The store is not opened: its last run is read from
+    /// `last-run.json` in the data directory, which the broker writes at start and every
+    /// minute (so this works while the broker runs too); without that file (a store of an
+    /// older broker), or with a damaged one, the clock check is skipped and said.
     CheckConfig(ServerArgs),
     /// Operator commands against a running broker, with an operator certificate
     /// (queues, participants, messages, dead letters, redrive, purge, audit, stats).

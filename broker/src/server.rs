@@ -40,7 +40,7 @@ use crate::admission::{Admission, SubmitSlots, Submitting, free_disk_bytes};
 use crate::clock::{self, Clock, StartClock, broker_clock, human_span};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
-use crate::last_run;
+use crate::last_run::{self, LastRun};
 use crate::operator::OperatorService;
 use crate::registry::Registry;
 use crate::service::{ExchangeService, PeerCerts, Shared};
@@ -1019,11 +1019,12 @@ async fn wait_true(mut rx: watch::Receiver<bool>) {
 
 /// What `trmx-broker check-config` checks, binding nothing: the config's rules, the
 /// participant registry, the TLS material loaded exactly as at start, a data directory
-/// the broker can write in, or create, and the clock check of a start ([`ClockCheck`]).
-/// The store is never opened in place (a running broker holds its lock, and opening a
-/// sled store writes to it): the clock check reads a stopped broker's store from a copy
-/// (a store sled cannot open fails it there, as it would fail the start), and leaves a
-/// running broker's alone.
+/// the broker can write in, or create, and the clock check of a start ([`ClockCheck`])
+/// against the last run kept in the data directory's last-run file ([`crate::last_run`]).
+/// The store is never opened, locked or copied (opening a sled store writes to it, a
+/// running broker holds its lock, and it holds the payloads), so this runs beside a
+/// running broker too, and what only sled can tell (a store of another version, a corrupt
+/// one) shows at start.
 pub fn check_config(config: &BrokerConfig) -> Result<ConfigCheck, BrokerError> {
     config.validate()?;
     Registry::from_config(&config.participants)?;
@@ -1043,25 +1044,28 @@ pub struct ConfigCheck {
     pub clock: ClockCheck,
 }
 
-/// The clock check of a start ([`check_clock`]), as `check-config` can make it. A clock a
-/// start would refuse is [`check_config`]'s error, the start's own.
+/// The clock check of a start ([`check_clock`]), as `check-config` makes it from the
+/// last-run file. A clock a start would refuse is [`check_config`]'s error, the start's
+/// own. The file is not the start's truth, the store is, so a file that cannot tell is
+/// "not checked", never a refusal: the start checks the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClockCheck {
     /// No store in the data directory yet: the first start records the clock.
     FirstStart,
-    /// A process holds the store (a running broker): not checked.
-    StoreInUse,
-    /// Too little free space for the copy the store is read from: not checked.
-    NoRoomToRead {
-        /// The bytes the copy needs.
-        needed: u64,
-        /// The free bytes on the data directory's filesystem.
-        free: u64,
+    /// A store without a last-run file beside it (last run by a broker older than the
+    /// file): not checked.
+    NotRecorded,
+    /// The last-run file cannot be read or parsed: not checked.
+    Damaged {
+        /// The last-run file.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
-    /// Checked: the system clock at `now` against the store's last run.
+    /// Checked: the system clock at `now` against the last run the file records.
     Checked {
-        /// The last run the store records (`None`: none).
-        last_run: Option<Millis>,
+        /// The last run the file records.
+        last_run: Millis,
         /// The system clock.
         now: Millis,
         /// What the start makes of it (never [`StartClock::TooFar`]: that is an error).
@@ -1072,34 +1076,33 @@ pub enum ClockCheck {
 impl std::fmt::Display for ClockCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let unchecked = "the broker checks the clock against its store when it starts";
+        let writers = "the broker writes it at start and every minute, and `trmx-broker store \
+             accept-clock` when it accepts the clock";
         match self {
             ClockCheck::FirstStart => write!(
                 f,
                 "first start: no store in data_dir yet (the broker records its time there)"
             ),
-            ClockCheck::StoreInUse => write!(
+            ClockCheck::NotRecorded => write!(
                 f,
-                "not checked: the store is in use (a running broker holds it); {unchecked}"
+                "not checked: the store in data_dir has no {} beside it (a broker older than \
+                 this one ran on it last); {writers}; {unchecked}",
+                last_run::LAST_RUN_FILE
             ),
-            ClockCheck::NoRoomToRead { needed, free } => write!(
+            ClockCheck::Damaged { file, reason } => write!(
                 f,
-                "not checked: reading the store's last run takes a copy of its files ({}), \
-                 and its filesystem has {} free; {unchecked}",
-                crate::admin_cli::fmt_bytes(*needed),
-                crate::admin_cli::fmt_bytes(*free),
+                "not checked: {} is damaged: {reason}; {writers}; {unchecked}",
+                file.display()
             ),
-            ClockCheck::Checked { last_run: None, .. } => {
-                write!(f, "OK: the store records no earlier run of a broker")
-            }
             ClockCheck::Checked {
-                last_run: Some(last),
+                last_run,
                 now,
                 verdict,
             } => {
-                let (span, which) = if now >= last {
-                    (now - last, "after")
+                let (span, which) = if now >= last_run {
+                    (now - last_run, "after")
                 } else {
-                    (last - now, "before")
+                    (last_run - now, "before")
                 };
                 let warned = match verdict {
                     StartClock::Behind(_) => ", with the warning above",
@@ -1108,32 +1111,42 @@ impl std::fmt::Display for ClockCheck {
                 write!(
                     f,
                     "OK{warned}: the system clock reads {}, {} {which} the last run of a \
-                     broker on this store ({})",
+                     broker on this store ({}, as {} records it)",
                     fmt_millis(*now),
                     human_span(Duration::from_millis(span)),
-                    fmt_millis(*last),
+                    fmt_millis(*last_run),
+                    last_run::LAST_RUN_FILE,
                 )
             }
         }
     }
 }
 
-/// The clock check of a start against the store in `data_dir`, read without opening it
-/// there ([`crate::store::last_running_offline`]).
+/// The clock check of a start against the last run kept in `data_dir`'s last-run file
+/// ([`crate::last_run`]), with the start's rule ([`judge_clock`]). Looks up whether there
+/// is a store (a start without one is a first start, whatever a file left behind says),
+/// and reads nothing of it.
 fn check_clock_offline(config: &BrokerConfig, now: Millis) -> Result<ClockCheck, BrokerError> {
-    use crate::store::LastRunMark;
-    Ok(
-        match crate::store::last_running_offline(&config.data_dir)? {
-            LastRunMark::NoStore => ClockCheck::FirstStart,
-            LastRunMark::InUse => ClockCheck::StoreInUse,
-            LastRunMark::NoRoomToCopy { needed, free } => ClockCheck::NoRoomToRead { needed, free },
-            LastRunMark::Recorded(last_run) => ClockCheck::Checked {
-                last_run,
-                now,
-                verdict: judge_clock(last_run, now, config)?,
-            },
+    let data_dir = &config.data_dir;
+    let is_store = crate::store::store_exists(data_dir).map_err(|error| BrokerError::Io {
+        context: format!("looking for a store in data_dir {}", data_dir.display()),
+        error,
+    })?;
+    if !is_store {
+        return Ok(ClockCheck::FirstStart);
+    }
+    Ok(match last_run::read(data_dir) {
+        LastRun::Missing => ClockCheck::NotRecorded,
+        LastRun::Damaged(reason) => ClockCheck::Damaged {
+            file: last_run::path(data_dir),
+            reason,
         },
-    )
+        LastRun::At(last_run) => ClockCheck::Checked {
+            last_run,
+            now,
+            verdict: judge_clock(Some(last_run), now, config)?,
+        },
+    })
 }
 
 /// `dir` is a directory this user can create files in, or does not exist yet and its

@@ -445,8 +445,8 @@ fn check_config_binary(
 /// A file's size, SHA-256 and modification time.
 type FileState = (u64, [u8; 32], std::time::SystemTime);
 
-/// Every file under `dir` (not the directories: check-config's probe and copy come and go
-/// in the data directory).
+/// Every file under `dir` (not the directories: check-config's probe comes and goes in
+/// the data directory).
 fn files_in(
     dir: &std::path::Path,
 ) -> anyhow::Result<std::collections::BTreeMap<std::path::PathBuf, FileState>> {
@@ -464,20 +464,35 @@ fn files_in(
     Ok(out)
 }
 
+/// Records `at` as the last run of the stopped broker on `config`'s store, in the store
+/// and in its last-run file, as a broker that ran then would have.
+fn ran_at(config: &BrokerConfig, at: std::time::SystemTime) -> anyhow::Result<()> {
+    trmx_broker::store::accept_clock_offline(&config.data_dir, to_millis(at), "test")?;
+    trmx_broker::last_run::write(&config.data_dir, to_millis(at))?;
+    Ok(())
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// `check-config` said "config OK" for a config whose start the broker then refused for
 /// a system clock that had jumped while it was down. It makes the start's clock check:
-/// the start's refusal (and exit status 1) for a clock too far from the store's last run,
-/// the start's warning for one behind, OK otherwise, without changing a file of the
-/// store; it skips the check, saying why, when a running broker holds the store, and says
-/// when there is no store yet.
+/// the start's refusal (and exit status 1) for a clock too far from the last run, the
+/// start's warning for one behind, OK otherwise, and says when there is no store yet.
+/// It reads the last run from the broker's last-run file, never from the store: it
+/// changes no file of the store (it once copied them all, payloads included), and checks
+/// beside a running broker too.
 #[tokio::test]
 async fn check_config_makes_the_clock_check_of_a_start() -> anyhow::Result<()> {
     const DAY: Duration = Duration::from_secs(86_400);
     let dir = tempfile::tempdir()?;
     let pki = Pki::create(dir.path())?;
     let config = test_config(dir.path().join("data"), pki.tls.clone());
-    let stdout = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
 
     // no store yet
     let out = check_config_binary(dir.path(), &config)?;
@@ -492,46 +507,35 @@ async fn check_config_makes_the_clock_check_of_a_start() -> anyhow::Result<()> {
         "check-config made the data directory"
     );
 
-    // a running broker holds the store: not checked, not an error
+    // a running broker holds the store: checked all the same
     let clock = ManualClock::new(std::time::SystemTime::now());
     let mut broker = start_broker(&config, &clock).await?;
     let out = check_config_binary(dir.path(), &config)?;
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("# clock: not checked: the store is in use"),
-        "{}",
-        stdout(&out)
-    );
-    broker.shutdown().await?;
-
-    // the broker stopped: its store says when it last ran
-    let data_dir = config.data_dir.display().to_string();
-    let mark = |at: std::time::SystemTime| {
-        trmx_broker::store::accept_clock_offline(&config.data_dir, to_millis(at), "test")
-    };
-    let wait_for_the_lock = async || -> anyhow::Result<std::process::Output> {
-        // (sled lets go of the store's lock a moment after the broker closed it)
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let out = check_config_binary(dir.path(), &config)?;
-            if !stdout(&out).contains("the store is in use")
-                || tokio::time::Instant::now() >= deadline
-            {
-                return Ok(out);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let out = wait_for_the_lock().await?;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stdout(&out).contains("# clock: OK: the system clock reads"),
         "{}",
         stdout(&out)
     );
+    broker.shutdown().await?;
+
+    // the broker stopped
+    let before = files_in(&config.data_dir)?;
+    let out = check_config_binary(dir.path(), &config)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("# clock: OK: the system clock reads"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        files_in(&config.data_dir)?,
+        before,
+        "the store's files changed"
+    );
 
     // a clock ten days after the last run: refused as the start refuses it, changing nothing
-    mark(std::time::SystemTime::now() - 10 * DAY)?;
+    ran_at(&config, std::time::SystemTime::now() - 10 * DAY)?;
     let before = files_in(&config.data_dir)?;
     let out = check_config_binary(dir.path(), &config)?;
     assert!(
@@ -545,7 +549,7 @@ async fn check_config_makes_the_clock_check_of_a_start() -> anyhow::Result<()> {
         "the store's files changed"
     );
     let error = stderr(&out);
-    // (the start opens the store)
+    // (the start reads the store)
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let started = Broker::builder(config.clone())
         .clock(ManualClock::new(std::time::SystemTime::now()))
@@ -554,6 +558,7 @@ async fn check_config_makes_the_clock_check_of_a_start() -> anyhow::Result<()> {
     let Err(BrokerError::ClockJump(refused)) = started else {
         anyhow::bail!("the start was not refused for the clock");
     };
+    let data_dir = config.data_dir.display().to_string();
     for part in [
         "10.0 days after the last time a broker ran on this store",
         "more than lifecycle.max_downtime (7d)",
@@ -567,7 +572,10 @@ async fn check_config_makes_the_clock_check_of_a_start() -> anyhow::Result<()> {
     }
 
     // a clock three hours behind the last run: the start's warning, and OK
-    mark(std::time::SystemTime::now() + Duration::from_secs(3 * 3600))?;
+    ran_at(
+        &config,
+        std::time::SystemTime::now() + Duration::from_secs(3 * 3600),
+    )?;
     let before = files_in(&config.data_dir)?;
     let out = check_config_binary(dir.path(), &config)?;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -587,6 +595,59 @@ async fn check_config_makes_the_clock_check_of_a_start() -> anyhow::Result<()> {
         files_in(&config.data_dir)?,
         before,
         "the store's files changed"
+    );
+    Ok(())
+}
+
+/// The last-run file is what check-config checks the clock against, and the store stays
+/// the start's truth: a store without the file (last run by an older broker) or with a
+/// damaged one is "not checked", saying why and what writes the file, never a refusal or
+/// an error (the start checks the store). A file left behind without a store is a first
+/// start, as the start sees it.
+#[tokio::test]
+async fn check_config_without_a_readable_last_run_file_does_not_check_the_clock()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    let clock = ManualClock::new(std::time::SystemTime::now());
+    start_broker(&config, &clock).await?.shutdown().await?;
+    let file = trmx_broker::last_run::path(&config.data_dir);
+
+    // a store an older broker ran on
+    std::fs::remove_file(&file)?;
+    let out = check_config_binary(dir.path(), &config)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    for part in [
+        "# clock: not checked: the store in data_dir has no last-run.json beside it",
+        "the broker writes it at start and every minute",
+        "the broker checks the clock against its store when it starts",
+    ] {
+        assert!(stdout(&out).contains(part), "{part:?} in {}", stdout(&out));
+    }
+
+    // a damaged file
+    std::fs::write(&file, "{\"format\": 1, \"last_run_ms\": \"soon\"")?;
+    let out = check_config_binary(dir.path(), &config)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    for part in [
+        format!("# clock: not checked: {} is damaged: ", file.display()),
+        "the broker checks the clock against its store when it starts".to_owned(),
+    ] {
+        assert!(stdout(&out).contains(&part), "{part:?} in {}", stdout(&out));
+    }
+
+    // a file without a store (the store was removed, the file left behind)
+    let store = dir.path().join("store-removed");
+    std::fs::rename(&config.data_dir, &store)?;
+    std::fs::create_dir(&config.data_dir)?;
+    trmx_broker::last_run::write(&config.data_dir, 0)?;
+    let out = check_config_binary(dir.path(), &config)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("# clock: first start"),
+        "{}",
+        stdout(&out)
     );
     Ok(())
 }

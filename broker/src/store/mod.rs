@@ -30,8 +30,8 @@ mod conformance;
 
 pub use self::audit::{AuditReport, OperatorAction};
 pub use self::sled::{
-    CompactReport, FaultSwitch, FlushObserver, LastRunMark, SledOptions, SledStore, StoreReport,
-    accept_clock_offline, audit_records_offline, compact_offline, dir_bytes, last_running_offline,
+    CompactReport, FaultSwitch, FlushObserver, SledOptions, SledStore, StoreReport,
+    accept_clock_offline, audit_records_offline, compact_offline, dir_bytes, store_exists,
     tamper_audit_record, verify_audit_offline, verify_store_offline,
 };
 

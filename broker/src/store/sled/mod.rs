@@ -7,8 +7,6 @@
 //! - `writer`: the single writer thread; merges consecutive changes into one
 //!   transaction.
 //! - `flusher`: the group-commit flusher thread.
-//! - `peek`: the last-run mark of a stopped broker's store, read from a copy so that
-//!   the store's own files stay as they are (`check-config`).
 //! - [`failpoint`]: test-only crash points and disk faults of a broker process
 //!   (`TRMX_BROKER_FAILPOINT`, `TRMX_BROKER_FAULT_FILE`), read once at open.
 //! - this file: opening, the async layer (changes on the writer thread, reads
@@ -31,7 +29,6 @@ use self::failpoint::{FailPoints, Point};
 pub use self::flusher::FaultSwitch;
 use self::flusher::Flusher;
 use self::ops::storage;
-pub use self::peek::{LastRunMark, last_running_offline};
 use self::tx::{TREE_NAMES, Tx, TxResult};
 pub use self::verify::{StoreReport, verify_store_offline};
 use self::writer::Writer;
@@ -48,7 +45,6 @@ mod compact;
 pub mod failpoint;
 mod flusher;
 mod ops;
-mod peek;
 mod presence;
 mod tx;
 mod verify;
@@ -478,6 +474,23 @@ fn describe_open_error(e: &::sled::Error) -> String {
         }
     }
     e.to_string()
+}
+
+/// Whether `path` holds a sled store (its log file), found without opening, locking or
+/// reading anything in it.
+pub fn store_exists(path: &Path) -> std::io::Result<bool> {
+    match std::fs::symlink_metadata(path.join("db")) {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// [`RUNNING_KEY`] in `meta`.
