@@ -694,3 +694,24 @@ async fn the_last_run_file_is_written_at_start_and_follows_accept_clock() -> any
     assert_eq!(last_run::read(&data_dir), LastRun::At(*accepted));
     Ok(())
 }
+
+/// The last-run file only serves `check-config`; the store's mark is what the start
+/// checks. A broker that cannot write the file (here a directory where its temporary
+/// file goes) starts and serves all the same.
+#[tokio::test]
+async fn a_last_run_file_that_cannot_be_written_does_not_stop_the_broker() -> anyhow::Result<()> {
+    use trmx_broker::last_run::{self, LastRun};
+
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    trmx_durable::private_dir(&config.data_dir)?;
+    std::fs::create_dir(config.data_dir.join("last-run.json.tmp"))?;
+    let clock = ManualClock::new(std::time::SystemTime::now());
+    let mut broker = start_broker(&config, &clock).await?;
+    let mut nl = client(broker.local_addr(), &pki.participant("NL-NRM")?)?;
+    submit(&mut nl, referral("BE-PAYOKE")).await?;
+    assert_eq!(last_run::read(&config.data_dir), LastRun::Missing);
+    broker.shutdown().await?;
+    Ok(())
+}
