@@ -329,7 +329,8 @@ pub(super) fn open_existing(path: &Path) -> Result<::sled::Db, StoreError> {
 }
 
 /// Verifies the audit log of the broker store in `path` while the broker is
-/// stopped (offline). Reads only.
+/// stopped (offline). Changes no record (opening a sled store still does sled's own
+/// housekeeping on its files: recovery, a snapshot).
 pub fn verify_audit_offline(path: &Path) -> Result<AuditReport, StoreError> {
     let db = open_existing(path)?;
     let audit = db.open_tree("audit").map_err(storage)?;
@@ -374,7 +375,8 @@ pub fn tamper_audit_record(
 }
 
 /// Every audit record kept in the stopped broker's store at `path`, oldest
-/// first (for inspection and tests). Reads only.
+/// first (for inspection and tests). Changes no record (see
+/// [`verify_audit_offline`]).
 pub fn audit_records_offline(path: &Path) -> Result<Vec<AuditRecord>, StoreError> {
     let db = open_existing(path)?;
     let audit = db.open_tree("audit").map_err(storage)?;

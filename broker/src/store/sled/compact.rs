@@ -12,7 +12,8 @@
 //! are `floor + id` ([`super::tx::Tx::next_seq`]), so no new record can land on
 //! an old one.
 //!
-//! The original is never changed: it is kept next to the data directory until
+//! No record of the original is changed (sled's opening of it does its own
+//! housekeeping on its files): it is kept next to the data directory until
 //! the operator removes it, and the swap is one atomic `rename` exchange, so
 //! an interruption at any point leaves a complete store at the data directory.
 
