@@ -28,7 +28,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use trmx_proto::pb::exchange_server::ExchangeServer;
 use trmx_proto::pb::operator_server::OperatorServer;
 use trmx_transport::{
-    CrlPolicy, CrlRecord, ListenerLimits, ReloadReport, ServerClock, ServerTls, TlsPaths,
+    CrlPolicy, CrlRecord, ListenerLimits, ReloadReport, ServerTls, TlsClock, TlsPaths,
 };
 
 use crate::admin::{
@@ -148,7 +148,7 @@ impl BrokerBuilder {
         // jump of the system clock (see `clock::GuardedClock`), like every other
         // decision: a clock set a year ahead must not refuse every certificate as expired
         let tls_clock = clock.clone();
-        let tls = load_tls_at(&config, Arc::new(move || tls_clock.now()))?;
+        let tls = load_tls_at(&config, TlsClock::new(move || tls_clock.now()))?;
         let own = own_identity(&config);
         let broker_name = match (&config.name, &own) {
             (Some(name), _) => name.clone(),
@@ -1205,11 +1205,11 @@ fn check_data_dir(dir: &Path) -> Result<(), BrokerError> {
 /// ([`CRL_RECORD_FILE`]) holds; also what `check-config` runs, so that its warnings and
 /// refusals show there too. Writes nothing.
 fn load_tls(config: &BrokerConfig) -> Result<ServerTls, BrokerError> {
-    load_tls_at(config, Arc::new(SystemTime::now))
+    load_tls_at(config, TlsClock::system())
 }
 
 /// [`load_tls`], with client certificates and the CRL's freshness checked on `clock`.
-fn load_tls_at(config: &BrokerConfig, clock: ServerClock) -> Result<ServerTls, BrokerError> {
+fn load_tls_at(config: &BrokerConfig, clock: TlsClock) -> Result<ServerTls, BrokerError> {
     if config.tls.crl.is_none() {
         // Allowed (a test federation, a first set-up), but never silently: a certificate
         // revoked because its key leaked would still get in.

@@ -55,6 +55,7 @@ pub mod listener;
 mod pem;
 pub mod server;
 pub mod status;
+mod time;
 
 pub use client::{
     ChannelTls, ChannelTlsStatus, ClientOptions, client_channel, client_channel_with_tls,
@@ -64,5 +65,6 @@ pub use crl_record::CrlRecord;
 pub use error::{CrlRecordStep, TlsFile, TransportError};
 pub use identity::peer_identity;
 pub use listener::{HandshakeFailure, ListenerLimits, TlsConn, incoming};
-pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerClock, ServerTls, TlsPaths};
+pub use server::{CrlPolicy, CrlStatus, ReloadReport, ServerTls, TlsPaths};
 pub use status::code_name;
+pub use time::TlsClock;

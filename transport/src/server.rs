@@ -28,11 +28,10 @@ use futures::task::AtomicWaker;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
-use rustls::time_provider::TimeProvider;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::listener::{HandshakeFailure, HandshakeFailures};
-use crate::{CrlRecord, TlsFile, TransportError, pem};
+use crate::{CrlRecord, TlsClock, TlsFile, TransportError, pem};
 
 /// Where a party's TLS material lives (all PEM).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,29 +109,7 @@ struct Inner {
     /// Whether the last write of the CRL record failed (see [`ServerTls::crl_record_saved`]).
     record_unsaved: std::sync::atomic::AtomicBool,
     /// The time certificates and CRLs are checked at (see [`ServerTls::load_with_clock`]).
-    time: Arc<dyn TimeProvider>,
-}
-
-/// The clock a server checks client certificates and CRL freshness with (see
-/// [`ServerTls::load_with_clock`]).
-pub type ServerClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
-
-/// A [`ServerClock`] as rustls reads time.
-struct ClockTime(ServerClock);
-
-impl std::fmt::Debug for ClockTime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("ClockTime").field(&(self.0)()).finish()
-    }
-}
-
-impl TimeProvider for ClockTime {
-    fn current_time(&self) -> Option<UnixTime> {
-        (self.0)()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .ok()
-            .map(UnixTime::since_unix_epoch)
-    }
+    clock: TlsClock,
 }
 
 /// What the reloads share, behind the lock they hold one after the other.
@@ -238,7 +215,7 @@ fn build(
     crl: Option<&Path>,
     policy: CrlPolicy,
     generation: u64,
-    time: &Arc<dyn TimeProvider>,
+    clock: &TlsClock,
 ) -> Result<Loaded, TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let crls = crl.map(pem::crls).transpose()?;
@@ -285,7 +262,7 @@ fn build(
         .with_single_cert(chain, key)
         .map_err(|error| certified_key_error(paths, error))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    config.time_provider = time.clone();
+    config.time_provider = clock.provider();
     // No resumption: a resumed session skips client-certificate verification, which
     // would let a since-revoked certificate back in without meeting the new CRL.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -610,7 +587,7 @@ impl ServerTls {
         crl: Option<&Path>,
         crl_policy: CrlPolicy,
     ) -> Result<ServerTls, TransportError> {
-        Self::load_with_clock(paths, crl, crl_policy, None, Arc::new(SystemTime::now))
+        Self::load_with_clock(paths, crl, crl_policy, None, TlsClock::system())
     }
 
     /// [`ServerTls::load`], refusing a CRL older than the one `record` holds for its CA
@@ -629,13 +606,7 @@ impl ServerTls {
         crl_policy: CrlPolicy,
         record: CrlRecord,
     ) -> Result<ServerTls, TransportError> {
-        Self::load_with_clock(
-            paths,
-            crl,
-            crl_policy,
-            Some(record),
-            Arc::new(SystemTime::now),
-        )
+        Self::load_with_clock(paths, crl, crl_policy, Some(record), TlsClock::system())
     }
 
     /// [`ServerTls::load`] or, with a `record`, [`ServerTls::load_with_record`], checking
@@ -649,10 +620,9 @@ impl ServerTls {
         crl: Option<&Path>,
         crl_policy: CrlPolicy,
         mut record: Option<CrlRecord>,
-        clock: ServerClock,
+        clock: TlsClock,
     ) -> Result<ServerTls, TransportError> {
-        let time: Arc<dyn TimeProvider> = Arc::new(ClockTime(clock));
-        let loaded = build(paths, crl, crl_policy, 0, &time)?;
+        let loaded = build(paths, crl, crl_policy, 0, &clock)?;
         if let (Some(record), Some(crl)) = (record.as_mut(), crl) {
             record.check(crl, &loaded.crl_versions)?;
             record.take(&loaded.crl_versions);
@@ -671,7 +641,7 @@ impl ServerTls {
                 next_conn: AtomicU64::new(0),
                 handshake_failures: HandshakeFailures::default(),
                 record_unsaved: std::sync::atomic::AtomicBool::new(false),
-                time,
+                clock,
             }),
         };
         tls.log_crl_status("tls config loaded");
@@ -708,7 +678,7 @@ impl ServerTls {
             self.inner.crl_path.as_deref(),
             self.inner.policy,
             generation,
-            &self.inner.time,
+            &self.inner.clock,
         )?);
         if let Some(crl) = self.inner.crl_path.as_deref() {
             check_crls_not_older(crl, &in_force.crl_versions, &loaded.crl_versions)?;
@@ -825,14 +795,12 @@ impl ServerTls {
     /// The freshness of the loaded CRL now (on the server's time, see
     /// [`ServerTls::load_with_clock`]).
     pub fn crl_status(&self) -> CrlStatus {
-        self.crl_status_at(
-            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(self.now().as_secs()),
-        )
+        self.crl_status_at(self.inner.clock.now())
     }
 
     /// The server's time (see [`ServerTls::load_with_clock`]).
     fn now(&self) -> UnixTime {
-        self.inner.time.current_time().unwrap_or_else(UnixTime::now)
+        self.inner.clock.unix_time()
     }
 
     /// The freshness of the loaded CRL at `now` (for callers with their own clock).
