@@ -17,10 +17,14 @@
 //! - A take that brings the bytes waiting down to half the buffer or below notifies
 //!   [`Outbox::room_made`] (a stored permit if no one is waiting), so a stream waiting
 //!   for room never misses it.
+//! - The ids of the deliveries in the channel are known ([`Waiting::queued`]); one
+//!   withdrawn while it waits ([`Dropper::withdrawn`]) is dropped when its turn comes,
+//!   not sent: its recipient never sees it.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use tokio::sync::{Notify, mpsc};
@@ -35,6 +39,18 @@ struct Waiting {
     /// Half the buffer: at or below it, there is room again.
     low: u64,
     room_made: Notify,
+    /// The message ids of the deliveries in the channel, and whether each was
+    /// withdrawn since it was put in.
+    queued: Mutex<HashMap<String, bool>>,
+}
+
+impl Waiting {
+    fn queued(&self) -> MutexGuard<'_, HashMap<String, bool>> {
+        // (single inserts and removals: a panic leaves the map whole)
+        self.queued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A `Receive` stream's channel to its connection, holding at most `capacity`
@@ -45,6 +61,7 @@ pub fn channel(capacity: usize, buffer: u64) -> (Outbox, Outbound) {
         bytes: AtomicU64::new(0),
         low: buffer / 2,
         room_made: Notify::new(),
+        queued: Mutex::new(HashMap::new()),
     });
     (
         Outbox {
@@ -75,6 +92,24 @@ pub struct Outbound {
 #[derive(Debug)]
 pub struct Gone;
 
+/// Drops a withdrawn message from a stream's channel (kept by the stream registry).
+#[derive(Debug, Clone)]
+pub struct Dropper(Arc<Waiting>);
+
+impl Dropper {
+    /// `message_id` was withdrawn: if it waits in the channel, it is dropped when its
+    /// turn comes instead of sent. Whether it was waiting.
+    pub fn withdrawn(&self, message_id: &str) -> bool {
+        match self.0.queued().get_mut(message_id) {
+            Some(withdrawn) => {
+                *withdrawn = true;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl Outbox {
     /// Puts `delivery` in, once the channel has room. Cancel-safe: a delivery is either
     /// in the channel and counted, or neither.
@@ -83,8 +118,14 @@ impl Outbox {
         self.waiting
             .bytes
             .fetch_add(payload_bytes(&delivery), Ordering::Relaxed);
+        self.waiting.queued().insert(message_id(&delivery), false);
         permit.send(Ok(delivery));
         Ok(())
+    }
+
+    /// What drops a withdrawn message from this channel.
+    pub fn dropper(&self) -> Dropper {
+        Dropper(self.waiting.clone())
     }
 
     /// Ends the stream with `status`, if the channel has room for it (the connection
@@ -124,16 +165,34 @@ impl Stream for Outbound {
     type Item = Result<pb::Delivery, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let polled = self.rx.poll_recv(cx);
-        if let Poll::Ready(Some(Ok(delivery))) = &polled {
+        loop {
+            let polled = self.rx.poll_recv(cx);
+            let Poll::Ready(Some(Ok(delivery))) = &polled else {
+                return polled;
+            };
             let size = payload_bytes(delivery);
             let before = self.waiting.bytes.fetch_sub(size, Ordering::Relaxed);
             if before - size <= self.waiting.low && before > self.waiting.low {
                 self.waiting.room_made.notify_one();
             }
+            let withdrawn = self
+                .waiting
+                .queued()
+                .remove(&message_id(delivery))
+                .unwrap_or(false);
+            if !withdrawn {
+                return polled;
+            }
         }
-        polled
     }
+}
+
+/// The message id of a delivery.
+fn message_id(delivery: &pb::Delivery) -> String {
+    delivery
+        .envelope
+        .as_ref()
+        .map_or_else(String::new, |envelope| envelope.message_id.clone())
 }
 
 /// The bytes a delivery counts for: its payload, as the store's lease budget counts them.
@@ -207,6 +266,32 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(20), outbox.send(delivery(1000))).await;
         assert!(blocked.is_err(), "the channel is full");
         assert_eq!(outbox.waiting_bytes(), 10);
+    }
+
+    fn delivery_of(id: &str, size: usize) -> pb::Delivery {
+        let mut delivery = delivery(size);
+        if let Some(envelope) = delivery.envelope.as_mut() {
+            envelope.message_id = id.to_owned();
+        }
+        delivery
+    }
+
+    #[tokio::test]
+    async fn a_message_withdrawn_while_it_waits_is_dropped_not_sent() {
+        let (outbox, mut outbound) = channel(8, 1 << 20);
+        let dropper = outbox.dropper();
+        for id in ["a", "b", "c"] {
+            outbox.send(delivery_of(id, 10)).await.unwrap();
+        }
+        let first = outbound.next().await.unwrap().unwrap();
+        assert_eq!(first.envelope.unwrap().message_id, "a");
+        // sent already: nothing to drop
+        assert!(!dropper.withdrawn("a"));
+        assert!(dropper.withdrawn("b"));
+        let next = outbound.next().await.unwrap().unwrap();
+        assert_eq!(next.envelope.unwrap().message_id, "c");
+        assert_eq!(outbox.waiting_bytes(), 0);
+        assert!(!dropper.withdrawn("b"), "forgotten once dropped");
     }
 
     #[tokio::test]

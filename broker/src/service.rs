@@ -507,16 +507,19 @@ impl ExchangeService {
             0 => shared.limits.default_max_in_flight,
             n => n.min(shared.limits.max_max_in_flight),
         } as usize;
-        let handle = shared.streams.open(&caller).ok_or_else(|| {
-            BrokerError::ResourceExhausted(format!(
-                "{caller} already has {} open Receive streams",
-                shared.limits.max_streams_per_participant
-            ))
-        })?;
         let (outbox, outbound) = outbound::channel(
             max_in_flight.clamp(1, 64),
             shared.limits.receive_buffer_bytes,
         );
+        let handle = shared
+            .streams
+            .open(&caller, outbox.dropper())
+            .ok_or_else(|| {
+                BrokerError::ResourceExhausted(format!(
+                    "{caller} already has {} open Receive streams",
+                    shared.limits.max_streams_per_participant
+                ))
+            })?;
         let span = info_span!(
             "receive_stream",
             participant = %caller,

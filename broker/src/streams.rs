@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
 use trmx_proto::{Kind, MessageId, ParticipantId};
 
+use crate::outbound::Dropper;
 use crate::store::{Millis, StreamId};
 
 /// One unacknowledged delivery on a stream.
@@ -35,6 +36,8 @@ struct StreamState {
     in_flight: HashMap<MessageId, InFlight>,
     /// Set to true to make the stream end.
     close: watch::Sender<bool>,
+    /// Drops a withdrawn message still waiting to be sent.
+    dropper: Dropper,
 }
 
 #[derive(Debug, Default)]
@@ -108,9 +111,10 @@ impl Streams {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Registers a new stream of `participant`; `None` if it already has the
-    /// maximum number of streams.
-    pub fn open(&self, participant: &ParticipantId) -> Option<StreamHandle> {
+    /// Registers a new stream of `participant`, sending through the channel `dropper`
+    /// drops withdrawn messages from; `None` if it already has the maximum number of
+    /// streams.
+    pub fn open(&self, participant: &ParticipantId, dropper: Dropper) -> Option<StreamHandle> {
         let mut inner = self.lock();
         let entry = inner.entry(participant.clone()).or_default();
         if entry.streams.len() >= self.max_per_participant {
@@ -123,6 +127,7 @@ impl Streams {
             StreamState {
                 in_flight: HashMap::new(),
                 close: close_tx,
+                dropper,
             },
         );
         Some(StreamHandle {
@@ -223,6 +228,18 @@ impl Streams {
         settled
     }
 
+    /// Drops message `id` from the channels of `participant`'s streams where it waits
+    /// to be sent (purged by an operator: the recipient must not get it).
+    pub fn drop_waiting(&self, participant: &ParticipantId, id: &MessageId) {
+        let inner = self.lock();
+        if let Some(entry) = inner.get(participant) {
+            let id = id.to_string();
+            for stream in entry.streams.values() {
+                stream.dropper.withdrawn(&id);
+            }
+        }
+    }
+
     /// Removes `ids` from the streams of `participant` after the store said they are
     /// not in flight to it (an ack or a reject answered `NOT_FOUND`: the message
     /// expired, was withdrawn or purged meanwhile), so that their slots count against
@@ -247,7 +264,8 @@ impl Streams {
         }
     }
 
-    /// Removes a withdrawn message from whichever stream holds it.
+    /// Removes a withdrawn message from whichever stream holds it, and from that
+    /// stream's channel if it still waits there to be sent.
     pub fn withdrawn(&self, sender: &ParticipantId, id: &MessageId) {
         let mut inner = self.lock();
         for entry in inner.values_mut() {
@@ -259,6 +277,7 @@ impl Streams {
                     .is_some_and(|lease| lease.sender.as_ref() == Some(sender));
                 if own {
                     stream.in_flight.remove(id);
+                    stream.dropper.withdrawn(&id.to_string());
                     hit = true;
                 }
             }
@@ -313,23 +332,27 @@ mod tests {
         ParticipantId::parse(s).unwrap()
     }
 
+    fn dropper() -> Dropper {
+        crate::outbound::channel(1, 1 << 20).0.dropper()
+    }
+
     #[test]
     fn streams_per_participant_are_bounded() {
         let streams = Streams::new(2, 1);
         let p = id("NL-NRM");
-        let a = streams.open(&p).unwrap();
-        let _b = streams.open(&p).unwrap();
-        assert!(streams.open(&p).is_none());
-        assert!(streams.open(&id("BE-PAYOKE")).is_some());
+        let a = streams.open(&p, dropper()).unwrap();
+        let _b = streams.open(&p, dropper()).unwrap();
+        assert!(streams.open(&p, dropper()).is_none());
+        assert!(streams.open(&id("BE-PAYOKE"), dropper()).is_some());
         streams.remove(&p, a.id);
-        assert!(streams.open(&p).is_some());
+        assert!(streams.open(&p, dropper()).is_some());
     }
 
     #[test]
     fn slots_free_on_settle_and_on_deadline() {
         let streams = Streams::new(4, 1);
         let p = id("NL-NRM");
-        let s = streams.open(&p).unwrap();
+        let s = streams.open(&p, dropper()).unwrap();
         let m1 = MessageId::new_v7();
         let m2 = MessageId::new_v7();
         let sender = id("BE-PAYOKE");

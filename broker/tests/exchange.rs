@@ -398,6 +398,68 @@ async fn withdrawn_messages_never_reach_the_recipient() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A message withdrawn by its sender, or purged by an operator, while its delivery waits
+/// in the broker's send buffer (a slow link: the recipient's HTTP/2 window is full) is
+/// dropped there, never sent: the recipient gets everything else, in order, and not it.
+#[tokio::test]
+async fn a_message_withdrawn_while_waiting_to_be_sent_is_not_sent() -> anyhow::Result<()> {
+    taken_back_while_waiting_to_be_sent(false).await
+}
+
+#[tokio::test]
+async fn a_message_purged_while_waiting_to_be_sent_is_not_sent() -> anyhow::Result<()> {
+    taken_back_while_waiting_to_be_sent(true).await
+}
+
+/// See [`a_message_withdrawn_while_waiting_to_be_sent_is_not_sent`]: withdrawn by its
+/// sender, or with `purge` purged by an operator.
+async fn taken_back_while_waiting_to_be_sent(purge: bool) -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| c.limits.receive_buffer_bytes = 16 << 20).await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    // more than the client's stream window (2 MiB) and what HTTP/2 holds beside it
+    let filler = vec![7u8; 60 << 10];
+    let mut fillers = Vec::new();
+    for _ in 0..50 {
+        let env = envelope("BE-PAYOKE", Kind::FollowUp, &filler);
+        fillers.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    let env = referral("BE-PAYOKE");
+    let misaddressed = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    // the stream takes everything, and is not read
+    let mut stream = receive(&mut be, 64).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while state_of(&mut nl, &misaddressed).await? != pb::MessageState::InFlight {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never leased");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let gone = if purge {
+        crate::operator::operator(&t)?
+            .purge(pb::PurgeRequest {
+                message_id: misaddressed.clone(),
+                reason: "misaddressed, sender asked by phone".into(),
+                ..Default::default()
+            })
+            .await?;
+        pb::MessageState::Purged
+    } else {
+        nl.withdraw(pb::WithdrawRequest {
+            message_id: misaddressed.clone(),
+        })
+        .await?;
+        pb::MessageState::Withdrawn
+    };
+
+    for id in &fillers {
+        assert_eq!(&id_of(&next(&mut stream).await?), id, "purge: {purge}");
+    }
+    expect_quiet(&mut stream).await?;
+    assert_eq!(state_of(&mut nl, &misaddressed).await?, gone);
+    Ok(())
+}
+
 #[tokio::test]
 async fn get_info_lists_the_registry_and_limits() -> anyhow::Result<()> {
     let t = TestBroker::start().await?;

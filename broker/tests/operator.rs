@@ -18,7 +18,7 @@ use trmx_transport::{ClientOptions, TlsPaths, client_channel};
 
 use crate::harness::*;
 
-type Operator = OperatorClient<Channel>;
+pub(crate) type Operator = OperatorClient<Channel>;
 
 /// Every payload of these tests carries this marker; no operator output may.
 const MARKER: &str = "PAYLOAD-MARKER-q7Zx";
@@ -46,7 +46,7 @@ fn operator_paths(t: &TestBroker) -> anyhow::Result<TlsPaths> {
     })
 }
 
-fn operator(t: &TestBroker) -> anyhow::Result<Operator> {
+pub(crate) fn operator(t: &TestBroker) -> anyhow::Result<Operator> {
     let channel = client_channel(
         &t.addr.to_string(),
         &operator_paths(t)?,

@@ -280,8 +280,10 @@ impl OperatorService {
         match result {
             PurgeResult::Purged => {
                 shared.metrics.purged();
-                // free the recipient's stream slot if it was in flight
+                // free the recipient's stream slot if it was in flight, and drop it from
+                // its stream's channel if it waits there to be sent
                 if let Some(record) = self.record(id, sender.as_ref()).await? {
+                    shared.streams.drop_waiting(&record.recipient, &id);
                     let settled = shared.streams.settled(&record.recipient, &[id]);
                     for sender in settled.senders {
                         shared.streams.wake(&sender);
