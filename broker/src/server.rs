@@ -1125,23 +1125,22 @@ impl std::fmt::Display for ClockCheck {
 /// The clock check of a start against the last run kept in `data_dir`'s last-run file
 /// ([`crate::last_run`]), with the start's rule ([`judge_clock`]). Looks up whether there
 /// is a store (a start without one is a first start, whatever a file left behind says),
-/// and reads nothing of it.
+/// and reads nothing of it ([`trmx_durable::last_run::beside_store`]).
 fn check_clock_offline(config: &BrokerConfig, now: Millis) -> Result<ClockCheck, BrokerError> {
     let data_dir = &config.data_dir;
-    let is_store = crate::store::store_exists(data_dir).map_err(|error| BrokerError::Io {
-        context: format!("looking for a store in data_dir {}", data_dir.display()),
-        error,
-    })?;
-    if !is_store {
-        return Ok(ClockCheck::FirstStart);
-    }
-    Ok(match last_run::read(data_dir) {
-        LastRun::Missing => ClockCheck::NotRecorded,
-        LastRun::Damaged(reason) => ClockCheck::Damaged {
+    let found =
+        trmx_durable::last_run::beside_store(data_dir).map_err(|error| BrokerError::Io {
+            context: format!("looking for a store in data_dir {}", data_dir.display()),
+            error,
+        })?;
+    Ok(match found {
+        None => ClockCheck::FirstStart,
+        Some(LastRun::Missing) => ClockCheck::NotRecorded,
+        Some(LastRun::Damaged(reason)) => ClockCheck::Damaged {
             file: last_run::path(data_dir),
             reason,
         },
-        LastRun::At(last_run) => ClockCheck::Checked {
+        Some(LastRun::At(last_run)) => ClockCheck::Checked {
             last_run,
             now,
             verdict: judge_clock(Some(last_run), now, config)?,

@@ -29,9 +29,12 @@
 //!
 //! Besides: [`clock`], the system clock guarded against jumps; [`private_dir`], a data
 //! directory only its owner can enter; [`replace`], the atomic replacement of the small
-//! files kept beside a store.
+//! files kept beside a store; [`last_run`], one of them, the last run of a process on its
+//! store, which `check-config` reads instead of the store; [`store_exists`], whether a
+//! directory holds a sled store, told without opening it.
 
 pub mod clock;
+pub mod last_run;
 pub mod replace;
 
 pub use replace::{ReplaceError, ReplaceStep, replace_file};
@@ -291,6 +294,23 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
         "the data directory was open to other users: narrowed to its owner"
     );
     Ok(())
+}
+
+/// Whether `dir` holds a sled store (its log file), found without opening, locking or
+/// reading anything in it.
+pub fn store_exists(dir: &Path) -> io::Result<bool> {
+    match std::fs::symlink_metadata(dir.join(LOG_FILE)) {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What happened in the blob directory since the last read.

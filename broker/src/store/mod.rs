@@ -31,8 +31,8 @@ mod conformance;
 pub use self::audit::{AuditReport, OperatorAction};
 pub use self::sled::{
     CompactReport, FaultSwitch, FlushObserver, SledOptions, SledStore, StoreReport,
-    accept_clock_offline, audit_records_offline, compact_offline, dir_bytes, store_exists,
-    tamper_audit_record, verify_audit_offline, verify_store_offline,
+    accept_clock_offline, audit_records_offline, compact_offline, dir_bytes, tamper_audit_record,
+    verify_audit_offline, verify_store_offline,
 };
 
 /// Milliseconds since the Unix epoch; every instant in the store uses this.

@@ -476,23 +476,6 @@ fn describe_open_error(e: &::sled::Error) -> String {
     e.to_string()
 }
 
-/// Whether `path` holds a sled store (its log file), found without opening, locking or
-/// reading anything in it.
-pub fn store_exists(path: &Path) -> std::io::Result<bool> {
-    match std::fs::symlink_metadata(path.join("db")) {
-        Ok(_) => Ok(true),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-            ) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// [`RUNNING_KEY`] in `meta`.
 fn last_running(meta: &::sled::Tree) -> Result<Option<Millis>, StoreError> {
     meta.get(RUNNING_KEY)
