@@ -19,7 +19,7 @@ use futures::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 use trmx_proto::pb::node_api_client::NodeApiClient;
-use trmx_proto::time::Date;
+use trmx_proto::time::{Date, to_millis};
 use trmx_proto::{Kind, MessageId, pb};
 
 use crate::api::client::connect_local;
@@ -65,7 +65,9 @@ pub enum Command {
     /// does not start when the clock is further than `storage.max_downtime_secs` from
     /// its store's last run, ahead or behind, since a wrong clock would erase bodies
     /// before their retention date (or hold its timers). When the clock is right, this
-    /// records it as the store's last run, and the node starts. Run it as the node's user.
+    /// records it as the store's last run (in the store, and in the data directory's
+    /// `last-run.json` that `check-config` reads), and the node starts. Run it as the
+    /// node's user.
     AcceptClock,
     /// Send a document (proto3 JSON) to a participant; prints the message id.
     Send(SendArgs),
@@ -377,6 +379,13 @@ fn accept_clock(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), Cl
         when(now),
         config.data_dir.display()
     );
+    // (the store's mark is what the start checks: done, whatever becomes of this)
+    if let Err(e) = crate::core::last_run::write(&config.data_dir, to_millis(now)) {
+        eprintln!(
+            "warning: {e}; check-config cannot check the clock until the node has run and \
+             written it"
+        );
+    }
     Ok(())
 }
 

@@ -3,6 +3,8 @@
 //!
 //! Module map:
 //! - [`clock`]: the injected time source ([`Clock`], [`SystemClock`], [`ManualClock`]).
+//! - [`last_run`]: the last-run file beside the store, where the node writes what it
+//!   records as its last run.
 //! - `store` (private): the sled database — outbox, inbox, idempotency, dedup,
 //!   case and due indexes; every state change is one transaction.
 //! - `link` (private): the broker link — submit loop, receive loop, `GetInfo`,
@@ -21,6 +23,7 @@ mod channel;
 pub mod clock;
 #[cfg(test)]
 mod fake_broker;
+pub mod last_run;
 mod link;
 mod store;
 #[cfg(test)]
@@ -42,6 +45,7 @@ use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::time::{to_millis, to_timestamp};
 
 use channel::LinkChannel;
+use last_run::LastRunWriter;
 use store::{InboxMark, NewOutgoing, Store};
 
 pub use clock::{Clock, GuardedClock, ManualClock, SystemClock, TimeSource, node_clock};
@@ -1063,6 +1067,8 @@ impl NodeCore {
         tokio::task::spawn_blocking(move || marking.mark_running(now))
             .await
             .map_err(|e| NodeError::Store(format!("store task failed: {e}")))??;
+        let mut last_run = LastRunWriter::new(config.data_dir.clone());
+        last_run.record(now).await;
         // (what a store holds when it opens is what its last run flushed)
         let inbox = store.inbox_mark()?;
         let (shutdown, _) = watch::channel(false);
@@ -1118,6 +1124,7 @@ impl NodeCore {
         )));
         tasks.push(tokio::spawn(running_mark_loop(
             inner.clone(),
+            last_run,
             inner.shutdown.subscribe(),
         )));
         *inner
@@ -1716,7 +1723,8 @@ async fn run_retention(inner: &Arc<Inner>) -> Result<usize, NodeError> {
 /// Records `now` as the last run of the stopped node whose store is in `data_dir`, so
 /// that its next start accepts the system clock (see [`ClockBounds`]). Returns the
 /// instant recorded before, if any. Durable when it returns. Fails while a node runs on
-/// the store (it holds the store's lock).
+/// the store (it holds the store's lock). The caller then writes the same instant to the
+/// last-run file ([`last_run::write`]), as `trmx-node accept-clock` does.
 pub fn accept_clock(
     data_dir: &std::path::Path,
     now: SystemTime,
@@ -1734,12 +1742,17 @@ pub fn accept_clock(
     Ok(before)
 }
 
-/// How often a running node records its time in its store (see [`check_clock`]).
+/// How often a running node records its time in its store (see [`check_clock`]), and
+/// then in its last-run file ([`last_run`]).
 const RUNNING_MARK_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Records the node's time in its store every [`RUNNING_MARK_INTERVAL`] (the start
-/// recorded it first).
-async fn running_mark_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
+/// Records the node's time in its store every [`RUNNING_MARK_INTERVAL`], and after each
+/// success in the last-run file through `last_run` (the start recorded it first in both).
+async fn running_mark_loop(
+    inner: Arc<Inner>,
+    mut last_run: LastRunWriter,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(RUNNING_MARK_INTERVAL) => {}
@@ -1748,7 +1761,7 @@ async fn running_mark_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool
         let now = to_millis(inner.clock.now());
         let store = inner.store.clone();
         match tokio::task::spawn_blocking(move || store.mark_running(now)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => last_run.record(now).await,
             // (a store that cannot write says so through everything else)
             Ok(Err(e)) => debug!(error = %e, "recording the node's time in its store failed"),
             Err(e) => debug!(error = %e, "recording the node's time in its store failed"),

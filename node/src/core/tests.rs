@@ -1049,6 +1049,62 @@ async fn a_jump_of_the_system_clock_erases_no_body_until_a_restart() {
     }
 }
 
+/// `check-config` checks the clock against the last-run file, never the store: the node
+/// writes there the instant it records in its store, at start and then every minute.
+#[tokio::test(start_paused = true)]
+async fn the_last_run_file_follows_the_running_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+    let cfg = config(dir.path(), "NL-NRM");
+    let nl = NodeCore::start_offline(cfg.clone(), clock.clone())
+        .await
+        .unwrap();
+    let file = |at: u64| last_run::LastRun::At(at);
+    assert_eq!(last_run::read(&cfg.data_dir), file(START * 1000));
+    let mode = std::fs::metadata(last_run::path(&cfg.data_dir))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    clock.advance(Duration::from_secs(3600));
+    let marked = (START + 3600) * 1000;
+    // (the paused runtime's time moves on when it waits)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while last_run::read(&cfg.data_dir) != file(marked) {
+        assert!(std::time::Instant::now() < deadline, "not written");
+        tokio::time::sleep(RUNNING_MARK_INTERVAL).await;
+    }
+    assert_eq!(nl.inner.store.last_running().unwrap(), Some(marked));
+    nl.shutdown().await;
+}
+
+/// The last-run file only serves `check-config`; the store's mark is what the start
+/// checks. A node that cannot write the file (here a directory where its temporary file
+/// goes) starts and works all the same, and says why at WARN.
+#[tokio::test]
+async fn a_last_run_file_that_cannot_be_written_does_not_stop_the_node() {
+    let logs = LogCapture::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "NL-NRM");
+    std::fs::create_dir_all(cfg.data_dir.join("last-run.json.tmp")).unwrap();
+    let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+    let nl = NodeCore::start_offline(cfg.clone(), clock).await.unwrap();
+    nl.send(request("k-1", "BE-PAYOKE", referral()))
+        .await
+        .unwrap();
+    assert_eq!(last_run::read(&cfg.data_dir), last_run::LastRun::Missing);
+    assert_eq!(
+        logs.lines_with(&["WARN", "cannot write the last-run file", "failures=1"])
+            .len(),
+        1,
+        "{:?}",
+        logs.lines_with(&["last-run"])
+    );
+    nl.shutdown().await;
+}
+
 #[tokio::test]
 async fn received_bodies_are_erased_too() {
     let f = fixture().await;

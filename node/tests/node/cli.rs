@@ -843,3 +843,72 @@ async fn accept_clock_records_the_clock_for_a_stopped_node() {
         "no store made"
     );
 }
+
+/// Runs `trmx-node --config <config> accept-clock` once the stopped node's store is free
+/// (the stopped node's last tasks may still be letting go of it: in a real stop, the
+/// process has exited).
+async fn accept_clock_cli(config: &Path) -> Output {
+    let args = vec![
+        "--config".to_owned(),
+        config.to_str().expect("utf-8").to_owned(),
+        "accept-clock".to_owned(),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = run_async(args.clone()).await;
+        if output.status.success() || std::time::Instant::now() > deadline {
+            return output;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `check-config` makes the clock check of a start from `last-run.json` in the data
+/// directory, never from the store: the file must hold what the store holds. The node
+/// writes there, private to its user, the instant it records in its store at start, and
+/// `accept-clock` the clock it accepts (else check-config would refuse the clock that the
+/// start now accepts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_run_file_is_written_at_start_and_follows_accept_clock() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use trmx_node::core::last_run::{self, LastRun};
+    use trmx_proto::time::{from_millis, to_millis};
+
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let data_dir = sandbox.path().join("data");
+    // (an hour behind: what accept-clock records later is the system clock's time)
+    let started = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let node = trmx_node::RunningNode::start(
+        &sandbox.config,
+        std::sync::Arc::new(trmx_node::core::ManualClock::new(started)),
+    )
+    .await
+    .expect("node starts");
+    assert_eq!(last_run::read(&data_dir), LastRun::At(to_millis(started)));
+    let mode = std::fs::metadata(last_run::path(&data_dir))
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    node.stop().await.expect("stop");
+
+    let earliest = to_millis(std::time::SystemTime::now());
+    let output = accept_clock_cli(&config_path).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).is_empty(), "{}", stderr(&output));
+    let latest = to_millis(std::time::SystemTime::now());
+    let LastRun::At(accepted) = last_run::read(&data_dir) else {
+        panic!("no last run: {:?}", last_run::read(&data_dir));
+    };
+    assert!((earliest..=latest).contains(&accepted), "{accepted}");
+    // the store recorded the same instant (to the second that accept-clock shows)
+    let output = accept_clock_cli(&config_path).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let recorded = trmx_certs::format_time(from_millis(accepted));
+    assert!(
+        stdout(&output).contains(&format!("(it was {recorded})")),
+        "{recorded}: {}",
+        stdout(&output)
+    );
+}
