@@ -58,8 +58,14 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         ready_file: Option<PathBuf>,
     },
-    /// Check the config file (--config) and the TLS files it names as `run` would,
-    /// without starting anything: print what the node would use, exit 1 on a problem.
+    /// Check the config file (--config) and the TLS files it names as `run` would, and make
+    /// the clock check of a start (refused: a system clock further than
+    /// `storage.max_downtime_secs` from the store's last run), without starting anything:
+    /// print what the node would use, exit 1 on a problem. The store is not opened: its
+    /// last run is read from `last-run.json` in the data directory, which the node writes
+    /// at start and every minute (so this works while the node runs too); without that
+    /// file (a store of an older node), or with a damaged one, the clock check is skipped
+    /// and said.
     CheckConfig,
     /// Accept the system clock as it is now (needs --config; the node stopped). A node
     /// does not start when the clock is further than `storage.max_downtime_secs` from
@@ -391,11 +397,13 @@ fn accept_clock(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), Cl
 
 /// `check-config`: what `run` checks before it starts (the config, the node
 /// certificate's identity, the CA, key and CRL files together), the certificate's expiry,
-/// and that this user can make and use the data directory and the socket's directory;
-/// prints what the node would use, its limits and intervals included (with `--json`, as
-/// one object). It creates nothing, so it may run beside a running node (whose socket and
-/// store it leaves alone). A problem is one line on stderr and exit status 1, in both
-/// forms.
+/// that this user can make and use the data directory and the socket's directory, and the
+/// start's clock check against the last run in the data directory's last-run file
+/// ([`crate::core::last_run::check_clock_offline`]); prints what the node would use, its
+/// limits and intervals included, and what the clock check found (with `--json`, as one
+/// object). It creates nothing and never opens, locks or copies the store, so it may run
+/// beside a running node (whose socket and store it leaves alone). A problem, a clock the
+/// start would refuse included, is one line on stderr and exit status 1, in both forms.
 fn check_config(
     config: Option<&Path>,
     socket: Option<PathBuf>,
@@ -442,6 +450,17 @@ fn check_config(
         eprintln!("warning: {warning}");
         warnings.push(warning);
     }
+    // (a running node's clock starts as the system clock)
+    let clock = crate::core::last_run::check_clock_offline(
+        &core.data_dir,
+        to_millis(now),
+        core.clock_bounds,
+    )
+    .map_err(|e| CliError(e.to_string()))?;
+    if let Some(warning) = clock.warning() {
+        eprintln!("warning: {warning}");
+        warnings.push(warning);
+    }
     let limits = config.limits();
     if json {
         // (paths as displayed: a path that is not UTF-8 must not fail the check)
@@ -467,6 +486,14 @@ fn check_config(
                 .iter()
                 .map(|&(key, value)| (key.to_owned(), value.into()))
                 .collect::<serde_json::Map<_, _>>(),
+            "clock": {
+                "status": clock.status(),
+                "lastRun": clock
+                    .last_run()
+                    .map(|at| trmx_certs::format_time(trmx_proto::time::from_millis(at))),
+                "systemClock": trmx_certs::format_time(now),
+                "detail": clock.to_string(),
+            },
             "warnings": warnings,
             "ok": true,
         });
@@ -511,6 +538,7 @@ fn check_config(
     for (key, value) in &limits {
         let _ = writeln!(stdout, "{key} = {value}");
     }
+    let _ = writeln!(stdout, "# clock: {clock}");
     let _ = writeln!(stdout, "# config OK: {}", config_path.display());
     Ok(())
 }

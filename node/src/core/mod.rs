@@ -4,7 +4,7 @@
 //! Module map:
 //! - [`clock`]: the injected time source ([`Clock`], [`SystemClock`], [`ManualClock`]).
 //! - [`last_run`]: the last-run file beside the store, where the node writes what it
-//!   records as its last run.
+//!   records as its last run, and the clock check `check-config` makes from it.
 //! - `store` (private): the sled database — outbox, inbox, idempotency, dedup,
 //!   case and due indexes; every state change is one transaction.
 //! - `link` (private): the broker link — submit loop, receive loop, `GetInfo`,
@@ -47,6 +47,7 @@ use trmx_proto::time::{to_millis, to_timestamp};
 use channel::LinkChannel;
 use last_run::LastRunWriter;
 use store::{InboxMark, NewOutgoing, Store};
+use trmx_durable::clock::{StartClock, human_span};
 
 pub use clock::{Clock, GuardedClock, ManualClock, SystemClock, TimeSource, node_clock};
 pub use trmx_proto::body::{Body, BodyContext};
@@ -1769,52 +1770,69 @@ async fn running_mark_loop(
     }
 }
 
-/// Refuses to start when the system clock is further than `storage.max_downtime_secs`
-/// from `last`, the last time a node ran on the store: a clock set ahead by mistake would
-/// erase, at the first retention run, every body whose retention date it passes (for
-/// good), and one set back to 1970 by a dead RTC battery would hold the node's timers. A
-/// clock a little behind is accepted, and said. (While the node runs, the
-/// [`GuardedClock`] holds jumps.)
+/// What a start says (at WARN, with the fields `behind` and `last_run`) of a system clock
+/// behind the store's last run, which it accepts; `check-config` says the same.
+const CLOCK_BEHIND: &str = "the system clock is behind the last time the node ran on this \
+     store: what it scheduled before comes that much later";
+
+/// The start's clock check ([`judge_clock`]) against `last`, the last run its store
+/// records: a clock a little behind is said at WARN.
 fn check_clock(last: Option<Millis>, now: Millis, bounds: ClockBounds) -> Result<(), NodeError> {
-    use trmx_durable::clock::{StartClock, check_start, human_span};
-    let when = |at: Millis| trmx_certs::format_time(trmx_proto::time::from_millis(at));
-    match check_start(last, now, bounds.max_step, bounds.max_downtime) {
-        StartClock::Fine => Ok(()),
-        StartClock::Behind(by) => {
-            warn!(
-                behind = %human_span(by),
-                last_run = %when(last.unwrap_or_default()),
-                "the system clock is behind the last time the node ran on this store: \
-                 what it scheduled before comes that much later"
-            );
-            Ok(())
-        }
-        StartClock::TooFar { ahead, by } => {
-            let (which, harm) = if ahead {
-                (
-                    "after",
-                    "if the clock is wrong, a node started now would erase for good every \
-                     body whose retention date is before the clock's date",
-                )
-            } else {
-                (
-                    "before",
-                    "a node started now would hold its timers until the clock caught up",
-                )
-            };
-            Err(NodeError::ClockJump(format!(
-                "the system clock reads {}, {} {which} the last time the node ran on this \
-                 store ({}), more than storage.max_downtime_secs ({}): {harm}. If the clock \
-                 is right, stop the node, run `trmx-node --config <its config> accept-clock` \
-                 once as the node's user, and start it; if not, set the clock right (is NTP \
-                 running?)",
-                when(now),
-                human_span(by),
-                when(last.unwrap_or_default()),
-                bounds.max_downtime.map_or(0, |longest| longest.as_secs()),
-            )))
-        }
+    if let StartClock::Behind(by) = judge_clock(last, now, bounds)? {
+        warn!(
+            behind = %human_span(by),
+            last_run = %format_millis(last.unwrap_or_default()),
+            "{CLOCK_BEHIND}"
+        );
     }
+    Ok(())
+}
+
+/// The start's rule for the system clock at `now` against `last`, the last time a node ran
+/// on the store (also what `check-config` applies, see [`last_run::check_clock_offline`]).
+/// Refuses a clock further than `storage.max_downtime_secs` from `last`: a clock set ahead
+/// by mistake would erase, at the first retention run, every body whose retention date it
+/// passes (for good), and one set back to 1970 by a dead RTC battery would hold the node's
+/// timers. A clock a little behind is accepted ([`StartClock::Behind`], which the caller
+/// says). (While the node runs, the [`GuardedClock`] holds jumps.)
+fn judge_clock(
+    last: Option<Millis>,
+    now: Millis,
+    bounds: ClockBounds,
+) -> Result<StartClock, NodeError> {
+    use trmx_durable::clock::check_start;
+    let verdict = check_start(last, now, bounds.max_step, bounds.max_downtime);
+    let StartClock::TooFar { ahead, by } = verdict else {
+        return Ok(verdict);
+    };
+    let (which, harm) = if ahead {
+        (
+            "after",
+            "if the clock is wrong, a node started now would erase for good every \
+             body whose retention date is before the clock's date",
+        )
+    } else {
+        (
+            "before",
+            "a node started now would hold its timers until the clock caught up",
+        )
+    };
+    Err(NodeError::ClockJump(format!(
+        "the system clock reads {}, {} {which} the last time the node ran on this \
+         store ({}), more than storage.max_downtime_secs ({}): {harm}. If the clock \
+         is right, stop the node, run `trmx-node --config <its config> accept-clock` \
+         once as the node's user, and start it; if not, set the clock right (is NTP \
+         running?)",
+        format_millis(now),
+        human_span(by),
+        format_millis(last.unwrap_or_default()),
+        bounds.max_downtime.map_or(0, |longest| longest.as_secs()),
+    )))
+}
+
+/// `2026-03-01T12:00:00Z`: an instant of the store's for a person.
+fn format_millis(at: Millis) -> String {
+    trmx_certs::format_time(trmx_proto::time::from_millis(at))
 }
 
 async fn retention_loop(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {

@@ -844,6 +844,25 @@ async fn accept_clock_records_the_clock_for_a_stopped_node() {
     );
 }
 
+/// A file's contents and modification time.
+type FileState = (Vec<u8>, std::time::SystemTime);
+
+/// Every file under `dir`, with its contents and modification time (not the directories).
+fn files_in(dir: &Path) -> std::collections::BTreeMap<PathBuf, FileState> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let meta = std::fs::symlink_metadata(&path).expect("metadata");
+        if meta.is_dir() {
+            out.extend(files_in(&path));
+        } else if meta.is_file() {
+            let contents = std::fs::read(&path).expect("read");
+            out.insert(path, (contents, meta.modified().expect("mtime")));
+        }
+    }
+    out
+}
+
 /// Runs `trmx-node --config <config> accept-clock` once the stopped node's store is free
 /// (the stopped node's last tasks may still be letting go of it: in a real stop, the
 /// process has exited).
@@ -861,6 +880,222 @@ async fn accept_clock_cli(config: &Path) -> Output {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Records `at` as the last run of the stopped node on `data_dir`, in its store and in its
+/// last-run file, as a node that ran then would have.
+async fn ran_at(data_dir: &Path, at: std::time::SystemTime) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = trmx_node::core::accept_clock(data_dir, at) {
+        // (the store's lock, as above)
+        assert!(std::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    trmx_node::core::last_run::write(data_dir, trmx_proto::time::to_millis(at))
+        .expect("last-run file");
+}
+
+/// `check-config` said "config OK" for a config whose start the node then refused for a
+/// system clock that had jumped while it was down. It makes the start's clock check: the
+/// start's refusal (and a failure) for a clock too far from the last run, the start's
+/// warning for one behind, OK otherwise, and says when there is no store yet, in text and
+/// in `--json`. It reads the last run from the node's last-run file, never from the store:
+/// it changes no file of the store, and checks beside a running node too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_makes_the_clock_check_of_a_start() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let config_arg = config_path.to_str().expect("utf-8").to_owned();
+    let data_dir = sandbox.path().join("data");
+    let check = |json: bool| {
+        let mut args = vec!["--config".to_owned(), config_arg.clone()];
+        if json {
+            args.push("--json".to_owned());
+        }
+        args.push("check-config".to_owned());
+        run_async(args)
+    };
+    let report = |output: &Output| -> serde_json::Value {
+        assert!(output.status.success(), "{}", stderr(output));
+        serde_json::from_str(&stdout(output)).expect("one object")
+    };
+
+    // no store yet
+    let output = check(false).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains(
+            "\n# clock: first start: no store in data_dir yet (the node records its time there)\n"
+        ),
+        "{}",
+        stdout(&output)
+    );
+    assert_eq!(report(&check(true).await)["clock"]["status"], "firstStart");
+    assert!(!data_dir.exists(), "check-config made the data directory");
+
+    // a running node holds the store: checked all the same
+    let node = sandbox.start().await;
+    let output = check(false).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("\n# clock: OK: the system clock reads "),
+        "{}",
+        stdout(&output)
+    );
+    let clock = &report(&check(true).await)["clock"];
+    assert_eq!(clock["status"], "ok", "{clock}");
+    assert!(clock["lastRun"].is_string(), "{clock}");
+    node.stop().await.expect("stop");
+
+    // the node stopped
+    let before = files_in(&data_dir);
+    let output = check(false).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("\n# clock: OK: the system clock reads "),
+        "{}",
+        stdout(&output)
+    );
+    assert!(stderr(&output).is_empty(), "{}", stderr(&output));
+    assert_eq!(files_in(&data_dir), before, "the store's files changed");
+
+    // a clock ten days after the last run: refused as the start refuses it, changing nothing
+    ran_at(&data_dir, std::time::SystemTime::now() - 10 * DAY).await;
+    let before = files_in(&data_dir);
+    let line = assert_one_line_failure(&check(false).await);
+    let json_line = assert_one_line_failure(&check(true).await);
+    assert_eq!(files_in(&data_dir), before, "the store's files changed");
+    // (the start reads the store)
+    let refused = match trmx_node::RunningNode::start(
+        &sandbox.config,
+        std::sync::Arc::new(trmx_node::core::ManualClock::new(
+            std::time::SystemTime::now(),
+        )),
+    )
+    .await
+    {
+        Err(trmx_node::core::NodeError::ClockJump(refused)) => refused,
+        Err(other) => panic!("the start failed otherwise: {other}"),
+        Ok(_) => panic!("the node started"),
+    };
+    for part in [
+        "clock: the system clock reads ",
+        "10.0 days after the last time the node ran on this store",
+        "more than storage.max_downtime_secs (604800)",
+        "run `trmx-node --config <its config> accept-clock` once as the node's user",
+    ] {
+        assert!(line.contains(part), "{part:?} in {line}");
+        assert!(json_line.contains(part), "{part:?} in {json_line}");
+        assert!(
+            format!("clock: {refused}").contains(part),
+            "{part:?} in {refused}"
+        );
+    }
+
+    // a clock three hours behind the last run: the start's warning, and OK
+    ran_at(
+        &data_dir,
+        std::time::SystemTime::now() + Duration::from_secs(3 * 3600),
+    )
+    .await;
+    let before = files_in(&data_dir);
+    let output = check(false).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let warning = "warning: clock: the system clock is behind the last time the node ran on \
+                   this store: what it scheduled before comes that much later (behind: ";
+    assert!(stderr(&output).starts_with(warning), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("\n# clock: OK, with the warning above: the system clock reads "),
+        "{}",
+        stdout(&output)
+    );
+    assert!(
+        stdout(&output).contains("before the last run of a node on this store"),
+        "{}",
+        stdout(&output)
+    );
+    let json = report(&check(true).await);
+    assert_eq!(json["clock"]["status"], "behind", "{json}");
+    let warnings = json["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{json}");
+    let said = warnings[0].as_str().expect("text");
+    assert!(
+        said.starts_with(warning.trim_start_matches("warning: ")),
+        "{json}"
+    );
+    assert_eq!(files_in(&data_dir), before, "the store's files changed");
+}
+
+/// The last-run file is what check-config checks the clock against, and the store stays
+/// the start's truth: a store without the file (last run by an older node) or with a
+/// damaged one is "not checked", saying why and what writes the file, never a refusal or
+/// a failure (the start checks the store). A file left behind without a store is a first
+/// start, as the start sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_without_a_readable_last_run_file_does_not_check_the_clock() {
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let config_arg = config_path.to_str().expect("utf-8").to_owned();
+    let data_dir = sandbox.path().join("data");
+    sandbox.start().await.stop().await.expect("stop");
+    let file = trmx_node::core::last_run::path(&data_dir);
+    let check = |json: bool| {
+        let mut args = vec!["--config".to_owned(), config_arg.clone()];
+        if json {
+            args.push("--json".to_owned());
+        }
+        args.push("check-config".to_owned());
+        run_async(args)
+    };
+
+    // a store an older node ran on
+    std::fs::remove_file(&file).expect("remove");
+    let output = check(false).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    for part in [
+        "\n# clock: not checked: the store in data_dir has no last-run.json beside it",
+        "the node writes it at start and every minute",
+        "the node checks the clock against its store when it starts\n# config OK",
+    ] {
+        assert!(
+            stdout(&output).contains(part),
+            "{part:?} in {}",
+            stdout(&output)
+        );
+    }
+    let output = check(true).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("one object");
+    assert_eq!(report["clock"]["status"], "notChecked", "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+
+    // a damaged file
+    std::fs::write(&file, "{\"format\": 1, \"last_run_ms\": \"soon\"").expect("write");
+    let output = check(false).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    for part in [
+        format!("\n# clock: not checked: {} is damaged: ", file.display()),
+        "the node checks the clock against its store when it starts".to_owned(),
+    ] {
+        assert!(
+            stdout(&output).contains(&part),
+            "{part:?} in {}",
+            stdout(&output)
+        );
+    }
+
+    // a file without a store (the store was removed, the file left behind)
+    std::fs::rename(&data_dir, sandbox.path().join("store-removed")).expect("rename");
+    std::fs::create_dir(&data_dir).expect("mkdir");
+    trmx_node::core::last_run::write(&data_dir, 0).expect("write");
+    let output = check(false).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("\n# clock: first start"),
+        "{}",
+        stdout(&output)
+    );
 }
 
 /// `check-config` makes the clock check of a start from `last-run.json` in the data
