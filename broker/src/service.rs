@@ -671,9 +671,9 @@ impl ExchangeService {
             shared.submitting.withdrawal_refused(caller, id, withdrawal);
         }
         match result {
-            store::WithdrawResult::Withdrawn { at } => {
+            store::WithdrawResult::Withdrawn { at, recipient } => {
                 shared.metrics.withdrawn();
-                shared.streams.withdrawn(caller, &id);
+                shared.streams.withdrawn(&recipient, caller, &id);
                 info!("message withdrawn");
                 Ok(pb::WithdrawResponse {
                     withdrawn_at: Some(to_timestamp(from_millis(at))),
@@ -871,6 +871,8 @@ async fn run_stream(
         if *handle.close.borrow() || *shutting_down.borrow() {
             break 'stream Some(closing());
         }
+        // (every delivery leased so far is in the channel, or sent)
+        outbox.forget_taken_back();
         let now = shared.now();
         let free = shared
             .streams
@@ -900,13 +902,13 @@ async fn run_stream(
                 );
                 for lease in leased {
                     debug!(message_id = %lease.message_id, attempt = lease.attempt, "delivering");
-                    let (kind, attempt) = (lease.kind, lease.attempt);
+                    let (id, kind, attempt) = (lease.message_id, lease.kind, lease.attempt);
                     // A recipient that stops reading blocks this send. A shutdown or
                     // a closing stream must still end it, so that its leases are
                     // released as the broker's doing (not failed attempts), and the
                     // store is not held open past the shutdown.
                     tokio::select! {
-                        sent = outbox.send(delivery(lease)) => if sent.is_err() {
+                        sent = outbox.send(id, delivery(lease)) => if sent.is_err() {
                             break 'stream None;
                         },
                         Ok(_) = handle.close.wait_for(|closed| *closed) => break 'stream Some(closing()),

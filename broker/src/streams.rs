@@ -36,7 +36,7 @@ struct StreamState {
     in_flight: HashMap<MessageId, InFlight>,
     /// Set to true to make the stream end.
     close: watch::Sender<bool>,
-    /// Drops a withdrawn message still waiting to be sent.
+    /// Drops a message taken back (withdrawn, purged) still waiting to be sent.
     dropper: Dropper,
 }
 
@@ -229,13 +229,16 @@ impl Streams {
     }
 
     /// Drops message `id` from the channels of `participant`'s streams where it waits
-    /// to be sent (purged by an operator: the recipient must not get it).
+    /// to be sent, or comes to wait (purged by an operator: the recipient must not get
+    /// it). Every stream of the recipient is told, not only one holding the message in
+    /// flight: a copy whose ack deadline passed while it waited is in flight on none, and
+    /// a lease the stream has not registered yet on none either. (Message ids are unique
+    /// per recipient: the store refuses a second sender's message under a used id.)
     pub fn drop_waiting(&self, participant: &ParticipantId, id: &MessageId) {
         let inner = self.lock();
         if let Some(entry) = inner.get(participant) {
-            let id = id.to_string();
             for stream in entry.streams.values() {
-                stream.dropper.withdrawn(&id);
+                stream.dropper.taken_back(*id);
             }
         }
     }
@@ -264,26 +267,28 @@ impl Streams {
         }
     }
 
-    /// Removes a withdrawn message from whichever stream holds it, and from that
-    /// stream's channel if it still waits there to be sent.
-    pub fn withdrawn(&self, sender: &ParticipantId, id: &MessageId) {
+    /// `sender` withdrew its message `id` to `recipient`: frees its slot on whichever
+    /// stream of the recipient holds it, and drops it from their channels where it waits,
+    /// or comes to wait, to be sent (see [`Streams::drop_waiting`]).
+    pub fn withdrawn(&self, recipient: &ParticipantId, sender: &ParticipantId, id: &MessageId) {
         let mut inner = self.lock();
-        for entry in inner.values_mut() {
-            let mut hit = false;
-            for stream in entry.streams.values_mut() {
-                let own = stream
-                    .in_flight
-                    .get(id)
-                    .is_some_and(|lease| lease.sender.as_ref() == Some(sender));
-                if own {
-                    stream.in_flight.remove(id);
-                    stream.dropper.withdrawn(&id.to_string());
-                    hit = true;
-                }
+        let Some(entry) = inner.get_mut(recipient) else {
+            return;
+        };
+        let mut hit = false;
+        for stream in entry.streams.values_mut() {
+            let own = stream
+                .in_flight
+                .get(id)
+                .is_some_and(|lease| lease.sender.as_ref() == Some(sender));
+            if own {
+                stream.in_flight.remove(id);
+                hit = true;
             }
-            if hit {
-                entry.notify.notify_waiters();
-            }
+            stream.dropper.taken_back(*id);
+        }
+        if hit {
+            entry.notify.notify_waiters();
         }
     }
 

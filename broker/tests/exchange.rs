@@ -460,6 +460,142 @@ async fn taken_back_while_waiting_to_be_sent(purge: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A stuck stream (its HTTP/2 window full, [`taken_back_while_waiting_to_be_sent`]) with
+/// `messages` filler follow-ups and one referral to BE-PAYOKE, all leased into it: the
+/// broker, the sender's client, the stream, and the referral's id.
+async fn stuck_stream(
+    adjust: impl FnOnce(&mut trmx_broker::config::BrokerConfig),
+    messages: usize,
+) -> anyhow::Result<(
+    TestBroker,
+    Client,
+    tonic::Streaming<pb::Delivery>,
+    Vec<String>,
+    String,
+)> {
+    let t = TestBroker::start_with(|c| {
+        c.limits.receive_buffer_bytes = 16 << 20;
+        adjust(c);
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let filler = vec![7u8; 60 << 10];
+    let mut fillers = Vec::new();
+    for _ in 0..messages {
+        let env = envelope("BE-PAYOKE", Kind::FollowUp, &filler);
+        fillers.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    let env = referral("BE-PAYOKE");
+    let misaddressed = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    let stream = receive(&mut be, 64).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while state_of(&mut nl, &misaddressed).await? != pb::MessageState::InFlight {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never leased");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((t, nl, stream, fillers, misaddressed))
+}
+
+/// Every delivery until the stream is quiet.
+async fn read_until_quiet(stream: &mut tonic::Streaming<pb::Delivery>) -> Vec<String> {
+    let mut ids = Vec::new();
+    while let Ok(Ok(Some(delivery))) = tokio::time::timeout(QUIET, stream.message()).await {
+        ids.push(id_of(&delivery));
+    }
+    ids
+}
+
+/// The ack timeout of a delivery stuck in the send buffer passes, the message is leased
+/// again onto the same stream (two copies of it are then on their way there), and its
+/// sender withdraws it: neither copy may reach the recipient.
+#[tokio::test]
+async fn a_message_leased_twice_while_waiting_and_then_withdrawn_is_not_sent() -> anyhow::Result<()>
+{
+    let (t, mut nl, mut stream, fillers, misaddressed) = stuck_stream(|_| {}, 50).await?;
+    // past the ack timeout and the backoff: everything is leased again, onto the one
+    // stream of the recipient, behind the first copies still waiting to be sent
+    time_out_lease(&t, &mut nl, &misaddressed).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while status(&mut nl, &misaddressed).await?.attempts < 2 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never leased again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nl.withdraw(pb::WithdrawRequest {
+        message_id: misaddressed.clone(),
+    })
+    .await?;
+
+    let got = read_until_quiet(&mut stream).await;
+    assert!(
+        !got.contains(&misaddressed),
+        "the withdrawn message reached the recipient ({} deliveries)",
+        got.len()
+    );
+    for id in &fillers {
+        assert!(got.contains(id), "a filler never came");
+    }
+    assert_eq!(
+        state_of(&mut nl, &misaddressed).await?,
+        pb::MessageState::Withdrawn
+    );
+    Ok(())
+}
+
+/// The ack timeout of a delivery stuck in the send buffer passes (the message is due
+/// again, in an hour), the stream looks for work again (a new message comes), and the
+/// sender withdraws it: the copy still waiting to be sent must not reach the recipient.
+#[tokio::test]
+async fn a_message_withdrawn_after_its_ack_timeout_while_waiting_is_not_sent() -> anyhow::Result<()>
+{
+    let (t, mut nl, mut stream, fillers, misaddressed) = stuck_stream(
+        |c| {
+            c.lifecycle.backoff_base = Duration::from_secs(3600);
+            c.lifecycle.backoff_max = Duration::from_secs(3600);
+        },
+        50,
+    )
+    .await?;
+    t.advance(Duration::from_secs(11));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while state_of(&mut nl, &misaddressed).await? != pb::MessageState::Accepted {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "lease not timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // a new message makes the stream look for work (and let go of the timed-out leases)
+    let nudge = referral("BE-PAYOKE");
+    let nudge_id = nudge.message_id.clone();
+    submit(&mut nl, nudge).await?;
+    while state_of(&mut nl, &nudge_id).await? != pb::MessageState::InFlight {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "new message never leased"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nl.withdraw(pb::WithdrawRequest {
+        message_id: misaddressed.clone(),
+    })
+    .await?;
+
+    let got = read_until_quiet(&mut stream).await;
+    assert!(
+        !got.contains(&misaddressed),
+        "the withdrawn message reached the recipient ({} deliveries)",
+        got.len()
+    );
+    assert!(got.contains(&nudge_id), "the new message never came");
+    for id in &fillers {
+        assert!(got.contains(id), "a filler never came");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn get_info_lists_the_registry_and_limits() -> anyhow::Result<()> {
     let t = TestBroker::start().await?;

@@ -807,11 +807,17 @@ pub(super) async fn withdraw_before_ack_refused_after<S: BrokerStore>(s: &S, c: 
     );
     assert_eq!(
         s.withdraw(&pid(NL), queued.message_id, now).await.unwrap(),
-        WithdrawResult::Withdrawn { at: now }
+        WithdrawResult::Withdrawn {
+            at: now,
+            recipient: pid(BE)
+        }
     );
     assert_eq!(
         s.withdraw(&pid(NL), flying.message_id, now).await.unwrap(),
-        WithdrawResult::Withdrawn { at: now }
+        WithdrawResult::Withdrawn {
+            at: now,
+            recipient: pid(BE)
+        }
     );
     assert_eq!(
         s.withdraw(&pid(NL), done.message_id, now).await.unwrap(),
@@ -822,7 +828,10 @@ pub(super) async fn withdraw_before_ack_refused_after<S: BrokerStore>(s: &S, c: 
         s.withdraw(&pid(NL), queued.message_id, c.now_millis())
             .await
             .unwrap(),
-        WithdrawResult::Withdrawn { at: now }
+        WithdrawResult::Withdrawn {
+            at: now,
+            recipient: pid(BE)
+        }
     );
     let st = s
         .status(&queued.sender, queued.message_id)
@@ -863,7 +872,10 @@ pub(super) async fn an_expired_message_can_be_withdrawn<S: BrokerStore>(s: &S, c
     );
     assert_eq!(
         s.withdraw(&pid(NL), m.message_id, later).await.unwrap(),
-        WithdrawResult::Withdrawn { at: later }
+        WithdrawResult::Withdrawn {
+            at: later,
+            recipient: pid(BE)
+        }
     );
     let st = s.status(&pid(NL), m.message_id).await.unwrap().unwrap();
     assert_eq!(st.state, State::Withdrawn);

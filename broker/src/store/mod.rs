@@ -201,6 +201,8 @@ pub enum WithdrawResult {
     Withdrawn {
         /// When it was withdrawn.
         at: Millis,
+        /// Its recipient (whose streams drop it if it waits to be sent).
+        recipient: ParticipantId,
     },
     /// Unknown, or not the caller's.
     NotFound,

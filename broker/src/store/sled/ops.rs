@@ -1121,10 +1121,14 @@ impl Tx<'_> {
                     let mut new = old.clone();
                     finish_without_payload(&mut new, State::Withdrawn, now, self.life);
                     tx.put(Some(&old), Some(&new))?;
-                    WithdrawResult::Withdrawn { at: now }
+                    WithdrawResult::Withdrawn {
+                        at: now,
+                        recipient: old.recipient,
+                    }
                 }
                 State::Withdrawn => WithdrawResult::Withdrawn {
                     at: old.state_changed_at,
+                    recipient: old.recipient,
                 },
                 State::Acknowledged => WithdrawResult::AlreadyAcknowledged,
                 state @ State::Purged => WithdrawResult::Final { state },
