@@ -136,12 +136,15 @@ pub struct LimitsConfig {
     pub max_handshakes_per_ip: usize,
     /// Concurrent HTTP/2 streams (RPCs, `Receive` streams included) per connection. The
     /// broker offers each connection the smaller of this and `concurrency_per_connection`
-    /// ([`Self::streams_per_connection`]).
+    /// ([`Self::streams_per_connection`]). At least 2: an open `Receive` stream holds one
+    /// for its life, and a node acks and submits on the same connection.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
-    /// RPCs served at once per connection. Enforced as the connection's HTTP/2 stream
-    /// limit ([`Self::streams_per_connection`]): a client with more requests keeps them
-    /// on its side, under its own deadline, and the broker holds none waiting for a slot.
+    /// RPCs served at once per connection, an open `Receive` stream included (for its
+    /// whole life). Enforced as the connection's HTTP/2 stream limit
+    /// ([`Self::streams_per_connection`]): a client with more requests keeps them on its
+    /// side, under its own deadline, and the broker holds none waiting for a slot. At
+    /// least 2: a node acks and submits on the connection of its `Receive` stream.
     #[serde(default = "default_concurrency_per_connection")]
     pub concurrency_per_connection: usize,
     /// Open `Receive` streams per participant.
@@ -255,6 +258,10 @@ impl Default for LimitsConfig {
         }
     }
 }
+
+/// The least `limits.max_concurrent_streams` and `limits.concurrency_per_connection`: a
+/// node's open `Receive` stream, and one request beside it on the same connection.
+const MIN_STREAMS_PER_CONNECTION: u64 = 2;
 
 impl LimitsConfig {
     /// The HTTP/2 streams a connection is offered: `max_concurrent_streams`, or
@@ -666,16 +673,28 @@ impl BrokerConfig {
             l.max_handshakes_per_ip as u64,
             1,
         )?;
-        at_least(
-            "limits.max_concurrent_streams",
-            u64::from(l.max_concurrent_streams),
-            1,
-        )?;
-        at_least(
-            "limits.concurrency_per_connection",
-            l.concurrency_per_connection as u64,
-            1,
-        )?;
+        for (field, value) in [
+            (
+                "limits.max_concurrent_streams",
+                u64::from(l.max_concurrent_streams),
+            ),
+            (
+                "limits.concurrency_per_connection",
+                l.concurrency_per_connection as u64,
+            ),
+        ] {
+            if value < MIN_STREAMS_PER_CONNECTION {
+                return Err(BrokerError::config(
+                    field,
+                    format!(
+                        "must be >= {MIN_STREAMS_PER_CONNECTION}, got {value}: a node keeps its \
+                         Receive stream open on the connection it submits and acknowledges on, \
+                         and that stream holds one HTTP/2 stream for as long as it is open, so \
+                         its acks and submits would wait behind it"
+                    ),
+                ));
+            }
+        }
         at_least(
             "limits.max_streams_per_participant",
             l.max_streams_per_participant as u64,

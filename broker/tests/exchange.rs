@@ -946,3 +946,57 @@ async fn a_connection_is_offered_no_more_streams_than_it_is_served_at_once() -> 
     assert_eq!(streams, Some(3), "SETTINGS_MAX_CONCURRENT_STREAMS");
     Ok(())
 }
+
+/// A node holds its `Receive` stream open on the connection it submits and acknowledges
+/// on. Whatever per-connection limits the broker accepts, its requests there are served
+/// beside the stream, not held behind it (an ack held there would let every delivery time
+/// out and be dead-lettered, and the node's outbox would stall, with no error anywhere).
+#[tokio::test]
+async fn a_node_submits_and_acks_beside_its_receive_stream_at_any_accepted_limit()
+-> anyhow::Result<()> {
+    type Adjust = fn(&mut trmx_broker::BrokerConfig);
+    let limits: [(&str, Adjust); 4] = [
+        ("limits.concurrency_per_connection", |c| {
+            c.limits.concurrency_per_connection = 1;
+        }),
+        ("limits.max_concurrent_streams", |c| {
+            c.limits.max_concurrent_streams = 1;
+        }),
+        ("limits.concurrency_per_connection", |c| {
+            c.limits.concurrency_per_connection = 2;
+        }),
+        ("limits.max_concurrent_streams", |c| {
+            c.limits.max_concurrent_streams = 2;
+        }),
+    ];
+    let mut served = 0;
+    for (field, adjust) in limits {
+        let dir = tempfile::tempdir()?;
+        let mut config = test_config(dir.path().join("data"), Pki::create(dir.path())?.tls);
+        adjust(&mut config);
+        if let Err(error) = config.validate() {
+            assert!(error.to_string().contains(field), "{error}");
+            continue;
+        }
+        let t = TestBroker::start_with(adjust).await?;
+        let mut nl = t.client("NL-NRM")?;
+        let mut be = t.client("BE-PAYOKE")?;
+        let mut stream = receive(&mut be, 8).await?;
+        // on the stream's own connection
+        let reply = referral("NL-NRM");
+        tokio::time::timeout(WAIT, submit(&mut be, reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("{field}: a submit waited behind the stream"))??;
+        let env = referral("BE-PAYOKE");
+        let id = env.message_id.clone();
+        submit(&mut nl, env).await?;
+        assert_eq!(id_of(&next(&mut stream).await?), id);
+        let acked = tokio::time::timeout(WAIT, ack(&mut be, [&id]))
+            .await
+            .map_err(|_| anyhow::anyhow!("{field}: an ack waited behind the stream"))??;
+        assert_eq!(acked, [pb::AckResult::Acknowledged], "{field}");
+        served += 1;
+    }
+    assert!(served > 0, "no small limit is accepted");
+    Ok(())
+}
