@@ -429,6 +429,21 @@ fn check_config(
     trmx_transport::client_channel_with_tls(&core.broker_addr, &core.tls, &opts)
         .map_err(|e| CliError(format!("broker connection: {e}")))?;
     let now = std::time::SystemTime::now();
+    let mut warnings = Vec::new();
+    // The clock first: the start refuses a clock too far from the last run (and never an
+    // expired certificate), and a clock that jumped ahead also makes the certificate look
+    // expired; the operator must hear of the clock. (A running node's clock starts as the
+    // system clock.)
+    let clock = crate::core::last_run::check_clock_offline(
+        &core.data_dir,
+        to_millis(now),
+        core.clock_bounds,
+    )
+    .map_err(|e| CliError(e.to_string()))?;
+    if let Some(warning) = clock.warning() {
+        eprintln!("warning: {warning}");
+        warnings.push(warning);
+    }
     let valid_until = trmx_certs::format_time(info.not_after);
     let left = match info.not_after.duration_since(now) {
         Err(_) => {
@@ -441,23 +456,11 @@ fn check_config(
         Ok(left) => left,
     };
     let days_left = left.as_secs() / 86_400;
-    let mut warnings = Vec::new();
     if left < crate::core::CERT_EXPIRY_WARNING {
         let warning = format!(
             "tls.cert: {} expires {valid_until}, in {days_left} days: renew it",
             core.tls.cert.display()
         );
-        eprintln!("warning: {warning}");
-        warnings.push(warning);
-    }
-    // (a running node's clock starts as the system clock)
-    let clock = crate::core::last_run::check_clock_offline(
-        &core.data_dir,
-        to_millis(now),
-        core.clock_bounds,
-    )
-    .map_err(|e| CliError(e.to_string()))?;
-    if let Some(warning) = clock.warning() {
         eprintln!("warning: {warning}");
         warnings.push(warning);
     }

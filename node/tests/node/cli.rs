@@ -1027,6 +1027,60 @@ async fn check_config_makes_the_clock_check_of_a_start() {
     assert_eq!(files_in(&data_dir), before, "the store's files changed");
 }
 
+/// A system clock that jumped ahead while the node was down also makes its certificate
+/// look expired. The start refuses for the clock, and `check-config` must say the same
+/// (not send the operator to renew a certificate that is fine): the clock first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_says_a_clock_jump_before_the_certificate_it_makes_look_expired() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let config_arg = config_path.to_str().expect("utf-8").to_owned();
+    let data_dir = sandbox.path().join("data");
+    let node = sandbox.start().await;
+    node.stop().await.expect("stop");
+    // the node last ran 30 days before the clock; its certificate, good for 20 days from
+    // then, looks expired since 10 days
+    let last_run = std::time::SystemTime::now() - 30 * DAY;
+    ran_at(&data_dir, last_run).await;
+    let ca = trmx_certs::Ca::open(&sandbox.path().join("pki").join("ca")).expect("ca");
+    let spec = trmx_certs::IssueSpec {
+        validity_days: 20,
+        ..trmx_certs::IssueSpec::participant("NL-NRM")
+    };
+    let paths = trmx_certs::CertPaths {
+        cert: sandbox.config.tls.cert.clone(),
+        key: sandbox.config.tls.key.clone(),
+    };
+    ca.issue_at(&spec, &paths, true, last_run).expect("issue");
+
+    let refused = match trmx_node::RunningNode::start(
+        &sandbox.config,
+        std::sync::Arc::new(trmx_node::core::ManualClock::new(
+            std::time::SystemTime::now(),
+        )),
+    )
+    .await
+    {
+        Err(trmx_node::core::NodeError::ClockJump(refused)) => refused,
+        Err(other) => panic!("the start failed otherwise: {other}"),
+        Ok(_) => panic!("the node started"),
+    };
+    assert!(refused.contains("30.0 days after"), "{refused}");
+    for json in [false, true] {
+        let mut args = vec!["--config".to_owned(), config_arg.clone()];
+        if json {
+            args.push("--json".to_owned());
+        }
+        args.push("check-config".to_owned());
+        let line = assert_one_line_failure(&run_async(args).await);
+        assert!(
+            line.contains("clock: the system clock reads ") && line.contains("30.0 days after"),
+            "check-config said {line:?}, the start {refused:?}"
+        );
+    }
+}
+
 /// The last-run file is what check-config checks the clock against, and the store stays
 /// the start's truth: a store without the file (last run by an older node) or with a
 /// damaged one is "not checked", saying why and what writes the file, never a refusal or
