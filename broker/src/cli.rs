@@ -220,7 +220,7 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         let _ = init_tracing(&log_filter);
         let checked = crate::check_config(&config)?;
         print!("{}", config.to_toml()?);
-        println!("# clock: {}", checked.clock);
+        println!("# clock: {}", checked.clock_line());
         println!("# config OK: {}", config_path.display());
         return Ok(());
     }

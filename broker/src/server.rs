@@ -25,6 +25,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tracing::{Instrument, debug, error, info, info_span, warn};
+pub use trmx_durable::last_run::ClockCheck;
 use trmx_proto::pb::exchange_server::ExchangeServer;
 use trmx_proto::pb::operator_server::OperatorServer;
 use trmx_transport::{
@@ -40,7 +41,7 @@ use crate::admission::{Admission, SubmitSlots, Submitting, free_disk_bytes};
 use crate::clock::{self, Clock, StartClock, broker_clock, human_span};
 use crate::config::{BrokerConfig, CrlPolicyConfig};
 use crate::error::BrokerError;
-use crate::last_run::{self, LastRun};
+use crate::last_run;
 use crate::operator::OperatorService;
 use crate::registry::Registry;
 use crate::service::{ExchangeService, PeerCerts, Shared};
@@ -1044,81 +1045,11 @@ pub struct ConfigCheck {
     pub clock: ClockCheck,
 }
 
-/// The clock check of a start ([`check_clock`]), as `check-config` makes it from the
-/// last-run file. A clock a start would refuse is [`check_config`]'s error, the start's
-/// own. The file is not the start's truth, the store is, so a file that cannot tell is
-/// "not checked", never a refusal: the start checks the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClockCheck {
-    /// No store in the data directory yet: the first start records the clock.
-    FirstStart,
-    /// A store without a last-run file beside it (last run by a broker older than the
-    /// file): not checked.
-    NotRecorded,
-    /// The last-run file cannot be read or parsed: not checked.
-    Damaged {
-        /// The last-run file.
-        file: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// Checked: the system clock at `now` against the last run the file records.
-    Checked {
-        /// The last run the file records.
-        last_run: Millis,
-        /// The system clock.
-        now: Millis,
-        /// What the start makes of it (never [`StartClock::TooFar`]: that is an error).
-        verdict: StartClock,
-    },
-}
-
-impl std::fmt::Display for ClockCheck {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let unchecked = "the broker checks the clock against its store when it starts";
-        let writers = "the broker writes it at start and every minute, and `trmx-broker store \
-             accept-clock` when it accepts the clock";
-        match self {
-            ClockCheck::FirstStart => write!(
-                f,
-                "first start: no store in data_dir yet (the broker records its time there)"
-            ),
-            ClockCheck::NotRecorded => write!(
-                f,
-                "not checked: the store in data_dir has no {} beside it (a broker older than \
-                 this one ran on it last); {writers}; {unchecked}",
-                last_run::LAST_RUN_FILE
-            ),
-            ClockCheck::Damaged { file, reason } => write!(
-                f,
-                "not checked: {} is damaged: {reason}; {writers}; {unchecked}",
-                file.display()
-            ),
-            ClockCheck::Checked {
-                last_run,
-                now,
-                verdict,
-            } => {
-                let (span, which) = if now >= last_run {
-                    (now - last_run, "after")
-                } else {
-                    (last_run - now, "before")
-                };
-                let warned = match verdict {
-                    StartClock::Behind(_) => ", with the warning above",
-                    _ => "",
-                };
-                write!(
-                    f,
-                    "OK{warned}: the system clock reads {}, {} {which} the last run of a \
-                     broker on this store ({}, as {} records it)",
-                    fmt_millis(*now),
-                    human_span(Duration::from_millis(span)),
-                    fmt_millis(*last_run),
-                    last_run::LAST_RUN_FILE,
-                )
-            }
-        }
+impl ConfigCheck {
+    /// The clock check as `check-config` says it.
+    pub fn clock_line(&self) -> String {
+        self.clock
+            .describe("broker", "trmx-broker store accept-clock", fmt_millis)
     }
 }
 
@@ -1128,24 +1059,15 @@ impl std::fmt::Display for ClockCheck {
 /// and reads nothing of it ([`trmx_durable::last_run::beside_store`]).
 fn check_clock_offline(config: &BrokerConfig, now: Millis) -> Result<ClockCheck, BrokerError> {
     let data_dir = &config.data_dir;
-    let found =
-        trmx_durable::last_run::beside_store(data_dir).map_err(|error| BrokerError::Io {
+    ClockCheck::beside_store(
+        data_dir,
+        now,
+        |last_run| judge_clock(Some(last_run), now, config),
+        |error| BrokerError::Io {
             context: format!("looking for a store in data_dir {}", data_dir.display()),
             error,
-        })?;
-    Ok(match found {
-        None => ClockCheck::FirstStart,
-        Some(LastRun::Missing) => ClockCheck::NotRecorded,
-        Some(LastRun::Damaged(reason)) => ClockCheck::Damaged {
-            file: last_run::path(data_dir),
-            reason,
         },
-        Some(LastRun::At(last_run)) => ClockCheck::Checked {
-            last_run,
-            now,
-            verdict: judge_clock(Some(last_run), now, config)?,
-        },
-    })
+    )
 }
 
 /// `dir` is a directory this user can create files in, or does not exist yet and its

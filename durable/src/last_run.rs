@@ -29,9 +29,11 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::clock::{StartClock, human_span};
 use crate::replace::{ReplaceError, replace_file};
 
 /// The file, in the store's directory, that holds the last run of a process on that store.
@@ -98,6 +100,130 @@ pub fn read(dir: &Path) -> LastRun {
 /// store ([`crate::store_exists`]).
 pub fn beside_store(dir: &Path) -> io::Result<Option<LastRun>> {
     Ok(crate::store_exists(dir)?.then(|| read(dir)))
+}
+
+/// The clock check of a start as `check-config` makes it from the last-run file beside a
+/// store ([`ClockCheck::beside_store`]). The file is not the start's truth, the store is:
+/// a file that cannot tell is "not checked", never a refusal, and a clock the start would
+/// refuse is the start rule's own error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClockCheck {
+    /// No store in the directory yet: the first start records the clock.
+    FirstStart,
+    /// A store without a last-run file beside it (last run by a version older than the
+    /// file): not checked.
+    NotRecorded,
+    /// The last-run file cannot be read or parsed: not checked.
+    Damaged {
+        /// The last-run file.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Checked: the system clock at `now` against the last run the file records (both in
+    /// milliseconds since the Unix epoch).
+    Checked {
+        /// The last run the file records.
+        last_run: u64,
+        /// The system clock.
+        now: u64,
+        /// How far behind the last run the clock is, when the start would warn of it.
+        behind: Option<Duration>,
+    },
+}
+
+impl ClockCheck {
+    /// The check for the store in `dir` at `now`, with the start's rule `judge` (given the
+    /// last run; its refusal is the error). `io` says what went wrong looking for the
+    /// store. Reads nothing of the store ([`beside_store`]).
+    pub fn beside_store<E>(
+        dir: &Path,
+        now: u64,
+        judge: impl FnOnce(u64) -> Result<StartClock, E>,
+        io: impl FnOnce(io::Error) -> E,
+    ) -> Result<Self, E> {
+        Ok(match beside_store(dir).map_err(io)? {
+            None => Self::FirstStart,
+            Some(LastRun::Missing) => Self::NotRecorded,
+            Some(LastRun::Damaged(reason)) => Self::Damaged {
+                file: path(dir),
+                reason,
+            },
+            Some(LastRun::At(last_run)) => Self::Checked {
+                last_run,
+                now,
+                behind: match judge(last_run)? {
+                    StartClock::Behind(by) => Some(by),
+                    StartClock::Fine | StartClock::TooFar { .. } => None,
+                },
+            },
+        })
+    }
+
+    /// What was found, in a word: `firstStart`, `ok`, `behind` (accepted, with the
+    /// start's warning) or `notChecked`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Self::FirstStart => "firstStart",
+            Self::NotRecorded | Self::Damaged { .. } => "notChecked",
+            Self::Checked { behind: None, .. } => "ok",
+            Self::Checked {
+                behind: Some(_), ..
+            } => "behind",
+        }
+    }
+
+    /// The last run checked against.
+    pub fn last_run(&self) -> Option<u64> {
+        match self {
+            Self::Checked { last_run, .. } => Some(*last_run),
+            _ => None,
+        }
+    }
+
+    /// The check as `check-config` says it, for a `process` (`"broker"`, `"node"`) whose
+    /// command `accept` accepts the clock, with instants as `time` writes them.
+    pub fn describe(&self, process: &str, accept: &str, time: impl Fn(u64) -> String) -> String {
+        let writers = format!(
+            "the {process} writes it at start and every minute, and `{accept}` when it \
+             accepts the clock"
+        );
+        let unchecked = format!("the {process} checks the clock against its store when it starts");
+        match self {
+            Self::FirstStart => {
+                format!(
+                    "first start: no store in data_dir yet (the {process} records its time there)"
+                )
+            }
+            Self::NotRecorded => format!(
+                "not checked: the store in data_dir has no {LAST_RUN_FILE} beside it (a \
+                 {process} older than this one ran on it last); {writers}; {unchecked}"
+            ),
+            Self::Damaged { file, reason } => format!(
+                "not checked: {} is damaged: {reason}; {writers}; {unchecked}",
+                file.display()
+            ),
+            Self::Checked {
+                last_run,
+                now,
+                behind,
+            } => {
+                let span = human_span(Duration::from_millis(now.abs_diff(*last_run)));
+                let which = if now >= last_run { "after" } else { "before" };
+                let warned = if behind.is_some() {
+                    ", with the warning above"
+                } else {
+                    ""
+                };
+                format!(
+                    "OK{warned}: the system clock reads {}, {span} {which} the last run of a \
+                     {process} on this store ({}, as {LAST_RUN_FILE} records it)",
+                    time(*now),
+                    time(*last_run)
+                )
+            }
+        }
+    }
 }
 
 /// Records `at`, which the store in `dir` has just recorded as its last run, in the

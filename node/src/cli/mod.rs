@@ -440,7 +440,7 @@ fn check_config(
         core.clock_bounds,
     )
     .map_err(|e| CliError(e.to_string()))?;
-    if let Some(warning) = clock.warning() {
+    if let Some(warning) = crate::core::last_run::clock_warning(&clock) {
         eprintln!("warning: {warning}");
         warnings.push(warning);
     }
@@ -495,7 +495,7 @@ fn check_config(
                     .last_run()
                     .map(|at| trmx_certs::format_time(trmx_proto::time::from_millis(at))),
                 "systemClock": trmx_certs::format_time(now),
-                "detail": clock.to_string(),
+                "detail": crate::core::last_run::clock_line(&clock),
             },
             "warnings": warnings,
             "ok": true,
@@ -541,7 +541,11 @@ fn check_config(
     for (key, value) in &limits {
         let _ = writeln!(stdout, "{key} = {value}");
     }
-    let _ = writeln!(stdout, "# clock: {clock}");
+    let _ = writeln!(
+        stdout,
+        "# clock: {}",
+        crate::core::last_run::clock_line(&clock)
+    );
     let _ = writeln!(stdout, "# config OK: {}", config_path.display());
     Ok(())
 }

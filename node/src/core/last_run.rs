@@ -11,14 +11,12 @@
 //!   and every minute ([`LastRunWriter`]), and `trmx-node accept-clock` after it recorded
 //!   the clock it accepts. A write that fails is a warning, never a stop.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tracing::{info, warn};
-use trmx_durable::clock::{StartClock, human_span};
+use trmx_durable::clock::human_span;
 
-pub use trmx_durable::last_run::{LAST_RUN_FILE, LastRun, path, read};
+pub use trmx_durable::last_run::{ClockCheck, LAST_RUN_FILE, LastRun, path, read};
 
 use super::{CLOCK_BEHIND, ClockBounds, Millis, NodeError, format_millis as when, judge_clock};
 
@@ -98,116 +96,26 @@ impl LastRunWriter {
     }
 }
 
-/// The clock check of a start ([`judge_clock`]) as `trmx-node check-config` makes it, from
-/// the last-run file. A clock the start would refuse is [`check_clock_offline`]'s error,
-/// the start's own. The file is not the start's truth, the store is, so a file that cannot
-/// tell is "not checked", never a refusal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClockCheck {
-    /// No store in `data_dir` yet: the first start records the clock.
-    FirstStart,
-    /// A store without a last-run file beside it (last run by a node older than the
-    /// file): not checked.
-    NotRecorded,
-    /// The last-run file cannot be read or parsed: not checked.
-    Damaged {
-        /// The last-run file.
-        file: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// Checked: the system clock at `now` against the last run the file records.
-    Checked {
-        /// The last run the file records.
-        last_run: Millis,
-        /// The system clock.
-        now: Millis,
-        /// How far behind the last run the clock is, when the start would warn of it.
-        behind: Option<Duration>,
-    },
-}
-
-impl ClockCheck {
-    /// What was found, for `--json`: `firstStart`, `ok`, `behind` (accepted, with the
-    /// start's warning) or `notChecked`.
-    pub fn status(&self) -> &'static str {
-        match self {
-            ClockCheck::FirstStart => "firstStart",
-            ClockCheck::NotRecorded | ClockCheck::Damaged { .. } => "notChecked",
-            ClockCheck::Checked { behind: None, .. } => "ok",
-            ClockCheck::Checked {
-                behind: Some(_), ..
-            } => "behind",
-        }
-    }
-
-    /// The last run checked against.
-    pub fn last_run(&self) -> Option<Millis> {
-        match self {
-            ClockCheck::Checked { last_run, .. } => Some(*last_run),
-            _ => None,
-        }
-    }
-
-    /// The warning the start gives (and logs) for this clock, if any.
-    pub fn warning(&self) -> Option<String> {
-        match self {
-            ClockCheck::Checked {
-                last_run,
-                behind: Some(by),
-                ..
-            } => Some(format!(
-                "clock: {} (behind: {}, last run: {})",
-                CLOCK_BEHIND,
-                human_span(*by),
-                when(*last_run)
-            )),
-            _ => None,
-        }
+/// The warning the start gives (and logs) for the clock `check` found, if any.
+pub fn clock_warning(check: &ClockCheck) -> Option<String> {
+    match check {
+        ClockCheck::Checked {
+            last_run,
+            behind: Some(by),
+            ..
+        } => Some(format!(
+            "clock: {} (behind: {}, last run: {})",
+            CLOCK_BEHIND,
+            human_span(*by),
+            when(*last_run)
+        )),
+        _ => None,
     }
 }
 
-impl fmt::Display for ClockCheck {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let writers = "the node writes it at start and every minute, and `trmx-node \
-             accept-clock` when it accepts the clock";
-        let unchecked = "the node checks the clock against its store when it starts";
-        match self {
-            ClockCheck::FirstStart => f.write_str(
-                "first start: no store in data_dir yet (the node records its time there)",
-            ),
-            ClockCheck::NotRecorded => write!(
-                f,
-                "not checked: the store in data_dir has no {LAST_RUN_FILE} beside it (a node \
-                 older than this one ran on it last); {writers}; {unchecked}"
-            ),
-            ClockCheck::Damaged { file, reason } => write!(
-                f,
-                "not checked: {} is damaged: {reason}; {writers}; {unchecked}",
-                file.display()
-            ),
-            ClockCheck::Checked {
-                last_run,
-                now,
-                behind,
-            } => {
-                let span = human_span(Duration::from_millis(now.abs_diff(*last_run)));
-                let which = if now >= last_run { "after" } else { "before" };
-                let warned = if behind.is_some() {
-                    ", with the warning above"
-                } else {
-                    ""
-                };
-                write!(
-                    f,
-                    "OK{warned}: the system clock reads {}, {span} {which} the last run of a \
-                     node on this store ({}, as {LAST_RUN_FILE} records it)",
-                    when(*now),
-                    when(*last_run)
-                )
-            }
-        }
-    }
+/// The clock check as `trmx-node check-config` says it.
+pub fn clock_line(check: &ClockCheck) -> String {
+    check.describe("node", "trmx-node accept-clock", when)
 }
 
 /// The clock check of a start against the last run kept in `data_dir`'s last-run file,
@@ -219,28 +127,17 @@ pub fn check_clock_offline(
     now: Millis,
     bounds: ClockBounds,
 ) -> Result<ClockCheck, NodeError> {
-    let found = trmx_durable::last_run::beside_store(data_dir).map_err(|e| {
-        NodeError::Store(format!(
-            "cannot look for a store in {}: {e}",
-            data_dir.display()
-        ))
-    })?;
-    Ok(match found {
-        None => ClockCheck::FirstStart,
-        Some(LastRun::Missing) => ClockCheck::NotRecorded,
-        Some(LastRun::Damaged(reason)) => ClockCheck::Damaged {
-            file: path(data_dir),
-            reason,
+    ClockCheck::beside_store(
+        data_dir,
+        now,
+        |last_run| judge_clock(Some(last_run), now, bounds),
+        |e| {
+            NodeError::Store(format!(
+                "cannot look for a store in {}: {e}",
+                data_dir.display()
+            ))
         },
-        Some(LastRun::At(last_run)) => ClockCheck::Checked {
-            last_run,
-            now,
-            behind: match judge_clock(Some(last_run), now, bounds)? {
-                StartClock::Behind(by) => Some(by),
-                _ => None,
-            },
-        },
-    })
+    )
 }
 
 #[cfg(test)]
