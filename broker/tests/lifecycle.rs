@@ -218,15 +218,7 @@ async fn a_shutdown_counts_no_attempt_against_a_stream_blocked_in_a_send() -> an
     }
     let stream = receive(&mut be, 256).await?;
     // the stream is never read: wait until the broker stops leasing
-    let mut leased = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = in_flight(&mut nl, &ids).await?;
-        if now > 0 && now == leased {
-            break;
-        }
-        leased = now;
-    }
+    let leased = leased_when_leasing_stops(&mut nl, &ids).await?;
     assert!(
         leased > 0 && leased < ids.len(),
         "the stream should block part-way, {leased} of {} leased",
@@ -275,15 +267,7 @@ async fn a_slow_link_gets_only_what_it_can_take_soon() -> anyhow::Result<()> {
     }
     let mut stream = receive(&mut be, 100).await?;
     // the stream is not read: wait until the broker stops leasing
-    let mut leased = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = in_flight(&mut nl, &ids).await?;
-        if now > 0 && now == leased {
-            break;
-        }
-        leased = now;
-    }
+    let leased = leased_when_leasing_stops(&mut nl, &ids).await?;
     // The client's HTTP/2 stream window (2 MiB) holds 8 of them, the broker's
     // buffer 1, HTTP/2 and gRPC framing a few more: not the 64 its channel holds.
     assert!(
@@ -342,15 +326,7 @@ async fn the_bytes_ahead_of_a_delivery_are_within_what_the_ack_timeout_allows_fo
         submit(&mut nl, env).await?;
     }
     let _stream = receive(&mut be, 100).await?;
-    let mut leased = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = in_flight(&mut nl, &ids).await?;
-        if now > 0 && now == leased {
-            break;
-        }
-        leased = now;
-    }
+    let leased = leased_when_leasing_stops(&mut nl, &ids).await?;
     let ahead = (leased - 1) * SIZE;
     // as the examples say it now: the broker's buffer, the node's window, and two
     // messages in HTTP/2 on the broker's side
@@ -360,6 +336,21 @@ async fn the_bytes_ahead_of_a_delivery_are_within_what_the_ack_timeout_allows_fo
          {ahead} bytes ahead of the last"
     );
     Ok(())
+}
+
+/// How many of `ids` are IN_FLIGHT once the broker stops leasing them (to a stream that
+/// is not read): the same count twice, 50 ms apart.
+async fn leased_when_leasing_stops(client: &mut Client, ids: &[String]) -> anyhow::Result<usize> {
+    let mut leased = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = in_flight(client, ids).await?;
+        if now > 0 && now == leased {
+            break;
+        }
+        leased = now;
+    }
+    Ok(leased)
 }
 
 /// How many of `ids` are IN_FLIGHT.
