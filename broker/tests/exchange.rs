@@ -414,27 +414,8 @@ async fn a_message_purged_while_waiting_to_be_sent_is_not_sent() -> anyhow::Resu
 /// See [`a_message_withdrawn_while_waiting_to_be_sent_is_not_sent`]: withdrawn by its
 /// sender, or with `purge` purged by an operator.
 async fn taken_back_while_waiting_to_be_sent(purge: bool) -> anyhow::Result<()> {
-    let t = TestBroker::start_with(|c| c.limits.receive_buffer_bytes = 16 << 20).await?;
-    let mut nl = t.client("NL-NRM")?;
-    let mut be = t.client("BE-PAYOKE")?;
-    // more than the client's stream window (2 MiB) and what HTTP/2 holds beside it
-    let filler = vec![7u8; 60 << 10];
-    let mut fillers = Vec::new();
-    for _ in 0..50 {
-        let env = envelope("BE-PAYOKE", Kind::FollowUp, &filler);
-        fillers.push(env.message_id.clone());
-        submit(&mut nl, env).await?;
-    }
-    let env = referral("BE-PAYOKE");
-    let misaddressed = env.message_id.clone();
-    submit(&mut nl, env).await?;
     // the stream takes everything, and is not read
-    let mut stream = receive(&mut be, 64).await?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while state_of(&mut nl, &misaddressed).await? != pb::MessageState::InFlight {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never leased");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let (t, mut nl, mut stream, fillers, misaddressed) = stuck_stream(|_| {}, 50).await?;
     let gone = if purge {
         crate::operator::operator(&t)?
             .purge(pb::PurgeRequest {
@@ -460,9 +441,10 @@ async fn taken_back_while_waiting_to_be_sent(purge: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A stuck stream (its HTTP/2 window full, [`taken_back_while_waiting_to_be_sent`]) with
-/// `messages` filler follow-ups and one referral to BE-PAYOKE, all leased into it: the
-/// broker, the sender's client, the stream, and the referral's id.
+/// A stuck stream (its HTTP/2 window full: more than the client's stream window of 2 MiB
+/// and what HTTP/2 holds beside it) with `messages` filler follow-ups and one referral to
+/// BE-PAYOKE, all leased into it: the broker, the sender's client, the stream, the
+/// fillers' ids and the referral's.
 async fn stuck_stream(
     adjust: impl FnOnce(&mut trmx_broker::config::BrokerConfig),
     messages: usize,
