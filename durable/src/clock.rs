@@ -281,7 +281,7 @@ pub fn check_start(
     }
 }
 
-/// A span of time for a person: `4 minutes`, `5.2 hours`, `365.0 days`.
+/// A span of time for a person: `1 second`, `4 minutes`, `5.2 hours`, `365.0 days`.
 pub fn human_span(span: Duration) -> String {
     let secs = span.as_secs_f64();
     if secs >= 2.0 * 86_400.0 {
@@ -290,6 +290,8 @@ pub fn human_span(span: Duration) -> String {
         format!("{:.1} hours", secs / 3_600.0)
     } else if secs >= 120.0 {
         format!("{} minutes", span.as_secs() / 60)
+    } else if span.as_secs() == 1 {
+        "1 second".to_owned()
     } else {
         format!("{} seconds", span.as_secs())
     }
@@ -355,6 +357,8 @@ mod tests {
     fn spans_read_in_human_units() {
         let span = |secs| human_span(Duration::from_secs(secs));
         assert_eq!(span(59), "59 seconds");
+        assert_eq!(span(1), "1 second");
+        assert_eq!(span(0), "0 seconds");
         assert_eq!(span(300), "5 minutes");
         assert_eq!(span(5 * 3_600 + 720), "5.2 hours");
         assert_eq!(span(365 * 86_400 + 1), "365.0 days");
