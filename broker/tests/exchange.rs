@@ -473,12 +473,30 @@ async fn stuck_stream(
     let misaddressed = env.message_id.clone();
     submit(&mut nl, env).await?;
     let stream = receive(&mut be, 64).await?;
+    until_state(
+        &mut nl,
+        &misaddressed,
+        pb::MessageState::InFlight,
+        "never leased",
+    )
+    .await?;
+    Ok((t, nl, stream, fillers, misaddressed))
+}
+
+/// Waits (at most [`WAIT`]) until the sender's message `id` is in `state`; fails saying
+/// what did not happen (`what`).
+async fn until_state(
+    client: &mut Client,
+    id: &str,
+    state: pb::MessageState,
+    what: &str,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + WAIT;
-    while state_of(&mut nl, &misaddressed).await? != pb::MessageState::InFlight {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never leased");
+    while state_of(client, id).await? != state {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok((t, nl, stream, fillers, misaddressed))
+    Ok(())
 }
 
 /// Every delivery until the stream is quiet.
@@ -541,25 +559,24 @@ async fn a_message_withdrawn_after_its_ack_timeout_while_waiting_is_not_sent() -
     )
     .await?;
     t.advance(Duration::from_secs(11));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while state_of(&mut nl, &misaddressed).await? != pb::MessageState::Accepted {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "lease not timed out"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_state(
+        &mut nl,
+        &misaddressed,
+        pb::MessageState::Accepted,
+        "lease not timed out",
+    )
+    .await?;
     // a new message makes the stream look for work (and let go of the timed-out leases)
     let nudge = referral("BE-PAYOKE");
     let nudge_id = nudge.message_id.clone();
     submit(&mut nl, nudge).await?;
-    while state_of(&mut nl, &nudge_id).await? != pb::MessageState::InFlight {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "new message never leased"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_state(
+        &mut nl,
+        &nudge_id,
+        pb::MessageState::InFlight,
+        "new message never leased",
+    )
+    .await?;
     nl.withdraw(pb::WithdrawRequest {
         message_id: misaddressed.clone(),
     })
@@ -761,11 +778,7 @@ async fn an_expired_delivery_frees_its_stream_slot() -> anyhow::Result<()> {
     submit(&mut nl, urgent).await?;
     // its lifetime ends 6 s later, well inside the 10 s ack timeout
     t.advance(Duration::from_secs(6));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while state_of(&mut nl, &short_id).await? != pb::MessageState::Expired {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "not expired");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_state(&mut nl, &short_id, pb::MessageState::Expired, "not expired").await?;
     // the recipient's node acks it (it had stored it): not in flight any more
     assert_eq!(
         ack(&mut be, [&short_id]).await?,
