@@ -664,10 +664,17 @@ pub fn state_name(state: State) -> &'static str {
     name.strip_prefix("MESSAGE_STATE_").unwrap_or(name)
 }
 
+/// Whether the DEAD_LETTERED `r` was rejected by its recipient. Its reason code alone
+/// does not tell: a recipient may reject with any code, `MAX_ATTEMPTS` too. One
+/// dead-lettered after too many attempts is redrivable while its payload is kept.
+fn was_rejected(r: &StatusRecord) -> bool {
+    r.reason_code != "MAX_ATTEMPTS" || (r.payload_kept && !r.redrivable)
+}
+
 /// Why message `id` in `state` cannot be redriven.
 fn not_redrivable(id: MessageId, state: State, record: Option<&StatusRecord>) -> String {
     match (state, record) {
-        (State::DeadLettered, Some(r)) if r.reason_code != "MAX_ATTEMPTS" => format!(
+        (State::DeadLettered, Some(r)) if was_rejected(r) => format!(
             "message {id} was rejected by its recipient ({}); a rejected message is never redriven",
             r.reason_code
         ),
