@@ -1034,6 +1034,27 @@ async fn every_admin_command_works_and_never_prints_a_payload() -> anyhow::Resul
     Ok(())
 }
 
+/// A range that ends before it starts names the field the operator set: with `until`
+/// unset (now), a `from` in the future is the bad one, not an `until` never given.
+#[tokio::test]
+async fn statistics_from_the_future_name_the_field_given() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut op = operator(&t)?;
+    let refused = op
+        .get_statistics(pb::GetStatisticsRequest {
+            from: Some(to_timestamp(t.clock.now() + Duration::from_secs(86_400))),
+            until: None,
+        })
+        .await;
+    let status = assert_code(refused, Code::InvalidArgument, "statistics from tomorrow");
+    assert!(
+        status.message().starts_with("from:"),
+        "{}",
+        status.message()
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn statistics_come_from_metadata_and_suppress_small_counts() -> anyhow::Result<()> {
     let t = TestBroker::start().await?;

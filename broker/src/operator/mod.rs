@@ -332,7 +332,13 @@ impl OperatorService {
             None => self.now().saturating_add(1),
         };
         if until <= from {
-            return Err(ValidationError::new("until", "must be after from").into());
+            // name the field the operator gave: an unset `until` is now
+            return Err(if request.until.is_some() {
+                ValidationError::new("until", "must be after from")
+            } else {
+                ValidationError::new("from", "must be before now (until is unset)")
+            }
+            .into());
         }
         // Every record is read (answers may come after the range), metadata
         // only, a page at a time: the tally keeps only the figures and the
