@@ -1058,17 +1058,32 @@ fn parse_message_id(value: &str, field: &str) -> Result<MessageId, BrokerError> 
     MessageId::parse(value).map_err(|e| BrokerError::InvalidArgument(e.within(field)))
 }
 
-/// `reason_code` must match `[A-Z0-9_]{1,64}`.
+/// The reason codes the broker gives a message itself (`store::sled::ops`): a recipient
+/// rejecting with one would make its rejection look like the broker's dead letter, expiry
+/// or purge to operators (search, dead letters, redrive) and in the sender's report.
+const BROKER_REASON_CODES: [&str; 3] = ["EXPIRED", "MAX_ATTEMPTS", "PURGED"];
+
+/// `reason_code` must match `[A-Z0-9_]{1,64}` and not be one of the broker's own.
 fn check_reason_code(code: &str) -> Result<(), BrokerError> {
     let ok = (1..=64).contains(&code.len())
         && code
             .bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(ValidationError::new("reason_code", "must match [A-Z0-9_]{1,64}").into())
+    if !ok {
+        return Err(ValidationError::new("reason_code", "must match [A-Z0-9_]{1,64}").into());
     }
+    if BROKER_REASON_CODES.contains(&code) {
+        return Err(ValidationError::new(
+            "reason_code",
+            format!(
+                "{code} is a reason the broker gives itself ({}); name why the recipient \
+                 can never process the message, e.g. INVALID_BODY",
+                BROKER_REASON_CODES.join(", ")
+            ),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// `field_path` is empty or a dotted path of `[A-Za-z0-9_]` segments (each may
@@ -1132,7 +1147,16 @@ mod tests {
         for good in ["INVALID_BODY", "UNKNOWN_SCHEMA", "X", &"A".repeat(64)] {
             check_reason_code(good).unwrap();
         }
-        for bad in ["", "invalid", "BAD CODE", "É", &"A".repeat(65)] {
+        for bad in [
+            "",
+            "invalid",
+            "BAD CODE",
+            "É",
+            &"A".repeat(65),
+            "MAX_ATTEMPTS",
+            "EXPIRED",
+            "PURGED",
+        ] {
             assert!(check_reason_code(bad).is_err(), "{bad:?}");
         }
     }

@@ -304,6 +304,10 @@ async fn reject_dead_letters_and_reports_the_reason_to_the_sender() -> anyhow::R
             "field path with a value",
         ),
         (reject("INVALID_BODY", "", "nope"), "message id"),
+        (
+            reject("MAX_ATTEMPTS", "referral.consent", &id),
+            "the broker's own reason code",
+        ),
     ] {
         assert_code(be.reject(request).await, Code::InvalidArgument, what);
     }

@@ -529,53 +529,6 @@ async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> a
     Ok(())
 }
 
-/// The reason code of a rejection is the recipient's: it may be `MAX_ATTEMPTS` too
-/// (any `[A-Z0-9_]` code is accepted). The operator's refusal to redrive it must still
-/// say that it was rejected, not that only messages dead-lettered after too many
-/// attempts can be redriven (which the operator sees it as).
-#[tokio::test]
-async fn a_rejection_coded_max_attempts_is_refused_as_rejected() -> anyhow::Result<()> {
-    let t = TestBroker::start().await?;
-    let mut nl = t.client("NL-NRM")?;
-    let mut be = t.client("BE-PAYOKE")?;
-    let env = marked("BE-PAYOKE", Kind::Referral, 1);
-    let id = env.message_id.clone();
-    submit(&mut nl, env).await?;
-    {
-        let mut stream = receive(&mut be, 1).await?;
-        assert_eq!(id_of(&next(&mut stream).await?), id);
-        be.reject(pb::RejectRequest {
-            message_id: id.clone(),
-            reason_code: "MAX_ATTEMPTS".into(),
-            field_path: "referral.consent".into(),
-        })
-        .await?;
-    }
-    wait_state(&mut nl, &id, pb::MessageState::DeadLettered).await?;
-    let mut op = operator(&t)?;
-    let refused = op
-        .redrive(pb::RedriveRequest {
-            message_id: id.clone(),
-            ..Default::default()
-        })
-        .await;
-    let status = assert_code(
-        refused,
-        Code::FailedPrecondition,
-        "redrive of a rejected message",
-    );
-    assert!(
-        status.message().contains("rejected by its recipient"),
-        "{}",
-        status.message()
-    );
-    assert_eq!(
-        state_of(&mut nl, &id).await?,
-        pb::MessageState::DeadLettered
-    );
-    Ok(())
-}
-
 #[tokio::test]
 async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> anyhow::Result<()> {
     let mut s = scenario().await?;

@@ -671,8 +671,9 @@ pub fn state_name(state: State) -> &'static str {
 }
 
 /// Whether the DEAD_LETTERED `r` was rejected by its recipient. Its reason code alone
-/// does not tell: a recipient may reject with any code, `MAX_ATTEMPTS` too. One
-/// dead-lettered after too many attempts is redrivable while its payload is kept.
+/// does not tell: `Reject` refuses the broker's own codes now, but a broker before that
+/// stored any code, `MAX_ATTEMPTS` too. One dead-lettered after too many attempts is
+/// redrivable while its payload is kept.
 fn was_rejected(r: &StatusRecord) -> bool {
     r.reason_code != "MAX_ATTEMPTS" || (r.payload_kept && !r.redrivable)
 }
@@ -752,6 +753,58 @@ mod tests {
             assert!(error.to_string().starts_with("reason:"), "{error}");
         }
         assert!(check_reason(&"é".repeat(500)).is_ok());
+    }
+
+    fn dead_letter(reason_code: &str, payload_kept: bool, redrivable: bool) -> StatusRecord {
+        StatusRecord {
+            message_id: MessageId::new_v7(),
+            sender: Some(ParticipantId::parse("NL-NRM").unwrap()),
+            recipient: ParticipantId::parse("BE-PAYOKE").unwrap(),
+            kind: Kind::Referral,
+            case_ref: CaseRef::new_random(),
+            in_reply_to: None,
+            priority: trmx_proto::envelope::Priority::Normal,
+            state: State::DeadLettered,
+            attempts: 1,
+            accepted_at: 0,
+            expires_at: 0,
+            last_delivered_at: Some(0),
+            state_changed_at: 0,
+            next_attempt_at: None,
+            reason_code: reason_code.to_owned(),
+            field_path: String::new(),
+            payload_size: 10,
+            payload_kept,
+            broker_seq: 1,
+            redrivable,
+        }
+    }
+
+    /// A broker before `Reject` refused the broker's own codes stored a rejection coded
+    /// `MAX_ATTEMPTS` as any other: the refusal to redrive it says it was rejected, not
+    /// that only messages dead-lettered after too many attempts can be (which the
+    /// operator sees it as).
+    #[test]
+    fn a_rejection_coded_max_attempts_is_refused_as_rejected() {
+        let why = |r: &StatusRecord| not_redrivable(r.message_id, r.state, Some(r));
+        let rejected = dead_letter("MAX_ATTEMPTS", true, false);
+        assert!(
+            why(&rejected).contains("rejected by its recipient"),
+            "{}",
+            why(&rejected)
+        );
+        let rejected = dead_letter("INVALID_BODY", false, false);
+        assert!(
+            why(&rejected).contains("rejected by its recipient"),
+            "{}",
+            why(&rejected)
+        );
+        let deleted = dead_letter("MAX_ATTEMPTS", false, false);
+        assert!(
+            why(&deleted).contains("payload was already deleted"),
+            "{}",
+            why(&deleted)
+        );
     }
 
     #[test]
