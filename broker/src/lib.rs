@@ -9,6 +9,9 @@
 //!   watermark, and the latch that refuses submits after a failed flush.
 //! - [`streams`]: the open `Receive` streams — per-participant wake-ups, unacknowledged
 //!   leases per stream, the per-participant stream limit.
+//! - [`outbound`]: a `Receive` stream's send channel — the bytes waiting to be sent (the
+//!   stream leases only while little waits), and the deliveries dropped there unsent
+//!   (withdrawn, purged or expired while they waited).
 //! - [`service`]: the `trmx.v1.Exchange` gRPC service: identity from the client
 //!   certificate, request validation, calls into the store, `Receive` stream tasks.
 //! - [`server`]: [`serve`] and [`Broker::builder`] — TLS, store, timer loop, CRL reloads,

@@ -11,12 +11,25 @@
 //! the stream may fill it again. A stream on a fast link then leases in batches (each
 //! lease is a store transaction), not one message per message sent.
 //!
+//! A delivery leaves the channel only for a message the broker still delivers. One taken
+//! back while it waited (withdrawn, purged) is dropped when its turn comes, never sent;
+//! so is one whose lifetime ended meanwhile. Expiry is read on the broker's clock when
+//! the delivery is taken out, the instant that matters: the store expires a message once
+//! its `expires_at` has passed, also while it is IN_FLIGHT (DESIGN.md §4: a lease does not
+//! hold it back), and leases none whose `expires_at` has passed; the channel drops one at
+//! that same instant, so the recipient never gets a message the broker already declared
+//! expired (with its non-delivery report on the way to the sender). What tonic took
+//! before is out of reach: a delivery taken out just before its expiry may reach the node
+//! after it (the two messages hyper holds), as one sent a moment earlier would.
+//! A dropped delivery is reported ([`Report::dropped`]) so that its stream slot is freed:
+//! its recipient will never ack it.
+//!
 //! # Invariants
 //! - [`Outbox::waiting_bytes`] is the payload bytes of the deliveries in the channel:
-//!   added when one is put in, taken off when tonic takes it out.
-//! - A take that brings the bytes waiting down to half the buffer or below notifies
-//!   [`Outbox::room_made`] (a stored permit if no one is waiting), so a stream waiting
-//!   for room never misses it.
+//!   added when one is put in, taken off when tonic takes it out, sent or dropped.
+//! - A take (sent or dropped) that brings the bytes waiting down to half the buffer or
+//!   below notifies [`Outbox::room_made`] (a stored permit if no one is waiting), so a
+//!   stream waiting for room never misses it.
 //! - The ids of the deliveries in the channel are known, with how many copies of each
 //!   wait there ([`Waiting::queued`]: a delivery whose ack timeout passed while it waited
 //!   is leased again, onto the same stream, behind its first copy). A message taken back
@@ -27,8 +40,14 @@
 //!   learns of a lease only once the store made it); the stream task forgets the marks
 //!   without a copy when it holds no delivery still to put in
 //!   ([`Outbox::forget_taken_back`]).
+//! - A delivery whose `expires_at` is at or before the clock's now when its turn comes is
+//!   dropped, not sent (a message taken back counts as taken back, not expired).
+//! - Every delivery taken out and dropped is reported once to the channel's [`Report`],
+//!   outside the channel's lock (the report takes the stream registry's lock, which is
+//!   taken before this one when a message is taken back).
 
 use std::collections::HashMap;
+use std::fmt::Debug;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,7 +56,11 @@ use std::task::{Context, Poll};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::Stream;
 use tonic::Status;
-use trmx_proto::{MessageId, pb};
+use trmx_proto::{Kind, MessageId, pb};
+
+use crate::admin::DropReason;
+use crate::clock::Clock;
+use crate::store::Millis;
 
 /// What both ends share.
 #[derive(Debug)]
@@ -56,12 +79,34 @@ struct Waiting {
 struct Queued {
     /// The copies of it waiting in the channel.
     copies: u32,
-    /// Taken back: every copy is dropped, not sent.
-    taken_back: bool,
+    /// Taken back, and how: every copy is dropped, not sent.
+    taken_back: Option<DropReason>,
 }
 
-/// A delivery in the channel, with its message id.
-type Item = Result<(MessageId, pb::Delivery), Status>;
+/// A delivery to put in the channel, with what the channel needs to know of it.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The message.
+    pub message_id: MessageId,
+    /// Its kind.
+    pub kind: Kind,
+    /// When its lifetime ends: from then on the delivery is dropped, not sent.
+    pub expires_at: Millis,
+    /// The deadline of the lease that put it in (which lease a drop frees, see
+    /// [`crate::streams::Streams::dropped`]).
+    pub lease_deadline: Millis,
+    /// What the recipient receives.
+    pub delivery: pb::Delivery,
+}
+
+/// What the connection's end tells as deliveries leave the channel.
+pub trait Report: Send + Sync + Debug + 'static {
+    /// `outgoing` was dropped for `reason`, never sent: its recipient will not ack it.
+    fn dropped(&self, outgoing: &Outgoing, reason: DropReason);
+}
+
+/// A delivery in the channel (or the status that ends the stream).
+type Item = Result<Outgoing, Status>;
 
 impl Waiting {
     fn queued(&self) -> MutexGuard<'_, HashMap<MessageId, Queued>> {
@@ -73,8 +118,14 @@ impl Waiting {
 }
 
 /// A `Receive` stream's channel to its connection, holding at most `capacity`
-/// deliveries, with room for `buffer` payload bytes.
-pub fn channel(capacity: usize, buffer: u64) -> (Outbox, Outbound) {
+/// deliveries, with room for `buffer` payload bytes. `clock` is the broker's (expiry is
+/// read on it); `report` is told of every delivery dropped.
+pub fn channel(
+    capacity: usize,
+    buffer: u64,
+    clock: Arc<dyn Clock>,
+    report: Box<dyn Report>,
+) -> (Outbox, Outbound) {
     let (tx, rx) = mpsc::channel(capacity);
     let waiting = Arc::new(Waiting {
         bytes: AtomicU64::new(0),
@@ -88,7 +139,12 @@ pub fn channel(capacity: usize, buffer: u64) -> (Outbox, Outbound) {
             buffer,
             waiting: waiting.clone(),
         },
-        Outbound { rx, waiting },
+        Outbound {
+            rx,
+            waiting,
+            clock,
+            report,
+        },
     )
 }
 
@@ -105,6 +161,8 @@ pub struct Outbox {
 pub struct Outbound {
     rx: mpsc::Receiver<Item>,
     waiting: Arc<Waiting>,
+    clock: Arc<dyn Clock>,
+    report: Box<dyn Report>,
 }
 
 /// The connection's end is gone (the recipient went away).
@@ -116,24 +174,28 @@ pub struct Gone;
 pub struct Dropper(Arc<Waiting>);
 
 impl Dropper {
-    /// `message_id` was taken back (withdrawn, purged): every copy of it that waits in the
-    /// channel, or is put in until the stream task forgets the mark, is dropped when its
-    /// turn comes instead of sent.
-    pub fn taken_back(&self, message_id: MessageId) {
-        self.0.queued().entry(message_id).or_default().taken_back = true;
+    /// `message_id` was taken back (`reason`: withdrawn, purged): every copy of it that
+    /// waits in the channel, or is put in until the stream task forgets the mark, is
+    /// dropped when its turn comes instead of sent.
+    pub fn taken_back(&self, message_id: MessageId, reason: DropReason) {
+        self.0.queued().entry(message_id).or_default().taken_back = Some(reason);
     }
 }
 
 impl Outbox {
-    /// Puts `delivery` (of message `id`) in, once the channel has room. Cancel-safe: a
-    /// delivery is either in the channel and counted, or neither.
-    pub async fn send(&self, id: MessageId, delivery: pb::Delivery) -> Result<(), Gone> {
+    /// Puts `outgoing` in, once the channel has room. Cancel-safe: a delivery is either
+    /// in the channel and counted, or neither.
+    pub async fn send(&self, outgoing: Outgoing) -> Result<(), Gone> {
         let permit = self.tx.reserve().await.map_err(|_| Gone)?;
         self.waiting
             .bytes
-            .fetch_add(payload_bytes(&delivery), Ordering::Relaxed);
-        self.waiting.queued().entry(id).or_default().copies += 1;
-        permit.send(Ok((id, delivery)));
+            .fetch_add(payload_bytes(&outgoing.delivery), Ordering::Relaxed);
+        self.waiting
+            .queued()
+            .entry(outgoing.message_id)
+            .or_default()
+            .copies += 1;
+        permit.send(Ok(outgoing));
         Ok(())
     }
 
@@ -187,17 +249,18 @@ impl Stream for Outbound {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            let (id, delivery) = match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(item))) => item,
+            let outgoing = match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(outgoing))) => outgoing,
                 Poll::Ready(Some(Err(status))) => return Poll::Ready(Some(Err(status))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             };
-            let size = payload_bytes(&delivery);
+            let size = payload_bytes(&outgoing.delivery);
             let before = self.waiting.bytes.fetch_sub(size, Ordering::Relaxed);
             if before - size <= self.waiting.low && before > self.waiting.low {
                 self.waiting.room_made.notify_one();
             }
+            let id = outgoing.message_id;
             let taken_back = {
                 let mut queued = self.waiting.queued();
                 match queued.get_mut(&id) {
@@ -205,16 +268,21 @@ impl Stream for Outbound {
                         entry.copies = entry.copies.saturating_sub(1);
                         let taken_back = entry.taken_back;
                         // (a mark stays: another copy may still come, see the module doc)
-                        if entry.copies == 0 && !taken_back {
+                        if entry.copies == 0 && taken_back.is_none() {
                             queued.remove(&id);
                         }
                         taken_back
                     }
-                    None => false,
+                    None => None,
                 }
             };
-            if !taken_back {
-                return Poll::Ready(Some(Ok(delivery)));
+            let dropped = taken_back.or_else(|| {
+                (outgoing.expires_at <= self.clock.now_millis()).then_some(DropReason::Expired)
+            });
+            match dropped {
+                None => return Poll::Ready(Some(Ok(outgoing.delivery))),
+                // (the channel's lock is released: see the module doc)
+                Some(reason) => self.report.dropped(&outgoing, reason),
             }
         }
     }
@@ -228,31 +296,92 @@ fn payload_bytes(delivery: &pb::Delivery) -> u64 {
         .map_or(0, |envelope| envelope.payload.len() as u64)
 }
 
+/// A channel whose clock is the system's and whose drops are told no one (for the tests of
+/// other modules that need a [`Dropper`]).
+#[cfg(test)]
+pub(crate) fn unreported(capacity: usize, buffer: u64) -> (Outbox, Outbound) {
+    #[derive(Debug)]
+    struct Nobody;
+    impl Report for Nobody {
+        fn dropped(&self, _: &Outgoing, _: DropReason) {}
+    }
+    channel(
+        capacity,
+        buffer,
+        Arc::new(crate::clock::SystemClock),
+        Box::new(Nobody),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
     use std::time::Duration;
     use tokio_stream::StreamExt;
 
-    fn delivery(size: usize) -> pb::Delivery {
-        pb::Delivery {
-            envelope: Some(pb::Envelope {
-                payload: vec![1; size],
-                ..pb::Envelope::default()
-            }),
-            attempt: 1,
+    /// When the tests' clock stands.
+    const NOW: Millis = 1_800_000_000_000;
+    /// A lifetime that never ends in these tests.
+    const LATER: Millis = NOW + 86_400_000;
+
+    /// What a channel reported, in order.
+    #[derive(Debug, Default, Clone)]
+    struct Reported(Arc<Mutex<Vec<(MessageId, DropReason)>>>);
+
+    impl Report for Reported {
+        fn dropped(&self, outgoing: &Outgoing, reason: DropReason) {
+            self.taken().push((outgoing.message_id, reason));
+        }
+    }
+
+    impl Reported {
+        fn taken(&self) -> MutexGuard<'_, Vec<(MessageId, DropReason)>> {
+            self.0.lock().unwrap()
+        }
+    }
+
+    /// A channel on a manual clock standing at [`NOW`], with what it reports.
+    fn test_channel(capacity: usize, buffer: u64) -> (Outbox, Outbound, ManualClock, Reported) {
+        let clock = ManualClock::at_millis(NOW);
+        let reported = Reported::default();
+        let (outbox, outbound) = channel(
+            capacity,
+            buffer,
+            Arc::new(clock.clone()),
+            Box::new(reported.clone()),
+        );
+        (outbox, outbound, clock, reported)
+    }
+
+    /// A delivery of a new message with `size` payload bytes, alive until `expires_at`.
+    fn outgoing(size: usize, expires_at: Millis) -> Outgoing {
+        outgoing_of(MessageId::new_v7(), size, expires_at)
+    }
+
+    fn outgoing_of(id: MessageId, size: usize, expires_at: Millis) -> Outgoing {
+        Outgoing {
+            message_id: id,
+            kind: Kind::Referral,
+            expires_at,
+            lease_deadline: NOW + 60_000,
+            delivery: pb::Delivery {
+                envelope: Some(pb::Envelope {
+                    message_id: id.to_string(),
+                    payload: vec![1; size],
+                    ..pb::Envelope::default()
+                }),
+                attempt: 1,
+            },
         }
     }
 
     #[tokio::test]
     async fn room_comes_back_when_half_the_buffer_is_sent() {
-        let (outbox, mut outbound) = channel(8, 200);
+        let (outbox, mut outbound, _, _) = test_channel(8, 200);
         assert_eq!(outbox.room(), 200);
         for size in [60, 60, 60] {
-            outbox
-                .send(MessageId::new_v7(), delivery(size))
-                .await
-                .unwrap();
+            outbox.send(outgoing(size, LATER)).await.unwrap();
         }
         assert_eq!((outbox.waiting_bytes(), outbox.room()), (180, 0));
 
@@ -269,11 +398,8 @@ mod tests {
 
     #[tokio::test]
     async fn room_made_while_no_one_waits_is_not_lost() {
-        let (outbox, mut outbound) = channel(8, 100);
-        outbox
-            .send(MessageId::new_v7(), delivery(80))
-            .await
-            .unwrap();
+        let (outbox, mut outbound, _, _) = test_channel(8, 100);
+        outbox.send(outgoing(80, LATER)).await.unwrap();
         outbound.next().await.unwrap().unwrap();
         tokio::time::timeout(Duration::from_secs(5), outbox.room_made())
             .await
@@ -282,11 +408,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_larger_than_the_buffer_leaves_room_for_one_when_sent() {
-        let (outbox, mut outbound) = channel(8, 100);
-        outbox
-            .send(MessageId::new_v7(), delivery(500))
-            .await
-            .unwrap();
+        let (outbox, mut outbound, _, _) = test_channel(8, 100);
+        outbox.send(outgoing(500, LATER)).await.unwrap();
         assert_eq!(outbox.room(), 0);
         outbound.next().await.unwrap().unwrap();
         assert_eq!(outbox.room(), 100);
@@ -294,14 +417,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_send_cancelled_while_the_channel_is_full_counts_nothing() {
-        let (outbox, _outbound) = channel(1, 1 << 20);
-        outbox
-            .send(MessageId::new_v7(), delivery(10))
-            .await
-            .unwrap();
+        let (outbox, _outbound, _, _) = test_channel(1, 1 << 20);
+        outbox.send(outgoing(10, LATER)).await.unwrap();
         let blocked = tokio::time::timeout(
             Duration::from_millis(20),
-            outbox.send(MessageId::new_v7(), delivery(1000)),
+            outbox.send(outgoing(1000, LATER)),
         )
         .await;
         assert!(blocked.is_err(), "the channel is full");
@@ -321,16 +441,12 @@ mod tests {
     }
 
     async fn send(outbox: &Outbox, id: MessageId) {
-        let mut delivery = delivery(10);
-        if let Some(envelope) = delivery.envelope.as_mut() {
-            envelope.message_id = id.to_string();
-        }
-        outbox.send(id, delivery).await.unwrap();
+        outbox.send(outgoing_of(id, 10, LATER)).await.unwrap();
     }
 
     #[tokio::test]
     async fn a_message_withdrawn_while_it_waits_is_dropped_not_sent() {
-        let (outbox, mut outbound) = channel(8, 1 << 20);
+        let (outbox, mut outbound, _, reported) = test_channel(8, 1 << 20);
         let dropper = outbox.dropper();
         let [a, b, c] = [(); 3].map(|()| MessageId::new_v7());
         for id in [a, b, c] {
@@ -339,10 +455,11 @@ mod tests {
         let first = outbound.next().await.unwrap().unwrap();
         assert_eq!(first.envelope.unwrap().message_id, a.to_string());
         // sent already: nothing to drop
-        dropper.taken_back(a);
-        dropper.taken_back(b);
+        dropper.taken_back(a, DropReason::Withdrawn);
+        dropper.taken_back(b, DropReason::Withdrawn);
         assert_eq!(taken(&mut outbound).await, [c]);
         assert_eq!(outbox.waiting_bytes(), 0);
+        assert_eq!(*reported.taken(), [(b, DropReason::Withdrawn)]);
         // the marks are kept until the stream task forgets them
         outbox.forget_taken_back();
         assert!(outbox.waiting.queued().is_empty(), "a mark is kept");
@@ -353,17 +470,18 @@ mod tests {
     /// task puts in after the mark (leased before, still on its way in).
     #[tokio::test]
     async fn every_copy_of_a_message_taken_back_is_dropped() {
-        let (outbox, mut outbound) = channel(8, 1 << 20);
+        let (outbox, mut outbound, _, reported) = test_channel(8, 1 << 20);
         let dropper = outbox.dropper();
         let [m, other] = [(); 2].map(|()| MessageId::new_v7());
         send(&outbox, m).await;
         send(&outbox, other).await;
         send(&outbox, m).await;
-        dropper.taken_back(m);
+        dropper.taken_back(m, DropReason::Purged);
         assert_eq!(taken(&mut outbound).await, [other]);
         send(&outbox, m).await;
         assert_eq!(taken(&mut outbound).await, []);
         assert_eq!(outbox.waiting_bytes(), 0);
+        assert_eq!(*reported.taken(), [(m, DropReason::Purged); 3]);
 
         // a message not taken back is sent each time it comes
         let again = MessageId::new_v7();
@@ -377,22 +495,71 @@ mod tests {
     /// Forgetting the marks keeps those of messages with a copy waiting.
     #[tokio::test]
     async fn forgetting_keeps_the_marks_of_waiting_copies() {
-        let (outbox, mut outbound) = channel(8, 1 << 20);
+        let (outbox, mut outbound, _, _) = test_channel(8, 1 << 20);
         let dropper = outbox.dropper();
         let [m, gone] = [(); 2].map(|()| MessageId::new_v7());
         send(&outbox, m).await;
-        dropper.taken_back(m);
-        dropper.taken_back(gone);
+        dropper.taken_back(m, DropReason::Withdrawn);
+        dropper.taken_back(gone, DropReason::Withdrawn);
         outbox.forget_taken_back();
         assert_eq!(outbox.waiting.queued().len(), 1);
         assert_eq!(taken(&mut outbound).await, []);
     }
 
+    /// A delivery whose message's lifetime ends while it waits (on the broker's clock, as
+    /// the store expires it) is dropped when its turn comes, not sent; the bytes, the room
+    /// and the copies come out as for one sent, and the drop is reported.
+    #[tokio::test]
+    async fn a_delivery_whose_lifetime_ends_while_it_waits_is_dropped_not_sent() {
+        let (outbox, mut outbound, clock, reported) = test_channel(8, 200);
+        let [a, short, exact, b] = [(); 4].map(|()| MessageId::new_v7());
+        outbox.send(outgoing_of(a, 60, NOW + 100)).await.unwrap();
+        outbox.send(outgoing_of(short, 60, NOW + 50)).await.unwrap();
+        outbox.send(outgoing_of(exact, 60, NOW + 60)).await.unwrap();
+        outbox.send(outgoing_of(b, 10, LATER)).await.unwrap();
+        assert_eq!((outbox.waiting_bytes(), outbox.room()), (190, 0));
+        let room_made = outbox.room_made();
+        tokio::pin!(room_made);
+
+        // before: sent, though it expires while the others wait
+        assert_eq!(taken_one(&mut outbound).await, a);
+        // `short` passed its expiry, `exact` stands at it: both dropped
+        clock.advance(Duration::from_millis(60));
+        assert_eq!(taken(&mut outbound).await, [b]);
+        assert_eq!(
+            *reported.taken(),
+            [(short, DropReason::Expired), (exact, DropReason::Expired)]
+        );
+        assert_eq!((outbox.waiting_bytes(), outbox.room()), (0, 200));
+        room_made.await;
+        assert!(
+            outbox.waiting.queued().is_empty(),
+            "a copy is still counted"
+        );
+    }
+
+    /// A message both taken back and expired counts as taken back.
+    #[tokio::test]
+    async fn a_message_taken_back_and_expired_is_dropped_as_taken_back() {
+        let (outbox, mut outbound, clock, reported) = test_channel(8, 1 << 20);
+        let m = MessageId::new_v7();
+        outbox.send(outgoing_of(m, 10, NOW + 10)).await.unwrap();
+        outbox.dropper().taken_back(m, DropReason::Withdrawn);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(taken(&mut outbound).await, []);
+        assert_eq!(*reported.taken(), [(m, DropReason::Withdrawn)]);
+    }
+
+    async fn taken_one(outbound: &mut Outbound) -> MessageId {
+        let delivery = outbound.next().await.unwrap().unwrap();
+        MessageId::parse(&delivery.envelope.unwrap().message_id).unwrap()
+    }
+
     #[tokio::test]
     async fn a_send_after_the_connection_went_away_fails() {
-        let (outbox, outbound) = channel(1, 1 << 20);
+        let (outbox, outbound, _, _) = test_channel(1, 1 << 20);
         drop(outbound);
-        assert!(outbox.send(MessageId::new_v7(), delivery(1)).await.is_err());
+        assert!(outbox.send(outgoing(1, LATER)).await.is_err());
         outbox.closed().await;
     }
 

@@ -21,12 +21,12 @@ use trmx_proto::envelope::SubmitEnvelope;
 use trmx_proto::time::{from_millis, to_millis, to_timestamp};
 use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
-use crate::admin::{CertRole, DeadLetterReason, Metrics, RefusalReason};
+use crate::admin::{CertRole, DeadLetterReason, DropReason, Metrics, RefusalReason};
 use crate::admission::{self, Admission, SubmitSlots, Submitting};
 use crate::clock::Clock;
 use crate::config::{LifecycleConfig, LimitsConfig};
 use crate::error::BrokerError;
-use crate::outbound::{self, Outbound, Outbox};
+use crate::outbound::{self, Outbound, Outbox, Outgoing};
 use crate::registry::Registry;
 use crate::store::{
     self, BrokerStore, Leased, Millis, NewMessage, StatusRecord, StoreError, StreamEnd,
@@ -510,6 +510,11 @@ impl ExchangeService {
         let (outbox, outbound) = outbound::channel(
             max_in_flight.clamp(1, 64),
             shared.limits.receive_buffer_bytes,
+            shared.clock.clone(),
+            Box::new(StreamReport {
+                shared: self.shared.clone(),
+                participant: caller.clone(),
+            }),
         );
         let handle = shared
             .streams
@@ -890,6 +895,7 @@ async fn run_stream(
                 Err(error) => break 'stream Some(Status::from(error)),
             };
             if !leased.is_empty() {
+                let deadline = now.saturating_add(ack_timeout);
                 shared.streams.leased(
                     &participant,
                     handle.id,
@@ -897,18 +903,25 @@ async fn run_stream(
                         message_id: l.message_id,
                         sender: l.sender.clone(),
                         kind: l.kind,
-                        deadline: now.saturating_add(ack_timeout),
+                        deadline,
                     }),
                 );
                 for lease in leased {
                     debug!(message_id = %lease.message_id, attempt = lease.attempt, "delivering");
-                    let (id, kind, attempt) = (lease.message_id, lease.kind, lease.attempt);
+                    let (kind, attempt) = (lease.kind, lease.attempt);
+                    let outgoing = Outgoing {
+                        message_id: lease.message_id,
+                        kind,
+                        expires_at: lease.expires_at,
+                        lease_deadline: deadline,
+                        delivery: delivery(lease),
+                    };
                     // A recipient that stops reading blocks this send. A shutdown or
                     // a closing stream must still end it, so that its leases are
                     // released as the broker's doing (not failed attempts), and the
                     // store is not held open past the shutdown.
                     tokio::select! {
-                        sent = outbox.send(id, delivery(lease)) => if sent.is_err() {
+                        sent = outbox.send(outgoing) => if sent.is_err() {
                             break 'stream None;
                         },
                         Ok(_) = handle.close.wait_for(|closed| *closed) => break 'stream Some(closing()),
@@ -969,6 +982,31 @@ async fn run_stream(
         Err(error) => {
             warn!(%error, "receive stream closed, leases not released (due again after the ack timeout)")
         }
+    }
+}
+
+/// What a `Receive` stream's connection end reports to: a delivery dropped from its
+/// channel unsent frees its stream slot.
+#[derive(Debug)]
+struct StreamReport {
+    shared: Arc<Shared>,
+    participant: ParticipantId,
+}
+
+impl outbound::Report for StreamReport {
+    fn dropped(&self, outgoing: &Outgoing, reason: DropReason) {
+        debug!(
+            participant = %self.participant,
+            message_id = %outgoing.message_id,
+            attempt = outgoing.delivery.attempt,
+            reason = reason.as_str(),
+            "delivery dropped, not sent"
+        );
+        self.shared.streams.dropped(
+            &self.participant,
+            &outgoing.message_id,
+            outgoing.lease_deadline,
+        );
     }
 }
 

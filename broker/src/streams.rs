@@ -5,9 +5,10 @@
 //! # Invariants
 //! - A participant has at most `max_per_participant` registered streams.
 //! - A stream's in-flight set holds only ids the store leased to that stream;
-//!   an entry leaves on ack, reject, withdraw, or when its ack deadline passes
-//!   (the store then owns its redelivery), so a stream never stalls at its
-//!   `max_in_flight`.
+//!   an entry leaves on ack, reject, withdraw, purge, when its delivery is dropped
+//!   from the stream's channel unsent (see [`crate::outbound`]), or when its ack
+//!   deadline passes (the store then owns its redelivery), so a stream never stalls
+//!   at its `max_in_flight`.
 //! - Locks are std mutexes held only for map updates, never across `.await`.
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
 use trmx_proto::{Kind, MessageId, ParticipantId};
 
+use crate::admin::DropReason;
 use crate::outbound::Dropper;
 use crate::store::{Millis, StreamId};
 
@@ -238,7 +240,7 @@ impl Streams {
         let inner = self.lock();
         if let Some(entry) = inner.get(participant) {
             for stream in entry.streams.values() {
-                stream.dropper.taken_back(*id);
+                stream.dropper.taken_back(*id, DropReason::Purged);
             }
         }
     }
@@ -267,6 +269,33 @@ impl Streams {
         }
     }
 
+    /// A delivery of message `id` leased with `deadline` was dropped from a channel of
+    /// `participant`'s streams, never sent (its lifetime ended, or it was taken back, while
+    /// it waited): frees the slot of that lease, if a stream still holds it, and wakes the
+    /// streams. Its recipient will never ack it, so the slot would otherwise be held until
+    /// the deadline. A later lease of the message (after the ack timeout, or a redrive)
+    /// has another deadline and keeps its slot.
+    pub fn dropped(&self, participant: &ParticipantId, id: &MessageId, deadline: Millis) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.get_mut(participant) else {
+            return;
+        };
+        let mut freed = false;
+        for stream in entry.streams.values_mut() {
+            if stream
+                .in_flight
+                .get(id)
+                .is_some_and(|lease| lease.deadline == deadline)
+            {
+                stream.in_flight.remove(id);
+                freed = true;
+            }
+        }
+        if freed {
+            entry.notify.notify_waiters();
+        }
+    }
+
     /// `sender` withdrew its message `id` to `recipient`: frees its slot on whichever
     /// stream of the recipient holds it, and drops it from their channels where it waits,
     /// or comes to wait, to be sent (see [`Streams::drop_waiting`]).
@@ -285,7 +314,7 @@ impl Streams {
                 stream.in_flight.remove(id);
                 hit = true;
             }
-            stream.dropper.taken_back(*id);
+            stream.dropper.taken_back(*id, DropReason::Withdrawn);
         }
         if hit {
             entry.notify.notify_waiters();
@@ -338,7 +367,7 @@ mod tests {
     }
 
     fn dropper() -> Dropper {
-        crate::outbound::channel(1, 1 << 20).0.dropper()
+        crate::outbound::unreported(1, 1 << 20).0.dropper()
     }
 
     #[test]
@@ -386,5 +415,41 @@ mod tests {
         assert_eq!(streams.free_slots(&p, s.id, 2, 50), 1);
         assert_eq!(streams.free_slots(&p, s.id, 2, 200), 2);
         assert!(streams.settled(&p, &[m2]).unknown);
+    }
+
+    /// A delivery dropped from the channel unsent frees the slot of the lease that put it
+    /// in, not that of a later lease of the message (another deadline).
+    #[test]
+    fn a_dropped_delivery_frees_the_slot_of_its_own_lease_only() {
+        let streams = Streams::new(4, 1);
+        let p = id("NL-NRM");
+        let s = streams.open(&p, dropper()).unwrap();
+        let m = MessageId::new_v7();
+        let lease = |deadline| Lease {
+            message_id: m,
+            sender: Some(id("BE-PAYOKE")),
+            kind: Kind::Referral,
+            deadline,
+        };
+        streams.leased(&p, s.id, [lease(200)]);
+        // a first copy's, leased before with deadline 100: not this lease
+        streams.dropped(&p, &m, 100);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 50), 1);
+        let woken = s.notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        streams.dropped(&p, &m, 200);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 50), 2);
+        assert!(
+            ready_at_once(woken.as_mut()),
+            "the stream is woken to lease again"
+        );
+    }
+
+    /// Whether `fut` is ready at its first poll.
+    fn ready_at_once<F: std::future::Future>(fut: std::pin::Pin<&mut F>) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        fut.poll(&mut cx).is_ready()
     }
 }

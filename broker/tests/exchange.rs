@@ -449,16 +449,30 @@ async fn taken_back_while_waiting_to_be_sent(purge: bool) -> anyhow::Result<()> 
 /// and what HTTP/2 holds beside it) with `messages` filler follow-ups and one referral to
 /// BE-PAYOKE, all leased into it: the broker, the sender's client, the stream, the
 /// fillers' ids and the referral's.
-async fn stuck_stream(
+pub(crate) async fn stuck_stream(
     adjust: impl FnOnce(&mut trmx_broker::config::BrokerConfig),
     messages: usize,
-) -> anyhow::Result<(
+) -> anyhow::Result<StuckStream> {
+    stuck_stream_with(adjust, messages, 64, |_, _| {}).await
+}
+
+/// What [`stuck_stream`] gives.
+pub(crate) type StuckStream = (
     TestBroker,
     Client,
     tonic::Streaming<pb::Delivery>,
     Vec<String>,
     String,
-)> {
+);
+
+/// [`stuck_stream`], the recipient asking for `max_in_flight`, with the referral adjusted
+/// by `referral` (given the broker's clock's now) before it is submitted.
+async fn stuck_stream_with(
+    adjust: impl FnOnce(&mut trmx_broker::config::BrokerConfig),
+    messages: usize,
+    max_in_flight: u32,
+    referral_adjust: impl FnOnce(&mut pb::Envelope, SystemTime),
+) -> anyhow::Result<StuckStream> {
     let t = TestBroker::start_with(|c| {
         c.limits.receive_buffer_bytes = 16 << 20;
         adjust(c);
@@ -473,10 +487,11 @@ async fn stuck_stream(
         fillers.push(env.message_id.clone());
         submit(&mut nl, env).await?;
     }
-    let env = referral("BE-PAYOKE");
+    let mut env = referral("BE-PAYOKE");
+    referral_adjust(&mut env, trmx_broker::clock::Clock::now(&t.clock));
     let misaddressed = env.message_id.clone();
     submit(&mut nl, env).await?;
-    let stream = receive(&mut be, 64).await?;
+    let stream = receive(&mut be, max_in_flight).await?;
     until_state(
         &mut nl,
         &misaddressed,
@@ -596,6 +611,57 @@ async fn a_message_withdrawn_after_its_ack_timeout_while_waiting_is_not_sent() -
     for id in &fillers {
         assert!(got.contains(id), "a filler never came");
     }
+    Ok(())
+}
+
+/// A message whose lifetime ends while its delivery waits in the broker's send buffer (a
+/// slow link) is EXPIRED and its sender gets a non-delivery report: the recipient must not
+/// get it after that. The buffer drops it when its turn comes, sends everything else in
+/// order, and frees its stream slot (the recipient will never ack it): here every other
+/// slot is held by an unacknowledged filler, and a new message still comes.
+#[tokio::test]
+async fn a_message_that_expires_while_waiting_to_be_sent_is_not_sent() -> anyhow::Result<()> {
+    const FILLERS: usize = 50;
+    let (t, mut nl, mut stream, fillers, short_lived) = stuck_stream_with(
+        |_| {},
+        FILLERS,
+        FILLERS as u32 + 1,
+        |referral, now| {
+            referral.created_at = Some(to_timestamp(now));
+            referral.expires_at = Some(to_timestamp(now + Duration::from_secs(5)));
+        },
+    )
+    .await?;
+    // its lifetime ends inside the 10 s ack timeout: no lease times out
+    t.advance(Duration::from_secs(6));
+    until_state(
+        &mut nl,
+        &short_lived,
+        pb::MessageState::Expired,
+        "not expired",
+    )
+    .await?;
+    let mut reports = receive(&mut nl, 0).await?;
+    let (kind, report) = receipt(&next(&mut reports).await?)?;
+    assert_eq!(kind, Kind::NonDeliveryReport);
+    assert_eq!(report.message_id, short_lived);
+    assert_eq!(report.outcome, pb::Outcome::Expired as i32);
+
+    for id in &fillers {
+        assert_eq!(&id_of(&next(&mut stream).await?), id);
+    }
+    // every slot but the dropped one's holds an unacknowledged filler
+    let mut after = referral("BE-PAYOKE");
+    after.created_at = Some(to_timestamp(trmx_broker::clock::Clock::now(&t.clock)));
+    let after_id = after.message_id.clone();
+    submit(&mut nl, after).await?;
+    let delivered = next(&mut stream).await.map(|d| id_of(&d));
+    assert!(
+        delivered.as_ref().is_ok_and(|id| *id == after_id),
+        "expected the new message (the expired one's slot free), got {delivered:?} \
+         (the expired one is {short_lived})"
+    );
+    expect_quiet(&mut stream).await?;
     Ok(())
 }
 

@@ -114,6 +114,36 @@ impl DeadLetterReason {
     }
 }
 
+/// Why a delivery waiting in a `Receive` stream's send buffer was dropped instead of sent
+/// (see [`crate::outbound`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Its sender withdrew the message.
+    Withdrawn,
+    /// An operator purged the message.
+    Purged,
+    /// The message's lifetime ended (the broker expires it, if it has not yet).
+    Expired,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 3] = [
+        DropReason::Withdrawn,
+        DropReason::Purged,
+        DropReason::Expired,
+    ];
+
+    /// The label value: `withdrawn`, `purged` or `expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Withdrawn => "withdrawn",
+            DropReason::Purged => "purged",
+            DropReason::Expired => "expired",
+        }
+    }
+}
+
 /// Whose certificate (label `role` of `trmx_certificate_expiry_seconds`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CertRole {
