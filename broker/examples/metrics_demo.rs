@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use trmx_broker::admin::{
-    AdminState, CertRole, DeadLetterReason, HeldCert, Metrics, RefusalReason, serve_admin,
-    sha256_label,
+    AdminState, CertRole, DeadLetterReason, DropReason, HeldCert, Metrics, RefusalReason,
+    serve_admin, sha256_label,
 };
 use trmx_broker::store::QueueStats;
 use trmx_proto::{Kind, ParticipantId};
@@ -96,6 +96,7 @@ async fn traffic(metrics: Arc<Metrics>, participants: Vec<ParticipantId>) {
         if n.is_multiple_of(40) {
             metrics.dead_lettered(DeadLetterReason::MaxAttempts, 1);
             metrics.expired(1);
+            metrics.dropped(DropReason::ALL[(n / 40 % DropReason::ALL.len() as u64) as usize]);
         }
         if n.is_multiple_of(20) {
             let now_ms = trmx_proto::time::to_millis(SystemTime::now());

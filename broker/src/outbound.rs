@@ -42,9 +42,12 @@
 //!   ([`Outbox::forget_taken_back`]).
 //! - A delivery whose `expires_at` is at or before the clock's now when its turn comes is
 //!   dropped, not sent (a message taken back counts as taken back, not expired).
-//! - Every delivery taken out and dropped is reported once to the channel's [`Report`],
-//!   outside the channel's lock (the report takes the stream registry's lock, which is
-//!   taken before this one when a message is taken back).
+//! - Every delivery taken out is reported once to the channel's [`Report`]: sent (it is
+//!   handed to the connection; `trmx_messages_delivered_total` counts it then, not when it
+//!   is put in) or dropped, with its reason. A delivery still in the channel when the
+//!   connection goes is neither. Reports are made outside the channel's lock (a drop's
+//!   takes the stream registry's lock, which is taken before this one when a message is
+//!   taken back).
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -99,8 +102,11 @@ pub struct Outgoing {
     pub delivery: pb::Delivery,
 }
 
-/// What the connection's end tells as deliveries leave the channel.
+/// What the connection's end tells as deliveries leave the channel: each delivery taken
+/// out is either sent or dropped, and told once.
 pub trait Report: Send + Sync + Debug + 'static {
+    /// `outgoing` is handed to the connection now.
+    fn sent(&self, outgoing: &Outgoing);
     /// `outgoing` was dropped for `reason`, never sent: its recipient will not ack it.
     fn dropped(&self, outgoing: &Outgoing, reason: DropReason);
 }
@@ -280,7 +286,10 @@ impl Stream for Outbound {
                 (outgoing.expires_at <= self.clock.now_millis()).then_some(DropReason::Expired)
             });
             match dropped {
-                None => return Poll::Ready(Some(Ok(outgoing.delivery))),
+                None => {
+                    self.report.sent(&outgoing);
+                    return Poll::Ready(Some(Ok(outgoing.delivery)));
+                }
                 // (the channel's lock is released: see the module doc)
                 Some(reason) => self.report.dropped(&outgoing, reason),
             }
@@ -303,6 +312,7 @@ pub(crate) fn unreported(capacity: usize, buffer: u64) -> (Outbox, Outbound) {
     #[derive(Debug)]
     struct Nobody;
     impl Report for Nobody {
+        fn sent(&self, _: &Outgoing) {}
         fn dropped(&self, _: &Outgoing, _: DropReason) {}
     }
     channel(
@@ -325,19 +335,31 @@ mod tests {
     /// A lifetime that never ends in these tests.
     const LATER: Millis = NOW + 86_400_000;
 
-    /// What a channel reported, in order.
+    /// What a channel reported, in order: the deliveries dropped, and those sent.
     #[derive(Debug, Default, Clone)]
-    struct Reported(Arc<Mutex<Vec<(MessageId, DropReason)>>>);
+    struct Reported {
+        dropped: Arc<Mutex<Vec<(MessageId, DropReason)>>>,
+        sent: Arc<Mutex<Vec<MessageId>>>,
+    }
 
     impl Report for Reported {
+        fn sent(&self, outgoing: &Outgoing) {
+            self.sent().push(outgoing.message_id);
+        }
+
         fn dropped(&self, outgoing: &Outgoing, reason: DropReason) {
             self.taken().push((outgoing.message_id, reason));
         }
     }
 
     impl Reported {
+        /// The drops.
         fn taken(&self) -> MutexGuard<'_, Vec<(MessageId, DropReason)>> {
-            self.0.lock().unwrap()
+            self.dropped.lock().unwrap()
+        }
+
+        fn sent(&self) -> MutexGuard<'_, Vec<MessageId>> {
+            self.sent.lock().unwrap()
         }
     }
 
@@ -548,6 +570,44 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         assert_eq!(taken(&mut outbound).await, []);
         assert_eq!(*reported.taken(), [(m, DropReason::Withdrawn)]);
+    }
+
+    /// A delivery counts as sent when tonic takes it for the connection, not when it is
+    /// put in; one dropped is not sent, and one still waiting when the connection goes is
+    /// neither.
+    #[tokio::test]
+    async fn a_delivery_is_reported_sent_when_taken_for_the_connection() {
+        let (outbox, mut outbound, clock, reported) = test_channel(8, 1 << 20);
+        let [a, withdrawn, expired, b, left] = [(); 5].map(|()| MessageId::new_v7());
+        send(&outbox, a).await;
+        send(&outbox, withdrawn).await;
+        outbox
+            .send(outgoing_of(expired, 10, NOW + 1))
+            .await
+            .unwrap();
+        send(&outbox, b).await;
+        assert!(reported.sent().is_empty(), "counted when put in");
+        assert_eq!(taken_one(&mut outbound).await, a);
+        assert_eq!(*reported.sent(), [a]);
+
+        outbox
+            .dropper()
+            .taken_back(withdrawn, DropReason::Withdrawn);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(taken(&mut outbound).await, [b]);
+        assert_eq!(*reported.sent(), [a, b]);
+        assert_eq!(
+            *reported.taken(),
+            [
+                (withdrawn, DropReason::Withdrawn),
+                (expired, DropReason::Expired)
+            ]
+        );
+
+        send(&outbox, left).await;
+        drop(outbound);
+        assert_eq!(*reported.sent(), [a, b]);
+        assert_eq!(reported.taken().len(), 2);
     }
 
     async fn taken_one(outbound: &mut Outbound) -> MessageId {

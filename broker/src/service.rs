@@ -908,10 +908,9 @@ async fn run_stream(
                 );
                 for lease in leased {
                     debug!(message_id = %lease.message_id, attempt = lease.attempt, "delivering");
-                    let (kind, attempt) = (lease.kind, lease.attempt);
                     let outgoing = Outgoing {
                         message_id: lease.message_id,
-                        kind,
+                        kind: lease.kind,
                         expires_at: lease.expires_at,
                         lease_deadline: deadline,
                         delivery: delivery(lease),
@@ -927,7 +926,6 @@ async fn run_stream(
                         Ok(_) = handle.close.wait_for(|closed| *closed) => break 'stream Some(closing()),
                         Ok(_) = shutting_down.wait_for(|down| *down) => break 'stream Some(closing()),
                     }
-                    shared.metrics.delivered(kind, attempt);
                 }
                 continue;
             }
@@ -985,8 +983,9 @@ async fn run_stream(
     }
 }
 
-/// What a `Receive` stream's connection end reports to: a delivery dropped from its
-/// channel unsent frees its stream slot.
+/// What a `Receive` stream's connection end reports to: the metrics count a delivery
+/// when it is handed to the connection, and one dropped from its channel unsent frees its
+/// stream slot.
 #[derive(Debug)]
 struct StreamReport {
     shared: Arc<Shared>,
@@ -994,7 +993,14 @@ struct StreamReport {
 }
 
 impl outbound::Report for StreamReport {
+    fn sent(&self, outgoing: &Outgoing) {
+        self.shared
+            .metrics
+            .delivered(outgoing.kind, outgoing.delivery.attempt);
+    }
+
     fn dropped(&self, outgoing: &Outgoing, reason: DropReason) {
+        self.shared.metrics.dropped(reason);
         debug!(
             participant = %self.participant,
             message_id = %outgoing.message_id,

@@ -662,6 +662,14 @@ async fn a_message_that_expires_while_waiting_to_be_sent_is_not_sent() -> anyhow
          (the expired one is {short_lived})"
     );
     expect_quiet(&mut stream).await?;
+    // counted as dropped, not delivered: the one referral delivered is the new one
+    let metrics = t.broker.metrics().render();
+    for line in [
+        "trmx_deliveries_dropped_total{reason=\"expired\"} 1",
+        "trmx_messages_delivered_total{kind=\"referral\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line}");
+    }
     Ok(())
 }
 

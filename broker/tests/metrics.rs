@@ -846,3 +846,36 @@ async fn two_cas_of_one_name_in_the_bundle_are_two_series_and_both_count_for_rea
     assert_eq!(status, 503, "a CA in tls.ca has expired: {body}");
     Ok(())
 }
+
+/// `trmx_messages_delivered_total` counts the deliveries a `Receive` stream handed to its
+/// connection. One dropped from the send buffer unsent (here withdrawn while it waited
+/// behind a slow link) is not delivered: it is counted in `trmx_deliveries_dropped_total`,
+/// by reason, instead.
+#[tokio::test]
+async fn a_delivery_dropped_unsent_is_not_counted_as_delivered() -> anyhow::Result<()> {
+    let (t, mut nl, mut stream, fillers, misaddressed) =
+        crate::exchange::stuck_stream(|_| {}, 50).await?;
+    let admin = admin_addr(&t)?;
+    nl.withdraw(pb::WithdrawRequest {
+        message_id: misaddressed.clone(),
+    })
+    .await?;
+    for id in &fillers {
+        assert_eq!(&id_of(&next(&mut stream).await?), id);
+    }
+    expect_quiet(&mut stream).await?;
+
+    let scrape = Scrape::take(admin).await?;
+    let delivered = |kind| scrape.value(&kind_series("trmx_messages_delivered_total", kind));
+    assert_eq!(delivered(Kind::FollowUp), fillers.len() as f64);
+    assert_eq!(delivered(Kind::Referral), 0.0, "the withdrawn referral");
+    let dropped = |reason| {
+        scrape.value(&format!(
+            "trmx_deliveries_dropped_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(dropped("withdrawn"), 1.0);
+    assert_eq!(dropped("purged"), 0.0);
+    assert_eq!(dropped("expired"), 0.0);
+    Ok(())
+}

@@ -225,6 +225,8 @@ pub struct Metrics {
     dead_lettered: [AtomicU64; DeadLetterReason::ALL.len()],
     withdrawn: AtomicU64,
     purged: AtomicU64,
+    /// Deliveries dropped from a stream's send buffer unsent, by [`DropReason::ALL`].
+    dropped: [AtomicU64; DropReason::ALL.len()],
     refused: [AtomicU64; RefusalReason::ALL.len()],
     /// Failed timer runs, by [`TIMER_STEPS`].
     timer_failures: [AtomicU64; TIMER_STEPS.len()],
@@ -347,6 +349,7 @@ impl Metrics {
             dead_lettered: Default::default(),
             withdrawn: AtomicU64::new(0),
             purged: AtomicU64::new(0),
+            dropped: Default::default(),
             refused: Default::default(),
             timer_failures: Default::default(),
             tls_handshake_failures: Default::default(),
@@ -362,7 +365,8 @@ impl Metrics {
         self.accepted.inc(kind);
     }
 
-    /// A message was handed to a `Receive` stream; `attempt` > 1 also counts a redelivery.
+    /// A delivery was handed to a `Receive` stream's connection (taken from its send
+    /// buffer, not dropped there); `attempt` > 1 also counts a redelivery.
     pub fn delivered(&self, kind: Kind, attempt: u32) {
         self.delivered.inc(kind);
         if attempt > 1 {
@@ -396,6 +400,15 @@ impl Metrics {
     /// An operator purged a message.
     pub fn purged(&self) {
         self.purged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A delivery was dropped from a `Receive` stream's send buffer for `reason`, never
+    /// sent (not counted as delivered).
+    pub fn dropped(&self, reason: DropReason) {
+        let i = DropReason::ALL.iter().position(|r| *r == reason);
+        if let Some(i) = i {
+            self.dropped[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A `Submit` was refused for `reason` (nothing stored).
@@ -668,7 +681,7 @@ impl Metrics {
         self.render_kinds(
             &mut w,
             "trmx_messages_delivered_total",
-            "Messages handed to a Receive stream (every attempt).",
+            "Deliveries handed to a Receive stream's connection (every attempt; not those dropped from its send buffer, see trmx_deliveries_dropped_total).",
             &self.delivered,
         );
         self.render_kinds(
@@ -713,6 +726,19 @@ impl Metrics {
             "counter",
         );
         w.sample("trmx_messages_purged_total", &[], load(&self.purged));
+        w.family(
+            "trmx_deliveries_dropped_total",
+            "Deliveries dropped from a Receive stream's send buffer, never sent, by reason: \
+             the message was withdrawn, purged or expired while they waited.",
+            "counter",
+        );
+        for (reason, count) in DropReason::ALL.iter().zip(&self.dropped) {
+            w.sample(
+                "trmx_deliveries_dropped_total",
+                &[("reason", reason.as_str())],
+                load(count),
+            );
+        }
         w.family(
             "trmx_timer_failures_total",
             "Failed runs of the broker's timers, by step: tick (redeliveries, expiry, \
@@ -1226,6 +1252,12 @@ mod tests {
         }
         assert!(text.contains("trmx_messages_dead_lettered_total{reason=\"rejected\"} 0\n"));
         assert!(text.contains("trmx_messages_dead_lettered_total{reason=\"max_attempts\"} 0\n"));
+        for reason in DropReason::ALL {
+            assert!(text.contains(&format!(
+                "trmx_deliveries_dropped_total{{reason=\"{}\"}} 0\n",
+                reason.as_str()
+            )));
+        }
         for reason in HandshakeFailure::ALL {
             assert!(text.contains(&format!(
                 "trmx_tls_handshake_failures_total{{reason=\"{}\"}} 0\n",
@@ -1239,7 +1271,7 @@ mod tests {
         // every family has one HELP and one TYPE line
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 29);
+        assert_eq!(types, 30);
         assert_eq!(helps, types);
     }
 
@@ -1263,6 +1295,9 @@ mod tests {
         metrics.withdrawn();
         metrics.purged();
         metrics.purged();
+        metrics.dropped(DropReason::Expired);
+        metrics.dropped(DropReason::Withdrawn);
+        metrics.dropped(DropReason::Withdrawn);
         metrics.set_tls_handshake_failures(&[
             (HandshakeFailure::Revoked, 4),
             (HandshakeFailure::Timeout, 1),
@@ -1281,6 +1316,9 @@ mod tests {
             "trmx_messages_expired_total 3",
             "trmx_messages_withdrawn_total 1",
             "trmx_messages_purged_total 2",
+            "trmx_deliveries_dropped_total{reason=\"withdrawn\"} 2",
+            "trmx_deliveries_dropped_total{reason=\"purged\"} 0",
+            "trmx_deliveries_dropped_total{reason=\"expired\"} 1",
             "trmx_timer_failures_total{step=\"tick\"} 1",
             "trmx_timer_failures_total{step=\"audit_retention\"} 1",
             "trmx_tls_handshake_failures_total{reason=\"revoked\"} 4",
