@@ -39,7 +39,9 @@
 //!   still be on its way in (the stream task puts a batch in one delivery at a time, and
 //!   learns of a lease only once the store made it); the stream task forgets the marks
 //!   without a copy when it holds no delivery still to put in
-//!   ([`Outbox::forget_taken_back`]).
+//!   ([`Outbox::forget_taken_back`]). The stream registry reads the mark too
+//!   ([`Dropper::is_taken_back`]) when the stream registers its leases, so that a lease
+//!   taken back before it was registered holds no slot.
 //! - A delivery whose `expires_at` is at or before the clock's now when its turn comes is
 //!   dropped, not sent (a message taken back counts as taken back, not expired).
 //! - Every delivery taken out is reported once to the channel's [`Report`]: sent (it is
@@ -185,6 +187,14 @@ impl Dropper {
     /// dropped when its turn comes instead of sent.
     pub fn taken_back(&self, message_id: MessageId, reason: DropReason) {
         self.0.queued().entry(message_id).or_default().taken_back = Some(reason);
+    }
+
+    /// Whether `message_id` is marked taken back (its deliveries are dropped unsent).
+    pub fn is_taken_back(&self, message_id: &MessageId) -> bool {
+        self.0
+            .queued()
+            .get(message_id)
+            .is_some_and(|queued| queued.taken_back.is_some())
     }
 }
 

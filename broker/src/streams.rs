@@ -8,7 +8,11 @@
 //!   an entry leaves on ack, reject, withdraw, purge, when its delivery is dropped
 //!   from the stream's channel unsent (see [`crate::outbound`]), or when its ack
 //!   deadline passes (the store then owns its redelivery), so a stream never stalls
-//!   at its `max_in_flight`.
+//!   at its `max_in_flight`. A lease of a message taken back (withdrawn, purged)
+//!   between the store's lease and its registration here never enters it: the
+//!   withdrawal or purge came too early to free its slot.
+//! - Lock order: this registry's lock, then a stream channel's (a [`Dropper`]'s);
+//!   a channel reports its drops with its own lock released.
 //! - Locks are std mutexes held only for map updates, never across `.await`.
 
 use std::collections::HashMap;
@@ -178,7 +182,11 @@ impl Streams {
         max_in_flight.saturating_sub(stream.in_flight.len())
     }
 
-    /// Records leases handed to a stream.
+    /// Records leases handed to a stream, but for those of messages taken back
+    /// (withdrawn, purged) since the store made them: [`Streams::withdrawn`] and
+    /// [`Streams::drop_waiting`] found those in flight on no stream, so freed no slot, and
+    /// their deliveries are dropped from the channel unsent, never acked. Registered, each
+    /// would hold a slot until its turn came in the channel (or its ack deadline).
     pub fn leased(
         &self,
         participant: &ParticipantId,
@@ -191,6 +199,11 @@ impl Streams {
             .and_then(|p| p.streams.get_mut(&id))
         {
             for lease in leases {
+                // (the mark outlives this call: the stream task forgets marks only when
+                // every lease it holds is in its channel; see `crate::outbound`)
+                if stream.dropper.is_taken_back(&lease.message_id) {
+                    continue;
+                }
                 stream.in_flight.insert(
                     lease.message_id,
                     InFlight {
@@ -444,6 +457,34 @@ mod tests {
             ready_at_once(woken.as_mut()),
             "the stream is woken to lease again"
         );
+    }
+
+    /// The store leases messages to a stream; before the stream task registers the
+    /// leases (`leased`), one is withdrawn by its sender and another purged by an operator.
+    /// Those found the message in flight on no stream, so they freed no slot; their
+    /// deliveries will be dropped from the channel unsent, and never acked. Registered all
+    /// the same, each held a slot until the ack deadline, or, since the channel reports its
+    /// drops, until its turn came behind a slow link. They take none.
+    #[test]
+    fn a_lease_taken_back_before_the_stream_registers_it_takes_no_slot() {
+        let streams = Streams::new(4, 1);
+        let (recipient, sender) = (id("BE-PAYOKE"), id("NL-NRM"));
+        let s = streams.open(&recipient, dropper()).unwrap();
+        let [withdrawn, purged, kept] = [(); 3].map(|()| MessageId::new_v7());
+        let lease = |message_id| Lease {
+            message_id,
+            sender: Some(sender.clone()),
+            kind: Kind::Referral,
+            deadline: 100,
+        };
+        // (the store leased all three: now the withdrawal and the purge)
+        streams.withdrawn(&recipient, &sender, &withdrawn);
+        streams.drop_waiting(&recipient, &purged);
+        streams.leased(&recipient, s.id, [withdrawn, purged, kept].map(lease));
+        assert_eq!(streams.free_slots(&recipient, s.id, 3, 50), 2);
+        // the one kept is in flight as ever
+        assert_eq!(streams.settled(&recipient, &[kept]).senders, [sender]);
+        assert_eq!(streams.free_slots(&recipient, s.id, 3, 50), 3);
     }
 
     /// Whether `fut` is ready at its first poll.
