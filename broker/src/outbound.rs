@@ -93,7 +93,7 @@ struct Queued {
 pub struct Outgoing {
     /// The message.
     pub message_id: MessageId,
-    /// Its kind.
+    /// Its kind (for the metrics).
     pub kind: Kind,
     /// When its lifetime ends: from then on the delivery is dropped, not sent.
     pub expires_at: Millis,
@@ -127,7 +127,7 @@ impl Waiting {
 
 /// A `Receive` stream's channel to its connection, holding at most `capacity`
 /// deliveries, with room for `buffer` payload bytes. `clock` is the broker's (expiry is
-/// read on it); `report` is told of every delivery dropped.
+/// read on it); `report` is told of every delivery taken out, sent or dropped.
 pub fn channel(
     capacity: usize,
     buffer: u64,
@@ -358,13 +358,12 @@ mod tests {
         }
 
         fn dropped(&self, outgoing: &Outgoing, reason: DropReason) {
-            self.taken().push((outgoing.message_id, reason));
+            self.drops().push((outgoing.message_id, reason));
         }
     }
 
     impl Reported {
-        /// The drops.
-        fn taken(&self) -> MutexGuard<'_, Vec<(MessageId, DropReason)>> {
+        fn drops(&self) -> MutexGuard<'_, Vec<(MessageId, DropReason)>> {
             self.dropped.lock().unwrap()
         }
 
@@ -491,7 +490,7 @@ mod tests {
         dropper.taken_back(b, DropReason::Withdrawn);
         assert_eq!(taken(&mut outbound).await, [c]);
         assert_eq!(outbox.waiting_bytes(), 0);
-        assert_eq!(*reported.taken(), [(b, DropReason::Withdrawn)]);
+        assert_eq!(*reported.drops(), [(b, DropReason::Withdrawn)]);
         // the marks are kept until the stream task forgets them
         outbox.forget_taken_back();
         assert!(outbox.waiting.queued().is_empty(), "a mark is kept");
@@ -513,7 +512,7 @@ mod tests {
         send(&outbox, m).await;
         assert_eq!(taken(&mut outbound).await, []);
         assert_eq!(outbox.waiting_bytes(), 0);
-        assert_eq!(*reported.taken(), [(m, DropReason::Purged); 3]);
+        assert_eq!(*reported.drops(), [(m, DropReason::Purged); 3]);
 
         // a message not taken back is sent each time it comes
         let again = MessageId::new_v7();
@@ -559,7 +558,7 @@ mod tests {
         clock.advance(Duration::from_millis(60));
         assert_eq!(taken(&mut outbound).await, [b]);
         assert_eq!(
-            *reported.taken(),
+            *reported.drops(),
             [(short, DropReason::Expired), (exact, DropReason::Expired)]
         );
         assert_eq!((outbox.waiting_bytes(), outbox.room()), (0, 200));
@@ -579,7 +578,7 @@ mod tests {
         outbox.dropper().taken_back(m, DropReason::Withdrawn);
         clock.advance(Duration::from_secs(1));
         assert_eq!(taken(&mut outbound).await, []);
-        assert_eq!(*reported.taken(), [(m, DropReason::Withdrawn)]);
+        assert_eq!(*reported.drops(), [(m, DropReason::Withdrawn)]);
     }
 
     /// A delivery counts as sent when tonic takes it for the connection, not when it is
@@ -607,7 +606,7 @@ mod tests {
         assert_eq!(taken(&mut outbound).await, [b]);
         assert_eq!(*reported.sent(), [a, b]);
         assert_eq!(
-            *reported.taken(),
+            *reported.drops(),
             [
                 (withdrawn, DropReason::Withdrawn),
                 (expired, DropReason::Expired)
@@ -617,7 +616,7 @@ mod tests {
         send(&outbox, left).await;
         drop(outbound);
         assert_eq!(*reported.sent(), [a, b]);
-        assert_eq!(reported.taken().len(), 2);
+        assert_eq!(reported.drops().len(), 2);
     }
 
     async fn taken_one(outbound: &mut Outbound) -> MessageId {

@@ -466,7 +466,7 @@ pub(crate) type StuckStream = (
 );
 
 /// [`stuck_stream`], the recipient asking for `max_in_flight`, with the referral adjusted
-/// by `referral` (given the broker's clock's now) before it is submitted.
+/// by `referral_adjust` (given the broker's clock's now) before it is submitted.
 async fn stuck_stream_with(
     adjust: impl FnOnce(&mut trmx_broker::config::BrokerConfig),
     messages: usize,
