@@ -1469,12 +1469,14 @@ impl NodeCore {
         Ok(self.outbox_page(filter).await?.entries)
     }
 
-    /// One page of outbox entries, newest first.
+    /// One page of outbox entries, newest first; answered only by an inbox entry already
+    /// flushed, as [`Self::inbox_page`] lists them.
     pub async fn outbox_page(&self, filter: &ListFilter) -> Result<Page<OutboxEntry>, NodeError> {
         let store = self.inner.store.clone();
         let filter = filter.clone();
+        let flushed = self.inner.durable_inbox.borrow().last_seq;
         self.inner
-            .blocking(move || store.list_outbox(&filter))
+            .blocking(move || store.list_outbox(&filter, flushed))
             .await
     }
 
@@ -1494,20 +1496,23 @@ impl NodeCore {
         self.inner.blocking(move || store.list_inbox(&filter)).await
     }
 
-    /// One message with its body (`None` when erased).
+    /// One message with its body (`None` when erased). A received message only once it
+    /// is flushed, as [`Self::inbox_page`] lists it (`None` before: a crash before its
+    /// flush would take it back, and give its seq to another message).
     pub async fn message(&self, id: MessageId) -> Result<Option<MessageView>, NodeError> {
         let store = self.inner.store.clone();
+        let flushed = self.inner.durable_inbox.borrow().last_seq;
         self.inner
             .blocking(move || {
                 if let Some(entry) = store.outbox_entry(id)? {
-                    let entry = store.shown_outbox(entry)?;
+                    let entry = store.shown_outbox(entry, flushed)?;
                     let body = store
                         .outbox_body(id)?
                         .map(|b| store::decode_body(entry.kind, &b))
                         .transpose()?;
                     return Ok(Some(MessageView::Outbox(entry, body)));
                 }
-                if let Some(entry) = store.inbox_entry(id)? {
+                if let Some(entry) = store.inbox_entry(id)?.filter(|e| e.seq <= flushed) {
                     let entry = store.shown_inbox(entry)?;
                     let body = store
                         .inbox_body(entry.seq)?
@@ -1523,7 +1528,9 @@ impl NodeCore {
     /// The messages of a case, sent and received, a page at a time, oldest first (by
     /// creation time, then message id): at most `limit` ([`CASE_PAGE_DEFAULT`] for 0, at
     /// most [`CASE_PAGE_MAX`]) from `start` (the [`Page::next`] of the page before;
-    /// `None`: the first). An unknown case has no messages.
+    /// `None`: the first). An unknown case has no messages. Like [`Self::inbox_page`],
+    /// only received messages already flushed, and only answers among them make a sent
+    /// message answered: a crash before its flush would take a delivery back.
     pub async fn case_timeline(
         &self,
         case_ref: CaseRef,
@@ -1532,8 +1539,9 @@ impl NodeCore {
     ) -> Result<Page<TimelineEntry, CaseCursor>, NodeError> {
         let limit = case_page_limit(limit);
         let store = self.inner.store.clone();
+        let flushed = self.inner.durable_inbox.borrow().last_seq;
         self.inner
-            .blocking(move || store.timeline(case_ref, start, limit))
+            .blocking(move || store.timeline(case_ref, start, limit, flushed))
             .await
     }
 

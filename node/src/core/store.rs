@@ -1237,8 +1237,13 @@ impl Store {
         self.out_rec(id)?.map(|r| r.to_entry()).transpose()
     }
 
-    /// Outbox entries matching `filter`, newest first, from `filter.start`.
-    pub(crate) fn list_outbox(&self, filter: &ListFilter) -> Result<Page<OutboxEntry>, NodeError> {
+    /// Outbox entries matching `filter`, newest first, from `filter.start`, answered only
+    /// by an inbox entry up to seq `flushed` (see [`Self::shown_outbox`]).
+    pub(crate) fn list_outbox(
+        &self,
+        filter: &ListFilter,
+        flushed: u64,
+    ) -> Result<Page<OutboxEntry>, NodeError> {
         let read = |mid: &[u8]| match self.trees[OUTBOX].get(mid).map_err(store_err)? {
             Some(bytes) => from_json::<OutRec>(&bytes)?.to_entry().map(Some),
             None => Ok(None),
@@ -1257,13 +1262,19 @@ impl Store {
                     && filter.state.is_none_or(|s| s == entry.state)
             },
         )?
-        .try_map(|e| self.shown_outbox(e))
+        .try_map(|e| self.shown_outbox(e, flushed))
     }
 
     /// `entry` as it is shown: `answered_by` only if it names an answer of the kind
-    /// the message asks for (a store written before may name a follow-up there).
-    pub(crate) fn shown_outbox(&self, mut entry: OutboxEntry) -> Result<OutboxEntry, NodeError> {
-        if !self.answered_by_answer(entry.answered_by, entry.kind)? {
+    /// the message asks for (a store written before may name a follow-up there) that
+    /// is shown, i.e. an inbox entry with a seq up to `flushed`, the inbox's last flushed
+    /// seq (a crash before its flush would take the answer back).
+    pub(crate) fn shown_outbox(
+        &self,
+        mut entry: OutboxEntry,
+        flushed: u64,
+    ) -> Result<OutboxEntry, NodeError> {
+        if !self.answered_by_answer(entry.answered_by, entry.kind, flushed)? {
             entry.answered_by = None;
         }
         Ok(entry)
@@ -1469,12 +1480,15 @@ impl Store {
     /// One page of the messages of a case, sent and received, oldest first (in the order
     /// of the `cases` index: creation time, then message id, which never changes): at
     /// most `limit` (at least one) from `start` (the [`Page::next`] of the page before;
-    /// `None`: the first).
+    /// `None`: the first). Received messages only up to inbox seq `flushed`, the inbox's
+    /// last flushed seq, as the inbox listing shows them (a crash before its flush would
+    /// take a later one back), and an answer only from those (see [`Self::shown_outbox`]).
     pub(crate) fn timeline(
         &self,
         case: CaseRef,
         start: Option<CaseCursor>,
         limit: usize,
+        flushed: u64,
     ) -> Result<Page<TimelineEntry, CaseCursor>, NodeError> {
         let limit = limit.max(1);
         let begin = start.map_or_else(
@@ -1492,46 +1506,64 @@ impl Store {
             let (Some(at), Some(&dir)) = (key.get(16..24).map(read_u64), value.first()) else {
                 return Err(NodeError::Store("corrupt case index".into()));
             };
+            // (the next page starts here even if this one is not shown yet: by then it may
+            // be flushed)
             if out.len() == limit {
                 next = Some(CaseCursor { at, message_id: id });
                 break;
             }
-            if dir == DIR_SENT {
-                if let Some(e) = self.outbox_entry(id)? {
-                    let e = self.shown_outbox(e)?;
-                    let mut state = e.state.name().to_owned();
-                    if e.answered_by.is_some() {
-                        state.push_str("+answered");
-                    }
-                    out.push(TimelineEntry {
-                        at,
-                        direction: Direction::Sent,
-                        message_id: id,
-                        kind: e.kind,
-                        counterpart: e.recipient,
-                        in_reply_to: e.in_reply_to,
-                        state,
-                    });
-                }
-            } else if let Some(e) = self.inbox_entry(id)? {
-                let e = self.shown_inbox(e)?;
-                let state = if e.answered_by.is_some() {
-                    "received+answered"
-                } else {
-                    "received"
-                };
-                out.push(TimelineEntry {
-                    at,
-                    direction: Direction::Received,
-                    message_id: id,
-                    kind: e.kind,
-                    counterpart: e.sender,
-                    in_reply_to: e.in_reply_to,
-                    state: state.to_owned(),
-                });
-            }
+            out.extend(self.timeline_entry(id, at, dir, flushed)?);
         }
         Ok(Page { entries: out, next })
+    }
+
+    /// Message `id` of a case's index entry (made at `at`, in direction `dir`) as the
+    /// case shows it, `None` when it is not shown: gone, or received after inbox seq
+    /// `flushed`.
+    fn timeline_entry(
+        &self,
+        id: MessageId,
+        at: Millis,
+        dir: u8,
+        flushed: u64,
+    ) -> Result<Option<TimelineEntry>, NodeError> {
+        if dir == DIR_SENT {
+            let Some(e) = self.outbox_entry(id)? else {
+                return Ok(None);
+            };
+            let e = self.shown_outbox(e, flushed)?;
+            let mut state = e.state.name().to_owned();
+            if e.answered_by.is_some() {
+                state.push_str("+answered");
+            }
+            return Ok(Some(TimelineEntry {
+                at,
+                direction: Direction::Sent,
+                message_id: id,
+                kind: e.kind,
+                counterpart: e.recipient,
+                in_reply_to: e.in_reply_to,
+                state,
+            }));
+        }
+        let Some(e) = self.inbox_entry(id)?.filter(|e| e.seq <= flushed) else {
+            return Ok(None);
+        };
+        let e = self.shown_inbox(e)?;
+        let state = if e.answered_by.is_some() {
+            "received+answered"
+        } else {
+            "received"
+        };
+        Ok(Some(TimelineEntry {
+            at,
+            direction: Direction::Received,
+            message_id: id,
+            kind: e.kind,
+            counterpart: e.sender,
+            in_reply_to: e.in_reply_to,
+            state: state.to_owned(),
+        }))
     }
 
     /// Whether a later follow-up replaced the follow-up made at `at` on `case` in
@@ -1675,7 +1707,8 @@ impl Store {
                     return Ok(state);
                 }
                 DueKind::FollowUpDue
-            } else if self.answered_by_answer(e.answered_by, e.kind)? {
+            // (what is due reads the inbox as committed, not as last flushed)
+            } else if self.answered_by_answer(e.answered_by, e.kind, u64::MAX)? {
                 return Ok(DueState::Never);
             } else if e.state == OutboxState::Failed {
                 // (a message found after all moves on to delivered)
@@ -1773,19 +1806,21 @@ impl Store {
     }
 
     /// Whether `answered_by` of a sent request of kind `asked` names a received answer of
-    /// the kind it asks for. (Stores written before answers were told from other
-    /// replies may name a follow-up there: that answers nothing.)
+    /// the kind it asks for, with an inbox seq up to `flushed`. (Stores written before
+    /// answers were told from other replies may name a follow-up there: that answers
+    /// nothing.)
     fn answered_by_answer(
         &self,
         answered_by: Option<MessageId>,
         asked: Kind,
+        flushed: u64,
     ) -> Result<bool, NodeError> {
         let Some(answer) = answered_by else {
             return Ok(false);
         };
         Ok(self
             .inbox_entry(answer)?
-            .is_some_and(|a| a.kind.answers() == Some(asked)))
+            .is_some_and(|a| a.seq <= flushed && a.kind.answers() == Some(asked)))
     }
 
     // ---- retention ------------------------------------------------------
@@ -2163,7 +2198,10 @@ mod tests {
         let due = store.due(today, None, 0).unwrap().entries;
         assert_eq!(due.len(), 1, "still awaited");
         assert_eq!(due[0].what, DueKind::AwaitingAnswer);
-        let listed = store.list_outbox(&ListFilter::default()).unwrap().entries;
+        let listed = store
+            .list_outbox(&ListFilter::default(), u64::MAX)
+            .unwrap()
+            .entries;
         assert_eq!(listed[0].answered_by, None, "not shown as answered");
 
         let answer = incoming(Kind::ReferralResponse);

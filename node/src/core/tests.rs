@@ -1788,6 +1788,77 @@ async fn the_inbox_total_counts_only_what_is_flushed() {
     assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
 }
 
+/// A case shows what its inbox listing shows: a delivery committed but not yet flushed
+/// (its flush under way, or failed) was in the case view, and so was the "answered" that
+/// it makes of the request it answers, though a crash before the flush takes both back.
+/// One message shows it the same way (it carries the seq a watcher resumes after).
+#[tokio::test]
+async fn a_case_shows_only_what_is_flushed() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+    let mut reply = request("r-1", "NL-NRM", response());
+    reply.in_reply_to = Some(sent.message_id);
+    let reply = f.be.send(reply).await.unwrap();
+    f.clock.advance(Duration::from_secs(60));
+    // the answer reaches NL: committed, not flushed
+    let Verdict::Store(incoming) = classify(&f.nl.inner, Some(in_transit(&f.be, reply.message_id)))
+        .await
+        .unwrap()
+    else {
+        panic!("expected store");
+    };
+    let Stored::New(entry) = f.nl.inner.store.store_incoming(&incoming).unwrap() else {
+        panic!("expected a new entry");
+    };
+    let case = |node: &NodeCore| {
+        let node = node.clone();
+        async move {
+            node.case_timeline(sent.case_ref, None, 0)
+                .await
+                .unwrap()
+                .entries
+                .into_iter()
+                .map(|e| (e.message_id, e.state))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert!(f.nl.inbox(&ListFilter::default()).await.unwrap().is_empty());
+    assert_eq!(
+        case(&f.nl).await,
+        [(sent.message_id, "queued".to_owned())],
+        "the case shows a delivery not yet flushed"
+    );
+    let outbox = f.nl.outbox(&ListFilter::default()).await.unwrap();
+    assert_eq!(
+        outbox[0].answered_by, None,
+        "answered by what is not flushed"
+    );
+    assert!(
+        f.nl.message(reply.message_id).await.unwrap().is_none(),
+        "one message shows a delivery not yet flushed"
+    );
+
+    // flushed as the receive loop does: shown everywhere
+    flush_inbox(&f.nl.inner).await.unwrap();
+    assert_eq!(
+        case(&f.nl).await,
+        [
+            (sent.message_id, "queued+answered".to_owned()),
+            (reply.message_id, "received".to_owned())
+        ]
+    );
+    let outbox = f.nl.outbox(&ListFilter::default()).await.unwrap();
+    assert_eq!(outbox[0].answered_by, Some(reply.message_id));
+    let Some(MessageView::Inbox(shown, _)) = f.nl.message(reply.message_id).await.unwrap() else {
+        panic!("the flushed delivery is not shown");
+    };
+    assert_eq!(shown.seq, entry.seq);
+}
+
 /// A delivery committed but whose flush failed is not acknowledged; its
 /// redelivery finds it stored (a duplicate), flushes and acknowledges it.
 /// From then on it is durable, so it must be watched, listed and counted
