@@ -1616,16 +1616,21 @@ impl NodeCore {
     /// stored; never misses one (entries are re-read from the store, so a
     /// slow subscriber only falls behind). Ends at shutdown or after an error.
     ///
-    /// An `after_seq` past the inbox's last seq is `FailedPrecondition`: no
-    /// entry of this inbox gave it out (the store was replaced or restored
+    /// An `after_seq` past the inbox's last flushed seq is `FailedPrecondition`:
+    /// no entry of this inbox gave it out (the store was replaced or restored
     /// from a backup, or the cursor is another node's), and waiting would
-    /// silently skip every entry stored until the seqs catch up with it.
+    /// silently skip every entry stored until the seqs catch up with it. The
+    /// last flushed seq, not the last committed one: only flushed entries are
+    /// handed out (here, in the listings, and as the status's `last_inbox_seq`),
+    /// so a cursor that names a delivery whose flush is under way (or failed)
+    /// comes from none of them, and a crash before that flush would give its
+    /// seq to another message.
     pub async fn watch(
         &self,
         after_seq: u64,
     ) -> Result<impl Stream<Item = Result<InboxEntry, NodeError>> + Send + 'static, NodeError> {
-        let store = self.inner.store.clone();
-        let last = self.inner.blocking(move || store.last_inbox_seq()).await?;
+        // (it only grows: a cursor handed out before is never refused)
+        let last = self.inner.durable_inbox.borrow().last_seq;
         if after_seq > last {
             return Err(NodeError::FailedPrecondition(format!(
                 "after_seq {after_seq} is past the last inbox seq of this node ({last}): \

@@ -806,11 +806,6 @@ impl Store {
         })
     }
 
-    /// The highest inbox seq.
-    pub(crate) fn last_inbox_seq(&self) -> Result<u64, NodeError> {
-        self.counter("inbox_seq")
-    }
-
     /// The highest inbox seq and the number of inbox entries, as one commit left them
     /// (both are written in the transaction that stores an entry, so they never disagree
     /// on disk, before or after a crash; read apart, a commit could fall between).

@@ -1757,6 +1757,50 @@ async fn watch_hands_out_only_what_is_flushed() {
     assert_eq!(f.be.status().last_inbox_seq, entry.seq);
 }
 
+/// A cursor is checked against the last seq flushed, the last one a watcher, a listing
+/// or the status can have handed out, not against the last one committed: a cursor that
+/// names a delivery whose flush is still under way (or failed) comes from no entry of
+/// this inbox, and a crash before the flush gives that seq to another message, which a
+/// watcher resuming after it would never see.
+#[tokio::test]
+async fn watch_refuses_a_cursor_past_the_last_flushed_seq() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", follow_up()))
+            .await
+            .unwrap();
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(in_transit(&f.nl, sent.message_id)))
+        .await
+        .unwrap()
+    else {
+        panic!("expected store");
+    };
+    let Stored::New(entry) = f.be.inner.store.store_incoming(&incoming).unwrap() else {
+        panic!("expected a new entry");
+    };
+    assert_eq!(f.be.status().last_inbox_seq, 0);
+    let Err(err) = f.be.watch(entry.seq).await else {
+        panic!("a cursor naming a delivery not yet flushed was accepted");
+    };
+    assert!(
+        matches!(&err, NodeError::FailedPrecondition(m) if m.contains("after_seq 1") && m.contains("(0)")),
+        "{err}"
+    );
+
+    // flushed as the receive loop does: a cursor from now on, and from 0 the entry
+    flush_inbox(&f.be.inner).await.unwrap();
+    let mut at_end = Box::pin(f.be.watch(entry.seq).await.unwrap());
+    let early = tokio::time::timeout(Duration::from_millis(200), at_end.next()).await;
+    assert!(early.is_err(), "{early:?}");
+    let mut from_start = Box::pin(f.be.watch(0).await.unwrap());
+    let got = tokio::time::timeout(Duration::from_secs(5), from_start.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.seq, got.message_id), (entry.seq, sent.message_id));
+}
+
 /// `inbox_total` in the status counts what is durably stored, as `last_inbox_seq` does:
 /// a delivery committed but not flushed (its flush under way, or failed) was counted, so
 /// the status could show one message more than a listing, and a crash took the count
