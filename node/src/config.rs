@@ -135,7 +135,8 @@ pub struct StorageSection {
     pub retention_check_interval_secs: u64,
     /// Largest step of the system clock the node follows, in seconds; a
     /// larger jump is held (`trmx_durable::clock::GuardedClock`), so that a
-    /// clock set ahead by mistake erases no body before its retention date.
+    /// clock set ahead by mistake erases no body before its retention date, nor
+    /// makes the broker's certificate (checked on the node's time) look expired.
     #[serde(default = "default_max_clock_step_secs")]
     pub max_clock_step_secs: u64,
     /// Longest time between two runs of the node on its store that a start accepts

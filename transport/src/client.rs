@@ -15,7 +15,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use trmx_certs::{CertInfo, Identity};
 
 use crate::server::{certified_key_error, provider};
-use crate::{TlsFile, TlsPaths, TransportError, pem};
+use crate::{TlsClock, TlsFile, TlsPaths, TransportError, pem};
 
 /// How a client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +31,11 @@ pub struct ClientOptions {
     /// again before a connection whenever the file has changed; a file that cannot be read
     /// then keeps the CRL read before (logged).
     pub crl: Option<PathBuf>,
+    /// The time the server's certificate is checked at (its validity): the system clock
+    /// by default. A client that holds its own time through a jump of the system clock
+    /// (a node) passes that time, so that a clock set a year ahead does not make the
+    /// server's certificate look expired while the client carries on.
+    pub clock: TlsClock,
 }
 
 impl Default for ClientOptions {
@@ -40,28 +45,25 @@ impl Default for ClientOptions {
             http2_keepalive: Duration::from_secs(30),
             server_name: String::new(),
             crl: None,
+            clock: TlsClock::system(),
         }
     }
 }
 
 /// A rustls client config: TLS 1.3 only, the CA of `paths` as the only trust anchor, our
-/// certificate and key for client authentication, ALPN `h2`.
+/// certificate and key for client authentication, ALPN `h2`; the server's certificate
+/// checked on the system clock.
 pub fn client_config(paths: &TlsPaths) -> Result<ClientConfig, TransportError> {
-    client_config_checking(paths, None)
+    build(paths, None, &TlsClock::system()).map(|(config, _)| config)
 }
 
-/// [`client_config`], refusing the server certificates that the CRLs in `crl` list.
-fn client_config_checking(
-    paths: &TlsPaths,
-    crl: Option<&Path>,
-) -> Result<ClientConfig, TransportError> {
-    build(paths, crl).map(|(config, _)| config)
-}
-
-/// The client config of [`client_config_checking`], and the leaf certificate it presents.
+/// [`client_config`], refusing the server certificates that the CRLs in `crl` list, and
+/// checking the server's certificate at the time `clock` gives; with the leaf certificate
+/// it presents.
 fn build(
     paths: &TlsPaths,
     crl: Option<&Path>,
+    clock: &TlsClock,
 ) -> Result<(ClientConfig, CertificateDer<'static>), TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
@@ -106,6 +108,7 @@ fn build(
         .with_client_auth_cert(chain, key)
         .map_err(|error| certified_key_error(paths, error))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.time_provider = clock.provider();
     if crl.is_some() {
         // a resumed session skips the server certificate's check, and so the CRL
         config.resumption = Resumption::disabled();
@@ -123,6 +126,8 @@ fn build(
 struct ClientTls {
     paths: TlsPaths,
     crl: Option<PathBuf>,
+    /// The time the server's certificate is checked at.
+    clock: TlsClock,
     /// The identity of the certificate loaded first (`None`: it carries no trmx
     /// identity): a changed certificate must carry the same one, since whoever reads
     /// this client's traffic (a node's store) belongs to that identity.
@@ -146,12 +151,13 @@ struct Current {
 type Stamps = [Option<Stamp>; 4];
 
 impl ClientTls {
-    fn load(paths: &TlsPaths, crl: Option<&Path>) -> Result<Self, TransportError> {
+    fn load(paths: &TlsPaths, crl: Option<&Path>, clock: TlsClock) -> Result<Self, TransportError> {
         let read = stamps(paths, crl);
-        let (config, leaf) = build(paths, crl)?;
+        let (config, leaf) = build(paths, crl, &clock)?;
         Ok(Self {
             paths: paths.clone(),
             crl: crl.map(Path::to_owned),
+            clock,
             identity: Identity::from_der(&leaf).ok(),
             current: Mutex::new(Current {
                 read,
@@ -203,7 +209,7 @@ impl ClientTls {
     /// A config from the files as they are now and the certificate it presents, or why
     /// they cannot be used (logged).
     fn rebuild(&self) -> Result<(ClientConfig, CertificateDer<'static>, Option<CertInfo>), String> {
-        let (config, leaf) = match build(&self.paths, self.crl.as_deref()) {
+        let (config, leaf) = match build(&self.paths, self.crl.as_deref(), &self.clock) {
             Ok(built) => built,
             Err(error) => {
                 tracing::warn!(
@@ -408,7 +414,7 @@ fn host_of(addr: &str) -> Result<&str, TransportError> {
 /// A tonic channel to `addr` (`"127.0.0.1:4443"`, `"broker.example:4443"`) over mutual TLS
 /// 1.3 with the certificate of `paths`, checking the server certificate against the CA
 /// (and the CRL of `opts.crl`, if any) for `opts.server_name` (default: the host part of
-/// `addr`).
+/// `addr`), at the time of `opts.clock`.
 ///
 /// Connects lazily on first use and reconnects after a failure; nothing is dialled here.
 pub fn client_channel(
@@ -435,7 +441,11 @@ pub fn client_channel_with_tls(
     };
     let server_name =
         ServerName::try_from(name.clone()).map_err(|_| TransportError::ServerName { name })?;
-    let tls = Arc::new(ClientTls::load(paths, opts.crl.as_deref())?);
+    let tls = Arc::new(ClientTls::load(
+        paths,
+        opts.crl.as_deref(),
+        opts.clock.clone(),
+    )?);
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|error| TransportError::Endpoint {
             addr: addr.to_owned(),
@@ -520,7 +530,7 @@ mod tests {
             key: node.key.clone(),
         };
         let crl = fed.crl_path();
-        let tls = ClientTls::load(&paths, Some(&crl)).unwrap();
+        let tls = ClientTls::load(&paths, Some(&crl), crate::TlsClock::system()).unwrap();
         let first = tls.config();
         assert!(same(&first, &tls.config()), "nothing changed: not rebuilt");
 

@@ -24,6 +24,9 @@
 //! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
 //!   `Channel` over mutual TLS 1.3; [`server_name_mismatch`] tells a failure to connect
 //!   for a name the server's certificate does not carry.
+//! - `time` (private) — [`TlsClock`] — the time a side checks its peer's certificate on:
+//!   the system clock, or a process's own (server: [`ServerTls::load_with_clock`];
+//!   client: [`ClientOptions::clock`]).
 //! - `pem` (private): reading PEM files (and DER CRLs) with errors that name the file.
 //! - [`status`] — [`code_name`] — a gRPC status code by its canonical name.
 //! - [`error`] — [`TransportError`], with the [`TlsFile`] it is about.

@@ -1,12 +1,12 @@
-//! The clock a TLS server checks client certificates on.
+//! The clock TLS checks the peer's certificate on.
 //!
-//! rustls checks a client's certificate validity (and, where enforced, a CRL's
-//! `nextUpdate`) at the operating system's time. A broker that holds its own time through
-//! a jump of the system clock (its `GuardedClock`) passes that time here, so that a clock
-//! set a year ahead does not refuse every node as expired while the broker carries on.
-//! Clients check the server's certificate on the system clock, as every TLS client does
-//! (a node's tests run on a manual clock at a fixed date, before the certificates they
-//! make).
+//! rustls checks a certificate's validity (and, where enforced, a CRL's `nextUpdate`) at
+//! the operating system's time. A broker that holds its own time through a jump of the
+//! system clock (its `GuardedClock`) passes that time to its server config
+//! ([`crate::ServerTls::load_with_clock`]), so that a clock set a year ahead does not
+//! refuse every node as expired while the broker carries on; a node passes its own to its
+//! client config ([`crate::ClientOptions::clock`]), so that the same jump does not make the
+//! broker's certificate look expired and cut the node off.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use rustls::pki_types::UnixTime;
 use rustls::time_provider::TimeProvider;
 
-/// The clock a TLS server checks client certificates on: the system clock by default.
+/// The clock TLS checks the peer's certificate on: the system clock by default.
 #[derive(Clone)]
 pub struct TlsClock(Arc<dyn Fn() -> SystemTime + Send + Sync>);
 

@@ -1016,13 +1016,22 @@ impl NodeCore {
     /// has expired is logged at ERROR (the node still serves its store), one that
     /// expires within [`CERT_EXPIRY_WARNING`] at WARN; both are said again once a
     /// day while the node runs.
+    ///
+    /// The broker's certificate is checked on `clock` too (its validity, at each
+    /// handshake): a running node's clock holds its time through a jump of the system
+    /// clock, so such a jump does not make the broker's certificate look expired (or
+    /// not yet valid) and cut the node off.
     pub async fn start(config: CoreConfig, clock: Arc<dyn Clock>) -> Result<NodeCore, NodeError> {
         let info = check_node_certificate(&config)?;
         let mut notices = CertNotices::default();
         note_certificate_expiry(&config, &info, clock.now(), &mut notices.expiry);
+        // (the broker's certificate is checked on the node's clock, which holds its time
+        // through a jump of the system clock as retention does)
+        let tls_clock = Arc::clone(&clock);
         let opts = trmx_transport::ClientOptions {
             server_name: config.broker_server_name.clone(),
             crl: config.crl.clone(),
+            clock: trmx_transport::TlsClock::new(move || tls_clock.now()),
             ..trmx_transport::ClientOptions::default()
         };
         let (channel, tls) =

@@ -3283,6 +3283,68 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// The node checked the broker's certificate on the system clock, while all else
+    /// it does runs on its own clock, which holds its time through a jump of the system
+    /// clock: a jump past the broker certificate's validity cut the node off until the
+    /// clock was put right. Now it is checked on the node's clock: a node whose clock
+    /// stands past the certificate's notAfter, or before its notBefore, is refused the
+    /// broker, with an error that names the validity and the node's time, though the
+    /// system clock is right; and a node whose clock is right connects.
+    #[tokio::test]
+    async fn the_brokers_certificate_is_checked_on_the_nodes_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
+        let brokers =
+            trmx_certs::CertInfo::from_pem_file(&federation.dir.join("broker-test.pem")).unwrap();
+        let cert = federation.participant("NL-NRM").unwrap();
+        for (case, at, says) in [
+            ("ahead", brokers.not_after + DAY, "certificate expired"),
+            (
+                "behind",
+                brokers.not_before - DAY,
+                "certificate not valid yet",
+            ),
+        ] {
+            let clock = Arc::new(ManualClock::new(at));
+            let nl = started_on(
+                &dir.path().join(case),
+                "NL-NRM",
+                &federation,
+                &cert,
+                addr,
+                clock,
+            )
+            .await
+            .unwrap();
+            let error = broker_error(&nl).await;
+            let secs = at.duration_since(UNIX_EPOCH).unwrap().as_secs();
+            for part in [says, &format!("verification time {secs} (UNIX)")] {
+                assert!(error.contains(part), "{case}: {part}: {error}");
+            }
+            assert!(!nl.status().broker_connected, "{case}");
+            nl.shutdown().await;
+        }
+        assert!(broker.lock().receive_serials.is_empty());
+
+        let nl = started(
+            &dir.path().join("right"),
+            "NL-NRM",
+            &federation,
+            &cert,
+            addr,
+        )
+        .await
+        .unwrap();
+        until("NL receives", || async {
+            broker.lock().receive_serials.len() == 1 && nl.status().broker_connected
+        })
+        .await;
+        nl.shutdown().await;
+    }
+
     /// A node pointed at the broker's admin port (plain HTTP) got
     /// "received corrupt message of type InvalidContentType" and no clue.
     #[tokio::test]
