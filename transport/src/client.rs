@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rustls::ClientConfig;
 use rustls::client::{Resumption, WebPkiServerVerifier};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -58,13 +58,13 @@ pub fn client_config(paths: &TlsPaths) -> Result<ClientConfig, TransportError> {
 }
 
 /// [`client_config`], refusing the server certificates that the CRLs in `crl` list, and
-/// checking the server's certificate at the time `clock` gives; with the leaf certificate
-/// it presents.
+/// checking the server's certificate at the time `clock` gives; with the certificate and
+/// key it presents.
 fn build(
     paths: &TlsPaths,
     crl: Option<&Path>,
     clock: &TlsClock,
-) -> Result<(ClientConfig, CertificateDer<'static>), TransportError> {
+) -> Result<(ClientConfig, Arc<Credentials>), TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
     // (`pem::certs` refuses a file without one)
@@ -76,7 +76,36 @@ fn build(
             path: paths.cert.clone(),
             reason: "no certificate".to_owned(),
         })?;
-    let key = pem::key(&paths.key)?;
+    let credentials = Arc::new(Credentials {
+        chain,
+        key: pem::key(&paths.key)?,
+        leaf,
+    });
+    let config = configure(paths, roots, crl, clock, &credentials)?;
+    Ok((config, credentials))
+}
+
+/// [`build`] with the CA and CRL files as they are now, presenting `credentials` (read
+/// before) instead of the certificate and key files.
+fn build_presenting(
+    paths: &TlsPaths,
+    crl: Option<&Path>,
+    clock: &TlsClock,
+    credentials: &Credentials,
+) -> Result<ClientConfig, TransportError> {
+    let roots = pem::roots(&paths.ca)?;
+    configure(paths, roots, crl, clock, credentials)
+}
+
+/// The client config that trusts `roots` (and the CRLs in `crl`) and presents
+/// `credentials`.
+fn configure(
+    paths: &TlsPaths,
+    roots: Arc<rustls::RootCertStore>,
+    crl: Option<&Path>,
+    clock: &TlsClock,
+    credentials: &Credentials,
+) -> Result<ClientConfig, TransportError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|error| TransportError::Config {
@@ -105,7 +134,7 @@ fn build(
         }
     };
     let mut config = builder
-        .with_client_auth_cert(chain, key)
+        .with_client_auth_cert(credentials.chain.clone(), credentials.key.clone_key())
         .map_err(|error| certified_key_error(paths, error))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     config.time_provider = clock.provider();
@@ -113,7 +142,15 @@ fn build(
         // a resumed session skips the server certificate's check, and so the CRL
         config.resumption = Resumption::disabled();
     }
-    Ok((config, leaf))
+    Ok(config)
+}
+
+/// The certificate chain and key a client presents, as read from its files.
+struct Credentials {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// The first of `chain`.
+    leaf: CertificateDer<'static>,
 }
 
 /// The client config of a channel, built again when one of its files changes.
@@ -141,8 +178,8 @@ struct Current {
     config: Arc<ClientConfig>,
     /// The certificate `config` presents (`None`: not a trmx certificate).
     presented: Option<CertInfo>,
-    /// The same, as presented.
-    leaf: CertificateDer<'static>,
+    /// The same, as presented, with its key.
+    credentials: Arc<Credentials>,
     /// Why the files as they were last read are not in force.
     refused: Option<String>,
 }
@@ -153,17 +190,17 @@ type Stamps = [Option<Stamp>; 4];
 impl ClientTls {
     fn load(paths: &TlsPaths, crl: Option<&Path>, clock: TlsClock) -> Result<Self, TransportError> {
         let read = stamps(paths, crl);
-        let (config, leaf) = build(paths, crl, &clock)?;
+        let (config, credentials) = build(paths, crl, &clock)?;
         Ok(Self {
             paths: paths.clone(),
             crl: crl.map(Path::to_owned),
             clock,
-            identity: Identity::from_der(&leaf).ok(),
+            identity: Identity::from_der(&credentials.leaf).ok(),
             current: Mutex::new(Current {
                 read,
                 config: Arc::new(config),
-                presented: CertInfo::from_der(&leaf).ok(),
-                leaf,
+                presented: CertInfo::from_der(&credentials.leaf).ok(),
+                credentials,
                 refused: None,
             }),
         })
@@ -175,15 +212,38 @@ impl ClientTls {
         Arc::clone(&self.current().config)
     }
 
-    /// The config for a new connection, with the files as they are now, and the
-    /// certificate it presents.
-    fn for_connection(&self) -> (Arc<ClientConfig>, Opened) {
+    /// The certificate a new connection presents, and its config, with the files as
+    /// they are now: the files' certificate, or the one `held` holds (with the CA and CRL
+    /// files as they are now).
+    fn for_connection(&self, held: &Mutex<Option<Held>>) -> Opened {
         let current = self.current();
-        let opened = Opened {
-            leaf: current.leaf.clone(),
-            info: current.presented.clone(),
+        let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(held) = held.as_mut() else {
+            return Opened {
+                credentials: Arc::clone(&current.credentials),
+                info: current.presented.clone(),
+                config: Arc::clone(&current.config),
+            };
         };
-        (Arc::clone(&current.config), opened)
+        let read = [current.read[0], current.read[3]];
+        drop(current);
+        if held.read != Some(read) {
+            held.read = Some(read);
+            match build_presenting(
+                &self.paths,
+                self.crl.as_deref(),
+                &self.clock,
+                &held.opened.credentials,
+            ) {
+                Ok(config) => held.opened.config = Arc::new(config),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "the CA or CRL file changed but cannot be used: connecting with the \
+                     ones read before until they change again"
+                ),
+            }
+        }
+        held.opened.clone()
     }
 
     /// The state with the files as they are now (read again if they changed).
@@ -194,10 +254,10 @@ impl ClientTls {
         if now != current.read {
             current.read = now;
             match self.rebuild() {
-                Ok((config, leaf, presented)) => {
+                Ok((config, credentials, presented)) => {
                     current.config = Arc::new(config);
                     current.presented = presented;
-                    current.leaf = leaf;
+                    current.credentials = credentials;
                     current.refused = None;
                 }
                 Err(why) => current.refused = Some(why),
@@ -208,8 +268,8 @@ impl ClientTls {
 
     /// A config from the files as they are now and the certificate it presents, or why
     /// they cannot be used (logged).
-    fn rebuild(&self) -> Result<(ClientConfig, CertificateDer<'static>, Option<CertInfo>), String> {
-        let (config, leaf) = match build(&self.paths, self.crl.as_deref(), &self.clock) {
+    fn rebuild(&self) -> Result<(ClientConfig, Arc<Credentials>, Option<CertInfo>), String> {
+        let (config, credentials) = match build(&self.paths, self.crl.as_deref(), &self.clock) {
             Ok(built) => built,
             Err(error) => {
                 tracing::warn!(
@@ -220,7 +280,7 @@ impl ClientTls {
                 return Err(error.to_string());
             }
         };
-        let identity = Identity::from_der(&leaf).ok();
+        let identity = Identity::from_der(&credentials.leaf).ok();
         if identity != self.identity {
             let name = |identity: &Option<Identity>| {
                 identity
@@ -241,7 +301,7 @@ impl ClientTls {
             );
             return Err(why);
         }
-        let presented = CertInfo::from_der(&leaf).ok();
+        let presented = CertInfo::from_der(&credentials.leaf).ok();
         match &presented {
             Some(info) => tracing::info!(
                 cert = %self.paths.cert.display(),
@@ -251,7 +311,7 @@ impl ClientTls {
             ),
             None => tracing::info!("the TLS files changed: new connections use them"),
         }
-        Ok((config, leaf, presented))
+        Ok((config, credentials, presented))
     }
 }
 
@@ -265,6 +325,19 @@ pub struct ChannelTls {
     /// The certificate the channel's connection opened last presented (`None`: none
     /// opened yet).
     opened: Arc<Mutex<Option<Opened>>>,
+    /// The certificate the channel's connections present instead of the files' (`None`:
+    /// the files'), see [`ChannelTls::hold`].
+    held: Arc<Mutex<Option<Held>>>,
+}
+
+/// A certificate a channel goes on presenting at its next connections, whatever the
+/// certificate and key files hold ([`ChannelTls::hold`]).
+struct Held {
+    /// The certificate, and the config that presents it.
+    opened: Opened,
+    /// The stamps of the CA and CRL files that config was built with (`None`: not built
+    /// from them here; it is the config of the connection that presented the certificate).
+    read: Option<[Option<Stamp>; 2]>,
 }
 
 /// Where and how a channel connects.
@@ -274,12 +347,13 @@ struct Dial {
     target: String,
 }
 
-/// A certificate a connection presents.
+/// A certificate a connection presents, and the config that presents it.
 #[derive(Clone)]
 struct Opened {
-    leaf: CertificateDer<'static>,
+    credentials: Arc<Credentials>,
     /// (`None`: not a trmx certificate)
     info: Option<CertInfo>,
+    config: Arc<ClientConfig>,
 }
 
 impl std::fmt::Debug for ChannelTls {
@@ -293,8 +367,9 @@ impl std::fmt::Debug for ChannelTls {
 /// What a channel's next connection presents ([`ChannelTls::status`]).
 #[derive(Debug, Clone)]
 pub struct ChannelTlsStatus {
-    /// The certificate (`None`: it carries no trmx identity). The connection open now
-    /// may still present the one before: see `outdated`.
+    /// The certificate of the files (`None`: it carries no trmx identity), which the
+    /// channel's next connection presents unless it is held (see `held`). The
+    /// connection open now may still present the one before: see `outdated`.
     pub presented: Option<CertInfo>,
     /// Why the files as they are now are not used (they changed, and cannot be used):
     /// the certificate above is the one read before.
@@ -307,6 +382,9 @@ pub struct ChannelTlsStatus {
     /// the certificate it was opened with (to a broker that may revoke it). A client
     /// that must present the new one now moves to [`ChannelTls::new_channel`].
     pub outdated: bool,
+    /// Whether the channel's next connections present the certificate its connection
+    /// opened last presented, not `presented` ([`ChannelTls::hold`]).
+    pub held: bool,
 }
 
 impl ChannelTls {
@@ -320,12 +398,54 @@ impl ChannelTls {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
         ChannelTlsStatus {
             presented: current.presented.clone(),
             refused: current.refused.clone(),
-            outdated: opened.as_ref().is_some_and(|o| o.leaf != current.leaf),
+            outdated: opened
+                .as_ref()
+                .is_some_and(|o| o.credentials.leaf != current.credentials.leaf),
             connected: opened.and_then(|o| o.info),
+            held,
         }
+    }
+
+    /// From now on, the channel's connections present the certificate (and key) its
+    /// connection opened last presented, whatever the certificate and key files hold,
+    /// until [`ChannelTls::release`]; the CA and CRL files are still read again when they
+    /// change. For a client whose server refused the certificate the files hold now (a
+    /// renewal of another CA, not yet valid, revoked): a connection that breaks is
+    /// opened again with the certificate the server accepted, rather than with one it
+    /// refuses. A channel made by [`ChannelTls::new_channel`] presents the files'.
+    ///
+    /// Returns whether a certificate is held: not before a connection has opened.
+    pub fn hold(&self) -> bool {
+        let opened = self
+            .opened
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(opened) = opened else {
+            return false;
+        };
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held
+            .as_ref()
+            .is_none_or(|h| h.opened.credentials.leaf != opened.credentials.leaf)
+        {
+            *held = Some(Held { opened, read: None });
+        }
+        true
+    }
+
+    /// Ends [`ChannelTls::hold`]: the channel's next connections present the files'
+    /// certificate again.
+    pub fn release(&self) {
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     /// Another channel to the same address with the same TLS files (a certificate of
@@ -468,14 +588,16 @@ fn channel(tls: &Arc<ClientTls>, dial: &Arc<Dial>) -> (Channel, ChannelTls) {
         tls: Arc::clone(tls),
         dial: Arc::clone(dial),
         opened: Arc::new(Mutex::new(None)),
+        held: Arc::new(Mutex::new(None)),
     };
     let tls = Arc::clone(tls);
     let server_name = dial.server_name.clone();
     let target = dial.target.clone();
     let opened = Arc::clone(&handle.opened);
+    let held = Arc::clone(&handle.held);
     let connect = tower::service_fn(move |_: Uri| {
-        let (config, presented) = tls.for_connection();
-        let connector = TlsConnector::from(config);
+        let presented = tls.for_connection(&held);
+        let connector = TlsConnector::from(Arc::clone(&presented.config));
         let server_name = server_name.clone();
         let target = target.clone();
         let opened = Arc::clone(&opened);
@@ -506,12 +628,12 @@ fn channel(tls: &Arc<ClientTls>, dial: &Arc<Dial>) -> (Channel, ChannelTls) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use trmx_certs::Federation;
 
-    use super::{ClientTls, host_of};
-    use crate::TlsPaths;
+    use super::{ClientTls, Held, host_of};
+    use crate::{TlsClock, TlsPaths};
 
     /// Whether two configs are the same one (not rebuilt in between).
     fn same(a: &Arc<rustls::ClientConfig>, b: &Arc<rustls::ClientConfig>) -> bool {
@@ -530,7 +652,7 @@ mod tests {
             key: node.key.clone(),
         };
         let crl = fed.crl_path();
-        let tls = ClientTls::load(&paths, Some(&crl), crate::TlsClock::system()).unwrap();
+        let tls = ClientTls::load(&paths, Some(&crl), TlsClock::system()).unwrap();
         let first = tls.config();
         assert!(same(&first, &tls.config()), "nothing changed: not rebuilt");
 
@@ -588,6 +710,46 @@ mod tests {
             .write_crl(std::time::Duration::from_secs(86_400))
             .unwrap();
         assert!(!same(&again, &tls.config()));
+    }
+
+    /// A held certificate is presented whatever the certificate and key files hold, with
+    /// the CA and CRL files as they are, until released.
+    #[test]
+    fn a_held_certificate_is_presented_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = Federation::create(dir.path(), "trm.test").unwrap();
+        let node = fed.participant("NL-NRM").unwrap();
+        let paths = TlsPaths {
+            ca: fed.ca_cert_path(),
+            cert: node.cert.clone(),
+            key: node.key.clone(),
+        };
+        let tls = ClientTls::load(&paths, Some(&fed.crl_path()), TlsClock::system()).unwrap();
+        let held = Mutex::new(None);
+        let first = tls.for_connection(&held);
+        *held.lock().unwrap() = Some(Held {
+            opened: first.clone(),
+            read: None,
+        });
+
+        fed.ca.renew(&node, 30).unwrap();
+        let renewed = tls.config();
+        assert!(!same(&first.config, &renewed), "the files are read");
+        let next = tls.for_connection(&held);
+        assert!(next.credentials.leaf == first.credentials.leaf, "not held");
+        assert!(same(&next.config, &tls.for_connection(&held).config));
+        // a new CRL is taken up, for the held certificate
+        fed.ca
+            .write_crl(std::time::Duration::from_secs(86_400))
+            .unwrap();
+        let crl = tls.for_connection(&held);
+        assert!(!same(&next.config, &crl.config));
+        assert!(crl.credentials.leaf == first.credentials.leaf);
+
+        *held.lock().unwrap() = None;
+        let released = tls.for_connection(&held);
+        assert!(released.credentials.leaf != first.credentials.leaf);
+        assert!(same(&released.config, &tls.config()));
     }
 
     #[test]

@@ -22,8 +22,11 @@
 //! - [`identity`] — [`peer_identity`] — the caller's `trmx_certs::Identity` from the
 //!   verified client certificate of a tonic request.
 //! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
-//!   `Channel` over mutual TLS 1.3; [`server_name_mismatch`] tells a failure to connect
-//!   for a name the server's certificate does not carry.
+//!   `Channel` over mutual TLS 1.3 that takes up changed TLS files at its next connection;
+//!   [`ChannelTls`] says what its connections present, and holds the certificate a
+//!   server accepted for its next connections when the server refuses the files' new
+//!   one; [`server_name_mismatch`] tells a failure to connect for a name the server's
+//!   certificate does not carry.
 //! - `time` (private) — [`TlsClock`] — the time a side checks its peer's certificate on:
 //!   the system clock, or a process's own (server: [`ServerTls::load_with_clock`];
 //!   client: [`ClientOptions::clock`]).
