@@ -77,9 +77,11 @@ const MAX_SOCKET_PATH: usize = 107;
 /// All four are read again before a connection to the broker when one of them has
 /// changed (a renewal, a CA rollover, a new CRL): no restart is needed. A changed
 /// certificate is checked for every few seconds, and the node moves to a new connection
-/// that presents it (the open one would go on presenting the old one until it breaks).
-/// A change that cannot be used, or a certificate of another identity, is logged and
-/// the files read before stay in force.
+/// that presents it (the open one would go on presenting the old one until it breaks),
+/// once the broker has accepted it there; a certificate the broker refuses leaves the
+/// node presenting the old one, also on its next connections. A change that cannot be
+/// used, or a certificate of another identity, is logged and the files read before stay
+/// in force.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {

@@ -10,7 +10,8 @@
 //! channel that presents it; the certificate loop proves it with one call, and
 //! only then [`LinkChannel::move_to`] replaces the channel inside with it (a
 //! certificate the broker refuses must not take the link off a connection that
-//! works). Each call from then on goes to the new channel, while a call made
+//! works, nor keep it off once that breaks: [`Outdated::hold`] makes the channel in
+//! use reconnect with the certificate its connection presents). Each call from then on goes to the new channel, while a call made
 //! before (a submit awaiting its answer) ends on the old connection, which hyper
 //! closes once its last call has ended. The receive loop, whose stream would
 //! hold the old connection open for ever, watches [`LinkChannel::generation`]
@@ -62,7 +63,7 @@ struct Current {
 pub(crate) struct Outdated {
     /// What the open connection presents (`None`: no trmx certificate).
     pub(crate) old: Option<CertInfo>,
-    /// What the next connection presents.
+    /// What the certificate files hold: what a new channel's connection presents.
     pub(crate) new: Option<CertInfo>,
     /// The TLS files of the channel in use.
     tls: ChannelTls,
@@ -82,6 +83,13 @@ impl Outdated {
     pub(crate) fn candidate(&self) -> Candidate {
         let (channel, tls) = self.tls.new_channel();
         Candidate { channel, tls }
+    }
+
+    /// Makes the next connections of the channel in use present `old`, the certificate
+    /// its open connection presents, not `new` (which the broker did not accept), until
+    /// [`LinkChannel::release`] or a move.
+    pub(crate) fn hold(&self) {
+        self.tls.hold();
     }
 }
 
@@ -139,6 +147,14 @@ impl LinkChannel {
             new: status.presented,
             tls,
         })
+    }
+
+    /// Makes the next connections of the channel in use present the certificate of the
+    /// files again, after [`Outdated::hold`].
+    pub(crate) fn release(&self) {
+        if let Some(tls) = self.tls() {
+            tls.release();
+        }
     }
 
     /// Moves to `candidate`: each call from now on goes to it, and the receive loop

@@ -218,6 +218,52 @@ pub(crate) fn reserved_port() -> (TcpSocket, SocketAddr) {
     (socket, addr)
 }
 
+/// A TCP relay on 127.0.0.1:0 to `target` whose connections a test can cut, as a
+/// network failure or a broker restart does, while the broker behind it serves on.
+#[derive(Debug)]
+pub(crate) struct Relay {
+    pub(crate) addr: SocketAddr,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub(crate) async fn start(target: SocketAddr) -> Relay {
+        let (listener, addr) = listener().await;
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::clone(&conns);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let relayed = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                open.lock().unwrap().push(relayed.abort_handle());
+            }
+        });
+        Relay {
+            addr,
+            conns,
+            accept,
+        }
+    }
+
+    /// Closes every connection open through the relay, at both ends.
+    pub(crate) fn cut(&self) {
+        for relayed in self.conns.lock().unwrap().drain(..) {
+            relayed.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
 type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::Delivery, Status>> + Send>>;
 
 #[tonic::async_trait]

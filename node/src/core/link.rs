@@ -20,7 +20,7 @@ use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::time::{Date, from_timestamp, to_millis};
 use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
-use super::channel::LinkChannel;
+use super::channel::{LinkChannel, Outdated};
 use super::store::{IdUse, Incoming, ReceiptEffect, Stored};
 use super::{
     Body, BodyContext, Failure, Inner, Millis, MoveRefused, NodeError, OutboxState,
@@ -916,6 +916,14 @@ fn is_refusal(status: &tonic::Status) -> bool {
     false
 }
 
+/// When the certificate the link's connection presents ends its validity, for the log.
+fn old_not_after(outdated: &Outdated) -> String {
+    outdated
+        .old
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |i| trmx_certs::format_time(i.not_after))
+}
+
 /// Every `certificate_check_interval`, moves the link to a new connection when
 /// the next one would present another certificate than the open one: after a
 /// renewal (before the old certificate expires, or is revoked) the broker sees
@@ -925,15 +933,20 @@ fn is_refusal(status: &tonic::Status) -> bool {
 /// The new connection is proven first (one `GetInfo`, at most [`PROOF_TIMEOUT`]), and
 /// the link moves to it only when the broker answered: a certificate the broker refuses
 /// (of a CA it does not trust, revoked, not yet valid) must not take the node off a
-/// connection that works. The link then keeps the old connection, the refusal is logged
-/// at ERROR (again every [`REFUSED_REPEAT`] while it lasts), and the certificate is tried
-/// again after [`REFUSED_RETRY`], or at once when the files change.
+/// connection that works. The link then keeps the old connection, and its next
+/// connections (once that one breaks) present the old certificate too
+/// ([`super::channel::Outdated::hold`]), which the broker accepted: a network failure or
+/// a broker restart must not cut the node off while the old certificate is still good.
+/// The refusal is logged at ERROR (again every [`REFUSED_REPEAT`] while it lasts), with
+/// the old certificate's end of validity, by when a certificate the broker accepts must
+/// be installed; and the new certificate is tried again after [`REFUSED_RETRY`], or at
+/// once when the files change. A restart presents the files.
 ///
-/// When the old connection is down too, a failed proof moves nothing either: the old
-/// channel's next connection reads the files as they are then, so it presents the new
-/// certificate anyway (a move would gain nothing), and the receive loop reports its
-/// failures. The proof is then logged at ERROR only when the broker refused the
-/// certificate, not when it could not be reached.
+/// When the old connection is down, a proof that could not reach the broker holds
+/// nothing (the receive loop reports the broker's failures): the old channel's next
+/// connection presents what it presented before, the old certificate if it was held,
+/// else the files'. One the broker refused holds the old certificate as above, and is
+/// logged at ERROR; one that could not reach the broker is not.
 pub(crate) async fn certificate_loop(
     inner: Arc<Inner>,
     channel: LinkChannel,
@@ -959,6 +972,7 @@ pub(crate) async fn certificate_loop(
             // refusal from now on is a new one)
             (refused, said) = (None, None);
             inner.set_move_refused(None);
+            channel.release();
             continue;
         };
         let now = inner.clock.now();
@@ -985,11 +999,13 @@ pub(crate) async fn certificate_loop(
         };
         // (the candidate is dropped: its connection, if any, with it)
         refused = Some(Refused {
-            cert: outdated.new,
+            cert: outdated.new.clone(),
             at: now,
         });
         let connected = inner.link.connected.load(Ordering::SeqCst);
         if connected || failed.refused {
+            // (the broker accepted the old one: reconnect with it, not with one refused)
+            outdated.hold();
             inner.set_move_refused(Some(MoveRefused {
                 connected: outdated.old.clone(),
                 reason: format!(
@@ -999,13 +1015,13 @@ pub(crate) async fn certificate_loop(
             }));
         }
         if !connected && !failed.refused {
-            debug!(participant = %me, new_serial = %new_serial, reason = %failed.reason, "the broker cannot be reached to try the new node certificate; the link is down, and its next connection presents it");
+            debug!(participant = %me, new_serial = %new_serial, reason = %failed.reason, "the broker cannot be reached to try the new node certificate; the link is down, and its next connection presents it (the old one, if the broker refused the new one before)");
         } else if !say_again(&mut said, &new_serial, now, REFUSED_REPEAT) {
             debug!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, connected, "the broker did not accept the new node certificate (said before)");
         } else if connected {
-            error!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate: the link keeps its connection with the old one, until that breaks (the next connection presents the certificate files as they are); install a certificate the broker accepts");
+            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after(&outdated), new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate: the link keeps its connection, and its next connections present the old one, until the old one expires (old_not_after) or the node restarts (a restart presents the certificate files); install a certificate the broker accepts");
         } else {
-            error!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate, and the link is down: nothing is sent or received until a certificate the broker accepts is installed");
+            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after(&outdated), new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate, and the link is down: its next connections present the old one, until the old one expires (old_not_after) or the node restarts (a restart presents the certificate files); install a certificate the broker accepts");
         }
     }
 }

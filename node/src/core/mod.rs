@@ -96,7 +96,7 @@ pub struct CoreConfig {
     /// How often the link compares the certificate its connection presents with the
     /// certificate file; when they differ (a renewal), it moves to a new connection, once
     /// the broker has answered a call on it (a certificate it refuses leaves the link
-    /// where it is).
+    /// where it is, and its next connections present the old one too).
     pub certificate_check_interval: Duration,
     /// How far the system clock may be from the store's last run at start.
     pub clock_bounds: ClockBounds,
@@ -567,7 +567,8 @@ struct Inner {
     /// What was last said about the node certificate.
     notices: Mutex<CertNotices>,
     /// The broker did not accept the renewed certificate the link last tried
-    /// (`link::certificate_loop`): the link stays on its connection with the old one.
+    /// (`link::certificate_loop`): the link stays on its connection with the old one, and
+    /// presents the old one on its next connections too.
     move_refused: Mutex<Option<MoveRefused>>,
 }
 

@@ -1958,7 +1958,7 @@ mod link {
     use std::future::Future;
     use std::net::SocketAddr;
 
-    use super::super::fake_broker::{FakeBroker, listener, reserved_port};
+    use super::super::fake_broker::{FakeBroker, Relay, listener, reserved_port};
     use super::*;
 
     /// Polls `check` until it is true or 10 s passed.
@@ -3254,6 +3254,131 @@ mod link {
         assert_eq!(nl.inbox(&ListFilter::default()).await.unwrap().len(), 2);
         assert_eq!(broker.lock().submits_arrived, 1, "submitted once");
         assert_eq!(doomed(), 3, "the renewed certificate was accepted");
+        let shown = nl.status().certificate.unwrap();
+        assert_eq!(
+            (shown.serial_hex, shown.refused),
+            (renewed.serial_hex.clone(), None)
+        );
+        be.shutdown().await;
+        nl.shutdown().await;
+    }
+
+    /// A renewed certificate that the broker refused left the link on its connection,
+    /// but only until that broke: the next connection presented the files as they were,
+    /// which the broker refused, and a network failure or a broker restart cut the node
+    /// off while the certificate the broker had accepted was still good. Now the link's
+    /// next connections present that one again, until a certificate the broker accepts
+    /// is installed (the link then moves to it, as before), and the ERROR says so.
+    #[tokio::test]
+    async fn a_refused_renewal_leaves_the_old_certificate_for_the_next_connections() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("NL-NRM").unwrap();
+        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
+        let stranger =
+            trmx_certs::Federation::create(&dir.path().join("other-pki"), "trmx.test").unwrap();
+        let foreign = stranger.participant("NL-NRM").unwrap();
+        let bad = trmx_certs::CertInfo::from_pem_file(&foreign.cert).unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, broker_addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
+        let relay = Relay::start(broker_addr).await;
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let nl = started_on(
+            dir.path(),
+            "NL-NRM",
+            &federation,
+            &cert,
+            relay.addr,
+            clock.clone(),
+        )
+        .await
+        .unwrap();
+        let serials = || broker.lock().receive_serials.clone();
+        until("NL receives with its first certificate", || async {
+            serials() == [first.serial_hex.clone()] && nl.status().broker_connected
+        })
+        .await;
+        install(&foreign, &cert);
+        let refusals = || logs.lines_with(&["ERROR", "the broker did not accept"]);
+        until("the new certificate is refused", || async {
+            !refusals().is_empty()
+        })
+        .await;
+
+        // the connection breaks: the next one presents the certificate the broker accepts
+        relay.cut();
+        until("NL receives again with its first certificate", || async {
+            serials().len() == 2 && nl.status().broker_connected
+        })
+        .await;
+        assert_eq!(
+            serials(),
+            [first.serial_hex.clone(), first.serial_hex.clone()]
+        );
+        let be = NodeCore::start_offline(config(dir.path(), "BE-PAYOKE"), clock.clone())
+            .await
+            .unwrap();
+        let deliver = |key: &'static str| {
+            let (be, broker) = (&be, &broker);
+            async move {
+                let incoming = be.send(request(key, "NL-NRM", referral())).await.unwrap();
+                let envelope = be
+                    .inner
+                    .store
+                    .envelope(incoming.message_id)
+                    .unwrap()
+                    .unwrap();
+                broker.enqueue(envelope, "BE-PAYOKE");
+                incoming.message_id
+            }
+        };
+        let incoming = deliver("k-1").await;
+        until("NL stores and acknowledges a delivery", || async {
+            broker.lock().acked == [incoming.to_string()]
+        })
+        .await;
+        let shown = nl.status().certificate.unwrap();
+        assert_eq!(shown.serial_hex, first.serial_hex);
+        let why = shown.refused.unwrap_or_default();
+        assert!(why.contains(bad.serial_hex.as_str()), "{why}");
+        // said at ERROR: which certificate the node goes on presenting, until when, and
+        // what to do
+        let told = refusals();
+        assert_eq!(told.len(), 1, "{told:#?}");
+        let until_when = trmx_certs::format_time(first.not_after);
+        for part in [
+            first.serial_hex.as_str(),
+            bad.serial_hex.as_str(),
+            until_when.as_str(),
+            "its next connections present the old one",
+            "install a certificate the broker accepts",
+        ] {
+            assert!(told[0].contains(part), "{part}: {}", told[0]);
+        }
+
+        // a good certificate moves the link, at once, and is presented from then on
+        let good = federation
+            .issue("NL-NRM-2", &trmx_certs::IssueSpec::participant("NL-NRM"))
+            .unwrap();
+        let renewed = trmx_certs::CertInfo::from_pem_file(&good.cert).unwrap();
+        install(&good, &cert);
+        until("NL receives with its renewed certificate", || async {
+            serials().last() == Some(&renewed.serial_hex)
+        })
+        .await;
+        relay.cut();
+        until("NL receives again with its renewed certificate", || async {
+            serials().len() == 4 && nl.status().broker_connected
+        })
+        .await;
+        assert_eq!(serials()[3], renewed.serial_hex);
+        let incoming = deliver("k-2").await;
+        until("NL stores and acknowledges a delivery", || async {
+            broker.lock().acked.last() == Some(&incoming.to_string())
+        })
+        .await;
         let shown = nl.status().certificate.unwrap();
         assert_eq!(
             (shown.serial_hex, shown.refused),
