@@ -128,6 +128,16 @@ impl std::io::Write for LogWriter {
 
 impl LogCapture {
     fn start() -> LogCapture {
+        // tracing caches, for the whole process, whether a log line's callsite interests
+        // any subscriber, the first time a thread reaches it; a test thread without a
+        // capture (no subscriber) cached "never", and a capture running beside it lost
+        // that line (now and then "submits accepted again"). A global subscriber that
+        // takes every line (and drops it) keeps every callsite interesting; installing
+        // it re-asks the callsites cached before.
+        static ANCHOR: std::sync::Once = std::sync::Once::new();
+        ANCHOR.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+        });
         let lines = Arc::new(Mutex::new(Vec::new()));
         let writer = lines.clone();
         let subscriber = tracing_subscriber::fmt()
