@@ -10,12 +10,12 @@
 //! channel that presents it; the certificate loop proves it with one call, and
 //! only then [`LinkChannel::move_to`] replaces the channel inside with it (a
 //! certificate the broker refuses must not take the link off a connection that
-//! works, nor keep it off once that breaks: [`Outdated::hold`] makes the channel in
-//! use reconnect with the certificate its connection presents). Each call from then on goes to the new channel, while a call made
-//! before (a submit awaiting its answer) ends on the old connection, which hyper
-//! closes once its last call has ended. The receive loop, whose stream would
-//! hold the old connection open for ever, watches [`LinkChannel::generation`]
-//! and moves its stream.
+//! works, nor keep it off once that breaks: [`Outdated::hold`] makes the channel
+//! in use reconnect with the certificate its connection presents). Each call from
+//! then on goes to the new channel, while a call made before (a submit awaiting
+//! its answer) ends on the old connection, which hyper closes once its last call
+//! has ended. The receive loop, whose stream would hold the old connection open
+//! for ever, watches [`LinkChannel::generation`] and moves its stream.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
