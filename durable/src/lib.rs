@@ -31,7 +31,8 @@
 //! directory only its owner can enter; [`replace`], the atomic replacement of the small
 //! files kept beside a store; [`last_run`], one of them, the last run of a process on its
 //! store, which `check-config` reads instead of the store; [`store_exists`], whether a
-//! directory holds a sled store, told without opening it.
+//! directory holds a sled store, told without opening it; [`open_sled`], opening one in
+//! a process that may have closed it a moment ago.
 
 pub mod clock;
 pub mod last_run;
@@ -313,6 +314,32 @@ pub fn store_exists(dir: &Path) -> io::Result<bool> {
     }
 }
 
+/// How long [`open_sled`] waits for a directory lock that is being released.
+pub const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Opens `config`'s database. sled's I/O threads let go of the directory lock a moment
+/// after the last handle of a closed database is dropped: one reopened in the same
+/// process (a broker or node restarted in place, a compaction right after, the tests)
+/// can see the lock still held, and is given up to [`SLED_LOCK_WAIT`] for it. Another
+/// process that holds the lock is still reported ([`sled_locked`] tells that error).
+pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(e) if sled_locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// Whether opening a sled database failed because its directory lock is held.
+pub fn sled_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(error)
+        if error.kind() == io::ErrorKind::WouldBlock || error.to_string().contains("lock"))
+}
+
 /// What happened in the blob directory since the last read.
 #[derive(Debug, Default)]
 struct Changes {
@@ -346,6 +373,36 @@ fn with_path(e: io::Error, path: &Path) -> io::Error {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A database closed a moment ago (its lock still held, as sled's I/O threads hold
+    /// it a little after the last handle is dropped) is opened once the lock is let go.
+    #[test]
+    fn a_lock_let_go_within_the_wait_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sled::Config::new().path(dir.path());
+        let db = config.open().unwrap();
+        let (opening, open_now) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            open_now.recv().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(db);
+        });
+        opening.send(()).unwrap();
+        let reopened = open_sled(&config);
+        holder.join().unwrap();
+        reopened.unwrap();
+    }
+
+    /// A lock held on (another process on the directory) is reported, and told.
+    #[test]
+    fn a_lock_held_on_is_reported_as_a_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sled::Config::new().path(dir.path());
+        let _db = config.open().unwrap();
+        let error = open_sled(&config).unwrap_err();
+        assert!(sled_locked(&error), "{error}");
+        assert!(!sled_locked(&sled::Error::Unsupported("x".into())));
+    }
 
     fn sled_dir() -> (tempfile::TempDir, sled::Db) {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -609,11 +609,15 @@ impl Store {
         // personal data: only the node's user may enter (sled's files are 0644)
         trmx_durable::private_dir(dir)
             .map_err(|e| NodeError::Store(format!("cannot open {}: {e}", dir.display())))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_capacity)
-            .open()
-            .map_err(|e| NodeError::Store(format!("cannot open {}: {e}", dir.display())))?;
+        let config = sled::Config::new().path(dir).cache_capacity(cache_capacity);
+        let db = trmx_durable::open_sled(&config).map_err(|e| {
+            let why = if trmx_durable::sled_locked(&e) {
+                "it is locked by another process (is another node running on it?)".to_owned()
+            } else {
+                e.to_string()
+            };
+            NodeError::Store(format!("cannot open {}: {why}", dir.display()))
+        })?;
         let trees = TREE_NAMES
             .iter()
             .map(|name| db.open_tree(name))
@@ -2087,6 +2091,20 @@ mod tests {
                 entry.message_id
             })
             .collect()
+    }
+
+    /// A store reopened right after it was closed waits for sled to let go of its lock;
+    /// one that stays open (another node on the directory) is named as such.
+    #[test]
+    fn a_store_just_closed_reopens_and_one_still_open_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..3 {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            drop(store);
+        }
+        let _open = Store::open(dir.path(), 1 << 20).unwrap();
+        let error = Store::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        assert!(error.contains("is another node running on it?"), "{error}");
     }
 
     /// After an outage, an urgent message is submitted before the normal ones queued

@@ -315,8 +315,8 @@ pub(super) fn open_existing(path: &Path) -> Result<::sled::Db, StoreError> {
         .path(path)
         .cache_capacity(16 << 20)
         .flush_every_ms(None);
-    let db = super::open_waiting_for_lock(&config)
-        .map_err(|e| open_err(super::describe_open_error(&e)))?;
+    let db =
+        trmx_durable::open_sled(&config).map_err(|e| open_err(super::describe_open_error(&e)))?;
     let is_store = db
         .open_tree("meta")
         .and_then(|meta| meta.get("format"))

@@ -58,8 +58,6 @@ const RUNNING_KEY: &[u8] = b"running_at";
 const LEASE_ATTEMPTS: usize = 3;
 /// Capacity of the wake-up channel.
 const WAKEUP_CAPACITY: usize = 1024;
-/// How long `open` waits for a directory lock that is being released.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Tuning of the sled database.
 #[derive(Debug, Clone)]
@@ -204,7 +202,7 @@ impl SledStore {
             .cache_capacity(opts.cache_capacity_bytes)
             .mode(::sled::Mode::HighThroughput)
             .flush_every_ms(None);
-        let db = open_waiting_for_lock(&config).map_err(|e| open_err(describe_open_error(&e)))?;
+        let db = trmx_durable::open_sled(&config).map_err(|e| open_err(describe_open_error(&e)))?;
         let meta = db.open_tree("meta").map_err(|e| open_err(e.to_string()))?;
         match meta.get("format").map_err(|e| open_err(e.to_string()))? {
             Some(format) if format.as_ref() != FORMAT => {
@@ -427,29 +425,6 @@ fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
         std::io::ErrorKind::Unsupported,
         "per-thread nice values are Linux-only",
     ))
-}
-
-/// Whether opening failed because the directory lock is held.
-/// Opens `config`'s database. sled's I/O threads let go of the directory
-/// lock a moment after the last handle of a closed database is dropped: one
-/// reopened in the same process (a broker restarted in place, a compaction
-/// right after, the tests) can see the lock still held. Another process that
-/// holds it is still reported, after [`LOCK_WAIT`].
-fn open_waiting_for_lock(config: &::sled::Config) -> ::sled::Result<::sled::Db> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    loop {
-        match config.open() {
-            Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            opened => return opened,
-        }
-    }
-}
-
-fn is_locked(e: &::sled::Error) -> bool {
-    matches!(e, ::sled::Error::Io(io)
-        if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock"))
 }
 
 fn describe_open_error(e: &::sled::Error) -> String {
