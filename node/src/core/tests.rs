@@ -3086,6 +3086,49 @@ mod link {
         std::fs::copy(&from.key, &to.key).unwrap();
     }
 
+    /// NL-NRM's certificate, and a renewal the broker refuses.
+    struct Renewal {
+        /// NL-NRM's certificate files (the broker's CA issued them).
+        cert: trmx_certs::CertPaths,
+        /// What they hold.
+        first: trmx_certs::CertInfo,
+        /// NL-NRM's identity, issued by a CA the broker does not trust.
+        foreign: trmx_certs::CertPaths,
+        /// What that holds.
+        bad: trmx_certs::CertInfo,
+    }
+
+    /// NL-NRM's certificate of `federation`, and one of its identity from another CA
+    /// (under `dir`) as a file from the wrong federation would be.
+    fn renewal_from_a_stranger(dir: &Path, federation: &trmx_certs::Federation) -> Renewal {
+        let cert = federation.participant("NL-NRM").unwrap();
+        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
+        let stranger = trmx_certs::Federation::create(&dir.join("other-pki"), "trmx.test").unwrap();
+        let foreign = stranger.participant("NL-NRM").unwrap();
+        let bad = trmx_certs::CertInfo::from_pem_file(&foreign.cert).unwrap();
+        assert_eq!(bad.identity, first.identity);
+        Renewal {
+            cert,
+            first,
+            foreign,
+            bad,
+        }
+    }
+
+    /// A referral from `be` (offline) to NL-NRM, queued at the fake `broker` for NL-NRM
+    /// as the broker would: its message id.
+    async fn referral_for_nl(be: &NodeCore, broker: &FakeBroker, key: &str) -> MessageId {
+        let incoming = be.send(request(key, "NL-NRM", referral())).await.unwrap();
+        let envelope = be
+            .inner
+            .store
+            .envelope(incoming.message_id)
+            .unwrap()
+            .unwrap();
+        broker.enqueue(envelope, "BE-PAYOKE");
+        incoming.message_id
+    }
+
     /// A certificate the broker refuses (here issued by another CA, as a file from the
     /// wrong federation would be; also one revoked or not yet valid) took the node off
     /// its working connection within seconds: the link moved to a new connection that
@@ -3100,14 +3143,12 @@ mod link {
         let logs = LogCapture::start();
         let dir = tempfile::tempdir().unwrap();
         let federation = federation(dir.path());
-        let cert = federation.participant("NL-NRM").unwrap();
-        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
-        // NL-NRM's identity, issued by a CA the broker does not trust
-        let stranger =
-            trmx_certs::Federation::create(&dir.path().join("other-pki"), "trmx.test").unwrap();
-        let foreign = stranger.participant("NL-NRM").unwrap();
-        let bad = trmx_certs::CertInfo::from_pem_file(&foreign.cert).unwrap();
-        assert_eq!(bad.identity, first.identity);
+        let Renewal {
+            cert,
+            first,
+            foreign,
+            bad,
+        } = renewal_from_a_stranger(dir.path(), &federation);
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
         let (l, addr) = listener().await;
         let server = broker_tls(&federation);
@@ -3184,20 +3225,7 @@ mod link {
         let be = NodeCore::start_offline(config(dir.path(), "BE-PAYOKE"), clock.clone())
             .await
             .unwrap();
-        let deliver = |key: &'static str| {
-            let (be, broker) = (&be, &broker);
-            async move {
-                let incoming = be.send(request(key, "NL-NRM", referral())).await.unwrap();
-                let envelope = be
-                    .inner
-                    .store
-                    .envelope(incoming.message_id)
-                    .unwrap()
-                    .unwrap();
-                broker.enqueue(envelope, "BE-PAYOKE");
-                incoming.message_id
-            }
-        };
+        let deliver = |key: &'static str| referral_for_nl(&be, &broker, key);
         let incoming = deliver("k-1").await;
         until("NL stores and acknowledges a delivery", || async {
             broker.lock().acked == [incoming.to_string()]
@@ -3284,12 +3312,12 @@ mod link {
         let logs = LogCapture::start();
         let dir = tempfile::tempdir().unwrap();
         let federation = federation(dir.path());
-        let cert = federation.participant("NL-NRM").unwrap();
-        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
-        let stranger =
-            trmx_certs::Federation::create(&dir.path().join("other-pki"), "trmx.test").unwrap();
-        let foreign = stranger.participant("NL-NRM").unwrap();
-        let bad = trmx_certs::CertInfo::from_pem_file(&foreign.cert).unwrap();
+        let Renewal {
+            cert,
+            first,
+            foreign,
+            bad,
+        } = renewal_from_a_stranger(dir.path(), &federation);
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
         let (l, broker_addr) = listener().await;
         let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
@@ -3330,20 +3358,7 @@ mod link {
         let be = NodeCore::start_offline(config(dir.path(), "BE-PAYOKE"), clock.clone())
             .await
             .unwrap();
-        let deliver = |key: &'static str| {
-            let (be, broker) = (&be, &broker);
-            async move {
-                let incoming = be.send(request(key, "NL-NRM", referral())).await.unwrap();
-                let envelope = be
-                    .inner
-                    .store
-                    .envelope(incoming.message_id)
-                    .unwrap()
-                    .unwrap();
-                broker.enqueue(envelope, "BE-PAYOKE");
-                incoming.message_id
-            }
-        };
+        let deliver = |key: &'static str| referral_for_nl(&be, &broker, key);
         let incoming = deliver("k-1").await;
         until("NL stores and acknowledges a delivery", || async {
             broker.lock().acked == [incoming.to_string()]
