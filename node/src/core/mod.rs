@@ -938,7 +938,14 @@ impl Inner {
             .notices
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(info) = &status.presented {
+        // (the certificate the link presents: while it holds the old one, whose renewal
+        // the broker refused, that one, not the files')
+        let presents = if status.held {
+            &status.connected
+        } else {
+            &status.presented
+        };
+        if let Some(info) = presents {
             note_certificate_expiry(&self.config, info, now, &mut said.expiry);
         }
         match &status.refused {

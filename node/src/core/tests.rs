@@ -3413,6 +3413,64 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// While the link holds the old certificate (the broker refused the renewal in the
+    /// files), the old one is what the broker sees, and what must be renewed before it
+    /// expires; but the daily expiry check read the files' certificate, valid for a year,
+    /// and said nothing as the one presented ran out, nor when it expired. Now it checks
+    /// the certificate the link presents.
+    #[tokio::test]
+    async fn the_expiry_of_a_held_certificate_is_said() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = issued(&federation, "NL-NRM", 0, 40);
+        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
+        let stranger =
+            trmx_certs::Federation::create(&dir.path().join("other-pki"), "trmx.test").unwrap();
+        let foreign = stranger.participant("NL-NRM").unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let nl = started_on(
+            dir.path(),
+            "NL-NRM",
+            &federation,
+            &cert,
+            addr,
+            clock.clone(),
+        )
+        .await
+        .unwrap();
+        until("NL is connected with its first certificate", || async {
+            nl.status().broker_connected
+        })
+        .await;
+        install(&foreign, &cert);
+        until("the new certificate is refused", || async {
+            !logs
+                .lines_with(&["ERROR", "the broker did not accept"])
+                .is_empty()
+        })
+        .await;
+        assert!(nl.inner.link_tls().unwrap().status().held);
+
+        // 25 days left on the certificate presented
+        clock.advance(DAY * 15);
+        nl.inner.recheck_certificate();
+        let warned = logs.lines_with(&["WARN", "the node certificate expires soon"]);
+        assert_eq!(warned.len(), 1, "{warned:#?}");
+        let until_when = trmx_certs::format_time(first.not_after);
+        assert!(warned[0].contains(until_when.as_str()), "{}", warned[0]);
+        // and once it has expired
+        clock.advance(DAY * 30);
+        nl.inner.recheck_certificate();
+        let expired = logs.lines_with(&["ERROR", "the node certificate has expired"]);
+        assert_eq!(expired.len(), 1, "{expired:#?}");
+        assert!(expired[0].contains(until_when.as_str()), "{}", expired[0]);
+        nl.shutdown().await;
+    }
+
     /// `trmx-node status` said "Unknown: transport error" for a revoked
     /// certificate: the certificate error is in the error's source chain.
     #[tokio::test]
