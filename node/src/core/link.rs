@@ -924,6 +924,12 @@ fn old_not_after(outdated: &Outdated) -> String {
         .map_or_else(|| "-".to_owned(), |i| trmx_certs::format_time(i.not_after))
 }
 
+/// Whether the certificate the link's connection presents has expired at `now` (the
+/// node's clock, on which the broker's certificate is checked too).
+fn old_expired(outdated: &Outdated, now: SystemTime) -> bool {
+    outdated.old.as_ref().is_some_and(|i| i.not_after <= now)
+}
+
 /// Every `certificate_check_interval`, moves the link to a new connection when
 /// the next one would present another certificate than the open one: after a
 /// renewal (before the old certificate expires, or is revoked) the broker sees
@@ -940,7 +946,9 @@ fn old_not_after(outdated: &Outdated) -> String {
 /// The refusal is logged at ERROR (again every [`REFUSED_REPEAT`] while it lasts), with
 /// the old certificate's end of validity, by when a certificate the broker accepts must
 /// be installed; and the new certificate is tried again after [`REFUSED_RETRY`], or at
-/// once when the files change. A restart presents the files.
+/// once when the files change. A restart presents the files. Once the old certificate
+/// has expired (on the node's clock), the refusal says so instead: the broker refuses
+/// that one too.
 ///
 /// When the old connection is down, a proof that could not reach the broker holds
 /// nothing (the receive loop reports the broker's failures): the old channel's next
@@ -1018,6 +1026,10 @@ pub(crate) async fn certificate_loop(
             debug!(participant = %me, new_serial = %new_serial, reason = %failed.reason, "the broker cannot be reached to try the new node certificate; the link is down, and its next connection presents it (the old one, if the broker refused the new one before)");
         } else if !say_again(&mut said, &new_serial, now, REFUSED_REPEAT) {
             debug!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, connected, "the broker did not accept the new node certificate (said before)");
+        } else if old_expired(&outdated, now) {
+            // (the broker refuses the old one too at the next handshake: a held
+            // connection goes on until it breaks, and is not opened again)
+            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after(&outdated), new_serial = %new_serial, reason = %failed.reason, connected, "the broker did not accept the new node certificate, and the old one has expired (old_not_after): the broker refuses it too, so nothing is sent or received once the link's connection is down (connected says whether it is still up) until a certificate the broker accepts is installed");
         } else if connected {
             error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after(&outdated), new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate: the link keeps its connection, and its next connections present the old one, until the old one expires (old_not_after) or the node restarts (a restart presents the certificate files); install a certificate the broker accepts");
         } else {

@@ -3417,7 +3417,9 @@ mod link {
     /// files), the old one is what the broker sees, and what must be renewed before it
     /// expires; but the daily expiry check read the files' certificate, valid for a year,
     /// and said nothing as the one presented ran out, nor when it expired. Now it checks
-    /// the certificate the link presents.
+    /// the certificate the link presents. And the refusal, said again every 15 minutes,
+    /// went on saying that the next connections present the old one "until the old one
+    /// expires" once it had: now it says that the old one has expired.
     #[tokio::test]
     async fn the_expiry_of_a_held_certificate_is_said() {
         let logs = LogCapture::start();
@@ -3468,6 +3470,20 @@ mod link {
         let expired = logs.lines_with(&["ERROR", "the node certificate has expired"]);
         assert_eq!(expired.len(), 1, "{expired:#?}");
         assert!(expired[0].contains(until_when.as_str()), "{}", expired[0]);
+        // and the refusal, said again, no longer says the old one is good until then
+        until("the refusal is said again", || async {
+            logs.lines_with(&["ERROR", "the broker did not accept"])
+                .len()
+                == 2
+        })
+        .await;
+        let told = logs.lines_with(&["ERROR", "the broker did not accept"]);
+        assert!(
+            told[1].contains("the old one has expired")
+                && !told[1].contains("until the old one expires"),
+            "{}",
+            told[1]
+        );
         nl.shutdown().await;
     }
 
