@@ -3098,10 +3098,9 @@ mod link {
         bad: trmx_certs::CertInfo,
     }
 
-    /// NL-NRM's certificate of `federation`, and one of its identity from another CA
-    /// (under `dir`) as a file from the wrong federation would be.
-    fn renewal_from_a_stranger(dir: &Path, federation: &trmx_certs::Federation) -> Renewal {
-        let cert = federation.participant("NL-NRM").unwrap();
+    /// NL-NRM's certificate `cert`, and one of its identity from another CA (under
+    /// `dir`) as a file from the wrong federation would be.
+    fn renewal_from_a_stranger(dir: &Path, cert: trmx_certs::CertPaths) -> Renewal {
         let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
         let stranger = trmx_certs::Federation::create(&dir.join("other-pki"), "trmx.test").unwrap();
         let foreign = stranger.participant("NL-NRM").unwrap();
@@ -3148,7 +3147,7 @@ mod link {
             first,
             foreign,
             bad,
-        } = renewal_from_a_stranger(dir.path(), &federation);
+        } = renewal_from_a_stranger(dir.path(), federation.participant("NL-NRM").unwrap());
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
         let (l, addr) = listener().await;
         let server = broker_tls(&federation);
@@ -3317,7 +3316,7 @@ mod link {
             first,
             foreign,
             bad,
-        } = renewal_from_a_stranger(dir.path(), &federation);
+        } = renewal_from_a_stranger(dir.path(), federation.participant("NL-NRM").unwrap());
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
         let (l, broker_addr) = listener().await;
         let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
@@ -3425,11 +3424,12 @@ mod link {
         let logs = LogCapture::start();
         let dir = tempfile::tempdir().unwrap();
         let federation = federation(dir.path());
-        let cert = issued(&federation, "NL-NRM", 0, 40);
-        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
-        let stranger =
-            trmx_certs::Federation::create(&dir.path().join("other-pki"), "trmx.test").unwrap();
-        let foreign = stranger.participant("NL-NRM").unwrap();
+        let Renewal {
+            cert,
+            first,
+            foreign,
+            ..
+        } = renewal_from_a_stranger(dir.path(), issued(&federation, "NL-NRM", 0, 40));
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
         let (l, addr) = listener().await;
         let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
