@@ -15,8 +15,17 @@ use super::store::{IdUse, InboxMark, ReceiptEffect, Stored, can_move};
 use super::*;
 
 const DAY: Duration = Duration::from_secs(86_400);
-/// 2026-12-01T00:00:00Z: after every date in the example bodies.
+/// 2026-12-01T00:00:00Z: after every date in the example bodies. The tests run on a
+/// manual clock that starts here, never on the system clock's date: they pass with
+/// `START` in the past or far in the future (checked with 2026-09-01 and 2031-06-01). The
+/// TLS tests, whose certificates are made at test time, start their clock at the system
+/// time instead (see `started`).
 const START: u64 = 1_796_083_200;
+/// 2033-02-09T00:00:00Z: past the examples' `retain_until` (2032-12-31), before
+/// 2034-12-31. A date rather than a step from [`START`], so that `START` can move.
+const INTO_2033: u64 = 1_991_520_000;
+/// 2035-02-09T00:00:00Z: past 2034-12-31.
+const INTO_2035: u64 = 2_054_592_000;
 
 fn body(kind: Kind, json: &str) -> Body {
     Body::from_json(kind, json).unwrap()
@@ -742,7 +751,7 @@ async fn retention_erases_bodies_and_keeps_metadata() {
     f.nl.inner.store.mark_submitted(sent.message_id, 1).unwrap();
 
     assert_eq!(f.nl.run_retention().await.unwrap(), 0);
-    f.clock.advance(DAY * 365 * 6 + DAY * 40); // into 2033
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
     assert_eq!(f.nl.run_retention().await.unwrap(), 1);
     match f.nl.message(sent.message_id).await.unwrap() {
         Some(MessageView::Outbox(entry, body)) => {
@@ -851,7 +860,7 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
 
     let case_a = [a.message_id, a_answer.message_id, a_news.message_id];
     let case_b = [b.message_id, b_news.message_id, b_request.message_id];
-    f.clock.advance(DAY * 365 * 6 + DAY * 40); // into 2033
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
     f.nl.run_retention().await.unwrap();
     f.be.run_retention().await.unwrap();
     for node in [&f.nl, &f.be] {
@@ -876,7 +885,7 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
     assert_eq!(f.be.run_retention().await.unwrap(), 1);
     assert_eq!(bodies_kept(&f.be, &[a_late.message_id]).await, []);
 
-    f.clock.advance(DAY * 365 * 2); // into 2035
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2035));
     f.nl.run_retention().await.unwrap();
     f.be.run_retention().await.unwrap();
     for node in [&f.nl, &f.be] {
@@ -939,7 +948,7 @@ async fn a_request_that_never_left_does_not_extend_its_cases_retention() {
         ReceiptEffect::Moved(OutboxState::Failed)
     );
 
-    f.clock.advance(DAY * 365 * 6 + DAY * 40); // into 2033
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
     f.nl.run_retention().await.unwrap();
     assert_eq!(
         bodies_kept(&f.nl, &[never_news.message_id, never.message_id]).await,
@@ -1123,7 +1132,7 @@ async fn received_bodies_are_erased_too() {
             .await
             .unwrap();
     transfer(&f.nl, &f.be, sent.message_id).await;
-    f.clock.advance(DAY * 365 * 7);
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
     assert_eq!(f.be.run_retention().await.unwrap(), 1);
     match f.be.message(sent.message_id).await.unwrap() {
         Some(MessageView::Inbox(entry, None)) => assert!(entry.body_erased),
@@ -2782,7 +2791,7 @@ mod link {
         })
         .await;
         // the submit is in flight; the referral's retain_until (2032-12-31) passes
-        clock.advance(DAY * 365 * 7);
+        clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
         let retention = tokio::spawn({
             let nl = nl.clone();
             async move { nl.run_retention().await }
