@@ -170,6 +170,10 @@ struct ClientTls {
     /// this client's traffic (a node's store) belongs to that identity.
     identity: Option<Identity>,
     current: Mutex<Current>,
+    /// The server's certificate as the last handshake of a connection of these files
+    /// (of any channel made from them) verified it (`None`: none yet, or not a trmx
+    /// certificate).
+    server: Mutex<Option<CertInfo>>,
 }
 
 struct Current {
@@ -203,6 +207,7 @@ impl ClientTls {
                 credentials,
                 refused: None,
             }),
+            server: Mutex::new(None),
         })
     }
 
@@ -442,6 +447,18 @@ impl ChannelTls {
         true
     }
 
+    /// The server's certificate as the last handshake verified it (of this channel's
+    /// connections, or of another channel made from it by [`ChannelTls::new_channel`]):
+    /// `None` before the first handshake, or when it is not a trmx certificate. For a
+    /// client that warns of its end, as it does of its own certificate's.
+    pub fn server_certificate(&self) -> Option<CertInfo> {
+        self.tls
+            .server
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Ends [`ChannelTls::hold`]: the channel's next connections present the files'
     /// certificate again.
     pub fn release(&self) {
@@ -601,10 +618,19 @@ fn channel(tls: &Arc<ClientTls>, dial: &Arc<Dial>) -> (Channel, ChannelTls) {
         let server_name = server_name.clone();
         let target = target.clone();
         let opened = Arc::clone(&opened);
+        let files = Arc::clone(&tls);
         async move {
             let tcp = TcpStream::connect(target.as_str()).await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(server_name, tcp).await?;
+            // (verified by the handshake: the certificate the server presents now)
+            let server = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(<[_]>::first)
+                .and_then(|leaf| CertInfo::from_der(leaf).ok());
+            *files.server.lock().unwrap_or_else(PoisonError::into_inner) = server;
             // In TLS 1.3 the server checks our certificate after our side of the
             // handshake is done. Wait for its first bytes (the HTTP/2 server preface,
             // sent at once): a refusal then arrives as its alert ("received fatal alert:

@@ -967,6 +967,8 @@ pub(crate) async fn certificate_loop(
     let mut refused: Option<Refused> = None;
     let mut said: Option<Said> = None;
     while pause(inner.config.certificate_check_interval, &mut shutdown).await {
+        // (said soon after the first handshake, not at the next daily check)
+        inner.check_broker_certificate();
         let checking = channel.clone();
         let outdated = match tokio::task::spawn_blocking(move || checking.outdated()).await {
             Ok(outdated) => outdated,

@@ -440,6 +440,9 @@ pub struct NodeStatus {
     /// The node certificate the next connection to the broker presents; `None` when
     /// it cannot be read.
     pub certificate: Option<CertificateStatus>,
+    /// The end of validity of the broker's certificate as the node's last handshake
+    /// with the broker saw it; `None` before the first one (or offline).
+    pub broker_certificate_not_after: Option<SystemTime>,
     /// Messages withdrawn here whose withdrawal on the broker is still to be done.
     pub withdrawals_pending: u64,
 }
@@ -861,6 +864,8 @@ struct CertNotices {
     expiry: Option<Said>,
     /// A change of the TLS files that is not used (about the reason).
     refused: Option<Said>,
+    /// The expiry of the broker's certificate (about its serial).
+    broker_expiry: Option<Said>,
 }
 
 /// Whether `about` is to be said at `now`, given what `said` holds (then recorded): not
@@ -879,6 +884,23 @@ fn say_again(said: &mut Option<Said>, about: &str, now: SystemTime, every: Durat
     true
 }
 
+/// What is to be said at `now` of the expiry of the certificate `info`: `None` when
+/// nothing (more than [`CERT_EXPIRY_WARNING`] left, or `said` says it was said of the
+/// same certificate less than [`CERT_EXPIRY_REPEAT`] before, else recorded);
+/// `Some(Err(_))` when it has expired, `Some(Ok(left))` when it expires soon. The node's
+/// certificate and the broker's are warned of alike.
+fn expiry_to_say(
+    info: &trmx_certs::CertInfo,
+    now: SystemTime,
+    said: &mut Option<Said>,
+) -> Option<Result<Duration, std::time::SystemTimeError>> {
+    let left = info.not_after.duration_since(now);
+    if left.as_ref().is_ok_and(|left| *left >= CERT_EXPIRY_WARNING) {
+        return None;
+    }
+    say_again(said, &info.serial_hex, now, CERT_EXPIRY_REPEAT).then_some(left)
+}
+
 /// Says that the node certificate `info` has expired (ERROR) or expires within
 /// [`CERT_EXPIRY_WARNING`] (WARN), unless `said` says so of the same certificate less
 /// than [`CERT_EXPIRY_REPEAT`] before `now`.
@@ -888,13 +910,9 @@ fn note_certificate_expiry(
     now: SystemTime,
     said: &mut Option<Said>,
 ) {
-    let left = info.not_after.duration_since(now);
-    if left.as_ref().is_ok_and(|left| *left >= CERT_EXPIRY_WARNING) {
+    let Some(left) = expiry_to_say(info, now, said) else {
         return;
-    }
-    if !say_again(said, &info.serial_hex, now, CERT_EXPIRY_REPEAT) {
-        return;
-    }
+    };
     let path = config.tls.cert.display();
     let not_after = trmx_certs::format_time(info.not_after);
     match left {
@@ -909,7 +927,47 @@ fn note_certificate_expiry(
     }
 }
 
+/// Says that the broker's certificate `info` (as the last handshake saw it) has expired
+/// on the node's clock (ERROR) or expires within [`CERT_EXPIRY_WARNING`] (WARN), as
+/// [`note_certificate_expiry`] does of the node's. The node checks the broker's
+/// certificate on its clock at each handshake: once it has expired, the next connection
+/// fails, and nothing is sent or received until the broker presents a renewed one.
+fn note_broker_certificate_expiry(
+    config: &CoreConfig,
+    info: &trmx_certs::CertInfo,
+    now: SystemTime,
+    said: &mut Option<Said>,
+) {
+    let Some(left) = expiry_to_say(info, now, said) else {
+        return;
+    };
+    let broker = info.identity.to_string();
+    let not_after = trmx_certs::format_time(info.not_after);
+    match left {
+        Err(_) => {
+            error!(participant = %config.participant, broker = %broker, broker_serial = %info.serial_hex, not_after = %not_after, "the broker certificate has expired on the node's clock: the node refuses it at its next connection, so nothing is sent or received once the connection open now breaks, until the broker presents a renewed certificate (tell the broker's operator; if the broker's certificate is good, check this machine's clock)");
+        }
+        Ok(left) => {
+            warn!(participant = %config.participant, broker = %broker, broker_serial = %info.serial_hex, not_after = %not_after, days_left = left.as_secs() / 86_400, "the broker certificate expires soon: the node cannot connect to the broker once it has, so tell the broker's operator to renew it");
+        }
+    }
+}
+
 impl Inner {
+    /// Says, once a day at most, when the broker's certificate, as the link's last
+    /// handshake saw it, expires soon or has expired.
+    fn check_broker_certificate(&self) {
+        let Some(seen) = self.link_tls().and_then(|tls| tls.server_certificate()) else {
+            return;
+        };
+        let now = self.clock.now();
+        let mut said = self
+            .notices
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        note_broker_certificate_expiry(&self.config, &seen, now, &mut said.broker_expiry);
+    }
+
     /// Records (or, with `None`, clears) a renewed certificate the broker did not accept.
     pub(crate) fn set_move_refused(&self, refused: Option<MoveRefused>) {
         *self
@@ -927,11 +985,14 @@ impl Inner {
     /// Reads the TLS files of the broker link again (they may have been renewed) and
     /// says, once a day at most, when the certificate the link presents expires soon or
     /// has expired, and when a change of the files cannot be used (found now, not at
-    /// the next connection, which may be weeks away).
+    /// the next connection, which may be weeks away); and of the broker's certificate
+    /// ([`Inner::check_broker_certificate`]).
     fn recheck_certificate(&self) {
         let Some(tls) = self.link_tls() else {
             return;
         };
+        // (and the broker's, as the last handshake saw it)
+        self.check_broker_certificate();
         let status = tls.status();
         let now = self.clock.now();
         let mut said = self
@@ -1618,6 +1679,11 @@ impl NodeCore {
             inbox_total: inbox.total,
             last_inbox_seq: inbox.last_seq,
             certificate: self.inner.certificate_status(),
+            broker_certificate_not_after: self
+                .inner
+                .link_tls()
+                .and_then(|tls| tls.server_certificate())
+                .map(|info| info.not_after),
             withdrawals_pending: counts.withdrawals_pending,
         }
     }

@@ -2917,7 +2917,14 @@ mod link {
 
     /// The broker's TLS config from `federation` (its CRL checked).
     fn broker_tls(federation: &trmx_certs::Federation) -> trmx_transport::ServerTls {
-        let cert = federation.broker("test").unwrap();
+        broker_tls_with(federation, federation.broker("test").unwrap())
+    }
+
+    /// [`broker_tls`] with the broker certificate `cert`.
+    fn broker_tls_with(
+        federation: &trmx_certs::Federation,
+        cert: trmx_certs::CertPaths,
+    ) -> trmx_transport::ServerTls {
         let paths = trmx_transport::TlsPaths {
             ca: federation.ca_cert_path(),
             cert: cert.cert,
@@ -3862,6 +3869,79 @@ mod link {
             .unwrap();
         assert_eq!(logs.lines_with(&["expires soon"]).len(), 1, "warned again");
         be.shutdown().await;
+    }
+
+    /// The node warned of its own certificate's end, never of the broker's: a broker
+    /// whose operator forgot its renewal cut every node off on the day, without a word
+    /// on the nodes before. Now the node says, from the broker certificate it saw in its
+    /// last handshake, when that one expires within 30 days (WARN, again once a day) and
+    /// once it has expired on the node's clock (ERROR); its status shows the end too.
+    #[tokio::test]
+    async fn the_expiry_of_the_brokers_certificate_is_said() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let spec = trmx_certs::IssueSpec {
+            validity_days: 40,
+            ..trmx_certs::IssueSpec::broker(
+                "test",
+                vec!["localhost".into()],
+                vec![std::net::Ipv4Addr::LOCALHOST.into()],
+            )
+        };
+        let broker_cert = federation.issue("broker-short", &spec).unwrap();
+        let seen = trmx_certs::CertInfo::from_pem_file(&broker_cert.cert).unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls_with(&federation, broker_cert));
+        let cert = federation.participant("NL-NRM").unwrap();
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let nl = started_on(
+            dir.path(),
+            "NL-NRM",
+            &federation,
+            &cert,
+            addr,
+            clock.clone(),
+        )
+        .await
+        .unwrap();
+        until("NL is connected", || async { nl.status().broker_connected }).await;
+        assert_eq!(
+            nl.status().broker_certificate_not_after,
+            Some(seen.not_after),
+            "the status shows the end of the broker's certificate"
+        );
+        let warned = || logs.lines_with(&["WARN", "the broker certificate expires soon"]);
+        let expired = || logs.lines_with(&["ERROR", "the broker certificate has expired"]);
+        nl.inner.recheck_certificate();
+        assert!(warned().is_empty(), "40 days left: {:#?}", warned());
+
+        // 25 days left: warned, with its end and the days left, once a day
+        clock.advance(DAY * 15);
+        nl.inner.recheck_certificate();
+        let said = warned();
+        assert_eq!(said.len(), 1, "{said:#?}");
+        let not_after = trmx_certs::format_time(seen.not_after);
+        for part in [not_after.as_str(), "days_left=24", seen.serial_hex.as_str()] {
+            assert!(said[0].contains(part), "{part}: {}", said[0]);
+        }
+        clock.advance(Duration::from_secs(3600));
+        nl.inner.recheck_certificate();
+        assert_eq!(warned().len(), 1, "not again within a day");
+        clock.advance(DAY);
+        nl.inner.recheck_certificate();
+        assert_eq!(warned().len(), 2, "{:#?}", warned());
+
+        // expired on the node's clock: an error, once a day too
+        assert!(expired().is_empty());
+        clock.advance(DAY * 30);
+        nl.inner.recheck_certificate();
+        nl.inner.recheck_certificate();
+        let said = expired();
+        assert_eq!(said.len(), 1, "{said:#?}");
+        assert!(said[0].contains(not_after.as_str()), "{}", said[0]);
+        nl.shutdown().await;
     }
 
     // ---- the envelope, checked against the broker's limit ----------------------
