@@ -343,6 +343,9 @@ struct Held {
     /// The stamps of the CA and CRL files that config was built with (`None`: not built
     /// from them here; it is the config of the connection that presented the certificate).
     read: Option<[Option<Stamp>; 2]>,
+    /// Whether the CRL file lists the certificate, with the stamps of the CA and CRL
+    /// files it was found with (`None`: not looked yet), see [`ChannelTls::held_revoked`].
+    revoked: Option<([Option<Stamp>; 2], bool)>,
 }
 
 /// Where and how a channel connects.
@@ -442,7 +445,11 @@ impl ChannelTls {
             .as_ref()
             .is_none_or(|h| h.opened.credentials.leaf != opened.credentials.leaf)
         {
-            *held = Some(Held { opened, read: None });
+            *held = Some(Held {
+                opened,
+                read: None,
+                revoked: None,
+            });
         }
         true
     }
@@ -457,6 +464,37 @@ impl ChannelTls {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The certificate the channel holds ([`ChannelTls::hold`]) when the CRL file lists
+    /// it (revoked by its CA): the server refuses it at its next handshake, or once it
+    /// has that CRL too, and the client must get a certificate the server accepts before
+    /// then. `None` when nothing is held, there is no CRL file, or it does not list the
+    /// held certificate (or cannot be read: a CRL that cannot be used is said when the
+    /// files are read). The CA and CRL files are read again when they changed, and the
+    /// CRL is looked at then only; whatever the time, the certificate is checked at an
+    /// instant of its validity, so an expired one is told revoked too.
+    pub fn held_revoked(&self) -> Option<CertInfo> {
+        let crl = self.tls.crl.as_deref()?;
+        let read = {
+            let current = self.tls.current();
+            [current.read[0], current.read[3]]
+        };
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = held.as_mut()?;
+        let revoked = match held.revoked {
+            Some((at, revoked)) if at == read => revoked,
+            _ => {
+                let revoked = lists(&self.tls.paths, crl, &self.tls.clock, &held.opened);
+                held.revoked = Some((read, revoked));
+                revoked
+            }
+        };
+        if revoked {
+            held.opened.info.clone()
+        } else {
+            None
+        }
     }
 
     /// Ends [`ChannelTls::hold`]: the channel's next connections present the files'
@@ -476,6 +514,41 @@ impl ChannelTls {
     pub fn new_channel(&self) -> (Channel, ChannelTls) {
         channel(&self.tls, &self.dial)
     }
+}
+
+/// Whether the CRLs of `crl` list the certificate of `opened` (as its server would find
+/// it, trusting the CA of `paths`), at the time of `clock` brought within the
+/// certificate's validity. `false` when a file cannot be read.
+fn lists(paths: &TlsPaths, crl: &Path, clock: &TlsClock, opened: &Opened) -> bool {
+    let (Ok(roots), Ok(crls)) = (pem::roots(&paths.ca), pem::crls(crl)) else {
+        return false;
+    };
+    let Ok(verifier) =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .with_crls(crls.ders)
+            .build()
+    else {
+        return false;
+    };
+    let mut at = clock.now();
+    if let Some(info) = &opened.info {
+        // (not `clamp`, which panics on a certificate whose validity ends before it
+        // starts)
+        at = at.min(info.not_after).max(info.not_before);
+    }
+    let at = rustls::pki_types::UnixTime::since_unix_epoch(
+        at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default(),
+    );
+    let chain = &opened.credentials.chain;
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return false;
+    };
+    matches!(
+        verifier.verify_client_cert(leaf, intermediates, at),
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Revoked
+        ))
+    )
 }
 
 /// A digest of a file's contents. The contents, not the time and size: a file fixed by a
@@ -756,6 +829,7 @@ mod tests {
         *held.lock().unwrap() = Some(Held {
             opened: first.clone(),
             read: None,
+            revoked: None,
         });
 
         fed.ca.renew(&node, 30).unwrap();

@@ -967,8 +967,16 @@ pub(crate) async fn certificate_loop(
     let mut refused: Option<Refused> = None;
     let mut said: Option<Said> = None;
     while pause(inner.config.certificate_check_interval, &mut shutdown).await {
-        // (said soon after the first handshake, not at the next daily check)
+        // (the broker's certificate soon after the first handshake, and a held one that
+        // the CRL lists soon after the CRL changed, not at the next daily check;
+        // `held_revoked` reads the CA and CRL files when they changed)
         inner.check_broker_certificate();
+        if let Some(tls) = channel.tls() {
+            match tokio::task::spawn_blocking(move || tls.held_revoked()).await {
+                Ok(revoked) => inner.note_held_revocation(revoked),
+                Err(e) => warn!(participant = %me, error = %e, "certificate check failed"),
+            }
+        }
         let checking = channel.clone();
         let outdated = match tokio::task::spawn_blocking(move || checking.outdated()).await {
             Ok(outdated) => outdated,

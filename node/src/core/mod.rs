@@ -866,6 +866,8 @@ struct CertNotices {
     refused: Option<Said>,
     /// The expiry of the broker's certificate (about its serial).
     broker_expiry: Option<Said>,
+    /// The revocation of the certificate the link holds (about its serial).
+    held_revoked: Option<Said>,
 }
 
 /// Whether `about` is to be said at `now`, given what `said` holds (then recorded): not
@@ -968,6 +970,40 @@ impl Inner {
         note_broker_certificate_expiry(&self.config, &seen, now, &mut said.broker_expiry);
     }
 
+    /// Says at ERROR, once a day at most, when the link holds the old certificate (the
+    /// broker did not take the renewed one of the files) and the node's CRL (`tls.crl`)
+    /// lists it: the broker refuses it at the next connection, or as soon as it has that
+    /// CRL too, so the operator must install a certificate the broker accepts now, not
+    /// once the broker has cut the node off. The CRL is looked at when it changed (the
+    /// channel keeps what it found) and is said of at once; the daily check says it
+    /// again. `revoked` is what [`trmx_transport::ChannelTls::held_revoked`] found
+    /// (it reads files: off the runtime).
+    fn note_held_revocation(&self, revoked: Option<trmx_certs::CertInfo>) {
+        let now = self.clock.now();
+        let mut said = self
+            .notices
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(held) = revoked else {
+            said.held_revoked = None;
+            return;
+        };
+        if !say_again(
+            &mut said.held_revoked,
+            &held.serial_hex,
+            now,
+            CERT_EXPIRY_REPEAT,
+        ) {
+            return;
+        }
+        let crl = self
+            .config
+            .crl
+            .as_ref()
+            .map_or_else(String::new, |p| p.display().to_string());
+        error!(participant = %self.config.participant, serial = %held.serial_hex, not_after = %trmx_certs::format_time(held.not_after), crl = %crl, cert = %self.config.tls.cert.display(), "the old node certificate, which the node goes on presenting because the renewed one in the certificate files was not taken, is revoked: the node's CRL (tls.crl) lists it, so the broker refuses it at the next connection, or as soon as it has this CRL, and then nothing is sent or received; install a certificate the broker accepts now");
+    }
+
     /// Records (or, with `None`, clears) a renewed certificate the broker did not accept.
     pub(crate) fn set_move_refused(&self, refused: Option<MoveRefused>) {
         *self
@@ -991,8 +1027,10 @@ impl Inner {
         let Some(tls) = self.link_tls() else {
             return;
         };
-        // (and the broker's, as the last handshake saw it)
+        // (and the broker's, as the last handshake saw it, and whether a held one is
+        // revoked)
         self.check_broker_certificate();
+        self.note_held_revocation(tls.held_revoked());
         let status = tls.status();
         let now = self.clock.now();
         let mut said = self
@@ -1041,7 +1079,18 @@ impl Inner {
                     (Some(refused), _) => (status.presented, Some(refused)),
                     // (the broker did not accept the files' certificate: the link goes on
                     // with the one its connection presents)
-                    (None, Some(moved)) => (moved.connected, Some(moved.reason)),
+                    (None, Some(moved)) => {
+                        let reason = match tls.held_revoked() {
+                            Some(held) => format!(
+                                "{}; and the node's CRL (tls.crl) lists the old certificate \
+                                 presented meanwhile (serial {}) as revoked: the broker \
+                                 refuses it at the next connection",
+                                moved.reason, held.serial_hex
+                            ),
+                            None => moved.reason,
+                        };
+                        (moved.connected, Some(reason))
+                    }
                     (None, None) => (status.presented, None),
                 }
             }

@@ -2960,6 +2960,18 @@ mod link {
         addr: SocketAddr,
         clock: Arc<ManualClock>,
     ) -> Result<NodeCore, NodeError> {
+        NodeCore::start(tls_config(dir, me, federation, cert, addr), clock).await
+    }
+
+    /// The config of `me` with the certificate `cert` of `federation`, against the
+    /// broker at `addr` (no CRL).
+    fn tls_config(
+        dir: &Path,
+        me: &str,
+        federation: &trmx_certs::Federation,
+        cert: &trmx_certs::CertPaths,
+        addr: SocketAddr,
+    ) -> CoreConfig {
         let mut cfg = config(dir, me);
         cfg.broker_addr = addr.to_string();
         cfg.tls = trmx_transport::TlsPaths {
@@ -2967,7 +2979,7 @@ mod link {
             cert: cert.cert.clone(),
             key: cert.key.clone(),
         };
-        NodeCore::start(cfg, clock).await
+        cfg
     }
 
     /// The last broker error once there is one.
@@ -3500,6 +3512,71 @@ mod link {
             "{}",
             told[1]
         );
+        nl.shutdown().await;
+    }
+
+    /// While the link holds the old certificate (the broker did not take the renewal in
+    /// the files), a revocation of that old one went unsaid on the node until the broker
+    /// refused it, at its next CRL reload or handshake, and cut the node off. Now the
+    /// node finds it in its own CRL (`tls.crl`) when that changes, says so at ERROR with
+    /// what to do (again once a day), and its status says it.
+    #[tokio::test]
+    async fn a_held_certificate_that_the_crl_lists_is_said_revoked() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let Renewal {
+            cert,
+            first,
+            foreign,
+            ..
+        } = renewal_from_a_stranger(dir.path(), federation.participant("NL-NRM").unwrap());
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let mut cfg = tls_config(dir.path(), "NL-NRM", &federation, &cert, addr);
+        cfg.crl = Some(federation.crl_path());
+        let nl = NodeCore::start(cfg, clock.clone()).await.unwrap();
+        until("NL is connected with its first certificate", || async {
+            nl.status().broker_connected
+        })
+        .await;
+        install(&foreign, &cert);
+        until("the new certificate is refused", || async {
+            !logs
+                .lines_with(&["ERROR", "the broker did not accept"])
+                .is_empty()
+        })
+        .await;
+        assert!(nl.inner.link_tls().unwrap().status().held);
+        let revoked = || logs.lines_with(&["ERROR", "is revoked"]);
+        nl.inner.recheck_certificate();
+        assert!(revoked().is_empty(), "{:#?}", revoked());
+
+        // the CA revokes the old certificate, and the node gets the new CRL
+        federation.ca.revoke_serial_hex(&first.serial_hex).unwrap();
+        until("the revocation is said", || async { !revoked().is_empty() }).await;
+        let said = revoked();
+        assert_eq!(said.len(), 1, "{said:#?}");
+        for part in [
+            first.serial_hex.as_str(),
+            "tls.crl",
+            "install a certificate the broker accepts",
+        ] {
+            assert!(said[0].contains(part), "{part}: {}", said[0]);
+        }
+        let why = nl.status().certificate.unwrap().refused.unwrap_or_default();
+        assert!(
+            why.contains("revoked") && why.contains(first.serial_hex.as_str()),
+            "{why}"
+        );
+        // not again within a day; again the next day
+        nl.inner.recheck_certificate();
+        assert_eq!(revoked().len(), 1, "{:#?}", revoked());
+        clock.advance(DAY);
+        nl.inner.recheck_certificate();
+        assert_eq!(revoked().len(), 2, "{:#?}", revoked());
         nl.shutdown().await;
     }
 
