@@ -68,6 +68,9 @@ pub(crate) struct FakeBroker {
     /// Every `Submit` waits for this lock: a test holds it to keep submits
     /// in flight.
     pub(crate) submit_hold: Arc<tokio::sync::Mutex<()>>,
+    /// Every `GetInfo` waits for this lock: a test holds it to keep a broker from
+    /// answering (the proof of a new connection).
+    pub(crate) get_info_hold: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One participant's view of the fake broker.
@@ -476,6 +479,7 @@ impl Exchange for Endpoint {
         &self,
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::BrokerInfo>, Status> {
+        drop(self.broker.get_info_hold.lock().await);
         let mut st = self.broker.lock();
         st.get_info_calls += 1;
         let participants = st

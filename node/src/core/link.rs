@@ -1022,29 +1022,68 @@ pub(crate) async fn certificate_loop(
         });
         let connected = inner.link.connected.load(Ordering::SeqCst);
         if connected || failed.refused {
-            // (the broker accepted the old one: reconnect with it, not with one refused)
+            // (the broker accepted the old one: reconnect with it, not with one refused
+            // or not proven)
             outdated.hold();
             inner.set_move_refused(Some(MoveRefused {
                 connected: outdated.old.clone(),
-                reason: format!(
-                    "the broker did not accept the renewed certificate (serial {new_serial}): {}",
-                    failed.reason
-                ),
+                reason: not_taken(&new_serial, &failed),
             }));
         }
+        // (a refusal after no answer, or the other way round, is said at once)
+        let about = format!(
+            "{new_serial} {}",
+            if failed.refused {
+                "refused"
+            } else {
+                "no answer"
+            }
+        );
+        let expired = old_expired(&outdated, now);
+        let old_not_after = old_not_after(&outdated);
         if !connected && !failed.refused {
             debug!(participant = %me, new_serial = %new_serial, reason = %failed.reason, "the broker cannot be reached to try the new node certificate; the link is down, and its next connection presents it (the old one, if the broker refused the new one before)");
-        } else if !say_again(&mut said, &new_serial, now, REFUSED_REPEAT) {
-            debug!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, connected, "the broker did not accept the new node certificate (said before)");
-        } else if old_expired(&outdated, now) {
+        } else if !say_again(&mut said, &about, now, REFUSED_REPEAT) {
+            if failed.refused {
+                debug!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, connected, "the broker did not accept the new node certificate (said before)");
+            } else {
+                debug!(participant = %me, old_serial = %old_serial, new_serial = %new_serial, reason = %failed.reason, "the broker did not answer on a new connection presenting the new node certificate (said before)");
+            }
+        } else if !failed.refused && expired {
+            // (connected: the proof got no answer in time, or no connection, while the
+            // link's connection is up)
+            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after, new_serial = %new_serial, reason = %failed.reason, "the broker did not answer on a new connection presenting the new node certificate (no answer in time, or out of reach: it did not refuse it), and the old one has expired (old_not_after): the broker refuses it at the next handshake, so nothing is sent or received once the link's connection is down; the new one is tried again in a minute");
+        } else if !failed.refused {
+            warn!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after, new_serial = %new_serial, reason = %failed.reason, "the broker did not answer on a new connection presenting the new node certificate (no answer in time, or out of reach: it did not refuse it): the link keeps its connection, and its next connections present the old one, until the broker takes the new one (tried again in a minute), the old one expires (old_not_after) or the node restarts");
+        } else if expired {
             // (the broker refuses the old one too at the next handshake: a held
             // connection goes on until it breaks, and is not opened again)
-            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after(&outdated), new_serial = %new_serial, reason = %failed.reason, connected, "the broker did not accept the new node certificate, and the old one has expired (old_not_after): the broker refuses it too, so nothing is sent or received once the link's connection is down (connected says whether it is still up) until a certificate the broker accepts is installed");
+            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after, new_serial = %new_serial, reason = %failed.reason, connected, "the broker did not accept the new node certificate: it refused it, and the old one has expired (old_not_after): the broker refuses it too, so nothing is sent or received once the link's connection is down (connected says whether it is still up) until a certificate the broker accepts is installed");
         } else if connected {
-            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after(&outdated), new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate: the link keeps its connection, and its next connections present the old one, until the old one expires (old_not_after) or the node restarts (a restart presents the certificate files); install a certificate the broker accepts");
+            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after, new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate: it refused it; the link keeps its connection, and its next connections present the old one, until the old one expires (old_not_after) or the node restarts (a restart presents the certificate files); install a certificate the broker accepts");
         } else {
-            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after(&outdated), new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate, and the link is down: its next connections present the old one, until the old one expires (old_not_after) or the node restarts (a restart presents the certificate files); install a certificate the broker accepts");
+            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after, new_serial = %new_serial, reason = %failed.reason, "the broker did not accept the new node certificate: it refused it, and the link is down: its next connections present the old one, until the old one expires (old_not_after) or the node restarts (a restart presents the certificate files); install a certificate the broker accepts");
         }
+    }
+}
+
+/// Why the link goes on with the old certificate after the proof of the new one
+/// failed, for `trmx-node status`: the broker refused it, or did not answer (in time,
+/// or at all: then it is not known to refuse it, and it is tried again).
+fn not_taken(new_serial: &str, failed: &NotProven) -> String {
+    if failed.refused {
+        format!(
+            "the broker did not accept the renewed certificate (serial {new_serial}): it \
+             refused it: {}",
+            failed.reason
+        )
+    } else {
+        format!(
+            "the broker did not answer on a new connection presenting the renewed \
+             certificate (serial {new_serial}): {}; it did not refuse it, and it is tried \
+             again in a minute",
+            failed.reason
+        )
     }
 }
 

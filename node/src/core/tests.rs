@@ -1986,7 +1986,16 @@ mod link {
         F: Fn() -> Fut,
         Fut: Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        until_within(Duration::from_secs(10), what, check).await;
+    }
+
+    /// Polls `check` until it is true or `limit` passed.
+    async fn until_within<F, Fut>(limit: Duration, what: &str, check: F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
         while !check().await {
             assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -3225,9 +3234,15 @@ mod link {
         assert_eq!(told.len(), 1, "{told:#?}");
         // (the broker's reason: its TLS alert; the other CA has the same name, so its
         // signature is what fails)
-        for part in [&first.serial_hex, &bad.serial_hex, "received fatal alert"] {
+        for part in [
+            &first.serial_hex,
+            &bad.serial_hex,
+            "received fatal alert",
+            "it refused it",
+        ] {
             assert!(told[0].contains(part), "{part}: {}", told[0]);
         }
+        assert!(!told[0].contains("did not answer"), "{}", told[0]);
         // `trmx-node status` says so: the certificate in use is the first, and why the
         // files' is not
         let shown = nl.status().certificate.unwrap();
@@ -3235,10 +3250,12 @@ mod link {
         let why = shown.refused.unwrap_or_default();
         for part in [
             "the broker did not accept the renewed certificate",
+            "it refused it",
             bad.serial_hex.as_str(),
         ] {
             assert!(why.contains(part), "{part}: {why}");
         }
+        assert!(!why.contains("did not answer"), "{why}");
 
         // messages flow both ways on the old connection
         let sent = nl
@@ -3511,6 +3528,90 @@ mod link {
                 && !told[1].contains("until the old one expires"),
             "{}",
             told[1]
+        );
+        nl.shutdown().await;
+    }
+
+    /// A renewal whose proof on a new connection got no answer in time (a slow broker,
+    /// not a refusal) was said as "the broker did not accept" it, at ERROR and in the
+    /// status, as if the broker had refused the certificate. Now both say that the
+    /// broker did not answer, at WARN while the old certificate is good; the link keeps
+    /// the old one meanwhile, and moves once the broker answers.
+    #[tokio::test]
+    async fn a_renewal_the_broker_did_not_answer_in_time_is_not_called_refused() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("NL-NRM").unwrap();
+        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let nl = started_on(
+            dir.path(),
+            "NL-NRM",
+            &federation,
+            &cert,
+            addr,
+            clock.clone(),
+        )
+        .await
+        .unwrap();
+        let serials = || broker.lock().receive_serials.clone();
+        until("NL receives with its first certificate", || async {
+            serials() == [first.serial_hex.clone()] && nl.status().broker_connected
+        })
+        .await;
+
+        // the broker answers no GetInfo for now: the proof of the renewal times out
+        let silent = broker.get_info_hold.lock().await;
+        let renewed = federation.ca.renew(&cert, 30).unwrap().new;
+        let unanswered = || logs.lines_with(&["the broker did not answer"]);
+        until_within(
+            Duration::from_secs(30),
+            "the proof of the renewal times out",
+            || async { !unanswered().is_empty() },
+        )
+        .await;
+        let told = unanswered();
+        assert_eq!(told.len(), 1, "{told:#?}");
+        assert!(told[0].contains(" WARN "), "{}", told[0]);
+        for part in [
+            first.serial_hex.as_str(),
+            renewed.serial_hex.as_str(),
+            "no answer within",
+            "did not refuse it",
+        ] {
+            assert!(told[0].contains(part), "{part}: {}", told[0]);
+        }
+        assert!(
+            logs.lines_with(&["did not accept"]).is_empty(),
+            "{:#?}",
+            logs.lines_with(&["did not accept"])
+        );
+        let shown = nl.status().certificate.unwrap();
+        assert_eq!(shown.serial_hex, first.serial_hex, "the old one, held");
+        let why = shown.refused.unwrap_or_default();
+        assert!(
+            why.contains("the broker did not answer")
+                && why.contains(renewed.serial_hex.as_str())
+                && !why.contains("did not accept"),
+            "{why}"
+        );
+        assert!(nl.status().broker_connected);
+
+        // the broker answers again: the renewal is tried a minute later, and the link moves
+        drop(silent);
+        clock.advance(Duration::from_secs(61));
+        until("NL receives with its renewed certificate", || async {
+            serials().last() == Some(&renewed.serial_hex)
+        })
+        .await;
+        let shown = nl.status().certificate.unwrap();
+        assert_eq!(
+            (shown.serial_hex, shown.refused),
+            (renewed.serial_hex.clone(), None)
         );
         nl.shutdown().await;
     }
