@@ -1290,7 +1290,9 @@ impl NodeCore {
     /// refused here (`Invalid`, field `recipient` or `kind`), and so is a `case_ref`
     /// that names no case this node sent or received a message in (field
     /// `case_ref`). A retry with the same idempotency key and
-    /// content returns the entry stored the first time.
+    /// content returns the entry stored the first time. A reply to a message received
+    /// but not yet flushed is `Store` (`UNAVAILABLE`: retry in a moment), as the
+    /// listings do not show that message yet either.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
         let inner = &self.inner;
         check_idempotency_key(&req.idempotency_key)?;
@@ -1348,6 +1350,24 @@ impl NodeCore {
             }
             None => None,
         };
+        // A received message counts here only once it is flushed, as the listings, `Watch`
+        // and `message` hand it out: a crash before its flush takes it back, and a reply
+        // queued meanwhile would answer a message the node no longer has, until the
+        // broker delivers it again, and for ever if its sender withdrew it in between
+        // (allowed until it is acknowledged, which waits for that flush). Harmless most
+        // of the time, but the rule that an answer names a message received here must
+        // not hang on a crash; and the flush follows within moments, so the caller is
+        // told to retry (`UNAVAILABLE`, via `Store`) rather than kept waiting for it or
+        // told the message is unknown.
+        if let Some(entry) = &answered
+            && entry.seq > inner.durable_inbox.borrow().last_seq
+        {
+            return Err(NodeError::Store(format!(
+                "in_reply_to: message {} was received but is not on disk yet; retry in a \
+                 moment",
+                entry.message_id
+            )));
+        }
         match &answered {
             Some(answered) => check_reply(&req, kind, answered)?,
             // (a typo, or another node's id: sent, it would answer nothing, and the

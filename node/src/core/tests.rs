@@ -1922,6 +1922,59 @@ async fn a_case_shows_only_what_is_flushed() {
     assert_eq!(shown.seq, entry.seq);
 }
 
+/// A reply named a received message that was stored but not yet flushed, which no
+/// listing, watch or `show` hands out yet: after a crash before that flush, the reply
+/// would be queued (or on its way) for a message the node no longer has, until a
+/// redelivery, and for ever if the sender withdrew it meanwhile. Now the send is
+/// refused with `UNAVAILABLE` and a message that says to retry, nothing is queued, and
+/// the same request goes through once the delivery is on disk.
+#[tokio::test]
+async fn a_reply_to_a_message_not_yet_on_disk_is_refused_until_it_is() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    // the referral reaches BE: committed, not flushed
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(in_transit(&f.nl, sent.message_id)))
+        .await
+        .unwrap()
+    else {
+        panic!("expected store");
+    };
+    let Stored::New(_) = f.be.inner.store.store_incoming(&incoming).unwrap() else {
+        panic!("expected a new entry");
+    };
+    let reply = || {
+        let mut reply = request("r-1", "NL-NRM", response());
+        reply.in_reply_to = Some(sent.message_id);
+        reply
+    };
+    let error = f.be.send(reply()).await.unwrap_err();
+    let status = crate::api::status::to_status(error);
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    for part in [
+        "in_reply_to",
+        sent.message_id.to_string().as_str(),
+        "not on disk yet",
+        "retry",
+    ] {
+        assert!(status.message().contains(part), "{part}: {status:?}");
+    }
+    assert!(
+        f.be.outbox(&ListFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // flushed as the receive loop does: the same request goes through
+    flush_inbox(&f.be.inner).await.unwrap();
+    let answer = f.be.send(reply()).await.unwrap();
+    assert_eq!(answer.case_ref, sent.case_ref);
+    assert_eq!(f.be.outbox(&ListFilter::default()).await.unwrap().len(), 1);
+}
+
 /// A delivery committed but whose flush failed is not acknowledged; its
 /// redelivery finds it stored (a duplicate), flushes and acknowledges it.
 /// From then on it is durable, so it must be watched, listed and counted
