@@ -476,6 +476,15 @@ impl ChannelTls {
     /// instant of its validity, so an expired one is told revoked too.
     pub fn held_revoked(&self) -> Option<CertInfo> {
         let crl = self.tls.crl.as_deref()?;
+        // (nothing to read while nothing is held, the usual case)
+        if self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+        {
+            return None;
+        }
         let read = {
             let current = self.tls.current();
             [current.read[0], current.read[3]]
@@ -731,7 +740,7 @@ mod tests {
 
     use trmx_certs::Federation;
 
-    use super::{ClientTls, Held, host_of};
+    use super::{ClientOptions, ClientTls, Held, client_channel_with_tls, host_of};
     use crate::{TlsClock, TlsPaths};
 
     /// Whether two configs are the same one (not rebuilt in between).
@@ -850,6 +859,41 @@ mod tests {
         let released = tls.for_connection(&held);
         assert!(released.credentials.leaf != first.credentials.leaf);
         assert!(same(&released.config, &tls.config()));
+    }
+
+    /// The held certificate is told revoked once the CRL file lists it, and not before;
+    /// nothing is told while nothing is held.
+    #[tokio::test]
+    async fn a_held_certificate_is_told_revoked_once_the_crl_lists_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = Federation::create(dir.path(), "trm.test").unwrap();
+        let node = fed.participant("NL-NRM").unwrap();
+        let paths = TlsPaths {
+            ca: fed.ca_cert_path(),
+            cert: node.cert.clone(),
+            key: node.key.clone(),
+        };
+        let opts = ClientOptions {
+            crl: Some(fed.crl_path()),
+            ..ClientOptions::default()
+        };
+        let (_channel, handle) = client_channel_with_tls("127.0.0.1:1", &paths, &opts).unwrap();
+        let first = handle.tls.for_connection(&handle.held);
+        let serial = first.info.as_ref().unwrap().serial_hex.clone();
+        // (as a connection that opened does)
+        *handle.opened.lock().unwrap() = Some(first);
+        fed.ca.revoke_serial_hex(&serial).unwrap();
+        assert!(handle.held_revoked().is_none(), "nothing held");
+
+        fed.ca.renew(&node, 30).unwrap();
+        fed.ca
+            .write_crl(std::time::Duration::from_secs(86_400))
+            .unwrap();
+        assert!(handle.hold());
+        let told = handle.held_revoked().map(|info| info.serial_hex);
+        assert_eq!(told, Some(serial.clone()));
+        handle.release();
+        assert!(handle.held_revoked().is_none(), "released");
     }
 
     #[test]
