@@ -70,7 +70,7 @@ pub struct BrokerSection {
 }
 
 /// The longest Unix socket path: `sun_path` holds 108 bytes with the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
+const MAX_SOCKET_PATH: usize = crate::api::MAX_SOCKET_PATH_BYTES;
 
 /// `[tls]`: the node's PEM files, made with `trmx-certs`.
 ///
@@ -325,9 +325,21 @@ impl NodeConfig {
                     "must be at most 107 bytes long (a Unix socket path)",
                 ));
             }
+            // (the node binds it first in a private directory beside it)
+            if crate::api::socket_bind_len(socket) > MAX_SOCKET_PATH {
+                return Err(invalid(
+                    "api.socket",
+                    format!(
+                        "must be in a directory of at most {} bytes: the node binds the \
+                         socket first in a private directory inside it, and a Unix socket \
+                         path holds at most 107 bytes",
+                        MAX_SOCKET_PATH - crate::api::STAGING_OVERHEAD_BYTES
+                    ),
+                ));
+            }
         } else {
             let socket = self.socket_path();
-            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            if crate::api::socket_bind_len(&socket) > MAX_SOCKET_PATH {
                 return Err(invalid(
                     "data_dir",
                     format!(

@@ -15,8 +15,10 @@
 //!
 //! # Socket
 //! The socket is bound inside a fresh directory of mode 0700 next to the
-//! target path, set to mode 0600, then linked into place (never over an
-//! existing file): at no moment can another user connect. A socket file left
+//! target path (`.t<pid in base 36>/s`, no longer than `node.sock`: a path that
+//! fits a Unix socket fits staged too, see [`socket_bind_len`]), set to mode
+//! 0600, then linked into place (never over an existing file): at no moment can
+//! another user connect. A socket file left
 //! by a crashed node is removed only if nothing answers on it; a socket in
 //! use, or a path that is not a socket, is an error. The file is removed when
 //! the server stops (if it is still ours).
@@ -100,6 +102,72 @@ fn socket_error(path: &Path, what: &str, e: impl std::fmt::Display) -> NodeError
     NodeError::Config(format!("api.socket: {what} {}: {e}", path.display()))
 }
 
+/// The longest Unix socket path: `sun_path` holds 108 bytes with the terminating NUL.
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+/// Name of the socket inside its staging directory.
+const STAGED_NAME: &str = "s";
+
+/// The most bytes the staged socket path adds to its directory's path:
+/// `/.t` + the process id in base 36 (at most 5 digits: Linux's `pid_max` is at
+/// most 2^22) + `/s`. No more than `/node.sock` adds: a default socket path that
+/// fits fits staged too.
+pub const STAGING_OVERHEAD_BYTES: usize = 10;
+
+/// The private directory in which the socket for a path in `parent` is bound
+/// first: short, so that the staged path is not longer than the socket's own
+/// (see [`STAGING_OVERHEAD_BYTES`]).
+fn staging_dir(parent: &Path) -> PathBuf {
+    let mut pid = std::process::id();
+    let mut digits = Vec::new();
+    loop {
+        digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(pid % 36) as usize]);
+        pid /= 36;
+        if pid == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    parent.join(format!(".t{}", String::from_utf8_lossy(&digits)))
+}
+
+/// How long a path the node needs to bind the socket at `path`: the longer of the
+/// path and its staged form (see the module docs). More than
+/// [`MAX_SOCKET_PATH_BYTES`] cannot be bound.
+pub fn socket_bind_len(path: &Path) -> usize {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.as_os_str().len(),
+        _ => 1,
+    };
+    path.as_os_str().len().max(parent + STAGING_OVERHEAD_BYTES)
+}
+
+/// Refuses a socket `path` that a client could not connect to, or whose `staged` form
+/// could not be bound, with what to do (the system's own "path must be shorter than
+/// SUN_LEN" names neither the path nor the limit).
+fn check_bind_len(path: &Path, staged: &Path) -> Result<(), NodeError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH_BYTES {
+        return Err(NodeError::Config(format!(
+            "api.socket: {} is {len} bytes long, and a Unix socket path holds at most \
+             {MAX_SOCKET_PATH_BYTES}: use a shorter path",
+            path.display()
+        )));
+    }
+    let needed = staged.as_os_str().len();
+    if needed > MAX_SOCKET_PATH_BYTES {
+        return Err(NodeError::Config(format!(
+            "api.socket: {} is too long to bind: the node binds the socket first as {} \
+             ({needed} bytes, and a Unix socket path holds at most {MAX_SOCKET_PATH_BYTES}), \
+             then moves it into place; use a path whose directory is at most {} bytes long",
+            path.display(),
+            staged.display(),
+            MAX_SOCKET_PATH_BYTES - STAGING_OVERHEAD_BYTES
+        )));
+    }
+    Ok(())
+}
+
 /// Binds the local API socket at `path` (mode 0600, see the module docs).
 /// Must be called inside a tokio runtime.
 pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
@@ -107,6 +175,10 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // (before anything is created: a path that cannot be bound changes nothing)
+    let staging = staging_dir(&parent);
+    let staged = staging.join(STAGED_NAME);
+    check_bind_len(path, &staged)?;
     // (private, as the data directory the socket is usually in: the node
     // binds before its store creates that)
     std::fs::DirBuilder::new()
@@ -117,7 +189,6 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
     remove_stale_socket(path)?;
 
     // Bind in a private directory, restrict the mode, then move into place.
-    let staging = parent.join(format!(".trmx-{}", std::process::id()));
     if std::fs::symlink_metadata(&staging).is_ok() {
         std::fs::remove_dir_all(&staging)
             .map_err(|e| socket_error(&staging, "cannot remove", e))?;
@@ -126,7 +197,6 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
         .mode(0o700)
         .create(&staging)
         .map_err(|e| socket_error(&staging, "cannot create", e))?;
-    let staged = staging.join("s");
     let result = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&staged)
             .map_err(|e| socket_error(path, "cannot bind", e))?;
