@@ -649,21 +649,42 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
 }
 
 async fn connect(socket: &Path) -> Result<NodeApiClient<Channel>, CliError> {
-    connect_local(socket).await.map_err(|e| {
-        let cause = io_cause(&e)
-            .filter(|io| {
-                !matches!(
-                    io.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                )
-            })
-            .map(|io| format!(" ({io})"))
-            .unwrap_or_default();
-        CliError(format!(
-            "cannot reach the trmx node at {}{cause}: is `trmx-node run` running?",
-            socket.display()
-        ))
-    })
+    // (the system's own word for it, "path must be shorter than SUN_LEN", says neither
+    // the limit nor what to check)
+    let len = socket.as_os_str().len();
+    if len > crate::api::MAX_SOCKET_PATH_BYTES {
+        return fail(format!(
+            "cannot reach the trmx node at {}: the path is {len} bytes long, and a Unix \
+             socket path holds at most {}, so no node listens there: check --socket (or \
+             TRMX_NODE_SOCKET), or use --config",
+            socket.display(),
+            crate::api::MAX_SOCKET_PATH_BYTES
+        ));
+    }
+    connect_local(socket)
+        .await
+        .map_err(|e| unreachable_node(socket, io_cause(&e)))
+}
+
+/// Why the node's socket at `socket` could not be opened, and what to do.
+fn unreachable_node(socket: &Path, cause: Option<&std::io::Error>) -> CliError {
+    use std::io::ErrorKind;
+    let at = socket.display();
+    match cause.map(std::io::Error::kind) {
+        // (the node may well be running: the socket is its user's only, mode 0600)
+        Some(ErrorKind::PermissionDenied) => CliError(format!(
+            "cannot reach the trmx node at {at}: permission denied (only the node's OS user \
+             may open its socket): run the command as that user, e.g. `sudo -u trmx \
+             trmx-node …`"
+        )),
+        Some(ErrorKind::NotFound | ErrorKind::ConnectionRefused) | None => CliError(format!(
+            "cannot reach the trmx node at {at}: is `trmx-node run` running?"
+        )),
+        Some(_) => CliError(format!(
+            "cannot reach the trmx node at {at} ({}): is `trmx-node run` running?",
+            cause.map(ToString::to_string).unwrap_or_default()
+        )),
+    }
 }
 
 fn io_cause<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {

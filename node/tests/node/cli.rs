@@ -1201,3 +1201,60 @@ async fn the_last_run_file_is_written_at_start_and_follows_accept_clock() {
         stdout(&output)
     );
 }
+
+/// The socket is the node's user's only (mode 0600): another user is told so and how
+/// to run the command, not asked whether the node runs (it may well). Run as root, the
+/// command is run as `nobody`.
+#[test]
+fn a_socket_of_another_user_says_to_run_as_the_nodes_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("node.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    let output = if root {
+        // (nobody cannot enter the temp dir, mode 0700: the same refusal)
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_trmx-node"))
+            .args(["--socket", socket_arg, "status"])
+            .env_remove("TRMX_NODE_SOCKET")
+            .env_remove("TRMX_NODE_CONFIG")
+            .output()
+            .expect("setpriv runs (util-linux)")
+    } else {
+        run(&["--socket", socket_arg, "status"])
+    };
+    let line = assert_one_line_failure(&output);
+    assert_eq!(
+        line,
+        format!(
+            "cannot reach the trmx node at {socket_arg}: permission denied (only the node's \
+             OS user may open its socket): run the command as that user, e.g. `sudo -u trmx \
+             trmx-node …`"
+        )
+    );
+}
+
+/// A `--socket` path longer than a Unix socket path can be is said so, with the limit,
+/// not with the system's "path must be shorter than SUN_LEN" and a question whether
+/// the node runs.
+#[test]
+fn a_socket_path_too_long_is_said_so() {
+    let socket = format!("/tmp/{}/node.sock", "d".repeat(110));
+    let line = assert_one_line_failure(&run(&["--socket", &socket, "status"]));
+    assert_eq!(
+        line,
+        format!(
+            "cannot reach the trmx node at {socket}: the path is {} bytes long, and a Unix \
+             socket path holds at most 107, so no node listens there: check --socket (or \
+             TRMX_NODE_SOCKET), or use --config",
+            socket.len()
+        )
+    );
+}
