@@ -48,7 +48,7 @@ use limits::WatchSlots;
 pub use status::to_status;
 
 /// Largest request the local API decodes (a body with attachments).
-const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 /// Concurrent HTTP/2 streams per connection (watch streams included).
 const MAX_CONCURRENT_STREAMS: u32 = 256;
 

@@ -1073,13 +1073,40 @@ fn send_error(status: &tonic::Status, file: &Path, socket: &Path) -> CliError {
     }
 }
 
+/// Largest document `send` reads: what the local API takes in one request, less
+/// room for the request's other fields. A body within the rules is far smaller
+/// (its attachments hold at most 2 MiB).
+const MAX_DOCUMENT_BYTES: u64 = (crate::api::MAX_REQUEST_BYTES - 64 * 1024) as u64;
+
+/// The document at `path`, read no further than [`MAX_DOCUMENT_BYTES`]: a wrong file
+/// (a video, `/dev/zero`) is refused with its name, not read into memory whole, nor
+/// sent to fail as an HTTP/2 error.
+fn read_document(path: &Path) -> Result<Vec<u8>, CliError> {
+    use std::io::Read;
+    let file = path.display();
+    let cannot_read = |e: std::io::Error| CliError(format!("{file}: cannot read: {e}"));
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(cannot_read)?
+        .take(MAX_DOCUMENT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_DOCUMENT_BYTES {
+        return fail(format!(
+            "{file}: is larger than {} MiB, the most a document can be (its attachments hold \
+             at most 2 MiB): is it the right file?",
+            MAX_DOCUMENT_BYTES / (1024 * 1024)
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Reads and checks the document, and builds the request.
 fn prepare_send(args: &SendArgs) -> Result<pb::SendRequest, CliError> {
     let file = args.file.display();
-    let bytes =
-        std::fs::read(&args.file).map_err(|e| CliError(format!("{file}: cannot read: {e}")))?;
-    let text = String::from_utf8(bytes.clone())
-        .map_err(|_| CliError(format!("{file}: is not UTF-8 text")))?;
+    let bytes = read_document(&args.file)?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| CliError(format!("{file}: is not UTF-8 text")))?;
     // Syntax first, so that a broken file gets a line and column.
     if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
         return fail(format!("{file}: not valid JSON: {e}"));
@@ -1100,7 +1127,7 @@ fn prepare_send(args: &SendArgs) -> Result<pb::SendRequest, CliError> {
     let case = args.case.clone().unwrap_or_default();
     let key = match &args.key {
         Some(key) => key.clone(),
-        None => default_idempotency_key(&bytes, args),
+        None => default_idempotency_key(text.as_bytes(), args),
     };
     Ok(pb::SendRequest {
         kind: args.kind.to_pb() as i32,

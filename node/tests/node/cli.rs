@@ -1258,3 +1258,51 @@ fn a_socket_path_too_long_is_said_so() {
         )
     );
 }
+
+/// A wrong file given to `send` (far larger than any document) is refused with its
+/// name before anything is sent, not read into memory whole nor sent to come back as
+/// "h2 protocol error"; the outbox stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_too_large_for_a_document_is_refused_with_its_name() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8 path").to_owned();
+    // (a valid referral, padded past the local API's 16 MiB request limit)
+    let padded = format!("{}{REFERRAL_JSON}", " ".repeat(17 * 1024 * 1024));
+    let big = sandbox.write("big.json", &padded);
+    for file in [big.to_str().expect("utf-8 path"), "/dev/zero"] {
+        let output = run_async(
+            [
+                "--socket",
+                &socket,
+                "send",
+                "--to",
+                "BE-PAYOKE",
+                "--kind",
+                "referral",
+                "--new-case",
+                file,
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        )
+        .await;
+        let line = assert_one_line_failure(&output);
+        assert_eq!(
+            line,
+            format!(
+                "{file}: is larger than 15 MiB, the most a document can be (its attachments \
+                 hold at most 2 MiB): is it the right file?"
+            )
+        );
+    }
+    let output = run_async(
+        ["--socket", &socket, "--json", "outbox"]
+            .map(str::to_owned)
+            .to_vec(),
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).is_empty(), "nothing was queued");
+    node.stop().await.expect("stop");
+}
