@@ -264,11 +264,8 @@ pub(crate) fn message(response: &pb::GetMessageResponse) -> String {
     out
 }
 
-/// A case timeline.
+/// A case timeline (of at least one message).
 pub(crate) fn case(response: &pb::GetCaseResponse) -> String {
-    if response.entries.is_empty() {
-        return format!("case {}: no messages\n", response.case_ref);
-    }
     let rows = response
         .entries
         .iter()

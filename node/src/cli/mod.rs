@@ -887,6 +887,16 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
             let timeline = case_timeline(&mut client, case, page_size)
                 .await
                 .map_err(err)?;
+            // (as `show` of an unknown id: a mistyped reference must not read as an
+            // empty case to a script or a caseworker)
+            if timeline.entries.is_empty() {
+                return fail(format!(
+                    "case {}: this node has sent or received no message in it: check the \
+                     reference (`trmx-node outbox` and `trmx-node inbox` show the case of \
+                     each message)",
+                    timeline.case_ref
+                ));
+            }
             if out.json {
                 out.json_lines(&timeline.entries)
             } else {

@@ -1306,3 +1306,31 @@ async fn a_file_too_large_for_a_document_is_refused_with_its_name() {
     assert!(stdout(&output).is_empty(), "nothing was queued");
     node.stop().await.expect("stop");
 }
+
+/// `case` with a reference this node never saw (a typo, or an id of another kind) fails
+/// like `show` of an unknown id, with what to check, in both forms: it does not read as
+/// an empty case to a script (exit 0, no output) or to a caseworker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_of_an_unknown_reference_fails_with_what_to_check() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8 path").to_owned();
+    let unknown = trmx_proto::CaseRef::new_random().to_string();
+    for json in [false, true] {
+        let mut args = vec!["--socket", socket.as_str(), "case", unknown.as_str()];
+        if json {
+            args.insert(0, "--json");
+        }
+        let output = run_async(args.into_iter().map(str::to_owned).collect()).await;
+        let line = assert_one_line_failure(&output);
+        assert_eq!(
+            line,
+            format!(
+                "case {unknown}: this node has sent or received no message in it: check the \
+                 reference (`trmx-node outbox` and `trmx-node inbox` show the case of each \
+                 message)"
+            )
+        );
+    }
+    node.stop().await.expect("stop");
+}
