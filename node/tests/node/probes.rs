@@ -3,6 +3,7 @@
 
 use prost::Message;
 use tonic::Code;
+use trmx_node::api::status::invalid_field;
 use trmx_node::connect_local;
 use trmx_proto::pb;
 
@@ -134,4 +135,480 @@ async fn a_socket_path_too_long_to_bind_is_refused_with_what_to_do() {
         !path.parent().expect("dir").exists(),
         "nothing was created for a path that cannot be bound"
     );
+}
+
+/// The referral request of these probes: valid, to `BE-PAYOKE`, in a new case.
+fn referral() -> pb::SendRequest {
+    pb::SendRequest {
+        kind: pb::MessageKind::Referral as i32,
+        recipient: "BE-PAYOKE".to_owned(),
+        new_case: true,
+        idempotency_key: "k-probe".to_owned(),
+        body: Some(pb::send_request::Body::BodyJson(REFERRAL_JSON.to_owned())),
+        ..Default::default()
+    }
+}
+
+/// The referral JSON with the value at `pointer` (a JSON pointer) replaced.
+fn referral_with(pointer: &str, value: serde_json::Value) -> String {
+    let mut json: serde_json::Value = serde_json::from_str(REFERRAL_JSON).expect("example");
+    let (parent, key) = pointer.rsplit_once('/').expect("pointer");
+    match json.pointer_mut(parent).expect("parent") {
+        serde_json::Value::Array(items) => items[key.parse::<usize>().expect("index")] = value,
+        object => {
+            object
+                .as_object_mut()
+                .expect("object")
+                .insert(key.to_owned(), value);
+        }
+    }
+    json.to_string()
+}
+
+/// Every field of a `Send` broken the ways a buggy integration breaks it: each is
+/// `INVALID_ARGUMENT` naming the field (in the message and in `trmx-field`), never
+/// quoting the value, and queues nothing. (A guard: these passed when written.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_broken_send_field_is_named_and_changes_nothing() {
+    use serde_json::json;
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let body = |json: String| Some(pb::send_request::Body::BodyJson(json));
+    let cases: Vec<(&str, pb::SendRequest)> = vec![
+        (
+            "kind",
+            pb::SendRequest {
+                kind: 99,
+                ..referral()
+            },
+        ),
+        (
+            "kind",
+            pb::SendRequest {
+                kind: 0,
+                ..referral()
+            },
+        ),
+        (
+            "kind",
+            pb::SendRequest {
+                kind: pb::MessageKind::DeliveryReceipt as i32,
+                ..referral()
+            },
+        ),
+        (
+            "follow_up.purpose",
+            pb::SendRequest {
+                kind: pb::MessageKind::FollowUp as i32,
+                ..referral()
+            },
+        ),
+        (
+            "recipient",
+            pb::SendRequest {
+                recipient: String::new(),
+                ..referral()
+            },
+        ),
+        (
+            "recipient",
+            pb::SendRequest {
+                recipient: "Jane Doe".into(),
+                ..referral()
+            },
+        ),
+        (
+            "recipient",
+            pb::SendRequest {
+                recipient: "NL-NRM".into(),
+                ..referral()
+            },
+        ),
+        (
+            "case_ref",
+            pb::SendRequest {
+                new_case: false,
+                case_ref: "Jane Doe".into(),
+                ..referral()
+            },
+        ),
+        (
+            "new_case",
+            pb::SendRequest {
+                case_ref: uuid::Uuid::nil().to_string(),
+                ..referral()
+            },
+        ),
+        (
+            "in_reply_to",
+            pb::SendRequest {
+                in_reply_to: "Jane Doe".into(),
+                ..referral()
+            },
+        ),
+        (
+            "priority",
+            pb::SendRequest {
+                priority: 99,
+                ..referral()
+            },
+        ),
+        (
+            "idempotency_key",
+            pb::SendRequest {
+                idempotency_key: String::new(),
+                ..referral()
+            },
+        ),
+        (
+            "idempotency_key",
+            pb::SendRequest {
+                idempotency_key: "Jane Doe".into(),
+                ..referral()
+            },
+        ),
+        (
+            "idempotency_key",
+            pb::SendRequest {
+                idempotency_key: "k".repeat(129),
+                ..referral()
+            },
+        ),
+        (
+            "expires_at",
+            pb::SendRequest {
+                expires_at: Some(pb::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: -1,
+                }),
+                ..referral()
+            },
+        ),
+        (
+            "expires_at",
+            pb::SendRequest {
+                expires_at: Some(pb::Timestamp {
+                    seconds: i64::MAX,
+                    nanos: 0,
+                }),
+                ..referral()
+            },
+        ),
+        (
+            "expires_at",
+            pb::SendRequest {
+                expires_at: Some(pb::Timestamp {
+                    seconds: 1_000_000_000,
+                    nanos: 0,
+                }),
+                ..referral()
+            },
+        ),
+        (
+            "body",
+            pb::SendRequest {
+                body: None,
+                ..referral()
+            },
+        ),
+        (
+            "referral",
+            pb::SendRequest {
+                body: body("Jane Doe".into()),
+                ..referral()
+            },
+        ),
+        (
+            "referral",
+            pb::SendRequest {
+                body: body(String::new()),
+                ..referral()
+            },
+        ),
+        (
+            "referral",
+            pb::SendRequest {
+                body: body("[\"Jane Doe\"]".into()),
+                ..referral()
+            },
+        ),
+        (
+            "referral",
+            pb::SendRequest {
+                body: body(format!("{REFERRAL_JSON} \"Jane Doe\"")),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.pseudonym",
+            pb::SendRequest {
+                body: body(referral_with("/person/pseudonym", json!(""))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.pseudonym",
+            pb::SendRequest {
+                body: body(referral_with("/person/pseudonym", json!("Jane\u{7}Doe"))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.pseudonym",
+            pb::SendRequest {
+                body: body(referral_with("/person/pseudonym", json!(["Jane Doe"]))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.family_name",
+            pb::SendRequest {
+                body: body(referral_with(
+                    "/person/familyName",
+                    json!("Jane Doe ".repeat(100)),
+                )),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.date_of_birth",
+            pb::SendRequest {
+                body: body(referral_with("/person/dateOfBirth", json!("1990-02-30"))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.date_of_birth",
+            pb::SendRequest {
+                body: body(referral_with("/person/dateOfBirth", json!("2990-01-01"))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.date_of_birth",
+            pb::SendRequest {
+                body: body(referral_with("/person/dateOfBirth", json!("Jane Doe"))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.age_band",
+            pb::SendRequest {
+                body: body(referral_with("/person/ageBand", json!("AGE_BAND_JANE_DOE"))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.age_band",
+            pb::SendRequest {
+                body: body(referral_with("/person/ageBand", json!(4711))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person.nationalities[0]",
+            pb::SendRequest {
+                body: body(referral_with("/person/nationalities/0", json!("Jane Doe"))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.consent.given_at",
+            pb::SendRequest {
+                body: body(referral_with("/consent/givenAt", json!("Jane Doe"))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.handling.retain_until",
+            pb::SendRequest {
+                body: body(referral_with("/handling/retainUntil", json!("2031-13-01"))),
+                ..referral()
+            },
+        ),
+        (
+            "referral.person",
+            pb::SendRequest {
+                body: body(referral_with("/person", json!({"Jane Doe": "x"}))),
+                ..referral()
+            },
+        ),
+    ];
+    for (field, request) in cases {
+        let what = format!("{field}: {request:?}");
+        let status = client.send(request).await.expect_err(&what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}\n{status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}: ")),
+            "{what}\n{status:?}"
+        );
+        assert_eq!(invalid_field(&status), Some(field), "{what}\n{status:?}");
+        assert!(!status.message().contains("Jane"), "{what}\n{status:?}");
+    }
+    let outbox = client
+        .list_outbox(pb::ListOutboxRequest::default())
+        .await
+        .expect("outbox")
+        .into_inner();
+    assert!(outbox.entries.is_empty(), "{outbox:?}");
+    node.stop().await.expect("stop");
+}
+
+/// Listing requests with bad filters, limits and forged page tokens: each is
+/// `INVALID_ARGUMENT` naming the field. (A guard: these passed when written.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_listing_requests_are_named() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let case = trmx_proto::CaseRef::new_random().to_string();
+    let other_case = trmx_proto::CaseRef::new_random().to_string();
+    let id = trmx_proto::MessageId::new_v7().to_string();
+    let check = |field: &str, result: Result<(), tonic::Status>| {
+        let status = result.expect_err(field);
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert_eq!(invalid_field(&status), Some(field), "{status:?}");
+    };
+    let shared = client.clone();
+    let outbox = |request: pb::ListOutboxRequest| {
+        let mut client = shared.clone();
+        async move { client.list_outbox(request).await.map(drop) }
+    };
+    check(
+        "state",
+        outbox(pb::ListOutboxRequest {
+            state: 99,
+            ..Default::default()
+        })
+        .await,
+    );
+    check(
+        "kind",
+        outbox(pb::ListOutboxRequest {
+            kind: 99,
+            ..Default::default()
+        })
+        .await,
+    );
+    check(
+        "counterpart",
+        outbox(pb::ListOutboxRequest {
+            counterpart: "nl-nrm".into(),
+            ..Default::default()
+        })
+        .await,
+    );
+    check(
+        "case_ref",
+        outbox(pb::ListOutboxRequest {
+            case_ref: id.to_uppercase(),
+            ..Default::default()
+        })
+        .await,
+    );
+    for token in [
+        "inbox:3",
+        "outbox:-1",
+        "outbox:",
+        "outbox:1:2",
+        "outbox:99999999999999999999",
+    ] {
+        check(
+            "page_token",
+            outbox(pb::ListOutboxRequest {
+                page_token: token.into(),
+                ..Default::default()
+            })
+            .await,
+        );
+    }
+    check(
+        "page_token",
+        client
+            .list_inbox(pb::ListInboxRequest {
+                page_token: "outbox:1".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    );
+    let get_case = |page_size: i32, page_token: String| {
+        let mut client = shared.clone();
+        let case = case.clone();
+        async move {
+            client
+                .get_case(pb::GetCaseRequest {
+                    case_ref: case,
+                    page_size,
+                    page_token,
+                })
+                .await
+                .map(drop)
+        }
+    };
+    check("page_size", get_case(-1, String::new()).await);
+    check(
+        "page_token",
+        get_case(0, format!("case:{other_case}:0:{id}")).await,
+    );
+    check(
+        "page_token",
+        get_case(0, format!("case:{case}:x:{id}")).await,
+    );
+    check(
+        "page_token",
+        get_case(0, "due:2026-01-01:2026-01-01:x".into()).await,
+    );
+    check(
+        "page_token",
+        client
+            .list_due(pb::ListDueRequest {
+                today: "2026-03-01".into(),
+                page_token: format!("due:2026-02-01:2026-01-01:{id}"),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    );
+    check(
+        "today",
+        client
+            .list_due(pb::ListDueRequest {
+                today: "2026-02-30".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    );
+    check(
+        "body_form",
+        client
+            .get_message(pb::GetMessageRequest {
+                message_id: id.clone(),
+                body_form: 99,
+            })
+            .await
+            .map(drop),
+    );
+    check(
+        "message_id",
+        client
+            .withdraw(pb::WithdrawMessageRequest {
+                message_id: String::new(),
+            })
+            .await
+            .map(drop),
+    );
+    // A huge limit or page size is capped, not refused, nor a reason to fail.
+    outbox(pb::ListOutboxRequest {
+        limit: u32::MAX,
+        ..Default::default()
+    })
+    .await
+    .expect("a huge limit is capped");
+    get_case(i32::MAX, String::new())
+        .await
+        .expect("a huge page size is capped");
+    node.stop().await.expect("stop");
 }
