@@ -185,7 +185,19 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
         .recursive(true)
         .mode(0o700)
         .create(&parent)
-        .map_err(|e| socket_error(&parent, "cannot create", e))?;
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                // (`create` says "File exists" of a file where the directory should be)
+                NodeError::Config(format!(
+                    "api.socket: {} is not a directory, so the socket {} cannot be made in \
+                     it: set api.socket to a path in a directory",
+                    parent.display(),
+                    path.display()
+                ))
+            } else {
+                socket_error(&parent, "cannot create", e)
+            }
+        })?;
     remove_stale_socket(path)?;
 
     // Bind in a private directory, restrict the mode, then move into place.
@@ -246,7 +258,8 @@ fn remove_stale_socket(path: &Path) -> Result<(), NodeError> {
     };
     if !meta.file_type().is_socket() {
         return Err(NodeError::Config(format!(
-            "api.socket: {} exists and is not a socket",
+            "api.socket: {} exists and is not a socket: set api.socket to another path \
+             (the node replaces only a socket left by a node that stopped)",
             path.display()
         )));
     }

@@ -612,3 +612,33 @@ async fn broken_listing_requests_are_named() {
         .expect("a huge page size is capped");
     node.stop().await.expect("stop");
 }
+
+/// A socket path under a file (a typo in `api.socket`) is said to be one, with what to
+/// do, not "cannot create …: File exists"; a file at the path itself is kept, with what
+/// to do.
+#[tokio::test]
+async fn a_socket_path_under_a_file_says_so() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("node.toml");
+    std::fs::write(&file, "x").expect("write");
+    let message = trmx_node::api::bind_local_socket(&file.join("node.sock"))
+        .expect_err("refused")
+        .to_string();
+    assert_eq!(
+        message,
+        format!(
+            "config: api.socket: {} is not a directory, so the socket {} cannot be made in \
+             it: set api.socket to a path in a directory",
+            file.display(),
+            file.join("node.sock").display()
+        )
+    );
+    let message = trmx_node::api::bind_local_socket(&file)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        message.ends_with("exists and is not a socket: set api.socket to another path (the node replaces only a socket left by a node that stopped)"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read(&file).expect("kept"), b"x");
+}
