@@ -925,10 +925,15 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
             }
         }
         Command::Watch { after } => {
+            // (the node's answer names the request field; the user typed --after)
+            let watch_err = |s: tonic::Status| {
+                let CliError(line) = status_line(&s, socket);
+                CliError(line.replace("after_seq", "--after"))
+            };
             let mut stream = client
                 .watch(pb::WatchRequest { after_seq: after })
                 .await
-                .map_err(err)?
+                .map_err(watch_err)?
                 .into_inner();
             while let Some(item) = stream.next().await {
                 let entry = item.map_err(err)?;
@@ -1075,6 +1080,12 @@ const REQUEST_FIELDS: [&str; 9] = [
 /// A `Send` error; body errors are prefixed with the file name, errors on a
 /// request field name the flag that set it.
 fn send_error(status: &tonic::Status, file: &Path, socket: &Path) -> CliError {
+    if status.code() == Code::AlreadyExists {
+        return CliError(format!(
+            "{}: to send this document as a new message, pass another --key",
+            status.message()
+        ));
+    }
     match invalid_field(status) {
         Some(field) if !REQUEST_FIELDS.contains(&field) => {
             CliError(format!("{}: {}", file.display(), status.message()))

@@ -1334,3 +1334,67 @@ async fn case_of_an_unknown_reference_fails_with_what_to_check() {
     }
     node.stop().await.expect("stop");
 }
+
+/// The node's answers name its request fields; the CLI user typed flags. A `--key` used
+/// for another document says how to send this one, and a `watch --after` cursor past
+/// the inbox names `--after`, not `after_seq`; nothing is queued by either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_key_and_a_cursor_from_elsewhere_say_what_to_type() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8 path").to_owned();
+    let first = sandbox.write("first.json", REFERRAL_JSON);
+    let other = sandbox.write(
+        "other.json",
+        &REFERRAL_JSON.replace("NRM-2026-0117-A", "NRM-2026-0118-B"),
+    );
+    let send = |file: &Path| {
+        [
+            "--socket",
+            &socket,
+            "send",
+            "--to",
+            "BE-PAYOKE",
+            "--kind",
+            "referral",
+            "--new-case",
+            "--key",
+            "case-17",
+            file.to_str().expect("utf-8 path"),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let output = run_async(send(&first)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let line = assert_one_line_failure(&run_async(send(&other)).await);
+    assert_eq!(
+        line,
+        "idempotency key case-17 was used for a different message: to send this document \
+         as a new message, pass another --key"
+    );
+
+    let watch = ["--socket", &socket, "watch", "--after", "5"]
+        .map(str::to_owned)
+        .to_vec();
+    let line = assert_one_line_failure(&run_async(watch).await);
+    assert!(
+        line.starts_with("--after 5 is past the last inbox seq"),
+        "{line}"
+    );
+    assert!(line.ends_with("e.g. with --after 0"), "{line}");
+    assert!(!line.contains("after_seq"), "{line}");
+
+    let outbox = run_async(
+        ["--socket", &socket, "--json", "outbox"]
+            .map(str::to_owned)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(
+        stdout(&outbox).lines().count(),
+        1,
+        "only the first was queued"
+    );
+    node.stop().await.expect("stop");
+}
