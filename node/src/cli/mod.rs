@@ -719,6 +719,12 @@ const FILTER_FLAGS: &[(&str, &str)] = &[
     ("page_token", "--page-token"),
 ];
 
+/// The argument of `show` and `withdraw`, by the request field it sets.
+const ID_ARG: &[(&str, &str)] = &[("message_id", "<ID>")];
+
+/// The argument and flag of `case`, by the request field each sets.
+const CASE_ARGS: &[(&str, &str)] = &[("case_ref", "<CASE>"), ("page_size", "--page-size")];
+
 /// The flags of `due`, by the request field each sets.
 const DUE_FLAGS: &[(&str, &str)] = &[
     ("today", "--today"),
@@ -875,7 +881,7 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                     body_form: pb::BodyForm::Json as i32,
                 })
                 .await
-                .map_err(err)?
+                .map_err(|s| command_error(&s, socket, ID_ARG))?
                 .into_inner();
             if out.json {
                 out.print(&(show_json(response)? + "\n"))
@@ -886,7 +892,7 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
         Command::Case { case, page_size } => {
             let timeline = case_timeline(&mut client, case, page_size)
                 .await
-                .map_err(err)?;
+                .map_err(|s| command_error(&s, socket, CASE_ARGS))?;
             // (as `show` of an unknown id: a mistyped reference must not read as an
             // empty case to a script or a caseworker)
             if timeline.entries.is_empty() {
@@ -951,7 +957,7 @@ async fn client_command(command: Command, socket: &Path, out: &Output) -> Result
                     message_id: id.clone(),
                 })
                 .await
-                .map_err(err)?
+                .map_err(|s| command_error(&s, socket, ID_ARG))?
                 .into_inner();
             if out.json {
                 out.print(&format!(

@@ -1398,3 +1398,24 @@ async fn a_used_key_and_a_cursor_from_elsewhere_say_what_to_type() {
     );
     node.stop().await.expect("stop");
 }
+
+/// A malformed id or case reference given to `show`, `withdraw` or `case` names the
+/// argument the user typed (as in the usage line), not the API's request field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_argument_names_the_argument() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8 path").to_owned();
+    for (command, expected) in [
+        ("show", "<ID>: must be a lower-case hyphenated UUID"),
+        ("withdraw", "<ID>: must be a lower-case hyphenated UUID"),
+        ("case", "<CASE>: must be a lower-case hyphenated UUID"),
+    ] {
+        let args = ["--socket", &socket, command, "NRM-2026-0117-A"]
+            .map(str::to_owned)
+            .to_vec();
+        let line = assert_one_line_failure(&run_async(args).await);
+        assert_eq!(line, expected, "{command}");
+    }
+    node.stop().await.expect("stop");
+}
