@@ -22,7 +22,7 @@ use trmx_proto::pb::node_api_client::NodeApiClient;
 use trmx_proto::time::{Date, to_millis};
 use trmx_proto::{Kind, MessageId, pb};
 
-use crate::api::client::connect_local;
+use crate::api::client::connect_local_with_timeout;
 use crate::api::status::invalid_field;
 use crate::config::NodeConfig;
 use crate::core::{Body, BodyContext};
@@ -44,6 +44,11 @@ pub struct Cli {
     /// Machine-readable output: one JSON object per line.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Seconds to wait for the node's answer to a command (a stuck or stopped node
+    /// still accepts connections); `watch` waits for new entries without limit.
+    #[arg(long, global = true, default_value_t = 60, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -276,7 +281,8 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         command => {
             let socket = socket_path(cli.socket, cli.config.as_deref())?;
             let out = Output { json: cli.json };
-            client_command(command, &socket, &out).await
+            let timeout = std::time::Duration::from_secs(cli.timeout);
+            client_command(command, &socket, timeout, &out).await
         }
     }
 }
@@ -648,7 +654,10 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
     serde_json::to_string(value).map_err(|e| CliError(format!("cannot write JSON: {e}")))
 }
 
-async fn connect(socket: &Path) -> Result<NodeApiClient<Channel>, CliError> {
+async fn connect(
+    socket: &Path,
+    timeout: std::time::Duration,
+) -> Result<NodeApiClient<Channel>, CliError> {
     // (the system's own word for it, "path must be shorter than SUN_LEN", says neither
     // the limit nor what to check)
     let len = socket.as_os_str().len();
@@ -661,7 +670,7 @@ async fn connect(socket: &Path) -> Result<NodeApiClient<Channel>, CliError> {
             crate::api::MAX_SOCKET_PATH_BYTES
         ));
     }
-    connect_local(socket)
+    connect_local_with_timeout(socket, Some(timeout))
         .await
         .map_err(|e| unreachable_node(socket, io_cause(&e)))
 }
@@ -777,17 +786,31 @@ fn status_line(status: &tonic::Status, socket: &Path) -> CliError {
             socket.display()
         ));
     }
+    // (tonic's word for the channel's --timeout; the node itself never answers CANCELLED)
+    if status.code() == Code::Cancelled && status.message() == "Timeout expired" {
+        return CliError(format!(
+            "the trmx node at {} did not answer within --timeout: it accepts connections \
+             but may be stuck or stopped; see its log (e.g. `journalctl -u trmx-node`), or \
+             pass a longer --timeout",
+            socket.display()
+        ));
+    }
     CliError(status.message().to_owned())
 }
 
-async fn client_command(command: Command, socket: &Path, out: &Output) -> Result<(), CliError> {
+async fn client_command(
+    command: Command,
+    socket: &Path,
+    timeout: std::time::Duration,
+    out: &Output,
+) -> Result<(), CliError> {
     // Read and check a file before contacting the node: a bad file is
     // reported even when the node is down.
     let prepared = match &command {
         Command::Send(args) => Some(prepare_send(args)?),
         _ => None,
     };
-    let mut client = connect(socket).await?;
+    let mut client = connect(socket, timeout).await?;
     let err = |s: tonic::Status| status_line(&s, socket);
     match command {
         Command::Run { .. } | Command::CheckConfig | Command::AcceptClock => Ok(()),

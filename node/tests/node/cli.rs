@@ -1419,3 +1419,64 @@ async fn a_malformed_argument_names_the_argument() {
     }
     node.stop().await.expect("stop");
 }
+
+/// A node that is stuck or stopped (SIGSTOP) still has its connections accepted by the
+/// kernel: a command must not wait for it for ever, and must say what to look at.
+#[test]
+fn a_node_that_never_answers_is_given_up_after_the_timeout() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("node.sock");
+    // (accepts, never speaks: as the kernel does for a stopped process's listener)
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let accepted = std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(5));
+        drop(held);
+    });
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    let started = std::time::Instant::now();
+    let mut child = trmx_node()
+        .args(["--socket", socket_arg, "--timeout", "1", "status"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run trmx-node");
+    while child.try_wait().expect("wait").is_none() {
+        if started.elapsed() > Duration::from_secs(4) {
+            let _ = child.kill();
+            panic!("the command still waits after 4 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("output");
+    let line = assert_one_line_failure(&output);
+    assert_eq!(
+        line,
+        format!(
+            "the trmx node at {socket_arg} did not answer within --timeout: it accepts \
+             connections but may be stuck or stopped; see its log (e.g. `journalctl -u \
+             trmx-node`), or pass a longer --timeout"
+        )
+    );
+    accepted.join().expect("listener thread");
+}
+
+/// `--timeout` bounds the wait for an answer, not a `watch` waiting for new entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_outlasts_the_timeout() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8 path").to_owned();
+    let mut child = trmx_node()
+        .args(["--socket", &socket, "--timeout", "1", "watch"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run trmx-node");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let still = child.try_wait().expect("wait");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(still.is_none(), "watch ended: {still:?}");
+    node.stop().await.expect("stop");
+}
