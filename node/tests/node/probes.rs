@@ -642,3 +642,61 @@ async fn a_socket_path_under_a_file_says_so() {
     );
     assert_eq!(std::fs::read(&file).expect("kept"), b"x");
 }
+
+/// An integration that retries a send before the first answer came (or two workers
+/// that share a key): however many arrive at once, one message is queued, every
+/// retry with the same content gets it, and a different document under the key is
+/// `ALREADY_EXISTS`. (A guard: this passed when written.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_with_one_key_queue_one_message() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let client = connect_local(node.socket_path()).await.expect("connect");
+    let other = REFERRAL_JSON.replace("NRM-2026-0117-A", "NRM-2026-0118-B");
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let mut client = client.clone();
+        let body = if i % 3 == 2 {
+            other.clone()
+        } else {
+            REFERRAL_JSON.to_owned()
+        };
+        tasks.push(tokio::spawn(async move {
+            let request = pb::SendRequest {
+                body: Some(pb::send_request::Body::BodyJson(body.clone())),
+                ..referral()
+            };
+            (body, client.send(request).await)
+        }));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    let mut winner: Option<String> = None;
+    let mut refused = 0;
+    for task in tasks {
+        let (body, result) = task.await.expect("join");
+        match result {
+            Ok(response) => {
+                ids.insert(response.into_inner().message_id);
+                assert!(
+                    winner.as_ref().is_none_or(|w: &String| *w == body),
+                    "two documents queued"
+                );
+                winner.get_or_insert(body);
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(refused >= 8, "every other document was refused: {refused}");
+    let mut client = client.clone();
+    let outbox = client
+        .list_outbox(pb::ListOutboxRequest::default())
+        .await
+        .expect("outbox")
+        .into_inner();
+    assert_eq!(outbox.entries.len(), 1, "{outbox:?}");
+    node.stop().await.expect("stop");
+}
