@@ -115,7 +115,7 @@ pub(crate) fn referral_without(path: &[&str]) -> String {
 }
 
 /// The log lines written on this thread (a current-thread `#[tokio::test]` runtime and its
-/// tasks) while it lives, at INFO and above.
+/// tasks) while it lives, at INFO and above (or at the filter of [`LogCapture::start_at`]).
 pub(crate) struct LogCapture {
     lines: Arc<Mutex<Vec<u8>>>,
     _guard: tracing::subscriber::DefaultGuard,
@@ -135,10 +135,15 @@ impl std::io::Write for LogWriter {
 
 impl LogCapture {
     pub(crate) fn start() -> LogCapture {
+        LogCapture::start_at("info")
+    }
+
+    /// A capture at the tracing filter `filter` (e.g. `trace`).
+    pub(crate) fn start_at(filter: &str) -> LogCapture {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let writer = Arc::clone(&lines);
         let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("info")
+            .with_env_filter(filter)
             .with_ansi(false)
             .with_writer(move || LogWriter(Arc::clone(&writer)))
             .finish();
@@ -146,6 +151,11 @@ impl LogCapture {
             lines,
             _guard: tracing::subscriber::set_default(subscriber),
         }
+    }
+
+    /// Everything written so far.
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lines.lock().expect("log lock")).into_owned()
     }
 
     /// The lines that contain every one of `parts`.

@@ -700,3 +700,75 @@ async fn concurrent_sends_with_one_key_queue_one_message() {
     assert_eq!(outbox.entries.len(), 1, "{outbox:?}");
     node.stop().await.expect("stop");
 }
+
+/// At the most verbose level, the node's log of its local API (tonic, h2 and hyper
+/// included) holds no body value: not of a message queued, shown or listed, nor of one
+/// refused for a bad field. (A guard: this passed when written.)
+#[tokio::test]
+async fn no_body_value_reaches_the_log_at_trace() {
+    use serde_json::json;
+    let logs = super::harness::LogCapture::start_at("trace");
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    let marked = [
+        ("/person/pseudonym", json!("PSEUDOMARKQX")),
+        ("/person/givenNames", json!("GIVENMARKQX")),
+        ("/person/familyName", json!("FAMILYMARKQX")),
+        ("/notes", json!({"language": "en", "text": "NOTESMARKQX"})),
+    ];
+    let mut body: serde_json::Value = serde_json::from_str(REFERRAL_JSON).expect("example");
+    for (pointer, value) in &marked {
+        let (parent, key) = pointer.rsplit_once('/').expect("pointer");
+        body.pointer_mut(parent)
+            .and_then(serde_json::Value::as_object_mut)
+            .expect("object")
+            .insert(key.to_owned(), value.clone());
+    }
+    let sent = client
+        .send(pb::SendRequest {
+            body: Some(pb::send_request::Body::BodyJson(body.to_string())),
+            ..referral()
+        })
+        .await
+        .expect("queued")
+        .into_inner();
+    client
+        .get_message(pb::GetMessageRequest {
+            message_id: sent.message_id,
+            body_form: 0,
+        })
+        .await
+        .expect("shown");
+    client
+        .list_outbox(pb::ListOutboxRequest::default())
+        .await
+        .expect("listed");
+    // refused ones: a value breaking a rule, a wrong type, an unknown field holding it
+    for (pointer, value) in [
+        ("/person/familyName", json!("BADMARKQX\u{7}")),
+        ("/person/ageBand", json!("BADMARKQX")),
+        ("/person/BADMARKQX", json!("BADMARKQX")),
+        ("/handling/retainUntil", json!("BADMARKQX")),
+    ] {
+        let status = client
+            .send(pb::SendRequest {
+                idempotency_key: "k-bad".to_owned(),
+                body: Some(pb::send_request::Body::BodyJson(referral_with(
+                    pointer, value,
+                ))),
+                ..referral()
+            })
+            .await
+            .expect_err("refused");
+        assert!(!status.message().contains("MARKQX"), "{status:?}");
+    }
+    node.stop().await.expect("stop");
+    let text = logs.text();
+    assert!(
+        text.contains("TRACE") && text.contains("message queued"),
+        "logs too thin"
+    );
+    let leaked: Vec<&str> = text.lines().filter(|l| l.contains("MARKQX")).collect();
+    assert!(leaked.is_empty(), "body values in the log: {leaked:#?}");
+}
