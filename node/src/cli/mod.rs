@@ -1167,7 +1167,13 @@ fn prepare_send(args: &SendArgs) -> Result<pb::SendRequest, CliError> {
         }
         None => None,
     };
-    let body = Body::from_json(args.kind, &text).map_err(|e| CliError(format!("{file}: {e}")))?;
+    let body = Body::from_json(args.kind, &text).map_err(|e| {
+        // (a document of another kind, or --kind mistyped: say which kind it reads as)
+        let hint = kind_hint(args.kind, &text, &e)
+            .map(|kind| format!(" (the document reads as a {kind}: --kind {kind}?)"))
+            .unwrap_or_default();
+        CliError(format!("{file}: {e}{hint}"))
+    })?;
     let context = BodyContext {
         in_reply_to,
         today: Date::of(SystemTime::now()),
@@ -1194,6 +1200,21 @@ fn prepare_send(args: &SendArgs) -> Result<pb::SendRequest, CliError> {
         expires_at: None,
         body: Some(pb::send_request::Body::BodyJson(text)),
     })
+}
+
+/// The one other application kind that `text` parses as, when it does not parse as
+/// `kind` for an unknown field (the mark of a document of another kind).
+fn kind_hint(kind: Kind, text: &str, error: &trmx_proto::ValidationError) -> Option<&'static str> {
+    if error.rule != "unknown field" {
+        return None;
+    }
+    let mut others = Kind::APPLICATION
+        .into_iter()
+        .filter(|&other| other != kind && Body::from_json(other, text).is_ok());
+    match (others.next(), others.next()) {
+        (Some(other), None) => Some(other.name()),
+        _ => None,
+    }
 }
 
 /// `cli:` + hex SHA-256 of (recipient, kind, case, the message answered, priority, file

@@ -1480,3 +1480,33 @@ async fn watch_outlasts_the_timeout() {
     assert!(still.is_none(), "watch ended: {still:?}");
     node.stop().await.expect("stop");
 }
+
+/// A document of another kind than `--kind` (the wrong file, or a mistyped kind) says
+/// which kind it reads as, besides the field that does not belong; nothing is sent.
+#[test]
+fn a_document_of_another_kind_says_which_kind_it_is() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("node.sock");
+    let referral = dir.path().join("referral.json");
+    std::fs::write(&referral, REFERRAL_JSON).expect("write");
+    let output = run(&[
+        "--socket",
+        socket.to_str().expect("utf-8 path"),
+        "send",
+        "--to",
+        "BE-PAYOKE",
+        "--kind",
+        "follow-up",
+        "--new-case",
+        referral.to_str().expect("utf-8 path"),
+    ]);
+    let line = assert_one_line_failure(&output);
+    assert_eq!(
+        line,
+        format!(
+            "{}: follow_up.purpose: unknown field (the document reads as a referral: --kind \
+             referral?)",
+            referral.display()
+        )
+    );
+}
