@@ -759,14 +759,17 @@ fn command_error(status: &tonic::Status, socket: &Path, flags: &[(&str, &str)]) 
             .strip_prefix(field)
             .and_then(|rest| rest.strip_prefix(": "))
     {
-        // (only field names no sentence uses as a word: `kind` stays a word)
+        // (only field names no sentence uses as a word: `kind` stays a word; `today`
+        // is only ever ListDue's field in the node's answers)
         let rule = rule
             .split_inclusive(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .map(|piece| {
                 let word =
                     piece.trim_end_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
                 match flag_of(word) {
-                    Some(flag) if word.contains('_') => format!("{flag}{}", &piece[word.len()..]),
+                    Some(flag) if word.contains('_') || word == "today" => {
+                        format!("{flag}{}", &piece[word.len()..])
+                    }
                     _ => piece.to_owned(),
                 }
             })

@@ -1510,3 +1510,34 @@ fn a_document_of_another_kind_says_which_kind_it_is() {
         )
     );
 }
+
+/// A `due --page-token` of a listing by another date says which `--today` to ask with,
+/// in the flags the user types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_token_of_another_date_names_the_flag() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8 path").to_owned();
+    let token = format!(
+        "due:2026-02-01:2026-01-01:{}",
+        trmx_proto::MessageId::new_v7()
+    );
+    let args = [
+        "--socket",
+        &socket,
+        "due",
+        "--today",
+        "2026-03-01",
+        "--page-token",
+        &token,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let line = assert_one_line_failure(&run_async(args).await);
+    assert_eq!(
+        line,
+        "--page-token: continues the listing of what is due by 2026-02-01, not by 2026-03-01: \
+         ask with --today 2026-02-01 or without --today"
+    );
+    node.stop().await.expect("stop");
+}
