@@ -968,7 +968,7 @@ async fn client_command(
                 .map_err(watch_err)?
                 .into_inner();
             while let Some(item) = stream.next().await {
-                let entry = item.map_err(err)?;
+                let entry = item.map_err(watch_err)?;
                 if out.json {
                     out.json_lines(&[entry])?;
                 } else {

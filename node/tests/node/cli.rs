@@ -1541,3 +1541,40 @@ async fn a_due_token_of_another_date_names_the_flag() {
     );
     node.stop().await.expect("stop");
 }
+
+/// A `watch` ended by the node stopping exits 1 and says how to resume in the flag the
+/// user types (`--after`), not in the API's `after_seq`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ended_by_the_node_says_how_to_resume_with_after() {
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let socket = node.socket_path().to_str().expect("utf-8 path").to_owned();
+    let child = trmx_node()
+        .args(["--socket", &socket, "watch"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run trmx-node");
+    // (connected: the child holds a socket; then its Watch is open a moment later)
+    let fds = format!("/proc/{}/fd", child.id());
+    eventually("the watch to connect", Duration::from_secs(20), || {
+        std::fs::read_dir(&fds).is_ok_and(|dir| {
+            dir.flatten().any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+            })
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.stop().await.expect("stop");
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("output");
+    let line = assert_one_line_failure(&output);
+    assert_eq!(
+        line,
+        "the node is stopping: resume with --after set to the last seq processed"
+    );
+}
