@@ -772,3 +772,29 @@ async fn no_body_value_reaches_the_log_at_trace() {
     let leaked: Vec<&str> = text.lines().filter(|l| l.contains("MARKQX")).collect();
     assert!(leaked.is_empty(), "body values in the log: {leaked:#?}");
 }
+
+/// A mistyped `log_level` (`debgu`) is a valid filter to tracing, one that shows only a
+/// target of that name: the node ran and logged nothing, its errors included. It is
+/// refused, naming the key; levels, `target=level` lists and span filters still load.
+#[test]
+fn a_mistyped_log_level_is_refused_not_a_silent_node() {
+    let sandbox = Sandbox::new();
+    for typo in ["debgu", "Info,trmx_nod", "warn,debgu"] {
+        let mut config = sandbox.config.clone();
+        config.log_level = typo.to_owned();
+        let message = config.validate().expect_err(typo).to_string();
+        assert!(message.starts_with("config: log_level: "), "{message}");
+        assert!(message.contains("is not a level"), "{message}");
+    }
+    for fine in [
+        "debug",
+        "WARN",
+        "info,trmx_node=debug",
+        "warn,trmx_node::core=trace,h2=off",
+        "info,trmx_node[send]=debug",
+    ] {
+        let mut config = sandbox.config.clone();
+        config.log_level = fine.to_owned();
+        config.validate().unwrap_or_else(|e| panic!("{fine}: {e}"));
+    }
+}
