@@ -18,7 +18,8 @@
 //! target path (`.t<pid in base 36>/s`, no longer than `node.sock`: a path that
 //! fits a Unix socket fits staged too, see [`socket_bind_len`]), set to mode
 //! 0600, then linked into place (never over an existing file): at no moment can
-//! another user connect. A socket file left
+//! another user connect. The directory must be the node's user's (or root's)
+//! and not writable by every user, who could replace the socket. A socket file left
 //! by a crashed node is removed only if nothing answers on it; a socket in
 //! use, or a path that is not a socket, is an error. The file is removed when
 //! the server stops (if it is still ours).
@@ -198,7 +199,6 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
                 socket_error(&parent, "cannot create", e)
             }
         })?;
-    remove_stale_socket(path)?;
 
     // Bind in a private directory, restrict the mode, then move into place.
     if std::fs::symlink_metadata(&staging).is_ok() {
@@ -209,6 +209,10 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
         .mode(0o700)
         .create(&staging)
         .map_err(|e| socket_error(&staging, "cannot create", e))?;
+    if let Err(e) = check_socket_dir(&parent, &staging).and_then(|()| remove_stale_socket(path)) {
+        let _ = std::fs::remove_dir(&staging);
+        return Err(e);
+    }
     let result = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&staged)
             .map_err(|e| socket_error(path, "cannot bind", e))?;
@@ -231,6 +235,34 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
         path: path.to_path_buf(),
         dev_ino: (meta.dev(), meta.ino()),
     })
+}
+
+/// Refuses a socket directory `dir` that another user could write (not the node's
+/// user's, nor root's, or writable by every user): that user could put a socket of
+/// their own in place of the node's (with the sticky bit of `/tmp`, while the node is
+/// stopped) and receive what the CLI and case-management systems send, personal data
+/// included. (A directory writable by its group passes: with a umask of 002 every
+/// directory a user makes is, and the group is often the user's own.) `staging`, just
+/// made by this process in `dir`, tells the node's user.
+fn check_socket_dir(dir: &Path, staging: &Path) -> Result<(), NodeError> {
+    let stat = |p: &Path| std::fs::metadata(p).map_err(|e| socket_error(p, "cannot stat", e));
+    let (meta, ours) = (stat(dir)?, stat(staging)?.uid());
+    let what = if meta.uid() != ours && meta.uid() != 0 {
+        format!("belongs to another user (uid {})", meta.uid())
+    } else if meta.mode() & 0o002 != 0 {
+        format!(
+            "can be written by other users (mode {:o})",
+            meta.mode() & 0o7777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(NodeError::Config(format!(
+        "api.socket: the directory {} {what}, who could put their own socket in place of \
+         the node's: use a directory only the node's user can write (e.g. \
+         /run/trmx-node, mode 0700), or `chmod o-w` this one",
+        dir.display()
+    )))
 }
 
 /// Gives the socket at `staged` the name `path`, unless something took that

@@ -798,3 +798,60 @@ fn a_mistyped_log_level_is_refused_not_a_silent_node() {
         config.validate().unwrap_or_else(|e| panic!("{fine}: {e}"));
     }
 }
+
+/// A socket directory every user can write (a shared `/tmp`-like directory) is refused, naming `api.socket` and what to do: another user
+/// could put their own socket in place of the node's and receive what the CLI and
+/// case-management systems send. Nothing is left in it.
+#[tokio::test]
+async fn a_socket_directory_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    for mode in [0o777, 0o1777, 0o703] {
+        let shared = dir.path().join(format!("shared-{mode:o}"));
+        std::fs::create_dir(&shared).expect("dir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let message = trmx_node::api::bind_local_socket(&shared.join("node.sock"))
+            .expect_err("refused")
+            .to_string();
+        assert_eq!(
+            message,
+            format!(
+                "config: api.socket: the directory {} can be written by other users (mode \
+                 {mode:o}), who could put their own socket in place of the node's: use a \
+                 directory only the node's user can write (e.g. /run/trmx-node, mode 0700), \
+                 or `chmod o-w` this one",
+                shared.display()
+            )
+        );
+        assert_eq!(
+            std::fs::read_dir(&shared).expect("read").count(),
+            0,
+            "{mode:o}"
+        );
+    }
+    // (as root, the test can give a directory to another user)
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    if root {
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).expect("dir");
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+        let message = trmx_node::api::bind_local_socket(&theirs.join("node.sock"))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            message.contains("belongs to another user (uid 65534)"),
+            "{message}"
+        );
+    }
+    // the node's own directory, readable by others or not, is fine, and so is one its
+    // group may write (a umask of 002)
+    for mode in [0o700, 0o755, 0o775] {
+        let own = dir.path().join(format!("own-{mode:o}"));
+        std::fs::create_dir(&own).expect("dir");
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        drop(trmx_node::api::bind_local_socket(&own.join("node.sock")).expect("bound"));
+    }
+}
