@@ -190,7 +190,7 @@ pub struct FilterArgs {
     /// Only this kind (e.g. referral).
     #[arg(long, value_parser = parse_kind)]
     pub kind: Option<Kind>,
-    /// At most this many entries.
+    /// At most this many entries (0: 100; more than 10,000: 10,000).
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
     /// Continue a listing where the previous one stopped (it prints the token).
