@@ -48,8 +48,8 @@ struct ServerArgs {
     /// Data directory; overrides `data_dir` in the config.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Log filter, e.g. `info` or `info,trmx_broker=debug` (RUST_LOG syntax).
-    /// [env: TRMX_LOG] [default: info]
+    /// Log filter, e.g. `info` or `info,trmx_broker=debug` (RUST_LOG syntax); each part
+    /// must be a level or target=level, as must TRMX_LOG's. [env: TRMX_LOG] [default: info]
     #[arg(long)]
     log_level: Option<String>,
     /// Write the bound address to this file once the broker accepts connections.
@@ -88,11 +88,31 @@ impl ServerArgs {
             .or_else(|| std::env::var_os("TRMX_BROKER_CONFIG").map(PathBuf::from))
     }
 
-    fn log_filter(&self) -> String {
-        self.log_level
-            .clone()
-            .or_else(|| std::env::var("TRMX_LOG").ok())
-            .unwrap_or_else(|| "info".to_owned())
+    /// The log filter: `--log-level`, else `trmx_log` (the `TRMX_LOG` variable), else
+    /// `info`. A filter is refused, naming where it came from, when tracing cannot parse it
+    /// or when a directive is neither a level nor `target=level`: tracing reads a bare word
+    /// such as a mistyped `debgu` as a target, and the broker would run and log nothing,
+    /// its errors included. `TRMX_LOG` is held to the same rule as the flag: it is how
+    /// operators set the level (a unit file's `Environment=`), so a typo there silences a
+    /// production broker just the same; a developer loses nothing, `target=trace` says
+    /// what a bare `target` did.
+    fn log_filter(&self, trmx_log: Option<std::ffi::OsString>) -> anyhow::Result<String> {
+        let (source, filter) = match (&self.log_level, trmx_log) {
+            (Some(flag), _) => ("--log-level", flag.clone()),
+            (None, Some(env)) => match env.into_string() {
+                Ok(filter) => ("TRMX_LOG", filter),
+                Err(_) => anyhow::bail!("TRMX_LOG is not UTF-8"),
+            },
+            (None, None) => return Ok("info".to_owned()),
+        };
+        if filter.trim().is_empty() {
+            anyhow::bail!("{source} must not be empty (a level such as info, or target=level)");
+        }
+        tracing_subscriber::EnvFilter::try_new(&filter)
+            .map_err(|e| anyhow::anyhow!("{source} {filter:?} is not a valid log filter: {e}"))?;
+        trmx_durable::log_filter::check_log_filter(&filter)
+            .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        Ok(filter)
     }
 }
 
@@ -213,7 +233,8 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
     if let Some(data_dir) = &args.data_dir {
         config.data_dir = data_dir.clone();
     }
-    let log_filter = args.log_filter();
+    // (check-config refuses it too: a typo is a silent broker)
+    let log_filter = args.log_filter(std::env::var_os("TRMX_LOG"))?;
     if check_only {
         // what loading only warns about (the broker's own certificate revoked, a CRL past
         // its nextUpdate) goes to stderr as at a start; a logger set up already is kept
@@ -238,7 +259,7 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
 
 fn init_tracing(filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .with_context(|| format!("--log-level {filter:?} is not a valid log filter"))?;
+        .with_context(|| format!("{filter:?} is not a valid log filter"))?;
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -625,5 +646,74 @@ mod tests {
         // an existing directory is fine
         config.data_dir = dir.path().to_owned();
         check_config(&write_config(dir.path(), &config)).expect("existing directory");
+    }
+
+    /// `--log-level debgu` (a typo) was a valid filter to tracing, one that shows only a
+    /// target of that name: the broker ran and logged nothing, its errors included. It is
+    /// refused, naming the flag or `TRMX_LOG` and what is allowed, by `check-config` too;
+    /// levels, `target=level` lists and span filters still load.
+    #[test]
+    fn a_mistyped_log_level_is_refused_not_a_silent_broker() {
+        let no_flag = ServerArgs::default();
+        for typo in ["debgu", "Info,trmx_broke", "warn,debgu"] {
+            let flag = ServerArgs {
+                log_level: Some(typo.to_owned()),
+                ..ServerArgs::default()
+            };
+            let error = format!("{:#}", flag.log_filter(None).expect_err(typo));
+            assert!(error.starts_with("--log-level: "), "{error}");
+            assert!(
+                error.contains("is not a level (off, error, warn"),
+                "{error}"
+            );
+            let error = format!(
+                "{:#}",
+                no_flag.log_filter(Some(typo.into())).expect_err(typo)
+            );
+            assert!(error.starts_with("TRMX_LOG: "), "{error}");
+            assert!(error.contains("is not a level"), "{error}");
+        }
+        for empty in ["", " "] {
+            let error = format!(
+                "{:#}",
+                no_flag.log_filter(Some(empty.into())).expect_err("empty")
+            );
+            assert!(error.starts_with("TRMX_LOG must not be empty"), "{error}");
+        }
+        for fine in [
+            "debug",
+            "WARN",
+            "info,trmx_broker=debug",
+            "warn,trmx_broker::service=trace,h2=off",
+            "info,trmx_broker[rpc]=debug",
+        ] {
+            let flag = ServerArgs {
+                log_level: Some(fine.to_owned()),
+                ..ServerArgs::default()
+            };
+            assert_eq!(flag.log_filter(Some("debgu".into())).expect(fine), fine);
+            assert_eq!(no_flag.log_filter(Some(fine.into())).expect(fine), fine);
+        }
+        assert_eq!(no_flag.log_filter(None).expect("default"), "info");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, path, _federation) = valid_config(dir.path());
+        let config = path.to_str().expect("utf-8 path");
+        let Ok(Invocation::Serve { args, check_only }) = parse(&[
+            "trmx-broker",
+            "check-config",
+            "--config",
+            config,
+            "--log-level",
+            "debgu",
+        ])
+        .invocation() else {
+            panic!("check-config serves");
+        };
+        let error = format!("{:#}", run(args, check_only).expect_err("a typo"));
+        assert!(
+            error.starts_with("--log-level: \"debgu\" is not a level"),
+            "{error}"
+        );
     }
 }

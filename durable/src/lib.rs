@@ -32,10 +32,12 @@
 //! files kept beside a store; [`last_run`], one of them, the last run of a process on its
 //! store, which `check-config` reads instead of the store; [`store_exists`], whether a
 //! directory holds a sled store, told without opening it; [`open_sled`], opening one in
-//! a process that may have closed it a moment ago.
+//! a process that may have closed it a moment ago; [`log_filter`], the rule broker and node
+//! apply to the log filter an operator gives them (a level or `target=level`, no bare word).
 
 pub mod clock;
 pub mod last_run;
+pub mod log_filter;
 pub mod replace;
 
 pub use replace::{ReplaceError, ReplaceStep, replace_file};

@@ -212,45 +212,6 @@ fn invalid(field: &str, rule: impl std::fmt::Display) -> NodeError {
     NodeError::Config(format!("{field}: {rule}"))
 }
 
-/// Level names of a log filter.
-const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-
-/// Refuses a directive of the log filter that is neither a level nor `target=level`: the
-/// filter syntax reads a bare word such as a mistyped `debgu` as a target, and the node
-/// would then log nothing at all, its errors included.
-fn check_log_directives(filter: &str) -> Result<(), NodeError> {
-    let mut depth = 0_i32;
-    let mut directives = vec![String::new()];
-    for c in filter.chars() {
-        match c {
-            '[' | '{' => depth += 1,
-            ']' | '}' => depth -= 1,
-            ',' if depth == 0 => {
-                directives.push(String::new());
-                continue;
-            }
-            _ => {}
-        }
-        if let Some(directive) = directives.last_mut() {
-            directive.push(c);
-        }
-    }
-    for directive in directives.iter().map(|d| d.trim()) {
-        let bare = !directive.is_empty() && !directive.contains('=');
-        if bare && !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
-            return Err(invalid(
-                "log_level",
-                format!(
-                    "{directive:?} is not a level ({}) nor target=level: as written, the \
-                     node would log nothing but that target",
-                    LOG_LEVELS.join(", ")
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 impl NodeConfig {
     /// Reads, parses and validates a config file; relative paths are resolved
     /// against the file's directory.
@@ -302,7 +263,9 @@ impl NodeConfig {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("log_level", format!("is not a valid filter: {e}")))?;
-        check_log_directives(&self.log_level)?;
+        // a bare word such as a mistyped `debgu` is a target to tracing: a silent node
+        trmx_durable::log_filter::check_log_filter(&self.log_level)
+            .map_err(|e| invalid("log_level", e))?;
         let b = &self.broker;
         if !looks_like_host_port(&b.address) {
             return Err(invalid("broker.address", "must be host:port"));
