@@ -496,5 +496,6 @@ pub(crate) fn node_status(status: NodeStatus) -> pb::NodeStatus {
             .and_then(|c| c.refused)
             .unwrap_or_default(),
         withdrawals_pending: status.withdrawals_pending,
+        broker_certificate_not_after: status.broker_certificate_not_after.map(to_timestamp),
     }
 }

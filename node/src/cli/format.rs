@@ -363,6 +363,18 @@ pub(crate) fn participants(list: &[pb::Participant]) -> String {
     table(&["PARTICIPANT", "NAME", "COUNTRY", "TYPE", "ACCEPTS"], rows)
 }
 
+/// The days a certificate ending at `not_after` has left at `now`, with `advice` once
+/// they are fewer than [`CERT_EXPIRY_WARNING`] or none.
+fn days_left(not_after: SystemTime, now: SystemTime, advice: &str) -> String {
+    match not_after.duration_since(now) {
+        Err(_) => format!("EXPIRED: {advice}"),
+        Ok(left) if left < CERT_EXPIRY_WARNING => {
+            format!("{} days left: {advice}", left.as_secs() / 86_400)
+        }
+        Ok(left) => format!("{} days left", left.as_secs() / 86_400),
+    }
+}
+
 /// The node's status.
 pub(crate) fn status(s: &pb::NodeStatus, now: SystemTime) -> String {
     let broker = if s.broker_connected {
@@ -378,20 +390,26 @@ pub(crate) fn status(s: &pb::NodeStatus, now: SystemTime) -> String {
         .and_then(|ts| from_timestamp(ts).ok())
     {
         None => "cannot be read".to_owned(),
-        Some(not_after) => {
-            let state = match not_after.duration_since(now) {
-                Err(_) => "EXPIRED: renew it".to_owned(),
-                Ok(left) if left < CERT_EXPIRY_WARNING => {
-                    format!("{} days left: renew it", left.as_secs() / 86_400)
-                }
-                Ok(left) => format!("{} days left", left.as_secs() / 86_400),
-            };
-            format!(
-                "serial {}, valid until {} ({state})",
-                s.certificate_serial,
-                when(s.certificate_not_after.as_ref())
-            )
-        }
+        Some(not_after) => format!(
+            "serial {}, valid until {} ({})",
+            s.certificate_serial,
+            when(s.certificate_not_after.as_ref()),
+            days_left(not_after, now, "renew it")
+        ),
+    };
+    // the node cannot connect once the broker's certificate has ended: its operator
+    // must renew it, and a node's operator is often the first to look
+    let broker_certificate = match s
+        .broker_certificate_not_after
+        .as_ref()
+        .and_then(|ts| from_timestamp(ts).ok())
+    {
+        None => "not seen yet (no handshake with the broker since the node started)".to_owned(),
+        Some(not_after) => format!(
+            "valid until {} ({})",
+            when(s.broker_certificate_not_after.as_ref()),
+            days_left(not_after, now, "tell the broker's operator to renew it")
+        ),
     };
     let certificate = if s.certificate_refused.is_empty() {
         certificate
@@ -411,7 +429,7 @@ pub(crate) fn status(s: &pb::NodeStatus, now: SystemTime) -> String {
         )
     };
     format!(
-        "participant  {}\nbroker       {}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed{pending}\ninbox        {} messages (last seq {})\n",
+        "participant  {}\nbroker       {}\nbroker cert  {broker_certificate}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed{pending}\ninbox        {} messages (last seq {})\n",
         s.participant,
         broker,
         certificate,
@@ -451,6 +469,33 @@ mod tests {
         assert!(line(&with(Some(now + days(9)))).ends_with("(9 days left: renew it)"));
         assert!(line(&with(Some(now - days(1)))).ends_with("(EXPIRED: renew it)"));
         assert_eq!(line(&with(None)), "certificate  cannot be read");
+        let broker_line = |not_after: Option<SystemTime>| {
+            let s = pb::NodeStatus {
+                broker_certificate_not_after: not_after.map(trmx_proto::time::to_timestamp),
+                ..with(Some(now + days(400)))
+            };
+            status(&s, now)
+                .lines()
+                .find(|l| l.starts_with("broker cert"))
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            broker_line(Some(now + days(400))),
+            "broker cert  valid until 2028-01-03 10:02 (400 days left)"
+        );
+        assert!(
+            broker_line(Some(now + days(9)))
+                .ends_with("(9 days left: tell the broker's operator to renew it)")
+        );
+        assert!(
+            broker_line(Some(now - days(1)))
+                .ends_with("(EXPIRED: tell the broker's operator to renew it)")
+        );
+        assert_eq!(
+            broker_line(None),
+            "broker cert  not seen yet (no handshake with the broker since the node started)"
+        );
         let refused = pb::NodeStatus {
             certificate_refused: "the key is not the certificate's".into(),
             ..with(Some(now + days(400)))

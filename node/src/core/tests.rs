@@ -4175,6 +4175,64 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// The node knew the end of the broker's certificate from its last handshake, but its
+    /// Status RPC did not say it: an operator asking `trmx-node status` why the node
+    /// cannot connect, or whether it soon will not, had to read the log. The local API
+    /// now answers it (unset before the first handshake).
+    #[tokio::test]
+    async fn the_status_rpc_shows_the_end_of_the_brokers_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let broker_cert = federation.broker("test").unwrap();
+        let seen = trmx_certs::CertInfo::from_pem_file(&broker_cert.cert).unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let cert = federation.participant("NL-NRM").unwrap();
+        let nl = started(dir.path(), "NL-NRM", &federation, &cert, addr)
+            .await
+            .unwrap();
+        let socket = dir.path().join("node.sock");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let api = tokio::spawn({
+            let (nl, socket) = (nl.clone(), socket.clone());
+            async move {
+                let stopped = async {
+                    let _ = stopped.await;
+                };
+                crate::api::serve_local_api(nl, &socket, stopped).await
+            }
+        });
+        let status = || async {
+            let mut client = loop {
+                match crate::api::client::connect_local(&socket).await {
+                    Ok(client) => break client,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
+            client
+                .get_node_status(pb::GetNodeStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        };
+        let before = status().await;
+        assert!(!before.broker_connected);
+        assert_eq!(
+            before.broker_certificate_not_after, None,
+            "no handshake yet"
+        );
+
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls_with(&federation, broker_cert));
+        until("NL is connected", || async { nl.status().broker_connected }).await;
+        assert_eq!(
+            status().await.broker_certificate_not_after,
+            Some(trmx_proto::time::to_timestamp(seen.not_after))
+        );
+        let _ = stop.send(());
+        api.await.unwrap().unwrap();
+        nl.shutdown().await;
+    }
+
     // ---- the envelope, checked against the broker's limit ----------------------
 
     /// A message over the broker's `max_envelope_bytes` said "queued" and was refused
