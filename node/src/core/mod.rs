@@ -46,7 +46,7 @@ use trmx_proto::time::{to_millis, to_timestamp};
 
 use channel::LinkChannel;
 use last_run::LastRunWriter;
-use store::{InboxMark, NewOutgoing, Store};
+use store::{CaseKnown, InboxMark, NewOutgoing, Store};
 use trmx_durable::clock::{StartClock, human_span};
 
 pub use clock::{Clock, GuardedClock, ManualClock, SystemClock, TimeSource, node_clock};
@@ -1292,7 +1292,8 @@ impl NodeCore {
     /// `case_ref`). A retry with the same idempotency key and
     /// content returns the entry stored the first time. A reply to a message received
     /// but not yet flushed is `Store` (`UNAVAILABLE`: retry in a moment), as the
-    /// listings do not show that message yet either.
+    /// listings do not show that message yet either; so is a `case_ref` known only from
+    /// such messages.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
         let inner = &self.inner;
         check_idempotency_key(&req.idempotency_key)?;
@@ -1390,12 +1391,29 @@ impl NodeCore {
             match req.case_ref {
                 Some(case) => {
                     let store = inner.store.clone();
-                    if !inner.blocking(move || store.case_known(case)).await? {
-                        return Err(NodeError::Invalid(ValidationError::new(
-                            "case_ref",
-                            "names no case this node sent or received a message in; set \
-                             new_case to open one",
-                        )));
+                    // (a case known only from a received message not flushed yet is
+                    // refused as a reply to that message is, above, and for the same
+                    // reason: a crash before the flush would leave the message filed
+                    // under a case the node no longer knows)
+                    let flushed = inner.durable_inbox.borrow().last_seq;
+                    match inner
+                        .blocking(move || store.case_known(case, flushed))
+                        .await?
+                    {
+                        CaseKnown::Yes => {}
+                        CaseKnown::NotOnDiskYet => {
+                            return Err(NodeError::Store(format!(
+                                "case_ref: case {case} is known only from a message that was \
+                                 received but is not on disk yet; retry in a moment"
+                            )));
+                        }
+                        CaseKnown::No => {
+                            return Err(NodeError::Invalid(ValidationError::new(
+                                "case_ref",
+                                "names no case this node sent or received a message in; set \
+                                 new_case to open one",
+                            )));
+                        }
                     }
                 }
                 // (a reply takes the case of the message it answers; one that names no

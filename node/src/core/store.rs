@@ -273,6 +273,17 @@ pub(crate) enum IdUse {
     Taken,
 }
 
+/// What a case reference is to this node ([`Store::case_known`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CaseKnown {
+    /// This node sent a message in the case, or received one that is on disk.
+    Yes,
+    /// Known only from messages received and not flushed yet.
+    NotOnDiskYet,
+    /// No message of the case is here.
+    No,
+}
+
 /// What [`Store::store_incoming`] did.
 #[derive(Debug)]
 pub(crate) enum Stored {
@@ -1466,14 +1477,31 @@ impl Store {
 
     // ---- cases and due --------------------------------------------------
 
-    /// Whether this node sent or received a message in `case`.
-    pub(crate) fn case_known(&self, case: CaseRef) -> Result<bool, NodeError> {
-        self.trees[CASES]
-            .scan_prefix(case.as_bytes())
-            .next()
-            .transpose()
-            .map(|first| first.is_some())
-            .map_err(store_err)
+    /// Whether this node sent or received a message in `case`, a received one counting
+    /// only once it is flushed (inbox seq up to `flushed`), as the listings, `Watch` and
+    /// the case timeline show it: a crash before its flush takes it back.
+    pub(crate) fn case_known(&self, case: CaseRef, flushed: u64) -> Result<CaseKnown, NodeError> {
+        let mut pending = false;
+        for item in self.trees[CASES].scan_prefix(case.as_bytes()) {
+            let (key, value) = item.map_err(store_err)?;
+            if value.first() == Some(&DIR_RECEIVED) {
+                let id = case_key_id(&key)?;
+                let seq = self.trees[INBOX_MID]
+                    .get(id.as_bytes())
+                    .map_err(store_err)?
+                    .map(|seq| read_u64(&seq));
+                if seq.is_some_and(|seq| seq > flushed) {
+                    pending = true;
+                    continue;
+                }
+            }
+            return Ok(CaseKnown::Yes);
+        }
+        Ok(if pending {
+            CaseKnown::NotOnDiskYet
+        } else {
+            CaseKnown::No
+        })
     }
 
     /// One page of the messages of a case, sent and received, oldest first (in the order

@@ -1975,6 +1975,66 @@ async fn a_reply_to_a_message_not_yet_on_disk_is_refused_until_it_is() {
     assert_eq!(f.be.outbox(&ListFilter::default()).await.unwrap().len(), 1);
 }
 
+/// A message filed under a case known here only from a received message stored but not
+/// yet flushed: after a crash before that flush, it would be queued (or on its way)
+/// under a case the node no longer knows, the gap a reply to that message had. Now the
+/// send is refused with `UNAVAILABLE`, worded as that reply's refusal, nothing is
+/// queued, and the same request goes through once the delivery is on disk.
+#[tokio::test]
+async fn a_message_in_a_case_known_only_from_a_message_not_yet_on_disk_is_refused_until_it_is() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    // the referral reaches BE: committed, not flushed
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(in_transit(&f.nl, sent.message_id)))
+        .await
+        .unwrap()
+    else {
+        panic!("expected store");
+    };
+    let Stored::New(_) = f.be.inner.store.store_incoming(&incoming).unwrap() else {
+        panic!("expected a new entry");
+    };
+    let follow = || {
+        let mut follow = request("f-1", "NL-NRM", follow_up());
+        follow.case_ref = Some(sent.case_ref);
+        follow
+    };
+    let error = f.be.send(follow()).await.unwrap_err();
+    let status = crate::api::status::to_status(error);
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    for part in [
+        "case_ref",
+        sent.case_ref.to_string().as_str(),
+        "not on disk yet",
+        "retry in a moment",
+    ] {
+        assert!(status.message().contains(part), "{part}: {status:?}");
+    }
+    assert!(
+        f.be.outbox(&ListFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // a case the node has never seen is still no case, not one to wait for
+    let mut made_up = follow();
+    made_up.case_ref = Some(CaseRef::new_random());
+    let error = f.be.send(made_up).await.unwrap_err();
+    assert!(
+        matches!(&error, NodeError::Invalid(e) if e.field == "case_ref"),
+        "{error:?}"
+    );
+
+    // flushed as the receive loop does: the same request goes through
+    flush_inbox(&f.be.inner).await.unwrap();
+    let filed = f.be.send(follow()).await.unwrap();
+    assert_eq!(filed.case_ref, sent.case_ref);
+    assert_eq!(f.be.outbox(&ListFilter::default()).await.unwrap().len(), 1);
+}
+
 /// A delivery committed but whose flush failed is not acknowledged; its
 /// redelivery finds it stored (a duplicate), flushes and acknowledges it.
 /// From then on it is durable, so it must be watched, listed and counted
