@@ -1089,6 +1089,28 @@ fn not_taken(new_serial: &str, failed: &NotProven) -> String {
 
 // ---- submit -------------------------------------------------------------------
 
+/// Failed submit attempts of one outbox entry (the head of the queue, which the submit
+/// loop tries until it leaves) that its record does not count yet.
+#[derive(Debug, Default)]
+struct UnrecordedAttempts(Option<(MessageId, u32)>);
+
+impl UnrecordedAttempts {
+    /// Counts `attempts` more of `id` (forgetting those of another entry, which left the
+    /// queue: withdrawn).
+    fn add(&mut self, id: MessageId, attempts: u32) {
+        let before = self.take(id);
+        self.0 = Some((id, before.saturating_add(attempts)));
+    }
+
+    /// The attempts of `id` not recorded, now to be; forgets them.
+    fn take(&mut self, id: MessageId) -> u32 {
+        match self.0.take() {
+            Some((counted, attempts)) if counted == id => attempts,
+            _ => 0,
+        }
+    }
+}
+
 /// Submits `QUEUED` entries in creation order whenever the broker is
 /// reachable; woken by each new send and by each (re)connect.
 pub(crate) async fn submit_loop(
@@ -1100,6 +1122,7 @@ pub(crate) async fn submit_loop(
     let mut backoff = Backoff::new(inner.config.reconnect_min, inner.config.reconnect_max);
     // (a submit refused again and again, while the receive stream is fine, must say so)
     let mut failures = FailureLog::default();
+    let mut unrecorded = UnrecordedAttempts::default();
     loop {
         if *shutdown.borrow() {
             break;
@@ -1157,8 +1180,9 @@ pub(crate) async fn submit_loop(
             }
             // A shutdown does not wait for a broker that does not answer: the entry
             // stays queued, and the broker's idempotency covers the submit next time.
+            let attempts = unrecorded.take(id) + 1;
             let submitted = tokio::select! {
-                submitted = submit_one(&inner, &mut client, id, envelope) => submitted,
+                submitted = submit_one(&inner, &mut client, id, envelope, attempts) => submitted,
                 Ok(_) = shutdown.wait_for(|down| *down) => return,
             };
             drop(gate);
@@ -1172,10 +1196,25 @@ pub(crate) async fn submit_loop(
                 }
                 Err(e) => {
                     let error = e.to_string();
+                    // A failure is written to the entry's record when it is said at WARN
+                    // (the first, a different one, the same one every FAILURE_REPEAT): a
+                    // record write and a flush per attempt, for hours of broker outage,
+                    // would say nothing new. The attempts in between are counted here
+                    // and added at the next write (a restart forgets them).
                     if failures.failed(&error, Instant::now()) {
                         warn!(participant = %me, message_id = %id, error = %error, failures = failures.failures(), "submit not accepted; the outbox waits and tries again");
+                        let store = inner.store.clone();
+                        let noted = error.clone();
+                        let written = inner
+                            .blocking(move || store.note_submit_error(id, &noted, attempts))
+                            .await;
+                        if let Err(e) = written {
+                            warn!(participant = %me, message_id = %id, error = %e, "cannot record the failed submit");
+                            unrecorded.add(id, attempts);
+                        }
                     } else {
                         debug!(participant = %me, message_id = %id, error = %error, "submit will be retried");
+                        unrecorded.add(id, attempts);
                     }
                     transient = true;
                     break;
@@ -1396,13 +1435,15 @@ async fn withdraw_pending(
     Ok(())
 }
 
-/// Submits one entry and records the outcome. `Err` means a transient
-/// failure (retry later, in order).
+/// Submits one entry and records the outcome, counting `attempts` submit attempts on its
+/// record (this one, and failed ones not recorded yet). `Err` means a transient failure
+/// (retry later, in order), which the caller records or counts.
 async fn submit_one(
     inner: &Arc<Inner>,
     client: &mut ExchangeClient<LinkChannel>,
     id: MessageId,
     envelope: pb::Envelope,
+    attempts: u32,
 ) -> Result<(), NodeError> {
     let me = inner.config.participant.clone();
     let kind = Kind::from_pb(envelope.kind).map_or("unspecified", Kind::name);
@@ -1417,7 +1458,7 @@ async fn submit_one(
         Ok(receipt) => {
             let duplicate = receipt.into_inner().duplicate;
             let updated = inner
-                .blocking(move || store.mark_submitted(id, now))
+                .blocking(move || store.mark_submitted_after(id, now, attempts))
                 .await?;
             inner.store.flush_async().await?;
             info!(participant = %me, message_id = %id, kind = %kind, duplicate, "message submitted");
@@ -1452,7 +1493,7 @@ async fn submit_one(
             // or limits, never a value from the body (its error contract).
             warn!(participant = %me, message_id = %id, kind = %kind, code = ?status.code(), reason = status.message(), "broker refused message");
             inner
-                .blocking(move || store.mark_refused(id, failure, &text, now))
+                .blocking(move || store.mark_refused(id, failure, &text, now, attempts))
                 .await?;
             inner.store.flush_async().await?;
             Ok(())
@@ -1460,10 +1501,6 @@ async fn submit_one(
         Err(status) => {
             let text = status_text(&status);
             inner.set_error(text.clone());
-            let error = text.clone();
-            inner
-                .blocking(move || store.note_submit_error(id, &error))
-                .await?;
             Err(NodeError::BrokerUnavailable(text))
         }
     }

@@ -1070,25 +1070,44 @@ impl Store {
         .transpose()
     }
 
-    /// Records a failed submit attempt (transient error); the entry stays queued.
-    pub(crate) fn note_submit_error(&self, id: MessageId, error: &str) -> Result<(), NodeError> {
+    /// Records `attempts` failed submit attempts (transient errors), the last with
+    /// `error`; the entry stays queued.
+    pub(crate) fn note_submit_error(
+        &self,
+        id: MessageId,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), NodeError> {
         self.update_out(id, |rec| {
-            rec.submit_attempts = rec.submit_attempts.saturating_add(1);
+            rec.submit_attempts = rec.submit_attempts.saturating_add(attempts);
             rec.last_error = Some(error.to_owned());
             Ok(true)
         })?;
         Ok(())
     }
 
-    /// The broker accepted the entry: `QUEUED → SUBMITTED` (if a receipt did
-    /// not already move it further).
+    /// The broker accepted the entry at its first attempt (tests): see
+    /// [`Self::mark_submitted_after`].
+    #[cfg(test)]
     pub(crate) fn mark_submitted(
         &self,
         id: MessageId,
         at: Millis,
     ) -> Result<Option<Updated>, NodeError> {
+        self.mark_submitted_after(id, at, 1)
+    }
+
+    /// The broker accepted the entry: `QUEUED → SUBMITTED` (if a receipt did
+    /// not already move it further), after `attempts` submit attempts (this one, and
+    /// failed ones not recorded yet).
+    pub(crate) fn mark_submitted_after(
+        &self,
+        id: MessageId,
+        at: Millis,
+        attempts: u32,
+    ) -> Result<Option<Updated>, NodeError> {
         self.update_out(id, |rec| {
-            rec.submit_attempts = rec.submit_attempts.saturating_add(1);
+            rec.submit_attempts = rec.submit_attempts.saturating_add(attempts);
             rec.last_error = None;
             if rec.submitted_at.is_none() {
                 rec.submitted_at = Some(at);
@@ -1100,16 +1119,18 @@ impl Store {
         })
     }
 
-    /// The broker refused the entry for good: `QUEUED → FAILED`.
+    /// The broker refused the entry for good: `QUEUED → FAILED`, after `attempts` submit
+    /// attempts (this one, and failed ones not recorded yet).
     pub(crate) fn mark_refused(
         &self,
         id: MessageId,
         failure: Failure,
         error: &str,
         at: Millis,
+        attempts: u32,
     ) -> Result<Option<Updated>, NodeError> {
         self.update_out(id, |rec| {
-            rec.submit_attempts = rec.submit_attempts.saturating_add(1);
+            rec.submit_attempts = rec.submit_attempts.saturating_add(attempts);
             rec.last_error = Some(error.to_owned());
             if rec.state == OutboxState::Queued {
                 rec.state = OutboxState::Failed;
@@ -1702,6 +1723,17 @@ impl Store {
             }
         }
         Ok(Page { entries: out, next })
+    }
+
+    /// A subscriber to every write to the store, but for its `meta` tree, where the node
+    /// records its time every minute whatever it does (tests: writes are counted).
+    #[cfg(test)]
+    pub(crate) fn watch_writes(&self) -> Vec<sled::Subscriber> {
+        self.trees
+            .iter()
+            .skip(META + 1)
+            .map(|tree| tree.watch_prefix(Vec::<u8>::new()))
+            .collect()
     }
 
     /// Entries in the due index (tests).

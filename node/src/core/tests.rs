@@ -3944,6 +3944,70 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// While the broker was out of reach, each submit attempt (one every
+    /// `reconnect_max` at most, a minute by default) wrote the queued entry's record,
+    /// its attempts and last error, and flushed the store: hours of outage were hours of
+    /// store writes that said nothing new. The record is now written when the failure is
+    /// said at WARN (the first, a different one, the same one every `FAILURE_REPEAT`);
+    /// the attempts in between are counted and added to the record with the outcome.
+    #[tokio::test]
+    async fn a_broker_out_of_reach_costs_no_store_write_per_attempt() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let (_port, addr) = reserved_port(); // nothing listens yet
+        let nl = online(dir.path(), "NL-NRM", addr, clock).await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        let warned = || logs.lines_with(&["WARN", "submit not accepted"]);
+        let retried = || logs.lines_with(&["DEBUG", "submit will be retried"]);
+        until("the first failed submit is said", || async {
+            !warned().is_empty()
+        })
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.submit_attempts, 1, "the first failure is recorded");
+        assert!(entry.last_error.is_some(), "{entry:?}");
+
+        let writes = nl.inner.store.watch_writes();
+        let seen = retried().len();
+        until("five more failed attempts", || async {
+            retried().len() >= seen + 5
+        })
+        .await;
+        let written: usize = writes
+            .into_iter()
+            .map(|mut w| std::iter::from_fn(|| w.next_timeout(Duration::ZERO).ok()).count())
+            .sum();
+        assert_eq!(written, 0, "store writes during the outage");
+        assert_eq!(warned().len(), 1, "said once: {:#?}", warned());
+        assert_eq!(
+            state_of(&nl, sent.message_id)
+                .await
+                .unwrap()
+                .submit_attempts,
+            1
+        );
+
+        // the broker comes back: every attempt is counted, the successful one too
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let _serving = broker.serve("NL-NRM", TcpListener::bind(addr).await.unwrap());
+        until("submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) != Some(OutboxState::Queued)
+        })
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        let failed = warned().len() + retried().len();
+        assert_eq!(
+            usize::try_from(entry.submit_attempts).unwrap(),
+            failed + 1,
+            "{entry:?}"
+        );
+        nl.shutdown().await;
+    }
+
     // ---- the node certificate at start ------------------------------------------
 
     /// With participant = "NL-NRM" and BE-PAYOKE's certificate the node ran
@@ -4488,10 +4552,11 @@ mod link {
             .send(request("k-2", "BE-PAYOKE", referral()))
             .await
             .unwrap();
+        // (a failure said before is counted, not written, until the outcome)
         until("tried again", || async {
-            state_of(&nl, first.message_id)
-                .await
-                .is_some_and(|e| e.submit_attempts >= 2)
+            !logs
+                .lines_with(&["submit will be retried", &first.message_id.to_string()])
+                .is_empty()
         })
         .await;
         for id in [first.message_id, second.message_id] {
@@ -4557,10 +4622,11 @@ mod link {
             .send(request("k-1", "BE-PAYOKE", referral()))
             .await
             .unwrap();
+        // (a failure said before is counted, not written, until the outcome)
         until("refused several times", || async {
-            state_of(&nl, sent.message_id)
-                .await
-                .is_some_and(|e| e.submit_attempts >= 5)
+            logs.lines_with(&["submit will be retried", &sent.message_id.to_string()])
+                .len()
+                >= 4
         })
         .await;
         let warned = logs.lines_with(&["WARN", "over its quota"]);
