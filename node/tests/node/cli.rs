@@ -321,6 +321,8 @@ async fn send_prints_the_message_id_once_and_tables_show_it() {
     let text = stdout(&status);
     assert!(text.contains("participant  NL-NRM"), "{text}");
     assert!(text.contains("not connected"), "{text}");
+    // (the broker's certificate is known from a handshake only)
+    assert!(text.contains("broker cert  not seen yet"), "{text}");
     assert!(text.contains("1 queued"), "{text}");
 
     let unknown = trmx_proto::MessageId::new_v7().to_string();
