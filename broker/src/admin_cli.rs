@@ -546,11 +546,19 @@ pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
                 .await?
                 .into_inner();
             emit(json, &answer, |a| {
-                format!(
-                    "purged {} at {}; its sender gets a non-delivery report\n",
-                    a.message_id,
-                    fmt_ts(a.purged_at.as_ref())
-                )
+                if a.already_purged {
+                    format!(
+                        "{} was already purged, at {}; nothing changed now\n",
+                        a.message_id,
+                        fmt_ts(a.purged_at.as_ref())
+                    )
+                } else {
+                    format!(
+                        "purged {} at {}; its sender gets a non-delivery report\n",
+                        a.message_id,
+                        fmt_ts(a.purged_at.as_ref())
+                    )
+                }
             })
         }
         AdminCommand::Audit {

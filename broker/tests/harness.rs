@@ -369,3 +369,235 @@ pub(crate) async fn time_out_lease(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+impl TestBroker {
+    /// A broker on a [`FaultyStore`] over the sled store in its data dir.
+    pub(crate) async fn start_with_faulty_store()
+    -> anyhow::Result<(Self, std::sync::Arc<FaultyStore>)> {
+        use trmx_broker::store::{SledOptions, SledStore};
+
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::create(dir.path())?;
+        let config = test_config(dir.path().join("data"), pki.tls.clone());
+        let store = SledStore::open(
+            &config.data_dir,
+            SledOptions::default(),
+            trmx_broker::server::lifecycle_of(&config),
+        )?;
+        let store = std::sync::Arc::new(FaultyStore {
+            inner: store,
+            fail_reads: std::sync::atomic::AtomicBool::new(false),
+        });
+        let clock = ManualClock::new(SystemTime::now());
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let broker = Broker::builder(config.clone())
+            .clock(clock.clone())
+            .store(store.clone())
+            .start(listener)
+            .await?;
+        let addr = broker.local_addr();
+        let t = Self {
+            _dir: dir,
+            pki,
+            clock,
+            config,
+            broker,
+            addr,
+        };
+        Ok((t, store))
+    }
+}
+
+/// The sled store, whose operator reads (`search`, `dead_letters`,
+/// `queue_stats`, `status`) fail like a failing disk while `fail_reads` is
+/// set: what a read after a durable change meets when the disk goes bad.
+#[derive(Debug)]
+pub(crate) struct FaultyStore {
+    inner: trmx_broker::store::SledStore,
+    pub(crate) fail_reads: std::sync::atomic::AtomicBool,
+}
+
+impl FaultyStore {
+    fn read_fault(&self) -> Result<(), trmx_broker::store::StoreError> {
+        if self.fail_reads.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(trmx_broker::store::StoreError::Unavailable(
+                "storage error: injected read fault".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+mod faulty {
+    use trmx_broker::store::*;
+    use trmx_proto::{MessageId, ParticipantId};
+
+    use super::FaultyStore;
+
+    #[tonic::async_trait]
+    impl BrokerStore for FaultyStore {
+        async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError> {
+            self.inner.submit(msg, now).await
+        }
+        async fn resubmitted(
+            &self,
+            sender: &ParticipantId,
+            id: MessageId,
+            fingerprint: [u8; 32],
+        ) -> Result<Option<Accepted>, StoreError> {
+            self.inner.resubmitted(sender, id, fingerprint).await
+        }
+        async fn lease(
+            &self,
+            recipient: &ParticipantId,
+            stream: StreamId,
+            max: usize,
+            max_bytes: u64,
+            now: Millis,
+        ) -> Result<Vec<Leased>, StoreError> {
+            self.inner
+                .lease(recipient, stream, max, max_bytes, now)
+                .await
+        }
+        async fn ack(
+            &self,
+            recipient: &ParticipantId,
+            ids: &[MessageId],
+            now: Millis,
+        ) -> Result<Vec<AckResult>, StoreError> {
+            self.inner.ack(recipient, ids, now).await
+        }
+        async fn reject(
+            &self,
+            recipient: &ParticipantId,
+            id: MessageId,
+            reason_code: &str,
+            field_path: &str,
+            now: Millis,
+        ) -> Result<RejectResult, StoreError> {
+            self.inner
+                .reject(recipient, id, reason_code, field_path, now)
+                .await
+        }
+        async fn release_stream(
+            &self,
+            recipient: &ParticipantId,
+            stream: StreamId,
+            end: StreamEnd,
+            now: Millis,
+        ) -> Result<Released, StoreError> {
+            self.inner.release_stream(recipient, stream, end, now).await
+        }
+        async fn withdraw(
+            &self,
+            sender: &ParticipantId,
+            id: MessageId,
+            now: Millis,
+        ) -> Result<WithdrawResult, StoreError> {
+            self.inner.withdraw(sender, id, now).await
+        }
+        async fn status(
+            &self,
+            sender: &ParticipantId,
+            id: MessageId,
+        ) -> Result<Option<StatusRecord>, StoreError> {
+            self.read_fault()?;
+            self.inner.status(sender, id).await
+        }
+        async fn tick(&self, now: Millis) -> Result<TickReport, StoreError> {
+            self.inner.tick(now).await
+        }
+        async fn next_timer(&self) -> Result<Option<Millis>, StoreError> {
+            self.inner.next_timer().await
+        }
+        async fn recover(&self, now: Millis) -> Result<u64, StoreError> {
+            self.inner.recover(now).await
+        }
+        async fn last_running(&self) -> Result<Option<Millis>, StoreError> {
+            self.inner.last_running().await
+        }
+        async fn mark_running(&self, now: Millis) -> Result<(), StoreError> {
+            self.inner.mark_running(now).await
+        }
+        async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+            self.read_fault()?;
+            self.inner.queue_stats().await
+        }
+        async fn purge(
+            &self,
+            id: MessageId,
+            sender: Option<&ParticipantId>,
+            reason: &str,
+            now: Millis,
+        ) -> Result<PurgeResult, StoreError> {
+            self.inner.purge(id, sender, reason, now).await
+        }
+        async fn redrive(
+            &self,
+            id: MessageId,
+            sender: Option<&ParticipantId>,
+            now: Millis,
+        ) -> Result<RedriveResult, StoreError> {
+            self.inner.redrive(id, sender, now).await
+        }
+        async fn dead_letters(
+            &self,
+            limit: usize,
+            after_seq: Option<u64>,
+        ) -> Result<SearchPage, StoreError> {
+            self.read_fault()?;
+            self.inner.dead_letters(limit, after_seq).await
+        }
+        async fn search(&self, filter: SearchFilter) -> Result<SearchPage, StoreError> {
+            self.read_fault()?;
+            self.inner.search(filter).await
+        }
+        async fn audit_append_operator(
+            &self,
+            action: OperatorAction,
+            now: Millis,
+        ) -> Result<(), StoreError> {
+            self.inner.audit_append_operator(action, now).await
+        }
+        async fn audit_verify(&self) -> Result<AuditReport, StoreError> {
+            self.inner.audit_verify().await
+        }
+        async fn operator_purge(
+            &self,
+            operator: &str,
+            id: MessageId,
+            sender: Option<&ParticipantId>,
+            reason: &str,
+            now: Millis,
+        ) -> Result<PurgeResult, StoreError> {
+            self.inner
+                .operator_purge(operator, id, sender, reason, now)
+                .await
+        }
+        async fn operator_redrive(
+            &self,
+            operator: &str,
+            id: MessageId,
+            sender: Option<&ParticipantId>,
+            now: Millis,
+        ) -> Result<RedriveResult, StoreError> {
+            self.inner.operator_redrive(operator, id, sender, now).await
+        }
+        async fn save_presence(&self, seen: Vec<Presence>) -> Result<(), StoreError> {
+            self.inner.save_presence(seen).await
+        }
+        async fn presence(&self) -> Result<Vec<Presence>, StoreError> {
+            self.inner.presence().await
+        }
+        async fn close(&self) -> Result<(), StoreError> {
+            self.inner.close().await
+        }
+        fn writes_durable(&self) -> bool {
+            self.inner.writes_durable()
+        }
+        fn wakeups(&self) -> tokio::sync::broadcast::Receiver<ParticipantId> {
+            self.inner.wakeups()
+        }
+    }
+}

@@ -567,15 +567,30 @@ async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> any
         state_of(&mut s.nl, &target).await?,
         pb::MessageState::Purged
     );
-    // a final message cannot be purged again
+    // purged again, it says it already was, when: nothing changes
     let again = op
         .purge(pb::PurgeRequest {
             message_id: target.clone(),
             reason: "twice".into(),
             ..Default::default()
         })
+        .await?
+        .into_inner();
+    assert!(again.already_purged, "{again:?}");
+    assert_eq!(again.purged_at, purged.purged_at);
+    // one that no longer waits was not purged and cannot be
+    let refused = op
+        .purge(pb::PurgeRequest {
+            message_id: s.expired.clone(),
+            reason: "too late".into(),
+            ..Default::default()
+        })
         .await;
-    assert_code(again, Code::FailedPrecondition, "purge of a purged message");
+    assert_code(
+        refused,
+        Code::FailedPrecondition,
+        "purge of an expired message",
+    );
     // the in-flight one can be purged as well
     op.purge(pb::PurgeRequest {
         message_id: s.in_flight.clone(),
@@ -631,6 +646,63 @@ async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> any
     let text = format!("{records:?}");
     assert!(!text.contains(MARKER));
     t.restart().await?;
+    Ok(())
+}
+
+/// A purge is answered from its own durable write. It used to read the message
+/// again afterwards (to free its recipient's stream slot): when that read failed,
+/// the operator got UNAVAILABLE for a purge that had happened, the slot stayed
+/// taken, and the retry got only FAILED_PRECONDITION "is PURGED". Now the purge
+/// answers OK, the next message is delivered, and a retry is told that it was
+/// already purged, and when.
+#[tokio::test]
+async fn a_purge_is_answered_from_its_write_and_a_retry_says_it_was_already_purged()
+-> anyhow::Result<()> {
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let first = marked("BE-PAYOKE", Kind::Referral, 1);
+    let second = marked("BE-PAYOKE", Kind::Referral, 2);
+    submit(&mut nl, first.clone()).await?;
+    submit(&mut nl, second.clone()).await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), first.message_id);
+    expect_quiet(&mut stream).await?;
+
+    let mut op = operator(&t)?;
+    store
+        .fail_reads
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let request = pb::PurgeRequest {
+        message_id: first.message_id.clone(),
+        reason: "sent to the wrong organisation".into(),
+        ..Default::default()
+    };
+    let purged = op
+        .purge(request.clone())
+        .await
+        .context("a durable purge answered with an error")?
+        .into_inner();
+    assert!(!purged.already_purged, "{purged:?}");
+    // the in-flight slot it held is free: the next message comes
+    assert_eq!(id_of(&next(&mut stream).await?), second.message_id);
+    store
+        .fail_reads
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+
+    let again = op.purge(request).await?.into_inner();
+    assert!(again.already_purged, "{again:?}");
+    assert_eq!(again.purged_at, purged.purged_at);
+    assert_eq!(
+        state_of(&mut nl, &first.message_id).await?,
+        pb::MessageState::Purged
+    );
+    // one non-delivery report for it, not two
+    let mut reports = receive(&mut nl, 0).await?;
+    let (kind, report) = receipt(&next(&mut reports).await?)?;
+    assert_eq!(kind, Kind::NonDeliveryReport);
+    assert_eq!(report.message_id, first.message_id);
+    expect_quiet(&mut reports).await?;
     Ok(())
 }
 

@@ -277,25 +277,38 @@ impl OperatorService {
                 .operator_purge(operator, id, sender.as_ref(), reason, now)
                 .await,
         )?;
+        // Answered from what the purge's transaction returned: once it is
+        // durable nothing may turn the answer into an error (a retry would
+        // then be told only that the message is PURGED).
         match result {
-            PurgeResult::Purged => {
+            PurgeResult::Purged {
+                recipient,
+                sender: message_sender,
+            } => {
                 shared.metrics.purged();
                 // free the recipient's stream slot if it was in flight, and drop it from
                 // its stream's channel if it waits there to be sent
-                if let Some(record) = self.record(id, sender.as_ref()).await? {
-                    shared.streams.drop_waiting(&record.recipient, &id);
-                    let settled = shared.streams.settled(&record.recipient, &[id]);
-                    for sender in settled.senders {
-                        shared.streams.wake(&sender);
-                    }
-                    if let Some(sender) = &record.sender {
-                        shared.streams.wake(sender);
-                    }
+                shared.streams.drop_waiting(&recipient, &id);
+                let settled = shared.streams.settled(&recipient, &[id]);
+                for sender in settled.senders {
+                    shared.streams.wake(&sender);
+                }
+                if let Some(sender) = &message_sender {
+                    shared.streams.wake(sender);
                 }
                 info!(%operator, "message purged");
                 Ok(pb::PurgeResponse {
                     message_id: id.to_string(),
                     purged_at: Some(timestamp(now)),
+                    already_purged: false,
+                })
+            }
+            PurgeResult::AlreadyPurged { at } => {
+                info!(%operator, "message already purged");
+                Ok(pb::PurgeResponse {
+                    message_id: id.to_string(),
+                    purged_at: Some(timestamp(at)),
+                    already_purged: true,
                 })
             }
             PurgeResult::NotFound => Err(not_found(id, sender.as_ref())),

@@ -1031,7 +1031,10 @@ pub(super) async fn operator_actions_name_one_message<S: BrokerStore>(s: &S, c: 
         s.purge(id, Some(&pid(NG)), "misaddressed", now)
             .await
             .unwrap(),
-        PurgeResult::Purged
+        PurgeResult::Purged {
+            recipient: pid(NL),
+            sender: Some(pid(NG)),
+        }
     );
     assert_eq!(state_of(s, &theirs).await, State::Purged);
     assert_eq!(state_of(s, &ours).await, State::Accepted);
@@ -1055,13 +1058,17 @@ pub(super) async fn purge_queues_ndr<S: BrokerStore>(s: &S, c: &ManualClock) {
         s.purge(m.message_id, None, "court order 12", now)
             .await
             .unwrap(),
-        PurgeResult::Purged
-    );
-    assert_eq!(
-        s.purge(m.message_id, None, "again", now).await.unwrap(),
-        PurgeResult::NotPurgeable {
-            state: State::Purged
+        PurgeResult::Purged {
+            recipient: m.recipient.clone(),
+            sender: Some(m.sender.clone()),
         }
+    );
+    // a retry (its first answer lost) is told when it was purged; nothing changes
+    assert_eq!(
+        s.purge(m.message_id, None, "again", now + 5_000)
+            .await
+            .unwrap(),
+        PurgeResult::AlreadyPurged { at: now }
     );
     let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
     assert_eq!(st.state, State::Purged);

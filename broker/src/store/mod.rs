@@ -218,11 +218,25 @@ pub enum WithdrawResult {
 /// Result of [`BrokerStore::purge`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PurgeResult {
-    /// Purged now (NDR queued to the sender).
-    Purged,
+    /// Purged now (NDR queued to the sender). Says whose message it was, from
+    /// the purge's own transaction, so that the caller need not read it again
+    /// (a failed read after a durable purge must not turn it into an error).
+    Purged {
+        /// Its recipient (whose streams drop it if it waits to be sent).
+        recipient: ParticipantId,
+        /// Its sender (who has a non-delivery report queued); none for a receipt.
+        sender: Option<ParticipantId>,
+    },
+    /// Purged before, at `at` (e.g. a retry after an answer that was lost):
+    /// nothing changed.
+    AlreadyPurged {
+        /// When it was purged.
+        at: Millis,
+    },
     /// No such message.
     NotFound,
-    /// Only ACCEPTED or IN_FLIGHT messages can be purged.
+    /// Only ACCEPTED or IN_FLIGHT messages can be purged (PURGED ones are
+    /// [`PurgeResult::AlreadyPurged`]).
     NotPurgeable {
         /// The state it is in.
         state: State,

@@ -1168,8 +1168,13 @@ impl Tx<'_> {
             Ok(None) => return Ok((PurgeResult::NotFound, wake)),
             Err(senders) => return Ok((PurgeResult::Ambiguous { senders }, wake)),
         };
-        if !old.state.is_active() {
-            return Ok((PurgeResult::NotPurgeable { state: old.state }, wake));
+        match old.state {
+            State::Accepted | State::InFlight => {}
+            State::Purged => {
+                let at = old.state_changed_at;
+                return Ok((PurgeResult::AlreadyPurged { at }, wake));
+            }
+            state => return Ok((PurgeResult::NotPurgeable { state }, wake)),
         }
         let mut new = old.clone();
         finish_without_payload(&mut new, State::Purged, now, self.life);
@@ -1179,7 +1184,11 @@ impl Tx<'_> {
         if let Some(to) = tx.receipt(&new, pb::Outcome::Purged, now)? {
             wake.insert(to);
         }
-        Ok((PurgeResult::Purged, wake))
+        let purged = PurgeResult::Purged {
+            recipient: new.recipient,
+            sender: new.sender,
+        };
+        Ok((purged, wake))
     }
 
     pub(super) fn redrive(
@@ -1329,7 +1338,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            matches!(purged, crate::store::PurgeResult::Purged),
+            matches!(purged, crate::store::PurgeResult::Purged { .. }),
             "{purged:?}"
         );
         s.close().await.unwrap();
