@@ -879,3 +879,66 @@ async fn a_delivery_dropped_unsent_is_not_counted_as_delivered() -> anyhow::Resu
     assert_eq!(dropped("expired"), 0.0);
     Ok(())
 }
+
+/// BE-PAYOKE's entry of `ListQueues`.
+async fn be_queue(op: &mut crate::operator::Operator) -> anyhow::Result<pb::QueueInfo> {
+    op.list_queues(pb::ListQueuesRequest {})
+        .await?
+        .into_inner()
+        .queues
+        .into_iter()
+        .find(|q| q.recipient == "BE-PAYOKE")
+        .context("no queue of BE-PAYOKE")
+}
+
+/// The oldest-message age of a recipient (`ListQueues` and the gauge the
+/// `TrmxQueueStuck` alert reads) is that of the oldest message it has not
+/// acknowledged. It counted only messages due now, so a message held in flight
+/// by a node that never acknowledges, or backing off before a redelivery, read
+/// as "none waiting" (0 on the gauge) — the very messages an operator must see.
+#[tokio::test]
+async fn the_oldest_age_counts_messages_in_flight_and_backing_off() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?; // ack timeout 10 s, backoff 1 s to 2 s
+    let admin = admin_addr(&t)?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut op = crate::operator::operator(&t)?;
+    let age = queue("oldest_message_age_seconds", "BE-PAYOKE");
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    let accepted_at = submit(&mut nl, env).await?.accepted_at;
+
+    // in flight for 9 s (the ack timeout is 10 s)
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), id);
+    t.advance(Duration::from_secs(9));
+    let q = be_queue(&mut op).await?;
+    assert_eq!((q.depth, q.in_flight), (0, 1), "{q:?}");
+    assert_eq!(q.oldest_accepted_at, accepted_at, "in flight: {q:?}");
+    assert!(q.oldest_age.is_some_and(|a| a.seconds >= 9), "{q:?}");
+    assert!(Scrape::take(admin).await?.value(&age) >= 9.0);
+
+    // its node dropped the stream: ACCEPTED, backing off before the next attempt
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while status(&mut nl, &id).await?.next_attempt_at.is_none() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never backing off");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let q = be_queue(&mut op).await?;
+    assert_eq!((q.depth, q.in_flight), (1, 0), "{q:?}");
+    assert_eq!(q.oldest_accepted_at, accepted_at, "backing off: {q:?}");
+    assert!(q.oldest_age.is_some_and(|a| a.seconds >= 9), "{q:?}");
+    assert!(Scrape::take(admin).await?.value(&age) >= 9.0);
+
+    // delivered again and acknowledged: nothing waits
+    t.advance(Duration::from_secs(3));
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), id);
+    ack(&mut be, [&id]).await?;
+    let q = be_queue(&mut op).await?;
+    assert_eq!((q.depth, q.in_flight), (0, 0), "{q:?}");
+    assert_eq!((q.oldest_accepted_at, q.oldest_age), (None, None), "{q:?}");
+    assert_eq!(Scrape::take(admin).await?.value(&age), 0.0);
+    Ok(())
+}

@@ -805,7 +805,7 @@ impl Metrics {
             ),
             (
                 "trmx_queue_oldest_message_age_seconds",
-                "Age of the oldest message due for the recipient (0 when none).",
+                "Age of the oldest message the recipient has not acknowledged (queued, backing off or in flight; 0 when none).",
                 |q, now| {
                     q.oldest_accepted_at
                         .map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0)

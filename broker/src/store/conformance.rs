@@ -1083,6 +1083,60 @@ pub(super) async fn purge_queues_ndr<S: BrokerStore>(s: &S, c: &ManualClock) {
     );
 }
 
+/// The oldest message of a queue is the oldest its recipient has not acknowledged: one
+/// in flight, or backing off before a redelivery, counts as much as one due now.
+pub(super) async fn oldest_counts_in_flight_and_backing_off<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let oldest = |stats: Vec<QueueStats>| {
+        stats
+            .into_iter()
+            .find(|q| q.recipient == pid(BE))
+            .and_then(|q| q.oldest_accepted_at)
+    };
+    let first = message(NL, BE, Priority::Normal, 10, now);
+    let second = message(NL, BE, Priority::Normal, 10, now + 1);
+    submit_ok(s, &first, now).await;
+    submit_ok(s, &second, now + 1).await;
+    assert_eq!(
+        lease_ids(s, BE, 1, 1, now + 2).await,
+        vec![first.message_id]
+    );
+    assert_eq!(
+        oldest(s.queue_stats().await.unwrap()),
+        Some(now),
+        "in flight"
+    );
+    // its stream closed by the recipient: backing off
+    s.release_stream(&pid(BE), StreamId(1), StreamEnd::Recipient, now + 3)
+        .await
+        .unwrap();
+    let st = s.status(&first.sender, first.message_id).await.unwrap();
+    assert!(st.is_some_and(|st| st.next_attempt_at.is_some()));
+    assert_eq!(
+        oldest(s.queue_stats().await.unwrap()),
+        Some(now),
+        "backing off"
+    );
+    // the younger one delivered and acknowledged: the older one still waits
+    assert_eq!(
+        lease_ids(s, BE, 2, 10, now + 4).await,
+        vec![second.message_id]
+    );
+    s.ack(&pid(BE), &[second.message_id], now + 4)
+        .await
+        .unwrap();
+    assert_eq!(oldest(s.queue_stats().await.unwrap()), Some(now));
+    // and once it is acknowledged too, none waits
+    let later = now + 3_600_000;
+    s.tick(later).await.unwrap();
+    assert_eq!(lease_ids(s, BE, 3, 10, later).await, vec![first.message_id]);
+    s.ack(&pid(BE), &[first.message_id], later).await.unwrap();
+    assert_eq!(oldest(s.queue_stats().await.unwrap()), None);
+}
+
 pub(super) async fn stats_and_search<S: BrokerStore>(s: &S, c: &ManualClock) {
     let now = c.now_millis();
     let m1 = message(NL, BE, Priority::Normal, 100, now);
@@ -1369,6 +1423,7 @@ mod sled {
         purge_queues_ndr,
         operator_actions_name_one_message,
         stats_and_search,
+        oldest_counts_in_flight_and_backing_off,
         search_and_dead_letters_page,
         presence_moves_forward_only,
         the_last_run_is_recorded,

@@ -381,7 +381,9 @@ pub struct QueueStats {
     pub depth: u64,
     /// Messages IN_FLIGHT.
     pub in_flight: u64,
-    /// Oldest `accepted_at` among the messages due now.
+    /// Oldest `accepted_at` among the messages the recipient has not
+    /// acknowledged yet: ACCEPTED (due now or backing off before a
+    /// redelivery) and IN_FLIGHT. (Oldest by acceptance order, `broker_seq`.)
     pub oldest_accepted_at: Option<Millis>,
     /// Payload bytes of ACCEPTED + IN_FLIGHT messages.
     pub bytes: u64,
@@ -590,7 +592,9 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn last_running(&self) -> Result<Option<Millis>, StoreError>;
     /// Records, durably, that a broker runs on this store at `now`.
     async fn mark_running(&self, now: Millis) -> Result<(), StoreError>;
-    /// Per-recipient depth (ACCEPTED), in flight, oldest accepted_at, queued bytes — for operators and metrics.
+    /// Per-recipient depth (ACCEPTED), in flight, oldest accepted_at of a message not yet
+    /// acknowledged (ACCEPTED or IN_FLIGHT), queued bytes — for operators and metrics. Reads
+    /// a fixed number of entries per recipient, never its backlog.
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
     /// Operator: ACCEPTED / IN_FLIGHT → PURGED, payload deleted, NDR (outcome PURGED) to the sender.
     /// `reason` is the operator's note (kept in the record, never sent to anyone).

@@ -400,6 +400,15 @@ pub(super) fn queue_key(recipient: &ParticipantId, priority: Priority, seq: u64)
     key
 }
 
+/// `pending`: recipient | 0 | seq — a message its recipient has not
+/// acknowledged yet (ACCEPTED, due or backing off, or IN_FLIGHT), in
+/// acceptance order: the first key of a recipient is its oldest.
+pub(super) fn pending_key(recipient: &ParticipantId, seq: u64) -> Vec<u8> {
+    let mut key = participant_prefix(recipient);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
 /// A lease as the `leased` tree stores it (key: seq): a leased message's
 /// record stays as it was when it was due, and this entry says the rest.
 #[derive(Debug, Clone, PartialEq, Eq)]

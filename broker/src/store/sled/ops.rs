@@ -10,11 +10,11 @@ use trmx_proto::{MessageId, ParticipantId, pb};
 use super::Core;
 use super::codec::{
     LeaseEntry, RecipientCounters, Record, TimerKind, parse_timer_key, participant_prefix,
-    read_u64, seq_suffix,
+    pending_key, read_u64, seq_suffix,
 };
 use super::tx::{
-    COUNTERS, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, QUEUE, RECORDS, TIMERS, Tx, TxResult,
-    abort, after, backoff, finish_keeping_payload, finish_without_payload, may_be_leased,
+    COUNTERS, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, PENDING, QUEUE, RECORDS, TIMERS, Tx,
+    TxResult, abort, after, backoff, finish_keeping_payload, finish_without_payload, may_be_leased,
 };
 use crate::store::{
     Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
@@ -634,28 +634,39 @@ impl Core {
             let recipient = ParticipantId::parse(name)
                 .map_err(|_| StoreError::Corrupt("counter key".to_owned()))?;
             let counters = RecipientCounters::decode(&value)?;
-            let mut oldest: Option<Millis> = None;
-            let prefix = participant_prefix(&recipient);
-            for priority in [0u8, 1u8] {
-                let mut p = prefix.clone();
-                p.push(priority);
-                if let Some(item) = self.tree(QUEUE).scan_prefix(p).next() {
-                    let (key, _) = item.map_err(storage)?;
-                    if let Some(record) = self.load(seq_suffix(&key)?)? {
-                        oldest =
-                            Some(oldest.map_or(record.accepted_at, |o| o.min(record.accepted_at)));
-                    }
-                }
-            }
             out.push(QueueStats {
+                oldest_accepted_at: self.oldest_pending(&recipient)?,
                 recipient,
                 depth: counters.depth,
                 in_flight: counters.in_flight,
-                oldest_accepted_at: oldest,
                 bytes: counters.bytes,
             });
         }
         Ok(out)
+    }
+
+    /// When the oldest message `recipient` has not acknowledged (ACCEPTED,
+    /// due or backing off, or IN_FLIGHT) was accepted: the first of its
+    /// `pending` entries, whose seqs follow acceptance. A record that cannot
+    /// be read (logged) or is no longer waiting is passed by.
+    fn oldest_pending(&self, recipient: &ParticipantId) -> Result<Option<Millis>, StoreError> {
+        for item in self
+            .tree(PENDING)
+            .scan_prefix(participant_prefix(recipient))
+        {
+            let (key, _) = item.map_err(storage)?;
+            let seq = seq_suffix(&key)?;
+            let record = match self.tree(RECORDS).get(seq.to_be_bytes()).map_err(storage)? {
+                Some(bytes) => Record::decode_metadata(&bytes).map(Some),
+                None => Ok(None),
+            };
+            if let Some(record) = self.readable(seq, record)?
+                && record.state.is_active()
+            {
+                return Ok(Some(record.accepted_at));
+            }
+        }
+        Ok(None)
     }
 
     pub(super) fn dead_letters(
@@ -793,6 +804,66 @@ enum Retry {
     Later,
     /// Attempts used up.
     DeadLettered,
+}
+
+/// The `meta` key set once every waiting message of the store has its
+/// `pending` entry.
+pub(super) const PENDING_INDEXED_KEY: &[u8] = b"pending_indexed";
+
+/// Keys of `pending` written per batch by [`index_pending`].
+const INDEX_BATCH: usize = 10_000;
+
+/// Gives every ACCEPTED and IN_FLIGHT message of a store written before the
+/// `pending` tree its entry, once (the store's `meta` then says so): one read
+/// of every record's metadata, at the first start of a broker that keeps the
+/// index, before anything else writes. Returns how many it indexed. A record
+/// that cannot be read is left out (logged), as every scan does.
+pub(super) fn index_pending(
+    trees: &[::sled::Tree],
+    meta: &::sled::Tree,
+) -> Result<u64, StoreError> {
+    if meta.get(PENDING_INDEXED_KEY).map_err(storage)?.is_some() {
+        return Ok(0);
+    }
+    let (mut indexed, mut in_batch) = (0u64, 0usize);
+    let mut batch = ::sled::Batch::default();
+    for item in trees[RECORDS].iter() {
+        let (key, value) = item.map_err(storage)?;
+        let seq = read_u64(&key)?;
+        match Record::decode_metadata(&value) {
+            Ok(record) if record.state.is_active() => {
+                batch.insert(pending_key(&record.recipient, seq), &[][..]);
+                indexed += 1;
+                in_batch += 1;
+            }
+            Ok(_) => {}
+            Err(why) => tracing::error!(
+                seq,
+                %why,
+                "a stored message record cannot be read: left out of the queue's oldest-message \
+                 age; the store is damaged, run `trmx-broker store verify`"
+            ),
+        }
+        if in_batch == INDEX_BATCH {
+            trees[PENDING]
+                .apply_batch(std::mem::take(&mut batch))
+                .map_err(storage)?;
+            in_batch = 0;
+        }
+    }
+    trees[PENDING].apply_batch(batch).map_err(storage)?;
+    // the entries durable before the mark that says they are complete
+    meta.flush().map_err(storage)?;
+    meta.insert(PENDING_INDEXED_KEY, &[1u8][..])
+        .map_err(storage)?;
+    meta.flush().map_err(storage)?;
+    if indexed > 0 {
+        tracing::info!(
+            indexed,
+            "waiting messages indexed for the oldest-message age"
+        );
+    }
+    Ok(indexed)
 }
 
 /// The keys of the seq-keyed trees after `after` (all of them when `None`).
@@ -1699,5 +1770,44 @@ mod tests {
         let got = leases_in_one_batch(&s, &be, &[(3, 10, size), (4, 10, u64::MAX)]).await;
         assert_eq!(got, vec![ids[4..5].to_vec(), ids[5..].to_vec()]);
         s.close().await.unwrap();
+    }
+
+    /// A store written before the `pending` index gets it at its first open:
+    /// the oldest message of a queue is then one held in flight before the
+    /// upgrade, and the store verifies consistent before and after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_written_before_the_pending_index_is_indexed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let (first, second) = (message(&be), message(&be));
+        let s = open(dir.path());
+        s.submit(first.clone(), NOW).await.unwrap();
+        s.submit(second.clone(), NOW + 1).await.unwrap();
+        let leased = s
+            .lease(&be, StreamId(1), 1, u64::MAX, NOW + 2)
+            .await
+            .unwrap();
+        assert_eq!(leased[0].message_id, first.message_id);
+        s.close().await.unwrap();
+        drop(s);
+        {
+            // as a broker before the index left it
+            let db = ::sled::open(dir.path()).unwrap();
+            db.drop_tree("pending").unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .remove(PENDING_INDEXED_KEY)
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+        let s = open(dir.path());
+        let stats = s.queue_stats().await.unwrap();
+        assert_eq!(stats[0].oldest_accepted_at, Some(NOW), "{stats:?}");
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
     }
 }

@@ -16,7 +16,7 @@ use trmx_proto::{Kind, ParticipantId, pb};
 
 use super::codec::{
     InlinePayload, LeaseEntry, RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs,
-    queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
+    pending_key, queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
 };
 use crate::store::{Lifecycle, Millis, State, StoreError, receipt_id};
 
@@ -40,12 +40,16 @@ pub(super) const AUDIT_META: usize = 9;
 /// emptied by `recover`.
 pub(super) const LEGACY_LEASES: usize = 10;
 pub(super) const LEASED: usize = 11;
+/// Every ACCEPTED and IN_FLIGHT message by recipient and seq: the oldest one
+/// a recipient has not acknowledged, without reading its whole backlog.
+/// Stores written before it are indexed once at open (`SledStore::open`).
+pub(super) const PENDING: usize = 12;
 
 /// Names of the sled trees, in index order. (Stores written before kept a
 /// `by_sender` tree too; it is no longer read or written. `inflight` and
 /// `leases` held leases of IN_FLIGHT records written in full; they are only
 /// read and emptied at start-up now.)
-pub(super) const TREE_NAMES: [&str; 12] = [
+pub(super) const TREE_NAMES: [&str; 13] = [
     "records",
     "payloads",
     "by_id",
@@ -58,6 +62,7 @@ pub(super) const TREE_NAMES: [&str; 12] = [
     "audit_meta",
     "leases",
     "leased",
+    "pending",
 ];
 
 /// Aborts the transaction with `err`.
@@ -449,6 +454,7 @@ pub(super) fn index_entries(r: &Record) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
             timer_key(r.expires_at, TimerKind::Expiry, r.seq),
             Vec::new(),
         ));
+        out.push((PENDING, pending_key(&r.recipient, r.seq), Vec::new()));
     }
     if r.payload_kept
         && let Some(at) = r.payload_delete_at
