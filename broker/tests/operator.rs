@@ -1162,6 +1162,71 @@ async fn statistics_come_from_metadata_and_suppress_small_counts() -> anyhow::Re
     Ok(())
 }
 
+/// Statistics are aggregates with counts under 5 suppressed, yet two ranges a
+/// millisecond apart differ by exactly one message: its corridor, kind and
+/// acceptance time. That is one referral's metadata, which a search gives only
+/// with an audit record, so statistics are audited too, with their range.
+#[tokio::test]
+async fn statistics_can_single_out_one_message_so_they_are_audited() -> anyhow::Result<()> {
+    let mut t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut accepted = Vec::new();
+    for n in 0..6 {
+        let receipt = submit(&mut nl, marked("BE-PAYOKE", Kind::Referral, n)).await?;
+        accepted.push(receipt.accepted_at.context("accepted_at")?);
+        t.advance(Duration::from_secs(1));
+    }
+    let op = operator(&t)?;
+    let last = trmx_proto::time::from_timestamp(&accepted[5])?;
+    let count_until = |until: SystemTime| {
+        let request = pb::GetStatisticsRequest {
+            from: None,
+            until: Some(to_timestamp(until)),
+        };
+        let mut op = op.clone();
+        async move {
+            let stats = op.get_statistics(request).await?.into_inner();
+            let cell = stats
+                .corridors
+                .iter()
+                .find(|c| c.kind == pb::MessageKind::Referral as i32)
+                .and_then(|c| c.messages)
+                .context("no NL → BE referrals")?;
+            anyhow::ensure!(!cell.suppressed, "{cell:?}");
+            anyhow::Ok(cell.value)
+        }
+    };
+    let before = count_until(last).await?;
+    let with = count_until(last + Duration::from_millis(1)).await?;
+    assert_eq!((before, with), (5, 6), "one referral, accepted at that ms");
+
+    let data_dir = t.config.data_dir.clone();
+    drop(op);
+    t.broker.shutdown().await?;
+    let records = trmx_broker::store::audit_records_offline(&data_dir)?;
+    let audited: Vec<(String, u64, u64)> = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            AuditEvent::Operator(OperatorAction::Statistics {
+                operator,
+                from,
+                until,
+            }) => Some((operator.clone(), *from, *until)),
+            _ => None,
+        })
+        .collect();
+    let last_ms = trmx_proto::time::to_millis(last);
+    assert_eq!(
+        audited,
+        vec![
+            ("alice".to_owned(), 0, last_ms),
+            ("alice".to_owned(), 0, last_ms + 1),
+        ]
+    );
+    t.restart().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn store_compact_on_a_stopped_broker_keeps_its_messages() -> anyhow::Result<()> {
     let mut t = TestBroker::start().await?;

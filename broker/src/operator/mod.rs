@@ -9,8 +9,10 @@
 //! - [`stats`]: the federation statistics with small-count suppression.
 //!
 //! Handlers return [`BrokerError`]; the one `From<BrokerError> for Status` makes
-//! the gRPC status. Every search, dead-letter listing, redrive, purge and audit
-//! verification is appended to the store's audit log with the operator's name.
+//! the gRPC status. Every search, dead-letter listing, redrive, purge, statistics
+//! request and audit verification is appended to the store's audit log with the
+//! operator's name. Queue figures and the participant list are not: they hold no
+//! message's or person's data (counts and bytes per participant, connection state).
 
 use std::sync::Arc;
 
@@ -331,8 +333,15 @@ impl OperatorService {
         Ok(report.to_pb())
     }
 
+    /// The statistics are aggregates with counts under 5 suppressed, and yet
+    /// audited like a search: the range is the operator's to choose to the
+    /// millisecond, so two ranges a moment apart differ by exactly one message
+    /// (each count 5 or more), which tells its corridor, kind, acceptance time
+    /// and whether it was delivered — metadata of one referral, which a search
+    /// shows only with an audit record.
     async fn statistics(
         &self,
+        operator: &str,
         request: pb::GetStatisticsRequest,
     ) -> Result<pb::Statistics, BrokerError> {
         let shared = &self.shared;
@@ -353,6 +362,12 @@ impl OperatorService {
             }
             .into());
         }
+        self.audit(OperatorAction::Statistics {
+            operator: operator.to_owned(),
+            from,
+            until,
+        })
+        .await?;
         // Every record is read (answers may come after the range), metadata
         // only, a page at a time: the tally keeps only the figures and the
         // requests of the range, never the records.
@@ -474,8 +489,8 @@ impl pb::operator_server::Operator for OperatorService {
         &self,
         request: Request<pb::GetStatisticsRequest>,
     ) -> Result<Response<pb::Statistics>, Status> {
-        operator_rpc!(self, request, "GetStatistics", |_operator, inner| self
-            .statistics(inner)
+        operator_rpc!(self, request, "GetStatistics", |operator, inner| self
+            .statistics(&operator, inner)
             .await)
     }
 }

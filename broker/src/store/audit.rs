@@ -163,6 +163,18 @@ pub enum OperatorAction {
         /// The operator's reason.
         reason: String,
     },
+    /// Federation statistics were computed over acceptance times `from`..`until`:
+    /// aggregates, but two ranges a moment apart can single out one message
+    /// (its corridor, kind, acceptance time and outcome), so they are audited
+    /// like a search.
+    Statistics {
+        /// The operator's name.
+        operator: String,
+        /// Start of the range (inclusive; 0 when unset).
+        from: Millis,
+        /// End of the range (exclusive).
+        until: Millis,
+    },
     /// The audit log was verified.
     VerifyAudit {
         /// The operator's name.
@@ -184,13 +196,15 @@ pub enum OperatorAction {
 }
 
 impl OperatorAction {
-    /// `SEARCH`, `LIST_DEAD_LETTERS`, `REDRIVE`, `PURGE`, `VERIFY_AUDIT`, `ACCEPT_CLOCK`.
+    /// `SEARCH`, `LIST_DEAD_LETTERS`, `REDRIVE`, `PURGE`, `STATISTICS`, `VERIFY_AUDIT`,
+    /// `ACCEPT_CLOCK`.
     pub fn name(&self) -> &'static str {
         match self {
             OperatorAction::Search { .. } => "SEARCH",
             OperatorAction::ListDeadLetters { .. } => "LIST_DEAD_LETTERS",
             OperatorAction::Redrive { .. } => "REDRIVE",
             OperatorAction::Purge { .. } => "PURGE",
+            OperatorAction::Statistics { .. } => "STATISTICS",
             OperatorAction::VerifyAudit { .. } => "VERIFY_AUDIT",
             OperatorAction::AcceptClock { .. } => "ACCEPT_CLOCK",
         }
@@ -203,6 +217,7 @@ impl OperatorAction {
             | OperatorAction::ListDeadLetters { operator }
             | OperatorAction::Redrive { operator, .. }
             | OperatorAction::Purge { operator, .. }
+            | OperatorAction::Statistics { operator, .. }
             | OperatorAction::VerifyAudit { operator, .. }
             | OperatorAction::AcceptClock { operator, .. } => operator,
         }
@@ -400,6 +415,11 @@ impl AuditRecord {
                         out.extend_from_slice(&recorded_before.unwrap_or(0).to_be_bytes());
                         out.extend_from_slice(&accepted.to_be_bytes());
                     }
+                    OperatorAction::Statistics { from, until, .. } => {
+                        out.push(7);
+                        out.extend_from_slice(&from.to_be_bytes());
+                        out.extend_from_slice(&until.to_be_bytes());
+                    }
                 }
             }
         }
@@ -472,6 +492,11 @@ impl AuditRecord {
                             accepted: r.u64("accepted")?,
                         }
                     }
+                    7 => OperatorAction::Statistics {
+                        operator,
+                        from: r.u64("from")?,
+                        until: r.u64("until")?,
+                    },
                     _ => return Err(corrupt("action")),
                 };
                 AuditEvent::Operator(action)
@@ -656,6 +681,12 @@ mod tests {
                     operator: "trmx (uid 998)".into(),
                     recorded_before: (seq % 10 == 0).then_some(1_000 + seq),
                     accepted: 2_000 + seq,
+                })
+            } else if seq % 7 == 0 {
+                AuditEvent::Operator(OperatorAction::Statistics {
+                    operator: "alice".into(),
+                    from: seq,
+                    until: 3_000 + seq,
                 })
             } else if seq % 2 == 0 {
                 AuditEvent::Operator(OperatorAction::Purge {
