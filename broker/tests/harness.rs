@@ -418,6 +418,11 @@ pub(crate) struct FaultyStore {
 }
 
 impl FaultyStore {
+    /// The switch that makes the store's flushes fail like a failing disk.
+    pub(crate) fn faults(&self) -> trmx_broker::store::FaultSwitch {
+        self.inner.fault_switch()
+    }
+
     fn read_fault(&self) -> Result<(), trmx_broker::store::StoreError> {
         if self.fail_reads.load(std::sync::atomic::Ordering::SeqCst) {
             Err(trmx_broker::store::StoreError::Unavailable(

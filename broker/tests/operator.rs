@@ -706,6 +706,47 @@ async fn a_purge_is_answered_from_its_write_and_a_retry_says_it_was_already_purg
     Ok(())
 }
 
+/// A purge whose flush fails answers UNAVAILABLE, but its write stays and is made
+/// durable by the next flush: the message is purged, yet the purge did not get to
+/// drop it from its recipient's stream (a delivery waiting there would still be
+/// sent, and its in-flight slot stays taken until the ack deadline). The operator's
+/// retry is told it was already purged, and does that part.
+#[tokio::test]
+async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> anyhow::Result<()> {
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let first = marked("BE-PAYOKE", Kind::Referral, 1);
+    let second = marked("BE-PAYOKE", Kind::Referral, 2);
+    submit(&mut nl, first.clone()).await?;
+    submit(&mut nl, second.clone()).await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), first.message_id);
+
+    let mut op = operator(&t)?;
+    let request = pb::PurgeRequest {
+        message_id: first.message_id.clone(),
+        reason: "sent to the wrong organisation".into(),
+        ..Default::default()
+    };
+    store.faults().set_failing(true);
+    assert_code(
+        op.purge(request.clone()).await,
+        Code::Unavailable,
+        "purge, flush failing",
+    );
+    store.faults().set_failing(false);
+    let again = op.purge(request).await?.into_inner();
+    assert!(again.already_purged, "{again:?}");
+    // the in-flight slot is free well before the ack deadline (10 s, clock stopped)
+    assert_eq!(id_of(&next(&mut stream).await?), second.message_id);
+    assert_eq!(
+        state_of(&mut nl, &first.message_id).await?,
+        pb::MessageState::Purged
+    );
+    Ok(())
+}
+
 /// Message ids are unique per sender only. A purge of an id two senders used
 /// changes nothing until the operator names the sender, and then touches only
 /// that sender's message.

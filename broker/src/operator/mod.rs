@@ -288,16 +288,7 @@ impl OperatorService {
                 sender: message_sender,
             } => {
                 shared.metrics.purged();
-                // free the recipient's stream slot if it was in flight, and drop it from
-                // its stream's channel if it waits there to be sent
-                shared.streams.drop_waiting(&recipient, &id);
-                let settled = shared.streams.settled(&recipient, &[id]);
-                for sender in settled.senders {
-                    shared.streams.wake(&sender);
-                }
-                if let Some(sender) = &message_sender {
-                    shared.streams.wake(sender);
-                }
+                self.taken_back(&recipient, id, message_sender.as_ref());
                 info!(%operator, "message purged");
                 Ok(pb::PurgeResponse {
                     message_id: id.to_string(),
@@ -305,7 +296,14 @@ impl OperatorService {
                     already_purged: false,
                 })
             }
-            PurgeResult::AlreadyPurged { at } => {
+            PurgeResult::AlreadyPurged {
+                at,
+                recipient,
+                sender: message_sender,
+            } => {
+                // The earlier purge may have failed after its write (a failed
+                // flush, the write kept): it did not get to do this.
+                self.taken_back(&recipient, id, message_sender.as_ref());
                 info!(%operator, "message already purged");
                 Ok(pb::PurgeResponse {
                     message_id: id.to_string(),
@@ -319,6 +317,21 @@ impl OperatorService {
                 "message {id} is {}; only ACCEPTED or IN_FLIGHT messages can be purged",
                 state_name(state)
             ))),
+        }
+    }
+
+    /// Message `id` of `recipient` was purged: free the recipient's stream slot if it
+    /// was in flight, drop it from its stream's channel if it waits there to be sent,
+    /// and wake its sender for the non-delivery report. Harmless when done before.
+    fn taken_back(&self, recipient: &ParticipantId, id: MessageId, sender: Option<&ParticipantId>) {
+        let streams = &self.shared.streams;
+        streams.drop_waiting(recipient, &id);
+        let settled = streams.settled(recipient, &[id]);
+        for sender in settled.senders {
+            streams.wake(&sender);
+        }
+        if let Some(sender) = sender {
+            streams.wake(sender);
         }
     }
 

@@ -1068,7 +1068,11 @@ pub(super) async fn purge_queues_ndr<S: BrokerStore>(s: &S, c: &ManualClock) {
         s.purge(m.message_id, None, "again", now + 5_000)
             .await
             .unwrap(),
-        PurgeResult::AlreadyPurged { at: now }
+        PurgeResult::AlreadyPurged {
+            at: now,
+            recipient: m.recipient.clone(),
+            sender: Some(m.sender.clone()),
+        }
     );
     let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
     assert_eq!(st.state, State::Purged);

@@ -232,6 +232,11 @@ pub enum PurgeResult {
     AlreadyPurged {
         /// When it was purged.
         at: Millis,
+        /// Its recipient: a purge that failed after its write (a failed flush) did
+        /// not get to drop the message from the recipient's streams, so the retry does.
+        recipient: ParticipantId,
+        /// Its sender; none for a receipt.
+        sender: Option<ParticipantId>,
     },
     /// No such message.
     NotFound,

@@ -1242,8 +1242,12 @@ impl Tx<'_> {
         match old.state {
             State::Accepted | State::InFlight => {}
             State::Purged => {
-                let at = old.state_changed_at;
-                return Ok((PurgeResult::AlreadyPurged { at }, wake));
+                let already = PurgeResult::AlreadyPurged {
+                    at: old.state_changed_at,
+                    recipient: old.recipient,
+                    sender: old.sender,
+                };
+                return Ok((already, wake));
             }
             state => return Ok((PurgeResult::NotPurgeable { state }, wake)),
         }
