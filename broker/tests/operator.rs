@@ -747,6 +747,41 @@ async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> a
     Ok(())
 }
 
+/// A refused redrive changed nothing, and says so whatever happens after: the
+/// record it reads again only to say why (failing here) must not turn its
+/// FAILED_PRECONDITION into UNAVAILABLE, a "retry later" for what never will be.
+#[tokio::test]
+async fn a_refused_redrive_stays_refused_when_reading_why_fails() -> anyhow::Result<()> {
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let waiting = marked("BE-PAYOKE", Kind::Referral, 1);
+    submit(&mut nl, waiting.clone()).await?;
+    let mut op = operator(&t)?;
+    let redrive = pb::RedriveRequest {
+        message_id: waiting.message_id.clone(),
+        ..Default::default()
+    };
+    let refused = assert_code(
+        op.redrive(redrive.clone()).await,
+        Code::FailedPrecondition,
+        "redrive of a waiting message",
+    );
+    assert!(
+        refused.message().contains("waits for delivery already"),
+        "{}",
+        refused.message()
+    );
+    store
+        .fail_reads
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_code(
+        op.redrive(redrive).await,
+        Code::FailedPrecondition,
+        "redrive of a waiting message, reads failing",
+    );
+    Ok(())
+}
+
 /// Message ids are unique per sender only. A purge of an id two senders used
 /// changes nothing until the operator names the sender, and then touches only
 /// that sender's message.

@@ -252,7 +252,9 @@ impl OperatorService {
             RedriveResult::NotFound => Err(not_found(id, sender.as_ref())),
             RedriveResult::Ambiguous { senders } => Err(ambiguous(id, &senders)),
             RedriveResult::NotRedrivable { state } => {
-                let record = self.record(id, sender.as_ref()).await?;
+                // Only to say why: a failed read must not turn the store's answer
+                // (nothing changed, and why) into UNAVAILABLE.
+                let record = self.record(id, sender.as_ref()).await.ok().flatten();
                 Err(BrokerError::FailedPrecondition(not_redrivable(
                     id,
                     state,
@@ -730,6 +732,14 @@ fn not_redrivable(id: MessageId, state: State, record: Option<&StatusRecord>) ->
             "message {id} is {} and its payload was already deleted (dead-letter retention passed)",
             state_name(state)
         ),
+        // e.g. a retry of a redrive whose answer was an error, though it took effect
+        (State::Accepted | State::InFlight, Some(r)) => format!(
+            "message {id} is {} since {}: it waits for delivery already (redriven then, if \
+             that was a redrive); only EXPIRED messages and messages DEAD_LETTERED after too \
+             many attempts can be redriven",
+            state_name(state),
+            crate::admin_cli::fmt_millis(r.state_changed_at)
+        ),
         _ => format!(
             "message {id} is {}; only EXPIRED messages and messages DEAD_LETTERED after too many attempts can be redriven",
             state_name(state)
@@ -845,6 +855,20 @@ mod tests {
             why(&deleted).contains("payload was already deleted"),
             "{}",
             why(&deleted)
+        );
+    }
+
+    /// A redrive retried after an error that took effect is told the message waits
+    /// already, and since when, not only that ACCEPTED cannot be redriven.
+    #[test]
+    fn a_waiting_message_is_refused_as_waiting_already() {
+        let mut waiting = dead_letter("", true, false);
+        waiting.state = State::Accepted;
+        waiting.state_changed_at = 1_700_000_000_000;
+        let why = not_redrivable(waiting.message_id, waiting.state, Some(&waiting));
+        assert!(
+            why.contains("is ACCEPTED since 2023-11-14 22:13:20Z: it waits for delivery already"),
+            "{why}"
         );
     }
 
