@@ -599,7 +599,8 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn mark_running(&self, now: Millis) -> Result<(), StoreError>;
     /// Per-recipient depth (ACCEPTED), in flight, oldest accepted_at of a message not yet
     /// acknowledged (ACCEPTED or IN_FLIGHT), queued bytes — for operators and metrics. Reads
-    /// a fixed number of entries per recipient, never its backlog.
+    /// a fixed number of entries per recipient and one per message in flight, never a
+    /// backlog, and costs the writes of a message delivered at once nothing.
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
     /// Operator: ACCEPTED / IN_FLIGHT → PURGED, payload deleted, NDR (outcome PURGED) to the sender.
     /// `reason` is the operator's note (kept in the record, never sent to anyone).

@@ -400,10 +400,10 @@ pub(super) fn queue_key(recipient: &ParticipantId, priority: Priority, seq: u64)
     key
 }
 
-/// `pending`: recipient | 0 | seq — a message its recipient has not
-/// acknowledged yet (ACCEPTED, due or backing off, or IN_FLIGHT), in
-/// acceptance order: the first key of a recipient is its oldest.
-pub(super) fn pending_key(recipient: &ParticipantId, seq: u64) -> Vec<u8> {
+/// `backoff`: recipient | 0 | seq — an ACCEPTED message backing off before a
+/// redelivery, in acceptance order: the first key of a recipient is its
+/// oldest.
+pub(super) fn backoff_key(recipient: &ParticipantId, seq: u64) -> Vec<u8> {
     let mut key = participant_prefix(recipient);
     key.extend_from_slice(&seq.to_be_bytes());
     key

@@ -110,8 +110,8 @@ impl Default for SledOptions {
 /// | `timers` | at, kind, seq → () — backoff end, expiry, retentions |
 /// | `dead` | seq → () — EXPIRED and DEAD_LETTERED records |
 /// | `counters` | `r`+recipient → depth, in flight, bytes; `s`+sender → queued bytes |
-/// | `pending` | recipient, seq → () — ACCEPTED (due or backing off) and IN_FLIGHT: a recipient's oldest unacknowledged message |
-/// | `meta` | `format` → store format; `seq_floor` → added to sled's id generator for new seqs (written by `store compact`, see `compact.rs`); `pending_indexed` → `pending` is complete (stores written before it are indexed at open) |
+/// | `backoff` | recipient, seq → () — ACCEPTED and backing off before a redelivery (with `queue` and `leased`: a recipient's oldest unacknowledged message) |
+/// | `meta` | `format` → store format; `seq_floor` → added to sled's id generator for new seqs (written by `store compact`, see `compact.rs`); `backoff_indexed` → `backoff` is complete (stores written before it are indexed at open) |
 /// | `presence` | participant id → last seen, certificate not_after (operator gauges; written outside the message transactions) |
 ///
 /// # Invariants
@@ -127,9 +127,11 @@ impl Default for SledOptions {
 ///   entry and a `Lease` timer, or a `leases` entry by deadline: `recover`
 ///   empties those trees at start-up; a left-over `Lease` timer goes stale.)
 /// - A record is in `queue` iff it is ACCEPTED and not backing off; it has a
-///   `Due` timer iff ACCEPTED and backing off; it has a `leased` entry iff
-///   IN_FLIGHT; it has an `Expiry` timer and a `pending` entry iff ACCEPTED
-///   or IN_FLIGHT; it is in `dead` iff EXPIRED or DEAD_LETTERED.
+///   `Due` timer and a `backoff` entry iff ACCEPTED and backing off; it has a
+///   `leased` entry iff IN_FLIGHT; it has an `Expiry` timer iff ACCEPTED or
+///   IN_FLIGHT; it is in `dead` iff EXPIRED or DEAD_LETTERED. (So a message
+///   delivered and acknowledged at its first attempt writes no `backoff`
+///   entry: the operator's oldest-message age costs the hot path nothing.)
 /// - A payload exists (with its record, or in `payloads` for old records) iff `payload_kept`: from submit until ACKNOWLEDGED /
 ///   WITHDRAWN / PURGED, or until the dead-letter retention of an EXPIRED /
 ///   DEAD_LETTERED message passed. The metadata of a final message is deleted
@@ -226,7 +228,7 @@ impl SledStore {
             .map(|name| db.open_tree(name))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| open_err(e.to_string()))?;
-        ops::index_pending(&trees, &meta).map_err(|e| open_err(e.to_string()))?;
+        ops::index_backoff(&trees, &meta).map_err(|e| open_err(e.to_string()))?;
         let presence = db
             .open_tree(presence::TREE)
             .map_err(|e| open_err(e.to_string()))?;

@@ -1,7 +1,7 @@
 //! The broker operations as synchronous sled transactions (run on blocking
 //! threads by the async layer in `mod.rs`, which then waits for the flush).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use ::sled::Transactional as _;
 use ::sled::transaction::{TransactionError, TransactionalTree};
@@ -10,11 +10,12 @@ use trmx_proto::{MessageId, ParticipantId, pb};
 use super::Core;
 use super::codec::{
     LeaseEntry, RecipientCounters, Record, TimerKind, parse_timer_key, participant_prefix,
-    pending_key, read_u64, seq_suffix,
+    read_u64, seq_suffix,
 };
 use super::tx::{
-    COUNTERS, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, PENDING, QUEUE, RECORDS, TIMERS, Tx,
-    TxResult, abort, after, backoff, finish_keeping_payload, finish_without_payload, may_be_leased,
+    BACKOFF, COUNTERS, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, QUEUE, RECORDS, TIMERS, Tx,
+    TxResult, abort, after, backoff, finish_keeping_payload, finish_without_payload, index_entries,
+    may_be_leased,
 };
 use crate::store::{
     Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
@@ -625,6 +626,19 @@ impl Core {
         Ok(timer.into_iter().chain(lease).min())
     }
 
+    /// Per-recipient counters, and the oldest message each recipient has not
+    /// acknowledged: the lowest seq (seqs follow acceptance) among its due
+    /// messages (the head of each priority of `queue`), those backing off
+    /// (the head of its `backoff` entries) and those in flight (`leased`,
+    /// read whole once, as it holds only the messages in flight). A few reads
+    /// per recipient and one per message in flight, never the backlog, and no
+    /// index written for it on the way of a message delivered at once.
+    ///
+    /// A figure of a moment, read outside the writer: every delivery moves a
+    /// message from `queue` to `leased`, and a backoff that ends moves it
+    /// from `backoff` to `queue`, so `backoff`, `queue` and `leased` are read
+    /// in that order and such a message is seen at least once. One whose
+    /// lease ends between the reads may be missed by that answer.
     pub(super) fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
         let mut out = Vec::new();
         for item in self.tree(COUNTERS).scan_prefix(b"r") {
@@ -634,39 +648,90 @@ impl Core {
             let recipient = ParticipantId::parse(name)
                 .map_err(|_| StoreError::Corrupt("counter key".to_owned()))?;
             let counters = RecipientCounters::decode(&value)?;
-            out.push(QueueStats {
-                oldest_accepted_at: self.oldest_pending(&recipient)?,
-                recipient,
-                depth: counters.depth,
-                in_flight: counters.in_flight,
-                bytes: counters.bytes,
-            });
+            let prefix = participant_prefix(&recipient);
+            let mut oldest = self.first_waiting(BACKOFF, &prefix)?;
+            for priority in [0u8, 1u8] {
+                let mut p = prefix.clone();
+                p.push(priority);
+                oldest = oldest
+                    .into_iter()
+                    .chain(self.first_waiting(QUEUE, &p)?)
+                    .min();
+            }
+            out.push((
+                QueueStats {
+                    recipient,
+                    depth: counters.depth,
+                    in_flight: counters.in_flight,
+                    oldest_accepted_at: None,
+                    bytes: counters.bytes,
+                },
+                oldest,
+            ));
+        }
+        let in_flight = self.oldest_in_flight()?;
+        Ok(out
+            .into_iter()
+            .map(|(mut stats, oldest)| {
+                let oldest = oldest
+                    .into_iter()
+                    .chain(in_flight.get(&stats.recipient).copied())
+                    .min();
+                stats.oldest_accepted_at = oldest.map(|(_, accepted_at)| accepted_at);
+                stats
+            })
+            .collect())
+    }
+
+    /// `(seq, accepted_at)` of the first message under `prefix` of the
+    /// seq-ordered index `tree` that still waits (ACCEPTED or IN_FLIGHT). A
+    /// record that cannot be read (logged), or that was settled since the
+    /// entry was read, is passed by.
+    fn first_waiting(
+        &self,
+        tree: usize,
+        prefix: &[u8],
+    ) -> Result<Option<(u64, Millis)>, StoreError> {
+        for item in self.tree(tree).scan_prefix(prefix).keys() {
+            let seq = seq_suffix(&item.map_err(storage)?)?;
+            if let Some(waiting) = self.waiting(seq)? {
+                return Ok(Some((seq, waiting.accepted_at)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The oldest message in flight of each recipient, `(seq,
+    /// accepted_at)`: the whole `leased` tree, which holds only the messages
+    /// in flight (bounded by the streams and their `max_in_flight`), with
+    /// the metadata of each record for its recipient. An entry whose key
+    /// cannot be read is left to the repair of `tick`.
+    fn oldest_in_flight(&self) -> Result<HashMap<ParticipantId, (u64, Millis)>, StoreError> {
+        let mut out: HashMap<ParticipantId, (u64, Millis)> = HashMap::new();
+        for key in self.tree(LEASED).iter().keys() {
+            let Ok(seq) = read_u64(&key.map_err(storage)?) else {
+                continue;
+            };
+            if let Some(record) = self.waiting(seq)? {
+                // keys in seq order: the first of a recipient is its oldest
+                out.entry(record.recipient)
+                    .or_insert((seq, record.accepted_at));
+            }
         }
         Ok(out)
     }
 
-    /// When the oldest message `recipient` has not acknowledged (ACCEPTED,
-    /// due or backing off, or IN_FLIGHT) was accepted: the first of its
-    /// `pending` entries, whose seqs follow acceptance. A record that cannot
-    /// be read (logged) or is no longer waiting is passed by.
-    fn oldest_pending(&self, recipient: &ParticipantId) -> Result<Option<Millis>, StoreError> {
-        for item in self
-            .tree(PENDING)
-            .scan_prefix(participant_prefix(recipient))
-        {
-            let (key, _) = item.map_err(storage)?;
-            let seq = seq_suffix(&key)?;
-            let record = match self.tree(RECORDS).get(seq.to_be_bytes()).map_err(storage)? {
-                Some(bytes) => Record::decode_metadata(&bytes).map(Some),
-                None => Ok(None),
-            };
-            if let Some(record) = self.readable(seq, record)?
-                && record.state.is_active()
-            {
-                return Ok(Some(record.accepted_at));
-            }
-        }
-        Ok(None)
+    /// The metadata of the record `seq` if it still waits for its recipient
+    /// (ACCEPTED or IN_FLIGHT: a leased record is stored ACCEPTED); none
+    /// when it was settled or cannot be read (logged).
+    fn waiting(&self, seq: u64) -> Result<Option<Record>, StoreError> {
+        let record = match self.tree(RECORDS).get(seq.to_be_bytes()).map_err(storage)? {
+            Some(bytes) => Record::decode_metadata(&bytes).map(Some),
+            None => Ok(None),
+        };
+        Ok(self
+            .readable(seq, record)?
+            .filter(|record| record.state.is_active()))
     }
 
     pub(super) fn dead_letters(
@@ -806,23 +871,24 @@ enum Retry {
     DeadLettered,
 }
 
-/// The `meta` key set once every waiting message of the store has its
-/// `pending` entry.
-pub(super) const PENDING_INDEXED_KEY: &[u8] = b"pending_indexed";
+/// The `meta` key set once every message of the store backing off has its
+/// `backoff` entry.
+pub(super) const BACKOFF_INDEXED_KEY: &[u8] = b"backoff_indexed";
 
-/// Keys of `pending` written per batch by [`index_pending`].
+/// Keys of `backoff` written per batch by [`index_backoff`].
 const INDEX_BATCH: usize = 10_000;
 
-/// Gives every ACCEPTED and IN_FLIGHT message of a store written before the
-/// `pending` tree its entry, once (the store's `meta` then says so): one read
-/// of every record's metadata, at the first start of a broker that keeps the
-/// index, before anything else writes. Returns how many it indexed. A record
-/// that cannot be read is left out (logged), as every scan does.
-pub(super) fn index_pending(
+/// Gives every message backing off in a store written before the `backoff`
+/// tree its entry, once (the store's `meta` then says so): one read of every
+/// record's metadata, at the first start of a broker that keeps the index,
+/// before anything else writes. The entries are those [`index_entries`]
+/// derives, as for every change. Returns how many it indexed. A record that
+/// cannot be read is left out (logged), as every scan does.
+pub(super) fn index_backoff(
     trees: &[::sled::Tree],
     meta: &::sled::Tree,
 ) -> Result<u64, StoreError> {
-    if meta.get(PENDING_INDEXED_KEY).map_err(storage)?.is_some() {
+    if meta.get(BACKOFF_INDEXED_KEY).map_err(storage)?.is_some() {
         return Ok(0);
     }
     let (mut indexed, mut in_batch) = (0u64, 0usize);
@@ -831,12 +897,16 @@ pub(super) fn index_pending(
         let (key, value) = item.map_err(storage)?;
         let seq = read_u64(&key)?;
         match Record::decode_metadata(&value) {
-            Ok(record) if record.state.is_active() => {
-                batch.insert(pending_key(&record.recipient, seq), &[][..]);
-                indexed += 1;
-                in_batch += 1;
+            Ok(record) => {
+                for (_, key, value) in index_entries(&record)
+                    .into_iter()
+                    .filter(|(tree, _, _)| *tree == BACKOFF)
+                {
+                    batch.insert(key, value);
+                    indexed += 1;
+                    in_batch += 1;
+                }
             }
-            Ok(_) => {}
             Err(why) => tracing::error!(
                 seq,
                 %why,
@@ -844,23 +914,23 @@ pub(super) fn index_pending(
                  age; the store is damaged, run `trmx-broker store verify`"
             ),
         }
-        if in_batch == INDEX_BATCH {
-            trees[PENDING]
+        if in_batch >= INDEX_BATCH {
+            trees[BACKOFF]
                 .apply_batch(std::mem::take(&mut batch))
                 .map_err(storage)?;
             in_batch = 0;
         }
     }
-    trees[PENDING].apply_batch(batch).map_err(storage)?;
+    trees[BACKOFF].apply_batch(batch).map_err(storage)?;
     // the entries durable before the mark that says they are complete
     meta.flush().map_err(storage)?;
-    meta.insert(PENDING_INDEXED_KEY, &[1u8][..])
+    meta.insert(BACKOFF_INDEXED_KEY, &[1u8][..])
         .map_err(storage)?;
     meta.flush().map_err(storage)?;
     if indexed > 0 {
         tracing::info!(
             indexed,
-            "waiting messages indexed for the oldest-message age"
+            "messages backing off indexed for the oldest-message age"
         );
     }
     Ok(indexed)
@@ -1321,7 +1391,7 @@ mod tests {
     use super::super::codec::{LeaseEntry, Record};
     use super::super::{SledOptions, SledStore};
     use super::*;
-    use crate::store::{BrokerStore, Lifecycle, NewMessage};
+    use crate::store::{BrokerStore, Lifecycle, NewMessage, StreamEnd};
 
     const NOW: Millis = 1_700_000_000_000;
 
@@ -1776,42 +1846,73 @@ mod tests {
         s.close().await.unwrap();
     }
 
-    /// A store written before the `pending` index gets it at its first open:
-    /// the oldest message of a queue is then one held in flight before the
-    /// upgrade, and the store verifies consistent before and after.
+    /// The seqs in the `backoff` index of the open store `s`.
+    fn backoff_seqs(s: &SledStore) -> Vec<u64> {
+        s.inner.core.trees[BACKOFF]
+            .iter()
+            .keys()
+            .map(|key| seq_suffix(&key.unwrap()).unwrap())
+            .collect()
+    }
+
+    /// A store written before the `backoff` index gets it at its first open:
+    /// the oldest message of a queue is then one backing off before the
+    /// upgrade (older than the one in flight), and the store verifies
+    /// consistent before and after; once the index is complete, store verify
+    /// finds an entry missing from it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_store_written_before_the_pending_index_is_indexed_at_open() {
+    async fn a_store_written_before_the_backoff_index_is_indexed_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let be = ParticipantId::parse("BE-PAYOKE").unwrap();
         let (first, second) = (message(&be), message(&be));
         let s = open(dir.path());
-        s.submit(first.clone(), NOW).await.unwrap();
+        let SubmitOutcome::Accepted(accepted) = s.submit(first.clone(), NOW).await.unwrap() else {
+            panic!("not accepted");
+        };
         s.submit(second.clone(), NOW + 1).await.unwrap();
         let leased = s
             .lease(&be, StreamId(1), 1, u64::MAX, NOW + 2)
             .await
             .unwrap();
         assert_eq!(leased[0].message_id, first.message_id);
+        // its node closed the stream: backing off; the second in flight
+        s.release_stream(&be, StreamId(1), StreamEnd::Recipient, NOW + 3)
+            .await
+            .unwrap();
+        let leased = s
+            .lease(&be, StreamId(2), 1, u64::MAX, NOW + 4)
+            .await
+            .unwrap();
+        assert_eq!(leased[0].message_id, second.message_id);
+        assert_eq!(backoff_seqs(&s), vec![accepted.broker_seq]);
         s.close().await.unwrap();
         drop(s);
         {
             // as a broker before the index left it
             let db = ::sled::open(dir.path()).unwrap();
-            db.drop_tree("pending").unwrap();
+            db.drop_tree("backoff").unwrap();
             db.open_tree("meta")
                 .unwrap()
-                .remove(PENDING_INDEXED_KEY)
+                .remove(BACKOFF_INDEXED_KEY)
                 .unwrap();
             db.flush().unwrap();
         }
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
         let s = open(dir.path());
+        assert_eq!(backoff_seqs(&s), vec![accepted.broker_seq]);
         let stats = s.queue_stats().await.unwrap();
         assert_eq!(stats[0].oldest_accepted_at, Some(NOW), "{stats:?}");
         s.close().await.unwrap();
         drop(s);
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
+        {
+            let db = ::sled::open(dir.path()).unwrap();
+            db.open_tree("backoff").unwrap().clear().unwrap();
+            db.flush().unwrap();
+        }
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert_eq!(report.missing.get("backoff"), Some(&1), "{report}");
     }
 }

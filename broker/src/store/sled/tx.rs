@@ -15,8 +15,8 @@ use prost::Message as _;
 use trmx_proto::{Kind, ParticipantId, pb};
 
 use super::codec::{
-    InlinePayload, LeaseEntry, RecipientCounters, Record, TimerKind, decode_seqs, encode_seqs,
-    pending_key, queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
+    InlinePayload, LeaseEntry, RecipientCounters, Record, TimerKind, backoff_key, decode_seqs,
+    encode_seqs, queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
 };
 use crate::store::{Lifecycle, Millis, State, StoreError, receipt_id};
 
@@ -40,10 +40,13 @@ pub(super) const AUDIT_META: usize = 9;
 /// emptied by `recover`.
 pub(super) const LEGACY_LEASES: usize = 10;
 pub(super) const LEASED: usize = 11;
-/// Every ACCEPTED and IN_FLIGHT message by recipient and seq: the oldest one
-/// a recipient has not acknowledged, without reading its whole backlog.
-/// Stores written before it are indexed once at open (`SledStore::open`).
-pub(super) const PENDING: usize = 12;
+/// The ACCEPTED messages backing off before a redelivery, by recipient and
+/// seq (their `Due` timers are by time): with the head of `queue` and the
+/// `leased` entries, the oldest message a recipient has not acknowledged,
+/// without reading its backlog. Written only when a delivery failed, never
+/// for a message acknowledged at its first delivery. Stores written before
+/// it are indexed once at open (`ops::index_backoff`).
+pub(super) const BACKOFF: usize = 12;
 
 /// Names of the sled trees, in index order. (Stores written before kept a
 /// `by_sender` tree too; it is no longer read or written. `inflight` and
@@ -62,7 +65,7 @@ pub(super) const TREE_NAMES: [&str; 13] = [
     "audit_meta",
     "leases",
     "leased",
-    "pending",
+    "backoff",
 ];
 
 /// Aborts the transaction with `err`.
@@ -436,7 +439,10 @@ pub(super) fn index_entries(r: &Record) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
                 queue_key(&r.recipient, r.priority, r.seq),
                 Vec::new(),
             )),
-            Some(at) => out.push((TIMERS, timer_key(at, TimerKind::Due, r.seq), Vec::new())),
+            Some(at) => {
+                out.push((TIMERS, timer_key(at, TimerKind::Due, r.seq), Vec::new()));
+                out.push((BACKOFF, backoff_key(&r.recipient, r.seq), Vec::new()));
+            }
         },
         State::InFlight => {
             if let Some(lease) = LeaseEntry::of(r) {
@@ -454,7 +460,6 @@ pub(super) fn index_entries(r: &Record) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
             timer_key(r.expires_at, TimerKind::Expiry, r.seq),
             Vec::new(),
         ));
-        out.push((PENDING, pending_key(&r.recipient, r.seq), Vec::new()));
     }
     if r.payload_kept
         && let Some(at) = r.payload_delete_at

@@ -23,9 +23,9 @@ use super::codec::{
     LeaseEntry, RecipientCounters, Record, TimerKind, decode_seqs, read_u64, recipient_counter_key,
     sender_counter_key,
 };
-use super::ops::{PENDING_INDEXED_KEY, storage};
+use super::ops::{BACKOFF_INDEXED_KEY, storage};
 use super::tx::{
-    BY_ID, COUNTERS, Contribution, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, PAYLOADS, PENDING,
+    BACKOFF, BY_ID, COUNTERS, Contribution, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, PAYLOADS,
     QUEUE, RECORDS, TIMERS, TREE_NAMES, index_entries, may_be_leased,
 };
 use crate::store::{State, StoreError};
@@ -240,16 +240,16 @@ pub fn verify_store_offline(path: &Path) -> Result<StoreReport, StoreError> {
         expected.add(&record, legacy_lease);
     }
 
-    // A store no broker with the `pending` tree has opened yet gets it at its
-    // next start (`ops::index_pending`): nothing to compare before then.
-    let pending_indexed = db
+    // A store no broker with the `backoff` tree has opened yet gets it at its
+    // next start (`ops::index_backoff`): nothing to compare before then.
+    let backoff_indexed = db
         .open_tree("meta")
-        .and_then(|meta| meta.get(PENDING_INDEXED_KEY))
+        .and_then(|meta| meta.get(BACKOFF_INDEXED_KEY))
         .map_err(storage)?
         .is_some();
-    for tree in [QUEUE, TIMERS, DEAD, LEASED, PENDING] {
+    for tree in [QUEUE, TIMERS, DEAD, LEASED, BACKOFF] {
         let mut want = expected.entries.remove(&tree).unwrap_or_default();
-        if tree == PENDING && !pending_indexed {
+        if tree == BACKOFF && !backoff_indexed {
             continue;
         }
         for item in trees[tree].iter() {
