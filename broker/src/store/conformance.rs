@@ -1141,6 +1141,61 @@ pub(super) async fn oldest_counts_in_flight_and_backing_off<S: BrokerStore>(
     assert_eq!(oldest(s.queue_stats().await.unwrap()), None);
 }
 
+/// A message backing off counts for its queue's oldest message from its ack
+/// timeout until it is due again, and no longer once it expired while backing
+/// off; one delivered again counts while in flight. (The conformance run
+/// ends with store verify: every index, the one of messages backing off too,
+/// is what the records imply.)
+pub(super) async fn oldest_follows_timeouts_redeliveries_and_expiry<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let t0 = c.now_millis();
+    let oldest = |stats: Vec<QueueStats>| {
+        stats
+            .into_iter()
+            .find(|q| q.recipient == pid(BE))
+            .and_then(|q| q.oldest_accepted_at)
+    };
+    let mut expiring = message(NL, BE, Priority::Normal, 10, t0);
+    expiring.expires_at = t0 + 31_000; // during its backoff after the ack timeout
+    let redelivered = message(NL, BE, Priority::Normal, 10, t0 + 1);
+    submit_ok(s, &expiring, t0).await;
+    submit_ok(s, &redelivered, t0 + 1).await;
+    assert_eq!(lease_ids(s, BE, 1, 10, t0 + 1).await.len(), 2);
+    // both ack deadlines pass (30 s): both back off until t0 + 32 s
+    c.set(trmx_proto::time::from_millis(t0 + 30_001));
+    assert_eq!(tick(s, c.now_millis()).await.redelivery_due, 2);
+    for m in [&expiring, &redelivered] {
+        let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+        assert_eq!(st.state, State::Accepted);
+        assert!(st.next_attempt_at.is_some(), "backing off");
+    }
+    assert_eq!(oldest(s.queue_stats().await.unwrap()), Some(t0));
+    // the older one expires while backing off
+    c.set(trmx_proto::time::from_millis(t0 + 31_000));
+    assert_eq!(tick(s, c.now_millis()).await.expired, 1);
+    assert_eq!(state_of(s, &expiring).await, State::Expired);
+    assert_eq!(oldest(s.queue_stats().await.unwrap()), Some(t0 + 1));
+    // the younger one is due again, then delivered again
+    c.set(trmx_proto::time::from_millis(t0 + 32_001));
+    assert_eq!(tick(s, c.now_millis()).await.woken, vec![pid(BE)]);
+    assert_eq!(oldest(s.queue_stats().await.unwrap()), Some(t0 + 1));
+    let again = s
+        .lease(&pid(BE), StreamId(2), 10, u64::MAX, c.now_millis())
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message_id, redelivered.message_id);
+    assert_eq!(again[0].attempt, 2);
+    assert_eq!(oldest(s.queue_stats().await.unwrap()), Some(t0 + 1));
+    // and acknowledged: none waits
+    s.ack(&pid(BE), &[redelivered.message_id], c.now_millis())
+        .await
+        .unwrap();
+    assert_eq!(oldest(s.queue_stats().await.unwrap()), None);
+}
+
 pub(super) async fn stats_and_search<S: BrokerStore>(s: &S, c: &ManualClock) {
     let now = c.now_millis();
     let m1 = message(NL, BE, Priority::Normal, 100, now);
@@ -1428,6 +1483,7 @@ mod sled {
         operator_actions_name_one_message,
         stats_and_search,
         oldest_counts_in_flight_and_backing_off,
+        oldest_follows_timeouts_redeliveries_and_expiry,
         search_and_dead_letters_page,
         presence_moves_forward_only,
         the_last_run_is_recorded,

@@ -1915,4 +1915,60 @@ mod tests {
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert_eq!(report.missing.get("backoff"), Some(&1), "{report}");
     }
+
+    /// The `backoff` index holds exactly the messages backing off: one whose
+    /// ack deadline passed gets its entry, and loses it when it is due again
+    /// and when it expires while backing off; a message delivered and
+    /// acknowledged at once never has one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_backoff_index_holds_the_messages_backing_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let life = Lifecycle::default();
+        let (timeout, base) = (
+            after(0, life.ack_timeout),
+            after(0, life.redelivery_backoff_base),
+        );
+        let s = open(dir.path());
+        let seq = |outcome: SubmitOutcome| match outcome {
+            SubmitOutcome::Accepted(a) => a.broker_seq,
+            other => panic!("not accepted: {other:?}"),
+        };
+        let mut expiring = message(&be);
+        expiring.expires_at = NOW + timeout + base / 2;
+        let (redelivered, at_once) = (message(&be), message(&be));
+        let expiring_seq = seq(s.submit(expiring.clone(), NOW).await.unwrap());
+        let redelivered_seq = seq(s.submit(redelivered.clone(), NOW).await.unwrap());
+        s.submit(at_once.clone(), NOW).await.unwrap();
+        assert_eq!(
+            s.lease(&be, StreamId(1), 3, u64::MAX, NOW)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        s.ack(&be, &[at_once.message_id], NOW).await.unwrap();
+        assert!(backoff_seqs(&s).is_empty(), "delivered and acknowledged");
+        // the ack deadline passed: both others back off
+        let report = s.tick(NOW + timeout).await.unwrap();
+        assert_eq!(report.redelivery_due, 2);
+        assert_eq!(backoff_seqs(&s), vec![expiring_seq, redelivered_seq]);
+        // one expires while backing off
+        let report = s.tick(NOW + timeout + base / 2).await.unwrap();
+        assert_eq!(report.expired, 1);
+        assert_eq!(backoff_seqs(&s), vec![redelivered_seq]);
+        // the other is due again, and delivered
+        s.tick(NOW + timeout + base).await.unwrap();
+        assert!(backoff_seqs(&s).is_empty(), "due again");
+        let leased = s
+            .lease(&be, StreamId(2), 3, u64::MAX, NOW + timeout + base)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1);
+        assert_eq!(leased[0].message_id, redelivered.message_id);
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
 }
