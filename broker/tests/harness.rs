@@ -372,13 +372,19 @@ pub(crate) async fn time_out_lease(
 
 impl TestBroker {
     /// A broker on a [`FaultyStore`] over the sled store in its data dir.
+    ///
+    /// Its timer loop ticks at start and then only when a timer is due: every
+    /// tick waits for a flush, so with flushes made to fail (`faults`) a tick
+    /// every 20 ms would fail one first about a quarter of the time, and the
+    /// write under test would be refused before it is made.
     pub(crate) async fn start_with_faulty_store()
     -> anyhow::Result<(Self, std::sync::Arc<FaultyStore>)> {
         use trmx_broker::store::{SledOptions, SledStore};
 
         let dir = tempfile::tempdir()?;
         let pki = Pki::create(dir.path())?;
-        let config = test_config(dir.path().join("data"), pki.tls.clone());
+        let mut config = test_config(dir.path().join("data"), pki.tls.clone());
+        config.lifecycle.tick_interval = Duration::from_secs(3600);
         let store = SledStore::open(
             &config.data_dir,
             SledOptions::default(),
