@@ -631,8 +631,9 @@ impl Core {
     /// messages (the head of each priority of `queue`), those backing off
     /// (the head of its `backoff` entries) and those in flight (`leased`,
     /// read whole once, as it holds only the messages in flight). A few reads
-    /// per recipient and one per message in flight, never the backlog, and no
-    /// index written for it on the way of a message delivered at once.
+    /// per recipient and one per message in flight, never the backlog; and
+    /// nothing is written for it when a message is acknowledged at its first
+    /// delivery.
     ///
     /// A figure of a moment, read outside the writer: every delivery moves a
     /// message from `queue` to `leased`, and a backoff that ends moves it
