@@ -1194,6 +1194,22 @@ pub(crate) async fn submit_loop(
                         info!(participant = %me, failures = failed, "submits accepted again");
                     }
                 }
+                Err(e) if !matches!(e, NodeError::BrokerUnavailable(_)) => {
+                    // The broker answered, but its answer could not be recorded or made
+                    // durable: not a failed submit attempt, and no error of the broker's
+                    // for the record. When the write is what failed the entry is still
+                    // queued, and its next attempt records this one; when the flush is,
+                    // the entry has left the queue, and this count is forgotten.
+                    let error = e.to_string();
+                    if failures.failed(&error, Instant::now()) {
+                        warn!(participant = %me, message_id = %id, error = %error, "cannot record the broker's answer to a submit in the node's store (check its disk); the outbox tries again");
+                    } else {
+                        debug!(participant = %me, message_id = %id, error = %error, "cannot record the broker's answer to a submit");
+                    }
+                    unrecorded.add(id, attempts);
+                    transient = true;
+                    break;
+                }
                 Err(e) => {
                     let error = e.to_string();
                     // A failure is written to the entry's record when it is said at WARN
@@ -1436,8 +1452,10 @@ async fn withdraw_pending(
 }
 
 /// Submits one entry and records the outcome, counting `attempts` submit attempts on its
-/// record (this one, and failed ones not recorded yet). `Err` means a transient failure
-/// (retry later, in order), which the caller records or counts.
+/// record (this one, and failed ones not recorded yet). `Err(BrokerUnavailable)` means a
+/// transient failure (retry later, in order), which the caller records or counts; another
+/// `Err`, that the broker's answer could not be recorded (the write failed: the entry is
+/// still queued) or made durable (the record counts this attempt).
 async fn submit_one(
     inner: &Arc<Inner>,
     client: &mut ExchangeClient<LinkChannel>,

@@ -2594,6 +2594,40 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A submit the broker accepted, whose record was written but could not be flushed,
+    /// was noted as a failed submit attempt too: the `SUBMITTED` entry counted the
+    /// attempt twice and showed the store's error as its `last_error`, as if the broker
+    /// had not taken it. The broker's answer is what the record says.
+    #[tokio::test]
+    async fn a_submit_whose_record_cannot_be_flushed_is_not_noted_as_failed() {
+        let logs = LogCapture::start();
+        let (dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        let held = broker.submit_hold.lock().await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the submit reaches the broker", || async {
+            broker.lock().submits_arrived > 0
+        })
+        .await;
+        // every flush of NL's store fails from now on: the record of the broker's
+        // answer is written, not flushed
+        std::fs::remove_dir_all(dir.path().join("NL-NRM").join("blobs")).unwrap();
+        drop(held);
+        until("the failed flush is said", || async {
+            !logs
+                .lines_with(&["WARN", &sent.message_id.to_string()])
+                .is_empty()
+        })
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Submitted, "{entry:?}");
+        assert_eq!(entry.submit_attempts, 1, "{entry:?}");
+        assert_eq!(entry.last_error, None, "{entry:?}");
+        nl.shutdown().await;
+    }
+
     /// A delivery whose store's flush failed comes again and is found
     /// stored: it is acknowledged only once a flush succeeds, never on the
     /// strength of a copy that may not be on disk.
