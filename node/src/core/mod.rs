@@ -1291,9 +1291,9 @@ impl NodeCore {
     /// that names no case this node sent or received a message in (field
     /// `case_ref`). A retry with the same idempotency key and
     /// content returns the entry stored the first time. A reply to a message received
-    /// but not yet flushed is `Store` (`UNAVAILABLE`: retry in a moment), as the
-    /// listings do not show that message yet either; so is a `case_ref` known only from
-    /// such messages.
+    /// but not yet flushed flushes it first (the listings do not show it until then), and
+    /// is `Store` (`UNAVAILABLE`: retry in a moment) when that flush fails; so is a
+    /// `case_ref` known only from such messages.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
         let inner = &self.inner;
         check_idempotency_key(&req.idempotency_key)?;
@@ -1355,17 +1355,18 @@ impl NodeCore {
         // and `message` hand it out: a crash before its flush takes it back, and a reply
         // queued meanwhile would answer a message the node no longer has, until the
         // broker delivers it again, and for ever if its sender withdrew it in between
-        // (allowed until it is acknowledged, which waits for that flush). Harmless most
-        // of the time, but the rule that an answer names a message received here must
-        // not hang on a crash; and the flush follows within moments, so the caller is
-        // told to retry (`UNAVAILABLE`, via `Store`) rather than kept waiting for it or
-        // told the message is unknown.
+        // (allowed until it is acknowledged, which waits for that flush). So the send
+        // flushes it itself: the receive loop's flush may be under way, or may have
+        // failed, and then only a redelivery flushes it, which never comes while the
+        // broker is out of reach. A flush that fails here is `UNAVAILABLE` (via `Store`):
+        // retry.
         if let Some(entry) = &answered
             && entry.seq > inner.durable_inbox.borrow().last_seq
+            && let Err(e) = link::flush_inbox(inner).await
         {
             return Err(NodeError::Store(format!(
-                "in_reply_to: message {} was received but is not on disk yet; retry in a \
-                 moment",
+                "in_reply_to: message {} was received but is not on disk yet, and the \
+                 node's store cannot flush it ({e}); retry in a moment",
                 entry.message_id
             )));
         }
@@ -1392,20 +1393,25 @@ impl NodeCore {
                 Some(case) => {
                     let store = inner.store.clone();
                     // (a case known only from a received message not flushed yet is
-                    // refused as a reply to that message is, above, and for the same
-                    // reason: a crash before the flush would leave the message filed
-                    // under a case the node no longer knows)
+                    // flushed first, as a reply to that message is, above, and for the
+                    // same reason: a crash before the flush would leave the message
+                    // filed under a case the node no longer knows)
                     let flushed = inner.durable_inbox.borrow().last_seq;
                     match inner
                         .blocking(move || store.case_known(case, flushed))
                         .await?
                     {
                         CaseKnown::Yes => {}
+                        // (every inbox entry committed before the flush is durable after
+                        // it, those of the case too)
                         CaseKnown::NotOnDiskYet => {
-                            return Err(NodeError::Store(format!(
-                                "case_ref: case {case} is known only from a message that was \
-                                 received but is not on disk yet; retry in a moment"
-                            )));
+                            if let Err(e) = link::flush_inbox(inner).await {
+                                return Err(NodeError::Store(format!(
+                                    "case_ref: case {case} is known only from a message \
+                                     that was received but is not on disk yet, and the \
+                                     node's store cannot flush it ({e}); retry in a moment"
+                                )));
+                            }
                         }
                         CaseKnown::No => {
                             return Err(NodeError::Invalid(ValidationError::new(

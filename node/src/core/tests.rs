@@ -1922,21 +1922,10 @@ async fn a_case_shows_only_what_is_flushed() {
     assert_eq!(shown.seq, entry.seq);
 }
 
-/// A reply named a received message that was stored but not yet flushed, which no
-/// listing, watch or `show` hands out yet: after a crash before that flush, the reply
-/// would be queued (or on its way) for a message the node no longer has, until a
-/// redelivery, and for ever if the sender withdrew it meanwhile. Now the send is
-/// refused with `UNAVAILABLE` and a message that says to retry, nothing is queued, and
-/// the same request goes through once the delivery is on disk.
-#[tokio::test]
-async fn a_reply_to_a_message_not_yet_on_disk_is_refused_until_it_is() {
-    let f = fixture().await;
-    let sent =
-        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
-            .await
-            .unwrap();
-    // the referral reaches BE: committed, not flushed
-    let Verdict::Store(incoming) = classify(&f.be.inner, Some(in_transit(&f.nl, sent.message_id)))
+/// Stores the referral `id` of NL at BE as the receive loop does, but for its flush
+/// (under way, or failed): committed, not on disk.
+async fn committed_at_be(f: &Fixture, id: MessageId) {
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(in_transit(&f.nl, id)))
         .await
         .unwrap()
     else {
@@ -1945,12 +1934,27 @@ async fn a_reply_to_a_message_not_yet_on_disk_is_refused_until_it_is() {
     let Stored::New(_) = f.be.inner.store.store_incoming(&incoming).unwrap() else {
         panic!("expected a new entry");
     };
-    let reply = || {
-        let mut reply = request("r-1", "NL-NRM", response());
-        reply.in_reply_to = Some(sent.message_id);
-        reply
-    };
-    let error = f.be.send(reply()).await.unwrap_err();
+}
+
+/// A reply named a received message that was stored but not yet flushed, which no
+/// listing, watch or `show` hands out yet: after a crash before that flush, the reply
+/// would be queued (or on its way) for a message the node no longer has, until a
+/// redelivery, and for ever if the sender withdrew it meanwhile. When the node cannot
+/// flush it, the send is refused with `UNAVAILABLE` and a message that says to retry,
+/// and nothing is queued.
+#[tokio::test]
+async fn a_reply_to_a_message_not_yet_on_disk_is_refused_while_it_cannot_be_flushed() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    committed_at_be(&f, sent.message_id).await;
+    // every flush of BE's store fails from now on
+    std::fs::remove_dir_all(f._dir.path().join("BE-PAYOKE").join("blobs")).unwrap();
+    let mut reply = request("r-1", "NL-NRM", response());
+    reply.in_reply_to = Some(sent.message_id);
+    let error = f.be.send(reply).await.unwrap_err();
     let status = crate::api::status::to_status(error);
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     for part in [
@@ -1967,36 +1971,23 @@ async fn a_reply_to_a_message_not_yet_on_disk_is_refused_until_it_is() {
             .unwrap()
             .is_empty()
     );
-
-    // flushed as the receive loop does: the same request goes through
-    flush_inbox(&f.be.inner).await.unwrap();
-    let answer = f.be.send(reply()).await.unwrap();
-    assert_eq!(answer.case_ref, sent.case_ref);
-    assert_eq!(f.be.outbox(&ListFilter::default()).await.unwrap().len(), 1);
 }
 
 /// A message filed under a case known here only from a received message stored but not
 /// yet flushed: after a crash before that flush, it would be queued (or on its way)
-/// under a case the node no longer knows, the gap a reply to that message had. Now the
-/// send is refused with `UNAVAILABLE`, worded as that reply's refusal, nothing is
-/// queued, and the same request goes through once the delivery is on disk.
+/// under a case the node no longer knows, the gap a reply to that message had. When the
+/// node cannot flush it, the send is refused with `UNAVAILABLE`, worded as that reply's
+/// refusal, and nothing is queued; a case the node has never seen is still no case.
 #[tokio::test]
-async fn a_message_in_a_case_known_only_from_a_message_not_yet_on_disk_is_refused_until_it_is() {
+async fn a_message_in_a_case_known_only_from_a_message_not_yet_on_disk_is_refused_while_it_cannot_be_flushed()
+ {
     let f = fixture().await;
     let sent =
         f.nl.send(request("k-1", "BE-PAYOKE", referral()))
             .await
             .unwrap();
-    // the referral reaches BE: committed, not flushed
-    let Verdict::Store(incoming) = classify(&f.be.inner, Some(in_transit(&f.nl, sent.message_id)))
-        .await
-        .unwrap()
-    else {
-        panic!("expected store");
-    };
-    let Stored::New(_) = f.be.inner.store.store_incoming(&incoming).unwrap() else {
-        panic!("expected a new entry");
-    };
+    committed_at_be(&f, sent.message_id).await;
+    std::fs::remove_dir_all(f._dir.path().join("BE-PAYOKE").join("blobs")).unwrap();
     let follow = || {
         let mut follow = request("f-1", "NL-NRM", follow_up());
         follow.case_ref = Some(sent.case_ref);
@@ -2027,12 +2018,45 @@ async fn a_message_in_a_case_known_only_from_a_message_not_yet_on_disk_is_refuse
         matches!(&error, NodeError::Invalid(e) if e.field == "case_ref"),
         "{error:?}"
     );
+}
 
-    // flushed as the receive loop does: the same request goes through
-    flush_inbox(&f.be.inner).await.unwrap();
-    let filed = f.be.send(follow()).await.unwrap();
-    assert_eq!(filed.case_ref, sent.case_ref);
-    assert_eq!(f.be.outbox(&ListFilter::default()).await.unwrap().len(), 1);
+/// A delivery committed whose flush failed is flushed again by its redelivery only: with
+/// the broker out of reach (here, no broker at all), a reply to it, or a message in its
+/// case, was refused with `UNAVAILABLE` "retry in a moment" for as long as the outage
+/// lasted, however often retried. The send flushes it itself and goes through, in the
+/// case of the message answered; the delivery is listed from then on.
+#[tokio::test]
+async fn a_reply_to_a_message_not_yet_on_disk_goes_through_with_the_broker_out_of_reach() {
+    let f = fixture().await;
+    let first =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let second =
+        f.nl.send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+
+    // a message in the case of a delivery not on disk
+    committed_at_be(&f, first.message_id).await;
+    let mut follow = request("f-1", "NL-NRM", follow_up());
+    follow.case_ref = Some(first.case_ref);
+    let filed = f.be.send(follow).await;
+    assert!(
+        filed.is_ok(),
+        "refused, with nothing to wait for: {filed:?}"
+    );
+    let listed = f.be.inbox(&ListFilter::default()).await.unwrap();
+    assert_eq!(listed.len(), 1, "on disk and listed: {listed:?}");
+
+    // a reply to a delivery not on disk
+    committed_at_be(&f, second.message_id).await;
+    let mut reply = request("r-1", "NL-NRM", response());
+    reply.in_reply_to = Some(second.message_id);
+    let answer = f.be.send(reply).await.unwrap();
+    assert_eq!(answer.case_ref, second.case_ref);
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 2);
+    assert_eq!(f.be.outbox(&ListFilter::default()).await.unwrap().len(), 2);
 }
 
 /// A delivery committed but whose flush failed is not acknowledged; its
