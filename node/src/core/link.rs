@@ -943,6 +943,9 @@ fn old_expired(outdated: &Outdated, now: SystemTime) -> bool {
 /// connections (once that one breaks) present the old certificate too
 /// ([`super::channel::Outdated::hold`]), which the broker accepted: a network failure or
 /// a broker restart must not cut the node off while the old certificate is still good.
+/// An old certificate that has expired (on the node's clock) is not held when the broker
+/// did not answer the proof of the new one (it did not refuse it): it would refuse the
+/// old one for sure.
 /// The refusal is logged at ERROR (again every [`REFUSED_REPEAT`] while it lasts), with
 /// the old certificate's end of validity, by when a certificate the broker accepts must
 /// be installed; and the new certificate is tried again after [`REFUSED_RETRY`], or at
@@ -1021,10 +1024,18 @@ pub(crate) async fn certificate_loop(
             at: now,
         });
         let connected = inner.link.connected.load(Ordering::SeqCst);
-        if connected || failed.refused {
+        let expired = old_expired(&outdated, now);
+        if failed.refused || (connected && !expired) {
             // (the broker accepted the old one: reconnect with it, not with one refused
             // or not proven)
             outdated.hold();
+        } else if connected {
+            // (not one that has expired, which the broker refuses for sure, for one it did
+            // not refuse: the next connections present the files'; one held before is let
+            // go)
+            channel.release();
+        }
+        if connected || failed.refused {
             inner.set_move_refused(Some(MoveRefused {
                 connected: outdated.old.clone(),
                 reason: not_taken(&new_serial, &failed),
@@ -1039,7 +1050,6 @@ pub(crate) async fn certificate_loop(
                 "no answer"
             }
         );
-        let expired = old_expired(&outdated, now);
         let old_not_after = old_not_after(&outdated);
         if !connected && !failed.refused {
             debug!(participant = %me, new_serial = %new_serial, reason = %failed.reason, "the broker cannot be reached to try the new node certificate; the link is down, and its next connection presents it (the old one, if the broker refused the new one before)");
@@ -1052,7 +1062,7 @@ pub(crate) async fn certificate_loop(
         } else if !failed.refused && expired {
             // (connected: the proof got no answer in time, or no connection, while the
             // link's connection is up)
-            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after, new_serial = %new_serial, reason = %failed.reason, "the broker did not answer on a new connection presenting the new node certificate (no answer in time, or out of reach: it did not refuse it), and the old one has expired (old_not_after): the broker refuses it at the next handshake, so nothing is sent or received once the link's connection is down; the new one is tried again in a minute");
+            error!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after, new_serial = %new_serial, reason = %failed.reason, "the broker did not answer on a new connection presenting the new node certificate (no answer in time, or out of reach: it did not refuse it), and the old one has expired (old_not_after): the link keeps its connection, and its next connections present the new one; check that the broker is up and answers (its log, trmx-node status); the new one is tried again in a minute");
         } else if !failed.refused {
             warn!(participant = %me, old_serial = %old_serial, old_not_after = %old_not_after, new_serial = %new_serial, reason = %failed.reason, "the broker did not answer on a new connection presenting the new node certificate (no answer in time, or out of reach: it did not refuse it): the link keeps its connection, and its next connections present the old one, until the broker takes the new one (tried again in a minute), the old one expires (old_not_after) or the node restarts");
         } else if expired {

@@ -3787,6 +3787,73 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A renewal whose proof got no answer in time, while the link's connection is up,
+    /// made the link hold the old certificate for its next connections even when that
+    /// one had expired: once the connection broke, the link presented a certificate the
+    /// broker surely refuses, instead of the renewed one it never refused, until a
+    /// proof went through. An expired old certificate is not held: the next connections
+    /// present the files'.
+    #[tokio::test]
+    async fn an_expired_certificate_is_not_held_after_a_renewal_got_no_answer() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = issued(&federation, "NL-NRM", 0, 2);
+        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, broker_addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
+        let relay = Relay::start(broker_addr).await;
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let nl = started_on(
+            dir.path(),
+            "NL-NRM",
+            &federation,
+            &cert,
+            relay.addr,
+            clock.clone(),
+        )
+        .await
+        .unwrap();
+        let serials = || broker.lock().receive_serials.clone();
+        until("NL receives with its first certificate", || async {
+            serials() == [first.serial_hex.clone()] && nl.status().broker_connected
+        })
+        .await;
+
+        // the old certificate expires on the node's clock, and the broker does not answer
+        // the proof of its renewal
+        let silent = broker.get_info_hold.lock().await;
+        clock.advance(DAY * 3);
+        let renewed = federation.ca.renew(&cert, 30).unwrap().new;
+        until_within(
+            Duration::from_secs(30),
+            "the proof of the renewal times out",
+            || async {
+                !logs
+                    .lines_with(&["ERROR", "the broker did not answer"])
+                    .is_empty()
+            },
+        )
+        .await;
+        assert!(nl.status().broker_connected, "the connection is kept");
+
+        // the connection breaks: the next one presents the renewed certificate (the
+        // broker here, on the system's clock, would take the old one too), without
+        // waiting for the next proof, a minute later on the node's clock
+        drop(silent);
+        relay.cut();
+        until("NL receives again", || async {
+            serials().len() == 2 && nl.status().broker_connected
+        })
+        .await;
+        assert_eq!(
+            serials(),
+            [first.serial_hex.clone(), renewed.serial_hex.clone()]
+        );
+        nl.shutdown().await;
+    }
+
     /// While the link holds the old certificate (the broker did not take the renewal in
     /// the files), a revocation of that old one went unsaid on the node until the broker
     /// refused it, at its next CRL reload or handshake, and cut the node off. Now the
