@@ -896,6 +896,56 @@ mod tests {
         assert!(handle.held_revoked().is_none(), "released");
     }
 
+    /// A held certificate that has expired on the client's clock, and that the CRL lists,
+    /// is told revoked; a CRL file that is missing or cannot be parsed tells nothing, and
+    /// once it is back (its stamp changed) the revocation is found, not a stale answer.
+    #[tokio::test]
+    async fn an_expired_held_certificate_is_told_revoked_whatever_the_crl_went_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = Federation::create(dir.path(), "trm.test").unwrap();
+        let node = fed.participant("NL-NRM").unwrap();
+        let paths = TlsPaths {
+            ca: fed.ca_cert_path(),
+            cert: node.cert.clone(),
+            key: node.key.clone(),
+        };
+        let later = std::sync::Arc::new(std::sync::Mutex::new(std::time::SystemTime::now()));
+        let clock = {
+            let later = later.clone();
+            TlsClock::new(move || *later.lock().unwrap())
+        };
+        let opts = ClientOptions {
+            crl: Some(fed.crl_path()),
+            clock,
+            ..ClientOptions::default()
+        };
+        let (_channel, handle) = client_channel_with_tls("127.0.0.1:1", &paths, &opts).unwrap();
+        let first = handle.tls.for_connection(&handle.held);
+        let info = first.info.clone().unwrap();
+        *handle.opened.lock().unwrap() = Some(first);
+        fed.ca.renew(&node, 30).unwrap();
+        assert!(handle.hold());
+        assert!(handle.held_revoked().is_none(), "not revoked yet");
+
+        // the held certificate expires on the client's clock, and the CA revokes it
+        *later.lock().unwrap() = info.not_after + std::time::Duration::from_secs(86_400);
+        let good_crl = {
+            fed.ca.revoke_serial_hex(&info.serial_hex).unwrap();
+            std::fs::read(fed.crl_path()).unwrap()
+        };
+        let told = handle.held_revoked().map(|i| i.serial_hex);
+        assert_eq!(told.as_deref(), Some(info.serial_hex.as_str()), "expired");
+
+        // a CRL half-written, then gone: nothing told; back: told again
+        std::fs::write(fed.crl_path(), &good_crl[..good_crl.len() / 2]).unwrap();
+        assert!(handle.held_revoked().is_none(), "half a CRL");
+        std::fs::remove_file(fed.crl_path()).unwrap();
+        assert!(handle.held_revoked().is_none(), "no CRL");
+        std::fs::write(fed.crl_path(), &good_crl).unwrap();
+        let told = handle.held_revoked().map(|i| i.serial_hex);
+        assert_eq!(told.as_deref(), Some(info.serial_hex.as_str()), "CRL back");
+    }
+
     #[test]
     fn host_part_of_addresses() {
         assert_eq!(host_of("127.0.0.1:4443").unwrap(), "127.0.0.1");
