@@ -88,8 +88,8 @@ impl ServerArgs {
             .or_else(|| std::env::var_os("TRMX_BROKER_CONFIG").map(PathBuf::from))
     }
 
-    /// The log filter: `--log-level`, else `trmx_log` (the `TRMX_LOG` variable), else
-    /// `info`. A filter is refused, naming where it came from, when tracing cannot parse it
+    /// The log filter to give tracing: `--log-level`, else `trmx_log` (the `TRMX_LOG`
+    /// variable), else `info`, without the whitespace around its parts. A filter is refused, naming where it came from, when tracing cannot parse it
     /// or when a directive is neither a level nor `target=level`: tracing reads a bare word
     /// such as a mistyped `debgu` as a target, and the broker would run and log nothing,
     /// its errors included. `TRMX_LOG` is held to the same rule as the flag: it is how
@@ -105,14 +105,16 @@ impl ServerArgs {
             },
             (None, None) => return Ok("info".to_owned()),
         };
-        if filter.trim().is_empty() {
+        // (the filter as tracing must be given it: the whitespace around a directive
+        // would be part of a target to tracing, `info ` a silent broker)
+        let checked = trmx_durable::log_filter::check_log_filter(&filter)
+            .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        if checked.is_empty() {
             anyhow::bail!("{source} must not be empty (a level such as info, or target=level)");
         }
-        tracing_subscriber::EnvFilter::try_new(&filter)
+        tracing_subscriber::EnvFilter::try_new(&checked)
             .map_err(|e| anyhow::anyhow!("{source} {filter:?} is not a valid log filter: {e}"))?;
-        trmx_durable::log_filter::check_log_filter(&filter)
-            .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
-        Ok(filter)
+        Ok(checked)
     }
 }
 
@@ -715,5 +717,82 @@ mod tests {
             error.starts_with("--log-level: \"debgu\" is not a level"),
             "{error}"
         );
+    }
+    /// A layer that counts the events it sees.
+    struct CountEvents(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountEvents {
+        fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a broker logging with `filter` logs an error of `trmx_broker` and one of
+    /// `trmx_durable` (its store).
+    fn logs_errors(filter: &str) -> bool {
+        use tracing_subscriber::layer::SubscriberExt;
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::try_new(filter).expect("a checked filter"))
+            .with(CountEvents(std::sync::Arc::clone(&count)));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "trmx_broker::service", "probe");
+            tracing::error!(target: "trmx_durable::flush", "probe");
+        });
+        count.load(std::sync::atomic::Ordering::SeqCst) == 2
+    }
+
+    /// tracing keeps the whitespace around a directive in it: `info ` (a space typed
+    /// after the level, or a newline from a file), or the ` info` of
+    /// `trmx_broker=debug, info`, was a target of that name, and `debug=` the target
+    /// `debug`: the check passed them and the broker logged no error. The filter given to
+    /// tracing is now the checked one, without that whitespace, and `target=` is refused.
+    #[test]
+    fn a_log_filter_with_spaces_logs_the_errors_it_says() {
+        for written in [
+            "info",
+            "info ",
+            " info",
+            "debug\n",
+            "INFO",
+            "3",
+            "info, trmx_broker=debug",
+            "trmx_broker=debug, info",
+            "info,trmx_broker=debug,",
+            "info, h2 = off",
+            "warn, trmx_broker[stream{participant=X}]=debug",
+        ] {
+            let flag = ServerArgs {
+                log_level: Some(written.to_owned()),
+                ..ServerArgs::default()
+            };
+            let used = flag
+                .log_filter(None)
+                .unwrap_or_else(|e| panic!("{written:?}: {e:#}"));
+            assert!(logs_errors(&used), "{written:?}, given tracing as {used:?}");
+            let used = ServerArgs::default()
+                .log_filter(Some(written.into()))
+                .unwrap_or_else(|e| panic!("TRMX_LOG={written:?}: {e:#}"));
+            assert!(
+                logs_errors(&used),
+                "TRMX_LOG={written:?}, given as {used:?}"
+            );
+        }
+        for typo in ["debug=", "info,trmx_broker= "] {
+            let flag = ServerArgs {
+                log_level: Some(typo.to_owned()),
+                ..ServerArgs::default()
+            };
+            let error = format!("{:#}", flag.log_filter(None).expect_err(typo));
+            assert!(error.starts_with("--log-level: "), "{error}");
+            assert!(error.contains("is not a level"), "{error}");
+        }
+        let error = format!(
+            "{:#}",
+            ServerArgs::default()
+                .log_filter(Some(" , ".into()))
+                .expect_err("only commas")
+        );
+        assert!(error.starts_with("TRMX_LOG must not be empty"), "{error}");
     }
 }

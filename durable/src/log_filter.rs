@@ -36,36 +36,63 @@ impl fmt::Display for BareTarget {
 impl std::error::Error for BareTarget {}
 
 /// Refuses the first directive of `filter` (comma-separated, commas inside `[…]` or `{…}`
-/// belong to a span filter) that is neither a level nor `target=level`.
-pub fn check_log_filter(filter: &str) -> Result<(), BareTarget> {
-    // each directive, and whether it has an `=` outside a span filter
+/// belong to a span filter) that is neither a level nor `target=level`, and returns the
+/// filter to give tracing: each directive without the whitespace around it and around its
+/// `=`, empty directives left out.
+///
+/// The caller must give tracing the returned filter, not `filter`: tracing keeps the
+/// whitespace around a directive in it, so `info ` (a space typed after the level) or the
+/// ` info` of `trmx_node=debug, info` is a target of that name to it, never matched: a
+/// silent process. A level is what tracing reads as one: a name (any case) or `0`–`5`.
+pub fn check_log_filter(filter: &str) -> Result<String, BareTarget> {
+    // each directive, and the byte offset of its `=` outside a span filter
     let mut depth = 0_i32;
-    let mut directives = vec![(String::new(), false)];
+    let mut directives = vec![(String::new(), None)];
     for c in filter.chars() {
         match c {
             '[' | '{' => depth += 1,
             ']' | '}' => depth -= 1,
             ',' if depth == 0 => {
-                directives.push((String::new(), false));
+                directives.push((String::new(), None));
                 continue;
             }
             _ => {}
         }
-        if let Some((directive, has_level)) = directives.last_mut() {
+        if let Some((directive, equals)) = directives.last_mut() {
+            if c == '=' && depth == 0 && equals.is_none() {
+                *equals = Some(directive.len());
+            }
             directive.push(c);
-            *has_level |= c == '=' && depth == 0;
         }
     }
-    for (directive, has_level) in &directives {
-        let directive = directive.trim();
-        let bare = !directive.is_empty() && !has_level;
-        if bare && !LOG_LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
-            return Err(BareTarget {
-                directive: directive.to_owned(),
-            });
+    let mut checked = Vec::new();
+    for (directive, equals) in &directives {
+        let bare = || BareTarget {
+            directive: directive.trim().to_owned(),
+        };
+        match equals {
+            // `target=` (no level) is `target` to tracing: everything of that target alone
+            Some(at) => {
+                let (target, level) = (directive[..*at].trim(), directive[at + 1..].trim());
+                if level.is_empty() {
+                    return Err(bare());
+                }
+                checked.push(format!("{target}={level}"));
+            }
+            None if directive.trim().is_empty() => {}
+            None => {
+                let level = directive.trim();
+                if level
+                    .parse::<tracing::level_filters::LevelFilter>()
+                    .is_err()
+                {
+                    return Err(bare());
+                }
+                checked.push(level.to_owned());
+            }
         }
     }
-    Ok(())
+    Ok(checked.join(","))
 }
 
 #[cfg(test)]
@@ -79,6 +106,9 @@ mod tests {
             ("Info,trmx_nod", "trmx_nod"),
             ("warn, debgu", "debgu"),
             ("trmx_broker[span{a=1,b=2}]", "trmx_broker[span{a=1,b=2}]"),
+            // no level after `=`: tracing reads `debug=` as the target `debug`
+            ("debug=", "debug="),
+            ("info,trmx_node = ", "trmx_node ="),
         ] {
             let error = check_log_filter(typo).expect_err(typo);
             assert_eq!(error.directive, directive);
@@ -94,6 +124,28 @@ mod tests {
             "info,",
         ] {
             check_log_filter(fine).unwrap_or_else(|e| panic!("{fine}: {e}"));
+        }
+    }
+
+    /// tracing keeps the whitespace around a directive: `info ` was a target to it, and
+    /// the node or broker logged nothing. The filter returned is the one to give tracing.
+    #[test]
+    fn the_filter_returned_has_no_whitespace_tracing_would_read_as_a_target() {
+        for (written, used) in [
+            ("info", "info"),
+            ("info ", "info"),
+            (" INFO\n", "INFO"),
+            ("3", "3"),
+            ("trmx_node=debug, info", "trmx_node=debug,info"),
+            ("info, trmx_node = debug ,", "info,trmx_node=debug"),
+            ("info,,h2=off", "info,h2=off"),
+            (
+                "warn, trmx_broker[stream{participant=X}]=debug",
+                "warn,trmx_broker[stream{participant=X}]=debug",
+            ),
+        ] {
+            let checked = check_log_filter(written).unwrap_or_else(|e| panic!("{written}: {e}"));
+            assert_eq!(checked, used, "{written:?}");
         }
     }
 }

@@ -247,6 +247,20 @@ impl NodeConfig {
         })
     }
 
+    /// The filter to give tracing for `log_level`: each part a level or `target=level` (a
+    /// bare word such as a mistyped `debgu` is a target to tracing: a silent node), without
+    /// the whitespace around it (`info ` would be a target to tracing too).
+    pub fn log_filter(&self) -> Result<String, NodeError> {
+        let checked = trmx_durable::log_filter::check_log_filter(&self.log_level)
+            .map_err(|e| invalid("log_level", e))?;
+        if checked.is_empty() {
+            return Err(invalid("log_level", "must not be empty"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&checked)
+            .map_err(|e| invalid("log_level", format!("is not a valid filter: {e}")))?;
+        Ok(checked)
+    }
+
     /// Checks every rule that serde cannot; the error names the field.
     pub fn validate(&self) -> Result<(), NodeError> {
         ParticipantId::parse(&self.participant).map_err(|_| {
@@ -258,14 +272,7 @@ impl NodeConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "is required"));
         }
-        if self.log_level.trim().is_empty() {
-            return Err(invalid("log_level", "must not be empty"));
-        }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| invalid("log_level", format!("is not a valid filter: {e}")))?;
-        // a bare word such as a mistyped `debgu` is a target to tracing: a silent node
-        trmx_durable::log_filter::check_log_filter(&self.log_level)
-            .map_err(|e| invalid("log_level", e))?;
+        self.log_filter()?;
         let b = &self.broker;
         if !looks_like_host_port(&b.address) {
             return Err(invalid("broker.address", "must be host:port"));

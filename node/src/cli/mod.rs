@@ -326,7 +326,7 @@ async fn run_daemon(
         return fail("run needs --config FILE (or TRMX_NODE_CONFIG)");
     };
     let config = load_config(config_path, socket)?;
-    init_logging(&config.log_level);
+    init_logging(&config.log_filter().map_err(|e| CliError(e.to_string()))?);
     let node = RunningNode::start(&config, config.clock())
         .await
         .map_err(|e| CliError(format!("cannot start the node: {e}")))?;

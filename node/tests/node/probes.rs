@@ -797,6 +797,27 @@ fn a_mistyped_log_level_is_refused_not_a_silent_node() {
         config.log_level = fine.to_owned();
         config.validate().unwrap_or_else(|e| panic!("{fine}: {e}"));
     }
+    // tracing keeps the whitespace around a directive: `info ` was the target `info `,
+    // and `debug=` the target `debug`, a silent node; the node gives tracing the filter
+    // without that whitespace, and refuses a `target=` without a level
+    for (written, used) in [
+        ("info ", "info"),
+        (" debug\n", "debug"),
+        ("trmx_node=debug, info", "trmx_node=debug,info"),
+    ] {
+        let mut config = sandbox.config.clone();
+        config.log_level = written.to_owned();
+        config
+            .validate()
+            .unwrap_or_else(|e| panic!("{written:?}: {e}"));
+        assert_eq!(config.log_filter().expect(written), used);
+    }
+    for typo in ["debug=", "info,trmx_node="] {
+        let mut config = sandbox.config.clone();
+        config.log_level = typo.to_owned();
+        let message = config.validate().expect_err(typo).to_string();
+        assert!(message.starts_with("config: log_level: "), "{message}");
+    }
 }
 
 /// A socket directory every user can write (a shared `/tmp`-like directory) is refused, naming `api.socket` and what to do: another user
