@@ -209,7 +209,13 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
         .mode(0o700)
         .create(&staging)
         .map_err(|e| socket_error(&staging, "cannot create", e))?;
-    if let Err(e) = check_socket_dir(&parent, &staging).and_then(|()| remove_stale_socket(path)) {
+    let ours = std::fs::metadata(&staging)
+        .map_err(|e| socket_error(&staging, "cannot stat", e))
+        .map(|meta| meta.uid());
+    if let Err(e) = ours
+        .and_then(|ours| check_socket_dir(&parent, ours))
+        .and_then(|()| remove_stale_socket(path))
+    {
         let _ = std::fs::remove_dir(&staging);
         return Err(e);
     }
@@ -242,11 +248,10 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
 /// their own in place of the node's (with the sticky bit of `/tmp`, while the node is
 /// stopped) and receive what the CLI and case-management systems send, personal data
 /// included. (A directory writable by its group passes: with a umask of 002 every
-/// directory a user makes is, and the group is often the user's own.) `staging`, just
-/// made by this process in `dir`, tells the node's user.
-fn check_socket_dir(dir: &Path, staging: &Path) -> Result<(), NodeError> {
-    let stat = |p: &Path| std::fs::metadata(p).map_err(|e| socket_error(p, "cannot stat", e));
-    let (meta, ours) = (stat(dir)?, stat(staging)?.uid());
+/// directory a user makes is, and the group is often the user's own.) `ours` is the
+/// node's user (the owner of what it creates).
+fn check_socket_dir(dir: &Path, ours: u32) -> Result<(), NodeError> {
+    let meta = std::fs::metadata(dir).map_err(|e| socket_error(dir, "cannot stat", e))?;
     let what = if meta.uid() != ours && meta.uid() != 0 {
         format!("belongs to another user (uid {})", meta.uid())
     } else if meta.mode() & 0o002 != 0 {
@@ -263,6 +268,22 @@ fn check_socket_dir(dir: &Path, staging: &Path) -> Result<(), NodeError> {
          /run/trmx-node, mode 0700), or `chmod o-w` this one",
         dir.display()
     )))
+}
+
+/// Refuses, creating nothing, the directory of a socket `path` that [`bind_local_socket`]
+/// would refuse for this process's user (see [`check_socket_dir`]), for `check-config`:
+/// its "config OK" is a promise that the start gets this far. A directory not made yet
+/// passes: the node makes it, its own, mode 0700.
+pub fn check_socket_dir_of(path: &Path) -> Result<(), NodeError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(parent) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(meta) if !meta.is_dir() => Ok(()), // (the bind's own error says it best)
+        _ => check_socket_dir(parent, rustix::process::geteuid().as_raw()),
+    }
 }
 
 /// Gives the socket at `staged` the name `path`, unless something took that

@@ -403,7 +403,8 @@ fn accept_clock(config: Option<&Path>, socket: Option<PathBuf>) -> Result<(), Cl
 
 /// `check-config`: what `run` checks before it starts (the config, the node
 /// certificate's identity, the CA, key and CRL files together), the certificate's expiry,
-/// that this user can make and use the data directory and the socket's directory, and the
+/// that this user can make and use the data directory and the socket's directory (and that
+/// no other user owns or may write the latter, as `run` refuses that), and the
 /// start's clock check against the last run in the data directory's last-run file
 /// ([`crate::core::last_run::check_clock_offline`]); prints what the node would use, its
 /// limits and intervals included, and what the clock check found (with `--json`, as one
@@ -425,6 +426,8 @@ fn check_config(
     if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
         usable_dir("api.socket", parent)?;
     }
+    // (a directory other users may write, or another user's: `run` refuses it)
+    crate::api::check_socket_dir_of(&socket).map_err(|e| CliError(e.to_string()))?;
     let info = crate::core::check_node_certificate(&core).map_err(|e| CliError(e.to_string()))?;
     let opts = trmx_transport::ClientOptions {
         server_name: core.broker_server_name.clone(),

@@ -1580,3 +1580,48 @@ async fn a_watch_ended_by_the_node_says_how_to_resume_with_after() {
         "the node is stopping: resume with --after set to the last seq processed"
     );
 }
+
+/// `check-config` said "config OK" for a socket in a directory other users may write
+/// (`/tmp`), which `run` then refuses: the check before a restart must refuse it too,
+/// with the same words, and create nothing.
+#[test]
+fn check_config_refuses_a_socket_directory_that_run_refuses() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    for mode in [0o1777, 0o777] {
+        let shared = sandbox.path().join(format!("shared-{mode:o}"));
+        std::fs::create_dir(&shared).expect("dir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let socket = shared.join("node.sock");
+        let line = assert_one_line_failure(&run(&[
+            "--config",
+            config_path.to_str().expect("utf-8"),
+            "--socket",
+            socket.to_str().expect("utf-8"),
+            "check-config",
+        ]));
+        assert_eq!(
+            line,
+            format!(
+                "config: api.socket: the directory {} can be written by other users (mode \
+                 {mode:o}), who could put their own socket in place of the node's: use a \
+                 directory only the node's user can write (e.g. /run/trmx-node, mode 0700), \
+                 or `chmod o-w` this one",
+                shared.display()
+            )
+        );
+        assert_eq!(std::fs::read_dir(&shared).expect("read").count(), 0);
+    }
+    // a directory the node will make is its own
+    let later = sandbox.path().join("run").join("node.sock");
+    let output = run(&[
+        "--config",
+        config_path.to_str().expect("utf-8"),
+        "--socket",
+        later.to_str().expect("utf-8"),
+        "check-config",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!sandbox.path().join("run").exists(), "check-config made it");
+}
