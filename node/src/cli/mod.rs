@@ -631,13 +631,19 @@ struct Output {
 impl Output {
     /// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
     fn print(&self, text: &str) -> Result<(), CliError> {
+        self.write(text).map(|_read| ())
+    }
+
+    /// Writes `text` to stdout: `false` when nobody reads it any more (a closed pipe,
+    /// `| head -n 1` that has its line), which is not an error.
+    fn write(&self, text: &str) -> Result<bool, CliError> {
         let mut stdout = std::io::stdout().lock();
         match stdout
             .write_all(text.as_bytes())
             .and_then(|()| stdout.flush())
         {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
             Err(e) => fail(format!("cannot write output: {e}")),
         }
     }
@@ -972,10 +978,15 @@ async fn client_command(
                 .into_inner();
             while let Some(item) = stream.next().await {
                 let entry = item.map_err(watch_err)?;
-                if out.json {
-                    out.json_lines(&[entry])?;
+                let text = if out.json {
+                    to_json(&entry)? + "\n"
                 } else {
-                    out.print(&format::watched(&entry))?;
+                    format::watched(&entry)
+                };
+                // (its reader has gone, as `| head -n 1` does once it has its line: the
+                // watch would otherwise hold the pipeline open for ever)
+                if !out.write(&text)? {
+                    return Ok(());
                 }
             }
             fail("the trmx node closed the watch stream (did it stop?)")

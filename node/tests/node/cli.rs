@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use trmx_proto::pb;
+
 use super::harness::{REFERRAL_JSON, Sandbox, eventually, referral_without};
 
 fn trmx_node() -> Command {
@@ -1624,4 +1626,135 @@ fn check_config_refuses_a_socket_directory_that_run_refuses() {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(!sandbox.path().join("run").exists(), "check-config made it");
+}
+
+/// A node stand-in whose `Watch` yields an inbox entry every 20 ms, for ever; every other
+/// call is unimplemented.
+#[derive(Debug)]
+struct EndlessInbox;
+
+type Answer<T> = Result<tonic::Response<T>, tonic::Status>;
+
+#[tonic::async_trait]
+impl trmx_proto::pb::node_api_server::NodeApi for EndlessInbox {
+    async fn send(&self, _: tonic::Request<pb::SendRequest>) -> Answer<pb::SendResponse> {
+        Err(tonic::Status::unimplemented("send"))
+    }
+    async fn list_outbox(
+        &self,
+        _: tonic::Request<pb::ListOutboxRequest>,
+    ) -> Answer<pb::ListOutboxResponse> {
+        Err(tonic::Status::unimplemented("list_outbox"))
+    }
+    async fn list_inbox(
+        &self,
+        _: tonic::Request<pb::ListInboxRequest>,
+    ) -> Answer<pb::ListInboxResponse> {
+        Err(tonic::Status::unimplemented("list_inbox"))
+    }
+    async fn get_message(
+        &self,
+        _: tonic::Request<pb::GetMessageRequest>,
+    ) -> Answer<pb::GetMessageResponse> {
+        Err(tonic::Status::unimplemented("get_message"))
+    }
+    async fn get_case(&self, _: tonic::Request<pb::GetCaseRequest>) -> Answer<pb::GetCaseResponse> {
+        Err(tonic::Status::unimplemented("get_case"))
+    }
+    async fn list_due(&self, _: tonic::Request<pb::ListDueRequest>) -> Answer<pb::ListDueResponse> {
+        Err(tonic::Status::unimplemented("list_due"))
+    }
+    async fn list_participants(
+        &self,
+        _: tonic::Request<pb::ListParticipantsRequest>,
+    ) -> Answer<pb::ListParticipantsResponse> {
+        Err(tonic::Status::unimplemented("list_participants"))
+    }
+    async fn withdraw(
+        &self,
+        _: tonic::Request<pb::WithdrawMessageRequest>,
+    ) -> Answer<pb::WithdrawMessageResponse> {
+        Err(tonic::Status::unimplemented("withdraw"))
+    }
+    async fn get_node_status(
+        &self,
+        _: tonic::Request<pb::GetNodeStatusRequest>,
+    ) -> Answer<pb::NodeStatus> {
+        Err(tonic::Status::unimplemented("get_node_status"))
+    }
+    type WatchStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::InboxEntry, tonic::Status>> + Send + 'static>,
+    >;
+    async fn watch(&self, request: tonic::Request<pb::WatchRequest>) -> Answer<Self::WatchStream> {
+        let after = request.into_inner().after_seq;
+        let entries = futures::stream::unfold(after, |seq| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let entry = pb::InboxEntry {
+                seq: seq + 1,
+                ..Default::default()
+            };
+            Some((Ok(entry), seq + 1))
+        });
+        Ok(tonic::Response::new(Box::pin(entries)))
+    }
+}
+
+/// `trmx-node watch | head -n 1` (a script waiting for the next message) must end once
+/// its reader has gone: a closed pipe was taken for success and the watch went on for
+/// ever, holding the pipeline open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ends_when_its_reader_has_gone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("node.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+    let incoming = futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    });
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(trmx_proto::pb::node_api_server::NodeApiServer::new(
+                EndlessInbox,
+            ))
+            .serve_with_incoming(incoming),
+    );
+    for json in [false, true] {
+        let mut args = vec!["--socket", socket.to_str().expect("utf-8"), "watch"];
+        if json {
+            args.push("--json");
+        }
+        let mut child = trmx_node()
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run trmx-node");
+        // (the reader takes a line, then goes, as `head -n 1` does)
+        let stdout = child.stdout.take().expect("stdout");
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+                .expect("a line");
+            line
+        })
+        .await
+        .expect("join");
+        assert!(!line.is_empty(), "json {json}");
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("watch still runs 5 s after its reader went (json {json})");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(status.success(), "{status:?} (json {json})");
+        let output = child.wait_with_output().expect("output");
+        assert!(output.stderr.is_empty(), "{}", stderr(&output));
+    }
+    server.abort();
 }
