@@ -200,6 +200,9 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
             }
         })?;
 
+    // (before the node touches anything in it: a directory it refuses, another user's
+    // `.t<pid>` in it included, is left as it is)
+    check_socket_dir(&parent, rustix::process::geteuid().as_raw())?;
     // Bind in a private directory, restrict the mode, then move into place.
     if std::fs::symlink_metadata(&staging).is_ok() {
         std::fs::remove_dir_all(&staging)
@@ -209,13 +212,7 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
         .mode(0o700)
         .create(&staging)
         .map_err(|e| socket_error(&staging, "cannot create", e))?;
-    let ours = std::fs::metadata(&staging)
-        .map_err(|e| socket_error(&staging, "cannot stat", e))
-        .map(|meta| meta.uid());
-    if let Err(e) = ours
-        .and_then(|ours| check_socket_dir(&parent, ours))
-        .and_then(|()| remove_stale_socket(path))
-    {
+    if let Err(e) = remove_stale_socket(path) {
         let _ = std::fs::remove_dir(&staging);
         return Err(e);
     }
@@ -249,7 +246,7 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
 /// stopped) and receive what the CLI and case-management systems send, personal data
 /// included. (A directory writable by its group passes: with a umask of 002 every
 /// directory a user makes is, and the group is often the user's own.) `ours` is the
-/// node's user (the owner of what it creates).
+/// node's user (the process's effective uid, the owner of what it creates).
 fn check_socket_dir(dir: &Path, ours: u32) -> Result<(), NodeError> {
     let meta = std::fs::metadata(dir).map_err(|e| socket_error(dir, "cannot stat", e))?;
     let what = if meta.uid() != ours && meta.uid() != 0 {

@@ -867,6 +867,33 @@ async fn a_socket_directory_others_can_write_is_refused() {
             "{message}"
         );
     }
+    // the refusal comes before the node touches anything there: a `.t<pid>` it would have
+    // removed (another user's, in a shared directory) stays, and the error is the refusal
+    let shared = dir.path().join("shared-with-leftover");
+    std::fs::create_dir(&shared).expect("dir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let mut pid = std::process::id();
+    let mut digits = Vec::new();
+    while {
+        digits.push(char::from(
+            b"0123456789abcdefghijklmnopqrstuvwxyz"[(pid % 36) as usize],
+        ));
+        pid /= 36;
+        pid > 0
+    } {}
+    let staging = shared.join(format!(".t{}", digits.iter().rev().collect::<String>()));
+    std::fs::write(&staging, "theirs").expect("a file at the staging name");
+    let message = trmx_node::api::bind_local_socket(&shared.join("node.sock"))
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        message.contains("can be written by other users (mode 777)"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&staging).expect("left alone"),
+        "theirs"
+    );
     // the node's own directory, readable by others or not, is fine, and so is one its
     // group may write (a umask of 002)
     for mode in [0o700, 0o755, 0o775] {
