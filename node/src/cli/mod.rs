@@ -798,8 +798,7 @@ fn status_line(status: &tonic::Status, socket: &Path) -> CliError {
             socket.display()
         ));
     }
-    // (tonic's word for the channel's --timeout; the node itself never answers CANCELLED)
-    if status.code() == Code::Cancelled && status.message() == "Timeout expired" {
+    if timed_out(status) {
         return CliError(format!(
             "the trmx node at {} did not answer within --timeout: it accepts connections \
              but may be stuck or stopped; see its log (e.g. `journalctl -u trmx-node`), or \
@@ -808,6 +807,23 @@ fn status_line(status: &tonic::Status, socket: &Path) -> CliError {
         ));
     }
     CliError(status.message().to_owned())
+}
+
+/// Whether `status` is the CLI's own `--timeout` giving up on the node's answer.
+fn timed_out(status: &tonic::Status) -> bool {
+    // (tonic's word for the channel's --timeout; the node itself never answers CANCELLED)
+    status.code() == Code::Cancelled && status.message() == "Timeout expired"
+}
+
+/// A change (`send`, `withdraw`) cut by `--timeout`: a node that is only slow may have
+/// made it all the same, `done` says what and `check` how to find out.
+fn change_timed_out(socket: &Path, done: &str, check: &str) -> CliError {
+    CliError(format!(
+        "the trmx node at {} did not answer within --timeout, and may have {done} all the \
+         same: {check}; the node may also be stuck or stopped: see its log (e.g. `journalctl \
+         -u trmx-node`), or pass a longer --timeout",
+        socket.display()
+    ))
 }
 
 async fn client_command(
@@ -997,7 +1013,14 @@ async fn client_command(
                     message_id: id.clone(),
                 })
                 .await
-                .map_err(|s| command_error(&s, socket, ID_ARG))?
+                .map_err(|s| {
+                    if timed_out(&s) {
+                        let check = format!("`trmx-node show {id}` tells");
+                        change_timed_out(socket, "withdrawn the message", &check)
+                    } else {
+                        command_error(&s, socket, ID_ARG)
+                    }
+                })?
                 .into_inner();
             if out.json {
                 out.print(&format!(
@@ -1126,6 +1149,14 @@ const REQUEST_FIELDS: [&str; 9] = [
 /// A `Send` error; body errors are prefixed with the file name, errors on a
 /// request field name the flag that set it.
 fn send_error(status: &tonic::Status, file: &Path, socket: &Path) -> CliError {
+    if timed_out(status) {
+        return change_timed_out(
+            socket,
+            "queued the message",
+            "`trmx-node outbox` shows it if so, and the same command again does not send it \
+             twice (it prints the message's id and state)",
+        );
+    }
     if status.code() == Code::AlreadyExists {
         return CliError(format!(
             "{}: to send this document as a new message, pass another --key",

@@ -1758,3 +1758,60 @@ async fn watch_ends_when_its_reader_has_gone() {
     }
     server.abort();
 }
+
+/// A `send` or `withdraw` cut by `--timeout` may have been done by a node that is only
+/// slow: the line says how to find out and that the same `send` again sends nothing twice,
+/// where "stuck or stopped" alone led to a new `--key`, or an edited file, and a second
+/// message.
+#[test]
+fn a_send_cut_by_the_timeout_says_it_may_have_been_queued() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("node.sock");
+    let document = dir.path().join("referral.json");
+    std::fs::write(&document, REFERRAL_JSON).expect("document");
+    // (accepts, never speaks; the thread ends with the test binary)
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for connection in listener.incoming() {
+            held.push(connection);
+        }
+    });
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    let send = run(&[
+        "--socket",
+        socket_arg,
+        "--timeout",
+        "1",
+        "send",
+        "--to",
+        "BE-PAYOKE",
+        "--kind",
+        "referral",
+        "--new-case",
+        document.to_str().expect("utf-8 path"),
+    ]);
+    let line = assert_one_line_failure(&send);
+    assert_eq!(
+        line,
+        format!(
+            "the trmx node at {socket_arg} did not answer within --timeout, and may have \
+             queued the message all the same: `trmx-node outbox` shows it if so, and the same \
+             command again does not send it twice (it prints the message's id and state); \
+             the node may also be stuck or stopped: see its log (e.g. `journalctl -u \
+             trmx-node`), or pass a longer --timeout"
+        )
+    );
+    let id = "01J0000000000000000000000A";
+    let withdraw = run(&["--socket", socket_arg, "--timeout", "1", "withdraw", id]);
+    let line = assert_one_line_failure(&withdraw);
+    assert_eq!(
+        line,
+        format!(
+            "the trmx node at {socket_arg} did not answer within --timeout, and may have \
+             withdrawn the message all the same: `trmx-node show {id}` tells; the node may \
+             also be stuck or stopped: see its log (e.g. `journalctl -u trmx-node`), or pass \
+             a longer --timeout"
+        )
+    );
+}
