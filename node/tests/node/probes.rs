@@ -872,16 +872,7 @@ async fn a_socket_directory_others_can_write_is_refused() {
     let shared = dir.path().join("shared-with-leftover");
     std::fs::create_dir(&shared).expect("dir");
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let mut pid = std::process::id();
-    let mut digits = Vec::new();
-    while {
-        digits.push(char::from(
-            b"0123456789abcdefghijklmnopqrstuvwxyz"[(pid % 36) as usize],
-        ));
-        pid /= 36;
-        pid > 0
-    } {}
-    let staging = shared.join(format!(".t{}", digits.iter().rev().collect::<String>()));
+    let staging = shared.join(staging_name());
     std::fs::write(&staging, "theirs").expect("a file at the staging name");
     let message = trmx_node::api::bind_local_socket(&shared.join("node.sock"))
         .expect_err("refused")
@@ -902,4 +893,40 @@ async fn a_socket_directory_others_can_write_is_refused() {
         std::fs::set_permissions(&own, std::fs::Permissions::from_mode(mode)).expect("chmod");
         drop(trmx_node::api::bind_local_socket(&own.join("node.sock")).expect("bound"));
     }
+}
+
+/// A node killed between making its staging directory and removing it leaves
+/// `.t<pid>/s` behind; a restart that gets the same pid (a container's pid 1) binds all
+/// the same, and leaves nothing there.
+#[tokio::test]
+async fn a_staging_directory_left_by_a_crash_does_not_stop_a_restart_with_its_pid() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let staging = dir.path().join(staging_name());
+    std::fs::create_dir(&staging).expect("staging");
+    drop(std::os::unix::net::UnixListener::bind(staging.join("s")).expect("bind"));
+    let socket = trmx_node::api::bind_local_socket(&dir.path().join("node.sock")).expect("bound");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, ["node.sock"]);
+    drop(socket);
+}
+
+/// The name of the directory in which this process stages a socket: `.t` and its pid in
+/// base 36.
+fn staging_name() -> String {
+    let mut pid = std::process::id();
+    let mut digits = Vec::new();
+    loop {
+        digits.push(char::from(
+            b"0123456789abcdefghijklmnopqrstuvwxyz"[(pid % 36) as usize],
+        ));
+        pid /= 36;
+        if pid == 0 {
+            break;
+        }
+    }
+    format!(".t{}", digits.iter().rev().collect::<String>())
 }
