@@ -211,7 +211,20 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&staging)
-        .map_err(|e| socket_error(&staging, "cannot create", e))?;
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                // (of the directory configured: `.t<pid>` is no name the operator gave)
+                NodeError::Config(format!(
+                    "api.socket: the node's user (uid {}) cannot make files in {} ({e}), \
+                     where the node makes its socket: use a directory that user owns, e.g. \
+                     /run/trmx-node (systemd's RuntimeDirectory=trmx-node)",
+                    rustix::process::geteuid().as_raw(),
+                    parent.display()
+                ))
+            } else {
+                socket_error(&staging, "cannot create", e)
+            }
+        })?;
     if let Err(e) = remove_stale_socket(path) {
         let _ = std::fs::remove_dir(&staging);
         return Err(e);

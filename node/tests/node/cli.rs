@@ -1815,3 +1815,60 @@ fn a_send_cut_by_the_timeout_says_it_may_have_been_queued() {
         )
     );
 }
+
+/// A socket directory the node's user may not write in (root's `/run`, mode 0755, for a
+/// node run as `trmx`) cannot hold the socket: the start says so of the directory
+/// configured, not of the private directory the node makes there first (`/run/.t5js`, a
+/// name the operator never gave). (Run as root, the test starts the node as `nobody`.)
+#[test]
+fn a_socket_directory_the_node_may_not_write_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if !root || !setpriv.exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for name in ["ca.pem", "cert.pem", "key.pem"] {
+        std::fs::write(dir.path().join(name), "x").expect("tls file");
+    }
+    // (root's, mode 0755: as /run)
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir(&run_dir).expect("dir");
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "participant = \"NL-NRM\"\ndata_dir = \"{}\"\n[api]\nsocket = \"{}\"\n[broker]\n\
+             address = \"127.0.0.1:1\"\nserver_name = \"localhost\"\n[tls]\nca = \"ca.pem\"\n\
+             cert = \"cert.pem\"\nkey = \"key.pem\"\n",
+            dir.path().join("data").display(),
+            run_dir.join("node.sock").display()
+        ),
+    )
+    .expect("config");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let output = Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_trmx-node"))
+        .args(["--config", config.to_str().expect("utf-8"), "run"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run trmx-node as nobody");
+    let line = assert_one_line_failure(&output);
+    assert_eq!(
+        line,
+        format!(
+            "cannot start the node: config: api.socket: the node's user (uid 65534) cannot \
+             make files in {} (Permission denied (os error 13)), where the node makes its \
+             socket: use a directory that user owns, e.g. /run/trmx-node (systemd's \
+             RuntimeDirectory=trmx-node)",
+            run_dir.display()
+        )
+    );
+}
