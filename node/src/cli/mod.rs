@@ -427,7 +427,18 @@ fn check_config(
         usable_dir("api.socket", parent)?;
     }
     // (a directory other users may write, or another user's: `run` refuses it)
-    crate::api::check_socket_dir_of(&socket).map_err(|e| CliError(e.to_string()))?;
+    crate::api::check_socket_dir_of(&socket).map_err(|e| {
+        // (the node's own directory is another user's to root: the check is of the user
+        // it runs as)
+        if rustix::process::geteuid().is_root() && e.to_string().contains("another user") {
+            CliError(format!(
+                "{e} (check-config runs as root here: run it as the node's user, e.g. \
+                 `sudo -u trmx trmx-node --config FILE check-config`)"
+            ))
+        } else {
+            CliError(e.to_string())
+        }
+    })?;
     let info = crate::core::check_node_certificate(&core).map_err(|e| CliError(e.to_string()))?;
     let opts = trmx_transport::ClientOptions {
         server_name: core.broker_server_name.clone(),

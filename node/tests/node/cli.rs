@@ -1615,6 +1615,32 @@ fn check_config_refuses_a_socket_directory_that_run_refuses() {
         );
         assert_eq!(std::fs::read_dir(&shared).expect("read").count(), 0);
     }
+    // run as root, check-config finds the node's own directory another user's: it says
+    // to run it as the node's user, as `run` as root would refuse that directory too
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    if root {
+        let theirs = sandbox.path().join("theirs");
+        std::fs::create_dir(&theirs).expect("dir");
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+        let line = assert_one_line_failure(&run(&[
+            "--config",
+            config_path.to_str().expect("utf-8"),
+            "--socket",
+            theirs.join("node.sock").to_str().expect("utf-8"),
+            "check-config",
+        ]));
+        assert!(
+            line.contains("belongs to another user (uid 65534)")
+                && line.ends_with(
+                    "(check-config runs as root here: run it as the node's user, e.g. `sudo \
+                     -u trmx trmx-node --config FILE check-config`)"
+                ),
+            "{line}"
+        );
+    }
     // a directory the node will make is its own
     let later = sandbox.path().join("run").join("node.sock");
     let output = run(&[
