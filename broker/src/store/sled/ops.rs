@@ -884,7 +884,13 @@ const INDEX_BATCH: usize = 10_000;
 /// record's metadata, at the first start of a broker that keeps the index,
 /// before anything else writes. The entries are those [`index_entries`]
 /// derives, as for every change. Returns how many it indexed. A record that
-/// cannot be read is left out (logged), as every scan does.
+/// cannot be read (or whose key is not a seq) is left out (logged), as every
+/// scan does: one damaged record must not stop the start.
+///
+/// It starts from an empty `backoff`: a pass interrupted before its mark (a
+/// crash, then the store run by an earlier version again, which does not
+/// keep the index) may have left entries of messages that no longer back
+/// off, which no change would ever remove.
 pub(super) fn index_backoff(
     trees: &[::sled::Tree],
     meta: &::sled::Tree,
@@ -892,11 +898,20 @@ pub(super) fn index_backoff(
     if meta.get(BACKOFF_INDEXED_KEY).map_err(storage)?.is_some() {
         return Ok(0);
     }
+    // (a start on a store of many records takes a while: say why, first)
+    let any = !trees[RECORDS].is_empty();
+    if any {
+        tracing::info!(
+            "indexing the messages backing off for the oldest-message age: one read of every \
+             record, once, before the broker serves"
+        );
+    }
+    trees[BACKOFF].clear().map_err(storage)?;
     let (mut indexed, mut in_batch) = (0u64, 0usize);
     let mut batch = ::sled::Batch::default();
     for item in trees[RECORDS].iter() {
         let (key, value) = item.map_err(storage)?;
-        let seq = read_u64(&key)?;
+        let seq = read_u64(&key).unwrap_or_default();
         match Record::decode_metadata(&value) {
             Ok(record) => {
                 for (_, key, value) in index_entries(&record)
@@ -928,7 +943,7 @@ pub(super) fn index_backoff(
     meta.insert(BACKOFF_INDEXED_KEY, &[1u8][..])
         .map_err(storage)?;
     meta.flush().map_err(storage)?;
-    if indexed > 0 {
+    if any {
         tracing::info!(
             indexed,
             "messages backing off indexed for the oldest-message age"
@@ -1971,5 +1986,73 @@ mod tests {
         drop(s);
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
+    }
+
+    /// An open-time indexing that was interrupted (a crash, then the store run
+    /// by the earlier version again) can leave `backoff` entries of messages
+    /// that no longer back off: the next indexing starts from an empty
+    /// `backoff`, so the index is what the records imply, not a superset.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_indexing_leaves_no_stale_backoff_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir.path());
+        let SubmitOutcome::Accepted(queued) = s.submit(message(&be), NOW).await.unwrap() else {
+            panic!("not accepted");
+        };
+        s.close().await.unwrap();
+        drop(s);
+        {
+            // an entry the interrupted pass wrote while it was backing off,
+            // and no mark that the index is complete
+            let db = ::sled::open(dir.path()).unwrap();
+            db.open_tree("backoff")
+                .unwrap()
+                .insert(
+                    super::super::codec::backoff_key(&be, queued.broker_seq),
+                    &[][..],
+                )
+                .unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .remove(BACKOFF_INDEXED_KEY)
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = open(dir.path());
+        assert!(backoff_seqs(&s).is_empty(), "due now, not backing off");
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
+    /// A damaged key in `records` (too short for a seq) does not stop the
+    /// start that indexes a store written before the `backoff` tree: like a
+    /// damaged record, it is logged and left out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_record_key_does_not_stop_the_indexing_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir.path());
+        s.submit(message(&be), NOW).await.unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        {
+            let db = ::sled::open(dir.path()).unwrap();
+            db.open_tree("records")
+                .unwrap()
+                .insert(&b"bad"[..], &b"\xffnot a record"[..])
+                .unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .remove(BACKOFF_INDEXED_KEY)
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path(), SledOptions::default(), Lifecycle::default())
+            .expect("a damaged record key must not stop the start");
+        assert_eq!(s.queue_stats().await.unwrap()[0].depth, 1);
+        s.close().await.unwrap();
     }
 }
