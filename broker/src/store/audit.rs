@@ -29,6 +29,8 @@ use crate::store::{Millis, State, StoreError};
 pub const SEGMENT_RECORDS: u64 = 4096;
 /// Format version of the canonical encoding.
 const VERSION: u8 = 1;
+/// Bytes of the header every record begins with: version, seq, at, prev_hash.
+const HEADER_BYTES: usize = 1 + 8 + 8 + 32;
 /// Longest text field kept in a record (an operator's reason is at most 500 characters).
 const MAX_TEXT: usize = 4096;
 
@@ -426,15 +428,24 @@ impl AuditRecord {
         out
     }
 
-    /// Decodes [`Self::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+    /// The sequence number, time and link that every encoded record begins
+    /// with, whatever its event: all that the chain needs. A record of an
+    /// event this version does not know (an operator action added by a later
+    /// one) has them too, so [`verify`] and the audit retention read only
+    /// these; an older broker that decoded every event called a chain with a
+    /// later version's record in it broken there.
+    pub fn decode_header(bytes: &[u8]) -> Result<(u64, Millis, [u8; 32]), StoreError> {
         let mut r = Reader(bytes);
         if r.u8("version")? != VERSION {
             return Err(corrupt("version"));
         }
-        let seq = r.u64("seq")?;
-        let at = r.u64("at")?;
-        let prev_hash = r.array::<32>("prev_hash")?;
+        Ok((r.u64("seq")?, r.u64("at")?, r.array::<32>("prev_hash")?))
+    }
+
+    /// Decodes [`Self::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let (seq, at, prev_hash) = Self::decode_header(bytes)?;
+        let mut r = Reader(&bytes[HEADER_BYTES..]);
         let event = match r.u8("type")? {
             1 => {
                 let event =
@@ -629,18 +640,20 @@ where
             broken(&mut report, seq, "hash mismatch (record changed)");
             return Ok(report);
         }
-        let record = match AuditRecord::decode(encoding) {
-            Ok(record) => record,
+        // (the hash covers the event; only the header is read: see
+        // `AuditRecord::decode_header`)
+        let (record_seq, _, prev_hash) = match AuditRecord::decode_header(encoding) {
+            Ok(header) => header,
             Err(_) => {
                 broken(&mut report, seq, "undecodable record");
                 return Ok(report);
             }
         };
-        if record.seq != seq {
+        if record_seq != seq {
             broken(&mut report, seq, "sequence number mismatch");
             return Ok(report);
         }
-        if record.prev_hash != prev {
+        if prev_hash != prev {
             broken(
                 &mut report,
                 seq,
@@ -745,6 +758,55 @@ mod tests {
 
     fn ok(records: &[(u64, Vec<u8>)]) -> Vec<Result<(u64, Vec<u8>), StoreError>> {
         records.iter().cloned().map(Ok).collect()
+    }
+
+    /// A record of an operator action added by a later version (as STATISTICS
+    /// was to the version before it) is part of an intact chain: its hash and
+    /// link are checked, not its event, so a broker going back a version, or
+    /// verifying a log a later one wrote, does not call the chain broken (an
+    /// auditor would take that for tampering). A change of it is still found.
+    #[test]
+    fn a_record_of_an_action_this_version_does_not_know_keeps_the_chain_intact() {
+        let (_, mut records) = chain(3);
+        // record 2 rewritten as a later version's action, and 3 linked to it
+        let later = {
+            let mut encoding = AuditRecord {
+                seq: 2,
+                at: 1002,
+                prev_hash: sha256(&records[0].1[..records[0].1.len() - 32]),
+                event: AuditEvent::Operator(OperatorAction::Statistics {
+                    operator: "alice".into(),
+                    from: 0,
+                    until: 1,
+                }),
+            }
+            .encode();
+            let tag = encoding.len() - 17; // the action code before from, until
+            assert_eq!(encoding[tag], 7);
+            encoding[tag] = 200;
+            encoding
+        };
+        assert!(AuditRecord::decode(&later).is_err(), "unknown here");
+        let hash = sha256(&later);
+        records[1].1 = [later.clone(), hash.to_vec()].concat();
+        let mut third = AuditRecord::decode(&records[2].1[..records[2].1.len() - 32]).unwrap();
+        third.prev_hash = hash;
+        let (value, head_hash) = third.to_stored();
+        records[2].1 = value;
+        let head = ChainPoint {
+            seq: 3,
+            hash: head_hash,
+        };
+        let report = verify(ChainPoint::default(), head, ok(&records)).unwrap();
+        assert_eq!(report.first_broken, None, "{report:?}");
+        assert_eq!(report.records, 3);
+        // changed, it is still found
+        let mut changed = later;
+        let last = changed.len() - 1;
+        changed[last] ^= 1;
+        records[1].1 = [changed, hash.to_vec()].concat();
+        let report = verify(ChainPoint::default(), head, ok(&records)).unwrap();
+        assert_eq!(report.first_broken, Some(2), "{report:?}");
     }
 
     #[test]
