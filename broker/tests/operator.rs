@@ -782,6 +782,59 @@ async fn a_refused_redrive_stays_refused_when_reading_why_fails() -> anyhow::Res
     Ok(())
 }
 
+/// A redrive whose flush fails answers UNAVAILABLE, but its write stays and is made
+/// durable by the next flush: the message waits again, yet the wake-up of its
+/// recipient's stream was lost with the flush, so a connected recipient with nothing
+/// else coming would not be sent it. The operator's retry is refused (the message
+/// waits already) and wakes that stream.
+#[tokio::test]
+async fn a_redrive_retried_after_a_failed_flush_is_delivered_to_a_waiting_stream()
+-> anyhow::Result<()> {
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut env = marked("BE-PAYOKE", Kind::Referral, 1);
+    env.expires_at = Some(to_timestamp(t.clock.now() + Duration::from_secs(1)));
+    let expired = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    t.advance(Duration::from_secs(2));
+    // (this broker's timer loop ticks only when a timer is due, as it last saw)
+    use trmx_broker::store::BrokerStore as _;
+    assert_eq!(store.tick(t.clock.now_millis()).await?.expired, 1);
+    wait_state(&mut nl, &expired, pb::MessageState::Expired).await?;
+    // (its non-delivery report goes to NL-NRM; BE-PAYOKE's queue is empty)
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 1).await?;
+    expect_quiet(&mut stream).await?;
+
+    let mut op = operator(&t)?;
+    let redrive = pb::RedriveRequest {
+        message_id: expired.clone(),
+        ..Default::default()
+    };
+    store.faults().set_failing(true);
+    assert_code(
+        op.redrive(redrive.clone()).await,
+        Code::Unavailable,
+        "redrive, flush failing",
+    );
+    store.faults().set_failing(false);
+    let refused = assert_code(
+        op.redrive(redrive).await,
+        Code::FailedPrecondition,
+        "redrive retried",
+    );
+    assert!(
+        refused.message().contains("waits for delivery already"),
+        "{}",
+        refused.message()
+    );
+    let delivery = next(&mut stream)
+        .await
+        .context("the redriven message was not sent to its recipient's open stream")?;
+    assert_eq!((id_of(&delivery), delivery.attempt), (expired, 1));
+    Ok(())
+}
+
 /// Message ids are unique per sender only. A purge of an id two senders used
 /// changes nothing until the operator names the sender, and then touches only
 /// that sender's message.

@@ -1366,6 +1366,13 @@ impl Tx<'_> {
             Err(senders) => return Ok((RedriveResult::Ambiguous { senders }, wake)),
         };
         if !old.redrivable() {
+            // A message that waits may have been redriven by a call whose flush
+            // failed (the write kept, the wake-up of its recipient lost with the
+            // flush): the retry, refused, wakes the recipient's streams in its
+            // stead. Harmless otherwise: a stream looks, and finds what it finds.
+            if old.state == State::Accepted && old.next_attempt_at.is_none() {
+                wake.insert(old.recipient.clone());
+            }
             return Ok((RedriveResult::NotRedrivable { state: old.state }, wake));
         }
         // As long as the first lifetime, taken from its acceptance.
