@@ -193,6 +193,11 @@ impl Shared {
                     info!("store writable again, accepting submits");
                     self.admission.store_recovered();
                     self.update_store_writable();
+                    // The writes whose flush failed were kept and are durable now,
+                    // but the wake-ups of their recipients went with the failure
+                    // (a retry finds them done: a duplicate submit, a refused
+                    // redrive, wakes nobody): every stream looks once.
+                    self.streams.wake_all();
                 }
                 Ok(value)
             }

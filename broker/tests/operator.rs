@@ -835,6 +835,43 @@ async fn a_redrive_retried_after_a_failed_flush_is_delivered_to_a_waiting_stream
     Ok(())
 }
 
+/// A change whose flush fails keeps its write, made durable by the next flush, but
+/// the wake-ups of the streams it concerned went with the failed flush: a submit
+/// (its retry is a duplicate, which wakes nobody) would wait behind an idle
+/// connected recipient until something else woke it. Once the store makes writes
+/// durable again (the timer loop's next tick; here a tick and an operator read),
+/// every stream looks.
+#[tokio::test]
+async fn a_submit_whose_flush_failed_is_delivered_once_the_store_recovers() -> anyhow::Result<()> {
+    use trmx_broker::store::BrokerStore as _;
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 1).await?;
+    expect_quiet(&mut stream).await?;
+
+    let env = marked("BE-PAYOKE", Kind::Referral, 1);
+    store.faults().set_failing(true);
+    let failed = submit(&mut nl, env.clone()).await;
+    assert_eq!(
+        failed.as_ref().map_err(tonic::Status::code).err(),
+        Some(Code::Unavailable),
+        "{failed:?}"
+    );
+    store.faults().set_failing(false);
+    // what the timer loop's next tick does: a write made durable, through `stored`
+    store.tick(t.clock.now_millis()).await?;
+    let mut op = operator(&t)?;
+    op.list_queues(pb::ListQueuesRequest::default()).await?;
+    let again = submit(&mut nl, env.clone()).await?;
+    assert!(again.duplicate, "{again:?}");
+    let delivery = next(&mut stream)
+        .await
+        .context("the message was not sent to its recipient's open stream")?;
+    assert_eq!(id_of(&delivery), env.message_id);
+    Ok(())
+}
+
 /// Message ids are unique per sender only. A purge of an id two senders used
 /// changes nothing until the operator names the sender, and then touches only
 /// that sender's message.
