@@ -2062,4 +2062,122 @@ mod tests {
         assert_eq!(s.queue_stats().await.unwrap()[0].depth, 1);
         s.close().await.unwrap();
     }
+
+    /// The `backoff` index after every way out of a backoff: a withdraw and a
+    /// purge while backing off, the attempts used up (dead-lettered), a
+    /// redrive of the dead letter, and a restart's recovery of leases; at the
+    /// end `store verify` finds it what the records imply, and the oldest
+    /// message of the queue is the one still backing off.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_backoff_index_follows_withdraw_purge_dead_letter_redrive_and_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let life = Lifecycle {
+            max_attempts: 2,
+            ..Lifecycle::default()
+        };
+        let s = SledStore::open(dir.path(), SledOptions::default(), life.clone()).unwrap();
+        let ms: Vec<NewMessage> = (0..4).map(|_| message(&be)).collect();
+        let mut seqs = Vec::new();
+        for (n, m) in ms.iter().enumerate() {
+            match s.submit(m.clone(), NOW + n as u64).await.unwrap() {
+                SubmitOutcome::Accepted(a) => seqs.push(a.broker_seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        // all four delivered, the stream closed by its node: all back off
+        assert_eq!(
+            s.lease(&be, StreamId(1), 4, u64::MAX, NOW + 10)
+                .await
+                .unwrap()
+                .len(),
+            4
+        );
+        s.release_stream(&be, StreamId(1), StreamEnd::Recipient, NOW + 11)
+            .await
+            .unwrap();
+        assert_eq!(backoff_seqs(&s), seqs);
+        // withdrawn and purged while backing off
+        s.withdraw(&nl, ms[0].message_id, NOW + 12).await.unwrap();
+        s.purge(ms[1].message_id, None, "misaddressed", NOW + 12)
+            .await
+            .unwrap();
+        assert_eq!(backoff_seqs(&s), seqs[2..].to_vec());
+        // the two others due again, delivered, and timed out: the second attempt
+        // was the last, both dead-lettered
+        let t = NOW + 11 + after(0, life.redelivery_backoff_max);
+        s.tick(t).await.unwrap();
+        assert!(backoff_seqs(&s).is_empty(), "due again");
+        assert_eq!(
+            s.lease(&be, StreamId(2), 4, u64::MAX, t)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        let report = s.tick(t + after(0, life.ack_timeout)).await.unwrap();
+        assert_eq!(report.dead_lettered, 2);
+        assert!(backoff_seqs(&s).is_empty(), "dead-lettered");
+        // one redriven, delivered, and its stream closed: backing off again
+        let t = t + after(0, life.ack_timeout) + 1;
+        assert!(matches!(
+            s.redrive(ms[2].message_id, None, t).await.unwrap(),
+            RedriveResult::Redriven(_)
+        ));
+        assert!(backoff_seqs(&s).is_empty(), "redriven: due");
+        assert_eq!(
+            s.lease(&be, StreamId(3), 4, u64::MAX, t)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        s.release_stream(&be, StreamId(3), StreamEnd::Recipient, t + 1)
+            .await
+            .unwrap();
+        assert_eq!(backoff_seqs(&s), vec![seqs[2]]);
+        let stats = s.queue_stats().await.unwrap();
+        assert_eq!(stats[0].oldest_accepted_at, Some(NOW + 2), "{stats:?}");
+        // a restart's recovery leaves a message backing off as it is
+        s.close().await.unwrap();
+        drop(s);
+        let s = SledStore::open(dir.path(), SledOptions::default(), life).unwrap();
+        s.recover(t + 2).await.unwrap();
+        assert_eq!(backoff_seqs(&s), vec![seqs[2]]);
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
+    /// `store compact` carries the `backoff` index and the mark that it is
+    /// complete: the copy verifies consistent, and is not indexed again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compacted_store_keeps_its_backoff_index_and_its_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, copy) = (dir.path().join("data"), dir.path().join("copy"));
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(&data);
+        let SubmitOutcome::Accepted(a) = s.submit(message(&be), NOW).await.unwrap() else {
+            panic!("not accepted");
+        };
+        s.lease(&be, StreamId(1), 1, u64::MAX, NOW).await.unwrap();
+        s.release_stream(&be, StreamId(1), StreamEnd::Recipient, NOW + 1)
+            .await
+            .unwrap();
+        assert_eq!(backoff_seqs(&s), vec![a.broker_seq]);
+        s.close().await.unwrap();
+        drop(s);
+        crate::store::compact_offline(&data, Some(&copy)).unwrap();
+        {
+            let db = ::sled::open(&copy).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            assert!(meta.get(BACKOFF_INDEXED_KEY).unwrap().is_some());
+            let backoff = db.open_tree("backoff").unwrap();
+            assert_eq!(backoff.len(), 1);
+        }
+        let report = crate::store::verify_store_offline(&copy).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
 }
