@@ -111,7 +111,7 @@ impl Default for SledOptions {
 /// | `dead` | seq → () — EXPIRED and DEAD_LETTERED records |
 /// | `counters` | `r`+recipient → depth, in flight, bytes; `s`+sender → queued bytes |
 /// | `backoff` | recipient, seq → () — ACCEPTED and backing off before a redelivery (with `queue` and `leased`: a recipient's oldest unacknowledged message) |
-/// | `meta` | `format` → store format; `seq_floor` → added to sled's id generator for new seqs (written by `store compact`, see `compact.rs`); `backoff_indexed` → `backoff` is complete (stores written before it are indexed at open) |
+/// | `meta` | `format` → store format; `seq_floor` → added to sled's id generator for new seqs (written by `store compact`, see `compact.rs`); `backoff_indexed` → `backoff` is complete and in step: the `running_at` of the run that last kept it, written with it (stores written before it, or run by an earlier version since, are indexed at open) |
 /// | `presence` | participant id → last seen, certificate not_after (operator gauges; written outside the message transactions) |
 ///
 /// # Invariants
@@ -502,7 +502,19 @@ pub fn accept_clock_offline(
                 Ok(before) => before,
                 Err(e) => return tx::abort(e),
             };
+            // the `backoff` index stays marked in step if it was (a store of
+            // an earlier version, or one it ran on, is indexed at the start)
+            let running = t[meta_at]
+                .get(RUNNING_KEY)?
+                .map(|running| running.to_vec())
+                .unwrap_or_default();
+            let in_step = t[meta_at]
+                .get(ops::BACKOFF_INDEXED_KEY)?
+                .is_some_and(|mark| mark == running);
             t[meta_at].insert(RUNNING_KEY, &now.to_be_bytes()[..])?;
+            if in_step {
+                t[meta_at].insert(ops::BACKOFF_INDEXED_KEY, &now.to_be_bytes()[..])?;
+            }
             let tx = Tx {
                 t: &t[..meta_at],
                 life: &life,
@@ -705,9 +717,12 @@ impl BrokerStore for SledStore {
 
     async fn mark_running(&self, now: Millis) -> Result<(), StoreError> {
         self.change_alone(move |core| {
-            core.meta
-                .insert(RUNNING_KEY, &now.to_be_bytes()[..])
-                .map_err(storage)?;
+            // with the mark of the `backoff` index, which this version keeps in
+            // step (`ops::backoff_indexed`), in one atomic batch
+            let mut batch = ::sled::Batch::default();
+            batch.insert(RUNNING_KEY, &now.to_be_bytes()[..]);
+            batch.insert(ops::BACKOFF_INDEXED_KEY, &now.to_be_bytes()[..]);
+            core.meta.apply_batch(batch).map_err(storage)?;
             Ok(((), BTreeSet::new()))
         })
         .await

@@ -873,8 +873,31 @@ enum Retry {
 }
 
 /// The `meta` key set once every message of the store backing off has its
-/// `backoff` entry.
+/// `backoff` entry. Its value is that of the store's `running_at` (empty
+/// when none) when the index was last known to be in step: this version
+/// writes both together, so they differ once an earlier version, which
+/// marks its runs but does not keep the index, ran on the store (see
+/// [`backoff_indexed`]).
 pub(super) const BACKOFF_INDEXED_KEY: &[u8] = b"backoff_indexed";
+
+/// Whether the `backoff` index of the store with `meta` is complete and in
+/// step: its mark is there, and names the last run recorded. (A mark of a
+/// run other than the last means an earlier broker version ran since, and
+/// changed messages without the index.)
+pub(super) fn backoff_indexed(meta: &::sled::Tree) -> Result<bool, StoreError> {
+    let mark = meta.get(BACKOFF_INDEXED_KEY).map_err(storage)?;
+    Ok(mark.is_some_and(|mark| mark == running_mark(meta).unwrap_or_default()))
+}
+
+/// The value the mark of a `backoff` index in step has in a store with
+/// `meta`: its `running_at`, or empty.
+fn running_mark(meta: &::sled::Tree) -> Result<Vec<u8>, StoreError> {
+    Ok(meta
+        .get(super::RUNNING_KEY)
+        .map_err(storage)?
+        .map(|running| running.to_vec())
+        .unwrap_or_default())
+}
 
 /// Keys of `backoff` written per batch by [`index_backoff`].
 const INDEX_BATCH: usize = 10_000;
@@ -890,12 +913,14 @@ const INDEX_BATCH: usize = 10_000;
 /// It starts from an empty `backoff`: a pass interrupted before its mark (a
 /// crash, then the store run by an earlier version again, which does not
 /// keep the index) may have left entries of messages that no longer back
-/// off, which no change would ever remove.
+/// off, which no change would ever remove. For the same reason a store an
+/// earlier version ran on after it was indexed (its mark names another run
+/// than the last: [`backoff_indexed`]) is indexed again.
 pub(super) fn index_backoff(
     trees: &[::sled::Tree],
     meta: &::sled::Tree,
 ) -> Result<u64, StoreError> {
-    if meta.get(BACKOFF_INDEXED_KEY).map_err(storage)?.is_some() {
+    if backoff_indexed(meta)? {
         return Ok(0);
     }
     // (a start on a store of many records takes a while: say why, first)
@@ -940,7 +965,7 @@ pub(super) fn index_backoff(
     trees[BACKOFF].apply_batch(batch).map_err(storage)?;
     // the entries durable before the mark that says they are complete
     meta.flush().map_err(storage)?;
-    meta.insert(BACKOFF_INDEXED_KEY, &[1u8][..])
+    meta.insert(BACKOFF_INDEXED_KEY, running_mark(meta)?)
         .map_err(storage)?;
     meta.flush().map_err(storage)?;
     if any {
@@ -2178,6 +2203,46 @@ mod tests {
             assert_eq!(backoff.len(), 1);
         }
         let report = crate::store::verify_store_offline(&copy).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
+    /// A store an earlier version ran on after it was indexed (that version
+    /// marks its runs but changes messages without the index: an entry left
+    /// for a message no longer backing off, none for one that now is) is
+    /// indexed again at the next start, not trusted because of its old mark.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_an_earlier_version_ran_on_is_indexed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir.path());
+        s.mark_running(NOW).await.unwrap();
+        let SubmitOutcome::Accepted(a) = s.submit(message(&be), NOW).await.unwrap() else {
+            panic!("not accepted");
+        };
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+        {
+            // the earlier version: a later run marked, and an entry it left
+            // behind for the message, now due (its backoff ended)
+            let db = ::sled::open(dir.path()).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(b"running_at", &(NOW + 60_000).to_be_bytes()[..])
+                .unwrap();
+            db.open_tree("backoff")
+                .unwrap()
+                .insert(super::super::codec::backoff_key(&be, a.broker_seq), &[][..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = open(dir.path());
+        assert!(backoff_seqs(&s).is_empty(), "indexed again");
+        s.mark_running(NOW + 120_000).await.unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
     }
 }

@@ -23,7 +23,7 @@ use super::codec::{
     LeaseEntry, RecipientCounters, Record, TimerKind, decode_seqs, read_u64, recipient_counter_key,
     sender_counter_key,
 };
-use super::ops::{BACKOFF_INDEXED_KEY, storage};
+use super::ops::{backoff_indexed, storage};
 use super::tx::{
     BACKOFF, BY_ID, COUNTERS, Contribution, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, PAYLOADS,
     QUEUE, RECORDS, TIMERS, TREE_NAMES, index_entries, may_be_leased,
@@ -242,11 +242,8 @@ pub fn verify_store_offline(path: &Path) -> Result<StoreReport, StoreError> {
 
     // A store no broker with the `backoff` tree has opened yet gets it at its
     // next start (`ops::index_backoff`): nothing to compare before then.
-    let backoff_indexed = db
-        .open_tree("meta")
-        .and_then(|meta| meta.get(BACKOFF_INDEXED_KEY))
-        .map_err(storage)?
-        .is_some();
+    // (nor on one an earlier version ran on since: it is indexed again)
+    let backoff_indexed = backoff_indexed(&db.open_tree("meta").map_err(storage)?)?;
     for tree in [QUEUE, TIMERS, DEAD, LEASED, BACKOFF] {
         let mut want = expected.entries.remove(&tree).unwrap_or_default();
         if tree == BACKOFF && !backoff_indexed {
