@@ -814,8 +814,9 @@ impl Core {
                 tracing::error!(
                     seq,
                     %why,
-                    "a stored message record cannot be read: left out of an operator's \
-                     search; the store is damaged, run `trmx-broker store verify`"
+                    "a stored message record cannot be read: left out of what operators \
+                     read (searches, dead letters, queue figures and their metrics); the \
+                     store is damaged, run `trmx-broker store verify`"
                 );
                 Ok(None)
             }
