@@ -615,6 +615,20 @@ impl Inner {
     }
 }
 
+/// Runs `work`, a local API call that writes (`what`: `send`), in a task of its own and
+/// waits for its result. The call's own future is dropped wherever it awaits when its
+/// client gives up (a gRPC deadline, the CLI's `--timeout`, Ctrl-C): a send would leave
+/// its entry stored without waking the submit loop. The task runs to its end either way
+/// (every step of it is bounded), and the same call again finds what it did.
+async fn detached<T: Send + 'static>(
+    what: &str,
+    work: impl Future<Output = Result<T, NodeError>> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| NodeError::Store(format!("{what} task failed: {e}")))?
+}
+
 /// Asks the broker for its participant registry (`GetInfo`, waiting at most
 /// `wait`) and caches it.
 async fn fetch_participants(
@@ -1294,8 +1308,16 @@ impl NodeCore {
     /// but not yet flushed flushes it first (the listings do not show it until then), and
     /// is `Store` (`UNAVAILABLE`: retry in a moment) when that flush fails; so is a
     /// `case_ref` known only from such messages.
+    ///
+    /// Runs to its end in a task of its own ([`detached`]): a client that gives up
+    /// (its deadline, Ctrl-C) does not leave its entry stored but not submitted.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
-        let inner = &self.inner;
+        detached("send", Self::send_now(Arc::clone(&self.inner), req)).await
+    }
+
+    /// [`Self::send`], in the task it runs in.
+    async fn send_now(inner: Arc<Inner>, req: SendRequest) -> Result<OutboxEntry, NodeError> {
+        let inner = &inner;
         check_idempotency_key(&req.idempotency_key)?;
         let kind = req.body.kind();
         if kind.is_broker_made() {

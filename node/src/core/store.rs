@@ -792,6 +792,24 @@ impl Store {
             .map_err(store_err)?
     }
 
+    /// Holds every flush of this store at its last step (the sync against a power cut)
+    /// until the returned sender is dropped: a test's "held flush", to drop a call that
+    /// awaits one. The hold is taken when this returns.
+    #[cfg(test)]
+    pub(crate) fn hold_flushes(&self) -> std::sync::mpsc::Sender<()> {
+        let sync = self.sync.clone();
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let _held = sync.lock().unwrap_or_else(|poison| poison.into_inner());
+            let _ = held_tx.send(());
+            // (until the sender is dropped)
+            let _ = release_rx.recv();
+        });
+        held_rx.recv().expect("the hold thread runs");
+        release_tx
+    }
+
     /// Completes a sled flush so that it survives a power cut (blocking).
     fn sync_files(&self) -> Result<(), NodeError> {
         self.sync

@@ -4805,4 +4805,56 @@ mod link {
             .unwrap();
         assert_eq!(entry.state, OutboxState::Queued);
     }
+
+    /// The local API's handler futures are dropped wherever they await when the client
+    /// gives up (a gRPC deadline, the CLI's `--timeout`, Ctrl-C). A send given up once
+    /// its entry is stored, while the flush after it is under way, is still submitted,
+    /// once, with nothing else to wake the submit loop; the same send again gets the same
+    /// entry.
+    #[tokio::test]
+    async fn a_send_given_up_after_its_entry_is_stored_is_still_submitted() {
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        // (the submit loop idle: a first message submitted, nothing left to do)
+        let first = nl
+            .send(request("k-0", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the first message is submitted", || async {
+            state_of(&nl, first.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let held = nl.inner.store.hold_flushes();
+        let sending = tokio::spawn({
+            let nl = nl.clone();
+            async move { nl.send(request("k-1", "BE-PAYOKE", referral())).await }
+        });
+        until("the entry is stored", || async {
+            nl.inner.store.idempotency_key_used("k-1").unwrap()
+        })
+        .await;
+        // the client gives up
+        sending.abort();
+        assert!(sending.await.unwrap_err().is_cancelled());
+        drop(held);
+        until_within(Duration::from_secs(3), "the broker has it", || async {
+            broker.lock().accepted.len() == 2
+        })
+        .await;
+        let again = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        assert_ne!(again.message_id, first.message_id);
+        until("the retry's entry is submitted", || async {
+            state_of(&nl, again.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        assert_eq!(
+            queued_at(&broker, "BE-PAYOKE"),
+            [first.message_id.to_string(), again.message_id.to_string()],
+            "each message once"
+        );
+        assert_eq!(nl.outbox(&ListFilter::default()).await.unwrap().len(), 2);
+        nl.shutdown().await;
+    }
 }
