@@ -58,6 +58,9 @@ pub(crate) struct FakeState {
     /// `Submit` calls that passed the envelope check: a test that holds
     /// [`FakeBroker::submit_hold`] waits for this to know a submit is in flight.
     pub(crate) submits_arrived: usize,
+    /// `Withdraw` calls answered or held ([`FakeBroker::withdraw_hold`]) after their
+    /// work was done.
+    pub(crate) withdraws_arrived: usize,
     seq: u64,
 }
 
@@ -71,6 +74,9 @@ pub(crate) struct FakeBroker {
     /// Every `GetInfo` waits for this lock: a test holds it to keep a broker from
     /// answering (the proof of a new connection).
     pub(crate) get_info_hold: Arc<tokio::sync::Mutex<()>>,
+    /// Every `Withdraw` waits for this lock after it has done its work, before it
+    /// answers: a test holds it to keep the answer on its way.
+    pub(crate) withdraw_hold: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One participant's view of the fake broker.
@@ -267,6 +273,37 @@ impl Drop for Relay {
     }
 }
 
+impl Endpoint {
+    /// What `Withdraw` of `id` does, and its answer.
+    fn withdraw_now(&self, id: String) -> Result<Response<pb::WithdrawResponse>, Status> {
+        let mut st = self.broker.lock();
+        if let Some((code, message)) = st.withdraw_refusal.clone() {
+            return Err(Status::new(code, message));
+        }
+        let recipient = match st.accepted.get(&id) {
+            Some(envelope) if envelope.sender == self.caller => envelope.recipient.clone(),
+            _ => {
+                return Err(Status::not_found(format!(
+                    "no message {id} from {}",
+                    self.caller
+                )));
+            }
+        };
+        if st.acked.contains(&id) {
+            return Err(Status::failed_precondition(format!(
+                "message {id} was already acknowledged by its recipient"
+            )));
+        }
+        if let Some(queue) = st.queues.get_mut(&recipient) {
+            queue.retain(|e| e.message_id != id);
+        }
+        st.withdrawn.push(id);
+        Ok(Response::new(pb::WithdrawResponse {
+            withdrawn_at: Some(to_timestamp(SystemTime::now())),
+        }))
+    }
+}
+
 type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::Delivery, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -430,31 +467,10 @@ impl Exchange for Endpoint {
         request: Request<pb::WithdrawRequest>,
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
         let id = request.into_inner().message_id;
-        let mut st = self.broker.lock();
-        if let Some((code, message)) = st.withdraw_refusal.clone() {
-            return Err(Status::new(code, message));
-        }
-        let recipient = match st.accepted.get(&id) {
-            Some(envelope) if envelope.sender == self.caller => envelope.recipient.clone(),
-            _ => {
-                return Err(Status::not_found(format!(
-                    "no message {id} from {}",
-                    self.caller
-                )));
-            }
-        };
-        if st.acked.contains(&id) {
-            return Err(Status::failed_precondition(format!(
-                "message {id} was already acknowledged by its recipient"
-            )));
-        }
-        if let Some(queue) = st.queues.get_mut(&recipient) {
-            queue.retain(|e| e.message_id != id);
-        }
-        st.withdrawn.push(id);
-        Ok(Response::new(pb::WithdrawResponse {
-            withdrawn_at: Some(to_timestamp(SystemTime::now())),
-        }))
+        let answer = self.withdraw_now(id);
+        self.broker.lock().withdraws_arrived += 1;
+        drop(self.broker.withdraw_hold.lock().await);
+        answer
     }
 
     async fn get_status(

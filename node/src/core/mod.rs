@@ -615,11 +615,13 @@ impl Inner {
     }
 }
 
-/// Runs `work`, a local API call that writes (`what`: `send`), in a task of its own and
-/// waits for its result. The call's own future is dropped wherever it awaits when its
-/// client gives up (a gRPC deadline, the CLI's `--timeout`, Ctrl-C): a send would leave
-/// its entry stored without waking the submit loop. The task runs to its end either way
-/// (every step of it is bounded), and the same call again finds what it did.
+/// Runs `work`, a local API call that writes (`what`: `send`, `withdrawal`), in a task
+/// of its own and waits for its result. The call's own future is dropped wherever it
+/// awaits when its client gives up (a gRPC deadline, the CLI's `--timeout`, Ctrl-C):
+/// a send would leave its entry stored without waking the submit loop, and a
+/// withdrawal the message withdrawn on the broker but queued or submitted here (and
+/// then submitted again). The task runs to its end either way (every step of it is
+/// bounded), and the same call again finds what it did.
 async fn detached<T: Send + 'static>(
     what: &str,
     work: impl Future<Output = Result<T, NodeError>> + Send + 'static,
@@ -1522,8 +1524,21 @@ impl NodeCore {
     /// does not hold (it never arrived, or the broker lost it) is withdrawn here, and
     /// so never sent again. While this runs, neither the submit loop nor the outbox
     /// check sends the message (`submit_gate`).
+    ///
+    /// Runs to its end in a task of its own ([`detached`]): a client that gives up
+    /// while the broker's answer is on its way does not leave the message withdrawn
+    /// on the broker and queued or submitted here.
     pub async fn withdraw(&self, id: MessageId) -> Result<Withdrawal, NodeError> {
-        let inner = &self.inner;
+        detached(
+            "withdrawal",
+            Self::withdraw_now(Arc::clone(&self.inner), id),
+        )
+        .await
+    }
+
+    /// [`Self::withdraw`], in the task it runs in.
+    async fn withdraw_now(inner: Arc<Inner>, id: MessageId) -> Result<Withdrawal, NodeError> {
+        let inner = &inner;
         let wait = inner.config.withdraw_timeout;
         // (bounded: a broker that never answers a submit must not hang the caller)
         let Ok(gate) = tokio::time::timeout(wait, inner.submit_gate.lock()).await else {

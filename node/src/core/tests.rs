@@ -4857,4 +4857,96 @@ mod link {
         assert_eq!(nl.outbox(&ListFilter::default()).await.unwrap().len(), 2);
         nl.shutdown().await;
     }
+
+    /// A withdrawal given up while the broker's answer is on its way (the broker has
+    /// withdrawn the message) is recorded here all the same, without another call; the
+    /// same withdrawal again says done, and the outbox goes on.
+    #[tokio::test]
+    async fn a_withdrawal_given_up_while_the_brokers_answer_is_on_its_way_is_recorded() {
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let held = broker.withdraw_hold.lock().await;
+        let withdrawing = tokio::spawn({
+            let nl = nl.clone();
+            async move { nl.withdraw(sent.message_id).await }
+        });
+        until("the broker has withdrawn it", || async {
+            broker.lock().withdraws_arrived == 1
+        })
+        .await;
+        // the client gives up
+        withdrawing.abort();
+        assert!(withdrawing.await.unwrap_err().is_cancelled());
+        drop(held);
+        until_within(Duration::from_secs(3), "withdrawn here too", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Failed)
+        })
+        .await;
+        assert_withdrawn(&nl, sent.message_id).await;
+        assert_eq!(broker.lock().withdrawn, [sent.message_id.to_string()]);
+        assert_eq!(
+            nl.withdraw(sent.message_id).await.unwrap(),
+            Withdrawal::Done
+        );
+        // nothing left held: the next message goes out
+        let next = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the next message is submitted", || async {
+            state_of(&nl, next.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        assert_eq!(
+            queued_at(&broker, "BE-PAYOKE"),
+            [next.message_id.to_string()]
+        );
+        nl.shutdown().await;
+    }
+
+    /// A queued message that an earlier submit brought to the broker (its answer lost),
+    /// withdrawn, the client giving up while the broker's answer is on its way: the
+    /// broker has withdrawn it, and the node must not submit it again and call it
+    /// submitted (no receipt would ever come); it records the withdrawal.
+    #[tokio::test]
+    async fn a_queued_message_whose_withdrawal_was_given_up_is_not_submitted_again() {
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        broker.lock().lose_submit_answers = true;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the broker holds it", || async {
+            queued_at(&broker, "BE-PAYOKE").contains(&sent.message_id.to_string())
+        })
+        .await;
+        let held = broker.withdraw_hold.lock().await;
+        let withdrawing = tokio::spawn({
+            let nl = nl.clone();
+            async move { nl.withdraw(sent.message_id).await }
+        });
+        until("the broker has withdrawn it", || async {
+            broker.lock().withdraws_arrived == 1
+        })
+        .await;
+        // the submit answers get through again, and the client gives up
+        broker.lock().lose_submit_answers = false;
+        withdrawing.abort();
+        assert!(withdrawing.await.unwrap_err().is_cancelled());
+        drop(held);
+        until_within(Duration::from_secs(3), "withdrawn here too", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) != Some(OutboxState::Queued)
+        })
+        .await;
+        assert_withdrawn(&nl, sent.message_id).await;
+        assert!(queued_at(&broker, "BE-PAYOKE").is_empty());
+        nl.shutdown().await;
+    }
 }
