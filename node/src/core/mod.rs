@@ -15,7 +15,9 @@
 //!
 //! Data flow: [`NodeCore::send`] validates, stores the entry as `QUEUED` and
 //! flushes, then wakes the submit loop, which submits to the broker and marks
-//! it `SUBMITTED`. The receive loop stores each delivery (or the effect of a
+//! it `SUBMITTED`. A send and a withdrawal run in a task of their own, which the
+//! caller awaits: a local API client that gives up drops only the waiting, never the
+//! change halfway. The receive loop stores each delivery (or the effect of a
 //! receipt), flushes, then acknowledges it; [`NodeCore::watch`] streams new
 //! inbox entries by their node-local `seq`.
 
@@ -1311,7 +1313,7 @@ impl NodeCore {
     /// is `Store` (`UNAVAILABLE`: retry in a moment) when that flush fails; so is a
     /// `case_ref` known only from such messages.
     ///
-    /// Runs to its end in a task of its own ([`detached`]): a client that gives up
+    /// Runs to its end in a task of its own (`detached`): a client that gives up
     /// (its deadline, Ctrl-C) does not leave its entry stored but not submitted.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
         detached("send", Self::send_now(Arc::clone(&self.inner), req)).await
@@ -1525,7 +1527,7 @@ impl NodeCore {
     /// so never sent again. While this runs, neither the submit loop nor the outbox
     /// check sends the message (`submit_gate`).
     ///
-    /// Runs to its end in a task of its own ([`detached`]): a client that gives up
+    /// Runs to its end in a task of its own (`detached`): a client that gives up
     /// while the broker's answer is on its way does not leave the message withdrawn
     /// on the broker and queued or submitted here.
     pub async fn withdraw(&self, id: MessageId) -> Result<Withdrawal, NodeError> {
