@@ -307,16 +307,21 @@ impl SledStore {
 
     /// Applies the change `op` inside a transaction on the writer thread
     /// (merged with other changes), waits until it is durable, then wakes
-    /// the recipients it made messages due for.
+    /// the recipients it made messages due for ([`to_completion`]: also when
+    /// the caller goes away meanwhile).
     async fn change<T, F>(&self, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Fn(&Tx<'_>) -> TxResult<(T, BTreeSet<ParticipantId>)> + Send + 'static,
     {
         self.ready().await?;
-        let (value, wake) = self.inner.writer.transaction(op).await?;
-        self.durable_then_wake(wake).await?;
-        Ok(value)
+        let inner = Arc::clone(&self.inner);
+        to_completion(async move {
+            let (value, wake) = inner.writer.transaction(op).await?;
+            inner.durable_then_wake(wake).await?;
+            Ok(value)
+        })
+        .await
     }
 
     /// Like [`Self::change`], for operations that scan before they write:
@@ -327,9 +332,13 @@ impl SledStore {
         F: FnOnce(&Core) -> Result<(T, BTreeSet<ParticipantId>), StoreError> + Send + 'static,
     {
         self.ready().await?;
-        let (value, wake) = self.inner.writer.exclusive(op).await?;
-        self.durable_then_wake(wake).await?;
-        Ok(value)
+        let inner = Arc::clone(&self.inner);
+        to_completion(async move {
+            let (value, wake) = inner.writer.exclusive(op).await?;
+            inner.durable_then_wake(wake).await?;
+            Ok(value)
+        })
+        .await
     }
 
     /// [`Self::change`] with the test fail points: `after_write` is passed once the
@@ -345,22 +354,46 @@ impl SledStore {
         F: Fn(&Tx<'_>) -> TxResult<(T, BTreeSet<ParticipantId>)> + Send + 'static,
     {
         self.ready().await?;
-        let (value, wake) = self.inner.writer.transaction(op).await?;
-        self.inner.failpoints.hit(after_write);
-        self.durable_then_wake(wake).await?;
-        if let Some(point) = after_flush {
-            self.inner.failpoints.hit(point);
-        }
-        Ok(value)
+        let inner = Arc::clone(&self.inner);
+        to_completion(async move {
+            let (value, wake) = inner.writer.transaction(op).await?;
+            inner.failpoints.hit(after_write);
+            inner.durable_then_wake(wake).await?;
+            if let Some(point) = after_flush {
+                inner.failpoints.hit(point);
+            }
+            Ok(value)
+        })
+        .await
     }
+}
 
+impl Inner {
     async fn durable_then_wake(&self, wake: BTreeSet<ParticipantId>) -> Result<(), StoreError> {
-        self.inner.flusher.durable().await?;
+        self.flusher.durable().await?;
         for recipient in wake {
             // no receiver is fine: nobody is connected
-            let _ = self.inner.wakeups.send(recipient);
+            let _ = self.wakeups.send(recipient);
         }
         Ok(())
+    }
+}
+
+/// Runs `work` (a change, its flush and its wake-ups) in a task of its own and
+/// waits for it. The caller may go away while it waits: a client whose deadline
+/// passed, or who hung up, has its handler dropped wherever it awaits. The change
+/// is applied all the same (the writer thread does not know), and becomes durable
+/// with the next flush; but the wake-up of the recipients it made messages due
+/// for would go with the caller, and a recipient's idle stream would sleep until
+/// something unrelated woke it — while the sender's retry, a duplicate, wakes
+/// nobody. A panic of `work` is the caller's, as before.
+async fn to_completion<T: Send + 'static>(
+    work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(StoreError::Unavailable(format!("store task failed: {e}"))),
     }
 }
 
