@@ -224,6 +224,31 @@ impl Shared {
     }
 }
 
+/// Runs `work` — a store change and what the broker does once it is made (free the
+/// stream slots it settles, drop the copies it takes back from the recipients' channels,
+/// count it) — in a task of its own, and waits for it. A client whose deadline passes,
+/// or who hangs up, has its handler dropped wherever it awaits, which is mostly while
+/// the store makes the change durable; the store finishes the change all the same
+/// (`to_completion` in the sled store), but what came after it in the handler went
+/// with the handler: a settled message held its recipient's stream slot until the ack
+/// timeout, and a withdrawn or purged copy waiting in the recipient's channel was sent.
+/// A panic of `work` is the caller's, as before.
+pub(crate) async fn to_completion<T, E>(
+    work: impl Future<Output = Result<T, E>> + Send + 'static,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<BrokerError> + Send + 'static,
+{
+    match tokio::spawn(work.in_current_span()).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => {
+            Err(BrokerError::Unavailable(format!("the broker is shutting down: {error}")).into())
+        }
+    }
+}
+
 /// The `Exchange` service. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ExchangeService {
@@ -547,7 +572,6 @@ impl ExchangeService {
         caller: &ParticipantId,
         request: pb::AckRequest,
     ) -> Result<pb::AckResponse, BrokerError> {
-        let shared = &self.shared;
         if request.message_ids.len() > MAX_ACK_IDS {
             return Err(ValidationError::new(
                 "message_ids",
@@ -564,20 +588,9 @@ impl ExchangeService {
         let results = if valid.is_empty() {
             Vec::new()
         } else {
-            shared.stored(shared.store.ack(caller, &valid, shared.now()).await)?
+            let (this, caller) = (self.clone(), caller.clone());
+            to_completion(async move { this.acknowledge(&caller, &valid).await }).await?
         };
-        let (mut acknowledged, mut not_found) = (Vec::new(), Vec::new());
-        for (id, result) in valid.iter().zip(&results) {
-            match result {
-                store::AckResult::Acknowledged => acknowledged.push(*id),
-                // (expired, withdrawn or purged while in flight: its stream slot is free)
-                store::AckResult::NotFound => not_found.push(*id),
-            }
-        }
-        for kind in self.settled(caller, &acknowledged) {
-            shared.metrics.acknowledged(kind);
-        }
-        shared.streams.not_in_flight(caller, &not_found);
         let mut results = results.into_iter();
         let outcomes = request
             .message_ids
@@ -597,8 +610,32 @@ impl ExchangeService {
                 }
             })
             .collect();
-        debug!(acknowledged = acknowledged.len(), "ack");
         Ok(pb::AckResponse { results: outcomes })
+    }
+
+    /// Acknowledges `ids` (none invalid) in the store, then frees their stream slots
+    /// and counts them (in a task of its own: see [`to_completion`]).
+    async fn acknowledge(
+        &self,
+        caller: &ParticipantId,
+        ids: &[MessageId],
+    ) -> Result<Vec<store::AckResult>, BrokerError> {
+        let shared = &self.shared;
+        let results = shared.stored(shared.store.ack(caller, ids, shared.now()).await)?;
+        let (mut acknowledged, mut not_found) = (Vec::new(), Vec::new());
+        for (id, result) in ids.iter().zip(&results) {
+            match result {
+                store::AckResult::Acknowledged => acknowledged.push(*id),
+                // (expired, withdrawn or purged while in flight: its stream slot is free)
+                store::AckResult::NotFound => not_found.push(*id),
+            }
+        }
+        for kind in self.settled(caller, &acknowledged) {
+            shared.metrics.acknowledged(kind);
+        }
+        shared.streams.not_in_flight(caller, &not_found);
+        debug!(acknowledged = acknowledged.len(), "ack");
+        Ok(results)
     }
 
     /// Frees the stream slots of settled messages and wakes whoever gets a receipt.
@@ -621,11 +658,23 @@ impl ExchangeService {
         caller: &ParticipantId,
         request: pb::RejectRequest,
     ) -> Result<pb::RejectResponse, BrokerError> {
-        let shared = &self.shared;
         let id = parse_message_id(&request.message_id, "message_id")?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
         check_reason_code(&request.reason_code)?;
         check_field_path(&request.field_path)?;
+        let (this, caller) = (self.clone(), caller.clone());
+        to_completion(async move { this.dead_letter(&caller, id, &request).await }).await
+    }
+
+    /// Dead-letters `caller`'s delivery `id` in the store as `request` says, then frees
+    /// its stream slot and counts it (in a task of its own: see [`to_completion`]).
+    async fn dead_letter(
+        &self,
+        caller: &ParticipantId,
+        id: MessageId,
+        request: &pb::RejectRequest,
+    ) -> Result<pb::RejectResponse, BrokerError> {
+        let shared = &self.shared;
         let result = shared.stored(
             shared
                 .store
@@ -659,9 +708,22 @@ impl ExchangeService {
         caller: &ParticipantId,
         request: pb::WithdrawRequest,
     ) -> Result<pb::WithdrawResponse, BrokerError> {
-        let shared = &self.shared;
         let id = parse_message_id(&request.message_id, "message_id")?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
+        let (this, caller) = (self.clone(), caller.clone());
+        to_completion(async move { this.withdraw_stored(&caller, id).await }).await
+    }
+
+    /// Withdraws `caller`'s message `id` in the store, then frees its stream slot and
+    /// drops the copies waiting in its recipient's channels (in a task of its own: see
+    /// [`to_completion`]; a copy sent after the withdrawal is a referral in the hands of
+    /// an organisation its sender took it back from).
+    async fn withdraw_stored(
+        &self,
+        caller: &ParticipantId,
+        id: MessageId,
+    ) -> Result<pb::WithdrawResponse, BrokerError> {
+        let shared = &self.shared;
         // An earlier submit of the message may still be on its way (its client gone):
         // it must not store the message after this withdrawal.
         let withdrawal = shared.submitting.withdraw(caller, id).await;
@@ -1187,8 +1249,228 @@ fn to_pb_duration(duration: Duration) -> pb::Duration {
     }
 }
 
+/// A broker's shared state for the unit tests of the services, and a switch that holds
+/// its store's flushes (to cancel a handler while its change is being made durable).
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Condvar;
+
+    use super::*;
+    use crate::store::FlushObserver;
+
+    /// The shared state of a broker on a sled store in `dir`, with one submit slot per
+    /// sender (so a test can hold a sender's submits by holding its slot).
+    pub(crate) fn one_slot_broker(dir: &std::path::Path) -> Arc<Shared> {
+        broker_with(dir, crate::store::SledOptions::default())
+    }
+
+    /// [`one_slot_broker`] on a store opened with `options`.
+    pub(crate) fn broker_with(
+        dir: &std::path::Path,
+        options: crate::store::SledOptions,
+    ) -> Arc<Shared> {
+        use crate::config::{OrganisationType, ParticipantConfig};
+        use crate::store::{Lifecycle, SledStore};
+        let participant = |id: &str, country: &str| ParticipantConfig {
+            id: id.into(),
+            display_name: id.into(),
+            country: country.into(),
+            organisation_type: OrganisationType::Nrm,
+            accepts: vec!["referral".into()],
+        };
+        let store = SledStore::open(dir, options, Lifecycle::default()).unwrap();
+        let clock = crate::clock::ManualClock::new(std::time::SystemTime::now());
+        let (_, shutting_down) = watch::channel(false);
+        Arc::new(Shared {
+            store: Arc::new(store),
+            clock: Arc::new(clock),
+            registry: Registry::from_config(&[
+                participant("NL-NRM", "NL"),
+                participant("BE-PAYOKE", "BE"),
+            ])
+            .unwrap(),
+            streams: Streams::new(4, 1),
+            admission: Admission::new(1000, 1000, 0),
+            submit_slots: SubmitSlots::new(1, 1 << 20),
+            submitting: Submitting::new(Duration::from_secs(170)),
+            limits: LimitsConfig::default(),
+            lifecycle: LifecycleConfig::default(),
+            broker_name: "test".into(),
+            shutting_down,
+            metrics: Arc::new(Metrics::new()),
+            peer_certs: PeerCerts::default(),
+            trust_domain: None,
+        })
+    }
+
+    pub(crate) fn referral_to(recipient: &str) -> pb::Envelope {
+        let payload = b"opaque referral body".to_vec();
+        pb::Envelope {
+            message_id: MessageId::new_v7().to_string(),
+            recipient: recipient.into(),
+            kind: pb::MessageKind::Referral as i32,
+            case_ref: trmx_proto::CaseRef::new_random().to_string(),
+            priority: pb::Priority::Normal as i32,
+            created_at: Some(to_timestamp(std::time::SystemTime::now())),
+            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
+            payload,
+            content_type: Kind::Referral.content_type(),
+            ..Default::default()
+        }
+    }
+
+    /// A recipient's stream with one message of `sender`'s leased to it, registered in
+    /// flight (`max_in_flight` 1: its one slot is taken), and its delivery waiting in the
+    /// stream's channel to be sent.
+    #[derive(Debug)]
+    pub(crate) struct InFlight {
+        pub(crate) id: MessageId,
+        pub(crate) stream: StreamHandle,
+        pub(crate) _outbox: Outbox,
+        pub(crate) outbound: Outbound,
+    }
+
+    impl InFlight {
+        pub(crate) async fn new(shared: &Arc<Shared>, sender: &str, recipient: &str) -> Self {
+            let (sender, recipient) = (
+                ParticipantId::parse(sender).unwrap(),
+                ParticipantId::parse(recipient).unwrap(),
+            );
+            let service = ExchangeService::new(shared.clone());
+            let envelope = referral_to(recipient.as_str());
+            let id = MessageId::parse(&envelope.message_id).unwrap();
+            service
+                .submit_inner(
+                    &sender,
+                    pb::SubmitRequest {
+                        envelope: Some(envelope),
+                    },
+                )
+                .await
+                .unwrap();
+            let (outbox, outbound) = outbound::unreported(1, 1 << 20);
+            let stream = shared.streams.open(&recipient, outbox.dropper()).unwrap();
+            let now = shared.now();
+            let mut leased = shared
+                .store
+                .lease(&recipient, stream.id, 1, u64::MAX, now)
+                .await
+                .unwrap();
+            assert_eq!(leased.len(), 1);
+            let lease = leased.remove(0);
+            let deadline = now + 60_000;
+            shared.streams.leased(
+                &recipient,
+                stream.id,
+                [Lease {
+                    message_id: id,
+                    sender: Some(sender),
+                    kind: lease.kind,
+                    deadline,
+                }],
+            );
+            outbox
+                .send(Outgoing {
+                    message_id: id,
+                    kind: lease.kind,
+                    expires_at: lease.expires_at,
+                    lease_deadline: deadline,
+                    delivery: delivery(lease),
+                })
+                .await
+                .unwrap();
+            assert_eq!(shared.streams.free_slots(&recipient, stream.id, 1, now), 0);
+            Self {
+                id,
+                stream,
+                _outbox: outbox,
+                outbound,
+            }
+        }
+
+        /// The stream's free slots now, of 1.
+        pub(crate) fn free_slots(&self, shared: &Shared) -> usize {
+            let participant = &self.stream.participant;
+            shared
+                .streams
+                .free_slots(participant, self.stream.id, 1, shared.now())
+        }
+
+        /// The next delivery the connection sends at once, if any.
+        pub(crate) fn sent_now(&mut self) -> Option<pb::Delivery> {
+            use futures::StreamExt;
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            match self.outbound.poll_next_unpin(&mut cx) {
+                std::task::Poll::Ready(Some(Ok(delivery))) => Some(delivery),
+                _ => None,
+            }
+        }
+    }
+
+    /// Holds the store's flushes while set: a flush made then waits in the flusher until
+    /// [`FlushHold::release`] (its change is applied, not yet durable).
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct FlushHold(Arc<(Mutex<(bool, u32)>, Condvar)>);
+
+    impl FlushHold {
+        /// The observer to open the store with.
+        pub(crate) fn observer(&self) -> FlushObserver {
+            let hold = self.clone();
+            FlushObserver(Arc::new(move |_| {
+                let (lock, changed) = &*hold.0;
+                let mut state = lock.lock().unwrap();
+                if state.0 {
+                    state.1 += 1;
+                    changed.notify_all();
+                }
+                while state.0 {
+                    state = changed.wait(state).unwrap();
+                }
+            }))
+        }
+
+        /// Runs `work` (a handler) in a task, waits until a flush is held, and aborts the
+        /// task there, like hyper dropping the handler of a client whose deadline passed
+        /// while its change was being made durable; then lets the flush go on.
+        pub(crate) async fn cancel_during_flush<F>(&self, work: F)
+        where
+            F: Future + Send + 'static,
+            F::Output: Send + 'static,
+        {
+            let (lock, changed) = &*self.0;
+            *lock.lock().unwrap() = (true, 0);
+            let task = tokio::spawn(work);
+            {
+                let state = lock.lock().unwrap();
+                let (state, waited) = changed
+                    .wait_timeout_while(state, Duration::from_secs(10), |s| s.1 == 0)
+                    .unwrap();
+                assert!(!waited.timed_out(), "no flush came: {:?}", *state);
+            }
+            task.abort();
+            match task.await {
+                Err(error) => assert!(error.is_cancelled(), "{error}"),
+                Ok(_) => panic!("the handler was done before its flush"),
+            }
+            lock.lock().unwrap().0 = false;
+            changed.notify_all();
+        }
+    }
+
+    /// Waits (at most 5 s) until `done` holds.
+    pub(crate) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let until = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < until, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_support::*;
     use super::*;
 
     #[test]
@@ -1256,59 +1538,6 @@ mod tests {
         assert_ne!(a, fingerprint(&c, &caller, normal));
         let other = ParticipantId::parse("BE-PAYOKE").unwrap();
         assert_ne!(a, fingerprint(&base, &other, normal));
-    }
-
-    /// The shared state of a broker on a sled store in `dir`, with one submit slot per
-    /// sender (so a test can hold a sender's submits by holding its slot).
-    fn one_slot_broker(dir: &std::path::Path) -> Arc<Shared> {
-        use crate::config::{OrganisationType, ParticipantConfig};
-        use crate::store::{Lifecycle, SledOptions, SledStore};
-        let participant = |id: &str, country: &str| ParticipantConfig {
-            id: id.into(),
-            display_name: id.into(),
-            country: country.into(),
-            organisation_type: OrganisationType::Nrm,
-            accepts: vec!["referral".into()],
-        };
-        let store = SledStore::open(dir, SledOptions::default(), Lifecycle::default()).unwrap();
-        let clock = crate::clock::ManualClock::new(std::time::SystemTime::now());
-        let (_, shutting_down) = watch::channel(false);
-        Arc::new(Shared {
-            store: Arc::new(store),
-            clock: Arc::new(clock),
-            registry: Registry::from_config(&[
-                participant("NL-NRM", "NL"),
-                participant("BE-PAYOKE", "BE"),
-            ])
-            .unwrap(),
-            streams: Streams::new(4, 1),
-            admission: Admission::new(1000, 1000, 0),
-            submit_slots: SubmitSlots::new(1, 1 << 20),
-            submitting: Submitting::new(Duration::from_secs(170)),
-            limits: LimitsConfig::default(),
-            lifecycle: LifecycleConfig::default(),
-            broker_name: "test".into(),
-            shutting_down,
-            metrics: Arc::new(Metrics::new()),
-            peer_certs: PeerCerts::default(),
-            trust_domain: None,
-        })
-    }
-
-    fn referral_to(recipient: &str) -> pb::Envelope {
-        let payload = b"opaque referral body".to_vec();
-        pb::Envelope {
-            message_id: MessageId::new_v7().to_string(),
-            recipient: recipient.into(),
-            kind: pb::MessageKind::Referral as i32,
-            case_ref: trmx_proto::CaseRef::new_random().to_string(),
-            priority: pb::Priority::Normal as i32,
-            created_at: Some(to_timestamp(std::time::SystemTime::now())),
-            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
-            payload,
-            content_type: Kind::Referral.content_type(),
-            ..Default::default()
-        }
     }
 
     /// A node whose submit went unanswered (its connection broke while the broker held
@@ -1419,6 +1648,112 @@ mod tests {
             retry.as_ref().is_ok_and(|r| r.duplicate),
             "retry of a stored, acknowledged message refused: {:?}",
             retry.err().map(|r| r.error)
+        );
+    }
+
+    /// A recipient's `Ack` whose client goes away while the store makes it durable (its
+    /// deadline passed on a slow flush): the message is acknowledged all the same, and
+    /// its stream slot must be freed. Held, a stream with `max_in_flight` 1 got nothing
+    /// more until the ack timeout, and the retried ack finds the message not in flight.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_whose_caller_goes_away_during_its_flush_frees_the_stream_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = FlushHold::default();
+        let shared = broker_with(
+            dir.path(),
+            crate::store::SledOptions {
+                flush_observer: Some(hold.observer()),
+                ..Default::default()
+            },
+        );
+        let service = ExchangeService::new(shared.clone());
+        let mut in_flight = InFlight::new(&shared, "NL-NRM", "BE-PAYOKE").await;
+        assert!(in_flight.sent_now().is_some(), "delivered");
+        let (be, id) = (in_flight.stream.participant.clone(), in_flight.id);
+        let acked_before = shared.metrics.render();
+        hold.cancel_during_flush(async move {
+            let request = pb::AckRequest {
+                message_ids: vec![id.to_string()],
+            };
+            service.ack_inner(&be, request).await
+        })
+        .await;
+        eventually("the stream's slot is freed", || {
+            in_flight.free_slots(&shared) == 1
+        })
+        .await;
+        assert_ne!(shared.metrics.render(), acked_before, "the ack is counted");
+    }
+
+    /// A recipient's `Reject` whose client goes away during the flush frees the slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reject_whose_caller_goes_away_during_its_flush_frees_the_stream_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = FlushHold::default();
+        let shared = broker_with(
+            dir.path(),
+            crate::store::SledOptions {
+                flush_observer: Some(hold.observer()),
+                ..Default::default()
+            },
+        );
+        let service = ExchangeService::new(shared.clone());
+        let mut in_flight = InFlight::new(&shared, "NL-NRM", "BE-PAYOKE").await;
+        assert!(in_flight.sent_now().is_some(), "delivered");
+        let (be, id) = (in_flight.stream.participant.clone(), in_flight.id);
+        hold.cancel_during_flush(async move {
+            let request = pb::RejectRequest {
+                message_id: id.to_string(),
+                reason_code: "INVALID_BODY".into(),
+                field_path: "referral".into(),
+            };
+            service.reject_inner(&be, request).await
+        })
+        .await;
+        eventually("the stream's slot is freed", || {
+            in_flight.free_slots(&shared) == 1
+        })
+        .await;
+    }
+
+    /// A sender withdraws a misaddressed referral; its client goes away while the
+    /// withdrawal is made durable. The message is WITHDRAWN all the same, so the copy
+    /// waiting in the recipient's stream must not be sent: the wrong organisation would
+    /// get a victim's referral that its sender took back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_withdrawal_whose_caller_goes_away_during_its_flush_still_stops_the_waiting_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = FlushHold::default();
+        let shared = broker_with(
+            dir.path(),
+            crate::store::SledOptions {
+                flush_observer: Some(hold.observer()),
+                ..Default::default()
+            },
+        );
+        let service = ExchangeService::new(shared.clone());
+        let mut in_flight = InFlight::new(&shared, "NL-NRM", "BE-PAYOKE").await;
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let id = in_flight.id;
+        hold.cancel_during_flush({
+            let nl = nl.clone();
+            async move {
+                let request = pb::WithdrawRequest {
+                    message_id: id.to_string(),
+                };
+                service.withdraw_inner(&nl, request).await
+            }
+        })
+        .await;
+        eventually("the stream's slot is freed", || {
+            in_flight.free_slots(&shared) == 1
+        })
+        .await;
+        let status = shared.store.status(&nl, id).await.unwrap().unwrap();
+        assert_eq!(status.state, crate::store::State::Withdrawn);
+        assert!(
+            in_flight.sent_now().is_none(),
+            "a withdrawn message was sent"
         );
     }
 }

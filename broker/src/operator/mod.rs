@@ -24,7 +24,7 @@ use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use crate::admin::CertRole;
 use crate::error::BrokerError;
-use crate::service::Shared;
+use crate::service::{Shared, to_completion};
 use crate::store::{
     Millis, OperatorAction, PurgeResult, RedriveResult, SearchFilter, State, StatusRecord,
 };
@@ -269,16 +269,36 @@ impl OperatorService {
         operator: &str,
         request: pb::PurgeRequest,
     ) -> Result<pb::PurgeResponse, BrokerError> {
-        let shared = &self.shared;
         let id = parse_message_id(&request.message_id)?;
         let sender = parse_sender(&request.sender)?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
         let reason = check_reason(&request.reason)?;
         let now = self.now();
+        let (this, operator, reason) = (self.clone(), operator.to_owned(), reason.to_owned());
+        to_completion(async move {
+            this.purge_stored(&operator, id, sender.as_ref(), &reason, now)
+                .await
+        })
+        .await
+    }
+
+    /// Purges message `id` in the store (audited in the same write), then drops it from
+    /// its recipient's channels and frees its stream slot (in a task of its own: see
+    /// [`to_completion`]; a copy sent after the purge reaches a recipient an operator
+    /// removed it from).
+    async fn purge_stored(
+        &self,
+        operator: &str,
+        id: MessageId,
+        sender: Option<&ParticipantId>,
+        reason: &str,
+        now: Millis,
+    ) -> Result<pb::PurgeResponse, BrokerError> {
+        let shared = &self.shared;
         let result = shared.stored(
             shared
                 .store
-                .operator_purge(operator, id, sender.as_ref(), reason, now)
+                .operator_purge(operator, id, sender, reason, now)
                 .await,
         )?;
         // Answered from what the purge's transaction returned: once it is
@@ -313,7 +333,7 @@ impl OperatorService {
                     already_purged: true,
                 })
             }
-            PurgeResult::NotFound => Err(not_found(id, sender.as_ref())),
+            PurgeResult::NotFound => Err(not_found(id, sender)),
             PurgeResult::Ambiguous { senders } => Err(ambiguous(id, &senders)),
             PurgeResult::NotPurgeable { state } => Err(BrokerError::FailedPrecondition(format!(
                 "message {id} is {}; only ACCEPTED or IN_FLIGHT messages can be purged",
@@ -918,5 +938,42 @@ mod tests {
         let summary = filter_summary(&ok);
         assert!(summary.contains("sender=NL-NRM") && summary.contains("case_ref=(set)"));
         assert!(!summary.contains(&ok.case_ref.unwrap().to_string()));
+    }
+
+    /// An operator purges a message; the operator's client goes away while the purge is
+    /// made durable. The message is PURGED (and audited) all the same, so the copy waiting
+    /// in the recipient's stream must not be sent, and its slot is freed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_whose_caller_goes_away_during_its_flush_still_stops_the_waiting_copy() {
+        use crate::service::test_support::{FlushHold, InFlight, broker_with, eventually};
+        let dir = tempfile::tempdir().unwrap();
+        let hold = FlushHold::default();
+        let shared = broker_with(
+            dir.path(),
+            crate::store::SledOptions {
+                flush_observer: Some(hold.observer()),
+                ..Default::default()
+            },
+        );
+        let service = OperatorService::new(shared.clone());
+        let mut in_flight = InFlight::new(&shared, "NL-NRM", "BE-PAYOKE").await;
+        let id = in_flight.id;
+        hold.cancel_during_flush(async move {
+            let request = pb::PurgeRequest {
+                message_id: id.to_string(),
+                sender: String::new(),
+                reason: "misaddressed, sender asked".into(),
+            };
+            service.purge("ops-alice", request).await
+        })
+        .await;
+        eventually("the stream's slot is freed", || {
+            in_flight.free_slots(&shared) == 1
+        })
+        .await;
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let status = shared.store.status(&nl, id).await.unwrap().unwrap();
+        assert_eq!(status.state, State::Purged);
+        assert!(in_flight.sent_now().is_none(), "a purged message was sent");
     }
 }
