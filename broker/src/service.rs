@@ -429,14 +429,23 @@ impl ExchangeService {
             ))
             .into());
         }
-        let outcome = shared.stored(shared.store.submit(message, now).await)?;
+        // (counted with its write: see `to_completion`)
+        let outcome = {
+            let (shared, recipient, kind) =
+                (self.shared.clone(), checked.recipient.clone(), checked.kind);
+            to_completion(async move {
+                let outcome = shared.stored(shared.store.submit(message, now).await)?;
+                if matches!(outcome, SubmitOutcome::Accepted(_)) {
+                    shared.metrics.accepted(kind);
+                    shared.streams.wake(&recipient);
+                }
+                Ok::<_, Refused>(outcome)
+            })
+            .await?
+        };
         drop((slot, reserved, ticket));
         let (accepted, duplicate) = match outcome {
-            SubmitOutcome::Accepted(accepted) => {
-                shared.metrics.accepted(checked.kind);
-                shared.streams.wake(&checked.recipient);
-                (accepted, false)
-            }
+            SubmitOutcome::Accepted(accepted) => (accepted, false),
             SubmitOutcome::Duplicate(accepted) => (accepted, true),
             SubmitOutcome::IdTaken => {
                 // (the other sender is not named: that would tell who writes to whom)
@@ -1755,5 +1764,44 @@ mod tests {
             in_flight.sent_now().is_none(),
             "a withdrawn message was sent"
         );
+    }
+
+    /// A submit whose client goes away while the store makes it durable: the message is
+    /// stored all the same, and counted in `trmx_messages_accepted_total` (its retry is a
+    /// duplicate, which is not counted: the count would be short for ever).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_submit_whose_caller_goes_away_during_its_flush_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = FlushHold::default();
+        let shared = broker_with(
+            dir.path(),
+            crate::store::SledOptions {
+                flush_observer: Some(hold.observer()),
+                ..Default::default()
+            },
+        );
+        let service = ExchangeService::new(shared.clone());
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let envelope = referral_to("BE-PAYOKE");
+        let id = MessageId::parse(&envelope.message_id).unwrap();
+        hold.cancel_during_flush({
+            let nl = nl.clone();
+            async move {
+                let request = pb::SubmitRequest {
+                    envelope: Some(envelope),
+                };
+                service
+                    .submit_inner(&nl, request)
+                    .await
+                    .map_err(|r| r.error)
+            }
+        })
+        .await;
+        let counted = "trmx_messages_accepted_total{kind=\"referral\"} 1";
+        eventually("the accepted message is counted", || {
+            shared.metrics.render().contains(counted)
+        })
+        .await;
+        assert!(shared.store.status(&nl, id).await.unwrap().is_some());
     }
 }
