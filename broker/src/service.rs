@@ -429,11 +429,14 @@ impl ExchangeService {
             ))
             .into());
         }
-        // (counted with its write: see `to_completion`)
+        // (counted with its write, and the sender's write slot and bytes held until it is
+        // done, whether its caller waits or not: see `to_completion`)
         let outcome = {
             let (shared, recipient, kind) =
                 (self.shared.clone(), checked.recipient.clone(), checked.kind);
+            let held = (slot, reserved);
             to_completion(async move {
+                let _held = held;
                 let outcome = shared.stored(shared.store.submit(message, now).await)?;
                 if matches!(outcome, SubmitOutcome::Accepted(_)) {
                     shared.metrics.accepted(kind);
@@ -443,7 +446,7 @@ impl ExchangeService {
             })
             .await?
         };
-        drop((slot, reserved, ticket));
+        drop(ticket);
         let (accepted, duplicate) = match outcome {
             SubmitOutcome::Accepted(accepted) => (accepted, false),
             SubmitOutcome::Duplicate(accepted) => (accepted, true),
@@ -1447,6 +1450,17 @@ pub(crate) mod test_support {
             F: Future + Send + 'static,
             F::Output: Send + 'static,
         {
+            self.cancel_while_held(work).await;
+            self.release();
+        }
+
+        /// [`Self::cancel_during_flush`], but the flush stays held until
+        /// [`Self::release`].
+        pub(crate) async fn cancel_while_held<F>(&self, work: F)
+        where
+            F: Future + Send + 'static,
+            F::Output: Send + 'static,
+        {
             let (lock, changed) = &*self.0;
             *lock.lock().unwrap() = (true, 0);
             let task = tokio::spawn(work);
@@ -1460,8 +1474,16 @@ pub(crate) mod test_support {
             task.abort();
             match task.await {
                 Err(error) => assert!(error.is_cancelled(), "{error}"),
-                Ok(_) => panic!("the handler was done before its flush"),
+                Ok(_) => {
+                    self.release();
+                    panic!("the handler was done before its flush")
+                }
             }
+        }
+
+        /// Lets the held flushes go on.
+        pub(crate) fn release(&self) {
+            let (lock, changed) = &*self.0;
             lock.lock().unwrap().0 = false;
             changed.notify_all();
         }
@@ -1803,5 +1825,50 @@ mod tests {
         })
         .await;
         assert!(shared.store.status(&nl, id).await.unwrap().is_some());
+    }
+
+    /// A submit whose client goes away while its write is made durable keeps its
+    /// sender's write slot until the write is done: else a sender whose requests time out
+    /// writes more at once than its slots allow (and holds more bytes in memory than its
+    /// budget), ahead of the other senders.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_submit_whose_caller_goes_away_keeps_its_write_slot_until_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = FlushHold::default();
+        let shared = broker_with(
+            dir.path(),
+            crate::store::SledOptions {
+                flush_observer: Some(hold.observer()),
+                ..Default::default()
+            },
+        );
+        let service = ExchangeService::new(shared.clone());
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let envelope = referral_to("BE-PAYOKE");
+        hold.cancel_while_held({
+            let nl = nl.clone();
+            async move {
+                let request = pb::SubmitRequest {
+                    envelope: Some(envelope),
+                };
+                service
+                    .submit_inner(&nl, request)
+                    .await
+                    .map_err(|r| r.error)
+            }
+        })
+        .await;
+        let slot = shared.submit_slots.acquire(&nl);
+        tokio::pin!(slot);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let free_while_writing = slot.as_mut().poll(&mut cx).is_ready();
+        hold.release();
+        assert!(
+            !free_while_writing,
+            "the sender's one slot is free while its write is under way"
+        );
+        tokio::time::timeout(Duration::from_secs(5), slot)
+            .await
+            .expect("the slot is freed once the write is done");
     }
 }
