@@ -386,11 +386,11 @@ impl Inner {
 /// with the next flush; but the wake-up of the recipients it made messages due
 /// for would go with the caller, and a recipient's idle stream would sleep until
 /// something unrelated woke it — while the sender's retry, a duplicate, wakes
-/// nobody. A panic of `work` is the caller's, as before.
+/// nobody. A panic of `work` is the caller's, as before, and so is its span.
 async fn to_completion<T: Send + 'static>(
     work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
 ) -> Result<T, StoreError> {
-    match tokio::spawn(work).await {
+    match tokio::spawn(tracing::Instrument::in_current_span(work)).await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => Err(StoreError::Unavailable(format!("store task failed: {e}"))),
