@@ -1281,6 +1281,16 @@ pub(crate) mod test_support {
         broker_with(dir, crate::store::SledOptions::default())
     }
 
+    /// [`one_slot_broker`] whose store's flushes a [`FlushHold`] can hold.
+    pub(crate) fn held_broker(dir: &std::path::Path) -> (FlushHold, Arc<Shared>) {
+        let hold = FlushHold::default();
+        let options = crate::store::SledOptions {
+            flush_observer: Some(hold.observer()),
+            ..Default::default()
+        };
+        (hold, broker_with(dir, options))
+    }
+
     /// [`one_slot_broker`] on a store opened with `options`.
     pub(crate) fn broker_with(
         dir: &std::path::Path,
@@ -1694,14 +1704,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_ack_whose_caller_goes_away_during_its_flush_frees_the_stream_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let hold = FlushHold::default();
-        let shared = broker_with(
-            dir.path(),
-            crate::store::SledOptions {
-                flush_observer: Some(hold.observer()),
-                ..Default::default()
-            },
-        );
+        let (hold, shared) = held_broker(dir.path());
         let service = ExchangeService::new(shared.clone());
         let mut in_flight = InFlight::new(&shared, "NL-NRM", "BE-PAYOKE").await;
         assert!(in_flight.sent_now().is_some(), "delivered");
@@ -1725,14 +1728,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reject_whose_caller_goes_away_during_its_flush_frees_the_stream_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let hold = FlushHold::default();
-        let shared = broker_with(
-            dir.path(),
-            crate::store::SledOptions {
-                flush_observer: Some(hold.observer()),
-                ..Default::default()
-            },
-        );
+        let (hold, shared) = held_broker(dir.path());
         let service = ExchangeService::new(shared.clone());
         let mut in_flight = InFlight::new(&shared, "NL-NRM", "BE-PAYOKE").await;
         assert!(in_flight.sent_now().is_some(), "delivered");
@@ -1759,14 +1755,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_withdrawal_whose_caller_goes_away_during_its_flush_still_stops_the_waiting_copy() {
         let dir = tempfile::tempdir().unwrap();
-        let hold = FlushHold::default();
-        let shared = broker_with(
-            dir.path(),
-            crate::store::SledOptions {
-                flush_observer: Some(hold.observer()),
-                ..Default::default()
-            },
-        );
+        let (hold, shared) = held_broker(dir.path());
         let service = ExchangeService::new(shared.clone());
         let mut in_flight = InFlight::new(&shared, "NL-NRM", "BE-PAYOKE").await;
         let nl = ParticipantId::parse("NL-NRM").unwrap();
@@ -1799,14 +1788,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_submit_whose_caller_goes_away_during_its_flush_is_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let hold = FlushHold::default();
-        let shared = broker_with(
-            dir.path(),
-            crate::store::SledOptions {
-                flush_observer: Some(hold.observer()),
-                ..Default::default()
-            },
-        );
+        let (hold, shared) = held_broker(dir.path());
         let service = ExchangeService::new(shared.clone());
         let nl = ParticipantId::parse("NL-NRM").unwrap();
         let envelope = referral_to("BE-PAYOKE");
@@ -1839,14 +1821,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_submit_whose_caller_goes_away_keeps_its_write_slot_until_written() {
         let dir = tempfile::tempdir().unwrap();
-        let hold = FlushHold::default();
-        let shared = broker_with(
-            dir.path(),
-            crate::store::SledOptions {
-                flush_observer: Some(hold.observer()),
-                ..Default::default()
-            },
-        );
+        let (hold, shared) = held_broker(dir.path());
         let service = ExchangeService::new(shared.clone());
         let nl = ParticipantId::parse("NL-NRM").unwrap();
         let envelope = referral_to("BE-PAYOKE");

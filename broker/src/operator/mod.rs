@@ -945,16 +945,9 @@ mod tests {
     /// in the recipient's stream must not be sent, and its slot is freed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_purge_whose_caller_goes_away_during_its_flush_still_stops_the_waiting_copy() {
-        use crate::service::test_support::{FlushHold, InFlight, broker_with, eventually};
+        use crate::service::test_support::{InFlight, eventually, held_broker};
         let dir = tempfile::tempdir().unwrap();
-        let hold = FlushHold::default();
-        let shared = broker_with(
-            dir.path(),
-            crate::store::SledOptions {
-                flush_observer: Some(hold.observer()),
-                ..Default::default()
-            },
-        );
+        let (hold, shared) = held_broker(dir.path());
         let service = OperatorService::new(shared.clone());
         let mut in_flight = InFlight::new(&shared, "NL-NRM", "BE-PAYOKE").await;
         let id = in_flight.id;

@@ -2253,53 +2253,21 @@ mod tests {
     /// stream sleeps until it is woken; the sender's retry, a duplicate, wakes nobody.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_submit_whose_caller_goes_away_during_its_flush_still_wakes_the_recipient() {
-        use std::sync::{Arc, Condvar, Mutex};
-        // (held, flushes that found it held)
-        let hold = Arc::new((Mutex::new((false, 0u32)), Condvar::new()));
-        let observer = {
-            let hold = Arc::clone(&hold);
-            super::super::FlushObserver(Arc::new(move |_| {
-                let (lock, changed) = &*hold;
-                let mut state = lock.lock().unwrap();
-                if state.0 {
-                    state.1 += 1;
-                    changed.notify_all();
-                }
-                while state.0 {
-                    state = changed.wait(state).unwrap();
-                }
-            }))
-        };
+        use std::sync::Arc;
+        let hold = crate::service::test_support::FlushHold::default();
         let dir = tempfile::tempdir().unwrap();
         let opts = SledOptions {
-            flush_observer: Some(observer),
+            flush_observer: Some(hold.observer()),
             ..SledOptions::default()
         };
         let s = Arc::new(SledStore::open(dir.path(), opts, Lifecycle::default()).unwrap());
         let be = ParticipantId::parse("BE-PAYOKE").unwrap();
         let mut wakeups = s.wakeups();
-        hold.0.lock().unwrap().0 = true;
         let submitting = {
-            let s = Arc::clone(&s);
-            let msg = message(&be);
-            tokio::spawn(async move { s.submit(msg, NOW).await })
+            let (s, msg) = (Arc::clone(&s), message(&be));
+            async move { s.submit(msg, NOW).await }
         };
-        {
-            // the submit's transaction is applied and its flush under way
-            let (lock, changed) = &*hold;
-            let state = lock.lock().unwrap();
-            let (state, waited) = changed
-                .wait_timeout_while(state, std::time::Duration::from_secs(10), |s| s.1 == 0)
-                .unwrap();
-            assert!(!waited.timed_out(), "no flush came: {:?}", *state);
-        }
-        submitting.abort();
-        assert!(submitting.await.unwrap_err().is_cancelled());
-        {
-            let (lock, changed) = &*hold;
-            lock.lock().unwrap().0 = false;
-            changed.notify_all();
-        }
+        hold.cancel_during_flush(submitting).await;
         let woken = tokio::time::timeout(std::time::Duration::from_secs(5), wakeups.recv()).await;
         assert_eq!(
             woken.expect("the recipient was never woken").unwrap(),
