@@ -31,7 +31,7 @@
 //!   below notifies [`Outbox::room_made`] (a stored permit if no one is waiting), so a
 //!   stream waiting for room never misses it.
 //! - The ids of the deliveries in the channel are known, with how many copies of each
-//!   wait there ([`Waiting::queued`]: a delivery whose ack timeout passed while it waited
+//!   wait there (`Waiting::queued`: a delivery whose ack timeout passed while it waited
 //!   is leased again, onto the same stream, behind its first copy). A message taken back
 //!   ([`Dropper::taken_back`]: withdrawn, purged) is marked, and every copy of it is
 //!   dropped when its turn comes, not sent: its recipient never sees it. The mark is kept

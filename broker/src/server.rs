@@ -6,7 +6,7 @@
 //!
 //! The admin endpoint (`admin_listen`: `/metrics`, `/healthz`, `/readyz`) is bound
 //! before the store opens (a taken port fails the start at once) and served once the
-//! store is open; [`BrokerAdminHooks`] refreshes the queue gauges from the store on
+//! store is open; `BrokerAdminHooks` refreshes the queue gauges from the store on
 //! every scrape.
 //!
 //! Shutdown order: stop accepting connections and refuse new submits (`/readyz` turns

@@ -5,7 +5,7 @@
 //!
 //! A handler that changes the store runs the change and what follows it (stream
 //! slots freed, copies taken back dropped, counters, the sender's write permits) in a
-//! task of its own ([`to_completion`]): a client whose deadline passes has its
+//! task of its own (`to_completion`): a client whose deadline passes has its
 //! handler dropped mid-await, and the change is made all the same.
 //!
 //! Handlers return [`BrokerError`]; the `tonic` wrappers convert it with the

@@ -79,7 +79,7 @@ pub fn load_certs_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertE
 }
 
 /// Loads the first private key (PKCS#8, SEC1 or PKCS#1) of a PEM file that other users
-/// may not read ([`read_secret`]).
+/// may not read (`read_secret`).
 pub fn load_key_pem(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
     let bytes = read_secret("private key", path)?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| CertError::parse("private key", path, e))

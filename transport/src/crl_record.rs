@@ -29,10 +29,10 @@
 //! never an empty record: that would silently accept any CRL.
 //!
 //! # Invariants
-//! - For each CA, the recorded CRL only moves forward: [`CrlRecord::take`] keeps the newer
+//! - For each CA, the recorded CRL only moves forward: `CrlRecord::take` keeps the newer
 //!   of the recorded and the new, and callers check before they take. A server that read
 //!   the record before it held the directory reads it again, and merges, before it first
-//!   writes it ([`CrlRecord::merge`]), so it never writes an older record over a newer one.
+//!   writes it (`CrlRecord::merge`), so it never writes an older record over a newer one.
 //! - The file is replaced atomically (temporary file, fsync, rename, fsync of the
 //!   directory): after a crash it holds the record before or after, never a mix.
 //! - A CA once recorded stays recorded, also after it left the CRL file (the end of a

@@ -42,7 +42,7 @@
 //!   `Pending::per_source`, from admission until its task ends or it is evicted, whichever
 //!   comes first; the counts never exceed the limits.
 //! - An established connection is counted once in `Gate::per_identity` (by its
-//!   [`IdentitySlot`]) from its handshake until it is dropped; an identity with no
+//!   `IdentitySlot`) from its handshake until it is dropped; an identity with no
 //!   connection has no entry, so the map holds only identities connected now.
 
 use std::collections::hash_map::Entry;

@@ -5,7 +5,7 @@
 //!   when the connection is dropped.
 //! - A connection whose handshake used an older config than the current one is re-verified
 //!   against the current verifier when it registers, so a reload racing a handshake cannot
-//!   let a revoked certificate through (see [`ServerTls::register`]).
+//!   let a revoked certificate through (see `ServerTls::register`).
 //! - Reloads run one at a time (`Inner::reloads`, held from reading the files to the
 //!   last check of open connections), so the config in force is always built from the
 //!   files as the latest reload read them, and generations strictly increase: the `n`th

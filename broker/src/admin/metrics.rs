@@ -300,7 +300,7 @@ impl Gauges {
 }
 
 /// How long the expiry of an operator certificate stays exported after its `not_after`
-/// (see [`Gauges::forget_departed_operators`]).
+/// (see `Gauges::forget_departed_operators`).
 pub const OPERATOR_CERT_AFTERLIFE: Duration = Duration::from_secs(86_400);
 
 /// The store's disk, as last measured.

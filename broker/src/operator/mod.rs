@@ -4,8 +4,8 @@
 //!
 //! - this file: the service — the caller's operator name from its certificate
 //!   (node and broker certificates get `PERMISSION_DENIED`), request validation,
-//!   the calls into the [`BrokerStore`], and the conversion of store records to
-//!   [`pb::MessageMetadata`] (never a payload).
+//!   the calls into the [`BrokerStore`](crate::store::BrokerStore), and the conversion
+//!   of store records to [`pb::MessageMetadata`] (never a payload).
 //! - [`stats`]: the federation statistics with small-count suppression.
 //!
 //! Handlers return [`BrokerError`]; the one `From<BrokerError> for Status` makes

@@ -281,7 +281,7 @@ fn check_socket_dir(dir: &Path, ours: u32) -> Result<(), NodeError> {
 }
 
 /// Refuses, creating nothing, the directory of a socket `path` that [`bind_local_socket`]
-/// would refuse for this process's user (see [`check_socket_dir`]), for `check-config`:
+/// would refuse for this process's user (see `check_socket_dir`), for `check-config`:
 /// its "config OK" is a promise that the start gets this far. A directory not made yet
 /// passes: the node makes it, its own, mode 0700.
 pub fn check_socket_dir_of(path: &Path) -> Result<(), NodeError> {

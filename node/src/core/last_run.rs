@@ -8,7 +8,7 @@
 //! - Those of [`trmx_durable::last_run`]: the store's mark is the truth (the start checks
 //!   the store), the file is never ahead of it, and it is replaced atomically (mode 0600).
 //! - The node writes the file right after its store recorded the same instant, at start
-//!   and every minute ([`LastRunWriter`]), and `trmx-node accept-clock` after it recorded
+//!   and every minute (`LastRunWriter`), and `trmx-node accept-clock` after it recorded
 //!   the clock it accepts. A write that fails is a warning, never a stop.
 
 use std::path::{Path, PathBuf};
@@ -119,7 +119,7 @@ pub fn clock_line(check: &ClockCheck) -> String {
 }
 
 /// The clock check of a start against the last run kept in `data_dir`'s last-run file,
-/// with the start's rule ([`judge_clock`]): its refusal is the error. Looks whether there
+/// with the start's rule (`judge_clock`): its refusal is the error. Looks whether there
 /// is a store (a start without one is a first start, whatever a file left behind says),
 /// and reads nothing of it, so it works beside a running node too.
 pub fn check_clock_offline(

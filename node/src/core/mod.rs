@@ -1948,7 +1948,7 @@ async fn run_retention(inner: &Arc<Inner>) -> Result<usize, NodeError> {
 }
 
 /// Erases expired bodies at start and then every `retention_check_interval`; a node
-/// online also reads its certificate again then (see [`Inner::recheck_certificate`]).
+/// online also reads its certificate again then (see `Inner::recheck_certificate`).
 /// Records `now` as the last run of the stopped node whose store is in `data_dir`, so
 /// that its next start accepts the system clock (see [`ClockBounds`]). Returns the
 /// instant recorded before, if any. Durable when it returns. Fails while a node runs on
