@@ -1202,9 +1202,9 @@ fn read_document(path: &Path) -> Result<Vec<u8>, CliError> {
         .map_err(cannot_read)?;
     if bytes.len() as u64 > MAX_DOCUMENT_BYTES {
         return fail(format!(
-            "{file}: is larger than {} MiB, the most a document can be (its attachments hold \
-             at most 2 MiB): is it the right file?",
-            MAX_DOCUMENT_BYTES / (1024 * 1024)
+            "{file}: is larger than {MAX_DOCUMENT_BYTES} bytes ({:.2} MiB), the most a document \
+             can be (its attachments hold at most 2 MiB): is it the right file?",
+            MAX_DOCUMENT_BYTES as f64 / (1024.0 * 1024.0)
         ));
     }
     Ok(bytes)

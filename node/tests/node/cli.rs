@@ -1295,8 +1295,8 @@ async fn a_file_too_large_for_a_document_is_refused_with_its_name() {
         assert_eq!(
             line,
             format!(
-                "{file}: is larger than 15 MiB, the most a document can be (its attachments \
-                 hold at most 2 MiB): is it the right file?"
+                "{file}: is larger than 16711680 bytes (15.94 MiB), the most a document can \
+                 be (its attachments hold at most 2 MiB): is it the right file?"
             )
         );
     }
