@@ -260,6 +260,13 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
 /// included. (A directory writable by its group passes: with a umask of 002 every
 /// directory a user makes is, and the group is often the user's own.) `ours` is the
 /// node's user (the process's effective uid, the owner of what it creates).
+///
+/// The directories above it are checked too, as OpenSSH checks the path to a user's
+/// `authorized_keys`: whoever may rename an entry of one of them could move the node's
+/// directory away and put one of their own in its place. Each must be the node's
+/// user's or root's, and not writable by every user unless it has the sticky bit
+/// (`/tmp`: there, only an entry's owner may rename it). Both the path as written and
+/// the one its symbolic links lead to are checked.
 fn check_socket_dir(dir: &Path, ours: u32) -> Result<(), NodeError> {
     let meta = std::fs::metadata(dir).map_err(|e| socket_error(dir, "cannot stat", e))?;
     let what = if meta.uid() != ours && meta.uid() != 0 {
@@ -270,7 +277,7 @@ fn check_socket_dir(dir: &Path, ours: u32) -> Result<(), NodeError> {
             meta.mode() & 0o7777
         )
     } else {
-        return Ok(());
+        return check_socket_dir_ancestors(dir, ours);
     };
     Err(NodeError::Config(format!(
         "api.socket: the directory {} {what}, who could put their own socket in place of \
@@ -278,6 +285,39 @@ fn check_socket_dir(dir: &Path, ours: u32) -> Result<(), NodeError> {
          /run/trmx-node, mode 0700), or `chmod o-w` this one",
         dir.display()
     )))
+}
+
+/// The check of the directories above the socket directory `dir` (see
+/// [`check_socket_dir`]).
+fn check_socket_dir_ancestors(dir: &Path, ours: u32) -> Result<(), NodeError> {
+    let written = std::path::absolute(dir).map_err(|e| socket_error(dir, "cannot resolve", e))?;
+    let resolved =
+        std::fs::canonicalize(dir).map_err(|e| socket_error(dir, "cannot resolve", e))?;
+    for path in [&written, &resolved] {
+        for above in path.ancestors().skip(1) {
+            let meta =
+                std::fs::metadata(above).map_err(|e| socket_error(above, "cannot stat", e))?;
+            let what = if meta.uid() != ours && meta.uid() != 0 {
+                format!("belongs to another user (uid {})", meta.uid())
+            } else if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+                format!(
+                    "can be written by other users (mode {:o})",
+                    meta.mode() & 0o7777
+                )
+            } else {
+                continue;
+            };
+            return Err(NodeError::Config(format!(
+                "api.socket: the directory {}, above the socket's directory {}, {what}, who \
+                 could move the socket's directory away and put their own in its place: use a \
+                 directory whose every parent only root or the node's user can write (e.g. \
+                 /run/trmx-node), or `chmod o-w` that one",
+                above.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses, creating nothing, the directory of a socket `path` that [`bind_local_socket`]

@@ -820,6 +820,79 @@ fn a_mistyped_log_level_is_refused_not_a_silent_node() {
     }
 }
 
+/// A socket directory of the node's own under a directory every user can write (no
+/// sticky bit) is refused, naming that directory: another user could rename the node's
+/// directory away and put one with their own socket in its place. The same through a
+/// symbolic link, by `check-config`'s check too; under a sticky `/tmp`-like directory,
+/// where only an entry's owner may rename it, the socket binds.
+#[tokio::test]
+async fn a_socket_directory_under_one_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).expect("dir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let ours = open.join("node");
+    std::fs::create_dir(&ours).expect("dir");
+    std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let expected = |dir: &std::path::Path| {
+        format!(
+            "config: api.socket: the directory {}, above the socket's directory {}, can be \
+             written by other users (mode 777), who could move the socket's directory away \
+             and put their own in its place: use a directory whose every parent only root or \
+             the node's user can write (e.g. /run/trmx-node), or `chmod o-w` that one",
+            open.display(),
+            dir.display()
+        )
+    };
+    let socket = ours.join("node.sock");
+    let message = trmx_node::api::bind_local_socket(&socket)
+        .expect_err("refused")
+        .to_string();
+    assert_eq!(message, expected(&ours));
+    assert_eq!(std::fs::read_dir(&ours).expect("read").count(), 0);
+    let checked = trmx_node::api::check_socket_dir_of(&socket)
+        .expect_err("refused by check-config too")
+        .to_string();
+    assert_eq!(checked, expected(&ours));
+    // through a symbolic link in a safe directory, to the directory under `open`
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&ours, &link).expect("symlink");
+    let message = trmx_node::api::bind_local_socket(&link.join("node.sock"))
+        .expect_err("refused through the link")
+        .to_string();
+    assert_eq!(message, expected(&link));
+    // with the sticky bit, only the owner of `node` may rename it: fine
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let bound = trmx_node::api::bind_local_socket(&socket).expect("binds under a sticky dir");
+    drop(bound);
+    // (as root, the test can give a directory above to another user)
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    if root {
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).expect("dir");
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let ours = theirs.join("node");
+        std::fs::create_dir(&ours).expect("dir");
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+        let message = trmx_node::api::bind_local_socket(&ours.join("node.sock"))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            message.contains(&format!(
+                "the directory {}, above the socket's directory {}, belongs to another user \
+                 (uid 65534)",
+                theirs.display(),
+                ours.display()
+            )),
+            "{message}"
+        );
+    }
+}
+
 /// A socket directory every user can write (a shared `/tmp`-like directory) is refused, naming `api.socket` and what to do: another user
 /// could put their own socket in place of the node's and receive what the CLI and
 /// case-management systems send. Nothing is left in it.
