@@ -173,6 +173,10 @@ pub(super) struct Core {
     /// Queued messages found damaged by a lease (`ops::Leases::damaged`):
     /// passed by from then on. Few, and forgotten at a restart.
     unleasable: std::sync::Mutex<HashSet<u64>>,
+    /// Damaged records the queue figures (read at every metrics scrape) have
+    /// logged already: each is logged there once per process, not at every
+    /// scrape (see `ops::Core::waiting`). At most `ops::DAMAGED_REMEMBERED`.
+    damaged_logged: std::sync::Mutex<HashSet<u64>>,
 }
 
 /// Everything behind a [`SledStore`]. Field order is drop order: the
@@ -252,6 +256,7 @@ impl SledStore {
             seq_floor,
             life: lifecycle,
             unleasable: Default::default(),
+            damaged_logged: Default::default(),
         });
         let writer = Writer::start(Arc::clone(&core), opts.writer_nice)
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;

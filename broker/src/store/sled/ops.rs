@@ -724,14 +724,15 @@ impl Core {
 
     /// The metadata of the record `seq` if it still waits for its recipient
     /// (ACCEPTED or IN_FLIGHT: a leased record is stored ACCEPTED); none
-    /// when it was settled or cannot be read (logged).
+    /// when it was settled or cannot be read (logged once per process: the
+    /// queue figures are read at every metrics scrape).
     fn waiting(&self, seq: u64) -> Result<Option<Record>, StoreError> {
         let record = match self.tree(RECORDS).get(seq.to_be_bytes()).map_err(storage)? {
             Some(bytes) => Record::decode_metadata(&bytes).map(Some),
             None => Ok(None),
         };
         Ok(self
-            .readable(seq, record)?
+            .readable_logged(seq, record, Repeat::Once)?
             .filter(|record| record.state.is_active()))
     }
 
@@ -802,28 +803,81 @@ impl Core {
         Ok(page.finish())
     }
 
-    /// `record` of `seq`, or none when it cannot be read (logged): one
-    /// damaged record must not fail every operator read that passes it.
+    /// `record` of `seq`, or none when it cannot be read (logged at every
+    /// read: an operator's search or listing is asked for): one damaged
+    /// record must not fail every operator read that passes it.
     fn readable(
         &self,
         seq: u64,
         record: Result<Option<Record>, StoreError>,
     ) -> Result<Option<Record>, StoreError> {
+        self.readable_logged(seq, record, Repeat::EveryRead)
+    }
+
+    /// [`Self::readable`], logging a damaged record as `repeat` says (then at
+    /// DEBUG when it is not logged at ERROR).
+    fn readable_logged(
+        &self,
+        seq: u64,
+        record: Result<Option<Record>, StoreError>,
+        repeat: Repeat,
+    ) -> Result<Option<Record>, StoreError> {
         match record {
             Err(StoreError::Corrupt(why)) => {
-                tracing::error!(
-                    seq,
-                    %why,
-                    "a stored message record cannot be read: left out of what operators \
-                     read (searches, dead letters, queue figures and their metrics); the \
-                     store is damaged, run `trmx-broker store verify`"
-                );
+                if repeat == Repeat::EveryRead || self.first_logged(seq) {
+                    tracing::error!(
+                        seq,
+                        %why,
+                        "a stored message record cannot be read: left out of what operators \
+                         read (searches, dead letters, queue figures and their metrics); the \
+                         store is damaged, run `trmx-broker store verify`"
+                    );
+                } else {
+                    tracing::debug!(
+                        seq,
+                        "a stored message record cannot be read (logged before)"
+                    );
+                }
                 Ok(None)
             }
             other => other,
         }
     }
+
+    /// Whether the damaged record `seq` is logged by the queue figures for the
+    /// first time in this process (remembered from now on). Past
+    /// [`DAMAGED_REMEMBERED`] records, every one is logged every time: a store
+    /// that damaged is better flooding the log than silent.
+    fn first_logged(&self, seq: u64) -> bool {
+        let mut logged = self
+            .damaged_logged
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if logged.contains(&seq) {
+            return false;
+        }
+        if logged.len() < DAMAGED_REMEMBERED {
+            logged.insert(seq);
+        }
+        true
+    }
 }
+
+/// How often a read logs a damaged record at ERROR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// At every read: an operator's search or dead-letter listing, asked for.
+    EveryRead,
+    /// Once per record and process: the queue figures are read at every
+    /// metrics scrape (and operator queue listing), and would log the same
+    /// record every few seconds. Its operator reads, and `trmx-broker store
+    /// verify`, still name it.
+    Once,
+}
+
+/// Damaged records whose ERROR the queue figures remember having logged (the
+/// records at queue heads and in flight: a few per recipient).
+pub(super) const DAMAGED_REMEMBERED: usize = 4096;
 
 /// The leases of the store, by deadline.
 #[derive(Debug, Default)]
@@ -1434,6 +1488,8 @@ impl Tx<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use trmx_proto::envelope::{Priority, sha256};
     use trmx_proto::{CaseRef, Kind};
 
@@ -1616,6 +1672,55 @@ mod tests {
         assert_eq!(ids, vec![fine.message_id]);
         assert_eq!(page.resume_after, None);
         s.close().await.unwrap();
+    }
+
+    /// A damaged record at the head of a queue is met by the queue figures, which the
+    /// broker reads at every metrics scrape: its ERROR is logged the first time only,
+    /// not at every scrape (it flooded the log). An operator's search still logs it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queue_figures_log_a_damaged_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let fine = message(&be);
+        damaged_store(dir.path(), &[&fine], |_, _| {}).await;
+        let s = open(dir.path());
+        let core = Arc::clone(&s.inner.core);
+        // (the reads run on this thread, where the capture is the default)
+        let errors = errors_logged(|| {
+            for _ in 0..3 {
+                let stats = core.queue_stats().unwrap();
+                assert_eq!(stats[0].depth, 2, "the damaged one is still counted");
+            }
+        });
+        assert_eq!(errors, 1, "logged at the first scrape only");
+        let errors = errors_logged(|| {
+            core.search(&SearchFilter::default()).unwrap();
+        });
+        assert_eq!(errors, 1, "an operator's search names it");
+        s.close().await.unwrap();
+    }
+
+    /// The ERROR events `f` logs on this thread.
+    fn errors_logged(f: impl FnOnce()) -> usize {
+        use tracing_subscriber::layer::SubscriberExt;
+
+        struct CountErrors(Arc<std::sync::atomic::AtomicUsize>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountErrors {
+            fn on_event(
+                &self,
+                event: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                if *event.metadata().level() == tracing::Level::ERROR {
+                    self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(CountErrors(Arc::clone(&count)));
+        tracing::subscriber::with_default(subscriber, f);
+        count.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A closed store in `dir` with `n` messages to BE-PAYOKE, all leased to
@@ -2253,7 +2358,6 @@ mod tests {
     /// stream sleeps until it is woken; the sender's retry, a duplicate, wakes nobody.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_submit_whose_caller_goes_away_during_its_flush_still_wakes_the_recipient() {
-        use std::sync::Arc;
         let hold = crate::service::test_support::FlushHold::default();
         let dir = tempfile::tempdir().unwrap();
         let opts = SledOptions {
