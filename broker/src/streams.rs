@@ -11,6 +11,11 @@
 //!   at its `max_in_flight`. A lease of a message taken back (withdrawn, purged)
 //!   between the store's lease and its registration here never enters it: the
 //!   withdrawal or purge came too early to free its slot.
+//! - A message id names one message of a participant, so the in-flight sets, the
+//!   channels' marks and every clean-up here match by id alone: the store refuses a
+//!   message whose id another sender's message to the same recipient has, as long as
+//!   that one's record is kept (`SubmitOutcome::IdTaken`; the recipient acks and
+//!   rejects by id), and a receipt's id is a UUIDv5, which no sender may submit.
 //! - Lock order: this registry's lock, then a stream channel's (a [`Dropper`]'s);
 //!   a channel reports its drops with its own lock released.
 //! - Locks are std mutexes held only for map updates, never across `.await`.
