@@ -760,10 +760,20 @@ impl ExchangeService {
             shared.submitting.withdrawal_refused(caller, id, withdrawal);
         }
         match result {
-            store::WithdrawResult::Withdrawn { at, recipient } => {
-                shared.metrics.withdrawn();
+            store::WithdrawResult::Withdrawn {
+                at,
+                recipient,
+                already,
+            } => {
+                // (a repeat still frees what an earlier call whose answer was lost
+                // may not have got to)
                 shared.streams.withdrawn(&recipient, caller, &id);
-                info!("message withdrawn");
+                if already {
+                    info!("message already withdrawn");
+                } else {
+                    shared.metrics.withdrawn();
+                    info!("message withdrawn");
+                }
                 Ok(pb::WithdrawResponse {
                     withdrawn_at: Some(to_timestamp(from_millis(at))),
                 })

@@ -298,11 +298,14 @@ async fn refused_rejected_and_withdrawn_submits_are_counted_by_reason() -> anyho
     );
     assert_eq!(scrape.value("trmx_submit_duration_seconds_count"), 1.0);
 
-    // withdrawn by the sender; rejected by the recipient
-    nl.withdraw(pb::WithdrawRequest {
-        message_id: used.message_id.clone(),
-    })
-    .await?;
+    // withdrawn by the sender (and again, as a retry after a lost answer would: one
+    // withdrawal, counted once); rejected by the recipient
+    for _ in 0..2 {
+        nl.withdraw(pb::WithdrawRequest {
+            message_id: used.message_id.clone(),
+        })
+        .await?;
+    }
     let rejected = referral("BE-PAYOKE");
     submit(&mut nl, rejected.clone()).await?;
     let mut be = t.client("BE-PAYOKE")?;

@@ -809,14 +809,16 @@ pub(super) async fn withdraw_before_ack_refused_after<S: BrokerStore>(s: &S, c: 
         s.withdraw(&pid(NL), queued.message_id, now).await.unwrap(),
         WithdrawResult::Withdrawn {
             at: now,
-            recipient: pid(BE)
+            recipient: pid(BE),
+            already: false,
         }
     );
     assert_eq!(
         s.withdraw(&pid(NL), flying.message_id, now).await.unwrap(),
         WithdrawResult::Withdrawn {
             at: now,
-            recipient: pid(BE)
+            recipient: pid(BE),
+            already: false,
         }
     );
     assert_eq!(
@@ -830,7 +832,8 @@ pub(super) async fn withdraw_before_ack_refused_after<S: BrokerStore>(s: &S, c: 
             .unwrap(),
         WithdrawResult::Withdrawn {
             at: now,
-            recipient: pid(BE)
+            recipient: pid(BE),
+            already: true,
         }
     );
     let st = s
@@ -874,7 +877,8 @@ pub(super) async fn an_expired_message_can_be_withdrawn<S: BrokerStore>(s: &S, c
         s.withdraw(&pid(NL), m.message_id, later).await.unwrap(),
         WithdrawResult::Withdrawn {
             at: later,
-            recipient: pid(BE)
+            recipient: pid(BE),
+            already: false,
         }
     );
     let st = s.status(&pid(NL), m.message_id).await.unwrap().unwrap();

@@ -203,6 +203,9 @@ pub enum WithdrawResult {
         at: Millis,
         /// Its recipient (whose streams drop it if it waits to be sent).
         recipient: ParticipantId,
+        /// It was withdrawn before this call (a repeat, e.g. a retry after a lost
+        /// answer): nothing changed now, and it is not counted again.
+        already: bool,
     },
     /// Unknown, or not the caller's.
     NotFound,

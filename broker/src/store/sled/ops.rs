@@ -1361,11 +1361,13 @@ impl Tx<'_> {
                     WithdrawResult::Withdrawn {
                         at: now,
                         recipient: old.recipient,
+                        already: false,
                     }
                 }
                 State::Withdrawn => WithdrawResult::Withdrawn {
                     at: old.state_changed_at,
                     recipient: old.recipient,
+                    already: true,
                 },
                 State::Acknowledged => WithdrawResult::AlreadyAcknowledged,
                 state @ State::Purged => WithdrawResult::Final { state },
