@@ -264,10 +264,16 @@ fn init_tracing(filter: &str) -> anyhow::Result<()> {
         .with_context(|| format!("{filter:?} is not a valid log filter"))?;
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // (whatever the filter, sled's dumps of the payloads it stores are not logged)
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
+        .finish()
+        .with(trmx_durable::log_filter::NoStoredBytes);
+    subscriber
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))
 }

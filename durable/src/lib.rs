@@ -33,7 +33,8 @@
 //! store, which `check-config` reads instead of the store; [`store_exists`], whether a
 //! directory holds a sled store, told without opening it; [`open_sled`], opening one in
 //! a process that may have closed it a moment ago; [`log_filter`], the rule broker and node
-//! apply to the log filter an operator gives them (a level or `target=level`, no bare word).
+//! apply to the log filter an operator gives them (a level or `target=level`, no bare word),
+//! and the layer that keeps sled's dumps of stored bytes out of every log.
 
 pub mod clock;
 pub mod last_run;

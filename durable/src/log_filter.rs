@@ -8,8 +8,14 @@
 //!
 //! Only this rule is checked here; the caller still parses the filter with
 //! `tracing_subscriber::EnvFilter`, which refuses what is no filter at all.
+//!
+//! Whatever the filter, [`NoStoredBytes`] keeps sled's DEBUG and TRACE lines out of the
+//! log: they print the keys and values sled writes, as byte arrays, and those values are
+//! message payloads on the broker and bodies on a node (personal data).
 
 use std::fmt;
+
+use tracing::{Level, Metadata};
 
 /// The level names of a log filter (matched without regard to case).
 pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
@@ -95,9 +101,73 @@ pub fn check_log_filter(filter: &str) -> Result<String, BareTarget> {
     Ok(checked.join(","))
 }
 
+/// Whether a log line of `metadata` may be written at all, whatever the operator's filter:
+/// not one of sled's below INFO. sled logs (through the `log` crate, which the processes
+/// route into `tracing`) every key and value it writes at TRACE
+/// (`linking pid 24 with Set([0, 0, 0, 1], [8, 1, 18, 31, 10, 15, 78, 82, ..])`, the
+/// encoded body of a referral) and whole batches and tree nodes at DEBUG and TRACE; its
+/// INFO, WARN and ERROR lines name files and failures, never a value.
+pub fn may_log(metadata: &Metadata<'_>) -> bool {
+    let target = metadata.target();
+    let sled = target == "sled" || target.starts_with("sled::");
+    !(sled && *metadata.level() > Level::INFO)
+}
+
+/// A layer that refuses what [`may_log`] refuses, for every other layer of the subscriber
+/// (a global filter, as `EnvFilter` is): broker and node add it to their logger so that no
+/// `log_level` (`trace`, `sled=trace`, `RUST_LOG`) prints what sled stores.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoStoredBytes;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for NoStoredBytes {
+    fn enabled(
+        &self,
+        metadata: &Metadata<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        may_log(metadata)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sled prints stored keys and values at DEBUG and TRACE: those never reach a layer
+    /// behind [`NoStoredBytes`], whatever its level; sled's INFO and everyone else's TRACE do.
+    #[test]
+    fn sled_below_info_is_never_logged() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt as _;
+
+        struct Seen(Arc<Mutex<Vec<String>>>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Seen {
+            fn on_event(
+                &self,
+                event: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                let m = event.metadata();
+                let line = format!("{} {}", m.target(), m.level());
+                self.0.lock().expect("lock").push(line);
+            }
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry()
+            .with(NoStoredBytes)
+            .with(Seen(Arc::clone(&seen)));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "sled::pagecache", "linking pid 24 with Set([..], [..])");
+            tracing::debug!(target: "sled", "applying batch");
+            tracing::info!(target: "sled::config", "opened");
+            tracing::trace!(target: "sledge", "not sled");
+            tracing::trace!(target: "trmx_node::core", "ours");
+        });
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            ["sled::config INFO", "sledge TRACE", "trmx_node::core TRACE"]
+        );
+    }
 
     #[test]
     fn a_bare_word_that_is_no_level_is_refused() {
