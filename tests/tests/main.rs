@@ -10,6 +10,7 @@ mod bounds;
 mod certs;
 mod chaos;
 mod e2e;
+mod leaks;
 mod network;
 mod node;
 mod storage;

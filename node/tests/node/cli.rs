@@ -1508,7 +1508,7 @@ fn a_document_of_another_kind_says_which_kind_it_is() {
     assert_eq!(
         line,
         format!(
-            "{}: follow_up.purpose: unknown field (the document reads as a referral: --kind \
+            "{}: follow_up: unknown field (the document reads as a referral: --kind \
              referral?)",
             referral.display()
         )

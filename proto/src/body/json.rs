@@ -18,8 +18,8 @@ const MAX_REPORTED_KEY: usize = 64;
 pub(super) fn parse<T: DeserializeOwned>(root: &str, json: &str) -> Result<T, ValidationError> {
     let mut deserializer = serde_json::Deserializer::from_str(json);
     let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let mut field = path(root, e.path());
         let rule = rule(e.inner());
+        let mut field = path(root, e.path(), rule == UNKNOWN_FIELD);
         if rule == "duplicate field"
             && let Some(name) = duplicate_name(e.inner())
         {
@@ -34,14 +34,26 @@ pub(super) fn parse<T: DeserializeOwned>(root: &str, json: &str) -> Result<T, Va
     Ok(value)
 }
 
+/// The rule of a key that the message at its place does not have.
+const UNKNOWN_FIELD: &str = "unknown field";
+
 /// `root.snake_case.path[3].of_the_field`.
 ///
-/// A key that is not a plausible field name (it could hold anything) ends the
-/// path at the object that holds it, so the path stays a valid dotted field
-/// path (`referral.person`) that the broker accepts in a `Reject`.
-fn path(root: &str, path: &serde_path_to_error::Path) -> String {
+/// With `unknown_key`, the path's last key is one the schema does not have: it is
+/// left out, and the path ends at the object that holds it (`referral.person`). Such
+/// a key is whatever the sender's software wrote there, a value put where a key goes
+/// (`{"bello": true}`) as much as a misspelt field, and the path travels beyond the
+/// node that refuses the body: into its log, the `Reject` that becomes the sender's
+/// non-delivery report, and the broker operator's dead letters. A key that is not a
+/// plausible field name likewise ends the path at its object, so the path stays a
+/// valid dotted field path that the broker accepts in a `Reject`.
+fn path(root: &str, path: &serde_path_to_error::Path, unknown_key: bool) -> String {
+    let mut segments: Vec<&Segment> = path.iter().collect();
+    if unknown_key && matches!(segments.last(), Some(Segment::Map { .. })) {
+        segments.pop();
+    }
     let mut out = root.to_owned();
-    for segment in path {
+    for segment in segments {
         match segment {
             Segment::Seq { index } => out.push_str(&format!("[{index}]")),
             Segment::Map { key } => match field_name(key) {
@@ -128,7 +140,7 @@ fn rule(error: &serde_json::Error) -> &'static str {
         Category::Data => {
             let message = error.to_string();
             if message.starts_with("unknown field") {
-                "unknown field"
+                UNKNOWN_FIELD
             } else if message.starts_with("duplicate field") {
                 "duplicate field"
             } else if message.starts_with("unknown variant") {
