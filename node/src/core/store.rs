@@ -173,12 +173,23 @@ fn page_of<T>(
 type TxResult<T> = ConflictableTransactionResult<T, NodeError>;
 
 /// The sled database of one node.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` shows no content: sled's own `Debug` of a database prints every key and
+/// value it holds (the bodies), and a `Store` is inside every `NodeCore` and `RunningNode`.
+#[derive(Clone)]
 pub(crate) struct Store {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     /// Completes sled's flushes against a power cut (`trmx_durable`).
     sync: std::sync::Arc<std::sync::Mutex<trmx_durable::DiskSync>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("trees", &self.trees.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// An outbox entry as stored.

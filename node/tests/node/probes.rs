@@ -1005,3 +1005,35 @@ fn staging_name() -> String {
     }
     format!(".t{}", digits.iter().rev().collect::<String>())
 }
+
+/// `{:?}` of a running node (a `RunningNode`, or the `NodeCore` inside it) holds none of
+/// the bodies its store keeps: not as text, nor as the byte array sled's own `Debug`
+/// prints. That `Debug` printed the node's whole sled database, every key and value, so
+/// an integration that logged its node with `?node`, or a test that failed showing it,
+/// wrote every body the node held.
+#[tokio::test]
+async fn the_debug_of_a_running_node_holds_no_body() {
+    use serde_json::json;
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    client
+        .send(pb::SendRequest {
+            body: Some(pb::send_request::Body::BodyJson(referral_with(
+                "/notes",
+                json!({"language": "en", "text": "NOTESMARKQX"}),
+            ))),
+            ..referral()
+        })
+        .await
+        .expect("queued");
+    let shown = format!("{node:?}");
+    node.stop().await.expect("stop");
+    let as_bytes = format!("{:?}", "NOTESMARKQX".as_bytes());
+    let inner = as_bytes.trim_start_matches('[').trim_end_matches(']');
+    assert!(
+        !shown.contains("NOTESMARKQX") && !shown.contains(inner),
+        "a body in the node's Debug: {} bytes",
+        shown.len()
+    );
+}
