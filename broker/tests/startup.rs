@@ -340,9 +340,12 @@ async fn a_clock_that_jumped_while_the_broker_was_down_is_refused_until_accepted
         "{text}"
     );
 
-    // The refused starts changed nothing. A clock five minutes behind the last run (the
-    // running broker held a step back of NTP, and recorded its own time) starts.
-    b.clock.set(down_at - Duration::from_secs(300));
+    // The refused starts changed nothing. A clock four minutes behind the last run (the
+    // running broker held a step back of NTP, and recorded its own time) starts. (Not
+    // five: the client's certificate was issued after the test clock started, valid from
+    // five minutes before its issue, so a broker clock five minutes behind could find it
+    // not yet valid, and refuse it as expired.)
+    b.clock.set(down_at - Duration::from_secs(240));
     let mut nl = restart(&mut b).await?;
     assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::Accepted);
     b.broker.shutdown().await?;
