@@ -3,9 +3,10 @@
 //! [`RunningNode::start`] binds the API socket (so that a node whose socket is
 //! taken starts nothing), opens the core and serves the socket in a task; when
 //! it returns, the socket accepts connections. [`RunningNode::stop`]
-//! stops the API first (no new requests, open `Watch` streams end), then shuts
-//! the core down (link tasks stop, the store is flushed). [`run`] is the same
-//! for callers that only have a shutdown future (the binary, tests).
+//! stops the API first (no new requests, open `Watch` streams end, those under way
+//! answer), then shuts the core down (the sends and withdrawals whose clients gave up
+//! end, within `CoreConfig::shutdown_grace`; link tasks stop, the store is flushed).
+//! [`run`] is the same for callers that only have a shutdown future (the binary, tests).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -25,7 +25,9 @@ pub fn to_status(error: NodeError) -> Status {
         NodeError::IdempotencyConflict { .. } => Code::AlreadyExists,
         NodeError::NotFound(_) => Code::NotFound,
         NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
-        NodeError::BrokerUnavailable(_) | NodeError::Store(_) => Code::Unavailable,
+        NodeError::BrokerUnavailable(_) | NodeError::Store(_) | NodeError::ShuttingDown => {
+            Code::Unavailable
+        }
         NodeError::LimitReached { .. } => Code::ResourceExhausted,
         NodeError::Config(_) | NodeError::ClockJump(_) => Code::Internal,
     };

@@ -52,6 +52,8 @@ pub(crate) struct FakeState {
     pub(crate) end_streams: Option<(tonic::Code, String)>,
     /// `GetInfo` calls answered.
     pub(crate) get_info_calls: u64,
+    /// `GetInfo` calls that arrived, answered or held ([`FakeBroker::get_info_hold`]).
+    pub(crate) get_info_arrived: u64,
     /// The serial of the client certificate of each `Receive` call (served over TLS
     /// only), in order.
     pub(crate) receive_serials: Vec<String>,
@@ -495,6 +497,7 @@ impl Exchange for Endpoint {
         &self,
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::BrokerInfo>, Status> {
+        self.broker.lock().get_info_arrived += 1;
         drop(self.broker.get_info_hold.lock().await);
         let mut st = self.broker.lock();
         st.get_info_calls += 1;

@@ -17,9 +17,10 @@
 //! flushes, then wakes the submit loop, which submits to the broker and marks
 //! it `SUBMITTED`. A send and a withdrawal run in a task of their own, which the
 //! caller awaits: a local API client that gives up drops only the waiting, never the
-//! change halfway. The receive loop stores each delivery (or the effect of a
-//! receipt), flushes, then acknowledges it; [`NodeCore::watch`] streams new
-//! inbox entries by their node-local `seq`.
+//! change halfway; [`NodeCore::shutdown`] takes no new one and waits for those under
+//! way (within [`CoreConfig::shutdown_grace`]) before it stops the link. The receive
+//! loop stores each delivery (or the effect of a receipt), flushes, then acknowledges
+//! it; [`NodeCore::watch`] streams new inbox entries by their node-local `seq`.
 
 mod channel;
 pub mod clock;
@@ -102,6 +103,11 @@ pub struct CoreConfig {
     pub certificate_check_interval: Duration,
     /// How far the system clock may be from the store's last run at start.
     pub clock_bounds: ClockBounds,
+    /// How long [`NodeCore::shutdown`] waits for the sends and withdrawals under way when
+    /// it starts ([`SHUTDOWN_GRACE`] by default) before it stops the link: what still
+    /// runs then is cut as a crash would cut it (each of their store changes is one
+    /// transaction, and the same call again finds what was done).
+    pub shutdown_grace: Duration,
 }
 
 /// How far the system clock may be from the last time a node ran on its store, when it
@@ -301,6 +307,15 @@ pub(crate) const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long a withdrawal waits for the broker, by default ([`CoreConfig::withdraw_timeout`]).
 pub(crate) const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a shutdown waits for the sends and withdrawals under way, by default
+/// ([`CoreConfig::shutdown_grace`]): long enough for one that has started to end, as a
+/// withdrawal waits at most twice [`CoreConfig::withdraw_timeout`] (15 s by default)
+/// for the broker (for a submit in progress, then for its own call) and a send at most
+/// twice 3 s for the broker's registry (`REGISTRY_REFRESH_WAIT`), plus their store
+/// writes; short enough that a broker that does not answer does not hold a stop up for
+/// long (systemd kills a service that takes 90 s to stop).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2 * WITHDRAW_TIMEOUT.as_secs() + 5);
 
 /// What [`NodeCore::withdraw`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -520,6 +535,9 @@ pub enum NodeError {
     /// [`ClockBounds`]): the node does not start.
     #[error("clock: {0}")]
     ClockJump(String),
+    /// The node is shutting down: it takes no new send or withdrawal (`UNAVAILABLE`).
+    #[error("the node is shutting down: try again once it runs again")]
+    ShuttingDown,
 }
 
 /// The environment variable of the test-only fail point.
@@ -566,6 +584,9 @@ struct Inner {
     /// watchers). What is committed but not yet flushed is not in it, since a crash
     /// before the flush takes it back: watchers, listings and the status stop here.
     durable_inbox: watch::Sender<InboxMark>,
+    /// The sends and withdrawals running in their tasks ([`detached`]), and whether new
+    /// ones are taken: not once a shutdown has started, which waits for them.
+    changes: watch::Sender<Changes>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     failpoint_inbox_after_store: bool,
@@ -575,6 +596,42 @@ struct Inner {
     /// (`link::certificate_loop`): the link stays on its connection with the old one, and
     /// presents the old one on its next connections too.
     move_refused: Mutex<Option<MoveRefused>>,
+}
+
+/// The sends and withdrawals running in tasks of their own (see [`detached`]).
+#[derive(Debug, Default)]
+struct Changes {
+    /// How many run.
+    running: usize,
+    /// A shutdown has started: no new one is taken.
+    closed: bool,
+}
+
+/// One of [`Changes::running`], until dropped with the task it runs in: when that ends,
+/// or when the runtime cuts it.
+#[derive(Debug)]
+struct Running(Arc<Inner>);
+
+impl Running {
+    /// Counts one more change running, unless a shutdown has started (`None`).
+    fn start(inner: &Arc<Inner>) -> Option<Running> {
+        let taken = inner.changes.send_if_modified(|changes| {
+            if changes.closed {
+                return false;
+            }
+            changes.running += 1;
+            true
+        });
+        taken.then(|| Running(Arc::clone(inner)))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0
+            .changes
+            .send_modify(|changes| changes.running = changes.running.saturating_sub(1));
+    }
 }
 
 /// A renewed certificate the broker did not accept (see `Inner::move_refused`).
@@ -623,14 +680,25 @@ impl Inner {
 /// a send would leave its entry stored without waking the submit loop, and a
 /// withdrawal the message withdrawn on the broker but queued or submitted here (and
 /// then submitted again). The task runs to its end either way (every step of it is
-/// bounded), and the same call again finds what it did.
-async fn detached<T: Send + 'static>(
+/// bounded), and the same call again finds what it did. [`NodeCore::shutdown`] waits
+/// for it (within [`CoreConfig::shutdown_grace`]), and once a shutdown has started no
+/// new one starts ([`NodeError::ShuttingDown`]).
+async fn detached<T: Send + 'static, F>(
+    inner: &Arc<Inner>,
     what: &str,
-    work: impl Future<Output = Result<T, NodeError>> + Send + 'static,
-) -> Result<T, NodeError> {
-    tokio::spawn(work)
-        .await
-        .map_err(|e| NodeError::Store(format!("{what} task failed: {e}")))?
+    work: impl FnOnce(Arc<Inner>) -> F,
+) -> Result<T, NodeError>
+where
+    F: Future<Output = Result<T, NodeError>> + Send + 'static,
+{
+    let running = Running::start(inner).ok_or(NodeError::ShuttingDown)?;
+    let work = work(Arc::clone(inner));
+    tokio::spawn(async move {
+        let _running = running;
+        work.await
+    })
+    .await
+    .map_err(|e| NodeError::Store(format!("{what} task failed: {e}")))?
 }
 
 /// Asks the broker for its participant registry (`GetInfo`, waiting at most
@@ -1219,6 +1287,7 @@ impl NodeCore {
         let inbox = store.inbox_mark()?;
         let (shutdown, _) = watch::channel(false);
         let (durable_inbox, _) = watch::channel(inbox);
+        let (changes, _) = watch::channel(Changes::default());
         let inner = Arc::new(Inner {
             config,
             clock,
@@ -1229,6 +1298,7 @@ impl NodeCore {
             submit_wake: Notify::new(),
             submit_gate: tokio::sync::Mutex::new(()),
             durable_inbox,
+            changes,
             shutdown,
             tasks: Mutex::new(Vec::new()),
             failpoint_inbox_after_store,
@@ -1281,8 +1351,15 @@ impl NodeCore {
         Ok(NodeCore { inner })
     }
 
-    /// Stops the link and retention tasks, then flushes the store.
+    /// Takes no new send or withdrawal ([`NodeError::ShuttingDown`]) and waits for those
+    /// under way, at most [`CoreConfig::shutdown_grace`] (their callers may have gone, and
+    /// what still runs when the process exits is cut as by a crash); then stops the link
+    /// and retention tasks, and flushes the store.
     pub async fn shutdown(&self) {
+        self.inner
+            .changes
+            .send_modify(|changes| changes.closed = true);
+        self.wait_for_changes().await;
         self.inner.shutdown.send_replace(true);
         let tasks = std::mem::take(
             &mut *self
@@ -1302,6 +1379,25 @@ impl NodeCore {
         info!(participant = %self.inner.config.participant, "node core stopped");
     }
 
+    /// Waits for the sends and withdrawals under way, at most
+    /// [`CoreConfig::shutdown_grace`] (a broker that does not answer must not hold a
+    /// shutdown up).
+    async fn wait_for_changes(&self) {
+        let me = &self.inner.config.participant;
+        let running = self.inner.changes.borrow().running;
+        if running == 0 {
+            return;
+        }
+        let grace = self.inner.config.shutdown_grace;
+        info!(participant = %me, running, grace = ?grace, "shutdown waits for the sends and withdrawals under way");
+        let mut changes = self.inner.changes.subscribe();
+        let ended = tokio::time::timeout(grace, changes.wait_for(|c| c.running == 0)).await;
+        if ended.is_err() {
+            let running = self.inner.changes.borrow().running;
+            warn!(participant = %me, running, grace = ?grace, "sends or withdrawals did not end within the shutdown grace (a broker that does not answer?): they are cut at exit, as a crash would cut them; the same call again finds what was done");
+        }
+    }
+
     /// Validates and stores a message as `QUEUED` (flushed before this returns),
     /// then wakes the submit loop. A recipient that the broker's registry,
     /// once known, does not list, or that does not accept the kind, is
@@ -1314,9 +1410,10 @@ impl NodeCore {
     /// `case_ref` known only from such messages.
     ///
     /// Runs to its end in a task of its own (`detached`): a client that gives up
-    /// (its deadline, Ctrl-C) does not leave its entry stored but not submitted.
+    /// (its deadline, Ctrl-C) does not leave its entry stored but not submitted; a
+    /// shutdown waits for it. Once a shutdown has started, `ShuttingDown`.
     pub async fn send(&self, req: SendRequest) -> Result<OutboxEntry, NodeError> {
-        detached("send", Self::send_now(Arc::clone(&self.inner), req)).await
+        detached(&self.inner, "send", |inner| Self::send_now(inner, req)).await
     }
 
     /// [`Self::send`], in the task it runs in.
@@ -1529,12 +1626,12 @@ impl NodeCore {
     ///
     /// Runs to its end in a task of its own (`detached`): a client that gives up
     /// while the broker's answer is on its way does not leave the message withdrawn
-    /// on the broker and queued or submitted here.
+    /// on the broker and queued or submitted here; a shutdown waits for it. Once a
+    /// shutdown has started, `ShuttingDown`.
     pub async fn withdraw(&self, id: MessageId) -> Result<Withdrawal, NodeError> {
-        detached(
-            "withdrawal",
-            Self::withdraw_now(Arc::clone(&self.inner), id),
-        )
+        detached(&self.inner, "withdrawal", |inner| {
+            Self::withdraw_now(inner, id)
+        })
         .await
     }
 

@@ -89,6 +89,7 @@ fn config(dir: &Path, me: &str) -> CoreConfig {
         withdraw_timeout: Duration::from_secs(2),
         certificate_check_interval: Duration::from_millis(50),
         clock_bounds: ClockBounds::default(),
+        shutdown_grace: SHUTDOWN_GRACE,
     }
 }
 
@@ -4948,5 +4949,141 @@ mod link {
         assert_withdrawn(&nl, sent.message_id).await;
         assert!(queued_at(&broker, "BE-PAYOKE").is_empty());
         nl.shutdown().await;
+    }
+
+    // ---- shutdown ---------------------------------------------------------------------
+
+    /// A send runs in a task of its own, so that a client that gives up does not cut it;
+    /// but a shutdown did not wait for that task, and the exit that follows a shutdown
+    /// (SIGTERM) cut a send under way as a crash would: its message, which the caller
+    /// may have been told nothing about, was gone. Now a shutdown waits for the sends
+    /// under way: one that waits for the broker's registry when the shutdown starts is
+    /// stored, and is in the outbox when the node opens its store again.
+    #[tokio::test]
+    async fn a_send_under_way_when_the_shutdown_starts_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let cfg = config(dir.path(), "NL-NRM");
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        // The node runs on a runtime of its own, dropped after the shutdown as the
+        // binary's is when it exits: what still runs then is cut.
+        let node_run = tokio::task::spawn_blocking({
+            let (broker, cfg, clock) = (broker.clone(), cfg.clone(), clock.clone());
+            move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                // (this thread's lines: the node's runtime runs on it)
+                let logs = LogCapture::start();
+                let (sent, silent) = runtime.block_on(async {
+                    let nl = online_with(cfg, addr, clock).await;
+                    until("the registry is fetched", || async {
+                        nl.inner.cached_participants().is_some()
+                    })
+                    .await;
+                    // NG-NAPTIP joined the broker since: a send to it asks the broker for
+                    // its registry again, and the broker does not answer for now
+                    broker.lock().participants.push("NG-NAPTIP".into());
+                    let silent = broker.get_info_hold.clone().lock_owned().await;
+                    let asked = broker.lock().get_info_arrived;
+                    let sending = tokio::spawn({
+                        let nl = nl.clone();
+                        async move { nl.send(request("k-1", "NG-NAPTIP", referral())).await }
+                    });
+                    until("the send asks the broker", || async {
+                        broker.lock().get_info_arrived > asked
+                    })
+                    .await;
+                    let mut stopping = tokio::spawn({
+                        let nl = nl.clone();
+                        async move { nl.shutdown().await }
+                    });
+                    tokio::select! {
+                        // (it did not wait: the send is cut when the runtime is dropped)
+                        _ = &mut stopping => return (None, Some(silent)),
+                        () = until("the shutdown waits for the send", || async {
+                            !logs.lines_with(&["shutdown waits"]).is_empty()
+                        }) => {}
+                    }
+                    drop(silent);
+                    stopping.await.unwrap();
+                    let sent = sending.await.unwrap().unwrap();
+                    (Some(sent), None)
+                });
+                drop(runtime);
+                drop(silent);
+                sent
+            }
+        });
+        let sent = node_run.await.unwrap();
+        let nl = NodeCore::start_offline(cfg, clock).await.unwrap();
+        let outbox = nl.outbox(&ListFilter::default()).await.unwrap();
+        let stored: Vec<_> = outbox
+            .iter()
+            .map(|e| (e.recipient.to_string(), e.state))
+            .collect();
+        assert_eq!(
+            stored,
+            [("NG-NAPTIP".to_owned(), OutboxState::Queued)],
+            "the send under way when the shutdown started"
+        );
+        let sent = sent.expect("the send answered");
+        assert_eq!(sent.message_id, outbox[0].message_id);
+        nl.shutdown().await;
+    }
+
+    /// A shutdown waits for the sends and withdrawals under way, but not for ever: a
+    /// withdrawal whose broker does not answer holds it up for `shutdown_grace`, not for
+    /// its `withdraw_timeout`. Meanwhile no new send is taken (it would be stored after
+    /// the last flush, and never submitted by this run).
+    #[tokio::test]
+    async fn a_shutdown_waits_for_a_stuck_withdrawal_no_longer_than_its_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let mut cfg = config(dir.path(), "NL-NRM");
+        cfg.withdraw_timeout = Duration::from_secs(60);
+        cfg.shutdown_grace = Duration::from_millis(300);
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let nl = online_with(cfg, addr, clock).await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        // the broker withdraws it, and its answer never comes back
+        let held = broker.withdraw_hold.lock().await;
+        let withdrawing = tokio::spawn({
+            let nl = nl.clone();
+            async move { nl.withdraw(sent.message_id).await }
+        });
+        until("the broker has the withdrawal", || async {
+            broker.lock().withdraws_arrived == 1
+        })
+        .await;
+        let started = std::time::Instant::now();
+        // (the shutdown is polled first: it has started when the send comes)
+        let (stopped, refused) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(10), nl.shutdown()),
+            nl.send(request("k-2", "BE-PAYOKE", referral())),
+        );
+        assert!(
+            matches!(refused, Err(NodeError::ShuttingDown)),
+            "{refused:?}"
+        );
+        assert!(stopped.is_ok(), "the shutdown waited for the withdrawal");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "it waited its grace"
+        );
+        assert!(!withdrawing.is_finished(), "the withdrawal still waits");
+        drop(held);
     }
 }

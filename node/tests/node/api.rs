@@ -51,6 +51,7 @@ fn every_node_error_maps_to_its_code_and_keeps_its_message() {
             Code::Unavailable,
         ),
         (NodeError::Store("flush failed".into()), Code::Unavailable),
+        (NodeError::ShuttingDown, Code::Unavailable),
         (
             NodeError::LimitReached {
                 what: "too many Watch streams open",
