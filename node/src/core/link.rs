@@ -1039,6 +1039,7 @@ pub(crate) async fn certificate_loop(
             inner.set_move_refused(Some(MoveRefused {
                 connected: outdated.old.clone(),
                 reason: not_taken(&new_serial, &failed),
+                refused: failed.refused,
             }));
         }
         // (a refusal after no answer, or the other way round, is said at once)

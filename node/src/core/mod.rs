@@ -641,6 +641,9 @@ pub(crate) struct MoveRefused {
     pub(crate) connected: Option<trmx_certs::CertInfo>,
     /// Why, for `trmx-node status`.
     pub(crate) reason: String,
+    /// The broker refused it, as opposed to not answering (in time, or at all): then
+    /// the files' certificate may well be good.
+    pub(crate) refused: bool,
 }
 
 /// The broker link of a node started online, for [`NodeCore::open`].
@@ -1059,12 +1062,24 @@ impl Inner {
     /// Says at ERROR, once a day at most, when the link holds the old certificate (the
     /// broker did not take the renewed one of the files) and the node's CRL (`tls.crl`)
     /// lists it: the broker refuses it at the next connection, or as soon as it has that
-    /// CRL too, so the operator must install a certificate the broker accepts now, not
-    /// once the broker has cut the node off. The CRL is looked at when it changed (the
-    /// channel keeps what it found) and is said of at once; the daily check says it
-    /// again. `revoked` is what [`trmx_transport::ChannelTls::held_revoked`] found
-    /// (it reads files: off the runtime).
+    /// CRL too. What to do depends on why the renewed one was not taken: one the broker
+    /// refused must be replaced by a certificate it accepts now, not once the broker has
+    /// cut the node off; one the broker did not answer about may well be good (the link
+    /// tries it again every minute and moves to it once the broker answers), so the
+    /// broker's state is what to look at. The CRL is looked at when it changed (the
+    /// channel keeps what it found) and is said of at once, and so is a change of why;
+    /// the daily check says it again. `revoked` is what
+    /// [`trmx_transport::ChannelTls::held_revoked`] found (it reads files: off the
+    /// runtime).
     fn note_held_revocation(&self, revoked: Option<trmx_certs::CertInfo>) {
+        // (not refused: held because the broker did not answer the proof of the renewed
+        // one; with nothing recorded, as refused, the advice that is safe either way)
+        let refused = self
+            .move_refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|moved| moved.refused);
         let now = self.clock.now();
         let mut said = self
             .notices
@@ -1074,12 +1089,8 @@ impl Inner {
             said.held_revoked = None;
             return;
         };
-        if !say_again(
-            &mut said.held_revoked,
-            &held.serial_hex,
-            now,
-            CERT_EXPIRY_REPEAT,
-        ) {
+        let about = format!("{} {refused}", held.serial_hex);
+        if !say_again(&mut said.held_revoked, &about, now, CERT_EXPIRY_REPEAT) {
             return;
         }
         let crl = self
@@ -1087,7 +1098,17 @@ impl Inner {
             .crl
             .as_ref()
             .map_or_else(String::new, |p| p.display().to_string());
-        error!(participant = %self.config.participant, serial = %held.serial_hex, not_after = %trmx_certs::format_time(held.not_after), crl = %crl, cert = %self.config.tls.cert.display(), "the old node certificate, which the node goes on presenting because the renewed one in the certificate files was not taken, is revoked: the node's CRL (tls.crl) lists it, so the broker refuses it at the next connection, or as soon as it has this CRL, and then nothing is sent or received; install a certificate the broker accepts now");
+        let (me, serial, not_after, cert) = (
+            &self.config.participant,
+            &held.serial_hex,
+            trmx_certs::format_time(held.not_after),
+            self.config.tls.cert.display(),
+        );
+        if refused {
+            error!(participant = %me, serial = %serial, not_after = %not_after, crl = %crl, cert = %cert, "the old node certificate, which the node goes on presenting because the broker refused the renewed one in the certificate files, is revoked: the node's CRL (tls.crl) lists it, so the broker refuses it at the next connection, or as soon as it has this CRL, and then nothing is sent or received; install a certificate the broker accepts now");
+        } else {
+            error!(participant = %me, serial = %serial, not_after = %not_after, crl = %crl, cert = %cert, "the old node certificate, which the node goes on presenting because the broker did not answer when the renewed one in the certificate files was tried (it did not refuse it), is revoked: the node's CRL (tls.crl) lists it, so the broker refuses it at the next connection, or as soon as it has this CRL, and then nothing is sent or received until the link moves to the renewed one, which it tries again every minute and takes once the broker answers; check that the broker is up and answers (trmx-node status, its operator)");
+        }
     }
 
     /// Records (or, with `None`, clears) a renewed certificate the broker did not accept.

@@ -3902,10 +3902,12 @@ mod link {
         for part in [
             first.serial_hex.as_str(),
             "tls.crl",
+            "the broker refused the renewed one",
             "install a certificate the broker accepts",
         ] {
             assert!(said[0].contains(part), "{part}: {}", said[0]);
         }
+        assert!(!said[0].contains("did not answer"), "{}", said[0]);
         let why = nl.status().certificate.unwrap().refused.unwrap_or_default();
         assert!(
             why.contains("revoked") && why.contains(first.serial_hex.as_str()),
@@ -3917,6 +3919,63 @@ mod link {
         clock.advance(DAY);
         nl.inner.recheck_certificate();
         assert_eq!(revoked().len(), 2, "{:#?}", revoked());
+        nl.shutdown().await;
+    }
+
+    /// A held certificate that the CRL lists was said revoked with the advice "install a
+    /// certificate the broker accepts" also when the link held it only because the
+    /// broker did not answer the proof of the renewal: the renewed certificate in the
+    /// files may well be good, and the operator was sent to replace it. Now the ERROR
+    /// says that the broker did not answer (it did not refuse the renewed one), that the
+    /// link tries that one again, and to look at the broker.
+    #[tokio::test]
+    async fn a_held_certificate_the_crl_lists_after_no_answer_does_not_blame_the_files() {
+        let logs = LogCapture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let federation = federation(dir.path());
+        let cert = federation.participant("NL-NRM").unwrap();
+        let first = trmx_certs::CertInfo::from_pem_file(&cert.cert).unwrap();
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve_tls("NL-NRM", l, broker_tls(&federation));
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let mut cfg = tls_config(dir.path(), "NL-NRM", &federation, &cert, addr);
+        cfg.crl = Some(federation.crl_path());
+        let nl = NodeCore::start(cfg, clock.clone()).await.unwrap();
+        until("NL is connected with its first certificate", || async {
+            nl.status().broker_connected
+        })
+        .await;
+        // the broker answers no GetInfo for now: the proof of the renewal times out, and
+        // the link holds the old certificate
+        let silent = broker.get_info_hold.lock().await;
+        federation.ca.renew(&cert, 30).unwrap();
+        until_within(
+            Duration::from_secs(30),
+            "the proof of the renewal times out",
+            || async { !logs.lines_with(&["the broker did not answer"]).is_empty() },
+        )
+        .await;
+        assert!(nl.inner.link_tls().unwrap().status().held);
+
+        // the CA revokes the old certificate, and the node gets the new CRL
+        federation.ca.revoke_serial_hex(&first.serial_hex).unwrap();
+        let revoked = || logs.lines_with(&["ERROR", "is revoked"]);
+        until("the revocation is said", || async { !revoked().is_empty() }).await;
+        let said = revoked();
+        assert_eq!(said.len(), 1, "{said:#?}");
+        for part in [
+            first.serial_hex.as_str(),
+            "tls.crl",
+            "the broker did not answer",
+            "did not refuse it",
+            "tries again every minute",
+            "check that the broker is up",
+        ] {
+            assert!(said[0].contains(part), "{part}: {}", said[0]);
+        }
+        assert!(!said[0].contains("install a certificate"), "{}", said[0]);
+        drop(silent);
         nl.shutdown().await;
     }
 
