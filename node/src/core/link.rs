@@ -241,10 +241,11 @@ pub(crate) fn participant_info(p: &pb::Participant) -> Option<ParticipantInfo> {
 pub(crate) const FAILURE_REPEAT: Duration = Duration::from_secs(300);
 
 /// Which broker connection failures reach the log at WARN: the first, each
-/// one that differs from the failure logged before, and the same one again
-/// every [`FAILURE_REPEAT`] — enough for `journalctl` to show why the node is
-/// cut off without a line per reconnect attempt. Every failure is counted,
-/// and the count is logged when the link works again.
+/// one that differs from the failure logged before (or is about another message:
+/// [`FailureLog::failed_about`]), and the same one again every [`FAILURE_REPEAT`] —
+/// enough for `journalctl` to show why the node is cut off without a line per
+/// reconnect attempt. Every failure is counted, and the count is logged when the link
+/// works again.
 #[derive(Debug, Default)]
 pub(crate) struct FailureLog {
     /// The failure logged last, and when.
@@ -258,8 +259,16 @@ impl FailureLog {
     /// their numbers only are the same one (rustls says how long ago a certificate expired,
     /// as of the attempt).
     pub(crate) fn failed(&mut self, error: &str, now: Instant) -> bool {
+        self.failed_about("", error, now)
+    }
+
+    /// [`Self::failed`] of a failure about `subject` (the message a submit failed for):
+    /// the same failure about another subject is a new one, to be logged (and the
+    /// submit loop writes it to that message's record then).
+    pub(crate) fn failed_about(&mut self, subject: &str, error: &str, now: Instant) -> bool {
         self.failures = self.failures.saturating_add(1);
-        let key: String = error.chars().filter(|c| !c.is_ascii_digit()).collect();
+        let digitless: String = error.chars().filter(|c| !c.is_ascii_digit()).collect();
+        let key = format!("{subject}\n{digitless}");
         let due = match &self.logged {
             None => true,
             Some((last, at)) => *last != key || now.duration_since(*at) >= FAILURE_REPEAT,
@@ -1120,20 +1129,62 @@ impl UnrecordedAttempts {
             _ => 0,
         }
     }
+
+    /// The entry and its attempts not recorded, unless it is `next` (`None`: whichever);
+    /// forgets them.
+    fn other_than(&mut self, next: Option<MessageId>) -> Option<(MessageId, u32)> {
+        match self.0 {
+            Some((counted, _)) if Some(counted) == next => None,
+            _ => self.0.take(),
+        }
+    }
+}
+
+/// Writes to its record the failed attempts counted of an entry other than `next`, the
+/// one the submit loop tries now (`None`: none, the queue is empty or the loop stops):
+/// the entry it tried before left the queue (withdrawn, or moved on by a receipt), and
+/// its record is to count every attempt, not only those written with a failure said
+/// at WARN. One write, when the loop moves on from an entry; its error is left as it
+/// is (a withdrawal writes its own).
+async fn record_left(inner: &Inner, unrecorded: &mut UnrecordedAttempts, next: Option<MessageId>) {
+    let Some((left, attempts)) = unrecorded.other_than(next).filter(|(_, n)| *n > 0) else {
+        return;
+    };
+    let store = inner.store.clone();
+    if let Err(e) = inner
+        .blocking(move || store.note_submit_error(left, None, attempts))
+        .await
+    {
+        warn!(participant = %inner.config.participant, message_id = %left, error = %e, "cannot record the failed submits");
+    }
 }
 
 /// Submits `QUEUED` entries in creation order whenever the broker is
-/// reachable; woken by each new send and by each (re)connect.
+/// reachable; woken by each new send and by each (re)connect. When it stops, the failed
+/// attempts it counted but did not write yet are written (the shutdown's flush makes
+/// them durable).
 pub(crate) async fn submit_loop(
     inner: Arc<Inner>,
+    client: ExchangeClient<LinkChannel>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut unrecorded = UnrecordedAttempts::default();
+    submit_rounds(&inner, client, shutdown, &mut unrecorded).await;
+    record_left(&inner, &mut unrecorded, None).await;
+}
+
+/// The rounds of [`submit_loop`], until the shutdown.
+async fn submit_rounds(
+    inner: &Arc<Inner>,
     mut client: ExchangeClient<LinkChannel>,
     mut shutdown: watch::Receiver<bool>,
+    unrecorded: &mut UnrecordedAttempts,
 ) {
+    let inner = Arc::clone(inner);
     let me = inner.config.participant.clone();
     let mut backoff = Backoff::new(inner.config.reconnect_min, inner.config.reconnect_max);
     // (a submit refused again and again, while the receive stream is fine, must say so)
     let mut failures = FailureLog::default();
-    let mut unrecorded = UnrecordedAttempts::default();
     loop {
         if *shutdown.borrow() {
             break;
@@ -1157,6 +1208,7 @@ pub(crate) async fn submit_loop(
             }
         };
         if batch.is_empty() {
+            record_left(&inner, unrecorded, None).await;
             tokio::select! {
                 () = inner.submit_wake.notified() => continue,
                 _ = shutdown.changed() => break,
@@ -1189,12 +1241,17 @@ pub(crate) async fn submit_loop(
             if matches!(still_queued, Ok(false)) {
                 continue;
             }
+            record_left(&inner, unrecorded, Some(id)).await;
             // A shutdown does not wait for a broker that does not answer: the entry
             // stays queued, and the broker's idempotency covers the submit next time.
             let attempts = unrecorded.take(id) + 1;
             let submitted = tokio::select! {
                 submitted = submit_one(&inner, &mut client, id, envelope, attempts) => submitted,
-                Ok(_) = shutdown.wait_for(|down| *down) => return,
+                Ok(_) = shutdown.wait_for(|down| *down) => {
+                    // (the attempts before this one, cut, are still to be written)
+                    unrecorded.add(id, attempts - 1);
+                    return;
+                }
             };
             drop(gate);
             match submitted {
@@ -1205,35 +1262,40 @@ pub(crate) async fn submit_loop(
                         info!(participant = %me, failures = failed, "submits accepted again");
                     }
                 }
-                Err(e) if !matches!(e, NodeError::BrokerUnavailable(_)) => {
+                Err(NotSubmitted::NotRecorded { error, written }) => {
                     // The broker answered, but its answer could not be recorded or made
                     // durable: not a failed submit attempt, and no error of the broker's
                     // for the record. When the write is what failed the entry is still
                     // queued, and its next attempt records this one; when the flush is,
-                    // the entry has left the queue, and this count is forgotten.
-                    let error = e.to_string();
+                    // the record counts it already (and the entry has left the queue).
+                    let error = error.to_string();
                     if failures.failed(&error, Instant::now()) {
                         warn!(participant = %me, message_id = %id, error = %error, "cannot record the broker's answer to a submit in the node's store (check its disk); the outbox tries again");
                     } else {
                         debug!(participant = %me, message_id = %id, error = %error, "cannot record the broker's answer to a submit");
                     }
-                    unrecorded.add(id, attempts);
+                    if !written {
+                        unrecorded.add(id, attempts);
+                    }
                     transient = true;
                     break;
                 }
-                Err(e) => {
+                Err(NotSubmitted::Transient(e)) => {
                     let error = e.to_string();
                     // A failure is written to the entry's record when it is said at WARN
-                    // (the first, a different one, the same one every FAILURE_REPEAT): a
-                    // record write and a flush per attempt, for hours of broker outage,
-                    // would say nothing new. The attempts in between are counted here
-                    // and added at the next write (a restart forgets them).
-                    if failures.failed(&error, Instant::now()) {
+                    // (the entry's first, a different one, the same one every
+                    // FAILURE_REPEAT): a record write and a flush per attempt, for hours
+                    // of broker outage, would say nothing new. The attempts in between
+                    // are counted here and added at the next write, or when the loop
+                    // moves on from the entry or stops (a crash forgets them). Keyed by
+                    // the entry: one that fails with the error of the one before it (which
+                    // was withdrawn meanwhile) shows its failure at once, not minutes later.
+                    if failures.failed_about(&id.to_string(), &error, Instant::now()) {
                         warn!(participant = %me, message_id = %id, error = %error, failures = failures.failures(), "submit not accepted; the outbox waits and tries again");
                         let store = inner.store.clone();
                         let noted = error.clone();
                         let written = inner
-                            .blocking(move || store.note_submit_error(id, &noted, attempts))
+                            .blocking(move || store.note_submit_error(id, Some(&noted), attempts))
                             .await;
                         if let Err(e) = written {
                             warn!(participant = %me, message_id = %id, error = %e, "cannot record the failed submit");
@@ -1462,18 +1524,35 @@ async fn withdraw_pending(
     Ok(())
 }
 
+/// Why [`submit_one`] did not end with the broker's answer on disk.
+#[derive(Debug)]
+enum NotSubmitted {
+    /// A transient failure (`BrokerUnavailable`: retry later, in order), which the caller
+    /// records or counts.
+    Transient(NodeError),
+    /// The broker answered, but its answer could not be recorded: the write failed
+    /// (`written` false: the entry is as it was, its attempts not counted), or it was
+    /// written, with the attempts, but not made durable.
+    NotRecorded { error: NodeError, written: bool },
+}
+
 /// Submits one entry and records the outcome, counting `attempts` submit attempts on its
-/// record (this one, and failed ones not recorded yet). `Err(BrokerUnavailable)` means a
-/// transient failure (retry later, in order), which the caller records or counts; another
-/// `Err`, that the broker's answer could not be recorded (the write failed: the entry is
-/// still queued) or made durable (the record counts this attempt).
+/// record (this one, and failed ones not recorded yet).
 async fn submit_one(
     inner: &Arc<Inner>,
     client: &mut ExchangeClient<LinkChannel>,
     id: MessageId,
     envelope: pb::Envelope,
     attempts: u32,
-) -> Result<(), NodeError> {
+) -> Result<(), NotSubmitted> {
+    let not_written = |error| NotSubmitted::NotRecorded {
+        error,
+        written: false,
+    };
+    let not_flushed = |error| NotSubmitted::NotRecorded {
+        error,
+        written: true,
+    };
     let me = inner.config.participant.clone();
     let kind = Kind::from_pb(envelope.kind).map_or("unspecified", Kind::name);
     let result = client
@@ -1488,8 +1567,9 @@ async fn submit_one(
             let duplicate = receipt.into_inner().duplicate;
             let updated = inner
                 .blocking(move || store.mark_submitted_after(id, now, attempts))
-                .await?;
-            inner.store.flush_async().await?;
+                .await
+                .map_err(not_written)?;
+            inner.store.flush_async().await.map_err(not_flushed)?;
             info!(participant = %me, message_id = %id, kind = %kind, duplicate, "message submitted");
             let withdrawn = updated.as_ref().is_some_and(|u| {
                 u.entry.state == OutboxState::Failed
@@ -1523,14 +1603,15 @@ async fn submit_one(
             warn!(participant = %me, message_id = %id, kind = %kind, code = ?status.code(), reason = status.message(), "broker refused message");
             inner
                 .blocking(move || store.mark_refused(id, failure, &text, now, attempts))
-                .await?;
-            inner.store.flush_async().await?;
+                .await
+                .map_err(not_written)?;
+            inner.store.flush_async().await.map_err(not_flushed)?;
             Ok(())
         }
         Err(status) => {
             let text = status_text(&status);
             inner.set_error(text.clone());
-            Err(NodeError::BrokerUnavailable(text))
+            Err(NotSubmitted::Transient(NodeError::BrokerUnavailable(text)))
         }
     }
 }

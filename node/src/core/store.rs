@@ -1100,16 +1100,19 @@ impl Store {
     }
 
     /// Records `attempts` failed submit attempts (transient errors), the last with
-    /// `error`; the entry stays queued.
+    /// `error` (`None`: the last error recorded stays, as when the entry has left the
+    /// queue since); the state does not change.
     pub(crate) fn note_submit_error(
         &self,
         id: MessageId,
-        error: &str,
+        error: Option<&str>,
         attempts: u32,
     ) -> Result<(), NodeError> {
         self.update_out(id, |rec| {
             rec.submit_attempts = rec.submit_attempts.saturating_add(attempts);
-            rec.last_error = Some(error.to_owned());
+            if let Some(error) = error {
+                rec.last_error = Some(error.to_owned());
+            }
             Ok(true)
         })?;
         Ok(())

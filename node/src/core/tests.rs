@@ -4831,6 +4831,98 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// The failed submit attempts of a queued message are written to its record when
+    /// the failure is said at WARN, and counted in memory in between; but the WARN's
+    /// repeat limiter was keyed on the error text alone: a message that failed with the
+    /// error of the one before it (withdrawn meanwhile) showed no attempt and no error
+    /// in the outbox for up to 5 minutes, and the withdrawn one lost the attempts
+    /// counted since its last WARN, as did the head of the queue at a shutdown. Now a
+    /// message's first failure is said and written at once, and the attempts counted
+    /// are written when the loop moves on from a message and when it stops.
+    #[tokio::test]
+    async fn every_failed_submit_attempt_reaches_the_outbox() {
+        let logs = LogCapture::start();
+        let (dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        broker.lock().submit_refusal = Some((
+            tonic::Code::ResourceExhausted,
+            "NL-NRM's queued messages are over its quota".into(),
+        ));
+        let first = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        let second = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        let failed = |id: MessageId| {
+            logs.lines_with(&["submit not accepted", &id.to_string()])
+                .len()
+                + logs
+                    .lines_with(&["submit will be retried", &id.to_string()])
+                    .len()
+        };
+        until("the first message is refused several times", || async {
+            failed(first.message_id) >= 3
+        })
+        .await;
+        assert_eq!(failed(second.message_id), 0, "only the head is tried");
+        // (the broker never had it: withdrawn here, and the second one is tried)
+        assert_eq!(
+            nl.withdraw(first.message_id).await.unwrap(),
+            Withdrawal::Done
+        );
+        until("the second message's failure is on its record", || async {
+            state_of(&nl, second.message_id)
+                .await
+                .is_some_and(|e| e.last_error.is_some())
+        })
+        .await;
+        let entry = state_of(&nl, second.message_id).await.unwrap();
+        assert!(
+            entry.last_error.as_deref().unwrap().contains("quota"),
+            "{entry:?}"
+        );
+        assert!(entry.submit_attempts >= 1, "{entry:?}");
+        assert_eq!(
+            logs.lines_with(&[
+                "WARN",
+                "submit not accepted",
+                &second.message_id.to_string()
+            ])
+            .len(),
+            1,
+            "said at WARN, as the first message's failure was"
+        );
+        let withdrawn = state_of(&nl, first.message_id).await.unwrap();
+        assert_eq!(
+            usize::try_from(withdrawn.submit_attempts).unwrap(),
+            failed(first.message_id),
+            "every attempt of the withdrawn message: {withdrawn:?}"
+        );
+
+        // the attempts of the second one counted since, at a shutdown
+        let seen = failed(second.message_id);
+        until("the second message is refused again", || async {
+            failed(second.message_id) >= seen + 2
+        })
+        .await;
+        nl.shutdown().await;
+        let tried = failed(second.message_id);
+        drop(nl);
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let nl = NodeCore::start_offline(config(dir.path(), "NL-NRM"), clock)
+            .await
+            .unwrap();
+        let entry = state_of(&nl, second.message_id).await.unwrap();
+        assert_eq!(
+            usize::try_from(entry.submit_attempts).unwrap(),
+            tried,
+            "every attempt, after a restart: {entry:?}"
+        );
+        nl.shutdown().await;
+    }
+
     /// A broker that never answers a `Submit` (alive, its store stalled) holds up
     /// neither a withdrawal (UNAVAILABLE after `withdraw_timeout`: try again) nor the
     /// node's shutdown; the message stays QUEUED for the next submit.
