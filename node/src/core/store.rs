@@ -192,6 +192,12 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Held by the one sled flush of [`Store::flush_async`] under way in the process: sled
+/// 0.34's `flush_async`, called by several tasks at once beside transactions, can
+/// deadlock (see there), and the lock it deadlocks on is sled's, one per process, not
+/// one per database (tests run several nodes in one process).
+static FLUSHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// An outbox entry as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct OutRec {
@@ -795,8 +801,20 @@ impl Store {
     }
 
     /// Makes everything written so far durable, also against a power cut.
+    ///
+    /// One sled flush at a time (`FLUSHING`). A sled 0.34 flush holds sled's
+    /// concurrency-control read lock while it waits for the log to be stable, and a
+    /// transaction waiting for the write lock keeps every later reader out. With several
+    /// flushes under way (concurrent sends), the store, and with it the node, hung for
+    /// good now and then: flushes holding the lock waited for the log, a transaction
+    /// waited for them, and the other flushes and sled's own log flusher waited behind
+    /// it (sled issues #1241, #1308: concurrent `flush_async` deadlocks; fixed on
+    /// sled's main branch, not in 0.34.7). A flush waiting its turn finds less to write.
     pub(crate) async fn flush_async(&self) -> Result<(), NodeError> {
-        self.db.flush_async().await.map_err(store_err)?;
+        {
+            let _one = FLUSHING.lock().await;
+            self.db.flush_async().await.map_err(store_err)?;
+        }
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.sync_files())
             .await
