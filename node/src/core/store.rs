@@ -810,11 +810,17 @@ impl Store {
     /// waited for them, and the other flushes and sled's own log flusher waited behind
     /// it (sled issues #1241, #1308: concurrent `flush_async` deadlocks; fixed on
     /// sled's main branch, not in 0.34.7). A flush waiting its turn finds less to write.
+    /// The turn is taken and the flush awaited in a task of its own: a caller that goes
+    /// away (a client's deadline) must not give up the turn while sled's flush still runs.
     pub(crate) async fn flush_async(&self) -> Result<(), NodeError> {
-        {
+        let db = self.db.clone();
+        tokio::spawn(async move {
             let _one = FLUSHING.lock().await;
-            self.db.flush_async().await.map_err(store_err)?;
-        }
+            db.flush_async().await
+        })
+        .await
+        .map_err(store_err)?
+        .map_err(store_err)?;
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.sync_files())
             .await
