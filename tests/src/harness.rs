@@ -241,6 +241,15 @@ impl Harness {
             .with_context(|| format!("{id}'s node is not running"))
     }
 
+    /// The switch that makes the flushes of `id`'s running node's store fail like a
+    /// full disk ([`trmx_node::core::NodeCore::store_faults`]).
+    pub fn node_store_faults(&self, id: &str) -> anyhow::Result<trmx_node::core::StoreFaults> {
+        self.nodes
+            .get(id)
+            .map(|(node, _)| node.core().store_faults())
+            .with_context(|| format!("{id}'s node is not running"))
+    }
+
     /// An `Exchange` client that talks to the broker directly with `id`'s
     /// certificate (a hand-made participant instead of a node).
     pub fn exchange(&self, id: &str) -> anyhow::Result<Exchange> {

@@ -497,5 +497,6 @@ pub(crate) fn node_status(status: NodeStatus) -> pb::NodeStatus {
             .unwrap_or_default(),
         withdrawals_pending: status.withdrawals_pending,
         broker_certificate_not_after: status.broker_certificate_not_after.map(to_timestamp),
+        store_error: status.store_error.unwrap_or_default(),
     }
 }

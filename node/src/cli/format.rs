@@ -428,8 +428,19 @@ pub(crate) fn status(s: &pb::NodeStatus, now: SystemTime) -> String {
             s.withdrawals_pending
         )
     };
+    // (said first: while it lasts nothing new is acknowledged, submitted or sent)
+    let store = if s.store_error.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "store        FAILING: cannot write to disk ({}); nothing new is received, \
+             submitted or sent until it can: free disk space or repair the disk (restart the \
+             node if this stays after the repair)\n",
+            s.store_error
+        )
+    };
     format!(
-        "participant  {}\nbroker       {}\nbroker cert  {broker_certificate}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed{pending}\ninbox        {} messages (last seq {})\n",
+        "{store}participant  {}\nbroker       {}\nbroker cert  {broker_certificate}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed{pending}\ninbox        {} messages (last seq {})\n",
         s.participant,
         broker,
         certificate,
@@ -444,6 +455,29 @@ pub(crate) fn status(s: &pb::NodeStatus, now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store that cannot write says so on the first line, with what to do; a working
+    /// one adds no line.
+    #[test]
+    fn status_says_first_that_the_store_cannot_write() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_946_520);
+        let mut s = pb::NodeStatus {
+            participant: "NL-NRM".into(),
+            ..Default::default()
+        };
+        assert!(!status(&s, now).contains("store "), "{}", status(&s, now));
+        s.store_error = "store: No space left on device".into();
+        let text = status(&s, now);
+        let first = text.lines().next().unwrap_or_default();
+        for part in [
+            "FAILING",
+            "No space left on device",
+            "free disk space",
+            "restart",
+        ] {
+            assert!(first.contains(part), "{part}: {text}");
+        }
+    }
 
     #[test]
     fn status_says_how_long_the_certificate_is_valid() {

@@ -24,6 +24,7 @@
 
 mod channel;
 pub mod clock;
+mod disk;
 #[cfg(test)]
 mod fake_broker;
 pub mod last_run;
@@ -53,6 +54,7 @@ use store::{CaseKnown, InboxMark, NewOutgoing, Store};
 use trmx_durable::clock::{StartClock, human_span};
 
 pub use clock::{Clock, GuardedClock, ManualClock, SystemClock, TimeSource, node_clock};
+pub use disk::StoreFaults;
 pub use trmx_proto::body::{Body, BodyContext};
 pub use trmx_proto::envelope::Priority;
 pub use trmx_proto::time::Date;
@@ -462,6 +464,9 @@ pub struct NodeStatus {
     pub broker_certificate_not_after: Option<SystemTime>,
     /// Messages withdrawn here whose withdrawal on the broker is still to be done.
     pub withdrawals_pending: u64,
+    /// Why the store's last flush failed (a full or failing disk); `None` when it
+    /// succeeded.
+    pub store_error: Option<String>,
 }
 
 /// The node certificate in [`NodeStatus`].
@@ -1935,7 +1940,15 @@ impl NodeCore {
                 .and_then(|tls| tls.server_certificate())
                 .map(|info| info.not_after),
             withdrawals_pending: counts.withdrawals_pending,
+            store_error: self.inner.store.disk().failing(),
         }
+    }
+
+    /// The switch that makes this node's store flushes fail like a full disk, for
+    /// storage-fault tests (as the broker's `SledStore::fault_switch`); nothing in the
+    /// config sets it.
+    pub fn store_faults(&self) -> StoreFaults {
+        self.inner.store.disk().faults()
     }
 
     /// Erases now the bodies whose `retain_until` has passed (by the

@@ -182,6 +182,8 @@ pub(crate) struct Store {
     trees: Vec<sled::Tree>,
     /// Completes sled's flushes against a power cut (`trmx_durable`).
     sync: std::sync::Arc<std::sync::Mutex<trmx_durable::DiskSync>>,
+    /// Whether the flushes fail, and the switch that makes them fail.
+    disk: super::disk::Disk,
 }
 
 impl std::fmt::Debug for Store {
@@ -657,6 +659,7 @@ impl Store {
             db,
             trees,
             sync: std::sync::Arc::new(std::sync::Mutex::new(sync)),
+            disk: super::disk::Disk::default(),
         };
         store.once(
             SUBMITTED_INDEXED,
@@ -792,8 +795,12 @@ impl Store {
         self.trees[META]
             .insert(RUNNING_AT, &now.to_be_bytes()[..])
             .map_err(store_err)?;
-        self.db.flush().map_err(store_err)?;
-        self.sync_files()
+        let flushed = self.disk.check().and_then(|()| {
+            self.db.flush().map_err(store_err)?;
+            self.sync_files()
+        });
+        self.disk.note(&flushed);
+        flushed
     }
 
     fn tx<A>(&self, f: impl Fn(&Vec<TransactionalTree>) -> TxResult<A>) -> Result<A, NodeError> {
@@ -812,19 +819,33 @@ impl Store {
     /// sled's main branch, not in 0.34.7). A flush waiting its turn finds less to write.
     /// The turn is taken and the flush awaited in a task of its own: a caller that goes
     /// away (a client's deadline) must not give up the turn while sled's flush still runs.
+    ///
+    /// Fails while the [`super::StoreFaults`] switch is set; its outcome is the store's
+    /// health in the status ([`Self::disk`]).
     pub(crate) async fn flush_async(&self) -> Result<(), NodeError> {
-        let db = self.db.clone();
-        tokio::spawn(async move {
-            let _one = FLUSHING.lock().await;
-            db.flush_async().await
-        })
-        .await
-        .map_err(store_err)?
-        .map_err(store_err)?;
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.sync_files())
+        let flushed = async {
+            self.disk.check()?;
+            let db = self.db.clone();
+            tokio::spawn(async move {
+                let _one = FLUSHING.lock().await;
+                db.flush_async().await
+            })
             .await
             .map_err(store_err)?
+            .map_err(store_err)?;
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || store.sync_files())
+                .await
+                .map_err(store_err)?
+        }
+        .await;
+        self.disk.note(&flushed);
+        flushed
+    }
+
+    /// What the flushes met, and the switch that makes them fail.
+    pub(crate) fn disk(&self) -> &super::disk::Disk {
+        &self.disk
     }
 
     /// Holds every flush of this store at its last step (the sync against a power cut)
