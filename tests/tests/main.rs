@@ -13,4 +13,5 @@ mod e2e;
 mod leaks;
 mod network;
 mod node;
+mod node_disk;
 mod storage;

@@ -327,6 +327,36 @@ enum StreamEnd {
     /// The link moved to a new connection (the node certificate changed): reopen
     /// at once on it.
     Moved,
+    /// A delivery could not be stored: reconnect once the store can flush again.
+    StoreFailed,
+}
+
+/// What the receive loop says when a delivery cannot be stored.
+const STORE_FAILED: &str =
+    "delivery not stored; receiving stops until the node's store can write again";
+
+/// After a delivery could not be stored: waits, with the reconnect backoff, until a flush
+/// of the store succeeds; `false` at shutdown. The receive stream stays closed meanwhile:
+/// the broker counts every delivery a node's stream takes and does not acknowledge as a
+/// failed attempt, so a node that reconnected while its disk fails would take each of
+/// its messages through its attempts to a dead letter (and its sender a non-delivery
+/// report) in minutes, though nothing is wrong with them. Closed, the stream costs each
+/// delivery it held one attempt. What was committed before the flush failed is made
+/// durable by the flush that succeeds, and its redelivery is acknowledged as a duplicate.
+async fn wait_for_store(
+    inner: &Inner,
+    backoff: &mut Backoff,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        if !pause(backoff.next_delay(), shutdown).await {
+            return false;
+        }
+        if inner.store.flush_async().await.is_ok() {
+            debug!(participant = %inner.config.participant, "the node's store can write again: receiving again");
+            return true;
+        }
+    }
 }
 
 /// Connects, refreshes the participant cache, then consumes one `Receive`
@@ -396,8 +426,8 @@ pub(crate) async fn receive_loop(
                                             break;
                                         };
                                         if let Err(e) = handle_delivery(&inner, &mut client, delivery).await {
-                                            link_failed(&inner, &mut failures, "delivery not stored; reconnecting", format!("store: {e}"));
-                                            end = StreamEnd::Failed;
+                                            link_failed(&inner, &mut failures, STORE_FAILED, format!("store: {e}"));
+                                            end = StreamEnd::StoreFailed;
                                             break;
                                         }
                                     }
@@ -410,8 +440,8 @@ pub(crate) async fn receive_loop(
                                 item = stream.message() => match item {
                                     Ok(Some(delivery)) => {
                                         if let Err(e) = handle_delivery(&inner, &mut client, delivery).await {
-                                            link_failed(&inner, &mut failures, "delivery not stored; reconnecting", format!("store: {e}"));
-                                            break StreamEnd::Failed;
+                                            link_failed(&inner, &mut failures, STORE_FAILED, format!("store: {e}"));
+                                            break StreamEnd::StoreFailed;
                                         }
                                         if !proven {
                                             proven = true;
@@ -441,6 +471,12 @@ pub(crate) async fn receive_loop(
                                 info!(participant = %me, "disconnected from broker");
                             }
                             StreamEnd::Failed => {}
+                            StreamEnd::StoreFailed => {
+                                if !wait_for_store(&inner, &mut backoff, &mut shutdown).await {
+                                    break;
+                                }
+                                continue;
+                            }
                         }
                     }
                     Err(status) => link_failed(

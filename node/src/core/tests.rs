@@ -2653,21 +2653,24 @@ mod link {
         nl.shutdown().await;
     }
 
-    /// A delivery whose store's flush failed comes again and is found
-    /// stored: it is acknowledged only once a flush succeeds, never on the
-    /// strength of a copy that may not be on disk.
+    /// A delivery whose store's flush failed is not acknowledged, and the node takes no
+    /// delivery again while its disk fails: it reconnected at once, and the broker counts
+    /// every delivery a stream takes and does not acknowledge as a failed attempt, so a
+    /// failing disk took the node's messages to a dead letter within minutes. Once a
+    /// flush succeeds, the copy comes again, is found stored, and is acknowledged: on
+    /// disk, once.
     #[tokio::test]
-    async fn a_redelivery_of_a_copy_not_on_disk_is_not_acknowledged() {
+    async fn a_delivery_not_on_disk_is_not_acknowledged_nor_taken_again_until_the_disk_works() {
         let Pair {
-            dir,
+            dir: _dir,
             clock: _clock,
             broker,
             nl,
             be,
             _serving,
         } = online_pair().await;
-        // BE's flushes fail from now on
-        std::fs::remove_dir_all(dir.path().join("BE-PAYOKE").join("blobs")).unwrap();
+        let faults = be.store_faults();
+        faults.set_failing(true);
         let sent = nl
             .send(request("k-1", "BE-PAYOKE", referral()))
             .await
@@ -2680,22 +2683,29 @@ mod link {
                 == IdUse::Stored
         })
         .await;
-        // delivered again
+        // delivered again, as the broker does after the stream closed
         let id = sent.message_id.to_string();
         broker.lose(&id);
         let env = nl.inner.store.envelope(sent.message_id).unwrap().unwrap();
         broker.enqueue(env, "NL-NRM");
-        // handed to BE's stream (else the check below would pass for nothing) ...
-        until("the copy is delivered again", || async {
-            queued_at(&broker, "BE-PAYOKE").is_empty()
-        })
-        .await;
-        // ... and BE does not acknowledge it
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert!(
             !broker.lock().acked.contains(&id),
             "acked a copy not on disk"
         );
+        assert_eq!(
+            queued_at(&broker, "BE-PAYOKE"),
+            std::slice::from_ref(&id),
+            "taken again while the disk fails"
+        );
+        assert!(be.status().store_error.is_some(), "{:?}", be.status());
+        faults.set_failing(false);
+        until("acknowledged once the disk works", || async {
+            broker.lock().acked.contains(&id)
+        })
+        .await;
+        assert_eq!(be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+        assert_eq!(be.status().store_error, None);
         nl.shutdown().await;
         be.shutdown().await;
     }

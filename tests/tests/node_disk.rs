@@ -1,0 +1,166 @@
+//! The node when its own disk fails: a real broker, real nodes in this process over
+//! real mutual TLS, and the node store's fault switch
+//! ([`trmx_node::core::NodeCore::store_faults`]: every flush fails, as on a full disk,
+//! until it is cleared). What a node has not made durable it must never acknowledge
+//! to the broker (which would delete it), nor lose once the disk works again.
+
+use std::time::Duration;
+
+use trmx_proto::Kind;
+use trmx_proto::pb;
+use trmx_tests::harness::{
+    Api, Exchange, Harness, WAIT, broker_status, inbox, json_request, node_status, send,
+    wait_delivered, wait_outbox, wait_until, watch_all,
+};
+use trmx_tests::story::EXAMPLES;
+
+type TestResult = anyhow::Result<()>;
+
+const NL: &str = "NL-NRM";
+const BE: &str = "BE-PAYOKE";
+
+/// How long a test keeps a node's disk failing: long enough for a node that reconnects
+/// at its quick test backoff to wear a message's attempts out several times over.
+const OUTAGE: Duration = Duration::from_secs(3);
+
+/// Attempts before the broker dead-letters a message, for these tests.
+const MAX_ATTEMPTS: u32 = 3;
+
+fn referral(key: &str, to: &str) -> pb::SendRequest {
+    json_request(key, to, Kind::Referral, EXAMPLES[0])
+}
+
+fn broker_state(status: &pb::MessageStatus) -> pb::MessageState {
+    pb::MessageState::try_from(status.state).unwrap()
+}
+
+/// A broker with few attempts per message, running.
+async fn broker() -> anyhow::Result<Harness> {
+    let mut h = Harness::new().await?;
+    h.broker_config_mut().lifecycle.max_attempts = MAX_ATTEMPTS;
+    h.start_broker().await?;
+    Ok(h)
+}
+
+/// Waits until the node's receive stream is open.
+async fn connected(api: &Api) -> anyhow::Result<()> {
+    wait_until(WAIT, "the node connected", || {
+        let mut api = api.clone();
+        async move { Ok(node_status(&mut api).await?.broker_connected.then_some(())) }
+    })
+    .await
+}
+
+/// Waits until the node's status says its store fails; returns what it says.
+async fn store_failing(api: &Api) -> anyhow::Result<String> {
+    wait_until(WAIT, "the status to say the store fails", || {
+        let mut api = api.clone();
+        async move {
+            let error = node_status(&mut api).await?.store_error;
+            Ok((!error.is_empty()).then_some(error))
+        }
+    })
+    .await
+}
+
+/// The broker's status of `id`, which `direct` (its sender) sent.
+async fn on_broker(direct: &Exchange, id: &str) -> anyhow::Result<pb::MessageStatus> {
+    broker_status(&mut direct.clone(), id).await
+}
+
+/// A delivery that comes while the recipient's disk fails is not acknowledged (the
+/// broker would delete it), and is not worn out either: the node reconnected at once
+/// after each failed store, and the broker counts each delivery a stream takes and does
+/// not acknowledge as a failed attempt, so a disk that failed for a few minutes
+/// dead-lettered the node's messages, and their senders got non-delivery reports. Once
+/// the disk works, without a restart, the message arrives, once, and the status, which
+/// said the store fails, says nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_while_the_recipients_disk_fails_waits_and_arrives_once_after() -> TestResult {
+    let mut h = broker().await?;
+    let mut nl = h.start_node(NL).await?;
+    let mut be = h.start_node(BE).await?;
+    connected(&be).await?;
+    let faults = h.node_store_faults(BE)?;
+    faults.set_failing(true);
+    let id = send(&mut nl, referral("disk-1", BE)).await?.message_id;
+    let direct = h.exchange(NL)?;
+    wait_until(WAIT, "the message delivered to BE", || {
+        let direct = direct.clone();
+        let id = id.clone();
+        async move {
+            // (not found until the node's submit reaches the broker)
+            let status = on_broker(&direct, &id).await.ok();
+            Ok(status.filter(|s| s.attempts >= 1).map(drop))
+        }
+    })
+    .await?;
+    let said = store_failing(&be).await?;
+    assert!(said.contains("disk"), "{said}");
+
+    tokio::time::sleep(OUTAGE).await;
+    let status = on_broker(&direct, &id).await?;
+    assert!(
+        matches!(
+            broker_state(&status),
+            pb::MessageState::Accepted | pb::MessageState::InFlight
+        ),
+        "acknowledged or worn out while the recipient's disk fails: {status:?}"
+    );
+    assert!(
+        status.attempts < MAX_ATTEMPTS,
+        "the failing disk used the message's attempts up: {status:?}"
+    );
+    assert!(inbox(&mut be).await?.is_empty(), "listed, not on disk");
+
+    faults.set_failing(false);
+    wait_delivered(&nl, &id).await?;
+    let got = watch_all(&mut be, 1).await?;
+    assert_eq!(
+        got.iter()
+            .map(|e| e.message_id.as_str())
+            .collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    let status = node_status(&mut be).await?;
+    assert!(status.store_error.is_empty(), "{status:?}");
+    h.shutdown().await
+}
+
+/// A delivery receipt that comes while the sender's disk fails is not acknowledged
+/// (the broker would delete it) nor worn out: once the disk works, the outbox shows
+/// the message delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_while_the_senders_disk_fails_is_applied_after() -> TestResult {
+    let mut h = broker().await?;
+    let mut nl = h.start_node(NL).await?;
+    let id = send(&mut nl, referral("disk-r", BE)).await?.message_id;
+    wait_outbox(&nl, &id, "submitted", |e| {
+        e.state == pb::OutboxState::Submitted as i32
+    })
+    .await?;
+    let faults = h.node_store_faults(NL)?;
+    faults.set_failing(true);
+    let mut be = h.start_node(BE).await?;
+    let direct = h.exchange(NL)?;
+    wait_until(WAIT, "BE acknowledged it", || {
+        let direct = direct.clone();
+        let id = id.clone();
+        async move {
+            let status = on_broker(&direct, &id).await.ok();
+            Ok(status
+                .filter(|s| broker_state(s) == pb::MessageState::Acknowledged)
+                .map(drop))
+        }
+    })
+    .await?;
+    store_failing(&nl).await?;
+    tokio::time::sleep(OUTAGE).await;
+
+    faults.set_failing(false);
+    wait_delivered(&nl, &id).await?;
+    assert_eq!(watch_all(&mut be, 1).await?.len(), 1);
+    let status = node_status(&mut nl).await?;
+    assert!(status.store_error.is_empty(), "{status:?}");
+    h.shutdown().await
+}
