@@ -6,11 +6,12 @@
 
 use std::time::Duration;
 
+use tonic::Code;
 use trmx_proto::Kind;
 use trmx_proto::pb;
 use trmx_tests::harness::{
-    Api, Exchange, Harness, WAIT, broker_status, inbox, json_request, node_status, send,
-    wait_delivered, wait_outbox, wait_until, watch_all,
+    Api, Exchange, Harness, QUIET, WAIT, broker_status, inbox, json_request, node_status, outbox,
+    send, wait_delivered, wait_outbox, wait_until, watch_all,
 };
 use trmx_tests::story::EXAMPLES;
 
@@ -124,6 +125,60 @@ async fn a_delivery_while_the_recipients_disk_fails_waits_and_arrives_once_after
     );
     let status = node_status(&mut be).await?;
     assert!(status.store_error.is_empty(), "{status:?}");
+    h.shutdown().await
+}
+
+/// A send while the sender's disk fails is `UNAVAILABLE`, naming the message and
+/// saying to send it again with the same idempotency key; nothing reaches the broker
+/// meanwhile. The message was written, not made durable: once the disk works it goes,
+/// and the retry gets it, sent once. It stayed queued, untold, until some other send or
+/// a reconnect woke the node's submits, even after a retry that answered it queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_while_the_disk_fails_is_unavailable_and_goes_once_when_it_works() -> TestResult {
+    let mut h = broker().await?;
+    let mut nl = h.start_node(NL).await?;
+    let mut be = h.start_node(BE).await?;
+    connected(&nl).await?;
+    let faults = h.node_store_faults(NL)?;
+    faults.set_failing(true);
+    let refused = send(&mut nl, referral("disk-s", BE))
+        .await
+        .expect_err("answered although not on disk");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    for part in ["disk", "same idempotency_key"] {
+        assert!(refused.message().contains(part), "{part}: {refused:?}");
+    }
+    assert!(!store_failing(&nl).await?.is_empty());
+    tokio::time::sleep(QUIET * 2).await;
+    // written, not on disk: the outbox shows it queued, the broker does not have it
+    let written = outbox(&mut nl).await?;
+    let [entry] = written.as_slice() else {
+        panic!("one entry written: {written:?}");
+    };
+    let id = entry.message_id.clone();
+    assert!(refused.message().contains(&id), "{refused:?}");
+    assert_eq!(entry.state, pb::OutboxState::Queued as i32, "{entry:?}");
+    let asked = broker_status(&mut h.exchange(NL)?, &id).await;
+    assert!(
+        asked.as_ref().is_err_and(|e| e
+            .downcast_ref::<tonic::Status>()
+            .is_some_and(|s| s.code() == Code::NotFound)),
+        "submitted while not on disk: {asked:?}"
+    );
+
+    faults.set_failing(false);
+    wait_delivered(&nl, &id).await?;
+    let retried = send(&mut nl, referral("disk-s", BE)).await?;
+    assert_eq!(retried.message_id, id);
+    assert_eq!(outbox(&mut nl).await?.len(), 1);
+    let got = watch_all(&mut be, 1).await?;
+    assert_eq!(
+        got.iter()
+            .map(|e| e.message_id.as_str())
+            .collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    assert!(node_status(&mut nl).await?.store_error.is_empty());
     h.shutdown().await
 }
 

@@ -1628,10 +1628,25 @@ impl NodeCore {
         };
         let store = inner.store.clone();
         let (entry, created) = inner.blocking(move || store.enqueue(&new)).await?;
-        inner.store.flush_async().await?;
+        // Written, but maybe not durable: a crash takes it back, and the submit loop,
+        // which submits only what is on disk, submits it once a flush succeeds. So it is
+        // woken whenever the entry is still queued, also when this flush fails, or when
+        // this is a retry of a send whose flush failed: idle, it would leave the entry
+        // queued until some other send or a reconnect woke it.
+        let flushed = inner.store.flush_async().await;
+        if entry.state == OutboxState::Queued {
+            inner.submit_wake.notify_one();
+        }
+        flushed.map_err(|e| {
+            NodeError::Store(format!(
+                "the node cannot write message {} to disk ({e}): it is not sent while the \
+                 disk fails, and is sent once the disk works unless the node stops first; \
+                 send it again with the same idempotency_key to be sure (it is sent once)",
+                entry.message_id
+            ))
+        })?;
         if created {
             info!(participant = %inner.config.participant, message_id = %entry.message_id, recipient = %entry.recipient, kind = %entry.kind, "message queued");
-            inner.submit_wake.notify_one();
         } else {
             info!(participant = %inner.config.participant, message_id = %entry.message_id, "send retried with the same idempotency key");
         }
