@@ -219,3 +219,52 @@ async fn a_receipt_while_the_senders_disk_fails_is_applied_after() -> TestResult
     assert!(status.store_error.is_empty(), "{status:?}");
     h.shutdown().await
 }
+
+/// A withdrawal while the sender's disk fails is `UNAVAILABLE`, and so is its retry:
+/// the retry found the entry withdrawn in memory (the broker had withdrawn it, the
+/// record was written, not flushed) and answered "withdrawn", though a crash would take
+/// that record back. Once the disk works the retry answers withdrawn, and the recipient
+/// never gets the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_while_the_disk_fails_is_answered_only_once_on_disk() -> TestResult {
+    let mut h = broker().await?;
+    let mut nl = h.start_node(NL).await?;
+    let id = send(&mut nl, referral("disk-w", BE)).await?.message_id;
+    wait_outbox(&nl, &id, "submitted", |e| {
+        e.state == pb::OutboxState::Submitted as i32
+    })
+    .await?;
+    let faults = h.node_store_faults(NL)?;
+    faults.set_failing(true);
+    let withdraw = |mut api: Api| {
+        let id = id.clone();
+        async move {
+            api.withdraw(pb::WithdrawMessageRequest { message_id: id })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let first = withdraw(nl.clone()).await;
+    assert!(
+        first.as_ref().is_err_and(|s| s.code() == Code::Unavailable
+            && s.message()
+                .contains("withdraw it again once the disk works")),
+        "{first:?}"
+    );
+    let retry = withdraw(nl.clone()).await;
+    assert!(
+        retry.as_ref().is_err_and(|s| s.code() == Code::Unavailable),
+        "answered withdrawn, not on disk: {retry:?}"
+    );
+    let on_broker = on_broker(&h.exchange(NL)?, &id).await?;
+    assert_eq!(broker_state(&on_broker), pb::MessageState::Withdrawn);
+
+    faults.set_failing(false);
+    let answer = withdraw(nl.clone()).await?;
+    assert!(!answer.broker_pending, "{answer:?}");
+    let mut be = h.start_node(BE).await?;
+    connected(&be).await?;
+    tokio::time::sleep(QUIET).await;
+    assert!(inbox(&mut be).await?.is_empty());
+    h.shutdown().await
+}

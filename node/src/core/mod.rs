@@ -1714,6 +1714,9 @@ impl NodeCore {
             {
                 let store = inner.store.clone();
                 let pending = inner.blocking(move || store.withdrawal_pending(id)).await?;
+                // (a retry of a withdrawal whose flush failed finds it withdrawn, but only
+                // written: a crash would take it back)
+                inner.store.flush_async().await?;
                 return Ok(if pending {
                     Withdrawal::BrokerPending
                 } else {
@@ -1806,7 +1809,11 @@ impl NodeCore {
         inner
             .blocking(move || store.withdraw_local(id, now, true))
             .await?;
-        inner.store.flush_async().await?;
+        inner.store.flush_async().await.map_err(|e| {
+            NodeError::Store(format!(
+                "message {id} is withdrawn ({how}), but the node cannot write that to disk                  ({e}): withdraw it again once the disk works"
+            ))
+        })?;
         drop(gate);
         info!(participant = %inner.config.participant, message_id = %id, how, "message withdrawn");
         Ok(Withdrawal::Done)
