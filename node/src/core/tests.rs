@@ -2683,7 +2683,13 @@ mod link {
                 == IdUse::Stored
         })
         .await;
-        // delivered again, as the broker does after the stream closed
+        // delivered again, as the broker does after the stream closed (once it is: a
+        // copy queued before would go down the stream still open, never read)
+        until("BE's stream closed", || async {
+            let status = be.status();
+            !status.broker_connected && status.store_error.is_some()
+        })
+        .await;
         let id = sent.message_id.to_string();
         broker.lose(&id);
         let env = nl.inner.store.envelope(sent.message_id).unwrap().unwrap();
