@@ -2661,6 +2661,7 @@ mod link {
     /// disk, once.
     #[tokio::test]
     async fn a_delivery_not_on_disk_is_not_acknowledged_nor_taken_again_until_the_disk_works() {
+        let logs = LogCapture::start();
         let Pair {
             dir: _dir,
             clock: _clock,
@@ -2712,6 +2713,13 @@ mod link {
         .await;
         assert_eq!(be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
         assert_eq!(be.status().store_error, None);
+        // said once at ERROR, with what to do, however often it failed; and the recovery
+        let said = logs.lines_with(&["ERROR", "cannot write to disk"]);
+        assert_eq!(said.len(), 1, "{said:?}");
+        for part in ["free disk space", "restart the node"] {
+            assert!(said[0].contains(part), "{part}: {said:?}");
+        }
+        assert_eq!(logs.lines_with(&["can write to disk again"]).len(), 1);
         nl.shutdown().await;
         be.shutdown().await;
     }
