@@ -268,3 +268,30 @@ async fn a_withdrawal_while_the_disk_fails_is_answered_only_once_on_disk() -> Te
     assert!(inbox(&mut be).await?.is_empty());
     h.shutdown().await
 }
+
+/// A node stopped while its disk fails stops at once (its receive loop, waiting for the
+/// disk, ends at the shutdown), and started again on a working disk it gets the message
+/// that came meanwhile, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_while_its_disk_fails_stops_and_gets_the_message_after_a_restart()
+-> TestResult {
+    let mut h = broker().await?;
+    let mut nl = h.start_node(NL).await?;
+    let be = h.start_node(BE).await?;
+    connected(&be).await?;
+    h.node_store_faults(BE)?.set_failing(true);
+    let id = send(&mut nl, referral("disk-stop", BE)).await?.message_id;
+    store_failing(&be).await?;
+    tokio::time::timeout(WAIT, h.stop_node(BE)).await??;
+
+    let mut be = h.start_node(BE).await?;
+    wait_delivered(&nl, &id).await?;
+    let got = watch_all(&mut be, 1).await?;
+    assert_eq!(
+        got.iter()
+            .map(|e| e.message_id.as_str())
+            .collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    h.shutdown().await
+}
