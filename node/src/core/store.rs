@@ -194,11 +194,13 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Held by the one sled flush of [`Store::flush_async`] under way in the process: sled
-/// 0.34's `flush_async`, called by several tasks at once beside transactions, can
-/// deadlock (see there), and the lock it deadlocks on is sled's, one per process, not
-/// one per database (tests run several nodes in one process).
-static FLUSHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Held by the one sled flush under way in the process ([`Store::flush_db`], which
+/// [`Store::flush_async`] runs too): sled 0.34's flushes, several at once beside
+/// transactions, can deadlock (see `flush_async`), and the lock they deadlock on is
+/// sled's, one per process, not one per database (tests run several nodes in one
+/// process). A std mutex, so that the flushes made off the runtime (the running mark,
+/// the index fills at open) take the same turn.
+static FLUSHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// An outbox entry as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -770,7 +772,7 @@ impl Store {
         }
         let indexed = fill(self)?;
         self.trees[META].insert(flag, &[1]).map_err(store_err)?;
-        self.db.flush().map_err(store_err)?;
+        self.flush_db()?;
         self.sync_files()?;
         if indexed > 0 {
             tracing::info!(entries = indexed, "indexed {what}");
@@ -796,11 +798,21 @@ impl Store {
             .insert(RUNNING_AT, &now.to_be_bytes()[..])
             .map_err(store_err)?;
         let flushed = self.disk.check().and_then(|()| {
-            self.db.flush().map_err(store_err)?;
+            self.flush_db()?;
             self.sync_files()
         });
         self.disk.note(&flushed);
         flushed
+    }
+
+    /// sled's flush, in its turn (`FLUSHING`): every flush of the node's store goes
+    /// through here. Blocks: off the runtime.
+    fn flush_db(&self) -> Result<(), NodeError> {
+        let _turn = FLUSHING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.db.flush().map_err(store_err)?;
+        Ok(())
     }
 
     fn tx<A>(&self, f: impl Fn(&Vec<TransactionalTree>) -> TxResult<A>) -> Result<A, NodeError> {
@@ -817,26 +829,23 @@ impl Store {
     /// waited for them, and the other flushes and sled's own log flusher waited behind
     /// it (sled issues #1241, #1308: concurrent `flush_async` deadlocks; fixed on
     /// sled's main branch, not in 0.34.7). A flush waiting its turn finds less to write.
-    /// The turn is taken and the flush awaited in a task of its own: a caller that goes
-    /// away (a client's deadline) must not give up the turn while sled's flush still runs.
+    /// The turn is taken and sled's flush made on a blocking thread ([`Self::flush_db`],
+    /// which the flushes made off the runtime take too): a caller that goes away (a
+    /// client's deadline), or a runtime that shuts down, does not give up the turn while
+    /// sled's flush still runs.
     ///
     /// Fails while the [`super::StoreFaults`] switch is set; its outcome is the store's
     /// health in the status ([`Self::disk`]).
     pub(crate) async fn flush_async(&self) -> Result<(), NodeError> {
         let flushed = async {
             self.disk.check()?;
-            let db = self.db.clone();
-            tokio::spawn(async move {
-                let _one = FLUSHING.lock().await;
-                db.flush_async().await
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || {
+                store.flush_db()?;
+                store.sync_files()
             })
             .await
             .map_err(store_err)?
-            .map_err(store_err)?;
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || store.sync_files())
-                .await
-                .map_err(store_err)?
         }
         .await;
         self.disk.note(&flushed);
@@ -2524,6 +2533,34 @@ mod tests {
         store.enqueue(&other).unwrap();
         store.db.flush().unwrap();
         assert!(store.sync.lock().unwrap().sync().unwrap().blob_files >= 1);
+    }
+
+    /// The flushes sled makes without `flush_async` (the running mark every minute, the
+    /// index fills at open) wait for the turn of the flush under way too: two sled 0.34
+    /// flushes at once can hang the store for good (see `Store::flush_async`).
+    #[test]
+    fn a_flush_outside_flush_async_waits_for_the_one_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let turn = FLUSHING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let marking = store.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(marking.mark_running(1_000));
+        });
+        assert!(
+            done_rx
+                .recv_timeout(std::time::Duration::from_millis(500))
+                .is_err(),
+            "the running mark flushed while another flush had the turn"
+        );
+        drop(turn);
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("flushes once the turn is free")
+            .unwrap();
     }
 
     #[test]
