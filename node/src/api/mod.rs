@@ -180,6 +180,10 @@ pub fn bind_local_socket(path: &Path) -> Result<LocalSocket, NodeError> {
     let staging = staging_dir(&parent);
     let staged = staging.join(STAGED_NAME);
     check_bind_len(path, &staged)?;
+    // (nothing is made below a directory refused)
+    if std::fs::metadata(&parent).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        check_socket_dir_ancestors(&parent, rustix::process::geteuid().as_raw())?;
+    }
     // (private, as the data directory the socket is usually in: the node
     // binds before its store creates that)
     std::fs::DirBuilder::new()
@@ -288,34 +292,39 @@ fn check_socket_dir(dir: &Path, ours: u32) -> Result<(), NodeError> {
 }
 
 /// The check of the directories above the socket directory `dir` (see
-/// [`check_socket_dir`]).
+/// [`check_socket_dir`]). Of a `dir` not made yet (`check-config`, and the start before
+/// it makes it), those above it that are not made yet either are left out (the node
+/// makes them, its own, mode 0700), and the nearest one made is checked as they are.
 fn check_socket_dir_ancestors(dir: &Path, ours: u32) -> Result<(), NodeError> {
     let written = std::path::absolute(dir).map_err(|e| socket_error(dir, "cannot resolve", e))?;
+    let made = written
+        .ancestors()
+        .find(|d| std::fs::metadata(d).is_ok())
+        .unwrap_or(&written);
     let resolved =
-        std::fs::canonicalize(dir).map_err(|e| socket_error(dir, "cannot resolve", e))?;
-    for path in [&written, &resolved] {
-        for above in path.ancestors().skip(1) {
-            let meta =
-                std::fs::metadata(above).map_err(|e| socket_error(above, "cannot stat", e))?;
-            let what = if meta.uid() != ours && meta.uid() != 0 {
-                format!("belongs to another user (uid {})", meta.uid())
-            } else if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
-                format!(
-                    "can be written by other users (mode {:o})",
-                    meta.mode() & 0o7777
-                )
-            } else {
-                continue;
-            };
-            return Err(NodeError::Config(format!(
-                "api.socket: the directory {}, above the socket's directory {}, {what}, who \
-                 could move the socket's directory away and put their own in its place: use a \
-                 directory whose every parent only root or the node's user can write (e.g. \
-                 /run/trmx-node), or `chmod o-w` that one",
-                above.display(),
-                dir.display()
-            )));
-        }
+        std::fs::canonicalize(made).map_err(|e| socket_error(made, "cannot resolve", e))?;
+    let above_written = written.ancestors().skip(1).filter(|d| made.starts_with(d));
+    let above_resolved = resolved.ancestors().skip(usize::from(made == written));
+    for above in above_written.chain(above_resolved) {
+        let meta = std::fs::metadata(above).map_err(|e| socket_error(above, "cannot stat", e))?;
+        let what = if meta.uid() != ours && meta.uid() != 0 {
+            format!("belongs to another user (uid {})", meta.uid())
+        } else if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+            format!(
+                "can be written by other users (mode {:o})",
+                meta.mode() & 0o7777
+            )
+        } else {
+            continue;
+        };
+        return Err(NodeError::Config(format!(
+            "api.socket: the directory {}, above the socket's directory {}, {what}, who \
+             could move the socket's directory away and put their own in its place: use a \
+             directory whose every parent only root or the node's user can write (e.g. \
+             /run/trmx-node), or `chmod o-w` that one",
+            above.display(),
+            dir.display()
+        )));
     }
     Ok(())
 }
@@ -323,16 +332,20 @@ fn check_socket_dir_ancestors(dir: &Path, ours: u32) -> Result<(), NodeError> {
 /// Refuses, creating nothing, the directory of a socket `path` that [`bind_local_socket`]
 /// would refuse for this process's user (see `check_socket_dir`), for `check-config`:
 /// its "config OK" is a promise that the start gets this far. A directory not made yet
-/// passes: the node makes it, its own, mode 0700.
+/// passes if the directories above it do (the node makes it, its own, mode 0700).
 pub fn check_socket_dir_of(path: &Path) -> Result<(), NodeError> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    let ours = rustix::process::geteuid().as_raw();
     match std::fs::metadata(parent) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // (what is above it must be safe already)
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            check_socket_dir_ancestors(parent, ours)
+        }
         Ok(meta) if !meta.is_dir() => Ok(()), // (the bind's own error says it best)
-        _ => check_socket_dir(parent, rustix::process::geteuid().as_raw()),
+        _ => check_socket_dir(parent, ours),
     }
 }
 
@@ -687,6 +700,32 @@ impl NodeApi for LocalApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket directory not made yet, under a directory every user can write (no
+    /// sticky bit): `check-config` refuses it as the start would, naming that directory,
+    /// and the start refuses it before it makes anything there.
+    #[test]
+    fn a_socket_directory_not_made_yet_under_one_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let ours = open.join("trmx").join("node");
+        let socket = ours.join("node.sock");
+        let above = format!(
+            "the directory {}, above the socket's directory {}, can be written by other users",
+            open.display(),
+            ours.display()
+        );
+        let checked = check_socket_dir_of(&socket)
+            .expect_err("check-config refuses what the start refuses")
+            .to_string();
+        assert!(checked.contains(&above), "{checked}");
+        let refused = bind_local_socket(&socket).expect_err("refused").to_string();
+        assert!(refused.contains(&above), "{refused}");
+        assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "made nothing");
+    }
 
     /// Two nodes starting on one socket path at the same moment: the second
     /// to move its socket into place must fail, not replace the first's.
