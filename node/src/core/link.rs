@@ -7,7 +7,7 @@
 //! and gRPC codes.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt as _;
@@ -1281,11 +1281,15 @@ async fn submit_rounds(
             // A shutdown does not wait for a broker that does not answer: the entry
             // stays queued, and the broker's idempotency covers the submit next time.
             let attempts = unrecorded.take(id) + 1;
+            let recording = AtomicBool::new(false);
             let submitted = tokio::select! {
-                submitted = submit_one(&inner, &mut client, id, envelope, attempts) => submitted,
+                submitted = submit_one(&inner, &mut client, id, envelope, attempts, &recording) => submitted,
                 Ok(_) = shutdown.wait_for(|down| *down) => {
-                    // (the attempts before this one, cut, are still to be written)
-                    unrecorded.add(id, attempts - 1);
+                    // (the attempts before this one, cut, are still to be written, unless
+                    // the broker's answer is being written with them)
+                    if !recording.load(Ordering::Relaxed) {
+                        unrecorded.add(id, attempts - 1);
+                    }
                     return;
                 }
             };
@@ -1573,13 +1577,16 @@ enum NotSubmitted {
 }
 
 /// Submits one entry and records the outcome, counting `attempts` submit attempts on its
-/// record (this one, and failed ones not recorded yet).
+/// record (this one, and failed ones not recorded yet). `recording` is set once that
+/// record is being written: the write runs to its end even if this future is dropped
+/// then (a shutdown), and the attempts are on the record (unless that write fails).
 async fn submit_one(
     inner: &Arc<Inner>,
     client: &mut ExchangeClient<LinkChannel>,
     id: MessageId,
     envelope: pb::Envelope,
     attempts: u32,
+    recording: &AtomicBool,
 ) -> Result<(), NotSubmitted> {
     let not_written = |error| NotSubmitted::NotRecorded {
         error,
@@ -1601,6 +1608,7 @@ async fn submit_one(
     match result {
         Ok(receipt) => {
             let duplicate = receipt.into_inner().duplicate;
+            recording.store(true, Ordering::Relaxed);
             let updated = inner
                 .blocking(move || store.mark_submitted_after(id, now, attempts))
                 .await
@@ -1637,6 +1645,7 @@ async fn submit_one(
             // The broker's reason names a field path and rule, ids, kinds
             // or limits, never a value from the body (its error contract).
             warn!(participant = %me, message_id = %id, kind = %kind, code = ?status.code(), reason = status.message(), "broker refused message");
+            recording.store(true, Ordering::Relaxed);
             inner
                 .blocking(move || store.mark_refused(id, failure, &text, now, attempts))
                 .await

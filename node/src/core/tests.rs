@@ -4947,6 +4947,73 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A shutdown that comes while the submit loop records the broker's acceptance of a
+    /// message that failed before (its flush under way) counts each attempt once: the
+    /// record written with the acceptance already holds the failed attempts counted in
+    /// memory, and the loop, cut, wrote them a second time when it stopped.
+    #[tokio::test]
+    async fn a_shutdown_while_an_acceptance_is_recorded_counts_each_attempt_once() {
+        let logs = LogCapture::start();
+        let (dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        broker.lock().submit_refusal = Some((
+            tonic::Code::Unavailable,
+            "the broker's store is busy".into(),
+        ));
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        let id = sent.message_id.to_string();
+        let failed = || {
+            logs.lines_with(&["submit not accepted", &id]).len()
+                + logs.lines_with(&["submit will be retried", &id]).len()
+        };
+        until("the message is refused several times", || async {
+            failed() >= 3
+        })
+        .await;
+        // the next submit waits in the broker, the ones before it answered
+        let answer = broker.submit_hold.lock().await;
+        loop {
+            until("a submit waits in the broker", || async {
+                broker.lock().submits_arrived == failed() + 1
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if broker.lock().submits_arrived == failed() + 1 {
+                break;
+            }
+        }
+        broker.lock().submit_refusal = None;
+        let flushes = nl.inner.store.hold_flushes();
+        drop(answer);
+        until("the acceptance is written, its flush held", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let stopping = tokio::spawn({
+            let nl = nl.clone();
+            async move { nl.shutdown().await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(flushes);
+        stopping.await.unwrap();
+        let tried = broker.lock().submits_arrived;
+        drop(nl);
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let nl = NodeCore::start_offline(config(dir.path(), "NL-NRM"), clock)
+            .await
+            .unwrap();
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Submitted);
+        assert_eq!(
+            usize::try_from(entry.submit_attempts).unwrap(),
+            tried,
+            "each attempt once: {entry:?}"
+        );
+        nl.shutdown().await;
+    }
+
     /// A broker that never answers a `Submit` (alive, its store stalled) holds up
     /// neither a withdrawal (UNAVAILABLE after `withdraw_timeout`: try again) nor the
     /// node's shutdown; the message stays QUEUED for the next submit.
