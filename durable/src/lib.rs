@@ -34,7 +34,8 @@
 //! directory holds a sled store, told without opening it; [`open_sled`], opening one in
 //! a process that may have closed it a moment ago; [`log_filter`], the rule broker and node
 //! apply to the log filter an operator gives them (a level or `target=level`, no bare word),
-//! and the layer that keeps sled's dumps of stored bytes out of every log.
+//! and the layer that keeps sled's dumps of stored bytes out of every log; [`flush_sled`],
+//! sled's flush in the one turn of the process.
 
 pub mod clock;
 pub mod last_run;
@@ -54,6 +55,31 @@ use std::path::{Path, PathBuf};
 use rustix::fd::OwnedFd;
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::io::Errno;
+
+/// The one turn of the process for sled's flushes (see [`flush_sled`]).
+static FLUSH_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// sled's flush of the database `tree` belongs to (a `Db` is its default tree), one at
+/// a time in the process. Blocks: call it off an async runtime.
+///
+/// sled 0.34's flushes, several at once beside a transaction, can hang for good (sled
+/// issues #1241, #1308: fixed on sled's main branch, never released), and the lock they
+/// hang on is sled's own, one per process, not one per database. A node's concurrent
+/// sends hung its store in about 1 run in 10 of a probe test. Broker and node make every
+/// flush through here: in production a process has one store and the turn costs an
+/// uncontended lock; tests run a broker and nodes in one process.
+pub fn flush_sled(tree: &sled::Tree) -> sled::Result<usize> {
+    let _turn = hold_flush_turn();
+    tree.flush()
+}
+
+/// Takes the turn of [`flush_sled`] until the guard is dropped: for a test that shows a
+/// flush waits for it.
+pub fn hold_flush_turn() -> std::sync::MutexGuard<'static, ()> {
+    FLUSH_TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// The log file in a sled 0.34 directory.
 const LOG_FILE: &str = "db";

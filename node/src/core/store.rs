@@ -194,14 +194,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Held by the one sled flush under way in the process ([`Store::flush_db`], which
-/// [`Store::flush_async`] runs too): sled 0.34's flushes, several at once beside
-/// transactions, can deadlock (see `flush_async`), and the lock they deadlock on is
-/// sled's, one per process, not one per database (tests run several nodes in one
-/// process). A std mutex, so that the flushes made off the runtime (the running mark,
-/// the index fills at open) take the same turn.
-static FLUSHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// An outbox entry as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct OutRec {
@@ -805,13 +797,10 @@ impl Store {
         flushed
     }
 
-    /// sled's flush, in its turn (`FLUSHING`): every flush of the node's store goes
-    /// through here. Blocks: off the runtime.
+    /// sled's flush, in the process's one turn ([`trmx_durable::flush_sled`]): every flush
+    /// of the node's store goes through here. Blocks: off the runtime.
     fn flush_db(&self) -> Result<(), NodeError> {
-        let _turn = FLUSHING
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.db.flush().map_err(store_err)?;
+        trmx_durable::flush_sled(&self.db).map_err(store_err)?;
         Ok(())
     }
 
@@ -821,7 +810,7 @@ impl Store {
 
     /// Makes everything written so far durable, also against a power cut.
     ///
-    /// One sled flush at a time (`FLUSHING`). A sled 0.34 flush holds sled's
+    /// One sled flush at a time ([`Self::flush_db`]). A sled 0.34 flush holds sled's
     /// concurrency-control read lock while it waits for the log to be stable, and a
     /// transaction waiting for the write lock keeps every later reader out. With several
     /// flushes under way (concurrent sends), the store, and with it the node, hung for
@@ -2542,9 +2531,7 @@ mod tests {
     fn a_flush_outside_flush_async_waits_for_the_one_under_way() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let turn = FLUSHING
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let turn = trmx_durable::hold_flush_turn();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let marking = store.clone();
         std::thread::spawn(move || {

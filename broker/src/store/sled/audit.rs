@@ -371,7 +371,7 @@ pub fn tamper_audit_record(
         records.swap_remove(0).1
     };
     audit.insert(key, value).map_err(storage)?;
-    db.flush().map_err(storage)?;
+    trmx_durable::flush_sled(&db).map_err(storage)?;
     Ok(true)
 }
 

@@ -182,7 +182,7 @@ fn copy_store(path: &Path, target: &Path) -> Result<Copied, StoreError> {
     new.open_tree("meta")
         .and_then(|meta| meta.insert(SEQ_FLOOR_KEY, &new_floor.to_be_bytes()[..]))
         .map_err(storage)?;
-    new.flush().map_err(storage)?;
+    trmx_durable::flush_sled(&new).map_err(storage)?;
     copy_broker_files(path, target)?;
     // (syncs the directory too, so the files copied above are in it after a power cut)
     trmx_durable::DiskSync::open(target).map_err(|e| StoreError::Open {

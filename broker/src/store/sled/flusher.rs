@@ -238,8 +238,8 @@ fn run(
             Err("injected storage fault (disk full)".to_owned())
         } else {
             let started = std::time::Instant::now();
-            let result = db
-                .flush()
+            // (in the process's one turn: see `trmx_durable::flush_sled`)
+            let result = trmx_durable::flush_sled(db)
                 .map_err(|e| e.to_string())
                 .and_then(|_| sync.sync().map_err(|e| e.to_string()))
                 .map(|synced| {

@@ -223,7 +223,7 @@ impl SledStore {
             None => {
                 meta.insert("format", FORMAT)
                     .map_err(|e| open_err(e.to_string()))?;
-                db.flush().map_err(|e| open_err(describe_open_error(&e)))?;
+                trmx_durable::flush_sled(&db).map_err(|e| open_err(describe_open_error(&e)))?;
             }
         }
         let seq_floor = compact::seq_floor(&meta).map_err(|e| open_err(e.to_string()))?;
@@ -575,7 +575,7 @@ pub fn accept_clock_offline(
         Err(::sled::transaction::TransactionError::Abort(e)) => return Err(e),
         Err(::sled::transaction::TransactionError::Storage(e)) => return Err(storage(e)),
     };
-    db.flush().map_err(storage)?;
+    trmx_durable::flush_sled(&db).map_err(storage)?;
     trmx_durable::DiskSync::open(path).map_err(|e| StoreError::Open {
         path: path.display().to_string(),
         reason: format!("cannot sync the store's files: {e}"),

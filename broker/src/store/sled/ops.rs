@@ -1019,10 +1019,10 @@ pub(super) fn index_backoff(
     }
     trees[BACKOFF].apply_batch(batch).map_err(storage)?;
     // the entries durable before the mark that says they are complete
-    meta.flush().map_err(storage)?;
+    trmx_durable::flush_sled(meta).map_err(storage)?;
     meta.insert(BACKOFF_INDEXED_KEY, running_mark(meta)?)
         .map_err(storage)?;
-    meta.flush().map_err(storage)?;
+    trmx_durable::flush_sled(meta).map_err(storage)?;
     if any {
         tracing::info!(
             indexed,
@@ -1523,6 +1523,41 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> SledStore {
         SledStore::open(dir, SledOptions::default(), Lifecycle::default()).unwrap()
+    }
+
+    /// The store's flushes take the process's one flush turn (`trmx_durable::flush_sled`),
+    /// the one a node's store takes too: two sled 0.34 flushes at once (tests run a broker
+    /// and nodes in one process) can hang both for good. A submit is not answered while
+    /// another flush has the turn, and is once it is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_waits_for_the_process_flush_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open(dir.path()));
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        // (the turn held on a thread of its own, as another store's flush holds it)
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _turn = trmx_durable::hold_flush_turn();
+            held_tx.send(()).unwrap();
+            let _ = released.recv();
+        });
+        held.recv().unwrap();
+        let submitting = tokio::spawn({
+            let (s, msg) = (Arc::clone(&s), message(&be));
+            async move { s.submit(msg, NOW).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !submitting.is_finished(),
+            "the submit was flushed while another flush had the turn"
+        );
+        drop(release);
+        holder.join().unwrap();
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(30), submitting)
+            .await
+            .expect("answered once the turn is free");
+        assert!(answered.unwrap().is_ok());
     }
 
     /// A closed store in `dir` that holds a message to BE-PAYOKE whose record
