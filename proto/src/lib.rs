@@ -12,6 +12,9 @@
 //!   malformed messages answered `INVALID_ARGUMENT` instead of `INTERNAL`).
 //! - [`error`]: [`ValidationError`], which names a field path and the rule
 //!   broken, never the value (values are personal data).
+//! - [`schema`]: the names a field path may be made of (every field and message
+//!   name of `trmx.v1`, generated from the descriptors), so that a path can be
+//!   checked to carry no value: the broker checks a `Reject`'s with it.
 //!
 //! Nothing in this crate does I/O.
 
@@ -39,6 +42,7 @@ pub mod envelope;
 pub mod error;
 pub mod ids;
 pub mod kind;
+pub mod schema;
 pub mod time;
 
 pub use error::ValidationError;
