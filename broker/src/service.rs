@@ -1224,42 +1224,24 @@ fn check_reason_code(code: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// `field_path` is empty or a dotted path of `[A-Za-z0-9_]` segments (each may
-/// end in `[N]` indexes), at most 256 characters.
+/// `field_path` is empty or a field path of the schema, at most 256 characters:
+/// dotted segments, each a field or message name of `trmx.v1` with optional `[N]`
+/// indexes (see [`trmx_proto::schema`]). Checking only the form let a recipient put
+/// a body value into a segment (`referral.person.AminaBello`), which then reached
+/// the sender's non-delivery report, `GetStatus`, dead letters and logs. The names
+/// are those of the whole package, not of the rejected message's kind: that closes
+/// the leak as well (no value fits unless it is a schema word) without reading the
+/// record before refusing, or fixing which root each kind's paths must have.
 fn check_field_path(path: &str) -> Result<(), BrokerError> {
-    if path.is_empty() {
-        return Ok(());
-    }
-    let segment_ok = |segment: &str| {
-        let name_len = segment
-            .bytes()
-            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
-            .count();
-        let (name, mut rest) = segment.split_at(name_len);
-        if name.is_empty() {
-            return false;
-        }
-        while !rest.is_empty() {
-            let Some(inner) = rest.strip_prefix('[') else {
-                return false;
-            };
-            let digits = inner.bytes().take_while(u8::is_ascii_digit).count();
-            let Some(after) = inner.get(digits..).and_then(|r| r.strip_prefix(']')) else {
-                return false;
-            };
-            if digits == 0 {
-                return false;
-            }
-            rest = after;
-        }
-        true
-    };
-    if path.len() <= MAX_FIELD_PATH_LEN && path.split('.').all(segment_ok) {
+    if path.is_empty()
+        || (path.len() <= MAX_FIELD_PATH_LEN && trmx_proto::schema::is_field_path(path))
+    {
         Ok(())
     } else {
         Err(ValidationError::new(
             "field_path",
-            "must be a dotted field path like referral.consent.basis, at most 256 characters",
+            "must be a dotted path of trmx.v1 field names like referral.consent.basis \
+             (indexes like needs[2] allowed), at most 256 characters",
         )
         .into())
     }
@@ -1554,8 +1536,11 @@ mod tests {
             "",
             "referral",
             "referral.consent.basis",
-            "referral.needs[2].kind",
-            "a_b.c1",
+            "referral.consent.purposes[2]",
+            "envelope.payload_sha256",
+            "return_risk_assessment.findings[0].level",
+            "payload",
+            &format!("{}referral", "referral.".repeat(27)),
         ] {
             check_field_path(good).unwrap();
         }
@@ -1567,9 +1552,14 @@ mod tests {
             "a[x]",
             "a[]",
             "name=Jane",
-            &"a".repeat(257),
+            "referral.person.AminaBello",
+            "referral.person.amina_bello",
+            "a_b.c1",
+            &format!("{}referral", "referral.".repeat(28)),
         ] {
-            assert!(check_field_path(bad).is_err(), "{bad:?}");
+            let err = check_field_path(bad).expect_err(bad).to_string();
+            assert!(err.contains("field_path"), "{err}");
+            assert!(!err.contains("Amina") && !err.contains("Jane"), "{err}");
         }
     }
 

@@ -429,3 +429,60 @@ async fn one_participant_at_its_connection_cap_cannot_shut_the_others_out() -> a
     drop(hog);
     Ok(())
 }
+
+/// A `Reject` whose field path holds a value from the body (here a name put in
+/// where a field name goes, as a recipient's JSON decoder did with an unknown key)
+/// is refused without echoing it, and changes nothing: the message stays in flight,
+/// is delivered again, and no non-delivery report or dead letter carries the value.
+#[tokio::test]
+async fn a_reject_with_a_value_in_its_field_path_is_refused_and_changes_nothing()
+-> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    let mut stream = receive(&mut be, 0).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), id);
+
+    for path in [
+        "referral.person.AminaBello",
+        "referral.person.amina_bello",
+        "AminaBello.person",
+        "referral.person[0].AminaBello",
+    ] {
+        let status = assert_code(
+            be.reject(pb::RejectRequest {
+                message_id: id.clone(),
+                reason_code: "INVALID_BODY".into(),
+                field_path: path.into(),
+            })
+            .await,
+            Code::InvalidArgument,
+            path,
+        );
+        assert!(status.message().contains("field_path"), "{status:?}");
+        assert!(
+            !status.message().contains("Amina") && !status.message().contains("amina"),
+            "{status:?}"
+        );
+    }
+
+    let st = status(&mut nl, &id).await?;
+    assert_eq!(st.state, pb::MessageState::InFlight as i32);
+    assert_eq!((st.attempts, st.reason_code.as_str()), (1, ""));
+    assert_eq!(st.field_path, "");
+    let dead = crate::operator::operator(&t)?
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await?
+        .into_inner();
+    assert!(dead.messages.is_empty(), "{dead:?}");
+
+    // still the recipient's to process: delivered again after the ack timeout
+    time_out_lease(&t, &mut nl, &id).await?;
+    let again = next(&mut stream).await?;
+    assert_eq!((id_of(&again), again.attempt), (id.clone(), 2));
+    assert_eq!(state_of(&mut nl, &id).await?, pb::MessageState::InFlight);
+    Ok(())
+}
