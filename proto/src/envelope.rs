@@ -416,6 +416,8 @@ mod tests {
             let mut env = valid();
             mutate(&mut env);
             assert_eq!(field_of(&env), field);
+            // a node rejects a delivery with this path: the broker must take it
+            assert!(crate::schema::is_field_path(field), "{field}");
         }
     }
 

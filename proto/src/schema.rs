@@ -24,6 +24,12 @@
 
 include!(concat!(env!("OUT_DIR"), "/trmx_path_names.rs"));
 
+/// Every name, sorted (for tests that go through them all).
+#[cfg(test)]
+pub(crate) fn names() -> &'static [&'static str] {
+    PATH_NAMES
+}
+
 /// Whether `name` is a field name of a `trmx.v1` message or a `trmx.v1`
 /// message name in snake_case (see the [module docs](self)).
 pub fn is_field_name(name: &str) -> bool {

@@ -1820,4 +1820,24 @@ mod tests {
         assert_eq!(field_path_of("recipient does not accept: x"), "");
         assert_eq!(field_path_of("no colon"), "");
     }
+
+    /// The paths `classify` and `classify_receipt` reject with besides those of
+    /// `check_delivery` and the body checks (whose own tests check theirs): the
+    /// broker takes a `Reject`'s path only when it is made of schema names.
+    #[test]
+    fn the_paths_a_delivery_is_rejected_with_are_schema_paths() {
+        let roots = Kind::ALL.map(trmx_proto::body::Body::root);
+        for path in [
+            "envelope.recipient",
+            ID_TAKEN.1,
+            "receipt",
+            "receipt.message_id",
+            "receipt.outcome",
+        ]
+        .into_iter()
+        .chain(roots)
+        {
+            assert!(trmx_proto::schema::is_field_path(path), "{path}");
+        }
+    }
 }

@@ -167,6 +167,34 @@ mod tests {
         assert_eq!(field_name(&"a".repeat(65)), None);
     }
 
+    /// A wrong value under a known key is reported with that key as its proto
+    /// field name: for every field, its JSON name (protoc's lowerCamelCase) must
+    /// come back as a name of the schema, or the broker would refuse the path.
+    #[test]
+    fn every_json_name_becomes_a_schema_name() {
+        for name in crate::schema::names() {
+            let mut json_name = String::new();
+            let mut upper = false;
+            for c in name.chars() {
+                if c == '_' {
+                    upper = true;
+                } else if upper {
+                    json_name.push(c.to_ascii_uppercase());
+                    upper = false;
+                } else {
+                    json_name.push(c);
+                }
+            }
+            for key in [name, json_name.as_str()] {
+                let back = field_name(key);
+                assert!(
+                    back.as_deref().is_some_and(crate::schema::is_field_name),
+                    "{key} -> {back:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn timestamps_are_z_normalized_and_text_is_left_alone() {
         let json = "{\n  \"givenAt\": \"2026-01-13T10:30:00.250+00:00\",\n  \"text\": \"\\\"at\\\": \\\"2026-01-13T10:30:00+00:00\"\n}".to_owned();

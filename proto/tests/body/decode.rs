@@ -4,7 +4,7 @@ use proptest::prelude::*;
 use trmx_proto::Kind;
 use trmx_proto::body::Body;
 
-use super::{EXAMPLES, ctx};
+use super::{EXAMPLES, assert_reportable, ctx};
 
 #[test]
 fn malformed_bytes_are_an_error_on_payload() {
@@ -17,6 +17,7 @@ fn malformed_bytes_are_an_error_on_payload() {
         ] {
             let err = Body::decode(kind, bytes).expect_err("malformed");
             assert_eq!(err.field, "payload", "{kind}");
+            assert_reportable(&err);
         }
     }
 }
@@ -26,7 +27,7 @@ fn empty_bytes_decode_to_an_empty_body_that_does_not_validate() {
     for kind in Kind::APPLICATION {
         let body = Body::decode(kind, &[]).unwrap();
         assert_eq!(body.kind(), kind);
-        assert!(body.validate(&ctx()).is_err(), "{kind}");
+        assert_reportable(&body.validate(&ctx()).expect_err("empty body"));
     }
 }
 
@@ -51,7 +52,9 @@ proptest! {
     fn random_bytes_never_panic(kind in 0..Kind::ALL.len(), bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let kind = Kind::ALL[kind];
         if let Ok(body) = Body::decode(kind, &bytes) {
-            let _ = body.validate(&ctx());
+            if let Err(e) = body.validate(&ctx()) {
+                assert_reportable(&e);
+            }
             let _ = body.to_json();
             let _ = (body.respond_by(), body.retain_until(), body.next_follow_up_due());
         }
@@ -70,12 +73,18 @@ proptest! {
         }
         let cut = cut.index(bytes.len() + 1);
         for slice in [&bytes[..], &bytes[..cut]] {
-            if let Ok(body) = Body::decode(kind, slice) {
-                let _ = body.validate(&ctx());
+            match Body::decode(kind, slice) {
+                Err(e) => assert_reportable(&e),
+                Ok(body) => {
+                // Whatever a node refuses, it reports with a path the broker takes.
+                if let Err(e) = body.validate(&ctx()) {
+                    assert_reportable(&e);
+                }
                 let json = body.to_json();
                 if body.try_to_json().is_ok() {
                     // Whatever decodes and serializes reads back as the same body.
                     prop_assert_eq!(Body::from_json(kind, &json).ok(), Some(body.clone()));
+                }
                 }
             }
         }
@@ -90,6 +99,7 @@ fn unknown_enum_numbers_decode_but_do_not_validate_or_serialize() {
     let body = Body::decode(Kind::Referral, &bytes).expect("well-formed protobuf");
     let err = body.validate(&ctx()).expect_err("unknown enum value");
     assert_eq!(err.field, "referral.safety_risk");
+    assert_reportable(&err);
     assert_eq!(
         body.try_to_json().expect_err("no JSON name").field,
         "referral"

@@ -4,7 +4,7 @@ use trmx_proto::Kind;
 use trmx_proto::ValidationError;
 use trmx_proto::body::Body;
 
-use super::EXAMPLES;
+use super::{EXAMPLES, assert_reportable};
 
 /// The referral example with `edit` applied to its JSON value.
 fn referral_json(edit: impl FnOnce(&mut serde_json::Value)) -> String {
@@ -15,7 +15,9 @@ fn referral_json(edit: impl FnOnce(&mut serde_json::Value)) -> String {
 }
 
 fn refused(json: &str) -> ValidationError {
-    Body::from_json(Kind::Referral, json).expect_err("must be refused")
+    let err = Body::from_json(Kind::Referral, json).expect_err("must be refused");
+    assert_reportable(&err);
+    err
 }
 
 /// An unknown key is never repeated, however much it looks like a field name: it

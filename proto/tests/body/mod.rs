@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use trmx_proto::body::{Body, BodyContext};
 use trmx_proto::time::Date;
-use trmx_proto::{Kind, MessageId, pb};
+use trmx_proto::{Kind, MessageId, ValidationError, pb};
 
 /// The example documents of `proto/examples/`, with their kinds, in story order.
 pub(crate) const EXAMPLES: [(&str, Kind, &str); 8] = [
@@ -54,6 +54,19 @@ pub(crate) const EXAMPLES: [(&str, Kind, &str); 8] = [
         include_str!("../../examples/08-delivery-receipt.json"),
     ),
 ];
+
+/// `error`'s field path is one the broker takes in a `Reject`: every segment a
+/// name of the schema (`trmx_proto::schema`). A node rejects a body with the path
+/// of its first error, so each refused body in these tests checks that a path our
+/// node can produce is not refused by the broker (which would cost the sender the
+/// reason) and that it holds nothing but schema names.
+#[track_caller]
+pub(crate) fn assert_reportable(error: &ValidationError) {
+    assert!(
+        trmx_proto::schema::is_field_path(&error.field),
+        "not a schema field path: {error}"
+    );
+}
 
 /// A context for an answer received today.
 pub(crate) fn ctx() -> BodyContext {

@@ -6,7 +6,7 @@ use trmx_proto::envelope::sha256;
 use trmx_proto::pb;
 use trmx_proto::time::Date;
 
-use super::{ctx, follow_up, receipt, referral, response, rra, rra_request};
+use super::{assert_reportable, ctx, follow_up, receipt, referral, response, rra, rra_request};
 
 /// Validates `base` after `mutate`, with `ctx`.
 fn run<M: Clone + Into<Body>>(
@@ -30,7 +30,10 @@ fn accepted<M: Clone + Into<Body>>(base: &M, mutate: impl FnOnce(&mut M)) {
 fn refused<M: Clone + Into<Body>>(base: &M, field: &str, mutate: impl FnOnce(&mut M)) {
     match run(base, &ctx(), mutate) {
         Ok(()) => panic!("expected an error on {field}, body was accepted"),
-        Err(e) => assert_eq!(e.field, field, "wrong field ({e})"),
+        Err(e) => {
+            assert_eq!(e.field, field, "wrong field ({e})");
+            assert_reportable(&e);
+        }
     }
 }
 
