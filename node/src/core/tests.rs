@@ -685,7 +685,14 @@ async fn bad_deliveries_are_rejected_with_a_reason_and_not_stored() {
                     reason_code,
                     field_path,
                     ..
-                } => (reason_code, field_path),
+                } => {
+                    // the broker takes it: a path of schema names (or none)
+                    assert!(
+                        field_path.is_empty() || trmx_proto::schema::is_field_path(&field_path),
+                        "{field_path}"
+                    );
+                    (reason_code, field_path)
+                }
                 other => panic!("expected a rejection, got {other:?}"),
             }
         }
@@ -708,7 +715,10 @@ async fn bad_deliveries_are_rejected_with_a_reason_and_not_stored() {
     let mut env = good.clone();
     env.payload = vec![0xff, 0xff, 0xff];
     env.payload_sha256 = trmx_proto::envelope::sha256(&env.payload).to_vec();
-    assert_eq!(verdict_of(env).await.0, "INVALID_BODY");
+    assert_eq!(
+        verdict_of(env).await,
+        ("INVALID_BODY", "payload".to_owned())
+    );
 
     // A digest that does not match.
     let mut env = good.clone();
