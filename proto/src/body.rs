@@ -226,6 +226,27 @@ impl Body {
         Date::parse(value).ok()
     }
 
+    /// For a body about to be sent: its `handling.retain_until` must not have
+    /// passed. Such a body would be erased at the next retention run of the
+    /// sender's node once it arrives, and of the recipient's soon after it is
+    /// stored, perhaps before anyone read it: most likely a typo in the year.
+    /// Not part of [`Self::validate`], which a recipient also runs: a message
+    /// whose date passes while it waits in a queue is still stored, and erased
+    /// by the recipient's retention.
+    pub fn check_retention_ahead(&self, today: Date) -> Result<(), ValidationError> {
+        match self.retain_until() {
+            Some(until) if until < today => Err(ValidationError::new(
+                format!("{}.handling.retain_until", Body::root(self.kind())),
+                format!(
+                    "has passed (today is {today}): the body would be erased by both nodes' \
+                     retention, perhaps before it is read; set the date until which the \
+                     recipient must keep it"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The date the next follow-up is due (`next_follow_up_due` of a
     /// follow-up), if set and valid.
     pub fn next_follow_up_due(&self) -> Option<Date> {

@@ -1491,6 +1491,9 @@ impl NodeCore {
                     "must be in the future",
                 )));
             }
+            req.body
+                .check_retention_ahead(Date::of(now))
+                .map_err(NodeError::Invalid)?;
             check_recipient(inner, &req.recipient, kind).await?;
         }
         let answered = match req.in_reply_to {

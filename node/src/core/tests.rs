@@ -21,11 +21,11 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// TLS tests, whose certificates are made at test time, start their clock at the system
 /// time instead (see `started`).
 const START: u64 = 1_796_083_200;
-/// 2033-02-09T00:00:00Z: past the examples' `retain_until` (2032-12-31), before
-/// 2034-12-31. A date rather than a step from [`START`], so that `START` can move.
-const INTO_2033: u64 = 1_991_520_000;
-/// 2035-02-09T00:00:00Z: past 2034-12-31.
-const INTO_2035: u64 = 2_054_592_000;
+/// 2037-02-09T00:00:00Z: past the examples' `retain_until` (2036-12-31), before
+/// 2038-12-31. A date rather than a step from [`START`], so that `START` can move.
+const INTO_2037: u64 = 2_117_750_400;
+/// 2039-02-09T00:00:00Z: past 2038-12-31.
+const INTO_2039: u64 = 2_180_822_400;
 
 fn body(kind: Kind, json: &str) -> Body {
     Body::from_json(kind, json).unwrap()
@@ -326,6 +326,77 @@ async fn a_retry_after_its_expires_at_passed_gets_the_first_entry() {
         matches!(&err, NodeError::Invalid(e) if e.field == "expires_at"),
         "{err:?}"
     );
+}
+
+/// A body whose `handling.retain_until` has passed (a typo in the year) would be
+/// erased by both nodes' retention, perhaps before anyone read it: refused, and
+/// nothing stored. Its last day is still ahead; a retry of a message stored before
+/// its date passed gets its entry.
+#[tokio::test]
+async fn a_body_whose_retention_has_passed_is_refused_and_nothing_is_stored() {
+    let f = fixture().await;
+    // START is 2026-12-01
+    let with_retention = |example: &str, until: &str| example.replace("2036-12-31", until);
+    let referral_until = |until: &str| {
+        body(
+            Kind::Referral,
+            &with_retention(
+                include_str!("../../../proto/examples/01-referral.json"),
+                until,
+            ),
+        )
+    };
+    for (kind, json, field) in [
+        (
+            Kind::Referral,
+            include_str!("../../../proto/examples/01-referral.json"),
+            "referral.handling.retain_until",
+        ),
+        (
+            Kind::ReturnRiskAssessmentRequest,
+            include_str!("../../../proto/examples/04-return-risk-assessment-request.json"),
+            "return_risk_assessment_request.handling.retain_until",
+        ),
+    ] {
+        let past = body(kind, &with_retention(json, "2026-11-30"));
+        let err =
+            f.nl.send(request("k-past", "BE-PAYOKE", past))
+                .await
+                .unwrap_err();
+        let NodeError::Invalid(e) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(e.field, field);
+        assert!(e.rule.contains("has passed"), "{}", e.rule);
+    }
+    assert!(
+        f.nl.outbox(&ListFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(f.nl.status().outbox_queued, 0);
+
+    // its last day is today: sent
+    let today =
+        f.nl.send(request(
+            "k-today",
+            "BE-PAYOKE",
+            referral_until("2026-12-01"),
+        ))
+        .await
+        .unwrap();
+    // a retry after the date passed gets the entry stored before
+    f.clock.advance(2 * DAY);
+    let again =
+        f.nl.send(request(
+            "k-today",
+            "BE-PAYOKE",
+            referral_until("2026-12-01"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(again.message_id, today.message_id);
 }
 
 #[tokio::test]
@@ -750,7 +821,7 @@ async fn bad_deliveries_are_rejected_with_a_reason_and_not_stored() {
 #[tokio::test]
 async fn retention_erases_bodies_and_keeps_metadata() {
     let f = fixture().await;
-    // The example referral is kept until 2032-12-31; the follow-up has no date.
+    // The example referral is kept until 2036-12-31; the follow-up has no date.
     let sent =
         f.nl.send(request("k-1", "BE-PAYOKE", referral()))
             .await
@@ -762,7 +833,7 @@ async fn retention_erases_bodies_and_keeps_metadata() {
     f.nl.inner.store.mark_submitted(sent.message_id, 1).unwrap();
 
     assert_eq!(f.nl.run_retention().await.unwrap(), 0);
-    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2037));
     assert_eq!(f.nl.run_retention().await.unwrap(), 1);
     match f.nl.message(sent.message_id).await.unwrap() {
         Some(MessageView::Outbox(entry, body)) => {
@@ -820,7 +891,7 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
         req.in_reply_to = reply;
         req
     };
-    // case A: a referral (kept until 2032-12-31), its answer and a follow-up
+    // case A: a referral (kept until 2036-12-31), its answer and a follow-up
     let a =
         f.nl.send(request("a-1", "BE-PAYOKE", referral()))
             .await
@@ -847,7 +918,7 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
         f.nl.send(in_case("a-4", "BE-PAYOKE", follow_up(), a.case_ref, None))
             .await
             .unwrap();
-    // case B: the same, and a request that keeps the case until 2034-12-31
+    // case B: the same, and a request that keeps the case until 2038-12-31
     let b =
         f.nl.send(request("b-1", "BE-PAYOKE", referral()))
             .await
@@ -861,7 +932,7 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
     let longer = body(
         Kind::ReturnRiskAssessmentRequest,
         &include_str!("../../../proto/examples/04-return-risk-assessment-request.json")
-            .replace("2032-12-31", "2034-12-31"),
+            .replace("2036-12-31", "2038-12-31"),
     );
     let b_request =
         f.nl.send(in_case("b-3", "BE-PAYOKE", longer, b.case_ref, None))
@@ -871,7 +942,7 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
 
     let case_a = [a.message_id, a_answer.message_id, a_news.message_id];
     let case_b = [b.message_id, b_news.message_id, b_request.message_id];
-    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2037));
     f.nl.run_retention().await.unwrap();
     f.be.run_retention().await.unwrap();
     for node in [&f.nl, &f.be] {
@@ -879,7 +950,7 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
         assert_eq!(
             bodies_kept(node, &case_b).await,
             [b_news.message_id, b_request.message_id],
-            "case B goes on until 2034-12-31, but the referral's own date passed"
+            "case B goes on until 2038-12-31, but the referral's own date passed"
         );
     }
     assert_eq!(
@@ -896,7 +967,7 @@ async fn retention_erases_a_cases_answers_and_follow_ups_with_it() {
     assert_eq!(f.be.run_retention().await.unwrap(), 1);
     assert_eq!(bodies_kept(&f.be, &[a_late.message_id]).await, []);
 
-    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2035));
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2039));
     f.nl.run_retention().await.unwrap();
     f.be.run_retention().await.unwrap();
     for node in [&f.nl, &f.be] {
@@ -915,11 +986,11 @@ async fn a_request_that_never_left_does_not_extend_its_cases_retention() {
         body(
             Kind::ReturnRiskAssessmentRequest,
             &include_str!("../../../proto/examples/04-return-risk-assessment-request.json")
-                .replace("2032-12-31", "2034-12-31"),
+                .replace("2036-12-31", "2038-12-31"),
         )
     };
-    // Two cases, each with a referral kept until 2032-12-31, a follow-up about the
-    // same person, and a request that would keep the case until 2034-12-31.
+    // Two cases, each with a referral kept until 2036-12-31, a follow-up about the
+    // same person, and a request that would keep the case until 2038-12-31.
     let mut cases = Vec::new();
     for n in 0..2 {
         let referral =
@@ -959,7 +1030,7 @@ async fn a_request_that_never_left_does_not_extend_its_cases_retention() {
         ReceiptEffect::Moved(OutboxState::Failed)
     );
 
-    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2037));
     f.nl.run_retention().await.unwrap();
     assert_eq!(
         bodies_kept(&f.nl, &[never_news.message_id, never.message_id]).await,
@@ -969,7 +1040,7 @@ async fn a_request_that_never_left_does_not_extend_its_cases_retention() {
     assert_eq!(
         bodies_kept(&f.nl, &[expired_news.message_id]).await,
         [expired_news.message_id],
-        "case 1 goes on until 2034-12-31"
+        "case 1 goes on until 2038-12-31"
     );
 }
 
@@ -1032,18 +1103,18 @@ async fn a_jump_of_the_system_clock_erases_no_body_until_a_restart() {
     let nl = NodeCore::start_offline(config(dir.path(), "NL-NRM"), clock())
         .await
         .unwrap();
-    // the example referral is kept until 2032-12-31
+    // the example referral is kept until 2036-12-31
     let sent = nl
         .send(request("k-1", "BE-PAYOKE", referral()))
         .await
         .unwrap();
-    *time.0.lock().unwrap() += DAY * 365 * 7;
+    *time.0.lock().unwrap() += DAY * 365 * 11;
     assert_eq!(nl.run_retention().await.unwrap(), 0);
     assert!(!nl.outbox(&ListFilter::default()).await.unwrap()[0].body_erased);
     nl.shutdown().await;
     drop(nl);
 
-    // Seven years is more than `storage.max_downtime_secs`: the start asks for the
+    // Eleven years is more than `storage.max_downtime_secs`: the start asks for the
     // clock to be accepted first (`trmx-node accept-clock`), and erases nothing.
     // (the old core's tasks may still be letting go of the database)
     let mut tries = 0;
@@ -1061,7 +1132,7 @@ async fn a_jump_of_the_system_clock_erases_no_body_until_a_restart() {
     assert!(matches!(refused, NodeError::ClockJump(_)), "{refused}");
     for part in [
         "after the last time the node ran on this store",
-        "2555.0 days after",
+        "4015.0 days after",
         "storage.max_downtime_secs (604800)",
         "trmx-node --config <its config> accept-clock` once as the node's user",
     ] {
@@ -1143,7 +1214,7 @@ async fn received_bodies_are_erased_too() {
             .await
             .unwrap();
     transfer(&f.nl, &f.be, sent.message_id).await;
-    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2037));
     assert_eq!(f.be.run_retention().await.unwrap(), 1);
     match f.be.message(sent.message_id).await.unwrap() {
         Some(MessageView::Inbox(entry, None)) => assert!(entry.body_erased),
@@ -2403,8 +2474,8 @@ mod link {
             _serving,
         } = checking().await;
         let sent = submitted_referral(&nl).await;
-        // past the referral's handling.retain_until (2032-12-31): body erased
-        clock.advance(Duration::from_secs(8 * 365 * 86_400));
+        // past the referral's handling.retain_until (2036-12-31): body erased
+        clock.advance(Duration::from_secs(11 * 365 * 86_400));
         assert_eq!(nl.run_retention().await.unwrap(), 1);
         broker.lose(&sent.message_id.to_string());
         until("NL gives the lost message up", || async {
@@ -3005,8 +3076,8 @@ mod link {
             broker.lock().submits_arrived > 0
         })
         .await;
-        // the submit is in flight; the referral's retain_until (2032-12-31) passes
-        clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2033));
+        // the submit is in flight; the referral's retain_until (2036-12-31) passes
+        clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2037));
         let retention = tokio::spawn({
             let nl = nl.clone();
             async move { nl.run_retention().await }

@@ -62,7 +62,7 @@ fn json_uses_lower_camel_case_names_and_enum_names() {
         json.contains("\"ageBand\": \"AGE_BAND_FROM_24_TO_26\""),
         "{json}"
     );
-    assert!(json.contains("\"retainUntil\": \"2032-12-31\""), "{json}");
+    assert!(json.contains("\"retainUntil\": \"2036-12-31\""), "{json}");
     assert!(
         json.contains("\"givenAt\": \"2026-01-13T10:30:00+00:00\"")
             || json.contains("\"givenAt\": \"2026-01-13T10:30:00Z\""),
@@ -75,12 +75,12 @@ fn json_uses_lower_camel_case_names_and_enum_names() {
 fn dates_for_the_node_come_from_the_body() {
     let referral = example("01-referral.json");
     assert_eq!(referral.respond_by(), Date::parse("2026-01-21").ok());
-    assert_eq!(referral.retain_until(), Date::parse("2032-12-31").ok());
+    assert_eq!(referral.retain_until(), Date::parse("2036-12-31").ok());
     assert_eq!(referral.next_follow_up_due(), None);
 
     let request = example("04-return-risk-assessment-request.json");
     assert_eq!(request.respond_by(), Date::parse("2026-07-24").ok());
-    assert_eq!(request.retain_until(), Date::parse("2032-12-31").ok());
+    assert_eq!(request.retain_until(), Date::parse("2036-12-31").ok());
 
     let follow_up = example("07-follow-up-3-months.json");
     assert_eq!(
