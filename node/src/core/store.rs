@@ -1143,8 +1143,10 @@ impl Store {
     }
 
     /// Records `attempts` failed submit attempts (transient errors), the last with
-    /// `error` (`None`: the last error recorded stays, as when the entry has left the
-    /// queue since); the state does not change.
+    /// `error`; the state does not change. The error is kept only while the entry is
+    /// queued: one that has left the queue meanwhile (a withdrawal between the failed
+    /// attempt and this note, which the submit loop writes after letting withdrawals
+    /// in again) keeps the last error it had, since it no longer waits for a submit.
     pub(crate) fn note_submit_error(
         &self,
         id: MessageId,
@@ -1153,7 +1155,9 @@ impl Store {
     ) -> Result<(), NodeError> {
         self.update_out(id, |rec| {
             rec.submit_attempts = rec.submit_attempts.saturating_add(attempts);
-            if let Some(error) = error {
+            if let Some(error) = error
+                && rec.state == OutboxState::Queued
+            {
                 rec.last_error = Some(error.to_owned());
             }
             Ok(true)
@@ -2503,6 +2507,27 @@ mod tests {
             vec![(ids[3], 5_000)]
         );
         assert_eq!(store.counts().unwrap().submitted, 1);
+    }
+
+    #[test]
+    fn a_failed_submit_noted_after_a_withdrawal_leaves_the_withdrawn_entry_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (entry, _) = store.enqueue(&outgoing("withdrawn-meanwhile")).unwrap();
+        let id = entry.message_id;
+        store
+            .note_submit_error(id, Some("broker unavailable"), 1)
+            .unwrap();
+        store.withdraw_local(id, 10_000, false).unwrap();
+        // the submit loop's note of a later attempt, written after the withdrawal
+        store
+            .note_submit_error(id, Some("deadline exceeded"), 2)
+            .unwrap();
+        let after = store.outbox_entry(id).unwrap().unwrap();
+        assert_eq!(after.state, OutboxState::Failed);
+        assert_eq!(after.failure.unwrap().outcome, "withdrawn");
+        assert_eq!(after.last_error.as_deref(), Some("broker unavailable"));
+        assert_eq!(after.submit_attempts, 3, "the attempts happened");
     }
 
     #[tokio::test]
