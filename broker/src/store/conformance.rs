@@ -1426,6 +1426,234 @@ pub(super) async fn concurrent_submits_share_flushes<S: BrokerStore>(
     assert_eq!(lease_ids(&**s, BE, 1, 100, now).await.len(), 64);
 }
 
+/// An ack that arrives at the very instant of the expiry, before the tick applied it:
+/// the recipient stored the message, so it is ACKNOWLEDGED with one DELIVERED receipt,
+/// and the expiry then finds nothing to do (no non-delivery report besides).
+pub(super) async fn an_ack_at_the_instant_of_expiry_is_one_delivery<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let mut m = message(NL, BE, Priority::Normal, 10, now);
+    m.expires_at = now + 10_000;
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], m.expires_at)
+            .await
+            .unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+    assert_eq!(tick(s, m.expires_at).await.expired, 0);
+    let got = receipts(s, NL, m.expires_at).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1.outcome, pb::Outcome::Delivered as i32);
+}
+
+/// A message whose lifetime (one millisecond) ends while it is in flight: EXPIRED with
+/// one report that says it was delivered once; the recipient's late ack and reject are
+/// NOT_FOUND, and neither its ack deadline nor the end of its stream adds a report.
+pub(super) async fn a_message_expiring_in_flight_gets_one_report<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let mut m = message(NL, BE, Priority::Normal, 10, now);
+    m.expires_at = now + 1;
+    submit_ok(s, &m, now).await;
+    assert_eq!(lease_ids(s, BE, 1, 10, now).await, vec![m.message_id]);
+    assert_eq!(tick(s, now + 1).await.expired, 1);
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], now + 2).await.unwrap(),
+        vec![AckResult::NotFound]
+    );
+    assert_eq!(
+        s.reject(&pid(BE), m.message_id, "INVALID_BODY", "", now + 2)
+            .await
+            .unwrap(),
+        RejectResult::NotFound
+    );
+    let after_deadline = now + 60_000;
+    let report = tick(s, after_deadline).await;
+    assert_eq!(
+        (report.redelivery_due, report.dead_lettered, report.expired),
+        (0, 0, 0)
+    );
+    let released = s
+        .release_stream(&pid(BE), StreamId(1), StreamEnd::Recipient, after_deadline)
+        .await
+        .unwrap();
+    assert_eq!(released, Released::default());
+    let st = s.status(&pid(NL), m.message_id).await.unwrap().unwrap();
+    assert_eq!((st.state, st.attempts), (State::Expired, 1));
+    let got = receipts(s, NL, after_deadline).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1.outcome, pb::Outcome::Expired as i32);
+    assert_eq!(got[0].1.attempts, 1);
+    assert!(got[0].1.last_delivered_at.is_some());
+}
+
+/// The ack deadline of the last allowed attempt falls on the very millisecond of the
+/// expiry: the deadline goes first (DEAD_LETTERED, MAX_ATTEMPTS), and the sender gets
+/// that one report, not a second for the expiry.
+pub(super) async fn a_last_ack_deadline_at_the_expiry_makes_one_report<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let t0 = c.now_millis();
+    // attempts 1 and 2 take 30 s each plus a backoff of 2 s and 4 s; the third is
+    // leased at +70 s, its deadline is +100 s
+    let mut m = message(NL, BE, Priority::Normal, 10, t0);
+    m.expires_at = t0 + 100_000;
+    submit_ok(s, &m, t0).await;
+    for (attempt, at) in [(1, t0), (2, t0 + 32_000), (3, t0 + 70_000)] {
+        tick(s, at).await;
+        let leased = s
+            .lease(&pid(BE), StreamId(attempt), 10, u64::MAX, at)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1, "attempt {attempt}");
+        assert_eq!(leased[0].attempt, attempt as u32);
+    }
+    let report = tick(s, m.expires_at).await;
+    assert_eq!((report.dead_lettered, report.expired), (1, 0));
+    let st = s.status(&pid(NL), m.message_id).await.unwrap().unwrap();
+    assert_eq!(
+        (st.state, st.reason_code.as_str()),
+        (State::DeadLettered, "MAX_ATTEMPTS")
+    );
+    let got = receipts(s, NL, m.expires_at).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1.outcome, pb::Outcome::DeadLettered as i32);
+    assert_eq!(got[0].1.attempts, 3);
+}
+
+/// A lease that timed out and whose message was leased again to another stream of the
+/// recipient: the end of the first stream neither releases it nor counts a failed
+/// attempt, and the recipient's ack (from either stream) still counts, once.
+pub(super) async fn a_re_leased_message_is_not_released_by_its_old_stream<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 10, now);
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    tick(s, now + 30_000).await;
+    tick(s, now + 32_000).await;
+    assert_eq!(
+        lease_ids(s, BE, 2, 10, now + 32_000).await,
+        vec![m.message_id]
+    );
+    let released = s
+        .release_stream(&pid(BE), StreamId(1), StreamEnd::Recipient, now + 33_000)
+        .await
+        .unwrap();
+    assert_eq!(released, Released::default());
+    let st = s.status(&pid(NL), m.message_id).await.unwrap().unwrap();
+    assert_eq!((st.state, st.attempts), (State::InFlight, 2));
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], now + 33_000)
+            .await
+            .unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+    assert_eq!(receipts(s, NL, now + 33_000).await.len(), 1);
+}
+
+/// A message dead-lettered after its attempts, then withdrawn by its sender: the
+/// recipient's late reject and ack are NOT_FOUND. Its report, never read by the
+/// sender, expires when the metadata retention ends and causes no report of its own
+/// (nor can it be acknowledged then); in the end no timer is left.
+pub(super) async fn a_withdrawn_dead_letter_and_its_unread_report_end_quietly<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 10, now);
+    submit_ok(s, &m, now).await;
+    let mut t = now;
+    for _ in 0..3 {
+        assert_eq!(lease_ids(s, BE, 1, 10, t).await.len(), 1);
+        t += 30_000;
+        tick(s, t).await;
+        t += 10_000;
+        tick(s, t).await;
+    }
+    assert_eq!(state_of(s, &m).await, State::DeadLettered);
+    assert!(matches!(
+        s.withdraw(&pid(NL), m.message_id, t).await.unwrap(),
+        WithdrawResult::Withdrawn { already: false, .. }
+    ));
+    assert_eq!(
+        s.reject(&pid(BE), m.message_id, "INVALID_BODY", "", t)
+            .await
+            .unwrap(),
+        RejectResult::NotFound
+    );
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], t).await.unwrap(),
+        vec![AckResult::NotFound]
+    );
+    let ndr = receipt_id(m.message_id, pb::Outcome::DeadLettered);
+    let mr = lifecycle().metadata_retention.as_millis() as u64;
+    // the report's lifetime is the metadata retention (it was made at t - 10 s)
+    assert_eq!(tick(s, t - 10_000 + mr - 1).await.expired, 0);
+    assert_eq!(tick(s, t - 10_000 + mr).await.expired, 1);
+    assert_eq!(
+        s.ack(&pid(NL), &[ndr], t + mr).await.unwrap(),
+        vec![AckResult::NotFound]
+    );
+    assert!(receipts(s, NL, t + mr).await.is_empty());
+    assert!(receipts(s, BE, t + mr).await.is_empty());
+    tick(s, t + 100 * mr).await;
+    assert_eq!(s.next_timer().await.unwrap(), None);
+}
+
+/// A message that expired in flight and was redriven counts only its new deliveries:
+/// the ack of the delivery before the redrive is NOT_FOUND (the recipient gets it
+/// again), the new one's counts; the sender gets the expiry's report, then the
+/// delivery receipt.
+pub(super) async fn a_redriven_message_counts_only_its_new_deliveries<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let mut m = message(NL, BE, Priority::Normal, 10, now);
+    m.expires_at = now + 1_000;
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    tick(s, now + 1_000).await;
+    let at = now + 2_000;
+    assert!(matches!(
+        s.redrive(m.message_id, None, at).await.unwrap(),
+        RedriveResult::Redriven(_)
+    ));
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], at).await.unwrap(),
+        vec![AckResult::NotFound]
+    );
+    let leased = s
+        .lease(&pid(BE), StreamId(2), 10, u64::MAX, at)
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].attempt, 1);
+    assert_eq!(
+        s.ack(&pid(BE), &[m.message_id], at).await.unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+    let outcomes: Vec<i32> = receipts(s, NL, at)
+        .await
+        .iter()
+        .map(|(_, body)| body.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![pb::Outcome::Expired as i32, pb::Outcome::Delivered as i32]
+    );
+}
+
 mod sled {
     use std::sync::Arc;
 
@@ -1491,6 +1719,12 @@ mod sled {
         search_and_dead_letters_page,
         presence_moves_forward_only,
         the_last_run_is_recorded,
+        an_ack_at_the_instant_of_expiry_is_one_delivery,
+        a_message_expiring_in_flight_gets_one_report,
+        a_last_ack_deadline_at_the_expiry_makes_one_report,
+        a_re_leased_message_is_not_released_by_its_old_stream,
+        a_withdrawn_dead_letter_and_its_unread_report_end_quietly,
+        a_redriven_message_counts_only_its_new_deliveries,
     );
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
