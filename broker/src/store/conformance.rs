@@ -1654,6 +1654,44 @@ pub(super) async fn a_redriven_message_counts_only_its_new_deliveries<S: BrokerS
     );
 }
 
+async fn due_at<S: BrokerStore>(s: &S, m: &NewMessage) -> Option<Millis> {
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    st.next_attempt_at
+}
+
+/// A restart whose clock is behind the previous run's (a start accepts that, and says
+/// so): a message backing off is due at the latest its backoff after the restart, not
+/// as much later as the clock went back. One whose due instant is within its backoff
+/// keeps it.
+pub(super) async fn a_clock_set_back_across_a_restart_holds_no_redelivery<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 10, now);
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 1, now).await;
+    // the ack deadline passes: due again after the backoff of 2 s
+    tick(s, now + 30_000).await;
+    assert_eq!(due_at(s, &m).await, Some(now + 32_000));
+    // restarted a second later: unchanged
+    s.recover(now + 31_000).await.unwrap();
+    assert_eq!(due_at(s, &m).await, Some(now + 32_000));
+    // restarted with the clock three hours behind: due 2 s after the restart
+    let back = now - 3 * 3_600_000;
+    s.recover(back).await.unwrap();
+    assert_eq!(due_at(s, &m).await, Some(back + 2_000));
+    tick(s, back + 1_999).await;
+    assert!(lease_ids(s, BE, 2, 1, back + 1_999).await.is_empty());
+    tick(s, back + 2_000).await;
+    let leased = s
+        .lease(&pid(BE), StreamId(2), 1, u64::MAX, back + 2_000)
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].attempt, 2);
+}
+
 mod sled {
     use std::sync::Arc;
 
@@ -1725,6 +1763,7 @@ mod sled {
         a_re_leased_message_is_not_released_by_its_old_stream,
         a_withdrawn_dead_letter_and_its_unread_report_end_quietly,
         a_redriven_message_counts_only_its_new_deliveries,
+        a_clock_set_back_across_a_restart_holds_no_redelivery,
     );
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -592,7 +592,10 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn tick(&self, now: Millis) -> Result<TickReport, StoreError>;
     /// Earliest instant at which `tick` has something to do (None if nothing pending).
     async fn next_timer(&self) -> Result<Option<Millis>, StoreError>;
-    /// Called once at start: every IN_FLIGHT lease of a previous process becomes due again.
+    /// Called once at start: every IN_FLIGHT lease of a previous process becomes due again,
+    /// and a message backing off is due at the latest its backoff after `now` (its due
+    /// instant came from the clock of the previous process, which may have been ahead of
+    /// this one: a start accepts a clock behind). Returns how many leases were released.
     async fn recover(&self, now: Millis) -> Result<u64, StoreError>;
     /// The instant a broker last recorded with [`Self::mark_running`] (`None` for a store
     /// never marked). Read at start, to catch a system clock that jumped while the broker

@@ -767,9 +767,14 @@ impl BrokerStore for SledStore {
     }
 
     async fn recover(&self, now: Millis) -> Result<u64, StoreError> {
-        self.change_alone(move |core| core.requeue_in_flight(&ops::Requeue::Restart, now))
-            .await
-            .map(|released| released.requeued)
+        self.change_alone(move |core| {
+            let (released, mut wake) = core.requeue_in_flight(&ops::Requeue::Restart, now)?;
+            let (_, woken) = core.shorten_backoffs(now)?;
+            wake.extend(woken);
+            Ok((released, wake))
+        })
+        .await
+        .map(|released| released.requeued)
     }
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {

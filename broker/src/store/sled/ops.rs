@@ -224,6 +224,77 @@ impl Core {
         Ok((total, wake.into_iter().chain(woken).collect()))
     }
 
+    /// At start: a message backing off waits at most its backoff from `now`.
+    /// Its `next_attempt_at` was set on the clock of an earlier process: a
+    /// clock set back since (a start accepts one behind, up to
+    /// `lifecycle.max_downtime`) would otherwise hold the redelivery by as
+    /// much, days where the backoff is seconds; a backoff shortened in the
+    /// config since applies too. One read of each message backing off (the
+    /// `backoff` tree: failed deliveries only, never the backlog). Returns
+    /// how many were brought forward, and the recipients of those due now.
+    pub(super) fn shorten_backoffs(&self, now: Millis) -> Result<(u64, Wake), StoreError> {
+        let (mut shortened, mut wake) = (0, Wake::new());
+        let mut after_key: Option<Vec<u8>> = None;
+        loop {
+            let range = match &after_key {
+                Some(k) => self.tree(BACKOFF).range(k.clone()..),
+                None => self.tree(BACKOFF).iter(),
+            };
+            let mut batch = Vec::with_capacity(RECOVER_BATCH);
+            for key in range.keys() {
+                let key = key.map_err(storage)?;
+                if after_key.as_deref() == Some(&key[..]) {
+                    continue;
+                }
+                after_key = Some(key.to_vec());
+                // (a key that cannot be read is left to `store verify`)
+                if let Ok(seq) = seq_suffix(&key) {
+                    batch.push(seq);
+                }
+                if batch.len() >= RECOVER_BATCH {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let (count, woken) = self.transact(|tx| {
+                let (mut count, mut woken) = (0, Wake::new());
+                for &seq in &batch {
+                    let Some(old) = tx.readable_record(seq, "its backoff is left as it is")? else {
+                        continue;
+                    };
+                    let Some(due) = old.next_attempt_at.filter(|_| old.state == State::Accepted)
+                    else {
+                        continue;
+                    };
+                    let latest = after(now, backoff(&self.life, old.attempts));
+                    if due <= latest {
+                        continue;
+                    }
+                    let mut new = old.clone();
+                    new.next_attempt_at = (latest > now).then_some(latest);
+                    tx.put(Some(&old), Some(&new))?;
+                    if new.next_attempt_at.is_none() {
+                        woken.insert(new.recipient.clone());
+                    }
+                    count += 1;
+                }
+                Ok((count, woken))
+            })?;
+            shortened += count;
+            wake.extend(woken);
+        }
+        if shortened > 0 {
+            tracing::warn!(
+                shortened,
+                "redeliveries were due later than their backoff from now (the clock is behind \
+                 the previous run's, or the backoff was shortened): brought forward"
+            );
+        }
+        Ok((shortened, wake))
+    }
+
     /// [`Self::requeue_in_flight`] over one lease tree. Every lease tree ends
     /// its keys with the seq; the stream id is the value of the legacy trees
     /// and part of a [`LeaseEntry`] in `leased`. No lease tree is per
