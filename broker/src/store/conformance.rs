@@ -115,9 +115,27 @@ async fn receipts<S: BrokerStore>(s: &S, who: &str, now: Millis) -> Vec<(Leased,
         .collect()
 }
 
-/// Applies timers until nothing is due at `now`.
+/// Applies timers until nothing is due at `now` (one `tick` applies a bounded number).
 async fn tick<S: BrokerStore>(s: &S, now: Millis) -> TickReport {
-    s.tick(now).await.unwrap()
+    let mut total = TickReport::default();
+    for _ in 0..10_000 {
+        let report = s.tick(now).await.unwrap();
+        total.redelivery_due += report.redelivery_due;
+        total.dead_lettered += report.dead_lettered;
+        total.expired += report.expired;
+        total.payloads_deleted += report.payloads_deleted;
+        total.metadata_deleted += report.metadata_deleted;
+        for woken in report.woken {
+            if !total.woken.contains(&woken) {
+                total.woken.push(woken);
+            }
+        }
+        total.audit_prune_error = total.audit_prune_error.or(report.audit_prune_error);
+        if s.next_timer().await.unwrap().is_none_or(|at| at > now) {
+            return total;
+        }
+    }
+    panic!("timers still due at {now} after 10,000 ticks");
 }
 
 pub(super) async fn submit_then_lease_in_priority_and_seq_order<S: BrokerStore>(
@@ -1765,6 +1783,45 @@ mod sled {
         a_redriven_message_counts_only_its_new_deliveries,
         a_clock_set_back_across_a_restart_holds_no_redelivery,
     );
+
+    /// A clock far ahead (a start after days down) makes every timer due at once: one
+    /// `tick` applies a bounded number of them, for it runs alone on the writer thread,
+    /// which serves no submit, lease or ack meanwhile; the rest stays due (`next_timer`
+    /// says so, and the timer loop calls again). In the end each is applied once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn timers_due_all_at_once_are_applied_a_bounded_number_per_tick() {
+        use crate::store::sled::MAX_TIMERS_PER_TICK;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open(dir.path()));
+        let now = clock().now_millis();
+        let expires_at = now + 1_000;
+        let n = MAX_TIMERS_PER_TICK + 100;
+        let mut submits = Vec::with_capacity(n);
+        for _ in 0..n {
+            let s = Arc::clone(&s);
+            let mut m = message(NL, BE, Priority::Normal, 10, now);
+            m.expires_at = expires_at;
+            submits.push(tokio::spawn(async move { s.submit(m, now).await }));
+        }
+        for submit in submits {
+            assert!(matches!(
+                submit.await.unwrap().unwrap(),
+                SubmitOutcome::Accepted(_)
+            ));
+        }
+        let at = expires_at + 7 * 86_400_000;
+        let first = s.tick(at).await.unwrap();
+        assert!(first.expired > 0, "{first:?}");
+        assert!(first.expired as usize <= MAX_TIMERS_PER_TICK, "{first:?}");
+        assert!(s.next_timer().await.unwrap().is_some_and(|t| t <= at));
+        let rest = tick(&*s, at).await;
+        assert_eq!((first.expired + rest.expired) as usize, n);
+        // one report each
+        let stats = s.queue_stats().await.unwrap();
+        let to_sender = stats.iter().find(|q| q.recipient == pid(NL)).unwrap();
+        assert_eq!(to_sender.depth as usize, n);
+        s.close().await.unwrap();
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_last_run_survives_a_reopen_and_can_be_accepted_offline() {

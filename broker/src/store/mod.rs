@@ -586,7 +586,11 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         sender: &ParticipantId,
         id: MessageId,
     ) -> Result<Option<StatusRecord>, StoreError>;
-    /// Applies every timer due at `now` (ack timeouts → redelivery with backoff or dead-letter, expiry, retentions).
+    /// Applies the timers due at `now` (ack timeouts → redelivery with backoff or dead-letter,
+    /// expiry, retentions), earliest first: a bounded number per call, so that a clock far
+    /// ahead (all timers due at once) does not hold every other operation until all are
+    /// applied. While some are left, [`Self::next_timer`] is at or before `now`: the caller
+    /// calls again.
     /// On an error some timers may have been applied already, and their wake-ups not sent:
     /// the caller wakes every stream.
     async fn tick(&self, now: Millis) -> Result<TickReport, StoreError>;

@@ -28,6 +28,8 @@ pub use self::compact::{CompactReport, compact_offline, dir_bytes};
 use self::failpoint::{FailPoints, Point};
 pub use self::flusher::FaultSwitch;
 use self::flusher::Flusher;
+#[cfg(test)]
+pub(crate) use self::ops::MAX_TIMERS_PER_TICK;
 use self::ops::storage;
 use self::tx::{TREE_NAMES, Tx, TxResult};
 pub use self::verify::{StoreReport, verify_store_offline};

@@ -28,6 +28,14 @@ pub(super) type Wake = BTreeSet<ParticipantId>;
 
 /// Timers applied per transaction by `tick`.
 const TICK_BATCH: usize = 256;
+/// Timers and lease deadlines one `tick` applies at most (it stops at the
+/// first transaction that reaches it): it runs alone on the writer thread,
+/// and a clock far ahead (a start after days down) can make a week of
+/// expiries and retentions due at once, which applied in one call held
+/// every submit, lease and ack for minutes. The rest is due still, so
+/// `next_timer` says so and the timer loop calls again at once, behind
+/// whatever queued meanwhile.
+pub(crate) const MAX_TIMERS_PER_TICK: usize = 4 * TICK_BATCH;
 /// Leases requeued per transaction by `recover`.
 const RECOVER_BATCH: usize = 256;
 
@@ -455,12 +463,14 @@ impl Core {
         Ok(None)
     }
 
-    /// Applies every timer and lease deadline that is due at `now`, in time
+    /// Applies the timers and lease deadlines that are due at `now`, in time
     /// order across both trees (a lease deadline before an expiry fires
-    /// first, as it would have with the broker running).
+    /// first, as it would have with the broker running): the earliest, up
+    /// to about [`MAX_TIMERS_PER_TICK`].
     pub(super) fn tick(&self, now: Millis) -> Result<(TickReport, Wake), StoreError> {
         let mut report = TickReport::default();
         let mut wake = Wake::new();
+        let mut applied = 0;
         // Read once: leases taken meanwhile are due after `now`, and one
         // settled meanwhile is found settled when its turn comes.
         let deadlines = self.lease_deadlines()?;
@@ -472,7 +482,7 @@ impl Core {
             .into_iter()
             .take_while(|(deadline, _)| *deadline <= now)
             .collect();
-        loop {
+        while applied < MAX_TIMERS_PER_TICK {
             let timers = self.due_keys(TIMERS, now, |k| Ok(parse_timer_key(k)?.0))?;
             let leases: Vec<(Millis, ::sled::IVec)> = due_leases
                 .iter()
@@ -502,6 +512,7 @@ impl Core {
             // (a lease deadline goes first at the same millisecond, as the
             // `Lease` timer kind sorted first when leases were timers)
             due.sort_by_key(|(at, is_lease, _)| (*at, !*is_lease));
+            applied += due.len();
             let (part, woken) = self.transact(|tx| {
                 let mut part = TickReport::default();
                 let mut woken = Wake::new();
