@@ -1823,6 +1823,68 @@ mod sled {
         s.close().await.unwrap();
     }
 
+    /// A message's whole life with the broker down across every timer: each reopen
+    /// finds the timers that came due meanwhile and applies them in order — the lease
+    /// released, the expiry with one report, the payload deleted after the dead-letter
+    /// retention, the metadata after the metadata retention — and status says so after
+    /// each step.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_timer_due_while_down_is_applied_once_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let life = lifecycle();
+        let (dlr, mr) = (
+            life.dead_letter_retention.as_millis() as Millis,
+            life.metadata_retention.as_millis() as Millis,
+        );
+        let now = clock().now_millis();
+        let mut m = message(NL, BE, Priority::Normal, 10, now);
+        m.expires_at = now + 60_000;
+        let restart = |at: Millis| {
+            let s = open(dir.path());
+            async move {
+                s.recover(at).await.unwrap();
+                tick(&s, at).await;
+                s
+            }
+        };
+        let s = open(dir.path());
+        submit_ok(&s, &m, now).await;
+        assert_eq!(lease_ids(&s, BE, 1, 1, now).await, vec![m.message_id]);
+        s.close().await.unwrap();
+        drop(s);
+        // down past the ack deadline and the expiry
+        let expired_at = now + 120_000;
+        let s = restart(expired_at).await;
+        let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+        assert_eq!((st.state, st.attempts), (State::Expired, 1));
+        assert!(st.payload_kept && st.redrivable);
+        s.close().await.unwrap();
+        drop(s);
+        // down past the dead-letter retention
+        let s = restart(expired_at + dlr).await;
+        let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+        assert_eq!(st.state, State::Expired);
+        assert!(!st.payload_kept && !st.redrivable);
+        // the one report, still waiting for its reader
+        let got = receipts(&s, NL, expired_at + dlr).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.outcome, pb::Outcome::Expired as i32);
+        s.close().await.unwrap();
+        drop(s);
+        // down past the metadata retention: the message is gone, its report expired
+        let s = restart(expired_at + mr.max(dlr)).await;
+        assert!(s.status(&m.sender, m.message_id).await.unwrap().is_none());
+        assert!(receipts(&s, NL, expired_at + mr.max(dlr)).await.is_empty());
+        s.close().await.unwrap();
+        drop(s);
+        let s = restart(expired_at + 10 * mr).await;
+        assert_eq!(s.next_timer().await.unwrap(), None);
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_last_run_survives_a_reopen_and_can_be_accepted_offline() {
         let dir = tempfile::tempdir().unwrap();
