@@ -1710,6 +1710,61 @@ pub(super) async fn a_clock_set_back_across_a_restart_holds_no_redelivery<S: Bro
     assert_eq!(leased[0].attempt, 2);
 }
 
+/// A receipt is never dead-lettered for its attempts: no report can be made of a
+/// receipt (DESIGN.md §3), so its sender would never learn what became of its message,
+/// which §4's guarantee (delivered, or a report to the sender) forbids. A sender's node
+/// whose deliveries keep failing (ack timeouts, a stream it keeps dropping: a flaky
+/// link, or a crash on a referral in the same window) gets its receipts again, at the
+/// longest backoff, until they expire at the end of the metadata retention.
+pub(super) async fn a_receipt_is_tried_again_past_the_attempt_limit<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 10, now);
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    s.ack(&pid(BE), &[m.message_id], now).await.unwrap();
+    let dr = receipt_id(m.message_id, pb::Outcome::Delivered);
+    let max = lifecycle().max_attempts;
+    let mut t = now;
+    for attempt in 1..=max + 2 {
+        tick(s, t).await;
+        let leased = s
+            .lease(&pid(NL), StreamId(u64::from(attempt)), 10, u64::MAX, t)
+            .await
+            .unwrap();
+        let got: Vec<(MessageId, u32)> = leased.iter().map(|l| (l.message_id, l.attempt)).collect();
+        assert_eq!(got, vec![(dr, attempt)], "attempt {attempt}");
+        // failed: by turns an ack timeout and a stream its node closed
+        if attempt % 2 == 0 {
+            s.release_stream(
+                &pid(NL),
+                StreamId(u64::from(attempt)),
+                StreamEnd::Recipient,
+                t,
+            )
+            .await
+            .unwrap();
+        } else {
+            t += 30_000;
+            tick(s, t).await;
+        }
+        // past the longest backoff (10 s)
+        t += 10_000;
+    }
+    assert!(s.dead_letters(0, None).await.unwrap().records.is_empty());
+    tick(s, t).await;
+    assert_eq!(lease_ids(s, NL, 99, 10, t).await, vec![dr]);
+    assert_eq!(
+        s.ack(&pid(NL), &[dr], t).await.unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+    // and no receipt of the receipt
+    assert!(receipts(s, NL, t).await.is_empty());
+    assert!(receipts(s, BE, t).await.is_empty());
+}
+
 mod sled {
     use std::sync::Arc;
 
@@ -1782,6 +1837,7 @@ mod sled {
         a_withdrawn_dead_letter_and_its_unread_report_end_quietly,
         a_redriven_message_counts_only_its_new_deliveries,
         a_clock_set_back_across_a_restart_holds_no_redelivery,
+        a_receipt_is_tried_again_past_the_attempt_limit,
     );
 
     /// A clock far ahead (a start after days down) makes every timer due at once: one

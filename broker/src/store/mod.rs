@@ -345,7 +345,8 @@ pub struct TickReport {
 pub struct Lifecycle {
     /// lease length
     pub ack_timeout: Duration,
-    /// then DEAD_LETTERED (+ NDR, reason MAX_ATTEMPTS)
+    /// then DEAD_LETTERED (+ NDR, reason MAX_ATTEMPTS); never a receipt, which is tried
+    /// until it expires (no report can tell its sender it was dead-lettered)
     pub max_attempts: u32,
     /// backoff = base * 2^(attempts-1), capped
     pub redelivery_backoff_base: Duration,
@@ -561,7 +562,8 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<RejectResult, StoreError>;
     /// The stream ended with these IN_FLIGHT messages unacknowledged. Ended by the recipient
     /// ([`StreamEnd::Recipient`]), each delivery was a failed attempt (DESIGN.md §4): due again
-    /// after the backoff, or DEAD_LETTERED (+ NDR) when its attempts are used up, so that a
+    /// after the backoff, or DEAD_LETTERED (+ NDR) when its attempts are used up (never a
+    /// receipt: see [`Lifecycle::max_attempts`]), so that a
     /// message that makes the recipient's node drop its stream is not handed to it forever.
     /// Ended by the broker ([`StreamEnd::Broker`]), they are due again at once. Every
     /// unacknowledged delivery of the stream counts, also one its node never read.

@@ -607,6 +607,12 @@ impl Core {
     /// its recipient's stream closed without an ack): DEAD_LETTERED (+ NDR)
     /// when its attempts are used up, else ACCEPTED again, due once the
     /// backoff from `failed_at` has passed.
+    ///
+    /// A receipt's attempts are never used up: a receipt never causes a
+    /// receipt, so one dead-lettered would leave its sender never knowing
+    /// what became of its message (DESIGN.md §4's guarantee: delivered, or a
+    /// report). It is tried again, at most the longest backoff apart, until
+    /// it expires at the end of the metadata retention.
     fn attempt_failed(
         &self,
         tx: &Tx<'_>,
@@ -616,7 +622,8 @@ impl Core {
         wake: &mut Wake,
     ) -> TxResult<Retry> {
         let mut new = old.clone();
-        if old.attempts >= self.life.max_attempts {
+        let receipt = old.sender.is_none();
+        if old.attempts >= self.life.max_attempts && !receipt {
             finish_keeping_payload(&mut new, State::DeadLettered, now, &self.life);
             new.reason_code = "MAX_ATTEMPTS".to_owned();
             tx.put(Some(old), Some(&new))?;
