@@ -468,3 +468,44 @@ async fn a_jump_of_the_system_clock_expires_nothing_until_a_restart() -> anyhow:
     broker.shutdown().await?;
     Ok(())
 }
+
+/// A sender's node that does not acknowledge its delivery receipt in time (its ack
+/// lost, or its stream dropped on a flaky link) gets it again past the attempt limit:
+/// a receipt is never dead-lettered, for no report could tell its sender, whose
+/// outbox would wait for the outcome of its referral for good.
+#[tokio::test]
+async fn a_receipt_comes_again_past_the_attempt_limit() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?; // max_attempts = 3
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    let mut be_stream = receive(&mut be, 1).await?;
+    next(&mut be_stream).await?;
+    assert_eq!(
+        ack(&mut be, [&id]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    let mut nl_stream = receive(&mut nl, 1).await?;
+    let mut receipt_id = String::new();
+    for attempt in 1..=4 {
+        let delivery = next(&mut nl_stream).await?;
+        let (kind, report) = receipt(&delivery)?;
+        assert_eq!(
+            (kind, report.message_id.as_str(), delivery.attempt),
+            (Kind::DeliveryReceipt, id.as_str(), attempt)
+        );
+        receipt_id = id_of(&delivery);
+        if attempt < 4 {
+            // past the ack timeout (10 s) and the longest backoff (2 s)
+            t.advance(Duration::from_secs(13));
+        }
+    }
+    assert_eq!(
+        ack(&mut nl, [&receipt_id]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    expect_quiet(&mut nl_stream).await?;
+    Ok(())
+}
