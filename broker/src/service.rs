@@ -713,8 +713,10 @@ impl ExchangeService {
             }
             store::RejectResult::NotFound => {
                 shared.streams.not_in_flight(caller, &[id]);
+                // (it may well have been delivered: say what is known)
                 Err(BrokerError::NotFound(format!(
-                    "message {id} was not delivered to {caller}"
+                    "message {id} is not in flight to {caller}: never delivered to it, or \
+                     acknowledged, expired, dead-lettered, withdrawn or purged since"
                 )))
             }
         }

@@ -509,3 +509,44 @@ async fn a_receipt_comes_again_past_the_attempt_limit() -> anyhow::Result<()> {
     expect_quiet(&mut nl_stream).await?;
     Ok(())
 }
+
+/// A delivery that expires before its recipient's node rejects it: the reject is
+/// `NOT_FOUND`, and its message does not claim the message was never delivered (the
+/// node has it; whoever reads the answer must not conclude otherwise). The sender has
+/// the one report of the expiry, which says it was delivered.
+#[tokio::test]
+async fn a_reject_after_the_expiry_is_not_found_without_denying_the_delivery() -> anyhow::Result<()>
+{
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    let now = trmx_broker::clock::Clock::now(&t.clock);
+    env.expires_at = Some(to_timestamp(now + Duration::from_secs(5)));
+    submit(&mut nl, env).await?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), id);
+    t.advance(Duration::from_secs(6));
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    let (_, report) = receipt(&next(&mut nl_stream).await?)?;
+    assert_eq!(report.outcome, pb::Outcome::Expired as i32);
+    assert_eq!(report.attempts, 1);
+    let refused = assert_code(
+        be.reject(pb::RejectRequest {
+            message_id: id.clone(),
+            reason_code: "INVALID_BODY".into(),
+            field_path: String::new(),
+        })
+        .await,
+        Code::NotFound,
+        "reject after the expiry",
+    );
+    assert!(
+        refused.message().contains("not in flight") && refused.message().contains("expired"),
+        "{}",
+        refused.message()
+    );
+    expect_quiet(&mut nl_stream).await?;
+    Ok(())
+}
