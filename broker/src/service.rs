@@ -705,10 +705,16 @@ impl ExchangeService {
                 .await,
         )?;
         match result {
-            store::RejectResult::Rejected => {
+            store::RejectResult::Rejected { already } => {
+                // (a repeat still frees what an earlier call whose answer was lost
+                // may not have got to)
                 self.settled(caller, &[id]);
-                shared.metrics.dead_lettered(DeadLetterReason::Rejected, 1);
-                info!(reason_code = %request.reason_code, "message rejected by recipient");
+                if already {
+                    info!("message already rejected by recipient");
+                } else {
+                    shared.metrics.dead_lettered(DeadLetterReason::Rejected, 1);
+                    info!(reason_code = %request.reason_code, "message rejected by recipient");
+                }
                 Ok(pb::RejectResponse {})
             }
             store::RejectResult::NotFound => {
@@ -1697,6 +1703,46 @@ mod tests {
             "retry of a stored, acknowledged message refused: {:?}",
             retry.err().map(|r| r.error)
         );
+    }
+
+    /// A recipient's node that rejects a delivery again (its first answer was lost)
+    /// gets the same answer, and the rejection is counted once: the dead-letter
+    /// figures are what an operator watches for recipients refusing messages.
+    #[tokio::test]
+    async fn a_repeated_reject_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = one_slot_broker(dir.path());
+        let service = ExchangeService::new(shared.clone());
+        let (nl, be) = (
+            ParticipantId::parse("NL-NRM").unwrap(),
+            ParticipantId::parse("BE-PAYOKE").unwrap(),
+        );
+        let envelope = referral_to("BE-PAYOKE");
+        let id = MessageId::parse(&envelope.message_id).unwrap();
+        let request = pb::SubmitRequest {
+            envelope: Some(envelope),
+        };
+        service.submit_inner(&nl, request).await.unwrap();
+        let leased = shared
+            .store
+            .lease(&be, crate::store::StreamId(1), 10, u64::MAX, shared.now())
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1);
+        let reject = pb::RejectRequest {
+            message_id: id.to_string(),
+            reason_code: "INVALID_BODY".into(),
+            field_path: String::new(),
+        };
+        for _ in 0..2 {
+            service.reject_inner(&be, reject.clone()).await.unwrap();
+        }
+        let rendered = shared.metrics.render();
+        let line = rendered
+            .lines()
+            .find(|l| l.starts_with("trmx_messages_dead_lettered_total{reason=\"rejected\"}"))
+            .unwrap_or_default();
+        assert!(line.ends_with(" 1"), "{line:?}");
     }
 
     /// A recipient's `Ack` whose client goes away while the store makes it durable (its

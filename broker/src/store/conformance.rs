@@ -416,7 +416,14 @@ pub(super) async fn reject_dead_letters_with_ndr<S: BrokerStore>(s: &S, c: &Manu
         )
         .await
         .unwrap(),
-        RejectResult::Rejected
+        RejectResult::Rejected { already: false }
+    );
+    // again (a retry after a lost answer): harmless, and said to be a repeat
+    assert_eq!(
+        s.reject(&pid(BE), m.message_id, "INVALID_BODY", "", now)
+            .await
+            .unwrap(),
+        RejectResult::Rejected { already: true }
     );
     let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
     assert_eq!(st.state, State::DeadLettered);

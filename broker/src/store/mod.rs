@@ -189,7 +189,11 @@ pub enum AckResult {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectResult {
     /// Dead-lettered now or before (by a rejection).
-    Rejected,
+    Rejected {
+        /// It was rejected before this call (a repeat, e.g. a retry after a lost
+        /// answer): nothing changed now, and it is not counted again.
+        already: bool,
+    },
     /// Not a message delivered to the caller.
     NotFound,
 }

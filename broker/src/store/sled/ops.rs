@@ -1407,7 +1407,7 @@ impl Tx<'_> {
                 let delivered = old.state == State::InFlight
                     || (old.state == State::Accepted && old.attempts > 0);
                 if old.state == State::DeadLettered && old.rejected {
-                    result = RejectResult::Rejected;
+                    result = RejectResult::Rejected { already: true };
                 } else if delivered {
                     let mut new = old.clone();
                     finish_keeping_payload(&mut new, State::DeadLettered, now, self.life);
@@ -1418,7 +1418,7 @@ impl Tx<'_> {
                     if let Some(to) = tx.receipt(&new, pb::Outcome::RejectedByRecipient, now)? {
                         wake.insert(to);
                     }
-                    result = RejectResult::Rejected;
+                    result = RejectResult::Rejected { already: false };
                 }
             }
             Ok((result, wake))
