@@ -323,7 +323,7 @@ async fn operators_see_queues_participants_messages_and_dead_letters() -> anyhow
         (rejected.reason_code.as_str(), rejected.field_path.as_str()),
         ("INVALID_BODY", "referral.consent")
     );
-    assert!(!rejected.redrivable);
+    assert!(!rejected.redrivable && !rejected.payload_kept);
     // by id, by recipient and state, by kind and time; a limit truncates
     let by_id = op
         .search_messages(pb::SearchMessagesRequest {

@@ -1411,6 +1411,11 @@ impl Tx<'_> {
                 } else if delivered {
                     let mut new = old.clone();
                     finish_keeping_payload(&mut new, State::DeadLettered, now, self.life);
+                    // A dead letter's payload is kept for a redrive, which a rejected
+                    // message never gets (DESIGN.md §4), and no one may read it here:
+                    // kept, it would only be personal data waiting for its retention.
+                    new.payload_kept = false;
+                    new.payload_delete_at = None;
                     new.rejected = true;
                     new.reason_code = reason_code.to_owned();
                     new.field_path = field_path.to_owned();
