@@ -55,6 +55,9 @@ use crate::units::format_duration;
 /// that a slightly oversize envelope is answered `INVALID_ARGUMENT` by the
 /// handler rather than cut off by the decoder.
 const DECODE_MARGIN: usize = 1 << 20;
+/// Streams a connection may make the broker reset (stream errors, refused streams) before
+/// it is closed: hyper's own default, which tonic does not pass on.
+const LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// How often the free space of the data directory is measured.
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the broker records in its store that it runs (see `check_clock`), and then
@@ -324,6 +327,12 @@ impl BrokerBuilder {
             .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
             .max_concurrent_streams(streams)
+            // tonic 0.14 hands hyper `None` here unless it is set, which turns hyper's
+            // default limit off: a client could make the broker reset stream after stream
+            // (each reset frees its place among the connection's streams) and have
+            // request after request dispatched for as long as it liked (CVE-2025-8671,
+            // RUSTSEC-2024-0003). Past this many, the connection gets GOAWAY.
+            .http2_max_local_error_reset_streams(Some(LOCAL_ERROR_RESET_STREAMS))
             .timeout(limits.request_timeout)
             .add_service(health_service)
             .add_service(exchange)

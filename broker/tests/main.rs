@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod abuse;
 mod bad_input;
 mod crash;
 mod exchange;
