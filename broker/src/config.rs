@@ -217,6 +217,18 @@ pub struct LimitsConfig {
         with = "units::bytes"
     )]
     pub max_waiting_submit_bytes_per_sender: u64,
+    /// Request bytes one certificate identity (a participant, an operator) has on their
+    /// way in at once, across its connections: received, but not yet a whole message
+    /// handed to the service (tonic holds a message in memory until all of it has come).
+    /// A request whose next bytes would go past it is refused (`RESOURCE_EXHAUSTED`), so
+    /// that a client sending part of a large message on each of its streams and stalling
+    /// cannot fill the broker's memory; the other identities are not affected. At least
+    /// `max_envelope_bytes` and 1 MiB more (one largest request whole).
+    #[serde(
+        default = "default_max_incoming_request_bytes_per_identity",
+        with = "units::bytes"
+    )]
+    pub max_incoming_request_bytes_per_identity: u64,
     /// Below this much free space in `data_dir` new submits are refused
     /// (`RESOURCE_EXHAUSTED`) while delivery goes on.
     #[serde(default = "default_min_free_disk_bytes", with = "units::bytes")]
@@ -253,11 +265,18 @@ impl Default for LimitsConfig {
             refusal_delay: default_refusal_delay(),
             max_concurrent_submits_per_sender: default_max_concurrent_submits_per_sender(),
             max_waiting_submit_bytes_per_sender: default_max_waiting_submit_bytes_per_sender(),
+            max_incoming_request_bytes_per_identity:
+                default_max_incoming_request_bytes_per_identity(),
             min_free_disk_bytes: default_min_free_disk_bytes(),
             shutdown_grace: default_shutdown_grace(),
         }
     }
 }
+
+/// Bytes a request may take on top of its envelope (the rest of the request, its gRPC
+/// framing), so that a slightly oversize envelope is answered `INVALID_ARGUMENT` by the
+/// handler rather than cut off by the decoder.
+pub const REQUEST_MARGIN_BYTES: u64 = 1 << 20;
 
 /// The least `limits.max_concurrent_streams` and `limits.concurrency_per_connection`: a
 /// node's open `Receive` stream, and one request beside it on the same connection.
@@ -473,6 +492,10 @@ fn default_max_concurrent_submits_per_sender() -> u32 {
     16
 }
 fn default_max_waiting_submit_bytes_per_sender() -> u64 {
+    64 << 20
+}
+/// Room for seven largest (8 MiB) envelopes arriving at once; a node sends a few.
+fn default_max_incoming_request_bytes_per_identity() -> u64 {
     64 << 20
 }
 fn default_refusal_delay() -> Duration {
@@ -737,6 +760,17 @@ impl BrokerConfig {
             l.max_waiting_submit_bytes_per_sender,
             u64::from(u32::MAX),
         )?;
+        let largest_request = l.max_envelope_bytes.saturating_add(REQUEST_MARGIN_BYTES);
+        if l.max_incoming_request_bytes_per_identity < largest_request {
+            return Err(BrokerError::config(
+                "limits.max_incoming_request_bytes_per_identity",
+                format!(
+                    "must be at least limits.max_envelope_bytes and 1 MiB more ({largest_request}), \
+                     or the largest request is never taken; got {}",
+                    l.max_incoming_request_bytes_per_identity
+                ),
+            ));
+        }
         if l.refusal_delay > Duration::from_secs(10) || l.refusal_delay >= l.request_timeout {
             return Err(BrokerError::config(
                 "limits.refusal_delay",
@@ -1145,6 +1179,11 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
             (
                 "[store]\nwriter_nice = -21\n",
                 "config: store.writer_nice must be a nice value from -20 to 19, got -21",
+            ),
+            (
+                "[limits]\nmax_incoming_request_bytes_per_identity = \"8MiB\"\n",
+                "config: limits.max_incoming_request_bytes_per_identity must be at least \
+                 limits.max_envelope_bytes and 1 MiB more (9437184)",
             ),
             (
                 "[limits]\nmax_waiting_submit_bytes_per_sender = \"4MiB\"\n",

@@ -29,7 +29,8 @@ pub use trmx_durable::last_run::ClockCheck;
 use trmx_proto::pb::exchange_server::ExchangeServer;
 use trmx_proto::pb::operator_server::OperatorServer;
 use trmx_transport::{
-    CrlPolicy, CrlRecord, ListenerLimits, ReloadReport, ServerTls, TlsClock, TlsPaths,
+    CrlPolicy, CrlRecord, ListenerLimits, ReloadReport, RequestBytesLayer, ServerTls, TlsClock,
+    TlsPaths,
 };
 
 use crate::admin::{
@@ -39,7 +40,7 @@ use crate::admin::{
 use crate::admin_cli::fmt_millis;
 use crate::admission::{Admission, SubmitSlots, Submitting, free_disk_bytes};
 use crate::clock::{self, Clock, StartClock, broker_clock, human_span};
-use crate::config::{BrokerConfig, CrlPolicyConfig};
+use crate::config::{BrokerConfig, CrlPolicyConfig, REQUEST_MARGIN_BYTES};
 use crate::error::BrokerError;
 use crate::last_run;
 use crate::operator::OperatorService;
@@ -51,10 +52,6 @@ use crate::store::{
 use crate::streams::Streams;
 use crate::units::format_duration;
 
-/// Bytes allowed on top of `max_envelope_bytes` for the rest of a request, so
-/// that a slightly oversize envelope is answered `INVALID_ARGUMENT` by the
-/// handler rather than cut off by the decoder.
-const DECODE_MARGIN: usize = 1 << 20;
 /// Streams a connection may make the broker reset (stream errors, refused streams) before
 /// it is closed: hyper's own default, which tonic does not pass on.
 const LOCAL_ERROR_RESET_STREAMS: usize = 1024;
@@ -288,9 +285,12 @@ impl BrokerBuilder {
         health
             .set_serving::<ExchangeServer<ExchangeService>>()
             .await;
-        let max_message = usize::try_from(limits.max_envelope_bytes)
-            .unwrap_or(usize::MAX)
-            .saturating_add(DECODE_MARGIN);
+        let max_message = usize::try_from(
+            limits
+                .max_envelope_bytes
+                .saturating_add(REQUEST_MARGIN_BYTES),
+        )
+        .unwrap_or(usize::MAX);
         let exchange = ExchangeServer::new(ExchangeService::new(shared.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
@@ -323,7 +323,9 @@ impl BrokerBuilder {
                  limits.max_concurrent_streams"
             );
         }
+        let incoming_bytes = RequestBytesLayer::new(limits.max_incoming_request_bytes_per_identity);
         let router = Server::builder()
+            .layer(incoming_bytes)
             .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
             .max_concurrent_streams(streams)

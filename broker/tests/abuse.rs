@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
+use tonic::Code;
 
 use crate::harness::*;
 
@@ -148,5 +149,129 @@ async fn a_client_that_makes_the_broker_reset_its_streams_is_sent_away() -> anyh
     // the others are served
     let mut be = t.client("BE-PAYOKE")?;
     submit(&mut be, referral("NL-NRM")).await?;
+    Ok(())
+}
+
+/// An HTTP/2 connection to the broker with `id`'s certificate, through the `h2` crate.
+async fn h2_to(
+    t: &TestBroker,
+    id: &str,
+    builder: &h2::client::Builder,
+) -> anyhow::Result<h2::client::SendRequest<bytes::Bytes>> {
+    let (sender, connection) = builder.handshake(tls_to(t, id).await?).await?;
+    tokio::spawn(connection);
+    Ok(sender.ready().await?)
+}
+
+/// A gRPC request to `path` (no body yet).
+fn grpc_request(t: &TestBroker, path: &str) -> anyhow::Result<tonic::codegen::http::Request<()>> {
+    Ok(
+        tonic::codegen::http::Request::post(format!("https://{}{path}", t.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?,
+    )
+}
+
+/// The gRPC status code of a response (from its headers when trailers-only, else from its
+/// trailers), failing after [`WAIT`].
+async fn grpc_code(response: h2::client::ResponseFuture) -> anyhow::Result<tonic::Code> {
+    let status = |headers: &tonic::codegen::http::HeaderMap| {
+        headers
+            .get("grpc-status")
+            .and_then(|code| code.to_str().ok()?.parse::<i32>().ok())
+            .map(tonic::Code::from_i32)
+    };
+    tokio::time::timeout(WAIT, async {
+        let response = response.await?;
+        if let Some(code) = status(response.headers()) {
+            return Ok(code); // (trailers only)
+        }
+        let mut body = response.into_body();
+        while let Some(data) = body.data().await {
+            let data = data?;
+            let _ = body.flow_control().release_capacity(data.len());
+        }
+        let trailers = body.trailers().await?.unwrap_or_default();
+        status(&trailers).ok_or_else(|| anyhow::anyhow!("no grpc-status in {trailers:?}"))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within {WAIT:?}"))?
+}
+
+/// A gRPC message frame that announces `declared` bytes and carries the first `sent` of
+/// them (zeros).
+fn partial_message(declared: u32, sent: usize) -> bytes::Bytes {
+    let mut framed = Vec::with_capacity(5 + sent);
+    framed.push(0); // uncompressed
+    framed.extend_from_slice(&declared.to_be_bytes());
+    framed.resize(5 + sent, 0);
+    framed.into()
+}
+
+/// A client that sends most of a large message on stream after stream and never the rest
+/// holds no more than `limits.max_incoming_request_bytes_per_identity` of the broker's
+/// memory: tonic keeps each message until all of it has come, so without the budget one
+/// connection held up to its streams times the largest message (128 × 9 MiB by default)
+/// until the request timeout, and an identity 32 such connections. Past the budget a
+/// request is answered `RESOURCE_EXHAUSTED` at once; another participant is served, and
+/// the budget comes back when the stalled requests go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_stall_mid_message_hold_no_more_than_their_identitys_budget()
+-> anyhow::Result<()> {
+    const BUDGET: u64 = 2 << 20;
+    const STREAMS: usize = 6;
+    /// Of a message of 1 MiB (more than the test's envelopes, less than the decoder takes).
+    const SENT: usize = 768 << 10;
+    let t = TestBroker::start_with(|c| {
+        c.limits.max_incoming_request_bytes_per_identity = BUDGET;
+    })
+    .await?;
+    let mut sender = h2_to(&t, "NL-NRM", &h2::client::Builder::new()).await?;
+    let mut answers = futures::stream::FuturesUnordered::new();
+    let mut bodies = Vec::new();
+    for i in 0..STREAMS {
+        let (response, mut body) =
+            sender.send_request(grpc_request(&t, "/trmx.v1.Exchange/Submit")?, false)?;
+        body.send_data(partial_message(1 << 20, SENT), false)?;
+        bodies.push(body);
+        answers.push(async move { (i, grpc_code(response).await) });
+        sender = sender.ready().await?;
+    }
+    // at most BUDGET / SENT = 2 of them can have all their bytes taken: the others are
+    // refused as soon as their next bytes would go past the budget
+    let mut refused = Vec::new();
+    while refused.len() < STREAMS - 2 {
+        let Some((i, code)) = futures::StreamExt::next(&mut answers).await else {
+            break;
+        };
+        let code = code.map_err(|e| anyhow::anyhow!("stream {i}: {e}"))?;
+        assert_eq!(code, Code::ResourceExhausted, "stream {i}");
+        refused.push(i);
+    }
+    // the two within the budget still wait for the rest of their message
+    let quiet = tokio::time::timeout(QUIET, futures::StreamExt::next(&mut answers)).await;
+    assert!(quiet.is_err(), "answered: {quiet:?} (refused {refused:?})");
+
+    // another identity's budget is its own
+    let mut be = t.client("BE-PAYOKE")?;
+    submit(&mut be, referral("NL-NRM")).await?;
+    // the stalled requests go (RST_STREAM): their bytes come back to NL-NRM
+    drop((answers, bodies, sender));
+    let mut nl = t.client("NL-NRM")?;
+    let big = envelope("BE-PAYOKE", trmx_proto::Kind::Referral, &[7u8; 60 << 10]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match submit(&mut nl, big.clone()).await {
+            Ok(_) => break,
+            Err(status)
+                if status.code() == Code::ResourceExhausted
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(status) => anyhow::bail!("NL-NRM's submit after its stalled requests: {status}"),
+        }
+    }
     Ok(())
 }

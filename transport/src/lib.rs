@@ -19,6 +19,10 @@
 //!   shutdown future) yielding [`TlsConn`]s for
 //!   `tonic::transport::Server::serve_with_incoming_shutdown`. Failed handshakes are
 //!   counted by [`HandshakeFailure`] in the [`ServerTls`].
+//! - [`budget`] — [`RequestBytesLayer`] — a tower layer for the tonic server that holds
+//!   the request bytes one certificate identity has on their way in (received, not yet
+//!   decoded) to a budget across its connections, refusing past it with
+//!   `RESOURCE_EXHAUSTED`: tonic buffers a whole message before any handler sees it.
 //! - [`identity`] — [`peer_identity`] — the caller's `trmx_certs::Identity` from the
 //!   verified client certificate of a tonic request.
 //! - [`client`] — [`client_config`] and [`client_channel`] — a lazily connecting tonic
@@ -53,6 +57,7 @@
 //! let channel = client_channel("broker.example:4443", &paths, &ClientOptions::default())?;
 //! ```
 
+pub mod budget;
 pub mod client;
 pub mod crl_record;
 pub mod error;
@@ -63,6 +68,7 @@ pub mod server;
 pub mod status;
 mod time;
 
+pub use budget::RequestBytesLayer;
 pub use client::{
     ChannelTls, ChannelTlsStatus, ClientOptions, client_channel, client_channel_with_tls,
     client_config, server_name_mismatch,

@@ -853,7 +853,7 @@ fn duration_secs(d: Duration) -> u64 {
 }
 
 /// How often at most one reason's refusals are logged.
-const REFUSAL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const REFUSAL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Counts refusals and logs them at most once per reason every
 /// [`REFUSAL_REPORT_INTERVAL`]; each line carries the count since the previous one.
@@ -870,7 +870,7 @@ impl Default for Refusals {
 }
 
 /// Per-reason throttling of log lines: at most one line per reason every `interval`.
-struct Throttle<const N: usize> {
+pub(crate) struct Throttle<const N: usize> {
     interval: Duration,
     tallies: Mutex<[Tally; N]>,
 }
@@ -882,7 +882,7 @@ struct Tally {
 }
 
 impl<const N: usize> Throttle<N> {
-    fn new(interval: Duration) -> Self {
+    pub(crate) fn new(interval: Duration) -> Self {
         Throttle {
             interval,
             tallies: Mutex::new([Tally::default(); N]),
@@ -891,7 +891,7 @@ impl<const N: usize> Throttle<N> {
 
     /// Counts one event of reason `index`; when a line is due, the events since the
     /// previous line (this one included).
-    fn count(&self, index: usize) -> Option<u64> {
+    pub(crate) fn count(&self, index: usize) -> Option<u64> {
         let mut tallies = self
             .tallies
             .lock()
