@@ -14,6 +14,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tonic::Code;
 
 use crate::harness::*;
+use trmx_proto::pb;
 
 /// A TLS connection to the broker with `id`'s certificate, before any HTTP/2.
 async fn tls_to(t: &TestBroker, id: &str) -> anyhow::Result<TlsStream<tokio::net::TcpStream>> {
@@ -273,5 +274,240 @@ async fn requests_that_stall_mid_message_hold_no_more_than_their_identitys_budge
             Err(status) => anyhow::bail!("NL-NRM's submit after its stalled requests: {status}"),
         }
     }
+    Ok(())
+}
+
+/// `message` as the body of a unary gRPC request: uncompressed, its length, its bytes.
+fn grpc_message(message: &[u8]) -> Vec<u8> {
+    let mut framed = partial_message(u32::try_from(message.len()).unwrap_or(u32::MAX), 0).to_vec();
+    framed.extend_from_slice(message);
+    framed
+}
+
+/// A gRPC request the decoder cannot take gets a code that says why, at once, and stores
+/// nothing: a length prefix of 4 GiB, a compressed message without compression, an
+/// encoding the broker does not speak, bytes that are no protobuf, a method it does not
+/// have. Headers past HTTP/2's header list limit close the connection. Another
+/// participant is served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_grpc_gets_a_clear_code_and_stores_nothing() -> anyhow::Result<()> {
+    use prost::Message as _;
+    let t = TestBroker::start().await?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    let valid = grpc_message(
+        &pb::SubmitRequest {
+            envelope: Some(env),
+        }
+        .encode_to_vec(),
+    );
+    let mut compressed = valid.clone();
+    compressed[0] = 1;
+    let mut four_gib = vec![0u8, 0xff, 0xff, 0xff, 0xff];
+    four_gib.resize(1024, 0);
+    let submit_path = "/trmx.v1.Exchange/Submit";
+    /// What is sent, to which method, with which `grpc-encoding`, and the code it gets.
+    type Case = (
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        Vec<u8>,
+        Code,
+    );
+    let cases: [Case; 5] = [
+        (
+            "4 GiB length prefix",
+            submit_path,
+            None,
+            four_gib,
+            Code::OutOfRange,
+        ),
+        (
+            "compressed, no grpc-encoding",
+            submit_path,
+            None,
+            compressed.clone(),
+            Code::Internal,
+        ),
+        (
+            "grpc-encoding gzip",
+            submit_path,
+            Some("gzip"),
+            compressed,
+            Code::Unimplemented,
+        ),
+        (
+            "no protobuf",
+            submit_path,
+            None,
+            grpc_message(&[0xff; 8]),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown method",
+            "/trmx.v1.Exchange/Publish",
+            None,
+            valid,
+            Code::Unimplemented,
+        ),
+    ];
+    let mut sender = h2_to(&t, "NL-NRM", &h2::client::Builder::new()).await?;
+    for (what, path, encoding, body, code) in cases {
+        let mut request = grpc_request(&t, path)?;
+        if let Some(encoding) = encoding {
+            request
+                .headers_mut()
+                .insert("grpc-encoding", encoding.parse()?);
+        }
+        let (response, mut stream) = sender.send_request(request, false)?;
+        stream.send_data(body.into(), true)?;
+        assert_eq!(grpc_code(response).await?, code, "{what}");
+        sender = sender.ready().await?;
+    }
+    let mut request = grpc_request(&t, submit_path)?;
+    request
+        .headers_mut()
+        .insert("x-padding", "a".repeat(64 << 10).parse()?);
+    let refused = match sender.send_request(request, true) {
+        Ok((response, _)) => tokio::time::timeout(WAIT, response).await?.err(),
+        Err(error) => Some(error),
+    };
+    assert!(
+        refused.as_ref().is_some_and(h2::Error::is_go_away),
+        "64 KiB of headers: {refused:?}"
+    );
+
+    let mut nl = t.client("NL-NRM")?;
+    assert_code(
+        status(&mut nl, &id).await,
+        Code::NotFound,
+        "the envelope sent compressed",
+    );
+    let mut be = t.client("BE-PAYOKE")?;
+    submit(&mut be, referral("NL-NRM")).await?;
+    Ok(())
+}
+
+/// HTTP/2 rapid reset (CVE-2023-44487): a client that opens stream after stream and
+/// cancels each at once is sent away (`GOAWAY`) long before it has made the broker start
+/// thousands of requests, and another participant is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cancels_every_stream_at_once_is_sent_away() -> anyhow::Result<()> {
+    const STREAMS: usize = 10_000;
+    let t = TestBroker::start().await?;
+    let mut sender = h2_to(&t, "NL-NRM", &h2::client::Builder::new()).await?;
+    let mut cancelled = 0;
+    let error = loop {
+        anyhow::ensure!(
+            cancelled < STREAMS,
+            "still open after {STREAMS} cancelled streams"
+        );
+        let request = grpc_request(&t, "/trmx.v1.Exchange/GetInfo")?;
+        match sender.send_request(request, false) {
+            // (dropping both halves sends RST_STREAM)
+            Ok(stream) => drop(stream),
+            Err(error) => break error,
+        }
+        cancelled += 1;
+        sender = match tokio::time::timeout(WAIT, sender.ready()).await? {
+            Ok(sender) => sender,
+            Err(error) => break error,
+        };
+    };
+    assert!(
+        error.is_go_away() && error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "after {cancelled} cancelled streams: {error:?}"
+    );
+    let mut be = t.client("BE-PAYOKE")?;
+    submit(&mut be, referral("NL-NRM")).await?;
+    Ok(())
+}
+
+/// A recipient whose connection never lets the broker send (its HTTP/2 window is zero)
+/// holds only what its `Receive` stream leased: the participant's other stream gets every
+/// other message, and when the stuck connection is cut its deliveries come back (after the
+/// backoff, as for any closed stream) to the stream that reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_connection_that_never_reads_holds_only_its_leases() -> anyhow::Result<()> {
+    use prost::Message as _;
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let env = referral("BE-PAYOKE");
+        ids.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tls_to(&t, "BE-PAYOKE").await?)
+        .await?;
+    let stuck = tokio::spawn(connection);
+    let mut sender = sender.ready().await?;
+    let (response, mut body) =
+        sender.send_request(grpc_request(&t, "/trmx.v1.Exchange/Receive")?, false)?;
+    let request = pb::ReceiveRequest { max_in_flight: 2 }.encode_to_vec();
+    let mut framed = partial_message(u32::try_from(request.len())?, 0).to_vec();
+    framed.extend_from_slice(&request);
+    body.send_data(framed.into(), true)?;
+    let response = tokio::time::timeout(WAIT, response).await??;
+    assert_eq!(response.status(), 200);
+
+    // the stuck stream leases two, which wait there unsent
+    let in_flight = |states: &[pb::MessageState]| {
+        states
+            .iter()
+            .filter(|s| **s == pb::MessageState::InFlight)
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut states = Vec::new();
+        for id in &ids {
+            states.push(state_of(&mut nl, id).await?);
+        }
+        if in_flight(&states) == 2 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck stream leased {} messages: {states:?}",
+            in_flight(&states)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // the participant's stream that reads gets the two others, and nothing more
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 8).await?;
+    let mut read = vec![
+        id_of(&next(&mut stream).await?),
+        id_of(&next(&mut stream).await?),
+    ];
+    expect_quiet(&mut stream).await?;
+    assert_eq!(ack(&mut be, &read).await?, [pb::AckResult::Acknowledged; 2]);
+
+    // the stuck connection is cut: its two come back after the backoff
+    stuck.abort();
+    drop((response, body, sender));
+    let _ = stuck.await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while read.len() < 4 {
+        t.advance(std::time::Duration::from_secs(1));
+        match tokio::time::timeout(QUIET, stream.message()).await {
+            Ok(delivery) => {
+                let delivery = delivery?.ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+                assert_eq!(delivery.attempt, 2, "a delivery the stuck stream held");
+                read.push(id_of(&delivery));
+            }
+            Err(_) => anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the stuck stream's deliveries did not come back"
+            ),
+        }
+    }
+    read.sort();
+    ids.sort();
+    assert_eq!(read, ids);
     Ok(())
 }
