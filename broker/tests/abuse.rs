@@ -511,3 +511,32 @@ async fn a_recipient_connection_that_never_reads_holds_only_its_leases() -> anyh
     assert_eq!(read, ids);
     Ok(())
 }
+
+/// A header block without end, in empty `CONTINUATION` frames (RUSTSEC-2024-0332): the
+/// broker sends the client away instead of reading frames for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_block_that_never_ends_is_sent_away() -> anyhow::Result<()> {
+    const CONTINUATION: u8 = 0x9;
+    let t = TestBroker::start().await?;
+    let (read, mut write) = tokio::io::split(tls_to(&t, "NL-NRM").await?);
+    let reader = tokio::spawn(async move { until_goaway(read, &mut [0; 256]).await });
+    write.write_all(PREFACE).await?;
+    write
+        .write_all(&raw_frame(frame::SETTINGS, 0, 0, &[]))
+        .await?;
+    let headers = request_headers("/trmx.v1.Exchange/GetStatus");
+    write
+        .write_all(&raw_frame(frame::HEADERS, 0, 1, &headers))
+        .await?;
+    let burst = raw_frame(CONTINUATION, 0, 1, &[]).repeat(1000);
+    for _ in 0..1000 {
+        if reader.is_finished() || write.write_all(&burst).await.is_err() {
+            break;
+        }
+    }
+    let goaway = tokio::time::timeout(WAIT, reader)
+        .await
+        .map_err(|_| anyhow::anyhow!("the connection is still open"))???;
+    assert_eq!(goaway, Some(frame::ENHANCE_YOUR_CALM));
+    Ok(())
+}
