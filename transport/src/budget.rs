@@ -14,7 +14,8 @@
 //! dropped. Only that identity is refused: the others' budgets are their own.
 //!
 //! What HTTP/2 itself buffers before tonic reads it is bounded apart, by the connection's
-//! flow-control window.
+//! flow-control window. The bytes of a client-streaming request would count for the
+//! stream's whole life (trmx has no such method).
 //!
 //! # Invariants
 //! - `Budgets::held` holds, for each identity, the sum of the bytes its live requests have
