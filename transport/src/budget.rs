@@ -34,8 +34,8 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
+use crate::identity::cached_peer_name;
 use crate::listener::{REFUSAL_REPORT_INTERVAL, Throttle};
-use crate::server::peer_name;
 
 /// A tower layer that holds each certificate identity's requests on their way in to
 /// `limit` bytes at once (see the [module docs](self)). Cheap to clone; clones share the
@@ -138,7 +138,7 @@ where
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(TlsConnectInfo::peer_certs)
-            .map(|certs| Arc::<str>::from(peer_name(&certs)));
+            .map(|certs| Arc::<str>::from(cached_peer_name(&certs)));
         let Some(identity) = identity else {
             return self.inner.call(request);
         };

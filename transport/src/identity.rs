@@ -35,6 +35,19 @@ pub fn peer_identity<T>(req: &tonic::Request<T>) -> Result<Identity, tonic::Stat
         })
 }
 
+/// [`crate::server::peer_name`] of a verified chain, for a per-request limit: the
+/// identity's role from the cache above (no parse per request), else the name that
+/// function gives a certificate without a trmx identity.
+pub(crate) fn cached_peer_name(certs: &[rustls::pki_types::CertificateDer<'static>]) -> String {
+    match certs.first() {
+        Some(leaf) => match IDENTITIES.get_or_parse(leaf.as_ref(), Identity::from_der) {
+            Ok(identity) => identity.role.to_string(),
+            Err(_) => crate::server::peer_name(certs),
+        },
+        None => crate::server::peer_name(certs),
+    }
+}
+
 /// A bounded map from certificate DER to its identity. Failures are not
 /// remembered: a certificate without a valid identity is refused every time
 /// anyway, and must not take the place of one in use.
