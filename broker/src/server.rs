@@ -235,11 +235,13 @@ impl BrokerBuilder {
         });
         // the store is open: writable unless the disk is already below the watermark
         shared.update_store_writable();
+        let incoming_bytes = RequestBytesLayer::new(limits.max_incoming_request_bytes_per_identity);
         let (admin_stop, admin_stopped) = oneshot::channel::<()>();
         let admin = admin_listener.map(|listener| {
             let hooks = Arc::new(BrokerAdminHooks {
                 shared: shared.clone(),
                 tls: tls.clone(),
+                incoming_bytes: incoming_bytes.clone(),
             });
             let state = AdminState::new(metrics.clone())
                 .with_hooks(hooks)
@@ -323,7 +325,6 @@ impl BrokerBuilder {
                  limits.max_concurrent_streams"
             );
         }
-        let incoming_bytes = RequestBytesLayer::new(limits.max_incoming_request_bytes_per_identity);
         let router = Server::builder()
             .layer(incoming_bytes)
             .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
@@ -919,8 +920,8 @@ async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
         })
 }
 
-/// What the admin endpoint asks the broker: the queue gauges from the store and the
-/// transport's failed-handshake counts before each scrape, and readiness: [`Metrics::readiness`] (store writable — kept up to date by the
+/// What the admin endpoint asks the broker: the queue gauges from the store, and the
+/// transport's failed-handshake and request-bytes refusal counts, before each scrape; and readiness: [`Metrics::readiness`] (store writable — kept up to date by the
 /// service and the timer loop — and the CA and broker certificates valid), and under
 /// `crl_policy = "strict"` a CRL not past its `nextUpdate` (a strict broker refuses every
 /// connection with a stale CRL).
@@ -928,12 +929,14 @@ async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
 struct BrokerAdminHooks {
     shared: Arc<Shared>,
     tls: ServerTls,
+    incoming_bytes: RequestBytesLayer,
 }
 
 #[tonic::async_trait]
 impl AdminHooks for BrokerAdminHooks {
     async fn refresh(&self, metrics: &Metrics) {
         metrics.set_tls_handshake_failures(&self.tls.handshake_failures());
+        metrics.set_request_bytes_refused(self.incoming_bytes.refused());
         match self.shared.store.queue_stats().await {
             Ok(stats) => metrics.set_queue(&stats),
             Err(error) => warn!(%error, "cannot read queue statistics for metrics"),

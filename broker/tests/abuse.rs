@@ -254,6 +254,13 @@ async fn requests_that_stall_mid_message_hold_no_more_than_their_identitys_budge
     // the two within the budget still wait for the rest of their message
     let quiet = tokio::time::timeout(QUIET, futures::StreamExt::next(&mut answers)).await;
     assert!(quiet.is_err(), "answered: {quiet:?} (refused {refused:?})");
+    // the operator sees the refusals
+    let admin = super::metrics::admin_addr(&t)?;
+    let refusals = "trmx_requests_refused_request_bytes_total";
+    super::metrics::scrape_until(admin, "the refusals in /metrics", |s| {
+        s.value(refusals) == refused.len() as f64
+    })
+    .await?;
 
     // another identity's budget is its own
     let mut be = t.client("BE-PAYOKE")?;

@@ -45,7 +45,7 @@ async fn get_as(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16
 }
 
 /// The samples of one `/metrics` scrape, keyed by `name{labels}` as written.
-struct Scrape(BTreeMap<String, f64>);
+pub(crate) struct Scrape(BTreeMap<String, f64>);
 
 impl Scrape {
     async fn take(addr: SocketAddr) -> anyhow::Result<Self> {
@@ -73,7 +73,7 @@ impl Scrape {
             .collect()
     }
 
-    fn value(&self, series: &str) -> f64 {
+    pub(crate) fn value(&self, series: &str) -> f64 {
         self.get(series)
             .unwrap_or_else(|| panic!("no series {series} in the scrape"))
     }
@@ -92,7 +92,7 @@ fn queue(family: &str, recipient: &str) -> String {
 }
 
 /// Scrapes until `check` holds (gauges refreshed by timers or streams), failing after [`WAIT`].
-async fn scrape_until(
+pub(crate) async fn scrape_until(
     addr: SocketAddr,
     what: &str,
     check: impl Fn(&Scrape) -> bool,
@@ -111,7 +111,7 @@ async fn scrape_until(
     }
 }
 
-fn admin_addr(t: &TestBroker) -> anyhow::Result<SocketAddr> {
+pub(crate) fn admin_addr(t: &TestBroker) -> anyhow::Result<SocketAddr> {
     t.broker.admin_addr().context("no admin endpoint")
 }
 

@@ -233,6 +233,9 @@ pub struct Metrics {
     /// Copied from the transport's own counts at every scrape (see
     /// [`Self::set_tls_handshake_failures`]).
     tls_handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
+    /// Copied from the transport's count at every scrape (see
+    /// [`Self::set_request_bytes_refused`]).
+    request_bytes_refused: AtomicU64,
     submit_duration: Histogram,
     flush_duration: Histogram,
     store_writable: AtomicBool,
@@ -353,6 +356,7 @@ impl Metrics {
             refused: Default::default(),
             timer_failures: Default::default(),
             tls_handshake_failures: Default::default(),
+            request_bytes_refused: AtomicU64::new(0),
             submit_duration: Histogram::new(SUBMIT_BUCKETS),
             flush_duration: Histogram::new(FLUSH_BUCKETS),
             store_writable: AtomicBool::new(false),
@@ -428,6 +432,13 @@ impl Metrics {
                 counter.store(*count, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Takes the requests the transport refused because their identity's requests on
+    /// their way in held `limits.max_incoming_request_bytes_per_identity`
+    /// (`trmx_transport::RequestBytesLayer::refused`, total since start).
+    pub fn set_request_bytes_refused(&self, count: u64) {
+        self.request_bytes_refused.store(count, Ordering::Relaxed);
     }
 
     /// Counts what a store `tick` did: expiries and dead letters by exhausted attempts.
@@ -776,6 +787,17 @@ impl Metrics {
                 load(count),
             );
         }
+
+        w.family(
+            "trmx_requests_refused_request_bytes_total",
+            "Requests refused because their identity's requests on their way in held limits.max_incoming_request_bytes_per_identity.",
+            "counter",
+        );
+        w.sample(
+            "trmx_requests_refused_request_bytes_total",
+            &[],
+            load(&self.request_bytes_refused),
+        );
 
         self.submit_duration.render(
             &mut w,
@@ -1268,10 +1290,11 @@ mod tests {
         assert!(text.contains("trmx_store_writable 0\n"));
         assert!(text.contains("trmx_clock_offset_seconds 0\n"));
         assert!(text.contains("trmx_connected_participants 0\n"));
+        assert!(text.contains("trmx_requests_refused_request_bytes_total 0\n"));
         // every family has one HELP and one TYPE line
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 30);
+        assert_eq!(types, 31);
         assert_eq!(helps, types);
     }
 
