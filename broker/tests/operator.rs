@@ -747,6 +747,49 @@ async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> a
     Ok(())
 }
 
+/// A redrive to a recipient the broker no longer serves (taken out of the registry, or no
+/// longer accepting the kind, since the message was accepted) is refused with what to do:
+/// the message would never be taken, and its sender would get the same report again one
+/// lifetime later. Nothing changes.
+#[tokio::test]
+async fn a_redrive_to_a_recipient_no_longer_served_is_refused() -> anyhow::Result<()> {
+    let mut s = scenario().await?;
+    // the operator takes INT-IOM out of the registry, and referrals from BE-PAYOKE's
+    s.t.config.participants.retain(|p| p.id != "INT-IOM");
+    for p in &mut s.t.config.participants {
+        if p.id == "BE-PAYOKE" {
+            p.accepts.retain(|kind| kind != "referral");
+        }
+    }
+    s.t.restart().await?;
+    let mut nl = s.t.client("NL-NRM")?;
+    let mut op = operator(&s.t)?;
+    for (id, says, state) in [
+        (
+            &s.dead,
+            "INT-IOM, which is no longer in this broker's registry",
+            pb::MessageState::DeadLettered,
+        ),
+        (
+            &s.expired,
+            "a referral, which BE-PAYOKE no longer accepts",
+            pb::MessageState::Expired,
+        ),
+    ] {
+        let refused = op
+            .redrive(pb::RedriveRequest {
+                message_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        let status = assert_code(refused, Code::FailedPrecondition, "redrive");
+        assert!(status.message().contains(says), "{}", status.message());
+        assert!(status.message().contains("purge"), "{}", status.message());
+        assert_eq!(state_of(&mut nl, id).await?, state);
+    }
+    Ok(())
+}
+
 /// A refused redrive changed nothing, and says so whatever happens after: the
 /// record it reads again only to say why (failing here) must not turn its
 /// FAILED_PRECONDITION into UNAVAILABLE, a "retry later" for what never will be.

@@ -234,6 +234,7 @@ impl OperatorService {
         let id = parse_message_id(&request.message_id)?;
         let sender = parse_sender(&request.sender)?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
+        self.check_redrive_recipient(id, sender.as_ref()).await?;
         let result = shared.stored(
             shared
                 .store
@@ -261,6 +262,47 @@ impl OperatorService {
                     record.as_ref(),
                 )))
             }
+        }
+    }
+
+    /// A message is redriven only to a recipient this broker still serves for its kind:
+    /// one that left the registry (or no longer accepts the kind) since the message was
+    /// accepted would never take it, and the redrive would only start a new lifetime at
+    /// whose end its sender gets the same non-delivery report. (The registry is the
+    /// config's: a change needs a restart, so the check cannot go stale before the
+    /// redrive.) An id two senders used is left to the store, which says so.
+    async fn check_redrive_recipient(
+        &self,
+        id: MessageId,
+        sender: Option<&ParticipantId>,
+    ) -> Result<(), BrokerError> {
+        let shared = &self.shared;
+        let filter = SearchFilter {
+            message_id: Some(id),
+            sender: sender.cloned(),
+            limit: 2,
+            ..SearchFilter::default()
+        };
+        let records = shared.stored(shared.store.search(filter).await)?.records;
+        let [record] = records.as_slice() else {
+            return Ok(());
+        };
+        let to = &record.recipient;
+        match shared.registry.get(to) {
+            None => Err(BrokerError::FailedPrecondition(format!(
+                "message {id} is for {to}, which is no longer in this broker's registry: it \
+                 would never be taken; add {to} back to the registry first, or purge the \
+                 message"
+            ))),
+            Some(participant) if !participant.accepts(record.kind) => {
+                Err(BrokerError::FailedPrecondition(format!(
+                    "message {id} is a {}, which {to} no longer accepts (its `accepts` in the \
+                     registry): it would be refused; add the kind back first, or purge the \
+                     message",
+                    record.kind.name()
+                )))
+            }
+            Some(_) => Ok(()),
         }
     }
 
