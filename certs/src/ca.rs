@@ -643,6 +643,7 @@ impl Ca {
                 refuse_existing(key_path)?;
             }
         }
+        self.check_targets(cert_path, key)?;
 
         let key = match key {
             NewKey::Generate(path) => Certified::Made(
@@ -726,6 +727,55 @@ impl Ca {
             });
         }
         Ok(info)
+    }
+
+    /// Refuses, before anything is made or recorded, the files an issue or renewal would
+    /// write over by mistake: one of this CA's own files (`--out ca/ca --force` or `renew
+    /// … --key ca/ca.key` wrote a participant's key over the CA key, and the CA was gone),
+    /// one path for both the key and the certificate (the key was lost under the
+    /// certificate), a key path holding something other than a private key (`--key` naming
+    /// a certificate: it was overwritten by a key), and a certificate path holding a
+    /// private key (the two swapped).
+    fn check_targets(&self, cert_path: &Path, key: NewKey<'_>) -> Result<(), CertError> {
+        let key_path = match key {
+            NewKey::Generate(path) => Some(path),
+            NewKey::Request(_) => None,
+        };
+        for path in std::iter::once(cert_path).chain(key_path) {
+            if let Some(file) = self.own_file(path) {
+                return Err(CertError::CaFileTarget {
+                    path: path.to_path_buf(),
+                    ca_file: self.view.dir.join(file),
+                });
+            }
+        }
+        let Some(key_path) = key_path else {
+            return refuse_holding(cert_path, Holds::PrivateKey);
+        };
+        if key_path == cert_path || same_file(key_path, cert_path) {
+            return Err(CertError::InvalidArgument {
+                field: "--key",
+                problem: format!(
+                    "the key and the certificate would both be written to {}: give the key a \
+                     file of its own (--key {})",
+                    cert_path.display(),
+                    cert_path.with_extension("key").display()
+                ),
+            });
+        }
+        refuse_holding(cert_path, Holds::PrivateKey)?;
+        refuse_holding(key_path, Holds::NoPrivateKey)
+    }
+
+    /// The name of this CA's own file that `path` is (by name in the CA directory, or the
+    /// same file under another name: a link), if it is one.
+    fn own_file(&self, path: &Path) -> Option<&'static str> {
+        let in_ca_dir = std::fs::canonicalize(parent_dir(path)).ok()
+            == std::fs::canonicalize(&self.view.dir).ok();
+        CA_OWN_FILES.into_iter().find(|name| {
+            (in_ca_dir && path.file_name() == Some(std::ffi::OsStr::new(name)))
+                || same_file(path, &self.view.dir.join(name))
+        })
     }
 
     /// Reads a certificate file and checks that this CA signed it and that it carries an
@@ -949,6 +999,11 @@ impl Ca {
         validity_days: u32,
     ) -> Result<Renewal, CertError> {
         let old = self.verify_issued(cert)?;
+        // (the CA's own files first: the more precise refusal)
+        self.check_targets(cert, key)?;
+        if let NewKey::Generate(key_path) = key {
+            refuse_foreign_key(key_path, cert, &old)?;
+        }
         let spec = IssueSpec {
             role: old.identity.role.clone(),
             dns_names: old.dns_names.clone(),
@@ -1275,6 +1330,111 @@ fn create_dir(dir: &Path) -> Result<(), CertError> {
 
 /// The files of a CA, moved aside by [`retire_ca`].
 const CA_FILES: [&str; 4] = ["ca.key", "ca.pem", "index.json", "crl.pem"];
+
+/// Every file of a CA directory that an issued certificate or key must never replace.
+const CA_OWN_FILES: [&str; 5] = ["ca.key", "ca.pem", "index.json", "crl.pem", "ca.lock"];
+
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Whether `a` and `b` both exist and are the same file (a hard or symbolic link).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Refuses a renewal that would replace the key of another certificate: the key file
+/// given (`--key`, or the one beside the certificate) holds a private key, but not the
+/// key of `old`, the certificate renewed (`renew NL-NRM.pem --key BE-PAYOKE.key` wrote over
+/// BE-PAYOKE's key). A key that cannot be read or parsed here is left to the write.
+fn refuse_foreign_key(key_path: &Path, cert: &Path, old: &CertInfo) -> Result<(), CertError> {
+    let Ok(pem) = std::fs::read_to_string(key_path) else {
+        return Ok(());
+    };
+    let Ok(key) = KeyPair::from_pem(&pem) else {
+        return Ok(());
+    };
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    if crate::key_fingerprint(&spki) == old.key_fingerprint {
+        return Ok(());
+    }
+    Err(CertError::InvalidArgument {
+        field: "--key",
+        problem: format!(
+            "{} is not the key of {} (the certificate renewed), and renewing would replace it: \
+             give that certificate's key file with --key; if {} is a key no longer used (a \
+             certificate issued to a request replaced its certificate), delete it first",
+            key_path.display(),
+            cert.display(),
+            key_path.display()
+        ),
+    })
+}
+
+/// What a file about to be replaced must not hold, for [`refuse_holding`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holds {
+    /// A certificate's path: a private key there means certificate and key were swapped.
+    PrivateKey,
+    /// A key's path: anything but a private key there (a certificate, a CRL, a request)
+    /// is another file named by mistake.
+    NoPrivateKey,
+}
+
+/// Refuses to replace the file at `path` when it holds what `holds` rules out. A missing
+/// or empty file is fine (nothing is lost), and so is a file that cannot be read here
+/// (the write then says why, or replaces what this user may replace anyway).
+fn refuse_holding(path: &Path, holds: Holds) -> Result<(), CertError> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Ok(());
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let labels: Vec<&str> = text
+        .split("-----BEGIN ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("-----").map(|(label, _)| label))
+        .collect();
+    let is_key = |label: &&str| label.ends_with("PRIVATE KEY");
+    let refused = match holds {
+        Holds::PrivateKey => labels.iter().any(is_key),
+        Holds::NoPrivateKey => !labels.iter().any(is_key),
+    };
+    if !refused {
+        return Ok(());
+    }
+    let found = match labels.first() {
+        Some(&"CERTIFICATE") => "a certificate".to_string(),
+        Some(&"X509 CRL") => "a CRL".to_string(),
+        Some(&"CERTIFICATE REQUEST") => "a certificate request".to_string(),
+        Some(label) if is_key(label) => "a private key".to_string(),
+        Some(label) => format!("a PEM {label}"),
+        None => "no PEM data".to_string(),
+    };
+    let (expected, flag) = match holds {
+        Holds::PrivateKey => (
+            "a certificate",
+            "the certificate path (are certificate and key swapped?)",
+        ),
+        Holds::NoPrivateKey => ("a private key", "--key (or --out)"),
+    };
+    Err(CertError::WrongFileKind {
+        path: path.to_path_buf(),
+        found,
+        expected,
+        flag,
+    })
+}
 
 /// Moves the CA files in `dir` into a new `dir/replaced-<unix seconds>` (mode `0700`):
 /// its key signed every certificate still in use, so replacing a CA must not destroy it.

@@ -92,6 +92,34 @@ pub enum CertError {
         /// The existing file.
         path: PathBuf,
     },
+    /// An issue or renewal would write a certificate or key over one of the CA's own files.
+    #[error(
+        "refusing to write {}: it is the CA's own {} and would destroy the CA; choose another --out (or --key)",
+        path.display(),
+        ca_file.display()
+    )]
+    CaFileTarget {
+        /// The path given.
+        path: PathBuf,
+        /// The CA file it names.
+        ca_file: PathBuf,
+    },
+    /// A file to be replaced holds something else than what is written there: a key path
+    /// naming a certificate, or a certificate path naming a key.
+    #[error(
+        "refusing to replace {}: it holds {found}, not {expected}; check {flag}",
+        path.display()
+    )]
+    WrongFileKind {
+        /// The file.
+        path: PathBuf,
+        /// What it holds, e.g. `a certificate`.
+        found: String,
+        /// What would be written there, e.g. `a private key`.
+        expected: &'static str,
+        /// Which flag or path to check.
+        flag: &'static str,
+    },
     /// Another run held the CA directory's lock for longer than [`crate::ca::LOCK_WAIT`].
     #[error(
         "the CA directory is busy: {} is locked by another trmx-certs run ({owner}); retry once it has finished",

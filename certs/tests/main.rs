@@ -391,6 +391,129 @@ mod ca_files {
         Ca::open(&ca_dir).unwrap();
     }
 
+    /// Every file of the directories in `dirs`, by path, with its contents.
+    fn snapshot(dirs: &[&Path]) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut files: Vec<_> = dirs
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).unwrap())
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// `issue --out ca/ca --force` wrote a node key over `ca.key` and its certificate over
+    /// `ca.pem`, and `renew … --key ca/ca.key` (or a link to it) replaced the CA key: the
+    /// CA was gone for good. Both are refused, naming the CA file, and nothing changes.
+    #[test]
+    fn an_issue_or_renewal_never_writes_over_the_ca_s_own_files() {
+        let (d, fed) = federation();
+        let ca_dir = fed.dir.join("ca");
+        let node = fed.participant("NL-NRM").unwrap();
+        let link = d.path().join("link.key");
+        std::os::unix::fs::symlink(ca_dir.join("ca.key"), &link).unwrap();
+        let before = snapshot(&[&ca_dir, d.path()]);
+        let spec = IssueSpec::participant("BE-PAYOKE");
+        let index = CertPaths {
+            cert: ca_dir.join("index.json"),
+            key: d.path().join("new.key"),
+        };
+        let prefixes = ["ca", "crl", "../ca/ca"].map(|p| CertPaths::from_prefix(&ca_dir.join(p)));
+        for out in prefixes.into_iter().chain([index]) {
+            let name = out.cert.display();
+            let err = fed.ca.issue(&spec, &out, true).unwrap_err();
+            assert!(
+                matches!(err, CertError::CaFileTarget { .. }),
+                "{name}: {err}"
+            );
+            assert!(
+                err.to_string().contains("it is the CA's own"),
+                "{name}: {err}"
+            );
+        }
+        for key in [ca_dir.join("ca.key"), ca_dir.join("ca.lock"), link] {
+            let paths = CertPaths {
+                cert: node.cert.clone(),
+                key: key.clone(),
+            };
+            let err = fed.ca.renew(&paths, 30).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("CA's own {}", ca_dir.display())),
+                "{}: {err}",
+                key.display()
+            );
+        }
+        assert_eq!(snapshot(&[&ca_dir, d.path()]), before, "nothing changed");
+        Ca::open(&ca_dir).unwrap();
+    }
+
+    /// `renew` with `--key` naming the wrong file wrote the new key over it: a certificate
+    /// (`--key` and the certificate swapped, or another certificate), the certificate itself
+    /// (the key then lost under the certificate), or another participant's key. Each is
+    /// refused, naming the file, before anything is issued; the right key is renewed.
+    #[test]
+    fn renew_refuses_a_key_file_that_is_not_the_certificate_s_key() {
+        let (d, fed) = federation();
+        let node = fed.participant("NL-NRM").unwrap();
+        let other = fed.participant("BE-PAYOKE").unwrap();
+        let crl = d.path().join("crl-copy.pem");
+        std::fs::copy(fed.crl_path(), &crl).unwrap();
+        let ca_dir = fed.dir.join("ca");
+        let before = snapshot(&[&ca_dir, d.path()]);
+        for (key, expected) in [
+            (
+                other.cert.clone(),
+                "it holds a certificate, not a private key",
+            ),
+            (crl, "it holds a CRL, not a private key"),
+            (
+                node.cert.clone(),
+                "the key and the certificate would both be written",
+            ),
+            (other.key.clone(), "is not the key of"),
+        ] {
+            let paths = CertPaths {
+                cert: node.cert.clone(),
+                key: key.clone(),
+            };
+            let err = fed.ca.renew(&paths, 30).unwrap_err().to_string();
+            assert!(err.contains(expected), "{}: {err}", key.display());
+            assert!(
+                err.contains(&key.display().to_string()),
+                "{}: {err}",
+                key.display()
+            );
+        }
+        // and a certificate path that holds a key: the two swapped
+        let swapped = CertPaths {
+            cert: node.key.clone(),
+            key: node.cert.clone(),
+        };
+        fed.ca.renew(&swapped, 30).unwrap_err();
+        let out = CertPaths {
+            cert: other.key.clone(),
+            key: d.path().join("new.key"),
+        };
+        let err = fed
+            .ca
+            .issue(&IssueSpec::participant("BE-PAYOKE"), &out, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("it holds a private key, not a certificate"),
+            "{err}"
+        );
+        assert_eq!(snapshot(&[&ca_dir, d.path()]), before, "nothing changed");
+
+        let renewed = fed.ca.renew(&node, 30).unwrap();
+        assert_ne!(renewed.new.serial_hex, renewed.old.serial_hex);
+    }
+
     /// The index records a certificate before its files are put in place, so a crash in
     /// between never leaves a certificate in use that the index does not know: when the
     /// index cannot be written (here a directory is in its way), no file is written.
