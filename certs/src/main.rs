@@ -55,7 +55,8 @@ enum Command {
         /// certificate's identity.
         #[arg(long)]
         name: String,
-        /// Output path prefix: writes PREFIX.key and PREFIX.csr [default: the name].
+        /// Output path prefix: writes PREFIX.key and PREFIX.csr [default: the name]. A
+        /// directory (an existing one, or ending in /) gets NAME.key and NAME.csr inside it.
         #[arg(long, value_name = "PREFIX")]
         out: Option<PathBuf>,
         /// Overwrite existing files.
@@ -211,6 +212,7 @@ struct IssueArgs {
     #[command(flatten)]
     ca: CaDir,
     /// Output path prefix: writes PREFIX.pem and PREFIX.key (only PREFIX.pem with --csr).
+    /// A directory (an existing one, or ending in /) gets the default names inside it.
     #[arg(long, value_name = "PREFIX")]
     out: Option<PathBuf>,
     /// Certify the key of this certificate request (`trmx-certs request`, made by the
@@ -325,7 +327,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
             Ok(())
         }
         Command::Request { name, out, force } => {
-            let prefix = out.unwrap_or_else(|| PathBuf::from(&name));
+            let prefix = out_prefix(out, &name)?;
             let paths = RequestPaths::from_prefix(&prefix);
             let request = CertRequest::create(&name, &paths, force)?;
             println!("request for {name}");
@@ -372,6 +374,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
             };
             print_written(&cert, key.as_deref(), &renewal.new);
             print_replaced(&ca, &renewal.old);
+            note_others_valid(&ca, &renewal.new, Some(&renewal.old.serial_hex));
             if let Some(revoked_at) = renewal.old_revoked_at {
                 note_renewed_revoked(&ca, &renewal, revoked_at);
             }
@@ -418,8 +421,8 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
         .as_deref()
         .map(CertRequest::from_pem_file)
         .transpose()?;
+    let prefix = out_prefix(common.out, &default_stem)?;
     let ca = open_ca(&common.ca.dir)?;
-    let prefix = common.out.unwrap_or_else(|| PathBuf::from(default_stem));
     let paths = CertPaths::from_prefix(&prefix);
     // read before it is overwritten: its serial is all that is left to revoke it by. A
     // missing, unreadable or foreign file is overwritten too, with nothing to revoke here.
@@ -440,10 +443,97 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
     if request.is_some() {
         warn_stale_key(&paths.key);
     }
-    if let Some(old) = replaced {
-        print_replaced(&ca, &old);
+    if let Some(old) = &replaced {
+        print_replaced(&ca, old);
     }
+    let replaced = replaced.map(|old| old.serial_hex);
+    note_others_valid(&ca, &info, replaced.as_deref());
     Ok(())
+}
+
+/// Says on stderr which other certificates of the identity just issued stay valid: a
+/// second `issue` for a participant (to another `--out`) replaces nothing, and the first
+/// certificate, wherever its files went, is as good as the new one until it expires or is
+/// revoked. `replaced` is the certificate already reported as replaced.
+fn note_others_valid(ca: &Ca, new: &CertInfo, replaced: Option<&str>) {
+    let identity = new.identity.spiffe_uri();
+    let now = SystemTime::now();
+    let others: Vec<IssuedCert> = ca
+        .issued()
+        .into_iter()
+        .filter(|c| {
+            c.identity == identity
+                && c.serial != new.serial_hex
+                && Some(c.serial.as_str()) != replaced
+                && c.revoked_at.is_none()
+                && from_unix_seconds(c.not_after) > now
+        })
+        .collect();
+    if others.is_empty() {
+        return;
+    }
+    let listed: Vec<String> = others
+        .iter()
+        .map(|c| {
+            format!(
+                "serial {} (not after {})",
+                c.serial,
+                format_unix(c.not_after)
+            )
+        })
+        .collect();
+    let dir = shell_word(&ca.dir().display().to_string());
+    let (count, what_now) = match others.as_slice() {
+        [one] => (
+            "another valid certificate".to_string(),
+            format!(
+                "it stays valid until it expires or is revoked; once it is no longer in use: \
+                 `trmx-certs revoke --dir {dir} --serial {}`",
+                one.serial
+            ),
+        ),
+        _ => (
+            format!("{} other valid certificates", others.len()),
+            format!(
+                "they stay valid until they expire or are revoked; revoke each one no longer \
+                 in use: `trmx-certs revoke --dir {dir} --serial SERIAL`"
+            ),
+        ),
+    };
+    eprintln!(
+        "note: {identity} has {count}, which this one does not replace: {}; {what_now}",
+        listed.join(", "),
+    );
+}
+
+/// The path prefix the files go to: `--out`, else `stem` in the working directory. A
+/// `--out` that names a directory (an existing one, or one written with a trailing `/`)
+/// gets `stem` inside it: `--out certs/` wrote the hidden files `certs/.pem` and
+/// `certs/.key`. A `--out` ending in a file extension of ours is refused: `--out NL.pem`
+/// wrote `NL.pem.pem` and `NL.pem.key`.
+fn out_prefix(out: Option<PathBuf>, stem: &str) -> Result<PathBuf, CertError> {
+    let Some(out) = out else {
+        return Ok(PathBuf::from(stem));
+    };
+    let text = out.to_string_lossy();
+    if text.ends_with('/') || out.is_dir() {
+        return Ok(out.join(stem));
+    }
+    let extension = out
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if let Some(ext) = extension.filter(|e| ["pem", "key", "csr", "crt"].contains(&e.as_str())) {
+        return Err(CertError::InvalidArgument {
+            field: "--out",
+            problem: format!(
+                "{} ends in .{ext}, but --out is a path prefix that .pem, .key or .csr is added \
+                 to: give --out {}",
+                out.display(),
+                shell_word(&out.with_extension("").display().to_string())
+            ),
+        });
+    }
+    Ok(out)
 }
 
 /// Opens the CA directory, key included, and warns if the CA nears its expiry.

@@ -1611,7 +1611,14 @@ mod cli {
                  valid for the same identity: if it must not be, revoke it with `trmx-certs \
                  revoke --dir ca --serial {new}`\n"
             );
-            assert_eq!(stderr, expected);
+            // (after the note that the first certificate, renewed but not revoked, stays
+            // valid)
+            let (others, renewed) = stderr.split_once('\n').unwrap();
+            assert!(
+                others.contains(&format!("serial {first} (not after")),
+                "{stderr}"
+            );
+            assert_eq!(renewed, expected);
         };
         let out = certs(d, &["renew", "--dir", "ca", "NL-NRM.pem"]);
         ok(&out);
@@ -1663,6 +1670,97 @@ mod cli {
         let out = ok(&certs(d, &[&issue[..], &["--force"]].concat()));
         assert!(out.contains("already revoked"), "{out}");
         assert!(!out.contains("trmx-certs revoke"), "{out}");
+    }
+
+    /// A second `issue` for a participant to another `--out` replaces nothing: the first
+    /// certificate stays valid. That used to go unsaid; the issue now notes on stderr
+    /// every other valid certificate of the identity, with the command that revokes one,
+    /// and says nothing of a revoked one or of another identity's.
+    #[test]
+    fn a_second_certificate_for_an_identity_says_the_first_stays_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let first = init_and_issue_node(d);
+        ok(&certs(
+            d,
+            &["issue", "node", "--dir", "ca", "--participant", "BE-PAYOKE"],
+        ));
+        let second = ["issue", "node", "--dir", "ca", "--participant", "NL-NRM"];
+        let out = certs(d, &[&second[..], &["--out", "second/NL-NRM"]].concat());
+        ok(&out);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.starts_with(
+                "note: spiffe://trm.example/participant/NL-NRM has another valid certificate, \
+                 which this one does not replace: serial "
+            ),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("`trmx-certs revoke --dir ca --serial {first}`")),
+            "{stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+        // once the first is revoked, a third names only the second
+        ok(&certs(d, &["revoke", "--dir", "ca", "NL-NRM.pem"]));
+        let out = certs(d, &[&second[..], &["--out", "third/NL-NRM"]].concat());
+        ok(&out);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(!stderr.contains(&first), "{stderr}");
+        assert!(stderr.contains("has another valid certificate"), "{stderr}");
+        assert!(!stderr.contains("BE-PAYOKE"), "{stderr}");
+    }
+
+    /// `--out certs/` wrote the hidden files `certs/.pem` and `certs/.key`, and `--out
+    /// NL.pem` wrote `NL.pem.pem` and `NL.pem.key`. A directory now gets the default names
+    /// inside it, and a prefix ending in .pem, .key, .csr or .crt is refused, naming the
+    /// prefix to give, with nothing issued.
+    #[test]
+    fn out_names_a_directory_or_a_prefix_never_hidden_or_doubled_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        std::fs::create_dir(d.join("existing")).unwrap();
+        for (out, participant, expected) in [
+            ("certs/", "BE-PAYOKE", "certs/BE-PAYOKE"),
+            ("existing", "NG-NAPTIP", "existing/NG-NAPTIP"),
+        ] {
+            let issue = ["issue", "node", "--dir", "ca", "--participant", participant];
+            let printed = ok(&certs(d, &[&issue[..], &["--out", out]].concat()));
+            assert!(
+                printed.contains(&format!("certificate: {expected}.pem")),
+                "{printed}"
+            );
+            assert!(d.join(format!("{expected}.pem")).is_file(), "{out}");
+            assert!(d.join(format!("{expected}.key")).is_file(), "{out}");
+        }
+        let printed = ok(&certs(
+            d,
+            &["request", "--name", "INT-IOM", "--out", "req/"],
+        ));
+        assert!(printed.contains("req/INT-IOM.csr"), "{printed}");
+        assert!(d.join("req/INT-IOM.key").is_file());
+        for name in ["certs", "existing", "req"] {
+            let hidden = std::fs::read_dir(d.join(name))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect::<Vec<_>>();
+            assert_eq!(hidden, Vec::<String>::new(), "{name}");
+        }
+
+        let issued = list(d).len();
+        let issue = ["issue", "node", "--dir", "ca", "--participant", "INT-IOM"];
+        let err = failed(&certs(d, &[&issue[..], &["--out", "INT-IOM.pem"]].concat()));
+        assert_eq!(
+            err,
+            "error: --out is invalid: INT-IOM.pem ends in .pem, but --out is a path prefix \
+             that .pem, .key or .csr is added to: give --out INT-IOM"
+        );
+        failed(&certs(d, &["request", "--name", "X", "--out", "x.KEY"]));
+        assert_eq!(list(d).len(), issued, "nothing issued");
+        assert!(!d.join("INT-IOM.pem.pem").exists() && !d.join("x.KEY.key").exists());
     }
 
     #[test]
