@@ -35,17 +35,64 @@ pub enum KeyFile {
 /// Reads a private key file unless other users may read it or its group change it: the
 /// key would not be secret (a copy made with the wrong umask, usually). The mode is the
 /// one of the file read, not of whatever the path names a moment later.
+///
+/// A key file owned by another user than this process's (effective) user and root is
+/// refused too, as an error of kind `PermissionDenied` that names the owner and the fix:
+/// its owner may read it or put another key in its place whatever its mode (a copy made
+/// as a login user, `cp` without `-p` run by someone else).
 pub fn read_key_file(path: &Path) -> std::io::Result<KeyFile> {
+    let me = rustix::process::geteuid().as_raw();
+    read_key_file_as(path, me)
+}
+
+/// [`read_key_file`] for a process running as `me` (tests pass another uid).
+fn read_key_file_as(path: &Path, me: u32) -> std::io::Result<KeyFile> {
     use std::io::Read as _;
-    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::fs::MetadataExt as _;
     let mut file = std::fs::File::open(path)?;
-    let mode = file.metadata()?.permissions().mode() & 0o7777;
+    let metadata = file.metadata()?;
+    let mode = metadata.mode() & 0o7777;
     if mode & KEY_MODE_FORBIDDEN != 0 {
         return Ok(KeyFile::Exposed { mode });
+    }
+    let owner = metadata.uid();
+    if owner != me && owner != 0 {
+        let allowed = match me {
+            0 => "root, the user this runs as".to_string(),
+            me => format!("the user this runs as ({}) or root", user_name(me)),
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "it is owned by {}, not by {allowed}, and its owner can read it or replace \
+                 the key whatever its mode: `chown {me} {}` (or run as its owner)",
+                user_name(owner),
+                path.display()
+            ),
+        ));
     }
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     Ok(KeyFile::Read(bytes))
+}
+
+/// `uid 1000 (alice)`, or `uid 1000` for a uid the user database does not name.
+fn user_name(uid: u32) -> String {
+    // (the user database as a file: no libc call for one name in an error message)
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let found = fields.nth(1)?.parse::<u32>().ok()? == uid;
+                found.then(|| name.to_string())
+            })
+        });
+    match name {
+        Some(name) => format!("uid {uid} ({name})"),
+        None => format!("uid {uid}"),
+    }
 }
 
 /// [`read_key_file`], with this crate's errors.
@@ -498,6 +545,63 @@ mod tests {
         );
         assert_eq!(std::fs::read(&k).unwrap(), b"old key");
         assert_eq!(temporaries(dir.path()), Vec::<String>::new());
+    }
+
+    /// A key owned by another user than the process's and root was read as long as its
+    /// mode was `0600`: its owner could read it or swap it. It is refused, naming the
+    /// owner and the fix; one owned by the process's user or by root is read.
+    #[test]
+    fn a_key_owned_by_another_user_is_refused() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
+        let mut owner = std::fs::metadata(&key).unwrap().uid();
+        let as_root = owner == 0;
+        if as_root {
+            // (root's keys are read by anyone allowed to: give this one to somebody else)
+            owner = 4_000_000;
+            std::os::unix::fs::chown(&key, Some(owner), None).unwrap();
+        }
+        let other = owner + 1;
+        assert!(matches!(
+            read_key_file_as(&key, owner),
+            Ok(KeyFile::Read(_))
+        ));
+        let e = read_key_file_as(&key, other).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("it is owned by uid {owner}")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "not by the user this runs as (uid {other}) or root"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("`chown {other} {}`", key.display())),
+            "{text}"
+        );
+        // through the crate's error: one line naming the file
+        let e = CertError::io("read private key", &key, e).to_string();
+        assert!(
+            e.starts_with(&format!(
+                "cannot read private key {}: it is owned",
+                key.display()
+            )),
+            "{e}"
+        );
+        if as_root {
+            // a key of root's is read by any user allowed to
+            std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+            assert!(matches!(
+                read_key_file_as(&key, other),
+                Ok(KeyFile::Read(_))
+            ));
+        }
     }
 
     #[test]
