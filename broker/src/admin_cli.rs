@@ -184,9 +184,131 @@ impl From<tonic::Status> for AdminError {
                 " (the broker's certificate does not carry the host of --broker: give a name \
                  it carries with --server-name NAME or TRMX_ADMIN_SERVER_NAME)",
             );
+        } else if let Some(hint) = std::error::Error::source(&status).and_then(connection_hint) {
+            text.push_str(" (");
+            text.push_str(hint);
+            text.push(')');
         }
         AdminError(one_line(&text))
     }
+}
+
+/// What to check when the connection to the broker failed, from the failure's causes: a
+/// transport error alone (`Connection refused`, `UnknownIssuer`, `InvalidContentType`,
+/// `deadline has elapsed`) does not tell an operator which flag is wrong.
+fn connection_hint(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    let mut current = Some(error);
+    while let Some(error) = current {
+        // tokio-rustls hands rustls' error over inside an I/O error
+        let io = error.downcast_ref::<std::io::Error>();
+        let tls = error
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| io.and_then(|e| e.get_ref()?.downcast_ref::<rustls::Error>()));
+        match tls {
+            // (another CA of the same name, e.g. a staging CA made with the default name,
+            // fails the signature check instead)
+            Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => {
+                return Some(
+                    "the broker's certificate was not issued by the CA in --ca: check that --ca \
+                     (TRMX_ADMIN_CA) is the federation's ca.pem, and --broker \
+                     (TRMX_ADMIN_BROKER) this federation's broker",
+                );
+            }
+            Some(rustls::Error::InvalidCertificate(
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. },
+            )) => {
+                return Some(
+                    "the broker's certificate is not valid at this machine's time: check this \
+                     clock (`date -u`) against the certificate's validity, and renew the \
+                     broker's certificate if it has expired",
+                );
+            }
+            Some(rustls::Error::AlertReceived(alert)) => {
+                use rustls::AlertDescription as A;
+                match alert {
+                    A::CertificateRevoked => {
+                        return Some(
+                            "the broker refused the operator certificate (--cert) as revoked: \
+                             ask the CA administrator for a new one",
+                        );
+                    }
+                    A::CertificateExpired => {
+                        return Some(
+                            "the broker refused the operator certificate (--cert) as expired \
+                             or not yet valid: renew it (`trmx-certs renew`), or check the \
+                             broker's clock",
+                        );
+                    }
+                    A::UnknownCA | A::BadCertificate | A::CertificateUnknown => {
+                        return Some(
+                            "the broker refused the operator certificate (--cert): check that \
+                             this federation's CA issued it, and that --cert and --key are \
+                             the operator's files",
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            Some(rustls::Error::InvalidMessage(_)) => {
+                return Some(
+                    "the other end does not speak TLS: is --broker (TRMX_ADMIN_BROKER) the \
+                     broker's gRPC address (`listen` in its config), not its admin port \
+                     (`admin_listen`) or another service?",
+                );
+            }
+            _ => {}
+        }
+        if io.is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return Some(
+                "nothing listens there: is the broker running, and is --broker \
+                 (TRMX_ADMIN_BROKER) its gRPC address (`listen` in its config)?",
+            );
+        }
+        // (tonic's connect timeout is tower's `Elapsed`, known here by its text)
+        if error.is::<tokio::time::error::Elapsed>() || error.to_string() == "deadline has elapsed"
+        {
+            return Some(
+                "no answer in time: is the broker running and reachable from here (a \
+                 firewall?), and is --broker (TRMX_ADMIN_BROKER) its gRPC address?",
+            );
+        }
+        current = error.source();
+    }
+    None
+}
+
+/// Refuses connection flags that cannot work, before connecting: a `--broker` with a
+/// scheme (`https://host:7443`, which read as the server name `https://host`), and a
+/// `--ca` that holds a participant's, operator's or broker's certificate rather than the
+/// CA's (every broker would then be refused with `UnknownIssuer`).
+fn check_connection_flags(args: &AdminArgs) -> Result<(), AdminError> {
+    if let Some((scheme, rest)) = args.broker.split_once("://") {
+        return Err(fail(format!(
+            "--broker {:?} has a scheme ({scheme}://): give HOST:PORT, e.g. --broker {rest}",
+            args.broker
+        )));
+    }
+    // (a file that cannot be read or parsed is left to the connection, which names it)
+    let Ok(certs) = trmx_certs::load_certs_pem(&args.ca) else {
+        return Ok(());
+    };
+    for cert in certs {
+        if let Ok(info) = trmx_certs::CertInfo::from_der(&cert) {
+            return Err(fail(format!(
+                "--ca {} holds the certificate of {} (serial {}), not a CA certificate: give \
+                 the federation CA's certificate (ca.pem, as in the broker's tls.ca) with --ca \
+                 or TRMX_ADMIN_CA",
+                args.ca.display(),
+                info.identity,
+                info.serial_hex
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Joins the lines of `text` (error chains, transport details) into one.
@@ -466,6 +588,7 @@ fn verify_store(data_dir: &std::path::Path) -> ExitCode {
 }
 
 async fn connect(args: &AdminArgs) -> Result<OperatorClient<Channel>, AdminError> {
+    check_connection_flags(args)?;
     let paths = TlsPaths {
         ca: args.ca.clone(),
         cert: args.cert.clone(),

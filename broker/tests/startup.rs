@@ -718,3 +718,88 @@ async fn a_last_run_file_that_cannot_be_written_does_not_stop_the_broker() -> an
     broker.shutdown().await?;
     Ok(())
 }
+
+/// `trmx-broker admin` with connection flags that cannot work, as run at 3 a.m.: what it
+/// said was a bare transport error (`Connection refused`, `UnknownIssuer`, `received corrupt
+/// message of type InvalidContentType`, `received fatal alert: CertificateRevoked`) that
+/// names no flag. Each failure is now one line that says which flag or file to check; a
+/// `--ca` holding a participant's certificate, or a `--broker` with a scheme, is refused
+/// before connecting. The same flags set right reach the broker.
+#[tokio::test]
+async fn the_admin_cli_says_which_flag_to_check_when_it_cannot_reach_the_broker()
+-> anyhow::Result<()> {
+    use trmx_broker::admin_cli::{AdminArgs, AdminCommand, execute};
+    let t = TestBroker::start().await?;
+    let alice = t.pki.federation.operator("alice")?;
+    let args = |broker: String, ca: &std::path::Path, cert: &trmx_certs::CertPaths| AdminArgs {
+        broker,
+        ca: ca.to_owned(),
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        server_name: None,
+        json: true,
+        command: AdminCommand::Participants,
+    };
+    let ca = t.pki.federation.ca_cert_path();
+    let addr = t.addr.to_string();
+    execute(args(addr.clone(), &ca, &alice))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // another CA, and one of the same name (a staging CA made with the default name)
+    let other_dir = tempfile::tempdir()?;
+    let other = Federation::create(other_dir.path(), "trm.other")?;
+    let same_name_dir = tempfile::tempdir()?;
+    let same_name = Federation::create(same_name_dir.path(), "trm.test")?;
+    let node = t.pki.federation.participant("NL-NRM")?;
+    let bob = t.pki.federation.operator("bob")?;
+    t.pki.federation.ca.revoke(&bob.cert)?;
+    t.broker.reload_tls()?;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let admin_port = t.broker.admin_addr().expect("an admin port").to_string();
+    let cases = [
+        (
+            args(addr.clone(), &other.ca_cert_path(), &alice),
+            "UnknownIssuer",
+            "the broker's certificate was not issued by the CA in --ca",
+        ),
+        (
+            args(addr.clone(), &same_name.ca_cert_path(), &alice),
+            "BadSignature",
+            "the broker's certificate was not issued by the CA in --ca",
+        ),
+        (
+            args(addr.clone(), &node.cert, &alice),
+            "holds the certificate of spiffe://trm.test/participant/NL-NRM (serial ",
+            "not a CA certificate: give the federation CA's certificate",
+        ),
+        (
+            args(closed.to_string(), &ca, &alice),
+            "Connection refused",
+            "nothing listens there: is the broker running",
+        ),
+        (
+            args(admin_port, &ca, &alice),
+            "InvalidContentType",
+            "not its admin port (`admin_listen`)",
+        ),
+        (
+            args(addr.clone(), &ca, &bob),
+            "CertificateRevoked",
+            "the broker refused the operator certificate (--cert) as revoked",
+        ),
+        (
+            args(format!("https://{addr}"), &ca, &alice),
+            "has a scheme (https://)",
+            &format!("give HOST:PORT, e.g. --broker {addr}"),
+        ),
+    ];
+    for (args, cause, hint) in cases {
+        let what = format!("--broker {} --ca {}", args.broker, args.ca.display());
+        let error = execute(args).await.expect_err(&what).to_string();
+        assert!(error.contains(cause), "{what}: {error}");
+        assert!(error.contains(hint), "{what}: {error}");
+        assert_eq!(error.lines().count(), 1, "{what}: {error}");
+    }
+    Ok(())
+}
