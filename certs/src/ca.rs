@@ -218,6 +218,7 @@ pub struct CaView {
     dir: PathBuf,
     trust_domain: String,
     cert_der: CertificateDer<'static>,
+    not_before: SystemTime,
     not_after: SystemTime,
     index: Mutex<Index>,
 }
@@ -279,6 +280,7 @@ impl CaView {
                 "not a CA certificate",
             ));
         }
+        let not_before = crate::info::system_time(x509.validity().not_before);
         let not_after = crate::info::system_time(x509.validity().not_after);
 
         let index = load_index(&index_path)?;
@@ -288,6 +290,7 @@ impl CaView {
             dir: dir.to_path_buf(),
             trust_domain: index.trust_domain.clone(),
             cert_der: cert_der.into_owned(),
+            not_before,
             not_after,
             index: Mutex::new(index),
         })
@@ -320,6 +323,31 @@ impl CaView {
     /// The end of the CA certificate's validity: no certificate it issues may outlive it.
     pub fn not_after(&self) -> SystemTime {
         self.not_after
+    }
+
+    /// The latest time the index records (an issue or a revocation), if any: a clock
+    /// behind it has probably been set back.
+    pub fn latest_record(&self) -> Option<SystemTime> {
+        self.lock()
+            .certs
+            .iter()
+            .flat_map(|c| std::iter::once(c.issued_at).chain(c.revoked_at))
+            .max()
+            .map(crate::from_unix_seconds)
+    }
+
+    /// Refuses a clock (`now`) before the CA certificate's start: the CA was made later,
+    /// so the clock is wrong, and a certificate or CRL dated by it would be expired, or
+    /// past its nextUpdate, for every peer whose clock is right.
+    fn check_clock(&self, now: SystemTime) -> Result<(), CertError> {
+        if now >= self.not_before {
+            return Ok(());
+        }
+        Err(CertError::ClockBeforeCa {
+            now,
+            ca_not_before: self.not_before,
+            ca_cert: self.ca_cert_path(),
+        })
     }
 
     /// The CA certificate, DER.
@@ -606,6 +634,7 @@ impl Ca {
         force: bool,
         now: SystemTime,
     ) -> Result<CertInfo, CertError> {
+        self.view.check_clock(now)?;
         let identity = Identity::new(&self.view.trust_domain, spec.role.clone())?;
         check_validity_days(spec.validity_days)?;
         let not_after = now + days(spec.validity_days);
@@ -893,6 +922,7 @@ impl Ca {
     /// fit: a CRL cannot vouch for anything after its issuer expires.
     pub fn write_crl(&self, next_update: Duration) -> Result<(), CertError> {
         let now = SystemTime::now();
+        self.view.check_clock(now)?;
         self.check_within_ca(&CRL_WITHIN_CA, now, now + next_update)?;
         let lock = self.lock_dir()?;
         self.write_crl_locked(&lock, next_update)
@@ -903,6 +933,7 @@ impl Ca {
     /// is cut to the CA's, since a revocation must not fail for want of time left.
     fn write_crl_locked(&self, lock: &DirLock, next_update: Duration) -> Result<(), CertError> {
         let now = SystemTime::now();
+        self.view.check_clock(now)?;
         let until = (now + next_update).min(self.not_after());
         self.write_crl_with_times_locked(lock, now - CLOCK_SKEW_ALLOWANCE, until)?;
         self.update_index(lock, |index| {
@@ -1037,6 +1068,11 @@ impl Ca {
         self.view.issued()
     }
 
+    /// [`CaView::latest_record`].
+    pub fn latest_record(&self) -> Option<SystemTime> {
+        self.view.latest_record()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Index> {
         self.view.lock()
     }
@@ -1046,6 +1082,7 @@ impl Ca {
     /// one), and every certificate it issued has expired with it.
     fn check_can_sign_crl(&self) -> Result<(), CertError> {
         let ca_end = self.view.not_after;
+        self.view.check_clock(SystemTime::now())?;
         if SystemTime::now() < ca_end {
             return Ok(());
         }

@@ -120,6 +120,21 @@ pub enum CertError {
         /// Which flag or path to check.
         flag: &'static str,
     },
+    /// The system clock is before the CA certificate's start: it is wrong.
+    #[error(
+        "this machine's clock says {}, before the CA certificate {} was made ({}): the clock is wrong, and what this CA signs now would be expired for everyone else; set the clock right (`date -u`, NTP) and run the command again (nothing was changed)",
+        crate::format_time(*now),
+        ca_cert.display(),
+        crate::format_time(*ca_not_before)
+    )]
+    ClockBeforeCa {
+        /// The system clock's time.
+        now: std::time::SystemTime,
+        /// The CA certificate's notBefore.
+        ca_not_before: std::time::SystemTime,
+        /// The CA certificate file.
+        ca_cert: PathBuf,
+    },
     /// Another run held the CA directory's lock for longer than [`crate::ca::LOCK_WAIT`].
     #[error(
         "the CA directory is busy: {} is locked by another trmx-certs run ({owner}); retry once it has finished",

@@ -540,7 +540,30 @@ fn out_prefix(out: Option<PathBuf>, stem: &str) -> Result<PathBuf, CertError> {
 fn open_ca(dir: &Path) -> Result<Ca, CertError> {
     let ca = Ca::open(dir)?;
     warn_ca_expiry(ca.not_after());
+    warn_clock_behind(ca.latest_record());
     Ok(ca)
+}
+
+/// Warns on stderr when the clock is more than a day behind the latest issue or
+/// revocation the index records: it was probably set back, and what the CA signs now is
+/// dated by it (a certificate that expires early, a CRL whose nextUpdate may have passed
+/// already). Only a warning: the record itself may have been made with a clock ahead.
+/// (A clock before the CA certificate's start is refused by the library.)
+fn warn_clock_behind(latest: Option<SystemTime>) {
+    let Some(latest) = latest else {
+        return;
+    };
+    let now = SystemTime::now();
+    if now + Duration::from_secs(24 * 3600) >= latest {
+        return;
+    }
+    eprintln!(
+        "warning: this machine's clock says {}, but the CA index records an issue or \
+         revocation at {}: if the clock was set back, what is signed now is dated wrong (a \
+         CRL may be past its nextUpdate at once); check the clock (`date -u`) first",
+        format_time(now),
+        format_time(latest)
+    );
 }
 
 /// Opens the CA directory read-only (never `ca.key`: an auditor without access to it can

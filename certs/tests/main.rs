@@ -514,6 +514,41 @@ mod ca_files {
         assert_ne!(renewed.new.serial_hex, renewed.old.serial_hex);
     }
 
+    /// A clock set back before the CA was made (a dead CMOS battery, a VM restored with an
+    /// old clock) issued certificates dated by it: expired for everyone whose clock is
+    /// right, with no word. It is refused, with both times and what to do, and nothing is
+    /// written or recorded.
+    #[test]
+    fn a_clock_before_the_ca_was_made_is_refused() {
+        let (d, fed) = federation();
+        let (_, ca_cert) =
+            x509_parser::certificate::X509Certificate::from_der(fed.ca.ca_cert_der()).unwrap();
+        let ca_start = trmx_certs::from_unix_seconds(ca_cert.validity().not_before.timestamp());
+        let out = CertPaths::from_prefix(&d.path().join("NL-NRM"));
+        let spec = IssueSpec::participant("NL-NRM");
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let before = snapshot(&[&fed.dir.join("ca"), d.path()]);
+        let err = fed
+            .ca
+            .issue_at(&spec, &out, false, ca_start - year)
+            .unwrap_err();
+        assert!(matches!(err, CertError::ClockBeforeCa { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "this machine's clock says {}, before the CA certificate {} was made ({})",
+                trmx_certs::format_time(ca_start - year),
+                fed.ca_cert_path().display(),
+                trmx_certs::format_time(ca_start)
+            )),
+            "{text}"
+        );
+        assert!(text.contains("set the clock right"), "{text}");
+        assert_eq!(snapshot(&[&fed.dir.join("ca"), d.path()]), before);
+        assert!(!out.cert.exists() && !out.key.exists());
+        fed.ca.issue_at(&spec, &out, false, ca_start).unwrap();
+    }
+
     /// The index records a certificate before its files are put in place, so a crash in
     /// between never leaves a certificate in use that the index does not know: when the
     /// index cannot be written (here a directory is in its way), no file is written.
@@ -1761,6 +1796,53 @@ mod cli {
         failed(&certs(d, &["request", "--name", "X", "--out", "x.KEY"]));
         assert_eq!(list(d).len(), issued, "nothing issued");
         assert!(!d.join("INT-IOM.pem.pem").exists() && !d.join("x.KEY.key").exists());
+    }
+
+    /// A clock set back behind what the CA last recorded (but after the CA was made) is
+    /// not refused, since that record may itself come from a clock ahead; but it is said
+    /// on stderr, with both times, before anything is signed: a CRL dated by it may be past
+    /// its nextUpdate at once.
+    #[test]
+    fn a_clock_behind_the_ca_s_last_record_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        let out = certs(d, &["crl", "--dir", "ca"]);
+        ok(&out);
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // the index as a clock 30 days ahead of this one left it
+        let index_path = d.join("ca/index.json");
+        let mut index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+        let ahead = SystemTime::now() + Duration::from_secs(30 * 24 * 3600);
+        let ahead_secs = ahead
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        index["certs"][0]["issued_at"] = ahead_secs.into();
+        std::fs::write(&index_path, serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+        let out = certs(d, &["crl", "--dir", "ca"]);
+        ok(&out);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.starts_with("warning: this machine's clock says "),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "but the CA index records an issue or revocation at {}",
+                trmx_certs::format_time(trmx_certs::from_unix_seconds(
+                    i64::try_from(ahead_secs).unwrap()
+                ))
+            )),
+            "{stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 
     #[test]
