@@ -364,6 +364,14 @@ impl CaView {
             .ok_or_else(|| {
                 CertError::parse("certificate", cert_pem_path, "no CERTIFICATE block")
             })?;
+        if der == self.cert_der {
+            return Err(CertError::parse(
+                "certificate",
+                cert_pem_path,
+                "it is the CA certificate itself, not one it issued: give a broker, node or \
+                 operator certificate (to retire the CA, move to a successor: see CA rollover)",
+            ));
+        }
         let (_, cert) = X509Certificate::from_der(&der)
             .map_err(|e| CertError::parse("certificate", cert_pem_path, e))?;
         let (_, ca) = X509Certificate::from_der(&self.cert_der)
@@ -826,6 +834,18 @@ impl Ca {
     /// certificate replaced by [`Ca::renew`] or a forced [`Ca::issue`] can still be revoked.
     pub fn revoke_serial_hex(&self, serial_hex: &str) -> Result<Revocation, CertError> {
         let serial = normalize_serial(serial_hex);
+        if serial_hex
+            .trim()
+            .trim_start_matches("0x")
+            .replace(':', "")
+            .is_empty()
+        {
+            return Err(CertError::InvalidArgument {
+                field: "serial",
+                problem: "it is empty: give the serial in hex, as `trmx-certs list` shows it"
+                    .to_string(),
+            });
+        }
         if !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(CertError::InvalidArgument {
                 field: "serial",

@@ -119,10 +119,27 @@ pub fn load_certs_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertE
         return Err(CertError::parse(
             "certificate",
             path,
-            "no CERTIFICATE block",
+            no_certificate_block(&bytes),
         ));
     }
     Ok(certs)
+}
+
+/// `no CERTIFICATE block`, and what the file holds instead when that is something else of
+/// ours: a key or a CRL given where a certificate belongs is a swap of two paths.
+fn no_certificate_block(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let holds = |label: &str| text.contains(&format!("-----BEGIN {label}"));
+    let instead = if holds("PRIVATE KEY") || text.contains(" PRIVATE KEY-----") {
+        " (it holds a private key: are the certificate and key paths swapped?)"
+    } else if holds("X509 CRL") {
+        " (it holds a CRL: give the certificate's .pem)"
+    } else if holds("CERTIFICATE REQUEST") {
+        " (it holds a certificate request: give the certificate issued for it)"
+    } else {
+        ""
+    };
+    format!("no CERTIFICATE block{instead}")
 }
 
 /// Loads the first private key (PKCS#8, SEC1 or PKCS#1) of a PEM file that other users

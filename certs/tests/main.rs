@@ -1845,6 +1845,50 @@ mod cli {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 
+    /// `revoke` and `renew` given the wrong file said only `no CERTIFICATE block` (a key
+    /// or the CRL) or `identity: no subject alternative name extension` (the CA's own
+    /// certificate), and `revoke --serial ""` looked for serial `00`. Each now says what
+    /// the file is, or that the serial is empty, and changes nothing.
+    #[test]
+    fn revoke_given_the_wrong_file_or_no_serial_says_what_it_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        let crl = std::fs::read(d.join("ca/crl.pem")).unwrap();
+        for (args, expected) in [
+            (
+                &["revoke", "--dir", "ca", "NL-NRM.key"][..],
+                "error: cannot parse certificate NL-NRM.key: no CERTIFICATE block (it holds a \
+                 private key: are the certificate and key paths swapped?)",
+            ),
+            (
+                &["revoke", "--dir", "ca", "ca/crl.pem"],
+                "error: cannot parse certificate ca/crl.pem: no CERTIFICATE block (it holds a \
+                 CRL: give the certificate's .pem)",
+            ),
+            (
+                &["revoke", "--dir", "ca", "ca/ca.pem"],
+                "error: cannot parse certificate ca/ca.pem: it is the CA certificate itself, \
+                 not one it issued: give a broker, node or operator certificate (to retire \
+                 the CA, move to a successor: see CA rollover)",
+            ),
+            (
+                &["revoke", "--dir", "ca", "--serial", ""],
+                "error: serial is invalid: it is empty: give the serial in hex, as \
+                 `trmx-certs list` shows it",
+            ),
+            (
+                &["renew", "--dir", "ca", "NL-NRM.key"],
+                "error: cannot parse certificate NL-NRM.key: no CERTIFICATE block (it holds a \
+                 private key: are the certificate and key paths swapped?)",
+            ),
+        ] {
+            assert_eq!(failed(&certs(d, args)), expected, "{args:?}");
+        }
+        assert_eq!(std::fs::read(d.join("ca/crl.pem")).unwrap(), crl);
+        assert_eq!(list(d).len(), 1);
+    }
+
     #[test]
     fn revoke_takes_exactly_one_of_file_and_serial() {
         let dir = tempfile::tempdir().unwrap();
