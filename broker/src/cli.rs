@@ -242,8 +242,12 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         // its nextUpdate) goes to stderr as at a start; a logger set up already is kept
         let _ = init_tracing(&log_filter);
         let checked = crate::check_config(&config)?;
+        let crl = crl_freshness(&config, std::time::SystemTime::now())?;
         print!("{}", config.to_toml()?);
         println!("# clock: {}", checked.clock_line());
+        if let Some(crl) = crl {
+            println!("# crl: {crl}");
+        }
         println!("# config OK: {}", config_path.display());
         return Ok(());
     }
@@ -257,6 +261,59 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run_broker(config, args.ready_file))
+}
+
+/// The `# crl:` line of `check-config`: when the earliest nextUpdate of the CRLs in
+/// `tls.crl` is, or that it has passed. A CRL past its nextUpdate passed the check with
+/// "config OK" and a log line at WARN: under `crl_policy = "strict"` the broker then
+/// refuses every connection, so that is an error here, saying what to do; under "warn"
+/// the line says it and so does stderr. `None` without a `tls.crl`. (The files were
+/// loaded, and refused if damaged, by the check before this.)
+fn crl_freshness(
+    config: &BrokerConfig,
+    now: std::time::SystemTime,
+) -> anyhow::Result<Option<String>> {
+    use x509_parser::prelude::FromDer as _;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let Some(path) = config.tls.crl.as_deref() else {
+        return Ok(None);
+    };
+    let mut earliest: Option<(std::time::SystemTime, String)> = None;
+    for der in trmx_certs::load_crls_pem(path)? {
+        let Ok((_, crl)) = CertificateRevocationList::from_der(der.as_ref()) else {
+            continue;
+        };
+        let Some(next) = crl.next_update() else {
+            continue;
+        };
+        let next = trmx_certs::from_unix_seconds(next.timestamp());
+        if earliest.as_ref().is_none_or(|(at, _)| next < *at) {
+            earliest = Some((next, crl.issuer().to_string()));
+        }
+    }
+    let Some((next, issuer)) = earliest else {
+        return Ok(Some("no nextUpdate".to_owned()));
+    };
+    let when = trmx_certs::format_time(next);
+    let Err(late) = next.duration_since(now) else {
+        let days = next.duration_since(now).unwrap_or_default().as_secs() / 86_400;
+        return Ok(Some(format!("next update {when} (in {days} days)")));
+    };
+    let what = format!(
+        "tls.crl: the CRL of {issuer} in {} is past its nextUpdate ({when}, {} hours ago)",
+        path.display(),
+        late.duration().as_secs() / 3600
+    );
+    let fix = "at the CA, run `trmx-certs crl` and install its crl.pem here, then `systemctl \
+               reload trmx-broker` (or SIGHUP)";
+    if config.tls.crl_policy == crate::config::CrlPolicyConfig::Strict {
+        anyhow::bail!(
+            "config: {what}: with crl_policy = \"strict\" the broker refuses every \
+             connection; {fix}"
+        );
+    }
+    eprintln!("warning: {what}: revocations made after it are not known here; {fix}");
+    Ok(Some(format!("past its nextUpdate {when}: {fix}")))
 }
 
 fn init_tracing(filter: &str) -> anyhow::Result<()> {

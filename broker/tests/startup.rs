@@ -803,3 +803,75 @@ async fn the_admin_cli_says_which_flag_to_check_when_it_cannot_reach_the_broker(
     }
     Ok(())
 }
+
+/// A CRL past its nextUpdate passed `check-config` with "config OK" and exit status 0,
+/// its only trace a WARN log line: under `crl_policy = "strict"` the broker then refuses
+/// every connection. That is now a failure naming `tls.crl`, the CA, the time and what to
+/// do; under "warn" it passes, and says so on stderr and in a `# crl:` line. A fresh CRL
+/// gets its next update on that line.
+#[test]
+fn check_config_fails_a_stale_crl_under_a_strict_policy_and_says_it_under_warn()
+-> anyhow::Result<()> {
+    use trmx_broker::config::CrlPolicyConfig;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let check = |policy| -> anyhow::Result<std::process::Output> {
+        let mut config = test_config(dir.path().join("data"), pki.tls.clone());
+        config.tls.crl_policy = policy;
+        let config_file = dir.path().join("broker.toml");
+        std::fs::write(&config_file, config.to_toml()?)?;
+        Ok(
+            std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+                .arg("check-config")
+                .arg("--config")
+                .arg(&config_file)
+                .env_remove("TRMX_BROKER_CONFIG")
+                .env("TRMX_LOG", "error")
+                .output()?,
+        )
+    };
+    let out = check(CrlPolicyConfig::Strict)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("\n# crl: next update "),
+        "{}",
+        stdout(&out)
+    );
+
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    pki.federation
+        .ca
+        .write_crl_with_times(now - 10 * day, now - 3 * day)?;
+    let out = check(CrlPolicyConfig::Strict)?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let error = stderr(&out);
+    assert_eq!(error.lines().count(), 1, "{error}");
+    assert!(
+        error.starts_with(&format!(
+            "trmx-broker: config: tls.crl: the CRL of CN=trm.test federation CA, O=trm.test in {} \
+             is past its nextUpdate (",
+            pki.federation.crl_path().display()
+        )),
+        "{error}"
+    );
+    assert!(
+        error.contains("the broker refuses every connection; at the CA, run `trmx-certs crl`"),
+        "{error}"
+    );
+    assert!(!stdout(&out).contains("config OK"), "{}", stdout(&out));
+
+    let out = check(CrlPolicyConfig::Warn)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("\n# crl: past its nextUpdate "),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("warning: tls.crl: the CRL of "),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
