@@ -881,7 +881,8 @@ impl Ca {
             }
         })?;
         let next = Duration::from_secs(self.lock().crl_next_update_secs);
-        self.write_crl_locked(&lock, next)?;
+        let serials: Vec<String> = revocations.iter().map(|r| r.cert.serial.clone()).collect();
+        self.write_crl_after_revoking(&lock, next, &serials)?;
         Ok(revocations)
     }
 
@@ -927,7 +928,7 @@ impl Ca {
         // rewritten even when already revoked: it repairs a CRL that a crash between the
         // index update and the CRL write left without this serial
         let next = Duration::from_secs(self.lock().crl_next_update_secs);
-        self.write_crl_locked(&lock, next)?;
+        self.write_crl_after_revoking(&lock, next, std::slice::from_ref(&cert.serial))?;
         Ok(Revocation {
             cert,
             already_revoked,
@@ -946,6 +947,24 @@ impl Ca {
         self.check_within_ca(&CRL_WITHIN_CA, now, now + next_update)?;
         let lock = self.lock_dir()?;
         self.write_crl_locked(&lock, next_update)
+    }
+
+    /// [`Ca::write_crl_locked`] after `serials` were marked revoked in the index: a failure
+    /// (disk full, a read-only directory) says that the revocation is recorded but in no
+    /// CRL, and how to write that CRL, since `list` and `show --dir` already call it
+    /// revoked while no broker knows of it.
+    fn write_crl_after_revoking(
+        &self,
+        lock: &DirLock,
+        next_update: Duration,
+        serials: &[String],
+    ) -> Result<(), CertError> {
+        self.write_crl_locked(lock, next_update)
+            .map_err(|cause| CertError::CrlNotWritten {
+                serials: serials.join(", "),
+                dir: self.view.dir.clone(),
+                cause: Box::new(cause),
+            })
     }
 
     /// [`Ca::write_crl`] under `lock`, for the CRLs that follow a change (`init`, a

@@ -135,6 +135,20 @@ pub enum CertError {
         /// The CA certificate file.
         ca_cert: PathBuf,
     },
+    /// A revocation is recorded in the index, but the CRL that carries it could not be
+    /// written.
+    #[error(
+        "{cause}; the revocation of serial {serials} is recorded in the CA index but in no CRL yet, so no broker or node knows of it: once the cause is fixed, run `trmx-certs crl --dir {}` and install the new crl.pem",
+        dir.display()
+    )]
+    CrlNotWritten {
+        /// The serials revoked, comma-separated.
+        serials: String,
+        /// The CA directory.
+        dir: PathBuf,
+        /// Why the CRL could not be written.
+        cause: Box<CertError>,
+    },
     /// Another run held the CA directory's lock for longer than [`crate::ca::LOCK_WAIT`].
     #[error(
         "the CA directory is busy: {} is locked by another trmx-certs run ({owner}); retry once it has finished",

@@ -1889,6 +1889,39 @@ mod cli {
         assert_eq!(list(d).len(), 1);
     }
 
+    /// A revocation whose CRL cannot be written (disk full, read-only directory; here a
+    /// directory is in the way) failed with the write error alone, though the index had
+    /// recorded it, so that `list` and `show --dir` called the certificate revoked while no
+    /// CRL carried it. The error now says so and names the command that writes the CRL;
+    /// that command then puts the serial in the CRL.
+    #[test]
+    fn a_revocation_whose_crl_cannot_be_written_says_how_to_write_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let serial = init_and_issue_node(d);
+        let crl = d.join("ca/crl.pem");
+        std::fs::remove_file(&crl).unwrap();
+        std::fs::create_dir(&crl).unwrap();
+        let err = failed(&certs(d, &["revoke", "--dir", "ca", "NL-NRM.pem"]));
+        assert!(
+            err.starts_with("error: cannot write CRL ca/crl.pem: "),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(&format!(
+                "; the revocation of serial {serial} is recorded in the CA index but in no \
+                 CRL yet, so no broker or node knows of it: once the cause is fixed, run \
+                 `trmx-certs crl --dir ca` and install the new crl.pem"
+            )),
+            "{err}"
+        );
+        assert_eq!(list(d)[0]["revoked"], true);
+
+        std::fs::remove_dir(&crl).unwrap();
+        ok(&certs(d, &["crl", "--dir", "ca"]));
+        assert_eq!(crl_serials(d), [serial]);
+    }
+
     #[test]
     fn revoke_takes_exactly_one_of_file_and_serial() {
         let dir = tempfile::tempdir().unwrap();
