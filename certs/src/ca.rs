@@ -779,10 +779,10 @@ impl Ca {
             NewKey::Request(_) => None,
         };
         for path in std::iter::once(cert_path).chain(key_path) {
-            if let Some(file) = self.own_file(path) {
+            if let Some(ca_file) = self.own_file(path) {
                 return Err(CertError::CaFileTarget {
                     path: path.to_path_buf(),
-                    ca_file: self.view.dir.join(file),
+                    ca_file,
                 });
             }
         }
@@ -804,14 +804,14 @@ impl Ca {
         refuse_holding(key_path, Holds::NoPrivateKey)
     }
 
-    /// The name of this CA's own file that `path` is (by name in the CA directory, or the
-    /// same file under another name: a link), if it is one.
-    fn own_file(&self, path: &Path) -> Option<&'static str> {
-        let in_ca_dir = std::fs::canonicalize(parent_dir(path)).ok()
-            == std::fs::canonicalize(&self.view.dir).ok();
-        CA_OWN_FILES.into_iter().find(|name| {
-            (in_ca_dir && path.file_name() == Some(std::ffi::OsStr::new(name)))
-                || same_file(path, &self.view.dir.join(name))
+    /// The CA file that `path` is: one of any CA directory's own files ([`ca_file_at`]),
+    /// or the same file as one of this CA's under another name (a hard link).
+    fn own_file(&self, path: &Path) -> Option<PathBuf> {
+        ca_file_at(path).or_else(|| {
+            CA_OWN_FILES
+                .into_iter()
+                .map(|name| self.view.dir.join(name))
+                .find(|own| same_file(path, own))
         })
     }
 
@@ -1416,6 +1416,22 @@ fn parent_dir(path: &Path) -> &Path {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     }
+}
+
+/// The CA file `path` names, if it names one: a file of [`CA_OWN_FILES`] in a directory
+/// that holds a CA (`ca.pem` or `ca.key`), directly or through a symbolic link. Not only
+/// the CA at hand's: during a rollover `--out /srv/trmx-ca/ca` would destroy the other
+/// CA, and `request` has no CA directory at all.
+pub(crate) fn ca_file_at(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?;
+    let dir = std::fs::canonicalize(parent_dir(path)).ok()?;
+    let target = std::fs::canonicalize(path).unwrap_or_else(|_| dir.join(name));
+    let target_name = target.file_name()?.to_str()?;
+    let target_dir = target.parent()?;
+    let holds_ca = ["ca.pem", "ca.key"]
+        .into_iter()
+        .any(|file| std::fs::symlink_metadata(target_dir.join(file)).is_ok());
+    (CA_OWN_FILES.contains(&target_name) && holds_ca).then_some(target)
 }
 
 /// Whether `a` and `b` both exist and are the same file (a hard or symbolic link).

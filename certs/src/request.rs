@@ -157,6 +157,15 @@ impl CertRequest {
     /// with mode `0600`. Refuses to overwrite either file unless `force`.
     pub fn create(name: &str, out: &RequestPaths, force: bool) -> Result<CertRequest, CertError> {
         crate::identity::validate_name("request", name)?;
+        // (`request --out ca/ca --force` wrote over the CA key)
+        for path in [&out.key, &out.request] {
+            if let Some(ca_file) = crate::ca::ca_file_at(path) {
+                return Err(CertError::CaFileTarget {
+                    path: path.clone(),
+                    ca_file,
+                });
+            }
+        }
         if !force {
             for path in [&out.key, &out.request] {
                 if std::fs::symlink_metadata(path).is_ok() {

@@ -1922,6 +1922,64 @@ mod cli {
         assert_eq!(crl_serials(d), [serial]);
     }
 
+    /// `request --out ca/ca --force` wrote a request key over the CA key, and `issue` with
+    /// one CA could write over another CA's files (during a rollover, `--out
+    /// /srv/trmx-ca/ca --force` with `TRMX_CA_DIR=/srv/trmx-ca2`). Both are refused,
+    /// naming the CA file, and both CAs stay as they were.
+    #[test]
+    fn no_command_writes_over_any_ca_s_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        ok(&certs(
+            d,
+            &[
+                "init",
+                "--dir",
+                "ca2",
+                "--trust-domain",
+                "trm.example",
+                "--name",
+                "CA 2",
+            ],
+        ));
+        let keys = |d: &Path| {
+            ["ca/ca.key", "ca/ca.pem", "ca2/ca.key", "ca2/ca.pem"]
+                .map(|f| std::fs::read(d.join(f)).unwrap())
+        };
+        let before = keys(d);
+        for args in [
+            &["request", "--name", "NL-NRM", "--out", "ca/ca", "--force"][..],
+            &["request", "--name", "NL-NRM", "--out", "ca2/ca", "--force"],
+            &[
+                "issue",
+                "node",
+                "--dir",
+                "ca2",
+                "--participant",
+                "NL-NRM",
+                "--out",
+                "ca/ca",
+                "--force",
+            ],
+        ] {
+            let err = failed(&certs(d, args));
+            assert!(
+                err.starts_with("error: refusing to write ca"),
+                "{args:?}: {err}"
+            );
+            assert!(
+                err.contains("/ca.key: it is the CA's own ")
+                    || err.contains("/ca.pem: it is the CA's own "),
+                "{args:?}: {err}"
+            );
+        }
+        assert!(before == keys(d), "a CA file changed");
+        assert!(!d.join("ca/ca.csr").exists() && !d.join("ca2/ca.csr").exists());
+        ok(&certs(d, &["crl", "--dir", "ca"]));
+        ok(&certs(d, &["crl", "--dir", "ca2"]));
+    }
+
     #[test]
     fn revoke_takes_exactly_one_of_file_and_serial() {
         let dir = tempfile::tempdir().unwrap();
