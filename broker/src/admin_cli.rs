@@ -629,7 +629,23 @@ pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
             let answer = search_pages(&mut client, search_request(filter)?).await?;
             emit(json, &answer, |a| {
                 messages_table(&a.messages, &a.next_page_token)
-            })
+            })?;
+            if answer.messages.is_empty() && answer.next_page_token.is_empty() {
+                let named = [
+                    ("--sender", &filter.sender),
+                    ("--recipient", &filter.recipient),
+                ];
+                if named.iter().any(|(_, id)| id.is_some()) {
+                    let registry = client
+                        .list_participants(pb::OperatorListParticipantsRequest {})
+                        .await?
+                        .into_inner();
+                    for note in unknown_participants(&registry, &named) {
+                        eprintln!("note: {note}");
+                    }
+                }
+            }
+            Ok(())
         }
         AdminCommand::DeadLetters { limit, page_token } => {
             let answer = client
@@ -714,6 +730,33 @@ pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
             }
         }
     }
+}
+
+/// For a search that found nothing: each participant id of the filter (`--sender`,
+/// `--recipient`) that the broker's registry does not hold, said as a likely typo (a
+/// search for `NL-NMR` found nothing and said nothing else). A participant that left the
+/// registry may still have messages on record, so this is a note, not a refusal.
+fn unknown_participants(
+    registry: &pb::OperatorListParticipantsResponse,
+    named: &[(&str, &Option<String>)],
+) -> Vec<String> {
+    let known: Vec<&str> = registry
+        .participants
+        .iter()
+        .filter_map(|p| p.participant.as_ref().map(|p| p.id.as_str()))
+        .collect();
+    named
+        .iter()
+        .filter_map(|(flag, id)| {
+            let id = id.as_deref()?;
+            (!known.contains(&id)).then(|| {
+                format!(
+                    "{flag} {id} is not in the broker's participant registry: a typo? \
+                     `trmx-broker admin participants` lists them"
+                )
+            })
+        })
+        .collect()
 }
 
 /// An intact report is success; a broken chain is a failure line naming the record.

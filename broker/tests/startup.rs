@@ -875,3 +875,47 @@ fn check_config_fails_a_stale_crl_under_a_strict_policy_and_says_it_under_warn()
     );
     Ok(())
 }
+
+/// `admin messages --recipient NL-NMR` (a typo) printed "0 message(s)" and exit status 0,
+/// as for a participant that has no messages. A search that finds nothing now notes on
+/// stderr each `--sender`/`--recipient` the broker's registry does not hold; a known
+/// participant with no messages gets no note.
+#[tokio::test]
+async fn an_empty_search_for_a_participant_the_broker_does_not_know_says_so() -> anyhow::Result<()>
+{
+    let t = TestBroker::start().await?;
+    let alice = t.pki.federation.operator("alice")?;
+    let run = |filter: &'static [&'static str]| {
+        let mut args: Vec<String> = vec![
+            "admin".into(),
+            "--broker".into(),
+            t.addr.to_string(),
+            "--ca".into(),
+            t.pki.federation.ca_cert_path().display().to_string(),
+            "--cert".into(),
+            alice.cert.display().to_string(),
+            "--key".into(),
+            alice.key.display().to_string(),
+            "messages".into(),
+        ];
+        args.extend(filter.iter().map(|a| (*a).to_owned()));
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+                .args(&args)
+                .env_remove("TRMX_BROKER_CONFIG")
+                .output()
+        })
+    };
+    let out = run(&["--recipient", "NL-NMR", "--sender", "BE-PAYOKE"]).await??;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("0 message(s)"), "{}", stdout(&out));
+    assert_eq!(
+        stderr(&out),
+        "note: --recipient NL-NMR is not in the broker's participant registry: a typo? \
+         `trmx-broker admin participants` lists them\n"
+    );
+    let out = run(&["--recipient", "NL-NRM"]).await??;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    Ok(())
+}
