@@ -789,6 +789,23 @@ impl Ca {
         let Some(key_path) = key_path else {
             return refuse_holding(cert_path, Holds::PrivateKey);
         };
+        if key_path.is_dir() {
+            return Err(CertError::InvalidArgument {
+                field: "--key",
+                problem: format!(
+                    "{} is a directory: give the path of the key file itself (e.g. {})",
+                    key_path.display(),
+                    key_path
+                        .join(
+                            cert_path
+                                .with_extension("key")
+                                .file_name()
+                                .unwrap_or_default()
+                        )
+                        .display()
+                ),
+            });
+        }
         if key_path == cert_path || same_file(key_path, cert_path) {
             return Err(CertError::InvalidArgument {
                 field: "--key",

@@ -476,6 +476,10 @@ mod ca_files {
                 "the key and the certificate would both be written",
             ),
             (other.key.clone(), "is not the key of"),
+            (
+                d.path().to_path_buf(),
+                "is a directory: give the path of the key file itself",
+            ),
         ] {
             let paths = CertPaths {
                 cert: node.cert.clone(),
