@@ -341,7 +341,7 @@ async fn run_broker(config: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("binding {}", config.listen))?;
+        .map_err(|e| bind_error(config.listen, &e))?;
     let mut broker = Broker::builder(config).start(listener).await?;
     let addr = broker.local_addr();
     println!("trmx-broker listening on {addr}");
@@ -376,6 +376,26 @@ async fn run_broker(config: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow
     }
     broker.shutdown().await?;
     Ok(())
+}
+
+/// The failure to listen on `listen`, naming the setting and, when the address is taken,
+/// what may hold it and how to find out (a broker already running, started a second time
+/// by hand beside its service, is the usual cause).
+fn bind_error(listen: SocketAddr, error: &std::io::Error) -> anyhow::Error {
+    let what = format!("cannot listen on {listen} (`listen` in the config, or --listen)");
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "{what}: the address is in use: is a broker already running (`systemctl status \
+             trmx-broker`)? `ss -ltnp 'sport = :{}'` shows what holds it",
+            listen.port()
+        ),
+        std::io::ErrorKind::PermissionDenied if listen.port() < 1024 => anyhow::anyhow!(
+            "{what}: permission denied: port {} is below 1024; use a port of 1024 or more, as \
+             the example's 7443",
+            listen.port()
+        ),
+        _ => anyhow::anyhow!("{what}: {error}"),
+    }
 }
 
 /// Writes `addr` to `path` atomically (temp file + rename), so a reader never

@@ -919,3 +919,36 @@ async fn an_empty_search_for_a_participant_the_broker_does_not_know_says_so() ->
     assert_eq!(stderr(&out), "");
     Ok(())
 }
+
+/// A second `trmx-broker run` beside a running one (started by hand next to its service)
+/// said `binding 127.0.0.1:7443: Address already in use (os error 98)`. It now names the
+/// setting, the likely cause and how to see what holds the address, and exits 1.
+#[test]
+fn a_listen_address_in_use_names_the_setting_and_what_to_check() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let mut config = test_config(dir.path().join("data"), pki.tls.clone());
+    config.listen = taken.local_addr()?;
+    let config_file = dir.path().join("broker.toml");
+    std::fs::write(&config_file, config.to_toml()?)?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config_file)
+        .env_remove("TRMX_BROKER_CONFIG")
+        .env("TRMX_LOG", "error")
+        .output()?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let port = config.listen.port();
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "trmx-broker: cannot listen on {} (`listen` in the config, or --listen): the \
+             address is in use: is a broker already running (`systemctl status trmx-broker`)? \
+             `ss -ltnp 'sport = :{port}'` shows what holds it\n",
+            config.listen
+        )
+    );
+    Ok(())
+}
