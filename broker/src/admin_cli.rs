@@ -292,6 +292,18 @@ fn check_connection_flags(args: &AdminArgs) -> Result<(), AdminError> {
             args.broker
         )));
     }
+    // (--cert and --key swapped: the transport would say "not a PEM certificate")
+    let holds_key = |path: &std::path::Path| {
+        std::fs::read(path)
+            .is_ok_and(|bytes| String::from_utf8_lossy(&bytes).contains(" PRIVATE KEY-----"))
+    };
+    if holds_key(&args.cert) {
+        return Err(fail(format!(
+            "--cert {} holds a private key, not a certificate: are --cert and --key \
+             (TRMX_ADMIN_CERT, TRMX_ADMIN_KEY) swapped?",
+            args.cert.display()
+        )));
+    }
     // (a file that cannot be read or parsed is left to the connection, which names it)
     let Ok(certs) = trmx_certs::load_certs_pem(&args.ca) else {
         return Ok(());

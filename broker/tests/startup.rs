@@ -789,6 +789,18 @@ async fn the_admin_cli_says_which_flag_to_check_when_it_cannot_reach_the_broker(
             "the broker refused the operator certificate (--cert) as revoked",
         ),
         (
+            args(
+                addr.clone(),
+                &ca,
+                &trmx_certs::CertPaths {
+                    cert: alice.key.clone(),
+                    key: alice.cert.clone(),
+                },
+            ),
+            "holds a private key, not a certificate",
+            "are --cert and --key (TRMX_ADMIN_CERT, TRMX_ADMIN_KEY) swapped?",
+        ),
+        (
             args(format!("https://{addr}"), &ca, &alice),
             "has a scheme (https://)",
             &format!("give HOST:PORT, e.g. --broker {addr}"),
