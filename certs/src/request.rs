@@ -173,6 +173,7 @@ impl CertRequest {
                 }
             }
         }
+        refuse_key_in_use(&out.key)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(CertError::generate("request key"))?;
         let mut params = CertificateParams::default();
@@ -340,6 +341,41 @@ fn verified_key(der: &[u8]) -> Result<RequestKey, String> {
 
 /// SHA-256 of a public key's DER SubjectPublicKeyInfo (the key with its algorithm and
 /// curve, as a request or a certificate carries it), in groups of four hex digits.
+/// Refuses, even with `force`, to replace a key that a certificate beside it (the same
+/// name with `.pem`) still needs: `request --out NL-NRM --force` at an organisation wrote
+/// a new key over the one its node runs with, and that certificate could no longer be
+/// used (the node refuses it at its next start). A key whose certificate has expired, or
+/// with no certificate beside it, is replaced as asked.
+fn refuse_key_in_use(key_path: &Path) -> Result<(), CertError> {
+    let Ok(pem) = std::fs::read_to_string(key_path) else {
+        return Ok(());
+    };
+    let Ok(key) = KeyPair::from_pem(&pem) else {
+        return Ok(());
+    };
+    let cert_path = key_path.with_extension("pem");
+    let Ok(cert) = crate::CertInfo::from_pem_file(&cert_path) else {
+        return Ok(());
+    };
+    let fingerprint = key_fingerprint(&rcgen::PublicKeyData::subject_public_key_info(&key));
+    if fingerprint != cert.key_fingerprint || !cert.is_valid_at(std::time::SystemTime::now()) {
+        return Ok(());
+    }
+    Err(CertError::InvalidArgument {
+        field: "--out",
+        problem: format!(
+            "{} is the key of {} ({}, valid until {}), which cannot be used without it: write \
+             the request under another name (e.g. --out {}-next) and replace the pair once the \
+             new certificate is issued",
+            key_path.display(),
+            cert_path.display(),
+            cert.identity,
+            crate::format_time(cert.not_after),
+            key_path.with_extension("").display()
+        ),
+    })
+}
+
 pub fn key_fingerprint(subject_public_key_info: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, subject_public_key_info);
     let hex: Vec<String> = digest

@@ -391,13 +391,14 @@ mod ca_files {
         Ca::open(&ca_dir).unwrap();
     }
 
-    /// Every file of the directories in `dirs`, by path, with its contents.
+    /// Every file of the directories in `dirs`, by path, with its contents (but for
+    /// `ca.lock`, which names the last run that took it).
     fn snapshot(dirs: &[&Path]) -> Vec<(std::path::PathBuf, Vec<u8>)> {
         let mut files: Vec<_> = dirs
             .iter()
             .flat_map(|d| std::fs::read_dir(d).unwrap())
             .map(|e| e.unwrap().path())
-            .filter(|p| p.is_file())
+            .filter(|p| p.is_file() && !p.ends_with("ca.lock"))
             .map(|p| {
                 let bytes = std::fs::read(&p).unwrap();
                 (p, bytes)
@@ -1982,6 +1983,45 @@ mod cli {
         assert!(!d.join("ca/ca.csr").exists() && !d.join("ca2/ca.csr").exists());
         ok(&certs(d, &["crl", "--dir", "ca"]));
         ok(&certs(d, &["crl", "--dir", "ca2"]));
+    }
+
+    /// `request --out NL-NRM --force` at an organisation wrote a new key over the one its
+    /// valid certificate NL-NRM.pem needs: the node could not use that certificate at its
+    /// next start. That is refused, even with --force, naming the certificate and another
+    /// --out; once the certificate has expired, or without one beside it, --force replaces.
+    #[test]
+    fn request_force_never_replaces_the_key_of_a_valid_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        let key = std::fs::read(d.join("NL-NRM.key")).unwrap();
+        let err = failed(&certs(
+            d,
+            &["request", "--name", "NL-NRM", "--out", "NL-NRM", "--force"],
+        ));
+        assert!(
+            err.starts_with(
+                "error: --out is invalid: NL-NRM.key is the key of NL-NRM.pem \
+                 (spiffe://trm.example/participant/NL-NRM, valid until "
+            ),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(
+                "(e.g. --out NL-NRM-next) and replace the pair once the new certificate is issued"
+            ),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(d.join("NL-NRM.key")).unwrap(), key);
+        assert!(!d.join("NL-NRM.csr").exists());
+
+        // a key without its certificate beside it is replaced as asked
+        std::fs::rename(d.join("NL-NRM.pem"), d.join("elsewhere.pem")).unwrap();
+        ok(&certs(
+            d,
+            &["request", "--name", "NL-NRM", "--out", "NL-NRM", "--force"],
+        ));
+        assert_ne!(std::fs::read(d.join("NL-NRM.key")).unwrap(), key);
     }
 
     #[test]
