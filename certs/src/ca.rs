@@ -589,16 +589,22 @@ impl Ca {
 
     /// Issues a certificate for `spec` and writes it to `out` (key `0600`). Refuses to
     /// overwrite either file unless `force`; on refusal nothing is written.
+    ///
+    /// Refuses a system clock before the CA certificate's start ([`CertError::ClockBeforeCa`]):
+    /// what it dated would be expired for everyone else.
     pub fn issue(
         &self,
         spec: &IssueSpec,
         out: &CertPaths,
         force: bool,
     ) -> Result<CertInfo, CertError> {
-        self.issue_at(spec, out, force, SystemTime::now())
+        let now = SystemTime::now();
+        self.view.check_clock(now)?;
+        self.issue_at(spec, out, force, now)
     }
 
-    /// [`Ca::issue`] with an explicit "now" (for tests of expiry handling).
+    /// [`Ca::issue`] with an explicit "now" (for tests of expiry handling), taken as it is:
+    /// no check of the clock.
     pub fn issue_at(
         &self,
         spec: &IssueSpec,
@@ -628,9 +634,11 @@ impl Ca {
         cert: &Path,
         force: bool,
     ) -> Result<CertInfo, CertError> {
+        let now = SystemTime::now();
+        self.view.check_clock(now)?;
         let lock = self.lock_dir()?;
         let key = NewKey::Request(request);
-        self.issue_locked(&lock, spec, cert, key, force, SystemTime::now())
+        self.issue_locked(&lock, spec, cert, key, force, now)
     }
 
     fn issue_locked(
@@ -642,7 +650,6 @@ impl Ca {
         force: bool,
         now: SystemTime,
     ) -> Result<CertInfo, CertError> {
-        self.view.check_clock(now)?;
         let identity = Identity::new(&self.view.trust_domain, spec.role.clone())?;
         check_validity_days(spec.validity_days)?;
         let not_after = now + days(spec.validity_days);
@@ -1097,8 +1104,10 @@ impl Ca {
             ips: old.ips.clone(),
             validity_days,
         };
+        let now = SystemTime::now();
+        self.view.check_clock(now)?;
         let lock = self.lock_dir()?;
-        let new = self.issue_locked(&lock, &spec, cert, key, true, SystemTime::now())?;
+        let new = self.issue_locked(&lock, &spec, cert, key, true, now)?;
         let mut old_revoked_at = None;
         self.update_index(&lock, |index| {
             if let Some(entry) = index.certs.iter_mut().find(|c| c.serial == old.serial_hex) {

@@ -520,38 +520,69 @@ mod ca_files {
     }
 
     /// A clock set back before the CA was made (a dead CMOS battery, a VM restored with an
-    /// old clock) issued certificates dated by it: expired for everyone whose clock is
-    /// right, with no word. It is refused, with both times and what to do, and nothing is
-    /// written or recorded.
+    /// old clock) issued certificates and CRLs dated by it: expired, or past their
+    /// nextUpdate, for everyone whose clock is right, with no word. Issue, CRL and revoke
+    /// are refused, with both times and what to do, and nothing is written or recorded.
+    /// (Here the CA certificate is re-made to start in a year, with the same key: this
+    /// clock is then "before the CA was made".)
     #[test]
     fn a_clock_before_the_ca_was_made_is_refused() {
-        let (d, fed) = federation();
-        let (_, ca_cert) =
-            x509_parser::certificate::X509Certificate::from_der(fed.ca.ca_cert_der()).unwrap();
-        let ca_start = trmx_certs::from_unix_seconds(ca_cert.validity().not_before.timestamp());
+        let d = tempfile::tempdir().unwrap();
+        let ca_dir = d.path().join("ca");
+        Ca::init(&ca_dir, &CaOptions::new("trm.example", "Later CA")).unwrap();
+        let key = std::fs::read_to_string(ca_dir.join("ca.key")).unwrap();
+        let key = rcgen::KeyPair::from_pem(&key).unwrap();
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let start = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                (SystemTime::now() + year)
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs(),
+            );
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Later CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params.not_before = time::OffsetDateTime::from(start);
+        params.not_after = time::OffsetDateTime::from(start + year);
+        let later = params.self_signed(&key).unwrap();
+        std::fs::write(ca_dir.join("ca.pem"), later.pem()).unwrap();
+        let ca = Ca::open(&ca_dir).unwrap();
         let out = CertPaths::from_prefix(&d.path().join("NL-NRM"));
         let spec = IssueSpec::participant("NL-NRM");
-        let year = Duration::from_secs(365 * 24 * 3600);
-        let before = snapshot(&[&fed.dir.join("ca"), d.path()]);
-        let err = fed
-            .ca
-            .issue_at(&spec, &out, false, ca_start - year)
-            .unwrap_err();
-        assert!(matches!(err, CertError::ClockBeforeCa { .. }), "{err}");
-        let text = err.to_string();
-        assert!(
-            text.starts_with(&format!(
-                "this machine's clock says {}, before the CA certificate {} was made ({})",
-                trmx_certs::format_time(ca_start - year),
-                fed.ca_cert_path().display(),
-                trmx_certs::format_time(ca_start)
-            )),
-            "{text}"
-        );
-        assert!(text.contains("set the clock right"), "{text}");
-        assert_eq!(snapshot(&[&fed.dir.join("ca"), d.path()]), before);
+        let before = snapshot(&[&ca_dir, d.path()]);
+        let refusals = [
+            ca.issue(&spec, &out, false).map(drop).unwrap_err(),
+            ca.write_crl(Duration::from_secs(86_400)).unwrap_err(),
+            ca.revoke_serial_hex("ab").map(drop).unwrap_err(),
+            ca.revoke_role(&trmx_certs::Role::Participant("NL-NRM".into()))
+                .map(drop)
+                .unwrap_err(),
+        ];
+        for err in refusals {
+            assert!(matches!(err, CertError::ClockBeforeCa { .. }), "{err}");
+            let text = err.to_string();
+            assert!(text.starts_with("this machine's clock says "), "{text}");
+            assert!(
+                text.contains(&format!(
+                    ", before the CA certificate {} was made ({})",
+                    ca_dir.join("ca.pem").display(),
+                    trmx_certs::format_time(start)
+                )),
+                "{text}"
+            );
+            assert!(text.contains("set the clock right"), "{text}");
+        }
+        assert_eq!(snapshot(&[&ca_dir, d.path()]), before);
         assert!(!out.cert.exists() && !out.key.exists());
-        fed.ca.issue_at(&spec, &out, false, ca_start).unwrap();
+        // (a test's explicit time is taken as it is)
+        ca.issue_at(&spec, &out, false, start).unwrap();
     }
 
     /// The index records a certificate before its files are put in place, so a crash in

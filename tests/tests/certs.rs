@@ -633,8 +633,10 @@ async fn a_revoked_broker_certificate_is_refused_by_a_node_that_reads_the_crl() 
 async fn nodes_with_certificates_issued_to_their_own_requests_exchange_messages() -> TestResult {
     let mut h = Harness::new().await?;
     let ca = &h.federation.pki.ca;
-    // NL-NRM: the request command's key and request
+    // NL-NRM: the request command's key and request (in place of the pair the harness
+    // issued, which `request` would not replace while its certificate is valid)
     let nl = CertPaths::from_prefix(&h.federation.pki.dir.join(NL));
+    std::fs::remove_file(&nl.key)?;
     let nl_request = trmx_certs::CertRequest::create(
         NL,
         &trmx_certs::RequestPaths {
