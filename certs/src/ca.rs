@@ -35,7 +35,7 @@ use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 use crate::info::normalize_serial;
-use crate::pem::{Mode, NewFile, read, write_atomic, write_pair_atomic};
+use crate::pem::{Mode, NewFile, parent_dir, read, write_atomic, write_pair_atomic};
 use crate::{CertError, CertInfo, CertRequest, Identity, Role, load_certs_pem};
 
 /// How far `not_before` (and a CRL's `thisUpdate`) is set in the past, so that peers whose
@@ -1147,8 +1147,9 @@ impl Ca {
     /// one), and every certificate it issued has expired with it.
     fn check_can_sign_crl(&self) -> Result<(), CertError> {
         let ca_end = self.view.not_after;
-        self.view.check_clock(SystemTime::now())?;
-        if SystemTime::now() < ca_end {
+        let now = SystemTime::now();
+        self.view.check_clock(now)?;
+        if now < ca_end {
             return Ok(());
         }
         Err(CertError::InvalidArgument {
@@ -1435,14 +1436,6 @@ const CA_FILES: [&str; 4] = ["ca.key", "ca.pem", "index.json", "crl.pem"];
 
 /// Every file of a CA directory that an issued certificate or key must never replace.
 const CA_OWN_FILES: [&str; 5] = ["ca.key", "ca.pem", "index.json", "crl.pem", "ca.lock"];
-
-/// The directory `path` is in (`.` for a bare file name).
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
 
 /// The CA file `path` names, if it names one: a file of [`CA_OWN_FILES`] in a directory
 /// that holds a CA (`ca.pem` or `ca.key`), directly or through a symbolic link. Not only
