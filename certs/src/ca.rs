@@ -376,11 +376,23 @@ impl CaView {
             .map_err(|e| CertError::parse("certificate", cert_pem_path, e))?;
         let (_, ca) = X509Certificate::from_der(&self.cert_der)
             .map_err(|e| CertError::parse("CA certificate", &self.ca_cert_path(), e))?;
-        cert.verify_signature(Some(ca.public_key()))
-            .map_err(|e| CertError::NotIssuedByCa {
+        cert.verify_signature(Some(ca.public_key())).map_err(|_| {
+            // (the usual cause: --dir or TRMX_CA_DIR names another CA, e.g. a successor)
+            let (issuer, ca_name) = (cert.issuer().to_string(), ca.subject().to_string());
+            let whose = if issuer == ca_name {
+                format!("it names {issuer} as its issuer, a CA of the same name but another key")
+            } else {
+                format!("its issuer is {issuer}, and this CA is {ca_name}")
+            };
+            CertError::NotIssuedByCa {
                 path: cert_pem_path.to_path_buf(),
-                problem: format!("signature: {e}"),
-            })?;
+                problem: format!(
+                    "{whose}: check that --dir (or TRMX_CA_DIR) is the CA directory that \
+                     issued it, not {}",
+                    self.dir.display()
+                ),
+            }
+        })?;
         let info = CertInfo::from_x509(&cert).map_err(|e| match e {
             CertError::InvalidIdentity { problem } => {
                 CertError::parse("certificate", cert_pem_path, format!("identity: {problem}"))

@@ -2055,6 +2055,44 @@ mod cli {
         assert_ne!(std::fs::read(d.join("NL-NRM.key")).unwrap(), key);
     }
 
+    /// `revoke` or `renew` with --dir (or a TRMX_CA_DIR left set) naming another CA than
+    /// the one that issued the certificate said `(signature: signature verification
+    /// error)`. It now names the certificate's issuer, this CA and the flag to check, also
+    /// for another CA of the same name (the default name, a staging CA).
+    #[test]
+    fn a_certificate_of_another_ca_names_both_and_the_dir_to_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        for (ca, name) in [("ca2", "CA 2"), ("ca3", "TRM Federation CA")] {
+            let init = [
+                "init",
+                "--dir",
+                ca,
+                "--trust-domain",
+                "trm.example",
+                "--name",
+                name,
+            ];
+            ok(&certs(d, &init));
+        }
+        let err = failed(&certs(d, &["revoke", "--dir", "ca2", "NL-NRM.pem"]));
+        assert_eq!(
+            err,
+            "error: certificate NL-NRM.pem was not issued by this CA (its issuer is CN=TRM \
+             Federation CA, O=trm.example, and this CA is CN=CA 2, O=trm.example: check that \
+             --dir (or TRMX_CA_DIR) is the CA directory that issued it, not ca2)"
+        );
+        let err = failed(&certs(d, &["renew", "--dir", "ca3", "NL-NRM.pem"]));
+        assert_eq!(
+            err,
+            "error: certificate NL-NRM.pem was not issued by this CA (it names CN=TRM \
+             Federation CA, O=trm.example as its issuer, a CA of the same name but another \
+             key: check that --dir (or TRMX_CA_DIR) is the CA directory that issued it, not \
+             ca3)"
+        );
+    }
+
     #[test]
     fn revoke_takes_exactly_one_of_file_and_serial() {
         let dir = tempfile::tempdir().unwrap();
