@@ -262,6 +262,13 @@ fn connection_hint(error: &(dyn std::error::Error + 'static)) -> Option<&'static
             }
             _ => {}
         }
+        // (the resolver's failure is an I/O error known by its text)
+        if io.is_some_and(|e| e.to_string().starts_with("failed to lookup address")) {
+            return Some(
+                "the host of --broker (TRMX_ADMIN_BROKER) does not resolve: check its spelling, \
+                 or give the broker's IP address with --server-name set to its DNS name",
+            );
+        }
         if io.is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused) {
             return Some(
                 "nothing listens there: is the broker running, and is --broker \
@@ -1347,6 +1354,24 @@ fn csv_field(field: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A --broker host that does not resolve said only "failed to lookup address
+    /// information: Name or service not known": the hint names the flag.
+    #[test]
+    fn a_broker_host_that_does_not_resolve_names_the_flag() {
+        let error = std::io::Error::other(
+            "failed to lookup address information: Name or service not known",
+        );
+        let hint = connection_hint(&error).expect("a hint");
+        assert!(
+            hint.starts_with("the host of --broker (TRMX_ADMIN_BROKER) does not resolve"),
+            "{hint}"
+        );
+        assert_eq!(
+            connection_hint(&std::io::Error::other("something else")),
+            None
+        );
+    }
 
     #[test]
     fn states_and_instants_parse() {
