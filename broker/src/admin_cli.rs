@@ -742,8 +742,7 @@ pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
             };
             let stats = client.get_statistics(request).await?.into_inner();
             if *csv {
-                print!("{}", stats_csv(&stats));
-                Ok(())
+                print_out(&stats_csv(&stats))
             } else {
                 emit(json, &stats, stats_table)
             }
@@ -826,11 +825,22 @@ fn emit<T: serde::Serialize>(
     if json {
         let text = serde_json::to_string_pretty(value)
             .map_err(|e| fail(format!("cannot encode the answer as JSON: {e}")))?;
-        println!("{text}");
+        print_out(&format!("{text}\n"))
     } else {
-        print!("{}", table(value));
+        print_out(&table(value))
     }
-    Ok(())
+}
+
+/// Writes `text` to stdout. A reader that went away (`admin messages | head`) is no
+/// failure: it has what it wanted, and print! would panic with a backtrace there.
+fn print_out(text: &str) -> Result<(), AdminError> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(fail(format!("cannot write the answer to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn search_request(filter: &MessageFilter) -> Result<pb::SearchMessagesRequest, AdminError> {

@@ -964,3 +964,51 @@ fn a_listen_address_in_use_names_the_setting_and_what_to_check() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// `trmx-broker admin participants --json | head -1` panicked with a backtrace ("failed
+/// printing to stdout: Broken pipe") and exit status 101. A reader that goes away now
+/// ends the output quietly, with success. (The registry's answer is larger than a pipe
+/// holds, so the write meets the closed pipe whenever the reader goes.)
+#[tokio::test]
+async fn an_admin_answer_piped_into_a_reader_that_stops_early_is_no_panic() -> anyhow::Result<()>
+{
+    let t = TestBroker::start_with(|config| {
+        let template = participants().remove(0);
+        for n in 0..1000 {
+            config.participants.push(trmx_broker::config::ParticipantConfig {
+                id: format!("NL-X{n:04}"),
+                ..template.clone()
+            });
+        }
+    })
+    .await?;
+    let alice = t.pki.federation.operator("alice")?;
+    let args: Vec<String> = vec![
+        "admin".into(),
+        "--broker".into(),
+        t.addr.to_string(),
+        "--ca".into(),
+        t.pki.federation.ca_cert_path().display().to_string(),
+        "--cert".into(),
+        alice.cert.display().to_string(),
+        "--key".into(),
+        alice.key.display().to_string(),
+        "participants".into(),
+        "--json".into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || -> std::io::Result<std::process::Output> {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+            .args(&args)
+            .env_remove("TRMX_BROKER_CONFIG")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        drop(child.stdout.take());
+        child.wait_with_output()
+    })
+    .await??;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! `trmx-certs`: the federation CA tool. A thin clap front end over `trmx_certs::Ca`.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -714,16 +715,17 @@ fn list(ca: &CaView, json: bool) -> Result<(), CertError> {
         return print_json(&v);
     }
     if certs.is_empty() {
-        println!("no certificates issued by this CA yet");
-        return Ok(());
+        return print_out("no certificates issued by this CA yet\n");
     }
+    let mut out = String::new();
     let width = certs
         .iter()
         .map(|c| c.identity.len())
         .max()
         .unwrap_or(0)
         .max("IDENTITY".len());
-    println!(
+    let _ = writeln!(
+        out,
         "{:<32}  {:<width$}  {:<20}  {:<28}  RENEWED BY",
         "SERIAL", "IDENTITY", "NOT AFTER", "STATUS"
     );
@@ -733,7 +735,8 @@ fn list(ca: &CaView, json: bool) -> Result<(), CertError> {
             None if expired(c) => "expired".to_string(),
             None => "valid".to_string(),
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:<32}  {:<width$}  {:<20}  {:<28}  {}",
             c.serial,
             c.identity,
@@ -742,7 +745,7 @@ fn list(ca: &CaView, json: bool) -> Result<(), CertError> {
             c.renewed_by.as_deref().unwrap_or("-"),
         );
     }
-    Ok(())
+    print_out(&out)
 }
 
 fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
@@ -799,33 +802,34 @@ fn show(dir: Option<&Path>, json: bool, cert: &Path) -> Result<(), CertError> {
         Role::Operator(_) => "operator",
         Role::Broker(_) => "broker",
     };
-    println!("identity:    {}", info.identity);
-    println!("role:        {role}");
-    println!("name:        {}", info.identity.role.name());
-    println!("serial:      {}", info.serial_hex);
-    println!("not before:  {}", format_time(info.not_before));
+    let mut out = String::new();
+    let _ = writeln!(out, "identity:    {}", info.identity);
+    let _ = writeln!(out, "role:        {role}");
+    let _ = writeln!(out, "name:        {}", info.identity.role.name());
+    let _ = writeln!(out, "serial:      {}", info.serial_hex);
+    let _ = writeln!(out, "not before:  {}", format_time(info.not_before));
     let expired = if now > info.not_after {
         " (expired)"
     } else {
         ""
     };
-    println!("not after:   {}{expired}", format_time(info.not_after));
-    println!("issuer:      {}", info.issuer);
-    println!("subject:     {}", info.subject);
+    let _ = writeln!(out, "not after:   {}{expired}", format_time(info.not_after));
+    let _ = writeln!(out, "issuer:      {}", info.issuer);
+    let _ = writeln!(out, "subject:     {}", info.subject);
     if !info.dns_names.is_empty() {
-        println!("dns names:   {}", info.dns_names.join(", "));
+        let _ = writeln!(out, "dns names:   {}", info.dns_names.join(", "));
     }
     if !info.ips.is_empty() {
         let ips: Vec<String> = info.ips.iter().map(ToString::to_string).collect();
-        println!("ips:         {}", ips.join(", "));
+        let _ = writeln!(out, "ips:         {}", ips.join(", "));
     }
-    println!("usage:       {}", usages.join(", "));
-    println!("key:         SHA-256 {}", info.key_fingerprint);
+    let _ = writeln!(out, "usage:       {}", usages.join(", "));
+    let _ = writeln!(out, "key:         SHA-256 {}", info.key_fingerprint);
     if let Some((issued, revoked)) = status {
-        println!("issued here: {}", if issued { "yes" } else { "no" });
-        println!("revoked:     {}", if revoked { "yes" } else { "no" });
+        let _ = writeln!(out, "issued here: {}", if issued { "yes" } else { "no" });
+        let _ = writeln!(out, "revoked:     {}", if revoked { "yes" } else { "no" });
     }
-    Ok(())
+    print_out(&out)
 }
 
 /// Prints `value` as pretty JSON (`--json`).
@@ -834,6 +838,18 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), CertError> {
         field: "--json",
         problem: e.to_string(),
     })?;
-    println!("{text}");
-    Ok(())
+    print_out(&format!("{text}\n"))
+}
+
+/// Writes `text` to stdout. A reader that went away (`trmx-certs list | head`) is no
+/// failure: it has what it wanted, and println! would panic with a backtrace there.
+fn print_out(text: &str) -> Result<(), CertError> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CertError::InvalidArgument {
+            field: "output",
+            problem: format!("cannot write to stdout: {e}"),
+        }),
+        _ => Ok(()),
+    }
 }

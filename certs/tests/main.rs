@@ -2093,6 +2093,56 @@ mod cli {
         );
     }
 
+    /// `trmx-certs list | head -1` panicked with a backtrace ("failed printing to stdout:
+    /// Broken pipe") and exit status 101. A reader that goes away now ends the output
+    /// quietly, with success. (The listing is larger than a pipe holds, so the write meets
+    /// the closed pipe whenever the reader goes.)
+    #[test]
+    fn a_listing_piped_into_a_reader_that_stops_early_is_no_panic() {
+        use std::process::Stdio;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        let index_path = d.join("ca/index.json");
+        let mut index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+        let first = index["certs"][0].clone();
+        let certs_list = index["certs"].as_array_mut().unwrap();
+        for n in 0..1000 {
+            let mut entry = first.clone();
+            entry["serial"] = format!("{n:032x}").into();
+            certs_list.push(entry);
+        }
+        std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+        for args in [
+            &["list", "--dir", "ca"][..],
+            &["list", "--dir", "ca", "--json"],
+        ] {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_trmx-certs"))
+                .current_dir(d)
+                .env_remove("TRMX_CA_DIR")
+                .env_remove("RUST_BACKTRACE")
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop(child.stdout.take());
+            let out = child.wait_with_output().unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.stderr.is_empty(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     #[test]
     fn revoke_takes_exactly_one_of_file_and_serial() {
         let dir = tempfile::tempdir().unwrap();
