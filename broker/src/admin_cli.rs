@@ -19,6 +19,9 @@ use trmx_proto::time::{Date, from_millis, from_timestamp, to_millis, to_timestam
 use trmx_proto::{Kind, pb};
 use trmx_transport::{ClientOptions, TlsPaths, client_channel};
 
+/// What `--timeout` is when not given: as the node's CLI.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+
 /// Connection flags of `trmx-broker admin` and the command to run.
 #[derive(Debug, Args)]
 pub struct AdminArgs {
@@ -37,6 +40,11 @@ pub struct AdminArgs {
     /// Name the broker's certificate must carry (default: the host of --broker).
     #[arg(long, env = "TRMX_ADMIN_SERVER_NAME")]
     pub server_name: Option<String>,
+    /// Seconds to wait for the broker's answer (the whole command; each refresh of
+    /// `queues --watch`). A broker that takes the connection but answers nothing (its store
+    /// stuck) is then reported instead of waited for.
+    #[arg(long, env = "TRMX_ADMIN_TIMEOUT", default_value_t = DEFAULT_TIMEOUT_SECS, value_name = "SECS")]
+    pub timeout: u64,
     /// Print the answer as JSON (proto3 JSON mapping) instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -623,7 +631,53 @@ async fn connect(args: &AdminArgs) -> Result<OperatorClient<Channel>, AdminError
 }
 
 /// Runs one admin command (what [`run`] does, without printing the failure).
+///
+/// Gives up after `--timeout` seconds without the answers (each refresh of `queues
+/// --watch` gets its own), saying what the silence means.
 pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
+    let limit = Duration::from_secs(args.timeout.max(1));
+    let (broker, command) = (args.broker.clone(), command_name(&args.command));
+    if matches!(args.command, AdminCommand::Queues { watch: Some(_), .. }) {
+        return execute_within(args, limit).await;
+    }
+    tokio::time::timeout(limit, execute_within(args, limit))
+        .await
+        .unwrap_or_else(|_| Err(no_answer(&broker, limit, command)))
+}
+
+/// The subcommand's name, for messages.
+fn command_name(command: &AdminCommand) -> &'static str {
+    match command {
+        AdminCommand::Queues { .. } => "queues",
+        AdminCommand::Participants => "participants",
+        AdminCommand::Messages(_) => "messages",
+        AdminCommand::DeadLetters { .. } => "dead-letters",
+        AdminCommand::Redrive { .. } => "redrive",
+        AdminCommand::Purge { .. } => "purge",
+        AdminCommand::Audit { .. } => "audit",
+        AdminCommand::Stats { .. } => "stats",
+    }
+}
+
+/// The failure of a command the broker did not answer within `limit`.
+fn no_answer(broker: &str, limit: Duration, command: &str) -> AdminError {
+    let changed = if matches!(command, "redrive" | "purge") {
+        " The command may still be carried out: look with `admin messages --id ID` before \
+         trying again."
+    } else {
+        ""
+    };
+    fail(format!(
+        "DEADLINE_EXCEEDED: no answer from the broker at {broker} within {} s (--timeout, \
+         TRMX_ADMIN_TIMEOUT): it took the connection but answered nothing; check its log \
+         (`journalctl -u trmx-broker`) and its /readyz on the admin port, or give it longer \
+         with --timeout.{changed}",
+        limit.as_secs()
+    ))
+}
+
+/// [`execute`] without the overall limit; `limit` bounds each refresh of `queues --watch`.
+async fn execute_within(args: AdminArgs, limit: Duration) -> Result<(), AdminError> {
     let mut client = connect(&args).await?;
     let json = args.json;
     match &args.command {
@@ -635,7 +689,10 @@ pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
                     .into_inner();
                 emit(json, &queues, queues_table)
             }
-            Some(secs) => watch_queues(&mut client, json, *secs, *count).await,
+            Some(secs) => {
+                let every = Duration::from_secs(*secs);
+                watch_queues(&mut client, json, every, *count, (&args.broker, limit)).await
+            }
         },
         AdminCommand::Participants => {
             let answer = client
@@ -792,15 +849,16 @@ pub fn audit_verdict(report: &pb::AuditReport) -> Result<(), AdminError> {
 async fn watch_queues(
     client: &mut OperatorClient<Channel>,
     json: bool,
-    secs: u64,
+    every: Duration,
     count: Option<u64>,
+    (broker, limit): (&str, Duration),
 ) -> Result<(), AdminError> {
-    let every = Duration::from_secs(secs.max(1));
+    let every = every.max(Duration::from_secs(1));
     let mut shown = 0u64;
     loop {
-        let queues = client
-            .list_queues(pb::ListQueuesRequest {})
-            .await?
+        let queues = tokio::time::timeout(limit, client.list_queues(pb::ListQueuesRequest {}))
+            .await
+            .map_err(|_| no_answer(broker, limit, "queues"))??
             .into_inner();
         // clear the screen, cursor home, redraw
         print!("\x1b[2J\x1b[H");

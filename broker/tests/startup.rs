@@ -737,6 +737,7 @@ async fn the_admin_cli_says_which_flag_to_check_when_it_cannot_reach_the_broker(
         cert: cert.cert.clone(),
         key: cert.key.clone(),
         server_name: None,
+        timeout: trmx_broker::admin_cli::DEFAULT_TIMEOUT_SECS,
         json: true,
         command: AdminCommand::Participants,
     };
@@ -970,15 +971,16 @@ fn a_listen_address_in_use_names_the_setting_and_what_to_check() -> anyhow::Resu
 /// ends the output quietly, with success. (The registry's answer is larger than a pipe
 /// holds, so the write meets the closed pipe whenever the reader goes.)
 #[tokio::test]
-async fn an_admin_answer_piped_into_a_reader_that_stops_early_is_no_panic() -> anyhow::Result<()>
-{
+async fn an_admin_answer_piped_into_a_reader_that_stops_early_is_no_panic() -> anyhow::Result<()> {
     let t = TestBroker::start_with(|config| {
         let template = participants().remove(0);
         for n in 0..1000 {
-            config.participants.push(trmx_broker::config::ParticipantConfig {
-                id: format!("NL-X{n:04}"),
-                ..template.clone()
-            });
+            config
+                .participants
+                .push(trmx_broker::config::ParticipantConfig {
+                    id: format!("NL-X{n:04}"),
+                    ..template.clone()
+                });
         }
     })
     .await?;
@@ -1010,5 +1012,107 @@ async fn an_admin_answer_piped_into_a_reader_that_stops_early_is_no_panic() -> a
     .await??;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stderr(&out), "");
+    Ok(())
+}
+
+/// A broker that takes the connection and answers nothing (its store stuck, as with sled's
+/// hangs) kept `trmx-broker admin` waiting for ever, when the operator needs it most. It
+/// now gives up after `--timeout` seconds, saying so and what to check; for a purge or
+/// redrive, that it may still be carried out. (Here a TLS and HTTP/2 server with the
+/// broker's certificate holds every request unanswered.)
+#[tokio::test]
+async fn the_admin_cli_gives_up_on_a_broker_that_answers_nothing() -> anyhow::Result<()> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use trmx_broker::admin_cli::{AdminArgs, AdminCommand, execute};
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(&pki.tls.cert)?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&pki.tls.key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&requests);
+    let silent = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), std::sync::Arc::clone(&seen));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut connection) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                let mut held = Vec::new();
+                while let Some(Ok(request)) = connection.accept().await {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    held.push(request);
+                }
+            });
+        }
+    });
+    let alice = pki.federation.operator("alice")?;
+    let args = |command| AdminArgs {
+        broker: addr.to_string(),
+        ca: pki.federation.ca_cert_path(),
+        cert: alice.cert.clone(),
+        key: alice.key.clone(),
+        server_name: None,
+        timeout: 1,
+        json: false,
+        command,
+    };
+    // (the outer limit only keeps a broken build from hanging the test run)
+    let given_up = |command| async {
+        tokio::time::timeout(Duration::from_secs(60), execute(args(command)))
+            .await
+            .expect("the admin CLI gave up by itself")
+            .expect_err("no answer")
+            .to_string()
+    };
+    let error = given_up(AdminCommand::Participants).await;
+    assert_eq!(
+        error,
+        format!(
+            "DEADLINE_EXCEEDED: no answer from the broker at {addr} within 1 s (--timeout, \
+             TRMX_ADMIN_TIMEOUT): it took the connection but answered nothing; check its log \
+             (`journalctl -u trmx-broker`) and its /readyz on the admin port, or give it \
+             longer with --timeout."
+        )
+    );
+    let purge = AdminCommand::Purge {
+        id: "0190a5b0-0000-7000-8000-000000000000".into(),
+        reason: "misaddressed".into(),
+        sender: None,
+    };
+    let error = execute(args(purge))
+        .await
+        .expect_err("no answer")
+        .to_string();
+    assert!(
+        error.ends_with("look with `admin messages --id ID` before trying again."),
+        "{error}"
+    );
+    let watch = AdminCommand::Queues {
+        watch: Some(1),
+        count: Some(2),
+    };
+    let error = execute(args(watch))
+        .await
+        .expect_err("no answer")
+        .to_string();
+    assert!(error.starts_with("DEADLINE_EXCEEDED: no answer"), "{error}");
+    // (the requests reached the server: the silence was the broker's)
+    assert!(requests.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+    silent.abort();
     Ok(())
 }
