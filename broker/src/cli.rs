@@ -242,9 +242,12 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         // its nextUpdate) goes to stderr as at a start; a logger set up already is kept
         let _ = init_tracing(&log_filter);
         let checked = crate::check_config(&config)?;
-        let crl = crl_freshness(&config, std::time::SystemTime::now())?;
+        let now = std::time::SystemTime::now();
+        let certificate = certificate_validity(&config, now)?;
+        let crl = crl_freshness(&config, now)?;
         print!("{}", config.to_toml()?);
         println!("# clock: {}", checked.clock_line());
+        println!("# certificate: {certificate}");
         if let Some(crl) = crl {
             println!("# crl: {crl}");
         }
@@ -261,6 +264,57 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run_broker(config, args.ready_file))
+}
+
+/// Below this many days left, `check-config` warns of the broker certificate's expiry.
+const CERT_WARN_DAYS: u64 = 30;
+
+/// The `# certificate:` line of `check-config`: the broker certificate's identity, serial
+/// and expiry. A certificate that has expired, or is not valid yet, passed the check with
+/// "config OK", though every node refuses the broker then; that is an error here, saying
+/// what to do. One that expires within [`CERT_WARN_DAYS`] is warned about on stderr.
+fn certificate_validity(
+    config: &BrokerConfig,
+    now: std::time::SystemTime,
+) -> anyhow::Result<String> {
+    let path = &config.tls.cert;
+    let info = trmx_certs::CertInfo::from_pem_file(path)?;
+    let (from, until) = (
+        trmx_certs::format_time(info.not_before),
+        trmx_certs::format_time(info.not_after),
+    );
+    let what = format!(
+        "tls.cert: the broker certificate {} ({}, serial {})",
+        path.display(),
+        info.identity,
+        info.serial_hex
+    );
+    if now < info.not_before {
+        anyhow::bail!(
+            "config: {what} is not valid before {from}, and this machine's clock says {}: \
+             nodes with a right clock refuse it until then; check this clock (`date -u`) and \
+             the CA machine's, and issue it again",
+            trmx_certs::format_time(now)
+        );
+    }
+    let Ok(left) = info.not_after.duration_since(now) else {
+        anyhow::bail!(
+            "config: {what} expired on {until}: every node refuses the broker; renew it at the \
+             CA (`trmx-certs renew`), install it here and reload (`systemctl reload \
+             trmx-broker`)"
+        );
+    };
+    let days = left.as_secs() / 86_400;
+    if days < CERT_WARN_DAYS {
+        eprintln!(
+            "warning: {what} expires on {until}, in {days} days: every node refuses the broker \
+             after that; renew it at the CA (`trmx-certs renew`), install it here and reload"
+        );
+    }
+    Ok(format!(
+        "{}, serial {}, expires {until} (in {days} days)",
+        info.identity, info.serial_hex
+    ))
 }
 
 /// The `# crl:` line of `check-config`: when the earliest nextUpdate of the CRLs in

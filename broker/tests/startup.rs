@@ -1116,3 +1116,78 @@ async fn the_admin_cli_gives_up_on_a_broker_that_answers_nothing() -> anyhow::Re
     silent.abort();
     Ok(())
 }
+
+/// `check-config` said "config OK" for a broker certificate that had expired (every node
+/// refuses the broker then) and said nothing of one about to. An expired one now fails
+/// the check, naming `tls.cert`, its serial and expiry and what to do; one with less than
+/// 30 days left is warned about; every check prints a `# certificate:` line.
+#[test]
+fn check_config_fails_an_expired_broker_certificate_and_warns_of_one_expiring() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let day = Duration::from_secs(86_400);
+    let now = std::time::SystemTime::now();
+    let check = |issued_at: std::time::SystemTime, validity_days: u32| {
+        let paths = trmx_certs::CertPaths::from_prefix(&dir.path().join("broker-renewed"));
+        let spec = trmx_certs::IssueSpec {
+            validity_days,
+            ..trmx_certs::IssueSpec::broker(
+                "test-1",
+                vec!["localhost".to_owned()],
+                vec![std::net::IpAddr::from([127, 0, 0, 1])],
+            )
+        };
+        let info = pki.federation.ca.issue_at(&spec, &paths, true, issued_at)?;
+        let mut tls = pki.tls.clone();
+        tls.cert = paths.cert;
+        tls.key = paths.key;
+        let config = test_config(dir.path().join("data"), tls);
+        let config_file = dir.path().join("broker.toml");
+        std::fs::write(&config_file, config.to_toml()?)?;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+            .arg("check-config")
+            .arg("--config")
+            .arg(&config_file)
+            .env_remove("TRMX_BROKER_CONFIG")
+            .env("TRMX_LOG", "error")
+            .output()?;
+        anyhow::Ok((out, info))
+    };
+    let (out, info) = check(now - 40 * day, 30)?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "trmx-broker: config: tls.cert: the broker certificate {} \
+             (spiffe://trm.test/broker/test-1, serial {}) expired on {}: every node refuses the \
+             broker; renew it at the CA (`trmx-certs renew`), install it here and reload \
+             (`systemctl reload trmx-broker`)\n",
+            dir.path().join("broker-renewed.pem").display(),
+            info.serial_hex,
+            trmx_certs::format_time(info.not_after)
+        )
+    );
+
+    let (out, info) = check(now, 10)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("warning: tls.cert: the broker certificate "),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains(", in 9 days: "), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "\n# certificate: spiffe://trm.test/broker/test-1, serial {}, expires ",
+            info.serial_hex
+        )),
+        "{}",
+        stdout(&out)
+    );
+
+    let (out, _) = check(now, 365)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    Ok(())
+}
