@@ -307,12 +307,15 @@ fn check_connection_flags(args: &AdminArgs) -> Result<(), AdminError> {
             args.broker
         )));
     }
-    // (--cert and --key swapped: the transport would say "not a PEM certificate")
-    let holds_key = |path: &std::path::Path| {
-        std::fs::read(path)
-            .is_ok_and(|bytes| String::from_utf8_lossy(&bytes).contains(" PRIVATE KEY-----"))
+    // (--cert and --key swapped: the transport would say "not a PEM certificate"; a file
+    // holding both, a bundle some operators keep, is no swap)
+    let key_only = |path: &std::path::Path| {
+        std::fs::read(path).is_ok_and(|bytes| {
+            let text = String::from_utf8_lossy(&bytes);
+            text.contains(" PRIVATE KEY-----") && !text.contains("-----BEGIN CERTIFICATE-----")
+        })
     };
-    if holds_key(&args.cert) {
+    if key_only(&args.cert) {
         return Err(fail(format!(
             "--cert {} holds a private key, not a certificate: are --cert and --key \
              (TRMX_ADMIN_CERT, TRMX_ADMIN_KEY) swapped?",

@@ -746,6 +746,19 @@ async fn the_admin_cli_says_which_flag_to_check_when_it_cannot_reach_the_broker(
     execute(args(addr.clone(), &ca, &alice))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // a bundle of certificate and key, given as both, is no swap
+    let bundle = t.pki.federation.dir.join("alice-bundle.pem");
+    let mut both = std::fs::read(&alice.cert)?;
+    both.extend(std::fs::read(&alice.key)?);
+    std::fs::write(&bundle, both)?;
+    std::fs::set_permissions(&bundle, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let bundled = trmx_certs::CertPaths {
+        cert: bundle.clone(),
+        key: bundle,
+    };
+    execute(args(addr.clone(), &ca, &bundled))
+        .await
+        .map_err(|e| anyhow::anyhow!("a bundle: {e}"))?;
 
     // another CA, and one of the same name (a staging CA made with the default name)
     let other_dir = tempfile::tempdir()?;
