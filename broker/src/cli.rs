@@ -232,6 +232,8 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    // (a --data-dir is the operator's own, given where they stand)
+    refuse_paths_beside_the_config(&config, config_path, args.data_dir.is_some())?;
     if let Some(data_dir) = &args.data_dir {
         config.data_dir = data_dir.clone();
     }
@@ -264,6 +266,56 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run_broker(config, args.ready_file))
+}
+
+/// Refuses a relative path of the config that names nothing from the working directory
+/// but something beside the config file: the broker takes relative paths from its working
+/// directory (README), so run from elsewhere it said only "No such file" for a TLS file,
+/// and, worse, made a new empty store for a relative `data_dir` while the real one, with
+/// every queued message, sat beside the config.
+fn refuse_paths_beside_the_config(
+    config: &BrokerConfig,
+    config_path: &Path,
+    data_dir_given: bool,
+) -> anyhow::Result<()> {
+    let Some(config_dir) = config_path.parent() else {
+        return Ok(());
+    };
+    let tls = &config.tls;
+    let mut paths = vec![
+        ("tls.ca", tls.ca.as_path()),
+        ("tls.cert", tls.cert.as_path()),
+        ("tls.key", tls.key.as_path()),
+    ];
+    paths.extend(tls.crl.as_deref().map(|crl| ("tls.crl", crl)));
+    if !data_dir_given {
+        paths.push(("data_dir", config.data_dir.as_path()));
+    }
+    for (field, path) in paths {
+        let beside = config_dir.join(path);
+        if path.is_absolute() || path.exists() || !beside.exists() {
+            continue;
+        }
+        let cwd = std::env::current_dir().map_or_else(
+            |_| "the working directory".to_owned(),
+            |d| d.display().to_string(),
+        );
+        let what = if field == "data_dir" {
+            "a new, empty store would be made there"
+        } else {
+            "it would not be found"
+        };
+        anyhow::bail!(
+            "config: {field} = {:?} is a relative path, which the broker takes from its working \
+             directory ({cwd}), where there is none ({what}), while {} is beside the config \
+             file: write absolute paths in {} (as broker.example.toml does), or run from {}",
+            path.display().to_string(),
+            beside.display(),
+            config_path.display(),
+            config_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Below this many days left, `check-config` warns of the broker certificate's expiry.

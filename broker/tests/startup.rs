@@ -1204,3 +1204,76 @@ fn check_config_fails_an_expired_broker_certificate_and_warns_of_one_expiring() 
     assert_eq!(stderr(&out), "");
     Ok(())
 }
+
+/// The broker takes a relative path of its config from its working directory. Run from
+/// another directory, a relative TLS file was "No such file", and a relative `data_dir`
+/// got a new, empty store there while the real one, with every queued message, sat beside
+/// the config. A relative path that names nothing from the working directory but
+/// something beside the config file is now refused by `run` and `check-config`, naming
+/// the field, both places and what to do; nothing is created.
+#[test]
+fn relative_paths_that_only_exist_beside_the_config_are_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let elsewhere = tempfile::tempdir()?;
+    let run = |config: &BrokerConfig, command: &str| -> anyhow::Result<std::process::Output> {
+        let config_file = dir.path().join("broker.toml");
+        std::fs::write(&config_file, config.to_toml()?)?;
+        Ok(
+            std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+                .current_dir(elsewhere.path())
+                .arg(command)
+                .arg("--config")
+                .arg(&config_file)
+                .env_remove("TRMX_BROKER_CONFIG")
+                .env("TRMX_LOG", "error")
+                .output()?,
+        )
+    };
+    // the TLS files by relative paths, as seen from the config's directory
+    let relative = |path: &std::path::Path| -> anyhow::Result<std::path::PathBuf> {
+        Ok(path.strip_prefix(dir.path())?.to_owned())
+    };
+    let mut tls = pki.tls.clone();
+    tls.cert = relative(&tls.cert)?;
+    let config = test_config(dir.path().join("data"), tls);
+    let out = run(&config, "check-config")?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "trmx-broker: config: tls.cert = {:?} is a relative path, which the broker takes \
+             from its working directory ({}), where there is none (it would not be found), \
+             while {} is beside the config file: write absolute paths in {} (as \
+             broker.example.toml does), or run from {}\n",
+            config.tls.cert.display().to_string(),
+            elsewhere.path().display(),
+            pki.tls.cert.display(),
+            dir.path().join("broker.toml").display(),
+            dir.path().display()
+        )
+    );
+
+    // a relative data_dir that exists beside the config: no new store elsewhere
+    std::fs::create_dir(dir.path().join("data"))?;
+    let config = test_config("data".into(), pki.tls.clone());
+    for command in ["check-config", "run"] {
+        let out = run(&config, command)?;
+        assert_eq!(out.status.code(), Some(1), "{command}: {}", stdout(&out));
+        assert!(
+            stderr(&out).starts_with("trmx-broker: config: data_dir = \"data\" is a relative path"),
+            "{command}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("(a new, empty store would be made there)"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(
+            !elsewhere.path().join("data").exists(),
+            "{command} made a store"
+        );
+    }
+    Ok(())
+}
