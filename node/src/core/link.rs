@@ -730,10 +730,13 @@ fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &
         }
         Ok(outcome) => outcome,
     };
-    let failure = (outcome != pb::Outcome::Delivered).then(|| Failure {
-        outcome: outcome_name(outcome).to_owned(),
-        reason_code: receipt.reason_code.clone(),
-        field_path: receipt.field_path.clone(),
+    let failure = (outcome != pb::Outcome::Delivered).then(|| {
+        let (reason_code, field_path) = receipt_reason(inner, receipt_id, &receipt);
+        Failure {
+            outcome: outcome_name(outcome).to_owned(),
+            reason_code,
+            field_path,
+        }
     });
     let at = receipt
         .at
@@ -747,6 +750,51 @@ fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &
         failure,
         at: to_millis(at),
     }
+}
+
+/// Longest field path kept from a receipt (the broker's limit on a `Reject`'s).
+const MAX_RECEIPT_PATH: usize = 256;
+
+/// Whether `code` is a reason code as the broker takes one in a `Reject`:
+/// `[A-Z0-9_]{1,64}`.
+fn is_reason_code(code: &str) -> bool {
+    (1..=64).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// The reason code and field path of a non-delivery report, as kept in the outbox
+/// and logged: each only if it is what the contract says it is (a code, a path of
+/// schema names), else left out. They come from the recipient's `Reject`, through
+/// the broker; a broker that let other text through (a value of the body, a line
+/// break) must not put it in this node's outbox, API answers and log.
+fn receipt_reason(inner: &Inner, receipt_id: MessageId, receipt: &pb::Receipt) -> (String, String) {
+    let code_ok = receipt.reason_code.is_empty() || is_reason_code(&receipt.reason_code);
+    let path_ok = receipt.field_path.is_empty()
+        || (receipt.field_path.len() <= MAX_RECEIPT_PATH
+            && trmx_proto::schema::is_field_path(&receipt.field_path));
+    if !code_ok || !path_ok {
+        warn!(
+            participant = %inner.config.participant,
+            message_id = %receipt_id,
+            reason_code_left_out = !code_ok,
+            field_path_left_out = !path_ok,
+            "non-delivery report with a reason code or field path that is none; left out"
+        );
+    }
+    (
+        if code_ok {
+            receipt.reason_code.clone()
+        } else {
+            String::new()
+        },
+        if path_ok {
+            receipt.field_path.clone()
+        } else {
+            String::new()
+        },
+    )
 }
 
 /// Stores a delivery (flushed) and wakes the watchers.

@@ -2641,6 +2641,56 @@ mod link {
         be.shutdown().await;
     }
 
+    /// A non-delivery report's reason code and field path come from the recipient's
+    /// `Reject`, through the broker: text that is neither a code nor a path of schema
+    /// names (a broker that let a body value through) reaches neither the outbox nor
+    /// the log; the outcome still applies.
+    #[tokio::test]
+    async fn a_receipt_reason_that_is_no_code_or_path_is_left_out() {
+        let logs = LogCapture::start();
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let mut env = receipt_envelope(
+            "NL-NRM",
+            sent.message_id,
+            pb::Outcome::RejectedByRecipient,
+            "Maria Gonzalez\nINFO forged line",
+        );
+        let mut receipt: pb::Receipt = prost::Message::decode(env.payload.as_slice()).unwrap();
+        receipt.field_path = "referral.person.given_names=Maria".into();
+        env.payload = prost::Message::encode_to_vec(&receipt);
+        env.payload_sha256 = trmx_proto::envelope::sha256(&env.payload).to_vec();
+        let receipt_id = env.message_id.clone();
+        broker.enqueue(env, "");
+        until("the report is applied and acknowledged", || async {
+            broker.lock().acked.contains(&receipt_id)
+        })
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Failed);
+        let failure = entry.failure.unwrap();
+        assert_eq!(failure.outcome, "rejected-by-recipient");
+        assert_eq!(
+            (failure.reason_code.as_str(), failure.field_path.as_str()),
+            ("", "")
+        );
+        assert!(logs.lines_with(&["Maria"]).is_empty());
+        assert_eq!(logs.lines_with(&["forged line"]).len(), 0);
+        assert_eq!(
+            logs.lines_with(&["WARN", "reason code or field path", &receipt_id])
+                .len(),
+            1
+        );
+        nl.shutdown().await;
+    }
+
     /// A delivery over tonic's default 4 MiB (the broker takes envelopes of
     /// up to 8 MiB) reaches the node's checks: this one, no valid referral,
     /// is rejected with a reason, not a broken stream at every attempt.
