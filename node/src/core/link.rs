@@ -660,6 +660,24 @@ pub(crate) async fn classify(
         }
     }
 
+    // An answer to our request from its recipient belongs to the request's case (the
+    // sender's node refuses any other, `check_reply`): filed in another case, it would
+    // mark the request answered while the case's timeline shows no answer, and take
+    // that other case's retention.
+    if let (Some(answered), Some(asks)) = (checked.in_reply_to, checked.kind.answers()) {
+        let store = inner.store.clone();
+        let request = inner.blocking(move || store.outbox_entry(answered)).await?;
+        if request.is_some_and(|r| {
+            r.recipient == sender && r.kind == asks && r.case_ref != checked.case_ref
+        }) {
+            return Ok(reject_verdict(
+                &envelope.message_id,
+                "INVALID_ENVELOPE",
+                "envelope.case_ref",
+            ));
+        }
+    }
+
     let body = if envelope.content_type.starts_with("application/json") {
         match std::str::from_utf8(&envelope.payload) {
             Ok(text) => Body::from_json(checked.kind, text),
@@ -1877,6 +1895,7 @@ mod tests {
         let roots = Kind::ALL.map(trmx_proto::body::Body::root);
         for path in [
             "envelope.recipient",
+            "envelope.case_ref",
             ID_TAKEN.1,
             "receipt",
             "receipt.message_id",

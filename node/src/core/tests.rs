@@ -1343,6 +1343,48 @@ async fn a_reply_to_the_wrong_participant_case_or_kind_is_refused() {
     assert!(due_on(&f.be, date("2026-02-01")).await.is_empty());
 }
 
+/// An answer to our request, from its recipient, filed in another case (a broken
+/// node; ours refuses to send one, `check_reply`) is rejected: stored, it would mark
+/// the request answered while the request's case shows no answer.
+#[tokio::test]
+async fn an_answer_filed_in_another_case_is_rejected() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    transfer(&f.nl, &f.be, sent.message_id).await;
+    let mut reply = request("r-1", "NL-NRM", response());
+    reply.in_reply_to = Some(sent.message_id);
+    let reply = f.be.send(reply).await.unwrap();
+    let good = in_transit(&f.be, reply.message_id);
+    let mut env = good.clone();
+    env.case_ref = CaseRef::new_random().to_string();
+    match classify(&f.nl.inner, Some(env)).await.unwrap() {
+        Verdict::Reject {
+            reason_code,
+            field_path,
+            ..
+        } => assert_eq!(
+            (reason_code, field_path.as_str()),
+            ("INVALID_ENVELOPE", "envelope.case_ref")
+        ),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert!(f.nl.inbox(&ListFilter::default()).await.unwrap().is_empty());
+    let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(entry.answered_by, None);
+
+    // in its case, it answers
+    let stored = match classify(&f.nl.inner, Some(good)).await.unwrap() {
+        Verdict::Store(incoming) => store_delivery(&f.nl.inner, *incoming).await.unwrap(),
+        other => panic!("expected store, got {other:?}"),
+    };
+    assert!(matches!(stored, Stored::New(_)));
+    let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(entry.answered_by, Some(reply.message_id));
+}
+
 /// An answer whose in_reply_to names no message this node received (a typo,
 /// another node's id) is refused: sent, it would answer nothing.
 #[tokio::test]
