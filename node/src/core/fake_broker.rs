@@ -165,7 +165,15 @@ impl FakeBroker {
         let mut st = self.lock();
         st.seq += 1;
         envelope.sender = sender.to_owned();
-        envelope.accepted_at = Some(to_timestamp(SystemTime::now()));
+        // (not before it was made: the tests' nodes run on a manual clock, which may
+        // be ahead of the system clock, and a node rejects a message made long
+        // after the broker accepted it)
+        let made = envelope
+            .created_at
+            .as_ref()
+            .and_then(|ts| trmx_proto::time::from_timestamp(ts).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        envelope.accepted_at = Some(to_timestamp(SystemTime::now().max(made)));
         envelope.broker_seq = st.seq;
         st.accepted
             .insert(envelope.message_id.clone(), envelope.clone());

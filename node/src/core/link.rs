@@ -610,6 +610,16 @@ fn reject_verdict(message_id: &str, reason_code: &'static str, field_path: &str)
     }
 }
 
+/// How far a delivery's `created_at` (the sender's clock) may be ahead of its
+/// `accepted_at` (the broker's). The broker does not check `created_at`, and the node
+/// judges the body as of that day, files the message in its case's timeline by it, and
+/// takes the follow-up made last by it: one made "in 2099" by a sender whose clock is
+/// wrong would pass date rules it breaks, sort after every later message of its case,
+/// and stand for ever as its sender's latest follow-up (the next ones never replacing
+/// it, its `next_follow_up_due` due for good). It is rejected, and its sender learns
+/// why (`envelope.created_at`).
+const MAX_CREATED_AHEAD: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Checks one delivery (envelope, recipient, digest, body schema, dedup)
 /// and says what to do with it. Errors are store failures.
 pub(crate) async fn classify(
@@ -641,6 +651,19 @@ pub(crate) async fn classify(
     let Some(sender) = checked.sender.clone() else {
         return Ok(classify_receipt(inner, id, checked.kind, &envelope.payload));
     };
+
+    // (a sender's clock a little ahead of the broker's is fine; years ahead is not)
+    if checked
+        .accepted_at
+        .checked_add(MAX_CREATED_AHEAD)
+        .is_some_and(|latest| checked.created_at > latest)
+    {
+        return Ok(reject_verdict(
+            &envelope.message_id,
+            "INVALID_ENVELOPE",
+            "envelope.created_at",
+        ));
+    }
 
     let store = inner.store.clone();
     let dup_sender = sender.clone();
@@ -1896,6 +1919,7 @@ mod tests {
         for path in [
             "envelope.recipient",
             "envelope.case_ref",
+            "envelope.created_at",
             ID_TAKEN.1,
             "receipt",
             "receipt.message_id",

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 
 use futures::StreamExt;
-use trmx_proto::time::to_timestamp;
+use trmx_proto::time::{from_timestamp, to_timestamp};
 
 use super::link::{Verdict, classify, flush_inbox, store_delivery, store_receipt};
 use super::store::{IdUse, InboxMark, ReceiptEffect, Stored, can_move};
@@ -1341,6 +1341,41 @@ async fn a_reply_to_the_wrong_participant_case_or_kind_is_refused() {
     let reply = f.be.send(reply).await.unwrap();
     assert_eq!(reply.case_ref, sent.case_ref);
     assert!(due_on(&f.be, date("2026-02-01")).await.is_empty());
+}
+
+/// The broker does not check a message's `created_at` (its sender's clock), and the
+/// node dates the body, the case timeline and the latest follow-up by it: one made
+/// more than a day after the broker accepted it is rejected; a clock a little ahead
+/// is fine.
+#[tokio::test]
+async fn a_delivery_made_after_the_broker_accepted_it_is_rejected() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let good = in_transit(&f.nl, sent.message_id);
+    let accepted = from_timestamp(good.accepted_at.as_ref().unwrap()).unwrap();
+    let mut env = good.clone();
+    env.created_at = Some(to_timestamp(accepted + 2 * DAY));
+    match classify(&f.be.inner, Some(env)).await.unwrap() {
+        Verdict::Reject {
+            reason_code,
+            field_path,
+            ..
+        } => assert_eq!(
+            (reason_code, field_path.as_str()),
+            ("INVALID_ENVELOPE", "envelope.created_at")
+        ),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert!(f.be.inbox(&ListFilter::default()).await.unwrap().is_empty());
+    let mut env = good;
+    env.created_at = Some(to_timestamp(accepted + Duration::from_secs(3600)));
+    assert!(matches!(
+        classify(&f.be.inner, Some(env)).await.unwrap(),
+        Verdict::Store(_)
+    ));
 }
 
 /// An answer to our request, from its recipient, filed in another case (a broken
