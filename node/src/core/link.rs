@@ -518,7 +518,12 @@ async fn reject(
     field_path: &str,
 ) {
     let me = &inner.config.participant;
-    warn!(participant = %me, message_id = %message_id, reason_code, field_path, "rejecting delivery");
+    // (the id as delivered: one that is none, refused by `check_delivery`, is any text
+    // that a broken broker relayed, and not for the log)
+    let message_id_shown = MessageId::parse(message_id)
+        .map_or_else(|_| "(not a message id)".to_owned(), |id| id.to_string());
+    let message_id_shown = message_id_shown.as_str();
+    warn!(participant = %me, message_id = %message_id_shown, reason_code, field_path, "rejecting delivery");
     let request = pb::RejectRequest {
         message_id: message_id.to_owned(),
         reason_code: reason_code.to_owned(),
@@ -531,7 +536,7 @@ async fn reject(
         && status.code() == tonic::Code::InvalidArgument
         && !request.field_path.is_empty()
     {
-        warn!(participant = %me, message_id = %message_id, "broker refused the field path, rejecting without it");
+        warn!(participant = %me, message_id = %message_id_shown, "broker refused the field path, rejecting without it");
         result = client
             .reject(pb::RejectRequest {
                 field_path: String::new(),
@@ -540,7 +545,7 @@ async fn reject(
             .await;
     }
     if let Err(status) = result {
-        warn!(participant = %me, message_id = %message_id, code = ?status.code(), "reject failed");
+        warn!(participant = %me, message_id = %message_id_shown, code = ?status.code(), "reject failed");
     }
 }
 

@@ -2768,6 +2768,46 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A delivery whose message id is none (a broken broker) is rejected, and the
+    /// text in its place, which could be anything, stays out of the log.
+    #[tokio::test]
+    async fn a_delivery_whose_id_is_none_is_rejected_without_logging_it() {
+        let logs = LogCapture::start();
+        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
+        let payload = referral().encode();
+        let env = pb::Envelope {
+            message_id: "Maria Gonzalez\nINFO forged line".into(),
+            recipient: "BE-PAYOKE".into(),
+            kind: Kind::Referral.to_pb() as i32,
+            case_ref: trmx_proto::CaseRef::new_random().to_string(),
+            priority: pb::Priority::Normal as i32,
+            created_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START))),
+            content_type: Kind::Referral.content_type(),
+            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
+            payload,
+            ..Default::default()
+        };
+        broker.enqueue(env, "NL-NRM");
+        until("BE rejects it", || async {
+            !broker.lock().rejected.is_empty()
+        })
+        .await;
+        let (_, code, field) = broker.lock().rejected[0].clone();
+        assert_eq!(
+            (code.as_str(), field.as_str()),
+            ("INVALID_ENVELOPE", "envelope.message_id")
+        );
+        assert_eq!(
+            logs.lines_with(&["WARN", "rejecting delivery", "(not a message id)"])
+                .len(),
+            1
+        );
+        assert!(logs.lines_with(&["Maria"]).is_empty());
+        assert!(logs.lines_with(&["forged line"]).is_empty());
+        assert!(be.inbox(&ListFilter::default()).await.unwrap().is_empty());
+        be.shutdown().await;
+    }
+
     /// A delivery over tonic's default 4 MiB (the broker takes envelopes of
     /// up to 8 MiB) reaches the node's checks: this one, no valid referral,
     /// is rejected with a reason, not a broken stream at every attempt.
