@@ -79,6 +79,9 @@ pub(crate) struct FakeBroker {
     /// Every `Withdraw` waits for this lock after it has done its work, before it
     /// answers: a test holds it to keep the answer on its way.
     pub(crate) withdraw_hold: Arc<tokio::sync::Mutex<()>>,
+    /// Every `Ack` and `Reject` waits for this lock before it does anything: a test
+    /// holds it to keep a broker from answering them.
+    pub(crate) ack_hold: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One participant's view of the fake broker.
@@ -429,6 +432,7 @@ impl Exchange for Endpoint {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
+        drop(self.broker.ack_hold.lock().await);
         let mut results = Vec::new();
         for id in request.into_inner().message_ids {
             let original = {
@@ -454,6 +458,7 @@ impl Exchange for Endpoint {
         &self,
         request: Request<pb::RejectRequest>,
     ) -> Result<Response<pb::RejectResponse>, Status> {
+        drop(self.broker.ack_hold.lock().await);
         let r = request.into_inner();
         let original = {
             let mut st = self.broker.lock();

@@ -425,10 +425,21 @@ pub(crate) async fn receive_loop(
                                         let Some(Ok(Some(delivery))) = stream.message().now_or_never() else {
                                             break;
                                         };
-                                        if let Err(e) = handle_delivery(&inner, &mut client, delivery).await {
-                                            link_failed(&inner, &mut failures, STORE_FAILED, format!("store: {e}"));
-                                            end = StreamEnd::StoreFailed;
-                                            break;
+                                        match handle_delivery(&inner, &mut client, delivery, &mut shutdown).await {
+                                            Ok(Handled::Done) => {}
+                                            Ok(Handled::NoAnswer) => {
+                                                link_failed(&inner, &mut failures, NO_ANSWER, no_answer(&inner));
+                                                break;
+                                            }
+                                            Ok(Handled::Stop) => {
+                                                end = StreamEnd::Stop;
+                                                break;
+                                            }
+                                            Err(e) => {
+                                                link_failed(&inner, &mut failures, STORE_FAILED, format!("store: {e}"));
+                                                end = StreamEnd::StoreFailed;
+                                                break;
+                                            }
                                         }
                                     }
                                     break end;
@@ -439,9 +450,17 @@ pub(crate) async fn receive_loop(
                                 }
                                 item = stream.message() => match item {
                                     Ok(Some(delivery)) => {
-                                        if let Err(e) = handle_delivery(&inner, &mut client, delivery).await {
-                                            link_failed(&inner, &mut failures, STORE_FAILED, format!("store: {e}"));
-                                            break StreamEnd::StoreFailed;
+                                        match handle_delivery(&inner, &mut client, delivery, &mut shutdown).await {
+                                            Ok(Handled::Done) => {}
+                                            Ok(Handled::NoAnswer) => {
+                                                link_failed(&inner, &mut failures, NO_ANSWER, no_answer(&inner));
+                                                break StreamEnd::Failed;
+                                            }
+                                            Ok(Handled::Stop) => break StreamEnd::Stop,
+                                            Err(e) => {
+                                                link_failed(&inner, &mut failures, STORE_FAILED, format!("store: {e}"));
+                                                break StreamEnd::StoreFailed;
+                                            }
                                         }
                                         if !proven {
                                             proven = true;
@@ -501,6 +520,14 @@ pub(crate) async fn receive_loop(
     inner.set_connected(false);
 }
 
+/// The link's error when the broker did not answer an ack or a reject.
+fn no_answer(inner: &Inner) -> String {
+    format!(
+        "no answer to an ack or a reject within {} ms",
+        inner.config.broker_answer_timeout.as_millis()
+    )
+}
+
 /// Why a delivery is refused, as sent in `Reject`.
 fn reject_reason(e: &ValidationError) -> &'static str {
     match e.field.as_str() {
@@ -510,13 +537,47 @@ fn reject_reason(e: &ValidationError) -> &'static str {
     }
 }
 
+/// How a delivery was dealt with ([`handle_delivery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    /// Stored and acknowledged, or rejected (or the broker refused the call: it
+    /// delivers the message again).
+    Done,
+    /// The broker did not answer the ack or the reject within
+    /// `broker_answer_timeout`: the link is to reconnect.
+    NoAnswer,
+    /// The shutdown came while the node waited for the broker's answer.
+    Stop,
+}
+
+/// What the receive loop says when the broker does not answer an ack or a reject.
+const NO_ANSWER: &str = "the broker did not answer an ack or a reject in time; reconnecting";
+
+/// A call to the broker about one delivery (its ack or its reject), waited for at most
+/// `broker_answer_timeout`, and not past the shutdown: a broker that does not answer
+/// must not stall the receive loop (nor the shutdown, which waits for that loop).
+async fn answer_of<T>(
+    inner: &Inner,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Result<T, tonic::Status>, Handled> {
+    tokio::select! {
+        answer = tokio::time::timeout(inner.config.broker_answer_timeout, call) => match answer {
+            Ok(answer) => Ok(answer.map(tonic::Response::into_inner)),
+            Err(_) => Err(Handled::NoAnswer),
+        },
+        Ok(_) = shutdown.wait_for(|down| *down) => Err(Handled::Stop),
+    }
+}
+
 async fn reject(
     client: &mut ExchangeClient<LinkChannel>,
     inner: &Inner,
     message_id: &str,
     reason_code: &str,
     field_path: &str,
-) {
+    shutdown: &mut watch::Receiver<bool>,
+) -> Handled {
     let me = &inner.config.participant;
     // (the id as delivered: one that is none, refused by `check_delivery`, is any text
     // that a broken broker relayed, and not for the log)
@@ -529,7 +590,10 @@ async fn reject(
         reason_code: reason_code.to_owned(),
         field_path: field_path.to_owned(),
     };
-    let mut result = client.reject(request.clone()).await;
+    let mut result = match answer_of(inner, client.reject(request.clone()), shutdown).await {
+        Ok(result) => result,
+        Err(handled) => return handled,
+    };
     // A path the broker will not take must not leave the message in flight
     // (and its sender uninformed): reject it again without the path.
     if let Err(status) = &result
@@ -537,36 +601,46 @@ async fn reject(
         && !request.field_path.is_empty()
     {
         warn!(participant = %me, message_id = %message_id_shown, "broker refused the field path, rejecting without it");
-        result = client
-            .reject(pb::RejectRequest {
-                field_path: String::new(),
-                ..request
-            })
-            .await;
+        let again = client.reject(pb::RejectRequest {
+            field_path: String::new(),
+            ..request
+        });
+        result = match answer_of(inner, again, shutdown).await {
+            Ok(result) => result,
+            Err(handled) => return handled,
+        };
     }
     if let Err(status) = result {
         warn!(participant = %me, message_id = %message_id_shown, code = ?status.code(), "reject failed");
     }
+    Handled::Done
 }
 
-async fn ack(client: &mut ExchangeClient<LinkChannel>, inner: &Inner, message_id: MessageId) {
+async fn ack(
+    client: &mut ExchangeClient<LinkChannel>,
+    inner: &Inner,
+    message_id: MessageId,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Handled {
     let me = &inner.config.participant;
     let request = pb::AckRequest {
         message_ids: vec![message_id.to_string()],
     };
-    match client.ack(request).await {
-        Ok(response) => {
-            for outcome in response.into_inner().results {
+    match answer_of(inner, client.ack(request), shutdown).await {
+        Ok(Ok(response)) => {
+            for outcome in response.results {
                 if outcome.result != pb::AckResult::Acknowledged as i32 {
                     warn!(participant = %me, message_id = %outcome.message_id, result = outcome.result, "ack not applied");
                 }
             }
         }
-        Err(status) => {
+        Ok(Err(status)) => {
             // The broker redelivers; the dedup index makes that harmless.
             warn!(participant = %me, message_id = %message_id, code = ?status.code(), "ack failed");
         }
+        Err(handled) => return handled,
     }
+    Handled::Done
 }
 
 /// What to do with one delivery.
@@ -899,21 +973,35 @@ async fn handle_delivery(
     inner: &Arc<Inner>,
     client: &mut ExchangeClient<LinkChannel>,
     delivery: pb::Delivery,
-) -> Result<(), NodeError> {
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Handled, NodeError> {
     let me = inner.config.participant.clone();
-    match classify(inner, delivery.envelope).await? {
-        Verdict::Ignore => warn!(participant = %me, "delivery without envelope ignored"),
+    Ok(match classify(inner, delivery.envelope).await? {
+        Verdict::Ignore => {
+            warn!(participant = %me, "delivery without envelope ignored");
+            Handled::Done
+        }
         Verdict::Reject {
             message_id,
             reason_code,
             field_path,
-        } => reject(client, inner, &message_id, reason_code, &field_path).await,
+        } => {
+            reject(
+                client,
+                inner,
+                &message_id,
+                reason_code,
+                &field_path,
+                shutdown,
+            )
+            .await
+        }
         Verdict::Duplicate(id) => {
             // stored before, but that store's flush may have failed: ack only
             // what is durable now, and show it from then on
             flush_inbox(inner).await?;
             info!(participant = %me, message_id = %id, "duplicate delivery acknowledged");
-            ack(client, inner, id).await;
+            ack(client, inner, id, shutdown).await
         }
         Verdict::Store(incoming) => {
             let id = incoming.message_id;
@@ -928,15 +1016,22 @@ async fn handle_delivery(
                 Stored::IdTaken => {
                     // (taken between the check and the store)
                     let (reason_code, field_path) = ID_TAKEN;
-                    reject(client, inner, &id.to_string(), reason_code, field_path).await;
-                    return Ok(());
+                    return Ok(reject(
+                        client,
+                        inner,
+                        &id.to_string(),
+                        reason_code,
+                        field_path,
+                        shutdown,
+                    )
+                    .await);
                 }
             }
             if inner.failpoint_inbox_after_store {
                 warn!(participant = %me, message_id = %id, "fail point inbox-after-store: aborting");
                 std::process::abort();
             }
-            ack(client, inner, id).await;
+            ack(client, inner, id, shutdown).await
         }
         Verdict::Receipt {
             receipt_id,
@@ -960,10 +1055,9 @@ async fn handle_delivery(
                     warn!(participant = %me, message_id = %original, receipt_kind = %kind, "receipt for an unknown message");
                 }
             }
-            ack(client, inner, receipt_id).await;
+            ack(client, inner, receipt_id, shutdown).await
         }
-    }
-    Ok(())
+    })
 }
 
 // ---- certificate ----------------------------------------------------------------

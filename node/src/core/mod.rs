@@ -98,6 +98,10 @@ pub struct CoreConfig {
     /// progress (the message may be in it), then for the answer to its own call. Past
     /// either it answers `UNAVAILABLE` (try again); submits wait for it meanwhile.
     pub withdraw_timeout: Duration,
+    /// How long the receive loop waits for the broker's answer to an ack or a reject
+    /// ([`BROKER_ANSWER_TIMEOUT`] by default): past it, the link takes the broker for
+    /// broken and reconnects (the message comes again, and is acknowledged again).
+    pub broker_answer_timeout: Duration,
     /// How often the link compares the certificate its connection presents with the
     /// certificate file; when they differ (a renewal), it moves to a new connection, once
     /// the broker has answered a call on it (a certificate it refuses leaves the link
@@ -309,6 +313,11 @@ pub(crate) const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long a withdrawal waits for the broker, by default ([`CoreConfig::withdraw_timeout`]).
 pub(crate) const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long the receive loop waits for the broker's answer to an ack or a reject, by
+/// default ([`CoreConfig::broker_answer_timeout`]): the broker answers once its write is
+/// flushed, within milliseconds when all is well.
+pub(crate) const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a shutdown waits for the sends and withdrawals under way, by default
 /// ([`CoreConfig::shutdown_grace`]): long enough for one that has started to end, as a

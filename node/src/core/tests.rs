@@ -87,6 +87,7 @@ fn config(dir: &Path, me: &str) -> CoreConfig {
         outbox_check_interval: None,
         cache_capacity_bytes: 8 << 20,
         withdraw_timeout: Duration::from_secs(2),
+        broker_answer_timeout: Duration::from_secs(10),
         certificate_check_interval: Duration::from_millis(50),
         clock_bounds: ClockBounds::default(),
         shutdown_grace: SHUTDOWN_GRACE,
@@ -2806,6 +2807,76 @@ mod link {
         assert!(logs.lines_with(&["forged line"]).is_empty());
         assert!(be.inbox(&ListFilter::default()).await.unwrap().is_empty());
         be.shutdown().await;
+    }
+
+    /// BE-PAYOKE online against a fake broker that holds every ack and reject, with
+    /// `broker_answer_timeout` of `answer`, and a referral from NL-NRM stored: its
+    /// ack is on its way. The lock guard releases the acks.
+    async fn an_ack_held(
+        answer: Duration,
+    ) -> (
+        tempfile::TempDir,
+        FakeBroker,
+        NodeCore,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::OwnedMutexGuard<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let serving = broker.serve("BE-PAYOKE", l);
+        let mut cfg = config(dir.path(), "BE-PAYOKE");
+        cfg.broker_answer_timeout = answer;
+        let be = online_with(cfg, addr, clock).await;
+        let held = broker.ack_hold.clone().lock_owned().await;
+        let payload = referral().encode();
+        let env = pb::Envelope {
+            message_id: MessageId::new_v7().to_string(),
+            recipient: "BE-PAYOKE".into(),
+            kind: Kind::Referral.to_pb() as i32,
+            case_ref: trmx_proto::CaseRef::new_random().to_string(),
+            priority: pb::Priority::Normal as i32,
+            created_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START))),
+            content_type: Kind::Referral.content_type(),
+            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
+            payload,
+            ..Default::default()
+        };
+        broker.enqueue(env, "NL-NRM");
+        until("the message is stored", || async {
+            be.inbox(&ListFilter::default()).await.unwrap().len() == 1
+        })
+        .await;
+        (dir, broker, be, serving, held)
+    }
+
+    /// A broker that does not answer an ack (or a reject) does not stall the receive
+    /// loop for good: the link gives up on it after `broker_answer_timeout` and
+    /// reconnects (the broker delivers the message again, and the inbox keeps it
+    /// once).
+    #[tokio::test]
+    async fn an_ack_the_broker_does_not_answer_does_not_stall_receiving() {
+        let logs = LogCapture::start();
+        let (_dir, _broker, be, _serving, held) = an_ack_held(Duration::from_millis(500)).await;
+        until("the link gives up on the ack", || async {
+            !logs
+                .lines_with(&["WARN", "the broker did not answer"])
+                .is_empty()
+        })
+        .await;
+        be.shutdown().await;
+        drop(held);
+    }
+
+    /// Nor does it hold a shutdown up while the node waits for that answer.
+    #[tokio::test]
+    async fn a_shutdown_does_not_wait_for_an_ack_the_broker_does_not_answer() {
+        let (_dir, _broker, be, _serving, held) = an_ack_held(Duration::from_secs(600)).await;
+        tokio::time::timeout(Duration::from_secs(10), be.shutdown())
+            .await
+            .expect("the shutdown waits for an ack the broker does not answer");
+        drop(held);
     }
 
     /// A delivery over tonic's default 4 MiB (the broker takes envelopes of
