@@ -379,19 +379,29 @@ pub(crate) async fn receive_loop(
         // (a move from here on ends the stream opened below: it may be on the old
         // connection)
         let generation = *moves.borrow_and_update();
-        match client.get_info(pb::GetInfoRequest {}).await {
+        let Some(info) = bounded(
+            &inner,
+            client.get_info(pb::GetInfoRequest {}),
+            &mut shutdown,
+        )
+        .await
+        else {
+            break;
+        };
+        match info {
             Ok(info) => {
                 let info = info.into_inner();
                 if info.caller != me.as_str() {
                     warn!(participant = %me, broker_caller = %info.caller, "broker sees this node under another participant id");
                 }
                 inner.cache_broker_info(&info);
-                match client
-                    .receive(pb::ReceiveRequest {
-                        max_in_flight: inner.config.max_in_flight,
-                    })
-                    .await
-                {
+                let receiving = client.receive(pb::ReceiveRequest {
+                    max_in_flight: inner.config.max_in_flight,
+                });
+                let Some(receiving) = bounded(&inner, receiving, &mut shutdown).await else {
+                    break;
+                };
+                match receiving {
                     Ok(stream) => {
                         inner.set_connected(true);
                         if failures.failures() == 0 {
@@ -552,6 +562,27 @@ enum Handled {
 
 /// What the receive loop says when the broker does not answer an ack or a reject.
 const NO_ANSWER: &str = "the broker did not answer an ack or a reject in time; reconnecting";
+
+/// A call that opens the link (`GetInfo`, `Receive`), waited for at most
+/// `broker_answer_timeout` (`DEADLINE_EXCEEDED` past it: a failure like any other, the
+/// link tries again after the backoff); `None` at shutdown. A broker that takes the
+/// connection and does not answer must not hold the receive loop, nor the shutdown.
+async fn bounded<T>(
+    inner: &Inner,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Result<tonic::Response<T>, tonic::Status>> {
+    let limit = inner.config.broker_answer_timeout;
+    tokio::select! {
+        answer = tokio::time::timeout(limit, call) => Some(answer.unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "the broker did not answer within {} ms",
+                limit.as_millis()
+            )))
+        })),
+        Ok(_) = shutdown.wait_for(|down| *down) => None,
+    }
+}
 
 /// A call to the broker about one delivery (its ack or its reject), waited for at most
 /// `broker_answer_timeout`, and not past the shutdown: a broker that does not answer

@@ -2869,6 +2869,29 @@ mod link {
         drop(held);
     }
 
+    /// A broker that takes the connection but does not answer `GetInfo` holds neither
+    /// the receive loop (it tries again) nor a shutdown up.
+    #[tokio::test]
+    async fn a_broker_that_does_not_answer_get_info_holds_no_shutdown_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let held = broker.get_info_hold.clone().lock_owned().await;
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("BE-PAYOKE", l);
+        let mut cfg = config(dir.path(), "BE-PAYOKE");
+        cfg.broker_answer_timeout = Duration::from_millis(300);
+        let be = online_with(cfg, addr, clock).await;
+        until("GetInfo is asked again after no answer", || async {
+            broker.lock().get_info_arrived >= 2
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(10), be.shutdown())
+            .await
+            .expect("the shutdown waits for a GetInfo the broker does not answer");
+        drop(held);
+    }
+
     /// Nor does it hold a shutdown up while the node waits for that answer.
     #[tokio::test]
     async fn a_shutdown_does_not_wait_for_an_ack_the_broker_does_not_answer() {
