@@ -395,6 +395,8 @@ pub(crate) async fn receive_loop(
                     warn!(participant = %me, broker_caller = %info.caller, "broker sees this node under another participant id");
                 }
                 inner.cache_broker_info(&info);
+                let limit = info.limits.as_ref().map_or(0, |l| l.max_envelope_bytes);
+                client = client.max_decoding_message_size(delivery_limit(limit));
                 let receiving = client.receive(pb::ReceiveRequest {
                     max_in_flight: inner.config.max_in_flight,
                 });
@@ -529,6 +531,28 @@ pub(crate) async fn receive_loop(
     }
     inner.set_connected(false);
 }
+
+/// Room for the rest of a `Delivery` besides its envelope's bytes (the attempt, the
+/// framing of the fields).
+const DELIVERY_OVERHEAD: usize = 64 << 10;
+
+/// The most a delivery read from the broker may hold: its envelopes may be as large
+/// as its `limits.max_envelope_bytes` (0: not said), which it may set above the node's
+/// [`super::MAX_DELIVERY_BYTES`] (up to 64 MiB). Below that, every delivery over the
+/// node's limit broke the stream without a word about which message: the broker gave
+/// it again at once, and it held the queue up at every reconnect until its attempts
+/// ran out. Read, it is checked and rejected with a reason like any other. (At most
+/// [`MAX_DELIVERY_CEILING`]: a broker's limit says how much memory one delivery may
+/// take here.)
+pub(crate) fn delivery_limit(broker_max_envelope_bytes: u64) -> usize {
+    usize::try_from(broker_max_envelope_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(DELIVERY_OVERHEAD)
+        .clamp(super::MAX_DELIVERY_BYTES, MAX_DELIVERY_CEILING)
+}
+
+/// The largest delivery the node reads, whatever the broker's limit.
+const MAX_DELIVERY_CEILING: usize = (64 << 20) + DELIVERY_OVERHEAD;
 
 /// The link's error when the broker did not answer an ack or a reject.
 fn no_answer(inner: &Inner) -> String {

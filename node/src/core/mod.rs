@@ -1230,7 +1230,9 @@ impl Inner {
 
 /// The largest message the node takes from or sends to the broker: twice the
 /// broker's default `limits.max_envelope_bytes`, so that a broker configured
-/// higher still gets through; what is over the broker's limit it refuses.
+/// higher still gets through; what is over the broker's limit it refuses. The
+/// receive stream reads deliveries up to the broker's own limit when that is
+/// higher (`link::delivery_limit`).
 pub const MAX_DELIVERY_BYTES: usize = 16 << 20;
 
 /// The `Exchange` client of the broker link over `channel`. A delivery is an

@@ -2932,6 +2932,61 @@ mod link {
         be.shutdown().await;
     }
 
+    /// A broker may take envelopes larger than the node's own limit (its
+    /// `limits.max_envelope_bytes`, up to 64 MiB): one such delivery is read and
+    /// checked (this one, no valid referral, is rejected with a reason), not a stream
+    /// broken at every attempt.
+    #[tokio::test]
+    async fn a_delivery_over_the_nodes_limit_within_the_brokers_is_checked() {
+        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
+        broker.lock().max_envelope_bytes = 32 << 20;
+        // (the limits are read at each connection: one made after the broker's change)
+        broker.lock().end_streams = Some((tonic::Code::Unavailable, "restarting".into()));
+        let asked = broker.lock().get_info_calls;
+        until("the node connected again", || async {
+            broker.lock().get_info_calls > asked
+        })
+        .await;
+        broker.lock().end_streams = None;
+        let payload = vec![0x5a; super::super::MAX_DELIVERY_BYTES + (1 << 20)];
+        let id = MessageId::new_v7();
+        let env = pb::Envelope {
+            message_id: id.to_string(),
+            recipient: "BE-PAYOKE".into(),
+            kind: Kind::Referral.to_pb() as i32,
+            case_ref: trmx_proto::CaseRef::new_random().to_string(),
+            priority: pb::Priority::Normal as i32,
+            created_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START))),
+            content_type: Kind::Referral.content_type(),
+            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
+            payload,
+            ..Default::default()
+        };
+        broker.enqueue(env, "NL-NRM");
+        until("BE rejects it", || async {
+            !broker.lock().rejected.is_empty()
+        })
+        .await;
+        assert_eq!(broker.lock().rejected[0].0, id.to_string());
+        be.shutdown().await;
+    }
+
+    #[test]
+    fn the_delivery_limit_follows_the_brokers_within_bounds() {
+        use super::super::MAX_DELIVERY_BYTES;
+        assert_eq!(super::super::link::delivery_limit(0), MAX_DELIVERY_BYTES);
+        assert_eq!(
+            super::super::link::delivery_limit(8 << 20),
+            MAX_DELIVERY_BYTES
+        );
+        assert!(super::super::link::delivery_limit(32 << 20) > 32 << 20);
+        assert!(super::super::link::delivery_limit(64 << 20) > 64 << 20);
+        assert_eq!(
+            super::super::link::delivery_limit(u64::MAX),
+            super::super::link::delivery_limit(64 << 20)
+        );
+    }
+
     /// A message in the outbox that is not durable (its flush failed) is
     /// never submitted: the broker must not hold a message that a crash
     /// would take from the outbox.
