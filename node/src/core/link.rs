@@ -905,6 +905,12 @@ fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &
         }
         Ok(outcome) => outcome,
     };
+    // (the envelope's kind and the receipt's outcome say the same, or the receipt
+    // says nothing that can be trusted: a non-delivery report saying DELIVERED
+    // must not mark the message delivered)
+    if (kind == Kind::DeliveryReceipt) != (outcome == pb::Outcome::Delivered) {
+        return reject_verdict(&rid, "INVALID_BODY", "receipt.outcome");
+    }
     let failure = (outcome != pb::Outcome::Delivered).then(|| {
         let (reason_code, field_path) = receipt_reason(inner, receipt_id, &receipt);
         Failure {

@@ -563,6 +563,40 @@ async fn receipts_move_the_outbox_forward_only() {
     assert_eq!(effect, ReceiptEffect::Unknown);
 }
 
+/// A receipt whose kind and outcome disagree (a delivery receipt saying EXPIRED, a
+/// non-delivery report saying DELIVERED: a broken broker) is rejected and changes
+/// nothing.
+#[tokio::test]
+async fn a_receipt_whose_kind_and_outcome_disagree_is_rejected() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    f.nl.inner.store.mark_submitted(sent.message_id, 1).unwrap();
+    let mut delivered = receipt_envelope("NL-NRM", sent.message_id, pb::Outcome::Delivered, "");
+    delivered.kind = Kind::NonDeliveryReport.to_pb() as i32;
+    delivered.content_type = Kind::NonDeliveryReport.content_type();
+    let mut expired = receipt_envelope("NL-NRM", sent.message_id, pb::Outcome::Expired, "");
+    expired.kind = Kind::DeliveryReceipt.to_pb() as i32;
+    expired.content_type = Kind::DeliveryReceipt.content_type();
+    for env in [delivered, expired] {
+        match classify(&f.nl.inner, Some(env)).await.unwrap() {
+            Verdict::Reject {
+                reason_code,
+                field_path,
+                ..
+            } => assert_eq!(
+                (reason_code, field_path.as_str()),
+                ("INVALID_BODY", "receipt.outcome")
+            ),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+    let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(entry.state, OutboxState::Submitted);
+}
+
 #[tokio::test]
 async fn withdraw_a_queued_message() {
     let f = fixture().await;
