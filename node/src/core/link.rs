@@ -745,7 +745,8 @@ fn reject_verdict(message_id: &str, reason_code: &'static str, field_path: &str)
 }
 
 /// How far a delivery's `created_at` (the sender's clock) may be ahead of its
-/// `accepted_at` (the broker's). The broker does not check `created_at`, and the node
+/// `accepted_at` (the broker's clock) and of its arrival here (this node's), whichever
+/// is later. The broker does not check `created_at`, and the node
 /// judges the body as of that day, files the message in its case's timeline by it, and
 /// takes the follow-up made last by it: one made "in 2099" by a sender whose clock is
 /// wrong would pass date rules it breaks, sort after every later message of its case,
@@ -786,9 +787,12 @@ pub(crate) async fn classify(
         return Ok(classify_receipt(inner, id, checked.kind, &envelope.payload));
     };
 
-    // (a sender's clock a little ahead of the broker's is fine; years ahead is not)
+    // (a sender's clock a little ahead is fine; years ahead is not. Ahead of the
+    // broker's and of this node's: a broker whose clock is behind must not make every
+    // message look made in the future)
     if checked
         .accepted_at
+        .max(inner.clock.now())
         .checked_add(MAX_CREATED_AHEAD)
         .is_some_and(|latest| checked.created_at > latest)
     {

@@ -1380,8 +1380,8 @@ async fn a_reply_to_the_wrong_participant_case_or_kind_is_refused() {
 
 /// The broker does not check a message's `created_at` (its sender's clock), and the
 /// node dates the body, the case timeline and the latest follow-up by it: one made
-/// more than a day after the broker accepted it is rejected; a clock a little ahead
-/// is fine.
+/// more than a day after the broker accepted it and after it arrived here is
+/// rejected; a clock a little ahead is fine.
 #[tokio::test]
 async fn a_delivery_made_after_the_broker_accepted_it_is_rejected() {
     let f = fixture().await;
@@ -1405,8 +1405,15 @@ async fn a_delivery_made_after_the_broker_accepted_it_is_rejected() {
         other => panic!("expected a rejection, got {other:?}"),
     }
     assert!(f.be.inbox(&ListFilter::default()).await.unwrap().is_empty());
-    let mut env = good;
+    let mut env = good.clone();
     env.created_at = Some(to_timestamp(accepted + Duration::from_secs(3600)));
+    assert!(matches!(
+        classify(&f.be.inner, Some(env)).await.unwrap(),
+        Verdict::Store(_)
+    ));
+    // a broker whose clock is far behind does not make it one made in the future
+    let mut env = good;
+    env.accepted_at = Some(to_timestamp(accepted - 400 * DAY));
     assert!(matches!(
         classify(&f.be.inner, Some(env)).await.unwrap(),
         Verdict::Store(_)
