@@ -82,6 +82,9 @@ pub(crate) struct FakeBroker {
     /// Every `Ack` and `Reject` waits for this lock before it does anything: a test
     /// holds it to keep a broker from answering them.
     pub(crate) ack_hold: Arc<tokio::sync::Mutex<()>>,
+    /// Every `GetStatus` waits for this lock once it is counted in `status_asked`: a
+    /// test holds it to keep a broker from answering.
+    pub(crate) status_hold: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// One participant's view of the fake broker.
@@ -496,8 +499,9 @@ impl Exchange for Endpoint {
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::MessageStatus>, Status> {
         let id = request.into_inner().message_id;
-        let mut st = self.broker.lock();
-        st.status_asked.push(id.clone());
+        self.broker.lock().status_asked.push(id.clone());
+        drop(self.broker.status_hold.lock().await);
+        let st = self.broker.lock();
         match st.accepted.get(&id) {
             Some(envelope) if envelope.sender == self.caller => {
                 Ok(Response::new(pb::MessageStatus {

@@ -587,10 +587,16 @@ enum Handled {
 /// What the receive loop says when the broker does not answer an ack or a reject.
 const NO_ANSWER: &str = "the broker did not answer an ack or a reject in time; reconnecting";
 
-/// A call that opens the link (`GetInfo`, `Receive`), waited for at most
+/// Why a call to the broker ended without its answer at shutdown.
+const SHUTTING_DOWN: &str = "the node is shutting down";
+
+/// A call that opens the link (`GetInfo`, `Receive`) or that the submit loop and the
+/// outbox check make on their own (`Withdraw` of a pending withdrawal, `GetStatus`),
+/// waited for at most
 /// `broker_answer_timeout` (`DEADLINE_EXCEEDED` past it: a failure like any other, the
 /// link tries again after the backoff); `None` at shutdown. A broker that takes the
-/// connection and does not answer must not hold the receive loop, nor the shutdown.
+/// connection and does not answer must not hold the loop, nor the shutdown (which
+/// waits for every loop).
 async fn bounded<T>(
     inner: &Inner,
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -604,6 +610,17 @@ async fn bounded<T>(
                 limit.as_millis()
             )))
         })),
+        Ok(_) = shutdown.wait_for(|down| *down) => None,
+    }
+}
+
+/// `call` until the shutdown (`None` then).
+async fn until_shutdown<T>(
+    call: impl std::future::Future<Output = T>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    tokio::select! {
+        answer = call => Some(answer),
         Ok(_) = shutdown.wait_for(|down| *down) => None,
     }
 }
@@ -1478,7 +1495,7 @@ async fn submit_rounds(
         if *shutdown.borrow() {
             break;
         }
-        if let Err(e) = withdraw_pending(&inner, &mut client).await {
+        if let Err(e) = withdraw_pending(&inner, &mut client, &mut shutdown).await {
             debug!(participant = %me, error = %e, "pending withdrawals will be retried");
             if !pause(backoff.next_delay(), &mut shutdown).await {
                 break;
@@ -1665,7 +1682,7 @@ pub(crate) async fn outbox_check_loop(
             if *shutdown.borrow() {
                 return;
             }
-            match check_one(&inner, &mut client, id).await {
+            match check_one(&inner, &mut client, id, &mut shutdown).await {
                 Ok(()) => {
                     checked.insert(id, now);
                 }
@@ -1690,13 +1707,15 @@ async fn check_one(
     inner: &Arc<Inner>,
     client: &mut ExchangeClient<LinkChannel>,
     id: MessageId,
+    shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), NodeError> {
     let me = inner.config.participant.clone();
-    let status = client
-        .get_status(pb::GetStatusRequest {
-            message_id: id.to_string(),
-        })
-        .await;
+    let asking = client.get_status(pb::GetStatusRequest {
+        message_id: id.to_string(),
+    });
+    let Some(status) = bounded(inner, asking, shutdown).await else {
+        return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
+    };
     match status {
         Ok(_) => return Ok(()),
         Err(status) if status.code() == Code::NotFound => {}
@@ -1725,11 +1744,14 @@ async fn check_one(
         }
         Some(envelope) => {
             warn!(participant = %me, message_id = %id, "the broker does not know this submitted message (was its store restored from a backup?): submitting it again");
-            let result = client
-                .submit(pb::SubmitRequest {
-                    envelope: Some(envelope),
-                })
-                .await;
+            let submitting = client.submit(pb::SubmitRequest {
+                envelope: Some(envelope),
+            });
+            // (not bounded by broker_answer_timeout: a large envelope on a slow link
+            // takes its time)
+            let Some(result) = until_shutdown(submitting, shutdown).await else {
+                return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
+            };
             match result {
                 Ok(_) => {
                     let store = inner.store.clone();
@@ -1773,6 +1795,7 @@ async fn check_one(
 async fn withdraw_pending(
     inner: &Arc<Inner>,
     client: &mut ExchangeClient<LinkChannel>,
+    shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), NodeError> {
     let me = &inner.config.participant;
     let store = inner.store.clone();
@@ -1780,11 +1803,12 @@ async fn withdraw_pending(
         .blocking(move || store.pending_withdrawals(SUBMIT_BATCH))
         .await?;
     for id in pending {
-        let answer = client
-            .withdraw(pb::WithdrawRequest {
-                message_id: id.to_string(),
-            })
-            .await;
+        let withdrawing = client.withdraw(pb::WithdrawRequest {
+            message_id: id.to_string(),
+        });
+        let Some(answer) = bounded(inner, withdrawing, shutdown).await else {
+            return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
+        };
         let note = match answer {
             Ok(_) => {
                 info!(participant = %me, message_id = %id, "message withdrawn on the broker too (an earlier submit had reached it)");

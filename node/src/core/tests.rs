@@ -2518,6 +2518,70 @@ mod link {
         }
     }
 
+    /// A broker that does not answer the outbox check's `GetStatus` does not hold the
+    /// shutdown up (the check loop makes that call on its own, and a shutdown waits for
+    /// the loop).
+    #[tokio::test]
+    async fn an_outbox_check_the_broker_does_not_answer_holds_no_shutdown_up() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("NL submits", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let held = broker.status_hold.clone().lock_owned().await;
+        clock.advance(Duration::from_secs(1));
+        until("NL asks about it", || async {
+            !broker.lock().status_asked.is_empty()
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(10), nl.shutdown())
+            .await
+            .expect("the shutdown waits for a GetStatus the broker does not answer");
+        drop(held);
+    }
+
+    /// Nor does one that does not answer the submit of a message it lost.
+    #[tokio::test]
+    async fn a_resubmit_the_broker_does_not_answer_holds_no_shutdown_up() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("NL submits", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        broker.lose(&sent.message_id.to_string());
+        let held = broker.submit_hold.clone().lock_owned().await;
+        let arrived = broker.lock().submits_arrived;
+        clock.advance(Duration::from_secs(1));
+        until("NL submits it again", || async {
+            broker.lock().submits_arrived > arrived
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(10), nl.shutdown())
+            .await
+            .expect("the shutdown waits for a Submit the broker does not answer");
+        drop(held);
+    }
+
     #[tokio::test]
     async fn a_message_the_broker_lost_is_submitted_again() {
         let Checking {
@@ -3293,6 +3357,41 @@ mod link {
         );
         drop(serving);
         nl.shutdown().await;
+    }
+
+    /// A broker that does not answer the `Withdraw` of a pending withdrawal does not
+    /// hold the shutdown up (the submit loop makes that call on its own, and a
+    /// shutdown waits for the loop).
+    #[tokio::test]
+    async fn a_pending_withdrawal_the_broker_does_not_answer_holds_no_shutdown_up() {
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        broker.lock().lose_submit_answers = true;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("NL saw the lost answer", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .is_some_and(|e| e.submit_attempts > 0)
+        })
+        .await;
+        broker.lock().withdraw_refusal = Some((tonic::Code::Unavailable, "down".into()));
+        assert_eq!(
+            nl.withdraw(sent.message_id).await.unwrap(),
+            Withdrawal::BrokerPending
+        );
+        let held = broker.withdraw_hold.clone().lock_owned().await;
+        let arrived = broker.lock().withdraws_arrived;
+        broker.lock().withdraw_refusal = None;
+        until("the submit loop's withdrawal is on its way", || async {
+            broker.lock().withdraws_arrived > arrived
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(10), nl.shutdown())
+            .await
+            .expect("the shutdown waits for a Withdraw the broker does not answer");
+        drop(held);
     }
 
     /// A pending withdrawal that the broker refuses for good is recorded as such, and
