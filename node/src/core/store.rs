@@ -1222,7 +1222,8 @@ impl Store {
 
     /// Applies a receipt: `DELIVERED` for a delivery receipt, `FAILED` with
     /// `failure` for a non-delivery report; only forward moves (and
-    /// `FAILED → DELIVERED`).
+    /// `FAILED → DELIVERED`). An entry without `submitted_at` (the receipt came first)
+    /// takes the receipt's time.
     pub(crate) fn apply_receipt(
         &self,
         id: MessageId,
@@ -1237,6 +1238,12 @@ impl Store {
         let updated = self.update_out(id, |rec| {
             if !can_move(rec.state, target) {
                 return Ok(false);
+            }
+            // (a receipt proves that the broker took it: one that comes before the
+            // submit's answer is recorded, or instead of it, must not leave the entry
+            // looking as if it never left, `OutRec::never_arrived`)
+            if rec.submitted_at.is_none() {
+                rec.submitted_at = Some(at);
             }
             rec.state = target;
             rec.failure = failure.clone();

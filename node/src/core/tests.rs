@@ -563,6 +563,61 @@ async fn receipts_move_the_outbox_forward_only() {
     assert_eq!(effect, ReceiptEffect::Unknown);
 }
 
+/// A non-delivery report that comes before the submit's answer is recorded (that
+/// answer lost, the node restarted) proves that the broker took the message: the
+/// entry does not look like one that never left, which its case's retention leaves
+/// out (`never_arrived`), so that the case's other bodies would go before the date
+/// its recipient knows.
+#[tokio::test]
+async fn a_report_before_the_submits_answer_counts_the_message_as_submitted() {
+    let f = fixture().await;
+    let longer = body(
+        Kind::ReturnRiskAssessmentRequest,
+        &include_str!("../../../proto/examples/04-return-risk-assessment-request.json")
+            .replace("2036-12-31", "2038-12-31"),
+    );
+    // a referral kept until 2036-12-31, a follow-up about the same person, and a
+    // request that keeps the case until 2038-12-31
+    let referral =
+        f.nl.send(request("r-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    deliver(&f.nl, &f.be, referral.message_id).await;
+    let mut news = request("n-1", "NL-NRM", follow_up());
+    news.case_ref = Some(referral.case_ref);
+    let news = f.be.send(news).await.unwrap();
+    deliver(&f.be, &f.nl, news.message_id).await;
+    let mut late = request("l-1", "BE-PAYOKE", longer);
+    late.case_ref = Some(referral.case_ref);
+    let late = f.nl.send(late).await.unwrap();
+    // its report comes before the submit's answer is recorded
+    let effect = apply(
+        &f.nl,
+        receipt_envelope("NL-NRM", late.message_id, pb::Outcome::Expired, "EXPIRED"),
+    )
+    .await;
+    assert_eq!(effect, ReceiptEffect::Moved(OutboxState::Failed));
+    let entry = state(&f.nl, late.message_id).await;
+    assert!(entry.submitted_at.is_some(), "{entry:?}");
+
+    f.clock.set(UNIX_EPOCH + Duration::from_secs(INTO_2037));
+    f.nl.run_retention().await.unwrap();
+    assert_eq!(
+        bodies_kept(&f.nl, &[news.message_id]).await,
+        [news.message_id],
+        "the case goes on until 2038-12-31"
+    );
+}
+
+async fn state(node: &NodeCore, id: MessageId) -> OutboxEntry {
+    node.outbox(&ListFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.message_id == id)
+        .unwrap()
+}
+
 /// A receipt whose kind and outcome disagree (a delivery receipt saying EXPIRED, a
 /// non-delivery report saying DELIVERED: a broken broker) is rejected and changes
 /// nothing.
