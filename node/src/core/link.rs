@@ -856,7 +856,14 @@ pub(crate) async fn classify(
         }
     }
 
-    let body = if envelope.content_type.starts_with("application/json") {
+    // (the media type as `check_delivery` read it: before any `;`, trimmed)
+    let media = envelope
+        .content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim();
+    let body = if media == "application/json" {
         match std::str::from_utf8(&envelope.payload) {
             Ok(text) => Body::from_json(checked.kind, text),
             Err(_) => Err(ValidationError::new(

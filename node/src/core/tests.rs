@@ -1475,6 +1475,32 @@ async fn a_delivery_made_after_the_broker_accepted_it_is_rejected() {
     ));
 }
 
+/// A JSON body is read as JSON whenever the envelope check took its content type for
+/// JSON: with spaces around the media type too, as another organisation's software may
+/// write it.
+#[tokio::test]
+async fn a_json_body_is_read_as_json_however_its_content_type_is_spaced() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let mut env = in_transit(&f.nl, sent.message_id);
+    env.payload = referral().to_json().into_bytes();
+    env.payload_sha256 = trmx_proto::envelope::sha256(&env.payload).to_vec();
+    for content_type in [
+        "application/json; proto=trmx.v1.Referral",
+        " application/json ;proto=trmx.v1.Referral",
+    ] {
+        env.content_type = content_type.into();
+        let verdict = classify(&f.be.inner, Some(env.clone())).await.unwrap();
+        assert!(
+            matches!(&verdict, Verdict::Store(_)),
+            "{content_type:?}: {verdict:?}"
+        );
+    }
+}
+
 /// An answer to our request, from its recipient, filed in another case (a broken
 /// node; ours refuses to send one, `check_reply`) is rejected: stored, it would mark
 /// the request answered while the request's case shows no answer.
