@@ -590,56 +590,71 @@ const NO_ANSWER: &str = "the broker did not answer an ack or a reject in time; r
 /// Why a call to the broker ended without its answer at shutdown.
 const SHUTTING_DOWN: &str = "the node is shutting down";
 
+/// Why a call to the broker ended without its answer ([`within`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// No answer within the time allowed.
+    NoAnswer,
+    /// The shutdown came first.
+    Shutdown,
+}
+
+/// `call`, waited for at most `limit` (`None`: as long as it takes) and not past the
+/// shutdown: a broker that takes a call and does not answer must not hold the loop
+/// that made it, nor the shutdown (which waits for every loop).
+async fn within<F: std::future::Future>(
+    call: F,
+    limit: Option<Duration>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<F::Output, Cut> {
+    let answer = async {
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, call)
+                .await
+                .map_err(|_| Cut::NoAnswer),
+            None => Ok(call.await),
+        }
+    };
+    tokio::select! {
+        answer = answer => answer,
+        Ok(_) = shutdown.wait_for(|down| *down) => Err(Cut::Shutdown),
+    }
+}
+
 /// A call that opens the link (`GetInfo`, `Receive`) or that the submit loop and the
 /// outbox check make on their own (`Withdraw` of a pending withdrawal, `GetStatus`),
-/// waited for at most
-/// `broker_answer_timeout` (`DEADLINE_EXCEEDED` past it: a failure like any other, the
-/// link tries again after the backoff); `None` at shutdown. A broker that takes the
-/// connection and does not answer must not hold the loop, nor the shutdown (which
-/// waits for every loop).
+/// [`within`] `broker_answer_timeout`: no answer is `DEADLINE_EXCEEDED`, a failure like
+/// any other (the loop tries again later); `None` at shutdown.
 async fn bounded<T>(
     inner: &Inner,
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Result<tonic::Response<T>, tonic::Status>> {
     let limit = inner.config.broker_answer_timeout;
-    tokio::select! {
-        answer = tokio::time::timeout(limit, call) => Some(answer.unwrap_or_else(|_| {
-            Err(tonic::Status::deadline_exceeded(format!(
-                "the broker did not answer within {} ms",
-                limit.as_millis()
-            )))
-        })),
-        Ok(_) = shutdown.wait_for(|down| *down) => None,
+    match within(call, Some(limit), shutdown).await {
+        Ok(answer) => Some(answer),
+        Err(Cut::NoAnswer) => Some(Err(tonic::Status::deadline_exceeded(format!(
+            "the broker did not answer within {} ms",
+            limit.as_millis()
+        )))),
+        Err(Cut::Shutdown) => None,
     }
 }
 
-/// `call` until the shutdown (`None` then).
-async fn until_shutdown<T>(
-    call: impl std::future::Future<Output = T>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<T> {
-    tokio::select! {
-        answer = call => Some(answer),
-        Ok(_) = shutdown.wait_for(|down| *down) => None,
-    }
-}
-
-/// A call to the broker about one delivery (its ack or its reject), waited for at most
-/// `broker_answer_timeout`, and not past the shutdown: a broker that does not answer
-/// must not stall the receive loop (nor the shutdown, which waits for that loop).
+/// A call to the broker about one delivery (its ack or its reject), [`within`]
+/// `broker_answer_timeout`.
 async fn answer_of<T>(
     inner: &Inner,
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Result<T, tonic::Status>, Handled> {
-    tokio::select! {
-        answer = tokio::time::timeout(inner.config.broker_answer_timeout, call) => match answer {
-            Ok(answer) => Ok(answer.map(tonic::Response::into_inner)),
-            Err(_) => Err(Handled::NoAnswer),
-        },
-        Ok(_) = shutdown.wait_for(|down| *down) => Err(Handled::Stop),
-    }
+    within(call, Some(inner.config.broker_answer_timeout), shutdown)
+        .await
+        .map(|answer| answer.map(tonic::Response::into_inner))
+        .map_err(|cut| match cut {
+            Cut::NoAnswer => Handled::NoAnswer,
+            Cut::Shutdown => Handled::Stop,
+        })
 }
 
 async fn reject(
@@ -1756,7 +1771,7 @@ async fn check_one(
             });
             // (not bounded by broker_answer_timeout: a large envelope on a slow link
             // takes its time)
-            let Some(result) = until_shutdown(submitting, shutdown).await else {
+            let Ok(result) = within(submitting, None, shutdown).await else {
                 return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
             };
             match result {
