@@ -51,7 +51,15 @@ pub fn is_field_path(path: &str) -> bool {
     })
 }
 
-/// Zero or more `[N]` (N decimal digits).
+/// Digits an index may have at most: every list of the schema's bodies is held to
+/// at most 64 entries, so a real index is never longer. Unbounded, an index could
+/// carry a number of a body (`referral.person[31612345678]`: a phone number) where
+/// a name cannot; three digits without a leading zero hold no phone number, and a
+/// rejecting node whose path the broker refuses rejects again without it.
+const MAX_INDEX_DIGITS: usize = 3;
+
+/// Zero or more `[N]` (N: `0`, or up to [`MAX_INDEX_DIGITS`] decimal digits without
+/// a leading zero).
 fn are_indexes(mut rest: &str) -> bool {
     while !rest.is_empty() {
         let Some(inner) = rest.strip_prefix('[') else {
@@ -61,7 +69,7 @@ fn are_indexes(mut rest: &str) -> bool {
         let Some(after) = inner.get(digits..).and_then(|r| r.strip_prefix(']')) else {
             return false;
         };
-        if digits == 0 {
+        if digits == 0 || digits > MAX_INDEX_DIGITS || (digits > 1 && inner.starts_with('0')) {
             return false;
         }
         rest = after;
@@ -119,6 +127,7 @@ mod tests {
             "envelope.payload_sha256",
             "payload",
             "follow_up.events[0][1]",
+            "follow_up.events[999]",
         ] {
             assert!(is_field_path(good), "{good:?}");
         }
@@ -135,6 +144,10 @@ mod tests {
             "referral[1",
             "referral.consent basis",
             "name=Jane",
+            // a number of a body where an index goes
+            "referral.person[31612345678]",
+            "referral.person[1000]",
+            "referral.person[012]",
         ] {
             assert!(!is_field_path(bad), "{bad:?}");
         }
