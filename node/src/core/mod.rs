@@ -317,7 +317,7 @@ pub(crate) const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the receive loop waits for the broker's answer to an ack or a reject, by
 /// default ([`CoreConfig::broker_answer_timeout`]): the broker answers once its write is
 /// flushed, within milliseconds when all is well.
-pub(crate) const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a shutdown waits for the sends and withdrawals under way, by default
 /// ([`CoreConfig::shutdown_grace`]): long enough for one that has started to end, as a
