@@ -37,7 +37,7 @@ pub enum KeyFile {
 /// one of the file read, not of whatever the path names a moment later.
 ///
 /// A key file owned by another user than this process's (effective) user and root is
-/// refused too, as an error of kind `PermissionDenied` that names the owner and the fix:
+/// refused too (unless this process runs as root), as an error of kind `PermissionDenied` that names the owner and the fix:
 /// its owner may read it or put another key in its place whatever its mode (a copy made
 /// as a login user, `cp` without `-p` run by someone else).
 pub fn read_key_file(path: &Path) -> std::io::Result<KeyFile> {
@@ -56,11 +56,10 @@ fn read_key_file_as(path: &Path, me: u32) -> std::io::Result<KeyFile> {
         return Ok(KeyFile::Exposed { mode });
     }
     let owner = metadata.uid();
-    if owner != me && owner != 0 {
-        let allowed = match me {
-            0 => "root, the user this runs as".to_string(),
-            me => format!("the user this runs as ({}) or root", user_name(me)),
-        };
+    // (root is exempt: in a container a broker or node often runs as root on a mounted
+    // directory whose files keep the host user's uid, and root reads any key anyway)
+    if me != 0 && owner != me && owner != 0 {
+        let allowed = format!("the user this runs as ({}) or root", user_name(me));
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
@@ -618,6 +617,26 @@ mod tests {
                 read_key_file_as(&key, other),
                 Ok(KeyFile::Read(_))
             ));
+        }
+    }
+
+    /// A broker or node run as root in a container, on a mounted directory whose key keeps
+    /// the host user's uid, refused to start (`it is owned by uid 1000`): root reads any
+    /// key anyway, so a process running as root takes a key of any owner.
+    #[test]
+    fn a_process_running_as_root_reads_a_key_of_any_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
+        if std::fs::metadata(&key).unwrap().uid() == 0 {
+            // (run as root: give the key to the host user of a mounted directory)
+            std::os::unix::fs::chown(&key, Some(1000), None).unwrap();
+        }
+        assert_ne!(std::fs::metadata(&key).unwrap().uid(), 0);
+        match read_key_file_as(&key, 0) {
+            Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
+            other => panic!("{other:?}"),
         }
     }
 
