@@ -232,6 +232,22 @@ struct IssueArgs {
     force: bool,
 }
 
+/// `println!` for what a command did: a reader that went away (`trmx-certs issue … |
+/// head -1`, a closed stdout) is no panic with exit status 101 after the certificate was
+/// issued and recorded, which read as a failure to retry. Another write error is said on
+/// stderr; what was done stays done.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("warning: cannot write to stdout: {e}");
+            }
+        }
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -259,15 +275,15 @@ fn run(cli: Cli) -> Result<(), CertError> {
                 force,
             };
             let ca = Ca::init(&ca.dir, &opts)?;
-            println!(
+            outln!(
                 "created CA for trust domain {} in {}",
                 ca.trust_domain(),
                 ca.dir().display()
             );
-            println!("  certificate: {}", ca.ca_cert_path().display());
-            println!("  CRL:         {}", ca.crl_path().display());
+            outln!("  certificate: {}", ca.ca_cert_path().display());
+            outln!("  CRL:         {}", ca.crl_path().display());
             if let Some(previous) = ca.replaced() {
-                println!(
+                outln!(
                     "  the CA it replaced (key included): {}",
                     previous.display()
                 );
@@ -304,7 +320,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
             for revocation in &revocations {
                 print_revoked(revocation);
             }
-            println!("CRL rewritten: {}", ca.crl_path().display());
+            outln!("CRL rewritten: {}", ca.crl_path().display());
             Ok(())
         }
         Command::Crl {
@@ -320,7 +336,7 @@ fn run(cli: Cli) -> Result<(), CertError> {
             let ca = open_ca(&ca.dir)?;
             let next = Duration::from_secs(u64::from(next_update_days) * 24 * 3600);
             ca.write_crl(next)?;
-            println!(
+            outln!(
                 "CRL written: {} (next update {})",
                 ca.crl_path().display(),
                 format_time(SystemTime::now() + next)
@@ -331,17 +347,17 @@ fn run(cli: Cli) -> Result<(), CertError> {
             let prefix = out_prefix(out, &name)?;
             let paths = RequestPaths::from_prefix(&prefix);
             let request = CertRequest::create(&name, &paths, force)?;
-            println!("request for {name}");
-            println!(
+            outln!("request for {name}");
+            outln!(
                 "  request:     {} (send it to the CA)",
                 paths.request.display()
             );
-            println!(
+            outln!(
                 "  key:         {} (keep it here, mode 0600)",
                 paths.key.display()
             );
-            println!("  fingerprint: {}", request.fingerprint());
-            println!(
+            outln!("  fingerprint: {}", request.fingerprint());
+            outln!(
                 "read the fingerprint out to the CA administrator, who checks it before issuing"
             );
             Ok(())
@@ -599,13 +615,13 @@ fn warn_ca_expiry(not_after: SystemTime) {
 
 /// What `issue`/`renew` wrote: the certificate, and the key unless it came from a request.
 fn print_written(cert: &Path, key: Option<&Path>, info: &CertInfo) {
-    println!("issued {} (serial {})", info.identity, info.serial_hex);
-    println!("  certificate: {}", cert.display());
+    outln!("issued {} (serial {})", info.identity, info.serial_hex);
+    outln!("  certificate: {}", cert.display());
     match key {
-        Some(key) => println!("  key:         {}", key.display()),
-        None => println!("  key:         the organisation's own (from its request)"),
+        Some(key) => outln!("  key:         {}", key.display()),
+        None => outln!("  key:         the organisation's own (from its request)"),
     }
-    println!("  not after:   {}", format_time(info.not_after));
+    outln!("  not after:   {}", format_time(info.not_after));
 }
 
 /// After a certificate issued to a request replaced one whose key the CA had made: that key
@@ -622,7 +638,7 @@ fn warn_stale_key(key: &Path) {
 
 /// The request being certified, with the fingerprint to compare.
 fn print_request(request: &CertRequest) {
-    println!(
+    outln!(
         "certifying the key of {}: fingerprint {}",
         request.path().display(),
         request.fingerprint()
@@ -633,20 +649,21 @@ fn print_request(request: &CertRequest) {
 /// command that revokes it.
 fn print_replaced(ca: &Ca, old: &CertInfo) {
     if ca.is_revoked(&old.serial_hex) {
-        println!(
+        outln!(
             "replaced {} (serial {}), which is already revoked",
-            old.identity, old.serial_hex
+            old.identity,
+            old.serial_hex
         );
         return;
     }
-    println!(
+    outln!(
         "replaced {} (serial {}): it stays valid until {} unless revoked",
         old.identity,
         old.serial_hex,
         format_time(old.not_after)
     );
-    println!("once the new certificate is deployed, revoke the old one:");
-    println!(
+    outln!("once the new certificate is deployed, revoke the old one:");
+    outln!(
         "  trmx-certs revoke --dir {} --serial {}",
         shell_word(&ca.dir().display().to_string()),
         old.serial_hex
@@ -673,8 +690,8 @@ fn note_renewed_revoked(ca: &Ca, renewal: &Renewal, revoked_at: SystemTime) {
 fn print_revoked(r: &Revocation) {
     let what = format!("{} (serial {})", r.cert.identity, r.cert.serial);
     match (r.already_revoked, r.cert.revoked_at) {
-        (true, Some(at)) => println!("{what} was already revoked on {}", format_unix(at)),
-        _ => println!("revoked {what}"),
+        (true, Some(at)) => outln!("{what} was already revoked on {}", format_unix(at)),
+        _ => outln!("revoked {what}"),
     }
 }
 

@@ -2143,6 +2143,54 @@ mod cli {
         }
     }
 
+    /// `trmx-certs issue … | head -0` (stdout closed before the tool writes) panicked with
+    /// exit status 101 after the certificate was issued and recorded: a script saw a
+    /// failure, and a retry issued a second certificate. Every command that reports what
+    /// it did to stdout ends quietly, with success, when nobody reads it. (The pipe's
+    /// reader is closed before the tool starts, so every write meets it.)
+    #[test]
+    fn a_command_whose_stdout_is_closed_is_no_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let closed_stdout = || {
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            writer
+        };
+        let run = |args: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_trmx-certs"))
+                .current_dir(d)
+                .env_remove("TRMX_CA_DIR")
+                .env_remove("RUST_BACKTRACE")
+                .args(args)
+                .stdout(closed_stdout())
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.stderr.is_empty(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["init", "--dir", "ca", "--trust-domain", "trm.example"]);
+        run(&["issue", "node", "--dir", "ca", "--participant", "NL-NRM"]);
+        run(&["request", "--name", "BE-PAYOKE"]);
+        run(&["crl", "--dir", "ca"]);
+        run(&["revoke", "--dir", "ca", "NL-NRM.pem"]);
+        // what was done is done: one certificate issued, and it is revoked
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("ca/index.json")).unwrap()).unwrap();
+        let issued = index["certs"].as_array().unwrap();
+        assert_eq!(issued.len(), 1, "{index}");
+        assert!(!issued[0]["revoked_at"].is_null(), "{index}");
+    }
+
     #[test]
     fn revoke_takes_exactly_one_of_file_and_serial() {
         let dir = tempfile::tempdir().unwrap();
