@@ -1536,7 +1536,11 @@ fn refuse_holding(path: &Path, holds: Holds) -> Result<(), CertError> {
     if !refused {
         return Ok(());
     }
+    // (a certificate and its key in one file: replaced by the certificate alone, the key
+    // in it would be lost)
+    let bundle = holds == Holds::PrivateKey && labels.contains(&"CERTIFICATE");
     let found = match labels.first() {
+        _ if bundle => "a private key beside its certificate (a bundle)".to_string(),
         Some(&"CERTIFICATE") => "a certificate".to_string(),
         Some(&"X509 CRL") => "a CRL".to_string(),
         Some(&"CERTIFICATE REQUEST") => "a certificate request".to_string(),
@@ -1545,6 +1549,10 @@ fn refuse_holding(path: &Path, holds: Holds) -> Result<(), CertError> {
         None => "no PEM data".to_string(),
     };
     let (expected, flag) = match holds {
+        Holds::PrivateKey if bundle => (
+            "a certificate alone",
+            "the certificate path: keep the certificate and its key in files of their own",
+        ),
         Holds::PrivateKey => (
             "a certificate",
             "the certificate path (are certificate and key swapped?)",

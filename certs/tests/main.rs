@@ -519,6 +519,44 @@ mod ca_files {
         assert_ne!(renewed.new.serial_hex, renewed.old.serial_hex);
     }
 
+    /// A certificate file that holds its key too (a bundle, as some operators keep for the
+    /// admin CLI) given to `renew` or to `issue --force` was refused with "it holds a
+    /// certificate, not a certificate". It is refused saying that it is a bundle and what
+    /// to do, and nothing changes.
+    #[test]
+    fn a_certificate_bundled_with_its_key_is_refused_as_a_bundle() {
+        let (d, fed) = federation();
+        let node = fed.participant("NL-NRM").unwrap();
+        let bundle = d.path().join("bundle.pem");
+        let mut pem = std::fs::read(&node.cert).unwrap();
+        pem.extend(std::fs::read(&node.key).unwrap());
+        std::fs::write(&bundle, pem).unwrap();
+        let ca_dir = fed.dir.join("ca");
+        let before = snapshot(&[&ca_dir, d.path()]);
+        let paths = CertPaths {
+            cert: bundle.clone(),
+            key: d.path().join("bundle.key"),
+        };
+        let renewed = fed.ca.renew(&paths, 30).unwrap_err().to_string();
+        let issued = fed
+            .ca
+            .issue(&IssueSpec::participant("NL-NRM"), &paths, true)
+            .unwrap_err()
+            .to_string();
+        for err in [renewed, issued] {
+            assert_eq!(
+                err,
+                format!(
+                    "refusing to replace {}: it holds a private key beside its certificate (a \
+                     bundle), not a certificate alone; check the certificate path: keep the \
+                     certificate and its key in files of their own",
+                    bundle.display()
+                )
+            );
+        }
+        assert_eq!(snapshot(&[&ca_dir, d.path()]), before, "nothing changed");
+    }
+
     /// A clock set back before the CA was made (a dead CMOS battery, a VM restored with an
     /// old clock) issued certificates and CRLs dated by it: expired, or past their
     /// nextUpdate, for everyone whose clock is right, with no word. Issue, CRL and revoke
