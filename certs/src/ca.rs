@@ -1462,7 +1462,12 @@ pub(crate) fn ca_file_at(path: &Path) -> Option<PathBuf> {
     let holds_ca = ["ca.pem", "ca.key"]
         .into_iter()
         .any(|file| std::fs::symlink_metadata(target_dir.join(file)).is_ok());
-    (CA_OWN_FILES.contains(&target_name) && holds_ca).then_some(target)
+    // (any case: on a file system that ignores it, vfat on the CA's USB stick, `--out
+    // ca/CA` names ca.key)
+    let own = CA_OWN_FILES
+        .iter()
+        .any(|file| file.eq_ignore_ascii_case(target_name));
+    (own && holds_ca).then_some(target)
 }
 
 /// Whether `a` and `b` both exist and are the same file (a hard or symbolic link).

@@ -2054,6 +2054,56 @@ mod cli {
         ok(&certs(d, &["crl", "--dir", "ca2"]));
     }
 
+    /// On a file system that ignores case (vfat, as on a USB stick that carries an offline
+    /// CA), `request --out ca/CA --force`, or `issue` with another CA to it, writes over
+    /// `ca.key`: a CA file name is one in any case. (Here, on a file system that keeps
+    /// case, the refusal is what is seen.)
+    #[test]
+    fn a_ca_file_named_in_another_case_is_a_ca_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        ok(&certs(
+            d,
+            &[
+                "init",
+                "--dir",
+                "ca2",
+                "--trust-domain",
+                "trm.example",
+                "--name",
+                "CA 2",
+            ],
+        ));
+        for args in [
+            &["request", "--name", "NL-NRM", "--out", "ca/CA", "--force"][..],
+            &[
+                "issue",
+                "node",
+                "--dir",
+                "ca2",
+                "--participant",
+                "NL-NRM",
+                "--out",
+                "ca/Ca",
+                "--force",
+            ],
+        ] {
+            let err = failed(&certs(d, args));
+            assert!(
+                err.starts_with("error: refusing to write ca/C"),
+                "{args:?}: {err}"
+            );
+            assert!(err.contains(": it is the CA's own "), "{args:?}: {err}");
+        }
+        let written: Vec<_> = std::fs::read_dir(d.join("ca"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with('C'))
+            .collect();
+        assert_eq!(written, Vec::<String>::new());
+    }
+
     /// `request --out NL-NRM --force` at an organisation wrote a new key over the one its
     /// valid certificate NL-NRM.pem needs: the node could not use that certificate at its
     /// next start. That is refused, even with --force, naming the certificate and another
