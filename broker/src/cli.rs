@@ -247,14 +247,22 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         let now = std::time::SystemTime::now();
         let certificate = certificate_validity(&config, now)?;
         let crl = crl_freshness(&config, now)?;
-        print!("{}", config.to_toml()?);
-        println!("# clock: {}", checked.clock_line());
-        println!("# certificate: {certificate}");
+        let mut out = config.to_toml()?;
+        out.push_str(&format!("# clock: {}\n", checked.clock_line()));
+        out.push_str(&format!("# certificate: {certificate}\n"));
         if let Some(crl) = crl {
-            println!("# crl: {crl}");
+            out.push_str(&format!("# crl: {crl}\n"));
         }
-        println!("# config OK: {}", config_path.display());
-        return Ok(());
+        out.push_str(&format!("# config OK: {}\n", config_path.display()));
+        // (a reader that went away, `check-config | grep -q …`, is no panic with exit
+        // status 101 for a config that passed)
+        use std::io::Write as _;
+        return match std::io::stdout().lock().write_all(out.as_bytes()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(anyhow::anyhow!("cannot write to stdout: {e}"))
+            }
+            _ => Ok(()),
+        };
     }
     config.validate()?;
     init_tracing(&log_filter)?;

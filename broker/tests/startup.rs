@@ -830,6 +830,33 @@ async fn the_admin_cli_says_which_flag_to_check_when_it_cannot_reach_the_broker(
     Ok(())
 }
 
+/// `trmx-broker check-config | grep -q …` (stdout closed before the check writes) panicked
+/// with exit status 101 for a config that passed, which a script read as a failed check.
+/// It now exits 0 and says nothing on stderr. (The pipe's reader is closed before the
+/// broker starts, so every write meets it.)
+#[test]
+fn check_config_whose_stdout_is_closed_is_no_panic() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let config = test_config(dir.path().join("data"), pki.tls.clone());
+    let config_file = dir.path().join("broker.toml");
+    std::fs::write(&config_file, config.to_toml()?)?;
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config_file)
+        .env_remove("TRMX_BROKER_CONFIG")
+        .env_remove("RUST_BACKTRACE")
+        .env("TRMX_LOG", "error")
+        .stdout(writer)
+        .output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    Ok(())
+}
+
 /// A CRL past its nextUpdate passed `check-config` with "config OK" and exit status 0,
 /// its only trace a WARN log line: under `crl_policy = "strict"` the broker then refuses
 /// every connection. That is now a failure naming `tls.crl`, the CA, the time and what to
