@@ -556,3 +556,64 @@ async fn a_header_block_that_never_ends_is_sent_away() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A node's submit refused mid-body by its identity's request-bytes budget gets
+/// `RESOURCE_EXHAUSTED` through tonic's own client (a code the node retries, not a
+/// transport error), and its connection stays up: more refusals than
+/// `LOCAL_ERROR_RESET_STREAMS` on one connection, each leaving a request body unread, do
+/// not get it sent away, and the same client is served once the budget is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_refused_mid_body_gets_resource_exhausted_and_keeps_its_connection()
+-> anyhow::Result<()> {
+    const BUDGET: u64 = 2 << 20;
+    /// More than the broker's `LOCAL_ERROR_RESET_STREAMS` (1024).
+    const REFUSALS: usize = 1100;
+    let t = TestBroker::start_with(|c| {
+        c.limits.max_incoming_request_bytes_per_identity = BUDGET;
+    })
+    .await?;
+    // two stalled requests of NL-NRM hold all but 48 KiB of its budget
+    let mut sender = h2_to(&t, "NL-NRM", &h2::client::Builder::new()).await?;
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let (response, mut body) =
+            sender.send_request(grpc_request(&t, "/trmx.v1.Exchange/Submit")?, false)?;
+        body.send_data(partial_message(1 << 20, 1000 << 10), false)?;
+        stalled.push((response, body));
+        sender = sender.ready().await?;
+    }
+    let mut nl = t.client("NL-NRM")?;
+    let big = envelope("BE-PAYOKE", trmx_proto::Kind::Referral, &[7u8; 60 << 10]);
+    // (their bytes are held once the broker has read them: until then a submit fits)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match submit(&mut nl, big.clone()).await {
+            Err(status) if status.code() == Code::ResourceExhausted => break,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => anyhow::bail!("submit beside the stalled requests: {other:?}"),
+        }
+    }
+    for i in 0..REFUSALS {
+        match submit(&mut nl, big.clone()).await {
+            Err(status) if status.code() == Code::ResourceExhausted => {}
+            other => anyhow::bail!("submit {i} past the budget: {other:?}"),
+        }
+    }
+    drop((stalled, sender));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match submit(&mut nl, big.clone()).await {
+            Ok(_) => break,
+            Err(status)
+                if status.code() == Code::ResourceExhausted
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(status) => anyhow::bail!("NL-NRM's submit after its stalled requests: {status}"),
+        }
+    }
+    Ok(())
+}
