@@ -368,7 +368,9 @@ async fn malformed_grpc_gets_a_clear_code_and_stores_nothing() -> anyhow::Result
                 .insert("grpc-encoding", encoding.parse()?);
         }
         let (response, mut stream) = sender.send_request(request, false)?;
-        stream.send_data(body.into(), true)?;
+        // (the broker may answer on the headers alone, an unknown method at once, and
+        // end the stream before its body is sent: "inactive stream"; the answer counts)
+        let _ = stream.send_data(body.into(), true);
         assert_eq!(grpc_code(response).await?, code, "{what}");
         sender = sender.ready().await?;
     }

@@ -162,19 +162,24 @@ struct Charge {
 }
 
 impl Charge {
-    /// Takes `bytes` more from the budget, or refuses the request.
+    /// Takes `bytes` more from the budget, or refuses the request. A refused request
+    /// gives back what it held at once, not when tonic drops its body: its bytes are
+    /// dropped with it, and held on they would refuse the identity's other requests
+    /// meanwhile (of several requests sharing a budget, all but those that fit in it
+    /// could be refused).
     fn take(&mut self, bytes: u64) -> Result<(), Status> {
-        let budgets = &*self.budgets;
         {
-            let mut held = budgets.held();
+            let mut held = self.budgets.held();
             let total = held.get(&self.identity).copied().unwrap_or(0);
-            if total.saturating_add(bytes) <= budgets.limit {
+            if total.saturating_add(bytes) <= self.budgets.limit {
                 held.insert(self.identity.clone(), total + bytes);
                 self.held += bytes;
                 return Ok(());
             }
         }
+        self.give_back();
         self.refused = true;
+        let budgets = &*self.budgets;
         budgets.refused.fetch_add(1, Ordering::Relaxed);
         if let Some(refused) = budgets.throttle.count(0) {
             tracing::warn!(
@@ -193,8 +198,9 @@ impl Charge {
     }
 }
 
-impl Drop for Charge {
-    fn drop(&mut self) {
+impl Charge {
+    /// Gives back to the budget what this request holds.
+    fn give_back(&mut self) {
         if self.held == 0 {
             return;
         }
@@ -205,6 +211,13 @@ impl Drop for Charge {
                 held.remove(&self.identity);
             }
         }
+        self.held = 0;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 
@@ -279,6 +292,18 @@ mod tests {
         );
         assert_eq!(layer.refused(), 1);
         assert_eq!(layer.held(), 160);
+        // a refused request gives back what it held at once, not when it is dropped
+        let mut fourth = charge(&layer, "participant BE-PAYOKE");
+        assert!(fourth.take(0).is_ok());
+        let mut partial = charge(&layer, "participant NL-NRM");
+        assert!(partial.take(30).is_ok());
+        assert!(partial.take(20).is_err(), "60 + 30 + 20 is past 100");
+        assert_eq!(
+            layer.held(),
+            160,
+            "the 30 bytes of the refused request are back"
+        );
+        drop((fourth, partial));
 
         drop(first);
         let mut third = charge(&layer, "participant NL-NRM");
