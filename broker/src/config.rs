@@ -223,7 +223,8 @@ pub struct LimitsConfig {
     /// A request whose next bytes would go past it is refused (`RESOURCE_EXHAUSTED`), so
     /// that a client sending part of a large message on each of its streams and stalling
     /// cannot fill the broker's memory; the other identities are not affected. At least
-    /// `max_envelope_bytes` and 1 MiB more (one largest request whole).
+    /// `max_envelope_bytes` and 1 MiB more (one largest request whole); unset in a config
+    /// file, 64 MiB or that, whichever is larger.
     #[serde(
         default = "default_max_incoming_request_bytes_per_identity",
         with = "units::bytes"
@@ -575,10 +576,27 @@ impl BrokerConfig {
     /// Parses and validates TOML text. Relative paths stay relative (to the
     /// working directory).
     pub fn from_toml(text: &str) -> Result<Self, BrokerError> {
-        let config: BrokerConfig = toml::from_str(text).map_err(|e| BrokerError::ConfigParse {
-            path: "<text>".into(),
-            message: e.message().to_string() + &span_hint(text, e.span()),
-        })?;
+        let mut config: BrokerConfig =
+            toml::from_str(text).map_err(|e| BrokerError::ConfigParse {
+                path: "<text>".into(),
+                message: e.message().to_string() + &span_hint(text, e.span()),
+            })?;
+        // Unset, the request-bytes budget grows with `max_envelope_bytes`: a config whose
+        // envelopes are larger than its default holds (up to 64 MiB, valid before this
+        // limit existed) must not stop the broker at its first start after an upgrade.
+        let budget_set = toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|table| table.get("limits")?.as_table().cloned())
+            .is_some_and(|limits| limits.contains_key("max_incoming_request_bytes_per_identity"));
+        if !budget_set {
+            let limits = &mut config.limits;
+            limits.max_incoming_request_bytes_per_identity =
+                limits.max_incoming_request_bytes_per_identity.max(
+                    limits
+                        .max_envelope_bytes
+                        .saturating_add(REQUEST_MARGIN_BYTES),
+                );
+        }
         config.validate()?;
         Ok(config)
     }
@@ -1205,6 +1223,39 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
             err,
             "config: admin_allowed_hosts[1] must be a host name (letters, digits, '-' and '.'), \
              got \"bad host\""
+        );
+    }
+
+    /// A config valid before the request-bytes budget existed stays valid: unset, the
+    /// budget grows with `max_envelope_bytes`; set, it must hold one largest request.
+    #[test]
+    fn the_request_bytes_budget_grows_with_the_envelope_limit_unless_set() {
+        let budget = |extra: &str| {
+            BrokerConfig::from_toml(&format!("{}{extra}", minimal()))
+                .map(|c| c.limits.max_incoming_request_bytes_per_identity)
+        };
+        assert_eq!(budget("").unwrap(), 64 << 20);
+        assert_eq!(
+            budget("[limits]\nmax_envelope_bytes = \"64MiB\"\n").unwrap(),
+            65 << 20
+        );
+        assert_eq!(
+            budget(
+                "[limits]\nmax_envelope_bytes = \"64MiB\"\n\
+                 max_incoming_request_bytes_per_identity = \"80MiB\"\n"
+            )
+            .unwrap(),
+            80 << 20
+        );
+        let err = budget(
+            "[limits]\nmax_envelope_bytes = \"64MiB\"\n\
+             max_incoming_request_bytes_per_identity = \"64MiB\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("config: limits.max_incoming_request_bytes_per_identity"),
+            "{err}"
         );
     }
 
