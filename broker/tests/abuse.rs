@@ -269,10 +269,20 @@ async fn requests_that_stall_mid_message_hold_no_more_than_their_identitys_budge
     drop((answers, bodies, sender));
     let mut nl = t.client("NL-NRM")?;
     let big = envelope("BE-PAYOKE", trmx_proto::Kind::Referral, &[7u8; 60 << 10]);
+    accepted_once_the_stalled_bytes_are_back(&mut nl, big).await
+}
+
+/// Submits `envelope` as NL-NRM until the broker takes it: its stalled requests were
+/// just dropped, and their bytes come back to its budget once the broker has seen
+/// their streams reset (within [`WAIT`]).
+async fn accepted_once_the_stalled_bytes_are_back(
+    nl: &mut Client,
+    envelope: pb::Envelope,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        match submit(&mut nl, big.clone()).await {
-            Ok(_) => break,
+        match submit(nl, envelope.clone()).await {
+            Ok(_) => return Ok(()),
             Err(status)
                 if status.code() == Code::ResourceExhausted
                     && tokio::time::Instant::now() < deadline =>
@@ -282,7 +292,6 @@ async fn requests_that_stall_mid_message_hold_no_more_than_their_identitys_budge
             Err(status) => anyhow::bail!("NL-NRM's submit after its stalled requests: {status}"),
         }
     }
-    Ok(())
 }
 
 /// `message` as the body of a unary gRPC request: uncompressed, its length, its bytes.
@@ -604,18 +613,5 @@ async fn a_submit_refused_mid_body_gets_resource_exhausted_and_keeps_its_connect
         }
     }
     drop((stalled, sender));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match submit(&mut nl, big.clone()).await {
-            Ok(_) => break,
-            Err(status)
-                if status.code() == Code::ResourceExhausted
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(status) => anyhow::bail!("NL-NRM's submit after its stalled requests: {status}"),
-        }
-    }
-    Ok(())
+    accepted_once_the_stalled_bytes_are_back(&mut nl, big).await
 }

@@ -212,17 +212,8 @@ impl OperatorService {
         sender: Option<&ParticipantId>,
     ) -> Result<Option<StatusRecord>, BrokerError> {
         let shared = &self.shared;
-        let filter = SearchFilter {
-            message_id: Some(id),
-            sender: sender.cloned(),
-            limit: 1,
-            ..SearchFilter::default()
-        };
-        Ok(shared
-            .stored(shared.store.search(filter).await)?
-            .records
-            .into_iter()
-            .next())
+        let found = shared.store.search(by_id(id, sender, 1)).await;
+        Ok(shared.stored(found)?.records.into_iter().next())
     }
 
     async fn redrive(
@@ -277,15 +268,9 @@ impl OperatorService {
         sender: Option<&ParticipantId>,
     ) -> Result<(), BrokerError> {
         let shared = &self.shared;
-        let filter = SearchFilter {
-            message_id: Some(id),
-            sender: sender.cloned(),
-            limit: 2,
-            ..SearchFilter::default()
-        };
         // (a failed read leaves the answer to the store's redrive, as for the reasons
         // it refuses: it cannot turn into an error a redrive would not give)
-        let Ok(page) = shared.store.search(filter).await else {
+        let Ok(page) = shared.store.search(by_id(id, sender, 2)).await else {
             return Ok(());
         };
         let [record] = page.records.as_slice() else {
@@ -589,6 +574,16 @@ fn parse_message_id(value: &str) -> Result<MessageId, BrokerError> {
         return Err(ValidationError::new("message_id", "is required").into());
     }
     MessageId::parse(value).map_err(|e| BrokerError::InvalidArgument(e.within("message_id")))
+}
+
+/// The search for the messages with `id` (of `sender`, when given), at most `limit`.
+fn by_id(id: MessageId, sender: Option<&ParticipantId>, limit: usize) -> SearchFilter {
+    SearchFilter {
+        message_id: Some(id),
+        sender: sender.cloned(),
+        limit,
+        ..SearchFilter::default()
+    }
 }
 
 /// The optional `sender` of a purge or redrive.

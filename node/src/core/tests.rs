@@ -2956,15 +2956,12 @@ mod link {
         nl.shutdown().await;
     }
 
-    /// A delivery whose message id is none (a broken broker) is rejected, and the
-    /// text in its place, which could be anything, stays out of the log.
-    #[tokio::test]
-    async fn a_delivery_whose_id_is_none_is_rejected_without_logging_it() {
-        let logs = LogCapture::start();
-        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
-        let payload = referral().encode();
-        let env = pb::Envelope {
-            message_id: "Maria Gonzalez\nINFO forged line".into(),
+    /// A referral envelope from the fake broker to BE-PAYOKE, made at `START`, under
+    /// `message_id` and carrying `payload` as it is (a test decides whether it is a
+    /// valid referral).
+    fn referral_to_be(message_id: impl Into<String>, payload: Vec<u8>) -> pb::Envelope {
+        pb::Envelope {
+            message_id: message_id.into(),
             recipient: "BE-PAYOKE".into(),
             kind: Kind::Referral.to_pb() as i32,
             case_ref: trmx_proto::CaseRef::new_random().to_string(),
@@ -2974,7 +2971,17 @@ mod link {
             payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
             payload,
             ..Default::default()
-        };
+        }
+    }
+
+    /// A delivery whose message id is none (a broken broker) is rejected, and the
+    /// text in its place, which could be anything, stays out of the log.
+    #[tokio::test]
+    async fn a_delivery_whose_id_is_none_is_rejected_without_logging_it() {
+        let logs = LogCapture::start();
+        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
+        let payload = referral().encode();
+        let env = referral_to_be("Maria Gonzalez\nINFO forged line", payload);
         broker.enqueue(env, "NL-NRM");
         until("BE rejects it", || async {
             !broker.lock().rejected.is_empty()
@@ -3018,18 +3025,7 @@ mod link {
         let be = online_with(cfg, addr, clock).await;
         let held = broker.ack_hold.clone().lock_owned().await;
         let payload = referral().encode();
-        let env = pb::Envelope {
-            message_id: MessageId::new_v7().to_string(),
-            recipient: "BE-PAYOKE".into(),
-            kind: Kind::Referral.to_pb() as i32,
-            case_ref: trmx_proto::CaseRef::new_random().to_string(),
-            priority: pb::Priority::Normal as i32,
-            created_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START))),
-            content_type: Kind::Referral.content_type(),
-            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
-            payload,
-            ..Default::default()
-        };
+        let env = referral_to_be(MessageId::new_v7().to_string(), payload);
         broker.enqueue(env, "NL-NRM");
         until("the message is stored", || async {
             be.inbox(&ListFilter::default()).await.unwrap().len() == 1
@@ -3097,18 +3093,7 @@ mod link {
         let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
         let payload = vec![0x5a; 5 << 20];
         let id = MessageId::new_v7();
-        let env = pb::Envelope {
-            message_id: id.to_string(),
-            recipient: "BE-PAYOKE".into(),
-            kind: Kind::Referral.to_pb() as i32,
-            case_ref: trmx_proto::CaseRef::new_random().to_string(),
-            priority: pb::Priority::Normal as i32,
-            created_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START))),
-            content_type: Kind::Referral.content_type(),
-            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
-            payload,
-            ..Default::default()
-        };
+        let env = referral_to_be(id.to_string(), payload);
         broker.enqueue(env, "NL-NRM");
         until("BE rejects it", || async {
             !broker.lock().rejected.is_empty()
@@ -3137,18 +3122,7 @@ mod link {
         broker.lock().end_streams = None;
         let payload = vec![0x5a; super::super::MAX_DELIVERY_BYTES + (1 << 20)];
         let id = MessageId::new_v7();
-        let env = pb::Envelope {
-            message_id: id.to_string(),
-            recipient: "BE-PAYOKE".into(),
-            kind: Kind::Referral.to_pb() as i32,
-            case_ref: trmx_proto::CaseRef::new_random().to_string(),
-            priority: pb::Priority::Normal as i32,
-            created_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START))),
-            content_type: Kind::Referral.content_type(),
-            payload_sha256: trmx_proto::envelope::sha256(&payload).to_vec(),
-            payload,
-            ..Default::default()
-        };
+        let env = referral_to_be(id.to_string(), payload);
         broker.enqueue(env, "NL-NRM");
         until("BE rejects it", || async {
             !broker.lock().rejected.is_empty()
