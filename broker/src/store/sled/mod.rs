@@ -471,28 +471,39 @@ fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
     ))
 }
 
+/// What an operator reads when the data directory cannot be opened.
+///
+/// sled 0.34 reports a failed directory lock as `could not acquire lock on "<path>":
+/// <the OS error in Rust's debug form>` (an `Other` I/O error): that text is told as a
+/// sentence instead, so that `trmx-broker run`, `store verify` and `store compact` say
+/// what to do rather than print `Os { code: 11, kind: WouldBlock, .. }`.
 fn describe_open_error(e: &::sled::Error) -> String {
-    if let ::sled::Error::Io(io) = e {
-        match io.kind() {
-            std::io::ErrorKind::WouldBlock => {
-                return "the data directory is locked by another process (is another broker running on it?)"
-                    .to_owned();
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                return format!("the data directory is not writable: {io}");
-            }
-            _ => {
-                let text = io.to_string();
-                if text.contains("lock") {
-                    return format!(
-                        "the data directory is locked by another process (is another broker running on it?): {text}"
-                    );
-                }
-                return text;
-            }
-        }
+    const LOCKED: &str = "the data directory is locked by another process (is a broker running on it? stop it first)";
+    let ::sled::Error::Io(io) = e else {
+        return e.to_string();
+    };
+    let text = io.to_string();
+    let lock_failed = text.starts_with("could not acquire lock");
+    if io.kind() == std::io::ErrorKind::WouldBlock || (lock_failed && text.contains("WouldBlock")) {
+        return LOCKED.to_owned();
     }
-    e.to_string()
+    if lock_failed {
+        return format!(
+            "cannot lock the data directory: {}",
+            debug_os_message(&text).unwrap_or("the operating system refused the lock")
+        );
+    }
+    match io.kind() {
+        std::io::ErrorKind::PermissionDenied => format!("the data directory is not writable: {io}"),
+        _ => text,
+    }
+}
+
+/// The `message: "…"` of an `io::Error` printed in Rust's debug form inside `text`.
+fn debug_os_message(text: &str) -> Option<&str> {
+    let start = text.find("message: \"")? + "message: \"".len();
+    let len = text[start..].find('"')?;
+    Some(&text[start..start + len])
 }
 
 /// [`RUNNING_KEY`] in `meta`.
@@ -926,6 +937,26 @@ impl SledStore {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    /// sled's lock error as sled 0.34 builds it (`config.rs`).
+    fn sled_lock_error(os: std::io::Error) -> ::sled::Error {
+        ::sled::Error::Io(std::io::Error::other(format!(
+            "could not acquire lock on {:?}: {:?}",
+            "/var/lib/trmx/broker/db", os
+        )))
+    }
+
+    #[test]
+    fn a_held_lock_is_told_as_a_sentence_without_debug_text() {
+        let held = sled_lock_error(std::io::Error::from_raw_os_error(libc::EWOULDBLOCK));
+        let told = describe_open_error(&held);
+        assert!(told.contains("locked by another process"), "{told}");
+        assert!(!told.contains("Os {") && !told.contains("kind:"), "{told}");
+
+        let refused = sled_lock_error(std::io::Error::from_raw_os_error(libc::EACCES));
+        let told = describe_open_error(&refused);
+        assert_eq!(told, "cannot lock the data directory: Permission denied");
+    }
 
     /// The nice value of a thread, from /proc/self/task/TID/stat (field 19).
     fn nice_of(stat_path: &Path) -> Option<i32> {
