@@ -797,6 +797,14 @@ mod tests {
                 "not a server certificate",
             ),
             (
+                "a participant's certificate as the CA",
+                Box::new({
+                    let node = node.clone();
+                    move |tls| tls.ca = node.cert.clone()
+                }),
+                "config: tls.ca: CA certificate",
+            ),
+            (
                 "another CA's CRL",
                 Box::new({
                     let crl = other.crl_path();

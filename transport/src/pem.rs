@@ -75,6 +75,13 @@ pub(crate) fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError>
 pub(crate) fn roots(path: &Path) -> Result<Arc<RootCertStore>, TransportError> {
     let mut store = RootCertStore::empty();
     for cert in certs(TlsFile::Ca, path)? {
+        if let Some(reason) = not_a_ca(&cert) {
+            return Err(TransportError::Invalid {
+                file: TlsFile::Ca,
+                path: path.to_owned(),
+                reason,
+            });
+        }
         store.add(cert).map_err(|e| TransportError::Invalid {
             file: TlsFile::Ca,
             path: path.to_owned(),
@@ -82,6 +89,22 @@ pub(crate) fn roots(path: &Path) -> Result<Arc<RootCertStore>, TransportError> {
         })?;
     }
     Ok(Arc::new(store))
+}
+
+/// Why `cert` cannot be a trust anchor of the federation, if it cannot: a certificate
+/// that is not a CA's (a participant's or the broker's own, given as `tls.ca` by
+/// mistake). rustls would take it, and every peer would then be refused later with a
+/// message about the CRL or the chain; this names the file that is wrong.
+fn not_a_ca(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if parsed.is_ca() {
+        return None;
+    }
+    Some(format!(
+        "{} is not a CA certificate (a participant's or the broker's own?): point it at \
+         the federation CA's certificate (ca.pem in the CA directory of `trmx-certs`)",
+        parsed.subject()
+    ))
 }
 
 /// CRLs read from one file, with the earliest `nextUpdate` among them.
