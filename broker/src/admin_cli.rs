@@ -474,25 +474,28 @@ pub fn run_offline_store(args: OfflineStoreArgs) -> ExitCode {
     };
     match crate::store::compact_offline(&data_dir, output.as_deref()) {
         Ok(report) => {
-            println!(
-                "compacted {}: {} -> {} on disk ({} keys, {} of keys and values)",
-                report.compacted.display(),
-                fmt_bytes(report.bytes_before),
-                fmt_bytes(report.bytes_after),
-                report.keys,
-                fmt_bytes(report.key_value_bytes)
-            );
-            match &report.original_kept_at {
-                Some(kept) => println!(
+            let kept = match &report.original_kept_at {
+                Some(kept) => format!(
                     "the original store is kept at {}: remove it once the broker runs well on \
                      the compacted one",
                     kept.display()
                 ),
-                None => println!(
+                None => format!(
                     "{} is unchanged; stop using it before you move the copy into its place",
                     data_dir.display()
                 ),
-            }
+            };
+            report_done(
+                "compact",
+                &format!(
+                    "compacted {}: {} -> {} on disk ({} keys, {} of keys and values)\n{kept}\n",
+                    report.compacted.display(),
+                    fmt_bytes(report.bytes_before),
+                    fmt_bytes(report.bytes_after),
+                    report.keys,
+                    fmt_bytes(report.key_value_bytes)
+                ),
+            );
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -512,14 +515,18 @@ fn accept_clock(data_dir: &std::path::Path) -> ExitCode {
     match crate::store::accept_clock_offline(data_dir, now, &operator) {
         Ok(before) => {
             let before = before.map_or_else(|| "nothing".to_owned(), fmt_millis);
-            println!(
-                "recorded {} as the last run of the broker on {} (it was {before}): the \
-                 broker starts with this clock; audited as done by {operator}",
-                fmt_millis(now),
-                data_dir.display()
-            );
             // (the store's mark is what the start checks: done, whatever becomes of this)
-            if let Err(error) = crate::last_run::write(data_dir, now) {
+            let last_run = crate::last_run::write(data_dir, now);
+            report_done(
+                "accept-clock",
+                &format!(
+                    "recorded {} as the last run of the broker on {} (it was {before}): the \
+                     broker starts with this clock; audited as done by {operator}\n",
+                    fmt_millis(now),
+                    data_dir.display()
+                ),
+            );
+            if let Err(error) = last_run {
                 eprintln!(
                     "trmx-broker store accept-clock: warning: {}; check-config cannot check \
                      the clock until the broker has run and written it",
@@ -602,7 +609,10 @@ fn os_user() -> (u32, Option<String>) {
 fn verify_store(data_dir: &std::path::Path) -> ExitCode {
     match crate::store::verify_store_offline(data_dir) {
         Ok(report) => {
-            println!("{report}");
+            if let Err(error) = print_out(&format!("{report}\n")) {
+                eprintln!("trmx-broker store verify: {error}");
+                return ExitCode::FAILURE;
+            }
             if report.is_consistent() {
                 ExitCode::SUCCESS
             } else {
@@ -889,6 +899,15 @@ fn emit<T: serde::Serialize>(
         print_out(&format!("{text}\n"))
     } else {
         print_out(&table(value))
+    }
+}
+
+/// Prints what an offline `store` command did. It is done whatever becomes of the
+/// report: a reader that went away (`store compact | head -0`) or a failed write is no
+/// reason for a panic or a failure status (a script would do it again).
+fn report_done(command: &str, text: &str) {
+    if let Err(error) = print_out(text) {
+        eprintln!("trmx-broker store {command}: done, but {error}");
     }
 }
 

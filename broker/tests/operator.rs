@@ -1512,6 +1512,55 @@ async fn store_compact_on_a_stopped_broker_keeps_its_messages() -> anyhow::Resul
     Ok(())
 }
 
+/// `trmx-broker store compact | head -0` (stdout closed before the tool writes) panicked
+/// with exit status 101 after compacting: a script saw a failure and compacted again; and
+/// `store accept-clock` panicked before it wrote the last-run file that `check-config`
+/// checks the clock with. Each offline command now ends quietly, with success, when nobody
+/// reads its report. (The pipe's reader is closed before the tool starts, so every write
+/// meets it.)
+#[tokio::test]
+async fn offline_store_commands_whose_stdout_is_closed_are_no_panic() -> anyhow::Result<()> {
+    let mut t = TestBroker::start().await?;
+    let data_dir = t.config.data_dir.clone();
+    let mut nl = t.client("NL-NRM")?;
+    let waiting = referral("BE-PAYOKE");
+    submit(&mut nl, waiting.clone()).await?;
+    drop(nl);
+    t.broker.shutdown().await?;
+    std::fs::remove_file(trmx_broker::last_run::path(&data_dir))?;
+
+    for command in ["verify", "accept-clock", "compact"] {
+        let data_dir = data_dir.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let (reader, writer) = std::io::pipe()?;
+            drop(reader);
+            Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+                .args(["store", command, "--data-dir"])
+                .arg(&data_dir)
+                .env_remove("TRMX_BROKER_CONFIG")
+                .env_remove("RUST_BACKTRACE")
+                .stdout(writer)
+                .output()
+        })
+        .await??;
+        assert_eq!(out.status.code(), Some(0), "{command}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{command}");
+    }
+    assert!(
+        matches!(
+            trmx_broker::last_run::read(&data_dir),
+            trmx_broker::last_run::LastRun::At(_)
+        ),
+        "accept-clock wrote no last-run file"
+    );
+    // the compacted store has the message
+    t.restart().await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 0).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), waiting.message_id);
+    Ok(())
+}
+
 #[tokio::test]
 async fn admin_by_ip_address_says_how_to_give_the_broker_name() -> anyhow::Result<()> {
     let t = TestBroker::start().await?;
