@@ -40,8 +40,8 @@ pub struct AdminArgs {
     /// Name the broker's certificate must carry (default: the host of --broker).
     #[arg(long, env = "TRMX_ADMIN_SERVER_NAME")]
     pub server_name: Option<String>,
-    /// Seconds to wait for the broker's answer (the whole command; each refresh of
-    /// `queues --watch`). A broker that takes the connection but answers nothing (its store
+    /// Seconds to wait for each answer of the broker (each page of a long search, each
+    /// refresh of `queues --watch`). A broker that takes the connection but answers nothing (its store
     /// stuck) is then reported instead of waited for.
     #[arg(long, env = "TRMX_ADMIN_TIMEOUT", default_value_t = DEFAULT_TIMEOUT_SECS, value_name = "SECS")]
     pub timeout: u64,
@@ -125,7 +125,7 @@ pub enum AuditCommand {
 }
 
 /// The filter of `admin messages`.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct MessageFilter {
     /// Only this message id.
     #[arg(long)]
@@ -162,11 +162,16 @@ pub struct MessageFilter {
 
 /// A failure of an admin command: one line for stderr.
 #[derive(Debug)]
-pub struct AdminError(pub String);
+pub struct AdminError {
+    message: String,
+    /// The broker gave no answer to a call within `--timeout` ([`execute`] says what
+    /// that means).
+    unanswered: bool,
+}
 
 impl std::fmt::Display for AdminError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -175,6 +180,9 @@ impl From<tonic::Status> for AdminError {
     /// "transport error", its causes say why (a revoked or expired operator certificate, a
     /// broker certificate without the name connected to, ...).
     fn from(status: tonic::Status) -> Self {
+        // (tonic's per-request timeout: `ClientOptions::request_timeout`)
+        let unanswered = status.code() == tonic::Code::Cancelled
+            && status.message() == tonic::TimeoutExpired(()).to_string();
         let code = trmx_transport::code_name(status.code());
         let mut text = format!("{code}: {}", status.message());
         let mut cause = std::error::Error::source(&status);
@@ -197,7 +205,10 @@ impl From<tonic::Status> for AdminError {
             text.push_str(hint);
             text.push(')');
         }
-        AdminError(one_line(&text))
+        AdminError {
+            message: one_line(&text),
+            unanswered,
+        }
     }
 }
 
@@ -351,7 +362,10 @@ fn one_line(text: &str) -> String {
 }
 
 fn fail(message: impl Into<String>) -> AdminError {
-    AdminError(one_line(&message.into()))
+    AdminError {
+        message: one_line(&message.into()),
+        unanswered: false,
+    }
 }
 
 /// Runs `trmx-broker admin` and returns the exit code; prints the failure line.
@@ -636,6 +650,7 @@ async fn connect(args: &AdminArgs) -> Result<OperatorClient<Channel>, AdminError
     };
     let options = ClientOptions {
         server_name: args.server_name.clone().unwrap_or_default(),
+        request_timeout: Some(answer_limit(args)),
         ..ClientOptions::default()
     };
     let channel =
@@ -645,17 +660,24 @@ async fn connect(args: &AdminArgs) -> Result<OperatorClient<Channel>, AdminError
 
 /// Runs one admin command (what [`run`] does, without printing the failure).
 ///
-/// Gives up after `--timeout` seconds without the answers (each refresh of `queues
-/// --watch` gets its own), saying what the silence means.
+/// Gives up when one of its calls gets no answer within `--timeout` seconds (each call
+/// has its own limit: the pages of a long search, each refresh of `queues --watch`),
+/// saying what the silence means.
 pub async fn execute(args: AdminArgs) -> Result<(), AdminError> {
-    let limit = Duration::from_secs(args.timeout.max(1));
+    let limit = answer_limit(&args);
     let (broker, command) = (args.broker.clone(), command_name(&args.command));
-    if matches!(args.command, AdminCommand::Queues { watch: Some(_), .. }) {
-        return execute_within(args, limit).await;
-    }
-    tokio::time::timeout(limit, execute_within(args, limit))
-        .await
-        .unwrap_or_else(|_| Err(no_answer(&broker, limit, command)))
+    execute_unlimited(args).await.map_err(|error| {
+        if error.unanswered {
+            no_answer(&broker, limit, command)
+        } else {
+            error
+        }
+    })
+}
+
+/// How long each call waits for its answer (`--timeout`, at least a second).
+fn answer_limit(args: &AdminArgs) -> Duration {
+    Duration::from_secs(args.timeout.max(1))
 }
 
 /// The subcommand's name, for messages.
@@ -689,8 +711,8 @@ fn no_answer(broker: &str, limit: Duration, command: &str) -> AdminError {
     ))
 }
 
-/// [`execute`] without the overall limit; `limit` bounds each refresh of `queues --watch`.
-async fn execute_within(args: AdminArgs, limit: Duration) -> Result<(), AdminError> {
+/// [`execute`], with a call that timed out reported as tonic says it.
+async fn execute_unlimited(args: AdminArgs) -> Result<(), AdminError> {
     let mut client = connect(&args).await?;
     let json = args.json;
     match &args.command {
@@ -704,7 +726,7 @@ async fn execute_within(args: AdminArgs, limit: Duration) -> Result<(), AdminErr
             }
             Some(secs) => {
                 let every = Duration::from_secs(*secs);
-                watch_queues(&mut client, json, every, *count, (&args.broker, limit)).await
+                watch_queues(&mut client, json, every, *count).await
             }
         },
         AdminCommand::Participants => {
@@ -864,17 +886,16 @@ async fn watch_queues(
     json: bool,
     every: Duration,
     count: Option<u64>,
-    (broker, limit): (&str, Duration),
 ) -> Result<(), AdminError> {
     let every = every.max(Duration::from_secs(1));
     let mut shown = 0u64;
     loop {
-        let queues = tokio::time::timeout(limit, client.list_queues(pb::ListQueuesRequest {}))
-            .await
-            .map_err(|_| no_answer(broker, limit, "queues"))??
+        let queues = client
+            .list_queues(pb::ListQueuesRequest {})
+            .await?
             .into_inner();
         // clear the screen, cursor home, redraw
-        print!("\x1b[2J\x1b[H");
+        print_out("\x1b[2J\x1b[H")?;
         emit(json, &queues, queues_table)?;
         shown += 1;
         if count.is_some_and(|n| shown >= n) {
@@ -1480,7 +1501,7 @@ mod tests {
         let instant = parse_instant("2025-03-01T00:00:10Z", "--from").unwrap();
         assert_eq!(instant.seconds, 1_740_787_210);
         let error = parse_instant("yesterday", "--from").unwrap_err();
-        assert!(error.0.starts_with("--from"));
+        assert!(error.message.starts_with("--from"));
     }
 
     #[test]
@@ -1546,13 +1567,13 @@ mod tests {
         let cause = std::io::Error::other("received fatal alert: CertificateRevoked");
         let status = tonic::Status::from_error(Box::new(cause));
         let error = AdminError::from(status);
-        assert!(error.0.contains("CertificateRevoked"), "{}", error.0);
-        assert!(!error.0.contains("--server-name"), "{}", error.0);
+        assert!(error.message.contains("CertificateRevoked"), "{}", error.message);
+        assert!(!error.message.contains("--server-name"), "{}", error.message);
     }
 
     #[test]
     fn errors_are_one_line() {
         let error = AdminError::from(tonic::Status::permission_denied("no\nway"));
-        assert_eq!(error.0, "PERMISSION_DENIED: no; way");
+        assert_eq!(error.message, "PERMISSION_DENIED: no; way");
     }
 }

@@ -1062,44 +1062,19 @@ async fn an_admin_answer_piped_into_a_reader_that_stops_early_is_no_panic() -> a
 /// broker's certificate holds every request unanswered.)
 #[tokio::test]
 async fn the_admin_cli_gives_up_on_a_broker_that_answers_nothing() -> anyhow::Result<()> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
     use trmx_broker::admin_cli::{AdminArgs, AdminCommand, execute};
     let dir = tempfile::tempdir()?;
     let pki = Pki::create(dir.path())?;
-    let certs = rustls::pki_types::CertificateDer::pem_file_iter(&pki.tls.cert)?
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&pki.tls.key)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = std::sync::Arc::clone(&requests);
-    let silent = tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, seen) = (acceptor.clone(), std::sync::Arc::clone(&seen));
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut connection) = h2::server::handshake(tls).await else {
-                    return;
-                };
-                let mut held = Vec::new();
-                while let Some(Ok(request)) = connection.accept().await {
-                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    held.push(request);
-                }
-            });
+    let (addr, silent) = fake_broker(&pki, move |_, respond| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            std::future::pending::<()>().await;
+            drop(respond);
         }
-    });
+    })
+    .await?;
     let alice = pki.federation.operator("alice")?;
     let args = |command| AdminArgs {
         broker: addr.to_string(),
@@ -1155,6 +1130,116 @@ async fn the_admin_cli_gives_up_on_a_broker_that_answers_nothing() -> anyhow::Re
     assert!(requests.load(std::sync::atomic::Ordering::SeqCst) >= 3);
     silent.abort();
     Ok(())
+}
+
+/// `--timeout` bounded the whole command: `admin messages` over a large store, whose
+/// search the broker answers in pages, failed with "no answer within N s" while pages
+/// were still coming. Each call now has the limit. (Here each page comes after 0.6 s,
+/// three pages with `--timeout 1`.)
+#[tokio::test]
+async fn the_admin_clis_timeout_is_for_each_answer_not_the_whole_search() -> anyhow::Result<()> {
+    use prost::Message as _;
+    use trmx_broker::admin_cli::{AdminArgs, AdminCommand, MessageFilter, execute};
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let (addr, server) = fake_broker(&pki, |n, mut respond| async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let page = pb::SearchMessagesResponse {
+            next_page_token: if n < 2 {
+                format!("page-{}", n + 1)
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        };
+        let body = page.encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(&body);
+        let head = tonic::codegen::http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let Ok(mut stream) = respond.send_response(head, false) else {
+            return;
+        };
+        let _ = stream.send_data(framed.into(), false);
+        let mut trailers = tonic::codegen::http::HeaderMap::new();
+        trailers.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("0"),
+        );
+        let _ = stream.send_trailers(trailers);
+    })
+    .await?;
+    let alice = pki.federation.operator("alice")?;
+    let args = AdminArgs {
+        broker: addr.to_string(),
+        ca: pki.federation.ca_cert_path(),
+        cert: alice.cert.clone(),
+        key: alice.key.clone(),
+        server_name: None,
+        timeout: 1,
+        json: true,
+        command: AdminCommand::Messages(MessageFilter::default()),
+    };
+    let searched = tokio::time::timeout(Duration::from_secs(60), execute(args))
+        .await
+        .expect("the search ended");
+    server.abort();
+    searched.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// A TLS and HTTP/2 server with the broker's certificate of `pki`, standing in for a
+/// broker: each request (numbered from 0 over all connections) goes to `answer` with its
+/// responder.
+async fn fake_broker<F, Fut>(
+    pki: &Pki,
+    answer: F,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>
+where
+    F: Fn(usize, h2::server::SendResponse<bytes::Bytes>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(&pki.tls.cert)?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&pki.tls.key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let numbered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, answer, numbered) = (
+                acceptor.clone(),
+                answer.clone(),
+                std::sync::Arc::clone(&numbered),
+            );
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut connection) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((_, respond))) = connection.accept().await {
+                    let n = numbered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::spawn(answer(n, respond));
+                }
+            });
+        }
+    });
+    Ok((addr, server))
 }
 
 /// `check-config` said "config OK" for a broker certificate that had expired (every node

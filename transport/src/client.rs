@@ -36,6 +36,11 @@ pub struct ClientOptions {
     /// (a node) passes that time, so that a clock set a year ahead does not make the
     /// server's certificate look expired while the client carries on.
     pub clock: TlsClock,
+    /// Time allowed for the answer to each request, sent to the server as `grpc-timeout`
+    /// too; `None`: no limit (the node's calls have their own). A request past it fails
+    /// with `CANCELLED` "Timeout expired" ([`tonic::TimeoutExpired`]). Each call gets its
+    /// own limit, so a command of many calls is not cut while its answers come.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +51,7 @@ impl Default for ClientOptions {
             server_name: String::new(),
             crl: None,
             clock: TlsClock::system(),
+            request_timeout: None,
         }
     }
 }
@@ -673,6 +679,10 @@ pub fn client_channel_with_tls(
         .connect_timeout(opts.connect_timeout)
         .http2_keep_alive_interval(opts.http2_keepalive)
         .keep_alive_while_idle(true);
+    let endpoint = match opts.request_timeout {
+        Some(limit) => endpoint.timeout(limit),
+        None => endpoint,
+    };
     let dial = Arc::new(Dial {
         endpoint,
         server_name,
