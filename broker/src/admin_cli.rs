@@ -1567,8 +1567,16 @@ mod tests {
         let cause = std::io::Error::other("received fatal alert: CertificateRevoked");
         let status = tonic::Status::from_error(Box::new(cause));
         let error = AdminError::from(status);
-        assert!(error.message.contains("CertificateRevoked"), "{}", error.message);
-        assert!(!error.message.contains("--server-name"), "{}", error.message);
+        assert!(
+            error.message.contains("CertificateRevoked"),
+            "{}",
+            error.message
+        );
+        assert!(
+            !error.message.contains("--server-name"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

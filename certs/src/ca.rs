@@ -995,7 +995,10 @@ impl Ca {
         next_update: Duration,
         serials: &[String],
     ) -> Result<(), CertError> {
-        self.write_crl_locked(lock, next_update)
+        // (only the CRL: `next_update` came from the index, so there is nothing to remember,
+        // and an index write failing after the CRL was written would be told as a CRL not
+        // written)
+        self.write_crl_file_locked(lock, next_update)
             .map_err(|cause| CertError::CrlNotWritten {
                 serials: serials.join(", "),
                 dir: self.view.dir.clone(),
@@ -1007,13 +1010,22 @@ impl Ca {
     /// revocation) with the remembered `next_update`: near the CA's end their `nextUpdate`
     /// is cut to the CA's, since a revocation must not fail for want of time left.
     fn write_crl_locked(&self, lock: &DirLock, next_update: Duration) -> Result<(), CertError> {
-        let now = SystemTime::now();
-        self.view.check_clock(now)?;
-        let until = (now + next_update).min(self.not_after());
-        self.write_crl_with_times_locked(lock, now - CLOCK_SKEW_ALLOWANCE, until)?;
+        self.write_crl_file_locked(lock, next_update)?;
         self.update_index(lock, |index| {
             index.crl_next_update_secs = next_update.as_secs();
         })
+    }
+
+    /// [`Ca::write_crl_locked`] without remembering `next_update`.
+    fn write_crl_file_locked(
+        &self,
+        lock: &DirLock,
+        next_update: Duration,
+    ) -> Result<(), CertError> {
+        let now = SystemTime::now();
+        self.view.check_clock(now)?;
+        let until = (now + next_update).min(self.not_after());
+        self.write_crl_with_times_locked(lock, now - CLOCK_SKEW_ALLOWANCE, until)
     }
 
     /// Writes a new CRL with explicit `thisUpdate` / `nextUpdate` (tests use it to make a
