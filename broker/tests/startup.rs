@@ -1062,7 +1062,7 @@ async fn an_admin_answer_piped_into_a_reader_that_stops_early_is_no_panic() -> a
 /// broker's certificate holds every request unanswered.)
 #[tokio::test]
 async fn the_admin_cli_gives_up_on_a_broker_that_answers_nothing() -> anyhow::Result<()> {
-    use trmx_broker::admin_cli::{AdminArgs, AdminCommand, execute};
+    use trmx_broker::admin_cli::{AdminCommand, execute};
     let dir = tempfile::tempdir()?;
     let pki = Pki::create(dir.path())?;
     let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1076,16 +1076,7 @@ async fn the_admin_cli_gives_up_on_a_broker_that_answers_nothing() -> anyhow::Re
     })
     .await?;
     let alice = pki.federation.operator("alice")?;
-    let args = |command| AdminArgs {
-        broker: addr.to_string(),
-        ca: pki.federation.ca_cert_path(),
-        cert: alice.cert.clone(),
-        key: alice.key.clone(),
-        server_name: None,
-        timeout: 1,
-        json: false,
-        command,
-    };
+    let args = |command| alices_admin_args(&pki, &alice, addr, command);
     // (the outer limit only keeps a broken build from hanging the test run)
     let given_up = |command| async {
         tokio::time::timeout(Duration::from_secs(60), execute(args(command)))
@@ -1139,7 +1130,7 @@ async fn the_admin_cli_gives_up_on_a_broker_that_answers_nothing() -> anyhow::Re
 #[tokio::test]
 async fn the_admin_clis_timeout_is_for_each_answer_not_the_whole_search() -> anyhow::Result<()> {
     use prost::Message as _;
-    use trmx_broker::admin_cli::{AdminArgs, AdminCommand, MessageFilter, execute};
+    use trmx_broker::admin_cli::{AdminCommand, MessageFilter, execute};
     let dir = tempfile::tempdir()?;
     let pki = Pki::create(dir.path())?;
     let (addr, server) = fake_broker(&pki, |n, mut respond| async move {
@@ -1173,22 +1164,33 @@ async fn the_admin_clis_timeout_is_for_each_answer_not_the_whole_search() -> any
     })
     .await?;
     let alice = pki.federation.operator("alice")?;
-    let args = AdminArgs {
-        broker: addr.to_string(),
-        ca: pki.federation.ca_cert_path(),
-        cert: alice.cert.clone(),
-        key: alice.key.clone(),
-        server_name: None,
-        timeout: 1,
-        json: true,
-        command: AdminCommand::Messages(MessageFilter::default()),
-    };
+    let command = AdminCommand::Messages(MessageFilter::default());
+    let args = alices_admin_args(&pki, &alice, addr, command);
     let searched = tokio::time::timeout(Duration::from_secs(60), execute(args))
         .await
         .expect("the search ended");
     server.abort();
     searched.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+/// `trmx-broker admin --timeout 1 <command>` by the operator `alice` to the broker at `addr`.
+fn alices_admin_args(
+    pki: &Pki,
+    alice: &trmx_certs::CertPaths,
+    addr: std::net::SocketAddr,
+    command: trmx_broker::admin_cli::AdminCommand,
+) -> trmx_broker::admin_cli::AdminArgs {
+    trmx_broker::admin_cli::AdminArgs {
+        broker: addr.to_string(),
+        ca: pki.federation.ca_cert_path(),
+        cert: alice.cert.clone(),
+        key: alice.key.clone(),
+        server_name: None,
+        timeout: 1,
+        json: false,
+        command,
+    }
 }
 
 /// A TLS and HTTP/2 server with the broker's certificate of `pki`, standing in for a
