@@ -1773,6 +1773,126 @@ pub(super) async fn a_receipt_is_tried_again_past_the_attempt_limit<S: BrokerSto
     assert!(receipts(s, BE, t).await.is_empty());
 }
 
+/// A message id used again once the broker has deleted its first message's metadata
+/// (the metadata retention passed) is a new message: its sender gets that message's
+/// receipt, although the receipt of the first one is still on record, with the same id
+/// (a UUIDv5 of the message id and the outcome). It is: the sender's node acked that
+/// receipt later than the message was acked, or never (it expired, and stays a dead
+/// letter). A node whose receipt expired unread asks the broker about the message,
+/// finds it unknown and submits it again byte for byte: this is that submit. The old
+/// receipt stays as it was.
+pub(super) async fn a_message_id_used_again_gets_its_own_receipt<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let mr = lifecycle().metadata_retention.as_millis() as u64;
+    let now = c.now_millis();
+    // `late`: the sender acks its receipt an hour after the message was acked;
+    // `unread`: the sender never takes its receipt, which expires
+    let late = message(NL, BE, Priority::Normal, 10, now);
+    let unread = message(NL, NG, Priority::Normal, 10, now);
+    submit_ok(s, &late, now).await;
+    submit_ok(s, &unread, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    lease_ids(s, NG, 2, 10, now).await;
+    s.ack(&pid(BE), &[late.message_id], now).await.unwrap();
+    s.ack(&pid(NG), &[unread.message_id], now).await.unwrap();
+    let late_dr = receipt_id(late.message_id, pb::Outcome::Delivered);
+    let unread_dr = receipt_id(unread.message_id, pb::Outcome::Delivered);
+    let hour = 3_600_000;
+    tick(s, now + hour).await;
+    let leased = lease_ids(s, NL, 3, 10, now + hour).await;
+    assert_eq!(leased.len(), 2);
+    assert_eq!(
+        s.ack(&pid(NL), &[late_dr], now + hour).await.unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+    // the metadata retention of both messages passes; the receipts stay on record
+    tick(s, now + mr).await;
+    for m in [&late, &unread] {
+        assert!(s.status(&m.sender, m.message_id).await.unwrap().is_none());
+    }
+    let on_record = |id: MessageId| SearchFilter {
+        message_id: Some(id),
+        ..SearchFilter::default()
+    };
+    let mut old: Vec<(u64, State)> = Vec::new();
+    for id in [late_dr, unread_dr] {
+        let records = s.search(on_record(id)).await.unwrap().records;
+        assert_eq!(records.len(), 1, "{records:?}");
+        old.push((records[0].broker_seq, records[0].state));
+    }
+    assert_eq!(old[0].1, State::Acknowledged);
+    assert_eq!(old[1].1, State::Expired);
+
+    // both sent again, under their ids: new messages, delivered, each with its receipt
+    let t = now + mr + 1_000;
+    let mut again_late = late.clone();
+    again_late.expires_at = t + hour;
+    let mut again_unread = unread.clone();
+    again_unread.expires_at = t + hour;
+    submit_ok(s, &again_late, t).await;
+    submit_ok(s, &again_unread, t).await;
+    assert_eq!(lease_ids(s, BE, 4, 10, t).await, vec![late.message_id]);
+    assert_eq!(lease_ids(s, NG, 5, 10, t).await, vec![unread.message_id]);
+    s.ack(&pid(BE), &[late.message_id], t).await.unwrap();
+    s.ack(&pid(NG), &[unread.message_id], t).await.unwrap();
+    let got = receipts(s, NL, t).await;
+    let mut about: Vec<(MessageId, String, i32)> = got
+        .iter()
+        .map(|(l, body)| (l.message_id, body.message_id.clone(), body.outcome))
+        .collect();
+    about.sort();
+    let mut want = vec![
+        (
+            late_dr,
+            late.message_id.to_string(),
+            pb::Outcome::Delivered as i32,
+        ),
+        (
+            unread_dr,
+            unread.message_id.to_string(),
+            pb::Outcome::Delivered as i32,
+        ),
+    ];
+    want.sort();
+    assert_eq!(
+        about, want,
+        "the sender gets the receipt of each new message"
+    );
+    for (_, body) in &got {
+        assert_eq!(
+            body.at,
+            Some(trmx_proto::time::to_timestamp(
+                trmx_proto::time::from_millis(t)
+            ))
+        );
+    }
+    // the sender's ack settles the new receipts; the old ones stay as they were
+    assert_eq!(
+        s.ack(&pid(NL), &[late_dr, unread_dr], t).await.unwrap(),
+        vec![AckResult::Acknowledged, AckResult::Acknowledged]
+    );
+    for (id, (seq, state)) in [late_dr, unread_dr].into_iter().zip(old.iter().copied()) {
+        let records = s.search(on_record(id)).await.unwrap().records;
+        assert_eq!(records.len(), 2, "{records:?}");
+        let first = records.iter().find(|r| r.broker_seq == seq).unwrap();
+        assert_eq!(first.state, state);
+        let second = records.iter().find(|r| r.broker_seq != seq).unwrap();
+        assert_eq!(second.state, State::Acknowledged);
+    }
+    // the old expired receipt is still the only dead letter
+    let dead: Vec<MessageId> = s
+        .dead_letters(0, None)
+        .await
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.message_id)
+        .collect();
+    assert_eq!(dead, vec![unread_dr]);
+}
+
 mod sled {
     use std::sync::Arc;
 
@@ -1846,6 +1966,7 @@ mod sled {
         a_redriven_message_counts_only_its_new_deliveries,
         a_clock_set_back_across_a_restart_holds_no_redelivery,
         a_receipt_is_tried_again_past_the_attempt_limit,
+        a_message_id_used_again_gets_its_own_receipt,
     );
 
     /// A clock far ahead (a start after days down) makes every timer due at once: one

@@ -366,10 +366,17 @@ impl Tx<'_> {
             return Ok(None); // a receipt never causes a receipt
         };
         let id = receipt_id(original.message_id, outcome);
+        // Only a receipt made after `original` was accepted is one of its own (seqs
+        // only grow; a redrive keeps the seq): an older one with this id is of an
+        // earlier message its sender sent under the same id, whose metadata was
+        // deleted since while its receipt is still on record (acked later, or
+        // expired unread). Counted, it would keep this message's receipt from its
+        // sender, whose node submits a message again precisely when it never
+        // learned what became of it.
         if self
             .records_of(id)?
             .iter()
-            .any(|r| r.recipient == *sender && r.sender.is_none())
+            .any(|r| r.recipient == *sender && r.sender.is_none() && r.seq > original.seq)
         {
             return Ok(None);
         }
