@@ -529,6 +529,84 @@ async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> a
     Ok(())
 }
 
+/// A receipt its sender's node never took expires at the end of the metadata
+/// retention and is listed among the dead letters, as not redrivable; a redrive of it
+/// is refused with why, and changes nothing (the node repairs it by itself: it asks
+/// about the message and submits again one the broker no longer knows).
+#[tokio::test]
+async fn an_expired_receipt_is_listed_as_not_redrivable_and_its_redrive_refused()
+-> anyhow::Result<()> {
+    // (a retention short enough for the certificates to stay valid on the broker's clock)
+    let day = Duration::from_secs(86_400);
+    let t = TestBroker::start_with(|c| {
+        c.limits.default_lifetime = day;
+        c.limits.max_lifetime = day;
+        c.lifecycle.metadata_retention = day;
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut op = operator(&t)?;
+    let env = marked("BE-PAYOKE", Kind::Referral, 1);
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    {
+        let mut stream = receive(&mut be, 1).await?;
+        assert_eq!(id_of(&next(&mut stream).await?), id);
+        assert_eq!(
+            ack(&mut be, [&id]).await?,
+            vec![pb::AckResult::Acknowledged]
+        );
+    }
+    // NL's node is away for the whole metadata retention
+    t.advance(t.config.lifecycle.metadata_retention + Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let listed = loop {
+        let page = op
+            .list_dead_letters(pb::ListDeadLettersRequest::default())
+            .await?
+            .into_inner();
+        if let Some(m) = page.messages.into_iter().next() {
+            break m;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the receipt never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(listed.kind, pb::MessageKind::DeliveryReceipt as i32);
+    assert_eq!(listed.state, pb::MessageState::Expired as i32);
+    assert_eq!(listed.recipient, "NL-NRM");
+    assert!(!listed.redrivable, "listed as redrivable: {listed:?}");
+
+    let refused = assert_code(
+        op.redrive(pb::RedriveRequest {
+            message_id: listed.message_id.clone(),
+            ..Default::default()
+        })
+        .await,
+        Code::FailedPrecondition,
+        "redrive of an expired receipt",
+    );
+    assert!(
+        refused.message().contains("a receipt is never redriven")
+            && refused.message().contains("NL-NRM"),
+        "{}",
+        refused.message()
+    );
+    let page = op
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].state, pb::MessageState::Expired as i32);
+    assert_eq!(page.messages[0].state_changed_at, listed.state_changed_at);
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    expect_quiet(&mut nl_stream).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> anyhow::Result<()> {
     let mut s = scenario().await?;

@@ -276,6 +276,10 @@ impl OperatorService {
         let [record] = page.records.as_slice() else {
             return Ok(());
         };
+        if record.kind.is_broker_made() {
+            // (never redriven, whoever it is for: the store says why)
+            return Ok(());
+        }
         let to = &record.recipient;
         match shared.registry.get(to) {
             None => Err(BrokerError::FailedPrecondition(format!(
@@ -788,6 +792,16 @@ fn not_redrivable(id: MessageId, state: State, record: Option<&StatusRecord>) ->
         (State::DeadLettered, Some(r)) if was_rejected(r) => format!(
             "message {id} was rejected by its recipient ({}); a rejected message is never redriven",
             r.reason_code
+        ),
+        // (see the store's `Record::redrivable`)
+        (State::Expired | State::DeadLettered, Some(r)) if r.kind.is_broker_made() => format!(
+            "message {id} is a {} the broker made for {}; a receipt is never redriven: it \
+             expires only after the metadata retention, and {}'s node asks the broker about \
+             every message it has no receipt for and submits again one the broker no longer \
+             knows, which gets a receipt of its own",
+            r.kind.name(),
+            r.recipient,
+            r.recipient
         ),
         (State::Expired | State::DeadLettered, Some(r)) if !r.payload_kept => format!(
             "message {id} is {} and its payload was already deleted (dead-letter retention passed)",

@@ -1893,6 +1893,47 @@ pub(super) async fn a_message_id_used_again_gets_its_own_receipt<S: BrokerStore>
     assert_eq!(dead, vec![unread_dr]);
 }
 
+/// A receipt that expired unread (its sender's node did not take it for the whole
+/// metadata retention) is listed as a dead letter, but not as redrivable, and a redrive
+/// of it changes nothing: a redrive gives a recipient's failed delivery another
+/// lifetime, and a receipt has had the longest one there is. Its sender's node finds
+/// out by itself: it asks about every message it has no receipt for, and submits again
+/// one the broker no longer knows (the receipt of that one is its own).
+pub(super) async fn an_expired_receipt_is_listed_but_not_redrivable<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let mr = lifecycle().metadata_retention.as_millis() as u64;
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 10, now);
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    s.ack(&pid(BE), &[m.message_id], now).await.unwrap();
+    let dr = receipt_id(m.message_id, pb::Outcome::Delivered);
+    assert_eq!(tick(s, now + mr).await.expired, 1);
+    let dead = s.dead_letters(0, None).await.unwrap().records;
+    assert_eq!(dead.len(), 1);
+    let listed = &dead[0];
+    assert_eq!((listed.message_id, listed.state), (dr, State::Expired));
+    assert_eq!(listed.sender, None);
+    assert!(listed.payload_kept, "kept for the dead-letter retention");
+    assert!(!listed.redrivable, "listed as redrivable: {listed:?}");
+    let at = now + mr + 1_000;
+    assert_eq!(
+        s.redrive(dr, None, at).await.unwrap(),
+        RedriveResult::NotRedrivable {
+            state: State::Expired
+        }
+    );
+    let after = s.dead_letters(0, None).await.unwrap().records;
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        (after[0].state, after[0].state_changed_at, after[0].attempts),
+        (State::Expired, listed.state_changed_at, listed.attempts)
+    );
+    assert!(lease_ids(s, NL, 2, 10, at).await.is_empty());
+}
+
 mod sled {
     use std::sync::Arc;
 
@@ -1967,6 +2008,7 @@ mod sled {
         a_clock_set_back_across_a_restart_holds_no_redelivery,
         a_receipt_is_tried_again_past_the_attempt_limit,
         a_message_id_used_again_gets_its_own_receipt,
+        an_expired_receipt_is_listed_but_not_redrivable,
     );
 
     /// A clock far ahead (a start after days down) makes every timer due at once: one

@@ -320,7 +320,9 @@ pub struct StatusRecord {
     pub payload_kept: bool,
     /// Per-broker sequence number.
     pub broker_seq: u64,
-    /// Whether an operator can redrive it now.
+    /// Whether an operator can redrive it now. Never for a receipt: one expires only
+    /// after its sender's node left it for the whole metadata retention, and that node
+    /// asks about the message and submits again one the broker no longer knows.
     pub redrivable: bool,
 }
 
@@ -632,7 +634,8 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         now: Millis,
     ) -> Result<PurgeResult, StoreError>;
     /// Operator: EXPIRED, or DEAD_LETTERED by attempts, with the payload kept → ACCEPTED with a fresh
-    /// lifetime (as long as the original one) and attempts reset. Never a rejected message.
+    /// lifetime (as long as the original one) and attempts reset. Never a rejected message,
+    /// nor a receipt (see [`StatusRecord::redrivable`]).
     /// `sender` as for [`Self::purge`].
     async fn redrive(
         &self,

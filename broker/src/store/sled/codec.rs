@@ -69,8 +69,16 @@ pub(super) struct Record {
 
 impl Record {
     /// Whether an operator could redrive it now.
+    ///
+    /// Never a receipt (no sender: the broker made it). One expires only when its
+    /// sender's node has not taken it for the whole metadata retention, the longest
+    /// lifetime there is, and that node repairs it by itself: it asks about every
+    /// message it has no receipt for and submits again one the broker no longer
+    /// knows, which gets a receipt of its own. A redrive is for a recipient's failed
+    /// delivery; listed as redrivable, a receipt was refused by the redrive.
     pub(super) fn redrivable(&self) -> bool {
-        self.payload_kept
+        self.sender.is_some()
+            && self.payload_kept
             && (self.state == State::Expired
                 || (self.state == State::DeadLettered && !self.rejected))
     }
