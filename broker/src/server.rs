@@ -629,6 +629,12 @@ async fn timer_loop(
                         "timers applied"
                     );
                 }
+                // (the node may still ack one: `NOT_FOUND` for its id, nothing changes)
+                for lease in &report.expired_in_flight {
+                    shared
+                        .streams
+                        .dropped(&lease.recipient, &lease.message_id, lease.deadline);
+                }
                 if report.dead_lettered + report.expired > 0 {
                     // non-delivery reports went to the senders
                     shared.streams.wake_all();

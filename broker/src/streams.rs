@@ -6,8 +6,8 @@
 //! - A participant has at most `max_per_participant` registered streams.
 //! - A stream's in-flight set holds only ids the store leased to that stream;
 //!   an entry leaves on ack, reject, withdraw, purge, when its delivery is dropped
-//!   from the stream's channel unsent (see [`crate::outbound`]), or when its ack
-//!   deadline passes (the store then owns its redelivery), so a stream never stalls
+//!   from the stream's channel unsent (see [`crate::outbound`]), when its message
+//!   expires (`TickReport::expired_in_flight`), or when its ack deadline passes (the store then owns its redelivery), so a stream never stalls
 //!   at its `max_in_flight`. A lease of a message taken back (withdrawn, purged)
 //!   between the store's lease and its registration here never enters it: the
 //!   withdrawal or purge came too early to free its slot.
@@ -292,7 +292,8 @@ impl Streams {
     /// it waited): frees the slot of that lease, if a stream still holds it, and wakes the
     /// streams. Its recipient will never ack it, so the slot would otherwise be held until
     /// the deadline. A later lease of the message (after the ack timeout, or a redrive)
-    /// has another deadline and keeps its slot.
+    /// has another deadline and keeps its slot. Also for a delivery sent whose message
+    /// expired: the broker holds it no longer, whether the node acks it or not.
     pub fn dropped(&self, participant: &ParticipantId, id: &MessageId, deadline: Millis) {
         let mut inner = self.lock();
         let Some(entry) = inner.get_mut(participant) else {

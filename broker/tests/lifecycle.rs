@@ -550,3 +550,60 @@ async fn a_reject_after_the_expiry_is_not_found_without_denying_the_delivery() -
     expect_quiet(&mut nl_stream).await?;
     Ok(())
 }
+
+/// A delivery that expires before its recipient's node acks it gives its stream slot
+/// back at the expiry, not at its ack deadline: the messages queued behind it are
+/// delivered at once. The node may still ack it: that ack is `NOT_FOUND` for its id
+/// and changes nothing (the message stays `EXPIRED`, its sender has the one report),
+/// while the ack of the next delivery in the same call counts.
+#[tokio::test]
+async fn an_expired_delivery_frees_its_stream_slot_and_a_late_ack_changes_nothing()
+-> anyhow::Result<()> {
+    let t = TestBroker::start().await?; // ack timeout 10 s
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let now = trmx_broker::clock::Clock::now(&t.clock);
+    let mut short = referral("BE-PAYOKE");
+    short.expires_at = Some(to_timestamp(now + Duration::from_secs(5)));
+    let short_id = short.message_id.clone();
+    let behind = referral("BE-PAYOKE");
+    let behind_id = behind.message_id.clone();
+    submit(&mut nl, short).await?;
+    submit(&mut nl, behind).await?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), short_id);
+    expect_quiet(&mut stream).await?;
+
+    // expired in flight, 4 s before its ack deadline: the slot is free again
+    t.advance(Duration::from_secs(6));
+    let delivery = next(&mut stream).await?;
+    assert_eq!((id_of(&delivery), delivery.attempt), (behind_id.clone(), 1));
+    assert_eq!(
+        state_of(&mut nl, &short_id).await?,
+        pb::MessageState::Expired
+    );
+
+    assert_eq!(
+        ack(&mut be, [&short_id, &behind_id]).await?,
+        vec![pb::AckResult::NotFound, pb::AckResult::Acknowledged]
+    );
+    let st = status(&mut nl, &short_id).await?;
+    assert_eq!(st.state, pb::MessageState::Expired as i32);
+    assert_eq!(st.attempts, 1);
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        let (_, report) = receipt(&next(&mut nl_stream).await?)?;
+        outcomes.push((report.message_id, report.outcome));
+    }
+    outcomes.sort();
+    let mut want = vec![
+        (short_id.clone(), pb::Outcome::Expired as i32),
+        (behind_id.clone(), pb::Outcome::Delivered as i32),
+    ];
+    want.sort();
+    assert_eq!(outcomes, want);
+    expect_quiet(&mut nl_stream).await?;
+    expect_quiet(&mut stream).await?;
+    Ok(())
+}

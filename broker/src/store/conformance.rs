@@ -125,6 +125,7 @@ async fn tick<S: BrokerStore>(s: &S, now: Millis) -> TickReport {
         total.expired += report.expired;
         total.payloads_deleted += report.payloads_deleted;
         total.metadata_deleted += report.metadata_deleted;
+        total.expired_in_flight.extend(report.expired_in_flight);
         for woken in report.woken {
             if !total.woken.contains(&woken) {
                 total.woken.push(woken);
@@ -1488,7 +1489,21 @@ pub(super) async fn a_message_expiring_in_flight_gets_one_report<S: BrokerStore>
     m.expires_at = now + 1;
     submit_ok(s, &m, now).await;
     assert_eq!(lease_ids(s, BE, 1, 10, now).await, vec![m.message_id]);
-    assert_eq!(tick(s, now + 1).await.expired, 1);
+    // (one that expires queued holds no stream slot)
+    let mut queued = message(NL, BE, Priority::Normal, 10, now);
+    queued.expires_at = now + 1;
+    submit_ok(s, &queued, now).await;
+    let report = tick(s, now + 1).await;
+    assert_eq!(report.expired, 2);
+    // the stream's slot is given back now, not at the ack deadline
+    assert_eq!(
+        report.expired_in_flight,
+        vec![ExpiredLease {
+            recipient: pid(BE),
+            message_id: m.message_id,
+            deadline: now + lifecycle().ack_timeout.as_millis() as u64,
+        }]
+    );
     assert_eq!(
         s.ack(&pid(BE), &[m.message_id], now + 2).await.unwrap(),
         vec![AckResult::NotFound]
@@ -1512,7 +1527,11 @@ pub(super) async fn a_message_expiring_in_flight_gets_one_report<S: BrokerStore>
     assert_eq!(released, Released::default());
     let st = s.status(&pid(NL), m.message_id).await.unwrap().unwrap();
     assert_eq!((st.state, st.attempts), (State::Expired, 1));
-    let got = receipts(s, NL, after_deadline).await;
+    let got: Vec<_> = receipts(s, NL, after_deadline)
+        .await
+        .into_iter()
+        .filter(|(_, body)| body.message_id == m.message_id.to_string())
+        .collect();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].1.outcome, pb::Outcome::Expired as i32);
     assert_eq!(got[0].1.attempts, 1);

@@ -341,9 +341,24 @@ pub struct TickReport {
     pub metadata_deleted: u64,
     /// recipients that have newly due messages (so the service can wake their streams)
     pub woken: Vec<ParticipantId>,
+    /// The leases of the messages that expired IN_FLIGHT: their streams give their slots
+    /// back at once (`max_in_flight`), rather than at the ack deadline, which the node
+    /// that still holds the message may let pass; the messages behind them are due.
+    pub expired_in_flight: Vec<ExpiredLease>,
     /// The audit log's retention could not run (e.g. a damaged record): the timers
     /// above were applied all the same, and the next tick tries again.
     pub audit_prune_error: Option<String>,
+}
+
+/// A lease that ended because its message expired (see [`TickReport::expired_in_flight`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredLease {
+    /// The recipient whose stream held it.
+    pub recipient: ParticipantId,
+    /// The message.
+    pub message_id: MessageId,
+    /// The lease's ack deadline: which lease it was (a later one has another).
+    pub deadline: Millis,
 }
 
 /// Lifecycle parameters the store applies (from the broker config).

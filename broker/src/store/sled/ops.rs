@@ -539,6 +539,7 @@ impl Core {
             report.expired += part.expired;
             report.payloads_deleted += part.payloads_deleted;
             report.metadata_deleted += part.metadata_deleted;
+            report.expired_in_flight.extend(part.expired_in_flight);
             wake.extend(woken);
         }
         report.woken = wake.iter().cloned().collect();
@@ -675,6 +676,13 @@ impl Core {
                 wake.insert(new.recipient.clone());
             }
             TimerKind::Expiry if old.state.is_active() && old.expires_at == at => {
+                if let Some((deadline, _)) = old.lease.filter(|_| old.state == State::InFlight) {
+                    report.expired_in_flight.push(crate::store::ExpiredLease {
+                        recipient: old.recipient.clone(),
+                        message_id: old.message_id,
+                        deadline,
+                    });
+                }
                 finish_keeping_payload(&mut new, State::Expired, now, &self.life);
                 new.reason_code = "EXPIRED".to_owned();
                 tx.put(Some(&old), Some(&new))?;
