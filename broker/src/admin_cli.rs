@@ -780,9 +780,11 @@ async fn execute_unlimited(args: AdminArgs) -> Result<(), AdminError> {
                 .into_inner();
             emit(json, &answer, |a| {
                 format!(
-                    "redriven {} (ACCEPTED again, expires {})\n",
+                    "redriven {} (ACCEPTED again, expires {}; its attempts count from 0 \
+                     again, {} before)\n",
                     a.message_id,
-                    fmt_ts(a.expires_at.as_ref())
+                    fmt_ts(a.expires_at.as_ref()),
+                    a.attempts_before
                 )
             })
         }

@@ -495,9 +495,12 @@ async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> a
         .into_inner();
     assert_no_payload("Redrive", &encoded(&redriven));
     assert_eq!(redriven.message_id, s.dead);
+    // its 3 attempts count no longer, and the answer says how many they were
+    assert_eq!(redriven.attempts_before, 3);
+    let st = crate::harness::status(&mut s.nl, &s.dead).await?;
     assert_eq!(
-        state_of(&mut s.nl, &s.dead).await?,
-        pb::MessageState::Accepted
+        (st.state, st.attempts),
+        (pb::MessageState::Accepted as i32, 0)
     );
     // the recipient gets it again, from attempt 1, and acknowledges it
     let mut iom = s.t.client("INT-IOM")?;
@@ -1249,7 +1252,13 @@ async fn every_admin_command_works_and_never_prints_a_payload() -> anyhow::Resul
     );
     let out = admin(t, &["redrive", &s.dead]).await?;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("redriven"), "{}", stdout(&out));
+    // dead-lettered after its 3 attempts: the redrive says they count no longer
+    assert!(
+        stdout(&out).contains("redriven")
+            && stdout(&out).contains("its attempts count from 0 again, 3 before"),
+        "{}",
+        stdout(&out)
+    );
 
     let refused = admin(t, &["purge", &s.queued[0], "--reason", "no"]).await?;
     assert!(!refused.status.success());

@@ -233,12 +233,16 @@ impl OperatorService {
                 .await,
         )?;
         match result {
-            RedriveResult::Redriven(accepted) => {
-                info!(%operator, "message redriven");
+            RedriveResult::Redriven {
+                accepted,
+                attempts_before,
+            } => {
+                info!(%operator, attempts_before, "message redriven");
                 Ok(pb::RedriveResponse {
                     message_id: id.to_string(),
                     broker_seq: accepted.broker_seq,
                     expires_at: Some(timestamp(accepted.expires_at)),
+                    attempts_before,
                 })
             }
             RedriveResult::NotFound => Err(not_found(id, sender.as_ref())),

@@ -247,7 +247,9 @@ pub enum AuditEvent {
         to: Option<State>,
         /// When the broker accepted the message.
         accepted_at: Millis,
-        /// Attempts so far.
+        /// Attempts so far, after the change: 0 for `REDRIVEN`, since a redrive counts
+        /// them from 0 again (the `EXPIRED` or `DEAD_LETTERED` record before it holds
+        /// the earlier count).
         attempts: u32,
     },
     /// An operator acted.

@@ -636,9 +636,21 @@ pub(super) async fn max_attempts_dead_letters_with_ndr<S: BrokerStore>(s: &S, c:
     assert_eq!(got[0].1.outcome, pb::Outcome::DeadLettered as i32);
     assert_eq!(got[0].1.reason_code, "MAX_ATTEMPTS");
     assert_eq!(got[0].1.attempts, 3);
-    // operator redrive: ACCEPTED again, attempts from scratch
+    // operator redrive: ACCEPTED again, attempts from scratch (and it says how many
+    // no longer count)
     let redriven = s.redrive(m.message_id, None, c.now_millis()).await.unwrap();
-    assert!(matches!(redriven, RedriveResult::Redriven(_)));
+    assert!(
+        matches!(
+            redriven,
+            RedriveResult::Redriven {
+                attempts_before: 3,
+                ..
+            }
+        ),
+        "{redriven:?}"
+    );
+    let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+    assert_eq!((st.state, st.attempts), (State::Accepted, 0));
     let leased = s
         .lease(&pid(BE), StreamId(1), 10, u64::MAX, c.now_millis())
         .await
@@ -748,7 +760,7 @@ pub(super) async fn repeated_redrives_stay_within_the_longest_lifetime<S: Broker
         c.advance(Duration::from_secs(1800));
         let at = c.now_millis();
         match s.redrive(m.message_id, None, at).await.unwrap() {
-            RedriveResult::Redriven(accepted) => {
+            RedriveResult::Redriven { accepted, .. } => {
                 assert!(accepted.expires_at <= at + longest, "round {round}");
                 if round == 1 {
                     assert_eq!(accepted.expires_at, at + HOUR, "the first lifetime");
@@ -1672,7 +1684,7 @@ pub(super) async fn a_redriven_message_counts_only_its_new_deliveries<S: BrokerS
     let at = now + 2_000;
     assert!(matches!(
         s.redrive(m.message_id, None, at).await.unwrap(),
-        RedriveResult::Redriven(_)
+        RedriveResult::Redriven { .. }
     ));
     assert_eq!(
         s.ack(&pid(BE), &[m.message_id], at).await.unwrap(),

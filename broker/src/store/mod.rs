@@ -263,8 +263,15 @@ pub enum PurgeResult {
 /// Result of [`BrokerStore::redrive`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedriveResult {
-    /// ACCEPTED again with a fresh lifetime.
-    Redriven(Accepted),
+    /// ACCEPTED again with a fresh lifetime, its attempts counted from 0 again (the
+    /// attempt limit applies to the new lifetime; a delivery before the redrive no
+    /// longer counts as one, so its late ack is `NotFound`).
+    Redriven {
+        /// Its seq, first acceptance and new expiry.
+        accepted: Accepted,
+        /// The attempts it had used before the redrive, which no longer count.
+        attempts_before: u32,
+    },
     /// No such message.
     NotFound,
     /// Not EXPIRED or DEAD_LETTERED-by-attempts with its payload kept.

@@ -1586,7 +1586,11 @@ impl Tx<'_> {
             accepted_at: new.accepted_at,
             expires_at: new.expires_at,
         };
-        Ok((RedriveResult::Redriven(accepted), wake))
+        let redriven = RedriveResult::Redriven {
+            accepted,
+            attempts_before: old.attempts,
+        };
+        Ok((redriven, wake))
     }
 }
 
@@ -2393,7 +2397,7 @@ mod tests {
         let t = t + after(0, life.ack_timeout) + 1;
         assert!(matches!(
             s.redrive(ms[2].message_id, None, t).await.unwrap(),
-            RedriveResult::Redriven(_)
+            RedriveResult::Redriven { .. }
         ));
         assert!(backoff_seqs(&s).is_empty(), "redriven: due");
         assert_eq!(
