@@ -2165,6 +2165,121 @@ mod sled {
         super::concurrent_submits_share_flushes(&store, &clock()).await;
     }
 
+    /// Closes `s`, checks that every index holds what the records imply (`store
+    /// verify`), and opens the store again.
+    async fn verified_reopen(s: SledStore, dir: &std::path::Path) -> SledStore {
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir).unwrap();
+        assert!(report.is_consistent(), "{report}");
+        open(dir)
+    }
+
+    /// Restarts between the steps of this stop's lifecycle flows leave a consistent
+    /// store and change none of them: a delivery that expired in flight, its redrive
+    /// and delivery, a receipt that expired unread, and its message's id used again
+    /// after its metadata went (whose new receipt is made, beside the old one).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restarts_amid_expiry_redrive_and_a_reused_id_keep_the_store_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mr = lifecycle().metadata_retention.as_millis() as u64;
+        let now = clock().now_millis();
+        let acked = message(NL, BE, Priority::Normal, 10, now);
+        let mut short = message(NL, NG, Priority::Normal, 10, now);
+        short.expires_at = now + 1_000;
+        let s = open(dir.path());
+        submit_ok(&s, &acked, now).await;
+        submit_ok(&s, &short, now).await;
+        lease_ids(&s, BE, 1, 10, now).await;
+        lease_ids(&s, NG, 2, 10, now).await;
+        s.ack(&pid(BE), &[acked.message_id], now).await.unwrap();
+        // expired in flight
+        let report = tick(&s, now + 1_000).await;
+        assert_eq!(report.expired_in_flight.len(), 1);
+        let s = verified_reopen(s, dir.path()).await;
+        assert_eq!(s.recover(now + 1_000).await.unwrap(), 0, "no lease left");
+        assert_eq!(state_of(&s, &short).await, State::Expired);
+
+        // redriven, then delivered after a restart
+        assert!(matches!(
+            s.redrive(short.message_id, None, now + 2_000)
+                .await
+                .unwrap(),
+            RedriveResult::Redriven {
+                attempts_before: 1,
+                ..
+            }
+        ));
+        let s = verified_reopen(s, dir.path()).await;
+        s.recover(now + 2_000).await.unwrap();
+        let leased = s
+            .lease(&pid(NG), StreamId(3), 10, u64::MAX, now + 2_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            leased
+                .iter()
+                .map(|l| (l.message_id, l.attempt))
+                .collect::<Vec<_>>(),
+            vec![(short.message_id, 1)]
+        );
+        s.ack(&pid(NG), &[short.message_id], now + 2_000)
+            .await
+            .unwrap();
+
+        // NL takes no receipt for the whole metadata retention: its receipts expire,
+        // the messages' metadata goes
+        tick(&s, now + 2_000 + mr).await;
+        let s = verified_reopen(s, dir.path()).await;
+        assert!(
+            s.status(&acked.sender, acked.message_id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // (the delivery receipts of both, and the report of the expiry)
+        let dead = s.dead_letters(0, None).await.unwrap().records;
+        assert_eq!(dead.len(), 3, "{dead:?}");
+        assert!(dead.iter().all(|r| r.sender.is_none() && !r.redrivable));
+
+        // the same message again: a new one, whose receipt NL gets
+        let t = now + 3_000 + mr;
+        let mut again = acked.clone();
+        again.expires_at = t + 60_000;
+        submit_ok(&s, &again, t).await;
+        let s = verified_reopen(s, dir.path()).await;
+        s.recover(t).await.unwrap();
+        assert_eq!(lease_ids(&s, BE, 4, 10, t).await, vec![acked.message_id]);
+        s.ack(&pid(BE), &[acked.message_id], t).await.unwrap();
+        let s = verified_reopen(s, dir.path()).await;
+        let got = receipts(&s, NL, t).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            got[0].0.message_id,
+            receipt_id(acked.message_id, pb::Outcome::Delivered)
+        );
+        assert_eq!(got[0].1.outcome, pb::Outcome::Delivered as i32);
+        assert_eq!(
+            got[0].1.at,
+            Some(trmx_proto::time::to_timestamp(
+                trmx_proto::time::from_millis(t)
+            ))
+        );
+        // the old receipts are as they were
+        let still = s.dead_letters(0, None).await.unwrap().records;
+        assert_eq!(
+            still
+                .iter()
+                .map(|r| (r.broker_seq, r.state, r.state_changed_at))
+                .collect::<Vec<_>>(),
+            dead.iter()
+                .map(|r| (r.broker_seq, r.state, r.state_changed_at))
+                .collect::<Vec<_>>()
+        );
+        let s = verified_reopen(s, dir.path()).await;
+        s.close().await.unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reopen_restores_queues_in_flight_statuses_and_timers() {
         let dir = tempfile::tempdir().unwrap();
