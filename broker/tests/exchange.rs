@@ -829,11 +829,78 @@ async fn a_retry_at_the_rate_limit_gets_its_first_receipt() -> anyhow::Result<()
     anyhow::bail!("no two submits within a second in five tries: the machine was too slow")
 }
 
+/// A node that was away for the whole metadata retention never took its delivery
+/// receipt (it expired), and the broker has deleted the message's metadata: the node's
+/// outbox check finds the message unknown and submits it again, byte for byte. That is
+/// a new message, delivered again, and its sender gets its receipt, although the
+/// expired one of the first message, with the same id, is still on record.
+#[tokio::test]
+async fn a_message_submitted_again_after_its_metadata_went_gets_its_own_receipt()
+-> anyhow::Result<()> {
+    // (a retention short enough for the certificates to stay valid on the broker's clock)
+    let day = Duration::from_secs(86_400);
+    let t = TestBroker::start_with(|c| {
+        c.limits.default_lifetime = day;
+        c.limits.max_lifetime = day;
+        c.lifecycle.metadata_retention = day;
+    })
+    .await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env.clone()).await?;
+    {
+        let mut stream = receive(&mut be, 1).await?;
+        assert_eq!(id_of(&next(&mut stream).await?), id);
+        assert_eq!(
+            ack(&mut be, [&id]).await?,
+            vec![pb::AckResult::Acknowledged]
+        );
+    }
+    t.advance(day + Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while status(&mut nl, &id).await.is_ok() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the metadata was never deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let again = submit(&mut nl, env).await?;
+    assert!(!again.duplicate, "a new message");
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), id);
+    assert_eq!(
+        ack(&mut be, [&id]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    let mut nl_stream = receive(&mut nl, 1).await?;
+    let delivery = next(&mut nl_stream).await?;
+    let (kind, report) = receipt(&delivery)?;
+    assert_eq!(
+        (kind, report.message_id.as_str(), report.outcome),
+        (
+            Kind::DeliveryReceipt,
+            id.as_str(),
+            pb::Outcome::Delivered as i32
+        )
+    );
+    assert_eq!(
+        ack(&mut nl, [id_of(&delivery)]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    expect_quiet(&mut nl_stream).await?;
+    Ok(())
+}
+
 /// DESIGN.md §3: "At most `max_in_flight` unacknowledged deliveries per
 /// stream". A delivery whose message expired while in flight is no longer in
 /// flight (EXPIRED, its NDR sent), and the recipient's ack of it is answered
-/// NOT_FOUND; yet it keeps its stream slot until its ack deadline, so the next
-/// message (here an urgent one) waits up to the whole ack timeout.
+/// NOT_FOUND; it holds no stream slot, so the next message (here an urgent one)
+/// does not wait for its ack deadline. (Without the ack too: see
+/// `lifecycle::an_expired_delivery_frees_its_stream_slot_and_a_late_ack_changes_nothing`.)
 #[tokio::test]
 async fn an_expired_delivery_frees_its_stream_slot() -> anyhow::Result<()> {
     let t = TestBroker::start().await?;
