@@ -793,19 +793,19 @@ fn was_rejected(r: &StatusRecord) -> bool {
 /// Why message `id` in `state` cannot be redriven.
 fn not_redrivable(id: MessageId, state: State, record: Option<&StatusRecord>) -> String {
     match (state, record) {
-        (State::DeadLettered, Some(r)) if was_rejected(r) => format!(
-            "message {id} was rejected by its recipient ({}); a rejected message is never redriven",
-            r.reason_code
-        ),
         // (see the store's `Record::redrivable`)
-        (State::Expired | State::DeadLettered, Some(r)) if r.kind.is_broker_made() => format!(
+        (_, Some(r)) if r.kind.is_broker_made() => format!(
             "message {id} is a {} the broker made for {}; a receipt is never redriven: it \
-             expires only after the metadata retention, and {}'s node asks the broker about \
+             is delivered until the metadata retention ends, and {}'s node asks the broker about \
              every message it has no receipt for and submits again one the broker no longer \
              knows, which gets a receipt of its own",
             r.kind.name(),
             r.recipient,
             r.recipient
+        ),
+        (State::DeadLettered, Some(r)) if was_rejected(r) => format!(
+            "message {id} was rejected by its recipient ({}); a rejected message is never redriven",
+            r.reason_code
         ),
         (State::Expired | State::DeadLettered, Some(r)) if !r.payload_kept => format!(
             "message {id} is {} and its payload was already deleted (dead-letter retention passed)",

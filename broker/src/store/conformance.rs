@@ -1965,6 +1965,53 @@ pub(super) async fn an_expired_receipt_is_listed_but_not_redrivable<S: BrokerSto
     assert!(lease_ids(s, NL, 2, 10, at).await.is_empty());
 }
 
+/// An operator names a receipt by its id alone (a receipt has no sender to name): when
+/// a message id was used again after its first message's metadata went, the receipt of
+/// the first is still on record under the same id, and the operator's purge or redrive
+/// acts on the newest, never answering that the broker sent two messages with that id.
+pub(super) async fn an_operator_names_a_receipt_by_its_id_alone<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let mr = lifecycle().metadata_retention.as_millis() as u64;
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 10, now);
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    s.ack(&pid(BE), &[m.message_id], now).await.unwrap();
+    let dr = receipt_id(m.message_id, pb::Outcome::Delivered);
+    // unread: it expires as the message's metadata goes
+    tick(s, now + mr).await;
+    let t = now + mr + 1_000;
+    let mut again = m.clone();
+    again.expires_at = t + 60_000;
+    submit_ok(s, &again, t).await;
+    lease_ids(s, BE, 2, 10, t).await;
+    s.ack(&pid(BE), &[m.message_id], t).await.unwrap();
+    assert_eq!(
+        s.purge(dr, None, "stuck at the sender", t).await.unwrap(),
+        PurgeResult::Purged {
+            recipient: pid(NL),
+            sender: None
+        }
+    );
+    assert_eq!(
+        s.redrive(dr, None, t).await.unwrap(),
+        RedriveResult::NotRedrivable {
+            state: State::Purged
+        }
+    );
+    // the first one's receipt is as it was
+    let dead = s.dead_letters(0, None).await.unwrap().records;
+    assert_eq!(
+        dead.iter()
+            .map(|r| (r.message_id, r.state, r.state_changed_at))
+            .collect::<Vec<_>>(),
+        vec![(dr, State::Expired, now + mr)]
+    );
+    assert!(lease_ids(s, NL, 3, 10, t).await.is_empty());
+}
+
 mod sled {
     use std::sync::Arc;
 
@@ -2040,6 +2087,7 @@ mod sled {
         a_receipt_is_tried_again_past_the_attempt_limit,
         a_message_id_used_again_gets_its_own_receipt,
         an_expired_receipt_is_listed_but_not_redrivable,
+        an_operator_names_a_receipt_by_its_id_alone,
     );
 
     /// A clock far ahead (a start after days down) makes every timer due at once: one

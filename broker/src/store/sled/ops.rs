@@ -1488,6 +1488,21 @@ impl Tx<'_> {
         if let Some(sender) = sender {
             records.retain(|r| r.sender.as_ref() == Some(sender));
         }
+        // A receipt has no sender to name: of the receipts with this id to one
+        // participant, only the newest is meant (the older ones are of an earlier
+        // message its sender sent under the same id, whose metadata went since; see
+        // `Tx::receipt`).
+        let superseded: Vec<u64> = records
+            .iter()
+            .filter(|r| {
+                r.sender.is_none()
+                    && records
+                        .iter()
+                        .any(|n| n.sender.is_none() && n.recipient == r.recipient && n.seq > r.seq)
+            })
+            .map(|r| r.seq)
+            .collect();
+        records.retain(|r| !superseded.contains(&r.seq));
         Ok(if records.len() > 1 {
             Err(records.into_iter().map(|r| r.sender).collect())
         } else {
