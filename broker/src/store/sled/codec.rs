@@ -74,8 +74,9 @@ impl Record {
     /// sender's node has not taken it for the whole metadata retention, the longest
     /// lifetime there is, and that node repairs it by itself: it asks about every
     /// message it has no receipt for and submits again one the broker no longer
-    /// knows, which gets a receipt of its own. A redrive is for a recipient's failed
-    /// delivery; listed as redrivable, a receipt was refused by the redrive.
+    /// knows, which gets a receipt of its own. (Redriven, it would wait in the queue
+    /// of a node that has been away that long for another metadata retention.) The
+    /// operator's list and redrive both read this, so they always agree.
     pub(super) fn redrivable(&self) -> bool {
         self.sender.is_some()
             && self.payload_kept
