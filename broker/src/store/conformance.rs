@@ -651,6 +651,8 @@ pub(super) async fn max_attempts_dead_letters_with_ndr<S: BrokerStore>(s: &S, c:
     );
     let st = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
     assert_eq!((st.state, st.attempts), (State::Accepted, 0));
+    // (the recipient's node was handed it before: that stays said)
+    assert!(st.last_delivered_at.is_some());
     let leased = s
         .lease(&pid(BE), StreamId(1), 10, u64::MAX, c.now_millis())
         .await
