@@ -647,7 +647,10 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     ///
     /// Message ids are unique per sender only. With `sender` the message is `sender`'s `id`;
     /// without, `id` must be one message ([`PurgeResult::Ambiguous`] otherwise), so that an
-    /// operator never acts on another organisation's message that carries the same id.
+    /// operator never acts on another organisation's message that carries the same id. A
+    /// receipt has no sender to name: of the receipts with `id` to one participant, the
+    /// newest is meant (an older one is of an earlier message sent under the same id, whose
+    /// metadata went since).
     async fn purge(
         &self,
         id: MessageId,
