@@ -16,6 +16,9 @@
 //!   message whose id another sender's message to the same recipient has, as long as
 //!   that one's record is kept (`SubmitOutcome::IdTaken`; the recipient acks and
 //!   rejects by id), and a receipt's id is a UUIDv5, which no sender may submit.
+//!   (Two receipts of one participant share an id only when its message id was used
+//!   again after the first message's metadata went, by when the first receipt was
+//!   settled: acknowledged, or expired with that metadata.)
 //! - Lock order: this registry's lock, then a stream channel's (a [`Dropper`]'s);
 //!   a channel reports its drops with its own lock released.
 //! - Locks are std mutexes held only for map updates, never across `.await`.
