@@ -668,8 +668,7 @@ async fn reject(
     let me = &inner.config.participant;
     // (the id as delivered: one that is none, refused by `check_delivery`, is any text
     // that a broken broker relayed, and not for the log)
-    let message_id_shown = MessageId::parse(message_id)
-        .map_or_else(|_| "(not a message id)".to_owned(), |id| id.to_string());
+    let message_id_shown = shown_id(message_id);
     let message_id_shown = message_id_shown.as_str();
     warn!(participant = %me, message_id = %message_id_shown, reason_code, field_path, "rejecting delivery");
     let request = pb::RejectRequest {
@@ -794,9 +793,22 @@ pub(crate) async fn classify(
     envelope: Option<pb::Envelope>,
 ) -> Result<Verdict, NodeError> {
     let me = inner.config.participant.clone();
-    let Some(envelope) = envelope else {
+    let Some(mut envelope) = envelope else {
         return Ok(Verdict::Ignore);
     };
+    // `accepted_at` is the broker's to set: a delivery without it (or with one that is
+    // no instant) is the broker's defect, not the sender's, and rejecting it would
+    // dead-letter the sender's message and send it a non-delivery report for nothing.
+    // It is taken as accepted on arrival here (which only the `created_at` check and
+    // the inbox's record use), and the broker's defect is said.
+    if envelope
+        .accepted_at
+        .as_ref()
+        .is_none_or(|ts| from_timestamp(ts).is_err())
+    {
+        warn!(participant = %me, message_id = %shown_id(&envelope.message_id), "delivery without a valid accepted_at (a broker defect): taken as accepted on arrival");
+        envelope.accepted_at = Some(trmx_proto::time::to_timestamp(inner.clock.now()));
+    }
     let checked = match check_delivery(&envelope) {
         Ok(checked) => checked,
         Err(e) => {
@@ -819,6 +831,37 @@ pub(crate) async fn classify(
         return Ok(classify_receipt(inner, id, checked.kind, &envelope.payload));
     };
 
+    // Stored before is checked first: a message this node stored (and acknowledged, or
+    // meant to) is acknowledged again whatever a check added or tightened since says
+    // of it; rejected, it would be dead-lettered and its sender told it never arrived.
+    let digest = payload_digest(&envelope);
+    let store = inner.store.clone();
+    let dup_sender = sender.clone();
+    match inner
+        .blocking(move || store.id_use(&dup_sender, id, &digest))
+        .await?
+    {
+        IdUse::New => {}
+        IdUse::Stored => return Ok(Verdict::Duplicate(id)),
+        IdUse::Conflict => {
+            conflict_said(inner, id, &sender);
+            let (reason_code, field_path) = ID_TAKEN;
+            return Ok(reject_verdict(
+                &envelope.message_id,
+                reason_code,
+                field_path,
+            ));
+        }
+        IdUse::Taken => {
+            let (reason_code, field_path) = ID_TAKEN;
+            return Ok(reject_verdict(
+                &envelope.message_id,
+                reason_code,
+                field_path,
+            ));
+        }
+    }
+
     // (a sender's clock a little ahead is fine; years ahead is not. Ahead of the
     // broker's and of this node's: a broker whose clock is behind must not make every
     // message look made in the future)
@@ -833,24 +876,6 @@ pub(crate) async fn classify(
             "INVALID_ENVELOPE",
             "envelope.created_at",
         ));
-    }
-
-    let store = inner.store.clone();
-    let dup_sender = sender.clone();
-    match inner
-        .blocking(move || store.id_use(&dup_sender, id))
-        .await?
-    {
-        IdUse::New => {}
-        IdUse::Stored => return Ok(Verdict::Duplicate(id)),
-        IdUse::Taken => {
-            let (reason_code, field_path) = ID_TAKEN;
-            return Ok(reject_verdict(
-                &envelope.message_id,
-                reason_code,
-                field_path,
-            ));
-        }
     }
 
     // An answer to our request from its recipient belongs to the request's case (the
@@ -920,7 +945,31 @@ pub(crate) async fn classify(
         body: body.encode(),
         due: body.respond_by().or_else(|| body.next_follow_up_due()),
         retain_until: body.retain_until(),
+        payload_sha256: digest,
     })))
+}
+
+/// The payload digest of a delivery that `check_delivery` passed (its
+/// `payload_sha256` is the payload's).
+fn payload_digest(envelope: &pb::Envelope) -> [u8; trmx_proto::envelope::DIGEST_LEN] {
+    <[u8; trmx_proto::envelope::DIGEST_LEN]>::try_from(envelope.payload_sha256.as_slice())
+        .unwrap_or_else(|_| trmx_proto::envelope::sha256(&envelope.payload))
+}
+
+/// A message id as delivered, for the log: one that is none is any text a broken broker
+/// relayed, and not for the log.
+fn shown_id(message_id: &str) -> String {
+    MessageId::parse(message_id)
+        .map_or_else(|_| "(not a message id)".to_owned(), |id| id.to_string())
+}
+
+/// Says that `sender`'s message `id`, stored here, came again with other content: the
+/// stored one is kept (the inbox, its answers and the application have it), the other
+/// is rejected (`DUPLICATE_MESSAGE_ID`), so that its sender learns that it was not
+/// taken rather than getting a delivery receipt for content never stored. No digest
+/// and no content in the log: the id and the sender tell an operator which message.
+fn conflict_said(inner: &Inner, id: MessageId, sender: &ParticipantId) {
+    warn!(participant = %inner.config.participant, message_id = %id, sender = %sender, "a delivery under the id of a message of this sender stored here has other content: the stored message is kept, the delivery rejected (a sender reusing an id, or a broken broker)");
 }
 
 fn outcome_name(outcome: pb::Outcome) -> &'static str {
@@ -1116,6 +1165,20 @@ async fn handle_delivery(
                 }
                 Stored::Duplicate => {
                     info!(participant = %me, message_id = %id, sender = %sender, "duplicate delivery acknowledged");
+                }
+                Stored::Conflict => {
+                    // (stored with other content between the check and the store)
+                    conflict_said(inner, id, &sender);
+                    let (reason_code, field_path) = ID_TAKEN;
+                    return Ok(reject(
+                        client,
+                        inner,
+                        &id.to_string(),
+                        reason_code,
+                        field_path,
+                        shutdown,
+                    )
+                    .await);
                 }
                 Stored::IdTaken => {
                     // (taken between the check and the store)

@@ -31,7 +31,9 @@
 //! - Outbox states only move forward (`QUEUED → SUBMITTED → DELIVERED |
 //!   FAILED`), except `FAILED → DELIVERED` ([`can_move`]).
 //! - Inbox `seq`s are strictly increasing and never reused; a (sender,
-//!   message id) is stored at most once (`dedup` is never pruned).
+//!   message id) is stored at most once (`dedup` is never pruned), and never
+//!   replaced: a delivery of it with another payload digest (kept in
+//!   [`InRec`] since this version) changes nothing ([`IdUse::Conflict`]).
 //! - A message id names one message here: a delivery with the id of an
 //!   outbox entry or of another sender's inbox entry is not stored (the
 //!   node rejects it, `DUPLICATE_MESSAGE_ID`), since the inbox's lookups,
@@ -246,6 +248,28 @@ pub(crate) struct InRec {
     body_erased: bool,
     due: Option<String>,
     retain_until: Option<String>,
+    /// The envelope's `payload_sha256` (hex): a redelivery under this (sender, id) with
+    /// another digest is other content, not this message again. `None` in entries
+    /// stored before the node kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    payload_sha256: Option<String>,
+}
+
+/// Lower-case hex of a digest, as [`InRec::payload_sha256`] keeps it.
+fn digest_hex(digest: &[u8]) -> String {
+    use std::fmt::Write as _;
+    digest.iter().fold(String::with_capacity(64), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
+}
+
+/// Whether a delivery with `digest` is the message `rec` stored: an entry stored before
+/// the node kept digests is taken to be (nothing tells otherwise).
+fn same_content(rec: &InRec, digest: &[u8]) -> bool {
+    rec.payload_sha256
+        .as_deref()
+        .is_none_or(|stored| stored == digest_hex(digest))
 }
 
 /// An idempotency key's entry.
@@ -279,8 +303,12 @@ pub(crate) struct NewOutgoing {
 pub(crate) enum IdUse {
     /// Not seen before.
     New,
-    /// This sender's message with this id is stored.
+    /// This sender's message with this id is stored, with this content.
     Stored,
+    /// This sender's message with this id is stored with another payload digest: the
+    /// delivery is other content under a used id (a sender reusing an id, a broker
+    /// restored from a backup or broken); the first is kept, the delivery rejected.
+    Conflict,
     /// The id is another message's: one this node sent, or another
     /// sender's. A broken peer; the delivery is rejected.
     Taken,
@@ -304,6 +332,8 @@ pub(crate) enum Stored {
     New(InboxEntry),
     /// Stored before; nothing changed.
     Duplicate,
+    /// Stored before with other content ([`IdUse::Conflict`]); nothing changed.
+    Conflict,
     /// The id is another message's ([`IdUse::Taken`]); nothing changed.
     IdTaken,
 }
@@ -324,6 +354,8 @@ pub(crate) struct Incoming {
     pub(crate) body: Vec<u8>,
     pub(crate) due: Option<Date>,
     pub(crate) retain_until: Option<Date>,
+    /// The envelope's `payload_sha256` (checked against the payload).
+    pub(crate) payload_sha256: [u8; trmx_proto::envelope::DIGEST_LEN],
 }
 
 /// The effect of a receipt on the outbox.
@@ -1407,15 +1439,20 @@ impl Store {
 
     // ---- inbox --------------------------------------------------------
 
-    /// Whether `sender`'s message `id` was stored before, or its id is
-    /// another message's here.
-    pub(crate) fn id_use(&self, sender: &ParticipantId, id: MessageId) -> Result<IdUse, NodeError> {
+    /// Whether `sender`'s message `id` was stored before (with the payload digest
+    /// `digest`, or another), or its id is another message's here.
+    pub(crate) fn id_use(
+        &self,
+        sender: &ParticipantId,
+        id: MessageId,
+        digest: &[u8],
+    ) -> Result<IdUse, NodeError> {
         let t = &self.trees;
-        if t[DEDUP]
-            .contains_key(dedup_key(id, sender))
-            .map_err(store_err)?
-        {
-            return Ok(IdUse::Stored);
+        if let Some(seq) = t[DEDUP].get(dedup_key(id, sender)).map_err(store_err)? {
+            let same = self
+                .inbox_rec(read_u64(&seq))?
+                .is_none_or(|rec| same_content(&rec, digest));
+            return Ok(if same { IdUse::Stored } else { IdUse::Conflict });
         }
         let taken = t[OUTBOX].contains_key(id.as_bytes()).map_err(store_err)?
             || t[INBOX_MID]
@@ -1433,8 +1470,10 @@ impl Store {
         let dkey = dedup_key(mid, &msg.sender);
         let until = self.retention_of(msg.retain_until, msg.case_ref)?;
         let rec = self.tx(|t| {
-            if t[DEDUP].get(&dkey)?.is_some() {
-                return Ok(Err(IdUse::Stored));
+            if let Some(seq) = t[DEDUP].get(&dkey)? {
+                let same = tget::<InRec>(&t[INBOX], &seq)?
+                    .is_none_or(|rec| same_content(&rec, &msg.payload_sha256));
+                return Ok(Err(if same { IdUse::Stored } else { IdUse::Conflict }));
             }
             // The inbox's lookups, due dates and retention go by message id
             // alone, so a second message with an id already here (a broken
@@ -1463,6 +1502,7 @@ impl Store {
                 body_erased: false,
                 due: msg.due.map(|d| d.to_string()),
                 retain_until: msg.retain_until.map(|d| d.to_string()),
+                payload_sha256: Some(digest_hex(&msg.payload_sha256)),
             };
             tput(&t[INBOX], &be(seq), &rec)?;
             t[DEDUP].insert(dkey.as_slice(), &be(seq))?;
@@ -1506,6 +1546,7 @@ impl Store {
         match rec {
             Ok(rec) => Ok(Stored::New(rec.to_entry()?)),
             Err(IdUse::Taken) => Ok(Stored::IdTaken),
+            Err(IdUse::Conflict) => Ok(Stored::Conflict),
             Err(IdUse::Stored | IdUse::New) => Ok(Stored::Duplicate),
         }
     }
@@ -2342,6 +2383,7 @@ mod tests {
             body: Vec::new(),
             due: None,
             retain_until: None,
+            payload_sha256: [0; 32],
         };
         let follow_up = incoming(Kind::FollowUp);
         store.store_incoming(&follow_up).unwrap();
@@ -2401,6 +2443,7 @@ mod tests {
             body: Vec::new(),
             due: Some(Date::parse("2026-01-21").unwrap()),
             retain_until: None,
+            payload_sha256: [0; 32],
         };
         store.store_incoming(&request).unwrap();
         let id = request.message_id;
@@ -2663,6 +2706,7 @@ mod tests {
             body: vec![1, 2, 3],
             due: None,
             retain_until: None,
+            payload_sha256: [0; 32],
         }
     }
 

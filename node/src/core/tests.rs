@@ -1475,6 +1475,132 @@ async fn a_delivery_made_after_the_broker_accepted_it_is_rejected() {
     ));
 }
 
+/// A message stored here that comes again is acknowledged as a duplicate whatever the
+/// checks of new messages say of it now: one stored while this node's clock was ahead
+/// (or by a version without the `created_at` check) and delivered again after the clock
+/// was set right is not rejected, which would dead-letter it on the broker and tell its
+/// sender that a message stored here never arrived.
+#[tokio::test]
+async fn a_stored_message_delivered_again_is_a_duplicate_whatever_its_created_at() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let mut env = in_transit(&f.nl, sent.message_id);
+    let accepted = from_timestamp(env.accepted_at.as_ref().unwrap()).unwrap();
+    env.created_at = Some(to_timestamp(accepted + 2 * DAY));
+    f.clock.set(accepted + 3 * DAY);
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(env.clone())).await.unwrap() else {
+        panic!("stored while the clock was ahead");
+    };
+    store_delivery(&f.be.inner, *incoming).await.unwrap();
+    f.clock.set(accepted);
+    match classify(&f.be.inner, Some(env)).await.unwrap() {
+        Verdict::Duplicate(id) => assert_eq!(id, sent.message_id),
+        other => panic!("expected a duplicate, got {other:?}"),
+    }
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+}
+
+/// `accepted_at` is the broker's field: a delivery without it, or with one that is no
+/// instant, is the broker's defect, and the sender's message is not rejected for it
+/// (that would dead-letter it and send its sender a non-delivery report). It is stored,
+/// as accepted when it arrived here.
+#[tokio::test]
+async fn a_delivery_without_accepted_at_is_stored_not_blamed_on_its_sender() {
+    let logs = LogCapture::start();
+    let f = fixture().await;
+    for (key, broken) in [
+        ("k-1", None),
+        (
+            "k-2",
+            Some(pb::Timestamp {
+                seconds: 1,
+                nanos: -5,
+            }),
+        ),
+    ] {
+        let sent =
+            f.nl.send(request(key, "BE-PAYOKE", referral()))
+                .await
+                .unwrap();
+        let mut env = in_transit(&f.nl, sent.message_id);
+        env.accepted_at = broken;
+        let incoming = match classify(&f.be.inner, Some(env)).await.unwrap() {
+            Verdict::Store(incoming) => incoming,
+            other => panic!("expected it stored, got {other:?}"),
+        };
+        assert_eq!(incoming.accepted_at, to_millis(f.clock.now()));
+        store_delivery(&f.be.inner, *incoming).await.unwrap();
+        let said = logs.lines_with(&["WARN", "broker defect", &sent.message_id.to_string()]);
+        assert_eq!(said.len(), 1, "{said:#?}");
+    }
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 2);
+}
+
+/// A delivery with the sender and id of a message stored here but another payload is
+/// not that message again: the stored one is kept as it is, and the delivery is
+/// rejected (`DUPLICATE_MESSAGE_ID`) rather than acknowledged, which would tell its
+/// sender that content never stored was delivered. The same message again is still a
+/// duplicate.
+#[tokio::test]
+async fn a_redelivery_with_other_content_is_rejected_and_the_first_kept() {
+    let logs = LogCapture::start();
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let good = in_transit(&f.nl, sent.message_id);
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(good.clone())).await.unwrap() else {
+        panic!("the first is stored");
+    };
+    let mut other_incoming = (*incoming).clone();
+    let entry = match store_delivery(&f.be.inner, *incoming).await.unwrap() {
+        Stored::New(entry) => entry,
+        other => panic!("expected a new entry, got {other:?}"),
+    };
+    let first_body = f.be.inner.store.inbox_body(entry.seq).unwrap();
+
+    let mut other = good.clone();
+    other.payload = b"other content".to_vec();
+    other.payload_sha256 = trmx_proto::envelope::sha256(&other.payload).to_vec();
+    match classify(&f.be.inner, Some(other)).await.unwrap() {
+        Verdict::Reject {
+            message_id,
+            reason_code,
+            field_path,
+        } => assert_eq!(
+            (message_id, reason_code, field_path.as_str()),
+            (
+                sent.message_id.to_string(),
+                "DUPLICATE_MESSAGE_ID",
+                "envelope.message_id"
+            )
+        ),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    let said = logs.lines_with(&["WARN", "other content", &sent.message_id.to_string()]);
+    assert_eq!(said.len(), 1, "{said:#?}");
+    assert!(!said[0].contains("other content\""), "{}", said[0]);
+
+    // (the same, found by the store's own check: stored between the two)
+    other_incoming.payload_sha256 = trmx_proto::envelope::sha256(b"other content");
+    other_incoming.body = b"other content".to_vec();
+    assert!(matches!(
+        f.be.inner.store.store_incoming(&other_incoming).unwrap(),
+        Stored::Conflict
+    ));
+
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+    assert_eq!(f.be.inner.store.inbox_body(entry.seq).unwrap(), first_body);
+    assert!(matches!(
+        classify(&f.be.inner, Some(good)).await.unwrap(),
+        Verdict::Duplicate(id) if id == sent.message_id
+    ));
+}
+
 /// A JSON body is read as JSON whenever the envelope check took its content type for
 /// JSON: with spaces around the media type too, as another organisation's software may
 /// write it.
@@ -3234,10 +3360,17 @@ mod link {
             .send(request("k-1", "BE-PAYOKE", referral()))
             .await
             .unwrap();
+        let digest = nl
+            .inner
+            .store
+            .envelope(sent.message_id)
+            .unwrap()
+            .unwrap()
+            .payload_sha256;
         until("BE stored it (not durably)", || async {
             be.inner
                 .store
-                .id_use(&pid("NL-NRM"), sent.message_id)
+                .id_use(&pid("NL-NRM"), sent.message_id, &digest)
                 .unwrap()
                 == IdUse::Stored
         })
