@@ -52,6 +52,10 @@ pub use status::to_status;
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 /// Concurrent HTTP/2 streams per connection (watch streams included).
 const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams a connection may make the local API reset (stream errors, refused streams)
+/// before it is closed: hyper's own default, which tonic does not pass on (the broker
+/// sets the same, `broker/src/server.rs`).
+const LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// Binds the local API socket at `socket_path` with mode 0600 and serves
 /// `NodeApi` on it, with the default [`ApiLimits`], until `shutdown` completes;
@@ -421,6 +425,13 @@ pub async fn serve_bound(
     );
     let result = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        // tonic 0.14 hands hyper `None` here unless it is set, which turns hyper's limit
+        // off: a local client (a case-management system with a bug, or anything that can
+        // open the socket) could make the node reset stream after stream, each reset
+        // freeing its place among the connection's streams, and have request after
+        // request dispatched for as long as it liked (CVE-2025-8671, "MadeYouReset").
+        // Past this many, the connection gets GOAWAY.
+        .http2_max_local_error_reset_streams(Some(LOCAL_ERROR_RESET_STREAMS))
         .add_service(
             NodeApiServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES)

@@ -1037,3 +1037,139 @@ async fn the_debug_of_a_running_node_holds_no_body() {
         shown.len()
     );
 }
+
+/// Raw HTTP/2 for [`a_client_that_makes_the_local_api_reset_its_streams_is_sent_away`]:
+/// what a client may not send, which no HTTP/2 library sends (RFC 9113 §4, §6).
+mod raw_h2 {
+    use tokio::io::AsyncReadExt as _;
+
+    pub(super) const HEADERS: u8 = 0x1;
+    pub(super) const SETTINGS: u8 = 0x4;
+    pub(super) const GOAWAY: u8 = 0x7;
+    pub(super) const WINDOW_UPDATE: u8 = 0x8;
+    pub(super) const END_HEADERS: u8 = 0x4;
+    /// `GOAWAY`'s error code for a peer that misbehaves (RFC 9113 §7).
+    pub(super) const ENHANCE_YOUR_CALM: u32 = 0xb;
+    /// The client's connection preface.
+    pub(super) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    /// One frame: its 9-byte header, then `payload`.
+    pub(super) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let length = u32::try_from(payload.len()).expect("small").to_be_bytes();
+        let mut out = Vec::with_capacity(9 + payload.len());
+        out.extend_from_slice(&length[1..]);
+        out.push(kind);
+        out.push(flags);
+        out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// An HPACK block for a gRPC request to `path`: literals without indexing or
+    /// Huffman, so that it needs no encoder state (RFC 7541 §6.2.2).
+    pub(super) fn request_headers(path: &str) -> Vec<u8> {
+        let mut block = vec![
+            0x83, // :method POST (static table 3)
+            0x86, // :scheme http (static table 6)
+        ];
+        for (name, value) in [
+            (":path", path),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            block.push(0x00);
+            for text in [name, value] {
+                block.push(u8::try_from(text.len()).expect("short"));
+                block.extend_from_slice(text.as_bytes());
+            }
+        }
+        block
+    }
+
+    /// Reads frames until a `GOAWAY` (its error code) or the end of the connection
+    /// (`None`).
+    pub(super) async fn until_goaway(
+        mut read: impl tokio::io::AsyncRead + Unpin,
+    ) -> std::io::Result<Option<u32>> {
+        let mut header = [0u8; 9];
+        loop {
+            if let Err(error) = read.read_exact(&mut header).await {
+                return match error.kind() {
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                        Ok(None)
+                    }
+                    _ => Err(error),
+                };
+            }
+            let length =
+                usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let mut payload = vec![0u8; length];
+            read.read_exact(&mut payload).await?;
+            if header[3] == GOAWAY && payload.len() >= 8 {
+                return Ok(Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ])));
+            }
+        }
+    }
+}
+
+/// A local client that makes the node reset stream after stream (each request followed
+/// by a `WINDOW_UPDATE` that overflows its stream's window, a stream error the server
+/// answers with `RST_STREAM`: "MadeYouReset", CVE-2025-8671) is sent away with `GOAWAY
+/// ENHANCE_YOUR_CALM` after hyper's 1024, as the broker does: tonic 0.14 turns that limit
+/// off unless it is set, and the node dispatched request after request for as long as the
+/// client liked. Other clients are served meanwhile and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_makes_the_local_api_reset_its_streams_is_sent_away() {
+    use tokio::io::AsyncWriteExt as _;
+    /// More than hyper's default limit (1024) of streams a connection may have reset.
+    const STREAMS: u32 = 1500;
+    /// How long the probe waits for the node to close the connection: without the limit
+    /// it never does (a bound on a hang, not on speed).
+    const HANG: std::time::Duration = std::time::Duration::from_secs(60);
+    let sandbox = Sandbox::new();
+    let node = sandbox.start().await;
+    let unix = tokio::net::UnixStream::connect(node.socket_path())
+        .await
+        .expect("connect");
+    let (read, mut write) = tokio::io::split(unix);
+    let reader = tokio::spawn(raw_h2::until_goaway(read));
+    write.write_all(raw_h2::PREFACE).await.expect("preface");
+    write
+        .write_all(&raw_h2::frame(raw_h2::SETTINGS, 0, 0, &[]))
+        .await
+        .expect("settings");
+    let headers = raw_h2::request_headers("/trmx.v1.NodeApi/GetNodeStatus");
+    let overflow = 0x7fff_ffffu32.to_be_bytes();
+    let mut sent = 0;
+    for i in 0..STREAMS {
+        let stream = 2 * i + 1;
+        let mut burst = raw_h2::frame(raw_h2::HEADERS, raw_h2::END_HEADERS, stream, &headers);
+        burst.extend(raw_h2::frame(raw_h2::WINDOW_UPDATE, 0, stream, &overflow));
+        if write.write_all(&burst).await.is_err() {
+            break; // (the node closed the connection)
+        }
+        sent += 1;
+    }
+    let _ = write.flush().await;
+    let goaway = tokio::time::timeout(HANG, reader)
+        .await
+        .unwrap_or_else(|_| panic!("the connection is still open after {sent} streams reset"))
+        .expect("reader")
+        .expect("read");
+    // (GOAWAY, or the connection closed so fast that the frame was lost with it)
+    assert!(
+        matches!(goaway, Some(raw_h2::ENHANCE_YOUR_CALM) | None),
+        "GOAWAY's code {goaway:?} after {sent} streams"
+    );
+
+    // another client is served
+    let mut client = connect_local(node.socket_path()).await.expect("connect");
+    client
+        .get_node_status(pb::GetNodeStatusRequest {})
+        .await
+        .expect("status");
+    node.stop().await.expect("stop");
+}
