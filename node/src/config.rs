@@ -516,6 +516,7 @@ impl NodeConfig {
             cache_capacity_bytes: self.storage.cache_capacity_mb.saturating_mul(1024 * 1024),
             withdraw_timeout: crate::core::WITHDRAW_TIMEOUT,
             broker_answer_timeout: crate::core::BROKER_ANSWER_TIMEOUT,
+            submit_answer_timeout: crate::core::SUBMIT_ANSWER_TIMEOUT,
             shutdown_grace: crate::core::SHUTDOWN_GRACE,
             certificate_check_interval: crate::core::CERTIFICATE_CHECK_INTERVAL,
             clock_bounds: crate::core::ClockBounds {

@@ -1832,10 +1832,15 @@ async fn check_one(
             let submitting = client.submit(pb::SubmitRequest {
                 envelope: Some(envelope),
             });
-            // (not bounded by broker_answer_timeout: a large envelope on a slow link
-            // takes its time)
-            let Ok(result) = within(submitting, None, shutdown).await else {
-                return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
+            // (bounded by submit_answer_timeout, not broker_answer_timeout: a large
+            // envelope on a slow link takes its time)
+            let limit = inner.config.submit_answer_timeout;
+            let result = match within(submitting, Some(limit), shutdown).await {
+                Ok(result) => result,
+                Err(Cut::NoAnswer) => Err(no_submit_answer(limit)),
+                Err(Cut::Shutdown) => {
+                    return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
+                }
             };
             match result {
                 Ok(_) => {
@@ -1926,6 +1931,15 @@ async fn withdraw_pending(
     Ok(())
 }
 
+/// What a submit that got no answer within `limit` ([`super::CoreConfig::submit_answer_timeout`])
+/// counts as: a transient failure, tried again after the backoff.
+fn no_submit_answer(limit: Duration) -> tonic::Status {
+    tonic::Status::deadline_exceeded(format!(
+        "the broker did not answer the submit within {} s",
+        limit.as_secs_f64()
+    ))
+}
+
 /// Why [`submit_one`] did not end with the broker's answer on disk.
 #[derive(Debug)]
 enum NotSubmitted {
@@ -1960,11 +1974,15 @@ async fn submit_one(
     };
     let me = inner.config.participant.clone();
     let kind = Kind::from_pb(envelope.kind).map_or("unspecified", Kind::name);
-    let result = client
-        .submit(pb::SubmitRequest {
+    let limit = inner.config.submit_answer_timeout;
+    let result = tokio::time::timeout(
+        limit,
+        client.submit(pb::SubmitRequest {
             envelope: Some(envelope),
-        })
-        .await;
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| Err(no_submit_answer(limit)));
     let now = to_millis(inner.clock.now());
     let store = inner.store.clone();
     match result {

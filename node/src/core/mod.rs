@@ -102,6 +102,11 @@ pub struct CoreConfig {
     /// ([`BROKER_ANSWER_TIMEOUT`] by default): past it, the link takes the broker for
     /// broken and reconnects (the message comes again, and is acknowledged again).
     pub broker_answer_timeout: Duration,
+    /// How long the submit loop (and the outbox check's submit of a message the broker
+    /// lost) waits for the broker's answer to a `Submit` ([`SUBMIT_ANSWER_TIMEOUT`] by
+    /// default): past it, the submit counts as failed and is tried again after the
+    /// backoff (the broker's idempotency makes a second copy impossible).
+    pub submit_answer_timeout: Duration,
     /// How often the link compares the certificate its connection presents with the
     /// certificate file; when they differ (a renewal), it moves to a new connection, once
     /// the broker has answered a call on it (a certificate it refuses leaves the link
@@ -318,6 +323,15 @@ pub(crate) const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(15);
 /// default ([`CoreConfig::broker_answer_timeout`]): the broker answers once its write is
 /// flushed, within milliseconds when all is well.
 pub const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the submit loop waits for the broker's answer to a `Submit`, by default
+/// ([`CoreConfig::submit_answer_timeout`]). Longer than [`BROKER_ANSWER_TIMEOUT`]: a
+/// large envelope on a slow link takes its time to arrive, and a broker ends every
+/// request that takes longer than its `limits.request_timeout` (60 s by default) itself.
+/// But bounded: a broker that takes a submit and never answers (its store stalled, a
+/// proxy that holds the stream, a broken broker), on a connection that stays up, held
+/// every message behind it in the outbox until the node restarted.
+pub const SUBMIT_ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How long a shutdown waits for the sends and withdrawals under way, by default
 /// ([`CoreConfig::shutdown_grace`]): long enough for one that has started to end, as a

@@ -88,6 +88,7 @@ fn config(dir: &Path, me: &str) -> CoreConfig {
         cache_capacity_bytes: 8 << 20,
         withdraw_timeout: Duration::from_secs(2),
         broker_answer_timeout: Duration::from_secs(10),
+        submit_answer_timeout: Duration::from_secs(60),
         certificate_check_interval: Duration::from_millis(50),
         clock_bounds: ClockBounds::default(),
         shutdown_grace: SHUTDOWN_GRACE,
@@ -5773,6 +5774,52 @@ mod link {
             .unwrap()
             .unwrap();
         assert_eq!(entry.state, OutboxState::Queued);
+    }
+
+    /// A broker that takes a `Submit` and never answers it, on a connection that stays
+    /// up (its store stalled, a proxy holding the stream), does not hold the outbox for
+    /// good: past `submit_answer_timeout` the submit counts as failed, which the entry's
+    /// record says, and is tried again; once the broker answers, the message is
+    /// SUBMITTED, and the broker holds it once.
+    #[tokio::test]
+    async fn a_submit_the_broker_never_answers_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let mut cfg = config(dir.path(), "NL-NRM");
+        cfg.submit_answer_timeout = Duration::from_millis(300);
+        let nl = online_with(cfg, addr, clock).await;
+        let held = broker.submit_hold.lock().await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the submit is given up and tried again", || async {
+            broker.lock().submits_arrived >= 2
+        })
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Queued);
+        assert!(
+            entry
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("did not answer the submit")),
+            "{entry:?}"
+        );
+        drop(held);
+        until("the message is submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let copies = queued_at(&broker, "BE-PAYOKE")
+            .iter()
+            .filter(|id| **id == sent.message_id.to_string())
+            .count();
+        assert_eq!(copies, 1);
+        nl.shutdown().await;
     }
 
     /// The local API's handler futures are dropped wherever they await when the client
