@@ -89,7 +89,44 @@ pub(crate) fn status_text(status: &tonic::Status) -> String {
     use std::error::Error as _;
     let mut text = format!("{:?}: {}", status.code(), status.message());
     push_causes(&mut text, status.source());
-    text
+    broker_text(&text)
+}
+
+/// The message of a broker's `status`, as [`broker_text`] makes it fit for a log line,
+/// a record and an API answer.
+pub(crate) fn broker_message(status: &tonic::Status) -> String {
+    broker_text(status.message())
+}
+
+/// The most of a broker's text (an error message, a name of its registry) that the
+/// node keeps, logs or shows.
+const MAX_BROKER_TEXT: usize = 1024;
+
+/// Text the broker sent (a status message, its registry's names, an id in an answer),
+/// made fit for a log line, an outbox record, an API answer and a terminal: a broken or
+/// hostile broker must not forge log lines (a line break), drive the terminal of whoever
+/// reads them (escape sequences), turn text around (bidirectional overrides), or fill the
+/// log and the store (a message of megabytes). Control and bidirectional-formatting
+/// characters are written as escapes (`\n`, `\u{1b}`), and the text is cut after
+/// [`MAX_BROKER_TEXT`] characters, saying so.
+pub(crate) fn broker_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_BROKER_TEXT));
+    for (shown, c) in text.chars().enumerate() {
+        if shown == MAX_BROKER_TEXT {
+            out.push_str(&format!(
+                "… (cut: {} more characters)",
+                text.chars().count() - shown
+            ));
+            break;
+        }
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Said after the TLS error of a peer that answered in plain text, such as
@@ -165,6 +202,7 @@ fn field_path_of(message: &str) -> String {
     match message.split_once(": ") {
         Some((path, _))
             if !path.is_empty()
+                && path.len() <= MAX_RECEIPT_PATH
                 && path
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._[]".contains(&b)) =>
@@ -228,8 +266,8 @@ pub(crate) fn participant_info(p: &pb::Participant) -> Option<ParticipantInfo> {
     };
     Some(ParticipantInfo {
         id,
-        display_name: p.display_name.clone(),
-        country: p.country.clone(),
+        display_name: broker_text(&p.display_name),
+        country: broker_text(&p.country),
         organisation_type: organisation_type.to_owned(),
         accepts: p.accepts.iter().filter_map(|k| Kind::from_pb(*k)).collect(),
     })
@@ -392,7 +430,7 @@ pub(crate) async fn receive_loop(
             Ok(info) => {
                 let info = info.into_inner();
                 if info.caller != me.as_str() {
-                    warn!(participant = %me, broker_caller = %info.caller, "broker sees this node under another participant id");
+                    warn!(participant = %me, broker_caller = %broker_text(&info.caller), "broker sees this node under another participant id");
                 }
                 inner.cache_broker_info(&info);
                 let limit = info.limits.as_ref().map_or(0, |l| l.max_envelope_bytes);
@@ -716,7 +754,7 @@ async fn ack(
         Ok(Ok(response)) => {
             for outcome in response.results {
                 if outcome.result != pb::AckResult::Acknowledged as i32 {
-                    warn!(participant = %me, message_id = %outcome.message_id, result = outcome.result, "ack not applied");
+                    warn!(participant = %me, message_id = %shown_id(&outcome.message_id), result = outcome.result, "ack not applied");
                 }
             }
         }
@@ -1856,7 +1894,7 @@ async fn check_one(
                     return inner.store.flush_async().await;
                 }
                 Err(status) if is_permanent(status.code()) => {
-                    warn!(participant = %me, message_id = %id, code = ?status.code(), reason = status.message(), "the broker refused the message submitted again");
+                    warn!(participant = %me, message_id = %id, code = ?status.code(), reason = broker_message(&status).as_str(), "the broker refused the message submitted again");
                     (
                         trmx_transport::code_name(status.code()).to_owned(),
                         field_path_of(status.message()),
@@ -1909,12 +1947,15 @@ async fn withdraw_pending(
                 "withdrawn: the broker never had it".to_owned()
             }
             Err(status) if status.code() == Code::FailedPrecondition => {
-                warn!(participant = %me, message_id = %id, reason = status.message(), "the broker could not withdraw a message withdrawn here while it was out of reach: it reached its recipient or failed first, as its receipt will tell");
-                format!("the broker could not withdraw it: {}", status.message())
+                warn!(participant = %me, message_id = %id, reason = broker_message(&status).as_str(), "the broker could not withdraw a message withdrawn here while it was out of reach: it reached its recipient or failed first, as its receipt will tell");
+                format!(
+                    "the broker could not withdraw it: {}",
+                    broker_message(&status)
+                )
             }
             // (asking again would get the same answer, and hold up every submit behind it)
             Err(status) if is_permanent(status.code()) => {
-                warn!(participant = %me, message_id = %id, code = ?status.code(), reason = status.message(), "the broker refused to withdraw a message withdrawn here while it was out of reach");
+                warn!(participant = %me, message_id = %id, code = ?status.code(), reason = broker_message(&status).as_str(), "the broker refused to withdraw a message withdrawn here while it was out of reach");
                 format!(
                     "the broker refused the withdrawal: {}",
                     status_text(&status)
@@ -2024,7 +2065,7 @@ async fn submit_one(
             let text = status_text(&status);
             // The broker's reason names a field path and rule, ids, kinds
             // or limits, never a value from the body (its error contract).
-            warn!(participant = %me, message_id = %id, kind = %kind, code = ?status.code(), reason = status.message(), "broker refused message");
+            warn!(participant = %me, message_id = %id, kind = %kind, code = ?status.code(), reason = broker_message(&status).as_str(), "broker refused message");
             recording.store(true, Ordering::Relaxed);
             inner
                 .blocking(move || store.mark_refused(id, failure, &text, now, attempts))
@@ -2177,6 +2218,24 @@ mod tests {
         )));
         assert!(!is_refusal(&refused));
         assert!(!is_refusal(&tonic::Status::unavailable("shutting down")));
+    }
+
+    /// The registry's names are shown by `trmx-node participants` on a terminal: a
+    /// broker's line breaks and escape sequences in them are escaped, and a long one cut.
+    #[test]
+    fn registry_names_are_escaped_and_bounded() {
+        let shown = participant_info(&pb::Participant {
+            id: "BE-PAYOKE".into(),
+            display_name: "Payoke\nFORGED\u{1b}[2J".into(),
+            country: "B\u{202e}E".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(shown.display_name, "Payoke\\nFORGED\\u{1b}[2J");
+        assert_eq!(shown.country, "B\\u{202e}E");
+        let long = broker_text(&"z".repeat(5000));
+        assert!(long.starts_with(&"z".repeat(MAX_BROKER_TEXT)), "{long}");
+        assert!(long.ends_with("(cut: 3976 more characters)"), "{long}");
     }
 
     #[test]

@@ -1795,7 +1795,7 @@ impl NodeCore {
                 // acknowledged, expired, dead-lettered or purged: the broker says which
                 return Err(NodeError::FailedPrecondition(format!(
                     "the broker cannot withdraw it: {}",
-                    status.message()
+                    link::broker_message(&status)
                 )));
             }
             Err(status) if link::is_permanent(status.code()) => {

@@ -5776,6 +5776,59 @@ mod link {
         assert_eq!(entry.state, OutboxState::Queued);
     }
 
+    /// Text the broker sends is not trusted with the node's log, records and terminal: a
+    /// status message with a line break (a forged log line), an escape sequence (that
+    /// drives the terminal of whoever reads the log), a bidirectional override, or of
+    /// thousands of characters reaches the log, the outbox record and the status
+    /// escaped and cut, for a transient refusal and a final one.
+    #[tokio::test]
+    async fn text_from_the_broker_is_escaped_and_bounded_in_logs_and_records() {
+        let logs = LogCapture::start();
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        let hostile = format!(
+            "busy\nWARN trmx_node: FORGED line\u{1b}[2J\u{202e}{}",
+            "x".repeat(4000)
+        );
+        broker.lock().submit_refusal = Some((tonic::Code::Internal, hostile.clone()));
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the refusal is recorded", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .is_some_and(|e| e.last_error.is_some())
+        })
+        .await;
+        broker.lock().submit_refusal = Some((
+            tonic::Code::InvalidArgument,
+            format!("envelope.kind: bad\nFORGED\u{1b}[31m{}", "y".repeat(4000)),
+        ));
+        until("the final refusal is recorded", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Failed)
+        })
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        let recorded = entry.last_error.clone().unwrap();
+        let status_error = nl.status().last_broker_error.unwrap_or_default();
+        for text in [recorded.as_str(), status_error.as_str()] {
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+            assert!(text.chars().count() < 1200, "{} characters", text.len());
+        }
+        assert!(recorded.contains("FORGED\\u{1b}[31m"), "{recorded}");
+        assert_eq!(entry.failure.unwrap().field_path, "envelope.kind");
+        let captured = String::from_utf8_lossy(&logs.lines.lock().unwrap()).into_owned();
+        assert!(!captured.contains('\u{1b}') && !captured.contains('\u{202e}'));
+        let id = sent.message_id.to_string();
+        for line in captured.lines().filter(|l| l.contains("FORGED")) {
+            assert!(line.contains(&id), "a line the broker forged: {line}");
+            assert!(line.len() < 1500, "{} bytes", line.len());
+        }
+        assert!(!logs.lines_with(&["FORGED", &id]).is_empty());
+
+        nl.shutdown().await;
+    }
+
     /// A broker that takes a `Submit` and never answers it, on a connection that stays
     /// up (its store stalled, a proxy holding the stream), does not hold the outbox for
     /// good: past `submit_answer_timeout` the submit counts as failed, which the entry's
