@@ -5776,6 +5776,85 @@ mod link {
         assert_eq!(entry.state, OutboxState::Queued);
     }
 
+    /// Every gRPC code a broker may answer a `Submit` with: those that say the message
+    /// can never be accepted (a bad field, an unknown recipient, a kind not accepted or an
+    /// expiry past, its id used for other content, a size over a limit) end the entry in
+    /// FAILED (`rejected-by-broker`, the code as its reason); every other one (the
+    /// broker busy, out of space, cut off, broken, or refusing the caller rather than
+    /// the message) leaves it QUEUED, tried again until the broker takes it, and none
+    /// is taken for an acceptance.
+    #[tokio::test]
+    async fn every_submit_refusal_code_is_final_or_retried_as_it_says() {
+        use tonic::Code;
+        let (_dir, broker, nl, _serving) = online_alone("NL-NRM").await;
+        let finals = [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::FailedPrecondition,
+            Code::AlreadyExists,
+            Code::OutOfRange,
+        ];
+        let retried = [
+            Code::Cancelled,
+            Code::Unknown,
+            Code::DeadlineExceeded,
+            Code::PermissionDenied,
+            Code::ResourceExhausted,
+            Code::Aborted,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::Unavailable,
+            Code::DataLoss,
+            Code::Unauthenticated,
+        ];
+        for (i, code) in finals.into_iter().chain(retried).enumerate() {
+            broker.lock().submit_refusal = Some((code, format!("refused with {code:?}")));
+            let arrived = broker.lock().submits_arrived;
+            let sent = nl
+                .send(request(&format!("k-{i}"), "BE-PAYOKE", referral()))
+                .await
+                .unwrap();
+            if finals.contains(&code) {
+                until("FAILED", || async {
+                    state_of(&nl, sent.message_id).await.map(|e| e.state)
+                        == Some(OutboxState::Failed)
+                })
+                .await;
+                let failure = state_of(&nl, sent.message_id)
+                    .await
+                    .unwrap()
+                    .failure
+                    .unwrap();
+                assert_eq!(failure.outcome, "rejected-by-broker", "{code:?}");
+                assert_eq!(
+                    failure.reason_code,
+                    trmx_transport::code_name(code),
+                    "{code:?}"
+                );
+            } else {
+                until("tried again", || async {
+                    broker.lock().submits_arrived >= arrived + 2
+                })
+                .await;
+                let entry = state_of(&nl, sent.message_id).await.unwrap();
+                assert_eq!(entry.state, OutboxState::Queued, "{code:?}");
+                assert!(entry.last_error.is_some(), "{code:?}: {entry:?}");
+                broker.lock().submit_refusal = None;
+                until("SUBMITTED once the broker takes it", || async {
+                    state_of(&nl, sent.message_id).await.map(|e| e.state)
+                        == Some(OutboxState::Submitted)
+                })
+                .await;
+            }
+            assert!(
+                !broker.lock().accepted.contains_key(&sent.message_id.to_string())
+                    || !finals.contains(&code),
+                "{code:?}"
+            );
+        }
+        nl.shutdown().await;
+    }
+
     /// Text the broker sends is not trusted with the node's log, records and terminal: a
     /// status message with a line break (a forged log line), an escape sequence (that
     /// drives the terminal of whoever reads the log), a bidirectional override, or of
