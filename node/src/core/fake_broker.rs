@@ -504,8 +504,16 @@ impl Exchange for Endpoint {
         let st = self.broker.lock();
         match st.accepted.get(&id) {
             Some(envelope) if envelope.sender == self.caller => {
+                let state = if st.withdrawn.contains(&id) {
+                    pb::MessageState::Withdrawn
+                } else if st.acked.contains(&id) {
+                    pb::MessageState::Acknowledged
+                } else {
+                    pb::MessageState::Accepted
+                };
                 Ok(Response::new(pb::MessageStatus {
                     message_id: id,
+                    state: state as i32,
                     ..Default::default()
                 }))
             }

@@ -1763,7 +1763,9 @@ const CHECK_BATCH: usize = 100;
 /// one it does not know was lost with its store (restored from a backup
 /// taken before the submit). Such an entry is submitted again, byte for
 /// byte, so that it still arrives; one whose body is already erased becomes
-/// `FAILED` (`lost-by-broker`). Nothing is lost silently either way.
+/// `FAILED` (`lost-by-broker`). Nothing is lost silently either way. One the broker
+/// holds as withdrawn (a withdrawal whose answer never came back) is withdrawn here
+/// too ([`withdrawn_on_broker`]).
 ///
 /// Each round asks about at most [`CHECK_BATCH`] entries, those checked
 /// longest ago first, so that a long outbox (a recipient offline for days)
@@ -1840,7 +1842,15 @@ async fn check_one(
         return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
     };
     match status {
-        Ok(_) => return Ok(()),
+        Ok(answer) => {
+            let answer = answer.into_inner();
+            if answer.state == pb::MessageState::Withdrawn as i32
+                && MessageId::parse(&answer.message_id).is_ok_and(|said| said == id)
+            {
+                return withdrawn_on_broker(inner, id).await;
+            }
+            return Ok(());
+        }
         Err(status) if status.code() == Code::NotFound => {}
         Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
     }
@@ -1915,6 +1925,25 @@ async fn check_one(
         .blocking(move || store.mark_lost(id, failure, &error, now))
         .await?;
     inner.store.flush_async().await
+}
+
+/// The broker holds `SUBMITTED` entry `id` as withdrawn: a withdrawal that it applied
+/// and whose answer never came back (the connection broke, the answer came after the
+/// node's `withdraw_timeout`), so the node told its caller to try again. A withdrawn
+/// message gets no report, and the entry would stay `SUBMITTED` for good, asked about at
+/// every check, while the broker will never deliver it: it is withdrawn here too.
+async fn withdrawn_on_broker(inner: &Arc<Inner>, id: MessageId) -> Result<(), NodeError> {
+    let _gate = inner.submit_gate.lock().await;
+    let now = to_millis(inner.clock.now());
+    let store = inner.store.clone();
+    let updated = inner
+        .blocking(move || store.withdraw_local(id, now, true))
+        .await?;
+    if updated.is_some_and(|u| u.changed) {
+        inner.store.flush_async().await?;
+        warn!(participant = %inner.config.participant, message_id = %id, "the broker holds this submitted message as withdrawn (a withdrawal whose answer was lost?): withdrawn here too");
+    }
+    Ok(())
 }
 
 /// Withdraws on the broker the messages withdrawn here while it could not be reached

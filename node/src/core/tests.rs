@@ -2856,6 +2856,48 @@ mod link {
         be.shutdown().await;
     }
 
+    /// A withdrawal that the broker applied but whose answer never came back (past the
+    /// node's `withdraw_timeout`: its caller was told to try again, and did not) leaves
+    /// no entry `SUBMITTED` for good: a withdrawn message gets no report, and the outbox
+    /// check, which finds the broker holding it as withdrawn, withdraws it here too.
+    #[tokio::test]
+    async fn a_withdrawal_whose_answer_was_lost_is_found_by_the_outbox_check() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = submitted_referral(&nl).await;
+        let held = broker.withdraw_hold.lock().await;
+        let withdrew = nl.withdraw(sent.message_id).await;
+        assert!(
+            matches!(&withdrew, Err(NodeError::BrokerUnavailable(_))),
+            "{withdrew:?}"
+        );
+        assert!(
+            broker
+                .lock()
+                .withdrawn
+                .contains(&sent.message_id.to_string())
+        );
+        drop(held);
+        assert_eq!(
+            state_of(&nl, sent.message_id).await.unwrap().state,
+            OutboxState::Submitted
+        );
+        clock.advance(Duration::from_secs(1));
+        until("the check withdraws it here too", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .and_then(|e| e.failure)
+                .is_some_and(|f| f.outcome == "withdrawn")
+        })
+        .await;
+        nl.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_lost_message_whose_body_is_erased_fails_with_the_reason() {
         let Checking {
@@ -5847,7 +5889,10 @@ mod link {
                 .await;
             }
             assert!(
-                !broker.lock().accepted.contains_key(&sent.message_id.to_string())
+                !broker
+                    .lock()
+                    .accepted
+                    .contains_key(&sent.message_id.to_string())
                     || !finals.contains(&code),
                 "{code:?}"
             );
