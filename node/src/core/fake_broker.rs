@@ -48,6 +48,9 @@ pub(crate) struct FakeState {
     pub(crate) lose_submit_answers: bool,
     /// What `Submit` answers in place of storing.
     pub(crate) submit_refusal: Option<(tonic::Code, String)>,
+    /// Outcomes `Ack` answers with besides the real ones: `NOT_FOUND` for this many
+    /// ids never acknowledged (a broken broker's answer).
+    pub(crate) ack_answer_junk: usize,
     /// `Receive` opens, then ends at once with this status.
     pub(crate) end_streams: Option<(tonic::Code, String)>,
     /// `GetInfo` calls answered.
@@ -454,6 +457,11 @@ impl Exchange for Endpoint {
                 result: pb::AckResult::Acknowledged as i32,
             });
         }
+        let junk = self.broker.lock().ack_answer_junk;
+        results.extend((0..junk).map(|i| pb::AckOutcome {
+            message_id: format!("junk-{i}\nFORGED"),
+            result: pb::AckResult::NotFound as i32,
+        }));
         Ok(Response::new(pb::AckResponse { results }))
     }
 

@@ -3203,6 +3203,30 @@ mod link {
         (dir, broker, be, serving, held)
     }
 
+    /// An ack's answer is read for the id acknowledged only: a broker that answers with
+    /// outcomes for ids never acknowledged (thousands of them, their ids any text) gets
+    /// one WARN line for the ack they make look not applied, not one per outcome, and
+    /// none of its text in the log.
+    #[tokio::test]
+    async fn an_ack_answer_about_other_ids_is_one_log_line() {
+        let logs = LogCapture::start();
+        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
+        broker.lock().ack_answer_junk = 5000;
+        let id = MessageId::new_v7();
+        broker.enqueue(
+            referral_to_be(id.to_string(), referral().encode()),
+            "NL-NRM",
+        );
+        until("the message is stored and acknowledged", || async {
+            broker.lock().acked.contains(&id.to_string())
+        })
+        .await;
+        be.shutdown().await;
+        assert!(logs.lines_with(&["FORGED"]).is_empty());
+        assert!(logs.lines_with(&["junk-"]).is_empty());
+        assert!(logs.lines_with(&["ack not applied"]).len() <= 1);
+    }
+
     /// A broker that does not answer an ack (or a reject) does not stall the receive
     /// loop for good: the link gives up on it after `broker_answer_timeout` and
     /// reconnects (the broker delivers the message again, and the inbox keeps it
