@@ -1259,6 +1259,9 @@ async fn handle_delivery(
                 ReceiptEffect::Moved(state) => {
                     info!(participant = %me, message_id = %original, receipt_kind = %kind, state = %state, reason_code = %reason_code, "receipt applied");
                 }
+                ReceiptEffect::DeliveredDespiteWithdrawal => {
+                    warn!(participant = %me, message_id = %original, receipt_kind = %kind, "a message withdrawn here was delivered: its recipient's node stored it before the withdrawal took effect on the broker (or the broker's store was restored from before it); its entry shows delivered");
+                }
                 ReceiptEffect::Ignored(state) => {
                     debug!(participant = %me, message_id = %original, receipt_kind = %kind, state = %state, "receipt does not change the state");
                 }

@@ -367,7 +367,18 @@ pub(crate) enum ReceiptEffect {
     Moved(OutboxState),
     /// The entry's state does not allow the move (already further).
     Ignored(OutboxState),
+    /// A delivery receipt for an entry withdrawn here: it moved to `DELIVERED`, its
+    /// record saying so ([`DELIVERED_DESPITE_WITHDRAWAL`]).
+    DeliveredDespiteWithdrawal,
 }
+
+/// `last_error` of an entry withdrawn here whose delivery receipt came after: its
+/// recipient's node stored it before the withdrawal reached the broker, or the broker's
+/// store was restored from before the withdrawal. The entry shows `DELIVERED` (what
+/// happened), and this says that the withdrawal came too late.
+pub(crate) const DELIVERED_DESPITE_WITHDRAWAL: &str = "withdrawn here, but delivered: the \
+    recipient's node stored it before the withdrawal took effect on the broker (or the \
+    broker's store was restored from before it)";
 
 /// The result of changing an outbox entry.
 #[derive(Debug, Clone)]
@@ -1277,6 +1288,16 @@ impl Store {
             if rec.submitted_at.is_none() {
                 rec.submitted_at = Some(at);
             }
+            // (a caseworker who withdrew a misaddressed message must learn that it
+            // arrived all the same: the record keeps that it was withdrawn)
+            if target == OutboxState::Delivered
+                && rec
+                    .failure
+                    .as_ref()
+                    .is_some_and(|f| f.outcome == "withdrawn")
+            {
+                rec.last_error = Some(DELIVERED_DESPITE_WITHDRAWAL.to_owned());
+            }
             rec.state = target;
             rec.failure = failure.clone();
             rec.outcome_at = Some(at);
@@ -1284,6 +1305,12 @@ impl Store {
         })?;
         Ok(match updated {
             None => ReceiptEffect::Unknown,
+            Some(u)
+                if u.changed
+                    && u.entry.last_error.as_deref() == Some(DELIVERED_DESPITE_WITHDRAWAL) =>
+            {
+                ReceiptEffect::DeliveredDespiteWithdrawal
+            }
             Some(u) if u.changed => ReceiptEffect::Moved(target),
             Some(u) => ReceiptEffect::Ignored(u.entry.state),
         })

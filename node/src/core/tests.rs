@@ -564,6 +564,45 @@ async fn receipts_move_the_outbox_forward_only() {
     assert_eq!(effect, ReceiptEffect::Unknown);
 }
 
+/// A delivery receipt for a message withdrawn here (the withdrawal came too late on
+/// the broker, or the broker's store was restored from before it) moves the entry to
+/// DELIVERED, which is what happened, and its record keeps that it had been withdrawn:
+/// a caseworker who withdrew a misaddressed message learns that it arrived all the same.
+#[tokio::test]
+async fn a_withdrawn_message_that_was_delivered_says_so() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let id = sent.message_id;
+    let store = f.nl.inner.store.clone();
+    store.mark_submitted(id, 1).unwrap();
+    store.withdraw_local(id, 2, true).unwrap();
+    let effect = apply(
+        &f.nl,
+        receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, ""),
+    )
+    .await;
+    assert_eq!(effect, ReceiptEffect::DeliveredDespiteWithdrawal);
+    let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(entry.state, OutboxState::Delivered);
+    assert!(
+        entry
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("withdrawn here, but delivered")),
+        "{entry:?}"
+    );
+    // (said once: the same receipt again changes nothing)
+    let effect = apply(
+        &f.nl,
+        receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, ""),
+    )
+    .await;
+    assert_eq!(effect, ReceiptEffect::Ignored(OutboxState::Delivered));
+}
+
 /// A non-delivery report that comes before the submit's answer is recorded (that
 /// answer lost, the node restarted) proves that the broker took the message: the
 /// entry does not look like one that never left, which its case's retention leaves
