@@ -6016,6 +6016,54 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A node restarted after its submit's answer was lost (the broker has the message,
+    /// the node's record says QUEUED), an hour later, submits the same envelope again,
+    /// byte for byte, not one made anew: the broker takes it for the same message (other
+    /// content under the id would be ALREADY_EXISTS, and the entry FAILED), holds one
+    /// copy, and the entry is SUBMITTED.
+    #[tokio::test]
+    async fn a_restart_after_a_lost_submit_answer_sends_the_same_message_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        broker.lock().lose_submit_answers = true;
+        let nl = online_with(config(dir.path(), "NL-NRM"), addr, clock.clone()).await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        let id = sent.message_id.to_string();
+        until("the broker has it", || async {
+            broker.lock().accepted.contains_key(&id)
+        })
+        .await;
+        let first = broker.lock().accepted[&id].clone();
+        assert_eq!(
+            state_of(&nl, sent.message_id).await.map(|e| e.state),
+            Some(OutboxState::Queued)
+        );
+        nl.shutdown().await;
+        drop(nl);
+        broker.lock().lose_submit_answers = false;
+        clock.advance(Duration::from_secs(3600));
+        let nl = online_with(config(dir.path(), "NL-NRM"), addr, clock).await;
+        until("the message is submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        assert_eq!(broker.lock().accepted[&id], first, "the same envelope");
+        assert_eq!(
+            queued_at(&broker, "BE-PAYOKE")
+                .iter()
+                .filter(|queued| **queued == id)
+                .count(),
+            1
+        );
+        nl.shutdown().await;
+    }
+
     /// A broker that takes a `Submit` and never answers it, on a connection that stays
     /// up (its store stalled, a proxy holding the stream), does not hold the outbox for
     /// good: past `submit_answer_timeout` the submit counts as failed, which the entry's
