@@ -51,6 +51,9 @@ pub(crate) struct FakeState {
     /// Outcomes `Ack` answers with besides the real ones: `NOT_FOUND` for this many
     /// ids never acknowledged (a broken broker's answer).
     pub(crate) ack_answer_junk: usize,
+    /// The `message_id` `GetStatus` answers with, in place of the one asked about (a
+    /// broken broker's answer).
+    pub(crate) status_answers_for: Option<String>,
     /// `Receive` opens, then ends at once with this status.
     pub(crate) end_streams: Option<(tonic::Code, String)>,
     /// `GetInfo` calls answered.
@@ -510,6 +513,13 @@ impl Exchange for Endpoint {
         self.broker.lock().status_asked.push(id.clone());
         drop(self.broker.status_hold.lock().await);
         let st = self.broker.lock();
+        if let Some(other) = st.status_answers_for.clone() {
+            return Ok(Response::new(pb::MessageStatus {
+                message_id: other,
+                state: pb::MessageState::Accepted as i32,
+                ..Default::default()
+            }));
+        }
         match st.accepted.get(&id) {
             Some(envelope) if envelope.sender == self.caller => {
                 let state = if st.withdrawn.contains(&id) {

@@ -1850,19 +1850,25 @@ async fn check_one(
     let Some(status) = bounded(inner, asking, shutdown).await else {
         return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
     };
-    match status {
+    // (an answer about another message says nothing of this one: a broken broker, or
+    // one whose store is damaged. The message is submitted again, which the broker's
+    // idempotency makes harmless if it has it; taken as "known", a message it lost would
+    // stay SUBMITTED for good, never delivered and never reported)
+    let answered_other = match status {
         Ok(answer) => {
             let answer = answer.into_inner();
-            if answer.state == pb::MessageState::Withdrawn as i32
-                && MessageId::parse(&answer.message_id).is_ok_and(|said| said == id)
-            {
+            if !MessageId::parse(&answer.message_id).is_ok_and(|said| said == id) {
+                warn!(participant = %me, message_id = %id, "the broker answered a status request about another message: submitting this one again (the broker keeps one copy of a message submitted twice)");
+                true
+            } else if answer.state == pb::MessageState::Withdrawn as i32 {
                 return withdrawn_on_broker(inner, id).await;
+            } else {
+                return Ok(());
             }
-            return Ok(());
         }
-        Err(status) if status.code() == Code::NotFound => {}
+        Err(status) if status.code() == Code::NotFound => false,
         Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
-    }
+    };
     // From here until the outcome is stored, a withdrawal waits; one that came first
     // has made the entry FAILED, and it is not sent again.
     let _gate = inner.submit_gate.lock().await;
@@ -1879,13 +1885,17 @@ async fn check_one(
     let envelope = inner.blocking(move || store.envelope(id)).await?;
     // what makes the entry FAILED (`lost-by-broker`), if it cannot be sent again
     let (reason_code, field_path, error) = match envelope {
+        // (the broker may well have it: nothing to say)
+        None if answered_other => return Ok(()),
         None => {
             warn!(participant = %me, message_id = %id, "the broker does not know this submitted message, and its body is erased: it cannot be sent again");
             let error = "the broker no longer knows this message".to_owned();
             ("NOT_FOUND".to_owned(), String::new(), error)
         }
         Some(envelope) => {
-            warn!(participant = %me, message_id = %id, "the broker does not know this submitted message (was its store restored from a backup?): submitting it again");
+            if !answered_other {
+                warn!(participant = %me, message_id = %id, "the broker does not know this submitted message (was its store restored from a backup?): submitting it again");
+            }
             let submitting = client.submit(pb::SubmitRequest {
                 envelope: Some(envelope),
             });
@@ -1906,7 +1916,12 @@ async fn check_one(
                         .blocking(move || {
                             store.note_resubmitted(
                                 id,
-                                "the broker had lost this message; it was submitted again",
+                                if answered_other {
+                                    "the broker's status answer named another message; it \
+                                     was submitted again"
+                                } else {
+                                    "the broker had lost this message; it was submitted again"
+                                },
                             )
                         })
                         .await?;

@@ -2937,6 +2937,45 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A status answer about another message says nothing of the one asked about: a
+    /// broker (broken, its store damaged) that lost a message and answers the check with
+    /// another message's status does not leave it SUBMITTED for good, never delivered and
+    /// never reported; it is submitted again, and the broker keeps one copy.
+    #[tokio::test]
+    async fn a_status_answer_about_another_message_does_not_hide_a_lost_one() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = submitted_referral(&nl).await;
+        let id = sent.message_id.to_string();
+        broker.lose(&id);
+        broker.lock().status_answers_for = Some(MessageId::new_v7().to_string());
+        clock.advance(Duration::from_secs(1));
+        until("NL submits the lost message again", || async {
+            broker.lock().accepted.contains_key(&id)
+        })
+        .await;
+        until("the resubmit is recorded", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .and_then(|e| e.last_error)
+                .is_some_and(|e| e.contains("another message"))
+        })
+        .await;
+        assert_eq!(
+            queued_at(&broker, "BE-PAYOKE")
+                .iter()
+                .filter(|queued| **queued == id)
+                .count(),
+            1
+        );
+        nl.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_lost_message_whose_body_is_erased_fails_with_the_reason() {
         let Checking {
