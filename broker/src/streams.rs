@@ -496,6 +496,40 @@ mod tests {
         assert_eq!(streams.free_slots(&recipient, s.id, 3, 50), 3);
     }
 
+    /// A delivery that expired in flight gives its slot back once: the expiry's release,
+    /// the late ack's `NOT_FOUND`, the ack deadline and a repeated release all free the
+    /// same entry, never a second slot, nor the slot of a later lease of the message (a
+    /// redrive's, with another deadline), so a stream never leases past `max_in_flight`.
+    #[test]
+    fn an_expired_delivery_frees_its_slot_once() {
+        let streams = Streams::new(4, 1);
+        let p = id("NL-NRM");
+        let s = streams.open(&p, dropper()).unwrap();
+        let [expired, other] = [(); 2].map(|()| MessageId::new_v7());
+        let lease = |message_id, deadline| Lease {
+            message_id,
+            sender: Some(id("BE-PAYOKE")),
+            kind: Kind::Referral,
+            deadline,
+        };
+        streams.leased(&p, s.id, [lease(expired, 100), lease(other, 100)]);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 50), 0);
+        // the expiry, then the late ack answered NOT_FOUND, then the expiry again
+        streams.dropped(&p, &expired, 100);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 50), 1);
+        streams.not_in_flight(&p, &[expired]);
+        streams.dropped(&p, &expired, 100);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 50), 1);
+        // redriven and leased again: a stale report of the first lease keeps its slot
+        streams.leased(&p, s.id, [lease(expired, 300)]);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 60), 0);
+        streams.dropped(&p, &expired, 100);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 60), 0);
+        // past the first deadline only `other` is freed
+        assert_eq!(streams.free_slots(&p, s.id, 2, 100), 1);
+        assert_eq!(streams.free_slots(&p, s.id, 2, 300), 2);
+    }
+
     /// Whether `fut` is ready at its first poll.
     fn ready_at_once<F: std::future::Future>(fut: std::pin::Pin<&mut F>) -> bool {
         let waker = std::task::Waker::noop();

@@ -2014,6 +2014,92 @@ pub(super) async fn an_operator_names_a_receipt_by_its_id_alone<S: BrokerStore>(
     assert!(lease_ids(s, NL, 3, 10, t).await.is_empty());
 }
 
+/// Two receipts of one participant share an id once a message id was used again after
+/// its first message's metadata went (see `a_message_id_used_again_gets_its_own_receipt`).
+/// Everything that finds a receipt by id acts on the one it means: the sender's reject
+/// dead-letters the new one and leaves the old one's dead letter as it was; the old one's
+/// metadata retention deletes it alone, and the new one, still waiting, is found by its
+/// id and acknowledged afterwards.
+pub(super) async fn receipts_sharing_an_id_are_settled_and_deleted_apart<S: BrokerStore>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let mr = lifecycle().metadata_retention.as_millis() as u64;
+    let dl = lifecycle().dead_letter_retention.as_millis() as u64;
+    let now = c.now_millis();
+    // `kept`: its new receipt is acknowledged after the old one's record went;
+    // `refused`: its new receipt is rejected by the sender's node
+    let kept = message(NL, BE, Priority::Normal, 10, now);
+    let refused = message(NL, NG, Priority::Normal, 10, now);
+    for (m, to) in [(&kept, BE), (&refused, NG)] {
+        submit_ok(s, m, now).await;
+        lease_ids(s, to, 1, 10, now).await;
+        s.ack(&pid(to), &[m.message_id], now).await.unwrap();
+    }
+    // NL's node takes neither receipt: both expire as the messages' metadata goes
+    tick(s, now + mr).await;
+    let t = now + mr + 1_000;
+    for (m, to) in [(&kept, BE), (&refused, NG)] {
+        let mut again = (*m).clone();
+        again.expires_at = t + 60_000;
+        submit_ok(s, &again, t).await;
+        lease_ids(s, to, 2, 10, t).await;
+        s.ack(&pid(to), &[m.message_id], t).await.unwrap();
+    }
+    let kept_dr = receipt_id(kept.message_id, pb::Outcome::Delivered);
+    let refused_dr = receipt_id(refused.message_id, pb::Outcome::Delivered);
+    let records = |id: MessageId| async move {
+        let filter = SearchFilter {
+            message_id: Some(id),
+            ..SearchFilter::default()
+        };
+        let mut found: Vec<(u64, State, bool)> = s
+            .search(filter)
+            .await
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| (r.broker_seq, r.state, r.payload_kept))
+            .collect();
+        found.sort_by_key(|(seq, _, _)| *seq);
+        found
+    };
+    let old_refused = records(refused_dr).await[0];
+    assert_eq!(old_refused.1, State::Expired);
+
+    let mut leased = lease_ids(s, NL, 3, 10, t).await;
+    leased.sort();
+    let mut want = vec![kept_dr, refused_dr];
+    want.sort();
+    assert_eq!(leased, want, "the new receipts only");
+    assert_eq!(
+        s.reject(&pid(NL), refused_dr, "INVALID_BODY", "receipt", t)
+            .await
+            .unwrap(),
+        RejectResult::Rejected { already: false }
+    );
+    let after_reject = records(refused_dr).await;
+    assert_eq!(after_reject.len(), 2, "{after_reject:?}");
+    assert_eq!(after_reject[0], old_refused, "the old receipt is as it was");
+    assert_eq!(after_reject[1].1, State::DeadLettered);
+    assert!(!after_reject[1].2, "a rejected receipt keeps no payload");
+
+    // the old receipts' metadata goes (the new `kept` one still waits: its lease timed
+    // out, and it expires a second later)
+    let gone = now + mr + mr.max(dl);
+    tick(s, gone).await;
+    let left = records(kept_dr).await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].1, State::Accepted);
+    assert_eq!(
+        s.ack(&pid(NL), &[kept_dr], gone).await.unwrap(),
+        vec![AckResult::Acknowledged]
+    );
+    assert_eq!(records(kept_dr).await[0].1, State::Acknowledged);
+    assert_eq!(records(refused_dr).await.len(), 1);
+    assert!(s.dead_letters(0, None).await.unwrap().records.len() == 1);
+}
+
 mod sled {
     use std::sync::Arc;
 
@@ -2090,6 +2176,7 @@ mod sled {
         a_message_id_used_again_gets_its_own_receipt,
         an_expired_receipt_is_listed_but_not_redrivable,
         an_operator_names_a_receipt_by_its_id_alone,
+        receipts_sharing_an_id_are_settled_and_deleted_apart,
     );
 
     /// A clock far ahead (a start after days down) makes every timer due at once: one
