@@ -82,7 +82,8 @@ pub enum AdminCommand {
     Redrive {
         /// The message id.
         id: String,
-        /// The message's sender; needed only when two senders used the id.
+        /// The message's sender (for a receipt, the participant it goes to); needed only
+        /// when two senders used the id.
         #[arg(long)]
         sender: Option<String>,
     },
@@ -93,7 +94,8 @@ pub enum AdminCommand {
         /// Why (3 to 500 characters, recorded in the audit log; no personal data).
         #[arg(long)]
         reason: String,
-        /// The message's sender; needed only when two senders used the id.
+        /// The message's sender (for a receipt, the participant it goes to); needed only
+        /// when two senders used the id.
         #[arg(long)]
         sender: Option<String>,
     },

@@ -610,6 +610,75 @@ async fn an_expired_receipt_is_listed_as_not_redrivable_and_its_redrive_refused(
     Ok(())
 }
 
+/// Two senders used one message id, each to the other, and both messages were
+/// delivered: each has a delivery receipt, under one id. The operator is told whom to
+/// name, and names a receipt by the participant it goes to (its own sender being the
+/// broker): a redrive of it is refused as that of a receipt, a purge takes that one
+/// only.
+#[tokio::test]
+async fn a_receipt_id_two_participants_hold_is_named_by_its_participant() -> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut op = operator(&t)?;
+    let ours = marked("BE-PAYOKE", Kind::Referral, 1);
+    let mut theirs = marked("NL-NRM", Kind::Referral, 2);
+    theirs.message_id = ours.message_id.clone();
+    let id = ours.message_id.clone();
+    submit(&mut nl, ours).await?;
+    submit(&mut be, theirs).await?;
+    for client in [&mut nl, &mut be] {
+        let mut stream = receive(client, 1).await?;
+        assert_eq!(id_of(&next(&mut stream).await?), id);
+        assert_eq!(ack(client, [&id]).await?, vec![pb::AckResult::Acknowledged]);
+    }
+    let dr = trmx_broker::store::receipt_id(id.parse()?, pb::Outcome::Delivered).to_string();
+    let purge = |sender: &str| pb::PurgeRequest {
+        message_id: dr.clone(),
+        reason: "stuck at the sender".into(),
+        sender: sender.into(),
+    };
+    let both = assert_code(
+        op.purge(purge("")).await,
+        Code::FailedPrecondition,
+        "purge of a receipt id two participants hold",
+    );
+    assert!(
+        both.message().contains("NL-NRM") && both.message().contains("BE-PAYOKE"),
+        "{}",
+        both.message()
+    );
+    let refused = assert_code(
+        op.redrive(pb::RedriveRequest {
+            message_id: dr.clone(),
+            sender: "BE-PAYOKE".into(),
+        })
+        .await,
+        Code::FailedPrecondition,
+        "redrive of BE-PAYOKE's receipt",
+    );
+    assert!(
+        refused.message().contains("a receipt is never redriven")
+            && refused.message().contains("BE-PAYOKE"),
+        "{}",
+        refused.message()
+    );
+    op.purge(purge("BE-PAYOKE")).await?;
+    // NL-NRM's receipt is delivered as ever; BE-PAYOKE's is gone
+    let mut nl_stream = receive(&mut nl, 10).await?;
+    let delivery = next(&mut nl_stream).await?;
+    assert_eq!(id_of(&delivery), dr);
+    let (kind, report) = receipt(&delivery)?;
+    assert_eq!(
+        (kind, report.message_id.as_str()),
+        (Kind::DeliveryReceipt, id.as_str())
+    );
+    expect_quiet(&mut nl_stream).await?;
+    let mut be_stream = receive(&mut be, 10).await?;
+    expect_quiet(&mut be_stream).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_purge_needs_a_reason_and_leaves_a_report_and_an_audit_record() -> anyhow::Result<()> {
     let mut s = scenario().await?;

@@ -585,10 +585,17 @@ fn parse_message_id(value: &str) -> Result<MessageId, BrokerError> {
 }
 
 /// The search for the messages with `id` (of `sender`, when given), at most `limit`.
+/// A receipt's `sender` is the participant it goes to, as the store's purge and redrive
+/// take it (its own sender is the broker).
 fn by_id(id: MessageId, sender: Option<&ParticipantId>, limit: usize) -> SearchFilter {
+    let (sender, recipient) = match sender {
+        Some(p) if id.is_broker_made() => (None, Some(p.clone())),
+        other => (other.cloned(), None),
+    };
     SearchFilter {
         message_id: Some(id),
-        sender: sender.cloned(),
+        sender,
+        recipient,
         limit,
         ..SearchFilter::default()
     }

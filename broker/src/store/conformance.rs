@@ -2100,6 +2100,67 @@ pub(super) async fn receipts_sharing_an_id_are_settled_and_deleted_apart<S: Brok
     assert!(s.dead_letters(0, None).await.unwrap().records.len() == 1);
 }
 
+/// Two senders used one message id (to different recipients) and both messages were
+/// delivered: each sender has a delivery receipt, under one id. An operator who names
+/// neither is told which participants to choose from, and names one receipt by the
+/// participant it goes to (the sender of the message it reports on), as `sender`: a
+/// receipt has no other sender to name.
+pub(super) async fn a_receipt_id_two_participants_hold_is_named_by_its_participant<
+    S: BrokerStore,
+>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let now = c.now_millis();
+    let ours = message(NL, BE, Priority::Normal, 10, now);
+    let mut theirs = message(NG, NL, Priority::Normal, 10, now);
+    theirs.message_id = ours.message_id;
+    for (m, to) in [(&ours, BE), (&theirs, NL)] {
+        submit_ok(s, m, now).await;
+        assert_eq!(lease_ids(s, to, 1, 10, now).await, vec![m.message_id]);
+    }
+    for (m, to) in [(&ours, BE), (&theirs, NL)] {
+        s.ack(&pid(to), &[m.message_id], now).await.unwrap();
+    }
+    let dr = receipt_id(ours.message_id, pb::Outcome::Delivered);
+    assert_eq!(
+        s.purge(dr, None, "stuck at the sender", now).await.unwrap(),
+        PurgeResult::Ambiguous {
+            senders: vec![Some(pid(NL)), Some(pid(NG))]
+        }
+    );
+    assert_eq!(
+        s.redrive(dr, None, now).await.unwrap(),
+        RedriveResult::Ambiguous {
+            senders: vec![Some(pid(NL)), Some(pid(NG))]
+        }
+    );
+    assert_eq!(
+        s.purge(dr, Some(&pid(BE)), "stuck at the sender", now)
+            .await
+            .unwrap(),
+        PurgeResult::NotFound
+    );
+    assert_eq!(
+        s.purge(dr, Some(&pid(NG)), "stuck at the sender", now)
+            .await
+            .unwrap(),
+        PurgeResult::Purged {
+            recipient: pid(NG),
+            sender: None
+        }
+    );
+    assert_eq!(
+        s.redrive(dr, Some(&pid(NL)), now).await.unwrap(),
+        RedriveResult::NotRedrivable {
+            state: State::Accepted
+        }
+    );
+    // NL's receipt is as it was; NG's is gone from its queue
+    assert_eq!(lease_ids(s, NL, 2, 10, now).await, vec![dr]);
+    assert!(lease_ids(s, NG, 3, 10, now).await.is_empty());
+}
+
 mod sled {
     use std::sync::Arc;
 
@@ -2177,6 +2238,7 @@ mod sled {
         an_expired_receipt_is_listed_but_not_redrivable,
         an_operator_names_a_receipt_by_its_id_alone,
         receipts_sharing_an_id_are_settled_and_deleted_apart,
+        a_receipt_id_two_participants_hold_is_named_by_its_participant,
     );
 
     /// A clock far ahead (a start after days down) makes every timer due at once: one

@@ -255,7 +255,8 @@ pub enum PurgeResult {
     },
     /// No sender was named, and more than one sender used this id: nothing changed.
     Ambiguous {
-        /// The senders of the messages with this id (none for a broker-made one).
+        /// The participants to name as `sender` for each message with this id: its
+        /// sender, or for a receipt the participant it goes to.
         senders: Vec<Option<ParticipantId>>,
     },
 }
@@ -281,7 +282,8 @@ pub enum RedriveResult {
     },
     /// No sender was named, and more than one sender used this id: nothing changed.
     Ambiguous {
-        /// The senders of the messages with this id (none for a broker-made one).
+        /// The participants to name as `sender` for each message with this id: its
+        /// sender, or for a receipt the participant it goes to.
         senders: Vec<Option<ParticipantId>>,
     },
 }
@@ -648,7 +650,8 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     /// Message ids are unique per sender only. With `sender` the message is `sender`'s `id`;
     /// without, `id` must be one message ([`PurgeResult::Ambiguous`] otherwise), so that an
     /// operator never acts on another organisation's message that carries the same id. A
-    /// receipt has no sender to name: of the receipts with `id` to one participant, the
+    /// receipt's sender is the broker: it is named by the participant it goes to (the sender
+    /// of the message it reports on), and of the receipts with `id` to one participant the
     /// newest is meant (an older one is of an earlier message sent under the same id, whose
     /// metadata went since).
     async fn purge(

@@ -1478,7 +1478,8 @@ impl Tx<'_> {
     }
 
     /// The one message an operator names: `sender`'s `id`, or without a sender the
-    /// only message with that id. `Err` lists the senders when several used the id.
+    /// only message with that id. `Err` lists the participants to name when several
+    /// used the id.
     fn operator_target(
         &self,
         id: MessageId,
@@ -1486,7 +1487,11 @@ impl Tx<'_> {
     ) -> TxResult<Result<Option<Record>, Vec<Option<ParticipantId>>>> {
         let mut records = self.records_of(id)?;
         if let Some(sender) = sender {
-            records.retain(|r| r.sender.as_ref() == Some(sender));
+            // A receipt is named by the participant it goes to, the sender of the
+            // message it reports on: two senders that used one id both get receipts
+            // under one id, and its own sender (the broker) tells them apart from
+            // nothing.
+            records.retain(|r| named_by(r) == sender);
         }
         // A receipt has no sender to name: of the receipts with this id to one
         // participant, only the newest is meant (the older ones are of an earlier
@@ -1504,7 +1509,7 @@ impl Tx<'_> {
             .collect();
         records.retain(|r| !superseded.contains(&r.seq));
         Ok(if records.len() > 1 {
-            Err(records.into_iter().map(|r| r.sender).collect())
+            Err(records.iter().map(|r| Some(named_by(r).clone())).collect())
         } else {
             Ok(records.pop())
         })
@@ -1607,6 +1612,12 @@ impl Tx<'_> {
         };
         Ok((redriven, wake))
     }
+}
+
+/// The participant an operator names `r` by (`sender` of a purge or redrive): its
+/// sender, or for a receipt (the broker's) the participant it goes to.
+fn named_by(r: &Record) -> &ParticipantId {
+    r.sender.as_ref().unwrap_or(&r.recipient)
 }
 
 #[cfg(test)]
