@@ -266,7 +266,9 @@ pub enum PurgeResult {
 pub enum RedriveResult {
     /// ACCEPTED again with a fresh lifetime, its attempts counted from 0 again (the
     /// attempt limit applies to the new lifetime; a delivery before the redrive no
-    /// longer counts as one, so its late ack is `NotFound`).
+    /// longer counts as one, so its late ack is `NotFound` until the message is leased
+    /// again: acks name a message by id, so one then acknowledges the new lease, which
+    /// is right, since the node holds the message).
     Redriven {
         /// Its seq, first acceptance and new expiry.
         accepted: Accepted,
