@@ -119,8 +119,12 @@ pub(crate) fn broker_text(text: &str) -> String {
             ));
             break;
         }
-        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if c.is_control() || bidi {
+        // (Unicode's Bidi_Control characters, U+061C among them; and the line and
+        // paragraph separators, which are no control characters but end a line in
+        // editors, log viewers and JSON readers: a forged log line all the same)
+        let bidi = matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let breaks_line = matches!(c, '\u{2028}' | '\u{2029}');
+        if c.is_control() || bidi || breaks_line {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -2289,6 +2293,18 @@ mod tests {
         let long = broker_text(&"z".repeat(5000));
         assert!(long.starts_with(&"z".repeat(MAX_BROKER_TEXT)), "{long}");
         assert!(long.ends_with("(cut: 3976 more characters)"), "{long}");
+    }
+
+    /// A line separator (U+2028) or paragraph separator (U+2029) starts a new line in
+    /// many log viewers and editors as a line feed does, and U+061C (Arabic letter
+    /// mark) is a bidirectional control as U+200E is: a broker's text with them is
+    /// escaped like one with a line feed or an override.
+    #[test]
+    fn separators_and_every_bidi_control_are_escaped() {
+        assert_eq!(
+            broker_text("a\u{2028}FORGED\u{2029}b\u{61c}c"),
+            "a\\u{2028}FORGED\\u{2029}b\\u{61c}c"
+        );
     }
 
     #[test]
