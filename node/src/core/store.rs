@@ -2719,6 +2719,46 @@ mod tests {
         assert_eq!(order, [urgent, normal], "urgent first after the upgrade");
     }
 
+    /// An inbox entry stored by the version before payload digests were kept (no
+    /// `payload_sha256` in its record) still loads after the upgrade, and a redelivery
+    /// of its message, whatever its digest, is a duplicate (nothing tells that it is
+    /// other content), not a conflict that would reject a message stored here.
+    #[test]
+    fn an_inbox_entry_stored_without_a_digest_is_still_a_duplicate_after_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let msg = incoming(CaseRef::new_random(), Kind::Referral, None);
+        let seq = {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let Stored::New(entry) = store.store_incoming(&msg).unwrap() else {
+                panic!("stored");
+            };
+            // what the older version wrote: the record without the digest
+            let mut rec = store.inbox_rec(entry.seq).unwrap().unwrap();
+            rec.payload_sha256 = None;
+            let json = to_json(&rec).unwrap();
+            assert!(!String::from_utf8_lossy(&json).contains("payload_sha256"));
+            store.trees[INBOX].insert(be(entry.seq), json).unwrap();
+            store.db.flush().unwrap();
+            entry.seq
+        };
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.inbox_body(seq).unwrap(), Some(msg.body.clone()));
+        let redelivered = Incoming {
+            payload_sha256: [7; 32],
+            ..msg.clone()
+        };
+        for digest in [msg.payload_sha256, redelivered.payload_sha256] {
+            assert!(matches!(
+                store.id_use(&msg.sender, msg.message_id, &digest).unwrap(),
+                IdUse::Stored
+            ));
+        }
+        assert!(matches!(
+            store.store_incoming(&redelivered).unwrap(),
+            Stored::Duplicate
+        ));
+    }
+
     fn incoming(case_ref: CaseRef, kind: Kind, reply: Option<MessageId>) -> Incoming {
         Incoming {
             message_id: MessageId::new_v7(),

@@ -1579,6 +1579,51 @@ async fn a_delivery_without_accepted_at_is_stored_not_blamed_on_its_sender() {
     assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 2);
 }
 
+/// Receipts are made by the broker and are not deduplicated by their id: a second
+/// receipt under the id of one applied before (the broker makes one anew when a
+/// message id is used again after its metadata was deleted, `Tx::receipt`), with other
+/// content (another `at`, other attempts), is applied and acknowledged like the first,
+/// not rejected as other content under a used id, which would dead-letter it on the
+/// broker; and a message stored from another sender under that id changes nothing.
+#[tokio::test]
+async fn a_second_receipt_under_the_same_id_is_applied_not_rejected() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let id = sent.message_id;
+    f.nl.inner.store.mark_submitted(id, 1).unwrap();
+    let first = receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, "");
+    assert_eq!(
+        apply(&f.nl, first.clone()).await,
+        ReceiptEffect::Moved(OutboxState::Delivered)
+    );
+    let mut second = first.clone();
+    let body = pb::Receipt {
+        message_id: id.to_string(),
+        outcome: pb::Outcome::Delivered as i32,
+        at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START + 7200))),
+        attempts: 3,
+        ..Default::default()
+    };
+    second.payload = prost::Message::encode_to_vec(&body);
+    second.payload_sha256 = trmx_proto::envelope::sha256(&second.payload).to_vec();
+    assert_ne!(second.payload, first.payload);
+    assert_eq!(second.message_id, first.message_id);
+    match classify(&f.nl.inner, Some(second.clone())).await.unwrap() {
+        Verdict::Receipt { original, .. } => assert_eq!(original, id),
+        other => panic!("expected the receipt applied, got {other:?}"),
+    }
+    assert_eq!(
+        apply(&f.nl, second).await,
+        ReceiptEffect::Ignored(OutboxState::Delivered)
+    );
+    let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(entry.state, OutboxState::Delivered);
+    assert!(f.nl.inbox(&ListFilter::default()).await.unwrap().is_empty());
+}
+
 /// A delivery with the sender and id of a message stored here but another payload is
 /// not that message again: the stored one is kept as it is, and the delivery is
 /// rejected (`DUPLICATE_MESSAGE_ID`) rather than acknowledged, which would tell its
