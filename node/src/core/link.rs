@@ -1965,7 +1965,7 @@ async fn withdrawn_on_broker(inner: &Arc<Inner>, id: MessageId) -> Result<(), No
     let now = to_millis(inner.clock.now());
     let store = inner.store.clone();
     let updated = inner
-        .blocking(move || store.withdraw_local(id, now, true))
+        .blocking(move || store.withdrawn_by_broker(id, now))
         .await?;
     if updated.is_some_and(|u| u.changed) {
         inner.store.flush_async().await?;

@@ -380,6 +380,14 @@ pub(crate) const DELIVERED_DESPITE_WITHDRAWAL: &str = "withdrawn here, but deliv
     recipient's node stored it before the withdrawal took effect on the broker (or the \
     broker's store was restored from before it)";
 
+/// `last_error` of a `SUBMITTED` entry that the outbox check found withdrawn on the
+/// broker. The node cannot tell a withdrawal asked for here whose answer was lost from a
+/// broker's mistake, and a caseworker who never withdrew the message must not read the
+/// entry as their own withdrawal.
+pub(crate) const WITHDRAWN_BY_BROKER_NOTE: &str = "the broker reported this message \
+    withdrawn (a withdrawal whose answer was lost?); it was not delivered: if nobody here \
+    withdrew it, send it again and ask the broker's operator why";
+
 /// The result of changing an outbox entry.
 #[derive(Debug, Clone)]
 pub(crate) struct Updated {
@@ -1336,6 +1344,24 @@ impl Store {
                 return Ok(false);
             }
             withdraw_rec(rec, at);
+            Ok(true)
+        })
+    }
+
+    /// Withdraws a `SUBMITTED` entry that the broker holds as withdrawn (found by the
+    /// outbox check): `FAILED`, outcome `withdrawn`, its record saying that the broker
+    /// reported it so ([`WITHDRAWN_BY_BROKER_NOTE`]). Returns the entry as it is afterwards.
+    pub(crate) fn withdrawn_by_broker(
+        &self,
+        id: MessageId,
+        at: Millis,
+    ) -> Result<Option<Updated>, NodeError> {
+        self.update_out(id, |rec| {
+            if rec.state != OutboxState::Submitted {
+                return Ok(false);
+            }
+            withdraw_rec(rec, at);
+            rec.last_error = Some(WITHDRAWN_BY_BROKER_NOTE.to_owned());
             Ok(true)
         })
     }

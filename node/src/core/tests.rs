@@ -2982,6 +2982,45 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// The outbox check takes the broker's word that it holds a message as withdrawn,
+    /// also when no withdrawal was asked for here (a broken broker, or one whose store
+    /// mixed messages up): the node cannot tell that from a withdrawal whose answer was
+    /// lost. But a caseworker who never withdrew it must not read the entry as their
+    /// own withdrawal: its record says that the broker reported it withdrawn.
+    #[tokio::test]
+    async fn a_message_the_broker_says_is_withdrawn_says_so_in_its_record() {
+        let logs = LogCapture::start();
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = submitted_referral(&nl).await;
+        // (no withdrawal asked for by this node)
+        broker.lock().withdrawn.push(sent.message_id.to_string());
+        clock.advance(Duration::from_secs(1));
+        until("the check withdraws it here", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .and_then(|e| e.failure)
+                .is_some_and(|f| f.outcome == "withdrawn")
+        })
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Failed);
+        let said = entry.last_error.unwrap_or_default();
+        assert!(said.contains("the broker"), "{said:?}");
+        assert!(said.contains("withdrawn"), "{said:?}");
+        assert_eq!(
+            logs.lines_with(&["WARN", "withdrawn here too", &sent.message_id.to_string()])
+                .len(),
+            1
+        );
+        nl.shutdown().await;
+    }
+
     /// A status answer about another message says nothing of the one asked about: a
     /// broker (broken, its store damaged) that lost a message and answers the check with
     /// another message's status does not leave it SUBMITTED for good, never delivered and
