@@ -67,6 +67,12 @@ pub struct BrokerSection {
     /// restored from a backup) is submitted again. 0 turns the check off.
     #[serde(default = "default_outbox_check_interval_secs")]
     pub outbox_check_interval_secs: u64,
+    /// How long a submit waits for the broker's answer, in seconds, sending the
+    /// envelope included: past it, the submit counts as failed and is tried again. A
+    /// large envelope on a slow link needs longer (as does the broker's
+    /// `limits.request_timeout`).
+    #[serde(default = "default_submit_answer_timeout_secs")]
+    pub submit_answer_timeout_secs: u64,
 }
 
 /// The longest Unix socket path: `sun_path` holds 108 bytes with the terminating NUL.
@@ -179,6 +185,12 @@ fn default_message_lifetime_hours() -> u64 {
 fn default_outbox_check_interval_secs() -> u64 {
     600
 }
+fn default_submit_answer_timeout_secs() -> u64 {
+    crate::core::SUBMIT_ANSWER_TIMEOUT.as_secs()
+}
+/// The shortest `broker.submit_answer_timeout_secs`: no call to the broker waits less
+/// for its answer.
+const MIN_SUBMIT_ANSWER_TIMEOUT_SECS: u64 = crate::core::BROKER_ANSWER_TIMEOUT.as_secs();
 fn default_api_max_connections() -> u32 {
     64
 }
@@ -373,6 +385,15 @@ impl NodeConfig {
                 format!("must be between 1 and {MAX_API_WATCH_STREAMS}"),
             ));
         }
+        if self.broker.submit_answer_timeout_secs < MIN_SUBMIT_ANSWER_TIMEOUT_SECS {
+            return Err(invalid(
+                "broker.submit_answer_timeout_secs",
+                format!(
+                    "must be at least {MIN_SUBMIT_ANSWER_TIMEOUT_SECS} (the time a submit \
+                     takes to send its envelope counts too)"
+                ),
+            ));
+        }
         if self.storage.cache_capacity_mb == 0 {
             return Err(invalid("storage.cache_capacity_mb", "must be at least 1"));
         }
@@ -446,6 +467,7 @@ impl NodeConfig {
             reconnect_max_ms,
             message_lifetime_hours,
             outbox_check_interval_secs,
+            submit_answer_timeout_secs,
         } = &self.broker;
         let ApiSection {
             socket: _,
@@ -466,6 +488,10 @@ impl NodeConfig {
             (
                 "broker.outbox_check_interval_secs",
                 *outbox_check_interval_secs,
+            ),
+            (
+                "broker.submit_answer_timeout_secs",
+                *submit_answer_timeout_secs,
             ),
             ("api.max_connections", u64::from(*max_connections)),
             ("api.max_watch_streams", u64::from(*max_watch_streams)),
@@ -516,7 +542,7 @@ impl NodeConfig {
             cache_capacity_bytes: self.storage.cache_capacity_mb.saturating_mul(1024 * 1024),
             withdraw_timeout: crate::core::WITHDRAW_TIMEOUT,
             broker_answer_timeout: crate::core::BROKER_ANSWER_TIMEOUT,
-            submit_answer_timeout: crate::core::SUBMIT_ANSWER_TIMEOUT,
+            submit_answer_timeout: Duration::from_secs(b.submit_answer_timeout_secs),
             shutdown_grace: crate::core::SHUTDOWN_GRACE,
             certificate_check_interval: crate::core::CERTIFICATE_CHECK_INTERVAL,
             clock_bounds: crate::core::ClockBounds {
@@ -547,6 +573,7 @@ impl NodeConfig {
                 reconnect_max_ms: default_reconnect_max_ms(),
                 message_lifetime_hours: default_message_lifetime_hours(),
                 outbox_check_interval_secs: default_outbox_check_interval_secs(),
+                submit_answer_timeout_secs: default_submit_answer_timeout_secs(),
             },
             tls: TlsSection {
                 ca: tls.ca,

@@ -325,7 +325,7 @@ pub(crate) const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(15);
 pub const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long the submit loop waits for the broker's answer to a `Submit`, by default
-/// ([`CoreConfig::submit_answer_timeout`]). Longer than [`BROKER_ANSWER_TIMEOUT`]: a
+/// ([`CoreConfig::submit_answer_timeout`], `broker.submit_answer_timeout_secs`). Longer than [`BROKER_ANSWER_TIMEOUT`]: a
 /// large envelope on a slow link takes its time to arrive, and a broker ends every
 /// request that takes longer than its `limits.request_timeout` (60 s by default) itself.
 /// But bounded: a broker that takes a submit and never answers (its store stalled, a

@@ -186,3 +186,35 @@ fn load_errors_name_the_file() {
         .to_string();
     assert!(missing.contains("absent.toml"), "{missing}");
 }
+
+/// A submit's wait for the broker's answer counts the time its envelope takes to send:
+/// a node on a slow link whose large envelopes take longer than the default 5 min to
+/// send would have them cut and sent again for good, every message queued behind them
+/// waiting. An operator sets it (as the broker's `limits.request_timeout`); too short a
+/// one is refused, naming the setting.
+#[test]
+fn the_submit_answer_timeout_is_a_setting() {
+    let config = NodeConfig::parse(&MINIMAL.replace(
+        "server_name = \"localhost\"",
+        "server_name = \"localhost\"\nsubmit_answer_timeout_secs = 1800",
+    ))
+    .expect("parses");
+    config.validate().expect("valid");
+    assert_eq!(
+        config.core_config().expect("core").submit_answer_timeout,
+        std::time::Duration::from_secs(1800)
+    );
+    let default = NodeConfig::parse(MINIMAL).expect("parses");
+    assert_eq!(
+        default.core_config().expect("core").submit_answer_timeout,
+        trmx_node::core::SUBMIT_ANSWER_TIMEOUT
+    );
+    let message = config_error(&MINIMAL.replace(
+        "server_name = \"localhost\"",
+        "server_name = \"localhost\"\nsubmit_answer_timeout_secs = 5",
+    ));
+    assert!(
+        message.contains("broker.submit_answer_timeout_secs"),
+        "{message}"
+    );
+}
