@@ -1624,6 +1624,33 @@ async fn a_second_receipt_under_the_same_id_is_applied_not_rejected() {
     assert!(f.nl.inbox(&ListFilter::default()).await.unwrap().is_empty());
 }
 
+/// A delivery without `accepted_at` is stored as accepted when it arrived; when it
+/// comes again later (its ack lost, a restart), still without one, it is a duplicate,
+/// and the stored entry keeps the time of its first arrival: "on arrival" is taken once.
+#[tokio::test]
+async fn a_redelivery_without_accepted_at_keeps_the_first_arrival() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let mut env = in_transit(&f.nl, sent.message_id);
+    env.accepted_at = None;
+    let first = to_millis(f.clock.now());
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(env.clone())).await.unwrap() else {
+        panic!("stored");
+    };
+    store_delivery(&f.be.inner, *incoming).await.unwrap();
+    f.clock.advance(Duration::from_secs(3600));
+    assert!(matches!(
+        classify(&f.be.inner, Some(env)).await.unwrap(),
+        Verdict::Duplicate(id) if id == sent.message_id
+    ));
+    let inbox = f.be.inbox(&ListFilter::default()).await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0].accepted_at, first);
+}
+
 /// A delivery with the sender and id of a message stored here but another payload is
 /// not that message again: the stored one is kept as it is, and the delivery is
 /// rejected (`DUPLICATE_MESSAGE_ID`) rather than acknowledged, which would tell its
