@@ -3040,11 +3040,13 @@ mod link {
         let said = entry.last_error.unwrap_or_default();
         assert!(said.contains("the broker"), "{said:?}");
         assert!(said.contains("withdrawn"), "{said:?}");
-        assert_eq!(
-            logs.lines_with(&["WARN", "withdrawn here too", &sent.message_id.to_string()])
-                .len(),
-            1
-        );
+        // (said once the withdrawal is on disk, after the entry shows it)
+        until("the node says so", || async {
+            !logs
+                .lines_with(&["WARN", "withdrawn here too", &sent.message_id.to_string()])
+                .is_empty()
+        })
+        .await;
         nl.shutdown().await;
     }
 
