@@ -857,6 +857,14 @@ pub(crate) async fn classify(
         warn!(participant = %me, message_id = %shown_id(&envelope.message_id), "delivery without a valid accepted_at (a broker defect): taken as accepted on arrival");
         envelope.accepted_at = Some(trmx_proto::time::to_timestamp(inner.clock.now()));
     }
+    // Stored before is checked first, before the envelope's checks too: a message this
+    // node stored is acknowledged again whatever a check of this version (added or
+    // tightened since it was stored) says of its envelope, or whatever a damaged
+    // redelivery of it looks like; rejected, it would be dead-lettered and its sender
+    // told that it never arrived. Its envelope's digest field says which content it is.
+    if let Some(id) = stored_before(inner, &envelope).await? {
+        return Ok(Verdict::Duplicate(id));
+    }
     let checked = match check_delivery(&envelope) {
         Ok(checked) => checked,
         Err(e) => {
@@ -995,6 +1003,27 @@ pub(crate) async fn classify(
         retain_until: body.retain_until(),
         payload_sha256: digest,
     })))
+}
+
+/// The id of a delivery that this node stored before, its sender's with the same payload
+/// digest (`IdUse::Stored`), read from the envelope as delivered, before any check of
+/// it: `None` for one whose sender, id or digest field is none, or that is not stored.
+async fn stored_before(
+    inner: &Arc<Inner>,
+    envelope: &pb::Envelope,
+) -> Result<Option<MessageId>, NodeError> {
+    let (Ok(id), Ok(sender), Ok(digest)) = (
+        MessageId::parse(&envelope.message_id),
+        ParticipantId::parse(&envelope.sender),
+        <[u8; trmx_proto::envelope::DIGEST_LEN]>::try_from(envelope.payload_sha256.as_slice()),
+    ) else {
+        return Ok(None);
+    };
+    let store = inner.store.clone();
+    let used = inner
+        .blocking(move || store.id_use(&sender, id, &digest))
+        .await?;
+    Ok(matches!(used, IdUse::Stored).then_some(id))
 }
 
 /// The payload digest of a delivery that `check_delivery` passed (its

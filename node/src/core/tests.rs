@@ -1543,6 +1543,46 @@ async fn a_stored_message_delivered_again_is_a_duplicate_whatever_its_created_at
     assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
 }
 
+/// A stored message is a duplicate before its envelope is checked as well: a redelivery
+/// whose envelope a check of a newer version refuses (here a content type it no longer
+/// takes for the kind), or whose payload came damaged while its digest field is that of
+/// the stored message, is acknowledged, not rejected, which would dead-letter a message
+/// stored here and tell its sender that it never arrived. A message never stored is
+/// checked as ever.
+#[tokio::test]
+async fn a_stored_message_delivered_again_is_a_duplicate_before_the_envelope_checks() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let good = in_transit(&f.nl, sent.message_id);
+    let never_stored = good.clone();
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(good.clone())).await.unwrap() else {
+        panic!("stored");
+    };
+    store_delivery(&f.be.inner, *incoming).await.unwrap();
+    let mut refused_now = good.clone();
+    refused_now.content_type = "text/plain".into();
+    let mut damaged = good;
+    damaged.payload.push(0);
+    for env in [refused_now, damaged.clone()] {
+        match classify(&f.be.inner, Some(env)).await.unwrap() {
+            Verdict::Duplicate(id) => assert_eq!(id, sent.message_id),
+            other => panic!("expected a duplicate, got {other:?}"),
+        }
+    }
+    assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+    // (the same damage to a message not stored here is refused)
+    let mut damaged = never_stored;
+    damaged.message_id = MessageId::new_v7().to_string();
+    damaged.payload.push(0);
+    match classify(&f.be.inner, Some(damaged)).await.unwrap() {
+        Verdict::Reject { field_path, .. } => assert_eq!(field_path, "envelope.payload_sha256"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
 /// `accepted_at` is the broker's field: a delivery without it, or with one that is no
 /// instant, is the broker's defect, and the sender's message is not rejected for it
 /// (that would dead-letter it and send its sender a non-delivery report). It is stored,
