@@ -2,7 +2,10 @@
 //! watermark, the "store unavailable" latch, and per-sender submit slots
 //! ([`SubmitSlots`]) so that one sender's burst cannot fill the store's
 //! write batches, and the submits in progress by message ([`Submitting`]) so that
-//! a withdrawal is not overtaken by an earlier submit of its message.
+//! a withdrawal is not overtaken by an earlier submit of its message; and for the
+//! other `Exchange` requests, per-participant request slots ([`RequestSlots`]) so that
+//! one participant's flood of acks, rejects, withdrawals or status reads cannot fill
+//! the store's one writer (or its readers) and starve the others.
 //!
 //! # Invariants
 //! - A bucket never holds more than `burst` tokens; one submit takes one token.
@@ -196,6 +199,191 @@ impl SubmitSlots {
     /// (`None` only if the semaphore were closed, which it never is.)
     pub async fn acquire(&self, sender: &ParticipantId) -> Option<OwnedSemaphorePermit> {
         self.of(sender).writing.acquire_owned().await.ok()
+    }
+}
+
+/// Per-participant limits on the `Exchange` requests other than `Submit` (`Ack`,
+/// `Reject`, `Withdraw`, `GetStatus`, `GetInfo`, and a `Receive` stream until its first
+/// lease): the store has one writer thread for everyone, so without them one participant
+/// sending many such requests at once (64 `Ack`s of 1,024 unknown ids each) fills its
+/// queue and every other participant's submits and acks wait behind them.
+///
+/// Requests: at most `per_participant` of one participant's requests are served at once.
+/// Ack ids: the `Ack`s of one participant being served carry at most `ack_ids` ids
+/// together (an `Ack` costs the store one lookup per id, so its ids are what count).
+/// A request that finds no room waits up to `wait` (`limits.refusal_delay`) for it, in
+/// arrival order, then is refused (`RESOURCE_EXHAUSTED`, [`Crowded`]): the flooder is
+/// slowed to its share and told why, and its requests never queue in the broker longer
+/// than that. A node acks each delivery as it has stored it, one call at a time per
+/// stream, so it stays far below both limits.
+///
+/// # Invariants
+/// - At most `per_participant` requests of one participant hold a slot at a time.
+/// - The ids of one participant's `Ack`s holding slots never exceed `ack_ids`.
+/// - The map holds one entry per participant that made a request; callers are registry
+///   participants (others are refused before), so it is bounded.
+#[derive(Debug)]
+pub struct RequestSlots {
+    per_participant: usize,
+    ack_ids: u32,
+    wait: Duration,
+    participants: Mutex<HashMap<ParticipantId, ParticipantSlots>>,
+}
+
+#[derive(Debug)]
+struct ParticipantSlots {
+    requests: Arc<Semaphore>,
+    ack_ids: Arc<Semaphore>,
+    /// When the last refusal was logged, and the refusals since.
+    warned_at: Option<Instant>,
+    refused_since: u64,
+}
+
+/// Shortest time between two warnings about one participant's refused requests.
+pub const CROWDED_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A request's slot (and its `Ack`'s ids), freed when dropped.
+#[derive(Debug)]
+pub struct RequestPermit {
+    _request: OwnedSemaphorePermit,
+    _ack_ids: Option<OwnedSemaphorePermit>,
+}
+
+/// Why [`RequestSlots::acquire`] refused a request: which limit was full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crowded {
+    /// `limits.max_concurrent_requests_per_participant` requests were being served.
+    Requests {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The `Ack`s being served held `limits.max_ack_ids_in_progress_per_participant` ids.
+    AckIds {
+        /// The configured limit.
+        limit: u32,
+    },
+}
+
+impl Crowded {
+    /// The setting that refused the request.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Crowded::Requests { .. } => "limits.max_concurrent_requests_per_participant",
+            Crowded::AckIds { .. } => "limits.max_ack_ids_in_progress_per_participant",
+        }
+    }
+
+    /// The error `participant` gets.
+    pub fn into_error(self, participant: &ParticipantId) -> BrokerError {
+        let held = match self {
+            Crowded::Requests { limit } => format!("{limit} requests"),
+            Crowded::AckIds { limit } => format!("Acks of {limit} message ids"),
+        };
+        BrokerError::ResourceExhausted(format!(
+            "{participant} already has {held} in progress at the broker ({}); send fewer \
+             at once and retry when they are answered",
+            self.setting()
+        ))
+    }
+}
+
+impl RequestSlots {
+    /// At most `per_participant` (at least 1) requests and `ack_ids` (at least 1) ids of
+    /// `Ack`s of one participant served at once; a request waits up to `wait` for room.
+    pub fn new(per_participant: usize, ack_ids: u32, wait: Duration) -> Self {
+        Self {
+            per_participant: per_participant.max(1),
+            ack_ids: ack_ids.max(1),
+            wait,
+            participants: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ParticipantId, ParticipantSlots>> {
+        self.participants
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn of(&self, participant: &ParticipantId) -> (Arc<Semaphore>, Arc<Semaphore>) {
+        let mut participants = self.lock();
+        let slots = participants
+            .entry(participant.clone())
+            .or_insert_with(|| ParticipantSlots {
+                requests: Arc::new(Semaphore::new(self.per_participant)),
+                ack_ids: Arc::new(Semaphore::new(self.ack_ids as usize)),
+                warned_at: None,
+                refused_since: 0,
+            });
+        (slots.requests.clone(), slots.ack_ids.clone())
+    }
+
+    /// A slot for one request of `participant` carrying `ack_ids` ids (0 for any request
+    /// but `Ack`; more than the limit are counted as the limit), waiting up to the
+    /// configured time for one to free.
+    pub async fn acquire(
+        &self,
+        participant: &ParticipantId,
+        ack_ids: usize,
+    ) -> Result<RequestPermit, Crowded> {
+        let (requests, ids) = self.of(participant);
+        let deadline = Instant::now() + self.wait;
+        let request = take(requests, 1, deadline).await.ok_or(Crowded::Requests {
+            limit: self.per_participant,
+        })?;
+        let ack_ids = match u32::try_from(ack_ids).map(|n| n.min(self.ack_ids)) {
+            Ok(0) => None,
+            Ok(n) => Some(take(ids, n, deadline).await),
+            Err(_) => Some(take(ids, self.ack_ids, deadline).await),
+        };
+        let ack_ids = match ack_ids {
+            None => None,
+            Some(Some(permit)) => Some(permit),
+            Some(None) => {
+                return Err(Crowded::AckIds {
+                    limit: self.ack_ids,
+                });
+            }
+        };
+        Ok(RequestPermit {
+            _request: request,
+            _ack_ids: ack_ids,
+        })
+    }
+
+    /// Notes a refusal of `participant`'s request: `Some(refusals)` when a warning
+    /// about it is due (the first, then at most one per [`CROWDED_WARN_INTERVAL`]),
+    /// with the refusals since the last one, this one included.
+    pub fn refused(&self, participant: &ParticipantId) -> Option<u64> {
+        let now = Instant::now();
+        let mut participants = self.lock();
+        let slots = participants.get_mut(participant)?;
+        slots.refused_since += 1;
+        let due = slots
+            .warned_at
+            .is_none_or(|at| now.duration_since(at) >= CROWDED_WARN_INTERVAL);
+        if !due {
+            return None;
+        }
+        slots.warned_at = Some(now);
+        Some(std::mem::take(&mut slots.refused_since))
+    }
+}
+
+/// `n` permits of `semaphore`: at once if free, else waiting (in arrival order) until
+/// `deadline`; `None` if they did not free by then.
+async fn take(
+    semaphore: Arc<Semaphore>,
+    n: u32,
+    deadline: Instant,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = semaphore.clone().try_acquire_many_owned(n) {
+        return Some(permit);
+    }
+    match tokio::time::timeout_at(deadline, semaphore.acquire_many_owned(n)).await {
+        Ok(Ok(permit)) => Some(permit),
+        // (the semaphore is never closed)
+        Ok(Err(_)) | Err(_) => None,
     }
 }
 
@@ -572,6 +760,100 @@ mod tests {
         assert!(slots.reserve(&nl, 500).is_ok());
         // an envelope larger than the whole budget never fits
         assert!(slots.reserve(&id("INT-IOM"), 1001).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_participant_gets_at_most_its_request_slots_and_others_are_not_held() {
+        let slots = RequestSlots::new(2, 1024, Duration::ZERO);
+        let nl = id("NL-NRM");
+        let first = slots.acquire(&nl, 0).await.unwrap();
+        let _second = slots.acquire(&nl, 1).await.unwrap();
+        let refused = slots.acquire(&nl, 0).await.unwrap_err();
+        assert_eq!(refused, Crowded::Requests { limit: 2 });
+        let error = refused.into_error(&nl);
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            error
+                .to_string()
+                .contains("limits.max_concurrent_requests_per_participant"),
+            "{error}"
+        );
+        // another participant has slots of its own
+        let _other = slots.acquire(&id("BE-PAYOKE"), 0).await.unwrap();
+        // a finished request frees its slot
+        drop(first);
+        assert!(slots.acquire(&nl, 0).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_acks_of_a_participant_hold_at_most_their_ids() {
+        let slots = RequestSlots::new(8, 1024, Duration::ZERO);
+        let nl = id("NL-NRM");
+        let big = slots.acquire(&nl, 1000).await.unwrap();
+        let refused = slots.acquire(&nl, 100).await.unwrap_err();
+        assert_eq!(refused, Crowded::AckIds { limit: 1024 });
+        assert!(
+            refused
+                .into_error(&nl)
+                .to_string()
+                .contains("limits.max_ack_ids_in_progress_per_participant")
+        );
+        // what is left still fits; requests without ids do not count; another
+        // participant has its own ids
+        let _small = slots.acquire(&nl, 24).await.unwrap();
+        let _status = slots.acquire(&nl, 0).await.unwrap();
+        let _other = slots.acquire(&id("BE-PAYOKE"), 1024).await.unwrap();
+        // a refused ack gave back its request slot: 3 of 8 are held, so 5 more fit
+        for _ in 0..5 {
+            std::mem::forget(slots.acquire(&nl, 0).await.unwrap());
+        }
+        assert!(matches!(
+            slots.acquire(&nl, 0).await,
+            Err(Crowded::Requests { .. })
+        ));
+        drop(big);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_a_slot_then_is_refused() {
+        let wait = Duration::from_millis(250);
+        let slots = Arc::new(RequestSlots::new(1, 1024, wait));
+        let nl = id("NL-NRM");
+        let held = slots.acquire(&nl, 0).await.unwrap();
+        // one that finds no slot is refused once the wait is over, not before
+        let started = Instant::now();
+        assert!(slots.acquire(&nl, 0).await.is_err());
+        assert_eq!(started.elapsed(), wait);
+        // one whose slot frees within the wait is served
+        let waiting = tokio::spawn({
+            let (slots, nl) = (slots.clone(), nl.clone());
+            async move { slots.acquire(&nl, 0).await.map(drop) }
+        });
+        tokio::time::sleep(wait / 2).await;
+        drop(held);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_reported_once_per_interval_per_participant() {
+        let slots = RequestSlots::new(1, 1024, Duration::ZERO);
+        let (nl, be) = (id("NL-NRM"), id("BE-PAYOKE"));
+        let _held = slots.acquire(&nl, 0).await.unwrap();
+        let _other = slots.acquire(&be, 0).await.unwrap();
+        assert_eq!(slots.refused(&nl), Some(1), "the first is reported");
+        assert_eq!(slots.refused(&nl), None);
+        assert_eq!(slots.refused(&nl), None);
+        assert_eq!(
+            slots.refused(&be),
+            Some(1),
+            "another participant is its own"
+        );
+        tokio::time::advance(CROWDED_WARN_INTERVAL).await;
+        assert_eq!(
+            slots.refused(&nl),
+            Some(3),
+            "then the count since the last report"
+        );
     }
 
     #[tokio::test(start_paused = true)]

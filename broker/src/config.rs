@@ -200,13 +200,29 @@ pub struct LimitsConfig {
     /// before its `RESOURCE_EXHAUSTED` answer. A well-behaved node backs off
     /// anyway; a client that floods is slowed to (its concurrent requests ÷
     /// this delay) refusals per second instead of taking the broker's CPU
-    /// from the other participants. `"0s"` answers at once.
+    /// from the other participants. Also how long a request over
+    /// `max_concurrent_requests_per_participant` or
+    /// `max_ack_ids_in_progress_per_participant` waits for room before its
+    /// `RESOURCE_EXHAUSTED` answer. `"0s"` answers at once.
     #[serde(default = "default_refusal_delay", with = "units::duration")]
     pub refusal_delay: Duration,
     /// Submits of one sender written at once; more wait their turn, so one
     /// sender's burst cannot fill the store's write batches and delay others.
     #[serde(default = "default_max_concurrent_submits_per_sender")]
     pub max_concurrent_submits_per_sender: u32,
+    /// `Exchange` requests other than `Submit` (`Ack`, `Reject`, `Withdraw`, `GetStatus`,
+    /// `GetInfo`, a `Receive` stream until its first lease) of one participant served at
+    /// once. More wait up to `refusal_delay` for one to finish, then are refused
+    /// (`RESOURCE_EXHAUSTED`), so that one participant's flood of them cannot fill the
+    /// store's one writer and slow every other participant. A node makes one such call
+    /// at a time per `Receive` stream, and a few for its local API.
+    #[serde(default = "default_max_concurrent_requests_per_participant")]
+    pub max_concurrent_requests_per_participant: u32,
+    /// Message ids of one participant's `Ack`s served at once (an `Ack` costs the store
+    /// one lookup per id). Past it an `Ack` waits up to `refusal_delay`, then is refused
+    /// (`RESOURCE_EXHAUSTED`). At least 1,024, the most ids one `Ack` may carry.
+    #[serde(default = "default_max_ack_ids_in_progress_per_participant")]
+    pub max_ack_ids_in_progress_per_participant: u32,
     /// Envelope bytes of one sender held in memory while its submits wait for their
     /// turn or for the store. A submit beyond it is refused at once
     /// (`RESOURCE_EXHAUSTED`, like the rate limit) and its envelope dropped, so a
@@ -266,6 +282,10 @@ impl Default for LimitsConfig {
             refusal_delay: default_refusal_delay(),
             max_concurrent_submits_per_sender: default_max_concurrent_submits_per_sender(),
             max_waiting_submit_bytes_per_sender: default_max_waiting_submit_bytes_per_sender(),
+            max_concurrent_requests_per_participant:
+                default_max_concurrent_requests_per_participant(),
+            max_ack_ids_in_progress_per_participant:
+                default_max_ack_ids_in_progress_per_participant(),
             max_incoming_request_bytes_per_identity:
                 default_max_incoming_request_bytes_per_identity(),
             min_free_disk_bytes: default_min_free_disk_bytes(),
@@ -491,6 +511,15 @@ fn default_min_free_disk_bytes() -> u64 {
 }
 fn default_max_concurrent_submits_per_sender() -> u32 {
     16
+}
+/// A node uses one or two; the benchmark's receiver, one (it acks in batches, in turn).
+fn default_max_concurrent_requests_per_participant() -> u32 {
+    16
+}
+/// Two largest `Ack`s (`MAX_ACK_IDS`) at once; the benchmark's receiver acks up to 512
+/// ids a call, one call at a time.
+fn default_max_ack_ids_in_progress_per_participant() -> u32 {
+    2048
 }
 fn default_max_waiting_submit_bytes_per_sender() -> u64 {
     64 << 20
@@ -762,6 +791,32 @@ impl BrokerConfig {
             "limits.max_concurrent_submits_per_sender",
             u64::from(l.max_concurrent_submits_per_sender),
             1024,
+        )?;
+        at_least(
+            "limits.max_concurrent_requests_per_participant",
+            u64::from(l.max_concurrent_requests_per_participant),
+            1,
+        )?;
+        at_most(
+            "limits.max_concurrent_requests_per_participant",
+            u64::from(l.max_concurrent_requests_per_participant),
+            1024,
+        )?;
+        if (l.max_ack_ids_in_progress_per_participant as usize) < crate::service::MAX_ACK_IDS {
+            return Err(BrokerError::config(
+                "limits.max_ack_ids_in_progress_per_participant",
+                format!(
+                    "must be at least {}, the most ids one Ack may carry, or such an Ack is \
+                     never served; got {}",
+                    crate::service::MAX_ACK_IDS,
+                    l.max_ack_ids_in_progress_per_participant
+                ),
+            ));
+        }
+        at_most(
+            "limits.max_ack_ids_in_progress_per_participant",
+            u64::from(l.max_ack_ids_in_progress_per_participant),
+            1 << 20,
         )?;
         if l.max_waiting_submit_bytes_per_sender < l.max_envelope_bytes {
             return Err(BrokerError::config(

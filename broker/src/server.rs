@@ -38,7 +38,7 @@ use crate::admin::{
     sha256_label,
 };
 use crate::admin_cli::fmt_millis;
-use crate::admission::{Admission, SubmitSlots, Submitting, free_disk_bytes};
+use crate::admission::{Admission, RequestSlots, SubmitSlots, Submitting, free_disk_bytes};
 use crate::clock::{self, Clock, StartClock, broker_clock, human_span};
 use crate::config::{BrokerConfig, CrlPolicyConfig, REQUEST_MARGIN_BYTES};
 use crate::error::BrokerError;
@@ -217,6 +217,11 @@ impl BrokerBuilder {
                 limits.max_concurrent_submits_per_sender as usize,
                 // (validated to fit)
                 u32::try_from(limits.max_waiting_submit_bytes_per_sender).unwrap_or(u32::MAX),
+            ),
+            request_slots: RequestSlots::new(
+                limits.max_concurrent_requests_per_participant as usize,
+                limits.max_ack_ids_in_progress_per_participant,
+                limits.refusal_delay,
             ),
             // (longer than any request can still be on its way: its timeout, twice, and
             // the time the keepalive takes to close a dead connection)

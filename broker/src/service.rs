@@ -26,8 +26,10 @@ use trmx_proto::envelope::SubmitEnvelope;
 use trmx_proto::time::{from_millis, to_millis, to_timestamp};
 use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
-use crate::admin::{CertRole, DeadLetterReason, DropReason, Metrics, RefusalReason};
-use crate::admission::{self, Admission, SubmitSlots, Submitting};
+use crate::admin::{
+    CertRole, DeadLetterReason, DropReason, ExchangeMethod, Metrics, RefusalReason,
+};
+use crate::admission::{self, Admission, RequestPermit, RequestSlots, SubmitSlots, Submitting};
 use crate::clock::Clock;
 use crate::config::{LifecycleConfig, LimitsConfig};
 use crate::error::BrokerError;
@@ -54,6 +56,9 @@ pub(crate) struct Shared {
     pub(crate) admission: Admission,
     /// Per-sender slots for submits being written (fairness between senders).
     pub(crate) submit_slots: SubmitSlots,
+    /// Per-participant slots for the other `Exchange` requests (fairness between
+    /// participants on the store's one writer).
+    pub(crate) request_slots: RequestSlots,
     /// The submits not yet written and the recent withdrawals, by message, for
     /// `Withdraw`.
     pub(crate) submitting: Submitting,
@@ -302,6 +307,35 @@ impl ExchangeService {
         Ok(id)
     }
 
+    /// A slot for one of `caller`'s `method` requests carrying `ack_ids` message ids (see
+    /// [`RequestSlots`]), held while the request works on the store. A refusal is counted
+    /// in `/metrics` and logged with the participant at most once per interval (a flood
+    /// would otherwise flood the log too).
+    async fn request_slot(
+        &self,
+        caller: &ParticipantId,
+        method: ExchangeMethod,
+        ack_ids: usize,
+    ) -> Result<RequestPermit, BrokerError> {
+        let slots = &self.shared.request_slots;
+        match slots.acquire(caller, ack_ids).await {
+            Ok(permit) => Ok(permit),
+            Err(crowded) => {
+                self.shared.metrics.refused_in_progress(method);
+                if let Some(refused) = slots.refused(caller) {
+                    warn!(
+                        participant = %caller,
+                        setting = crowded.setting(),
+                        refused,
+                        "requests of one participant in progress reached the limit, \
+                         refusing its requests"
+                    );
+                }
+                Err(crowded.into_error(caller))
+            }
+        }
+    }
+
     /// [`Self::submit_inner`], counted: the latency of a durable receipt, or the refusal.
     async fn submit_counted(
         &self,
@@ -539,7 +573,7 @@ impl ExchangeService {
         Ok(expires_at)
     }
 
-    fn receive_inner(
+    async fn receive_inner(
         &self,
         caller: ParticipantId,
         request: pb::ReceiveRequest,
@@ -550,6 +584,12 @@ impl ExchangeService {
                 "the broker is shutting down".into(),
             ));
         }
+        // (held by the stream until its first lease: opening a stream costs the store
+        // that lease, and its end a release, so a client reopening streams in a loop is
+        // held to its share)
+        let opening = self
+            .request_slot(&caller, ExchangeMethod::Receive, 0)
+            .await?;
         let max_in_flight = match request.max_in_flight {
             0 => shared.limits.default_max_in_flight,
             n => n.min(shared.limits.max_max_in_flight),
@@ -579,7 +619,8 @@ impl ExchangeService {
             max_in_flight
         );
         tokio::spawn(
-            run_stream(self.shared.clone(), handle, max_in_flight, outbox).instrument(span),
+            run_stream(self.shared.clone(), handle, max_in_flight, outbox, opening)
+                .instrument(span),
         );
         Ok(outbound)
     }
@@ -605,8 +646,15 @@ impl ExchangeService {
         let results = if valid.is_empty() {
             Vec::new()
         } else {
+            let slot = self
+                .request_slot(caller, ExchangeMethod::Ack, valid.len())
+                .await?;
             let (this, caller) = (self.clone(), caller.clone());
-            to_completion(async move { this.acknowledge(&caller, &valid).await }).await?
+            to_completion(async move {
+                let _slot = slot;
+                this.acknowledge(&caller, &valid).await
+            })
+            .await?
         };
         let mut results = results.into_iter();
         let outcomes = request
@@ -679,8 +727,13 @@ impl ExchangeService {
         tracing::Span::current().record("message_id", tracing::field::display(id));
         check_reason_code(&request.reason_code)?;
         check_field_path(&request.field_path)?;
+        let slot = self.request_slot(caller, ExchangeMethod::Reject, 0).await?;
         let (this, caller) = (self.clone(), caller.clone());
-        to_completion(async move { this.dead_letter(&caller, id, &request).await }).await
+        to_completion(async move {
+            let _slot = slot;
+            this.dead_letter(&caller, id, &request).await
+        })
+        .await
     }
 
     /// Dead-letters `caller`'s delivery `id` in the store as `request` says, then frees
@@ -735,8 +788,15 @@ impl ExchangeService {
     ) -> Result<pb::WithdrawResponse, BrokerError> {
         let id = parse_message_id(&request.message_id, "message_id")?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
+        let slot = self
+            .request_slot(caller, ExchangeMethod::Withdraw, 0)
+            .await?;
         let (this, caller) = (self.clone(), caller.clone());
-        to_completion(async move { this.withdraw_stored(&caller, id).await }).await
+        to_completion(async move {
+            let _slot = slot;
+            this.withdraw_stored(&caller, id).await
+        })
+        .await
     }
 
     /// Withdraws `caller`'s message `id` in the store, then frees its stream slot and
@@ -812,6 +872,9 @@ impl ExchangeService {
         let shared = &self.shared;
         let id = parse_message_id(&request.message_id, "message_id")?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
+        let _slot = self
+            .request_slot(caller, ExchangeMethod::GetStatus, 0)
+            .await?;
         let record = shared
             .stored(shared.store.status(caller, id).await)?
             .ok_or_else(|| BrokerError::NotFound(format!("no message {id} from {caller}")))?;
@@ -907,7 +970,8 @@ impl pb::exchange_server::Exchange for ExchangeService {
         request: Request<pb::ReceiveRequest>,
     ) -> Result<Response<Self::ReceiveStream>, Status> {
         rpc!(self, request, "Receive", |caller, inner| self
-            .receive_inner(caller, inner))
+            .receive_inner(caller, inner)
+            .await)
     }
 
     async fn ack(
@@ -950,9 +1014,12 @@ impl pb::exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::BrokerInfo>, Status> {
-        rpc!(self, request, "GetInfo", |caller, _inner| Ok(
-            self.get_info_inner(&caller)
-        ))
+        rpc!(self, request, "GetInfo", |caller, _inner| {
+            let _slot = self
+                .request_slot(&caller, ExchangeMethod::GetInfo, 0)
+                .await?;
+            Ok(self.get_info_inner(&caller))
+        })
     }
 }
 
@@ -964,7 +1031,9 @@ async fn run_stream(
     mut handle: StreamHandle,
     max_in_flight: usize,
     outbox: Outbox,
+    opening: RequestPermit,
 ) {
+    let mut opening = Some(opening);
     let participant = handle.participant.clone();
     let ack_timeout = millis(shared.lifecycle.ack_timeout);
     let recheck = shared.lifecycle.tick_interval;
@@ -996,6 +1065,7 @@ async fn run_stream(
                 Ok(leased) => leased,
                 Err(error) => break 'stream Some(Status::from(error)),
             };
+            drop(opening.take());
             if !leased.is_empty() {
                 let deadline = now.saturating_add(ack_timeout);
                 shared.streams.leased(
@@ -1032,6 +1102,7 @@ async fn run_stream(
                 continue;
             }
         }
+        drop(opening.take());
         tokio::select! {
             () = &mut notified => {}
             () = outbox.closed() => break 'stream None,
@@ -1319,6 +1390,7 @@ pub(crate) mod test_support {
             streams: Streams::new(4, 1),
             admission: Admission::new(1000, 1000, 0),
             submit_slots: SubmitSlots::new(1, 1 << 20),
+            request_slots: RequestSlots::new(16, 2048, Duration::ZERO),
             submitting: Submitting::new(Duration::from_secs(170)),
             limits: LimitsConfig::default(),
             lifecycle: LifecycleConfig::default(),

@@ -615,3 +615,199 @@ async fn a_submit_refused_mid_body_gets_resource_exhausted_and_keeps_its_connect
     drop((stalled, sender));
     accepted_once_the_stalled_bytes_are_back(&mut nl, big).await
 }
+
+/// `Ack` requests of 1,024 made-up ids each, the most one may carry.
+fn made_up_ack() -> pb::AckRequest {
+    pb::AckRequest {
+        message_ids: (0..1024)
+            .map(|_| trmx_proto::MessageId::new_v7().to_string())
+            .collect(),
+    }
+}
+
+/// What a flood of `Ack`s got: answered, and refused `RESOURCE_EXHAUSTED`.
+#[derive(Debug, Default)]
+struct Flooded {
+    answered: usize,
+    refused: usize,
+}
+
+/// Sends `concurrent` `Ack`s of 1,024 made-up ids at once on `client`'s connection,
+/// each again as soon as it is answered, until `stop` is set (at least one round each).
+/// `answers` counts the answers and refusals as they come.
+async fn flood_acks(
+    client: &Client,
+    concurrent: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+    answers: Arc<std::sync::atomic::AtomicUsize>,
+) -> anyhow::Result<Flooded> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrent {
+        let (mut client, stop, answers) = (client.clone(), stop.clone(), answers.clone());
+        tasks.spawn(async move {
+            let mut flooded = Flooded::default();
+            loop {
+                match client.ack(made_up_ack()).await {
+                    Ok(response) => {
+                        let results = response.into_inner().results;
+                        anyhow::ensure!(
+                            results
+                                .iter()
+                                .all(|r| r.result == pb::AckResult::NotFound as i32),
+                            "a made-up id was acknowledged"
+                        );
+                        flooded.answered += 1;
+                    }
+                    Err(status) if status.code() == Code::ResourceExhausted => {
+                        anyhow::ensure!(
+                            status.message().contains("limits.max_"),
+                            "the refusal names no setting: {status}"
+                        );
+                        flooded.refused += 1;
+                    }
+                    Err(status) => anyhow::bail!("flooding ack: {status}"),
+                }
+                answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if *stop.borrow() {
+                    return Ok(flooded);
+                }
+            }
+        });
+    }
+    let mut total = Flooded::default();
+    while let Some(done) = tasks.join_next().await {
+        let done = done??;
+        total.answered += done.answered;
+        total.refused += done.refused;
+    }
+    Ok(total)
+}
+
+/// A participant that sends many `Ack`s at once (64 of 1,024 made-up ids each, again and
+/// again) has at most `limits.max_concurrent_requests_per_participant` of its requests,
+/// and `limits.max_ack_ids_in_progress_per_participant` of their ids, on the store at
+/// once: the rest are refused `RESOURCE_EXHAUSTED` (counted in `/metrics`). Without the
+/// limit they all went to the store's one writer, ahead of every other participant's
+/// work. Another participant is served meanwhile, and the flooder's real ack goes
+/// through once its flood ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_acks_is_held_to_its_participants_share() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| {
+        c.limits.max_concurrent_requests_per_participant = 2;
+        c.limits.max_ack_ids_in_progress_per_participant = 1024;
+        // (refused at once: what is counted does not depend on how fast the host is)
+        c.limits.refusal_delay = std::time::Duration::ZERO;
+    })
+    .await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut nl = t.client("NL-NRM")?;
+    // NL-NRM has a real delivery in hand before it floods
+    let real = submit(&mut be, referral("NL-NRM")).await?;
+    let mut deliveries = receive(&mut nl, 8).await?;
+    let delivery = next(&mut deliveries).await?;
+    assert_eq!(id_of(&delivery), real.message_id);
+
+    let flooder = t.client("NL-NRM")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let answers = Arc::default();
+    let flood = tokio::spawn(async move { flood_acks(&flooder, 64, stopped, answers).await });
+    // another participant's submits and reads are served during the flood
+    let mut during = Vec::new();
+    for _ in 0..5 {
+        let receipt = submit(&mut be, referral("NL-NRM")).await?;
+        status(&mut be, &receipt.message_id).await?;
+        during.push(receipt.message_id);
+    }
+    stop.send(true)?;
+    let flooded = flood.await??;
+    eprintln!("flood of acks: {flooded:?}");
+    assert!(flooded.refused > 0, "nothing refused: {flooded:?}");
+
+    // the operator sees each refusal, under its method
+    let admin = super::metrics::admin_addr(&t)?;
+    super::metrics::scrape_until(admin, "the refused acks in /metrics", |s| {
+        s.value("trmx_requests_refused_in_progress_total{method=\"ack\"}") == flooded.refused as f64
+    })
+    .await?;
+    // once the flood is over, NL-NRM's own work goes through: its ack, its stream
+    assert_eq!(
+        ack(&mut nl, [&real.message_id]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    for id in &during {
+        let delivery = next(&mut deliveries).await?;
+        assert_eq!(&id_of(&delivery), id);
+        assert_eq!(ack(&mut nl, [id]).await?, vec![pb::AckResult::Acknowledged]);
+    }
+    assert_eq!(
+        state_of(&mut be, &real.message_id).await?,
+        pb::MessageState::Acknowledged
+    );
+    Ok(())
+}
+
+/// The median of `samples` (sorted in place).
+fn median(samples: &mut [std::time::Duration]) -> std::time::Duration {
+    samples.sort();
+    samples.get(samples.len() / 2).copied().unwrap_or_default()
+}
+
+/// Another participant's submit latency, alone and while NL-NRM floods 64 `Ack`s of
+/// 1,024 made-up ids at once, on a broker with `adjust`ed limits: the medians alone and
+/// during the flood, and what the flood got.
+async fn submit_latency_under_an_ack_flood(
+    adjust: impl FnOnce(&mut trmx_broker::config::BrokerConfig),
+) -> anyhow::Result<(std::time::Duration, std::time::Duration, Flooded)> {
+    const SUBMITS: usize = 40;
+    let t = TestBroker::start_with(adjust).await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let timed = async |be: &mut Client| -> anyhow::Result<Vec<std::time::Duration>> {
+        let mut took = Vec::with_capacity(SUBMITS);
+        for _ in 0..SUBMITS {
+            let started = std::time::Instant::now();
+            submit(be, referral("NL-NRM")).await?;
+            took.push(started.elapsed());
+        }
+        Ok(took)
+    };
+    let alone = median(&mut timed(&mut be).await?);
+    let flooder = t.client("NL-NRM")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let answers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flood = tokio::spawn({
+        let answers = answers.clone();
+        async move { flood_acks(&flooder, 64, stopped, answers).await }
+    });
+    // (measured once the flood is under way: each of its 64 acks answered or refused)
+    while answers.load(std::sync::atomic::Ordering::Relaxed) < 64 {
+        anyhow::ensure!(!flood.is_finished(), "the flood ended early");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let during = median(&mut timed(&mut be).await?);
+    stop.send(true)?;
+    let flooded = flood.await??;
+    Ok((alone, during, flooded))
+}
+
+/// Measures what the limits are for: another participant's submit latency while one
+/// participant floods acks, with the limits at their defaults and at their largest
+/// (nearly none). Prints the figures; asserts only that every submit was answered (the
+/// host is noisy: timing goals live in the benchmark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_participants_submits_during_an_ack_flood_measured() -> anyhow::Result<()> {
+    let (alone, during, flooded) = submit_latency_under_an_ack_flood(|c| {
+        c.limits.max_concurrent_requests_per_participant = 1024;
+        c.limits.max_ack_ids_in_progress_per_participant = 1 << 20;
+    })
+    .await?;
+    eprintln!(
+        "limits at their largest: BE-PAYOKE submit median {alone:?} alone, {during:?} during \
+         NL-NRM's flood of acks ({flooded:?})"
+    );
+    let (alone, during, flooded) = submit_latency_under_an_ack_flood(|_| {}).await?;
+    eprintln!(
+        "limits at their defaults: BE-PAYOKE submit median {alone:?} alone, {during:?} during \
+         NL-NRM's flood of acks ({flooded:?})"
+    );
+    Ok(())
+}

@@ -91,6 +91,48 @@ impl RefusalReason {
     }
 }
 
+/// An `Exchange` request other than `Submit` (label `method` of
+/// `trmx_requests_refused_in_progress_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ExchangeMethod {
+    /// `Receive` (opening the stream).
+    Receive,
+    /// `Ack`.
+    Ack,
+    /// `Reject`.
+    Reject,
+    /// `Withdraw`.
+    Withdraw,
+    /// `GetStatus`.
+    GetStatus,
+    /// `GetInfo`.
+    GetInfo,
+}
+
+impl ExchangeMethod {
+    /// Every method, in label order.
+    pub const ALL: [ExchangeMethod; 6] = [
+        ExchangeMethod::Receive,
+        ExchangeMethod::Ack,
+        ExchangeMethod::Reject,
+        ExchangeMethod::Withdraw,
+        ExchangeMethod::GetStatus,
+        ExchangeMethod::GetInfo,
+    ];
+
+    /// The label value, e.g. `get_status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeMethod::Receive => "receive",
+            ExchangeMethod::Ack => "ack",
+            ExchangeMethod::Reject => "reject",
+            ExchangeMethod::Withdraw => "withdraw",
+            ExchangeMethod::GetStatus => "get_status",
+            ExchangeMethod::GetInfo => "get_info",
+        }
+    }
+}
+
 /// Why a message was dead-lettered (label `reason` of `trmx_messages_dead_lettered_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeadLetterReason {
@@ -236,6 +278,9 @@ pub struct Metrics {
     /// Copied from the transport's count at every scrape (see
     /// [`Self::set_request_bytes_refused`]).
     request_bytes_refused: AtomicU64,
+    /// Requests refused for their participant's requests in progress, by
+    /// [`ExchangeMethod::ALL`].
+    in_progress_refused: [AtomicU64; ExchangeMethod::ALL.len()],
     submit_duration: Histogram,
     flush_duration: Histogram,
     store_writable: AtomicBool,
@@ -357,6 +402,7 @@ impl Metrics {
             timer_failures: Default::default(),
             tls_handshake_failures: Default::default(),
             request_bytes_refused: AtomicU64::new(0),
+            in_progress_refused: Default::default(),
             submit_duration: Histogram::new(SUBMIT_BUCKETS),
             flush_duration: Histogram::new(FLUSH_BUCKETS),
             store_writable: AtomicBool::new(false),
@@ -420,6 +466,16 @@ impl Metrics {
         let i = RefusalReason::ALL.iter().position(|r| *r == reason);
         if let Some(i) = i {
             self.refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A `method` request was refused because its participant's requests in progress
+    /// held `limits.max_concurrent_requests_per_participant` or
+    /// `limits.max_ack_ids_in_progress_per_participant`.
+    pub fn refused_in_progress(&self, method: ExchangeMethod) {
+        let i = ExchangeMethod::ALL.iter().position(|m| *m == method);
+        if let Some(counter) = i.and_then(|i| self.in_progress_refused.get(i)) {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -798,6 +854,19 @@ impl Metrics {
             &[],
             load(&self.request_bytes_refused),
         );
+
+        w.family(
+            "trmx_requests_refused_in_progress_total",
+            "Exchange requests other than Submit refused because their participant's requests in progress held limits.max_concurrent_requests_per_participant or limits.max_ack_ids_in_progress_per_participant, by method.",
+            "counter",
+        );
+        for (method, count) in ExchangeMethod::ALL.iter().zip(&self.in_progress_refused) {
+            w.sample(
+                "trmx_requests_refused_in_progress_total",
+                &[("method", method.as_str())],
+                load(count),
+            );
+        }
 
         self.submit_duration.render(
             &mut w,
@@ -1291,10 +1360,16 @@ mod tests {
         assert!(text.contains("trmx_clock_offset_seconds 0\n"));
         assert!(text.contains("trmx_connected_participants 0\n"));
         assert!(text.contains("trmx_requests_refused_request_bytes_total 0\n"));
+        for method in ExchangeMethod::ALL {
+            assert!(text.contains(&format!(
+                "trmx_requests_refused_in_progress_total{{method=\"{}\"}} 0\n",
+                method.as_str()
+            )));
+        }
         // every family has one HELP and one TYPE line
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 31);
+        assert_eq!(types, 32);
         assert_eq!(helps, types);
     }
 

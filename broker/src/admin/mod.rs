@@ -19,6 +19,6 @@ pub mod metrics;
 
 pub use http::{AdminHooks, AdminLimits, AdminState, HostCheck, serve_admin};
 pub use metrics::{
-    CertRole, DeadLetterReason, DropReason, HeldCert, Metrics, Readiness, RefusalReason,
-    sha256_label,
+    CertRole, DeadLetterReason, DropReason, ExchangeMethod, HeldCert, Metrics, Readiness,
+    RefusalReason, sha256_label,
 };
