@@ -1194,6 +1194,16 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
         let config = BrokerConfig::load(&path).unwrap();
         assert!(config.participants.len() >= 3);
         assert_eq!(config.tls.crl_policy, CrlPolicyConfig::Warn);
+        // (the example shows the defaults of the per-participant request limits)
+        let defaults = LimitsConfig::default();
+        assert_eq!(
+            config.limits.max_concurrent_requests_per_participant,
+            defaults.max_concurrent_requests_per_participant
+        );
+        assert_eq!(
+            config.limits.max_ack_ids_in_progress_per_participant,
+            defaults.max_ack_ids_in_progress_per_participant
+        );
     }
 
     #[test]
@@ -1262,6 +1272,23 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
                 "[limits]\nmax_waiting_submit_bytes_per_sender = \"4MiB\"\n",
                 "config: limits.max_waiting_submit_bytes_per_sender must be at least \
                  limits.max_envelope_bytes (8388608)",
+            ),
+            (
+                "[limits]\nmax_concurrent_requests_per_participant = 0\n",
+                "config: limits.max_concurrent_requests_per_participant must be >= 1, got 0",
+            ),
+            (
+                "[limits]\nmax_concurrent_requests_per_participant = 1025\n",
+                "config: limits.max_concurrent_requests_per_participant must be <= 1024, got 1025",
+            ),
+            (
+                "[limits]\nmax_ack_ids_in_progress_per_participant = 1023\n",
+                "config: limits.max_ack_ids_in_progress_per_participant must be at least 1024, \
+                 the most ids one Ack may carry",
+            ),
+            (
+                "[limits]\nmax_ack_ids_in_progress_per_participant = 2000000\n",
+                "config: limits.max_ack_ids_in_progress_per_participant must be <= 1048576",
             ),
         ];
         for (extra, expected) in cases {
