@@ -6,7 +6,8 @@
 //! - [`units`]: human-friendly durations (`"30d"`) and sizes (`"8MiB"`) for the config.
 //! - [`registry`]: the participant registry (who may be sent what) built from the config.
 //! - [`admission`]: what may reach the store on `Submit`: per-sender token bucket, free-disk
-//!   watermark, and the latch that refuses submits after a failed flush.
+//!   watermark, and the latch that refuses submits after a failed flush; and the
+//!   per-participant slots that bound the other `Exchange` requests on the store.
 //! - [`streams`]: the open `Receive` streams — per-participant wake-ups, unacknowledged
 //!   leases per stream, the per-participant stream limit.
 //! - [`outbound`]: a `Receive` stream's send channel — the bytes waiting to be sent (the

@@ -646,8 +646,11 @@ async fn flood_acks(
         let (mut client, stop, answers) = (client.clone(), stop.clone(), answers.clone());
         tasks.spawn(async move {
             let mut flooded = Flooded::default();
+            // (made once: the flooder's own work runs on the test's runtime, beside the
+            // broker's)
+            let request = made_up_ack();
             loop {
-                match client.ack(made_up_ack()).await {
+                match client.ack(request.clone()).await {
                     Ok(response) => {
                         let results = response.into_inner().results;
                         anyhow::ensure!(
