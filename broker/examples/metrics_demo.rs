@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use trmx_broker::admin::{
-    AdminState, CertRole, DeadLetterReason, DropReason, HeldCert, Metrics, RefusalReason,
-    serve_admin, sha256_label,
+    AdminState, CertRole, DeadLetterReason, DropReason, ExchangeMethod, HeldCert, Metrics,
+    RefusalReason, serve_admin, sha256_label,
 };
 use trmx_broker::store::QueueStats;
 use trmx_proto::{Kind, ParticipantId};
@@ -92,6 +92,11 @@ async fn traffic(metrics: Arc<Metrics>, participants: Vec<ParticipantId>) {
         metrics.observe_flush(Duration::from_micros(100 + (n * 104_729) % 8_000));
         if n.is_multiple_of(5) {
             metrics.refused(RefusalReason::ALL[(n / 5 % RefusalReason::ALL.len() as u64) as usize]);
+        }
+        if n.is_multiple_of(11) {
+            metrics.refused_in_progress(
+                ExchangeMethod::ALL[(n / 11 % ExchangeMethod::ALL.len() as u64) as usize],
+            );
         }
         if n.is_multiple_of(40) {
             metrics.dead_lettered(DeadLetterReason::MaxAttempts, 1);
