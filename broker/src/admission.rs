@@ -856,6 +856,126 @@ mod tests {
         );
     }
 
+    /// Every permit of `nl` is free: `per_participant` requests, the last an `Ack` of all
+    /// `ack_ids`, are each served at once (with no wait), and one more is refused.
+    async fn all_free(slots: &RequestSlots, nl: &ParticipantId) {
+        let mut held = Vec::new();
+        for _ in 1..slots.per_participant {
+            held.push(slots.acquire(nl, 0).await.expect("a request slot leaked"));
+        }
+        held.push(
+            slots
+                .acquire(nl, slots.ack_ids as usize)
+                .await
+                .expect("a request slot or ack ids leaked"),
+        );
+        assert!(slots.acquire(nl, 0).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_served_in_arrival_order_and_a_cancelled_one_gives_its_turn_on() {
+        let slots = Arc::new(RequestSlots::new(1, 1024, Duration::from_secs(5)));
+        let nl = id("NL-NRM");
+        let held = slots.acquire(&nl, 0).await.unwrap();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for n in 0..4 {
+            let (slots, nl, served) = (slots.clone(), nl.clone(), served.clone());
+            waiters.push(tokio::spawn(async move {
+                let permit = slots.acquire(&nl, n).await;
+                served.lock().unwrap().push(n);
+                // (held a while: the next must wait for it)
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                permit.map(drop)
+            }));
+            // (each queued before the next arrives)
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        waiters[1].abort();
+        drop(held);
+        for (n, waiter) in waiters.into_iter().enumerate() {
+            match waiter.await {
+                Ok(result) => assert_eq!(result, Ok(()), "waiter {n}"),
+                Err(e) => assert!(n == 1 && e.is_cancelled(), "waiter {n}: {e}"),
+            }
+        }
+        assert_eq!(*served.lock().unwrap(), vec![0, 2, 3]);
+        all_free(&slots, &nl).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_cancelled_while_it_waits_for_ids_gives_back_its_slot_and_the_ids_it_got() {
+        let slots = Arc::new(RequestSlots::new(3, 1024, Duration::from_secs(5)));
+        let nl = id("NL-NRM");
+        let big = slots.acquire(&nl, 1000).await.unwrap();
+        // waits holding a request slot (and, once freed, some of the ids it needs)
+        let waiting = tokio::spawn({
+            let (slots, nl) = (slots.clone(), nl.clone());
+            async move { slots.acquire(&nl, 1024).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // one that comes after it waits behind it, though its 24 ids are free
+        let small = tokio::spawn({
+            let (slots, nl) = (slots.clone(), nl.clone());
+            async move { slots.acquire(&nl, 24).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!small.is_finished(), "an ack went ahead of an earlier one");
+        // cancelled, the first gives back what it held: the next is served at once
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        assert_eq!(small.await.unwrap(), Ok(()));
+        drop(big);
+        all_free(&slots, &nl).await;
+        // (so does one cancelled while waiting for its request slot)
+        let held: Vec<_> = [
+            slots.acquire(&nl, 0).await.unwrap(),
+            slots.acquire(&nl, 0).await.unwrap(),
+            slots.acquire(&nl, 0).await.unwrap(),
+        ]
+        .into();
+        let waiting = tokio::spawn({
+            let (slots, nl) = (slots.clone(), nl.clone());
+            async move { slots.acquire(&nl, 512).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        drop(held);
+        all_free(&slots, &nl).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_of_the_whole_budget_is_served_and_a_larger_one_counts_as_the_budget() {
+        let slots = Arc::new(RequestSlots::new(4, 1024, Duration::from_millis(250)));
+        let nl = id("NL-NRM");
+        let whole = slots.acquire(&nl, 1024).await.unwrap();
+        assert_eq!(
+            slots.acquire(&nl, 1).await.unwrap_err(),
+            Crowded::AckIds { limit: 1024 }
+        );
+        drop(whole);
+        let over = slots.acquire(&nl, usize::MAX).await.unwrap();
+        assert!(slots.acquire(&nl, 1).await.is_err());
+        drop(over);
+        all_free(&slots, &nl).await;
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_holding_a_slot_gives_it_back() {
+        let slots = Arc::new(RequestSlots::new(2, 1024, Duration::ZERO));
+        let nl = id("NL-NRM");
+        let panicked = tokio::spawn({
+            let (slots, nl) = (slots.clone(), nl.clone());
+            async move {
+                let _permit = slots.acquire(&nl, 1024).await.unwrap();
+                panic!("store work panicked");
+            }
+        });
+        assert!(panicked.await.unwrap_err().is_panic());
+        all_free(&slots, &nl).await;
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_withdrawal_refuses_the_submits_of_its_message_for_a_while() {
         let refuse_for = Duration::from_secs(170);
