@@ -814,3 +814,156 @@ async fn another_participants_submits_during_an_ack_flood_measured() -> anyhow::
     );
     Ok(())
 }
+
+/// One `Exchange` request of NL-NRM of kind `n % 6`, about made-up ids (a `Receive` stream
+/// is opened and read from until the caller drops it).
+async fn some_request(mut client: Client, n: usize) {
+    let made_up = || trmx_proto::MessageId::new_v7().to_string();
+    // (answers do not matter: the request is cancelled at a random point)
+    let _ = match n % 6 {
+        0 => client.ack(made_up_ack()).await.map(drop),
+        1 => client
+            .get_status(pb::GetStatusRequest {
+                message_id: made_up(),
+            })
+            .await
+            .map(drop),
+        2 => client
+            .withdraw(pb::WithdrawRequest {
+                message_id: made_up(),
+            })
+            .await
+            .map(drop),
+        3 => client
+            .reject(pb::RejectRequest {
+                message_id: made_up(),
+                reason_code: "INVALID_ENVELOPE".into(),
+                field_path: String::new(),
+            })
+            .await
+            .map(drop),
+        4 => client.get_info(pb::GetInfoRequest {}).await.map(drop),
+        _ => match client
+            .receive(pb::ReceiveRequest { max_in_flight: 8 })
+            .await
+        {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                while let Ok(Some(_)) = stream.message().await {}
+                Ok(())
+            }
+            Err(status) => Err(status),
+        },
+    };
+}
+
+/// Requests of every kind cancelled by their client at random points (waiting for a
+/// slot, on the store, a `Receive` stream before or after its first lease) give back
+/// their request slot and their ack ids: with two slots and 1,024 ack ids for NL-NRM (so
+/// that an `Ack` also waits for ids, holding its slot), after hundreds of them it is still
+/// served every kind of request, and none of the cancelled ones was counted as refused.
+/// Slots left behind would lock NL-NRM out for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cancelled_at_random_points_leave_no_request_slot_behind() -> anyhow::Result<()> {
+    let t = TestBroker::start_with(|c| {
+        c.limits.max_concurrent_requests_per_participant = 2;
+        c.limits.max_ack_ids_in_progress_per_participant = 1024;
+        // (longer than any cancelled request's work can take: a slot still held after
+        // the storm is one left behind, not one still in use)
+        c.limits.refusal_delay = std::time::Duration::from_secs(5);
+    })
+    .await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    // something to lease, so that some streams are cancelled after their first lease
+    for _ in 0..4 {
+        submit(&mut be, referral("NL-NRM")).await?;
+    }
+    let nl = t.client("NL-NRM")?;
+    // (a fixed pseudo-random sequence: the same storm on every run)
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut random = move |below: u64| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % below
+    };
+    for _wave in 0..20 {
+        let mut wave = tokio::task::JoinSet::new();
+        for n in 0..24 {
+            let cancel_after = std::time::Duration::from_micros(random(30_000));
+            // (half of them Acks, which also wait for ids)
+            let kind = match random(2) {
+                0 => 0,
+                _ => usize::try_from(random(6))? + n,
+            };
+            let client = nl.clone();
+            wave.spawn(async move {
+                let _ = tokio::time::timeout(cancel_after, some_request(client, kind)).await;
+            });
+        }
+        while let Some(done) = wave.join_next().await {
+            done?;
+        }
+    }
+
+    // every kind is served (slots left behind: refused after refusal_delay; a whole Ack
+    // needs every id)
+    let mut nl = t.client("NL-NRM")?;
+    let info = nl.get_info(pb::GetInfoRequest {}).await?.into_inner();
+    assert_eq!(info.caller, "NL-NRM");
+    let unknown = trmx_proto::MessageId::new_v7().to_string();
+    let status = status(&mut nl, &unknown).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status}");
+    let answer = nl.ack(made_up_ack()).await?.into_inner();
+    assert_eq!(answer.results.len(), 1024);
+    let withdrawn = nl
+        .withdraw(pb::WithdrawRequest {
+            message_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(withdrawn.code(), Code::NotFound, "{withdrawn}");
+    let rejected = nl
+        .reject(pb::RejectRequest {
+            message_id: unknown,
+            reason_code: "INVALID_ENVELOPE".into(),
+            field_path: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(rejected.code(), Code::NotFound, "{rejected}");
+    // and a stream gets a new message, whose ack goes through
+    let mut deliveries = receive(&mut nl, 64).await?;
+    let fresh = submit(&mut be, referral("NL-NRM")).await?;
+    loop {
+        let delivery = next(&mut deliveries).await?;
+        let id = id_of(&delivery);
+        assert_eq!(
+            ack(&mut nl, [&id]).await?,
+            vec![pb::AckResult::Acknowledged]
+        );
+        if id == fresh.message_id {
+            break;
+        }
+    }
+    // a cancelled request is not a refused one
+    let admin = super::metrics::admin_addr(&t)?;
+    let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
+    for method in [
+        "receive",
+        "ack",
+        "reject",
+        "withdraw",
+        "get_status",
+        "get_info",
+    ] {
+        assert_eq!(
+            scrape.value(&format!(
+                "trmx_requests_refused_in_progress_total{{method=\"{method}\"}}"
+            )),
+            0.0,
+            "{method}"
+        );
+    }
+    Ok(())
+}
