@@ -215,7 +215,9 @@ impl SubmitSlots {
 /// arrival order, then is refused (`RESOURCE_EXHAUSTED`, [`Crowded`]): the flooder is
 /// slowed to its share and told why, and its requests never queue in the broker longer
 /// than that. A node acks each delivery as it has stored it, one call at a time per
-/// stream, so it stays far below both limits.
+/// stream, and makes up to four such calls at once in all (ack or reject, `GetStatus`,
+/// a withdrawal, `GetInfo`): the default request limit is four per node for
+/// `limits.max_streams_per_participant` nodes.
 ///
 /// # Invariants
 /// - At most `per_participant` requests of one participant hold a slot at a time.

@@ -214,8 +214,11 @@ pub struct LimitsConfig {
     /// `GetInfo`, a `Receive` stream until its first lease) of one participant served at
     /// once. More wait up to `refusal_delay` for one to finish, then are refused
     /// (`RESOURCE_EXHAUSTED`), so that one participant's flood of them cannot fill the
-    /// store's one writer and slow every other participant. A node makes one such call
-    /// at a time per `Receive` stream, and a few for its local API.
+    /// store's one writer and slow every other participant. A node makes up to four at
+    /// once (its receive loop's ack or reject, its outbox check's `GetStatus`, a
+    /// withdrawal, a `GetInfo`), and a participant may run `max_streams_per_participant`
+    /// nodes: keep this at least four times that, or their calls are refused when they
+    /// meet.
     #[serde(default = "default_max_concurrent_requests_per_participant")]
     pub max_concurrent_requests_per_participant: u32,
     /// Message ids of one participant's `Ack`s served at once (an `Ack` costs the store
@@ -512,9 +515,12 @@ fn default_min_free_disk_bytes() -> u64 {
 fn default_max_concurrent_submits_per_sender() -> u32 {
     16
 }
-/// A node uses one or two; the benchmark's receiver, one (it acks in batches, in turn).
+/// Four per node (its ack or reject, `GetStatus`, withdrawal and `GetInfo` can meet) for
+/// `max_streams_per_participant` (8) nodes; the benchmark's receiver makes one (it acks in
+/// batches, in turn). At 16, eight nodes at full speed had calls refused
+/// (`a_participants_nodes_at_full_speed_are_never_refused`, `refusal_delay = "0s"`).
 fn default_max_concurrent_requests_per_participant() -> u32 {
-    16
+    32
 }
 /// Two largest `Ack`s (`MAX_ACK_IDS`) at once; the benchmark's receiver acks up to 512
 /// ids a call, one call at a time.

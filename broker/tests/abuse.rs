@@ -967,3 +967,100 @@ async fn requests_cancelled_at_random_points_leave_no_request_slot_behind() -> a
     }
     Ok(())
 }
+
+/// One call of a node, `what` (0: an `Ack` of one id, as its receive loop makes; 1: a
+/// `GetStatus`, as its outbox check; 2: a `Withdraw`; 3: a `GetInfo`, as it connects or
+/// proves a new certificate), about made-up ids: whether the broker refused it
+/// `RESOURCE_EXHAUSTED`. Any other failure is the test's.
+async fn node_call(client: &mut Client, what: usize) -> anyhow::Result<bool> {
+    let made_up = || trmx_proto::MessageId::new_v7().to_string();
+    let answer = match what {
+        0 => client
+            .ack(pb::AckRequest {
+                message_ids: vec![made_up()],
+            })
+            .await
+            .map(drop),
+        1 => client
+            .get_status(pb::GetStatusRequest {
+                message_id: made_up(),
+            })
+            .await
+            .map(drop),
+        2 => client
+            .withdraw(pb::WithdrawRequest {
+                message_id: made_up(),
+            })
+            .await
+            .map(drop),
+        _ => client.get_info(pb::GetInfoRequest {}).await.map(drop),
+    };
+    match answer {
+        Ok(()) => Ok(false),
+        Err(status) if status.code() == Code::NotFound => Ok(false),
+        Err(status) if status.code() == Code::ResourceExhausted => Ok(true),
+        Err(status) => anyhow::bail!("node call {what}: {status}"),
+    }
+}
+
+/// A participant may run `limits.max_streams_per_participant` nodes (each with its
+/// `Receive` stream). A node makes up to four `Exchange` calls other than `Submit` at once:
+/// its receive loop's ack or reject, its outbox check's `GetStatus`, a withdrawal (one at a
+/// time), and a `GetInfo` (when it connects, proves a new certificate or looks up a
+/// recipient). With the broker's defaults, that many nodes each making all four at full
+/// speed are never refused, even with `limits.refusal_delay = "0s"` (a request past the
+/// limit refused at once, however fast the host). With the limit at 16 for 8 nodes
+/// (32 calls at once) they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participants_nodes_at_full_speed_are_never_refused() -> anyhow::Result<()> {
+    const ROUNDS: usize = 40;
+    let defaults = trmx_broker::config::LimitsConfig::default();
+    let nodes = defaults.max_streams_per_participant;
+    let t = TestBroker::start_with(|c| {
+        c.limits.max_streams_per_participant = defaults.max_streams_per_participant;
+        c.limits.max_concurrent_requests_per_participant =
+            defaults.max_concurrent_requests_per_participant;
+        c.limits.max_ack_ids_in_progress_per_participant =
+            defaults.max_ack_ids_in_progress_per_participant;
+        c.limits.refusal_delay = std::time::Duration::ZERO;
+    })
+    .await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    // each node on its own connection with its stream open, past its first lease (a
+    // delivery in hand, unacknowledged, so that the next goes to the next stream)
+    let mut streams = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..nodes {
+        let mut node = t.client("NL-NRM")?;
+        let mut deliveries = receive(&mut node, 1).await?;
+        let sent = submit(&mut be, referral("NL-NRM")).await?;
+        assert_eq!(id_of(&next(&mut deliveries).await?), sent.message_id);
+        streams.push(deliveries);
+        clients.push(node);
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for node in &clients {
+        for what in 0..4 {
+            let mut client = node.clone();
+            calls.spawn(async move {
+                let mut refused = 0;
+                for _ in 0..ROUNDS {
+                    refused += usize::from(node_call(&mut client, what).await?);
+                }
+                anyhow::Ok(refused)
+            });
+        }
+    }
+    let mut refused = 0;
+    while let Some(done) = calls.join_next().await {
+        refused += done??;
+    }
+    assert_eq!(
+        refused,
+        0,
+        "{refused} of {} calls of {nodes} nodes refused",
+        nodes * 4 * ROUNDS
+    );
+    drop(streams);
+    Ok(())
+}
