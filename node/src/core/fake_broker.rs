@@ -51,6 +51,11 @@ pub(crate) struct FakeState {
     /// Outcomes `Ack` answers with besides the real ones: `NOT_FOUND` for this many
     /// ids never acknowledged (a broken broker's answer).
     pub(crate) ack_answer_junk: usize,
+    /// How many `Ack`s to answer `RESOURCE_EXHAUSTED` (the participant over its share of
+    /// requests in progress) before acknowledging; counted down by each.
+    pub(crate) ack_refusals: usize,
+    /// `Ack` calls made (refused ones included).
+    pub(crate) ack_calls: usize,
     /// The `message_id` `GetStatus` answers with, in place of the one asked about (a
     /// broken broker's answer).
     pub(crate) status_answers_for: Option<String>,
@@ -442,6 +447,16 @@ impl Exchange for Endpoint {
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
         drop(self.broker.ack_hold.lock().await);
+        {
+            let mut st = self.broker.lock();
+            st.ack_calls += 1;
+            if st.ack_refusals > 0 {
+                st.ack_refusals -= 1;
+                return Err(Status::resource_exhausted(
+                    "NL-NRM already has 32 requests in progress at the broker",
+                ));
+            }
+        }
         let mut results = Vec::new();
         for id in request.into_inner().message_ids {
             let original = {

@@ -744,6 +744,15 @@ async fn reject(
     Handled::Done
 }
 
+/// The pauses before asking again for an ack the broker refused with
+/// `RESOURCE_EXHAUSTED` (its limit of requests in progress per participant, whose wait
+/// is 250 ms by default): about 3.5 s in all, well inside any ack timeout.
+pub(crate) const ACK_RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
 async fn ack(
     client: &mut ExchangeClient<LinkChannel>,
     inner: &Inner,
@@ -754,7 +763,21 @@ async fn ack(
     let request = pb::AckRequest {
         message_ids: vec![message_id.to_string()],
     };
-    match answer_of(inner, client.ack(request), shutdown).await {
+    let mut answer = answer_of(inner, client.ack(request.clone()), shutdown).await;
+    // A broker that refuses the ack for want of room (the participant has its share of
+    // requests in progress there) would deliver the message again after its ack timeout,
+    // counting an attempt towards dead-lettering a message stored here: ask again soon,
+    // a few times, before leaving it to that redelivery.
+    for delay in ACK_RETRY_DELAYS {
+        if !matches!(&answer, Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted) {
+            break;
+        }
+        if !pause(delay, shutdown).await {
+            return Handled::Stop;
+        }
+        answer = answer_of(inner, client.ack(request.clone()), shutdown).await;
+    }
+    match answer {
         Ok(Ok(response)) => {
             // (what the answer says of this id, and nothing else: a broken broker's
             // answer of a million outcomes must not become a million log lines)

@@ -3458,6 +3458,46 @@ mod link {
         assert!(logs.lines_with(&["ack not applied"]).len() <= 1);
     }
 
+    /// An ack the broker refused for want of room (the participant had its share of
+    /// requests in progress there) was left to the redelivery after the ack timeout,
+    /// which counts an attempt towards dead-lettering a message stored here. The node now
+    /// asks again a few times, and the ack lands; past that it still leaves it to the
+    /// redelivery.
+    #[tokio::test]
+    async fn an_ack_refused_for_want_of_room_is_asked_again() {
+        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
+        broker.lock().ack_refusals = 2;
+        let id = MessageId::new_v7();
+        broker.enqueue(
+            referral_to_be(id.to_string(), referral().encode()),
+            "NL-NRM",
+        );
+        until("the ack lands after two refusals", || async {
+            broker.lock().acked.contains(&id.to_string())
+        })
+        .await;
+        assert_eq!(broker.lock().ack_calls, 3);
+
+        // refused more times than the node asks: it stops asking
+        broker.lock().ack_refusals = usize::MAX;
+        let calls_before = broker.lock().ack_calls;
+        let other = MessageId::new_v7();
+        broker.enqueue(
+            referral_to_be(other.to_string(), referral().encode()),
+            "NL-NRM",
+        );
+        until("the node gives up asking", || async {
+            broker.lock().ack_calls == calls_before + 1 + super::super::link::ACK_RETRY_DELAYS.len()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            broker.lock().ack_calls,
+            calls_before + 1 + super::super::link::ACK_RETRY_DELAYS.len()
+        );
+        be.shutdown().await;
+    }
+
     /// A broker that does not answer an ack (or a reject) does not stall the receive
     /// loop for good: the link gives up on it after `broker_answer_timeout` and
     /// reconnects (the broker delivers the message again, and the inbox keeps it
