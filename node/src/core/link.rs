@@ -1266,22 +1266,12 @@ async fn handle_delivery(
                 Stored::Duplicate => {
                     info!(participant = %me, message_id = %id, sender = %sender, "duplicate delivery acknowledged");
                 }
-                Stored::Conflict => {
-                    // (stored with other content between the check and the store)
-                    conflict_said(inner, id, &sender);
-                    let (reason_code, field_path) = ID_TAKEN;
-                    return Ok(reject(
-                        client,
-                        inner,
-                        &id.to_string(),
-                        reason_code,
-                        field_path,
-                        shutdown,
-                    )
-                    .await);
-                }
-                Stored::IdTaken => {
-                    // (taken between the check and the store)
+                taken @ (Stored::Conflict | Stored::IdTaken) => {
+                    // (stored with other content, or the id taken, between the check and
+                    // the store)
+                    if matches!(taken, Stored::Conflict) {
+                        conflict_said(inner, id, &sender);
+                    }
                     let (reason_code, field_path) = ID_TAKEN;
                     return Ok(reject(
                         client,
