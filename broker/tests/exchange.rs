@@ -837,14 +837,8 @@ async fn a_retry_at_the_rate_limit_gets_its_first_receipt() -> anyhow::Result<()
 #[tokio::test]
 async fn a_message_submitted_again_after_its_metadata_went_gets_its_own_receipt()
 -> anyhow::Result<()> {
-    // (a retention short enough for the certificates to stay valid on the broker's clock)
-    let day = Duration::from_secs(86_400);
-    let t = TestBroker::start_with(|c| {
-        c.limits.default_lifetime = day;
-        c.limits.max_lifetime = day;
-        c.lifecycle.metadata_retention = day;
-    })
-    .await?;
+    let day = RETENTION_DAY;
+    let t = TestBroker::start_with_a_days_retention().await?;
     let mut nl = t.client("NL-NRM")?;
     let mut be = t.client("BE-PAYOKE")?;
     let env = referral("BE-PAYOKE");

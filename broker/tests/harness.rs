@@ -121,6 +121,10 @@ pub(crate) fn test_config(data_dir: PathBuf, tls: TlsConfig) -> BrokerConfig {
     config
 }
 
+/// The message lifetime and metadata retention of
+/// [`TestBroker::start_with_a_days_retention`].
+pub(crate) const RETENTION_DAY: Duration = Duration::from_secs(86_400);
+
 /// A running in-process broker with its PKI, data dir and manual clock.
 pub(crate) struct TestBroker {
     pub(crate) _dir: TempDir,
@@ -134,6 +138,18 @@ pub(crate) struct TestBroker {
 impl TestBroker {
     pub(crate) async fn start() -> anyhow::Result<Self> {
         Self::start_with(|_| {}).await
+    }
+
+    /// A broker whose messages live at most [`RETENTION_DAY`] and whose metadata is kept
+    /// as long: short enough for the test certificates to stay valid when a test moves the
+    /// broker's clock past both.
+    pub(crate) async fn start_with_a_days_retention() -> anyhow::Result<Self> {
+        Self::start_with(|c| {
+            c.limits.default_lifetime = RETENTION_DAY;
+            c.limits.max_lifetime = RETENTION_DAY;
+            c.lifecycle.metadata_retention = RETENTION_DAY;
+        })
+        .await
     }
 
     pub(crate) async fn start_with(adjust: impl FnOnce(&mut BrokerConfig)) -> anyhow::Result<Self> {

@@ -539,14 +539,7 @@ async fn a_redriven_dead_letter_is_delivered_and_a_rejected_one_cannot_be() -> a
 #[tokio::test]
 async fn an_expired_receipt_is_listed_as_not_redrivable_and_its_redrive_refused()
 -> anyhow::Result<()> {
-    // (a retention short enough for the certificates to stay valid on the broker's clock)
-    let day = Duration::from_secs(86_400);
-    let t = TestBroker::start_with(|c| {
-        c.limits.default_lifetime = day;
-        c.limits.max_lifetime = day;
-        c.lifecycle.metadata_retention = day;
-    })
-    .await?;
+    let t = TestBroker::start_with_a_days_retention().await?;
     let mut nl = t.client("NL-NRM")?;
     let mut be = t.client("BE-PAYOKE")?;
     let mut op = operator(&t)?;
