@@ -56,6 +56,10 @@ pub(crate) struct FakeState {
     pub(crate) ack_refusals: usize,
     /// `Ack` calls made (refused ones included).
     pub(crate) ack_calls: usize,
+    /// How many `Reject`s to answer `RESOURCE_EXHAUSTED` before taking one.
+    pub(crate) reject_refusals: usize,
+    /// `Reject` calls made (refused ones included).
+    pub(crate) reject_calls: usize,
     /// The `message_id` `GetStatus` answers with, in place of the one asked about (a
     /// broken broker's answer).
     pub(crate) status_answers_for: Option<String>,
@@ -488,6 +492,16 @@ impl Exchange for Endpoint {
         request: Request<pb::RejectRequest>,
     ) -> Result<Response<pb::RejectResponse>, Status> {
         drop(self.broker.ack_hold.lock().await);
+        {
+            let mut st = self.broker.lock();
+            st.reject_calls += 1;
+            if st.reject_refusals > 0 {
+                st.reject_refusals -= 1;
+                return Err(Status::resource_exhausted(
+                    "NL-NRM already has 32 requests in progress at the broker",
+                ));
+            }
+        }
         let r = request.into_inner();
         let original = {
             let mut st = self.broker.lock();

@@ -718,7 +718,13 @@ async fn reject(
         reason_code: reason_code.to_owned(),
         field_path: field_path.to_owned(),
     };
-    let mut result = match answer_of(inner, client.reject(request.clone()), shutdown).await {
+    let first = answer_with_room(inner, shutdown, || {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.reject(request).await }
+    })
+    .await;
+    let mut result = match first {
         Ok(result) => result,
         Err(handled) => return handled,
     };
@@ -744,14 +750,41 @@ async fn reject(
     Handled::Done
 }
 
-/// The pauses before asking again for an ack the broker refused with
+/// The pauses before asking again for an ack or a reject the broker refused with
 /// `RESOURCE_EXHAUSTED` (its limit of requests in progress per participant, whose wait
 /// is 250 ms by default): about 3.5 s in all, well inside any ack timeout.
-pub(crate) const ACK_RETRY_DELAYS: [Duration; 3] = [
+pub(crate) const ROOM_RETRY_DELAYS: [Duration; 3] = [
     Duration::from_millis(500),
     Duration::from_secs(1),
     Duration::from_secs(2),
 ];
+
+/// [`answer_of`] the call `call` makes, asked again after each of [`ROOM_RETRY_DELAYS`]
+/// while the broker refuses it for want of room (the participant has its share of
+/// requests in progress there). An ack or a reject left to the broker's redelivery after
+/// the ack timeout would count an attempt towards dead-lettering the message (and a
+/// rejected one would then reach its sender as `MAX_ATTEMPTS`, not with its reason).
+async fn answer_with_room<T, F, Fut>(
+    inner: &Inner,
+    shutdown: &mut watch::Receiver<bool>,
+    call: F,
+) -> Result<Result<T, tonic::Status>, Handled>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut answer = answer_of(inner, call(), shutdown).await;
+    for delay in ROOM_RETRY_DELAYS {
+        if !matches!(&answer, Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted) {
+            break;
+        }
+        if !pause(delay, shutdown).await {
+            return Err(Handled::Stop);
+        }
+        answer = answer_of(inner, call(), shutdown).await;
+    }
+    answer
+}
 
 async fn ack(
     client: &mut ExchangeClient<LinkChannel>,
@@ -763,20 +796,12 @@ async fn ack(
     let request = pb::AckRequest {
         message_ids: vec![message_id.to_string()],
     };
-    let mut answer = answer_of(inner, client.ack(request.clone()), shutdown).await;
-    // A broker that refuses the ack for want of room (the participant has its share of
-    // requests in progress there) would deliver the message again after its ack timeout,
-    // counting an attempt towards dead-lettering a message stored here: ask again soon,
-    // a few times, before leaving it to that redelivery.
-    for delay in ACK_RETRY_DELAYS {
-        if !matches!(&answer, Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted) {
-            break;
-        }
-        if !pause(delay, shutdown).await {
-            return Handled::Stop;
-        }
-        answer = answer_of(inner, client.ack(request.clone()), shutdown).await;
-    }
+    let answer = answer_with_room(inner, shutdown, || {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.ack(request).await }
+    })
+    .await;
     match answer {
         Ok(Ok(response)) => {
             // (what the answer says of this id, and nothing else: a broken broker's

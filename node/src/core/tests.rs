@@ -3487,13 +3487,38 @@ mod link {
             "NL-NRM",
         );
         until("the node gives up asking", || async {
-            broker.lock().ack_calls == calls_before + 1 + super::super::link::ACK_RETRY_DELAYS.len()
+            broker.lock().ack_calls
+                == calls_before + 1 + super::super::link::ROOM_RETRY_DELAYS.len()
         })
         .await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(
             broker.lock().ack_calls,
-            calls_before + 1 + super::super::link::ACK_RETRY_DELAYS.len()
+            calls_before + 1 + super::super::link::ROOM_RETRY_DELAYS.len()
+        );
+        be.shutdown().await;
+    }
+
+    /// A reject refused for want of room is asked again as an ack is: left to the
+    /// redelivery, it would count attempts until the broker dead-lettered the message as
+    /// `MAX_ATTEMPTS`, and its sender would not learn why it was refused.
+    #[tokio::test]
+    async fn a_reject_refused_for_want_of_room_is_asked_again() {
+        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
+        broker.lock().reject_refusals = 2;
+        let id = MessageId::new_v7();
+        let mut damaged = referral_to_be(id.to_string(), referral().encode());
+        damaged.payload_sha256 = vec![0; 32];
+        broker.enqueue(damaged, "NL-NRM");
+        until("the reject lands after two refusals", || async {
+            !broker.lock().rejected.is_empty()
+        })
+        .await;
+        assert_eq!(broker.lock().reject_calls, 3);
+        let (rejected, code, _) = broker.lock().rejected[0].clone();
+        assert_eq!(
+            (rejected, code.as_str()),
+            (id.to_string(), "DIGEST_MISMATCH")
         );
         be.shutdown().await;
     }
