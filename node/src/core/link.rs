@@ -21,7 +21,7 @@ use trmx_proto::time::{Date, from_timestamp, to_millis};
 use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use super::channel::{LinkChannel, Outdated};
-use super::store::{IdUse, Incoming, ReceiptEffect, Stored};
+use super::store::{Content, IdUse, Incoming, ReceiptEffect, Stored};
 use super::{
     Body, BodyContext, Failure, Inner, Millis, MoveRefused, NodeError, OutboxState,
     ParticipantInfo, Said, say_again,
@@ -910,8 +910,8 @@ pub(crate) async fn classify(
     // tightened since it was stored) says of its envelope, or whatever a damaged
     // redelivery of it looks like; rejected, it would be dead-lettered and its sender
     // told that it never arrived. Its envelope's digest field says which content it is.
-    if let Some(id) = stored_before(inner, &envelope).await? {
-        return Ok(Verdict::Duplicate(id));
+    if let Some(verdict) = stored_before(inner, &envelope).await? {
+        return Ok(verdict);
     }
     let checked = match check_delivery(&envelope) {
         Ok(checked) => checked,
@@ -941,8 +941,9 @@ pub(crate) async fn classify(
     let digest = payload_digest(&envelope);
     let store = inner.store.clone();
     let dup_sender = sender.clone();
+    let delivered = content_of(&envelope);
     match inner
-        .blocking(move || store.id_use(&dup_sender, id, &digest))
+        .blocking(move || store.id_use(&dup_sender, id, Content::of_envelope(&delivered)))
         .await?
     {
         IdUse::New => {}
@@ -1053,25 +1054,53 @@ pub(crate) async fn classify(
     })))
 }
 
-/// The id of a delivery that this node stored before, its sender's with the same payload
-/// digest (`IdUse::Stored`), read from the envelope as delivered, before any check of
-/// it: `None` for one whose sender, id or digest field is none, or that is not stored.
+/// What to do with a delivery whose sender's message with its id this node stored
+/// before, read from the envelope as delivered, before any check of it: acknowledge it
+/// again when it is that message (`IdUse::Stored`: the same payload digest, kind, case
+/// and message answered), reject it when it is other content under that id
+/// (`IdUse::Conflict`, as a payload of another digest: the stored one is kept). `None`
+/// for one whose sender or id is none, or that is not stored.
 async fn stored_before(
     inner: &Arc<Inner>,
     envelope: &pb::Envelope,
-) -> Result<Option<MessageId>, NodeError> {
-    let (Ok(id), Ok(sender), Ok(digest)) = (
+) -> Result<Option<Verdict>, NodeError> {
+    let (Ok(id), Ok(sender)) = (
         MessageId::parse(&envelope.message_id),
         ParticipantId::parse(&envelope.sender),
-        <[u8; trmx_proto::envelope::DIGEST_LEN]>::try_from(envelope.payload_sha256.as_slice()),
     ) else {
         return Ok(None);
     };
     let store = inner.store.clone();
+    let delivered = content_of(envelope);
+    let asked = sender.clone();
     let used = inner
-        .blocking(move || store.id_use(&sender, id, &digest))
+        .blocking(move || store.id_use(&asked, id, Content::of_envelope(&delivered)))
         .await?;
-    Ok(matches!(used, IdUse::Stored).then_some(id))
+    Ok(match used {
+        IdUse::Stored => Some(Verdict::Duplicate(id)),
+        IdUse::Conflict => {
+            conflict_said(inner, id, &sender);
+            let (reason_code, field_path) = ID_TAKEN;
+            Some(reject_verdict(
+                &envelope.message_id,
+                reason_code,
+                field_path,
+            ))
+        }
+        IdUse::New | IdUse::Taken => None,
+    })
+}
+
+/// The fields of `envelope` that [`Content::of_envelope`] reads, without its payload (a
+/// copy to hand to the store's thread).
+fn content_of(envelope: &pb::Envelope) -> pb::Envelope {
+    pb::Envelope {
+        payload_sha256: envelope.payload_sha256.clone(),
+        kind: envelope.kind,
+        case_ref: envelope.case_ref.clone(),
+        in_reply_to: envelope.in_reply_to.clone(),
+        ..Default::default()
+    }
 }
 
 /// The payload digest of a delivery that `check_delivery` passed (its
@@ -1088,7 +1117,9 @@ fn shown_id(message_id: &str) -> String {
         .map_or_else(|_| "(not a message id)".to_owned(), |id| id.to_string())
 }
 
-/// Says that `sender`'s message `id`, stored here, came again with other content: the
+/// Says that `sender`'s message `id`, stored here, came again with other content (another
+/// payload, kind, case or message answered; the log names none of them: a case reference
+/// may be personal data): the
 /// stored one is kept (the inbox, its answers and the application have it), the other
 /// is rejected (`DUPLICATE_MESSAGE_ID`), so that its sender learns that it was not
 /// taken rather than getting a delivery receipt for content never stored. No digest

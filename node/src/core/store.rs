@@ -33,7 +33,8 @@
 //! - Inbox `seq`s are strictly increasing and never reused; a (sender,
 //!   message id) is stored at most once (`dedup` is never pruned), and never
 //!   replaced: a delivery of it with another payload digest (kept in
-//!   [`InRec`] since this version) changes nothing ([`IdUse::Conflict`]).
+//!   [`InRec`] since this version), kind, case or message answered changes
+//!   nothing ([`IdUse::Conflict`]).
 //! - A message id names one message here: a delivery with the id of an
 //!   outbox entry or of another sender's inbox entry is not stored (the
 //!   node rejects it, `DUPLICATE_MESSAGE_ID`), since the inbox's lookups,
@@ -264,12 +265,47 @@ fn digest_hex(digest: &[u8]) -> String {
     })
 }
 
-/// Whether a delivery with `digest` is the message `rec` stored: an entry stored before
-/// the node kept digests is taken to be (nothing tells otherwise).
-fn same_content(rec: &InRec, digest: &[u8]) -> bool {
+/// What a delivery says about the message it carries, beyond its sender and id, as
+/// delivered (raw envelope fields: [`Store::id_use`] also runs before the envelope is
+/// checked): the payload digest, and the fields the inbox files the message by.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Content<'a> {
+    /// The envelope's `payload_sha256`.
+    pub(crate) digest: &'a [u8],
+    /// The kind's name ([`Kind::name`]); `None` for a kind that is none.
+    pub(crate) kind: Option<&'a str>,
+    /// The envelope's `case_ref`, as delivered.
+    pub(crate) case_ref: &'a str,
+    /// The envelope's `in_reply_to`, as delivered (empty: none).
+    pub(crate) in_reply_to: &'a str,
+}
+
+impl<'a> Content<'a> {
+    /// The content of an envelope as delivered.
+    pub(crate) fn of_envelope(envelope: &'a pb::Envelope) -> Content<'a> {
+        Content {
+            digest: &envelope.payload_sha256,
+            kind: Kind::from_pb(envelope.kind).map(Kind::name),
+            case_ref: &envelope.case_ref,
+            in_reply_to: &envelope.in_reply_to,
+        }
+    }
+}
+
+/// Whether a delivery with `content` is the message `rec` stored: the same payload
+/// digest (an entry stored before the node kept digests is taken to have it: nothing
+/// tells otherwise), and the same kind, case and message answered. A redelivery that
+/// differs in any of them is other content under a used id, not this message again:
+/// acknowledged, the difference would be dropped unseen (the real broker refuses such a
+/// submit, `ALREADY_EXISTS`, but the node does not take a broker's word for it). Ids are
+/// lower-case UUIDs, one text per value, so the texts compare as the values do.
+fn same_content(rec: &InRec, content: Content<'_>) -> bool {
     rec.payload_sha256
         .as_deref()
-        .is_none_or(|stored| stored == digest_hex(digest))
+        .is_none_or(|stored| stored == digest_hex(content.digest))
+        && content.kind == Some(rec.kind.as_str())
+        && content.case_ref == rec.case_ref
+        && content.in_reply_to == rec.in_reply_to.as_deref().unwrap_or("")
 }
 
 /// An idempotency key's entry.
@@ -305,8 +341,8 @@ pub(crate) enum IdUse {
     New,
     /// This sender's message with this id is stored, with this content.
     Stored,
-    /// This sender's message with this id is stored with another payload digest: the
-    /// delivery is other content under a used id (a sender reusing an id, a broker
+    /// This sender's message with this id is stored with another payload digest, kind,
+    /// case or message answered ([`Content`]): the delivery is other content under a used id (a sender reusing an id, a broker
     /// restored from a backup or broken); the first is kept, the delivery rejected.
     Conflict,
     /// The id is another message's: one this node sent, or another
@@ -1492,19 +1528,19 @@ impl Store {
 
     // ---- inbox --------------------------------------------------------
 
-    /// Whether `sender`'s message `id` was stored before (with the payload digest
-    /// `digest`, or another), or its id is another message's here.
+    /// Whether `sender`'s message `id` was stored before (with `content`, or other
+    /// content), or its id is another message's here.
     pub(crate) fn id_use(
         &self,
         sender: &ParticipantId,
         id: MessageId,
-        digest: &[u8],
+        content: Content<'_>,
     ) -> Result<IdUse, NodeError> {
         let t = &self.trees;
         if let Some(seq) = t[DEDUP].get(dedup_key(id, sender)).map_err(store_err)? {
             let same = self
                 .inbox_rec(read_u64(&seq))?
-                .is_none_or(|rec| same_content(&rec, digest));
+                .is_none_or(|rec| same_content(&rec, content));
             return Ok(if same { IdUse::Stored } else { IdUse::Conflict });
         }
         let taken = t[OUTBOX].contains_key(id.as_bytes()).map_err(store_err)?
@@ -1522,10 +1558,18 @@ impl Store {
         let mid = msg.message_id;
         let dkey = dedup_key(mid, &msg.sender);
         let until = self.retention_of(msg.retain_until, msg.case_ref)?;
+        let case_ref = msg.case_ref.to_string();
+        let in_reply_to = msg.in_reply_to.map(|id| id.to_string()).unwrap_or_default();
+        let content = Content {
+            digest: &msg.payload_sha256,
+            kind: Some(msg.kind.name()),
+            case_ref: &case_ref,
+            in_reply_to: &in_reply_to,
+        };
         let rec = self.tx(|t| {
             if let Some(seq) = t[DEDUP].get(&dkey)? {
-                let same = tget::<InRec>(&t[INBOX], &seq)?
-                    .is_none_or(|rec| same_content(&rec, &msg.payload_sha256));
+                let same =
+                    tget::<InRec>(&t[INBOX], &seq)?.is_none_or(|rec| same_content(&rec, content));
                 return Ok(Err(if same { IdUse::Stored } else { IdUse::Conflict }));
             }
             // The inbox's lookups, due dates and retention go by message id
@@ -2773,9 +2817,16 @@ mod tests {
             payload_sha256: [7; 32],
             ..msg.clone()
         };
+        let case_ref = msg.case_ref.to_string();
         for digest in [msg.payload_sha256, redelivered.payload_sha256] {
+            let content = Content {
+                digest: &digest,
+                kind: Some(msg.kind.name()),
+                case_ref: &case_ref,
+                in_reply_to: "",
+            };
             assert!(matches!(
-                store.id_use(&msg.sender, msg.message_id, &digest).unwrap(),
+                store.id_use(&msg.sender, msg.message_id, content).unwrap(),
                 IdUse::Stored
             ));
         }

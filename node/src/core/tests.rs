@@ -11,7 +11,7 @@ use futures::StreamExt;
 use trmx_proto::time::{from_timestamp, to_timestamp};
 
 use super::link::{Verdict, classify, flush_inbox, store_delivery, store_receipt};
-use super::store::{IdUse, InboxMark, ReceiptEffect, Stored, can_move};
+use super::store::{Content, IdUse, InboxMark, Incoming, ReceiptEffect, Stored, can_move};
 use super::*;
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -1747,6 +1747,97 @@ async fn a_redelivery_with_other_content_is_rejected_and_the_first_kept() {
 
     assert_eq!(f.be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
     assert_eq!(f.be.inner.store.inbox_body(entry.seq).unwrap(), first_body);
+    assert!(matches!(
+        classify(&f.be.inner, Some(good)).await.unwrap(),
+        Verdict::Duplicate(id) if id == sent.message_id
+    ));
+}
+
+/// A redelivery with the sender, id and payload of a message stored here but another
+/// case, kind or message answered (only a broken broker sends one: the real one refuses
+/// such a submit, `ALREADY_EXISTS`) is not that message again either: the stored one is
+/// kept as it is and the delivery rejected (`DUPLICATE_MESSAGE_ID`), not acknowledged
+/// with its difference dropped unseen. The log names neither case reference.
+#[tokio::test]
+async fn a_redelivery_with_another_case_kind_or_reply_is_rejected_and_the_first_kept() {
+    let logs = LogCapture::start();
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let good = in_transit(&f.nl, sent.message_id);
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(good.clone())).await.unwrap() else {
+        panic!("the first is stored");
+    };
+    let stored_incoming = (*incoming).clone();
+    let Stored::New(entry) = store_delivery(&f.be.inner, *incoming).await.unwrap() else {
+        panic!("a new entry");
+    };
+
+    let other_case = CaseRef::new_random();
+    let mut other_case_env = good.clone();
+    other_case_env.case_ref = other_case.to_string();
+    let mut other_kind_env = good.clone();
+    other_kind_env.kind = Kind::FollowUp.to_pb() as i32;
+    let mut a_reply_env = good.clone();
+    a_reply_env.in_reply_to = MessageId::new_v7().to_string();
+    for (what, env) in [
+        ("case", other_case_env),
+        ("kind", other_kind_env),
+        ("in_reply_to", a_reply_env),
+    ] {
+        match classify(&f.be.inner, Some(env)).await.unwrap() {
+            Verdict::Reject {
+                message_id,
+                reason_code,
+                field_path,
+            } => assert_eq!(
+                (message_id, reason_code, field_path.as_str()),
+                (
+                    sent.message_id.to_string(),
+                    "DUPLICATE_MESSAGE_ID",
+                    "envelope.message_id"
+                ),
+                "{what}"
+            ),
+            other => panic!("{what}: expected a rejection, got {other:?}"),
+        }
+    }
+    let said = logs.lines_with(&["WARN", "other content", &sent.message_id.to_string()]);
+    assert_eq!(said.len(), 3, "{said:#?}");
+    for line in &said {
+        assert!(!line.contains(&other_case.to_string()), "{line}");
+        assert!(!line.contains(&entry.case_ref.to_string()), "{line}");
+    }
+
+    // (the same, found by the store's own check: stored between the check and the store)
+    for changed in [
+        Incoming {
+            case_ref: other_case,
+            ..stored_incoming.clone()
+        },
+        Incoming {
+            kind: Kind::FollowUp,
+            ..stored_incoming.clone()
+        },
+        Incoming {
+            in_reply_to: Some(MessageId::new_v7()),
+            ..stored_incoming.clone()
+        },
+    ] {
+        assert!(matches!(
+            f.be.inner.store.store_incoming(&changed).unwrap(),
+            Stored::Conflict
+        ));
+    }
+
+    let inbox = f.be.inbox(&ListFilter::default()).await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(
+        (inbox[0].case_ref, inbox[0].kind, inbox[0].in_reply_to),
+        (entry.case_ref, Kind::Referral, None)
+    );
     assert!(matches!(
         classify(&f.be.inner, Some(good)).await.unwrap(),
         Verdict::Duplicate(id) if id == sent.message_id
@@ -3723,17 +3814,15 @@ mod link {
             .send(request("k-1", "BE-PAYOKE", referral()))
             .await
             .unwrap();
-        let digest = nl
-            .inner
-            .store
-            .envelope(sent.message_id)
-            .unwrap()
-            .unwrap()
-            .payload_sha256;
+        let envelope = nl.inner.store.envelope(sent.message_id).unwrap().unwrap();
         until("BE stored it (not durably)", || async {
             be.inner
                 .store
-                .id_use(&pid("NL-NRM"), sent.message_id, &digest)
+                .id_use(
+                    &pid("NL-NRM"),
+                    sent.message_id,
+                    Content::of_envelope(&envelope),
+                )
                 .unwrap()
                 == IdUse::Stored
         })
