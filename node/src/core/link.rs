@@ -932,7 +932,13 @@ pub(crate) async fn classify(
         ));
     }
     let Some(sender) = checked.sender.clone() else {
-        return Ok(classify_receipt(inner, id, checked.kind, &envelope.payload));
+        return Ok(classify_receipt(
+            inner,
+            id,
+            checked.kind,
+            checked.accepted_at,
+            &envelope.payload,
+        ));
     };
 
     // Stored before is checked first: a message this node stored (and acknowledged, or
@@ -1139,7 +1145,31 @@ fn outcome_name(outcome: pb::Outcome) -> &'static str {
     }
 }
 
-fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &[u8]) -> Verdict {
+/// The outcome's name in a receipt's id, as the broker derives it
+/// (`trmx_broker::store::receipt_outcome_name`: the enum value's name without its
+/// `OUTCOME_` prefix, e.g. `DELIVERED`). Part of the wire contract (DESIGN.md §3,
+/// Receipts): the node checks a receipt's id against it.
+pub(crate) fn receipt_outcome_name(outcome: pb::Outcome) -> &'static str {
+    let name = outcome.as_str_name();
+    name.strip_prefix("OUTCOME_").unwrap_or(name)
+}
+
+/// Checks a receipt (a broker-made delivery) and says what to do with it: its body must
+/// decode, name a message and an outcome that agrees with its kind, and its own id must
+/// be the one the broker derives from those two (UUIDv5 of the original id and the
+/// outcome, DESIGN.md §3): a receipt under any other id is not one the broker made for
+/// a message of this node (a broken broker's, or one relayed from elsewhere), and is
+/// rejected before it moves an outbox entry. Its `at` is the broker's instant of the
+/// outcome; one that is none, or further ahead than [`MAX_CREATED_AHEAD`] of the later
+/// of the delivery's `accepted_at` and this node's clock, is taken as the arrival here
+/// (the outcome is true, its time is not), and said.
+fn classify_receipt(
+    inner: &Inner,
+    receipt_id: MessageId,
+    kind: Kind,
+    accepted_at: SystemTime,
+    payload: &[u8],
+) -> Verdict {
     let rid = receipt_id.to_string();
     let Ok(receipt) = pb::Receipt::decode(payload) else {
         return reject_verdict(&rid, "INVALID_BODY", "receipt");
@@ -1159,6 +1189,10 @@ fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &
     if (kind == Kind::DeliveryReceipt) != (outcome == pb::Outcome::Delivered) {
         return reject_verdict(&rid, "INVALID_BODY", "receipt.outcome");
     }
+    if MessageId::receipt_id(original, receipt_outcome_name(outcome)) != receipt_id {
+        warn!(participant = %inner.config.participant, receipt_id = %receipt_id, message_id = %original, receipt_kind = %kind, "a receipt whose id is not the one the broker derives from the message and outcome it names (a broken broker): rejected, the outbox unchanged");
+        return reject_verdict(&rid, "INVALID_BODY", "receipt.message_id");
+    }
     let failure = (outcome != pb::Outcome::Delivered).then(|| {
         let (reason_code, field_path) = receipt_reason(inner, receipt_id, &receipt);
         Failure {
@@ -1167,11 +1201,16 @@ fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &
             field_path,
         }
     });
-    let at = receipt
-        .at
-        .as_ref()
-        .and_then(|ts| from_timestamp(ts).ok())
-        .unwrap_or_else(|| inner.clock.now());
+    let now = inner.clock.now();
+    let latest = accepted_at.max(now).checked_add(MAX_CREATED_AHEAD);
+    let at = match receipt.at.as_ref().map(from_timestamp) {
+        Some(Ok(at)) if latest.is_some_and(|latest| at <= latest) => at,
+        Some(_) => {
+            warn!(participant = %inner.config.participant, receipt_id = %receipt_id, message_id = %original, receipt_kind = %kind, "a receipt whose time is no instant or far ahead of the broker's and this node's clocks: its outcome is taken as of its arrival");
+            now
+        }
+        None => now,
+    };
     Verdict::Receipt {
         receipt_id,
         kind,
@@ -1260,18 +1299,36 @@ pub(crate) async fn flush_inbox(inner: &Arc<Inner>) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// Applies a receipt to the outbox (flushed).
+/// Applies a receipt to the outbox (flushed); one that contradicts the message's first
+/// final report is said at WARN, the first time.
 pub(crate) async fn store_receipt(
     inner: &Arc<Inner>,
     original: MessageId,
     failure: Option<Failure>,
     at: u64,
 ) -> Result<ReceiptEffect, NodeError> {
+    let me = &inner.config.participant;
+    let outcome = failure
+        .as_ref()
+        .map_or_else(|| "delivered".to_owned(), |f| f.outcome.clone());
     let store = inner.store.clone();
     let effect = inner
         .blocking(move || store.apply_receipt(original, failure, at))
         .await?;
     inner.store.flush_async().await?;
+    match effect {
+        // (once per message and outcome: its record keeps that it was said)
+        ReceiptEffect::Contradicted { state, first: true } => {
+            warn!(participant = %me, message_id = %original, outcome = %outcome, state = %state, "a receipt contradicts the first final report of this message (a broken broker, or a damaged broker store): the first report stands, the entry is unchanged");
+        }
+        ReceiptEffect::Contradicted {
+            state,
+            first: false,
+        } => {
+            debug!(participant = %me, message_id = %original, outcome = %outcome, state = %state, "a receipt contradicts the first final report of this message again");
+        }
+        _ => {}
+    }
     Ok(effect)
 }
 
@@ -1364,6 +1421,8 @@ async fn handle_delivery(
                 ReceiptEffect::DeliveredDespiteWithdrawal => {
                     warn!(participant = %me, message_id = %original, receipt_kind = %kind, "a message withdrawn here was delivered: its recipient's node stored it before the withdrawal took effect on the broker (or the broker's store was restored from before it); its entry shows delivered");
                 }
+                // (said by `store_receipt`)
+                ReceiptEffect::Contradicted { .. } => {}
                 ReceiptEffect::Ignored(state) => {
                     debug!(participant = %me, message_id = %original, receipt_kind = %kind, state = %state, "receipt does not change the state");
                 }

@@ -219,6 +219,12 @@ pub(crate) struct OutRec {
     body_erased: bool,
     due: Option<String>,
     retain_until: Option<String>,
+    /// The outcomes of the receipts that contradicted the first final report of this
+    /// message (a delivery receipt after `rejected-by-recipient`, a non-delivery report
+    /// after a delivery receipt): that report stands, and each is said at WARN the first
+    /// time it comes only ([`ReceiptEffect::Contradicted`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    contradicted_by: Vec<String>,
 }
 
 impl OutRec {
@@ -406,6 +412,35 @@ pub(crate) enum ReceiptEffect {
     /// A delivery receipt for an entry withdrawn here: it moved to `DELIVERED`, its
     /// record saying so ([`DELIVERED_DESPITE_WITHDRAWAL`]).
     DeliveredDespiteWithdrawal,
+    /// The receipt contradicts the entry's first final report ([`contradicts`]): the
+    /// entry stays in `state`, as that report left it. `first`: this outcome
+    /// contradicts it for the first time (a repeat is not said again).
+    Contradicted {
+        /// The entry's state, unchanged.
+        state: OutboxState,
+        /// The first receipt with this outcome to contradict it.
+        first: bool,
+    },
+}
+
+/// Whether a receipt that makes an entry `target` (with `failure`, for a non-delivery
+/// report) contradicts the final report the entry has from the broker: every exit of a
+/// message on the broker is final (DESIGN.md §4) but for a redrive of one expired or
+/// dead-lettered (not rejected), which may then be acknowledged (`FAILED → DELIVERED`).
+/// So a non-delivery report after a delivery receipt, and a delivery receipt after a
+/// report that the recipient rejected it or an operator purged it, say what cannot have
+/// happened (a broken broker, or one whose store was damaged): the first report wins.
+/// The node's own conclusions (withdrawn here, lost by the broker, refused at submit) are
+/// no report: a delivery receipt after them is news, and is taken.
+fn contradicts(rec: &OutRec, target: OutboxState) -> bool {
+    match (rec.state, target) {
+        (OutboxState::Delivered, OutboxState::Failed) => true,
+        (OutboxState::Failed, OutboxState::Delivered) => rec
+            .failure
+            .as_ref()
+            .is_some_and(|f| matches!(f.outcome.as_str(), "rejected-by-recipient" | "purged")),
+        _ => false,
+    }
 }
 
 /// `last_error` of an entry withdrawn here whose delivery receipt came after: its
@@ -1049,6 +1084,7 @@ impl Store {
                 body_erased: false,
                 due: new.due.map(|d| d.to_string()),
                 retain_until: new.retain_until.map(|d| d.to_string()),
+                contradicted_by: Vec::new(),
             };
             tput(&t[OUTBOX], mid.as_bytes(), &rec)?;
             t[OUT_ENV].insert(&mid.as_bytes()[..], env_bytes.as_slice())?;
@@ -1309,8 +1345,9 @@ impl Store {
 
     /// Applies a receipt: `DELIVERED` for a delivery receipt, `FAILED` with
     /// `failure` for a non-delivery report; only forward moves (and
-    /// `FAILED → DELIVERED`). An entry without `submitted_at` (the receipt came first)
-    /// takes the receipt's time.
+    /// `FAILED → DELIVERED`, but not against a final report, [`contradicts`]: then only
+    /// the contradiction is recorded). An entry without `submitted_at` (the receipt came
+    /// first) takes the receipt's time, `at` (not before the entry was queued).
     pub(crate) fn apply_receipt(
         &self,
         id: MessageId,
@@ -1322,10 +1359,26 @@ impl Store {
         } else {
             OutboxState::Delivered
         };
+        let outcome = failure.as_ref().map_or("delivered", |f| f.outcome.as_str());
+        // (whether the receipt contradicts the entry's first report for the first time,
+        // read in the transaction that records it)
+        let contradiction = std::cell::Cell::new(None);
         let updated = self.update_out(id, |rec| {
+            contradiction.set(None);
+            if contradicts(rec, target) {
+                let first = !rec.contradicted_by.iter().any(|o| o == outcome);
+                contradiction.set(Some(first));
+                if first {
+                    rec.contradicted_by.push(outcome.to_owned());
+                }
+                return Ok(first);
+            }
             if !can_move(rec.state, target) {
                 return Ok(false);
             }
+            // (the outcome cannot come before the message was queued here: a broker
+            // clock behind this node's would put it there)
+            let at = at.max(rec.created_at);
             // (a receipt proves that the broker took it: one that comes before the
             // submit's answer is recorded, or instead of it, must not leave the entry
             // looking as if it never left, `OutRec::never_arrived`)
@@ -1347,16 +1400,20 @@ impl Store {
             rec.outcome_at = Some(at);
             Ok(true)
         })?;
-        Ok(match updated {
-            None => ReceiptEffect::Unknown,
-            Some(u)
+        Ok(match (updated, contradiction.get()) {
+            (None, _) => ReceiptEffect::Unknown,
+            (Some(u), Some(first)) => ReceiptEffect::Contradicted {
+                state: u.entry.state,
+                first,
+            },
+            (Some(u), None)
                 if u.changed
                     && u.entry.last_error.as_deref() == Some(DELIVERED_DESPITE_WITHDRAWAL) =>
             {
                 ReceiptEffect::DeliveredDespiteWithdrawal
             }
-            Some(u) if u.changed => ReceiptEffect::Moved(target),
-            Some(u) => ReceiptEffect::Ignored(u.entry.state),
+            (Some(u), None) if u.changed => ReceiptEffect::Moved(target),
+            (Some(u), None) => ReceiptEffect::Ignored(u.entry.state),
         })
     }
 

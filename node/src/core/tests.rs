@@ -233,7 +233,8 @@ fn receipt_envelope(
         Kind::NonDeliveryReport
     };
     pb::Envelope {
-        message_id: MessageId::receipt_id(original, outcome.as_str_name()).to_string(),
+        message_id: MessageId::receipt_id(original, super::link::receipt_outcome_name(outcome))
+            .to_string(),
         sender: String::new(),
         recipient: to.into(),
         kind: kind.to_pb() as i32,
@@ -535,7 +536,33 @@ async fn receipts_move_the_outbox_forward_only() {
         OutboxState::Failed
     );
 
-    // FAILED → DELIVERED is the one way back (a redriven message).
+    // FAILED → DELIVERED is the one way back (a redriven message: one that expired or
+    // was dead-lettered, not one its recipient rejected).
+    let effect = apply(
+        &f.nl,
+        receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, ""),
+    )
+    .await;
+    assert_eq!(
+        effect,
+        ReceiptEffect::Contradicted {
+            state: OutboxState::Failed,
+            first: true
+        }
+    );
+    assert_eq!(state(&f.nl, id).await.state, OutboxState::Failed);
+    let sent2 =
+        f.nl.send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let id = sent2.message_id;
+    store.mark_submitted(id, 1).unwrap();
+    let effect = apply(
+        &f.nl,
+        receipt_envelope("NL-NRM", id, pb::Outcome::DeadLettered, "DEAD_LETTERED"),
+    )
+    .await;
+    assert_eq!(effect, ReceiptEffect::Moved(OutboxState::Failed));
     let effect = apply(
         &f.nl,
         receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, ""),
@@ -548,12 +575,18 @@ async fn receipts_move_the_outbox_forward_only() {
         receipt_envelope("NL-NRM", id, pb::Outcome::Expired, "EXPIRED"),
     )
     .await;
-    assert_eq!(effect, ReceiptEffect::Ignored(OutboxState::Delivered));
-    let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
+    assert_eq!(
+        effect,
+        ReceiptEffect::Contradicted {
+            state: OutboxState::Delivered,
+            first: true
+        }
+    );
+    let entry = state(&f.nl, id).await;
     assert_eq!(entry.state, OutboxState::Delivered);
     assert!(entry.failure.is_none());
     let status = f.nl.status();
-    assert_eq!((status.outbox_failed, status.outbox_submitted), (0, 0));
+    assert_eq!((status.outbox_failed, status.outbox_submitted), (1, 0));
 
     // A receipt for a message we never sent.
     let effect = apply(
@@ -562,6 +595,177 @@ async fn receipts_move_the_outbox_forward_only() {
     )
     .await;
     assert_eq!(effect, ReceiptEffect::Unknown);
+}
+
+/// A receipt that contradicts the first final report of a message (a delivery receipt
+/// after the recipient rejected it or an operator purged it, a non-delivery report after
+/// its delivery receipt: what a broken broker sends) leaves the entry as the first report
+/// left it, and is said at WARN the first time only, without the case reference.
+#[tokio::test]
+async fn a_contradictory_receipt_leaves_the_first_report_and_is_said_once() {
+    let logs = LogCapture::start();
+    let f = fixture().await;
+    let rejected =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let delivered =
+        f.nl.send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    for id in [rejected.message_id, delivered.message_id] {
+        f.nl.inner.store.mark_submitted(id, 1).unwrap();
+    }
+    let report = |id, outcome, reason| receipt_envelope("NL-NRM", id, outcome, reason);
+    assert_eq!(
+        apply(
+            &f.nl,
+            report(
+                rejected.message_id,
+                pb::Outcome::RejectedByRecipient,
+                "INVALID_BODY"
+            )
+        )
+        .await,
+        ReceiptEffect::Moved(OutboxState::Failed)
+    );
+    assert_eq!(
+        apply(
+            &f.nl,
+            report(delivered.message_id, pb::Outcome::Delivered, "")
+        )
+        .await,
+        ReceiptEffect::Moved(OutboxState::Delivered)
+    );
+    for round in [true, false] {
+        assert_eq!(
+            apply(
+                &f.nl,
+                report(rejected.message_id, pb::Outcome::Delivered, "")
+            )
+            .await,
+            ReceiptEffect::Contradicted {
+                state: OutboxState::Failed,
+                first: round
+            }
+        );
+        assert_eq!(
+            apply(
+                &f.nl,
+                report(delivered.message_id, pb::Outcome::Purged, "PURGED")
+            )
+            .await,
+            ReceiptEffect::Contradicted {
+                state: OutboxState::Delivered,
+                first: round
+            }
+        );
+    }
+    let entry = state(&f.nl, rejected.message_id).await;
+    assert_eq!(entry.state, OutboxState::Failed);
+    assert_eq!(
+        entry.failure.as_ref().map(|f| f.outcome.as_str()),
+        Some("rejected-by-recipient")
+    );
+    let entry = state(&f.nl, delivered.message_id).await;
+    assert_eq!((entry.state, entry.failure), (OutboxState::Delivered, None));
+    let status = f.nl.status();
+    assert_eq!((status.outbox_failed, status.outbox_submitted), (1, 0));
+    for (id, case) in [
+        (rejected.message_id, rejected.case_ref),
+        (delivered.message_id, delivered.case_ref),
+    ] {
+        let said = logs.lines_with(&["WARN", "contradicts", &id.to_string()]);
+        assert_eq!(said.len(), 1, "{said:#?}");
+        assert!(!said[0].contains(&case.to_string()), "{}", said[0]);
+    }
+}
+
+/// A receipt names the message it reports on in its body, and the broker derives the
+/// receipt's own id from that message's id and the outcome (DESIGN.md §3): a receipt
+/// under any other id (another message's receipt id, the id of another outcome's, a
+/// random one) is no receipt the broker made for this node's message, and is rejected
+/// before it moves anything.
+#[tokio::test]
+async fn a_receipt_whose_id_is_not_derived_from_its_message_is_rejected() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let id = sent.message_id;
+    f.nl.inner.store.mark_submitted(id, 1).unwrap();
+    let good = receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, "");
+    let mut others = Vec::new();
+    for forged in [
+        MessageId::receipt_id(MessageId::new_v7(), "DELIVERED"),
+        MessageId::receipt_id(id, "EXPIRED"),
+        MessageId::receipt_id(id, "OUTCOME_DELIVERED"),
+        MessageId::new_v7(),
+    ] {
+        let mut env = good.clone();
+        env.message_id = forged.to_string();
+        others.push(env);
+    }
+    for env in others {
+        match classify(&f.nl.inner, Some(env)).await.unwrap() {
+            Verdict::Reject {
+                reason_code,
+                field_path,
+                ..
+            } => assert_eq!(
+                (reason_code, field_path.as_str()),
+                ("INVALID_BODY", "receipt.message_id")
+            ),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+    assert_eq!(state(&f.nl, id).await.state, OutboxState::Submitted);
+    assert_eq!(
+        apply(&f.nl, good).await,
+        ReceiptEffect::Moved(OutboxState::Delivered)
+    );
+}
+
+/// A receipt's `at` is the broker's: one far ahead of the broker's and this node's
+/// clocks (a day and more) is taken as the receipt's arrival, and one before the message
+/// was queued here as that instant, so that an entry never shows an outcome before it
+/// was sent or years ahead.
+#[tokio::test]
+async fn a_receipt_time_far_ahead_or_before_the_message_is_not_taken() {
+    let f = fixture().await;
+    let mut ids = Vec::new();
+    for key in ["k-1", "k-2"] {
+        let sent =
+            f.nl.send(request(key, "BE-PAYOKE", referral()))
+                .await
+                .unwrap();
+        f.nl.inner.store.mark_submitted(sent.message_id, 1).unwrap();
+        ids.push(sent.message_id);
+    }
+    let queued_at = state(&f.nl, ids[0]).await.created_at;
+    f.clock.advance(Duration::from_secs(600));
+    let now = to_millis(f.clock.now());
+    for (id, at) in [
+        (ids[0], UNIX_EPOCH + Duration::from_secs(START) + 3 * DAY),
+        (ids[1], UNIX_EPOCH + Duration::from_secs(START) - DAY),
+    ] {
+        let mut env = receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, "");
+        let mut receipt: pb::Receipt = prost::Message::decode(env.payload.as_slice()).unwrap();
+        receipt.at = Some(to_timestamp(at));
+        env.payload = prost::Message::encode_to_vec(&receipt);
+        env.payload_sha256 = trmx_proto::envelope::sha256(&env.payload).to_vec();
+        assert_eq!(
+            apply(&f.nl, env).await,
+            ReceiptEffect::Moved(OutboxState::Delivered)
+        );
+    }
+    assert_eq!(state(&f.nl, ids[0]).await.outcome_at, Some(now));
+    assert_eq!(
+        state(&f.nl, ids[1]).await.outcome_at,
+        Some(state(&f.nl, ids[1]).await.created_at)
+    );
+    assert!(queued_at < now);
 }
 
 /// A delivery receipt for a message withdrawn here (the withdrawal came too late on
