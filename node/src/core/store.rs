@@ -1507,11 +1507,16 @@ impl Store {
             .map_err(store_err)
     }
 
-    /// The broker answered the `Withdraw` of a pending withdrawal: `note` says how.
+    /// The broker answered the `Withdraw` of a pending withdrawal: `note` says how. An
+    /// entry whose delivery receipt came meanwhile keeps its note that it was delivered
+    /// despite the withdrawal ([`DELIVERED_DESPITE_WITHDRAWAL`]): the broker's answer (it
+    /// could not withdraw it) says less, and the caseworker must learn that it arrived.
     pub(crate) fn withdrawal_done(&self, id: MessageId, note: &str) -> Result<(), NodeError> {
         self.tx(|t| {
             t[WITHDRAW_PENDING].remove(&id.as_bytes()[..])?;
-            if let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())? {
+            if let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())?
+                && rec.last_error.as_deref() != Some(DELIVERED_DESPITE_WITHDRAWAL)
+            {
                 rec.last_error = Some(note.to_owned());
                 tput(&t[OUTBOX], id.as_bytes(), &rec)?;
             }

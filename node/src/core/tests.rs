@@ -807,6 +807,45 @@ async fn a_withdrawn_message_that_was_delivered_says_so() {
     assert_eq!(effect, ReceiptEffect::Ignored(OutboxState::Delivered));
 }
 
+/// A message withdrawn here while the broker was out of reach, whose delivery receipt
+/// comes before the node reaches the broker with the withdrawal: the broker's answer to
+/// that withdrawal (it could not withdraw a message acknowledged) does not replace the
+/// note that it was delivered despite the withdrawal; the state stays DELIVERED.
+#[tokio::test]
+async fn a_pending_withdrawal_answered_after_the_delivery_keeps_the_delivered_note() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let id = sent.message_id;
+    let store = f.nl.inner.store.clone();
+    assert!(store.withdraw_here_then_at_broker(id, 2).unwrap());
+    assert_eq!(
+        apply(
+            &f.nl,
+            receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, "")
+        )
+        .await,
+        ReceiptEffect::DeliveredDespiteWithdrawal
+    );
+    assert!(store.withdrawal_pending(id).unwrap());
+    store
+        .withdrawal_done(
+            id,
+            "the broker could not withdraw it: message is ACKNOWLEDGED",
+        )
+        .unwrap();
+    assert!(!store.withdrawal_pending(id).unwrap());
+    let entry = state(&f.nl, id).await;
+    assert_eq!(entry.state, OutboxState::Delivered);
+    assert_eq!(
+        entry.last_error.as_deref(),
+        Some(store::DELIVERED_DESPITE_WITHDRAWAL)
+    );
+    assert_eq!(f.nl.status().withdrawals_pending, 0);
+}
+
 /// A non-delivery report that comes before the submit's answer is recorded (that
 /// answer lost, the node restarted) proves that the broker took the message: the
 /// entry does not look like one that never left, which its case's retention leaves
