@@ -99,7 +99,8 @@ pub(crate) fn broker_message(status: &tonic::Status) -> String {
 }
 
 /// The most of a broker's text (an error message, a name of its registry) that the
-/// node keeps, logs or shows.
+/// node keeps, logs or shows: bytes of the text as shown (escapes included), before the
+/// note that says it was cut.
 const MAX_BROKER_TEXT: usize = 1024;
 
 /// Text the broker sent (a status message, its registry's names, an id in an answer),
@@ -107,28 +108,34 @@ const MAX_BROKER_TEXT: usize = 1024;
 /// hostile broker must not forge log lines (a line break), drive the terminal of whoever
 /// reads them (escape sequences), turn text around (bidirectional overrides), or fill the
 /// log and the store (a message of megabytes). Control and bidirectional-formatting
-/// characters are written as escapes (`\n`, `\u{1b}`), and the text is cut after
-/// [`MAX_BROKER_TEXT`] characters, saying so.
+/// characters are written as escapes (`\n`, `\u{1b}`), and the text is cut once what
+/// is shown of it would pass [`MAX_BROKER_TEXT`] bytes, saying so. The bound is on what
+/// is shown, not on what came: an escape takes up to ten bytes for one character, and a
+/// bound of 1,024 characters let out some 10 KB.
 pub(crate) fn broker_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len().min(MAX_BROKER_TEXT));
+    let mut buf = [0u8; 4];
     for (shown, c) in text.chars().enumerate() {
-        if shown == MAX_BROKER_TEXT {
+        // (Unicode's Bidi_Control characters, U+061C among them; and the line and
+        // paragraph separators, which are no control characters but end a line in
+        // editors, log viewers and JSON readers: a forged log line all the same)
+        let bidi = matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let breaks_line = matches!(c, '\u{2028}' | '\u{2029}');
+        let escaped;
+        let part: &str = if c.is_control() || bidi || breaks_line {
+            escaped = c.escape_default().to_string();
+            &escaped
+        } else {
+            c.encode_utf8(&mut buf)
+        };
+        if out.len() + part.len() > MAX_BROKER_TEXT {
             out.push_str(&format!(
                 "… (cut: {} more characters)",
                 text.chars().count() - shown
             ));
             break;
         }
-        // (Unicode's Bidi_Control characters, U+061C among them; and the line and
-        // paragraph separators, which are no control characters but end a line in
-        // editors, log viewers and JSON readers: a forged log line all the same)
-        let bidi = matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        let breaks_line = matches!(c, '\u{2028}' | '\u{2029}');
-        if c.is_control() || bidi || breaks_line {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+        out.push_str(part);
     }
     out
 }
@@ -2450,6 +2457,28 @@ mod tests {
         let long = broker_text(&"z".repeat(5000));
         assert!(long.starts_with(&"z".repeat(MAX_BROKER_TEXT)), "{long}");
         assert!(long.ends_with("(cut: 3976 more characters)"), "{long}");
+    }
+
+    /// The bound is on the text as shown: a broker's text of control characters, each
+    /// escaped to six bytes or more, or of characters of several bytes, is cut at
+    /// [`MAX_BROKER_TEXT`] bytes too (plus the note of the cut), never some 10 KB.
+    #[test]
+    fn broker_text_is_bounded_as_shown_not_as_received() {
+        for text in [
+            "\u{1b}".repeat(5000),
+            "\u{202e}".repeat(5000),
+            "é".repeat(5000),
+            "🙂".repeat(5000),
+        ] {
+            let shown = broker_text(&text);
+            let (kept, note) = shown.rsplit_once("… (cut: ").unwrap();
+            assert!(kept.len() <= MAX_BROKER_TEXT, "{}", kept.len());
+            assert!(kept.len() > MAX_BROKER_TEXT - 10, "{}", kept.len());
+            assert!(note.ends_with(" more characters)"), "{note}");
+            assert!(shown.len() <= MAX_BROKER_TEXT + 40, "{}", shown.len());
+        }
+        // (one that fits is shown whole)
+        assert_eq!(broker_text(&"\u{1b}".repeat(100)), "\\u{1b}".repeat(100));
     }
 
     /// A line separator (U+2028) or paragraph separator (U+2029) starts a new line in
