@@ -2202,6 +2202,30 @@ fn no_submit_answer(limit: Duration) -> tonic::Status {
     ))
 }
 
+/// Withdraws on the broker message `id`, which its submit's answer found withdrawn here
+/// (withdrawals wait for a submit in progress, `submit_gate`, so this should not happen;
+/// if it does, the broker must not deliver it). Within `broker_answer_timeout`, as every
+/// broker call but a submit: a broker that takes the call and never answers must not
+/// hold the submit loop, and every message behind this one, for good (the loop runs it
+/// while it holds the gate that withdrawals wait for, too).
+pub(crate) async fn withdraw_after_submit(
+    inner: &Inner,
+    client: &mut ExchangeClient<LinkChannel>,
+    id: MessageId,
+) -> Result<(), tonic::Status> {
+    let limit = inner.config.broker_answer_timeout;
+    let call = client.withdraw(pb::WithdrawRequest {
+        message_id: id.to_string(),
+    });
+    match tokio::time::timeout(limit, call).await {
+        Ok(answer) => answer.map(drop),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "the broker did not answer the withdrawal within {} ms",
+            limit.as_millis()
+        ))),
+    }
+}
+
 /// Why [`submit_one`] did not end with the broker's answer on disk.
 #[derive(Debug)]
 enum NotSubmitted {
@@ -2266,12 +2290,7 @@ async fn submit_one(
             });
             if withdrawn {
                 // Withdrawn while it was being submitted: take it back on the broker too.
-                if let Err(status) = client
-                    .withdraw(pb::WithdrawRequest {
-                        message_id: id.to_string(),
-                    })
-                    .await
-                {
+                if let Err(status) = withdraw_after_submit(inner, client, id).await {
                     warn!(participant = %me, message_id = %id, code = ?status.code(), "withdraw after submit failed");
                 }
             }

@@ -6751,6 +6751,43 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// The withdrawal that the submit loop makes of a message found withdrawn once its
+    /// submit's answer is recorded waits for the broker's answer at most
+    /// `broker_answer_timeout`, as every other call but a submit: a broker that takes it
+    /// and never answers does not hold the loop (and every message behind) for good.
+    #[tokio::test]
+    async fn the_withdrawal_after_a_submit_waits_for_the_broker_within_the_answer_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let mut cfg = config(dir.path(), "NL-NRM");
+        cfg.broker_answer_timeout = Duration::from_millis(300);
+        let nl = online_with(cfg, addr, clock).await;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("submitted", || async {
+            state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        let held = broker.withdraw_hold.lock().await;
+        let mut client = nl.inner.client.clone().unwrap();
+        // (the guard only ends a test that would hang: no time is asserted)
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            super::super::link::withdraw_after_submit(&nl.inner, &mut client, sent.message_id),
+        )
+        .await
+        .expect("the withdrawal after a submit waited for the broker without limit");
+        assert_eq!(answer.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(broker.lock().withdraws_arrived, 1);
+        drop(held);
+        nl.shutdown().await;
+    }
+
     /// A withdrawal given up while the broker's answer is on its way (the broker has
     /// withdrawn the message) is recorded here all the same, without another call; the
     /// same withdrawal again says done, and the outbox goes on.
