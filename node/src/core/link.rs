@@ -2003,7 +2003,10 @@ pub(crate) async fn outbox_check_loop(
 }
 
 /// Asks the broker about one `SUBMITTED` entry and, when the broker does not
-/// know it, submits it again (or marks it `FAILED` when that is impossible).
+/// know it, submits it again (or marks it `FAILED` when that is impossible). When the
+/// broker answered about another message instead, it is submitted again too, but never
+/// marked `FAILED`: the broker may hold it (a refusal of that submit is noted, and the
+/// entry waits for its receipt).
 /// `Err` means the broker could not answer: the round stops.
 async fn check_one(
     inner: &Arc<Inner>,
@@ -2092,6 +2095,26 @@ async fn check_one(
                                 },
                             )
                         })
+                        .await?;
+                    return inner.store.flush_async().await;
+                }
+                // The broker did not say that it does not hold the message (its status
+                // answer named another one), and a refusal of a submit again says nothing
+                // of a message it holds either (an expiry passed since, a registry
+                // changed): FAILED would tell the user to send it again under a new id,
+                // and the recipient could get both. It stays SUBMITTED, for its receipt
+                // (or a later check) to settle, and its record says why.
+                Err(status) if is_permanent(status.code()) && answered_other => {
+                    warn!(participant = %me, message_id = %id, code = ?status.code(), reason = broker_message(&status).as_str(), "the broker refused the message submitted again after a status answer about another message; it may hold it, so it stays submitted");
+                    let note = format!(
+                        "the broker's status answer named another message, and it refused \
+                         the message submitted again ({}); it may hold it, so it stays \
+                         submitted until its receipt comes",
+                        status_text(&status)
+                    );
+                    let store = inner.store.clone();
+                    inner
+                        .blocking(move || store.note_resubmitted(id, &note))
                         .await?;
                     return inner.store.flush_async().await;
                 }

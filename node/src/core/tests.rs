@@ -3463,6 +3463,52 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A resubmit after a status answer about another message that the broker refuses
+    /// for good (here: its expiry passed) does not end the entry FAILED: the broker never
+    /// said it does not hold the message, and FAILED would have the user send it again
+    /// under a new id, the recipient getting both. It stays SUBMITTED for its receipt,
+    /// and its record says why.
+    #[tokio::test]
+    async fn a_resubmit_refused_after_a_status_answer_about_another_message_stays_submitted() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = submitted_referral(&nl).await;
+        {
+            let mut st = broker.lock();
+            st.status_answers_for = Some(MessageId::new_v7().to_string());
+            st.submit_refusal = Some((
+                tonic::Code::FailedPrecondition,
+                "envelope.expires_at: has passed".into(),
+            ));
+        }
+        clock.advance(Duration::from_secs(1));
+        until("the refusal is recorded", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .is_some_and(|e| e.last_error.is_some())
+        })
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Submitted, "{entry:?}");
+        let said = entry.last_error.as_deref().unwrap_or_default();
+        assert!(said.contains("another message"), "{said}");
+        assert!(said.contains("refused"), "{said}");
+        assert!(entry.failure.is_none(), "{entry:?}");
+        // the receipt settles it
+        broker.lock().submit_refusal = None;
+        let receipt = receipt_envelope("NL-NRM", sent.message_id, pb::Outcome::Delivered, "");
+        assert_eq!(
+            apply(&nl, receipt).await,
+            ReceiptEffect::Moved(OutboxState::Delivered)
+        );
+        nl.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_lost_message_whose_body_is_erased_fails_with_the_reason() {
         let Checking {
