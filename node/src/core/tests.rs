@@ -6797,6 +6797,252 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// Stops `node` and starts it again on its store, online against the broker at
+    /// `addr`.
+    async fn restart(node: NodeCore, addr: SocketAddr, clock: Arc<ManualClock>) -> NodeCore {
+        let cfg = node.inner.config.clone();
+        node.shutdown().await;
+        drop(node);
+        online_with(cfg, addr, clock).await
+    }
+
+    /// A delivery receipt across restarts of its sender's node: the node stopped before
+    /// it came gets it once started again; stopped after it applied it, and handed it
+    /// again (its ack lost on the way), it acknowledges it again and applies nothing
+    /// twice (the entry's time of delivery stays the first receipt's).
+    #[tokio::test]
+    async fn a_receipt_across_restarts_is_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (nl_l, nl_addr) = listener().await;
+        let _nl_serving = broker.serve("NL-NRM", nl_l);
+        let nl = online(dir.path(), "NL-NRM", nl_addr, clock.clone()).await;
+        let sent = submitted_referral(&nl).await;
+        let id = sent.message_id;
+        // NL stops before the receipt comes
+        let cfg = nl.inner.config.clone();
+        nl.shutdown().await;
+        drop(nl);
+        let (be_l, be_addr) = listener().await;
+        let _be_serving = broker.serve("BE-PAYOKE", be_l);
+        let be = online(dir.path(), "BE-PAYOKE", be_addr, clock.clone()).await;
+        until("BE stored and acknowledged it", || async {
+            broker.lock().acked.contains(&id.to_string())
+        })
+        .await;
+        let nl = online_with(cfg, nl_addr, clock.clone()).await;
+        until("the receipt is applied", || async {
+            state_of(&nl, id).await.map(|e| e.state) == Some(OutboxState::Delivered)
+        })
+        .await;
+        let first = state_of(&nl, id).await.unwrap();
+        let receipt_id = MessageId::receipt_id(id, "DELIVERED").to_string();
+        until("the receipt is acknowledged", || async {
+            broker.lock().acked.contains(&receipt_id)
+        })
+        .await;
+        // NL stops after it applied and acknowledged it; the broker (its ack lost) hands
+        // it again
+        let nl = restart(nl, nl_addr, clock.clone()).await;
+        broker.enqueue(
+            receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, ""),
+            "",
+        );
+        until("the receipt is acknowledged again", || async {
+            broker
+                .lock()
+                .acked
+                .iter()
+                .filter(|a| **a == receipt_id)
+                .count()
+                == 2
+        })
+        .await;
+        let nl = restart(nl, nl_addr, clock.clone()).await;
+        let again = state_of(&nl, id).await.unwrap();
+        assert_eq!(again.state, OutboxState::Delivered);
+        assert_eq!(again.outcome_at, first.outcome_at, "applied once");
+        assert_eq!(again.submit_attempts, first.submit_attempts);
+        assert!(again.failure.is_none());
+        let status = nl.status();
+        assert_eq!(
+            (
+                status.outbox_queued,
+                status.outbox_submitted,
+                status.outbox_failed
+            ),
+            (0, 0, 0)
+        );
+        assert_eq!(
+            broker.lock().accepted.len(),
+            2,
+            "the message and its receipt"
+        );
+        nl.shutdown().await;
+        be.shutdown().await;
+    }
+
+    /// A contradicting receipt is said once over the node's life, not once per run: its
+    /// record keeps that it was said, across a restart.
+    #[tokio::test]
+    async fn a_contradicting_receipt_is_said_once_across_a_restart() {
+        let f = fixture().await;
+        let sent =
+            f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+                .await
+                .unwrap();
+        let id = sent.message_id;
+        f.nl.inner.store.mark_submitted(id, 1).unwrap();
+        let report = |outcome, reason| receipt_envelope("NL-NRM", id, outcome, reason);
+        apply(
+            &f.nl,
+            report(pb::Outcome::RejectedByRecipient, "INVALID_BODY"),
+        )
+        .await;
+        assert_eq!(
+            apply(&f.nl, report(pb::Outcome::Delivered, "")).await,
+            ReceiptEffect::Contradicted {
+                state: OutboxState::Failed,
+                first: true
+            }
+        );
+        let cfg = f.nl.inner.config.clone();
+        f.nl.shutdown().await;
+        drop(f.nl);
+        let nl = NodeCore::start_offline(cfg, f.clock.clone()).await.unwrap();
+        assert_eq!(
+            apply(&nl, report(pb::Outcome::Delivered, "")).await,
+            ReceiptEffect::Contradicted {
+                state: OutboxState::Failed,
+                first: false
+            }
+        );
+        assert_eq!(state(&nl, id).await.state, OutboxState::Failed);
+    }
+
+    /// A withdrawal pending on the broker across restarts: stopped while the broker is
+    /// out of reach, the node still has it pending when it starts again, does not submit
+    /// the message again, and withdraws it on the broker once it can, once; started
+    /// again after that, it withdraws nothing twice.
+    #[tokio::test]
+    async fn a_pending_withdrawal_across_restarts_is_done_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
+        broker.lock().lose_submit_answers = true;
+        let sent = nl
+            .send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        let id = sent.message_id;
+        until("the broker holds it", || async {
+            queued_at(&broker, "BE-PAYOKE").contains(&id.to_string())
+        })
+        .await;
+        until("NL saw the lost answer", || async {
+            state_of(&nl, id)
+                .await
+                .is_some_and(|e| e.submit_attempts > 0)
+        })
+        .await;
+        broker.lock().withdraw_refusal = Some((tonic::Code::Unavailable, "down".into()));
+        assert_eq!(nl.withdraw(id).await.unwrap(), Withdrawal::BrokerPending);
+        // stopped with the withdrawal pending, started again: still pending
+        let nl = restart(nl, addr, clock.clone()).await;
+        assert_eq!(nl.status().withdrawals_pending, 1);
+        assert_withdrawn(&nl, id).await;
+        let submits = broker.lock().submits_arrived;
+        broker.lock().withdraw_refusal = None;
+        until("withdrawn on the broker", || async {
+            nl.status().withdrawals_pending == 0
+        })
+        .await;
+        assert!(queued_at(&broker, "BE-PAYOKE").is_empty());
+        assert_eq!(broker.lock().withdrawn, [id.to_string()]);
+        // started again after it: nothing withdrawn twice, and the next message goes out
+        // (after the pending withdrawals, which the submit loop takes first)
+        let nl = restart(nl, addr, clock.clone()).await;
+        broker.lock().lose_submit_answers = false;
+        let next = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the next message is submitted", || async {
+            state_of(&nl, next.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        assert_eq!(broker.lock().withdrawn, [id.to_string()]);
+        assert_eq!(
+            broker.lock().submits_arrived,
+            submits + 1,
+            "only the next message was submitted"
+        );
+        assert_withdrawn(&nl, id).await;
+        let said = state_of(&nl, id)
+            .await
+            .unwrap()
+            .last_error
+            .unwrap_or_default();
+        assert!(said.contains("withdrawn on the broker too"), "{said}");
+        assert_eq!(nl.status().withdrawals_pending, 0);
+        nl.shutdown().await;
+    }
+
+    /// A message the broker lost, across restarts: stopped before the outbox check
+    /// found it lost, the node submits it again once started; stopped after that, it
+    /// does not submit it a third time (the broker knows it), and the broker holds one
+    /// copy.
+    #[tokio::test]
+    async fn a_resubmit_after_not_found_across_restarts_is_done_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let mut cfg = config(dir.path(), "NL-NRM");
+        cfg.outbox_check_interval = Some(Duration::from_millis(20));
+        let nl = online_with(cfg, addr, clock.clone()).await;
+        let sent = submitted_referral(&nl).await;
+        let id = sent.message_id.to_string();
+        broker.lose(&id);
+        // stopped before the check found it lost
+        let nl = restart(nl, addr, clock.clone()).await;
+        clock.advance(Duration::from_secs(1));
+        until("submitted again", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .and_then(|e| e.last_error)
+                .is_some_and(|e| e.contains("had lost"))
+        })
+        .await;
+        let resubmitted = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(resubmitted.state, OutboxState::Submitted);
+        assert_eq!(resubmitted.submit_attempts, 2);
+        // stopped after it; the check asks again, and the broker knows it
+        let nl = restart(nl, addr, clock.clone()).await;
+        let asked = broker.lock().status_asked.len();
+        clock.advance(Duration::from_secs(1));
+        until("the check asked again", || async {
+            broker.lock().status_asked.len() > asked + 1
+        })
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Submitted);
+        assert_eq!(entry.submit_attempts, 2, "not submitted a third time");
+        assert_eq!(
+            queued_at(&broker, "BE-PAYOKE")
+                .iter()
+                .filter(|queued| **queued == id)
+                .count(),
+            1
+        );
+        nl.shutdown().await;
+    }
+
     /// The withdrawal that the submit loop makes of a message found withdrawn once its
     /// submit's answer is recorded waits for the broker's answer at most
     /// `broker_answer_timeout`, as every other call but a submit: a broker that takes it
