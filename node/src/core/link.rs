@@ -21,7 +21,7 @@ use trmx_proto::time::{Date, from_timestamp, to_millis};
 use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use super::channel::{LinkChannel, Outdated};
-use super::store::{Content, IdUse, Incoming, ReceiptEffect, Stored};
+use super::store::{Content, IdUse, Incoming, OtherAnswer, ReceiptEffect, Stored};
 use super::{
     Body, BodyContext, Failure, Inner, Millis, MoveRefused, NodeError, OutboxState,
     ParticipantInfo, Said, say_again,
@@ -1934,6 +1934,13 @@ async fn submit_rounds(
 /// `SUBMITTED` entries asked about per round of the outbox check.
 const CHECK_BATCH: usize = 100;
 
+/// How many times, over its life, the outbox check submits an entry again after a status
+/// answer about another message (a broken broker, or one whose store is damaged): a
+/// broker that keeps answering so does not get it every check for ever (every 10 min by
+/// default: about 1 h 40 min of tries). Past it, the entry stays `SUBMITTED`, its record
+/// saying why, and the node says so at WARN once.
+pub(crate) const MAX_RESUBMITS_ON_OTHER_ANSWERS: u32 = 10;
+
 /// Every `interval`, asks the broker (`GetStatus`) about the entries that
 /// were submitted at least `interval` ago and have no receipt yet. The
 /// broker keeps every message it accepted until its receipt is acknowledged;
@@ -2029,7 +2036,6 @@ async fn check_one(
         Ok(answer) => {
             let answer = answer.into_inner();
             if !MessageId::parse(&answer.message_id).is_ok_and(|said| said == id) {
-                warn!(participant = %me, message_id = %id, "the broker answered a status request about another message: submitting this one again (the broker keeps one copy of a message submitted twice)");
                 true
             } else if answer.state == pb::MessageState::Withdrawn as i32 {
                 return withdrawn_on_broker(inner, id).await;
@@ -2050,6 +2056,29 @@ async fn check_one(
         .is_some_and(|e| e.state == OutboxState::Submitted);
     if !still_submitted {
         return Ok(());
+    }
+    // (bounded over the entry's life, not only per round: a broken broker that keeps
+    // answering about another message would otherwise have it submitted every check,
+    // for ever)
+    if answered_other {
+        let store = inner.store.clone();
+        match inner
+            .blocking(move || store.count_other_answer(id, MAX_RESUBMITS_ON_OTHER_ANSWERS))
+            .await?
+        {
+            OtherAnswer::Resubmit => {
+                warn!(participant = %me, message_id = %id, "the broker answered a status request about another message: submitting this one again (the broker keeps one copy of a message submitted twice)");
+            }
+            OtherAnswer::BoundReached => {
+                inner.store.flush_async().await?;
+                warn!(participant = %me, message_id = %id, resubmits = MAX_RESUBMITS_ON_OTHER_ANSWERS, "the broker keeps answering status requests about this message with another message: it was submitted again as often as the node does, and stays submitted until its receipt comes (ask the broker's operator why)");
+                return Ok(());
+            }
+            OtherAnswer::PastBound => {
+                debug!(participant = %me, message_id = %id, "status answer about another message again; not submitted again");
+                return Ok(());
+            }
+        }
     }
     let now = to_millis(inner.clock.now());
     let store = inner.store.clone();

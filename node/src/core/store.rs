@@ -225,6 +225,14 @@ pub(crate) struct OutRec {
     /// time it comes only ([`ReceiptEffect::Contradicted`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     contradicted_by: Vec<String>,
+    /// How many times the outbox check got a status answer about another message for
+    /// this entry ([`Store::count_other_answer`]), over its life.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    other_answers: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl OutRec {
@@ -458,6 +466,25 @@ pub(crate) const DELIVERED_DESPITE_WITHDRAWAL: &str = "withdrawn here, but deliv
 pub(crate) const WITHDRAWN_BY_BROKER_NOTE: &str = "the broker reported this message \
     withdrawn (a withdrawal whose answer was lost?); it was not delivered: if nobody here \
     withdrew it, send it again and ask the broker's operator why";
+
+/// What [`Store::count_other_answer`] makes of one more status answer about another
+/// message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OtherAnswer {
+    /// Within the bound: submit the entry again.
+    Resubmit,
+    /// This answer passed the bound: no more submits again (say it, once).
+    BoundReached,
+    /// Past the bound before: nothing to do.
+    PastBound,
+}
+
+/// `last_error` of a `SUBMITTED` entry that the outbox check stopped submitting again,
+/// the broker having answered about another message more often than the bound.
+pub(crate) const OTHER_ANSWERS_NOTE: &str = "the broker's status answers named another \
+    message again and again, and it was submitted again as often as the node does: it \
+    stays submitted until its receipt comes; ask the broker's operator why its status \
+    answers name another message";
 
 /// The result of changing an outbox entry.
 #[derive(Debug, Clone)]
@@ -1085,6 +1112,7 @@ impl Store {
                 due: new.due.map(|d| d.to_string()),
                 retain_until: new.retain_until.map(|d| d.to_string()),
                 contradicted_by: Vec::new(),
+                other_answers: 0,
             };
             tput(&t[OUTBOX], mid.as_bytes(), &rec)?;
             t[OUT_ENV].insert(&mid.as_bytes()[..], env_bytes.as_slice())?;
@@ -1219,6 +1247,33 @@ impl Store {
             rec.outcome_at = Some(at);
             Ok(true)
         })
+    }
+
+    /// Counts one more status answer about another message for entry `id` (the outbox
+    /// check asked about it), unless it has had more than `bound` already: whether it
+    /// is to be submitted again (at most `bound` times over its life), or reached the
+    /// bound now (its record says so, [`OTHER_ANSWERS_NOTE`]), or before.
+    pub(crate) fn count_other_answer(
+        &self,
+        id: MessageId,
+        bound: u32,
+    ) -> Result<OtherAnswer, NodeError> {
+        let verdict = std::cell::Cell::new(OtherAnswer::PastBound);
+        self.update_out(id, |rec| {
+            if rec.other_answers > bound {
+                verdict.set(OtherAnswer::PastBound);
+                return Ok(false);
+            }
+            rec.other_answers += 1;
+            if rec.other_answers > bound {
+                rec.last_error = Some(OTHER_ANSWERS_NOTE.to_owned());
+                verdict.set(OtherAnswer::BoundReached);
+            } else {
+                verdict.set(OtherAnswer::Resubmit);
+            }
+            Ok(true)
+        })?;
+        Ok(verdict.get())
     }
 
     /// Records that a `SUBMITTED` entry was submitted again (the broker had

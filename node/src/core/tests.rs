@@ -3463,6 +3463,47 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A broker that keeps answering the outbox check about another message gets the
+    /// entry submitted again a bounded number of times over the entry's life, not at
+    /// every check for ever; then the entry stays SUBMITTED, its record says why, and the
+    /// node says so at WARN once.
+    #[tokio::test]
+    async fn resubmits_after_status_answers_about_another_message_are_bounded_over_the_life() {
+        let logs = LogCapture::start();
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = submitted_referral(&nl).await;
+        let submits = broker.lock().submits_arrived;
+        broker.lock().status_answers_for = Some(MessageId::new_v7().to_string());
+        clock.advance(Duration::from_secs(1));
+        until("the bound is reached", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .and_then(|e| e.last_error)
+                .is_some_and(|e| e.contains("again and again"))
+        })
+        .await;
+        // the check goes on asking, and submits it no more
+        let asked = broker.lock().status_asked.len();
+        until("the check asked again", || async {
+            broker.lock().status_asked.len() > asked + 3
+        })
+        .await;
+        let max = super::super::link::MAX_RESUBMITS_ON_OTHER_ANSWERS;
+        assert_eq!(broker.lock().submits_arrived, submits + max as usize);
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Submitted);
+        assert_eq!(entry.submit_attempts, 1 + max);
+        let said = logs.lines_with(&["WARN", "keeps answering", &sent.message_id.to_string()]);
+        assert_eq!(said.len(), 1, "{said:#?}");
+        nl.shutdown().await;
+    }
+
     /// A resubmit after a status answer about another message that the broker refuses
     /// for good (here: its expiry passed) does not end the entry FAILED: the broker never
     /// said it does not hold the message, and FAILED would have the user send it again
