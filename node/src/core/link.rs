@@ -2259,7 +2259,12 @@ fn no_submit_answer(limit: Duration) -> tonic::Status {
 /// if it does, the broker must not deliver it). Within `broker_answer_timeout`, as every
 /// broker call but a submit: a broker that takes the call and never answers must not
 /// hold the submit loop, and every message behind this one, for good (the loop runs it
-/// while it holds the gate that withdrawals wait for, too).
+/// while it holds the gate that withdrawals wait for, too). A withdrawal that got no
+/// answer, or a transient failure, is left pending ([`Store::pend_withdrawal`]), for the
+/// submit loop to ask again ([`withdraw_pending`]): said only at WARN, the broker would
+/// deliver a message withdrawn here.
+///
+/// [`Store::pend_withdrawal`]: super::store::Store::pend_withdrawal
 pub(crate) async fn withdraw_after_submit(
     inner: &Inner,
     client: &mut ExchangeClient<LinkChannel>,
@@ -2269,13 +2274,26 @@ pub(crate) async fn withdraw_after_submit(
     let call = client.withdraw(pb::WithdrawRequest {
         message_id: id.to_string(),
     });
-    match tokio::time::timeout(limit, call).await {
+    let answer = match tokio::time::timeout(limit, call).await {
         Ok(answer) => answer.map(drop),
         Err(_) => Err(tonic::Status::deadline_exceeded(format!(
             "the broker did not answer the withdrawal within {} ms",
             limit.as_millis()
         ))),
+    };
+    if let Err(status) = &answer
+        && !is_permanent(status.code())
+    {
+        let store = inner.store.clone();
+        let pended = match inner.blocking(move || store.pend_withdrawal(id)).await {
+            Ok(_) => inner.store.flush_async().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = pended {
+            warn!(participant = %inner.config.participant, message_id = %id, error = %e, "cannot record the withdrawal to ask the broker again");
+        }
     }
+    answer
 }
 
 /// Why [`submit_one`] did not end with the broker's answer on disk.
@@ -2343,7 +2361,7 @@ async fn submit_one(
             if withdrawn {
                 // Withdrawn while it was being submitted: take it back on the broker too.
                 if let Err(status) = withdraw_after_submit(inner, client, id).await {
-                    warn!(participant = %me, message_id = %id, code = ?status.code(), "withdraw after submit failed");
+                    warn!(participant = %me, message_id = %id, code = ?status.code(), "withdraw after submit failed (unless final, it is asked again with the pending withdrawals)");
                 }
             }
             Ok(())

@@ -1539,6 +1539,29 @@ impl Store {
         })
     }
 
+    /// Lists an entry withdrawn here for the broker's `Withdraw` ([`Self::pending_withdrawals`]),
+    /// when the call made at once got no answer. `false` (nothing changes) when the entry
+    /// is not withdrawn here (any more: a delivery receipt came first).
+    pub(crate) fn pend_withdrawal(&self, id: MessageId) -> Result<bool, NodeError> {
+        self.tx(|t| {
+            let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())? else {
+                return Ok(false);
+            };
+            let withdrawn = rec.state == OutboxState::Failed
+                && rec
+                    .failure
+                    .as_ref()
+                    .is_some_and(|f| f.outcome == "withdrawn");
+            if !withdrawn {
+                return Ok(false);
+            }
+            rec.last_error = Some(WITHDRAW_PENDING_NOTE.to_owned());
+            tput(&t[OUTBOX], id.as_bytes(), &rec)?;
+            t[WITHDRAW_PENDING].insert(&id.as_bytes()[..], &[][..])?;
+            Ok(true)
+        })
+    }
+
     /// Up to `limit` messages withdrawn here that are still to be withdrawn on the
     /// broker.
     pub(crate) fn pending_withdrawals(&self, limit: usize) -> Result<Vec<MessageId>, NodeError> {

@@ -7087,7 +7087,8 @@ mod link {
     /// The withdrawal that the submit loop makes of a message found withdrawn once its
     /// submit's answer is recorded waits for the broker's answer at most
     /// `broker_answer_timeout`, as every other call but a submit: a broker that takes it
-    /// and never answers does not hold the loop (and every message behind) for good.
+    /// and never answers does not hold the loop (and every message behind) for good; the
+    /// withdrawal is left pending, and asked again.
     #[tokio::test]
     async fn the_withdrawal_after_a_submit_waits_for_the_broker_within_the_answer_limit() {
         let dir = tempfile::tempdir().unwrap();
@@ -7106,6 +7107,11 @@ mod link {
             state_of(&nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
         })
         .await;
+        // (as the submit loop finds it: withdrawn here once the submit's answer is stored)
+        nl.inner
+            .store
+            .withdraw_local(sent.message_id, 2, true)
+            .unwrap();
         let held = broker.withdraw_hold.lock().await;
         let mut client = nl.inner.client.clone().unwrap();
         // (the guard only ends a test that would hang: no time is asserted)
@@ -7117,7 +7123,16 @@ mod link {
         .expect("the withdrawal after a submit waited for the broker without limit");
         assert_eq!(answer.unwrap_err().code(), tonic::Code::DeadlineExceeded);
         assert_eq!(broker.lock().withdraws_arrived, 1);
+        // not answered: left pending, and asked again
+        assert!(nl.inner.store.withdrawal_pending(sent.message_id).unwrap());
         drop(held);
+        // (the submit loop, which made the call, goes on to its next round)
+        nl.inner.submit_wake.notify_one();
+        until("asked again and answered", || async {
+            nl.status().withdrawals_pending == 0
+        })
+        .await;
+        assert_withdrawn(&nl, sent.message_id).await;
         nl.shutdown().await;
     }
 
