@@ -337,7 +337,8 @@ pub struct LifecycleConfig {
     /// Longest redelivery backoff.
     #[serde(default = "default_backoff_max", with = "units::duration")]
     pub backoff_max: Duration,
-    /// How long expired and dead-lettered payloads are kept for redrive.
+    /// How long expired and dead-lettered payloads are kept for redrive (not those never
+    /// redriven: a rejected message's, an expired receipt's).
     #[serde(default = "default_dead_letter_retention", with = "units::duration")]
     pub dead_letter_retention: Duration,
     /// How long message metadata (and so id deduplication) is kept.

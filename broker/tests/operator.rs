@@ -575,6 +575,7 @@ async fn an_expired_receipt_is_listed_as_not_redrivable_and_its_redrive_refused(
     assert_eq!(listed.state, pb::MessageState::Expired as i32);
     assert_eq!(listed.recipient, "NL-NRM");
     assert!(!listed.redrivable, "listed as redrivable: {listed:?}");
+    assert!(!listed.payload_kept, "its payload kept: {listed:?}");
 
     let refused = assert_code(
         op.redrive(pb::RedriveRequest {

@@ -1937,6 +1937,7 @@ pub(super) async fn an_expired_receipt_is_listed_but_not_redrivable<S: BrokerSto
     c: &ManualClock,
 ) {
     let mr = lifecycle().metadata_retention.as_millis() as u64;
+    let dlr = lifecycle().dead_letter_retention.as_millis() as u64;
     let now = c.now_millis();
     let m = message(NL, BE, Priority::Normal, 10, now);
     submit_ok(s, &m, now).await;
@@ -1949,7 +1950,11 @@ pub(super) async fn an_expired_receipt_is_listed_but_not_redrivable<S: BrokerSto
     let listed = &dead[0];
     assert_eq!((listed.message_id, listed.state), (dr, State::Expired));
     assert_eq!(listed.sender, None);
-    assert!(listed.payload_kept, "kept for the dead-letter retention");
+    // never redriven, so nothing may keep its payload (data minimisation)
+    assert!(
+        !listed.payload_kept,
+        "an expired receipt's payload kept: {listed:?}"
+    );
     assert!(!listed.redrivable, "listed as redrivable: {listed:?}");
     let at = now + mr + 1_000;
     assert_eq!(
@@ -1965,6 +1970,14 @@ pub(super) async fn an_expired_receipt_is_listed_but_not_redrivable<S: BrokerSto
         (State::Expired, listed.state_changed_at, listed.attempts)
     );
     assert!(lease_ids(s, NL, 2, 10, at).await.is_empty());
+    // the dead-letter retention finds no payload; the metadata stays as an
+    // expired message's, then goes
+    let retained = tick(s, now + mr + dlr).await;
+    assert_eq!(retained.payloads_deleted, 0, "{retained:?}");
+    assert_eq!(s.dead_letters(0, None).await.unwrap().records.len(), 1);
+    let gone = tick(s, now + mr + mr.max(dlr)).await;
+    assert_eq!(gone.metadata_deleted, 1, "{gone:?}");
+    assert!(s.dead_letters(0, None).await.unwrap().records.is_empty());
 }
 
 /// An operator names a receipt by its id alone (a receipt has no sender to name): when

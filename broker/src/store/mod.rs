@@ -384,7 +384,8 @@ pub struct Lifecycle {
     pub redelivery_backoff_base: Duration,
     /// cap of the backoff
     pub redelivery_backoff_max: Duration,
-    /// how long payloads of expired / dead-lettered messages are kept (for redrive)
+    /// how long payloads of expired / dead-lettered messages are kept (for redrive; not
+    /// those never redriven: a rejected message's, an expired receipt's, deleted at once)
     pub dead_letter_retention: Duration,
     /// receipts expire no earlier than this; metadata is kept this long after a final state
     pub metadata_retention: Duration,

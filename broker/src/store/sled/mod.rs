@@ -136,7 +136,8 @@ impl Default for SledOptions {
 ///   entry: the operator's oldest-message age costs the hot path nothing.)
 /// - A payload exists (with its record, or in `payloads` for old records) iff `payload_kept`: from submit until ACKNOWLEDGED /
 ///   WITHDRAWN / PURGED, or until the dead-letter retention of an EXPIRED /
-///   DEAD_LETTERED message passed. The metadata of a final message is deleted
+///   DEAD_LETTERED message passed (none is kept for a message that can never be
+///   redriven: a rejected one, an expired receipt). The metadata of a final message is deleted
 ///   after `max(metadata_retention, dead_letter_retention)` (retention only for
 ///   ACKNOWLEDGED / WITHDRAWN / PURGED).
 /// - `counters` hold the payload bytes of ACCEPTED + IN_FLIGHT messages per

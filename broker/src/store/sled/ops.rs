@@ -14,8 +14,8 @@ use super::codec::{
 };
 use super::tx::{
     BACKOFF, COUNTERS, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, QUEUE, RECORDS, TIMERS, Tx,
-    TxResult, abort, after, backoff, finish_keeping_payload, finish_without_payload, index_entries,
-    may_be_leased,
+    TxResult, abort, after, backoff, drop_payload, finish_keeping_payload, finish_without_payload,
+    index_entries, may_be_leased,
 };
 use crate::store::{
     Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
@@ -684,6 +684,12 @@ impl Core {
                     });
                 }
                 finish_keeping_payload(&mut new, State::Expired, now, &self.life);
+                if old.sender.is_none() {
+                    // A receipt is never redriven (`Record::redrivable`), so
+                    // its payload is of no use to anyone now: kept, it would
+                    // only wait for the dead-letter retention.
+                    drop_payload(&mut new);
+                }
                 new.reason_code = "EXPIRED".to_owned();
                 tx.put(Some(&old), Some(&new))?;
                 if let Some(to) = tx.receipt(&new, pb::Outcome::Expired, now)? {
@@ -1422,8 +1428,7 @@ impl Tx<'_> {
                     // A dead letter's payload is kept for a redrive, which a rejected
                     // message never gets (DESIGN.md §4), and no one may read it here:
                     // kept, it would only be personal data waiting for its retention.
-                    new.payload_kept = false;
-                    new.payload_delete_at = None;
+                    drop_payload(&mut new);
                     new.rejected = true;
                     new.reason_code = reason_code.to_owned();
                     new.field_path = field_path.to_owned();
@@ -1627,7 +1632,8 @@ mod tests {
     use trmx_proto::envelope::{Priority, sha256};
     use trmx_proto::{CaseRef, Kind};
 
-    use super::super::codec::{LeaseEntry, Record};
+    use super::super::codec::{LeaseEntry, Record, decode_seqs};
+    use super::super::tx::{BY_ID, PAYLOADS};
     use super::super::{SledOptions, SledStore};
     use super::*;
     use crate::store::{BrokerStore, Lifecycle, NewMessage, StreamEnd};
@@ -2167,6 +2173,51 @@ mod tests {
         let got = leases_in_one_batch(&s, &be, &[(3, 10, size), (4, 10, u64::MAX)]).await;
         assert_eq!(got, vec![ids[4..5].to_vec(), ids[5..].to_vec()]);
         s.close().await.unwrap();
+    }
+
+    /// An expired receipt's payload is gone from the disk's trees at its expiry, not
+    /// at the dead-letter retention (it is never redriven), and the store verifies
+    /// consistent: the record keeps its metadata and no payload timer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_receipt_is_stored_without_its_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let life = Lifecycle::default();
+        let s = open(dir.path());
+        let m = message(&be);
+        s.submit(m.clone(), NOW).await.unwrap();
+        s.lease(&be, StreamId(1), 1, u64::MAX, NOW).await.unwrap();
+        s.ack(&be, &[m.message_id], NOW).await.unwrap();
+        let expired_at = after(NOW, life.metadata_retention);
+        assert_eq!(s.tick(expired_at).await.unwrap().expired, 1);
+        let receipt = crate::store::receipt_id(m.message_id, pb::Outcome::Delivered);
+        let seqs: Vec<u64> = s.inner.core.trees[BY_ID]
+            .get(receipt.as_bytes())
+            .unwrap()
+            .map(|v| decode_seqs(&v).unwrap())
+            .unwrap_or_default();
+        assert_eq!(seqs.len(), 1);
+        let stored = s.inner.core.trees[RECORDS]
+            .get(seqs[0].to_be_bytes())
+            .unwrap()
+            .unwrap();
+        let record = Record::decode_stored(&stored).unwrap();
+        assert_eq!(record.state, State::Expired);
+        assert!(
+            !record.payload_kept && record.payload.is_none(),
+            "an expired receipt stored with its payload"
+        );
+        assert!(s.inner.core.trees[PAYLOADS].is_empty());
+        assert!(
+            !s.inner.core.trees[TIMERS].iter().keys().any(|k| {
+                parse_timer_key(&k.unwrap()).unwrap().1 == TimerKind::PayloadRetention
+            }),
+            "a payload retention timer is left"
+        );
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
     }
 
     /// The seqs in the `backoff` index of the open store `s`.

@@ -546,6 +546,14 @@ pub(super) fn finish_keeping_payload(r: &mut Record, state: State, now: Millis, 
     ));
 }
 
+/// Deletes the payload of `r`, which [`finish_keeping_payload`] made
+/// EXPIRED or DEAD_LETTERED, when no redrive can use it (a rejected message,
+/// a receipt): its metadata stays for the retention of its state.
+pub(super) fn drop_payload(r: &mut Record) {
+    r.payload_kept = false;
+    r.payload_delete_at = None;
+}
+
 /// Backoff before redelivery after `attempts` deliveries: base * 2^(attempts-1), capped.
 pub(super) fn backoff(life: &Lifecycle, attempts: u32) -> Duration {
     let exponent = attempts.saturating_sub(1).min(31);
