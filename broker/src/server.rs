@@ -47,7 +47,8 @@ use crate::operator::OperatorService;
 use crate::registry::Registry;
 use crate::service::{ExchangeService, PeerCerts, Shared};
 use crate::store::{
-    BrokerStore, FlushObserver, Lifecycle, Millis, Presence, SledOptions, SledStore,
+    BrokerStore, FlushObserver, Lifecycle, Millis, Presence, SledOptions, SledStore, TickError,
+    TickReport,
 };
 use crate::streams::Streams;
 use crate::units::format_duration;
@@ -596,8 +597,17 @@ async fn timer_loop(
     let mut prune_failing = Recurring::default();
     loop {
         let now = shared.clock.now_millis();
-        match shared.stored(shared.store.tick(now).await) {
-            Ok(report) => {
+        // A tick that fails may have committed some of its timers first: what
+        // they did is acted on all the same (no later tick reports it again;
+        // the slots of deliveries that expired in flight would be held until
+        // their ack deadlines).
+        let (report, failed) = match shared.store.tick(now).await {
+            Ok(report) => (report, None),
+            Err(TickError { applied, error }) => (*applied, Some(error)),
+        };
+        act_on_tick(&shared, &report);
+        match shared.stored(failed.map_or(Ok(()), Err)) {
+            Ok(()) => {
                 if tick_failing.ended() {
                     info!("timers are applied again");
                 }
@@ -618,40 +628,10 @@ async fn timer_loop(
                         }
                     }
                 }
-                shared.metrics.record_tick(&report);
-                let changed = report.redelivery_due
-                    + report.dead_lettered
-                    + report.expired
-                    + report.payloads_deleted
-                    + report.metadata_deleted;
-                if changed > 0 {
-                    info!(
-                        redelivery_due = report.redelivery_due,
-                        dead_lettered = report.dead_lettered,
-                        expired = report.expired,
-                        payloads_deleted = report.payloads_deleted,
-                        metadata_deleted = report.metadata_deleted,
-                        "timers applied"
-                    );
-                }
-                // (the node may still ack one: `NOT_FOUND` for its id, nothing changes)
-                for lease in &report.expired_in_flight {
-                    shared
-                        .streams
-                        .dropped(&lease.recipient, &lease.message_id, lease.deadline);
-                }
-                if report.dead_lettered + report.expired > 0 {
-                    // non-delivery reports went to the senders
-                    shared.streams.wake_all();
-                } else {
-                    for participant in &report.woken {
-                        shared.streams.wake(participant);
-                    }
-                }
             }
             Err(error) => {
-                // Timers applied before the failure are committed, but their
-                // wake-ups were lost with the report: let every stream look.
+                // The wake-ups of timers applied before the failure may have
+                // gone with it (a failed flush sends none): let every stream look.
                 shared.streams.wake_all();
                 shared.metrics.tick_failed();
                 if let Some(repeated) = tick_failing.failed(&error.to_string()) {
@@ -689,6 +669,42 @@ async fn timer_loop(
         }
     }
     debug!("timer loop stopped");
+}
+
+/// Acts on what a tick applied (all of it, or the part committed before it failed):
+/// metrics, a log line, the slots of deliveries that expired in flight, wake-ups. (The
+/// audit log's retention runs only in a tick that succeeds.)
+fn act_on_tick(shared: &Shared, report: &TickReport) {
+    shared.metrics.record_tick(report);
+    let changed = report.redelivery_due
+        + report.dead_lettered
+        + report.expired
+        + report.payloads_deleted
+        + report.metadata_deleted;
+    if changed > 0 {
+        info!(
+            redelivery_due = report.redelivery_due,
+            dead_lettered = report.dead_lettered,
+            expired = report.expired,
+            payloads_deleted = report.payloads_deleted,
+            metadata_deleted = report.metadata_deleted,
+            "timers applied"
+        );
+    }
+    // (the node may still ack one: `NOT_FOUND` for its id, nothing changes)
+    for lease in &report.expired_in_flight {
+        shared
+            .streams
+            .dropped(&lease.recipient, &lease.message_id, lease.deadline);
+    }
+    if report.dead_lettered + report.expired > 0 {
+        // non-delivery reports went to the senders
+        shared.streams.wake_all();
+    } else {
+        for participant in &report.woken {
+            shared.streams.wake(participant);
+        }
+    }
 }
 
 /// Refuses to start when the system clock is further than `lifecycle.max_downtime` from

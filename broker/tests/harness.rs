@@ -395,12 +395,21 @@ impl TestBroker {
     /// write under test would be refused before it is made.
     pub(crate) async fn start_with_faulty_store()
     -> anyhow::Result<(Self, std::sync::Arc<FaultyStore>)> {
+        Self::start_with_faulty_store_and(|c| c.lifecycle.tick_interval = Duration::from_secs(3600))
+            .await
+    }
+
+    /// [`Self::start_with_faulty_store`] with `adjust` applied to the test config (its
+    /// timer loop ticks every 20 ms unless `adjust` says otherwise).
+    pub(crate) async fn start_with_faulty_store_and(
+        adjust: impl FnOnce(&mut BrokerConfig),
+    ) -> anyhow::Result<(Self, std::sync::Arc<FaultyStore>)> {
         use trmx_broker::store::{SledOptions, SledStore};
 
         let dir = tempfile::tempdir()?;
         let pki = Pki::create(dir.path())?;
         let mut config = test_config(dir.path().join("data"), pki.tls.clone());
-        config.lifecycle.tick_interval = Duration::from_secs(3600);
+        adjust(&mut config);
         let store = SledStore::open(
             &config.data_dir,
             SledOptions::default(),
@@ -409,6 +418,7 @@ impl TestBroker {
         let store = std::sync::Arc::new(FaultyStore {
             inner: store,
             fail_reads: std::sync::atomic::AtomicBool::new(false),
+            fail_ticks: std::sync::atomic::AtomicBool::new(false),
         });
         let clock = ManualClock::new(SystemTime::now());
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -433,10 +443,13 @@ impl TestBroker {
 /// The sled store, whose operator reads (`search`, `dead_letters`,
 /// `queue_stats`, `status`) fail like a failing disk while `fail_reads` is
 /// set: what a read after a durable change meets when the disk goes bad.
+/// While `fail_ticks` is set, every `tick` fails after applying its timers,
+/// as one fails whose later batch cannot be written, reporting what it applied.
 #[derive(Debug)]
 pub(crate) struct FaultyStore {
     inner: trmx_broker::store::SledStore,
     pub(crate) fail_reads: std::sync::atomic::AtomicBool,
+    pub(crate) fail_ticks: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyStore {
@@ -532,8 +545,15 @@ mod faulty {
             self.read_fault()?;
             self.inner.status(sender, id).await
         }
-        async fn tick(&self, now: Millis) -> Result<TickReport, StoreError> {
-            self.inner.tick(now).await
+        async fn tick(&self, now: Millis) -> Result<TickReport, TickError> {
+            let report = self.inner.tick(now).await?;
+            if self.fail_ticks.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(TickError {
+                    applied: Box::new(report),
+                    error: StoreError::Corrupt("injected: a later batch of the tick failed".into()),
+                });
+            }
+            Ok(report)
         }
         async fn next_timer(&self) -> Result<Option<Millis>, StoreError> {
             self.inner.next_timer().await

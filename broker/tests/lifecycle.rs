@@ -607,3 +607,44 @@ async fn an_expired_delivery_frees_its_stream_slot_and_a_late_ack_changes_nothin
     expect_quiet(&mut stream).await?;
     Ok(())
 }
+
+/// A tick that fails after committing some of its timers (a later batch that cannot be
+/// written) still frees the stream slots of the deliveries those expired: no later tick
+/// reports them again, and the messages queued behind would wait for the ack deadline.
+#[tokio::test]
+async fn a_tick_failing_after_an_expiry_still_frees_the_expired_deliverys_slot()
+-> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+
+    // (its flushes never fail here: a tick every 20 ms, ack timeout 10 s)
+    let (t, store) = TestBroker::start_with_faulty_store_and(|_| {}).await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut short = referral("BE-PAYOKE");
+    short.expires_at = Some(to_timestamp(
+        trmx_broker::clock::Clock::now(&t.clock) + Duration::from_secs(5),
+    ));
+    let short_id = short.message_id.clone();
+    let behind = referral("BE-PAYOKE");
+    let behind_id = behind.message_id.clone();
+    submit(&mut nl, short).await?;
+    submit(&mut nl, behind).await?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), short_id);
+    expect_quiet(&mut stream).await?;
+
+    store.fail_ticks.store(true, Ordering::SeqCst);
+    t.advance(Duration::from_secs(6));
+    let delivery = next(&mut stream).await?;
+    assert_eq!((id_of(&delivery), delivery.attempt), (behind_id.clone(), 1));
+    store.fail_ticks.store(false, Ordering::SeqCst);
+    assert_eq!(
+        state_of(&mut nl, &short_id).await?,
+        pb::MessageState::Expired
+    );
+    assert_eq!(
+        ack(&mut be, [&short_id, &behind_id]).await?,
+        vec![pb::AckResult::NotFound, pb::AckResult::Acknowledged]
+    );
+    Ok(())
+}

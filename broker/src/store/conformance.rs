@@ -2698,7 +2698,13 @@ mod sled {
             s.ack(&pid(BE), &[before.message_id], now).await,
             Err(StoreError::Unavailable(_))
         ));
-        assert!(matches!(s.tick(now).await, Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            s.tick(now).await,
+            Err(TickError {
+                error: StoreError::Unavailable(_),
+                ..
+            })
+        ));
         // reads still work
         assert_eq!(state_of(&s, &before).await, State::Accepted);
 

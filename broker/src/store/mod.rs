@@ -361,6 +361,30 @@ pub struct TickReport {
     pub audit_prune_error: Option<String>,
 }
 
+/// A [`BrokerStore::tick`] that failed. It applies its timers in several atomic writes,
+/// so it may fail after some were committed: what those did comes with the error, for the
+/// caller to act on as on a tick that succeeded (wake the streams, free the slots of the
+/// leases that expired in flight, which no later tick reports again).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct TickError {
+    /// What the tick applied before it failed (empty when it failed first).
+    pub applied: Box<TickReport>,
+    /// Why it stopped.
+    #[source]
+    pub error: StoreError,
+}
+
+impl From<StoreError> for TickError {
+    /// A tick that failed before it applied anything.
+    fn from(error: StoreError) -> Self {
+        Self {
+            applied: Box::default(),
+            error,
+        }
+    }
+}
+
 /// A lease that ended because its message expired (see [`TickReport::expired_in_flight`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredLease {
@@ -627,8 +651,9 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     /// applied. While some are left, [`Self::next_timer`] is at or before `now`: the caller
     /// calls again.
     /// On an error some timers may have been applied already, and their wake-ups not sent:
-    /// the caller wakes every stream.
-    async fn tick(&self, now: Millis) -> Result<TickReport, StoreError>;
+    /// the caller wakes every stream, and frees the slots of the leases the committed part
+    /// reports ([`TickError::applied`]).
+    async fn tick(&self, now: Millis) -> Result<TickReport, TickError>;
     /// Earliest instant at which `tick` has something to do (None if nothing pending).
     async fn next_timer(&self) -> Result<Option<Millis>, StoreError>;
     /// Called once at start: every IN_FLIGHT lease of a previous process becomes due again,

@@ -38,7 +38,7 @@ use crate::store::audit::{AuditEvent, AuditReport, OperatorAction};
 use crate::store::{
     Accepted, AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, Presence, PurgeResult,
     QueueStats, RedriveResult, RejectResult, Released, SearchFilter, SearchPage, StatusRecord,
-    StoreError, StreamEnd, StreamId, SubmitOutcome, TickReport, WithdrawResult,
+    StoreError, StreamEnd, StreamId, SubmitOutcome, TickError, TickReport, WithdrawResult,
 };
 
 mod audit;
@@ -748,15 +748,36 @@ impl BrokerStore for SledStore {
         self.read(move |core| core.status(&sender, id)).await
     }
 
-    async fn tick(&self, now: Millis) -> Result<TickReport, StoreError> {
-        // A failing audit retention must not fail the tick: the timers it applied
-        // are committed, and their wake-ups would be lost with the report.
-        self.change_alone(move |core| {
-            let (mut report, wake) = core.tick(now)?;
-            report.audit_prune_error = core.audit_prune(now).err().map(|e| e.to_string());
-            Ok((report, wake))
+    async fn tick(&self, now: Millis) -> Result<TickReport, TickError> {
+        self.ready().await?;
+        let inner = Arc::clone(&self.inner);
+        // Like `change_alone`, but what was committed before a failure (of a
+        // later transaction, or of the flush) is reported with the error.
+        to_completion(async move {
+            let (report, wake, applied) = inner
+                .writer
+                .exclusive(move |core| {
+                    let (mut report, wake, applied) = core.tick(now);
+                    // A failing audit retention must not fail the tick: the
+                    // timers it applied are committed.
+                    if applied.is_ok() {
+                        report.audit_prune_error =
+                            core.audit_prune(now).err().map(|e| e.to_string());
+                    }
+                    Ok((report, wake, applied))
+                })
+                .await?;
+            // (a failed flush first: it is the one that stops the submits)
+            let result = match inner.durable_then_wake(wake).await.and(applied) {
+                Ok(()) => Ok(report),
+                Err(error) => Err(TickError {
+                    applied: Box::new(report),
+                    error,
+                }),
+            };
+            Ok(result)
         })
-        .await
+        .await?
     }
 
     async fn next_timer(&self) -> Result<Option<Millis>, StoreError> {

@@ -467,9 +467,26 @@ impl Core {
     /// order across both trees (a lease deadline before an expiry fires
     /// first, as it would have with the broker running): the earliest, up
     /// to about [`MAX_TIMERS_PER_TICK`].
-    pub(super) fn tick(&self, now: Millis) -> Result<(TickReport, Wake), StoreError> {
+    ///
+    /// Applied in several transactions: on an error, the report and wake-ups of
+    /// those committed before it come back with it (the streams free the slots
+    /// of the messages that expired in flight, which the next tick no longer
+    /// sees).
+    pub(super) fn tick(&self, now: Millis) -> (TickReport, Wake, Result<(), StoreError>) {
         let mut report = TickReport::default();
         let mut wake = Wake::new();
+        let result = self.tick_into(now, &mut report, &mut wake);
+        report.woken = wake.iter().cloned().collect();
+        (report, wake, result)
+    }
+
+    /// [`Self::tick`], adding each committed transaction's work to `report` and `wake`.
+    fn tick_into(
+        &self,
+        now: Millis,
+        report: &mut TickReport,
+        wake: &mut Wake,
+    ) -> Result<(), StoreError> {
         let mut applied = 0;
         // Read once: leases taken meanwhile are due after `now`, and one
         // settled meanwhile is found settled when its turn comes.
@@ -542,8 +559,7 @@ impl Core {
             report.expired_in_flight.extend(part.expired_in_flight);
             wake.extend(woken);
         }
-        report.woken = wake.iter().cloned().collect();
-        Ok((report, wake))
+        Ok(())
     }
 
     /// Up to [`TICK_BATCH`] keys of `tree` (ordered by time) due at `now`.
@@ -2218,6 +2234,44 @@ mod tests {
         drop(s);
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
+    }
+
+    /// A tick whose flush fails has committed its timers all the same: it reports what
+    /// they did with the error (the lease of the message that expired in flight, whose
+    /// slot the stream frees: no later tick reports it again), and the state stays so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_tick_reports_what_it_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir.path());
+        let mut m = message(&be);
+        m.expires_at = NOW + 1_000; // before its ack deadline
+        s.submit(m.clone(), NOW).await.unwrap();
+        let leased = s.lease(&be, StreamId(1), 1, u64::MAX, NOW).await.unwrap();
+        assert_eq!(leased.len(), 1);
+        let deadline = after(NOW, Lifecycle::default().ack_timeout);
+        s.fault_switch().set_failing(true);
+        let failed = s.tick(m.expires_at).await.unwrap_err();
+        assert!(
+            matches!(failed.error, StoreError::Unavailable(_)),
+            "{failed:?}"
+        );
+        assert_eq!(failed.applied.expired, 1, "{failed:?}");
+        assert_eq!(
+            failed.applied.expired_in_flight,
+            vec![crate::store::ExpiredLease {
+                recipient: be.clone(),
+                message_id: m.message_id,
+                deadline,
+            }]
+        );
+        s.fault_switch().set_failing(false);
+        let again = s.tick(m.expires_at).await.unwrap();
+        assert_eq!(again.expired, 0, "{again:?}");
+        assert!(again.expired_in_flight.is_empty(), "{again:?}");
+        let status = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+        assert_eq!(status.state, State::Expired);
+        s.close().await.unwrap();
     }
 
     /// The seqs in the `backoff` index of the open store `s`.
