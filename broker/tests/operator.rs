@@ -891,13 +891,43 @@ async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> a
     Ok(())
 }
 
+/// What the dead-letter list and a search by id say of message `id`'s `redrivable`.
+async fn listed_redrivable(op: &mut Operator, id: &str) -> anyhow::Result<(bool, bool)> {
+    let dead = op
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await?
+        .into_inner();
+    let in_list = dead
+        .messages
+        .iter()
+        .find(|m| m.message_id == id)
+        .context("not among the dead letters")?
+        .redrivable;
+    let found = op
+        .search_messages(pb::SearchMessagesRequest {
+            message_id: id.to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    anyhow::ensure!(found.messages.len() == 1, "{found:?}");
+    Ok((in_list, found.messages[0].redrivable))
+}
+
 /// A redrive to a recipient the broker no longer serves (taken out of the registry, or no
 /// longer accepting the kind, since the message was accepted) is refused with what to do:
 /// the message would never be taken, and its sender would get the same report again one
-/// lifetime later. Nothing changes.
+/// lifetime later. Nothing changes. The operator's list and search say so beforehand: not
+/// redrivable (the same check).
 #[tokio::test]
 async fn a_redrive_to_a_recipient_no_longer_served_is_refused() -> anyhow::Result<()> {
     let mut s = scenario().await?;
+    {
+        let mut op = operator(&s.t)?;
+        for id in [&s.dead, &s.expired] {
+            assert_eq!(listed_redrivable(&mut op, id).await?, (true, true));
+        }
+    }
     // the operator takes INT-IOM out of the registry, and referrals from BE-PAYOKE's
     s.t.config.participants.retain(|p| p.id != "INT-IOM");
     for p in &mut s.t.config.participants {
@@ -930,6 +960,11 @@ async fn a_redrive_to_a_recipient_no_longer_served_is_refused() -> anyhow::Resul
         assert!(status.message().contains(says), "{}", status.message());
         assert!(status.message().contains("purge"), "{}", status.message());
         assert_eq!(state_of(&mut nl, id).await?, state);
+        assert_eq!(
+            listed_redrivable(&mut op, id).await?,
+            (false, false),
+            "listed as redrivable, refused: {id}"
+        );
     }
     Ok(())
 }

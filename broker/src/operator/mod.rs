@@ -24,6 +24,7 @@ use trmx_proto::{CaseRef, Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use crate::admin::CertRole;
 use crate::error::BrokerError;
+use crate::registry::Registry;
 use crate::service::{Shared, to_completion};
 use crate::store::{
     Millis, OperatorAction, PurgeResult, RedriveResult, SearchFilter, State, StatusRecord,
@@ -178,7 +179,11 @@ impl OperatorService {
         let truncated = page.resume_after.is_some();
         debug!(results = page.records.len(), truncated, "operator search");
         Ok(pb::SearchMessagesResponse {
-            messages: page.records.iter().map(metadata).collect(),
+            messages: page
+                .records
+                .iter()
+                .map(|r| metadata(r, &shared.registry))
+                .collect(),
             truncated,
             next_page_token: page.resume_after.map(page_token).unwrap_or_default(),
         })
@@ -198,7 +203,11 @@ impl OperatorService {
         .await?;
         let page = shared.stored(shared.store.dead_letters(limit, after_seq).await)?;
         Ok(pb::ListDeadLettersResponse {
-            messages: page.records.iter().map(metadata).collect(),
+            messages: page
+                .records
+                .iter()
+                .map(|r| metadata(r, &shared.registry))
+                .collect(),
             truncated: page.resume_after.is_some(),
             next_page_token: page.resume_after.map(page_token).unwrap_or_default(),
         })
@@ -260,12 +269,9 @@ impl OperatorService {
         }
     }
 
-    /// A message is redriven only to a recipient this broker still serves for its kind:
-    /// one that left the registry (or no longer accepts the kind) since the message was
-    /// accepted would never take it, and the redrive would only start a new lifetime at
-    /// whose end its sender gets the same non-delivery report. (The registry is the
-    /// config's: a change needs a restart, so the check cannot go stale before the
-    /// redrive.) An id two senders used is left to the store, which says so.
+    /// A message is redriven only to a recipient this broker still serves for its kind
+    /// ([`registry_refuses_redrive`], which the listings' `redrivable` reads too). An id
+    /// two senders used is left to the store, which says so.
     async fn check_redrive_recipient(
         &self,
         id: MessageId,
@@ -280,26 +286,9 @@ impl OperatorService {
         let [record] = page.records.as_slice() else {
             return Ok(());
         };
-        if record.kind.is_broker_made() {
-            // (never redriven, whoever it is for: the store says why)
-            return Ok(());
-        }
-        let to = &record.recipient;
-        match shared.registry.get(to) {
-            None => Err(BrokerError::FailedPrecondition(format!(
-                "message {id} is for {to}, which is no longer in this broker's registry: it \
-                 would never be taken; add {to} back to the registry first, or purge the \
-                 message"
-            ))),
-            Some(participant) if !participant.accepts(record.kind) => {
-                Err(BrokerError::FailedPrecondition(format!(
-                    "message {id} is a {}, which {to} no longer accepts (its `accepts` in the \
-                     registry): it would be refused; add the kind back first, or purge the \
-                     message",
-                    record.kind.name()
-                )))
-            }
-            Some(_) => Ok(()),
+        match registry_refuses_redrive(&shared.registry, record) {
+            Some(why) => Err(BrokerError::FailedPrecondition(why)),
+            None => Ok(()),
         }
     }
 
@@ -797,6 +786,34 @@ fn was_rejected(r: &StatusRecord) -> bool {
     r.reason_code != "MAX_ATTEMPTS" || (r.payload_kept && !r.redrivable)
 }
 
+/// Why the registry refuses a redrive of `record`, if it does: a message is redriven only
+/// to a recipient this broker still serves for its kind. One that left the registry (or
+/// no longer accepts the kind) since the message was accepted would never take it, and
+/// the redrive would only start a new lifetime at whose end its sender gets the same
+/// non-delivery report. (The registry is the config's: a change needs a restart, so the
+/// answer cannot go stale between a listing and the redrive.) A receipt is never
+/// redriven, whoever it is for: the store says why.
+fn registry_refuses_redrive(registry: &Registry, record: &StatusRecord) -> Option<String> {
+    if record.kind.is_broker_made() {
+        return None;
+    }
+    let (id, to) = (record.message_id, &record.recipient);
+    match registry.get(to) {
+        None => Some(format!(
+            "message {id} is for {to}, which is no longer in this broker's registry: it \
+             would never be taken; add {to} back to the registry first, or purge the \
+             message"
+        )),
+        Some(participant) if !participant.accepts(record.kind) => Some(format!(
+            "message {id} is a {}, which {to} no longer accepts (its `accepts` in the \
+             registry): it would be refused; add the kind back first, or purge the \
+             message",
+            record.kind.name()
+        )),
+        Some(_) => None,
+    }
+}
+
 /// Why message `id` in `state` cannot be redriven.
 fn not_redrivable(id: MessageId, state: State, record: Option<&StatusRecord>) -> String {
     match (state, record) {
@@ -844,8 +861,11 @@ fn duration_ms(ms: Millis) -> pb::Duration {
     }
 }
 
-/// The wire form of a store record: metadata only (there is no payload field).
-pub fn metadata(record: &StatusRecord) -> pb::MessageMetadata {
+/// The wire form of a store record: metadata only (there is no payload field). It is
+/// `redrivable` when a redrive would be done now: the store's rule
+/// ([`StatusRecord::redrivable`]) and the registry's: its recipient still in it, accepting
+/// its kind (the check the redrive makes).
+pub fn metadata(record: &StatusRecord, registry: &Registry) -> pb::MessageMetadata {
     pb::MessageMetadata {
         message_id: record.message_id.to_string(),
         sender: record
@@ -873,7 +893,7 @@ pub fn metadata(record: &StatusRecord) -> pb::MessageMetadata {
         payload_size: record.payload_size,
         payload_kept: record.payload_kept,
         broker_seq: record.broker_seq,
-        redrivable: record.redrivable,
+        redrivable: record.redrivable && registry_refuses_redrive(registry, record).is_none(),
     }
 }
 
