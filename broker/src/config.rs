@@ -516,6 +516,14 @@ fn default_min_free_disk_bytes() -> u64 {
 fn default_max_concurrent_submits_per_sender() -> u32 {
     16
 }
+/// The `Exchange` calls other than `Submit` that one node makes at once at most: its
+/// receive loop's ack or reject, its outbox check's `GetStatus`, a withdrawal, a `GetInfo`.
+/// `limits.max_concurrent_requests_per_participant` should be at least this many times
+/// `limits.max_streams_per_participant` ([`BrokerConfig::warnings`]).
+pub const REQUESTS_PER_NODE: u64 = 4;
+/// The largest `limits.max_concurrent_requests_per_participant`.
+const MAX_REQUESTS_PER_PARTICIPANT: u64 = 1024;
+
 /// Four per node (its ack or reject, `GetStatus`, withdrawal and `GetInfo` can meet) for
 /// `max_streams_per_participant` (8) nodes; the benchmark's receiver makes one (it acks in
 /// batches, in turn). At 16, eight nodes at full speed had calls refused
@@ -643,6 +651,39 @@ impl BrokerConfig {
             path: "<text>".into(),
             message: e.to_string(),
         })
+    }
+
+    /// What a valid config probably did not mean: one line each, naming the settings and
+    /// the value to set. The broker runs with it all the same (logged at start, and by
+    /// `check-config`): these are not rules, for no value can always satisfy them.
+    pub fn warnings(&self) -> Vec<String> {
+        let l = &self.limits;
+        let mut out = Vec::new();
+        // (the request limit caps at 1,024, so a stream limit above a quarter of that
+        // has no request limit to match; and the limit may be kept low on purpose)
+        let streams = l.max_streams_per_participant as u64;
+        let requests = u64::from(l.max_concurrent_requests_per_participant);
+        let wanted = streams.saturating_mul(REQUESTS_PER_NODE);
+        if requests < wanted {
+            let fix = if wanted <= MAX_REQUESTS_PER_PARTICIPANT {
+                format!("set limits.max_concurrent_requests_per_participant = {wanted}")
+            } else {
+                format!(
+                    "set limits.max_concurrent_requests_per_participant = \
+                     {MAX_REQUESTS_PER_PARTICIPANT} and limits.max_streams_per_participant to at \
+                     most {}",
+                    MAX_REQUESTS_PER_PARTICIPANT / REQUESTS_PER_NODE
+                )
+            };
+            out.push(format!(
+                "limits.max_concurrent_requests_per_participant = {requests} is less than \
+                 {REQUESTS_PER_NODE} × limits.max_streams_per_participant ({streams}): a \
+                 participant running that many nodes makes up to {wanted} such calls at once \
+                 (each node's ack or reject, status check, withdrawal and GetInfo), and those \
+                 over the limit, acks among them, are refused; {fix}"
+            ));
+        }
+        out
     }
 
     /// Checks every rule that serde cannot: ranges, cross-field rules and the
@@ -807,7 +848,7 @@ impl BrokerConfig {
         at_most(
             "limits.max_concurrent_requests_per_participant",
             u64::from(l.max_concurrent_requests_per_participant),
-            1024,
+            MAX_REQUESTS_PER_PARTICIPANT,
         )?;
         if (l.max_ack_ids_in_progress_per_participant as usize) < crate::service::MAX_ACK_IDS {
             return Err(BrokerError::config(
@@ -1210,6 +1251,47 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
         assert_eq!(
             config.limits.max_ack_ids_in_progress_per_participant,
             defaults.max_ack_ids_in_progress_per_participant
+        );
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+    }
+
+    /// More streams per participant than a quarter of its request limit is warned about,
+    /// naming both settings and the value to set (a warning, not a refusal: the request
+    /// limit caps at 1,024, and a low one may be meant).
+    #[test]
+    fn a_request_limit_below_four_per_stream_is_warned_about() {
+        let mut config = BrokerConfig::from_toml(&minimal()).unwrap();
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+        config.limits.max_streams_per_participant = 16;
+        config.validate().unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        for part in [
+            "limits.max_concurrent_requests_per_participant = 32 is less than 4 × \
+             limits.max_streams_per_participant (16)",
+            "acks among them, are refused",
+            "set limits.max_concurrent_requests_per_participant = 64",
+        ] {
+            assert!(
+                warnings[0].contains(part),
+                "{part:?} not in {}",
+                warnings[0]
+            );
+        }
+        config.limits.max_concurrent_requests_per_participant = 64;
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+        config.limits.max_streams_per_participant = 300;
+        config.limits.max_concurrent_requests_per_participant = 1024;
+        config.validate().unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains(
+                "set limits.max_concurrent_requests_per_participant = 1024 and \
+                 limits.max_streams_per_participant to at most 256"
+            ),
+            "{}",
+            warnings[0]
         );
     }
 

@@ -141,6 +141,7 @@ impl BrokerBuilder {
             store,
         } = self;
         config.validate()?;
+        warn_about(&config);
         let addr = listener.local_addr().map_err(|error| BrokerError::Io {
             context: "reading the listener's address".into(),
             error,
@@ -1069,6 +1070,7 @@ async fn wait_true(mut rx: watch::Receiver<bool>) {
 /// one) shows at start.
 pub fn check_config(config: &BrokerConfig) -> Result<ConfigCheck, BrokerError> {
     config.validate()?;
+    warn_about(config);
     Registry::from_config(&config.participants)?;
     load_tls(config)?;
     check_data_dir(&config.data_dir)?;
@@ -1077,6 +1079,14 @@ pub fn check_config(config: &BrokerConfig) -> Result<ConfigCheck, BrokerError> {
     Ok(ConfigCheck {
         clock: check_clock_offline(config, now)?,
     })
+}
+
+/// Logs what the valid `config` probably did not mean ([`BrokerConfig::warnings`]): at
+/// start, and in `check-config`, which logs to stderr.
+fn warn_about(config: &BrokerConfig) {
+    for warning in config.warnings() {
+        warn!("config: {warning}");
+    }
 }
 
 /// What [`check_config`] found besides the refusals it returns as errors.

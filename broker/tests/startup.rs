@@ -244,6 +244,57 @@ fn check_config_shows_what_loading_warns_about() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A participant may run more nodes than its request limit serves at once (four calls a
+/// node): its acks can be refused. Nothing said so; the start and `check-config` warn,
+/// naming both settings and the value to set, and the broker runs.
+#[tokio::test]
+async fn a_request_limit_below_four_per_stream_is_warned_about_at_start_and_in_check_config()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let mut config = test_config(dir.path().join("data"), pki.tls.clone());
+    config.limits.max_streams_per_participant = 16;
+    config.limits.max_concurrent_requests_per_participant = 32;
+    config.limits.shutdown_grace = std::time::Duration::from_millis(200);
+    let config_file = dir.path().join("broker.toml");
+    std::fs::write(&config_file, config.to_toml()?)?;
+    let said = "limits.max_concurrent_requests_per_participant = 32 is less than 4 × \
+                limits.max_streams_per_participant (16)";
+    let fix = "set limits.max_concurrent_requests_per_participant = 64";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config_file)
+        .env_remove("TRMX_BROKER_CONFIG")
+        .env_remove("TRMX_LOG")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains(said) && stderr.contains(fix),
+        "{stderr}"
+    );
+
+    let ready = dir.path().join("ready");
+    let log = dir.path().join("broker.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config_file)
+        .arg("--ready-file")
+        .arg(&ready)
+        .env_remove("TRMX_BROKER_CONFIG")
+        .env_remove("TRMX_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let broker = Process { child, log };
+    broker.ready_file(&ready).await?;
+    let warned = broker.line(said).await?;
+    assert!(warned.contains("WARN") && warned.contains(fix), "{warned}");
+    Ok(())
+}
+
 /// `crl_policy = "strict"` without a `crl` was accepted without a word, and the broker ran
 /// with no revocation check at all: an operator who asked for the strictest revocation
 /// setting got none (a missing or commented-out `crl` line). It is refused, naming
