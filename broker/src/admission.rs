@@ -239,6 +239,19 @@ struct ParticipantSlots {
     /// When the last refusal was logged, and the refusals since.
     warned_at: Option<Instant>,
     refused_since: u64,
+    /// The setting that refused the last of them.
+    refused_by: &'static str,
+}
+
+/// Refusals of one participant's requests not logged yet (see [`RequestSlots::unlogged`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnloggedRefusals {
+    /// Whose requests were refused.
+    pub participant: ParticipantId,
+    /// The setting that refused the last of them.
+    pub setting: &'static str,
+    /// How many since the last warning.
+    pub refused: u64,
 }
 
 /// Shortest time between two warnings about one participant's refused requests.
@@ -316,6 +329,7 @@ impl RequestSlots {
                 ack_ids: Arc::new(Semaphore::new(self.ack_ids as usize)),
                 warned_at: None,
                 refused_since: 0,
+                refused_by: "",
             });
         (slots.requests.clone(), slots.ack_ids.clone())
     }
@@ -353,22 +367,52 @@ impl RequestSlots {
         })
     }
 
-    /// Notes a refusal of `participant`'s request: `Some(refusals)` when a warning
-    /// about it is due (the first, then at most one per [`CROWDED_WARN_INTERVAL`]),
-    /// with the refusals since the last one, this one included.
-    pub fn refused(&self, participant: &ParticipantId) -> Option<u64> {
+    /// Notes a refusal of `participant`'s request by `crowded`: `Some(refusals)` when a
+    /// warning about it is due (the first, then at most one per
+    /// [`CROWDED_WARN_INTERVAL`]), with the refusals since the last one, this one included.
+    pub fn refused(&self, participant: &ParticipantId, crowded: Crowded) -> Option<u64> {
         let now = Instant::now();
         let mut participants = self.lock();
         let slots = participants.get_mut(participant)?;
         slots.refused_since += 1;
-        let due = slots
-            .warned_at
-            .is_none_or(|at| now.duration_since(at) >= CROWDED_WARN_INTERVAL);
+        slots.refused_by = crowded.setting();
+        slots.take_due(now)
+    }
+
+    /// The refusals not logged yet of each participant whose warning interval has passed
+    /// since its last warning, taken as logged now. A flood's refusals after its last
+    /// warning are logged by the next refusal only; when the flood stops, this is what
+    /// logs them (called now and then by a task that runs anyway: no timer per
+    /// participant).
+    pub fn unlogged(&self) -> Vec<UnloggedRefusals> {
+        let now = Instant::now();
+        let mut participants = self.lock();
+        participants
+            .iter_mut()
+            .filter_map(|(participant, slots)| {
+                slots.take_due(now).map(|refused| UnloggedRefusals {
+                    participant: participant.clone(),
+                    setting: slots.refused_by,
+                    refused,
+                })
+            })
+            .collect()
+    }
+}
+
+impl ParticipantSlots {
+    /// The refusals since the last warning, if there are any and another warning is due
+    /// at `now` (the first, then at most one per [`CROWDED_WARN_INTERVAL`]).
+    fn take_due(&mut self, now: Instant) -> Option<u64> {
+        let due = self.refused_since > 0
+            && self
+                .warned_at
+                .is_none_or(|at| now.duration_since(at) >= CROWDED_WARN_INTERVAL);
         if !due {
             return None;
         }
-        slots.warned_at = Some(now);
-        Some(std::mem::take(&mut slots.refused_since))
+        self.warned_at = Some(now);
+        Some(std::mem::take(&mut self.refused_since))
     }
 }
 
@@ -842,20 +886,58 @@ mod tests {
         let (nl, be) = (id("NL-NRM"), id("BE-PAYOKE"));
         let _held = slots.acquire(&nl, 0).await.unwrap();
         let _other = slots.acquire(&be, 0).await.unwrap();
-        assert_eq!(slots.refused(&nl), Some(1), "the first is reported");
-        assert_eq!(slots.refused(&nl), None);
-        assert_eq!(slots.refused(&nl), None);
         assert_eq!(
-            slots.refused(&be),
+            slots.refused(&nl, REQUESTS),
+            Some(1),
+            "the first is reported"
+        );
+        assert_eq!(slots.refused(&nl, REQUESTS), None);
+        assert_eq!(slots.refused(&nl, REQUESTS), None);
+        assert_eq!(
+            slots.refused(&be, REQUESTS),
             Some(1),
             "another participant is its own"
         );
         tokio::time::advance(CROWDED_WARN_INTERVAL).await;
         assert_eq!(
-            slots.refused(&nl),
+            slots.refused(&nl, REQUESTS),
             Some(3),
             "then the count since the last report"
         );
+    }
+
+    const REQUESTS: Crowded = Crowded::Requests { limit: 1 };
+
+    /// A flood's refusals after its last warning are logged once its interval has passed
+    /// although no request of it comes any more: [`RequestSlots::unlogged`] hands them over
+    /// once, naming the setting that refused the last; a participant whose refusals were
+    /// all logged, or whose interval has not passed, is not named.
+    #[tokio::test(start_paused = true)]
+    async fn the_refusals_after_the_last_warning_are_handed_over_when_the_flood_stops() {
+        let slots = RequestSlots::new(1, 1024, Duration::ZERO);
+        let (nl, be) = (id("NL-NRM"), id("BE-PAYOKE"));
+        let _held = slots.acquire(&nl, 0).await.unwrap();
+        let _other = slots.acquire(&be, 0).await.unwrap();
+        assert_eq!(slots.refused(&nl, REQUESTS), Some(1));
+        assert_eq!(slots.refused(&be, REQUESTS), Some(1));
+        let ack_ids = Crowded::AckIds { limit: 1024 };
+        assert_eq!(slots.refused(&nl, REQUESTS), None);
+        assert_eq!(slots.refused(&nl, ack_ids), None);
+        assert_eq!(slots.unlogged(), vec![], "within the interval");
+        tokio::time::advance(CROWDED_WARN_INTERVAL).await;
+        assert_eq!(
+            slots.unlogged(),
+            vec![UnloggedRefusals {
+                participant: nl.clone(),
+                setting: "limits.max_ack_ids_in_progress_per_participant",
+                refused: 2,
+            }]
+        );
+        assert_eq!(slots.unlogged(), vec![], "handed over once");
+        // (the interval runs from that line: the next refusal waits for it)
+        assert_eq!(slots.refused(&nl, REQUESTS), None);
+        tokio::time::advance(CROWDED_WARN_INTERVAL).await;
+        assert_eq!(slots.refused(&nl, REQUESTS), Some(2));
     }
 
     /// Every permit of `nl` is free: `per_participant` requests, the last an `Ack` of all

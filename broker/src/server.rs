@@ -641,6 +641,7 @@ async fn timer_loop(
             }
         }
         if disk_checked.elapsed() >= DISK_CHECK_INTERVAL {
+            log_unlogged_refusals(&shared);
             measure_disk(&config, &shared.admission, &shared.metrics).await;
             shared.update_store_writable();
             disk_checked = Instant::now();
@@ -1079,6 +1080,20 @@ pub fn check_config(config: &BrokerConfig) -> Result<ConfigCheck, BrokerError> {
     Ok(ConfigCheck {
         clock: check_clock_offline(config, now)?,
     })
+}
+
+/// Logs the refusals of participants' requests that no warning counted yet, once their
+/// interval has passed ([`crate::admission::RequestSlots::unlogged`]): the last ones of a
+/// flood that stopped would otherwise be only in `/metrics`.
+fn log_unlogged_refusals(shared: &Shared) {
+    for unlogged in shared.request_slots.unlogged() {
+        warn!(
+            participant = %unlogged.participant,
+            setting = unlogged.setting,
+            refused = unlogged.refused,
+            "requests of one participant refused since the last warning (limit reached)"
+        );
+    }
 }
 
 /// Logs what the valid `config` probably did not mean ([`BrokerConfig::warnings`]): at

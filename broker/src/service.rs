@@ -322,7 +322,7 @@ impl ExchangeService {
             Ok(permit) => Ok(permit),
             Err(crowded) => {
                 self.shared.metrics.refused_in_progress(method);
-                if let Some(refused) = slots.refused(caller) {
+                if let Some(refused) = slots.refused(caller, crowded) {
                     warn!(
                         participant = %caller,
                         setting = crowded.setting(),
