@@ -854,7 +854,8 @@ async fn a_purge_is_answered_from_its_write_and_a_retry_says_it_was_already_purg
 /// durable by the next flush: the message is purged, yet the purge did not get to
 /// drop it from its recipient's stream (a delivery waiting there would still be
 /// sent, and its in-flight slot stays taken until the ack deadline). The operator's
-/// retry is told it was already purged, and does that part.
+/// retry is told it was already purged, and does that part; it counts the purge in
+/// `trmx_messages_purged_total` too, once (a later retry does not).
 #[tokio::test]
 async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> anyhow::Result<()> {
     let (t, store) = TestBroker::start_with_faulty_store().await?;
@@ -880,7 +881,7 @@ async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> a
         "purge, flush failing",
     );
     store.faults().set_failing(false);
-    let again = op.purge(request).await?.into_inner();
+    let again = op.purge(request.clone()).await?.into_inner();
     assert!(again.already_purged, "{again:?}");
     // the in-flight slot is free well before the ack deadline (10 s, clock stopped)
     assert_eq!(id_of(&next(&mut stream).await?), second.message_id);
@@ -888,6 +889,13 @@ async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> a
         state_of(&mut nl, &first.message_id).await?,
         pb::MessageState::Purged
     );
+    let admin = super::metrics::admin_addr(&t)?;
+    let purged = |s: &super::metrics::Scrape| s.value("trmx_messages_purged_total");
+    let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
+    assert_eq!(purged(&scrape), 1.0, "the purge made by the failed call");
+    assert!(op.purge(request).await?.into_inner().already_purged);
+    let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
+    assert_eq!(purged(&scrape), 1.0, "counted again");
     Ok(())
 }
 

@@ -14,6 +14,7 @@
 //! operator's name. Queue figures and the participant list are not: they hold no
 //! message's or person's data (counts and bytes per participant, connection state).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -53,11 +54,51 @@ pub const STATISTICS_PAGE: usize = 5_000;
 #[derive(Debug, Clone)]
 pub struct OperatorService {
     shared: Arc<Shared>,
+    /// Purges answered with an error, and the instant each was made at (see
+    /// [`Self::purge_failed`]), newest last.
+    purges_failed: Arc<std::sync::Mutex<VecDeque<(MessageId, Millis)>>>,
 }
+
+/// Most purges answered with an error that [`OperatorService`] keeps for their retries.
+const PURGES_FAILED_KEPT: usize = 1024;
 
 impl OperatorService {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            purges_failed: Arc::default(),
+        }
+    }
+
+    /// A purge of `id` made at `now` was answered with an error. It may have been made all
+    /// the same (a failed flush keeps the write); if so, the retry answered
+    /// `already_purged` counts it ([`Self::purge_answered`]).
+    fn purge_failed(&self, id: MessageId, now: Millis) {
+        let mut failed = self
+            .purges_failed
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if failed.len() >= PURGES_FAILED_KEPT {
+            failed.pop_front();
+        }
+        failed.push_back((id, now));
+    }
+
+    /// A purge of `id` was answered with its result: whether a purge of `id` answered
+    /// with an error made it, at `purged_at` (the instant a purge's write records), and
+    /// was never counted. Forgets the failed purges of `id`.
+    fn purge_answered(&self, id: MessageId, purged_at: Option<Millis>) -> bool {
+        let mut failed = self
+            .purges_failed
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let mut made_by_one = false;
+        failed.retain(|(failed_id, at)| {
+            let of_id = *failed_id == id;
+            made_by_one |= of_id && Some(*at) == purged_at;
+            !of_id
+        });
+        made_by_one
     }
 
     /// The caller's operator name, from its verified client certificate. Node and
@@ -328,7 +369,22 @@ impl OperatorService {
                 .store
                 .operator_purge(operator, id, sender, reason, now)
                 .await,
-        )?;
+        );
+        let result = match result {
+            Ok(result) => result,
+            Err(error) => {
+                self.purge_failed(id, now);
+                return Err(error);
+            }
+        };
+        // A purge answered with an error may have been made all the same (a failed
+        // flush keeps the write): its retry, answered `already_purged`, counts it in
+        // `trmx_messages_purged_total` then, once.
+        let purged_at = match &result {
+            PurgeResult::AlreadyPurged { at, .. } => Some(*at),
+            _ => None,
+        };
+        let uncounted = self.purge_answered(id, purged_at);
         // Answered from what the purge's transaction returned: once it is
         // durable nothing may turn the answer into an error (a retry would
         // then be told only that the message is PURGED).
@@ -354,6 +410,9 @@ impl OperatorService {
                 // The earlier purge may have failed after its write (a failed
                 // flush, the write kept): it did not get to do this.
                 self.taken_back(&recipient, id, message_sender.as_ref());
+                if uncounted {
+                    shared.metrics.purged();
+                }
                 info!(%operator, "message already purged");
                 Ok(pb::PurgeResponse {
                     message_id: id.to_string(),
@@ -1024,6 +1083,30 @@ mod tests {
         let summary = filter_summary(&ok);
         assert!(summary.contains("sender=NL-NRM") && summary.contains("case_ref=(set)"));
         assert!(!summary.contains(&ok.case_ref.unwrap().to_string()));
+    }
+
+    /// A retried purge counts a purge answered with an error only when that one made it
+    /// (its instant is the purge's), and once: not when another purge made it meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_purge_is_counted_by_its_retry_only_if_it_made_the_purge() {
+        use crate::service::test_support::held_broker;
+        let dir = tempfile::tempdir().unwrap();
+        let (_hold, shared) = held_broker(dir.path());
+        let service = OperatorService::new(shared);
+        let (a, b) = (MessageId::new_v7(), MessageId::new_v7());
+        service.purge_failed(a, 1_000);
+        service.purge_failed(b, 1_000);
+        service.purge_failed(a, 2_000);
+        assert!(service.purge_answered(a, Some(2_000)), "made by the second");
+        assert!(!service.purge_answered(a, Some(2_000)), "counted once");
+        // made by another purge, at 1_500, after b's failed one
+        assert!(!service.purge_answered(b, Some(1_500)));
+        service.purge_failed(b, 3_000);
+        assert!(
+            !service.purge_answered(b, None),
+            "purged now: counted as such"
+        );
+        assert!(!service.purge_answered(b, Some(3_000)), "forgotten");
     }
 
     /// An operator purges a message; the operator's client goes away while the purge is
