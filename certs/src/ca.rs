@@ -1116,6 +1116,15 @@ impl Ca {
         key: NewKey<'_>,
         validity_days: u32,
     ) -> Result<Renewal, CertError> {
+        let now = SystemTime::now();
+        self.view.check_clock(now)?;
+        // The certificate is read and the targets checked under the lock: read before it,
+        // two renewals at once both renewed the certificate they had read, the second
+        // writing over the first one's new pair and recording itself as the successor of
+        // the old serial, so the first new certificate stayed valid with no file, no
+        // `renewed_by` and no revoke command printed. Under the lock the second renews
+        // what the first left, as if run after it.
+        let lock = self.lock_dir()?;
         let old = self.verify_issued(cert)?;
         // (the CA's own files first: the more precise refusal)
         self.check_targets(cert, key)?;
@@ -1128,9 +1137,6 @@ impl Ca {
             ips: old.ips.clone(),
             validity_days,
         };
-        let now = SystemTime::now();
-        self.view.check_clock(now)?;
-        let lock = self.lock_dir()?;
         let new = self.issue_locked(&lock, &spec, cert, key, true, now)?;
         let mut old_revoked_at = None;
         self.update_index(&lock, |index| {

@@ -1504,6 +1504,70 @@ mod cli {
         line.split_whitespace().map(str::to_string).collect()
     }
 
+    /// `renew` read the certificate and checked its targets before taking the CA lock: two
+    /// renewals of one certificate at once both renewed the certificate they had read, the
+    /// second wrote over the first one's new pair and was recorded as the old serial's
+    /// successor, and the first new certificate stayed valid with no file, no `renewed_by`
+    /// and no revoke command printed. Both now wait here on a held lock; once it is
+    /// released, the second renews what the first left, as if run after it.
+    #[test]
+    fn two_renewals_at_once_are_one_after_the_other() {
+        use rustix::fs::{FlockOperation, flock};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let first = init_and_issue_node(d);
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(d.join("ca/ca.lock"))
+            .unwrap();
+        flock(&lock, FlockOperation::LockExclusive).unwrap();
+        let renewals: Vec<_> = (0..2)
+            .map(|_| {
+                Command::new(env!("CARGO_BIN_EXE_trmx-certs"))
+                    .current_dir(d)
+                    .env_remove("TRMX_CA_DIR")
+                    .args(["renew", "--dir", "ca", "NL-NRM.pem"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // (time for both to reach the lock; the outcome must not depend on it)
+        std::thread::sleep(Duration::from_millis(500));
+        drop(lock);
+        let printed: Vec<String> = renewals
+            .into_iter()
+            .map(|child| ok(&child.wait_with_output().unwrap()))
+            .collect();
+        let in_file = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+        let listed = list(d);
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        let renewed_by = |serial: &str| {
+            listed.iter().find(|c| c["serial"] == serial).unwrap()["renewed_by"]
+                .as_str()
+                .map(str::to_string)
+        };
+        // one chain: the first certificate, the one between, the one in the file
+        let between = renewed_by(&first).expect("the first certificate is renewed");
+        assert_ne!(between, in_file);
+        assert_eq!(renewed_by(&between).as_deref(), Some(in_file.as_str()));
+        assert_eq!(renewed_by(&in_file), None);
+        // each old certificate, still valid, has its revoke command printed once
+        for serial in [&first, &between] {
+            let told = printed
+                .iter()
+                .filter(|out| out.contains(&format!("--serial {serial}\n")))
+                .count();
+            assert_eq!(told, 1, "{serial}: {printed:?}");
+        }
+    }
+
     fn list(d: &Path) -> Vec<serde_json::Value> {
         serde_json::from_str(&ok(&certs(d, &["list", "--dir", "ca", "--json"]))).unwrap()
     }
