@@ -749,11 +749,26 @@ async fn execute_unlimited(args: AdminArgs) -> Result<(), AdminError> {
                     ("--recipient", &filter.recipient),
                 ];
                 if named.iter().any(|(_, id)| id.is_some()) {
-                    let registry = client
+                    // Only to explain an empty answer: the search itself worked and was
+                    // printed, so a registry that cannot be read now is a note, not a
+                    // failure (it exited 1 after the answer, which read as a failed search).
+                    let notes = match client
                         .list_participants(pb::OperatorListParticipantsRequest {})
-                        .await?
-                        .into_inner();
-                    for note in unknown_participants(&registry, &named) {
+                        .await
+                    {
+                        Ok(registry) => unknown_participants(&registry.into_inner(), &named),
+                        Err(status) => vec![format!(
+                            "the search worked, but whether {} is in the broker's \
+                             participant registry could not be checked: {}",
+                            named
+                                .iter()
+                                .filter_map(|(flag, id)| Some(format!("{flag} {}", id.as_deref()?)))
+                                .collect::<Vec<_>>()
+                                .join(" and "),
+                            AdminError::from(status)
+                        )],
+                    };
+                    for note in notes {
                         eprintln!("note: {note}");
                     }
                 }
