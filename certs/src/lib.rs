@@ -48,7 +48,7 @@ pub use info::CertInfo;
 pub use pem::{
     KEY_MODE_FORBIDDEN, KeyFile, load_certs_pem, load_crls_pem, load_key_pem, read_key_file,
 };
-pub use request::{CertRequest, RequestPaths, key_fingerprint};
+pub use request::{CertRequest, KeptKey, RequestPaths, key_fingerprint};
 
 /// RFC 3339 in UTC, seconds precision (`2025-03-01T12:00:00Z`).
 pub fn format_time(t: SystemTime) -> String {

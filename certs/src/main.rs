@@ -60,7 +60,9 @@ enum Command {
         /// directory (an existing one, or ending in /) gets NAME.key and NAME.csr inside it.
         #[arg(long, value_name = "PREFIX")]
         out: Option<PathBuf>,
-        /// Overwrite existing files.
+        /// Overwrite existing files. A key whose certificate beside it (PREFIX.pem) is still
+        /// in date, revoked or not, is replaced too but kept as
+        /// PREFIX.key.replaced-<unix seconds>, in case that certificate is still in use.
         #[arg(long)]
         force: bool,
     },
@@ -360,6 +362,9 @@ fn run(cli: Cli) -> Result<(), CertError> {
             outln!(
                 "read the fingerprint out to the CA administrator, who checks it before issuing"
             );
+            if let Some(kept) = request.kept_key() {
+                note_kept_key(kept, &paths.request);
+            }
             Ok(())
         }
         Command::Renew {
@@ -634,6 +639,29 @@ fn warn_stale_key(key: &Path) {
             key.display()
         );
     }
+}
+
+/// After `request --force` replaced the key of a certificate still in date: which
+/// certificate lost its key, where the old key was kept, and what to do in each of the two
+/// cases the tool cannot tell apart (it has no CRL).
+fn note_kept_key(kept: &trmx_certs::KeptKey, request: &Path) {
+    let key = kept.cert.with_extension("key");
+    let kept_path = kept.path.display().to_string();
+    eprintln!(
+        "note: {} was the key of {} ({}, valid until {}), which cannot be used without it; \
+         the old key is kept as {kept_path}. If that certificate was revoked (a key leak), \
+         delete {kept_path}. If it is still in use, its node cannot restart until the \
+         certificate issued to {} is installed as {}; to go back instead: `mv {} {}` (the new \
+         request is then of no use)",
+        key.display(),
+        kept.cert.display(),
+        kept.identity,
+        format_time(kept.not_after),
+        request.display(),
+        kept.cert.display(),
+        shell_word(&kept_path),
+        shell_word(&key.display().to_string()),
+    );
 }
 
 /// The request being certified, with the fingerprint to compare.

@@ -37,6 +37,21 @@ const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 pub struct CertRequest {
     public_key: RequestKey,
     path: PathBuf,
+    kept_key: Option<KeptKey>,
+}
+
+/// The key of a certificate still in date that [`CertRequest::create`] replaced with
+/// `force`: kept under another name, since the certificate cannot be used without it.
+#[derive(Debug, Clone)]
+pub struct KeptKey {
+    /// Where the old key is now (`<key>.replaced-<unix seconds>`, mode as it was).
+    pub path: PathBuf,
+    /// The certificate beside the key that needs it.
+    pub cert: PathBuf,
+    /// That certificate's identity (SPIFFE URI).
+    pub identity: String,
+    /// When that certificate expires.
+    pub not_after: std::time::SystemTime,
 }
 
 /// The public key of a request, with the algorithm of its own `SubjectPublicKeyInfo`
@@ -155,6 +170,12 @@ impl CertRequest {
     /// Makes a new ECDSA P-256 key and a request for it with common name `name` (a label
     /// for the CA administrator; the CA decides the identity), and writes both: the key
     /// with mode `0600`. Refuses to overwrite either file unless `force`.
+    ///
+    /// With `force`, the key of a certificate still in date beside it (the same name with
+    /// `.pem`) is replaced too, but kept under another name ([`CertRequest::kept_key`]):
+    /// after a key leak, the certificate is revoked and a new key is what the organisation
+    /// needs; if the certificate is still in use, its node needs the old key until the new
+    /// certificate is installed. (The tool has no CRL to tell the two apart.)
     pub fn create(name: &str, out: &RequestPaths, force: bool) -> Result<CertRequest, CertError> {
         crate::identity::validate_name("request", name)?;
         // (`request --out ca/ca --force` wrote over the CA key)
@@ -173,7 +194,7 @@ impl CertRequest {
                 }
             }
         }
-        refuse_key_in_use(&out.key)?;
+        let in_use = if force { key_in_use(&out.key) } else { None };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(CertError::generate("request key"))?;
         let mut params = CertificateParams::default();
@@ -191,6 +212,12 @@ impl CertRequest {
                     .map_err(|e| CertError::io("create directory", parent, e))?;
             }
         }
+        // (a second name for the old key, not a move: a failed write below leaves the key
+        // file as it was)
+        let kept_key = match in_use {
+            Some(cert) => Some(keep_key(&out.key, cert)?),
+            None => None,
+        };
         write_atomic(
             "private key",
             &out.key,
@@ -205,7 +232,16 @@ impl CertRequest {
             Mode::Public,
             force,
         )?;
-        Self::from_pem_file(&out.request)
+        Ok(CertRequest {
+            kept_key,
+            ..Self::from_pem_file(&out.request)?
+        })
+    }
+
+    /// The key of a certificate still in date that [`CertRequest::create`] replaced, and
+    /// where it was kept; `None` for a request read from a file.
+    pub fn kept_key(&self) -> Option<&KeptKey> {
+        self.kept_key.as_ref()
     }
 
     /// Reads a PEM request and checks its signature (proof that its sender holds the key).
@@ -288,6 +324,7 @@ impl CertRequest {
         Ok(CertRequest {
             public_key,
             path: path.to_path_buf(),
+            kept_key: None,
         })
     }
 
@@ -339,43 +376,58 @@ fn verified_key(der: &[u8]) -> Result<RequestKey, String> {
     Ok(key)
 }
 
-/// SHA-256 of a public key's DER SubjectPublicKeyInfo (the key with its algorithm and
-/// curve, as a request or a certificate carries it), in groups of four hex digits.
-/// Refuses, even with `force`, to replace a key that a certificate beside it (the same
-/// name with `.pem`) still needs: `request --out NL-NRM --force` at an organisation wrote
-/// a new key over the one its node runs with, and that certificate could no longer be
-/// used (the node refuses it at its next start). A key whose certificate has expired, or
-/// with no certificate beside it, is replaced as asked.
-fn refuse_key_in_use(key_path: &Path) -> Result<(), CertError> {
-    let Ok(pem) = std::fs::read_to_string(key_path) else {
-        return Ok(());
-    };
-    let Ok(key) = KeyPair::from_pem(&pem) else {
-        return Ok(());
-    };
+/// The certificate beside `key_path` (the same name with `.pem`) that is in date and
+/// certifies the key in it: replacing that key leaves the certificate unusable (the node
+/// refuses it at its next start). `None` for a key without such a certificate (expired,
+/// missing, another key's, unreadable).
+fn key_in_use(key_path: &Path) -> Option<(PathBuf, crate::CertInfo)> {
+    let pem = std::fs::read_to_string(key_path).ok()?;
+    let key = KeyPair::from_pem(&pem).ok()?;
     let cert_path = key_path.with_extension("pem");
-    let Ok(cert) = crate::CertInfo::from_pem_file(&cert_path) else {
-        return Ok(());
-    };
+    let cert = crate::CertInfo::from_pem_file(&cert_path).ok()?;
     let fingerprint = key_fingerprint(&rcgen::PublicKeyData::subject_public_key_info(&key));
-    if fingerprint != cert.key_fingerprint || !cert.is_valid_at(std::time::SystemTime::now()) {
-        return Ok(());
-    }
-    Err(CertError::InvalidArgument {
-        field: "--out",
-        problem: format!(
-            "{} is the key of {} ({}, valid until {}), which cannot be used without it: write \
-             the request under another name (e.g. --out {}-next) and replace the pair once the \
-             new certificate is issued",
-            key_path.display(),
-            cert_path.display(),
-            cert.identity,
-            crate::format_time(cert.not_after),
-            key_path.with_extension("").display()
-        ),
-    })
+    (fingerprint == cert.key_fingerprint && cert.is_valid_at(std::time::SystemTime::now()))
+        .then_some((cert_path, cert))
 }
 
+/// Gives the key at `key_path` a second name, `<key>.replaced-<unix seconds>` (a hard
+/// link: same file, same mode), before a new key replaces it. `request --out NL-NRM
+/// --force` was refused while NL-NRM.pem was in date, even after it was revoked for a key
+/// leak, the very case that needs a new key; the old key is kept in case the certificate
+/// is in fact still in use.
+fn keep_key(
+    key_path: &Path,
+    (cert, info): (PathBuf, crate::CertInfo),
+) -> Result<KeptKey, CertError> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let mut n = 1;
+    loop {
+        let mut name = key_path.as_os_str().to_os_string();
+        name.push(format!(".replaced-{stamp}"));
+        if n > 1 {
+            name.push(format!("-{n}"));
+        }
+        let path = PathBuf::from(name);
+        match std::fs::hard_link(key_path, &path) {
+            Ok(()) => {
+                return Ok(KeptKey {
+                    path,
+                    cert,
+                    identity: info.identity.spiffe_uri(),
+                    not_after: info.not_after,
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) => return Err(CertError::io("keep the replaced key as", &path, e)),
+        }
+    }
+}
+
+/// SHA-256 of a public key's DER SubjectPublicKeyInfo (the key with its algorithm and
+/// curve, as a request or a certificate carries it), in groups of four hex digits.
 pub fn key_fingerprint(subject_public_key_info: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, subject_public_key_info);
     let hex: Vec<String> = digest

@@ -2168,43 +2168,80 @@ mod cli {
         assert_eq!(written, Vec::<String>::new());
     }
 
-    /// `request --out NL-NRM --force` at an organisation wrote a new key over the one its
-    /// valid certificate NL-NRM.pem needs: the node could not use that certificate at its
-    /// next start. That is refused, even with --force, naming the certificate and another
-    /// --out; once the certificate has expired, or without one beside it, --force replaces.
+    /// `request --out NL-NRM --force` was refused while NL-NRM.pem was in date, even once it
+    /// was revoked after a key leak, the very case that needs a new key (the refusal said to
+    /// write the request under another name). --force now replaces that key and keeps the
+    /// old one as NL-NRM.key.replaced-<unix seconds> (its node needs it if the certificate
+    /// is still in use), saying so on stderr with both ways on; without --force nothing is
+    /// replaced.
     #[test]
-    fn request_force_never_replaces_the_key_of_a_valid_certificate() {
+    fn request_force_replaces_the_key_of_a_certificate_in_date_and_keeps_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         init_and_issue_node(d);
+        ok(&certs(d, &["revoke", "--dir", "ca", "NL-NRM.pem"]));
         let key = std::fs::read(d.join("NL-NRM.key")).unwrap();
         let err = failed(&certs(
             d,
-            &["request", "--name", "NL-NRM", "--out", "NL-NRM", "--force"],
+            &["request", "--name", "NL-NRM", "--out", "NL-NRM"],
         ));
-        assert!(
-            err.starts_with(
-                "error: --out is invalid: NL-NRM.key is the key of NL-NRM.pem \
-                 (spiffe://trm.example/participant/NL-NRM, valid until "
-            ),
-            "{err}"
-        );
-        assert!(
-            err.ends_with(
-                "(e.g. --out NL-NRM-next) and replace the pair once the new certificate is issued"
-            ),
-            "{err}"
-        );
+        assert!(err.contains("refusing to overwrite"), "{err}");
         assert_eq!(std::fs::read(d.join("NL-NRM.key")).unwrap(), key);
-        assert!(!d.join("NL-NRM.csr").exists());
 
-        // a key without its certificate beside it is replaced as asked
-        std::fs::rename(d.join("NL-NRM.pem"), d.join("elsewhere.pem")).unwrap();
-        ok(&certs(
+        let out = certs(
             d,
             &["request", "--name", "NL-NRM", "--out", "NL-NRM", "--force"],
-        ));
+        );
+        let printed = ok(&out);
+        assert!(printed.contains("request:     NL-NRM.csr"), "{printed}");
         assert_ne!(std::fs::read(d.join("NL-NRM.key")).unwrap(), key);
+        let kept: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with("NL-NRM.key.replaced-"))
+            .collect();
+        let [kept] = kept.as_slice() else {
+            panic!("one kept key: {kept:?}")
+        };
+        assert_eq!(std::fs::read(d.join(kept)).unwrap(), key);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(d.join(kept))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let stderr = String::from_utf8(out.stderr.clone()).unwrap();
+        assert!(
+            stderr.starts_with(
+                "note: NL-NRM.key was the key of NL-NRM.pem \
+                 (spiffe://trm.example/participant/NL-NRM, valid until "
+            ),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "the old key is kept as {kept}. If that certificate was revoked (a key leak), \
+                 delete {kept}. If it is still in use, its node cannot restart until the \
+                 certificate issued to NL-NRM.csr is installed as NL-NRM.pem; to go back \
+                 instead: `mv {kept} NL-NRM.key`"
+            )),
+            "{stderr}"
+        );
+
+        // a key without its certificate beside it is replaced as asked, and not kept
+        std::fs::rename(d.join("NL-NRM.pem"), d.join("elsewhere.pem")).unwrap();
+        let out = certs(
+            d,
+            &["request", "--name", "NL-NRM", "--out", "NL-NRM", "--force"],
+        );
+        ok(&out);
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `revoke` or `renew` with --dir (or a TRMX_CA_DIR left set) naming another CA than
