@@ -56,8 +56,9 @@ enum Command {
         /// certificate's identity.
         #[arg(long)]
         name: String,
-        /// Output path prefix: writes PREFIX.key and PREFIX.csr [default: the name]. A
-        /// directory (an existing one, or ending in /) gets NAME.key and NAME.csr inside it.
+        /// Output path prefix: writes PREFIX.key and PREFIX.csr [default: the name]. Ending in
+        /// / it is a directory (made if missing) that gets NAME.key and NAME.csr inside it. An
+        /// existing directory or file without the / is refused as ambiguous.
         #[arg(long, value_name = "PREFIX")]
         out: Option<PathBuf>,
         /// Overwrite existing files. A key whose certificate beside it (PREFIX.pem) is still
@@ -215,7 +216,8 @@ struct IssueArgs {
     #[command(flatten)]
     ca: CaDir,
     /// Output path prefix: writes PREFIX.pem and PREFIX.key (only PREFIX.pem with --csr).
-    /// A directory (an existing one, or ending in /) gets the default names inside it.
+    /// Ending in / it is a directory (made if missing) that gets the default names inside
+    /// it. An existing directory or file without the / is refused as ambiguous.
     #[arg(long, value_name = "PREFIX")]
     out: Option<PathBuf>,
     /// Certify the key of this certificate request (`trmx-certs request`, made by the
@@ -528,34 +530,56 @@ fn note_others_valid(ca: &Ca, new: &CertInfo, replaced: Option<&str>) {
     );
 }
 
-/// The path prefix the files go to: `--out`, else `stem` in the working directory. A
-/// `--out` that names a directory (an existing one, or one written with a trailing `/`)
-/// gets `stem` inside it: `--out certs/` wrote the hidden files `certs/.pem` and
-/// `certs/.key`. A `--out` ending in a file extension of ours is refused: `--out NL.pem`
-/// wrote `NL.pem.pem` and `NL.pem.key`.
+/// The path prefix the files go to: `--out`, else `stem` in the working directory.
+///
+/// `--out` is a path prefix (`--out certs/NL-NRM` writes `certs/NL-NRM.pem` and `.key`),
+/// or a directory when written as one: ending in `/` (or `.`, `..`), which gets `stem`
+/// inside it (`--out certs/` wrote the hidden files `certs/.pem` and `certs/.key`). What is
+/// ambiguous is refused, naming both readings: a `--out` that is an existing directory
+/// without the `/` (it wrote inside it, where the prefix reading writes beside it), one
+/// that is an existing file (taken for the file to write), and one ending in a file
+/// extension of ours (`--out NL.pem` wrote `NL.pem.pem` and `NL.pem.key`).
 fn out_prefix(out: Option<PathBuf>, stem: &str) -> Result<PathBuf, CertError> {
     let Some(out) = out else {
         return Ok(PathBuf::from(stem));
     };
     let text = out.to_string_lossy();
-    if text.ends_with('/') || out.is_dir() {
+    let invalid = |problem: String| CertError::InvalidArgument {
+        field: "--out",
+        problem,
+    };
+    let last = out.components().next_back();
+    let names_dir = !matches!(last, Some(std::path::Component::Normal(_)));
+    if text.ends_with('/') || names_dir {
         return Ok(out.join(stem));
     }
     let extension = out
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase());
     if let Some(ext) = extension.filter(|e| ["pem", "key", "csr", "crt"].contains(&e.as_str())) {
-        return Err(CertError::InvalidArgument {
-            field: "--out",
-            problem: format!(
-                "{} ends in .{ext}, but --out is a path prefix that .pem, .key or .csr is added \
-                 to: give --out {}",
-                out.display(),
-                shell_word(&out.with_extension("").display().to_string())
-            ),
-        });
+        return Err(invalid(format!(
+            "{} ends in .{ext}, but --out is a path prefix that .pem, .key or .csr is added to: \
+             give --out {}",
+            out.display(),
+            shell_word(&out.with_extension("").display().to_string())
+        )));
     }
-    Ok(out)
+    match std::fs::metadata(&out) {
+        Ok(meta) if meta.is_dir() => Err(invalid(format!(
+            "{0} is an existing directory: give --out {1}/ to write the files inside it as {2}, \
+             or a path prefix that names no directory (e.g. --out {1}/{2})",
+            out.display(),
+            shell_word(&text),
+            stem
+        ))),
+        Ok(_) => Err(invalid(format!(
+            "{} is an existing file, but --out is a path prefix that .pem, .key or .csr is \
+             added to (beside that file, which stays as it is): give a prefix that names no \
+             file, or a directory ending in /",
+            out.display()
+        ))),
+        Err(_) => Ok(out),
+    }
 }
 
 /// Opens the CA directory, key included, and warns if the CA nears its expiry.

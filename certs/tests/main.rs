@@ -1886,9 +1886,9 @@ mod cli {
     }
 
     /// `--out certs/` wrote the hidden files `certs/.pem` and `certs/.key`, and `--out
-    /// NL.pem` wrote `NL.pem.pem` and `NL.pem.key`. A directory now gets the default names
-    /// inside it, and a prefix ending in .pem, .key, .csr or .crt is refused, naming the
-    /// prefix to give, with nothing issued.
+    /// NL.pem` wrote `NL.pem.pem` and `NL.pem.key`. A directory ending in / (or `.`) now
+    /// gets the default names inside it, and a prefix ending in .pem, .key, .csr or .crt is
+    /// refused, naming the prefix to give, with nothing issued.
     #[test]
     fn out_names_a_directory_or_a_prefix_never_hidden_or_doubled_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -1897,7 +1897,8 @@ mod cli {
         std::fs::create_dir(d.join("existing")).unwrap();
         for (out, participant, expected) in [
             ("certs/", "BE-PAYOKE", "certs/BE-PAYOKE"),
-            ("existing", "NG-NAPTIP", "existing/NG-NAPTIP"),
+            ("existing/", "NG-NAPTIP", "existing/NG-NAPTIP"),
+            (".", "INT-ILO", "./INT-ILO"),
         ] {
             let issue = ["issue", "node", "--dir", "ca", "--participant", participant];
             let printed = ok(&certs(d, &[&issue[..], &["--out", out]].concat()));
@@ -1934,6 +1935,49 @@ mod cli {
         failed(&certs(d, &["request", "--name", "X", "--out", "x.KEY"]));
         assert_eq!(list(d).len(), issued, "nothing issued");
         assert!(!d.join("INT-IOM.pem.pem").exists() && !d.join("x.KEY.key").exists());
+    }
+
+    /// `--out DIR` naming an existing directory wrote the files inside it, where `--out
+    /// DIR-less-prefix` writes beside: `--out certs/NL` with a directory `certs/NL` there
+    /// made `certs/NL/NL-NRM.pem`. `--out` is a prefix, or a directory when it ends in `/`;
+    /// an existing directory or file without the `/` is refused as ambiguous, naming both
+    /// readings, with nothing issued or written, for `issue` and `request` alike.
+    #[test]
+    fn out_naming_an_existing_directory_or_file_is_refused_as_ambiguous() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        std::fs::create_dir(d.join("existing")).unwrap();
+        std::fs::write(d.join("notes"), "kept").unwrap();
+        let issued = list(d).len();
+        let issue = ["issue", "node", "--dir", "ca", "--participant", "BE-PAYOKE"];
+        let err = failed(&certs(d, &[&issue[..], &["--out", "existing"]].concat()));
+        assert_eq!(
+            err,
+            "error: --out is invalid: existing is an existing directory: give --out existing/ \
+             to write the files inside it as BE-PAYOKE, or a path prefix that names no \
+             directory (e.g. --out existing/BE-PAYOKE)"
+        );
+        let err = failed(&certs(
+            d,
+            &["request", "--name", "BE-PAYOKE", "--out", "existing"],
+        ));
+        assert!(err.contains("existing is an existing directory"), "{err}");
+        let err = failed(&certs(d, &[&issue[..], &["--out", "notes"]].concat()));
+        assert_eq!(
+            err,
+            "error: --out is invalid: notes is an existing file, but --out is a path prefix \
+             that .pem, .key or .csr is added to (beside that file, which stays as it is): \
+             give a prefix that names no file, or a directory ending in /"
+        );
+        failed(&certs(
+            d,
+            &["request", "--name", "BE-PAYOKE", "--out", "notes"],
+        ));
+        assert_eq!(list(d).len(), issued, "nothing issued");
+        assert_eq!(std::fs::read_dir(d.join("existing")).unwrap().count(), 0);
+        assert_eq!(std::fs::read_to_string(d.join("notes")).unwrap(), "kept");
+        assert!(!d.join("notes.pem").exists() && !d.join("notes.key").exists());
     }
 
     /// A clock set back behind what the CA last recorded (but after the CA was made) is
