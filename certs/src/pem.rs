@@ -15,8 +15,9 @@ pub(crate) fn read(what: &str, path: &Path) -> Result<Vec<u8>, CertError> {
 }
 
 /// Permission bits a private key file may not have: any access by other users, and
-/// write access by the group. A group may read it (`0640`, a key kept by root for a
-/// service's group); `0600` is what this crate writes.
+/// write access by the group. A group may read it (`0640`, a key kept by root or an
+/// administrator for the group a service runs as, see [`read_key_file`]); `0600` is what
+/// this crate writes.
 pub const KEY_MODE_FORBIDDEN: u32 = 0o027;
 
 /// A private key file as read by [`read_key_file`].
@@ -37,16 +38,22 @@ pub enum KeyFile {
 /// one of the file read, not of whatever the path names a moment later.
 ///
 /// A key file owned by another user than this process's (effective) user and root is
-/// refused too (unless this process runs as root), as an error of kind `PermissionDenied` that names the owner and the fix:
-/// its owner may read it or put another key in its place whatever its mode (a copy made
-/// as a login user, `cp` without `-p` run by someone else).
+/// refused too (unless this process runs as root), as an error of kind `PermissionDenied`
+/// that names the owner and the fix: its owner may read it or put another key in its place
+/// whatever its mode (a copy made as a login user, `cp` without `-p` run by someone else).
+/// Except a key given to the group this process runs as (its effective group), readable
+/// by that group (`0640`, owner `alice`, group `trmx` for a service running as
+/// `trmx:trmx`): an administrator who keeps the key in their own name and grants the
+/// service's group read access did that on purpose. A shared group the process is only a
+/// member of (`users`) is not that: every member could read the key.
 pub fn read_key_file(path: &Path) -> std::io::Result<KeyFile> {
     let me = rustix::process::geteuid().as_raw();
-    read_key_file_as(path, me)
+    let my_group = rustix::process::getegid().as_raw();
+    read_key_file_as(path, me, my_group)
 }
 
-/// [`read_key_file`] for a process running as `me` (tests pass another uid).
-fn read_key_file_as(path: &Path, me: u32) -> std::io::Result<KeyFile> {
+/// [`read_key_file`] for a process running as `me` in group `my_group` (tests pass others).
+fn read_key_file_as(path: &Path, me: u32, my_group: u32) -> std::io::Result<KeyFile> {
     use std::io::Read as _;
     use std::os::unix::fs::MetadataExt as _;
     let mut file = std::fs::File::open(path)?;
@@ -56,15 +63,21 @@ fn read_key_file_as(path: &Path, me: u32) -> std::io::Result<KeyFile> {
         return Ok(KeyFile::Exposed { mode });
     }
     let owner = metadata.uid();
+    let for_my_group = metadata.gid() == my_group && mode & 0o040 != 0;
     // (root is exempt: in a container a broker or node often runs as root on a mounted
     // directory whose files keep the host user's uid, and root reads any key anyway)
-    if me != 0 && owner != me && owner != 0 {
-        let allowed = format!("the user this runs as ({}) or root", user_name(me));
+    if me != 0 && owner != me && owner != 0 && !for_my_group {
+        let allowed = format!(
+            "the user this runs as ({}) or root, nor readable by the group it runs as (gid \
+             {my_group}) with mode 0640",
+            user_name(me)
+        );
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
                 "it is owned by {}, not by {allowed}, and its owner can read it or replace \
-                 the key whatever its mode: `chown {me} {}` (or run as its owner)",
+                 the key whatever its mode: `chown {me} {}` (or run as its owner), or, to keep \
+                 its owner, `chgrp {my_group} {1} && chmod 640 {1}`",
                 user_name(owner),
                 path.display()
             ),
@@ -580,11 +593,12 @@ mod tests {
             std::os::unix::fs::chown(&key, Some(owner), None).unwrap();
         }
         let other = owner + 1;
+        let other_group = std::fs::metadata(&key).unwrap().gid() + 1;
         assert!(matches!(
-            read_key_file_as(&key, owner),
+            read_key_file_as(&key, owner, other_group),
             Ok(KeyFile::Read(_))
         ));
-        let e = read_key_file_as(&key, other).unwrap_err();
+        let e = read_key_file_as(&key, other, other_group).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
         let text = e.to_string();
         assert!(
@@ -614,8 +628,57 @@ mod tests {
             // a key of root's is read by any user allowed to
             std::os::unix::fs::chown(&key, Some(0), None).unwrap();
             assert!(matches!(
-                read_key_file_as(&key, other),
+                read_key_file_as(&key, other, other_group),
                 Ok(KeyFile::Read(_))
+            ));
+        }
+    }
+
+    /// A key kept by an administrator in their own name, given to the service's group with
+    /// mode 0640 (`alice:trmx`, the service running as `trmx:trmx`), was refused as owned
+    /// by another user. Readable by the group this process runs as, it is read; given to
+    /// another group (one the process is only a member of, like `users`), or not readable
+    /// by the group, it is still refused, saying how to give it to the service's group.
+    #[test]
+    fn a_key_of_another_owner_for_the_group_this_runs_as_is_read() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
+        if std::fs::metadata(&key).unwrap().uid() == 0 {
+            // (run as root: root's keys are read by anyone allowed to; give this one to an
+            // administrator's account)
+            std::os::unix::fs::chown(&key, Some(1000), None).unwrap();
+        }
+        let meta = std::fs::metadata(&key).unwrap();
+        let (owner, group) = (meta.uid(), meta.gid());
+        // the service: neither the owner nor root, running with the key's group
+        let service = owner + 1;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        match read_key_file_as(&key, service, group) {
+            Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
+            other => panic!("{other:?}"),
+        }
+        // the key's group is not the one this runs as: refused, saying how to give it
+        let e = read_key_file_as(&key, service, group + 1).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(
+            e.to_string().contains(&format!(
+                "`chgrp {} {1} && chmod 640 {1}`",
+                group + 1,
+                key.display()
+            )),
+            "{e}"
+        );
+        // the group may not read it: not given to the group, refused as before
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        read_key_file_as(&key, service, group).unwrap_err();
+        // never one the group may change, nor one others may read
+        for mode in [0o660, 0o644] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(matches!(
+                read_key_file_as(&key, service, group),
+                Ok(KeyFile::Exposed { .. })
             ));
         }
     }
@@ -634,7 +697,7 @@ mod tests {
             std::os::unix::fs::chown(&key, Some(1000), None).unwrap();
         }
         assert_ne!(std::fs::metadata(&key).unwrap().uid(), 0);
-        match read_key_file_as(&key, 0) {
+        match read_key_file_as(&key, 0, 0) {
             Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
             other => panic!("{other:?}"),
         }
