@@ -1363,6 +1363,8 @@ where
 /// refuses the broker then) and said nothing of one about to. An expired one now fails
 /// the check, naming `tls.cert`, its serial and expiry and what to do; one with less than
 /// 30 days left is warned about; every check prints a `# certificate:` line.
+/// A certificate not valid yet (by this machine's clock) names both clocks; by minutes it
+/// is a warning.
 #[test]
 fn check_config_fails_an_expired_broker_certificate_and_warns_of_one_expiring() -> anyhow::Result<()>
 {
@@ -1431,6 +1433,55 @@ fn check_config_fails_an_expired_broker_certificate_and_warns_of_one_expiring() 
     let (out, _) = check(now, 365)?;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stderr(&out), "");
+
+    // Not valid yet: one of two clocks is off, and which cannot be told here. It blamed
+    // the certificate ("issue it again") when only this clock was behind; it now says
+    // both cases, and what each needs. Hours ahead fail the check; minutes warn.
+    let (out, info) = check(now + Duration::from_secs(2 * 3600), 365)?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let said = stderr(&out);
+    assert!(
+        said.starts_with(&format!(
+            "trmx-broker: config: tls.cert: the broker certificate {} \
+             (spiffe://trm.test/broker/test-1, serial {}) is not valid before {}, and this \
+             machine's clock says ",
+            dir.path().join("broker-renewed.pem").display(),
+            info.serial_hex,
+            trmx_certs::format_time(info.not_before)
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains(
+            " minute(s) earlier: either this clock is behind (nodes with a right clock accept \
+             the certificate, but this broker would take node certificates issued in the last "
+        ),
+        "{said}"
+    );
+    assert!(
+        said.contains(
+            "or the CA machine's clock was ahead when it issued the certificate (nodes refuse \
+             it until "
+        ),
+        "{said}"
+    );
+    let (out, _) = check(now + Duration::from_secs(8 * 60), 365)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("warning: tls.cert: the broker certificate "),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(" minute(s) earlier: either this clock is behind"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("minute(s)), expires "),
+        "{}",
+        stdout(&out)
+    );
     Ok(())
 }
 
