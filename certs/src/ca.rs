@@ -336,9 +336,10 @@ impl CaView {
             .map(crate::from_unix_seconds)
     }
 
-    /// Refuses a clock (`now`) before the CA certificate's start: the CA was made later,
-    /// so the clock is wrong, and a certificate or CRL dated by it would be expired, or
-    /// past its nextUpdate, for every peer whose clock is right.
+    /// Refuses a clock (`now`) before the CA certificate's start: either this clock is
+    /// behind (and a certificate or CRL dated by it would be expired, or past its
+    /// nextUpdate, for every peer whose clock is right) or the CA was made on a clock
+    /// ahead; which one cannot be told here, and the error says both.
     fn check_clock(&self, now: SystemTime) -> Result<(), CertError> {
         if now >= self.not_before {
             return Ok(());

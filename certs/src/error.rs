@@ -120,11 +120,14 @@ pub enum CertError {
         /// Which flag or path to check.
         flag: &'static str,
     },
-    /// The system clock is before the CA certificate's start: it is wrong.
+    /// The system clock is before the CA certificate's start: either this clock is behind
+    /// or the CA was made on a clock that was ahead, which cannot be told from here (it
+    /// blamed this clock alone).
     #[error(
-        "this machine's clock says {}, before the CA certificate {} was made ({}): the clock is wrong, and what this CA signs now would be expired for everyone else; set the clock right (`date -u`, NTP) and run the command again (nothing was changed)",
+        "this machine's clock says {}, before the start of the CA certificate {} ({}): either this clock is behind, or the CA was made on a clock that was ahead; what it signed now would be dated before the CA itself (nothing was changed). Compare this clock with a time source (`timedatectl`, `chronyc tracking`): if it is behind, set it right and run the command again; if it is right, the command works from {} on",
         crate::format_time(*now),
         ca_cert.display(),
+        crate::format_time(*ca_not_before),
         crate::format_time(*ca_not_before)
     )]
     ClockBeforeCa {

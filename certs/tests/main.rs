@@ -561,8 +561,10 @@ mod ca_files {
     /// old clock) issued certificates and CRLs dated by it: expired, or past their
     /// nextUpdate, for everyone whose clock is right, with no word. Issue, CRL and revoke
     /// are refused, with both times and what to do, and nothing is written or recorded.
-    /// (Here the CA certificate is re-made to start in a year, with the same key: this
-    /// clock is then "before the CA was made".)
+    /// The refusal blamed this clock alone, where the CA may have been made on a clock
+    /// ahead: it now says both, and what each case needs. (Here the CA certificate is
+    /// re-made to start in a year, with the same key: this clock is then "before the CA
+    /// was made".)
     #[test]
     fn a_clock_before_the_ca_was_made_is_refused() {
         let d = tempfile::tempdir().unwrap();
@@ -607,15 +609,24 @@ mod ca_files {
             assert!(matches!(err, CertError::ClockBeforeCa { .. }), "{err}");
             let text = err.to_string();
             assert!(text.starts_with("this machine's clock says "), "{text}");
+            // (which clock is off cannot be told: it blamed this one alone)
             assert!(
                 text.contains(&format!(
-                    ", before the CA certificate {} was made ({})",
+                    ", before the start of the CA certificate {} ({}): either this clock is \
+                     behind, or the CA was made on a clock that was ahead; ",
                     ca_dir.join("ca.pem").display(),
                     trmx_certs::format_time(start)
                 )),
                 "{text}"
             );
-            assert!(text.contains("set the clock right"), "{text}");
+            assert!(
+                text.ends_with(&format!(
+                    "if it is behind, set it right and run the command again; if it is right, \
+                     the command works from {} on",
+                    trmx_certs::format_time(start)
+                )),
+                "{text}"
+            );
         }
         assert_eq!(snapshot(&[&ca_dir, d.path()]), before);
         assert!(!out.cert.exists() && !out.key.exists());
