@@ -329,12 +329,6 @@ fn refuse_paths_beside_the_config(
 /// Below this many days left, `check-config` warns of the broker certificate's expiry.
 const CERT_WARN_DAYS: u64 = 30;
 
-/// A broker certificate not valid yet by at most this long is a warning in
-/// `check-config`, not a failure: it becomes valid by itself within minutes (its
-/// `notBefore` is already 5 minutes before the CA's clock at issue), and which clock is
-/// off cannot be told from here.
-const CERT_NOT_YET_WARN: std::time::Duration = std::time::Duration::from_secs(10 * 60);
-
 /// The `# certificate:` line of `check-config`: the broker certificate's identity, serial
 /// and expiry. A certificate that has expired passed the check with "config OK", though
 /// every node refuses the broker then; that is an error here, saying what to do. One that
@@ -343,8 +337,8 @@ const CERT_NOT_YET_WARN: std::time::Duration = std::time::Duration::from_secs(10
 /// One not valid yet by this machine's clock is told with what is known: its `notBefore`
 /// (the CA machine's clock at issue, less 5 minutes) and this clock, one of which is off,
 /// and what each case means and needs (it blamed the certificate when only this clock was
-/// behind, where nodes with a right clock accept it). Within [`CERT_NOT_YET_WARN`] that is a
-/// warning; further, an error.
+/// behind, where nodes with a right clock accept it). Within
+/// [`trmx_certs::NOT_VALID_YET_WARN`] that is a warning; further, an error.
 fn certificate_validity(
     config: &BrokerConfig,
     now: std::time::SystemTime,
@@ -361,27 +355,15 @@ fn certificate_validity(
         info.identity,
         info.serial_hex
     );
-    if let Ok(ahead) = info.not_before.duration_since(now)
-        && !ahead.is_zero()
-    {
-        let minutes = ahead.as_secs().div_ceil(60);
-        let said = format!(
-            "{what} is not valid before {from}, and this machine's clock says {}, {minutes} \
-             minute(s) earlier: either this clock is behind (nodes with a right clock accept \
-             the certificate, but this broker would take node certificates issued in the last \
-             {minutes} minute(s) as not valid yet) or the CA machine's clock was ahead when it \
-             issued the certificate (nodes refuse it until {from}); compare both clocks with a \
-             time source (`timedatectl`, `chronyc tracking`), then set this one right or issue \
-             the certificate again with the CA machine's clock right",
-            trmx_certs::format_time(now)
-        );
-        if ahead > CERT_NOT_YET_WARN {
+    if let Some(not_yet) = info.not_valid_yet(now, "nodes") {
+        let said = format!("{what}: {}", not_yet.message);
+        if !not_yet.warn_only {
             anyhow::bail!("config: {said}");
         }
         eprintln!("warning: {said}");
         return Ok(format!(
-            "{}, serial {}, not valid before {from} (in {minutes} minute(s)), expires {until}",
-            info.identity, info.serial_hex
+            "{}, serial {}, not valid before {from} (in {} minute(s)), expires {until}",
+            info.identity, info.serial_hex, not_yet.minutes
         ));
     }
     let Ok(left) = info.not_after.duration_since(now) else {

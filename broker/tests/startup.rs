@@ -1443,8 +1443,8 @@ fn check_config_fails_an_expired_broker_certificate_and_warns_of_one_expiring() 
     assert!(
         said.starts_with(&format!(
             "trmx-broker: config: tls.cert: the broker certificate {} \
-             (spiffe://trm.test/broker/test-1, serial {}) is not valid before {}, and this \
-             machine's clock says ",
+             (spiffe://trm.test/broker/test-1, serial {}): it is not valid before {}, and \
+             this machine's clock says ",
             dir.path().join("broker-renewed.pem").display(),
             info.serial_hex,
             trmx_certs::format_time(info.not_before)
@@ -1453,15 +1453,15 @@ fn check_config_fails_an_expired_broker_certificate_and_warns_of_one_expiring() 
     );
     assert!(
         said.contains(
-            " minute(s) earlier: either this clock is behind (nodes with a right clock accept \
-             the certificate, but this broker would take node certificates issued in the last "
+            " minute(s) earlier: either this clock is behind (the certificate is valid for \
+             nodes with a right clock, but their certificates issued in the last "
         ),
         "{said}"
     );
     assert!(
         said.contains(
-            "or the CA machine's clock was ahead when it issued the certificate (nodes refuse \
-             it until "
+            "or the CA machine's clock was ahead when it issued the certificate (nodes would \
+             refuse it until "
         ),
         "{said}"
     );

@@ -105,6 +105,54 @@ impl CertInfo {
     pub fn is_valid_at(&self, now: SystemTime) -> bool {
         self.not_before <= now && now <= self.not_after
     }
+
+    /// When the certificate is not valid yet at `now` (this machine's clock): what is
+    /// known and what to do, for `check-config`. One of two clocks is off and which
+    /// cannot be told from here: this one is behind (the certificate is fine for `peers`,
+    /// those who verify it, but their own new certificates look not valid yet here), or
+    /// the CA machine's was ahead when it issued it (`peers` refuse it until its start).
+    /// `None` when it is valid from `now` on.
+    pub fn not_valid_yet(&self, now: SystemTime, peers: &str) -> Option<NotValidYet> {
+        let ahead = self
+            .not_before
+            .duration_since(now)
+            .ok()
+            .filter(|d| !d.is_zero())?;
+        let minutes = ahead.as_secs().div_ceil(60);
+        let from = crate::format_time(self.not_before);
+        let message = format!(
+            "it is not valid before {from}, and this machine's clock says {}, {minutes} \
+             minute(s) earlier: either this clock is behind (the certificate is valid for \
+             {peers} with a right clock, but their certificates issued in the last {minutes} \
+             minute(s) look not valid yet here) or the CA machine's clock was ahead when it \
+             issued the certificate ({peers} would refuse it until {from}); compare both \
+             clocks with a time source (`timedatectl`, `chronyc tracking`), then set this one \
+             right or issue the certificate again with the CA machine's clock right",
+            crate::format_time(now)
+        );
+        Some(NotValidYet {
+            warn_only: ahead <= NOT_VALID_YET_WARN,
+            minutes,
+            message,
+        })
+    }
+}
+
+/// A certificate not valid yet by at most this long is a warning in `check-config`, not a
+/// failure: it becomes valid by itself within minutes (its `notBefore` is already
+/// [`crate::CLOCK_SKEW_ALLOWANCE`] before the CA's clock at issue), and which clock is off
+/// cannot be told from here.
+pub const NOT_VALID_YET_WARN: Duration = Duration::from_secs(10 * 60);
+
+/// A certificate not valid yet by this machine's clock ([`CertInfo::not_valid_yet`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotValidYet {
+    /// Within [`NOT_VALID_YET_WARN`]: a warning, not a failure.
+    pub warn_only: bool,
+    /// Minutes until it is valid here, rounded up.
+    pub minutes: u64,
+    /// What is known and what to do, starting `it is not valid before …`.
+    pub message: String,
 }
 
 /// Lower-case hex of a DER integer's bytes, without leading zero bytes.

@@ -44,7 +44,7 @@ pub use ca::{
 pub use error::CertError;
 pub use federation::Federation;
 pub use identity::{Identity, Role, validate_name, validate_participant_id, validate_trust_domain};
-pub use info::CertInfo;
+pub use info::{CertInfo, NOT_VALID_YET_WARN, NotValidYet};
 pub use pem::{
     KEY_MODE_FORBIDDEN, KeyFile, load_certs_pem, load_crls_pem, load_key_pem, read_key_file,
 };

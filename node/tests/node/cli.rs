@@ -580,7 +580,7 @@ fn check_config_shows_the_limits_in_effect() {
 
 /// What `run` would fail on later is caught too: a data directory that is a file, and a
 /// certificate that has expired (which `run` accepts, to serve the store, but with which
-/// the node reaches no broker) or expires soon (a warning).
+/// the node reaches no broker) or expires soon (a warning), or is not valid yet.
 #[test]
 fn check_config_refuses_a_data_dir_that_is_a_file_and_an_expired_certificate() {
     let sandbox = Sandbox::new();
@@ -631,6 +631,52 @@ fn check_config_refuses_a_data_dir_that_is_a_file_and_an_expired_certificate() {
     let output = run(&["--json", "--config", config_arg, "check-config"]);
     assert!(stdout(&output).is_empty(), "no report of a failed check");
     assert!(assert_one_line_failure(&output).contains("expired"));
+
+    // Not valid yet by this clock passed in silence, though the broker refuses it when the
+    // CA machine's clock was ahead at issue. Which clock is off cannot be told: both are
+    // named; hours fail the check, minutes warn.
+    let issue_ahead = |ahead: Duration| {
+        let spec = trmx_certs::IssueSpec::participant("NL-NRM");
+        let at = std::time::SystemTime::now() + ahead;
+        ca.issue_at(&spec, &paths, true, at).expect("issue")
+    };
+    let info = issue_ahead(Duration::from_secs(2 * 3600));
+    let line = assert_one_line_failure(&run(&["--config", config_arg, "check-config"]));
+    assert!(
+        line.starts_with(&format!(
+            "tls.cert: {}: it is not valid before {}, and this machine's clock says ",
+            c.tls.cert.display(),
+            trmx_certs::format_time(info.not_before)
+        )),
+        "{line}"
+    );
+    assert!(
+        line.contains(
+            "either this clock is behind (the certificate is valid for the broker with a right \
+             clock, "
+        ),
+        "{line}"
+    );
+    assert!(
+        line.contains(
+            "or the CA machine's clock was ahead when it issued the certificate (the broker \
+             would refuse it until "
+        ),
+        "{line}"
+    );
+    issue_ahead(Duration::from_secs(8 * 60));
+    let output = run(&["--json", "--config", config_arg, "check-config"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("one object");
+    let warnings = report["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{report}");
+    assert!(
+        warnings[0]
+            .as_str()
+            .expect("text")
+            .contains("minute(s) earlier: either this clock is behind"),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
