@@ -566,8 +566,8 @@ fn out_prefix(out: Option<PathBuf>, stem: &str) -> Result<PathBuf, CertError> {
     }
     match std::fs::metadata(&out) {
         Ok(meta) if meta.is_dir() => Err(invalid(format!(
-            "{0} is an existing directory: give --out {1}/ to write the files inside it as {2}, \
-             or a path prefix that names no directory (e.g. --out {1}/{2})",
+            "{0} is an existing directory: give --out {1}/ to write the files inside it as \
+             {2}.*, or a path prefix that names no directory (e.g. --out {1}/{2})",
             out.display(),
             shell_word(&text),
             stem

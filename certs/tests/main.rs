@@ -1966,7 +1966,7 @@ mod cli {
         assert_eq!(
             err,
             "error: --out is invalid: existing is an existing directory: give --out existing/ \
-             to write the files inside it as BE-PAYOKE, or a path prefix that names no \
+             to write the files inside it as BE-PAYOKE.*, or a path prefix that names no \
              directory (e.g. --out existing/BE-PAYOKE)"
         );
         let err = failed(&certs(
