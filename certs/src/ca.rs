@@ -183,6 +183,16 @@ pub struct Revocation {
     pub already_revoked: bool,
 }
 
+/// What [`Ca::issue_with`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The new certificate.
+    pub cert: CertInfo,
+    /// The certificate of this CA that was in the certificate file and was replaced (with
+    /// `force`), read under the CA lock: it stays valid until it expires unless revoked.
+    pub replaced: Option<CertInfo>,
+}
+
 /// What [`Ca::renew`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Renewal {
@@ -611,9 +621,8 @@ impl Ca {
         out: &CertPaths,
         force: bool,
     ) -> Result<CertInfo, CertError> {
-        let now = SystemTime::now();
-        self.view.check_clock(now)?;
-        self.issue_at(spec, out, force, now)
+        self.issue_with(spec, out, None, force)
+            .map(|issued| issued.cert)
     }
 
     /// [`Ca::issue`] with an explicit "now" (for tests of expiry handling), taken as it is:
@@ -634,6 +643,7 @@ impl Ca {
             force,
             now,
         )
+        .map(|issued| issued.cert)
     }
 
     /// Issues a certificate for `spec` to the key of `request` and writes it to `cert`
@@ -647,11 +657,32 @@ impl Ca {
         cert: &Path,
         force: bool,
     ) -> Result<CertInfo, CertError> {
+        let out = CertPaths::for_cert(cert);
+        self.issue_with(spec, &out, Some(request), force)
+            .map(|issued| issued.cert)
+    }
+
+    /// [`Ca::issue`] (`request` `None`) or [`Ca::issue_for_request`] (only `out.cert` is
+    /// written), saying which certificate of this CA it replaced. That is read under the CA
+    /// lock: read before it (as the CLI did), two forced issues at once both said they
+    /// replaced the certificate that was there first, and the second called the one the
+    /// first wrote, which it did replace, "another valid certificate, which this one does
+    /// not replace".
+    pub fn issue_with(
+        &self,
+        spec: &IssueSpec,
+        out: &CertPaths,
+        request: Option<&CertRequest>,
+        force: bool,
+    ) -> Result<Issued, CertError> {
         let now = SystemTime::now();
         self.view.check_clock(now)?;
         let lock = self.lock_dir()?;
-        let key = NewKey::Request(request);
-        self.issue_locked(&lock, spec, cert, key, force, now)
+        let key = match request {
+            Some(request) => NewKey::Request(request),
+            None => NewKey::Generate(&out.key),
+        };
+        self.issue_locked(&lock, spec, &out.cert, key, force, now)
     }
 
     fn issue_locked(
@@ -662,7 +693,7 @@ impl Ca {
         key: NewKey<'_>,
         force: bool,
         now: SystemTime,
-    ) -> Result<CertInfo, CertError> {
+    ) -> Result<Issued, CertError> {
         let identity = Identity::new(&self.view.trust_domain, spec.role.clone())?;
         check_validity_days(spec.validity_days)?;
         let not_after = now + days(spec.validity_days);
@@ -701,6 +732,12 @@ impl Ca {
             }
         }
         self.check_targets(cert_path, key)?;
+        // (a missing, unreadable or foreign file is replaced too, with nothing to revoke)
+        let replaced = if force {
+            self.verify_issued(cert_path).ok()
+        } else {
+            None
+        };
 
         let key = match key {
             NewKey::Generate(path) => Certified::Made(
@@ -783,7 +820,10 @@ impl Ca {
                 },
             });
         }
-        Ok(info)
+        Ok(Issued {
+            cert: info,
+            replaced,
+        })
     }
 
     /// Refuses, before anything is made or recorded, the files an issue or renewal would
@@ -1122,9 +1162,10 @@ impl Ca {
         // The certificate is read and the targets checked under the lock: read before it,
         // two renewals at once both renewed the certificate they had read, the second
         // writing over the first one's new pair and recording itself as the successor of
-        // the old serial, so the first new certificate stayed valid with no file, no
-        // `renewed_by` and no revoke command printed. Under the lock the second renews
-        // what the first left, as if run after it.
+        // the old serial, so the first new certificate stayed valid with no file and no
+        // `renewed_by`, both runs said they replaced the old serial, and the second called
+        // the one it replaced "another valid certificate, which this one does not replace".
+        // Under the lock the second renews what the first left, as if run after it.
         let lock = self.lock_dir()?;
         let old = self.verify_issued(cert)?;
         // (the CA's own files first: the more precise refusal)
@@ -1138,7 +1179,7 @@ impl Ca {
             ips: old.ips.clone(),
             validity_days,
         };
-        let new = self.issue_locked(&lock, &spec, cert, key, true, now)?;
+        let new = self.issue_locked(&lock, &spec, cert, key, true, now)?.cert;
         let mut old_revoked_at = None;
         self.update_index(&lock, |index| {
             if let Some(entry) = index.certs.iter_mut().find(|c| c.serial == old.serial_hex) {

@@ -38,8 +38,8 @@ use std::time::SystemTime;
 
 pub use ca::{
     CLOCK_SKEW_ALLOWANCE, Ca, CaOptions, CaView, CertPaths, DEFAULT_CA_VALIDITY_DAYS,
-    DEFAULT_CRL_NEXT_UPDATE, DEFAULT_VALIDITY_DAYS, IssueSpec, IssuedCert, LOCK_WAIT, Renewal,
-    Revocation,
+    DEFAULT_CRL_NEXT_UPDATE, DEFAULT_VALIDITY_DAYS, IssueSpec, Issued, IssuedCert, LOCK_WAIT,
+    Renewal, Revocation,
 };
 pub use error::CertError;
 pub use federation::Federation;

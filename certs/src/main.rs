@@ -448,20 +448,13 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
     let prefix = out_prefix(common.out, &default_stem)?;
     let ca = open_ca(&common.ca.dir)?;
     let paths = CertPaths::from_prefix(&prefix);
-    // read before it is overwritten: its serial is all that is left to revoke it by. A
-    // missing, unreadable or foreign file is overwritten too, with nothing to revoke here.
-    let replaced = if common.force {
-        ca.verify_issued(&paths.cert).ok()
-    } else {
-        None
-    };
-    let info = match &request {
-        Some(request) => {
-            print_request(request);
-            ca.issue_for_request(&spec, request, &paths.cert, common.force)?
-        }
-        None => ca.issue(&spec, &paths, common.force)?,
-    };
+    if let Some(request) = &request {
+        print_request(request);
+    }
+    // (what it replaced is read under the CA lock: its serial is all that is left to
+    // revoke it by)
+    let issued = ca.issue_with(&spec, &paths, request.as_ref(), common.force)?;
+    let (info, replaced) = (issued.cert, issued.replaced);
     let key = request.is_none().then_some(paths.key.as_path());
     print_written(&paths.cert, key, &info);
     if request.is_some() {

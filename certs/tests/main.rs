@@ -1515,18 +1515,11 @@ mod cli {
         line.split_whitespace().map(str::to_string).collect()
     }
 
-    /// `renew` read the certificate and checked its targets before taking the CA lock: two
-    /// renewals of one certificate at once both renewed the certificate they had read, the
-    /// second wrote over the first one's new pair and was recorded as the old serial's
-    /// successor, and the first new certificate stayed valid with no file, no `renewed_by`
-    /// and no revoke command printed. Both now wait here on a held lock; once it is
-    /// released, the second renews what the first left, as if run after it.
-    #[test]
-    fn two_renewals_at_once_are_one_after_the_other() {
+    /// Runs each of `runs` as its own `trmx-certs` process in `d`, all started while this
+    /// test holds `ca/ca.lock` (so each has read what it reads before the lock and waits
+    /// for it), then releases the lock and returns what each printed.
+    fn at_once_on_a_held_lock(d: &Path, runs: &[&[&str]]) -> Vec<String> {
         use rustix::fs::{FlockOperation, flock};
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let first = init_and_issue_node(d);
         let lock = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1535,25 +1528,81 @@ mod cli {
             .open(d.join("ca/ca.lock"))
             .unwrap();
         flock(&lock, FlockOperation::LockExclusive).unwrap();
-        let renewals: Vec<_> = (0..2)
-            .map(|_| {
+        let children: Vec<_> = runs
+            .iter()
+            .map(|args| {
                 Command::new(env!("CARGO_BIN_EXE_trmx-certs"))
                     .current_dir(d)
                     .env_remove("TRMX_CA_DIR")
-                    .args(["renew", "--dir", "ca", "NL-NRM.pem"])
+                    .args(*args)
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
                     .spawn()
                     .unwrap()
             })
             .collect();
-        // (time for both to reach the lock; the outcome must not depend on it)
+        // (time for each to reach the lock; the outcome must not depend on it)
         std::thread::sleep(Duration::from_millis(500));
         drop(lock);
-        let printed: Vec<String> = renewals
+        children
             .into_iter()
             .map(|child| ok(&child.wait_with_output().unwrap()))
-            .collect();
+            .collect()
+    }
+
+    /// `issue --force` read the certificate it replaces before taking the CA lock: two at
+    /// once both said they replaced the certificate that was there first (with its revoke
+    /// command), and the one the first of them wrote, replaced by the second, was called
+    /// another certificate "which this one does not replace". What is replaced is now read
+    /// under the lock: each names what it replaced, with its revoke command, once.
+    #[test]
+    fn two_forced_issues_at_once_each_name_what_they_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let first = init_and_issue_node(d);
+        let issue: &[&str] = &[
+            "issue",
+            "node",
+            "--dir",
+            "ca",
+            "--participant",
+            "NL-NRM",
+            "--force",
+        ];
+        let printed = at_once_on_a_held_lock(d, &[issue, issue]);
+        let in_file = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
+            .unwrap()
+            .serial_hex;
+        let listed = list(d);
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        let between = listed
+            .iter()
+            .map(|c| c["serial"].as_str().unwrap().to_string())
+            .find(|s| *s != first && *s != in_file)
+            .unwrap();
+        for serial in [&first, &between] {
+            let told = printed
+                .iter()
+                .filter(|out| out.contains(&format!("--serial {serial}\n")))
+                .count();
+            assert_eq!(told, 1, "{serial}: {printed:?}");
+        }
+    }
+
+    /// `renew` read the certificate and checked its targets before taking the CA lock: two
+    /// renewals of one certificate at once both renewed the certificate they had read, the
+    /// second wrote over the first one's new pair and was recorded as the old serial's
+    /// successor, and the first new certificate stayed valid with no file and no
+    /// `renewed_by`, while both said they replaced the old serial. Both now wait here on a
+    /// held lock; once it is released, the second renews what the first left, as if run
+    /// after it: one chain in the index, each replaced serial told once.
+    #[test]
+    fn two_renewals_at_once_are_one_after_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let first = init_and_issue_node(d);
+        let renew: &[&str] = &["renew", "--dir", "ca", "NL-NRM.pem"];
+        let printed = at_once_on_a_held_lock(d, &[renew, renew]);
         let in_file = CertInfo::from_pem_file(&d.join("NL-NRM.pem"))
             .unwrap()
             .serial_hex;
