@@ -135,7 +135,8 @@ enum Command {
     Admin(Box<crate::admin_cli::AdminArgs>),
     /// Offline audit-log work on a stopped broker's data directory (`audit verify`).
     Audit(crate::admin_cli::OfflineAuditArgs),
-    /// Offline work on a stopped broker's store (`store compact`, `store verify`).
+    /// Offline work on a stopped broker's store (`store compact`, `store verify`,
+    /// `store accept-clock`).
     Store(crate::admin_cli::OfflineStoreArgs),
 }
 
