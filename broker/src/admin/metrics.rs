@@ -1186,6 +1186,7 @@ fn format_value(value: f64) -> String {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use std::collections::BTreeSet;
 
     const START: Millis = 1_750_000_000_000;
 
@@ -1742,5 +1743,87 @@ mod tests {
         // a participant stays in the registry: its expired certificate still alerts
         assert!(text.contains(&series("NL-NRM", "participant")), "{text}");
         assert!(metrics.readiness().is_ready());
+    }
+
+    /// The names in `text` that look like metric families (`trmx_…`), a histogram's
+    /// series folded into their family, crate names (log targets) left out.
+    fn metric_names(text: &str) -> BTreeSet<String> {
+        const CRATES: [&str; 7] = [
+            "trmx_broker",
+            "trmx_node",
+            "trmx_proto",
+            "trmx_certs",
+            "trmx_transport",
+            "trmx_durable",
+            "trmx_tests",
+        ];
+        let mut names = BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("trmx_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = tail[..end].trim_end_matches('_');
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            if !CRATES.contains(&family) {
+                names.insert(family.to_owned());
+            }
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    /// ops/README.md's table is the operator's reference of what `/metrics` holds, and the
+    /// alert rules and the dashboard are useless on a family the broker does not export (a
+    /// rule on a missing series evaluates fine and never fires, so `ops/check.sh` cannot
+    /// tell): the docs and the code must name the same families.
+    #[test]
+    fn every_exported_family_is_documented() {
+        let (metrics, _clock) = registry();
+        let exported: BTreeSet<String> = metrics
+            .render()
+            .lines()
+            .filter_map(|line| line.strip_prefix("# HELP "))
+            .filter_map(|line| line.split(' ').next())
+            .map(str::to_owned)
+            .collect();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let read = |path: &str| {
+            std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let ops_readme = read("ops/README.md");
+        let table: BTreeSet<String> = ops_readme
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|line| line.split('`').next())
+            .filter(|name| name.starts_with("trmx_"))
+            .map(str::to_owned)
+            .collect();
+        let undocumented: Vec<_> = exported.difference(&table).collect();
+        assert!(
+            undocumented.is_empty(),
+            "exported but missing from ops/README.md's table of metrics: {undocumented:?}"
+        );
+        for path in [
+            "ops/README.md",
+            "ops/prometheus/alerts.yml",
+            "ops/prometheus/alerts_test.yml",
+            "ops/grafana/trmx-broker.json",
+            "README.md",
+            "ARCHITECTURE.md",
+        ] {
+            let missing: Vec<_> = metric_names(&read(path))
+                .into_iter()
+                .filter(|name| !exported.contains(name))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "{path} names metrics the broker does not export: {missing:?}"
+            );
+        }
     }
 }
