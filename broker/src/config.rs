@@ -1295,6 +1295,217 @@ accepts = ["referral", "MESSAGE_KIND_FOLLOW_UP"]
         );
     }
 
+    /// An operator reads `broker.example.toml` as the reference: every setting the broker
+    /// takes is in it (set, or commented out where it has no value to show), and every
+    /// value it sets is the default, but for the paths and the registry, which have none.
+    /// The destructurings name every field, so a new setting does not compile here until
+    /// the example has it.
+    #[test]
+    fn the_example_config_shows_every_setting_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let example = BrokerConfig::load(&path).unwrap();
+        let defaults = BrokerConfig::from_toml(&minimal()).unwrap();
+
+        let BrokerConfig {
+            listen: _,
+            admin_listen: _,
+            admin_allowed_hosts: _,
+            name: _,
+            data_dir: _,
+            tls,
+            store,
+            limits,
+            lifecycle,
+            participants: _,
+        } = &example;
+        let TlsConfig {
+            ca: _,
+            cert: _,
+            key: _,
+            crl: _,
+            crl_reload_interval: _,
+            crl_policy: _,
+        } = tls;
+        let StoreConfig {
+            cache_capacity: _,
+            writer_nice: _,
+        } = store;
+        let LimitsConfig {
+            max_envelope_bytes: _,
+            max_connections: _,
+            max_connections_per_identity: _,
+            max_handshakes: _,
+            max_handshakes_per_ip: _,
+            max_concurrent_streams: _,
+            concurrency_per_connection: _,
+            max_streams_per_participant: _,
+            handshake_timeout: _,
+            http2_keepalive_interval: _,
+            http2_keepalive_timeout: _,
+            tcp_keepalive: _,
+            request_timeout: _,
+            default_max_in_flight: _,
+            max_max_in_flight: _,
+            receive_buffer_bytes: _,
+            default_lifetime: _,
+            max_lifetime: _,
+            sender_rate_per_second: _,
+            sender_rate_burst: _,
+            max_queued_bytes_per_sender: _,
+            refusal_delay: _,
+            max_concurrent_submits_per_sender: _,
+            max_waiting_submit_bytes_per_sender: _,
+            max_concurrent_requests_per_participant: _,
+            max_ack_ids_in_progress_per_participant: _,
+            max_incoming_request_bytes_per_identity: _,
+            min_free_disk_bytes: _,
+            shutdown_grace: _,
+        } = limits;
+        let LifecycleConfig {
+            ack_timeout: _,
+            max_attempts: _,
+            backoff_base: _,
+            backoff_max: _,
+            dead_letter_retention: _,
+            metadata_retention: _,
+            tick_interval: _,
+            max_clock_step: _,
+            max_downtime: _,
+        } = lifecycle;
+        let sections: [(&str, &[&str]); 5] = [
+            (
+                "",
+                &[
+                    "listen",
+                    "admin_listen",
+                    "admin_allowed_hosts",
+                    "name",
+                    "data_dir",
+                ],
+            ),
+            (
+                "tls",
+                &[
+                    "ca",
+                    "cert",
+                    "key",
+                    "crl",
+                    "crl_reload_interval",
+                    "crl_policy",
+                ],
+            ),
+            ("store", &["cache_capacity", "writer_nice"]),
+            (
+                "limits",
+                &[
+                    "max_envelope_bytes",
+                    "max_connections",
+                    "max_connections_per_identity",
+                    "max_handshakes",
+                    "max_handshakes_per_ip",
+                    "max_concurrent_streams",
+                    "concurrency_per_connection",
+                    "max_streams_per_participant",
+                    "handshake_timeout",
+                    "http2_keepalive_interval",
+                    "http2_keepalive_timeout",
+                    "tcp_keepalive",
+                    "request_timeout",
+                    "default_max_in_flight",
+                    "max_max_in_flight",
+                    "receive_buffer_bytes",
+                    "default_lifetime",
+                    "max_lifetime",
+                    "sender_rate_per_second",
+                    "sender_rate_burst",
+                    "max_queued_bytes_per_sender",
+                    "refusal_delay",
+                    "max_concurrent_submits_per_sender",
+                    "max_waiting_submit_bytes_per_sender",
+                    "max_concurrent_requests_per_participant",
+                    "max_ack_ids_in_progress_per_participant",
+                    "max_incoming_request_bytes_per_identity",
+                    "min_free_disk_bytes",
+                    "shutdown_grace",
+                ],
+            ),
+            (
+                "lifecycle",
+                &[
+                    "ack_timeout",
+                    "max_attempts",
+                    "backoff_base",
+                    "backoff_max",
+                    "dead_letter_retention",
+                    "metadata_retention",
+                    "tick_interval",
+                    "max_clock_step",
+                    "max_downtime",
+                ],
+            ),
+        ];
+        // each key, set or commented out (`# key = …`), in its own section of the file
+        let mut section = "";
+        let mut shown = HashSet::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name;
+                continue;
+            }
+            let setting = line.trim_start_matches('#').trim_start();
+            if let Some((key, _)) = setting.split_once(" = ") {
+                shown.insert((section, key));
+            }
+        }
+        for (section, keys) in sections {
+            for key in keys {
+                assert!(
+                    shown.contains(&(section, *key)),
+                    "broker.example.toml does not show [{section}] {key}"
+                );
+            }
+        }
+
+        // what the example sets is the default, but for what has none
+        let mut expected = example.clone();
+        expected.data_dir = defaults.data_dir.clone();
+        expected.tls.ca = defaults.tls.ca.clone();
+        expected.tls.cert = defaults.tls.cert.clone();
+        expected.tls.key = defaults.tls.key.clone();
+        expected.tls.crl = None;
+        expected.participants = defaults.participants.clone();
+        let table = |c: &BrokerConfig| c.to_toml().unwrap().parse::<toml::Table>().unwrap();
+        let (set, default) = (table(&expected), table(&defaults));
+        let mut differ = Vec::new();
+        let mut compare =
+            |name: String, set: Option<&toml::Value>, default: Option<&toml::Value>| {
+                if set != default {
+                    differ.push(format!(
+                        "{name}: {set:?} in the example, {default:?} by default"
+                    ));
+                }
+            };
+        for key in set.keys().chain(default.keys()) {
+            match (set.get(key), default.get(key)) {
+                (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                    for inner in a.keys().chain(b.keys()) {
+                        compare(format!("{key}.{inner}"), a.get(inner), b.get(inner));
+                    }
+                }
+                (a, b) => compare(key.clone(), a, b),
+            }
+        }
+        differ.sort();
+        differ.dedup();
+        assert!(
+            differ.is_empty(),
+            "broker.example.toml sets values other than the defaults: {differ:#?}"
+        );
+        assert_eq!(expected, defaults);
+    }
+
     #[test]
     fn toml_round_trips() {
         let config = BrokerConfig::from_toml(&minimal()).unwrap();
