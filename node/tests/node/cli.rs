@@ -477,6 +477,48 @@ key = "{}"
     sandbox.write(&format!("{participant}.toml"), &config)
 }
 
+/// The commented example config, with the files it names in place, passes `check-config`:
+/// an operator who copies it and installs the certificates gets a node that starts.
+#[test]
+fn the_example_config_passes_check_config_with_its_files_in_place() {
+    let sandbox = Sandbox::new();
+    let c = &sandbox.config;
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("node.example.toml"))
+            .expect("node.example.toml reads");
+    let crl = c.tls.ca.with_file_name("crl.pem");
+    let quoted = |path: &Path| format!("{:?}", path.display().to_string());
+    let mut text = example.clone();
+    for (from, to) in [
+        ("\"/etc/trmx/ca.pem\"", quoted(&c.tls.ca)),
+        ("\"/etc/trmx/NL-NRM.pem\"", quoted(&c.tls.cert)),
+        ("\"/etc/trmx/NL-NRM.key\"", quoted(&c.tls.key)),
+        ("\"/etc/trmx/crl.pem\"", quoted(&crl)),
+        (
+            "data_dir = \"/var/lib/trmx-node\"",
+            format!("data_dir = {}", quoted(&sandbox.path().join("data"))),
+        ),
+    ] {
+        assert!(
+            text.contains(from),
+            "node.example.toml no longer has {from}"
+        );
+        text = text.replace(from, &to);
+    }
+    let config_path = sandbox.write("example.toml", &text);
+    let output = run(&[
+        "--config",
+        config_path.to_str().expect("utf-8"),
+        "check-config",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("# config OK"),
+        "{}",
+        stdout(&output)
+    );
+}
+
 /// `check-config` checks what `run` would, starts nothing, and says what it found.
 #[test]
 fn check_config_says_what_the_node_would_use_or_the_one_problem() {

@@ -47,6 +47,120 @@ fn the_example_config_loads() {
     );
 }
 
+/// An operator reads `node.example.toml` as the reference: every setting the node takes
+/// is in it (set, or commented out where its default depends on another), and every value
+/// it sets is the default, but for those that have none. The destructurings name every
+/// field, so a new setting does not compile here until the example has it.
+#[test]
+fn the_example_config_shows_every_setting_with_its_default() {
+    use trmx_node::config::{ApiSection, BrokerSection, StorageSection, TlsSection};
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("node.example.toml");
+    let text = std::fs::read_to_string(&path).expect("node.example.toml reads");
+    let example = NodeConfig::parse(&text).expect("node.example.toml parses");
+    let defaults = NodeConfig::parse(MINIMAL).expect("minimal parses");
+
+    let NodeConfig {
+        participant: _,
+        data_dir: _,
+        log_level: _,
+        broker,
+        tls,
+        api,
+        storage,
+    } = &example;
+    let BrokerSection {
+        address: _,
+        server_name: _,
+        max_in_flight: _,
+        reconnect_min_ms: _,
+        reconnect_max_ms: _,
+        message_lifetime_hours: _,
+        outbox_check_interval_secs: _,
+        submit_answer_timeout_secs: _,
+    } = broker;
+    let TlsSection {
+        ca: _,
+        cert: _,
+        key: _,
+        crl: _,
+    } = tls;
+    let ApiSection {
+        socket: _,
+        max_connections: _,
+        max_watch_streams: _,
+    } = api;
+    let StorageSection {
+        cache_capacity_mb: _,
+        retention_check_interval_secs: _,
+        max_clock_step_secs: _,
+        max_downtime_secs: _,
+    } = storage;
+    let sections: [(&str, &[&str]); 5] = [
+        ("", &["participant", "data_dir", "log_level"]),
+        (
+            "broker",
+            &[
+                "address",
+                "server_name",
+                "max_in_flight",
+                "reconnect_min_ms",
+                "reconnect_max_ms",
+                "message_lifetime_hours",
+                "outbox_check_interval_secs",
+                "submit_answer_timeout_secs",
+            ],
+        ),
+        ("tls", &["ca", "cert", "key", "crl"]),
+        ("api", &["socket", "max_connections", "max_watch_streams"]),
+        (
+            "storage",
+            &[
+                "cache_capacity_mb",
+                "retention_check_interval_secs",
+                "max_clock_step_secs",
+                "max_downtime_secs",
+            ],
+        ),
+    ];
+    // each key, set or commented out (`# key = …`), in its own section of the file
+    let mut section = "";
+    let mut shown = std::collections::HashSet::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name;
+            continue;
+        }
+        let setting = line.trim_start_matches('#').trim_start();
+        if let Some((key, _)) = setting.split_once(" = ") {
+            shown.insert((section, key));
+        }
+    }
+    for (section, keys) in sections {
+        for key in keys {
+            assert!(
+                shown.contains(&(section, *key)),
+                "node.example.toml does not show [{section}] {key}"
+            );
+        }
+    }
+
+    // what the example sets is the default, but for what has none
+    let mut expected = example.clone();
+    expected.participant = defaults.participant.clone();
+    expected.data_dir = defaults.data_dir.clone();
+    expected.broker.address = defaults.broker.address.clone();
+    expected.broker.server_name = defaults.broker.server_name.clone();
+    expected.tls = defaults.tls.clone();
+    let message = "node.example.toml sets a value other than the default (left: the example)";
+    assert_eq!(expected.log_level, defaults.log_level, "{message}");
+    assert_eq!(expected.broker, defaults.broker, "[broker]: {message}");
+    assert_eq!(expected.api, defaults.api, "[api]: {message}");
+    assert_eq!(expected.storage, defaults.storage, "[storage]: {message}");
+    assert_eq!(expected, defaults, "{message}");
+}
+
 #[test]
 fn defaults_and_relative_paths() {
     let dir = tempfile::tempdir().expect("temp dir");
