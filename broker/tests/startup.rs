@@ -18,6 +18,40 @@ async fn start(config: &BrokerConfig) -> Result<trmx_broker::RunningBroker, Brok
     Broker::builder(config.clone()).start(listener).await
 }
 
+/// The commented example config, with the files it names in place, passes `check-config`:
+/// an operator who copies it and installs the certificates gets a broker that starts.
+#[test]
+fn the_example_config_passes_check_config_with_its_files_in_place() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let crl = pki.tls.crl.clone().expect("the harness makes a CRL");
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("broker.example.toml"),
+    )?;
+    let quoted = |path: &std::path::Path| format!("{:?}", path.display().to_string());
+    let mut text = example.clone();
+    for (from, to) in [
+        ("\"/etc/trmx/ca.pem\"", quoted(&pki.tls.ca)),
+        ("\"/etc/trmx/broker.pem\"", quoted(&pki.tls.cert)),
+        ("\"/etc/trmx/broker.key\"", quoted(&pki.tls.key)),
+        ("\"/etc/trmx/crl.pem\"", quoted(&crl)),
+        (
+            "\"/var/lib/trmx-broker/store\"",
+            quoted(&dir.path().join("store")),
+        ),
+    ] {
+        assert!(
+            text.contains(from),
+            "broker.example.toml no longer has {from}"
+        );
+        text = text.replace(from, &to);
+    }
+    let config = BrokerConfig::from_toml(&text)?;
+    let checked = trmx_broker::check_config(&config);
+    assert!(checked.is_ok(), "{checked:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn broken_tls_material_is_refused_at_start_naming_the_file() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
