@@ -13,7 +13,7 @@ use trmx_broker::clock::Clock;
 use trmx_broker::store::audit::{AuditEvent, OperatorAction};
 use trmx_proto::pb::operator_client::OperatorClient;
 use trmx_proto::time::to_timestamp;
-use trmx_proto::{Kind, pb};
+use trmx_proto::{Kind, MessageId, pb};
 use trmx_transport::{ClientOptions, TlsPaths, client_channel};
 
 use crate::harness::*;
@@ -626,7 +626,7 @@ async fn a_receipt_id_two_participants_hold_is_named_by_its_participant() -> any
         assert_eq!(id_of(&next(&mut stream).await?), id);
         assert_eq!(ack(client, [&id]).await?, vec![pb::AckResult::Acknowledged]);
     }
-    let dr = trmx_broker::store::receipt_id(id.parse()?, pb::Outcome::Delivered).to_string();
+    let dr = MessageId::receipt_for(id.parse()?, pb::Outcome::Delivered).to_string();
     let purge = |sender: &str| pb::PurgeRequest {
         message_id: dr.clone(),
         reason: "stuck at the sender".into(),

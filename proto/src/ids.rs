@@ -122,9 +122,17 @@ impl MessageId {
         self.0.get_version_num() == 5
     }
 
-    /// The id of the broker-made receipt for `original` with `outcome`:
-    /// UUIDv5 of (original id, outcome name), so that a repeated receipt is
-    /// recognisably the same message.
+    /// The id of the broker-made receipt for `original` with `outcome`
+    /// (DESIGN.md §3, Receipts): the broker makes it so and a node checks a
+    /// receipt's id against it, so both call this one function.
+    pub fn receipt_for(original: MessageId, outcome: crate::pb::Outcome) -> Self {
+        Self::receipt_id(original, receipt_outcome_name(outcome))
+    }
+
+    /// The id of the broker-made receipt for `original` with the outcome named
+    /// `outcome` (see [`receipt_outcome_name`]): UUIDv5 of (original id,
+    /// outcome name), so that a repeated receipt is recognisably the same
+    /// message.
     pub fn receipt_id(original: MessageId, outcome: &str) -> Self {
         let mut name = original.0.hyphenated().to_string();
         name.push(':');
@@ -138,6 +146,15 @@ impl CaseRef {
     pub fn new_random() -> Self {
         Self(uuid::Uuid::new_v4())
     }
+}
+
+/// The name hashed into a receipt's id: the [`crate::pb::Outcome`] value's name
+/// without its `OUTCOME_` prefix (`DELIVERED`, `EXPIRED`, `REJECTED_BY_RECIPIENT`,
+/// `DEAD_LETTERED`, `PURGED`). Part of the wire contract: changing it changes
+/// every receipt id.
+pub fn receipt_outcome_name(outcome: crate::pb::Outcome) -> &'static str {
+    let name = outcome.as_str_name();
+    name.strip_prefix("OUTCOME_").unwrap_or(name)
 }
 
 /// Namespace of receipt ids (UUIDv5). Fixed forever: changing it would make
@@ -228,6 +245,32 @@ mod tests {
         assert_ne!(
             MessageId::receipt_id(id, "DELIVERED"),
             MessageId::receipt_id(id, "EXPIRED")
+        );
+    }
+
+    /// The outcome names are wire contract (every receipt id hashes one): a
+    /// renamed enum value must not change them silently.
+    #[test]
+    fn receipt_ids_hash_the_outcome_names_of_the_contract() {
+        use crate::pb::Outcome;
+        let id: MessageId = "01890a5d-ac96-774b-bcce-b302099a8057".parse().unwrap();
+        for (outcome, name) in [
+            (Outcome::Delivered, "DELIVERED"),
+            (Outcome::Expired, "EXPIRED"),
+            (Outcome::RejectedByRecipient, "REJECTED_BY_RECIPIENT"),
+            (Outcome::DeadLettered, "DEAD_LETTERED"),
+            (Outcome::Purged, "PURGED"),
+        ] {
+            assert_eq!(receipt_outcome_name(outcome), name);
+            assert_eq!(
+                MessageId::receipt_for(id, outcome),
+                MessageId::receipt_id(id, name)
+            );
+        }
+        assert_eq!(
+            MessageId::receipt_for(id, Outcome::Delivered).to_string(),
+            "e7cc68e9-7f69-50cf-8343-8e628c1d8b0a",
+            "the id of a delivery receipt of a fixed message"
         );
     }
 }

@@ -339,7 +339,7 @@ pub(super) async fn ack_queues_delivery_receipt<S: BrokerStore>(s: &S, c: &Manua
     );
     assert_eq!(
         env.message_id,
-        receipt_id(m.message_id, pb::Outcome::Delivered)
+        MessageId::receipt_for(m.message_id, pb::Outcome::Delivered)
     );
     assert_eq!(env.kind, Kind::DeliveryReceipt);
     assert_eq!(env.sender, None);
@@ -1654,7 +1654,7 @@ pub(super) async fn a_withdrawn_dead_letter_and_its_unread_report_end_quietly<S:
         s.ack(&pid(BE), &[m.message_id], t).await.unwrap(),
         vec![AckResult::NotFound]
     );
-    let ndr = receipt_id(m.message_id, pb::Outcome::DeadLettered);
+    let ndr = MessageId::receipt_for(m.message_id, pb::Outcome::DeadLettered);
     let mr = lifecycle().metadata_retention.as_millis() as u64;
     // the report's lifetime is the metadata retention (it was made at t - 10 s)
     assert_eq!(tick(s, t - 10_000 + mr - 1).await.expired, 0);
@@ -1766,7 +1766,7 @@ pub(super) async fn a_receipt_is_tried_again_past_the_attempt_limit<S: BrokerSto
     submit_ok(s, &m, now).await;
     lease_ids(s, BE, 1, 10, now).await;
     s.ack(&pid(BE), &[m.message_id], now).await.unwrap();
-    let dr = receipt_id(m.message_id, pb::Outcome::Delivered);
+    let dr = MessageId::receipt_for(m.message_id, pb::Outcome::Delivered);
     let max = lifecycle().max_attempts;
     let mut t = now;
     for attempt in 1..=max + 2 {
@@ -1830,8 +1830,8 @@ pub(super) async fn a_message_id_used_again_gets_its_own_receipt<S: BrokerStore>
     lease_ids(s, NG, 2, 10, now).await;
     s.ack(&pid(BE), &[late.message_id], now).await.unwrap();
     s.ack(&pid(NG), &[unread.message_id], now).await.unwrap();
-    let late_dr = receipt_id(late.message_id, pb::Outcome::Delivered);
-    let unread_dr = receipt_id(unread.message_id, pb::Outcome::Delivered);
+    let late_dr = MessageId::receipt_for(late.message_id, pb::Outcome::Delivered);
+    let unread_dr = MessageId::receipt_for(unread.message_id, pb::Outcome::Delivered);
     let hour = 3_600_000;
     tick(s, now + hour).await;
     let leased = lease_ids(s, NL, 3, 10, now + hour).await;
@@ -1943,7 +1943,7 @@ pub(super) async fn an_expired_receipt_is_listed_but_not_redrivable<S: BrokerSto
     submit_ok(s, &m, now).await;
     lease_ids(s, BE, 1, 10, now).await;
     s.ack(&pid(BE), &[m.message_id], now).await.unwrap();
-    let dr = receipt_id(m.message_id, pb::Outcome::Delivered);
+    let dr = MessageId::receipt_for(m.message_id, pb::Outcome::Delivered);
     assert_eq!(tick(s, now + mr).await.expired, 1);
     let dead = s.dead_letters(0, None).await.unwrap().records;
     assert_eq!(dead.len(), 1);
@@ -1994,7 +1994,7 @@ pub(super) async fn an_operator_names_a_receipt_by_its_id_alone<S: BrokerStore>(
     submit_ok(s, &m, now).await;
     lease_ids(s, BE, 1, 10, now).await;
     s.ack(&pid(BE), &[m.message_id], now).await.unwrap();
-    let dr = receipt_id(m.message_id, pb::Outcome::Delivered);
+    let dr = MessageId::receipt_for(m.message_id, pb::Outcome::Delivered);
     // unread: it expires as the message's metadata goes
     tick(s, now + mr).await;
     let t = now + mr + 1_000;
@@ -2059,8 +2059,8 @@ pub(super) async fn receipts_sharing_an_id_are_settled_and_deleted_apart<S: Brok
         lease_ids(s, to, 2, 10, t).await;
         s.ack(&pid(to), &[m.message_id], t).await.unwrap();
     }
-    let kept_dr = receipt_id(kept.message_id, pb::Outcome::Delivered);
-    let refused_dr = receipt_id(refused.message_id, pb::Outcome::Delivered);
+    let kept_dr = MessageId::receipt_for(kept.message_id, pb::Outcome::Delivered);
+    let refused_dr = MessageId::receipt_for(refused.message_id, pb::Outcome::Delivered);
     let records = |id: MessageId| async move {
         let filter = SearchFilter {
             message_id: Some(id),
@@ -2135,7 +2135,7 @@ pub(super) async fn a_receipt_id_two_participants_hold_is_named_by_its_participa
     for (m, to) in [(&ours, BE), (&theirs, NL)] {
         s.ack(&pid(to), &[m.message_id], now).await.unwrap();
     }
-    let dr = receipt_id(ours.message_id, pb::Outcome::Delivered);
+    let dr = MessageId::receipt_for(ours.message_id, pb::Outcome::Delivered);
     assert_eq!(
         s.purge(dr, None, "stuck at the sender", now).await.unwrap(),
         PurgeResult::Ambiguous {
@@ -2468,7 +2468,7 @@ mod sled {
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(
             got[0].0.message_id,
-            receipt_id(acked.message_id, pb::Outcome::Delivered)
+            MessageId::receipt_for(acked.message_id, pb::Outcome::Delivered)
         );
         assert_eq!(got[0].1.outcome, pb::Outcome::Delivered as i32);
         assert_eq!(

@@ -15,7 +15,8 @@
 //!   atomic write ([`BrokerStore::audit_verify`], [`BrokerStore::audit_append_operator`]).
 //!
 //! Receipts (DESIGN.md §3 "Receipts") are made by the store, inside the same
-//! atomic write as the state change that causes them: see [`receipt_outcome_name`].
+//! atomic write as the state change that causes them, under the ids of
+//! [`MessageId::receipt_for`](trmx_proto::MessageId::receipt_for).
 
 use std::time::Duration;
 
@@ -545,19 +546,6 @@ pub enum StoreError {
     /// A stored record cannot be decoded.
     #[error("store data corrupt: {0}")]
     Corrupt(String),
-}
-
-/// The name hashed into a receipt's id: `MessageId::receipt_id(original,
-/// receipt_outcome_name(outcome))`, e.g. `DELIVERED`, `EXPIRED`,
-/// `REJECTED_BY_RECIPIENT`, `DEAD_LETTERED`, `PURGED`.
-pub fn receipt_outcome_name(outcome: pb::Outcome) -> &'static str {
-    let name = outcome.as_str_name();
-    name.strip_prefix("OUTCOME_").unwrap_or(name)
-}
-
-/// The id of the receipt the broker makes for `original` with `outcome`.
-pub fn receipt_id(original: MessageId, outcome: pb::Outcome) -> MessageId {
-    MessageId::receipt_id(original, receipt_outcome_name(outcome))
 }
 
 /// Every method that changes state returns only after the change is durable (flushed);

@@ -227,8 +227,7 @@ impl FakeBroker {
             return;
         };
         let envelope = pb::Envelope {
-            message_id: MessageId::receipt_id(id, super::link::receipt_outcome_name(outcome))
-                .to_string(),
+            message_id: MessageId::receipt_for(id, outcome).to_string(),
             recipient: original.sender.clone(),
             kind: kind.to_pb() as i32,
             case_ref: original.case_ref.clone(),

@@ -1152,15 +1152,6 @@ fn outcome_name(outcome: pb::Outcome) -> &'static str {
     }
 }
 
-/// The outcome's name in a receipt's id, as the broker derives it
-/// (`trmx_broker::store::receipt_outcome_name`: the enum value's name without its
-/// `OUTCOME_` prefix, e.g. `DELIVERED`). Part of the wire contract (DESIGN.md §3,
-/// Receipts): the node checks a receipt's id against it.
-pub(crate) fn receipt_outcome_name(outcome: pb::Outcome) -> &'static str {
-    let name = outcome.as_str_name();
-    name.strip_prefix("OUTCOME_").unwrap_or(name)
-}
-
 /// Checks a receipt (a broker-made delivery) and says what to do with it: its body must
 /// decode, name a message and an outcome that agrees with its kind, and its own id must
 /// be the one the broker derives from those two (UUIDv5 of the original id and the
@@ -1196,7 +1187,7 @@ fn classify_receipt(
     if (kind == Kind::DeliveryReceipt) != (outcome == pb::Outcome::Delivered) {
         return reject_verdict(&rid, "INVALID_BODY", "receipt.outcome");
     }
-    if MessageId::receipt_id(original, receipt_outcome_name(outcome)) != receipt_id {
+    if MessageId::receipt_for(original, outcome) != receipt_id {
         warn!(participant = %inner.config.participant, receipt_id = %receipt_id, message_id = %original, receipt_kind = %kind, "a receipt whose id is not the one the broker derives from the message and outcome it names (a broken broker): rejected, the outbox unchanged");
         return reject_verdict(&rid, "INVALID_BODY", "receipt.message_id");
     }

@@ -233,8 +233,7 @@ fn receipt_envelope(
         Kind::NonDeliveryReport
     };
     pb::Envelope {
-        message_id: MessageId::receipt_id(original, super::link::receipt_outcome_name(outcome))
-            .to_string(),
+        message_id: MessageId::receipt_for(original, outcome).to_string(),
         sender: String::new(),
         recipient: to.into(),
         kind: kind.to_pb() as i32,

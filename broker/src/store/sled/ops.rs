@@ -2206,7 +2206,7 @@ mod tests {
         s.ack(&be, &[m.message_id], NOW).await.unwrap();
         let expired_at = after(NOW, life.metadata_retention);
         assert_eq!(s.tick(expired_at).await.unwrap().expired, 1);
-        let receipt = crate::store::receipt_id(m.message_id, pb::Outcome::Delivered);
+        let receipt = MessageId::receipt_for(m.message_id, pb::Outcome::Delivered);
         let seqs: Vec<u64> = s.inner.core.trees[BY_ID]
             .get(receipt.as_bytes())
             .unwrap()

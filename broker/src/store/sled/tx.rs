@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use prost::Message as _;
-use trmx_proto::{Kind, ParticipantId, pb};
+use trmx_proto::{Kind, MessageId, ParticipantId, pb};
 
 use super::codec::{
     InlinePayload, LeaseEntry, RecipientCounters, Record, TimerKind, backoff_key, decode_seqs,
     encode_seqs, queue_key, read_u64, recipient_counter_key, sender_counter_key, timer_key,
 };
-use crate::store::{Lifecycle, Millis, State, StoreError, receipt_id};
+use crate::store::{Lifecycle, Millis, State, StoreError};
 
 /// Result inside a transaction closure.
 pub(super) type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -365,7 +365,7 @@ impl Tx<'_> {
         let Some(sender) = &original.sender else {
             return Ok(None); // a receipt never causes a receipt
         };
-        let id = receipt_id(original.message_id, outcome);
+        let id = MessageId::receipt_for(original.message_id, outcome);
         // Only a receipt made after `original` was accepted is one of its own (seqs
         // only grow; a redrive keeps the seq): an older one with this id is of an
         // earlier message its sender sent under the same id, whose metadata was
