@@ -220,8 +220,8 @@ pub(crate) struct OutRec {
     due: Option<String>,
     retain_until: Option<String>,
     /// The outcomes of the receipts that contradicted the first final report of this
-    /// message (a delivery receipt after `rejected-by-recipient`, a non-delivery report
-    /// after a delivery receipt): that report stands, and each is said at WARN the first
+    /// message (a delivery receipt after `rejected-by-recipient` or `purged`, one of these
+    /// reports after a delivery receipt): that report stands, and each is said at WARN the first
     /// time it comes only ([`ReceiptEffect::Contradicted`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     contradicted_by: Vec<String>,
@@ -435,18 +435,22 @@ pub(crate) enum ReceiptEffect {
 /// report) contradicts the final report the entry has from the broker: every exit of a
 /// message on the broker is final (DESIGN.md §4) but for a redrive of one expired or
 /// dead-lettered (not rejected), which may then be acknowledged (`FAILED → DELIVERED`).
-/// So a non-delivery report after a delivery receipt, and a delivery receipt after a
-/// report that the recipient rejected it or an operator purged it, say what cannot have
-/// happened (a broken broker, or one whose store was damaged): the first report wins.
-/// The node's own conclusions (withdrawn here, lost by the broker, refused at submit) are
-/// no report: a delivery receipt after them is news, and is taken.
-fn contradicts(rec: &OutRec, target: OutboxState) -> bool {
+/// So a report that the recipient rejected it or an operator purged it, and a delivery
+/// receipt, say together what cannot have happened, in either order (a broken broker, or
+/// one whose store was damaged): the first report wins. An expiry's or a dead-lettering's
+/// report after the delivery receipt is none: a redriven message has both, and the
+/// report, made first, comes again after the receipt when its ack was lost (it is
+/// ignored, as any report after the entry settled). The node's own conclusions
+/// (withdrawn here, lost by the broker, refused at submit) are no report: a delivery
+/// receipt after them is news, and is taken.
+fn contradicts(rec: &OutRec, target: OutboxState, failure: Option<&Failure>) -> bool {
+    let final_report =
+        |f: &Failure| matches!(f.outcome.as_str(), "rejected-by-recipient" | "purged");
     match (rec.state, target) {
-        (OutboxState::Delivered, OutboxState::Failed) => true,
-        (OutboxState::Failed, OutboxState::Delivered) => rec
-            .failure
-            .as_ref()
-            .is_some_and(|f| matches!(f.outcome.as_str(), "rejected-by-recipient" | "purged")),
+        (OutboxState::Delivered, OutboxState::Failed) => failure.is_some_and(final_report),
+        (OutboxState::Failed, OutboxState::Delivered) => {
+            rec.failure.as_ref().is_some_and(final_report)
+        }
         _ => false,
     }
 }
@@ -1420,7 +1424,7 @@ impl Store {
         let contradiction = std::cell::Cell::new(None);
         let updated = self.update_out(id, |rec| {
             contradiction.set(None);
-            if contradicts(rec, target) {
+            if contradicts(rec, target, failure.as_ref()) {
                 let first = !rec.contradicted_by.iter().any(|o| o == outcome);
                 contradiction.set(Some(first));
                 if first {

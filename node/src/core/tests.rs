@@ -568,19 +568,14 @@ async fn receipts_move_the_outbox_forward_only() {
     )
     .await;
     assert_eq!(effect, ReceiptEffect::Moved(OutboxState::Delivered));
-    // Nothing moves a delivered message.
+    // Nothing moves a delivered message (an expiry's report after it is no contradiction
+    // either: a message expired, redriven, then delivered has both, in either order).
     let effect = apply(
         &f.nl,
         receipt_envelope("NL-NRM", id, pb::Outcome::Expired, "EXPIRED"),
     )
     .await;
-    assert_eq!(
-        effect,
-        ReceiptEffect::Contradicted {
-            state: OutboxState::Delivered,
-            first: true
-        }
-    );
+    assert_eq!(effect, ReceiptEffect::Ignored(OutboxState::Delivered));
     let entry = state(&f.nl, id).await;
     assert_eq!(entry.state, OutboxState::Delivered);
     assert!(entry.failure.is_none());
@@ -678,6 +673,52 @@ async fn a_contradictory_receipt_leaves_the_first_report_and_is_said_once() {
         assert_eq!(said.len(), 1, "{said:#?}");
         assert!(!said[0].contains(&case.to_string()), "{}", said[0]);
     }
+}
+
+/// A redriven message gets two true reports from the real broker: the non-delivery
+/// report of its expiry (or dead-lettering), then the delivery receipt once its recipient
+/// stores it. A report redelivered (its ack lost) comes again after the receipt: it says
+/// nothing new, and nothing wrong of the broker. The entry stays `DELIVERED`, and no
+/// WARN calls the broker broken (an operator would hunt a fault that is not there), nor
+/// is a contradiction recorded.
+#[tokio::test]
+async fn a_redriven_message_s_earlier_report_coming_again_is_no_contradiction() {
+    let logs = LogCapture::start();
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let id = sent.message_id;
+    f.nl.inner.store.mark_submitted(id, 1).unwrap();
+    for (outcome, reason) in [
+        (pb::Outcome::Expired, ""),
+        (pb::Outcome::DeadLettered, "MAX_ATTEMPTS"),
+    ] {
+        let report = receipt_envelope("NL-NRM", id, outcome, reason);
+        let first = apply(&f.nl, report.clone()).await;
+        if outcome == pb::Outcome::Expired {
+            assert_eq!(first, ReceiptEffect::Moved(OutboxState::Failed));
+            // the operator's redrive: delivered after all
+            assert_eq!(
+                apply(
+                    &f.nl,
+                    receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, "")
+                )
+                .await,
+                ReceiptEffect::Moved(OutboxState::Delivered)
+            );
+        }
+        // the report again, after the delivery receipt
+        assert_eq!(
+            apply(&f.nl, report).await,
+            ReceiptEffect::Ignored(OutboxState::Delivered)
+        );
+    }
+    let entry = state(&f.nl, id).await;
+    assert_eq!((entry.state, entry.failure), (OutboxState::Delivered, None));
+    let said = logs.lines_with(&["WARN", "contradicts", &id.to_string()]);
+    assert!(said.is_empty(), "{said:#?}");
 }
 
 /// A receipt names the message it reports on in its body, and the broker derives the
