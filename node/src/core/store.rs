@@ -2980,6 +2980,82 @@ mod tests {
         ));
     }
 
+    /// An outbox entry stored by the version before receipts' contradictions and status
+    /// answers about another message were counted (its record as that version encoded
+    /// it: no `contradicted_by`, no `other_answers`) loads after the upgrade, counts those
+    /// answers from zero (10 resubmits, then the bound), and records a contradiction; a
+    /// record without either still encodes as that version wrote it, so that a node
+    /// moved back to it reads what this one wrote.
+    #[test]
+    fn an_outbox_entry_stored_before_the_counters_is_read_and_counted_from_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let ids = submitted(&store, 2);
+            for &id in &ids {
+                let old = serde_json::json!({
+                    "seq": 1, "message_id": id.to_string(), "idempotency_key": "k-old",
+                    "recipient": "BE-PAYOKE", "kind": "referral",
+                    "case_ref": CaseRef::new_random().to_string(), "in_reply_to": null,
+                    "priority": "normal", "state": "Submitted", "answered_by": null,
+                    "created_at": 1_000, "submitted_at": 2_000, "outcome_at": null,
+                    "failure": null, "submit_attempts": 1, "last_error": null,
+                    "body_erased": false, "due": null, "retain_until": null,
+                });
+                store.trees[OUTBOX]
+                    .insert(id.as_bytes(), serde_json::to_vec(&old).unwrap())
+                    .unwrap();
+            }
+            store.db.flush().unwrap();
+            ids
+        };
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (counted, reported) = (ids[0], ids[1]);
+        let answers: Vec<OtherAnswer> = (0..12)
+            .map(|_| store.count_other_answer(counted, 10).unwrap())
+            .collect();
+        assert_eq!(answers[..10], [OtherAnswer::Resubmit; 10]);
+        assert_eq!(
+            answers[10..],
+            [OtherAnswer::BoundReached, OtherAnswer::PastBound]
+        );
+        assert_eq!(
+            store
+                .outbox_entry(counted)
+                .unwrap()
+                .unwrap()
+                .last_error
+                .as_deref(),
+            Some(OTHER_ANSWERS_NOTE)
+        );
+        let purged = Failure {
+            outcome: "purged".into(),
+            reason_code: "PURGED".into(),
+            field_path: String::new(),
+        };
+        assert!(matches!(
+            store.apply_receipt(reported, None, 3_000).unwrap(),
+            ReceiptEffect::Moved(OutboxState::Delivered)
+        ));
+        for first in [true, false] {
+            assert!(matches!(
+                store.apply_receipt(reported, Some(purged.clone()), 4_000).unwrap(),
+                ReceiptEffect::Contradicted { state: OutboxState::Delivered, first: f } if f == first
+            ));
+        }
+        // (the fields are written only once they say something)
+        let (untouched, _) = store.enqueue(&outgoing("k-new")).unwrap();
+        let json = store.trees[OUTBOX]
+            .get(untouched.message_id.as_bytes())
+            .unwrap()
+            .unwrap();
+        let json = String::from_utf8_lossy(&json);
+        assert!(
+            !json.contains("contradicted_by") && !json.contains("other_answers"),
+            "{json}"
+        );
+    }
+
     fn incoming(case_ref: CaseRef, kind: Kind, reply: Option<MessageId>) -> Incoming {
         Incoming {
             message_id: MessageId::new_v7(),
