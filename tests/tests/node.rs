@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tonic::Code;
+use tonic::transport::Channel;
 use trmx_node::core::FAILPOINT_ENV;
 use trmx_proto::Kind;
 use trmx_proto::body::Body;
@@ -903,5 +904,86 @@ async fn a_restarted_node_keeps_its_outbox_and_inbox_and_does_not_redeliver() ->
     assert!(next.seq > last_seq);
     expect_quiet(&mut stream).await?;
     assert_eq!(inbox_ids(&mut be).await?, [first, second]);
+    h.shutdown().await
+}
+
+/// An `Operator` client with a fresh operator certificate of the harness's federation.
+fn operator(h: &Harness) -> anyhow::Result<pb::operator_client::OperatorClient<Channel>> {
+    let cert = h.federation.pki.operator("receipt-probe")?;
+    let tls = trmx_transport::TlsPaths {
+        ca: h.federation.pki.ca_cert_path(),
+        cert: cert.cert,
+        key: cert.key,
+    };
+    let options = trmx_transport::ClientOptions {
+        server_name: "localhost".to_owned(),
+        ..trmx_transport::ClientOptions::default()
+    };
+    let channel = trmx_transport::client_channel(&h.broker_addr().to_string(), &tls, &options)?;
+    Ok(pb::operator_client::OperatorClient::new(channel))
+}
+
+/// The real broker's reports of an expiry, a purge and, after an operator's redrive, a
+/// delivery pass the sending node's checks of a receipt (its id derived from the message
+/// and the outcome, its time), and settle the entries: the expired one `FAILED`, then
+/// `DELIVERED` once redriven and stored (the one way back); the purged one `FAILED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_s_reports_of_expiry_purge_and_a_redrive_settle_the_sender_s_entries()
+-> TestResult {
+    let mut h = Harness::new().await?;
+    h.start_broker().await?;
+    let mut nl = h.start_node(NL).await?;
+    let mut operator = operator(&h)?;
+
+    // BE is offline: one message expires on the broker, one is purged there
+    let short = pb::SendRequest {
+        expires_at: Some(trmx_proto::time::to_timestamp(
+            std::time::SystemTime::now() + Duration::from_secs(2),
+        )),
+        ..referral("expires", BE)
+    };
+    let expiring = send(&mut nl, short).await?;
+    let purged = send(&mut nl, referral("purged", BE)).await?;
+    wait_outbox(&nl, &purged.message_id, "the broker to accept it", |e| {
+        e.state == pb::OutboxState::Submitted as i32
+    })
+    .await?;
+    operator
+        .purge(pb::PurgeRequest {
+            message_id: purged.message_id.clone(),
+            reason: "receipt probe".to_owned(),
+            sender: NL.to_owned(),
+        })
+        .await?;
+    for (id, outcome) in [
+        (&expiring.message_id, "expired"),
+        (&purged.message_id, "purged"),
+    ] {
+        let entry = wait_outbox(&nl, id, "its non-delivery report", |e| {
+            e.state == pb::OutboxState::Failed as i32
+        })
+        .await?;
+        assert_eq!(
+            entry.failure.map(|f| f.outcome).as_deref(),
+            Some(outcome),
+            "{id}"
+        );
+    }
+
+    operator
+        .redrive(pb::RedriveRequest {
+            message_id: expiring.message_id.clone(),
+            sender: NL.to_owned(),
+        })
+        .await?;
+    let be = h.start_node(BE).await?;
+    wait_received(&be, &expiring.message_id).await?;
+    let entry = wait_outbox(&nl, &expiring.message_id, "its delivery receipt", |e| {
+        e.state == pb::OutboxState::Delivered as i32
+    })
+    .await?;
+    assert!(entry.failure.is_none(), "{entry:?}");
+    let entry = outbox_entry(&mut nl, &purged.message_id).await?.unwrap();
+    assert_eq!(state(&entry), pb::OutboxState::Failed);
     h.shutdown().await
 }
