@@ -939,13 +939,7 @@ pub(crate) async fn classify(
         ));
     }
     let Some(sender) = checked.sender.clone() else {
-        return Ok(classify_receipt(
-            inner,
-            id,
-            checked.kind,
-            checked.accepted_at,
-            &envelope.payload,
-        ));
+        return Ok(classify_receipt(inner, id, checked.kind, &envelope.payload));
     };
 
     // Stored before is checked first: a message this node stored (and acknowledged, or
@@ -1158,16 +1152,12 @@ fn outcome_name(outcome: pb::Outcome) -> &'static str {
 /// outcome, DESIGN.md §3): a receipt under any other id is not one the broker made for
 /// a message of this node (a broken broker's, or one relayed from elsewhere), and is
 /// rejected before it moves an outbox entry. Its `at` is the broker's instant of the
-/// outcome; one that is none, or further ahead than [`MAX_CREATED_AHEAD`] of the later
-/// of the delivery's `accepted_at` and this node's clock, is taken as the arrival here
-/// (the outcome is true, its time is not), and said.
-fn classify_receipt(
-    inner: &Inner,
-    receipt_id: MessageId,
-    kind: Kind,
-    accepted_at: SystemTime,
-    payload: &[u8],
-) -> Verdict {
+/// outcome; one that is none, or further ahead than [`MAX_CREATED_AHEAD`] of this node's
+/// clock, is taken as the arrival here (the outcome is true, its time is not), and said.
+/// Not of the delivery's `accepted_at`, as a message's `created_at` is: the broker makes
+/// a receipt's `at` and `accepted_at` from one reading of its clock, so a broker whose
+/// clock is days ahead would pass such a bound with both.
+fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &[u8]) -> Verdict {
     let rid = receipt_id.to_string();
     let Ok(receipt) = pb::Receipt::decode(payload) else {
         return reject_verdict(&rid, "INVALID_BODY", "receipt");
@@ -1200,11 +1190,11 @@ fn classify_receipt(
         }
     });
     let now = inner.clock.now();
-    let latest = accepted_at.max(now).checked_add(MAX_CREATED_AHEAD);
+    let latest = now.checked_add(MAX_CREATED_AHEAD);
     let at = match receipt.at.as_ref().map(from_timestamp) {
         Some(Ok(at)) if latest.is_some_and(|latest| at <= latest) => at,
         Some(_) => {
-            warn!(participant = %inner.config.participant, receipt_id = %receipt_id, message_id = %original, receipt_kind = %kind, "a receipt whose time is no instant or far ahead of the broker's and this node's clocks: its outcome is taken as of its arrival");
+            warn!(participant = %inner.config.participant, receipt_id = %receipt_id, message_id = %original, receipt_kind = %kind, "a receipt whose time is no instant or far ahead of this node's clock: its outcome is taken as of its arrival");
             now
         }
         None => now,

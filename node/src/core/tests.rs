@@ -767,10 +767,9 @@ async fn a_receipt_whose_id_is_not_derived_from_its_message_is_rejected() {
     );
 }
 
-/// A receipt's `at` is the broker's: one far ahead of the broker's and this node's
-/// clocks (a day and more) is taken as the receipt's arrival, and one before the message
-/// was queued here as that instant, so that an entry never shows an outcome before it
-/// was sent or years ahead.
+/// A receipt's `at` is the broker's: one far ahead of this node's clock (a day and more)
+/// is taken as the receipt's arrival, and one before the message was queued here as that
+/// instant, so that an entry never shows an outcome before it was sent or years ahead.
 #[tokio::test]
 async fn a_receipt_time_far_ahead_or_before_the_message_is_not_taken() {
     let f = fixture().await;
@@ -806,6 +805,34 @@ async fn a_receipt_time_far_ahead_or_before_the_message_is_not_taken() {
         Some(state(&f.nl, ids[1]).await.created_at)
     );
     assert!(queued_at < now);
+}
+
+/// The broker makes a receipt's `at`, `created_at` and `accepted_at` from one reading of
+/// its own clock (`tx.rs`, `receipt`): a broker whose clock is days ahead sends all three
+/// days ahead, and `accepted_at` vouches for nothing. Its `at` is bounded by this node's
+/// clock, the only other one there is: taken as the arrival here.
+#[tokio::test]
+async fn a_receipt_from_a_broker_whose_clock_is_days_ahead_is_taken_as_of_its_arrival() {
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    f.nl.inner.store.mark_submitted(sent.message_id, 1).unwrap();
+    let now = to_millis(f.clock.now());
+    let ahead = to_timestamp(f.clock.now() + 3 * DAY);
+    let mut env = receipt_envelope("NL-NRM", sent.message_id, pb::Outcome::Delivered, "");
+    let mut receipt: pb::Receipt = prost::Message::decode(env.payload.as_slice()).unwrap();
+    receipt.at = Some(ahead);
+    env.payload = prost::Message::encode_to_vec(&receipt);
+    env.payload_sha256 = trmx_proto::envelope::sha256(&env.payload).to_vec();
+    env.created_at = Some(ahead);
+    env.accepted_at = Some(ahead);
+    assert_eq!(
+        apply(&f.nl, env).await,
+        ReceiptEffect::Moved(OutboxState::Delivered)
+    );
+    assert_eq!(state(&f.nl, sent.message_id).await.outcome_at, Some(now));
 }
 
 /// A delivery receipt for a message withdrawn here (the withdrawal came too late on
