@@ -1980,6 +1980,56 @@ pub(super) async fn an_expired_receipt_is_listed_but_not_redrivable<S: BrokerSto
     assert!(s.dead_letters(0, None).await.unwrap().records.is_empty());
 }
 
+/// A receipt handed to its addressee's stream when it expires (its node took it in the
+/// last seconds of the metadata retention): the delivery already carries its payload, so
+/// deleting the payload at the expiry takes nothing from it; the lease is reported for
+/// the stream to free its slot, the late ack changes nothing, and the store keeps the
+/// metadata without the payload, as for one that expired queued.
+pub(super) async fn a_receipt_expiring_in_flight_keeps_its_delivery_and_drops_its_payload<
+    S: BrokerStore,
+>(
+    s: &S,
+    c: &ManualClock,
+) {
+    let mr = lifecycle().metadata_retention.as_millis() as u64;
+    let now = c.now_millis();
+    let m = message(NL, BE, Priority::Normal, 10, now);
+    submit_ok(s, &m, now).await;
+    lease_ids(s, BE, 1, 10, now).await;
+    s.ack(&pid(BE), &[m.message_id], now).await.unwrap();
+    let dr = MessageId::receipt_for(m.message_id, pb::Outcome::Delivered);
+    let leased_at = now + mr - 1_000;
+    let delivered = receipts(s, NL, leased_at).await;
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    let (lease, body) = &delivered[0];
+    assert_eq!(lease.message_id, dr);
+    assert_eq!(body.outcome, pb::Outcome::Delivered as i32);
+    let report = tick(s, now + mr).await;
+    assert_eq!(report.expired, 1, "{report:?}");
+    assert_eq!(
+        report
+            .expired_in_flight
+            .iter()
+            .map(|l| (l.recipient.clone(), l.message_id))
+            .collect::<Vec<_>>(),
+        vec![(pid(NL), dr)],
+        "{report:?}"
+    );
+    assert_eq!(
+        s.ack(&pid(NL), &[dr], now + mr + 1).await.unwrap(),
+        vec![AckResult::NotFound]
+    );
+    let dead = s.dead_letters(0, None).await.unwrap().records;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].message_id, dead[0].state), (dr, State::Expired));
+    assert!(
+        !dead[0].payload_kept && !dead[0].redrivable,
+        "{:?}",
+        dead[0]
+    );
+    assert!(lease_ids(s, NL, 2, 10, now + mr + 2).await.is_empty());
+}
+
 /// An operator names a receipt by its id alone (a receipt has no sender to name): when
 /// a message id was used again after its first message's metadata went, the receipt of
 /// the first is still on record under the same id, and the operator's purge or redrive
@@ -2249,6 +2299,7 @@ mod sled {
         a_receipt_is_tried_again_past_the_attempt_limit,
         a_message_id_used_again_gets_its_own_receipt,
         an_expired_receipt_is_listed_but_not_redrivable,
+        a_receipt_expiring_in_flight_keeps_its_delivery_and_drops_its_payload,
         an_operator_names_a_receipt_by_its_id_alone,
         receipts_sharing_an_id_are_settled_and_deleted_apart,
         a_receipt_id_two_participants_hold_is_named_by_its_participant,

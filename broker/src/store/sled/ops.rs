@@ -2274,6 +2274,65 @@ mod tests {
         s.close().await.unwrap();
     }
 
+    /// A tick that fails in a later batch (one whose message's counters cannot be read,
+    /// after a full batch of expiries) reports what its committed first batch did: every
+    /// expiry, the lease that expired in flight among them (its stream frees the slot).
+    /// The next tick neither applies nor reports them again (no slot freed twice, no
+    /// expiry counted twice in `/metrics`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tick_failing_in_a_later_batch_reports_the_batches_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (be, iom) = (
+            ParticipantId::parse("BE-PAYOKE").unwrap(),
+            ParticipantId::parse("INT-IOM").unwrap(),
+        );
+        let s = open(dir.path());
+        let expires_at = NOW + 1_000; // before the ack deadline
+        let mut first = None;
+        for _ in 0..TICK_BATCH {
+            let mut m = message(&be);
+            m.expires_at = expires_at;
+            s.submit(m.clone(), NOW).await.unwrap();
+            first.get_or_insert(m);
+        }
+        let first = first.unwrap();
+        let leased = s.lease(&be, StreamId(1), 1, u64::MAX, NOW).await.unwrap();
+        assert_eq!(leased[0].message_id, first.message_id);
+        // expiring in the next batch, with its recipient's counters unreadable
+        let mut later = message(&iom);
+        later.expires_at = expires_at + 1;
+        s.submit(later.clone(), NOW).await.unwrap();
+        s.inner.core.trees[COUNTERS]
+            .insert(
+                super::super::codec::recipient_counter_key(&iom),
+                &[0xff][..],
+            )
+            .unwrap();
+        let failed = s.tick(later.expires_at).await.unwrap_err();
+        assert!(matches!(failed.error, StoreError::Corrupt(_)), "{failed:?}");
+        assert_eq!(
+            failed.applied.expired, TICK_BATCH as u64,
+            "{:?}",
+            failed.error
+        );
+        assert_eq!(
+            failed
+                .applied
+                .expired_in_flight
+                .iter()
+                .map(|l| l.message_id)
+                .collect::<Vec<_>>(),
+            vec![first.message_id]
+        );
+        let again = s.tick(expires_at).await.unwrap();
+        assert_eq!(
+            (again.expired, again.expired_in_flight.len()),
+            (0, 0),
+            "{again:?}"
+        );
+        s.close().await.unwrap();
+    }
+
     /// The seqs in the `backoff` index of the open store `s`.
     fn backoff_seqs(s: &SledStore) -> Vec<u64> {
         s.inner.core.trees[BACKOFF]
