@@ -899,6 +899,41 @@ async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> a
     Ok(())
 }
 
+/// A purge made and counted, then a second purge of the same message at the same instant
+/// (the test's clock is stopped; two operators within one millisecond) answered with an
+/// error: only its audit record was written, and its flush failed. It made nothing, so
+/// its retry, told `already_purged` at that instant, must not count the purge again.
+#[tokio::test]
+async fn a_failed_purge_at_the_instant_another_made_it_is_not_counted() -> anyhow::Result<()> {
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let m = marked("BE-PAYOKE", Kind::Referral, 1);
+    submit(&mut nl, m.clone()).await?;
+    let mut op = operator(&t)?;
+    let request = pb::PurgeRequest {
+        message_id: m.message_id.clone(),
+        reason: "sent to the wrong organisation".into(),
+        ..Default::default()
+    };
+    assert!(!op.purge(request.clone()).await?.into_inner().already_purged);
+    store.faults().set_failing(true);
+    assert_code(
+        op.purge(request.clone()).await,
+        Code::Unavailable,
+        "second purge, flush failing",
+    );
+    store.faults().set_failing(false);
+    assert!(op.purge(request).await?.into_inner().already_purged);
+    let admin = super::metrics::admin_addr(&t)?;
+    let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
+    assert_eq!(
+        scrape.value("trmx_messages_purged_total"),
+        1.0,
+        "one purge made, counted twice"
+    );
+    Ok(())
+}
+
 /// What the dead-letter list and a search by id say of message `id`'s `redrivable`.
 async fn listed_redrivable(op: &mut Operator, id: &str) -> anyhow::Result<(bool, bool)> {
     let dead = op
