@@ -15,9 +15,8 @@ pub(crate) fn read(what: &str, path: &Path) -> Result<Vec<u8>, CertError> {
 }
 
 /// Permission bits a private key file may not have: any access by other users, and
-/// write access by the group. A group may read it (`0640`, a key kept by root or an
-/// administrator for the group a service runs as, see [`read_key_file`]); `0600` is what
-/// this crate writes.
+/// write access by the group. A group may read it (`0640`, a key kept by root for the
+/// group a service runs as, see [`read_key_file`]); `0600` is what this crate writes.
 pub const KEY_MODE_FORBIDDEN: u32 = 0o027;
 
 /// A private key file as read by [`read_key_file`].
@@ -41,44 +40,43 @@ pub enum KeyFile {
 /// refused too (unless this process runs as root), as an error of kind `PermissionDenied`
 /// that names the owner and the fix: its owner may read it or put another key in its place
 /// whatever its mode (a copy made as a login user, `cp` without `-p` run by someone else).
-/// Except a key given to the group this process runs as (its effective group), readable
-/// by that group (`0640`, owner `alice`, group `trmx` for a service running as
-/// `trmx:trmx`): an administrator who keeps the key in their own name and grants the
-/// service's group read access did that on purpose. A shared group the process is only a
-/// member of (`users`) is not that: every member could read the key.
+/// That holds whatever the file's group: a key `alice:trmx 0640` for a service running as
+/// `trmx:trmx` is alice's to read, rewrite or `chmod` at any time, and any member of `trmx`
+/// (or anyone who can create files in a setgid `trmx` directory) can make such a file, so
+/// the group cannot tell a key granted on purpose from one planted. The rule is
+/// PostgreSQL's for `ssl_key_file`: owned by this user, or by root, who may give it to the
+/// service's group (`root:trmx 0640`).
 pub fn read_key_file(path: &Path) -> std::io::Result<KeyFile> {
     let me = rustix::process::geteuid().as_raw();
     let my_group = rustix::process::getegid().as_raw();
     read_key_file_as(path, me, my_group)
 }
 
-/// [`read_key_file`] for a process running as `me` in group `my_group` (tests pass others).
+/// [`read_key_file`] for a process running as `me` in group `my_group` (tests pass others;
+/// the group only names the fix in the error).
 fn read_key_file_as(path: &Path, me: u32, my_group: u32) -> std::io::Result<KeyFile> {
     use std::io::Read as _;
     use std::os::unix::fs::MetadataExt as _;
     let mut file = std::fs::File::open(path)?;
+    // (the mode and owner of the file opened and read, not of what the path names later)
     let metadata = file.metadata()?;
     let mode = metadata.mode() & 0o7777;
     if mode & KEY_MODE_FORBIDDEN != 0 {
         return Ok(KeyFile::Exposed { mode });
     }
     let owner = metadata.uid();
-    let for_my_group = metadata.gid() == my_group && mode & 0o040 != 0;
     // (root is exempt: in a container a broker or node often runs as root on a mounted
     // directory whose files keep the host user's uid, and root reads any key anyway)
-    if me != 0 && owner != me && owner != 0 && !for_my_group {
-        let allowed = format!(
-            "the user this runs as ({}) or root, nor readable by the group it runs as (gid \
-             {my_group}) with mode 0640",
-            user_name(me)
-        );
+    if me != 0 && owner != me && owner != 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
-                "it is owned by {}, not by {allowed}, and its owner can read it or replace \
-                 the key whatever its mode: `chown {me} {}` (or run as its owner), or, to keep \
-                 its owner, `chgrp {my_group} {1} && chmod 640 {1}`",
+                "it is owned by {}, not by the user this runs as ({}) or root, and its owner \
+                 can read it or replace the key whatever its mode or group: `chown {me} {2}` \
+                 (or run as its owner), or, to keep it out of the service user's hands, \
+                 `chown root:{my_group} {2} && chmod 640 {2}`",
                 user_name(owner),
+                user_name(me),
                 path.display()
             ),
         ));
@@ -634,45 +632,39 @@ mod tests {
         }
     }
 
-    /// A key kept by an administrator in their own name, given to the service's group with
-    /// mode 0640 (`alice:trmx`, the service running as `trmx:trmx`), was refused as owned
-    /// by another user. Readable by the group this process runs as, it is read; given to
-    /// another group (one the process is only a member of, like `users`), or not readable
-    /// by the group, it is still refused, saying how to give it to the service's group.
+    /// A key of another user given to the group this process runs as (`alice:trmx 0640`,
+    /// the service running as `trmx:trmx`) was read: its owner, any member of that group
+    /// (who can `chgrp` a file of their own to it), could read the key, or replace it and so
+    /// control the node's TLS identity. It is refused like any key of another user, naming
+    /// the fix that keeps it for the group: owned by root, mode 0640, which is read.
     #[test]
-    fn a_key_of_another_owner_for_the_group_this_runs_as_is_read() {
+    fn a_key_of_another_owner_given_to_this_group_is_refused() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("k.key");
         write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
-        if std::fs::metadata(&key).unwrap().uid() == 0 {
+        let as_root = std::fs::metadata(&key).unwrap().uid() == 0;
+        if as_root {
             // (run as root: root's keys are read by anyone allowed to; give this one to an
-            // administrator's account)
+            // ordinary account)
             std::os::unix::fs::chown(&key, Some(1000), None).unwrap();
         }
         let meta = std::fs::metadata(&key).unwrap();
         let (owner, group) = (meta.uid(), meta.gid());
         // the service: neither the owner nor root, running with the key's group
         let service = owner + 1;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-        match read_key_file_as(&key, service, group) {
-            Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
-            other => panic!("{other:?}"),
+        for mode in [0o640, 0o600] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read_key_file_as(&key, service, group).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{mode:o}");
+            assert!(
+                e.to_string().contains(&format!(
+                    "`chown root:{group} {0} && chmod 640 {0}`",
+                    key.display()
+                )),
+                "{e}"
+            );
         }
-        // the key's group is not the one this runs as: refused, saying how to give it
-        let e = read_key_file_as(&key, service, group + 1).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
-        assert!(
-            e.to_string().contains(&format!(
-                "`chgrp {} {1} && chmod 640 {1}`",
-                group + 1,
-                key.display()
-            )),
-            "{e}"
-        );
-        // the group may not read it: not given to the group, refused as before
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        read_key_file_as(&key, service, group).unwrap_err();
         // never one the group may change, nor one others may read
         for mode in [0o660, 0o644] {
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -680,6 +672,19 @@ mod tests {
                 read_key_file_as(&key, service, group),
                 Ok(KeyFile::Exposed { .. })
             ));
+        }
+        // the service's own key, or root's, may be given to the group (0640)
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            read_key_file_as(&key, owner, group),
+            Ok(KeyFile::Read(_))
+        ));
+        if as_root {
+            std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+            match read_key_file_as(&key, service, group) {
+                Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
+                other => panic!("{other:?}"),
+            }
         }
     }
 
