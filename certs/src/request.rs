@@ -27,7 +27,7 @@ use x509_parser::public_key::PublicKey as ParsedKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::error::CertError;
-use crate::pem::{Mode, write_atomic};
+use crate::pem::{Mode, NewFile, write_pair_atomic};
 
 /// Longest request file read (a PKCS #10 request is well under 4 KiB).
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -218,20 +218,35 @@ impl CertRequest {
             Some(cert) => Some(keep_key(&out.key, cert)?),
             None => None,
         };
-        write_atomic(
-            "private key",
-            &out.key,
-            key.serialize_pem().as_bytes(),
-            Mode::Secret,
+        // As a pair: written one after the other, a request that could not be written (a
+        // full disk, a directory in its way) failed after the key was replaced, leaving the
+        // certificate beside it without its key and no request to replace it.
+        let key_pem = key.serialize_pem();
+        let written = write_pair_atomic(
+            NewFile {
+                what: "private key",
+                path: &out.key,
+                contents: key_pem.as_bytes(),
+                mode: Mode::Secret,
+            },
+            NewFile {
+                what: "certificate request",
+                path: &out.request,
+                contents: pem.as_bytes(),
+                mode: Mode::Public,
+            },
             force,
-        )?;
-        write_atomic(
-            "certificate request",
-            &out.request,
-            pem.as_bytes(),
-            Mode::Public,
-            force,
-        )?;
+        );
+        if let Err(e) = written {
+            // the old key back in place: its second name is of no use (kept if the key
+            // could not be put back, which the error says)
+            if let Some(kept) = &kept_key
+                && !matches!(e, CertError::PairIncomplete { .. })
+            {
+                let _ = std::fs::remove_file(&kept.path);
+            }
+            return Err(e);
+        }
         Ok(CertRequest {
             kept_key,
             ..Self::from_pem_file(&out.request)?

@@ -2348,6 +2348,38 @@ mod cli {
         );
     }
 
+    /// `request --force` whose request could not be written (here a directory in the way of
+    /// NL-NRM.csr; a full disk alike) failed after it had replaced NL-NRM.key: the node's
+    /// certificate was left without its key, with no request to replace it, and the old key
+    /// was kept under a name the error did not give. The key and the request are now written
+    /// as a pair: the failure leaves the old key in place and nothing kept beside it.
+    #[test]
+    fn request_force_that_cannot_write_the_request_keeps_the_old_key_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        let key = std::fs::read(d.join("NL-NRM.key")).unwrap();
+        std::fs::create_dir(d.join("NL-NRM.csr")).unwrap();
+        let err = failed(&certs(
+            d,
+            &["request", "--name", "NL-NRM", "--out", "NL-NRM", "--force"],
+        ));
+        assert!(
+            err.starts_with("error: cannot write certificate request NL-NRM.csr"),
+            "{err}"
+        );
+        assert!(
+            std::fs::read(d.join("NL-NRM.key")).unwrap() == key,
+            "NL-NRM.key was replaced though the request failed"
+        );
+        let left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.contains(".replaced-") || name.starts_with(".trmx-certs-"))
+            .collect();
+        assert_eq!(left, Vec::<String>::new());
+    }
+
     /// `revoke` or `renew` with --dir (or a TRMX_CA_DIR left set) naming another CA than
     /// the one that issued the certificate said `(signature: signature verification
     /// error)`. It now names the certificate's issuer, this CA and the flag to check, also
