@@ -27,7 +27,7 @@ use x509_parser::public_key::PublicKey as ParsedKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::error::CertError;
-use crate::pem::{Mode, NewFile, write_pair_atomic};
+use crate::pem::{Mode, NewFile, write_atomic, write_pair_atomic};
 
 /// Longest request file read (a PKCS #10 request is well under 4 KiB).
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -44,7 +44,8 @@ pub struct CertRequest {
 /// `force`: kept under another name, since the certificate cannot be used without it.
 #[derive(Debug, Clone)]
 pub struct KeptKey {
-    /// Where the old key is now (`<key>.replaced-<unix seconds>`, mode as it was).
+    /// Where the old key is now (`<key>.replaced-<unix seconds>`: a hard link, mode as it
+    /// was, or a copy with mode `0600` where the file system allows no hard link).
     pub path: PathBuf,
     /// The certificate beside the key that needs it.
     pub cert: PathBuf,
@@ -414,10 +415,27 @@ fn keep_key(
     key_path: &Path,
     (cert, info): (PathBuf, crate::CertInfo),
 ) -> Result<KeptKey, CertError> {
+    Ok(KeptKey {
+        path: keep_aside(key_path, |from, to| std::fs::hard_link(from, to))?,
+        cert,
+        identity: info.identity.spiffe_uri(),
+        not_after: info.not_after,
+    })
+}
+
+/// Gives the file at `key_path` the first free name `<key>.replaced-<unix seconds>[-n]`,
+/// with `link` (tests make it fail); where no hard link can be made (vfat, some network
+/// mounts) as a copy, mode `0600`. It failed there, so `request --force` could not replace
+/// such a key at all. A name that exists is never written over, whoever made it.
+fn keep_aside(
+    key_path: &Path,
+    link: impl Fn(&Path, &Path) -> std::io::Result<()>,
+) -> Result<PathBuf, CertError> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
+    let mut old_key: Option<Vec<u8>> = None;
     let mut n = 1;
     loop {
         let mut name = key_path.as_os_str().to_os_string();
@@ -426,17 +444,26 @@ fn keep_key(
             name.push(format!("-{n}"));
         }
         let path = PathBuf::from(name);
-        match std::fs::hard_link(key_path, &path) {
-            Ok(()) => {
-                return Ok(KeptKey {
-                    path,
-                    cert,
-                    identity: info.identity.spiffe_uri(),
-                    not_after: info.not_after,
-                });
+        let kept = match &old_key {
+            None => link(key_path, &path)
+                .map_err(|e| CertError::io("keep the replaced key as", &path, e)),
+            Some(old_key) => write_atomic("replaced key", &path, old_key, Mode::Secret, false),
+        };
+        match kept {
+            Ok(()) => return Ok(path),
+            Err(CertError::AlreadyExists { .. }) => n += 1,
+            Err(CertError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                n += 1;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
-            Err(e) => return Err(CertError::io("keep the replaced key as", &path, e)),
+            // no hard link here: the same name again, as a copy
+            Err(_) if old_key.is_none() => {
+                let bytes = std::fs::read(key_path)
+                    .map_err(|e| CertError::io("read the replaced key", key_path, e))?;
+                old_key = Some(bytes);
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -477,6 +504,30 @@ mod tests {
         // never over existing files without force
         let err = CertRequest::create("NL-NRM", &out, false).unwrap_err();
         assert!(matches!(err, CertError::AlreadyExists { .. }), "{err}");
+    }
+
+    /// Where no hard link can be made (vfat, some network mounts), `request --force` of a
+    /// key in use failed (`cannot keep the replaced key as …`) and could not replace it at
+    /// all. The old key is kept as a copy, mode 0600; a name that exists is skipped, never
+    /// written over.
+    #[test]
+    fn a_replaced_key_is_kept_as_a_copy_without_hard_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("NL-NRM.key");
+        std::fs::write(&key, b"old key").unwrap();
+        let no_links = |_: &Path, _: &Path| Err(std::io::Error::other("no hard links here"));
+        let kept = keep_aside(&key, no_links).unwrap();
+        assert_eq!(std::fs::read(&kept).unwrap(), b"old key");
+        let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // the name is taken now: the next one is another, and the first stays as it was
+        let again = keep_aside(&key, no_links).unwrap();
+        assert_ne!(again, kept);
+        assert_eq!(std::fs::read(&kept).unwrap(), b"old key");
+        let linked = keep_aside(&key, |from, to| std::fs::hard_link(from, to)).unwrap();
+        assert!(![&kept, &again].contains(&&linked));
+        assert_eq!(std::fs::read(&linked).unwrap(), b"old key");
     }
 
     #[test]
