@@ -72,6 +72,10 @@ pub(crate) struct FakeState {
     /// The serial of the client certificate of each `Receive` call (served over TLS
     /// only), in order.
     pub(crate) receive_serials: Vec<String>,
+    /// `Receive` streams of each participant whose serving task still runs: one the
+    /// node dropped counts until the server has seen it closed, and an envelope
+    /// queued before then goes down it, never read.
+    pub(crate) open_streams: HashMap<String, usize>,
     /// `Submit` calls that passed the envelope check: a test that holds
     /// [`FakeBroker::submit_hold`] waits for this to know a submit is in flight.
     pub(crate) submits_arrived: usize,
@@ -100,6 +104,20 @@ pub(crate) struct FakeBroker {
     /// Every `GetStatus` waits for this lock once it is counted in `status_asked`: a
     /// test holds it to keep a broker from answering.
     pub(crate) status_hold: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Counts a `Receive` stream in [`FakeState::open_streams`] while its task runs.
+struct OpenStream {
+    broker: FakeBroker,
+    caller: String,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Some(open) = self.broker.lock().open_streams.get_mut(&self.caller) {
+            *open -= 1;
+        }
+    }
 }
 
 /// One participant's view of the fake broker.
@@ -412,7 +430,17 @@ impl Exchange for Endpoint {
         }
         let broker = self.broker.clone();
         let caller = self.caller.clone();
+        *broker
+            .lock()
+            .open_streams
+            .entry(caller.clone())
+            .or_default() += 1;
+        let open = OpenStream {
+            broker: broker.clone(),
+            caller: caller.clone(),
+        };
         tokio::spawn(async move {
+            let _open = open;
             loop {
                 let notified = broker.notify.notified();
                 let next = broker

@@ -4231,6 +4231,12 @@ mod link {
             !status.broker_connected && status.store_error.is_some()
         })
         .await;
+        // (closed at the broker too: on a loaded host the server sees the node drop its
+        // stream a moment later, and a copy queued before would go down it, unread)
+        until("BE's stream closed at the broker", || async {
+            broker.lock().open_streams.get("BE-PAYOKE") == Some(&0)
+        })
+        .await;
         let id = sent.message_id.to_string();
         broker.lose(&id);
         let env = nl.inner.store.envelope(sent.message_id).unwrap().unwrap();
