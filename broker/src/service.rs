@@ -211,19 +211,23 @@ impl Shared {
                 }
                 Ok(value)
             }
-            Err(error) => {
-                if matches!(error, StoreError::Unavailable(_)) {
-                    if !self.admission.is_store_unavailable() {
-                        tracing::error!(%error, "store cannot make writes durable, refusing submits");
-                    }
-                    self.admission.store_failed();
-                    self.update_store_writable();
-                } else {
-                    tracing::error!(%error, "store error");
-                }
-                Err(BrokerError::Store(error))
-            }
+            Err(error) => Err(self.store_failed(error)),
         }
+    }
+
+    /// The error of a store call that failed, latching "unavailable" on a failed flush
+    /// (see [`Self::stored`]).
+    pub(crate) fn store_failed(&self, error: StoreError) -> BrokerError {
+        if matches!(error, StoreError::Unavailable(_)) {
+            if !self.admission.is_store_unavailable() {
+                tracing::error!(%error, "store cannot make writes durable, refusing submits");
+            }
+            self.admission.store_failed();
+            self.update_store_writable();
+        } else {
+            tracing::error!(%error, "store error");
+        }
+        BrokerError::Store(error)
     }
 
     /// Publishes whether new submits can be stored: no failed flush latched, disk above
@@ -820,7 +824,25 @@ impl ExchangeService {
             );
         }
         // (a store that fails keeps the refusal: the message's state is not known)
-        let result = shared.stored(shared.store.withdraw(caller, id, shared.now()).await)?;
+        let result = match shared.store.withdraw(caller, id, shared.now()).await {
+            Ok(result) => result,
+            Err(failed) => {
+                // Its write is kept when only the flush failed, and becomes durable with
+                // the next flush: the copy waiting for the recipient is dropped now (a
+                // retry finds it withdrawn, and is not the one that withdrew it).
+                if let Some(store::WithdrawResult::Withdrawn {
+                    recipient, already, ..
+                }) = &failed.committed
+                {
+                    shared.streams.withdrawn(recipient, caller, &id);
+                    if !already {
+                        shared.metrics.withdrawn();
+                        info!("message withdrawn, but not yet durable");
+                    }
+                }
+                return Err(shared.store_failed(failed.error));
+            }
+        };
         if matches!(
             result,
             store::WithdrawResult::AlreadyAcknowledged | store::WithdrawResult::Final { .. }

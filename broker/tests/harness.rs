@@ -418,6 +418,7 @@ impl TestBroker {
         let store = std::sync::Arc::new(FaultyStore {
             inner: store,
             fail_reads: std::sync::atomic::AtomicBool::new(false),
+            reads_passing: std::sync::atomic::AtomicUsize::new(0),
             fail_ticks: std::sync::atomic::AtomicBool::new(false),
         });
         let clock = ManualClock::new(SystemTime::now());
@@ -449,6 +450,8 @@ impl TestBroker {
 pub(crate) struct FaultyStore {
     inner: trmx_broker::store::SledStore,
     pub(crate) fail_reads: std::sync::atomic::AtomicBool,
+    /// While `fail_reads` is set, this many reads still succeed first.
+    pub(crate) reads_passing: std::sync::atomic::AtomicUsize,
     pub(crate) fail_ticks: std::sync::atomic::AtomicBool,
 }
 
@@ -459,7 +462,13 @@ impl FaultyStore {
     }
 
     fn read_fault(&self) -> Result<(), trmx_broker::store::StoreError> {
-        if self.fail_reads.load(std::sync::atomic::Ordering::SeqCst) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let passing = || {
+            self.reads_passing
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        if self.fail_reads.load(SeqCst) && !passing() {
             Err(trmx_broker::store::StoreError::Unavailable(
                 "storage error: injected read fault".into(),
             ))
@@ -534,7 +543,7 @@ mod faulty {
             sender: &ParticipantId,
             id: MessageId,
             now: Millis,
-        ) -> Result<WithdrawResult, StoreError> {
+        ) -> Result<WithdrawResult, ChangeError<WithdrawResult>> {
             self.inner.withdraw(sender, id, now).await
         }
         async fn status(
@@ -577,7 +586,7 @@ mod faulty {
             sender: Option<&ParticipantId>,
             reason: &str,
             now: Millis,
-        ) -> Result<PurgeResult, StoreError> {
+        ) -> Result<PurgeResult, ChangeError<PurgeResult>> {
             self.inner.purge(id, sender, reason, now).await
         }
         async fn redrive(
@@ -585,7 +594,7 @@ mod faulty {
             id: MessageId,
             sender: Option<&ParticipantId>,
             now: Millis,
-        ) -> Result<RedriveResult, StoreError> {
+        ) -> Result<RedriveResult, ChangeError<RedriveResult>> {
             self.inner.redrive(id, sender, now).await
         }
         async fn dead_letters(
@@ -617,7 +626,7 @@ mod faulty {
             sender: Option<&ParticipantId>,
             reason: &str,
             now: Millis,
-        ) -> Result<PurgeResult, StoreError> {
+        ) -> Result<PurgeResult, ChangeError<PurgeResult>> {
             self.inner
                 .operator_purge(operator, id, sender, reason, now)
                 .await
@@ -628,7 +637,7 @@ mod faulty {
             id: MessageId,
             sender: Option<&ParticipantId>,
             now: Millis,
-        ) -> Result<RedriveResult, StoreError> {
+        ) -> Result<RedriveResult, ChangeError<RedriveResult>> {
             self.inner.operator_redrive(operator, id, sender, now).await
         }
         async fn save_presence(&self, seen: Vec<Presence>) -> Result<(), StoreError> {

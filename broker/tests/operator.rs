@@ -851,13 +851,14 @@ async fn a_purge_is_answered_from_its_write_and_a_retry_says_it_was_already_purg
 }
 
 /// A purge whose flush fails answers UNAVAILABLE, but its write stays and is made
-/// durable by the next flush: the message is purged, yet the purge did not get to
-/// drop it from its recipient's stream (a delivery waiting there would still be
-/// sent, and its in-flight slot stays taken until the ack deadline). The operator's
-/// retry is told it was already purged, and does that part; it counts the purge in
-/// `trmx_messages_purged_total` too, once (a later retry does not).
+/// durable by the next flush: the message is purged. The failing call itself drops the
+/// message from its recipient's stream (a delivery waiting there would otherwise still be
+/// sent, and its in-flight slot stay taken until the ack deadline, with or without an
+/// operator's retry) and counts it in `trmx_messages_purged_total`; the retry, told it
+/// was already purged, counts nothing.
 #[tokio::test]
-async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> anyhow::Result<()> {
+async fn a_purge_whose_flush_fails_frees_the_recipients_stream_and_is_counted_once()
+-> anyhow::Result<()> {
     let (t, store) = TestBroker::start_with_faulty_store().await?;
     let mut nl = t.client("NL-NRM")?;
     let first = marked("BE-PAYOKE", Kind::Referral, 1);
@@ -880,22 +881,96 @@ async fn a_purge_retried_after_a_failed_flush_frees_the_recipients_stream() -> a
         Code::Unavailable,
         "purge, flush failing",
     );
-    store.faults().set_failing(false);
-    let again = op.purge(request.clone()).await?.into_inner();
-    assert!(again.already_purged, "{again:?}");
-    // the in-flight slot is free well before the ack deadline (10 s, clock stopped)
-    assert_eq!(id_of(&next(&mut stream).await?), second.message_id);
-    assert_eq!(
-        state_of(&mut nl, &first.message_id).await?,
-        pb::MessageState::Purged
-    );
     let admin = super::metrics::admin_addr(&t)?;
     let purged = |s: &super::metrics::Scrape| s.value("trmx_messages_purged_total");
     let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
     assert_eq!(purged(&scrape), 1.0, "the purge made by the failed call");
-    assert!(op.purge(request).await?.into_inner().already_purged);
+    stream_sees_the_slot_freed(&mut stream).await?;
+    store.faults().set_failing(false);
+    // no retry: the store writes again (an audited listing); the recipient comes back
+    op.list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), second.message_id);
+    expect_quiet(&mut stream).await?;
+    assert_eq!(
+        state_of(&mut nl, &first.message_id).await?,
+        pb::MessageState::Purged
+    );
+    let again = op.purge(request.clone()).await?.into_inner();
+    assert!(again.already_purged, "{again:?}");
     let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
-    assert_eq!(purged(&scrape), 1.0, "counted again");
+    assert_eq!(purged(&scrape), 1.0, "counted again by the retry");
+    Ok(())
+}
+
+/// The recipient's stream (one slot, taken by a message just purged or withdrawn by a
+/// call whose flush failed) has its slot freed at once, not at the ack deadline (10 s,
+/// clock stopped): it wakes to lease the next message, which it cannot while the store
+/// cannot write, and ends with UNAVAILABLE (the node reconnects).
+async fn stream_sees_the_slot_freed(
+    stream: &mut tonic::Streaming<pb::Delivery>,
+) -> anyhow::Result<()> {
+    let ended = match next(stream).await {
+        Ok(delivery) => anyhow::bail!("delivered while the store cannot write: {delivery:?}"),
+        Err(error) => format!("{error:#}"),
+    };
+    anyhow::ensure!(
+        ended.contains("cannot store messages right now"),
+        "the slot stayed taken: {ended}"
+    );
+    Ok(())
+}
+
+/// A withdrawal whose flush fails answers UNAVAILABLE, but its write stays and is made
+/// durable by the next flush: the message is withdrawn. The failing call itself drops
+/// it from its recipient's stream (its in-flight slot, and a copy waiting to be sent),
+/// and counts it; the sender's retry finds it withdrawn already.
+#[tokio::test]
+async fn a_withdrawal_whose_flush_fails_frees_the_recipients_stream() -> anyhow::Result<()> {
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let first = marked("BE-PAYOKE", Kind::Referral, 1);
+    let second = marked("BE-PAYOKE", Kind::Referral, 2);
+    submit(&mut nl, first.clone()).await?;
+    submit(&mut nl, second.clone()).await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), first.message_id);
+
+    let request = pb::WithdrawRequest {
+        message_id: first.message_id.clone(),
+    };
+    store.faults().set_failing(true);
+    assert_code(
+        nl.withdraw(request.clone()).await,
+        Code::Unavailable,
+        "withdraw, flush failing",
+    );
+    let admin = super::metrics::admin_addr(&t)?;
+    let withdrawn = |s: &super::metrics::Scrape| s.value("trmx_messages_withdrawn_total");
+    let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
+    assert_eq!(
+        withdrawn(&scrape),
+        1.0,
+        "the withdrawal made by the failed call"
+    );
+    stream_sees_the_slot_freed(&mut stream).await?;
+    store.faults().set_failing(false);
+    // no retry: the store writes again (an audited listing); the recipient comes back
+    operator(&t)?
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), second.message_id);
+    expect_quiet(&mut stream).await?;
+    assert_eq!(
+        state_of(&mut nl, &first.message_id).await?,
+        pb::MessageState::Withdrawn
+    );
+    nl.withdraw(request).await?;
+    let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
+    assert_eq!(withdrawn(&scrape), 1.0, "counted again by the retry");
     Ok(())
 }
 
@@ -1036,6 +1111,10 @@ async fn a_refused_redrive_stays_refused_when_reading_why_fails() -> anyhow::Res
         "{}",
         refused.message()
     );
+    // (the read before the redrive, of the recipient to check, still works)
+    store
+        .reads_passing
+        .store(1, std::sync::atomic::Ordering::SeqCst);
     store
         .fail_reads
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1044,6 +1123,74 @@ async fn a_refused_redrive_stays_refused_when_reading_why_fails() -> anyhow::Res
         Code::FailedPrecondition,
         "redrive of a waiting message, reads failing",
     );
+    Ok(())
+}
+
+/// A redrive goes only to a recipient the broker still serves, which it checks on the
+/// message's record. When that read fails the redrive is refused (UNAVAILABLE, to retry),
+/// not made unchecked: it used to go through, for a message the listings showed as not
+/// redrivable, to a recipient no longer in the registry.
+#[tokio::test]
+async fn a_redrive_whose_recipient_cannot_be_read_is_refused() -> anyhow::Result<()> {
+    use trmx_broker::store::{BrokerStore as _, NewMessage, SearchFilter, State};
+    use trmx_proto::envelope::Priority;
+    use trmx_proto::{CaseRef, ParticipantId};
+
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    // accepted when XX-GONE was served; it is no longer in the registry
+    let id = MessageId::new_v7();
+    let now = t.clock.now_millis();
+    let accepted = store
+        .submit(
+            NewMessage {
+                message_id: id,
+                sender: ParticipantId::parse("NL-NRM")?,
+                recipient: ParticipantId::parse("XX-GONE")?,
+                kind: Kind::Referral,
+                case_ref: CaseRef::new_random(),
+                in_reply_to: None,
+                priority: Priority::Normal,
+                created_at: now,
+                expires_at: now + 1_000,
+                content_type: "application/octet-stream".into(),
+                payload: payload(1).into(),
+                payload_sha256: [0; 32],
+                fingerprint: [1; 32],
+            },
+            now,
+        )
+        .await?;
+    anyhow::ensure!(
+        matches!(accepted, trmx_broker::store::SubmitOutcome::Accepted(_)),
+        "{accepted:?}"
+    );
+    t.advance(Duration::from_secs(2));
+    assert_eq!(store.tick(t.clock.now_millis()).await?.expired, 1);
+
+    let mut op = operator(&t)?;
+    store
+        .fail_reads
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_code(
+        op.redrive(pb::RedriveRequest {
+            message_id: id.to_string(),
+            ..Default::default()
+        })
+        .await,
+        Code::Unavailable,
+        "redrive, the record unreadable",
+    );
+    store
+        .fail_reads
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let page = store
+        .search(SearchFilter {
+            message_id: Some(id),
+            ..SearchFilter::default()
+        })
+        .await?;
+    assert_eq!(page.records.len(), 1);
+    assert_eq!(page.records[0].state, State::Expired, "redriven unchecked");
     Ok(())
 }
 

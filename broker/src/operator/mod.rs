@@ -14,7 +14,6 @@
 //! operator's name. Queue figures and the participant list are not: they hold no
 //! message's or person's data (counts and bytes per participant, connection state).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -54,87 +53,11 @@ pub const STATISTICS_PAGE: usize = 5_000;
 #[derive(Debug, Clone)]
 pub struct OperatorService {
     shared: Arc<Shared>,
-    /// Purges answered with an error, and the purges counted in
-    /// `trmx_messages_purged_total` (see [`Self::purge_failed`]), newest last.
-    purges_seen: Arc<std::sync::Mutex<VecDeque<PurgeSeen>>>,
 }
-
-/// A purge of `id` at `at` that [`OperatorService`] remembers: one answered with an error
-/// (it may have made the purge), or one counted (its instant is taken: another purge
-/// made at the same millisecond, answered with an error, did not make it).
-#[derive(Debug, Clone, Copy)]
-struct PurgeSeen {
-    id: MessageId,
-    at: Millis,
-    counted: bool,
-}
-
-/// Most purges answered with an error, or counted, that [`OperatorService`] keeps for
-/// their retries.
-const PURGES_KEPT: usize = 1024;
 
 impl OperatorService {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self {
-            shared,
-            purges_seen: Arc::default(),
-        }
-    }
-
-    /// A purge of `id` made at `now` was answered with an error. It may have been made all
-    /// the same (a failed flush keeps the write); if so, the retry answered
-    /// `already_purged` counts it ([`Self::purge_answered`]). Not if a purge counted
-    /// already was made at that instant: that one made it (two operators within one
-    /// millisecond), and this one's retry would count it twice.
-    fn purge_failed(&self, id: MessageId, now: Millis) {
-        let mut seen = self
-            .purges_seen
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if seen.iter().any(|p| p.id == id && p.at == now && p.counted) {
-            return;
-        }
-        remember(
-            &mut seen,
-            PurgeSeen {
-                id,
-                at: now,
-                counted: false,
-            },
-        );
-    }
-
-    /// A purge of `id` was answered with its result: `purged_at` is the instant the
-    /// message was purged at (a purge's write records it), `by_this_call` whether this
-    /// call made it (and counts it). Returns whether a purge of `id` answered with an
-    /// error made it, at `purged_at`, and was never counted: the caller counts it.
-    /// Forgets the failed purges of `id`.
-    fn purge_answered(&self, id: MessageId, purged_at: Option<Millis>, by_this_call: bool) -> bool {
-        let mut seen = self
-            .purges_seen
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        let mut made_by_one = false;
-        seen.retain(|p| {
-            let failed_of_id = p.id == id && !p.counted;
-            made_by_one |= failed_of_id && Some(p.at) == purged_at;
-            !failed_of_id
-        });
-        // (a call that failed at the instant of this call's purge did not make it)
-        let made_by_one = made_by_one && !by_this_call;
-        if let Some(at) = purged_at
-            && (by_this_call || made_by_one)
-        {
-            remember(
-                &mut seen,
-                PurgeSeen {
-                    id,
-                    at,
-                    counted: true,
-                },
-            );
-        }
-        made_by_one
+        Self { shared }
     }
 
     /// The caller's operator name, from its verified client certificate. Node and
@@ -312,11 +235,14 @@ impl OperatorService {
         let sender = parse_sender(&request.sender)?;
         tracing::Span::current().record("message_id", tracing::field::display(id));
         self.check_redrive_recipient(id, sender.as_ref()).await?;
+        // A redrive whose flush failed (its write kept) has nothing waiting in a stream
+        // to drop, and no counter: the streams are woken when the store writes again.
         let result = shared.stored(
             shared
                 .store
                 .operator_redrive(operator, id, sender.as_ref(), self.now())
-                .await,
+                .await
+                .map_err(|failed| failed.error),
         )?;
         match result {
             RedriveResult::Redriven {
@@ -355,11 +281,10 @@ impl OperatorService {
         sender: Option<&ParticipantId>,
     ) -> Result<(), BrokerError> {
         let shared = &self.shared;
-        // (a failed read leaves the answer to the store's redrive, as for the reasons
-        // it refuses: it cannot turn into an error a redrive would not give)
-        let Ok(page) = shared.store.search(by_id(id, sender, 2)).await else {
-            return Ok(());
-        };
+        // A failed read refuses the redrive (UNAVAILABLE, to retry): without the record
+        // the registry cannot be asked, and a message the listings show as not
+        // redrivable must not go to a recipient the broker no longer serves.
+        let page = shared.stored(shared.store.search(by_id(id, sender, 2)).await)?;
         let [record] = page.records.as_slice() else {
             return Ok(());
         };
@@ -400,28 +325,28 @@ impl OperatorService {
         now: Millis,
     ) -> Result<pb::PurgeResponse, BrokerError> {
         let shared = &self.shared;
-        let result = shared.stored(
-            shared
-                .store
-                .operator_purge(operator, id, sender, reason, now)
-                .await,
-        );
-        let result = match result {
+        let result = match shared
+            .store
+            .operator_purge(operator, id, sender, reason, now)
+            .await
+        {
             Ok(result) => result,
-            Err(error) => {
-                self.purge_failed(id, now);
-                return Err(error);
+            Err(failed) => {
+                // Its write is kept when only the flush failed, and becomes durable with
+                // the next flush: the copy waiting for the recipient is dropped now (a
+                // retry finds the message purged and is not the one that purged it).
+                if let Some(PurgeResult::Purged {
+                    recipient,
+                    sender: message_sender,
+                }) = &failed.committed
+                {
+                    shared.metrics.purged();
+                    self.taken_back(recipient, id, message_sender.as_ref());
+                    info!(%operator, "message purged, but not yet durable");
+                }
+                return Err(shared.store_failed(failed.error));
             }
         };
-        // A purge answered with an error may have been made all the same (a failed
-        // flush keeps the write): its retry, answered `already_purged`, counts it in
-        // `trmx_messages_purged_total` then, once.
-        let (purged_at, by_this_call) = match &result {
-            PurgeResult::Purged { .. } => (Some(now), true),
-            PurgeResult::AlreadyPurged { at, .. } => (Some(*at), false),
-            _ => (None, false),
-        };
-        let uncounted = self.purge_answered(id, purged_at, by_this_call);
         // Answered from what the purge's transaction returned: once it is
         // durable nothing may turn the answer into an error (a retry would
         // then be told only that the message is PURGED).
@@ -444,12 +369,9 @@ impl OperatorService {
                 recipient,
                 sender: message_sender,
             } => {
-                // The earlier purge may have failed after its write (a failed
-                // flush, the write kept): it did not get to do this.
+                // (harmless: the purge that made it did this already, also one
+                // answered with an error after its write)
                 self.taken_back(&recipient, id, message_sender.as_ref());
-                if uncounted {
-                    shared.metrics.purged();
-                }
                 info!(%operator, "message already purged");
                 Ok(pb::PurgeResponse {
                     message_id: id.to_string(),
@@ -910,16 +832,6 @@ fn registry_refuses_redrive(registry: &Registry, record: &StatusRecord) -> Optio
     }
 }
 
-/// Adds `purge` to what [`OperatorService`] remembers of purges, forgetting the oldest past
-/// [`PURGES_KEPT`] (a failed purge retried only that many purges later is not
-/// counted: the metric is low by one).
-fn remember(seen: &mut VecDeque<PurgeSeen>, purge: PurgeSeen) {
-    if seen.len() >= PURGES_KEPT {
-        seen.pop_front();
-    }
-    seen.push_back(purge);
-}
-
 /// Why message `id` in `state` cannot be redriven.
 fn not_redrivable(id: MessageId, state: State, record: Option<&StatusRecord>) -> String {
     match (state, record) {
@@ -1130,73 +1042,6 @@ mod tests {
         let summary = filter_summary(&ok);
         assert!(summary.contains("sender=NL-NRM") && summary.contains("case_ref=(set)"));
         assert!(!summary.contains(&ok.case_ref.unwrap().to_string()));
-    }
-
-    /// A retried purge counts a purge answered with an error only when that one made it
-    /// (its instant is the purge's), and once: not when another purge made it meanwhile.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_purge_is_counted_by_its_retry_only_if_it_made_the_purge() {
-        use crate::service::test_support::held_broker;
-        let dir = tempfile::tempdir().unwrap();
-        let (_hold, shared) = held_broker(dir.path());
-        let service = OperatorService::new(shared);
-        let (a, b) = (MessageId::new_v7(), MessageId::new_v7());
-        service.purge_failed(a, 1_000);
-        service.purge_failed(b, 1_000);
-        service.purge_failed(a, 2_000);
-        assert!(
-            service.purge_answered(a, Some(2_000), false),
-            "made by the second"
-        );
-        assert!(
-            !service.purge_answered(a, Some(2_000), false),
-            "counted once"
-        );
-        // made by another purge, at 1_500, after b's failed one
-        assert!(!service.purge_answered(b, Some(1_500), false));
-        service.purge_failed(b, 3_000);
-        assert!(
-            !service.purge_answered(b, None, false),
-            "not purgeable now: nothing to count"
-        );
-        assert!(!service.purge_answered(b, Some(3_000), false), "forgotten");
-        // c purged and counted at 4_000; another purge of c at that same millisecond
-        // fails (before or after that answer): neither retry counts it again
-        let (c, d) = (MessageId::new_v7(), MessageId::new_v7());
-        assert!(!service.purge_answered(c, Some(4_000), true));
-        service.purge_failed(c, 4_000);
-        assert!(
-            !service.purge_answered(c, Some(4_000), false),
-            "counted twice"
-        );
-        service.purge_failed(d, 4_000);
-        assert!(!service.purge_answered(d, Some(4_000), true));
-        assert!(
-            !service.purge_answered(d, Some(4_000), false),
-            "counted twice"
-        );
-    }
-
-    /// What the service remembers of purges stays at most [`PURGES_KEPT`], the
-    /// oldest forgotten first.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_purges_remembered_are_bounded() {
-        use crate::service::test_support::held_broker;
-        let dir = tempfile::tempdir().unwrap();
-        let (_hold, shared) = held_broker(dir.path());
-        let service = OperatorService::new(shared);
-        let first = MessageId::new_v7();
-        service.purge_failed(first, 1);
-        for at in 0..PURGES_KEPT as u64 {
-            let id = MessageId::new_v7();
-            service.purge_failed(id, at);
-            service.purge_answered(id, Some(at), false);
-        }
-        assert_eq!(service.purges_seen.lock().unwrap().len(), PURGES_KEPT);
-        assert!(
-            !service.purge_answered(first, Some(1), false),
-            "the oldest forgotten"
-        );
     }
 
     /// An operator purges a message; the operator's client goes away while the purge is

@@ -386,6 +386,31 @@ impl From<StoreError> for TickError {
     }
 }
 
+/// A change that failed. Its write may have been applied and only its flush failed: the
+/// write is kept (the next flush that succeeds makes it durable), so what it did is
+/// `committed`, for the caller to act on at once as on a change that succeeded (drop a
+/// purged or withdrawn copy waiting in its recipient's stream, count it), since a retry
+/// finds it done and does not do it again. `None` when nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct ChangeError<T: std::fmt::Debug> {
+    /// What the change wrote before its flush failed (`None`: nothing).
+    pub committed: Option<T>,
+    /// Why it failed.
+    #[source]
+    pub error: StoreError,
+}
+
+impl<T: std::fmt::Debug> From<StoreError> for ChangeError<T> {
+    /// A change that failed before it wrote anything.
+    fn from(error: StoreError) -> Self {
+        Self {
+            committed: None,
+            error,
+        }
+    }
+}
+
 /// A lease that ended because its message expired (see [`TickReport::expired_in_flight`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredLease {
@@ -626,7 +651,7 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         sender: &ParticipantId,
         id: MessageId,
         now: Millis,
-    ) -> Result<WithdrawResult, StoreError>;
+    ) -> Result<WithdrawResult, ChangeError<WithdrawResult>>;
     /// Metadata of `sender`'s message `id` (None if unknown or not the sender's).
     async fn status(
         &self,
@@ -676,7 +701,7 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         sender: Option<&ParticipantId>,
         reason: &str,
         now: Millis,
-    ) -> Result<PurgeResult, StoreError>;
+    ) -> Result<PurgeResult, ChangeError<PurgeResult>>;
     /// Operator: EXPIRED, or DEAD_LETTERED by attempts, with the payload kept → ACCEPTED with a fresh
     /// lifetime (as long as the original one) and attempts reset. Never a rejected message,
     /// nor a receipt (see [`StatusRecord::redrivable`]).
@@ -686,7 +711,7 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         id: MessageId,
         sender: Option<&ParticipantId>,
         now: Millis,
-    ) -> Result<RedriveResult, StoreError>;
+    ) -> Result<RedriveResult, ChangeError<RedriveResult>>;
     /// Operator: EXPIRED and DEAD_LETTERED messages still on record, oldest first: at most
     /// `limit` (0 means 100) with a `broker_seq` above `after_seq`.
     async fn dead_letters(
@@ -714,7 +739,7 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         sender: Option<&ParticipantId>,
         reason: &str,
         now: Millis,
-    ) -> Result<PurgeResult, StoreError>;
+    ) -> Result<PurgeResult, ChangeError<PurgeResult>>;
     /// [`Self::redrive`] by `operator`, audited in the same atomic write as the redrive.
     async fn operator_redrive(
         &self,
@@ -722,7 +747,7 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         id: MessageId,
         sender: Option<&ParticipantId>,
         now: Millis,
-    ) -> Result<RedriveResult, StoreError>;
+    ) -> Result<RedriveResult, ChangeError<RedriveResult>>;
     /// Records the presence of each participant in `seen` (one entry per
     /// participant; a later `last_seen` replaces an earlier one, an older one
     /// is ignored). Durable when this returns.

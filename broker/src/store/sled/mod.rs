@@ -36,9 +36,10 @@ pub use self::verify::{StoreReport, verify_store_offline};
 use self::writer::Writer;
 use crate::store::audit::{AuditEvent, AuditReport, OperatorAction};
 use crate::store::{
-    Accepted, AckResult, BrokerStore, Leased, Lifecycle, Millis, NewMessage, Presence, PurgeResult,
-    QueueStats, RedriveResult, RejectResult, Released, SearchFilter, SearchPage, StatusRecord,
-    StoreError, StreamEnd, StreamId, SubmitOutcome, TickError, TickReport, WithdrawResult,
+    Accepted, AckResult, BrokerStore, ChangeError, Leased, Lifecycle, Millis, NewMessage, Presence,
+    PurgeResult, QueueStats, RedriveResult, RejectResult, Released, SearchFilter, SearchPage,
+    StatusRecord, StoreError, StreamEnd, StreamId, SubmitOutcome, TickError, TickReport,
+    WithdrawResult,
 };
 
 mod audit;
@@ -330,6 +331,29 @@ impl SledStore {
             Ok(value)
         })
         .await
+    }
+
+    /// [`Self::change`], but a write applied whose flush then failed comes back with
+    /// the error ([`ChangeError::committed`]): the write is kept, and the caller acts on
+    /// it at once (a retry would find it done and not act again).
+    async fn change_reporting<T, F>(&self, op: F) -> Result<T, ChangeError<T>>
+    where
+        T: Send + std::fmt::Debug + 'static,
+        F: Fn(&Tx<'_>) -> TxResult<(T, BTreeSet<ParticipantId>)> + Send + 'static,
+    {
+        self.ready().await?;
+        let inner = Arc::clone(&self.inner);
+        to_completion(async move {
+            let (value, wake) = inner.writer.transaction(op).await?;
+            Ok(match inner.durable_then_wake(wake).await {
+                Ok(()) => Ok(value),
+                Err(error) => Err(ChangeError {
+                    committed: Some(value),
+                    error,
+                }),
+            })
+        })
+        .await?
     }
 
     /// Like [`Self::change`], for operations that scan before they write:
@@ -733,9 +757,9 @@ impl BrokerStore for SledStore {
         sender: &ParticipantId,
         id: MessageId,
         now: Millis,
-    ) -> Result<WithdrawResult, StoreError> {
+    ) -> Result<WithdrawResult, ChangeError<WithdrawResult>> {
         let sender = sender.clone();
-        self.change(move |tx| Ok((tx.withdraw(&sender, id, now)?, BTreeSet::new())))
+        self.change_reporting(move |tx| Ok((tx.withdraw(&sender, id, now)?, BTreeSet::new())))
             .await
     }
 
@@ -822,9 +846,9 @@ impl BrokerStore for SledStore {
         sender: Option<&ParticipantId>,
         reason: &str,
         now: Millis,
-    ) -> Result<PurgeResult, StoreError> {
+    ) -> Result<PurgeResult, ChangeError<PurgeResult>> {
         let (sender, reason) = (sender.cloned(), reason.to_owned());
-        self.change(move |tx| tx.purge(id, sender.as_ref(), &reason, now))
+        self.change_reporting(move |tx| tx.purge(id, sender.as_ref(), &reason, now))
             .await
     }
 
@@ -833,9 +857,9 @@ impl BrokerStore for SledStore {
         id: MessageId,
         sender: Option<&ParticipantId>,
         now: Millis,
-    ) -> Result<RedriveResult, StoreError> {
+    ) -> Result<RedriveResult, ChangeError<RedriveResult>> {
         let sender = sender.cloned();
-        self.change(move |tx| tx.redrive(id, sender.as_ref(), now))
+        self.change_reporting(move |tx| tx.redrive(id, sender.as_ref(), now))
             .await
     }
 
@@ -877,14 +901,14 @@ impl BrokerStore for SledStore {
         sender: Option<&ParticipantId>,
         reason: &str,
         now: Millis,
-    ) -> Result<PurgeResult, StoreError> {
+    ) -> Result<PurgeResult, ChangeError<PurgeResult>> {
         let action = OperatorAction::Purge {
             operator: operator.to_owned(),
             message_id: id,
             reason: reason.to_owned(),
         };
         let (sender, reason) = (sender.cloned(), reason.to_owned());
-        self.change(move |tx| {
+        self.change_reporting(move |tx| {
             tx.audit(now, AuditEvent::Operator(action.clone()))?;
             tx.purge(id, sender.as_ref(), &reason, now)
         })
@@ -897,13 +921,13 @@ impl BrokerStore for SledStore {
         id: MessageId,
         sender: Option<&ParticipantId>,
         now: Millis,
-    ) -> Result<RedriveResult, StoreError> {
+    ) -> Result<RedriveResult, ChangeError<RedriveResult>> {
         let action = OperatorAction::Redrive {
             operator: operator.to_owned(),
             message_id: id,
         };
         let sender = sender.cloned();
-        self.change(move |tx| {
+        self.change_reporting(move |tx| {
             tx.audit(now, AuditEvent::Operator(action.clone()))?;
             tx.redrive(id, sender.as_ref(), now)
         })
