@@ -240,8 +240,9 @@ pub enum PurgeResult {
     AlreadyPurged {
         /// When it was purged.
         at: Millis,
-        /// Its recipient: a purge that failed after its write (a failed flush) did
-        /// not get to drop the message from the recipient's streams, so the retry does.
+        /// Its recipient (the retry drops the message from its streams again, which
+        /// is harmless: the purge that made it did, also one whose flush failed, see
+        /// [`ChangeError`]).
         recipient: ParticipantId,
         /// Its sender; none for a receipt.
         sender: Option<ParticipantId>,
