@@ -673,6 +673,44 @@ async fn a_message_that_expires_while_waiting_to_be_sent_is_not_sent() -> anyhow
     Ok(())
 }
 
+/// [`a_message_that_expires_while_waiting_to_be_sent_is_not_sent`], one queue earlier: the
+/// stream leases more than its channel holds (64 deliveries), so the last leased wait in
+/// the stream task itself, behind a full channel, when their message expires. They too
+/// pass the channel's check when their turn comes: the recipient never gets the message
+/// its sender was told had expired.
+#[tokio::test]
+async fn a_message_that_expires_before_it_enters_the_send_buffer_is_not_sent() -> anyhow::Result<()>
+{
+    // 60 KiB each: the client's 2 MiB window and hyper take about 36, the channel 64
+    const FILLERS: usize = 130;
+    let (t, mut nl, mut stream, fillers, short_lived) = stuck_stream_with(
+        |_| {},
+        FILLERS,
+        FILLERS as u32 + 1,
+        |referral, now| {
+            referral.created_at = Some(to_timestamp(now));
+            referral.expires_at = Some(to_timestamp(now + Duration::from_secs(5)));
+        },
+    )
+    .await?;
+    t.advance(Duration::from_secs(6));
+    until_state(
+        &mut nl,
+        &short_lived,
+        pb::MessageState::Expired,
+        "not expired",
+    )
+    .await?;
+    for id in &fillers {
+        assert_eq!(&id_of(&next(&mut stream).await?), id);
+    }
+    expect_quiet(&mut stream).await?;
+    let metrics = t.broker.metrics().render();
+    let line = "trmx_deliveries_dropped_total{reason=\"expired\"} 1";
+    assert!(metrics.lines().any(|l| l == line), "missing {line}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn get_info_lists_the_registry_and_limits() -> anyhow::Result<()> {
     let t = TestBroker::start().await?;
