@@ -58,6 +58,10 @@ use crate::units::format_duration;
 const LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// How often the free space of the data directory is measured.
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the refusals of participants' requests not logged yet are looked for
+/// ([`refusal_log_loop`]): on its own, not with the timers, whose loop may wait as long as
+/// `lifecycle.tick_interval`.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the broker records in its store that it runs (see `check_clock`), and then
 /// in the last-run file ([`crate::last_run`]).
 const RUNNING_MARK_INTERVAL: Duration = Duration::from_secs(60);
@@ -280,6 +284,10 @@ impl BrokerBuilder {
             )
             .instrument(info_span!("presence")),
         );
+        let refusal_logs = tokio::spawn(
+            refusal_log_loop(shared.clone(), REFUSAL_LOG_INTERVAL)
+                .instrument(info_span!("refusals")),
+        );
         let crl_reloads = tokio::spawn(
             crl_reload_loop(
                 tls.clone(),
@@ -371,6 +379,7 @@ impl BrokerBuilder {
                 .await;
             let _ = timers.await;
             crl_reloads.abort();
+            refusal_logs.abort();
             wakeups.abort();
             presence.abort();
             save_presence(shared.store.as_ref(), &shared.metrics, None).await;
@@ -641,7 +650,6 @@ async fn timer_loop(
             }
         }
         if disk_checked.elapsed() >= DISK_CHECK_INTERVAL {
-            log_unlogged_refusals(&shared);
             measure_disk(&config, &shared.admission, &shared.metrics).await;
             shared.update_store_writable();
             disk_checked = Instant::now();
@@ -1082,6 +1090,18 @@ pub fn check_config(config: &BrokerConfig) -> Result<ConfigCheck, BrokerError> {
     })
 }
 
+/// Logs the refusals that no warning counted yet every `every` ([`REFUSAL_LOG_INTERVAL`]),
+/// until aborted: the line for the last ones of a flood then comes at most that long after
+/// their warning interval has passed, whatever `lifecycle.tick_interval` is.
+async fn refusal_log_loop(shared: Arc<Shared>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        log_unlogged_refusals(&shared);
+    }
+}
+
 /// Logs the refusals of participants' requests that no warning counted yet, once their
 /// interval has passed ([`crate::admission::RequestSlots::unlogged`]): the last ones of a
 /// flood that stopped would otherwise be only in `/metrics`.
@@ -1280,6 +1300,30 @@ async fn open_store(
 mod tests {
     use super::*;
     use trmx_proto::ParticipantId;
+
+    /// The last refusals of a flood are logged within [`REFUSAL_LOG_INTERVAL`] of their
+    /// warning interval's end by a task of their own: they used to be looked for in the
+    /// timer loop, which waits up to `lifecycle.tick_interval` (here an hour) when no
+    /// timer is due, so the line came that late.
+    #[tokio::test(start_paused = true)]
+    async fn the_last_refusals_of_a_flood_are_logged_whatever_the_tick_interval() {
+        use crate::admission::{CROWDED_WARN_INTERVAL, Crowded};
+        let dir = tempfile::tempdir().unwrap();
+        let (_hold, shared) = crate::service::test_support::held_broker(dir.path());
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let crowded = Crowded::Requests { limit: 16 };
+        let _held = shared.request_slots.acquire(&nl, 0).await.unwrap();
+        assert_eq!(shared.request_slots.refused(&nl, crowded), Some(1));
+        assert_eq!(shared.request_slots.refused(&nl, crowded), None, "unlogged");
+        let sweeps = tokio::spawn(refusal_log_loop(shared.clone(), REFUSAL_LOG_INTERVAL));
+        tokio::time::sleep(CROWDED_WARN_INTERVAL + REFUSAL_LOG_INTERVAL).await;
+        assert_eq!(
+            shared.request_slots.unlogged(),
+            vec![],
+            "not logged by the sweep"
+        );
+        sweeps.abort();
+    }
 
     /// A failure on every tick is one line, again when its text changes, and
     /// the line after a pause counts the failures it stands for.
