@@ -130,7 +130,9 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
-    /// Take back a sent message that was not delivered yet.
+    /// Take back a sent message the recipient has not acknowledged: queued, on its way, or
+    /// expired or dead-lettered (its payload is then deleted on the broker, ending an
+    /// operator's redrive).
     Withdraw {
         /// The message id.
         id: String,
