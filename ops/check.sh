@@ -15,7 +15,10 @@
 #                                    the broker's /metrics (and checks /healthz and /readyz)
 #   ops/check.sh demo                builds and runs the metrics_demo example (a stand-in admin
 #                                    endpoint with synthetic traffic) and runs `scrape` against it
-#   ops/check.sh all                 rules, then broker
+#   ops/check.sh all                 rules, then broker, then demo (each in its own process, so
+#                                    each has its own Prometheus and scratch directory); what CI
+#                                    runs, so that the metrics stand-in cannot drift from the
+#                                    dashboard unseen
 #
 # A missing tool is a failure, never a skip. Needs Debian's `prometheus` package (promtool and
 # prometheus), python3, and cargo for `broker` and `demo`.
@@ -391,9 +394,10 @@ case "${1:-}" in
     broker) check_broker ;;
     demo) check_demo ;;
     all)
-        check_rules
-        check_broker ;;
+        "$0" rules
+        "$0" broker
+        "$0" demo ;;
     *)
-        sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2
         exit 2 ;;
 esac
