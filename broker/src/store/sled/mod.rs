@@ -114,7 +114,7 @@ impl Default for SledOptions {
 /// | `dead` | seq → () — EXPIRED and DEAD_LETTERED records |
 /// | `counters` | `r`+recipient → depth, in flight, bytes; `s`+sender → queued bytes |
 /// | `backoff` | recipient, seq → () — ACCEPTED and backing off before a redelivery (with `queue` and `leased`: a recipient's oldest unacknowledged message) |
-/// | `meta` | `format` → store format; `seq_floor` → added to sled's id generator for new seqs (written by `store compact`, see `compact.rs`); `backoff_indexed` → `backoff` is complete and in step: the `running_at` of the run that last kept it, written with it (stores written before it, or run by an earlier version since, are indexed at open) |
+/// | `meta` | `format` → store format; `seq_floor` → added to sled's id generator for new seqs (written by `store compact`, see `compact.rs`); `backoff_indexed` → `backoff` is complete and in step: the `running_at` of the run that last kept it, written with it (stores written before it, or run by an earlier version since, are indexed at open); `unusable_payloads_dropped` → no expired receipt or rejected message keeps its payload (the same kind of mark: stores written before, or run by an earlier version since, have them deleted at open) |
 /// | `presence` | participant id → last seen, certificate not_after (operator gauges; written outside the message transactions) |
 ///
 /// # Invariants
@@ -262,6 +262,8 @@ impl SledStore {
             unleasable: Default::default(),
             damaged_logged: Default::default(),
         });
+        core.drop_unusable_payloads()
+            .map_err(|e| open_err(e.to_string()))?;
         let writer = Writer::start(Arc::clone(&core), opts.writer_nice)
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
         let (wakeups, _) = broadcast::channel(WAKEUP_CAPACITY);
@@ -819,6 +821,9 @@ impl BrokerStore for SledStore {
             let mut batch = ::sled::Batch::default();
             batch.insert(RUNNING_KEY, &now.to_be_bytes()[..]);
             batch.insert(ops::BACKOFF_INDEXED_KEY, &now.to_be_bytes()[..]);
+            // and of the one-time deletion of unusable payloads, which this
+            // version never keeps (`ops::UNUSABLE_PAYLOADS_DROPPED_KEY`)
+            batch.insert(ops::UNUSABLE_PAYLOADS_DROPPED_KEY, &now.to_be_bytes()[..]);
             core.meta.apply_batch(batch).map_err(storage)?;
             Ok(((), BTreeSet::new()))
         })

@@ -1059,8 +1059,102 @@ pub(super) const BACKOFF_INDEXED_KEY: &[u8] = b"backoff_indexed";
 /// run other than the last means an earlier broker version ran since, and
 /// changed messages without the index.)
 pub(super) fn backoff_indexed(meta: &::sled::Tree) -> Result<bool, StoreError> {
-    let mark = meta.get(BACKOFF_INDEXED_KEY).map_err(storage)?;
+    in_step(meta, BACKOFF_INDEXED_KEY)
+}
+
+/// Whether the one-time pass whose mark is `key` in `meta` is done and in
+/// step: its mark is there and names the last run recorded (an earlier
+/// version, which does not know the mark, ran since otherwise).
+fn in_step(meta: &::sled::Tree, key: &[u8]) -> Result<bool, StoreError> {
+    let mark = meta.get(key).map_err(storage)?;
     Ok(mark.is_some_and(|mark| mark == running_mark(meta).unwrap_or_default()))
+}
+
+/// The `meta` key set once no EXPIRED or DEAD_LETTERED record keeps a
+/// payload that no redrive can use (an expired receipt's, a rejected
+/// message's): versions before the one that deletes them at once kept them
+/// for the dead-letter retention. Its value is the store's `running_at`,
+/// as [`BACKOFF_INDEXED_KEY`]'s, and for the same reason: an earlier version
+/// that ran since may have kept such payloads again.
+pub(super) const UNUSABLE_PAYLOADS_DROPPED_KEY: &[u8] = b"unusable_payloads_dropped";
+
+/// Records of `dead` read per transaction by [`Core::drop_unusable_payloads`].
+const DROP_BATCH: usize = 256;
+
+impl Core {
+    /// Deletes, once, the payloads that stores written before kept for the
+    /// dead-letter retention although no redrive can ever use them: those of
+    /// expired (or, earlier still, dead-lettered) receipts and of rejected
+    /// messages (see [`drop_payload`]). Their metadata, its retention and
+    /// their state stay as they are (DESIGN.md §4), so nothing is audited and
+    /// no report is sent. Reads only the `dead` tree. Each batch is one
+    /// transaction that applies the same change as the expiry or rejection
+    /// does today, so an interrupted pass (a crash) leaves every record
+    /// consistent and the next open does the rest; the mark is written after
+    /// a flush of the last batch. Returns how many payloads it deleted.
+    pub(super) fn drop_unusable_payloads(&self) -> Result<u64, StoreError> {
+        if in_step(&self.meta, UNUSABLE_PAYLOADS_DROPPED_KEY)? {
+            return Ok(0);
+        }
+        let mut dropped = 0u64;
+        let mut after: Option<::sled::IVec> = None;
+        loop {
+            use std::ops::Bound;
+            let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+            let keys = self
+                .tree(DEAD)
+                .range((from, Bound::Unbounded))
+                .keys()
+                .take(DROP_BATCH)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(storage)?;
+            let Some(last) = keys.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            // (a damaged key is left out, as every scan does: one damaged
+            // entry must not stop the start; `store verify` reports it)
+            let seqs: Vec<u64> = keys.iter().filter_map(|k| read_u64(k).ok()).collect();
+            dropped += self.transact(|tx| {
+                let mut n = 0u64;
+                for &seq in &seqs {
+                    let Some(old) = tx.readable_record(seq, "its payload is left as it is")? else {
+                        continue;
+                    };
+                    if unusable_payload(&old) {
+                        let mut new = old.clone();
+                        drop_payload(&mut new);
+                        tx.put(Some(&old), Some(&new))?;
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })?;
+        }
+        // the deletions durable before the mark that says they are done
+        trmx_durable::flush_sled(&self.meta).map_err(storage)?;
+        self.meta
+            .insert(UNUSABLE_PAYLOADS_DROPPED_KEY, running_mark(&self.meta)?)
+            .map_err(storage)?;
+        trmx_durable::flush_sled(&self.meta).map_err(storage)?;
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                "payloads of expired receipts and rejected messages that an earlier version kept \
+                 for the dead-letter retention deleted: no redrive can use them"
+            );
+        }
+        Ok(dropped)
+    }
+}
+
+/// Whether the stored `r` keeps a payload that no redrive can ever use: an
+/// EXPIRED or DEAD_LETTERED receipt's (a receipt has no sender to redrive
+/// for), or a rejected message's.
+fn unusable_payload(r: &Record) -> bool {
+    r.payload_kept
+        && matches!(r.state, State::Expired | State::DeadLettered)
+        && (r.sender.is_none() || r.rejected)
 }
 
 /// The value the mark of a `backoff` index in step has in a store with
@@ -2331,6 +2425,161 @@ mod tests {
             "{again:?}"
         );
         s.close().await.unwrap();
+    }
+
+    /// The stored record of `seq` in the closed store `db`, rewritten as
+    /// a version before the deletion of unusable payloads left it: its
+    /// payload `payload` kept until the dead-letter retention, with its timer.
+    fn keep_payload_as_before(db: &::sled::Db, seq: u64, payload: &::sled::IVec, dlr: Millis) {
+        let records = db.open_tree("records").unwrap();
+        let mut record =
+            Record::decode_stored(&records.get(seq.to_be_bytes()).unwrap().unwrap()).unwrap();
+        assert!(!record.payload_kept, "{record:?}");
+        record.payload_kept = true;
+        record.payload = Some(super::super::codec::InlinePayload(payload.clone()));
+        let at = record.state_changed_at + dlr;
+        record.payload_delete_at = Some(at);
+        records.insert(seq.to_be_bytes(), record.encode()).unwrap();
+        db.open_tree("timers")
+            .unwrap()
+            .insert(
+                super::super::codec::timer_key(at, TimerKind::PayloadRetention, seq),
+                &[][..],
+            )
+            .unwrap();
+    }
+
+    /// A store written before expired receipts and rejected messages lost their
+    /// payloads at once keeps them until the dead-letter retention: its first open
+    /// deletes them, keeping state, metadata and its retention, and `store verify`
+    /// finds the store consistent before and after. It does so again after an
+    /// earlier version ran on the store (which may keep such payloads again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_written_before_keeps_no_unusable_payload_after_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        // (a dead-letter retention longer than the metadata's: the rejected
+        // message's metadata outlives the receipt's expiry)
+        let default = Lifecycle::default();
+        let life = Lifecycle {
+            dead_letter_retention: default.metadata_retention * 2,
+            ..default
+        };
+        let dlr = after(0, life.dead_letter_retention);
+        let open = |dir: &std::path::Path| {
+            SledStore::open(dir, SledOptions::default(), life.clone()).unwrap()
+        };
+        let s = open(dir.path());
+        let (acked, rejected, redrivable) = (message(&be), message(&be), message(&be));
+        for m in [&acked, &rejected] {
+            s.submit(m.clone(), NOW).await.unwrap();
+        }
+        let mut short = redrivable.clone();
+        short.expires_at = NOW + 1_000;
+        s.submit(short, NOW).await.unwrap();
+        s.lease(&be, StreamId(1), 3, u64::MAX, NOW).await.unwrap();
+        s.ack(&be, &[acked.message_id], NOW).await.unwrap();
+        let seq_of = |id: MessageId| -> u64 {
+            let seqs = decode_seqs(
+                &s.inner.core.trees[BY_ID]
+                    .get(id.as_bytes())
+                    .unwrap()
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(seqs.len(), 1);
+            seqs[0]
+        };
+        let receipt = seq_of(MessageId::receipt_for(
+            acked.message_id,
+            pb::Outcome::Delivered,
+        ));
+        let rejected_seq = seq_of(rejected.message_id);
+        let redrivable_seq = seq_of(redrivable.message_id);
+        let stored = |s: &SledStore, seq: u64| {
+            Record::decode_stored(
+                &s.inner.core.trees[RECORDS]
+                    .get(seq.to_be_bytes())
+                    .unwrap()
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        // the payloads as stored before the rejection and the expiry
+        let payloads = [receipt, rejected_seq]
+            .map(|seq| stored(&s, seq).payload.expect("stored with its record").0);
+        s.reject(&be, rejected.message_id, "SCHEMA", "referral", NOW)
+            .await
+            .unwrap();
+        // the message expires (its payload kept for a redrive), then the receipts
+        let expired_at = after(NOW, life.metadata_retention);
+        s.tick(NOW + 1_000).await.unwrap();
+        assert!(s.tick(expired_at).await.unwrap().expired >= 1);
+        let before = [receipt, rejected_seq].map(|seq| stored(&s, seq));
+        assert_eq!(before[0].state, State::Expired);
+        assert_eq!(before[1].state, State::DeadLettered);
+        s.close().await.unwrap();
+        drop(s);
+        let as_before = |earlier_run: Option<Millis>| {
+            let db = ::sled::open(dir.path()).unwrap();
+            for (seq, payload) in [receipt, rejected_seq].into_iter().zip(&payloads) {
+                keep_payload_as_before(&db, seq, payload, dlr);
+            }
+            let meta = db.open_tree("meta").unwrap();
+            match earlier_run {
+                // an earlier version marks its runs, not this pass
+                Some(at) => {
+                    meta.insert(super::super::RUNNING_KEY, &at.to_be_bytes()[..])
+                        .unwrap();
+                }
+                None => {
+                    meta.remove(UNUSABLE_PAYLOADS_DROPPED_KEY).unwrap();
+                }
+            }
+            db.flush().unwrap();
+        };
+        for earlier_run in [None, Some(NOW + 5)] {
+            as_before(earlier_run);
+            let report = crate::store::verify_store_offline(dir.path()).unwrap();
+            assert!(report.is_consistent(), "{report}");
+            let s = open(dir.path());
+            for (seq, old) in [receipt, rejected_seq].into_iter().zip(&before) {
+                let now = stored(&s, seq);
+                assert!(
+                    !now.payload_kept && now.payload.is_none() && now.payload_delete_at.is_none(),
+                    "an unusable payload kept after open: {now:?}"
+                );
+                assert_eq!(
+                    (now.state, now.state_changed_at, now.metadata_delete_at),
+                    (old.state, old.state_changed_at, old.metadata_delete_at)
+                );
+            }
+            assert!(
+                !s.inner.core.trees[TIMERS].iter().keys().any(|k| {
+                    let (_, kind, seq) = parse_timer_key(&k.unwrap()).unwrap();
+                    kind == TimerKind::PayloadRetention && seq != redrivable_seq
+                }),
+                "a payload retention timer is left"
+            );
+            // the expired message keeps its payload for a redrive
+            assert!(stored(&s, redrivable_seq).payload_kept);
+            // all three still listed, as dead letters are
+            let dead = s.dead_letters(0, None).await.unwrap().records;
+            assert!(
+                dead.iter()
+                    .any(|r| r.message_id == redrivable.message_id && r.redrivable)
+            );
+            for id in [rejected.message_id, before[0].message_id] {
+                assert!(
+                    dead.iter().any(|r| r.message_id == id && !r.payload_kept),
+                    "{dead:?}"
+                );
+            }
+            s.close().await.unwrap();
+            drop(s);
+            let report = crate::store::verify_store_offline(dir.path()).unwrap();
+            assert!(report.is_consistent(), "{report}");
+        }
     }
 
     /// The seqs in the `backoff` index of the open store `s`.
