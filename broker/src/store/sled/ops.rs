@@ -1487,6 +1487,15 @@ impl Tx<'_> {
             let mut results = Vec::with_capacity(ids.len());
             let mut wake = Wake::new();
             for &id in ids {
+                // An ack of a message that is no longer delivered to the caller is
+                // NOT_FOUND, also one its node really stored but acknowledged after
+                // the message expired (or was withdrawn or purged): DESIGN.md §3 says
+                // NOT_FOUND for an id "not in flight to the caller", and §4 makes
+                // EXPIRED final, its sender already told so by a non-delivery report.
+                // ACKNOWLEDGED would tell the node its ack was applied when the
+                // record stays EXPIRED, and applying it would send the sender a
+                // DELIVERED receipt contradicting the report it has (the node
+                // deduplicates a redriven copy, so nothing is lost either way).
                 let mut result = AckResult::NotFound;
                 for old in tx.records_of(id)? {
                     if old.recipient != *recipient {
