@@ -97,6 +97,17 @@ impl CrlRecord {
     ///
     /// Reads a small file synchronously.
     pub fn read(path: &Path) -> Result<CrlRecord, TransportError> {
+        Self::read_telling(path, true)
+    }
+
+    /// [`Self::read`] again, for the server that read the record before it held the
+    /// directory (see [`Self::merge`]): a missing file is not said again, the first read
+    /// said it already (the same start would log it twice).
+    pub(crate) fn read_again(path: &Path) -> Result<CrlRecord, TransportError> {
+        Self::read_telling(path, false)
+    }
+
+    fn read_telling(path: &Path, tell_missing: bool) -> Result<CrlRecord, TransportError> {
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             // (a data directory that is not one is for its own check to tell)
@@ -106,11 +117,13 @@ impl CrlRecord {
                     std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
                 ) =>
             {
-                tracing::info!(
-                    record = %path.display(),
-                    "no CRL record yet (a first start, or deleted): the CRLs in the CRL file \
-                     are taken as the newest"
-                );
+                if tell_missing {
+                    tracing::info!(
+                        record = %path.display(),
+                        "no CRL record yet (a first start, or deleted): the CRLs in the CRL \
+                         file are taken as the newest"
+                    );
+                }
                 return Ok(CrlRecord {
                     path: path.to_owned(),
                     newest: Vec::new(),

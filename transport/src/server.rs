@@ -767,7 +767,7 @@ impl ServerTls {
             reloads.saving = true;
             return Ok(());
         };
-        let on_disk = CrlRecord::read(record.path())?;
+        let on_disk = CrlRecord::read_again(record.path())?;
         if let Some(crl) = self.inner.crl_path.as_deref() {
             on_disk.check(crl, &self.inner.state.load().crl_versions)?;
         }
