@@ -24,6 +24,17 @@
 //! A dropped delivery is reported ([`Report::dropped`]) so that its stream slot is freed:
 //! its recipient will never ack it.
 //!
+//! A dead copy (taken back, or expired) keeps its bytes and its place in the channel until
+//! its turn; it is not evicted when its lifetime ends. That costs the recipient nothing:
+//! its stream slot is freed at once (by the withdrawal, purge or expiry, see
+//! [`crate::streams`]); the channel is first in, first out, so a fresh delivery put in
+//! earlier would still wait behind the same live deliveries ahead of the dead copy; and the
+//! take after the last of those drops the dead copies before the next live one in the same
+//! poll, sending none of their bytes, so the room comes back as soon as the live bytes
+//! ahead of them are sent. What it holds meanwhile is
+//! memory, bounded by the buffer (`limits.receive_buffer_bytes`) and the channel's
+//! capacity.
+//!
 //! # Invariants
 //! - [`Outbox::waiting_bytes`] is the payload bytes of the deliveries in the channel:
 //!   added when one is put in, taken off when tonic takes it out, sent or dropped.
