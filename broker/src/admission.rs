@@ -347,6 +347,12 @@ impl RequestSlots {
         let request = take(requests, 1, deadline).await.ok_or(Crowded::Requests {
             limit: self.per_participant,
         })?;
+        // (in arrival order: a large `Ack` waiting for its ids holds the smaller ones of
+        // the same participant behind it, up to `wait`, then is refused and they go on.
+        // That costs only the participant that sent it at once with so many others (by
+        // default more than 1,024 ids already in progress), at most `wait` (250 ms by
+        // default) against an ack timeout of a minute; served out of order, a large
+        // `Ack` could wait behind a stream of small ones until its every retry is refused)
         let ack_ids = match u32::try_from(ack_ids).map(|n| n.min(self.ack_ids)) {
             Ok(0) => None,
             Ok(n) => Some(take(ids, n, deadline).await),
