@@ -1058,13 +1058,14 @@ pub(crate) async fn classify(
         due: body.respond_by().or_else(|| body.next_follow_up_due()),
         retain_until: body.retain_until(),
         payload_sha256: digest,
+        content_type: envelope.content_type,
     })))
 }
 
 /// What to do with a delivery whose sender's message with its id this node stored
 /// before, read from the envelope as delivered, before any check of it: acknowledge it
-/// again when it is that message (`IdUse::Stored`: the same payload digest, kind, case
-/// and message answered), reject it when it is other content under that id
+/// again when it is that message (`IdUse::Stored`: the same payload digest and every
+/// other field [`Content`] names), reject it when it is other content under that id
 /// (`IdUse::Conflict`, as a payload of another digest: the stored one is kept). `None`
 /// for one whose sender or id is none, or that is not stored.
 async fn stored_before(
@@ -1106,6 +1107,9 @@ fn content_of(envelope: &pb::Envelope) -> pb::Envelope {
         kind: envelope.kind,
         case_ref: envelope.case_ref.clone(),
         in_reply_to: envelope.in_reply_to.clone(),
+        priority: envelope.priority,
+        created_at: envelope.created_at,
+        content_type: envelope.content_type.clone(),
         ..Default::default()
     }
 }
@@ -1125,8 +1129,8 @@ fn shown_id(message_id: &str) -> String {
 }
 
 /// Says that `sender`'s message `id`, stored here, came again with other content (another
-/// payload, kind, case or message answered; the log names none of them: a case reference
-/// may be personal data): the
+/// payload or any other field [`Content`] names; the log names none of them: a case
+/// reference may be personal data): the
 /// stored one is kept (the inbox, its answers and the application have it), the other
 /// is rejected (`DUPLICATE_MESSAGE_ID`), so that its sender learns that it was not
 /// taken rather than getting a delivery receipt for content never stored. No digest

@@ -268,6 +268,11 @@ pub(crate) struct InRec {
     /// stored before the node kept it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     payload_sha256: Option<String>,
+    /// The envelope's `content_type`, as delivered: the same payload under another
+    /// (JSON for protobuf) is other content. `None` in entries stored before the node
+    /// kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
 }
 
 /// Lower-case hex of a digest, as [`InRec::payload_sha256`] keeps it.
@@ -281,7 +286,10 @@ fn digest_hex(digest: &[u8]) -> String {
 
 /// What a delivery says about the message it carries, beyond its sender and id, as
 /// delivered (raw envelope fields: [`Store::id_use`] also runs before the envelope is
-/// checked): the payload digest, and the fields the inbox files the message by.
+/// checked): every field the sender set that the broker stores and redelivers unchanged.
+/// Not `expires_at`: an operator's redrive gives the message a new one, and the redriven
+/// message may be one this node stored (its acknowledgement lost); nor `accepted_at` or
+/// `broker_seq`, the broker's own.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Content<'a> {
     /// The envelope's `payload_sha256`.
@@ -292,6 +300,13 @@ pub(crate) struct Content<'a> {
     pub(crate) case_ref: &'a str,
     /// The envelope's `in_reply_to`, as delivered (empty: none).
     pub(crate) in_reply_to: &'a str,
+    /// The priority's name as the inbox keeps it; `None` for a priority that is none.
+    pub(crate) priority: Option<&'static str>,
+    /// The envelope's `created_at` in milliseconds, as the inbox keeps it (the broker
+    /// keeps milliseconds too); `None` for one that is missing or no instant.
+    pub(crate) created_at: Option<Millis>,
+    /// The envelope's `content_type`, as delivered.
+    pub(crate) content_type: &'a str,
 }
 
 impl<'a> Content<'a> {
@@ -302,24 +317,38 @@ impl<'a> Content<'a> {
             kind: Kind::from_pb(envelope.kind).map(Kind::name),
             case_ref: &envelope.case_ref,
             in_reply_to: &envelope.in_reply_to,
+            priority: Priority::from_pb(envelope.priority).ok().map(priority_name),
+            created_at: envelope
+                .created_at
+                .as_ref()
+                .and_then(|ts| trmx_proto::time::from_timestamp(ts).ok())
+                .map(trmx_proto::time::to_millis),
+            content_type: &envelope.content_type,
         }
     }
 }
 
 /// Whether a delivery with `content` is the message `rec` stored: the same payload
-/// digest (an entry stored before the node kept digests is taken to have it: nothing
-/// tells otherwise), and the same kind, case and message answered. A redelivery that
-/// differs in any of them is other content under a used id, not this message again:
-/// acknowledged, the difference would be dropped unseen (the real broker refuses such a
-/// submit, `ALREADY_EXISTS`, but the node does not take a broker's word for it). Ids are
-/// lower-case UUIDs, one text per value, so the texts compare as the values do.
+/// digest and content type (an entry stored before the node kept them is taken to have
+/// them: nothing tells otherwise), and the same kind, case, message answered, priority
+/// and creation instant. A redelivery that differs in any of them is other content under
+/// a used id, not this message again: acknowledged, the difference would be dropped
+/// unseen (the real broker refuses such a submit, `ALREADY_EXISTS`, but the node does
+/// not take a broker's word for it). Ids are lower-case UUIDs, one text per value, so
+/// the texts compare as the values do.
 fn same_content(rec: &InRec, content: Content<'_>) -> bool {
     rec.payload_sha256
         .as_deref()
         .is_none_or(|stored| stored == digest_hex(content.digest))
+        && rec
+            .content_type
+            .as_deref()
+            .is_none_or(|stored| stored == content.content_type)
         && content.kind == Some(rec.kind.as_str())
         && content.case_ref == rec.case_ref
         && content.in_reply_to == rec.in_reply_to.as_deref().unwrap_or("")
+        && content.priority == Some(rec.priority.as_str())
+        && content.created_at == Some(rec.created_at)
 }
 
 /// An idempotency key's entry.
@@ -356,7 +385,8 @@ pub(crate) enum IdUse {
     /// This sender's message with this id is stored, with this content.
     Stored,
     /// This sender's message with this id is stored with another payload digest, kind,
-    /// case or message answered ([`Content`]): the delivery is other content under a used id (a sender reusing an id, a broker
+    /// case, message answered, priority, creation instant or content type ([`Content`]):
+    /// the delivery is other content under a used id (a sender reusing an id, a broker
     /// restored from a backup or broken); the first is kept, the delivery rejected.
     Conflict,
     /// The id is another message's: one this node sent, or another
@@ -406,6 +436,8 @@ pub(crate) struct Incoming {
     pub(crate) retain_until: Option<Date>,
     /// The envelope's `payload_sha256` (checked against the payload).
     pub(crate) payload_sha256: [u8; trmx_proto::envelope::DIGEST_LEN],
+    /// The envelope's `content_type`, as delivered (checked against the kind).
+    pub(crate) content_type: String,
 }
 
 /// The effect of a receipt on the outbox.
@@ -1709,6 +1741,9 @@ impl Store {
             kind: Some(msg.kind.name()),
             case_ref: &case_ref,
             in_reply_to: &in_reply_to,
+            priority: Some(priority_name(msg.priority)),
+            created_at: Some(msg.created_at),
+            content_type: &msg.content_type,
         };
         let rec = self.tx(|t| {
             if let Some(seq) = t[DEDUP].get(&dkey)? {
@@ -1744,6 +1779,7 @@ impl Store {
                 due: msg.due.map(|d| d.to_string()),
                 retain_until: msg.retain_until.map(|d| d.to_string()),
                 payload_sha256: Some(digest_hex(&msg.payload_sha256)),
+                content_type: Some(msg.content_type.clone()),
             };
             tput(&t[INBOX], &be(seq), &rec)?;
             t[DEDUP].insert(dkey.as_slice(), &be(seq))?;
@@ -2625,6 +2661,7 @@ mod tests {
             due: None,
             retain_until: None,
             payload_sha256: [0; 32],
+            content_type: kind.content_type(),
         };
         let follow_up = incoming(Kind::FollowUp);
         store.store_incoming(&follow_up).unwrap();
@@ -2685,6 +2722,7 @@ mod tests {
             due: Some(Date::parse("2026-01-21").unwrap()),
             retain_until: None,
             payload_sha256: [0; 32],
+            content_type: Kind::Referral.content_type(),
         };
         store.store_incoming(&request).unwrap();
         let id = request.message_id;
@@ -2968,6 +3006,9 @@ mod tests {
                 kind: Some(msg.kind.name()),
                 case_ref: &case_ref,
                 in_reply_to: "",
+                priority: Some("normal"),
+                created_at: Some(msg.created_at),
+                content_type: &msg.content_type,
             };
             assert!(matches!(
                 store.id_use(&msg.sender, msg.message_id, content).unwrap(),
@@ -3071,6 +3112,7 @@ mod tests {
             due: None,
             retain_until: None,
             payload_sha256: [0; 32],
+            content_type: kind.content_type(),
         }
     }
 

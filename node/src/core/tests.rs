@@ -1855,10 +1855,10 @@ async fn a_stored_message_delivered_again_is_a_duplicate_whatever_its_created_at
 
 /// A stored message is a duplicate before its envelope is checked as well: a redelivery
 /// whose envelope a check of a newer version refuses (here a content type it no longer
-/// takes for the kind), or whose payload came damaged while its digest field is that of
-/// the stored message, is acknowledged, not rejected, which would dead-letter a message
-/// stored here and tell its sender that it never arrived. A message never stored is
-/// checked as ever.
+/// takes for the kind, stored by a version that took it), or whose payload came damaged
+/// while its digest field is that of the stored message, is acknowledged, not rejected,
+/// which would dead-letter a message stored here and tell its sender that it never
+/// arrived. A message never stored is checked as ever.
 #[tokio::test]
 async fn a_stored_message_delivered_again_is_a_duplicate_before_the_envelope_checks() {
     let f = fixture().await;
@@ -1868,13 +1868,16 @@ async fn a_stored_message_delivered_again_is_a_duplicate_before_the_envelope_che
             .unwrap();
     let good = in_transit(&f.nl, sent.message_id);
     let never_stored = good.clone();
-    let Verdict::Store(incoming) = classify(&f.be.inner, Some(good.clone())).await.unwrap() else {
+    let Verdict::Store(mut incoming) = classify(&f.be.inner, Some(good.clone())).await.unwrap()
+    else {
         panic!("stored");
     };
+    // (as a version that took that content type stored it)
+    incoming.content_type = "text/plain".into();
     store_delivery(&f.be.inner, *incoming).await.unwrap();
-    let mut refused_now = good.clone();
+    let mut refused_now = good;
     refused_now.content_type = "text/plain".into();
-    let mut damaged = good;
+    let mut damaged = refused_now.clone();
     damaged.payload.push(0);
     for env in [refused_now, damaged.clone()] {
         match classify(&f.be.inner, Some(env)).await.unwrap() {
@@ -2152,6 +2155,106 @@ async fn a_redelivery_with_another_case_kind_or_reply_is_rejected_and_the_first_
         classify(&f.be.inner, Some(good)).await.unwrap(),
         Verdict::Duplicate(id) if id == sent.message_id
     ));
+}
+
+/// A redelivery with the sender, id, payload, case, kind and message answered of a message
+/// stored here but another priority, creation instant or content type (the same bytes
+/// read as JSON rather than protobuf) is not that message again either: rejected
+/// (`DUPLICATE_MESSAGE_ID`) and the stored one kept, by the early check and by the
+/// store's own. One with another `expires_at` only is that message again: an operator's
+/// redrive gives a message a new one, and the message may be one this node stored.
+#[tokio::test]
+async fn a_redelivery_with_another_priority_creation_or_content_type_is_rejected() {
+    let logs = LogCapture::start();
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    let good = in_transit(&f.nl, sent.message_id);
+    let Verdict::Store(incoming) = classify(&f.be.inner, Some(good.clone())).await.unwrap() else {
+        panic!("the first is stored");
+    };
+    let stored_incoming = (*incoming).clone();
+    let Stored::New(entry) = store_delivery(&f.be.inner, *incoming).await.unwrap() else {
+        panic!("a new entry");
+    };
+
+    let mut urgent = good.clone();
+    urgent.priority = pb::Priority::Urgent as i32;
+    let mut earlier = good.clone();
+    let created = from_timestamp(good.created_at.as_ref().unwrap()).unwrap();
+    earlier.created_at = Some(to_timestamp(created - Duration::from_secs(1)));
+    let mut as_json = good.clone();
+    as_json.content_type = "application/json; proto=trmx.v1.Referral".to_owned();
+    for (what, env) in [
+        ("priority", urgent),
+        ("created_at", earlier),
+        ("content_type", as_json),
+    ] {
+        match classify(&f.be.inner, Some(env)).await.unwrap() {
+            Verdict::Reject {
+                message_id,
+                reason_code,
+                field_path,
+            } => assert_eq!(
+                (message_id, reason_code, field_path.as_str()),
+                (
+                    sent.message_id.to_string(),
+                    "DUPLICATE_MESSAGE_ID",
+                    "envelope.message_id"
+                ),
+                "{what}"
+            ),
+            other => panic!("{what}: expected a rejection, got {other:?}"),
+        }
+    }
+    let said = logs.lines_with(&["WARN", "other content", &sent.message_id.to_string()]);
+    assert_eq!(said.len(), 3, "{said:#?}");
+
+    // (the same, found by the store's own check: stored between the check and the store)
+    for (what, changed) in [
+        (
+            "priority",
+            Incoming {
+                priority: Priority::Urgent,
+                ..stored_incoming.clone()
+            },
+        ),
+        (
+            "created_at",
+            Incoming {
+                created_at: stored_incoming.created_at - 1,
+                ..stored_incoming.clone()
+            },
+        ),
+        (
+            "content_type",
+            Incoming {
+                content_type: "application/json; proto=trmx.v1.Referral".to_owned(),
+                ..stored_incoming.clone()
+            },
+        ),
+    ] {
+        let stored = f.be.inner.store.store_incoming(&changed).unwrap();
+        assert!(matches!(stored, Stored::Conflict), "{what}: {stored:?}");
+    }
+
+    let inbox = f.be.inbox(&ListFilter::default()).await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(
+        (inbox[0].priority, inbox[0].created_at),
+        (entry.priority, entry.created_at)
+    );
+    // a redrive's new lifetime, and the message as it was delivered: the same message
+    let mut redriven = good.clone();
+    redriven.expires_at = Some(to_timestamp(created + Duration::from_secs(3 * 24 * 3600)));
+    for env in [redriven, good] {
+        assert!(matches!(
+            classify(&f.be.inner, Some(env)).await.unwrap(),
+            Verdict::Duplicate(id) if id == sent.message_id
+        ));
+    }
 }
 
 /// A JSON body is read as JSON whenever the envelope check took its content type for
