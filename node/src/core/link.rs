@@ -1293,6 +1293,13 @@ pub(crate) async fn flush_inbox(inner: &Arc<Inner>) -> Result<(), NodeError> {
 
 /// Applies a receipt to the outbox (flushed); one that contradicts the message's first
 /// final report is said at WARN, the first time.
+///
+/// Said before the flush: the record of the contradiction is written (so that the same
+/// receipt again is not said again) before it is durable, and said after, a flush that
+/// failed (the receipt not acknowledged, and redelivered to find it recorded) or a crash
+/// between the two would leave it never said. Said before, a crash before the flush says
+/// it once more when the receipt comes again: at least once across a crash, once
+/// otherwise.
 pub(crate) async fn store_receipt(
     inner: &Arc<Inner>,
     original: MessageId,
@@ -1307,7 +1314,6 @@ pub(crate) async fn store_receipt(
     let effect = inner
         .blocking(move || store.apply_receipt(original, failure, at))
         .await?;
-    inner.store.flush_async().await?;
     match effect {
         // (once per message and outcome: its record keeps that it was said)
         ReceiptEffect::Contradicted { state, first: true } => {
@@ -1321,6 +1327,7 @@ pub(crate) async fn store_receipt(
         }
         _ => {}
     }
+    inner.store.flush_async().await?;
     Ok(effect)
 }
 
@@ -2052,6 +2059,10 @@ async fn check_one(
             .await?
         {
             OtherAnswer::Resubmit => {
+                // The count on disk before the submit: a crash after a submit whose
+                // count was not flushed would count it again from the number before,
+                // one more resubmit per crash beyond the bound.
+                inner.store.flush_async().await?;
                 warn!(participant = %me, message_id = %id, "the broker answered a status request about another message: submitting this one again (the broker keeps one copy of a message submitted twice)");
             }
             OtherAnswer::BoundReached => {

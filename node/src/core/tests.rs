@@ -675,6 +675,47 @@ async fn a_contradictory_receipt_leaves_the_first_report_and_is_said_once() {
     }
 }
 
+/// A receipt contradicting the first final report is said at WARN even when the flush
+/// of its record fails: the record is written, so the same receipt again (the first not
+/// acknowledged) is taken as said before; said only after the flush, it was never said.
+#[tokio::test]
+async fn a_contradiction_whose_record_cannot_be_flushed_is_still_said() {
+    let logs = LogCapture::start();
+    let f = fixture().await;
+    let sent =
+        f.nl.send(request("k-1", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+    f.nl.inner.store.mark_submitted(sent.message_id, 1).unwrap();
+    let report = |outcome, reason| receipt_envelope("NL-NRM", sent.message_id, outcome, reason);
+    assert_eq!(
+        apply(&f.nl, report(pb::Outcome::Delivered, "")).await,
+        ReceiptEffect::Moved(OutboxState::Delivered)
+    );
+    // every flush of NL's store fails from now on
+    std::fs::remove_dir_all(f._dir.path().join("NL-NRM").join("blobs")).unwrap();
+    for _ in 0..2 {
+        let Verdict::Receipt {
+            original,
+            failure,
+            at,
+            ..
+        } = classify(&f.nl.inner, Some(report(pb::Outcome::Purged, "PURGED")))
+            .await
+            .unwrap()
+        else {
+            panic!("a receipt");
+        };
+        assert!(
+            store_receipt(&f.nl.inner, original, failure, at)
+                .await
+                .is_err()
+        );
+    }
+    let said = logs.lines_with(&["WARN", "contradicts", &sent.message_id.to_string()]);
+    assert_eq!(said.len(), 1, "{said:#?}");
+}
+
 /// A redriven message gets two true reports from the real broker: the non-delivery
 /// report of its expiry (or dead-lettering), then the delivery receipt once its recipient
 /// stores it. A report redelivered (its ack lost) comes again after the receipt: it says
@@ -3671,6 +3712,42 @@ mod link {
         assert_eq!(entry.submit_attempts, 1 + max);
         let said = logs.lines_with(&["WARN", "keeps answering", &sent.message_id.to_string()]);
         assert_eq!(said.len(), 1, "{said:#?}");
+        nl.shutdown().await;
+    }
+
+    /// The count of resubmits after status answers about another message is on disk
+    /// before the submit it allows: one whose count cannot be flushed is not submitted
+    /// (a crash after it would have counted it again from the number before, one more
+    /// resubmit per crash beyond [`MAX_RESUBMITS_ON_OTHER_ANSWERS`]).
+    ///
+    /// [`MAX_RESUBMITS_ON_OTHER_ANSWERS`]: super::super::link::MAX_RESUBMITS_ON_OTHER_ANSWERS
+    #[tokio::test]
+    async fn a_resubmit_after_an_answer_about_another_message_waits_for_its_count_on_disk() {
+        let logs = LogCapture::start();
+        let Checking {
+            dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = submitted_referral(&nl).await;
+        let submits = broker.lock().submits_arrived;
+        // every flush of NL's store fails from now on
+        std::fs::remove_dir_all(dir.path().join("NL-NRM").join("blobs")).unwrap();
+        broker.lock().status_answers_for = Some(MessageId::new_v7().to_string());
+        clock.advance(Duration::from_secs(1));
+        until("the check stops at the flush", || async {
+            !logs
+                .lines_with(&["WARN", "outbox check stopped", &sent.message_id.to_string()])
+                .is_empty()
+        })
+        .await;
+        assert_eq!(
+            broker.lock().submits_arrived,
+            submits,
+            "submitted again before its count was on disk"
+        );
         nl.shutdown().await;
     }
 
