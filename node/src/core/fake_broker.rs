@@ -63,6 +63,9 @@ pub(crate) struct FakeState {
     /// The `message_id` `GetStatus` answers with, in place of the one asked about (a
     /// broken broker's answer).
     pub(crate) status_answers_for: Option<String>,
+    /// `GetStatus`'s answer about a message of the caller's, in place of the one its
+    /// state here makes (a state this fake does not reach otherwise).
+    pub(crate) status_of: HashMap<String, pb::MessageStatus>,
     /// `Receive` opens, then ends at once with this status.
     pub(crate) end_streams: Option<(tonic::Code, String)>,
     /// `GetInfo` calls answered.
@@ -578,6 +581,9 @@ impl Exchange for Endpoint {
             }));
         }
         match st.accepted.get(&id) {
+            Some(envelope) if envelope.sender == self.caller && st.status_of.contains_key(&id) => {
+                Ok(Response::new(st.status_of[&id].clone()))
+            }
             Some(envelope) if envelope.sender == self.caller => {
                 let state = if st.withdrawn.contains(&id) {
                     pb::MessageState::Withdrawn

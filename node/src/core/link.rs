@@ -2031,6 +2031,8 @@ async fn check_one(
                 true
             } else if answer.state == pb::MessageState::Withdrawn as i32 {
                 return withdrawn_on_broker(inner, id).await;
+            } else if let Some(outcome) = final_outcome(&answer) {
+                return settled_on_broker(inner, id, outcome, &answer).await;
             } else {
                 return Ok(());
             }
@@ -2165,6 +2167,69 @@ async fn check_one(
         .blocking(move || store.mark_lost(id, failure, &error, now))
         .await?;
     inner.store.flush_async().await
+}
+
+/// The outcome a status answer's final state reports, as the broker's receipt of it
+/// would name it; `None` for a state that is not final (or `WITHDRAWN`, which gets no
+/// receipt: [`withdrawn_on_broker`]). A dead letter is the recipient's rejection unless
+/// the attempts ran out (`MAX_ATTEMPTS`, as the broker writes it).
+fn final_outcome(status: &pb::MessageStatus) -> Option<pb::Outcome> {
+    match pb::MessageState::try_from(status.state).ok()? {
+        pb::MessageState::Acknowledged => Some(pb::Outcome::Delivered),
+        pb::MessageState::Expired => Some(pb::Outcome::Expired),
+        pb::MessageState::Purged => Some(pb::Outcome::Purged),
+        pb::MessageState::DeadLettered if status.reason_code == "MAX_ATTEMPTS" => {
+            Some(pb::Outcome::DeadLettered)
+        }
+        pb::MessageState::DeadLettered => Some(pb::Outcome::RejectedByRecipient),
+        pb::MessageState::Unspecified
+        | pb::MessageState::Accepted
+        | pb::MessageState::InFlight
+        | pb::MessageState::Withdrawn => None,
+    }
+}
+
+/// The broker reports `SUBMITTED` entry `id` in a final state, and its receipt has not
+/// settled the entry: the receipt is late, or never comes as the node would take it (one
+/// whose id is not the broker's derivation is rejected, `classify_receipt`). Left as it
+/// is, the entry would show `SUBMITTED` for good, for a message the broker has long
+/// finished: it is settled from the broker's status, as its receipt would have settled
+/// it (the receipt coming after finds it settled; a contradiction of it is said).
+async fn settled_on_broker(
+    inner: &Arc<Inner>,
+    id: MessageId,
+    outcome: pb::Outcome,
+    status: &pb::MessageStatus,
+) -> Result<(), NodeError> {
+    let report = pb::Receipt {
+        message_id: id.to_string(),
+        outcome: outcome as i32,
+        reason_code: status.reason_code.clone(),
+        field_path: status.field_path.clone(),
+        ..Default::default()
+    };
+    let failure = (outcome != pb::Outcome::Delivered).then(|| {
+        let (reason_code, field_path) = receipt_reason(inner, id, &report);
+        Failure {
+            outcome: outcome_name(outcome).to_owned(),
+            reason_code,
+            field_path,
+        }
+    });
+    // (the broker's time of the state; a far-ahead or missing one is taken as now, as a
+    // receipt's is)
+    let now = inner.clock.now();
+    let at = status
+        .state_changed_at
+        .as_ref()
+        .and_then(|ts| from_timestamp(ts).ok())
+        .filter(|at| now.checked_add(MAX_CREATED_AHEAD).is_some_and(|l| *at <= l))
+        .unwrap_or(now);
+    let effect = store_receipt(inner, id, failure, to_millis(at)).await?;
+    if let ReceiptEffect::Moved(state) = effect {
+        info!(participant = %inner.config.participant, message_id = %id, outcome = outcome_name(outcome), state = %state, "settled from the broker's status: its receipt had not come, or was not taken");
+    }
+    Ok(())
 }
 
 /// The broker holds `SUBMITTED` entry `id` as withdrawn: a withdrawal that it applied

@@ -3674,6 +3674,77 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A receipt the node does not take (its id not the one the broker derives: a broken
+    /// broker) left its entry SUBMITTED for good, the outbox check taking any state the
+    /// broker knows as fine. The check settles it from the broker's status when that is
+    /// final, as the receipt would have: delivered, or failed with the broker's reason.
+    #[tokio::test]
+    async fn an_entry_whose_receipt_was_not_taken_is_settled_from_the_broker_s_status() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let delivered = submitted_referral(&nl).await;
+        let rejected = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("the second is submitted", || async {
+            state_of(&nl, rejected.message_id).await.map(|e| e.state)
+                == Some(OutboxState::Submitted)
+        })
+        .await;
+        let mut receipt =
+            receipt_envelope("NL-NRM", delivered.message_id, pb::Outcome::Delivered, "");
+        receipt.message_id = MessageId::new_v7().to_string();
+        assert!(matches!(
+            classify(&nl.inner, Some(receipt)).await.unwrap(),
+            Verdict::Reject { .. }
+        ));
+        {
+            let mut st = broker.lock();
+            st.status_of.insert(
+                delivered.message_id.to_string(),
+                pb::MessageStatus {
+                    message_id: delivered.message_id.to_string(),
+                    state: pb::MessageState::Acknowledged as i32,
+                    ..Default::default()
+                },
+            );
+            st.status_of.insert(
+                rejected.message_id.to_string(),
+                pb::MessageStatus {
+                    message_id: rejected.message_id.to_string(),
+                    state: pb::MessageState::DeadLettered as i32,
+                    reason_code: "INVALID_BODY".to_owned(),
+                    ..Default::default()
+                },
+            );
+        }
+        clock.advance(Duration::from_secs(1));
+        until("both are settled", || async {
+            state_of(&nl, delivered.message_id).await.map(|e| e.state)
+                == Some(OutboxState::Delivered)
+                && state_of(&nl, rejected.message_id).await.map(|e| e.state)
+                    == Some(OutboxState::Failed)
+        })
+        .await;
+        let failure = state_of(&nl, rejected.message_id)
+            .await
+            .unwrap()
+            .failure
+            .unwrap();
+        assert_eq!(
+            (failure.outcome.as_str(), failure.reason_code.as_str()),
+            ("rejected-by-recipient", "INVALID_BODY")
+        );
+        assert_eq!(nl.status().outbox_submitted, 0);
+        nl.shutdown().await;
+    }
+
     /// A broker that keeps answering the outbox check about another message gets the
     /// entry submitted again a bounded number of times over the entry's life, not at
     /// every check for ever; then the entry stays SUBMITTED, its record says why, and the
