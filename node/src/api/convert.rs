@@ -390,6 +390,7 @@ pub(crate) fn outbox_entry(entry: OutboxEntry) -> pb::OutboxEntry {
         submit_attempts: entry.submit_attempts,
         last_error: entry.last_error.unwrap_or_default(),
         body_erased: entry.body_erased,
+        contradicted_by: entry.contradicted_by,
     }
 }
 

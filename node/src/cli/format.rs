@@ -80,6 +80,19 @@ pub(crate) fn outbox_state(entry: &pb::OutboxEntry) -> String {
     if entry.body_erased {
         state.push_str(", body erased");
     }
+    // (the first report stands, but the broker also said otherwise: the user must see
+    // that what the entry shows was contradicted)
+    if !entry.contradicted_by.is_empty() {
+        let said: Vec<String> = entry
+            .contradicted_by
+            .iter()
+            .map(|o| o.replace('-', " "))
+            .collect();
+        state.push_str(&format!(
+            ", contradicted by a later report: {}",
+            said.join(", ")
+        ));
+    }
     state
 }
 
@@ -477,6 +490,33 @@ mod tests {
         ] {
             assert!(first.contains(part), "{part}: {text}");
         }
+    }
+
+    /// An entry whose first report the broker contradicted says so where the user reads
+    /// its state (outbox list, message view): the state shown stands, but is not all the
+    /// broker said.
+    #[test]
+    fn an_outbox_entry_s_state_shows_its_contradictions() {
+        let mut entry = pb::OutboxEntry {
+            state: pb::OutboxState::Failed as i32,
+            failure: Some(pb::DeliveryFailure {
+                outcome: "rejected-by-recipient".into(),
+                reason_code: "INVALID_BODY".into(),
+                field_path: String::new(),
+            }),
+            ..Default::default()
+        };
+        assert!(!outbox_state(&entry).contains("contradicted"));
+        entry.contradicted_by = vec!["delivered".into(), "purged".into()];
+        let shown = outbox_state(&entry);
+        assert!(
+            shown.starts_with("failed: rejected by recipient"),
+            "{shown}"
+        );
+        assert!(
+            shown.ends_with("contradicted by a later report: delivered, purged"),
+            "{shown}"
+        );
     }
 
     #[test]

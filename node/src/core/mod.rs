@@ -242,6 +242,8 @@ pub struct OutboxEntry {
     pub last_error: Option<String>,
     /// The body was erased by retention.
     pub body_erased: bool,
+    /// The outcomes of receipts that contradicted the first final report, which stands.
+    pub contradicted_by: Vec<String>,
 }
 
 /// A message this node received.

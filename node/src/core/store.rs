@@ -475,7 +475,7 @@ pub(crate) enum ReceiptEffect {
 /// ignored, as any report after the entry settled). The node's own conclusions
 /// (withdrawn here, lost by the broker, refused at submit) are no report: a delivery
 /// receipt after them is news, and is taken.
-fn contradicts(rec: &OutRec, target: OutboxState, failure: Option<&Failure>) -> bool {
+fn contradicts(rec: &OutRec, target: OutboxState, failure: Option<&Failure>, at: Millis) -> bool {
     let final_report =
         |f: &Failure| matches!(f.outcome.as_str(), "rejected-by-recipient" | "purged");
     match (rec.state, target) {
@@ -483,8 +483,37 @@ fn contradicts(rec: &OutRec, target: OutboxState, failure: Option<&Failure>) -> 
         (OutboxState::Failed, OutboxState::Delivered) => {
             rec.failure.as_ref().is_some_and(final_report)
         }
+        // (a rejected or purged message is never redriven: another non-delivery report
+        // of it cannot be true either; but for an expiry's or a dead-lettering's made
+        // before it, the report of a redriven message's earlier end coming late or again)
+        (OutboxState::Failed, OutboxState::Failed) => rec.failure.as_ref().is_some_and(|first| {
+            final_report(first)
+                && failure.is_some_and(|f| {
+                    f.outcome != first.outcome
+                        && !(matches!(f.outcome.as_str(), "expired" | "dead-lettered")
+                            && rec.outcome_at.is_some_and(|shown| at <= shown))
+                })
+        }),
         _ => false,
     }
+}
+
+/// Whether a non-delivery report is news about an entry `FAILED` by an expiry or a
+/// dead-lettering: the broker redrove the message since, and this is what became of it
+/// then (another outcome, made after the one shown). One made before it (a report
+/// redelivered, its ack lost) is not: the entry shows the latest.
+fn after_redrive(rec: &OutRec, failure: Option<&Failure>, at: Millis) -> bool {
+    rec.state == OutboxState::Failed
+        && rec
+            .failure
+            .as_ref()
+            .is_some_and(|first| matches!(first.outcome.as_str(), "expired" | "dead-lettered"))
+        && failure.is_some_and(|f| {
+            rec.failure
+                .as_ref()
+                .is_some_and(|first| first.outcome != f.outcome)
+        })
+        && rec.outcome_at.is_some_and(|shown| at > shown)
 }
 
 /// `last_error` of an entry withdrawn here whose delivery receipt came after: its
@@ -788,6 +817,7 @@ impl OutRec {
             submit_attempts: self.submit_attempts,
             last_error: self.last_error.clone(),
             body_erased: self.body_erased,
+            contradicted_by: self.contradicted_by.clone(),
         })
     }
 }
@@ -1456,13 +1486,18 @@ impl Store {
         let contradiction = std::cell::Cell::new(None);
         let updated = self.update_out(id, |rec| {
             contradiction.set(None);
-            if contradicts(rec, target, failure.as_ref()) {
+            if contradicts(rec, target, failure.as_ref(), at) {
                 let first = !rec.contradicted_by.iter().any(|o| o == outcome);
                 contradiction.set(Some(first));
                 if first {
                     rec.contradicted_by.push(outcome.to_owned());
                 }
                 return Ok(first);
+            }
+            if after_redrive(rec, failure.as_ref(), at) {
+                rec.failure = failure.clone();
+                rec.outcome_at = Some(at);
+                return Ok(true);
             }
             if !can_move(rec.state, target) {
                 return Ok(false);

@@ -661,7 +661,10 @@ async fn a_contradictory_receipt_leaves_the_first_report_and_is_said_once() {
         entry.failure.as_ref().map(|f| f.outcome.as_str()),
         Some("rejected-by-recipient")
     );
+    // (shown with the entry, as the local API and the CLI show it)
+    assert_eq!(entry.contradicted_by, ["delivered"]);
     let entry = state(&f.nl, delivered.message_id).await;
+    assert_eq!(entry.contradicted_by, ["purged"]);
     assert_eq!((entry.state, entry.failure), (OutboxState::Delivered, None));
     let status = f.nl.status();
     assert_eq!((status.outbox_failed, status.outbox_submitted), (1, 0));
@@ -714,6 +717,101 @@ async fn a_contradiction_whose_record_cannot_be_flushed_is_still_said() {
     }
     let said = logs.lines_with(&["WARN", "contradicts", &sent.message_id.to_string()]);
     assert_eq!(said.len(), 1, "{said:#?}");
+}
+
+/// A non-delivery report with another outcome after a rejection or a purge (never
+/// redriven: it cannot be true) is a contradiction as the others are: the first report
+/// stands, the entry lists it (`contradicted_by`, shown by the local API and the CLI), and
+/// it is said at WARN once. After an expiry or a dead-lettering, another outcome reported
+/// later is what became of the redriven message: the entry shows it; one reported before
+/// (redelivered, its ack lost) changes nothing.
+#[tokio::test]
+async fn a_second_non_delivery_report_is_a_contradiction_unless_after_a_redrive() {
+    let logs = LogCapture::start();
+    let f = fixture().await;
+    let mut ids = Vec::new();
+    for key in ["k-1", "k-2"] {
+        let sent =
+            f.nl.send(request(key, "BE-PAYOKE", referral()))
+                .await
+                .unwrap();
+        f.nl.inner.store.mark_submitted(sent.message_id, 1).unwrap();
+        ids.push(sent.message_id);
+    }
+    let (rejected, expired) = (ids[0], ids[1]);
+    let report = |outcome: &str, reason: &str| {
+        Some(Failure {
+            outcome: outcome.to_owned(),
+            reason_code: reason.to_owned(),
+            field_path: String::new(),
+        })
+    };
+    let t = START * 1000;
+    let apply_at = |id, failure, at| store_receipt(&f.nl.inner, id, failure, at);
+    assert_eq!(
+        apply_at(rejected, report("rejected-by-recipient", "INVALID_BODY"), t)
+            .await
+            .unwrap(),
+        ReceiptEffect::Moved(OutboxState::Failed)
+    );
+    for (outcome, reason, first) in [
+        ("purged", "PURGED", true),
+        ("purged", "PURGED", false),
+        ("expired", "EXPIRED", true),
+    ] {
+        assert_eq!(
+            apply_at(rejected, report(outcome, reason), t + 1000)
+                .await
+                .unwrap(),
+            ReceiptEffect::Contradicted {
+                state: OutboxState::Failed,
+                first
+            },
+            "{outcome}"
+        );
+    }
+    let entry = state(&f.nl, rejected).await;
+    assert_eq!(
+        entry.failure.as_ref().map(|f| f.outcome.as_str()),
+        Some("rejected-by-recipient")
+    );
+    assert_eq!(entry.contradicted_by, ["purged", "expired"]);
+    let said = logs.lines_with(&["WARN", "contradicts", &rejected.to_string()]);
+    assert_eq!(said.len(), 2, "{said:#?}");
+
+    assert_eq!(
+        apply_at(expired, report("expired", "EXPIRED"), t)
+            .await
+            .unwrap(),
+        ReceiptEffect::Moved(OutboxState::Failed)
+    );
+    // redriven, then rejected by its recipient
+    assert_eq!(
+        apply_at(
+            expired,
+            report("rejected-by-recipient", "INVALID_BODY"),
+            t + 1000
+        )
+        .await
+        .unwrap(),
+        ReceiptEffect::Moved(OutboxState::Failed)
+    );
+    // the expiry's report again: older than the rejection, no contradiction
+    assert_eq!(
+        apply_at(expired, report("expired", "EXPIRED"), t)
+            .await
+            .unwrap(),
+        ReceiptEffect::Ignored(OutboxState::Failed)
+    );
+    let entry = state(&f.nl, expired).await;
+    assert_eq!(
+        entry.failure.as_ref().map(|f| f.outcome.as_str()),
+        Some("rejected-by-recipient")
+    );
+    assert_eq!(entry.outcome_at, Some(t + 1000));
+    assert!(entry.contradicted_by.is_empty(), "{entry:?}");
+    let said = logs.lines_with(&["WARN", "contradicts", &expired.to_string()]);
+    assert!(said.is_empty(), "{said:#?}");
 }
 
 /// A redriven message gets two true reports from the real broker: the non-delivery
