@@ -588,6 +588,11 @@ struct LinkState {
     participants: Mutex<Option<Vec<ParticipantInfo>>>,
     /// The broker's `limits.max_envelope_bytes`; 0 until a `GetInfo` answered.
     max_envelope_bytes: AtomicU64,
+    /// Held by the one registry refresh of [`check_recipient`] in flight: the sends that
+    /// wait for it take what it found rather than each asking the broker again.
+    registry_refresh: tokio::sync::Mutex<()>,
+    /// Registry refreshes of [`check_recipient`] done (answered or not).
+    registry_refreshes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -796,15 +801,29 @@ async fn check_recipient(
     recipient: &ParticipantId,
     kind: Kind,
 ) -> Result<(), NodeError> {
+    // (read before the cache: a refresh done after this is one this send can take)
+    let done = inner.link.registry_refreshes.load(Ordering::SeqCst);
     let Some(cached) = inner.cached_participants() else {
         return Ok(());
     };
     let Some(refusal) = registry_refusal(&cached, recipient, kind) else {
         return Ok(());
     };
-    let refusal = match fetch_participants(inner, REGISTRY_REFRESH_WAIT).await {
-        Ok(fresh) => registry_refusal(&fresh, recipient, kind),
-        Err(_) => Some(refusal),
+    // One refresh at a time: a local client sending many messages to a recipient the
+    // registry refuses would otherwise have as many `GetInfo` calls made at once. A send
+    // that waited while another refresh ran takes the registry that one left cached (the
+    // fresh one, or the old one when the broker did not answer).
+    let _one = inner.link.registry_refresh.lock().await;
+    let fresh = if inner.link.registry_refreshes.load(Ordering::SeqCst) == done {
+        let fetched = fetch_participants(inner, REGISTRY_REFRESH_WAIT).await;
+        inner.link.registry_refreshes.fetch_add(1, Ordering::SeqCst);
+        fetched.ok()
+    } else {
+        inner.cached_participants()
+    };
+    let refusal = match fresh {
+        Some(fresh) => registry_refusal(&fresh, recipient, kind),
+        None => Some(refusal),
     };
     refusal.map_or(Ok(()), |r| Err(NodeError::Invalid(r)))
 }

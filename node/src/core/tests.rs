@@ -6607,6 +6607,56 @@ mod link {
         be.shutdown().await;
     }
 
+    /// Sends to a recipient that the cached registry refuses each asked the broker for
+    /// its registry again (`GetInfo`), all at once: a local client sending many made as
+    /// many concurrent calls. One refresh runs at a time, and the sends that waited for it
+    /// take what it found.
+    #[tokio::test]
+    async fn sends_the_registry_refuses_share_one_registry_refresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
+        until("NL is connected", || async { nl.status().broker_connected }).await;
+        until("NL knows the registry", || async {
+            nl.inner.cached_participants().is_some()
+        })
+        .await;
+        let before = broker.lock().get_info_arrived;
+        let held = broker.get_info_hold.lock().await;
+        let sends: Vec<_> = (0..8)
+            .map(|n| {
+                let nl = nl.clone();
+                tokio::spawn(async move {
+                    nl.send(request(&format!("k-{n}"), "XX-NOPE", referral()))
+                        .await
+                })
+            })
+            .collect();
+        until("the first refresh reaches the broker", || async {
+            broker.lock().get_info_arrived > before
+        })
+        .await;
+        // (time for the other sends to ask too, as they did)
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            broker.lock().get_info_arrived,
+            before + 1,
+            "more than one GetInfo at once"
+        );
+        drop(held);
+        for send in sends {
+            match send.await.unwrap() {
+                Err(NodeError::Invalid(e)) => assert_eq!(e.field, "recipient", "{e}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        assert!(nl.outbox(&ListFilter::default()).await.unwrap().is_empty());
+        nl.shutdown().await;
+    }
+
     /// A node killed after the broker accepted a submit but before it recorded the
     /// answer (submit_attempts still 0, the entry QUEUED) restarts while the broker is
     /// out of reach. Withdrawing does not say "done" while the broker may hold the
