@@ -923,6 +923,73 @@ fn operator(h: &Harness) -> anyhow::Result<pb::operator_client::OperatorClient<C
     Ok(pb::operator_client::OperatorClient::new(channel))
 }
 
+/// A message the recipient's node stored but never acknowledged (killed between the two),
+/// that expired on the broker and was redriven by an operator, comes again with a new
+/// `expires_at` (the redrive's lifetime) and every other field as the first delivery had
+/// it: the node takes it for the message it stored (no `DUPLICATE_MESSAGE_ID`), acknowledges
+/// it and keeps one copy, and the sender's entry ends `DELIVERED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_message_redriven_after_its_expiry_is_acknowledged_as_the_same() -> TestResult {
+    let mut h = Harness::new().await?;
+    h.start_broker().await?;
+    let mut nl = h.start_node(NL).await?;
+    let mut operator = operator(&h)?;
+    let (mut be_process, _) =
+        start_node_process(&h, BE, &[(FAILPOINT_ENV, "inbox-after-store")]).await?;
+    // (long enough for the delivery to reach the node first: if it did not, the node
+    // does not die at the fail point, and the test says so)
+    let lifetime = Duration::from_secs(15);
+    let expiry = tokio::time::Instant::now() + lifetime;
+    let short = pb::SendRequest {
+        expires_at: Some(trmx_proto::time::to_timestamp(
+            std::time::SystemTime::now() + lifetime,
+        )),
+        ..referral("redriven", BE)
+    };
+    let sent = send(&mut nl, short).await?;
+    let id = sent.message_id.clone();
+    let (be_process_after, exit) = tokio::task::spawn_blocking(move || {
+        let exit = be_process.wait_exit(WAIT);
+        (be_process, exit)
+    })
+    .await?;
+    drop(be_process_after);
+    assert_eq!(
+        exit?.signal(),
+        Some(SIGABRT),
+        "the node must die at the fail point"
+    );
+    tokio::time::sleep_until(expiry).await;
+    let entry = wait_outbox(&nl, &id, "its expiry report", |e| {
+        e.state == pb::OutboxState::Failed as i32
+    })
+    .await?;
+    assert_eq!(entry.failure.map(|f| f.outcome).as_deref(), Some("expired"));
+
+    operator
+        .redrive(pb::RedriveRequest {
+            message_id: id.clone(),
+            sender: NL.to_owned(),
+        })
+        .await?;
+    let (be_process, mut be) = start_node_process(&h, BE, &[]).await?;
+    let entry = wait_outbox(&nl, &id, "its delivery receipt", |e| {
+        e.state == pb::OutboxState::Delivered as i32
+    })
+    .await?;
+    assert!(entry.failure.is_none(), "{entry:?}");
+    let mut nl_exchange = h.exchange(NL)?;
+    let status = broker_status(&mut nl_exchange, &id).await?;
+    assert_eq!(
+        broker_state(&status),
+        pb::MessageState::Acknowledged,
+        "{status:?}"
+    );
+    assert_eq!(inbox_ids(&mut be).await?, [id.as_str()]);
+    assert!(stop_process(be_process).await?, "node stops cleanly");
+    h.shutdown().await
+}
+
 /// The real broker's reports of an expiry, a purge and, after an operator's redrive, a
 /// delivery pass the sending node's checks of a receipt (its id derived from the message
 /// and the outcome, its time), and settle the entries: the expired one `FAILED`, then
