@@ -70,6 +70,14 @@ fn the_demo_story_completes_with_every_receipt() {
         stdout.contains("BE-PAYOKE    its return risk assessment request is now marked answered"),
         "{stdout}"
     );
+    // Each message says what it carries: the three follow-ups are told apart.
+    for line in [
+        "BE-PAYOKE -> NL-NRM     follow-up report: language and vocational training started, sent",
+        "NG-NAPTIP -> BE-PAYOKE  follow-up report: arrived safely, sent",
+        "NG-NAPTIP -> BE-PAYOKE  follow-up report: reintegration monitoring at 3 months, sent",
+    ] {
+        assert!(stdout.contains(line), "{line}\n{stdout}");
+    }
     // Each participant's timeline: NL-NRM 3 entries, BE-PAYOKE 7, NG-NAPTIP 4.
     for (participant, entries) in [("NL-NRM", 3), ("BE-PAYOKE", 7), ("NG-NAPTIP", 4)] {
         let section = timeline_section(&stdout, participant);
