@@ -78,6 +78,14 @@ fn the_demo_story_completes_with_every_receipt() {
     ] {
         assert!(stdout.contains(line), "{line}\n{stdout}");
     }
+    // It ends by saying where to look next: the logs it kept, and the README.
+    let next = &stdout[stdout.find("Where to look next").expect("next steps")..];
+    let broker_log = dir.path().join("broker").join("broker.log");
+    assert!(
+        next.contains(&broker_log.display().to_string()) && broker_log.exists(),
+        "{next}"
+    );
+    assert!(next.contains("\"Setting up a real federation\""), "{next}");
     // Each participant's timeline: NL-NRM 3 entries, BE-PAYOKE 7, NG-NAPTIP 4.
     for (participant, entries) in [("NL-NRM", 3), ("BE-PAYOKE", 7), ("NG-NAPTIP", 4)] {
         let section = timeline_section(&stdout, participant);
@@ -93,6 +101,45 @@ fn the_demo_story_completes_with_every_receipt() {
             "{participant}: every sent message delivered:\n{section}"
         );
     }
+}
+
+/// Without `--dir`, the first-time run: its temp dir (certificates, keys, stores) is gone
+/// afterwards, and the output says so rather than leaving the reader to look for it.
+#[test]
+fn the_demo_without_dir_removes_its_working_files_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = Command::new(DEMO)
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("the demo executable runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let working = stdout
+        .lines()
+        .next()
+        .and_then(|l| l.split("(working files in ").nth(1))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .expect("the first line names the working directory");
+    assert!(
+        working.starts_with(&tmp.path().display().to_string()),
+        "{stdout}"
+    );
+    assert!(!Path::new(working).exists(), "{working} left behind");
+    assert!(
+        stdout.contains(&format!("working files removed ({working})")),
+        "{stdout}"
+    );
+    let next = &stdout[stdout.find("Where to look next").expect("next steps")..];
+    assert!(next.contains("--dir demo-out"), "{next}");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "nothing else left in TMPDIR"
+    );
 }
 
 #[test]

@@ -85,14 +85,71 @@ async fn demo(args: Args) -> anyhow::Result<bool> {
     };
     // (a failed run keeps its temp dir: its logs say why, and the messages name it)
     let failed = !matches!(result, Ok(true));
-    match temp {
+    let kept = match temp {
         Some(temp) if args.keep || failed => {
-            println!("working files kept in {}", temp.keep().display());
+            let kept = temp.keep();
+            println!("working files kept in {}", kept.display());
+            Some(kept)
         }
-        Some(temp) => drop(temp),
-        None => println!("working files kept in {}", dir.display()),
+        Some(temp) => {
+            // (said, since the first line named the directory: a reader would look there)
+            match temp.close() {
+                Ok(()) => println!("working files removed ({})", dir.display()),
+                Err(e) => eprintln!(
+                    "trmx-demo: could not remove the working files in {}: {e}; remove them \
+                     by hand (they hold the demo CA's keys)",
+                    dir.display()
+                ),
+            }
+            None
+        }
+        None => {
+            println!("working files kept in {}", dir.display());
+            Some(dir)
+        }
+    };
+    if !failed {
+        print_next_steps(kept.as_deref());
     }
     result
+}
+
+/// After a run that went through: where a first-time reader goes from here.
+fn print_next_steps(kept: Option<&Path>) {
+    println!();
+    println!("Where to look next");
+    match kept {
+        Some(dir) => {
+            println!(
+                "  {}  what the broker logged (no body value, at any level)",
+                dir.join("broker").join("broker.log").display()
+            );
+            println!(
+                "  {}  what each node logged",
+                dir.join("<participant>").join("node.log").display()
+            );
+            println!(
+                "  {} and <participant>/node.toml  the configs the demo wrote",
+                dir.join("broker").join("broker.toml").display()
+            );
+            println!(
+                "  (the directory holds the demo CA and its keys, and the stored messages: \
+                 remove it when done)"
+            );
+        }
+        None => println!(
+            "  cargo run -p trmx-tests --bin trmx-demo -- --dir demo-out  runs it again and \
+             keeps the certificates, configs, databases and logs in demo-out"
+        ),
+    }
+    println!(
+        "  README.md, \"Setting up a real federation\"  the same with trmx-certs, trmx-broker \
+         and trmx-node, step by step"
+    );
+    println!(
+        "  README.md, \"The node CLI at a glance\"  what a caseworker runs against a node \
+         (inbox, case, due, send)"
+    );
 }
 
 /// `--dir` made absolute (the node configs the demo writes name paths that
