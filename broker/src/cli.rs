@@ -1,5 +1,6 @@
 //! The `trmx-broker` command line: parses flags, loads the config, binds, and
-//! runs the broker until SIGTERM/SIGINT. SIGHUP reloads the CRL.
+//! runs the broker until SIGTERM/SIGINT. SIGHUP reloads the TLS material and the
+//! CRL, and warns when the config file no longer says what runs.
 //!
 //! It lives in the library so that other executables (the demo's multi-call
 //! binary, process-level tests) run exactly what `trmx-broker` runs.
@@ -226,16 +227,26 @@ where
 
 fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
     let Some(config_path) = args.config_path() else {
-        anyhow::bail!("--config FILE (or TRMX_BROKER_CONFIG) is required to run the broker");
+        let what = if check_only {
+            "to check a config"
+        } else {
+            "to run the broker"
+        };
+        anyhow::bail!("--config FILE (or TRMX_BROKER_CONFIG) is required {what}");
     };
-    let config_path = config_path.as_path();
+    let source = ConfigSource {
+        path: config_path,
+        listen: args.listen,
+        data_dir: args.data_dir.clone(),
+    };
+    let config_path = source.path.as_path();
     let mut config = BrokerConfig::load(config_path)?;
-    if let Some(listen) = args.listen {
+    if let Some(listen) = source.listen {
         config.listen = listen;
     }
     // (a --data-dir is the operator's own, given where they stand)
-    refuse_paths_beside_the_config(&config, config_path, args.data_dir.is_some())?;
-    if let Some(data_dir) = &args.data_dir {
+    refuse_paths_beside_the_config(&config, config_path, source.data_dir.is_some())?;
+    if let Some(data_dir) = &source.data_dir {
         config.data_dir = data_dir.clone();
     }
     // (check-config refuses it too: a typo is a silent broker)
@@ -274,7 +285,122 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_broker(config, args.ready_file))
+    runtime.block_on(run_broker(config, source, args.ready_file))
+}
+
+/// Where the running config came from: the file and the flags that override it, so that
+/// a SIGHUP can read the file again as the start did ([`ConfigSource::load`]).
+struct ConfigSource {
+    path: PathBuf,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    /// The config the broker would start with now: the file, validated, with the flags
+    /// applied.
+    fn load(&self) -> anyhow::Result<BrokerConfig> {
+        let mut config = BrokerConfig::load(&self.path)?;
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(data_dir) = &self.data_dir {
+            config.data_dir = data_dir.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// At a SIGHUP, what the operator who edited the config file must know: SIGHUP reloads
+/// only the TLS material and the CRL, so an edit of anything else (a new organisation in
+/// `[[participants]]` above all) would otherwise be ignored without a word until the next
+/// restart; and a file that no longer loads would stop that restart. `None` when the file
+/// still says what runs.
+fn config_file_drift(running: &BrokerConfig, source: &ConfigSource) -> Option<String> {
+    let on_disk = match source.load() {
+        Ok(config) => config,
+        Err(e) => {
+            return Some(format!(
+                "the config file {} no longer loads ({e:#}): the broker goes on with the \
+                 config it started with, but its next start will fail; fix the file \
+                 (`trmx-broker check-config --config {}` checks it)",
+                source.path.display(),
+                source.path.display()
+            ));
+        }
+    };
+    let changed = changed_settings(running, &on_disk);
+    (!changed.is_empty()).then(|| {
+        format!(
+            "the config file {} differs from the running config ({}): a SIGHUP applies only \
+             the TLS material and the CRL at the paths the broker started with; restart the \
+             broker to apply the rest (`systemctl restart trmx-broker`)",
+            source.path.display(),
+            changed.join("; ")
+        )
+    })
+}
+
+/// The settings whose values differ between `running` and `on_disk`, as `section.key`
+/// names (participants by id: added, removed, changed); empty when none does.
+fn changed_settings(running: &BrokerConfig, on_disk: &BrokerConfig) -> Vec<String> {
+    let mut changed = Vec::new();
+    let added: Vec<&str> = on_disk
+        .participants
+        .iter()
+        .filter(|p| !running.participants.iter().any(|r| r.id == p.id))
+        .map(|p| p.id.as_str())
+        .collect();
+    let removed: Vec<&str> = running
+        .participants
+        .iter()
+        .filter(|r| !on_disk.participants.iter().any(|p| p.id == r.id))
+        .map(|r| r.id.as_str())
+        .collect();
+    let edited: Vec<&str> = on_disk
+        .participants
+        .iter()
+        .filter(|p| running.participants.iter().any(|r| r.id == p.id && r != *p))
+        .map(|p| p.id.as_str())
+        .collect();
+    for (what, ids) in [("added", added), ("removed", removed), ("changed", edited)] {
+        if !ids.is_empty() {
+            changed.push(format!("participants {what}: {}", ids.join(", ")));
+        }
+    }
+    // every other setting, by its name in the file (both serialise as check-config
+    // prints them; one that cannot is named whole rather than missed)
+    let as_table = |config: &BrokerConfig| {
+        let mut config = config.clone();
+        config.participants.clear();
+        let text = config.to_toml().ok()?;
+        toml::from_str::<toml::Table>(&text).ok()
+    };
+    let (Some(before), Some(after)) = (as_table(running), as_table(on_disk)) else {
+        if running != on_disk {
+            changed.push("settings that cannot be compared one by one".to_owned());
+        }
+        return changed;
+    };
+    let mut names: Vec<String> = Vec::new();
+    for key in before.keys().chain(after.keys()) {
+        match (before.get(key), after.get(key)) {
+            (Some(a), Some(b)) if a == b => {}
+            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                for inner in a.keys().chain(b.keys()) {
+                    if a.get(inner) != b.get(inner) {
+                        names.push(format!("{key}.{inner}"));
+                    }
+                }
+            }
+            _ => names.push(key.clone()),
+        }
+    }
+    names.sort();
+    names.dedup();
+    changed.extend(names);
+    changed
 }
 
 /// Refuses a relative path of the config that names nothing from the working directory
@@ -459,13 +585,18 @@ fn init_tracing(filter: &str) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))
 }
 
-async fn run_broker(config: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run_broker(
+    config: BrokerConfig,
+    source: ConfigSource,
+    ready_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| bind_error(config.listen, &e))?;
+    let running = config.clone();
     let mut broker = Broker::builder(config).start(listener).await?;
     let addr = broker.local_addr();
     println!("trmx-broker listening on {addr}");
@@ -488,6 +619,9 @@ async fn run_broker(config: BrokerConfig, ready_file: Option<PathBuf>) -> anyhow
                         "tls reloaded"
                     ),
                     Err(e) => warn!(error = %e, "tls reload failed, keeping the previous config"),
+                }
+                if let Some(drift) = tokio::task::block_in_place(|| config_file_drift(&running, &source)) {
+                    warn!("{drift}");
                 }
             }
             result = broker.wait_stopped() => {
@@ -687,6 +821,50 @@ mod tests {
             let error = cli.invocation().expect_err("refused");
             assert!(error.contains("takes its own flags"), "{args:?}: {error}");
         }
+    }
+
+    /// What a SIGHUP says of the config file: nothing when it says what runs, the flags
+    /// that override it included; the settings by name and the participants by id when
+    /// not.
+    #[test]
+    fn a_sighup_names_the_settings_the_file_changed_and_not_the_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, path, _federation) = valid_config(dir.path());
+        let flagged: SocketAddr = "127.0.0.1:1".parse().expect("address");
+        let source = ConfigSource {
+            path: path.clone(),
+            listen: Some(flagged),
+            data_dir: Some(dir.path().join("elsewhere")),
+        };
+        let mut running = source.load().expect("loads");
+        assert_eq!(running.listen, flagged);
+        assert_eq!(config_file_drift(&running, &source), None);
+
+        let mut edited = config.clone();
+        edited.participants[0].accepts.push("follow-up".into());
+        edited.lifecycle.ack_timeout += Duration::from_secs(1);
+        edited.limits.max_envelope_bytes += 1;
+        write_config(dir.path(), &edited);
+        let drift = config_file_drift(&running, &source).expect("drift");
+        assert!(
+            drift.contains(
+                "participants changed: NL-NRM; lifecycle.ack_timeout; limits.max_envelope_bytes"
+            ),
+            "{drift}"
+        );
+        assert!(
+            !drift.contains("listen") && !drift.contains("data_dir"),
+            "{drift}"
+        );
+        running.participants.clear();
+        assert_eq!(
+            changed_settings(&running, &edited)[0],
+            "participants added: NL-NRM"
+        );
+        assert_eq!(
+            changed_settings(&edited, &running)[0],
+            "participants removed: NL-NRM"
+        );
     }
 
     /// A federation and a valid config file in `dir`; returns the config, its file, and

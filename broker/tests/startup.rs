@@ -252,6 +252,96 @@ async fn the_log_tells_an_operator_what_happened() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGHUP reloads only the TLS material and the CRL. An operator who added an
+/// organisation to `[[participants]]` and sent SIGHUP was told nothing, and the new node
+/// stayed refused until a restart; a file broken by an edit was found only by that
+/// restart. A SIGHUP now says which settings of the file it did not apply, or that the
+/// file no longer loads, and nothing when the file says what runs.
+#[tokio::test]
+async fn a_sighup_says_what_of_an_edited_config_file_it_does_not_apply() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let mut config = test_config(dir.path().join("data"), pki.tls.clone());
+    config.limits.shutdown_grace = std::time::Duration::from_millis(200);
+    let config_file = dir.path().join("broker.toml");
+    std::fs::write(&config_file, config.to_toml()?)?;
+    let ready = dir.path().join("ready");
+    let log = dir.path().join("broker.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config_file)
+        .arg("--ready-file")
+        .arg(&ready)
+        .env_remove("TRMX_BROKER_CONFIG")
+        .env_remove("TRMX_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let mut broker = Process { child, log };
+    broker.ready_file(&ready).await?;
+    // the n-th SIGHUP, once its reload and what follows it are in the log (the reload's
+    // line comes first; the file is read again after it)
+    async fn hangup(broker: &Process, n: usize, then: &str) -> anyhow::Result<String> {
+        broker.signal("HUP")?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let log = broker.log();
+            if log.matches("tls reloaded").count() == n && log.matches(then).count() >= 1 {
+                return Ok(log);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "SIGHUP {n}: no {then:?} in:\n{log}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let drift = "differs from the running config";
+
+    // the file unchanged: the first SIGHUP says nothing of it (the second's line below is
+    // the only one)
+    hangup(&broker, 1, "tls reloaded").await?;
+    let mut edited = config.clone();
+    let mut joining = edited.participants[0].clone();
+    joining.id = "DE-KOK".into();
+    joining.country = "DE".into();
+    edited.participants.push(joining);
+    edited.participants.retain(|p| p.id != "BE-PAYOKE");
+    edited.limits.max_envelope_bytes += 1;
+    std::fs::write(&config_file, edited.to_toml()?)?;
+    let log = hangup(&broker, 2, drift).await?;
+    assert_eq!(log.matches(drift).count(), 1, "{log}");
+    let line = log.lines().find(|l| l.contains(drift)).unwrap_or_default();
+    assert!(line.contains("WARN"), "{line}");
+    for what in [
+        "participants added: DE-KOK",
+        "participants removed: BE-PAYOKE",
+        "limits.max_envelope_bytes",
+        "restart the broker",
+    ] {
+        assert!(line.contains(what), "{what:?} in {line}");
+    }
+    assert!(
+        !line.contains("tls."),
+        "the TLS paths did not change: {line}"
+    );
+
+    // a file the edit broke: said, and the broker goes on
+    std::fs::write(&config_file, "limits = 3\n")?;
+    let log = hangup(&broker, 3, "no longer loads").await?;
+    let line = log
+        .lines()
+        .find(|l| l.contains("no longer loads"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("WARN") && line.contains("check-config"),
+        "{line}"
+    );
+    assert!(broker.child.try_wait()?.is_none(), "the broker stopped");
+    Ok(())
+}
+
 /// `check-config` said "config OK" and nothing else for a broker certificate the CRL
 /// revokes (loading only warns about it, so that a CRL reload is never refused): the
 /// warning goes to stderr, as at a start.
