@@ -1078,8 +1078,22 @@ fn in_step(meta: &::sled::Tree, key: &[u8]) -> Result<bool, StoreError> {
 /// that ran since may have kept such payloads again.
 pub(super) const UNUSABLE_PAYLOADS_DROPPED_KEY: &[u8] = b"unusable_payloads_dropped";
 
-/// Records of `dead` read per transaction by [`Core::drop_unusable_payloads`].
+/// Payloads deleted per transaction by [`Core::drop_unusable_payloads`], at most.
 const DROP_BATCH: usize = 256;
+/// Payload bytes one transaction of [`Core::drop_unusable_payloads`] reads, at most
+/// (or one payload, when larger): a transaction holds every value it read until it
+/// commits.
+const DROP_BATCH_BYTES: u64 = 16 << 20;
+
+/// What [`Core::drop_unusable_payloads`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct DroppedPayloads {
+    /// Payloads deleted.
+    pub(super) dropped: u64,
+    /// The most payload bytes one of its transactions read (and held until it
+    /// committed).
+    pub(super) most_bytes_held: u64,
+}
 
 impl Core {
     /// Deletes, once, the payloads that stores written before kept for the
@@ -1087,64 +1101,100 @@ impl Core {
     /// expired (or, earlier still, dead-lettered) receipts and of rejected
     /// messages (see [`drop_payload`]). Their metadata, its retention and
     /// their state stay as they are (DESIGN.md §4), so nothing is audited and
-    /// no report is sent. Reads only the `dead` tree. Each batch is one
-    /// transaction that applies the same change as the expiry or rejection
-    /// does today, so an interrupted pass (a crash) leaves every record
-    /// consistent and the next open does the rest; the mark is written after
-    /// a flush of the last batch. Returns how many payloads it deleted.
-    pub(super) fn drop_unusable_payloads(&self) -> Result<u64, StoreError> {
+    /// no report is sent. Reads only the `dead` tree and its records. Each
+    /// batch is one transaction that applies the same change as the expiry or
+    /// rejection does today, so an interrupted pass (a crash) leaves every
+    /// record consistent and the next open does the rest; the mark is written
+    /// after a flush of the last batch.
+    ///
+    /// Each dead letter is read first outside any transaction, one at a time,
+    /// and only those whose payload goes are read again in one, at most
+    /// [`DROP_BATCH`] and [`DROP_BATCH_BYTES`] of them: a transaction holds
+    /// every value it read until it commits, and most dead letters keep their
+    /// payload for a redrive (up to `limits.max_envelope_bytes` each), so
+    /// batches of every dead letter held hundreds of them at once, gigabytes
+    /// at the start of a store of large messages.
+    pub(super) fn drop_unusable_payloads(&self) -> Result<DroppedPayloads, StoreError> {
+        let mut done = DroppedPayloads::default();
         if in_step(&self.meta, UNUSABLE_PAYLOADS_DROPPED_KEY)? {
-            return Ok(0);
+            return Ok(done);
         }
-        let mut dropped = 0u64;
-        let mut after: Option<::sled::IVec> = None;
-        loop {
-            use std::ops::Bound;
-            let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-            let keys = self
-                .tree(DEAD)
-                .range((from, Bound::Unbounded))
-                .keys()
-                .take(DROP_BATCH)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(storage)?;
-            let Some(last) = keys.last() else {
-                break;
-            };
-            after = Some(last.clone());
+        let (mut batch, mut batch_bytes) = (Vec::new(), 0u64);
+        for key in self.tree(DEAD).iter().keys() {
+            let key = key.map_err(storage)?;
             // (a damaged key is left out, as every scan does: one damaged
             // entry must not stop the start; `store verify` reports it)
-            let seqs: Vec<u64> = keys.iter().filter_map(|k| read_u64(k).ok()).collect();
-            dropped += self.transact(|tx| {
-                let mut n = 0u64;
-                for &seq in &seqs {
-                    let Some(old) = tx.readable_record(seq, "its payload is left as it is")? else {
-                        continue;
-                    };
-                    if unusable_payload(&old) {
-                        let mut new = old.clone();
-                        drop_payload(&mut new);
-                        tx.put(Some(&old), Some(&new))?;
-                        n += 1;
-                    }
+            let Ok(seq) = read_u64(&key) else {
+                continue;
+            };
+            let Some(value) = self.tree(RECORDS).get(&key).map_err(storage)? else {
+                continue;
+            };
+            match Record::decode_metadata(&value) {
+                Ok(record) if unusable_payload(&record) => {
+                    batch.push(seq);
+                    batch_bytes = batch_bytes.saturating_add(record.payload_size);
                 }
-                Ok(n)
-            })?;
+                Ok(_) => continue,
+                Err(why) => {
+                    tracing::error!(
+                        seq,
+                        %why,
+                        "a stored message record cannot be read: its payload is left as it is; \
+                         the store is damaged, restore the data directory from a backup"
+                    );
+                    continue;
+                }
+            }
+            if batch.len() >= DROP_BATCH || batch_bytes >= DROP_BATCH_BYTES {
+                self.drop_payloads_of(&std::mem::take(&mut batch), &mut done)?;
+                batch_bytes = 0;
+            }
         }
+        self.drop_payloads_of(&batch, &mut done)?;
         // the deletions durable before the mark that says they are done
         trmx_durable::flush_sled(&self.meta).map_err(storage)?;
         self.meta
             .insert(UNUSABLE_PAYLOADS_DROPPED_KEY, running_mark(&self.meta)?)
             .map_err(storage)?;
         trmx_durable::flush_sled(&self.meta).map_err(storage)?;
-        if dropped > 0 {
+        if done.dropped > 0 {
             tracing::info!(
-                dropped,
+                dropped = done.dropped,
                 "payloads of expired receipts and rejected messages that an earlier version kept \
                  for the dead-letter retention deleted: no redrive can use them"
             );
         }
-        Ok(dropped)
+        Ok(done)
+    }
+
+    /// Deletes, in one transaction, the payloads of the records `seqs` that
+    /// still keep one no redrive can use (see [`Self::drop_unusable_payloads`]).
+    fn drop_payloads_of(&self, seqs: &[u64], done: &mut DroppedPayloads) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let (dropped, held) = self.transact(|tx| {
+            let (mut dropped, mut held) = (0u64, 0u64);
+            for &seq in seqs {
+                let Some(old) = tx.readable_record(seq, "its payload is left as it is")? else {
+                    continue;
+                };
+                if old.payload_kept {
+                    held = held.saturating_add(old.payload_size);
+                }
+                if unusable_payload(&old) {
+                    let mut new = old.clone();
+                    drop_payload(&mut new);
+                    tx.put(Some(&old), Some(&new))?;
+                    dropped += 1;
+                }
+            }
+            Ok((dropped, held))
+        })?;
+        done.dropped += dropped;
+        done.most_bytes_held = done.most_bytes_held.max(held);
+        Ok(())
     }
 }
 
@@ -2589,6 +2639,191 @@ mod tests {
             let report = crate::store::verify_store_offline(dir.path()).unwrap();
             assert!(report.is_consistent(), "{report}");
         }
+    }
+
+    /// The peak resident set of this process since the last reset (kB), and a reset.
+    fn peak_rss_kb(reset: bool) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kb = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if reset {
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
+        kb
+    }
+
+    /// A dead letter as a version before the one-time deletion stored it: `kind` 0 a
+    /// redrivable message, 1 an expired receipt, 2 a rejected message, each with its
+    /// payload of `size` bytes kept for the dead-letter retention.
+    fn dead_as_before(seq: u64, kind: u8, size: usize) -> Record {
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let payload = vec![(seq % 251) as u8; size];
+        Record {
+            seq,
+            message_id: MessageId::new_v7(),
+            sender: (kind != 1).then(|| nl.clone()),
+            recipient: be,
+            kind: Kind::Referral,
+            case_ref: CaseRef::new_random(),
+            in_reply_to: None,
+            priority: Priority::Normal,
+            created_at: NOW,
+            expires_at: NOW + 1,
+            accepted_at: NOW,
+            content_type: Kind::Referral.content_type(),
+            payload_sha256: sha256(&payload),
+            payload_size: size as u64,
+            fingerprint: [0; 32],
+            state: if kind == 2 {
+                State::DeadLettered
+            } else {
+                State::Expired
+            },
+            attempts: 1,
+            last_delivered_at: None,
+            state_changed_at: NOW,
+            next_attempt_at: None,
+            lease: None,
+            reason_code: "EXPIRED".to_owned(),
+            field_path: String::new(),
+            payload_kept: true,
+            rejected: kind == 2,
+            payload_delete_at: Some(NOW + 1_000_000),
+            metadata_delete_at: Some(NOW + 2_000_000),
+            note: String::new(),
+            payload: Some(super::super::codec::InlinePayload(::sled::IVec::from(
+                payload,
+            ))),
+        }
+    }
+
+    /// Figures, not a check: the open of a store of `TRMX_DEAD` (100,000) dead letters
+    /// of `TRMX_PAYLOAD` (2,048) bytes, a third of them unusable payloads an earlier
+    /// version kept (`TRMX_MARK=backoff_indexed`: the backoff indexing's figures instead).
+    /// `cargo test -p trmx-broker --lib open_figures -- --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn open_figures_of_a_store_of_many_dead_letters() {
+        let n: u64 = std::env::var("TRMX_DEAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let size: usize = std::env::var("TRMX_PAYLOAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2048);
+        let dir = tempfile::tempdir_in(std::env::var("TRMX_DIR").unwrap_or("/tmp".into())).unwrap();
+        let s = open(dir.path());
+        let mut made = 0u64;
+        while made < n {
+            let chunk = (n - made).min(500);
+            s.inner
+                .core
+                .transact(|tx| {
+                    for i in 0..chunk {
+                        let seq = tx.next_seq()?;
+                        tx.put(
+                            None,
+                            Some(&dead_as_before(seq, ((made + i) % 3) as u8, size)),
+                        )?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            made += chunk;
+        }
+        s.close().await.unwrap();
+        drop(s);
+        for again in [false, true, false] {
+            {
+                let db = ::sled::open(dir.path()).unwrap();
+                let meta = db.open_tree("meta").unwrap();
+                if again {
+                    let mark = std::env::var("TRMX_MARK").unwrap_or_default();
+                    meta.remove(if mark.is_empty() {
+                        UNUSABLE_PAYLOADS_DROPPED_KEY
+                    } else {
+                        mark.as_bytes()
+                    })
+                    .unwrap();
+                }
+                db.flush().unwrap();
+            }
+            peak_rss_kb(true);
+            let before = peak_rss_kb(false);
+            let started = std::time::Instant::now();
+            let s = open(dir.path());
+            let took = started.elapsed();
+            let peak = peak_rss_kb(false);
+            eprintln!(
+                "FIGURES dead={n} payload={size} pass={again}: open {took:?}, peak rss {} MiB (before {} MiB)",
+                peak / 1024,
+                before / 1024
+            );
+            s.close().await.unwrap();
+            drop(s);
+        }
+    }
+
+    /// The one-time deletion of unusable payloads reads in its transactions only the
+    /// records whose payload goes, and at most `DROP_BATCH_BYTES` of payload each (one
+    /// payload more): a transaction holds what it read until it commits, and dead letters
+    /// kept for a redrive may be many and large. Every unusable payload still goes, and
+    /// every redrivable one stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_deletion_of_unusable_payloads_holds_only_what_it_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        const LARGE: usize = 1 << 20;
+        // (more than `DROP_BATCH_BYTES` of rejected messages, and as much kept for a
+        // redrive, between them expired receipts: in seq order, as `dead` is read)
+        let each = (DROP_BATCH_BYTES as usize / LARGE) + 4;
+        let seqs = s
+            .inner
+            .core
+            .transact(|tx| {
+                let mut seqs = Vec::new();
+                for i in 0..3 * each {
+                    let kind = (i % 3) as u8;
+                    let seq = tx.next_seq()?;
+                    let size = if kind == 1 { 100 } else { LARGE };
+                    tx.put(None, Some(&dead_as_before(seq, kind, size)))?;
+                    seqs.push((seq, kind));
+                }
+                Ok(seqs)
+            })
+            .unwrap();
+        s.inner
+            .core
+            .meta
+            .remove(UNUSABLE_PAYLOADS_DROPPED_KEY)
+            .unwrap();
+        let done = s.inner.core.drop_unusable_payloads().unwrap();
+        assert_eq!(done.dropped, 2 * each as u64, "{done:?}");
+        assert!(
+            done.most_bytes_held <= DROP_BATCH_BYTES + LARGE as u64,
+            "a transaction of the deletion held {} payload bytes (at most {DROP_BATCH_BYTES} \
+             and one payload expected)",
+            done.most_bytes_held
+        );
+        for (seq, kind) in seqs {
+            let record = s.inner.core.load(seq).unwrap().unwrap();
+            assert_eq!(record.payload_kept, kind == 0, "{kind}: {record:?}");
+        }
+        // done: a second pass in step reads nothing
+        assert_eq!(
+            s.inner.core.drop_unusable_payloads().unwrap(),
+            DroppedPayloads::default()
+        );
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
     }
 
     /// The seqs in the `backoff` index of the open store `s`.
