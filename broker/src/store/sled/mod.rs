@@ -580,18 +580,23 @@ pub fn accept_clock_offline(
                 Ok(before) => before,
                 Err(e) => return tx::abort(e),
             };
-            // the `backoff` index stays marked in step if it was (a store of
-            // an earlier version, or one it ran on, is indexed at the start)
+            // the marks of the one-time passes (the `backoff` index, the
+            // deletion of unusable payloads) stay in step if they were: a store
+            // of an earlier version, or one it ran on, has them done at the
+            // start, and one this version ran on must not have them done again
             let running = t[meta_at]
                 .get(RUNNING_KEY)?
                 .map(|running| running.to_vec())
                 .unwrap_or_default();
-            let in_step = t[meta_at]
-                .get(ops::BACKOFF_INDEXED_KEY)?
-                .is_some_and(|mark| mark == running);
+            let mut in_step = Vec::new();
+            for key in [ops::BACKOFF_INDEXED_KEY, ops::UNUSABLE_PAYLOADS_DROPPED_KEY] {
+                if t[meta_at].get(key)?.is_some_and(|mark| mark == running) {
+                    in_step.push(key);
+                }
+            }
             t[meta_at].insert(RUNNING_KEY, &now.to_be_bytes()[..])?;
-            if in_step {
-                t[meta_at].insert(ops::BACKOFF_INDEXED_KEY, &now.to_be_bytes()[..])?;
+            for key in in_step {
+                t[meta_at].insert(key, &now.to_be_bytes()[..])?;
             }
             let tx = Tx {
                 t: &t[..meta_at],

@@ -2826,6 +2826,38 @@ mod tests {
         assert!(report.is_consistent(), "{report}");
     }
 
+    /// `store accept-clock` records a new last run: the marks of the one-time passes (the
+    /// `backoff` index, the deletion of unusable payloads) stay in step with it when they
+    /// were, so that the next start does not read every record again, and stay out of
+    /// step when an earlier version ran since, so that it still does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn accepting_the_clock_keeps_the_marks_of_the_one_time_passes_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.mark_running(NOW).await.unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        let marks = |dir: &std::path::Path| {
+            let db = ::sled::open(dir).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            [BACKOFF_INDEXED_KEY, UNUSABLE_PAYLOADS_DROPPED_KEY]
+                .map(|key| in_step(&meta, key).unwrap())
+        };
+        crate::store::accept_clock_offline(dir.path(), NOW + 60_000, "test").unwrap();
+        assert_eq!(marks(dir.path()), [true, true], "a mark left out of step");
+        {
+            // an earlier version ran since: it marks its runs, not the passes
+            let db = ::sled::open(dir.path()).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(b"running_at", &(NOW + 120_000).to_be_bytes()[..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        crate::store::accept_clock_offline(dir.path(), NOW + 180_000, "test").unwrap();
+        assert_eq!(marks(dir.path()), [false, false], "a mark put in step");
+    }
+
     /// The seqs in the `backoff` index of the open store `s`.
     fn backoff_seqs(s: &SledStore) -> Vec<u64> {
         s.inner.core.trees[BACKOFF]
