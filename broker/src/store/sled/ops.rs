@@ -2858,6 +2858,81 @@ mod tests {
         assert_eq!(marks(dir.path()), [false, false], "a mark put in step");
     }
 
+    /// The deletion of unusable payloads goes by what each record says, not by the `dead`
+    /// index: a receipt still to deliver keeps its payload though a stray `dead` entry
+    /// names it. A payload in the `payloads` tree of records written before payloads moved
+    /// into the record goes too. A pass cut short (a crash before its mark) leaves every
+    /// record consistent, and the next open does the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_deletion_of_unusable_payloads_goes_by_the_record_and_is_finished_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let (waiting, old_format, many) = s
+            .inner
+            .core
+            .transact(|tx| {
+                let waiting_seq = tx.next_seq()?;
+                let mut waiting = dead_as_before(waiting_seq, 1, 100);
+                waiting.state = State::Accepted;
+                waiting.reason_code = String::new();
+                waiting.payload_delete_at = None;
+                waiting.metadata_delete_at = None;
+                tx.put(None, Some(&waiting))?;
+                tx.t[DEAD].insert(&waiting_seq.to_be_bytes(), &[][..])?;
+                let old_seq = tx.next_seq()?;
+                let mut old_format = dead_as_before(old_seq, 1, 100);
+                let payload = old_format.payload.take().unwrap();
+                tx.put(None, Some(&old_format))?;
+                tx.t[PAYLOADS].insert(&old_seq.to_be_bytes(), payload.0)?;
+                let mut many = Vec::new();
+                for i in 0..2 * DROP_BATCH {
+                    let seq = tx.next_seq()?;
+                    tx.put(None, Some(&dead_as_before(seq, 1 + (i % 2) as u8, 100)))?;
+                    many.push(seq);
+                }
+                Ok((waiting_seq, old_seq, many))
+            })
+            .unwrap();
+        s.inner
+            .core
+            .meta
+            .remove(UNUSABLE_PAYLOADS_DROPPED_KEY)
+            .unwrap();
+        // a first batch done, then a crash: no mark
+        let mut done = DroppedPayloads::default();
+        s.inner
+            .core
+            .drop_payloads_of(&many[..DROP_BATCH / 2], &mut done)
+            .unwrap();
+        assert_eq!(done.dropped, DROP_BATCH as u64 / 2);
+        s.close().await.unwrap();
+        drop(s);
+        let s = open(dir.path());
+        let kept = |seq: u64| s.inner.core.load(seq).unwrap().unwrap().payload_kept;
+        assert!(many.iter().all(|&seq| !kept(seq)), "a payload left");
+        let waiting_now = s.inner.core.load(waiting).unwrap().unwrap();
+        assert!(
+            waiting_now.state == State::Accepted && waiting_now.payload_kept,
+            "a receipt still to deliver lost its payload: {waiting_now:?}"
+        );
+        assert!(!kept(old_format));
+        assert!(
+            s.inner.core.trees[PAYLOADS]
+                .get(old_format.to_be_bytes())
+                .unwrap()
+                .is_none(),
+            "an unusable payload left in the `payloads` tree"
+        );
+        // (the stray entry out, the store is consistent)
+        s.inner.core.trees[DEAD]
+            .remove(waiting.to_be_bytes())
+            .unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
     /// The seqs in the `backoff` index of the open store `s`.
     fn backoff_seqs(s: &SledStore) -> Vec<u64> {
         s.inner.core.trees[BACKOFF]
