@@ -1119,6 +1119,13 @@ impl Core {
         if in_step(&self.meta, UNUSABLE_PAYLOADS_DROPPED_KEY)? {
             return Ok(done);
         }
+        // (a start on a store of many dead letters takes a while: say why, first)
+        if !self.tree(DEAD).is_empty() {
+            tracing::info!(
+                "looking for payloads of expired receipts and rejected messages that an earlier \
+                 version kept: one read of every dead letter, once, before the broker serves"
+            );
+        }
         let (mut batch, mut batch_bytes) = (Vec::new(), 0u64);
         for key in self.tree(DEAD).iter().keys() {
             let key = key.map_err(storage)?;
@@ -2931,6 +2938,85 @@ mod tests {
         drop(s);
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
+    }
+
+    /// The messages of the events `f` logs at `level` on this thread.
+    fn messages_logged(level: tracing::Level, f: impl FnOnce()) -> Vec<String> {
+        use tracing_subscriber::layer::SubscriberExt;
+
+        struct Messages(Arc<std::sync::Mutex<Vec<String>>>, tracing::Level);
+        struct Message<'a>(&'a mut String);
+        impl tracing::field::Visit for Message<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    *self.0 = format!("{value:?}");
+                }
+            }
+        }
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Messages {
+            fn on_event(
+                &self,
+                event: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                if *event.metadata().level() == self.1 {
+                    let mut message = String::new();
+                    event.record(&mut Message(&mut message));
+                    self.0.lock().unwrap().push(message);
+                }
+            }
+        }
+
+        let messages = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let subscriber =
+            tracing_subscriber::registry().with(Messages(Arc::clone(&messages), level));
+        tracing::subscriber::with_default(subscriber, f);
+        std::mem::take(&mut *messages.lock().unwrap())
+    }
+
+    /// The deletion of unusable payloads reads every dead letter: the start of a store of
+    /// many says why it takes a while before it begins, not only once it is done (and a
+    /// store whose pass is done says nothing).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_deletion_of_unusable_payloads_says_why_the_start_is_slow_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.inner
+            .core
+            .transact(|tx| {
+                for kind in [0, 1] {
+                    let seq = tx.next_seq()?;
+                    tx.put(None, Some(&dead_as_before(seq, kind, 100)))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        s.inner
+            .core
+            .meta
+            .remove(UNUSABLE_PAYLOADS_DROPPED_KEY)
+            .unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        let why = "one read of every dead letter";
+        for (again, expected) in [(false, true), (true, false)] {
+            let mut opened = None;
+            let logged = messages_logged(tracing::Level::INFO, || {
+                opened = Some(open(dir.path()));
+            });
+            let s = opened.unwrap();
+            let said = logged.iter().position(|m| m.contains(why));
+            assert_eq!(said.is_some(), expected, "again: {again}, {logged:?}");
+            if let Some(said) = said {
+                let done = logged
+                    .iter()
+                    .position(|m| m.contains("no redrive can use them"))
+                    .expect("the deletions said");
+                assert!(said < done, "{logged:?}");
+            }
+            s.close().await.unwrap();
+            drop(s);
+        }
     }
 
     /// The seqs in the `backoff` index of the open store `s`.
