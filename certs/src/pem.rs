@@ -56,13 +56,37 @@ pub fn read_key_file(path: &Path) -> std::io::Result<KeyFile> {
 /// the group only names the fix in the error).
 fn read_key_file_as(path: &Path, me: u32, my_group: u32) -> std::io::Result<KeyFile> {
     use std::io::Read as _;
-    use std::os::unix::fs::MetadataExt as _;
-    let mut file = std::fs::File::open(path)?;
-    // (the mode and owner of the file opened and read, not of what the path names later)
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    // Non-blocking: opening a FIFO for reading waits for a writer, so a key path that names
+    // one hung the start with no word; it is opened at once and refused below. (A regular
+    // file ignores the flag.)
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    // (the type, mode and owner of the file opened and read, not of what the path names
+    // later)
     let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(not_a_regular_file(path, &metadata));
+    }
     let mode = metadata.mode() & 0o7777;
     if mode & KEY_MODE_FORBIDDEN != 0 {
         return Ok(KeyFile::Exposed { mode });
+    }
+    // The mode bits do not show what an access ACL grants named users and groups (`ls -l`
+    // shows only a `+`, the group bits its mask): a `0640` key may be readable by anyone.
+    if acl_grants_others(&file)? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "it carries a POSIX access ACL that lets other users or groups read or change \
+                 it, which its mode {mode:04o} does not show (`getfacl {0}` lists them): \
+                 `setfacl -b {0}` removes the ACL (the service's user must own the file, mode \
+                 600)",
+                path.display()
+            ),
+        ));
     }
     let owner = metadata.uid();
     // (root is exempt: in a container a broker or node often runs as root on a mounted
@@ -84,6 +108,73 @@ fn read_key_file_as(path: &Path, me: u32, my_group: u32) -> std::io::Result<KeyF
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     Ok(KeyFile::Read(bytes))
+}
+
+/// The error for a key path that names something other than a regular file: what it is
+/// and what to give instead (a directory was called "mode 0755 lets other users read it").
+fn not_a_regular_file(path: &Path, metadata: &std::fs::Metadata) -> std::io::Error {
+    use std::os::unix::fs::FileTypeExt as _;
+    let kind = metadata.file_type();
+    let what = if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    };
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "it is {what}, not a regular file: give the path of the private key file{} (a \
+             PEM file of mode 600 owned by the user this runs as)",
+            if kind.is_dir() {
+                format!(" in {}", path.display())
+            } else {
+                String::new()
+            }
+        ),
+    )
+}
+
+/// Whether `file` carries a POSIX access ACL (`system.posix_acl_access`) whose named user
+/// or group entries grant read or write access, once limited by its mask. A file without
+/// one, or on a file system without ACLs, has none.
+fn acl_grants_others(file: &std::fs::File) -> std::io::Result<bool> {
+    // (the kernel's format, `posix_acl_xattr.h`: a version word, then entries of a tag,
+    // permissions and an id; tags of named users and groups, and the mask)
+    const ACL_USER: u16 = 0x02;
+    const ACL_GROUP: u16 = 0x08;
+    const ACL_MASK: u16 = 0x10;
+    let mut buf = [0u8; 4 + 8 * 64];
+    let len = match rustix::fs::fgetxattr(file, "system.posix_acl_access", &mut buf[..]) {
+        Ok(len) => len,
+        Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => {
+            return Ok(false);
+        }
+        // (more than 64 entries: named ones among them, more than a key should have)
+        Err(e) if e == rustix::io::Errno::RANGE => return Ok(true),
+        Err(e) => return Err(e.into()),
+    };
+    let entries = buf[..len].get(4..).unwrap_or_default();
+    let entries = entries.chunks_exact(8).map(|entry| {
+        let tag = u16::from_le_bytes([entry[0], entry[1]]);
+        let perm = u16::from_le_bytes([entry[2], entry[3]]);
+        (tag, perm)
+    });
+    let mask = entries
+        .clone()
+        .find(|&(tag, _)| tag == ACL_MASK)
+        .map_or(0o7, |(_, perm)| perm);
+    // (read 4, write 2)
+    Ok(entries
+        .filter(|&(tag, _)| tag == ACL_USER || tag == ACL_GROUP)
+        .any(|(_, perm)| perm & mask & 0o6 != 0))
 }
 
 /// `uid 1000 (alice)`, or `uid 1000` for a uid the user database does not name.
@@ -703,6 +794,132 @@ mod tests {
         }
         assert_ne!(std::fs::metadata(&key).unwrap().uid(), 0);
         match read_key_file_as(&key, 0, 0) {
+            Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A directory given as the key was "mode 0755 lets other users read it"; it is said
+    /// to be a directory.
+    #[test]
+    fn a_directory_given_as_the_key_is_said_to_be_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_key_file(dir.path()).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "it is a directory, not a regular file: give the path of the private key file \
+                 in {} (a PEM file of mode 600 owned by the user this runs as)",
+                dir.path().display()
+            )
+        );
+    }
+
+    /// A key path naming a FIFO blocked the open until something wrote to it: a start that
+    /// hung without a word. It is refused at once, saying what it is.
+    #[test]
+    fn a_fifo_given_as_the_key_is_refused_without_waiting_for_a_writer() {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("k.key");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || read_key_file(&fifo))
+        };
+        // (a reader blocked in its open is let go by a writer: it then reads nothing and
+        // the test fails on what it returned, instead of hanging)
+        while !reader.is_finished() {
+            let writer = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .open(&fifo);
+            if writer.is_ok() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let e = reader.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("it is a FIFO (named pipe), not a regular file: give the path"),
+            "{e}"
+        );
+    }
+
+    /// A POSIX ACL granting another user read access shows only in the group bits (its
+    /// mask): a `0640` key readable by someone else was read. It is refused, naming the
+    /// fix; an ACL whose named entries the mask cuts off grants nothing, and is read.
+    #[test]
+    fn a_key_whose_acl_lets_another_user_read_it_is_refused() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
+        let meta = std::fs::metadata(&key).unwrap();
+        let (me, group) = (meta.uid(), meta.gid());
+        let other = me + 1;
+        // (`setfacl -m u:OTHER:r,m::MASK`, in the kernel's format: version 2, then tag,
+        // permissions and id of each entry, in tag order)
+        let set_acl = |mask: u16| {
+            let mut acl = 2u32.to_le_bytes().to_vec();
+            for (tag, perm, id) in [
+                (0x01u16, 6u16, u32::MAX),
+                (0x02, 4, other),
+                (0x04, 0, u32::MAX),
+                (0x10, mask, u32::MAX),
+                (0x20, 0, u32::MAX),
+            ] {
+                acl.extend(tag.to_le_bytes());
+                acl.extend(perm.to_le_bytes());
+                acl.extend(id.to_le_bytes());
+            }
+            rustix::fs::setxattr(
+                &key,
+                "system.posix_acl_access",
+                &acl,
+                rustix::fs::XattrFlags::empty(),
+            )
+        };
+        match set_acl(4) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::NOTSUP => {
+                eprintln!("skipped: the file system of {} has no ACLs", key.display());
+                return;
+            }
+            Err(e) => panic!("setxattr: {e}"),
+        }
+        // (the mask is the group bits)
+        let mode = std::fs::metadata(&key).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        let e = read_key_file_as(&key, me, group).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "it carries a POSIX access ACL that lets other users or groups read or change \
+                 it, which its mode 0640 does not show (`getfacl {0}` lists them): `setfacl -b \
+                 {0}` removes the ACL (the service's user must own the file, mode 600)",
+                key.display()
+            )
+        );
+        // through the crate's error
+        assert!(matches!(
+            read_secret("private key", &key),
+            Err(CertError::Io { .. })
+        ));
+        // the mask cuts the named user off (mode 0600): nothing granted, read
+        set_acl(0).unwrap();
+        match read_key_file_as(&key, me, group) {
             Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
             other => panic!("{other:?}"),
         }
