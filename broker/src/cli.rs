@@ -278,6 +278,14 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
     }
     config.validate()?;
     init_tracing(&log_filter)?;
+    // A certificate not valid yet fails every handshake with the nodes: the rule of
+    // check-config (an error beyond minutes, a warning within). A certificate that cannot
+    // be read is left to the start, which names the file and the problem.
+    if let Ok(info) = trmx_certs::CertInfo::from_pem_file(&config.tls.cert)
+        && let Some((warning, _)) = not_valid_yet(&config, &info, std::time::SystemTime::now())?
+    {
+        tracing::warn!("{warning}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Store operations run on blocking threads; a few are enough, and each
@@ -459,39 +467,19 @@ const CERT_WARN_DAYS: u64 = 30;
 /// The `# certificate:` line of `check-config`: the broker certificate's identity, serial
 /// and expiry. A certificate that has expired passed the check with "config OK", though
 /// every node refuses the broker then; that is an error here, saying what to do. One that
-/// expires within [`CERT_WARN_DAYS`] is warned about on stderr.
-///
-/// One not valid yet by this machine's clock is told with what is known: its `notBefore`
-/// (the CA machine's clock at issue, less 5 minutes) and this clock, one of which is off,
-/// and what each case means and needs (it blamed the certificate when only this clock was
-/// behind, where nodes with a right clock accept it). Within
-/// [`trmx_certs::NOT_VALID_YET_WARN`] that is a warning; further, an error.
+/// expires within [`CERT_WARN_DAYS`] is warned about on stderr. Every warning that applies
+/// is given (one not valid yet by minutes did not hide that it expires soon).
 fn certificate_validity(
     config: &BrokerConfig,
     now: std::time::SystemTime,
 ) -> anyhow::Result<String> {
     let path = &config.tls.cert;
     let info = trmx_certs::CertInfo::from_pem_file(path)?;
-    let (from, until) = (
-        trmx_certs::format_time(info.not_before),
-        trmx_certs::format_time(info.not_after),
-    );
-    let what = format!(
-        "tls.cert: the broker certificate {} ({}, serial {})",
-        path.display(),
-        info.identity,
-        info.serial_hex
-    );
-    if let Some(not_yet) = info.not_valid_yet(now, "nodes") {
-        let said = format!("{what}: {}", not_yet.message);
-        if !not_yet.warn_only {
-            anyhow::bail!("config: {said}");
-        }
-        eprintln!("warning: {said}");
-        return Ok(format!(
-            "{}, serial {}, not valid before {from} (in {} minute(s)), expires {until}",
-            info.identity, info.serial_hex, not_yet.minutes
-        ));
+    let until = trmx_certs::format_time(info.not_after);
+    let what = certificate_named(config, &info);
+    let not_yet = not_valid_yet(config, &info, now)?;
+    if let Some((warning, _)) = &not_yet {
+        eprintln!("warning: {warning}");
     }
     let Ok(left) = info.not_after.duration_since(now) else {
         anyhow::bail!(
@@ -507,10 +495,49 @@ fn certificate_validity(
              after that; renew it at the CA (`trmx-certs renew`), install it here and reload"
         );
     }
+    let from = match not_yet {
+        Some((_, minutes)) => format!(
+            ", not valid before {} (in {minutes} minute(s))",
+            trmx_certs::format_time(info.not_before)
+        ),
+        None => String::new(),
+    };
     Ok(format!(
-        "{}, serial {}, expires {until} (in {days} days)",
+        "{}, serial {}{from}, expires {until} (in {days} days)",
         info.identity, info.serial_hex
     ))
+}
+
+/// `tls.cert: the broker certificate PATH (IDENTITY, serial SERIAL)`.
+fn certificate_named(config: &BrokerConfig, info: &trmx_certs::CertInfo) -> String {
+    format!(
+        "tls.cert: the broker certificate {} ({}, serial {})",
+        config.tls.cert.display(),
+        info.identity,
+        info.serial_hex
+    )
+}
+
+/// The broker certificate not valid yet by this machine's clock, for `run` and
+/// `check-config` alike: every node refuses the broker until then. It is told with what
+/// is known: its `notBefore` (the CA machine's clock at issue, less 5 minutes) and this
+/// clock, one of which is off, and what each case means and needs (it blamed the
+/// certificate when only this clock was behind, where nodes with a right clock accept
+/// it). Within [`trmx_certs::NOT_VALID_YET_WARN`] it is a warning (returned, with the
+/// minutes left); further, an error.
+fn not_valid_yet(
+    config: &BrokerConfig,
+    info: &trmx_certs::CertInfo,
+    now: std::time::SystemTime,
+) -> anyhow::Result<Option<(String, u64)>> {
+    let Some(not_yet) = info.not_valid_yet(now, "nodes") else {
+        return Ok(None);
+    };
+    let said = format!("{}: {}", certificate_named(config, info), not_yet.message);
+    if !not_yet.warn_only {
+        anyhow::bail!("config: {said}");
+    }
+    Ok(Some((said, not_yet.minutes)))
 }
 
 /// The `# crl:` line of `check-config`: when the earliest nextUpdate of the CRLs in

@@ -1593,15 +1593,22 @@ fn check_config_fails_an_expired_broker_certificate_and_warns_of_one_expiring() 
         ),
         "{said}"
     );
-    let (out, _) = check(now + Duration::from_secs(8 * 60), 365)?;
+    // Minutes ahead and expiring soon: both warnings (the first hid the second).
+    let (out, _) = check(now + Duration::from_secs(8 * 60), 10)?;
     assert!(out.status.success(), "{}", stderr(&out));
+    let said = stderr(&out);
+    let warnings: Vec<&str> = said.lines().collect();
+    assert_eq!(warnings.len(), 2, "{}", stderr(&out));
     assert!(
-        stderr(&out).starts_with("warning: tls.cert: the broker certificate "),
+        warnings[0].starts_with("warning: tls.cert: the broker certificate ")
+            && warnings[0].contains(" minute(s) earlier: either this clock is behind"),
         "{}",
         stderr(&out)
     );
     assert!(
-        stderr(&out).contains(" minute(s) earlier: either this clock is behind"),
+        warnings[1].starts_with("warning: tls.cert: the broker certificate ")
+            && warnings[1].contains(" expires on ")
+            && warnings[1].contains(" days: every node refuses the broker after that"),
         "{}",
         stderr(&out)
     );
@@ -1683,5 +1690,98 @@ fn relative_paths_that_only_exist_beside_the_config_are_refused() -> anyhow::Res
             "{command} made a store"
         );
     }
+    Ok(())
+}
+
+/// `run` started with a broker certificate hours from valid (by this clock), and every
+/// node refused it at the handshake; only `check-config` said it. It is refused now with
+/// check-config's message, naming both clocks; minutes ahead start with a warning.
+#[tokio::test]
+async fn run_refuses_a_broker_certificate_not_valid_yet_and_warns_within_minutes()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path())?;
+    let now = std::time::SystemTime::now();
+    let ready = dir.path().join("ready");
+    let start = |ahead: Duration| {
+        let paths = trmx_certs::CertPaths::from_prefix(&dir.path().join("broker-ahead"));
+        let spec = trmx_certs::IssueSpec::broker(
+            "test-1",
+            vec!["localhost".to_owned()],
+            vec![std::net::IpAddr::from([127, 0, 0, 1])],
+        );
+        let info = pki
+            .federation
+            .ca
+            .issue_at(&spec, &paths, true, now + ahead)?;
+        let mut tls = pki.tls.clone();
+        tls.cert = paths.cert;
+        tls.key = paths.key;
+        let mut config = test_config(dir.path().join("data"), tls);
+        config.limits.shutdown_grace = Duration::from_millis(200);
+        let config_file = dir.path().join("broker.toml");
+        std::fs::write(&config_file, config.to_toml()?)?;
+        let log = dir.path().join("broker.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_trmx-broker"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config_file)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env_remove("TRMX_BROKER_CONFIG")
+            .env("TRMX_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        anyhow::Ok((Process { child, log }, info))
+    };
+
+    let (mut broker, info) = start(Duration::from_secs(2 * 3600))?;
+    // (until it exits, or is ready: a start would not end by itself)
+    let status = loop {
+        if let Some(status) = broker.child.try_wait()? {
+            break Some(status);
+        }
+        if ready.exists() {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "it started: {}",
+        broker.log()
+    );
+    assert!(
+        broker.log().starts_with(&format!(
+            "trmx-broker: config: tls.cert: the broker certificate {} \
+             (spiffe://trm.test/broker/test-1, serial {}): it is not valid before {}, and \
+             this machine's clock says ",
+            dir.path().join("broker-ahead.pem").display(),
+            info.serial_hex,
+            trmx_certs::format_time(info.not_before)
+        )),
+        "{}",
+        broker.log()
+    );
+    assert!(
+        broker
+            .log()
+            .contains("or the CA machine's clock was ahead when it issued the certificate"),
+        "{}",
+        broker.log()
+    );
+    assert!(!ready.exists(), "a refused start is not ready");
+    drop(broker);
+
+    let (broker, _) = start(Duration::from_secs(8 * 60))?;
+    broker.ready_file(&ready).await?;
+    let warned = broker.line("it is not valid before ").await?;
+    assert!(warned.contains(" WARN "), "{warned}");
+    assert!(
+        warned.contains(" minute(s) earlier: either this clock is behind"),
+        "{warned}"
+    );
     Ok(())
 }
