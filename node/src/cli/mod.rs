@@ -334,6 +334,15 @@ async fn run_daemon(
     };
     let config = load_config(config_path, socket)?;
     init_logging(&config.log_filter().map_err(|e| CliError(e.to_string()))?);
+    // A certificate not valid yet fails every handshake with the broker: the rule of
+    // check-config (an error beyond minutes, a warning within). A config or certificate
+    // that cannot be read is left to the start, which says what is wrong.
+    if let Ok(core) = config.core_config()
+        && let Ok(info) = trmx_certs::CertInfo::from_pem_file(&core.tls.cert)
+        && let Some(warning) = not_valid_yet(&core.tls.cert, &info, std::time::SystemTime::now())?
+    {
+        tracing::warn!("{warning}");
+    }
     let node = RunningNode::start(&config, config.clock())
         .await
         .map_err(|e| CliError(format!("cannot start the node: {e}")))?;
@@ -491,14 +500,7 @@ fn check_config(
         eprintln!("warning: {warning}");
         warnings.push(warning);
     }
-    // Not valid yet by this clock: it passed in silence, though either this clock is behind
-    // or the CA machine's was ahead at issue, and then the broker refuses the certificate
-    // until its start. Which one cannot be told here: both are said; minutes only warn.
-    if let Some(not_yet) = info.not_valid_yet(now, "the broker") {
-        let said = format!("tls.cert: {}: {}", core.tls.cert.display(), not_yet.message);
-        if !not_yet.warn_only {
-            return fail(said);
-        }
+    if let Some(said) = not_valid_yet(&core.tls.cert, &info, now)? {
         eprintln!("warning: {said}");
         warnings.push(said);
     }
@@ -587,6 +589,26 @@ fn check_config(
     );
     let _ = writeln!(stdout, "# config OK: {}", config_path.display());
     Ok(())
+}
+
+/// The node certificate (at `cert`) not valid yet by this clock, for `run` and
+/// `check-config` alike: it passed in silence, though either this clock is behind or the
+/// CA machine's was ahead at issue, and then the broker refuses the certificate until its
+/// start. Which one cannot be told here: both are said. Within
+/// [`trmx_certs::NOT_VALID_YET_WARN`] it is a warning (returned); further, an error.
+fn not_valid_yet(
+    cert: &Path,
+    info: &trmx_certs::CertInfo,
+    now: std::time::SystemTime,
+) -> Result<Option<String>, CliError> {
+    let Some(not_yet) = info.not_valid_yet(now, "the broker") else {
+        return Ok(None);
+    };
+    let said = format!("tls.cert: {}: {}", cert.display(), not_yet.message);
+    if !not_yet.warn_only {
+        return fail(said);
+    }
+    Ok(Some(said))
 }
 
 /// Whether this user can make and use the directory `dir` (of the config's `field`): it

@@ -1987,3 +1987,89 @@ fn a_socket_directory_the_node_may_not_write_is_named() {
         )
     );
 }
+
+/// `run` started with a node certificate hours from valid (by this clock), and the broker
+/// refused every handshake; only `check-config` said it. It is refused now with
+/// check-config's message, naming both clocks; minutes ahead start with a warning.
+#[test]
+fn run_refuses_a_node_certificate_not_valid_yet_and_warns_within_minutes() {
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let ca = trmx_certs::Ca::open(&sandbox.path().join("pki").join("ca")).expect("ca");
+    let c = &sandbox.config;
+    let paths = trmx_certs::CertPaths {
+        cert: c.tls.cert.clone(),
+        key: c.tls.key.clone(),
+    };
+    let ready = sandbox.path().join("ready");
+    // Runs the node until it exits or is ready (then stopped with SIGTERM): whether it
+    // became ready, and its output.
+    let start = |ahead: Duration| {
+        let spec = trmx_certs::IssueSpec::participant("NL-NRM");
+        let at = std::time::SystemTime::now() + ahead;
+        let info = ca.issue_at(&spec, &paths, true, at).expect("issue");
+        let _ = std::fs::remove_file(&ready);
+        let mut child = trmx_node()
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn trmx-node run");
+        let became_ready = loop {
+            if child.try_wait().expect("try_wait").is_some() {
+                break false;
+            }
+            if std::fs::read_to_string(&ready).is_ok_and(|s| s.ends_with('\n')) {
+                let killed = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status()
+                    .expect("kill");
+                assert!(killed.success());
+                break true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (
+            became_ready,
+            child.wait_with_output().expect("output"),
+            info,
+        )
+    };
+
+    let (became_ready, output, info) = start(Duration::from_secs(2 * 3600));
+    assert!(!became_ready, "it started: {}", stderr(&output));
+    let line = assert_one_line_failure(&output);
+    assert!(
+        line.contains(&format!(
+            "tls.cert: {}: it is not valid before {}, and this machine's clock says ",
+            c.tls.cert.display(),
+            trmx_certs::format_time(info.not_before)
+        )),
+        "{line}"
+    );
+    assert!(
+        line.contains(
+            "or the CA machine's clock was ahead when it issued the certificate (the broker \
+             would refuse it until "
+        ),
+        "{line}"
+    );
+
+    let (became_ready, output, _) = start(Duration::from_secs(8 * 60));
+    assert!(became_ready, "{}", stderr(&output));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let said = stderr(&output);
+    let warned = said
+        .lines()
+        .find(|l| l.contains("it is not valid before "))
+        .unwrap_or_else(|| panic!("no warning in {said}"));
+    assert!(warned.contains("WARN"), "{warned}");
+    assert!(
+        warned.contains(" minute(s) earlier: either this clock is behind"),
+        "{warned}"
+    );
+}
