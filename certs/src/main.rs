@@ -542,8 +542,10 @@ fn out_prefix(out: Option<PathBuf>, stem: &str) -> Result<PathBuf, CertError> {
         problem,
     };
     let last = out.components().next_back();
-    let names_dir = !matches!(last, Some(std::path::Component::Normal(_)));
+    // (`components` drops a trailing `.`: `d/.` ends in `Normal("d")`)
+    let names_dir = !matches!(last, Some(std::path::Component::Normal(_))) || text.ends_with("/.");
     if text.ends_with('/') || names_dir {
+        out_dir_usable(&out).map_err(invalid)?;
         return Ok(out.join(stem));
     }
     let extension = out
@@ -573,6 +575,59 @@ fn out_prefix(out: Option<PathBuf>, stem: &str) -> Result<PathBuf, CertError> {
         ))),
         Err(_) => Ok(out),
     }
+}
+
+/// Why `out`, a `--out` naming a directory, cannot be one to write the files in, if it
+/// cannot: a file there said "Not a directory", a dangling symbolic link "File exists"
+/// (when the directory was made). A directory that does not exist yet is made.
+fn out_dir_usable(out: &Path) -> Result<(), String> {
+    // (without its trailing `/`: `afile/` is "Not a directory" to the system)
+    let text = out.to_string_lossy();
+    let bare = match text.trim_end_matches('/') {
+        "" => return Ok(()),
+        bare => Path::new(bare),
+    };
+    let error = match std::fs::metadata(bare) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => {
+            return Err(format!(
+                "{} names a directory to write the files in, but it is a file (left as it \
+                 is): give a directory, or a path prefix that names no file",
+                out.display()
+            ));
+        }
+        Err(error) => error,
+    };
+    if error.kind() == std::io::ErrorKind::NotFound {
+        return match std::fs::read_link(bare) {
+            Ok(target) => {
+                // (a relative target is taken from the link's directory)
+                let at = match bare.parent() {
+                    Some(parent) if target.is_relative() => parent.join(&target),
+                    _ => target.clone(),
+                };
+                Err(format!(
+                    "{} is a symbolic link to {}, which does not exist: make that directory \
+                     (`mkdir -p {}`) or give another --out",
+                    out.display(),
+                    target.display(),
+                    shell_word(&at.display().to_string())
+                ))
+            }
+            // (made when the files are written)
+            Err(_) => Ok(()),
+        };
+    }
+    let why = if error.kind() == std::io::ErrorKind::NotADirectory {
+        "a part of its path is a file, not a directory".to_owned()
+    } else {
+        error.to_string()
+    };
+    Err(format!(
+        "cannot use {} as the directory to write the files in: {why}; give a directory that \
+         exists or can be made",
+        out.display()
+    ))
 }
 
 /// Opens the CA directory, key included, and warns if the CA nears its expiry.

@@ -1997,6 +1997,57 @@ mod cli {
         assert!(!d.join("INT-IOM.pem.pem").exists() && !d.join("x.KEY.key").exists());
     }
 
+    /// `--out d/.` was refused as an existing directory without the `/`, though `.` names
+    /// a directory as `/` does: it writes inside it now. `--out afile/` said "Not a
+    /// directory" and `--out dangling-link/` "File exists": each says what is wrong and
+    /// what to do, with nothing issued.
+    #[test]
+    fn out_naming_a_directory_that_cannot_be_one_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        std::fs::create_dir(d.join("existing")).unwrap();
+        let issue = ["issue", "node", "--dir", "ca", "--participant", "BE-PAYOKE"];
+        let printed = ok(&certs(d, &[&issue[..], &["--out", "existing/."]].concat()));
+        assert!(
+            printed.contains("certificate: existing/./BE-PAYOKE.pem"),
+            "{printed}"
+        );
+        assert!(d.join("existing/BE-PAYOKE.key").is_file());
+
+        std::fs::write(d.join("notes"), "kept").unwrap();
+        std::os::unix::fs::symlink("gone/certs", d.join("dangling")).unwrap();
+        let issued = list(d).len();
+        let issue = ["issue", "node", "--dir", "ca", "--participant", "NG-NAPTIP"];
+        let err = failed(&certs(d, &[&issue[..], &["--out", "notes/"]].concat()));
+        assert_eq!(
+            err,
+            "error: --out is invalid: notes/ names a directory to write the files in, but it \
+             is a file (left as it is): give a directory, or a path prefix that names no file"
+        );
+        let err = failed(&certs(d, &[&issue[..], &["--out", "notes/sub/"]].concat()));
+        assert_eq!(
+            err,
+            "error: --out is invalid: cannot use notes/sub/ as the directory to write the \
+             files in: a part of its path is a file, not a directory; give a directory that \
+             exists or can be made"
+        );
+        let err = failed(&certs(d, &[&issue[..], &["--out", "dangling/"]].concat()));
+        assert_eq!(
+            err,
+            "error: --out is invalid: dangling/ is a symbolic link to gone/certs, which does \
+             not exist: make that directory (`mkdir -p gone/certs`) or give another --out"
+        );
+        let err = failed(&certs(
+            d,
+            &["request", "--name", "NG-NAPTIP", "--out", "dangling/"],
+        ));
+        assert!(err.contains("is a symbolic link to gone/certs"), "{err}");
+        assert_eq!(list(d).len(), issued, "nothing issued");
+        assert_eq!(std::fs::read_to_string(d.join("notes")).unwrap(), "kept");
+        assert!(!d.join("gone").exists());
+    }
+
     /// `--out DIR` naming an existing directory wrote the files inside it, where `--out
     /// DIR-less-prefix` writes beside: `--out certs/NL` with a directory `certs/NL` there
     /// made `certs/NL/NL-NRM.pem`. `--out` is a prefix, or a directory when it ends in `/`;
