@@ -901,9 +901,15 @@ impl Ca {
     /// Revokes the certificate in `cert_pem_path` (it must have been signed by this CA):
     /// marks it revoked in the index and rewrites the CRL with the configured lifetime.
     /// Revoking twice is harmless (the CRL is rewritten, the first revocation time kept).
+    ///
+    /// The file is read under the CA lock: a `renew` running at the same time replaces
+    /// it, and the certificate revoked is the one the file holds then, not an older one
+    /// read while waiting for the lock (which left the renewed certificate valid).
     pub fn revoke(&self, cert_pem_path: &Path) -> Result<Revocation, CertError> {
+        self.check_can_sign_crl()?;
+        let lock = self.lock_dir()?;
         let info = self.verify_issued(cert_pem_path)?;
-        self.revoke_serial(&info.serial_hex, Some(&info))
+        self.revoke_serial_locked(&lock, &info.serial_hex, Some(&info))
     }
 
     /// Revokes a serial (hex, as `show` and `list` print it; any case, `:` and leading
@@ -972,9 +978,19 @@ impl Ca {
     ) -> Result<Revocation, CertError> {
         self.check_can_sign_crl()?;
         let lock = self.lock_dir()?;
+        self.revoke_serial_locked(&lock, serial, info)
+    }
+
+    /// [`Ca::revoke_serial`] under the CA lock taken already.
+    fn revoke_serial_locked(
+        &self,
+        lock: &DirLock,
+        serial: &str,
+        info: Option<&CertInfo>,
+    ) -> Result<Revocation, CertError> {
         let now = unix(SystemTime::now());
         let mut outcome = None;
-        self.update_index(&lock, |index| {
+        self.update_index(lock, |index| {
             let entry = match index.certs.iter_mut().find(|c| c.serial == serial) {
                 Some(entry) => {
                     let already_revoked = entry.revoked_at.is_some();
@@ -1005,7 +1021,7 @@ impl Ca {
         // rewritten even when already revoked: it repairs a CRL that a crash between the
         // index update and the CRL write left without this serial
         let next = Duration::from_secs(self.lock().crl_next_update_secs);
-        self.write_crl_after_revoking(&lock, next, std::slice::from_ref(&cert.serial))?;
+        self.write_crl_after_revoking(lock, next, std::slice::from_ref(&cert.serial))?;
         Ok(Revocation {
             cert,
             already_revoked,
@@ -1824,6 +1840,24 @@ mod tests {
         // the file a killed run leaves behind (its lock went with its process) blocks nobody
         std::fs::write(&lock_file, "pid 1 since long ago\n").unwrap();
         DirLock::acquire(dir.path(), Duration::ZERO).expect("a lock file nobody holds");
+    }
+
+    /// `revoke FILE` read the file before it took the CA lock: a `renew` of that file
+    /// while it waited for the lock left it revoking the certificate the renewal had just
+    /// replaced, and the new one valid. It reads the file under the lock: while another
+    /// run holds it, a file not there (yet) is the lock's error, not a read error. (It
+    /// waits [`LOCK_WAIT`] for the lock first.)
+    #[test]
+    fn revoke_reads_the_certificate_file_under_the_ca_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let ca = Ca::init(&ca_dir, &CaOptions::new("trm.example", "TRM Federation CA")).unwrap();
+        let held = DirLock::acquire(&ca_dir, Duration::ZERO).unwrap();
+        let e = ca.revoke(&dir.path().join("NL-NRM.pem")).unwrap_err();
+        assert!(matches!(e, CertError::Locked { .. }), "{e}");
+        drop(held);
+        let e = ca.revoke(&dir.path().join("NL-NRM.pem")).unwrap_err();
+        assert!(matches!(e, CertError::Io { .. }), "{e}");
     }
 
     #[test]
