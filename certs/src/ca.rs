@@ -1432,7 +1432,7 @@ impl DirLock {
                 Err(Errno::WOULDBLOCK) => {
                     let owner = std::fs::read_to_string(&path).unwrap_or_default();
                     return Err(CertError::Locked {
-                        owner: owner.trim().to_string(),
+                        owner: describe_owner(owner.trim()),
                         path,
                     });
                 }
@@ -1450,6 +1450,32 @@ impl DirLock {
             .and_then(|()| file.rewind())
             .and_then(|()| file.write_all(owner.as_bytes()));
         Ok(DirLock { _file: file })
+    }
+}
+
+/// What is known of the run holding the lock, from what the lock file says (`pid 1234
+/// since …`). The pid in it is the last run's to write it, which need not be the holder's:
+/// a run writes it only once it holds the lock, and the message named a long-gone earlier
+/// run's pid as the holder. A pid that is no longer running is said to be that.
+fn describe_owner(recorded: &str) -> String {
+    let pid = recorded
+        .strip_prefix("pid ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|pid| pid.parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw);
+    let Some(pid) = pid else {
+        return "its lock file names no process".to_string();
+    };
+    // (signal 0 only checks: EPERM is a process of another user, still running)
+    match rustix::process::test_kill_process(pid) {
+        Err(rustix::io::Errno::SRCH) => format!(
+            "its lock file says `{recorded}`, an earlier run that has ended: the run holding \
+             the lock now has not written its own pid yet"
+        ),
+        _ => format!(
+            "its lock file says `{recorded}`, a process still running unless that pid has \
+             been reused"
+        ),
     }
 }
 
@@ -1825,11 +1851,33 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "the CA directory is busy: {} is locked by another trmx-certs run ({}); retry \
-                 once it has finished",
+                "the CA directory is busy: {} is locked by another trmx-certs run (its lock \
+                 file says `{}`, a process still running unless that pid has been reused; \
+                 `fuser -v {0}` names the process that holds it); retry once it has finished",
                 lock_file.display(),
                 owner.trim()
             )
+        );
+        // The pid in the file is the last run's to write it: the holder writes its own only
+        // once it has the lock, and an earlier run's pid was named as the holder's.
+        let mut ended = std::process::Command::new("true").spawn().unwrap();
+        ended.wait().unwrap();
+        let earlier = format!("pid {} since long ago", ended.id());
+        std::fs::write(&lock_file, format!("{earlier}\n")).unwrap();
+        let e = DirLock::acquire(dir.path(), Duration::ZERO).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "(its lock file says `{earlier}`, an earlier run that has ended: the run \
+                 holding the lock now has not written its own pid yet; `fuser -v "
+            )),
+            "{e}"
+        );
+        std::fs::write(&lock_file, "").unwrap();
+        let e = DirLock::acquire(dir.path(), Duration::ZERO).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("(its lock file names no process; `fuser -v "),
+            "{e}"
         );
         // released on drop; a waiting run gets it once released
         let dir_path = dir.path().to_path_buf();

@@ -154,13 +154,14 @@ pub enum CertError {
     },
     /// Another run held the CA directory's lock for longer than [`crate::ca::LOCK_WAIT`].
     #[error(
-        "the CA directory is busy: {} is locked by another trmx-certs run ({owner}); retry once it has finished",
+        "the CA directory is busy: {0} is locked by another trmx-certs run ({owner}; `fuser -v {0}` names the process that holds it); retry once it has finished",
         path.display()
     )]
     Locked {
         /// The lock file.
         path: PathBuf,
-        /// What the lock file says about its owner (`pid 1234 since …`), or empty.
+        /// What is known of its holder: what the lock file says (`pid 1234 since …`, the
+        /// last run's to write it) and whether that process still runs.
         owner: String,
     },
     /// `init --force` failed part-way through moving the CA it replaces aside.
