@@ -69,6 +69,11 @@ async fn broken_tls_material_is_refused_at_start_naming_the_file() -> anyhow::Re
     node_cert.tls.key = node.key.clone();
     let mut foreign_crl = good.clone();
     foreign_crl.tls.crl = Some(other.crl_path());
+    // (a directory was "mode 0755 lets other users read or change it")
+    let key_dir = dir.path().join("keys");
+    std::fs::create_dir(&key_dir)?;
+    let mut dir_as_key = good.clone();
+    dir_as_key.tls.key = key_dir.clone();
 
     for (what, config, file, problem) in [
         (
@@ -88,6 +93,12 @@ async fn broken_tls_material_is_refused_at_start_naming_the_file() -> anyhow::Re
             &foreign_crl,
             &other.crl_path(),
             "not issued by the CA",
+        ),
+        (
+            "a directory as the key",
+            &dir_as_key,
+            &key_dir,
+            "it is a directory, not a regular file: give the path of the private key file in ",
         ),
     ] {
         let error = start(config).await.expect_err(what).to_string();
