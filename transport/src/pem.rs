@@ -47,7 +47,9 @@ pub(crate) fn certs(
 
 /// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1). A file that other
 /// users may read (or its group write) is refused ([`trmx_certs::read_key_file`]): the
-/// key would not be secret, and a copy made with the wrong umask is the usual cause.
+/// key would not be secret, and a copy made with the wrong umask is the usual cause. So is
+/// one whose POSIX ACL lets others read it, and a path that is no regular file (a
+/// directory, or a FIFO, which is not waited on).
 pub(crate) fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
     let read = trmx_certs::read_key_file(path).map_err(|error| TransportError::Read {
         file: TlsFile::Key,
