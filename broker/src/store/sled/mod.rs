@@ -181,6 +181,9 @@ pub(super) struct Core {
     /// logged already: each is logged there once per process, not at every
     /// scrape (see `ops::Core::waiting`). At most `ops::DAMAGED_REMEMBERED`.
     damaged_logged: std::sync::Mutex<HashSet<u64>>,
+    /// The most records one batch transaction of `ops` read (tests only).
+    #[cfg(test)]
+    largest_batch: std::sync::atomic::AtomicUsize,
 }
 
 /// Everything behind a [`SledStore`]. Field order is drop order: the
@@ -261,6 +264,8 @@ impl SledStore {
             life: lifecycle,
             unleasable: Default::default(),
             damaged_logged: Default::default(),
+            #[cfg(test)]
+            largest_batch: Default::default(),
         });
         core.drop_unusable_payloads()
             .map_err(|e| open_err(e.to_string()))?;

@@ -13,9 +13,9 @@ use super::codec::{
     read_u64, seq_suffix,
 };
 use super::tx::{
-    BACKOFF, COUNTERS, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, QUEUE, RECORDS, TIMERS, Tx,
-    TxResult, abort, after, backoff, drop_payload, finish_keeping_payload, finish_without_payload,
-    index_entries, may_be_leased,
+    BACKOFF, COUNTERS, DEAD, LEASED, LEGACY_INFLIGHT, LEGACY_LEASES, PAYLOADS, QUEUE, RECORDS,
+    TIMERS, Tx, TxResult, abort, after, backoff, drop_payload, finish_keeping_payload,
+    finish_without_payload, index_entries, may_be_leased,
 };
 use crate::store::{
     Accepted, AckResult, Leased, Millis, NewMessage, PurgeResult, QueueStats, RedriveResult,
@@ -38,6 +38,14 @@ const TICK_BATCH: usize = 256;
 pub(crate) const MAX_TIMERS_PER_TICK: usize = 4 * TICK_BATCH;
 /// Leases requeued per transaction by `recover`.
 const RECOVER_BATCH: usize = 256;
+/// Bytes of stored records (and payloads) one transaction of a batch reads, at
+/// most, or one record when larger: sled holds every value a transaction read
+/// until it commits, and a record carries its payload, so a batch of 256
+/// messages of `max_envelope_bytes` would be held at once (2 GiB at the
+/// default 8 MiB; 16 GiB at its ceiling). Applies to `tick`, the requeues of
+/// `recover` and of a closed stream, `shorten_backoffs`, and
+/// [`Core::drop_unusable_payloads`].
+const BATCH_READ_BYTES: u64 = 16 << 20;
 
 pub(super) fn storage(e: ::sled::Error) -> StoreError {
     StoreError::Unavailable(format!("storage error: {e}"))
@@ -95,6 +103,31 @@ impl Core {
 
     /// The stored `record` with its lease, if it has one (for scans; see
     /// [`Self::load`] for reads of one record outside the writer thread).
+    /// The bytes a transaction holds once it has read record `seq`: the record
+    /// (with its payload) and a payload of the older format beside it. Read
+    /// outside any transaction, one at a time, to cut a batch at
+    /// [`BATCH_READ_BYTES`].
+    fn stored_bytes(&self, seq: u64) -> Result<u64, StoreError> {
+        let key = seq.to_be_bytes();
+        let mut bytes = 0;
+        for tree in [RECORDS, PAYLOADS] {
+            if let Some(value) = self.tree(tree).get(key).map_err(storage)? {
+                bytes += value.len() as u64;
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Notes a batch of `len` records read by one transaction (tests check that a
+    /// batch stops at [`BATCH_READ_BYTES`]).
+    fn note_batch(&self, len: usize) {
+        #[cfg(test)]
+        self.largest_batch
+            .fetch_max(len, std::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(test))]
+        let _ = len;
+    }
+
     fn with_lease(&self, record: Record) -> Result<Record, StoreError> {
         if !may_be_leased(&record) {
             return Ok(record);
@@ -249,6 +282,7 @@ impl Core {
                 None => self.tree(BACKOFF).iter(),
             };
             let mut batch = Vec::with_capacity(RECOVER_BATCH);
+            let mut bytes = 0;
             for key in range.keys() {
                 let key = key.map_err(storage)?;
                 if after_key.as_deref() == Some(&key[..]) {
@@ -258,14 +292,16 @@ impl Core {
                 // (a key that cannot be read is left to `store verify`)
                 if let Ok(seq) = seq_suffix(&key) {
                     batch.push(seq);
+                    bytes += self.stored_bytes(seq)?;
                 }
-                if batch.len() >= RECOVER_BATCH {
+                if batch.len() >= RECOVER_BATCH || bytes >= BATCH_READ_BYTES {
                     break;
                 }
             }
             if batch.is_empty() {
                 break;
             }
+            self.note_batch(batch.len());
             let (count, woken) = self.transact(|tx| {
                 let (mut count, mut woken) = (0, Wake::new());
                 for &seq in &batch {
@@ -328,6 +364,7 @@ impl Core {
         let mut after_key: Option<Vec<u8>> = None;
         loop {
             let mut batch = Vec::with_capacity(RECOVER_BATCH);
+            let mut bytes = 0;
             let range = match &after_key {
                 Some(k) => self.tree(tree).range(k.clone()..),
                 None => self.tree(tree).iter(),
@@ -359,13 +396,15 @@ impl Core {
                     continue;
                 }
                 batch.push((key, seq));
-                if batch.len() >= RECOVER_BATCH {
+                bytes += self.stored_bytes(seq)?;
+                if batch.len() >= RECOVER_BATCH || bytes >= BATCH_READ_BYTES {
                     break;
                 }
             }
             if batch.is_empty() {
                 break;
             }
+            self.note_batch(batch.len());
             let (count, woken) = self.transact(|tx| {
                 let mut count = Released::default();
                 let mut woken = Wake::new();
@@ -523,13 +562,36 @@ impl Core {
                 .chain(leases.into_iter().map(|(at, key)| (at, true, key)))
                 .filter(|(at, _, _)| *at <= cutoff)
                 .collect();
-            // (the leases fired now are a prefix of `due_leases`)
-            let fired = due.iter().filter(|(_, is_lease, _)| *is_lease).count();
-            due_leases.drain(..fired);
             // (a lease deadline goes first at the same millisecond, as the
             // `Lease` timer kind sorted first when leases were timers)
             due.sort_by_key(|(at, is_lease, _)| (*at, !*is_lease));
+            // at most `BATCH_READ_BYTES` of records in one transaction: what is
+            // cut off is still due, and comes next round (a timer stays in its
+            // tree; a lease deadline stays in `due_leases`)
+            let mut bytes = 0;
+            let mut keep = 0;
+            for (_, is_lease, key) in &due {
+                if keep > 0 && bytes >= BATCH_READ_BYTES {
+                    break;
+                }
+                let seq = if *is_lease {
+                    read_u64(key).ok()
+                } else {
+                    parse_timer_key(key).ok().map(|(_, _, seq)| seq)
+                };
+                // (a key that cannot be read reads no record: `fire` drops it)
+                if let Some(seq) = seq {
+                    bytes += self.stored_bytes(seq)?;
+                }
+                keep += 1;
+            }
+            due.truncate(keep);
+            // (the leases fired now are a prefix of `due_leases`: the sort is
+            // stable and keeps them in deadline order)
+            let fired = due.iter().filter(|(_, is_lease, _)| *is_lease).count();
+            due_leases.drain(..fired);
             applied += due.len();
+            self.note_batch(due.len());
             let (part, woken) = self.transact(|tx| {
                 let mut part = TickReport::default();
                 let mut woken = Wake::new();
@@ -1080,10 +1142,6 @@ pub(super) const UNUSABLE_PAYLOADS_DROPPED_KEY: &[u8] = b"unusable_payloads_drop
 
 /// Payloads deleted per transaction by [`Core::drop_unusable_payloads`], at most.
 const DROP_BATCH: usize = 256;
-/// Payload bytes one transaction of [`Core::drop_unusable_payloads`] reads, at most
-/// (or one payload, when larger): a transaction holds every value it read until it
-/// commits.
-const DROP_BATCH_BYTES: u64 = 16 << 20;
 
 /// What [`Core::drop_unusable_payloads`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -1109,7 +1167,7 @@ impl Core {
     ///
     /// Each dead letter is read first outside any transaction, one at a time,
     /// and only those whose payload goes are read again in one, at most
-    /// [`DROP_BATCH`] and [`DROP_BATCH_BYTES`] of them: a transaction holds
+    /// [`DROP_BATCH`] and [`BATCH_READ_BYTES`] of them: a transaction holds
     /// every value it read until it commits, and most dead letters keep their
     /// payload for a redrive (up to `limits.max_envelope_bytes` each), so
     /// batches of every dead letter held hundreds of them at once, gigabytes
@@ -1153,7 +1211,7 @@ impl Core {
                     continue;
                 }
             }
-            if batch.len() >= DROP_BATCH || batch_bytes >= DROP_BATCH_BYTES {
+            if batch.len() >= DROP_BATCH || batch_bytes >= BATCH_READ_BYTES {
                 self.drop_payloads_of(&std::mem::take(&mut batch), &mut done)?;
                 batch_bytes = 0;
             }
@@ -2434,6 +2492,110 @@ mod tests {
         s.close().await.unwrap();
     }
 
+    /// sled holds every value a transaction read until it commits, and a record carries
+    /// its payload: the batches of a tick, of a closed stream's requeue, of `recover`'s
+    /// requeue and of its backoff shortening each read up to 256 records in one
+    /// transaction, 2 GiB of large messages at the default `max_envelope_bytes`. Each now
+    /// stops at `BATCH_READ_BYTES` of records, and still does all its work.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_large_messages_is_cut_at_its_byte_budget() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let most = BATCH_READ_BYTES as usize / LARGE + 1;
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir.path());
+        let large = |expires_at: Millis| {
+            let mut m = message(&be);
+            m.payload = bytes::Bytes::from(vec![7u8; LARGE]);
+            m.payload_sha256 = sha256(&m.payload);
+            m.expires_at = expires_at;
+            m
+        };
+        let largest = |s: &SledStore| {
+            s.inner
+                .core
+                .largest_batch
+                .swap(0, std::sync::atomic::Ordering::Relaxed)
+        };
+        let mut ids = Vec::new();
+        for _ in 0..N {
+            let m = large(NOW + 24 * 3600 * 1000);
+            ids.push(m.message_id);
+            s.submit(m, NOW).await.unwrap();
+        }
+        largest(&s);
+
+        // a closed stream: every delivery a failed attempt, backing off
+        let leased = s.lease(&be, StreamId(1), N, u64::MAX, NOW).await.unwrap();
+        assert_eq!(leased.len(), N);
+        let released = s
+            .release_stream(&be, StreamId(1), StreamEnd::Recipient, NOW)
+            .await
+            .unwrap();
+        assert_eq!(released.requeued, N as u64, "{released:?}");
+        let batch = largest(&s);
+        assert!(
+            (1..=most).contains(&batch),
+            "the stream's requeue read {batch} records at once"
+        );
+
+        // a start with the clock an hour behind: every backoff brought forward
+        let (shortened, _) = s.inner.core.shorten_backoffs(NOW - 3_600_000).unwrap();
+        assert_eq!(shortened, N as u64);
+        let batch = largest(&s);
+        assert!(
+            (1..=most).contains(&batch),
+            "the backoffs' shortening read {batch} records at once"
+        );
+
+        // their backoffs end: a tick makes them due
+        let later = NOW + 3_600_000;
+        let due = s.tick(later).await.unwrap();
+        assert_eq!(due.woken, vec![be.clone()], "{due:?}");
+        let batch = largest(&s);
+        assert!(
+            (1..=most).contains(&batch),
+            "a tick read {batch} records at once"
+        );
+
+        // a restart with all of them in flight: all due again
+        let leased = s.lease(&be, StreamId(2), N, u64::MAX, later).await.unwrap();
+        assert_eq!(leased.len(), N);
+        largest(&s);
+        assert_eq!(s.recover(later).await.unwrap(), N as u64);
+        let batch = largest(&s);
+        assert!(
+            (1..=most).contains(&batch),
+            "the restart's requeue read {batch} records at once"
+        );
+
+        // a tick expiring them all, half of them in flight
+        let end = NOW + 24 * 3600 * 1000;
+        let leased = s
+            .lease(&be, StreamId(3), N / 2, u64::MAX, end - 1_000)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), N / 2);
+        largest(&s);
+        let expired = s.tick(end).await.unwrap();
+        assert_eq!(expired.expired, N as u64, "{expired:?}");
+        assert_eq!(expired.expired_in_flight.len(), N / 2, "{expired:?}");
+        let batch = largest(&s);
+        assert!(
+            (1..=most).contains(&batch),
+            "a tick read {batch} records at once"
+        );
+        for id in ids {
+            let status = s.status(&message(&be).sender, id).await.unwrap().unwrap();
+            assert_eq!(status.state, State::Expired);
+        }
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
     /// A tick that fails in a later batch (one whose message's counters cannot be read,
     /// after a full batch of expiries) reports what its committed first batch did: every
     /// expiry, the lease that expired in flight among them (its stream frees the slot).
@@ -2778,7 +2940,7 @@ mod tests {
     }
 
     /// The one-time deletion of unusable payloads reads in its transactions only the
-    /// records whose payload goes, and at most `DROP_BATCH_BYTES` of payload each (one
+    /// records whose payload goes, and at most `BATCH_READ_BYTES` of payload each (one
     /// payload more): a transaction holds what it read until it commits, and dead letters
     /// kept for a redrive may be many and large. Every unusable payload still goes, and
     /// every redrivable one stays.
@@ -2787,9 +2949,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
         const LARGE: usize = 1 << 20;
-        // (more than `DROP_BATCH_BYTES` of rejected messages, and as much kept for a
+        // (more than `BATCH_READ_BYTES` of rejected messages, and as much kept for a
         // redrive, between them expired receipts: in seq order, as `dead` is read)
-        let each = (DROP_BATCH_BYTES as usize / LARGE) + 4;
+        let each = (BATCH_READ_BYTES as usize / LARGE) + 4;
         let seqs = s
             .inner
             .core
@@ -2813,8 +2975,8 @@ mod tests {
         let done = s.inner.core.drop_unusable_payloads().unwrap();
         assert_eq!(done.dropped, 2 * each as u64, "{done:?}");
         assert!(
-            done.most_bytes_held <= DROP_BATCH_BYTES + LARGE as u64,
-            "a transaction of the deletion held {} payload bytes (at most {DROP_BATCH_BYTES} \
+            done.most_bytes_held <= BATCH_READ_BYTES + LARGE as u64,
+            "a transaction of the deletion held {} payload bytes (at most {BATCH_READ_BYTES} \
              and one payload expected)",
             done.most_bytes_held
         );
