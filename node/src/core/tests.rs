@@ -3843,6 +3843,112 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// An entry settled from the broker's status while its receipt was merely late: the
+    /// receipt, when it comes, finds the entry as it would have left it, changes nothing
+    /// and is no contradiction (no WARN, no `contradicted_by`), whatever the final state;
+    /// and an expired or dead-lettered one the operator redrives since is still moved to
+    /// `DELIVERED` by its delivery receipt.
+    #[tokio::test]
+    async fn a_late_receipt_after_a_settle_from_the_status_is_no_contradiction() {
+        let logs = LogCapture::start();
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        // (the broker's state, its reason code, the receipt its sender gets)
+        let cases = [
+            (pb::MessageState::Acknowledged, "", pb::Outcome::Delivered),
+            (pb::MessageState::Expired, "EXPIRED", pb::Outcome::Expired),
+            (
+                pb::MessageState::DeadLettered,
+                "MAX_ATTEMPTS",
+                pb::Outcome::DeadLettered,
+            ),
+            (
+                pb::MessageState::DeadLettered,
+                "INVALID_BODY",
+                pb::Outcome::RejectedByRecipient,
+            ),
+            (pb::MessageState::Purged, "PURGED", pb::Outcome::Purged),
+        ];
+        let mut sent = Vec::new();
+        for (n, _) in cases.iter().enumerate() {
+            let entry = nl
+                .send(request(&format!("k-{n}"), "BE-PAYOKE", referral()))
+                .await
+                .unwrap();
+            until("it is submitted", || async {
+                state_of(&nl, entry.message_id).await.map(|e| e.state)
+                    == Some(OutboxState::Submitted)
+            })
+            .await;
+            sent.push(entry.message_id);
+        }
+        // (the broker's time of the final state, as its receipt carries it)
+        let changed_at = to_timestamp(UNIX_EPOCH + Duration::from_secs(START + 60));
+        {
+            let mut st = broker.lock();
+            for (id, (state, reason, _)) in sent.iter().zip(&cases) {
+                st.status_of.insert(
+                    id.to_string(),
+                    pb::MessageStatus {
+                        message_id: id.to_string(),
+                        state: *state as i32,
+                        reason_code: (*reason).to_owned(),
+                        state_changed_at: Some(changed_at),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        clock.advance(Duration::from_secs(1));
+        until("all are settled from the status", || async {
+            let mut settled = true;
+            for id in &sent {
+                settled &=
+                    state_of(&nl, *id).await.map(|e| e.state) != Some(OutboxState::Submitted);
+            }
+            settled
+        })
+        .await;
+        for (id, (_, reason, outcome)) in sent.iter().zip(&cases) {
+            let before = state_of(&nl, *id).await.unwrap();
+            let late = receipt_envelope("NL-NRM", *id, *outcome, reason);
+            let effect = apply(&nl, late).await;
+            assert!(
+                matches!(effect, ReceiptEffect::Ignored(_)),
+                "{outcome:?}: {effect:?}"
+            );
+            let after = state_of(&nl, *id).await.unwrap();
+            assert_eq!(after.state, before.state, "{outcome:?}");
+            assert_eq!(
+                after.failure.as_ref().map(|f| f.outcome.clone()),
+                before.failure.as_ref().map(|f| f.outcome.clone()),
+                "{outcome:?}"
+            );
+            assert!(after.contradicted_by.is_empty(), "{outcome:?}: {after:?}");
+            if matches!(outcome, pb::Outcome::Expired | pb::Outcome::DeadLettered) {
+                // (redriven by an operator since, and delivered)
+                let receipt = receipt_envelope("NL-NRM", *id, pb::Outcome::Delivered, "");
+                let effect = apply(&nl, receipt).await;
+                assert!(
+                    matches!(effect, ReceiptEffect::Moved(OutboxState::Delivered)),
+                    "{outcome:?}: {effect:?}"
+                );
+            }
+        }
+        let warned = logs.lines_with(&["WARN"]);
+        assert!(
+            sent.iter()
+                .all(|id| !warned.iter().any(|l| l.contains(&id.to_string()))),
+            "{warned:#?}"
+        );
+        nl.shutdown().await;
+    }
+
     /// A broker that keeps answering the outbox check about another message gets the
     /// entry submitted again a bounded number of times over the entry's life, not at
     /// every check for ever; then the entry stays SUBMITTED, its record says why, and the
