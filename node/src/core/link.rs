@@ -2064,11 +2064,11 @@ async fn check_one(
                 // The count on disk before the submit: a crash after a submit whose
                 // count was not flushed would count it again from the number before,
                 // one more resubmit per crash beyond the bound.
-                inner.store.flush_async().await?;
+                count_flushed(inner, id).await?;
                 warn!(participant = %me, message_id = %id, "the broker answered a status request about another message: submitting this one again (the broker keeps one copy of a message submitted twice)");
             }
             OtherAnswer::BoundReached => {
-                inner.store.flush_async().await?;
+                count_flushed(inner, id).await?;
                 warn!(participant = %me, message_id = %id, resubmits = MAX_RESUBMITS_ON_OTHER_ANSWERS, "the broker keeps answering status requests about this message with another message: it was submitted again as often as the node does, and stays submitted until its receipt comes (ask the broker's operator why)");
                 return Ok(());
             }
@@ -2167,6 +2167,22 @@ async fn check_one(
         .blocking(move || store.mark_lost(id, failure, &error, now))
         .await?;
     inner.store.flush_async().await
+}
+
+/// Flushes the count of resubmits after status answers about another message that
+/// `count_other_answer` just raised for `id`; when the flush fails, takes the count back
+/// (no resubmit, no WARN follows it): counted, every round of a disk that fails for a
+/// while would use the bound up without a single submit, and the entry, perhaps lost by
+/// the broker, would stay `SUBMITTED` for good once the disk is back.
+async fn count_flushed(inner: &Arc<Inner>, id: MessageId) -> Result<(), NodeError> {
+    let Err(e) = inner.store.flush_async().await else {
+        return Ok(());
+    };
+    let store = inner.store.clone();
+    inner
+        .blocking(move || store.uncount_other_answer(id))
+        .await?;
+    Err(e)
 }
 
 /// The outcome a status answer's final state reports, as the broker's receipt of it

@@ -1342,6 +1342,16 @@ impl Store {
         Ok(verdict.get())
     }
 
+    /// Takes back the last [`Self::count_other_answer`] of `id`, whose count could not
+    /// be flushed: its resubmit (or the WARN that the bound is reached) did not follow.
+    pub(crate) fn uncount_other_answer(&self, id: MessageId) -> Result<(), NodeError> {
+        self.update_out(id, |rec| {
+            rec.other_answers = rec.other_answers.saturating_sub(1);
+            Ok(true)
+        })?;
+        Ok(())
+    }
+
     /// Records that a `SUBMITTED` entry was submitted again (the broker had
     /// lost it); the state stays `SUBMITTED`.
     pub(crate) fn note_resubmitted(&self, id: MessageId, note: &str) -> Result<(), NodeError> {

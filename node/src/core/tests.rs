@@ -4026,6 +4026,51 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A check whose count of resubmits cannot be flushed submits nothing, and counts
+    /// nothing either: once the store can be flushed again, the entry is submitted again
+    /// as the bound allows. Counted, the rounds of a disk failing for a while (10 rounds:
+    /// 100 min at the default interval) would use the bound up without a single submit,
+    /// and the entry, perhaps lost by the broker, would stay `SUBMITTED` for good, its
+    /// record saying that it was submitted again and again.
+    #[tokio::test]
+    async fn a_resubmit_whose_count_could_not_be_flushed_is_not_counted() {
+        let logs = LogCapture::start();
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sent = submitted_referral(&nl).await;
+        let submits = broker.lock().submits_arrived;
+        let faults = nl.store_faults();
+        faults.set_failing(true);
+        broker.lock().status_answers_for = Some(MessageId::new_v7().to_string());
+        clock.advance(Duration::from_secs(1));
+        let max = super::super::link::MAX_RESUBMITS_ON_OTHER_ANSWERS as usize;
+        until(
+            "more rounds stop at the flush than the bound allows resubmits",
+            || async {
+                logs.lines_with(&["WARN", "outbox check stopped", &sent.message_id.to_string()])
+                    .len()
+                    > max + 2
+            },
+        )
+        .await;
+        assert_eq!(broker.lock().submits_arrived, submits);
+        faults.set_failing(false);
+        until(
+            "it is submitted again once the store can be flushed",
+            || async { broker.lock().submits_arrived > submits },
+        )
+        .await;
+        let entry = state_of(&nl, sent.message_id).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Submitted);
+        assert_eq!(entry.submit_attempts, 2, "{entry:?}");
+        nl.shutdown().await;
+    }
+
     /// A resubmit after a status answer about another message that the broker refuses
     /// for good (here: its expiry passed) does not end the entry FAILED: the broker never
     /// said it does not hold the message, and FAILED would have the user send it again
