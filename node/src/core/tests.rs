@@ -6808,6 +6808,44 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A registry refresh the broker never answers holds no send for good: the one refresh
+    /// gives up at its bound, and it and the sends that waited for it answer with the
+    /// cached registry's refusal, one `GetInfo` made for all of them.
+    #[tokio::test]
+    async fn sends_waiting_for_a_registry_refresh_the_broker_never_answers_are_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
+        until("NL knows the registry", || async {
+            nl.inner.cached_participants().is_some()
+        })
+        .await;
+        let before = broker.lock().get_info_arrived;
+        // (held to the end: the broker never answers)
+        let _held = broker.get_info_hold.lock().await;
+        let sends: Vec<_> = (0..4)
+            .map(|n| {
+                let nl = nl.clone();
+                tokio::spawn(async move {
+                    nl.send(request(&format!("k-{n}"), "XX-NOPE", referral()))
+                        .await
+                })
+            })
+            .collect();
+        for send in sends {
+            match send.await.unwrap() {
+                Err(NodeError::Invalid(e)) => assert_eq!(e.field, "recipient", "{e}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(broker.lock().get_info_arrived, before + 1);
+        assert!(nl.outbox(&ListFilter::default()).await.unwrap().is_empty());
+        nl.shutdown().await;
+    }
+
     /// A node killed after the broker accepted a submit but before it recorded the
     /// answer (submit_attempts still 0, the entry QUEUED) restarts while the broker is
     /// out of reach. Withdrawing does not say "done" while the broker may hold the
