@@ -578,6 +578,65 @@ async fn an_invalid_json_body_is_refused_at_send_with_the_field_path_and_nothing
 }
 
 /// Submits `env` through a hand-made client.
+/// A stored message that the real broker delivers again, after a restart of the broker,
+/// compares equal field for field with what the recipient's node stored: a JSON body
+/// under a content type with spaces and another parameter, `PRIORITY_UNSPECIFIED` (the
+/// broker hands it out as `NORMAL`) and a `created_at` finer than the millisecond (the
+/// broker keeps milliseconds). Taken for other content, it would be rejected
+/// (`DUPLICATE_MESSAGE_ID`) and dead-lettered, its sender told that a message stored
+/// here never arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_message_redelivered_by_a_restarted_broker_is_the_same_field_for_field()
+-> TestResult {
+    let mut h = Harness::new().await?;
+    h.start_broker().await?;
+    let (mut be_process, _) =
+        start_node_process(&h, BE, &[(FAILPOINT_ENV, "inbox-after-store")]).await?;
+    // NG-NAPTIP runs no node: a hand-made client with its certificate.
+    let mut ng = h.exchange(NG)?;
+    let mut env = envelope(BE, Kind::Referral, REFERRAL.as_bytes().to_vec());
+    env.content_type = "application/json ;  proto=trmx.v1.Referral ; charset=utf-8".to_owned();
+    env.priority = pb::Priority::Unspecified as i32;
+    if let Some(created) = env.created_at.as_mut() {
+        created.nanos = 123_456_789;
+    }
+    let id = submit(&mut ng, env).await?;
+    let (be_process_after, exit) = tokio::task::spawn_blocking(move || {
+        let exit = be_process.wait_exit(WAIT);
+        (be_process, exit)
+    })
+    .await?;
+    drop(be_process_after);
+    assert_eq!(
+        exit?.signal(),
+        Some(SIGABRT),
+        "the node must die at the fail point"
+    );
+    h.restart_broker().await?;
+    let ng = h.exchange(NG)?;
+    let (be_process, mut be) = start_node_process(&h, BE, &[]).await?;
+    let status = wait_until(WAIT, "the broker to have it acknowledged", || {
+        let mut ng = ng.clone();
+        let id = id.clone();
+        async move {
+            let status = broker_status(&mut ng, &id).await?;
+            Ok((broker_state(&status) != pb::MessageState::InFlight
+                && broker_state(&status) != pb::MessageState::Accepted)
+                .then_some(status))
+        }
+    })
+    .await?;
+    assert_eq!(
+        broker_state(&status),
+        pb::MessageState::Acknowledged,
+        "{status:?}"
+    );
+    assert_eq!(status.attempts, 2, "{status:?}");
+    assert_eq!(inbox_ids(&mut be).await?, [id.as_str()]);
+    assert!(stop_process(be_process).await?, "node stops cleanly");
+    h.shutdown().await
+}
+
 async fn submit(exchange: &mut Exchange, env: pb::Envelope) -> anyhow::Result<String> {
     let id = env.message_id.clone();
     exchange
