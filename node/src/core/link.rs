@@ -1941,7 +1941,8 @@ pub(crate) const MAX_RESUBMITS_ON_OTHER_ANSWERS: u32 = 10;
 /// byte, so that it still arrives; one whose body is already erased becomes
 /// `FAILED` (`lost-by-broker`). Nothing is lost silently either way. One the broker
 /// holds as withdrawn (a withdrawal whose answer never came back) is withdrawn here
-/// too ([`withdrawn_on_broker`]).
+/// too ([`withdrawn_on_broker`]); one it holds in another final state is settled as its
+/// receipt would have settled it ([`settled_on_broker`]).
 ///
 /// Each round asks about at most [`CHECK_BATCH`] entries, those checked
 /// longest ago first, so that a long outbox (a recipient offline for days)
@@ -2001,8 +2002,9 @@ pub(crate) async fn outbox_check_loop(
     }
 }
 
-/// Asks the broker about one `SUBMITTED` entry and, when the broker does not
-/// know it, submits it again (or marks it `FAILED` when that is impossible). When the
+/// Asks the broker about one `SUBMITTED` entry: settles it when the broker holds it
+/// withdrawn or in another final state and, when the broker does not know it, submits
+/// it again (or marks it `FAILED` when that is impossible). When the
 /// broker answered about another message instead, it is submitted again too, but never
 /// marked `FAILED`: the broker may hold it (a refusal of that submit is noted, and the
 /// entry waits for its receipt).
