@@ -1317,7 +1317,7 @@ pub(crate) async fn store_receipt(
     match effect {
         // (once per message and outcome: its record keeps that it was said)
         ReceiptEffect::Contradicted { state, first: true } => {
-            warn!(participant = %me, message_id = %original, outcome = %outcome, state = %state, "a receipt contradicts the first final report of this message (a broken broker, or a damaged broker store): the first report stands, the entry is unchanged");
+            warn!(participant = %me, message_id = %original, outcome = %outcome, state = %state, "a report of the broker (a receipt, or its status) contradicts the first final report of this message (a broken broker, or a damaged broker store): the first report stands and keeps the entry's state; the entry lists the contradiction (`trmx-node show`)");
         }
         ReceiptEffect::Contradicted {
             state,
