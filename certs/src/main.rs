@@ -382,7 +382,8 @@ fn run(cli: Cli) -> Result<(), CertError> {
                     let request = CertRequest::from_pem_file(&csr)?;
                     print_request(&request);
                     let renewal = ca.renew_for_request(&cert, &request, validity_days)?;
-                    warn_stale_key(&CertPaths::for_cert(&cert).key);
+                    let key = CertPaths::for_cert(&cert).key;
+                    warn_stale_key(&key, &cert, &renewal.new, true);
                     (renewal, None)
                 }
                 None => {
@@ -458,7 +459,7 @@ fn issue(what: IssueCommand) -> Result<(), CertError> {
     let key = request.is_none().then_some(paths.key.as_path());
     print_written(&paths.cert, key, &info);
     if request.is_some() {
-        warn_stale_key(&paths.key);
+        warn_stale_key(&paths.key, &paths.cert, &info, replaced.is_some());
     }
     if let Some(old) = &replaced {
         print_replaced(&ca, old);
@@ -701,16 +702,66 @@ fn print_written(cert: &Path, key: Option<&Path>, info: &CertInfo) {
     outln!("  not after:   {}", format_time(info.not_after));
 }
 
-/// After a certificate issued to a request replaced one whose key the CA had made: that key
-/// file no longer belongs to the certificate beside it.
-fn warn_stale_key(key: &Path) {
-    if key.exists() {
-        eprintln!(
-            "warning: {} is the key of the certificate this one replaced and does not match \
-             it: delete it, and do not send it anywhere",
-            key.display()
-        );
+/// After a certificate issued to a request was written to `cert`: a key file beside it
+/// (`key`) that is not the request's key does not belong to it, and a node given the two
+/// together cannot start. It warned whenever the file was there, saying it was the key of a
+/// replaced certificate: also when the request had been made in that directory (the key
+/// is the certificate's own) and when nothing was replaced. It warns only on a key that
+/// does not match, and says the replacement only when there was one (`replaced`).
+fn warn_stale_key(key: &Path, cert: &Path, info: &CertInfo, replaced: bool) {
+    let matches = match key_file_fingerprint(key) {
+        None => return,
+        Some(Ok(fingerprint)) => fingerprint == info.key_fingerprint,
+        Some(Err(why)) => {
+            eprintln!(
+                "warning: {} is beside the certificate just written to {} and could not be \
+                 compared with it ({why}): the certificate is for the key of the request; a \
+                 node needs that key, not this file",
+                key.display(),
+                cert.display()
+            );
+            return;
+        }
+    };
+    if matches {
+        return;
     }
+    let whose = if replaced {
+        "most likely the key of the certificate this one replaced"
+    } else {
+        "the key of no certificate written here (this issue replaced none)"
+    };
+    eprintln!(
+        "warning: {} does not match the certificate just written to {}, which is for the key \
+         of the request: it is {whose}, and a node given the two together cannot start; \
+         delete it unless another certificate uses it, and do not send it anywhere",
+        key.display(),
+        cert.display()
+    );
+}
+
+/// The fingerprint of the public key of the private key file at `key` (as
+/// [`CertInfo::key_fingerprint`] has it), `None` when there is no file there, an error
+/// saying why when it cannot be read as a key.
+fn key_file_fingerprint(key: &Path) -> Option<Result<String, String>> {
+    // (not a regular file, e.g. a FIFO, is not opened: it could block)
+    match std::fs::metadata(key) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(e.to_string())),
+        Ok(meta) if !meta.is_file() => return Some(Err("not a regular file".to_string())),
+        Ok(_) => {}
+    }
+    let pem = match std::fs::read_to_string(key) {
+        Ok(pem) => pem,
+        Err(e) => return Some(Err(e.to_string())),
+    };
+    Some(
+        rcgen::KeyPair::from_pem(&pem)
+            .map(|pair| {
+                trmx_certs::key_fingerprint(&rcgen::PublicKeyData::subject_public_key_info(&pair))
+            })
+            .map_err(|_| "not a private key in PEM".to_string()),
+    )
 }
 
 /// After `request --force` replaced the key of a certificate still in date: which

@@ -1741,7 +1741,71 @@ mod cli {
         ok(&out);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stderr.contains("BE-PAYOKE.key is the key of the certificate this one replaced"),
+            stderr.contains(
+                "warning: BE-PAYOKE.key does not match the certificate just written to \
+                 BE-PAYOKE.pem, which is for the key of the request: it is most likely the key \
+                 of the certificate this one replaced"
+            ),
+            "{stderr}"
+        );
+    }
+
+    /// `request` then `issue --csr` in one directory: the key beside the new certificate
+    /// is the request's own, and nothing was replaced, yet it warned that the key was that
+    /// of a replaced certificate, not matching, to be deleted. It says nothing of the key
+    /// then; a key beside it that is another's is warned about, without a replacement.
+    #[test]
+    fn issue_from_a_request_made_in_the_same_directory_keeps_quiet_about_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        ok(&certs(
+            d,
+            &["init", "--dir", "ca", "--trust-domain", "trm.example"],
+        ));
+        ok(&certs(d, &["request", "--name", "XX-TEST"]));
+        let issue = |participant: &str, csr: &str| {
+            certs(
+                d,
+                &[
+                    "issue",
+                    "node",
+                    "--dir",
+                    "ca",
+                    "--participant",
+                    participant,
+                    "--csr",
+                    csr,
+                ],
+            )
+        };
+        let out = issue("XX-TEST", "XX-TEST.csr");
+        ok(&out);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("warning"), "{stderr}");
+        // the pair works
+        let key = trmx_certs::load_key_pem(&d.join("XX-TEST.key")).unwrap();
+        let chain = load_certs_pem(&d.join("XX-TEST.pem")).unwrap();
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        // another's key beside the certificate, nothing replaced: warned, as what it is
+        std::fs::copy(d.join("XX-TEST.key"), d.join("YY-TEST.key")).unwrap();
+        ok(&certs(
+            &d.join("ca"),
+            &["request", "--name", "YY-TEST", "--out", "../yy"],
+        ));
+        let out = issue("YY-TEST", "yy.csr");
+        ok(&out);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "warning: YY-TEST.key does not match the certificate just written to \
+                 YY-TEST.pem, which is for the key of the request: it is the key of no \
+                 certificate written here (this issue replaced none)"
+            ),
             "{stderr}"
         );
     }
