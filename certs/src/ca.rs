@@ -465,7 +465,13 @@ impl Ca {
             retire_ca(dir)?
         } else {
             for p in [&cert_path, &key_path, &index_path] {
-                refuse_existing(p)?;
+                refuse_existing(p).map_err(|e| match e {
+                    CertError::AlreadyExists { path } => CertError::CaExists {
+                        path,
+                        dir: dir.to_path_buf(),
+                    },
+                    e => e,
+                })?;
             }
             None
         };

@@ -92,6 +92,38 @@ pub enum CertError {
         /// The existing file.
         path: PathBuf,
     },
+    /// `init` without `force` in a directory that holds a CA already. "use --force" was the
+    /// only hint, though `--force` puts a new CA in place of the one every certificate of
+    /// the federation was issued by.
+    #[error(
+        "refusing to overwrite {}: {} holds a federation CA already. For a successor CA (a CA rollover), give another --dir and another --name. `--force` replaces this CA with a new one: its files, key included, are moved into {}/replaced-<unix seconds>/, and no certificate it issued is valid under the new CA, so every broker and node then needs the new ca.pem and a certificate issued again",
+        path.display(),
+        dir.display(),
+        dir.display()
+    )]
+    CaExists {
+        /// The existing file of the CA.
+        path: PathBuf,
+        /// The CA directory.
+        dir: PathBuf,
+    },
+    /// `request` without `force` where its key or request file exists. "use --force" was
+    /// the only hint, though `--force` replaces the key, which a certificate beside it may
+    /// be using; a renewal wants its new key under another name.
+    #[error(
+        "refusing to overwrite {}: for a renewal, write the new key and request under another name with --out, leaving the key in use in place until the new certificate is back (`--out {}` names files that do not exist yet). `--force` replaces {} with a new key (after a key leak): a certificate in use with the old key cannot be used without it until a certificate for the new one is installed",
+        path.display(),
+        free_prefix.display(),
+        key.display()
+    )]
+    RequestExists {
+        /// The existing file.
+        path: PathBuf,
+        /// The key file `--force` would replace.
+        key: PathBuf,
+        /// A `--out` prefix whose key and request files do not exist.
+        free_prefix: PathBuf,
+    },
     /// An issue or renewal would write a certificate or key over one of the CA's own files.
     #[error(
         "refusing to write {}: it is the CA's own {} and would destroy the CA; choose another --out (or --key)",

@@ -191,7 +191,11 @@ impl CertRequest {
         if !force {
             for path in [&out.key, &out.request] {
                 if std::fs::symlink_metadata(path).is_ok() {
-                    return Err(CertError::AlreadyExists { path: path.clone() });
+                    return Err(CertError::RequestExists {
+                        path: path.clone(),
+                        key: out.key.clone(),
+                        free_prefix: free_prefix(out),
+                    });
                 }
             }
         }
@@ -406,6 +410,24 @@ fn key_in_use(key_path: &Path) -> Option<(PathBuf, crate::CertInfo)> {
         .then_some((cert_path, cert))
 }
 
+/// A path prefix beside `out`'s whose key and request files do not exist (`NL-NRM-2`, or
+/// the first free number after it): a name for a renewal's request to suggest. (Free when
+/// suggested; only a suggestion, the run it is given to checks again.)
+fn free_prefix(out: &RequestPaths) -> PathBuf {
+    let key = out.key.as_os_str().to_string_lossy();
+    let prefix = key.strip_suffix(".key").unwrap_or(&key);
+    let free = |candidate: &Path| {
+        let paths = RequestPaths::from_prefix(candidate);
+        [paths.key, paths.request]
+            .iter()
+            .all(|p| std::fs::symlink_metadata(p).is_err())
+    };
+    (2..100)
+        .map(|n| PathBuf::from(format!("{prefix}-{n}")))
+        .find(|candidate| free(candidate))
+        .unwrap_or_else(|| PathBuf::from(format!("{prefix}-new")))
+}
+
 /// Gives the key at `key_path` a second name, `<key>.replaced-<unix seconds>` (a hard
 /// link: same file, same mode), before a new key replaces it. `request --out NL-NRM
 /// --force` was refused while NL-NRM.pem was in date, even after it was revoked for a key
@@ -503,7 +525,7 @@ mod tests {
         );
         // never over existing files without force
         let err = CertRequest::create("NL-NRM", &out, false).unwrap_err();
-        assert!(matches!(err, CertError::AlreadyExists { .. }), "{err}");
+        assert!(matches!(err, CertError::RequestExists { .. }), "{err}");
     }
 
     /// Where no hard link can be made (vfat, some network mounts), `request --force` of a

@@ -1750,6 +1750,53 @@ mod cli {
         );
     }
 
+    /// `request` and `init` over existing files said only "(use --force)", where `--force`
+    /// is the destructive choice: it replaces the key in use, or the CA. `request` points to
+    /// `--out` first, with a name that is free; `init` says what `--force` destroys. Nothing
+    /// is changed by the refusals.
+    #[test]
+    fn refusals_of_request_and_init_name_the_safe_way_before_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_and_issue_node(d);
+        let key = std::fs::read(d.join("NL-NRM.key")).unwrap();
+        // (NL-NRM-2 taken: the first free name is suggested)
+        std::fs::write(d.join("NL-NRM-2.csr"), "").unwrap();
+        let err = failed(&certs(d, &["request", "--name", "NL-NRM"]));
+        assert_eq!(
+            err,
+            "error: refusing to overwrite NL-NRM.key: for a renewal, write the new key and \
+             request under another name with --out, leaving the key in use in place until the \
+             new certificate is back (`--out NL-NRM-3` names files that do not exist yet). \
+             `--force` replaces NL-NRM.key with a new key (after a key leak): a certificate in \
+             use with the old key cannot be used without it until a certificate for the new \
+             one is installed"
+        );
+        assert_eq!(std::fs::read(d.join("NL-NRM.key")).unwrap(), key);
+        assert!(!d.join("NL-NRM.csr").exists());
+        // the suggestion works
+        ok(&certs(
+            d,
+            &["request", "--name", "NL-NRM", "--out", "NL-NRM-3"],
+        ));
+
+        let ca_key = std::fs::read(d.join("ca/ca.key")).unwrap();
+        let err = failed(&certs(
+            d,
+            &["init", "--dir", "ca", "--trust-domain", "trm.example"],
+        ));
+        assert_eq!(
+            err,
+            "error: refusing to overwrite ca/ca.pem: ca holds a federation CA already. For a \
+             successor CA (a CA rollover), give another --dir and another --name. `--force` \
+             replaces this CA with a new one: its files, key included, are moved into \
+             ca/replaced-<unix seconds>/, and no certificate it issued is valid under the new \
+             CA, so every broker and node then needs the new ca.pem and a certificate issued \
+             again"
+        );
+        assert_eq!(std::fs::read(d.join("ca/ca.key")).unwrap(), ca_key);
+    }
+
     /// `request` then `issue --csr` in one directory: the key beside the new certificate
     /// is the request's own, and nothing was replaced, yet it warned that the key was that
     /// of a replaced certificate, not matching, to be deleted. It says nothing of the key
