@@ -76,7 +76,7 @@ fn read_key_file_as(path: &Path, me: u32, my_group: u32) -> std::io::Result<KeyF
     }
     // The mode bits do not show what an access ACL grants named users and groups (`ls -l`
     // shows only a `+`, the group bits its mask): a `0640` key may be readable by anyone.
-    if acl_grants_others(&file)? {
+    if acl_grants_others(&file, &metadata, me, my_group)? {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
@@ -143,9 +143,21 @@ fn not_a_regular_file(path: &Path, metadata: &std::fs::Metadata) -> std::io::Err
 }
 
 /// Whether `file` carries a POSIX access ACL (`system.posix_acl_access`) whose named user
-/// or group entries grant read or write access, once limited by its mask. A file without
-/// one, or on a file system without ACLs, has none.
-fn acl_grants_others(file: &std::fs::File) -> std::io::Result<bool> {
+/// or group entries grant others read or write access, once limited by its mask. A file
+/// without one, or on a file system without ACLs, has none.
+///
+/// The rule is the mode's: the owner and the user this runs as (`me`) are no others, and
+/// a group that may read the key by its mode (the file's group, `root:trmx 0640`) may by a
+/// named entry too (`setfacl -m g:trmx:r`), as may `my_group`; only its write counts. A
+/// root-owned key granted to the service's user by `setfacl -m u:trmx:r`, the ACL's way to
+/// write `root:trmx 0640`, was refused as readable by others.
+fn acl_grants_others(
+    file: &std::fs::File,
+    metadata: &std::fs::Metadata,
+    me: u32,
+    my_group: u32,
+) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
     // (the kernel's format, `posix_acl_xattr.h`: a version word, then entries of a tag,
     // permissions and an id; tags of named users and groups, and the mask)
     const ACL_USER: u16 = 0x02;
@@ -162,19 +174,26 @@ fn acl_grants_others(file: &std::fs::File) -> std::io::Result<bool> {
         Err(e) => return Err(e.into()),
     };
     let entries = buf[..len].get(4..).unwrap_or_default();
-    let entries = entries.chunks_exact(8).map(|entry| {
+    let mut entries = entries.chunks_exact(8).map(|entry| {
         let tag = u16::from_le_bytes([entry[0], entry[1]]);
         let perm = u16::from_le_bytes([entry[2], entry[3]]);
-        (tag, perm)
+        let id = u32::from_le_bytes([entry[4], entry[5], entry[6], entry[7]]);
+        (tag, perm, id)
     });
     let mask = entries
         .clone()
-        .find(|&(tag, _)| tag == ACL_MASK)
-        .map_or(0o7, |(_, perm)| perm);
+        .find(|&(tag, _, _)| tag == ACL_MASK)
+        .map_or(0o7, |(_, perm, _)| perm);
     // (read 4, write 2)
-    Ok(entries
-        .filter(|&(tag, _)| tag == ACL_USER || tag == ACL_GROUP)
-        .any(|(_, perm)| perm & mask & 0o6 != 0))
+    Ok(entries.any(|(tag, perm, id)| {
+        let forbidden = match tag {
+            ACL_USER if id == metadata.uid() || id == me => 0,
+            ACL_GROUP if id == metadata.gid() || id == my_group => 0o2,
+            ACL_USER | ACL_GROUP => 0o6,
+            _ => 0,
+        };
+        perm & mask & forbidden != 0
+    }))
 }
 
 /// `uid 1000 (alice)`, or `uid 1000` for a uid the user database does not name.
@@ -922,6 +941,81 @@ mod tests {
         match read_key_file_as(&key, me, group) {
             Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// Named ACL entries for no other user: the key's owner, the user this runs as (a
+    /// root-owned key given to the service's user with `setfacl -m u:trmx:r`, the ACL's
+    /// `root:trmx 0640`), the file's own group or this process's reading. They were refused
+    /// as "lets other users or groups read"; they are read, and a named entry for anyone
+    /// else is still refused.
+    #[test]
+    fn named_acl_entries_for_the_owner_the_service_user_or_its_group_are_no_others() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
+        let meta = std::fs::metadata(&key).unwrap();
+        let (owner, group) = (meta.uid(), meta.gid());
+        // (`setfacl -m TAG:ID:PERM,m::r`, in the kernel's format, in tag order)
+        let set_acl = |tag: u16, perm: u16, id: u32| {
+            let mut acl = 2u32.to_le_bytes().to_vec();
+            for (tag, perm, id) in [
+                (0x01u16, 6u16, u32::MAX),
+                (tag, perm, id),
+                (0x04, 0, u32::MAX),
+                (0x10, 4, u32::MAX),
+                (0x20, 0, u32::MAX),
+            ] {
+                acl.extend(tag.to_le_bytes());
+                acl.extend(perm.to_le_bytes());
+                acl.extend(id.to_le_bytes());
+            }
+            let mut sorted = acl[4..].chunks(8).map(<[u8]>::to_vec).collect::<Vec<_>>();
+            sorted.sort_by_key(|e| u16::from_le_bytes([e[0], e[1]]));
+            acl.truncate(4);
+            acl.extend(sorted.concat());
+            rustix::fs::setxattr(
+                &key,
+                "system.posix_acl_access",
+                &acl,
+                rustix::fs::XattrFlags::empty(),
+            )
+        };
+        match set_acl(0x02, 6, owner) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::NOTSUP => {
+                eprintln!("skipped: the file system of {} has no ACLs", key.display());
+                return;
+            }
+            Err(e) => panic!("setxattr: {e}"),
+        }
+        let read = |me: u32, my_group: u32| match read_key_file_as(&key, me, my_group) {
+            Ok(KeyFile::Read(bytes)) => {
+                assert_eq!(bytes, b"key");
+                Ok(())
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        let service = owner + 1000;
+        // the owner's own name
+        read(owner, group).unwrap();
+        // the file's group, and this process's, reading
+        set_acl(0x08, 4, group).unwrap();
+        read(owner, group).unwrap();
+        set_acl(0x08, 4, group + 1000).unwrap();
+        read(owner, group + 1000).unwrap();
+        // the service's user, on a key root owns (another owner is refused as such)
+        set_acl(0x02, 4, service).unwrap();
+        if owner == 0 {
+            read(service, group).unwrap();
+        }
+        // anyone else
+        for (tag, id) in [(0x02, service), (0x08, group + 1000)] {
+            set_acl(tag, 4, id).unwrap();
+            let e = read(owner, group).unwrap_err();
+            assert!(e.starts_with("it carries a POSIX access ACL"), "{e}");
         }
     }
 
