@@ -60,10 +60,22 @@ fn read_key_file_as(path: &Path, me: u32, my_group: u32) -> std::io::Result<KeyF
     // Non-blocking: opening a FIFO for reading waits for a writer, so a key path that names
     // one hung the start with no word; it is opened at once and refused below. (A regular
     // file ignores the flag.)
-    let mut file = std::fs::OpenOptions::new()
+    let mut file = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)?;
+        .open(path)
+    {
+        Ok(file) => file,
+        // (a socket cannot be opened at all: "No such device or address" said nothing of
+        // what the path names)
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => {
+            return Err(match std::fs::metadata(path) {
+                Ok(metadata) if !metadata.is_file() => not_a_regular_file(path, &metadata),
+                _ => e,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     // (the type, mode and owner of the file opened and read, not of what the path names
     // later)
     let metadata = file.metadata()?;
@@ -871,6 +883,22 @@ mod tests {
         assert!(
             e.to_string()
                 .starts_with("it is a FIFO (named pipe), not a regular file: give the path"),
+            "{e}"
+        );
+    }
+
+    /// A socket given as the key cannot be opened: the error was "No such device or
+    /// address", naming nothing. It is said to be a socket, as a FIFO is.
+    #[test]
+    fn a_socket_given_as_the_key_is_said_to_be_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("k.key");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let e = read_key_file(&socket).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("it is a socket, not a regular file: give the path"),
             "{e}"
         );
     }
