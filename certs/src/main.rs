@@ -582,9 +582,18 @@ fn out_prefix(out: Option<PathBuf>, stem: &str) -> Result<PathBuf, CertError> {
 /// cannot: a file there said "Not a directory", a dangling symbolic link "File exists"
 /// (when the directory was made). A directory that does not exist yet is made.
 fn out_dir_usable(out: &Path) -> Result<(), String> {
-    // (without its trailing `/`: `afile/` is "Not a directory" to the system)
+    // (without its trailing `/` and `/.`: `afile/` is "Not a directory" to the system,
+    // and `dangling/.` no symbolic link, so that it said "File exists" when it was made)
     let text = out.to_string_lossy();
-    let bare = match text.trim_end_matches('/') {
+    let mut bare = text.as_ref();
+    loop {
+        bare = bare.trim_end_matches('/');
+        match bare.strip_suffix("/.") {
+            Some(rest) => bare = rest,
+            None => break,
+        }
+    }
+    let bare = match bare {
         "" => return Ok(()),
         bare => Path::new(bare),
     };

@@ -2154,6 +2154,22 @@ mod cli {
             &["request", "--name", "NG-NAPTIP", "--out", "dangling/"],
         ));
         assert!(err.contains("is a symbolic link to gone/certs"), "{err}");
+        // written with `/.` (`cannot create directory dangling: File exists`, `a part of its
+        // path is a file`), the same
+        let err = failed(&certs(d, &[&issue[..], &["--out", "dangling/./"]].concat()));
+        assert_eq!(
+            err,
+            "error: --out is invalid: dangling/./ is a symbolic link to gone/certs, which \
+             does not exist: make that directory (`mkdir -p gone/certs`) or give another --out"
+        );
+        let err = failed(&certs(d, &[&issue[..], &["--out", "notes/."]].concat()));
+        assert!(
+            err.starts_with(
+                "error: --out is invalid: notes/. names a directory to write the \
+                 files in, but it is a file"
+            ),
+            "{err}"
+        );
         assert_eq!(list(d).len(), issued, "nothing issued");
         assert_eq!(std::fs::read_to_string(d.join("notes")).unwrap(), "kept");
         assert!(!d.join("gone").exists());
