@@ -1460,9 +1460,13 @@ impl DirLock {
 }
 
 /// What is known of the run holding the lock, from what the lock file says (`pid 1234
-/// since …`). The pid in it is the last run's to write it, which need not be the holder's:
-/// a run writes it only once it holds the lock, and the message named a long-gone earlier
-/// run's pid as the holder. A pid that is no longer running is said to be that.
+/// since …`). The pid in it is the last run's to write it, which need not be the holder's,
+/// and the message named a long-gone earlier run's pid as the holder. A pid that is no
+/// longer running is said to be that, and what holds the lock then: a run writes its pid
+/// at once when it has the lock, and a waiting run reports only after [`LOCK_WAIT`], so
+/// the holder is one that writes none here (a program other than trmx-certs, a `flock` of
+/// a backup script) or whose pid this machine does not see (another container or machine
+/// sharing the directory).
 fn describe_owner(recorded: &str) -> String {
     let pid = recorded
         .strip_prefix("pid ")
@@ -1475,8 +1479,10 @@ fn describe_owner(recorded: &str) -> String {
     // (signal 0 only checks: EPERM is a process of another user, still running)
     match rustix::process::test_kill_process(pid) {
         Err(rustix::io::Errno::SRCH) => format!(
-            "its lock file says `{recorded}`, an earlier run that has ended: the run holding \
-             the lock now has not written its own pid yet"
+            "its lock file says `{recorded}`, a run that has ended here: the lock is held by \
+             a process that did not write its pid there, another program (a `flock` of a \
+             backup script) or a run in another container or on another machine sharing the \
+             directory"
         ),
         _ => format!(
             "its lock file says `{recorded}`, a process still running unless that pid has \
@@ -1864,8 +1870,9 @@ mod tests {
                 owner.trim()
             )
         );
-        // The pid in the file is the last run's to write it: the holder writes its own only
-        // once it has the lock, and an earlier run's pid was named as the holder's.
+        // The pid in the file is the last run's to write it: an ended run's was named as the
+        // holder's, and it was said to be one that had not written its pid yet, which a
+        // run does at once, long before a waiting run gives up.
         let mut ended = std::process::Command::new("true").spawn().unwrap();
         ended.wait().unwrap();
         let earlier = format!("pid {} since long ago", ended.id());
@@ -1873,8 +1880,10 @@ mod tests {
         let e = DirLock::acquire(dir.path(), Duration::ZERO).unwrap_err();
         assert!(
             e.to_string().contains(&format!(
-                "(its lock file says `{earlier}`, an earlier run that has ended: the run \
-                 holding the lock now has not written its own pid yet; `fuser -v "
+                "(its lock file says `{earlier}`, a run that has ended here: the lock is held \
+                 by a process that did not write its pid there, another program (a `flock` of \
+                 a backup script) or a run in another container or on another machine sharing \
+                 the directory; `fuser -v "
             )),
             "{e}"
         );
