@@ -887,6 +887,28 @@ mod tests {
         );
     }
 
+    /// A key path that is a symbolic link (a Kubernetes secret volume's `tls.key ->
+    /// ..data/tls.key`) is read as the file it names, with that file's mode: the checks
+    /// of what the path is are made on the file opened, not on the link.
+    #[test]
+    fn a_symbolic_link_to_a_key_is_read_as_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink("k.key", &link).unwrap();
+        match read_key_file(&link) {
+            Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
+            other => panic!("{other:?}"),
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            read_key_file(&link),
+            Ok(KeyFile::Exposed { mode: 0o644 })
+        ));
+    }
+
     /// A socket given as the key cannot be opened: the error was "No such device or
     /// address", naming nothing. It is said to be a socket, as a FIFO is.
     #[test]
