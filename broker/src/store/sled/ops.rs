@@ -2596,6 +2596,57 @@ mod tests {
         assert!(report.is_consistent(), "{report}");
     }
 
+    /// A tick cut at its byte budget between lease deadlines of the same millisecond, and
+    /// between the last of them and the expiries of that millisecond, still fires every
+    /// lease before the expiry of its message (no message expires in flight, which would
+    /// free its stream's slot a second time) and fires each lease once: the leases that
+    /// come next round are exactly those the cut left in `due_leases`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tick_cut_among_leases_and_expiries_of_one_millisecond_fires_each_in_order() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let most = BATCH_READ_BYTES as usize / LARGE + 1;
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir.path());
+        let deadline = after(NOW, Lifecycle::default().ack_timeout);
+        for _ in 0..N {
+            let mut m = message(&be);
+            m.payload = bytes::Bytes::from(vec![7u8; LARGE]);
+            m.payload_sha256 = sha256(&m.payload);
+            // (its expiry at its lease's deadline: the lease fires first)
+            m.expires_at = deadline;
+            s.submit(m, NOW).await.unwrap();
+        }
+        let leased = s.lease(&be, StreamId(1), N, u64::MAX, NOW).await.unwrap();
+        assert_eq!(leased.len(), N);
+        s.inner
+            .core
+            .largest_batch
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        let report = s.tick(deadline).await.unwrap();
+        let batch = s
+            .inner
+            .core
+            .largest_batch
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            (1..=most).contains(&batch),
+            "a tick read {batch} records at once"
+        );
+        assert_eq!(report.expired, N as u64, "{report:?}");
+        assert!(
+            report.expired_in_flight.is_empty(),
+            "leases the cut left were not fired before their expiries: {report:?}"
+        );
+        let again = s.tick(deadline).await.unwrap();
+        assert_eq!(again, TickReport::default(), "{again:?}");
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
     /// A tick that fails in a later batch (one whose message's counters cannot be read,
     /// after a full batch of expiries) reports what its committed first batch did: every
     /// expiry, the lease that expired in flight among them (its stream frees the slot).
