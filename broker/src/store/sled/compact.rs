@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 
 use super::audit::open_existing;
-use super::ops::storage;
+use super::ops::{BATCH_READ_BYTES, storage};
 use crate::store::StoreError;
 
 /// Key of the seq floor in the `meta` tree (u64, big-endian).
@@ -168,7 +168,7 @@ fn copy_store(path: &Path, target: &Path) -> Result<Copied, StoreError> {
             path: target.display().to_string(),
             reason: super::describe_open_error(&e),
         })?;
-    let (keys, key_value_bytes) = copy_trees(&old, &new)?;
+    let (keys, key_value_bytes, _) = copy_trees(&old, &new)?;
     let (before, after) = (
         old.checksum().map_err(storage)?,
         new.checksum().map_err(storage)?,
@@ -218,29 +218,40 @@ fn copy_broker_files(from: &Path, to: &Path) -> Result<(), StoreError> {
 }
 
 /// Copies every tree of `from` into the empty `to`, in key order; returns
-/// the keys copied and their bytes (keys and values).
-fn copy_trees(from: &::sled::Db, to: &::sled::Db) -> Result<(u64, u64), StoreError> {
-    let (mut keys, mut bytes) = (0u64, 0u64);
+/// the keys copied, their bytes (keys and values), and the most bytes one
+/// sled batch held.
+///
+/// A batch stops at [`COPY_BATCH`] keys or [`BATCH_READ_BYTES`] (one value
+/// more): it holds every value it is given until it is applied, and a record
+/// carries its payload, so 1,024 records of `max_envelope_bytes` were held at
+/// once (8 GiB at the default 8 MiB, 64 GiB at its ceiling), which a store of
+/// large messages could not be compacted in.
+fn copy_trees(from: &::sled::Db, to: &::sled::Db) -> Result<(u64, u64, u64), StoreError> {
+    let (mut keys, mut bytes, mut most_held) = (0u64, 0u64, 0u64);
     for name in from.tree_names() {
         let source = from.open_tree(&name).map_err(storage)?;
         let dest = to.open_tree(&name).map_err(storage)?;
         let mut batch = ::sled::Batch::default();
-        let mut in_batch = 0;
+        let (mut in_batch, mut batch_bytes) = (0, 0u64);
         for item in source.iter() {
             let (key, value) = item.map_err(storage)?;
-            bytes += (key.len() + value.len()) as u64;
+            let size = (key.len() + value.len()) as u64;
+            bytes += size;
+            batch_bytes += size;
             batch.insert(key, value);
             in_batch += 1;
             keys += 1;
-            if in_batch == COPY_BATCH {
+            if in_batch == COPY_BATCH || batch_bytes >= BATCH_READ_BYTES {
+                most_held = most_held.max(batch_bytes);
                 dest.apply_batch(std::mem::take(&mut batch))
                     .map_err(storage)?;
-                in_batch = 0;
+                (in_batch, batch_bytes) = (0, 0);
             }
         }
+        most_held = most_held.max(batch_bytes);
         dest.apply_batch(batch).map_err(storage)?;
     }
-    Ok((keys, bytes))
+    Ok((keys, bytes, most_held))
 }
 
 /// `<path>.<suffix>`, next to `path`.
@@ -363,4 +374,44 @@ fn unix_seconds() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A compaction's sled batches stop at `BATCH_READ_BYTES` of keys and values (one
+    /// value more), not only at `COPY_BATCH` keys: a batch holds what it is given until it
+    /// is applied, and 1,024 large records were gigabytes at once. Every key is still
+    /// copied, byte for byte.
+    #[test]
+    fn a_copy_of_large_records_is_cut_at_its_byte_budget() {
+        const LARGE: usize = 1 << 20;
+        const N: u64 = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            ::sled::Config::new()
+                .path(dir.path().join(name))
+                .cache_capacity(16 << 20)
+                .open()
+                .unwrap()
+        };
+        let (from, to) = (open("from"), open("to"));
+        let records = from.open_tree("records").unwrap();
+        for seq in 0..N {
+            records
+                .insert(seq.to_be_bytes(), vec![seq as u8; LARGE])
+                .unwrap();
+        }
+        let (keys, _, most_held) = copy_trees(&from, &to).unwrap();
+        assert_eq!(keys, N);
+        assert!(
+            most_held <= BATCH_READ_BYTES + LARGE as u64 + 8,
+            "one batch of the copy held {most_held} bytes (at most {BATCH_READ_BYTES} and one \
+             record expected)"
+        );
+        let copied = to.open_tree("records").unwrap();
+        assert_eq!(copied.len() as u64, N);
+        assert_eq!(from.checksum().unwrap(), to.checksum().unwrap());
+    }
 }

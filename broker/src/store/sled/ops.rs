@@ -43,9 +43,9 @@ const RECOVER_BATCH: usize = 256;
 /// until it commits, and a record carries its payload, so a batch of 256
 /// messages of `max_envelope_bytes` would be held at once (2 GiB at the
 /// default 8 MiB; 16 GiB at its ceiling). Applies to `tick`, the requeues of
-/// `recover` and of a closed stream, `shorten_backoffs`, and
-/// [`Core::drop_unusable_payloads`].
-const BATCH_READ_BYTES: u64 = 16 << 20;
+/// `recover` and of a closed stream, `shorten_backoffs`,
+/// [`Core::drop_unusable_payloads`], and the copy of `store compact`.
+pub(super) const BATCH_READ_BYTES: u64 = 16 << 20;
 
 pub(super) fn storage(e: ::sled::Error) -> StoreError {
     StoreError::Unavailable(format!("storage error: {e}"))
