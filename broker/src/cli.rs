@@ -894,6 +894,59 @@ mod tests {
         );
     }
 
+    /// A file that leaves most settings to their defaults (the request-bytes budget among
+    /// them, which `from_toml` derives from `max_envelope_bytes`), written with units and
+    /// its participants in another order than the running config's: a SIGHUP finds
+    /// nothing changed, for every reload (logrotate's included) would otherwise warn. A
+    /// file replaced by a rename is read anew.
+    #[test]
+    fn a_sighup_finds_a_file_of_defaults_unchanged_and_reads_a_renamed_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, path, _federation) = valid_config(dir.path());
+        let participant = |id: &str, country: &str| {
+            format!(
+                "[[participants]]\nid = \"{id}\"\ndisplay_name = \"{id}\"\ncountry = \
+                 \"{country}\"\norganisation_type = \"ngo\"\naccepts = [\"referral\"]\n"
+            )
+        };
+        let text = |participants: &[(&str, &str)]| {
+            let mut text = format!(
+                "data_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[limits]\n\
+                 max_envelope_bytes = \"32MiB\"\n[lifecycle]\nack_timeout = \"90s\"\n",
+                config.data_dir, config.tls.ca, config.tls.cert, config.tls.key
+            );
+            for (id, country) in participants {
+                text.push_str(&participant(id, country));
+            }
+            text
+        };
+        std::fs::write(&path, text(&[("NL-NRM", "NL"), ("BE-PAYOKE", "BE")])).expect("write");
+        let source = ConfigSource {
+            path: path.clone(),
+            listen: None,
+            data_dir: None,
+        };
+        let running = source.load().expect("loads");
+        assert!(
+            running.limits.max_incoming_request_bytes_per_identity
+                > running.limits.max_envelope_bytes,
+            "{:?}",
+            running.limits
+        );
+        std::fs::write(&path, text(&[("BE-PAYOKE", "BE"), ("NL-NRM", "NL")])).expect("write");
+        assert_eq!(config_file_drift(&running, &source), None);
+
+        let next = dir.path().join("broker.toml.new");
+        std::fs::write(
+            &next,
+            text(&[("BE-PAYOKE", "BE"), ("NL-NRM", "NL"), ("DE-KOK", "DE")]),
+        )
+        .expect("write");
+        std::fs::rename(&next, &path).expect("rename");
+        let drift = config_file_drift(&running, &source).expect("drift");
+        assert!(drift.contains("(participants added: DE-KOK)"), "{drift}");
+    }
+
     /// A federation and a valid config file in `dir`; returns the config, its file, and
     /// the federation.
     fn valid_config(dir: &Path) -> (BrokerConfig, PathBuf, Federation) {
