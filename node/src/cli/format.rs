@@ -453,21 +453,46 @@ pub(crate) fn status(s: &pb::NodeStatus, now: SystemTime) -> String {
         )
     };
     format!(
-        "{store}participant  {}\nbroker       {}\nbroker cert  {broker_certificate}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed{pending}\ninbox        {} messages (last seq {})\n",
+        "{store}participant  {}\nbroker       {}\nbroker cert  {broker_certificate}\ncertificate  {}\noutbox       {} queued, {} at the broker, {} failed{pending}\ninbox        {} (last seq {})\n",
         s.participant,
         broker,
         certificate,
         s.outbox_queued,
         s.outbox_submitted,
         s.outbox_failed,
-        s.inbox_total,
+        count(s.inbox_total, "message", "messages"),
         s.last_inbox_seq
     )
+}
+
+/// `n` and the noun that goes with it: "1 message", "2 messages".
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_counts_one_inbox_message_in_the_singular() {
+        let one = status(
+            &pb::NodeStatus {
+                inbox_total: 1,
+                ..Default::default()
+            },
+            SystemTime::now(),
+        );
+        assert!(one.contains("inbox        1 message (last seq"), "{one}");
+        let two = status(
+            &pb::NodeStatus {
+                inbox_total: 2,
+                ..Default::default()
+            },
+            SystemTime::now(),
+        );
+        assert!(two.contains("inbox        2 messages (last seq"), "{two}");
+    }
 
     /// A store that cannot write says so on the first line, with what to do; a working
     /// one adds no line.

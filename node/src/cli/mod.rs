@@ -299,7 +299,8 @@ fn socket_path(socket: Option<PathBuf>, config: Option<&Path>) -> Result<PathBuf
             .map(|c| c.socket_path())
             .map_err(|e| CliError(e.to_string())),
         None => fail(
-            "no node socket given: pass --socket PATH or --config FILE, or set TRMX_NODE_SOCKET",
+            "no node socket given: pass --socket PATH or --config FILE, or set TRMX_NODE_SOCKET \
+             or TRMX_NODE_CONFIG",
         ),
     }
 }
