@@ -160,6 +160,20 @@ pub enum TransportError {
         /// The certificate file.
         cert: PathBuf,
     },
+    /// A renewed certificate of this party's own that is not valid yet by more than
+    /// [`trmx_certs::NOT_VALID_YET_WARN`]: a reload refuses it (the one in force stays),
+    /// since every peer with a right clock would refuse it until then.
+    #[error(
+        "certificate {}, {reason}; not taken up: the certificate in force stays (reload \
+         again once the clocks are right or the certificate is valid here)",
+        cert.display()
+    )]
+    NotValidYet {
+        /// The certificate file.
+        cert: PathBuf,
+        /// What is known and what to do ([`trmx_certs::NotValidYet::message`]).
+        reason: String,
+    },
     /// The CRL is not one the CA issued, or the CRL file lacks the CRL of one of the CAs in
     /// the CA file: the clients of that CA could not be checked (every one would be refused).
     #[error("CRL {} is not issued by the CA in {}: {reason}", crl.display(), ca.display())]
@@ -352,6 +366,7 @@ impl TransportError {
             TransportError::KeyMismatch { .. } => &[TlsFile::Key, TlsFile::Cert],
             TransportError::NotIssuedByCa { .. } => &[TlsFile::Cert, TlsFile::Ca],
             TransportError::NotServerCertificate { .. } => &[TlsFile::Cert],
+            TransportError::NotValidYet { .. } => &[TlsFile::Cert],
             TransportError::CrlNotFromCa { .. } => &[TlsFile::Crl, TlsFile::Ca],
             TransportError::Address { .. }
             | TransportError::ServerName { .. }

@@ -216,6 +216,7 @@ fn build(
     policy: CrlPolicy,
     generation: u64,
     clock: &TlsClock,
+    reload: bool,
 ) -> Result<Loaded, TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let crls = crl.map(pem::crls).transpose()?;
@@ -226,6 +227,10 @@ fn build(
         check_crls_cover_cas(paths, path, crls)?;
     }
     check_own_certificate(paths, &roots, &chain, crl.zip(crls.as_ref()))?;
+    // (at load, the caller's start applies this rule itself, with its config's names)
+    if reload && let Some(leaf) = chain.first() {
+        check_own_not_valid_yet(&paths.cert, leaf, clock.now(), "clients")?;
+    }
 
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     let mut crl_next_update = None;
@@ -431,7 +436,8 @@ pub(crate) fn check_crls_cover_cas(
 ///   verify) leaves every status unknown, and the verifier refuses every client.
 ///
 /// Expiry is left to the caller's monitoring (and a renewal plus reload): an expired or
-/// not yet valid certificate is checked as of a moment it is valid. A certificate the CRL
+/// not yet valid certificate is checked as of a moment it is valid (a reload then applies
+/// [`check_own_not_valid_yet`], and a start its caller's own check). A certificate the CRL
 /// revokes is logged, not refused (see below).
 fn check_own_certificate(
     paths: &TlsPaths,
@@ -523,6 +529,41 @@ fn check_own_certificate(
             checked.map_err(|error| own_certificate_error(paths, crl.map(|(path, _)| path), error))
         }
     }
+}
+
+/// A renewed certificate of this party's own, read by a reload, that is not valid yet
+/// at `now`, by the rule of the brokers' and nodes' start: beyond
+/// [`trmx_certs::NOT_VALID_YET_WARN`] it is refused ([`TransportError::NotValidYet`], so
+/// the one in force stays), since every peer with a right clock would refuse it at the
+/// handshake until then; within, it is taken up with a warning (it becomes valid by
+/// itself within minutes). The reload checked the rest of it as of a moment it is
+/// valid. `peers` are those who verify it, for the message.
+pub(crate) fn check_own_not_valid_yet(
+    cert: &Path,
+    leaf: &CertificateDer<'_>,
+    now: SystemTime,
+    peers: &str,
+) -> Result<(), TransportError> {
+    // (a certificate trmx_certs cannot read back is left to the handshake checks)
+    let Ok(info) = trmx_certs::CertInfo::from_der(leaf) else {
+        return Ok(());
+    };
+    let Some(not_yet) = info.not_valid_yet(now, peers) else {
+        return Ok(());
+    };
+    if !not_yet.warn_only {
+        return Err(TransportError::NotValidYet {
+            cert: cert.to_owned(),
+            reason: format!("serial {}: {}", info.serial_hex, not_yet.message),
+        });
+    }
+    tracing::warn!(
+        cert = %cert.display(),
+        serial = %info.serial_hex,
+        "the renewed certificate is taken up, but {}",
+        not_yet.message
+    );
+    Ok(())
 }
 
 /// What a failed [`check_own_certificate`] means, naming the files.
@@ -622,7 +663,7 @@ impl ServerTls {
         mut record: Option<CrlRecord>,
         clock: TlsClock,
     ) -> Result<ServerTls, TransportError> {
-        let loaded = build(paths, crl, crl_policy, 0, &clock)?;
+        let loaded = build(paths, crl, crl_policy, 0, &clock, false)?;
         if let (Some(record), Some(crl)) = (record.as_mut(), crl) {
             record.check(crl, &loaded.crl_versions)?;
             record.take(&loaded.crl_versions);
@@ -653,7 +694,10 @@ impl ServerTls {
     /// (revoked, expired, or — under [`CrlPolicy::Strict`] — checked against a stale CRL)
     /// closed; those connections fail their next read or write at once.
     ///
-    /// On error the old config stays in force and no connection is touched. A CRL older
+    /// On error the old config stays in force and no connection is touched. A certificate
+    /// not valid yet by more than [`trmx_certs::NOT_VALID_YET_WARN`] is such an error
+    /// ([`TransportError::NotValidYet`]: every client with a right clock would refuse it);
+    /// within, it is taken up with a warning. A CRL older
     /// than the one in force for the same CA (a lower `crlNumber`, or without one an
     /// earlier `thisUpdate`) is such an error: a crl.pem restored from a backup must not
     /// un-revoke certificates. So are another CRL under the number of the one in force (a
@@ -679,6 +723,7 @@ impl ServerTls {
             self.inner.policy,
             generation,
             &self.inner.clock,
+            true,
         )?);
         if let Some(crl) = self.inner.crl_path.as_deref() {
             check_crls_not_older(crl, &in_force.crl_versions, &loaded.crl_versions)?;

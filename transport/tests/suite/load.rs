@@ -223,3 +223,53 @@ async fn a_private_key_other_users_may_read_is_refused() {
         client().unwrap();
     }
 }
+
+/// A renewed server certificate hours from valid (by this clock) was installed by a
+/// reload without a word (it was checked as of a moment it is valid), and every client
+/// with a right clock refused it at the handshake. It is refused now, naming both clocks,
+/// and the one in force stays; minutes from valid, it is taken up (with a warning).
+#[test]
+fn a_reload_refuses_its_own_certificate_not_valid_yet_beyond_minutes() {
+    let fx = Fixture::new();
+    let tls = fx.server_tls(CrlPolicy::Warn);
+    let spec = trmx_certs::IssueSpec::broker(
+        "main",
+        vec!["localhost".to_owned()],
+        vec![std::net::IpAddr::from([127, 0, 0, 1])],
+    );
+    // (issued by a CA machine whose clock is ahead: its notBefore is 5 minutes before that)
+    let issue_ahead = |ahead: std::time::Duration| {
+        fx.fed
+            .ca
+            .issue_at(
+                &spec,
+                &fx.broker,
+                true,
+                std::time::SystemTime::now() + ahead,
+            )
+            .unwrap()
+    };
+
+    let info = issue_ahead(std::time::Duration::from_secs(2 * 3600));
+    let err = tls.reload().unwrap_err();
+    assert!(matches!(err, TransportError::NotValidYet { .. }), "{err}");
+    assert_eq!(err.files(), [TlsFile::Cert]);
+    let text = err.to_string();
+    for said in [
+        &*fx.broker.cert.to_string_lossy(),
+        &*info.serial_hex,
+        &*format!(
+            "it is not valid before {}, and this machine's clock says ",
+            trmx_certs::format_time(info.not_before)
+        ),
+        "either this clock is behind",
+        "or the CA machine's clock was ahead",
+        "the certificate in force stays",
+    ] {
+        assert!(text.contains(said), "{said:?} not in {text}");
+    }
+
+    issue_ahead(std::time::Duration::from_secs(8 * 60));
+    let report = tls.reload().unwrap();
+    assert_eq!(report.generation, 1, "the refused reload installed nothing");
+}
