@@ -164,8 +164,9 @@ struct Credentials {
 /// A long-running client (a node) thus takes up, at its next connection and without a
 /// restart, a renewed certificate and key, a CA bundle of a rollover, and a new CRL. A
 /// change that cannot be used (a file half-copied or unreadable, a key that is not the
-/// certificate's, a certificate of another identity) is logged once, and the files read
-/// before stay in force until the files change again.
+/// certificate's, a certificate of another identity, or one not valid yet by more than
+/// [`trmx_certs::NOT_VALID_YET_WARN`]) is logged once, and the files read before stay in
+/// force until the files change again.
 struct ClientTls {
     paths: TlsPaths,
     crl: Option<PathBuf>,
@@ -311,6 +312,20 @@ impl ClientTls {
                  configuration to change identity)"
             );
             return Err(why);
+        }
+        // (the start checked the first certificate by the same rule, see `run`)
+        if let Err(error) = crate::server::check_own_not_valid_yet(
+            &self.paths.cert,
+            &credentials.leaf,
+            self.clock.now(),
+            "the broker",
+        ) {
+            tracing::warn!(
+                %error,
+                "the certificate file now holds a certificate not valid yet: not used, \
+                 connecting with the one read before"
+            );
+            return Err(error.to_string());
         }
         let presented = CertInfo::from_der(&credentials.leaf).ok();
         match &presented {
@@ -828,6 +843,52 @@ mod tests {
             .write_crl(std::time::Duration::from_secs(86_400))
             .unwrap();
         assert!(!same(&again, &tls.config()));
+    }
+
+    /// A renewed node certificate hours from valid (by this clock) was taken up at the
+    /// next connection without a word, and the broker refused every handshake until
+    /// then. It is not used now (the status says why, naming both clocks), as the node's
+    /// start refuses one; minutes from valid, it is taken up.
+    #[test]
+    fn a_changed_certificate_not_valid_yet_beyond_minutes_is_not_taken_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = Federation::create(dir.path(), "trm.test").unwrap();
+        let node = fed.participant("NL-NRM").unwrap();
+        let paths = TlsPaths {
+            ca: fed.ca_cert_path(),
+            cert: node.cert.clone(),
+            key: node.key.clone(),
+        };
+        let tls = ClientTls::load(&paths, Some(&fed.crl_path()), TlsClock::system()).unwrap();
+        let first = tls.config();
+        // (issued by a CA machine whose clock is ahead: its notBefore is 5 minutes before)
+        let issue_ahead = |ahead: std::time::Duration| {
+            let spec = trmx_certs::IssueSpec::participant("NL-NRM");
+            let now = std::time::SystemTime::now();
+            fed.ca.issue_at(&spec, &node, true, now + ahead).unwrap()
+        };
+
+        let info = issue_ahead(std::time::Duration::from_secs(2 * 3600));
+        assert!(same(&first, &tls.config()), "taken up");
+        let refused = tls.current().refused.clone().unwrap();
+        for said in [
+            &*node.cert.to_string_lossy(),
+            &*info.serial_hex,
+            &*format!(
+                "it is not valid before {}, and this machine's clock says ",
+                trmx_certs::format_time(info.not_before)
+            ),
+            "the broker would refuse it until",
+            "the certificate in force stays",
+        ] {
+            assert!(refused.contains(said), "{said:?} not in {refused}");
+        }
+
+        let info = issue_ahead(std::time::Duration::from_secs(8 * 60));
+        assert!(!same(&first, &tls.config()), "not taken up");
+        assert!(tls.current().refused.is_none());
+        let presented = tls.current().presented.clone().unwrap();
+        assert_eq!(presented.serial_hex, info.serial_hex);
     }
 
     /// A held certificate is presented whatever the certificate and key files hold, with
