@@ -496,8 +496,8 @@ fn certificate_validity(
         );
     }
     let from = match not_yet {
-        Some((_, minutes)) => format!(
-            ", not valid before {} (in {minutes} minute(s))",
+        Some((_, span)) => format!(
+            ", not valid before {} (in {span})",
             trmx_certs::format_time(info.not_before)
         ),
         None => String::new(),
@@ -524,12 +524,12 @@ fn certificate_named(config: &BrokerConfig, info: &trmx_certs::CertInfo) -> Stri
 /// clock, one of which is off, and what each case means and needs (it blamed the
 /// certificate when only this clock was behind, where nodes with a right clock accept
 /// it). Within [`trmx_certs::NOT_VALID_YET_WARN`] it is a warning (returned, with the
-/// minutes left); further, an error.
+/// time left, as `3 second(s)` or `4 minute(s)`); further, an error.
 fn not_valid_yet(
     config: &BrokerConfig,
     info: &trmx_certs::CertInfo,
     now: std::time::SystemTime,
-) -> anyhow::Result<Option<(String, u64)>> {
+) -> anyhow::Result<Option<(String, String)>> {
     let Some(not_yet) = info.not_valid_yet(now, "nodes") else {
         return Ok(None);
     };
@@ -537,7 +537,7 @@ fn not_valid_yet(
     if !not_yet.warn_only {
         anyhow::bail!("config: {said}");
     }
-    Ok(Some((said, not_yet.minutes)))
+    Ok(Some((said, not_yet.span)))
 }
 
 /// The `# crl:` line of `check-config`: when the earliest nextUpdate of the CRLs in

@@ -119,12 +119,18 @@ impl CertInfo {
             .ok()
             .filter(|d| !d.is_zero())?;
         let minutes = ahead.as_secs().div_ceil(60);
+        // (rounded up to minutes, 3 seconds read "1 minute(s)")
+        let span = if ahead < Duration::from_secs(60) {
+            format!("{} second(s)", ahead.as_secs().max(1))
+        } else {
+            format!("{minutes} minute(s)")
+        };
         let from = crate::format_time(self.not_before);
         let message = format!(
-            "it is not valid before {from}, and this machine's clock says {}, {minutes} \
-             minute(s) earlier: either this clock is behind (the certificate is valid for \
-             {peers} with a right clock, but their certificates issued in the last {minutes} \
-             minute(s) look not valid yet here) or the CA machine's clock was ahead when it \
+            "it is not valid before {from}, and this machine's clock says {}, {span} \
+             earlier: either this clock is behind (the certificate is valid for {peers} with \
+             a right clock, but their certificates issued in the last {span} look not valid \
+             yet here) or the CA machine's clock was ahead when it \
              issued the certificate ({peers} would refuse it until {from}); compare both \
              clocks with a time source (`timedatectl`, `chronyc tracking`), then set this one \
              right or issue the certificate again with the CA machine's clock right",
@@ -133,6 +139,7 @@ impl CertInfo {
         Some(NotValidYet {
             warn_only: ahead <= NOT_VALID_YET_WARN,
             minutes,
+            span,
             message,
         })
     }
@@ -151,6 +158,9 @@ pub struct NotValidYet {
     pub warn_only: bool,
     /// Minutes until it is valid here, rounded up.
     pub minutes: u64,
+    /// How long until it is valid here, for a reader: `3 second(s)` below a minute,
+    /// else `4 minute(s)` (rounded up).
+    pub span: String,
     /// What is known and what to do, starting `it is not valid before …`.
     pub message: String,
 }

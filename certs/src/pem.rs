@@ -88,14 +88,24 @@ fn read_key_file_as(path: &Path, me: u32, my_group: u32) -> std::io::Result<KeyF
     }
     // The mode bits do not show what an access ACL grants named users and groups (`ls -l`
     // shows only a `+`, the group bits its mask): a `0640` key may be readable by anyone.
-    if acl_grants_others(&file, &metadata, me, my_group)? {
+    let acl = acl_grants_others(&file, &metadata, me, my_group).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot read its POSIX access ACL (`getfacl {}` shows it): {e}",
+                path.display()
+            ),
+        )
+    })?;
+    if acl {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
                 "it carries a POSIX access ACL that lets other users or groups read or change \
                  it, which its mode {mode:04o} does not show (`getfacl {0}` lists them): \
-                 `setfacl -b {0}` removes the ACL (the service's user must own the file, mode \
-                 600)",
+                 `setfacl -b {0}` removes the ACL (then its mode and owner say who reads it: \
+                 the service's user as owner, mode 600, or root as owner and the service's \
+                 group, `root:trmx` mode 640)",
                 path.display()
             ),
         ));
@@ -977,7 +987,9 @@ mod tests {
             format!(
                 "it carries a POSIX access ACL that lets other users or groups read or change \
                  it, which its mode 0640 does not show (`getfacl {0}` lists them): `setfacl -b \
-                 {0}` removes the ACL (the service's user must own the file, mode 600)",
+                 {0}` removes the ACL (then its mode and owner say who reads it: the service's \
+                 user as owner, mode 600, or root as owner and the service's group, \
+                 `root:trmx` mode 640)",
                 key.display()
             )
         );

@@ -63,8 +63,9 @@ pub(crate) fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError>
                 file: TlsFile::Key,
                 path: path.to_owned(),
                 reason: format!(
-                    "mode {mode:04o} lets other users read or change it: `chmod 600 {}` (the \
-                     service's user must own it)",
+                    "mode {mode:04o} lets other users read or change it: `chmod 600 {0}` when \
+                     the service's user owns it, or `chmod 640 {0}` when root owns it with the \
+                     service's group (`root:trmx`)",
                     path.display()
                 ),
             });
