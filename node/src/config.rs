@@ -228,8 +228,8 @@ impl NodeConfig {
     /// Reads, parses and validates a config file; relative paths are resolved
     /// against the file's directory.
     pub fn load(path: &Path) -> Result<NodeConfig, NodeError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| NodeError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| NodeError::Config(read_error(path, &e)))?;
         let mut config = NodeConfig::parse(&text)
             .map_err(|e| NodeError::Config(format!("{}: {}", path.display(), config_msg(&e))))?;
         // Resolve against the file's directory, made absolute so that the
@@ -587,6 +587,22 @@ impl NodeConfig {
     }
 }
 
+/// Why the config file at `path` cannot be read, and, when it is a permission, what to do:
+/// the file is the node user's and root's only (README: `root:trmx 0640`), so a client
+/// command run as another user got only "Permission denied".
+fn read_error(path: &Path, e: &std::io::Error) -> String {
+    let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+        format!(
+            ": run the command as the node's user (e.g. `sudo -u trmx trmx-node --config {} …`), \
+             or pass its socket with --socket if your user may open it",
+            path.display()
+        )
+    } else {
+        String::new()
+    };
+    format!("cannot read {}: {e}{hint}", path.display())
+}
+
 /// The message of a [`NodeError::Config`] without its `config: ` prefix.
 fn config_msg(e: &NodeError) -> String {
     match e {
@@ -603,5 +619,29 @@ fn looks_like_host_port(address: &str) -> bool {
                 && port.parse::<u16>().is_ok_and(|p| p > 0)
         }
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client command run by a user who may not read the config (root:trmx 0640) was told
+    /// only "Permission denied": it is told to run as the node's user, or to pass the socket.
+    #[test]
+    fn a_config_the_user_may_not_read_says_whose_it_is() {
+        let path = Path::new("/etc/trmx/node.toml");
+        let denied = read_error(
+            path,
+            &std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert!(
+            denied.starts_with("cannot read /etc/trmx/node.toml: permission denied")
+                && denied.contains("sudo -u trmx trmx-node --config /etc/trmx/node.toml")
+                && denied.contains("--socket"),
+            "{denied}"
+        );
+        let missing = read_error(path, &std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert_eq!(missing, "cannot read /etc/trmx/node.toml: entity not found");
     }
 }
