@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls::ClientConfig;
 use rustls::client::{Resumption, WebPkiServerVerifier};
@@ -166,7 +166,9 @@ struct Credentials {
 /// change that cannot be used (a file half-copied or unreadable, a key that is not the
 /// certificate's, a certificate of another identity, or one not valid yet by more than
 /// [`trmx_certs::NOT_VALID_YET_WARN`]) is logged once, and the files read before stay in
-/// force until the files change again.
+/// force until the files change again, or, for a certificate not valid yet, until it is
+/// within those minutes of valid by this client's clock: it is then taken up without the
+/// files changing (nobody would touch them again to have it read).
 struct ClientTls {
     paths: TlsPaths,
     crl: Option<PathBuf>,
@@ -193,6 +195,9 @@ struct Current {
     credentials: Arc<Credentials>,
     /// Why the files as they were last read are not in force.
     refused: Option<String>,
+    /// When to read the files again though they did not change: they hold a certificate
+    /// refused as not valid yet, which the same files make acceptable at this time.
+    retry_at: Option<SystemTime>,
 }
 
 /// The stamps of the CA, certificate, key and CRL files (`None`: cannot be read).
@@ -213,6 +218,7 @@ impl ClientTls {
                 presented: CertInfo::from_der(&credentials.leaf).ok(),
                 credentials,
                 refused: None,
+                retry_at: None,
             }),
             server: Mutex::new(None),
         })
@@ -263,8 +269,10 @@ impl ClientTls {
         // (read outside the lock: a connection or a status waits for a rebuild only)
         let now = stamps(&self.paths, self.crl.as_deref());
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if now != current.read {
+        let due = current.retry_at.is_some_and(|at| self.clock.now() >= at);
+        if now != current.read || due {
             current.read = now;
+            current.retry_at = None;
             match self.rebuild() {
                 Ok((config, credentials, presented)) => {
                     current.config = Arc::new(config);
@@ -272,15 +280,23 @@ impl ClientTls {
                     current.credentials = credentials;
                     current.refused = None;
                 }
-                Err(why) => current.refused = Some(why),
+                Err((why, retry_at)) => {
+                    current.refused = Some(why);
+                    current.retry_at = retry_at;
+                }
             }
         }
         current
     }
 
     /// A config from the files as they are now and the certificate it presents, or why
-    /// they cannot be used (logged).
-    fn rebuild(&self) -> Result<(ClientConfig, Arc<Credentials>, Option<CertInfo>), String> {
+    /// they cannot be used (logged) and, for a certificate not valid yet, when the same
+    /// files can be.
+    #[allow(clippy::type_complexity)]
+    fn rebuild(
+        &self,
+    ) -> Result<(ClientConfig, Arc<Credentials>, Option<CertInfo>), (String, Option<SystemTime>)>
+    {
         let (config, credentials) = match build(&self.paths, self.crl.as_deref(), &self.clock) {
             Ok(built) => built,
             Err(error) => {
@@ -289,7 +305,7 @@ impl ClientTls {
                     "the TLS files changed but cannot be used: connecting with the ones \
                      read before until they change again"
                 );
-                return Err(error.to_string());
+                return Err((error.to_string(), None));
             }
         };
         let identity = Identity::from_der(&credentials.leaf).ok();
@@ -311,7 +327,7 @@ impl ClientTls {
                  used, connecting with the one read before (restart with a matching \
                  configuration to change identity)"
             );
-            return Err(why);
+            return Err((why, None));
         }
         // (the start checked the first certificate by the same rule, see `run`)
         if let Err(error) = crate::server::check_own_not_valid_yet(
@@ -320,12 +336,18 @@ impl ClientTls {
             self.clock.now(),
             "the broker",
         ) {
+            // (read again once within the minutes the rule takes it up in)
+            let retry_at = CertInfo::from_der(&credentials.leaf).ok().map(|info| {
+                info.not_before
+                    .checked_sub(trmx_certs::NOT_VALID_YET_WARN)
+                    .unwrap_or(info.not_before)
+            });
             tracing::warn!(
                 %error,
                 "the certificate file now holds a certificate not valid yet: not used, \
-                 connecting with the one read before"
+                 connecting with the one read before until it is valid here"
             );
-            return Err(error.to_string());
+            return Err((error.to_string(), retry_at));
         }
         let presented = CertInfo::from_der(&credentials.leaf).ok();
         match &presented {
@@ -889,6 +911,53 @@ mod tests {
         assert!(tls.current().refused.is_none());
         let presented = tls.current().presented.clone().unwrap();
         assert_eq!(presented.serial_hex, info.serial_hex);
+    }
+
+    /// A changed certificate refused as not valid yet was read again only when the files
+    /// changed again: nobody touches them once the renewal is in place, so the node
+    /// presented the certificate before (until it expired) instead of taking the renewed
+    /// one up once valid. It is taken up once its time comes by this client's clock.
+    #[test]
+    fn a_refused_certificate_not_valid_yet_is_taken_up_once_its_time_comes() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let fed = Federation::create(dir.path(), "trm.test").unwrap();
+        let node = fed.participant("NL-NRM").unwrap();
+        let paths = TlsPaths {
+            ca: fed.ca_cert_path(),
+            cert: node.cert.clone(),
+            key: node.key.clone(),
+        };
+        let ahead = Arc::new(AtomicU64::new(0));
+        let clock = {
+            let ahead = Arc::clone(&ahead);
+            TlsClock::new(move || {
+                SystemTime::now() + Duration::from_secs(ahead.load(Ordering::Relaxed))
+            })
+        };
+        let tls = ClientTls::load(&paths, Some(&fed.crl_path()), clock).unwrap();
+        let first = tls.config();
+        let spec = trmx_certs::IssueSpec::participant("NL-NRM");
+        let at = SystemTime::now() + Duration::from_secs(2 * 3600);
+        let info = fed.ca.issue_at(&spec, &node, true, at).unwrap();
+        assert!(same(&first, &tls.config()), "taken up hours early");
+        assert!(tls.current().refused.is_some());
+
+        // an hour on: still hours from valid, still refused
+        ahead.store(3600, Ordering::Relaxed);
+        assert!(same(&first, &tls.config()), "taken up an hour early");
+        assert!(tls.current().refused.is_some());
+
+        // valid now by this clock, the files unchanged
+        ahead.store(2 * 3600, Ordering::Relaxed);
+        assert!(!same(&first, &tls.config()), "not taken up once valid");
+        let current = tls.current();
+        assert_eq!(current.refused, None);
+        assert_eq!(
+            current.presented.as_ref().unwrap().serial_hex,
+            info.serial_hex
+        );
     }
 
     /// A held certificate is presented whatever the certificate and key files hold, with

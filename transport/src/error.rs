@@ -164,8 +164,9 @@ pub enum TransportError {
     /// [`trmx_certs::NOT_VALID_YET_WARN`]: a reload refuses it (the one in force stays),
     /// since every peer with a right clock would refuse it until then.
     #[error(
-        "certificate {}, {reason}; not taken up: the certificate in force stays (reload \
-         again once the clocks are right or the certificate is valid here)",
+        "certificate {}, {reason}; not taken up: the certificate in force stays until this \
+         one is at most 10 minutes from valid here (a broker then takes it up at its next \
+         reload, SIGHUP or `tls.crl_reload_interval`; a node at its next connection)",
         cert.display()
     )]
     NotValidYet {
