@@ -25,7 +25,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use futures::task::AtomicWaker;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -85,6 +85,9 @@ pub struct ReloadReport {
     pub generation: u64,
     /// The freshness of the CRL now loaded.
     pub crl: CrlStatus,
+    /// Why the certificate file's certificate was not taken up though the rest of the
+    /// reload was ([`TransportError::NotValidYet`]: the one in force stays; logged).
+    pub certificate_refused: Option<String>,
 }
 
 /// The server's TLS state: the current rustls config (swapped on reload) and the open
@@ -129,6 +132,9 @@ pub(crate) struct Loaded {
     /// How recent each loaded CRL is, so that a reload can refuse an older one.
     crl_versions: Vec<pem::CrlVersion>,
     generation: u64,
+    /// The certificate chain and key `config` presents, which a reload keeps when the
+    /// files' certificate is not valid yet.
+    certified: Arc<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 }
 
 impl Loaded {
@@ -216,21 +222,33 @@ fn build(
     policy: CrlPolicy,
     generation: u64,
     clock: &TlsClock,
-    reload: bool,
-) -> Result<Loaded, TransportError> {
+    in_force: Option<&Loaded>,
+) -> Result<(Loaded, Option<TransportError>), TransportError> {
     let roots = pem::roots(&paths.ca)?;
     let crls = crl.map(pem::crls).transpose()?;
-    let chain = pem::certs(TlsFile::Cert, &paths.cert)?;
-    let key = pem::key(&paths.key)?;
+    let mut chain = pem::certs(TlsFile::Cert, &paths.cert)?;
+    let mut key = pem::key(&paths.key)?;
     if let (Some(path), Some(crls)) = (crl, crls.as_ref()) {
         check_one_crl_per_ca(path, &crls.versions)?;
         check_crls_cover_cas(paths, path, crls)?;
     }
     check_own_certificate(paths, &roots, &chain, crl.zip(crls.as_ref()))?;
     // (at load, the caller's start applies this rule itself, with its config's names)
-    if reload && let Some(leaf) = chain.first() {
-        check_own_not_valid_yet(&paths.cert, leaf, clock.now(), "clients")?;
+    let mut refused = None;
+    if let Some(in_force) = in_force
+        && let Some(leaf) = chain.first()
+        && let Err(error) = check_own_not_valid_yet(&paths.cert, leaf, clock.now(), "clients")
+    {
+        // The CA and CRL files are taken up all the same, with the certificate in
+        // force: a renewal issued early must not hold back the revocations of a CRL
+        // installed beside it (it would, at every reload, until the certificate is valid).
+        let (in_force_chain, in_force_key) = &*in_force.certified;
+        chain = in_force_chain.clone();
+        key = in_force_key.clone_key();
+        check_own_certificate(paths, &roots, &chain, crl.zip(crls.as_ref()))?;
+        refused = Some(error);
     }
+    let certified = Arc::new((chain.clone(), key.clone_key()));
 
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider());
     let mut crl_next_update = None;
@@ -273,13 +291,17 @@ fn build(
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
 
-    Ok(Loaded {
-        config: Arc::new(config),
-        verifier,
-        crl_next_update,
-        crl_versions,
-        generation,
-    })
+    Ok((
+        Loaded {
+            config: Arc::new(config),
+            verifier,
+            crl_next_update,
+            crl_versions,
+            generation,
+            certified,
+        },
+        refused,
+    ))
 }
 
 /// Refuses a CRL file that holds two CRLs of one CA (a new CRL appended to the file, not
@@ -663,7 +685,7 @@ impl ServerTls {
         mut record: Option<CrlRecord>,
         clock: TlsClock,
     ) -> Result<ServerTls, TransportError> {
-        let loaded = build(paths, crl, crl_policy, 0, &clock, false)?;
+        let (loaded, _) = build(paths, crl, crl_policy, 0, &clock, None)?;
         if let (Some(record), Some(crl)) = (record.as_mut(), crl) {
             record.check(crl, &loaded.crl_versions)?;
             record.take(&loaded.crl_versions);
@@ -695,9 +717,11 @@ impl ServerTls {
     /// closed; those connections fail their next read or write at once.
     ///
     /// On error the old config stays in force and no connection is touched. A certificate
-    /// not valid yet by more than [`trmx_certs::NOT_VALID_YET_WARN`] is such an error
-    /// ([`TransportError::NotValidYet`]: every client with a right clock would refuse it);
-    /// within, it is taken up with a warning. A CRL older
+    /// not valid yet by more than [`trmx_certs::NOT_VALID_YET_WARN`] is not taken up
+    /// (every client with a right clock would refuse it), but the rest is: the certificate
+    /// in force goes on with the CA and CRL files as they are now, and
+    /// [`ReloadReport::certificate_refused`] says why ([`TransportError::NotValidYet`],
+    /// logged); within those minutes it is taken up with a warning. A CRL older
     /// than the one in force for the same CA (a lower `crlNumber`, or without one an
     /// earlier `thisUpdate`) is such an error: a crl.pem restored from a backup must not
     /// un-revoke certificates. So are another CRL under the number of the one in force (a
@@ -717,14 +741,15 @@ impl ServerTls {
         let mut reloads = self.inner.reloads();
         let in_force = self.inner.state.load_full();
         let generation = in_force.generation + 1;
-        let loaded = Arc::new(build(
+        let (loaded, refused) = build(
             &self.inner.paths,
             self.inner.crl_path.as_deref(),
             self.inner.policy,
             generation,
             &self.inner.clock,
-            true,
-        )?);
+            Some(&in_force),
+        )?;
+        let loaded = Arc::new(loaded);
         if let Some(crl) = self.inner.crl_path.as_deref() {
             check_crls_not_older(crl, &in_force.crl_versions, &loaded.crl_versions)?;
             if let Some(record) = &reloads.record {
@@ -775,6 +800,13 @@ impl ServerTls {
         closed.sort();
         let crl = self.crl_status();
         self.log_crl_status("tls config reloaded");
+        // (at every reload until it is taken up: a SIGHUP for the renewal must say so)
+        if let Some(error) = &refused {
+            tracing::warn!(
+                %error,
+                "the CA and CRL files are taken up, the renewed certificate is not"
+            );
+        }
         if !closed.is_empty() {
             tracing::info!(
                 closed_connections = closed.len(),
@@ -787,6 +819,7 @@ impl ServerTls {
             closed,
             generation,
             crl,
+            certificate_refused: refused.map(|error| error.to_string()),
         })
     }
 

@@ -702,3 +702,38 @@ fn a_save_refuses_a_crl_older_than_the_record_written_since_the_load() {
         .save_crl_record()
         .unwrap();
 }
+
+/// A reload that found a renewed server certificate not valid yet (beyond minutes) failed
+/// as a whole, and a CRL installed beside it was not taken up either: the certificates it
+/// revokes were let in at every reload until the renewal became valid. The CRL is in
+/// force now, with the certificate in force presented still.
+#[tokio::test]
+async fn a_reload_takes_up_the_crl_beside_a_certificate_not_valid_yet() {
+    let fx = Fixture::new();
+    let node = fx.fed.participant("NL-NRM").unwrap();
+    let bystander = fx.fed.participant("BE-PAYOKE").unwrap();
+    let server = Server::start(fx.server_tls(CrlPolicy::Warn), ListenerLimits::default()).await;
+    let node_config = client_config(&fx.paths(&node)).unwrap();
+    assert!(
+        raw_accepted(server.addr, node_config.clone())
+            .await
+            .unwrap()
+    );
+
+    let spec = trmx_certs::IssueSpec::broker(
+        "main",
+        vec!["localhost".to_owned()],
+        vec![std::net::IpAddr::from([127, 0, 0, 1])],
+    );
+    let at = SystemTime::now() + Duration::from_secs(2 * 3600);
+    fx.fed.ca.issue_at(&spec, &fx.broker, true, at).unwrap();
+    fx.fed.revoke(&node).unwrap();
+    let report = server.tls.reload().unwrap();
+    assert!(report.certificate_refused.is_some(), "{report:?}");
+
+    assert!(!raw_accepted(server.addr, node_config).await.unwrap());
+    // (a client with a right clock still accepts the certificate presented)
+    let other = client_config(&fx.paths(&bystander)).unwrap();
+    assert!(raw_accepted(server.addr, other).await.unwrap());
+    server.stop().await;
+}
