@@ -138,7 +138,6 @@ impl CertInfo {
         );
         Some(NotValidYet {
             warn_only: ahead <= NOT_VALID_YET_WARN,
-            minutes,
             span,
             message,
         })
@@ -156,8 +155,6 @@ pub const NOT_VALID_YET_WARN: Duration = Duration::from_secs(10 * 60);
 pub struct NotValidYet {
     /// Within [`NOT_VALID_YET_WARN`]: a warning, not a failure.
     pub warn_only: bool,
-    /// Minutes until it is valid here, rounded up.
-    pub minutes: u64,
     /// How long until it is valid here, for a reader: `3 second(s)` below a minute,
     /// else `4 minute(s)` (rounded up).
     pub span: String,
