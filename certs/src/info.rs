@@ -216,4 +216,39 @@ mod tests {
         assert_eq!(normalize_serial("0x00:9A:01"), "9a01");
         assert_eq!(normalize_serial("A01"), "0a01");
     }
+
+    /// The span a reader is told, and where a warning becomes a failure: 3 seconds read
+    /// "1 minute(s)" before, and a renewal issued at the CA's own time (its notBefore
+    /// [`crate::CLOCK_SKEW_ALLOWANCE`] back) must not be told at all.
+    #[test]
+    fn not_valid_yet_tells_seconds_below_a_minute_and_fails_beyond_the_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = crate::Federation::create(dir.path(), "trm.test").unwrap();
+        let node = fed.participant("NL-NRM").unwrap();
+        let info = CertInfo::from_pem_file(&node.cert).unwrap();
+        let before = |by: Duration| info.not_before - by;
+        assert_eq!(info.not_valid_yet(SystemTime::now(), "the broker"), None);
+        assert_eq!(info.not_valid_yet(info.not_before, "the broker"), None);
+
+        let soon = info
+            .not_valid_yet(before(Duration::from_secs(3)), "x")
+            .unwrap();
+        assert_eq!((soon.span.as_str(), soon.warn_only), ("3 second(s)", true));
+        assert!(
+            soon.message.contains(", 3 second(s) earlier"),
+            "{}",
+            soon.message
+        );
+        let at_limit = info.not_valid_yet(before(NOT_VALID_YET_WARN), "x").unwrap();
+        assert_eq!(
+            (at_limit.span.as_str(), at_limit.warn_only),
+            ("10 minute(s)", true)
+        );
+        let beyond = NOT_VALID_YET_WARN + Duration::from_secs(1);
+        let beyond = info.not_valid_yet(before(beyond), "x").unwrap();
+        assert_eq!(
+            (beyond.span.as_str(), beyond.warn_only),
+            ("11 minute(s)", false)
+        );
+    }
 }
