@@ -277,3 +277,37 @@ fn a_reload_refuses_its_own_certificate_not_valid_yet_beyond_minutes() {
     let report = tls.reload().unwrap();
     assert_eq!(report.certificate_refused, None, "refused minutes early");
 }
+
+/// After a reload refused a renewed certificate as not valid yet, a later reload (the
+/// interval's, with the files unchanged) takes it up once it is valid by the server's
+/// clock, the one `load_with_clock` was given: no second SIGHUP needed.
+#[test]
+fn a_later_reload_takes_up_the_certificate_once_valid_by_the_servers_clock() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, SystemTime};
+    let fx = Fixture::new();
+    let ahead = Arc::new(AtomicU64::new(0));
+    let clock = {
+        let ahead = Arc::clone(&ahead);
+        trmx_transport::TlsClock::new(move || {
+            SystemTime::now() + Duration::from_secs(ahead.load(Ordering::Relaxed))
+        })
+    };
+    let paths = fx.paths(&fx.broker);
+    let tls =
+        ServerTls::load_with_clock(&paths, Some(&fx.crl()), CrlPolicy::Warn, None, clock).unwrap();
+    let spec = trmx_certs::IssueSpec::broker(
+        "main",
+        vec!["localhost".to_owned()],
+        vec![std::net::IpAddr::from([127, 0, 0, 1])],
+    );
+    let at = SystemTime::now() + Duration::from_secs(2 * 3600);
+    fx.fed.ca.issue_at(&spec, &fx.broker, true, at).unwrap();
+    assert!(tls.reload().unwrap().certificate_refused.is_some());
+    assert!(tls.reload().unwrap().certificate_refused.is_some());
+
+    ahead.store(2 * 3600, Ordering::Relaxed);
+    let report = tls.reload().unwrap();
+    assert_eq!(report.certificate_refused, None);
+}
