@@ -1863,9 +1863,10 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "the CA directory is busy: {} is locked: something else works on the CA (a \
-                 trmx-certs run, or a program using the trmx-certs library) (its lock file says `{}`, a process still running unless that pid has been reused; \
-                 `fuser -v {0}` names the process that holds it); retry once it has finished",
+                "the CA directory is busy: {} is locked by another trmx-certs run or a \
+                 program using the trmx-certs library (its lock file says `{}`, a process \
+                 still running unless that pid has been reused; `fuser -v {0}` names the \
+                 process that holds it); retry once it has finished",
                 lock_file.display(),
                 owner.trim()
             )

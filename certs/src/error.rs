@@ -184,9 +184,10 @@ pub enum CertError {
         /// Why the CRL could not be written.
         cause: Box<CertError>,
     },
-    /// Another run (or program using this library) held the CA directory's lock for longer than [`crate::ca::LOCK_WAIT`].
+    /// Another run, or a program using this library, held the CA directory's lock for
+    /// longer than [`crate::ca::LOCK_WAIT`].
     #[error(
-        "the CA directory is busy: {0} is locked: something else works on the CA (a trmx-certs run, or a program using the trmx-certs library) ({owner}; `fuser -v {0}` names the process that holds it); retry once it has finished",
+        "the CA directory is busy: {0} is locked by another trmx-certs run or a program using the trmx-certs library ({owner}; `fuser -v {0}` names the process that holds it); retry once it has finished",
         path.display()
     )]
     Locked {
