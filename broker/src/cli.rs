@@ -643,6 +643,8 @@ async fn run_broker(
                         closed_connections = report.closed_connections,
                         closed = %report.closed.join(", "),
                         crl_stale = report.crl.stale,
+                        // (why is the WARN just before: not valid yet)
+                        certificate_refused = report.certificate_refused.is_some(),
                         "tls reloaded"
                     ),
                     Err(e) => warn!(error = %e, "tls reload failed, keeping the previous config"),

@@ -185,7 +185,7 @@ impl BrokerBuilder {
             cert: config.tls.cert.clone(),
             broker_name: broker_name.clone(),
         };
-        certs.record(&tls);
+        certs.record(&tls, false);
         let store = match store {
             Some(store) => store,
             None => open_store(&config, &metrics).await?,
@@ -435,7 +435,8 @@ impl RunningBroker {
     /// whose certificate no longer verifies (what SIGHUP does).
     pub fn reload_tls(&self) -> Result<ReloadReport, BrokerError> {
         let report = self.tls.reload().map_err(BrokerError::tls)?;
-        self.certs.record(&self.tls);
+        self.certs
+            .record(&self.tls, report.certificate_refused.is_some());
         Ok(report)
     }
 
@@ -877,8 +878,8 @@ async fn crl_reload_loop(
         let (tls, certs) = (tls.clone(), certs.clone());
         let reloaded = tokio::task::spawn_blocking(move || {
             let report = tls.reload();
-            if report.is_ok() {
-                certs.record(&tls);
+            if let Ok(report) = &report {
+                certs.record(&tls, report.certificate_refused.is_some());
             }
             report
         });
@@ -1010,12 +1011,17 @@ impl CertWatch {
     /// a CA dropped from `tls.ca` at the end of a rollover (or a broker certificate renewed
     /// under another name) must not keep `/readyz` 503 once it expires. A file that cannot
     /// be read leaves its entries as they were (the reload that just succeeded read it).
-    fn record(&self, tls: &ServerTls) {
+    ///
+    /// `own_refused`: the reload kept the broker certificate in force and refused the
+    /// file's (not valid yet, [`ReloadReport::certificate_refused`]); its entry stays
+    /// the one in force, since the file's is not what peers see.
+    fn record(&self, tls: &ServerTls, own_refused: bool) {
         match ca_expiries(&self.ca) {
             Ok(cas) => self.metrics.replace_cert_expiries(CertRole::Ca, cas),
             Err(error) => warn!(%error, "cannot read the CA certificate's expiry"),
         }
         match trmx_certs::CertInfo::from_pem_file(&self.cert) {
+            Ok(_) if own_refused => {}
             Ok(info) => {
                 let name = info.identity.broker().unwrap_or(&self.broker_name);
                 let held = HeldCert {

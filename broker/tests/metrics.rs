@@ -691,6 +691,38 @@ async fn failed_handshakes_are_counted_by_reason() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A renewed broker certificate not valid yet (hours ahead) is refused by a reload, which
+/// keeps the one in force; the broker certificate's expiry gauge was taken from the file
+/// all the same, so `/metrics` showed the expiry of a certificate no peer sees, and the
+/// alert on the one in force could stay silent until it expired. The gauge keeps the
+/// certificate in force.
+#[tokio::test]
+async fn a_refused_renewal_leaves_the_expiry_gauge_on_the_certificate_in_force()
+-> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let admin = admin_addr(&t)?;
+    let series = "trmx_certificate_expiry_seconds{role=\"broker\",name=\"test-1\"}";
+    let before = Scrape::take(admin).await?.value(series);
+    let spec = trmx_certs::IssueSpec::broker(
+        "test-1",
+        vec!["localhost".to_owned()],
+        vec![std::net::IpAddr::from([127, 0, 0, 1])],
+    );
+    let renewal = trmx_certs::CertPaths::from_prefix(&t.pki.tls.cert.with_extension("renewal"));
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(30 * 86_400);
+    t.pki.federation.ca.issue_at(&spec, &renewal, true, ahead)?;
+    std::fs::copy(&renewal.cert, &t.config.tls.cert)?;
+    std::fs::copy(&renewal.key, &t.config.tls.key)?;
+    let report = t.broker.reload_tls()?;
+    assert!(report.certificate_refused.is_some(), "{report:?}");
+    let after = Scrape::take(admin).await?.value(series);
+    assert!(
+        (after - before).abs() < 3_600.0,
+        "the gauge moved from {before} to {after}: it shows the refused certificate"
+    );
+    Ok(())
+}
+
 /// The broker checks client certificates on its own time, as it makes every other
 /// decision: that time holds through a jump of the system clock (see
 /// `lifecycle::a_jump_of_the_system_clock_expires_nothing_until_a_restart`), so a clock
