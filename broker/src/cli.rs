@@ -240,15 +240,9 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
     };
     let config_path = source.path.as_path();
-    let mut config = BrokerConfig::load(config_path)?;
-    if let Some(listen) = source.listen {
-        config.listen = listen;
-    }
+    let config = source.read()?;
     // (a --data-dir is the operator's own, given where they stand)
     refuse_paths_beside_the_config(&config, config_path, source.data_dir.is_some())?;
-    if let Some(data_dir) = &source.data_dir {
-        config.data_dir = data_dir.clone();
-    }
     // (check-config refuses it too: a typo is a silent broker)
     let log_filter = args.log_filter(std::env::var_os("TRMX_LOG"))?;
     if check_only {
@@ -305,9 +299,8 @@ struct ConfigSource {
 }
 
 impl ConfigSource {
-    /// The config the broker would start with now: the file, validated, with the flags
-    /// applied.
-    fn load(&self) -> anyhow::Result<BrokerConfig> {
+    /// The file's config with the flags applied, as the start reads it.
+    fn read(&self) -> anyhow::Result<BrokerConfig> {
         let mut config = BrokerConfig::load(&self.path)?;
         if let Some(listen) = self.listen {
             config.listen = listen;
@@ -315,6 +308,12 @@ impl ConfigSource {
         if let Some(data_dir) = &self.data_dir {
             config.data_dir = data_dir.clone();
         }
+        Ok(config)
+    }
+
+    /// The config the broker would start with now: [`Self::read`], validated.
+    fn load(&self) -> anyhow::Result<BrokerConfig> {
+        let config = self.read()?;
         config.validate()?;
         Ok(config)
     }
