@@ -1897,6 +1897,14 @@ mod tests {
         SledStore::open(dir, SledOptions::default(), Lifecycle::default()).unwrap()
     }
 
+    /// The store's sled database opened raw, to damage it as a torn write or a bad
+    /// restore would. Through `open_sled`, as the store opens it: sled's I/O threads let
+    /// go of the directory lock a moment after a closed store is dropped, and a plain
+    /// `sled::open` right after fails now and then on a busy host.
+    fn raw_db(dir: &std::path::Path) -> ::sled::Db {
+        trmx_durable::open_sled(&::sled::Config::new().path(dir)).unwrap()
+    }
+
     /// The store's flushes take the process's one flush turn (`trmx_durable::flush_sled`),
     /// the one a node's store takes too: two sled 0.34 flushes at once (tests run a broker
     /// and nodes in one process) can hang both for good. A submit is not answered while
@@ -1951,7 +1959,7 @@ mod tests {
         }
         s.close().await.unwrap();
         drop(s);
-        let db = ::sled::open(dir).unwrap();
+        let db = raw_db(dir);
         let records = db.open_tree("records").unwrap();
         records
             .insert(seqs[0].to_be_bytes(), &b"\xffnot a record"[..])
@@ -2151,7 +2159,7 @@ mod tests {
         assert_eq!(leased.len(), n);
         s.close().await.unwrap();
         drop(s);
-        let db = ::sled::open(dir).unwrap();
+        let db = raw_db(dir);
         db.open_tree("leased")
             .unwrap()
             .insert(leased[0].1.to_be_bytes(), &b"xx"[..])
@@ -2229,7 +2237,7 @@ mod tests {
         drop(s);
         for _ in 0..2 {
             {
-                let db = ::sled::open(dir.path()).unwrap();
+                let db = raw_db(dir.path());
                 db.open_tree("leased")
                     .unwrap()
                     .insert(&[1u8, 2, 3][..], &b"xx"[..])
@@ -2259,7 +2267,7 @@ mod tests {
         s.close().await.unwrap();
         drop(s);
         {
-            let db = ::sled::open(dir.path()).unwrap();
+            let db = raw_db(dir.path());
             // sorts before every real timer key
             db.open_tree("timers")
                 .unwrap()
@@ -2293,7 +2301,7 @@ mod tests {
             drop(s);
             {
                 // rewrite the lease as an older broker stored it
-                let db = ::sled::open(dir.path()).unwrap();
+                let db = raw_db(dir.path());
                 let key = seq.to_be_bytes();
                 let entry = db
                     .open_tree("leased")
@@ -2347,7 +2355,7 @@ mod tests {
             assert_eq!((stats[0].depth, stats[0].in_flight), (0, 1));
             s.close().await.unwrap();
             drop(s);
-            let db = ::sled::open(dir.path()).unwrap();
+            let db = raw_db(dir.path());
             assert!(db.open_tree(legacy_tree).unwrap().is_empty());
         }
     }
@@ -2800,7 +2808,7 @@ mod tests {
         s.close().await.unwrap();
         drop(s);
         let as_before = |earlier_run: Option<Millis>| {
-            let db = ::sled::open(dir.path()).unwrap();
+            let db = raw_db(dir.path());
             for (seq, payload) in [receipt, rejected_seq].into_iter().zip(&payloads) {
                 keep_payload_as_before(&db, seq, payload, dlr);
             }
@@ -2961,7 +2969,7 @@ mod tests {
         drop(s);
         for again in [false, true, false] {
             {
-                let db = ::sled::open(dir.path()).unwrap();
+                let db = raw_db(dir.path());
                 let meta = db.open_tree("meta").unwrap();
                 if again {
                     let mark = std::env::var("TRMX_MARK").unwrap_or_default();
@@ -3058,7 +3066,7 @@ mod tests {
         s.close().await.unwrap();
         drop(s);
         let marks = |dir: &std::path::Path| {
-            let db = ::sled::open(dir).unwrap();
+            let db = raw_db(dir);
             let meta = db.open_tree("meta").unwrap();
             [BACKOFF_INDEXED_KEY, UNUSABLE_PAYLOADS_DROPPED_KEY]
                 .map(|key| in_step(&meta, key).unwrap())
@@ -3067,7 +3075,7 @@ mod tests {
         assert_eq!(marks(dir.path()), [true, true], "a mark left out of step");
         {
             // an earlier version ran since: it marks its runs, not the passes
-            let db = ::sled::open(dir.path()).unwrap();
+            let db = raw_db(dir.path());
             db.open_tree("meta")
                 .unwrap()
                 .insert(b"running_at", &(NOW + 120_000).to_be_bytes()[..])
@@ -3275,7 +3283,7 @@ mod tests {
         drop(s);
         {
             // as a broker before the index left it
-            let db = ::sled::open(dir.path()).unwrap();
+            let db = raw_db(dir.path());
             db.drop_tree("backoff").unwrap();
             db.open_tree("meta")
                 .unwrap()
@@ -3294,7 +3302,7 @@ mod tests {
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
         {
-            let db = ::sled::open(dir.path()).unwrap();
+            let db = raw_db(dir.path());
             db.open_tree("backoff").unwrap().clear().unwrap();
             db.flush().unwrap();
         }
@@ -3375,7 +3383,7 @@ mod tests {
         {
             // an entry the interrupted pass wrote while it was backing off,
             // and no mark that the index is complete
-            let db = ::sled::open(dir.path()).unwrap();
+            let db = raw_db(dir.path());
             db.open_tree("backoff")
                 .unwrap()
                 .insert(
@@ -3409,7 +3417,7 @@ mod tests {
         s.close().await.unwrap();
         drop(s);
         {
-            let db = ::sled::open(dir.path()).unwrap();
+            let db = raw_db(dir.path());
             db.open_tree("records")
                 .unwrap()
                 .insert(&b"bad"[..], &b"\xffnot a record"[..])
@@ -3534,7 +3542,7 @@ mod tests {
         drop(s);
         crate::store::compact_offline(&data, Some(&copy)).unwrap();
         {
-            let db = ::sled::open(&copy).unwrap();
+            let db = raw_db(&copy);
             let meta = db.open_tree("meta").unwrap();
             assert!(meta.get(BACKOFF_INDEXED_KEY).unwrap().is_some());
             let backoff = db.open_tree("backoff").unwrap();
@@ -3564,7 +3572,7 @@ mod tests {
         {
             // the earlier version: a later run marked, and an entry it left
             // behind for the message, now due (its backoff ended)
-            let db = ::sled::open(dir.path()).unwrap();
+            let db = raw_db(dir.path());
             db.open_tree("meta")
                 .unwrap()
                 .insert(b"running_at", &(NOW + 60_000).to_be_bytes()[..])
