@@ -51,6 +51,9 @@ pub(crate) struct FakeState {
     /// Outcomes `Ack` answers with besides the real ones: `NOT_FOUND` for this many
     /// ids never acknowledged (a broken broker's answer).
     pub(crate) ack_answer_junk: usize,
+    /// `Ack` answers `NOT_FOUND` for the ids acknowledged, as a broker does for a
+    /// delivery that went final (dead-lettered, withdrawn, purged) before the ack.
+    pub(crate) ack_not_found: bool,
     /// How many `Ack`s to answer `RESOURCE_EXHAUSTED` (the participant over its share of
     /// requests in progress) before acknowledging; counted down by each.
     pub(crate) ack_refusals: usize,
@@ -497,6 +500,13 @@ impl Exchange for Endpoint {
             let original = {
                 let mut st = self.broker.lock();
                 st.acked.push(id.clone());
+                if st.ack_not_found {
+                    results.push(pb::AckOutcome {
+                        message_id: id,
+                        result: pb::AckResult::NotFound as i32,
+                    });
+                    continue;
+                }
                 st.accepted.get(&id).cloned()
             };
             if let Some(original) = original

@@ -819,8 +819,18 @@ async fn ack(
                 .iter()
                 .find(|outcome| outcome.message_id == asked)
                 .map(|outcome| outcome.result);
-            if result != Some(pb::AckResult::Acknowledged as i32) {
-                warn!(participant = %me, message_id = %message_id, result = ?result, outcomes = response.results.len(), "ack not applied");
+            match result.map(pb::AckResult::try_from) {
+                Some(Ok(pb::AckResult::Acknowledged)) => {}
+                // The broker's record of the message went final while this node stored
+                // it: the node keeps what it stored (the broker's redrive of it would be
+                // the same message), but the two sides now tell different stories, and
+                // only an operator can square them with the sender.
+                Some(Ok(pb::AckResult::NotFound)) => {
+                    warn!(participant = %me, message_id = %message_id, "ack not applied: the broker no longer had this delivery in flight (it was dead-lettered, withdrawn or purged while this node stored it); the message is kept here, though its sender may have been told it was not delivered");
+                }
+                _ => {
+                    warn!(participant = %me, message_id = %message_id, result = ?result, outcomes = response.results.len(), "ack not applied");
+                }
             }
         }
         Ok(Err(status)) => {

@@ -4446,6 +4446,39 @@ mod link {
         assert!(logs.lines_with(&["ack not applied"]).len() <= 1);
     }
 
+    /// An ack the broker answers `NOT_FOUND` (the delivery went final there while the
+    /// node stored it) is told as what it means: the message is kept, and the sender may
+    /// have been told otherwise.
+    #[tokio::test]
+    async fn an_ack_answered_not_found_says_the_message_is_kept_but_went_final_there() {
+        let logs = LogCapture::start();
+        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
+        broker.lock().ack_not_found = true;
+        let id = MessageId::new_v7();
+        broker.enqueue(
+            referral_to_be(id.to_string(), referral().encode()),
+            "NL-NRM",
+        );
+        until("the message is stored and acknowledged", || async {
+            broker.lock().acked.contains(&id.to_string())
+        })
+        .await;
+        until("the ack's answer is logged", || async {
+            !logs.lines_with(&["ack not applied"]).is_empty()
+        })
+        .await;
+        let told = logs.lines_with(&["ack not applied"]);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(
+            told[0].contains("no longer had this delivery in flight")
+                && told[0].contains("the message is kept here"),
+            "{}",
+            told[0]
+        );
+        assert_eq!(be.inbox(&ListFilter::default()).await.unwrap().len(), 1);
+        be.shutdown().await;
+    }
+
     /// An ack the broker refused for want of room (the participant had its share of
     /// requests in progress there) was left to the redelivery after the ack timeout,
     /// which counts an attempt towards dead-lettering a message stored here. The node now
