@@ -1324,7 +1324,12 @@ pub(crate) async fn store_receipt(
     let effect = inner
         .blocking(move || store.apply_receipt(original, failure, at))
         .await?;
+    // (said here, not by the caller: a receipt and a settle from the broker's status
+    // both come this way)
     match effect {
+        ReceiptEffect::DeliveredDespiteWithdrawal => {
+            warn!(participant = %me, message_id = %original, "a message withdrawn here was delivered: its recipient's node stored it before the withdrawal took effect on the broker (or the broker's store was restored from before it); its entry shows delivered");
+        }
         // (once per message and outcome: its record keeps that it was said)
         ReceiptEffect::Contradicted { state, first: true } => {
             warn!(participant = %me, message_id = %original, outcome = %outcome, state = %state, "a report of the broker (a receipt, or its status) contradicts the first final report of this message (a broken broker, or a damaged broker store): the first report stands and keeps the entry's state; the entry lists the contradiction (`trmx-node show`)");
@@ -1427,11 +1432,8 @@ async fn handle_delivery(
                 ReceiptEffect::Moved(state) => {
                     info!(participant = %me, message_id = %original, receipt_kind = %kind, state = %state, reason_code = %reason_code, "receipt applied");
                 }
-                ReceiptEffect::DeliveredDespiteWithdrawal => {
-                    warn!(participant = %me, message_id = %original, receipt_kind = %kind, "a message withdrawn here was delivered: its recipient's node stored it before the withdrawal took effect on the broker (or the broker's store was restored from before it); its entry shows delivered");
-                }
                 // (said by `store_receipt`)
-                ReceiptEffect::Contradicted { .. } => {}
+                ReceiptEffect::DeliveredDespiteWithdrawal | ReceiptEffect::Contradicted { .. } => {}
                 ReceiptEffect::Ignored(state) => {
                     debug!(participant = %me, message_id = %original, receipt_kind = %kind, state = %state, "receipt does not change the state");
                 }

@@ -980,6 +980,7 @@ async fn a_receipt_from_a_broker_whose_clock_is_days_ahead_is_taken_as_of_its_ar
 /// a caseworker who withdrew a misaddressed message learns that it arrived all the same.
 #[tokio::test]
 async fn a_withdrawn_message_that_was_delivered_says_so() {
+    let logs = LogCapture::start();
     let f = fixture().await;
     let sent =
         f.nl.send(request("k-1", "BE-PAYOKE", referral()))
@@ -995,6 +996,9 @@ async fn a_withdrawn_message_that_was_delivered_says_so() {
     )
     .await;
     assert_eq!(effect, ReceiptEffect::DeliveredDespiteWithdrawal);
+    let id_text = id.to_string();
+    let told = logs.lines_with(&["withdrawn here was delivered", &id_text]);
+    assert_eq!(told.len(), 1, "{told:?}");
     let entry = f.nl.outbox(&ListFilter::default()).await.unwrap().remove(0);
     assert_eq!(entry.state, OutboxState::Delivered);
     assert!(
@@ -1011,6 +1015,11 @@ async fn a_withdrawn_message_that_was_delivered_says_so() {
     )
     .await;
     assert_eq!(effect, ReceiptEffect::Ignored(OutboxState::Delivered));
+    assert_eq!(
+        logs.lines_with(&["withdrawn here was delivered", &id_text])
+            .len(),
+        1
+    );
 }
 
 /// A message withdrawn here while the broker was out of reach, whose delivery receipt
