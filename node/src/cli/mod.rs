@@ -87,7 +87,8 @@ pub enum Command {
         /// Filters.
         #[command(flatten)]
         filter: FilterArgs,
-        /// Only messages in this state: queued, submitted, delivered, failed.
+        /// Only messages in this state: queued, submitted (listed as "at the broker"),
+        /// delivered, failed (withdrawn messages included).
         #[arg(long, value_parser = parse_state)]
         state: Option<pb::OutboxState>,
     },
@@ -209,13 +210,25 @@ fn parse_kind(value: &str) -> Result<Kind, String> {
         })
 }
 
+/// An outbox state as `--state` takes it: the API's names and the table's words
+/// (`at the broker`), in any case, with spaces, `-` or `_` between words. A withdrawn
+/// message is a failed one (the API filters by state, not by outcome): `withdrawn` is
+/// answered with where to look.
 fn parse_state(value: &str) -> Result<pb::OutboxState, String> {
-    match value.trim().to_ascii_lowercase().as_str() {
+    let words: Vec<String> = value
+        .split(|c: char| c.is_whitespace() || c == '-' || c == '_')
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    match words.join(" ").as_str() {
         "queued" => Ok(pb::OutboxState::Queued),
-        "submitted" => Ok(pb::OutboxState::Submitted),
+        "submitted" | "at the broker" => Ok(pb::OutboxState::Submitted),
         "delivered" => Ok(pb::OutboxState::Delivered),
         "failed" => Ok(pb::OutboxState::Failed),
-        _ => Err("expected queued, submitted, delivered or failed".to_owned()),
+        "withdrawn" => Err(
+            "withdrawn messages are failed ones (outcome withdrawn): use --state failed".to_owned(),
+        ),
+        _ => Err("expected queued, submitted (at-the-broker), delivered or failed".to_owned()),
     }
 }
 
@@ -1346,4 +1359,28 @@ pub fn default_idempotency_key(content: &[u8], args: &SendArgs) -> String {
     let digest = trmx_proto::envelope::sha256(&input);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("cli:{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--state` takes the words the outbox table shows as well as the API's names, and
+    /// tells where withdrawn messages are.
+    #[test]
+    fn the_state_filter_takes_the_table_s_words() {
+        for said in [
+            "submitted",
+            "at the broker",
+            "at-the-broker",
+            " At_The_Broker ",
+        ] {
+            assert_eq!(parse_state(said), Ok(pb::OutboxState::Submitted), "{said}");
+        }
+        assert_eq!(parse_state("FAILED"), Ok(pb::OutboxState::Failed));
+        let withdrawn = parse_state("withdrawn").unwrap_err();
+        assert!(withdrawn.contains("--state failed"), "{withdrawn}");
+        let wrong = parse_state("at broker").unwrap_err();
+        assert!(wrong.contains("at-the-broker"), "{wrong}");
+    }
 }
