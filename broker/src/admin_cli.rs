@@ -323,7 +323,7 @@ fn check_connection_flags(args: &AdminArgs) -> Result<(), AdminError> {
     // (--cert and --key swapped: the transport would say "not a PEM certificate"; a file
     // holding both, a bundle some operators keep, is no swap)
     let key_only = |path: &std::path::Path| {
-        std::fs::read(path).is_ok_and(|bytes| {
+        trmx_certs::pem::read_regular_file(path, "certificate").is_ok_and(|bytes| {
             let text = String::from_utf8_lossy(&bytes);
             text.contains(" PRIVATE KEY-----") && !text.contains("-----BEGIN CERTIFICATE-----")
         })

@@ -9,9 +9,58 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 
 use crate::CertError;
 
-/// Reads a whole file, naming it (and what it is) in the error.
+/// Reads a whole file, naming it (and what it is) in the error. A path that names no
+/// regular file is refused ([`read_regular_file`]).
 pub(crate) fn read(what: &str, path: &Path) -> Result<Vec<u8>, CertError> {
-    std::fs::read(path).map_err(|e| CertError::io(format!("read {what}"), path, e))
+    read_regular_file(path, what).map_err(|e| CertError::io(format!("read {what}"), path, e))
+}
+
+/// Reads the whole of a certificate, CA or CRL file, `what` naming it in the error when
+/// the path names something other than a regular file. A FIFO is not waited on: opening
+/// one for reading waits for a writer, and a path set to one by mistake hung the start of
+/// a broker or node with no word. (The private key has its own checks: [`read_key_file`].)
+pub fn read_regular_file(path: &Path, what: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let (mut file, _) = open_regular_file(path, &format!("the {what} file"), "")?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Opens `path` for reading without waiting, and refuses it unless it is a regular file,
+/// naming what to give instead (`expected`, then `hint`). The metadata is the file's
+/// opened, not of what the path names a moment later.
+fn open_regular_file(
+    path: &Path,
+    expected: &str,
+    hint: &str,
+) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Non-blocking: opening a FIFO for reading waits for a writer; it is opened at once
+    // and refused below. (A regular file ignores the flag.)
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+    {
+        Ok(file) => file,
+        // (a socket cannot be opened at all: "No such device or address" said nothing of
+        // what the path names)
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => {
+            return Err(match std::fs::metadata(path) {
+                Ok(metadata) if !metadata.is_file() => {
+                    not_a_regular_file(path, &metadata, expected, hint)
+                }
+                _ => e,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(not_a_regular_file(path, &metadata, expected, hint));
+    }
+    Ok((file, metadata))
 }
 
 /// Permission bits a private key file may not have: any access by other users, and
@@ -56,32 +105,13 @@ pub fn read_key_file(path: &Path) -> std::io::Result<KeyFile> {
 /// the group only names the fix in the error).
 fn read_key_file_as(path: &Path, me: u32, my_group: u32) -> std::io::Result<KeyFile> {
     use std::io::Read as _;
-    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
-    // Non-blocking: opening a FIFO for reading waits for a writer, so a key path that names
-    // one hung the start with no word; it is opened at once and refused below. (A regular
-    // file ignores the flag.)
-    let mut file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)
-    {
-        Ok(file) => file,
-        // (a socket cannot be opened at all: "No such device or address" said nothing of
-        // what the path names)
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => {
-            return Err(match std::fs::metadata(path) {
-                Ok(metadata) if !metadata.is_file() => not_a_regular_file(path, &metadata),
-                _ => e,
-            });
-        }
-        Err(e) => return Err(e),
-    };
-    // (the type, mode and owner of the file opened and read, not of what the path names
-    // later)
-    let metadata = file.metadata()?;
-    if !metadata.is_file() {
-        return Err(not_a_regular_file(path, &metadata));
-    }
+    use std::os::unix::fs::MetadataExt as _;
+    // (not waited on when a FIFO: a key path that named one hung the start with no word)
+    let (mut file, metadata) = open_regular_file(
+        path,
+        "the private key file",
+        " (a PEM file of mode 600 owned by the user this runs as)",
+    )?;
     let mode = metadata.mode() & 0o7777;
     if mode & KEY_MODE_FORBIDDEN != 0 {
         return Ok(KeyFile::Exposed { mode });
@@ -132,9 +162,14 @@ fn read_key_file_as(path: &Path, me: u32, my_group: u32) -> std::io::Result<KeyF
     Ok(KeyFile::Read(bytes))
 }
 
-/// The error for a key path that names something other than a regular file: what it is
-/// and what to give instead (a directory was called "mode 0755 lets other users read it").
-fn not_a_regular_file(path: &Path, metadata: &std::fs::Metadata) -> std::io::Error {
+/// The error for a path that names something other than a regular file: what it is and
+/// what to give instead (a directory was called "mode 0755 lets other users read it").
+fn not_a_regular_file(
+    path: &Path,
+    metadata: &std::fs::Metadata,
+    expected: &str,
+    hint: &str,
+) -> std::io::Error {
     use std::os::unix::fs::FileTypeExt as _;
     let kind = metadata.file_type();
     let what = if kind.is_dir() {
@@ -150,17 +185,14 @@ fn not_a_regular_file(path: &Path, metadata: &std::fs::Metadata) -> std::io::Err
     } else {
         "not a regular file"
     };
+    let within = if kind.is_dir() {
+        format!(" in {}", path.display())
+    } else {
+        String::new()
+    };
     std::io::Error::new(
         std::io::ErrorKind::InvalidInput,
-        format!(
-            "it is {what}, not a regular file: give the path of the private key file{} (a \
-             PEM file of mode 600 owned by the user this runs as)",
-            if kind.is_dir() {
-                format!(" in {}", path.display())
-            } else {
-                String::new()
-            }
-        ),
+        format!("it is {what}, not a regular file: give the path of {expected}{within}{hint}"),
     )
 }
 
@@ -857,13 +889,16 @@ mod tests {
         );
     }
 
-    /// A key path naming a FIFO blocked the open until something wrote to it: a start that
-    /// hung without a word. It is refused at once, saying what it is.
-    #[test]
-    fn a_fifo_given_as_the_key_is_refused_without_waiting_for_a_writer() {
+    /// What `read` answers for a FIFO made at `name` in a new directory, run on a thread.
+    /// (A reader blocked in its open is let go by a writer: it then reads nothing and the
+    /// test fails on what it returned, instead of hanging.)
+    fn read_of_a_fifo<T: Send + 'static>(
+        name: &str,
+        read: fn(&Path) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("k.key");
+        let fifo = dir.path().join(name);
         rustix::fs::mknodat(
             rustix::fs::CWD,
             &fifo,
@@ -874,10 +909,8 @@ mod tests {
         .unwrap();
         let reader = {
             let fifo = fifo.clone();
-            std::thread::spawn(move || read_key_file(&fifo))
+            std::thread::spawn(move || read(&fifo))
         };
-        // (a reader blocked in its open is let go by a writer: it then reads nothing and
-        // the test fails on what it returned, instead of hanging)
         while !reader.is_finished() {
             let writer = std::fs::OpenOptions::new()
                 .write(true)
@@ -888,13 +921,39 @@ mod tests {
             }
             std::thread::yield_now();
         }
-        let e = reader.join().unwrap().unwrap_err();
+        reader.join().unwrap()
+    }
+
+    /// A key path naming a FIFO blocked the open until something wrote to it: a start that
+    /// hung without a word. It is refused at once, saying what it is.
+    #[test]
+    fn a_fifo_given_as_the_key_is_refused_without_waiting_for_a_writer() {
+        let e = read_of_a_fifo("k.key", read_key_file).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
         assert!(
             e.to_string()
                 .starts_with("it is a FIFO (named pipe), not a regular file: give the path"),
             "{e}"
         );
+    }
+
+    /// So was a certificate, CA or CRL path naming one (read by a broker's or node's
+    /// start, and by this crate's commands): refused at once too, naming the file wanted.
+    #[test]
+    fn a_fifo_given_as_a_certificate_is_refused_without_waiting_for_a_writer() {
+        let e =
+            read_of_a_fifo("ca.pem", |path| read_regular_file(path, "CA certificate")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        assert_eq!(
+            e.to_string(),
+            "it is a FIFO (named pipe), not a regular file: give the path of the CA \
+             certificate file"
+        );
+        let e = read_of_a_fifo("crl.pem", |path| {
+            read("CRL", path).map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("a FIFO (named pipe)"), "{e}");
     }
 
     /// A key path that is a symbolic link (a Kubernetes secret volume's `tls.key ->

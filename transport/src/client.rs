@@ -611,7 +611,7 @@ type Stamp = u64;
 
 fn stamp(path: &Path) -> Option<Stamp> {
     use std::hash::{Hash as _, Hasher as _};
-    let bytes = std::fs::read(path).ok()?;
+    let bytes = trmx_certs::pem::read_regular_file(path, "TLS").ok()?;
     let mut hasher = std::hash::DefaultHasher::new();
     bytes.hash(&mut hasher);
     Some(hasher.finish())

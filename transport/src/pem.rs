@@ -11,11 +11,14 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 
 use crate::{TlsFile, TransportError};
 
+/// (not waited on when the path names a FIFO: [`trmx_certs::pem::read_regular_file`])
 fn read(file: TlsFile, path: &Path) -> Result<Vec<u8>, TransportError> {
-    std::fs::read(path).map_err(|error| TransportError::Read {
-        file,
-        path: path.to_owned(),
-        error,
+    trmx_certs::pem::read_regular_file(path, &file.to_string()).map_err(|error| {
+        TransportError::Read {
+            file,
+            path: path.to_owned(),
+            error,
+        }
     })
 }
 
@@ -291,6 +294,20 @@ fn crl_next_update(path: PathBuf, der: &[u8]) -> Result<SystemTime, TransportErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The TLS files are read as regular files only (a FIFO would hang the start: see
+    /// `trmx_certs::pem::read_regular_file`), and the error names the file wanted.
+    #[test]
+    fn a_tls_file_path_naming_no_regular_file_says_which_file_it_wants() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = certs(TlsFile::Ca, dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "it is a directory, not a regular file: give the path of the CA certificate file"
+            ),
+            "{e}"
+        );
+    }
 
     fn version(number: Option<u32>, this_update: i64) -> CrlVersion {
         CrlVersion {
