@@ -275,10 +275,17 @@ fn run(args: ServerArgs, check_only: bool) -> anyhow::Result<()> {
     // A certificate not valid yet fails every handshake with the nodes: the rule of
     // check-config (an error beyond minutes, a warning within). A certificate that cannot
     // be read is left to the start, which names the file and the problem.
-    if let Ok(info) = trmx_certs::CertInfo::from_pem_file(&config.tls.cert)
-        && let Some((warning, _)) = not_valid_yet(&config, &info, std::time::SystemTime::now())?
-    {
-        tracing::warn!("{warning}");
+    // An expired one is check-config's error too, but the broker starts all the same and
+    // says it at ERROR: a renewed certificate installed then is taken up by a reload
+    // (SIGHUP), and the admin endpoint keeps the expiry on the dashboard meanwhile.
+    if let Ok(info) = trmx_certs::CertInfo::from_pem_file(&config.tls.cert) {
+        let now = std::time::SystemTime::now();
+        if let Some((warning, _)) = not_valid_yet(&config, &info, now)? {
+            tracing::warn!("{warning}");
+        }
+        if let Some(expired) = expired(&config, &info, now) {
+            tracing::error!("{expired}");
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -480,13 +487,10 @@ fn certificate_validity(
     if let Some((warning, _)) = &not_yet {
         eprintln!("warning: {warning}");
     }
-    let Ok(left) = info.not_after.duration_since(now) else {
-        anyhow::bail!(
-            "config: {what} expired on {until}: every node refuses the broker; renew it at the \
-             CA (`trmx-certs renew`), install it here and reload (`systemctl reload \
-             trmx-broker`)"
-        );
-    };
+    if let Some(expired) = expired(config, &info, now) {
+        anyhow::bail!("config: {expired}");
+    }
+    let left = info.not_after.duration_since(now).unwrap_or_default();
     let days = left.as_secs() / 86_400;
     if days < CERT_WARN_DAYS {
         eprintln!(
@@ -505,6 +509,23 @@ fn certificate_validity(
         "{}, serial {}{from}, expires {until} (in {days} days)",
         info.identity, info.serial_hex
     ))
+}
+
+/// The broker certificate expired by this machine's clock, told with what to do: every
+/// node refuses the broker until a renewed one is installed.
+fn expired(
+    config: &BrokerConfig,
+    info: &trmx_certs::CertInfo,
+    now: std::time::SystemTime,
+) -> Option<String> {
+    (info.not_after < now).then(|| {
+        format!(
+            "{} expired on {}: every node refuses the broker; renew it at the CA (`trmx-certs \
+             renew`), install it here and reload (`systemctl reload trmx-broker`)",
+            certificate_named(config, info),
+            trmx_certs::format_time(info.not_after)
+        )
+    })
 }
 
 /// `tls.cert: the broker certificate PATH (IDENTITY, serial SERIAL)`.

@@ -1706,7 +1706,9 @@ fn relative_paths_that_only_exist_beside_the_config_are_refused() -> anyhow::Res
 
 /// `run` started with a broker certificate hours from valid (by this clock), and every
 /// node refused it at the handshake; only `check-config` said it. It is refused now with
-/// check-config's message, naming both clocks; minutes ahead start with a warning.
+/// check-config's message, naming both clocks; minutes ahead start with a warning. One
+/// that has expired was started in silence: it starts (a renewal is taken up by a reload)
+/// with check-config's error at ERROR.
 #[tokio::test]
 async fn run_refuses_a_broker_certificate_not_valid_yet_and_warns_within_minutes()
 -> anyhow::Result<()> {
@@ -1714,17 +1716,17 @@ async fn run_refuses_a_broker_certificate_not_valid_yet_and_warns_within_minutes
     let pki = Pki::create(dir.path())?;
     let now = std::time::SystemTime::now();
     let ready = dir.path().join("ready");
-    let start = |ahead: Duration| {
+    let start_issued = |issued_at: std::time::SystemTime, validity_days: u32| {
         let paths = trmx_certs::CertPaths::from_prefix(&dir.path().join("broker-ahead"));
-        let spec = trmx_certs::IssueSpec::broker(
-            "test-1",
-            vec!["localhost".to_owned()],
-            vec![std::net::IpAddr::from([127, 0, 0, 1])],
-        );
-        let info = pki
-            .federation
-            .ca
-            .issue_at(&spec, &paths, true, now + ahead)?;
+        let spec = trmx_certs::IssueSpec {
+            validity_days,
+            ..trmx_certs::IssueSpec::broker(
+                "test-1",
+                vec!["localhost".to_owned()],
+                vec![std::net::IpAddr::from([127, 0, 0, 1])],
+            )
+        };
+        let info = pki.federation.ca.issue_at(&spec, &paths, true, issued_at)?;
         let mut tls = pki.tls.clone();
         tls.cert = paths.cert;
         tls.key = paths.key;
@@ -1746,6 +1748,7 @@ async fn run_refuses_a_broker_certificate_not_valid_yet_and_warns_within_minutes
             .spawn()?;
         anyhow::Ok((Process { child, log }, info))
     };
+    let start = |ahead: Duration| start_issued(now + ahead, 365);
 
     let (mut broker, info) = start(Duration::from_secs(2 * 3600))?;
     // (until it exits, or is ready: a start would not end by itself)
@@ -1793,6 +1796,23 @@ async fn run_refuses_a_broker_certificate_not_valid_yet_and_warns_within_minutes
     assert!(
         warned.contains(" minute(s) earlier: either this clock is behind"),
         "{warned}"
+    );
+    drop(broker);
+    std::fs::remove_file(&ready)?;
+
+    let day = Duration::from_secs(86_400);
+    let (broker, info) = start_issued(now - 40 * day, 30)?;
+    broker.ready_file(&ready).await?;
+    let said = broker.line(" expired on ").await?;
+    assert!(said.contains(" ERROR "), "{said}");
+    assert!(
+        said.contains(&format!(
+            "(spiffe://trm.test/broker/test-1, serial {}) expired on {}: every node refuses \
+             the broker; renew it at the CA",
+            info.serial_hex,
+            trmx_certs::format_time(info.not_after)
+        )),
+        "{said}"
     );
     Ok(())
 }
