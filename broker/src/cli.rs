@@ -1,6 +1,6 @@
 //! The `trmx-broker` command line: parses flags, loads the config, binds, and
-//! runs the broker until SIGTERM/SIGINT. SIGHUP reloads the TLS material and the
-//! CRL, and warns when the config file no longer says what runs.
+//! runs the broker until SIGTERM/SIGINT. SIGHUP reloads the TLS material, the CRL
+//! and the participants, and warns when the config file says otherwise of the rest.
 //!
 //! It lives in the library so that other executables (the demo's multi-call
 //! binary, process-level tests) run exactly what `trmx-broker` runs.
@@ -9,11 +9,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::config::ParticipantConfig;
+use crate::server::RunningBroker;
 use crate::{Broker, BrokerConfig};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
+use trmx_proto::ParticipantId;
 
 /// Threads for blocking store work (tokio's default is 512).
 const MAX_BLOCKING_THREADS: usize = 16;
@@ -326,34 +329,40 @@ impl ConfigSource {
     }
 }
 
-/// At a SIGHUP, what the operator who edited the config file must know: SIGHUP reloads
-/// only the TLS material and the CRL, so an edit of anything else (a new organisation in
-/// `[[participants]]` above all) would otherwise be ignored without a word until the next
-/// restart; and a file that no longer loads would stop that restart. `None` when the file
-/// still says what runs.
-fn config_file_drift(running: &BrokerConfig, source: &ConfigSource) -> Option<String> {
-    let on_disk = match source.load() {
-        Ok(config) => config,
-        Err(e) => {
-            return Some(format!(
-                "the config file {} no longer loads ({e:#}): the broker goes on with the \
-                 config it started with, but its next start will fail; fix the file \
-                 (`trmx-broker check-config --config {}` checks it)",
-                source.path.display(),
-                source.path.display()
-            ));
-        }
-    };
-    let changed = changed_settings(running, &on_disk);
-    (!changed.is_empty()).then(|| {
+/// At a SIGHUP, the config file read again as the start read it, with what the operator
+/// who edited it must know of the settings a SIGHUP does not apply. A SIGHUP applies the
+/// participants (`[[participants]]`, a new organisation above all) and the TLS material
+/// and CRL at the paths the broker started with; an edit of anything else would otherwise
+/// be ignored without a word until the next restart. `Err` (what to say) when the file no
+/// longer loads: the broker goes on as it runs, and its next start would fail.
+fn reread_config(
+    running: &BrokerConfig,
+    source: &ConfigSource,
+) -> Result<(BrokerConfig, Option<String>), String> {
+    let on_disk = source.load().map_err(|e| {
         format!(
-            "the config file {} differs from the running config ({}): a SIGHUP applies only \
-             the TLS material and the CRL at the paths the broker started with; restart the \
-             broker to apply the rest (`systemctl restart trmx-broker`)",
+            "the config file {} no longer loads ({e:#}): the broker goes on with the \
+             config it runs (its participants unchanged), but its next start will fail; fix \
+             the file (`trmx-broker check-config --config {}` checks it)",
+            source.path.display(),
+            source.path.display()
+        )
+    })?;
+    // (the participants are applied: they are no drift)
+    let mut applied = running.clone();
+    applied.participants = on_disk.participants.clone();
+    let changed = changed_settings(&applied, &on_disk);
+    let drift = (!changed.is_empty()).then(|| {
+        format!(
+            "the config file {} differs from the running config ({}): a SIGHUP applies the \
+             participants, and the TLS material and the CRL at the paths the broker started \
+             with, not these; restart the broker to apply them (`systemctl restart \
+             trmx-broker`)",
             source.path.display(),
             changed.join("; ")
         )
-    })
+    });
+    Ok((on_disk, drift))
 }
 
 /// The settings whose values differ between `running` and `on_disk`, as `section.key`
@@ -643,7 +652,7 @@ async fn run_broker(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| bind_error(config.listen, &e))?;
-    let running = config.clone();
+    let mut running = config.clone();
     let mut broker = Broker::builder(config).start(listener).await?;
     let addr = broker.local_addr();
     println!("trmx-broker listening on {addr}");
@@ -655,7 +664,7 @@ async fn run_broker(
             _ = terminate.recv() => { info!("SIGTERM received"); break; }
             _ = interrupt.recv() => { info!("SIGINT received"); break; }
             _ = hangup.recv() => {
-                info!("SIGHUP received, reloading TLS material and CRL");
+                info!("SIGHUP received, reloading TLS material, CRL and participants");
                 // file reads, and maybe a wait for an interval reload under
                 // way: off the async workers' backs (the runtime is multi-thread)
                 match tokio::task::block_in_place(|| broker.reload_tls()) {
@@ -669,8 +678,14 @@ async fn run_broker(
                     ),
                     Err(e) => warn!(error = %e, "tls reload failed, keeping the previous config"),
                 }
-                if let Some(drift) = tokio::task::block_in_place(|| config_file_drift(&running, &source)) {
-                    warn!("{drift}");
+                match tokio::task::block_in_place(|| reread_config(&running, &source)) {
+                    Ok((on_disk, drift)) => {
+                        reload_participants(&broker, &mut running, on_disk.participants);
+                        if let Some(drift) = drift {
+                            warn!("{drift}");
+                        }
+                    }
+                    Err(said) => warn!("{said}"),
                 }
             }
             result = broker.wait_stopped() => {
@@ -683,6 +698,39 @@ async fn run_broker(
     }
     broker.shutdown().await?;
     Ok(())
+}
+
+/// Puts `participants` (the config file's, read again) in force, and says what changed.
+fn reload_participants(
+    broker: &RunningBroker,
+    running: &mut BrokerConfig,
+    participants: Vec<ParticipantConfig>,
+) {
+    match broker.reload_registry(&participants) {
+        Ok(change) => {
+            running.participants = participants;
+            if !change.is_empty() {
+                let ids = |ids: &[ParticipantId]| {
+                    ids.iter()
+                        .map(ParticipantId::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                info!(
+                    added = %ids(&change.added),
+                    removed = %ids(&change.removed),
+                    changed = %ids(&change.changed),
+                    "participants reloaded: the added are served from their next request; \
+                     the removed are refused from theirs, their streams ended, what is queued \
+                     for them left to expire"
+                );
+            }
+        }
+        // (the file was validated as a start validates it: not expected)
+        Err(e) => {
+            warn!(error = %e, "participants not reloaded: the broker goes on with those it runs")
+        }
+    }
 }
 
 /// The failure to listen on `listen`, naming the setting and, when the address is taken,
@@ -887,23 +935,22 @@ mod tests {
         };
         let mut running = source.load().expect("loads");
         assert_eq!(running.listen, flagged);
-        assert_eq!(config_file_drift(&running, &source), None);
+        assert_eq!(drift(&running, &source), None);
 
         let mut edited = config.clone();
         edited.participants[0].accepts.push("follow-up".into());
         edited.lifecycle.ack_timeout += Duration::from_secs(1);
         edited.limits.max_envelope_bytes += 1;
         write_config(dir.path(), &edited);
-        let drift = config_file_drift(&running, &source).expect("drift");
+        let said = drift(&running, &source).expect("drift");
+        // (the participants are applied by the SIGHUP: they are no drift)
         assert!(
-            drift.contains(
-                "participants changed: NL-NRM; lifecycle.ack_timeout; limits.max_envelope_bytes"
-            ),
-            "{drift}"
+            said.contains("(lifecycle.ack_timeout; limits.max_envelope_bytes)"),
+            "{said}"
         );
         assert!(
-            !drift.contains("listen") && !drift.contains("data_dir"),
-            "{drift}"
+            !said.contains("listen") && !said.contains("data_dir"),
+            "{said}"
         );
         running.participants.clear();
         assert_eq!(
@@ -956,7 +1003,7 @@ mod tests {
             running.limits
         );
         std::fs::write(&path, text(&[("BE-PAYOKE", "BE"), ("NL-NRM", "NL")])).expect("write");
-        assert_eq!(config_file_drift(&running, &source), None);
+        assert_eq!(drift(&running, &source), None);
 
         let next = dir.path().join("broker.toml.new");
         std::fs::write(
@@ -965,8 +1012,21 @@ mod tests {
         )
         .expect("write");
         std::fs::rename(&next, &path).expect("rename");
-        let drift = config_file_drift(&running, &source).expect("drift");
-        assert!(drift.contains("(participants added: DE-KOK)"), "{drift}");
+        let (on_disk, said) = reread_config(&running, &source).expect("loads");
+        assert_eq!(said, None);
+        assert_eq!(
+            changed_settings(&running, &on_disk),
+            ["participants added: DE-KOK"]
+        );
+    }
+
+    /// What a SIGHUP warns of the config file `source` against `running`: the settings it
+    /// does not apply, or that the file no longer loads.
+    fn drift(running: &BrokerConfig, source: &ConfigSource) -> Option<String> {
+        match reread_config(running, source) {
+            Ok((_, drift)) => drift,
+            Err(said) => Some(said),
+        }
     }
 
     /// A federation and a valid config file in `dir`; returns the config, its file, and

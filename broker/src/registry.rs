@@ -1,7 +1,9 @@
 //! The participant registry: who the broker routes for and which kinds each
-//! accepts, built once from the validated config.
+//! accepts, built from the validated config at start and again at a reload (SIGHUP,
+//! [`LiveRegistry`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use trmx_proto::{Kind, ParticipantId, pb};
 
@@ -96,5 +98,127 @@ impl Registry {
     /// Whether the registry is empty.
     pub fn is_empty(&self) -> bool {
         self.participants.is_empty()
+    }
+}
+
+/// The registry in force. A reload (SIGHUP) replaces it whole; each request reads the
+/// one in force when it looks, so a participant added is served at its next request and
+/// one removed is refused at its next.
+#[derive(Debug, Default)]
+pub struct LiveRegistry(RwLock<Arc<Registry>>);
+
+impl LiveRegistry {
+    /// Holds `registry`.
+    pub fn new(registry: Registry) -> Self {
+        Self(RwLock::new(Arc::new(registry)))
+    }
+
+    /// The registry in force now.
+    pub fn current(&self) -> Arc<Registry> {
+        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Puts `registry` in force; returns what differs from the one it replaces.
+    pub fn replace(&self, registry: Registry) -> RegistryChange {
+        let mut held = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let change = held.changes_to(&registry);
+        *held = Arc::new(registry);
+        change
+    }
+}
+
+/// What a new registry changes, by participant id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryChange {
+    /// In the new registry only.
+    pub added: Vec<ParticipantId>,
+    /// In the old one only.
+    pub removed: Vec<ParticipantId>,
+    /// In both, with another name, country, type or accepted kinds.
+    pub changed: Vec<ParticipantId>,
+}
+
+impl RegistryChange {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl Registry {
+    /// What `new` changes of this registry.
+    pub fn changes_to(&self, new: &Registry) -> RegistryChange {
+        let mut change = RegistryChange::default();
+        for (id, participant) in &new.participants {
+            match self.participants.get(id) {
+                None => change.added.push(id.clone()),
+                Some(old) if old != participant => change.changed.push(id.clone()),
+                Some(_) => {}
+            }
+        }
+        change.removed = self
+            .participants
+            .keys()
+            .filter(|id| !new.participants.contains_key(*id))
+            .cloned()
+            .collect();
+        change
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, accepts: &[&str]) -> ParticipantConfig {
+        ParticipantConfig {
+            id: id.into(),
+            display_name: id.into(),
+            country: id[..2].into(),
+            organisation_type: OrganisationType::Ngo,
+            accepts: accepts.iter().map(|k| (*k).to_owned()).collect(),
+        }
+    }
+
+    /// A reload tells the added, the removed and the changed apart (an entry whose
+    /// accepted kinds changed is changed, one listed again as it was is not), and the one
+    /// put in force is what requests read from then on.
+    #[test]
+    fn a_replaced_registry_says_what_changed_and_is_read_from_then_on() {
+        let live = LiveRegistry::new(
+            Registry::from_config(&[
+                entry("NL-NRM", &["referral"]),
+                entry("BE-PAYOKE", &["referral"]),
+                entry("INT-IOM", &["follow-up"]),
+            ])
+            .unwrap(),
+        );
+        let before = live.current();
+        let change = live.replace(
+            Registry::from_config(&[
+                entry("NL-NRM", &["referral"]),
+                entry("BE-PAYOKE", &["referral", "follow-up"]),
+                entry("DE-KOK", &["referral"]),
+            ])
+            .unwrap(),
+        );
+        let ids = |ids: &[&str]| -> Vec<ParticipantId> {
+            ids.iter()
+                .map(|id| ParticipantId::parse(id).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            change,
+            RegistryChange {
+                added: ids(&["DE-KOK"]),
+                removed: ids(&["INT-IOM"]),
+                changed: ids(&["BE-PAYOKE"]),
+            }
+        );
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        assert!(live.current().get(&be).unwrap().accepts(Kind::FollowUp));
+        // (a request that took the registry before goes on with it)
+        assert!(!before.get(&be).unwrap().accepts(Kind::FollowUp));
+        assert!(live.replace(Registry::clone(&live.current())).is_empty());
     }
 }

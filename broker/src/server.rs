@@ -44,7 +44,7 @@ use crate::config::{BrokerConfig, CrlPolicyConfig, REQUEST_MARGIN_BYTES};
 use crate::error::BrokerError;
 use crate::last_run;
 use crate::operator::OperatorService;
-use crate::registry::Registry;
+use crate::registry::{LiveRegistry, Registry, RegistryChange};
 use crate::service::{ExchangeService, PeerCerts, Shared};
 use crate::store::{
     BrokerStore, FlushObserver, Lifecycle, Millis, Presence, SledOptions, SledStore, TickError,
@@ -216,7 +216,7 @@ impl BrokerBuilder {
         let shared = Arc::new(Shared {
             store: store.clone(),
             clock,
-            registry,
+            registry: LiveRegistry::new(registry),
             streams: Streams::new(limits.max_streams_per_participant, 1),
             admission,
             submit_slots: SubmitSlots::new(
@@ -368,6 +368,7 @@ impl BrokerBuilder {
         );
 
         let grace = limits.shutdown_grace;
+        let reloads = Arc::downgrade(&shared);
         let main = tokio::spawn(async move {
             let stopped = run_until_stopped(server, shutdown_rx, &shared, grace).await;
             shared.update_store_writable(); // not ready while shutting down
@@ -397,6 +398,7 @@ impl BrokerBuilder {
             admin_addr,
             tls,
             certs,
+            shared: reloads,
             shutdown: shutdown_tx,
             main: Some(main),
         })
@@ -410,6 +412,9 @@ pub struct RunningBroker {
     admin_addr: Option<SocketAddr>,
     tls: ServerTls,
     certs: CertWatch,
+    /// What a reload of the registry replaces ([`Self::reload_registry`]). Weak: a
+    /// stopped broker's handle must not keep its store (and the data directory's lock).
+    shared: std::sync::Weak<Shared>,
     shutdown: watch::Sender<bool>,
     main: Option<JoinHandle<Result<(), BrokerError>>>,
 }
@@ -438,6 +443,34 @@ impl RunningBroker {
         self.certs
             .record(&self.tls, report.certificate_refused.is_some());
         Ok(report)
+    }
+
+    /// Puts the registry of `participants` (the config file's, read again: SIGHUP) in
+    /// force, and returns what changed. A participant added is served from its next
+    /// request; one removed is refused from its next, and its `Receive` streams are ended
+    /// (`PERMISSION_DENIED`), its deliveries in flight due again. What is queued for it
+    /// stays, to expire with its report to its sender unless it comes back; what it sent
+    /// is delivered as accepted. Its gauges of streams, last contact and certificate go
+    /// (its "not seen" and expiry alerts would fire for good); its queue's stay.
+    pub fn reload_registry(
+        &self,
+        participants: &[crate::config::ParticipantConfig],
+    ) -> Result<RegistryChange, BrokerError> {
+        let registry = Registry::from_config(participants)?;
+        let shared = self
+            .shared
+            .upgrade()
+            .ok_or_else(|| BrokerError::Unavailable("the broker has stopped".to_owned()))?;
+        shared
+            .metrics
+            .register_participants(registry.iter().map(|p| &p.id));
+        let change = shared.registry.replace(registry);
+        shared.metrics.forget_participants(&change.removed);
+        shared.peer_certs.forget(&change.removed);
+        for removed in &change.removed {
+            shared.streams.close_participant(removed);
+        }
+        Ok(change)
     }
 
     /// Starts the orderly shutdown without waiting for it.

@@ -34,7 +34,7 @@ use crate::clock::Clock;
 use crate::config::{LifecycleConfig, LimitsConfig};
 use crate::error::BrokerError;
 use crate::outbound::{self, Outbound, Outbox, Outgoing};
-use crate::registry::Registry;
+use crate::registry::LiveRegistry;
 use crate::store::{
     self, BrokerStore, Leased, Millis, NewMessage, StatusRecord, StoreError, StreamEnd,
     SubmitOutcome,
@@ -51,7 +51,8 @@ pub const MAX_FIELD_PATH_LEN: usize = 256;
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn BrokerStore>,
     pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) registry: Registry,
+    /// The participants served, replaced whole by a reload (SIGHUP).
+    pub(crate) registry: LiveRegistry,
     pub(crate) streams: Streams,
     pub(crate) admission: Admission,
     /// Per-sender slots for submits being written (fairness between senders).
@@ -101,6 +102,15 @@ impl PeerCerts {
                 self.lock().insert(participant.clone(), leaf_der.to_vec());
             }
             Err(error) => debug!(%error, "cannot read the expiry of a client certificate"),
+        }
+    }
+
+    /// Forgets the certificates of `participants`, who left the registry: one who comes
+    /// back has its expiry recorded again at its first call.
+    pub(crate) fn forget(&self, participants: &[ParticipantId]) {
+        let mut map = self.lock();
+        for p in participants {
+            map.remove(p);
         }
     }
 
@@ -294,10 +304,8 @@ impl ExchangeService {
         let id = ParticipantId::parse(id).map_err(|_| {
             BrokerError::Unauthenticated("client certificate names no valid participant".into())
         })?;
-        if self.shared.registry.get(&id).is_none() {
-            return Err(BrokerError::PermissionDenied(format!(
-                "participant {id} is not in this broker's registry"
-            )));
+        if self.shared.registry.current().get(&id).is_none() {
+            return Err(not_in_registry(&id));
         }
         let metrics = &self.shared.metrics;
         metrics.seen(&id, self.shared.clock.now());
@@ -552,7 +560,8 @@ impl ExchangeService {
     /// a retry would fail again (final refusals); its expiry when it passes.
     fn admissible(&self, checked: &SubmitEnvelope, now: Millis) -> Result<Millis, BrokerError> {
         let shared = &self.shared;
-        let recipient = shared.registry.get(&checked.recipient).ok_or_else(|| {
+        let registry = shared.registry.current();
+        let recipient = registry.get(&checked.recipient).ok_or_else(|| {
             BrokerError::NotFound(format!("unknown recipient {}", checked.recipient))
         })?;
         if !recipient.accepts(checked.kind) {
@@ -616,6 +625,13 @@ impl ExchangeService {
                     shared.limits.max_streams_per_participant
                 ))
             })?;
+        // (a reload that removed the caller after its identity was checked, and closed
+        // its streams before this one was registered, would leave this one open: the
+        // registry is asked again now that a reload's close would reach it)
+        if shared.registry.current().get(&caller).is_none() {
+            shared.streams.remove(&caller, handle.id);
+            return Err(not_in_registry(&caller));
+        }
         let span = info_span!(
             "receive_stream",
             participant = %caller,
@@ -910,6 +926,7 @@ impl ExchangeService {
             broker_name: shared.broker_name.clone(),
             participants: shared
                 .registry
+                .current()
                 .iter()
                 .map(crate::registry::Participant::to_pb)
                 .collect(),
@@ -1067,7 +1084,7 @@ async fn run_stream(
         let mut notified = pin!(handle.notify.notified());
         notified.as_mut().enable();
         if *handle.close.borrow() || *shutting_down.borrow() {
-            break 'stream Some(closing());
+            break 'stream Some(closing(&shared, &participant));
         }
         // (every delivery leased so far is in the channel, or sent)
         outbox.forget_taken_back();
@@ -1117,8 +1134,8 @@ async fn run_stream(
                         sent = outbox.send(outgoing) => if sent.is_err() {
                             break 'stream None;
                         },
-                        Ok(_) = handle.close.wait_for(|closed| *closed) => break 'stream Some(closing()),
-                        Ok(_) = shutting_down.wait_for(|down| *down) => break 'stream Some(closing()),
+                        Ok(_) = handle.close.wait_for(|closed| *closed) => break 'stream Some(closing(&shared, &participant)),
+                        Ok(_) = shutting_down.wait_for(|down| *down) => break 'stream Some(closing(&shared, &participant)),
                     }
                 }
                 continue;
@@ -1212,8 +1229,20 @@ impl outbound::Report for StreamReport {
 }
 
 /// How the broker ends a `Receive` stream when it shuts down.
-fn closing() -> Status {
+/// Why a stream is ended: its participant left the registry (a reload), or the broker
+/// is shutting down.
+fn closing(shared: &Shared, participant: &ParticipantId) -> Status {
+    if shared.registry.current().get(participant).is_none() {
+        return Status::from(not_in_registry(participant));
+    }
     Status::unavailable("the broker is shutting down")
+}
+
+/// The refusal of a participant the registry does not list (any more).
+fn not_in_registry(participant: &ParticipantId) -> BrokerError {
+    BrokerError::PermissionDenied(format!(
+        "participant {participant} is not in this broker's registry"
+    ))
 }
 
 /// The envelope a recipient receives.
@@ -1404,11 +1433,13 @@ pub(crate) mod test_support {
         Arc::new(Shared {
             store: Arc::new(store),
             clock: Arc::new(clock),
-            registry: Registry::from_config(&[
-                participant("NL-NRM", "NL"),
-                participant("BE-PAYOKE", "BE"),
-            ])
-            .unwrap(),
+            registry: LiveRegistry::new(
+                crate::registry::Registry::from_config(&[
+                    participant("NL-NRM", "NL"),
+                    participant("BE-PAYOKE", "BE"),
+                ])
+                .unwrap(),
+            ),
             streams: Streams::new(4, 1),
             admission: Admission::new(1000, 1000, 0),
             submit_slots: SubmitSlots::new(1, 1 << 20),

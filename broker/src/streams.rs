@@ -103,7 +103,8 @@ pub struct StreamHandle {
     pub participant: ParticipantId,
     /// Notified when the participant may have new due messages or free slots.
     pub notify: Arc<Notify>,
-    /// Becomes `true` when the stream must end (revoked certificate, shutdown).
+    /// Becomes `true` when the stream must end (its participant left the registry,
+    /// shutdown).
     pub close: watch::Receiver<bool>,
 }
 
@@ -368,6 +369,15 @@ impl Streams {
             .or_default()
             .notify
             .clone()
+    }
+
+    /// Tells the streams of `participant` to end (it left the registry).
+    pub fn close_participant(&self, participant: &ParticipantId) {
+        if let Some(entry) = self.lock().get(participant) {
+            for stream in entry.streams.values() {
+                let _ = stream.close.send(true);
+            }
+        }
     }
 
     /// Tells every stream to end (shutdown).

@@ -11,5 +11,6 @@ mod exchange;
 mod lifecycle;
 mod metrics;
 mod operator;
+mod registry;
 mod revocation;
 mod startup;

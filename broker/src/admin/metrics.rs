@@ -16,7 +16,7 @@
 //! Text exposition format 0.0.4:
 //! <https://prometheus.io/docs/instrumenting/exposition_formats/>.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -302,6 +302,9 @@ impl KindCounters {
 struct Gauges {
     queues: BTreeMap<String, QueueGauge>,
     participants: BTreeMap<String, ParticipantGauge>,
+    /// Participants that left the registry (a reload): a call or a stream's end that was
+    /// under way then does not bring their series back.
+    departed: BTreeSet<String>,
     certs: BTreeMap<CertKey, SystemTime>,
     crl_next_update: Option<SystemTime>,
     /// Whether the CRL record holds the CRL in force (`None`: no CRL).
@@ -330,6 +333,14 @@ impl CertKey {
 }
 
 impl Gauges {
+    /// The series of `participant`, made if new; `None` once it left the registry.
+    fn participant(&mut self, participant: &str) -> Option<&mut ParticipantGauge> {
+        if self.departed.contains(participant) {
+            return None;
+        }
+        Some(self.participants.entry(participant.to_owned()).or_default())
+    }
+
     /// Drops the operator certificates that expired more than
     /// [`OPERATOR_CERT_AFTERLIFE`] ago. An operator entry is recorded when an operator
     /// calls, so the one of someone who left (or who was given a certificate under a new
@@ -556,6 +567,7 @@ impl Metrics {
     ) {
         let mut gauges = self.lock();
         for p in participants {
+            gauges.departed.remove(p.as_str());
             gauges.queues.entry(p.as_str().to_owned()).or_default();
             gauges
                 .participants
@@ -564,14 +576,28 @@ impl Metrics {
         }
     }
 
+    /// Drops the stream, last-contact and certificate series of `participants`, who left
+    /// the registry: kept, a gone participant's "not seen for a day" and certificate
+    /// expiry alerts would fire for good. Their queue series stay while messages wait
+    /// there to expire.
+    pub fn forget_participants(&self, participants: &[ParticipantId]) {
+        let mut gauges = self.lock();
+        for p in participants {
+            gauges.participants.remove(p.as_str());
+            gauges
+                .certs
+                .remove(&CertKey::named(CertRole::Participant, p.as_str()));
+            gauges.departed.insert(p.as_str().to_owned());
+        }
+    }
+
     /// A `Receive` stream of `participant` opened.
     pub fn stream_opened(&self, participant: &ParticipantId) {
         let now = self.clock.now();
         let mut gauges = self.lock();
-        let entry = gauges
-            .participants
-            .entry(participant.as_str().to_owned())
-            .or_default();
+        let Some(entry) = gauges.participant(participant.as_str()) else {
+            return;
+        };
         entry.streams += 1;
         entry.last_seen = Some(entry.last_seen.map_or(now, |seen| seen.max(now)));
     }
@@ -580,10 +606,9 @@ impl Metrics {
     pub fn stream_closed(&self, participant: &ParticipantId) {
         let now = self.clock.now();
         let mut gauges = self.lock();
-        let entry = gauges
-            .participants
-            .entry(participant.as_str().to_owned())
-            .or_default();
+        let Some(entry) = gauges.participant(participant.as_str()) else {
+            return;
+        };
         entry.streams = entry.streams.saturating_sub(1);
         entry.last_seen = Some(entry.last_seen.map_or(now, |seen| seen.max(now)));
     }
@@ -592,10 +617,9 @@ impl Metrics {
     /// stream, it counts as seen "now" at every scrape.
     pub fn seen(&self, participant: &ParticipantId, at: SystemTime) {
         let mut gauges = self.lock();
-        let entry = gauges
-            .participants
-            .entry(participant.as_str().to_owned())
-            .or_default();
+        let Some(entry) = gauges.participant(participant.as_str()) else {
+            return;
+        };
         entry.last_seen = Some(entry.last_seen.map_or(at, |seen| seen.max(at)));
     }
 
@@ -667,9 +691,11 @@ impl Metrics {
     /// Records the `not_after` of a certificate; the gauge shows the seconds left at scrape time.
     /// `name` is the participant id, the operator or broker name, or the CA's name.
     pub fn set_cert_expiry(&self, role: CertRole, name: &str, not_after: SystemTime) {
-        self.lock()
-            .certs
-            .insert(CertKey::named(role, name), not_after);
+        let mut gauges = self.lock();
+        if role == CertRole::Participant && gauges.departed.contains(name) {
+            return;
+        }
+        gauges.certs.insert(CertKey::named(role, name), not_after);
     }
 
     /// Replaces every certificate of `role` with `certs`: for the certificates the broker

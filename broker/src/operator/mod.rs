@@ -105,6 +105,7 @@ impl OperatorService {
         let stats = shared.stored(shared.store.queue_stats().await)?;
         let mut queues: std::collections::BTreeMap<ParticipantId, pb::QueueInfo> = shared
             .registry
+            .current()
             .iter()
             .map(|p| {
                 (
@@ -149,6 +150,7 @@ impl OperatorService {
         let shared = &self.shared;
         let participants = shared
             .registry
+            .current()
             .iter()
             .map(|p| pb::ParticipantInfo {
                 participant: Some(p.to_pb()),
@@ -178,11 +180,12 @@ impl OperatorService {
         let page = shared.stored(shared.store.search(filter).await)?;
         let truncated = page.resume_after.is_some();
         debug!(results = page.records.len(), truncated, "operator search");
+        let registry = shared.registry.current();
         Ok(pb::SearchMessagesResponse {
             messages: page
                 .records
                 .iter()
-                .map(|r| metadata(r, &shared.registry))
+                .map(|r| metadata(r, &registry))
                 .collect(),
             truncated,
             next_page_token: page.resume_after.map(page_token).unwrap_or_default(),
@@ -202,11 +205,12 @@ impl OperatorService {
         })
         .await?;
         let page = shared.stored(shared.store.dead_letters(limit, after_seq).await)?;
+        let registry = shared.registry.current();
         Ok(pb::ListDeadLettersResponse {
             messages: page
                 .records
                 .iter()
-                .map(|r| metadata(r, &shared.registry))
+                .map(|r| metadata(r, &registry))
                 .collect(),
             truncated: page.resume_after.is_some(),
             next_page_token: page.resume_after.map(page_token).unwrap_or_default(),
@@ -288,7 +292,7 @@ impl OperatorService {
         let [record] = page.records.as_slice() else {
             return Ok(());
         };
-        match registry_refuses_redrive(&shared.registry, record) {
+        match registry_refuses_redrive(&shared.registry.current(), record) {
             Some(why) => Err(BrokerError::FailedPrecondition(why)),
             None => Ok(()),
         }
@@ -808,8 +812,10 @@ fn was_rejected(r: &StatusRecord) -> bool {
 /// to a recipient this broker still serves for its kind. One that left the registry (or
 /// no longer accepts the kind) since the message was accepted would never take it, and
 /// the redrive would only start a new lifetime at whose end its sender gets the same
-/// non-delivery report. (The registry is the config's: a change needs a restart, so the
-/// answer cannot go stale between a listing and the redrive.) A receipt is never
+/// non-delivery report. (The redrive asks the registry in force when it is made: a reload
+/// may have changed it since the listing that showed the message. One that removes the
+/// recipient while a redrive is being applied leaves that message to expire, with its
+/// report, as it leaves the rest of the recipient's queue.) A receipt is never
 /// redriven, whoever it is for: the store says why.
 fn registry_refuses_redrive(registry: &Registry, record: &StatusRecord) -> Option<String> {
     if record.kind.is_broker_made() {
