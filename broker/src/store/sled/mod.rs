@@ -184,6 +184,10 @@ pub(super) struct Core {
     /// The most records one batch transaction of `ops` read (tests only).
     #[cfg(test)]
     largest_batch: std::sync::atomic::AtomicUsize,
+    /// The most bytes of records and payloads one transaction read, as it read
+    /// them (`Tx::record`, `Tx::payload`; tests only): what sled held at once.
+    #[cfg(test)]
+    largest_read: std::sync::atomic::AtomicU64,
 }
 
 /// Everything behind a [`SledStore`]. Field order is drop order: the
@@ -266,6 +270,8 @@ impl SledStore {
             damaged_logged: Default::default(),
             #[cfg(test)]
             largest_batch: Default::default(),
+            #[cfg(test)]
+            largest_read: Default::default(),
         });
         core.drop_unusable_payloads()
             .map_err(|e| open_err(e.to_string()))?;
@@ -608,6 +614,8 @@ pub fn accept_clock_offline(
                 life: &life,
                 seq_floor,
                 audit_block: Default::default(),
+                #[cfg(test)]
+                read: Default::default(),
             };
             tx.audit(
                 now,

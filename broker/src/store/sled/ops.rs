@@ -67,8 +67,14 @@ impl Core {
                     life: &self.life,
                     seq_floor: self.seq_floor,
                     audit_block: Default::default(),
+                    #[cfg(test)]
+                    read: Default::default(),
                 };
-                let value = f(&tx)?;
+                let value = f(&tx);
+                #[cfg(test)]
+                self.largest_read
+                    .fetch_max(tx.read.get(), std::sync::atomic::Ordering::Relaxed);
+                let value = value?;
                 tx.finish_audit()?;
                 Ok(value)
             });

@@ -86,6 +86,10 @@ pub(super) struct Tx<'a> {
     pub(super) seq_floor: u64,
     /// Audit records of this transaction not yet written (`audit.rs`).
     pub(super) audit_block: std::cell::RefCell<super::audit::PendingBlock>,
+    /// Bytes of records and payloads this transaction read (tests only: sled
+    /// holds them until it commits; see `Core::largest_read`).
+    #[cfg(test)]
+    pub(super) read: std::cell::Cell<u64>,
 }
 
 impl Tx<'_> {
@@ -106,6 +110,7 @@ impl Tx<'_> {
         let Some(bytes) = self.t[RECORDS].get(seq.to_be_bytes())? else {
             return Ok(None);
         };
+        self.note_read(&bytes);
         let record = match Record::decode_stored(&bytes) {
             Ok(record) => record,
             Err(e) => return abort(e),
@@ -158,7 +163,10 @@ impl Tx<'_> {
         match &r.payload {
             Some(p) => Ok(Some(p.0.clone())),
             None => match self.t[PAYLOADS].get(r.seq.to_be_bytes())? {
-                Some(p) => Ok(Some(p)),
+                Some(p) => {
+                    self.note_read(&p);
+                    Ok(Some(p))
+                }
                 None if r.payload_size == 0 => Ok(Some(::sled::IVec::default())),
                 None => Ok(None),
             },
@@ -176,6 +184,15 @@ impl Tx<'_> {
             .records_of(id)?
             .into_iter()
             .find(|r| r.sender.as_ref() == Some(sender)))
+    }
+
+    /// Counts `value`, read by this transaction (tests only).
+    fn note_read(&self, value: &::sled::IVec) {
+        #[cfg(test)]
+        self.read
+            .set(self.read.get().saturating_add(value.len() as u64));
+        #[cfg(not(test))]
+        let _ = value;
     }
 
     /// Every record with message id `id` (normally one; two senders may

@@ -225,6 +225,13 @@ impl Writer {
         answer.await.map_err(|_| closed())?
     }
 
+    /// How many jobs wait for the writer (tests only).
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.sender()
+            .map_or(0, |jobs| jobs.max_capacity() - jobs.capacity())
+    }
+
     /// Lets the queued jobs finish, then stops the thread and waits for it.
     pub(super) fn stop(&self) {
         drop(
