@@ -162,7 +162,9 @@ impl Record {
         w.0
     }
 
-    /// Decodes a stored record; an inline payload is copied.
+    /// Decodes a stored record; an inline payload is copied (tests only: the
+    /// store reads a payload shared, [`Self::decode_stored`], or not at all).
+    #[cfg(test)]
     pub(super) fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let (mut record, payload_at) = Self::decode_meta(bytes)?;
         if let Some(at) = payload_at {

@@ -12,7 +12,9 @@
 //!   - `after-flush-before-reply`: the `Submit` is durable, its receipt not yet sent —
 //!     the message must survive, and the sender's retry gets `duplicate = true`;
 //!   - `during-ack`: an `Ack`'s transaction is applied, its flush not yet requested —
-//!     the recipient sees the message again (at least once) and deduplicates it.
+//!     the recipient sees the message again (at least once) and deduplicates it. An
+//!     `Ack` of large messages applied in parts (`BATCH_READ_BYTES`) reaches it after
+//!     each part: `during-ack:1` crashes between its first and second.
 //!
 //!   A value that names no point makes the store refuse to open (a typo in a test must
 //!   not silently run a test without its crash).

@@ -152,6 +152,13 @@ impl Default for SledOptions {
 /// - Time comes only from the `now` arguments.
 /// - Nothing in memory grows with the backlog: queues, timers and indexes are
 ///   sled trees; only the sled page cache (`cache_capacity_bytes`) holds data.
+/// - sled holds what a transaction read until it commits, and a record
+///   carries its payload: the batches (tick, requeues, compaction) and the
+///   changes by id (`Ack`, `Reject`, `Withdraw`) read at most
+///   `ops::BATCH_READ_BYTES` of records per transaction, or one record when
+///   larger, and the writer merges the latter only up to that together. So an
+///   `Ack` of many large messages is applied in several transactions, each
+///   message's change in one.
 pub struct SledStore {
     inner: Arc<Inner>,
 }
@@ -306,13 +313,7 @@ impl SledStore {
     /// Refuses writes on a closed store, and after a failed flush until a
     /// new flush succeeds.
     async fn ready(&self) -> Result<(), StoreError> {
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("store closed".to_owned()));
-        }
-        if !self.inner.flusher.healthy() {
-            self.inner.flusher.durable().await?;
-        }
-        Ok(())
+        self.inner.ready().await
     }
 
     /// Runs the read `op` on a blocking thread.
@@ -354,10 +355,34 @@ impl SledStore {
         T: Send + std::fmt::Debug + 'static,
         F: Fn(&Tx<'_>) -> TxResult<(T, BTreeSet<ParticipantId>)> + Send + 'static,
     {
+        self.change_planned(|_| Ok(Vec::new()), move |tx, _| op(tx))
+            .await
+    }
+
+    /// [`Self::change_reporting`] of a change by id: `plan` runs on the writer
+    /// thread, against the committed trees, and says which records `op` reads
+    /// in its transaction ([`ops::Core::plan`]; its parts are run as one), which
+    /// shares a transaction only up to `ops::BATCH_READ_BYTES` read with others.
+    async fn change_planned<T, P, F>(&self, plan: P, op: F) -> Result<T, ChangeError<T>>
+    where
+        T: Send + std::fmt::Debug + 'static,
+        P: FnOnce(&Core) -> Result<Vec<ops::Part>, StoreError> + Send + 'static,
+        F: Fn(&Tx<'_>, &ops::Part) -> TxResult<(T, BTreeSet<ParticipantId>)> + Send + 'static,
+    {
         self.ready().await?;
         let inner = Arc::clone(&self.inner);
         to_completion(async move {
-            let (value, wake) = inner.writer.transaction(op).await?;
+            let (value, wake) = inner
+                .writer
+                .prepared_transaction_reading(
+                    move |core, _| {
+                        let part = ops::Part::joined(plan(core)?);
+                        let bytes = part.bytes;
+                        Ok((part, bytes))
+                    },
+                    op,
+                )
+                .await?;
             Ok(match inner.durable_then_wake(wake).await {
                 Ok(()) => Ok(value),
                 Err(error) => Err(ChangeError {
@@ -414,6 +439,17 @@ impl SledStore {
 }
 
 impl Inner {
+    /// See [`SledStore::ready`].
+    async fn ready(&self) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("store closed".to_owned()));
+        }
+        if !self.flusher.healthy() {
+            self.flusher.durable().await?;
+        }
+        Ok(())
+    }
+
     async fn durable_then_wake(&self, wake: BTreeSet<ParticipantId>) -> Result<(), StoreError> {
         self.flusher.durable().await?;
         for recipient in wake {
@@ -708,10 +744,70 @@ impl BrokerStore for SledStore {
         ids: &[MessageId],
         now: Millis,
     ) -> Result<Vec<AckResult>, StoreError> {
-        let recipient = recipient.clone();
-        let ids = ids.to_vec();
-        self.change_at(Point::DuringAck, None, move |tx| {
-            tx.ack(&recipient, &ids, now)
+        self.ready().await?;
+        let inner = Arc::clone(&self.inner);
+        let (recipient, ids) = (recipient.clone(), ids.to_vec());
+        // Planned on the writer thread, one record at a time (`Core::plan`), and
+        // applied in parts of at most `BATCH_READ_BYTES` of records: the part
+        // that planned it first, each later one in a transaction of its own.
+        // Each message's change is atomic with its receipt, and the answer
+        // waits for the flush of them all: a crash between two parts leaves
+        // the first applied, which the node's repeat of the whole ack (it had
+        // no answer) finds ACKNOWLEDGED, as a repeated ack does.
+        to_completion(async move {
+            let planning = recipient.clone();
+            let applying = recipient.clone();
+            let (mut results, mut wake, rest) = inner
+                .writer
+                .prepared_transaction_reading(
+                    move |core, _| {
+                        let mut parts = core.plan(&ids, ops::ackable(&planning))?;
+                        let bytes = parts.first().map_or(0, |p| p.bytes);
+                        // (the first part is run here, the others after it)
+                        let rest = parts.split_off(1.min(parts.len()));
+                        Ok(((parts, rest), bytes))
+                    },
+                    move |tx, (first, rest)| {
+                        let (mut results, mut wake) = (Vec::new(), BTreeSet::new());
+                        for part in first {
+                            let (r, w) = tx.ack(&applying, part, now)?;
+                            results.extend(r);
+                            wake.extend(w);
+                        }
+                        Ok((results, wake, rest.clone()))
+                    },
+                )
+                .await?;
+            inner.failpoints.hit(Point::DuringAck);
+            for part in rest {
+                let applied = match inner.ready().await {
+                    Ok(()) => {
+                        let recipient = recipient.clone();
+                        inner
+                            .writer
+                            .transaction_reading(part.bytes, move |tx| {
+                                tx.ack(&recipient, &part, now)
+                            })
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match applied {
+                    Ok((r, w)) => {
+                        results.extend(r);
+                        wake.extend(w);
+                    }
+                    Err(e) => {
+                        // the receipts of the parts applied go to their senders
+                        // all the same, once durable; the node repeats the ack
+                        let _ = inner.durable_then_wake(wake).await;
+                        return Err(e);
+                    }
+                }
+                inner.failpoints.hit(Point::DuringAck);
+            }
+            inner.durable_then_wake(wake).await?;
+            Ok(results)
         })
         .await
     }
@@ -727,8 +823,13 @@ impl BrokerStore for SledStore {
         let recipient = recipient.clone();
         let reason_code = reason_code.to_owned();
         let field_path = field_path.to_owned();
-        self.change(move |tx| tx.reject(&recipient, id, &reason_code, &field_path, now))
-            .await
+        let planning = recipient.clone();
+        self.change_planned(
+            move |core| core.plan(&[id], ops::rejectable(&planning)),
+            move |tx, part| tx.reject(&recipient, part, &reason_code, &field_path, now),
+        )
+        .await
+        .map_err(|failed| failed.error)
     }
 
     async fn resubmitted(
@@ -779,8 +880,12 @@ impl BrokerStore for SledStore {
         now: Millis,
     ) -> Result<WithdrawResult, ChangeError<WithdrawResult>> {
         let sender = sender.clone();
-        self.change_reporting(move |tx| Ok((tx.withdraw(&sender, id, now)?, BTreeSet::new())))
-            .await
+        let planning = sender.clone();
+        self.change_planned(
+            move |core| core.plan(&[id], ops::sent_by(&planning)),
+            move |tx, part| Ok((tx.withdraw(&sender, part, now)?, BTreeSet::new())),
+        )
+        .await
     }
 
     async fn status(

@@ -44,7 +44,9 @@ const RECOVER_BATCH: usize = 256;
 /// messages of `max_envelope_bytes` would be held at once (2 GiB at the
 /// default 8 MiB; 16 GiB at its ceiling). Applies to `tick`, the requeues of
 /// `recover` and of a closed stream, `shorten_backoffs`,
-/// [`Core::drop_unusable_payloads`], and the copy of `store compact`.
+/// [`Core::drop_unusable_payloads`], the copy of `store compact`, the parts
+/// of an `Ack` ([`Core::plan`]), and the jobs the writer thread merges into
+/// one transaction (`writer::run_batch`).
 pub(super) const BATCH_READ_BYTES: u64 = 16 << 20;
 
 pub(super) fn storage(e: ::sled::Error) -> StoreError {
@@ -85,8 +87,10 @@ impl Core {
         }
     }
 
-    /// The committed record of `seq` as it is now: IN_FLIGHT when it has a
-    /// lease (see `Tx::record`).
+    /// The committed record of `seq` as it is now, without its payload:
+    /// IN_FLIGHT when it has a lease (see `Tx::record`). (Every reader of it
+    /// wants the metadata: a status, a search, a plan. A payload copied for
+    /// each record read was up to `max_envelope_bytes` for nothing.)
     ///
     /// Outside the writer thread a change can commit between the two reads,
     /// so the lease is read first. If it ended in between, the record read
@@ -95,16 +99,71 @@ impl Core {
     /// between is not seen. Either way the answer is a state the message was
     /// in.
     fn load(&self, seq: u64) -> Result<Option<Record>, StoreError> {
+        Ok(self.load_sized(seq)?.map(|(record, _)| record))
+    }
+
+    /// [`Self::load`], with the size of the stored record: what a transaction
+    /// holds once it has read it.
+    fn load_sized(&self, seq: u64) -> Result<Option<(Record, u64)>, StoreError> {
         let key = seq.to_be_bytes();
         let lease = self.tree(LEASED).get(key).map_err(storage)?;
         let Some(bytes) = self.tree(RECORDS).get(key).map_err(storage)? else {
             return Ok(None);
         };
-        let record = Record::decode(&bytes)?;
+        let size = bytes.len() as u64;
+        let record = Record::decode_metadata(&bytes)?;
         match lease {
-            Some(v) if may_be_leased(&record) => Ok(Some(LeaseEntry::decode(&v)?.apply(record))),
-            _ => Ok(Some(record)),
+            Some(v) if may_be_leased(&record) => {
+                Ok(Some((LeaseEntry::decode(&v)?.apply(record), size)))
+            }
+            _ => Ok(Some((record, size))),
         }
+    }
+
+    /// Which records of each of `ids` a change by id (an `Ack`, a `Reject`, a
+    /// withdrawal) reads in its transaction: those `wanted` keeps, in parts cut
+    /// at [`BATCH_READ_BYTES`] of records (one id alone when larger).
+    ///
+    /// Runs before the transaction, against the committed trees, reading one
+    /// record at a time and only its metadata: a request that names the ids of
+    /// other participants' messages (their senders know them), or of messages
+    /// it cannot change, holds none of them at once, and its transaction reads
+    /// none of them. `wanted` should keep every record the change might act on
+    /// given the state it reads now; the transaction re-checks each record it
+    /// reads, as its state may change meanwhile (an earlier job of its batch, or
+    /// an earlier part of the same request).
+    pub(super) fn plan(
+        &self,
+        ids: &[MessageId],
+        wanted: impl Fn(&Record) -> bool,
+    ) -> Result<Vec<Part>, StoreError> {
+        let mut parts = Vec::new();
+        let mut part = Part::default();
+        for &id in ids {
+            let mut seqs = Vec::new();
+            let mut bytes = 0u64;
+            if let Some(all) = self
+                .tree(super::tx::BY_ID)
+                .get(id.as_bytes())
+                .map_err(storage)?
+            {
+                for seq in super::codec::decode_seqs(&all)? {
+                    if let Some((record, size)) = self.load_sized(seq)?
+                        && wanted(&record)
+                    {
+                        seqs.push(seq);
+                        bytes = bytes.saturating_add(size);
+                    }
+                }
+            }
+            if !part.ids.is_empty() && part.bytes.saturating_add(bytes) > BATCH_READ_BYTES {
+                parts.push(std::mem::take(&mut part));
+            }
+            part.ids.push((id, seqs));
+            part.bytes = part.bytes.saturating_add(bytes);
+        }
+        parts.push(part);
+        Ok(parts)
     }
 
     /// The stored `record` with its lease, if it has one (for scans; see
@@ -1088,6 +1147,54 @@ pub(super) struct Leases {
     pub(super) damaged: Vec<u64>,
 }
 
+/// Part of a change by id ([`Core::plan`]): the ids in the order named, each
+/// with the seqs of its records the transaction reads; at most
+/// [`BATCH_READ_BYTES`] of records in all, or one id.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Part {
+    pub(super) ids: Vec<(MessageId, Vec<u64>)>,
+    /// The size of those records when planned.
+    pub(super) bytes: u64,
+}
+
+impl Part {
+    /// The parts of a plan as one (a change of one id: always one part).
+    pub(super) fn joined(parts: Vec<Part>) -> Part {
+        let mut joined = Part::default();
+        for part in parts {
+            joined.ids.extend(part.ids);
+            joined.bytes = joined.bytes.saturating_add(part.bytes);
+        }
+        joined
+    }
+}
+
+/// Whether `r` was delivered and not settled since: an `Ack` or a `Reject` of
+/// its recipient applies to it.
+pub(super) fn delivered(r: &Record) -> bool {
+    r.state == State::InFlight || (r.state == State::Accepted && r.attempts > 0)
+}
+
+/// The records an `Ack` of `recipient` may act on ([`Core::plan`]): its
+/// deliveries, and those it acknowledged (a repeated ack is answered so).
+pub(super) fn ackable(recipient: &ParticipantId) -> impl Fn(&Record) -> bool + '_ {
+    move |r| r.recipient == *recipient && (delivered(r) || r.state == State::Acknowledged)
+}
+
+/// The records a `Reject` of `recipient` may act on ([`Core::plan`]): its
+/// deliveries, and those it rejected (a repeated reject is answered so).
+pub(super) fn rejectable(recipient: &ParticipantId) -> impl Fn(&Record) -> bool + '_ {
+    move |r| {
+        r.recipient == *recipient
+            && (delivered(r) || (r.state == State::DeadLettered && r.rejected))
+    }
+}
+
+/// The records a withdrawal of `sender` may act on ([`Core::plan`]): its own.
+pub(super) fn sent_by(sender: &ParticipantId) -> impl Fn(&Record) -> bool + '_ {
+    move |r| r.sender.as_ref() == Some(sender)
+}
+
 /// Which IN_FLIGHT messages [`Core::requeue_in_flight`] puts back, and how.
 #[derive(Debug)]
 pub(super) enum Requeue {
@@ -1597,129 +1704,138 @@ impl Tx<'_> {
         ))
     }
 
+    /// Acknowledges `part` (of [`Core::plan`] with [`ackable`]) for `recipient`:
+    /// reads only the records the plan kept, and re-checks each.
     pub(super) fn ack(
         &self,
         recipient: &ParticipantId,
-        ids: &[MessageId],
+        part: &Part,
         now: Millis,
     ) -> TxResult<(Vec<AckResult>, Wake)> {
         let tx = self;
-        {
-            let mut results = Vec::with_capacity(ids.len());
-            let mut wake = Wake::new();
-            for &id in ids {
-                // An ack of a message that is no longer delivered to the caller is
-                // NOT_FOUND, also one its node really stored but acknowledged after
-                // the message expired (or was withdrawn or purged): DESIGN.md §3 says
-                // NOT_FOUND for an id "not in flight to the caller", and §4 makes
-                // EXPIRED final, its sender already told so by a non-delivery report.
-                // ACKNOWLEDGED would tell the node its ack was applied when the
-                // record stays EXPIRED, and applying it would send the sender a
-                // DELIVERED receipt contradicting the report it has (the node
-                // deduplicates a redriven copy, so nothing is lost either way).
-                let mut result = AckResult::NotFound;
-                for old in tx.records_of(id)? {
-                    if old.recipient != *recipient {
-                        continue;
-                    }
-                    let delivered = old.state == State::InFlight
-                        || (old.state == State::Accepted && old.attempts > 0);
-                    if old.state == State::Acknowledged {
-                        result = AckResult::Acknowledged;
-                    } else if delivered {
-                        let mut new = old.clone();
-                        finish_without_payload(&mut new, State::Acknowledged, now, self.life);
-                        tx.put(Some(&old), Some(&new))?;
-                        if let Some(to) = tx.receipt(&new, pb::Outcome::Delivered, now)? {
-                            wake.insert(to);
-                        }
-                        result = AckResult::Acknowledged;
-                    }
+        let mut results = Vec::with_capacity(part.ids.len());
+        let mut wake = Wake::new();
+        for (_, seqs) in &part.ids {
+            // An ack of a message that is no longer delivered to the caller is
+            // NOT_FOUND, also one its node really stored but acknowledged after
+            // the message expired (or was withdrawn or purged): DESIGN.md §3 says
+            // NOT_FOUND for an id "not in flight to the caller", and §4 makes
+            // EXPIRED final, its sender already told so by a non-delivery report.
+            // ACKNOWLEDGED would tell the node its ack was applied when the
+            // record stays EXPIRED, and applying it would send the sender a
+            // DELIVERED receipt contradicting the report it has (the node
+            // deduplicates a redriven copy, so nothing is lost either way).
+            let mut result = AckResult::NotFound;
+            for &seq in seqs {
+                let Some(old) = tx.record(seq)? else {
+                    continue;
+                };
+                if old.recipient != *recipient {
+                    continue;
                 }
-                results.push(result);
+                if old.state == State::Acknowledged {
+                    result = AckResult::Acknowledged;
+                } else if delivered(&old) {
+                    let mut new = old.clone();
+                    finish_without_payload(&mut new, State::Acknowledged, now, self.life);
+                    tx.put(Some(&old), Some(&new))?;
+                    if let Some(to) = tx.receipt(&new, pb::Outcome::Delivered, now)? {
+                        wake.insert(to);
+                    }
+                    result = AckResult::Acknowledged;
+                }
             }
-            Ok((results, wake))
+            results.push(result);
         }
+        Ok((results, wake))
     }
 
+    /// Rejects `part` (of [`Core::plan`] with [`rejectable`], one id) for
+    /// `recipient`: reads only the records the plan kept, and re-checks each.
     pub(super) fn reject(
         &self,
         recipient: &ParticipantId,
-        id: MessageId,
+        part: &Part,
         reason_code: &str,
         field_path: &str,
         now: Millis,
     ) -> TxResult<(RejectResult, Wake)> {
         let tx = self;
-        {
-            let mut result = RejectResult::NotFound;
-            let mut wake = Wake::new();
-            for old in tx.records_of(id)? {
-                if old.recipient != *recipient {
-                    continue;
-                }
-                let delivered = old.state == State::InFlight
-                    || (old.state == State::Accepted && old.attempts > 0);
-                if old.state == State::DeadLettered && old.rejected {
-                    result = RejectResult::Rejected { already: true };
-                } else if delivered {
-                    let mut new = old.clone();
-                    finish_keeping_payload(&mut new, State::DeadLettered, now, self.life);
-                    // A dead letter's payload is kept for a redrive, which a rejected
-                    // message never gets (DESIGN.md §4), and no one may read it here:
-                    // kept, it would only be personal data waiting for its retention.
-                    drop_payload(&mut new);
-                    new.rejected = true;
-                    new.reason_code = reason_code.to_owned();
-                    new.field_path = field_path.to_owned();
-                    tx.put(Some(&old), Some(&new))?;
-                    if let Some(to) = tx.receipt(&new, pb::Outcome::RejectedByRecipient, now)? {
-                        wake.insert(to);
-                    }
-                    result = RejectResult::Rejected { already: false };
-                }
+        let mut result = RejectResult::NotFound;
+        let mut wake = Wake::new();
+        for &seq in part.ids.iter().flat_map(|(_, seqs)| seqs) {
+            let Some(old) = tx.record(seq)? else {
+                continue;
+            };
+            if old.recipient != *recipient {
+                continue;
             }
-            Ok((result, wake))
+            if old.state == State::DeadLettered && old.rejected {
+                result = RejectResult::Rejected { already: true };
+            } else if delivered(&old) {
+                let mut new = old.clone();
+                finish_keeping_payload(&mut new, State::DeadLettered, now, self.life);
+                // A dead letter's payload is kept for a redrive, which a rejected
+                // message never gets (DESIGN.md §4), and no one may read it here:
+                // kept, it would only be personal data waiting for its retention.
+                drop_payload(&mut new);
+                new.rejected = true;
+                new.reason_code = reason_code.to_owned();
+                new.field_path = field_path.to_owned();
+                tx.put(Some(&old), Some(&new))?;
+                if let Some(to) = tx.receipt(&new, pb::Outcome::RejectedByRecipient, now)? {
+                    wake.insert(to);
+                }
+                result = RejectResult::Rejected { already: false };
+            }
         }
+        Ok((result, wake))
     }
 
-    /// IN_FLIGHT messages of `recipient` (on `stream`, or on any stream when
-    /// `None`) become due again at once. Returns how many.
+    /// Withdraws `sender`'s message of `part` (of [`Core::plan`] with
+    /// [`sent_by`], one id): reads only the records the plan kept.
     pub(super) fn withdraw(
         &self,
         sender: &ParticipantId,
-        id: MessageId,
+        part: &Part,
         now: Millis,
     ) -> TxResult<WithdrawResult> {
         let tx = self;
-        {
-            let Some(old) = tx.by_sender(sender, id)? else {
-                return Ok(WithdrawResult::NotFound);
-            };
-            Ok(match old.state {
-                // An expired or dead-lettered message keeps its payload for a redrive: a
-                // sender that takes back a misaddressed one wants it gone, and never
-                // redriven to the wrong recipient (ARCHITECTURE.md). Its sender had its
-                // non-delivery report already; a withdrawal makes none.
-                State::Accepted | State::InFlight | State::Expired | State::DeadLettered => {
-                    let mut new = old.clone();
-                    finish_without_payload(&mut new, State::Withdrawn, now, self.life);
-                    tx.put(Some(&old), Some(&new))?;
-                    WithdrawResult::Withdrawn {
-                        at: now,
-                        recipient: old.recipient,
-                        already: false,
-                    }
-                }
-                State::Withdrawn => WithdrawResult::Withdrawn {
-                    at: old.state_changed_at,
-                    recipient: old.recipient,
-                    already: true,
-                },
-                State::Acknowledged => WithdrawResult::AlreadyAcknowledged,
-                state @ State::Purged => WithdrawResult::Final { state },
-            })
+        let mut found = None;
+        for &seq in part.ids.iter().flat_map(|(_, seqs)| seqs) {
+            if let Some(old) = tx.record(seq)?
+                && old.sender.as_ref() == Some(sender)
+            {
+                found = Some(old);
+                break;
+            }
         }
+        let Some(old) = found else {
+            return Ok(WithdrawResult::NotFound);
+        };
+        Ok(match old.state {
+            // An expired or dead-lettered message keeps its payload for a redrive: a
+            // sender that takes back a misaddressed one wants it gone, and never
+            // redriven to the wrong recipient (ARCHITECTURE.md). Its sender had its
+            // non-delivery report already; a withdrawal makes none.
+            State::Accepted | State::InFlight | State::Expired | State::DeadLettered => {
+                let mut new = old.clone();
+                finish_without_payload(&mut new, State::Withdrawn, now, self.life);
+                tx.put(Some(&old), Some(&new))?;
+                WithdrawResult::Withdrawn {
+                    at: now,
+                    recipient: old.recipient,
+                    already: false,
+                }
+            }
+            State::Withdrawn => WithdrawResult::Withdrawn {
+                at: old.state_changed_at,
+                recipient: old.recipient,
+                already: true,
+            },
+            State::Acknowledged => WithdrawResult::AlreadyAcknowledged,
+            state @ State::Purged => WithdrawResult::Final { state },
+        })
     }
 
     /// The one message an operator names: `sender`'s `id`, or without a sender the
@@ -3625,5 +3741,217 @@ mod tests {
             "the recipient is woken"
         );
         s.close().await.unwrap();
+    }
+
+    /// A store of `n` messages of `size` bytes from NL-NRM to BE-PAYOKE, all in flight
+    /// on a stream of BE-PAYOKE's; the measure of the bytes a transaction read reset.
+    async fn large_in_flight(
+        dir: &std::path::Path,
+        n: usize,
+        size: usize,
+    ) -> (SledStore, Vec<MessageId>) {
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir);
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let mut m = message(&be);
+            m.payload = bytes::Bytes::from(vec![7u8; size]);
+            m.payload_sha256 = sha256(&m.payload);
+            ids.push(m.message_id);
+            s.submit(m, NOW).await.unwrap();
+        }
+        let leased = s.lease(&be, StreamId(1), n, u64::MAX, NOW).await.unwrap();
+        assert_eq!(leased.len(), n);
+        largest_read(&s);
+        (s, ids)
+    }
+
+    /// The most bytes of records one transaction read since the last call.
+    fn largest_read(s: &SledStore) -> u64 {
+        s.inner
+            .core
+            .largest_read
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// An `Ack` naming the ids of messages in flight to someone else (their sender
+    /// knows them), a `Reject` of one, and a withdrawal of another sender's message
+    /// read none of those records in their transactions: an `Ack` read each whole,
+    /// payload included, and sled held them all until it committed (1,024 ids of
+    /// 8 MiB messages: 8 GiB from one call). Each is NOT_FOUND and changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_of_others_large_messages_reads_none_of_them() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
+        let (nl, iom) = (
+            ParticipantId::parse("NL-NRM").unwrap(),
+            ParticipantId::parse("INT-IOM").unwrap(),
+        );
+
+        for caller in [&nl, &iom] {
+            let results = s.ack(caller, &ids, NOW).await.unwrap();
+            assert_eq!(results, vec![AckResult::NotFound; N], "acked by {caller}");
+            let read = largest_read(&s);
+            assert!(
+                read < LARGE as u64,
+                "an ack by {caller} of messages not its own read {read} bytes of them at once"
+            );
+        }
+        let rejected = s.reject(&nl, ids[0], "INVALID", "", NOW).await.unwrap();
+        assert_eq!(rejected, RejectResult::NotFound);
+        let withdrawn = s.withdraw(&iom, ids[1], NOW).await.unwrap();
+        assert_eq!(withdrawn, WithdrawResult::NotFound);
+        let read = largest_read(&s);
+        assert!(
+            read < LARGE as u64,
+            "a reject or withdrawal of a message not the caller's read {read} bytes"
+        );
+
+        for id in &ids {
+            let status = s.status(&nl, *id).await.unwrap().unwrap();
+            assert_eq!(status.state, State::InFlight, "{id} was changed");
+        }
+        s.close().await.unwrap();
+    }
+
+    /// An `Ack` of its own many large deliveries is applied in transactions cut at
+    /// `BATCH_READ_BYTES` of records, and still answers every id in order, each
+    /// ACKNOWLEDGED with one receipt to its sender.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_of_many_large_messages_is_cut_at_its_byte_budget() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
+        let (nl, be) = (
+            ParticipantId::parse("NL-NRM").unwrap(),
+            ParticipantId::parse("BE-PAYOKE").unwrap(),
+        );
+        // (one made-up id among them keeps its place)
+        let mut named = ids.clone();
+        named.insert(N / 2, MessageId::new_v7());
+        let results = s.ack(&be, &named, NOW).await.unwrap();
+        let mut expected = vec![AckResult::Acknowledged; N + 1];
+        expected[N / 2] = AckResult::NotFound;
+        assert_eq!(results, expected);
+        let read = largest_read(&s);
+        assert!(
+            (1..=BATCH_READ_BYTES + LARGE as u64).contains(&read),
+            "the ack read {read} bytes of records in one transaction"
+        );
+
+        let receipts = s
+            .lease(&nl, StreamId(2), 2 * N, u64::MAX, NOW)
+            .await
+            .unwrap();
+        let mut receipted: Vec<MessageId> = receipts
+            .iter()
+            .map(|r| {
+                assert_eq!(r.kind, Kind::DeliveryReceipt);
+                let body = <pb::Receipt as prost::Message>::decode(r.payload.as_ref()).unwrap();
+                MessageId::parse(&body.message_id).unwrap()
+            })
+            .collect();
+        receipted.sort();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(receipted, sorted, "one receipt per message");
+        assert_eq!(
+            s.ack(&be, &ids, NOW).await.unwrap(),
+            vec![AckResult::Acknowledged; N]
+        );
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
+    /// Acks of one large delivery each, queued at once, are merged by the writer into
+    /// transactions of at most `BATCH_READ_BYTES` of records together, not one of
+    /// them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_merged_by_the_writer_are_cut_at_their_byte_budget() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
+        let s = Arc::new(s);
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+
+        // the writer held until all the acks wait for it, so that it merges them
+        let (started, running) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let hold = {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move {
+                s.inner
+                    .writer
+                    .exclusive(move |_| {
+                        started.send(()).unwrap();
+                        let _ = released.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::task::spawn_blocking(move || running.recv().unwrap())
+            .await
+            .unwrap();
+        let acks: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let (s, be, id) = (Arc::clone(&s), be.clone(), *id);
+                tokio::spawn(async move { s.ack(&be, &[id], NOW).await })
+            })
+            .collect();
+        while s.inner.writer.queued() < N {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        release.send(()).unwrap();
+        hold.await.unwrap().unwrap();
+        for ack in acks {
+            assert_eq!(ack.await.unwrap().unwrap(), vec![AckResult::Acknowledged]);
+        }
+        let read = largest_read(&s);
+        assert!(
+            (1..=BATCH_READ_BYTES + LARGE as u64).contains(&read),
+            "the merged acks read {read} bytes of records in one transaction"
+        );
+        s.close().await.unwrap();
+    }
+
+    /// An `Ack` cut in several transactions whose flush fails is answered with the error,
+    /// as an ack in one is; the node's repeat finds each message ACKNOWLEDGED, and each
+    /// sender has exactly one receipt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_cut_in_parts_whose_flush_fails_is_repeated_to_the_same_end() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
+        let (nl, be) = (
+            ParticipantId::parse("NL-NRM").unwrap(),
+            ParticipantId::parse("BE-PAYOKE").unwrap(),
+        );
+        s.fault_switch().set_failing(true);
+        s.ack(&be, &ids, NOW)
+            .await
+            .expect_err("an ack whose flush failed is not answered");
+        s.fault_switch().set_failing(false);
+        assert_eq!(
+            s.ack(&be, &ids, NOW).await.unwrap(),
+            vec![AckResult::Acknowledged; N]
+        );
+        let receipts = s
+            .lease(&nl, StreamId(2), 2 * N, u64::MAX, NOW)
+            .await
+            .unwrap();
+        assert_eq!(receipts.len(), N, "one receipt per message");
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
     }
 }

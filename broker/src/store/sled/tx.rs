@@ -173,19 +173,6 @@ impl Tx<'_> {
         }
     }
 
-    /// The record of `sender`'s message `id` (found through `by_id`: one
-    /// index fewer to write for every message).
-    pub(super) fn by_sender(
-        &self,
-        sender: &ParticipantId,
-        id: trmx_proto::MessageId,
-    ) -> TxResult<Option<Record>> {
-        Ok(self
-            .records_of(id)?
-            .into_iter()
-            .find(|r| r.sender.as_ref() == Some(sender)))
-    }
-
     /// Counts `value`, read by this transaction (tests only).
     fn note_read(&self, value: &::sled::IVec) {
         #[cfg(test)]

@@ -4,7 +4,9 @@
 //! thread loses nothing and gains a lot: no lock contention, no pile of
 //! blocking threads, and consecutive transactional jobs (submit, ack, reject,
 //! withdraw, purge, redrive) are merged into ONE sled transaction, which
-//! spreads its fixed cost over the batch. Each job stays atomic: a batch
+//! spreads its fixed cost over the batch — up to `BATCH_READ_BYTES` of
+//! stored records read together, as far as the jobs tell ([`run_batch`]);
+//! past it the batch goes on in another. Each job stays atomic: a batch
 //! commits all its jobs or none; if a batch aborts, its jobs are retried one
 //! by one so that only the faulty one fails.
 //!
@@ -19,6 +21,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Core;
+use super::ops::BATCH_READ_BYTES;
 use super::tx::{Tx, TxResult};
 use crate::store::StoreError;
 
@@ -41,6 +44,11 @@ trait TxJob: Send {
     fn prepare(&mut self, _core: &Core, _claimed: &mut Claimed) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Bytes of stored records its run reads, as far as known once prepared
+    /// (0: a little; see [`run_batch`]).
+    fn read_bytes(&self) -> u64 {
+        0
+    }
     /// Runs inside the transaction (may run again if sled retries it).
     fn run(&self, tx: &Tx<'_>) -> TxResult<()>;
     /// Sends the result of the last run, or `err`.
@@ -49,6 +57,7 @@ trait TxJob: Send {
 
 struct TxJobOf<T, F> {
     f: F,
+    read_bytes: u64,
     out: RefCell<Option<T>>,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
@@ -58,6 +67,10 @@ where
     T: Send,
     F: Fn(&Tx<'_>) -> TxResult<T> + Send,
 {
+    fn read_bytes(&self) -> u64 {
+        self.read_bytes
+    }
+
     fn run(&self, tx: &Tx<'_>) -> TxResult<()> {
         let value = (self.f)(tx)?;
         *self.out.borrow_mut() = Some(value);
@@ -81,6 +94,7 @@ where
 struct PreparedJobOf<S, T, P, F> {
     prepare: Option<P>,
     state: Option<S>,
+    read_bytes: u64,
     f: F,
     out: RefCell<Option<T>>,
     reply: oneshot::Sender<Result<T, StoreError>>,
@@ -90,14 +104,20 @@ impl<S, T, P, F> TxJob for PreparedJobOf<S, T, P, F>
 where
     S: Send,
     T: Send,
-    P: FnOnce(&Core, &mut Claimed) -> Result<S, StoreError> + Send,
+    P: FnOnce(&Core, &mut Claimed) -> Result<(S, u64), StoreError> + Send,
     F: Fn(&Tx<'_>, &S) -> TxResult<T> + Send,
 {
     fn prepare(&mut self, core: &Core, claimed: &mut Claimed) -> Result<(), StoreError> {
         if let Some(prepare) = self.prepare.take() {
-            self.state = Some(prepare(core, claimed)?);
+            let (state, read_bytes) = prepare(core, claimed)?;
+            self.state = Some(state);
+            self.read_bytes = read_bytes;
         }
         Ok(())
+    }
+
+    fn read_bytes(&self) -> u64 {
+        self.read_bytes
     }
 
     fn run(&self, tx: &Tx<'_>) -> TxResult<()> {
@@ -165,9 +185,25 @@ impl Writer {
         T: Send + 'static,
         F: Fn(&Tx<'_>) -> TxResult<T> + Send + 'static,
     {
+        self.transaction_reading(0, f).await
+    }
+
+    /// [`Self::transaction`] for an `f` that reads `read_bytes` of stored
+    /// records: shared only with jobs that read at most [`BATCH_READ_BYTES`]
+    /// with it.
+    pub(super) async fn transaction_reading<T, F>(
+        &self,
+        read_bytes: u64,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Tx<'_>) -> TxResult<T> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job = TxJobOf {
             f,
+            read_bytes,
             out: RefCell::new(None),
             reply,
         };
@@ -192,10 +228,28 @@ impl Writer {
         P: FnOnce(&Core, &mut Claimed) -> Result<S, StoreError> + Send + 'static,
         F: Fn(&Tx<'_>, &S) -> TxResult<T> + Send + 'static,
     {
+        self.prepared_transaction_reading(move |core, claimed| Ok((prepare(core, claimed)?, 0)), f)
+            .await
+    }
+
+    /// [`Self::prepared_transaction`] whose `prepare` also tells the bytes of
+    /// stored records `f` reads (see [`Self::transaction_reading`]).
+    pub(super) async fn prepared_transaction_reading<S, T, P, F>(
+        &self,
+        prepare: P,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        S: Send + 'static,
+        T: Send + 'static,
+        P: FnOnce(&Core, &mut Claimed) -> Result<(S, u64), StoreError> + Send + 'static,
+        F: Fn(&Tx<'_>, &S) -> TxResult<T> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job = PreparedJobOf {
             prepare: Some(prepare),
             state: None,
+            read_bytes: 0,
             f,
             out: RefCell::new(None),
             reply,
@@ -302,6 +356,27 @@ fn run_batch(core: &Core, jobs: Vec<Box<dyn TxJob>>) {
             Err(e) => job.reply(Some(e)),
         }
     }
+    // sled holds every value a transaction read until it commits: the jobs
+    // that read records by the megabyte (an `Ack` of large messages, a
+    // `Reject`, a withdrawal: `ops::Core::plan`) share a transaction only up
+    // to `BATCH_READ_BYTES` together (one alone when larger), else 256 of
+    // them could hold gigabytes at once.
+    let mut group = Vec::with_capacity(batch.len());
+    let mut bytes = 0u64;
+    for job in batch {
+        let read = job.read_bytes();
+        if !group.is_empty() && bytes.saturating_add(read) > BATCH_READ_BYTES {
+            commit(core, std::mem::take(&mut group));
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(read);
+        group.push(job);
+    }
+    commit(core, group);
+}
+
+/// Runs the prepared `batch` in one transaction (each job alone if it fails).
+fn commit(core: &Core, batch: Vec<Box<dyn TxJob>>) {
     if batch.is_empty() {
         return;
     }
