@@ -1075,3 +1075,50 @@ async fn a_participants_nodes_at_full_speed_are_never_refused() -> anyhow::Resul
     drop(streams);
     Ok(())
 }
+
+/// A sender that acks the ids of its own large messages in flight to their recipient
+/// (it knows them), and a third participant that names them too, get `NOT_FOUND` for
+/// each and change nothing: the store no longer reads those messages whole, all at once,
+/// in the ack's transaction. The recipient's own ack then applies to every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_anothers_large_messages_is_not_found_and_changes_nothing() -> anyhow::Result<()>
+{
+    const LARGE: usize = 1 << 20;
+    let t = TestBroker::start_with(|c| c.limits.max_envelope_bytes = 2 * LARGE as u64).await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut ids = Vec::new();
+    for n in 0..4u8 {
+        let env = envelope("BE-PAYOKE", trmx_proto::Kind::Referral, &vec![n; LARGE]);
+        ids.push(env.message_id.clone());
+        submit(&mut nl, env).await?;
+    }
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 8).await?;
+    let mut delivered = Vec::new();
+    for _ in 0..ids.len() {
+        delivered.push(id_of(&next(&mut stream).await?));
+    }
+    delivered.sort();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(delivered, sorted);
+
+    let mut iom = t.client("INT-IOM")?;
+    for client in [&mut nl, &mut iom] {
+        assert_eq!(
+            ack(client, &ids).await?,
+            vec![pb::AckResult::NotFound; ids.len()]
+        );
+    }
+    for id in &ids {
+        assert_eq!(state_of(&mut nl, id).await?, pb::MessageState::InFlight);
+    }
+    assert_eq!(
+        ack(&mut be, &ids).await?,
+        vec![pb::AckResult::Acknowledged; ids.len()]
+    );
+    for id in &ids {
+        assert_eq!(state_of(&mut nl, id).await?, pb::MessageState::Acknowledged);
+    }
+    Ok(())
+}
