@@ -3954,4 +3954,51 @@ mod tests {
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
     }
+
+    /// A crash between the parts of a cut `Ack` leaves the first applied and durable,
+    /// the others in flight (then due again at the restart, delivered once): the node,
+    /// which had no answer, acks all again, and each id is ACKNOWLEDGED with exactly one
+    /// receipt to its sender. The store is consistent after the first part alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_cut_short_between_its_parts_is_repeated_to_the_same_end() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
+        let (nl, be) = (
+            ParticipantId::parse("NL-NRM").unwrap(),
+            ParticipantId::parse("BE-PAYOKE").unwrap(),
+        );
+        // what a crash right after the first part's transaction (and a flush) leaves
+        let parts = s.inner.core.plan(&ids, ackable(&be)).unwrap();
+        assert!(parts.len() > 1, "{} parts", parts.len());
+        let (first, _) = s
+            .inner
+            .core
+            .transact(|tx| tx.ack(&be, &parts[0], NOW))
+            .unwrap();
+        assert_eq!(first, vec![AckResult::Acknowledged; parts[0].ids.len()]);
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+
+        let s = open(dir.path());
+        let requeued = s.recover(NOW + 1_000).await.unwrap();
+        assert_eq!(requeued, (N - parts[0].ids.len()) as u64);
+        assert_eq!(
+            s.ack(&be, &ids, NOW + 1_000).await.unwrap(),
+            vec![AckResult::Acknowledged; N]
+        );
+        let receipts = s
+            .lease(&nl, StreamId(2), 2 * N, u64::MAX, NOW + 1_000)
+            .await
+            .unwrap();
+        assert_eq!(receipts.len(), N, "one receipt per message");
+        for id in &ids {
+            let status = s.status(&nl, *id).await.unwrap().unwrap();
+            assert_eq!(status.state, State::Acknowledged, "{id}");
+        }
+        s.close().await.unwrap();
+    }
 }
