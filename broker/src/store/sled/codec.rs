@@ -187,6 +187,13 @@ impl Record {
         Ok(Self::decode_meta(bytes)?.0)
     }
 
+    /// [`Self::decode_metadata`], and whether the payload is stored with the
+    /// record (else a kept payload of the older format is in `payloads`).
+    pub(super) fn decode_metadata_inline(bytes: &[u8]) -> Result<(Self, bool), StoreError> {
+        let (record, payload_at) = Self::decode_meta(bytes)?;
+        Ok((record, payload_at.is_some()))
+    }
+
     /// The record without its payload, and where an inline payload starts.
     fn decode_meta(bytes: &[u8]) -> Result<(Self, Option<usize>), StoreError> {
         let mut r = Reader(bytes);

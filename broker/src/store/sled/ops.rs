@@ -103,15 +103,24 @@ impl Core {
     }
 
     /// [`Self::load`], with the size of the stored record: what a transaction
-    /// holds once it has read it.
+    /// holds once it has read it and changed it. A kept payload of the older
+    /// format (in `payloads`) counts too: a change that drops it deletes it, and
+    /// sled's `remove` reads the value it deletes and holds it as well.
     fn load_sized(&self, seq: u64) -> Result<Option<(Record, u64)>, StoreError> {
         let key = seq.to_be_bytes();
         let lease = self.tree(LEASED).get(key).map_err(storage)?;
         let Some(bytes) = self.tree(RECORDS).get(key).map_err(storage)? else {
             return Ok(None);
         };
-        let size = bytes.len() as u64;
-        let record = Record::decode_metadata(&bytes)?;
+        let mut size = bytes.len() as u64;
+        let (record, inline) = Record::decode_metadata_inline(&bytes)?;
+        if record.payload_kept
+            && !inline
+            && record.payload_size > 0
+            && let Some(payload) = self.tree(PAYLOADS).get(key).map_err(storage)?
+        {
+            size = size.saturating_add(payload.len() as u64);
+        }
         match lease {
             Some(v) if may_be_leased(&record) => {
                 Ok(Some((LeaseEntry::decode(&v)?.apply(record), size)))
@@ -4000,5 +4009,66 @@ mod tests {
             assert_eq!(status.state, State::Acknowledged, "{id}");
         }
         s.close().await.unwrap();
+    }
+
+    /// An `Ack` of large deliveries written before payloads moved into the record (the
+    /// payload in the `payloads` tree) is cut at `BATCH_READ_BYTES` too: acknowledging
+    /// deletes each payload, and sled's `remove` reads the value it deletes and holds it
+    /// until the transaction commits, so the plan counts it with the record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ack_of_large_messages_of_the_older_format_is_cut_at_its_byte_budget() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let (nl, be) = (
+            ParticipantId::parse("NL-NRM").unwrap(),
+            ParticipantId::parse("BE-PAYOKE").unwrap(),
+        );
+        let mut ids = Vec::new();
+        for _ in 0..N {
+            let mut m = message(&be);
+            m.payload = bytes::Bytes::from(vec![7u8; LARGE]);
+            m.payload_sha256 = sha256(&m.payload);
+            ids.push(m.message_id);
+            s.submit(m, NOW).await.unwrap();
+        }
+        // each payload moved out of its record, as the older format stored it
+        let moved = ids.clone();
+        s.inner
+            .core
+            .transact(|tx| {
+                for id in &moved {
+                    for mut record in tx.records_of(*id)? {
+                        let payload = record.payload.take().unwrap();
+                        tx.t[RECORDS].insert(&record.seq.to_be_bytes(), record.encode())?;
+                        tx.t[PAYLOADS].insert(&record.seq.to_be_bytes(), payload.0)?;
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let leased = s.lease(&be, StreamId(1), N, u64::MAX, NOW).await.unwrap();
+        assert_eq!(leased.len(), N);
+        assert!(leased.iter().all(|m| m.payload.len() == LARGE));
+        largest_read(&s);
+
+        let results = s.ack(&be, &ids, NOW).await.unwrap();
+        assert_eq!(results, vec![AckResult::Acknowledged; N]);
+        let read = largest_read(&s);
+        assert!(
+            (1..=BATCH_READ_BYTES + 2 * LARGE as u64).contains(&read),
+            "the ack read {read} bytes of records and payloads in one transaction"
+        );
+        assert!(s.inner.core.trees[PAYLOADS].is_empty(), "a payload left");
+        let receipts = s
+            .lease(&nl, StreamId(2), 2 * N, u64::MAX, NOW)
+            .await
+            .unwrap();
+        assert_eq!(receipts.len(), N, "one receipt per message");
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
     }
 }

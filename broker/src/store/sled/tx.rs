@@ -255,7 +255,10 @@ impl Tx<'_> {
             && old.payload.is_none()
             && !new.is_some_and(|n| n.payload_kept)
         {
-            self.t[PAYLOADS].remove(&old.seq.to_be_bytes())?;
+            // (sled's `remove` reads the value it deletes, and holds it too)
+            if let Some(payload) = self.t[PAYLOADS].remove(&old.seq.to_be_bytes())? {
+                self.note_read(&payload);
+            }
         }
         // A lease writes only its `leased` entry (an index entry of the
         // IN_FLIGHT record): the stored record stays the due ACCEPTED one, so
