@@ -4071,4 +4071,142 @@ mod tests {
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
     }
+
+    /// Changes by id merged by the writer into one transaction are each planned before
+    /// any of them runs: a withdrawal or a reject earlier in the batch settles a
+    /// message that a later `Ack` planned as in flight, and that `Ack`, which re-reads
+    /// the record, finds it NOT_FOUND; acks of one id repeated in the batch (in one call
+    /// or several) are all ACKNOWLEDGED with one receipt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_by_id_merged_in_one_batch_see_the_changes_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open(dir.path()));
+        let (nl, be) = (
+            ParticipantId::parse("NL-NRM").unwrap(),
+            ParticipantId::parse("BE-PAYOKE").unwrap(),
+        );
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let m = message(&be);
+            ids.push(m.message_id);
+            s.submit(m, NOW).await.unwrap();
+        }
+        let leased = s.lease(&be, StreamId(1), 3, u64::MAX, NOW).await.unwrap();
+        assert_eq!(leased.len(), 3);
+        let (withdrawn, rejected, acked) = (ids[0], ids[1], ids[2]);
+
+        // the writer held until all the changes wait for it, in this order
+        let (started, running) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let hold = {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move {
+                s.inner
+                    .writer
+                    .exclusive(move |_| {
+                        started.send(()).unwrap();
+                        let _ = released.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::task::spawn_blocking(move || running.recv().unwrap())
+            .await
+            .unwrap();
+        async fn queued_after(s: &SledStore, n: usize) {
+            while s.inner.writer.queued() < n {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+        let withdrawal = {
+            let (s, nl) = (Arc::clone(&s), nl.clone());
+            tokio::spawn(async move { s.withdraw(&nl, withdrawn, NOW).await })
+        };
+        queued_after(&s, 1).await;
+        let reject = {
+            let (s, be) = (Arc::clone(&s), be.clone());
+            tokio::spawn(async move { s.reject(&be, rejected, "INVALID", "", NOW).await })
+        };
+        queued_after(&s, 2).await;
+        let mut acks = Vec::new();
+        for (n, named) in [
+            vec![withdrawn, rejected],
+            vec![acked],
+            vec![acked, acked],
+            vec![acked],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (s2, be) = (Arc::clone(&s), be.clone());
+            acks.push(tokio::spawn(async move { s2.ack(&be, &named, NOW).await }));
+            queued_after(&s, 3 + n).await;
+        }
+        release.send(()).unwrap();
+        hold.await.unwrap().unwrap();
+
+        assert!(matches!(
+            withdrawal.await.unwrap().unwrap(),
+            WithdrawResult::Withdrawn { already: false, .. }
+        ));
+        assert_eq!(
+            reject.await.unwrap().unwrap(),
+            RejectResult::Rejected { already: false }
+        );
+        let mut results = Vec::new();
+        for ack in acks {
+            results.push(ack.await.unwrap().unwrap());
+        }
+        use AckResult::{Acknowledged as A, NotFound as N};
+        assert_eq!(results, vec![vec![N, N], vec![A], vec![A, A], vec![A]]);
+
+        // one DELIVERED receipt, one REJECTED_BY_RECIPIENT; a withdrawal makes none
+        let receipts = s.lease(&nl, StreamId(2), 10, u64::MAX, NOW).await.unwrap();
+        assert_eq!(receipts.len(), 2);
+        let mut states = Vec::new();
+        for id in &ids {
+            states.push(s.status(&nl, *id).await.unwrap().unwrap().state);
+        }
+        assert_eq!(
+            states,
+            vec![State::Withdrawn, State::DeadLettered, State::Acknowledged]
+        );
+        let s = Arc::into_inner(s).unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
+    /// An id named twice in one `Ack` cut in parts, once in its first part and again in
+    /// its last, is ACKNOWLEDGED at both places with one receipt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_id_named_twice_across_the_parts_of_an_ack_has_one_receipt() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
+        let (nl, be) = (
+            ParticipantId::parse("NL-NRM").unwrap(),
+            ParticipantId::parse("BE-PAYOKE").unwrap(),
+        );
+        let mut named = ids.clone();
+        named.push(ids[0]);
+        let parts = s.inner.core.plan(&named, ackable(&be)).unwrap();
+        assert!(parts.len() > 1, "{} parts", parts.len());
+        assert_eq!(
+            s.ack(&be, &named, NOW).await.unwrap(),
+            vec![AckResult::Acknowledged; N + 1]
+        );
+        let receipts = s
+            .lease(&nl, StreamId(2), 2 * N, u64::MAX, NOW)
+            .await
+            .unwrap();
+        assert_eq!(receipts.len(), N, "one receipt per message");
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir.path()).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
 }
