@@ -4209,4 +4209,57 @@ mod tests {
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
         assert!(report.is_consistent(), "{report}");
     }
+
+    /// The common path keeps merging: one-id acks of small messages, queued at once,
+    /// share one transaction (their records are far below `BATCH_READ_BYTES`), as
+    /// before acks were planned; the byte cut does not split them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_of_small_messages_queued_at_once_share_one_transaction() {
+        const SMALL: usize = 4 << 10;
+        const N: usize = 64;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, ids) = large_in_flight(dir.path(), N, SMALL).await;
+        let s = Arc::new(s);
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+
+        let (started, running) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let hold = {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move {
+                s.inner
+                    .writer
+                    .exclusive(move |_| {
+                        started.send(()).unwrap();
+                        let _ = released.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::task::spawn_blocking(move || running.recv().unwrap())
+            .await
+            .unwrap();
+        let acks: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let (s, be, id) = (Arc::clone(&s), be.clone(), *id);
+                tokio::spawn(async move { s.ack(&be, &[id], NOW).await })
+            })
+            .collect();
+        while s.inner.writer.queued() < N {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        release.send(()).unwrap();
+        hold.await.unwrap().unwrap();
+        for ack in acks {
+            assert_eq!(ack.await.unwrap().unwrap(), vec![AckResult::Acknowledged]);
+        }
+        let read = largest_read(&s);
+        assert!(
+            read >= (N * SMALL) as u64,
+            "the {N} acks read at most {read} bytes in one transaction: not merged"
+        );
+        s.close().await.unwrap();
+    }
 }
