@@ -155,10 +155,10 @@ impl Default for SledOptions {
 /// - sled holds what a transaction read until it commits, and a record
 ///   carries its payload: the batches (tick, requeues, compaction) and the
 ///   changes by id (`Ack`, `Reject`, `Withdraw`) read at most
-///   `ops::BATCH_READ_BYTES` of records per transaction, or one record when
-///   larger, and the writer merges the latter only up to that together. So an
-///   `Ack` of many large messages is applied in several transactions, each
-///   message's change in one.
+///   `ops::BATCH_READ_BYTES` of records per transaction, or one id's records
+///   when larger, and the writer merges the latter only up to that together.
+///   So an `Ack` of many large messages is applied in several transactions,
+///   each message's change in one.
 pub struct SledStore {
     inner: Arc<Inner>,
 }
@@ -751,9 +751,10 @@ impl BrokerStore for SledStore {
         // applied in parts of at most `BATCH_READ_BYTES` of records: the part
         // that planned it first, each later one in a transaction of its own.
         // Each message's change is atomic with its receipt, and the answer
-        // waits for the flush of them all: a crash between two parts leaves
-        // the first applied, which the node's repeat of the whole ack (it had
-        // no answer) finds ACKNOWLEDGED, as a repeated ack does.
+        // waits for the flush of them all (there is none between parts): a
+        // crash between two parts may leave the earlier ones applied, which the
+        // node's repeat of the whole ack (it had no answer) finds ACKNOWLEDGED,
+        // as a repeated ack does.
         to_completion(async move {
             let planning = recipient.clone();
             let applying = recipient.clone();
