@@ -48,6 +48,17 @@ impl std::io::Write for LogWriter {
 
 impl LogCapture {
     fn start() -> LogCapture {
+        // tracing caches, for the whole process, whether a log line's callsite interests
+        // any subscriber, the first time a thread reaches it; while one subscriber only
+        // exists, it asks just the reaching thread's own. A thread without a capture (a
+        // broker's writer or blocking thread, another test's) then cached "never", and a
+        // capture lost that line for good. A global subscriber that takes every line (and
+        // drops it) makes every subscriber asked; installing it re-asks the callsites
+        // cached before.
+        static ANCHOR: std::sync::Once = std::sync::Once::new();
+        ANCHOR.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+        });
         let lines = Arc::new(Mutex::new(Vec::new()));
         let writer = Arc::clone(&lines);
         let subscriber = tracing_subscriber::fmt()

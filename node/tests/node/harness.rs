@@ -140,6 +140,17 @@ impl LogCapture {
 
     /// A capture at the tracing filter `filter` (e.g. `trace`).
     pub(crate) fn start_at(filter: &str) -> LogCapture {
+        // tracing caches, for the whole process, whether a log line's callsite interests
+        // any subscriber, the first time a thread reaches it. While one subscriber only
+        // exists (this capture), it asks just the reaching thread's own: another test's
+        // thread, without a capture, cached "never", and this capture lost that line for
+        // good. A global subscriber that takes every line (and drops it) makes two, so
+        // that every subscriber is asked; installing it re-asks the callsites cached
+        // before. (As the node library's own tests do.)
+        static ANCHOR: std::sync::Once = std::sync::Once::new();
+        ANCHOR.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+        });
         let lines = Arc::new(Mutex::new(Vec::new()));
         let writer = Arc::clone(&lines);
         let subscriber = tracing_subscriber::fmt()
@@ -166,4 +177,23 @@ impl LogCapture {
             .map(str::to_owned)
             .collect()
     }
+}
+
+/// A line is captured although another thread, without a capture, reached its callsite
+/// first while this capture was the only subscriber (tracing had cached that the line
+/// interested nobody, and the capture missed it: `probes`' "logs too thin" now and then).
+#[test]
+fn a_capture_gets_a_line_another_thread_reached_first() {
+    fn said() {
+        tracing::info!("said once here, once there");
+    }
+    let logs = LogCapture::start();
+    std::thread::spawn(said).join().expect("the other thread");
+    said();
+    assert_eq!(
+        logs.lines_with(&["said once here, once there"]).len(),
+        1,
+        "{}",
+        logs.text()
+    );
 }
