@@ -6942,7 +6942,12 @@ mod link {
             broker.lock().withdrawn == [sent.message_id.to_string()]
         })
         .await;
-        assert!(nl.inner.store.pending_withdrawals(10).unwrap().is_empty());
+        // (the broker records the withdrawal before it answers; the node settles its
+        // pending one when the answer has come)
+        until("the node's pending withdrawal settled", || async {
+            nl.inner.store.pending_withdrawals(10).unwrap().is_empty()
+        })
+        .await;
         assert_eq!(
             nl.withdraw(sent.message_id).await.unwrap(),
             Withdrawal::Done
