@@ -4074,6 +4074,14 @@ mod link {
             || async { broker.lock().submits_arrived > submits },
         )
         .await;
+        // (the attempt is recorded with the broker's answer, a moment after the broker
+        // has the submit)
+        until("the resubmit is recorded", || async {
+            state_of(&nl, sent.message_id)
+                .await
+                .is_some_and(|e| e.submit_attempts > 1)
+        })
+        .await;
         let entry = state_of(&nl, sent.message_id).await.unwrap();
         assert_eq!(entry.state, OutboxState::Submitted);
         assert_eq!(entry.submit_attempts, 2, "{entry:?}");
