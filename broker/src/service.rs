@@ -94,19 +94,29 @@ impl PeerCerts {
         }
         match CertInfo::from_der(leaf_der) {
             Ok(info) => {
-                metrics.set_cert_expiry(
+                // (the gauge and the entry change under one lock, and the entry is kept
+                // only when the gauge took the expiry: a call under way when a reload
+                // removed its participant must not leave an entry whose gauge is gone,
+                // or the participant, added back, would never have its gauge again)
+                let mut map = self.lock();
+                if metrics.set_cert_expiry(
                     CertRole::Participant,
                     participant.as_str(),
                     info.not_after,
-                );
-                self.lock().insert(participant.clone(), leaf_der.to_vec());
+                ) {
+                    map.insert(participant.clone(), leaf_der.to_vec());
+                } else {
+                    map.remove(participant);
+                }
             }
             Err(error) => debug!(%error, "cannot read the expiry of a client certificate"),
         }
     }
 
     /// Forgets the certificates of `participants`, who left the registry: one who comes
-    /// back has its expiry recorded again at its first call.
+    /// back has its expiry recorded again at its first call. Called after
+    /// [`Metrics::forget_participants`], so that a call under way records nothing that
+    /// stays.
     pub(crate) fn forget(&self, participants: &[ParticipantId]) {
         let mut map = self.lock();
         for p in participants {
@@ -1643,6 +1653,44 @@ pub(crate) mod test_support {
 mod tests {
     use super::test_support::*;
     use super::*;
+
+    /// A call under way when a reload removed its participant notes the certificate
+    /// after the reload forgot it: nothing of it may stay, or the participant, added back,
+    /// would never have its expiry gauge again (its certificate "known" already).
+    #[test]
+    fn a_certificate_noted_by_a_call_under_way_at_a_removal_is_gauged_again_when_added_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let federation = trmx_certs::Federation::create(dir.path(), "trm.test").unwrap();
+        let paths = federation.participant("BE-PAYOKE").unwrap();
+        let leaf = trmx_certs::load_certs_pem(&paths.cert).unwrap().remove(0);
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let metrics = Metrics::new();
+        let certs = PeerCerts::default();
+        certs.note(&metrics, &be, leaf.as_ref());
+        assert!(
+            metrics
+                .cert_expiry(CertRole::Participant, "BE-PAYOKE")
+                .is_some()
+        );
+        // the reload that removes it, as `RunningBroker::reload_registry` does it ...
+        metrics.forget_participants(std::slice::from_ref(&be));
+        certs.forget(std::slice::from_ref(&be));
+        // ... and a call that passed the registry before it
+        certs.note(&metrics, &be, leaf.as_ref());
+        assert_eq!(
+            metrics.cert_expiry(CertRole::Participant, "BE-PAYOKE"),
+            None
+        );
+        // added back: its first call records its certificate again
+        metrics.register_participants([&be]);
+        certs.note(&metrics, &be, leaf.as_ref());
+        assert!(
+            metrics
+                .cert_expiry(CertRole::Participant, "BE-PAYOKE")
+                .is_some(),
+            "the certificate of a participant added back has no expiry gauge"
+        );
+    }
 
     #[test]
     fn reason_codes() {

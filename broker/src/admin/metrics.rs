@@ -690,12 +690,14 @@ impl Metrics {
 
     /// Records the `not_after` of a certificate; the gauge shows the seconds left at scrape time.
     /// `name` is the participant id, the operator or broker name, or the CA's name.
-    pub fn set_cert_expiry(&self, role: CertRole, name: &str, not_after: SystemTime) {
+    /// Returns whether it was recorded: not for a participant that left the registry.
+    pub fn set_cert_expiry(&self, role: CertRole, name: &str, not_after: SystemTime) -> bool {
         let mut gauges = self.lock();
         if role == CertRole::Participant && gauges.departed.contains(name) {
-            return;
+            return false;
         }
         gauges.certs.insert(CertKey::named(role, name), not_after);
+        true
     }
 
     /// Replaces every certificate of `role` with `certs`: for the certificates the broker
