@@ -1238,14 +1238,21 @@ impl outbound::Report for StreamReport {
     }
 }
 
-/// How the broker ends a `Receive` stream when it shuts down.
 /// Why a stream is ended: its participant left the registry (a reload), or the broker
-/// is shutting down.
+/// is shutting down. A participant removed and added back by two reloads before its
+/// stream saw the first has its stream ended all the same; it is told so, not that the
+/// broker is shutting down (its node's log and status would say so while it runs on).
 fn closing(shared: &Shared, participant: &ParticipantId) -> Status {
     if shared.registry.current().get(participant).is_none() {
         return Status::from(not_in_registry(participant));
     }
-    Status::unavailable("the broker is shutting down")
+    if *shared.shutting_down.borrow() {
+        return Status::unavailable("the broker is shutting down");
+    }
+    Status::unavailable(format!(
+        "the broker's registry was reloaded without participant {participant} and then \
+         with it again: open the stream again"
+    ))
 }
 
 /// The refusal of a participant the registry does not list (any more).

@@ -161,3 +161,75 @@ async fn a_participant_removed_by_a_reload_is_refused_and_its_stream_ended() -> 
     assert_eq!(id_of(&next(&mut stream).await?), id);
     Ok(())
 }
+
+/// A participant removed and added back by two reloads before its stream saw the first
+/// has that stream ended (the removal's close was sent), but told why and to open it
+/// again, not that the broker is shutting down: it runs on, and the node's log and status
+/// would say otherwise. Its next stream is served.
+#[tokio::test]
+async fn a_participant_removed_and_added_back_at_once_is_not_told_the_broker_shuts_down()
+-> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 0).await?;
+    let without: Vec<_> = t
+        .config
+        .participants
+        .iter()
+        .filter(|p| p.id != "BE-PAYOKE")
+        .cloned()
+        .collect();
+    // (no await between the two: the stream's task does not run in between)
+    t.broker.reload_registry(&without)?;
+    t.broker.reload_registry(&t.config.participants)?;
+    match tokio::time::timeout(WAIT, stream.message()).await {
+        Ok(Err(status)) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status}");
+            assert!(
+                !status.message().contains("shutting down")
+                    && status.message().contains("open the stream again"),
+                "{status}"
+            );
+        }
+        other => anyhow::bail!("the stream of a participant removed and added back: {other:?}"),
+    }
+    let mut nl = t.client("NL-NRM")?;
+    let sent = referral("BE-PAYOKE");
+    let id = sent.message_id.clone();
+    submit(&mut nl, sent).await?;
+    let mut stream = receive(&mut be, 0).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), id);
+    Ok(())
+}
+
+/// A participant whose accepted kinds a reload narrows is still delivered what was
+/// accepted for it before (README §3): the kinds are checked when a message is accepted;
+/// a new message of the kind is refused.
+#[tokio::test]
+async fn a_reload_narrowing_the_kinds_delivers_what_was_queued_and_refuses_new_ones()
+-> anyhow::Result<()> {
+    let t = TestBroker::start().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let queued = referral("BE-PAYOKE");
+    let id = queued.message_id.clone();
+    submit(&mut nl, queued).await?;
+    let mut narrowed = t.config.participants.clone();
+    for p in &mut narrowed {
+        if p.id == "BE-PAYOKE" {
+            p.accepts.retain(|kind| kind != "referral");
+        }
+    }
+    let change = t.broker.reload_registry(&narrowed)?;
+    assert_eq!(
+        change.changed,
+        [trmx_proto::ParticipantId::parse("BE-PAYOKE")?]
+    );
+    let refused = submit(&mut nl, referral("BE-PAYOKE"))
+        .await
+        .expect_err("a kind no longer accepted was taken");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 0).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), id);
+    Ok(())
+}
