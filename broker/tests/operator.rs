@@ -1039,6 +1039,19 @@ async fn listed_redrivable(op: &mut Operator, id: &str) -> anyhow::Result<(bool,
 /// redrivable (the same check).
 #[tokio::test]
 async fn a_redrive_to_a_recipient_no_longer_served_is_refused() -> anyhow::Result<()> {
+    redrive_to_a_recipient_no_longer_served(false).await
+}
+
+/// As [`a_redrive_to_a_recipient_no_longer_served_is_refused`], with the registry changed
+/// by a reload (SIGHUP) instead of a restart: the redrive and the listings ask the
+/// registry in force.
+#[tokio::test]
+async fn a_redrive_to_a_recipient_a_reload_no_longer_serves_is_refused() -> anyhow::Result<()> {
+    redrive_to_a_recipient_no_longer_served(true).await
+}
+
+/// The registry loses INT-IOM and BE-PAYOKE's referrals, by a reload or a restart.
+async fn redrive_to_a_recipient_no_longer_served(reload: bool) -> anyhow::Result<()> {
     let mut s = scenario().await?;
     {
         let mut op = operator(&s.t)?;
@@ -1053,7 +1066,11 @@ async fn a_redrive_to_a_recipient_no_longer_served_is_refused() -> anyhow::Resul
             p.accepts.retain(|kind| kind != "referral");
         }
     }
-    s.t.restart().await?;
+    if reload {
+        s.t.broker.reload_registry(&s.t.config.participants)?;
+    } else {
+        s.t.restart().await?;
+    }
     let mut nl = s.t.client("NL-NRM")?;
     let mut op = operator(&s.t)?;
     for (id, says, state) in [
