@@ -52,7 +52,7 @@ pub(crate) struct FakeState {
     /// ids never acknowledged (a broken broker's answer).
     pub(crate) ack_answer_junk: usize,
     /// `Ack` answers `NOT_FOUND` for the ids acknowledged, as a broker does for a
-    /// delivery that went final (dead-lettered, withdrawn, purged) before the ack.
+    /// delivery that went final (expired, dead-lettered, withdrawn, purged) before the ack.
     pub(crate) ack_not_found: bool,
     /// How many `Ack`s to answer `RESOURCE_EXHAUSTED` (the participant over its share of
     /// requests in progress) before acknowledging; counted down by each.

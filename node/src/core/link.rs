@@ -826,7 +826,7 @@ async fn ack(
                 // the same message), but the two sides now tell different stories, and
                 // only an operator can square them with the sender.
                 Some(Ok(pb::AckResult::NotFound)) => {
-                    warn!(participant = %me, message_id = %message_id, "ack not applied: the broker no longer had this delivery in flight (it was dead-lettered, withdrawn or purged while this node stored it); the message is kept here, though its sender may have been told it was not delivered");
+                    warn!(participant = %me, message_id = %message_id, "ack not applied: the broker no longer had this delivery in flight (it expired, or was dead-lettered, withdrawn or purged, while this node stored it); the message is kept here, though its sender may have been told it was not delivered");
                 }
                 _ => {
                     warn!(participant = %me, message_id = %message_id, result = ?result, outcomes = response.results.len(), "ack not applied");
