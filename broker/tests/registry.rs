@@ -16,6 +16,16 @@ fn kok() -> ParticipantConfig {
     }
 }
 
+/// `t`'s participants but `id`.
+fn without(t: &TestBroker, id: &str) -> Vec<ParticipantConfig> {
+    t.config
+        .participants
+        .iter()
+        .filter(|p| p.id != id)
+        .cloned()
+        .collect()
+}
+
 /// A participant added to the registry by a reload is served at once: its node was
 /// refused until then, and so were the messages sent to it.
 #[tokio::test]
@@ -86,14 +96,7 @@ async fn a_participant_removed_by_a_reload_is_refused_and_its_stream_ended() -> 
     submit(&mut nl, sent).await?;
     assert_eq!(id_of(&next(&mut stream).await?), id);
 
-    let participants: Vec<_> = t
-        .config
-        .participants
-        .iter()
-        .filter(|p| p.id != "BE-PAYOKE")
-        .cloned()
-        .collect();
-    let change = t.broker.reload_registry(&participants)?;
+    let change = t.broker.reload_registry(&without(&t, "BE-PAYOKE"))?;
     assert_eq!(
         change.removed,
         [trmx_proto::ParticipantId::parse("BE-PAYOKE")?]
@@ -172,15 +175,8 @@ async fn a_participant_removed_and_added_back_at_once_is_not_told_the_broker_shu
     let t = TestBroker::start().await?;
     let mut be = t.client("BE-PAYOKE")?;
     let mut stream = receive(&mut be, 0).await?;
-    let without: Vec<_> = t
-        .config
-        .participants
-        .iter()
-        .filter(|p| p.id != "BE-PAYOKE")
-        .cloned()
-        .collect();
     // (no await between the two: the stream's task does not run in between)
-    t.broker.reload_registry(&without)?;
+    t.broker.reload_registry(&without(&t, "BE-PAYOKE"))?;
     t.broker.reload_registry(&t.config.participants)?;
     match tokio::time::timeout(WAIT, stream.message()).await {
         Ok(Err(status)) => {

@@ -1503,6 +1503,31 @@ where
     Ok((addr, server))
 }
 
+/// `pki`'s TLS config with a broker certificate `test-1` issued at `issued_at` (by the
+/// CA's clock) for `validity_days`, written as `<name>.pem`/`.key` in `dir`.
+fn broker_cert_issued_at(
+    pki: &Pki,
+    dir: &std::path::Path,
+    name: &str,
+    issued_at: std::time::SystemTime,
+    validity_days: u32,
+) -> anyhow::Result<(trmx_broker::config::TlsConfig, trmx_certs::CertInfo)> {
+    let paths = trmx_certs::CertPaths::from_prefix(&dir.join(name));
+    let spec = trmx_certs::IssueSpec {
+        validity_days,
+        ..trmx_certs::IssueSpec::broker(
+            "test-1",
+            vec!["localhost".to_owned()],
+            vec![std::net::IpAddr::from([127, 0, 0, 1])],
+        )
+    };
+    let info = pki.federation.ca.issue_at(&spec, &paths, true, issued_at)?;
+    let mut tls = pki.tls.clone();
+    tls.cert = paths.cert;
+    tls.key = paths.key;
+    Ok((tls, info))
+}
+
 /// `check-config` said "config OK" for a broker certificate that had expired (every node
 /// refuses the broker then) and said nothing of one about to. An expired one now fails
 /// the check, naming `tls.cert`, its serial and expiry and what to do; one with less than
@@ -1517,19 +1542,8 @@ fn check_config_fails_an_expired_broker_certificate_and_warns_of_one_expiring() 
     let day = Duration::from_secs(86_400);
     let now = std::time::SystemTime::now();
     let check = |issued_at: std::time::SystemTime, validity_days: u32| {
-        let paths = trmx_certs::CertPaths::from_prefix(&dir.path().join("broker-renewed"));
-        let spec = trmx_certs::IssueSpec {
-            validity_days,
-            ..trmx_certs::IssueSpec::broker(
-                "test-1",
-                vec!["localhost".to_owned()],
-                vec![std::net::IpAddr::from([127, 0, 0, 1])],
-            )
-        };
-        let info = pki.federation.ca.issue_at(&spec, &paths, true, issued_at)?;
-        let mut tls = pki.tls.clone();
-        tls.cert = paths.cert;
-        tls.key = paths.key;
+        let (tls, info) =
+            broker_cert_issued_at(&pki, dir.path(), "broker-renewed", issued_at, validity_days)?;
         let config = test_config(dir.path().join("data"), tls);
         let config_file = dir.path().join("broker.toml");
         std::fs::write(&config_file, config.to_toml()?)?;
@@ -1722,19 +1736,8 @@ async fn run_refuses_a_broker_certificate_not_valid_yet_and_warns_within_minutes
     let now = std::time::SystemTime::now();
     let ready = dir.path().join("ready");
     let start_issued = |issued_at: std::time::SystemTime, validity_days: u32| {
-        let paths = trmx_certs::CertPaths::from_prefix(&dir.path().join("broker-ahead"));
-        let spec = trmx_certs::IssueSpec {
-            validity_days,
-            ..trmx_certs::IssueSpec::broker(
-                "test-1",
-                vec!["localhost".to_owned()],
-                vec![std::net::IpAddr::from([127, 0, 0, 1])],
-            )
-        };
-        let info = pki.federation.ca.issue_at(&spec, &paths, true, issued_at)?;
-        let mut tls = pki.tls.clone();
-        tls.cert = paths.cert;
-        tls.key = paths.key;
+        let (tls, info) =
+            broker_cert_issued_at(&pki, dir.path(), "broker-ahead", issued_at, validity_days)?;
         let mut config = test_config(dir.path().join("data"), tls);
         config.limits.shutdown_grace = Duration::from_millis(200);
         let config_file = dir.path().join("broker.toml");

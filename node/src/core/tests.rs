@@ -4439,15 +4439,8 @@ mod link {
         (dir, broker, be, serving, held)
     }
 
-    /// An ack's answer is read for the id acknowledged only: a broker that answers with
-    /// outcomes for ids never acknowledged (thousands of them, their ids any text) gets
-    /// one WARN line for the ack they make look not applied, not one per outcome, and
-    /// none of its text in the log.
-    #[tokio::test]
-    async fn an_ack_answer_about_other_ids_is_one_log_line() {
-        let logs = LogCapture::start();
-        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
-        broker.lock().ack_answer_junk = 5000;
+    /// A referral from NL-NRM that `broker` delivers, once the node acknowledged it.
+    async fn referral_from_nl_acked(broker: &FakeBroker) -> MessageId {
         let id = MessageId::new_v7();
         broker.enqueue(
             referral_to_be(id.to_string(), referral().encode()),
@@ -4457,6 +4450,19 @@ mod link {
             broker.lock().acked.contains(&id.to_string())
         })
         .await;
+        id
+    }
+
+    /// An ack's answer is read for the id acknowledged only: a broker that answers with
+    /// outcomes for ids never acknowledged (thousands of them, their ids any text) gets
+    /// one WARN line for the ack they make look not applied, not one per outcome, and
+    /// none of its text in the log.
+    #[tokio::test]
+    async fn an_ack_answer_about_other_ids_is_one_log_line() {
+        let logs = LogCapture::start();
+        let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
+        broker.lock().ack_answer_junk = 5000;
+        referral_from_nl_acked(&broker).await;
         be.shutdown().await;
         assert!(logs.lines_with(&["FORGED"]).is_empty());
         assert!(logs.lines_with(&["junk-"]).is_empty());
@@ -4471,15 +4477,7 @@ mod link {
         let logs = LogCapture::start();
         let (_dir, broker, be, _serving) = online_alone("BE-PAYOKE").await;
         broker.lock().ack_not_found = true;
-        let id = MessageId::new_v7();
-        broker.enqueue(
-            referral_to_be(id.to_string(), referral().encode()),
-            "NL-NRM",
-        );
-        until("the message is stored and acknowledged", || async {
-            broker.lock().acked.contains(&id.to_string())
-        })
-        .await;
+        referral_from_nl_acked(&broker).await;
         until("the ack's answer is logged", || async {
             !logs.lines_with(&["ack not applied"]).is_empty()
         })

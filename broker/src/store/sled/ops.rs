@@ -3877,23 +3877,18 @@ mod tests {
         assert!(report.is_consistent(), "{report}");
     }
 
-    /// Acks of one large delivery each, queued at once, are merged by the writer into
-    /// transactions of at most `BATCH_READ_BYTES` of records together, not one of
-    /// them all.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn acks_merged_by_the_writer_are_cut_at_their_byte_budget() {
-        const LARGE: usize = 1 << 20;
-        const N: usize = 40;
-        let dir = tempfile::tempdir().unwrap();
-        let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
-        let s = Arc::new(s);
-        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
-
-        // the writer held until all the acks wait for it, so that it merges them
+    /// Holds the store's writer thread until the returned sender sends: the jobs queued
+    /// meanwhile are merged into batches when it lets go. The handle ends with the hold.
+    async fn hold_writer(
+        s: &Arc<SledStore>,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
         let (started, running) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let hold = {
-            let s = Arc::clone(&s);
+            let s = Arc::clone(s);
             tokio::spawn(async move {
                 s.inner
                     .writer
@@ -3908,14 +3903,21 @@ mod tests {
         tokio::task::spawn_blocking(move || running.recv().unwrap())
             .await
             .unwrap();
+        (release, hold)
+    }
+
+    /// Acknowledges each of `ids` in an `Ack` of its own, all queued while the writer is
+    /// held ([`hold_writer`]), so that the writer merges them; each is ACKNOWLEDGED.
+    async fn acked_one_by_one_merged(s: &Arc<SledStore>, be: &ParticipantId, ids: &[MessageId]) {
+        let (release, hold) = hold_writer(s).await;
         let acks: Vec<_> = ids
             .iter()
             .map(|id| {
-                let (s, be, id) = (Arc::clone(&s), be.clone(), *id);
+                let (s, be, id) = (Arc::clone(s), be.clone(), *id);
                 tokio::spawn(async move { s.ack(&be, &[id], NOW).await })
             })
             .collect();
-        while s.inner.writer.queued() < N {
+        while s.inner.writer.queued() < ids.len() {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         release.send(()).unwrap();
@@ -3923,6 +3925,21 @@ mod tests {
         for ack in acks {
             assert_eq!(ack.await.unwrap().unwrap(), vec![AckResult::Acknowledged]);
         }
+    }
+
+    /// Acks of one large delivery each, queued at once, are merged by the writer into
+    /// transactions of at most `BATCH_READ_BYTES` of records together, not one of
+    /// them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_merged_by_the_writer_are_cut_at_their_byte_budget() {
+        const LARGE: usize = 1 << 20;
+        const N: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
+        let s = Arc::new(s);
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+
+        acked_one_by_one_merged(&s, &be, &ids).await;
         let read = largest_read(&s);
         assert!(
             (1..=BATCH_READ_BYTES + LARGE as u64).contains(&read),
@@ -4096,24 +4113,7 @@ mod tests {
         let (withdrawn, rejected, acked) = (ids[0], ids[1], ids[2]);
 
         // the writer held until all the changes wait for it, in this order
-        let (started, running) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let hold = {
-            let s = Arc::clone(&s);
-            tokio::spawn(async move {
-                s.inner
-                    .writer
-                    .exclusive(move |_| {
-                        started.send(()).unwrap();
-                        let _ = released.recv();
-                        Ok(())
-                    })
-                    .await
-            })
-        };
-        tokio::task::spawn_blocking(move || running.recv().unwrap())
-            .await
-            .unwrap();
+        let (release, hold) = hold_writer(&s).await;
         async fn queued_after(s: &SledStore, n: usize) {
             while s.inner.writer.queued() < n {
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
@@ -4222,39 +4222,7 @@ mod tests {
         let s = Arc::new(s);
         let be = ParticipantId::parse("BE-PAYOKE").unwrap();
 
-        let (started, running) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let hold = {
-            let s = Arc::clone(&s);
-            tokio::spawn(async move {
-                s.inner
-                    .writer
-                    .exclusive(move |_| {
-                        started.send(()).unwrap();
-                        let _ = released.recv();
-                        Ok(())
-                    })
-                    .await
-            })
-        };
-        tokio::task::spawn_blocking(move || running.recv().unwrap())
-            .await
-            .unwrap();
-        let acks: Vec<_> = ids
-            .iter()
-            .map(|id| {
-                let (s, be, id) = (Arc::clone(&s), be.clone(), *id);
-                tokio::spawn(async move { s.ack(&be, &[id], NOW).await })
-            })
-            .collect();
-        while s.inner.writer.queued() < N {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        release.send(()).unwrap();
-        hold.await.unwrap().unwrap();
-        for ack in acks {
-            assert_eq!(ack.await.unwrap().unwrap(), vec![AckResult::Acknowledged]);
-        }
+        acked_one_by_one_merged(&s, &be, &ids).await;
         let read = largest_read(&s);
         assert!(
             read >= (N * SMALL) as u64,
