@@ -3877,6 +3877,21 @@ mod tests {
         assert!(report.is_consistent(), "{report}");
     }
 
+    /// Asserts that NL-NRM has `n` receipts waiting (one per message acknowledged),
+    /// closes `s`, and that its store in `dir` is consistent.
+    async fn one_receipt_each_then_consistent(s: SledStore, dir: &std::path::Path, n: usize) {
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let receipts = s
+            .lease(&nl, StreamId(2), 2 * n, u64::MAX, NOW)
+            .await
+            .unwrap();
+        assert_eq!(receipts.len(), n, "one receipt per message");
+        s.close().await.unwrap();
+        drop(s);
+        let report = crate::store::verify_store_offline(dir).unwrap();
+        assert!(report.is_consistent(), "{report}");
+    }
+
     /// Holds the store's writer thread until the returned sender sends: the jobs queued
     /// meanwhile are merged into batches when it lets go. The handle ends with the hold.
     async fn hold_writer(
@@ -3957,10 +3972,7 @@ mod tests {
         const N: usize = 40;
         let dir = tempfile::tempdir().unwrap();
         let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
-        let (nl, be) = (
-            ParticipantId::parse("NL-NRM").unwrap(),
-            ParticipantId::parse("BE-PAYOKE").unwrap(),
-        );
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
         s.fault_switch().set_failing(true);
         s.ack(&be, &ids, NOW)
             .await
@@ -3970,15 +3982,7 @@ mod tests {
             s.ack(&be, &ids, NOW).await.unwrap(),
             vec![AckResult::Acknowledged; N]
         );
-        let receipts = s
-            .lease(&nl, StreamId(2), 2 * N, u64::MAX, NOW)
-            .await
-            .unwrap();
-        assert_eq!(receipts.len(), N, "one receipt per message");
-        s.close().await.unwrap();
-        drop(s);
-        let report = crate::store::verify_store_offline(dir.path()).unwrap();
-        assert!(report.is_consistent(), "{report}");
+        one_receipt_each_then_consistent(s, dir.path(), N).await;
     }
 
     /// A crash between the parts of a cut `Ack` leaves the first applied and durable,
@@ -4038,10 +4042,7 @@ mod tests {
         const N: usize = 40;
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
-        let (nl, be) = (
-            ParticipantId::parse("NL-NRM").unwrap(),
-            ParticipantId::parse("BE-PAYOKE").unwrap(),
-        );
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
         let mut ids = Vec::new();
         for _ in 0..N {
             let mut m = message(&be);
@@ -4078,15 +4079,7 @@ mod tests {
             "the ack read {read} bytes of records and payloads in one transaction"
         );
         assert!(s.inner.core.trees[PAYLOADS].is_empty(), "a payload left");
-        let receipts = s
-            .lease(&nl, StreamId(2), 2 * N, u64::MAX, NOW)
-            .await
-            .unwrap();
-        assert_eq!(receipts.len(), N, "one receipt per message");
-        s.close().await.unwrap();
-        drop(s);
-        let report = crate::store::verify_store_offline(dir.path()).unwrap();
-        assert!(report.is_consistent(), "{report}");
+        one_receipt_each_then_consistent(s, dir.path(), N).await;
     }
 
     /// Changes by id merged by the writer into one transaction are each planned before
@@ -4187,10 +4180,7 @@ mod tests {
         const N: usize = 40;
         let dir = tempfile::tempdir().unwrap();
         let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
-        let (nl, be) = (
-            ParticipantId::parse("NL-NRM").unwrap(),
-            ParticipantId::parse("BE-PAYOKE").unwrap(),
-        );
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
         let mut named = ids.clone();
         named.push(ids[0]);
         let parts = s.inner.core.plan(&named, ackable(&be)).unwrap();
@@ -4199,15 +4189,7 @@ mod tests {
             s.ack(&be, &named, NOW).await.unwrap(),
             vec![AckResult::Acknowledged; N + 1]
         );
-        let receipts = s
-            .lease(&nl, StreamId(2), 2 * N, u64::MAX, NOW)
-            .await
-            .unwrap();
-        assert_eq!(receipts.len(), N, "one receipt per message");
-        s.close().await.unwrap();
-        drop(s);
-        let report = crate::store::verify_store_offline(dir.path()).unwrap();
-        assert!(report.is_consistent(), "{report}");
+        one_receipt_each_then_consistent(s, dir.path(), N).await;
     }
 
     /// The common path keeps merging: one-id acks of small messages, queued at once,
