@@ -2248,9 +2248,22 @@ mod tests {
         s.close().await.unwrap();
     }
 
+    /// tracing caches, for the whole process, whether a log line's callsite interests any
+    /// subscriber, the first time a thread reaches it: a test thread without a subscriber
+    /// of its own could cache "never" for a line a capture below then waits for (a flake
+    /// the node's captures had). A global subscriber that takes every line (and drops it)
+    /// keeps every callsite interesting; installing it re-asks those cached before.
+    fn keep_callsites_interesting() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+        });
+    }
+
     /// The ERROR events `f` logs on this thread.
     fn errors_logged(f: impl FnOnce()) -> usize {
         use tracing_subscriber::layer::SubscriberExt;
+        keep_callsites_interesting();
 
         struct CountErrors(Arc<std::sync::atomic::AtomicUsize>);
         impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountErrors {
@@ -3295,6 +3308,7 @@ mod tests {
     /// The messages of the events `f` logs at `level` on this thread.
     fn messages_logged(level: tracing::Level, f: impl FnOnce()) -> Vec<String> {
         use tracing_subscriber::layer::SubscriberExt;
+        keep_callsites_interesting();
 
         struct Messages(Arc<std::sync::Mutex<Vec<String>>>, tracing::Level);
         struct Message<'a>(&'a mut String);
