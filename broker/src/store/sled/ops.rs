@@ -175,8 +175,6 @@ impl Core {
         Ok(parts)
     }
 
-    /// The stored `record` with its lease, if it has one (for scans; see
-    /// [`Self::load`] for reads of one record outside the writer thread).
     /// The bytes a transaction holds once it has read record `seq`: the record
     /// (with its payload) and a payload of the older format beside it. Read
     /// outside any transaction, one at a time, to cut a batch at
@@ -202,6 +200,8 @@ impl Core {
         let _ = len;
     }
 
+    /// The stored `record` with its lease, if it has one (for scans; see
+    /// [`Self::load`] for reads of one record outside the writer thread).
     fn with_lease(&self, record: Record) -> Result<Record, StoreError> {
         if !may_be_leased(&record) {
             return Ok(record);
