@@ -361,7 +361,7 @@ impl SledStore {
 
     /// [`Self::change_reporting`] of a change by id: `plan` runs on the writer
     /// thread, against the committed trees, and says which records `op` reads
-    /// in its transaction ([`ops::Core::plan`]; its parts are run as one), which
+    /// in its transaction ([`Core::plan`]; its parts are run as one), which
     /// shares a transaction only up to `ops::BATCH_READ_BYTES` read with others.
     async fn change_planned<T, P, F>(&self, plan: P, op: F) -> Result<T, ChangeError<T>>
     where

@@ -358,7 +358,7 @@ fn run_batch(core: &Core, jobs: Vec<Box<dyn TxJob>>) {
     }
     // sled holds every value a transaction read until it commits: the jobs
     // that read records by the megabyte (an `Ack` of large messages, a
-    // `Reject`, a withdrawal: `ops::Core::plan`) share a transaction only up
+    // `Reject`, a withdrawal: `Core::plan` in `ops`) share a transaction only up
     // to `BATCH_READ_BYTES` together (one alone when larger), else 256 of
     // them could hold gigabytes at once.
     let mut group = Vec::with_capacity(batch.len());
