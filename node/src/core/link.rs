@@ -1195,14 +1195,7 @@ fn classify_receipt(inner: &Inner, receipt_id: MessageId, kind: Kind, payload: &
         warn!(participant = %inner.config.participant, receipt_id = %receipt_id, message_id = %original, receipt_kind = %kind, "a receipt whose id is not the one the broker derives from the message and outcome it names (a broken broker): rejected, the outbox unchanged");
         return reject_verdict(&rid, "INVALID_BODY", "receipt.message_id");
     }
-    let failure = (outcome != pb::Outcome::Delivered).then(|| {
-        let (reason_code, field_path) = receipt_reason(inner, receipt_id, &receipt);
-        Failure {
-            outcome: outcome_name(outcome).to_owned(),
-            reason_code,
-            field_path,
-        }
-    });
+    let failure = failure_of(inner, receipt_id, &receipt, outcome);
     let now = inner.clock.now();
     let latest = now.checked_add(MAX_CREATED_AHEAD);
     let at = match receipt.at.as_ref().map(from_timestamp) {
@@ -1232,6 +1225,24 @@ fn is_reason_code(code: &str) -> bool {
         && code
             .bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// What a report of `outcome` (a receipt, or the broker's status as one) makes of the
+/// outbox entry: `None` for a delivery, else the failure with its checked reason.
+fn failure_of(
+    inner: &Inner,
+    receipt_id: MessageId,
+    receipt: &pb::Receipt,
+    outcome: pb::Outcome,
+) -> Option<Failure> {
+    (outcome != pb::Outcome::Delivered).then(|| {
+        let (reason_code, field_path) = receipt_reason(inner, receipt_id, receipt);
+        Failure {
+            outcome: outcome_name(outcome).to_owned(),
+            reason_code,
+            field_path,
+        }
+    })
 }
 
 /// The reason code and field path of a non-delivery report, as kept in the outbox
@@ -2238,14 +2249,7 @@ async fn settled_on_broker(
         field_path: status.field_path.clone(),
         ..Default::default()
     };
-    let failure = (outcome != pb::Outcome::Delivered).then(|| {
-        let (reason_code, field_path) = receipt_reason(inner, id, &report);
-        Failure {
-            outcome: outcome_name(outcome).to_owned(),
-            reason_code,
-            field_path,
-        }
-    });
+    let failure = failure_of(inner, id, &report, outcome);
     // (the broker's time of the state; a far-ahead or missing one is taken as now, as a
     // receipt's is)
     let now = inner.clock.now();
