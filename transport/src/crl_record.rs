@@ -108,7 +108,9 @@ impl CrlRecord {
     }
 
     fn read_telling(path: &Path, tell_missing: bool) -> Result<CrlRecord, TransportError> {
-        let bytes = match std::fs::read(path) {
+        // (a regular file only: something else put at this path, a FIFO say, would hang
+        // the start waiting for a writer)
+        let bytes = match trmx_certs::pem::read_regular_file(path, "CRL record") {
             Ok(bytes) => bytes,
             // (a data directory that is not one is for its own check to tell)
             Err(error)
@@ -459,6 +461,39 @@ mod tests {
                 "{damage}: {text}"
             );
         }
+    }
+
+    /// Something other than a regular file at the record's path is an error that names it,
+    /// at once: a FIFO is not waited on (that would hang the start with no word).
+    #[test]
+    fn a_record_path_naming_no_regular_file_is_an_error_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl-record.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo failed");
+        let (done, read) = std::sync::mpsc::channel();
+        let reading = path.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(CrlRecord::read(&reading).map(|_| ()));
+        });
+        // a read that waits for a writer never answers: this is no time limit on a quick
+        // answer, only an end to a test that would hang
+        let error = read
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("reading a FIFO as the CRL record hung")
+            .unwrap_err();
+        assert!(
+            matches!(error, TransportError::CrlRecordIo { .. }),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert!(
+            text.contains(&path.display().to_string()) && text.contains("not a regular file"),
+            "{text}"
+        );
     }
 
     /// A record written before records kept each CRL's digest (format 1) still reads, its

@@ -59,7 +59,7 @@ impl CrlRecordStep {
         };
         match self {
             CrlRecordStep::Read => format!(
-                "check that the server's user may read it (and enter {})",
+                "check that it is a regular file that the server's user may read (and enter {})",
                 dir.display()
             ),
             CrlRecordStep::Encode => "please report this as a bug".to_owned(),
