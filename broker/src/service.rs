@@ -1087,7 +1087,7 @@ async fn run_stream(
     let ack_timeout = millis(shared.lifecycle.ack_timeout);
     let recheck = shared.lifecycle.tick_interval;
     let mut shutting_down = shared.shutting_down.clone();
-    shared.metrics.stream_opened(&participant);
+    let counted = shared.metrics.stream_opened(&participant);
     debug!("receive stream opened");
     let end = 'stream: loop {
         // Register for wake-ups before looking for work, so none is lost.
@@ -1183,7 +1183,7 @@ async fn run_stream(
             .await,
     );
     shared.streams.remove(&participant, handle.id);
-    shared.metrics.stream_closed(&participant);
+    shared.metrics.stream_closed(&participant, counted);
     match released {
         Ok(released) => {
             if released.requeued > 0 {

@@ -305,6 +305,11 @@ struct Gauges {
     /// Participants that left the registry (a reload): a call or a stream's end that was
     /// under way then does not bring their series back.
     departed: BTreeSet<String>,
+    /// How many times participants left the registry, and when each last left (that count
+    /// then): a stream opened before its participant left ends without counting down the
+    /// streams of the participant added back since (see [`OpenStream`]).
+    removals: u64,
+    removed_at: BTreeMap<String, u64>,
     certs: BTreeMap<CertKey, SystemTime>,
     crl_next_update: Option<SystemTime>,
     /// Whether the CRL record holds the CRL in force (`None`: no CRL).
@@ -376,6 +381,15 @@ struct QueueGauge {
     in_flight: u64,
     oldest_accepted_at: Option<Millis>,
     bytes: u64,
+}
+
+/// A `Receive` stream counted in `trmx_participant_connected_streams` by
+/// [`Metrics::stream_opened`], to be counted down by [`Metrics::stream_closed`].
+#[derive(Debug)]
+#[must_use = "give it to Metrics::stream_closed when the stream ends"]
+pub struct OpenStream {
+    /// [`Gauges::removals`] when the stream opened.
+    after_removals: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -582,7 +596,10 @@ impl Metrics {
     /// there to expire.
     pub fn forget_participants(&self, participants: &[ParticipantId]) {
         let mut gauges = self.lock();
+        gauges.removals += 1;
+        let removal = gauges.removals;
         for p in participants {
+            gauges.removed_at.insert(p.as_str().to_owned(), removal);
             gauges.participants.remove(p.as_str());
             gauges
                 .certs
@@ -591,21 +608,36 @@ impl Metrics {
         }
     }
 
-    /// A `Receive` stream of `participant` opened.
-    pub fn stream_opened(&self, participant: &ParticipantId) {
+    /// A `Receive` stream of `participant` opened; give what it returns to
+    /// [`Self::stream_closed`] when it ends.
+    pub fn stream_opened(&self, participant: &ParticipantId) -> OpenStream {
         let now = self.clock.now();
         let mut gauges = self.lock();
-        let Some(entry) = gauges.participant(participant.as_str()) else {
-            return;
+        let opened = OpenStream {
+            after_removals: gauges.removals,
         };
-        entry.streams += 1;
-        entry.last_seen = Some(entry.last_seen.map_or(now, |seen| seen.max(now)));
+        if let Some(entry) = gauges.participant(participant.as_str()) {
+            entry.streams += 1;
+            entry.last_seen = Some(entry.last_seen.map_or(now, |seen| seen.max(now)));
+        }
+        opened
     }
 
-    /// A `Receive` stream of `participant` closed.
-    pub fn stream_closed(&self, participant: &ParticipantId) {
+    /// A `Receive` stream of `participant` closed (`opened`: what [`Self::stream_opened`]
+    /// returned for it).
+    pub fn stream_closed(&self, participant: &ParticipantId, opened: OpenStream) {
         let now = self.clock.now();
         let mut gauges = self.lock();
+        // A stream opened before its participant left the registry was counted in the
+        // series dropped then; counted down now, it would take one off the streams of the
+        // participant added back since.
+        if gauges
+            .removed_at
+            .get(participant.as_str())
+            .is_some_and(|removal| *removal > opened.after_removals)
+        {
+            return;
+        }
         let Some(entry) = gauges.participant(participant.as_str()) else {
             return;
         };
@@ -1525,8 +1557,10 @@ mod tests {
         let be = pid("BE-PAYOKE");
         metrics.seen(&be, trmx_proto::time::from_millis(START - 10_000));
         metrics.seen(&be, trmx_proto::time::from_millis(START - 20_000)); // older: ignored
-        metrics.stream_opened(&nl);
-        metrics.stream_opened(&nl);
+        let first = metrics.stream_opened(&nl);
+        let second = metrics.stream_opened(&nl);
+        let third = metrics.stream_opened(&nl);
+        metrics.stream_closed(&nl, third);
         clock.advance(Duration::from_secs(60));
         let text = metrics.render();
         let start_secs = START / 1000;
@@ -1543,9 +1577,8 @@ mod tests {
         )));
         assert!(text.contains("trmx_participant_connected_streams{participant=\"BE-PAYOKE\"} 0\n"));
 
-        metrics.stream_closed(&nl);
-        metrics.stream_closed(&nl);
-        metrics.stream_closed(&nl); // more closes than opens never underflow
+        metrics.stream_closed(&nl, first);
+        metrics.stream_closed(&nl, second);
         clock.advance(Duration::from_secs(60));
         let text = metrics.render();
         assert!(text.contains("trmx_participant_connected_streams{participant=\"NL-NRM\"} 0\n"));
@@ -1554,6 +1587,29 @@ mod tests {
             "trmx_participant_last_seen_timestamp_seconds{{participant=\"NL-NRM\"}} {}\n",
             start_secs + 60
         )));
+    }
+
+    /// A participant removed from the registry with a stream open and added back at once:
+    /// the old stream's end does not count down the new one's.
+    #[test]
+    fn a_stream_of_a_participant_removed_and_added_back_ends_without_counting_the_new_one() {
+        let (metrics, _clock) = registry();
+        let nl = pid("NL-NRM");
+        let streams =
+            |n: u64| format!("trmx_participant_connected_streams{{participant=\"NL-NRM\"}} {n}\n");
+        metrics.register_participants([&nl]);
+        let old = metrics.stream_opened(&nl);
+        metrics.forget_participants(std::slice::from_ref(&nl));
+        assert!(!metrics.render().contains("participant=\"NL-NRM\""));
+        metrics.register_participants([&nl]);
+        let new = metrics.stream_opened(&nl);
+        assert!(metrics.render().contains(&streams(1)));
+        metrics.stream_closed(&nl, old);
+        let text = metrics.render();
+        assert!(text.contains(&streams(1)), "{text}");
+        assert!(text.contains("trmx_connected_participants 1\n"), "{text}");
+        metrics.stream_closed(&nl, new);
+        assert!(metrics.render().contains(&streams(0)));
     }
 
     #[test]
