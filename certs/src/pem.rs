@@ -217,15 +217,23 @@ fn acl_grants_others(
     const ACL_USER: u16 = 0x02;
     const ACL_GROUP: u16 = 0x08;
     const ACL_MASK: u16 = 0x10;
-    let mut buf = [0u8; 4 + 8 * 64];
-    let len = match rustix::fs::fgetxattr(file, "system.posix_acl_access", &mut buf[..]) {
-        Ok(len) => len,
-        Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => {
-            return Ok(false);
+    const NAME: &str = "system.posix_acl_access";
+    // room for 64 entries; a longer ACL is read whole at its size (an ACL of many
+    // entries that grant nothing, say for every member of a team, is no reason to refuse)
+    let mut buf = vec![0u8; 4 + 8 * 64];
+    let len = loop {
+        match rustix::fs::fgetxattr(file, NAME, &mut buf[..]) {
+            Ok(len) => break len,
+            Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => {
+                return Ok(false);
+            }
+            // (an empty buffer asks for the size; the ACL may grow again meanwhile)
+            Err(e) if e == rustix::io::Errno::RANGE => {
+                let size: usize = rustix::fs::fgetxattr(file, NAME, &mut [0u8; 0][..])?;
+                buf.resize(size.max(buf.len() + 1), 0);
+            }
+            Err(e) => return Err(e.into()),
         }
-        // (more than 64 entries: named ones among them, more than a key should have)
-        Err(e) if e == rustix::io::Errno::RANGE => return Ok(true),
-        Err(e) => return Err(e.into()),
     };
     let entries = buf[..len].get(4..).unwrap_or_default();
     let mut entries = entries.chunks_exact(8).map(|entry| {
@@ -1138,6 +1146,59 @@ mod tests {
             let e = read(owner, group).unwrap_err();
             assert!(e.starts_with("it carries a POSIX access ACL"), "{e}");
         }
+    }
+
+    /// An ACL of more than 64 entries was refused whatever they granted (it did not fit the
+    /// buffer it was read into). It is read whole: named entries the mask cuts off grant
+    /// nothing, and one that grants another user read access, the last, is still found.
+    #[test]
+    fn a_long_acl_is_read_whole() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
+        let meta = std::fs::metadata(&key).unwrap();
+        let (me, group) = (meta.uid(), meta.gid());
+        // 100 named users, then the mask (in the kernel's format, in tag and id order)
+        let set_acl = |mask: u16| {
+            let mut acl = 2u32.to_le_bytes().to_vec();
+            let mut entries = vec![(0x01u16, 6u16, u32::MAX)];
+            entries.extend((0..100).map(|i| (0x02, 4, me + 1 + i)));
+            entries.extend([
+                (0x04, 0, u32::MAX),
+                (0x10, mask, u32::MAX),
+                (0x20, 0, u32::MAX),
+            ]);
+            for (tag, perm, id) in entries {
+                acl.extend(tag.to_le_bytes());
+                acl.extend(perm.to_le_bytes());
+                acl.extend(id.to_le_bytes());
+            }
+            rustix::fs::setxattr(
+                &key,
+                "system.posix_acl_access",
+                &acl,
+                rustix::fs::XattrFlags::empty(),
+            )
+        };
+        match set_acl(0) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::NOTSUP || e == rustix::io::Errno::NOSPC => {
+                eprintln!(
+                    "skipped: the file system of {} holds no such ACL",
+                    key.display()
+                );
+                return;
+            }
+            Err(e) => panic!("setxattr: {e}"),
+        }
+        match read_key_file_as(&key, me, group) {
+            Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
+            other => panic!("{other:?}"),
+        }
+        set_acl(4).unwrap();
+        let e = read_key_file_as(&key, me, group).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
     }
 
     #[test]
