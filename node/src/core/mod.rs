@@ -593,6 +593,9 @@ struct LinkState {
     registry_refresh: tokio::sync::Mutex<()>,
     /// Registry refreshes of [`check_recipient`] done (answered or not).
     registry_refreshes: AtomicU64,
+    /// Whether the last of them went unanswered: its send, and those that waited for it,
+    /// were decided by the registry cached before.
+    registry_refresh_failed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -795,7 +798,7 @@ fn registry_refusal(
 /// broker decides). A refusal by the cached registry is checked again with a
 /// fresh one (a participant may have joined, or started to accept the kind,
 /// since the last connect); when the broker cannot answer, the cached one
-/// decides.
+/// decides, and the refusal says so (the recipient may have joined since).
 async fn check_recipient(
     inner: &Inner,
     recipient: &ParticipantId,
@@ -816,16 +819,33 @@ async fn check_recipient(
     let _one = inner.link.registry_refresh.lock().await;
     let fresh = if inner.link.registry_refreshes.load(Ordering::SeqCst) == done {
         let fetched = fetch_participants(inner, REGISTRY_REFRESH_WAIT).await;
+        inner
+            .link
+            .registry_refresh_failed
+            .store(fetched.is_err(), Ordering::SeqCst);
         inner.link.registry_refreshes.fetch_add(1, Ordering::SeqCst);
         fetched.ok()
+    } else if inner.link.registry_refresh_failed.load(Ordering::SeqCst) {
+        None
     } else {
         inner.cached_participants()
     };
-    let refusal = match fresh {
-        Some(fresh) => registry_refusal(&fresh, recipient, kind),
-        None => Some(refusal),
-    };
-    refusal.map_or(Ok(()), |r| Err(NodeError::Invalid(r)))
+    match fresh {
+        Some(fresh) => {
+            registry_refusal(&fresh, recipient, kind).map_or(Ok(()), |r| Err(NodeError::Invalid(r)))
+        }
+        // (the caller is told what to do: a participant added to the broker since the
+        // node last reached it is refused by the old registry only until it is reached)
+        None => Err(NodeError::Invalid(ValidationError::new(
+            refusal.field,
+            format!(
+                "{}, by the registry the node fetched when it last reached the broker (the \
+                 broker could not be asked again just now: if the participant joined since, \
+                 send again once the node is connected)",
+                refusal.rule
+            ),
+        ))),
+    }
 }
 
 /// Refuses up front an envelope larger than the broker's `max_envelope_bytes`, which

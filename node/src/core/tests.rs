@@ -6888,7 +6888,19 @@ mod link {
             .collect();
         for send in sends {
             match send.await.unwrap() {
-                Err(NodeError::Invalid(e)) => assert_eq!(e.field, "recipient", "{e}"),
+                Err(NodeError::Invalid(e)) => {
+                    assert_eq!(e.field, "recipient", "{e}");
+                    // each says the registry it was refused by is the old one
+                    assert!(
+                        e.rule
+                            .starts_with("XX-NOPE is not a participant of the broker")
+                            && e.rule.contains(
+                                "the registry the node fetched when it last reached the broker"
+                            )
+                            && e.rule.contains("send again once the node is connected"),
+                        "{e}"
+                    );
+                }
                 other => panic!("expected a refusal, got {other:?}"),
             }
         }
