@@ -390,6 +390,8 @@ struct QueueGauge {
 pub struct OpenStream {
     /// [`Gauges::removals`] when the stream opened.
     after_removals: u64,
+    /// Whether it was counted (not when its participant was out of the registry then).
+    counted: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -613,14 +615,19 @@ impl Metrics {
     pub fn stream_opened(&self, participant: &ParticipantId) -> OpenStream {
         let now = self.clock.now();
         let mut gauges = self.lock();
-        let opened = OpenStream {
-            after_removals: gauges.removals,
+        let after_removals = gauges.removals;
+        let counted = match gauges.participant(participant.as_str()) {
+            Some(entry) => {
+                entry.streams += 1;
+                entry.last_seen = Some(entry.last_seen.map_or(now, |seen| seen.max(now)));
+                true
+            }
+            None => false,
         };
-        if let Some(entry) = gauges.participant(participant.as_str()) {
-            entry.streams += 1;
-            entry.last_seen = Some(entry.last_seen.map_or(now, |seen| seen.max(now)));
+        OpenStream {
+            after_removals,
+            counted,
         }
-        opened
     }
 
     /// A `Receive` stream of `participant` closed (`opened`: what [`Self::stream_opened`]
@@ -629,12 +636,14 @@ impl Metrics {
         let now = self.clock.now();
         let mut gauges = self.lock();
         // A stream opened before its participant left the registry was counted in the
-        // series dropped then; counted down now, it would take one off the streams of the
-        // participant added back since.
-        if gauges
-            .removed_at
-            .get(participant.as_str())
-            .is_some_and(|removal| *removal > opened.after_removals)
+        // series dropped then, and one opened while it was out was not counted at all;
+        // counted down now, either would take one off the streams of the participant
+        // added back since.
+        if !opened.counted
+            || gauges
+                .removed_at
+                .get(participant.as_str())
+                .is_some_and(|removal| *removal > opened.after_removals)
         {
             return;
         }
@@ -1608,6 +1617,16 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains(&streams(1)), "{text}");
         assert!(text.contains("trmx_connected_participants 1\n"), "{text}");
+        metrics.stream_closed(&nl, new);
+        assert!(metrics.render().contains(&streams(0)));
+        // one that opened while the participant was out of the registry is not counted,
+        // so its end does not count down a stream opened after the participant came back
+        metrics.forget_participants(std::slice::from_ref(&nl));
+        let uncounted = metrics.stream_opened(&nl);
+        metrics.register_participants([&nl]);
+        let new = metrics.stream_opened(&nl);
+        metrics.stream_closed(&nl, uncounted);
+        assert!(metrics.render().contains(&streams(1)));
         metrics.stream_closed(&nl, new);
         assert!(metrics.render().contains(&streams(0)));
     }
