@@ -5,6 +5,7 @@
 // Test code: a broken fixture should fail the test loudly, wherever it is.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod ack_parts;
 mod bad_input;
 mod bounds;
 mod certs;
