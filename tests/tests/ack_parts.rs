@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use prost::Message;
@@ -75,6 +76,9 @@ async fn a_broker_aborted_between_the_parts_of_one_ack_loses_nothing_and_doubles
         .tempdir()?;
     let mut fleet = Fleet::create(temp.path(), Path::new(DEMO), 2, |c| {
         c.limits.max_envelope_bytes = (PAYLOAD_BYTES + (1 << 20)) as u64;
+        // No redelivery before the `Ack`, however slow the host: the first
+        // deliveries must all be in flight when it comes.
+        c.lifecycle.ack_timeout = Duration::from_secs(120);
     })
     .await?;
     // `during-ack:2` first: that it aborts at all proves the `Ack` reached a
@@ -155,20 +159,21 @@ async fn crash_between_parts(fleet: &mut Fleet, hit: usize, resume: Resume) -> a
     )
     .await
     .context("the Ack was neither answered nor broken off")?;
-    if let Ok(response) = answer {
-        bail!(
+    let broken = match answer {
+        Err(status) => status,
+        Ok(response) => bail!(
             "the broker answered the Ack instead of aborting after its part {hit} (an Ack of \
              {MESSAGES} messages of {PAYLOAD_BYTES} bytes was not applied in {MESSAGES} parts?): \
              {:?}",
             response.into_inner()
-        );
-    }
+        ),
+    };
     drop(stream);
-    let exit = fleet
-        .broker
-        .wait_exit(3 * WAIT)
-        .await
-        .context("the broker still runs after the Ack it should have aborted in")?;
+    let exit = fleet.broker.wait_exit(3 * WAIT).await.with_context(|| {
+        format!(
+            "the Ack failed ({broken}), but the broker that should have aborted in it still runs"
+        )
+    })?;
     ensure!(
         exit.signal() == Some(SIGABRT),
         "the broker ended with {exit}, not by the fail point's abort"
