@@ -199,9 +199,12 @@ async fn crash_between_parts(fleet: &mut Fleet, hit: usize, resume: Resume) -> a
     // Each message is ACKNOWLEDGED (a part applied before the abort survived)
     // or due again; the parts after the abort never ran.
     let mut acknowledged = BTreeSet::new();
+    let mut due = Vec::new();
+    let mut handed_over = BTreeSet::new();
     for (i, message) in sent.iter().enumerate() {
         let client = senders.get_mut(&message.sender).context("sender client")?;
-        match state(client, &message.id).await? {
+        let status = status(client, &message.id).await?;
+        match pb::MessageState::try_from(status.state)? {
             pb::MessageState::Acknowledged => {
                 ensure!(
                     i < hit,
@@ -209,52 +212,63 @@ async fn crash_between_parts(fleet: &mut Fleet, hit: usize, resume: Resume) -> a
                 );
                 acknowledged.insert(message.id.clone());
             }
-            pb::MessageState::Accepted => {}
+            pb::MessageState::Accepted => {
+                due.push(message.id.clone());
+                // (a lease is not flushed before its delivery: a crash can undo it)
+                if status.attempts > 0 {
+                    handed_over.insert(message.id.clone());
+                }
+            }
             other => bail!("message {i} is {other:?} after the restart"),
         }
     }
     eprintln!(
-        "during-ack:{hit}: {} of the {hit} parts applied before the abort survived it",
-        acknowledged.len()
+        "during-ack:{hit}: {} of the {hit} parts applied before the abort survived it; \
+         {} of the {} due again still counted as delivered",
+        acknowledged.len(),
+        handed_over.len(),
+        due.len()
     );
 
     // The recipient had no answer to its `Ack`. Either it receives first:
-    // exactly the messages not ACKNOWLEDGED come again, once each, and it
-    // acknowledges them. Or it repeats its `Ack` first (as a node does that
-    // had no answer). Then in both cases it repeats the whole `Ack` (again,
-    // after a receive): each id is ACKNOWLEDGED (a late ack of a message
-    // delivered and due again is applied; the others are a harmless repeat).
-    let mut stream = None;
-    if resume == Resume::ReceiveFirst {
-        let due: BTreeSet<String> = ids
-            .iter()
-            .filter(|id| !acknowledged.contains(*id))
-            .cloned()
-            .collect();
-        let mut deliveries = receive(&mut recipient).await?;
-        let mut redelivered = BTreeSet::new();
-        while redelivered.len() < due.len() {
-            let delivery = next_item(&mut deliveries).await?;
-            let id = id_of(&delivery)?;
-            ensure!(
-                due.contains(&id),
-                "{id} delivered again although it was ACKNOWLEDGED"
-            );
-            ensure!(redelivered.insert(id.clone()), "{id} redelivered twice");
-            intact(&delivery)?;
+    // exactly the messages due again come, once each and whole, and it
+    // acknowledges them; its repeat of the whole `Ack` after that finds each
+    // ACKNOWLEDGED. Or it repeats the `Ack` first (as a node does that had no
+    // answer): that acknowledges again those ACKNOWLEDGED (harmless) and those
+    // due again that still count as delivered to it (a late ack is applied);
+    // the others (a delivery the crash undid) are NOT_FOUND, and come again.
+    let mut stream = match resume {
+        Resume::ReceiveFirst => {
+            let stream = redeliver(&mut recipient, &due).await?;
+            ack_all(&mut recipient, &ids)
+                .await
+                .context("the repeat of the unanswered Ack")?;
+            stream
         }
-        let redelivered: Vec<String> = redelivered.into_iter().collect();
-        ack_all(&mut recipient, &redelivered)
-            .await
-            .context("the Ack of the redelivered messages")?;
-        stream = Some(deliveries);
-    }
-    ack_all(&mut recipient, &ids)
-        .await
-        .context("the repeat of the unanswered Ack")?;
-    let mut stream = match stream {
-        Some(stream) => stream,
-        None => receive(&mut recipient).await?,
+        Resume::RepeatAck => {
+            let results = recipient
+                .ack(pb::AckRequest {
+                    message_ids: ids.clone(),
+                })
+                .await?
+                .into_inner()
+                .results;
+            ensure!(results.len() == ids.len(), "{results:?}");
+            let mut not_found = Vec::new();
+            for (id, outcome) in ids.iter().zip(&results) {
+                let expected = if acknowledged.contains(id) || handed_over.contains(id) {
+                    pb::AckResult::Acknowledged
+                } else {
+                    not_found.push(id.clone());
+                    pb::AckResult::NotFound
+                };
+                ensure!(
+                    outcome.message_id == *id && outcome.result == expected as i32,
+                    "repeat of the unanswered Ack: {outcome:?}, expected {id} {expected:?}"
+                );
+            }
+            redeliver(&mut recipient, &not_found).await?
+        }
     };
     // Nothing more for the recipient: every message is acknowledged (not
     // `expect_quiet`, which would print a delivery's payload, megabytes).
@@ -269,7 +283,7 @@ async fn crash_between_parts(fleet: &mut Fleet, hit: usize, resume: Resume) -> a
     // Every message ACKNOWLEDGED, with exactly one receipt at its sender.
     for (i, message) in sent.iter().enumerate() {
         let client = senders.get_mut(&message.sender).context("sender client")?;
-        let state = state(client, &message.id).await?;
+        let state = pb::MessageState::try_from(status(client, &message.id).await?.state)?;
         ensure!(
             state == pb::MessageState::Acknowledged,
             "message {i} is {state:?} at the end"
@@ -306,6 +320,34 @@ async fn receive(recipient: &mut Exchange) -> anyhow::Result<Streaming<pb::Deliv
         })
         .await?
         .into_inner())
+}
+
+/// Opens the recipient's stream, expects exactly `due` on it, once each and
+/// whole, and acknowledges them in one `Ack`; returns the stream.
+async fn redeliver(
+    recipient: &mut Exchange,
+    due: &[String],
+) -> anyhow::Result<Streaming<pb::Delivery>> {
+    let mut stream = receive(recipient).await?;
+    let mut redelivered = BTreeSet::new();
+    while redelivered.len() < due.len() {
+        let delivery = next_item(&mut stream)
+            .await
+            .with_context(|| format!("waiting for {due:?} to come again"))?;
+        let id = id_of(&delivery)?;
+        ensure!(
+            due.contains(&id),
+            "{id} delivered again although it was ACKNOWLEDGED"
+        );
+        ensure!(redelivered.insert(id.clone()), "{id} redelivered twice");
+        intact(&delivery)?;
+    }
+    if !due.is_empty() {
+        ack_all(recipient, due)
+            .await
+            .context("the Ack of the redelivered messages")?;
+    }
+    Ok(stream)
 }
 
 /// Acknowledges `ids` in one `Ack` and expects each ACKNOWLEDGED.
@@ -359,15 +401,14 @@ fn intact(delivery: &pb::Delivery) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The broker's state of message `id`, asked by its sender.
-async fn state(client: &mut Exchange, id: &str) -> anyhow::Result<pb::MessageState> {
-    let status = client
+/// The broker's status of message `id`, asked by its sender.
+async fn status(client: &mut Exchange, id: &str) -> anyhow::Result<pb::MessageStatus> {
+    Ok(client
         .get_status(pb::GetStatusRequest {
             message_id: id.to_owned(),
         })
         .await?
-        .into_inner();
-    Ok(pb::MessageState::try_from(status.state)?)
+        .into_inner())
 }
 
 /// Receives and acknowledges the sender's receipts until each of `ids` has
