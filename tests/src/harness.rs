@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
+use trmx_broker::clock::ManualClock;
 use trmx_broker::{Broker, BrokerConfig, RunningBroker};
 use trmx_certs::CertPaths;
 use trmx_node::core::SystemClock;
@@ -28,6 +29,7 @@ use trmx_node::{NodeConfig, RunningNode};
 use trmx_proto::envelope::sha256;
 use trmx_proto::pb::exchange_client::ExchangeClient;
 use trmx_proto::pb::node_api_client::NodeApiClient;
+use trmx_proto::pb::operator_client::OperatorClient;
 use trmx_proto::pb::{self, send_request};
 use trmx_proto::time::to_timestamp;
 use trmx_proto::{CaseRef, Kind, MessageId};
@@ -40,6 +42,8 @@ use crate::process::ReservedPort;
 pub type Api = NodeApiClient<Channel>;
 /// A broker `Exchange` client (a hand-made participant, not a node).
 pub type Exchange = ExchangeClient<Channel>;
+/// A broker `Operator` client (an operator's certificate).
+pub type Operator = OperatorClient<Channel>;
 
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -63,6 +67,8 @@ pub struct Harness {
     /// The broker's address, held while the broker is down (see [`ReservedPort`]).
     broker_port: ReservedPort,
     broker: Option<RunningBroker>,
+    /// The clock the broker runs on, when a test set one ([`Harness::set_broker_clock`]).
+    broker_clock: Option<ManualClock>,
     nodes: BTreeMap<String, (RunningNode, Api)>,
 }
 
@@ -91,6 +97,7 @@ impl Harness {
             broker_config,
             broker_port: ReservedPort::new()?,
             broker: None,
+            broker_clock: None,
             nodes: BTreeMap::new(),
         })
     }
@@ -119,10 +126,11 @@ impl Harness {
                 let listener = TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;
-                Broker::builder(self.broker_config.clone())
-                    .start(listener)
-                    .await
-                    .context("starting the broker")
+                let mut builder = Broker::builder(self.broker_config.clone());
+                if let Some(clock) = &self.broker_clock {
+                    builder = builder.clock(clock.clone());
+                }
+                builder.start(listener).await.context("starting the broker")
             };
             match attempt.await {
                 Ok(broker) => {
@@ -580,5 +588,32 @@ pub async fn watch_all(api: &mut Api, expected: usize) -> anyhow::Result<Vec<pb:
             Ok(Ok(None)) | Err(_) => return Ok(seen),
             Ok(Err(status)) => bail!("watch failed: {status}"),
         }
+    }
+}
+
+// ---- additions for the tests of a settle from the broker's status ---------------------
+
+impl Harness {
+    /// Runs the broker started next on `clock` instead of the system's: a
+    /// [`ManualClock`] that a test moves on (a message's expiry) while a node is down,
+    /// so that nothing races the clock.
+    pub fn set_broker_clock(&mut self, clock: ManualClock) {
+        self.broker_clock = Some(clock);
+    }
+
+    /// An `Operator` client with a fresh operator certificate `name` of this federation.
+    pub fn operator(&self, name: &str) -> anyhow::Result<Operator> {
+        let cert = self.federation.pki.operator(name)?;
+        let tls = TlsPaths {
+            ca: self.federation.pki.ca_cert_path(),
+            cert: cert.cert,
+            key: cert.key,
+        };
+        let options = ClientOptions {
+            server_name: BROKER_SERVER_NAME.to_owned(),
+            ..ClientOptions::default()
+        };
+        let channel = client_channel(&self.broker_addr().to_string(), &tls, &options)?;
+        Ok(OperatorClient::new(channel))
     }
 }

@@ -15,6 +15,8 @@
 //!   APIs with the example documents; narrates and returns a report.
 //! - [`proxy`]: a fault-injecting TCP proxy (cut, stall, delay) for network
 //!   fault tests.
+//! - [`logs`]: a capture of the in-process broker's and nodes' log lines, for
+//!   tests that check what was logged (nothing at ERROR, no personal data).
 //!
 //! The `trmx-demo` binary (`src/bin/trmx-demo.rs`) puts these together; the
 //! integration tests in `tests/main.rs` run the same pieces and check every
@@ -24,6 +26,7 @@ pub mod adversary;
 pub mod chaos;
 pub mod federation;
 pub mod harness;
+pub mod logs;
 pub mod process;
 pub mod proxy;
 pub mod story;

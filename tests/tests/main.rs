@@ -14,4 +14,5 @@ mod e2e;
 mod network;
 mod node;
 mod node_disk;
+mod settle;
 mod storage;
