@@ -21,6 +21,7 @@ use trmx_tests::harness::{
     wait_outbox, wait_received, wait_until,
 };
 use trmx_tests::logs::{LogCapture, run_captured};
+use trmx_tests::proxy::{Fault, FaultProxy};
 use trmx_tests::story::EXAMPLES;
 
 type TestResult = anyhow::Result<()>;
@@ -489,4 +490,52 @@ fn a_receipt_that_comes_after_a_settle_from_the_status_changes_nothing() -> Test
 #[test]
 fn a_rejection_report_that_comes_after_a_settle_from_the_status_changes_nothing() -> TestResult {
     run_captured(async |logs| a_late_report_finds_its_entry_settled(logs, Ending::Rejected).await)
+}
+
+/// The sender's node keeps running: its connection to the broker is down (a network
+/// outage) while the recipient acknowledges the message and an operator purges the
+/// receipt. Once the network is back the running node's check, through the
+/// connection it made again, settles the entry `DELIVERED`.
+#[test]
+fn a_running_node_settles_from_the_status_after_an_outage_that_lost_the_receipt() -> TestResult {
+    run_captured(a_running_node_settles_after_an_outage)
+}
+
+async fn a_running_node_settles_after_an_outage(logs: &LogCapture) -> TestResult {
+    let mut h = Harness::new().await?;
+    h.start_broker().await?;
+    let proxy = FaultProxy::start(h.broker_addr()).await?;
+    let via = proxy.addr().to_string();
+    let mut nl = h
+        .start_node_with(NL, |c| {
+            c.broker.address = via;
+            c.broker.outbox_check_interval_secs = 1;
+        })
+        .await?;
+    let id = send(&mut nl, referral("outage")).await?.message_id;
+    wait_outbox(&nl, &id, "the broker to accept it", |e| {
+        e.state == pb::OutboxState::Submitted as i32
+    })
+    .await?;
+    proxy.set(Fault::Down);
+    let clock = ManualClock::new(SystemTime::now());
+    finish(&mut h, Ending::Delivered, &clock, &[&id]).await?;
+    purge_report(&h, &id, pb::Outcome::Delivered).await?;
+    let waiting = outbox_entry(&mut nl, &id).await?.context("the entry")?;
+    ensure!(
+        waiting.state == pb::OutboxState::Submitted as i32,
+        "settled during the outage: {waiting:?}"
+    );
+
+    proxy.set(Fault::None);
+    let settled = wait_outbox(&nl, &id, "a settle from the broker's status", is_settled).await?;
+    assert_eq!(
+        settled.state,
+        pb::OutboxState::Delivered as i32,
+        "{settled:?}"
+    );
+    assert!(settled.failure.is_none(), "{settled:?}");
+    assert!(settled.contradicted_by.is_empty(), "{settled:?}");
+    h.shutdown().await?;
+    check_log(logs, &id)
 }
