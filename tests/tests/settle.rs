@@ -17,8 +17,8 @@ use anyhow::{Context, bail, ensure};
 use trmx_broker::clock::ManualClock;
 use trmx_proto::{Kind, MessageId, pb};
 use trmx_tests::harness::{
-    Api, Exchange, Harness, WAIT, broker_status, json_request, next_item, outbox_entry, send,
-    wait_outbox, wait_received, wait_until,
+    Api, Exchange, Harness, WAIT, broker_status, json_request, next_item, outbox_entry,
+    reply_request, send, wait_outbox, wait_received, wait_until,
 };
 use trmx_tests::logs::{LogCapture, run_captured};
 use trmx_tests::proxy::{Fault, FaultProxy};
@@ -459,6 +459,11 @@ async fn a_late_report_finds_its_entry_settled(logs: &LogCapture, ending: Ending
         outcome,
         "{settled:?}"
     );
+    if let Ending::Rejected = ending {
+        let failure = settled.failure.as_ref().context("a failure")?;
+        assert_eq!(failure.reason_code, REASON_CODE, "{failure:?}");
+        assert_eq!(failure.field_path, FIELD_PATH, "{failure:?}");
+    }
 
     drop(held);
     wait_until(WAIT, "the node to acknowledge the late report", || {
@@ -534,6 +539,62 @@ async fn a_running_node_settles_after_an_outage(logs: &LogCapture) -> TestResult
         pb::OutboxState::Delivered as i32,
         "{settled:?}"
     );
+    assert!(settled.failure.is_none(), "{settled:?}");
+    assert!(settled.contradicted_by.is_empty(), "{settled:?}");
+    h.shutdown().await?;
+    check_log(logs, &id)
+}
+
+/// The recipient answers the referral while the sender's node is down, and the delivery
+/// receipt is purged: the restarted node takes the answer, and its check settles the
+/// entry `DELIVERED`, still answered.
+#[test]
+fn an_answered_message_whose_receipt_never_comes_is_settled_delivered_and_stays_answered()
+-> TestResult {
+    run_captured(an_answered_message_whose_receipt_never_comes)
+}
+
+async fn an_answered_message_whose_receipt_never_comes(logs: &LogCapture) -> TestResult {
+    let mut h = Harness::new().await?;
+    h.start_broker().await?;
+    let mut nl = h.start_node(NL).await?;
+    let sent = send(&mut nl, referral("answered")).await?;
+    let id = sent.message_id.clone();
+    wait_outbox(&nl, &id, "the broker to accept it", |e| {
+        e.state == pb::OutboxState::Submitted as i32
+    })
+    .await?;
+    h.stop_node(NL).await?;
+    let mut be = h.start_node(BE).await?;
+    let received = wait_received(&be, &id).await?;
+    let answer = send(
+        &mut be,
+        reply_request(
+            "answer",
+            NL,
+            Kind::ReferralResponse,
+            EXAMPLES[1],
+            &received.case_ref,
+            &id,
+        ),
+    )
+    .await?
+    .message_id;
+    let nl_exchange = h.exchange(NL)?;
+    wait_broker_state(&nl_exchange, &id, pb::MessageState::Acknowledged).await?;
+    purge_report(&h, &id, pb::Outcome::Delivered).await?;
+
+    let nl = h
+        .start_node_with(NL, |c| c.broker.outbox_check_interval_secs = 1)
+        .await?;
+    wait_received(&nl, &answer).await?;
+    let settled = wait_outbox(&nl, &id, "a settle from the broker's status", is_settled).await?;
+    assert_eq!(
+        settled.state,
+        pb::OutboxState::Delivered as i32,
+        "{settled:?}"
+    );
+    assert_eq!(settled.answered_by, answer, "{settled:?}");
     assert!(settled.failure.is_none(), "{settled:?}");
     assert!(settled.contradicted_by.is_empty(), "{settled:?}");
     h.shutdown().await?;
