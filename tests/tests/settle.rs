@@ -17,8 +17,8 @@ use anyhow::{Context, bail, ensure};
 use trmx_broker::clock::ManualClock;
 use trmx_proto::{Kind, MessageId, pb};
 use trmx_tests::harness::{
-    Api, Exchange, Harness, WAIT, broker_status, json_request, next_item, outbox_entry,
-    reply_request, send, wait_outbox, wait_received, wait_until,
+    Exchange, Harness, WAIT, broker_status, json_request, next_item, outbox_entry, reply_request,
+    send, wait_outbox, wait_received, wait_until,
 };
 use trmx_tests::logs::{LogCapture, run_captured};
 use trmx_tests::proxy::{Fault, FaultProxy};
@@ -216,9 +216,8 @@ fn check_log(logs: &LogCapture, id: &str) -> TestResult {
     Ok(())
 }
 
-/// The node's state machine of the outbox check: two messages to BE-PAYOKE, finished on
-/// the broker as `ending` says while NL-NRM's node is down; the report of one waits for
-/// the node, the other's is purged. The node, started with its check practically off,
+/// Two messages to BE-PAYOKE, finished on the broker as `ending` says while NL-NRM's
+/// node is down; the report of one waits for the node, the other's is purged. The node, started with its check practically off,
 /// takes the first report; restarted with a check every second it settles the second
 /// from the broker's status exactly as the first report settled its twin.
 async fn settles_as_its_report_would(logs: &LogCapture, ending: Ending) -> TestResult {
@@ -268,7 +267,7 @@ async fn settles_as_its_report_would(logs: &LogCapture, ending: Ending) -> TestR
     );
     h.stop_node(NL).await?;
 
-    let nl: Api = h
+    let nl = h
         .start_node_with(NL, |c| c.broker.outbox_check_interval_secs = 1)
         .await?;
     let by_status = wait_outbox(
