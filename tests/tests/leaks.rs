@@ -13,85 +13,17 @@
 // Test code: a broken fixture should fail the test loudly, wherever it is.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
-
 use anyhow::Context;
 use trmx_proto::body::Body;
-use trmx_proto::pb::operator_client::OperatorClient;
 use trmx_proto::{Kind, pb};
 use trmx_tests::harness::{Exchange, Harness, broker_status, envelope, inbox, next_item};
+use trmx_tests::logs::LogCapture;
 use trmx_tests::story::EXAMPLES;
-use trmx_transport::{ClientOptions, TlsPaths, client_channel};
 
 const BE: &str = "BE-PAYOKE";
 const NG: &str = "NG-NAPTIP";
 /// What every marker starts with.
 const MARK: &str = "piimark";
-
-/// Every log line of this thread at `trace`, while it lives.
-struct LogCapture {
-    lines: Arc<Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogCapture {
-    fn start() -> LogCapture {
-        // tracing caches, for the whole process, whether a log line's callsite interests
-        // any subscriber, the first time a thread reaches it; while one subscriber only
-        // exists, it asks just the reaching thread's own. A thread without a capture (a
-        // broker's writer or blocking thread, another test's) then cached "never", and a
-        // capture lost that line for good. A global subscriber that takes every line (and
-        // drops it) makes every subscriber asked; installing it re-asks the callsites
-        // cached before.
-        static ANCHOR: std::sync::Once = std::sync::Once::new();
-        ANCHOR.call_once(|| {
-            let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
-        });
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let writer = Arc::clone(&lines);
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("trace")
-            .with_ansi(false)
-            .with_writer(move || LogWriter(Arc::clone(&writer)))
-            .finish();
-        LogCapture {
-            lines,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.lines.lock().expect("log lock")).into_owned()
-    }
-}
-
-/// An `Operator` client with a fresh operator certificate of the harness's federation.
-fn operator(h: &Harness) -> anyhow::Result<OperatorClient<tonic::transport::Channel>> {
-    let cert = h.federation.pki.operator("leak-probe")?;
-    let tls = TlsPaths {
-        ca: h.federation.pki.ca_cert_path(),
-        cert: cert.cert,
-        key: cert.key,
-    };
-    let options = ClientOptions {
-        server_name: "localhost".to_owned(),
-        ..ClientOptions::default()
-    };
-    let channel = client_channel(&h.broker_addr().to_string(), &tls, &options)?;
-    Ok(OperatorClient::new(channel))
-}
 
 /// The example referral as proto3 JSON with `key: 1` added to the object at `pointer`.
 fn referral_with_key(pointer: &str, key: &str) -> String {
@@ -154,7 +86,7 @@ async fn an_unknown_json_key_is_named_nowhere_beyond_its_refusal() -> anyhow::Re
         .receive(pb::ReceiveRequest { max_in_flight: 8 })
         .await?
         .into_inner();
-    let mut ops = operator(&h)?;
+    let mut ops = h.operator("leak-probe")?;
 
     let cases = [
         ("", "piimarkroot", "referral"),
@@ -230,7 +162,7 @@ async fn a_refused_body_value_is_named_nowhere_beyond_its_refusal() -> anyhow::R
         .receive(pb::ReceiveRequest { max_in_flight: 8 })
         .await?
         .into_inner();
-    let mut ops = operator(&h)?;
+    let mut ops = h.operator("leak-probe")?;
 
     let long = format!("{MARK}{}", "x".repeat(20_000));
     let json_cases = [
@@ -393,7 +325,7 @@ async fn markers_outside_a_body_reach_no_log_and_no_other_party() -> anyhow::Res
         .receive(pb::ReceiveRequest { max_in_flight: 8 })
         .await?
         .into_inner();
-    let mut ops = operator(&h)?;
+    let mut ops = h.operator("leak-probe")?;
     let payload = Body::from_json(Kind::Referral, EXAMPLES[0])?.encode();
     let valid = || envelope(BE, Kind::Referral, payload.clone());
     let marked = |suffix: &str| format!("{MARK}-{suffix}-amina-bello");

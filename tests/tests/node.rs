@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use tonic::Code;
-use tonic::transport::Channel;
 use trmx_node::core::FAILPOINT_ENV;
 use trmx_proto::Kind;
 use trmx_proto::body::Body;
@@ -966,22 +965,6 @@ async fn a_restarted_node_keeps_its_outbox_and_inbox_and_does_not_redeliver() ->
     h.shutdown().await
 }
 
-/// An `Operator` client with a fresh operator certificate of the harness's federation.
-fn operator(h: &Harness) -> anyhow::Result<pb::operator_client::OperatorClient<Channel>> {
-    let cert = h.federation.pki.operator("receipt-probe")?;
-    let tls = trmx_transport::TlsPaths {
-        ca: h.federation.pki.ca_cert_path(),
-        cert: cert.cert,
-        key: cert.key,
-    };
-    let options = trmx_transport::ClientOptions {
-        server_name: "localhost".to_owned(),
-        ..trmx_transport::ClientOptions::default()
-    };
-    let channel = trmx_transport::client_channel(&h.broker_addr().to_string(), &tls, &options)?;
-    Ok(pb::operator_client::OperatorClient::new(channel))
-}
-
 /// A message the recipient's node stored but never acknowledged (killed between the two),
 /// that expired on the broker and was redriven by an operator, comes again with a new
 /// `expires_at` (the redrive's lifetime) and every other field as the first delivery had
@@ -992,7 +975,7 @@ async fn a_stored_message_redriven_after_its_expiry_is_acknowledged_as_the_same(
     let mut h = Harness::new().await?;
     h.start_broker().await?;
     let mut nl = h.start_node(NL).await?;
-    let mut operator = operator(&h)?;
+    let mut operator = h.operator("receipt-probe")?;
     let (mut be_process, _) =
         start_node_process(&h, BE, &[(FAILPOINT_ENV, "inbox-after-store")]).await?;
     // (long enough for the delivery to reach the node first: if it did not, the node
@@ -1059,7 +1042,7 @@ async fn the_broker_s_reports_of_expiry_purge_and_a_redrive_settle_the_sender_s_
     let mut h = Harness::new().await?;
     h.start_broker().await?;
     let mut nl = h.start_node(NL).await?;
-    let mut operator = operator(&h)?;
+    let mut operator = h.operator("receipt-probe")?;
 
     // BE is offline: one message expires on the broker, one is purged there
     let short = pb::SendRequest {
