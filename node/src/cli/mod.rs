@@ -360,6 +360,15 @@ async fn run_daemon(
     let node = RunningNode::start(&config, config.clock())
         .await
         .map_err(|e| CliError(format!("cannot start the node: {e}")))?;
+    // (before the ready file is written: a supervisor may stop the node the moment it is
+    // ready, and a SIGTERM that came before the handler killed the node, not stopped it)
+    let shutdown = match shutdown_signal() {
+        Ok(shutdown) => shutdown,
+        Err(e) => {
+            let _ = node.stop().await;
+            return Err(e);
+        }
+    };
     let socket = node.socket_path().to_path_buf();
     if let Some(ready_file) = ready_file
         && let Err(e) = write_ready_file(ready_file, &socket)
@@ -377,7 +386,7 @@ async fn run_daemon(
         );
         let _ = stdout.flush();
     }
-    node.run_until(shutdown_signal())
+    node.run_until(shutdown)
         .await
         .map_err(|e| CliError(e.to_string()))
 }
@@ -668,21 +677,27 @@ fn write_ready_file(path: &Path, socket: &Path) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT, whose handlers are installed at the call (a signal
+/// before the first poll is not lost, nor does it kill the process).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, CliError> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| {
+            CliError(format!(
+                "cannot install the {name} handler: {e}; the node stops, as it could not \
+                 be stopped in order"
+            ))
+        })
+    };
+    let mut terminate = install(SignalKind::terminate(), "SIGTERM")?;
+    let mut interrupt = install(SignalKind::interrupt(), "SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutdown requested");
+        tracing::info!("shutdown requested");
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -785,6 +785,101 @@ async fn run_serves_until_sigterm() {
     .await;
 }
 
+/// A supervisor may stop the node the moment its ready file is there (`systemctl stop`
+/// right after the start): the node installed its SIGTERM handler only after writing the
+/// file, and a SIGTERM in between killed it (no orderly stop, exit by signal). Its
+/// handlers are in place before the file is written.
+#[test]
+fn a_sigterm_as_the_ready_file_is_written_stops_the_node_in_order() {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let ready = sandbox.path().join("ready");
+    // The ready file is written as `ready.tmp`, then renamed. Made a FIFO whose buffer is
+    // full, it holds the node in that write, its start done, until this test empties it:
+    // the SIGTERM sent then comes between the start and the ready file.
+    let fifo = sandbox.path().join("ready.tmp");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let fifo = fifo.canonicalize().expect("canonical fifo path");
+    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+    let mut pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nonblocking)
+        .open(&fifo)
+        .expect("open the fifo");
+    loop {
+        match pipe.write(&[0; 4096]) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the fifo: {e}"),
+        }
+    }
+    let mut child = trmx_node()
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn trmx-node run");
+    let failed = |mut child: std::process::Child, what: &str| -> ! {
+        let _ = child.kill();
+        let output = child.wait_with_output().expect("output");
+        panic!("{what}: {:?}: {}", output.status, stderr(&output));
+    };
+    // (in its write of the ready file once the FIFO is among its open files)
+    let fds = PathBuf::from(format!("/proc/{}/fd", child.id()));
+    let writing = || {
+        std::fs::read_dir(&fds).is_ok_and(|dir| {
+            dir.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|to| to == fifo))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !writing() {
+        if child.try_wait().expect("try_wait").is_some() || std::time::Instant::now() > deadline {
+            failed(child, "the node did not write its ready file");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    // emptied, the FIFO lets the node write: it is ready, then stops
+    let mut read = Vec::new();
+    let status = loop {
+        let mut buf = [0; 4096];
+        match pipe.read(&mut buf) {
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(status) = child.try_wait().expect("try_wait") {
+                    break status;
+                }
+                if std::time::Instant::now() > deadline {
+                    failed(child, "the node did not stop");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("reading the fifo: {e}"),
+        }
+    };
+    let output = child.wait_with_output().expect("output");
+    assert!(status.success(), "exit {status:?}: {}", stderr(&output));
+    assert!(
+        stdout(&output).starts_with("trmx-node ready: participant NL-NRM socket "),
+        "{}",
+        stdout(&output)
+    );
+    assert!(read.ends_with(b"node.sock\n"), "the ready file written");
+}
+
 /// The same `send` run again returns the message of the first run (its default key is
 /// the same): while that one is on its way it says so; once it was withdrawn (or
 /// failed) it says that nothing was sent now, how to send it again, and exits 1.
