@@ -335,6 +335,27 @@ pub(crate) async fn state_of(client: &mut Client, id: &str) -> anyhow::Result<pb
     Ok(pb::MessageState::try_from(status.state)?)
 }
 
+/// Waits up to [`WAIT`] until `id` is in `state` (the broker may record a change a
+/// moment after a client sees its cause: a stream it ended releases its leases then).
+pub(crate) async fn wait_state(
+    client: &mut Client,
+    id: &str,
+    state: pb::MessageState,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = state_of(client, id).await?;
+        if now == state {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{id} is {now:?}, never {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The receipt carried by a delivery of a broker-made kind.
 pub(crate) fn receipt(delivery: &pb::Delivery) -> anyhow::Result<(Kind, pb::Receipt)> {
     use prost::Message;

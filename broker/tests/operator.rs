@@ -138,22 +138,6 @@ fn json(output: &Output) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 
-/// Polls the sender's view of `id` until it is in `state`.
-async fn wait_state(client: &mut Client, id: &str, state: pb::MessageState) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let now = state_of(client, id).await?;
-        if now == state {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{id} is {now:?}, never {state:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn encoded<M: prost::Message>(message: &M) -> Vec<u8> {
     message.encode_to_vec()
 }
