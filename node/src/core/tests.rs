@@ -6937,18 +6937,18 @@ mod link {
             .unwrap()
             .unwrap();
         broker.enqueue(envelope, "NL-NRM");
+        // (read before the restart: the restarted node's submit loop records its attempts
+        // at the broker out of reach from its start on)
+        let entry = state_of(&first, sent.message_id).await.unwrap();
+        assert_eq!(
+            (entry.state, entry.submit_attempts),
+            (OutboxState::Queued, 0)
+        );
         first.shutdown().await;
         drop(first);
         // restarted while the broker cannot be reached
         let (_down_port, down_addr) = reserved_port();
         let nl = online(dir.path(), "NL-NRM", down_addr, clock).await;
-        assert_eq!(
-            state_of(&nl, sent.message_id)
-                .await
-                .unwrap()
-                .submit_attempts,
-            0
-        );
         let how = nl.withdraw(sent.message_id).await.unwrap();
         assert_eq!(how, Withdrawal::BrokerPending);
         assert_eq!(
