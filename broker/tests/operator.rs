@@ -243,7 +243,21 @@ async fn operators_see_queues_participants_messages_and_dead_letters() -> anyhow
     let s = scenario().await?;
     let mut op = operator(&s.t)?;
 
-    let queues = op.list_queues(pb::ListQueuesRequest {}).await?.into_inner();
+    // (the scenario's earlier BE-PAYOKE stream, dropped, is counted until the broker has
+    // released its leases, a moment after the end: waited for, not raced)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let queues = loop {
+        let queues = op.list_queues(pb::ListQueuesRequest {}).await?.into_inner();
+        let streams = queues
+            .queues
+            .iter()
+            .find(|q| q.recipient == "BE-PAYOKE")
+            .map(|q| q.connected_streams);
+        if streams == Some(1) || tokio::time::Instant::now() >= deadline {
+            break queues;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_no_payload("ListQueues", &encoded(&queues));
     let be = queues
         .queues
