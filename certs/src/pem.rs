@@ -1002,6 +1002,24 @@ mod tests {
         );
     }
 
+    /// Sets the POSIX access ACL of `path` as `setfacl` would: `entries` of (tag,
+    /// permissions, id) in the kernel's format (a version word, then the entries, which must
+    /// come in tag order, named ones by id).
+    fn set_access_acl(path: &Path, entries: &[(u16, u16, u32)]) -> rustix::io::Result<()> {
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            acl.extend(tag.to_le_bytes());
+            acl.extend(perm.to_le_bytes());
+            acl.extend(id.to_le_bytes());
+        }
+        rustix::fs::setxattr(
+            path,
+            "system.posix_acl_access",
+            &acl,
+            rustix::fs::XattrFlags::empty(),
+        )
+    }
+
     /// A POSIX ACL granting another user read access shows only in the group bits (its
     /// mask): a `0640` key readable by someone else was read. It is refused, naming the
     /// fix; an ACL whose named entries the mask cuts off grants nothing, and is read.
@@ -1017,23 +1035,15 @@ mod tests {
         // (`setfacl -m u:OTHER:r,m::MASK`, in the kernel's format: version 2, then tag,
         // permissions and id of each entry, in tag order)
         let set_acl = |mask: u16| {
-            let mut acl = 2u32.to_le_bytes().to_vec();
-            for (tag, perm, id) in [
-                (0x01u16, 6u16, u32::MAX),
-                (0x02, 4, other),
-                (0x04, 0, u32::MAX),
-                (0x10, mask, u32::MAX),
-                (0x20, 0, u32::MAX),
-            ] {
-                acl.extend(tag.to_le_bytes());
-                acl.extend(perm.to_le_bytes());
-                acl.extend(id.to_le_bytes());
-            }
-            rustix::fs::setxattr(
+            set_access_acl(
                 &key,
-                "system.posix_acl_access",
-                &acl,
-                rustix::fs::XattrFlags::empty(),
+                &[
+                    (0x01, 6, u32::MAX),
+                    (0x02, 4, other),
+                    (0x04, 0, u32::MAX),
+                    (0x10, mask, u32::MAX),
+                    (0x20, 0, u32::MAX),
+                ],
             )
         };
         match set_acl(4) {
@@ -1088,28 +1098,15 @@ mod tests {
         let (owner, group) = (meta.uid(), meta.gid());
         // (`setfacl -m TAG:ID:PERM,m::r`, in the kernel's format, in tag order)
         let set_acl = |tag: u16, perm: u16, id: u32| {
-            let mut acl = 2u32.to_le_bytes().to_vec();
-            for (tag, perm, id) in [
-                (0x01u16, 6u16, u32::MAX),
+            let mut entries = [
+                (0x01, 6, u32::MAX),
                 (tag, perm, id),
                 (0x04, 0, u32::MAX),
                 (0x10, 4, u32::MAX),
                 (0x20, 0, u32::MAX),
-            ] {
-                acl.extend(tag.to_le_bytes());
-                acl.extend(perm.to_le_bytes());
-                acl.extend(id.to_le_bytes());
-            }
-            let mut sorted = acl[4..].chunks(8).map(<[u8]>::to_vec).collect::<Vec<_>>();
-            sorted.sort_by_key(|e| u16::from_le_bytes([e[0], e[1]]));
-            acl.truncate(4);
-            acl.extend(sorted.concat());
-            rustix::fs::setxattr(
-                &key,
-                "system.posix_acl_access",
-                &acl,
-                rustix::fs::XattrFlags::empty(),
-            )
+            ];
+            entries.sort_by_key(|&(tag, _, _)| tag);
+            set_access_acl(&key, &entries)
         };
         match set_acl(0x02, 6, owner) {
             Ok(()) => {}
@@ -1161,25 +1158,14 @@ mod tests {
         let (me, group) = (meta.uid(), meta.gid());
         // 100 named users, then the mask (in the kernel's format, in tag and id order)
         let set_acl = |mask: u16| {
-            let mut acl = 2u32.to_le_bytes().to_vec();
-            let mut entries = vec![(0x01u16, 6u16, u32::MAX)];
+            let mut entries = vec![(0x01, 6, u32::MAX)];
             entries.extend((0..100).map(|i| (0x02, 4, me + 1 + i)));
             entries.extend([
                 (0x04, 0, u32::MAX),
                 (0x10, mask, u32::MAX),
                 (0x20, 0, u32::MAX),
             ]);
-            for (tag, perm, id) in entries {
-                acl.extend(tag.to_le_bytes());
-                acl.extend(perm.to_le_bytes());
-                acl.extend(id.to_le_bytes());
-            }
-            rustix::fs::setxattr(
-                &key,
-                "system.posix_acl_access",
-                &acl,
-                rustix::fs::XattrFlags::empty(),
-            )
+            set_access_acl(&key, &entries)
         };
         match set_acl(0) {
             Ok(()) => {}
