@@ -28,6 +28,20 @@ async fn run_async(args: Vec<String>) -> Output {
         .expect("join")
 }
 
+/// `trmx-node run --config CONFIG --ready-file READY`, its output piped.
+fn spawn_run(config: &Path, ready: &Path) -> std::process::Child {
+    trmx_node()
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--ready-file")
+        .arg(ready)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn trmx-node run")
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -726,16 +740,7 @@ async fn run_serves_until_sigterm() {
     let sandbox = Sandbox::new();
     let config_path = write_config(&sandbox, "NL-NRM");
     let ready: PathBuf = sandbox.path().join("ready");
-    let mut child = trmx_node()
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn trmx-node run");
+    let mut child = spawn_run(&config_path, &ready);
     let ready_path = ready.clone();
     let is_ready =
         tokio::task::spawn_blocking(move || wait_for_file(&ready_path, Duration::from_secs(20)))
@@ -817,16 +822,7 @@ fn a_sigterm_as_the_ready_file_is_written_stops_the_node_in_order() {
             Err(e) => panic!("filling the fifo: {e}"),
         }
     }
-    let mut child = trmx_node()
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn trmx-node run");
+    let mut child = spawn_run(&config_path, &ready);
     let failed = |mut child: std::process::Child, what: &str| -> ! {
         let _ = child.kill();
         let output = child.wait_with_output().expect("output");
@@ -2104,16 +2100,7 @@ fn run_refuses_a_node_certificate_not_valid_yet_and_warns_within_minutes() {
         let at = std::time::SystemTime::now() + ahead;
         let info = ca.issue_at(&spec, &paths, true, at).expect("issue");
         let _ = std::fs::remove_file(&ready);
-        let mut child = trmx_node()
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--ready-file")
-            .arg(&ready)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn trmx-node run");
+        let mut child = spawn_run(&config_path, &ready);
         let became_ready = loop {
             if child.try_wait().expect("try_wait").is_some() {
                 break false;
