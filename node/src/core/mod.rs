@@ -809,34 +809,35 @@ async fn check_recipient(
     let Some(cached) = inner.cached_participants() else {
         return Ok(());
     };
-    let Some(refusal) = registry_refusal(&cached, recipient, kind) else {
+    if registry_refusal(&cached, recipient, kind).is_none() {
         return Ok(());
-    };
+    }
     // One refresh at a time: a local client sending many messages to a recipient the
     // registry refuses would otherwise have as many `GetInfo` calls made at once. A send
     // that waited while another refresh ran takes the registry that one left cached (the
     // fresh one, or the old one when the broker did not answer).
     let _one = inner.link.registry_refresh.lock().await;
-    let fresh = if inner.link.registry_refreshes.load(Ordering::SeqCst) == done {
+    let refreshed = if inner.link.registry_refreshes.load(Ordering::SeqCst) == done {
         let fetched = fetch_participants(inner, REGISTRY_REFRESH_WAIT).await;
         inner
             .link
             .registry_refresh_failed
             .store(fetched.is_err(), Ordering::SeqCst);
         inner.link.registry_refreshes.fetch_add(1, Ordering::SeqCst);
-        fetched.ok()
-    } else if inner.link.registry_refresh_failed.load(Ordering::SeqCst) {
-        None
+        fetched.is_ok()
     } else {
-        inner.cached_participants()
+        !inner.link.registry_refresh_failed.load(Ordering::SeqCst)
     };
-    match fresh {
-        Some(fresh) => {
-            registry_refusal(&fresh, recipient, kind).map_or(Ok(()), |r| Err(NodeError::Invalid(r)))
-        }
+    // The registry cached now decides, not the one read before the wait: a refresh that
+    // answered cached its registry, and one that did not may have been outrun by the link
+    // reconnecting, which caches the broker's registry too (the recipient may be in it).
+    let current = inner.cached_participants().unwrap_or(cached);
+    match registry_refusal(&current, recipient, kind) {
+        None => Ok(()),
+        Some(refusal) if refreshed => Err(NodeError::Invalid(refusal)),
         // (the caller is told what to do: a participant added to the broker since the
         // node last reached it is refused by the old registry only until it is reached)
-        None => Err(NodeError::Invalid(ValidationError::new(
+        Some(refusal) => Err(NodeError::Invalid(ValidationError::new(
             refusal.field,
             format!(
                 "{}, by the registry the node fetched when it last reached the broker (the \

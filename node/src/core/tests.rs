@@ -6912,6 +6912,64 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A registry refresh the broker does not answer, while the link, reconnecting,
+    /// fetches the broker's registry, which now lists the recipient: the sends (the one
+    /// that refreshed and the one that waited for it) are decided by the registry the node
+    /// holds when the refresh ends, not the one read before; they were refused as if the
+    /// recipient were still unknown.
+    #[tokio::test]
+    async fn sends_after_an_unanswered_refresh_take_the_registry_cached_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
+        until("NL knows the registry", || async {
+            nl.inner.cached_participants().is_some()
+        })
+        .await;
+        let before = broker.lock().get_info_arrived;
+        // (held to the end: the refreshes are never answered)
+        let _held = broker.get_info_hold.lock().await;
+        let send = |key: &'static str| {
+            let nl = nl.clone();
+            tokio::spawn(async move { nl.send(request(key, "XX-NEW", referral())).await })
+        };
+        let refreshing = send("k-1");
+        until("the refresh reaches the broker", || async {
+            broker.lock().get_info_arrived > before
+        })
+        .await;
+        let waiting = send("k-2");
+        // XX-NEW joins the broker, and the node caches its registry as its link does on
+        // reconnecting (the `GetInfo` of the link, answered where the refresh's is not)
+        broker.lock().participants.push("XX-NEW".to_owned());
+        let participant = |id: &str| pb::Participant {
+            id: id.to_owned(),
+            display_name: format!("{id} (test)"),
+            country: id[..2].to_owned(),
+            organisation_type: pb::OrganisationType::Ngo as i32,
+            accepts: Kind::APPLICATION.iter().map(|k| k.to_pb() as i32).collect(),
+        };
+        nl.inner.cache_broker_info(&pb::BrokerInfo {
+            broker_name: "fake".into(),
+            participants: ["NL-NRM", "BE-PAYOKE", "XX-NEW"]
+                .into_iter()
+                .map(participant)
+                .collect(),
+            limits: None,
+            caller: "NL-NRM".into(),
+        });
+        for send in [refreshing, waiting] {
+            match send.await.unwrap() {
+                Ok(sent) => assert_eq!(sent.state, OutboxState::Queued),
+                other => panic!("expected the send queued, got {other:?}"),
+            }
+        }
+        nl.shutdown().await;
+    }
+
     /// A node killed after the broker accepted a submit but before it recorded the
     /// answer (submit_attempts still 0, the entry QUEUED) restarts while the broker is
     /// out of reach. Withdrawing does not say "done" while the broker may hold the
