@@ -837,15 +837,24 @@ async fn check_recipient(
         Some(refusal) if refreshed => Err(NodeError::Invalid(refusal)),
         // (the caller is told what to do: a participant added to the broker since the
         // node last reached it is refused by the old registry only until it is reached)
-        Some(refusal) => Err(NodeError::Invalid(ValidationError::new(
-            refusal.field,
-            format!(
-                "{}, by the registry the node fetched when it last reached the broker (the \
-                 broker could not be asked again just now: if the participant joined since, \
-                 send again once the node is connected)",
-                refusal.rule
-            ),
-        ))),
+        Some(refusal) => {
+            // (a participant that does not accept the kind is there: what may have
+            // changed since is what it accepts)
+            let change = if refusal.field == "kind" {
+                "if the participant accepts the kind since"
+            } else {
+                "if the participant joined since"
+            };
+            Err(NodeError::Invalid(ValidationError::new(
+                refusal.field,
+                format!(
+                    "{}, by the registry the node fetched when it last reached the broker (the \
+                     broker could not be asked again just now: {change}, send again once the \
+                     node is connected)",
+                    refusal.rule
+                ),
+            )))
+        }
     }
 }
 

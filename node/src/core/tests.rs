@@ -6912,6 +6912,42 @@ mod link {
         nl.shutdown().await;
     }
 
+    /// A kind the cached registry says its recipient does not accept, and a refresh the
+    /// broker does not answer: the refusal says what may have changed since, what the
+    /// recipient accepts (it said "if the participant joined since" of one that is there).
+    #[tokio::test]
+    async fn a_kind_refused_by_the_cached_registry_says_what_may_have_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE", "DE-KOK"]);
+        broker
+            .lock()
+            .accepts
+            .insert("DE-KOK".into(), vec![Kind::FollowUp]);
+        let (l, addr) = listener().await;
+        let _serving = broker.serve("NL-NRM", l);
+        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
+        until("NL knows the registry", || async {
+            nl.inner.cached_participants().is_some()
+        })
+        .await;
+        // (held to the end: the refresh is never answered)
+        let _held = broker.get_info_hold.lock().await;
+        match nl.send(request("k-1", "DE-KOK", referral())).await {
+            Err(NodeError::Invalid(e)) => {
+                assert_eq!(e.field, "kind", "{e}");
+                assert!(
+                    e.rule.starts_with("DE-KOK does not accept referral")
+                        && e.rule.contains("if the participant accepts the kind since")
+                        && !e.rule.contains("joined"),
+                    "{e}"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        nl.shutdown().await;
+    }
+
     /// A registry refresh the broker does not answer, while the link, reconnecting,
     /// fetches the broker's registry, which now lists the recipient: the sends (the one
     /// that refreshed and the one that waited for it) are decided by the registry the node
