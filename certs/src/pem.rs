@@ -227,9 +227,9 @@ fn acl_grants_others(
             Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => {
                 return Ok(false);
             }
-            // (an empty buffer asks for the size; the ACL may grow again meanwhile)
+            // (the ACL may grow again meanwhile)
             Err(e) if e == rustix::io::Errno::RANGE => {
-                let size: usize = rustix::fs::fgetxattr(file, NAME, &mut [0u8; 0][..])?;
+                let size = xattr_size(file, NAME)?;
                 buf.resize(size.max(buf.len() + 1), 0);
             }
             Err(e) => return Err(e.into()),
@@ -256,6 +256,13 @@ fn acl_grants_others(
         };
         perm & mask & forbidden != 0
     }))
+}
+
+/// The size of `file`'s extended attribute `name`. (`rustix::fs::fgetxattr` given an
+/// empty buffer answers 0, not the size: a long ACL was then read again a byte larger
+/// each time, up to thousands of reads.)
+fn xattr_size(file: &std::fs::File, name: &str) -> rustix::io::Result<usize> {
+    rustix::fs::fgetxattr_query(file, name)
 }
 
 /// `uid 1000 (alice)`, or `uid 1000` for a uid the user database does not name.
@@ -1185,6 +1192,40 @@ mod tests {
         set_acl(4).unwrap();
         let e = read_key_file_as(&key, me, group).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    }
+
+    /// The size of a long ACL, asked for to read it whole at once, is its size: it was 0,
+    /// and the ACL was read again a byte larger each time until it fitted.
+    #[test]
+    fn the_size_of_a_long_acl_is_its_size() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
+        let me = std::fs::metadata(&key).unwrap().uid();
+        let mut entries = vec![(0x01, 6, u32::MAX)];
+        entries.extend((0..100).map(|i| (0x02, 0, me + 1 + i)));
+        entries.extend([
+            (0x04, 0, u32::MAX),
+            (0x10, 0, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ]);
+        match set_access_acl(&key, &entries) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::NOTSUP || e == rustix::io::Errno::NOSPC => {
+                eprintln!(
+                    "skipped: the file system of {} holds no such ACL",
+                    key.display()
+                );
+                return;
+            }
+            Err(e) => panic!("setxattr: {e}"),
+        }
+        let file = std::fs::File::open(&key).unwrap();
+        assert_eq!(
+            xattr_size(&file, "system.posix_acl_access").unwrap(),
+            4 + 8 * entries.len()
+        );
     }
 
     #[test]
