@@ -228,10 +228,12 @@ fn acl_grants_others(
                 return Ok(false);
             }
             // (the ACL may grow again meanwhile)
-            Err(e) if e == rustix::io::Errno::RANGE => {
-                let size = xattr_size(file, NAME)?;
-                buf.resize(size.max(buf.len() + 1), 0);
-            }
+            Err(e) if e == rustix::io::Errno::RANGE => match xattr_size(file, NAME) {
+                Ok(size) => buf.resize(size.max(buf.len() + 1), 0),
+                // (removed since: none now)
+                Err(e) if e == rustix::io::Errno::NODATA => return Ok(false),
+                Err(e) => return Err(e.into()),
+            },
             Err(e) => return Err(e.into()),
         }
     };

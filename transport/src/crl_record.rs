@@ -109,7 +109,21 @@ impl CrlRecord {
 
     fn read_telling(path: &Path, tell_missing: bool) -> Result<CrlRecord, TransportError> {
         // (a regular file only: something else put at this path, a FIFO say, would hang
-        // the start waiting for a writer)
+        // the start waiting for a writer; said first in words for this file, whose path no
+        // setting names)
+        if let Ok(metadata) = std::fs::metadata(path)
+            && !metadata.is_file()
+        {
+            return Err(TransportError::CrlRecordIo {
+                path: path.to_owned(),
+                step: CrlRecordStep::Read,
+                error: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "it is not a regular file: move it away, the server writes its record of \
+                     the newest CRLs at this path",
+                ),
+            });
+        }
         let bytes = match trmx_certs::pem::read_regular_file(path, "CRL record") {
             Ok(bytes) => bytes,
             // (a data directory that is not one is for its own check to tell)
@@ -491,7 +505,9 @@ mod tests {
         );
         let text = error.to_string();
         assert!(
-            text.contains(&path.display().to_string()) && text.contains("not a regular file"),
+            text.contains(&path.display().to_string())
+                && text.contains("it is not a regular file: move it away")
+                && !text.contains("give the path"),
             "{text}"
         );
     }

@@ -841,7 +841,7 @@ async fn check_recipient(
             // (a participant that does not accept the kind is there: what may have
             // changed since is what it accepts)
             let change = if refusal.field == "kind" {
-                "if the participant accepts the kind since"
+                "if the participant has come to accept the kind since"
             } else {
                 "if the participant joined since"
             };

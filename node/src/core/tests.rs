@@ -6938,7 +6938,8 @@ mod link {
                 assert_eq!(e.field, "kind", "{e}");
                 assert!(
                     e.rule.starts_with("DE-KOK does not accept referral")
-                        && e.rule.contains("if the participant accepts the kind since")
+                        && e.rule
+                            .contains("if the participant has come to accept the kind since")
                         && !e.rule.contains("joined"),
                     "{e}"
                 );
