@@ -1187,6 +1187,13 @@ mod tests {
             }
             Err(e) => panic!("setxattr: {e}"),
         }
+        // (its size, asked to read it whole at once, is its size: it was 0, and the ACL
+        // was read again a byte larger each time until it fitted)
+        let file = std::fs::File::open(&key).unwrap();
+        assert_eq!(
+            xattr_size(&file, "system.posix_acl_access").unwrap(),
+            4 + 8 * 104
+        );
         match read_key_file_as(&key, me, group) {
             Ok(KeyFile::Read(bytes)) => assert_eq!(bytes, b"key"),
             other => panic!("{other:?}"),
@@ -1194,40 +1201,6 @@ mod tests {
         set_acl(4).unwrap();
         let e = read_key_file_as(&key, me, group).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
-    }
-
-    /// The size of a long ACL, asked for to read it whole at once, is its size: it was 0,
-    /// and the ACL was read again a byte larger each time until it fitted.
-    #[test]
-    fn the_size_of_a_long_acl_is_its_size() {
-        use std::os::unix::fs::MetadataExt as _;
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("k.key");
-        write_atomic("key", &key, b"key", Mode::Secret, false).unwrap();
-        let me = std::fs::metadata(&key).unwrap().uid();
-        let mut entries = vec![(0x01, 6, u32::MAX)];
-        entries.extend((0..100).map(|i| (0x02, 0, me + 1 + i)));
-        entries.extend([
-            (0x04, 0, u32::MAX),
-            (0x10, 0, u32::MAX),
-            (0x20, 0, u32::MAX),
-        ]);
-        match set_access_acl(&key, &entries) {
-            Ok(()) => {}
-            Err(e) if e == rustix::io::Errno::NOTSUP || e == rustix::io::Errno::NOSPC => {
-                eprintln!(
-                    "skipped: the file system of {} holds no such ACL",
-                    key.display()
-                );
-                return;
-            }
-            Err(e) => panic!("setxattr: {e}"),
-        }
-        let file = std::fs::File::open(&key).unwrap();
-        assert_eq!(
-            xattr_size(&file, "system.posix_acl_access").unwrap(),
-            4 + 8 * entries.len()
-        );
     }
 
     #[test]
