@@ -6812,23 +6812,41 @@ mod link {
         be.shutdown().await;
     }
 
+    /// NL's node, online at `broker`, once it holds the broker's registry (and what it
+    /// needs kept alive).
+    struct KnowingTheRegistry {
+        nl: NodeCore,
+        _dir: tempfile::TempDir,
+        _serving: tokio::sync::oneshot::Sender<()>,
+    }
+
+    async fn knowing_the_registry(broker: &FakeBroker) -> KnowingTheRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
+        let (l, addr) = listener().await;
+        let serving = broker.serve("NL-NRM", l);
+        let nl = online(dir.path(), "NL-NRM", addr, clock).await;
+        until("NL knows the registry", || async {
+            nl.inner.cached_participants().is_some()
+        })
+        .await;
+        KnowingTheRegistry {
+            nl,
+            _dir: dir,
+            _serving: serving,
+        }
+    }
+
     /// Sends to a recipient that the cached registry refuses each asked the broker for
     /// its registry again (`GetInfo`), all at once: a local client sending many made as
     /// many concurrent calls. One refresh runs at a time, and the sends that waited for it
     /// take what it found.
     #[tokio::test]
     async fn sends_the_registry_refuses_share_one_registry_refresh() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (l, addr) = listener().await;
-        let _serving = broker.serve("NL-NRM", l);
-        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
+        let knowing = knowing_the_registry(&broker).await;
+        let nl = &knowing.nl;
         until("NL is connected", || async { nl.status().broker_connected }).await;
-        until("NL knows the registry", || async {
-            nl.inner.cached_participants().is_some()
-        })
-        .await;
         let before = broker.lock().get_info_arrived;
         let held = broker.get_info_hold.lock().await;
         let sends: Vec<_> = (0..8)
@@ -6867,16 +6885,9 @@ mod link {
     /// cached registry's refusal, one `GetInfo` made for all of them.
     #[tokio::test]
     async fn sends_waiting_for_a_registry_refresh_the_broker_never_answers_are_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (l, addr) = listener().await;
-        let _serving = broker.serve("NL-NRM", l);
-        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
-        until("NL knows the registry", || async {
-            nl.inner.cached_participants().is_some()
-        })
-        .await;
+        let knowing = knowing_the_registry(&broker).await;
+        let nl = &knowing.nl;
         let before = broker.lock().get_info_arrived;
         // (held to the end: the broker never answers)
         let _held = broker.get_info_hold.lock().await;
@@ -6917,20 +6928,13 @@ mod link {
     /// recipient accepts (it said "if the participant joined since" of one that is there).
     #[tokio::test]
     async fn a_kind_refused_by_the_cached_registry_says_what_may_have_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE", "DE-KOK"]);
         broker
             .lock()
             .accepts
             .insert("DE-KOK".into(), vec![Kind::FollowUp]);
-        let (l, addr) = listener().await;
-        let _serving = broker.serve("NL-NRM", l);
-        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
-        until("NL knows the registry", || async {
-            nl.inner.cached_participants().is_some()
-        })
-        .await;
+        let knowing = knowing_the_registry(&broker).await;
+        let nl = &knowing.nl;
         // (held to the end: the refresh is never answered)
         let _held = broker.get_info_hold.lock().await;
         match nl.send(request("k-1", "DE-KOK", referral())).await {
@@ -6956,16 +6960,9 @@ mod link {
     /// recipient were still unknown.
     #[tokio::test]
     async fn sends_after_an_unanswered_refresh_take_the_registry_cached_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(UNIX_EPOCH + Duration::from_secs(START)));
         let broker = FakeBroker::new(&["NL-NRM", "BE-PAYOKE"]);
-        let (l, addr) = listener().await;
-        let _serving = broker.serve("NL-NRM", l);
-        let nl = online(dir.path(), "NL-NRM", addr, clock.clone()).await;
-        until("NL knows the registry", || async {
-            nl.inner.cached_participants().is_some()
-        })
-        .await;
+        let knowing = knowing_the_registry(&broker).await;
+        let nl = &knowing.nl;
         let before = broker.lock().get_info_arrived;
         // (held to the end: the refreshes are never answered)
         let _held = broker.get_info_hold.lock().await;
