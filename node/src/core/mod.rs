@@ -594,7 +594,8 @@ struct LinkState {
     /// Registry refreshes of [`check_recipient`] done (answered or not).
     registry_refreshes: AtomicU64,
     /// Whether the last of them went unanswered: its send, and those that waited for it,
-    /// were decided by the registry cached before.
+    /// were decided by a registry the broker did not confirm just now, and their refusal
+    /// says so.
     registry_refresh_failed: AtomicBool,
 }
 
