@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use trmx_certs::{CertInfo, Role};
 use trmx_proto::envelope::SubmitEnvelope;
 use trmx_proto::time::{from_millis, to_millis, to_timestamp};
@@ -28,6 +28,7 @@ use trmx_proto::{Kind, MessageId, ParticipantId, ValidationError, pb};
 
 use crate::admin::{
     CertRole, DeadLetterReason, DropReason, ExchangeMethod, Metrics, RefusalReason,
+    metrics::OpenStream,
 };
 use crate::admission::{self, Admission, RequestPermit, RequestSlots, SubmitSlots, Submitting};
 use crate::clock::Clock;
@@ -36,7 +37,7 @@ use crate::error::BrokerError;
 use crate::outbound::{self, Outbound, Outbox, Outgoing};
 use crate::registry::LiveRegistry;
 use crate::store::{
-    self, BrokerStore, Leased, Millis, NewMessage, StatusRecord, StoreError, StreamEnd,
+    self, BrokerStore, Leased, Millis, NewMessage, StatusRecord, StoreError, StreamEnd, StreamId,
     SubmitOutcome,
 };
 use crate::streams::{Lease, StreamHandle, Streams};
@@ -1087,7 +1088,13 @@ async fn run_stream(
     let ack_timeout = millis(shared.lifecycle.ack_timeout);
     let recheck = shared.lifecycle.tick_interval;
     let mut shutting_down = shared.shutting_down.clone();
-    let counted = shared.metrics.stream_opened(&participant);
+    let mut registered = Registered {
+        shared: shared.clone(),
+        participant: participant.clone(),
+        id: handle.id,
+        counted: Some(shared.metrics.stream_opened(&participant)),
+        released: false,
+    };
     debug!("receive stream opened");
     let end = 'stream: loop {
         // Register for wake-ups before looking for work, so none is lost.
@@ -1176,18 +1183,30 @@ async fn run_stream(
         outbox.end_with(status);
     }
     drop(outbox);
+    registered.released = true;
+    release_stream(&shared, &participant, handle.id, ended_by, registered).await;
+}
+
+/// Releases the leases of `participant`'s stream `id` in the store, then (dropping
+/// `registered`) its entry in the stream table and its count in the gauge.
+async fn release_stream(
+    shared: &Shared,
+    participant: &ParticipantId,
+    id: StreamId,
+    ended_by: StreamEnd,
+    registered: Registered,
+) {
     let released = shared.stored(
         shared
             .store
-            .release_stream(&participant, handle.id, ended_by, shared.now())
+            .release_stream(participant, id, ended_by, shared.now())
             .await,
     );
-    shared.streams.remove(&participant, handle.id);
-    shared.metrics.stream_closed(&participant, counted);
+    drop(registered);
     match released {
         Ok(released) => {
             if released.requeued > 0 {
-                shared.streams.wake(&participant);
+                shared.streams.wake(participant);
             }
             shared
                 .metrics
@@ -1201,6 +1220,57 @@ async fn run_stream(
         }
         Err(error) => {
             warn!(%error, "receive stream closed, leases not released (due again after the ack timeout)")
+        }
+    }
+}
+
+/// What a `Receive` stream holds in the broker's memory: its entry in the stream table
+/// (one of its participant's `max_streams_per_participant`, and its deliveries' slots)
+/// and its count in `trmx_participant_connected_streams`. Dropped, it gives both back.
+///
+/// A stream's task that panics (a bug) ends without its orderly close; left as they were,
+/// its participant would be short one stream for good (refused `RESOURCE_EXHAUSTED` once
+/// that happened `max_streams_per_participant` times), the gauge would count a stream that
+/// is gone, and its deliveries would wait for the ack timeout. Dropped by the panic, this
+/// also releases its leases in the store, as the broker's doing (due again at once, no
+/// attempt counted against the recipient), from a task of its own.
+struct Registered {
+    shared: Arc<Shared>,
+    participant: ParticipantId,
+    id: StreamId,
+    counted: Option<OpenStream>,
+    /// The stream's leases are being released in order (no task needed).
+    released: bool,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if !self.released
+            && std::thread::panicking()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            error!("a Receive stream's task panicked: releasing its deliveries, due again at once");
+            let registered = Registered {
+                shared: self.shared.clone(),
+                participant: self.participant.clone(),
+                id: self.id,
+                counted: self.counted.take(),
+                released: true,
+            };
+            let releasing = async move {
+                let shared = registered.shared.clone();
+                let participant = registered.participant.clone();
+                let id = registered.id;
+                release_stream(&shared, &participant, id, StreamEnd::Broker, registered).await;
+            };
+            runtime.spawn(releasing.in_current_span());
+            return;
+        }
+        self.shared.streams.remove(&self.participant, self.id);
+        if let Some(counted) = self.counted.take() {
+            self.shared
+                .metrics
+                .stream_closed(&self.participant, counted);
         }
     }
 }

@@ -765,6 +765,51 @@ async fn streams_per_participant_are_limited() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A `Receive` stream whose task panics (a bug) gives back what it held: its deliveries are
+/// due again at once, its participant can open as many streams as before, and the stream
+/// gauge does not count it.
+#[tokio::test]
+async fn a_stream_whose_task_panics_gives_back_its_deliveries_and_its_slot() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let admin = crate::metrics::admin_addr(&t)?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+
+    // Its first lease takes the message; the next, at once, panics.
+    store.lease_panics_after.store(1, SeqCst);
+    let mut doomed = receive(&mut be, 2).await?;
+    let first = next(&mut doomed).await?;
+    assert_eq!((id_of(&first), first.attempt), (id.clone(), 1));
+    let end = tokio::time::timeout(WAIT, doomed.message()).await?;
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    store.lease_panics_after.store(usize::MAX, SeqCst);
+
+    // (the broker's clock stands still: without the release the delivery would wait
+    // for an ack timeout that never comes)
+    wait_state(&mut nl, &id, pb::MessageState::Accepted).await?;
+    crate::metrics::scrape_until(admin, "the panicked stream to be counted down", |s| {
+        s.get("trmx_participant_connected_streams{participant=\"BE-PAYOKE\"}") == Some(0.0)
+    })
+    .await?;
+    let mut open = Vec::new();
+    for n in 1..=4 {
+        let opened = be.receive(pb::ReceiveRequest { max_in_flight: 1 }).await;
+        open.push(opened.map_err(|s| anyhow::anyhow!("stream {n} of 4 refused: {s}"))?);
+    }
+    let again = next(open[0].get_mut()).await?;
+    assert_eq!((id_of(&again), again.attempt), (id.clone(), 2));
+    assert_eq!(
+        ack(&mut be, [&id]).await?,
+        vec![pb::AckResult::Acknowledged]
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_health_service_reports_serving() -> anyhow::Result<()> {
     use tonic_health::pb::health_client::HealthClient;

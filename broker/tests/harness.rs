@@ -441,6 +441,7 @@ impl TestBroker {
             fail_reads: std::sync::atomic::AtomicBool::new(false),
             reads_passing: std::sync::atomic::AtomicUsize::new(0),
             fail_ticks: std::sync::atomic::AtomicBool::new(false),
+            lease_panics_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
         });
         let clock = ManualClock::new(SystemTime::now());
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -474,6 +475,9 @@ pub(crate) struct FaultyStore {
     /// While `fail_reads` is set, this many reads still succeed first.
     pub(crate) reads_passing: std::sync::atomic::AtomicUsize,
     pub(crate) fail_ticks: std::sync::atomic::AtomicBool,
+    /// This many more `lease` calls pass, then each panics, as a bug in the broker
+    /// would make a stream's task panic (`usize::MAX`: never).
+    pub(crate) lease_panics_after: std::sync::atomic::AtomicUsize,
 }
 
 impl FaultyStore {
@@ -526,6 +530,15 @@ mod faulty {
             max_bytes: u64,
             now: Millis,
         ) -> Result<Vec<Leased>, StoreError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let passing = self
+                .lease_panics_after
+                .fetch_update(SeqCst, SeqCst, |n| match n {
+                    usize::MAX => Some(n),
+                    n => n.checked_sub(1),
+                })
+                .is_ok();
+            assert!(passing, "injected: a lease panics");
             self.inner
                 .lease(recipient, stream, max, max_bytes, now)
                 .await

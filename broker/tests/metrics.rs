@@ -60,7 +60,7 @@ impl Scrape {
     }
 
     /// The value of `series`, e.g. `trmx_queue_depth{recipient="BE-PAYOKE"}`.
-    fn get(&self, series: &str) -> Option<f64> {
+    pub(crate) fn get(&self, series: &str) -> Option<f64> {
         self.0.get(series).copied()
     }
 
