@@ -346,8 +346,16 @@ async fn run_daemon(
     let Some(config_path) = config else {
         return fail("run needs --config FILE (or TRMX_NODE_CONFIG)");
     };
+    // (first of all: a supervisor may stop the node while it starts, a start that
+    // builds a new index of a large store takes a while, and a SIGTERM that came before
+    // the handler killed the node, not stopped it)
+    let mut shutdown = std::pin::pin!(shutdown_signal()?);
     let config = load_config(config_path, socket)?;
     init_logging(&config.log_filter().map_err(|e| CliError(e.to_string()))?);
+    if requested(shutdown.as_mut()) {
+        tracing::info!("the node was asked to stop before it started: it does not start");
+        return Ok(());
+    }
     // A certificate not valid yet fails every handshake with the broker: the rule of
     // check-config (an error beyond minutes, a warning within). A config or certificate
     // that cannot be read is left to the start, which says what is wrong.
@@ -360,15 +368,10 @@ async fn run_daemon(
     let node = RunningNode::start(&config, config.clock())
         .await
         .map_err(|e| CliError(format!("cannot start the node: {e}")))?;
-    // (before the ready file is written: a supervisor may stop the node the moment it is
-    // ready, and a SIGTERM that came before the handler killed the node, not stopped it)
-    let shutdown = match shutdown_signal() {
-        Ok(shutdown) => shutdown,
-        Err(e) => {
-            let _ = node.stop().await;
-            return Err(e);
-        }
-    };
+    if requested(shutdown.as_mut()) {
+        tracing::info!("the node was asked to stop while it started: it stops");
+        return node.stop().await.map_err(|e| CliError(e.to_string()));
+    }
     let socket = node.socket_path().to_path_buf();
     if let Some(ready_file) = ready_file
         && let Err(e) = write_ready_file(ready_file, &socket)
@@ -675,6 +678,12 @@ fn write_ready_file(path: &Path, socket: &Path) -> std::io::Result<()> {
     tmp.push(".tmp");
     std::fs::write(&tmp, format!("{}\n", socket.display()))?;
     std::fs::rename(&tmp, path)
+}
+
+/// Whether `shutdown` has completed, without waiting for it.
+fn requested(shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>) -> bool {
+    let mut looking = std::task::Context::from_waker(std::task::Waker::noop());
+    shutdown.poll(&mut looking).is_ready()
 }
 
 /// Completes on SIGTERM or SIGINT, whose handlers are installed at the call (a signal

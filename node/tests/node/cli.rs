@@ -876,6 +876,68 @@ fn a_sigterm_as_the_ready_file_is_written_stops_the_node_in_order() {
     assert!(read.ends_with(b"node.sock\n"), "the ready file written");
 }
 
+/// A SIGTERM while the node starts (a supervisor's stop during a long start) ends it in
+/// order, before it is ready: it exits 0 and writes no ready file, not killed by the
+/// signal.
+#[test]
+fn a_sigterm_while_the_node_starts_stops_it_in_order() {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let sandbox = Sandbox::new();
+    let config_path = write_config(&sandbox, "NL-NRM");
+    let config = std::fs::read(&config_path).expect("read the config");
+    // Its config file made a FIFO holds the node in its start (reading it) until this
+    // test writes the config into it.
+    std::fs::remove_file(&config_path).expect("remove the config");
+    let made = Command::new("mkfifo")
+        .arg(&config_path)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let ready = sandbox.path().join("ready");
+    let mut child = spawn_run(&config_path, &ready);
+    let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // (a FIFO opens for writing without blocking once a reader has it open: the node,
+    // reading its config)
+    let mut pipe = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nonblocking)
+            .open(&config_path)
+        {
+            Ok(pipe) => break pipe,
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => {
+                let ended = child.try_wait().expect("try_wait");
+                if ended.is_some() || std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let output = child.wait_with_output().expect("output");
+                    panic!("the node never read its config: {}", stderr(&output));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("opening the config FIFO: {e}"),
+        }
+    };
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    // (a node the signal killed has closed the FIFO: its exit status says so below)
+    let _ = pipe.write_all(&config);
+    drop(pipe);
+    let output = child.wait_with_output().expect("output");
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status,
+        stderr(&output)
+    );
+    assert!(output.stdout.is_empty(), "stdout: {}", stdout(&output));
+    assert!(!ready.exists(), "a ready file was written");
+}
+
 /// The same `send` run again returns the message of the first run (its default key is
 /// the same): while that one is on its way it says so; once it was withdrawn (or
 /// failed) it says that nothing was sent now, how to send it again, and exits 1.
