@@ -67,6 +67,14 @@ pub struct BrokerSection {
     /// restored from a backup) is submitted again. 0 turns the check off.
     #[serde(default = "default_outbox_check_interval_secs")]
     pub outbox_check_interval_secs: u64,
+    /// How long after one of its messages failed as expired or dead-lettered the node
+    /// still asks the broker about it with the outbox check (at most once an hour), in
+    /// seconds: the broker's operator may redrive it while the broker keeps its payload
+    /// (the broker's `lifecycle.dead_letter_retention`, 30 days by default), and if the
+    /// delivery receipt of the redriven message is lost too, only the broker's status
+    /// shows it delivered. 0 turns this off.
+    #[serde(default = "default_redrive_watch_secs")]
+    pub redrive_watch_secs: u64,
     /// How long a submit waits for the broker's answer, in seconds, sending the
     /// envelope included: past it, the submit counts as failed and is tried again. A
     /// large envelope on a slow link needs longer (as does the broker's
@@ -185,6 +193,13 @@ fn default_message_lifetime_hours() -> u64 {
 fn default_outbox_check_interval_secs() -> u64 {
     600
 }
+fn default_redrive_watch_secs() -> u64 {
+    // the broker's default `lifecycle.dead_letter_retention`
+    30 * 86_400
+}
+/// The longest `broker.redrive_watch_secs`: the broker's default metadata retention
+/// (400 days), past which it no longer knows a message.
+const MAX_REDRIVE_WATCH_SECS: u64 = 400 * 86_400;
 fn default_submit_answer_timeout_secs() -> u64 {
     crate::core::SUBMIT_ANSWER_TIMEOUT.as_secs()
 }
@@ -394,6 +409,16 @@ impl NodeConfig {
                 ),
             ));
         }
+        if self.broker.redrive_watch_secs > MAX_REDRIVE_WATCH_SECS {
+            return Err(invalid(
+                "broker.redrive_watch_secs",
+                format!(
+                    "must be at most {MAX_REDRIVE_WATCH_SECS} (400 days, the broker's default \
+                     metadata retention: past it the broker no longer knows the message), or 0 \
+                     to not ask"
+                ),
+            ));
+        }
         if self.storage.cache_capacity_mb == 0 {
             return Err(invalid("storage.cache_capacity_mb", "must be at least 1"));
         }
@@ -467,6 +492,7 @@ impl NodeConfig {
             reconnect_max_ms,
             message_lifetime_hours,
             outbox_check_interval_secs,
+            redrive_watch_secs,
             submit_answer_timeout_secs,
         } = &self.broker;
         let ApiSection {
@@ -489,6 +515,7 @@ impl NodeConfig {
                 "broker.outbox_check_interval_secs",
                 *outbox_check_interval_secs,
             ),
+            ("broker.redrive_watch_secs", *redrive_watch_secs),
             (
                 "broker.submit_answer_timeout_secs",
                 *submit_answer_timeout_secs,
@@ -536,6 +563,8 @@ impl NodeConfig {
                 .then(|| Duration::from_secs(b.message_lifetime_hours * 3_600)),
             outbox_check_interval: (b.outbox_check_interval_secs > 0)
                 .then(|| Duration::from_secs(b.outbox_check_interval_secs)),
+            redrive_watch: (b.redrive_watch_secs > 0)
+                .then(|| Duration::from_secs(b.redrive_watch_secs)),
             retention_check_interval: Duration::from_secs(
                 self.storage.retention_check_interval_secs,
             ),
@@ -573,6 +602,7 @@ impl NodeConfig {
                 reconnect_max_ms: default_reconnect_max_ms(),
                 message_lifetime_hours: default_message_lifetime_hours(),
                 outbox_check_interval_secs: default_outbox_check_interval_secs(),
+                redrive_watch_secs: default_redrive_watch_secs(),
                 submit_answer_timeout_secs: default_submit_answer_timeout_secs(),
             },
             tls: TlsSection {

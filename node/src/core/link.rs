@@ -1946,8 +1946,17 @@ async fn submit_rounds(
     }
 }
 
-/// `SUBMITTED` entries asked about per round of the outbox check.
-const CHECK_BATCH: usize = 100;
+/// Entries asked about per round of the outbox check: `SUBMITTED` ones first, then,
+/// in the room they leave, `FAILED` ones an operator may redrive ([`check_failed`]).
+pub(crate) const CHECK_BATCH: usize = 100;
+
+/// How often, at most, the outbox check asks the broker about one entry `FAILED` by an
+/// expiry or a dead-lettering ([`check_failed`]), or every round when the check runs
+/// less often. These may be many (a recipient offline for weeks) and are watched for
+/// long (`broker.redrive_watch_secs`), and a redrive is an operator's rare act: once
+/// an hour costs a few calls a round where asking at every check (10 min by default)
+/// would cost six times as many.
+pub(crate) const REDRIVE_ASK_PERIOD: Duration = Duration::from_secs(3_600);
 
 /// How many times, over its life, the outbox check submits an entry again after a status
 /// answer about another message (a broken broker, or one whose store is damaged): a
@@ -1970,6 +1979,12 @@ pub(crate) const MAX_RESUBMITS_ON_OTHER_ANSWERS: u32 = 10;
 /// Each round asks about at most [`CHECK_BATCH`] entries, those checked
 /// longest ago first, so that a long outbox (a recipient offline for days)
 /// costs a few calls a round, not one per entry.
+///
+/// Entries `FAILED` as expired or dead-lettered are asked about too, in the room the
+/// `SUBMITTED` ones leave in the round, each at most once per [`REDRIVE_ASK_PERIOD`],
+/// for `redrive_watch` after they failed ([`check_failed`]): an operator may redrive
+/// such a message, and when its delivery receipt is lost too, only the broker's status
+/// tells that it was delivered.
 pub(crate) async fn outbox_check_loop(
     inner: Arc<Inner>,
     mut client: ExchangeClient<LinkChannel>,
@@ -2003,14 +2018,34 @@ pub(crate) async fn outbox_check_loop(
         due.sort_by_key(|(id, submitted_at)| {
             (checked.get(id).copied().unwrap_or(0), *submitted_at)
         });
-        for (id, _) in due.into_iter().take(CHECK_BATCH) {
+        due.truncate(CHECK_BATCH);
+        let room = CHECK_BATCH - due.len();
+        let watched = match redrive_due(&inner, now, room).await {
+            Ok(watched) => watched,
+            Err(e) => {
+                warn!(participant = %me, error = %e, "cannot read the failed outbox entries for the check");
+                Vec::new()
+            }
+        };
+        let next_ask = now.saturating_add(redrive_ask_every(interval));
+        let asks = due
+            .into_iter()
+            .map(|(id, _)| (id, true))
+            .chain(watched.into_iter().map(|id| (id, false)));
+        for (id, submitted) in asks {
             if *shutdown.borrow() {
                 return;
             }
-            match check_one(&inner, &mut client, id, &mut shutdown).await {
-                Ok(()) => {
+            let asked = if submitted {
+                check_one(&inner, &mut client, id, &mut shutdown).await
+            } else {
+                check_failed(&inner, &mut client, id, next_ask, &mut shutdown).await
+            };
+            match asked {
+                Ok(()) if submitted => {
                     checked.insert(id, now);
                 }
+                Ok(()) => {}
                 Err(e @ NodeError::BrokerUnavailable(_)) => {
                     // the receive loop reports the broker's state
                     debug!(participant = %me, error = %e, "outbox check stopped for this round");
@@ -2022,6 +2057,92 @@ pub(crate) async fn outbox_check_loop(
                 }
             }
         }
+    }
+}
+
+/// How long after asking about a `FAILED` entry the outbox check asks again, in
+/// milliseconds: [`REDRIVE_ASK_PERIOD`], or the check's `interval` when longer.
+fn redrive_ask_every(interval: Duration) -> Millis {
+    u64::try_from(REDRIVE_ASK_PERIOD.max(interval).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Up to `room` entries `FAILED` as expired or dead-lettered to ask the broker about
+/// now ([`check_failed`]); those that failed longer than `redrive_watch` ago leave the
+/// index on the way (all of them when it is off).
+async fn redrive_due(
+    inner: &Arc<Inner>,
+    now: Millis,
+    room: usize,
+) -> Result<Vec<MessageId>, NodeError> {
+    let since = match inner.config.redrive_watch {
+        Some(window) => now.saturating_sub(u64::try_from(window.as_millis()).unwrap_or(u64::MAX)),
+        None => Millis::MAX,
+    };
+    let store = inner.store.clone();
+    inner
+        .blocking(move || store.redrive_due(now, since, room))
+        .await
+}
+
+/// Asks the broker about one entry `FAILED` as expired or dead-lettered, which an
+/// operator may have redriven since. Acknowledged: the redriven message was delivered,
+/// and its receipt did not settle the entry (lost too: purged by an operator, or
+/// expired unread in this node's queue); the entry is settled `DELIVERED` as that
+/// receipt would have settled it ([`settled_on_broker`]). Accepted or in flight
+/// (redriven, on its way), expired or dead-lettered (as the entry shows, or again):
+/// asked again at `next`. Purged, withdrawn, rejected by the recipient, or unknown to
+/// the broker (gone past its retention): it can never be redriven now, and is asked
+/// about no more. The entry stays `FAILED` but for a delivery, and is never submitted
+/// again from here. An answer about another message says nothing: asked again at `next`.
+/// `Err` means the broker could not answer: the round stops.
+async fn check_failed(
+    inner: &Arc<Inner>,
+    client: &mut ExchangeClient<LinkChannel>,
+    id: MessageId,
+    next: Millis,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    let asking = client.get_status(pb::GetStatusRequest {
+        message_id: id.to_string(),
+    });
+    let Some(status) = bounded(inner, asking, shutdown).await else {
+        return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
+    };
+    let ask_again = match status {
+        Ok(answer) => {
+            let answer = answer.into_inner();
+            if !MessageId::parse(&answer.message_id).is_ok_and(|said| said == id) {
+                debug!(participant = %inner.config.participant, message_id = %id, "status answer about another message for a failed entry; asked again later");
+                true
+            } else {
+                match pb::MessageState::try_from(answer.state) {
+                    Ok(pb::MessageState::Acknowledged) => {
+                        // (the settle takes the entry out of the watch)
+                        return settled_on_broker(inner, id, pb::Outcome::Delivered, &answer).await;
+                    }
+                    Ok(pb::MessageState::Purged | pb::MessageState::Withdrawn) => false,
+                    Ok(pb::MessageState::DeadLettered) => answer.reason_code == "MAX_ATTEMPTS",
+                    // (a state this node does not know says nothing either way)
+                    Ok(
+                        pb::MessageState::Accepted
+                        | pb::MessageState::InFlight
+                        | pb::MessageState::Expired
+                        | pb::MessageState::Unspecified,
+                    )
+                    | Err(_) => true,
+                }
+            }
+        }
+        Err(status) if status.code() == Code::NotFound => false,
+        Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
+    };
+    // (not flushed: lost in a crash, the entry is only asked about again sooner)
+    let store = inner.store.clone();
+    if ask_again {
+        inner.blocking(move || store.redrive_asked(id, next)).await
+    } else {
+        debug!(participant = %inner.config.participant, message_id = %id, "the broker can no longer redrive this failed message: no longer asked about");
+        inner.blocking(move || store.redrive_unwatch(id)).await
     }
 }
 

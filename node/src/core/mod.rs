@@ -92,6 +92,10 @@ pub struct CoreConfig {
     /// ago without a receipt, and submits again those the broker lost
     /// (`None`: never).
     pub outbox_check_interval: Option<Duration>,
+    /// How long after an entry `FAILED` as expired or dead-lettered the outbox check
+    /// still asks the broker about it (an operator may redrive it, and its delivery
+    /// receipt be lost), at most once per `link::REDRIVE_ASK_PERIOD` (`None`: never).
+    pub redrive_watch: Option<Duration>,
     /// sled page cache size.
     pub cache_capacity_bytes: u64,
     /// How long a withdrawal waits for the broker: first for the answer to a submit in

@@ -22,12 +22,20 @@
 //! | `cases` | case (16) + at (8 BE) + message id | direction (1) + kind (1) |
 //! | `due` | date (4) + message id | direction (1) |
 //! | `retention` | date (4) + direction (1) + message id | empty |
+//! | `submitted` … `queued_urgent` | (above) | |
+//! | `redrive_watch` | next ask at (8 BE) + out seq | message id (16) + outcome at (8 BE) — entries `FAILED` as `expired` or `dead-lettered` that the outbox check still asks the broker about |
 //!
 //! # Invariants
 //! - An outbox entry is in `queued` iff its state is `QUEUED`, and in
 //!   `submitted` iff its state is `SUBMITTED` (stores written before that
 //!   index get it at open: [`Store::open`]); its body is in `out_body`
 //!   unless `body_erased`.
+//! - An outbox entry is in `redrive_watch` iff its `redrive_ask_at` is set, under that
+//!   instant and with its `outcome_at`; it is set when the entry becomes `FAILED` as
+//!   `expired` or `dead-lettered` (or another such report replaces its outcome), and
+//!   cleared when it leaves that ([`watched_outcome`], kept by [`Store::update_out`]),
+//!   when the outbox check stops asking ([`Store::redrive_unwatch`]) and for stores
+//!   written before that index at open.
 //! - Outbox states only move forward (`QUEUED → SUBMITTED → DELIVERED |
 //!   FAILED`), except `FAILED → DELIVERED` ([`can_move`]).
 //! - Inbox `seq`s are strictly increasing and never reused; a (sender,
@@ -78,7 +86,8 @@ const RETENTION: usize = 13;
 const SUBMITTED: usize = 14;
 const WITHDRAW_PENDING: usize = 15;
 const QUEUED_URGENT: usize = 16;
-const TREE_NAMES: [&str; 17] = [
+const REDRIVE_WATCH: usize = 17;
+const TREE_NAMES: [&str; 18] = [
     "meta",
     "outbox",
     "out_env",
@@ -96,6 +105,7 @@ const TREE_NAMES: [&str; 17] = [
     "submitted",
     "withdraw_pending",
     "queued_urgent",
+    "redrive_watch",
 ];
 
 /// `meta` key of the instant the node last recorded that it runs ([`Store::mark_running`];
@@ -106,6 +116,8 @@ const SUBMITTED_INDEXED: &str = "submitted_indexed";
 /// `meta` key set once a store written before them has `queued_urgent`, and `due` and
 /// `retention` keys for what those indexes lacked ([`Store::index_v2`]).
 const V2_INDEXED: &str = "v2_indexed";
+/// `meta` key set once `redrive_watch` holds every entry it is to hold ([`Store::index_redrive`]).
+const REDRIVE_INDEXED: &str = "redrive_indexed";
 
 const DIR_SENT: u8 = 1;
 const DIR_RECEIVED: u8 = 2;
@@ -229,6 +241,11 @@ pub(crate) struct OutRec {
     /// this entry ([`Store::count_other_answer`]), over its life.
     #[serde(default, skip_serializing_if = "is_zero")]
     other_answers: u32,
+    /// When the outbox check next asks the broker about this entry, `FAILED` by an
+    /// expiry or a dead-lettering that an operator may redrive ([`watched_outcome`]);
+    /// its key in `redrive_watch`. `None`: not asked about (any more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    redrive_ask_at: Option<Millis>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -589,6 +606,63 @@ fn submitted_key(rec: &OutRec) -> Vec<u8> {
     key
 }
 
+/// The outcome and its time of an entry `FAILED` in a way the broker may undo by a
+/// redrive (`expired`, `dead-lettered`: not `rejected-by-recipient`, which the broker does
+/// not redrive, nor the node's own conclusions): what the outbox check watches
+/// ([`Store::redrive_due`]). `None` for any other entry.
+fn watched_outcome(rec: &OutRec) -> Option<(&str, Millis)> {
+    let failure = rec.failure.as_ref()?;
+    (rec.state == OutboxState::Failed
+        && matches!(failure.outcome.as_str(), "expired" | "dead-lettered"))
+    .then_some((failure.outcome.as_str(), rec.outcome_at?))
+}
+
+/// The `redrive_watch` key of `rec` asked about next at `ask_at`.
+fn redrive_key(ask_at: Millis, rec: &OutRec) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    key.extend_from_slice(&be(ask_at));
+    key.extend_from_slice(&be(rec.seq));
+    key
+}
+
+/// Puts `rec` in `redrive_watch` under `ask_at` (out of the key it had), or, with
+/// `None`, takes it out; `rec` is written by the caller.
+fn t_watch_at(t: &[TransactionalTree], rec: &mut OutRec, ask_at: Option<Millis>) -> TxResult<()> {
+    if let Some(old) = rec.redrive_ask_at.take() {
+        t[REDRIVE_WATCH].remove(redrive_key(old, rec))?;
+    }
+    let Some(ask_at) = ask_at else {
+        return Ok(());
+    };
+    let Some((_, outcome_at)) = watched_outcome(rec) else {
+        return Ok(());
+    };
+    let id = parse_mid(&rec.message_id).map_err(ConflictableTransactionError::Abort)?;
+    let mut value = Vec::with_capacity(24);
+    value.extend_from_slice(id.as_bytes());
+    value.extend_from_slice(&be(outcome_at));
+    t[REDRIVE_WATCH].insert(redrive_key(ask_at, rec), value)?;
+    rec.redrive_ask_at = Some(ask_at);
+    Ok(())
+}
+
+/// Keeps `redrive_watch` in step with a change of `rec` that had `before` as its
+/// [`watched_outcome`]: an entry that became watched (or whose outcome or its time
+/// changed: the broker redrove it, and it ended again) is asked about at the next check
+/// (key 0); one that no longer is leaves the index. An unchanged one keeps its key, or
+/// none if the check stopped asking about it.
+fn t_rewatch(
+    t: &[TransactionalTree],
+    before: Option<(String, Millis)>,
+    rec: &mut OutRec,
+) -> TxResult<()> {
+    let now = watched_outcome(rec).map(|(outcome, at)| (outcome.to_owned(), at));
+    if now == before {
+        return Ok(());
+    }
+    t_watch_at(t, rec, now.map(|_| 0))
+}
+
 /// Entry counts by state (the inbox's is in [`InboxMark`]: it is shown as of the last flush).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Counts {
@@ -880,6 +954,11 @@ impl Store {
             "due dates, retention and urgent messages",
             Self::index_v2,
         )?;
+        store.once(
+            REDRIVE_INDEXED,
+            "the expired and dead-lettered outbox entries",
+            Self::index_redrive,
+        )?;
         Ok(store)
     }
 
@@ -961,6 +1040,29 @@ impl Store {
                     .map_err(store_err)?;
                 indexed += 1;
             }
+        }
+        Ok(indexed)
+    }
+
+    /// Fills `redrive_watch` from the outbox, for a store written before that index
+    /// (nothing else writes it before this runs), each entry asked about at the next
+    /// check; see [`Self::once`]. One already past the watch window is dropped by the
+    /// check without a call ([`Self::redrive_due`]).
+    fn index_redrive(&self) -> Result<u64, NodeError> {
+        let mut indexed = 0u64;
+        for item in self.trees[OUTBOX].iter() {
+            let (key, _) = item.map_err(store_err)?;
+            indexed += self.tx(|t| {
+                let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], &key)? else {
+                    return Ok(0);
+                };
+                if watched_outcome(&rec).is_none() || rec.redrive_ask_at.is_some() {
+                    return Ok(0);
+                }
+                t_watch_at(t, &mut rec, Some(0))?;
+                tput(&t[OUTBOX], &key, &rec)?;
+                Ok(1)
+            })?;
         }
         Ok(indexed)
     }
@@ -1179,6 +1281,7 @@ impl Store {
                 retain_until: new.retain_until.map(|d| d.to_string()),
                 contradicted_by: Vec::new(),
                 other_answers: 0,
+                redrive_ask_at: None,
             };
             tput(&t[OUTBOX], mid.as_bytes(), &rec)?;
             t[OUT_ENV].insert(&mid.as_bytes()[..], env_bytes.as_slice())?;
@@ -1294,6 +1397,63 @@ impl Store {
         Ok(out)
     }
 
+    /// Up to `limit` entries `FAILED` as expired or dead-lettered ([`watched_outcome`])
+    /// that are due to be asked about at `now`, those due longest first. An entry that
+    /// failed before `since` (past the watch window) is taken out of the index instead,
+    /// without counting in `limit`.
+    pub(crate) fn redrive_due(
+        &self,
+        now: Millis,
+        since: Millis,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, NodeError> {
+        let mut out = Vec::new();
+        for item in self.trees[REDRIVE_WATCH].range(..be(now.saturating_add(1))) {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, value) = item.map_err(store_err)?;
+            let id = value
+                .get(..16)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(MessageId::from_bytes);
+            let (Some(id), Some(outcome_at)) = (id, value.get(16..24).map(read_u64)) else {
+                return Err(NodeError::Store("corrupt redrive_watch index".into()));
+            };
+            if outcome_at < since {
+                self.redrive_unwatch(id)?;
+            } else {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The outbox check asked the broker about watched entry `id` and is to ask again
+    /// at `next` (nothing happens to an entry no longer watched).
+    pub(crate) fn redrive_asked(&self, id: MessageId, next: Millis) -> Result<(), NodeError> {
+        self.redrive_rekey(id, Some(next))
+    }
+
+    /// The outbox check asks the broker about entry `id` no more: it is out of the watch
+    /// window, or the broker can no longer redrive it.
+    pub(crate) fn redrive_unwatch(&self, id: MessageId) -> Result<(), NodeError> {
+        self.redrive_rekey(id, None)
+    }
+
+    fn redrive_rekey(&self, id: MessageId, next: Option<Millis>) -> Result<(), NodeError> {
+        self.tx(|t| {
+            let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], id.as_bytes())? else {
+                return Ok(());
+            };
+            if rec.redrive_ask_at.is_none() {
+                return Ok(());
+            }
+            t_watch_at(t, &mut rec, next)?;
+            tput(&t[OUTBOX], id.as_bytes(), &rec)
+        })
+    }
+
     /// The broker no longer knows a `SUBMITTED` entry and it cannot be
     /// submitted again: `SUBMITTED → FAILED` with `failure`.
     pub(crate) fn mark_lost(
@@ -1364,8 +1524,8 @@ impl Store {
     }
 
     /// Changes one outbox entry in a transaction. `f` gets the record and
-    /// returns whether it changed it; states moves keep `queued` and the
-    /// counters in step. `None` when there is no such entry.
+    /// returns whether it changed it; states moves keep `queued`, `submitted`,
+    /// `redrive_watch` and the counters in step. `None` when there is no such entry.
     fn update_out(
         &self,
         id: MessageId,
@@ -1376,6 +1536,7 @@ impl Store {
                 return Ok(None);
             };
             let before = rec.state;
+            let watched = watched_outcome(&rec).map(|(outcome, at)| (outcome.to_owned(), at));
             match f(&mut rec) {
                 Ok(false) => return Ok(Some((rec, false))),
                 Ok(true) => {}
@@ -1384,6 +1545,7 @@ impl Store {
             if rec.state != before {
                 t_move_state(t, &rec, before)?;
             }
+            t_rewatch(t, watched, &mut rec)?;
             tput(&t[OUTBOX], id.as_bytes(), &rec)?;
             Ok(Some((rec, true)))
         })?;
@@ -2977,6 +3139,138 @@ mod tests {
             store.submitted_before(u64::MAX).unwrap(),
             vec![(ids[2], 4_000)]
         );
+    }
+
+    fn report(outcome: &str) -> Failure {
+        Failure {
+            outcome: outcome.into(),
+            reason_code: "MAX_ATTEMPTS".into(),
+            field_path: String::new(),
+        }
+    }
+
+    /// Every entry in `redrive_watch`, due or not.
+    fn watched(store: &Store) -> Vec<MessageId> {
+        store.redrive_due(u64::MAX, 0, usize::MAX).unwrap()
+    }
+
+    /// `redrive_watch` holds exactly the entries `FAILED` by an expiry or a
+    /// dead-lettering, through every move in and out of that: a report of those, a
+    /// redriven message's next report, a delivery, a withdrawal; and each is due when the
+    /// check last said, until it stops asking.
+    #[test]
+    fn the_redrive_watch_follows_every_failure_the_broker_may_undo() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let ids = submitted(&store, 6);
+        store
+            .apply_receipt(ids[0], Some(report("expired")), 10_000)
+            .unwrap();
+        store
+            .apply_receipt(ids[1], Some(report("dead-lettered")), 11_000)
+            .unwrap();
+        store
+            .apply_receipt(ids[2], Some(report("rejected-by-recipient")), 12_000)
+            .unwrap();
+        store.mark_lost(ids[3], lost(), "lost", 13_000).unwrap();
+        store
+            .apply_receipt(ids[4], Some(report("expired")), 14_000)
+            .unwrap();
+        store
+            .apply_receipt(ids[5], Some(report("expired")), 15_000)
+            .unwrap();
+        assert_eq!(watched(&store), [ids[0], ids[1], ids[4], ids[5]]);
+
+        // delivered after a redrive; withdrawn
+        store.apply_receipt(ids[0], None, 20_000).unwrap();
+        store.withdraw_local(ids[4], 21_000, true).unwrap();
+        assert_eq!(watched(&store), [ids[1], ids[5]]);
+        // redriven, and expired this time: watched from that end on
+        store
+            .apply_receipt(ids[1], Some(report("expired")), 30_000)
+            .unwrap();
+        assert_eq!(store.redrive_due(u64::MAX, 20_000, 10).unwrap(), [ids[1]]);
+        assert_eq!(
+            watched(&store),
+            [ids[1]],
+            "ids[5] failed before the window: dropped"
+        );
+        // asked about, then redriven again and rejected by the recipient: the broker
+        // never redrives it
+        store.redrive_asked(ids[1], 50_000).unwrap();
+        assert_eq!(store.redrive_due(49_999, 0, 10).unwrap(), []);
+        assert_eq!(store.redrive_due(50_000, 0, 10).unwrap(), [ids[1]]);
+        store
+            .apply_receipt(ids[1], Some(report("rejected-by-recipient")), 41_000)
+            .unwrap();
+        assert_eq!(
+            store
+                .outbox_entry(ids[1])
+                .unwrap()
+                .unwrap()
+                .failure
+                .unwrap()
+                .outcome,
+            "rejected-by-recipient"
+        );
+        assert_eq!(watched(&store), []);
+
+        // asked about no more: another change of the entry does not bring it back
+        let (entry, _) = store.enqueue(&outgoing("k-last")).unwrap();
+        store.mark_submitted(entry.message_id, 2_000).unwrap();
+        store
+            .apply_receipt(entry.message_id, Some(report("expired")), 60_000)
+            .unwrap();
+        store.redrive_unwatch(entry.message_id).unwrap();
+        store
+            .note_submit_error(entry.message_id, Some("refused"), 1)
+            .unwrap();
+        assert_eq!(watched(&store), []);
+        assert!(store.trees[REDRIVE_WATCH].is_empty(), "no key left behind");
+    }
+
+    #[test]
+    fn a_store_written_before_the_redrive_watch_gets_it_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let ids = submitted(&store, 4);
+            store
+                .apply_receipt(ids[0], Some(report("expired")), 10_000)
+                .unwrap();
+            store
+                .apply_receipt(ids[1], Some(report("rejected-by-recipient")), 10_000)
+                .unwrap();
+            store
+                .apply_receipt(ids[2], Some(report("dead-lettered")), 10_000)
+                .unwrap();
+            // what a store of an older version looks like: no index, no flag, records
+            // without `redrive_ask_at`
+            store.trees[REDRIVE_WATCH].clear().unwrap();
+            store.trees[META].remove(REDRIVE_INDEXED).unwrap();
+            for id in &ids {
+                let mut rec = store.out_rec(*id).unwrap().unwrap();
+                rec.redrive_ask_at = None;
+                let json = to_json(&rec).unwrap();
+                assert!(!String::from_utf8_lossy(&json).contains("redrive"));
+                store.trees[OUTBOX].insert(id.as_bytes(), json).unwrap();
+            }
+            store.db.flush().unwrap();
+            assert_eq!(watched(&store), []);
+            ids
+        };
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(watched(&store), [ids[0], ids[2]]);
+        // each due at the next check, and kept in step from then on
+        assert_eq!(store.redrive_due(0, 0, 10).unwrap(), [ids[0], ids[2]]);
+        store.apply_receipt(ids[0], None, 11_000).unwrap();
+        drop(store);
+        // not rebuilt at the next open
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        store.redrive_unwatch(ids[2]).unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(watched(&store), []);
     }
 
     // ---- stores written before `index_v2` ------------------------------------

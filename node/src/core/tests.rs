@@ -85,6 +85,7 @@ fn config(dir: &Path, me: &str) -> CoreConfig {
         default_lifetime: None,
         retention_check_interval: Duration::from_secs(3600),
         outbox_check_interval: None,
+        redrive_watch: Some(Duration::from_secs(30 * 86_400)),
         cache_capacity_bytes: 8 << 20,
         withdraw_timeout: Duration::from_secs(2),
         broker_answer_timeout: Duration::from_secs(10),
@@ -8186,5 +8187,309 @@ mod link {
         );
         assert!(!withdrawing.is_finished(), "the withdrawal still waits");
         drop(held);
+    }
+
+    // ---- failed entries an operator may redrive ----------------------------------
+
+    /// How many times the fake broker was asked about `id`.
+    fn asked_about(broker: &FakeBroker, id: MessageId) -> usize {
+        let id = id.to_string();
+        broker
+            .lock()
+            .status_asked
+            .iter()
+            .filter(|asked| **asked == id)
+            .count()
+    }
+
+    /// Has the fake broker answer `GetStatus` about `id` with `state` (and `reason`).
+    fn status_is(broker: &FakeBroker, id: MessageId, state: pb::MessageState, reason: &str) {
+        broker.lock().status_of.insert(
+            id.to_string(),
+            pb::MessageStatus {
+                message_id: id.to_string(),
+                state: state as i32,
+                reason_code: reason.to_owned(),
+                state_changed_at: Some(to_timestamp(UNIX_EPOCH + Duration::from_secs(START + 120))),
+                ..Default::default()
+            },
+        );
+    }
+
+    /// A referral of NL's, submitted, that the broker then holds as `state` (`reason`)
+    /// and reported to NL as `outcome`: its entry is `FAILED`.
+    async fn failed_referral(
+        nl: &NodeCore,
+        broker: &FakeBroker,
+        key: &str,
+        (state, reason, outcome): (pb::MessageState, &str, pb::Outcome),
+    ) -> MessageId {
+        let sent = nl
+            .send(request(key, "BE-PAYOKE", referral()))
+            .await
+            .unwrap();
+        until("it is submitted", || async {
+            state_of(nl, sent.message_id).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        status_is(broker, sent.message_id, state, reason);
+        let report = receipt_envelope("NL-NRM", sent.message_id, outcome, reason);
+        assert!(matches!(
+            apply(nl, report).await,
+            ReceiptEffect::Moved(OutboxState::Failed)
+        ));
+        sent.message_id
+    }
+
+    const EXPIRED: (pb::MessageState, &str, pb::Outcome) =
+        (pb::MessageState::Expired, "EXPIRED", pb::Outcome::Expired);
+    const DEAD_LETTERED: (pb::MessageState, &str, pb::Outcome) = (
+        pb::MessageState::DeadLettered,
+        "MAX_ATTEMPTS",
+        pb::Outcome::DeadLettered,
+    );
+    const REJECTED: (pb::MessageState, &str, pb::Outcome) = (
+        pb::MessageState::DeadLettered,
+        "INVALID_BODY",
+        pb::Outcome::RejectedByRecipient,
+    );
+
+    /// The entries the outbox check still asks the broker about, due or not.
+    fn watched(nl: &NodeCore) -> Vec<MessageId> {
+        nl.inner.store.redrive_due(u64::MAX, 0, usize::MAX).unwrap()
+    }
+
+    /// Waits for `rounds` more rounds of the outbox check: `sentinel`, a `SUBMITTED`
+    /// entry the fake broker holds as accepted, is asked about once a round.
+    async fn rounds(broker: &FakeBroker, sentinel: MessageId, rounds: usize) {
+        let asked = asked_about(broker, sentinel);
+        until("the check made more rounds", || async {
+            asked_about(broker, sentinel) >= asked + rounds
+        })
+        .await;
+    }
+
+    /// An expired or dead-lettered message that an operator redrove and its recipient
+    /// then acknowledged, whose delivery receipt was lost too (purged, or expired unread
+    /// in the sender's queue), stayed `FAILED` for good at its sender: the outbox check
+    /// asked about `SUBMITTED` entries only. It asks about such entries too, at most once
+    /// an hour, and settles them `DELIVERED` from the broker's status as the receipt
+    /// would have (said at INFO); the receipt coming after all changes nothing and is no
+    /// contradiction. A message rejected by its recipient, which the broker never
+    /// redrives, is never asked about; none is submitted again.
+    #[tokio::test]
+    async fn a_failed_entry_redriven_and_acknowledged_is_settled_delivered_from_the_status() {
+        let logs = LogCapture::start();
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sentinel = submitted_referral(&nl).await.message_id;
+        let expired = failed_referral(&nl, &broker, "k-2", EXPIRED).await;
+        let dead = failed_referral(&nl, &broker, "k-3", DEAD_LETTERED).await;
+        let rejected = failed_referral(&nl, &broker, "k-4", REJECTED).await;
+        let submits = broker.lock().submits_arrived;
+        clock.advance(Duration::from_secs(1));
+        until(
+            "the check asks about the expired and the dead-lettered one",
+            || async { asked_about(&broker, expired) == 1 && asked_about(&broker, dead) == 1 },
+        )
+        .await;
+        rounds(&broker, sentinel, 3).await;
+        assert_eq!(
+            asked_about(&broker, expired),
+            1,
+            "asked once an hour at most"
+        );
+        assert_eq!(asked_about(&broker, dead), 1, "asked once an hour at most");
+        for id in [expired, dead, rejected] {
+            assert_eq!(state_of(&nl, id).await.unwrap().state, OutboxState::Failed);
+        }
+
+        // redriven by an operator, acknowledged by the recipient; both receipts lost
+        status_is(&broker, expired, pb::MessageState::Acknowledged, "");
+        status_is(&broker, dead, pb::MessageState::Acknowledged, "");
+        clock.advance(super::super::link::REDRIVE_ASK_PERIOD);
+        until("both are settled delivered", || async {
+            state_of(&nl, expired).await.map(|e| e.state) == Some(OutboxState::Delivered)
+                && state_of(&nl, dead).await.map(|e| e.state) == Some(OutboxState::Delivered)
+        })
+        .await;
+        for id in [expired, dead] {
+            let entry = state_of(&nl, id).await.unwrap();
+            assert_eq!(entry.failure, None);
+            assert_eq!(
+                entry.outcome_at,
+                Some((START + 120) * 1_000),
+                "the broker's time of the ack"
+            );
+            assert!(
+                !logs
+                    .lines_with(&["INFO", &id.to_string(), "settled from the broker's status"])
+                    .is_empty()
+            );
+        }
+        assert!(watched(&nl).is_empty(), "{:?}", watched(&nl));
+        let entry = state_of(&nl, rejected).await.unwrap();
+        assert_eq!(entry.state, OutboxState::Failed);
+        assert_eq!(
+            asked_about(&broker, rejected),
+            0,
+            "never redriven: never asked"
+        );
+
+        // the receipts come after all, and the reports of the first ends again
+        for (id, (_, reason, outcome)) in [(expired, EXPIRED), (dead, DEAD_LETTERED)] {
+            let before = state_of(&nl, id).await.unwrap();
+            for late in [
+                receipt_envelope("NL-NRM", id, pb::Outcome::Delivered, ""),
+                receipt_envelope("NL-NRM", id, outcome, reason),
+            ] {
+                let effect = apply(&nl, late).await;
+                assert!(
+                    matches!(effect, ReceiptEffect::Ignored(OutboxState::Delivered)),
+                    "{effect:?}"
+                );
+            }
+            let after = state_of(&nl, id).await.unwrap();
+            assert_eq!(after.outcome_at, before.outcome_at);
+            assert!(after.contradicted_by.is_empty(), "{after:?}");
+        }
+        let warned = logs.lines_with(&["WARN"]);
+        assert!(
+            [expired, dead, rejected]
+                .iter()
+                .all(|id| !warned.iter().any(|l| l.contains(&id.to_string()))),
+            "{warned:#?}"
+        );
+        assert_eq!(
+            broker.lock().submits_arrived,
+            submits,
+            "nothing submitted again"
+        );
+        nl.shutdown().await;
+    }
+
+    /// The outbox check stops asking about a failed entry once `redrive_watch` has
+    /// passed since it failed, and about one the broker no longer knows (gone past its
+    /// retention): both leave the index, stay `FAILED`, and are not submitted again (a
+    /// `SUBMITTED` entry the broker does not know is).
+    #[tokio::test]
+    async fn failed_entries_are_asked_about_no_more_past_the_window_or_once_the_broker_forgot_them()
+    {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let sentinel = submitted_referral(&nl).await.message_id;
+        let old = failed_referral(&nl, &broker, "k-2", EXPIRED).await;
+        let forgotten = nl
+            .send(request("k-3", "BE-PAYOKE", referral()))
+            .await
+            .unwrap()
+            .message_id;
+        until("it is submitted", || async {
+            state_of(&nl, forgotten).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        broker.lose(&forgotten.to_string());
+        apply(
+            &nl,
+            receipt_envelope(
+                "NL-NRM",
+                forgotten,
+                pb::Outcome::DeadLettered,
+                "MAX_ATTEMPTS",
+            ),
+        )
+        .await;
+        let submits = broker.lock().submits_arrived;
+        until(
+            "the broker's NOT_FOUND takes it out of the watch",
+            || async { watched(&nl) == [old] },
+        )
+        .await;
+        assert_eq!(asked_about(&broker, forgotten), 1);
+        until("the expired one is asked about", || async {
+            asked_about(&broker, old) == 1
+        })
+        .await;
+
+        // 30 days (the window) and more after it failed
+        clock.advance(Duration::from_secs(31 * 86_400));
+        until("the window's end takes it out of the watch", || async {
+            watched(&nl).is_empty()
+        })
+        .await;
+        rounds(&broker, sentinel, 3).await;
+        assert_eq!(asked_about(&broker, old), 1, "not asked past the window");
+        assert_eq!(
+            asked_about(&broker, forgotten),
+            1,
+            "not asked once forgotten"
+        );
+        for id in [old, forgotten] {
+            assert_eq!(state_of(&nl, id).await.unwrap().state, OutboxState::Failed);
+        }
+        assert_eq!(
+            broker.lock().submits_arrived,
+            submits,
+            "nothing submitted again"
+        );
+        nl.shutdown().await;
+    }
+
+    /// Failed entries share the outbox check's round of `CHECK_BATCH` calls with the
+    /// `SUBMITTED` ones, which go first: a long list of failed entries never starves
+    /// the submitted ones, and a failed one waits for a round with room.
+    #[tokio::test]
+    async fn failed_entries_are_asked_about_only_in_the_room_submitted_ones_leave() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let batch = super::super::link::CHECK_BATCH;
+        let failed = failed_referral(&nl, &broker, "k-failed", EXPIRED).await;
+        until("the failed one is asked about", || async {
+            asked_about(&broker, failed) == 1
+        })
+        .await;
+        let mut submitted = Vec::new();
+        for n in 0..batch {
+            let sent = nl
+                .send(request(&format!("k-{n}"), "BE-PAYOKE", referral()))
+                .await
+                .unwrap();
+            submitted.push(sent.message_id);
+        }
+        until("all are submitted", || async {
+            nl.status().outbox_submitted == batch as u64
+        })
+        .await;
+        // the failed one is due again, and a full batch of submitted ones with it
+        clock.advance(super::super::link::REDRIVE_ASK_PERIOD);
+        rounds(&broker, submitted[0], 3).await;
+        assert_eq!(asked_about(&broker, failed), 1, "no room in a full batch");
+        assert!(submitted.iter().all(|id| asked_about(&broker, *id) >= 2));
+        // one submitted entry fewer leaves room for it
+        apply(
+            &nl,
+            receipt_envelope("NL-NRM", submitted[0], pb::Outcome::Delivered, ""),
+        )
+        .await;
+        until("the failed one is asked about in the room left", || async {
+            asked_about(&broker, failed) == 2
+        })
+        .await;
+        nl.shutdown().await;
     }
 }

@@ -594,6 +594,7 @@ fn check_config_shows_the_limits_in_effect() {
         ("broker.reconnect_max_ms", 200),
         ("broker.message_lifetime_hours", 720),
         ("broker.outbox_check_interval_secs", 600),
+        ("broker.redrive_watch_secs", 2_592_000),
         ("broker.submit_answer_timeout_secs", 300),
         ("api.max_connections", 7),
         ("api.max_watch_streams", 9),

@@ -77,6 +77,7 @@ fn the_example_config_shows_every_setting_with_its_default() {
         reconnect_max_ms: _,
         message_lifetime_hours: _,
         outbox_check_interval_secs: _,
+        redrive_watch_secs: _,
         submit_answer_timeout_secs: _,
     } = broker;
     let TlsSection {
@@ -108,6 +109,7 @@ fn the_example_config_shows_every_setting_with_its_default() {
                 "reconnect_max_ms",
                 "message_lifetime_hours",
                 "outbox_check_interval_secs",
+                "redrive_watch_secs",
                 "submit_answer_timeout_secs",
             ],
         ),
