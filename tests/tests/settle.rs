@@ -602,3 +602,70 @@ async fn an_answered_message_whose_receipt_never_comes(logs: &LogCapture) -> Tes
     h.shutdown().await?;
     check_log(logs, &id)
 }
+
+/// A message expires on the broker and its sender's node takes the report (`FAILED`,
+/// `expired`); an operator redrives it and the recipient's node acknowledges it, and the
+/// delivery receipt is purged from the sender's queue while the sender's node is down.
+/// The entry stayed `FAILED` for good, the check asking about `SUBMITTED` entries only:
+/// the restarted node's check asks about it too and settles it `DELIVERED`.
+#[test]
+fn a_redriven_message_whose_receipt_never_comes_is_settled_delivered_from_the_status() -> TestResult
+{
+    run_captured(a_redriven_message_whose_receipt_never_comes)
+}
+
+async fn a_redriven_message_whose_receipt_never_comes(logs: &LogCapture) -> TestResult {
+    let mut h = Harness::new().await?;
+    // (the broker's clock ends the message's lifetime when the test says)
+    let clock = ManualClock::new(SystemTime::now());
+    h.set_broker_clock(clock.clone());
+    h.start_broker().await?;
+    // (the default check interval, 10 min, does not come within the test)
+    let mut nl = h.start_node(NL).await?;
+    let request = pb::SendRequest {
+        expires_at: Some(trmx_proto::time::to_timestamp(
+            SystemTime::now() + Duration::from_secs(60),
+        )),
+        ..referral("redriven")
+    };
+    let id = send(&mut nl, request).await?.message_id;
+    wait_outbox(&nl, &id, "the broker to accept it", |e| {
+        e.state == pb::OutboxState::Submitted as i32
+    })
+    .await?;
+    finish(&mut h, Ending::Expired, &clock, &[&id]).await?;
+    let failed = wait_outbox(&nl, &id, "its expiry's report", |e| {
+        e.state == pb::OutboxState::Failed as i32
+    })
+    .await?;
+    assert_eq!(
+        failed.failure.as_ref().map(|f| f.outcome.as_str()),
+        Some("expired"),
+        "{failed:?}"
+    );
+    h.stop_node(NL).await?;
+
+    h.operator("settle-redriver")?
+        .redrive(pb::RedriveRequest {
+            message_id: id.clone(),
+            sender: NL.to_owned(),
+        })
+        .await
+        .context("redriving the expired message")?;
+    let be = h.start_node(BE).await?;
+    wait_received(&be, &id).await?;
+    wait_broker_state(&h.exchange(NL)?, &id, pb::MessageState::Acknowledged).await?;
+    purge_report(&h, &id, pb::Outcome::Delivered).await?;
+
+    let nl = h
+        .start_node_with(NL, |c| c.broker.outbox_check_interval_secs = 1)
+        .await?;
+    let settled = wait_outbox(&nl, &id, "a settle from the broker's status", |e| {
+        e.state == pb::OutboxState::Delivered as i32
+    })
+    .await?;
+    assert!(settled.failure.is_none(), "{settled:?}");
+    assert!(settled.contradicted_by.is_empty(), "{settled:?}");
+    h.shutdown().await?;
+    check_log(logs, &id)
+}
