@@ -674,4 +674,38 @@ mod tests {
         let missing = read_error(path, &std::io::Error::from(std::io::ErrorKind::NotFound));
         assert_eq!(missing, "cannot read /etc/trmx/node.toml: entity not found");
     }
+
+    /// `broker.redrive_watch_secs` defaults to the broker's default dead-letter retention,
+    /// 0 turns the watch off, and a value past the broker's default metadata retention
+    /// is refused by name.
+    #[test]
+    fn the_redrive_watch_defaults_to_the_dead_letter_retention_and_is_bounded() {
+        let mut config = NodeConfig::new(
+            "NL-NRM",
+            PathBuf::from("/var/lib/trmx"),
+            "broker.example:7443",
+            "broker.example",
+            trmx_transport::TlsPaths {
+                ca: PathBuf::from("ca.pem"),
+                cert: PathBuf::from("node.pem"),
+                key: PathBuf::from("node.key"),
+            },
+        );
+        config.validate().unwrap();
+        assert_eq!(
+            config.core_config().unwrap().redrive_watch,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        config.broker.redrive_watch_secs = 0;
+        config.validate().unwrap();
+        assert_eq!(config.core_config().unwrap().redrive_watch, None);
+        config.broker.redrive_watch_secs = MAX_REDRIVE_WATCH_SECS;
+        config.validate().unwrap();
+        config.broker.redrive_watch_secs = MAX_REDRIVE_WATCH_SECS + 1;
+        let refused = config.validate().unwrap_err().to_string();
+        assert!(
+            refused.contains("broker.redrive_watch_secs: must be at most 34560000"),
+            "{refused}"
+        );
+    }
 }
