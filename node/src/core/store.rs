@@ -22,7 +22,6 @@
 //! | `cases` | case (16) + at (8 BE) + message id | direction (1) + kind (1) |
 //! | `due` | date (4) + message id | direction (1) |
 //! | `retention` | date (4) + direction (1) + message id | empty |
-//! | `submitted` … `queued_urgent` | (above) | |
 //! | `redrive_watch` | next ask at (8 BE) + out seq | message id (16) + outcome at (8 BE) — entries `FAILED` as `expired` or `dead-lettered` that the outbox check still asks the broker about |
 //!
 //! # Invariants
@@ -1051,7 +1050,11 @@ impl Store {
     fn index_redrive(&self) -> Result<u64, NodeError> {
         let mut indexed = 0u64;
         for item in self.trees[OUTBOX].iter() {
-            let (key, _) = item.map_err(store_err)?;
+            let (key, value) = item.map_err(store_err)?;
+            // (one transaction for each entry to index, not for every entry)
+            if watched_outcome(&from_json::<OutRec>(&value)?).is_none() {
+                continue;
+            }
             indexed += self.tx(|t| {
                 let Some(mut rec) = tget::<OutRec>(&t[OUTBOX], &key)? else {
                     return Ok(0);
