@@ -24,6 +24,14 @@
 //! A dropped delivery is reported ([`Report::dropped`]) so that its stream slot is freed:
 //! its recipient will never ack it.
 //!
+//! Once the stream ends on the broker's side (its task closes it, or goes), nothing more
+//! leaves the channel but the status that ends it: the stream's leases are released next,
+//! due again at once, and the stream's entry, through which withdrawals and purges reach
+//! the channel, goes. A delivery still waiting then would reach the recipient, once it
+//! reads on, after its message was leased again to another stream (in flight on two at
+//! once), withdrawn, purged or acknowledged meanwhile, or after its participant left the
+//! registry.
+//!
 //! A dead copy (taken back, or expired) keeps its bytes and its place in the channel until
 //! its turn; it is not evicted when its lifetime ends. That costs the recipient nothing:
 //! its stream slot is freed at once (by the withdrawal, purge or expiry, see
@@ -55,6 +63,9 @@
 //!   taken back before it was registered holds no slot.
 //! - A delivery whose `expires_at` is at or before the clock's now when its turn comes is
 //!   dropped, not sent (a message taken back counts as taken back, not expired).
+//! - Once the stream is ended (by [`Outbox::end_with`], by the [`Outbox`]'s drop, or
+//!   by [`Dropper::end`]), and before the stream's leases are released, the connection's
+//!   end gives no delivery more: the status the stream ended with, if any, then the end.
 //! - Every delivery taken out is reported once to the channel's [`Report`]: sent (it is
 //!   handed to the connection; `trmx_messages_delivered_total` counts it then, not when it
 //!   is put in) or dropped, with its reason. A delivery still in the channel when the
@@ -65,7 +76,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -88,6 +99,10 @@ struct Waiting {
     /// The message ids of the deliveries in the channel, and of the messages taken back
     /// (see the module doc).
     queued: Mutex<HashMap<MessageId, Queued>>,
+    /// The stream ended on the broker's side: no delivery leaves the channel any more.
+    ended: AtomicBool,
+    /// The status the stream ended with, until the connection's end gives it.
+    status: Mutex<Option<Status>>,
 }
 
 /// What the channel knows of one message id.
@@ -124,15 +139,27 @@ pub trait Report: Send + Sync + Debug + 'static {
     fn dropped(&self, outgoing: &Outgoing, reason: DropReason);
 }
 
-/// A delivery in the channel (or the status that ends the stream).
-type Item = Result<Outgoing, Status>;
-
 impl Waiting {
     fn queued(&self) -> MutexGuard<'_, HashMap<MessageId, Queued>> {
         // (single inserts and removals: a panic leaves the map whole)
         self.queued
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn status(&self) -> MutexGuard<'_, Option<Status>> {
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Ends the stream (see [`Waiting::ended`]), with `status` unless it ended already.
+    fn end(&self, status: Option<Status>) {
+        if !self.ended.swap(true, Ordering::SeqCst)
+            && let Some(status) = status
+        {
+            *self.status() = Some(status);
+        }
     }
 }
 
@@ -151,6 +178,8 @@ pub fn channel(
         low: buffer / 2,
         room_made: Notify::new(),
         queued: Mutex::new(HashMap::new()),
+        ended: AtomicBool::new(false),
+        status: Mutex::new(None),
     });
     (
         Outbox {
@@ -170,7 +199,7 @@ pub fn channel(
 /// The stream task's end: puts deliveries in.
 #[derive(Debug)]
 pub struct Outbox {
-    tx: mpsc::Sender<Item>,
+    tx: mpsc::Sender<Outgoing>,
     buffer: u64,
     waiting: Arc<Waiting>,
 }
@@ -178,7 +207,7 @@ pub struct Outbox {
 /// The connection's end: the `Receive` response stream tonic sends from.
 #[derive(Debug)]
 pub struct Outbound {
-    rx: mpsc::Receiver<Item>,
+    rx: mpsc::Receiver<Outgoing>,
     waiting: Arc<Waiting>,
     clock: Arc<dyn Clock>,
     report: Box<dyn Report>,
@@ -207,6 +236,13 @@ impl Dropper {
             .get(message_id)
             .is_some_and(|queued| queued.taken_back.is_some())
     }
+
+    /// The stream ended (before its leases are released): no delivery leaves the channel
+    /// any more, and the connection's end gives `status`, unless the stream ended already.
+    /// For the stream's guard, which may run before its [`Outbox`] is dropped.
+    pub fn end(&self, status: Status) {
+        self.0.end(Some(status));
+    }
 }
 
 impl Outbox {
@@ -222,7 +258,7 @@ impl Outbox {
             .entry(outgoing.message_id)
             .or_default()
             .copies += 1;
-        permit.send(Ok(outgoing));
+        permit.send(outgoing);
         Ok(())
     }
 
@@ -238,10 +274,10 @@ impl Outbox {
         self.waiting.queued().retain(|_, queued| queued.copies > 0);
     }
 
-    /// Ends the stream with `status`, if the channel has room for it (the connection
-    /// ends the stream either way once this end is dropped).
+    /// Ends the stream with `status`: no delivery waiting leaves the channel any more
+    /// (the stream's leases are released next), the connection's end gives `status`.
     pub fn end_with(&self, status: Status) {
-        let _ = self.tx.try_send(Err(status));
+        self.waiting.end(Some(status));
     }
 
     /// Payload bytes waiting to be taken for the connection.
@@ -271,15 +307,28 @@ impl Outbox {
     }
 }
 
+impl Drop for Outbox {
+    /// The stream task let go of its end (also by a panic, or the runtime shutting
+    /// down): what still waits is not sent (see the module doc). Dropping `tx` after this
+    /// wakes the connection's end.
+    fn drop(&mut self) {
+        self.waiting.end(None);
+    }
+}
+
 impl Stream for Outbound {
     type Item = Result<pb::Delivery, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
+            if self.waiting.ended.load(Ordering::SeqCst) {
+                // (the status once, then the end)
+                return Poll::Ready(self.waiting.status().take().map(Err));
+            }
             let outgoing = match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(outgoing))) => outgoing,
-                Poll::Ready(Some(Err(status))) => return Poll::Ready(Some(Err(status))),
-                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(outgoing)) => outgoing,
+                // (the stream task's end is gone: its drop ended the stream first)
+                Poll::Ready(None) => return Poll::Ready(self.waiting.status().take().map(Err)),
                 Poll::Pending => return Poll::Pending,
             };
             let size = payload_bytes(&outgoing.delivery);
@@ -633,6 +682,32 @@ mod tests {
     async fn taken_one(outbound: &mut Outbound) -> MessageId {
         let delivery = outbound.next().await.unwrap().unwrap();
         MessageId::parse(&delivery.envelope.unwrap().message_id).unwrap()
+    }
+
+    /// A stream ended on the broker's side sends nothing more of what waits: the status
+    /// it ended with, then the end (its leases are released next). Its task's end dropped
+    /// without a status (a panic, the runtime going) ends it all the same.
+    #[tokio::test]
+    async fn a_stream_ended_sends_its_status_and_nothing_of_what_waits() {
+        let (outbox, mut outbound, _, reported) = test_channel(8, 1 << 20);
+        let [a, b, c] = [(); 3].map(|()| MessageId::new_v7());
+        for id in [a, b, c] {
+            send(&outbox, id).await;
+        }
+        assert_eq!(taken_one(&mut outbound).await, a);
+        outbox.end_with(Status::unavailable("the broker is shutting down"));
+        // (a second end keeps the first status)
+        outbox.dropper().end(Status::internal("later"));
+        drop(outbox);
+        let end = outbound.next().await.unwrap().unwrap_err();
+        assert_eq!(end.code(), tonic::Code::Unavailable, "{end}");
+        assert!(outbound.next().await.is_none());
+        assert_eq!(*reported.sent(), [a]);
+
+        let (outbox, mut outbound, _, _) = test_channel(8, 1 << 20);
+        send(&outbox, a).await;
+        drop(outbox);
+        assert!(outbound.next().await.is_none());
     }
 
     #[tokio::test]

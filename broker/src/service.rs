@@ -1093,6 +1093,7 @@ async fn run_stream(
         participant: participant.clone(),
         id: handle.id,
         counted: Some(shared.metrics.stream_opened(&participant)),
+        channel: outbox.dropper(),
         released: false,
     };
     debug!("receive stream opened");
@@ -1179,6 +1180,7 @@ async fn run_stream(
     } else {
         StreamEnd::Recipient
     };
+    // (what still waits in the channel is not sent: the leases are released next)
     if let Some(status) = end {
         outbox.end_with(status);
     }
@@ -1239,22 +1241,30 @@ struct Registered {
     participant: ParticipantId,
     id: StreamId,
     counted: Option<OpenStream>,
+    /// The stream's channel, ended by a panic before the leases are released.
+    channel: outbound::Dropper,
     /// The stream's leases are being released in order (no task needed).
     released: bool,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        if !self.released
-            && std::thread::panicking()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
+        let panicked = !self.released && std::thread::panicking();
+        if panicked {
+            // (first: what waits in the channel must not be sent once its leases are due
+            // again; the task's `Outbox` is dropped after this guard)
+            self.channel.end(Status::unavailable(
+                "the broker ended this Receive stream after an internal error: open it again",
+            ));
+        }
+        if panicked && let Ok(runtime) = tokio::runtime::Handle::try_current() {
             error!("a Receive stream's task panicked: releasing its deliveries, due again at once");
             let registered = Registered {
                 shared: self.shared.clone(),
                 participant: self.participant.clone(),
                 id: self.id,
                 counted: self.counted.take(),
+                channel: self.channel.clone(),
                 released: true,
             };
             let releasing = async move {

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context;
 use tonic::Code;
 use trmx_proto::envelope::check_delivery;
 use trmx_proto::time::to_timestamp;
@@ -478,6 +479,17 @@ async fn stuck_stream_with(
         adjust(c);
     })
     .await?;
+    stuck_on(t, messages, max_in_flight, referral_adjust).await
+}
+
+/// [`stuck_stream_with`] on the broker `t`, started with `limits.receive_buffer_bytes`
+/// of 16 MiB.
+async fn stuck_on(
+    t: TestBroker,
+    messages: usize,
+    max_in_flight: u32,
+    referral_adjust: impl FnOnce(&mut pb::Envelope, SystemTime),
+) -> anyhow::Result<StuckStream> {
     let mut nl = t.client("NL-NRM")?;
     let mut be = t.client("BE-PAYOKE")?;
     let filler = vec![7u8; 60 << 10];
@@ -525,6 +537,115 @@ async fn read_until_quiet(stream: &mut tonic::Streaming<pb::Delivery>) -> Vec<St
         ids.push(id_of(&delivery));
     }
     ids
+}
+
+/// How a stream ends on the broker's side in
+/// [`a_stream_ended_by_the_broker_sends_nothing_after_its_leases_are_released`].
+#[derive(Debug, Clone, Copy)]
+enum BrokerEnds {
+    /// Its participant leaves the registry (a reload).
+    Reload,
+    /// Its task panics (a bug), in a lease.
+    Panic,
+}
+
+/// A stream that the broker ends (its participant left the registry, its task panicked)
+/// while deliveries wait in its send buffer (a slow link) has its leases released: due
+/// again at once, and no longer reachable through the stream, which is gone from the
+/// broker's table. What waited in the buffer must not be sent after that, as the node reads
+/// on: a message withdrawn since would reach the organisation its sender took it back from
+/// (as here), and one leased again to another stream would be in flight on two at once. The
+/// stream ends with its status once what was already handed to the connection is read.
+#[tokio::test]
+async fn a_stream_ended_by_a_reload_sends_nothing_after_its_leases_are_released()
+-> anyhow::Result<()> {
+    a_stream_ended_by_the_broker_sends_nothing_after_its_leases_are_released(BrokerEnds::Reload)
+        .await
+}
+
+#[tokio::test]
+async fn a_stream_whose_task_panics_sends_nothing_after_its_leases_are_released()
+-> anyhow::Result<()> {
+    a_stream_ended_by_the_broker_sends_nothing_after_its_leases_are_released(BrokerEnds::Panic)
+        .await
+}
+
+/// See [`a_stream_ended_by_a_reload_sends_nothing_after_its_leases_are_released`].
+async fn a_stream_ended_by_the_broker_sends_nothing_after_its_leases_are_released(
+    how: BrokerEnds,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let (t, store) = TestBroker::start_with_faulty_store_and(|c| {
+        c.limits.receive_buffer_bytes = 16 << 20;
+    })
+    .await?;
+    let (t, mut nl, mut stream, fillers, misaddressed) = stuck_on(t, 50, 64, |_, _| {}).await?;
+    let expected = match how {
+        BrokerEnds::Reload => {
+            let others: Vec<_> = t
+                .config
+                .participants
+                .iter()
+                .filter(|p| p.id != "BE-PAYOKE")
+                .cloned()
+                .collect();
+            t.broker.reload_registry(&others)?;
+            Code::PermissionDenied
+        }
+        BrokerEnds::Panic => {
+            // the stream has slots free and room: a new message makes it lease
+            store.lease_panics_after.store(0, SeqCst);
+            submit(&mut nl, envelope("BE-PAYOKE", Kind::FollowUp, b"nudge")).await?;
+            Code::Unavailable
+        }
+    };
+    // released, and the stream gone from the broker's table
+    until_state(
+        &mut nl,
+        &misaddressed,
+        pb::MessageState::Accepted,
+        "the stream's leases were never released",
+    )
+    .await?;
+    let mut op = crate::operator::operator(&t)?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let queues = op.list_queues(pb::ListQueuesRequest {}).await?.into_inner();
+        let be = queues.queues.iter().find(|q| q.recipient == "BE-PAYOKE");
+        if be.is_some_and(|q| q.connected_streams == 0) {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "stream never gone");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nl.withdraw(pb::WithdrawRequest {
+        message_id: misaddressed.clone(),
+    })
+    .await?;
+
+    let mut got = Vec::new();
+    let end = loop {
+        match tokio::time::timeout(WAIT, stream.message()).await? {
+            Ok(Some(delivery)) => got.push(id_of(&delivery)),
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    assert!(
+        !got.contains(&misaddressed),
+        "the withdrawn message reached the recipient after the stream's end ({how:?}, {} \
+         of {} fillers before it)",
+        got.iter().filter(|id| fillers.contains(id)).count(),
+        fillers.len()
+    );
+    let status = end.context("the stream ended without its status")?;
+    assert_eq!(status.code(), expected, "{status}");
+    assert_eq!(
+        state_of(&mut nl, &misaddressed).await?,
+        pb::MessageState::Withdrawn
+    );
+    Ok(())
 }
 
 /// The ack timeout of a delivery stuck in the send buffer passes, the message is leased
@@ -780,13 +901,19 @@ async fn a_stream_whose_task_panics_gives_back_its_deliveries_and_its_slot() -> 
     let id = env.message_id.clone();
     submit(&mut nl, env).await?;
 
-    // Its first lease takes the message; the next, at once, panics.
+    // Its first lease takes the message; the next, at once, panics. (Its delivery reaches
+    // the node only if the connection took it before: what still waits in the stream's
+    // buffer is not sent once the stream ended, its leases released.)
     store.lease_panics_after.store(1, SeqCst);
     let mut doomed = receive(&mut be, 2).await?;
-    let first = next(&mut doomed).await?;
-    assert_eq!((id_of(&first), first.attempt), (id.clone(), 1));
-    let end = tokio::time::timeout(WAIT, doomed.message()).await?;
-    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    let end = loop {
+        match tokio::time::timeout(WAIT, doomed.message()).await? {
+            Ok(Some(first)) => assert_eq!((id_of(&first), first.attempt), (id.clone(), 1)),
+            end => break end,
+        }
+    };
+    let status = end.expect_err("the stream ended without its status");
+    assert_eq!(status.code(), Code::Unavailable, "{status}");
     store.lease_panics_after.store(usize::MAX, SeqCst);
 
     // (the broker's clock stands still: without the release the delivery would wait
