@@ -226,7 +226,7 @@ impl Streams {
     }
 
     /// Removes `ids` from the streams of `participant` (acknowledged or
-    /// rejected) and wakes those streams. Returns the senders of the removed
+    /// rejected), from every stream that holds one, and wakes those streams. Returns the senders of the removed
     /// messages (whose receipts are now queued).
     pub fn settled(&self, participant: &ParticipantId, ids: &[MessageId]) -> Settled {
         let mut inner = self.lock();
@@ -236,11 +236,15 @@ impl Streams {
             return settled;
         };
         for id in ids {
-            match entry
-                .streams
-                .values_mut()
-                .find_map(|s| s.in_flight.remove(id))
-            {
+            // Every stream's entry goes, not only the first found: one whose ack deadline
+            // passed may still be on a stream that has not looked since (blocked in a send),
+            // and the message's live lease on another would hold its slot until its deadline.
+            let mut found = None;
+            for stream in entry.streams.values_mut() {
+                let removed = stream.in_flight.remove(id);
+                found = found.or(removed);
+            }
+            match found {
                 Some(lease) => {
                     settled.kinds.push(lease.kind);
                     settled.senders.extend(lease.sender);
@@ -538,6 +542,43 @@ mod tests {
         // past the first deadline only `other` is freed
         assert_eq!(streams.free_slots(&p, s.id, 2, 100), 1);
         assert_eq!(streams.free_slots(&p, s.id, 2, 300), 2);
+    }
+
+    /// A delivery whose ack timeout passed while its stream did not look (blocked in a send
+    /// behind a slow link) keeps its entry there until that stream looks again; leased
+    /// again to another stream of the participant and acked, it frees the slot of the new
+    /// lease, not only the stale entry: that stream leases again at once, rather than after
+    /// the ack deadline of a delivery its node already acked. (Both ways round, so that the
+    /// table's order cannot hide it.)
+    #[test]
+    fn an_ack_frees_the_slot_of_the_live_lease_not_only_a_stale_one() {
+        let streams = Streams::new(4, 1);
+        let p = id("NL-NRM");
+        let (a, b) = (
+            streams.open(&p, dropper()).unwrap(),
+            streams.open(&p, dropper()).unwrap(),
+        );
+        let [m, n] = [(); 2].map(|()| MessageId::new_v7());
+        let lease = |message_id, deadline| Lease {
+            message_id,
+            sender: Some(id("BE-PAYOKE")),
+            kind: Kind::Referral,
+            deadline,
+        };
+        // m timed out on a, leased again on b; n the other way round
+        streams.leased(&p, a.id, [lease(m, 100), lease(n, 300)]);
+        streams.leased(&p, b.id, [lease(n, 100), lease(m, 300)]);
+        let settled = streams.settled(&p, &[m, n]);
+        assert_eq!(settled.kinds, [Kind::Referral; 2], "each counted once");
+        assert!(!settled.unknown);
+        for s in [&a, &b] {
+            assert_eq!(
+                streams.free_slots(&p, s.id, 1, 150),
+                1,
+                "the acked delivery holds a slot of stream {}",
+                s.id.0
+            );
+        }
     }
 
     /// Whether `fut` is ready at its first poll.
