@@ -32,16 +32,18 @@
 //! once), withdrawn, purged or acknowledged meanwhile, or after its participant left the
 //! registry.
 //!
-//! A dead copy (taken back, or expired) keeps its bytes and its place in the channel until
-//! its turn; it is not evicted when its lifetime ends. That costs the recipient nothing:
-//! its stream slot is freed at once (by the withdrawal, purge or expiry, see
-//! [`crate::streams`]); the channel is first in, first out, so a fresh delivery put in
-//! earlier would still wait behind the same live deliveries ahead of the dead copy; and the
-//! take after the last of those drops the dead copies before the next live one in the same
-//! poll, sending none of their bytes, so the room comes back as soon as the live bytes
-//! ahead of them are sent. What it holds meanwhile is
-//! memory, bounded by the buffer (`limits.receive_buffer_bytes`) and the channel's
-//! capacity.
+//! So is a copy of a message its recipient acknowledged or rejected meanwhile (another copy
+//! of it, the one it was leased for before its ack timeout passed): the node holds it.
+//!
+//! A dead copy (taken back, settled, or expired) keeps its bytes and its place in the
+//! channel until its turn; it is not evicted when its lifetime ends. That costs the
+//! recipient nothing: its stream slot is freed at once (by the withdrawal, purge, expiry or
+//! settlement, see [`crate::streams`]); the channel is first in, first out, so a fresh
+//! delivery put in earlier would still wait behind the same live deliveries ahead of the
+//! dead copy; and the take after the last of those drops the dead copies before the next
+//! live one in the same poll, sending none of their bytes, so the room comes back as soon
+//! as the live bytes ahead of them are sent. What it holds meanwhile is memory, bounded by
+//! the buffer (`limits.receive_buffer_bytes`) and the channel's capacity.
 //!
 //! # Invariants
 //! - [`Outbox::waiting_bytes`] is the payload bytes of the deliveries in the channel:
@@ -53,13 +55,15 @@
 //!   wait there (`Waiting::queued`: a delivery whose ack timeout passed while it waited
 //!   is leased again, onto the same stream, behind its first copy). A message taken back
 //!   ([`Dropper::taken_back`]: withdrawn, purged) is marked, and every copy of it is
-//!   dropped when its turn comes, not sent: its recipient never sees it. The mark is kept
+//!   dropped when its turn comes, not sent: its recipient never sees it. So is a message
+//!   its recipient acknowledged or rejected while a copy waits ([`Dropper::settled`]; the
+//!   mark of one taken back wins). The mark is kept
 //!   while no copy waits too, since a copy leased before the message was taken back may
 //!   still be on its way in (the stream task puts a batch in one delivery at a time, and
 //!   learns of a lease only once the store made it); the stream task forgets the marks
 //!   without a copy when it holds no delivery still to put in
 //!   ([`Outbox::forget_taken_back`]). The stream registry reads the mark too
-//!   ([`Dropper::is_taken_back`]) when the stream registers its leases, so that a lease
+//!   ([`Dropper::drops`]) when the stream registers its leases, so that a lease
 //!   taken back before it was registered holds no slot.
 //! - A delivery whose `expires_at` is at or before the clock's now when its turn comes is
 //!   dropped, not sent (a message taken back counts as taken back, not expired).
@@ -68,10 +72,10 @@
 //!   end gives no delivery more: the status the stream ended with, if any, then the end.
 //! - Every delivery taken out is reported once to the channel's [`Report`]: sent (it is
 //!   handed to the connection; `trmx_messages_delivered_total` counts it then, not when it
-//!   is put in) or dropped, with its reason. A delivery still in the channel when the
-//!   connection goes is neither. Reports are made outside the channel's lock (a drop's
-//!   takes the stream registry's lock, which is taken before this one when a message is
-//!   taken back).
+//!   is put in) or dropped, with its reason, or as settled. A delivery still in the
+//!   channel when the connection goes, or when the stream ends, is none of these. Reports
+//!   are made outside the channel's lock (a drop's takes the stream registry's lock, which
+//!   is taken before this one when a message is taken back).
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -110,8 +114,19 @@ struct Waiting {
 struct Queued {
     /// The copies of it waiting in the channel.
     copies: u32,
-    /// Taken back, and how: every copy is dropped, not sent.
-    taken_back: Option<DropReason>,
+    /// Why every copy is dropped, not sent, if it is.
+    dead: Option<Dead>,
+}
+
+/// Why every copy of a message is dropped when its turn comes, not sent.
+#[derive(Debug, Clone, Copy)]
+enum Dead {
+    /// Taken back (withdrawn, purged), or expired as the clock says: its recipient must
+    /// never see it. Reported as dropped for this reason.
+    Dropped(DropReason),
+    /// Acknowledged or rejected by its recipient, which holds it: a copy still waiting
+    /// (leased again after its ack timeout) would only reach it again.
+    Settled,
 }
 
 /// A delivery to put in the channel, with what the channel needs to know of it.
@@ -137,6 +152,9 @@ pub trait Report: Send + Sync + Debug + 'static {
     fn sent(&self, outgoing: &Outgoing);
     /// `outgoing` was dropped for `reason`, never sent: its recipient will not ack it.
     fn dropped(&self, outgoing: &Outgoing, reason: DropReason);
+    /// `outgoing` was dropped, never sent: its recipient acknowledged or rejected the
+    /// message meanwhile (another copy of it), so it holds no slot.
+    fn settled(&self, outgoing: &Outgoing);
 }
 
 impl Waiting {
@@ -226,15 +244,33 @@ impl Dropper {
     /// waits in the channel, or is put in until the stream task forgets the mark, is
     /// dropped when its turn comes instead of sent.
     pub fn taken_back(&self, message_id: MessageId, reason: DropReason) {
-        self.0.queued().entry(message_id).or_default().taken_back = Some(reason);
+        self.0.queued().entry(message_id).or_default().dead = Some(Dead::Dropped(reason));
     }
 
-    /// Whether `message_id` is marked taken back (its deliveries are dropped unsent).
-    pub fn is_taken_back(&self, message_id: &MessageId) -> bool {
+    /// `message_id` was acknowledged or rejected by the recipient (a final state): if a
+    /// copy of it waits in the channel, every copy that waits, or is put in until the
+    /// stream task forgets the mark, is dropped when its turn comes instead of sent. A mark
+    /// of a message taken back is kept as it is.
+    ///
+    /// Only where a copy waits: every ack of the participant comes here for each of its
+    /// streams, and a stream blocked in a send forgets no mark, so marks of ids without a
+    /// copy would pile up, one per ack, while it is blocked. (A copy still on its way in
+    /// is then sent, a duplicate the node drops, as before.)
+    pub fn settled(&self, message_id: MessageId) {
+        if let Some(queued) = self.0.queued().get_mut(&message_id)
+            && queued.copies > 0
+        {
+            queued.dead.get_or_insert(Dead::Settled);
+        }
+    }
+
+    /// Whether `message_id` is marked taken back or settled (its deliveries are dropped
+    /// unsent).
+    pub fn drops(&self, message_id: &MessageId) -> bool {
         self.0
             .queued()
             .get(message_id)
-            .is_some_and(|queued| queued.taken_back.is_some())
+            .is_some_and(|queued| queued.dead.is_some())
     }
 
     /// The stream ended (before its leases are released): no delivery leaves the channel
@@ -267,7 +303,8 @@ impl Outbox {
         Dropper(self.waiting.clone())
     }
 
-    /// Forgets the marks of messages taken back of which no copy waits in the channel.
+    /// Forgets the marks of messages taken back or settled of which no copy waits in the
+    /// channel.
     /// Call it only while the stream holds no leased delivery it has still to put in (a
     /// copy leased before its message was taken back must find the mark).
     pub fn forget_taken_back(&self) {
@@ -337,31 +374,33 @@ impl Stream for Outbound {
                 self.waiting.room_made.notify_one();
             }
             let id = outgoing.message_id;
-            let taken_back = {
+            let dead = {
                 let mut queued = self.waiting.queued();
                 match queued.get_mut(&id) {
                     Some(entry) => {
                         entry.copies = entry.copies.saturating_sub(1);
-                        let taken_back = entry.taken_back;
+                        let dead = entry.dead;
                         // (a mark stays: another copy may still come, see the module doc)
-                        if entry.copies == 0 && taken_back.is_none() {
+                        if entry.copies == 0 && dead.is_none() {
                             queued.remove(&id);
                         }
-                        taken_back
+                        dead
                     }
                     None => None,
                 }
             };
-            let dropped = taken_back.or_else(|| {
-                (outgoing.expires_at <= self.clock.now_millis()).then_some(DropReason::Expired)
+            let dead = dead.or_else(|| {
+                (outgoing.expires_at <= self.clock.now_millis())
+                    .then_some(Dead::Dropped(DropReason::Expired))
             });
-            match dropped {
+            // (the channel's lock is released: see the module doc)
+            match dead {
                 None => {
                     self.report.sent(&outgoing);
                     return Poll::Ready(Some(Ok(outgoing.delivery)));
                 }
-                // (the channel's lock is released: see the module doc)
-                Some(reason) => self.report.dropped(&outgoing, reason),
+                Some(Dead::Dropped(reason)) => self.report.dropped(&outgoing, reason),
+                Some(Dead::Settled) => self.report.settled(&outgoing),
             }
         }
     }
@@ -384,6 +423,7 @@ pub(crate) fn unreported(capacity: usize, buffer: u64) -> (Outbox, Outbound) {
     impl Report for Nobody {
         fn sent(&self, _: &Outgoing) {}
         fn dropped(&self, _: &Outgoing, _: DropReason) {}
+        fn settled(&self, _: &Outgoing) {}
     }
     channel(
         capacity,
@@ -410,6 +450,7 @@ mod tests {
     struct Reported {
         dropped: Arc<Mutex<Vec<(MessageId, DropReason)>>>,
         sent: Arc<Mutex<Vec<MessageId>>>,
+        settled: Arc<Mutex<Vec<MessageId>>>,
     }
 
     impl Report for Reported {
@@ -419,6 +460,10 @@ mod tests {
 
         fn dropped(&self, outgoing: &Outgoing, reason: DropReason) {
             self.drops().push((outgoing.message_id, reason));
+        }
+
+        fn settled(&self, outgoing: &Outgoing) {
+            self.settled.lock().unwrap().push(outgoing.message_id);
         }
     }
 
@@ -581,6 +626,33 @@ mod tests {
         assert_eq!(taken(&mut outbound).await, [again, again]);
         send(&outbox, again).await;
         assert_eq!(taken(&mut outbound).await, [again]);
+    }
+
+    /// A message its recipient acknowledged (another copy of it, leased before its ack
+    /// timeout passed) has every copy still waiting dropped, reported as settled, not sent,
+    /// also one put in after the mark; a mark of a message taken back is kept as it was.
+    #[tokio::test]
+    async fn every_copy_of_a_settled_message_is_dropped() {
+        let (outbox, mut outbound, _, reported) = test_channel(8, 1 << 20);
+        let dropper = outbox.dropper();
+        let [m, purged, other] = [(); 3].map(|()| MessageId::new_v7());
+        for id in [m, other, purged] {
+            send(&outbox, id).await;
+        }
+        dropper.settled(m);
+        dropper.taken_back(purged, DropReason::Purged);
+        dropper.settled(purged);
+        send(&outbox, m).await;
+        assert_eq!(taken(&mut outbound).await, [other]);
+        assert_eq!(*reported.settled.lock().unwrap(), [m, m]);
+        assert_eq!(*reported.drops(), [(purged, DropReason::Purged)]);
+        assert_eq!(outbox.waiting_bytes(), 0);
+        assert!(dropper.drops(&m), "the mark is kept until forgotten");
+        outbox.forget_taken_back();
+        assert!(outbox.waiting.queued().is_empty());
+        // no copy waiting: no mark (a stream blocked in a send would collect one per ack)
+        dropper.settled(other);
+        assert!(outbox.waiting.queued().is_empty());
     }
 
     /// Forgetting the marks keeps those of messages with a copy waiting.

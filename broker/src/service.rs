@@ -1316,6 +1316,16 @@ impl outbound::Report for StreamReport {
             outgoing.lease_deadline,
         );
     }
+
+    fn settled(&self, outgoing: &Outgoing) {
+        // (its settlement freed the slots of its leases and woke the streams)
+        debug!(
+            participant = %self.participant,
+            message_id = %outgoing.message_id,
+            attempt = outgoing.delivery.attempt,
+            "delivery dropped, not sent: the recipient acknowledged or rejected the message"
+        );
+    }
 }
 
 /// Why a stream is ended: its participant left the registry (a reload), or the broker

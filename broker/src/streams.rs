@@ -210,7 +210,7 @@ impl Streams {
             for lease in leases {
                 // (the mark outlives this call: the stream task forgets marks only when
                 // every lease it holds is in its channel; see `crate::outbound`)
-                if stream.dropper.is_taken_back(&lease.message_id) {
+                if stream.dropper.drops(&lease.message_id) {
                     continue;
                 }
                 stream.in_flight.insert(
@@ -226,7 +226,8 @@ impl Streams {
     }
 
     /// Removes `ids` from the streams of `participant` (acknowledged or
-    /// rejected), from every stream that holds one, and wakes those streams. Returns the senders of the removed
+    /// rejected), from every stream that holds one, drops their copies still waiting in
+    /// the streams' channels, and wakes those streams. Returns the senders of the removed
     /// messages (whose receipts are now queued).
     pub fn settled(&self, participant: &ParticipantId, ids: &[MessageId]) -> Settled {
         let mut inner = self.lock();
@@ -239,10 +240,13 @@ impl Streams {
             // Every stream's entry goes, not only the first found: one whose ack deadline
             // passed may still be on a stream that has not looked since (blocked in a send),
             // and the message's live lease on another would hold its slot until its deadline.
+            // Its copies still waiting in a channel (leased again after the ack timeout)
+            // are dropped: the recipient holds the message.
             let mut found = None;
             for stream in entry.streams.values_mut() {
                 let removed = stream.in_flight.remove(id);
                 found = found.or(removed);
+                stream.dropper.settled(*id);
             }
             match found {
                 Some(lease) => {

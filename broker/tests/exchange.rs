@@ -648,6 +648,45 @@ async fn a_stream_ended_by_the_broker_sends_nothing_after_its_leases_are_release
     Ok(())
 }
 
+/// The ack timeout of a delivery stuck in the send buffer passes and the message is
+/// leased again onto the same stream, behind its first copy; the node reads the first copy
+/// and acknowledges it: the second, still waiting, is not sent (the node holds the message;
+/// it would only come twice, after its acknowledgement).
+#[tokio::test]
+async fn a_copy_waiting_behind_one_the_node_acknowledged_is_not_sent() -> anyhow::Result<()> {
+    let (t, mut nl, mut stream, fillers, misaddressed) = stuck_stream(|_| {}, 50).await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    time_out_lease(&t, &mut nl, &misaddressed).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while status(&mut nl, &misaddressed).await?.attempts < 2 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never leased again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the first copies come, the fillers' and then the referral's
+    loop {
+        let delivery = next(&mut stream).await?;
+        if id_of(&delivery) == misaddressed {
+            assert_eq!(delivery.attempt, 1, "the first copy comes first");
+            break;
+        }
+    }
+    assert_eq!(
+        ack(&mut be, [&misaddressed]).await?,
+        [pb::AckResult::Acknowledged]
+    );
+
+    let got = read_until_quiet(&mut stream).await;
+    assert!(
+        !got.contains(&misaddressed),
+        "the acknowledged message came again ({} deliveries after its ack)",
+        got.len()
+    );
+    for id in &fillers {
+        assert!(got.contains(id), "a filler's second copy never came");
+    }
+    Ok(())
+}
+
 /// The ack timeout of a delivery stuck in the send buffer passes, the message is leased
 /// again onto the same stream (two copies of it are then on their way there), and its
 /// sender withdraws it: neither copy may reach the recipient.
