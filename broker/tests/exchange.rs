@@ -976,6 +976,77 @@ async fn a_stream_whose_task_panics_gives_back_its_deliveries_and_its_slot() -> 
     Ok(())
 }
 
+/// The release of a closed stream's leases panics (a bug), in the stream's orderly close
+/// (its node went away) or in the release spawned for a stream whose task panicked: the
+/// stream still gives back its slot and its gauge count, and its delivery is due again
+/// after the ack timeout, as after any lease the broker lost track of.
+#[tokio::test]
+async fn a_stream_whose_release_panics_gives_back_its_slot() -> anyhow::Result<()> {
+    for task_panics in [false, true] {
+        a_stream_whose_release_panics(task_panics).await?;
+    }
+    Ok(())
+}
+
+async fn a_stream_whose_release_panics(task_panics: bool) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let (t, store) = TestBroker::start_with_faulty_store_and(|_| {}).await?;
+    let admin = crate::metrics::admin_addr(&t)?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+
+    store.release_panics.store(true, SeqCst);
+    if task_panics {
+        // its first lease takes the message, the next panics
+        store.lease_panics_after.store(1, SeqCst);
+    }
+    let mut doomed = receive(&mut be, 2).await?;
+    wait_state(&mut nl, &id, pb::MessageState::InFlight).await?;
+    if task_panics {
+        while let Ok(Some(_)) = tokio::time::timeout(WAIT, doomed.message()).await? {}
+    }
+    drop(doomed);
+    crate::metrics::scrape_until(admin, "the stream to be counted down", |s| {
+        s.get("trmx_participant_connected_streams{participant=\"BE-PAYOKE\"}") == Some(0.0)
+    })
+    .await?;
+    store.release_panics.store(false, SeqCst);
+    store.lease_panics_after.store(usize::MAX, SeqCst);
+
+    let mut open = Vec::new();
+    for n in 1..=4 {
+        let opened = be.receive(pb::ReceiveRequest { max_in_flight: 1 }).await;
+        open.push(opened.map_err(|s| anyhow::anyhow!("stream {n} of 4 refused: {s}"))?);
+    }
+    assert_eq!(
+        state_of(&mut nl, &id).await?,
+        pb::MessageState::InFlight,
+        "task panics: {task_panics}"
+    );
+    time_out_lease(&t, &mut nl, &id).await?;
+    t.advance(Duration::from_secs(2));
+    // (on whichever of the streams leases it)
+    let [a, b, c, d] = &mut open[..] else {
+        unreachable!("four streams")
+    };
+    let again = tokio::time::timeout(WAIT, async {
+        tokio::select! {
+            got = a.get_mut().message() => got,
+            got = b.get_mut().message() => got,
+            got = c.get_mut().message() => got,
+            got = d.get_mut().message() => got,
+        }
+    })
+    .await??
+    .context("a stream ended")?;
+    assert_eq!((id_of(&again), again.attempt), (id.clone(), 2));
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_health_service_reports_serving() -> anyhow::Result<()> {
     use tonic_health::pb::health_client::HealthClient;

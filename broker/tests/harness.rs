@@ -442,6 +442,7 @@ impl TestBroker {
             reads_passing: std::sync::atomic::AtomicUsize::new(0),
             fail_ticks: std::sync::atomic::AtomicBool::new(false),
             lease_panics_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            release_panics: std::sync::atomic::AtomicBool::new(false),
         });
         let clock = ManualClock::new(SystemTime::now());
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -478,6 +479,9 @@ pub(crate) struct FaultyStore {
     /// This many more `lease` calls pass, then each panics, as a bug in the broker
     /// would make a stream's task panic (`usize::MAX`: never).
     pub(crate) lease_panics_after: std::sync::atomic::AtomicUsize,
+    /// While set, every `release_stream` panics, as a bug in the broker would make the
+    /// release of a closed stream's leases panic.
+    pub(crate) release_panics: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyStore {
@@ -570,6 +574,10 @@ mod faulty {
             end: StreamEnd,
             now: Millis,
         ) -> Result<Released, StoreError> {
+            let panics = self
+                .release_panics
+                .load(std::sync::atomic::Ordering::SeqCst);
+            assert!(!panics, "injected: a stream's release panics");
             self.inner.release_stream(recipient, stream, end, now).await
         }
         async fn withdraw(
