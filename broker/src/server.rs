@@ -716,8 +716,9 @@ async fn timer_loop(
 }
 
 /// Acts on what a tick applied (all of it, or the part committed before it failed):
-/// metrics, a log line, the slots of deliveries that expired in flight, wake-ups. (The
-/// audit log's retention runs only in a tick that succeeds.)
+/// metrics, a log line, the slots and waiting copies of deliveries that expired or were
+/// dead-lettered in flight, wake-ups. (The audit log's retention runs only in a tick that
+/// succeeds.)
 fn act_on_tick(shared: &Shared, report: &TickReport) {
     shared.metrics.record_tick(report);
     let changed = report.redelivery_due
@@ -740,6 +741,13 @@ fn act_on_tick(shared: &Shared, report: &TickReport) {
         shared
             .streams
             .dropped(&lease.recipient, &lease.message_id, lease.deadline);
+    }
+    // Its sender is told it was not delivered (`MAX_ATTEMPTS`): a copy still waiting in
+    // a send buffer must not reach the recipient. (One already sent is acked `NOT_FOUND`.)
+    for lease in &report.dead_lettered_in_flight {
+        shared
+            .streams
+            .dead_lettered(&lease.recipient, &lease.message_id, lease.deadline);
     }
     if report.dead_lettered + report.expired > 0 {
         // non-delivery reports went to the senders

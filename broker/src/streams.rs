@@ -7,7 +7,8 @@
 //! - A stream's in-flight set holds only ids the store leased to that stream;
 //!   an entry leaves on ack, reject, withdraw, purge, when its delivery is dropped
 //!   from the stream's channel unsent (see [`crate::outbound`]), when its message
-//!   expires (`TickReport::expired_in_flight`), or when its ack deadline passes (the store then owns its redelivery), so a stream never stalls
+//!   expires (`TickReport::expired_in_flight`) or is dead-lettered for its attempts
+//!   (`TickReport::dead_lettered_in_flight`), or when its ack deadline passes (the store then owns its redelivery), so a stream never stalls
 //!   at its `max_in_flight`. A lease of a message taken back (withdrawn, purged)
 //!   between the store's lease and its registration here never enters it: the
 //!   withdrawal or purge came too early to free its slot.
@@ -325,6 +326,24 @@ impl Streams {
         if freed {
             entry.notify.notify_waiters();
         }
+    }
+
+    /// The ack deadline `deadline` of `participant`'s delivery of message `id` passed with
+    /// its attempts used up: the store dead-lettered it and reported it to its sender as not
+    /// delivered. Drops its copies from the channels of the participant's streams where they
+    /// wait, or come to wait, to be sent (a slow link), and frees that lease's slot, as
+    /// [`Streams::dropped`] does. A copy already handed to the connection is out of reach:
+    /// the node's ack of it is answered `ACK_RESULT_NOT_FOUND`.
+    pub fn dead_lettered(&self, participant: &ParticipantId, id: &MessageId, deadline: Millis) {
+        {
+            let inner = self.lock();
+            if let Some(entry) = inner.get(participant) {
+                for stream in entry.streams.values() {
+                    stream.dropper.taken_back(*id, DropReason::DeadLettered);
+                }
+            }
+        }
+        self.dropped(participant, id, deadline);
     }
 
     /// `sender` withdrew its message `id` to `recipient`: frees its slot on whichever

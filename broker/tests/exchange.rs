@@ -648,6 +648,69 @@ async fn a_stream_ended_by_the_broker_sends_nothing_after_its_leases_are_release
     Ok(())
 }
 
+/// The ack deadline of a delivery's last attempt (`lifecycle.max_attempts`) passes while
+/// it waits in the send buffer of a stuck stream: the message is dead-lettered and its
+/// sender gets a `MAX_ATTEMPTS` non-delivery report. The waiting copy must not be sent
+/// when the link moves again: the recipient's node would store a message its sender was
+/// told was not delivered (and may send again under a new id), and its ack would be
+/// answered `NOT_FOUND`.
+#[tokio::test]
+async fn a_copy_waiting_when_its_last_attempt_times_out_is_not_sent() -> anyhow::Result<()> {
+    let (t, mut nl, mut stream, fillers, misaddressed) =
+        stuck_stream(|c| c.lifecycle.max_attempts = 1, 50).await?;
+    time_out_lease(&t, &mut nl, &misaddressed).await?;
+    assert_eq!(
+        state_of(&mut nl, &misaddressed).await?,
+        pb::MessageState::DeadLettered
+    );
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    let (kind, report) = receipt(&next(&mut nl_stream).await?)?;
+    assert_eq!(
+        (kind, report.outcome, report.reason_code.as_str()),
+        (
+            Kind::NonDeliveryReport,
+            pb::Outcome::DeadLettered as i32,
+            "MAX_ATTEMPTS"
+        )
+    );
+    // The store's change is seen before the timer loop has its tick's report (the tick
+    // waits for its flush): the link moves once the loop has acted on the report, which
+    // it counts first. (Every delivery was leased, and dead-lettered, with the referral.)
+    let all = format!(
+        "trmx_messages_dead_lettered_total{{reason=\"max_attempts\"}} {}\n",
+        fillers.len() + 1
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !t.broker.metrics().render().contains(&all) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the timer loop never counted the dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // the link moves again
+    let got = read_until_quiet(&mut stream).await;
+    assert!(
+        !got.contains(&misaddressed),
+        "the message reported dead-lettered reached the recipient ({} of {} fillers \
+         before it)",
+        got.iter().filter(|id| fillers.contains(id)).count(),
+        fillers.len()
+    );
+    let metrics = t.broker.metrics().render();
+    assert!(
+        !metrics.contains("trmx_deliveries_dropped_total{reason=\"dead_lettered\"} 0\n"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("trmx_deliveries_dropped_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Ok(())
+}
+
 /// The ack timeout of a delivery stuck in the send buffer passes and the message is
 /// leased again onto the same stream, behind its first copy; the node reads the first copy
 /// and acknowledges it: the second, still waiting, is not sent (the node holds the message;

@@ -166,22 +166,27 @@ pub enum DropReason {
     Purged,
     /// The message's lifetime ended (the broker expires it, if it has not yet).
     Expired,
+    /// The ack deadline of the message's last attempt passed while the copy waited
+    /// (`lifecycle.max_attempts`): dead-lettered, its sender has a non-delivery report.
+    DeadLettered,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 4] = [
         DropReason::Withdrawn,
         DropReason::Purged,
         DropReason::Expired,
+        DropReason::DeadLettered,
     ];
 
-    /// The label value: `withdrawn`, `purged` or `expired`.
+    /// The label value: `withdrawn`, `purged`, `expired` or `dead_lettered`.
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Withdrawn => "withdrawn",
             DropReason::Purged => "purged",
             DropReason::Expired => "expired",
+            DropReason::DeadLettered => "dead_lettered",
         }
     }
 }
@@ -865,7 +870,8 @@ impl Metrics {
         w.family(
             "trmx_deliveries_dropped_total",
             "Deliveries dropped from a Receive stream's send buffer, never sent, by reason: \
-             the message was withdrawn, purged or expired while they waited.",
+             the message was withdrawn, purged, expired or dead-lettered (its last attempt's \
+             ack deadline passed) while they waited.",
             "counter",
         );
         for (reason, count) in DropReason::ALL.iter().zip(&self.dropped) {
@@ -1487,6 +1493,7 @@ mod tests {
             "trmx_deliveries_dropped_total{reason=\"withdrawn\"} 2",
             "trmx_deliveries_dropped_total{reason=\"purged\"} 0",
             "trmx_deliveries_dropped_total{reason=\"expired\"} 1",
+            "trmx_deliveries_dropped_total{reason=\"dead_lettered\"} 0",
             "trmx_timer_failures_total{step=\"tick\"} 1",
             "trmx_timer_failures_total{step=\"audit_retention\"} 1",
             "trmx_tls_handshake_failures_total{reason=\"revoked\"} 4",

@@ -126,6 +126,9 @@ async fn tick<S: BrokerStore>(s: &S, now: Millis) -> TickReport {
         total.payloads_deleted += report.payloads_deleted;
         total.metadata_deleted += report.metadata_deleted;
         total.expired_in_flight.extend(report.expired_in_flight);
+        total
+            .dead_lettered_in_flight
+            .extend(report.dead_lettered_in_flight);
         for woken in report.woken {
             if !total.woken.contains(&woken) {
                 total.woken.push(woken);
@@ -616,8 +619,23 @@ pub(super) async fn max_attempts_dead_letters_with_ndr<S: BrokerStore>(s: &S, c:
             .unwrap();
         assert_eq!(leased.len(), 1, "attempt {attempt}");
         assert_eq!(leased[0].attempt, attempt);
+        let deadline = c.now_millis() + lifecycle().ack_timeout.as_millis() as Millis;
         c.advance(Duration::from_secs(30));
-        tick(s, c.now_millis()).await;
+        let report = tick(s, c.now_millis()).await;
+        // the lease that used up the attempts is named, so that a copy of it still
+        // waiting in a stream's send buffer is dropped, not sent after the sender was
+        // told the message was not delivered; one put back for a redelivery is not
+        let ended = (attempt == 3)
+            .then(|| ExpiredLease {
+                recipient: pid(BE),
+                message_id: m.message_id,
+                deadline,
+            })
+            .into_iter()
+            .collect::<Vec<_>>();
+        assert_eq!(report.dead_lettered_in_flight, ended, "attempt {attempt}");
+        assert_eq!(report.dead_lettered, u64::from(attempt == 3));
+        assert!(report.expired_in_flight.is_empty(), "{report:?}");
         c.advance(Duration::from_secs(10)); // past any backoff
         tick(s, c.now_millis()).await;
     }

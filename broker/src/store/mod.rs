@@ -358,6 +358,14 @@ pub struct TickReport {
     /// back at once (`max_in_flight`), rather than at the ack deadline, which the node
     /// that still holds the message may let pass; the messages behind them are due.
     pub expired_in_flight: Vec<ExpiredLease>,
+    /// The leases whose ack deadline passed with the message's attempts used up
+    /// (`max_attempts`: DEAD_LETTERED, a `MAX_ATTEMPTS` non-delivery report to the sender):
+    /// their copies still waiting in a stream's send buffer (a slow link) are dropped, not
+    /// sent, and their slots freed, as for [`Self::expired_in_flight`]. The recipient must
+    /// not get a message its sender is told was not delivered. (A copy already handed to the
+    /// connection cannot be called back: its ack is `ACK_RESULT_NOT_FOUND`, which the proto
+    /// documents for a message dead-lettered since its delivery.)
+    pub dead_lettered_in_flight: Vec<ExpiredLease>,
     /// The audit log's retention could not run (e.g. a damaged record): the timers
     /// above were applied all the same, and the next tick tries again.
     pub audit_prune_error: Option<String>,
@@ -366,7 +374,7 @@ pub struct TickReport {
 /// A [`BrokerStore::tick`] that failed. It applies its timers in several atomic writes,
 /// so it may fail after some were committed: what those did comes with the error, for the
 /// caller to act on as on a tick that succeeded (wake the streams, free the slots of the
-/// leases that expired in flight, which no later tick reports again).
+/// leases that expired or were dead-lettered in flight, which no later tick reports again).
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
 pub struct TickError {
@@ -412,7 +420,8 @@ impl<T: std::fmt::Debug> From<StoreError> for ChangeError<T> {
     }
 }
 
-/// A lease that ended because its message expired (see [`TickReport::expired_in_flight`]).
+/// A lease a tick ended for good: its message expired ([`TickReport::expired_in_flight`]),
+/// or its last attempt's ack deadline passed ([`TickReport::dead_lettered_in_flight`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredLease {
     /// The recipient whose stream held it.

@@ -693,6 +693,9 @@ impl Core {
             report.payloads_deleted += part.payloads_deleted;
             report.metadata_deleted += part.metadata_deleted;
             report.expired_in_flight.extend(part.expired_in_flight);
+            report
+                .dead_lettered_in_flight
+                .extend(part.dead_lettered_in_flight);
             wake.extend(woken);
         }
         Ok(())
@@ -750,7 +753,16 @@ impl Core {
         // the backoff runs from the ack deadline, so a late tick (broker
         // down, coarse timer) does not stretch it
         match self.attempt_failed(tx, old, at, now, wake)? {
-            Retry::DeadLettered => report.dead_lettered += 1,
+            Retry::DeadLettered => {
+                report.dead_lettered += 1;
+                report
+                    .dead_lettered_in_flight
+                    .push(crate::store::ExpiredLease {
+                        recipient: old.recipient.clone(),
+                        message_id: old.message_id,
+                        deadline: at,
+                    });
+            }
             Retry::Due | Retry::Later => report.redelivery_due += 1,
         }
         Ok(())
