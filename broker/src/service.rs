@@ -696,7 +696,7 @@ impl ExchangeService {
                 let result = match id {
                     None => pb::AckResult::InvalidId,
                     Some(_) => match results.next() {
-                        Some(store::AckResult::Acknowledged) => pb::AckResult::Acknowledged,
+                        Some(store::AckResult::Acknowledged { .. }) => pb::AckResult::Acknowledged,
                         _ => pb::AckResult::NotFound,
                     },
                 };
@@ -721,32 +721,37 @@ impl ExchangeService {
         let (mut acknowledged, mut not_found) = (Vec::new(), Vec::new());
         for (id, result) in ids.iter().zip(&results) {
             match result {
-                store::AckResult::Acknowledged => acknowledged.push(*id),
+                store::AckResult::Acknowledged { kind, already } => {
+                    // Counted from the store's answer, not from the stream table, which
+                    // no longer holds the delivery after its ack deadline, after a
+                    // reconnect or a restart; once, the call that acknowledged it.
+                    if !already {
+                        shared.metrics.acknowledged(*kind);
+                    }
+                    acknowledged.push(*id);
+                }
                 // (expired, withdrawn or purged while in flight: its stream slot is free)
                 store::AckResult::NotFound => not_found.push(*id),
             }
         }
-        for kind in self.settled(caller, &acknowledged) {
-            shared.metrics.acknowledged(kind);
-        }
+        self.settled(caller, &acknowledged);
         shared.streams.not_in_flight(caller, &not_found);
         debug!(acknowledged = acknowledged.len(), "ack");
         Ok(results)
     }
 
-    /// Frees the stream slots of settled messages and wakes whoever gets a receipt.
-    /// Returns the kinds of the messages that were in flight on a stream here (each
-    /// settled message once; not those leased before a restart or past their deadline).
-    fn settled(&self, caller: &ParticipantId, ids: &[MessageId]) -> Vec<Kind> {
+    /// Frees the stream slots of settled messages, and drops their copies still waiting
+    /// to be sent.
+    fn settled(&self, caller: &ParticipantId, ids: &[MessageId]) {
         if ids.is_empty() {
-            return Vec::new();
+            return;
         }
         // The senders' streams need no wake-up from here: the store wakes the
         // recipient of every receipt it queues once it is durable. (Waking
         // every stream when an id was not in flight here let one client that
         // acks an old id over and over set every stream of every participant
         // leasing on the store's one writer thread.)
-        self.shared.streams.settled(caller, ids).kinds
+        self.shared.streams.settled(caller, ids);
     }
 
     async fn reject_inner(

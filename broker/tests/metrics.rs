@@ -230,6 +230,82 @@ async fn metrics_move_as_messages_flow() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `trmx_messages_acknowledged_total` counts every message the store acknowledges, by
+/// its kind, once: also an ack whose delivery the broker's stream table no longer holds
+/// (its stream dropped before the node's ack came, or the broker restarted since), which
+/// it missed when it counted from that table.
+#[tokio::test]
+async fn acks_of_deliveries_no_stream_holds_are_counted_once() -> anyhow::Result<()> {
+    let mut t = TestBroker::start().await?;
+    let referrals = kind_series("trmx_messages_acknowledged_total", Kind::Referral);
+    let receipts = kind_series("trmx_messages_acknowledged_total", Kind::DeliveryReceipt);
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let (first, second) = (referral("BE-PAYOKE"), referral("BE-PAYOKE"));
+    let ids = [first.message_id.clone(), second.message_id.clone()];
+    submit(&mut nl, first).await?;
+    submit(&mut nl, second).await?;
+
+    // BE-PAYOKE's node reads both; its stream drops before it acks (a flaky link)
+    let mut stream = receive(&mut be, 0).await?;
+    let mut got = vec![
+        id_of(&next(&mut stream).await?),
+        id_of(&next(&mut stream).await?),
+    ];
+    got.sort();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(got, sorted);
+    drop(stream);
+    for id in &ids {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while state_of(&mut nl, id).await? != pb::MessageState::Accepted {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the stream's leases were never released"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // its ack comes on the connection it has left (the first id named twice), and again
+    let admin = admin_addr(&t)?;
+    assert_eq!(
+        ack(&mut be, [&ids[0], &ids[0]]).await?,
+        [pb::AckResult::Acknowledged; 2]
+    );
+    assert_eq!(
+        ack(&mut be, [&ids[0]]).await?,
+        [pb::AckResult::Acknowledged]
+    );
+    assert_eq!(Scrape::take(admin).await?.value(&referrals), 1.0);
+
+    // the sender's node reads the delivery receipt, and the broker restarts before its ack
+    let mut nl_stream = receive(&mut nl, 0).await?;
+    let delivery = next(&mut nl_stream).await?;
+    assert_eq!(receipt(&delivery)?.0, Kind::DeliveryReceipt);
+    let receipt_id = id_of(&delivery);
+    drop(nl_stream);
+    drop((nl, be));
+    t.restart().await?;
+    let admin = admin_addr(&t)?;
+    let (mut nl, mut be) = (t.client("NL-NRM")?, t.client("BE-PAYOKE")?);
+    assert_eq!(
+        ack(&mut be, [&ids[1]]).await?,
+        [pb::AckResult::Acknowledged]
+    );
+    assert_eq!(
+        ack(&mut nl, [&receipt_id]).await?,
+        [pb::AckResult::Acknowledged]
+    );
+    let after = Scrape::take(admin).await?;
+    // (this process counts from 0)
+    assert_eq!(
+        (after.value(&referrals), after.value(&receipts)),
+        (1.0, 1.0)
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn refused_rejected_and_withdrawn_submits_are_counted_by_reason() -> anyhow::Result<()> {
     let t = TestBroker::start().await?;

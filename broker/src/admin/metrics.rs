@@ -456,7 +456,7 @@ impl Metrics {
         }
     }
 
-    /// The recipient acknowledged a message.
+    /// The store recorded the recipient's ack of a message (not a repeated ack).
     pub fn acknowledged(&self, kind: Kind) {
         self.acknowledged.inc(kind);
     }
@@ -828,7 +828,7 @@ impl Metrics {
         self.render_kinds(
             &mut w,
             "trmx_messages_acknowledged_total",
-            "Messages acknowledged by their recipient.",
+            "Messages acknowledged by their recipient, each once, when the store records the ack.",
             &self.acknowledged,
         );
         w.family(

@@ -23,6 +23,24 @@ pub(super) fn pid(s: &str) -> ParticipantId {
     ParticipantId::parse(s).unwrap()
 }
 
+/// The answer to an ack of one of the suite's referrals that acknowledges it now.
+pub(super) const ACKED: AckResult = AckResult::Acknowledged {
+    kind: Kind::Referral,
+    already: false,
+};
+
+/// The answer to an ack of a referral acknowledged before (a repeat: not counted again).
+pub(super) const ACKED_BEFORE: AckResult = AckResult::Acknowledged {
+    kind: Kind::Referral,
+    already: true,
+};
+
+/// The answer to an ack of a receipt that acknowledges it now.
+pub(super) const RECEIPT_ACKED: AckResult = AckResult::Acknowledged {
+    kind: Kind::DeliveryReceipt,
+    already: false,
+};
+
 /// The lifecycle used by the suite.
 pub(super) fn lifecycle() -> Lifecycle {
     Lifecycle {
@@ -313,9 +331,12 @@ pub(super) async fn ack_queues_delivery_receipt<S: BrokerStore>(s: &S, c: &Manua
     let at = c.now_millis();
     let unknown = MessageId::new_v7();
     let mut wake = s.wakeups();
+    // (named twice: acknowledged once, with its kind, for the service's counter)
     assert_eq!(
-        s.ack(&pid(BE), &[m.message_id, unknown], at).await.unwrap(),
-        vec![AckResult::Acknowledged, AckResult::NotFound]
+        s.ack(&pid(BE), &[m.message_id, unknown, m.message_id], at)
+            .await
+            .unwrap(),
+        vec![ACKED, AckResult::NotFound, ACKED_BEFORE]
     );
     // the receipt is due to the sender: its streams are woken, and nobody else's
     assert_eq!(wake.try_recv().ok(), Some(pid(NL)));
@@ -329,7 +350,7 @@ pub(super) async fn ack_queues_delivery_receipt<S: BrokerStore>(s: &S, c: &Manua
     // ack repeated in a loop must not wake every stream of the sender)
     assert_eq!(
         s.ack(&pid(BE), &[m.message_id], at).await.unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![ACKED_BEFORE]
     );
     assert!(wake.try_recv().is_err(), "a repeated ack woke a stream");
 
@@ -375,7 +396,7 @@ pub(super) async fn ack_queues_delivery_receipt<S: BrokerStore>(s: &S, c: &Manua
     // acking the receipt makes no receipt
     assert_eq!(
         s.ack(&pid(NL), &[env.message_id], at).await.unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![RECEIPT_ACKED]
     );
     assert!(receipts(s, BE, at).await.is_empty());
     assert!(receipts(s, NL, at).await.is_empty());
@@ -502,7 +523,7 @@ pub(super) async fn ack_timeout_redelivers_after_backoff<S: BrokerStore>(s: &S, 
         s.ack(&pid(BE), &[m.message_id], c.now_millis())
             .await
             .unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![ACKED]
     );
     // and its backoff timer is gone
     c.advance(Duration::from_secs(5));
@@ -545,7 +566,7 @@ pub(super) async fn an_empty_payload_is_delivered<S: BrokerStore>(s: &S, c: &Man
         s.ack(&pid(BE), &[empty.message_id], c.now_millis())
             .await
             .unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![ACKED]
     );
 }
 
@@ -1501,7 +1522,7 @@ pub(super) async fn an_ack_at_the_instant_of_expiry_is_one_delivery<S: BrokerSto
         s.ack(&pid(BE), &[m.message_id], m.expires_at)
             .await
             .unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![ACKED]
     );
     assert_eq!(tick(s, m.expires_at).await.expired, 0);
     let got = receipts(s, NL, m.expires_at).await;
@@ -1633,7 +1654,7 @@ pub(super) async fn a_re_leased_message_is_not_released_by_its_old_stream<S: Bro
         s.ack(&pid(BE), &[m.message_id], now + 33_000)
             .await
             .unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![ACKED]
     );
     assert_eq!(receipts(s, NL, now + 33_000).await.len(), 1);
 }
@@ -1718,7 +1739,7 @@ pub(super) async fn a_redriven_message_counts_only_its_new_deliveries<S: BrokerS
     assert_eq!(leased[0].attempt, 1);
     assert_eq!(
         s.ack(&pid(BE), &[m.message_id], at).await.unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![ACKED]
     );
     let outcomes: Vec<i32> = receipts(s, NL, at)
         .await
@@ -1817,7 +1838,7 @@ pub(super) async fn a_receipt_is_tried_again_past_the_attempt_limit<S: BrokerSto
     assert_eq!(lease_ids(s, NL, 99, 10, t).await, vec![dr]);
     assert_eq!(
         s.ack(&pid(NL), &[dr], t).await.unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![RECEIPT_ACKED]
     );
     // and no receipt of the receipt
     assert!(receipts(s, NL, t).await.is_empty());
@@ -1856,7 +1877,7 @@ pub(super) async fn a_message_id_used_again_gets_its_own_receipt<S: BrokerStore>
     assert_eq!(leased.len(), 2);
     assert_eq!(
         s.ack(&pid(NL), &[late_dr], now + hour).await.unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![RECEIPT_ACKED]
     );
     // the metadata retention of both messages passes; the receipts stay on record
     tick(s, now + mr).await;
@@ -1922,7 +1943,7 @@ pub(super) async fn a_message_id_used_again_gets_its_own_receipt<S: BrokerStore>
     // the sender's ack settles the new receipts; the old ones stay as they were
     assert_eq!(
         s.ack(&pid(NL), &[late_dr, unread_dr], t).await.unwrap(),
-        vec![AckResult::Acknowledged, AckResult::Acknowledged]
+        vec![RECEIPT_ACKED; 2]
     );
     for (id, (seq, state)) in [late_dr, unread_dr].into_iter().zip(old.iter().copied()) {
         let records = s.search(on_record(id)).await.unwrap().records;
@@ -2174,7 +2195,7 @@ pub(super) async fn receipts_sharing_an_id_are_settled_and_deleted_apart<S: Brok
     assert_eq!(left[0].1, State::Accepted);
     assert_eq!(
         s.ack(&pid(NL), &[kept_dr], gone).await.unwrap(),
-        vec![AckResult::Acknowledged]
+        vec![RECEIPT_ACKED]
     );
     assert_eq!(records(kept_dr).await[0].1, State::Acknowledged);
     assert_eq!(records(refused_dr).await.len(), 1);

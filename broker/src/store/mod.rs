@@ -181,7 +181,15 @@ pub struct Leased {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckResult {
     /// Acknowledged now or before.
-    Acknowledged,
+    Acknowledged {
+        /// The message's kind, from its record (`trmx_messages_acknowledged_total` counts
+        /// by it, also for an ack no stream of this process holds the delivery of).
+        kind: Kind,
+        /// It was acknowledged before this call (a repeat, e.g. a retry after a lost
+        /// answer, or the id twice in one call): nothing changed now, and it is not counted
+        /// again.
+        already: bool,
+    },
     /// Not a message delivered to the caller.
     NotFound,
 }
@@ -622,7 +630,9 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         now: Millis,
     ) -> Result<Vec<Leased>, StoreError>;
     /// The recipient stored these. Per id: Acknowledged when it is addressed to `recipient` and was delivered at least
-    /// once (IN_FLIGHT, or back in ACCEPTED after a timeout, or already ACKNOWLEDGED → harmless), else NotFound.
+    /// once (IN_FLIGHT, or back in ACCEPTED after a timeout, or already ACKNOWLEDGED → harmless,
+    /// `already`), with the message's kind, else NotFound. An id named twice in one call is
+    /// acknowledged at its first place, `already` at the second.
     /// Deletes the payload, queues the DELIVERY_RECEIPT to the sender (not for receipts: a receipt never causes a receipt).
     async fn ack(
         &self,

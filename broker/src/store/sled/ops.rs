@@ -1755,7 +1755,13 @@ impl Tx<'_> {
                     continue;
                 }
                 if old.state == State::Acknowledged {
-                    result = AckResult::Acknowledged;
+                    // (one acknowledged by this call wins: it is counted)
+                    if result == AckResult::NotFound {
+                        result = AckResult::Acknowledged {
+                            kind: old.kind,
+                            already: true,
+                        };
+                    }
                 } else if delivered(&old) {
                     let mut new = old.clone();
                     finish_without_payload(&mut new, State::Acknowledged, now, self.life);
@@ -1763,7 +1769,10 @@ impl Tx<'_> {
                     if let Some(to) = tx.receipt(&new, pb::Outcome::Delivered, now)? {
                         wake.insert(to);
                     }
-                    result = AckResult::Acknowledged;
+                    result = AckResult::Acknowledged {
+                        kind: old.kind,
+                        already: false,
+                    };
                 }
             }
             results.push(result);
@@ -2013,6 +2022,7 @@ mod tests {
     use super::super::tx::{BY_ID, PAYLOADS};
     use super::super::{SledOptions, SledStore};
     use super::*;
+    use crate::store::conformance::{ACKED, ACKED_BEFORE};
     use crate::store::{BrokerStore, Lifecycle, NewMessage, StreamEnd};
 
     const NOW: Millis = 1_700_000_000_000;
@@ -3868,7 +3878,7 @@ mod tests {
         let mut named = ids.clone();
         named.insert(N / 2, MessageId::new_v7());
         let results = s.ack(&be, &named, NOW).await.unwrap();
-        let mut expected = vec![AckResult::Acknowledged; N + 1];
+        let mut expected = vec![ACKED; N + 1];
         expected[N / 2] = AckResult::NotFound;
         assert_eq!(results, expected);
         let read = largest_read(&s);
@@ -3893,10 +3903,7 @@ mod tests {
         let mut sorted = ids.clone();
         sorted.sort();
         assert_eq!(receipted, sorted, "one receipt per message");
-        assert_eq!(
-            s.ack(&be, &ids, NOW).await.unwrap(),
-            vec![AckResult::Acknowledged; N]
-        );
+        assert_eq!(s.ack(&be, &ids, NOW).await.unwrap(), vec![ACKED_BEFORE; N]);
         s.close().await.unwrap();
         drop(s);
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
@@ -3964,7 +3971,7 @@ mod tests {
         release.send(()).unwrap();
         hold.await.unwrap().unwrap();
         for ack in acks {
-            assert_eq!(ack.await.unwrap().unwrap(), vec![AckResult::Acknowledged]);
+            assert_eq!(ack.await.unwrap().unwrap(), vec![ACKED]);
         }
     }
 
@@ -4004,10 +4011,7 @@ mod tests {
             .await
             .expect_err("an ack whose flush failed is not answered");
         s.fault_switch().set_failing(false);
-        assert_eq!(
-            s.ack(&be, &ids, NOW).await.unwrap(),
-            vec![AckResult::Acknowledged; N]
-        );
+        assert_eq!(s.ack(&be, &ids, NOW).await.unwrap(), vec![ACKED_BEFORE; N]);
         one_receipt_each_then_consistent(s, dir.path(), N).await;
     }
 
@@ -4033,7 +4037,7 @@ mod tests {
             .core
             .transact(|tx| tx.ack(&be, &parts[0], NOW))
             .unwrap();
-        assert_eq!(first, vec![AckResult::Acknowledged; parts[0].ids.len()]);
+        assert_eq!(first, vec![ACKED; parts[0].ids.len()]);
         s.close().await.unwrap();
         drop(s);
         let report = crate::store::verify_store_offline(dir.path()).unwrap();
@@ -4042,10 +4046,10 @@ mod tests {
         let s = open(dir.path());
         let requeued = s.recover(NOW + 1_000).await.unwrap();
         assert_eq!(requeued, (N - parts[0].ids.len()) as u64);
-        assert_eq!(
-            s.ack(&be, &ids, NOW + 1_000).await.unwrap(),
-            vec![AckResult::Acknowledged; N]
-        );
+        // (those of the first part were acknowledged before the crash: counted then)
+        let mut expected = vec![ACKED_BEFORE; parts[0].ids.len()];
+        expected.resize(N, ACKED);
+        assert_eq!(s.ack(&be, &ids, NOW + 1_000).await.unwrap(), expected);
         let receipts = s
             .lease(&nl, StreamId(2), 2 * N, u64::MAX, NOW + 1_000)
             .await
@@ -4098,7 +4102,7 @@ mod tests {
         largest_read(&s);
 
         let results = s.ack(&be, &ids, NOW).await.unwrap();
-        assert_eq!(results, vec![AckResult::Acknowledged; N]);
+        assert_eq!(results, vec![ACKED; N]);
         let read = largest_read(&s);
         assert!(
             (1..=BATCH_READ_BYTES + 2 * LARGE as u64).contains(&read),
@@ -4177,8 +4181,12 @@ mod tests {
         for ack in acks {
             results.push(ack.await.unwrap().unwrap());
         }
-        use AckResult::{Acknowledged as A, NotFound as N};
-        assert_eq!(results, vec![vec![N, N], vec![A], vec![A, A], vec![A]]);
+        // (acknowledged by the first ack that names it, once: the repeats say so)
+        let (a, again, n) = (ACKED, ACKED_BEFORE, AckResult::NotFound);
+        assert_eq!(
+            results,
+            vec![vec![n, n], vec![a], vec![again, again], vec![again]]
+        );
 
         // one DELIVERED receipt, one REJECTED_BY_RECIPIENT; a withdrawal makes none
         let receipts = s.lease(&nl, StreamId(2), 10, u64::MAX, NOW).await.unwrap();
@@ -4211,10 +4219,10 @@ mod tests {
         named.push(ids[0]);
         let parts = s.inner.core.plan(&named, ackable(&be)).unwrap();
         assert!(parts.len() > 1, "{} parts", parts.len());
-        assert_eq!(
-            s.ack(&be, &named, NOW).await.unwrap(),
-            vec![AckResult::Acknowledged; N + 1]
-        );
+        // (the repeat says it was acknowledged already: it is counted once)
+        let mut expected = vec![ACKED; N];
+        expected.push(ACKED_BEFORE);
+        assert_eq!(s.ack(&be, &named, NOW).await.unwrap(), expected);
         one_receipt_each_then_consistent(s, dir.path(), N).await;
     }
 
