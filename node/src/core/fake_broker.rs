@@ -69,6 +69,9 @@ pub(crate) struct FakeState {
     /// `GetStatus`'s answer about a message of the caller's, in place of the one its
     /// state here makes (a state this fake does not reach otherwise).
     pub(crate) status_of: HashMap<String, pb::MessageStatus>,
+    /// `GetStatus` answers this error about these ids (a broker that cannot read one
+    /// message's record, its store damaged).
+    pub(crate) status_errors: HashMap<String, (tonic::Code, String)>,
     /// `Receive` opens, then ends at once with this status.
     pub(crate) end_streams: Option<(tonic::Code, String)>,
     /// `GetInfo` calls answered.
@@ -583,6 +586,9 @@ impl Exchange for Endpoint {
         self.broker.lock().status_asked.push(id.clone());
         drop(self.broker.status_hold.lock().await);
         let st = self.broker.lock();
+        if let Some((code, message)) = st.status_errors.get(&id) {
+            return Err(Status::new(*code, message.clone()));
+        }
         if let Some(other) = st.status_answers_for.clone() {
             return Ok(Response::new(pb::MessageStatus {
                 message_id: other,

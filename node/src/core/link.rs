@@ -1985,6 +1985,9 @@ pub(crate) const MAX_RESUBMITS_ON_OTHER_ANSWERS: u32 = 10;
 /// for `redrive_watch` after they failed ([`check_failed`]): an operator may redrive
 /// such a message, and when its delivery receipt is lost too, only the broker's status
 /// tells that it was delivered.
+///
+/// A failed call stops the round; its entry counts as asked about all the same, so that
+/// one message the broker keeps failing on does not stop every round at itself.
 pub(crate) async fn outbox_check_loop(
     inner: Arc<Inner>,
     mut client: ExchangeClient<LinkChannel>,
@@ -2041,21 +2044,40 @@ pub(crate) async fn outbox_check_loop(
             } else {
                 check_failed(&inner, &mut client, id, next_ask, &mut shutdown).await
             };
-            match asked {
-                Ok(()) if submitted => {
+            let Err(e) = asked else {
+                if submitted {
                     checked.insert(id, now);
                 }
-                Ok(()) => {}
-                Err(e @ NodeError::BrokerUnavailable(_)) => {
-                    // the receive loop reports the broker's state
-                    debug!(participant = %me, error = %e, "outbox check stopped for this round");
-                    break;
-                }
-                Err(e) => {
-                    warn!(participant = %me, message_id = %id, error = %e, "outbox check stopped for this round");
-                    break;
+                continue;
+            };
+            if *shutdown.borrow() {
+                return;
+            }
+            // Asked about all the same, behind the others next time: an error about this
+            // one message (a broker that cannot read its record) would otherwise stop
+            // every round at it, first again each time, and no entry behind it would ever
+            // be asked about. (Out of reach, the broker fails the next one just as well.)
+            if submitted {
+                checked.insert(id, now);
+            } else {
+                let store = inner.store.clone();
+                if let Err(e) = inner
+                    .blocking(move || store.redrive_asked(id, next_ask))
+                    .await
+                {
+                    warn!(participant = %me, error = %e, "cannot record the outbox check's question about a failed entry");
                 }
             }
+            match e {
+                NodeError::BrokerUnavailable(_) => {
+                    // the receive loop reports the broker's state
+                    debug!(participant = %me, message_id = %id, error = %e, "outbox check stopped for this round");
+                }
+                _ => {
+                    warn!(participant = %me, message_id = %id, error = %e, "outbox check stopped for this round");
+                }
+            }
+            break;
         }
     }
 }

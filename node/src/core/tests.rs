@@ -8492,4 +8492,95 @@ mod link {
         .await;
         nl.shutdown().await;
     }
+
+    /// Has the fake broker answer `GetStatus` about `id` with `INTERNAL`, as one whose
+    /// record of that message is damaged does.
+    fn status_fails(broker: &FakeBroker, id: MessageId) {
+        broker.lock().status_errors.insert(
+            id.to_string(),
+            (
+                tonic::Code::Internal,
+                "cannot read the message's record".to_owned(),
+            ),
+        );
+    }
+
+    /// A `SUBMITTED` entry the broker cannot answer about (an error for that message,
+    /// not the broker gone) stopped every round of the outbox check at itself, and
+    /// stayed first in the next (asked about longest ago, never counted as asked): no
+    /// other entry was ever asked about. It goes behind the others.
+    #[tokio::test]
+    async fn a_submitted_entry_the_broker_errors_on_holds_up_no_other() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        // (no status answered before the broker is set up)
+        let held = broker.status_hold.clone().lock_owned().await;
+        let bad = submitted_referral(&nl).await.message_id;
+        let good = nl
+            .send(request("k-2", "BE-PAYOKE", referral()))
+            .await
+            .unwrap()
+            .message_id;
+        until("the second is submitted", || async {
+            state_of(&nl, good).await.map(|e| e.state) == Some(OutboxState::Submitted)
+        })
+        .await;
+        status_fails(&broker, bad);
+        status_is(&broker, good, pb::MessageState::Acknowledged, "");
+        drop(held);
+        clock.advance(Duration::from_secs(1));
+        until(
+            "the broker is asked about the failing one twice",
+            || async { asked_about(&broker, bad) >= 2 },
+        )
+        .await;
+        until("the other one is asked about, and settled", || async {
+            state_of(&nl, good).await.map(|e| e.state) == Some(OutboxState::Delivered)
+        })
+        .await;
+        assert_eq!(
+            state_of(&nl, bad).await.unwrap().state,
+            OutboxState::Submitted
+        );
+        nl.shutdown().await;
+    }
+
+    /// The same for a `FAILED` entry the outbox check watches: one the broker cannot
+    /// answer about stayed at the head of the watch, due, and stopped every round at
+    /// itself for the whole window. It is asked again a `REDRIVE_ASK_PERIOD` later.
+    #[tokio::test]
+    async fn a_failed_entry_the_broker_errors_on_holds_up_no_other() {
+        let Checking {
+            dir: _dir,
+            clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let held = broker.status_hold.clone().lock_owned().await;
+        let bad = failed_referral(&nl, &broker, "k-bad", EXPIRED).await;
+        let good = failed_referral(&nl, &broker, "k-good", EXPIRED).await;
+        status_fails(&broker, bad);
+        status_is(&broker, good, pb::MessageState::Acknowledged, "");
+        drop(held);
+        until("the redriven one is settled delivered", || async {
+            state_of(&nl, good).await.map(|e| e.state) == Some(OutboxState::Delivered)
+        })
+        .await;
+        assert_eq!(watched(&nl), [bad], "still watched");
+        let asked = asked_about(&broker, bad);
+        assert!(asked >= 1);
+        clock.advance(super::super::link::REDRIVE_ASK_PERIOD);
+        until("asked again a period later", || async {
+            asked_about(&broker, bad) > asked
+        })
+        .await;
+        assert_eq!(state_of(&nl, bad).await.unwrap().state, OutboxState::Failed);
+        nl.shutdown().await;
+    }
 }
