@@ -1239,8 +1239,12 @@ async fn release_stream(
 /// its participant would be short one stream for good (refused `RESOURCE_EXHAUSTED` once
 /// that happened `max_streams_per_participant` times), the gauge would count a stream that
 /// is gone, and its deliveries would wait for the ack timeout. Dropped by the panic, this
-/// also releases its leases in the store, as the broker's doing (due again at once, no
-/// attempt counted against the recipient), from a task of its own.
+/// also releases its leases in the store, from a task of its own, each a failed attempt
+/// as when the recipient's node drops its stream (backoff, and dead-lettered once its
+/// attempts are used up): a panic may be tripped by a delivery's content, and released as
+/// the broker's doing (due again at once, no attempt counted) such a delivery would be
+/// handed out, the task panicking, at every reconnect of its node, for ever, never
+/// reported to its sender, ahead of the recipient's other messages.
 struct Registered {
     shared: Arc<Shared>,
     participant: ParticipantId,
@@ -1263,7 +1267,9 @@ impl Drop for Registered {
             ));
         }
         if panicked && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            error!("a Receive stream's task panicked: releasing its deliveries, due again at once");
+            error!(
+                "a Receive stream's task panicked: releasing its deliveries, each a failed attempt (due again after the backoff, dead-lettered once its attempts are used up)"
+            );
             let registered = Registered {
                 shared: self.shared.clone(),
                 participant: self.participant.clone(),
@@ -1276,7 +1282,8 @@ impl Drop for Registered {
                 let shared = registered.shared.clone();
                 let participant = registered.participant.clone();
                 let id = registered.id;
-                release_stream(&shared, &participant, id, StreamEnd::Broker, registered).await;
+                // (a failed attempt: see the type's doc)
+                release_stream(&shared, &participant, id, StreamEnd::Recipient, registered).await;
             };
             runtime.spawn(releasing.in_current_span());
             return;

@@ -989,13 +989,13 @@ async fn streams_per_participant_are_limited() -> anyhow::Result<()> {
 }
 
 /// A `Receive` stream whose task panics (a bug) gives back what it held: its deliveries are
-/// due again at once, its participant can open as many streams as before, and the stream
+/// due again after their backoff, its participant can open as many streams as before, and the stream
 /// gauge does not count it.
 #[tokio::test]
 async fn a_stream_whose_task_panics_gives_back_its_deliveries_and_its_slot() -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::SeqCst;
 
-    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let (t, store) = TestBroker::start_with_faulty_store_and(|_| {}).await?;
     let admin = crate::metrics::admin_addr(&t)?;
     let mut nl = t.client("NL-NRM")?;
     let mut be = t.client("BE-PAYOKE")?;
@@ -1019,8 +1019,9 @@ async fn a_stream_whose_task_panics_gives_back_its_deliveries_and_its_slot() -> 
     store.lease_panics_after.store(usize::MAX, SeqCst);
 
     // (the broker's clock stands still: without the release the delivery would wait
-    // for an ack timeout that never comes)
+    // for an ack timeout that never comes; released, it backs off, a failed attempt)
     wait_state(&mut nl, &id, pb::MessageState::Accepted).await?;
+    t.advance(Duration::from_secs(3));
     crate::metrics::scrape_until(admin, "the panicked stream to be counted down", |s| {
         s.get("trmx_participant_connected_streams{participant=\"BE-PAYOKE\"}") == Some(0.0)
     })
@@ -1035,6 +1036,53 @@ async fn a_stream_whose_task_panics_gives_back_its_deliveries_and_its_slot() -> 
     assert_eq!(
         ack(&mut be, [&id]).await?,
         vec![pb::AckResult::Acknowledged]
+    );
+    Ok(())
+}
+
+/// A delivery whose handling makes its stream's task panic each time (a bug that its
+/// content trips) counts as a failed attempt, as one whose node drops its stream does:
+/// it backs off, and is dead-lettered once its attempts (3) are used up, its sender
+/// told. Released as the broker's doing, it was due again at once, handed out (and the
+/// task panicking) at every reconnect of its node, for ever, with no attempt limit and
+/// no report, ahead of the recipient's other messages.
+#[tokio::test]
+async fn a_delivery_whose_stream_panics_each_time_is_dead_lettered_after_its_attempts()
+-> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let (t, store) = TestBroker::start_with_faulty_store_and(|_| {}).await?;
+    let mut nl = t.client("NL-NRM")?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let env = referral("BE-PAYOKE");
+    let id = env.message_id.clone();
+    submit(&mut nl, env).await?;
+    store.leased_panics.store(true, SeqCst);
+    for attempt in 1..=3 {
+        let mut doomed = receive(&mut be, 1).await?;
+        let end = tokio::time::timeout(WAIT, doomed.message()).await?;
+        assert!(!matches!(end, Ok(Some(_))), "attempt {attempt}: {end:?}");
+        // (released, and past its backoff for the next stream to lease it)
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let st = status(&mut nl, &id).await?;
+            if st.state != pb::MessageState::InFlight as i32 {
+                anyhow::ensure!(st.attempts == attempt, "{st:?}");
+                break;
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "never released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        t.advance(Duration::from_secs(3));
+    }
+    let st = status(&mut nl, &id).await?;
+    assert_eq!(
+        (
+            pb::MessageState::try_from(st.state)?,
+            st.reason_code.as_str()
+        ),
+        (pb::MessageState::DeadLettered, "MAX_ATTEMPTS"),
+        "{st:?}"
     );
     Ok(())
 }

@@ -443,6 +443,7 @@ impl TestBroker {
             fail_ticks: std::sync::atomic::AtomicBool::new(false),
             lease_panics_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
             release_panics: std::sync::atomic::AtomicBool::new(false),
+            leased_panics: std::sync::atomic::AtomicBool::new(false),
         });
         let clock = ManualClock::new(SystemTime::now());
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -482,6 +483,10 @@ pub(crate) struct FaultyStore {
     /// While set, every `release_stream` panics, as a bug in the broker would make the
     /// release of a closed stream's leases panic.
     pub(crate) release_panics: std::sync::atomic::AtomicBool,
+    /// While set, every `lease` that leases a message panics once the store made the
+    /// lease, as a bug that a delivery's content trips would make its stream's task
+    /// panic while it holds that delivery.
+    pub(crate) leased_panics: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyStore {
@@ -543,9 +548,16 @@ mod faulty {
                 })
                 .is_ok();
             assert!(passing, "injected: a lease panics");
-            self.inner
+            let leased = self
+                .inner
                 .lease(recipient, stream, max, max_bytes, now)
-                .await
+                .await;
+            let holding = leased.as_ref().is_ok_and(|l| !l.is_empty());
+            assert!(
+                !(holding && self.leased_panics.load(SeqCst)),
+                "injected: handling a leased delivery panics"
+            );
+            leased
         }
         async fn ack(
             &self,
