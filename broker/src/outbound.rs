@@ -12,7 +12,9 @@
 //! lease is a store transaction), not one message per message sent.
 //!
 //! A delivery leaves the channel only for a message the broker still delivers. One taken
-//! back while it waited (withdrawn, purged) is dropped when its turn comes, never sent;
+//! back while it waited (withdrawn, purged, or dead-lettered when its last attempt's ack
+//! timeout passed, its sender told it was not delivered) is dropped when its turn comes,
+//! never sent;
 //! so is one whose lifetime ended meanwhile. Expiry is read on the broker's clock when
 //! the delivery is taken out, the instant that matters: the store expires a message once
 //! its `expires_at` has passed, also while it is IN_FLIGHT (DESIGN.md §4: a lease does not
@@ -54,7 +56,7 @@
 //! - The ids of the deliveries in the channel are known, with how many copies of each
 //!   wait there (`Waiting::queued`: a delivery whose ack timeout passed while it waited
 //!   is leased again, onto the same stream, behind its first copy). A message taken back
-//!   ([`Dropper::taken_back`]: withdrawn, purged) is marked, and every copy of it is
+//!   ([`Dropper::taken_back`]: withdrawn, purged, dead-lettered) is marked, and every copy of it is
 //!   dropped when its turn comes, not sent: its recipient never sees it. So is a message
 //!   its recipient acknowledged or rejected while a copy waits ([`Dropper::settled`]; the
 //!   mark of one taken back wins). The mark is kept
@@ -121,8 +123,8 @@ struct Queued {
 /// Why every copy of a message is dropped when its turn comes, not sent.
 #[derive(Debug, Clone, Copy)]
 enum Dead {
-    /// Taken back (withdrawn, purged), or expired as the clock says: its recipient must
-    /// never see it. Reported as dropped for this reason.
+    /// Taken back (withdrawn, purged, dead-lettered), or expired as the clock says: its
+    /// recipient must never see it. Reported as dropped for this reason.
     Dropped(DropReason),
     /// Acknowledged or rejected by its recipient, which holds it: a copy still waiting
     /// (leased again after its ack timeout) would only reach it again.
@@ -240,7 +242,8 @@ pub struct Gone;
 pub struct Dropper(Arc<Waiting>);
 
 impl Dropper {
-    /// `message_id` was taken back (`reason`: withdrawn, purged): every copy of it that
+    /// `message_id` was taken back (`reason`: withdrawn, purged, dead-lettered at its last
+    /// attempt's ack timeout): every copy of it that
     /// waits in the channel, or is put in until the stream task forgets the mark, is
     /// dropped when its turn comes instead of sent.
     pub fn taken_back(&self, message_id: MessageId, reason: DropReason) {

@@ -1136,7 +1136,6 @@ async fn run_stream(
                     leased.iter().map(|l| Lease {
                         message_id: l.message_id,
                         sender: l.sender.clone(),
-                        kind: l.kind,
                         deadline,
                     }),
                 );
@@ -1636,7 +1635,6 @@ pub(crate) mod test_support {
                 [Lease {
                     message_id: id,
                     sender: Some(sender),
-                    kind: lease.kind,
                     deadline,
                 }],
             );

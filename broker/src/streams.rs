@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, watch};
-use trmx_proto::{Kind, MessageId, ParticipantId};
+use trmx_proto::{MessageId, ParticipantId};
 
 use crate::admin::DropReason;
 use crate::outbound::Dropper;
@@ -40,8 +40,6 @@ use crate::store::{Millis, StreamId};
 struct InFlight {
     /// Sender of the message (None for receipts), to wake it when its receipt is queued.
     sender: Option<ParticipantId>,
-    /// Its kind, for the acknowledged-messages counter.
-    kind: Kind,
     /// When the store stops holding the lease.
     deadline: Millis,
 }
@@ -74,9 +72,6 @@ pub struct Streams {
 pub struct Settled {
     /// Senders of the settled messages known to a stream here (receipts excluded).
     pub senders: Vec<ParticipantId>,
-    /// Kinds of the settled messages known to a stream here (receipts included), one
-    /// per message: an id settled twice is counted once.
-    pub kinds: Vec<Kind>,
     /// Whether some id was not in flight on any stream here (leased before a
     /// restart, or already timed out): its sender is unknown.
     pub unknown: bool,
@@ -89,8 +84,6 @@ pub struct Lease {
     pub message_id: MessageId,
     /// Its sender (None for receipts).
     pub sender: Option<ParticipantId>,
-    /// Its kind.
-    pub kind: Kind,
     /// When the store stops holding the lease.
     pub deadline: Millis,
 }
@@ -218,7 +211,6 @@ impl Streams {
                     lease.message_id,
                     InFlight {
                         sender: lease.sender,
-                        kind: lease.kind,
                         deadline: lease.deadline,
                     },
                 );
@@ -250,10 +242,7 @@ impl Streams {
                 stream.dropper.settled(*id);
             }
             match found {
-                Some(lease) => {
-                    settled.kinds.push(lease.kind);
-                    settled.senders.extend(lease.sender);
-                }
+                Some(lease) => settled.senders.extend(lease.sender),
                 None => settled.unknown = true,
             }
         }
@@ -449,27 +438,22 @@ mod tests {
         let m1 = MessageId::new_v7();
         let m2 = MessageId::new_v7();
         let sender = id("BE-PAYOKE");
-        let lease = |message_id, sender, kind, deadline| Lease {
+        let lease = |message_id, sender, deadline| Lease {
             message_id,
             sender,
-            kind,
             deadline,
         };
         streams.leased(
             &p,
             s.id,
-            [
-                lease(m1, Some(sender.clone()), Kind::Referral, 100),
-                lease(m2, None, Kind::DeliveryReceipt, 200),
-            ],
+            [lease(m1, Some(sender.clone()), 100), lease(m2, None, 200)],
         );
         assert_eq!(streams.free_slots(&p, s.id, 2, 50), 0);
         let settled = streams.settled(&p, &[m1]);
         assert_eq!(settled.senders, vec![sender]);
-        assert_eq!(settled.kinds, vec![Kind::Referral]);
-        // settled again: not counted again
+        // settled again: found on no stream
         let again = streams.settled(&p, &[m1]);
-        assert!(again.unknown && again.kinds.is_empty());
+        assert!(again.unknown && again.senders.is_empty());
         assert!(!settled.unknown);
         assert_eq!(streams.free_slots(&p, s.id, 2, 50), 1);
         assert_eq!(streams.free_slots(&p, s.id, 2, 200), 2);
@@ -487,7 +471,6 @@ mod tests {
         let lease = |deadline| Lease {
             message_id: m,
             sender: Some(id("BE-PAYOKE")),
-            kind: Kind::Referral,
             deadline,
         };
         streams.leased(&p, s.id, [lease(200)]);
@@ -520,7 +503,6 @@ mod tests {
         let lease = |message_id| Lease {
             message_id,
             sender: Some(sender.clone()),
-            kind: Kind::Referral,
             deadline: 100,
         };
         // (the store leased all three: now the withdrawal and the purge)
@@ -546,7 +528,6 @@ mod tests {
         let lease = |message_id, deadline| Lease {
             message_id,
             sender: Some(id("BE-PAYOKE")),
-            kind: Kind::Referral,
             deadline,
         };
         streams.leased(&p, s.id, [lease(expired, 100), lease(other, 100)]);
@@ -585,14 +566,13 @@ mod tests {
         let lease = |message_id, deadline| Lease {
             message_id,
             sender: Some(id("BE-PAYOKE")),
-            kind: Kind::Referral,
             deadline,
         };
         // m timed out on a, leased again on b; n the other way round
         streams.leased(&p, a.id, [lease(m, 100), lease(n, 300)]);
         streams.leased(&p, b.id, [lease(n, 100), lease(m, 300)]);
         let settled = streams.settled(&p, &[m, n]);
-        assert_eq!(settled.kinds, [Kind::Referral; 2], "each counted once");
+        assert_eq!(settled.senders.len(), 2, "each found once");
         assert!(!settled.unknown);
         for s in [&a, &b] {
             assert_eq!(
