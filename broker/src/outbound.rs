@@ -56,8 +56,12 @@
 //! - The ids of the deliveries in the channel are known, with how many copies of each
 //!   wait there (`Waiting::queued`: a delivery whose ack timeout passed while it waited
 //!   is leased again, onto the same stream, behind its first copy). A message taken back
-//!   ([`Dropper::taken_back`]: withdrawn, purged, dead-lettered) is marked, and every copy of it is
-//!   dropped when its turn comes, not sent: its recipient never sees it. So is a message
+//!   ([`Dropper::taken_back`]: withdrawn, purged) is marked, and every copy of it is
+//!   dropped when its turn comes, not sent: its recipient never sees it. A message
+//!   dead-lettered when its last attempt's ack deadline passed ([`Dropper::dead_lettered`])
+//!   is marked with that deadline: the copies of that lease and of earlier ones (leased no
+//!   later) are dropped, not a copy of a later lease, which only an operator's redrive
+//!   makes (its deadline is later): the redriven message is delivered. So is a message
 //!   its recipient acknowledged or rejected while a copy waits ([`Dropper::settled`]; the
 //!   mark of one taken back wins). The mark is kept
 //!   while no copy waits too, since a copy leased before the message was taken back may
@@ -118,12 +122,36 @@ struct Queued {
     copies: u32,
     /// Why every copy is dropped, not sent, if it is.
     dead: Option<Dead>,
+    /// The ack deadline of the lease with which the message was dead-lettered, its
+    /// attempts used up: a copy leased with this deadline or an earlier one is dropped,
+    /// not sent. One leased later (a redrive's) is sent.
+    dead_lettered: Option<Millis>,
+}
+
+impl Queued {
+    /// Whether this entry says something beyond its copies (a mark to keep).
+    fn marked(&self) -> bool {
+        self.dead.is_some() || self.dead_lettered.is_some()
+    }
+
+    /// Why a copy leased with ack deadline `lease_deadline` is dropped, if it is (a mark
+    /// of a message taken back wins, then the dead-lettering, then the settlement).
+    fn dead_for(&self, lease_deadline: Millis) -> Option<Dead> {
+        let dead_lettered = self
+            .dead_lettered
+            .filter(|&deadline| lease_deadline <= deadline)
+            .map(|_| Dead::Dropped(DropReason::DeadLettered));
+        match self.dead {
+            Some(Dead::Dropped(reason)) => Some(Dead::Dropped(reason)),
+            settled => dead_lettered.or(settled),
+        }
+    }
 }
 
 /// Why every copy of a message is dropped when its turn comes, not sent.
 #[derive(Debug, Clone, Copy)]
 enum Dead {
-    /// Taken back (withdrawn, purged, dead-lettered), or expired as the clock says: its
+    /// Taken back (withdrawn, purged), dead-lettered, or expired as the clock says: its
     /// recipient must never see it. Reported as dropped for this reason.
     Dropped(DropReason),
     /// Acknowledged or rejected by its recipient, which holds it: a copy still waiting
@@ -242,12 +270,23 @@ pub struct Gone;
 pub struct Dropper(Arc<Waiting>);
 
 impl Dropper {
-    /// `message_id` was taken back (`reason`: withdrawn, purged, dead-lettered at its last
-    /// attempt's ack timeout): every copy of it that
+    /// `message_id` was taken back (`reason`: withdrawn, purged): every copy of it that
     /// waits in the channel, or is put in until the stream task forgets the mark, is
     /// dropped when its turn comes instead of sent.
     pub fn taken_back(&self, message_id: MessageId, reason: DropReason) {
         self.0.queued().entry(message_id).or_default().dead = Some(Dead::Dropped(reason));
+    }
+
+    /// `message_id` was dead-lettered when the ack deadline `deadline` of its last attempt
+    /// passed: every copy of a lease with that deadline or an earlier one that waits in
+    /// the channel, or is put in until the stream task forgets the mark, is dropped when
+    /// its turn comes instead of sent. A copy of a later lease is sent: an operator
+    /// redrove the message, and marked by id alone the redriven copy would be dropped too,
+    /// unsent, and the message dead-lettered again at its ack deadline.
+    pub fn dead_lettered(&self, message_id: MessageId, deadline: Millis) {
+        let mut queued = self.0.queued();
+        let mark = &mut queued.entry(message_id).or_default().dead_lettered;
+        *mark = Some(mark.map_or(deadline, |before| before.max(deadline)));
     }
 
     /// `message_id` was acknowledged or rejected by the recipient (a final state): if a
@@ -267,13 +306,14 @@ impl Dropper {
         }
     }
 
-    /// Whether `message_id` is marked taken back or settled (its deliveries are dropped
-    /// unsent).
-    pub fn drops(&self, message_id: &MessageId) -> bool {
+    /// Whether a delivery of `message_id` leased with ack deadline `lease_deadline` is
+    /// dropped unsent: its message is marked taken back or settled, or dead-lettered with
+    /// that lease or a later one.
+    pub fn drops(&self, message_id: &MessageId, lease_deadline: Millis) -> bool {
         self.0
             .queued()
             .get(message_id)
-            .is_some_and(|queued| queued.dead.is_some())
+            .is_some_and(|queued| queued.dead_for(lease_deadline).is_some())
     }
 
     /// The stream ended (before its leases are released): no delivery leaves the channel
@@ -382,9 +422,9 @@ impl Stream for Outbound {
                 match queued.get_mut(&id) {
                     Some(entry) => {
                         entry.copies = entry.copies.saturating_sub(1);
-                        let dead = entry.dead;
+                        let dead = entry.dead_for(outgoing.lease_deadline);
                         // (a mark stays: another copy may still come, see the module doc)
-                        if entry.copies == 0 && dead.is_none() {
+                        if entry.copies == 0 && !entry.marked() {
                             queued.remove(&id);
                         }
                         dead
@@ -650,12 +690,38 @@ mod tests {
         assert_eq!(*reported.settled.lock().unwrap(), [m, m]);
         assert_eq!(*reported.drops(), [(purged, DropReason::Purged)]);
         assert_eq!(outbox.waiting_bytes(), 0);
-        assert!(dropper.drops(&m), "the mark is kept until forgotten");
+        assert!(dropper.drops(&m, NOW), "the mark is kept until forgotten");
         outbox.forget_taken_back();
         assert!(outbox.waiting.queued().is_empty());
         // no copy waiting: no mark (a stream blocked in a send would collect one per ack)
         dropper.settled(other);
         assert!(outbox.waiting.queued().is_empty());
+    }
+
+    /// A message dead-lettered at its last attempt's ack deadline has the copies of that
+    /// lease and of earlier ones dropped, also one put in after the mark; a copy of a later
+    /// lease (an operator redrove the message meanwhile) is sent, and a lease with it
+    /// registered (see [`Dropper::drops`]).
+    #[tokio::test]
+    async fn a_dead_lettered_message_drops_the_copies_of_its_leases_not_a_redrives() {
+        let (outbox, mut outbound, _, reported) = test_channel(8, 1 << 20);
+        let dropper = outbox.dropper();
+        let m = MessageId::new_v7();
+        let leased = |deadline| Outgoing {
+            lease_deadline: deadline,
+            ..outgoing_of(m, 10, LATER)
+        };
+        let last = NOW + 60_000;
+        outbox.send(leased(NOW + 30_000)).await.unwrap();
+        outbox.send(leased(last)).await.unwrap();
+        dropper.dead_lettered(m, last);
+        // (the last lease's copy, still on its way in, and a redrive's)
+        outbox.send(leased(last)).await.unwrap();
+        outbox.send(leased(last + 1)).await.unwrap();
+        assert!(dropper.drops(&m, last) && !dropper.drops(&m, last + 1));
+        assert_eq!(taken(&mut outbound).await, [m]);
+        assert_eq!(*reported.drops(), [(m, DropReason::DeadLettered); 3]);
+        assert_eq!(outbox.waiting_bytes(), 0);
     }
 
     /// Forgetting the marks keeps those of messages with a copy waiting.

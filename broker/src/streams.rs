@@ -204,7 +204,7 @@ impl Streams {
             for lease in leases {
                 // (the mark outlives this call: the stream task forgets marks only when
                 // every lease it holds is in its channel; see `crate::outbound`)
-                if stream.dropper.drops(&lease.message_id) {
+                if stream.dropper.drops(&lease.message_id, lease.deadline) {
                     continue;
                 }
                 stream.in_flight.insert(
@@ -322,13 +322,14 @@ impl Streams {
     /// delivered. Drops its copies from the channels of the participant's streams where they
     /// wait, or come to wait, to be sent (a slow link), and frees that lease's slot, as
     /// [`Streams::dropped`] does. A copy already handed to the connection is out of reach:
-    /// the node's ack of it is answered `ACK_RESULT_NOT_FOUND`.
+    /// the node's ack of it is answered `ACK_RESULT_NOT_FOUND`. A copy of a later lease (an
+    /// operator redrove the message since) is sent as any other.
     pub fn dead_lettered(&self, participant: &ParticipantId, id: &MessageId, deadline: Millis) {
         {
             let inner = self.lock();
             if let Some(entry) = inner.get(participant) {
                 for stream in entry.streams.values() {
-                    stream.dropper.taken_back(*id, DropReason::DeadLettered);
+                    stream.dropper.dead_lettered(*id, deadline);
                 }
             }
         }

@@ -711,6 +711,54 @@ async fn a_copy_waiting_when_its_last_attempt_times_out_is_not_sent() -> anyhow:
     Ok(())
 }
 
+/// A message dead-lettered while its copy waits in a stuck stream's send buffer is
+/// redriven by an operator: the redrive's lease goes onto the same stream, behind the dead
+/// copy (the buffer has room). The dead copy is dropped; the redriven one is sent. Marked
+/// dropped by message id alone, it was dropped too, unsent, its lease holding no slot: the
+/// operator's redrive came to nothing, the message dead-lettered again at its ack deadline.
+#[tokio::test]
+async fn a_message_redriven_while_its_dead_lettered_copy_waits_is_sent() -> anyhow::Result<()> {
+    let (t, mut nl, mut stream, fillers, misaddressed) =
+        stuck_stream(|c| c.lifecycle.max_attempts = 1, 50).await?;
+    time_out_lease(&t, &mut nl, &misaddressed).await?;
+    // (the timer loop acted on the tick's report once it counted the dead letters)
+    let all = format!(
+        "trmx_messages_dead_lettered_total{{reason=\"max_attempts\"}} {}\n",
+        fillers.len() + 1
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !t.broker.metrics().render().contains(&all) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the timer loop never counted the dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    crate::operator::operator(&t)?
+        .redrive(pb::RedriveRequest {
+            message_id: misaddressed.clone(),
+            ..Default::default()
+        })
+        .await?;
+    until_state(
+        &mut nl,
+        &misaddressed,
+        pb::MessageState::InFlight,
+        "the redriven message was never leased",
+    )
+    .await?;
+
+    // the link moves again: the dead copies are dropped, the redriven one is sent
+    let got = read_until_quiet(&mut stream).await;
+    assert_eq!(
+        got.iter().filter(|id| **id == misaddressed).count(),
+        1,
+        "the redriven message reached the recipient once ({} deliveries)",
+        got.len()
+    );
+    Ok(())
+}
+
 /// The ack timeout of a delivery stuck in the send buffer passes and the message is
 /// leased again onto the same stream, behind its first copy; the node reads the first copy
 /// and acknowledges it: the second, still waiting, is not sent (the node holds the message;
