@@ -1986,8 +1986,9 @@ pub(crate) const MAX_RESUBMITS_ON_OTHER_ANSWERS: u32 = 10;
 /// such a message, and when its delivery receipt is lost too, only the broker's status
 /// tells that it was delivered.
 ///
-/// A failed call stops the round; its entry counts as asked about all the same, so that
-/// one message the broker keeps failing on does not stop every round at itself.
+/// A failed call stops the round. An error about the entry's message counts it as asked
+/// about all the same, so that one message the broker keeps failing on does not stop every
+/// round at itself; the broker out of reach ([`Unasked::Broker`]) leaves it in its place.
 pub(crate) async fn outbox_check_loop(
     inner: Arc<Inner>,
     mut client: ExchangeClient<LinkChannel>,
@@ -2044,11 +2045,24 @@ pub(crate) async fn outbox_check_loop(
             } else {
                 check_failed(&inner, &mut client, id, next_ask, &mut shutdown).await
             };
-            let Err(e) = asked else {
-                if submitted {
-                    checked.insert(id, now);
+            let e = match asked {
+                Ok(()) => {
+                    if submitted {
+                        checked.insert(id, now);
+                    }
+                    continue;
                 }
-                continue;
+                Err(Unasked::Broker(e)) => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    // (out of reach, the broker fails the next one just as well: the entry
+                    // was not really asked, and keeps its place; the receive loop reports
+                    // the broker's state)
+                    debug!(participant = %me, message_id = %id, error = %e, "outbox check stopped for this round");
+                    break;
+                }
+                Err(Unasked::Entry(e)) => e,
             };
             if *shutdown.borrow() {
                 return;
@@ -2056,7 +2070,7 @@ pub(crate) async fn outbox_check_loop(
             // Asked about all the same, behind the others next time: an error about this
             // one message (a broker that cannot read its record) would otherwise stop
             // every round at it, first again each time, and no entry behind it would ever
-            // be asked about. (Out of reach, the broker fails the next one just as well.)
+            // be asked about.
             if submitted {
                 checked.insert(id, now);
             } else {
@@ -2068,15 +2082,7 @@ pub(crate) async fn outbox_check_loop(
                     warn!(participant = %me, error = %e, "cannot record the outbox check's question about a failed entry");
                 }
             }
-            match e {
-                NodeError::BrokerUnavailable(_) => {
-                    // the receive loop reports the broker's state
-                    debug!(participant = %me, message_id = %id, error = %e, "outbox check stopped for this round");
-                }
-                _ => {
-                    warn!(participant = %me, message_id = %id, error = %e, "outbox check stopped for this round");
-                }
-            }
+            warn!(participant = %me, message_id = %id, error = %e, "outbox check stopped for this round");
             break;
         }
     }
@@ -2106,6 +2112,40 @@ async fn redrive_due(
         .await
 }
 
+/// Why the outbox check's question about one entry came to nothing: the round stops
+/// either way.
+#[derive(Debug)]
+enum Unasked {
+    /// The broker as a whole: out of reach, no answer in time, too busy, or the node shuts
+    /// down. The entry keeps its place (and a `FAILED` one stays due): it was not really
+    /// asked, and the next round asks it first.
+    Broker(NodeError),
+    /// This entry: the broker's error about its message (one whose record it cannot
+    /// read), or this node's store. It goes behind the others, so that it does not stop
+    /// every round at itself.
+    Entry(NodeError),
+}
+
+impl From<NodeError> for Unasked {
+    fn from(error: NodeError) -> Self {
+        Unasked::Entry(error)
+    }
+}
+
+/// What a broker's error status to a question of the outbox check says: about the broker
+/// as a whole (`UNAVAILABLE`: down or unreachable; `DEADLINE_EXCEEDED`: no answer in
+/// `broker_answer_timeout`; `RESOURCE_EXHAUSTED`: rate or requests in progress;
+/// `CANCELLED`), or about the message asked about.
+fn unasked(status: &tonic::Status) -> Unasked {
+    let error = NodeError::BrokerUnavailable(status_text(status));
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled => {
+            Unasked::Broker(error)
+        }
+        _ => Unasked::Entry(error),
+    }
+}
+
 /// Asks the broker about one entry `FAILED` as expired or dead-lettered, which an
 /// operator may have redriven since. Acknowledged: the redriven message was delivered,
 /// and its receipt did not settle the entry (lost too: purged by an operator, or
@@ -2116,19 +2156,21 @@ async fn redrive_due(
 /// the broker (gone past its retention): it can never be redriven now, and is asked
 /// about no more. The entry stays `FAILED` but for a delivery, and is never submitted
 /// again from here. An answer about another message says nothing: asked again at `next`.
-/// `Err` means the broker could not answer: the round stops.
+/// `Err` means no answer came: the round stops (see [`Unasked`]).
 async fn check_failed(
     inner: &Arc<Inner>,
     client: &mut ExchangeClient<LinkChannel>,
     id: MessageId,
     next: Millis,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), NodeError> {
+) -> Result<(), Unasked> {
     let asking = client.get_status(pb::GetStatusRequest {
         message_id: id.to_string(),
     });
     let Some(status) = bounded(inner, asking, shutdown).await else {
-        return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
+        return Err(Unasked::Broker(NodeError::BrokerUnavailable(
+            SHUTTING_DOWN.into(),
+        )));
     };
     let ask_again = match status {
         Ok(answer) => {
@@ -2140,7 +2182,9 @@ async fn check_failed(
                 match pb::MessageState::try_from(answer.state) {
                     Ok(pb::MessageState::Acknowledged) => {
                         // (the settle takes the entry out of the watch)
-                        return settled_on_broker(inner, id, pb::Outcome::Delivered, &answer).await;
+                        return Ok(
+                            settled_on_broker(inner, id, pb::Outcome::Delivered, &answer).await?,
+                        );
                     }
                     Ok(pb::MessageState::Purged | pb::MessageState::Withdrawn) => false,
                     Ok(pb::MessageState::DeadLettered) => answer.reason_code == "MAX_ATTEMPTS",
@@ -2156,16 +2200,19 @@ async fn check_failed(
             }
         }
         Err(status) if status.code() == Code::NotFound => false,
-        Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
+        Err(status) => return Err(unasked(&status)),
     };
     // (not flushed: lost in a crash, the entry is only asked about again sooner)
     let store = inner.store.clone();
     if ask_again {
-        inner.blocking(move || store.redrive_asked(id, next)).await
+        inner
+            .blocking(move || store.redrive_asked(id, next))
+            .await?;
     } else {
         debug!(participant = %inner.config.participant, message_id = %id, "the broker can no longer redrive this failed message: no longer asked about");
-        inner.blocking(move || store.redrive_unwatch(id)).await
+        inner.blocking(move || store.redrive_unwatch(id)).await?;
     }
+    Ok(())
 }
 
 /// Asks the broker about one `SUBMITTED` entry: settles it when the broker holds it
@@ -2174,19 +2221,21 @@ async fn check_failed(
 /// broker answered about another message instead, it is submitted again too, but never
 /// marked `FAILED`: the broker may hold it (a refusal of that submit is noted, and the
 /// entry waits for its receipt).
-/// `Err` means the broker could not answer: the round stops.
+/// `Err` means no answer came: the round stops (see [`Unasked`]).
 async fn check_one(
     inner: &Arc<Inner>,
     client: &mut ExchangeClient<LinkChannel>,
     id: MessageId,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), NodeError> {
+) -> Result<(), Unasked> {
     let me = inner.config.participant.clone();
     let asking = client.get_status(pb::GetStatusRequest {
         message_id: id.to_string(),
     });
     let Some(status) = bounded(inner, asking, shutdown).await else {
-        return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
+        return Err(Unasked::Broker(NodeError::BrokerUnavailable(
+            SHUTTING_DOWN.into(),
+        )));
     };
     // (an answer about another message says nothing of this one: a broken broker, or
     // one whose store is damaged. The message is submitted again, which the broker's
@@ -2198,15 +2247,15 @@ async fn check_one(
             if !MessageId::parse(&answer.message_id).is_ok_and(|said| said == id) {
                 true
             } else if answer.state == pb::MessageState::Withdrawn as i32 {
-                return withdrawn_on_broker(inner, id).await;
+                return Ok(withdrawn_on_broker(inner, id).await?);
             } else if let Some(outcome) = final_outcome(&answer) {
-                return settled_on_broker(inner, id, outcome, &answer).await;
+                return Ok(settled_on_broker(inner, id, outcome, &answer).await?);
             } else {
                 return Ok(());
             }
         }
         Err(status) if status.code() == Code::NotFound => false,
-        Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
+        Err(status) => return Err(unasked(&status)),
     };
     // From here until the outcome is stored, a withdrawal waits; one that came first
     // has made the entry FAILED, and it is not sent again.
@@ -2272,7 +2321,9 @@ async fn check_one(
                 Ok(result) => result,
                 Err(Cut::NoAnswer) => Err(no_submit_answer(limit)),
                 Err(Cut::Shutdown) => {
-                    return Err(NodeError::BrokerUnavailable(SHUTTING_DOWN.into()));
+                    return Err(Unasked::Broker(NodeError::BrokerUnavailable(
+                        SHUTTING_DOWN.into(),
+                    )));
                 }
             };
             match result {
@@ -2291,7 +2342,7 @@ async fn check_one(
                             )
                         })
                         .await?;
-                    return inner.store.flush_async().await;
+                    return Ok(inner.store.flush_async().await?);
                 }
                 // The broker did not say that it does not hold the message (its status
                 // answer named another one), and a refusal of a submit again says nothing
@@ -2311,7 +2362,7 @@ async fn check_one(
                     inner
                         .blocking(move || store.note_resubmitted(id, &note))
                         .await?;
-                    return inner.store.flush_async().await;
+                    return Ok(inner.store.flush_async().await?);
                 }
                 Err(status) if is_permanent(status.code()) => {
                     warn!(participant = %me, message_id = %id, code = ?status.code(), reason = broker_message(&status).as_str(), "the broker refused the message submitted again");
@@ -2321,7 +2372,7 @@ async fn check_one(
                         status_text(&status),
                     )
                 }
-                Err(status) => return Err(NodeError::BrokerUnavailable(status_text(&status))),
+                Err(status) => return Err(unasked(&status)),
             }
         }
     };
@@ -2334,7 +2385,7 @@ async fn check_one(
     inner
         .blocking(move || store.mark_lost(id, failure, &error, now))
         .await?;
-    inner.store.flush_async().await
+    Ok(inner.store.flush_async().await?)
 }
 
 /// Flushes the count of resubmits after status answers about another message that

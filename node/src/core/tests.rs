@@ -8583,4 +8583,48 @@ mod link {
         assert_eq!(state_of(&nl, bad).await.unwrap().state, OutboxState::Failed);
         nl.shutdown().await;
     }
+
+    /// The broker out of reach (`UNAVAILABLE`) stops the round as ever, but is no error
+    /// about the entry asked about: a `FAILED` one stays due, asked again the next round,
+    /// not a `REDRIVE_ASK_PERIOD` later (counted as asked, each round of a broker down
+    /// pushed the first entry of the watch a period back, though it was never answered).
+    #[tokio::test]
+    async fn a_failed_entry_asked_while_the_broker_is_down_stays_due() {
+        let Checking {
+            dir: _dir,
+            clock: _clock,
+            broker,
+            nl,
+            _serving,
+        } = checking().await;
+        let held = broker.status_hold.clone().lock_owned().await;
+        let entry = failed_referral(&nl, &broker, "k-1", EXPIRED).await;
+        broker.lock().status_errors.insert(
+            entry.to_string(),
+            (
+                tonic::Code::Unavailable,
+                "the broker is shutting down".to_owned(),
+            ),
+        );
+        drop(held);
+        until("the broker is asked about it", || async {
+            asked_about(&broker, entry) >= 1
+        })
+        .await;
+        // the broker is back, and the message was redriven and delivered meanwhile
+        {
+            let mut state = broker.lock();
+            state.status_errors.clear();
+        }
+        status_is(&broker, entry, pb::MessageState::Acknowledged, "");
+        // (the node's clock stands still: a period later never comes)
+        until(
+            "asked again the next round, and settled delivered",
+            || async {
+                state_of(&nl, entry).await.map(|e| e.state) == Some(OutboxState::Delivered)
+            },
+        )
+        .await;
+        nl.shutdown().await;
+    }
 }
