@@ -2666,6 +2666,48 @@ mod tests {
         s.close().await.unwrap();
     }
 
+    /// The same for a lease whose last attempt's ack deadline passed: a tick whose flush
+    /// fails reports it dead-lettered in flight with the error (the timer loop drops its
+    /// waiting copies and frees its slot: no later tick reports it again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_tick_reports_the_leases_it_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let life = Lifecycle {
+            max_attempts: 1,
+            ..Lifecycle::default()
+        };
+        let s = SledStore::open(dir.path(), SledOptions::default(), life.clone()).unwrap();
+        let m = message(&be);
+        s.submit(m.clone(), NOW).await.unwrap();
+        assert_eq!(
+            s.lease(&be, StreamId(1), 1, u64::MAX, NOW)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        let deadline = after(NOW, life.ack_timeout);
+        s.fault_switch().set_failing(true);
+        let failed = s.tick(deadline).await.unwrap_err();
+        assert_eq!(failed.applied.dead_lettered, 1, "{failed:?}");
+        assert_eq!(
+            failed.applied.dead_lettered_in_flight,
+            vec![crate::store::ExpiredLease {
+                recipient: be.clone(),
+                message_id: m.message_id,
+                deadline,
+            }]
+        );
+        s.fault_switch().set_failing(false);
+        let again = s.tick(deadline).await.unwrap();
+        assert_eq!(again.dead_lettered, 0, "{again:?}");
+        assert!(again.dead_lettered_in_flight.is_empty(), "{again:?}");
+        let status = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+        assert_eq!(status.state, State::DeadLettered);
+        s.close().await.unwrap();
+    }
+
     /// sled holds every value a transaction read until it commits, and a record carries
     /// its payload: the batches of a tick, of a closed stream's requeue, of `recover`'s
     /// requeue and of its backoff shortening each read up to 256 records in one
