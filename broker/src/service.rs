@@ -1214,6 +1214,14 @@ async fn release_stream(
             if released.requeued > 0 {
                 shared.streams.wake(participant);
             }
+            // This stream's channel is ended, but an earlier copy of such a message (its
+            // lease timed out on another stream of the participant while it waited there)
+            // must not reach the recipient: its sender is told it was not delivered.
+            for lease in &released.dead_lettered_in_flight {
+                shared
+                    .streams
+                    .dead_lettered(&lease.recipient, &lease.message_id, lease.deadline);
+            }
             shared
                 .metrics
                 .dead_lettered(DeadLetterReason::MaxAttempts, released.dead_lettered);

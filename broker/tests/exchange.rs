@@ -759,6 +759,80 @@ async fn a_message_redriven_while_its_dead_lettered_copy_waits_is_sent() -> anyh
     Ok(())
 }
 
+/// A delivery's ack timeout passes while its copy waits in the send buffer of a stuck
+/// stream B; the message is leased again onto the recipient's other stream A (B's buffer
+/// is full, so B leases nothing more), and A ends, its node gone, with that last attempt
+/// unacknowledged: the release dead-letters the message and its sender gets a
+/// `MAX_ATTEMPTS` non-delivery report. The stale copy still waiting on B must not be sent
+/// when B's link moves again: the recipient's node would store a message its sender was
+/// told was not delivered.
+#[tokio::test]
+async fn a_stale_copy_on_another_stream_is_not_sent_after_a_release_dead_letters_its_message()
+-> anyhow::Result<()> {
+    // A 2 MiB buffer and 54 fillers of 60 KiB: all are leased into B, the referral last,
+    // and what is left waiting on B once HTTP/2 holds what it takes is more than half the
+    // buffer, so B leases nothing when they are due again: the redelivery goes to A.
+    // (With 50 B sometimes had room and leased them again itself; with 58 it stopped
+    // leasing before the referral. The setup's own checks say which happened.)
+    let (t, mut nl, mut b, fillers, misaddressed) = stuck_stream(
+        |c| {
+            c.lifecycle.max_attempts = 2;
+            c.limits.receive_buffer_bytes = 2 << 20;
+        },
+        54,
+    )
+    .await?;
+    time_out_lease(&t, &mut nl, &misaddressed).await?;
+
+    // stream A takes the second (last) attempt
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut a = receive(&mut be, 64).await?;
+    let mut read = Vec::new();
+    loop {
+        let delivery = next(&mut a)
+            .await
+            .context("the referral was never sent on stream A (leased again on B?)")?;
+        let id = id_of(&delivery);
+        if id == misaddressed {
+            break;
+        }
+        read.push(id);
+    }
+    assert_eq!(status(&mut nl, &misaddressed).await?.attempts, 2);
+    // (acknowledged, the fillers leave the release only the referral to dead-letter)
+    ack(&mut be, &read).await?;
+    drop(a);
+    until_state(
+        &mut nl,
+        &misaddressed,
+        pb::MessageState::DeadLettered,
+        "the release of stream A never dead-lettered the referral",
+    )
+    .await?;
+    // The store's change is seen before the release has acted on it: it counts the dead
+    // letter after it marked the waiting copies.
+    let counted = "trmx_messages_dead_lettered_total{reason=\"max_attempts\"} 1\n";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !t.broker.metrics().render().contains(counted) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the release never counted the dead letter"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // B's link moves again
+    let got = read_until_quiet(&mut b).await;
+    assert!(
+        !got.contains(&misaddressed),
+        "the message reported dead-lettered reached the recipient on stream B ({} of {} \
+         fillers before it)",
+        got.iter().filter(|id| fillers.contains(id)).count(),
+        fillers.len()
+    );
+    Ok(())
+}
+
 /// The ack timeout of a delivery stuck in the send buffer passes and the message is
 /// leased again onto the same stream, behind its first copy; the node reads the first copy
 /// and acknowledges it: the second, still waiting, is not sent (the node holds the message;

@@ -717,7 +717,8 @@ pub(super) async fn release_stream_makes_due_at_once<S: BrokerStore>(s: &S, c: &
         released(1).await.unwrap(),
         Released {
             requeued: 1,
-            dead_lettered: 0
+            dead_lettered: 0,
+            dead_lettered_in_flight: Vec::new(),
         }
     );
     assert_eq!(wake.try_recv().ok(), Some(pid(BE)));
@@ -752,6 +753,11 @@ pub(super) async fn a_stream_closed_by_its_recipient_is_a_failed_attempt<S: Brok
             .unwrap();
         if attempt < life.max_attempts {
             assert_eq!(released.requeued, 1, "attempt {attempt}");
+            // put back for a redelivery, not dead-lettered: none named
+            assert!(
+                released.dead_lettered_in_flight.is_empty(),
+                "attempt {attempt}: {released:?}"
+            );
             // backing off: not due yet
             assert!(lease_ids(s, BE, 2, 10, now).await.is_empty());
             let status = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
@@ -763,11 +769,19 @@ pub(super) async fn a_stream_closed_by_its_recipient_is_a_failed_attempt<S: Brok
             c.advance(Duration::from_millis(backoff));
             tick(s, due).await;
         } else {
+            // the lease that used up the attempts is named, with its ack deadline, so
+            // that an earlier copy still waiting in another stream's send buffer is
+            // dropped, not sent after the sender was told it was not delivered
             assert_eq!(
                 released,
                 Released {
                     requeued: 0,
-                    dead_lettered: 1
+                    dead_lettered: 1,
+                    dead_lettered_in_flight: vec![ExpiredLease {
+                        recipient: pid(BE),
+                        message_id: m.message_id,
+                        deadline: now + life.ack_timeout.as_millis() as Millis,
+                    }],
                 }
             );
         }

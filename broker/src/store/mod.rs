@@ -428,8 +428,9 @@ impl<T: std::fmt::Debug> From<StoreError> for ChangeError<T> {
     }
 }
 
-/// A lease a tick ended for good: its message expired ([`TickReport::expired_in_flight`]),
-/// or its last attempt's ack deadline passed ([`TickReport::dead_lettered_in_flight`]).
+/// A lease ended for good: its message expired ([`TickReport::expired_in_flight`]), or its
+/// last attempt failed: its ack deadline passed ([`TickReport::dead_lettered_in_flight`]) or
+/// its stream ended ([`Released::dead_lettered_in_flight`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredLease {
     /// The recipient whose stream held it.
@@ -553,12 +554,19 @@ pub enum StreamEnd {
 }
 
 /// What [`BrokerStore::release_stream`] did with a stream's unacknowledged deliveries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Released {
     /// Back in their queue (due at once, or after the backoff).
     pub requeued: u64,
     /// Attempts used up: DEAD_LETTERED, a non-delivery report to the sender.
     pub dead_lettered: u64,
+    /// The leases behind [`Self::dead_lettered`], each with its ack deadline. The released
+    /// stream sends nothing more, but an earlier copy of the message (leased before on
+    /// another stream of the recipient, whose ack deadline passed while it waited in that
+    /// stream's send buffer) may still wait to be sent: it is dropped, not sent, as for
+    /// [`TickReport::dead_lettered_in_flight`]. The recipient must not get a message its
+    /// sender is told was not delivered.
+    pub dead_lettered_in_flight: Vec<ExpiredLease>,
 }
 
 /// One page of a [`BrokerStore::search`] or [`BrokerStore::dead_letters`].

@@ -336,6 +336,9 @@ impl Core {
         let (count, woken) = self.requeue_from(LEASED, on, now)?;
         total.requeued += count.requeued;
         total.dead_lettered += count.dead_lettered;
+        total
+            .dead_lettered_in_flight
+            .extend(count.dead_lettered_in_flight);
         Ok((total, wake.into_iter().chain(woken).collect()))
     }
 
@@ -503,7 +506,19 @@ impl Core {
                     }
                     if failed_attempt {
                         match self.attempt_failed(tx, &old, now, now, &mut woken)? {
-                            Retry::DeadLettered => count.dead_lettered += 1,
+                            Retry::DeadLettered => {
+                                count.dead_lettered += 1;
+                                // (`on_stream` above: the record has a lease)
+                                if let Some((deadline, _)) = old.lease {
+                                    count.dead_lettered_in_flight.push(
+                                        crate::store::ExpiredLease {
+                                            recipient: old.recipient.clone(),
+                                            message_id: old.message_id,
+                                            deadline,
+                                        },
+                                    );
+                                }
+                            }
                             Retry::Due | Retry::Later => count.requeued += 1,
                         }
                         continue;
@@ -521,6 +536,9 @@ impl Core {
             })?;
             total.requeued += count.requeued;
             total.dead_lettered += count.dead_lettered;
+            total
+                .dead_lettered_in_flight
+                .extend(count.dead_lettered_in_flight);
             wake.extend(woken);
         }
         wake.extend(repaired);
