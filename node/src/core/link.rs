@@ -1947,8 +1947,16 @@ async fn submit_rounds(
 }
 
 /// Entries asked about per round of the outbox check: `SUBMITTED` ones first, then,
-/// in the room they leave, `FAILED` ones an operator may redrive ([`check_failed`]).
+/// in the room they leave (at least [`FAILED_SHARE`]), `FAILED` ones an operator may
+/// redrive ([`check_failed`]).
 pub(crate) const CHECK_BATCH: usize = 100;
+
+/// The part of a round of the outbox check kept for `FAILED` entries due to be asked
+/// about, when there are: a node with a long outbox of `SUBMITTED` entries (a recipient
+/// offline for days with hundreds waiting for it) would otherwise never ask about them
+/// for as long as it lasts, and a redriven message's lost receipt would never be made
+/// good. The `SUBMITTED` entries keep the rest, and all the room the `FAILED` ones leave.
+pub(crate) const FAILED_SHARE: usize = CHECK_BATCH / 10;
 
 /// How often, at most, the outbox check asks the broker about one entry `FAILED` by an
 /// expiry or a dead-lettering ([`check_failed`]), or every round when the check runs
@@ -1981,7 +1989,8 @@ pub(crate) const MAX_RESUBMITS_ON_OTHER_ANSWERS: u32 = 10;
 /// costs a few calls a round, not one per entry.
 ///
 /// Entries `FAILED` as expired or dead-lettered are asked about too, in the room the
-/// `SUBMITTED` ones leave in the round, each at most once per [`REDRIVE_ASK_PERIOD`],
+/// `SUBMITTED` ones leave in the round but never less than [`FAILED_SHARE`] of it,
+/// each at most once per [`REDRIVE_ASK_PERIOD`],
 /// for `redrive_watch` after they failed ([`check_failed`]): an operator may redrive
 /// such a message, and when its delivery receipt is lost too, only the broker's status
 /// tells that it was delivered.
@@ -2022,8 +2031,7 @@ pub(crate) async fn outbox_check_loop(
         due.sort_by_key(|(id, submitted_at)| {
             (checked.get(id).copied().unwrap_or(0), *submitted_at)
         });
-        due.truncate(CHECK_BATCH);
-        let room = CHECK_BATCH - due.len();
+        let room = CHECK_BATCH - due.len().min(CHECK_BATCH - FAILED_SHARE);
         let watched = match redrive_due(&inner, now, room).await {
             Ok(watched) => watched,
             Err(e) => {
@@ -2031,6 +2039,8 @@ pub(crate) async fn outbox_check_loop(
                 Vec::new()
             }
         };
+        // (the submitted ones asked about longest ago keep their place)
+        due.truncate(CHECK_BATCH - watched.len());
         let next_ask = now.saturating_add(redrive_ask_every(interval));
         let asks = due
             .into_iter()

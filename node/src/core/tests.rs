@@ -8446,10 +8446,13 @@ mod link {
     }
 
     /// Failed entries share the outbox check's round of `CHECK_BATCH` calls with the
-    /// `SUBMITTED` ones, which go first: a long list of failed entries never starves
-    /// the submitted ones, and a failed one waits for a round with room.
+    /// `SUBMITTED` ones, which go first. They were asked about only in the room the
+    /// submitted ones left: a node with a full round of submitted entries (a recipient
+    /// offline with hundreds waiting) never asked about a failed one for as long as that
+    /// lasted. They get `FAILED_SHARE` of a full round (the rest waiting for the next),
+    /// the submitted ones the rest, and all of a round that has room.
     #[tokio::test]
-    async fn failed_entries_are_asked_about_only_in_the_room_submitted_ones_leave() {
+    async fn failed_entries_get_their_share_of_a_full_round() {
         let Checking {
             dir: _dir,
             clock,
@@ -8458,9 +8461,13 @@ mod link {
             _serving,
         } = checking().await;
         let batch = super::super::link::CHECK_BATCH;
-        let failed = failed_referral(&nl, &broker, "k-failed", EXPIRED).await;
-        until("the failed one is asked about", || async {
-            asked_about(&broker, failed) == 1
+        let share = super::super::link::FAILED_SHARE;
+        let mut failed = Vec::new();
+        for n in 0..=share {
+            failed.push(failed_referral(&nl, &broker, &format!("k-failed-{n}"), EXPIRED).await);
+        }
+        until("each failed one is asked about", || async {
+            failed.iter().all(|id| asked_about(&broker, *id) == 1)
         })
         .await;
         let mut submitted = Vec::new();
@@ -8475,19 +8482,28 @@ mod link {
             nl.status().outbox_submitted == batch as u64
         })
         .await;
-        // the failed one is due again, and a full batch of submitted ones with it
+        // the failed ones are due again, and a full batch of submitted ones with them
+        let mark = broker.lock().status_asked.len();
         clock.advance(super::super::link::REDRIVE_ASK_PERIOD);
-        rounds(&broker, submitted[0], 3).await;
-        assert_eq!(asked_about(&broker, failed), 1, "no room in a full batch");
-        assert!(submitted.iter().all(|id| asked_about(&broker, *id) >= 2));
-        // one submitted entry fewer leaves room for it
-        apply(
-            &nl,
-            receipt_envelope("NL-NRM", submitted[0], pb::Outcome::Delivered, ""),
-        )
+        until("every failed one is asked about again", || async {
+            failed.iter().all(|id| asked_about(&broker, *id) == 2)
+        })
         .await;
-        until("the failed one is asked about in the room left", || async {
-            asked_about(&broker, failed) == 2
+        // the first round after the advance: submitted ones first, then the share
+        let failed_ids: Vec<String> = failed.iter().map(ToString::to_string).collect();
+        let asked = broker.lock().status_asked[mark..].to_vec();
+        let first_failed = asked.iter().position(|id| failed_ids.contains(id)).unwrap();
+        let run = asked[first_failed..]
+            .iter()
+            .take_while(|id| failed_ids.contains(id))
+            .count();
+        assert_eq!(
+            (first_failed, run),
+            (batch - share, share),
+            "submitted ones asked about before the failed ones, and failed ones asked in a row"
+        );
+        until("every submitted one is asked about again", || async {
+            submitted.iter().all(|id| asked_about(&broker, *id) >= 2)
         })
         .await;
         nl.shutdown().await;
