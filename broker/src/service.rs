@@ -1202,39 +1202,46 @@ async fn release_stream(
     ended_by: StreamEnd,
     registered: Registered,
 ) {
-    let released = shared.stored(
-        shared
-            .store
-            .release_stream(participant, id, ended_by, shared.now())
-            .await,
-    );
+    let result = shared
+        .store
+        .release_stream(participant, id, ended_by, shared.now())
+        .await;
     drop(registered);
-    match released {
-        Ok(released) => {
-            if released.requeued > 0 {
-                shared.streams.wake(participant);
-            }
-            // This stream's channel is ended, but an earlier copy of such a message (its
-            // lease timed out on another stream of the participant while it waited there)
-            // must not reach the recipient: its sender is told it was not delivered.
-            for lease in &released.dead_lettered_in_flight {
-                shared
-                    .streams
-                    .dead_lettered(&lease.recipient, &lease.message_id, lease.deadline);
-            }
+    // A release that failed after it committed some of its changes (a later batch, or the
+    // flush) has them acted on all the same: nothing releases those leases again, and the
+    // dead letters' senders get their non-delivery reports once the store flushes.
+    let (released, error) = match result {
+        Ok(released) => (shared.stored(Ok(released)).ok(), None),
+        Err(failed) => (failed.committed, Some(shared.store_failed(failed.error))),
+    };
+    if let Some(released) = &released {
+        if released.requeued > 0 {
+            shared.streams.wake(participant);
+        }
+        // This stream's channel is ended, but an earlier copy of such a message (its
+        // lease timed out on another stream of the participant while it waited there)
+        // must not reach the recipient: its sender is told it was not delivered.
+        for lease in &released.dead_lettered_in_flight {
             shared
-                .metrics
-                .dead_lettered(DeadLetterReason::MaxAttempts, released.dead_lettered);
-            debug!(
-                requeued = released.requeued,
-                dead_lettered = released.dead_lettered,
-                ?ended_by,
-                "receive stream closed"
-            );
+                .streams
+                .dead_lettered(&lease.recipient, &lease.message_id, lease.deadline);
         }
-        Err(error) => {
-            warn!(%error, "receive stream closed, leases not released (due again after the ack timeout)")
-        }
+        shared
+            .metrics
+            .dead_lettered(DeadLetterReason::MaxAttempts, released.dead_lettered);
+    }
+    let (requeued, dead_lettered) = released
+        .as_ref()
+        .map_or((0, 0), |r| (r.requeued, r.dead_lettered));
+    match error {
+        None => debug!(requeued, dead_lettered, ?ended_by, "receive stream closed"),
+        Some(error) => warn!(
+            %error,
+            requeued,
+            dead_lettered,
+            "receive stream closed, its leases not all released (the others due again after \
+             the ack timeout)"
+        ),
     }
 }
 

@@ -769,19 +769,36 @@ async fn a_message_redriven_while_its_dead_lettered_copy_waits_is_sent() -> anyh
 #[tokio::test]
 async fn a_stale_copy_on_another_stream_is_not_sent_after_a_release_dead_letters_its_message()
 -> anyhow::Result<()> {
+    stale_copy_after_a_release_dead_letters_its_message(false).await
+}
+
+/// [`a_stale_copy_on_another_stream_is_not_sent_after_a_release_dead_letters_its_message`],
+/// with the release failing after it dead-lettered the message (a later batch, or its flush,
+/// failed): what it committed is kept, nothing releases that lease again, and the sender
+/// gets its non-delivery report all the same. Acting on nothing of a failed release, the
+/// broker sent the stale copy and never counted the dead letter.
+#[tokio::test]
+async fn a_stale_copy_is_not_sent_after_a_failing_release_dead_letters_its_message()
+-> anyhow::Result<()> {
+    stale_copy_after_a_release_dead_letters_its_message(true).await
+}
+
+/// See [`a_stale_copy_on_another_stream_is_not_sent_after_a_release_dead_letters_its_message`];
+/// with `release_fails`, stream A's release fails after it applied.
+async fn stale_copy_after_a_release_dead_letters_its_message(
+    release_fails: bool,
+) -> anyhow::Result<()> {
     // A 2 MiB buffer and 54 fillers of 60 KiB: all are leased into B, the referral last,
     // and what is left waiting on B once HTTP/2 holds what it takes is more than half the
     // buffer, so B leases nothing when they are due again: the redelivery goes to A.
     // (With 50 B sometimes had room and leased them again itself; with 58 it stopped
     // leasing before the referral. The setup's own checks say which happened.)
-    let (t, mut nl, mut b, fillers, misaddressed) = stuck_stream(
-        |c| {
-            c.lifecycle.max_attempts = 2;
-            c.limits.receive_buffer_bytes = 2 << 20;
-        },
-        54,
-    )
-    .await?;
+    let adjust = |c: &mut trmx_broker::config::BrokerConfig| {
+        c.lifecycle.max_attempts = 2;
+        c.limits.receive_buffer_bytes = 2 << 20;
+    };
+    let (t, store) = TestBroker::start_with_faulty_store_and(adjust).await?;
+    let (t, mut nl, mut b, fillers, misaddressed) = stuck_on(t, 54, 64, |_, _| {}).await?;
     time_out_lease(&t, &mut nl, &misaddressed).await?;
 
     // stream A takes the second (last) attempt
@@ -801,6 +818,9 @@ async fn a_stale_copy_on_another_stream_is_not_sent_after_a_release_dead_letters
     assert_eq!(status(&mut nl, &misaddressed).await?.attempts, 2);
     // (acknowledged, the fillers leave the release only the referral to dead-letter)
     ack(&mut be, &read).await?;
+    store
+        .fail_releases
+        .store(release_fails, std::sync::atomic::Ordering::SeqCst);
     drop(a);
     until_state(
         &mut nl,

@@ -444,6 +444,7 @@ impl TestBroker {
             lease_panics_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
             release_panics: std::sync::atomic::AtomicBool::new(false),
             leased_panics: std::sync::atomic::AtomicBool::new(false),
+            fail_releases: std::sync::atomic::AtomicBool::new(false),
         });
         let clock = ManualClock::new(SystemTime::now());
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -487,6 +488,9 @@ pub(crate) struct FaultyStore {
     /// lease, as a bug that a delivery's content trips would make its stream's task
     /// panic while it holds that delivery.
     pub(crate) leased_panics: std::sync::atomic::AtomicBool,
+    /// While set, every `release_stream` fails after applying the release, as one fails
+    /// whose later batch cannot be written, reporting what it committed.
+    pub(crate) fail_releases: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyStore {
@@ -585,12 +589,24 @@ mod faulty {
             stream: StreamId,
             end: StreamEnd,
             now: Millis,
-        ) -> Result<Released, StoreError> {
+        ) -> Result<Released, ChangeError<Released>> {
             let panics = self
                 .release_panics
                 .load(std::sync::atomic::Ordering::SeqCst);
             assert!(!panics, "injected: a stream's release panics");
-            self.inner.release_stream(recipient, stream, end, now).await
+            let released = self
+                .inner
+                .release_stream(recipient, stream, end, now)
+                .await?;
+            if self.fail_releases.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ChangeError {
+                    committed: Some(released),
+                    error: StoreError::Corrupt(
+                        "injected: a later batch of the release failed".into(),
+                    ),
+                });
+            }
+            Ok(released)
         }
         async fn withdraw(
             &self,

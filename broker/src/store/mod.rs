@@ -665,13 +665,18 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     /// message that makes the recipient's node drop its stream is not handed to it forever.
     /// Ended by the broker ([`StreamEnd::Broker`]), they are due again at once. Every
     /// unacknowledged delivery of the stream counts, also one its node never read.
+    /// The release is applied in several atomic writes: one that fails after some were
+    /// committed (a later one, or the flush) says what those did
+    /// ([`ChangeError::committed`]), for the caller to act on as on a release that
+    /// succeeded (count its dead letters, drop the copies of their messages still waiting
+    /// in the recipient's other streams); nothing releases those leases again.
     async fn release_stream(
         &self,
         recipient: &ParticipantId,
         stream: StreamId,
         end: StreamEnd,
         now: Millis,
-    ) -> Result<Released, StoreError>;
+    ) -> Result<Released, ChangeError<Released>>;
     /// Sender takes back its message (ACCEPTED, IN_FLIGHT, or EXPIRED or DEAD_LETTERED with
     /// the payload kept for a redrive) → WITHDRAWN, payload deleted; no NDR.
     async fn withdraw(

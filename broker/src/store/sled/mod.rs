@@ -863,15 +863,31 @@ impl BrokerStore for SledStore {
         stream: StreamId,
         end: StreamEnd,
         now: Millis,
-    ) -> Result<Released, StoreError> {
+    ) -> Result<Released, ChangeError<Released>> {
         let recipient = recipient.clone();
         let on = ops::Requeue::Stream {
             recipient,
             stream,
             failed_attempt: end == StreamEnd::Recipient,
         };
-        self.change_alone(move |core| core.requeue_in_flight(&on, now))
-            .await
+        self.ready().await?;
+        let inner = Arc::clone(&self.inner);
+        // Like `change_alone`, but what was committed before a failure (of a later
+        // batch, or of the flush) is reported with the error, as `tick` does.
+        to_completion(async move {
+            let (released, wake, applied) = inner
+                .writer
+                .exclusive(move |core| Ok(core.requeue_in_flight_partly(&on, now)))
+                .await?;
+            Ok(match inner.durable_then_wake(wake).await.and(applied) {
+                Ok(()) => Ok(released),
+                Err(error) => Err(ChangeError {
+                    committed: Some(released),
+                    error,
+                }),
+            })
+        })
+        .await?
     }
 
     async fn withdraw(

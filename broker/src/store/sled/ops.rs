@@ -325,21 +325,27 @@ impl Core {
         on: &Requeue,
         now: Millis,
     ) -> Result<(Released, Wake), StoreError> {
+        let (total, wake, applied) = self.requeue_in_flight_partly(on, now);
+        applied.map(|()| (total, wake))
+    }
+
+    /// [`Self::requeue_in_flight`], which commits a batch at a time: what the batches
+    /// committed before one failed is returned with the failure.
+    pub(super) fn requeue_in_flight_partly(
+        &self,
+        on: &Requeue,
+        now: Millis,
+    ) -> (Released, Wake, Result<(), StoreError>) {
         let (mut total, mut wake) = (Released::default(), Wake::new());
+        let mut applied = Ok(());
         if matches!(on, Requeue::Restart) {
             for legacy in [LEGACY_INFLIGHT, LEGACY_LEASES] {
-                let (count, woken) = self.requeue_from(legacy, on, now)?;
-                total.requeued += count.requeued;
-                wake.extend(woken);
+                applied = applied
+                    .and_then(|()| self.requeue_from(legacy, on, now, &mut total, &mut wake));
             }
         }
-        let (count, woken) = self.requeue_from(LEASED, on, now)?;
-        total.requeued += count.requeued;
-        total.dead_lettered += count.dead_lettered;
-        total
-            .dead_lettered_in_flight
-            .extend(count.dead_lettered_in_flight);
-        Ok((total, wake.into_iter().chain(woken).collect()))
+        applied = applied.and_then(|()| self.requeue_from(LEASED, on, now, &mut total, &mut wake));
+        (total, wake, applied)
     }
 
     /// At start: a message backing off waits at most its backoff from `now`.
@@ -421,12 +427,16 @@ impl Core {
     /// and part of a [`LeaseEntry`] in `leased`. No lease tree is per
     /// recipient: each is read whole, which is bounded by the messages in
     /// flight, not by the backlog.
+    /// Adds what it committed to `total` and `wake` as it goes, so that a failure
+    /// leaves there what the batches before it did.
     fn requeue_from(
         &self,
         tree: usize,
         on: &Requeue,
         now: Millis,
-    ) -> Result<(Released, Wake), StoreError> {
+        total: &mut Released,
+        wake: &mut Wake,
+    ) -> Result<(), StoreError> {
         let (recipient, stream, failed_attempt) = match on {
             Requeue::Stream {
                 recipient,
@@ -435,9 +445,6 @@ impl Core {
             } => (Some(recipient), Some(*stream), *failed_attempt),
             Requeue::Restart => (None, None, false),
         };
-        let mut total = Released::default();
-        let mut wake = Wake::new();
-        let mut repaired = Wake::new();
         let mut after_key: Option<Vec<u8>> = None;
         loop {
             let mut batch = Vec::with_capacity(RECOVER_BATCH);
@@ -463,7 +470,7 @@ impl Core {
                     // restart; a stream's release leaves it to the next tick
                     Err(why) if tree == LEASED => {
                         if stream.is_none() {
-                            repaired.extend(self.repair_lease(&key, &why, now)?);
+                            wake.extend(self.repair_lease(&key, &why, now)?);
                         }
                         continue;
                     }
@@ -541,8 +548,7 @@ impl Core {
                 .extend(count.dead_lettered_in_flight);
             wake.extend(woken);
         }
-        wake.extend(repaired);
-        Ok((total, wake))
+        Ok(())
     }
 
     pub(super) fn status(
@@ -2721,6 +2727,54 @@ mod tests {
         let again = s.tick(deadline).await.unwrap();
         assert_eq!(again.dead_lettered, 0, "{again:?}");
         assert!(again.dead_lettered_in_flight.is_empty(), "{again:?}");
+        let status = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+        assert_eq!(status.state, State::DeadLettered);
+        s.close().await.unwrap();
+    }
+
+    /// The same for a stream's release: one whose flush fails reports the lease it
+    /// dead-lettered, and what it requeued, with the error (the service counts the dead
+    /// letter and drops the message's copies waiting in the recipient's other streams:
+    /// nothing releases that lease again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_release_reports_what_it_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let life = Lifecycle {
+            max_attempts: 1,
+            ..Lifecycle::default()
+        };
+        let s = SledStore::open(dir.path(), SledOptions::default(), life.clone()).unwrap();
+        let m = message(&be);
+        s.submit(m.clone(), NOW).await.unwrap();
+        assert_eq!(
+            s.lease(&be, StreamId(1), 1, u64::MAX, NOW)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        s.fault_switch().set_failing(true);
+        let failed = s
+            .release_stream(&be, StreamId(1), StreamEnd::Recipient, NOW + 1)
+            .await
+            .unwrap_err();
+        let committed = failed.committed.expect("the release was committed");
+        assert_eq!(committed.dead_lettered, 1, "{committed:?}");
+        assert_eq!(
+            committed.dead_lettered_in_flight,
+            vec![crate::store::ExpiredLease {
+                recipient: be.clone(),
+                message_id: m.message_id,
+                deadline: after(NOW, life.ack_timeout),
+            }]
+        );
+        s.fault_switch().set_failing(false);
+        let again = s
+            .release_stream(&be, StreamId(1), StreamEnd::Recipient, NOW + 2)
+            .await
+            .unwrap();
+        assert_eq!(again, Released::default());
         let status = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
         assert_eq!(status.state, State::DeadLettered);
         s.close().await.unwrap();
