@@ -717,9 +717,33 @@ impl ExchangeService {
         ids: &[MessageId],
     ) -> Result<Vec<store::AckResult>, BrokerError> {
         let shared = &self.shared;
-        let results = shared.stored(shared.store.ack(caller, ids, shared.now()).await)?;
+        let results = match shared.store.ack(caller, ids, shared.now()).await {
+            Ok(results) => shared.stored(Ok(results))?,
+            Err(failed) => {
+                // What it applied before it failed (a later part, or the flush) is kept:
+                // the node's repeat finds those acknowledged `already`, and would neither
+                // count them nor, until then, free their slots.
+                if let Some(committed) = failed.committed {
+                    self.applied_acks(caller, ids, &committed);
+                }
+                return Err(shared.store_failed(failed.error));
+            }
+        };
+        self.applied_acks(caller, ids, &results);
+        Ok(results)
+    }
+
+    /// Counts the acks the store applied (`results`, for the first of `ids`), frees their
+    /// stream slots and drops their copies still waiting to be sent.
+    fn applied_acks(
+        &self,
+        caller: &ParticipantId,
+        ids: &[MessageId],
+        results: &[store::AckResult],
+    ) {
+        let shared = &self.shared;
         let (mut acknowledged, mut not_found) = (Vec::new(), Vec::new());
-        for (id, result) in ids.iter().zip(&results) {
+        for (id, result) in ids.iter().zip(results) {
             match result {
                 store::AckResult::Acknowledged { kind, already } => {
                     // Counted from the store's answer, not from the stream table, which
@@ -737,7 +761,6 @@ impl ExchangeService {
         self.settled(caller, &acknowledged);
         shared.streams.not_in_flight(caller, &not_found);
         debug!(acknowledged = acknowledged.len(), "ack");
-        Ok(results)
     }
 
     /// Frees the stream slots of settled messages, and drops their copies still waiting

@@ -568,7 +568,7 @@ mod faulty {
             recipient: &ParticipantId,
             ids: &[MessageId],
             now: Millis,
-        ) -> Result<Vec<AckResult>, StoreError> {
+        ) -> Result<Vec<AckResult>, ChangeError<Vec<AckResult>>> {
             self.inner.ack(recipient, ids, now).await
         }
         async fn reject(

@@ -2800,7 +2800,10 @@ mod sled {
         ));
         assert!(matches!(
             s.ack(&pid(BE), &[before.message_id], now).await,
-            Err(StoreError::Unavailable(_))
+            Err(ChangeError {
+                error: StoreError::Unavailable(_),
+                committed: None,
+            })
         ));
         assert!(matches!(
             s.tick(now).await,

@@ -642,12 +642,17 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     /// `already`), with the message's kind, else NotFound. An id named twice in one call is
     /// acknowledged at its first place, `already` at the second.
     /// Deletes the payload, queues the DELIVERY_RECEIPT to the sender (not for receipts: a receipt never causes a receipt).
+    /// Applied in parts, each an atomic write: an ack that fails after some were committed
+    /// (a later part, or the flush) says what those did ([`ChangeError::committed`]: the
+    /// results of the ids up to the failure, in order), for the caller to act on as on an
+    /// ack that succeeded (count them, free their stream slots): a repeat finds them
+    /// acknowledged `already`.
     async fn ack(
         &self,
         recipient: &ParticipantId,
         ids: &[MessageId],
         now: Millis,
-    ) -> Result<Vec<AckResult>, StoreError>;
+    ) -> Result<Vec<AckResult>, ChangeError<Vec<AckResult>>>;
     /// IN_FLIGHT (or delivered and back in ACCEPTED) to `recipient` → DEAD_LETTERED (rejected; never
     /// redrivable), NDR with reason + field path. Rejecting again is harmless.
     async fn reject(

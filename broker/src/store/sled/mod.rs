@@ -743,7 +743,7 @@ impl BrokerStore for SledStore {
         recipient: &ParticipantId,
         ids: &[MessageId],
         now: Millis,
-    ) -> Result<Vec<AckResult>, StoreError> {
+    ) -> Result<Vec<AckResult>, ChangeError<Vec<AckResult>>> {
         self.ready().await?;
         let inner = Arc::clone(&self.inner);
         let (recipient, ids) = (recipient.clone(), ids.to_vec());
@@ -802,15 +802,24 @@ impl BrokerStore for SledStore {
                         // the receipts of the parts applied go to their senders
                         // all the same, once durable; the node repeats the ack
                         let _ = inner.durable_then_wake(wake).await;
-                        return Err(e);
+                        return Ok(Err(ChangeError {
+                            committed: Some(results),
+                            error: e,
+                        }));
                     }
                 }
                 inner.failpoints.hit(Point::DuringAck);
             }
-            inner.durable_then_wake(wake).await?;
-            Ok(results)
+            // (a failed flush keeps the writes: the next one makes them durable)
+            Ok(match inner.durable_then_wake(wake).await {
+                Ok(()) => Ok(results),
+                Err(error) => Err(ChangeError {
+                    committed: Some(results),
+                    error,
+                }),
+            })
         })
-        .await
+        .await?
     }
 
     async fn reject(

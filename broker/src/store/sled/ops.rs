@@ -4121,9 +4121,12 @@ mod tests {
         let (s, ids) = large_in_flight(dir.path(), N, LARGE).await;
         let be = ParticipantId::parse("BE-PAYOKE").unwrap();
         s.fault_switch().set_failing(true);
-        s.ack(&be, &ids, NOW)
+        let failed = s
+            .ack(&be, &ids, NOW)
             .await
             .expect_err("an ack whose flush failed is not answered");
+        // (what it applied is said, for the broker to count it and free the slots)
+        assert_eq!(failed.committed, Some(vec![ACKED; N]));
         s.fault_switch().set_failing(false);
         assert_eq!(s.ack(&be, &ids, NOW).await.unwrap(), vec![ACKED_BEFORE; N]);
         one_receipt_each_then_consistent(s, dir.path(), N).await;
