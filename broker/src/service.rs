@@ -804,18 +804,49 @@ impl ExchangeService {
         request: &pb::RejectRequest,
     ) -> Result<pb::RejectResponse, BrokerError> {
         let shared = &self.shared;
-        let result = shared.stored(
-            shared
-                .store
-                .reject(
-                    caller,
-                    id,
-                    &request.reason_code,
-                    &request.field_path,
-                    shared.now(),
-                )
-                .await,
-        )?;
+        let rejected = shared
+            .store
+            .reject(
+                caller,
+                id,
+                &request.reason_code,
+                &request.field_path,
+                shared.now(),
+            )
+            .await;
+        let result = match rejected {
+            Ok(result) => shared.stored(Ok(result))?,
+            Err(failed) => {
+                // Its write is kept when only the flush failed, and becomes durable with
+                // the next flush: the node's repeat finds it rejected `already`, and
+                // would neither count it nor, until then, free its slot.
+                if let Some(committed) = failed.committed {
+                    self.applied_reject(caller, id, request, committed);
+                }
+                return Err(shared.store_failed(failed.error));
+            }
+        };
+        self.applied_reject(caller, id, request, result);
+        match result {
+            store::RejectResult::Rejected { .. } => Ok(pb::RejectResponse {}),
+            // (it may well have been delivered: say what is known)
+            store::RejectResult::NotFound => Err(BrokerError::NotFound(format!(
+                "message {id} is not in flight to {caller}: never delivered to it, or \
+                 acknowledged, expired, dead-lettered, withdrawn or purged since"
+            ))),
+        }
+    }
+
+    /// Counts the dead letter of the reject the store applied (`result`, for `id`),
+    /// frees its stream slot and drops its copies still waiting to be sent.
+    fn applied_reject(
+        &self,
+        caller: &ParticipantId,
+        id: MessageId,
+        request: &pb::RejectRequest,
+        result: store::RejectResult,
+    ) {
+        let shared = &self.shared;
         match result {
             store::RejectResult::Rejected { already } => {
                 // (a repeat still frees what an earlier call whose answer was lost
@@ -827,16 +858,8 @@ impl ExchangeService {
                     shared.metrics.dead_lettered(DeadLetterReason::Rejected, 1);
                     info!(reason_code = %request.reason_code, "message rejected by recipient");
                 }
-                Ok(pb::RejectResponse {})
             }
-            store::RejectResult::NotFound => {
-                shared.streams.not_in_flight(caller, &[id]);
-                // (it may well have been delivered: say what is known)
-                Err(BrokerError::NotFound(format!(
-                    "message {id} is not in flight to {caller}: never delivered to it, or \
-                     acknowledged, expired, dead-lettered, withdrawn or purged since"
-                )))
-            }
+            store::RejectResult::NotFound => shared.streams.not_in_flight(caller, &[id]),
         }
     }
 

@@ -578,7 +578,7 @@ mod faulty {
             reason_code: &str,
             field_path: &str,
             now: Millis,
-        ) -> Result<RejectResult, StoreError> {
+        ) -> Result<RejectResult, ChangeError<RejectResult>> {
             self.inner
                 .reject(recipient, id, reason_code, field_path, now)
                 .await

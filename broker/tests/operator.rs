@@ -1024,6 +1024,60 @@ async fn an_ack_whose_flush_fails_frees_the_stream_and_is_counted_once() -> anyh
     Ok(())
 }
 
+/// The same for a reject whose flush fails: its write stays and is made durable by the
+/// next flush, the message is dead-lettered (its non-delivery report on its way to the
+/// sender). The failing call itself frees the recipient's stream slot and counts the dead
+/// letter in `trmx_messages_dead_lettered_total{reason="rejected"}`: the node's retry is
+/// told the message was rejected already, and counts nothing. (Acting on nothing of a
+/// failed reject, the broker never counted it, and held the slot until the retry.)
+#[tokio::test]
+async fn a_reject_whose_flush_fails_frees_the_stream_and_is_counted_once() -> anyhow::Result<()> {
+    let (t, store) = TestBroker::start_with_faulty_store().await?;
+    let mut nl = t.client("NL-NRM")?;
+    let first = marked("BE-PAYOKE", Kind::Referral, 1);
+    let second = marked("BE-PAYOKE", Kind::Referral, 2);
+    submit(&mut nl, first.clone()).await?;
+    submit(&mut nl, second.clone()).await?;
+    let mut be = t.client("BE-PAYOKE")?;
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), first.message_id);
+
+    let request = pb::RejectRequest {
+        message_id: first.message_id.clone(),
+        reason_code: "INVALID_BODY".into(),
+        field_path: "referral.consent".into(),
+    };
+    store.faults().set_failing(true);
+    assert_code(
+        be.reject(request.clone()).await,
+        Code::Unavailable,
+        "reject, flush failing",
+    );
+    let admin = super::metrics::admin_addr(&t)?;
+    let rejected = |s: &super::metrics::Scrape| {
+        s.value("trmx_messages_dead_lettered_total{reason=\"rejected\"}")
+    };
+    let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
+    assert_eq!(
+        rejected(&scrape),
+        1.0,
+        "the dead letter made by the failed call"
+    );
+    stream_sees_the_slot_freed(&mut stream).await?;
+    store.faults().set_failing(false);
+    // the node's retry
+    be.reject(request).await?;
+    let scrape = super::metrics::scrape_until(admin, "a scrape", |_| true).await?;
+    assert_eq!(rejected(&scrape), 1.0, "counted again by the retry");
+    let mut stream = receive(&mut be, 1).await?;
+    assert_eq!(id_of(&next(&mut stream).await?), second.message_id);
+    assert_eq!(
+        state_of(&mut nl, &first.message_id).await?,
+        pb::MessageState::DeadLettered
+    );
+    Ok(())
+}
+
 /// A purge made and counted, then a second purge of the same message at the same instant
 /// (the test's clock is stopped; two operators within one millisecond) answered with an
 /// error: only its audit record was written, and its flush failed. It made nothing, so

@@ -655,6 +655,9 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<AckResult>, ChangeError<Vec<AckResult>>>;
     /// IN_FLIGHT (or delivered and back in ACCEPTED) to `recipient` → DEAD_LETTERED (rejected; never
     /// redrivable), NDR with reason + field path. Rejecting again is harmless.
+    /// A reject whose flush fails says what it committed ([`ChangeError::committed`]),
+    /// for the caller to act on as on a reject that succeeded (count the dead letter,
+    /// free its stream slot): a repeat finds it rejected `already`.
     async fn reject(
         &self,
         recipient: &ParticipantId,
@@ -662,7 +665,7 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
         reason_code: &str,
         field_path: &str,
         now: Millis,
-    ) -> Result<RejectResult, StoreError>;
+    ) -> Result<RejectResult, ChangeError<RejectResult>>;
     /// The stream ended with these IN_FLIGHT messages unacknowledged. Ended by the recipient
     /// ([`StreamEnd::Recipient`]), each delivery was a failed attempt (DESIGN.md §4): due again
     /// after the backoff, or DEAD_LETTERED (+ NDR) when its attempts are used up (never a

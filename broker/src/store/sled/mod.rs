@@ -829,7 +829,7 @@ impl BrokerStore for SledStore {
         reason_code: &str,
         field_path: &str,
         now: Millis,
-    ) -> Result<RejectResult, StoreError> {
+    ) -> Result<RejectResult, ChangeError<RejectResult>> {
         let recipient = recipient.clone();
         let reason_code = reason_code.to_owned();
         let field_path = field_path.to_owned();
@@ -839,7 +839,6 @@ impl BrokerStore for SledStore {
             move |tx, part| tx.reject(&recipient, part, &reason_code, &field_path, now),
         )
         .await
-        .map_err(|failed| failed.error)
     }
 
     async fn resubmitted(

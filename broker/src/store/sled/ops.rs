@@ -2780,6 +2780,43 @@ mod tests {
         s.close().await.unwrap();
     }
 
+    /// The same for a `Reject`: one whose flush fails reports the message it rejected
+    /// with the error (the service counts the dead letter and frees its stream slot),
+    /// and the node's repeat finds it rejected `already`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_reject_reports_what_it_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir.path());
+        let m = message(&be);
+        s.submit(m.clone(), NOW).await.unwrap();
+        let leased = s.lease(&be, StreamId(1), 1, u64::MAX, NOW).await.unwrap();
+        assert_eq!(leased.len(), 1);
+        s.fault_switch().set_failing(true);
+        let failed = s
+            .reject(&be, m.message_id, "INVALID_BODY", "referral", NOW)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(failed.error, StoreError::Unavailable(_)),
+            "{failed:?}"
+        );
+        assert_eq!(
+            failed.committed,
+            Some(RejectResult::Rejected { already: false })
+        );
+        s.fault_switch().set_failing(false);
+        assert_eq!(
+            s.reject(&be, m.message_id, "INVALID_BODY", "referral", NOW)
+                .await
+                .unwrap(),
+            RejectResult::Rejected { already: true }
+        );
+        let status = s.status(&m.sender, m.message_id).await.unwrap().unwrap();
+        assert_eq!(status.state, State::DeadLettered);
+        s.close().await.unwrap();
+    }
+
     /// sled holds every value a transaction read until it commits, and a record carries
     /// its payload: the batches of a tick, of a closed stream's requeue, of `recover`'s
     /// requeue and of its backoff shortening each read up to 256 records in one
