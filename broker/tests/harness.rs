@@ -281,6 +281,22 @@ pub(crate) async fn next(stream: &mut Streaming<pb::Delivery>) -> anyhow::Result
     }
 }
 
+/// The next delivery on whichever of `streams` (one participant's) gets one first,
+/// failing after [`WAIT`]. A message that becomes due wakes all of its recipient's
+/// streams, and any of them may lease it: a test cannot tell which.
+pub(crate) async fn next_on_any(
+    streams: &mut [Streaming<pb::Delivery>],
+) -> anyhow::Result<pb::Delivery> {
+    anyhow::ensure!(!streams.is_empty(), "no stream to read");
+    let reads = streams.iter_mut().map(|s| Box::pin(s.message()));
+    match tokio::time::timeout(WAIT, futures::future::select_all(reads)).await {
+        Ok((Ok(Some(delivery)), _, _)) => Ok(delivery),
+        Ok((Ok(None), n, _)) => anyhow::bail!("stream {n} ended"),
+        Ok((Err(status), n, _)) => anyhow::bail!("stream {n} failed: {status}"),
+        Err(_) => anyhow::bail!("no delivery on any of the streams within {WAIT:?}"),
+    }
+}
+
 /// Asserts that no delivery arrives within [`QUIET`].
 pub(crate) async fn expect_quiet(stream: &mut Streaming<pb::Delivery>) -> anyhow::Result<()> {
     match tokio::time::timeout(QUIET, stream.message()).await {
