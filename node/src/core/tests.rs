@@ -8326,11 +8326,13 @@ mod link {
                 Some((START + 120) * 1_000),
                 "the broker's time of the ack"
             );
-            assert!(
+            // (said once the store took the settle, which the state above may show first)
+            until("the settle is said at INFO", || async {
                 !logs
                     .lines_with(&["INFO", &id.to_string(), "settled from the broker's status"])
                     .is_empty()
-            );
+            })
+            .await;
         }
         assert!(watched(&nl).is_empty(), "{:?}", watched(&nl));
         let entry = state_of(&nl, rejected).await.unwrap();
