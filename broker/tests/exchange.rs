@@ -490,9 +490,21 @@ async fn stuck_on(
     max_in_flight: u32,
     referral_adjust: impl FnOnce(&mut pb::Envelope, SystemTime),
 ) -> anyhow::Result<StuckStream> {
+    stuck_on_with(t, messages, 60 << 10, max_in_flight, referral_adjust).await
+}
+
+/// [`stuck_on`] with fillers of `filler_bytes` each (within the broker's
+/// `limits.max_envelope_bytes`).
+async fn stuck_on_with(
+    t: TestBroker,
+    messages: usize,
+    filler_bytes: usize,
+    max_in_flight: u32,
+    referral_adjust: impl FnOnce(&mut pb::Envelope, SystemTime),
+) -> anyhow::Result<StuckStream> {
     let mut nl = t.client("NL-NRM")?;
     let mut be = t.client("BE-PAYOKE")?;
-    let filler = vec![7u8; 60 << 10];
+    let filler = vec![7u8; filler_bytes];
     let mut fillers = Vec::new();
     for _ in 0..messages {
         let env = envelope("BE-PAYOKE", Kind::FollowUp, &filler);
@@ -788,17 +800,20 @@ async fn a_stale_copy_is_not_sent_after_a_failing_release_dead_letters_its_messa
 async fn stale_copy_after_a_release_dead_letters_its_message(
     release_fails: bool,
 ) -> anyhow::Result<()> {
-    // A 2 MiB buffer and 54 fillers of 60 KiB: all are leased into B, the referral last,
-    // and what is left waiting on B once HTTP/2 holds what it takes is more than half the
-    // buffer, so B leases nothing when they are due again: the redelivery goes to A.
-    // (With 50 B sometimes had room and leased them again itself; with 58 it stopped
-    // leasing before the referral. The setup's own checks say which happened.)
+    // 50 fillers of 256 KiB (12.5 MiB) and the referral all go into B in its first lease
+    // (the buffer is 16 MiB); HTTP/2 takes the client's stream window of 2 MiB and what it
+    // holds beside it, well under 4 MiB, so more than half the buffer still waits in B
+    // when they are due again: B leases nothing, and the redelivery goes to A. (Fillers
+    // of 60 KiB in a 2 MiB buffer, leased as HTTP/2 took them, left B room or stopped it
+    // before the referral within a few fillers either side: 52 failed 5 runs in 32.)
     let adjust = |c: &mut trmx_broker::config::BrokerConfig| {
         c.lifecycle.max_attempts = 2;
-        c.limits.receive_buffer_bytes = 2 << 20;
+        c.limits.receive_buffer_bytes = 16 << 20;
+        c.limits.max_envelope_bytes = 512 << 10;
     };
     let (t, store) = TestBroker::start_with_faulty_store_and(adjust).await?;
-    let (t, mut nl, mut b, fillers, misaddressed) = stuck_on(t, 54, 64, |_, _| {}).await?;
+    let (t, mut nl, mut b, fillers, misaddressed) =
+        stuck_on_with(t, 50, 256 << 10, 64, |_, _| {}).await?;
     time_out_lease(&t, &mut nl, &misaddressed).await?;
 
     // stream A takes the second (last) attempt
