@@ -499,7 +499,21 @@ impl ExchangeService {
             let held = (slot, reserved);
             to_completion(async move {
                 let _held = held;
-                let outcome = shared.stored(shared.store.submit(message, now).await)?;
+                let outcome = match shared.store.submit(message, now).await {
+                    Ok(outcome) => shared.stored(Ok(outcome))?,
+                    Err(failed) => {
+                        // A message written whose flush failed is kept, durable with the
+                        // next flush, and delivered: the sender's retry is a duplicate,
+                        // which is not counted (the count would be short for ever). Its
+                        // recipient's streams are woken once the store writes again
+                        // (`Shared::stored`): none can lease before.
+                        if let Some(SubmitOutcome::Accepted(_)) = failed.committed {
+                            shared.metrics.accepted(kind);
+                            debug!("message accepted, but not yet durable");
+                        }
+                        return Err(shared.store_failed(failed.error).into());
+                    }
+                };
                 if matches!(outcome, SubmitOutcome::Accepted(_)) {
                     shared.metrics.accepted(kind);
                     shared.streams.wake(&recipient);
@@ -1574,7 +1588,7 @@ pub(crate) mod test_support {
     use std::sync::Condvar;
 
     use super::*;
-    use crate::store::FlushObserver;
+    use crate::store::{FaultSwitch, FlushObserver};
 
     /// The shared state of a broker on a sled store in `dir`, with one submit slot per
     /// sender (so a test can hold a sender's submits by holding its slot).
@@ -1592,13 +1606,29 @@ pub(crate) mod test_support {
         (hold, broker_with(dir, options))
     }
 
+    /// [`one_slot_broker`] whose store's flushes fail while its [`FaultSwitch`] is set.
+    pub(crate) fn faulty_broker(dir: &std::path::Path) -> (FaultSwitch, Arc<Shared>) {
+        let store = crate::store::SledStore::open(
+            dir,
+            crate::store::SledOptions::default(),
+            crate::store::Lifecycle::default(),
+        )
+        .unwrap();
+        (store.fault_switch(), broker_on(store))
+    }
+
     /// [`one_slot_broker`] on a store opened with `options`.
     pub(crate) fn broker_with(
         dir: &std::path::Path,
         options: crate::store::SledOptions,
     ) -> Arc<Shared> {
-        use crate::config::{OrganisationType, ParticipantConfig};
         use crate::store::{Lifecycle, SledStore};
+        broker_on(SledStore::open(dir, options, Lifecycle::default()).unwrap())
+    }
+
+    /// [`one_slot_broker`] on `store`.
+    fn broker_on(store: crate::store::SledStore) -> Arc<Shared> {
+        use crate::config::{OrganisationType, ParticipantConfig};
         let participant = |id: &str, country: &str| ParticipantConfig {
             id: id.into(),
             display_name: id.into(),
@@ -1606,7 +1636,6 @@ pub(crate) mod test_support {
             organisation_type: OrganisationType::Nrm,
             accepts: vec!["referral".into()],
         };
-        let store = SledStore::open(dir, options, Lifecycle::default()).unwrap();
         let clock = crate::clock::ManualClock::new(std::time::SystemTime::now());
         let (_, shutting_down) = watch::channel(false);
         Arc::new(Shared {
@@ -2201,6 +2230,55 @@ mod tests {
         })
         .await;
         assert!(shared.store.status(&nl, id).await.unwrap().is_some());
+    }
+
+    /// A submit whose flush fails is answered `UNAVAILABLE`, but its write stays (durable
+    /// with the next flush) and the message is delivered: the failing call counts it in
+    /// `trmx_messages_accepted_total`, since the sender's retry, once the store writes
+    /// again, is a duplicate (not `ALREADY_EXISTS`), which is not counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_submit_whose_flush_fails_is_counted_and_its_retry_is_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (faults, shared) = faulty_broker(dir.path());
+        let service = ExchangeService::new(shared.clone());
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let envelope = referral_to("BE-PAYOKE");
+        let id = MessageId::parse(&envelope.message_id).unwrap();
+        let request = pb::SubmitRequest {
+            envelope: Some(envelope),
+        };
+        let counted = "trmx_messages_accepted_total{kind=\"referral\"} 1";
+
+        faults.set_failing(true);
+        let refused = service
+            .submit_inner(&nl, request.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused.error,
+                BrokerError::Store(StoreError::Unavailable(_))
+            ),
+            "{:?}",
+            refused.error
+        );
+        assert!(
+            shared.metrics.render().contains(counted),
+            "the message stored by the failed call is counted"
+        );
+        faults.set_failing(false);
+        // (the timer loop's next write, which clears the latch that refuses submits)
+        shared
+            .stored(shared.store.mark_running(shared.now()).await)
+            .unwrap();
+        let retried = service.submit_inner(&nl, request).await.unwrap();
+        assert!(retried.duplicate, "{retried:?}");
+        assert!(
+            shared.metrics.render().contains(counted),
+            "counted again by the retry"
+        );
+        let status = shared.store.status(&nl, id).await.unwrap().unwrap();
+        assert_eq!(status.state, store::State::Accepted);
     }
 
     /// A submit whose client goes away while its write is made durable keeps its

@@ -540,7 +540,11 @@ mod faulty {
 
     #[tonic::async_trait]
     impl BrokerStore for FaultyStore {
-        async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError> {
+        async fn submit(
+            &self,
+            msg: NewMessage,
+            now: Millis,
+        ) -> Result<SubmitOutcome, ChangeError<SubmitOutcome>> {
             self.inner.submit(msg, now).await
         }
         async fn resubmitted(

@@ -2619,7 +2619,10 @@ mod sled {
         assert!(matches!(
             s.submit(message(NL, BE, Priority::Normal, 1, now), now)
                 .await,
-            Err(StoreError::Unavailable(_))
+            Err(ChangeError {
+                error: StoreError::Unavailable(_),
+                committed: None,
+            })
         ));
         drop(s);
 
@@ -2700,14 +2703,17 @@ mod sled {
             .await
             .expect_err("not durable");
         assert!(
-            matches!(&err, StoreError::Unavailable(why) if why.contains("blobs")),
+            matches!(&err.error, StoreError::Unavailable(why) if why.contains("blobs")),
             "{err:?}"
         );
         // and it stays so: a new blob directory would not be watched
         assert!(matches!(
             s.submit(message(NG, BE, Priority::Normal, 100, now), now)
                 .await,
-            Err(StoreError::Unavailable(_))
+            Err(ChangeError {
+                error: StoreError::Unavailable(_),
+                committed: None,
+            })
         ));
         assert_eq!(state_of(&s, &before).await, State::Accepted);
     }
@@ -2756,7 +2762,13 @@ mod sled {
                 .await
                 .expect("answered, not hung");
             assert!(
-                matches!(answer, Err(StoreError::Unavailable(_))),
+                matches!(
+                    answer,
+                    Err(ChangeError {
+                        error: StoreError::Unavailable(_),
+                        ..
+                    })
+                ),
                 "{answer:?}"
             );
         }
@@ -2778,15 +2790,19 @@ mod sled {
 
         faults.set_failing(true);
         let m = message(NL, BE, Priority::Normal, 100, now);
-        assert!(matches!(
-            s.submit(m.clone(), now).await,
-            Err(StoreError::Unavailable(_))
-        ));
+        let failed = s.submit(m.clone(), now).await.unwrap_err();
+        assert!(
+            matches!(failed.error, StoreError::Unavailable(_)),
+            "{failed:?}"
+        );
         // every later write is refused without being attempted
         let other = message(NG, BE, Priority::Normal, 100, now);
         assert!(matches!(
             s.submit(other.clone(), now).await,
-            Err(StoreError::Unavailable(_))
+            Err(ChangeError {
+                error: StoreError::Unavailable(_),
+                committed: None,
+            })
         ));
         assert!(
             s.status(&other.sender, other.message_id)
@@ -2816,11 +2832,16 @@ mod sled {
         assert_eq!(state_of(&s, &before).await, State::Accepted);
 
         faults.set_failing(false);
-        // the write answered Unavailable may or may not have happened; a retry is idempotent
-        assert!(matches!(
-            s.submit(m.clone(), now).await.unwrap(),
-            SubmitOutcome::Accepted(_) | SubmitOutcome::Duplicate(_)
-        ));
+        // the write answered Unavailable may or may not have happened (it says which);
+        // a retry is idempotent: a duplicate of the message it stored
+        let retried = s.submit(m.clone(), now).await.unwrap();
+        match failed.committed {
+            Some(SubmitOutcome::Accepted(first)) => {
+                assert_eq!(retried, SubmitOutcome::Duplicate(first));
+            }
+            None => assert!(matches!(retried, SubmitOutcome::Accepted(_)), "{retried:?}"),
+            Some(other) => panic!("a fresh message's submit committed {other:?}"),
+        }
         submit_ok(&s, &other, now).await;
         assert_eq!(lease_ids(&s, BE, 1, 10, now).await.len(), 3);
         s.close().await.unwrap();

@@ -610,7 +610,16 @@ pub enum StoreError {
 #[tonic::async_trait]
 pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     /// Idempotent on (sender, message_id).
-    async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError>;
+    /// A submit whose flush fails says what it committed ([`ChangeError::committed`]): a
+    /// message it stored stays stored (durable with the next flush) and is delivered, so
+    /// the caller counts it as on a submit that succeeded, though it answers the sender
+    /// an error: the sender's retry is a [`SubmitOutcome::Duplicate`], which is not
+    /// counted again.
+    async fn submit(
+        &self,
+        msg: NewMessage,
+        now: Millis,
+    ) -> Result<SubmitOutcome, ChangeError<SubmitOutcome>>;
     /// The first receipt of `sender`'s message `id` when it is stored with `fingerprint` (a
     /// retry of the same content), once it is durable; `None` when it is not stored, or stored
     /// with other content. Reads only: for retries that a precondition refuses before

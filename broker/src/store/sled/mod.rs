@@ -411,16 +411,16 @@ impl SledStore {
         .await
     }
 
-    /// [`Self::change`] with the test fail points: `after_write` is passed once the
-    /// transaction is applied, `after_flush` once it is durable (see [`failpoint`]).
+    /// [`Self::change_reporting`] with the test fail points: `after_write` is passed once
+    /// the transaction is applied, `after_flush` once it is durable (see [`failpoint`]).
     async fn change_at<T, F>(
         &self,
         after_write: Point,
         after_flush: Option<Point>,
         op: F,
-    ) -> Result<T, StoreError>
+    ) -> Result<T, ChangeError<T>>
     where
-        T: Send + 'static,
+        T: Send + std::fmt::Debug + 'static,
         F: Fn(&Tx<'_>) -> TxResult<(T, BTreeSet<ParticipantId>)> + Send + 'static,
     {
         self.ready().await?;
@@ -428,13 +428,19 @@ impl SledStore {
         to_completion(async move {
             let (value, wake) = inner.writer.transaction(op).await?;
             inner.failpoints.hit(after_write);
-            inner.durable_then_wake(wake).await?;
+            // (a failed flush keeps the write: the next one makes it durable)
+            if let Err(error) = inner.durable_then_wake(wake).await {
+                return Ok(Err(ChangeError {
+                    committed: Some(value),
+                    error,
+                }));
+            }
             if let Some(point) = after_flush {
                 inner.failpoints.hit(point);
             }
-            Ok(value)
+            Ok(Ok(value))
         })
-        .await
+        .await?
     }
 }
 
@@ -679,7 +685,11 @@ pub fn accept_clock_offline(
 
 #[tonic::async_trait]
 impl BrokerStore for SledStore {
-    async fn submit(&self, msg: NewMessage, now: Millis) -> Result<SubmitOutcome, StoreError> {
+    async fn submit(
+        &self,
+        msg: NewMessage,
+        now: Millis,
+    ) -> Result<SubmitOutcome, ChangeError<SubmitOutcome>> {
         self.change_at(
             Point::AfterWriteBeforeFlush,
             Some(Point::AfterFlushBeforeReply),

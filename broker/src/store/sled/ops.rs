@@ -2780,6 +2780,38 @@ mod tests {
         s.close().await.unwrap();
     }
 
+    /// The same for a `Submit`: one whose flush fails reports the message it stored with
+    /// the error (the service counts it: it is kept and delivered), and the sender's
+    /// retry is a duplicate of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_submit_reports_what_it_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let s = open(dir.path());
+        let m = message(&be);
+        s.fault_switch().set_failing(true);
+        let failed = s.submit(m.clone(), NOW).await.unwrap_err();
+        assert!(
+            matches!(failed.error, StoreError::Unavailable(_)),
+            "{failed:?}"
+        );
+        let Some(SubmitOutcome::Accepted(first)) = failed.committed else {
+            panic!("the submit's write is not reported: {failed:?}");
+        };
+        s.fault_switch().set_failing(false);
+        assert_eq!(
+            s.submit(m.clone(), NOW + 1).await.unwrap(),
+            SubmitOutcome::Duplicate(first)
+        );
+        let leased = s
+            .lease(&be, StreamId(1), 1, u64::MAX, NOW + 1)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1);
+        assert_eq!(leased[0].message_id, m.message_id);
+        s.close().await.unwrap();
+    }
+
     /// The same for a `Reject`: one whose flush fails reports the message it rejected
     /// with the error (the service counts the dead letter and frees its stream slot),
     /// and the node's repeat finds it rejected `already`.
