@@ -915,22 +915,31 @@ impl ExchangeService {
                 "submits of the message on their way are not written"
             );
         }
-        // (a store that fails keeps the refusal: the message's state is not known)
+        // (a store that fails keeps the refusal: the message's state is not known, unless
+        // the store says what its withdrawal found before its flush failed)
         let result = match shared.store.withdraw(caller, id, shared.now()).await {
             Ok(result) => result,
             Err(failed) => {
-                // Its write is kept when only the flush failed, and becomes durable with
-                // the next flush: the copy waiting for the recipient is dropped now (a
-                // retry finds it withdrawn, and is not the one that withdrew it).
-                if let Some(store::WithdrawResult::Withdrawn {
-                    recipient, already, ..
-                }) = &failed.committed
-                {
-                    shared.streams.withdrawn(recipient, caller, &id);
-                    if !already {
-                        shared.metrics.withdrawn();
-                        info!("message withdrawn, but not yet durable");
+                match &failed.committed {
+                    // Its write is kept when only the flush failed, and becomes durable
+                    // with the next flush: the copy waiting for the recipient is dropped
+                    // now (a retry finds it withdrawn, and is not the one that withdrew it).
+                    Some(store::WithdrawResult::Withdrawn {
+                        recipient, already, ..
+                    }) => {
+                        shared.streams.withdrawn(recipient, caller, &id);
+                        if !already {
+                            shared.metrics.withdrawn();
+                            info!("message withdrawn, but not yet durable");
+                        }
                     }
+                    // Refused as when the flush works: the message stays as it is, and
+                    // the sender's retry of its submit gets its receipt, not "withdrawn".
+                    Some(
+                        store::WithdrawResult::AlreadyAcknowledged
+                        | store::WithdrawResult::Final { .. },
+                    ) => shared.submitting.withdrawal_refused(caller, id, withdrawal),
+                    Some(store::WithdrawResult::NotFound) | None => {}
                 }
                 return Err(shared.store_failed(failed.error));
             }
@@ -2230,6 +2239,60 @@ mod tests {
         })
         .await;
         assert!(shared.store.status(&nl, id).await.unwrap().is_some());
+    }
+
+    /// The same for a withdrawal the store refuses whose flush then fails (answered
+    /// `UNAVAILABLE`): the store found the message acknowledged, and the sender's retry of
+    /// its submit gets its receipt, not "withdrawn by its sender", which would make the
+    /// sender's node mark a delivered message `rejected-by-broker`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_withdrawal_whose_flush_fails_does_not_refuse_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (faults, shared) = faulty_broker(dir.path());
+        let service = Arc::new(ExchangeService::new(shared.clone()));
+        let nl = ParticipantId::parse("NL-NRM").unwrap();
+        let be = ParticipantId::parse("BE-PAYOKE").unwrap();
+        let envelope = referral_to("BE-PAYOKE");
+        let id = MessageId::parse(&envelope.message_id).unwrap();
+        let submit = || pb::SubmitRequest {
+            envelope: Some(envelope.clone()),
+        };
+        service.submit_inner(&nl, submit()).await.unwrap();
+        let leased = shared
+            .store
+            .lease(&be, crate::store::StreamId(1), 10, u64::MAX, shared.now())
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1);
+        shared.store.ack(&be, &[id], shared.now()).await.unwrap();
+
+        faults.set_failing(true);
+        let withdrawn = service
+            .withdraw_inner(
+                &nl,
+                pb::WithdrawRequest {
+                    message_id: id.to_string(),
+                },
+            )
+            .await;
+        assert!(
+            matches!(
+                withdrawn,
+                Err(BrokerError::Store(StoreError::Unavailable(_)))
+            ),
+            "{withdrawn:?}"
+        );
+        faults.set_failing(false);
+        // (the timer loop's next write, which clears the latch that refuses submits)
+        shared
+            .stored(shared.store.mark_running(shared.now()).await)
+            .unwrap();
+        let retry = service.submit_inner(&nl, submit()).await;
+        assert!(
+            retry.as_ref().is_ok_and(|r| r.duplicate),
+            "retry of a stored, acknowledged message refused: {:?}",
+            retry.err().map(|r| r.error)
+        );
     }
 
     /// A submit whose flush fails is answered `UNAVAILABLE`, but its write stays (durable

@@ -696,6 +696,10 @@ pub trait BrokerStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Released, ChangeError<Released>>;
     /// Sender takes back its message (ACCEPTED, IN_FLIGHT, or EXPIRED or DEAD_LETTERED with
     /// the payload kept for a redrive) → WITHDRAWN, payload deleted; no NDR.
+    /// One whose flush fails says what its transaction found ([`ChangeError::committed`]),
+    /// for the caller to act on as on one that succeeded: a withdrawal it wrote (drop the
+    /// copies waiting for the recipient, count it: a repeat finds it withdrawn `already`),
+    /// or a refusal, which wrote nothing (the message stays as it is).
     async fn withdraw(
         &self,
         sender: &ParticipantId,
